@@ -1,0 +1,1 @@
+"""I/O towards hosts lives here, behind the small interfaces of ``base``."""

@@ -1,0 +1,69 @@
+"""The two seams between hostmaint and the world: a hypervisor and a host shell.
+
+Only plain values cross them; no libvirt or paramiko object leaves its driver.
+Drivers raise the errors of ``hostmaint.errors`` and nothing else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
+
+from hostmaint.models import CommandResult, HostDiscovery, MigrationOptions, MigrationProgress, MigrationResult
+
+ProgressCallback = Callable[[MigrationProgress], None]
+
+
+@runtime_checkable
+class Hypervisor(Protocol):
+    """The libvirt side of a cluster: hosts are named as in the inventory."""
+
+    def discover(self, host: str) -> HostDiscovery:
+        """NUMA cells and running VMs of one host. Raises TransientDriverError when unreachable."""
+        ...
+
+    def migrate(self, vm: str, source: str, target: str, options: MigrationOptions,
+                on_progress: ProgressCallback | None = None) -> MigrationResult:
+        """Live-migrate ``vm`` and confirm where it runs afterwards.
+
+        Returns a result with outcome OK once the VM runs on ``target`` and not on ``source``.
+        Raises MigrationError when it failed or was aborted; the VM then still runs on ``source``.
+        """
+        ...
+
+    def abort(self, vm: str, source: str) -> None:
+        """Abort a running migration of ``vm``; safe when none runs."""
+        ...
+
+    def locate(self, vm: str) -> tuple[str, ...]:
+        """Hosts where ``vm`` is running now (exactly one, in a healthy fleet)."""
+        ...
+
+    def running_vms(self, host: str) -> tuple[str, ...]:
+        """Names of the VMs running on ``host``; proves its libvirtd answers."""
+        ...
+
+    def shutdown(self, vm: str, host: str, timeout: float = 120.0) -> None:
+        """Shut a VM down cleanly (only where its policy says so)."""
+        ...
+
+    def start(self, vm: str, host: str) -> None:
+        """Start a VM that ``shutdown`` stopped."""
+        ...
+
+
+@runtime_checkable
+class HostShell(Protocol):
+    """Commands on a host, as argv lists; never a shell string."""
+
+    def run(self, host: str, argv: Sequence[str], timeout: float = 60.0) -> CommandResult:
+        """Run ``argv`` on ``host``. A non-zero exit is a result, not an exception.
+
+        Raises TransientDriverError when the host cannot be reached (worth retrying),
+        HostKeyError on a bad host key, CommandError when the command timed out.
+        """
+        ...
+
+    def close(self) -> None:
+        """Drop every connection this shell holds."""
+        ...

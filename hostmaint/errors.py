@@ -1,0 +1,105 @@
+"""The hostmaint exception tree.
+
+Vendor errors (libvirt, paramiko, SQLAlchemy, YAML) are translated once, in the
+driver or loader that meets them, into one of these, with ``raise ... from exc``::
+
+    HostmaintError
+    ├── InputError                  bad inventory, parameters or snapshot: exit 2, nothing changed
+    │   ├── InventoryError          names the file, the field path and the host
+    │   └── SnapshotError           a fleet snapshot that does not parse or is inconsistent
+    ├── PlanError                   no safe plan (an unplaceable VM, N+1 refused)
+    ├── StateError                  an invalid host state transition
+    ├── LockError                   a host or cluster lock is held or missing
+    ├── DriverError                 I/O towards a host failed
+    │   ├── TransientDriverError    worth retrying (connection refused, dropped, timed out)
+    │   ├── HostKeyError            an unknown or changed SSH host key: never retried
+    │   ├── CommandError            a command ran and failed: never retried blindly
+    │   └── MigrationError          a live migration failed or was aborted; the VM stays on its source
+    ├── StepError                   a maintenance step failed; the host is left cordoned/failed
+    └── AuditError                  the audit chain does not verify
+"""
+
+from __future__ import annotations
+
+
+class HostmaintError(Exception):
+    """Base of every error hostmaint raises on purpose."""
+
+
+class InputError(HostmaintError):
+    """Bad input: the operation changed nothing. The CLI exits 2."""
+
+
+class InventoryError(InputError):
+    """An inventory that does not validate; the message names file, field path and host."""
+
+    def __init__(self, problems: list[str], source: str = "<inventory>") -> None:
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(problems) if len(problems) == 1 else
+                         f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems))
+
+
+class SnapshotError(InputError):
+    """A fleet snapshot that does not parse or contradicts itself."""
+
+
+class PlanError(HostmaintError):
+    """No safe plan exists; nothing was moved."""
+
+
+class StateError(HostmaintError):
+    """A host state transition that the state machine does not allow."""
+
+
+class LockError(HostmaintError):
+    """A lock that is held by another run, or a limit that does not exist."""
+
+
+class DriverError(HostmaintError):
+    """I/O towards a host failed. ``host`` names it."""
+
+    def __init__(self, message: str, host: str | None = None) -> None:
+        self.host = host
+        super().__init__(f"{host}: {message}" if host else message)
+
+
+class TransientDriverError(DriverError):
+    """A failure worth retrying: the connection, not the operation, failed."""
+
+
+class HostKeyError(DriverError):
+    """An unknown or changed SSH host key. Refused, never retried, never accepted silently."""
+
+
+class CommandError(DriverError):
+    """A command ran on the host and failed."""
+
+    def __init__(self, message: str, host: str | None = None, exit_code: int | None = None,
+                 stderr: str = "") -> None:
+        self.exit_code = exit_code
+        self.stderr = stderr
+        super().__init__(message, host)
+
+
+class MigrationError(DriverError):
+    """A live migration failed or was aborted. ``vm`` and ``target`` name it; the VM stays on its source."""
+
+    def __init__(self, message: str, host: str | None = None, vm: str | None = None,
+                 target: str | None = None) -> None:
+        self.vm = vm
+        self.target = target
+        super().__init__(message, host)
+
+
+class StepError(HostmaintError):
+    """A maintenance step failed; the host was left cordoned or failed with this reason."""
+
+    def __init__(self, message: str, host: str | None = None, step: str | None = None) -> None:
+        self.host = host
+        self.step = step
+        super().__init__(message)
+
+
+class AuditError(HostmaintError):
+    """The audit chain does not verify; the message names the first bad record."""

@@ -1,0 +1,300 @@
+"""The inventory: clusters, hosts, policies and limits, loaded from YAML and validated.
+
+Only what an operator decides lives here. Live facts (VMs, memory, cells) are
+discovered, never typed in. Every error names the file, the field path and,
+where there is one, the host: ``inventory.yaml: hosts[3].ssh.port (host hv04): must be 1-65535, got 0``.
+See docs/inventory.md.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from hostmaint.errors import InventoryError
+from hostmaint.models import Limits, PackageManager, RebootPolicy, UnmigratableAction
+
+# A package name or glob: nothing a shell could read as syntax.
+PACKAGE_PATTERN = re.compile(r"^[A-Za-z0-9._+*-]+$")
+HOST_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+def _check_package_globs(names: list[str]) -> list[str]:
+    for i, name in enumerate(names):
+        if not PACKAGE_PATTERN.match(name):
+            raise ValueError(f"[{i}] {name!r} is not a package name or glob ([A-Za-z0-9._+*-]+)")
+    return names
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SshKey(Strict):
+    """Where the SSH private key comes from. The key itself never enters the inventory."""
+
+    file: str | None = None
+    agent: bool = False
+    secret_block: str | None = None  # a Prefect Secret block holding the key
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SshKey:
+        sources = [self.file is not None, self.agent, self.secret_block is not None]
+        if sum(sources) != 1:
+            raise ValueError("set exactly one of file, agent, secret_block")
+        return self
+
+
+class SshTarget(Strict):
+    address: Annotated[str, Field(min_length=1)]
+    port: int = 22
+    user: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")] = "root"
+    key: SshKey
+    known_hosts: Annotated[str, Field(min_length=1)]
+    sudo: bool = False
+    connect_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, v: int) -> int:
+        if not 1 <= v <= 65535:
+            raise ValueError(f"must be 1-65535, got {v}")
+        return v
+
+
+class VerifyCheck(Strict):
+    """A host's own check: an argv list (never a shell string) and the exit code that means healthy."""
+
+    name: Annotated[str, Field(min_length=1)]
+    argv: Annotated[list[str], Field(min_length=1)]
+    expect_exit: Annotated[int, Field(ge=0, le=255)] = 0
+    timeout_s: Annotated[float, Field(gt=0, le=3600)] = 60.0
+
+
+class HostPolicy(Strict):
+    """How a host is patched and verified."""
+
+    package_manager: PackageManager = PackageManager.DNF
+    excludes: list[str] = Field(default_factory=list)
+    security_only: bool = False
+    reboot: RebootPolicy = RebootPolicy.IF_NEEDED
+    reboot_timeout_s: Annotated[float, Field(gt=0, le=7200)] = 900.0
+    update_timeout_s: Annotated[float, Field(gt=0, le=14400)] = 3600.0
+    min_free_mib: Annotated[int, Field(ge=0)] = 512
+    verify: list[VerifyCheck] = Field(default_factory=list)
+
+    @field_validator("excludes")
+    @classmethod
+    def _package_globs(cls, v: list[str]) -> list[str]:
+        return _check_package_globs(v)
+
+
+class PolicyOverride(Strict):
+    """Per-host changes to the cluster's host policy; unset fields inherit."""
+
+    package_manager: PackageManager | None = None
+    excludes: list[str] | None = None
+    security_only: bool | None = None
+    reboot: RebootPolicy | None = None
+    reboot_timeout_s: Annotated[float, Field(gt=0, le=7200)] | None = None
+    update_timeout_s: Annotated[float, Field(gt=0, le=14400)] | None = None
+    min_free_mib: Annotated[int, Field(ge=0)] | None = None
+    verify: list[VerifyCheck] | None = None
+
+    @field_validator("excludes")
+    @classmethod
+    def _package_globs(cls, v: list[str] | None) -> list[str] | None:
+        return None if v is None else _check_package_globs(v)
+
+
+class VmMatch(Strict):
+    name: str | None = None  # fnmatch glob
+    tag: str | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> VmMatch:
+        if self.name is None and self.tag is None:
+            raise ValueError("match needs name or tag")
+        return self
+
+
+class VmPolicy(Strict):
+    """Policy for the VMs it matches (first match wins)."""
+
+    match: VmMatch
+    anti_affinity: Annotated[str, Field(min_length=1)] | None = None
+    migratable: bool = True
+    on_unmigratable: UnmigratableAction = UnmigratableAction.BLOCK
+
+    def matches(self, vm_name: str, tags: tuple[str, ...]) -> bool:
+        if self.match.name is not None and not fnmatch.fnmatchcase(vm_name, self.match.name):
+            return False
+        return self.match.tag is None or self.match.tag in tags
+
+
+class Cluster(Strict):
+    name: Annotated[str, Field(pattern=HOST_NAME)]
+    limits: Limits = Limits()
+    host_policy: HostPolicy = HostPolicy()
+    vm_policies: list[VmPolicy] = Field(default_factory=list)
+    link_bandwidth_mib_s: Annotated[int, Field(gt=0)] = 1100  # ~10 GbE, until measured
+
+
+class HostEntry(Strict):
+    name: Annotated[str, Field(pattern=HOST_NAME)]
+    cluster: str
+    libvirt_uri: Annotated[str, Field(pattern=r"^(qemu|test)(\+[a-z]+)?://")]
+    ssh: SshTarget
+    policy: PolicyOverride = PolicyOverride()
+    cpu_group: str = "default"
+    reserved_memory_mib: Annotated[int, Field(ge=0)] = 0
+    link_bandwidth_mib_s: Annotated[int, Field(gt=0)] | None = None
+
+
+class Inventory(Strict):
+    """The whole inventory file."""
+
+    version: int = 1
+    clusters: Annotated[list[Cluster], Field(min_length=1)]
+    hosts: Annotated[list[HostEntry], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _references(self) -> Inventory:
+        problems: list[str] = []
+        cluster_names = [c.name for c in self.clusters]
+        for i, name in enumerate(cluster_names):
+            if cluster_names.index(name) != i:
+                problems.append(f"clusters[{i}].name: duplicate cluster {name!r}")
+        seen: dict[str, int] = {}
+        for i, h in enumerate(self.hosts):
+            if h.name in seen:
+                problems.append(f"hosts[{i}].name (host {h.name}): duplicate host, first at hosts[{seen[h.name]}]")
+            seen.setdefault(h.name, i)
+            if h.cluster not in cluster_names:
+                problems.append(f"hosts[{i}].cluster (host {h.name}): unknown cluster {h.cluster!r}; "
+                                f"known: {', '.join(cluster_names)}")
+        if problems:
+            raise ValueError("\n".join(problems))
+        return self
+
+    # --- look-ups -------------------------------------------------------------
+
+    def host(self, name: str) -> HostEntry:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(f"unknown host {name!r}")
+
+    def cluster(self, name: str) -> Cluster:
+        for c in self.clusters:
+            if c.name == name:
+                return c
+        raise KeyError(f"unknown cluster {name!r}")
+
+    def hosts_of(self, cluster: str) -> list[HostEntry]:
+        return [h for h in self.hosts if h.cluster == cluster]
+
+    def policy_for(self, host: str) -> HostPolicy:
+        """The cluster's host policy with the host's overrides applied."""
+        entry = self.host(host)
+        base = self.cluster(entry.cluster).host_policy
+        changes = {k: v for k, v in entry.policy.model_dump().items() if v is not None}
+        return base.model_copy(update=changes) if changes else base
+
+    def vm_policy(self, cluster: str, vm_name: str, tags: tuple[str, ...] = ()) -> VmPolicy | None:
+        for policy in self.cluster(cluster).vm_policies:
+            if policy.matches(vm_name, tags):
+                return policy
+        return None
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+def _host_of(raw: Any, loc: tuple[Any, ...]) -> str | None:
+    if len(loc) >= 2 and loc[0] == "hosts" and isinstance(loc[1], int) and isinstance(raw, dict):
+        hosts = raw.get("hosts")
+        if isinstance(hosts, list) and loc[1] < len(hosts) and isinstance(hosts[loc[1]], dict):
+            name = hosts[loc[1]].get("name")
+            return str(name) if name is not None else None
+    return None
+
+
+def _message(err: Any) -> str:
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        if msg.startswith(prefix):
+            msg = msg[len(prefix):]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    if err["type"] not in ("missing", "extra_forbidden") and "input" in err \
+            and not isinstance(err["input"], dict | list) and "got" not in msg:
+        msg += f", got {err['input']!r}"
+    return msg
+
+
+def parse_inventory(data: Any, source: str = "<inventory>") -> Inventory:
+    """Validate already-parsed YAML/JSON data. Raises InventoryError naming every bad field."""
+    if not isinstance(data, dict):
+        raise InventoryError([f"top level: must be a mapping, got {type(data).__name__}"], source)
+    try:
+        return Inventory.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+            path = _field_path(loc) or "top level"
+            host = _host_of(data, loc)
+            where = f"{path} (host {host})" if host else path
+            msg = _message(err)
+            if "\n" in msg:  # cross-field checks already carry their own paths
+                problems.extend(msg.splitlines())
+            elif not loc and ":" in msg.split(" ")[0]:
+                problems.append(msg)
+            else:
+                problems.append(f"{where}: {msg}")
+        raise InventoryError(problems, source) from None
+
+
+def load_inventory(path: str | Path) -> Inventory:
+    """Load and validate an inventory file. Raises InventoryError (exit 2 in the CLI)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise InventoryError([f"cannot read: {exc.strerror}"], str(p)) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InventoryError([f"malformed YAML at {where}: {problem}"], str(p)) from None
+    return resolve_paths(parse_inventory(data, str(p)), p.parent)
+
+
+def resolve_paths(inv: Inventory, base: Path) -> Inventory:
+    """Make key and known_hosts paths relative to the inventory file absolute."""
+    hosts = []
+    for h in inv.hosts:
+        ssh = h.ssh
+        kh = str((base / ssh.known_hosts).resolve()) if not Path(ssh.known_hosts).is_absolute() else ssh.known_hosts
+        key = ssh.key
+        if key.file is not None and not Path(key.file).is_absolute():
+            key = key.model_copy(update={"file": str((base / key.file).resolve())})
+        hosts.append(h.model_copy(update={"ssh": ssh.model_copy(update={"known_hosts": kh, "key": key})}))
+    return inv.model_copy(update={"hosts": hosts})

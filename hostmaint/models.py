@@ -1,0 +1,354 @@
+"""Domain models: hosts, NUMA cells, VMs, the fleet snapshot, plans and migrations.
+
+Everything here is frozen data. The fleet snapshot's JSON form is a public
+contract (``docs/snapshot.md``): fields are added, never renamed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SNAPSHOT_FORMAT = "hostmaint.snapshot/1"
+
+
+class Frozen(BaseModel):
+    """Base of every model: immutable, unknown fields refused."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- enums -----------------------------------------------------------------
+
+
+class HostState(StrEnum):
+    """Where a host stands in maintenance. Only ``active`` hosts receive VMs."""
+
+    ACTIVE = "active"
+    CORDONED = "cordoned"
+    DRAINING = "draining"
+    DRAINED = "drained"
+    PATCHING = "patching"
+    REBOOTING = "rebooting"
+    VERIFYING = "verifying"
+    FAILED = "failed"
+
+
+class StepOutcome(StrEnum):
+    """How one step of maintenance ended."""
+
+    OK = "ok"
+    SKIPPED = "skipped"
+    FAILED = "failed"
+    DRY_RUN = "dry-run"
+    ABORTED = "aborted"
+
+
+class Trigger(StrEnum):
+    """What started a run; recorded in every audit record."""
+
+    SCHEDULE = "schedule"
+    UI = "ui"
+    EVENT = "event"
+    CLI = "cli"
+    TEST = "test"
+
+
+class RebootPolicy(StrEnum):
+    IF_NEEDED = "if-needed"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+class PackageManager(StrEnum):
+    YUM = "yum"
+    DNF = "dnf"
+
+
+class UnmigratableAction(StrEnum):
+    """What to do with a VM that cannot live-migrate."""
+
+    BLOCK = "block"  # the host cannot be drained; the plan says so and nothing runs
+    SHUTDOWN = "shutdown"  # shut down cleanly before the reboot, start again after verify
+    SKIP_HOST = "skip-host"  # leave the whole host out of the window
+
+
+# --- inventory limits (also carried in the snapshot) ------------------------
+
+
+class Limits(Frozen):
+    """Cluster limits from the inventory. Planning and draining never exceed them."""
+
+    migrations_per_source: Annotated[int, Field(ge=1, le=64)] = 2
+    migrations_per_target: Annotated[int, Field(ge=1, le=64)] = 2
+    migrations_per_cluster: Annotated[int, Field(ge=1, le=1024)] = 8
+    max_hosts_in_maintenance: Annotated[int, Field(ge=1, le=1024)] = 1
+    memory_headroom_pct: Annotated[float, Field(ge=0, le=90)] = 10.0
+    vcpu_overcommit: Annotated[float, Field(gt=0, le=64)] = 4.0
+
+
+# --- discovered facts -------------------------------------------------------
+
+
+class HugePages(Frozen):
+    size_kib: Annotated[int, Field(gt=0)]
+    total: Annotated[int, Field(ge=0)]
+    free: Annotated[int, Field(ge=0)]
+
+
+class Cell(Frozen):
+    """One host NUMA cell."""
+
+    id: Annotated[int, Field(ge=0)]
+    memory_mib: Annotated[int, Field(ge=0)]
+    free_mib: Annotated[int, Field(ge=0)]
+    cpus: tuple[int, ...] = ()
+    hugepages: tuple[HugePages, ...] = ()
+
+
+class GuestCell(Frozen):
+    """One guest (vNUMA) cell of a VM."""
+
+    id: Annotated[int, Field(ge=0)]
+    memory_mib: Annotated[int, Field(gt=0)]
+    vcpus: tuple[int, ...] = ()
+
+
+class Numatune(Frozen):
+    mode: str = "strict"  # strict | preferred | interleave | restrictive
+    nodeset: tuple[int, ...] = ()
+
+
+class Vm(Frozen):
+    """A running VM as discovered, with the inventory's policy resolved onto it."""
+
+    name: Annotated[str, Field(min_length=1)]
+    uuid: str
+    host: str
+    memory_mib: Annotated[int, Field(gt=0)]
+    vcpus: Annotated[int, Field(gt=0)]
+    vnuma: tuple[GuestCell, ...] = ()
+    vcpupin: dict[int, tuple[int, ...]] = Field(default_factory=dict)
+    emulatorpin: tuple[int, ...] = ()
+    numatune: Numatune | None = None
+    hugepage_kib: Annotated[int, Field(ge=0)] = 0
+    migratable: bool = True
+    not_migratable_reason: str | None = None
+    # policy, resolved from the inventory's vm_policies
+    anti_affinity: str | None = None
+    on_unmigratable: UnmigratableAction = UnmigratableAction.BLOCK
+    tags: tuple[str, ...] = ()
+    origin: str | None = None  # the host it lived on before maintenance moved it
+
+    @property
+    def pinned(self) -> bool:
+        return bool(self.vcpupin)
+
+
+class Host(Frozen):
+    """A hypervisor host: discovered cells plus the state hostmaint keeps for it."""
+
+    name: Annotated[str, Field(min_length=1)]
+    cluster: str
+    state: HostState = HostState.ACTIVE
+    cells: tuple[Cell, ...]
+    reserved_memory_mib: Annotated[int, Field(ge=0)] = 0
+    cpu_group: str = "default"  # CPU compatibility group: migrations stay inside one
+    boot_id: str | None = None
+    kernel: str | None = None
+
+    @property
+    def memory_mib(self) -> int:
+        return sum(c.memory_mib for c in self.cells)
+
+    @property
+    def cpu_count(self) -> int:
+        return sum(len(c.cpus) for c in self.cells)
+
+
+class FleetSnapshot(Frozen):
+    """The discovered state of one cluster. JSON in and out; see docs/snapshot.md."""
+
+    format: str = SNAPSHOT_FORMAT
+    cluster: str
+    taken_at: str
+    source: str = "unknown"  # "libvirt", "simulated", or the producing tool
+    limits: Limits = Limits()
+    hosts: tuple[Host, ...]
+    vms: tuple[Vm, ...] = ()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FleetSnapshot:
+        names = [h.name for h in self.hosts]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"hosts: duplicate host name(s) {sorted(dup)}")
+        known = set(names)
+        seen: set[str] = set()
+        for i, vm in enumerate(self.vms):
+            if vm.host not in known:
+                raise ValueError(f"vms[{i}].host: VM {vm.name!r} is on unknown host {vm.host!r}")
+            if vm.name in seen:
+                raise ValueError(f"vms[{i}].name: VM {vm.name!r} runs more than once")
+            seen.add(vm.name)
+        if self.format != SNAPSHOT_FORMAT:
+            raise ValueError(f"format: expected {SNAPSHOT_FORMAT!r}, got {self.format!r}")
+        return self
+
+    def host(self, name: str) -> Host:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+    def vms_on(self, host: str) -> tuple[Vm, ...]:
+        return tuple(v for v in self.vms if v.host == host)
+
+    def digest(self) -> str:
+        """SHA-256 of the canonical JSON: plans name the snapshot they were made from."""
+        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()
+
+
+# --- plans ------------------------------------------------------------------
+
+
+class Placement(Frozen):
+    """One VM's move: where to, which cells, the rewrite the target needs, and why."""
+
+    vm: str
+    source: str
+    target: str
+    target_cells: tuple[int, ...] = ()
+    numa_local: bool = True
+    vcpupin: dict[int, tuple[int, ...]] = Field(default_factory=dict)
+    emulatorpin: tuple[int, ...] = ()
+    numatune_nodeset: tuple[int, ...] | None = None
+    memory_mib: int = 0
+    reason: str = ""
+    runner_up: str | None = None
+
+
+class Blocker(Frozen):
+    """Why a VM (and so its host) cannot be evacuated, and how to get past it."""
+
+    vm: str
+    host: str
+    constraint: str  # memory | vcpu | hugepages | numa | pinning | anti-affinity | cpu-group | unmigratable | capacity
+    reason: str
+    hint: str = ""
+
+
+class VmAction(Frozen):
+    """A non-migratable VM handled by its policy instead of a migration."""
+
+    vm: str
+    host: str
+    action: UnmigratableAction
+    reason: str
+
+
+class CapacityCheck(Frozen):
+    """The N+1 check: can the cluster absorb the drained hosts and still lose its largest host?"""
+
+    ok: bool
+    margin_mib: int
+    reason: str
+
+
+class EvacuationPlan(Frozen):
+    """Where every VM of the drained hosts goes. Printed before anything moves."""
+
+    cluster: str
+    hosts: tuple[str, ...]
+    snapshot_digest: str
+    placements: tuple[Placement, ...] = ()
+    blocked: tuple[Blocker, ...] = ()
+    vm_actions: tuple[VmAction, ...] = ()
+    skipped_hosts: tuple[str, ...] = ()
+    capacity: CapacityCheck | None = None
+    planner: str = "hostmaint"
+
+    @property
+    def feasible(self) -> bool:
+        return not self.blocked and (self.capacity is None or self.capacity.ok)
+
+
+class RebalanceMove(Frozen):
+    placement: Placement
+    improvement: float  # drop in the balance objective this move buys
+
+
+class RebalancePlan(Frozen):
+    cluster: str
+    snapshot_digest: str
+    moves: tuple[RebalanceMove, ...] = ()
+    balance_before: float = 0.0
+    balance_after: float = 0.0
+
+
+# --- migrations ---------------------------------------------------------------
+
+
+class MigrationOptions(Frozen):
+    """Knobs of one live migration. ``placement`` carries the target's pinning/numatune rewrite."""
+
+    bandwidth_mib_s: int | None = None
+    auto_converge: bool = False
+    post_copy: bool = False
+    parallel_connections: Annotated[int, Field(ge=1, le=64)] = 1
+    stall_seconds: Annotated[float, Field(gt=0)] = 60.0
+    seconds_per_gib: Annotated[float, Field(gt=0)] = 150.0
+    min_budget_seconds: Annotated[float, Field(gt=0)] = 60.0
+    placement: Placement | None = None
+
+
+class MigrationProgress(Frozen):
+    """One progress sample of a running migration."""
+
+    vm: str
+    elapsed_s: float
+    data_total: int = 0
+    data_processed: int = 0
+    data_remaining: int = 0
+    dirty_rate_bps: int = 0
+    iterations: int = 0
+
+
+class MigrationResult(Frozen):
+    """How one migration ended, with the stats the audit record keeps."""
+
+    vm: str
+    source: str
+    target: str
+    outcome: StepOutcome
+    seconds: float = 0.0
+    downtime_ms: float | None = None
+    data_bytes: int = 0
+    iterations: int = 0
+    error: str | None = None
+
+
+class CommandResult(Frozen):
+    """What a command on a host returned."""
+
+    host: str
+    argv: tuple[str, ...]
+    exit_code: int
+    stdout: str = ""
+    stderr: str = ""
+    seconds: float = 0.0
+
+
+class HostDiscovery(Frozen):
+    """What a hypervisor driver sees on one host, before the inventory's policy is applied."""
+
+    host: str
+    hostname: str = ""
+    host_uuid: str = ""
+    cells: tuple[Cell, ...]
+    vms: tuple[Vm, ...] = ()
