@@ -1,0 +1,361 @@
+"""The audit trail: append-only, hash-chained records of every maintenance step.
+
+Each record's ``hash`` is the SHA-256 of the canonical JSON (sorted keys, compact
+separators) of all its other fields, ``seq`` and ``prev_hash`` included; ``prev_hash`` is
+the hash of the record before it (64 zeros for record 1). Editing a field breaks that
+record's hash; deleting or reordering records breaks ``seq`` or ``prev_hash``.
+:meth:`AuditTrail.verify` finds the first such break and names the record. See docs/audit.md
+for what the chain does not protect against and how to anchor it.
+
+Secrets never reach the record: :func:`redact` runs over ``inputs`` and ``details`` on append.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import enum
+import hashlib
+import io
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import PurePath
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from hostmaint.db import AuditRow, Clock, utcnow, write_transaction
+from hostmaint.models import StepOutcome, Trigger
+
+GENESIS_HASH = "0" * 64
+REDACTED = "***redacted***"
+SECRET_KEY_PARTS = ("password", "passphrase", "secret", "token", "privatekey", "keymaterial", "apikey",
+                    "authorization")
+_APPEND_ATTEMPTS = 20  # lost seq races only happen on PostgreSQL; SQLite serialises on BEGIN IMMEDIATE
+
+# the stored fields, in the order exports print them
+FIELDS = ("seq", "time", "run_id", "flow", "trigger", "operator", "cluster", "host", "vm", "step",
+          "inputs", "outcome", "duration_s", "details", "prev_hash", "hash")
+
+
+# --- what callers pass and what is stored -----------------------------------------
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One step to record, as the caller knows it. ``inputs`` and ``details`` are redacted on append."""
+
+    run_id: str | None = None
+    flow: str = ""
+    trigger: Trigger | None = None
+    operator: str = ""
+    cluster: str = ""
+    host: str | None = None
+    vm: str | None = None
+    step: str = ""
+    inputs: Mapping[str, Any] = field(default_factory=dict)
+    outcome: StepOutcome = StepOutcome.OK
+    duration_s: float = 0.0
+    details: Mapping[str, Any] = field(default_factory=dict)  # migration stats, package diff, ...
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """A stored audit record: the entry plus its place in the chain."""
+
+    seq: int
+    time: str  # UTC, ISO 8601
+    run_id: str | None
+    flow: str
+    trigger: Trigger | None
+    operator: str
+    cluster: str
+    host: str | None
+    vm: str | None
+    step: str
+    inputs: dict[str, Any]
+    outcome: StepOutcome
+    duration_s: float
+    details: dict[str, Any]
+    prev_hash: str
+    hash: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain JSON values (enums as their values)."""
+        return {name: _plain(getattr(self, name)) for name in FIELDS}
+
+    @property
+    def label(self) -> str:
+        """How messages name the record: ``record 7 (drain hv02)``."""
+        return _label(self.to_dict())
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """The result of :meth:`AuditTrail.verify`. ``problem`` names the first bad record and what is wrong."""
+
+    ok: bool
+    count: int
+    first_bad_seq: int | None
+    problem: str
+    last_hash: str = ""  # write this into the change ticket to anchor the chain (docs/audit.md)
+
+
+@runtime_checkable
+class AuditSink(Protocol):
+    """Where the core writes audit records."""
+
+    def append(self, entry: AuditEntry) -> AuditRecord:
+        """Store ``entry`` as the next record and return it."""
+        ...
+
+
+# --- redaction and canonical form ---------------------------------------------------
+
+
+def _is_secret_key(key: object) -> bool:
+    squashed = str(key).lower().replace("_", "").replace("-", "")
+    return any(part in squashed for part in SECRET_KEY_PARTS)
+
+
+def _is_pem_key(text: str) -> bool:
+    return "-----BEGIN" in text and "PRIVATE KEY" in text
+
+
+def redact(value: Any) -> Any:
+    """A copy of ``value`` with secrets replaced by ``"***redacted***"``.
+
+    The value of any key that looks secret (password, passphrase, secret, token,
+    private_key, key_material, api_key, authorization; any case, as a substring, ``-``
+    and ``_`` ignored) is replaced whole, whatever it holds; so is any string holding a
+    PEM private key. Dicts, lists and tuples are walked recursively.
+    """
+    if isinstance(value, Mapping):
+        return {k: (REDACTED if _is_secret_key(k) else redact(v)) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [redact(v) for v in value]
+    if isinstance(value, str) and _is_pem_key(value):
+        return REDACTED
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready form of what steps put in ``inputs``/``details``: models, dataclasses, enums, times."""
+    if isinstance(value, enum.Enum):
+        return _plain(value.value)
+    if isinstance(value, Mapping):
+        return {str(_plain(k)): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted((_plain(v) for v in value), key=repr)
+    if hasattr(value, "model_dump"):  # a pydantic model
+        return _plain(value.model_dump(mode="json"))
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # canonical JSON has no NaN/Infinity
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
+
+
+def canonical_json(value: Any) -> str:
+    """The one JSON text a value hashes as: sorted keys, compact separators, UTF-8 kept."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def record_hash(fields: Mapping[str, Any]) -> str:
+    """SHA-256 over the canonical JSON of every field except ``hash``."""
+    body = {k: _plain(v) for k, v in fields.items() if k != "hash"}
+    return hashlib.sha256(canonical_json(body).encode()).hexdigest()
+
+
+# --- the trail --------------------------------------------------------------------
+
+
+class AuditTrail:
+    """The audit trail in the hostmaint database. Safe with concurrent writers (threads and processes)."""
+
+    def __init__(self, engine: Engine, clock: Clock = utcnow) -> None:
+        self._engine = engine
+        self._clock = clock
+
+    def append(self, entry: AuditEntry) -> AuditRecord:
+        """Redact, chain and store ``entry`` as the next record.
+
+        The last record is read and record ``seq + 1`` inserted in one write transaction
+        (SQLite: under its write lock); ``seq`` is unique, so a writer that lost a race on
+        PostgreSQL gets a conflict and tries again on top of the winner.
+        """
+        inputs = redact(_plain(dict(entry.inputs)))
+        details = redact(_plain(dict(entry.details)))
+        # through JSON and back, so the record hashes now exactly as it will when read back
+        inputs = json.loads(canonical_json(inputs))
+        details = json.loads(canonical_json(details))
+        trigger = Trigger(entry.trigger) if entry.trigger is not None else None
+        outcome = StepOutcome(entry.outcome)
+        for attempt in range(_APPEND_ATTEMPTS):
+            try:
+                with write_transaction(self._engine) as conn:
+                    last = conn.execute(sa.select(AuditRow.seq, AuditRow.hash)
+                                        .order_by(AuditRow.seq.desc()).limit(1)).first()
+                    seq, prev_hash = (last.seq + 1, last.hash) if last else (1, GENESIS_HASH)
+                    fields: dict[str, Any] = dict(
+                        seq=seq, time=self._clock().astimezone(UTC).isoformat(), run_id=entry.run_id,
+                        flow=entry.flow, trigger=trigger, operator=entry.operator, cluster=entry.cluster,
+                        host=entry.host, vm=entry.vm, step=entry.step, inputs=inputs, outcome=outcome,
+                        duration_s=float(entry.duration_s), details=details, prev_hash=prev_hash)
+                    fields["hash"] = record_hash(fields)
+                    record = AuditRecord(**fields)
+                    row = record.to_dict()
+                    row["inputs"] = canonical_json(inputs)
+                    row["details"] = canonical_json(details)
+                    conn.execute(sa.insert(AuditRow.__table__).values(**row))
+                return record
+            except IntegrityError:
+                if attempt == _APPEND_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def records(self, host: str | None = None, run_id: str | None = None,
+                limit: int | None = None) -> list[AuditRecord]:
+        """Stored records in seq order, optionally of one host and/or one run.
+
+        ``limit`` keeps the most recent ``limit`` of them (still oldest first).
+        """
+        t = AuditRow.__table__
+        query = sa.select(t)
+        if host is not None:
+            query = query.where(t.c.host == host)
+        if run_id is not None:
+            query = query.where(t.c.run_id == run_id)
+        if limit is not None:
+            query = query.order_by(t.c.seq.desc()).limit(limit)
+            with self._engine.connect() as conn:
+                return [_from_row(r) for r in reversed(conn.execute(query).all())]
+        with self._engine.connect() as conn:
+            return [_from_row(r) for r in conn.execute(query.order_by(t.c.seq))]
+
+    def verify(self, anchor: str | None = None) -> VerifyReport:
+        """Walk the chain and report the first record that was altered, removed or moved.
+
+        ``anchor``: a hash written down earlier (the change ticket's ``last_hash``); the
+        chain must still contain it, which catches a chain rewritten from scratch.
+        """
+        with self._engine.connect() as conn:
+            rows = conn.execute(sa.select(AuditRow.__table__).order_by(AuditRow.seq)).all()
+        by_hash: dict[str, int] = {}
+        prev: dict[str, Any] | None = None
+        for count, row in enumerate(rows):
+            fields = _stored_fields(row)
+            found = _check(fields, prev, by_hash)
+            if found is not None:
+                bad_seq, problem = found
+                return VerifyReport(ok=False, count=count, first_bad_seq=bad_seq, problem=problem,
+                                    last_hash=prev["hash"] if prev else GENESIS_HASH)
+            by_hash[fields["hash"]] = fields["seq"]
+            prev = fields
+        count = len(rows)
+        last_hash = prev["hash"] if prev else GENESIS_HASH
+        if anchor is not None and anchor not in by_hash and anchor != GENESIS_HASH:
+            return VerifyReport(ok=False, count=count, first_bad_seq=None, last_hash=last_hash,
+                                problem=f"the anchored hash {anchor} is not in the chain: the trail was"
+                                        " rewritten or truncated after the anchor was taken")
+        return VerifyReport(ok=True, count=count, first_bad_seq=None, last_hash=last_hash,
+                            problem=f"{count} records, chain intact")
+
+    def export(self, fmt: Literal["jsonl", "csv"]) -> str:
+        """Every record, in seq order, as JSON lines or CSV (``inputs``/``details`` as JSON text in CSV)."""
+        records = self.records()
+        if fmt == "jsonl":
+            return "".join(canonical_json(r.to_dict()) + "\n" for r in records)
+        if fmt == "csv":
+            out = io.StringIO()
+            writer = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\n")
+            writer.writeheader()
+            for r in records:
+                row = r.to_dict()
+                row["inputs"] = canonical_json(row["inputs"])
+                row["details"] = canonical_json(row["details"])
+                writer.writerow(row)
+            return out.getvalue()
+        raise ValueError(f"export format {fmt!r}: expected 'jsonl' or 'csv'")
+
+
+def _label(fields: Mapping[str, Any]) -> str:
+    """How messages name a record: ``record 7 (drain hv02)``."""
+    what = " ".join(str(fields[k]) for k in ("step", "host", "vm") if fields.get(k))
+    return f"record {fields['seq']} ({what})" if what else f"record {fields['seq']}"
+
+
+def _check(fields: dict[str, Any], prev: Mapping[str, Any] | None,
+           by_hash: Mapping[str, int]) -> tuple[int, str] | None:
+    """The first bad seq and what is wrong, if ``fields`` does not rightly follow ``prev``."""
+    seq = fields["seq"]
+    expected_seq = prev["seq"] + 1 if prev else 1
+    expected_prev = prev["hash"] if prev else GENESIS_HASH
+    if fields["hash"] != record_hash(fields):
+        moved_from = _original_seq(fields, by_hash)
+        if moved_from is not None and moved_from != seq:
+            return seq, (f"{_label(fields)} holds the content of record {moved_from}: records were swapped"
+                         " or reordered")
+        return seq, f"{_label(fields)} was altered: its hash does not match its content"
+    if seq > expected_seq:
+        missing = (f"record {expected_seq} was" if seq == expected_seq + 1
+                   else f"records {expected_seq}..{seq - 1} were")
+        after = f"record {prev['seq']}" if prev else "the start of the chain"
+        return expected_seq, f"{missing} deleted: {_label(fields)} follows {after}"
+    if seq < expected_seq:  # only possible if seq lost its uniqueness
+        return seq, f"{_label(fields)} repeats record {seq}: records were duplicated or reordered"
+    if fields["prev_hash"] != expected_prev:
+        return seq, (f"{_label(fields)} does not link to the record before it: its prev_hash is not"
+                     f" record {expected_seq - 1}'s hash (a record was removed, inserted or rewritten)")
+    return None
+
+
+def _original_seq(fields: Mapping[str, Any], by_hash: Mapping[str, int]) -> int | None:
+    """Where a record's content was first written, if it is an intact record moved to another seq."""
+    if fields["prev_hash"] == GENESIS_HASH:
+        candidate = 1
+    elif fields["prev_hash"] in by_hash:
+        candidate = by_hash[fields["prev_hash"]] + 1
+    else:
+        return None
+    if record_hash({**fields, "seq": candidate}) == fields["hash"]:
+        return candidate
+    return None
+
+
+def _stored_fields(row: sa.Row) -> dict[str, Any]:
+    """A row's fields exactly as stored (no enum parsing), so a tampered value is hashed, not rejected."""
+    fields = dict(row._mapping)
+    for name in ("inputs", "details"):
+        fields[name] = _json_or_text(fields[name])
+    return fields
+
+
+def _json_or_text(text: Any) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return text  # edited into something that is not JSON: hashed as the raw text, which cannot match
+
+
+def _from_row(row: sa.Row) -> AuditRecord:
+    return AuditRecord(
+        seq=row.seq, time=row.time, run_id=row.run_id, flow=row.flow,
+        trigger=Trigger(row.trigger) if row.trigger is not None else None, operator=row.operator,
+        cluster=row.cluster, host=row.host, vm=row.vm, step=row.step, inputs=json.loads(row.inputs),
+        outcome=StepOutcome(row.outcome), duration_s=row.duration_s, details=json.loads(row.details),
+        prev_hash=row.prev_hash, hash=row.hash)
+

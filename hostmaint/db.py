@@ -1,0 +1,219 @@
+"""The hostmaint database: where host states, window progress, VM origins and the audit trail live.
+
+One SQLAlchemy engine, one schema. SQLite by default (a file several threads and
+processes share: WAL journal, a busy timeout, and write transactions that take the
+write lock up front with ``BEGIN IMMEDIATE`` so a read-then-write cannot be overtaken);
+PostgreSQL by URL. Writers that read before they write (the state machine, the audit
+chain) rely on :func:`write_transaction` plus a unique key and a retry, which holds on
+both databases.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+ENV_VAR = "HOSTMAINT_DB"
+DEFAULT_PATH = Path("~/.local/share/hostmaint/hostmaint.db")
+BUSY_TIMEOUT_MS = 30_000
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    """The default clock: an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+# --- schema -------------------------------------------------------------------
+
+
+class UTCDateTime(sa.types.TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out (SQLite keeps no zone, so store UTC there)."""
+
+    impl = sa.DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: hostmaint stores aware UTC times only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every hostmaint table; :func:`open_engine` creates them all."""
+
+
+class HostStateRow(Base):
+    """The current state of one host (one row per host ever seen)."""
+
+    __tablename__ = "hostmaint_host_state"
+
+    host: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    state: Mapped[str] = mapped_column(sa.String(32))
+    reason: Mapped[str] = mapped_column(sa.Text, default="")
+    since: Mapped[datetime] = mapped_column(UTCDateTime())
+    run_id: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
+    prior_state: Mapped[str | None] = mapped_column(sa.String(32), nullable=True)
+
+
+class HostHistoryRow(Base):
+    """Every state a host entered, in order."""
+
+    __tablename__ = "hostmaint_host_history"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    host: Mapped[str] = mapped_column(sa.String(255), index=True)
+    state: Mapped[str] = mapped_column(sa.String(32))
+    reason: Mapped[str] = mapped_column(sa.Text, default="")
+    since: Mapped[datetime] = mapped_column(UTCDateTime())
+    run_id: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
+    prior_state: Mapped[str | None] = mapped_column(sa.String(32), nullable=True)
+
+
+class WindowProgressRow(Base):
+    """A host patched within a maintenance window, so a re-run of the window skips it."""
+
+    __tablename__ = "hostmaint_window_progress"
+
+    window_id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    run_id: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
+    patched_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class VmOriginRow(Base):
+    """Where a VM lived before maintenance moved it."""
+
+    __tablename__ = "hostmaint_vm_origin"
+
+    vm: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    origin: Mapped[str] = mapped_column(sa.String(255), index=True)
+    run_id: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class AuditRow(Base):
+    """One audit record. ``seq`` is the primary key, so two writers cannot both append the same seq."""
+
+    __tablename__ = "hostmaint_audit"
+
+    seq: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
+    time: Mapped[str] = mapped_column(sa.String(40))  # ISO text: hashed exactly as stored
+    run_id: Mapped[str | None] = mapped_column(sa.String(255), nullable=True, index=True)
+    flow: Mapped[str] = mapped_column(sa.String(255), default="")
+    trigger: Mapped[str | None] = mapped_column(sa.String(32), nullable=True)
+    operator: Mapped[str] = mapped_column(sa.String(255), default="")
+    cluster: Mapped[str] = mapped_column(sa.String(255), default="")
+    host: Mapped[str | None] = mapped_column(sa.String(255), nullable=True, index=True)
+    vm: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
+    step: Mapped[str] = mapped_column(sa.String(255), default="")
+    inputs: Mapped[str] = mapped_column(sa.Text, default="{}")  # canonical JSON
+    outcome: Mapped[str] = mapped_column(sa.String(32))
+    duration_s: Mapped[float] = mapped_column(sa.Float, default=0.0)
+    details: Mapped[str] = mapped_column(sa.Text, default="{}")  # canonical JSON
+    prev_hash: Mapped[str] = mapped_column(sa.String(64))
+    hash: Mapped[str] = mapped_column(sa.String(64))
+
+
+# --- engine -------------------------------------------------------------------
+
+
+def database_url(url: str | None = None) -> str:
+    """The database to use: ``url``, else ``$HOSTMAINT_DB``, else ``~/.local/share/hostmaint/hostmaint.db``.
+
+    ``$HOSTMAINT_DB`` may be an SQLAlchemy URL (``postgresql+psycopg://...``) or a bare
+    file path, which means an SQLite file. The parent directory of an SQLite file is created.
+    """
+    chosen = url or os.environ.get(ENV_VAR) or str(DEFAULT_PATH)
+    if "://" in chosen:
+        return chosen
+    path = Path(chosen).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def open_engine(url: str | None = None) -> Engine:
+    """An engine on :func:`database_url` with every hostmaint table created.
+
+    SQLite gets WAL, a 30 s busy timeout and explicit transaction control, so that
+    :func:`write_transaction` can take the write lock with ``BEGIN IMMEDIATE``.
+    """
+    resolved = database_url(url)
+    sa_url = sa.make_url(resolved)
+    if sa_url.get_backend_name() == "sqlite":
+        engine = _sqlite_engine(sa_url)
+    else:
+        engine = sa.create_engine(sa_url, pool_pre_ping=True)
+    _create_tables(engine)
+    return engine
+
+
+def _sqlite_engine(url: sa.URL) -> Engine:
+    in_memory = url.database in (None, "", ":memory:")
+    kwargs: dict[str, Any] = {"connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_MS / 1000}}
+    if in_memory:
+        # one shared connection, or every pooled connection would see its own empty database
+        kwargs["poolclass"] = sa.pool.StaticPool
+    engine = sa.create_engine(url, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # take transaction control from the sqlite3 module: it would otherwise BEGIN lazily,
+        # on the first write, after our read, which is too late to keep another writer out
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if not in_memory:
+            cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA foreign_keys = ON")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get("hostmaint_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+def _create_tables(engine: Engine) -> None:
+    # several processes may open a fresh database at once; the loser of a CREATE TABLE race
+    # finds the table there on its second look
+    try:
+        Base.metadata.create_all(engine)
+    except OperationalError as exc:
+        if "already exists" not in str(exc):
+            raise
+        Base.metadata.create_all(engine)
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction for read-then-write work: holds SQLite's write lock from its first statement.
+
+    On PostgreSQL it is an ordinary transaction; callers pair it with a unique key or a
+    compare-and-set ``UPDATE ... WHERE`` and retry on conflict.
+    """
+    with engine.connect() as conn:
+        conn.execution_options(hostmaint_write=True)
+        with conn.begin():
+            yield conn
