@@ -291,6 +291,43 @@ class RebalancePlan(Frozen):
     balance_after: float = 0.0
 
 
+
+class WindowStep(Frozen):
+    """One host of a rolling window: its place in the order and where its VMs go."""
+
+    order: int
+    host: str
+    evacuation: EvacuationPlan
+    estimated_seconds: float = 0.0
+
+
+class WindowPlan(Frozen):
+    """A rolling maintenance window: hosts in order, each with its evacuation onto already-patched hosts."""
+
+    cluster: str
+    snapshot_digest: str
+    steps: tuple[WindowStep, ...] = ()
+    skipped_hosts: tuple[str, ...] = ()
+    capacity: CapacityCheck | None = None
+    migrations: int = 0
+    vms_moved: int = 0  # distinct VMs that migrate at least once
+    migrations_per_vm: float = 0.0
+    estimated_seconds: float = 0.0
+    planner: str = "hostmaint"
+
+    @property
+    def feasible(self) -> bool:
+        return all(s.evacuation.feasible for s in self.steps) and (self.capacity is None or self.capacity.ok)
+
+    @property
+    def order(self) -> tuple[str, ...]:
+        return tuple(s.host for s in self.steps)
+
+    def patched_before(self, host: str) -> tuple[str, ...]:
+        """Hosts patched earlier in this window than ``host``."""
+        names = self.order
+        return names[: names.index(host)] if host in names else ()
+
 # --- migrations ---------------------------------------------------------------
 
 

@@ -1,0 +1,19 @@
+"""Placement: NUMA-aware evacuation, rolling windows and rebalancing. Pure: snapshot in, plan out.
+
+Public API::
+
+    check_capacity(snapshot, hosts, *, spare_hosts=1) -> CapacityCheck       # the N+1 check
+    plan_evacuation(snapshot, hosts, *, avoid=(), spare_hosts=1) -> EvacuationPlan
+    plan_window(snapshot, hosts=None, *, spare_hosts=1, ...) -> WindowPlan
+    plan_rebalance(snapshot, max_moves, *, prefer_origin=True) -> RebalancePlan
+    render_plan(plan) -> str
+
+See docs/planner.md for the rules and the objective.
+"""
+
+from hostmaint.placement.evacuate import check_capacity, plan_evacuation
+from hostmaint.placement.rebalance import plan_rebalance
+from hostmaint.placement.render import render_plan
+from hostmaint.placement.window import plan_window
+
+__all__ = ["check_capacity", "plan_evacuation", "plan_rebalance", "plan_window", "render_plan"]

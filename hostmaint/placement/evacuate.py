@@ -1,0 +1,266 @@
+"""Evacuation: where every VM of the hosts being drained goes, and the N+1 check before it.
+
+The procedure, as ``plan_evacuation`` runs it:
+
+1. N+1: the cluster must absorb the drained hosts' VMs and still survive the
+   loss of its largest remaining host(s) (``check_capacity``).
+2. Policy: VMs that cannot live-migrate follow ``on_unmigratable`` — block the
+   host (a Blocker with the override hint), shut down and start after, or
+   leave the host out of the plan altogether.
+3. Placement, hardest VMs first (vNUMA, pinned, hugepages, then by size):
+   each VM goes where the balance objective grows least, among active hosts of
+   the same CPU group that are not drained. Tiers, in order: NUMA-local on a
+   host not in ``avoid``; NUMA-local on an avoided host; only then NUMA-remote
+   (not avoided, then avoided). A VM that fits nowhere is a Blocker naming the
+   constraint that stopped it on most hosts.
+
+Pure and deterministic: hosts and VMs are taken in sorted order and ties are
+broken by name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from hostmaint.errors import InputError
+from hostmaint.models import (
+    Blocker,
+    CapacityCheck,
+    EvacuationPlan,
+    FleetSnapshot,
+    HostState,
+    Placement,
+    UnmigratableAction,
+    Vm,
+    VmAction,
+)
+from hostmaint.placement.fit import Miss, fit_host
+from hostmaint.placement.objective import fit_delta
+from hostmaint.placement.state import Fit, HostLoad, Ledger
+
+GIB = 1024
+
+_HINTS = {
+    "memory": "free memory on the remaining hosts (or drain fewer hosts at once)",
+    "hugepages": "reserve more hugepages of that size on the remaining hosts",
+    "vcpu": "raise vcpu_overcommit in the cluster limits or free vCPUs on the remaining hosts",
+    "numa": "no target has the NUMA cells this VM needs; resize its vNUMA topology or add a larger host",
+    "pinning": "free pinned CPUs on a target or unpin the VM",
+    "anti-affinity": "every candidate already runs a VM of its anti-affinity group; relax the group",
+    "cpu-group": "add an active host of the same CPU group or uncordon one",
+    "unmigratable": "set on_unmigratable: shutdown (or skip-host) for it in the inventory's vm_policies",
+}
+
+
+def _check_hosts(snapshot: FleetSnapshot, hosts: Iterable[str]) -> list[str]:
+    """The drained hosts, de-duplicated in the given order; an unknown name is an InputError."""
+    known = {h.name for h in snapshot.hosts}
+    out: list[str] = []
+    for name in hosts:
+        if name not in known:
+            raise InputError(f"host {name!r} is not in the snapshot of cluster {snapshot.cluster!r}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def _skipped(snapshot: FleetSnapshot, hosts: Iterable[str]) -> set[str]:
+    """Hosts left out because one of their VMs cannot move and its policy says skip-host."""
+    return {h for h in hosts for vm in snapshot.vms_on(h)
+            if not vm.migratable and vm.on_unmigratable is UnmigratableAction.SKIP_HOST}
+
+
+def check_capacity(snapshot: FleetSnapshot, hosts: Sequence[str], *, spare_hosts: int = 1) -> CapacityCheck:
+    """The N+1 check: after draining ``hosts`` the remaining active hosts hold all load and still
+    survive losing their ``spare_hosts`` largest hosts.
+
+    Usable capacity of a host = memory - reserved - headroom. ``margin_mib`` is what is left after
+    load and the lost largest host(s); negative means refused. Hosts skipped by policy and VMs that
+    shut down instead of moving add no load.
+    """
+    drained = _check_hosts(snapshot, hosts)
+    ledger = Ledger.from_snapshot(snapshot)
+    skipped = _skipped(snapshot, drained)
+    demand = sum(vm.memory_mib for h in drained if h not in skipped for vm in snapshot.vms_on(h)
+                 if vm.migratable)
+    head = snapshot.limits.memory_headroom_pct / 100
+    remaining = [snapshot.host(name) for name, load in ledger.hosts.items()
+                 if load.state is HostState.ACTIVE and (name not in drained or name in skipped)]
+    capacity = {h.name: h.memory_mib * (1 - head) - h.reserved_memory_mib for h in remaining}
+    used = sum(ledger.hosts[h.name].used_mib for h in remaining)
+    lost = sorted(capacity.items(), key=lambda kv: (-kv[1], kv[0]))[:spare_hosts]
+    margin = sum(capacity.values()) - sum(c for _, c in lost) - used - demand
+    what = f"draining {', '.join(drained)} moves {demand / GIB:.1f} GiB"
+    if len(remaining) <= spare_hosts:
+        return CapacityCheck(ok=False, margin_mib=math.floor(margin),
+                             reason=f"{what}; only {len(remaining)} active host(s) remain, "
+                                    f"N+{spare_hosts} needs more than {spare_hosts}")
+    lost_words = ", ".join(f"{n} ({c / GIB:.1f} GiB)" for n, c in lost)
+    tail = (f"{len(remaining)} remaining hosts hold {(used + demand) / GIB:.1f} of "
+            f"{sum(capacity.values()) / GIB:.1f} GiB usable; after losing {lost_words}")
+    if margin < 0:
+        return CapacityCheck(ok=False, margin_mib=math.floor(margin),
+                             reason=f"N+{spare_hosts} refused: {what}; {tail} it is short by "
+                                    f"{-margin / GIB:.1f} GiB")
+    return CapacityCheck(ok=True, margin_mib=math.floor(margin),
+                         reason=f"N+{spare_hosts} holds: {what}; {tail} {margin / GIB:.1f} GiB spare")
+
+
+def difficulty_order(vms: Iterable[Vm]) -> list[Vm]:
+    """Hardest first: vNUMA, pinned, hugepages, then largest memory and vCPUs; name breaks ties."""
+    return sorted(vms, key=lambda v: (not v.vnuma, not v.pinned, not v.hugepage_kib,
+                                      -v.memory_mib, -v.vcpus, v.name))
+
+
+@dataclass
+class Choice:
+    """The winning fit for a VM, its runner-up on another host, and how many hosts were weighed."""
+
+    fit: Fit
+    delta: float
+    avoided: bool
+    runner_up: tuple[str, float] | None
+    candidates: int
+
+
+@dataclass
+class Evacuation:
+    """What ``evacuate`` decided, before it is frozen into an EvacuationPlan."""
+
+    placements: list[Placement] = field(default_factory=list)
+    blocked: list[Blocker] = field(default_factory=list)
+    vm_actions: list[VmAction] = field(default_factory=list)
+    skipped_hosts: list[str] = field(default_factory=list)
+
+
+def choose(vm: Vm, targets: Sequence[HostLoad], avoid: Collection[str]) -> Choice | list[Miss]:
+    """The best fit for ``vm`` among ``targets`` by tier then objective growth, or every host's Miss."""
+    misses: list[Miss] = []
+    for remote in (False, True):
+        scored: list[tuple[bool, float, str, Fit]] = []
+        misses = []
+        for host in targets:
+            got = fit_host(vm, host, allow_remote=remote)
+            if isinstance(got, Miss):
+                misses.append(got)
+                continue
+            scored.append((host.name in avoid, fit_delta(host, got), host.name, got))
+        if scored:
+            scored.sort(key=lambda s: (s[0], s[1], s[2]))
+            best = scored[0]
+            runner = next(((s[2], s[1]) for s in scored[1:] if s[2] != best[2]), None)
+            return Choice(best[3], best[1], best[0], runner, len(scored))
+    return misses
+
+
+def placement_for(vm: Vm, choice: Choice, host: HostLoad) -> Placement:
+    """Freeze a choice into a Placement with the rewrite the target needs and the reason."""
+    fit = choice.fit
+    vcpupin = ({vcpu: tuple(sorted(fit.cpu_map[c] for c in cpus))
+                for vcpu, cpus in sorted(vm.vcpupin.items())} if vm.pinned else {})
+    emulatorpin = tuple(sorted(fit.cpu_map[c] for c in vm.emulatorpin)) if vm.pinned else ()
+    nodeset = tuple(sorted(fit.cells)) if vm.numatune is not None else None
+    cells = ",".join(str(c) for c in fit.cells)
+    kind = "NUMA-remote (no single-cell fit anywhere)"
+    if fit.numa_local:
+        kind = "vNUMA 1:1" if vm.vnuma else "single-cell"
+    reason = (f"{kind} on {fit.host} cell(s) {cells}; host at {host.util:.0%} before; "
+              f"objective +{choice.delta:.4f}, best of {choice.candidates} fitting host(s)")
+    if choice.avoided:
+        reason += "; host is due for maintenance later but nothing else fits"
+    runner = None
+    if choice.runner_up is not None:
+        runner = choice.runner_up[0]
+        reason += f"; runner-up {runner} (+{choice.runner_up[1]:.4f})"
+    return Placement(vm=vm.name, source=vm.host, target=fit.host, target_cells=fit.cells,
+                     numa_local=fit.numa_local, vcpupin=vcpupin, emulatorpin=emulatorpin,
+                     numatune_nodeset=nodeset, memory_mib=vm.memory_mib, reason=reason, runner_up=runner)
+
+
+def blocker_for(vm: Vm, misses: list[Miss], group_size: int) -> Blocker:
+    """Name the constraint that stopped the VM on most candidate hosts, with examples."""
+    if group_size == 0:
+        return Blocker(vm=vm.name, host=vm.host, constraint="cpu-group",
+                       reason=f"no active host outside the drained ones shares {vm.host}'s CPU group",
+                       hint=_HINTS["cpu-group"])
+    counts = Counter(m.constraint for m in misses)
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    constraint = top[0][0]
+    example = next(m.reason for m in misses if m.constraint == constraint)
+    summary = ", ".join(f"{n} host(s) {c}" for c, n in top)
+    return Blocker(vm=vm.name, host=vm.host, constraint=constraint,
+                   reason=f"fits none of {group_size} candidate host(s) ({summary}); e.g. {example}",
+                   hint=_HINTS.get(constraint, ""))
+
+
+def evacuate(snapshot: FleetSnapshot, ledger: Ledger, hosts: Sequence[str], *,
+             avoid: Collection[str] = (), exclude: Collection[str] = ()) -> Evacuation:
+    """Plan the VMs of ``hosts`` onto the other active hosts, charging ``ledger`` as it goes.
+
+    ``exclude`` names further hosts that must not receive VMs (e.g. ones already out for
+    maintenance); ``avoid`` are used only when nothing else fits.
+    """
+    out = Evacuation()
+    skipped = _skipped(snapshot, hosts)
+    movers: list[Vm] = []
+    for name in hosts:
+        vms = sorted(snapshot.vms_on(name), key=lambda v: v.name)
+        if name in skipped:
+            out.skipped_hosts.append(name)
+            out.vm_actions.extend(
+                VmAction(vm=v.name, host=name, action=UnmigratableAction.SKIP_HOST,
+                         reason=f"cannot live-migrate ({v.not_migratable_reason or 'policy'}); "
+                                f"{name} is left out and none of its VMs move")
+                for v in vms if not v.migratable and v.on_unmigratable is UnmigratableAction.SKIP_HOST)
+            continue
+        for vm in vms:
+            if vm.migratable:
+                movers.append(vm)
+            elif vm.on_unmigratable is UnmigratableAction.SHUTDOWN:
+                out.vm_actions.append(VmAction(
+                    vm=vm.name, host=name, action=UnmigratableAction.SHUTDOWN,
+                    reason=f"cannot live-migrate ({vm.not_migratable_reason or 'policy'}); shut down before "
+                           f"the reboot of {name}, started again after it is verified"))
+            else:
+                out.blocked.append(Blocker(
+                    vm=vm.name, host=name, constraint="unmigratable",
+                    reason=f"cannot live-migrate ({vm.not_migratable_reason or 'policy'}) and its policy "
+                           f"is block", hint=_HINTS["unmigratable"]))
+    barred = set(hosts) | set(exclude)
+    groups: dict[str, list[HostLoad]] = {}
+    for vm in difficulty_order(movers):
+        group = ledger.hosts[vm.host].cpu_group
+        if group not in groups:
+            groups[group] = [h for h in ledger.hosts.values()
+                             if h.state is HostState.ACTIVE and h.name not in barred and h.cpu_group == group]
+        targets = groups[group]
+        got = choose(vm, targets, avoid)
+        if isinstance(got, Choice):
+            host = ledger.hosts[got.fit.host]
+            out.placements.append(placement_for(vm, got, host))
+            ledger.apply(vm, got.fit)
+        else:
+            out.blocked.append(blocker_for(vm, got, len(targets)))
+    out.placements.sort(key=lambda p: (p.source, p.vm))
+    out.blocked.sort(key=lambda b: (b.host, b.vm))
+    out.vm_actions.sort(key=lambda a: (a.host, a.vm))
+    return out
+
+
+def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Collection[str] = (),
+                    spare_hosts: int = 1) -> EvacuationPlan:
+    """Plan where every VM of ``hosts`` goes; the N+1 check (``spare_hosts``) is part of the plan.
+
+    The plan is feasible only when no VM is blocked and the N+1 check holds. Same snapshot,
+    same arguments: same plan.
+    """
+    drained = _check_hosts(snapshot, hosts)
+    capacity = check_capacity(snapshot, drained, spare_hosts=spare_hosts)
+    result = evacuate(snapshot, Ledger.from_snapshot(snapshot), drained, avoid=avoid)
+    return EvacuationPlan(cluster=snapshot.cluster, hosts=tuple(drained), snapshot_digest=snapshot.digest(),
+                          placements=tuple(result.placements), blocked=tuple(result.blocked),
+                          vm_actions=tuple(result.vm_actions), skipped_hosts=tuple(result.skipped_hosts),
+                          capacity=capacity)

@@ -1,0 +1,66 @@
+"""The balance objective: the sum of squared memory utilisations of hosts and cells.
+
+Squares punish the fullest hosts most, so minimising the sum spreads load
+evenly. Cells count with weight 1/cells-per-host so that a host's cells together
+weigh as much as the host.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from hostmaint.placement.state import Fit, HostLoad
+
+
+def host_cost(host: HostLoad) -> float:
+    """This host's share of the objective."""
+    cells = host.cells
+    cell_part = sum(c.util**2 for c in cells) / len(cells) if cells else 0.0
+    return host.util**2 + cell_part
+
+
+def fit_delta(host: HostLoad, fit: Fit) -> float:
+    """How much the objective grows if ``fit`` is charged onto ``host`` (smaller is better)."""
+    mem = host.memory_mib
+    if not mem:
+        return math.inf
+    added = sum(fit.cell_mib)
+    used = host.used_mib
+    delta = ((used + added) / mem) ** 2 - (used / mem) ** 2
+    n = len(host.cells)
+    for cell_id, mib in zip(fit.cells, fit.cell_mib, strict=True):
+        cell = host.cell(cell_id)
+        if cell.memory_mib:
+            delta += (((cell.used_mib + mib) / cell.memory_mib) ** 2 - cell.util**2) / n
+    return delta
+
+
+def balance(hosts: Iterable[HostLoad]) -> float:
+    """The objective over a set of hosts."""
+    return sum(host_cost(h) for h in hosts)
+
+
+def spread(utils: list[float]) -> tuple[float, float, float]:
+    """(max/mean, standard deviation, mean) of utilisations; (0, 0, 0) for none."""
+    if not utils:
+        return 0.0, 0.0, 0.0
+    mean = sum(utils) / len(utils)
+    std = math.sqrt(sum((u - mean) ** 2 for u in utils) / len(utils))
+    return (max(utils) / mean if mean else 0.0), std, mean
+
+
+def release_delta(host: HostLoad, mib: float) -> float:
+    """How much the objective changes if a VM of ``mib`` leaves ``host`` (cells give back pro rata)."""
+    mem = host.memory_mib
+    used = host.used_mib
+    if not mem or used <= 0:
+        return 0.0
+    mib = min(mib, used)
+    delta = ((used - mib) / mem) ** 2 - (used / mem) ** 2
+    n = len(host.cells)
+    for cell in host.cells:
+        if cell.memory_mib:
+            share = min(cell.used_mib, mib * cell.used_mib / used)
+            delta += (((cell.used_mib - share) / cell.memory_mib) ** 2 - cell.util**2) / n
+    return delta

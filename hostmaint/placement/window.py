@@ -1,0 +1,117 @@
+"""Rolling window: patch hosts one at a time so each VM migrates about once.
+
+Naive rolling maintenance (evacuate, patch, move back) costs two migrations
+per VM. Here the VMs of each host move onto hosts that are already patched
+(or are not part of the window) wherever capacity allows, and hosts still
+waiting for their turn are used only when nothing else fits — so a VM moved
+there will move again.
+
+Order: hosts whose VMs cannot move and whose policy skips the host are left
+out; the rest go emptiest first (by memory to move, then name), so the first
+hosts — whose VMs must land on unpatched hosts — move the least, and every
+patched host is an empty landing place for the next one.
+
+Simulation between steps: after a host is drained and patched it rejoins
+the cluster empty (its VMs' memory is credited back to its cells in
+proportion to what each cell used), plus the VMs it shut down, which start
+again where they were.
+
+Duration estimate per host: the memory it sends over its link
+(``link_mib_s``, ~10 GbE by default; migrations from one source share the
+link) plus ``per_migration_s`` of set-up per VM spread over
+``migrations_per_source`` parallel slots, plus ``patch_seconds`` to update,
+reboot and verify. Hosts go one at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hostmaint.models import (
+    EvacuationPlan,
+    FleetSnapshot,
+    UnmigratableAction,
+    Vm,
+    WindowPlan,
+    WindowStep,
+)
+from hostmaint.placement.evacuate import _check_hosts, _skipped, check_capacity, evacuate
+from hostmaint.placement.state import Ledger, pages_for, pinned_cpus
+
+
+def _empty_host(ledger: Ledger, name: str, vms: Sequence[Vm]) -> None:
+    """Book a drained host as empty again: every VM that left gives its memory back to the cells."""
+    host = ledger.hosts[name]
+    for vm in vms:
+        used = sum(c.used_mib for c in host.cells)
+        for cell in host.cells:
+            share = min(cell.used_mib, vm.memory_mib * cell.used_mib / used) if used > 0 else 0.0
+            cell.used_mib -= share
+            if vm.hugepage_kib:
+                cell.hugepages[vm.hugepage_kib] = cell.hugepages.get(vm.hugepage_kib, 0) + pages_for(
+                    share, vm.hugepage_kib)
+            else:
+                cell.avail_mib += share
+        held = pinned_cpus(vm)
+        for cell in host.cells:
+            cell.pinned -= held
+        host.vcpus_used -= vm.vcpus
+        host.vm_count -= 1
+        if vm.anti_affinity:
+            host.groups[vm.anti_affinity] -= 1
+
+
+def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, spare_hosts: int = 1,
+                link_mib_s: float = 1100.0, per_migration_s: float = 10.0,
+                patch_seconds: float = 900.0) -> WindowPlan:
+    """Order ``hosts`` (default: every host of the cluster) and plan each one's evacuation so VMs
+    land on already-patched hosts; report migrations per VM and the estimated duration."""
+    names = _check_hosts(snapshot, hosts if hosts is not None else sorted(h.name for h in snapshot.hosts))
+    skipped = _skipped(snapshot, names)
+    todo = [n for n in names if n not in skipped]
+    # one host is out at a time: N+1 must hold for each of them; the plan states the tightest
+    checks = [check_capacity(snapshot, [n], spare_hosts=spare_hosts) for n in todo]
+    capacity = min(checks, key=lambda c: c.margin_mib) if checks else None
+
+    def load(name: str) -> tuple[int, str]:
+        return (sum(v.memory_mib for v in snapshot.vms_on(name) if v.migratable), name)
+
+    order = sorted(todo, key=load)
+    ledger = Ledger.from_snapshot(snapshot)
+    # where each VM is now, as the window moves it around
+    location: dict[str, str] = {v.name: v.host for v in snapshot.vms}
+    vm_by_name = {v.name: v for v in snapshot.vms}
+    moves: dict[str, int] = {}
+    steps: list[WindowStep] = []
+    patched: list[str] = []
+    total_seconds = 0.0
+    for i, name in enumerate(order):
+        here = [vm_by_name[v].model_copy(update={"host": name})
+                for v, h in sorted(location.items()) if h == name]
+        current = snapshot.model_copy(update={"vms": tuple(here)})
+        later = set(order[i + 1:])
+        result = evacuate(current, ledger, [name], avoid=later)
+        plan = EvacuationPlan(cluster=snapshot.cluster, hosts=(name,), snapshot_digest=snapshot.digest(),
+                              placements=tuple(result.placements), blocked=tuple(result.blocked),
+                              vm_actions=tuple(result.vm_actions), skipped_hosts=tuple(result.skipped_hosts))
+        for p in result.placements:
+            location[p.vm] = p.target
+            moves[p.vm] = moves.get(p.vm, 0) + 1
+        # the host comes back patched and empty, except the VMs it shut down and starts again
+        leaving = [v for v in here if v.migratable]
+        _empty_host(ledger, name, leaving)
+        patched.append(name)
+        sent = sum(p.memory_mib for p in result.placements)
+        slots = max(snapshot.limits.migrations_per_source, 1)
+        seconds = sent / link_mib_s + per_migration_s * len(result.placements) / slots + patch_seconds
+        if any(a.action is UnmigratableAction.SHUTDOWN for a in result.vm_actions):
+            seconds += 120.0  # clean shutdown and start of the VMs that cannot move
+        total_seconds += seconds
+        steps.append(WindowStep(order=i + 1, host=name, evacuation=plan, estimated_seconds=round(seconds, 1)))
+    migrations = sum(moves.values())
+    moved = len(moves)
+    return WindowPlan(cluster=snapshot.cluster, snapshot_digest=snapshot.digest(), steps=tuple(steps),
+                      skipped_hosts=tuple(n for n in names if n in skipped), capacity=capacity,
+                      migrations=migrations, vms_moved=moved,
+                      migrations_per_vm=round(migrations / moved, 4) if moved else 0.0,
+                      estimated_seconds=round(total_seconds, 1))
