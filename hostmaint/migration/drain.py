@@ -1,0 +1,369 @@
+"""The drain executor: run an evacuation plan's live migrations, bounded, watched and escalated.
+
+``drain(plan, hypervisor, limits)`` is what the ``drain`` task calls. It runs the plan's placements
+in a thread pool and never has more in flight than ``limits`` allow per source, per target and per
+cluster; the memory of a migration in flight counts against its target from its first byte. The
+:class:`SchedulerPolicy` decides the order, whether the next migration may start now (fill the source
+link, keep the summed dirty rate well below it) and the escalation of a stalled one
+(auto-converge → post-copy where allowed → abort).
+
+Per VM, like a Watcher action: precondition (``locate``: a VM already off its source is a SKIPPED
+result, which is how a re-run after a crash resumes) → execute (``migrate``) → verify (the driver
+confirms the target; after a failure ``locate`` confirms the VM is still on its source). A
+``MigrationError`` is a FAILED (or ABORTED) result and the others go on, unless the policy says stop
+on the first failure. Results come back together in a :class:`DrainReport`, with every decision
+as a :class:`DrainEvent` (also streamed to ``on_event`` for the audit record and progress artifacts).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from hostmaint.drivers.base import Hypervisor
+from hostmaint.errors import DriverError
+from hostmaint.migration.control import MigrationControl
+from hostmaint.migration.policy import (
+    Action,
+    Escalation,
+    Load,
+    MigrationSpec,
+    SchedulerPolicy,
+    admission_refusal,
+    link_of,
+    migration_budget_s,
+    next_action,
+    options_for,
+    order_placements,
+    stream_rate,
+)
+from hostmaint.models import (
+    EvacuationPlan,
+    Limits,
+    MigrationOptions,
+    MigrationProgress,
+    MigrationResult,
+    StepOutcome,
+)
+
+
+class EventKind(StrEnum):
+    STARTED = "started"
+    PROGRESS = "progress"
+    ESCALATED = "escalated"
+    FINISHED = "finished"
+    FAILED = "failed"
+    ABORTED = "aborted"
+    SKIPPED = "skipped"
+
+
+@dataclass(frozen=True)
+class DrainEvent:
+    """One thing the drain did or decided, ``at_s`` seconds after it started."""
+
+    at_s: float
+    kind: EventKind
+    vm: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class DrainReport:
+    """Every migration's result (plan order), every event, the wall time and the peak concurrency."""
+
+    results: tuple[MigrationResult, ...]
+    events: tuple[DrainEvent, ...]
+    seconds: float
+    max_concurrency: int
+
+    @property
+    def ok(self) -> bool:
+        """True when every VM of the plan is off its source (moved now or before)."""
+        return not self.failed
+
+    @property
+    def failed(self) -> tuple[MigrationResult, ...]:
+        """The results whose VM is still on its source: failed, aborted, or never started."""
+        return tuple(r for r in self.results if r.outcome not in (StepOutcome.OK, StepOutcome.SKIPPED))
+
+
+@dataclass
+class _Flight:
+    """A migration that was admitted: its state while it runs. ``lock`` guards the escalation fields."""
+
+    spec: MigrationSpec
+    rate: float
+    options: MigrationOptions
+    started_at: float
+    budget_s: float
+    level: Escalation = Escalation.NONE
+    level_since_s: float = 0.0
+    history: list[MigrationProgress] = field(default_factory=list)
+    abort_reason: str | None = None
+    last_progress_event: float = -1e18
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def drain(plan: EvacuationPlan, hypervisor: Hypervisor, limits: Limits, *,
+          options: MigrationOptions = MigrationOptions(),
+          policy: SchedulerPolicy | None = None,
+          bandwidth_mib_s: Mapping[str, float] | None = None,
+          vm_memory_mib: Mapping[str, int] | None = None,
+          dirty_rate: Mapping[str, float] | None = None,
+          target_free_mib: Mapping[str, int] | None = None,
+          on_event: Callable[[DrainEvent], None] | None = None,
+          cancel: threading.Event | None = None,
+          clock: Callable[[], float] = time.monotonic,
+          poll_s: float = 0.05) -> DrainReport:
+    """Live-migrate every placement of ``plan``; return all results and decisions together.
+
+    ``bandwidth_mib_s`` is each host's link (default: the policy's), ``vm_memory_mib`` and
+    ``dirty_rate`` (MiB/s) what is known of each VM (memory falls back to the placement's),
+    ``target_free_mib`` the memory each target has free before the drain: a migration in flight
+    counts against it. ``cancel``, once set, stops admitting, aborts what runs (except post-copy)
+    and reports the rest as ABORTED. ``policy`` defaults to the adaptive one. Never raises for a
+    failed migration; its VM stays on its source and its result says why.
+    """
+    run = _Drain(plan, hypervisor, limits, options, policy or SchedulerPolicy(), bandwidth_mib_s or {},
+                 vm_memory_mib or {}, dirty_rate or {}, target_free_mib, on_event, cancel, clock)
+    return run.execute(poll_s)
+
+
+class _Drain:
+    """One drain's bookkeeping. The main thread admits and collects; workers migrate."""
+
+    def __init__(self, plan: EvacuationPlan, hypervisor: Hypervisor, limits: Limits,
+                 options: MigrationOptions, policy: SchedulerPolicy, bandwidth: Mapping[str, float],
+                 memory: Mapping[str, int], dirty: Mapping[str, float],
+                 target_free_mib: Mapping[str, int] | None,
+                 on_event: Callable[[DrainEvent], None] | None, cancel: threading.Event | None,
+                 clock: Callable[[], float]) -> None:
+        self.plan = plan
+        self.hv = hypervisor
+        self.control = hypervisor if isinstance(hypervisor, MigrationControl) else None
+        self.limits = limits
+        self.options = options
+        self.policy = policy
+        self.bandwidth = bandwidth
+        self.target_free_mib = target_free_mib
+        self.on_event = on_event
+        self.cancel = cancel
+        self.clock = clock
+        self.t0 = clock()
+        self.specs = [MigrationSpec(p, memory.get(p.vm, p.memory_mib), float(dirty.get(p.vm, 0.0)))
+                      for p in plan.placements]
+        self.links = {s.source: link_of(s.source, bandwidth, policy) for s in self.specs}
+        self.lock = threading.Lock()  # guards events, results, counters
+        self.events: list[DrainEvent] = []
+        self.results: dict[str, MigrationResult] = {}
+        self.bytes_moved = 0
+        self.load = Load()
+        self.max_concurrency = 0
+        self.stop_reason: str | None = None
+
+    # --- events -------------------------------------------------------------
+
+    def emit(self, kind: EventKind, vm: str, **detail: Any) -> None:
+        with self.lock:
+            event = DrainEvent(round(self.clock() - self.t0, 3), kind, vm, detail)
+            self.events.append(event)
+            if self.on_event is not None:
+                self.on_event(event)
+
+    # --- main loop ----------------------------------------------------------
+
+    def execute(self, poll_s: float) -> DrainReport:
+        pending = order_placements(self.specs, self.policy.order, self.links)
+        flights: dict[Future[MigrationResult], _Flight] = {}
+        workers = max(1, min(len(self.specs), self.limits.migrations_per_cluster))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drain") as pool:
+            while pending or flights:
+                if self.cancel is not None and self.cancel.is_set() and self.stop_reason is None:
+                    self.stop_reason = "drain cancelled"
+                    for flight in flights.values():
+                        self.request_abort(flight, "drain cancelled", background=True)
+                refusals: dict[str, str] = {}
+                if self.stop_reason is None:
+                    for spec in list(pending):
+                        refusal = self.admit(spec, pool, flights)
+                        if refusal is None:
+                            pending.remove(spec)
+                        else:
+                            refusals[spec.vm] = refusal
+                if not flights:
+                    # Nothing runs and nothing may start: what is left can never move in this drain.
+                    for spec in pending:
+                        why = self.stop_reason or f"cannot start: {refusals.get(spec.vm, 'not admitted')}"
+                        outcome = StepOutcome.ABORTED if self.stop_reason else StepOutcome.FAILED
+                        self.record(MigrationResult(vm=spec.vm, source=spec.source, target=spec.target,
+                                                    outcome=outcome, error=why))
+                    pending = []
+                    break
+                done, _ = wait(list(flights), timeout=poll_s, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    flight = flights.pop(fut)
+                    result = fut.result()  # a bug in a driver surfaces here, never silently
+                    self.load.remove(flight.spec, flight.rate, landed=result.outcome is StepOutcome.OK)
+                    self.record(result, flight)
+                    if (self.policy.stop_on_first_failure and self.stop_reason is None
+                            and result.outcome in (StepOutcome.FAILED, StepOutcome.ABORTED)):
+                        self.stop_reason = f"stopped after {result.vm} did not move"
+                for flight in flights.values():
+                    self.watch(flight)
+        ordered = tuple(self.results[s.vm] for s in self.specs)
+        seconds = round(self.clock() - self.t0, 3)
+        return DrainReport(ordered, tuple(self.events), seconds, self.max_concurrency)
+
+    def admit(self, spec: MigrationSpec, pool: ThreadPoolExecutor,
+              flights: dict[Future[MigrationResult], _Flight]) -> str | None:
+        link = self.links[spec.source]
+        rate = stream_rate(self.options, self.policy, link)
+        refusal = admission_refusal(spec, self.load, self.limits, self.policy, link_mib_s=link,
+                                    rate_mib_s=rate, target_free_mib=self.target_free_mib)
+        if refusal is not None:
+            return refusal
+        opts = options_for(spec, self.options, self.policy, rate)
+        flight = _Flight(spec, rate, opts, self.clock(), migration_budget_s(spec.memory_mib, opts))
+        if opts.auto_converge:
+            flight.level = Escalation.AUTO_CONVERGE  # on from the start: the next step is post-copy
+        self.load.add(spec, rate)
+        self.max_concurrency = max(self.max_concurrency, self.load.total)
+        assert self.load.per_source is not None and self.load.per_target is not None
+        self.emit(EventKind.STARTED, spec.vm, source=spec.source, target=spec.target,
+                  memory_mib=spec.memory_mib, dirty_mib_s=spec.dirty_mib_s, in_flight=self.load.total,
+                  on_source=self.load.per_source[spec.source], on_target=self.load.per_target[spec.target],
+                  auto_converge=opts.auto_converge, post_copy=opts.post_copy,
+                  budget_s=round(flight.budget_s, 1))
+        flights[pool.submit(self.migrate_one, flight)] = flight
+        return None
+
+    def record(self, result: MigrationResult, flight: _Flight | None = None) -> None:
+        kind = {StepOutcome.OK: EventKind.FINISHED, StepOutcome.SKIPPED: EventKind.SKIPPED,
+                StepOutcome.ABORTED: EventKind.ABORTED}.get(result.outcome, EventKind.FAILED)
+        with self.lock:
+            self.results[result.vm] = result
+            self.bytes_moved += result.data_bytes
+            done, moved = len(self.results), self.bytes_moved
+        self.emit(kind, result.vm, source=result.source, target=result.target, outcome=str(result.outcome),
+                  seconds=result.seconds, downtime_ms=result.downtime_ms, data_bytes=result.data_bytes,
+                  error=result.error, in_flight=self.load.total, done=done, total=len(self.specs),
+                  bytes_moved=moved, escalation=flight.level.name.lower() if flight else None)
+
+    # --- one migration (worker thread) --------------------------------------
+
+    def migrate_one(self, flight: _Flight) -> MigrationResult:
+        spec = flight.spec
+        try:
+            where = self.hv.locate(spec.vm)
+        except DriverError as exc:
+            return self.result(spec, StepOutcome.FAILED, f"cannot locate before migrating: {exc}")
+        if spec.source not in where:
+            # The world already changed (a re-run after a crash, or an operator moved it): nothing to do.
+            found = ", ".join(where) or "nowhere"
+            return self.result(spec, StepOutcome.SKIPPED, f"not on {spec.source} (found on {found})")
+        try:
+            result = self.hv.migrate(spec.vm, spec.source, spec.target, flight.options,
+                                     lambda sample: self.on_progress(flight, sample))
+        except DriverError as exc:  # MigrationError, or the connection dropped mid-way
+            return self.after_failure(flight, exc)
+        return result
+
+    def after_failure(self, flight: _Flight, exc: DriverError) -> MigrationResult:
+        spec = flight.spec
+        seconds = round(self.clock() - flight.started_at, 3)
+        try:
+            where = self.hv.locate(spec.vm)
+        except DriverError as exc2:
+            return self.result(spec, StepOutcome.FAILED, f"{exc}; and cannot locate it: {exc2}", seconds)
+        if tuple(where) == (spec.target,):
+            # It landed despite the error (e.g. the confirmation timed out): that is a success.
+            return self.result(spec, StepOutcome.OK, f"reported {exc!s}, but runs on {spec.target}", seconds)
+        if spec.source not in where:
+            return self.result(spec, StepOutcome.FAILED, f"{exc}; VM now on {', '.join(where) or 'no host'}",
+                               seconds)
+        if flight.abort_reason is not None:
+            return self.result(spec, StepOutcome.ABORTED, f"aborted: {flight.abort_reason}", seconds)
+        return self.result(spec, StepOutcome.FAILED, str(exc), seconds)
+
+    @staticmethod
+    def result(spec: MigrationSpec, outcome: StepOutcome, error: str | None,
+               seconds: float = 0.0) -> MigrationResult:
+        return MigrationResult(vm=spec.vm, source=spec.source, target=spec.target, outcome=outcome,
+                               seconds=seconds, error=error)
+
+    def on_progress(self, flight: _Flight, sample: MigrationProgress) -> None:
+        """Called by the driver for every progress sample: record it and escalate if it stalls."""
+        flight.history.append(sample)
+        now = self.clock()
+        if now - flight.last_progress_event >= self.policy.progress_event_s:
+            flight.last_progress_event = now
+            self.emit(EventKind.PROGRESS, sample.vm, elapsed_s=sample.elapsed_s,
+                      data_processed=sample.data_processed, data_remaining=sample.data_remaining,
+                      dirty_rate_bps=sample.dirty_rate_bps, iterations=sample.iterations)
+        self.escalate(flight, sample.elapsed_s)
+
+    def escalate(self, flight: _Flight, elapsed_s: float, *, background: bool = False) -> None:
+        with flight.lock:
+            if flight.abort_reason is not None:
+                return
+            decision = next_action(
+                flight.history, budget_s=flight.budget_s, stall_s=flight.options.stall_seconds,
+                level=flight.level, level_since_s=flight.level_since_s,
+                can_auto_converge=self.policy.auto_converge and self.control is not None,
+                can_post_copy=flight.options.post_copy and self.control is not None,
+                elapsed_s=elapsed_s)
+            if decision.action is Action.CONTINUE:
+                return
+            if decision.action is Action.ABORT:
+                flight.abort_reason = decision.reason
+            else:
+                flight.level = (Escalation.AUTO_CONVERGE if decision.action is Action.ENABLE_AUTO_CONVERGE
+                                else Escalation.POST_COPY)
+                flight.level_since_s = elapsed_s
+        spec = flight.spec
+        self.emit(EventKind.ESCALATED, spec.vm, action=str(decision.action), reason=decision.reason,
+                  elapsed_s=round(elapsed_s, 3))
+        if decision.action is Action.ABORT:
+            self.call_abort(flight, background)
+            return
+        assert self.control is not None
+        try:
+            if decision.action is Action.ENABLE_AUTO_CONVERGE:
+                self.control.enable_auto_converge(spec.vm, spec.source)
+            else:
+                self.control.start_post_copy(spec.vm, spec.source)
+        except DriverError as exc:
+            # The escalation did not take; its level still counts, so the next stall goes one further.
+            self.emit(EventKind.ESCALATED, spec.vm, action=str(decision.action), error=str(exc))
+
+    def request_abort(self, flight: _Flight, reason: str, *, background: bool) -> None:
+        with flight.lock:
+            if flight.abort_reason is not None or flight.level is Escalation.POST_COPY:
+                return
+            flight.abort_reason = reason
+        self.emit(EventKind.ESCALATED, flight.spec.vm, action=str(Action.ABORT), reason=reason)
+        self.call_abort(flight, background)
+
+    def call_abort(self, flight: _Flight, background: bool) -> None:
+        def abort() -> None:
+            try:
+                self.hv.abort(flight.spec.vm, flight.spec.source)
+            except DriverError as exc:
+                self.emit(EventKind.ESCALATED, flight.spec.vm, action=str(Action.ABORT), error=str(exc))
+
+        if background:
+            # An abort can block (QEMU stuck "cancelling"); the scheduler must keep collecting.
+            threading.Thread(target=abort, name=f"abort-{flight.spec.vm}", daemon=True).start()
+        else:
+            abort()
+
+    def watch(self, flight: _Flight) -> None:
+        """Watchdog for drivers that report no progress: the time budget holds without samples too."""
+        elapsed = self.clock() - flight.started_at
+        if elapsed >= flight.budget_s:
+            self.escalate(flight, elapsed, background=True)

@@ -1,0 +1,297 @@
+"""The migration policy: which VM moves next, whether it may start now, and what to do when it stalls.
+
+Everything here is pure and shared by the real executor (``hostmaint.migration.drain``) and the
+what-if simulator (``hostmaint.migration.simulate``), so the simulator measures the very policy
+that runs at night.
+
+Three decisions:
+
+* **order** (:func:`order_placements`): ours moves large, low-dirty VMs first and high-dirty VMs
+  last. Large first keeps the link busy to the end (no lone big straggler); high-dirty last lets
+  them run with the link to themselves, when their pre-copy rounds shrink fastest.
+* **admission** (:func:`admission_refusal`): the inventory limits are hard upper bounds; inside
+  them the adaptive policy starts just enough migrations to fill the source link, and no more
+  while the running migrations' summed dirty rate is not well below the link's bandwidth.
+* **escalation** (:func:`next_action`): when a migration stops making progress, enable
+  auto-converge, then switch to post-copy where allowed, then abort; a time budget per GiB caps
+  every migration. Abort is the safe end state (the VM keeps running on its source); a migration
+  already in post-copy is never aborted, because the VM then runs on the target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum, StrEnum
+
+from hostmaint.models import Limits, MigrationOptions, MigrationProgress, Placement
+
+MIB = 1024 * 1024
+DEFAULT_LINK_MIB_S = 1100.0  # ~10 GbE after protocol overhead; the inventory's default too
+DEFAULT_STREAM_MIB_S = 600.0  # what one QEMU migration connection pushes (~5 Gbit/s, CPU bound)
+
+
+class Order(StrEnum):
+    """The order in which pending migrations are offered to admission."""
+
+    PLAN = "plan"  # as the evacuation plan lists them
+    LARGEST_FIRST = "largest-first"
+    SMALLEST_FIRST = "smallest-first"
+    LOW_DIRTY_FIRST = "low-dirty-first"
+    ADAPTIVE = "adaptive"  # large and low-dirty first, high-dirty last
+
+
+class Action(StrEnum):
+    """What to do with a running migration after looking at its progress."""
+
+    CONTINUE = "continue"
+    ENABLE_AUTO_CONVERGE = "enable-auto-converge"
+    SWITCH_TO_POST_COPY = "switch-to-post-copy"
+    ABORT = "abort"
+
+
+class Escalation(IntEnum):
+    """How far a migration has been escalated; only ever goes up."""
+
+    NONE = 0
+    AUTO_CONVERGE = 1
+    POST_COPY = 2
+
+
+@dataclass(frozen=True)
+class Decision:
+    """An action and the reason for it (the reason goes to the audit record)."""
+
+    action: Action
+    reason: str
+
+
+@dataclass(frozen=True)
+class SchedulerPolicy:
+    """How a drain orders, admits and escalates migrations. The inventory's ``Limits`` always bound it.
+
+    ``max_per_source`` set and ``adaptive`` off gives the anchors' fixed limits (Nova 1, oVirt 2);
+    neither set gives "unbounded" (only the inventory limits); ``adaptive`` is ours.
+    """
+
+    name: str = "adaptive"
+    order: Order = Order.ADAPTIVE
+    adaptive: bool = True
+    max_per_source: int | None = None
+    # admission: the running migrations' dirty rates must stay below this share of the link
+    dirty_fraction: float = 0.5
+    # a VM whose dirty rate is at least this share of its stream starts with auto-converge on
+    auto_converge_upfront_fraction: float = 0.5
+    stream_mib_s: float = DEFAULT_STREAM_MIB_S  # per connection; times options.parallel_connections
+    default_link_mib_s: float = DEFAULT_LINK_MIB_S
+    # escalation
+    auto_converge: bool = True
+    allow_post_copy: bool = False  # post-copy loses the VM if the network fails mid-way: opt in
+    stop_on_first_failure: bool = False
+    progress_event_s: float = 5.0  # at most one progress event per VM this often
+
+    @classmethod
+    def fixed(cls, per_source: int, order: Order = Order.PLAN, **kw: object) -> SchedulerPolicy:
+        """The anchors' policy: a fixed number of migrations per source (Nova 1, oVirt/KubeVirt 2)."""
+        return cls(name=f"fixed{per_source}", order=order, adaptive=False, max_per_source=per_source,
+                   **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def unbounded(cls, order: Order = Order.PLAN, **kw: object) -> SchedulerPolicy:
+        """Everything at once, bounded only by the inventory limits."""
+        return cls(name="unbounded", order=order, adaptive=False, **kw)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class MigrationSpec:
+    """What the scheduler knows about one pending migration."""
+
+    placement: Placement
+    memory_mib: int
+    dirty_mib_s: float  # 0 when unknown
+
+    @property
+    def vm(self) -> str:
+        return self.placement.vm
+
+    @property
+    def source(self) -> str:
+        return self.placement.source
+
+    @property
+    def target(self) -> str:
+        return self.placement.target
+
+
+@dataclass
+class Load:
+    """The migrations running at one moment, summed the ways admission needs them."""
+
+    total: int = 0
+    per_source: dict[str, int] | None = None
+    per_target: dict[str, int] | None = None
+    target_mib: dict[str, int] | None = None  # in flight plus landed minus departed, per host
+    source_rate: dict[str, float] | None = None  # expected MiB/s leaving each source
+    source_dirty: dict[str, float] | None = None  # summed dirty rate of the source's migrations
+
+    def __post_init__(self) -> None:
+        self.per_source = self.per_source or {}
+        self.per_target = self.per_target or {}
+        self.target_mib = self.target_mib or {}
+        self.source_rate = self.source_rate or {}
+        self.source_dirty = self.source_dirty or {}
+
+    def add(self, spec: MigrationSpec, rate: float) -> None:
+        """Count a migration that starts."""
+        assert self.per_source is not None and self.per_target is not None
+        assert self.target_mib is not None and self.source_rate is not None and self.source_dirty is not None
+        self.total += 1
+        self.per_source[spec.source] = self.per_source.get(spec.source, 0) + 1
+        self.per_target[spec.target] = self.per_target.get(spec.target, 0) + 1
+        self.target_mib[spec.target] = self.target_mib.get(spec.target, 0) + spec.memory_mib
+        self.source_rate[spec.source] = self.source_rate.get(spec.source, 0.0) + rate
+        self.source_dirty[spec.source] = self.source_dirty.get(spec.source, 0.0) + spec.dirty_mib_s
+
+    def remove(self, spec: MigrationSpec, rate: float, *, landed: bool) -> None:
+        """Uncount a migration that ended; a landed VM keeps its memory on the target."""
+        assert self.per_source is not None and self.per_target is not None
+        assert self.target_mib is not None and self.source_rate is not None and self.source_dirty is not None
+        self.total -= 1
+        self.per_source[spec.source] -= 1
+        self.per_target[spec.target] -= 1
+        if landed:
+            # the VM left its source: that memory is free for whatever migrates onto the source
+            self.target_mib[spec.source] = self.target_mib.get(spec.source, 0) - spec.memory_mib
+        else:
+            self.target_mib[spec.target] -= spec.memory_mib
+        self.source_rate[spec.source] -= rate
+        self.source_dirty[spec.source] -= spec.dirty_mib_s
+
+
+def link_of(host: str, bandwidth_mib_s: Mapping[str, float] | None, policy: SchedulerPolicy) -> float:
+    """A host's link bandwidth in MiB/s: measured or from the inventory, else the policy's default."""
+    if bandwidth_mib_s and host in bandwidth_mib_s:
+        return float(bandwidth_mib_s[host])
+    return policy.default_link_mib_s
+
+
+def stream_rate(options: MigrationOptions, policy: SchedulerPolicy, link_mib_s: float) -> float:
+    """What one migration can push on its own: its connections' cap, a bandwidth limit, the link."""
+    rate = policy.stream_mib_s * options.parallel_connections
+    if options.bandwidth_mib_s is not None:
+        rate = min(rate, float(options.bandwidth_mib_s))
+    return min(rate, link_mib_s)
+
+
+def order_placements(specs: Sequence[MigrationSpec], order: Order,
+                     link_mib_s: Mapping[str, float] | None = None) -> list[MigrationSpec]:
+    """Pending migrations in the order admission sees them. Stable, so equal keys keep plan order."""
+    if order is Order.PLAN:
+        return list(specs)
+    if order is Order.LARGEST_FIRST:
+        return sorted(specs, key=lambda s: -s.memory_mib)
+    if order is Order.SMALLEST_FIRST:
+        return sorted(specs, key=lambda s: s.memory_mib)
+    if order is Order.LOW_DIRTY_FIRST:
+        return sorted(specs, key=lambda s: s.dirty_mib_s)
+
+    def band(spec: MigrationSpec) -> int:
+        # Dirty rate as a share of the source link, in coarse bands: inside a band size decides,
+        # so a large VM is not pushed behind a tiny one over a few MiB/s of difference.
+        link = (link_mib_s or {}).get(spec.source, DEFAULT_LINK_MIB_S)
+        share = spec.dirty_mib_s / link if link > 0 else 1.0
+        return 0 if share < 0.05 else 1 if share < 0.2 else 2 if share < 0.5 else 3
+
+    return sorted(specs, key=lambda s: (band(s), -s.memory_mib))
+
+
+def admission_refusal(spec: MigrationSpec, load: Load, limits: Limits, policy: SchedulerPolicy, *,
+                      link_mib_s: float, rate_mib_s: float,
+                      target_free_mib: Mapping[str, int] | None = None) -> str | None:
+    """Why ``spec`` may not start now, or None when it may. Hard limits first, then the policy."""
+    assert load.per_source is not None and load.per_target is not None
+    assert load.target_mib is not None and load.source_rate is not None and load.source_dirty is not None
+    on_source = load.per_source.get(spec.source, 0)
+    if load.total >= limits.migrations_per_cluster:
+        return f"cluster limit {limits.migrations_per_cluster} reached"
+    if on_source >= limits.migrations_per_source:
+        return f"source {spec.source} at its limit {limits.migrations_per_source}"
+    if load.per_target.get(spec.target, 0) >= limits.migrations_per_target:
+        return f"target {spec.target} at its limit {limits.migrations_per_target}"
+    if target_free_mib is not None and spec.target in target_free_mib:
+        committed = load.target_mib.get(spec.target, 0)
+        if committed + spec.memory_mib > target_free_mib[spec.target]:
+            return (f"target {spec.target} memory: {committed} MiB committed + {spec.memory_mib} MiB "
+                    f"> {target_free_mib[spec.target]} MiB free")
+    if policy.max_per_source is not None and on_source >= policy.max_per_source:
+        return f"policy {policy.name}: {policy.max_per_source} per source"
+    if not policy.adaptive or on_source == 0:
+        return None  # one migration always runs, or a source would wait forever
+    if load.source_rate.get(spec.source, 0.0) >= link_mib_s * 0.999:
+        return f"source link {spec.source} full ({load.source_rate[spec.source]:.0f}/{link_mib_s:.0f} MiB/s)"
+    dirty = load.source_dirty.get(spec.source, 0.0) + spec.dirty_mib_s
+    if dirty > policy.dirty_fraction * link_mib_s:
+        return (f"dirty rate {dirty:.0f} MiB/s would pass {policy.dirty_fraction:.0%} of the "
+                f"{link_mib_s:.0f} MiB/s link of {spec.source}")
+    return None
+
+
+def migration_budget_s(memory_mib: int, options: MigrationOptions) -> float:
+    """The time a migration may take before it is aborted: seconds per GiB, with a floor."""
+    return max(options.min_budget_seconds, options.seconds_per_gib * memory_mib / 1024)
+
+
+def options_for(spec: MigrationSpec, options: MigrationOptions, policy: SchedulerPolicy,
+                rate_mib_s: float) -> MigrationOptions:
+    """The options one migration starts with: its placement, post-copy capability, upfront auto-converge."""
+    auto_converge = options.auto_converge or (
+        policy.auto_converge and spec.dirty_mib_s >= policy.auto_converge_upfront_fraction * rate_mib_s)
+    return options.model_copy(update={
+        "placement": spec.placement,
+        "auto_converge": auto_converge,
+        # post-copy can only be switched to when the migration started post-copy capable
+        "post_copy": options.post_copy or policy.allow_post_copy,
+    })
+
+
+def stalled_for_s(history: Sequence[MigrationProgress]) -> float:
+    """Seconds since ``data_remaining`` last reached a new low (0 without samples)."""
+    if not history:
+        return 0.0
+    low = math.inf
+    low_at = history[0].elapsed_s
+    for sample in history:
+        if sample.data_remaining < low:
+            low, low_at = sample.data_remaining, sample.elapsed_s
+    return history[-1].elapsed_s - low_at
+
+
+def next_action(history: Sequence[MigrationProgress], *, budget_s: float, stall_s: float,
+                level: Escalation = Escalation.NONE, level_since_s: float = 0.0,
+                can_auto_converge: bool = True, can_post_copy: bool = False,
+                elapsed_s: float | None = None) -> Decision:
+    """The next step for a running migration, from its progress so far. Pure.
+
+    ``history`` holds its progress samples (oldest first); ``level`` is how far it has been
+    escalated and ``level_since_s`` when (so an escalation gets ``stall_s`` to show an effect).
+    ``elapsed_s`` overrides the last sample's time (a watchdog with no fresh sample).
+    """
+    now = elapsed_s if elapsed_s is not None else (history[-1].elapsed_s if history else 0.0)
+    if level is Escalation.POST_COPY:
+        return Decision(Action.CONTINUE, "in post-copy: runs to completion, an abort would lose the VM")
+    if now >= budget_s:
+        return Decision(Action.ABORT, f"time budget {budget_s:.0f}s used up after {now:.0f}s")
+    if not history:
+        return Decision(Action.CONTINUE, "no progress sample yet")
+    stalled = min(stalled_for_s(history) + (now - history[-1].elapsed_s),
+                  now - level_since_s)
+    if stalled < stall_s:
+        return Decision(Action.CONTINUE, "progressing")
+    why = f"no progress for {stalled:.0f}s"
+    if level < Escalation.AUTO_CONVERGE and can_auto_converge:
+        return Decision(Action.ENABLE_AUTO_CONVERGE, why)
+    if can_post_copy:
+        return Decision(Action.SWITCH_TO_POST_COPY, why)
+    return Decision(Action.ABORT, why + ("" if can_auto_converge else "; auto-converge unavailable")
+                    + "; post-copy not allowed")

@@ -1,0 +1,415 @@
+"""The drain executor against an in-memory hypervisor with scripted migrations.
+
+The fake counts what is in flight per source, per target and in total, and the memory each host
+holds (a VM in flight occupies its target from the start), so the tests check the limits on the
+driver's side, not on the scheduler's word.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from hostmaint.errors import MigrationError, TransientDriverError
+from hostmaint.migration import EventKind, MigrationControl, Order, SchedulerPolicy, drain
+from hostmaint.models import (
+    EvacuationPlan,
+    HostDiscovery,
+    Limits,
+    MigrationOptions,
+    MigrationProgress,
+    MigrationResult,
+    Placement,
+    StepOutcome,
+)
+
+MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Script:
+    """How one VM's migration behaves in the fake."""
+
+    steps: int = 3  # samples until done when it converges
+    step_s: float = 0.002  # real sleep per sample: lets migrations overlap
+    sample_dt: float = 1.0  # the migration's own clock advances this much per sample
+    converges: bool = True
+    converges_with_auto_converge: bool = False
+    fail: bool = False  # raise MigrationError at the end; the VM stays on its source
+    report_progress: bool = True
+    hang: bool = False  # report nothing and wait until aborted
+
+
+class FakeHypervisor:
+    """An in-memory fleet. Thread-safe; records concurrency, memory and every call."""
+
+    def __init__(self, vms: dict[str, tuple[str, int]], capacity_mib: dict[str, int],
+                 scripts: dict[str, Script] | None = None) -> None:
+        self.location = {vm: host for vm, (host, _) in vms.items()}
+        self.memory = {vm: mib for vm, (_, mib) in vms.items()}
+        self.capacity = dict(capacity_mib)
+        self.used = {h: 0 for h in capacity_mib}
+        for vm, host in self.location.items():
+            self.used[host] += self.memory[vm]
+        self.scripts = scripts or {}
+        self.lock = threading.Lock()
+        self.in_flight: list[tuple[str, str]] = []
+        self.max_total = 0
+        self.max_source: dict[str, int] = {}
+        self.max_target: dict[str, int] = {}
+        self.overcommits: list[str] = []
+        self.aborts: set[str] = set()
+        self.calls: list[tuple[str, MigrationOptions]] = []
+        self.escalations: list[tuple[str, str]] = []
+        self.post_copy: set[str] = set()
+        self.auto_converge: set[str] = set()
+        self.finished: list[str] = []
+
+    # the Hypervisor protocol -------------------------------------------------
+
+    def discover(self, host: str) -> HostDiscovery:
+        return HostDiscovery(host=host, cells=())
+
+    def running_vms(self, host: str) -> tuple[str, ...]:
+        return tuple(sorted(vm for vm, h in self.location.items() if h == host))
+
+    def locate(self, vm: str) -> tuple[str, ...]:
+        with self.lock:
+            return (self.location[vm],) if vm in self.location else ()
+
+    def shutdown(self, vm: str, host: str, timeout: float = 120.0) -> None:
+        raise NotImplementedError
+
+    def start(self, vm: str, host: str) -> None:
+        raise NotImplementedError
+
+    def abort(self, vm: str, source: str) -> None:
+        with self.lock:
+            self.aborts.add(vm)
+
+    def migrate(self, vm: str, source: str, target: str, options: MigrationOptions,
+                on_progress=None) -> MigrationResult:
+        script = self.scripts.get(vm, Script())
+        mem = self.memory[vm]
+        with self.lock:
+            assert self.location[vm] == source, f"{vm} is not on {source}"
+            self.calls.append((vm, options))
+            if options.auto_converge:
+                self.auto_converge.add(vm)
+            self.in_flight.append((source, target))
+            self.max_total = max(self.max_total, len(self.in_flight))
+            n_src = sum(1 for s, _ in self.in_flight if s == source)
+            n_tgt = sum(1 for _, t in self.in_flight if t == target)
+            self.max_source[source] = max(self.max_source.get(source, 0), n_src)
+            self.max_target[target] = max(self.max_target.get(target, 0), n_tgt)
+            self.used[target] += mem  # the target holds the VM's memory from the first byte
+            if self.used[target] > self.capacity[target]:
+                self.overcommits.append(f"{target}: {self.used[target]} > {self.capacity[target]}")
+        moved = False
+        try:
+            elapsed, remaining, iterations = 0.0, mem * MIB, 0
+            for _ in range(500):
+                if self.aborted(vm):
+                    raise MigrationError("aborted by request", host=source, vm=vm, target=target)
+                time.sleep(script.step_s)
+                if script.hang:
+                    continue
+                elapsed += script.sample_dt
+                iterations += 1
+                with self.lock:
+                    in_post_copy = vm in self.post_copy
+                    throttled = vm in self.auto_converge
+                if in_post_copy or script.converges or (throttled and script.converges_with_auto_converge):
+                    remaining = max(0, remaining - mem * MIB // script.steps - 1)
+                if script.report_progress and on_progress is not None:
+                    on_progress(MigrationProgress(vm=vm, elapsed_s=elapsed, data_total=mem * MIB,
+                                                  data_processed=iterations * mem * MIB // script.steps,
+                                                  data_remaining=remaining, iterations=iterations))
+                if remaining == 0:
+                    break
+            else:
+                raise MigrationError("fake: ran out of samples", host=source, vm=vm, target=target)
+            if self.aborted(vm) and vm not in self.post_copy:
+                raise MigrationError("aborted by request", host=source, vm=vm, target=target)
+            if script.fail:
+                raise MigrationError("scripted failure", host=source, vm=vm, target=target)
+            with self.lock:
+                self.location[vm] = target
+                self.finished.append(vm)
+            moved = True
+            return MigrationResult(vm=vm, source=source, target=target, outcome=StepOutcome.OK,
+                                   seconds=elapsed, data_bytes=mem * MIB, downtime_ms=30.0,
+                                   iterations=iterations)
+        finally:
+            with self.lock:
+                self.in_flight.remove((source, target))
+                if moved:
+                    self.used[source] -= mem
+                else:
+                    self.used[target] -= mem
+
+    def aborted(self, vm: str) -> bool:
+        with self.lock:
+            return vm in self.aborts
+
+
+class ControllableFake(FakeHypervisor):
+    """A fake that can also switch a running migration to auto-converge or post-copy."""
+
+    def enable_auto_converge(self, vm: str, source: str) -> None:
+        with self.lock:
+            self.escalations.append((vm, "auto-converge"))
+            self.auto_converge.add(vm)
+
+    def start_post_copy(self, vm: str, source: str) -> None:
+        with self.lock:
+            self.escalations.append((vm, "post-copy"))
+            self.post_copy.add(vm)
+
+
+def make_plan(moves: list[tuple[str, str, str, int]]) -> EvacuationPlan:
+    return EvacuationPlan(cluster="c1", hosts=tuple(sorted({s for _, s, _, _ in moves})), snapshot_digest="x",
+                          placements=tuple(Placement(vm=vm, source=s, target=t, memory_mib=m,
+                                                     reason="test") for vm, s, t, m in moves))
+
+
+def fleet(moves: list[tuple[str, str, str, int]], capacity: int = 100_000, cls=FakeHypervisor,
+          scripts: dict[str, Script] | None = None) -> FakeHypervisor:
+    hosts = {h for _, s, t, _ in moves for h in (s, t)}
+    return cls({vm: (s, m) for vm, s, _, m in moves}, {h: capacity for h in hosts}, scripts)
+
+
+MANY = [(f"vm{i:02d}", f"src{i % 2}", f"dst{i % 3}", 512 + 64 * i) for i in range(14)]
+
+
+# --- limits ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", [SchedulerPolicy.fixed(1), SchedulerPolicy.fixed(2),
+                                    SchedulerPolicy.unbounded(), SchedulerPolicy()],
+                         ids=["fixed1", "fixed2", "unbounded", "adaptive"])
+def test_limits_are_never_exceeded_and_every_vm_moves(policy: SchedulerPolicy) -> None:
+    hv = fleet(MANY)
+    limits = Limits(migrations_per_source=2, migrations_per_target=1, migrations_per_cluster=3)
+    report = drain(make_plan(MANY), hv, limits, policy=policy,
+                   bandwidth_mib_s={"src0": 10_000, "src1": 10_000})
+    assert report.ok, report.failed
+    assert [r.vm for r in report.results] == [m[0] for m in MANY]  # plan order
+    assert all(hv.location[vm] == t for vm, _, t, _ in MANY)
+    assert hv.max_total <= 3
+    assert max(hv.max_source.values()) <= min(2, policy.max_per_source or 2)
+    assert max(hv.max_target.values()) <= 1
+    assert 1 <= report.max_concurrency <= 3
+    starts = [e for e in report.events if e.kind is EventKind.STARTED]
+    assert len(starts) == len(MANY)
+    assert all(e.detail["on_source"] <= 2 and e.detail["on_target"] <= 1 and e.detail["in_flight"] <= 3
+               for e in starts)
+
+
+def test_fixed_limits_reach_their_concurrency() -> None:
+    moves = [(f"vm{i}", "src", f"dst{i}", 1024) for i in range(6)]
+    limits = Limits(migrations_per_source=8, migrations_per_target=8, migrations_per_cluster=8)
+    for policy, expected in [(SchedulerPolicy.fixed(2), 2), (SchedulerPolicy.unbounded(), 6),
+                             (SchedulerPolicy.fixed(1), 1)]:
+        assert drain(make_plan(moves), fleet(moves), limits, policy=policy).max_concurrency == expected
+
+
+def test_each_migration_carries_its_placement() -> None:
+    hv = fleet(MANY[:4])
+    plan = make_plan(MANY[:4])
+    drain(plan, hv, Limits())
+    by_vm = {vm: opts.placement for vm, opts in hv.calls}
+    assert by_vm == {p.vm: p for p in plan.placements}
+
+
+# --- memory in flight ------------------------------------------------------------
+
+
+def test_in_flight_memory_counts_against_the_target() -> None:
+    # "a" must wait until "b" has left dst: dst has 1000 MiB free, "a" needs 2000.
+    moves = [("a", "src", "dst", 2000), ("b", "dst", "other", 2000)]
+    hv = FakeHypervisor({"a": ("src", 2000), "b": ("dst", 2000)},
+                        {"src": 10_000, "dst": 3000, "other": 10_000})
+    report = drain(make_plan(moves), hv, Limits(migrations_per_target=4), policy=SchedulerPolicy.unbounded(),
+                   target_free_mib={"dst": 1000, "other": 8000})
+    assert report.ok
+    assert hv.overcommits == []
+    assert hv.finished == ["b", "a"]
+    kinds = [(e.kind, e.vm) for e in report.events if e.kind in (EventKind.STARTED, EventKind.FINISHED)]
+    assert kinds.index((EventKind.FINISHED, "b")) < kinds.index((EventKind.STARTED, "a"))
+
+
+def test_in_flight_memory_limits_parallel_arrivals() -> None:
+    moves = [(f"vm{i}", "src", "dst", 1000) for i in range(4)]
+    hv = FakeHypervisor({vm: ("src", 1000) for vm, *_ in moves}, {"src": 10_000, "dst": 4000})
+    # Only two of the four fit into the 2500 MiB "dst" has free; the other two never start.
+    report = drain(make_plan(moves), hv, Limits(migrations_per_target=8), policy=SchedulerPolicy.unbounded(),
+                   target_free_mib={"dst": 2500})
+    assert [r.outcome for r in report.results] == [StepOutcome.OK] * 2 + [StepOutcome.FAILED] * 2
+    assert all("memory" in (r.error or "") for r in report.failed)
+    assert hv.location["vm2"] == "src" and hv.location["vm3"] == "src"
+
+
+# --- skip, failure, abort -----------------------------------------------------------
+
+
+def test_already_moved_vm_is_skipped_not_failed() -> None:
+    moves = MANY[:3]
+    hv = fleet(moves)
+    hv.location["vm01"] = "dst1"  # a previous run moved it before it crashed
+    report = drain(make_plan(moves), hv, Limits())
+    assert report.ok
+    assert report.results[1].outcome is StepOutcome.SKIPPED
+    assert "vm01" not in [vm for vm, _ in hv.calls]
+    assert [e.kind for e in report.events if e.vm == "vm01"][-1] is EventKind.SKIPPED
+
+
+def test_failures_are_collected_and_the_rest_goes_on() -> None:
+    moves = MANY[:6]
+    hv = fleet(moves, scripts={"vm02": Script(fail=True), "vm04": Script(fail=True)})
+    report = drain(make_plan(moves), hv, Limits())
+    assert not report.ok
+    assert [r.vm for r in report.failed] == ["vm02", "vm04"]
+    assert all(r.outcome is StepOutcome.FAILED and "scripted failure" in (r.error or "")
+               for r in report.failed)
+    assert hv.location["vm02"] == "src0" and hv.location["vm04"] == "src0"
+    assert sum(r.outcome is StepOutcome.OK for r in report.results) == 4
+
+
+def test_stop_on_first_failure_starts_nothing_more() -> None:
+    moves = [(f"vm{i}", "src", "dst", 512) for i in range(4)]
+    hv = fleet(moves, scripts={"vm0": Script(fail=True)})
+    report = drain(make_plan(moves), hv, Limits(),
+                   policy=SchedulerPolicy.fixed(1, stop_on_first_failure=True))
+    assert [r.outcome for r in report.results] == [StepOutcome.FAILED] + [StepOutcome.ABORTED] * 3
+    assert [vm for vm, _ in hv.calls] == ["vm0"]
+    assert all(hv.location[vm] == "src" for vm, *_ in moves)
+
+
+def test_locate_error_is_a_failure_of_that_vm_only() -> None:
+    moves = MANY[:3]
+
+    class Flaky(FakeHypervisor):
+        def locate(self, vm: str) -> tuple[str, ...]:
+            if vm == "vm00":
+                raise TransientDriverError("connection refused", host="src0")
+            return super().locate(vm)
+
+    report = drain(make_plan(moves), fleet(moves, cls=Flaky), Limits())
+    assert [r.outcome for r in report.results] == [StepOutcome.FAILED, StepOutcome.OK, StepOutcome.OK]
+
+
+# --- escalation --------------------------------------------------------------------
+
+
+def escalations(report) -> list[tuple[str, str]]:
+    return [(e.vm, e.detail["action"]) for e in report.events
+            if e.kind is EventKind.ESCALATED and "error" not in e.detail]
+
+
+def test_escalation_goes_auto_converge_then_post_copy() -> None:
+    moves = [("busy", "src", "dst", 1024), ("calm", "src", "dst", 1024)]
+    hv = fleet(moves, cls=ControllableFake, scripts={"busy": Script(converges=False)})
+    assert isinstance(hv, MigrationControl)
+    report = drain(make_plan(moves), hv, Limits(), options=MigrationOptions(stall_seconds=3),
+                   policy=SchedulerPolicy(allow_post_copy=True))
+    assert report.ok
+    assert escalations(report) == [("busy", "enable-auto-converge"), ("busy", "switch-to-post-copy")]
+    assert hv.escalations == [("busy", "auto-converge"), ("busy", "post-copy")]
+    assert hv.location == {"busy": "dst", "calm": "dst"}
+
+
+def test_auto_converge_that_works_stops_the_escalation() -> None:
+    moves = [("busy", "src", "dst", 1024)]
+    hv = fleet(moves, cls=ControllableFake,
+               scripts={"busy": Script(converges=False, converges_with_auto_converge=True)})
+    report = drain(make_plan(moves), hv, Limits(), options=MigrationOptions(stall_seconds=3),
+                   policy=SchedulerPolicy(allow_post_copy=True))
+    assert report.ok
+    assert escalations(report) == [("busy", "enable-auto-converge")]
+
+
+def test_without_post_copy_a_stalled_migration_is_aborted_and_stays_on_its_source() -> None:
+    moves = [("busy", "src", "dst", 1024), ("calm", "src", "dst", 1024)]
+    hv = fleet(moves, cls=ControllableFake, scripts={"busy": Script(converges=False)})
+    report = drain(make_plan(moves), hv, Limits(), options=MigrationOptions(stall_seconds=3))
+    assert escalations(report) == [("busy", "enable-auto-converge"), ("busy", "abort")]
+    busy = report.results[0]
+    assert busy.outcome is StepOutcome.ABORTED and "no progress" in (busy.error or "")
+    assert hv.location == {"busy": "src", "calm": "dst"}
+    assert hv.used["dst"] == 1024  # the aborted VM's memory was given back on the target
+    assert [r.vm for r in report.failed] == ["busy"]
+
+
+def test_without_controls_a_stall_goes_straight_to_abort() -> None:
+    moves = [("busy", "src", "dst", 1024)]
+    hv = fleet(moves, scripts={"busy": Script(converges=False)})
+    report = drain(make_plan(moves), hv, Limits(), options=MigrationOptions(stall_seconds=3),
+                   policy=SchedulerPolicy(allow_post_copy=True))
+    assert escalations(report) == [("busy", "abort")]
+    assert report.results[0].outcome is StepOutcome.ABORTED
+    assert hv.location["busy"] == "src"
+
+
+def test_time_budget_aborts_even_a_migration_that_progresses_slowly() -> None:
+    moves = [("big", "src", "dst", 2048)]
+    # 100 samples of 1 s each to finish; the budget is 2 GiB x 10 s/GiB = 20 s.
+    hv = fleet(moves, cls=ControllableFake, scripts={"big": Script(steps=100, step_s=0.0)})
+    report = drain(make_plan(moves), hv, Limits(),
+                   options=MigrationOptions(seconds_per_gib=10, min_budget_seconds=5))
+    assert escalations(report) == [("big", "abort")]
+    assert "budget" in (report.results[0].error or "")
+    assert hv.location["big"] == "src"
+
+
+def test_watchdog_aborts_a_silent_migration_on_the_wall_clock() -> None:
+    moves = [("mute", "src", "dst", 64)]
+    hv = fleet(moves, scripts={"mute": Script(hang=True, step_s=0.005)})
+    report = drain(make_plan(moves), hv, Limits(),
+                   options=MigrationOptions(seconds_per_gib=0.001, min_budget_seconds=0.05), poll_s=0.01)
+    assert report.results[0].outcome is StepOutcome.ABORTED
+    assert hv.location["mute"] == "src"
+
+
+def test_high_dirty_vm_starts_with_auto_converge() -> None:
+    moves = [("hot", "src", "dst", 1024), ("cold", "src", "dst", 1024)]
+    hv = fleet(moves)
+    drain(make_plan(moves), hv, Limits(), dirty_rate={"hot": 500.0, "cold": 5.0})
+    assert hv.auto_converge == {"hot"}
+
+
+def test_cancel_aborts_running_and_starts_nothing_more() -> None:
+    moves = [(f"vm{i}", "src", "dst", 512) for i in range(4)]
+    hv = fleet(moves, scripts={"vm0": Script(steps=40, step_s=0.005)})
+    stop = threading.Event()
+
+    def on_event(event) -> None:
+        if event.kind is EventKind.PROGRESS:
+            stop.set()
+
+    report = drain(make_plan(moves), hv, Limits(), policy=SchedulerPolicy.fixed(1, progress_event_s=0.0),
+                   on_event=on_event, cancel=stop, poll_s=0.01)
+    assert [r.outcome for r in report.results] == [StepOutcome.ABORTED] * 4
+    assert all(hv.location[vm] == "src" for vm, *_ in moves)
+    assert [vm for vm, _ in hv.calls] == ["vm0"]
+
+
+def test_events_stream_to_on_event_in_order() -> None:
+    seen = []
+    report = drain(make_plan(MANY[:4]), fleet(MANY[:4]), Limits(), on_event=seen.append)
+    assert tuple(seen) == report.events
+    assert [e.at_s for e in seen] == sorted(e.at_s for e in seen)
+    last = [e for e in seen if e.kind is EventKind.FINISHED][-1]
+    assert last.detail["done"] == 4 and last.detail["total"] == 4 and last.detail["bytes_moved"] > 0
+
+
+def test_adaptive_order_moves_large_calm_vms_first() -> None:
+    moves = [("small", "src", "dst", 512), ("hot", "src", "dst", 8192), ("large", "src", "dst", 4096)]
+    hv = fleet(moves)
+    drain(make_plan(moves), hv, Limits(), policy=SchedulerPolicy(order=Order.ADAPTIVE),
+          dirty_rate={"hot": 400.0})
+    assert [vm for vm, _ in hv.calls][0] == "large"
+    assert [vm for vm, _ in hv.calls][-1] == "hot"
