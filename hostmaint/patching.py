@@ -1,0 +1,669 @@
+"""Patch steps over a HostShell: preflight, snapshot, update, diff, reboot decision, reboot, verify.
+
+Each step is one function a task wraps; none imports Prefect, all take the shell (and, for
+verify, the hypervisor) as parameters and return frozen results. A step that fails raises
+``StepError(message, host=, step=)`` carrying what the host said; the task turns that into
+"host stays cordoned, marked failed, reason in the audit". Connection trouble is left as
+``TransientDriverError`` so the task's retries can handle it; every step here is safe to retry
+(``dnf update`` converges, reads read).
+
+Commands are argv lists; the shell quotes each element, so nothing here builds a shell string.
+Package globs were validated at inventory load and are checked again before use.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable, Sequence
+from enum import StrEnum
+from functools import cmp_to_key
+
+from hostmaint.drivers.base import HostShell, Hypervisor
+from hostmaint.errors import CommandError, DriverError, HostKeyError, StepError, TransientDriverError
+from hostmaint.inventory import PACKAGE_PATTERN, HostPolicy
+from hostmaint.models import Cell, CommandResult, Frozen, PackageManager, RebootPolicy
+
+log = logging.getLogger(__name__)
+
+# The exact commands, named so the simulated shell and the lab can answer them.
+RPM_QUERYFORMAT = r"%{NAME}.%{ARCH}\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\n"
+KERNEL_QUERYFORMAT = r"%{VERSION}-%{RELEASE}.%{ARCH}\n"  # the spelling of `uname -r`
+KERNEL_PACKAGES = ("kernel-core", "kernel")  # RHEL 8+ ships the image in kernel-core; RHEL 7 in kernel
+BOOT_ID_ARGV = ("cat", "/proc/sys/kernel/random/boot_id")
+REBOOT_ARGV = ("reboot",)
+FREE_SPACE_PATHS = ("/", "/var", "/boot")
+OPTIONAL_PATHS = frozenset({"/boot"})  # a host without a separate /boot directory is fine
+CHECK_UPDATE_OK = (0, 100)  # dnf/yum: 0 nothing to do, 100 updates available, anything else an error
+
+QUERY_TIMEOUT_S = 120.0
+REFRESH_TIMEOUT_S = 900.0
+PROBE_TIMEOUT_S = 10.0
+
+
+class Step(StrEnum):
+    """Step names as they appear in StepError.step and in the audit trail."""
+
+    PREFLIGHT = "preflight"
+    SNAPSHOT = "snapshot"
+    UPDATE = "update"
+    REBOOT_DECISION = "reboot-decision"
+    REBOOT = "reboot"
+    VERIFY = "verify"
+
+
+# --- results ----------------------------------------------------------------
+
+
+class AvailableUpdate(Frozen):
+    """One line of ``check-update``: ``name.arch``, the new version, its repository."""
+
+    package: str
+    version: str
+    repo: str
+
+
+class Preflight(Frozen):
+    """What preflight found: the package manager to use, free space, the pending updates."""
+
+    host: str
+    package_manager: PackageManager
+    package_manager_version: str
+    free_mib: dict[str, int]
+    updates: tuple[AvailableUpdate, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def legacy_yum(self) -> bool:
+        """yum 3 (RHEL 7): no ``--refresh``; metadata is expired with ``yum clean expire-cache`` instead."""
+        return self.package_manager is PackageManager.YUM and self.package_manager_version.startswith("3.")
+
+
+class UpdateResult(Frozen):
+    """The package manager's run: its argv, exit code and output, kept for the audit."""
+
+    host: str
+    argv: tuple[str, ...]
+    exit_code: int
+    stdout: str
+    stderr: str
+    seconds: float
+    nothing_to_do: bool
+
+
+class PackageChange(Frozen):
+    package: str
+    old: str
+    new: str
+
+
+class PackageDiff(Frozen):
+    """Installed / upgraded / removed packages between two snapshots, with versions."""
+
+    installed: tuple[PackageChange, ...] = ()  # old is ""
+    upgraded: tuple[PackageChange, ...] = ()  # includes downgrades and install-only additions
+    removed: tuple[PackageChange, ...] = ()  # new is ""
+
+    @property
+    def empty(self) -> bool:
+        return not (self.installed or self.upgraded or self.removed)
+
+    def summary(self) -> str:
+        return f"{len(self.installed)} installed, {len(self.upgraded)} upgraded, {len(self.removed)} removed"
+
+
+class RebootDecision(Frozen):
+    needed: bool
+    reason: str
+    running_kernel: str | None = None
+    newest_kernel: str | None = None
+
+
+class RebootResult(Frozen):
+    """A reboot seen through the boot id: ``down_after_s`` is None when it was never seen down."""
+
+    host: str
+    old_boot_id: str
+    new_boot_id: str
+    down_after_s: float | None
+    back_after_s: float
+
+
+class CheckResult(Frozen):
+    """One verification check; ``skipped`` checks (n/a on this host) count as ok."""
+
+    name: str
+    ok: bool
+    detail: str
+    skipped: bool = False
+
+
+class VerifyReport(Frozen):
+    host: str
+    ok: bool
+    checks: tuple[CheckResult, ...]
+
+    @property
+    def failures(self) -> tuple[CheckResult, ...]:
+        return tuple(c for c in self.checks if not c.ok)
+
+    def reason(self) -> str:
+        """One line naming every failed check, for StepError and the audit."""
+        return "; ".join(f"{c.name}: {c.detail}" for c in self.failures) or "all checks passed"
+
+
+# --- rpm version ordering -----------------------------------------------------
+
+
+def _alnum(c: str) -> bool:
+    return c.isascii() and c.isalnum()
+
+
+def rpmvercmp(a: str, b: str) -> int:
+    """rpm's version segment comparison (``rpmvercmp``): -1, 0 or 1. Handles ``~`` and ``^``."""
+    if a == b:
+        return 0
+    i = j = 0
+    while i < len(a) or j < len(b):
+        while i < len(a) and not _alnum(a[i]) and a[i] not in "~^":
+            i += 1
+        while j < len(b) and not _alnum(b[j]) and b[j] not in "~^":
+            j += 1
+        ca = a[i] if i < len(a) else ""
+        cb = b[j] if j < len(b) else ""
+        if ca == "~" or cb == "~":  # tilde sorts before everything, even the end
+            if ca != "~":
+                return 1
+            if cb != "~":
+                return -1
+            i, j = i + 1, j + 1
+            continue
+        if ca == "^" or cb == "^":  # caret sorts after the end but before anything else
+            if not ca:
+                return -1
+            if not cb:
+                return 1
+            if ca != "^":
+                return 1
+            if cb != "^":
+                return -1
+            i, j = i + 1, j + 1
+            continue
+        if not (ca and cb):
+            break
+        numeric = ca.isdigit()
+        kind = str.isdigit if numeric else (lambda c: c.isascii() and c.isalpha())
+        si, sj = i, j
+        while i < len(a) and kind(a[i]):
+            i += 1
+        while j < len(b) and kind(b[j]):
+            j += 1
+        seg_a, seg_b = a[si:i], b[sj:j]
+        if not seg_b:  # different segment types: numeric is newer
+            return 1 if numeric else -1
+        if numeric:
+            seg_a, seg_b = seg_a.lstrip("0"), seg_b.lstrip("0")
+            if len(seg_a) != len(seg_b):
+                return 1 if len(seg_a) > len(seg_b) else -1
+        if seg_a != seg_b:
+            return 1 if seg_a > seg_b else -1
+    if i >= len(a) and j >= len(b):
+        return 0
+    return -1 if i >= len(a) else 1
+
+
+def split_evr(evr: str) -> tuple[int, str, str]:
+    """``[E:]V[-R]`` → (epoch, version, release)."""
+    epoch = 0
+    if ":" in evr:
+        e, evr = evr.split(":", 1)
+        epoch = int(e) if e.isdigit() else 0
+    version, _, release = evr.rpartition("-") if "-" in evr else (evr, "", "")
+    return epoch, version, release
+
+
+def evr_compare(a: str, b: str) -> int:
+    """Compare two ``[E:]V-R`` strings the way rpm orders packages."""
+    ea, va, ra = split_evr(a)
+    eb, vb, rb = split_evr(b)
+    if ea != eb:
+        return 1 if ea > eb else -1
+    return rpmvercmp(va, vb) or rpmvercmp(ra, rb)
+
+
+def newest(versions: Sequence[str], compare: Callable[[str, str], int] = evr_compare) -> str:
+    best = versions[0]
+    for v in versions[1:]:
+        if compare(v, best) > 0:
+            best = v
+    return best
+
+
+def newest_kernel(kernels: Sequence[str]) -> str:
+    """The newest of ``uname -r`` style strings (``V-R.arch``)."""
+    return newest(kernels, lambda a, b: evr_compare(a.rsplit(".", 1)[0], b.rsplit(".", 1)[0]))
+
+
+# --- helpers ------------------------------------------------------------------
+
+
+def _tail(text: str, lines: int = 30) -> str:
+    kept = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def _said(result: CommandResult) -> str:
+    """What a failed command said: stderr first (dnf's errors), else stdout."""
+    return _tail(result.stderr) or _tail(result.stdout) or "(no output)"
+
+
+def _run(shell: HostShell, host: str, argv: Sequence[str], step: str, timeout: float) -> CommandResult:
+    """Run a command; a command timeout becomes a StepError for ``step``. Unreachable stays transient."""
+    try:
+        return shell.run(host, argv, timeout=timeout)
+    except HostKeyError as exc:
+        raise StepError(str(exc), host=host, step=step) from exc
+    except CommandError as exc:
+        raise StepError(f"{' '.join(argv)}: {exc}", host=host, step=step) from exc
+
+
+def _checked_globs(globs: Sequence[str], host: str) -> list[str]:
+    # Validated at inventory load; checked again because a HostPolicy can be built in code too.
+    for g in globs:
+        if not PACKAGE_PATTERN.match(g):
+            raise StepError(f"exclude {g!r} is not a package name or glob", host=host, step=Step.UPDATE)
+    return list(globs)
+
+
+def _filter_args(policy: HostPolicy, host: str) -> list[str]:
+    args = [f"--exclude={g}" for g in _checked_globs(policy.excludes, host)]
+    if policy.security_only:
+        args.append("--security")
+    return args
+
+
+def parse_check_update(stdout: str) -> tuple[AvailableUpdate, ...]:
+    """Parse ``dnf/yum check-update`` output: ``name.arch  version  repo`` lines.
+
+    Long names wrap onto a second line; the "Obsoleting Packages" section and the
+    metadata banner are not updates.
+    """
+    updates: list[AvailableUpdate] = []
+    pending: list[str] = []
+    for line in stdout.splitlines():
+        if line.startswith("Obsoleting") or line.startswith("Security:"):
+            break
+        words = pending + line.split()
+        if not words:
+            continue
+        if len(words) < 3:
+            pending = words if len(words) == 1 and "." in words[0] else []
+            continue
+        pending = []
+        name, version, repo = words[0], words[1], words[2]
+        if "." not in name or not re.match(r"^[0-9]", version.split(":")[-1]):
+            continue  # a banner such as "Last metadata expiration check: ..."
+        updates.append(AvailableUpdate(package=name, version=version, repo=repo))
+    return tuple(updates)
+
+
+# --- 1. preflight -------------------------------------------------------------
+
+
+def detect_package_manager(shell: HostShell, host: str,
+                           preferred: PackageManager) -> tuple[PackageManager, str, str]:
+    """The policy's package manager if it answers ``--version``, else the other one; (pm, version, note)."""
+    other = PackageManager.YUM if preferred is PackageManager.DNF else PackageManager.DNF
+    tried: list[str] = []
+    for pm in (preferred, other):
+        res = _run(shell, host, [pm.value, "--version"], Step.PREFLIGHT, PROBE_TIMEOUT_S)
+        if res.exit_code == 0:
+            version = (res.stdout.strip().splitlines() or ["unknown"])[0].strip()
+            note = "" if pm is preferred else f"{preferred.value} not found ({tried[0]}); using {pm.value}"
+            return pm, version, note
+        tried.append(f"{pm.value} --version exit {res.exit_code}")
+    raise StepError(f"no package manager: {'; '.join(tried)}", host=host, step=Step.PREFLIGHT)
+
+
+def free_space(shell: HostShell, host: str, paths: Sequence[str] = FREE_SPACE_PATHS) -> dict[str, int]:
+    """Available MiB on the filesystem holding each path (``df -Pm``); a missing /boot is left out."""
+    free: dict[str, int] = {}
+    for path in paths:
+        res = _run(shell, host, ["df", "-Pm", path], Step.PREFLIGHT, PROBE_TIMEOUT_S)
+        if res.exit_code != 0:
+            if path in OPTIONAL_PATHS and "No such file" in res.stderr:
+                continue
+            raise StepError(f"df -Pm {path} failed (exit {res.exit_code}): {_said(res)}",
+                            host=host, step=Step.PREFLIGHT)
+        rows = [ln.split() for ln in res.stdout.strip().splitlines()[1:] if ln.strip()]
+        try:
+            free[path] = int(rows[-1][-3])  # Filesystem 1M-blocks Used Available Capacity Mounted-on
+        except (IndexError, ValueError) as exc:
+            raise StepError(f"df -Pm {path}: unexpected output {res.stdout.strip()!r}",
+                            host=host, step=Step.PREFLIGHT) from exc
+    return free
+
+
+def check_updates(shell: HostShell, host: str, pm: PackageManager, policy: HostPolicy, *,
+                  legacy_yum: bool = False) -> tuple[AvailableUpdate, ...]:
+    """Refresh metadata and list pending updates (policy excludes and security filter applied).
+
+    ``--refresh`` matters: without it dnf can miss a package added to a repo within the
+    metadata's expiry (seen in the lab). yum 3 has no ``--refresh``; its cache is expired first.
+    """
+    if legacy_yum:
+        res = _run(shell, host, ["yum", "clean", "expire-cache"], Step.PREFLIGHT, QUERY_TIMEOUT_S)
+        if res.exit_code != 0:
+            raise StepError(f"yum clean expire-cache failed (exit {res.exit_code}): {_said(res)}",
+                            host=host, step=Step.PREFLIGHT)
+        argv = ["yum", "-q", "check-update", *_filter_args(policy, host)]
+    else:
+        argv = [pm.value, "-q", "check-update", "--refresh", *_filter_args(policy, host)]
+    res = _run(shell, host, argv, Step.PREFLIGHT, min(REFRESH_TIMEOUT_S, policy.update_timeout_s))
+    if res.exit_code not in CHECK_UPDATE_OK:
+        raise StepError(f"repositories not reachable: {' '.join(argv)} exit {res.exit_code}: {_said(res)}",
+                        host=host, step=Step.PREFLIGHT)
+    return parse_check_update(res.stdout) if res.exit_code == 100 else ()
+
+
+def preflight(shell: HostShell, host: str, policy: HostPolicy) -> Preflight:
+    """Step 1: package manager present, enough free space, repositories reachable, updates listed.
+
+    Raises StepError naming every problem found (space on each mount, or the repo error's stderr).
+    """
+    pm, version, note = detect_package_manager(shell, host, policy.package_manager)
+    free = free_space(shell, host)
+    low = [f"{path} has {mib} MiB free, policy needs {policy.min_free_mib} MiB"
+           for path, mib in free.items() if mib < policy.min_free_mib]
+    if low:
+        raise StepError("not enough free space: " + "; ".join(low), host=host, step=Step.PREFLIGHT)
+    result = Preflight(host=host, package_manager=pm, package_manager_version=version, free_mib=free,
+                       notes=(note,) if note else ())
+    updates = check_updates(shell, host, pm, policy, legacy_yum=result.legacy_yum)
+    return result.model_copy(update={"updates": updates})
+
+
+# --- 2. snapshot ---------------------------------------------------------------
+
+
+def installed_packages(shell: HostShell, host: str) -> dict[str, str]:
+    """Step 2: ``name.arch`` → ``epoch:version-release`` of every installed package.
+
+    Install-only packages (kernels) have several versions at once; they are listed oldest
+    first, joined by ", ", so a diff shows a new kernel next to the old.
+    """
+    res = _run(shell, host, ["rpm", "-qa", "--qf", RPM_QUERYFORMAT], Step.SNAPSHOT, QUERY_TIMEOUT_S)
+    if res.exit_code != 0:
+        raise StepError(f"rpm -qa failed (exit {res.exit_code}): {_said(res)}", host=host, step=Step.SNAPSHOT)
+    versions: dict[str, list[str]] = {}
+    for line in res.stdout.splitlines():
+        name, sep, evr = line.partition("\t")
+        if sep and name and evr:
+            versions.setdefault(name.strip(), []).append(evr.strip())
+    return {name: ", ".join(sorted(vs, key=cmp_to_key(evr_compare))) for name, vs in sorted(versions.items())}
+
+
+# --- 3. update -----------------------------------------------------------------
+
+
+def update_argv(pm: PackageManager, policy: HostPolicy, host: str = "") -> list[str]:
+    """``dnf -y update [--exclude=G ...] [--security]``; each element stays one argument on the host."""
+    return [pm.value, "-y", "update", *_filter_args(policy, host)]
+
+
+def apply_updates(shell: HostShell, host: str, policy: HostPolicy,
+                  package_manager: PackageManager | None = None) -> UpdateResult:
+    """Step 3: run the update with the policy's excludes and security filter; capture the output.
+
+    ``package_manager`` is what preflight found (defaults to the policy's).
+    Raises StepError with what the package manager said when it exits non-zero or times out.
+    """
+    pm = package_manager or policy.package_manager
+    argv = update_argv(pm, policy, host)
+    log.info("%s: running %s", host, " ".join(argv))
+    res = _run(shell, host, argv, Step.UPDATE, policy.update_timeout_s)
+    if res.exit_code != 0:
+        raise StepError(f"{pm.value} update failed (exit {res.exit_code}): {_said(res)}",
+                        host=host, step=Step.UPDATE)
+    nothing = "Nothing to do" in res.stdout or "No packages marked for update" in res.stdout
+    return UpdateResult(host=host, argv=tuple(argv), exit_code=res.exit_code, stdout=res.stdout,
+                        stderr=res.stderr, seconds=res.seconds, nothing_to_do=nothing)
+
+
+# --- 4. diff -------------------------------------------------------------------
+
+
+def package_diff(before: dict[str, str], after: dict[str, str]) -> PackageDiff:
+    """Step 4: what the update changed, from two ``installed_packages`` snapshots. Pure."""
+    installed = [PackageChange(package=p, old="", new=after[p]) for p in sorted(after.keys() - before.keys())]
+    removed = [PackageChange(package=p, old=before[p], new="") for p in sorted(before.keys() - after.keys())]
+    upgraded = [PackageChange(package=p, old=before[p], new=after[p])
+                for p in sorted(before.keys() & after.keys()) if before[p] != after[p]]
+    return PackageDiff(installed=tuple(installed), upgraded=tuple(upgraded), removed=tuple(removed))
+
+
+# --- 5. reboot decision -----------------------------------------------------------
+
+
+def running_kernel(shell: HostShell, host: str, step: str = Step.REBOOT_DECISION) -> str:
+    res = _run(shell, host, ["uname", "-r"], step, PROBE_TIMEOUT_S)
+    if res.exit_code != 0 or not res.stdout.strip():
+        raise StepError(f"uname -r failed (exit {res.exit_code}): {_said(res)}", host=host, step=step)
+    return res.stdout.strip()
+
+
+def installed_kernels(shell: HostShell, host: str, step: str = Step.REBOOT_DECISION) -> tuple[str, ...]:
+    """Installed kernels spelled like ``uname -r``; empty when no kernel package is installed."""
+    argv = ["rpm", "-q", "--qf", KERNEL_QUERYFORMAT, *KERNEL_PACKAGES]
+    res = _run(shell, host, argv, step, QUERY_TIMEOUT_S)
+    # rpm -q exits with the number of names not installed; only "package X is not installed" is allowed
+    kernels: set[str] = set()
+    for line in res.stdout.splitlines():
+        line = line.strip()
+        if not line or (line.startswith("package ") and line.endswith(" is not installed")):
+            continue
+        kernels.add(line)
+    if res.exit_code > len(KERNEL_PACKAGES) or (res.exit_code and res.stderr.strip()):
+        raise StepError(f"rpm -q {' '.join(KERNEL_PACKAGES)} failed (exit {res.exit_code}): {_said(res)}",
+                        host=host, step=step)
+    return tuple(sorted(kernels))
+
+
+def reboot_decision(shell: HostShell, host: str, policy: HostPolicy) -> RebootDecision:
+    """Step 5: reboot or not, with the reason.
+
+    if-needed = ``needs-restarting -r`` exits 1, or the newest installed kernel is not the running one.
+    """
+    if policy.reboot is RebootPolicy.ALWAYS:
+        return RebootDecision(needed=True, reason="policy: always reboot")
+    if policy.reboot is RebootPolicy.NEVER:
+        return RebootDecision(needed=False, reason="policy: never reboot")
+    running = running_kernel(shell, host)
+    kernels = installed_kernels(shell, host)
+    top = newest_kernel(kernels) if kernels else None
+    reasons: list[str] = []
+    if top is not None and top != running:
+        reasons.append(f"newest installed kernel {top} is not the running {running}")
+    res = _run(shell, host, ["needs-restarting", "-r"], Step.REBOOT_DECISION, QUERY_TIMEOUT_S)
+    if res.exit_code == 1:
+        said = next((ln.strip() for ln in res.stdout.splitlines() if ln.strip()), "reboot required")
+        reasons.append(f"needs-restarting -r: {said}")
+    elif res.exit_code != 0:
+        # not installed (127) or broken: the kernel comparison alone decides, and the reason says so
+        note = f"needs-restarting unavailable (exit {res.exit_code})"
+        if reasons:
+            reasons.append(note)
+        else:
+            return RebootDecision(needed=False, reason=f"running kernel is the newest; {note}",
+                                  running_kernel=running, newest_kernel=top)
+    if reasons:
+        return RebootDecision(needed=True, reason="; ".join(reasons),
+                              running_kernel=running, newest_kernel=top)
+    return RebootDecision(needed=False, reason="no reboot needed: running kernel is the newest and "
+                          "needs-restarting -r says no", running_kernel=running, newest_kernel=top)
+
+
+# --- 6. reboot ------------------------------------------------------------------
+
+
+def read_boot_id(shell: HostShell, host: str, timeout: float = PROBE_TIMEOUT_S) -> str:
+    """The host's boot id. Raises TransientDriverError/CommandError when it cannot be read."""
+    res = shell.run(host, BOOT_ID_ARGV, timeout=timeout)
+    if res.exit_code != 0 or not res.stdout.strip():
+        raise TransientDriverError(f"boot id unreadable (exit {res.exit_code})", host=host)
+    return res.stdout.strip()
+
+
+def reboot_and_wait(shell: HostShell, host: str, policy: HostPolicy, *,
+                    clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                    poll_s: float = 1.0) -> RebootResult:
+    """Step 6: reboot, see the host go down, wait for it back with a new boot id.
+
+    The reboot command may return, lose its connection or time out: all three mean "issued".
+    Only an explicit non-zero exit (reboot refused) fails at once. Raises StepError when the
+    boot id has not changed within ``policy.reboot_timeout_s`` (the host never came back, or
+    never went down).
+    """
+    try:
+        old = read_boot_id(shell, host)
+    except HostKeyError as exc:
+        raise StepError(str(exc), host=host, step=Step.REBOOT) from exc
+    except DriverError as exc:
+        raise StepError(f"cannot read boot id before reboot: {exc}", host=host, step=Step.REBOOT) from exc
+    start = clock()
+    log.info("%s: rebooting (boot id %s)", host, old)
+    try:
+        res = shell.run(host, REBOOT_ARGV, timeout=PROBE_TIMEOUT_S)
+        # -1: the session was killed by the shutdown before reporting an exit status
+        if res.exit_code not in (0, -1):
+            raise StepError(f"reboot refused (exit {res.exit_code}): {_said(res)}",
+                            host=host, step=Step.REBOOT)
+    except (TransientDriverError, CommandError) as exc:
+        log.info("%s: connection dropped by reboot as expected (%s)", host, type(exc).__name__)
+
+    deadline = start + policy.reboot_timeout_s
+    down_after: float | None = None
+    last_error = ""
+    while True:
+        now = clock()
+        if now >= deadline:
+            break
+        try:
+            current = read_boot_id(shell, host, timeout=max(0.1, min(PROBE_TIMEOUT_S, deadline - now)))
+        except HostKeyError as exc:
+            raise StepError(f"after reboot: {exc}", host=host, step=Step.REBOOT) from exc
+        except (TransientDriverError, CommandError) as exc:
+            last_error = str(exc)
+            if down_after is None:
+                down_after = clock() - start
+                log.info("%s: down after %.1fs", host, down_after)
+        else:
+            if current != old:
+                back = clock() - start
+                log.info("%s: back after %.1fs with boot id %s", host, back, current)
+                return RebootResult(host=host, old_boot_id=old, new_boot_id=current,
+                                    down_after_s=down_after, back_after_s=back)
+        sleep(max(0.0, min(poll_s, deadline - clock())))
+    if down_after is None:
+        raise StepError(f"host did not reboot: boot id still {old} after {policy.reboot_timeout_s:g}s",
+                        host=host, step=Step.REBOOT)
+    raise StepError(f"host went down after {down_after:.1f}s and did not come back within "
+                    f"{policy.reboot_timeout_s:g}s (last error: {last_error})", host=host, step=Step.REBOOT)
+
+
+# --- 7. verify ------------------------------------------------------------------
+
+
+def _check(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
+    """Run one check; a driver error is that check's failure, not the report's."""
+    try:
+        return fn()
+    except (DriverError, StepError) as exc:
+        return CheckResult(name=name, ok=False, detail=str(exc))
+
+
+def check_kernel(shell: HostShell, host: str) -> CheckResult:
+    kernels = installed_kernels(shell, host, Step.VERIFY)
+    if not kernels:
+        return CheckResult(name="kernel", ok=True, skipped=True, detail="n/a: no kernel package installed")
+    running = running_kernel(shell, host, Step.VERIFY)
+    top = newest_kernel(kernels)
+    if running != top:
+        return CheckResult(name="kernel", ok=False, detail=f"running {running}, newest installed is {top}")
+    return CheckResult(name="kernel", ok=True, detail=f"running the newest kernel {running}")
+
+
+def check_libvirtd(hypervisor: Hypervisor, host: str) -> CheckResult:
+    vms = hypervisor.running_vms(host)
+    return CheckResult(name="libvirtd", ok=True, detail=f"libvirtd answers; {len(vms)} running VM(s)")
+
+
+def _cell_shape(cells: Sequence[Cell]) -> dict[int, tuple[tuple[int, ...], int]]:
+    return {c.id: (tuple(sorted(c.cpus)), c.memory_mib) for c in cells}
+
+
+def check_numa(hypervisor: Hypervisor, host: str, cells_before: Sequence[Cell]) -> CheckResult:
+    before = _cell_shape(cells_before)
+    after = _cell_shape(hypervisor.discover(host).cells)
+    if before == after:
+        return CheckResult(name="numa", ok=True, detail=f"{len(after)} cell(s) unchanged")
+    diffs = []
+    for cid in sorted(before.keys() | after.keys()):
+        b, a = before.get(cid), after.get(cid)
+        if b is None:
+            diffs.append(f"cell {cid} appeared")
+        elif a is None:
+            diffs.append(f"cell {cid} is gone")
+        else:
+            if b[0] != a[0]:
+                diffs.append(f"cell {cid} cpus {list(b[0])} -> {list(a[0])}")
+            if b[1] != a[1]:
+                diffs.append(f"cell {cid} memory {b[1]} -> {a[1]} MiB")
+    return CheckResult(name="numa", ok=False, detail="topology changed: " + "; ".join(diffs))
+
+
+def check_systemd(shell: HostShell, host: str) -> CheckResult:
+    probe = shell.run(host, ["test", "-d", "/run/systemd/system"], timeout=PROBE_TIMEOUT_S)
+    if probe.exit_code != 0:
+        return CheckResult(name="systemd", ok=True, skipped=True, detail="n/a: host does not run systemd")
+    res = shell.run(host, ["systemctl", "--failed", "--no-legend", "--plain"], timeout=QUERY_TIMEOUT_S)
+    if res.exit_code != 0:
+        return CheckResult(name="systemd", ok=False,
+                           detail=f"systemctl --failed exit {res.exit_code}: {_said(res)}")
+    units = [ln.split()[0] for ln in res.stdout.splitlines() if ln.split()]
+    if units:
+        return CheckResult(name="systemd", ok=False, detail="failed units: " + ", ".join(units))
+    return CheckResult(name="systemd", ok=True, detail="no failed units")
+
+
+def verify_host(shell: HostShell, hypervisor: Hypervisor, host: str, policy: HostPolicy, *,
+                cells_before: Sequence[Cell] | None = None) -> VerifyReport:
+    """Step 7: every check runs and is reported; ``ok`` is False when any failed. Never raises for a check.
+
+    Checks: the newest kernel runs; libvirtd answers; NUMA cells (ids, cpus, memory) are those
+    seen before maintenance; no failed systemd units (where systemd runs); the inventory's checks.
+    """
+    checks = [
+        _check("kernel", lambda: check_kernel(shell, host)),
+        _check("libvirtd", lambda: check_libvirtd(hypervisor, host)),
+    ]
+    if cells_before is None:
+        checks.append(CheckResult(name="numa", ok=True, skipped=True,
+                                  detail="n/a: no topology recorded before maintenance"))
+    else:
+        checks.append(_check("numa", lambda: check_numa(hypervisor, host, cells_before)))
+    checks.append(_check("systemd", lambda: check_systemd(shell, host)))
+    for vc in policy.verify:
+        checks.append(_check(vc.name, lambda vc=vc: _inventory_check(shell, host, vc.argv, vc.expect_exit,
+                                                                      vc.timeout_s, vc.name)))
+    return VerifyReport(host=host, ok=all(c.ok for c in checks), checks=tuple(checks))
+
+
+def _inventory_check(shell: HostShell, host: str, argv: Sequence[str], expect: int, timeout: float,
+                     name: str) -> CheckResult:
+    res = shell.run(host, argv, timeout=timeout)
+    if res.exit_code == expect:
+        return CheckResult(name=name, ok=True, detail=f"exit {res.exit_code} as expected")
+    return CheckResult(name=name, ok=False,
+                       detail=f"{' '.join(argv)}: exit {res.exit_code}, expected {expect}: {_said(res)}")
