@@ -148,7 +148,7 @@ class Cluster(Strict):
 class HostEntry(Strict):
     name: Annotated[str, Field(pattern=HOST_NAME)]
     cluster: str
-    libvirt_uri: Annotated[str, Field(pattern=r"^(qemu|test)(\+[a-z]+)?://")]
+    libvirt_uri: Annotated[str, Field(pattern=r"^(qemu|test|sim)(\+[a-z]+)?://")]
     ssh: SshTarget
     policy: PolicyOverride = PolicyOverride()
     cpu_group: str = "default"
@@ -156,10 +156,18 @@ class HostEntry(Strict):
     link_bandwidth_mib_s: Annotated[int, Field(gt=0)] | None = None
 
 
+class Simulation(Strict):
+    """Marks an inventory whose hosts are SIMULATED (hostmaint.drivers.memory), for demos and tests."""
+
+    state_file: Annotated[str, Field(min_length=1)]
+    time_scale: Annotated[float, Field(gt=0, le=10)] = 0.01
+
+
 class Inventory(Strict):
     """The whole inventory file."""
 
     version: int = 1
+    simulation: Simulation | None = None
     clusters: Annotated[list[Cluster], Field(min_length=1)]
     hosts: Annotated[list[HostEntry], Field(min_length=1)]
 
@@ -297,4 +305,7 @@ def resolve_paths(inv: Inventory, base: Path) -> Inventory:
         if key.file is not None and not Path(key.file).is_absolute():
             key = key.model_copy(update={"file": str((base / key.file).resolve())})
         hosts.append(h.model_copy(update={"ssh": ssh.model_copy(update={"known_hosts": kh, "key": key})}))
-    return inv.model_copy(update={"hosts": hosts})
+    sim = inv.simulation
+    if sim is not None and not Path(sim.state_file).is_absolute():
+        sim = sim.model_copy(update={"state_file": str((base / sim.state_file).resolve())})
+    return inv.model_copy(update={"hosts": hosts, "simulation": sim})

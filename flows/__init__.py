@@ -1,0 +1,1 @@
+"""Prefect flows: the runbooks. Deployments name these entrypoints."""

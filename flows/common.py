@@ -1,0 +1,60 @@
+"""What the flows share: run identity, the inventory parameter, and the artifacts a run ends with."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Sequence
+
+from prefect import runtime
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from pydantic import BaseModel, Field
+
+from hostmaint.maintenance import RunContext
+from hostmaint.models import MigrationResult, StepOutcome, Trigger
+
+
+def default_inventory() -> str:
+    """The inventory a flow uses when none is given: $HOSTMAINT_INVENTORY, else ./inventory.yaml."""
+    return os.environ.get("HOSTMAINT_INVENTORY", "inventory.yaml")
+
+
+def run_context(flow: str, trigger: Trigger | str, operator: str, reason: str,
+                window_id: str | None = None) -> RunContext:
+    """Identify this run for the audit trail: the Prefect flow run id when there is one."""
+    run_id = runtime.flow_run.id or str(uuid.uuid4())
+    return RunContext(run_id=str(run_id), flow=flow, trigger=Trigger(trigger), operator=operator or "unknown",
+                      reason=reason, window_id=window_id)
+
+
+class HostOutcome(BaseModel):
+    """How maintenance of one host ended; what a flow returns and reports."""
+
+    host: str
+    outcome: StepOutcome
+    state: str
+    detail: str = ""
+    migrations: list[MigrationResult] = Field(default_factory=list)
+    rebooted: bool = False
+    packages_changed: int = 0
+    simulated: bool = False
+    seconds: float = 0.0
+
+
+def publish_report(title: str, outcomes: Sequence[HostOutcome], *, key: str | None = None) -> None:
+    """End a run with a markdown summary per host and a table of every migration."""
+    sim = any(o.simulated for o in outcomes)
+    lines = [f"# {title}", ""]
+    if sim:
+        lines += ["> **SIMULATED fleet** — no real host was touched.", ""]
+    lines += ["| host | outcome | state | rebooted | packages | seconds | detail |",
+              "|---|---|---|---|---|---|---|"]
+    for o in outcomes:
+        lines.append(f"| {o.host} | {o.outcome.value} | {o.state} | {'yes' if o.rebooted else 'no'} | "
+                     f"{o.packages_changed} | {o.seconds:.1f} | {o.detail.replace('|', '/')[:200]} |")
+    create_markdown_artifact("\n".join(lines), key=key, description=title)
+    rows = [{"vm": m.vm, "from": m.source, "to": m.target, "seconds": round(m.seconds, 2),
+             "downtime_ms": m.downtime_ms, "outcome": m.outcome.value}
+            for o in outcomes for m in o.migrations]
+    if rows:
+        create_table_artifact(rows, key=f"{key}-migrations" if key else None, description="migrations")

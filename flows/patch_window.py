@@ -1,0 +1,106 @@
+"""patch-window: roll patch-host through a cluster, N hosts at a time, inside the window.
+
+It never starts a host that cannot finish before the window ends, stops starting
+hosts once failures exceed the limit, and skips hosts already patched in this
+window when run again. VMs evacuate onto hosts patched earlier in the window, so
+each VM moves about once; a final rebalance levels the cluster with few moves.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime, timedelta
+
+from prefect import flow, get_run_logger, runtime, task
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from flows.common import HostOutcome, default_inventory, publish_report, run_context
+from flows.patch_host import patch_host
+from hostmaint.models import StepOutcome, Trigger
+from hostmaint.window import WindowClock, estimate_host_seconds, window_order
+from tasks import maintenance as t
+from tasks.common import RuntimeRef
+
+
+@task(name="patch-host-in-window", cache_policy=NO_CACHE, tags=["hostmaint"])
+def patch_one(host: str, inventory: str, operator: str, window_id: str, trigger: Trigger,
+              avoid: list[str]) -> HostOutcome:
+    # A failed host is an outcome of the window, not an exception that kills it.
+    try:
+        return patch_host(host=host, operator=operator, reason=f"patch window {window_id}", inventory=inventory,
+                          trigger=trigger, window_id=window_id, return_vms=False, avoid=avoid)
+    except Exception as exc:  # noqa: BLE001 - recorded per host; the audit has the details
+        return HostOutcome(host=host, outcome=StepOutcome.FAILED, state="failed", detail=str(exc))
+
+
+def _default_window_id(cluster: str) -> str:
+    scheduled = runtime.flow_run.scheduled_start_time
+    day = (scheduled or datetime.now(UTC)).date().isoformat()
+    return f"{cluster}:{day}"
+
+
+@flow(name="patch-window", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
+def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datetime | None = None,
+                 window_minutes: float | None = None, max_failed_hosts: int = 0,
+                 hosts: list[str] | None = None, window_id: str | None = None, operator: str = "scheduler",
+                 inventory: str | None = None, trigger: Trigger = Trigger.SCHEDULE,
+                 rebalance_moves: int = 10) -> list[HostOutcome]:
+    """Patch the hosts of ``cluster`` (or only ``hosts``) inside one maintenance window."""
+    logger = get_run_logger()
+    inv_path = inventory or default_inventory()
+    ref = RuntimeRef(inv_path)
+    rt = ref.open()
+    window_id = window_id or _default_window_id(cluster)
+    run = run_context("patch-window", trigger, operator, f"window {window_id}", window_id)
+    limits = rt.inventory.cluster(cluster).limits
+    parallel = max(1, min(max_hosts_in_parallel, limits.max_hosts_in_maintenance))
+    if window_end is None and window_minutes is not None:
+        window_end = datetime.now(UTC) + timedelta(minutes=window_minutes)
+    clock = WindowClock(end=window_end)
+    snapshot = t.discover(ref, cluster)
+    done = rt.states.patched_in(window_id)
+    order = window_order(snapshot, hosts)
+    pending = [h for h in order if h not in done]
+    outcomes = [HostOutcome(host=h, outcome=StepOutcome.SKIPPED, state=rt.states.state(h).value,
+                            detail=f"already patched in window {window_id}", simulated=rt.simulated)
+                for h in order if h in done]
+    logger.info("window %s: %d host(s) to patch, %d already done, %d at a time",
+                window_id, len(pending), len(done), parallel)
+    running: dict[str, PrefectFuture[HostOutcome]] = {}
+    failures = 0
+    durations: list[float] = []
+    while pending or running:
+        while pending and len(running) < parallel and failures <= max_failed_hosts:
+            host = pending[0]
+            needed = max(durations) if durations else estimate_host_seconds(snapshot, host, rt.inventory)
+            if not clock.fits(needed):
+                logger.warning("window %s ends before %s could finish (~%.0fs): not started", window_id,
+                               host, needed)
+                break
+            pending.pop(0)
+            avoid = [h for h in pending if h != host]
+            running[host] = patch_one.submit(host, inv_path, operator, window_id, trigger, avoid)
+        if not running:
+            break
+        time.sleep(0.2)
+        for host, fut in list(running.items()):
+            if fut.state.is_final():
+                result = fut.result()
+                outcomes.append(result)
+                durations.append(result.seconds)
+                running.pop(host)
+                if result.outcome is StepOutcome.FAILED:
+                    failures += 1
+                    logger.error("host %s failed: %s", host, result.detail)
+    for host in pending:
+        reason = "failure limit reached" if failures > max_failed_hosts else "window would end before it finished"
+        outcomes.append(HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host).value,
+                                    detail=f"not started: {reason}", simulated=rt.simulated))
+    if failures <= max_failed_hosts and rebalance_moves > 0 and not pending:
+        plan = t.plan_rebalance_task(ref, cluster, rebalance_moves)
+        t.rebalance(ref, run, plan)
+    outcomes.sort(key=lambda o: order.index(o.host) if o.host in order else len(order))
+    publish_report(f"patch window {window_id}", outcomes, key=None)
+    return outcomes

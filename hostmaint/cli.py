@@ -1,0 +1,514 @@
+"""The ``hostmaint`` command line.
+
+Exit codes: 0 done, 1 the operation failed (the host was left safe), 2 bad input
+(nothing changed). This is the top layer: it may start Prefect flows; the core
+modules it imports do not know Prefect.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hostmaint.errors import HostmaintError, InputError, PlanError
+from hostmaint.fleet import dump_snapshot, load_snapshot
+from hostmaint.inventory import load_inventory
+
+app = typer.Typer(help="Maintenance orchestration for KVM/libvirt fleets.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+inventory_app = typer.Typer(help="Check inventory files.", no_args_is_help=True)
+plan_app = typer.Typer(help="Print plans; nothing changes.", no_args_is_help=True)
+audit_app = typer.Typer(help="Read and verify the audit trail.", no_args_is_help=True)
+window_app = typer.Typer(help="Patch windows.", no_args_is_help=True)
+host_app = typer.Typer(help="Host state.", no_args_is_help=True)
+lab_app = typer.Typer(help="The local KVM lab (root): real libvirtd, sshd and QEMU guests in netns.",
+                      no_args_is_help=True)
+simulate_app = typer.Typer(help="What-if estimates from a snapshot.", no_args_is_help=True)
+app.add_typer(inventory_app, name="inventory")
+app.add_typer(plan_app, name="plan")
+app.add_typer(audit_app, name="audit")
+app.add_typer(window_app, name="window")
+app.add_typer(host_app, name="host")
+app.add_typer(lab_app, name="lab")
+app.add_typer(simulate_app, name="simulate")
+
+out = Console()
+err = Console(stderr=True)
+
+T = TypeVar("T")
+
+InventoryOpt = Annotated[str, typer.Option("--inventory", "-i", envvar="HOSTMAINT_INVENTORY",
+                                           help="Inventory YAML file.")]
+SnapshotOpt = Annotated[Path | None, typer.Option("--snapshot", help="Plan offline from a snapshot JSON file.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; change nothing.")]
+OperatorOpt = Annotated[str, typer.Option("--operator", envvar="USER", help="Who is acting (for the audit).")]
+ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (for the audit).")]
+
+
+@contextmanager
+def exit_codes() -> Iterator[None]:
+    """Map errors to the documented exit codes, with one clear line on stderr."""
+    try:
+        yield
+    except InputError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except KeyError as exc:
+        err.print(f"[red]error:[/red] {exc.args[0] if exc.args else exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except PlanError as exc:
+        err.print(f"[red]no safe plan:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    except HostmaintError as exc:
+        err.print(f"[red]failed:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _runtime(inventory: str) -> Any:
+    from hostmaint.runtime import open_runtime
+
+    return open_runtime(inventory)
+
+
+def _snapshot_for(inventory: str | None, cluster: str | None, snapshot: Path | None, host: str | None = None) -> Any:
+    if snapshot is not None:
+        return load_snapshot(snapshot)
+    if inventory is None:
+        raise InputError("give --inventory or --snapshot")
+    from hostmaint.maintenance import snapshot as discover
+
+    rt = _runtime(inventory)
+    if cluster is None:
+        if host is None:
+            raise InputError("give a cluster")
+        cluster = rt.cluster_of(host)
+    rt.inventory.cluster(cluster)
+    return discover(rt, cluster)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _simulated_banner(simulated: bool) -> None:
+    if simulated:
+        err.print("[yellow]SIMULATED fleet: no real host is contacted.[/yellow]")
+
+
+# --- inventory / snapshot ------------------------------------------------------------------
+
+
+@inventory_app.command("check")
+def inventory_check(file: Path) -> None:
+    """Validate an inventory file: exit 0 when valid, 2 otherwise (every problem named)."""
+    with exit_codes():
+        inv = load_inventory(file)
+        out.print(f"{file}: valid — {len(inv.clusters)} cluster(s), {len(inv.hosts)} host(s)")
+
+
+@app.command()
+def snapshot(inventory: InventoryOpt = "inventory.yaml",
+             cluster: Annotated[str | None, typer.Option(help="Cluster (default: the first).")] = None,
+             output: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file.")] = None) -> None:
+    """Discover a cluster and write its fleet snapshot (JSON, docs/snapshot.md)."""
+    with exit_codes():
+        rt = _runtime(inventory)
+        _simulated_banner(rt.simulated)
+        cluster = cluster or rt.inventory.clusters[0].name
+        snap = _snapshot_for(inventory, cluster, None)
+        text = dump_snapshot(snap)
+        if output:
+            output.write_text(text)
+            err.print(f"wrote {output}: {len(snap.hosts)} host(s), {len(snap.vms)} VM(s)")
+        else:
+            sys.stdout.write(text)
+
+
+# --- plans --------------------------------------------------------------------------------------
+
+
+@plan_app.command("drain")
+def plan_drain(host: str, inventory: InventoryOpt = "inventory.yaml", snapshot: SnapshotOpt = None,
+               as_json: JsonOpt = False) -> None:
+    """Plan the evacuation of HOST (exit 1 when it cannot be done safely)."""
+    from hostmaint.placement import check_capacity, plan_evacuation, render_plan
+
+    with exit_codes():
+        snap = _snapshot_for(None if snapshot else inventory, None, snapshot, host) if snapshot \
+            else _snapshot_for(inventory, None, None, host)
+        try:
+            snap.host(host)
+        except KeyError:
+            raise InputError(f"host {host!r} is not in cluster {snap.cluster}") from None
+        plan = plan_evacuation(snap, [host])
+        if plan.capacity is None:
+            plan = plan.model_copy(update={"capacity": check_capacity(snap, [host])})
+        if as_json:
+            _print_json(plan.model_dump(mode="json"))
+        else:
+            out.print(render_plan(plan), highlight=False)
+        if not plan.feasible:
+            raise typer.Exit(1)
+
+
+@plan_app.command("window")
+def plan_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml", snapshot: SnapshotOpt = None,
+                    as_json: JsonOpt = False) -> None:
+    """Plan a rolling window over CLUSTER: host order and evacuation targets."""
+    from hostmaint.placement import plan_window, render_plan
+
+    with exit_codes():
+        snap = _snapshot_for(inventory if snapshot is None else None, cluster, snapshot)
+        if snap.cluster != cluster:
+            raise InputError(f"the snapshot is of cluster {snap.cluster!r}, not {cluster!r}")
+        plan = plan_window(snap)
+        if as_json:
+            _print_json(plan.model_dump(mode="json"))
+        else:
+            out.print(render_plan(plan), highlight=False)
+
+
+@plan_app.command("rebalance")
+def plan_rebalance_cmd(cluster: str, max_moves: int = 10, inventory: InventoryOpt = "inventory.yaml",
+                       snapshot: SnapshotOpt = None, as_json: JsonOpt = False) -> None:
+    """Plan a rebalance of CLUSTER with at most MAX_MOVES migrations."""
+    from hostmaint.placement import plan_rebalance, render_plan
+
+    with exit_codes():
+        if max_moves < 0:
+            raise InputError(f"--max-moves: must be >= 0, got {max_moves}")
+        snap = _snapshot_for(inventory if snapshot is None else None, cluster, snapshot)
+        plan = plan_rebalance(snap, max_moves)
+        if as_json:
+            _print_json(plan.model_dump(mode="json"))
+        else:
+            out.print(render_plan(plan), highlight=False)
+
+
+# --- actions (Prefect flows) -------------------------------------------------------------------------
+
+
+def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
+    from hostmaint.models import Trigger
+
+    kwargs.setdefault("trigger", Trigger.CLI)
+    return fn(**kwargs)
+
+
+def _show_outcomes(outcomes: list[Any], as_json: bool) -> None:
+    if as_json:
+        _print_json([o.model_dump(mode="json") for o in outcomes])
+        return
+    table = Table(title="outcome per host")
+    for col in ("host", "outcome", "state", "rebooted", "packages", "seconds", "detail"):
+        table.add_column(col)
+    for o in outcomes:
+        table.add_row(o.host, o.outcome.value, o.state, "yes" if o.rebooted else "no", str(o.packages_changed),
+                      f"{o.seconds:.1f}", o.detail[:300])
+    out.print(table)
+    migrations = [m for o in outcomes for m in o.migrations]
+    if migrations:
+        mt = Table(title="migrations")
+        for col in ("vm", "from", "to", "seconds", "downtime ms", "outcome"):
+            mt.add_column(col)
+        for m in migrations:
+            mt.add_row(m.vm, m.source, m.target, f"{m.seconds:.2f}",
+                       "-" if m.downtime_ms is None else f"{m.downtime_ms:.0f}", m.outcome.value)
+        out.print(mt)
+
+
+def _check_host(inventory: str, host: str) -> Any:
+    rt = _runtime(inventory)
+    rt.inventory.host(host)
+    _simulated_banner(rt.simulated)
+    return rt
+
+
+@app.command()
+def evacuate(host: str, inventory: InventoryOpt = "inventory.yaml", dry_run: DryRunOpt = False,
+             operator: OperatorOpt = "unknown", reason: ReasonOpt = "on-demand evacuation",
+             as_json: JsonOpt = False) -> None:
+    """Cordon HOST and live-migrate every VM off it (the plan is printed first)."""
+    from flows.evacuate_host import evacuate_host
+
+    with exit_codes():
+        _check_host(inventory, host)
+        result = _run_flow(evacuate_host, host=host, dry_run=dry_run, operator=operator, reason=reason,
+                           inventory=inventory)
+        _show_outcomes([result], as_json)
+
+
+@app.command()
+def patch(host: str, inventory: InventoryOpt = "inventory.yaml", dry_run: DryRunOpt = False,
+          operator: OperatorOpt = "unknown", reason: ReasonOpt = "patch", as_json: JsonOpt = False,
+          no_return: Annotated[bool, typer.Option("--no-return", help="Leave moved VMs where they are.")] = False
+          ) -> None:
+    """Evacuate, update, reboot when needed, verify, uncordon HOST and return its VMs."""
+    from flows.patch_host import patch_host
+
+    with exit_codes():
+        _check_host(inventory, host)
+        result = _run_flow(patch_host, host=host, dry_run=dry_run, operator=operator, reason=reason,
+                           inventory=inventory, return_vms=not no_return)
+        _show_outcomes([result], as_json)
+
+
+@window_app.command("run")
+def window_run(cluster: str, inventory: InventoryOpt = "inventory.yaml",
+               max_parallel: Annotated[int, typer.Option(help="Hosts in maintenance at once.")] = 1,
+               window_end: Annotated[datetime | None, typer.Option(help="No host starts that cannot finish "
+                                                                    "before this time (ISO, UTC).")] = None,
+               max_failed: Annotated[int, typer.Option(help="Stop starting hosts after more failures.")] = 0,
+               window_id: Annotated[str | None, typer.Option(help="Re-use to resume a window.")] = None,
+               operator: OperatorOpt = "unknown", as_json: JsonOpt = False) -> None:
+    """Roll patch-host through CLUSTER inside a window."""
+    from flows.patch_window import patch_window
+
+    with exit_codes():
+        rt = _runtime(inventory)
+        rt.inventory.cluster(cluster)
+        _simulated_banner(rt.simulated)
+        if max_parallel < 1:
+            raise InputError(f"--max-parallel: must be >= 1, got {max_parallel}")
+        if max_failed < 0:
+            raise InputError(f"--max-failed: must be >= 0, got {max_failed}")
+        outcomes = _run_flow(patch_window, cluster=cluster, inventory=inventory, max_hosts_in_parallel=max_parallel,
+                             window_end=window_end, max_failed_hosts=max_failed, window_id=window_id,
+                             operator=operator)
+        _show_outcomes(outcomes, as_json)
+        if any(o.outcome.value == "failed" for o in outcomes):
+            raise typer.Exit(1)
+
+
+@app.command()
+def rebalance(cluster: str, inventory: InventoryOpt = "inventory.yaml", max_moves: int = 10,
+              dry_run: DryRunOpt = False, operator: OperatorOpt = "unknown", as_json: JsonOpt = False) -> None:
+    """Level CLUSTER's memory load with at most MAX_MOVES live migrations."""
+    from flows.rebalance_cluster import rebalance_cluster
+
+    with exit_codes():
+        rt = _runtime(inventory)
+        rt.inventory.cluster(cluster)
+        if max_moves < 0:
+            raise InputError(f"--max-moves: must be >= 0, got {max_moves}")
+        result = _run_flow(rebalance_cluster, cluster=cluster, max_moves=max_moves, dry_run=dry_run,
+                           operator=operator, inventory=inventory)
+        _show_outcomes([result], as_json)
+
+
+# --- host state -----------------------------------------------------------------------------------------
+
+
+@host_app.command("status")
+def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = False) -> None:
+    """Every host's maintenance state."""
+    with exit_codes():
+        rt = _runtime(inventory)
+        rows = []
+        for h in rt.inventory.hosts:
+            rec = rt.states.get(h.name)
+            rows.append({"host": h.name, "cluster": h.cluster, "state": rec.state.value, "reason": rec.reason})
+        if as_json:
+            _print_json(rows)
+            return
+        table = Table(title="hosts")
+        for col in ("host", "cluster", "state", "reason"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["host"], r["cluster"], r["state"], r["reason"])
+        out.print(table)
+
+
+@host_app.command("reset")
+def host_reset(host: str, inventory: InventoryOpt = "inventory.yaml", operator: OperatorOpt = "unknown",
+               reason: ReasonOpt = "operator reset") -> None:
+    """Clear a failed host back to cordoned (after an operator fixed it)."""
+    from hostmaint.maintenance import RunContext, audited
+    from hostmaint.models import HostState, Trigger
+
+    with exit_codes():
+        rt = _runtime(inventory)
+        rt.inventory.host(host)
+        run = RunContext(flow="cli", trigger=Trigger.CLI, operator=operator, reason=reason)
+        with audited(rt, run, "reset", host=host, inputs={"reason": reason}):
+            rt.states.transition(host, HostState.CORDONED, reason)
+        out.print(f"{host}: cordoned")
+
+
+# --- audit ------------------------------------------------------------------------------------------------
+
+
+def _audit(inventory: str | None) -> Any:
+    from hostmaint.audit import AuditTrail
+    from hostmaint.db import open_engine
+
+    return AuditTrail(open_engine())
+
+
+@audit_app.command("show")
+def audit_show(host: Annotated[str | None, typer.Option(help="Only this host.")] = None,
+               run: Annotated[str | None, typer.Option(help="Only this run id.")] = None,
+               limit: int = 200, as_json: JsonOpt = False) -> None:
+    """The audit records as a table."""
+    with exit_codes():
+        records = _audit(None).records(host=host, run_id=run)
+        records = records[-limit:] if limit else records
+        if as_json:
+            _print_json([_record_dict(r) for r in records])
+            return
+        table = Table(title=f"audit ({len(records)} records)")
+        for col in ("seq", "time", "flow", "trigger", "operator", "host", "vm", "step", "outcome", "s"):
+            table.add_column(col)
+        for r in records:
+            d = _record_dict(r)
+            table.add_row(str(d["seq"]), str(d["time"])[:19], d["flow"] or "", d["trigger"] or "",
+                          d["operator"] or "", d["host"] or "", d["vm"] or "", d["step"], d["outcome"],
+                          f"{d['duration_s'] or 0:.2f}")
+        out.print(table)
+
+
+def _record_dict(r: Any) -> dict[str, Any]:
+    if hasattr(r, "model_dump"):
+        return dict(r.model_dump(mode="json"))
+    from dataclasses import asdict
+
+    return asdict(r)
+
+
+@audit_app.command("export")
+def audit_export(fmt: Annotated[str, typer.Option("--format", help="jsonl or csv")] = "jsonl") -> None:
+    """Export the whole audit trail (for a change ticket)."""
+    with exit_codes():
+        if fmt not in ("jsonl", "csv"):
+            raise InputError(f"--format: must be jsonl or csv, got {fmt!r}")
+        sys.stdout.write(_audit(None).export(fmt))
+
+
+@audit_app.command("verify")
+def audit_verify() -> None:
+    """Check the hash chain: exit 1 naming the first record altered, removed or reordered."""
+    with exit_codes():
+        report = _audit(None).verify()
+        if report.ok:
+            out.print(f"audit trail verified: {report.count} record(s), chain intact")
+            return
+        err.print(f"[red]audit trail broken:[/red] {report.problem}", highlight=False)
+        raise typer.Exit(1)
+
+
+# --- demo -----------------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(simulated: Annotated[bool, typer.Option("--simulated", help="Use the in-memory fleet, not the lab.")]
+         = False,
+         workdir: Annotated[Path | None, typer.Option(help="Where the demo keeps its files.")] = None,
+         hosts: int = 3, vms: int = 6, keep: Annotated[bool, typer.Option(help="Leave the lab up.")] = False) -> None:
+    """Run a patch window end to end: on the real local lab (root), or --simulated."""
+    with exit_codes():
+        if simulated:
+            _demo_simulated(workdir)
+        else:
+            _demo_lab(workdir, hosts, vms, keep)
+
+
+def _use_db(workdir: Path) -> None:
+    os.environ.setdefault("HOSTMAINT_DB", str(workdir / "hostmaint.db"))
+
+
+def _demo_simulated(workdir: Path | None) -> None:
+    from flows.patch_window import patch_window
+    from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+
+    workdir = workdir or Path.home() / ".local/share/hostmaint/demo-simulated"
+    if (workdir / "hostmaint.db").exists():
+        (workdir / "hostmaint.db").unlink()
+    _use_db(workdir)
+    snap = demo_snapshot(4, 12)
+    inventory = write_simulated_fleet(workdir, snap, demo_packages(snap), time_scale=0.05)
+    err.print("[yellow]SIMULATED fleet[/yellow]: 4 hosts, 12 VMs, anti-affinity pair db-1/db-2, "
+              "hv02 has a pending kernel update")
+    started = time.monotonic()
+    outcomes = _run_flow(patch_window, cluster=snap.cluster, inventory=str(inventory), max_hosts_in_parallel=1,
+                         window_id="demo", operator="demo")
+    _show_outcomes(outcomes, False)
+    out.print(f"window finished in {time.monotonic() - started:.1f}s; audit trail: {os.environ['HOSTMAINT_DB']} "
+              f"(hostmaint audit show / verify with HOSTMAINT_DB set)")
+
+
+def _demo_lab(workdir: Path | None, hosts: int, vms: int, keep: bool) -> None:
+    from flows.patch_window import patch_window
+    from hostmaint.lab import lab_down, lab_up
+
+    if os.geteuid() != 0:
+        raise InputError("the lab needs root; run 'hostmaint demo --simulated' on machines without it")
+    kwargs: dict[str, Any] = {} if workdir is None else {"workdir": workdir}
+    started = time.monotonic()
+    info = lab_up(hosts=hosts, vms=vms, **kwargs)
+    _use_db(Path(info.inventory_path).parent)
+    out.print(f"lab up in {time.monotonic() - started:.1f}s: {len(info.hosts)} hosts, inventory "
+              f"{info.inventory_path}")
+    try:
+        outcomes = _run_flow(patch_window, cluster="lab", inventory=str(info.inventory_path),
+                             max_hosts_in_parallel=1, window_id=f"lab-{int(time.time())}", operator="demo")
+        _show_outcomes(outcomes, False)
+        out.print(f"audit trail: {os.environ['HOSTMAINT_DB']}; Prefect UI: run 'prefect server start' "
+                  "and set PREFECT_API_URL=http://127.0.0.1:4200/api before the demo to see the runs")
+        if any(o.outcome.value == "failed" for o in outcomes):
+            raise typer.Exit(1)
+    finally:
+        if not keep:
+            lab_down(**kwargs)
+
+
+# --- lab ----------------------------------------------------------------------------------------------------
+
+
+@lab_app.command("up")
+def lab_up_cmd(hosts: int = 3, vms: int = 6, workdir: Path | None = None) -> None:
+    """Build the real local lab: hosts in network namespaces, libvirtd, sshd, QEMU guests."""
+    from hostmaint.lab import lab_up
+
+    with exit_codes():
+        info = lab_up(hosts=hosts, vms=vms, **({} if workdir is None else {"workdir": workdir}))
+        out.print(f"inventory: {info.inventory_path}\nknown_hosts: {info.known_hosts_path}")
+        out.print(Path(info.inventory_path).read_text(), highlight=False)
+
+
+@lab_app.command("down")
+def lab_down_cmd(workdir: Path | None = None) -> None:
+    """Remove every process, namespace, link and mount the lab made."""
+    from hostmaint.lab import lab_down
+
+    with exit_codes():
+        lab_down(**({} if workdir is None else {"workdir": workdir}))
+        out.print("lab down")
+
+
+@lab_app.command("status")
+def lab_status_cmd(workdir: Path | None = None) -> None:
+    """What of the lab is running."""
+    from hostmaint.lab import lab_status
+
+    with exit_codes():
+        out.print(lab_status(**({} if workdir is None else {"workdir": workdir})))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

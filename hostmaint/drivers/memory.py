@@ -1,0 +1,236 @@
+"""A SIMULATED fleet: an in-memory Hypervisor (and, through memory_shell, a HostShell).
+
+Nothing here touches a real host. It exists for the quick demo, for flow tests
+that need no root, and for benchmarks at scale; every snapshot it produces says
+``source: simulated``. Migrations take ``memory / bandwidth`` simulated seconds
+(scaled by ``time_scale`` into real ones), a target without room refuses them,
+and a host that reboots while VMs are on it loses them — so a flow that breaks
+the rules is caught, not forgiven.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from hostmaint.drivers.base import ProgressCallback
+from hostmaint.drivers.memory_shell import SimHostPackages, SimulatedShell
+from hostmaint.errors import DriverError, MigrationError, TransientDriverError
+from hostmaint.models import (
+    Cell,
+    CommandResult,
+    FleetSnapshot,
+    HostDiscovery,
+    MigrationOptions,
+    MigrationProgress,
+    MigrationResult,
+    StepOutcome,
+    Vm,
+)
+
+SIM_FORMAT = "hostmaint.simfleet/1"
+MIB = 1024 * 1024
+
+
+class SimulatedFleet:
+    """A simulated cluster implementing ``Hypervisor``; ``shell`` is its ``HostShell``.
+
+    State can be persisted to a JSON file so that separate CLI commands see the
+    same simulated fleet (VMs stay where the last command moved them).
+    """
+
+    def __init__(self, snapshot: FleetSnapshot, packages: dict[str, SimHostPackages], *,
+                 bandwidth_mib_s: float = 1100.0, time_scale: float = 0.001,
+                 state_file: Path | None = None, clock: Callable[[], float] = time.time,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
+        self.base = snapshot
+        self.cells: dict[str, tuple[Cell, ...]] = {h.name: h.cells for h in snapshot.hosts}
+        self.vms: dict[str, Vm] = {v.name: v for v in snapshot.vms}
+        self.running: dict[str, set[str]] = {h.name: set() for h in snapshot.hosts}
+        for v in snapshot.vms:
+            self.running[v.host].add(v.name)
+        self.stopped: dict[str, str] = {}  # vm -> host where it was shut down
+        self.lost: list[str] = []
+        self.packages = packages
+        self.bandwidth_mib_s = bandwidth_mib_s
+        self.time_scale = time_scale
+        self.state_file = state_file
+        self.clock = clock
+        self.sleep = sleep
+        self.fail_migrations: set[str] = set()  # VMs whose migration fails (tests)
+        self.slow_migrations: dict[str, float] = {}  # VM -> factor (a stalled migration)
+        self._aborts: set[str] = set()
+        self._lock = threading.RLock()
+        self._seen_boot: dict[str, str] = {h: p.boot_id for h, p in packages.items()}
+        self.shell = SimulatedShell(packages, clock=clock)
+        self.migration_log: list[MigrationResult] = []
+
+    # --- persistence ---------------------------------------------------------------
+
+    def to_json(self) -> str:
+        with self._lock:
+            data = {
+                "format": SIM_FORMAT,
+                "simulated": True,
+                "snapshot": self.base.model_dump(mode="json"),
+                "running": {h: sorted(v) for h, v in self.running.items()},
+                "stopped": self.stopped,
+                "lost": self.lost,
+                "packages": {h: asdict(p) for h, p in self.packages.items()},
+                "seen_boot": self._seen_boot,
+                "bandwidth_mib_s": self.bandwidth_mib_s,
+                "time_scale": self.time_scale,
+            }
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    def save(self) -> None:
+        if self.state_file is not None:
+            tmp = self.state_file.with_suffix(".tmp")
+            tmp.write_text(self.to_json())
+            tmp.replace(self.state_file)
+
+    @classmethod
+    def load(cls, path: Path, **kwargs: object) -> SimulatedFleet:
+        """Load a fleet saved by ``save`` (or written by ``hostmaint demo``)."""
+        data = json.loads(path.read_text())
+        if data.get("format") != SIM_FORMAT:
+            raise DriverError(f"{path}: not a simulated fleet state file (format {data.get('format')!r})")
+        snapshot = FleetSnapshot.model_validate(data["snapshot"])
+        packages = {h: SimHostPackages(**p) for h, p in data["packages"].items()}
+        fleet = cls(snapshot, packages, bandwidth_mib_s=data["bandwidth_mib_s"],
+                    time_scale=data["time_scale"], state_file=path, **kwargs)  # type: ignore[arg-type]
+        fleet.running = {h: set(v) for h, v in data["running"].items()}
+        fleet.stopped = dict(data["stopped"])
+        fleet.lost = list(data["lost"])
+        fleet._seen_boot = dict(data["seen_boot"])
+        return fleet
+
+    # --- Hypervisor ----------------------------------------------------------------
+
+    def _reachable(self, host: str) -> None:
+        if host not in self.running:
+            raise DriverError("unknown host in the simulated fleet", host)
+        pkg = self.packages.get(host)
+        if pkg is None:
+            return
+        if pkg.down_until is not None and self.clock() < pkg.down_until:
+            raise TransientDriverError("libvirtd unreachable (simulated host is rebooting)", host)
+        if pkg.never_returns and pkg.down_until is not None:
+            raise TransientDriverError("libvirtd unreachable (simulated host never came back)", host)
+        if self._seen_boot.get(host) != pkg.boot_id:
+            # The host rebooted: whatever ran on it is gone, exactly as on real iron.
+            self.lost.extend(sorted(self.running[host]))
+            self.running[host] = set()
+            self._seen_boot[host] = pkg.boot_id
+            self.save()
+
+    def _free_cells(self, host: str, extra: dict[str, int] | None = None) -> list[tuple[Cell, int]]:
+        used = sum(self.vms[v].memory_mib for v in self.running[host]) + sum((extra or {}).values())
+        total = sum(c.memory_mib for c in self.cells[host])
+        out = []
+        for c in self.cells[host]:
+            share = used * c.memory_mib // total if total else 0
+            out.append((c, max(0, c.memory_mib - share)))
+        return out
+
+    def discover(self, host: str) -> HostDiscovery:
+        with self._lock:
+            self._reachable(host)
+            cells = tuple(c.model_copy(update={"free_mib": free}) for c, free in self._free_cells(host))
+            vms = tuple(self.vms[v].model_copy(update={"host": host}) for v in sorted(self.running[host]))
+            return HostDiscovery(host=host, hostname=host, host_uuid=f"sim-{host}", cells=cells, vms=vms)
+
+    def running_vms(self, host: str) -> tuple[str, ...]:
+        with self._lock:
+            self._reachable(host)
+            return tuple(sorted(self.running[host]))
+
+    def locate(self, vm: str) -> tuple[str, ...]:
+        with self._lock:
+            out = []
+            for host, names in sorted(self.running.items()):
+                try:
+                    self._reachable(host)
+                except TransientDriverError:
+                    continue
+                if vm in names:
+                    out.append(host)
+            return tuple(out)
+
+    def migrate(self, vm: str, source: str, target: str, options: MigrationOptions,
+                on_progress: ProgressCallback | None = None) -> MigrationResult:
+        with self._lock:
+            self._reachable(source)
+            self._reachable(target)
+            if vm not in self.running[source]:
+                raise MigrationError(f"VM {vm} is not running on {source}", source, vm, target)
+            mem = self.vms[vm].memory_mib
+            room = sum(free for _, free in self._free_cells(target))
+            if room < mem:
+                raise MigrationError(f"migrating {vm} to {target}: target has {room} MiB free, "
+                                     f"VM needs {mem} MiB", source, vm, target)
+            self._aborts.discard(vm)
+        factor = self.slow_migrations.get(vm, 1.0)
+        sim_seconds = mem / self.bandwidth_mib_s * factor
+        start = self.clock()
+        steps = 10
+        for i in range(1, steps + 1):
+            self.sleep(sim_seconds * self.time_scale / steps)
+            elapsed = (i / steps) * sim_seconds
+            if on_progress is not None:
+                done = int(mem * MIB * i / steps / factor) if factor > 1 else int(mem * MIB * i / steps)
+                on_progress(MigrationProgress(vm=vm, elapsed_s=elapsed, data_total=mem * MIB,
+                                              data_processed=done, data_remaining=mem * MIB - done,
+                                              iterations=1))
+            budget = max(options.min_budget_seconds, options.seconds_per_gib * mem / 1024)
+            if vm in self._aborts or elapsed > budget:
+                self._aborts.discard(vm)
+                raise MigrationError(f"migration of {vm} to {target} aborted after {elapsed:.1f}s "
+                                     f"(budget {budget:.0f}s); it still runs on {source}", source, vm, target)
+        with self._lock:
+            if vm in self.fail_migrations:
+                raise MigrationError(f"migration of {vm} to {target} failed (simulated fault); "
+                                     f"it still runs on {source}", source, vm, target)
+            self._reachable(target)
+            self.running[source].discard(vm)
+            self.running[target].add(vm)
+            self.save()
+        result = MigrationResult(vm=vm, source=source, target=target, outcome=StepOutcome.OK,
+                                 seconds=round(sim_seconds, 3), downtime_ms=30.0, data_bytes=mem * MIB,
+                                 iterations=2)
+        self.migration_log.append(result)
+        del start
+        return result
+
+    def abort(self, vm: str, source: str) -> None:
+        self._aborts.add(vm)
+
+    def shutdown(self, vm: str, host: str, timeout: float = 120.0) -> None:
+        with self._lock:
+            self._reachable(host)
+            if vm not in self.running[host]:
+                raise DriverError(f"VM {vm} is not running here", host)
+            self.running[host].discard(vm)
+            self.stopped[vm] = host
+            self.save()
+
+    def start(self, vm: str, host: str) -> None:
+        with self._lock:
+            self._reachable(host)
+            self.stopped.pop(vm, None)
+            self.running[host].add(vm)
+            self.save()
+
+    # --- HostShell, delegated (so one object can serve both seams) ------------------
+
+    def run(self, host: str, argv: Sequence[str], timeout: float = 60.0) -> CommandResult:
+        result = self.shell.run(host, argv, timeout)
+        self.save()
+        return result
+
+    def close(self) -> None:
+        self.save()

@@ -1,0 +1,128 @@
+"""The fleet snapshot: discovered state of a cluster as data, JSON in and out.
+
+A snapshot joins three sources: what the hypervisor driver discovers on each
+host (cells, VMs), what hostmaint keeps (host state, VM origins), and what the
+inventory decides (VM policies, limits). Planning works on snapshots only, so
+any planning command can run offline from a file. The JSON form is a public
+contract; see docs/snapshot.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from hostmaint.drivers.base import Hypervisor
+from hostmaint.errors import SnapshotError
+from hostmaint.inventory import Inventory
+from hostmaint.models import FleetSnapshot, Host, HostDiscovery, HostState, UnmigratableAction, Vm
+
+
+def apply_policies(inventory: Inventory, cluster: str, vm: Vm) -> Vm:
+    """Resolve the inventory's VM policy (first match wins) onto a discovered VM."""
+    policy = inventory.vm_policy(cluster, vm.name, vm.tags)
+    if policy is None:
+        return vm
+    changes: dict[str, object] = {
+        "anti_affinity": policy.anti_affinity,
+        "on_unmigratable": policy.on_unmigratable,
+    }
+    if not policy.migratable:
+        changes["migratable"] = False
+        changes["not_migratable_reason"] = vm.not_migratable_reason or "policy: migratable: false"
+    return vm.model_copy(update=changes)
+
+
+def build_snapshot(inventory: Inventory, cluster: str, discoveries: Mapping[str, HostDiscovery], *,
+                   states: Mapping[str, HostState] | None = None, origins: Mapping[str, str] | None = None,
+                   source: str = "libvirt", now: datetime | None = None) -> FleetSnapshot:
+    """Join discoveries, kept state and inventory policy into one snapshot of ``cluster``."""
+    states = states or {}
+    origins = origins or {}
+    hosts: list[Host] = []
+    vms: list[Vm] = []
+    for entry in inventory.hosts_of(cluster):
+        found = discoveries.get(entry.name)
+        if found is None:
+            continue
+        hosts.append(Host(name=entry.name, cluster=cluster, state=states.get(entry.name, HostState.ACTIVE),
+                          cells=found.cells, reserved_memory_mib=entry.reserved_memory_mib,
+                          cpu_group=entry.cpu_group))
+        for vm in found.vms:
+            vm = vm.model_copy(update={"host": entry.name, "origin": origins.get(vm.name)})
+            vms.append(apply_policies(inventory, cluster, vm))
+    taken = (now or datetime.now(UTC)).isoformat(timespec="seconds")
+    try:
+        return FleetSnapshot(cluster=cluster, taken_at=taken, source=source,
+                             limits=inventory.cluster(cluster).limits,
+                             hosts=tuple(sorted(hosts, key=lambda h: h.name)),
+                             vms=tuple(sorted(vms, key=lambda v: v.name)))
+    except ValidationError as exc:
+        raise SnapshotError(f"cluster {cluster}: discovered state is inconsistent: {_first_error(exc)}") from None
+
+
+def discover_cluster(inventory: Inventory, cluster: str, hypervisor: Hypervisor, *,
+                     states: Mapping[str, HostState] | None = None, origins: Mapping[str, str] | None = None,
+                     source: str = "libvirt", skip_unreachable: frozenset[str] = frozenset()) -> FleetSnapshot:
+    """Discover every host of ``cluster`` through ``hypervisor`` and build a snapshot.
+
+    Hosts named in ``skip_unreachable`` (a host that is rebooting, say) are left out;
+    any other unreachable host raises, since a plan without it would be wrong.
+    """
+    discoveries = {}
+    for entry in inventory.hosts_of(cluster):
+        if entry.name in skip_unreachable:
+            continue
+        discoveries[entry.name] = hypervisor.discover(entry.name)
+    return build_snapshot(inventory, cluster, discoveries, states=states, origins=origins, source=source)
+
+
+def _first_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    path = ""
+    for part in err["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else ("." if path else "") + str(part)
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{path}: {msg}" if path else msg
+
+
+def parse_snapshot(text: str, source: str = "<snapshot>") -> FleetSnapshot:
+    """Parse snapshot JSON. Raises SnapshotError naming the field path."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SnapshotError(f"{source}: not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+    try:
+        return FleetSnapshot.model_validate(data)
+    except ValidationError as exc:
+        raise SnapshotError(f"{source}: {_first_error(exc)}") from None
+
+
+def load_snapshot(path: str | Path) -> FleetSnapshot:
+    """Read a snapshot file written by ``hostmaint snapshot`` or any tool that follows docs/snapshot.md."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise SnapshotError(f"{p}: cannot read: {exc.strerror}") from None
+    return parse_snapshot(text, str(p))
+
+
+def dump_snapshot(snapshot: FleetSnapshot) -> str:
+    """Canonical, stable JSON of a snapshot (sorted keys, two-space indent)."""
+    return json.dumps(snapshot.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+
+def with_state(snapshot: FleetSnapshot, states: Mapping[str, HostState]) -> FleetSnapshot:
+    """The same snapshot with host states replaced (a plan must see cordons made since discovery)."""
+    hosts = tuple(h.model_copy(update={"state": states.get(h.name, h.state)}) for h in snapshot.hosts)
+    return snapshot.model_copy(update={"hosts": hosts})
+
+
+def unmigratable_action(vm: Vm) -> UnmigratableAction | None:
+    """What the policy says to do with ``vm`` if it cannot live-migrate; None when it can."""
+    return None if vm.migratable else vm.on_unmigratable

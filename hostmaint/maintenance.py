@@ -1,0 +1,464 @@
+"""The maintenance steps, as plain functions over a Runtime: cordon, plan, drain, patch, verify, return.
+
+Each step checks its precondition first (so a re-run skips what is done), acts,
+and leaves an audit record through ``audited``. Prefect tasks wrap these one to
+one; the runbook order lives in ``flows/``.
+
+Guards that hold whatever the caller does:
+- a host is never rebooted while any VM runs on it (``reboot_host`` re-checks);
+- a VM is only placed on ``active`` hosts (the planner filters on state);
+- a failed step leaves the host ``cordoned`` or ``failed`` with the reason, never ``active``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from hostmaint import patching
+from hostmaint.audit import AuditEntry
+from hostmaint.errors import DriverError, HostmaintError, PlanError, StepError, TransientDriverError
+from hostmaint.fleet import discover_cluster
+from hostmaint.migration import DrainEvent, DrainReport, drain
+from hostmaint.models import (
+    Cell,
+    EvacuationPlan,
+    FleetSnapshot,
+    HostState,
+    Placement,
+    RebalancePlan,
+    StepOutcome,
+    Trigger,
+    UnmigratableAction,
+)
+from hostmaint.placement import check_capacity, plan_evacuation
+from hostmaint.runtime import Runtime
+from hostmaint.state import HostRecord
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Who and what started a run; stamped on every audit record it writes."""
+
+    run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    flow: str = "cli"
+    trigger: Trigger = Trigger.CLI
+    operator: str = "unknown"
+    reason: str = ""
+    window_id: str | None = None
+
+
+@dataclass
+class StepRecord:
+    """Filled in by a step while it runs; written to the audit trail when it ends."""
+
+    outcome: StepOutcome = StepOutcome.OK
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@contextmanager
+def audited(rt: Runtime, run: RunContext, step: str, *, host: str | None = None, vm: str | None = None,
+            cluster: str | None = None, inputs: dict[str, Any] | None = None) -> Iterator[StepRecord]:
+    """Time a step and append its audit record, whether it succeeds or fails."""
+    rec = StepRecord()
+    started = time.monotonic()
+    if cluster is None and host is not None:
+        try:
+            cluster = rt.cluster_of(host)
+        except KeyError:
+            cluster = None
+
+    def write(outcome: StepOutcome, details: dict[str, Any]) -> None:
+        rt.audit.append(AuditEntry(
+            run_id=run.run_id, flow=run.flow, trigger=run.trigger.value, operator=run.operator,
+            cluster=cluster, host=host, vm=vm, step=step, inputs=inputs or {}, outcome=outcome.value,
+            duration_s=round(time.monotonic() - started, 3),
+            details={"simulated": rt.simulated, **details}))
+
+    try:
+        yield rec
+    except HostmaintError as exc:
+        write(StepOutcome.FAILED, {**rec.details, "error": str(exc), "error_type": type(exc).__name__})
+        raise
+    except BaseException as exc:
+        write(StepOutcome.FAILED, {**rec.details, "error": f"{type(exc).__name__}: {exc}"})
+        raise
+    write(rec.outcome, rec.details)
+
+
+# --- state ------------------------------------------------------------------------
+
+
+def fail_host(rt: Runtime, run: RunContext, host: str, reason: str) -> None:
+    """Leave a host ``failed`` with the reason: never silently active."""
+    current = rt.states.state(host)
+    if current is HostState.FAILED:
+        return
+    if current is HostState.ACTIVE:
+        rt.states.transition(host, HostState.CORDONED, reason, run.run_id)
+    rt.states.transition(host, HostState.FAILED, reason, run.run_id)
+
+
+def cordon(rt: Runtime, run: RunContext, host: str) -> HostRecord:
+    """Cordon ``host``: nothing new is placed on it. Idempotent; remembers the state before."""
+    rt.inventory.host(host)  # unknown host: KeyError before anything changes
+    with audited(rt, run, "cordon", host=host, inputs={"reason": run.reason}) as rec:
+        before = rt.states.get(host)
+        if before.state is HostState.FAILED:
+            raise StepError(f"host {host} is failed ({before.reason}); an operator must clear it with "
+                            f"'hostmaint host reset {host}' first", host, "cordon")
+        if before.state is not HostState.ACTIVE and before.run_id not in (None, run.run_id) \
+                and before.state is not HostState.CORDONED:
+            rec.details["resumed_from"] = before.state.value
+        record = rt.states.begin_maintenance(host, run.run_id, run.reason or "maintenance")
+        rec.details["state_before"] = before.state.value
+        if before.state is not HostState.ACTIVE:
+            rec.outcome = StepOutcome.SKIPPED
+            rec.details["note"] = f"already {before.state.value}"
+        return record
+
+
+def uncordon(rt: Runtime, run: RunContext, host: str) -> HostState:
+    """Return the host to the state it had before maintenance (an operator's cordon stays)."""
+    with audited(rt, run, "uncordon", host=host) as rec:
+        record = rt.states.get(host)
+        target = record.prior_state or HostState.ACTIVE
+        if target not in (HostState.ACTIVE, HostState.CORDONED):
+            target = HostState.ACTIVE
+        if record.state is target:
+            rec.outcome = StepOutcome.SKIPPED
+            return target
+        rt.states.transition(host, target, "maintenance finished", run.run_id)
+        rec.details["state"] = target.value
+        return target
+
+
+# --- discovery and plans ----------------------------------------------------------------
+
+
+def snapshot(rt: Runtime, cluster: str) -> FleetSnapshot:
+    """Discover the cluster now, with kept host states and VM origins; rebooting hosts are left out."""
+    states = {h: r.state for h, r in rt.states.all().items()}
+    skip = frozenset(h for h, s in states.items() if s is HostState.REBOOTING)
+    return discover_cluster(rt.inventory, cluster, rt.hypervisor, states=states,
+                            origins=rt.states.origins(), source=rt.source, skip_unreachable=skip)
+
+
+def plan_drain(rt: Runtime, run: RunContext, host: str, *, avoid: Sequence[str] = (),
+               dry_run: bool = False) -> EvacuationPlan:
+    """Discover, check N+1 and plan the evacuation of ``host``. Raises PlanError when unsafe.
+
+    With ``dry_run`` an unsafe plan is returned (to be printed) instead of raised,
+    and the audit record says dry-run.
+    """
+    cluster = rt.cluster_of(host)
+    with audited(rt, run, "plan", host=host, inputs={"avoid": list(avoid), "dry_run": dry_run}) as rec:
+        snap = snapshot(rt, cluster)
+        plan = plan_evacuation(snap, [host], avoid=tuple(avoid))
+        if plan.capacity is None:
+            plan = plan.model_copy(update={"capacity": check_capacity(snap, [host])})
+        rec.details["plan"] = plan.model_dump(mode="json")
+        if dry_run:
+            rec.outcome = StepOutcome.DRY_RUN
+        elif not plan.feasible:
+            reasons = [f"{b.vm}: {b.constraint}: {b.reason}" for b in plan.blocked]
+            if plan.capacity is not None and not plan.capacity.ok:
+                reasons.insert(0, f"N+1: {plan.capacity.reason}")
+            raise PlanError(f"cannot evacuate {host}: " + "; ".join(reasons))
+        return plan
+
+
+# --- drain --------------------------------------------------------------------------
+
+
+def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *,
+               on_event: Callable[[DrainEvent], None] | None = None) -> DrainReport:
+    """Live-migrate every placement of ``plan``, within the cluster's limits.
+
+    Origins are recorded before a VM moves, so a crash mid-drain still knows where
+    to return it. A failed migration leaves its VM on the source and the host cordoned.
+    """
+    if not plan.feasible:
+        raise PlanError("refusing to drain with an infeasible plan")
+    cluster = plan.cluster
+    host = plan.hosts[0] if plan.hosts else None
+    limits = rt.inventory.cluster(cluster).limits
+    with audited(rt, run, "drain", host=host, cluster=cluster,
+                 inputs={"placements": len(plan.placements), "snapshot": plan.snapshot_digest}) as rec:
+        for h in plan.hosts:
+            if rt.states.state(h) in (HostState.CORDONED, HostState.DRAINED):
+                rt.states.transition(h, HostState.DRAINING, "draining", run.run_id)
+        for p in plan.placements:
+            rt.states.record_origin(p.vm, p.source, run.run_id)
+        report = drain(plan, rt.hypervisor, limits, on_event=on_event)
+        rec.details["migrations"] = [r.model_dump(mode="json") for r in report.results]
+        rec.details["seconds"] = round(report.seconds, 3)
+        rec.details["max_concurrency"] = report.max_concurrency
+        for r in report.results:
+            _audit_migration(rt, run, cluster, r)
+        if not report.ok:
+            for h in plan.hosts:
+                rt.states.transition(h, HostState.CORDONED, "drain failed", run.run_id)
+            failed = ", ".join(f"{r.vm} ({r.error})" for r in report.failed)
+            raise StepError(f"drain of {', '.join(plan.hosts)} failed: {failed}; "
+                            "the VMs that did not move still run on their source", host, "drain")
+        for h in plan.hosts:
+            if rt.states.state(h) is HostState.DRAINING:
+                rt.states.transition(h, HostState.DRAINED, "drained", run.run_id)
+        return report
+
+
+def _audit_migration(rt: Runtime, run: RunContext, cluster: str, result: Any) -> None:
+    rt.audit.append(AuditEntry(
+        run_id=run.run_id, flow=run.flow, trigger=run.trigger.value, operator=run.operator, cluster=cluster,
+        host=result.source, vm=result.vm, step="migrate", inputs={"target": result.target},
+        outcome=result.outcome.value, duration_s=result.seconds,
+        details={"simulated": rt.simulated, **result.model_dump(mode="json")}))
+
+
+def stop_unmigratable(rt: Runtime, run: RunContext, plan: EvacuationPlan) -> list[str]:
+    """Shut down the VMs whose policy says so, before the host reboots."""
+    stopped = []
+    for action in plan.vm_actions:
+        if action.action is not UnmigratableAction.SHUTDOWN:
+            continue
+        with audited(rt, run, "shutdown-vm", host=action.host, vm=action.vm,
+                     inputs={"reason": action.reason}) as rec:
+            if action.vm not in rt.hypervisor.running_vms(action.host):
+                rec.outcome = StepOutcome.SKIPPED
+                continue
+            rt.hypervisor.shutdown(action.vm, action.host)
+            stopped.append(action.vm)
+    return stopped
+
+
+def start_unmigratable(rt: Runtime, run: RunContext, plan: EvacuationPlan) -> list[str]:
+    """Start again the VMs ``stop_unmigratable`` shut down, once the host is verified."""
+    started = []
+    for action in plan.vm_actions:
+        if action.action is not UnmigratableAction.SHUTDOWN:
+            continue
+        with audited(rt, run, "start-vm", host=action.host, vm=action.vm) as rec:
+            if action.vm in rt.hypervisor.running_vms(action.host):
+                rec.outcome = StepOutcome.SKIPPED
+                continue
+            rt.hypervisor.start(action.vm, action.host)
+            started.append(action.vm)
+    return started
+
+
+def confirm_empty(rt: Runtime, run: RunContext, host: str) -> None:
+    """The gate before any reboot: no VM may run on ``host``."""
+    with audited(rt, run, "confirm-empty", host=host) as rec:
+        running = rt.hypervisor.running_vms(host)
+        rec.details["running"] = list(running)
+        if running:
+            raise StepError(f"host {host} still runs {len(running)} VM(s): {', '.join(running)}; "
+                            "it will not be patched or rebooted", host, "confirm-empty")
+
+
+# --- patching --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PatchOutcome:
+    """What patching one host did."""
+
+    updated: bool
+    diff: dict[str, Any]
+    rebooted: bool
+    reboot_reason: str
+    old_boot_id: str | None
+    new_boot_id: str | None
+
+
+def patch(rt: Runtime, run: RunContext, host: str) -> tuple[patching.PackageDiff, patching.RebootDecision]:
+    """Preflight, update with the host's policy, and record the package diff and reboot decision."""
+    policy = rt.inventory.policy_for(host)
+    _require_empty(rt, host, "patch")
+    if rt.states.state(host) is not HostState.PATCHING:
+        rt.states.transition(host, HostState.PATCHING, "patching", run.run_id)
+    try:
+        with audited(rt, run, "preflight", host=host, inputs={"policy": policy.model_dump(mode="json")}) as rec:
+            pre = patching.preflight(rt.shell, host, policy)
+            rec.details["preflight"] = _jsonable(pre)
+        with audited(rt, run, "update", host=host) as rec:
+            before = patching.installed_packages(rt.shell, host)
+            result = patching.apply_updates(rt.shell, host, policy)
+            after = patching.installed_packages(rt.shell, host)
+            diff = patching.package_diff(before, after)
+            rec.details["package_diff"] = _jsonable(diff)
+            rec.details["update"] = _jsonable(result)
+        with audited(rt, run, "reboot-decision", host=host) as rec:
+            decision = patching.reboot_decision(rt.shell, host, policy)
+            rec.details["decision"] = _jsonable(decision)
+        return diff, decision
+    except (StepError, DriverError) as exc:
+        fail_host(rt, run, host, f"patch failed: {exc}")
+        raise
+
+
+def reboot(rt: Runtime, run: RunContext, host: str) -> patching.RebootResult:
+    """Reboot an empty host and wait for a new boot id."""
+    policy = rt.inventory.policy_for(host)
+    _require_empty(rt, host, "reboot")
+    rt.states.transition(host, HostState.REBOOTING, "rebooting", run.run_id)
+    try:
+        with audited(rt, run, "reboot", host=host, inputs={"timeout_s": policy.reboot_timeout_s}) as rec:
+            result = patching.reboot_and_wait(rt.shell, host, policy)
+            rec.details["reboot"] = _jsonable(result)
+            return result
+    except (StepError, DriverError) as exc:
+        fail_host(rt, run, host, f"reboot failed: {exc}")
+        raise
+
+
+def verify(rt: Runtime, run: RunContext, host: str, cells_before: tuple[Cell, ...] | None) -> None:
+    """Verify the host after patching: kernel, libvirtd, NUMA topology, the host's own checks."""
+    policy = rt.inventory.policy_for(host)
+    if rt.states.state(host) is not HostState.VERIFYING:
+        rt.states.transition(host, HostState.VERIFYING, "verifying", run.run_id)
+    try:
+        with audited(rt, run, "verify", host=host) as rec:
+            report = patching.verify_host(rt.shell, rt.hypervisor, host, policy, cells_before=cells_before)
+            rec.details["verify"] = _jsonable(report)
+            if not report.ok:
+                bad = [f"{c.name}: {c.detail}" for c in report.checks if not c.ok]
+                raise StepError(f"host {host} failed verification: " + "; ".join(bad), host, "verify")
+    except TransientDriverError:
+        raise  # the host is not answering yet: the task retries, the host stays verifying
+    except (StepError, DriverError) as exc:
+        fail_host(rt, run, host, f"verify failed: {exc}")
+        raise
+
+
+def _require_empty(rt: Runtime, host: str, step: str) -> None:
+    running = rt.hypervisor.running_vms(host)
+    if running:
+        raise StepError(f"refusing to {step} {host}: VMs still run on it ({', '.join(running)})", host, step)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump(mode="json")
+    if hasattr(value, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return _jsonable(asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return str(value)
+
+
+# --- return and rebalance ----------------------------------------------------------------
+
+
+def plan_return(rt: Runtime, host: str) -> EvacuationPlan:
+    """Plan moving back the VMs whose recorded origin is ``host``, where the host still has room.
+
+    A VM that no longer fits stays where it is (recorded), since a return is an
+    optimisation, never a reason to overload a host.
+    """
+    cluster = rt.cluster_of(host)
+    snap = snapshot(rt, cluster)
+    target = snap.host(host)
+    if target.state is not HostState.ACTIVE:
+        return EvacuationPlan(cluster=cluster, hosts=(), snapshot_digest=snap.digest())
+    origins = rt.states.origins(host)
+    headroom = snap.limits.memory_headroom_pct / 100
+    free = {c.id: c.free_mib - int(c.memory_mib * headroom) for c in target.cells}
+    placements = []
+    for vm in sorted((v for v in snap.vms if origins.get(v.name) == host and v.host != host),
+                     key=lambda v: v.name):
+        cell = max(free, key=lambda cid: (free[cid], -cid)) if free else None
+        if cell is None or free[cell] < vm.memory_mib:
+            continue
+        free[cell] -= vm.memory_mib
+        placements.append(Placement(vm=vm.name, source=vm.host, target=host, target_cells=(cell,),
+                                    memory_mib=vm.memory_mib, reason=f"return to origin {host}"))
+    return EvacuationPlan(cluster=cluster, hosts=(), snapshot_digest=snap.digest(), placements=tuple(placements))
+
+
+def return_vms(rt: Runtime, run: RunContext, host: str, *,
+               on_event: Callable[[DrainEvent], None] | None = None) -> DrainReport | None:
+    """Move back the VMs that left ``host`` for its maintenance; clear their origin once home."""
+    with audited(rt, run, "return-vms", host=host) as rec:
+        plan = plan_return(rt, host)
+        rec.details["plan"] = plan.model_dump(mode="json")
+        if not plan.placements:
+            rec.outcome = StepOutcome.SKIPPED
+            return None
+        limits = rt.inventory.cluster(plan.cluster).limits
+        report = drain(plan, rt.hypervisor, limits, on_event=on_event)
+        for r in report.results:
+            _audit_migration(rt, run, plan.cluster, r)
+            if r.outcome in (StepOutcome.OK, StepOutcome.SKIPPED):
+                rt.states.clear_origin(r.vm)
+        rec.details["migrations"] = [r.model_dump(mode="json") for r in report.results]
+        if not report.ok:
+            rec.outcome = StepOutcome.FAILED
+        return report
+
+
+def rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, *,
+              on_event: Callable[[DrainEvent], None] | None = None) -> DrainReport | None:
+    """Carry out a rebalance plan's moves within the cluster's limits."""
+    limits = rt.inventory.cluster(plan.cluster).limits
+    with audited(rt, run, "rebalance", cluster=plan.cluster,
+                 inputs={"moves": len(plan.moves), "snapshot": plan.snapshot_digest}) as rec:
+        if not plan.moves:
+            rec.outcome = StepOutcome.SKIPPED
+            return None
+        evac = EvacuationPlan(cluster=plan.cluster, hosts=(), snapshot_digest=plan.snapshot_digest,
+                              placements=tuple(m.placement for m in plan.moves))
+        report = drain(evac, rt.hypervisor, limits, on_event=on_event)
+        for r in report.results:
+            _audit_migration(rt, run, plan.cluster, r)
+            if r.outcome is StepOutcome.OK and rt.states.origins().get(r.vm) == r.target:
+                rt.states.clear_origin(r.vm)
+        rec.details["balance_before"] = plan.balance_before
+        rec.details["balance_after"] = plan.balance_after
+        if not report.ok:
+            rec.outcome = StepOutcome.FAILED
+        return report
+
+
+# --- invariants -------------------------------------------------------------------------------
+
+
+def check_invariants(rt: Runtime, cluster: str, expected: Sequence[str], *,
+                     stopped: Sequence[str] = ()) -> dict[str, str]:
+    """Every expected VM runs exactly once (VMs stopped by their policy: not at all).
+
+    Returns vm → host. Raises StepError naming every VM that is missing or doubled.
+    A rebooting host cannot be asked; it was proven empty before its reboot.
+    """
+    where: dict[str, list[str]] = {}
+    for entry in rt.inventory.hosts_of(cluster):
+        try:
+            names = rt.hypervisor.running_vms(entry.name)
+        except TransientDriverError:
+            if rt.states.state(entry.name) in (HostState.REBOOTING, HostState.PATCHING, HostState.FAILED):
+                continue
+            raise
+        for name in names:
+            where.setdefault(name, []).append(entry.name)
+    problems = []
+    for vm in expected:
+        hosts = where.get(vm, [])
+        if vm in stopped:
+            if hosts:
+                problems.append(f"{vm} should be stopped but runs on {', '.join(hosts)}")
+        elif len(hosts) != 1:
+            problems.append(f"{vm} runs {len(hosts)} times ({', '.join(hosts) or 'nowhere'})")
+    if problems:
+        raise StepError("invariant broken: " + "; ".join(problems), None, "invariants")
+    return {vm: hosts[0] for vm, hosts in where.items() if hosts}

@@ -1,0 +1,90 @@
+"""Everything a maintenance run needs, built once per process from an inventory.
+
+A ``Runtime`` holds the inventory, the two drivers, the host state store and
+the audit trail. Drivers are real (libvirt + SSH) unless the inventory has a
+``simulation`` section, in which case both seams are served by the SIMULATED
+fleet and ``simulated`` is True so every report can say so.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hostmaint.audit import AuditTrail
+from hostmaint.db import open_engine
+from hostmaint.drivers.base import HostShell, Hypervisor
+from hostmaint.inventory import Inventory, load_inventory
+from hostmaint.state import HostStateStore
+
+
+@dataclass
+class Runtime:
+    """The inventory, drivers, state and audit of one process."""
+
+    inventory: Inventory
+    inventory_path: str
+    hypervisor: Hypervisor
+    shell: HostShell
+    states: HostStateStore
+    audit: AuditTrail
+    simulated: bool
+    db_url: str | None = None
+    extras: dict[str, object] = field(default_factory=dict)
+
+    def cluster_of(self, host: str) -> str:
+        return self.inventory.host(host).cluster
+
+    @property
+    def source(self) -> str:
+        return "simulated" if self.simulated else "libvirt"
+
+
+_cache: dict[tuple[str, str | None], Runtime] = {}
+_cache_lock = threading.Lock()
+
+
+def open_runtime(inventory_path: str | Path, db_url: str | None = None, *,
+                 key_loader: Callable[[str], str] | None = None, fresh: bool = False) -> Runtime:
+    """Build (or reuse, within one process) the runtime for an inventory file.
+
+    Reuse matters: one SSH connection and one libvirt connection per host serve
+    every step of a run. ``fresh`` drops the cached one (tests, or after the
+    inventory changed).
+    """
+    path = str(Path(inventory_path).resolve())
+    key = (path, db_url)
+    with _cache_lock:
+        if not fresh and key in _cache:
+            return _cache[key]
+        inventory = load_inventory(path)
+        engine = open_engine(db_url)
+        if inventory.simulation is not None:
+            from hostmaint.drivers.memory import SimulatedFleet
+
+            fleet = SimulatedFleet.load(Path(inventory.simulation.state_file))
+            hypervisor: Hypervisor = fleet
+            shell: HostShell = fleet
+            simulated = True
+        else:
+            from hostmaint.drivers.libvirt import LibvirtHypervisor
+            from hostmaint.drivers.ssh import SshShell
+
+            hypervisor = LibvirtHypervisor({h.name: h.libvirt_uri for h in inventory.hosts})
+            shell = SshShell.from_inventory(inventory, key_loader=key_loader)
+            simulated = False
+        rt = Runtime(inventory=inventory, inventory_path=path, hypervisor=hypervisor, shell=shell,
+                     states=HostStateStore(engine), audit=AuditTrail(engine), simulated=simulated,
+                     db_url=db_url)
+        _cache[key] = rt
+        return rt
+
+
+def close_all() -> None:
+    """Close every cached runtime's connections."""
+    with _cache_lock:
+        for rt in _cache.values():
+            rt.shell.close()
+        _cache.clear()

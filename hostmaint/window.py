@@ -1,0 +1,67 @@
+"""Maintenance windows: when a host may still start, in what order hosts go, how long one takes.
+
+Pure: time comes in as a parameter (``now``), so a table of times tests it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from hostmaint.inventory import Inventory
+from hostmaint.models import FleetSnapshot
+
+# What a host costs besides moving memory: package update and verification. Deliberately
+# pessimistic; once a host of the window has finished, its real duration is used instead.
+PATCH_SECONDS = 300.0
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class WindowClock:
+    """The end of a window, and whether work of a given length still fits before it."""
+
+    end: datetime | None
+    now: Callable[[], datetime] = field(default=_utcnow)
+
+    def contains(self, at: datetime) -> bool:
+        return self.end is None or at < self.end
+
+    def fits(self, seconds: float) -> bool:
+        """True when work started now and lasting ``seconds`` ends inside the window."""
+        return self.contains(self.now() + timedelta(seconds=seconds))
+
+    def remaining(self) -> float | None:
+        return None if self.end is None else (self.end - self.now()).total_seconds()
+
+
+def estimate_host_seconds(snapshot: FleetSnapshot, host: str, inventory: Inventory) -> float:
+    """A pessimistic estimate of one host's maintenance: drain + patch + reboot timeout."""
+    entry = inventory.host(host)
+    cluster = inventory.cluster(entry.cluster)
+    bandwidth = entry.link_bandwidth_mib_s or cluster.link_bandwidth_mib_s
+    memory = sum(v.memory_mib for v in snapshot.vms_on(host))
+    drain = memory / bandwidth * 1.5  # re-sent dirty pages and per-migration overhead
+    policy = inventory.policy_for(host)
+    reboot = policy.reboot_timeout_s if policy.reboot.value != "never" else 0.0
+    return drain + PATCH_SECONDS + reboot
+
+
+def window_order(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None) -> list[str]:
+    """The order hosts are patched in.
+
+    The planner's rolling-window order (VMs move onto already-patched hosts, about
+    one migration per VM) when it offers one; the host names given, else all hosts.
+    """
+    from hostmaint.placement import plan_window
+
+    wanted = list(hosts) if hosts else [h.name for h in snapshot.hosts]
+    unknown = [h for h in wanted if h not in {x.name for x in snapshot.hosts}]
+    if unknown:
+        raise KeyError(f"unknown host(s) in cluster {snapshot.cluster}: {', '.join(unknown)}")
+    plan = plan_window(snapshot, wanted)
+    return [h for h in plan.order if h in wanted]

@@ -1,0 +1,52 @@
+"""What every task shares: the runtime reference, retry rules, logging of drain events."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from prefect import get_run_logger
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from hostmaint.errors import TransientDriverError
+from hostmaint.migration import DrainEvent
+from hostmaint.runtime import Runtime, open_runtime
+
+
+@dataclass(frozen=True)
+class RuntimeRef:
+    """Names a runtime instead of carrying it: tasks rebuild or reuse it in their own process."""
+
+    inventory: str
+    db_url: str | None = None
+
+    def open(self) -> Runtime:
+        return open_runtime(self.inventory, self.db_url)
+
+
+def transient_only(task: Any, task_run: TaskRun, state: State) -> bool:
+    """Retry a task only when it failed because a host could not be reached.
+
+    A command that ran and failed, a bad plan or a broken invariant is not retried:
+    doing it again blindly could make things worse.
+    """
+    try:
+        state.result()
+    except TransientDriverError:
+        return True
+    except Exception:  # noqa: BLE001 - any other failure is final
+        return False
+    return False
+
+
+IO_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "retry_condition_fn": transient_only}
+
+
+def log_drain_event(event: DrainEvent) -> None:
+    """Narrate a drain in the run's log (the audit trail keeps the record)."""
+    logger = get_run_logger()
+    kind = getattr(event.kind, "value", event.kind)
+    if kind == "progress":
+        return
+    logger.info("drain %s %s %s", kind, event.vm, {k: v for k, v in event.detail.items() if k != "progress"})
