@@ -80,23 +80,26 @@ class SshdHandle:
         return self._proc is not None and self._proc.poll() is None
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the server (SIGTERM, then SIGKILL). Safe to call twice.
+        """Stop the server and every open session (SIGTERM, then SIGKILL). Safe to call twice.
 
-        Open sessions are separate processes (sshd forks one per connection) and also go:
-        the whole process group is signalled, which is what "the host went down" means in the lab.
+        Each connection is served by its own sshd process in its own session (sshd calls setsid),
+        so the listener's process group is not enough: its descendants are signalled too, which is
+        what "the host went down" means in the lab.
         """
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
+        children = _descendants(proc.pid)
+        _signal_all([proc.pid, *children], signal.SIGTERM)
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _signal_all([proc.pid], signal.SIGKILL)
             proc.wait(timeout=timeout)
+        deadline = time.monotonic() + timeout
+        while any(_exists(pid) for pid in children) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        _signal_all([pid for pid in children if _exists(pid)], signal.SIGKILL)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
@@ -109,6 +112,46 @@ class SshdHandle:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, found through /proc (parents first)."""
+    parent_of: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited while we looked
+        # the command name is in parentheses and may hold spaces: the ppid follows the last ')'
+        parent_of[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        current = frontier.pop()
+        kids = [p for p, pp in parent_of.items() if pp == current]
+        found.extend(kids)
+        frontier.extend(kids)
+    return found
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal_all(pids: Iterable[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            continue  # already gone: that is the goal
 
 
 def _config(*, address: str, port: int, host_key: Path, pid_file: Path, authorized_keys: Path,

@@ -1,0 +1,333 @@
+"""The SSH HostShell: paramiko, key authentication, strict host keys. The only module importing paramiko.
+
+How paramiko's failures become hostmaint errors (translated here, once)::
+
+    BadHostKeyException, a host missing from known_hosts   -> HostKeyError      (never retried)
+    AuthenticationException                                -> DriverError       (never retried)
+    refused / unreachable / timeout / EOFError /
+        SSHException while connecting or opening a channel -> retried, then TransientDriverError
+    connection lost after the command was sent             -> TransientDriverError (not retried:
+                                                              the command may have run)
+    the command outlived its timeout                       -> CommandError "timed out after Ns"
+    the command ran and exited non-zero                    -> a CommandResult, never an exception
+
+Commands are argv lists; each element is quoted with ``shlex.quote`` so the remote shell sees
+exactly one literal word per element. Key material is never logged, put in an exception or a
+result: a key from a secret block is parsed straight into a paramiko key object.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import logging
+import select
+import shlex
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import paramiko
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from hostmaint.errors import CommandError, DriverError, HostKeyError, TransientDriverError
+from hostmaint.inventory import Inventory, SshTarget
+from hostmaint.models import CommandResult
+
+log = logging.getLogger(__name__)
+
+KeyLoader = Callable[[str], str]  # secret block name -> private key text (OpenSSH/PEM)
+_KEY_TYPES: tuple[type[paramiko.PKey], ...] = (paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey)
+_READ_CHUNK = 65536
+_MAX_OUTPUT = 64 * 1024 * 1024  # a runaway command must not eat the worker's memory
+
+
+def fingerprint(key: paramiko.PKey) -> str:
+    """``SHA256:...`` as ``ssh-keygen -l`` prints it."""
+    digest = hashlib.sha256(key.asbytes()).digest()
+    return "SHA256:" + base64.b64encode(digest).decode().rstrip("=")
+
+
+def _host_label(target: SshTarget) -> str:
+    return target.address if target.port == 22 else f"[{target.address}]:{target.port}"
+
+
+class _UnknownHostKey(paramiko.SSHException):
+    def __init__(self, hostname: str, key: paramiko.PKey) -> None:
+        self.hostname = hostname
+        self.key = key
+        super().__init__(f"{hostname} not in known_hosts")
+
+
+class _RejectUnknown(paramiko.RejectPolicy):
+    """RejectPolicy that keeps the offered key, so the error can name its fingerprint."""
+
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+        raise _UnknownHostKey(hostname, key)
+
+
+class _Retry(Exception):
+    """A transient failure before the command ran: safe to try again."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+
+
+@dataclass
+class _Conn:
+    client: paramiko.SSHClient
+
+    def alive(self) -> bool:
+        transport = self.client.get_transport()
+        return transport is not None and transport.is_active()
+
+
+class SshShell:
+    """``HostShell`` over SSH: one reused connection per host, strict host keys, argv only.
+
+    ``targets`` maps host name → ``SshTarget`` (from the inventory). ``key_loader`` resolves a
+    ``secret_block`` key source to the key text (the Prefect layer passes one reading the Secret
+    block; the core never imports Prefect). Connecting is retried ``retries`` times with
+    exponential backoff from ``backoff_s``; ``sleep`` and ``clock`` are injectable.
+    """
+
+    def __init__(self, targets: Mapping[str, SshTarget], *, key_loader: KeyLoader | None = None,
+                 retries: int = 4, backoff_s: float = 0.5, max_backoff_s: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 keepalive_s: int = 15) -> None:
+        self.targets = dict(targets)
+        self._key_loader = key_loader
+        self._retries = max(1, retries)
+        self._backoff_s = backoff_s
+        self._max_backoff_s = max_backoff_s
+        self._clock = clock
+        self._sleep = sleep
+        self._keepalive_s = keepalive_s
+        self._conns: dict[str, _Conn] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+        self._keys: dict[str, paramiko.PKey] = {}  # parsed secret-block keys, by block name
+
+    @classmethod
+    def from_inventory(cls, inv: Inventory, cluster: str | None = None, **kwargs: Any) -> SshShell:
+        """A shell for every host of the inventory (or of one cluster)."""
+        hosts = inv.hosts_of(cluster) if cluster is not None else inv.hosts
+        return cls({h.name: h.ssh for h in hosts}, **kwargs)
+
+    # --- HostShell -------------------------------------------------------------------
+
+    def run(self, host: str, argv: Sequence[str], timeout: float = 60.0) -> CommandResult:
+        """Run ``argv`` on ``host``; see the module docstring for what is raised when."""
+        target = self._target(host)
+        if not argv:
+            raise ValueError("empty argv")
+        words = list(argv)
+        if target.sudo and target.user != "root":
+            words = ["sudo", "-n", "--", *words]
+        command = shlex.join(words)
+        channel = self._open_channel(host, target, min(timeout, target.connect_timeout_s))
+        start = self._clock()  # the timeout is the command's own; connecting has its own budget
+        log.debug("%s: run %s (timeout %.0fs)", host, command, timeout)
+        try:
+            channel.exec_command(command)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            self._drop(host)
+            raise TransientDriverError(f"connection lost starting {words[0]}: {type(exc).__name__}",
+                                       host) from exc
+        try:
+            out, err, code = self._collect(host, channel, start, timeout)
+        finally:
+            channel.close()
+        seconds = self._clock() - start
+        log.debug("%s: %s exited %d in %.2fs", host, words[0], code, seconds)
+        return CommandResult(host=host, argv=tuple(argv), exit_code=code, stdout=out, stderr=err,
+                             seconds=round(seconds, 3))
+
+    def close(self) -> None:
+        """Drop every connection."""
+        for host in list(self._conns):
+            self._drop(host)
+
+    def disconnect(self, host: str) -> None:
+        """Drop the connection to one host (the next command reconnects)."""
+        self._drop(host)
+
+    # --- connections -------------------------------------------------------------------
+
+    def _target(self, host: str) -> SshTarget:
+        try:
+            return self.targets[host]
+        except KeyError:
+            raise DriverError("no SSH target for this host in the inventory", host) from None
+
+    def _lock(self, host: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(host, threading.Lock())
+
+    def _drop(self, host: str) -> None:
+        conn = self._conns.pop(host, None)
+        if conn is not None:
+            conn.client.close()
+
+    def _open_channel(self, host: str, target: SshTarget, timeout: float) -> paramiko.Channel:
+        """A session channel on the host's connection, (re)connecting with retries as needed."""
+        retrying = Retrying(
+            stop=stop_after_attempt(self._retries),
+            wait=wait_exponential(multiplier=self._backoff_s, max=self._max_backoff_s),
+            retry=retry_if_exception_type(_Retry),
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    conn = self._connection(host, target)
+                    try:
+                        transport = conn.client.get_transport()
+                        if transport is None:
+                            raise _Retry("no transport")
+                        return transport.open_session(timeout=timeout)
+                    except (paramiko.SSHException, EOFError, OSError) as exc:
+                        # the reused connection died under us: the command has not run, try afresh
+                        self._drop(host)
+                        raise _Retry(f"opening a channel failed: {type(exc).__name__}: {exc}") from exc
+        except _Retry as exc:
+            raise TransientDriverError(f"unreachable after {self._retries} attempt(s): {exc}", host) from exc
+        raise AssertionError("unreachable")  # Retrying either returns or re-raises
+
+    def _connection(self, host: str, target: SshTarget) -> _Conn:
+        with self._lock(host):
+            conn = self._conns.get(host)
+            if conn is not None and conn.alive():
+                return conn
+            if conn is not None:
+                self._drop(host)
+            conn = _Conn(self._connect(host, target))
+            self._conns[host] = conn
+            return conn
+
+    def _connect(self, host: str, target: SshTarget) -> paramiko.SSHClient:
+        client = paramiko.SSHClient()
+        try:
+            # load() (not load_host_keys) so paramiko never writes the file back
+            client.get_host_keys().load(target.known_hosts)
+        except OSError as exc:
+            client.close()
+            raise HostKeyError(f"known_hosts file {target.known_hosts} cannot be read: {exc.strerror}",
+                               host) from exc
+        client.set_missing_host_key_policy(_RejectUnknown())
+        auth: dict[str, Any] = {"allow_agent": False, "look_for_keys": False}
+        if target.key.agent:
+            auth["allow_agent"] = True
+        elif target.key.file is not None:
+            auth["key_filename"] = target.key.file
+        else:
+            auth["pkey"] = self._secret_key(host, target.key.secret_block or "")
+        label = _host_label(target)
+        try:
+            client.connect(target.address, port=target.port, username=target.user,
+                           timeout=target.connect_timeout_s, banner_timeout=target.connect_timeout_s,
+                           auth_timeout=target.connect_timeout_s, **auth)
+        except paramiko.BadHostKeyException as exc:
+            client.close()
+            raise HostKeyError(
+                f"host key for {label} CHANGED: offered {exc.key.get_name()} {fingerprint(exc.key)}, "
+                f"{target.known_hosts} has {fingerprint(exc.expected_key)}; refusing to connect "
+                "(if the host was reinstalled, verify the new key out of band and update known_hosts)",
+                host) from None
+        except _UnknownHostKey as exc:
+            client.close()
+            raise HostKeyError(
+                f"host key for {label} is not in {target.known_hosts}: offered {exc.key.get_name()} "
+                f"{fingerprint(exc.key)}; refusing to connect (verify it out of band and add it to known_hosts)",
+                host) from None
+        except paramiko.AuthenticationException as exc:
+            client.close()
+            raise DriverError(f"authentication as {target.user}@{label} failed with the key from "
+                              f"{self._key_source(target)}: {exc}", host) from None
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            # NoValidConnectionsError (refused), socket.timeout, a banner that never came, a reset
+            client.close()
+            raise _Retry(f"connect to {label}: {type(exc).__name__}: {exc}") from exc
+        transport = client.get_transport()
+        if transport is not None and self._keepalive_s:
+            transport.set_keepalive(self._keepalive_s)
+        log.debug("%s: connected to %s as %s", host, label, target.user)
+        return client
+
+    @staticmethod
+    def _key_source(target: SshTarget) -> str:
+        if target.key.agent:
+            return "ssh-agent"
+        if target.key.file is not None:
+            return f"file {target.key.file}"
+        return f"secret block {target.key.secret_block}"
+
+    def _secret_key(self, host: str, block: str) -> paramiko.PKey:
+        cached = self._keys.get(block)
+        if cached is not None:
+            return cached
+        if self._key_loader is None:
+            raise DriverError(f"the SSH key is in secret block {block!r} but no key loader was given", host)
+        try:
+            text = self._key_loader(block)
+        except Exception as exc:
+            # whatever the injected loader raises; only its type is kept: its text might quote the secret
+            raise DriverError(f"could not load the SSH key from secret block {block!r}: "
+                              f"{type(exc).__name__}", host) from None
+        key = None
+        for kind in _KEY_TYPES:
+            try:
+                key = kind.from_private_key(io.StringIO(text))
+                break
+            except (paramiko.SSHException, ValueError):
+                continue  # not this key type; try the next
+        del text
+        if key is None:
+            raise DriverError(f"secret block {block!r} does not hold an unencrypted ed25519, ECDSA or "
+                              "RSA private key", host)
+        self._keys[block] = key
+        return key
+
+    # --- reading a command's output -----------------------------------------------------
+
+    def _collect(self, host: str, channel: paramiko.Channel, start: float,
+                 timeout: float) -> tuple[str, str, int]:
+        """Read stdout/stderr until the command ends; the exit code is -1 when it died by a signal."""
+        out, err = bytearray(), bytearray()
+        deadline = start + timeout
+        while True:
+            while channel.recv_ready():
+                out += channel.recv(_READ_CHUNK)
+            while channel.recv_stderr_ready():
+                err += channel.recv_stderr(_READ_CHUNK)
+            if len(out) + len(err) > _MAX_OUTPUT:
+                self._drop(host)
+                raise CommandError(f"output exceeded {_MAX_OUTPUT // (1024 * 1024)} MiB", host)
+            finished = channel.exit_status_ready() and (channel.eof_received or channel.closed)
+            if finished and not channel.recv_ready() and not channel.recv_stderr_ready():
+                break
+            if channel.closed:
+                continue  # closed with data still buffered: drain it first
+            now = self._clock()
+            if now >= deadline:
+                # the connection may be half-dead (a host that vanished without a FIN): start afresh
+                self._drop(host)
+                raise CommandError(f"timed out after {timeout:g}s", host)
+            select.select([channel], [], [], min(0.2, deadline - now))
+        code = channel.exit_status
+        if code == -1 and not self._transport_alive(channel):
+            # no exit status and the connection is gone: lost, not finished (it may have run)
+            self._drop(host)
+            raise TransientDriverError("connection lost while the command ran (it may have run)", host)
+        return out.decode("utf-8", errors="replace"), err.decode("utf-8", errors="replace"), code
+
+    @staticmethod
+    def _transport_alive(channel: paramiko.Channel) -> bool:
+        transport = channel.get_transport()
+        return transport is not None and transport.is_active()
+
+
