@@ -32,7 +32,8 @@ def patch_one(host: str, inventory: str, operator: str, window_id: str, trigger:
         return patch_host(host=host, operator=operator, reason=f"patch window {window_id}", inventory=inventory,
                           trigger=trigger, window_id=window_id, return_vms=False, avoid=avoid)
     except Exception as exc:  # noqa: BLE001 - recorded per host; the audit has the details
-        return HostOutcome(host=host, outcome=StepOutcome.FAILED, state="failed", detail=str(exc))
+        state = RuntimeRef(inventory).open().states.state(host).value
+        return HostOutcome(host=host, outcome=StepOutcome.FAILED, state=state, detail=str(exc))
 
 
 def _default_window_id(cluster: str) -> str:

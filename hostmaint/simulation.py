@@ -17,11 +17,11 @@ from hostmaint.drivers.memory_shell import SimHostPackages
 from hostmaint.models import Cell, FleetSnapshot, Host, Limits, Vm
 
 BASE_PACKAGES = {
-    "bash.x86_64": "0:5.1.8-9.el9",
-    "openssl.x86_64": "1:3.0.7-27.el9",
-    "libvirt-daemon.x86_64": "0:10.0.0-6.el9",
-    "qemu-kvm.x86_64": "17:8.2.0-11.el9",
-    "kernel.x86_64": "0:5.14.0-427.13.1.el9",
+    "bash": "5.1.8-9.el9",
+    "openssl": "1:3.0.7-27.el9",
+    "libvirt-daemon": "10.0.0-6.el9",
+    "qemu-kvm": "17:8.2.0-11.el9",
+    "kernel-core": "5.14.0-427.13.1.el9",
 }
 
 
@@ -49,11 +49,10 @@ def demo_packages(snapshot: FleetSnapshot, *, kernel_update_on: tuple[str, ...] 
     """Every host has an openssl update pending; the hosts named get a newer kernel too."""
     out = {}
     for h in snapshot.hosts:
-        available = {"openssl.x86_64": "1:3.0.7-28.el9"}
+        available = {"openssl": "1:3.0.7-28.el9"}
         if h.name in kernel_update_on:
-            available["kernel.x86_64"] = "0:5.14.0-503.11.1.el9"
+            available["kernel-core"] = "5.14.0-503.11.1.el9"
         out[h.name] = SimHostPackages(installed=dict(BASE_PACKAGES), available=available,
-                                      running_kernel="5.14.0-427.13.1.el9.x86_64",
                                       boot_id=str(uuid.uuid5(uuid.NAMESPACE_URL, f"boot-{h.name}-0")),
                                       reboot_delay_s=1.0)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,10 +44,18 @@ def transient_only(task: Any, task_run: TaskRun, state: State) -> bool:
 IO_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "retry_condition_fn": transient_only}
 
 
-def log_drain_event(event: DrainEvent) -> None:
-    """Narrate a drain in the run's log (the audit trail keeps the record)."""
+def drain_logger() -> Callable[[DrainEvent], None]:
+    """Narrate a drain in the run's log (the audit trail keeps the record).
+
+    The logger is taken here, in the task, because drain events arrive on the
+    drain's worker threads, which have no Prefect run context of their own.
+    """
     logger = get_run_logger()
-    kind = getattr(event.kind, "value", event.kind)
-    if kind == "progress":
-        return
-    logger.info("drain %s %s %s", kind, event.vm, {k: v for k, v in event.detail.items() if k != "progress"})
+
+    def log(event: DrainEvent) -> None:
+        kind = getattr(event.kind, "value", event.kind)
+        if kind == "progress":
+            return
+        logger.info("drain %s %s %s", kind, event.vm, dict(event.detail))
+
+    return log

@@ -12,7 +12,7 @@ from hostmaint.migration import DrainReport
 from hostmaint.models import Cell, EvacuationPlan, FleetSnapshot, HostState, RebalancePlan
 from hostmaint.placement import plan_rebalance
 from hostmaint.state import HostRecord
-from tasks.common import IO_RETRIES, RuntimeRef, log_drain_event
+from tasks.common import IO_RETRIES, RuntimeRef, drain_logger
 
 TAGS = ["hostmaint"]
 
@@ -37,7 +37,7 @@ def plan_evacuation(ref: RuntimeRef, run: RunContext, host: str, avoid: list[str
 def drain_host(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan) -> DrainReport:
     # No Prefect retry: a failed migration is already retried or aborted by the drain
     # scheduler; re-running the whole drain is the operator's call (re-run the flow).
-    return steps.drain_host(ref.open(), run, plan, on_event=log_drain_event)
+    return steps.drain_host(ref.open(), run, plan, on_event=drain_logger())
 
 
 @task(name="stop-unmigratable", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)
@@ -82,7 +82,7 @@ def uncordon_host(ref: RuntimeRef, run: RunContext, host: str) -> HostState:
 
 @task(name="return-vms", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)
 def return_vms(ref: RuntimeRef, run: RunContext, host: str) -> DrainReport | None:
-    return steps.return_vms(ref.open(), run, host, on_event=log_drain_event)
+    return steps.return_vms(ref.open(), run, host, on_event=drain_logger())
 
 
 @task(name="plan-rebalance", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)
@@ -92,7 +92,7 @@ def plan_rebalance_task(ref: RuntimeRef, cluster: str, max_moves: int) -> Rebala
 
 @task(name="rebalance", cache_policy=NO_CACHE, tags=TAGS)
 def rebalance(ref: RuntimeRef, run: RunContext, plan: RebalancePlan) -> DrainReport | None:
-    return steps.rebalance(ref.open(), run, plan, on_event=log_drain_event)
+    return steps.rebalance(ref.open(), run, plan, on_event=drain_logger())
 
 
 @task(name="check-invariants", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)
