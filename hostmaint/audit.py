@@ -170,8 +170,8 @@ def _plain(value: Any) -> Any:
 
 
 def canonical_json(value: Any) -> str:
-    """The one JSON text a value hashes as: sorted keys, compact separators, UTF-8 kept."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    """The one JSON text a value hashes as: ``json.dumps(value, sort_keys=True, separators=(",", ":"))``."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def record_hash(fields: Mapping[str, Any]) -> str:
@@ -254,20 +254,21 @@ class AuditTrail:
         """
         with self._engine.connect() as conn:
             rows = conn.execute(sa.select(AuditRow.__table__).order_by(AuditRow.seq)).all()
-        by_hash: dict[str, int] = {}
+        chain = [_stored_fields(row) for row in rows]
+        stored = {fields["hash"]: fields for fields in chain}  # to trace where moved content came from
+        seen: set[str] = set()
         prev: dict[str, Any] | None = None
-        for count, row in enumerate(rows):
-            fields = _stored_fields(row)
-            found = _check(fields, prev, by_hash)
+        for count, fields in enumerate(chain):
+            found = _check(fields, prev, stored)
             if found is not None:
                 bad_seq, problem = found
                 return VerifyReport(ok=False, count=count, first_bad_seq=bad_seq, problem=problem,
                                     last_hash=prev["hash"] if prev else GENESIS_HASH)
-            by_hash[fields["hash"]] = fields["seq"]
+            seen.add(fields["hash"])
             prev = fields
         count = len(rows)
         last_hash = prev["hash"] if prev else GENESIS_HASH
-        if anchor is not None and anchor not in by_hash and anchor != GENESIS_HASH:
+        if anchor is not None and anchor not in seen and anchor != GENESIS_HASH:
             return VerifyReport(ok=False, count=count, first_bad_seq=None, last_hash=last_hash,
                                 problem=f"the anchored hash {anchor} is not in the chain: the trail was"
                                         " rewritten or truncated after the anchor was taken")
@@ -294,18 +295,18 @@ class AuditTrail:
 
 def _label(fields: Mapping[str, Any]) -> str:
     """How messages name a record: ``record 7 (drain hv02)``."""
-    what = " ".join(str(fields[k]) for k in ("step", "host", "vm") if fields.get(k))
+    what = " ".join(str(fields[k]) for k in ("step", "host") if fields.get(k))
     return f"record {fields['seq']} ({what})" if what else f"record {fields['seq']}"
 
 
 def _check(fields: dict[str, Any], prev: Mapping[str, Any] | None,
-           by_hash: Mapping[str, int]) -> tuple[int, str] | None:
+           stored: Mapping[str, Mapping[str, Any]]) -> tuple[int, str] | None:
     """The first bad seq and what is wrong, if ``fields`` does not rightly follow ``prev``."""
     seq = fields["seq"]
     expected_seq = prev["seq"] + 1 if prev else 1
     expected_prev = prev["hash"] if prev else GENESIS_HASH
     if fields["hash"] != record_hash(fields):
-        moved_from = _original_seq(fields, by_hash)
+        moved_from = _original_seq(fields, stored)
         if moved_from is not None and moved_from != seq:
             return seq, (f"{_label(fields)} holds the content of record {moved_from}: records were swapped"
                          " or reordered")
@@ -323,17 +324,25 @@ def _check(fields: dict[str, Any], prev: Mapping[str, Any] | None,
     return None
 
 
-def _original_seq(fields: Mapping[str, Any], by_hash: Mapping[str, int]) -> int | None:
-    """Where a record's content was first written, if it is an intact record moved to another seq."""
-    if fields["prev_hash"] == GENESIS_HASH:
-        candidate = 1
-    elif fields["prev_hash"] in by_hash:
-        candidate = by_hash[fields["prev_hash"]] + 1
-    else:
-        return None
-    if record_hash({**fields, "seq": candidate}) == fields["hash"]:
-        return candidate
-    return None
+def _original_seq(fields: Mapping[str, Any], stored: Mapping[str, Mapping[str, Any]]) -> int | None:
+    """Where a record's content was first written, if it is an intact record moved to another seq.
+
+    Its ``prev_hash`` names its original predecessor; that one is either intact where it
+    stands (so this content belonged right after it) or moved too, so follow the links back.
+    """
+    steps = 0
+    link: Mapping[str, Any] = fields
+    while link["prev_hash"] != GENESIS_HASH:
+        before = stored.get(link["prev_hash"])
+        steps += 1
+        if before is None or steps > len(stored):
+            return None
+        if record_hash(before) == before["hash"]:
+            steps += before["seq"] - 1
+            break
+        link = before
+    candidate = steps + 1
+    return candidate if record_hash({**fields, "seq": candidate}) == fields["hash"] else None
 
 
 def _stored_fields(row: sa.Row) -> dict[str, Any]:

@@ -1,0 +1,384 @@
+"""The hash-chained audit trail: chaining, tamper detection, redaction, concurrent writers, export."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from hostmaint.audit import AuditEntry, AuditRecord, AuditSink, AuditTrail, redact
+from hostmaint.db import open_engine
+from hostmaint.models import MigrationResult, StepOutcome, Trigger
+
+REPO = Path(__file__).resolve().parents[2]
+ZEROS = "0" * 64
+T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
+STEPS = ("cordon", "drain", "update", "reboot", "verify", "uncordon")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        self.now += timedelta(seconds=1)
+        return self.now
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "audit.db"
+
+
+@pytest.fixture
+def engine(db_path: Path) -> sa.Engine:
+    eng = open_engine(str(db_path))
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def trail(engine: sa.Engine) -> AuditTrail:
+    return AuditTrail(engine, clock=FakeClock())
+
+
+def entry(i: int, **over: object) -> AuditEntry:
+    """The i-th step of a plausible run: host hv01..hv05, steps in runbook order."""
+    fields: dict[str, object] = dict(
+        run_id=f"run-{i // 10}", flow="patch_host", trigger=Trigger.SCHEDULE, operator="alice",
+        cluster="lab", host=f"hv{i % 5 + 1:02d}", vm=f"vm{i}" if i % 3 == 0 else None,
+        step=STEPS[i % len(STEPS)],
+        inputs={"dry_run": False, "n": i}, outcome=StepOutcome.OK, duration_s=i / 10,
+        details={"migrated": [f"vm{i}"], "bytes": i * 1024})
+    fields.update(over)
+    return AuditEntry(**fields)  # type: ignore[arg-type]
+
+
+def fill(trail: AuditTrail, n: int) -> list[AuditRecord]:
+    return [trail.append(entry(i)) for i in range(n)]
+
+
+def sql(engine: sa.Engine, statement: str, **params: object) -> None:
+    """Raw SQL, as someone with write access to the database file would tamper with it."""
+    with engine.begin() as conn:
+        conn.execute(sa.text(statement), params)
+
+
+def expected_hash(rec: AuditRecord) -> str:
+    """The hash as docs/audit.md defines it, computed here without hostmaint's helpers."""
+    body = {
+        "seq": rec.seq, "time": rec.time, "run_id": rec.run_id, "flow": rec.flow,
+        "trigger": rec.trigger.value if rec.trigger else None, "operator": rec.operator,
+        "cluster": rec.cluster, "host": rec.host, "vm": rec.vm, "step": rec.step, "inputs": rec.inputs,
+        "outcome": rec.outcome.value, "duration_s": rec.duration_s, "details": rec.details,
+        "prev_hash": rec.prev_hash,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+# --- the chain ------------------------------------------------------------------------
+
+
+def test_chain_of_fifty_records_verifies(trail: AuditTrail) -> None:
+    appended = fill(trail, 50)
+    stored = trail.records()
+    assert stored == appended
+    assert [r.seq for r in stored] == list(range(1, 51))
+    assert stored[0].prev_hash == ZEROS
+    for before, after in zip(stored, stored[1:], strict=False):
+        assert after.prev_hash == before.hash
+    for rec in stored:
+        assert rec.hash == expected_hash(rec)
+    report = trail.verify()
+    assert (report.ok, report.count, report.first_bad_seq) == (True, 50, None)
+    assert report.last_hash == stored[-1].hash
+
+
+def test_empty_trail_verifies(trail: AuditTrail) -> None:
+    report = trail.verify()
+    assert (report.ok, report.count, report.first_bad_seq) == (True, 0, None)
+
+
+def test_record_holds_the_entry_with_utc_time_from_the_clock(trail: AuditTrail) -> None:
+    result = MigrationResult(vm="web1", source="hv02", target="hv03", outcome=StepOutcome.FAILED, error="timeout")
+    rec = trail.append(AuditEntry(run_id="r1", flow="evacuate_host", trigger=Trigger.UI, operator="bob",
+                                  cluster="lab", host="hv02", vm="web1", step="migrate",
+                                  inputs={"target": "hv03"}, outcome=StepOutcome.FAILED, duration_s=12.5,
+                                  details={"result": result}))
+    assert rec.time == (T0 + timedelta(seconds=1)).isoformat()
+    assert rec.time.endswith("+00:00")
+    assert (rec.trigger, rec.outcome, rec.duration_s) == (Trigger.UI, StepOutcome.FAILED, 12.5)
+    assert rec.details["result"]["error"] == "timeout"  # a model is stored as its JSON
+    assert trail.records() == [rec]
+
+
+def test_defaults_are_enough_for_a_record(trail: AuditTrail) -> None:
+    rec = trail.append(AuditEntry(step="plan"))
+    assert (rec.run_id, rec.trigger, rec.inputs, rec.details) == (None, None, {}, {})
+    assert rec.outcome == StepOutcome.OK
+    assert trail.verify().ok
+
+
+def test_trail_is_an_audit_sink(trail: AuditTrail) -> None:
+    assert isinstance(trail, AuditSink)
+
+
+def test_records_filter_by_host_run_and_limit(trail: AuditTrail) -> None:
+    fill(trail, 30)
+    hv02 = trail.records(host="hv02")
+    assert hv02 and {r.host for r in hv02} == {"hv02"}
+    assert [r.seq for r in hv02] == sorted(r.seq for r in hv02)
+    assert {r.run_id for r in trail.records(run_id="run-1")} == {"run-1"}
+    assert len(trail.records(run_id="run-1")) == 10
+    assert [r.seq for r in trail.records(limit=3)] == [28, 29, 30]  # the most recent, oldest first
+    assert [r.seq for r in trail.records(host="hv01", limit=2)] == [21, 26]
+
+
+# --- tampering ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("column", "value"), [
+    ("host", "hv99"),
+    ("outcome", "failed"),
+    ("outcome", "not-an-outcome"),
+    ("operator", "mallory"),
+    ("duration_s", 0.5),
+    ("time", "2026-11-26T09:00:00+00:00"),
+    ("inputs", '{"dry_run":true,"n":6}'),
+    ("details", "not json at all"),
+    ("prev_hash", "f" * 64),
+    ("hash", "0" * 64),
+])
+def test_edited_field_is_detected_and_named(engine: sa.Engine, trail: AuditTrail, column: str,
+                                            value: object) -> None:
+    fill(trail, 12)
+    original = trail.records()[6]
+    sql(engine, f"UPDATE hostmaint_audit SET {column} = :v WHERE seq = 7", v=value)
+    report = trail.verify()
+    assert not report.ok
+    assert report.first_bad_seq == 7
+    assert report.count == 6  # records 1..6 still verify
+    host = "hv99" if column == "host" else original.host
+    assert report.problem == (f"record 7 ({original.step} {host}) was altered:"
+                              " its hash does not match its content")
+
+
+def test_problem_names_step_and_host_like_the_brief(engine: sa.Engine, trail: AuditTrail) -> None:
+    for i in range(1, 8):
+        trail.append(AuditEntry(step="drain", host=f"hv{i:02d}" if i != 7 else "hv02"))
+    sql(engine, "UPDATE hostmaint_audit SET details = :d WHERE seq = 7", d='{"vms":0}')
+    assert trail.verify().problem == "record 7 (drain hv02) was altered: its hash does not match its content"
+
+
+def test_deleted_record_is_detected_and_named(engine: sa.Engine, trail: AuditTrail) -> None:
+    records = fill(trail, 40)
+    sql(engine, "DELETE FROM hostmaint_audit WHERE seq = 20")
+    report = trail.verify()
+    assert (report.ok, report.first_bad_seq, report.count) == (False, 20, 19)
+    nxt = records[20]
+    assert report.problem == f"record 20 was deleted: record 21 ({nxt.step} {nxt.host}) follows record 19"
+
+
+def test_deleted_run_of_records_and_deleted_first_record(engine: sa.Engine, trail: AuditTrail) -> None:
+    fill(trail, 10)
+    sql(engine, "DELETE FROM hostmaint_audit WHERE seq BETWEEN 4 AND 6")
+    report = trail.verify()
+    assert report.first_bad_seq == 4
+    assert report.problem.startswith("records 4..6 were deleted: record 7 (")
+    sql(engine, "DELETE FROM hostmaint_audit WHERE seq = 1")
+    report = trail.verify()
+    assert report.first_bad_seq == 1
+    assert "follows the start of the chain" in report.problem
+
+
+def test_delete_and_renumber_is_detected(engine: sa.Engine, trail: AuditTrail) -> None:
+    fill(trail, 10)
+    sql(engine, "DELETE FROM hostmaint_audit WHERE seq = 5")
+    sql(engine, "UPDATE hostmaint_audit SET seq = seq - 1 WHERE seq > 5")  # close the gap
+    report = trail.verify()
+    assert (report.ok, report.first_bad_seq) == (False, 5)
+
+
+@pytest.mark.parametrize(("a", "b"), [(10, 11), (1, 2), (5, 12)])
+def test_swapped_record_contents_are_detected(engine: sa.Engine, trail: AuditTrail, a: int, b: int) -> None:
+    fill(trail, 20)
+    columns = [c["name"] for c in sa.inspect(engine).get_columns("hostmaint_audit") if c["name"] != "seq"]
+    assign = ", ".join(f"{c} = (SELECT {c} FROM keep WHERE seq = :other)" for c in columns)
+    with engine.begin() as conn:
+        conn.execute(sa.text("CREATE TEMP TABLE keep AS SELECT * FROM hostmaint_audit WHERE seq IN (:a, :b)"),
+                     {"a": a, "b": b})
+        for seq, other in ((a, b), (b, a)):
+            conn.execute(sa.text(f"UPDATE hostmaint_audit SET {assign} WHERE seq = :seq"),
+                         {"seq": seq, "other": other})
+    moved = trail.records()[a - 1]  # seq a now holds what was written as record b
+    report = trail.verify()
+    assert (report.ok, report.first_bad_seq, report.count) == (False, a, a - 1)
+    assert report.problem == (f"record {a} ({moved.step} {moved.host}) holds the content of record {b}:"
+                              " records were swapped or reordered")
+
+
+def test_rewritten_chain_passes_verify_but_not_the_anchor(engine: sa.Engine, trail: AuditTrail) -> None:
+    """The limit docs/audit.md states: whoever can write the DB can rebuild the whole chain."""
+    fill(trail, 10)
+    anchor = trail.verify().last_hash
+    # the attacker edits record 5 and re-hashes it and everything after it
+    sql(engine, "UPDATE hostmaint_audit SET outcome = 'ok', details = '{}' WHERE seq = 5")
+    prev = trail.records()[3].hash
+    for rec in trail.records()[4:]:
+        fixed = AuditRecord(**{**rec.__dict__, "prev_hash": prev, "hash": ""})
+        new_hash = expected_hash(fixed)
+        sql(engine, "UPDATE hostmaint_audit SET prev_hash = :p, hash = :h WHERE seq = :s",
+            p=prev, h=new_hash, s=rec.seq)
+        prev = new_hash
+    assert trail.verify().ok  # the chain alone cannot tell
+    anchored = trail.verify(anchor=anchor)
+    assert not anchored.ok
+    assert anchor in anchored.problem
+
+
+def test_truncated_tail_is_caught_only_by_the_anchor(engine: sa.Engine, trail: AuditTrail) -> None:
+    fill(trail, 10)
+    anchor = trail.verify().last_hash
+    sql(engine, "DELETE FROM hostmaint_audit WHERE seq > 8")
+    assert trail.verify().ok
+    assert not trail.verify(anchor=anchor).ok
+    fill(trail, 3)  # appending after the anchor keeps it valid
+    assert trail.verify(anchor=trail.records()[7].hash).ok
+
+
+# --- redaction ----------------------------------------------------------------------------------
+
+PEM = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
+
+
+def test_redact_nested_secrets_and_pem_text() -> None:
+    value = {
+        "host": "hv01",
+        "ssh": {"user": "root", "Password": "hunter2", "key_id": "lab-ed25519",
+                "identity": PEM, "options": ["-o", PEM]},
+        "repos": [{"url": "https://repo.lab/", "Authorization": {"basic": "dXNlcjpwYXNz"}}],
+        "vault_token": "s.abc", "API-Key": 12345, "db_secret_name": "patchdb",
+        "kms": {"key_material": "AAAA", "private_key": "x", "passphrase": "y", "apiKey": "z"},
+        "note": "rotate the private key next week",
+    }
+    out = redact(value)
+    r = "***redacted***"
+    assert out == {
+        "host": "hv01",
+        "ssh": {"user": "root", "Password": r, "key_id": "lab-ed25519", "identity": r, "options": ["-o", r]},
+        "repos": [{"url": "https://repo.lab/", "Authorization": r}],
+        "vault_token": r, "API-Key": r, "db_secret_name": r,
+        "kms": {"key_material": r, "private_key": r, "passphrase": r, "apiKey": r},
+        "note": "rotate the private key next week",
+    }
+    assert value["ssh"]["Password"] == "hunter2"  # the caller's value is not modified
+
+
+def test_secrets_never_reach_the_database(engine: sa.Engine, trail: AuditTrail) -> None:
+    rec = trail.append(AuditEntry(step="update", host="hv01",
+                                  inputs={"repo": {"password": "hunter2"}, "keys": [PEM]},
+                                  details={"ssh": {"token": "s.abc"}, "stderr": PEM}))
+    assert rec.inputs == {"repo": {"password": "***redacted***"}, "keys": ["***redacted***"]}
+    assert rec.details == {"ssh": {"token": "***redacted***"}, "stderr": "***redacted***"}
+    with engine.connect() as conn:
+        raw = json.dumps([list(r) for r in conn.execute(sa.text("SELECT * FROM hostmaint_audit"))])
+    for secret in ("hunter2", "s.abc", "BEGIN OPENSSH", "b3BlbnNzaC1rZXktdjEAAAAA"):
+        assert secret not in raw
+    assert trail.verify().ok
+
+
+# --- concurrent writers ---------------------------------------------------------------------------
+
+
+def test_eight_threads_append_25_each_into_one_valid_chain(engine: sa.Engine) -> None:
+    trail = AuditTrail(engine)
+    barrier = threading.Barrier(8)
+    failures: list[BaseException] = []
+
+    def writer(t: int) -> None:
+        barrier.wait()
+        try:
+            for i in range(25):
+                trail.append(AuditEntry(run_id=f"thread-{t}", step="drain", host=f"hv{t:02d}",
+                                        inputs={"i": i}))
+        except BaseException as exc:  # collected and asserted below, so a failing thread fails the test
+            failures.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert failures == []
+    records = trail.records()
+    assert [r.seq for r in records] == list(range(1, 201))  # no duplicate, no gap
+    assert sorted((r.run_id, r.inputs["i"]) for r in records) == sorted(
+        (f"thread-{t}", i) for t in range(8) for i in range(25))
+    report = trail.verify()
+    assert (report.ok, report.count) == (True, 200)
+
+
+WRITER = """
+import sys
+from hostmaint.audit import AuditEntry, AuditTrail
+from hostmaint.db import open_engine
+trail = AuditTrail(open_engine(sys.argv[1]))
+for i in range(int(sys.argv[3])):
+    trail.append(AuditEntry(run_id=sys.argv[2], step="update", inputs={"i": i}))
+"""
+
+
+def test_separate_processes_append_into_one_valid_chain(db_path: Path) -> None:
+    open_engine(str(db_path)).dispose()  # create the schema once, as a deployment would
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(db_path), f"proc-{p}", "20"], cwd=REPO)
+             for p in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    eng = open_engine(str(db_path))
+    try:
+        trail = AuditTrail(eng)
+        records = trail.records()
+        assert [r.seq for r in records] == list(range(1, 61))
+        assert {r.run_id for r in records} == {"proc-0", "proc-1", "proc-2"}
+        assert trail.verify().ok
+    finally:
+        eng.dispose()
+
+
+# --- export -------------------------------------------------------------------------------------------
+
+
+def test_export_jsonl_parses_back(trail: AuditTrail) -> None:
+    records = fill(trail, 15)
+    lines = trail.export("jsonl").splitlines()
+    assert len(lines) == 15
+    parsed = [json.loads(line) for line in lines]
+    assert parsed == [r.to_dict() for r in records]
+    assert parsed[0]["trigger"] == "schedule" and parsed[0]["prev_hash"] == ZEROS
+    for rec in parsed:  # an exported record is checkable on its own, without hostmaint
+        body = {k: v for k, v in rec.items() if k != "hash"}
+        assert hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest() \
+            == rec["hash"]
+
+
+def test_export_csv_parses_back(trail: AuditTrail) -> None:
+    records = fill(trail, 15)
+    rows = list(csv.DictReader(io.StringIO(trail.export("csv"))))
+    assert len(rows) == 15
+    assert [int(r["seq"]) for r in rows] == list(range(1, 16))
+    assert [r["hash"] for r in rows] == [r.hash for r in records]
+    assert json.loads(rows[3]["details"]) == records[3].details
+    assert rows[0]["vm"] == "vm0" and rows[1]["vm"] == ""
+
+
+def test_export_unknown_format_is_refused(trail: AuditTrail) -> None:
+    with pytest.raises(ValueError, match="xml"):
+        trail.export("xml")  # type: ignore[arg-type]
