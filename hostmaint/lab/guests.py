@@ -1,0 +1,147 @@
+"""Lab guests: tiny diskless SeaBIOS VMs and TCG Linux VMs that keep dirtying their memory.
+
+Every guest's RAM is a shared file in its host's ``memory_backing_dir`` (a tmpfs sized as the
+host's memory) and is allocated up front, so a host without room refuses a guest or an incoming
+migration the way a full hypervisor does. Guests are defined with ``virsh`` (only the driver
+imports libvirt).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from hostmaint.lab.network import LabError, run
+
+KERNEL_CACHE = Path("/var/cache/hostmaint-lab")
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    name: str
+    host: str
+    memory_mib: int
+    vcpus: int = 1
+    linux: bool = False
+    dirty_mib: int = 0
+
+
+def kvm_usable() -> bool:
+    """True when /dev/kvm opens: SeaBIOS guests then run under KVM, otherwise TCG."""
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+_MEMORY = """  <memory unit='MiB'>{memory}</memory>
+  <vcpu placement='static'>{vcpus}</vcpu>
+  <memoryBacking>
+    <source type='file'/>
+    <access mode='shared'/>
+    <allocation mode='immediate'/>
+  </memoryBacking>"""
+
+
+def seabios_xml(spec: GuestSpec, kvm: bool) -> str:
+    """A guest with no disk and no NIC: SeaBIOS looks for a boot device forever. Starts in 0.4 s."""
+    return f"""<domain type='{"kvm" if kvm else "qemu"}'>
+  <name>{escape(spec.name)}</name>
+{_MEMORY.format(memory=spec.memory_mib, vcpus=spec.vcpus)}
+  <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='network'/></os>
+  <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+def linux_xml(spec: GuestSpec, kernel: Path, initrd: Path) -> str:
+    """A TCG Linux guest (busybox init rewriting ``dirty_mib`` MiB in a loop)."""
+    return f"""<domain type='qemu'>
+  <name>{escape(spec.name)}</name>
+{_MEMORY.format(memory=spec.memory_mib, vcpus=spec.vcpus)}
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>console=ttyS0 panic=-1 quiet dirty_mib={spec.dirty_mib}</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>
+  <devices>
+    <emulator>/usr/bin/qemu-system-x86_64</emulator>
+    <controller type='usb' model='none'/>
+    <serial type='pty'><target port='0'/></serial>
+    <console type='pty'><target type='serial' port='0'/></console>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+_INIT = """#!/bin/busybox sh
+/bin/busybox mkdir -p /proc /sys /tmp /bin
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s /bin
+mib=$(sed -n 's/.*dirty_mib=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
+echo "hostmaint-lab guest: userspace up, rewriting ${mib:-0} MiB in a loop"
+while true; do
+  if [ "${mib:-0}" -gt 0 ]; then dd if=/dev/zero of=/dirty bs=1M count=$mib conv=notrunc 2>/dev/null
+  else sleep 1; fi
+done
+"""
+
+
+def linux_boot_files(cache: Path) -> tuple[Path, Path]:
+    """The Debian cloud kernel (unpacked, not installed) and a busybox initramfs, built once."""
+    out = cache / "linux"
+    kernel = next(iter(sorted(out.glob("boot/vmlinuz-*"))), None)
+    if kernel is None:
+        debs = sorted(glob.glob(str(KERNEL_CACHE / "linux-image-*-cloud-amd64_*.deb")))
+        if not debs:
+            KERNEL_CACHE.mkdir(parents=True, exist_ok=True)
+            depends = run(["apt-cache", "depends", "linux-image-cloud-amd64"]).stdout
+            names = [ln.split()[-1] for ln in depends.splitlines() if "Depends: linux-image-" in ln]
+            if not names:
+                raise LabError("no Debian cloud kernel package found (run scripts/install-system.sh)")
+            subprocess.run(["apt-get", "download", "-qq", names[0]], cwd=KERNEL_CACHE, check=True,
+                           capture_output=True, timeout=300)
+            debs = sorted(glob.glob(str(KERNEL_CACHE / "linux-image-*-cloud-amd64_*.deb")))
+        run(["dpkg-deb", "-x", debs[-1], str(out)], timeout=120)
+        kernel = next(iter(sorted(out.glob("boot/vmlinuz-*"))))
+    initrd = cache / "linux" / "initramfs.cpio"
+    if not initrd.exists():
+        stage = cache / "initramfs-root"
+        if stage.exists():
+            shutil.rmtree(stage)
+        (stage / "bin").mkdir(parents=True)
+        (stage / "dev").mkdir()
+        shutil.copy2("/bin/busybox", stage / "bin" / "busybox")
+        (stage / "init").write_text(_INIT)
+        (stage / "init").chmod(0o755)
+        os.mknod(stage / "dev" / "console", 0o600 | 0o020000, os.makedev(5, 1))
+        names = sorted(str(p.relative_to(stage)) for p in stage.rglob("*"))
+        with open(initrd.with_suffix(".tmp"), "wb") as f:
+            subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], input="\n".join(names).encode(),
+                           stdout=f, cwd=stage, check=True)
+        initrd.with_suffix(".tmp").replace(initrd)
+        shutil.rmtree(stage)
+    return kernel, initrd
+
+
+def define_and_start(uri: str, xml: str, xml_path: Path) -> None:
+    """Define a persistent guest on the host at ``uri`` and start it."""
+    xml_path.write_text(xml)
+    name = xml_path.stem
+    run(["virsh", "-q", "-c", uri, "define", str(xml_path)], timeout=60)
+    run(["virsh", "-q", "-c", uri, "start", name], timeout=120)

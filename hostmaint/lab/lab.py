@@ -1,0 +1,305 @@
+"""The local KVM lab: ``lab_up``, ``lab_down``, ``lab_status``, ``reboot_host``.
+
+A lab is N "hypervisor hosts" on this machine, each a network namespace on ``10.213.7.0/24``
+(a bridge in the root namespace) with its own libvirtd, key-only sshd, hostname, boot id and rpm
+package root, plus real QEMU guests spread over them. It writes a hostmaint inventory
+(cluster ``lab``) and a known_hosts file. See ``hostmaint/lab/README.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from hostmaint.lab import network
+from hostmaint.lab.guests import (
+    GuestSpec,
+    define_and_start,
+    kvm_usable,
+    linux_boot_files,
+    linux_xml,
+    seabios_xml,
+)
+from hostmaint.lab.host import (
+    HostSpec,
+    prepare_host,
+    read_status,
+    request,
+    start_supervisor,
+    stop_host,
+    supervisor_pid,
+)
+from hostmaint.lab.network import LabError
+from hostmaint.lab.packages import build_repo
+from hostmaint.lab.sshd import authorize, make_keypair
+
+DEFAULT_WORKDIR = Path("/var/lib/hostmaint-lab")
+CLUSTER = "lab"
+SEABIOS_MIB = 64
+LINUX_MIB = 256
+LINUX_DIRTY_MIB = 128
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LabHost(_Frozen):
+    name: str
+    ip: str
+    netns: str
+    libvirt_uri: str
+    memory_mib: int
+
+
+class LabVm(_Frozen):
+    name: str
+    host: str
+    memory_mib: int
+    vcpus: int
+    linux: bool = False
+
+
+class LabInfo(_Frozen):
+    """What ``lab_up`` built; also saved as ``WORKDIR/lab.json``."""
+
+    workdir: Path
+    inventory_path: Path
+    known_hosts_path: Path
+    key_path: Path
+    hosts: tuple[LabHost, ...]
+    vms: tuple[LabVm, ...]
+    kvm: bool
+
+    def host(self, name: str) -> LabHost:
+        for h in self.hosts:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+
+class LabHostStatus(_Frozen):
+    name: str
+    phase: str
+    supervisor_alive: bool
+    libvirtd_listening: bool
+    sshd_listening: bool
+    boot_id: str | None = None
+
+
+class LabStatus(_Frozen):
+    """Whether the lab is up, host by host, and anything of the lab's left on the machine."""
+
+    up: bool
+    hosts: tuple[LabHostStatus, ...] = ()
+    netns: tuple[str, ...] = ()
+    links: tuple[str, ...] = ()
+
+
+def _listening(ip: str, port: int) -> bool:
+    try:
+        with socket.create_connection((ip, port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+def _load_info(workdir: Path) -> LabInfo | None:
+    try:
+        return LabInfo.model_validate_json((workdir / "lab.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def host_specs(hosts: int, memory_mib: int | tuple[int, ...]) -> list[HostSpec]:
+    mems = memory_mib if isinstance(memory_mib, tuple) else (memory_mib,) * hosts
+    if len(mems) != hosts:
+        raise ValueError(f"host_memory_mib has {len(mems)} entries for {hosts} hosts")
+    return [HostSpec(name=f"hv{i:02d}", ip=network.host_ip(i), memory_mib=mems[i - 1])
+            for i in range(1, hosts + 1)]
+
+
+def guest_specs(hosts: list[HostSpec], vms: int, linux_guests: int) -> list[GuestSpec]:
+    """vm01..vmNN round-robin over the hosts; Linux guests lnx01.. from the first host on."""
+    out = [GuestSpec(name=f"vm{i:02d}", host=hosts[(i - 1) % len(hosts)].name, memory_mib=SEABIOS_MIB)
+           for i in range(1, vms + 1)]
+    out += [GuestSpec(name=f"lnx{i:02d}", host=hosts[(i - 1) % len(hosts)].name, memory_mib=LINUX_MIB,
+                      linux=True, dirty_mib=LINUX_DIRTY_MIB) for i in range(1, linux_guests + 1)]
+    return out
+
+
+def _write_inventory(workdir: Path, specs: list[HostSpec], key: Path, known_hosts: Path) -> Path:
+    data = {
+        "version": 1,
+        "clusters": [{
+            "name": CLUSTER,
+            "limits": {"migrations_per_source": 4, "migrations_per_target": 4, "migrations_per_cluster": 8,
+                       "max_hosts_in_maintenance": 1, "memory_headroom_pct": 5.0},
+            "host_policy": {"package_manager": "dnf", "reboot": "if-needed", "reboot_timeout_s": 120,
+                            "update_timeout_s": 300, "min_free_mib": 0},
+        }],
+        "hosts": [{
+            "name": s.name, "cluster": CLUSTER, "libvirt_uri": s.libvirt_uri,
+            "ssh": {"address": s.ip, "port": 22, "user": "root", "key": {"file": str(key)},
+                    "known_hosts": str(known_hosts), "connect_timeout_s": 5},
+        } for s in specs],
+    }
+    path = workdir / "inventory.yaml"
+    path.write_text("# written by `hostmaint lab up`; the lab rewrites it on every up\n"
+                    + yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def lab_up(hosts: int = 3, vms: int = 6, workdir: Path = DEFAULT_WORKDIR, linux_guests: int = 1,
+           host_memory_mib: int | tuple[int, ...] = 1536) -> LabInfo:
+    """Build the lab (as root). Idempotent: a lab already up as asked is returned as it is.
+
+    A failed up tears down what it made before raising LabError.
+    """
+    if os.geteuid() != 0:
+        raise LabError("the lab needs root (network namespaces, mounts, libvirtd)")
+    workdir = Path(workdir).resolve()
+    existing = _load_info(workdir)
+    if existing is not None and len(existing.hosts) == hosts and lab_status(workdir).up:
+        return existing
+    lab_down(workdir)
+    try:
+        return _build(hosts, vms, workdir, linux_guests, host_memory_mib)
+    except BaseException:
+        lab_down(workdir)
+        raise
+
+
+def _build(hosts: int, vms: int, workdir: Path, linux_guests: int,
+           host_memory_mib: int | tuple[int, ...]) -> LabInfo:
+    specs = host_specs(hosts, host_memory_mib)
+    cache = workdir / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    for d in ("/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt"):
+        Path(d).mkdir(parents=True, exist_ok=True)  # mount points (the libvirt packages' own dirs)
+    key, pub = make_keypair(workdir / "ssh")
+    authorized = authorize(workdir / "ssh" / "authorized_keys", [pub])
+    repo = build_repo(cache / "repo")
+    network.ensure_bridge()
+    known_lines = []
+    for spec in specs:
+        network.create_host_netns(spec.name, spec.ip)
+        prepare_host(workdir, spec, repo, authorized, cache)
+    for spec in specs:
+        status = start_supervisor(workdir, spec)
+        known_lines.append(f"{spec.ip} {status['host_key']}\n")
+    known_hosts = workdir / "known_hosts"
+    known_hosts.write_text("".join(known_lines))
+    inventory = _write_inventory(workdir, specs, key, known_hosts)
+
+    kvm = kvm_usable()
+    guests = guest_specs(specs, vms, linux_guests)
+    uri = {s.name: s.libvirt_uri for s in specs}
+    xml_dir = workdir / "guests"
+    xml_dir.mkdir(exist_ok=True)
+    boot_files = linux_boot_files(cache) if linux_guests else None
+    for g in guests:
+        if g.linux:
+            assert boot_files is not None
+            xml = linux_xml(g, *boot_files)
+        else:
+            xml = seabios_xml(g, kvm)
+        define_and_start(uri[g.host], xml, xml_dir / f"{g.name}.xml")
+    info = LabInfo(
+        workdir=workdir, inventory_path=inventory, known_hosts_path=known_hosts, key_path=key,
+        hosts=tuple(LabHost(name=s.name, ip=s.ip, netns=s.netns, libvirt_uri=s.libvirt_uri,
+                            memory_mib=s.memory_mib) for s in specs),
+        vms=tuple(LabVm(name=g.name, host=g.host, memory_mib=g.memory_mib, vcpus=g.vcpus, linux=g.linux)
+                  for g in guests),
+        kvm=kvm,
+    )
+    (workdir / "lab.json").write_text(info.model_dump_json(indent=2))
+    return info
+
+
+def lab_down(workdir: Path = DEFAULT_WORKDIR) -> None:
+    """Remove every process, namespace, veth, bridge and mount the lab made, and nothing else.
+
+    Works from the lab's naming alone (netns ``hmlab-*``, links ``hmlab0``/``hml-*``), so it also
+    cleans up after a crashed ``up``. Files under ``WORKDIR/hosts`` go; ``WORKDIR/cache`` stays.
+    """
+    workdir = Path(workdir).resolve()
+    hosts_dir = workdir / "hosts"
+    names = {ns[len(network.NETNS_PREFIX):] for ns in network.lab_netns()}
+    if hosts_dir.exists():
+        names |= {p.name for p in hosts_dir.iterdir() if p.is_dir()}
+    for name in sorted(names):
+        pid = supervisor_pid(workdir, name)
+        if pid is not None:
+            # the supervisor left the netns? kill it directly; otherwise the netns sweep gets it
+            network.kill_pids(lambda p=pid: [p] if _alive(p) else [])
+        stop_host(workdir, name)
+        network.delete_host_netns(name)
+    for link in network.lab_links():
+        if link != network.BRIDGE:
+            network.run(["ip", "link", "del", link])
+    network.delete_bridge()
+    if hosts_dir.exists():
+        shutil.rmtree(hosts_dir)
+    for f in ("lab.json", "inventory.yaml", "known_hosts"):
+        (workdir / f).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def lab_status(workdir: Path = DEFAULT_WORKDIR) -> LabStatus:
+    """The lab's state: per host, supervisor alive, libvirtd and sshd answering, boot id."""
+    workdir = Path(workdir).resolve()
+    info = _load_info(workdir)
+    hosts = []
+    for h in info.hosts if info else ():
+        status = read_status(workdir, h.name)
+        hosts.append(LabHostStatus(
+            name=h.name, phase=str(status.get("phase", "absent")),
+            supervisor_alive=supervisor_pid(workdir, h.name) is not None,
+            libvirtd_listening=_listening(h.ip, 16509), sshd_listening=_listening(h.ip, 22),
+            boot_id=str(status["boot_id"]) if status.get("boot_id") else None))
+    up = bool(hosts) and all(h.supervisor_alive and h.libvirtd_listening and h.sshd_listening for h in hosts)
+    return LabStatus(up=up, hosts=tuple(hosts), netns=tuple(network.lab_netns()),
+                     links=tuple(network.lab_links()))
+
+
+def reboot_host(name: str, down_seconds: float = 3.0, workdir: Path = DEFAULT_WORKDIR,
+                timeout: float = 120.0) -> str:
+    """"Reboot" a lab host: SIGKILL all its processes (guests too), wait, boot with a new boot id.
+
+    Returns the new boot id once libvirtd and sshd are back. Guests do not come back: in normal
+    use the host is drained first.
+    """
+    workdir = Path(workdir).resolve()
+    before = read_status(workdir, name).get("boot_id")
+    status = request(workdir, name, "reboot", timeout=timeout + down_seconds, down_seconds=down_seconds)
+    if status.get("boot_id") == before:
+        raise LabError(f"lab host {name}: boot id unchanged after reboot")
+    return str(status["boot_id"])
+
+
+def kill_libvirtd(name: str, workdir: Path = DEFAULT_WORKDIR) -> None:
+    """SIGKILL the host's libvirtd only (its guests keep running), as a crash would."""
+    request(Path(workdir).resolve(), name, "kill-libvirtd")
+
+
+def start_libvirtd(name: str, workdir: Path = DEFAULT_WORKDIR) -> None:
+    """Start the host's libvirtd again after ``kill_libvirtd``; it reattaches to running guests."""
+    request(Path(workdir).resolve(), name, "start-libvirtd")
+
+
+def info_json(info: LabInfo) -> str:
+    return json.dumps(json.loads(info.model_dump_json()), indent=2)

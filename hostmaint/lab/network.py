@@ -1,0 +1,169 @@
+"""The lab's private network: one bridge in the root namespace, one network namespace per host.
+
+Addresses come only from ``LAB_SUBNET``; every name the lab creates starts with ``hmlab`` (netns,
+bridge) or ``hml-`` (root-side veth ends), so teardown removes exactly what the lab made.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+LAB_SUBNET = ipaddress.IPv4Network("10.213.7.0/24")
+BRIDGE = "hmlab0"
+BRIDGE_IP = LAB_SUBNET.network_address + 1
+NETNS_PREFIX = "hmlab-"
+VETH_PREFIX = "hml-"
+NETNS_DIR = Path("/run/netns")
+
+
+class LabError(RuntimeError):
+    """The lab could not be brought up or torn down; the message says which step and why."""
+
+
+def host_ip(index: int) -> str:
+    """Address of lab host ``index`` (1-based): .11, .12, ..."""
+    if not 1 <= index <= 200:
+        raise ValueError(f"lab host index must be 1-200, got {index}")
+    return str(LAB_SUBNET.network_address + 10 + index)
+
+
+def netns_name(host: str) -> str:
+    return f"{NETNS_PREFIX}{host}"
+
+
+def veth_name(host: str) -> str:
+    name = f"{VETH_PREFIX}{host}"
+    if len(name) > 15:
+        raise ValueError(f"lab host name {host!r} too long for an interface name")
+    return name
+
+
+def run(argv: list[str], *, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+    """Run a command (argv list); on failure raise LabError with its stderr."""
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc
+
+
+def links() -> list[str]:
+    """Names of the root namespace's network links."""
+    out = run(["ip", "-o", "link", "show"]).stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
+
+
+def lab_links() -> list[str]:
+    return [n for n in links() if n == BRIDGE or n.startswith(VETH_PREFIX)]
+
+
+def lab_netns() -> list[str]:
+    out = run(["ip", "netns", "list"]).stdout
+    names = [line.split()[0] for line in out.splitlines() if line.split()]
+    return [n for n in names if n.startswith(NETNS_PREFIX)]
+
+
+def ensure_bridge() -> None:
+    """Create the lab bridge with the root namespace's lab address (no-op when present)."""
+    if BRIDGE not in links():
+        run(["ip", "link", "add", BRIDGE, "type", "bridge"])
+    addrs = run(["ip", "-o", "-4", "addr", "show", "dev", BRIDGE]).stdout
+    if f"{BRIDGE_IP}/" not in addrs:
+        run(["ip", "addr", "add", f"{BRIDGE_IP}/{LAB_SUBNET.prefixlen}", "dev", BRIDGE])
+    run(["ip", "link", "set", BRIDGE, "up"])
+
+
+def create_host_netns(host: str, ip: str) -> str:
+    """A network namespace for ``host`` with ``eth0`` = ``ip`` on the lab bridge; returns its name."""
+    ns = netns_name(host)
+    veth = veth_name(host)
+    if ns in lab_netns():
+        delete_host_netns(host)
+    run(["ip", "netns", "add", ns])
+    run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+    run(["ip", "link", "set", veth, "master", BRIDGE])
+    run(["ip", "link", "set", veth, "up"])
+    run(["ip", "-n", ns, "addr", "add", f"{ip}/{LAB_SUBNET.prefixlen}", "dev", "eth0"])
+    run(["ip", "-n", ns, "link", "set", "eth0", "up"])
+    run(["ip", "-n", ns, "link", "set", "lo", "up"])
+    return ns
+
+
+def delete_host_netns(host: str) -> None:
+    """Kill every process of the namespace, then delete it (its veth pair goes with it)."""
+    ns = netns_name(host)
+    kill_netns_processes(ns)
+    if ns in lab_netns():
+        run(["ip", "netns", "del", ns])
+    veth = veth_name(host)
+    if veth in links():
+        run(["ip", "link", "del", veth])
+
+
+def delete_bridge() -> None:
+    if BRIDGE in links():
+        run(["ip", "link", "del", BRIDGE])
+
+
+def _ns_inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def pids_in_namespaces(net_inode: int | None = None, mnt_inode: int | None = None,
+                       exclude: Iterable[int] = ()) -> list[int]:
+    """PIDs whose network or mount namespace is the given one.
+
+    Both are needed: libvirt gives each QEMU its own mount namespace, so only the network
+    namespace finds a guest; a process that left the netns would be found by the mount one.
+    """
+    skip = set(exclude)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        if pid in skip:
+            continue
+        net = _ns_inode(f"/proc/{pid}/ns/net")
+        mnt = _ns_inode(f"/proc/{pid}/ns/mnt")
+        if (net_inode is not None and net == net_inode) or (mnt_inode is not None and mnt == mnt_inode):
+            found.append(pid)
+    return found
+
+
+def netns_inode(ns: str) -> int | None:
+    return _ns_inode(str(NETNS_DIR / ns))
+
+
+def kill_pids(find: Callable[[], list[int]], timeout: float = 10.0) -> None:
+    """SIGKILL what ``find`` returns until it returns nothing (new children may appear meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = find()
+        if not pids:
+            return
+        if time.monotonic() > deadline:
+            raise LabError(f"processes survive SIGKILL: {pids}")
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # already gone: that is the goal
+        time.sleep(0.05)
+
+
+def kill_netns_processes(ns: str, exclude: Iterable[int] = ()) -> None:
+    """SIGKILL every process inside network namespace ``ns``."""
+    inode = netns_inode(ns)
+    if inode is None:
+        return
+    excluded = tuple(exclude)
+    kill_pids(lambda: pids_in_namespaces(net_inode=inode, exclude=excluded))

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Install everything the hostmaint lab and its tests need on a Debian 12 machine (as root).
+# Idempotent: re-running installs nothing new and changes nothing that is already right.
+set -euo pipefail
+
+if [ "$(id -u)" -ne 0 ]; then
+    echo "install-system.sh: must run as root (apt-get, users)" >&2
+    exit 1
+fi
+
+PACKAGES=(
+    # libvirt daemon, QEMU and the virsh client the lab defines guests with
+    libvirt-daemon libvirt-daemon-driver-qemu qemu-system-x86 libvirt-clients
+    # building libvirt-python into the venv
+    libvirt-dev pkg-config gcc python3-dev
+    # one key-only sshd per lab host
+    openssh-server openssh-client
+    # real dnf against the lab's own rpm repository
+    dnf createrepo-c rpm
+    # Linux test guests: a busybox initramfs; networking: namespaces, veths, a bridge
+    busybox-static cpio iproute2 util-linux procps
+)
+
+missing=()
+for p in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$p")
+    fi
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# libvirt's QEMU driver refuses to start without these (libvirt-daemon-system normally makes them).
+getent group kvm >/dev/null || addgroup --system kvm
+getent group libvirt-qemu >/dev/null || addgroup --system libvirt-qemu
+if ! id libvirt-qemu >/dev/null 2>&1; then
+    adduser --system --ingroup kvm --no-create-home --home /var/lib/libvirt --disabled-login \
+        --gecos "Libvirt Qemu" libvirt-qemu
+fi
+id -nG libvirt-qemu | grep -qw libvirt-qemu || adduser libvirt-qemu libvirt-qemu >/dev/null
+
+# The Debian cloud kernel booted by the lab's Linux guests (downloaded, never installed).
+CACHE=/var/cache/hostmaint-lab
+mkdir -p "$CACHE"
+if ! ls "$CACHE"/linux-image-*-cloud-amd64_*.deb >/dev/null 2>&1; then
+    [ -n "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock || true)" ] || apt-get update -qq
+    kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
+    (cd "$CACHE" && apt-get download -qq "$kernel_pkg")
+fi
+echo "install-system.sh: ok"
