@@ -1,0 +1,362 @@
+"""The patch steps end to end against the simulated RHEL shell: no host, no waiting (fake clock)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostmaint import patching
+from hostmaint.drivers.memory_shell import SimHostPackages, SimulatedShell
+from hostmaint.errors import InventoryError, StepError, TransientDriverError
+from hostmaint.inventory import HostPolicy, VerifyCheck, parse_inventory
+from hostmaint.models import Cell, HostDiscovery, PackageManager, RebootPolicy
+
+K1, K2 = "5.14.0-362.el9", "5.14.0-427.el9"
+
+
+class FakeClock:
+    """A clock whose sleep advances it; nothing waits for real."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += max(seconds, 0.001)
+
+
+class FakeHypervisor:
+    """Just enough Hypervisor for verify: libvirtd answers (or not) and reports cells."""
+
+    def __init__(self, cells: tuple[Cell, ...], reachable: bool = True) -> None:
+        self.cells = cells
+        self.reachable = reachable
+
+    def running_vms(self, host: str) -> tuple[str, ...]:
+        if not self.reachable:
+            raise TransientDriverError("libvirtd: connection refused", host)
+        return ()
+
+    def discover(self, host: str) -> HostDiscovery:
+        if not self.reachable:
+            raise TransientDriverError("libvirtd: connection refused", host)
+        return HostDiscovery(host=host, cells=self.cells)
+
+
+CELLS = (Cell(id=0, memory_mib=32768, free_mib=30000, cpus=(0, 1, 2, 3)),
+         Cell(id=1, memory_mib=32768, free_mib=30000, cpus=(4, 5, 6, 7)))
+
+
+def make_host(**changes: object) -> SimHostPackages:
+    base: dict[str, object] = dict(
+        installed={"kernel-core": K1, "glibc": "2.34-83.el9", "bash": "5.1.8-6.el9", "openssl": "1:3.0.7-24.el9",
+                   "libfoo": "1.0-1.el9"},
+        available={"kernel-core": K2, "glibc": "2.34-100.el9", "openssl": "1:3.0.7-27.el9", "newdep": "2.0-1.el9"},
+        security=["openssl"],
+        removes=["libfoo"],
+    )
+    base.update(changes)
+    return SimHostPackages(**base)  # type: ignore[arg-type]
+
+
+def setup(host: SimHostPackages | None = None) -> tuple[SimulatedShell, FakeClock, SimHostPackages]:
+    clock = FakeClock()
+    state = host or make_host()
+    return SimulatedShell({"hv1": state}, clock=clock), clock, state
+
+
+# --- the whole procedure -----------------------------------------------------------------
+
+
+def test_full_happy_path_records_diff_reboots_and_verifies() -> None:
+    shell, clock, state = setup()
+    policy = HostPolicy(verify=[VerifyCheck(name="libvirtd-active", argv=["systemctl", "is-active", "libvirtd"])])
+
+    pre = patching.preflight(shell, "hv1", policy)
+    assert pre.package_manager is PackageManager.DNF
+    assert pre.free_mib == {"/": 20000, "/var": 20000, "/boot": 800}
+    assert {u.package for u in pre.updates} == {"kernel-core.x86_64", "glibc.x86_64", "openssl.x86_64",
+                                               "newdep.x86_64"}
+
+    before = patching.installed_packages(shell, "hv1")
+    assert before["openssl.x86_64"] == "1:3.0.7-24.el9"
+    result = patching.apply_updates(shell, "hv1", policy, pre.package_manager)
+    assert result.argv == ("dnf", "-y", "update") and result.exit_code == 0 and not result.nothing_to_do
+    after = patching.installed_packages(shell, "hv1")
+    diff = patching.package_diff(before, after)
+
+    assert [c.package for c in diff.installed] == ["newdep.x86_64"]
+    assert [c.package for c in diff.removed] == ["libfoo.x86_64"]
+    upgraded = {c.package: (c.old, c.new) for c in diff.upgraded}
+    assert upgraded["glibc.x86_64"] == ("0:2.34-83.el9", "0:2.34-100.el9")
+    assert upgraded["openssl.x86_64"] == ("1:3.0.7-24.el9", "1:3.0.7-27.el9")
+    # the kernel is install-only: the new one sits next to the old
+    assert upgraded["kernel-core.x86_64"] == (f"0:{K1}", f"0:{K1}, 0:{K2}")
+    assert diff.summary() == "1 installed, 3 upgraded, 1 removed"
+
+    decision = patching.reboot_decision(shell, "hv1", policy)
+    assert decision.needed and f"{K2}.x86_64" in decision.reason
+    assert decision.running_kernel == f"{K1}.x86_64"
+
+    old_boot = state.boot_id
+    reboot = patching.reboot_and_wait(shell, "hv1", policy, clock=clock, sleep=clock.sleep, poll_s=1.0)
+    assert reboot.old_boot_id == old_boot and reboot.new_boot_id == state.boot_id != old_boot
+    assert reboot.down_after_s is not None and reboot.back_after_s >= state.reboot_delay_s
+    assert state.reboots == 1
+
+    report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", policy, cells_before=CELLS)
+    assert report.ok, report.reason()
+    by_name = {c.name: c for c in report.checks}
+    assert by_name["kernel"].detail == f"running the newest kernel {K2}.x86_64"
+    assert by_name["libvirtd-active"].ok
+    assert patching.reboot_decision(shell, "hv1", policy).needed is False
+
+
+def test_update_with_excludes_and_security_only_passes_them_as_single_arguments() -> None:
+    shell, _, state = setup()
+    policy = HostPolicy(excludes=["kernel*", "glibc"], security_only=True)
+    pre = patching.preflight(shell, "hv1", policy)
+    assert [u.package for u in pre.updates] == ["openssl.x86_64"]
+    res = patching.apply_updates(shell, "hv1", policy)
+    assert res.argv == ("dnf", "-y", "update", "--exclude=kernel*", "--exclude=glibc", "--security")
+    assert state.installed["openssl"] == "1:3.0.7-27.el9"
+    assert state.installed["kernel-core"] == K1 and state.installed["glibc"] == "2.34-83.el9"
+    assert "dnf -q check-update --refresh '--exclude=kernel*' --exclude=glibc --security" in state.log
+
+
+def test_nothing_to_update() -> None:
+    shell, _, _ = setup(make_host(available={}, removes=[]))
+    assert patching.preflight(shell, "hv1", HostPolicy()).updates == ()
+    res = patching.apply_updates(shell, "hv1", HostPolicy())
+    assert res.nothing_to_do
+    assert patching.reboot_decision(shell, "hv1", HostPolicy()).needed is False
+
+
+# --- failures ---------------------------------------------------------------------------
+
+
+def test_update_failure_is_a_step_error_carrying_what_dnf_said() -> None:
+    shell, _, state = setup(make_host(fail_update=True))
+    before = dict(state.installed)
+    with pytest.raises(StepError) as err:
+        patching.apply_updates(shell, "hv1", HostPolicy())
+    assert err.value.step == "update" and err.value.host == "hv1"
+    assert "dnf update failed (exit 1)" in str(err.value)
+    assert "Transaction test error" in str(err.value) and "conflicts with file" in str(err.value)
+    assert state.installed == before
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"free_mib": {"/": 20000, "/var": 100, "/boot": 800}}, "/var has 100 MiB free, policy needs 512 MiB"),
+    ({"free_mib": {"/": 10, "/var": 20000}}, "/ has 10 MiB free"),
+    ({"repo_error": "Cannot download repomd.xml: Curl error (7)"}, "Cannot download repomd.xml: Curl error (7)"),
+    ({"package_managers": []}, "no package manager"),
+])
+def test_preflight_failures_name_the_problem(changes: dict[str, object], expected: str) -> None:
+    shell, _, _ = setup(make_host(**changes))
+    with pytest.raises(StepError) as err:
+        patching.preflight(shell, "hv1", HostPolicy())
+    assert err.value.step == "preflight" and expected in str(err.value)
+
+
+def test_preflight_missing_boot_is_fine_and_yum_is_used_when_dnf_is_absent() -> None:
+    shell, _, _ = setup(make_host(free_mib={"/": 20000, "/var": 20000}, package_managers=["yum"]))
+    pre = patching.preflight(shell, "hv1", HostPolicy())
+    assert pre.free_mib == {"/": 20000, "/var": 20000}
+    assert pre.package_manager is PackageManager.YUM and "dnf not found" in pre.notes[0]
+    assert patching.apply_updates(shell, "hv1", HostPolicy(), pre.package_manager).argv[0] == "yum"
+
+
+def test_legacy_yum_expires_the_cache_instead_of_refresh() -> None:
+    shell, _, state = setup(make_host(package_managers=["yum"], pm_version="3.4.3"))
+    pre = patching.preflight(shell, "hv1", HostPolicy(package_manager=PackageManager.YUM))
+    assert pre.legacy_yum and len(pre.updates) == 4
+    assert "yum clean expire-cache" in state.log and "yum -q check-update" in state.log
+
+
+def test_host_that_never_returns_fails_the_reboot_naming_host_and_timeout() -> None:
+    shell, clock, _ = setup(make_host(never_returns=True))
+    policy = HostPolicy(reboot_timeout_s=120)
+    with pytest.raises(StepError) as err:
+        patching.reboot_and_wait(shell, "hv1", policy, clock=clock, sleep=clock.sleep, poll_s=5)
+    assert err.value.step == "reboot" and err.value.host == "hv1"
+    assert "did not come back within 120s" in str(err.value)
+    assert 119 <= clock.now - 1000.0 <= 126  # it waited the policy's timeout, in fake time
+
+
+def test_reboot_slower_than_the_timeout_fails_but_a_faster_one_passes() -> None:
+    shell, clock, _ = setup(make_host(reboot_delay_s=300))
+    with pytest.raises(StepError, match="did not come back within 200s"):
+        patching.reboot_and_wait(shell, "hv1", HostPolicy(reboot_timeout_s=200), clock=clock, sleep=clock.sleep)
+    shell, clock, _ = setup(make_host(reboot_delay_s=300))
+    res = patching.reboot_and_wait(shell, "hv1", HostPolicy(reboot_timeout_s=400), clock=clock, sleep=clock.sleep)
+    assert 300 <= res.back_after_s < 302
+
+
+def test_reboot_refused_or_ignored() -> None:
+    shell, clock, _ = setup(make_host(commands={"reboot": [1, "", "Failed to reboot: Access denied\n"]}))
+    with pytest.raises(StepError, match="reboot refused .*Access denied"):
+        patching.reboot_and_wait(shell, "hv1", HostPolicy(), clock=clock, sleep=clock.sleep)
+    shell, clock, _ = setup(make_host(commands={"reboot": [0, "", ""]}))
+    with pytest.raises(StepError, match="did not reboot: boot id still"):
+        patching.reboot_and_wait(shell, "hv1", HostPolicy(reboot_timeout_s=30), clock=clock, sleep=clock.sleep)
+
+
+# --- reboot decision ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("policy", "host", "needed", "reason"), [
+    (RebootPolicy.ALWAYS, {"installed": {"kernel-core": K1}}, True, "policy: always"),
+    (RebootPolicy.NEVER, {"installed": {"kernel-core": K2}, "running_kernel": f"{K1}.x86_64"}, False,
+     "policy: never"),
+    (RebootPolicy.IF_NEEDED, {"installed": {"kernel-core": K1}}, False, "no reboot needed"),
+    (RebootPolicy.IF_NEEDED, {"installed": {"kernel-core": K2}, "running_kernel": f"{K1}.x86_64"}, True,
+     f"newest installed kernel {K2}.x86_64 is not the running {K1}.x86_64"),
+    (RebootPolicy.IF_NEEDED, {"installed": {"kernel-core": K1}, "needs_restart": True}, True,
+     "needs-restarting -r: Core libraries"),
+    (RebootPolicy.IF_NEEDED, {"installed": {"kernel-core": K1}, "needs_restarting_installed": False}, False,
+     "needs-restarting unavailable (exit 127)"),
+    (RebootPolicy.IF_NEEDED, {"installed": {"kernel-core": K2}, "running_kernel": f"{K1}.x86_64",
+                              "needs_restarting_installed": False}, True, "is not the running"),
+    (RebootPolicy.IF_NEEDED, {"installed": {"bash": "5.1-1"}, "running_kernel": "6.1.0-18-amd64"}, False,
+     "no reboot needed"),  # a container-like host without kernel packages
+])
+def test_reboot_decision_table(policy: RebootPolicy, host: dict[str, object], needed: bool, reason: str) -> None:
+    shell, _, _ = setup(SimHostPackages(**host))  # type: ignore[arg-type]
+    decision = patching.reboot_decision(shell, "hv1", HostPolicy(reboot=policy))
+    assert decision.needed is needed
+    assert reason in decision.reason
+
+
+# --- verify ------------------------------------------------------------------------------------
+
+
+def test_verify_reports_every_failed_check_without_raising() -> None:
+    shell, _, _ = setup(make_host(installed={"kernel-core": K2}, running_kernel=f"{K1}.x86_64",
+                                  failed_units=["kdump.service"],
+                                  commands={"systemctl is-active libvirtd": [3, "inactive\n", ""]}))
+    policy = HostPolicy(verify=[
+        VerifyCheck(name="libvirtd-active", argv=["systemctl", "is-active", "libvirtd"]),
+        VerifyCheck(name="has-tool", argv=["/usr/local/bin/site-check", "--quick"]),
+        VerifyCheck(name="expects-1", argv=["false"], expect_exit=1),
+    ])
+    changed = (CELLS[0], CELLS[1].model_copy(update={"cpus": (4, 5, 6), "memory_mib": 16384}))
+    report = patching.verify_host(shell, FakeHypervisor(changed), "hv1", policy, cells_before=CELLS)
+    assert report.ok is False
+    by_name = {c.name: c for c in report.checks}
+    assert not by_name["kernel"].ok and f"running {K1}.x86_64, newest installed is {K2}.x86_64" in \
+        by_name["kernel"].detail
+    assert by_name["libvirtd"].ok
+    assert not by_name["numa"].ok and "cell 1 cpus [4, 5, 6, 7] -> [4, 5, 6]" in by_name["numa"].detail
+    assert "cell 1 memory 32768 -> 16384 MiB" in by_name["numa"].detail
+    assert not by_name["systemd"].ok and "kdump.service" in by_name["systemd"].detail
+    assert not by_name["libvirtd-active"].ok and "exit 3, expected 0" in by_name["libvirtd-active"].detail
+    assert not by_name["has-tool"].ok and "exit 127" in by_name["has-tool"].detail
+    assert by_name["expects-1"].ok
+    assert {c.name for c in report.failures} == {"kernel", "numa", "systemd", "libvirtd-active", "has-tool"}
+    assert "has-tool: /usr/local/bin/site-check --quick: exit 127" in report.reason()
+
+
+def test_verify_libvirtd_down_and_na_checks() -> None:
+    shell, _, _ = setup(SimHostPackages(installed={"bash": "5.1-1"}, has_systemd=False))
+    report = patching.verify_host(shell, FakeHypervisor(CELLS, reachable=False), "hv1", HostPolicy(),
+                                  cells_before=None)
+    by_name = {c.name: c for c in report.checks}
+    assert by_name["kernel"].ok and by_name["kernel"].skipped and by_name["kernel"].detail.startswith("n/a")
+    assert by_name["systemd"].ok and by_name["systemd"].skipped
+    assert by_name["numa"].skipped
+    assert not by_name["libvirtd"].ok and "connection refused" in by_name["libvirtd"].detail
+    assert report.ok is False and [c.name for c in report.failures] == ["libvirtd"]
+
+
+def test_verify_while_host_is_down_fails_the_checks_instead_of_raising() -> None:
+    shell, clock, state = setup()
+    state.down_until = clock.now + 60
+    report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", HostPolicy(), cells_before=CELLS)
+    assert not report.ok and "simulated host is down" in report.reason()
+
+
+# --- pure pieces ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("a", "b", "expected"), [
+    ("1.0", "1.0", 0), ("1.0", "1.1", -1), ("1.10", "1.9", 1), ("1.0a", "1.0", 1), ("1.0~rc1", "1.0", -1),
+    ("1.0^git1", "1.0", 1), ("1.0^git1", "1.0.1", -1), ("2.0", "1.99", 1), ("1.01", "1.1", 0),
+    ("a", "1", -1), ("5.14.0", "5.14.0", 0), ("427.el9", "362.24.1.el9_3", 1), ("1.0~rc1", "1.0~rc2", -1),
+])
+def test_rpmvercmp(a: str, b: str, expected: int) -> None:
+    assert patching.rpmvercmp(a, b) == expected
+    assert patching.rpmvercmp(b, a) == -expected
+
+
+def test_evr_and_newest_kernel() -> None:
+    assert patching.evr_compare("1:1.0-1", "2.0-1") == 1
+    assert patching.evr_compare("0:2.0-1", "2.0-1") == 0
+    assert patching.newest_kernel(["5.14.0-70.el9.x86_64", "5.14.0-427.el9.x86_64", "5.14.0-362.el9.x86_64"]) \
+        == "5.14.0-427.el9.x86_64"
+
+
+def test_parse_check_update_handles_banner_wrapped_names_and_obsoletes() -> None:
+    out = ("Last metadata expiration check: 0:00:03 ago on Thu 26 Nov 2026.\n\n"
+           "glibc.x86_64            2.34-100.el9         baseos\n"
+           "a-very-long-package-name-that-wraps.noarch\n"
+           "                        1.2-3.el9            appstream\n"
+           "Obsoleting Packages\n"
+           "grub2-tools.x86_64      1:2.06-70.el9        baseos\n")
+    ups = patching.parse_check_update(out)
+    assert [(u.package, u.version, u.repo) for u in ups] == [
+        ("glibc.x86_64", "2.34-100.el9", "baseos"),
+        ("a-very-long-package-name-that-wraps.noarch", "1.2-3.el9", "appstream"),
+    ]
+
+
+def test_package_diff_is_pure_and_symmetric() -> None:
+    before = {"a.x86_64": "0:1-1", "b.x86_64": "0:1-1"}
+    after = {"b.x86_64": "0:2-1", "c.noarch": "0:1-1"}
+    diff = patching.package_diff(before, after)
+    assert [(c.package, c.old, c.new) for c in diff.installed] == [("c.noarch", "", "0:1-1")]
+    assert [(c.package, c.old, c.new) for c in diff.upgraded] == [("b.x86_64", "0:1-1", "0:2-1")]
+    assert [(c.package, c.old, c.new) for c in diff.removed] == [("a.x86_64", "0:1-1", "")]
+    assert patching.package_diff(after, after).empty
+
+
+def test_a_policy_built_in_code_with_a_bad_exclude_is_refused_before_anything_runs() -> None:
+    shell, _, state = setup()
+    policy = HostPolicy.model_construct(**{**HostPolicy().model_dump(), "excludes": ["kernel; rm -rf /"]})
+    with pytest.raises(StepError, match="is not a package name or glob"):
+        patching.apply_updates(shell, "hv1", policy)
+    assert not any("update" in line for line in state.log)
+
+
+# --- injection at inventory load ----------------------------------------------------------------------
+
+BAD_GLOBS = ["kernel; touch /tmp/pwned", "$(id)", "`id`", "kernel foo", "kernel\nfoo", "a|b", "x>y", "'q'", ""]
+
+
+def _inventory(cluster_excludes: list[str], host_excludes: list[str] | None = None) -> dict[str, object]:
+    host: dict[str, object] = {
+        "name": "hv1", "cluster": "c1", "libvirt_uri": "qemu:///system",
+        "ssh": {"address": "127.0.0.1", "key": {"file": "id"}, "known_hosts": "kh"},
+    }
+    if host_excludes is not None:
+        host["policy"] = {"excludes": host_excludes}
+    return {"clusters": [{"name": "c1", "host_policy": {"excludes": cluster_excludes}}], "hosts": [host]}
+
+
+@pytest.mark.parametrize("bad", BAD_GLOBS)
+def test_excludes_with_shell_syntax_are_rejected_at_load_naming_the_field(bad: str) -> None:
+    with pytest.raises(InventoryError) as err:
+        parse_inventory(_inventory(["ok-pkg", bad]), "inv.yaml")
+    assert "clusters[0].host_policy.excludes" in str(err.value)
+    assert "not a package name or glob" in str(err.value)
+    with pytest.raises(InventoryError) as err:
+        parse_inventory(_inventory([], [bad]), "inv.yaml")
+    assert "hosts[0].policy.excludes (host hv1)" in str(err.value)
+
+
+def test_good_globs_load() -> None:
+    inv = parse_inventory(_inventory(["kernel*", "python3.11-libs", "libstdc++", "foo_bar-1.2"]))
+    assert inv.policy_for("hv1").excludes == ["kernel*", "python3.11-libs", "libstdc++", "foo_bar-1.2"]
