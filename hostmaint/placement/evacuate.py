@@ -37,7 +37,7 @@ from hostmaint.models import (
     Vm,
     VmAction,
 )
-from hostmaint.placement.fit import Miss, fit_host
+from hostmaint.placement.fit import Miss, could_fit, demand_of, fit_host
 from hostmaint.placement.objective import fit_delta
 from hostmaint.placement.state import Fit, HostLoad, Ledger
 
@@ -82,12 +82,17 @@ def check_capacity(snapshot: FleetSnapshot, hosts: Sequence[str], *, spare_hosts
     shut down instead of moving add no load.
     """
     drained = _check_hosts(snapshot, hosts)
-    ledger = Ledger.from_snapshot(snapshot)
+    return _capacity(snapshot, Ledger.from_snapshot(snapshot), drained, spare_hosts)
+
+
+def _capacity(snapshot: FleetSnapshot, ledger: Ledger, drained: Sequence[str], spare_hosts: int) -> CapacityCheck:
+    """check_capacity on a ledger nothing has been charged to yet."""
     skipped = _skipped(snapshot, drained)
     demand = sum(vm.memory_mib for h in drained if h not in skipped for vm in snapshot.vms_on(h)
                  if vm.migratable)
     head = snapshot.limits.memory_headroom_pct / 100
-    remaining = [snapshot.host(name) for name, load in ledger.hosts.items()
+    by_name = {h.name: h for h in snapshot.hosts}
+    remaining = [by_name[name] for name, load in ledger.hosts.items()
                  if load.state is HostState.ACTIVE and (name not in drained or name in skipped)]
     capacity = {h.name: h.memory_mib * (1 - head) - h.reserved_memory_mib for h in remaining}
     used = sum(ledger.hosts[h.name].used_mib for h in remaining)
@@ -138,14 +143,15 @@ class Evacuation:
 
 def choose(vm: Vm, targets: Sequence[HostLoad], avoid: Collection[str]) -> Choice | list[Miss]:
     """The best fit for ``vm`` among ``targets`` by tier then objective growth, or every host's Miss."""
-    misses: list[Miss] = []
+    need = demand_of(vm)
     for remote in (False, True):
         scored: list[tuple[bool, float, str, Fit]] = []
-        misses = []
         for host in targets:
-            got = fit_host(vm, host, allow_remote=remote)
+            # the screen only skips hosts a single-cell fit cannot use; a spread may still fit them
+            if not remote and not could_fit(vm, need, host):
+                continue
+            got = fit_host(vm, host, allow_remote=remote, need=need)
             if isinstance(got, Miss):
-                misses.append(got)
                 continue
             scored.append((host.name in avoid, fit_delta(host, got), host.name, got))
         if scored:
@@ -153,7 +159,9 @@ def choose(vm: Vm, targets: Sequence[HostLoad], avoid: Collection[str]) -> Choic
             best = scored[0]
             runner = next(((s[2], s[1]) for s in scored[1:] if s[2] != best[2]), None)
             return Choice(best[3], best[1], best[0], runner, len(scored))
-    return misses
+    # nothing fits: ask every host why, for the blocker
+    found = [fit_host(vm, host, allow_remote=True, need=need) for host in targets]
+    return [m for m in found if isinstance(m, Miss)]
 
 
 def placement_for(vm: Vm, choice: Choice, host: HostLoad) -> Placement:
@@ -258,8 +266,9 @@ def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Col
     same arguments: same plan.
     """
     drained = _check_hosts(snapshot, hosts)
-    capacity = check_capacity(snapshot, drained, spare_hosts=spare_hosts)
-    result = evacuate(snapshot, Ledger.from_snapshot(snapshot), drained, avoid=avoid)
+    ledger = Ledger.from_snapshot(snapshot)
+    capacity = _capacity(snapshot, ledger, drained, spare_hosts)
+    result = evacuate(snapshot, ledger, drained, avoid=avoid)
     return EvacuationPlan(cluster=snapshot.cluster, hosts=tuple(drained), snapshot_digest=snapshot.digest(),
                           placements=tuple(result.placements), blocked=tuple(result.blocked),
                           vm_actions=tuple(result.vm_actions), skipped_hosts=tuple(result.skipped_hosts),

@@ -97,15 +97,31 @@ def _after_util(cell: CellLoad, mib: float) -> float:
     return (cell.used_mib + mib) / cell.memory_mib if cell.memory_mib else 1.0
 
 
-def fit_host(vm: Vm, host: HostLoad, *, allow_remote: bool = False) -> Fit | Miss:
-    """The best way ``vm`` fits ``host`` now (least-loaded cells), or the constraint that stops it."""
+def could_fit(vm: Vm, need: Demand, host: HostLoad) -> bool:
+    """A cheap screen: False only when ``fit_host`` would surely say Miss (used to skip hosts fast)."""
+    if vm.anti_affinity and host.groups.get(vm.anti_affinity, 0) > 0:
+        return False
+    if host.vcpus_used + vm.vcpus > host.vcpu_budget:
+        return False
+    part = max(need.mib)
+    if need.page_kib:
+        pages = part * 1024 / need.page_kib
+        return any(c.hugepages.get(need.page_kib, 0) >= pages for c in host.cells)
+    return any(c.avail_mib >= part for c in host.cells)
+
+
+def fit_host(vm: Vm, host: HostLoad, *, allow_remote: bool = False, need: Demand | None = None) -> Fit | Miss:
+    """The best way ``vm`` fits ``host`` now (least-loaded cells), or the constraint that stops it.
+
+    ``need`` is ``demand_of(vm)``, passed in when the caller weighs many hosts for one VM.
+    """
     if vm.anti_affinity and host.groups.get(vm.anti_affinity, 0) > 0:
         return Miss("anti-affinity",
                     f"{host.name} already runs a VM of anti-affinity group {vm.anti_affinity!r}")
     if host.vcpus_used + vm.vcpus > host.vcpu_budget:
         return Miss("vcpu", f"{host.name} has {host.vcpu_budget - host.vcpus_used:g} vCPUs of budget left, "
                             f"{vm.name} needs {vm.vcpus}")
-    need = demand_of(vm)
+    need = need or demand_of(vm)
     if vm.vnuma:
         return _fit_vnuma(vm, host, need)
     mib, ncpus = need.mib[0], len(need.cpus[0])

@@ -1,0 +1,336 @@
+"""Hand-written cases for the planner: NUMA fit, rewrites, policies, N+1, window, rebalance."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostmaint.errors import InputError
+from hostmaint.models import (
+    Cell,
+    FleetSnapshot,
+    GuestCell,
+    Host,
+    HostState,
+    HugePages,
+    Limits,
+    Numatune,
+    UnmigratableAction,
+    Vm,
+)
+from hostmaint.placement import check_capacity, plan_evacuation, plan_rebalance, plan_window, render_plan
+
+GIB = 1024
+_uuid = iter(range(1, 10**6))
+
+
+def cell(id: int, gib: int, free_gib: float, cpus: range | tuple[int, ...] = (), hugepages: tuple[HugePages, ...] = ()
+         ) -> Cell:
+    return Cell(id=id, memory_mib=gib * GIB, free_mib=int(free_gib * GIB), cpus=tuple(cpus), hugepages=hugepages)
+
+
+def host(name: str, *cells: Cell, state: HostState = HostState.ACTIVE, cpu_group: str = "default",
+         reserved_gib: int = 0) -> Host:
+    return Host(name=name, cluster="c", state=state, cells=cells, cpu_group=cpu_group,
+                reserved_memory_mib=reserved_gib * GIB)
+
+
+def two_cells(name: str, free0: float, free1: float, **kw: object) -> Host:
+    """A 2 × 64 GiB, 2 × 8 CPU host."""
+    return host(name, cell(0, 64, free0, range(0, 8)), cell(1, 64, free1, range(8, 16)), **kw)  # type: ignore[arg-type]
+
+
+def vm(name: str, on: str, gib: float, vcpus: int = 2, **kw: object) -> Vm:
+    return Vm(name=name, uuid=f"u{next(_uuid)}", host=on, memory_mib=int(gib * GIB), vcpus=vcpus, **kw)  # type: ignore[arg-type]
+
+
+def snap(*hosts: Host, vms: tuple[Vm, ...] = (), headroom: float = 0.0, overcommit: float = 4.0) -> FleetSnapshot:
+    return FleetSnapshot(cluster="c", taken_at="t", hosts=hosts, vms=vms,
+                         limits=Limits(memory_headroom_pct=headroom, vcpu_overcommit=overcommit))
+
+
+def only(plan, name: str):  # type: ignore[no-untyped-def]
+    return next(p for p in plan.placements if p.vm == name)
+
+
+# --- NUMA fit -------------------------------------------------------------------------------------
+
+
+def test_vnuma_guest_cells_map_one_to_one_onto_distinct_cells_that_fit() -> None:
+    target = host("b", cell(0, 64, 10, range(0, 4)), cell(1, 64, 40, range(4, 8)),
+                  cell(2, 64, 12, range(8, 12)), cell(3, 64, 35, range(12, 16)))
+    wide = vm("wide", "a", 60, vcpus=4, vnuma=(GuestCell(id=0, memory_mib=30 * GIB, vcpus=(0, 1)),
+                                                 GuestCell(id=1, memory_mib=30 * GIB, vcpus=(2, 3))))
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), target, two_cells("z", 64, 64), vms=(wide,)), ["a"],
+                           spare_hosts=0, avoid={"z"})
+    p = only(plan, "wide")
+    assert plan.feasible and p.target == "b" and p.numa_local
+    assert sorted(p.target_cells) == [1, 3]  # the only two cells with 30 GiB free each
+
+
+def test_vnuma_with_more_guest_cells_than_any_host_is_blocked_as_numa() -> None:
+    wide = vm("wide", "a", 8, vcpus=4, vnuma=tuple(GuestCell(id=i, memory_mib=2 * GIB, vcpus=(i,)) for i in range(4)))
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), two_cells("b", 60, 60), vms=(wide,)), ["a"], spare_hosts=0)
+    assert not plan.feasible
+    [b] = plan.blocked
+    assert (b.vm, b.host, b.constraint) == ("wide", "a", "numa")
+
+
+def test_single_cell_fit_beats_a_emptier_host_that_could_only_take_it_across_cells() -> None:
+    # b is emptier overall but holds 48 GiB only across its two cells; c holds it in cell 1
+    b = two_cells("b", 30, 30)
+    c = two_cells("c", 2, 50)
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), b, c, vms=(vm("big", "a", 48),)), ["a"], spare_hosts=0)
+    p = only(plan, "big")
+    assert (p.target, p.target_cells, p.numa_local) == ("c", (1,), True)
+
+
+def test_numa_remote_only_when_no_single_cell_fit_exists_anywhere() -> None:
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), two_cells("b", 30, 30), vms=(vm("big", "a", 48),)),
+                           ["a"], spare_hosts=0)
+    p = only(plan, "big")
+    assert plan.feasible and not p.numa_local and sorted(p.target_cells) == [0, 1]
+    assert "NUMA-remote" in p.reason
+
+
+def test_pinned_vm_gets_free_unpinned_cpus_of_its_new_cell_and_rewritten_pins() -> None:
+    # target cell 0 has no memory; cell 1 (CPUs 8-15) has 8 and 9 pinned by a VM already there
+    b = two_cells("b", 1, 40)
+    resident = vm("resident", "b", 1, vcpus=2, vcpupin={0: (8,), 1: (9,)}, emulatorpin=(8,))
+    pinned = vm("pinned", "a", 8, vcpus=2, vcpupin={0: (2,), 1: (3,)}, emulatorpin=(2, 3),
+                numatune=Numatune(mode="strict", nodeset=(0,)))
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), b, vms=(resident, pinned)), ["a"], spare_hosts=0)
+    p = only(plan, "pinned")
+    assert (p.target, p.target_cells) == ("b", (1,))
+    assert p.vcpupin == {0: (10,), 1: (11,)}
+    assert p.emulatorpin == (10, 11)
+    assert p.numatune_nodeset == (1,)
+
+
+def test_pinned_vm_without_enough_free_cpus_in_any_cell_is_blocked_as_pinning() -> None:
+    b = host("b", cell(0, 64, 40, range(0, 2)))
+    pinned = vm("pinned", "a", 4, vcpus=4, vcpupin={i: (i,) for i in range(4)})
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), b, vms=(pinned,)), ["a"], spare_hosts=0)
+    [blk] = plan.blocked
+    assert (blk.vm, blk.constraint) == ("pinned", "pinning")
+
+
+def test_strict_numatune_nodeset_is_rewritten_to_a_cell_that_holds_the_memory() -> None:
+    b = two_cells("b", 20, 5)
+    strict = vm("strict", "a", 16, numatune=Numatune(mode="strict", nodeset=(1,)))
+    p = only(plan_evacuation(snap(two_cells("a", 0, 0), b, vms=(strict,)), ["a"], spare_hosts=0), "strict")
+    assert p.numatune_nodeset == (0,) and p.target_cells == (0,)
+
+
+def test_hugepage_vm_needs_free_pages_of_its_size_in_the_cell() -> None:
+    gig = 1024 * 1024
+    b = host("b", cell(0, 64, 60, range(0, 8), (HugePages(size_kib=2048, total=8192, free=8192),)))
+    c = host("c", cell(0, 64, 5, range(0, 8), (HugePages(size_kib=gig, total=20, free=10),)),
+             cell(1, 64, 5, range(8, 16), (HugePages(size_kib=gig, total=20, free=12),)))
+    hp = vm("hp", "a", 12, hugepage_kib=gig)
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), b, c, vms=(hp,)), ["a"], spare_hosts=0)
+    p = only(plan, "hp")
+    assert (p.target, p.target_cells) == ("c", (1,))  # b has only 2 MiB pages; c cell 0 has 10 x 1 GiB
+
+
+def test_vcpu_budget_is_cpu_count_times_overcommit_minus_vcpus_there() -> None:
+    b = two_cells("b", 60, 60)  # 16 CPUs x 1.0 = 16 vCPUs, 14 taken
+    s = snap(two_cells("a", 0, 0), b, vms=(vm("busy", "b", 1, vcpus=14), vm("mover", "a", 1, vcpus=4)),
+             overcommit=1.0)
+    [blk] = plan_evacuation(s, ["a"], spare_hosts=0).blocked
+    assert (blk.vm, blk.constraint) == ("mover", "vcpu")
+
+
+def test_memory_accounts_for_reserved_headroom_and_earlier_placements() -> None:
+    # b cell 0: 20 GiB free - 4 GiB reserved share - 10 % of 64 GiB = 9.6 GiB plannable
+    b = host("b", cell(0, 64, 20, range(0, 8)), reserved_gib=4)
+    vms = (vm("v1", "a", 6), vm("v2", "a", 6))
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), b, vms=vms, headroom=10), ["a"], spare_hosts=0)
+    assert [p.vm for p in plan.placements] == ["v1"] or [p.vm for p in plan.placements] == ["v2"]
+    [blk] = plan.blocked
+    assert blk.constraint == "memory" and "needs 6144" in blk.reason
+
+
+# --- which hosts may receive ----------------------------------------------------------------------
+
+
+def test_targets_are_active_same_cpu_group_and_not_drained() -> None:
+    hosts = (two_cells("a", 0, 0, cpu_group="icelake"), two_cells("b", 60, 60, cpu_group="icelake"),
+             two_cells("c", 63, 63, cpu_group="icelake", state=HostState.CORDONED),
+             two_cells("d", 63, 63, cpu_group="sapphire"), two_cells("e", 63, 63, cpu_group="icelake"))
+    vms = tuple(vm(f"v{i}", "a", 4) for i in range(6))
+    plan = plan_evacuation(snap(*hosts, vms=vms), ["a", "e"], spare_hosts=0)
+    assert plan.feasible and {p.target for p in plan.placements} == {"b"}
+
+
+def test_no_host_in_the_cpu_group_is_a_cpu_group_blocker() -> None:
+    s = snap(two_cells("a", 0, 0, cpu_group="x"), two_cells("b", 60, 60, cpu_group="y"), vms=(vm("v", "a", 1),))
+    [blk] = plan_evacuation(s, ["a"], spare_hosts=0).blocked
+    assert blk.constraint == "cpu-group"
+
+
+def test_avoided_hosts_are_used_only_when_nothing_else_fits() -> None:
+    s = snap(two_cells("a", 0, 0), two_cells("later", 63, 63), two_cells("b", 12, 0),
+             vms=(vm("v1", "a", 8), vm("v2", "a", 8)))
+    plan = plan_evacuation(s, ["a"], avoid={"later"}, spare_hosts=0)
+    targets = {p.vm: p.target for p in plan.placements}
+    assert sorted(targets.values()) == ["b", "later"]
+    assert "due for maintenance later" in only(plan, targets and next(v for v, t in targets.items()
+                                                                     if t == "later")).reason
+
+
+def test_anti_affinity_counts_vms_already_on_the_target() -> None:
+    hosts = (two_cells("a", 0, 0), two_cells("b", 60, 60), two_cells("c", 30, 30), two_cells("d", 20, 20))
+    vms = (vm("db1", "a", 4, anti_affinity="db"), vm("db2", "a", 4, anti_affinity="db"),
+           vm("db3", "b", 4, anti_affinity="db"))
+    plan = plan_evacuation(snap(*hosts, vms=vms), ["a"], spare_hosts=0)
+    assert plan.feasible
+    assert sorted(p.target for p in plan.placements) == ["c", "d"]
+
+
+def test_anti_affinity_with_no_free_host_is_named() -> None:
+    vms = (vm("db1", "a", 4, anti_affinity="db"), vm("db2", "b", 4, anti_affinity="db"))
+    [blk] = plan_evacuation(snap(two_cells("a", 0, 0), two_cells("b", 60, 60), vms=vms), ["a"], spare_hosts=0).blocked
+    assert (blk.vm, blk.constraint) == ("db1", "anti-affinity")
+
+
+# --- VMs that cannot move -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", list(UnmigratableAction))
+def test_unmigratable_vms_follow_their_policy(policy: UnmigratableAction) -> None:
+    vms = (vm("gpu", "a", 4, migratable=False, not_migratable_reason="host device", on_unmigratable=policy),
+           vm("web", "a", 4))
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), two_cells("b", 60, 60), vms=vms), ["a"], spare_hosts=0)
+    if policy is UnmigratableAction.BLOCK:
+        [blk] = plan.blocked
+        assert (blk.vm, blk.constraint) == ("gpu", "unmigratable") and "on_unmigratable: shutdown" in blk.hint
+        assert not plan.feasible
+    elif policy is UnmigratableAction.SHUTDOWN:
+        assert plan.feasible and [p.vm for p in plan.placements] == ["web"]
+        assert [(a.vm, a.action) for a in plan.vm_actions] == [("gpu", UnmigratableAction.SHUTDOWN)]
+    else:
+        assert plan.feasible and plan.skipped_hosts == ("a",) and plan.placements == ()
+
+
+# --- N+1 --------------------------------------------------------------------------------------------
+
+
+def test_n_plus_one_refuses_when_losing_the_largest_remaining_host_would_not_fit() -> None:
+    # each host 128 GiB, 64 GiB used; draining a moves 64 GiB onto b and c (128 GiB used of 256);
+    # losing one of them leaves 128 GiB for 192 GiB of load
+    hosts = (two_cells("a", 32, 32), two_cells("b", 32, 32), two_cells("c", 32, 32))
+    vms = tuple(vm(f"v{i}", "a", 8) for i in range(8))
+    check = check_capacity(snap(*hosts, vms=vms), ["a"])
+    assert not check.ok and check.margin_mib == -64 * GIB and "refused" in check.reason
+    plan = plan_evacuation(snap(*hosts, vms=vms), ["a"])
+    assert not plan.feasible and not plan.blocked and plan.capacity == check
+
+
+def test_n_plus_one_states_the_margin_when_it_holds() -> None:
+    hosts = (two_cells("a", 60, 60), two_cells("b", 60, 60), two_cells("c", 60, 60), two_cells("d", 60, 60))
+    vms = (vm("v", "a", 8),)
+    check = check_capacity(snap(*hosts, vms=vms), ["a"])
+    # usable 3 x 128, lose 128, used 3 x 8 GiB + 8 GiB moved
+    assert check.ok and check.margin_mib == (256 - 24 - 8) * GIB
+
+
+def test_unknown_host_is_an_input_error() -> None:
+    with pytest.raises(InputError, match="nope"):
+        plan_evacuation(snap(two_cells("a", 0, 0), two_cells("b", 9, 9)), ["nope"])
+
+
+# --- determinism and output ---------------------------------------------------------------------------
+
+
+def test_same_snapshot_same_plan_and_digest_recorded() -> None:
+    hosts = tuple(two_cells(n, 30, 30) for n in "abcde")
+    vms = tuple(vm(f"v{i}", "a", 2 + i % 5, anti_affinity="g" if i % 3 == 0 else None) for i in range(9))
+    s = snap(*hosts, vms=vms)
+    first, second = plan_evacuation(s, ["a"]), plan_evacuation(s, ["a"])
+    assert first == second and first.snapshot_digest == s.digest()
+    reordered = FleetSnapshot.model_validate(s.model_dump() | {"hosts": tuple(reversed(s.hosts)),
+                                                               "vms": tuple(reversed(s.vms))})
+    assert plan_evacuation(reordered, ["a"]).placements == first.placements
+
+
+def test_every_placement_says_why_and_names_the_runner_up() -> None:
+    s = snap(two_cells("a", 0, 0), two_cells("b", 60, 60), two_cells("c", 40, 40), vms=(vm("v", "a", 4),))
+    p = only(plan_evacuation(s, ["a"], spare_hosts=0), "v")
+    assert p.target == "b" and p.runner_up == "c" and "runner-up c" in p.reason and "single-cell" in p.reason
+
+
+def test_render_plan_shows_placements_and_blockers() -> None:
+    vms = (vm("gpu", "a", 4, migratable=False), vm("web", "a", 4))
+    text = render_plan(plan_evacuation(snap(two_cells("a", 0, 0), two_cells("b", 60, 60), vms=vms), ["a"]))
+    assert "NOT FEASIBLE" in text and "web" in text and "BLOCKED" in text and "unmigratable" in text
+
+
+# --- rolling window ---------------------------------------------------------------------------------
+
+
+def _window_fleet() -> FleetSnapshot:
+    hosts = tuple(two_cells(f"h{i}", 40, 40) for i in range(5))
+    vms = tuple(vm(f"h{i}-v{j}", f"h{i}", 6) for i in range(5) for j in range(3 + i % 2))
+    return snap(*hosts, vms=vms)
+
+
+def test_window_moves_vms_onto_already_patched_hosts() -> None:
+    s = _window_fleet()
+    plan = plan_window(s, spare_hosts=0)
+    assert plan.feasible and len(plan.steps) == 5
+    assert plan.order[0] in {"h0", "h2", "h4"}  # the emptiest host goes first
+    for step in plan.steps[1:]:
+        patched = set(plan.patched_before(step.host))
+        assert step.evacuation.placements
+        assert all(p.target in patched for p in step.evacuation.placements), step.host
+    # only the first host's VMs move twice
+    first = len(plan.steps[0].evacuation.placements)
+    assert plan.migrations == len(s.vms) + first
+    assert plan.migrations_per_vm == pytest.approx(plan.migrations / len(s.vms), abs=1e-3)
+    assert plan.migrations_per_vm < 1.25
+    assert plan.estimated_seconds == pytest.approx(sum(st.estimated_seconds for st in plan.steps), abs=1)
+    assert "Rolling window" in render_plan(plan)
+
+
+def test_window_leaves_out_hosts_whose_vms_skip_the_host() -> None:
+    s = _window_fleet()
+    stuck = vm("stuck", "h1", 1, migratable=False, on_unmigratable=UnmigratableAction.SKIP_HOST)
+    s = s.model_copy(update={"vms": s.vms + (stuck,)})
+    plan = plan_window(s, ["h0", "h1", "h2"], spare_hosts=0)
+    assert plan.skipped_hosts == ("h1",) and plan.order == ("h0", "h2")
+
+
+# --- rebalance --------------------------------------------------------------------------------------
+
+
+def _lopsided() -> FleetSnapshot:
+    hosts = (two_cells("full", 8, 8), two_cells("mid", 40, 40), two_cells("empty", 62, 62))
+    vms = tuple(vm(f"f{i}", "full", 14) for i in range(8)) + tuple(vm(f"m{i}", "mid", 12) for i in range(4))
+    return snap(*hosts, vms=vms)
+
+
+def test_rebalance_improves_balance_within_the_move_budget() -> None:
+    plan = plan_rebalance(_lopsided(), 3)
+    assert 0 < len(plan.moves) <= 3
+    assert plan.balance_after < plan.balance_before
+    assert all(m.improvement > 0 for m in plan.moves)
+    assert sum(m.improvement for m in plan.moves) == pytest.approx(plan.balance_before - plan.balance_after,
+                                                                   abs=1e-4)
+    assert all(m.placement.source == "full" for m in plan.moves)
+    assert plan_rebalance(_lopsided(), 0).moves == ()
+
+
+def test_rebalance_stops_when_no_move_helps() -> None:
+    hosts = (two_cells("a", 40, 40), two_cells("b", 40, 40))
+    vms = (vm("a1", "a", 24), vm("b1", "b", 24))
+    assert plan_rebalance(snap(*hosts, vms=vms), 10).moves == ()
+
+
+def test_rebalance_returns_vms_to_their_origin_first() -> None:
+    s = _lopsided()
+    homesick = vm("homesick", "empty", 2, origin="mid")
+    s = s.model_copy(update={"vms": s.vms + (homesick,)})
+    plan = plan_rebalance(s, 2)
+    assert plan.moves[0].placement.vm == "homesick" and plan.moves[0].placement.target == "mid"
+    assert "origin" in plan.moves[0].placement.reason
+    assert all(m.placement.vm != "homesick" for m in plan_rebalance(s, 2, prefer_origin=False).moves)
