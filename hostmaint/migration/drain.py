@@ -33,6 +33,7 @@ from hostmaint.migration.policy import (
     Escalation,
     Load,
     MigrationSpec,
+    ProgressTrack,
     SchedulerPolicy,
     admission_refusal,
     link_of,
@@ -103,7 +104,7 @@ class _Flight:
     budget_s: float
     level: Escalation = Escalation.NONE
     level_since_s: float = 0.0
-    history: list[MigrationProgress] = field(default_factory=list)
+    progress: ProgressTrack = field(default_factory=ProgressTrack)
     abort_reason: str | None = None
     last_progress_event: float = -1e18
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -298,7 +299,7 @@ class _Drain:
 
     def on_progress(self, flight: _Flight, sample: MigrationProgress) -> None:
         """Called by the driver for every progress sample: record it and escalate if it stalls."""
-        flight.history.append(sample)
+        flight.progress.observe(sample)
         now = self.clock()
         if now - flight.last_progress_event >= self.policy.progress_event_s:
             flight.last_progress_event = now
@@ -312,7 +313,7 @@ class _Drain:
             if flight.abort_reason is not None:
                 return
             decision = next_action(
-                flight.history, budget_s=flight.budget_s, stall_s=flight.options.stall_seconds,
+                flight.progress.history, budget_s=flight.budget_s, stall_s=flight.options.stall_seconds,
                 level=flight.level, level_since_s=flight.level_since_s,
                 can_auto_converge=self.policy.auto_converge and self.control is not None,
                 can_post_copy=flight.options.post_copy and self.control is not None,

@@ -267,6 +267,26 @@ def stalled_for_s(history: Sequence[MigrationProgress]) -> float:
     return history[-1].elapsed_s - low_at
 
 
+class ProgressTrack:
+    """The progress history :func:`next_action` needs, in constant space: the first sample at the
+    lowest ``data_remaining`` so far, and the latest sample. Hours of samples cost nothing."""
+
+    def __init__(self) -> None:
+        self.low: MigrationProgress | None = None
+        self.last: MigrationProgress | None = None
+
+    def observe(self, sample: MigrationProgress) -> None:
+        if self.low is None or sample.data_remaining < self.low.data_remaining:
+            self.low = sample
+        self.last = sample
+
+    @property
+    def history(self) -> tuple[MigrationProgress, ...]:
+        if self.low is None or self.last is None:
+            return ()
+        return (self.low,) if self.low is self.last else (self.low, self.last)
+
+
 def next_action(history: Sequence[MigrationProgress], *, budget_s: float, stall_s: float,
                 level: Escalation = Escalation.NONE, level_since_s: float = 0.0,
                 can_auto_converge: bool = True, can_post_copy: bool = False,

@@ -1,0 +1,621 @@
+"""What-if simulator: how long a drain, or a whole maintenance window, will take. Pure and deterministic.
+
+A discrete-event fluid model of live migration, driven by the very policy the drain executor uses
+(:mod:`hostmaint.migration.policy`: order, admission, escalation):
+
+* **links**: every host has one link (``SimParams.link_mib_s``, MiB/s) shared by the migrations
+  leaving it and, separately, by those arriving; each migration is also capped by its streams
+  (``SchedulerPolicy.stream_mib_s`` × ``MigrationOptions.parallel_connections``). Rates are max-min
+  fair (progressive filling) and change only at events.
+* **pre-copy**: round 1 sends the VM's memory M; each later round sends what the guest dirtied during
+  the previous one (dirty rate D, at most M). With a steady rate b that sums to M / (b − D). When a
+  round would fit in the downtime limit the VM pauses and the rest is sent (stop-and-copy: that is the
+  downtime). With D ≥ b rounds never shrink: the migration does not converge.
+* **auto-converge** throttles the guest's vCPUs like QEMU: 20 % first, +10 % per round while the round
+  dirtied more than half of what it sent, up to 99 %; D becomes D × (1 − throttle).
+* **post-copy**: the VM resumes on the target after a short switch-over; what is still dirty is sent
+  once, never again.
+* **set-up**: each migration first spends ``setup_s`` (connection, device state, confirmation) without
+  using the link: the per-migration overhead, fitted on lab drains.
+* **escalation**: every ``sample_s`` a running pre-copy migration produces a progress sample and
+  :func:`~hostmaint.migration.policy.next_action` decides, as it would at night.
+
+:func:`simulate_drain` estimates one drain; :func:`simulate_window` a rolling window of many hosts,
+as many at once as N+1 capacity (and ``Limits.max_hosts_in_maintenance``) allows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from hostmaint.migration.policy import (
+    DEFAULT_LINK_MIB_S,
+    MIB,
+    Action,
+    Escalation,
+    Load,
+    MigrationSpec,
+    ProgressTrack,
+    SchedulerPolicy,
+    admission_refusal,
+    migration_budget_s,
+    next_action,
+    options_for,
+    order_placements,
+    stream_rate,
+)
+from hostmaint.models import (
+    EvacuationPlan,
+    FleetSnapshot,
+    HostState,
+    Limits,
+    MigrationOptions,
+    MigrationProgress,
+    Placement,
+    StepOutcome,
+    WindowPlan,
+)
+
+EPS = 1e-9
+
+
+@dataclass(frozen=True)
+class SimParams:
+    """The physical side of the model. Defaults: 10 GbE, QEMU's 300 ms downtime limit."""
+
+    link_mib_s: Mapping[str, float] = field(default_factory=dict)  # per host; else default_link_mib_s
+    default_link_mib_s: float = DEFAULT_LINK_MIB_S
+    downtime_limit_ms: float = 300.0
+    setup_s: float = 1.5  # per migration, without the link (lab: 1.9-2.2 s wall vs 0.7 s in QEMU)
+    switchover_ms: float = 30.0  # device state and the final handshake
+    sample_s: float = 1.0  # how often the executor looks at progress
+    ac_initial: float = 0.2
+    ac_step: float = 0.1
+    ac_max: float = 0.99
+    controls: bool = True  # the driver can escalate a running migration (MigrationControl)
+
+    def link(self, host: str) -> float:
+        return float(self.link_mib_s.get(host, self.default_link_mib_s))
+
+
+class Phase(StrEnum):
+    PENDING = "pending"
+    SETUP = "setup"
+    PRECOPY = "pre-copy"
+    STOPCOPY = "stop-and-copy"
+    POSTCOPY = "post-copy"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class SimMigration:
+    """How one simulated migration went."""
+
+    vm: str
+    source: str
+    target: str
+    memory_mib: int
+    dirty_mib_s: float
+    outcome: StepOutcome
+    start_s: float
+    end_s: float
+    sent_mib: float
+    downtime_ms: float | None
+    rounds: int
+    escalation: Escalation
+    reason: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return self.end_s - self.start_s
+
+
+@dataclass(frozen=True)
+class DrainEstimate:
+    """A simulated drain: every migration, the makespan and the floors it is measured against."""
+
+    migrations: tuple[SimMigration, ...]
+    makespan_s: float
+    link_floor_s: float  # Σ memory ÷ link, on the busiest link
+    vm_floor_s: float  # the slowest single VM with the link to itself: setup + M / (b − D)
+    max_concurrency: int
+
+    @property
+    def lower_bound_s(self) -> float:
+        return max(self.link_floor_s, self.vm_floor_s)
+
+    @property
+    def ratio(self) -> float:
+        """Makespan ÷ lower bound (1.0 is the physical floor)."""
+        return self.makespan_s / self.lower_bound_s if self.lower_bound_s > 0 else 1.0
+
+    @property
+    def memory_mib(self) -> int:
+        return sum(m.memory_mib for m in self.migrations)
+
+    @property
+    def sent_mib(self) -> float:
+        return sum(m.sent_mib for m in self.migrations)
+
+    @property
+    def not_moved(self) -> tuple[SimMigration, ...]:
+        """Migrations that ended with the VM on its source (aborted or never admitted)."""
+        return tuple(m for m in self.migrations if m.outcome is not StepOutcome.OK)
+
+    def downtime_percentile_ms(self, pct: float) -> float:
+        times = sorted(m.downtime_ms for m in self.migrations if m.downtime_ms is not None)
+        if not times:
+            return 0.0
+        return times[min(len(times) - 1, max(0, math.ceil(pct / 100 * len(times)) - 1))]
+
+
+@dataclass(frozen=True)
+class HostEstimate:
+    """One host of a simulated window."""
+
+    host: str
+    start_s: float
+    drained_s: float
+    end_s: float
+    migrations: int
+    outcome: StepOutcome  # FAILED: a VM did not move, the host is not patched
+
+
+@dataclass(frozen=True)
+class WindowEstimate:
+    """A simulated maintenance window: when each host is done, the makespan and its yardsticks."""
+
+    cluster: str
+    hosts: tuple[HostEstimate, ...]
+    makespan_s: float
+    parallel: int  # hosts in maintenance at once (N+1 and the inventory limit)
+    serial_s: float  # the same hosts one at a time, same drains
+    lower_bound_s: float  # max(Σ per-host time ÷ parallel, the longest host)
+    migrations: tuple[SimMigration, ...] = ()
+
+    @property
+    def ratio(self) -> float:
+        return self.makespan_s / self.lower_bound_s if self.lower_bound_s > 0 else 1.0
+
+    def fits(self, window_s: float) -> bool:
+        """True when the window ends within ``window_s`` and every host was patched."""
+        return self.makespan_s <= window_s and all(h.outcome is StepOutcome.OK for h in self.hosts)
+
+
+# --- the engine ------------------------------------------------------------------------
+
+
+@dataclass
+class _Mig:
+    spec: MigrationSpec
+    host_job: str | None = None
+    phase: Phase = Phase.PENDING
+    options: MigrationOptions | None = None
+    cap: float = 0.0  # its streams' ceiling
+    rate: float = 0.0  # allocated now
+    admit_rate: float = 0.0  # what admission counted for it
+    budget_s: float = 0.0
+    start: float = 0.0
+    setup_end: float = 0.0
+    left: float = 0.0  # MiB left in this round / phase
+    dirty_acc: float = 0.0  # MiB dirtied since the round began
+    round_sent: float = 0.0
+    rounds: int = 0
+    sent: float = 0.0
+    throttle: float = 0.0
+    level: Escalation = Escalation.NONE
+    level_since: float = 0.0
+    stop_start: float = 0.0
+    downtime_ms: float | None = None
+    outcome: StepOutcome | None = None
+    reason: str = ""
+    end: float = 0.0
+    track: ProgressTrack = field(default_factory=ProgressTrack)
+
+    @property
+    def dirty(self) -> float:
+        return self.spec.dirty_mib_s * (1.0 - self.throttle)
+
+
+def _allocate(flows: Sequence[_Mig], params: SimParams) -> None:
+    """Max-min fair rates: each flow capped by its streams, each link shared out and in."""
+    for m in flows:
+        m.rate = 0.0
+    capacity: dict[tuple[str, str], float] = {}
+    for m in flows:
+        capacity[("out", m.spec.source)] = params.link(m.spec.source)
+        capacity[("in", m.spec.target)] = params.link(m.spec.target)
+    active = list(flows)
+    while active:
+        users: dict[tuple[str, str], int] = {}
+        for m in active:
+            for key in (("out", m.spec.source), ("in", m.spec.target)):
+                users[key] = users.get(key, 0) + 1
+        step = min(capacity[k] / n for k, n in users.items())
+        step = min(step, min(m.cap - m.rate for m in active))
+        for m in active:
+            m.rate += step
+            capacity[("out", m.spec.source)] -= step
+            capacity[("in", m.spec.target)] -= step
+        full = {k for k in users if capacity[k] <= EPS * max(1.0, params.default_link_mib_s)}
+        active = [m for m in active if m.cap - m.rate > EPS and ("out", m.spec.source) not in full
+                  and ("in", m.spec.target) not in full]
+
+
+class _Engine:
+    """Runs migrations (and, for windows, host jobs) in simulated time."""
+
+    def __init__(self, limits: Limits, policy: SchedulerPolicy, options: MigrationOptions,
+                 params: SimParams, target_free_mib: Mapping[str, int] | None) -> None:
+        self.limits = limits
+        self.policy = policy
+        self.options = options
+        self.params = params
+        self.target_free_mib = dict(target_free_mib) if target_free_mib is not None else None
+        self.t = 0.0
+        self.load = Load()
+        self.pending: list[_Mig] = []
+        self.running: list[_Mig] = []
+        self.done: list[_Mig] = []
+        self.max_concurrency = 0
+        self.next_sample = params.sample_s
+
+    # admission, exactly as the executor does it
+    def admit(self) -> None:
+        for m in list(self.pending):
+            link = self.params.link(m.spec.source)
+            rate = stream_rate(self.options, self.policy, link)
+            if admission_refusal(m.spec, self.load, self.limits, self.policy, link_mib_s=link,
+                                 rate_mib_s=rate, target_free_mib=self.target_free_mib) is not None:
+                continue
+            self.pending.remove(m)
+            m.options = options_for(m.spec, self.options, self.policy, rate)
+            m.cap = rate
+            m.admit_rate = rate
+            m.budget_s = migration_budget_s(m.spec.memory_mib, m.options)
+            m.start = self.t
+            m.setup_end = self.t + self.params.setup_s
+            m.phase = Phase.SETUP
+            if m.options.auto_converge:
+                m.level = Escalation.AUTO_CONVERGE
+                m.throttle = self.params.ac_initial if m.spec.dirty_mib_s > 0 else 0.0
+            self.load.add(m.spec, rate)
+            self.max_concurrency = max(self.max_concurrency, self.load.total)
+            self.running.append(m)
+
+    def finish(self, m: _Mig, outcome: StepOutcome, reason: str = "") -> None:
+        m.phase = Phase.DONE
+        m.outcome = outcome
+        m.reason = reason
+        m.end = self.t
+        m.rate = 0.0
+        self.running.remove(m)
+        self.done.append(m)
+        self.load.remove(m.spec, m.admit_rate, landed=outcome is StepOutcome.OK)
+
+    def fail_pending(self, why: str) -> None:
+        for m in self.pending:
+            m.phase, m.outcome, m.reason, m.start, m.end = Phase.DONE, StepOutcome.FAILED, why, self.t, self.t
+            self.done.append(m)
+        self.pending = []
+
+    def step(self, horizon: float = math.inf) -> bool:
+        """Advance to the next event (at most to ``horizon``). False when nothing is running."""
+        if not self.running:
+            return False
+        if self.next_sample <= self.t:  # time jumped over an idle stretch
+            self.next_sample = self.t + self.params.sample_s
+        flows = [m for m in self.running if m.phase in (Phase.PRECOPY, Phase.STOPCOPY, Phase.POSTCOPY)]
+        _allocate(flows, self.params)
+        when = min(horizon, self.next_sample)
+        for m in self.running:
+            if m.phase is Phase.SETUP:
+                when = min(when, m.setup_end)
+            elif m.rate > 0:
+                when = min(when, self.t + m.left / m.rate)
+        dt = max(0.0, when - self.t)
+        for m in flows:
+            sent = min(m.left, m.rate * dt)
+            m.left -= sent
+            m.sent += sent
+            m.round_sent += sent
+            if m.phase is Phase.PRECOPY:
+                m.dirty_acc = min(float(m.spec.memory_mib), m.dirty_acc + m.dirty * dt)
+        self.t = when
+        for m in list(self.running):
+            tol = EPS * max(1.0, m.rate)
+            if m.phase is Phase.SETUP and m.setup_end <= self.t + EPS:
+                m.phase, m.left, m.rounds = Phase.PRECOPY, float(m.spec.memory_mib), 1
+            elif m.phase is Phase.PRECOPY and m.left <= tol:
+                self.end_round(m)
+            elif m.phase is Phase.STOPCOPY and m.left <= tol:
+                m.downtime_ms = (self.t - m.stop_start) * 1000 + self.params.switchover_ms
+                self.finish(m, StepOutcome.OK)
+            elif m.phase is Phase.POSTCOPY and m.left <= tol:
+                self.finish(m, StepOutcome.OK)
+        if self.t >= self.next_sample - EPS:
+            self.next_sample = self.t + self.params.sample_s
+            for m in list(self.running):
+                if m.phase is Phase.PRECOPY:
+                    self.sample(m)
+        return True
+
+    def end_round(self, m: _Mig) -> None:
+        nxt = m.dirty_acc
+        if nxt <= m.rate * self.params.downtime_limit_ms / 1000:
+            m.phase, m.left, m.stop_start = Phase.STOPCOPY, nxt, self.t
+            if nxt <= EPS:
+                m.downtime_ms = self.params.switchover_ms
+                self.finish(m, StepOutcome.OK)
+            return
+        if m.level >= Escalation.AUTO_CONVERGE and m.dirty_acc > 0.5 * m.round_sent:
+            m.throttle = min(self.params.ac_max, max(self.params.ac_initial, m.throttle + self.params.ac_step))
+        m.left, m.dirty_acc, m.round_sent = nxt, 0.0, 0.0
+        m.rounds += 1
+
+    def sample(self, m: _Mig) -> None:
+        assert m.options is not None
+        elapsed = self.t - m.start
+        m.track.observe(MigrationProgress(
+            vm=m.spec.vm, elapsed_s=elapsed, data_total=m.spec.memory_mib * MIB,
+            data_processed=int(m.sent * MIB), data_remaining=int((m.left + m.dirty_acc) * MIB),
+            dirty_rate_bps=int(m.dirty * MIB), iterations=m.rounds))
+        decision = next_action(m.track.history, budget_s=m.budget_s, stall_s=m.options.stall_seconds,
+                               level=m.level, level_since_s=m.level_since,
+                               can_auto_converge=self.policy.auto_converge and self.params.controls,
+                               can_post_copy=m.options.post_copy and self.params.controls)
+        if decision.action is Action.ENABLE_AUTO_CONVERGE:
+            m.level, m.level_since = Escalation.AUTO_CONVERGE, elapsed
+            m.throttle = max(m.throttle, self.params.ac_initial)
+        elif decision.action is Action.SWITCH_TO_POST_COPY:
+            m.level, m.level_since = Escalation.POST_COPY, elapsed
+            m.phase, m.left, m.dirty_acc = Phase.POSTCOPY, m.left + m.dirty_acc, 0.0
+            m.downtime_ms = self.params.switchover_ms
+        elif decision.action is Action.ABORT:
+            self.finish(m, StepOutcome.ABORTED, decision.reason)
+
+    def result(self, m: _Mig) -> SimMigration:
+        assert m.outcome is not None
+        return SimMigration(vm=m.spec.vm, source=m.spec.source, target=m.spec.target,
+                            memory_mib=m.spec.memory_mib, dirty_mib_s=m.spec.dirty_mib_s, outcome=m.outcome,
+                            start_s=round(m.start, 6), end_s=round(m.end, 6), sent_mib=round(m.sent, 3),
+                            downtime_ms=None if m.downtime_ms is None else round(m.downtime_ms, 3),
+                            rounds=m.rounds, escalation=m.level, reason=m.reason)
+
+
+def _specs(placements: Sequence[Placement], vm_memory_mib: Mapping[str, int] | None,
+           dirty_rate: Mapping[str, float] | None) -> list[MigrationSpec]:
+    memory, dirty = vm_memory_mib or {}, dirty_rate or {}
+    return [MigrationSpec(p, memory.get(p.vm, p.memory_mib), float(dirty.get(p.vm, 0.0))) for p in placements]
+
+
+def vm_floor_s(spec: MigrationSpec, options: MigrationOptions, policy: SchedulerPolicy,
+               params: SimParams) -> float:
+    """The fastest one VM can move with the links to itself: set-up + M / (b − D), or M / b post-copy."""
+    b = min(stream_rate(options, policy, params.link(spec.source)), params.link(spec.target))
+    if spec.dirty_mib_s < b:
+        return params.setup_s + spec.memory_mib / (b - spec.dirty_mib_s)
+    return params.setup_s + spec.memory_mib / b
+
+
+def link_floor_s(specs: Sequence[MigrationSpec], params: SimParams) -> float:
+    """Σ memory ÷ bandwidth on the busiest link, out or in: no drain beats it."""
+    out: dict[str, float] = {}
+    into: dict[str, float] = {}
+    for s in specs:
+        out[s.source] = out.get(s.source, 0.0) + s.memory_mib
+        into[s.target] = into.get(s.target, 0.0) + s.memory_mib
+    loads = [mib / params.link(h) for h, mib in out.items()] + [mib / params.link(h) for h, mib in into.items()]
+    return max(loads, default=0.0)
+
+
+def simulate_drain(plan: EvacuationPlan | Sequence[Placement], limits: Limits, *,
+                   policy: SchedulerPolicy | None = None, options: MigrationOptions = MigrationOptions(),
+                   vm_memory_mib: Mapping[str, int] | None = None, dirty_rate: Mapping[str, float] | None = None,
+                   target_free_mib: Mapping[str, int] | None = None,
+                   params: SimParams = SimParams()) -> DrainEstimate:
+    """Simulate draining ``plan`` as :func:`hostmaint.migration.drain` would run it. Pure.
+
+    ``dirty_rate`` is MiB/s per VM (0 when unknown). The same arguments always give the same estimate.
+    """
+    policy = policy or SchedulerPolicy()
+    placements = plan.placements if isinstance(plan, EvacuationPlan) else tuple(plan)
+    specs = _specs(placements, vm_memory_mib, dirty_rate)
+    engine = _Engine(limits, policy, options, params, target_free_mib)
+    links = {s.source: params.link(s.source) for s in specs}
+    engine.pending = [_Mig(s) for s in order_placements(specs, policy.order, links)]
+    while engine.pending or engine.running:
+        engine.admit()
+        if not engine.running:
+            engine.fail_pending("cannot start: never admissible (limits or target memory)")
+            break
+        engine.step()
+    by_vm = {m.spec.vm: engine.result(m) for m in engine.done}
+    results = tuple(by_vm[s.vm] for s in specs)
+    floor = max((vm_floor_s(s, options, policy, params) for s in specs), default=0.0)
+    return DrainEstimate(results, round(engine.t, 6), round(link_floor_s(specs, params), 6), round(floor, 6),
+                         engine.max_concurrency)
+
+
+# --- windows ---------------------------------------------------------------------------
+
+
+def parallel_capacity(snapshot: FleetSnapshot, hosts: Sequence[str], *, spare_hosts: int = 1) -> int:
+    """How many of ``hosts`` may be in maintenance at once while the rest still hold every VM and
+    survive losing their ``spare_hosts`` largest hosts (memory, after reservations and headroom);
+    at most ``limits.max_hosts_in_maintenance``, at least 1."""
+    usable = {h.name: (h.memory_mib - h.reserved_memory_mib) * (1 - snapshot.limits.memory_headroom_pct / 100)
+              for h in snapshot.hosts if h.state is HostState.ACTIVE or h.name in hosts}
+    load = sum(v.memory_mib for v in snapshot.vms if v.host in usable)
+    out_first = sorted(hosts, key=lambda n: -usable.get(n, 0.0))  # the worst case: the largest are out
+    best = 1
+    for k in range(1, min(len(hosts), snapshot.limits.max_hosts_in_maintenance) + 1):
+        rest = sorted((c for n, c in usable.items() if n not in out_first[:k]), reverse=True)
+        if load <= sum(rest[spare_hosts:]):
+            best = k
+        else:
+            break
+    return best
+
+
+@dataclass
+class _HostJob:
+    name: str
+    migs: list[_Mig]
+    start: float = -1.0
+    drained: float = -1.0
+    end: float = -1.0
+    failed: bool = False
+
+
+def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], *,
+                    policy: SchedulerPolicy | None = None, options: MigrationOptions = MigrationOptions(),
+                    dirty_rate: Mapping[str, float] | None = None, params: SimParams = SimParams(),
+                    patch_s: float = 600.0, parallel: int | None = None, spare_hosts: int = 1) -> WindowEstimate:
+    """Simulate a rolling window over ``snapshot``'s cluster: drain, patch (``patch_s``: update, reboot,
+    verify) and return each host, ``parallel`` hosts at once (default: what N+1 capacity allows).
+
+    With a :class:`WindowPlan` its placements are used, and a host starts only when the hosts its VMs
+    go to are not in maintenance (and those that send VMs to it are done sending). With a list of
+    hosts each host's VMs are placed when it starts, largest first, onto the active host with the most
+    free memory, patched hosts preferred. Also simulates the same hosts one at a time (``serial_s``)
+    for the lower bound. Pure and deterministic.
+    """
+    policy = policy or SchedulerPolicy()
+    names = list(window.order) if isinstance(window, WindowPlan) else list(window)
+    k = parallel if parallel is not None else parallel_capacity(snapshot, names, spare_hosts=spare_hosts)
+    run = _run_window(snapshot, window, names, k, policy, options, dirty_rate, params, patch_s)
+    serial = run if k == 1 else _run_window(snapshot, window, names, 1, policy, options, dirty_rate, params,
+                                            patch_s)
+    per_host = [h.end_s - h.start_s for h in serial[0]]
+    bound = max(sum(per_host) / max(k, 1), max(per_host, default=0.0))
+    hosts, migs, makespan = run
+    return WindowEstimate(cluster=snapshot.cluster, hosts=hosts, makespan_s=round(makespan, 3), parallel=k,
+                          serial_s=round(serial[2], 3), lower_bound_s=round(bound, 3), migrations=migs)
+
+
+def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], names: list[str], k: int,
+                policy: SchedulerPolicy, options: MigrationOptions, dirty_rate: Mapping[str, float] | None,
+                params: SimParams, patch_s: float) -> tuple[tuple[HostEstimate, ...], tuple[SimMigration, ...],
+                                                             float]:
+    limits = snapshot.limits
+    free: dict[str, float] = {}
+    for h in snapshot.hosts:
+        free[h.name] = (h.memory_mib - h.reserved_memory_mib) * (1 - limits.memory_headroom_pct / 100)
+    memory = {v.name: v.memory_mib for v in snapshot.vms}
+    location = {v.name: v.host for v in snapshot.vms}
+    for v in snapshot.vms:
+        free[v.host] -= v.memory_mib
+    planned: dict[str, list[Placement]] = {}
+    if isinstance(window, WindowPlan):
+        planned = {s.host: list(s.evacuation.placements) for s in window.steps}
+    # The engine checks target memory from the free memory it is given; admission counts in-flight.
+    engine = _Engine(limits, policy, options, params, {n: int(f) for n, f in free.items()})
+    jobs = {n: _HostJob(n, []) for n in names}
+    active = {h.name for h in snapshot.hosts if h.state is HostState.ACTIVE}
+    order_idx = {n: i for i, n in enumerate(names)}
+    waiting = list(names)
+    in_maint: list[str] = []
+    patched: set[str] = set()
+    timers: dict[str, float] = {}
+
+    def targets_of(name: str) -> set[str]:
+        return {p.target for p in planned.get(name, [])}
+
+    def can_start(name: str) -> bool:
+        if not planned:
+            return True
+        busy = set(in_maint)
+        if targets_of(name) & busy:
+            return False
+        for t in targets_of(name):  # onto an earlier host only once it is patched
+            if order_idx.get(t, len(names)) < order_idx[name] and t not in patched:
+                return False
+        # every earlier host that sends VMs here must be done sending
+        return all(jobs[o].drained >= 0 for o in names[:order_idx[name]] if name in targets_of(o))
+
+    def place(name: str) -> list[Placement]:
+        if planned:
+            return planned.get(name, [])
+        out: list[Placement] = []
+        vms = sorted((v for v, h in location.items() if h == name), key=lambda v: (-memory[v], v))
+        candidates = [h for h in sorted(active) if h not in in_maint and h != name]
+        for vm in vms:
+            fitting = [h for h in candidates if free[h] >= memory[vm]]
+            if not fitting:
+                continue  # left on the host: the drain of this host fails
+            best = max(fitting, key=lambda h: (h in patched, free[h], h))
+            free[best] -= memory[vm]
+            out.append(Placement(vm=vm, source=name, target=best, memory_mib=memory[vm], reason="simulated"))
+        return out
+
+    def start_hosts() -> None:
+        for name in list(waiting):
+            if len(in_maint) >= k:
+                return
+            if not can_start(name):
+                continue
+            waiting.remove(name)
+            in_maint.append(name)
+            job = jobs[name]
+            job.start = engine.t
+            placements = place(name)
+            unplaced = [v for v, h in location.items() if h == name and v not in {p.vm for p in placements}]
+            job.failed = bool(unplaced) and not planned
+            specs = _specs(placements, memory, dirty_rate)
+            links = {s.source: params.link(s.source) for s in specs}
+            job.migs = [_Mig(s, host_job=name) for s in order_placements(specs, policy.order, links)]
+            engine.pending.extend(job.migs)
+            if not job.migs:
+                job.drained = engine.t
+                timers[name] = engine.t + (0.0 if job.failed else patch_s)
+
+    def settle() -> None:
+        for name in list(in_maint):
+            job = jobs[name]
+            if job.drained < 0 and job.migs and all(m.phase is Phase.DONE for m in job.migs):
+                job.drained = engine.t
+                for m in job.migs:
+                    if m.outcome is StepOutcome.OK:
+                        location[m.spec.vm] = m.spec.target
+                        free[m.spec.source] += m.spec.memory_mib
+                    elif not planned:
+                        free[m.spec.target] += m.spec.memory_mib
+                job.failed = job.failed or any(m.outcome is not StepOutcome.OK for m in job.migs)
+                # a host with a VM left on it is not rebooted: it stays cordoned, the window goes on
+                timers[name] = engine.t + (0.0 if job.failed else patch_s)
+            if name in timers and timers[name] <= engine.t + EPS:
+                del timers[name]
+                in_maint.remove(name)
+                job.end = engine.t
+                if not job.failed:
+                    patched.add(name)
+
+    while waiting or in_maint:
+        settle()
+        start_hosts()
+        engine.admit()
+        horizon = min(timers.values(), default=math.inf)
+        if not engine.running:
+            if engine.pending:
+                engine.fail_pending("cannot start: never admissible (limits or target memory)")
+                continue
+            if horizon == math.inf:
+                if waiting and not in_maint:
+                    for name in waiting:  # its dependencies can never be met
+                        jobs[name].start = jobs[name].drained = jobs[name].end = engine.t
+                        jobs[name].failed = True
+                    waiting.clear()
+                continue
+            engine.t = max(engine.t, horizon)
+            continue
+        engine.step(horizon)
+    hosts = tuple(HostEstimate(host=j.name, start_s=round(j.start, 3), drained_s=round(j.drained, 3),
+                               end_s=round(j.end, 3), migrations=len(j.migs),
+                               outcome=StepOutcome.FAILED if j.failed else StepOutcome.OK)
+                  for j in jobs.values())
+    migs = tuple(engine.result(m) for m in engine.done)
+    return hosts, migs, max((j.end for j in jobs.values()), default=0.0)

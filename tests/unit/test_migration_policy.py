@@ -1,0 +1,156 @@
+"""The pure migration policy: escalation (next_action), admission and order. Table-driven."""
+
+from __future__ import annotations
+
+import pytest
+
+from hostmaint.migration.policy import (
+    Action,
+    Escalation,
+    Load,
+    MigrationSpec,
+    Order,
+    ProgressTrack,
+    SchedulerPolicy,
+    admission_refusal,
+    migration_budget_s,
+    next_action,
+    options_for,
+    order_placements,
+    stalled_for_s,
+    stream_rate,
+)
+from hostmaint.models import Limits, MigrationOptions, MigrationProgress, Placement
+
+GIB = 1024**3
+
+
+def samples(*points: tuple[float, int]) -> list[MigrationProgress]:
+    return [MigrationProgress(vm="v", elapsed_s=t, data_remaining=r) for t, r in points]
+
+
+FALLING = samples((0, 900), (10, 700), (20, 500), (30, 300))
+FLAT = samples((0, 900), (10, 500), (20, 600), (30, 550), (80, 700))  # last new low at 10 s
+
+
+@pytest.mark.parametrize(("history", "level", "since", "ac", "pc", "budget", "expected"), [
+    ([], Escalation.NONE, 0, True, True, 100, Action.CONTINUE),
+    (FALLING, Escalation.NONE, 0, True, True, 100, Action.CONTINUE),
+    (FLAT, Escalation.NONE, 0, True, True, 1000, Action.ENABLE_AUTO_CONVERGE),
+    (FLAT, Escalation.NONE, 0, False, True, 1000, Action.SWITCH_TO_POST_COPY),
+    (FLAT, Escalation.NONE, 0, False, False, 1000, Action.ABORT),
+    (FLAT, Escalation.AUTO_CONVERGE, 0, True, True, 1000, Action.SWITCH_TO_POST_COPY),
+    (FLAT, Escalation.AUTO_CONVERGE, 0, True, False, 1000, Action.ABORT),
+    # an escalation gets stall_s to show an effect before the next one
+    (FLAT, Escalation.AUTO_CONVERGE, 50, True, True, 1000, Action.CONTINUE),
+    # the budget ends every pre-copy migration, progressing or not
+    (FALLING, Escalation.NONE, 0, True, True, 30, Action.ABORT),
+    # post-copy is never aborted: the VM already runs on the target
+    (FLAT, Escalation.POST_COPY, 0, True, True, 10, Action.CONTINUE),
+])
+def test_next_action(history, level, since, ac, pc, budget, expected) -> None:
+    decision = next_action(history, budget_s=budget, stall_s=60, level=level, level_since_s=since,
+                           can_auto_converge=ac, can_post_copy=pc)
+    assert decision.action is expected, decision.reason
+    assert decision.reason
+
+
+def test_watchdog_time_counts_as_stall_time_without_new_samples() -> None:
+    history = samples((0, 900), (10, 500))
+    assert next_action(history, budget_s=1000, stall_s=60, elapsed_s=30).action is Action.CONTINUE
+    assert next_action(history, budget_s=1000, stall_s=60, elapsed_s=75).action is Action.ENABLE_AUTO_CONVERGE
+
+
+def test_progress_track_keeps_the_answer_of_the_full_history() -> None:
+    track = ProgressTrack()
+    for s in FLAT:
+        track.observe(s)
+    assert stalled_for_s(track.history) == stalled_for_s(FLAT) == 70
+
+
+def test_budget_is_per_gib_with_a_floor() -> None:
+    opts = MigrationOptions(seconds_per_gib=150, min_budget_seconds=60)
+    assert migration_budget_s(64 * 1024, opts) == 9600
+    assert migration_budget_s(100, opts) == 60
+
+
+def spec(vm: str, mib: int, dirty: float = 0.0, source: str = "s", target: str = "t") -> MigrationSpec:
+    return MigrationSpec(Placement(vm=vm, source=source, target=target, memory_mib=mib), mib, dirty)
+
+
+def loaded(*running: tuple[MigrationSpec, float]) -> Load:
+    load = Load()
+    for s, rate in running:
+        load.add(s, rate)
+    return load
+
+
+BIG = Limits(migrations_per_source=16, migrations_per_target=16, migrations_per_cluster=64)
+
+
+@pytest.mark.parametrize(("running", "candidate", "policy", "limits", "refused"), [
+    ((), spec("a", 1024), SchedulerPolicy(), BIG, None),
+    # the first migration of a source always starts, however dirty
+    ((), spec("a", 1024, dirty=5000), SchedulerPolicy(), BIG, None),
+    # fill the link: 600 + 600 >= 1100 -> a third waits
+    ([(spec("x", 1), 600.0)], spec("a", 1024), SchedulerPolicy(), BIG, None),
+    ([(spec("x", 1), 600.0), (spec("y", 1), 600.0)], spec("a", 1024), SchedulerPolicy(), BIG, "link"),
+    # summed dirty rate must stay below half the link
+    ([(spec("x", 1, dirty=400), 600.0)], spec("a", 1024, dirty=200), SchedulerPolicy(), BIG, "dirty"),
+    ([(spec("x", 1, dirty=400), 600.0)], spec("a", 1024, dirty=100), SchedulerPolicy(), BIG, None),
+    # fixed policies ignore link and dirty rate, and stop at their number
+    ([(spec("x", 1, dirty=400), 600.0), (spec("y", 1), 600.0)], spec("a", 1, dirty=900),
+     SchedulerPolicy.unbounded(), BIG, None),
+    ([(spec("x", 1), 600.0)], spec("a", 1), SchedulerPolicy.fixed(1), BIG, "policy fixed1"),
+    # the inventory limits bound every policy
+    ([(spec("x", 1), 1.0)], spec("a", 1), SchedulerPolicy.unbounded(), Limits(migrations_per_source=1), "source"),
+    ([(spec("x", 1, source="o"), 1.0)], spec("a", 1), SchedulerPolicy.unbounded(),
+     Limits(migrations_per_target=1), "target"),
+    ([(spec("x", 1, source="o", target="p"), 1.0)], spec("a", 1), SchedulerPolicy.unbounded(),
+     Limits(migrations_per_cluster=1), "cluster"),
+])
+def test_admission(running, candidate, policy, limits, refused) -> None:
+    why = admission_refusal(candidate, loaded(*running), limits, policy, link_mib_s=1100.0, rate_mib_s=600.0)
+    if refused is None:
+        assert why is None
+    else:
+        assert why is not None and refused in why
+
+
+def test_admission_counts_in_flight_memory_on_the_target_and_frees_it_on_the_source() -> None:
+    load = loaded((spec("x", 3000), 1.0))
+    free = {"t": 4000, "s": 0}
+    why = admission_refusal(spec("a", 2000), load, BIG, SchedulerPolicy.unbounded(), link_mib_s=1100,
+                            rate_mib_s=600, target_free_mib=free)
+    assert why is not None and "memory" in why
+    load.remove(spec("x", 3000), 1.0, landed=False)  # aborted: the target gets its memory back
+    assert admission_refusal(spec("a", 2000), load, BIG, SchedulerPolicy.unbounded(), link_mib_s=1100,
+                             rate_mib_s=600, target_free_mib=free) is None
+    # a VM that left "t" frees room on it for a migration onto "t"
+    load2 = loaded((spec("y", 2500, source="t", target="u"), 1.0))
+    load2.remove(spec("y", 2500, source="t", target="u"), 1.0, landed=True)
+    assert admission_refusal(spec("b", 6000), load2, BIG, SchedulerPolicy.unbounded(), link_mib_s=1100,
+                             rate_mib_s=600, target_free_mib=free) is None
+
+
+def test_orders() -> None:
+    specs = [spec("small", 512), spec("hot", 8192, dirty=600), spec("big", 4096, dirty=10),
+             spec("warm", 16384, dirty=150)]
+    names = lambda order: [s.vm for s in order_placements(specs, order)]  # noqa: E731
+    assert names(Order.PLAN) == ["small", "hot", "big", "warm"]
+    assert names(Order.LARGEST_FIRST) == ["warm", "hot", "big", "small"]
+    assert names(Order.SMALLEST_FIRST) == ["small", "big", "hot", "warm"]
+    assert names(Order.LOW_DIRTY_FIRST) == ["small", "big", "warm", "hot"]
+    assert names(Order.ADAPTIVE) == ["big", "small", "warm", "hot"]
+
+
+def test_stream_rate_and_options() -> None:
+    policy = SchedulerPolicy()
+    assert stream_rate(MigrationOptions(), policy, 1100) == 600
+    assert stream_rate(MigrationOptions(parallel_connections=4), policy, 1100) == 1100
+    assert stream_rate(MigrationOptions(bandwidth_mib_s=52), policy, 1100) == 52
+    s = spec("a", 1024, dirty=400)
+    opts = options_for(s, MigrationOptions(), SchedulerPolicy(allow_post_copy=True), 600)
+    assert opts.placement == s.placement and opts.auto_converge and opts.post_copy
+    calm = options_for(spec("b", 1024, dirty=10), MigrationOptions(), policy, 600)
+    assert not calm.auto_converge and not calm.post_copy
