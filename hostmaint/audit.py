@@ -29,7 +29,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from hostmaint.db import AuditRow, Clock, utcnow, write_transaction
+from hostmaint.db import Clock, audit_table, utcnow, write_transaction
+from hostmaint.errors import AuditError
 from hostmaint.models import StepOutcome, Trigger
 
 GENESIS_HASH = "0" * 64
@@ -204,23 +205,27 @@ class AuditTrail:
         details = json.loads(canonical_json(details))
         trigger = Trigger(entry.trigger) if entry.trigger is not None else None
         outcome = StepOutcome(entry.outcome)
+        duration_s = float(entry.duration_s)
+        if not math.isfinite(duration_s):
+            # SQLite would store NaN as NULL and the record would no longer match its hash
+            raise ValueError(f"audit entry {entry.step!r}: duration_s must be a finite number, got {duration_s}")
         for attempt in range(_APPEND_ATTEMPTS):
             try:
                 with write_transaction(self._engine) as conn:
-                    last = conn.execute(sa.select(AuditRow.seq, AuditRow.hash)
-                                        .order_by(AuditRow.seq.desc()).limit(1)).first()
+                    last = conn.execute(sa.select(audit_table.c.seq, audit_table.c.hash)
+                                        .order_by(audit_table.c.seq.desc()).limit(1)).first()
                     seq, prev_hash = (last.seq + 1, last.hash) if last else (1, GENESIS_HASH)
                     fields: dict[str, Any] = dict(
                         seq=seq, time=self._clock().astimezone(UTC).isoformat(), run_id=entry.run_id,
                         flow=entry.flow, trigger=trigger, operator=entry.operator, cluster=entry.cluster,
                         host=entry.host, vm=entry.vm, step=entry.step, inputs=inputs, outcome=outcome,
-                        duration_s=float(entry.duration_s), details=details, prev_hash=prev_hash)
+                        duration_s=duration_s, details=details, prev_hash=prev_hash)
                     fields["hash"] = record_hash(fields)
                     record = AuditRecord(**fields)
                     row = record.to_dict()
                     row["inputs"] = canonical_json(inputs)
                     row["details"] = canonical_json(details)
-                    conn.execute(sa.insert(AuditRow.__table__).values(**row))
+                    conn.execute(sa.insert(audit_table).values(**row))
                 return record
             except IntegrityError:
                 if attempt == _APPEND_ATTEMPTS - 1:
@@ -233,7 +238,7 @@ class AuditTrail:
 
         ``limit`` keeps the most recent ``limit`` of them (still oldest first).
         """
-        t = AuditRow.__table__
+        t = audit_table
         query = sa.select(t)
         if host is not None:
             query = query.where(t.c.host == host)
@@ -253,7 +258,7 @@ class AuditTrail:
         chain must still contain it, which catches a chain rewritten from scratch.
         """
         with self._engine.connect() as conn:
-            rows = conn.execute(sa.select(AuditRow.__table__).order_by(AuditRow.seq)).all()
+            rows = conn.execute(sa.select(audit_table).order_by(audit_table.c.seq)).all()
         chain = [_stored_fields(row) for row in rows]
         stored = {fields["hash"]: fields for fields in chain}  # to trace where moved content came from
         seen: set[str] = set()
@@ -361,10 +366,13 @@ def _json_or_text(text: Any) -> Any:
 
 
 def _from_row(row: sa.Row) -> AuditRecord:
+    try:
+        trigger = Trigger(row.trigger) if row.trigger is not None else None
+        outcome = StepOutcome(row.outcome)
+        inputs, details = json.loads(row.inputs), json.loads(row.details)
+    except ValueError as exc:
+        raise AuditError(f"record {row.seq} cannot be read ({exc}): it was altered; run verify()") from exc
     return AuditRecord(
-        seq=row.seq, time=row.time, run_id=row.run_id, flow=row.flow,
-        trigger=Trigger(row.trigger) if row.trigger is not None else None, operator=row.operator,
-        cluster=row.cluster, host=row.host, vm=row.vm, step=row.step, inputs=json.loads(row.inputs),
-        outcome=StepOutcome(row.outcome), duration_s=row.duration_s, details=json.loads(row.details),
-        prev_hash=row.prev_hash, hash=row.hash)
-
+        seq=row.seq, time=row.time, run_id=row.run_id, flow=row.flow, trigger=trigger, operator=row.operator,
+        cluster=row.cluster, host=row.host, vm=row.vm, step=row.step, inputs=inputs, outcome=outcome,
+        duration_s=row.duration_s, details=details, prev_hash=row.prev_hash, hash=row.hash)

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import sqlalchemy as sa
 from sqlalchemy import event
@@ -132,6 +132,14 @@ class AuditRow(Base):
     details: Mapped[str] = mapped_column(sa.Text, default="{}")  # canonical JSON
     prev_hash: Mapped[str] = mapped_column(sa.String(64))
     hash: Mapped[str] = mapped_column(sa.String(64))
+
+
+# Core handles on the tables (typed as Table, which ``Model.__table__`` is not)
+host_state_table = cast(sa.Table, HostStateRow.__table__)
+host_history_table = cast(sa.Table, HostHistoryRow.__table__)
+window_progress_table = cast(sa.Table, WindowProgressRow.__table__)
+vm_origin_table = cast(sa.Table, VmOriginRow.__table__)
+audit_table = cast(sa.Table, AuditRow.__table__)
 
 
 # --- engine -------------------------------------------------------------------

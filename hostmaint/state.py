@@ -1,12 +1,12 @@
 """The host state machine, persisted.
 
-::
+The way through maintenance, and the ways out of it::
 
-    active ──► cordoned ──► draining ──► drained ──► patching ──► rebooting ──► verifying ──► active
-                  ▲  │          │  ▲        │ │         │            │              │
-                  │  └► active  │  └────────┘ └► rebooting/verifying │              └► cordoned | drained
-                  │             └► cordoned     cordoned | active     │
-                  └──────── failed ◄── (any maintenance state) ───────┘
+    active -> cordoned -> draining -> drained -> patching -> rebooting -> verifying -> active
+                                                  (patching and rebooting are optional after drained)
+    back out:   cordoned -> active;  draining | drained | patching | verifying -> cordoned;  drained -> active
+    retry:      drained -> draining (a resumed drain);  verifying -> drained
+    give up:    any maintenance state except active -> failed;  failed -> cordoned (operator recovery)
 
 Every transition is checked against :data:`TRANSITIONS`; anything else raises
 :class:`~hostmaint.errors.StateError` naming the host, from and to. Moving to the state a
@@ -35,11 +35,11 @@ from sqlalchemy.exc import IntegrityError
 
 from hostmaint.db import (
     Clock,
-    HostHistoryRow,
-    HostStateRow,
-    VmOriginRow,
-    WindowProgressRow,
+    host_history_table,
+    host_state_table,
     utcnow,
+    vm_origin_table,
+    window_progress_table,
     write_transaction,
 )
 from hostmaint.errors import StateError
@@ -115,14 +115,14 @@ class HostStateStore:
 
     def history(self, host: str) -> list[HostRecord]:
         """Every state the host entered, oldest first."""
-        t = HostHistoryRow.__table__
+        t = host_history_table
         with self._engine.connect() as conn:
             rows = conn.execute(sa.select(t).where(t.c.host == host).order_by(t.c.id)).all()
         return [_record(r) for r in rows]
 
     def all(self) -> dict[str, HostRecord]:
         """Every host ever seen, by name."""
-        t = HostStateRow.__table__
+        t = host_state_table
         with self._engine.connect() as conn:
             rows = conn.execute(sa.select(t).order_by(t.c.host)).all()
         return {r.host: _record(r) for r in rows}
@@ -181,7 +181,7 @@ class HostStateStore:
 
     def mark_patched(self, window_id: str, host: str, run_id: str | None = None) -> None:
         """Remember that ``host`` was patched in window ``window_id`` (idempotent)."""
-        t = WindowProgressRow.__table__
+        t = window_progress_table
 
         def mark(conn: Connection) -> None:
             query = sa.select(t.c.host).where(t.c.window_id == window_id, t.c.host == host)
@@ -193,7 +193,7 @@ class HostStateStore:
 
     def patched_in(self, window_id: str) -> set[str]:
         """Hosts already patched in window ``window_id``."""
-        t = WindowProgressRow.__table__
+        t = window_progress_table
         with self._engine.connect() as conn:
             return set(conn.execute(sa.select(t.c.host).where(t.c.window_id == window_id)).scalars())
 
@@ -204,7 +204,7 @@ class HostStateStore:
 
         A VM moved twice in one maintenance must still go home to where it started.
         """
-        t = VmOriginRow.__table__
+        t = vm_origin_table
 
         def record(conn: Connection) -> None:
             if conn.execute(sa.select(t.c.vm).where(t.c.vm == vm)).first() is None:
@@ -215,7 +215,7 @@ class HostStateStore:
 
     def origins(self, origin_host: str | None = None) -> dict[str, str]:
         """VM -> origin host, for every recorded VM or only those that came from ``origin_host``."""
-        t = VmOriginRow.__table__
+        t = vm_origin_table
         query = sa.select(t.c.vm, t.c.origin).order_by(t.c.vm)
         if origin_host is not None:
             query = query.where(t.c.origin == origin_host)
@@ -224,7 +224,7 @@ class HostStateStore:
 
     def clear_origin(self, vm: str) -> None:
         """Forget ``vm``'s origin (it is home again); nothing happens if none was recorded."""
-        t = VmOriginRow.__table__
+        t = vm_origin_table
         with write_transaction(self._engine) as conn:
             conn.execute(sa.delete(t).where(t.c.vm == vm))
 
@@ -232,7 +232,7 @@ class HostStateStore:
 
     def _read(self, conn: Connection, host: str, for_update: bool = False) -> tuple[HostRecord, bool]:
         """The host's record, and whether a row exists for it."""
-        t = HostStateRow.__table__
+        t = host_state_table
         query = sa.select(t).where(t.c.host == host)
         if for_update:
             query = query.with_for_update()  # a row lock on PostgreSQL; SQLite holds the write lock already
@@ -267,7 +267,7 @@ class HostStateStore:
         now = self._clock()
         values = dict(state=to.value, reason=reason, since=now, run_id=run_id,
                       prior_state=prior.value if prior else None)
-        t = HostStateRow.__table__
+        t = host_state_table
         if exists:
             # compare-and-set: only if nobody changed the state since we read it
             cas = sa.update(t).where(t.c.host == current.host, t.c.state == current.state.value)
@@ -276,7 +276,7 @@ class HostStateStore:
                 raise _Conflict(current.host)
         else:
             conn.execute(sa.insert(t).values(host=current.host, **values))  # IntegrityError if we lost a race
-        conn.execute(sa.insert(HostHistoryRow.__table__).values(host=current.host, **values))
+        conn.execute(sa.insert(host_history_table).values(host=current.host, **values))
         return HostRecord(host=current.host, state=to, reason=reason, since=now, run_id=run_id,
                           prior_state=prior)
 

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 
 from hostmaint.audit import AuditEntry, AuditRecord, AuditSink, AuditTrail, redact
 from hostmaint.db import open_engine
+from hostmaint.errors import AuditError
 from hostmaint.models import MigrationResult, StepOutcome, Trigger
 
 REPO = Path(__file__).resolve().parents[2]
@@ -331,6 +332,7 @@ WRITER = """
 import sys
 from hostmaint.audit import AuditEntry, AuditTrail
 from hostmaint.db import open_engine
+from hostmaint.errors import AuditError
 trail = AuditTrail(open_engine(sys.argv[1]))
 for i in range(int(sys.argv[3])):
     trail.append(AuditEntry(run_id=sys.argv[2], step="update", inputs={"i": i}))
@@ -382,3 +384,17 @@ def test_export_csv_parses_back(trail: AuditTrail) -> None:
 def test_export_unknown_format_is_refused(trail: AuditTrail) -> None:
     with pytest.raises(ValueError, match="xml"):
         trail.export("xml")  # type: ignore[arg-type]
+
+
+def test_reading_a_record_with_a_tampered_enum_raises_audit_error(engine: sa.Engine, trail: AuditTrail) -> None:
+    fill(trail, 3)
+    sql(engine, "UPDATE hostmaint_audit SET outcome = 'fine' WHERE seq = 2")
+    with pytest.raises(AuditError, match="record 2 cannot be read"):
+        trail.records()
+    assert trail.verify().problem.startswith("record 2 (")  # verify still names it instead of crashing
+
+
+def test_non_finite_duration_is_refused(trail: AuditTrail) -> None:
+    with pytest.raises(ValueError, match="duration_s"):
+        trail.append(AuditEntry(step="drain", duration_s=float("nan")))
+    assert trail.records() == []
