@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from hostmaint.db import HostStateRow, database_url, open_engine
 from hostmaint.errors import StateError
 from hostmaint.models import HostState as S
-from hostmaint.state import HostStateStore
+from hostmaint.state import HostRecord, HostStateStore
 
 # the state machine as the brief states it, written out independently of hostmaint.state.TRANSITIONS
 ALLOWED = {
@@ -261,6 +261,28 @@ def test_same_transition_from_eight_threads_is_written_once(db_path: Path) -> No
     finally:
         for e in engines:
             e.dispose()
+
+
+def test_compare_and_set_refuses_a_write_based_on_a_stale_read(engine: sa.Engine, store: HostStateStore,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """What PostgreSQL can do and SQLite's write lock prevents: state changed between read and write."""
+    put(engine, "hv01", S.DRAINING)
+    real_read = store._read
+    reads = []
+
+    def stale_first(conn: sa.Connection, host: str, for_update: bool = False) -> tuple[HostRecord, bool]:
+        record, exists = real_read(conn, host, for_update)
+        reads.append(record.state)
+        if len(reads) == 1:  # what another writer saw a moment ago
+            record = HostRecord(**{**record.__dict__, "state": S.CORDONED})
+        return record, exists
+
+    monkeypatch.setattr(store, "_read", stale_first)
+    with pytest.raises(StateError, match="hv01: cannot go from draining to active"):
+        store.transition("hv01", S.ACTIVE, "uncordon, judged on a stale read")
+    assert reads == [S.DRAINING, S.DRAINING]  # retried with a fresh read
+    assert store.state("hv01") == S.DRAINING
+    assert store.history("hv01") == []
 
 
 # --- window progress and VM origins ------------------------------------------------------------
