@@ -231,6 +231,7 @@ class Placement(Frozen):
     memory_mib: int = 0
     reason: str = ""
     runner_up: str | None = None
+    cell_memory_mib: tuple[int, ...] = ()  # memory each of target_cells holds, in the same order
 
 
 class Blocker(Frozen):

@@ -103,9 +103,10 @@ def _capacity(snapshot: FleetSnapshot, ledger: Ledger, drained: Sequence[str], s
         return CapacityCheck(ok=False, margin_mib=math.floor(margin),
                              reason=f"{what}; only {len(remaining)} active host(s) remain, "
                                     f"N+{spare_hosts} needs more than {spare_hosts}")
-    lost_words = ", ".join(f"{n} ({c / GIB:.1f} GiB)" for n, c in lost)
+    lost_words = ("after losing " + ", ".join(f"{n} ({c / GIB:.1f} GiB)" for n, c in lost)) if lost else \
+        "with no spare host required"
     tail = (f"{len(remaining)} remaining hosts hold {(used + demand) / GIB:.1f} of "
-            f"{sum(capacity.values()) / GIB:.1f} GiB usable; after losing {lost_words}")
+            f"{sum(capacity.values()) / GIB:.1f} GiB usable; {lost_words}")
     if margin < 0:
         return CapacityCheck(ok=False, margin_mib=math.floor(margin),
                              reason=f"N+{spare_hosts} refused: {what}; {tail} it is short by "
@@ -185,7 +186,8 @@ def placement_for(vm: Vm, choice: Choice, host: HostLoad) -> Placement:
         reason += f"; runner-up {runner} (+{choice.runner_up[1]:.4f})"
     return Placement(vm=vm.name, source=vm.host, target=fit.host, target_cells=fit.cells,
                      numa_local=fit.numa_local, vcpupin=vcpupin, emulatorpin=emulatorpin,
-                     numatune_nodeset=nodeset, memory_mib=vm.memory_mib, reason=reason, runner_up=runner)
+                     numatune_nodeset=nodeset, memory_mib=vm.memory_mib, reason=reason, runner_up=runner,
+                     cell_memory_mib=tuple(math.ceil(m) for m in fit.cell_mib))
 
 
 def blocker_for(vm: Vm, misses: list[Miss], group_size: int) -> Blocker:
