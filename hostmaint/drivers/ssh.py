@@ -130,7 +130,7 @@ class SshShell:
         command = shlex.join(words)
         channel = self._open_channel(host, target, min(timeout, target.connect_timeout_s))
         start = self._clock()  # the timeout is the command's own; connecting has its own budget
-        log.debug("%s: run %s (timeout %.0fs)", host, command, timeout)
+        log.debug("%s: run %s (timeout %gs)", host, command, timeout)
         try:
             channel.exec_command(command)
         except (paramiko.SSHException, EOFError, OSError) as exc:
@@ -272,12 +272,16 @@ class SshShell:
             return cached
         if self._key_loader is None:
             raise DriverError(f"the SSH key is in secret block {block!r} but no key loader was given", host)
+        failure = ""
+        text = ""
         try:
             text = self._key_loader(block)
         except Exception as exc:
-            # whatever the injected loader raises; only its type is kept: its text might quote the secret
-            raise DriverError(f"could not load the SSH key from secret block {block!r}: "
-                              f"{type(exc).__name__}", host) from None
+            # Whatever the injected loader raises, only its type is kept, and the error is raised outside
+            # this block so it carries no __context__: the loader's message might quote the secret.
+            failure = type(exc).__name__
+        if failure:
+            raise DriverError(f"could not load the SSH key from secret block {block!r}: {failure}", host)
         key = None
         for kind in _KEY_TYPES:
             try:

@@ -1,0 +1,344 @@
+"""The SSH driver against a REAL OpenSSH server on 127.0.0.1 (started by hostmaint.lab.sshd).
+
+Key auth, strict host keys (wrong and unknown keys refused, with the offered fingerprint),
+exit codes and output, timeouts, retried connects, one reused connection, argv quoting
+(shell syntax arrives as literal text, nothing runs), and no key material in logs or errors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from hostmaint.drivers.ssh import SshShell
+from hostmaint.errors import CommandError, DriverError, HostKeyError, TransientDriverError
+from hostmaint.inventory import SshKey, SshTarget, parse_inventory
+from hostmaint.lab.sshd import SshdHandle, authorize, make_keypair, start_sshd, write_known_hosts
+
+pytestmark = pytest.mark.skipif(
+    not (Path("/usr/sbin/sshd").exists() and shutil.which("ssh-keygen") and os.geteuid() == 0),
+    reason="needs OpenSSH's sshd and root (the server runs as root on loopback)",
+)
+
+
+@dataclass
+class Lab:
+    tmp: Path
+    key: Path
+    pub: Path
+    authorized: Path
+    sshd: SshdHandle
+    known_hosts: Path
+
+    def target(self, **changes: object) -> SshTarget:
+        base: dict[str, object] = {"address": "127.0.0.1", "port": self.sshd.port, "key": SshKey(file=str(self.key)),
+                                   "known_hosts": str(self.known_hosts), "connect_timeout_s": 5.0}
+        base.update(changes)
+        return SshTarget(**base)  # type: ignore[arg-type]
+
+    def shell(self, **kwargs: object) -> SshShell:
+        kwargs.setdefault("sleep", lambda s: None)  # retries without real waiting unless a test wants them
+        return SshShell({"hv1": self.target()}, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Lab]:
+    tmp = tmp_path_factory.mktemp("ssh")
+    key, pub = make_keypair(tmp / "client")
+    authorized = authorize(tmp / "authorized_keys", [pub])
+    sshd = start_sshd(tmp / "server", authorized_keys=authorized)
+    known = write_known_hosts(tmp / "known_hosts", [sshd])
+    yield Lab(tmp, key, pub, authorized, sshd, known)
+    sshd.stop()
+
+
+def server_fingerprint(lab: Lab) -> str:
+    out = subprocess.run(["ssh-keygen", "-lf", str(lab.tmp / "server" / "ssh_host_ed25519_key.pub")],
+                         capture_output=True, text=True, check=True).stdout
+    return out.split()[1]
+
+
+def accepted_logins(sshd: SshdHandle) -> int:
+    return sshd.log_path.read_text().count("Accepted publickey")
+
+
+# --- basics ---------------------------------------------------------------------------------------
+
+
+def test_key_auth_and_exit_code_stdout_stderr_come_back(lab: Lab) -> None:
+    shell = lab.shell()
+    try:
+        res = shell.run("hv1", ["sh", "-c", "echo to-out; echo to-err >&2; exit 3"])
+        assert (res.exit_code, res.stdout, res.stderr) == (3, "to-out\n", "to-err\n")
+        assert res.argv == ("sh", "-c", "echo to-out; echo to-err >&2; exit 3") and res.host == "hv1"
+        assert shell.run("hv1", ["id", "-u"]).stdout == "0\n"
+        big = shell.run("hv1", ["head", "-c", "300000", "/dev/zero"])
+        assert len(big.stdout) == 300000 and big.exit_code == 0
+    finally:
+        shell.close()
+
+
+def test_one_connection_is_reused_across_commands(lab: Lab) -> None:
+    shell = lab.shell()
+    before = accepted_logins(lab.sshd)
+    try:
+        for _ in range(4):
+            assert shell.run("hv1", ["true"]).exit_code == 0
+    finally:
+        shell.close()
+    assert accepted_logins(lab.sshd) - before == 1
+
+
+def test_timeout_fires_and_the_shell_recovers(lab: Lab) -> None:
+    shell = lab.shell()
+    try:
+        with pytest.raises(CommandError, match=r"hv1: timed out after 0\.5s"):
+            shell.run("hv1", ["sleep", "30"], timeout=0.5)
+        assert shell.run("hv1", ["echo", "still here"]).stdout == "still here\n"
+    finally:
+        shell.close()
+
+
+def test_a_command_killed_by_a_signal_is_a_result_not_a_lost_connection(lab: Lab) -> None:
+    shell = lab.shell()
+    try:
+        res = shell.run("hv1", ["sh", "-c", "kill -9 $$"])
+        assert res.exit_code == -1
+    finally:
+        shell.close()
+
+
+def test_from_inventory_builds_targets_for_a_cluster(lab: Lab) -> None:
+    def host(name: str, cluster: str) -> dict[str, object]:
+        return {"name": name, "cluster": cluster, "libvirt_uri": "qemu:///system",
+                "ssh": {"address": "127.0.0.1", "port": lab.sshd.port, "key": {"file": str(lab.key)},
+                        "known_hosts": str(lab.known_hosts)}}
+    inv = parse_inventory({"clusters": [{"name": "a"}, {"name": "b"}],
+                           "hosts": [host("hv1", "a"), host("hv2", "b")]})
+    shell = SshShell.from_inventory(inv, cluster="a")
+    try:
+        assert set(shell.targets) == {"hv1"}
+        assert shell.run("hv1", ["true"]).exit_code == 0
+        with pytest.raises(DriverError, match="no SSH target"):
+            shell.run("hv2", ["true"])
+    finally:
+        shell.close()
+
+
+# --- host keys -----------------------------------------------------------------------------------
+
+
+def test_changed_host_key_is_refused_with_fingerprint_and_not_retried(lab: Lab, tmp_path: Path) -> None:
+    _, other_pub = make_keypair(tmp_path / "other", "host_key")
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{lab.sshd.port} {' '.join(other_pub.read_text().split()[:2])}\n")
+    sleeps: list[float] = []
+    shell = SshShell({"hv1": lab.target(known_hosts=str(wrong))}, sleep=sleeps.append)
+    with pytest.raises(HostKeyError) as err:
+        shell.run("hv1", ["touch", str(tmp_path / "ran")])
+    text = str(err.value)
+    assert text.startswith("hv1: host key for [127.0.0.1]:") and "CHANGED" in text
+    assert server_fingerprint(lab) in text and "SHA256:" in text
+    assert sleeps == []  # never retried
+    assert not (tmp_path / "ran").exists()
+
+
+def test_unknown_host_is_refused_with_the_offered_fingerprint(lab: Lab, tmp_path: Path) -> None:
+    empty = tmp_path / "known_hosts"
+    empty.write_text(f"[127.0.0.1]:1 {lab.sshd.host_key_pub}\n")  # right key, other port: still unknown
+    sleeps: list[float] = []
+    shell = SshShell({"hv1": lab.target(known_hosts=str(empty))}, sleep=sleeps.append)
+    with pytest.raises(HostKeyError) as err:
+        shell.run("hv1", ["true"])
+    assert f"is not in {empty}" in str(err.value) and server_fingerprint(lab) in str(err.value)
+    assert "ssh-ed25519" in str(err.value)
+    assert sleeps == []
+
+
+def test_missing_known_hosts_file_is_a_host_key_error(lab: Lab, tmp_path: Path) -> None:
+    shell = SshShell({"hv1": lab.target(known_hosts=str(tmp_path / "nope"))})
+    with pytest.raises(HostKeyError, match="cannot be read"):
+        shell.run("hv1", ["true"])
+
+
+def test_unauthorized_key_is_an_error_not_retried(lab: Lab, tmp_path: Path) -> None:
+    stranger, _ = make_keypair(tmp_path / "stranger")
+    sleeps: list[float] = []
+    shell = SshShell({"hv1": lab.target(key=SshKey(file=str(stranger)))}, sleep=sleeps.append)
+    with pytest.raises(DriverError, match="authentication as root@") as err:
+        shell.run("hv1", ["true"])
+    assert not isinstance(err.value, TransientDriverError)
+    assert sleeps == []
+
+
+# --- transient failures ------------------------------------------------------------------------------
+
+
+def test_connect_refused_then_sshd_comes_up_is_retried(lab: Lab, tmp_path: Path) -> None:
+    # The first connect is refused; tenacity's backoff sleep brings the server up; the retry succeeds.
+    first = start_sshd(tmp_path / "late", authorized_keys=lab.authorized)
+    port = first.port
+    first.stop()
+    known = write_known_hosts(tmp_path / "known_hosts", [first])
+    servers: list[SshdHandle] = []
+
+    def sleep(seconds: float) -> None:
+        if not servers:
+            servers.append(start_sshd(tmp_path / "late", authorized_keys=lab.authorized, port=port))
+
+    shell = SshShell({"hv1": lab.target(port=port, known_hosts=str(known))}, sleep=sleep, retries=3)
+    try:
+        assert shell.run("hv1", ["echo", "up"]).stdout == "up\n"
+        assert len(servers) == 1
+    finally:
+        shell.close()
+        for s in servers:
+            s.stop()
+
+
+def test_unreachable_after_all_retries_is_transient(lab: Lab, tmp_path: Path) -> None:
+    gone = start_sshd(tmp_path / "gone", authorized_keys=lab.authorized)
+    gone.stop()
+    sleeps: list[float] = []
+    shell = SshShell({"hv1": lab.target(port=gone.port)}, sleep=sleeps.append, retries=3, backoff_s=0.5)
+    with pytest.raises(TransientDriverError, match="unreachable after 3 attempt"):
+        shell.run("hv1", ["true"])
+    assert len(sleeps) == 2 and sleeps[0] < sleeps[1]  # exponential backoff between the three attempts
+
+
+def test_server_restart_drops_the_connection_and_the_next_command_reconnects(lab: Lab, tmp_path: Path) -> None:
+    server = start_sshd(tmp_path / "restart", authorized_keys=lab.authorized)
+    known = write_known_hosts(tmp_path / "known_hosts", [server])
+    shell = SshShell({"hv1": lab.target(port=server.port, known_hosts=str(known))}, sleep=lambda s: None)
+    try:
+        assert shell.run("hv1", ["true"]).exit_code == 0
+        server.stop()  # kills the open session too, like a reboot
+        with pytest.raises(TransientDriverError):
+            shell.run("hv1", ["true"])
+        server = start_sshd(tmp_path / "restart", authorized_keys=lab.authorized, port=server.port)
+        assert shell.run("hv1", ["echo", "back"]).stdout == "back\n"
+    finally:
+        shell.close()
+        server.stop()
+
+
+def test_connection_lost_while_the_command_runs_is_transient(lab: Lab, tmp_path: Path) -> None:
+    server = start_sshd(tmp_path / "drop", authorized_keys=lab.authorized)
+    known = write_known_hosts(tmp_path / "known_hosts", [server])
+    shell = SshShell({"hv1": lab.target(port=server.port, known_hosts=str(known))}, sleep=lambda s: None,
+                     retries=1)
+    stopper = threading.Timer(0.5, server.stop)  # the host goes down while the command runs
+    try:
+        stopper.start()
+        with pytest.raises(TransientDriverError, match="connection lost while the command ran"):
+            shell.run("hv1", ["sleep", "10"], timeout=20)
+    finally:
+        stopper.join()
+        shell.close()
+        server.stop()
+
+
+# --- injection ----------------------------------------------------------------------------------------
+
+
+def test_argv_elements_reach_the_host_as_single_literal_arguments(lab: Lab, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    nasty = [
+        f"; touch {marker}",
+        f"$(touch {marker})",
+        f"`touch {marker}`",
+        f"a b  c && touch {marker}",
+        f"line1\nline2\ntouch {marker}",
+        f"' ; touch {marker}; '",
+        f'" ; touch {marker}; "',
+        f"| touch {marker}",
+        "*",
+        "$HOME ${PATH} ~",
+        "-n",
+        "",
+        "tab\there\\back",
+    ]
+    shell = lab.shell()
+    try:
+        for arg in nasty:
+            res = shell.run("hv1", ["printf", "%s", arg])
+            assert res.exit_code == 0 and res.stdout == arg, arg
+        # and each stays exactly one argument
+        res = shell.run("hv1", ["sh", "-c", 'printf "%s|" "$#"; for a; do printf "[%s]" "$a"; done', "sh", *nasty])
+        assert res.stdout == f"{len(nasty)}|" + "".join(f"[{a}]" for a in nasty)
+    finally:
+        shell.close()
+    assert not marker.exists()
+
+
+# --- secrets ----------------------------------------------------------------------------------------------
+
+
+def test_key_from_a_secret_block_via_the_injected_loader(lab: Lab) -> None:
+    asked: list[str] = []
+
+    def loader(block: str) -> str:
+        asked.append(block)
+        return lab.key.read_text()
+
+    shell = SshShell({"hv1": lab.target(key=SshKey(secret_block="hv-ssh-key"))}, key_loader=loader)
+    try:
+        assert shell.run("hv1", ["echo", "ok"]).stdout == "ok\n"
+        shell.disconnect("hv1")
+        assert shell.run("hv1", ["echo", "ok"]).stdout == "ok\n"
+        assert asked == ["hv-ssh-key"]  # parsed once, kept as a key object
+    finally:
+        shell.close()
+
+
+def test_no_key_material_in_logs_or_errors(lab: Lab, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    secret = lab.key.read_text()
+    body = [ln for ln in secret.splitlines() if ln and not ln.startswith("-----")]
+    assert body and all(len(ln) > 20 for ln in body[:-1])
+
+    def leaky_loader(block: str) -> str:
+        raise RuntimeError(f"vault said no, here is the key anyway: {secret}")
+
+    texts: list[str] = []
+    caplog.set_level(logging.DEBUG, logger="paramiko")
+    caplog.set_level(logging.DEBUG, logger="hostmaint")
+    good = SshShell({"hv1": lab.target(key=SshKey(secret_block="blk"))}, key_loader=lambda b: secret)
+    try:
+        texts.append(repr(good.run("hv1", ["echo", "hello"])))
+        with pytest.raises(CommandError) as err:
+            good.run("hv1", ["sleep", "5"], timeout=0.3)
+        texts.append(str(err.value))
+    finally:
+        good.close()
+    _, other_pub = make_keypair(tmp_path / "other", "hk")
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{lab.sshd.port} {' '.join(other_pub.read_text().split()[:2])}\n")
+    failures: list[tuple[SshShell, type[Exception]]] = [
+        (SshShell({"hv1": lab.target(key=SshKey(secret_block="blk"))}, key_loader=leaky_loader), DriverError),
+        (SshShell({"hv1": lab.target(key=SshKey(secret_block="blk"))}, key_loader=lambda b: "garbage"),
+         DriverError),
+        (SshShell({"hv1": lab.target(key=SshKey(secret_block="blk"), known_hosts=str(wrong))},
+                  key_loader=lambda b: secret), HostKeyError),
+    ]
+    for shell, kind in failures:
+        with pytest.raises(kind) as err:
+            shell.run("hv1", ["true"])
+        texts.append(str(err.value))
+        texts.append(repr(err.value.__cause__) + repr(err.value.__context__))
+        shell.close()
+    assert "vault said no" not in " ".join(texts)  # the loader's message is dropped, only its type kept
+    texts.extend(r.getMessage() for r in caplog.records)
+    texts.extend(str(r.exc_info[1]) for r in caplog.records if r.exc_info)
+    assert any("connected to" in t for t in texts)  # the debug log was really captured
+    joined = "\n".join(texts)
+    for line in body:
+        assert line not in joined
+    assert secret not in joined
