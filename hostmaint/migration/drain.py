@@ -234,7 +234,6 @@ class _Drain:
             flight.level = Escalation.AUTO_CONVERGE  # on from the start: the next step is post-copy
         self.load.add(spec, rate)
         self.max_concurrency = max(self.max_concurrency, self.load.total)
-        assert self.load.per_source is not None and self.load.per_target is not None
         self.emit(EventKind.STARTED, spec.vm, source=spec.source, target=spec.target,
                   memory_mib=spec.memory_mib, dirty_mib_s=spec.dirty_mib_s, in_flight=self.load.total,
                   on_source=self.load.per_source[spec.source], on_target=self.load.per_target[spec.target],

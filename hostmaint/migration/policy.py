@@ -10,8 +10,9 @@ Three decisions:
   last. Large first keeps the link busy to the end (no lone big straggler); high-dirty last lets
   them run with the link to themselves, when their pre-copy rounds shrink fastest.
 * **admission** (:func:`admission_refusal`): the inventory limits are hard upper bounds; inside
-  them the adaptive policy starts just enough migrations to fill the source link, and no more
-  while the running migrations' summed dirty rate is not well below the link's bandwidth.
+  them the adaptive policy starts just enough migrations to fill the source link and no more: a
+  newcomer must add more link bandwidth than it dirties, and every migration sharing the link must
+  keep its dirty rate well below its share (so the summed dirty rate stays well below the link).
 * **escalation** (:func:`next_action`): when a migration stops making progress, enable
   auto-converge, then switch to post-copy where allowed, then abort; a time budget per GiB caps
   every migration. Abort is the safe end state (the VM keeps running on its source); a migration
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
 from hostmaint.models import Limits, MigrationOptions, MigrationProgress, Placement
@@ -79,8 +80,8 @@ class SchedulerPolicy:
     order: Order = Order.ADAPTIVE
     adaptive: bool = True
     max_per_source: int | None = None
-    # admission: the running migrations' dirty rates must stay below this share of the link
-    dirty_fraction: float = 0.5
+    # admission: each running migration's dirty rate must stay below this part of its link share
+    dirty_fraction: float = 0.7
     # a VM whose dirty rate is at least this share of its stream starts with auto-converge on
     auto_converge_upfront_fraction: float = 0.5
     stream_mib_s: float = DEFAULT_STREAM_MIB_S  # per connection; times options.parallel_connections
@@ -129,34 +130,24 @@ class Load:
     """The migrations running at one moment, summed the ways admission needs them."""
 
     total: int = 0
-    per_source: dict[str, int] | None = None
-    per_target: dict[str, int] | None = None
-    target_mib: dict[str, int] | None = None  # in flight plus landed minus departed, per host
-    source_rate: dict[str, float] | None = None  # expected MiB/s leaving each source
-    source_dirty: dict[str, float] | None = None  # summed dirty rate of the source's migrations
-
-    def __post_init__(self) -> None:
-        self.per_source = self.per_source or {}
-        self.per_target = self.per_target or {}
-        self.target_mib = self.target_mib or {}
-        self.source_rate = self.source_rate or {}
-        self.source_dirty = self.source_dirty or {}
+    per_source: dict[str, int] = field(default_factory=dict)
+    per_target: dict[str, int] = field(default_factory=dict)
+    # memory committed per host: in flight or landed onto it, minus what has left it
+    target_mib: dict[str, int] = field(default_factory=dict)
+    source_rate: dict[str, float] = field(default_factory=dict)  # expected MiB/s leaving each source
+    source_dirty: dict[str, list[float]] = field(default_factory=dict)  # dirty rates of its migrations
 
     def add(self, spec: MigrationSpec, rate: float) -> None:
         """Count a migration that starts."""
-        assert self.per_source is not None and self.per_target is not None
-        assert self.target_mib is not None and self.source_rate is not None and self.source_dirty is not None
         self.total += 1
         self.per_source[spec.source] = self.per_source.get(spec.source, 0) + 1
         self.per_target[spec.target] = self.per_target.get(spec.target, 0) + 1
         self.target_mib[spec.target] = self.target_mib.get(spec.target, 0) + spec.memory_mib
         self.source_rate[spec.source] = self.source_rate.get(spec.source, 0.0) + rate
-        self.source_dirty[spec.source] = self.source_dirty.get(spec.source, 0.0) + spec.dirty_mib_s
+        self.source_dirty.setdefault(spec.source, []).append(spec.dirty_mib_s)
 
     def remove(self, spec: MigrationSpec, rate: float, *, landed: bool) -> None:
         """Uncount a migration that ended; a landed VM keeps its memory on the target."""
-        assert self.per_source is not None and self.per_target is not None
-        assert self.target_mib is not None and self.source_rate is not None and self.source_dirty is not None
         self.total -= 1
         self.per_source[spec.source] -= 1
         self.per_target[spec.target] -= 1
@@ -166,7 +157,7 @@ class Load:
         else:
             self.target_mib[spec.target] -= spec.memory_mib
         self.source_rate[spec.source] -= rate
-        self.source_dirty[spec.source] -= spec.dirty_mib_s
+        self.source_dirty[spec.source].remove(spec.dirty_mib_s)
 
 
 def link_of(host: str, bandwidth_mib_s: Mapping[str, float] | None, policy: SchedulerPolicy) -> float:
@@ -210,8 +201,6 @@ def admission_refusal(spec: MigrationSpec, load: Load, limits: Limits, policy: S
                       link_mib_s: float, rate_mib_s: float,
                       target_free_mib: Mapping[str, int] | None = None) -> str | None:
     """Why ``spec`` may not start now, or None when it may. Hard limits first, then the policy."""
-    assert load.per_source is not None and load.per_target is not None
-    assert load.target_mib is not None and load.source_rate is not None and load.source_dirty is not None
     on_source = load.per_source.get(spec.source, 0)
     if load.total >= limits.migrations_per_cluster:
         return f"cluster limit {limits.migrations_per_cluster} reached"
@@ -228,12 +217,20 @@ def admission_refusal(spec: MigrationSpec, load: Load, limits: Limits, policy: S
         return f"policy {policy.name}: {policy.max_per_source} per source"
     if not policy.adaptive or on_source == 0:
         return None  # one migration always runs, or a source would wait forever
-    if load.source_rate.get(spec.source, 0.0) >= link_mib_s * 0.999:
-        return f"source link {spec.source} full ({load.source_rate[spec.source]:.0f}/{link_mib_s:.0f} MiB/s)"
-    dirty = load.source_dirty.get(spec.source, 0.0) + spec.dirty_mib_s
-    if dirty > policy.dirty_fraction * link_mib_s:
-        return (f"dirty rate {dirty:.0f} MiB/s would pass {policy.dirty_fraction:.0%} of the "
-                f"{link_mib_s:.0f} MiB/s link of {spec.source}")
+    running_rate = load.source_rate.get(spec.source, 0.0)
+    if running_rate >= link_mib_s * 0.999:
+        return f"source link {spec.source} full ({running_rate:.0f}/{link_mib_s:.0f} MiB/s)"
+    added = min(link_mib_s, running_rate + rate_mib_s) - running_rate
+    if spec.dirty_mib_s >= added:
+        return (f"adds {added:.0f} MiB/s of link but dirties {spec.dirty_mib_s:.0f} MiB/s: "
+                f"waits for the link to itself")
+    # Sharing the link: every migration, the newcomer included, must keep its dirty rate well below
+    # its share, or its pre-copy rounds stop shrinking (and the final pause grows).
+    share = min(rate_mib_s, link_mib_s / (on_source + 1))
+    dirtiest = max(load.source_dirty.get(spec.source, []) + [spec.dirty_mib_s])
+    if dirtiest > policy.dirty_fraction * share:
+        return (f"a dirty rate of {dirtiest:.0f} MiB/s would pass {policy.dirty_fraction:.0%} of the "
+                f"{share:.0f} MiB/s share each of {on_source + 1} migrations gets from {spec.source}")
     return None
 
 

@@ -95,9 +95,12 @@ BIG = Limits(migrations_per_source=16, migrations_per_target=16, migrations_per_
     # fill the link: 600 + 600 >= 1100 -> a third waits
     ([(spec("x", 1), 600.0)], spec("a", 1024), SchedulerPolicy(), BIG, None),
     ([(spec("x", 1), 600.0), (spec("y", 1), 600.0)], spec("a", 1024), SchedulerPolicy(), BIG, "link"),
-    # summed dirty rate must stay below half the link
-    ([(spec("x", 1, dirty=400), 600.0)], spec("a", 1024, dirty=200), SchedulerPolicy(), BIG, "dirty"),
-    ([(spec("x", 1, dirty=400), 600.0)], spec("a", 1024, dirty=100), SchedulerPolicy(), BIG, None),
+    # sharing the link, every dirty rate must stay below 70 % of the 550 MiB/s share (385)
+    ([(spec("x", 1, dirty=350), 600.0)], spec("a", 1024, dirty=350), SchedulerPolicy(), BIG, None),
+    ([(spec("x", 1, dirty=400), 600.0)], spec("a", 1024, dirty=10), SchedulerPolicy(), BIG, "dirty rate of 400"),
+    ([(spec("x", 1, dirty=10), 600.0)], spec("a", 1024, dirty=400), SchedulerPolicy(), BIG, "dirty rate of 400"),
+    # a newcomer that adds less link than it dirties waits for the link to itself
+    ([(spec("x", 1), 1000.0)], spec("a", 1024, dirty=150), SchedulerPolicy(), BIG, "adds 100"),
     # fixed policies ignore link and dirty rate, and stop at their number
     ([(spec("x", 1, dirty=400), 600.0), (spec("y", 1), 600.0)], spec("a", 1, dirty=900),
      SchedulerPolicy.unbounded(), BIG, None),

@@ -1,0 +1,212 @@
+"""The what-if simulator: the physics it models, and the scheduler policy run on it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hostmaint.migration.policy import Escalation, Order, SchedulerPolicy
+from hostmaint.migration.simulate import (
+    SimParams,
+    parallel_capacity,
+    simulate_drain,
+    simulate_window,
+)
+from hostmaint.models import Cell, FleetSnapshot, Host, Limits, MigrationOptions, Placement, StepOutcome, Vm
+
+EXACT = SimParams(setup_s=0.0, downtime_limit_ms=1.0)  # no overhead: the closed forms hold
+NO_ESCALATION = SchedulerPolicy(auto_converge=False)
+BIG = Limits(migrations_per_source=64, migrations_per_target=64, migrations_per_cluster=1024)
+
+
+def moves(n: int, mib: int = 1024, source: str = "s", targets: int = 1) -> list[Placement]:
+    return [Placement(vm=f"v{i}", source=source, target=f"t{i % targets}", memory_mib=mib) for i in range(n)]
+
+
+@pytest.mark.parametrize("dirty", [0.0, 60.0, 300.0, 480.0])
+def test_precopy_takes_m_over_b_minus_d(dirty: float) -> None:
+    est = simulate_drain(moves(1), BIG, dirty_rate={"v0": dirty}, params=EXACT, policy=NO_ESCALATION)
+    m = est.migrations[0]
+    assert m.outcome is StepOutcome.OK
+    assert m.seconds == pytest.approx(1024 / (600 - dirty), rel=0.01)  # one 600 MiB/s stream
+    assert m.sent_mib == pytest.approx(1024 * 600 / (600 - dirty), rel=0.01)
+    assert m.downtime_ms is not None and m.downtime_ms <= EXACT.downtime_limit_ms + EXACT.switchover_ms + 1e-6
+
+
+@pytest.mark.parametrize("dirty", [600.0, 900.0])
+def test_no_convergence_when_dirty_rate_reaches_the_bandwidth(dirty: float) -> None:
+    est = simulate_drain(moves(1), BIG, dirty_rate={"v0": dirty}, params=EXACT, policy=NO_ESCALATION,
+                         options=MigrationOptions(stall_seconds=30))
+    m = est.migrations[0]
+    assert m.outcome is StepOutcome.ABORTED and "no progress" in m.reason
+    assert m.rounds > 10 and m.downtime_ms is None  # never paused: the VM still runs on its source
+    assert est.not_moved == (m,)
+
+
+def test_auto_converge_brings_a_too_dirty_vm_over() -> None:
+    est = simulate_drain(moves(1), BIG, dirty_rate={"v0": 900.0}, params=EXACT,
+                         options=MigrationOptions(stall_seconds=10))
+    m = est.migrations[0]
+    assert m.outcome is StepOutcome.OK and m.escalation is Escalation.AUTO_CONVERGE
+
+
+def test_post_copy_when_auto_converge_is_not_enough() -> None:
+    weak = SimParams(setup_s=0.0, ac_initial=0.05, ac_step=0.0, ac_max=0.05)
+    kw = dict(dirty_rate={"v0": 1200.0}, params=weak, options=MigrationOptions(stall_seconds=10))
+    aborted = simulate_drain(moves(1), BIG, **kw)
+    assert aborted.migrations[0].outcome is StepOutcome.ABORTED
+    assert aborted.migrations[0].escalation is Escalation.AUTO_CONVERGE
+    done = simulate_drain(moves(1), BIG, policy=SchedulerPolicy(allow_post_copy=True), **kw)
+    m = done.migrations[0]
+    assert m.outcome is StepOutcome.OK and m.escalation is Escalation.POST_COPY
+    assert m.downtime_ms == weak.switchover_ms
+
+
+def test_time_budget_caps_a_slowly_converging_migration() -> None:
+    est = simulate_drain(moves(1), BIG, dirty_rate={"v0": 599.0}, params=EXACT, policy=NO_ESCALATION,
+                         options=MigrationOptions(seconds_per_gib=20, min_budget_seconds=10))
+    assert est.migrations[0].outcome is StepOutcome.ABORTED
+    assert "budget" in est.migrations[0].reason
+    assert est.migrations[0].seconds == pytest.approx(20, abs=1.01)
+
+
+def test_streams_share_the_source_link() -> None:
+    one = simulate_drain(moves(2), BIG, params=EXACT, policy=SchedulerPolicy.fixed(1))
+    assert one.makespan_s == pytest.approx(2 * 1024 / 600)
+    ours = simulate_drain(moves(2), BIG, params=EXACT)
+    assert ours.max_concurrency == 2
+    assert ours.makespan_s == pytest.approx(2048 / 1100)
+    assert ours.link_floor_s == pytest.approx(2048 / 1100) and ours.ratio == pytest.approx(1.0)
+
+
+def test_adaptive_admission_fills_the_link_and_no_more() -> None:
+    est = simulate_drain(moves(8), BIG, params=SimParams(default_link_mib_s=2900))  # 25 GbE, 600 per stream
+    starts = sorted(m.start_s for m in est.migrations)
+    assert est.max_concurrency == 5  # 4 x 600 < 2900 <= 5 x 600
+    assert starts[:5] == [0.0] * 5 and starts[5] > 0
+
+
+def intervals_never_exceed(est, limits: Limits) -> None:
+    events = sorted({m.start_s for m in est.migrations})
+    for t in events:
+        live = [m for m in est.migrations if m.start_s <= t < m.end_s]
+        assert len(live) <= limits.migrations_per_cluster
+        for key in ("source", "target"):
+            per = {}
+            for m in live:
+                per[getattr(m, key)] = per.get(getattr(m, key), 0) + 1
+            cap = limits.migrations_per_source if key == "source" else limits.migrations_per_target
+            assert max(per.values(), default=0) <= cap
+
+
+@pytest.mark.parametrize("policy", [SchedulerPolicy.fixed(2), SchedulerPolicy.unbounded(), SchedulerPolicy()],
+                         ids=["fixed2", "unbounded", "adaptive"])
+def test_policies_never_exceed_the_limits_on_random_drains(policy: SchedulerPolicy) -> None:
+    rng = random.Random(7)
+    limits = Limits(migrations_per_source=3, migrations_per_target=2, migrations_per_cluster=4)
+    for _ in range(5):
+        placements = [Placement(vm=f"v{i}", source=f"s{rng.randrange(2)}", target=f"t{rng.randrange(3)}",
+                                memory_mib=rng.choice([512, 2048, 8192])) for i in range(12)]
+        dirty = {p.vm: rng.choice([0.0, 20.0, 200.0, 800.0]) for p in placements}
+        est = simulate_drain(placements, limits, policy=policy, dirty_rate=dirty)
+        intervals_never_exceed(est, limits)
+        assert est.makespan_s >= est.lower_bound_s * 0.999
+        assert all(m.outcome in (StepOutcome.OK, StepOutcome.ABORTED) for m in est.migrations)
+
+
+def test_in_flight_memory_counts_against_the_target_in_the_simulator() -> None:
+    placements = [Placement(vm="a", source="s", target="d", memory_mib=2000),
+                  Placement(vm="b", source="d", target="o", memory_mib=2000)]
+    est = simulate_drain(placements, BIG, policy=SchedulerPolicy.unbounded(), params=EXACT,
+                         target_free_mib={"d": 1000, "o": 8000})
+    a, b = est.migrations
+    assert a.outcome is b.outcome is StepOutcome.OK
+    assert a.start_s >= b.end_s  # "a" waited until "b" had left "d"
+
+
+def test_same_input_same_estimate() -> None:
+    rng = random.Random(3)
+    placements = moves(10, targets=3)
+    dirty = {p.vm: rng.uniform(0, 700) for p in placements}
+    assert simulate_drain(placements, Limits(), dirty_rate=dirty) == simulate_drain(placements, Limits(),
+                                                                                     dirty_rate=dirty)
+
+
+def test_adaptive_beats_unbounded_when_dirty_vms_would_share_an_overloaded_link() -> None:
+    placements = [Placement(vm=f"v{i}", source="s", target=f"t{i % 4}", memory_mib=8192) for i in range(12)]
+    dirty = {f"v{i}": (350.0 if i < 2 else 5.0) for i in range(12)}
+    limits = Limits(migrations_per_source=16, migrations_per_target=16, migrations_per_cluster=16)
+    params = SimParams(default_link_mib_s=2900)
+    unbounded = simulate_drain(placements, limits, policy=SchedulerPolicy.unbounded(), dirty_rate=dirty,
+                               params=params)
+    ours = simulate_drain(placements, limits, dirty_rate=dirty, params=params)
+    assert unbounded.max_concurrency == 12 and ours.max_concurrency == 5
+    assert ours.sent_mib < unbounded.sent_mib
+    assert ours.makespan_s < unbounded.makespan_s
+    assert ours.downtime_percentile_ms(99) <= unbounded.downtime_percentile_ms(99)
+
+
+# --- windows ---------------------------------------------------------------------------
+
+
+def cluster(hosts: int, vms_per_host: int, host_gib: int = 256, vm_gib: int = 16, **limits) -> FleetSnapshot:
+    hs = tuple(Host(name=f"h{i}", cluster="c", cells=(Cell(id=0, memory_mib=host_gib * 1024,
+                                                           free_mib=host_gib * 1024),)) for i in range(hosts))
+    vms = tuple(Vm(name=f"h{i}-v{j}", uuid=f"{i}-{j}", host=f"h{i}", memory_mib=vm_gib * 1024, vcpus=2)
+                for i in range(hosts) for j in range(vms_per_host))
+    return FleetSnapshot(cluster="c", taken_at="t", hosts=hs, vms=vms,
+                         limits=Limits(memory_headroom_pct=0, **limits))
+
+
+def test_parallel_capacity_keeps_n_plus_one() -> None:
+    # 10 hosts of 256 GiB, 8 x 16 GiB each = 1280 GiB of VMs: 5 hosts hold them, one more is the spare
+    snap = cluster(10, 8, max_hosts_in_maintenance=10)
+    assert parallel_capacity(snap, [h.name for h in snap.hosts]) == 4
+    assert parallel_capacity(snap, [h.name for h in snap.hosts], spare_hosts=2) == 3
+    limited = cluster(10, 8, max_hosts_in_maintenance=2)
+    assert parallel_capacity(limited, [h.name for h in limited.hosts]) == 2
+
+
+def test_window_runs_hosts_in_parallel_and_every_host_is_patched() -> None:
+    snap = cluster(8, 4, max_hosts_in_maintenance=8, migrations_per_cluster=16)
+    names = [h.name for h in snap.hosts]
+    est = simulate_window(snap, names, patch_s=300)
+    assert est.parallel == parallel_capacity(snap, names) > 1
+    assert all(h.outcome is StepOutcome.OK for h in est.hosts)
+    assert all(m.outcome is StepOutcome.OK for m in est.migrations)
+    # every VM moves; only the first hosts' VMs, with no patched host to go to yet, move twice
+    assert {m.vm for m in est.migrations} == {v.name for v in snap.vms}
+    assert len(est.migrations) <= 32 + 4 * est.parallel
+    assert est.makespan_s < est.serial_s
+    assert est.makespan_s >= est.lower_bound_s * 0.999
+    for t in sorted({h.start_s for h in est.hosts}):
+        assert sum(1 for h in est.hosts if h.start_s <= t < h.end_s) <= est.parallel
+    assert est.fits(est.makespan_s) and not est.fits(est.makespan_s - 1)
+
+
+def test_serial_window_equals_the_sum_of_its_hosts() -> None:
+    snap = cluster(4, 2, max_hosts_in_maintenance=4)
+    est = simulate_window(snap, [h.name for h in snap.hosts], patch_s=100, parallel=1)
+    assert est.makespan_s == pytest.approx(est.serial_s)
+    assert est.makespan_s == pytest.approx(sum(h.end_s - h.start_s for h in est.hosts))
+
+
+def test_window_plan_dependencies_are_respected() -> None:
+    from hostmaint.placement import plan_window
+
+    snap = cluster(4, 2, max_hosts_in_maintenance=4)
+    plan = plan_window(snap)
+    est = simulate_window(snap, plan, patch_s=100, parallel=3)
+    ends = {h.host: h.end_s for h in est.hosts}
+    starts = {h.host: h.start_s for h in est.hosts}
+    order = list(plan.order)
+    for step in plan.steps:
+        for p in step.evacuation.placements:
+            if order.index(p.target) < order.index(step.host):
+                assert starts[step.host] >= ends[p.target]  # lands only on an already patched host
+    assert all(h.outcome is StepOutcome.OK for h in est.hosts)
+
+
+def test_adaptive_order_constants() -> None:
+    assert SchedulerPolicy().order is Order.ADAPTIVE
