@@ -1,0 +1,218 @@
+"""libvirt XML → hostmaint models, and the destination XML a placement needs. Pure: no libvirt import.
+
+The libvirt driver feeds these the strings it reads (``getCapabilities``, ``XMLDesc``); tests feed
+them fixtures.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from hostmaint.models import Cell, GuestCell, HugePages, Numatune, Placement, Vm
+
+_UNIT_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "kb": 1000 / 1024, "m": 1024, "mib": 1024,
+             "mb": 1000 * 1000 / 1024, "g": 1024**2, "gib": 1024**2, "gb": 1000**3 / 1024, "t": 1024**3,
+             "tib": 1024**3}
+
+
+def to_kib(value: str | None, unit: str | None, default_unit: str = "KiB") -> int:
+    """A libvirt size with its unit attribute, in KiB."""
+    if value is None or not value.strip():
+        return 0
+    factor = _UNIT_KIB.get((unit or default_unit).lower())
+    if factor is None:
+        raise ValueError(f"unknown libvirt size unit {unit!r}")
+    return int(int(value.strip()) * factor)
+
+
+def parse_cpuset(spec: str | None) -> tuple[int, ...]:
+    """libvirt cpuset syntax (``0-3,^2,8``) → sorted CPU ids."""
+    if not spec:
+        return ()
+    include: set[int] = set()
+    exclude: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        target = exclude if part.startswith("^") else include
+        part = part.lstrip("^")
+        if "-" in part:
+            lo, hi = part.split("-", 1)
+            target.update(range(int(lo), int(hi) + 1))
+        else:
+            target.add(int(part))
+    return tuple(sorted(include - exclude))
+
+
+def format_cpuset(cpus: Sequence[int]) -> str:
+    """CPU ids → compact libvirt cpuset (``0-3,8``)."""
+    ids = sorted(set(cpus))
+    ranges: list[str] = []
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        ranges.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ",".join(ranges)
+
+
+@dataclass(frozen=True)
+class HostCapabilities:
+    """What the capabilities XML says about the host (free memory comes from other calls)."""
+
+    host_uuid: str
+    cells: tuple[Cell, ...]  # free_mib = 0 and hugepage free = 0 until filled in
+
+
+def parse_capabilities(xml: str) -> HostCapabilities:
+    """NUMA cells (memory, CPUs, hugepage pools) and the host UUID from ``getCapabilities()``."""
+    root = ET.fromstring(xml)
+    host_uuid = (root.findtext("host/uuid") or "").strip()
+    cells = []
+    for cell in root.findall("host/topology/cells/cell"):
+        mem = cell.find("memory")
+        pages = tuple(
+            HugePages(size_kib=int(p.get("size", "0")), total=int((p.text or "0").strip()), free=0)
+            for p in cell.findall("pages")
+            if to_kib(p.get("size"), p.get("unit")) > 4  # 4 KiB are ordinary pages, not a hugepage pool
+        )
+        cells.append(Cell(
+            id=int(cell.get("id", "0")),
+            memory_mib=to_kib(mem.text if mem is not None else None, mem.get("unit") if mem is not None else None)
+            // 1024,
+            free_mib=0,
+            cpus=tuple(sorted(int(c.get("id", "0")) for c in cell.findall("cpus/cpu"))),
+            hugepages=pages,
+        ))
+    return HostCapabilities(host_uuid=host_uuid, cells=tuple(cells))
+
+
+def with_free_memory(caps: HostCapabilities, free_bytes: Sequence[int],
+                     free_pages: Mapping[int, Mapping[int, int]]) -> tuple[Cell, ...]:
+    """Cells with ``getCellsFreeMemory`` and ``getFreePages`` results filled in."""
+    out = []
+    for i, cell in enumerate(caps.cells):
+        free_mib = free_bytes[i] // (1024 * 1024) if i < len(free_bytes) else 0
+        pages = tuple(
+            hp.model_copy(update={"free": int(free_pages.get(cell.id, {}).get(hp.size_kib, 0))})
+            for hp in cell.hugepages
+        )
+        out.append(cell.model_copy(update={"free_mib": free_mib, "hugepages": pages}))
+    return tuple(out)
+
+
+def _blocking_devices(devices: ET.Element | None, shared_prefixes: Sequence[str]) -> list[str]:
+    """Why the domain's devices prevent live migration, one reason per device."""
+    if devices is None:
+        return []
+    reasons = []
+    for hostdev in devices.findall("hostdev"):
+        addr = hostdev.find("source/address")
+        where = ""
+        if addr is not None and addr.get("bus") is not None:
+            where = " " + ":".join(a.removeprefix("0x") for a in (addr.get("domain", "0x0000"), addr.get("bus", ""),
+                                                                    addr.get("slot", ""))) \
+                + "." + addr.get("function", "0x0").removeprefix("0x")
+        reasons.append(f"host device passthrough ({hostdev.get('type', 'pci')}{where})")
+    for disk in devices.findall("disk"):
+        if disk.get("device", "disk") not in ("disk", "lun"):
+            continue  # cdrom/floppy: media, not storage that must follow the VM
+        if disk.get("type") == "network":
+            continue  # network storage (rbd, iscsi, nbd, ...) is shared by definition
+        if disk.find("shareable") is not None or disk.find("readonly") is not None:
+            continue
+        source = disk.find("source")
+        path = None
+        if source is not None:
+            path = source.get("file") or source.get("dev") or source.get("volume") or source.get("dir")
+        if path and any(path.startswith(p) for p in shared_prefixes):
+            continue
+        target = disk.find("target")
+        name = target.get("dev") if target is not None else "?"
+        reasons.append(f"local disk {name} ({path or 'no source'}) without shared storage")
+    return reasons
+
+
+def parse_domain(xml: str, host: str, *, vcpus_live: int | None = None,
+                 shared_storage_prefixes: Sequence[str] = ()) -> Vm:
+    """A running domain's XML (``XMLDesc(0)``) → Vm as discovered (no inventory policy yet)."""
+    root = ET.fromstring(xml)
+    name = root.findtext("name") or ""
+    mem = root.find("memory")
+    memory_kib = to_kib(mem.text if mem is not None else None, mem.get("unit") if mem is not None else None)
+    vcpu = root.find("vcpu")
+    vcpus = vcpus_live or (int(vcpu.get("current") or (vcpu.text or "1").strip()) if vcpu is not None else 1)
+
+    vnuma = tuple(
+        GuestCell(id=int(c.get("id", str(i))),
+                  memory_mib=max(1, to_kib(c.get("memory"), c.get("unit")) // 1024),
+                  vcpus=parse_cpuset(c.get("cpus")))
+        for i, c in enumerate(root.findall("cpu/numa/cell"))
+    )
+    vcpupin = {int(p.get("vcpu", "0")): parse_cpuset(p.get("cpuset")) for p in root.findall("cputune/vcpupin")}
+    emulator = root.find("cputune/emulatorpin")
+    emulatorpin = parse_cpuset(emulator.get("cpuset")) if emulator is not None else ()
+    numa_mem = root.find("numatune/memory")
+    numatune = None
+    if numa_mem is not None:
+        numatune = Numatune(mode=numa_mem.get("mode", "strict"), nodeset=parse_cpuset(numa_mem.get("nodeset")))
+    hugepage_kib = 0
+    hugepages = root.find("memoryBacking/hugepages")
+    if hugepages is not None:
+        page = hugepages.find("page")
+        hugepage_kib = to_kib(page.get("size"), page.get("unit")) if page is not None else 2048
+
+    reasons = _blocking_devices(root.find("devices"), shared_storage_prefixes)
+    return Vm(
+        name=name, uuid=(root.findtext("uuid") or "").strip(), host=host,
+        memory_mib=max(1, memory_kib // 1024), vcpus=max(1, vcpus), vnuma=vnuma, vcpupin=vcpupin,
+        emulatorpin=emulatorpin, numatune=numatune, hugepage_kib=hugepage_kib,
+        migratable=not reasons, not_migratable_reason="; ".join(reasons) or None,
+    )
+
+
+def rewrite_for_target(xml: str, placement: Placement) -> str:
+    """The domain XML with the target's pinning and NUMA binding from ``placement``.
+
+    ``vcpupin`` replaces every ``<vcpupin>``; ``emulatorpin`` replaces ``<emulatorpin>``;
+    ``numatune_nodeset`` replaces ``<numatune><memory nodeset>`` and the ``<memnode>`` cells
+    (guest cell i → target_cells[i] when the placement names one target cell per guest cell).
+    Anything the placement leaves empty is left as it is.
+    """
+    root = ET.fromstring(xml)
+    if placement.vcpupin or placement.emulatorpin:
+        cputune = root.find("cputune")
+        if cputune is None:
+            cputune = ET.SubElement(root, "cputune")
+        if placement.vcpupin:
+            for old in cputune.findall("vcpupin"):
+                cputune.remove(old)
+            for i, (vcpu, cpus) in enumerate(sorted(placement.vcpupin.items())):
+                el = ET.Element("vcpupin", {"vcpu": str(vcpu), "cpuset": format_cpuset(cpus)})
+                cputune.insert(i, el)
+        if placement.emulatorpin:
+            emu = cputune.find("emulatorpin")
+            if emu is None:
+                emu = ET.SubElement(cputune, "emulatorpin")
+            emu.set("cpuset", format_cpuset(placement.emulatorpin))
+    if placement.numatune_nodeset is not None:
+        numatune = root.find("numatune")
+        if numatune is None:
+            numatune = ET.SubElement(root, "numatune")
+        memory = numatune.find("memory")
+        if memory is None:
+            memory = ET.Element("memory", {"mode": "strict"})
+            numatune.insert(0, memory)
+        memory.set("nodeset", format_cpuset(placement.numatune_nodeset))
+        memnodes = numatune.findall("memnode")
+        for i, memnode in enumerate(memnodes):
+            if len(placement.target_cells) == len(memnodes):
+                memnode.set("nodeset", str(placement.target_cells[i]))
+            else:
+                memnode.set("nodeset", format_cpuset(placement.numatune_nodeset))
+    return ET.tostring(root, encoding="unicode")

@@ -1,0 +1,574 @@
+"""The real hypervisor driver: libvirt, one connection per host per thread.
+
+The only module that imports ``libvirt``. libvirt errors are translated here, once:
+
+* the connection failed or dropped → ``TransientDriverError`` naming host and URI (after reconnect
+  attempts with tenacity; the caller may retry the operation);
+* a live migration failed, was aborted or could not be confirmed → ``MigrationError`` naming the VM,
+  source and target;
+* anything else → ``DriverError`` naming the host.
+
+A migration runs ``migrateToURI3`` (``LIVE | PEER2PEER | PERSIST_DEST | UNDEFINE_SOURCE``) in a worker
+thread while the calling thread polls ``jobStats()`` for progress, applies the stall rule of
+:mod:`hostmaint.drivers.stall` and aborts when it says so. ``abortJob`` runs in its own thread with
+a timeout and is resent from a fresh connection when it blocks: QEMU can sit in "cancelling" and
+block an abort for ten minutes (see the lab notes).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import libvirt
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from hostmaint.drivers.base import ProgressCallback
+from hostmaint.drivers.domain_xml import parse_capabilities, parse_domain, rewrite_for_target, with_free_memory
+from hostmaint.drivers.stall import stall_decision, stall_reason
+from hostmaint.errors import DriverError, MigrationError, TransientDriverError
+from hostmaint.inventory import Inventory
+from hostmaint.models import (
+    Cell,
+    HostDiscovery,
+    MigrationOptions,
+    MigrationProgress,
+    MigrationResult,
+    StepOutcome,
+    Vm,
+)
+
+__all__ = ["LibvirtHypervisor", "stall_decision", "stall_reason"]
+
+T = TypeVar("T")
+
+DEFAULT_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
+                 | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
+# Errors that mean "the connection, not the operation, failed".
+_CONNECTION_DOMAINS = {libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE}
+_CONNECTION_CODES = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN}
+
+
+def _silence_libvirt(_ctx: object, _err: object) -> None:
+    """libvirt prints every error to stderr by default; ours are raised as exceptions instead."""
+
+
+libvirt.registerErrorHandler(_silence_libvirt, None)
+
+
+def _message(exc: libvirt.libvirtError) -> str:
+    return str(exc.get_error_message() or exc).strip()
+
+
+def _is_connection_error(exc: libvirt.libvirtError) -> bool:
+    return exc.get_error_domain() in _CONNECTION_DOMAINS or exc.get_error_code() in _CONNECTION_CODES
+
+
+class _ConnectionLost(TransientDriverError):
+    """The cached connection broke during a call; tenacity reconnects and retries."""
+
+
+def _lookup(conn: libvirt.virConnect, vm: str) -> libvirt.virDomain | None:
+    try:
+        return conn.lookupByName(vm)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise
+
+
+def _running(conn: libvirt.virConnect, vm: str) -> bool:
+    dom = _lookup(conn, vm)
+    if dom is None:
+        return False
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return False  # it left while we looked
+        raise
+
+
+def progress_from_job_stats(vm: str, elapsed: float, stats: Mapping[str, Any]) -> MigrationProgress | None:
+    """libvirt ``jobStats()`` → MigrationProgress; None when no migration job is running."""
+    if stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+        return None
+    page = int(stats.get("memory_page_size", 4096) or 4096)
+    return MigrationProgress(
+        vm=vm, elapsed_s=elapsed,
+        data_total=int(stats.get("data_total", 0)), data_processed=int(stats.get("data_processed", 0)),
+        data_remaining=int(stats.get("data_remaining", 0)),
+        dirty_rate_bps=int(stats.get("memory_dirty_rate", 0)) * page,
+        iterations=int(stats.get("memory_iteration", 0)),
+    )
+
+
+@dataclass
+class _Worker:
+    """The thread that runs the blocking migrateToURI3 call."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    error: libvirt.libvirtError | DriverError | None = None
+
+
+class LibvirtHypervisor:
+    """The ``Hypervisor`` (and ``MigrationControl``) over libvirt.
+
+    ``uris`` maps inventory host names to libvirt URIs (``qemu+tcp://10.213.7.11/system``); the
+    target's URI is also what the source's libvirtd dials for a peer-to-peer migration.
+    ``clock`` and ``sleep`` drive polling, reconnect back-off and the stall rule.
+    """
+
+    def __init__(self, uris: Mapping[str, str], *, connect_retries: int = 3,
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 poll_interval: float = 0.5, abort_timeout: float = 20.0, abort_attempts: int = 3,
+                 shared_storage_prefixes: Sequence[str] = ()) -> None:
+        self._uris = dict(uris)
+        self._retries = max(1, connect_retries)
+        self._clock = clock
+        self._sleep = sleep
+        self._poll = poll_interval
+        self._abort_timeout = abort_timeout
+        self._abort_attempts = abort_attempts
+        self._shared = tuple(shared_storage_prefixes)
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._opened: list[libvirt.virConnect] = []
+
+    @classmethod
+    def from_inventory(cls, inv: Inventory, cluster: str, **kwargs: Any) -> LibvirtHypervisor:
+        """A driver for the hosts of ``cluster`` in ``inv``."""
+        return cls({h.name: h.libvirt_uri for h in inv.hosts_of(cluster)}, **kwargs)
+
+    # --- connections ------------------------------------------------------------
+
+    def uri(self, host: str) -> str:
+        try:
+            return self._uris[host]
+        except KeyError:
+            raise DriverError(f"unknown host (not in this driver's inventory: {', '.join(self._uris)})",
+                              host) from None
+
+    def _open(self, host: str) -> libvirt.virConnect:
+        """A new connection, retried with back-off. Raises TransientDriverError naming host and URI."""
+        uri = self.uri(host)
+
+        def attempt() -> libvirt.virConnect:
+            try:
+                conn = libvirt.open(uri)
+            except libvirt.libvirtError as exc:
+                raise TransientDriverError(f"cannot connect to libvirt at {uri}: {_message(exc)}", host) from exc
+            with self._lock:
+                self._opened.append(conn)
+            return conn
+
+        retrying = Retrying(stop=stop_after_attempt(self._retries), wait=wait_exponential(multiplier=0.2, max=2.0),
+                            retry=retry_if_exception_type(TransientDriverError), sleep=self._sleep, reraise=True)
+        return retrying(attempt)
+
+    def _conn(self, host: str) -> libvirt.virConnect:
+        """This thread's connection to ``host``, opened on first use or after it broke."""
+        conns: dict[str, libvirt.virConnect] = self._local.__dict__.setdefault("conns", {})
+        conn = conns.get(host)
+        if conn is not None:
+            try:
+                if conn.isAlive():
+                    return conn
+            except libvirt.libvirtError:
+                pass  # a dead connection: replaced below
+            self._drop(host)
+        conn = self._open(host)
+        conns[host] = conn
+        return conn
+
+    def _drop(self, host: str) -> None:
+        conns: dict[str, libvirt.virConnect] = self._local.__dict__.setdefault("conns", {})
+        conn = conns.pop(host, None)
+        if conn is not None:
+            self._close(conn)
+
+    def _close(self, conn: libvirt.virConnect) -> None:
+        with self._lock:
+            if conn in self._opened:
+                self._opened.remove(conn)
+        try:
+            conn.close()
+        except libvirt.libvirtError:
+            pass  # closing a broken connection fails; it is gone either way
+
+    def close(self) -> None:
+        """Close every connection this driver opened, in every thread."""
+        with self._lock:
+            conns, self._opened = self._opened, []
+        for conn in conns:
+            try:
+                conn.close()
+            except libvirt.libvirtError:
+                pass  # already broken
+
+    def _call(self, host: str, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:
+        """Run ``fn`` on this thread's connection to ``host``; reconnect and retry if it dropped.
+
+        Other libvirt errors become DriverError("<what> on <uri>: <message>").
+        """
+        uri = self.uri(host)
+
+        def once() -> T:
+            conn = self._conn(host)
+            try:
+                return fn(conn)
+            except libvirt.libvirtError as exc:
+                if _is_connection_error(exc):
+                    self._drop(host)
+                    raise _ConnectionLost(f"{what}: connection to {uri} lost: {_message(exc)}", host) from exc
+                raise DriverError(f"{what} on {uri}: {_message(exc)}", host) from exc
+
+        retrying = Retrying(stop=stop_after_attempt(self._retries), wait=wait_exponential(multiplier=0.2, max=2.0),
+                            retry=retry_if_exception_type(_ConnectionLost), sleep=self._sleep, reraise=True)
+        try:
+            return retrying(once)
+        except _ConnectionLost as exc:
+            raise TransientDriverError(str(exc).split(": ", 1)[-1], host) from exc.__cause__
+
+    # --- discovery ----------------------------------------------------------------
+
+    def discover(self, host: str) -> HostDiscovery:
+        """NUMA cells (memory, CPUs, hugepages, free memory) and every running VM of ``host``."""
+
+        def read(conn: libvirt.virConnect) -> HostDiscovery:
+            caps = parse_capabilities(conn.getCapabilities())
+            n = len(caps.cells)
+            if n:
+                free = conn.getCellsFreeMemory(0, n)
+                sizes = sorted({hp.size_kib for c in caps.cells for hp in c.hugepages})
+                pages = self._free_pages(conn, sizes, n)
+                cells = with_free_memory(caps, free, pages)
+            else:  # no NUMA topology reported: one cell with the whole host
+                info = conn.getInfo()
+                cells = (Cell(id=0, memory_mib=int(info[1]), free_mib=conn.getFreeMemory() // 2**20,
+                              cpus=tuple(range(int(info[2])))),)
+            vms = []
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                vm = self._describe(dom, host)
+                if vm is not None:
+                    vms.append(vm)
+            return HostDiscovery(host=host, hostname=conn.getHostname(), host_uuid=caps.host_uuid,
+                                 cells=cells, vms=tuple(sorted(vms, key=lambda v: v.name)))
+
+        return self._call(host, "discovery", read)
+
+    @staticmethod
+    def _free_pages(conn: libvirt.virConnect, sizes: list[int], cells: int) -> dict[int, dict[int, int]]:
+        if not sizes:
+            return {}
+        try:
+            return dict(conn.getFreePages(sizes, 0, cells))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_UNSUPPORTED):
+                return {}  # the driver cannot tell: free hugepages stay 0, the planner will not count on them
+            raise
+
+    def _describe(self, dom: libvirt.virDomain, host: str) -> Vm | None:
+        try:
+            return parse_domain(dom.XMLDesc(0), host, vcpus_live=int(dom.info()[3]),
+                                shared_storage_prefixes=self._shared)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None  # migrated away or stopped between listing and reading
+            raise
+
+    def running_vms(self, host: str) -> tuple[str, ...]:
+        """Names of the VMs running on ``host``."""
+        return self._call(host, "listing running VMs", lambda c: tuple(sorted(
+            d.name() for d in c.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))))
+
+    def locate(self, vm: str) -> tuple[str, ...]:
+        """Hosts where ``vm`` runs now.
+
+        An unreachable host is skipped when the VM was found elsewhere (a VM runs on one host);
+        when it was found nowhere and some host did not answer, that is TransientDriverError.
+        """
+        found, unreachable = [], []
+        for host in self._uris:
+            try:
+                if self._call(host, f"looking up {vm}", lambda c: _running(c, vm)):
+                    found.append(host)
+            except TransientDriverError as exc:
+                unreachable.append(exc)
+        if not found and unreachable:
+            raise TransientDriverError(f"{vm} not found on the reachable hosts; unreachable: "
+                                       + "; ".join(str(e) for e in unreachable))
+        return tuple(found)
+
+    # --- migration ----------------------------------------------------------------
+
+    def migrate(self, vm: str, source: str, target: str, options: MigrationOptions,
+                on_progress: ProgressCallback | None = None) -> MigrationResult:
+        """Live-migrate ``vm`` from ``source`` to ``target`` and confirm where it runs afterwards."""
+        where = f"{vm} from {source} to {target}"
+        if source == target:
+            raise MigrationError(f"migrating {where}: source and target are the same host", source, vm, target)
+        started = self._clock()
+        xml = self._call(source, f"reading {vm}", lambda c: self._migratable_xml(c, vm))
+        if xml is None:
+            raise MigrationError(f"migrating {where}: {vm} is not running on {source}", source, vm, target)
+        self._call(target, "checking the migration target", lambda c: c.getHostname())
+        flags, params = self._request(xml, options)
+
+        worker = _Worker()
+        threading.Thread(target=self._run_migration, args=(worker, vm, source, target, flags, params),
+                         name=f"migrate-{vm}", daemon=True).start()
+
+        history: list[MigrationProgress] = []
+        abort_reason: str | None = None
+        while not worker.done.is_set():
+            elapsed = self._clock() - started
+            sample = self._sample(vm, source, elapsed)
+            if sample is not None:
+                history.append(sample)
+                if on_progress is not None:
+                    on_progress(sample)
+            reason = stall_reason(history, elapsed, options)
+            if reason is not None:
+                abort_reason = reason
+                self._abort_job(vm, source)
+                worker.done.wait(max(60.0, self._abort_timeout * self._abort_attempts))
+                break
+            self._sleep(self._poll)
+
+        seconds = round(self._clock() - started, 3)
+        if worker.done.is_set() and worker.error is None:
+            return self._confirm_success(vm, source, target, seconds, history)
+        return self._failure(vm, source, target, worker, abort_reason)
+
+    def _migratable_xml(self, conn: libvirt.virConnect, vm: str) -> str | None:
+        dom = _lookup(conn, vm)
+        if dom is None or not dom.isActive():
+            return None
+        return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+
+    @staticmethod
+    def _request(xml: str, options: MigrationOptions) -> tuple[int, dict[str, Any]]:
+        """Flags and typed parameters for migrateToURI3 from the options."""
+        flags = DEFAULT_FLAGS
+        params: dict[str, Any] = {}
+        if options.bandwidth_mib_s is not None:
+            params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = options.bandwidth_mib_s
+        if options.auto_converge:
+            flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+        if options.post_copy:
+            flags |= libvirt.VIR_MIGRATE_POSTCOPY
+        if options.parallel_connections > 1:
+            flags |= libvirt.VIR_MIGRATE_PARALLEL
+            params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = options.parallel_connections
+        placement = options.placement
+        if placement is not None and (placement.vcpupin or placement.emulatorpin
+                                      or placement.numatune_nodeset is not None):
+            dest_xml = rewrite_for_target(xml, placement)
+            params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = dest_xml
+            params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] = dest_xml  # the persistent config gets it too
+        return flags, params
+
+    def _run_migration(self, worker: _Worker, vm: str, source: str, target: str, flags: int,
+                       params: dict[str, Any]) -> None:
+        """Worker thread: the blocking migrateToURI3 on its own connection to the source."""
+        conn = None
+        try:
+            conn = self._open(source)
+            dom = _lookup(conn, vm)
+            if dom is None:
+                raise DriverError(f"{vm} vanished from {source} before the migration started", source)
+            dom.migrateToURI3(self.uri(target), params, flags)
+        except (libvirt.libvirtError, DriverError) as exc:
+            worker.error = exc
+        finally:
+            if conn is not None:
+                self._close(conn)
+            worker.done.set()
+
+    def _sample(self, vm: str, source: str, elapsed: float) -> MigrationProgress | None:
+        def stats(conn: libvirt.virConnect) -> dict[str, Any] | None:
+            dom = _lookup(conn, vm)
+            if dom is None:
+                return None  # already undefined on the source: the migration is finishing
+            try:
+                return dict(dom.jobStats())
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                    return None
+                raise
+
+        try:
+            raw = self._call(source, f"reading migration progress of {vm}", stats)
+        except DriverError:
+            # Progress is best effort: the worker's own result decides success or failure.
+            return None
+        return progress_from_job_stats(vm, elapsed, raw) if raw is not None else None
+
+    def _confirm_success(self, vm: str, source: str, target: str, seconds: float,
+                         history: list[MigrationProgress]) -> MigrationResult:
+        on_target = self._call(target, f"confirming {vm}", lambda c: _running(c, vm))
+        on_source = self._call(source, f"confirming {vm}", lambda c: _running(c, vm))
+        if not on_target or on_source:
+            raise MigrationError(
+                f"migrating {vm} from {source} to {target} reported success, but the VM runs on "
+                f"{'both hosts' if on_target and on_source else source if on_source else 'neither host'}",
+                source, vm, target)
+        stats = self._call(target, f"reading migration stats of {vm}", lambda c: self._completed_stats(c, vm))
+        last = history[-1] if history else None
+        return MigrationResult(
+            vm=vm, source=source, target=target, outcome=StepOutcome.OK, seconds=seconds,
+            downtime_ms=float(stats["downtime"]) if "downtime" in stats else None,
+            data_bytes=int(stats.get("data_processed", last.data_processed if last else 0)),
+            iterations=int(stats.get("memory_iteration", last.iterations if last else 0)),
+        )
+
+    @staticmethod
+    def _completed_stats(conn: libvirt.virConnect, vm: str) -> dict[str, Any]:
+        dom = _lookup(conn, vm)
+        if dom is None:
+            return {}
+        try:
+            return dict(dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_INVALID):
+                return {}  # stats are for the audit record; their absence does not fail a migration
+            raise
+
+    def _failure(self, vm: str, source: str, target: str, worker: _Worker,
+                 abort_reason: str | None) -> MigrationResult:
+        """The migration failed or was aborted: find out where the VM runs and raise MigrationError."""
+        err = worker.error
+        if isinstance(err, libvirt.libvirtError):
+            detail = _message(err)
+            if err.get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED and abort_reason is None:
+                detail = f"aborted ({detail})"
+        elif err is not None:
+            detail = str(err)
+        else:
+            detail = "the migration call did not return after the abort"
+        if abort_reason is not None:
+            detail = f"aborted by the stall rule: {abort_reason}"
+        on_source = self._call(source, f"checking {vm} after a failed migration", lambda c: _running(c, vm))
+        if on_source:
+            raise MigrationError(f"migrating {vm} from {source} to {target} failed: {detail}; "
+                                 f"{vm} still runs on {source}", source, vm, target) from err
+        on_target = self._call(target, f"checking {vm} after a failed migration", lambda c: _running(c, vm))
+        if on_target:
+            raise MigrationError(f"migrating {vm} from {source} to {target} reported failure ({detail}), "
+                                 f"but {vm} runs on {target}", source, vm, target) from err
+        raise MigrationError(f"migrating {vm} from {source} to {target} failed: {detail}; {vm} runs on "
+                             f"neither host", source, vm, target) from err
+
+    # --- abort and escalation -------------------------------------------------------
+
+    def abort(self, vm: str, source: str) -> None:
+        """Abort a running migration of ``vm`` on ``source``; returns at once when none runs."""
+        self._abort_job(vm, source)
+
+    def _abort_job(self, vm: str, source: str) -> None:
+        """abortJob in its own thread with a timeout, resent from a fresh connection while it blocks."""
+        errors: list[str] = []
+        for attempt in range(1, self._abort_attempts + 1):
+            done = threading.Event()
+            outcome: dict[str, Exception] = {}
+
+            threading.Thread(target=self._send_abort, args=(vm, source, done, outcome),
+                             name=f"abort-{vm}-{attempt}", daemon=True).start()
+            if not done.wait(self._abort_timeout):
+                errors.append(f"abortJob blocked for {self._abort_timeout:g}s")
+                continue
+            error = outcome.get("error")
+            if error is None:
+                return
+            if isinstance(error, libvirt.libvirtError) and not _is_connection_error(error):
+                raise MigrationError(f"aborting the migration of {vm} on {source}: {_message(error)}",
+                                     source, vm) from error
+            errors.append(str(error))
+        raise MigrationError(f"could not abort the migration of {vm} on {source} after "
+                             f"{self._abort_attempts} tries: {'; '.join(errors)}", source, vm)
+
+    def _send_abort(self, vm: str, source: str, done: threading.Event, outcome: dict[str, Exception]) -> None:
+        conn = None
+        try:
+            conn = self._open(source)  # never the cached one: it may be the one that blocks
+            dom = _lookup(conn, vm)
+            if dom is not None:
+                dom.abortJob()
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # "no job is active"
+                outcome["error"] = exc
+        except DriverError as exc:
+            outcome["error"] = exc
+        finally:
+            if conn is not None:
+                self._close(conn)
+            done.set()
+
+    def start_post_copy(self, vm: str, source: str) -> None:
+        """Switch a running migration (started with post_copy) to post-copy."""
+        def switch(conn: libvirt.virConnect) -> None:
+            dom = _lookup(conn, vm)
+            if dom is None:
+                raise MigrationError(f"{vm} is not on {source}: no migration to switch to post-copy", source, vm)
+            dom.migrateStartPostCopy(0)
+
+        try:
+            self._call(source, f"switching {vm} to post-copy", switch)
+        except DriverError as exc:
+            if isinstance(exc, MigrationError | TransientDriverError):
+                raise
+            raise MigrationError(str(exc), source, vm) from exc
+
+    def enable_auto_converge(self, vm: str, source: str, max_downtime_ms: int = 2000) -> None:
+        """Help a running migration converge: allow a longer final pause (as Nova does).
+
+        libvirt cannot turn on auto-converge for a running job; raising the downtime limit lets the
+        last pass start with more data left.
+        """
+        def raise_downtime(conn: libvirt.virConnect) -> None:
+            dom = _lookup(conn, vm)
+            if dom is None:
+                raise MigrationError(f"{vm} is not on {source}", source, vm)
+            dom.migrateSetMaxDowntime(max_downtime_ms, 0)
+
+        try:
+            self._call(source, f"raising the downtime limit of {vm}", raise_downtime)
+        except DriverError as exc:
+            if isinstance(exc, MigrationError | TransientDriverError):
+                raise
+            raise MigrationError(str(exc), source, vm) from exc
+
+    # --- power --------------------------------------------------------------------
+
+    def shutdown(self, vm: str, host: str, timeout: float = 120.0) -> None:
+        """ACPI shutdown, then wait until it stopped. DriverError when it did not within ``timeout``."""
+        def request(conn: libvirt.virConnect) -> bool:
+            dom = _lookup(conn, vm)
+            if dom is None or not dom.isActive():
+                return False
+            dom.shutdown()
+            return True
+
+        if not self._call(host, f"shutting down {vm}", request):
+            return  # already stopped
+        deadline = self._clock() + timeout
+        while self._clock() < deadline:
+            if not self._call(host, f"waiting for {vm} to stop", lambda c: _running(c, vm)):
+                return
+            self._sleep(min(1.0, timeout / 10))
+        raise DriverError(f"{vm} did not shut down within {timeout:g}s", host)
+
+    def start(self, vm: str, host: str) -> None:
+        """Start a defined, stopped VM (no-op when it runs)."""
+        def create(conn: libvirt.virConnect) -> None:
+            dom = _lookup(conn, vm)
+            if dom is None:
+                raise DriverError(f"{vm} is not defined on {host}", host)
+            if not dom.isActive():
+                dom.create()
+
+        self._call(host, f"starting {vm}", create)
