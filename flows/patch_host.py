@@ -17,7 +17,7 @@ from hostmaint.placement import render_plan
 from tasks import maintenance as t
 from tasks.common import RuntimeRef
 
-BEFORE_PATCH = (HostState.ACTIVE, HostState.CORDONED, HostState.DRAINING, HostState.DRAINED)
+BEFORE_DRAINED = (HostState.ACTIVE, HostState.CORDONED, HostState.DRAINING)
 
 
 @flow(name="patch-host", log_prints=True)
@@ -52,15 +52,17 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
     stopped: list[str] = []
     try:
         state = rt.states.state(host)
-        if state in BEFORE_PATCH:
+        if state in BEFORE_DRAINED:
             t.cordon_host(ref, run, host)
             plan = t.plan_evacuation(ref, run, host, avoid or [])
             logger.info("plan:\n%s", render_plan(plan))
             migrations += t.drain_host(ref, run, plan).results
             t.check_invariants(ref, cluster, expected)
             stopped = t.stop_unmigratable(ref, run, plan)
-            t.confirm_empty(ref, run, host)
             state = HostState.DRAINED
+        if state is HostState.DRAINED:
+            # Also the gate for a host found drained by an earlier run: proven empty again now.
+            t.confirm_empty(ref, run, host)
         cells = None
         if state in (HostState.DRAINED, HostState.PATCHING):
             cells = t.host_cells(ref, host)

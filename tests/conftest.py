@@ -1,0 +1,43 @@
+"""Fixtures shared by every test directory.
+
+Flow tests run against one real temporary Prefect server per session
+(``prefect_test_harness``); the SIMULATED fleet (hostmaint.simulation) stands in
+for hosts where a test is about orchestration, not about the drivers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """A real temporary Prefect server for the whole session (started on first use)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def hostmaint_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private state/audit database for one test."""
+    db = tmp_path / "hostmaint.db"
+    monkeypatch.setenv("HOSTMAINT_DB", str(db))
+    return db
+
+
+@pytest.fixture
+def sim_inventory(tmp_path: Path, hostmaint_db: Path) -> Path:
+    """A SIMULATED 4-host, 12-VM cluster ('demo') on disk; returns its inventory path."""
+    from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+
+    snap = demo_snapshot(4, 12)
+    return write_simulated_fleet(tmp_path / "fleet", snap, demo_packages(snap), time_scale=0.001)

@@ -1,0 +1,212 @@
+"""The maintenance flows on a SIMULATED fleet, under a real temporary Prefect server.
+
+These prove orchestration: order of steps, guards, state, audit, resume. The
+drivers themselves are proven against the real lab in tests/lab.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.evacuate_host import evacuate_host
+from flows.patch_host import patch_host
+from flows.patch_window import patch_window
+from flows.rebalance_cluster import rebalance_cluster
+from hostmaint.audit import AuditTrail
+from hostmaint.db import open_engine
+from hostmaint.drivers.memory import SimulatedFleet
+from hostmaint.models import HostState, StepOutcome, Trigger
+from hostmaint.runtime import open_runtime
+from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def fleet_of(inventory: Path) -> SimulatedFleet:
+    return SimulatedFleet.load(inventory.parent / "fleet-state.json")
+
+
+def where(inventory: Path) -> dict[str, list[str]]:
+    """vm -> hosts it runs on, read from the simulated fleet's state file."""
+    out: dict[str, list[str]] = {}
+    for host, vms in fleet_of(inventory).running.items():
+        for vm in vms:
+            out.setdefault(vm, []).append(host)
+    return out
+
+
+def assert_each_vm_runs_once(inventory: Path, expected: set[str]) -> None:
+    placement = where(inventory)
+    assert set(placement) == expected
+    assert all(len(hosts) == 1 for hosts in placement.values()), placement
+    assert fleet_of(inventory).lost == []
+
+
+def audit() -> AuditTrail:
+    return AuditTrail(open_engine())
+
+
+def states(inventory: Path) -> dict[str, HostState]:
+    rt = open_runtime(inventory)
+    return {h.name: rt.states.state(h.name) for h in rt.inventory.hosts}
+
+
+ALL_VMS = {v.name for v in demo_snapshot(4, 12).vms}
+
+
+def test_patch_host_end_to_end(sim_inventory: Path) -> None:
+    before = fleet_of(sim_inventory)
+    home = {vm for vm in before.running["hv02"]}
+    old_boot = before.packages["hv02"].boot_id
+
+    result = patch_host(host="hv02", operator="alice", reason="monthly", inventory=str(sim_inventory),
+                        trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK
+    assert result.rebooted  # hv02 carries the pending kernel update
+    assert result.packages_changed == 2
+    after = fleet_of(sim_inventory)
+    assert after.packages["hv02"].boot_id != old_boot
+    assert after.running["hv02"] == home  # every VM that left came home
+    assert_each_vm_runs_once(sim_inventory, ALL_VMS)
+    assert states(sim_inventory)["hv02"] is HostState.ACTIVE
+    steps = [r.step for r in audit().records(host="hv02")]
+    for step in ("cordon", "plan", "drain", "confirm-empty", "preflight", "update", "reboot-decision", "reboot",
+                 "verify", "uncordon", "return-vms"):
+        assert step in steps, f"no audit record for {step}: {steps}"
+    assert steps.index("confirm-empty") < steps.index("reboot")
+    records = audit().records(host="hv02")
+    assert {r.operator for r in records} == {"alice"}
+    update = next(r for r in records if r.step == "update")
+    upgraded = {c["package"].split(".")[0] for c in update.details["package_diff"]["upgraded"]}
+    assert {"openssl"} <= upgraded
+    assert audit().verify().ok
+
+
+def test_failed_update_leaves_host_failed_and_vms_running(sim_inventory: Path) -> None:
+    fleet = fleet_of(sim_inventory)
+    fleet.packages["hv01"].fail_update = True
+    fleet.save()
+
+    with pytest.raises(Exception, match="update"):
+        patch_host(host="hv01", operator="bob", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    assert states(sim_inventory)["hv01"] is HostState.FAILED
+    assert fleet_of(sim_inventory).running["hv01"] == set()  # drained before the update, not refilled
+    assert_each_vm_runs_once(sim_inventory, ALL_VMS)
+    failed = [r for r in audit().records(host="hv01") if r.outcome == "failed"]
+    assert failed and failed[0].step == "update"
+    assert "simulated" in str(failed[0].details).lower() or failed[0].details.get("error")
+
+
+def test_unplaceable_vm_stops_evacuation_before_any_migration(tmp_path: Path, hostmaint_db: Path) -> None:
+    snap = demo_snapshot(4, 12)
+    inventory = write_simulated_fleet(tmp_path / "f", snap, demo_packages(snap), time_scale=0.001,
+                                      vm_policies=[{"match": {"name": "app-03"}, "migratable": False}])
+    home = {vm: hosts for vm, hosts in where(inventory).items()}
+
+    with pytest.raises(Exception, match="app-03"):
+        evacuate_host(host="hv01", operator="carol", inventory=str(inventory), trigger=Trigger.TEST)
+
+    assert where(inventory) == home  # nothing moved
+    assert not [r for r in audit().records() if r.step in ("drain", "migrate")]
+    plan = next(r for r in audit().records(host="hv01") if r.step == "plan")
+    assert plan.outcome == "failed"
+    assert "unmigratable" in str(plan.details)
+    assert states(inventory)["hv01"] is HostState.CORDONED  # safe, and says why
+
+
+def test_dry_run_changes_nothing_but_its_record(sim_inventory: Path) -> None:
+    placement = where(sim_inventory)
+    before = len(audit().records())
+
+    result = evacuate_host(host="hv03", dry_run=True, operator="dave", inventory=str(sim_inventory),
+                           trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.DRY_RUN
+    assert "hv03" in result.detail
+    assert where(sim_inventory) == placement
+    assert set(states(sim_inventory).values()) == {HostState.ACTIVE}
+    new = audit().records()[before:]
+    assert [(r.step, r.outcome) for r in new] == [("plan", "dry-run")]
+
+
+def test_evacuate_then_patch_resumes_from_drained(sim_inventory: Path) -> None:
+    evacuated = evacuate_host(host="hv04", operator="erin", inventory=str(sim_inventory), trigger=Trigger.TEST)
+    assert evacuated.outcome is StepOutcome.OK
+    assert states(sim_inventory)["hv04"] is HostState.DRAINED
+    moved = len(fleet_of(sim_inventory).running["hv04"])
+    assert moved == 0
+    drains_before = len([r for r in audit().records(host="hv04") if r.step == "drain"])
+
+    result = patch_host(host="hv04", operator="erin", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK
+    drains_after = len([r for r in audit().records(host="hv04") if r.step == "drain"])
+    assert drains_after == drains_before  # not drained twice
+    assert states(sim_inventory)["hv04"] is HostState.ACTIVE
+    assert len(fleet_of(sim_inventory).running["hv04"]) == 3  # its VMs came home
+    assert_each_vm_runs_once(sim_inventory, ALL_VMS)
+
+
+def test_window_rerun_skips_patched_hosts(sim_inventory: Path) -> None:
+    first = patch_window(cluster="demo", window_id="w1", operator="sched", inventory=str(sim_inventory),
+                         trigger=Trigger.TEST, rebalance_moves=0)
+    assert {o.host: o.outcome for o in first} == {h: StepOutcome.OK for h in ("hv01", "hv02", "hv03", "hv04")}
+    assert_each_vm_runs_once(sim_inventory, ALL_VMS)
+    migrations = len(fleet_of(sim_inventory).migration_log) + len(
+        [r for r in audit().records() if r.step == "migrate"])
+
+    second = patch_window(cluster="demo", window_id="w1", operator="sched", inventory=str(sim_inventory),
+                          trigger=Trigger.TEST, rebalance_moves=0)
+
+    assert {o.outcome for o in second} == {StepOutcome.SKIPPED}
+    assert len([r for r in audit().records() if r.step == "migrate"]) + len(
+        fleet_of(sim_inventory).migration_log) == migrations
+
+
+def test_window_stops_after_failure_limit(sim_inventory: Path) -> None:
+    fleet = fleet_of(sim_inventory)
+    for host in fleet.packages:
+        fleet.packages[host].fail_update = True
+    fleet.save()
+
+    outcomes = patch_window(cluster="demo", window_id="w-fail", max_failed_hosts=0, operator="sched",
+                            inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    by_outcome = [o.outcome for o in outcomes]
+    assert by_outcome.count(StepOutcome.FAILED) == 1
+    assert by_outcome.count(StepOutcome.SKIPPED) == 3
+    assert all("failure limit" in o.detail for o in outcomes if o.outcome is StepOutcome.SKIPPED)
+    assert_each_vm_runs_once(sim_inventory, ALL_VMS)
+
+
+def test_window_that_has_ended_starts_no_host(sim_inventory: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    outcomes = patch_window(cluster="demo", window_id="w-late", operator="sched", inventory=str(sim_inventory),
+                            trigger=Trigger.TEST, window_end=datetime.now(UTC) + timedelta(seconds=30))
+
+    assert {o.outcome for o in outcomes} == {StepOutcome.SKIPPED}
+    assert all("window would end" in o.detail for o in outcomes)
+    assert not [r for r in audit().records() if r.step == "cordon"]
+
+
+def test_rebalance_moves_within_budget(tmp_path: Path, hostmaint_db: Path) -> None:
+    snap = demo_snapshot(4, 12)
+    # Pile every VM onto two hosts so there is something to level.
+    vms = tuple(v.model_copy(update={"host": "hv01" if i % 2 else "hv02"}) for i, v in enumerate(snap.vms))
+    snap = snap.model_copy(update={"vms": vms})
+    inventory = write_simulated_fleet(tmp_path / "f", snap, demo_packages(snap), time_scale=0.001,
+                                      vm_policies=[])
+
+    result = rebalance_cluster(cluster="demo", max_moves=3, operator="frank", inventory=str(inventory),
+                               trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK
+    assert 1 <= len(result.migrations) <= 3
+    assert_each_vm_runs_once(inventory, {v.name for v in snap.vms})
+    running = fleet_of(inventory).running
+    assert running["hv03"] or running["hv04"]

@@ -1,0 +1,122 @@
+"""Inventory loading: the example is valid; every bad input is refused with the field named."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from hostmaint.cli import app
+from hostmaint.errors import InventoryError
+from hostmaint.inventory import load_inventory, parse_inventory
+from hostmaint.models import RebootPolicy
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "inventory.yaml"
+runner = CliRunner()
+
+
+def example() -> dict[str, Any]:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def test_example_loads_and_resolves_policy_overrides() -> None:
+    inv = load_inventory(EXAMPLE)
+    assert [c.name for c in inv.clusters] == ["prod-a", "lab-b"]
+    assert inv.policy_for("hv02").reboot is RebootPolicy.ALWAYS  # host override
+    assert inv.policy_for("hv01").reboot is RebootPolicy.IF_NEEDED  # cluster default
+    assert inv.policy_for("hv01").excludes == ["kernel-rt*", "qemu-kvm*"]
+    assert inv.vm_policy("prod-a", "db-7").anti_affinity == "databases"  # type: ignore[union-attr]
+    assert inv.vm_policy("prod-a", "web-1", ("gpu",)).migratable is False  # type: ignore[union-attr]
+    assert Path(inv.host("hv01").ssh.known_hosts).is_absolute()
+
+
+def test_cli_check_accepts_the_example() -> None:
+    result = runner.invoke(app, ["inventory", "check", str(EXAMPLE)])
+    assert result.exit_code == 0, result.output
+    assert "valid" in result.output
+
+
+def _set(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def change(doc: dict[str, Any]) -> None:
+        node: Any = doc
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = node[int(part)] if part.isdigit() else node[part]
+        last = parts[-1]
+        node[int(last) if last.isdigit() else last] = value
+    return change
+
+
+def _append_duplicate_host(doc: dict[str, Any]) -> None:
+    doc["hosts"].append(copy.deepcopy(doc["hosts"][0]))
+
+
+BAD: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
+    ("bad port", _set("hosts.3.ssh.port", 0), "hosts[3].ssh.port (host old01): must be 1-65535, got 0"),
+    ("port wrong type", _set("hosts.0.ssh.port", "twenty-two"), "hosts[0].ssh.port (host hv01)"),
+    ("unknown key", _set("hosts.1.colour", "blue"), "hosts[1].colour (host hv02): unknown field"),
+    ("duplicate host", _append_duplicate_host, "hosts[4].name (host hv01): duplicate host"),
+    ("negative limit", _set("clusters.0.limits.migrations_per_source", -1),
+     "clusters[0].limits.migrations_per_source"),
+    ("unknown cluster", _set("hosts.2.cluster", "prod-z"), "hosts[2].cluster (host hv03): unknown cluster 'prod-z'"),
+    ("bad reboot policy", _set("clusters.0.host_policy.reboot", "sometimes"), "clusters[0].host_policy.reboot"),
+    ("shell in exclude", _set("clusters.0.host_policy.excludes", ["kernel; rm -rf /"]),
+     "clusters[0].host_policy.excludes"),
+    ("command substitution in exclude", _set("clusters.1.host_policy.excludes", ["$(id)"]),
+     "clusters[1].host_policy.excludes"),
+    ("backtick in host override exclude", _set("hosts.0.policy", {"excludes": ["`id`"]}),
+     "hosts[0].policy.excludes (host hv01)"),
+    ("newline in exclude", _set("clusters.0.host_policy.excludes", ["a\nb"]), "clusters[0].host_policy.excludes"),
+    ("verify check is a string", _set("clusters.0.host_policy.verify.0.argv", "systemctl is-active libvirtd"),
+     "clusters[0].host_policy.verify[0].argv"),
+    ("missing libvirt uri", lambda d: d["hosts"][1].pop("libvirt_uri"),
+     "hosts[1].libvirt_uri (host hv02): required field is missing"),
+    ("two key sources", _set("hosts.0.ssh.key", {"file": "k", "agent": True}), "hosts[0].ssh.key (host hv01)"),
+    ("headroom out of range", _set("clusters.0.limits.memory_headroom_pct", 120),
+     "clusters[0].limits.memory_headroom_pct"),
+    ("hosts not a list", _set("hosts", {"hv01": {}}), "hosts:"),
+]
+
+
+@pytest.mark.parametrize("name,change,expected", BAD, ids=[b[0] for b in BAD])
+def test_bad_inventory_is_refused_naming_the_field(tmp_path: Path, name: str,
+                                                   change: Callable[[dict[str, Any]], None], expected: str) -> None:
+    doc = example()
+    change(doc)
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(InventoryError) as info:
+        load_inventory(path)
+    assert expected in str(info.value)
+    assert str(path) in str(info.value)
+    result = runner.invoke(app, ["inventory", "check", str(path)])
+    assert result.exit_code == 2
+    assert expected in " ".join(result.output.split()) or expected in result.output
+
+
+def test_malformed_yaml_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "inventory.yaml"
+    path.write_text("clusters:\n  - name: a\n hosts: [\n")
+    result = runner.invoke(app, ["inventory", "check", str(path)])
+    assert result.exit_code == 2
+    assert "malformed YAML at line 3" in " ".join(result.output.split())
+
+
+def test_missing_file_is_bad_input(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["inventory", "check", str(tmp_path / "nope.yaml")])
+    assert result.exit_code == 2
+    assert "cannot read" in result.output
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    doc = example()
+    doc["hosts"][0]["ssh"]["port"] = 70000
+    doc["hosts"][1]["bogus"] = 1
+    with pytest.raises(InventoryError) as info:
+        parse_inventory(doc, "x.yaml")
+    assert len(info.value.problems) == 2
