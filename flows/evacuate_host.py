@@ -6,6 +6,7 @@ import time
 
 from prefect import flow, get_run_logger
 
+from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from hostmaint.errors import HostmaintError
 from hostmaint.models import StepOutcome, Trigger
@@ -16,10 +17,13 @@ from tasks.common import RuntimeRef
 
 @flow(name="evacuate-host", log_prints=True)
 def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", reason: str = "",
-                  inventory: str | None = None, trigger: Trigger = Trigger.UI) -> HostOutcome:
+                  inventory: str | None = None, trigger: Trigger = Trigger.UI,
+                  lock_wait_s: float | None = 60) -> HostOutcome:
     """Move every VM off ``host`` and leave it cordoned and empty.
 
     With ``dry_run`` the plan is printed and nothing changes (one audit record says so).
+    Otherwise the run holds ``host:<host>`` and a ``maintenance:<cluster>`` slot throughout
+    (flows/locks.py); another run on the host makes it wait ``lock_wait_s``, then refuse.
     """
     started = time.monotonic()
     ref = RuntimeRef(inventory or default_inventory())
@@ -34,24 +38,26 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
                               detail=render_plan(plan), simulated=rt.simulated)
         publish_report(f"evacuate {host} (dry run)", [outcome])
         return outcome
-    expected = [v.name for v in t.discover(ref, cluster).vms]
-    t.cordon_host(ref, run, host)
-    try:
-        plan = t.plan_evacuation(ref, run, host)
-        logger.info("plan:\n%s", render_plan(plan))
-        report = t.drain_host(ref, run, plan)
-        t.check_invariants(ref, cluster, expected)
-        stopped = t.stop_unmigratable(ref, run, plan)
-        t.confirm_empty(ref, run, host)
-        t.check_invariants(ref, cluster, expected, stopped)
-    except HostmaintError as exc:
-        outcome = HostOutcome(host=host, outcome=StepOutcome.FAILED, state=rt.states.state(host).value,
-                              detail=str(exc), simulated=rt.simulated, seconds=time.monotonic() - started)
+    with locks.host_maintenance(host, cluster, wait_seconds=lock_wait_s):
+        expected = [v.name for v in t.discover(ref, cluster).vms]
+        t.cordon_host(ref, run, host)
+        try:
+            plan = t.plan_evacuation(ref, run, host)
+            logger.info("plan:\n%s", render_plan(plan))
+            with locks.cluster_migrations(cluster):
+                report = t.drain_host(ref, run, plan)
+            t.check_invariants(ref, cluster, expected)
+            stopped = t.stop_unmigratable(ref, run, plan)
+            t.confirm_empty(ref, run, host)
+            t.check_invariants(ref, cluster, expected, stopped)
+        except HostmaintError as exc:
+            outcome = HostOutcome(host=host, outcome=StepOutcome.FAILED, state=rt.states.state(host).value,
+                                  detail=str(exc), simulated=rt.simulated, seconds=time.monotonic() - started)
+            publish_report(f"evacuate {host}", [outcome])
+            raise
+        outcome = HostOutcome(host=host, outcome=StepOutcome.OK, state=rt.states.state(host).value,
+                              migrations=list(report.results), simulated=rt.simulated,
+                              seconds=time.monotonic() - started,
+                              detail=f"{len(report.results)} VM(s) moved; host left cordoned")
         publish_report(f"evacuate {host}", [outcome])
-        raise
-    outcome = HostOutcome(host=host, outcome=StepOutcome.OK, state=rt.states.state(host).value,
-                          migrations=list(report.results), simulated=rt.simulated,
-                          seconds=time.monotonic() - started,
-                          detail=f"{len(report.results)} VM(s) moved; host left cordoned")
-    publish_report(f"evacuate {host}", [outcome])
-    return outcome
+        return outcome
