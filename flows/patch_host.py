@@ -10,6 +10,7 @@ import time
 
 from prefect import flow, get_run_logger
 
+from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from hostmaint.errors import HostmaintError
 from hostmaint.models import HostState, MigrationResult, StepOutcome, Trigger
@@ -23,8 +24,12 @@ BEFORE_DRAINED = (HostState.ACTIVE, HostState.CORDONED, HostState.DRAINING)
 @flow(name="patch-host", log_prints=True)
 def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_run: bool = False,
                inventory: str | None = None, trigger: Trigger = Trigger.UI, window_id: str | None = None,
-               return_vms: bool = True, avoid: list[str] | None = None) -> HostOutcome:
-    """Take one host through maintenance end to end; the host is never rebooted with a VM on it."""
+               return_vms: bool = True, avoid: list[str] | None = None,
+               lock_wait_s: float | None = 60) -> HostOutcome:
+    """Take one host through maintenance end to end; the host is never rebooted with a VM on it.
+
+    The run holds ``host:<host>`` and a ``maintenance:<cluster>`` slot throughout (flows/locks.py).
+    """
     started = time.monotonic()
     ref = RuntimeRef(inventory or default_inventory())
     rt = ref.open()
@@ -43,57 +48,60 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
         logger.info("dry run, nothing changes:\n%s", render_plan(plan))
         return outcome(StepOutcome.DRY_RUN, render_plan(plan))
 
-    snapshot = t.discover(ref, cluster)
-    expected = [v.name for v in snapshot.vms]
-    migrations: list[MigrationResult] = []
-    rebooted = False
-    changed = 0
-    plan = None
-    stopped: list[str] = []
-    try:
-        state = rt.states.state(host)
-        if state in BEFORE_DRAINED:
-            t.cordon_host(ref, run, host)
-            plan = t.plan_evacuation(ref, run, host, avoid or [])
-            logger.info("plan:\n%s", render_plan(plan))
-            migrations += t.drain_host(ref, run, plan).results
-            t.check_invariants(ref, cluster, expected)
-            stopped = t.stop_unmigratable(ref, run, plan)
-            state = HostState.DRAINED
-        if state is HostState.DRAINED:
-            # Also the gate for a host found drained by an earlier run: proven empty again now.
-            t.confirm_empty(ref, run, host)
-        cells = None
-        if state in (HostState.DRAINED, HostState.PATCHING):
-            cells = t.host_cells(ref, host)
-            diff, decision = t.update_host(ref, run, host)
-            changed = len(diff.installed) + len(diff.upgraded) + len(diff.removed)
+    with locks.host_maintenance(host, cluster, wait_seconds=lock_wait_s):
+        snapshot = t.discover(ref, cluster)
+        expected = [v.name for v in snapshot.vms]
+        migrations: list[MigrationResult] = []
+        rebooted = False
+        changed = 0
+        plan = None
+        stopped: list[str] = []
+        try:
+            state = rt.states.state(host)
+            if state in BEFORE_DRAINED:
+                t.cordon_host(ref, run, host)
+                plan = t.plan_evacuation(ref, run, host, avoid or [])
+                logger.info("plan:\n%s", render_plan(plan))
+                with locks.cluster_migrations(cluster):
+                    migrations += t.drain_host(ref, run, plan).results
+                t.check_invariants(ref, cluster, expected)
+                stopped = t.stop_unmigratable(ref, run, plan)
+                state = HostState.DRAINED
+            if state is HostState.DRAINED:
+                # Also the gate for a host found drained by an earlier run: proven empty again now.
+                t.confirm_empty(ref, run, host)
+            cells = None
+            if state in (HostState.DRAINED, HostState.PATCHING):
+                cells = t.host_cells(ref, host)
+                diff, decision = t.update_host(ref, run, host)
+                changed = len(diff.installed) + len(diff.upgraded) + len(diff.removed)
+                t.check_invariants(ref, cluster, expected, stopped)
+                if decision.needed:
+                    t.reboot_host(ref, run, host)
+                    rebooted = True
+                state = HostState.VERIFYING
+            if state in (HostState.REBOOTING, HostState.VERIFYING):
+                t.verify_host(ref, run, host, cells)
+            t.uncordon_host(ref, run, host)
+            if plan is not None:
+                t.start_unmigratable(ref, run, plan)
+                stopped = []
+            if return_vms:
+                with locks.cluster_migrations(cluster):
+                    report = t.return_vms(ref, run, host)
+                if report is not None:
+                    migrations += report.results
             t.check_invariants(ref, cluster, expected, stopped)
-            if decision.needed:
-                t.reboot_host(ref, run, host)
-                rebooted = True
-            state = HostState.VERIFYING
-        if state in (HostState.REBOOTING, HostState.VERIFYING):
-            t.verify_host(ref, run, host, cells)
-        t.uncordon_host(ref, run, host)
-        if plan is not None:
-            t.start_unmigratable(ref, run, plan)
-            stopped = []
-        if return_vms:
-            report = t.return_vms(ref, run, host)
-            if report is not None:
-                migrations += report.results
-        t.check_invariants(ref, cluster, expected, stopped)
-        if window_id:
-            rt.states.mark_patched(window_id, host, run.run_id)
-    except HostmaintError as exc:
-        if rt.states.state(host) is HostState.ACTIVE:
-            t.mark_failed(ref, run, host, str(exc))
-        result = outcome(StepOutcome.FAILED, str(exc), migrations=migrations, rebooted=rebooted,
-                         packages_changed=changed)
+            if window_id:
+                rt.states.mark_patched(window_id, host, run.run_id)
+        except HostmaintError as exc:
+            if rt.states.state(host) is HostState.ACTIVE:
+                t.mark_failed(ref, run, host, str(exc))
+            result = outcome(StepOutcome.FAILED, str(exc), migrations=migrations, rebooted=rebooted,
+                             packages_changed=changed)
+            publish_report(f"patch {host}", [result])
+            raise
+        result = outcome(StepOutcome.OK, f"{changed} package change(s)" + ("; rebooted" if rebooted else ""),
+                         migrations=migrations, rebooted=rebooted, packages_changed=changed)
         publish_report(f"patch {host}", [result])
-        raise
-    result = outcome(StepOutcome.OK, f"{changed} package change(s)" + ("; rebooted" if rebooted else ""),
-                     migrations=migrations, rebooted=rebooted, packages_changed=changed)
-    publish_report(f"patch {host}", [result])
-    return result
+        return result
