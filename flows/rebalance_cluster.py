@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from hostmaint.models import StepOutcome, Trigger
 from hostmaint.placement import render_plan
@@ -14,7 +15,7 @@ from tasks.common import RuntimeRef
 @flow(name="rebalance-cluster", log_prints=True)
 def rebalance_cluster(cluster: str, max_moves: int = 10, dry_run: bool = False, operator: str = "unknown",
                       inventory: str | None = None, trigger: Trigger = Trigger.UI) -> HostOutcome:
-    """Plan a rebalance, print it, and (unless dry run) carry it out."""
+    """Plan a rebalance, print it, and (unless dry run) carry it out, holding ``migrations:<cluster>``."""
     ref = RuntimeRef(inventory or default_inventory())
     rt = ref.open()
     run = run_context("rebalance-cluster", trigger, operator, f"rebalance {cluster}")
@@ -24,7 +25,8 @@ def rebalance_cluster(cluster: str, max_moves: int = 10, dry_run: bool = False, 
     if dry_run:
         return HostOutcome(host=cluster, outcome=StepOutcome.DRY_RUN, state="-", detail=render_plan(plan),
                            simulated=rt.simulated)
-    report = t.rebalance(ref, run, plan)
+    with locks.cluster_migrations(cluster):
+        report = t.rebalance(ref, run, plan)
     t.check_invariants(ref, cluster, expected)
     result = HostOutcome(host=cluster, outcome=StepOutcome.OK if report is None or report.ok else StepOutcome.FAILED,
                          state="-", migrations=list(report.results) if report else [], simulated=rt.simulated,
