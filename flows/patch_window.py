@@ -16,6 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.patch_host import patch_host
 from hostmaint.models import StepOutcome, Trigger
@@ -101,7 +102,8 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
                                     detail=f"not started: {reason}", simulated=rt.simulated))
     if failures <= max_failed_hosts and rebalance_moves > 0 and not pending:
         plan = t.plan_rebalance_task(ref, cluster, rebalance_moves)
-        t.rebalance(ref, run, plan)
+        with locks.cluster_migrations(cluster):
+            t.rebalance(ref, run, plan)
     outcomes.sort(key=lambda o: order.index(o.host) if o.host in order else len(order))
     publish_report(f"patch window {window_id}", outcomes, key=None)
     return outcomes
