@@ -276,6 +276,15 @@ def _checked_globs(globs: Sequence[str], host: str) -> list[str]:
     return list(globs)
 
 
+def _refresh_args(pm: PackageManager) -> list[str]:
+    """Fresh metadata, and an unreachable repository is an error rather than silently skipped.
+
+    Some dnf builds (Debian's) default to ``skip_if_unavailable=True``: an unreachable repo then
+    exits 0 with "nothing to do", and a host would be declared patched without having seen it.
+    """
+    return ["--refresh", "--setopt=skip_if_unavailable=False"]
+
+
 def _filter_args(policy: HostPolicy, host: str) -> list[str]:
     args = [f"--exclude={g}" for g in _checked_globs(policy.excludes, host)]
     if policy.security_only:
@@ -359,7 +368,7 @@ def check_updates(shell: HostShell, host: str, pm: PackageManager, policy: HostP
                             host=host, step=Step.PREFLIGHT)
         argv = ["yum", "-q", "check-update", *_filter_args(policy, host)]
     else:
-        argv = [pm.value, "-q", "check-update", "--refresh", *_filter_args(policy, host)]
+        argv = [pm.value, "-q", "check-update", *_refresh_args(pm), *_filter_args(policy, host)]
     res = _run(shell, host, argv, Step.PREFLIGHT, min(REFRESH_TIMEOUT_S, policy.update_timeout_s))
     if res.exit_code not in CHECK_UPDATE_OK:
         raise StepError(f"repositories not reachable: {' '.join(argv)} exit {res.exit_code}: {_said(res)}",
@@ -408,8 +417,14 @@ def installed_packages(shell: HostShell, host: str) -> dict[str, str]:
 
 
 def update_argv(pm: PackageManager, policy: HostPolicy, host: str = "") -> list[str]:
-    """``dnf -y update [--exclude=G ...] [--security]``; each element stays one argument on the host."""
-    return [pm.value, "-y", "update", *_filter_args(policy, host)]
+    """``dnf -y update --refresh [--exclude=G ...] [--security]``; each element stays one argument.
+
+    dnf refreshes its metadata first, so the update sees what preflight saw even when it runs
+    without a preflight (a retry) or the cache expired meanwhile. ``yum`` gets no ``--refresh``:
+    yum 3 does not know it, and preflight already expired its cache.
+    """
+    refresh = _refresh_args(pm) if pm is PackageManager.DNF else []
+    return [pm.value, "-y", "update", *refresh, *_filter_args(policy, host)]
 
 
 def apply_updates(shell: HostShell, host: str, policy: HostPolicy,

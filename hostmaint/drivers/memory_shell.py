@@ -159,6 +159,9 @@ class SimulatedShell:
                 opts["refresh"] = True
             elif a == "--security":
                 opts["security"] = True
+            elif a.startswith("--setopt="):
+                if "=" not in a.split("=", 1)[1]:
+                    return _result(host, argv, 1, err=f"Error: Setopt argument has no value: {a}\n")
             elif a.startswith("--exclude="):
                 excludes.extend(g for g in a.split("=", 1)[1].split(",") if g)
             elif a.startswith("-"):

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from hostmaint import patching
 from hostmaint.drivers.memory_shell import SimHostPackages, SimulatedShell
+from hostmaint.drivers.ssh import SshShell
 from hostmaint.errors import InventoryError, StepError, TransientDriverError
-from hostmaint.inventory import HostPolicy, VerifyCheck, parse_inventory
+from hostmaint.inventory import HostPolicy, SshKey, SshTarget, VerifyCheck, parse_inventory
+from hostmaint.lab.sshd import authorize, make_keypair, start_sshd, write_known_hosts
 from hostmaint.models import Cell, HostDiscovery, PackageManager, RebootPolicy
 
 K1, K2 = "5.14.0-362.el9", "5.14.0-427.el9"
@@ -84,7 +91,8 @@ def test_full_happy_path_records_diff_reboots_and_verifies() -> None:
     before = patching.installed_packages(shell, "hv1")
     assert before["openssl.x86_64"] == "1:3.0.7-24.el9"
     result = patching.apply_updates(shell, "hv1", policy, pre.package_manager)
-    assert result.argv == ("dnf", "-y", "update") and result.exit_code == 0 and not result.nothing_to_do
+    assert result.argv == ("dnf", "-y", "update", "--refresh", "--setopt=skip_if_unavailable=False")
+    assert result.exit_code == 0 and not result.nothing_to_do
     after = patching.installed_packages(shell, "hv1")
     diff = patching.package_diff(before, after)
 
@@ -121,10 +129,12 @@ def test_update_with_excludes_and_security_only_passes_them_as_single_arguments(
     pre = patching.preflight(shell, "hv1", policy)
     assert [u.package for u in pre.updates] == ["openssl.x86_64"]
     res = patching.apply_updates(shell, "hv1", policy)
-    assert res.argv == ("dnf", "-y", "update", "--exclude=kernel*", "--exclude=glibc", "--security")
+    assert res.argv == ("dnf", "-y", "update", "--refresh", "--setopt=skip_if_unavailable=False",
+                        "--exclude=kernel*", "--exclude=glibc", "--security")
     assert state.installed["openssl"] == "1:3.0.7-27.el9"
     assert state.installed["kernel-core"] == K1 and state.installed["glibc"] == "2.34-83.el9"
-    assert "dnf -q check-update --refresh '--exclude=kernel*' --exclude=glibc --security" in state.log
+    assert ("dnf -q check-update --refresh --setopt=skip_if_unavailable=False '--exclude=kernel*' "
+            "--exclude=glibc --security") in state.log
 
 
 def test_nothing_to_update() -> None:
@@ -360,3 +370,110 @@ def test_excludes_with_shell_syntax_are_rejected_at_load_naming_the_field(bad: s
 def test_good_globs_load() -> None:
     inv = parse_inventory(_inventory(["kernel*", "python3.11-libs", "libstdc++", "foo_bar-1.2"]))
     assert inv.policy_for("hv1").excludes == ["kernel*", "python3.11-libs", "libstdc++", "foo_bar-1.2"]
+
+
+# --- the same steps with real dnf and rpm, over a real sshd ------------------------------------------
+
+SPEC = """Name: %{pname}
+Version: %{ver}
+Release: 1
+Summary: hostmaint test package
+License: MIT
+BuildArch: noarch
+%{?req:Requires: %{req}}
+%{?obs:Obsoletes: %{obs}}
+%description
+hostmaint test package
+%install
+mkdir -p %{buildroot}$(dirname %{path})
+echo %{pname}-%{ver} > %{buildroot}%{path}
+%files
+%{path}
+"""
+
+
+def _real_tools() -> bool:
+    return os.geteuid() == 0 and all(shutil.which(t) for t in ("dnf", "rpm", "rpmbuild", "createrepo_c")) \
+        and Path("/usr/sbin/sshd").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _real_tools(), reason="needs root, dnf, rpm, rpmbuild, createrepo_c and sshd")
+def test_real_dnf_and_rpm_over_ssh_end_to_end(tmp_path: Path) -> None:
+    """dnf 4 in an installroot (wrapped so the host's own dnf/rpm see it) behind a loopback sshd."""
+    repo, root, bindir = tmp_path / "repo", tmp_path / "root", tmp_path / "bin"
+    for d in (repo, root, bindir, tmp_path / "repos.d"):
+        d.mkdir()
+    (tmp_path / "pkg.spec").write_text(SPEC)
+
+    def build(name: str, ver: str, req: str = "", obs: str = "", path: str = "") -> None:
+        argv = ["rpmbuild", "-bb", "--nodeps", "--quiet", "--define", f"_topdir {tmp_path / 'top'}",
+                "--define", f"_rpmdir {repo}",
+                "--define", "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm",
+                "--define", f"pname {name}", "--define", f"ver {ver}",
+                "--define", f"path {path or f'/usr/share/{name}/version'}"]
+        argv += ["--define", f"req {req}"] if req else []
+        argv += ["--define", f"obs {obs}"] if obs else []
+        subprocess.run([*argv, str(tmp_path / "pkg.spec")], check=True, capture_output=True)
+
+    (tmp_path / "repos.d" / "hm.repo").write_text(f"[hm]\nname=hm\nbaseurl=file://{repo}\ngpgcheck=0\n")
+    (bindir / "dnf").write_text(f"#!/bin/sh\nexec /usr/bin/dnf --installroot={root} --releasever=9 "
+                                f"--setopt=reposdir={tmp_path / 'repos.d'} --setopt=cachedir={tmp_path / 'cache'} "
+                                '"$@"\n')
+    (bindir / "rpm").write_text(f'#!/bin/sh\nexec /usr/bin/rpm --root={root} "$@"\n')
+    for w in bindir.iterdir():
+        w.chmod(0o755)
+    for name in ("hmdemo", "hmold", "hmpinned", "hmconflict"):
+        build(name, "1.0")
+    subprocess.run(["createrepo_c", "-q", str(repo)], check=True)
+    subprocess.run([str(bindir / "dnf"), "-y", "-q", "install", "hmdemo", "hmold", "hmpinned", "hmconflict"],
+                   check=True, capture_output=True)
+    build("hmdemo", "1.1", req="hmnew", obs="hmold")
+    build("hmnew", "1.0")
+    build("hmpinned", "2.0")
+    build("hmconflict", "1.1", path="/usr/share/hmdemo/version")  # a file another package owns
+    subprocess.run(["createrepo_c", "-q", "--update", str(repo)], check=True)
+
+    key, pub = make_keypair(tmp_path / "client")
+    sshd = start_sshd(tmp_path / "server", authorized_keys=authorize(tmp_path / "ak", [pub]),
+                      extra_env={"PATH": f"{bindir}:/usr/sbin:/usr/bin:/sbin:/bin"})
+    known = write_known_hosts(tmp_path / "known_hosts", [sshd])
+    shell = SshShell({"hv1": SshTarget(address="127.0.0.1", port=sshd.port, key=SshKey(file=str(key)),
+                                       known_hosts=str(known))})
+    try:
+        # the conflicting update fails: StepError with dnf's own words, nothing changed
+        before = patching.installed_packages(shell, "hv1")
+        assert before == {"hmconflict.noarch": "0:1.0-1", "hmdemo.noarch": "0:1.0-1",
+                          "hmold.noarch": "0:1.0-1", "hmpinned.noarch": "0:1.0-1"}
+        with pytest.raises(StepError) as err:
+            patching.apply_updates(shell, "hv1", HostPolicy(excludes=["hmpin*"]))
+        assert err.value.step == "update" and "Transaction test error" in str(err.value)
+        assert "/usr/share/hmdemo/version conflicts" in str(err.value)
+        assert patching.installed_packages(shell, "hv1") == before
+
+        policy = HostPolicy(excludes=["hmpin*", "hmconflict"], min_free_mib=1,
+                            verify=[VerifyCheck(name="hmdemo-installed", argv=["rpm", "-q", "hmdemo"])])
+        pre = patching.preflight(shell, "hv1", policy)
+        assert pre.package_manager is PackageManager.DNF and pre.package_manager_version.startswith("4.")
+        assert [(u.package, u.version) for u in pre.updates] == [("hmdemo.noarch", "1.1-1")]
+        result = patching.apply_updates(shell, "hv1", policy, pre.package_manager)
+        assert result.exit_code == 0 and not result.nothing_to_do
+        diff = patching.package_diff(before, patching.installed_packages(shell, "hv1"))
+        assert [(c.package, c.new) for c in diff.installed] == [("hmnew.noarch", "0:1.0-1")]
+        assert [(c.package, c.old, c.new) for c in diff.upgraded] == [("hmdemo.noarch", "0:1.0-1", "0:1.1-1")]
+        assert [(c.package, c.old) for c in diff.removed] == [("hmold.noarch", "0:1.0-1")]
+        assert patching.apply_updates(shell, "hv1", policy).nothing_to_do
+
+        decision = patching.reboot_decision(shell, "hv1", policy)  # no kernel rpm, no needs-restarting here
+        assert decision.needed is False and "needs-restarting unavailable (exit 127)" in decision.reason
+        report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", policy, cells_before=CELLS)
+        assert report.ok, report.reason()
+        assert {c.name for c in report.checks if c.skipped} == {"kernel"} | (
+            {"systemd"} if not Path("/run/systemd/system").is_dir() else set())
+
+        (tmp_path / "repos.d" / "hm.repo").write_text("[hm]\nname=hm\nbaseurl=file:///nonexistent\ngpgcheck=0\n")
+        with pytest.raises(StepError, match="repositories not reachable.*exit 1"):
+            patching.preflight(shell, "hv1", policy)
+    finally:
+        shell.close()
+        sshd.stop()
