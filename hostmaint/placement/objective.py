@@ -1,8 +1,11 @@
-"""The balance objective: the sum of squared memory utilisations of hosts and cells.
+"""The balance objective: the memory-weighted sum of squared utilisations of hosts and cells.
 
 Squares punish the fullest hosts most, so minimising the sum spreads load
-evenly. Cells count with weight 1/cells-per-host so that a host's cells together
-weigh as much as the host.
+evenly. Each host's term is weighted by its memory relative to the cluster's
+mean host (``HostLoad.weight``): without the weight, the minimum of a plain
+sum of squares would load big hosts *more* than small ones; with it, the
+minimum is every host (and every cell) at the same utilisation. A host's cells
+together weigh as much as the host, each in proportion to its size.
 """
 
 from __future__ import annotations
@@ -15,9 +18,11 @@ from hostmaint.placement.state import Fit, HostLoad
 
 def host_cost(host: HostLoad) -> float:
     """This host's share of the objective."""
-    cells = host.cells
-    cell_part = sum(c.util**2 for c in cells) / len(cells) if cells else 0.0
-    return host.util**2 + cell_part
+    mem = host.memory_mib
+    if not mem:
+        return 0.0
+    cell_part = sum(c.memory_mib / mem * c.util**2 for c in host.cells)
+    return host.weight * (host.util**2 + cell_part)
 
 
 def fit_delta(host: HostLoad, fit: Fit) -> float:
@@ -28,12 +33,26 @@ def fit_delta(host: HostLoad, fit: Fit) -> float:
     added = sum(fit.cell_mib)
     used = host.used_mib
     delta = ((used + added) / mem) ** 2 - (used / mem) ** 2
-    n = len(host.cells)
     for cell_id, mib in zip(fit.cells, fit.cell_mib, strict=True):
         cell = host.cell(cell_id)
         if cell.memory_mib:
-            delta += (((cell.used_mib + mib) / cell.memory_mib) ** 2 - cell.util**2) / n
-    return delta
+            delta += cell.memory_mib / mem * (((cell.used_mib + mib) / cell.memory_mib) ** 2 - cell.util**2)
+    return host.weight * delta
+
+
+def release_delta(host: HostLoad, mib: float) -> float:
+    """How much the objective changes if a VM of ``mib`` leaves ``host`` (cells give back pro rata)."""
+    mem = host.memory_mib
+    used = host.used_mib
+    if not mem or used <= 0:
+        return 0.0
+    mib = min(mib, used)
+    delta = ((used - mib) / mem) ** 2 - (used / mem) ** 2
+    for cell in host.cells:
+        if cell.memory_mib:
+            share = min(cell.used_mib, mib * cell.used_mib / used)
+            delta += cell.memory_mib / mem * (((cell.used_mib - share) / cell.memory_mib) ** 2 - cell.util**2)
+    return host.weight * delta
 
 
 def balance(hosts: Iterable[HostLoad]) -> float:
@@ -48,19 +67,3 @@ def spread(utils: list[float]) -> tuple[float, float, float]:
     mean = sum(utils) / len(utils)
     std = math.sqrt(sum((u - mean) ** 2 for u in utils) / len(utils))
     return (max(utils) / mean if mean else 0.0), std, mean
-
-
-def release_delta(host: HostLoad, mib: float) -> float:
-    """How much the objective changes if a VM of ``mib`` leaves ``host`` (cells give back pro rata)."""
-    mem = host.memory_mib
-    used = host.used_mib
-    if not mem or used <= 0:
-        return 0.0
-    mib = min(mib, used)
-    delta = ((used - mib) / mem) ** 2 - (used / mem) ** 2
-    n = len(host.cells)
-    for cell in host.cells:
-        if cell.memory_mib:
-            share = min(cell.used_mib, mib * cell.used_mib / used)
-            delta += (((cell.used_mib - share) / cell.memory_mib) ** 2 - cell.util**2) / n
-    return delta

@@ -5,28 +5,36 @@ Two passes, both greedy and deterministic:
 1. Return to origin (when ``prefer_origin``): a VM whose recorded ``origin`` is
    another active host of its CPU group goes back there if it fits, whether or
    not that improves balance — it is where the operator put it.
-2. Levelling: repeatedly take the fullest host and move the VM off it that buys
-   the largest drop in the balance objective onto a fitting host; a move that
-   does not lower the objective is not kept, and the pass stops.
+2. Levelling: repeatedly take the fullest hosts and, among their VMs and the
+   least-loaded hosts, make the move that lowers the balance objective most;
+   a move that does not lower it is never kept, and the pass stops when no
+   move helps.
 
-A host that gives a VM away in this plan does not receive one, and vice versa,
-so the moves are independent and may run in any order or in parallel: memory a
-departing VM frees is never planned onto.
+Moves are independent and may run in any order or in parallel: nothing a
+departing VM frees (memory, vCPUs, pinned CPUs, its anti-affinity slot) is
+planned onto; only the utilisation the objective sees goes down. A host may
+both give and receive; a VM moves at most once.
+
+Speed: candidate moves are ranked by a host-level estimate of their gain (cheap
+arithmetic), and only the best few are checked for a NUMA fit and scored
+exactly; hosts are kept in heaps by utilisation. A 1,000-host cluster with
+20,000 VMs takes a few seconds for 2,000 moves.
 """
 
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable, Iterator
 
 from hostmaint.models import FleetSnapshot, HostState, RebalanceMove, RebalancePlan, Vm
 from hostmaint.placement.evacuate import Choice, placement_for
-from hostmaint.placement.fit import Miss, fit_host
+from hostmaint.placement.fit import Miss, could_fit, demand_of, fit_host
 from hostmaint.placement.objective import balance, fit_delta, release_delta
-from hostmaint.placement.state import Fit, Ledger
+from hostmaint.placement.state import Fit, HostLoad, Ledger
 
-# How many of the least-loaded hosts a levelling step weighs as targets; the best move
-# almost always goes to one of them, and it keeps 1,000-host clusters fast.
-TARGET_FANOUT = 12
+DONORS = 4  # fullest hosts weighed per step
+RECEIVERS = 8  # least-loaded hosts weighed per step
+EXACT = 12  # best estimated moves checked for a fit and scored exactly
 
 
 def _move_gain(ledger: Ledger, vm: Vm, fit: Fit) -> float:
@@ -34,30 +42,82 @@ def _move_gain(ledger: Ledger, vm: Vm, fit: Fit) -> float:
     return -(fit_delta(ledger.hosts[fit.host], fit) + release_delta(ledger.hosts[vm.host], vm.memory_mib))
 
 
+def _estimate(src: HostLoad, dst: HostLoad, mib: float) -> float:
+    """Host-level gain of moving ``mib`` from ``src`` to ``dst``, cells ignored (a ranking estimate)."""
+    ms, md = src.memory_mib, dst.memory_mib
+    us, ud = src.util, dst.util
+    return src.weight * (us * us - (us - mib / ms) ** 2) - dst.weight * ((ud + mib / md) ** 2 - ud * ud)
+
+
+class _Heaps:
+    """Hosts by utilisation, fullest and emptiest first, with lazy invalidation on change."""
+
+    def __init__(self, hosts: dict[str, HostLoad]) -> None:
+        self.hosts = hosts
+        self.version = dict.fromkeys(hosts, 0)
+        self.retired: set[str] = set()
+        self.full = [(-h.util, n, 0) for n, h in hosts.items()]
+        self.empty = [(h.util, n, 0) for n, h in hosts.items()]
+        heapq.heapify(self.full)
+        heapq.heapify(self.empty)
+
+    def changed(self, name: str) -> None:
+        self.version[name] += 1
+        v, u = self.version[name], self.hosts[name].util
+        heapq.heappush(self.full, (-u, name, v))
+        heapq.heappush(self.empty, (u, name, v))
+
+    def retire(self, name: str) -> None:
+        """Never offer ``name`` as a donor again."""
+        self.retired.add(name)
+
+    @staticmethod
+    def _top(heap: list[tuple[float, str, int]], version: dict[str, int], n: int,
+             keep: Callable[[str], bool]) -> Iterator[str]:
+        taken: list[tuple[float, str, int]] = []
+        found = 0
+        while heap and found < n:
+            entry = heapq.heappop(heap)
+            _, name, v = entry
+            if version[name] != v:
+                continue  # stale
+            taken.append(entry)
+            if keep(name):
+                found += 1
+                yield name
+        for entry in taken:
+            heapq.heappush(heap, entry)
+
+    def fullest(self, n: int, keep: Callable[[str], bool]) -> list[str]:
+        return list(self._top(self.full, self.version, n, lambda h: h not in self.retired and keep(h)))
+
+    def emptiest(self, n: int, keep: Callable[[str], bool]) -> list[str]:
+        return list(self._top(self.empty, self.version, n, keep))
+
+
 def plan_rebalance(snapshot: FleetSnapshot, max_moves: int, *, prefer_origin: bool = True) -> RebalancePlan:
-    """Level the cluster with at most ``max_moves`` migrations; report balance before and after."""
+    """Level the cluster with at most ``max_moves`` migrations; report balance before and after.
+
+    Every move carries its gain (the drop in the objective it buys); origin returns may carry a
+    negative gain, levelling moves never do.
+    """
     ledger = Ledger.from_snapshot(snapshot)
     active = {n: h for n, h in ledger.hosts.items() if h.state is HostState.ACTIVE}
     before = balance(active.values())
     moves: list[RebalanceMove] = []
-    gave: set[str] = set()
-    took: set[str] = set()
-    moved: set[str] = set()
     vms_by_host: dict[str, list[Vm]] = {n: [] for n in ledger.hosts}
     for vm in sorted(snapshot.vms, key=lambda v: v.name):
-        vms_by_host[vm.host].append(vm)
+        if vm.migratable:
+            vms_by_host[vm.host].append(vm)
 
     def commit(vm: Vm, fit: Fit, why: str, gain: float) -> None:
-        src = ledger.hosts[vm.host]
         choice = Choice(fit=fit, delta=-gain, avoided=False, runner_up=None, candidates=1)
         placement = placement_for(vm, choice, ledger.hosts[fit.host])
         placement = placement.model_copy(update={"reason": f"{why}; {placement.reason}"})
-        ledger.release(vm, credit_cells=False)
+        ledger.unload(vm)
         ledger.apply(vm, fit)
         moves.append(RebalanceMove(placement=placement, improvement=round(gain, 6)))
-        gave.add(src.name)
-        took.add(fit.host)
-        moved.add(vm.name)
+        vms_by_host[vm.host].remove(vm)
 
     if prefer_origin:
         for vm in sorted(snapshot.vms, key=lambda v: v.name):
@@ -65,7 +125,7 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int, *, prefer_origin: bo
                 break
             origin = vm.origin
             if (not vm.migratable or origin is None or origin == vm.host or origin not in active
-                    or vm.host not in active or origin in gave or vm.host in took
+                    or vm.host not in active
                     or active[origin].cpu_group != ledger.hosts[vm.host].cpu_group):
                 continue
             got = fit_host(vm, active[origin])
@@ -73,35 +133,60 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int, *, prefer_origin: bo
                 continue
             commit(vm, got, f"returns to its origin {origin}", _move_gain(ledger, vm, got))
 
-    # levelling: a heap of hosts by utilisation, fullest first
+    heaps = _Heaps(active)
     while len(moves) < max_moves:
-        best: tuple[float, str, Vm, Fit] | None = None
-        donors = heapq.nsmallest(3, (h for h in active.values()
-                                     if h.name not in took and vms_by_host[h.name]),
-                                 key=lambda h: (-h.util, h.name))
-        for src in donors:
-            receivers = heapq.nsmallest(
-                TARGET_FANOUT, (h for h in active.values()
-                                if h.name not in gave and h.name != src.name and h.cpu_group == src.cpu_group
-                                and h.util < src.util),
-                key=lambda h: (h.util, h.name))
-            for vm in vms_by_host[src.name]:
-                if vm.name in moved or not vm.migratable:
-                    continue
-                for dst in receivers:
-                    got = fit_host(vm, dst)
-                    if isinstance(got, Miss):
-                        continue
-                    gain = _move_gain(ledger, vm, got)
-                    key = (gain, vm.name)
-                    if gain > 1e-9 and (best is None or key > (best[0], best[1])):
-                        best = (gain, vm.name, vm, got)
-        if best is None:
+        donors = heaps.fullest(DONORS, lambda n: bool(vms_by_host[n]))
+        if not donors:
             break
-        gain, _, vm, fit = best
-        commit(vm, fit, f"levels {vm.host} ({ledger.hosts[vm.host].util:.0%})", gain)
+        best = _best_move(ledger, donors, heaps, vms_by_host)
+        if best is None:
+            # none of these hosts has a VM that fits and helps (too big, pinned, grouped): the
+            # emptiest hosts only fill up from here, so they are done; try the next fullest
+            for d in donors:
+                heaps.retire(d)
+            continue
+        gain, vm, fit = best
+        src = vm.host
+        commit(vm, fit, f"levels {src} ({ledger.hosts[src].util:.0%})", gain)
+        heaps.changed(src)
+        heaps.changed(fit.host)
 
     after = balance(active.values())
     return RebalancePlan(cluster=snapshot.cluster, snapshot_digest=snapshot.digest(), moves=tuple(moves),
                          balance_before=round(before, 6), balance_after=round(after, 6))
 
+
+def _best_move(ledger: Ledger, donors: list[str], heaps: _Heaps,
+               vms_by_host: dict[str, list[Vm]]) -> tuple[float, Vm, Fit] | None:
+    """The move with the largest exact gain among the best-estimated ones, or None if none helps."""
+    hosts = ledger.hosts
+    receivers = heaps.emptiest(RECEIVERS, lambda n: True)
+    estimates: list[tuple[float, str, str, Vm]] = []
+    for d in donors:
+        src = hosts[d]
+        for r in receivers:
+            dst = hosts[r]
+            if r == d or dst.cpu_group != src.cpu_group or dst.util >= src.util:
+                continue
+            for vm in vms_by_host[d]:
+                est = _estimate(src, dst, vm.memory_mib)
+                if est > 0:
+                    estimates.append((est, vm.name, r, vm))
+    estimates.sort(key=lambda e: (-e[0], e[1], e[2]))
+    best: tuple[float, str, str, Vm, Fit] | None = None
+    checked = 0
+    for _, name, r, vm in estimates:
+        if checked >= EXACT:
+            break
+        dst = hosts[r]
+        need = demand_of(vm)
+        if not could_fit(vm, need, dst):
+            continue
+        got = fit_host(vm, dst, need=need)
+        if isinstance(got, Miss):
+            continue
+        checked += 1
+        gain = _move_gain(ledger, vm, got)
+        if gain > 1e-9 and (best is None or (gain, name, r) > (best[0], best[1], best[2])):
+            best = (gain, name, r, vm, got)
+    return None if best is None else (best[0], best[3], best[4])

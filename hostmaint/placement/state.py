@@ -59,6 +59,7 @@ class HostLoad:
     vcpus_used: int = 0
     groups: Counter[str] = field(default_factory=Counter)  # anti-affinity group -> VMs on the host
     vm_count: int = 0
+    weight: float = 1.0  # memory relative to the cluster's mean host: the objective's weight
 
     @property
     def memory_mib(self) -> int:
@@ -134,8 +135,12 @@ class Ledger:
         for vm in snapshot.vms:
             by_host[vm.host].append(vm)
         lim = snapshot.limits
-        return cls({h.name: _host_load(h, by_host[h.name], lim.memory_headroom_pct, lim.vcpu_overcommit)
-                    for h in sorted(snapshot.hosts, key=lambda h: h.name)})
+        hosts = {h.name: _host_load(h, by_host[h.name], lim.memory_headroom_pct, lim.vcpu_overcommit)
+                 for h in sorted(snapshot.hosts, key=lambda h: h.name)}
+        mean = sum(h.memory_mib for h in hosts.values()) / len(hosts) if hosts else 0.0
+        for h in hosts.values():
+            h.weight = h.memory_mib / mean if mean else 1.0
+        return cls(hosts)
 
     def apply(self, vm: Vm, fit: Fit) -> None:
         """Charge a chosen fit: memory or hugepages per cell, vCPUs, pinned CPUs, anti-affinity."""
@@ -155,6 +160,15 @@ class Ledger:
         host.vm_count += 1
         if vm.anti_affinity:
             host.groups[vm.anti_affinity] += 1
+
+    def unload(self, vm: Vm) -> None:
+        """Lower the utilisation of ``vm``'s host as if it left, freeing nothing for planning.
+
+        vCPUs, pinned CPUs, anti-affinity slots and memory stay booked, so moves planned this
+        way never depend on each other and may run in any order.
+        """
+        for cell, mib in _cell_shares(self.hosts[vm.host], vm.memory_mib):
+            cell.used_mib = max(cell.used_mib - mib, 0.0)
 
     def release(self, vm: Vm, *, credit_cells: bool) -> None:
         """Take a VM off its host's books (it moved away).

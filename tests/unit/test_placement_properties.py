@@ -247,9 +247,9 @@ def test_a_vm_gets_a_single_cell_when_one_exists(s: FleetSnapshot, data: st.Data
 def test_rebalance_never_breaks_a_hard_constraint_and_never_worsens_balance(s: FleetSnapshot, budget: int) -> None:
     plan = plan_rebalance(s, budget)
     assert len(plan.moves) <= budget
-    sources = {m.placement.source for m in plan.moves}
-    assert not sources & {m.placement.target for m in plan.moves}
-    assert_hard_constraints(s, [m.placement for m in plan.moves], barred=sources)
+    # nothing a departing VM frees is planned onto: the moves hold against the snapshot as it is,
+    # in any order
+    assert_hard_constraints(s, [m.placement for m in plan.moves], barred=set())
     assert plan.balance_after <= plan.balance_before + 1e-9
     assert plan == plan_rebalance(s, budget)
 
