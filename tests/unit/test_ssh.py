@@ -342,3 +342,96 @@ def test_no_key_material_in_logs_or_errors(lab: Lab, tmp_path: Path, caplog: pyt
     for line in body:
         assert line not in joined
     assert secret not in joined
+
+
+# --- agent, threads, a reboot seen through a real connection ---------------------------------------------
+
+
+def test_key_from_ssh_agent(lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(sock)], stdout=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            threading.Event().wait(0.02)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(sock)}
+        subprocess.run(["ssh-add", "-q", str(lab.key)], env=env, check=True, capture_output=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(sock))
+        shell = SshShell({"hv1": lab.target(key=SshKey(agent=True))})
+        try:
+            assert shell.run("hv1", ["echo", "via agent"]).stdout == "via agent\n"
+        finally:
+            shell.close()
+    finally:
+        agent.terminate()
+        agent.wait(timeout=5)
+
+
+def test_parallel_commands_share_one_connection(lab: Lab) -> None:
+    shell = lab.shell()
+    before = accepted_logins(lab.sshd)
+    results: list[str] = []
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            results.append(shell.run("hv1", ["sh", "-c", f"sleep 0.2; echo {i}"]).stdout.strip())
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        shell.close()
+    assert errors == []
+    assert sorted(results) == [str(i) for i in range(6)]
+    assert accepted_logins(lab.sshd) - before == 1
+
+
+def test_reboot_and_wait_through_a_real_connection_drop(lab: Lab, tmp_path: Path) -> None:
+    """``reboot`` drops the session, the server is gone a moment, then back with a new boot id."""
+    from hostmaint import patching
+    from hostmaint.inventory import HostPolicy
+
+    bindir, boot = tmp_path / "bin", tmp_path / "boot_id"
+    bindir.mkdir()
+    boot.write_text("11111111-1111-1111-1111-111111111111\n")
+    requested = tmp_path / "reboot-requested"
+    (bindir / "cat").write_text(f'#!/bin/sh\n[ "$1" = /proc/sys/kernel/random/boot_id ] && exec /bin/cat {boot}\n'
+                                'exec /bin/cat "$@"\n')
+    (bindir / "reboot").write_text(f"#!/bin/sh\ntouch {requested}\nsleep 30\n")  # killed by the "shutdown"
+    for w in bindir.iterdir():
+        w.chmod(0o755)
+    env = {"PATH": f"{bindir}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    servers = [start_sshd(tmp_path / "srv", authorized_keys=lab.authorized, extra_env=env)]
+    port = servers[0].port
+    known = write_known_hosts(tmp_path / "known_hosts", servers)
+
+    def host_side() -> None:
+        for _ in range(500):
+            if requested.exists():
+                break
+            threading.Event().wait(0.02)
+        servers[0].stop()  # down: sessions and listener gone
+        boot.write_text("22222222-2222-2222-2222-222222222222\n")
+        threading.Event().wait(1.0)
+        servers.append(start_sshd(tmp_path / "srv", authorized_keys=lab.authorized, extra_env=env, port=port))
+
+    shell = SshShell({"hv1": lab.target(port=port, known_hosts=str(known))}, retries=2, backoff_s=0.1)
+    machine = threading.Thread(target=host_side)
+    machine.start()
+    try:
+        result = patching.reboot_and_wait(shell, "hv1", HostPolicy(reboot_timeout_s=60), poll_s=0.2)
+    finally:
+        machine.join(timeout=30)
+        shell.close()
+        for s in servers:
+            s.stop()
+    assert result.old_boot_id == "11111111-1111-1111-1111-111111111111"
+    assert result.new_boot_id == "22222222-2222-2222-2222-222222222222"
+    assert result.down_after_s is not None and result.back_after_s >= 1.0
