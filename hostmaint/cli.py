@@ -146,8 +146,7 @@ def plan_drain(host: str, inventory: InventoryOpt = "inventory.yaml", snapshot: 
     from hostmaint.placement import check_capacity, plan_evacuation, render_plan
 
     with exit_codes():
-        snap = _snapshot_for(None if snapshot else inventory, None, snapshot, host) if snapshot \
-            else _snapshot_for(inventory, None, None, host)
+        snap = _snapshot_for(inventory, None, snapshot, host)
         try:
             snap.host(host)
         except KeyError:
@@ -428,6 +427,13 @@ def _use_db(workdir: Path) -> None:
     os.environ.setdefault("HOSTMAINT_DB", str(workdir / "hostmaint.db"))
 
 
+def _ensure_limits(inventory: Path) -> None:
+    # The flows refuse to run without their concurrency limits; the demo sets them up as 'hostmaint setup' would.
+    from flows.locks import ensure_limits
+
+    ensure_limits(inventory)
+
+
 def _demo_simulated(workdir: Path | None) -> None:
     from flows.patch_window import patch_window
     from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
@@ -440,6 +446,7 @@ def _demo_simulated(workdir: Path | None) -> None:
     inventory = write_simulated_fleet(workdir, snap, demo_packages(snap), time_scale=0.05)
     err.print("[yellow]SIMULATED fleet[/yellow]: 4 hosts, 12 VMs, anti-affinity pair db-1/db-2, "
               "hv02 has a pending kernel update")
+    _ensure_limits(inventory)
     started = time.monotonic()
     outcomes = _run_flow(patch_window, cluster=snap.cluster, inventory=str(inventory), max_hosts_in_parallel=1,
                          window_id="demo", operator="demo")
@@ -460,6 +467,7 @@ def _demo_lab(workdir: Path | None, hosts: int, vms: int, keep: bool) -> None:
     _use_db(Path(info.inventory_path).parent)
     out.print(f"lab up in {time.monotonic() - started:.1f}s: {len(info.hosts)} hosts, inventory "
               f"{info.inventory_path}")
+    _ensure_limits(Path(info.inventory_path))
     try:
         outcomes = _run_flow(patch_window, cluster="lab", inventory=str(info.inventory_path),
                              max_hosts_in_parallel=1, window_id=f"lab-{int(time.time())}", operator="demo")

@@ -41,3 +41,4 @@ def sim_inventory(tmp_path: Path, hostmaint_db: Path) -> Path:
 
     snap = demo_snapshot(4, 12)
     return write_simulated_fleet(tmp_path / "fleet", snap, demo_packages(snap), time_scale=0.001)
+

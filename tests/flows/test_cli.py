@@ -1,0 +1,137 @@
+"""The command line: each command's happy path and its bad-input path (exit 2, nothing changed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hostmaint.cli import app
+from hostmaint.drivers.memory import SimulatedFleet
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+runner = CliRunner()
+
+
+def run(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, " ".join(result.output.split())
+
+
+def placement(inventory: Path) -> dict[str, set[str]]:
+    return SimulatedFleet.load(inventory.parent / "fleet-state.json").running
+
+
+def test_snapshot_writes_the_public_format(sim_inventory: Path, tmp_path: Path) -> None:
+    out = tmp_path / "snap.json"
+    code, text = run("snapshot", "-i", str(sim_inventory), "--out", str(out))
+    assert code == 0, text
+    data = json.loads(out.read_text())
+    assert data["format"] == "hostmaint.snapshot/1"
+    assert data["source"] == "simulated"
+    assert len(data["hosts"]) == 4 and len(data["vms"]) == 12
+    assert run("snapshot", "-i", str(sim_inventory), "--cluster", "nope")[0] == 2
+
+
+def test_plan_drain_offline_from_a_snapshot(sim_inventory: Path, tmp_path: Path) -> None:
+    out = tmp_path / "snap.json"
+    assert run("snapshot", "-i", str(sim_inventory), "--out", str(out))[0] == 0
+    code, text = run("plan", "drain", "hv01", "--snapshot", str(out), "--json")
+    assert code == 0, text
+    plan = json.loads(runner.invoke(app, ["plan", "drain", "hv01", "--snapshot", str(out), "--json"]).stdout)
+    assert {p["source"] for p in plan["placements"]} == {"hv01"}
+    assert "hv01" not in {p["target"] for p in plan["placements"]}
+    # the same snapshot gives the same plan
+    again = json.loads(runner.invoke(app, ["plan", "drain", "hv01", "--snapshot", str(out), "--json"]).stdout)
+    assert again == plan
+    assert run("plan", "drain", "hv99", "--snapshot", str(out))[0] == 2
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"cluster": "x", "hosts": "no"}')
+    code, text = run("plan", "drain", "hv01", "--snapshot", str(bad))
+    assert code == 2 and "taken_at" in text or "hosts" in text
+
+
+def test_plan_window_and_rebalance(sim_inventory: Path, tmp_path: Path) -> None:
+    out = tmp_path / "snap.json"
+    assert run("snapshot", "-i", str(sim_inventory), "--out", str(out))[0] == 0
+    code, text = run("plan", "window", "demo", "--snapshot", str(out), "--json")
+    assert code == 0, text
+    code, text = run("plan", "rebalance", "demo", "--snapshot", str(out), "--max-moves", "2", "--json")
+    assert code == 0, text
+    assert run("plan", "rebalance", "demo", "--snapshot", str(out), "--max-moves", "-1")[0] == 2
+    assert run("plan", "window", "other", "--snapshot", str(out))[0] == 2
+
+
+def test_evacuate_dry_run_then_for_real(sim_inventory: Path) -> None:
+    before = placement(sim_inventory)
+    code, text = run("evacuate", "hv01", "-i", str(sim_inventory), "--dry-run")
+    assert code == 0, text
+    assert "dry-run" in text
+    assert placement(sim_inventory) == before
+    code, text = run("evacuate", "hv01", "-i", str(sim_inventory), "--operator", "gina")
+    assert code == 0, text
+    assert placement(sim_inventory)["hv01"] == set()
+    assert run("evacuate", "nohost", "-i", str(sim_inventory))[0] == 2
+
+
+def test_patch_and_host_status(sim_inventory: Path) -> None:
+    code, text = run("patch", "hv03", "-i", str(sim_inventory), "--json")
+    assert code == 0, text
+    code, text = run("host", "status", "-i", str(sim_inventory), "--json")
+    assert code == 0 and '"state": "active"' in text
+    assert run("patch", "hv03", "-i", str(sim_inventory.parent / "missing.yaml"))[0] == 2
+
+
+def test_failed_patch_exits_1_and_reset_clears_it(sim_inventory: Path) -> None:
+    fleet = SimulatedFleet.load(sim_inventory.parent / "fleet-state.json")
+    fleet.packages["hv02"].fail_update = True
+    fleet.save()
+    code, text = run("patch", "hv02", "-i", str(sim_inventory))
+    assert code == 1, text
+    code, text = run("host", "status", "-i", str(sim_inventory), "--json")
+    assert '"host": "hv02"' in text and '"state": "failed"' in text
+    code, text = run("host", "reset", "hv02", "-i", str(sim_inventory), "--operator", "hank")
+    assert code == 0, text
+    assert run("host", "reset", "hv77", "-i", str(sim_inventory))[0] == 2
+
+
+def test_window_run_and_bad_parameters(sim_inventory: Path) -> None:
+    code, text = run("window", "run", "demo", "-i", str(sim_inventory), "--window-id", "cli-w")
+    assert code == 0, text
+    assert text.count(" ok ") >= 4 or text.count("│ ok") >= 4
+    assert run("window", "run", "demo", "-i", str(sim_inventory), "--max-parallel", "0")[0] == 2
+    assert run("window", "run", "nope", "-i", str(sim_inventory))[0] == 2
+
+
+def test_rebalance_command(sim_inventory: Path) -> None:
+    code, text = run("rebalance", "demo", "-i", str(sim_inventory), "--max-moves", "2", "--dry-run")
+    assert code == 0, text
+    assert run("rebalance", "demo", "-i", str(sim_inventory), "--max-moves", "-3")[0] == 2
+
+
+def test_audit_show_export_verify(sim_inventory: Path, hostmaint_db: Path) -> None:
+    assert run("evacuate", "hv04", "-i", str(sim_inventory), "--dry-run")[0] == 0
+    code, text = run("audit", "show", "--host", "hv04")
+    assert code == 0 and "plan" in text
+    code, _ = run("audit", "export", "--format", "jsonl")
+    lines = runner.invoke(app, ["audit", "export", "--format", "jsonl"]).stdout.strip().splitlines()
+    assert code == 0 and json.loads(lines[-1])["step"] == "plan"
+    assert run("audit", "export", "--format", "xml")[0] == 2
+    code, text = run("audit", "verify")
+    assert code == 0 and "intact" in text
+    import sqlite3
+
+    with sqlite3.connect(hostmaint_db) as db:
+        db.execute("UPDATE hostmaint_audit SET operator = 'mallory' WHERE seq = 1")
+    code, text = run("audit", "verify")
+    assert code == 1 and "record 1" in text
+
+
+def test_demo_simulated(tmp_path: Path, hostmaint_db: Path) -> None:
+    code, text = run("demo", "--simulated", "--workdir", str(tmp_path / "demo"))
+    assert code == 0, text
+    assert "SIMULATED" in text
+    for host in ("hv01", "hv02", "hv03", "hv04"):
+        assert host in text
