@@ -13,6 +13,7 @@ Package globs were validated at inventory load and are checked again before use.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import time
@@ -670,8 +671,8 @@ def verify_host(shell: HostShell, hypervisor: Hypervisor, host: str, policy: Hos
         checks.append(_check("numa", lambda: check_numa(hypervisor, host, cells_before)))
     checks.append(_check("systemd", lambda: check_systemd(shell, host)))
     for vc in policy.verify:
-        checks.append(_check(vc.name, lambda vc=vc: _inventory_check(shell, host, vc.argv, vc.expect_exit,
-                                                                      vc.timeout_s, vc.name)))
+        checks.append(_check(vc.name, functools.partial(_inventory_check, shell, host, vc.argv, vc.expect_exit,
+                                                        vc.timeout_s, vc.name)))
     return VerifyReport(host=host, ok=all(c.ok for c in checks), checks=tuple(checks))
 
 

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import paramiko
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
@@ -65,7 +65,7 @@ class _UnknownHostKey(paramiko.SSHException):
 class _RejectUnknown(paramiko.RejectPolicy):
     """RejectPolicy that keeps the offered key, so the error can name its fingerprint."""
 
-    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> None:
+    def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> NoReturn:
         raise _UnknownHostKey(hostname, key)
 
 
