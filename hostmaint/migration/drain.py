@@ -35,6 +35,7 @@ from hostmaint.migration.policy import (
     MigrationSpec,
     ProgressTrack,
     SchedulerPolicy,
+    about_to_finish,
     admission_refusal,
     link_of,
     migration_budget_s,
@@ -106,6 +107,7 @@ class _Flight:
     level_since_s: float = 0.0
     progress: ProgressTrack = field(default_factory=ProgressTrack)
     abort_reason: str | None = None
+    released: bool = False  # handed its link share on while finishing
     last_progress_event: float = -1e18
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -179,7 +181,8 @@ class _Drain:
     # --- main loop ----------------------------------------------------------
 
     def execute(self, poll_s: float) -> DrainReport:
-        pending = order_placements(self.specs, self.policy.order, self.links)
+        rates = {src: stream_rate(self.options, self.policy, link) for src, link in self.links.items()}
+        pending = order_placements(self.specs, self.policy.order, self.links, rates)
         flights: dict[Future[MigrationResult], _Flight] = {}
         workers = max(1, min(len(self.specs), self.limits.migrations_per_cluster))
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="drain") as pool:
@@ -209,13 +212,15 @@ class _Drain:
                 for fut in done:
                     flight = flights.pop(fut)
                     result = fut.result()  # a bug in a driver surfaces here, never silently
-                    self.load.remove(flight.spec, flight.rate, landed=result.outcome is StepOutcome.OK)
+                    self.load.remove(flight.spec, flight.rate, landed=result.outcome is StepOutcome.OK,
+                                     released=flight.released)
                     self.record(result, flight)
                     if (self.policy.stop_on_first_failure and self.stop_reason is None
                             and result.outcome in (StepOutcome.FAILED, StepOutcome.ABORTED)):
                         self.stop_reason = f"stopped after {result.vm} did not move"
                 for flight in flights.values():
                     self.watch(flight)
+                    self.release_if_finishing(flight)
         ordered = tuple(self.results[s.vm] for s in self.specs)
         seconds = round(self.clock() - self.t0, 3)
         return DrainReport(ordered, tuple(self.events), seconds, self.max_concurrency)
@@ -361,6 +366,14 @@ class _Drain:
             threading.Thread(target=abort, name=f"abort-{flight.spec.vm}", daemon=True).start()
         else:
             abort()
+
+    def release_if_finishing(self, flight: _Flight) -> None:
+        last = flight.progress.last
+        if (flight.released or last is None or last.data_processed == 0
+                or not about_to_finish(last.data_remaining, flight.rate, self.policy)):
+            return
+        flight.released = True
+        self.load.release(flight.spec, flight.rate)
 
     def watch(self, flight: _Flight) -> None:
         """Watchdog for drivers that report no progress: the time budget holds without samples too."""

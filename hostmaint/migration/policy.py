@@ -41,6 +41,7 @@ class Order(StrEnum):
     SMALLEST_FIRST = "smallest-first"
     LOW_DIRTY_FIRST = "low-dirty-first"
     ADAPTIVE = "adaptive"  # large and low-dirty first, high-dirty last
+    LONGEST_FIRST = "longest-first"  # longest expected migration first: M / (b - D), dirty-aware
 
 
 class Action(StrEnum):
@@ -77,7 +78,7 @@ class SchedulerPolicy:
     """
 
     name: str = "adaptive"
-    order: Order = Order.ADAPTIVE
+    order: Order = Order.LONGEST_FIRST
     adaptive: bool = True
     max_per_source: int | None = None
     # admission: each running migration's dirty rate must stay below this part of its link share
@@ -91,6 +92,8 @@ class SchedulerPolicy:
     allow_post_copy: bool = False  # post-copy loses the VM if the network fails mid-way: opt in
     stop_on_first_failure: bool = False
     progress_event_s: float = 5.0  # at most one progress event per VM this often
+    # a migration with less than this many seconds of data left hands its link share on (set-up overlap)
+    lookahead_s: float = 2.0
 
     @classmethod
     def fixed(cls, per_source: int, order: Order = Order.PLAN, **kw: object) -> SchedulerPolicy:
@@ -146,7 +149,13 @@ class Load:
         self.source_rate[spec.source] = self.source_rate.get(spec.source, 0.0) + rate
         self.source_dirty.setdefault(spec.source, []).append(spec.dirty_mib_s)
 
-    def remove(self, spec: MigrationSpec, rate: float, *, landed: bool) -> None:
+    def release(self, spec: MigrationSpec, rate: float) -> None:
+        """A migration about to finish gives its link share to the next one early, so the next one's
+        set-up overlaps its last seconds. It still counts against the limits until it ends."""
+        self.source_rate[spec.source] -= rate
+        self.source_dirty[spec.source].remove(spec.dirty_mib_s)
+
+    def remove(self, spec: MigrationSpec, rate: float, *, landed: bool, released: bool = False) -> None:
         """Uncount a migration that ended; a landed VM keeps its memory on the target."""
         self.total -= 1
         self.per_source[spec.source] -= 1
@@ -156,8 +165,13 @@ class Load:
             self.target_mib[spec.source] = self.target_mib.get(spec.source, 0) - spec.memory_mib
         else:
             self.target_mib[spec.target] -= spec.memory_mib
-        self.source_rate[spec.source] -= rate
-        self.source_dirty[spec.source].remove(spec.dirty_mib_s)
+        if not released:
+            self.release(spec, rate)
+
+
+def about_to_finish(remaining_bytes: int, rate_mib_s: float, policy: SchedulerPolicy) -> bool:
+    """True when a migration's remaining data will be sent within the policy's look-ahead."""
+    return policy.adaptive and rate_mib_s > 0 and remaining_bytes / MIB / rate_mib_s <= policy.lookahead_s
 
 
 def link_of(host: str, bandwidth_mib_s: Mapping[str, float] | None, policy: SchedulerPolicy) -> float:
@@ -175,11 +189,26 @@ def stream_rate(options: MigrationOptions, policy: SchedulerPolicy, link_mib_s: 
     return min(rate, link_mib_s)
 
 
+def expected_seconds(spec: MigrationSpec, rate_mib_s: float) -> float:
+    """A migration's expected time with ``rate_mib_s`` to itself: M / (b − D) while it converges.
+
+    A VM dirtying near or above its bandwidth is carried by auto-converge or post-copy; their net rate
+    is taken as a quarter of the bandwidth (a rough figure: it only ranks VMs, it promises nothing).
+    """
+    return spec.memory_mib / max(rate_mib_s - spec.dirty_mib_s, 0.25 * rate_mib_s)
+
+
 def order_placements(specs: Sequence[MigrationSpec], order: Order,
-                     link_mib_s: Mapping[str, float] | None = None) -> list[MigrationSpec]:
-    """Pending migrations in the order admission sees them. Stable, so equal keys keep plan order."""
+                     link_mib_s: Mapping[str, float] | None = None,
+                     rate_mib_s: Mapping[str, float] | None = None) -> list[MigrationSpec]:
+    """Pending migrations in the order admission sees them. Stable, so equal keys keep plan order.
+
+    ``rate_mib_s`` is what one migration from each source can push (for LONGEST_FIRST)."""
     if order is Order.PLAN:
         return list(specs)
+    if order is Order.LONGEST_FIRST:
+        rates = rate_mib_s or {}
+        return sorted(specs, key=lambda s: -expected_seconds(s, rates.get(s.source, DEFAULT_STREAM_MIB_S)))
     if order is Order.LARGEST_FIRST:
         return sorted(specs, key=lambda s: -s.memory_mib)
     if order is Order.SMALLEST_FIRST:
@@ -215,7 +244,8 @@ def admission_refusal(spec: MigrationSpec, load: Load, limits: Limits, policy: S
                     f"> {target_free_mib[spec.target]} MiB free")
     if policy.max_per_source is not None and on_source >= policy.max_per_source:
         return f"policy {policy.name}: {policy.max_per_source} per source"
-    if not policy.adaptive or on_source == 0:
+    sharing = load.source_dirty.get(spec.source, [])  # migrations still using the source link
+    if not policy.adaptive or not sharing:
         return None  # one migration always runs, or a source would wait forever
     running_rate = load.source_rate.get(spec.source, 0.0)
     if running_rate >= link_mib_s * 0.999:
@@ -224,13 +254,18 @@ def admission_refusal(spec: MigrationSpec, load: Load, limits: Limits, policy: S
     if spec.dirty_mib_s >= added:
         return (f"adds {added:.0f} MiB/s of link but dirties {spec.dirty_mib_s:.0f} MiB/s: "
                 f"waits for the link to itself")
-    # Sharing the link: every migration, the newcomer included, must keep its dirty rate well below
-    # its share, or its pre-copy rounds stop shrinking (and the final pause grows).
-    share = min(rate_mib_s, link_mib_s / (on_source + 1))
-    dirtiest = max(load.source_dirty.get(spec.source, []) + [spec.dirty_mib_s])
-    if dirtiest > policy.dirty_fraction * share:
-        return (f"a dirty rate of {dirtiest:.0f} MiB/s would pass {policy.dirty_fraction:.0%} of the "
-                f"{share:.0f} MiB/s share each of {on_source + 1} migrations gets from {spec.source}")
+    # When the newcomer makes the link the bottleneck, every migration's share shrinks. None that
+    # converges comfortably now (dirty rate below dirty_fraction of its share) may be pushed past
+    # that line, or its pre-copy rounds stop shrinking and its final pause grows. While the link has
+    # room nobody's share changes; a VM already past the line relies on auto-converge either way.
+    n = len(sharing)
+    share_before = min(rate_mib_s, link_mib_s / n)
+    share = min(rate_mib_s, link_mib_s / (n + 1))
+    line_before, line = policy.dirty_fraction * share_before, policy.dirty_fraction * share
+    pushed = [d for d in [*sharing, spec.dirty_mib_s] if line < d <= line_before]
+    if pushed:
+        return (f"a dirty rate of {max(pushed):.0f} MiB/s would pass {policy.dirty_fraction:.0%} of the "
+                f"{share:.0f} MiB/s share each of {n + 1} migrations gets from {spec.source}")
     return None
 
 

@@ -40,6 +40,7 @@ from hostmaint.migration.policy import (
     MigrationSpec,
     ProgressTrack,
     SchedulerPolicy,
+    about_to_finish,
     admission_refusal,
     migration_budget_s,
     next_action,
@@ -208,6 +209,7 @@ class _Mig:
     throttle: float = 0.0
     level: Escalation = Escalation.NONE
     level_since: float = 0.0
+    released: bool = False
     stop_start: float = 0.0
     downtime_ms: float | None = None
     outcome: StepOutcome | None = None
@@ -294,7 +296,7 @@ class _Engine:
         m.rate = 0.0
         self.running.remove(m)
         self.done.append(m)
-        self.load.remove(m.spec, m.admit_rate, landed=outcome is StepOutcome.OK)
+        self.load.remove(m.spec, m.admit_rate, landed=outcome is StepOutcome.OK, released=m.released)
 
     def fail_pending(self, why: str) -> None:
         for m in self.pending:
@@ -341,6 +343,11 @@ class _Engine:
             for m in list(self.running):
                 if m.phase is Phase.PRECOPY:
                     self.sample(m)
+        for m in self.running:
+            if (not m.released and m.phase in (Phase.PRECOPY, Phase.STOPCOPY, Phase.POSTCOPY)
+                    and about_to_finish(int((m.left + m.dirty_acc) * MIB), m.admit_rate, self.policy)):
+                m.released = True
+                self.load.release(m.spec, m.admit_rate)
         return True
 
     def end_round(self, m: _Mig) -> None:
@@ -426,7 +433,8 @@ def simulate_drain(plan: EvacuationPlan | Sequence[Placement], limits: Limits, *
     specs = _specs(placements, vm_memory_mib, dirty_rate)
     engine = _Engine(limits, policy, options, params, target_free_mib)
     links = {s.source: params.link(s.source) for s in specs}
-    engine.pending = [_Mig(s) for s in order_placements(specs, policy.order, links)]
+    rates = {src: stream_rate(options, policy, link) for src, link in links.items()}
+    engine.pending = [_Mig(s) for s in order_placements(specs, policy.order, links, rates)]
     while engine.pending or engine.running:
         engine.admit()
         if not engine.running:
@@ -567,7 +575,8 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
             job.failed = bool(unplaced) and not planned
             specs = _specs(placements, memory, dirty_rate)
             links = {s.source: params.link(s.source) for s in specs}
-            job.migs = [_Mig(s, host_job=name) for s in order_placements(specs, policy.order, links)]
+            rates = {src: stream_rate(options, policy, link) for src, link in links.items()}
+            job.migs = [_Mig(s, host_job=name) for s in order_placements(specs, policy.order, links, rates)]
             engine.pending.extend(job.migs)
             if not job.migs:
                 job.drained = engine.t

@@ -1,0 +1,259 @@
+"""How fast does a host drain, against the physical floor and against the anchors' fixed limits?
+
+Not a test: prints tables (markdown). Everything simulated runs in this one process, baselines and
+ours on the same generated VMs, so the ratios compare like with like.
+
+  .venv/bin/python benchmarks/drain.py                # drains + the 300-host night
+  .venv/bin/python benchmarks/drain.py --write        # ... and replace "## Drain" in benchmarks/RESULTS.md
+  .venv/bin/python benchmarks/drain.py --quick        # fewer seeds, a 60-host night
+  .venv/bin/python benchmarks/drain.py --lab          # + a real drain of 8 lab guests (root, KVM lab)
+
+Simulated drain: 30 VMs of 2-64 GiB with heavy-tailed (log-normal) dirty rates leave one host for 8
+targets, on 10 GbE (1100 MiB/s) and 25 GbE (2900 MiB/s), with single-stream migrations (one QEMU
+connection, ~600 MiB/s) and multi-connection ones (4 connections). Policies: fixed 1 (Nova), fixed 2
+(oVirt/KubeVirt), unbounded (only the inventory limits: 32 per host), and ours (adaptive), each in
+the orders largest-first, smallest-first and low-dirty-first (ours also in its own order). Same
+escalation for all (auto-converge on stall, no post-copy, 150 s/GiB budget, 300 ms downtime limit).
+
+The floor: max(Σ memory ÷ source link, the slowest VM alone: set-up + M / (b − D)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from hostmaint.migration.policy import Order, SchedulerPolicy  # noqa: E402
+from hostmaint.migration.simulate import (  # noqa: E402
+    DrainEstimate,
+    SimParams,
+    WindowEstimate,
+    simulate_drain,
+    simulate_window,
+)
+from hostmaint.models import Cell, FleetSnapshot, Host, Limits, MigrationOptions, Placement, Vm  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+LINKS = {"10GbE": 1100.0, "25GbE": 2900.0}
+STREAMS = {"single-stream": 1, "multi-connection": 4}
+SIZES_GIB = (2, 4, 8, 16, 32, 64)
+SIZE_WEIGHTS = (25, 25, 20, 15, 10, 5)
+LIMITS = Limits(migrations_per_source=32, migrations_per_target=32, migrations_per_cluster=64)
+ORDERS = (Order.LARGEST_FIRST, Order.SMALLEST_FIRST, Order.LOW_DIRTY_FIRST)
+
+
+def dirty_rate(rng: random.Random) -> float:
+    """Heavy-tailed: median 10 MiB/s, 1 in 10 above ~60, 1 in 100 above ~260; at most 1200."""
+    return min(1200.0, rng.lognormvariate(math.log(10.0), 1.4))
+
+
+def drain_case(seed: int, vms: int = 30, targets: int = 8) -> tuple[list[Placement], dict[str, float]]:
+    rng = random.Random(seed)
+    placements = [Placement(vm=f"vm{i:02d}", source="src", target=f"dst{rng.randrange(targets)}",
+                            memory_mib=rng.choices(SIZES_GIB, SIZE_WEIGHTS)[0] * 1024) for i in range(vms)]
+    return placements, {p.vm: dirty_rate(rng) for p in placements}
+
+
+def policies() -> list[tuple[str, SchedulerPolicy]]:
+    out: list[tuple[str, SchedulerPolicy]] = []
+    for order in ORDERS:
+        out.append((f"fixed1 / {order}", SchedulerPolicy.fixed(1, order=order)))
+        out.append((f"fixed2 / {order}", SchedulerPolicy.fixed(2, order=order)))
+        out.append((f"unbounded / {order}", SchedulerPolicy.unbounded(order=order)))
+    for order in (*ORDERS, Order.ADAPTIVE, Order.LONGEST_FIRST):
+        out.append((f"ours / {order}", SchedulerPolicy(order=order)))
+    return out
+
+
+@dataclass
+class Row:
+    name: str
+    ratio: list[float]
+    link_ratio: list[float]
+    bytes_ratio: list[float]
+    p99_ms: list[float]
+    aborted: int
+    makespan: list[float]
+
+
+def run_drains(seeds: Sequence[int]) -> tuple[str, dict[tuple[str, str], dict[str, Row]]]:
+    lines: list[str] = []
+    everything: dict[tuple[str, str], dict[str, Row]] = {}
+    for link_name, link in LINKS.items():
+        for stream_name, conns in STREAMS.items():
+            params = SimParams(default_link_mib_s=link)
+            options = MigrationOptions(parallel_connections=conns)
+            rows: dict[str, Row] = {}
+            for name, policy in policies():
+                row = Row(name, [], [], [], [], 0, [])
+                for seed in seeds:
+                    placements, dirty = drain_case(seed)
+                    est: DrainEstimate = simulate_drain(placements, LIMITS, policy=policy, options=options,
+                                                        dirty_rate=dirty, params=params)
+                    row.ratio.append(est.ratio)
+                    row.link_ratio.append(est.makespan_s / est.link_floor_s)
+                    row.bytes_ratio.append(est.sent_mib / est.memory_mib)
+                    row.p99_ms.append(est.downtime_percentile_ms(99))
+                    row.aborted += len(est.not_moved)
+                    row.makespan.append(est.makespan_s)
+                rows[name] = row
+            everything[(link_name, stream_name)] = rows
+            lines.append(f"\n#### {link_name}, {stream_name} ({conns} connection{'s' if conns > 1 else ''} "
+                         f"per migration), 30 VMs, {len(seeds)} seeds\n")
+            lines.append("| policy / order | makespan ÷ floor (mean, worst) | makespan ÷ Σmem/link | "
+                         "bytes ÷ Σmem | p99 downtime ms | VMs not moved | makespan s (mean) |")
+            lines.append("|---|---|---|---|---|---|---|")
+            for row in rows.values():
+                lines.append(f"| {row.name} | {statistics.mean(row.ratio):.3f}, {max(row.ratio):.3f} | "
+                             f"{statistics.mean(row.link_ratio):.3f} | {statistics.mean(row.bytes_ratio):.3f} | "
+                             f"{max(row.p99_ms):.0f} | {row.aborted} | {statistics.mean(row.makespan):.0f} |")
+    return "\n".join(lines), everything
+
+
+def summary(everything: dict[tuple[str, str], dict[str, Row]]) -> str:
+    """Ours (own order) against each baseline in its best order and against the issue's targets."""
+    lines = ["| scenario | ours ÷ floor (worst) | target | vs fixed2 best order | vs unbounded best order "
+             "| vs fixed1 best order | VMs lost |", "|---|---|---|---|---|---|---|"]
+    for (link_name, stream_name), rows in everything.items():
+        ours = rows["ours / adaptive"]
+        target = 1.10 if stream_name == "multi-connection" else 1.20
+
+        def best(prefix: str, rows: dict[str, Row] = rows) -> float:
+            return min(statistics.mean(r.makespan) for n, r in rows.items() if n.startswith(prefix + " /"))
+
+        mean = statistics.mean(ours.makespan)
+        cells = [f"{1 - mean / best(p):+.1%} shorter".replace("+-", "-") for p in ("fixed2", "unbounded", "fixed1")]
+        lines.append(f"| {link_name}, {stream_name} | {statistics.mean(ours.ratio):.3f} ({max(ours.ratio):.3f}) "
+                     f"| ≤ {target:.2f} | {cells[0]} | {cells[1]} | {cells[2]} | 0 of {30 * len(ours.ratio)} "
+                     f"lost, {ours.aborted} aborted (left on source) |")
+    return "\n".join(lines)
+
+
+# --- the whole night --------------------------------------------------------------------
+
+
+def night_cluster(seed: int, name: str, hosts: int, vms_per_host: int) -> tuple[FleetSnapshot, dict[str, float]]:
+    rng = random.Random(seed)
+    hs = tuple(Host(name=f"{name}-h{i:02d}", cluster=name,
+                    cells=(Cell(id=0, memory_mib=256 * 1024, free_mib=0), Cell(id=1, memory_mib=256 * 1024,
+                                                                             free_mib=0)))
+               for i in range(hosts))
+    vms = []
+    for h in hs:
+        for j in range(vms_per_host):
+            gib = rng.choices(SIZES_GIB, SIZE_WEIGHTS)[0]
+            vms.append(Vm(name=f"{h.name}-v{j:02d}", uuid=f"{h.name}-{j}", host=h.name, memory_mib=gib * 1024,
+                          vcpus=2))
+    limits = Limits(migrations_per_source=8, migrations_per_target=4, migrations_per_cluster=16,
+                    max_hosts_in_maintenance=hosts)
+    snap = FleetSnapshot(cluster=name, taken_at="2026-11-26T00:00:00Z", source="benchmark", limits=limits,
+                         hosts=hs, vms=tuple(vms))
+    return snap, {v.name: dirty_rate(rng) for v in vms}
+
+
+def run_night(clusters: int, hosts: int, vms_per_host: int, patch_s: float) -> str:
+    started = time.monotonic()
+    rows = []
+    ovirt_serial = 0.0
+    ours_serial = 0.0
+    worst: list[tuple[str, WindowEstimate, WindowEstimate]] = []
+    for c in range(clusters):
+        snap, dirty = night_cluster(1000 + c, f"c{c:02d}", hosts, vms_per_host)
+        names = [h.name for h in snap.hosts]
+        by_size = sorted(names, key=lambda n: -sum(v.memory_mib for v in snap.vms_on(n)))
+        est = simulate_window(snap, names, dirty_rate=dirty, patch_s=patch_s)
+        lpt = simulate_window(snap, by_size, dirty_rate=dirty, patch_s=patch_s)
+        # oVirt's cluster_upgrade role: one host at a time, 2 migrations per host at 52 MiB/s each
+        ovirt = simulate_window(snap, names, dirty_rate=dirty, patch_s=patch_s, parallel=1,
+                                policy=SchedulerPolicy.fixed(2, order=Order.PLAN),
+                                options=MigrationOptions(bandwidth_mib_s=52),
+                                params=SimParams(sample_s=5.0))
+        ovirt_serial += ovirt.makespan_s
+        ours_serial += est.serial_s
+        worst.append((snap.cluster, est, lpt))
+        rows.append((snap.cluster, len(snap.vms), est, lpt, ovirt))
+    lines = [f"\n{clusters} clusters × {hosts} hosts ({clusters * hosts} hosts, "
+             f"{sum(r[1] for r in rows)} VMs of 2-64 GiB, 512 GiB per host, 10 GbE), patch+reboot+verify "
+             f"{patch_s:.0f} s per host; clusters run side by side. Simulated in "
+             f"{time.monotonic() - started:.0f} s.\n",
+             "| cluster | VMs | hosts at once (N+1) | window, plan order | ÷ bound | window, largest host first "
+             "| ÷ bound | bound (Σ host time ÷ parallel) | serial, ours | serial, oVirt-like | VMs not moved |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, nvms, est, lpt, ovirt in rows:
+        lost = sum(1 for m in lpt.migrations if m.outcome != "ok")
+        lines.append(f"| {name} | {nvms} | {est.parallel} | {est.makespan_s / 3600:.2f} h | {est.ratio:.3f} | "
+                     f"{lpt.makespan_s / 3600:.2f} h | {lpt.ratio:.3f} | {lpt.lower_bound_s / 3600:.2f} h | "
+                     f"{est.serial_s / 3600:.2f} h | {ovirt.makespan_s / 3600:.2f} h | {lost} |")
+    night = max(r[3].makespan_s for r in rows)
+    night_plan = max(r[2].makespan_s for r in rows)
+    bound = max(r[3].lower_bound_s for r in rows)
+    lines.append("")
+    lines.append(f"- **Night (largest host first): {night / 3600:.2f} h** (plan order: {night_plan / 3600:.2f} h); "
+                 f"bound {bound / 3600:.2f} h → **{night / bound:.3f} × the bound** (target ≤ 1.15); "
+                 f"fits an 8-hour night: {'yes' if night <= 8 * 3600 else 'NO'}.")
+    lines.append(f"- Serial host by host over the fleet: ours {ours_serial / 3600:.1f} h "
+                 f"({ours_serial / 86400:.1f} days), oVirt-like (2 × 52 MiB/s per host) {ovirt_serial / 3600:.1f} h "
+                 f"({ovirt_serial / 86400:.1f} days, {ovirt_serial / (clusters * hosts) / 60:.1f} min a host): "
+                 f"the parallel window is {ours_serial / night:.0f}× / {ovirt_serial / night:.0f}× shorter.")
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    """Replace the "## Drain" section of RESULTS.md (up to the next "## "), leaving the rest alone."""
+    if RESULTS.exists():
+        doc = RESULTS.read_text()
+    else:
+        doc = "# Benchmark results\n\n## Placement\n\n(not measured yet)\n\n## Drain\n"
+    if "## Drain" not in doc:
+        doc = doc.rstrip("\n") + "\n\n## Drain\n"
+    head, rest = doc.split("## Drain", 1)
+    nxt = rest.find("\n## ")
+    tail = rest[nxt + 1:] if nxt >= 0 else ""
+    RESULTS.write_text(head + "## Drain\n\n" + text.strip() + "\n\n" + tail)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="3 seeds and a 60-host night")
+    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
+    ap.add_argument("--lab", action="store_true", help="also drain 8 real guests in the KVM lab (root)")
+    ap.add_argument("--patch-s", type=float, default=420.0, help="update + reboot + verify per host")
+    args = ap.parse_args(argv)
+    seeds = range(3 if args.quick else args.seeds)
+    command = "`.venv/bin/python benchmarks/drain.py" + (" --quick" if args.quick else "") + \
+              (f" --seeds {args.seeds}" if args.seeds != 10 and not args.quick else "") + \
+              (" --lab" if args.lab else "") + " --write`"
+    started = time.monotonic()
+    drains, everything = run_drains(seeds)
+    out = [f"Produced by {command} (simulated parts are deterministic: same command, same numbers).",
+           "", "### Simulated drain of one host: ours against the anchors' fixed limits", "",
+           summary(everything), "", "<details><summary>All policies and orders</summary>", drains, "",
+           "</details>", "", "### Whole night, simulated", run_night(2 if args.quick else 10, 30, 20,
+                                                                    args.patch_s)]
+    if args.lab:
+        from benchmarks_drain_lab import lab_section  # type: ignore[import-not-found]
+
+        out += ["", "### Real drain in the lab", lab_section()]
+    else:
+        out += ["", "### Real drain in the lab", "",
+                "Not measured yet: run with `--lab` on a machine with the KVM lab (see docs/draining.md)."]
+    text = "\n".join(out)
+    print(text)
+    print(f"\n(benchmark took {time.monotonic() - started:.0f} s)", file=sys.stderr)
+    if args.write:
+        write_section(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
