@@ -29,6 +29,7 @@ from hostmaint.models import (
     EvacuationPlan,
     FleetSnapshot,
     HostState,
+    MigrationResult,
     Placement,
     RebalancePlan,
     StepOutcome,
@@ -74,8 +75,8 @@ def audited(rt: Runtime, run: RunContext, step: str, *, host: str | None = None,
 
     def write(outcome: StepOutcome, details: dict[str, Any]) -> None:
         rt.audit.append(AuditEntry(
-            run_id=run.run_id, flow=run.flow, trigger=run.trigger.value, operator=run.operator,
-            cluster=cluster, host=host, vm=vm, step=step, inputs=inputs or {}, outcome=outcome.value,
+            run_id=run.run_id, flow=run.flow, trigger=run.trigger, operator=run.operator,
+            cluster=cluster or "", host=host, vm=vm, step=step, inputs=inputs or {}, outcome=outcome,
             duration_s=round(time.monotonic() - started, 3),
             details={"simulated": rt.simulated, **details}))
 
@@ -212,11 +213,11 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *,
         return report
 
 
-def _audit_migration(rt: Runtime, run: RunContext, cluster: str, result: Any) -> None:
+def _audit_migration(rt: Runtime, run: RunContext, cluster: str, result: MigrationResult) -> None:
     rt.audit.append(AuditEntry(
-        run_id=run.run_id, flow=run.flow, trigger=run.trigger.value, operator=run.operator, cluster=cluster,
+        run_id=run.run_id, flow=run.flow, trigger=run.trigger, operator=run.operator, cluster=cluster,
         host=result.source, vm=result.vm, step="migrate", inputs={"target": result.target},
-        outcome=result.outcome.value, duration_s=result.seconds,
+        outcome=result.outcome, duration_s=result.seconds,
         details={"simulated": rt.simulated, **result.model_dump(mode="json")}))
 
 
