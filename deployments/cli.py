@@ -1,0 +1,201 @@
+"""``hostmaint setup | server | serve | event``: run hostmaint on Prefect.
+
+Mounted into ``hostmaint.cli`` (``app.add_typer(deployments.cli.app)``). Every
+command talks to the server at ``$PREFECT_API_URL`` (``--api-url`` overrides);
+``hostmaint server`` prints the line to export.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
+
+import httpx
+import typer
+from rich.console import Console
+
+from hostmaint.errors import HostmaintError, InputError
+
+app = typer.Typer(help="Prefect server, deployments and events.", no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False)
+event_app = typer.Typer(help="Send a host event (as monitoring would); it starts the matching runbook.",
+                        no_args_is_help=True)
+app.add_typer(event_app, name="event")
+
+out = Console()
+err = Console(stderr=True)
+
+InventoryOpt = Annotated[str, typer.Option("--inventory", "-i", envvar="HOSTMAINT_INVENTORY",
+                                           help="Inventory YAML file.")]
+ApiOpt = Annotated[str | None, typer.Option("--api-url", envvar="PREFECT_API_URL",
+                                            help="Prefect API, e.g. http://127.0.0.1:4200/api.")]
+PoolOpt = Annotated[str, typer.Option("--work-pool", help="Process work pool the deployments go to.")]
+NoDeployOpt = Annotated[bool, typer.Option("--no-deployments",
+                                           help="Only limits and automation; 'hostmaint serve' brings its own.")]
+
+
+def _fail(exc: Exception) -> typer.Exit:
+    err.print(f"[red]error:[/red] {exc}", highlight=False)
+    return typer.Exit(2 if isinstance(exc, InputError | KeyError) else 1)
+
+
+def _use_api(api_url: str | None) -> str:
+    if not api_url:
+        raise InputError("no Prefect server: give --api-url or export PREFECT_API_URL "
+                         "(e.g. http://127.0.0.1:4200/api, printed by 'hostmaint server')")
+    os.environ["PREFECT_API_URL"] = api_url
+    return api_url
+
+
+def _print_setup(report: object) -> None:
+    from deployments.server import SetupReport
+
+    assert isinstance(report, SetupReport)
+    changed = [c for c in report.limits if c.action != "unchanged"]
+    out.print(f"limits: {len(report.limits)} ({len(changed)} created or updated)")
+    for c in changed:
+        out.print(f"  {c.action:8} {c.name} = {c.limit}" + (f" (was {c.previous})" if c.previous else ""))
+    out.print(f"zombie-run automation: {report.automation_id}")
+    if report.work_pool:
+        out.print(f"work pool {report.work_pool}: {'created' if report.work_pool_created else 'exists'}")
+        for name in report.deployments:
+            out.print(f"  deployment {name}")
+
+
+@app.command("setup")
+def setup_cmd(inventory: InventoryOpt = "inventory.yaml", api_url: ApiOpt = None, work_pool: PoolOpt = "hostmaint",
+              no_deployments: NoDeployOpt = False) -> None:
+    """Create the limits, the zombie-run automation, the work pool and the deployments (idempotent)."""
+    from deployments.server import setup
+
+    try:
+        _use_api(api_url)
+        report = setup(inventory, work_pool=None if no_deployments else work_pool)
+    except (HostmaintError, KeyError, httpx.HTTPError) as exc:
+        raise _fail(exc) from None
+    _print_setup(report)
+
+
+@app.command("server")
+def server_cmd(inventory: Annotated[str | None, typer.Option(
+                   "--inventory", "-i", envvar="HOSTMAINT_INVENTORY",
+                   help="Also run 'setup' for this inventory once the server answers.")] = None,
+               home: Annotated[Path, typer.Option(help="Server data (SQLite database, leases, logs).")]
+               = Path("~/.local/share/hostmaint/prefect"),
+               port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 4200,
+               database_url: Annotated[str | None, typer.Option(
+                   "--database-url", envvar="HOSTMAINT_PREFECT_DATABASE_URL",
+                   help="postgresql+asyncpg://user:pass@host/db (default: SQLite in --home).")] = None,
+               work_pool: PoolOpt = "hostmaint", no_deployments: NoDeployOpt = False) -> None:
+    """Start a Prefect server on 127.0.0.1 (analytics off, leases on disk), set it up, keep it running."""
+    from deployments.server import ServerConfig, server_env, setup, start_server
+
+    cfg = ServerConfig(home=home, port=port, database_url=database_url)
+    try:
+        server = start_server(cfg)
+    except HostmaintError as exc:
+        raise _fail(exc) from None
+    out.print(f"Prefect server up: UI {cfg.ui_url}  API {cfg.api_url}  (log {server.log_path})")
+    out.print(f"  export PREFECT_API_URL={cfg.api_url}")
+    try:
+        if inventory:
+            os.environ.update({k: v for k, v in server_env(cfg).items() if k.startswith("PREFECT_")})
+            _print_setup(setup(inventory, work_pool=None if no_deployments else work_pool))
+            if not no_deployments:
+                out.print(f"  run flows: prefect worker start --pool {work_pool}  (with HOSTMAINT_INVENTORY set)")
+        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        server.process.wait()
+    except (HostmaintError, KeyError, httpx.HTTPError) as exc:
+        server.stop()
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        out.print("stopping the server")
+    finally:
+        server.stop()
+
+
+@app.command("serve")
+def serve_cmd(inventory: InventoryOpt = "inventory.yaml", api_url: ApiOpt = None,
+              limit: Annotated[int | None, typer.Option(help="At most this many runs at once.")] = None,
+              windows: Annotated[Path | None, typer.Option(help="Patch window schedules (windows.yaml).")] = None
+              ) -> None:
+    """Serve every deployment from this process (small sites): schedules, forms and runbook triggers."""
+    from deployments.serve import WINDOWS_FILE, serve_deployments
+
+    try:
+        _use_api(api_url)
+        serve_deployments(inventory, windows=windows or WINDOWS_FILE, limit=limit)
+    except (HostmaintError, KeyError, httpx.HTTPError) as exc:
+        raise _fail(exc) from None
+
+
+def send_host_event(api_url: str, event: str, host: str, payload: dict[str, object],
+                    cluster: str | None = None) -> str:
+    """POST one hostmaint host event to the Prefect API; return its id."""
+    from deployments.serve import host_event_resource
+
+    event_id = str(uuid.uuid4())
+    body = [{"id": event_id, "occurred": datetime.now(UTC).isoformat(), "event": event,
+             "resource": host_event_resource(host, cluster), "payload": payload, "related": []}]
+    response = httpx.post(f"{api_url.rstrip('/')}/events", json=body, timeout=30)
+    response.raise_for_status()
+    return event_id
+
+
+def _known_cluster(inventory: str | None, host: str) -> str | None:
+    if not inventory or not Path(inventory).exists():
+        return None
+    from flows.params import check_host
+    from hostmaint.inventory import load_inventory
+
+    check_host(host, inventory)
+    return load_inventory(inventory).host(host).cluster
+
+
+@event_app.command("degraded")
+def event_degraded(host: str, reason: Annotated[str, typer.Option(help="What monitoring saw.")],
+                   severity: Annotated[str, typer.Option(help="info | warning | critical (critical: no approval)")]
+                   = "warning",
+                   source: Annotated[str, typer.Option(help="Who reports it.")] = "cli",
+                   inventory: Annotated[str | None, typer.Option("--inventory", "-i", envvar="HOSTMAINT_INVENTORY",
+                                                                 help="Check HOST against it.")] = None,
+                   api_url: ApiOpt = None) -> None:
+    """Report HOST as degraded: the degraded-host runbook starts (and waits for approval unless critical)."""
+    from deployments.serve import DEGRADED_EVENT
+    from flows.runbooks.approval import Severity
+
+    try:
+        api = _use_api(api_url)
+        if severity.lower() not in {s.value for s in Severity}:
+            raise InputError(f"--severity: must be one of {', '.join(s.value for s in Severity)}, got {severity!r}")
+        cluster = _known_cluster(inventory, host)
+        event_id = send_host_event(api, DEGRADED_EVENT, host, {"reason": reason, "severity": severity.lower(),
+                                                               "source": source}, cluster)
+    except (HostmaintError, KeyError, httpx.HTTPError) as exc:
+        raise _fail(exc) from None
+    out.print(f"sent {DEGRADED_EVENT} for {host} (event {event_id})")
+
+
+@event_app.command("hardware-failed")
+def event_hardware_failed(host: str, check: Annotated[str, typer.Option(help="The check that failed.")],
+                          detail: Annotated[str, typer.Option(help="What it said.")] = "",
+                          source: Annotated[str, typer.Option(help="Who reports it.")] = "cli",
+                          inventory: Annotated[str | None, typer.Option(
+                              "--inventory", "-i", envvar="HOSTMAINT_INVENTORY", help="Check HOST against it.")]
+                          = None,
+                          api_url: ApiOpt = None) -> None:
+    """Report a failed hardware check on HOST: it is cordoned at once and evacuated once approved."""
+    from deployments.serve import HARDWARE_EVENT
+
+    try:
+        api = _use_api(api_url)
+        cluster = _known_cluster(inventory, host)
+        event_id = send_host_event(api, HARDWARE_EVENT, host, {"check": check, "detail": detail, "source": source},
+                                   cluster)
+    except (HostmaintError, KeyError, httpx.HTTPError) as exc:
+        raise _fail(exc) from None
+    out.print(f"sent {HARDWARE_EVENT} for {host} (event {event_id})")

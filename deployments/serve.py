@@ -1,0 +1,258 @@
+"""The hostmaint deployments, built from the inventory, and served from one process.
+
+::
+
+    patch-window/patch-window-<cluster>   RRule schedule in the cluster's timezone, exclusion dates (windows.yaml)
+    evacuate-on-request/evacuate-host     form: EvacuationRequest (dry run by default, optional approval)
+    patch-on-request/patch-host           form: PatchRequest
+    rebalance-on-request/rebalance-cluster form: RebalanceRequest
+    degraded-host-runbook/degraded-host   trigger: event hostmaint.host.degraded
+    hardware-check-failed-runbook/hardware-check-failed   trigger: event hostmaint.host.hardware-check-failed
+
+``hostmaint serve`` (small sites) serves these from one process; ``hostmaint setup
+--work-pool`` registers the very same list with a process work pool, for workers on
+several machines. ``prefect.yaml`` describes them for ``prefect deploy --all``; a
+test keeps the two in step.
+
+The inventory path is not baked into any deployment: the serving process or
+worker is started with ``$HOSTMAINT_INVENTORY``, so one deployment serves any site.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import yaml
+from dateutil.rrule import rrulestr
+from prefect import Flow
+from prefect.deployments.runner import RunnerDeployment
+from prefect.events import DeploymentEventTrigger
+from prefect.schedules import RRule, Schedule
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hostmaint.errors import InputError
+from hostmaint.inventory import Inventory, load_inventory
+
+ROOT = Path(__file__).resolve().parents[1]
+WINDOWS_FILE = Path(__file__).with_name("windows.yaml")
+TAGS = ["hostmaint"]
+EXCLUSION_HORIZON_YEARS = 10
+
+DEGRADED_EVENT = "hostmaint.host.degraded"
+HARDWARE_EVENT = "hostmaint.host.hardware-check-failed"
+HOST_RESOURCE_PREFIX = "hostmaint.host."
+HOST_LABEL = "hostmaint.host.name"
+
+# deployment name -> (entrypoint relative to the project root, description)
+ENTRYPOINTS: dict[str, tuple[str, str]] = {
+    "evacuate-host": ("flows/runbooks/on_request.py:evacuate_on_request",
+                      "Move every VM off one host and leave it cordoned. Dry run by default."),
+    "patch-host": ("flows/runbooks/on_request.py:patch_on_request",
+                   "Evacuate, update, reboot when needed, verify, uncordon one host and return its VMs."),
+    "rebalance-cluster": ("flows/runbooks/on_request.py:rebalance_on_request",
+                          "Level a cluster's memory load with a bounded number of live migrations."),
+    "degraded-host": ("flows/runbooks/degraded_host.py:degraded_host_runbook",
+                      f"Runbook for a {DEGRADED_EVENT} event: cordon, show the plan, wait for approval "
+                      "(unless severity is critical), evacuate, keep cordoned."),
+    "hardware-check-failed": ("flows/runbooks/hardware_check.py:hardware_check_failed_runbook",
+                              f"Runbook for a {HARDWARE_EVENT} event: cordon at once, evacuate with approval, "
+                              "keep cordoned with the reason."),
+}
+PATCH_WINDOW_ENTRYPOINT = "flows/patch_window.py:patch_window"
+
+
+# --- patch window schedules -------------------------------------------------------------------------
+
+
+class WindowConfig(BaseModel):
+    """When a cluster's patch window opens, how long it lasts, and how many hosts it takes at once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rrule: Annotated[str, Field(min_length=5, description="RFC 5545 RRULE (without DTSTART), local time")]
+    timezone: str = "UTC"
+    starts: date = date(2026, 1, 1)
+    window_minutes: Annotated[float, Field(gt=0, le=7 * 24 * 60)] = 240
+    max_hosts_in_parallel: Annotated[int, Field(ge=1)] = 1
+    max_failed_hosts: Annotated[int, Field(ge=0)] = 0
+    exclude: list[date] = Field(default_factory=list)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {v!r} (use an IANA name such as Asia/Tokyo)") from None
+        return v
+
+    @field_validator("rrule")
+    @classmethod
+    def _rule(cls, v: str) -> str:
+        v = v.strip().removeprefix("RRULE:")
+        if "DTSTART" in v or "\n" in v:
+            raise ValueError("give only the RRULE part; the start is 'starts' and exclusions are 'exclude'")
+        try:
+            rrulestr(f"DTSTART:20260101T000000\nRRULE:{v}")
+        except ValueError as exc:
+            raise ValueError(f"not a valid RRULE {v!r}: {exc}") from None
+        return v
+
+
+def load_windows(path: Path = WINDOWS_FILE) -> tuple[WindowConfig, dict[str, WindowConfig]]:
+    """Read windows.yaml: the default window and every cluster's override (merged onto the default)."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        default = WindowConfig.model_validate(raw.get("default") or {})
+        clusters = {name: WindowConfig.model_validate({**default.model_dump(), **(over or {})})
+                    for name, over in (raw.get("clusters") or {}).items()}
+    except ValidationError as exc:
+        raise InputError(f"{path}: {exc}") from None
+    return default, clusters
+
+
+def window_for(cluster: str, path: Path = WINDOWS_FILE) -> WindowConfig:
+    """The window of ``cluster``: its override, else the default."""
+    default, clusters = load_windows(path)
+    return clusters.get(cluster, default)
+
+
+def window_rrule(cfg: WindowConfig) -> str:
+    """The full rule for Prefect: DTSTART, the RRULE and one EXDATE per excluded window, in local time.
+
+    An excluded date on which no window falls is refused (naming the nearest window
+    dates): it is almost always a typo, and silently keeping the window would be worse.
+    """
+    start = datetime.combine(cfg.starts, time(0, 0))
+    text = f"DTSTART:{start:%Y%m%dT%H%M%S}\nRRULE:{cfg.rrule}"
+    if not cfg.exclude:
+        return text
+    horizon = start + timedelta(days=366 * EXCLUSION_HORIZON_YEARS)
+    occurrences = rrulestr(text).between(start, horizon, inc=True)
+    by_day: dict[date, list[datetime]] = {}
+    for when in occurrences:
+        by_day.setdefault(when.date(), []).append(when)
+    excluded = []
+    for day in sorted(set(cfg.exclude)):
+        if day not in by_day:
+            near = sorted(by_day, key=lambda d: abs((d - day).days))[:2]
+            raise InputError(f"exclude {day}: no patch window falls on that date (nearest: "
+                             f"{', '.join(str(d) for d in sorted(near))}); rule {cfg.rrule}")
+        excluded += by_day[day]
+    exdates = ",".join(f"{w:%Y%m%dT%H%M%S}" for w in excluded)
+    return f"{text}\nEXDATE:{exdates}"
+
+
+def window_parameters(cluster: str, cfg: WindowConfig) -> dict[str, Any]:
+    """The patch-window flow's parameters for a scheduled run of ``cluster``."""
+    return {"cluster": cluster, "window_minutes": cfg.window_minutes,
+            "max_hosts_in_parallel": cfg.max_hosts_in_parallel, "max_failed_hosts": cfg.max_failed_hosts,
+            "operator": "scheduler"}
+
+
+def window_schedule(cluster: str, cfg: WindowConfig) -> Schedule:
+    """An RRule schedule in the window's timezone, with its exclusion dates, starting ``cluster``'s window."""
+    return RRule(window_rrule(cfg), timezone=cfg.timezone, parameters=window_parameters(cluster, cfg))
+
+
+# --- event triggers ------------------------------------------------------------------------------------------
+
+
+def host_event_resource(host: str, cluster: str | None = None) -> dict[str, str]:
+    """The resource of a hostmaint host event; the runbook triggers read the host from ``hostmaint.host.name``."""
+    resource = {"prefect.resource.id": f"{HOST_RESOURCE_PREFIX}{host}", HOST_LABEL: host}
+    if cluster:
+        resource["hostmaint.cluster"] = cluster
+    return resource
+
+
+def degraded_trigger(extra: dict[str, Any] | None = None) -> DeploymentEventTrigger:
+    """Start the degraded-host runbook for each ``hostmaint.host.degraded`` event, host taken from the event."""
+    return DeploymentEventTrigger(
+        name="host degraded", expect={DEGRADED_EVENT}, match={"prefect.resource.id": f"{HOST_RESOURCE_PREFIX}*"},
+        parameters={"host": "{{ event.resource['" + HOST_LABEL + "'] }}",
+                    "reason": "{{ event.payload.reason }}",
+                    "severity": "{{ event.payload.severity }}",
+                    "source": "{{ event.payload.source }}",
+                    "event_id": "{{ event.id | string }}",  # a bare UUID does not serialise
+                    **(extra or {})})
+
+
+def hardware_trigger(extra: dict[str, Any] | None = None) -> DeploymentEventTrigger:
+    """Start the hardware-check-failed runbook for each ``hostmaint.host.hardware-check-failed`` event."""
+    return DeploymentEventTrigger(
+        name="hardware check failed", expect={HARDWARE_EVENT},
+        match={"prefect.resource.id": f"{HOST_RESOURCE_PREFIX}*"},
+        parameters={"host": "{{ event.resource['" + HOST_LABEL + "'] }}",
+                    "check": "{{ event.payload.check }}",
+                    "detail": "{{ event.payload.detail }}",
+                    "source": "{{ event.payload.source }}",
+                    "event_id": "{{ event.id | string }}",
+                    **(extra or {})})
+
+
+# --- the deployments ------------------------------------------------------------------------------------------
+
+
+def _load_flow(entrypoint: str, source: Path | None) -> Flow[..., Any]:
+    if source is not None:
+        # a work pool's workers change into ``source`` and import the entrypoint from there
+        return Flow.from_source(source=str(source), entrypoint=entrypoint)  # type: ignore[return-value]
+    from prefect.flows import load_flow_from_entrypoint
+
+    path, _, name = entrypoint.partition(":")
+    return load_flow_from_entrypoint(f"{ROOT / path}:{name}")
+
+
+def build_deployments(inventory: str | Path | Inventory, *, windows: Path = WINDOWS_FILE,
+                      source: Path | None = None, runbook_parameters: dict[str, Any] | None = None
+                      ) -> list[RunnerDeployment]:
+    """Every hostmaint deployment for ``inventory``: one patch window per cluster plus the forms and runbooks.
+
+    ``source``: the project directory workers run from (work pool deployments);
+    ``None`` for serving from this process. ``runbook_parameters`` overrides the
+    runbooks' defaults (tests shorten the approval poll interval).
+    """
+    inv = inventory if isinstance(inventory, Inventory) else load_inventory(inventory)
+    default, overrides = load_windows(windows)
+    out: list[RunnerDeployment] = []
+    window_flow = _load_flow(PATCH_WINDOW_ENTRYPOINT, source)
+    for cluster in inv.clusters:
+        cfg = overrides.get(cluster.name, default)
+        out.append(window_flow.to_deployment(
+            name=f"patch-window-{cluster.name}", tags=[*TAGS, f"cluster:{cluster.name}"],
+            description=f"Patch window of cluster {cluster.name}: {cfg.rrule} in {cfg.timezone}, "
+                        f"{cfg.window_minutes:g} min, {len(cfg.exclude)} date(s) excluded.",
+            schedules=[window_schedule(cluster.name, cfg)], parameters=window_parameters(cluster.name, cfg)))
+    extra = runbook_parameters or {}
+    for name, (entrypoint, description) in ENTRYPOINTS.items():
+        fl = _load_flow(entrypoint, source)
+        kwargs: dict[str, Any] = {}
+        if name == "degraded-host":
+            kwargs["triggers"] = [degraded_trigger(extra)]
+        elif name == "hardware-check-failed":
+            kwargs["triggers"] = [hardware_trigger(extra)]
+        out.append(fl.to_deployment(name=name, tags=TAGS, description=description, **kwargs))
+    return out
+
+
+def serve_deployments(inventory: str | Path, *, windows: Path = WINDOWS_FILE, limit: int | None = None,
+                      runbook_parameters: dict[str, Any] | None = None) -> None:
+    """Create the limits, then serve every deployment from this process until interrupted.
+
+    Runs started here find the inventory through ``$HOSTMAINT_INVENTORY`` (set to
+    ``inventory`` here), and heartbeat every 30 s for the zombie-run automation.
+    """
+    from prefect import serve
+
+    from flows.locks import ensure_limits
+
+    path = str(Path(inventory).resolve())
+    os.environ["HOSTMAINT_INVENTORY"] = path
+    os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
+    ensure_limits(path)
+    serve(*build_deployments(path, windows=windows, runbook_parameters=runbook_parameters), limit=limit)

@@ -1,0 +1,147 @@
+"""Plan → ask a human → record the answer. Shared by the runbooks and the evacuate-host deployment.
+
+The run pauses with ``pause_flow_run(wait_for_input=ApprovalInput)``: the process
+stays up (so it keeps its host lock) and the Prefect UI shows a Resume form with
+the fields below. Prefect OSS records no user identity, so the approver types
+their name; it goes into the audit trail with the answer and the comment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from enum import StrEnum
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from pydantic import Field
+
+from flows import locks
+from flows.common import HostOutcome, default_inventory, run_context
+from flows.evacuate_host import evacuate_host
+from flows.params import check_host
+from hostmaint.maintenance import RunContext, audited
+from hostmaint.models import EvacuationPlan, HostState, StepOutcome, Trigger
+from hostmaint.placement import render_plan
+from hostmaint.runtime import Runtime
+from tasks.common import RuntimeRef
+from tasks.maintenance import cordon_host, plan_evacuation
+
+
+class Severity(StrEnum):
+    """How bad an incident is. Only ``critical`` acts without waiting for a human."""
+
+    INFO = "info"
+    WARNING = "warning"
+    CRITICAL = "critical"
+
+    @classmethod
+    def parse(cls, value: str | None) -> Severity:
+        """Read a severity from an event; anything unknown asks for approval (``warning``)."""
+        try:
+            return cls((value or "").strip().lower())
+        except ValueError:
+            return cls.WARNING
+
+
+class ApprovalInput(RunInput):
+    """What the approver fills in on the paused run's Resume form."""
+
+    operator: str = Field(min_length=1, max_length=120, title="Your name",
+                          description="Who decides; written into the audit trail.")
+    approve: bool = Field(default=False, title="Approve",
+                          description="Yes: carry out the plan shown in the run's artifacts. No: change nothing more.")
+    comment: str = Field(default="", max_length=1000, title="Comment", description="Why; kept in the audit trail.")
+
+
+def show_plan(plan: EvacuationPlan, host: str, why: str) -> str:
+    """Print the plan to the run log and publish it as the run's artifact; return the text."""
+    text = render_plan(plan)
+    get_run_logger().info("plan for %s (%s):\n%s", host, why, text)
+    create_markdown_artifact(f"# Evacuation plan for {host}\n\n{why}\n\n```\n{text}\n```\n",
+                             key=f"plan-{host.lower().replace('.', '-').replace('_', '-')}",
+                             description=f"evacuation plan for {host}")
+    return text
+
+
+def ask_approval(rt: Runtime, run: RunContext, host: str, plan: EvacuationPlan, *, timeout_s: int,
+                 poll_interval_s: int, automatic: str | None = None) -> ApprovalInput:
+    """Pause for an :class:`ApprovalInput` (or approve at once when ``automatic`` gives the reason); audit it.
+
+    A pause that times out counts as "not approved". The audit record ``approval``
+    carries the approver as its operator, the answer, the comment and the plan digest.
+    """
+    timed_out = False
+    if automatic is not None:
+        answer = ApprovalInput(operator=f"automatic: {automatic}", approve=True, comment=automatic)
+    else:
+        get_run_logger().info("waiting for approval of the plan for %s: open this run in the Prefect UI, "
+                              "menu ⋮ → Resume, and answer (times out after %ss)", host, timeout_s)
+        try:
+            answer = pause_flow_run(wait_for_input=ApprovalInput, timeout=timeout_s, poll_interval=poll_interval_s,
+                                    key=f"approve-{host}")
+        except FlowPauseTimeout:
+            timed_out = True
+            answer = ApprovalInput(operator="nobody", approve=False,
+                                   comment=f"no answer within {timeout_s}s; nothing was approved")
+    decided = replace(run, operator=answer.operator)
+    with audited(rt, decided, "approval", host=host,
+                 inputs={"plan_digest": plan.snapshot_digest, "placements": len(plan.placements),
+                         "requested_by": run.operator}) as rec:
+        rec.details.update({"approve": answer.approve, "approver": answer.operator, "comment": answer.comment,
+                            "automatic": automatic is not None, "timed_out": timed_out})
+        rec.outcome = StepOutcome.OK if answer.approve else StepOutcome.SKIPPED
+    get_run_logger().info("%s by %s%s", "approved" if answer.approve else "NOT approved", answer.operator,
+                          f": {answer.comment}" if answer.comment else "")
+    return answer
+
+
+@task(name="keep-cordoned", cache_policy=NO_CACHE, tags=["hostmaint"])
+def keep_cordoned(ref: RuntimeRef, run: RunContext, host: str, reason: str) -> HostState:
+    """Leave ``host`` cordoned with ``reason`` (a drained host goes back to cordoned); audited."""
+    rt = ref.open()
+    with audited(rt, run, "keep-cordoned", host=host, inputs={"reason": reason}) as rec:
+        state = rt.states.state(host)
+        rec.details["state_before"] = state.value
+        if state is HostState.CORDONED:
+            rec.outcome = StepOutcome.SKIPPED
+            return state
+        return rt.states.transition(host, HostState.CORDONED, reason, run.run_id).state
+
+
+def run_incident(*, flow: str, host: str, reason: str, source: str, inventory: str | None,
+                 automatic: str | None, event: dict[str, object], approval_timeout_s: int, poll_interval_s: int,
+                 lock_wait_s: float | None) -> HostOutcome:
+    """The incident runbook: lock the host, cordon it, show the plan, ask, evacuate if approved, keep it cordoned.
+
+    Rejected or timed out: the host stays cordoned and no VM moves. Approved: the
+    evacuate-host flow runs as a subflow under the approver's name (the lock is
+    re-entered, not waited for), and the host is left cordoned with ``reason``.
+    """
+    inv = inventory or default_inventory()
+    check_host(host, inv)
+    ref = RuntimeRef(inv)
+    rt = ref.open()
+    run = run_context(flow, Trigger.EVENT, source, reason)
+    with audited(rt, run, "incident", host=host, inputs={"reason": reason, **event}) as rec:
+        rec.details["automatic"] = automatic
+    with locks.host_maintenance(host, rt.cluster_of(host), wait_seconds=lock_wait_s):
+        cordon_host(ref, run, host)
+        plan = plan_evacuation(ref, run, host, dry_run=True)
+        show_plan(plan, host, reason)
+        answer = ask_approval(rt, run, host, plan, timeout_s=approval_timeout_s, poll_interval_s=poll_interval_s,
+                              automatic=automatic)
+        if not answer.approve:
+            keep_cordoned(ref, run, host, reason)
+            return HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host).value,
+                               simulated=rt.simulated,
+                               detail=f"evacuation not approved by {answer.operator}"
+                                      f"{': ' + answer.comment if answer.comment else ''}; host left cordoned")
+        result = evacuate_host(host=host, operator=answer.operator, reason=reason, inventory=inv,
+                               trigger=Trigger.EVENT, lock_wait_s=lock_wait_s)
+        keep_cordoned(ref, replace(run, operator=answer.operator), host, reason)
+    return result.model_copy(update={"state": rt.states.state(host).value,
+                                     "detail": f"{result.detail}; approved by {answer.operator}"})

@@ -1,0 +1,30 @@
+"""hardware-check-failed runbook: cordon at once, evacuate with approval, leave it cordoned with the reason.
+
+Started by a ``hostmaint.host.hardware-check-failed`` event (or
+``hostmaint event hardware-failed HOST --check ...``). Unlike a degraded host
+there is no severity that skips the human: the plan always waits for approval,
+and the host stays cordoned (reason: the failed check) until an operator clears it.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.common import HostOutcome
+from flows.runbooks.approval import run_incident
+
+EVENT = "hostmaint.host.hardware-check-failed"
+
+
+@flow(name="hardware-check-failed-runbook", log_prints=True)
+def hardware_check_failed_runbook(host: str, check: str, detail: str = "", source: str = "monitoring",
+                                  event_id: str | None = None, inventory: str | None = None,
+                                  approval_timeout_s: int = 3600, poll_interval_s: int = 10,
+                                  lock_wait_s: float | None = 300) -> HostOutcome:
+    """Cordon ``host`` because hardware ``check`` failed; evacuate it once someone approves."""
+    reason = f"hardware check failed: {check}" + (f": {detail}" if detail else "")
+    return run_incident(flow="hardware-check-failed-runbook", host=host, reason=reason, source=source,
+                        inventory=inventory, automatic=None,
+                        event={"event": EVENT, "event_id": event_id, "check": check},
+                        approval_timeout_s=approval_timeout_s, poll_interval_s=poll_interval_s,
+                        lock_wait_s=lock_wait_s)

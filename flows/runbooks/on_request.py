@@ -1,0 +1,63 @@
+"""Flows behind the UI forms: a pydantic request model in, the lead's flow out.
+
+Each takes one request model (flows/params.py), so the Prefect UI shows a form
+with titles, descriptions and validation, and the run checks the host or cluster
+against the inventory before anything happens.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows import locks
+from flows.common import HostOutcome, default_inventory, run_context
+from flows.evacuate_host import evacuate_host
+from flows.params import EvacuationRequest, PatchRequest, RebalanceRequest
+from flows.patch_host import patch_host
+from flows.rebalance_cluster import rebalance_cluster
+from flows.runbooks.approval import ask_approval, show_plan
+from hostmaint.models import StepOutcome, Trigger
+from tasks.common import RuntimeRef
+from tasks.maintenance import plan_evacuation
+
+
+@flow(name="evacuate-on-request", log_prints=True)
+def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 3600, poll_interval_s: int = 10,
+                        lock_wait_s: float | None = 60) -> HostOutcome:
+    """Evacuate one host as asked in the form; with approval required, show the plan and wait for a yes."""
+    inv = request.inventory or default_inventory()
+    common = {"host": request.host, "operator": request.operator, "reason": request.reason, "inventory": inv,
+              "trigger": Trigger.UI}
+    if request.dry_run:
+        return evacuate_host(dry_run=True, **common)
+    if not request.approval_required:
+        return evacuate_host(lock_wait_s=lock_wait_s, **common)
+    ref = RuntimeRef(inv)
+    rt = ref.open()
+    run = run_context("evacuate-on-request", Trigger.UI, request.operator, request.reason)
+    with locks.host_maintenance(request.host, rt.cluster_of(request.host), wait_seconds=lock_wait_s):
+        plan = plan_evacuation(ref, run, request.host, dry_run=True)
+        show_plan(plan, request.host, request.reason)
+        answer = ask_approval(rt, run, request.host, plan, timeout_s=approval_timeout_s,
+                              poll_interval_s=poll_interval_s)
+        if not answer.approve:
+            return HostOutcome(host=request.host, outcome=StepOutcome.SKIPPED, simulated=rt.simulated,
+                               state=rt.states.state(request.host).value,
+                               detail=f"not approved by {answer.operator}: {answer.comment}; nothing changed")
+        return evacuate_host(lock_wait_s=lock_wait_s, **common)
+
+
+@flow(name="patch-on-request", log_prints=True)
+def patch_on_request(request: PatchRequest, lock_wait_s: float | None = 60) -> HostOutcome:
+    """Patch one host as asked in the form."""
+    return patch_host(host=request.host, operator=request.operator, reason=request.reason, dry_run=request.dry_run,
+                      inventory=request.inventory or default_inventory(), trigger=Trigger.UI,
+                      return_vms=request.return_vms, lock_wait_s=lock_wait_s)
+
+
+@flow(name="rebalance-on-request", log_prints=True)
+def rebalance_on_request(request: RebalanceRequest) -> HostOutcome:
+    """Rebalance one cluster as asked in the form."""
+    return rebalance_cluster(cluster=request.cluster, max_moves=request.max_moves, dry_run=request.dry_run,
+                             operator=request.operator, inventory=request.inventory or default_inventory(),
+                             trigger=Trigger.UI)
