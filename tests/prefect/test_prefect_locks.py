@@ -1,0 +1,138 @@
+"""Cluster-wide locks: strict global concurrency limits on the session's Prefect test server.
+
+What must hold: a missing limit fails the run loudly before anything changes (and
+leaks no slot); a second maintenance of a host waits or is refused, never runs
+alongside; ensure_limits is idempotent and follows the inventory.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.client.orchestration import get_client
+from prefect_support import ALL_VMS, in_background, make_fleet, where
+
+from flows import locks
+from flows.evacuate_host import evacuate_host
+from hostmaint.audit import AuditTrail
+from hostmaint.db import open_engine
+from hostmaint.errors import LockError
+from hostmaint.inventory import load_inventory
+from hostmaint.models import HostState, StepOutcome
+from hostmaint.runtime import open_runtime
+
+
+def active_slots(name: str) -> int:
+    with get_client(sync_client=True) as client:
+        return client.read_global_concurrency_limit_by_name(name).active_slots
+
+
+def renamed_cluster(inventory: Path, cluster: str, **limits: int) -> Path:
+    """The same fleet under another cluster name (so its cluster limits do not exist yet)."""
+    data = yaml.safe_load(inventory.read_text())
+    data["clusters"][0]["name"] = cluster
+    data["clusters"][0]["limits"].update(limits)
+    for h in data["hosts"]:
+        h["cluster"] = cluster
+    out = inventory.with_name(f"inventory-{cluster}.yaml")
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+def test_limit_specs_follow_the_inventory(tmp_path: Path) -> None:
+    inv = load_inventory(make_fleet(tmp_path))
+    specs = {s.name: s.limit for s in locks.limit_specs(inv)}
+    assert specs == {"host:hv01": 1, "host:hv02": 1, "host:hv03": 1, "host:hv04": 1,
+                     "maintenance:demo": 1, "migrations:demo": 4}
+
+
+def test_ensure_limits_is_idempotent_and_follows_changes(tmp_path: Path, prefect_server: None) -> None:
+    inventory = renamed_cluster(make_fleet(tmp_path), "idem", max_hosts_in_maintenance=2)
+    first = {c.name: c.action for c in locks.ensure_limits(inventory)}
+    assert first["maintenance:idem"] == "created" and first["migrations:idem"] == "created"
+    again = locks.ensure_limits(inventory)
+    assert {c.action for c in again} == {"unchanged"}
+    changed = renamed_cluster(make_fleet(tmp_path / "b"), "idem", max_hosts_in_maintenance=3)
+    third = {c.name: c for c in locks.ensure_limits(changed)}
+    assert third["maintenance:idem"].action == "updated"
+    assert (third["maintenance:idem"].previous, third["maintenance:idem"].limit) == (2, 3)
+
+
+def test_missing_limit_fails_loudly_and_changes_nothing(tmp_path: Path, hostmaint_db: Path,
+                                                        prefect_server: None) -> None:
+    base = make_fleet(tmp_path / "fleet")
+    locks.ensure_limits(base)  # host limits exist; the new cluster's limits do not
+    inventory = renamed_cluster(base, "nolimits")
+    before = where(inventory)
+
+    with pytest.raises(LockError, match=r"lock 'maintenance:nolimits' is missing .* refusing to run unlocked"):
+        evacuate_host(host="hv01", operator="ivan", inventory=str(inventory), lock_wait_s=5)
+
+    assert where(inventory) == before
+    assert open_runtime(inventory).states.state("hv01") is HostState.ACTIVE
+    assert AuditTrail(open_engine()).records(host="hv01") == []
+    assert active_slots("host:hv01") == 0  # the host slot taken first was given back
+
+
+def test_second_evacuation_of_a_host_is_refused_while_the_first_runs(tmp_path: Path, hostmaint_db: Path,
+                                                                     prefect_server: None) -> None:
+    inventory = make_fleet(tmp_path / "fleet", time_scale=0.4)  # ~1.5 s per migration
+    locks.ensure_limits(inventory)
+    rt = open_runtime(inventory)
+    first = in_background(evacuate_host, host="hv01", operator="first", inventory=str(inventory))
+    while rt.states.state("hv01") is HostState.ACTIVE and not first.done.is_set():
+        time.sleep(0.05)
+    assert active_slots("host:hv01") == 1
+
+    with pytest.raises(LockError, match=r"lock 'host:hv01' is held by another run \(host hv01 is under maintenance\)"):
+        evacuate_host(host="hv01", operator="second", inventory=str(inventory), lock_wait_s=1)
+
+    outcome = first.join()
+    assert outcome.outcome is StepOutcome.OK
+    records = AuditTrail(open_engine()).records(host="hv01")
+    assert {r.operator for r in records} == {"first"}  # the refused run wrote nothing
+    assert len({r.run_id for r in records}) == 1
+    placement = where(inventory)
+    assert set(placement) == ALL_VMS and all(len(h) == 1 for h in placement.values())
+    assert active_slots("host:hv01") == 0 and active_slots("maintenance:demo") == 0
+
+
+def test_second_evacuation_waits_for_the_first_then_finds_nothing_to_do(tmp_path: Path, hostmaint_db: Path,
+                                                                        prefect_server: None) -> None:
+    inventory = make_fleet(tmp_path / "fleet", time_scale=0.4)
+    locks.ensure_limits(inventory)
+    rt = open_runtime(inventory)
+    first = in_background(evacuate_host, host="hv02", operator="first", inventory=str(inventory))
+    while rt.states.state("hv02") is HostState.ACTIVE and not first.done.is_set():
+        time.sleep(0.05)
+    second = evacuate_host(host="hv02", operator="second", inventory=str(inventory), lock_wait_s=None)
+    first_outcome = first.join()
+
+    assert first_outcome.outcome is StepOutcome.OK and second.outcome is StepOutcome.OK
+    assert second.migrations == []  # the host was empty by the time it got the lock
+    records = AuditTrail(open_engine()).records(host="hv02")
+    firsts = [r.seq for r in records if r.operator == "first"]
+    seconds = [r.seq for r in records if r.operator == "second"]
+    assert firsts and seconds and max(firsts) < min(seconds)  # one after the other, never interleaved
+    assert rt.hypervisor.running_vms("hv02") == ()
+
+
+def test_locks_are_reentrant_within_a_run(prefect_server: None, tmp_path: Path) -> None:
+    locks.ensure_limits(make_fleet(tmp_path))
+    with locks.host_maintenance("hv03", "demo", wait_seconds=5):
+        with locks.host_maintenance("hv03", "demo", wait_seconds=1):
+            assert locks.held() == {"host:hv03", "maintenance:demo"}
+            assert active_slots("host:hv03") == 1
+    assert locks.held() == frozenset()
+    assert active_slots("host:hv03") == 0
+
+
+def test_lease_seconds_has_a_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(locks.LEASE_ENV, "5")
+    assert locks.lease_seconds() == locks.MIN_LEASE_SECONDS
+    monkeypatch.setenv(locks.LEASE_ENV, "soon")
+    with pytest.raises(LockError, match="not a number"):
+        locks.lease_seconds()

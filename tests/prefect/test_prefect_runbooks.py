@@ -1,0 +1,137 @@
+"""The runbooks and the approval pause, under the session's Prefect test server, on a SIMULATED fleet.
+
+A paused run is resumed the way the UI does it (``resume_flow_run`` with the
+``ApprovalInput`` fields); the audit trail must name whoever answered.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from prefect.flow_runs import resume_flow_run
+from prefect_support import ALL_VMS, in_background, lost, wait_paused, where
+
+from flows.params import EvacuationRequest
+from flows.runbooks.degraded_host import degraded_host_runbook
+from flows.runbooks.hardware_check import hardware_check_failed_runbook
+from flows.runbooks.on_request import evacuate_on_request
+from hostmaint.audit import AuditTrail
+from hostmaint.db import open_engine
+from hostmaint.models import HostState, StepOutcome
+from hostmaint.runtime import open_runtime
+
+FAST = {"poll_interval_s": 1, "approval_timeout_s": 120}
+
+
+def state(inventory: Path, host: str) -> HostState:
+    return open_runtime(inventory).states.state(host)
+
+
+def records(host: str | None = None, step: str | None = None) -> list:
+    out = AuditTrail(open_engine()).records(host=host)
+    return [r for r in out if step is None or r.step == step]
+
+
+def test_degraded_rejected_leaves_host_cordoned_and_vms_untouched(fleet: Path) -> None:
+    before = where(fleet)
+    box = in_background(degraded_host_runbook, host="hv01", reason="ECC errors rising", severity="warning",
+                        inventory=str(fleet), **FAST)
+    paused = wait_paused("degraded-host-runbook", box=box)
+    # cordoned before anyone is asked: nothing new lands on a degraded host meanwhile
+    assert state(fleet, "hv01") is HostState.CORDONED
+    resume_flow_run(paused.id, run_input={"operator": "carol", "approve": False, "comment": "vendor is on it"})
+    outcome = box.join()
+
+    assert outcome.outcome is StepOutcome.SKIPPED
+    assert "carol" in outcome.detail
+    assert state(fleet, "hv01") is HostState.CORDONED
+    assert where(fleet) == before  # not one VM moved
+    [approval] = records("hv01", "approval")
+    assert approval.operator == "carol"
+    assert approval.outcome is StepOutcome.SKIPPED
+    assert approval.details["approve"] is False and approval.details["comment"] == "vendor is on it"
+    assert records("hv01", "migrate") == []
+    assert records("hv01", "drain") == []
+
+
+def test_degraded_approved_evacuates_under_the_approvers_name(fleet: Path) -> None:
+    on_hv02 = {vm for vm, hosts in where(fleet).items() if "hv02" in hosts}
+    box = in_background(degraded_host_runbook, host="hv02", reason="fan failure", severity="warning",
+                        inventory=str(fleet), **FAST)
+    paused = wait_paused("degraded-host-runbook", box=box)
+    resume_flow_run(paused.id, run_input={"operator": "dave", "approve": True, "comment": "go"})
+    outcome = box.join()
+
+    assert outcome.outcome is StepOutcome.OK, outcome.detail
+    assert "approved by dave" in outcome.detail
+    placement = where(fleet)
+    assert set(placement) == set(ALL_VMS) and all(len(h) == 1 for h in placement.values())
+    assert not any("hv02" in hosts for hosts in placement.values())
+    assert lost(fleet) == []
+    rt = open_runtime(fleet)
+    assert rt.states.state("hv02") is HostState.CORDONED
+    assert rt.states.get("hv02").reason == "degraded: fan failure"
+    [approval] = records("hv02", "approval")
+    assert approval.operator == "dave" and approval.outcome is StepOutcome.OK
+    migrations = [r for r in records(step="migrate") if r.vm in on_hv02]
+    assert {r.vm for r in migrations} == on_hv02
+    assert {r.operator for r in migrations} == {"dave"}
+
+
+def test_critical_severity_acts_at_once(fleet: Path) -> None:
+    outcome = degraded_host_runbook(host="hv03", reason="disk controller offline", severity="CRITICAL",
+                                    inventory=str(fleet), **FAST)
+    assert outcome.outcome is StepOutcome.OK
+    assert not any("hv03" in hosts for hosts in where(fleet).values())
+    [approval] = records("hv03", "approval")
+    assert approval.operator.startswith("automatic: severity critical")
+    assert approval.details["automatic"] is True
+
+
+def test_hardware_check_cordons_at_once_and_keeps_the_reason(fleet: Path) -> None:
+    box = in_background(hardware_check_failed_runbook, host="hv04", check="memtest", detail="DIMM B2",
+                        inventory=str(fleet), **FAST)
+    paused = wait_paused("hardware-check-failed-runbook", box=box)
+    assert state(fleet, "hv04") is HostState.CORDONED
+    assert any("hv04" in hosts for hosts in where(fleet).values())  # nothing moved before the yes
+    resume_flow_run(paused.id, run_input={"operator": "erin", "approve": True, "comment": ""})
+    outcome = box.join()
+
+    assert outcome.outcome is StepOutcome.OK
+    rt = open_runtime(fleet)
+    assert rt.states.state("hv04") is HostState.CORDONED
+    assert rt.states.get("hv04").reason == "hardware check failed: memtest: DIMM B2"
+    assert rt.hypervisor.running_vms("hv04") == ()
+    assert records("hv04", "approval")[0].operator == "erin"
+    assert records("hv04", "incident")[0].inputs["check"] == "memtest"
+
+
+def test_on_request_dry_run_changes_nothing(fleet: Path) -> None:
+    before = where(fleet)
+    req = EvacuationRequest(host="hv01", reason="test dry run", operator="frank", inventory=str(fleet))
+    outcome = evacuate_on_request(request=req)
+    assert outcome.outcome is StepOutcome.DRY_RUN
+    assert where(fleet) == before
+    assert state(fleet, "hv01") is HostState.ACTIVE
+
+
+def test_on_request_with_approval_rejected_changes_nothing(fleet: Path) -> None:
+    before = where(fleet)
+    req = EvacuationRequest(host="hv01", reason="INC-42", operator="grace", dry_run=False, approval_required=True,
+                            inventory=str(fleet))
+    box = in_background(evacuate_on_request, request=req, **FAST)
+    paused = wait_paused("evacuate-on-request", box=box)
+    resume_flow_run(paused.id, run_input={"operator": "heidi", "approve": False, "comment": "not in business hours"})
+    outcome = box.join()
+    assert outcome.outcome is StepOutcome.SKIPPED
+    assert where(fleet) == before
+    assert state(fleet, "hv01") is HostState.ACTIVE
+    assert records("hv01", "approval")[0].operator == "heidi"
+
+
+@pytest.mark.parametrize("flow_name", ["degraded-host-runbook"])
+def test_unknown_host_fails_before_anything(fleet: Path, flow_name: str) -> None:
+    with pytest.raises(Exception, match="unknown host 'hv99'"):
+        degraded_host_runbook(host="hv99", reason="x", inventory=str(fleet), **FAST)
+    assert records("hv99") == []
