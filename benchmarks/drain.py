@@ -36,7 +36,6 @@ from hostmaint.migration.policy import Order, SchedulerPolicy  # noqa: E402
 from hostmaint.migration.simulate import (  # noqa: E402
     DrainEstimate,
     SimParams,
-    WindowEstimate,
     simulate_drain,
     simulate_window,
 )
@@ -49,6 +48,7 @@ SIZES_GIB = (2, 4, 8, 16, 32, 64)
 SIZE_WEIGHTS = (25, 25, 20, 15, 10, 5)
 LIMITS = Limits(migrations_per_source=32, migrations_per_target=32, migrations_per_cluster=64)
 ORDERS = (Order.LARGEST_FIRST, Order.SMALLEST_FIRST, Order.LOW_DIRTY_FIRST)
+OURS = f"ours / {SchedulerPolicy().order} (default)"
 
 
 def dirty_rate(rng: random.Random) -> float:
@@ -69,8 +69,9 @@ def policies() -> list[tuple[str, SchedulerPolicy]]:
         out.append((f"fixed1 / {order}", SchedulerPolicy.fixed(1, order=order)))
         out.append((f"fixed2 / {order}", SchedulerPolicy.fixed(2, order=order)))
         out.append((f"unbounded / {order}", SchedulerPolicy.unbounded(order=order)))
-    for order in (*ORDERS, Order.ADAPTIVE, Order.LONGEST_FIRST):
+    for order in (*ORDERS, Order.ADAPTIVE):
         out.append((f"ours / {order}", SchedulerPolicy(order=order)))
+    out.append((OURS, SchedulerPolicy()))
     return out
 
 
@@ -124,14 +125,18 @@ def summary(everything: dict[tuple[str, str], dict[str, Row]]) -> str:
     lines = ["| scenario | ours ÷ floor (worst) | target | vs fixed2 best order | vs unbounded best order "
              "| vs fixed1 best order | VMs lost |", "|---|---|---|---|---|---|---|"]
     for (link_name, stream_name), rows in everything.items():
-        ours = rows["ours / adaptive"]
+        ours = rows[OURS]
         target = 1.10 if stream_name == "multi-connection" else 1.20
 
         def best(prefix: str, rows: dict[str, Row] = rows) -> float:
             return min(statistics.mean(r.makespan) for n, r in rows.items() if n.startswith(prefix + " /"))
 
         mean = statistics.mean(ours.makespan)
-        cells = [f"{1 - mean / best(p):+.1%} shorter".replace("+-", "-") for p in ("fixed2", "unbounded", "fixed1")]
+        def versus(prefix: str) -> str:
+            gain = 1 - mean / best(prefix)
+            return f"{gain:.1%} shorter" if gain >= 0 else f"{-gain:.1%} longer"
+
+        cells = [versus(p) for p in ("fixed2", "unbounded", "fixed1")]
         lines.append(f"| {link_name}, {stream_name} | {statistics.mean(ours.ratio):.3f} ({max(ours.ratio):.3f}) "
                      f"| ≤ {target:.2f} | {cells[0]} | {cells[1]} | {cells[2]} | 0 of {30 * len(ours.ratio)} "
                      f"lost, {ours.aborted} aborted (left on source) |")
@@ -165,41 +170,45 @@ def run_night(clusters: int, hosts: int, vms_per_host: int, patch_s: float) -> s
     rows = []
     ovirt_serial = 0.0
     ours_serial = 0.0
-    worst: list[tuple[str, WindowEstimate, WindowEstimate]] = []
     for c in range(clusters):
         snap, dirty = night_cluster(1000 + c, f"c{c:02d}", hosts, vms_per_host)
         names = [h.name for h in snap.hosts]
-        by_size = sorted(names, key=lambda n: -sum(v.memory_mib for v in snap.vms_on(n)))
-        est = simulate_window(snap, names, dirty_rate=dirty, patch_s=patch_s)
-        lpt = simulate_window(snap, by_size, dirty_rate=dirty, patch_s=patch_s)
+        # emptiest first, as the placement's plan_window orders hosts: the first wave's VMs have no
+        # patched host to land on and move twice, so the first wave should carry the least
+        emptiest = sorted(names, key=lambda n: (sum(v.memory_mib for v in snap.vms_on(n)), n))
+        est = simulate_window(snap, emptiest, dirty_rate=dirty, patch_s=patch_s)
+        plain = simulate_window(snap, names, dirty_rate=dirty, patch_s=patch_s)
         # oVirt's cluster_upgrade role: one host at a time, 2 migrations per host at 52 MiB/s each
         ovirt = simulate_window(snap, names, dirty_rate=dirty, patch_s=patch_s, parallel=1,
                                 policy=SchedulerPolicy.fixed(2, order=Order.PLAN),
-                                options=MigrationOptions(bandwidth_mib_s=52),
-                                params=SimParams(sample_s=5.0))
+                                options=MigrationOptions(bandwidth_mib_s=52), params=SimParams(sample_s=5.0))
         ovirt_serial += ovirt.makespan_s
         ours_serial += est.serial_s
-        worst.append((snap.cluster, est, lpt))
-        rows.append((snap.cluster, len(snap.vms), est, lpt, ovirt))
+        rows.append((snap.cluster, len(snap.vms), est, plain, ovirt))
     lines = [f"\n{clusters} clusters × {hosts} hosts ({clusters * hosts} hosts, "
-             f"{sum(r[1] for r in rows)} VMs of 2-64 GiB, 512 GiB per host, 10 GbE), patch+reboot+verify "
-             f"{patch_s:.0f} s per host; clusters run side by side. Simulated in "
-             f"{time.monotonic() - started:.0f} s.\n",
-             "| cluster | VMs | hosts at once (N+1) | window, plan order | ÷ bound | window, largest host first "
-             "| ÷ bound | bound (Σ host time ÷ parallel) | serial, ours | serial, oVirt-like | VMs not moved |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, nvms, est, lpt, ovirt in rows:
-        lost = sum(1 for m in lpt.migrations if m.outcome != "ok")
+             f"{sum(r[1] for r in rows)} VMs of 2-64 GiB with heavy-tailed dirty rates, 512 GiB per host, "
+             f"10 GbE, limits 8 out / 4 in per host and 16 per cluster), update+reboot+verify "
+             f"{patch_s:.0f} s per host (an assumption); clusters run side by side. "
+             f"Simulated in {time.monotonic() - started:.0f} s.\n",
+             "| cluster | VMs | hosts at once (N+1) | window | ÷ Σ-bound | ÷ wave-bound | window, inventory order "
+             "| Σ-bound | wave-bound | serial, ours | serial, oVirt-like | migrations per VM | VMs not moved |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, nvms, est, plain, ovirt in rows:
+        lost = sum(1 for m in est.migrations if m.outcome != "ok")
         lines.append(f"| {name} | {nvms} | {est.parallel} | {est.makespan_s / 3600:.2f} h | {est.ratio:.3f} | "
-                     f"{lpt.makespan_s / 3600:.2f} h | {lpt.ratio:.3f} | {lpt.lower_bound_s / 3600:.2f} h | "
-                     f"{est.serial_s / 3600:.2f} h | {ovirt.makespan_s / 3600:.2f} h | {lost} |")
-    night = max(r[3].makespan_s for r in rows)
-    night_plan = max(r[2].makespan_s for r in rows)
-    bound = max(r[3].lower_bound_s for r in rows)
+                     f"{est.wave_ratio:.3f} | {plain.makespan_s / 3600:.2f} h | {est.lower_bound_s / 3600:.2f} h | "
+                     f"{max(est.lower_bound_s, est.wave_bound_s) / 3600:.2f} h | {est.serial_s / 3600:.2f} h | "
+                     f"{ovirt.makespan_s / 3600:.2f} h | {len(est.migrations) / nvms:.2f} | {lost} |")
+    worst = max(rows, key=lambda r: r[2].makespan_s)[2]
+    night = worst.makespan_s
     lines.append("")
-    lines.append(f"- **Night (largest host first): {night / 3600:.2f} h** (plan order: {night_plan / 3600:.2f} h); "
-                 f"bound {bound / 3600:.2f} h → **{night / bound:.3f} × the bound** (target ≤ 1.15); "
-                 f"fits an 8-hour night: {'yes' if night <= 8 * 3600 else 'NO'}.")
+    lines.append(f"- **The night: {night / 3600:.2f} h** (the slowest cluster); fits an 8-hour night: "
+                 f"{'yes' if night <= 8 * 3600 else 'NO'}. Against the issue's bound (Σ per-host time ÷ hosts "
+                 f"at once): worst cluster {max(r[2].ratio for r in rows):.3f} × (target ≤ 1.15: "
+                 f"{'met' if max(r[2].ratio for r in rows) <= 1.15 else 'NOT met'}); against the bound that also "
+                 f"counts whole hosts (with {hosts} hosts and {worst.parallel} at once some slot patches "
+                 f"{math.ceil(hosts / worst.parallel)} hosts in a row): "
+                 f"worst {max(r[2].wave_ratio for r in rows):.3f} ×.")
     lines.append(f"- Serial host by host over the fleet: ours {ours_serial / 3600:.1f} h "
                  f"({ours_serial / 86400:.1f} days), oVirt-like (2 × 52 MiB/s per host) {ovirt_serial / 3600:.1f} h "
                  f"({ovirt_serial / 86400:.1f} days, {ovirt_serial / (clusters * hosts) / 60:.1f} min a host): "

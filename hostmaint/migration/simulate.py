@@ -176,10 +176,19 @@ class WindowEstimate:
     serial_s: float  # the same hosts one at a time, same drains
     lower_bound_s: float  # max(Σ per-host time ÷ parallel, the longest host)
     migrations: tuple[SimMigration, ...] = ()
+    # also counts whole hosts: of the m·parallel+1 longest hosts some slot runs m+1 one after another
+    wave_bound_s: float = 0.0
 
     @property
     def ratio(self) -> float:
+        """Makespan ÷ (Σ per-host time ÷ parallel)."""
         return self.makespan_s / self.lower_bound_s if self.lower_bound_s > 0 else 1.0
+
+    @property
+    def wave_ratio(self) -> float:
+        """Makespan ÷ the bound that also knows hosts are indivisible (30 hosts, 12 at once: 3 waves)."""
+        bound = max(self.lower_bound_s, self.wave_bound_s)
+        return self.makespan_s / bound if bound > 0 else 1.0
 
     def fits(self, window_s: float) -> bool:
         """True when the window ends within ``window_s`` and every host was patched."""
@@ -264,16 +273,24 @@ class _Engine:
         self.done: list[_Mig] = []
         self.max_concurrency = 0
         self.next_sample = params.sample_s
+        self.changed = True  # something happened that admission should look at
 
     # admission, exactly as the executor does it
     def admit(self) -> None:
-        for m in list(self.pending):
+        if not self.changed:
+            return  # nothing ended, released or arrived since the last try: same answer
+        self.changed = False
+        admitted: list[_Mig] = []
+        # In plan order, hosts in the order they entered maintenance: the first host's drain gets the
+        # shared slots first, so it finishes and goes to patching while the next ones still drain
+        # (spreading slots evenly over hosts measured slower: all would patch at once, links idle).
+        for m in self.pending:
             link = self.params.link(m.spec.source)
             rate = stream_rate(self.options, self.policy, link)
             if admission_refusal(m.spec, self.load, self.limits, self.policy, link_mib_s=link,
                                  rate_mib_s=rate, target_free_mib=self.target_free_mib) is not None:
                 continue
-            self.pending.remove(m)
+            admitted.append(m)
             m.options = options_for(m.spec, self.options, self.policy, rate)
             m.cap = rate
             m.admit_rate = rate
@@ -287,6 +304,9 @@ class _Engine:
             self.load.add(m.spec, rate)
             self.max_concurrency = max(self.max_concurrency, self.load.total)
             self.running.append(m)
+        if admitted:
+            taken = {id(m) for m in admitted}
+            self.pending = [m for m in self.pending if id(m) not in taken]
 
     def finish(self, m: _Mig, outcome: StepOutcome, reason: str = "") -> None:
         m.phase = Phase.DONE
@@ -296,6 +316,7 @@ class _Engine:
         m.rate = 0.0
         self.running.remove(m)
         self.done.append(m)
+        self.changed = True
         self.load.remove(m.spec, m.admit_rate, landed=outcome is StepOutcome.OK, released=m.released)
 
     def fail_pending(self, why: str) -> None:
@@ -348,6 +369,7 @@ class _Engine:
                     and about_to_finish(int((m.left + m.dirty_acc) * MIB), m.admit_rate, self.policy)):
                 m.released = True
                 self.load.release(m.spec, m.admit_rate)
+                self.changed = True
         return True
 
     def end_round(self, m: _Mig) -> None:
@@ -482,7 +504,8 @@ class _HostJob:
 def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], *,
                     policy: SchedulerPolicy | None = None, options: MigrationOptions = MigrationOptions(),
                     dirty_rate: Mapping[str, float] | None = None, params: SimParams = SimParams(),
-                    patch_s: float = 600.0, parallel: int | None = None, spare_hosts: int = 1) -> WindowEstimate:
+                    patch_s: float = 600.0, parallel: int | None = None, spare_hosts: int = 1,
+                    just_in_time: bool = True) -> WindowEstimate:
     """Simulate a rolling window over ``snapshot``'s cluster: drain, patch (``patch_s``: update, reboot,
     verify) and return each host, ``parallel`` hosts at once (default: what N+1 capacity allows).
 
@@ -495,20 +518,22 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     policy = policy or SchedulerPolicy()
     names = list(window.order) if isinstance(window, WindowPlan) else list(window)
     k = parallel if parallel is not None else parallel_capacity(snapshot, names, spare_hosts=spare_hosts)
-    run = _run_window(snapshot, window, names, k, policy, options, dirty_rate, params, patch_s)
+    run = _run_window(snapshot, window, names, k, policy, options, dirty_rate, params, patch_s, just_in_time)
     serial = run if k == 1 else _run_window(snapshot, window, names, 1, policy, options, dirty_rate, params,
-                                            patch_s)
-    per_host = [h.end_s - h.start_s for h in serial[0]]
+                                            patch_s, just_in_time)
+    per_host = sorted((h.end_s - h.start_s for h in serial[0]), reverse=True)
     bound = max(sum(per_host) / max(k, 1), max(per_host, default=0.0))
+    waves = max(((m + 1) * per_host[m * k] for m in range(math.ceil(len(per_host) / k))), default=0.0)
     hosts, migs, makespan = run
     return WindowEstimate(cluster=snapshot.cluster, hosts=hosts, makespan_s=round(makespan, 3), parallel=k,
-                          serial_s=round(serial[2], 3), lower_bound_s=round(bound, 3), migrations=migs)
+                          serial_s=round(serial[2], 3), lower_bound_s=round(bound, 3), migrations=migs,
+                          wave_bound_s=round(waves, 3))
 
 
 def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], names: list[str], k: int,
                 policy: SchedulerPolicy, options: MigrationOptions, dirty_rate: Mapping[str, float] | None,
-                params: SimParams, patch_s: float) -> tuple[tuple[HostEstimate, ...], tuple[SimMigration, ...],
-                                                             float]:
+                params: SimParams, patch_s: float, just_in_time: bool
+                ) -> tuple[tuple[HostEstimate, ...], tuple[SimMigration, ...], float]:
     limits = snapshot.limits
     free: dict[str, float] = {}
     for h in snapshot.hosts:
@@ -564,6 +589,8 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
         for name in list(waiting):
             if len(in_maint) >= k:
                 return
+            if just_in_time and engine.load.total >= limits.migrations_per_cluster:
+                return  # every migration slot is taken: another host would only wait, cordoned
             if not can_start(name):
                 continue
             waiting.remove(name)
@@ -578,6 +605,8 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
             rates = {src: stream_rate(options, policy, link) for src, link in links.items()}
             job.migs = [_Mig(s, host_job=name) for s in order_placements(specs, policy.order, links, rates)]
             engine.pending.extend(job.migs)
+            engine.changed = True
+            engine.admit()  # its migrations take their slots before the next host is considered
             if not job.migs:
                 job.drained = engine.t
                 timers[name] = engine.t + (0.0 if job.failed else patch_s)
