@@ -132,7 +132,8 @@ def summary(everything: dict[tuple[str, str], dict[str, Row]]) -> str:
             return min(statistics.mean(r.makespan) for n, r in rows.items() if n.startswith(prefix + " /"))
 
         mean = statistics.mean(ours.makespan)
-        def versus(prefix: str) -> str:
+
+        def versus(prefix: str, mean: float = mean) -> str:
             gain = 1 - mean / best(prefix)
             return f"{gain:.1%} shorter" if gain >= 0 else f"{-gain:.1%} longer"
 
