@@ -234,7 +234,7 @@ class _Drain:
         if refusal is not None:
             return refusal
         opts = options_for(spec, self.options, self.policy, rate)
-        flight = _Flight(spec, rate, opts, self.clock(), migration_budget_s(spec.memory_mib, opts))
+        flight = _Flight(spec, rate, opts, self.clock(), migration_budget_s(spec.memory_mib, self.options))
         if opts.auto_converge:
             flight.level = Escalation.AUTO_CONVERGE  # on from the start: the next step is post-copy
         self.load.add(spec, rate)
@@ -317,7 +317,7 @@ class _Drain:
             if flight.abort_reason is not None:
                 return
             decision = next_action(
-                flight.progress.history, budget_s=flight.budget_s, stall_s=flight.options.stall_seconds,
+                flight.progress.history, budget_s=flight.budget_s, stall_s=self.options.stall_seconds,
                 level=flight.level, level_since_s=flight.level_since_s,
                 can_auto_converge=self.policy.auto_converge and self.control is not None,
                 can_post_copy=flight.options.post_copy and self.control is not None,

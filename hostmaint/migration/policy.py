@@ -274,9 +274,18 @@ def migration_budget_s(memory_mib: int, options: MigrationOptions) -> float:
     return max(options.min_budget_seconds, options.seconds_per_gib * memory_mib / 1024)
 
 
+# The driver has its own last-word abort (no progress for stall_seconds, or over budget). The scheduler
+# escalates first: auto-converge at one stall period, post-copy or abort at two. The driver gets three,
+# and a tenth more budget, so its rule only acts when the scheduler could not (it is wedged or gone).
+DRIVER_STALL_FACTOR = 3.0
+DRIVER_BUDGET_FACTOR = 1.1
+
+
 def options_for(spec: MigrationSpec, options: MigrationOptions, policy: SchedulerPolicy,
                 rate_mib_s: float) -> MigrationOptions:
-    """The options one migration starts with: its placement, post-copy capability, upfront auto-converge."""
+    """The options the driver gets for one migration: its placement, post-copy capability, upfront
+    auto-converge for a VM dirtying a large part of its stream, and the driver's own stall/budget rule
+    set behind the scheduler's (the scheduler keeps using ``options`` as given)."""
     auto_converge = options.auto_converge or (
         policy.auto_converge and spec.dirty_mib_s >= policy.auto_converge_upfront_fraction * rate_mib_s)
     return options.model_copy(update={
@@ -284,6 +293,9 @@ def options_for(spec: MigrationSpec, options: MigrationOptions, policy: Schedule
         "auto_converge": auto_converge,
         # post-copy can only be switched to when the migration started post-copy capable
         "post_copy": options.post_copy or policy.allow_post_copy,
+        "stall_seconds": options.stall_seconds * DRIVER_STALL_FACTOR,
+        "seconds_per_gib": options.seconds_per_gib * DRIVER_BUDGET_FACTOR,
+        "min_budget_seconds": options.min_budget_seconds * DRIVER_BUDGET_FACTOR,
     })
 
 

@@ -294,7 +294,7 @@ class _Engine:
             m.options = options_for(m.spec, self.options, self.policy, rate)
             m.cap = rate
             m.admit_rate = rate
-            m.budget_s = migration_budget_s(m.spec.memory_mib, m.options)
+            m.budget_s = migration_budget_s(m.spec.memory_mib, self.options)
             m.start = self.t
             m.setup_end = self.t + self.params.setup_s
             m.phase = Phase.SETUP
@@ -392,7 +392,7 @@ class _Engine:
             vm=m.spec.vm, elapsed_s=elapsed, data_total=m.spec.memory_mib * MIB,
             data_processed=int(m.sent * MIB), data_remaining=int((m.left + m.dirty_acc) * MIB),
             dirty_rate_bps=int(m.dirty * MIB), iterations=m.rounds))
-        decision = next_action(m.track.history, budget_s=m.budget_s, stall_s=m.options.stall_seconds,
+        decision = next_action(m.track.history, budget_s=m.budget_s, stall_s=self.options.stall_seconds,
                                level=m.level, level_since_s=m.level_since,
                                can_auto_converge=self.policy.auto_converge and self.params.controls,
                                can_post_copy=m.options.post_copy and self.params.controls)

@@ -157,3 +157,11 @@ def test_stream_rate_and_options() -> None:
     assert opts.placement == s.placement and opts.auto_converge and opts.post_copy
     calm = options_for(spec("b", 1024, dirty=10), MigrationOptions(), policy, 600)
     assert not calm.auto_converge and not calm.post_copy
+
+
+def test_the_drivers_own_abort_rule_comes_after_the_schedulers_escalation() -> None:
+    base = MigrationOptions(stall_seconds=60, seconds_per_gib=150, min_budget_seconds=60)
+    driver = options_for(spec("a", 4096), base, SchedulerPolicy(), 600)
+    # the scheduler escalates at 60 s without progress and decides post-copy/abort at 120 s
+    assert driver.stall_seconds > 2 * base.stall_seconds
+    assert migration_budget_s(4096, driver) > migration_budget_s(4096, base)
