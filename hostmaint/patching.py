@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 # The exact commands, named so the simulated shell and the lab can answer them.
 RPM_QUERYFORMAT = r"%{NAME}.%{ARCH}\t%{EPOCHNUM}:%{VERSION}-%{RELEASE}\n"
 KERNEL_QUERYFORMAT = r"%{VERSION}-%{RELEASE}.%{ARCH}\n"  # the spelling of `uname -r`
-KERNEL_PACKAGES = ("kernel-core", "kernel")  # RHEL 8+ ships the image in kernel-core; RHEL 7 in kernel
+# Capabilities a kernel package provides: RHEL 8+ kernel-core provides both, RHEL 7's kernel "kernel".
+KERNEL_CAPABILITIES = ("kernel", "kernel-core")
 BOOT_ID_ARGV = ("cat", "/proc/sys/kernel/random/boot_id")
 REBOOT_ARGV = ("reboot",)
 FREE_SPACE_PATHS = ("/", "/var", "/boot")
@@ -470,19 +471,23 @@ def running_kernel(shell: HostShell, host: str, step: str = Step.REBOOT_DECISION
 
 
 def installed_kernels(shell: HostShell, host: str, step: str = Step.REBOOT_DECISION) -> tuple[str, ...]:
-    """Installed kernels spelled like ``uname -r``; empty when no kernel package is installed."""
-    argv = ["rpm", "-q", "--qf", KERNEL_QUERYFORMAT, *KERNEL_PACKAGES]
+    """Installed kernels spelled like ``uname -r``; empty when no package provides a kernel.
+
+    Asked by capability (``rpm -q --whatprovides kernel kernel-core``), so any kernel flavour that
+    provides ``kernel`` counts, whatever its package name.
+    """
+    argv = ["rpm", "-q", "--whatprovides", "--qf", KERNEL_QUERYFORMAT, *KERNEL_CAPABILITIES]
     res = _run(shell, host, argv, step, QUERY_TIMEOUT_S)
-    # rpm -q exits with the number of names not installed; only "package X is not installed" is allowed
+    # rpm -q exits with the number of capabilities nobody provides, saying "no package provides X"
     kernels: set[str] = set()
     for line in res.stdout.splitlines():
         line = line.strip()
-        if not line or (line.startswith("package ") and line.endswith(" is not installed")):
+        if not line or line.startswith("no package provides "):
             continue
         kernels.add(line)
-    if res.exit_code > len(KERNEL_PACKAGES) or (res.exit_code and res.stderr.strip()):
-        raise StepError(f"rpm -q {' '.join(KERNEL_PACKAGES)} failed (exit {res.exit_code}): {_said(res)}",
-                        host=host, step=step)
+    if res.exit_code > len(KERNEL_CAPABILITIES) or (res.exit_code and res.stderr.strip()):
+        raise StepError(f"{' '.join(argv[:3])} {' '.join(KERNEL_CAPABILITIES)} failed (exit {res.exit_code}): "
+                        f"{_said(res)}", host=host, step=step)
     return tuple(sorted(kernels))
 
 

@@ -244,24 +244,29 @@ class SimulatedShell:
 
     def _rpm(self, host: str, s: SimHostPackages, argv: list[str]) -> CommandResult:
         args = argv[1:]
+        whatprovides = "--whatprovides" in args
+        if whatprovides:
+            args.remove("--whatprovides")
         if len(args) >= 3 and args[1] == "--qf" and args[0] in ("-qa", "-q"):
             fmt, names = args[2], args[3:]
         else:
             raise _Usage(f"unsupported by the simulation: {shlex.join(args)}")
         if args[0] == "-qa":
-            if names:
+            if names or whatprovides:
                 raise _Usage("-qa takes no package names here")
             names = sorted(s.installed)
         elif not names:
             raise _Usage("no arguments given for query")
         out, missing = [], 0
         for name in names:
-            versions = s.versions(name)
-            if not versions:
-                out.append(f"package {name} is not installed\n")
+            # a package provides its own name; kernel-core also provides "kernel", as on RHEL 8+
+            providers = [name] if not whatprovides else \
+                [p for p in sorted(s.installed) if p == name or (name == "kernel" and p in KERNEL_NAMES)]
+            found = [(p, evr) for p in providers for evr in s.versions(p)]
+            if not found:
+                out.append(f"no package provides {name}\n" if whatprovides else f"package {name} is not installed\n")
                 missing += 1
-            for evr in versions:
-                out.append(_queryformat(fmt, name, evr, s.arch))
+            out.extend(_queryformat(fmt, p, evr, s.arch) for p, evr in found)
         return _result(host, argv, missing if args[0] == "-q" else 0, out="".join(out))
 
     def _needs_restarting(self, host: str, s: SimHostPackages, argv: list[str]) -> CommandResult:

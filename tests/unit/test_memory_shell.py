@@ -72,6 +72,9 @@ def test_rpm_queryformat_and_kernels_after_update() -> None:
     assert kernels.exit_code == 1  # one of the two names is not installed, as rpm reports it
     assert kernels.stdout.splitlines() == ["5.14.0-1.el9.x86_64", "5.14.0-2.el9.x86_64",
                                            "package kernel is not installed"]
+    provided = shell.run("h", ["rpm", "-q", "--whatprovides", "--qf", r"%{NAME}-%{VERSION}\n", "kernel", "nope"])
+    assert provided.exit_code == 1
+    assert provided.stdout.splitlines() == ["kernel-core-5.14.0", "kernel-core-5.14.0", "no package provides nope"]
     assert state.installed["extra"] == "1.0-1" and state.available == {}
 
 

@@ -382,6 +382,7 @@ License: MIT
 BuildArch: noarch
 %{?req:Requires: %{req}}
 %{?obs:Obsoletes: %{obs}}
+%{?prov:Provides: %{prov}}
 %description
 hostmaint test package
 %install
@@ -406,7 +407,7 @@ def test_real_dnf_and_rpm_over_ssh_end_to_end(tmp_path: Path) -> None:
         d.mkdir()
     (tmp_path / "pkg.spec").write_text(SPEC)
 
-    def build(name: str, ver: str, req: str = "", obs: str = "", path: str = "") -> None:
+    def build(name: str, ver: str, req: str = "", obs: str = "", path: str = "", prov: str = "") -> None:
         argv = ["rpmbuild", "-bb", "--nodeps", "--quiet", "--define", f"_topdir {tmp_path / 'top'}",
                 "--define", f"_rpmdir {repo}",
                 "--define", "_build_name_fmt %%{NAME}-%%{VERSION}-%%{RELEASE}.%%{ARCH}.rpm",
@@ -414,6 +415,7 @@ def test_real_dnf_and_rpm_over_ssh_end_to_end(tmp_path: Path) -> None:
                 "--define", f"path {path or f'/usr/share/{name}/version'}"]
         argv += ["--define", f"req {req}"] if req else []
         argv += ["--define", f"obs {obs}"] if obs else []
+        argv += ["--define", f"prov {prov}"] if prov else []
         subprocess.run([*argv, str(tmp_path / "pkg.spec")], check=True, capture_output=True)
 
     (tmp_path / "repos.d" / "hm.repo").write_text(f"[hm]\nname=hm\nbaseurl=file://{repo}\ngpgcheck=0\n")
@@ -421,13 +423,19 @@ def test_real_dnf_and_rpm_over_ssh_end_to_end(tmp_path: Path) -> None:
                                 f"--setopt=reposdir={tmp_path / 'repos.d'} --setopt=cachedir={tmp_path / 'cache'} "
                                 '"$@"\n')
     (bindir / "rpm").write_text(f'#!/bin/sh\nexec /usr/bin/rpm --root={root} "$@"\n')
+    running = tmp_path / "running-kernel"
+    running.write_text("6.1.0-1.noarch\n")
+    (bindir / "uname").write_text(f'#!/bin/sh\n[ "$1" = -r ] && exec cat {running}\nexec /usr/bin/uname "$@"\n')
     for w in bindir.iterdir():
         w.chmod(0o755)
     for name in ("hmdemo", "hmold", "hmpinned", "hmconflict"):
         build(name, "1.0")
+    # any package providing "kernel" is a kernel, to rpm queries and to dnf (install-only: versioned files)
+    build("hmkernel", "6.1.0", prov="kernel", path="/boot/vmlinuz-hm-6.1.0")
     subprocess.run(["createrepo_c", "-q", str(repo)], check=True)
-    subprocess.run([str(bindir / "dnf"), "-y", "-q", "install", "hmdemo", "hmold", "hmpinned", "hmconflict"],
-                   check=True, capture_output=True)
+    subprocess.run([str(bindir / "dnf"), "-y", "-q", "install", "hmdemo", "hmold", "hmpinned", "hmconflict",
+                    "hmkernel"], check=True, capture_output=True)
+    build("hmkernel", "6.1.1", prov="kernel", path="/boot/vmlinuz-hm-6.1.1")
     build("hmdemo", "1.1", req="hmnew", obs="hmold")
     build("hmnew", "1.0")
     build("hmpinned", "2.0")
@@ -443,8 +451,9 @@ def test_real_dnf_and_rpm_over_ssh_end_to_end(tmp_path: Path) -> None:
     try:
         # the conflicting update fails: StepError with dnf's own words, nothing changed
         before = patching.installed_packages(shell, "hv1")
-        assert before == {"hmconflict.noarch": "0:1.0-1", "hmdemo.noarch": "0:1.0-1",
+        assert before == {"hmconflict.noarch": "0:1.0-1", "hmdemo.noarch": "0:1.0-1", "hmkernel.noarch": "0:6.1.0-1",
                           "hmold.noarch": "0:1.0-1", "hmpinned.noarch": "0:1.0-1"}
+        assert patching.reboot_decision(shell, "hv1", HostPolicy()).needed is False
         with pytest.raises(StepError) as err:
             patching.apply_updates(shell, "hv1", HostPolicy(excludes=["hmpin*"]))
         assert err.value.step == "update" and "Transaction test error" in str(err.value)
@@ -455,20 +464,28 @@ def test_real_dnf_and_rpm_over_ssh_end_to_end(tmp_path: Path) -> None:
                             verify=[VerifyCheck(name="hmdemo-installed", argv=["rpm", "-q", "hmdemo"])])
         pre = patching.preflight(shell, "hv1", policy)
         assert pre.package_manager is PackageManager.DNF and pre.package_manager_version.startswith("4.")
-        assert [(u.package, u.version) for u in pre.updates] == [("hmdemo.noarch", "1.1-1")]
+        assert [(u.package, u.version) for u in pre.updates] == [("hmdemo.noarch", "1.1-1"),
+                                                                  ("hmkernel.noarch", "6.1.1-1")]
         result = patching.apply_updates(shell, "hv1", policy, pre.package_manager)
         assert result.exit_code == 0 and not result.nothing_to_do
         diff = patching.package_diff(before, patching.installed_packages(shell, "hv1"))
         assert [(c.package, c.new) for c in diff.installed] == [("hmnew.noarch", "0:1.0-1")]
-        assert [(c.package, c.old, c.new) for c in diff.upgraded] == [("hmdemo.noarch", "0:1.0-1", "0:1.1-1")]
+        assert [(c.package, c.old, c.new) for c in diff.upgraded] == [("hmdemo.noarch", "0:1.0-1", "0:1.1-1"),
+                                                                      ("hmkernel.noarch", "0:6.1.0-1",
+                                                                       "0:6.1.0-1, 0:6.1.1-1")]
         assert [(c.package, c.old) for c in diff.removed] == [("hmold.noarch", "0:1.0-1")]
         assert patching.apply_updates(shell, "hv1", policy).nothing_to_do
 
-        decision = patching.reboot_decision(shell, "hv1", policy)  # no kernel rpm, no needs-restarting here
-        assert decision.needed is False and "needs-restarting unavailable (exit 127)" in decision.reason
+        decision = patching.reboot_decision(shell, "hv1", policy)  # no needs-restarting on this host
+        assert decision.needed is True
+        assert decision.reason == ("newest installed kernel 6.1.1-1.noarch is not the running 6.1.0-1.noarch; "
+                                   "needs-restarting unavailable (exit 127)")
+        report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", policy, cells_before=CELLS)
+        assert not report.ok and report.reason() == "kernel: running 6.1.0-1.noarch, newest installed is 6.1.1-1.noarch"
+        running.write_text("6.1.1-1.noarch\n")  # "rebooted" into it
         report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", policy, cells_before=CELLS)
         assert report.ok, report.reason()
-        assert {c.name for c in report.checks if c.skipped} == {"kernel"} | (
+        assert {c.name for c in report.checks if c.skipped} == (
             {"systemd"} if not Path("/run/systemd/system").is_dir() else set())
 
         (tmp_path / "repos.d" / "hm.repo").write_text("[hm]\nname=hm\nbaseurl=file:///nonexistent\ngpgcheck=0\n")
