@@ -121,14 +121,16 @@ def server_cmd(inventory: Annotated[str | None, typer.Option(
 @app.command("serve")
 def serve_cmd(inventory: InventoryOpt = "inventory.yaml", api_url: ApiOpt = None,
               limit: Annotated[int | None, typer.Option(help="At most this many runs at once.")] = None,
-              windows: Annotated[Path | None, typer.Option(help="Patch window schedules (windows.yaml).")] = None
-              ) -> None:
+              windows: Annotated[Path | None, typer.Option(help="Patch window schedules (windows.yaml).")] = None,
+              approval_poll_s: Annotated[int | None, typer.Option(
+                  "--approval-poll-seconds", min=1, help="How often a run waiting for approval checks (default 10).")]
+              = None) -> None:
     """Serve every deployment from this process (small sites): schedules, forms and runbook triggers."""
     from deployments.serve import WINDOWS_FILE, serve_deployments
 
     try:
         _use_api(api_url)
-        serve_deployments(inventory, windows=windows or WINDOWS_FILE, limit=limit)
+        serve_deployments(inventory, windows=windows or WINDOWS_FILE, limit=limit, approval_poll_s=approval_poll_s)
     except (HostmaintError, KeyError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
 
@@ -177,7 +179,7 @@ def event_degraded(host: str, reason: Annotated[str, typer.Option(help="What mon
                                                                "source": source}, cluster)
     except (HostmaintError, KeyError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
-    out.print(f"sent {DEGRADED_EVENT} for {host} (event {event_id})")
+    out.print(f"sent {DEGRADED_EVENT} for {host} (event {event_id})", soft_wrap=True, highlight=False)
 
 
 @event_app.command("hardware-failed")
@@ -198,4 +200,8 @@ def event_hardware_failed(host: str, check: Annotated[str, typer.Option(help="Th
                                    cluster)
     except (HostmaintError, KeyError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
-    out.print(f"sent {HARDWARE_EVENT} for {host} (event {event_id})")
+    out.print(f"sent {HARDWARE_EVENT} for {host} (event {event_id})", soft_wrap=True, highlight=False)
+
+
+if __name__ == "__main__":
+    app()

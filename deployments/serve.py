@@ -208,14 +208,16 @@ def _load_flow(entrypoint: str, source: Path | None) -> Flow[..., Any]:
     return load_flow_from_entrypoint(f"{ROOT / path}:{name}")
 
 
+APPROVING = ("evacuate-host", "degraded-host", "hardware-check-failed")  # may pause for approval
+
+
 def build_deployments(inventory: str | Path | Inventory, *, windows: Path = WINDOWS_FILE,
-                      source: Path | None = None, runbook_parameters: dict[str, Any] | None = None
-                      ) -> list[RunnerDeployment]:
+                      source: Path | None = None, approval_poll_s: int | None = None) -> list[RunnerDeployment]:
     """Every hostmaint deployment for ``inventory``: one patch window per cluster plus the forms and runbooks.
 
     ``source``: the project directory workers run from (work pool deployments);
-    ``None`` for serving from this process. ``runbook_parameters`` overrides the
-    runbooks' defaults (tests shorten the approval poll interval).
+    ``None`` for serving from this process. ``approval_poll_s``: how often a run
+    paused for approval checks for the answer (the flows' default is 10 s).
     """
     inv = inventory if isinstance(inventory, Inventory) else load_inventory(inventory)
     default, overrides = load_windows(windows)
@@ -228,10 +230,10 @@ def build_deployments(inventory: str | Path | Inventory, *, windows: Path = WIND
             description=f"Patch window of cluster {cluster.name}: {cfg.rrule} in {cfg.timezone}, "
                         f"{cfg.window_minutes:g} min, {len(cfg.exclude)} date(s) excluded.",
             schedules=[window_schedule(cluster.name, cfg)], parameters=window_parameters(cluster.name, cfg)))
-    extra = runbook_parameters or {}
+    extra = {} if approval_poll_s is None else {"poll_interval_s": approval_poll_s}
     for name, (entrypoint, description) in ENTRYPOINTS.items():
         fl = _load_flow(entrypoint, source)
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"parameters": dict(extra)} if name in APPROVING and extra else {}
         if name == "degraded-host":
             kwargs["triggers"] = [degraded_trigger(extra)]
         elif name == "hardware-check-failed":
@@ -241,7 +243,7 @@ def build_deployments(inventory: str | Path | Inventory, *, windows: Path = WIND
 
 
 def serve_deployments(inventory: str | Path, *, windows: Path = WINDOWS_FILE, limit: int | None = None,
-                      runbook_parameters: dict[str, Any] | None = None) -> None:
+                      approval_poll_s: int | None = None) -> None:
     """Create the limits, then serve every deployment from this process until interrupted.
 
     Runs started here find the inventory through ``$HOSTMAINT_INVENTORY`` (set to
@@ -255,4 +257,30 @@ def serve_deployments(inventory: str | Path, *, windows: Path = WINDOWS_FILE, li
     os.environ["HOSTMAINT_INVENTORY"] = path
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
     ensure_limits(path)
-    serve(*build_deployments(path, windows=windows, runbook_parameters=runbook_parameters), limit=limit)
+    deployments = build_deployments(path, windows=windows, approval_poll_s=approval_poll_s)
+    take_over_from_work_pools(deployments)
+    serve(*deployments, limit=limit)
+
+
+def take_over_from_work_pools(deployments: list[RunnerDeployment]) -> list[str]:
+    """Delete same-named deployments registered with a work pool, so this process serves them instead.
+
+    A deployment registered for workers carries that registration's code location;
+    served over it, its runs would crash looking for code in the wrong place. The
+    past runs stay in the history. Returns the names taken over.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    taken = []
+    with get_client(sync_client=True) as client:
+        for dep in deployments:
+            full = f"{dep.flow_name}/{dep.name}"
+            try:
+                existing = client.read_deployment_by_name(full)
+            except ObjectNotFound:
+                continue
+            if existing.work_pool_name:
+                client.delete_deployment(existing.id)
+                taken.append(full)
+    return taken
