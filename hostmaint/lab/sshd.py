@@ -80,7 +80,7 @@ class SshdHandle:
         return self._proc is not None and self._proc.poll() is None
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the server and every open session (SIGTERM, then SIGKILL). Safe to call twice.
+        """Stop the server and every open session, abruptly, like a host going down. Safe to call twice.
 
         Each connection is served by its own sshd process in its own session (sshd calls setsid),
         so the listener's process group is not enough: its descendants are signalled too, which is
@@ -89,13 +89,13 @@ class SshdHandle:
         proc = self._proc
         if proc is None or proc.poll() is not None:
             return
+        # Freeze the listener first: a connection it accepted between our look at its children
+        # and its death would otherwise survive the "shutdown" as an orphan.
+        _signal_all([proc.pid], signal.SIGSTOP)
         children = _descendants(proc.pid)
-        _signal_all([proc.pid, *children], signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _signal_all([proc.pid], signal.SIGKILL)
-            proc.wait(timeout=timeout)
+        _signal_all([proc.pid], signal.SIGKILL)
+        _signal_all(children, signal.SIGTERM)
+        proc.wait(timeout=timeout)
         deadline = time.monotonic() + timeout
         while any(_exists(pid) for pid in children) and time.monotonic() < deadline:
             time.sleep(0.02)
