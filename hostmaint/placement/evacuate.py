@@ -20,9 +20,10 @@ broken by name.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import Counter
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from hostmaint.errors import InputError
@@ -37,8 +38,8 @@ from hostmaint.models import (
     Vm,
     VmAction,
 )
-from hostmaint.placement.fit import Miss, could_fit, demand_of, fit_host
-from hostmaint.placement.objective import fit_delta
+from hostmaint.placement.fit import Demand, Miss, could_fit, demand_of, fit_host
+from hostmaint.placement.objective import CELL_WEIGHT, balance, fit_delta
 from hostmaint.placement.state import Fit, HostLoad, Ledger
 
 GIB = 1024
@@ -130,6 +131,13 @@ class Choice:
     avoided: bool
     runner_up: tuple[str, float] | None
     candidates: int
+    util_before: float = 0.0
+    note: str = ""
+
+    @property
+    def tier(self) -> tuple[bool, bool]:
+        """Lower is better: NUMA-local before remote, then hosts not due for maintenance."""
+        return (not self.fit.numa_local, self.avoided)
 
 
 @dataclass
@@ -142,30 +150,85 @@ class Evacuation:
     skipped_hosts: list[str] = field(default_factory=list)
 
 
-def choose(vm: Vm, targets: Sequence[HostLoad], avoid: Collection[str]) -> Choice | list[Miss]:
-    """The best fit for ``vm`` among ``targets`` by tier then objective growth, or every host's Miss."""
-    need = demand_of(vm)
-    for remote in (False, True):
-        scored: list[tuple[bool, float, str, Fit]] = []
+def _leftover(vm: Vm, host: HostLoad, fit: Fit) -> float:
+    """Room the chosen cells keep after the fit (for packing: smaller is tighter)."""
+    left = 0.0
+    for cell_id, mib in zip(fit.cells, fit.cell_mib, strict=True):
+        cell = host.cell(cell_id)
+        room = cell.hugepages.get(vm.hugepage_kib, 0) * vm.hugepage_kib / 1024 if vm.hugepage_kib else cell.avail_mib
+        left += room - mib
+    return left
+
+
+def _by_bound(vm: Vm, need: Demand, targets: Sequence[HostLoad], avoid: Collection[str], pack: bool,
+              remote: bool, scored: list[tuple[bool, float, str, Fit, float]]) -> Iterator[HostLoad]:
+    """The hosts worth weighing for ``vm``, cheapest possible objective growth first.
+
+    A fit's growth is at least its host term (cell terms only add), so once a host's (tier,
+    bound) ranks below the runner-up found so far, neither it nor any later host can win or be
+    runner-up: stop there.
+    Packing and the NUMA-remote pass weigh every host.
+    """
+    if pack or remote:
         for host in targets:
             # the screen only skips hosts a single-cell fit cannot use; a spread may still fit them
-            if not remote and not could_fit(vm, need, host):
-                continue
+            if remote or could_fit(vm, need, host):
+                yield host
+        return
+    add = float(need.total_mib)
+    one_cell = len(need.mib) == 1
+    ranked = []
+    for host in targets:
+        mem = host.memory_mib
+        if not mem:
+            continue
+        used = host.used_mib
+        bound = ((used + add) / mem) ** 2 - (used / mem) ** 2
+        if one_cell:  # it lands in one of the cells: the cheapest of them bounds the cell term
+            bound += CELL_WEIGHT * min((((c.used_mib + add) / c.memory_mib) ** 2 - (c.used_mib / c.memory_mib) ** 2)
+                                       * c.memory_mib / mem for c in host.cells if c.memory_mib)
+        ranked.append((host.name in avoid, host.weight * bound, host.name, host))
+    ranked.sort(key=lambda r: (r[0], r[1], r[2]))
+    top: list[tuple[bool, float]] = []  # the best two (tier, growth) found so far
+    seen = 0
+    for avoided, bound, _, host in ranked:
+        for s in scored[seen:]:
+            top = sorted([*top, (s[0], s[1])])[:2]
+        seen = len(scored)
+        if len(top) == 2 and (avoided, bound) > top[1]:
+            return  # this host, and every later one, ranks below the best two found
+        if could_fit(vm, need, host):
+            yield host
+
+
+def choose(vm: Vm, targets: Sequence[HostLoad], avoid: Collection[str], *, pack: bool = False
+           ) -> Choice | list[Miss]:
+    """The best fit for ``vm`` among ``targets`` by tier then objective growth, or every host's Miss.
+
+    ``pack`` ranks by the tightest fit instead (best fit), for when not everything fits.
+    """
+    need = demand_of(vm)
+    for remote in (False, True):
+        scored: list[tuple[bool, float, str, Fit, float]] = []
+        for host in _by_bound(vm, need, targets, avoid, pack, remote, scored):
             got = fit_host(vm, host, allow_remote=remote, need=need)
             if isinstance(got, Miss):
                 continue
-            scored.append((host.name in avoid, fit_delta(host, got), host.name, got))
+            delta = fit_delta(host, got)
+            scored.append((host.name in avoid, _leftover(vm, host, got) if pack else delta, host.name, got, delta))
         if scored:
             scored.sort(key=lambda s: (s[0], s[1], s[2]))
             best = scored[0]
-            runner = next(((s[2], s[1]) for s in scored[1:] if s[2] != best[2]), None)
-            return Choice(best[3], best[1], best[0], runner, len(scored))
+            runner = next(((s[2], s[4]) for s in scored[1:] if s[2] != best[2]), None)
+            util = next(h.util for h in targets if h.name == best[2])
+            return Choice(best[3], best[4], best[0], runner, len(scored), util,
+                          note="packed tightly: not everything fits with balanced placement" if pack else "")
     # nothing fits: ask every host why, for the blocker
     found = [fit_host(vm, host, allow_remote=True, need=need) for host in targets]
     return [m for m in found if isinstance(m, Miss)]
 
 
-def placement_for(vm: Vm, choice: Choice, host: HostLoad) -> Placement:
+def placement_for(vm: Vm, choice: Choice) -> Placement:
     """Freeze a choice into a Placement with the rewrite the target needs and the reason."""
     fit = choice.fit
     vcpupin = ({vcpu: tuple(sorted(fit.cpu_map[c] for c in cpus))
@@ -176,7 +239,7 @@ def placement_for(vm: Vm, choice: Choice, host: HostLoad) -> Placement:
     kind = "NUMA-remote (no single-cell fit anywhere)"
     if fit.numa_local:
         kind = "vNUMA 1:1" if vm.vnuma else "single-cell"
-    reason = (f"{kind} on {fit.host} cell(s) {cells}; host at {host.util:.0%} before; "
+    reason = (f"{kind} on {fit.host} cell(s) {cells}; host at {choice.util_before:.0%} before; "
               f"objective +{choice.delta:.4f}, best of {choice.candidates} fitting host(s)")
     if choice.avoided:
         reason += "; host is due for maintenance later but nothing else fits"
@@ -184,6 +247,8 @@ def placement_for(vm: Vm, choice: Choice, host: HostLoad) -> Placement:
     if choice.runner_up is not None:
         runner = choice.runner_up[0]
         reason += f"; runner-up {runner} (+{choice.runner_up[1]:.4f})"
+    if choice.note:
+        reason += f"; {choice.note}"
     return Placement(vm=vm.name, source=vm.host, target=fit.host, target_cells=fit.cells,
                      numa_local=fit.numa_local, vcpupin=vcpupin, emulatorpin=emulatorpin,
                      numatune_nodeset=nodeset, memory_mib=vm.memory_mib, reason=reason, runner_up=runner,
@@ -241,23 +306,168 @@ def evacuate(snapshot: FleetSnapshot, ledger: Ledger, hosts: Sequence[str], *,
                            f"is block", hint=_HINTS["unmigratable"]))
     barred = set(hosts) | set(exclude)
     groups: dict[str, list[HostLoad]] = {}
-    for vm in difficulty_order(movers):
+
+    def targets_for(vm: Vm) -> list[HostLoad]:
         group = ledger.hosts[vm.host].cpu_group
         if group not in groups:
             groups[group] = [h for h in ledger.hosts.values()
                              if h.state is HostState.ACTIVE and h.name not in barred and h.cpu_group == group]
-        targets = groups[group]
-        got = choose(vm, targets, avoid)
-        if isinstance(got, Choice):
-            host = ledger.hosts[got.fit.host]
-            out.placements.append(placement_for(vm, got, host))
-            ledger.apply(vm, got.fit)
-        else:
-            out.blocked.append(blocker_for(vm, got, len(targets)))
+        return groups[group]
+
+    chosen, unplaced = _greedy(difficulty_order(movers), ledger, targets_for, avoid, pack=False)
+    if unplaced:
+        for vm, choice in chosen.values():  # back to where this evacuation started
+            ledger.unapply(vm, choice.fit)
+        start = copy.deepcopy(ledger.hosts)
+        for vm, choice in chosen.values():
+            ledger.apply(vm, choice.fit)
+        # not everything fits when balancing: also try packing tightly, largest and smallest first,
+        # and keep whichever places most VMs (then most NUMA-local, then the better objective)
+        best = (_rank(chosen, ledger), chosen, unplaced, ledger.hosts)
+        for order in (difficulty_order(movers), sorted(movers, key=lambda v: (v.memory_mib, v.name))):
+            ledger.hosts = copy.deepcopy(start)
+            groups.clear()
+            got, left = _greedy(order, ledger, targets_for, avoid, pack=True)
+            if _rank(got, ledger) < best[0]:
+                best = (_rank(got, ledger), got, left, ledger.hosts)
+        _, chosen, unplaced, ledger.hosts = best
+        groups.clear()
+    _improve(chosen, ledger, targets_for, avoid)
+    _shave_peak(chosen, ledger, targets_for, avoid)
+    out.placements.extend(placement_for(vm, choice) for vm, choice in chosen.values())
+    for vm in unplaced:
+        misses = choose(vm, targets_for(vm), avoid)
+        assert not isinstance(misses, Choice)  # nothing was freed since it failed
+        out.blocked.append(blocker_for(vm, misses, len(targets_for(vm))))
     out.placements.sort(key=lambda p: (p.source, p.vm))
     out.blocked.sort(key=lambda b: (b.host, b.vm))
     out.vm_actions.sort(key=lambda a: (a.host, a.vm))
     return out
+
+
+def _greedy(order: Iterable[Vm], ledger: Ledger, targets_for: Callable[[Vm], list[HostLoad]],
+            avoid: Collection[str], *, pack: bool) -> tuple[dict[str, tuple[Vm, Choice]], list[Vm]]:
+    """Place VMs one by one in ``order``; then try to make room for those that did not fit."""
+    chosen: dict[str, tuple[Vm, Choice]] = {}
+    unplaced: list[Vm] = []
+    for vm in order:
+        got = choose(vm, targets_for(vm), avoid, pack=pack)
+        if isinstance(got, Choice):
+            ledger.apply(vm, got.fit)
+            chosen[vm.name] = (vm, got)
+        else:
+            unplaced.append(vm)
+    unplaced = [vm for vm in unplaced if not _make_room(vm, chosen, ledger, targets_for, avoid)]
+    return chosen, unplaced
+
+
+def _rank(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger) -> tuple[int, int, float]:
+    """Lower is better: most VMs placed, then most NUMA-local, then the lowest objective."""
+    return (-len(chosen), -sum(c.fit.numa_local for _, c in chosen.values()), balance(ledger.hosts.values()))
+
+
+# Local search bounds: enough to settle a 40-VM evacuation, small enough for 1,000 hosts.
+IMPROVE_ROUNDS = 3
+IMPROVE_HOSTS = 32  # least-loaded targets weighed per re-placement, besides the ones already used
+
+
+def _improve(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
+             targets_for: Callable[[Vm], list[HostLoad]], avoid: Collection[str]) -> None:
+    """Re-place planned VMs one at a time while that lowers the objective (never a worse tier).
+
+    Greedy placement in a fixed order leaves easy gains (an early VM on a host that later
+    filled up); moving single VMs fixes most of them. Deterministic: largest VMs first, then name.
+    """
+    for _ in range(IMPROVE_ROUNDS):
+        changed = False
+        for name in sorted(chosen, key=lambda n: (-chosen[n][0].memory_mib, n)):
+            vm, cur = chosen[name]
+            used = {c.fit.host for _, c in chosen.values()}
+            pool = targets_for(vm)
+            light = sorted(pool, key=lambda h: (h.util, h.name))[:IMPROVE_HOSTS]
+            names = used | {h.name for h in light}
+            candidates = [h for h in pool if h.name in names]
+            ledger.unapply(vm, cur.fit)
+            stay = fit_delta(ledger.hosts[cur.fit.host], cur.fit)
+            alt = choose(vm, candidates, avoid)
+            better = isinstance(alt, Choice) and alt.fit != cur.fit and (
+                alt.tier < cur.tier or (alt.tier == cur.tier and alt.delta < stay - 1e-9))
+            if isinstance(alt, Choice) and better:
+                ledger.apply(vm, alt.fit)
+                chosen[name] = (vm, alt)
+                changed = True
+            else:
+                ledger.apply(vm, cur.fit)
+        if not changed:
+            return
+
+
+SHAVE_MOVES = 40
+
+
+def _shave_peak(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
+                targets_for: Callable[[Vm], list[HostLoad]], avoid: Collection[str]) -> None:
+    """Lower the fullest receiving host: move one of its planned VMs to a host that stays below it.
+
+    The sum of squares settles the bulk; this pass trims the single highest utilisation, which
+    is what operators watch. Stops when the fullest host received nothing from this plan (its load
+    was there before) or none of its planned VMs can go anywhere lower.
+    """
+    for _ in range(SHAVE_MOVES):
+        if not chosen:
+            return
+        pool = {h.name: h for vm, _ in chosen.values() for h in targets_for(vm)}
+        peak = max(pool.values(), key=lambda h: (h.util, h.name))
+        mine = sorted((c for c in chosen.values() if c[1].fit.host == peak.name),
+                      key=lambda c: (-c[0].memory_mib, c[0].name))
+        if not mine:
+            return
+        top = peak.util
+        moved = False
+        for vm, cur in mine:
+            ledger.unapply(vm, cur.fit)
+            alt = choose(vm, [h for h in targets_for(vm) if h.name != peak.name
+                              and h.util + vm.memory_mib / max(h.memory_mib, 1) < top - 1e-9], avoid)
+            if isinstance(alt, Choice) and alt.tier <= cur.tier:
+                ledger.apply(vm, alt.fit)
+                alt.note = f"moved off {peak.name} to lower the fullest host"
+                chosen[vm.name] = (vm, alt)
+                moved = True
+                break
+            ledger.apply(vm, cur.fit)
+        if not moved:
+            return
+
+
+def _make_room(vm: Vm, chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
+               targets_for: Callable[[Vm], list[HostLoad]], avoid: Collection[str]) -> bool:
+    """Place a VM that fits nowhere by moving one already-planned VM elsewhere (one ejection).
+
+    Tries the emptiest hosts first and, on each, its planned VMs largest first; the displaced VM
+    must land no worse (NUMA-local stays local). True when ``vm`` is placed.
+    """
+    targets = targets_for(vm)
+    for host in sorted(targets, key=lambda h: (h.util, h.name)):
+        planned = sorted((c for c in chosen.values() if c[1].fit.host == host.name),
+                         key=lambda c: (-c[0].memory_mib, c[0].name))
+        for other, was in planned:
+            ledger.unapply(other, was.fit)
+            util = host.util
+            got = fit_host(vm, host, allow_remote=True)
+            if not isinstance(got, Miss):
+                delta = fit_delta(host, got)
+                ledger.apply(vm, got)
+                alt = choose(other, [t for t in targets_for(other) if t.name != host.name], avoid)
+                if isinstance(alt, Choice) and alt.tier <= was.tier:
+                    ledger.apply(other, alt.fit)
+                    alt.note = f"moved here to make room for {vm.name}"
+                    chosen[other.name] = (other, alt)
+                    chosen[vm.name] = (vm, Choice(got, delta, host.name in avoid, None, 1, util,
+                                                  note=f"room made by moving {other.name} to {alt.fit.host}"))
+                    return True
+                ledger.unapply(vm, got)
+            ledger.apply(other, was.fit)
+    return False
 
 
 def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Collection[str] = (),

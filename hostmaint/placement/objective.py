@@ -15,6 +15,8 @@ from collections.abc import Iterable
 
 from hostmaint.placement.state import Fit, HostLoad
 
+CELL_WEIGHT = 0.5  # a host's cells together, relative to the host itself
+
 
 def host_cost(host: HostLoad) -> float:
     """This host's share of the objective."""
@@ -22,7 +24,7 @@ def host_cost(host: HostLoad) -> float:
     if not mem:
         return 0.0
     cell_part = sum(c.memory_mib / mem * c.util**2 for c in host.cells)
-    return host.weight * (host.util**2 + cell_part)
+    return host.weight * (host.util**2 + CELL_WEIGHT * cell_part)
 
 
 def fit_delta(host: HostLoad, fit: Fit) -> float:
@@ -36,7 +38,8 @@ def fit_delta(host: HostLoad, fit: Fit) -> float:
     for cell_id, mib in zip(fit.cells, fit.cell_mib, strict=True):
         cell = host.cell(cell_id)
         if cell.memory_mib:
-            delta += cell.memory_mib / mem * (((cell.used_mib + mib) / cell.memory_mib) ** 2 - cell.util**2)
+            delta += CELL_WEIGHT * cell.memory_mib / mem * (((cell.used_mib + mib) / cell.memory_mib) ** 2
+                                                            - cell.util**2)
     return host.weight * delta
 
 
@@ -51,7 +54,8 @@ def release_delta(host: HostLoad, mib: float) -> float:
     for cell in host.cells:
         if cell.memory_mib:
             share = min(cell.used_mib, mib * cell.used_mib / used)
-            delta += cell.memory_mib / mem * (((cell.used_mib - share) / cell.memory_mib) ** 2 - cell.util**2)
+            delta += CELL_WEIGHT * cell.memory_mib / mem * (((cell.used_mib - share) / cell.memory_mib) ** 2
+                                                            - cell.util**2)
     return host.weight * delta
 
 

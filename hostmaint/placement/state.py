@@ -61,9 +61,10 @@ class HostLoad:
     vm_count: int = 0
     weight: float = 1.0  # memory relative to the cluster's mean host: the objective's weight
 
-    @property
-    def memory_mib(self) -> int:
-        return sum(c.memory_mib for c in self.cells)
+    memory_mib: int = 0  # the sum of the cells' memory, set at construction
+
+    def __post_init__(self) -> None:
+        self.memory_mib = sum(c.memory_mib for c in self.cells)
 
     @property
     def used_mib(self) -> float:
@@ -160,6 +161,24 @@ class Ledger:
         host.vm_count += 1
         if vm.anti_affinity:
             host.groups[vm.anti_affinity] += 1
+
+    def unapply(self, vm: Vm, fit: Fit) -> None:
+        """Exactly undo ``apply(vm, fit)`` (the planner changing its mind)."""
+        host = self.hosts[fit.host]
+        for cell_id, mib in zip(fit.cells, fit.cell_mib, strict=True):
+            cell = host.cell(cell_id)
+            cell.used_mib -= mib
+            if vm.hugepage_kib:
+                cell.hugepages[vm.hugepage_kib] += pages_for(mib, vm.hugepage_kib)
+            else:
+                cell.avail_mib += mib
+        freed = set(fit.cpu_map.values())
+        for cell in host.cells:
+            cell.pinned -= freed
+        host.vcpus_used -= vm.vcpus
+        host.vm_count -= 1
+        if vm.anti_affinity:
+            host.groups[vm.anti_affinity] -= 1
 
     def unload(self, vm: Vm) -> None:
         """Lower the utilisation of ``vm``'s host as if it left, freeing nothing for planning.

@@ -147,6 +147,7 @@ def generate_fleet(seed: int, hosts: int, *, fill: tuple[float, float] = (0.45, 
     vms: list[Vm] = []
     idx = 0
     groups: list[tuple[str, int]] = []  # open anti-affinity groups: (name, members still wanted)
+    made_groups = 0
     for h in range(hosts):
         ncells = 4 if rng.random() < four_cell_share else 2
         if drain_vms is not None and h == 0:
@@ -167,7 +168,8 @@ def generate_fleet(seed: int, hosts: int, *, fill: tuple[float, float] = (0.45, 
                 if open_groups and rng.random() < 0.7:
                     group = open_groups[0][0]
                 else:
-                    group = f"aa{len(groups):04d}"
+                    group = f"aa{made_groups:04d}"
+                    made_groups += 1
                     groups.append((group, rng.randint(2, 4)))
             too_full = host.used_mib + int(spec["gib"]) * GIB > fill[1] * host.memory_mib  # type: ignore[call-overload]
             vm = None if (wanted is None and too_full) else _try_place(host, spec, rng, limits.vcpu_overcommit)

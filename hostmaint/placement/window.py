@@ -63,9 +63,13 @@ def _empty_host(ledger: Ledger, name: str, vms: Sequence[Vm]) -> None:
 
 def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, spare_hosts: int = 1,
                 link_mib_s: float = 1100.0, per_migration_s: float = 10.0,
-                patch_seconds: float = 900.0) -> WindowPlan:
+                patch_seconds: float = 900.0, prefer_patched: bool = True) -> WindowPlan:
     """Order ``hosts`` (default: every host of the cluster) and plan each one's evacuation so VMs
-    land on already-patched hosts; report migrations per VM and the estimated duration."""
+    land on already-patched hosts; report migrations per VM and the estimated duration.
+
+    ``prefer_patched=False`` plans each host as a plain evacuation (no preference for patched
+    hosts): the benchmark's baseline.
+    """
     names = _check_hosts(snapshot, hosts if hosts is not None else sorted(h.name for h in snapshot.hosts))
     skipped = _skipped(snapshot, names)
     todo = [n for n in names if n not in skipped]
@@ -89,7 +93,7 @@ def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, 
         here = [vm_by_name[v].model_copy(update={"host": name})
                 for v, h in sorted(location.items()) if h == name]
         current = snapshot.model_copy(update={"vms": tuple(here)})
-        later = set(order[i + 1:])
+        later = set(order[i + 1:]) if prefer_patched else set()
         result = evacuate(current, ledger, [name], avoid=later)
         plan = EvacuationPlan(cluster=snapshot.cluster, hosts=(name,), snapshot_digest=snapshot.digest(),
                               placements=tuple(result.placements), blocked=tuple(result.blocked),
