@@ -50,6 +50,9 @@ DEFAULT_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libv
 # Errors that mean "the connection, not the operation, failed".
 _CONNECTION_DOMAINS = {libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE}
 _CONNECTION_CODES = {libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN}
+# How QEMU/libvirt say that the destination could not allocate the guest's memory.
+_OUT_OF_MEMORY = ("preallocating memory failed", "Cannot allocate memory", "cannot allocate memory",
+                  "Out of memory", "unable to map backing store")
 
 
 def _silence_libvirt(_ctx: object, _err: object) -> None:
@@ -57,6 +60,29 @@ def _silence_libvirt(_ctx: object, _err: object) -> None:
 
 
 libvirt.registerErrorHandler(_silence_libvirt, None)
+
+_event_loop_lock = threading.Lock()
+_event_loop_started = False
+
+
+def _ensure_event_loop() -> None:
+    """Run libvirt's default event loop in a daemon thread (once per process).
+
+    Keepalive needs it: without keepalive a call to a host that vanished (powered off, its
+    network gone) waits for TCP to give up, which takes many minutes.
+    """
+    global _event_loop_started
+    with _event_loop_lock:
+        if _event_loop_started:
+            return
+        libvirt.virEventRegisterDefaultImpl()
+
+        def run() -> None:
+            while True:
+                libvirt.virEventRunDefaultImpl()
+
+        threading.Thread(target=run, name="libvirt-events", daemon=True).start()
+        _event_loop_started = True
 
 
 def _message(exc: libvirt.libvirtError) -> str:
@@ -125,8 +151,12 @@ class LibvirtHypervisor:
     def __init__(self, uris: Mapping[str, str], *, connect_retries: int = 3,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                  poll_interval: float = 0.5, abort_timeout: float = 20.0, abort_attempts: int = 3,
-                 shared_storage_prefixes: Sequence[str] = ()) -> None:
+                 shared_storage_prefixes: Sequence[str] = (), keepalive_interval: int = 5,
+                 keepalive_count: int = 3, close_timeout: float = 5.0) -> None:
+        _ensure_event_loop()
         self._uris = dict(uris)
+        self._keepalive = (keepalive_interval, keepalive_count)
+        self._close_timeout = close_timeout
         self._retries = max(1, connect_retries)
         self._clock = clock
         self._sleep = sleep
@@ -161,6 +191,11 @@ class LibvirtHypervisor:
                 conn = libvirt.open(uri)
             except libvirt.libvirtError as exc:
                 raise TransientDriverError(f"cannot connect to libvirt at {uri}: {_message(exc)}", host) from exc
+            try:
+                conn.setKeepAlive(*self._keepalive)  # a vanished host fails calls instead of hanging them
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() not in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_UNSUPPORTED):
+                    raise TransientDriverError(f"keepalive on {uri}: {_message(exc)}", host) from exc
             with self._lock:
                 self._opened.append(conn)
             return conn
@@ -194,20 +229,31 @@ class LibvirtHypervisor:
         with self._lock:
             if conn in self._opened:
                 self._opened.remove(conn)
-        try:
-            conn.close()
-        except libvirt.libvirtError:
-            pass  # closing a broken connection fails; it is gone either way
+        self._close_bounded([conn])
+
+    def _close_bounded(self, conns: list[libvirt.virConnect]) -> None:
+        """Close connections without waiting longer than ``close_timeout``.
+
+        virConnectClose sends a request and waits for the answer: to a host that vanished it would
+        wait as long as TCP does. The close runs in a daemon thread that is left behind if it blocks.
+        """
+        def close_all() -> None:
+            for conn in conns:
+                try:
+                    conn.close()
+                except libvirt.libvirtError:
+                    pass  # closing a broken connection fails; it is gone either way
+
+        if conns:
+            closer = threading.Thread(target=close_all, name="libvirt-close", daemon=True)
+            closer.start()
+            closer.join(self._close_timeout)
 
     def close(self) -> None:
         """Close every connection this driver opened, in every thread."""
         with self._lock:
             conns, self._opened = self._opened, []
-        for conn in conns:
-            try:
-                conn.close()
-            except libvirt.libvirtError:
-                pass  # already broken
+        self._close_bounded(conns)
 
     def _call(self, host: str, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:
         """Run ``fn`` on this thread's connection to ``host``; reconnect and retry if it dropped.
@@ -452,6 +498,8 @@ class LibvirtHypervisor:
             detail = "the migration call did not return after the abort"
         if abort_reason is not None:
             detail = f"aborted by the stall rule: {abort_reason}"
+        elif any(sign in detail for sign in _OUT_OF_MEMORY):
+            detail = f"{target} lacks the memory for {vm} ({detail})"
         on_source = self._call(source, f"checking {vm} after a failed migration", lambda c: _running(c, vm))
         if on_source:
             raise MigrationError(f"migrating {vm} from {source} to {target} failed: {detail}; "

@@ -6,14 +6,17 @@ from hostmaint.lab.lab import (
     LabInfo,
     LabStatus,
     LabVm,
+    add_guest,
     kill_libvirtd,
     lab_down,
     lab_status,
     lab_up,
     reboot_host,
+    remove_guest,
     start_libvirtd,
 )
 from hostmaint.lab.network import LabError
 
-__all__ = ["DEFAULT_WORKDIR", "LabError", "LabHost", "LabInfo", "LabStatus", "LabVm", "kill_libvirtd",
-           "lab_down", "lab_status", "lab_up", "reboot_host", "start_libvirtd"]
+__all__ = ["DEFAULT_WORKDIR", "LabError", "LabHost", "LabInfo", "LabStatus", "LabVm", "add_guest", "kill_libvirtd",
+           "lab_down", "lab_status", "lab_up", "reboot_host", "remove_guest",
+           "start_libvirtd"]

@@ -301,5 +301,25 @@ def start_libvirtd(name: str, workdir: Path = DEFAULT_WORKDIR) -> None:
     request(Path(workdir).resolve(), name, "start-libvirtd")
 
 
+def add_guest(info: LabInfo, name: str, host: str, memory_mib: int = SEABIOS_MIB, vcpus: int = 1,
+              linux: bool = False, dirty_mib: int = LINUX_DIRTY_MIB) -> LabVm:
+    """Define and start one more guest on a lab host (tests use it for guests of their own)."""
+    spec = GuestSpec(name=name, host=host, memory_mib=memory_mib, vcpus=vcpus, linux=linux,
+                     dirty_mib=dirty_mib if linux else 0)
+    xml_dir = info.workdir / "guests"
+    xml_dir.mkdir(exist_ok=True)
+    xml = linux_xml(spec, *linux_boot_files(info.workdir / "cache")) if linux else seabios_xml(spec, info.kvm)
+    define_and_start(info.host(host).libvirt_uri, xml, xml_dir / f"{name}.xml")
+    return LabVm(name=name, host=host, memory_mib=memory_mib, vcpus=vcpus, linux=linux)
+
+
+def remove_guest(info: LabInfo, name: str) -> None:
+    """Destroy and undefine ``name`` wherever it is defined in the lab (no-op where it is not)."""
+    for h in info.hosts:
+        for argv in (["destroy", name], ["undefine", name]):
+            # "domain not found" / "not running" are expected: the guest lives on one host at most
+            network.run(["virsh", "-q", "-c", h.libvirt_uri, *argv], check=False, timeout=60)
+
+
 def info_json(info: LabInfo) -> str:
     return json.dumps(json.loads(info.model_dump_json()), indent=2)

@@ -1,0 +1,228 @@
+"""The real libvirt driver and the lab, on real libvirtd/QEMU/sshd hosts in network namespaces.
+
+The tests share one lab (see conftest.py) and run in file order: the last one tears it down and
+checks that nothing is left.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from hostmaint.drivers.base import Hypervisor
+from hostmaint.drivers.libvirt import LibvirtHypervisor
+from hostmaint.drivers.ssh import SshShell
+from hostmaint.errors import MigrationError, TransientDriverError
+from hostmaint.inventory import load_inventory
+from hostmaint.lab import (
+    LabError,
+    LabInfo,
+    add_guest,
+    kill_libvirtd,
+    lab_down,
+    lab_status,
+    lab_up,
+    reboot_host,
+    remove_guest,
+    start_libvirtd,
+)
+from hostmaint.models import MigrationOptions, MigrationProgress, StepOutcome
+from tests.lab.conftest import WORKDIR, lab_skip_reason, leftovers
+
+pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module")
+def hv(lab: LabInfo) -> Iterator[LibvirtHypervisor]:
+    driver = LibvirtHypervisor.from_inventory(load_inventory(lab.inventory_path), "lab", poll_interval=0.25,
+                                              connect_retries=2)
+    yield driver
+    driver.close()
+
+
+@pytest.fixture(scope="module")
+def shell(lab: LabInfo) -> Iterator[SshShell]:
+    sh = SshShell.from_inventory(load_inventory(lab.inventory_path), "lab", retries=2, backoff_s=0.2)
+    yield sh
+    sh.close()
+
+
+def test_lab_up_is_idempotent(lab: LabInfo) -> None:
+    before = {h.name: h.boot_id for h in lab_status(WORKDIR).hosts}
+    again = lab_up(hosts=3, vms=6, workdir=WORKDIR, linux_guests=1)
+    assert again == lab
+    status = lab_status(WORKDIR)
+    assert status.up
+    assert {h.name: h.boot_id for h in status.hosts} == before  # nothing was rebuilt
+
+
+def test_lab_hosts_answer_like_rpm_hosts(lab: LabInfo, shell: SshShell) -> None:
+    ids = set()
+    for h in lab.hosts:
+        assert shell.run(h.name, ["hostname"]).stdout.strip() == h.name
+        assert shell.run(h.name, ["uname", "-r"]).stdout.strip() == "6.1.0-1.lab.x86_64"
+        boot_id = shell.run(h.name, ["cat", "/proc/sys/kernel/random/boot_id"]).stdout.strip()
+        ids.add(boot_id)
+        check = shell.run(h.name, ["dnf", "check-update", "--refresh"])
+        assert check.exit_code == 100, check  # 100 = updates available
+        assert "kernel-lab" in check.stdout and "hostmaint-lab-tools" in check.stdout
+        assert shell.run(h.name, ["needs-restarting", "-r"]).exit_code == 0
+    assert len(ids) == len(lab.hosts)  # every host has its own boot id
+
+
+def test_discovery_matches_what_the_lab_defined(lab: LabInfo, hv: LibvirtHypervisor) -> None:
+    assert isinstance(hv, Hypervisor)
+    uuids = set()
+    for h in lab.hosts:
+        found = hv.discover(h.name)
+        assert found.hostname == h.name
+        uuids.add(found.host_uuid)
+        assert found.cells and all(c.cpus and c.memory_mib > 0 for c in found.cells)
+        assert sum(c.free_mib for c in found.cells) > 0
+        defined = {v.name: v for v in lab.vms if v.host == h.name}
+        assert {v.name for v in found.vms} == set(defined)
+        for vm in found.vms:
+            assert vm.host == h.name
+            assert vm.memory_mib == defined[vm.name].memory_mib
+            assert vm.vcpus == defined[vm.name].vcpus
+            assert vm.migratable, vm.not_migratable_reason
+        assert hv.running_vms(h.name) == tuple(sorted(defined))
+    assert len(uuids) == len(lab.hosts)
+
+
+def test_four_vms_migrate_in_parallel_to_two_hosts(lab: LabInfo, hv: LibvirtHypervisor) -> None:
+    names = [f"par{i}" for i in range(1, 5)]
+    for name in names:
+        add_guest(lab, name, "hv01")
+    try:
+        targets = {name: ("hv02" if i % 2 == 0 else "hv03") for i, name in enumerate(names)}
+        samples: dict[str, list[MigrationProgress]] = {n: [] for n in names}
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            futures = {n: pool.submit(hv.migrate, n, "hv01", targets[n], MigrationOptions(),
+                                      samples[n].append) for n in names}
+            results = {n: f.result() for n, f in futures.items()}
+        wall = time.monotonic() - started
+        for name, result in results.items():
+            assert result.outcome is StepOutcome.OK
+            assert (result.vm, result.source, result.target) == (name, "hv01", targets[name])
+            assert result.seconds > 0 and result.data_bytes > 0 and result.iterations >= 1
+            assert result.downtime_ms is not None and result.downtime_ms >= 0
+            assert hv.locate(name) == (targets[name],)
+        running_on_source = set(hv.running_vms("hv01"))
+        assert not running_on_source & set(names)
+        print(f"four parallel migrations: {wall:.1f}s wall; "
+              + ", ".join(f"{r.vm} {r.seconds:.1f}s/{r.downtime_ms:.0f}ms" for r in results.values()))
+    finally:
+        for name in names:
+            remove_guest(lab, name)
+
+
+def test_crawling_migration_is_aborted_by_the_stall_rule(lab: LabInfo, hv: LibvirtHypervisor) -> None:
+    dirty = next((v for v in lab.vms if v.linux), lab.vms[0])
+    source = hv.locate(dirty.name)[0]
+    target = next(h.name for h in lab.hosts if h.name != source)
+    options = MigrationOptions(bandwidth_mib_s=1, stall_seconds=3, min_budget_seconds=4, seconds_per_gib=1)
+    samples: list[MigrationProgress] = []
+    with pytest.raises(MigrationError) as caught:
+        hv.migrate(dirty.name, source, target, options, samples.append)
+    err = caught.value
+    assert (err.vm, err.host, err.target) == (dirty.name, source, target)
+    assert "stall rule" in str(err) and "still runs on" in str(err)
+    assert any(s.data_total > 0 and s.data_processed > 0 for s in samples)  # it really was migrating
+    assert hv.locate(dirty.name) == (source,)
+    # the aborted job is gone: the same VM migrates normally afterwards
+    back = hv.migrate(dirty.name, source, target, MigrationOptions())
+    assert back.outcome is StepOutcome.OK and hv.locate(dirty.name) == (target,)
+
+
+def test_migration_to_a_host_without_memory_fails_cleanly(lab: LabInfo, hv: LibvirtHypervisor) -> None:
+    # 1400 MiB fits on hv01 (2048 MiB) but not on hv02 (1024 MiB): QEMU cannot allocate it there
+    add_guest(lab, "big01", "hv01", memory_mib=1400)
+    try:
+        before = {h.name: hv.running_vms(h.name) for h in lab.hosts}
+        with pytest.raises(MigrationError) as caught:
+            hv.migrate("big01", "hv01", "hv02", MigrationOptions())
+        err = caught.value
+        assert (err.vm, err.host, err.target) == ("big01", "hv01", "hv02")
+        assert "big01" in str(err) and "hv02" in str(err) and "lacks the memory" in str(err)
+        assert hv.locate("big01") == ("hv01",)
+        assert {h.name: hv.running_vms(h.name) for h in lab.hosts} == before  # nothing lost, nothing added
+    finally:
+        remove_guest(lab, "big01")
+
+
+def test_driver_reconnects_after_libvirtd_restart(lab: LabInfo, hv: LibvirtHypervisor) -> None:
+    before = hv.running_vms("hv03")  # opens and caches a connection
+    assert before
+    kill_libvirtd("hv03", WORKDIR)
+    with pytest.raises(TransientDriverError) as caught:
+        hv.running_vms("hv03")
+    assert caught.value.host == "hv03" and lab.host("hv03").libvirt_uri in str(caught.value)
+    start_libvirtd("hv03", WORKDIR)
+    # the same driver reconnects; the guests outlived their libvirtd
+    assert hv.running_vms("hv03") == before
+    vm = before[0]
+    moved = hv.migrate(vm, "hv03", "hv02", MigrationOptions())
+    assert moved.outcome is StepOutcome.OK and hv.locate(vm) == ("hv02",)
+
+
+def test_patch_cycle_over_ssh_really_updates_and_reboots(lab: LabInfo, shell: SshShell) -> None:
+    host = "hv02"
+    boot_id = shell.run(host, ["cat", "/proc/sys/kernel/random/boot_id"]).stdout.strip()
+    update = shell.run(host, ["dnf", "-y", "update"], timeout=120)
+    assert update.exit_code == 0, update.stderr
+    installed = shell.run(host, ["rpm", "-q", "kernel-lab", "hostmaint-lab-tools"]).stdout.split()
+    assert "kernel-lab-6.1.0-2.lab.x86_64" in installed and "hostmaint-lab-tools-1.1-1.x86_64" in installed
+    assert shell.run(host, ["dnf", "check-update", "--refresh"]).exit_code == 0
+    assert shell.run(host, ["needs-restarting", "-r"]).exit_code == 1
+    try:
+        shell.run(host, ["reboot"], timeout=10)
+    except TransientDriverError:
+        pass  # the connection may drop before the exit status arrives, as on a real host
+    deadline = time.monotonic() + 60
+    new_id = boot_id
+    while time.monotonic() < deadline and new_id == boot_id:
+        time.sleep(0.5)
+        try:
+            new_id = shell.run(host, ["cat", "/proc/sys/kernel/random/boot_id"], timeout=5).stdout.strip()
+        except TransientDriverError:
+            continue  # still down
+    assert new_id != boot_id
+    assert shell.run(host, ["uname", "-r"]).stdout.strip() == "6.1.0-2.lab.x86_64"
+    assert shell.run(host, ["needs-restarting", "-r"]).exit_code == 0
+
+
+def test_reboot_host_gives_a_new_boot_id_and_services_return(lab: LabInfo, hv: LibvirtHypervisor,
+                                                             shell: SshShell) -> None:
+    host = "hv03"
+    old = shell.run(host, ["cat", "/proc/sys/kernel/random/boot_id"]).stdout.strip()
+    started = time.monotonic()
+    new = reboot_host(host, down_seconds=1.0, workdir=WORKDIR)
+    print(f"reboot_host: {time.monotonic() - started:.1f}s with 1 s down")
+    assert new != old
+    assert shell.run(host, ["cat", "/proc/sys/kernel/random/boot_id"]).stdout.strip() == new
+    assert hv.running_vms(host) == ()  # guests do not survive a reboot; libvirtd answers again
+    status = {h.name: h for h in lab_status(WORKDIR).hosts}[host]
+    assert status.libvirtd_listening and status.sshd_listening and status.boot_id == new
+
+
+def test_lab_down_leaves_nothing_behind(lab: LabInfo, hv: LibvirtHypervisor, shell: SshShell) -> None:
+    hv.close()
+    shell.close()
+    lab_down(WORKDIR)
+    assert leftovers(WORKDIR) == []
+    assert not lab_status(WORKDIR).up
+
+
+def test_a_failed_lab_up_cleans_up_after_itself() -> None:
+    reason = lab_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    # a 64 MiB guest cannot be allocated on a host with 32 MiB: the up fails half-way
+    with pytest.raises(LabError):
+        lab_up(hosts=1, vms=1, workdir=WORKDIR, linux_guests=0, host_memory_mib=32)
+    assert leftovers(WORKDIR) == []
