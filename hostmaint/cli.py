@@ -514,6 +514,69 @@ def lab_status_cmd(workdir: Path | None = None) -> None:
         out.print(lab_status(**({} if workdir is None else {"workdir": workdir})))
 
 
+# --- what-if ----------------------------------------------------------------------------------------------
+
+
+@simulate_app.command("window")
+def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml", snapshot: SnapshotOpt = None,
+                        patch_seconds: Annotated[float, typer.Option(help="Update + reboot + verify per host.")]
+                        = 600.0,
+                        parallel: Annotated[int | None, typer.Option(help="Hosts at once (default: what N+1 "
+                                                                      "capacity and the limits allow).")] = None,
+                        window_hours: Annotated[float | None, typer.Option(help="Say whether it fits.")] = None,
+                        as_json: JsonOpt = False) -> None:
+    """Estimate a patch window's duration for CLUSTER from a snapshot (a model, not a run)."""
+    from hostmaint.migration.simulate import simulate_window
+    from hostmaint.placement import plan_window
+
+    with exit_codes():
+        snap = _snapshot_for(inventory if snapshot is None else None, cluster, snapshot)
+        if snap.cluster != cluster:
+            raise InputError(f"the snapshot is of cluster {snap.cluster!r}, not {cluster!r}")
+        if parallel is not None and parallel < 1:
+            raise InputError(f"--parallel: must be >= 1, got {parallel}")
+        estimate = simulate_window(snap, plan_window(snap), patch_s=patch_seconds, parallel=parallel)
+        fits = None if window_hours is None else estimate.fits(window_hours * 3600)
+        if as_json:
+            _print_json({"cluster": cluster, "makespan_s": estimate.makespan_s, "parallel": estimate.parallel,
+                         "serial_s": estimate.serial_s, "lower_bound_s": estimate.lower_bound_s, "fits": fits,
+                         "hosts": [{"host": h.host, "start_s": h.start_s, "drained_s": h.drained_s,
+                                    "end_s": h.end_s, "migrations": h.migrations, "outcome": h.outcome.value}
+                                   for h in estimate.hosts]})
+        else:
+            table = Table(title=f"what-if window for {cluster} (a model; see docs/draining.md for its error)")
+            for col in ("host", "start", "drained", "done", "migrations", "outcome"):
+                table.add_column(col)
+            for h in estimate.hosts:
+                table.add_row(h.host, _hms(h.start_s), _hms(h.drained_s), _hms(h.end_s), str(h.migrations),
+                              h.outcome.value)
+            out.print(table)
+            out.print(f"makespan {_hms(estimate.makespan_s)} with {estimate.parallel} host(s) at once; "
+                      f"serial would take {_hms(estimate.serial_s)}; lower bound {_hms(estimate.lower_bound_s)}")
+            if fits is not None:
+                out.print(f"fits a {window_hours:g} h window: {'yes' if fits else 'NO'}")
+        if fits is False:
+            raise typer.Exit(1)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def _mount_prefect_commands() -> None:
+    # setup / server / serve / event live with the deployments they manage.
+    from deployments.cli import app as deployments_app
+
+    for command in deployments_app.registered_commands:
+        app.registered_commands.append(command)
+    for group in deployments_app.registered_groups:
+        app.registered_groups.append(group)
+
+
+_mount_prefect_commands()
+
+
 def main() -> None:
     app()
 
