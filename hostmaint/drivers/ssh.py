@@ -107,7 +107,7 @@ class SshShell:
         self._sleep = sleep
         self._keepalive_s = keepalive_s
         self._conns: dict[str, _Conn] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
         self._keys: dict[str, paramiko.PKey] = {}  # parsed secret-block keys, by block name
 
@@ -134,7 +134,7 @@ class SshShell:
         try:
             channel.exec_command(command)
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            self._drop(host)
+            self._drop(host, channel.get_transport())
             raise TransientDriverError(f"connection lost starting {words[0]}: {type(exc).__name__}",
                                        host) from exc
         try:
@@ -163,14 +163,18 @@ class SshShell:
         except KeyError:
             raise DriverError("no SSH target for this host in the inventory", host) from None
 
-    def _lock(self, host: str) -> threading.Lock:
+    def _lock(self, host: str) -> threading.RLock:
         with self._locks_guard:
-            return self._locks.setdefault(host, threading.Lock())
+            return self._locks.setdefault(host, threading.RLock())
 
-    def _drop(self, host: str) -> None:
-        conn = self._conns.pop(host, None)
-        if conn is not None:
-            conn.client.close()
+    def _drop(self, host: str, transport: paramiko.Transport | None = None) -> None:
+        """Close the host's connection; with ``transport``, only if it is still that one (not a newer)."""
+        with self._lock(host):
+            conn = self._conns.get(host)
+            if conn is None or (transport is not None and conn.client.get_transport() is not transport):
+                return
+            del self._conns[host]
+        conn.client.close()
 
     def _open_channel(self, host: str, target: SshTarget, timeout: float) -> paramiko.Channel:
         """A session channel on the host's connection, (re)connecting with retries as needed."""
@@ -192,7 +196,7 @@ class SshShell:
                         return transport.open_session(timeout=timeout)
                     except (paramiko.SSHException, EOFError, OSError) as exc:
                         # the reused connection died under us: the command has not run, try afresh
-                        self._drop(host)
+                        self._drop(host, transport)
                         raise _Retry(f"opening a channel failed: {type(exc).__name__}: {exc}") from exc
         except _Retry as exc:
             raise TransientDriverError(f"unreachable after {self._retries} attempt(s): {exc}", host) from exc
@@ -204,7 +208,7 @@ class SshShell:
             if conn is not None and conn.alive():
                 return conn
             if conn is not None:
-                self._drop(host)
+                self._drop(host)  # dead: close it before replacing it
             conn = _Conn(self._connect(host, target))
             self._conns[host] = conn
             return conn
@@ -309,7 +313,7 @@ class SshShell:
             while channel.recv_stderr_ready():
                 err += channel.recv_stderr(_READ_CHUNK)
             if len(out) + len(err) > _MAX_OUTPUT:
-                self._drop(host)
+                self._drop(host, channel.get_transport())
                 raise CommandError(f"output exceeded {_MAX_OUTPUT // (1024 * 1024)} MiB", host)
             finished = channel.exit_status_ready() and (channel.eof_received or channel.closed)
             if finished and not channel.recv_ready() and not channel.recv_stderr_ready():
@@ -318,16 +322,30 @@ class SshShell:
                 continue  # closed with data still buffered: drain it first
             now = self._clock()
             if now >= deadline:
-                # the connection may be half-dead (a host that vanished without a FIN): start afresh
-                self._drop(host)
+                # The host may have vanished without a FIN, leaving a half-dead connection: keep it
+                # only if it still answers, so commands of other threads on it are not cut off.
+                if not self._answers(channel):
+                    self._drop(host, channel.get_transport())
                 raise CommandError(f"timed out after {timeout:g}s", host)
             select.select([channel], [], [], min(0.2, deadline - now))
         code = channel.exit_status
         if code == -1 and not self._transport_alive(channel):
             # no exit status and the connection is gone: lost, not finished (it may have run)
-            self._drop(host)
+            self._drop(host, channel.get_transport())
             raise TransientDriverError("connection lost while the command ran (it may have run)", host)
         return out.decode("utf-8", errors="replace"), err.decode("utf-8", errors="replace"), code
+
+    @staticmethod
+    def _answers(channel: paramiko.Channel, timeout: float = 3.0) -> bool:
+        """Does the connection under ``channel`` still answer (a new channel opens)?"""
+        transport = channel.get_transport()
+        if transport is None or not transport.is_active():
+            return False
+        try:
+            transport.open_session(timeout=timeout).close()
+        except (paramiko.SSHException, EOFError, OSError):
+            return False
+        return True
 
     @staticmethod
     def _transport_alive(channel: paramiko.Channel) -> bool:

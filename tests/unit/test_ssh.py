@@ -435,3 +435,21 @@ def test_reboot_and_wait_through_a_real_connection_drop(lab: Lab, tmp_path: Path
     assert result.old_boot_id == "11111111-1111-1111-1111-111111111111"
     assert result.new_boot_id == "22222222-2222-2222-2222-222222222222"
     assert result.down_after_s is not None and result.back_after_s >= 1.0
+
+
+def test_a_timeout_does_not_cut_off_other_commands_on_the_same_connection(lab: Lab) -> None:
+    shell = lab.shell()
+    before = accepted_logins(lab.sshd)
+    other: list[str] = []
+    try:
+        shell.run("hv1", ["true"])
+        worker = threading.Thread(target=lambda: other.append(
+            shell.run("hv1", ["sh", "-c", "sleep 1.5; echo done"], timeout=20).stdout))
+        worker.start()
+        with pytest.raises(CommandError, match="timed out"):
+            shell.run("hv1", ["sleep", "10"], timeout=0.3)
+        worker.join(timeout=30)
+    finally:
+        shell.close()
+    assert other == ["done\n"]
+    assert accepted_logins(lab.sshd) - before == 1  # the live connection was kept
