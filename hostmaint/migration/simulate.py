@@ -194,6 +194,19 @@ class WindowEstimate:
         """True when the window ends within ``window_s`` and every host was patched."""
         return self.makespan_s <= window_s and all(h.outcome is StepOutcome.OK for h in self.hosts)
 
+    def describe(self) -> str:
+        """A few lines for an operator: duration, parallelism, the yardsticks, hosts that would fail."""
+        failed = [h.host for h in self.hosts if h.outcome is not StepOutcome.OK]
+        unmoved = sum(1 for m in self.migrations if m.outcome is not StepOutcome.OK)
+        lines = [f"cluster {self.cluster}: {len(self.hosts)} hosts, {self.parallel} at once (N+1), "
+                 f"estimated {self.makespan_s / 3600:.2f} h",
+                 f"  serial would take {self.serial_s / 3600:.2f} h; lower bound "
+                 f"{max(self.lower_bound_s, self.wave_bound_s) / 3600:.2f} h",
+                 f"  {len(self.migrations)} migrations, {unmoved} not moved"]
+        if failed:
+            lines.append(f"  hosts left unpatched (a VM could not move): {', '.join(failed)}")
+        return "\n".join(lines)
+
 
 # --- the engine ------------------------------------------------------------------------
 

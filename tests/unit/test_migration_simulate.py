@@ -185,6 +185,7 @@ def test_window_runs_hosts_in_parallel_and_every_host_is_patched() -> None:
     for t in sorted({h.start_s for h in est.hosts}):
         assert sum(1 for h in est.hosts if h.start_s <= t < h.end_s) <= est.parallel
     assert est.fits(est.makespan_s) and not est.fits(est.makespan_s - 1)
+    assert f"{est.parallel} at once" in est.describe() and "0 not moved" in est.describe()
 
 
 def test_serial_window_equals_the_sum_of_its_hosts() -> None:
