@@ -55,6 +55,17 @@ def _host_label(target: SshTarget) -> str:
     return target.address if target.port == 22 else f"[{target.address}]:{target.port}"
 
 
+def _parse_key(text: str, source: str, host: str) -> paramiko.PKey:
+    """A private key from its text. Errors name the source, never the text."""
+    for kind in _KEY_TYPES:
+        try:
+            return kind.from_private_key(io.StringIO(text))
+        except (paramiko.SSHException, ValueError):
+            continue  # not this key type (or encrypted); try the next
+    raise DriverError(f"{source} does not hold an unencrypted ed25519, ECDSA or RSA private key "
+                      "(use ssh-agent for a key with a passphrase)", host)
+
+
 class _UnknownHostKey(paramiko.SSHException):
     def __init__(self, hostname: str, key: paramiko.PKey) -> None:
         self.hostname = hostname
@@ -227,7 +238,7 @@ class SshShell:
         if target.key.agent:
             auth["allow_agent"] = True
         elif target.key.file is not None:
-            auth["key_filename"] = target.key.file
+            auth["pkey"] = self._file_key(host, target.key.file)
         else:
             auth["pkey"] = self._secret_key(host, target.key.secret_block or "")
         label = _host_label(target)
@@ -286,19 +297,19 @@ class SshShell:
             failure = type(exc).__name__
         if failure:
             raise DriverError(f"could not load the SSH key from secret block {block!r}: {failure}", host)
-        key = None
-        for kind in _KEY_TYPES:
-            try:
-                key = kind.from_private_key(io.StringIO(text))
-                break
-            except (paramiko.SSHException, ValueError):
-                continue  # not this key type; try the next
-        del text
-        if key is None:
-            raise DriverError(f"secret block {block!r} does not hold an unencrypted ed25519, ECDSA or "
-                              "RSA private key", host)
+        key = _parse_key(text, f"secret block {block!r}", host)
         self._keys[block] = key
         return key
+
+    @staticmethod
+    def _file_key(host: str, path: str) -> paramiko.PKey:
+        """The key file, read at each connect (it may be rotated); a bad file is an error, not retried."""
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError as exc:
+            raise DriverError(f"cannot read SSH key file {path}: {exc.strerror}", host) from None
+        return _parse_key(text, f"key file {path}", host)
 
     # --- reading a command's output -----------------------------------------------------
 

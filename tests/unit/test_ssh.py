@@ -453,3 +453,32 @@ def test_a_timeout_does_not_cut_off_other_commands_on_the_same_connection(lab: L
         shell.close()
     assert other == ["done\n"]
     assert accepted_logins(lab.sshd) - before == 1  # the live connection was kept
+
+
+@pytest.mark.parametrize("kind", ["rsa", "ecdsa"])
+def test_rsa_and_ecdsa_key_files_work(lab: Lab, tmp_path: Path, kind: str) -> None:
+    key = tmp_path / f"id_{kind}"
+    subprocess.run(["ssh-keygen", "-q", "-t", kind, "-N", "", "-f", str(key)], check=True)
+    authorized = authorize(tmp_path / "ak", [Path(f"{key}.pub")])
+    server = start_sshd(tmp_path / "srv", authorized_keys=authorized)
+    known = write_known_hosts(tmp_path / "known_hosts", [server])
+    shell = SshShell({"hv1": lab.target(port=server.port, known_hosts=str(known), key=SshKey(file=str(key)))})
+    try:
+        assert shell.run("hv1", ["echo", kind]).stdout == f"{kind}\n"
+    finally:
+        shell.close()
+        server.stop()
+
+
+def test_bad_key_files_are_errors_not_retried(lab: Lab, tmp_path: Path) -> None:
+    encrypted = tmp_path / "id_enc"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "a passphrase", "-f", str(encrypted)], check=True)
+    cases = [(str(tmp_path / "missing"), "cannot read SSH key file"),
+             (str(lab.pub), "does not hold an unencrypted"),
+             (str(encrypted), "use ssh-agent for a key with a passphrase")]
+    for path, expected in cases:
+        sleeps: list[float] = []
+        shell = SshShell({"hv1": lab.target(key=SshKey(file=path))}, sleep=sleeps.append)
+        with pytest.raises(DriverError, match=expected) as err:
+            shell.run("hv1", ["true"])
+        assert not isinstance(err.value, TransientDriverError) and sleeps == []
