@@ -66,6 +66,19 @@ def _parse_key(text: str, source: str, host: str) -> paramiko.PKey:
                       "(use ssh-agent for a key with a passphrase)", host)
 
 
+def _require_agent_keys(host: str) -> None:
+    """An agent without keys (or no agent at all) is a setup error, not worth a retry."""
+    try:
+        agent = paramiko.Agent()
+    except paramiko.SSHException as exc:
+        raise DriverError(f"ssh-agent not usable: {exc}", host) from exc
+    try:
+        if not agent.get_keys():
+            raise DriverError("key source is ssh-agent, but no agent with keys answers on SSH_AUTH_SOCK", host)
+    finally:
+        agent.close()
+
+
 class _UnknownHostKey(paramiko.SSHException):
     def __init__(self, hostname: str, key: paramiko.PKey) -> None:
         self.hostname = hostname
@@ -236,6 +249,7 @@ class SshShell:
         client.set_missing_host_key_policy(_RejectUnknown())
         auth: dict[str, Any] = {"allow_agent": False, "look_for_keys": False}
         if target.key.agent:
+            _require_agent_keys(host)
             auth["allow_agent"] = True
         elif target.key.file is not None:
             auth["pkey"] = self._file_key(host, target.key.file)

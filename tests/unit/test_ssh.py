@@ -470,6 +470,15 @@ def test_rsa_and_ecdsa_key_files_work(lab: Lab, tmp_path: Path, kind: str) -> No
         server.stop()
 
 
+def test_agent_without_keys_is_an_error_not_retried(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SSH_AUTH_SOCK", raising=False)
+    sleeps: list[float] = []
+    shell = SshShell({"hv1": lab.target(key=SshKey(agent=True))}, sleep=sleeps.append)
+    with pytest.raises(DriverError, match="no agent with keys") as err:
+        shell.run("hv1", ["true"])
+    assert not isinstance(err.value, TransientDriverError) and sleeps == []
+
+
 def test_bad_key_files_are_errors_not_retried(lab: Lab, tmp_path: Path) -> None:
     encrypted = tmp_path / "id_enc"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "a passphrase", "-f", str(encrypted)], check=True)
