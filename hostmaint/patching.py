@@ -278,7 +278,7 @@ def _checked_globs(globs: Sequence[str], host: str) -> list[str]:
     return list(globs)
 
 
-def _refresh_args(pm: PackageManager) -> list[str]:
+def _refresh_args() -> list[str]:
     """Fresh metadata, and an unreachable repository is an error rather than silently skipped.
 
     Some dnf builds (Debian's) default to ``skip_if_unavailable=True``: an unreachable repo then
@@ -370,7 +370,7 @@ def check_updates(shell: HostShell, host: str, pm: PackageManager, policy: HostP
                             host=host, step=Step.PREFLIGHT)
         argv = ["yum", "-q", "check-update", *_filter_args(policy, host)]
     else:
-        argv = [pm.value, "-q", "check-update", *_refresh_args(pm), *_filter_args(policy, host)]
+        argv = [pm.value, "-q", "check-update", *_refresh_args(), *_filter_args(policy, host)]
     res = _run(shell, host, argv, Step.PREFLIGHT, min(REFRESH_TIMEOUT_S, policy.update_timeout_s))
     if res.exit_code not in CHECK_UPDATE_OK:
         raise StepError(f"repositories not reachable: {' '.join(argv)} exit {res.exit_code}: {_said(res)}",
@@ -425,7 +425,7 @@ def update_argv(pm: PackageManager, policy: HostPolicy, host: str = "") -> list[
     without a preflight (a retry) or the cache expired meanwhile. ``yum`` gets no ``--refresh``:
     yum 3 does not know it, and preflight already expired its cache.
     """
-    refresh = _refresh_args(pm) if pm is PackageManager.DNF else []
+    refresh = _refresh_args() if pm is PackageManager.DNF else []
     return [pm.value, "-y", "update", *refresh, *_filter_args(policy, host)]
 
 
