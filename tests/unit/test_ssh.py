@@ -491,3 +491,43 @@ def test_bad_key_files_are_errors_not_retried(lab: Lab, tmp_path: Path) -> None:
         with pytest.raises(DriverError, match=expected) as err:
             shell.run("hv1", ["true"])
         assert not isinstance(err.value, TransientDriverError) and sleeps == []
+
+
+def test_inventory_check_argv_from_yaml_reaches_the_host_literally(lab: Lab, tmp_path: Path) -> None:
+    """A verify check written in the inventory, with shell syntax in an argument, runs nothing extra."""
+    import yaml
+
+    from hostmaint import patching
+    from hostmaint.models import Cell, HostDiscovery
+
+    marker = tmp_path / "pwned"
+    nasty = f"x; touch {marker} $(touch {marker}) `touch {marker}`\nnext line"
+    inventory = {
+        "clusters": [{"name": "c", "host_policy": {"verify": [
+            {"name": "literal", "argv": ["test", nasty, "=", nasty]},
+            {"name": "one-arg", "argv": ["sh", "-c", 'test "$#" -eq 1 && test "$1" = "$0"', nasty, nasty]},
+        ]}}],
+        "hosts": [{"name": "hv1", "cluster": "c", "libvirt_uri": "qemu:///system",
+                   "ssh": {"address": "127.0.0.1", "port": lab.sshd.port, "key": {"file": str(lab.key)},
+                           "known_hosts": str(lab.known_hosts)}}],
+    }
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(inventory))
+    from hostmaint.inventory import load_inventory
+    inv = load_inventory(path)
+
+    class Hv:
+        def running_vms(self, host: str) -> tuple[str, ...]:
+            return ()
+
+        def discover(self, host: str) -> HostDiscovery:
+            return HostDiscovery(host=host, cells=(Cell(id=0, memory_mib=1, free_mib=1),))
+
+    shell = SshShell.from_inventory(inv)
+    try:
+        report = patching.verify_host(shell, Hv(), "hv1", inv.policy_for("hv1"), cells_before=None)
+    finally:
+        shell.close()
+    checks = {c.name: c for c in report.checks}
+    assert checks["literal"].ok and checks["one-arg"].ok, report.reason()
+    assert not marker.exists()
