@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -54,6 +55,7 @@ from hostmaint.placement.state import Fit, HostLoad, Ledger  # noqa: E402
 from hostmaint.placement.synthetic import generate_fleet  # noqa: E402
 
 FILLS = {"normal": (0.45, 0.75), "tight": (0.55, 0.80)}
+SUMMARY: dict[str, list] = {}  # type: ignore[type-arg]  # what the targets table is built from
 DRAINED = "h0000"
 
 
@@ -151,11 +153,14 @@ def run_baseline(s: FleetSnapshot, chooser: Chooser, largest_first: bool) -> tup
     return ledger, fits, time.perf_counter() - t0
 
 
-def run_hostmaint(s: FleetSnapshot) -> tuple[Ledger, list[Fit], float, float]:
-    ledger = Ledger.from_snapshot(s)
-    t0 = time.perf_counter()
-    result = evacuate(s, ledger, [DRAINED])
-    solve = time.perf_counter() - t0
+def run_hostmaint(s: FleetSnapshot, repeats: int = 1) -> tuple[Ledger, list[Fit], list[float], float]:
+    solve = []
+    for _ in range(repeats):
+        ledger = Ledger.from_snapshot(s)
+        t0, c0 = time.perf_counter(), time.process_time()
+        result = evacuate(s, ledger, [DRAINED])
+        solve.append(time.perf_counter() - t0)
+        SUMMARY.setdefault(f"cpu_{len(s.hosts)}", []).append(time.process_time() - c0)
     t0 = time.perf_counter()
     plan_evacuation(s, [DRAINED])
     whole = time.perf_counter() - t0
@@ -284,6 +289,7 @@ class Outcome:
     seconds: float
     plan_seconds: float | None = None
     note: str = ""
+    samples: list[float] = field(default_factory=list)  # solve times (s), when repeated
 
 
 def _maxmean_std(pairs: list[tuple[float, float]]) -> tuple[float, float]:
@@ -345,10 +351,14 @@ def evacuation(sizes: Sequence[int], seeds: int, cpsat_seconds: float, cpsat_max
             for seed in range(runs):
                 s = generate_fleet(1000 + seed, n, fill=fill, drain_vms=40)
                 lb = fluid_bound(s)
-                ledger, fits, solve, whole = run_hostmaint(s)
-                o = measure(s, ledger, fits, solve, lb)
-                o.plan_seconds = whole
-                rows.setdefault("hostmaint", Row()).outcomes.append(o)
+                ledger, fits, solve, whole = run_hostmaint(s, repeats=5)
+                ours = measure(s, ledger, fits, statistics.median(solve), lb)
+                ours.plan_seconds = whole
+                ours.samples = solve
+                rows.setdefault("hostmaint", Row()).outcomes.append(ours)
+                SUMMARY.setdefault(f"times_{n}", []).extend(solve)
+                SUMMARY.setdefault(f"lb_{n}", []).append(ours.host_maxmean / lb)
+                SUMMARY.setdefault("local", []).append(ours.local)
                 for name, (chooser, largest) in BASELINES.items():
                     lg, fs, sec = run_baseline(s, chooser, largest)
                     rows.setdefault(name, Row()).outcomes.append(measure(s, lg, fs, sec, lb))
@@ -359,9 +369,10 @@ def evacuation(sizes: Sequence[int], seeds: int, cpsat_seconds: float, cpsat_max
                         o = measure(s, lg, fs, sec, lb)
                         o.note = status
                         rows.setdefault("cp-sat", Row()).outcomes.append(o)
+                        SUMMARY.setdefault("cpsat", []).append((ours, o, status))
             for name, row in rows.items():
                 os_ = row.outcomes
-                times = [o.seconds * 1000 for o in os_]
+                times = [t * 1000 for o in os_ for t in (o.samples or [o.seconds])]
                 plan = [o.plan_seconds * 1000 for o in os_ if o.plan_seconds is not None]
                 notes = sorted({o.note for o in os_ if o.note})
                 label = name + (f" ({'/'.join(notes)})" if notes else "")
@@ -394,6 +405,8 @@ def window(hosts: int, seeds: int) -> list[str]:
                 blocked = sum(len(st.evacuation.blocked) for st in plan.steps)
                 local = sum(p.numa_local for p in placements) / max(len(placements), 1)
                 movers = len({p.vm for p in placements}) + blocked
+                if prefer:
+                    SUMMARY.setdefault("window", []).append(plan.migrations_per_vm)
                 lines.append(f"| {hosts} | {fill_name} (seed {seed}) | {label} | {len(s.vms)} "
                              f"| {plan.migrations_per_vm:.3f} | {1 - blocked / max(movers, 1):.1%} | {local:.1%} "
                              f"| {'ok' if plan.capacity and plan.capacity.ok else 'refused'} "
@@ -419,6 +432,8 @@ def rebalance(hosts: int, budget_share: float, seeds: int) -> list[str]:
         full = plan_rebalance(s, len(s.vms))
         best = _host_std(s, full.moves)
         red = before[0] - after[0]
+        SUMMARY.setdefault("rebalance", []).append((red / max(before[0] - best[0], 1e-12), red / before[0],
+                                                    len(plan.moves) / len(s.vms)))
         lines.append(f"| {hosts} | {len(s.vms)} | {budget} | {len(plan.moves)} "
                      f"| {len(plan.moves) / len(s.vms):.1%} | {before[0]:.4f} → {after[0]:.4f} "
                      f"| {red / before[0]:.1%} | {red / max(before[0] - best[0], 1e-12):.1%} "
@@ -441,6 +456,51 @@ def _host_std(s: FleetSnapshot, moves: Sequence[object]) -> tuple[float, float]:
     return std, mm
 
 
+def targets() -> list[str]:
+    """The issue's targets against what this run measured."""
+    lines = ["| target | measured | met |", "|---|---|---|"]
+
+    def row(what: str, got: str, ok: bool) -> None:
+        lines.append(f"| {what} | {got} | {'yes' if ok else 'NO'} |")
+
+    cp = SUMMARY.get("cpsat", [])
+    if cp:
+        more = sum(1 for ours, o, _ in cp if ours.placed + 1e-9 >= o.placed)
+        row("100 % of what CP-SAT can place is placed", f"{more}/{len(cp)} instances place ≥ CP-SAT",
+            more == len(cp))
+        local = [(ours, o) for ours, o, _ in cp if o.placed == 1.0]
+        ok_local = sum(1 for ours, _ in local if ours.local == 1.0)
+        row("100 % NUMA-local whenever a local placement exists (CP-SAT placed all locally)",
+            f"{ok_local}/{len(local)} instances 100 % local", ok_local == len(local))
+        both = [(ours, o, st) for ours, o, st in cp if ours.placed == o.placed == 1.0]
+        within = sum(1 for ours, o, _ in both if ours.host_maxmean <= 1.02 * o.host_maxmean)
+        worst = max((ours.host_maxmean / o.host_maxmean for ours, o, _ in both), default=1.0)
+        row("max/mean within 2 % of CP-SAT on ≤ 50 hosts (instances where both place all)",
+            f"{within}/{len(both)} within 2 %; worst ratio {worst:.3f}", within == len(both))
+    else:
+        row("CP-SAT comparisons", "ortools not installed: not measured", False)
+    if "lb_1000" in SUMMARY:
+        worst = max(SUMMARY["lb_1000"])
+        row("max/mean ≤ 1.05 × lower bound at 1,000 hosts", f"worst {worst:.3f} × LB", worst <= 1.05)
+    for n, limit in ((50, 0.1), (1000, 1.0)):
+        if f"times_{n}" in SUMMARY:
+            ts, cpu = SUMMARY[f"times_{n}"], SUMMARY[f"cpu_{n}"]
+            p99 = _pct(cpu, 0.99)
+            row(f"40-VM evacuation under {limit * 1000:.0f} ms at {n} hosts (solve, single thread; "
+                f"judged on CPU time, the box is shared)",
+                f"CPU p50 {_pct(cpu, 0.5) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms; wall p50 "
+                f"{_pct(ts, 0.5) * 1000:.0f} ms, p99 {_pct(ts, 0.99) * 1000:.0f} ms", p99 < limit)
+    if "window" in SUMMARY:
+        worst = max(SUMMARY["window"])
+        row("rolling window ≤ 1.2 migrations per VM", f"worst {worst:.3f}", worst <= 1.2)
+    if "rebalance" in SUMMARY:
+        share, fluid, moved = min(SUMMARY["rebalance"], key=lambda r: r[1])
+        row("rebalance ≥ 90 % of achievable σ reduction with ≤ 10 % of VMs moved (achievable taken as "
+            "σ → 0, an upper bound)", f"{fluid:.1%} of σ removed ({share:.1%} of what an unlimited budget "
+            f"reaches), {moved:.1%} of VMs moved", fluid >= 0.9 and moved <= 0.1)
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer seeds and smaller fleets (a smoke run)")
@@ -458,7 +518,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out += ["", "## Rebalance with a budget of 10 % of the VMs", ""]
     print("\n".join(out[-3:]), flush=True)
     out += rebalance(100 if args.quick else 1000, 0.10, 1)
-    out += ["", f"total benchmark time {time.perf_counter() - t0:.0f} s"]
+    out += ["", "## Targets", ""] + targets()
+    load = os.getloadavg()
+    out += ["", f"total benchmark time {time.perf_counter() - t0:.0f} s; load average at the end "
+                f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} CPUs"]
     print("\n\n" + "\n".join(out))
     return 0
 

@@ -21,6 +21,7 @@ broken by name.
 from __future__ import annotations
 
 import copy
+import heapq
 import math
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
@@ -178,15 +179,21 @@ def _by_bound(vm: Vm, need: Demand, targets: Sequence[HostLoad], avoid: Collecti
     add = float(need.total_mib)
     one_cell = len(need.mib) == 1
     ranked = []
+    add2 = add * add
     for host in targets:
         mem = host.memory_mib
         if not mem:
             continue
-        used = host.used_mib
-        bound = ((used + add) / mem) ** 2 - (used / mem) ** 2
-        if one_cell:  # it lands in one of the cells: the cheapest of them bounds the cell term
-            bound += CELL_WEIGHT * min((((c.used_mib + add) / c.memory_mib) ** 2 - (c.used_mib / c.memory_mib) ** 2)
-                                       * c.memory_mib / mem for c in host.cells if c.memory_mib)
+        # (u + a)² - u² = 2ua + a², over the size squared; per cell, weighted by cell size / mem
+        used = 0.0
+        cheapest = math.inf
+        for c in host.cells:
+            used += c.used_mib
+            if c.memory_mib:
+                cheapest = min(cheapest, (2 * c.used_mib * add + add2) / c.memory_mib)
+        bound = (2 * used * add + add2) / (mem * mem)
+        if one_cell and cheapest < math.inf:  # it lands in one cell: the cheapest bounds the cell term
+            bound += CELL_WEIGHT * cheapest / mem
         ranked.append((host.name in avoid, host.weight * bound, host.name, host))
     ranked.sort(key=lambda r: (r[0], r[1], r[2]))
     top: list[tuple[bool, float]] = []  # the best two (tier, growth) found so far
@@ -380,12 +387,15 @@ def _improve(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
     """
     for _ in range(IMPROVE_ROUNDS):
         changed = False
+        light: dict[int, set[str]] = {}  # per target pool: its least-loaded hosts this round
         for name in sorted(chosen, key=lambda n: (-chosen[n][0].memory_mib, n)):
             vm, cur = chosen[name]
             used = {c.fit.host for _, c in chosen.values()}
             pool = targets_for(vm)
-            light = sorted(pool, key=lambda h: (h.util, h.name))[:IMPROVE_HOSTS]
-            names = used | {h.name for h in light}
+            if id(pool) not in light:
+                light[id(pool)] = {h.name for h in heapq.nsmallest(IMPROVE_HOSTS, pool,
+                                                                  key=lambda h: (h.util, h.name))}
+            names = used | light[id(pool)]
             candidates = [h for h in pool if h.name in names]
             ledger.unapply(vm, cur.fit)
             stay = fit_delta(ledger.hosts[cur.fit.host], cur.fit)
@@ -413,10 +423,11 @@ def _shave_peak(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
     is what operators watch. Stops when the fullest host received nothing from this plan (its load
     was there before) or none of its planned VMs can go anywhere lower.
     """
+    pools = {id(p): p for p in (targets_for(vm) for vm, _ in chosen.values())}
+    pool = {h.name: h for p in pools.values() for h in p}
     for _ in range(SHAVE_MOVES):
         if not chosen:
             return
-        pool = {h.name: h for vm, _ in chosen.values() for h in targets_for(vm)}
         peak = max(pool.values(), key=lambda h: (h.util, h.name))
         mine = sorted((c for c in chosen.values() if c[1].fit.host == peak.name),
                       key=lambda c: (-c[0].memory_mib, c[0].name))
