@@ -190,7 +190,7 @@ class _Drain:
                 if self.cancel is not None and self.cancel.is_set() and self.stop_reason is None:
                     self.stop_reason = "drain cancelled"
                     for flight in flights.values():
-                        self.request_abort(flight, "drain cancelled", background=True)
+                        self.request_abort(flight, "drain cancelled")
                 refusals: dict[str, str] = {}
                 if self.stop_reason is None:
                     for spec in list(pending):
@@ -312,7 +312,7 @@ class _Drain:
                       dirty_rate_bps=sample.dirty_rate_bps, iterations=sample.iterations)
         self.escalate(flight, sample.elapsed_s)
 
-    def escalate(self, flight: _Flight, elapsed_s: float, *, background: bool = False) -> None:
+    def escalate(self, flight: _Flight, elapsed_s: float) -> None:
         with flight.lock:
             if flight.abort_reason is not None:
                 return
@@ -334,7 +334,7 @@ class _Drain:
         self.emit(EventKind.ESCALATED, spec.vm, action=str(decision.action), reason=decision.reason,
                   elapsed_s=round(elapsed_s, 3))
         if decision.action is Action.ABORT:
-            self.call_abort(flight, background)
+            self.call_abort(flight)
             return
         assert self.control is not None
         try:
@@ -346,26 +346,24 @@ class _Drain:
             # The escalation did not take; its level still counts, so the next stall goes one further.
             self.emit(EventKind.ESCALATED, spec.vm, action=str(decision.action), error=str(exc))
 
-    def request_abort(self, flight: _Flight, reason: str, *, background: bool) -> None:
+    def request_abort(self, flight: _Flight, reason: str) -> None:
         with flight.lock:
             if flight.abort_reason is not None or flight.level is Escalation.POST_COPY:
                 return
             flight.abort_reason = reason
         self.emit(EventKind.ESCALATED, flight.spec.vm, action=str(Action.ABORT), reason=reason)
-        self.call_abort(flight, background)
+        self.call_abort(flight)
 
-    def call_abort(self, flight: _Flight, background: bool) -> None:
+    def call_abort(self, flight: _Flight) -> None:
         def abort() -> None:
             try:
                 self.hv.abort(flight.spec.vm, flight.spec.source)
             except DriverError as exc:
                 self.emit(EventKind.ESCALATED, flight.spec.vm, action=str(Action.ABORT), error=str(exc))
 
-        if background:
-            # An abort can block (QEMU stuck "cancelling"); the scheduler must keep collecting.
-            threading.Thread(target=abort, name=f"abort-{flight.spec.vm}", daemon=True).start()
-        else:
-            abort()
+        # Always on its own thread: an abort can block (QEMU stuck "cancelling"), and neither the
+        # scheduler nor the driver's progress loop (which called us) may wait for it.
+        threading.Thread(target=abort, name=f"abort-{flight.spec.vm}", daemon=True).start()
 
     def release_if_finishing(self, flight: _Flight) -> None:
         last = flight.progress.last
@@ -379,4 +377,4 @@ class _Drain:
         """Watchdog for drivers that report no progress: the time budget holds without samples too."""
         elapsed = self.clock() - flight.started_at
         if elapsed >= flight.budget_s:
-            self.escalate(flight, elapsed, background=True)
+            self.escalate(flight, elapsed)
