@@ -334,3 +334,27 @@ def test_rebalance_returns_vms_to_their_origin_first() -> None:
     assert plan.moves[0].placement.vm == "homesick" and plan.moves[0].placement.target == "mid"
     assert "origin" in plan.moves[0].placement.reason
     assert all(m.placement.vm != "homesick" for m in plan_rebalance(s, 2, prefer_origin=False).moves)
+
+
+def test_a_vm_that_fits_nowhere_gets_room_made_by_moving_a_planned_vm() -> None:
+    # balance sends the pinned VM to the emptier b first; then the 10 GiB VM fits nowhere unless the
+    # pinned one goes to c instead
+    b = host("b", cell(0, 64, 10, range(0, 8)))
+    c = host("c", cell(0, 64, 6, range(8, 12)))
+    pinned = vm("pinned", "a", 4, vcpus=2, vcpupin={0: (0,), 1: (1,)})
+    big = vm("big", "a", 10)
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), b, c, vms=(pinned, big)), ["a"], spare_hosts=0)
+    assert plan.feasible
+    assert {p.vm: p.target for p in plan.placements} == {"pinned": "c", "big": "b"}
+    assert only(plan, "pinned").vcpupin == {0: (8,), 1: (9,)}
+
+
+def test_two_equal_hosts_end_as_even_as_any_split_allows() -> None:
+    sizes = (20, 12, 8, 8, 6, 6)
+    hosts = (two_cells("a", 0, 0), two_cells("b", 40, 40), two_cells("c", 40, 40))
+    vms = tuple(vm(f"v{i}", "a", size) for i, size in enumerate(sizes))
+    plan = plan_evacuation(snap(*hosts, vms=vms), ["a"], spare_hosts=0)
+    per_host = {t: sum(p.memory_mib for p in plan.placements if p.target == t) for t in ("b", "c")}
+    best = min(abs(sum(s for i, s in enumerate(sizes) if mask >> i & 1) * 2 - sum(sizes))
+               for mask in range(1 << len(sizes)))
+    assert abs(per_host["b"] - per_host["c"]) == best * GIB
