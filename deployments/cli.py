@@ -26,7 +26,7 @@ event_app = typer.Typer(help="Send a host event (as monitoring would); it starts
                         no_args_is_help=True)
 app.add_typer(event_app, name="event")
 
-out = Console()
+out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True)
 
 InventoryOpt = Annotated[str, typer.Option("--inventory", "-i", envvar="HOSTMAINT_INVENTORY",
@@ -64,6 +64,9 @@ def _print_setup(report: object) -> None:
         out.print(f"work pool {report.work_pool}: {'created' if report.work_pool_created else 'exists'}")
         for name in report.deployments:
             out.print(f"  deployment {name}")
+        for name in report.served_elsewhere:
+            out.print(f"  deployment {name}: left alone, 'hostmaint serve' serves it "
+                      "(delete it to move it to the pool)")
 
 
 @app.command("setup")
@@ -179,7 +182,7 @@ def event_degraded(host: str, reason: Annotated[str, typer.Option(help="What mon
                                                                "source": source}, cluster)
     except (HostmaintError, KeyError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
-    out.print(f"sent {DEGRADED_EVENT} for {host} (event {event_id})", soft_wrap=True, highlight=False)
+    out.print(f"sent {DEGRADED_EVENT} for {host} (event {event_id})")
 
 
 @event_app.command("hardware-failed")
@@ -200,7 +203,7 @@ def event_hardware_failed(host: str, check: Annotated[str, typer.Option(help="Th
                                    cluster)
     except (HostmaintError, KeyError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
-    out.print(f"sent {HARDWARE_EVENT} for {host} (event {event_id})", soft_wrap=True, highlight=False)
+    out.print(f"sent {HARDWARE_EVENT} for {host} (event {event_id})")
 
 
 if __name__ == "__main__":

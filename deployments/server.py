@@ -217,6 +217,7 @@ class SetupReport:
     work_pool: str | None = None
     work_pool_created: bool = False
     deployments: list[str] = field(default_factory=list)
+    served_elsewhere: list[str] = field(default_factory=list)  # left to the `hostmaint serve` that serves them
 
 
 def setup(inventory: str | Path, *, work_pool: str | None = None, source: Path | None = None,
@@ -225,8 +226,13 @@ def setup(inventory: str | Path, *, work_pool: str | None = None, source: Path |
 
     Always: the limits of ``inventory`` and the zombie-run automation. With
     ``work_pool``: the process pool and every deployment registered with it, run
-    by workers from ``source`` (default: this project's directory).
+    by workers from ``source`` (default: this project's directory). A deployment
+    that ``hostmaint serve`` registered (no work pool) is left to it: moving it to
+    the pool under a running ``serve`` would crash its runs.
     """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
     from deployments.serve import ROOT, WINDOWS_FILE, build_deployments
     from flows.locks import ensure_limits
 
@@ -235,6 +241,15 @@ def setup(inventory: str | Path, *, work_pool: str | None = None, source: Path |
         report.work_pool = work_pool
         report.work_pool_created = ensure_work_pool(work_pool)
         for dep in build_deployments(inventory, windows=windows or WINDOWS_FILE, source=source or ROOT):
+            full = f"{dep.flow_name}/{dep.name}"
+            with get_client(sync_client=True) as client:
+                try:
+                    served = client.read_deployment_by_name(full).work_pool_name is None
+                except ObjectNotFound:
+                    served = False
+            if served:
+                report.served_elsewhere.append(full)
+                continue
             dep.apply(work_pool_name=work_pool)
-            report.deployments.append(f"{dep.flow_name}/{dep.name}")
+            report.deployments.append(full)
     return report

@@ -1,0 +1,327 @@
+"""A real site: ``prefect server start`` on 127.0.0.1, ``hostmaint setup`` and ``hostmaint serve`` as processes.
+
+One module-scoped site (server + serve ≈ 25 s) carries the tests that need real
+processes: an event starting the runbook through the deployment trigger, the UI
+form in headless Chromium, and a flow process killed mid-drain then run again.
+Everything is SIMULATED hosts; nothing leaves 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prefect_support import ALL_VMS, make_fleet, where
+
+from deployments.serve import ENTRYPOINTS, ROOT
+from deployments.server import ServerConfig, running_server, server_env
+from hostmaint.audit import AuditTrail
+from hostmaint.db import open_engine
+from hostmaint.models import HostState, StepOutcome
+from hostmaint.state import HostStateStore
+
+pytestmark = pytest.mark.slow
+
+ARTIFACTS = ROOT / "test-artifacts"
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+FLOW_OF = {"evacuate-host": "evacuate-on-request", "patch-host": "patch-on-request",
+           "rebalance-cluster": "rebalance-on-request", "degraded-host": "degraded-host-runbook",
+           "hardware-check-failed": "hardware-check-failed-runbook"}
+
+
+@dataclass
+class Site:
+    """The running site: server, serve process, simulated fleet, hostmaint database."""
+
+    config: ServerConfig
+    inventory: Path
+    db: Path
+    env: dict[str, str]
+    workdir: Path
+    pool_deployment: dict[str, Any] = field(default_factory=dict)  # as `setup` registered it, before serve
+
+    @property
+    def api(self) -> str:
+        return self.config.api_url
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """Call the API; retry 503 like Prefect's own client (SQLite answers "database is locked" under load)."""
+        for attempt in range(6):
+            response = httpx.request(method, f"{self.api}{path}", json=body, timeout=30)
+            if response.status_code != 503 or attempt == 5:
+                break
+            time.sleep(0.5 * (attempt + 1))
+        response.raise_for_status()
+        return response.json() if response.content else None
+
+    def get(self, path: str) -> Any:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: Any) -> Any:
+        return self.request("POST", path, body)
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        """A deployment by its short name (``evacuate-host``, ``patch-window-demo``, ...)."""
+        return dict(self.get(f"/deployments/name/{FLOW_OF.get(name, 'patch-window')}/{name}"))
+
+    def runs_of(self, deployment_id: str) -> list[dict[str, Any]]:
+        return list(self.post("/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}},
+                                                    "sort": "EXPECTED_START_TIME_DESC", "limit": 20}))
+
+    def wait_run(self, deployment_id: str, states: set[str], where: Any = lambda r: True,
+                 timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        while time.monotonic() < deadline:
+            for run in self.runs_of(deployment_id):
+                if where(run):
+                    seen.append(run["state"]["type"])
+                    if run["state"]["type"] in states:
+                        return run
+            time.sleep(0.3)
+        raise AssertionError(f"no run in {states} within {timeout}s (saw {seen[-5:]})")
+
+    def limit(self, name: str) -> dict[str, Any]:
+        return dict(self.get(f"/v2/concurrency_limits/{name}"))
+
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PY, "-m", "deployments.cli", *args], cwd=ROOT, env=env or self.env,
+                              capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    work = tmp_path_factory.mktemp("site")
+    config = ServerConfig(home=work / "prefect", port=free_port(),
+                          extra_env={"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
+                                     "PREFECT_LOGGING_LEVEL": "INFO"})
+    inventory = make_fleet(work / "fleet")
+    db = work / "hostmaint.db"
+    env = {**server_env(config), "HOSTMAINT_DB": str(db), "HOSTMAINT_INVENTORY": str(inventory),
+           "PREFECT_RUNNER_POLL_FREQUENCY": "1", "HOSTMAINT_LOCK_LEASE_SECONDS": "60",
+           "PYTHONPATH": str(ROOT)}
+    with running_server(config):
+        setup = subprocess.run([PY, "-m", "deployments.cli", "setup", "-i", str(inventory)], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=120)
+        assert setup.returncode == 0, setup.stdout + setup.stderr
+        site = Site(config, inventory, db, env, work)
+        site.pool_deployment = site.deployment("evacuate-host")
+        log = (work / "serve.log").open("w")
+        serve = subprocess.Popen([PY, "-m", "deployments.cli", "serve", "-i", str(inventory),
+                                  "--approval-poll-seconds", "1"], cwd=ROOT, env=env, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    dep = site.deployment("degraded-host")
+                    if dep.get("status") == "READY" and not dep.get("work_pool_name"):
+                        break
+                except httpx.HTTPStatusError:
+                    pass
+                assert serve.poll() is None, (work / "serve.log").read_text()[-3000:]
+                assert time.monotonic() < deadline, "hostmaint serve did not come up"
+                time.sleep(0.5)
+            yield site
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            try:
+                serve.wait(20)
+            except subprocess.TimeoutExpired:
+                serve.kill()
+            log.close()
+
+
+def test_setup_made_the_server_ready(site: Site) -> None:
+    """`hostmaint setup`: limits from the inventory, the zombie-run automation, the pool and its deployments."""
+    for name, size in (("host:hv01", 1), ("maintenance:demo", 1), ("migrations:demo", 4)):
+        assert site.limit(name)["limit"] == size
+    automations = site.post("/automations/filter", {})
+    [zombie] = [a for a in automations if a["name"].startswith("hostmaint: crash flow runs")]
+    assert zombie["trigger"]["posture"] == "Proactive"
+    assert zombie["actions"][0]["type"] == "change-flow-run-state" and zombie["actions"][0]["state"] == "CRASHED"
+    assert site.get("/work_pools/hostmaint")["type"] == "process"
+    assert site.pool_deployment["work_pool_name"] == "hostmaint"
+    again = site.cli("setup", "-i", str(site.inventory))  # on a served site: changes nothing
+    assert again.returncode == 0 and "(0 created or updated)" in again.stdout
+    assert "evacuate-on-request/evacuate-host: left alone, 'hostmaint serve' serves it" in again.stdout
+
+
+def test_serve_took_over_every_deployment(site: Site) -> None:
+    for name in (*ENTRYPOINTS, "patch-window-demo"):
+        dep = site.deployment(name)
+        assert dep["work_pool_name"] is None, name  # served here, no longer waiting for a worker
+        assert dep["status"] == "READY", name
+    [schedule] = site.deployment("patch-window-demo")["schedules"]
+    assert schedule["schedule"]["timezone"] == "Asia/Tokyo" and "BYDAY=+2TU" in schedule["schedule"]["rrule"]
+    assert schedule["parameters"]["cluster"] == "demo"
+
+
+def test_degraded_event_starts_the_runbook_which_waits_for_approval(site: Site) -> None:
+    dep = site.deployment("degraded-host")
+    on_hv01 = {vm for vm, hosts in where(site.inventory).items() if "hv01" in hosts}
+    sent = site.cli("event", "degraded", "hv01", "--reason", "ECC errors rising", "--severity", "warning",
+                    "--source", "nagios")
+    assert sent.returncode == 0, sent.stderr
+    event_id = sent.stdout.split("(event ")[1].rstrip(")\n ")
+
+    paused = site.wait_run(dep["id"], {"PAUSED"}, lambda r: r["parameters"].get("event_id") == event_id)
+    assert paused["parameters"]["host"] == "hv01" and paused["parameters"]["reason"] == "ECC errors rising"
+    states = HostStateStore(open_engine(f"sqlite:///{site.db}"))
+    assert states.state("hv01") is HostState.CORDONED
+    assert {vm for vm, hosts in where(site.inventory).items() if "hv01" in hosts} == on_hv01
+
+    site.post(f"/flow_runs/{paused['id']}/resume",
+              {"run_input": {"operator": "mallory", "approve": True, "comment": "replace the DIMM"}})
+    done = site.wait_run(dep["id"], {"COMPLETED", "FAILED", "CRASHED"}, lambda r: r["id"] == paused["id"])
+    assert done["state"]["type"] == "COMPLETED", done["state"]
+
+    assert not any("hv01" in hosts for hosts in where(site.inventory).values())
+    assert states.state("hv01") is HostState.CORDONED
+    audit = AuditTrail(open_engine(f"sqlite:///{site.db}"))
+    [approval] = [r for r in audit.records(host="hv01") if r.step == "approval"]
+    assert approval.operator == "mallory" and approval.details["comment"] == "replace the DIMM"
+    [incident] = [r for r in audit.records(host="hv01") if r.step == "incident"]
+    assert incident.operator == "nagios" and incident.inputs["event_id"] == event_id
+    assert {r.vm for r in audit.records() if r.step == "migrate" and r.operator == "mallory"} == on_hv01
+
+
+def test_unknown_host_in_an_event_is_refused_by_the_cli(site: Site) -> None:
+    sent = site.cli("event", "degraded", "hv99", "--reason", "x")
+    assert sent.returncode == 2
+    assert "unknown host 'hv99'" in sent.stderr
+
+
+# --- the UI in headless Chromium ----------------------------------------------------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
+
+
+def test_ui_form_submits_a_dry_run_evacuation(site: Site, tmp_path: Path) -> None:
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium is not installed (deployments/install-ui-test.sh installs it)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="pip playwright is not installed "
+                                     "(deployments/install-ui-test.sh installs it)")
+    dep = site.deployment("evacuate-host")
+    origin = site.config.ui_url + "/"
+    before = where(site.inventory)
+    allowed: list[str] = []
+    blocked: list[str] = []
+
+    def only_loopback(route: Any) -> None:
+        url = route.request.url
+        if url.startswith(origin):
+            allowed.append(url)
+            route.continue_()
+        else:  # the UI's page code reaches for an outside analytics host: never let it out
+            blocked.append(url)
+            route.abort()
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1280, "height": 1500})
+            context.route("**/*", only_loopback)
+            page = context.new_page()
+            page.goto(f"{site.config.ui_url}/v2/deployments/deployment/{dep['id']}/run", wait_until="networkidle")
+            page.get_by_text("Move every VM off one host").wait_for(timeout=30_000)
+            for label in ("Host", "Reason", "Operator", "Dry run (Optional)", "Approval required (Optional)"):
+                page.get_by_text(label, exact=True).first.wait_for(timeout=10_000)
+            page.get_by_label("Host", exact=True).fill("hv02")
+            page.get_by_label("Reason", exact=True).fill("UI dry run from the form")
+            page.get_by_label("Operator", exact=True).fill("ui-tester")
+            page.screenshot(path=str(ARTIFACTS / "evacuate-host-form.png"), full_page=True)
+            page.get_by_role("button", name="Submit").click()
+            page.wait_for_url(lambda url: "/run" not in url, timeout=30_000)
+        finally:
+            browser.close()
+
+    run = site.wait_run(dep["id"], {"COMPLETED", "FAILED", "CRASHED"},
+                        lambda r: r["parameters"].get("request", {}).get("operator") == "ui-tester", timeout=90)
+    assert run["state"]["type"] == "COMPLETED", run["state"]
+    request = run["parameters"]["request"]
+    assert (request["host"], request["reason"], request["dry_run"]) == ("hv02", "UI dry run from the form", True)
+    assert where(site.inventory) == before  # a dry run moves nothing
+    assert allowed and all(u.startswith(origin) for u in allowed)
+    (ARTIFACTS / "evacuate-host-form.json").write_text(json.dumps(
+        {"flow_run": run["id"], "parameters": run["parameters"], "blocked_requests": sorted(set(blocked))}, indent=2))
+
+
+# --- a flow killed mid-drain -------------------------------------------------------------------------------------
+
+EVACUATE = ("import sys; from flows.evacuate_host import evacuate_host; "
+            "r = evacuate_host(host=sys.argv[1], inventory=sys.argv[2], operator=sys.argv[3], lock_wait_s=None); "
+            "print('OUTCOME', r.outcome.value, len(r.migrations))")
+
+
+def test_flow_killed_mid_drain_is_finished_by_the_next_run(site: Site) -> None:
+    """Kill the process mid-drain; the next run finds the host draining, re-discovers, finishes.
+
+    No VM moves twice, none is lost, and the dead run's locks come back (lease expiry)."""
+    fleet = make_fleet(site.workdir / "slow", time_scale=0.6)  # ~2-4 s per migration
+    db = site.workdir / "kill.db"
+    env = {**site.env, "HOSTMAINT_DB": str(db), "HOSTMAINT_INVENTORY": str(fleet)}
+    host = "hv03"
+    on_host = {vm for vm, hosts in where(fleet).items() if host in hosts}
+    assert len(on_host) == 3
+    states = HostStateStore(open_engine(f"sqlite:///{db}"))
+
+    first = subprocess.Popen([PY, "-c", EVACUATE, host, str(fleet), "first"], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while True:
+        moved = on_host - {vm for vm, hosts in where(fleet).items() if host in hosts}
+        if moved and states.state(host) is HostState.DRAINING:
+            break
+        assert first.poll() is None, f"the flow ended before it was killed: {first.communicate()[0][-3000:]}"
+        assert time.monotonic() < deadline, "the drain never started"
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait(10)
+
+    assert states.state(host) is HostState.DRAINING
+    left = {vm for vm, hosts in where(fleet).items() if host in hosts}
+    assert left and left < on_host, "killed too late or too early to be mid-drain"
+    assert site.limit(f"host:{host}")["active_slots"] == 1  # the dead run's lease still holds the host
+
+    second = subprocess.run([PY, "-c", EVACUATE, host, str(fleet), "second"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "OUTCOME ok" in second.stdout
+
+    placement = where(fleet)
+    assert set(placement) == ALL_VMS and all(len(h) == 1 for h in placement.values()), placement
+    assert not any(host in hosts for hosts in placement.values())
+    assert json.loads((fleet.parent / "fleet-state.json").read_text())["lost"] == []
+    audit = AuditTrail(open_engine(f"sqlite:///{db}"))
+    moves = [r for r in audit.records() if r.step == "migrate" and r.outcome is StepOutcome.OK]
+    assert sorted(r.vm for r in moves) == sorted({r.vm for r in moves}), "a VM was moved twice"
+    assert {r.vm for r in moves if r.operator == "second"} == left  # only what was still there
+    [resumed] = [r for r in audit.records(host=host) if r.step == "cordon" and r.operator == "second"]
+    assert resumed.details.get("resumed_from") == "draining"
+    assert states.state(host) is HostState.DRAINED
+    for name in (f"host:{host}", "maintenance:demo", "migrations:demo"):
+        assert site.limit(name)["active_slots"] == 0, name
