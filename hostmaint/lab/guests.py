@@ -66,8 +66,13 @@ def seabios_xml(spec: GuestSpec, kvm: bool) -> str:
 """
 
 
-def linux_xml(spec: GuestSpec, kernel: Path, initrd: Path) -> str:
-    """A TCG Linux guest (busybox init rewriting ``dirty_mib`` MiB in a loop)."""
+def linux_xml(spec: GuestSpec, kernel: Path, initrd: Path, console_log: Path | None = None) -> str:
+    """A TCG Linux guest (busybox init rewriting ``dirty_mib`` MiB in a loop).
+
+    ``console_log`` gets the serial console; the path is the same on every host, so it follows the
+    guest through migrations.
+    """
+    log = f"<log file='{console_log}' append='on'/>" if console_log else ""
     return f"""<domain type='qemu'>
   <name>{escape(spec.name)}</name>
 {_MEMORY.format(memory=spec.memory_mib, vcpus=spec.vcpus)}
@@ -81,7 +86,7 @@ def linux_xml(spec: GuestSpec, kernel: Path, initrd: Path) -> str:
   <devices>
     <emulator>/usr/bin/qemu-system-x86_64</emulator>
     <controller type='usb' model='none'/>
-    <serial type='pty'><target port='0'/></serial>
+    <serial type='pty'>{log}<target port='0'/></serial>
     <console type='pty'><target type='serial' port='0'/></console>
     <memballoon model='none'/>
   </devices>
@@ -89,15 +94,31 @@ def linux_xml(spec: GuestSpec, kernel: Path, initrd: Path) -> str:
 """
 
 
+# Non-zero data: QEMU sends zero pages as tiny markers, so rewriting zeros would dirty nothing
+# that costs bandwidth. 16 MiB of random bytes are copied over the N MiB again and again.
 _INIT = """#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /tmp /bin
 /bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t devtmpfs devtmpfs /dev
 /bin/busybox --install -s /bin
 mib=$(sed -n 's/.*dirty_mib=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
-echo "hostmaint-lab guest: userspace up, rewriting ${mib:-0} MiB in a loop"
+mib=${mib:-0}
+mkdir -p /mem
+# the initramfs root is a tmpfs limited to half the RAM: the dirtied memory gets its own
+mount -t tmpfs -o size=$((mib + 4))m tmpfs /mem
+dd if=/dev/urandom of=/src bs=1M count=16 2>/dev/null
+echo "hostmaint-lab guest: userspace up, rewriting ${mib} MiB in a loop"
 while true; do
-  if [ "${mib:-0}" -gt 0 ]; then dd if=/dev/zero of=/dirty bs=1M count=$mib conv=notrunc 2>/dev/null
-  else sleep 1; fi
+  if [ "$mib" -gt 0 ]; then
+    i=0
+    while [ $i -lt $mib ]; do
+      dd if=/src of=/mem/dirty bs=1M count=16 seek=$i conv=notrunc 2>/dev/null
+      i=$((i + 16))
+    done
+    [ -n "$said" ] || { said=1; echo "hostmaint-lab guest: first pass done, $(du -m /mem/dirty | cut -f1) MiB"; }
+  else
+    sleep 1
+  fi
 done
 """
 

@@ -17,7 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from hostmaint.lab.network import LabError, kill_netns_processes, netns_name
+from hostmaint.lab.network import LabError, alive, kill_netns_processes, netns_name
 from hostmaint.lab.packages import prepare_host_packages, write_wrappers
 
 HOST_UUID_NAMESPACE = uuid.UUID("5b0c8d5e-6f43-4c1e-9a55-1d6a8f1f0a70")
@@ -140,13 +140,14 @@ def wait_for_phase(workdir: Path, name: str, phases: tuple[str, ...], timeout: f
 
 
 def supervisor_pid(workdir: Path, name: str) -> int | None:
+    """The host's running supervisor, or None. A stale pid file never names another process."""
+    d = host_dir(workdir, name)
     try:
-        pid = int((host_dir(workdir, name) / "state" / "supervisor.pid").read_text())
-    except (FileNotFoundError, ValueError):
+        pid = int((d / "state" / "supervisor.pid").read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
         return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if b"hostmaint.lab.supervisor" not in cmdline or str(d).encode() not in cmdline or not alive(pid):
         return None
     return pid
 

@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import socket
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -191,8 +193,9 @@ def _build(hosts: int, vms: int, workdir: Path, linux_guests: int,
     for spec in specs:
         network.create_host_netns(spec.name, spec.ip)
         prepare_host(workdir, spec, repo, authorized, cache)
-    for spec in specs:
-        status = start_supervisor(workdir, spec)
+    with ThreadPoolExecutor(max_workers=len(specs)) as pool:  # hosts boot independently
+        statuses = list(pool.map(partial(start_supervisor, workdir), specs))
+    for spec, status in zip(specs, statuses, strict=True):
         known_lines.append(f"{spec.ip} {status['host_key']}\n")
     known_hosts = workdir / "known_hosts"
     known_hosts.write_text("".join(known_lines))
@@ -204,13 +207,17 @@ def _build(hosts: int, vms: int, workdir: Path, linux_guests: int,
     xml_dir = workdir / "guests"
     xml_dir.mkdir(exist_ok=True)
     boot_files = linux_boot_files(cache) if linux_guests else None
-    for g in guests:
-        if g.linux:
-            assert boot_files is not None
-            xml = linux_xml(g, *boot_files)
-        else:
-            xml = seabios_xml(g, kvm)
-        define_and_start(uri[g.host], xml, xml_dir / f"{g.name}.xml")
+
+    def start_guests(host: str) -> None:
+        for g in guests:
+            if g.host != host:
+                continue
+            xml = (linux_xml(g, *boot_files, console_log=xml_dir / f"{g.name}.console") if g.linux and boot_files
+                   else seabios_xml(g, kvm))
+            define_and_start(uri[g.host], xml, xml_dir / f"{g.name}.xml")
+
+    with ThreadPoolExecutor(max_workers=len(specs)) as pool:
+        list(pool.map(start_guests, [s.name for s in specs]))
     info = LabInfo(
         workdir=workdir, inventory_path=inventory, known_hosts_path=known_hosts, key_path=key,
         hosts=tuple(LabHost(name=s.name, ip=s.ip, netns=s.netns, libvirt_uri=s.libvirt_uri,
@@ -237,13 +244,13 @@ def lab_down(workdir: Path = DEFAULT_WORKDIR) -> None:
     for name in sorted(names):
         pid = supervisor_pid(workdir, name)
         if pid is not None:
-            # the supervisor left the netns? kill it directly; otherwise the netns sweep gets it
-            network.kill_pids(lambda p=pid: [p] if _alive(p) else [])
+            # the supervisor is found by its netns too; this also covers one whose netns is gone
+            network.kill_pids(partial(_still_alive, pid))
         stop_host(workdir, name)
         network.delete_host_netns(name)
     for link in network.lab_links():
         if link != network.BRIDGE:
-            network.run(["ip", "link", "del", link])
+            network.delete_link(link)
     network.delete_bridge()
     if hosts_dir.exists():
         shutil.rmtree(hosts_dir)
@@ -251,12 +258,8 @@ def lab_down(workdir: Path = DEFAULT_WORKDIR) -> None:
         (workdir / f).unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+def _still_alive(pid: int) -> list[int]:
+    return [pid] if network.alive(pid) else []
 
 
 def lab_status(workdir: Path = DEFAULT_WORKDIR) -> LabStatus:
@@ -308,7 +311,8 @@ def add_guest(info: LabInfo, name: str, host: str, memory_mib: int = SEABIOS_MIB
                      dirty_mib=dirty_mib if linux else 0)
     xml_dir = info.workdir / "guests"
     xml_dir.mkdir(exist_ok=True)
-    xml = linux_xml(spec, *linux_boot_files(info.workdir / "cache")) if linux else seabios_xml(spec, info.kvm)
+    xml = (linux_xml(spec, *linux_boot_files(info.workdir / "cache"), console_log=xml_dir / f"{name}.console")
+           if linux else seabios_xml(spec, info.kvm))
     define_and_start(info.host(host).libvirt_uri, xml, xml_dir / f"{name}.xml")
     return LabVm(name=name, host=host, memory_mib=memory_mib, vcpus=vcpus, linux=linux)
 

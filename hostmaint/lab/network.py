@@ -100,14 +100,25 @@ def delete_host_netns(host: str) -> None:
     kill_netns_processes(ns)
     if ns in lab_netns():
         run(["ip", "netns", "del", ns])
-    veth = veth_name(host)
-    if veth in links():
-        run(["ip", "link", "del", veth])
+    delete_link(veth_name(host))
+
+
+def delete_link(name: str, timeout: float = 5.0) -> None:
+    """Delete a root-namespace link and wait until it is gone.
+
+    A veth whose peer's namespace was just deleted disappears on its own a moment later, so
+    "Cannot find device" from our own delete is success, not an error.
+    """
+    deadline = time.monotonic() + timeout
+    while name in links():
+        proc = run(["ip", "link", "del", name], check=False)
+        if proc.returncode != 0 and name in links() and time.monotonic() > deadline:
+            raise LabError(f"cannot delete link {name}: {proc.stderr.strip()}")
+        time.sleep(0.05)
 
 
 def delete_bridge() -> None:
-    if BRIDGE in links():
-        run(["ip", "link", "del", BRIDGE])
+    delete_link(BRIDGE)
 
 
 def _ns_inode(path: str) -> int | None:
@@ -137,6 +148,15 @@ def pids_in_namespaces(net_inode: int | None = None, mnt_inode: int | None = Non
         if (net_inode is not None and net == net_inode) or (mnt_inode is not None and mnt == mnt_inode):
             found.append(pid)
     return found
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, killed but not yet reaped, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def netns_inode(ns: str) -> int | None:

@@ -1,0 +1,114 @@
+"""libvirt XML parsing and the destination-XML rewrite (pure, no libvirt needed)."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from hostmaint.drivers.domain_xml import (
+    format_cpuset,
+    parse_capabilities,
+    parse_cpuset,
+    parse_domain,
+    rewrite_for_target,
+    to_kib,
+    with_free_memory,
+)
+from hostmaint.models import Numatune, Placement
+
+CAPS = """<capabilities><host><uuid>11111111-2222-3333-4444-555555555555</uuid>
+<topology><cells num='2'>
+ <cell id='0'><memory unit='KiB'>16777216</memory>
+  <pages unit='KiB' size='4'>4194304</pages><pages unit='KiB' size='2048'>512</pages>
+  <pages unit='KiB' size='1048576'>2</pages>
+  <cpus num='2'><cpu id='0'/><cpu id='2'/></cpus></cell>
+ <cell id='1'><memory unit='KiB'>8388608</memory>
+  <pages unit='KiB' size='4'>2097152</pages><pages unit='KiB' size='2048'>0</pages>
+  <cpus num='2'><cpu id='3'/><cpu id='1'/></cpus></cell>
+</cells></topology></host></capabilities>"""
+
+PINNED = """<domain type='kvm'><name>db01</name><uuid>abcd</uuid>
+<memory unit='GiB'>4</memory><vcpu placement='static' current='3'>4</vcpu>
+<memoryBacking><hugepages><page size='1' unit='G'/></hugepages></memoryBacking>
+<cputune><vcpupin vcpu='0' cpuset='2'/><vcpupin vcpu='1' cpuset='3-4'/><emulatorpin cpuset='0-1'/></cputune>
+<numatune><memory mode='strict' nodeset='1'/><memnode cellid='0' mode='strict' nodeset='1'/>
+ <memnode cellid='1' mode='strict' nodeset='1'/></numatune>
+<cpu><numa><cell id='0' cpus='0-1' memory='2' unit='GiB'/><cell id='1' cpus='2-3' memory='2097152'/></numa></cpu>
+<devices>
+ <disk type='file' device='disk'><source file='/var/lib/libvirt/images/db01.qcow2'/><target dev='vda'/></disk>
+ <disk type='network' device='disk'><source protocol='rbd' name='pool/db01-data'/><target dev='vdb'/></disk>
+ <disk type='file' device='cdrom'><source file='/iso/install.iso'/><target dev='sda'/><readonly/></disk>
+ <hostdev mode='subsystem' type='pci'><source><address domain='0x0000' bus='0x3b' slot='0x00' function='0x1'/>
+ </source></hostdev>
+</devices></domain>"""
+
+PLAIN = """<domain type='kvm'><name>web01</name><uuid>u1</uuid><memory unit='KiB'>65536</memory>
+<vcpu>2</vcpu><devices><disk type='file' device='disk'><source file='/nfs/web01.img'/><target dev='vda'/></disk>
+</devices></domain>"""
+
+
+@pytest.mark.parametrize(("spec", "cpus"), [
+    ("", ()), ("3", (3,)), ("0-3", (0, 1, 2, 3)), ("0-3,^2,8", (0, 1, 3, 8)), ("4,1-2", (1, 2, 4)),
+])
+def test_cpuset_round_trip(spec: str, cpus: tuple[int, ...]) -> None:
+    assert parse_cpuset(spec) == cpus
+    assert parse_cpuset(format_cpuset(cpus)) == cpus
+
+
+@pytest.mark.parametrize(("value", "unit", "kib"), [
+    ("64", "MiB", 65536), ("4", "GiB", 4194304), ("2048", None, 2048), ("1", "G", 1048576), ("", "KiB", 0),
+])
+def test_sizes_in_kib(value: str, unit: str | None, kib: int) -> None:
+    assert to_kib(value, unit) == kib
+
+
+def test_capabilities_give_cells_cpus_and_hugepage_pools() -> None:
+    caps = parse_capabilities(CAPS)
+    assert caps.host_uuid == "11111111-2222-3333-4444-555555555555"
+    assert [(c.id, c.memory_mib, c.cpus) for c in caps.cells] == [(0, 16384, (0, 2)), (1, 8192, (1, 3))]
+    assert [(p.size_kib, p.total) for p in caps.cells[0].hugepages] == [(2048, 512), (1048576, 2)]
+    cells = with_free_memory(caps, [8 * 2**30, 1 * 2**30], {0: {2048: 100, 1048576: 1}, 1: {2048: 0}})
+    assert [c.free_mib for c in cells] == [8192, 1024]
+    assert [(p.size_kib, p.free) for p in cells[0].hugepages] == [(2048, 100), (1048576, 1)]
+
+
+def test_pinned_vm_with_passthrough_and_local_disk() -> None:
+    vm = parse_domain(PINNED, "hv01", vcpus_live=3)
+    assert (vm.name, vm.host, vm.memory_mib, vm.vcpus) == ("db01", "hv01", 4096, 3)
+    assert vm.vcpupin == {0: (2,), 1: (3, 4)} and vm.emulatorpin == (0, 1)
+    assert vm.numatune == Numatune(mode="strict", nodeset=(1,))
+    assert [(c.id, c.memory_mib, c.vcpus) for c in vm.vnuma] == [(0, 2048, (0, 1)), (1, 2048, (2, 3))]
+    assert vm.hugepage_kib == 1048576
+    assert not vm.migratable
+    reason = vm.not_migratable_reason or ""
+    assert "host device passthrough (pci 0000:3b:00.1)" in reason
+    assert "local disk vda" in reason
+    assert "vdb" not in reason and "sda" not in reason  # network disk and read-only cdrom do not block
+
+
+def test_disks_on_shared_storage_do_not_block() -> None:
+    assert not parse_domain(PLAIN, "hv02").migratable
+    vm = parse_domain(PLAIN, "hv02", shared_storage_prefixes=("/nfs/",))
+    assert vm.migratable and vm.not_migratable_reason is None
+    assert (vm.memory_mib, vm.vcpus) == (64, 2)
+
+
+def test_rewrite_for_target_replaces_pinning_and_numa() -> None:
+    placement = Placement(vm="db01", source="hv01", target="hv02", target_cells=(0, 1),
+                          vcpupin={0: (5,), 1: (6, 7), 2: (8,)}, emulatorpin=(9,), numatune_nodeset=(0, 1))
+    root = ET.fromstring(rewrite_for_target(PINNED, placement))
+    pins = {p.get("vcpu"): p.get("cpuset") for p in root.findall("cputune/vcpupin")}
+    assert pins == {"0": "5", "1": "6-7", "2": "8"}
+    assert root.find("cputune/emulatorpin").get("cpuset") == "9"  # type: ignore[union-attr]
+    assert root.find("numatune/memory").get("nodeset") == "0-1"  # type: ignore[union-attr]
+    assert [m.get("nodeset") for m in root.findall("numatune/memnode")] == ["0", "1"]
+    # what the placement does not mention stays as it was
+    assert root.findtext("name") == "db01" and root.find("devices/hostdev") is not None
+
+
+def test_rewrite_adds_cputune_where_there_was_none() -> None:
+    placement = Placement(vm="web01", source="a", target="b", vcpupin={0: (1,)}, numatune_nodeset=(0,))
+    root = ET.fromstring(rewrite_for_target(PLAIN, placement))
+    assert root.find("cputune/vcpupin").get("cpuset") == "1"  # type: ignore[union-attr]
+    assert root.find("numatune/memory").get("nodeset") == "0"  # type: ignore[union-attr]
