@@ -8,11 +8,14 @@ package root, plus real QEMU guests spread over them. It writes a hostmaint inve
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import socket
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -42,6 +45,7 @@ from hostmaint.lab.packages import build_repo
 from hostmaint.lab.sshd import authorize, make_keypair
 
 DEFAULT_WORKDIR = Path("/var/lib/hostmaint-lab")
+LOCK_PATH = Path("/run/lock/hostmaint-lab.lock")
 CLUSTER = "lab"
 SEABIOS_MIB = 64
 LINUX_MIB = 256
@@ -167,15 +171,54 @@ def lab_up(hosts: int = 3, vms: int = 6, workdir: Path = DEFAULT_WORKDIR, linux_
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network namespaces, mounts, libvirtd)")
     workdir = Path(workdir).resolve()
-    existing = _load_info(workdir)
-    if existing is not None and len(existing.hosts) == hosts and lab_status(workdir).up:
-        return existing
-    lab_down(workdir)
-    try:
-        return _build(hosts, vms, workdir, linux_guests, host_memory_mib)
-    except BaseException:
-        lab_down(workdir)
-        raise
+    with _machine_lock():
+        other = foreign_lab(workdir)
+        if other is not None:
+            raise LabError(f"another lab is up on this machine (workdir {other}); the lab's names and "
+                           f"addresses are fixed, so bring that one down first: hostmaint lab down --workdir {other}")
+        existing = _load_info(workdir)
+        if existing is not None and len(existing.hosts) == hosts and lab_status(workdir).up:
+            return existing
+        _down(workdir)
+        try:
+            return _build(hosts, vms, workdir, linux_guests, host_memory_mib)
+        except BaseException:
+            _down(workdir)
+            raise
+
+
+@contextmanager
+def _machine_lock() -> Iterator[None]:
+    """One lab up or down at a time on this machine (they share names and addresses)."""
+    LOCK_PATH.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_PATH, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _supervisors() -> dict[int, Path]:
+    """Running lab supervisors on this machine → the workdir of their lab."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"hostmaint.lab.supervisor" in argv and network.alive(int(entry)):
+            host_dir = Path(argv[argv.index(b"hostmaint.lab.supervisor") + 1].decode())
+            found[int(entry)] = host_dir.parent.parent
+    return found
+
+
+def foreign_lab(workdir: Path) -> Path | None:
+    """The workdir of a lab other than ``workdir`` that is up on this machine, if any."""
+    workdir = Path(workdir).resolve()
+    return next((w for w in _supervisors().values() if w != workdir), None)
 
 
 def _build(hosts: int, vms: int, workdir: Path, linux_guests: int,
@@ -234,10 +277,22 @@ def lab_down(workdir: Path = DEFAULT_WORKDIR) -> None:
     """Remove every process, namespace, veth, bridge and mount the lab made, and nothing else.
 
     Works from the lab's naming alone (netns ``hmlab-*``, links ``hmlab0``/``hml-*``), so it also
-    cleans up after a crashed ``up``. Files under ``WORKDIR/hosts`` go; ``WORKDIR/cache`` stays.
+    cleans up after a crashed ``up`` — unless a lab of another workdir is up: then only this
+    workdir's own processes and files go. Files under ``WORKDIR/hosts`` go; ``WORKDIR/cache`` stays.
     """
     workdir = Path(workdir).resolve()
+    with _machine_lock():
+        _down(workdir)
+
+
+def _down(workdir: Path) -> None:
     hosts_dir = workdir / "hosts"
+    if foreign_lab(workdir) is not None:
+        # the namespaces, links and bridge are another lab's: only what is ours goes
+        network.kill_pids(lambda: [p for p, w in _supervisors().items() if w == workdir])
+        if hosts_dir.exists():
+            shutil.rmtree(hosts_dir)
+        return
     names = {ns[len(network.NETNS_PREFIX):] for ns in network.lab_netns()}
     if hosts_dir.exists():
         names |= {p.name for p in hosts_dir.iterdir() if p.is_dir()}

@@ -99,7 +99,9 @@ def delete_host_netns(host: str) -> None:
     ns = netns_name(host)
     kill_netns_processes(ns)
     if ns in lab_netns():
-        run(["ip", "netns", "del", ns])
+        proc = run(["ip", "netns", "del", ns], check=False)
+        if proc.returncode != 0 and ns in lab_netns():
+            raise LabError(f"cannot delete network namespace {ns}: {proc.stderr.strip()}")
     delete_link(veth_name(host))
 
 

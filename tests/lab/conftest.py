@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hostmaint.lab import LabInfo, lab_down, lab_up
+from hostmaint.lab.lab import foreign_lab
 from hostmaint.lab.network import BRIDGE, lab_links, lab_netns
 
 WORKDIR = Path("/var/tmp/hostmaint-labtest")
@@ -56,6 +58,11 @@ def lab() -> Iterator[LabInfo]:
     reason = lab_skip_reason()
     if reason:
         pytest.skip(reason)
+    # Only one lab fits on a machine (fixed names and addresses): wait for another user's to go.
+    deadline = time.monotonic() + 900
+    while (other := foreign_lab(WORKDIR)) is not None:
+        assert time.monotonic() < deadline, f"another lab stays up on this machine: {other}"
+        time.sleep(5)
     lab_down(WORKDIR)  # a fresh lab: a previous run's state would make the tests lie
     info = lab_up(hosts=3, vms=6, workdir=WORKDIR, linux_guests=1, host_memory_mib=HOST_MEMORY_MIB)
     try:
