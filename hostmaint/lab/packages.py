@@ -63,14 +63,17 @@ def build_repo(repo: Path, specs: tuple[RpmSpec, ...] = OLD + NEW) -> Path:
     repo.mkdir(parents=True, exist_ok=True)
     build = repo.parent / "rpmbuild"
     for spec in specs:
-        if (repo / f"{spec.nevra}.rpm").exists():
-            continue
-        # kernel-lab is install-only like a real kernel: updates add a version beside the running one
-        extra = "Provides: installonlypkg(kernel)" if spec.name == KERNEL_PACKAGE else ""
+        # kernel-lab is install-only like a real kernel (updates add a version beside the running
+        # one) and provides "kernel", so `rpm -q --whatprovides kernel` lists it as RHEL's would
+        extra = ("Provides: installonlypkg(kernel)\nProvides: kernel = %{version}-%{release}"
+                 if spec.name == KERNEL_PACKAGE else "")
+        text = _SPEC.format(name=spec.name, version=spec.version, release=spec.release, arch=spec.arch,
+                            extra=extra)
         spec_file = build / f"{spec.nevra}.spec"
+        if (repo / f"{spec.nevra}.rpm").exists() and spec_file.exists() and spec_file.read_text() == text:
+            continue  # built before from this very spec
         spec_file.parent.mkdir(parents=True, exist_ok=True)
-        spec_file.write_text(_SPEC.format(name=spec.name, version=spec.version, release=spec.release,
-                                          arch=spec.arch, extra=extra))
+        spec_file.write_text(text)
         run(["rpmbuild", "-bb", "--quiet", "--target", spec.arch, "--define", f"_topdir {build}",
              "--define", "__os_install_post %{nil}", "--define", "_build_id_links none", str(spec_file)],
             timeout=120)
@@ -190,7 +193,14 @@ exit 0
 """,
     }
     scripts["yum"] = scripts["dnf"]
-    scripts["shutdown"] = scripts["reboot"].replace("#!/bin/sh\n", "#!/bin/sh\n# only -r is honoured\n", 1)
+    scripts["shutdown"] = """#!/bin/sh
+# hostmaint lab: only a reboot (shutdown -r ...) is possible; a lab host cannot stay powered off
+case " $* " in
+  *" -r "*|*" --reboot "*) exec /usr/local/sbin/reboot ;;
+esac
+echo "hostmaint lab: only 'shutdown -r' is supported" >&2
+exit 1
+"""
     for name, text in scripts.items():
         path = bin_dir / name
         path.write_text(text)
