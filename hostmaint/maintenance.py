@@ -289,7 +289,7 @@ def patch(rt: Runtime, run: RunContext, host: str) -> tuple[patching.PackageDiff
             rec.details["preflight"] = _jsonable(pre)
         with audited(rt, run, "update", host=host) as rec:
             before = patching.installed_packages(rt.shell, host)
-            result = patching.apply_updates(rt.shell, host, policy)
+            result = patching.apply_updates(rt.shell, host, policy, package_manager=pre.package_manager)
             after = patching.installed_packages(rt.shell, host)
             diff = patching.package_diff(before, after)
             rec.details["package_diff"] = _jsonable(diff)
