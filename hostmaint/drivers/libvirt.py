@@ -167,6 +167,7 @@ class LibvirtHypervisor:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._opened: list[libvirt.virConnect] = []
+        self._post_copy: set[tuple[str, str]] = set()  # (vm, source) switched to post-copy
 
     @classmethod
     def from_inventory(cls, inv: Inventory, cluster: str, **kwargs: Any) -> LibvirtHypervisor:
@@ -370,6 +371,30 @@ class LibvirtHypervisor:
 
         history: list[MigrationProgress] = []
         abort_reason: str | None = None
+        try:
+            abort_reason = self._monitor(vm, source, options, on_progress, started, worker, history)
+        except BaseException:
+            # the caller's progress callback failed (or we were interrupted): never leave a
+            # migration running unwatched
+            if not worker.done.is_set():
+                self._abort_quietly(vm, source)
+            raise
+        finally:
+            with self._lock:
+                self._post_copy.discard((vm, source))
+
+        seconds = round(self._clock() - started, 3)
+        if worker.done.is_set() and worker.error is None:
+            return self._confirm_success(vm, source, target, seconds, history)
+        return self._failure(vm, source, target, worker, abort_reason)
+
+    def _monitor(self, vm: str, source: str, options: MigrationOptions, on_progress: ProgressCallback | None,
+                 started: float, worker: _Worker, history: list[MigrationProgress]) -> str | None:
+        """Poll progress until the worker is done; apply the stall rule. Returns why it aborted, if it did.
+
+        A stalled migration that may use post-copy is switched to it once instead of aborted; one in
+        post-copy is never aborted (the VM already runs on the target).
+        """
         while not worker.done.is_set():
             elapsed = self._clock() - started
             sample = self._sample(vm, source, elapsed)
@@ -378,17 +403,29 @@ class LibvirtHypervisor:
                 if on_progress is not None:
                     on_progress(sample)
             reason = stall_reason(history, elapsed, options)
-            if reason is not None:
-                abort_reason = reason
-                self._abort_job(vm, source)
+            if reason is not None and not self._in_post_copy(vm, source):
+                if options.post_copy:
+                    try:
+                        self.start_post_copy(vm, source)
+                        continue
+                    except DriverError:
+                        pass  # could not switch (e.g. it just finished): the abort below decides
+                self._abort_quietly(vm, source)
                 worker.done.wait(max(60.0, self._abort_timeout * self._abort_attempts))
-                break
+                return reason
             self._sleep(self._poll)
+        return None
 
-        seconds = round(self._clock() - started, 3)
-        if worker.done.is_set() and worker.error is None:
-            return self._confirm_success(vm, source, target, seconds, history)
-        return self._failure(vm, source, target, worker, abort_reason)
+    def _in_post_copy(self, vm: str, source: str) -> bool:
+        with self._lock:
+            return (vm, source) in self._post_copy
+
+    def _abort_quietly(self, vm: str, source: str) -> None:
+        """Abort; a failed abort is not raised here: the migration's own outcome is what counts."""
+        try:
+            self._abort_job(vm, source)
+        except MigrationError:
+            pass  # the worker's result (and the location check after it) decides what happened
 
     def _migratable_xml(self, conn: libvirt.virConnect, vm: str) -> str | None:
         dom = _lookup(conn, vm)
@@ -566,6 +603,8 @@ class LibvirtHypervisor:
 
         try:
             self._call(source, f"switching {vm} to post-copy", switch)
+            with self._lock:
+                self._post_copy.add((vm, source))  # from now on an abort would lose the VM
         except DriverError as exc:
             if isinstance(exc, MigrationError | TransientDriverError):
                 raise

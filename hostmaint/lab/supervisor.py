@@ -216,7 +216,8 @@ def main(argv: list[str]) -> int:
     try:
         supervisor.enter()
         supervisor.boot()
-    except Exception as exc:  # report why the host failed to come up, then leave no process behind
+    except (OSError, RuntimeError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+        # report why the host failed to come up, then leave no process behind
         _log(host_dir, f"boot failed: {exc!r}")
         supervisor._write_status(f"failed: {exc}")
         supervisor.power_off()
