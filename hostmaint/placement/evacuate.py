@@ -341,11 +341,14 @@ def evacuate(snapshot: FleetSnapshot, ledger: Ledger, hosts: Sequence[str], *,
         groups.clear()
     _improve(chosen, ledger, targets_for, avoid)
     _shave_peak(chosen, ledger, targets_for, avoid)
-    out.placements.extend(placement_for(vm, choice) for vm, choice in chosen.values())
     for vm in unplaced:
-        misses = choose(vm, targets_for(vm), avoid)
-        assert not isinstance(misses, Choice)  # nothing was freed since it failed
-        out.blocked.append(blocker_for(vm, misses, len(targets_for(vm))))
+        got = choose(vm, targets_for(vm), avoid)
+        if isinstance(got, Choice):  # the local search happened to free a place for it
+            ledger.apply(vm, got.fit)
+            chosen[vm.name] = (vm, got)
+        else:
+            out.blocked.append(blocker_for(vm, got, len(targets_for(vm))))
+    out.placements.extend(placement_for(vm, choice) for vm, choice in chosen.values())
     out.placements.sort(key=lambda p: (p.source, p.vm))
     out.blocked.sort(key=lambda b: (b.host, b.vm))
     out.vm_actions.sort(key=lambda a: (a.host, a.vm))
