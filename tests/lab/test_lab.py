@@ -6,6 +6,7 @@ checks that nothing is left.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -137,6 +138,25 @@ def test_crawling_migration_is_aborted_by_the_stall_rule(lab: LabInfo, hv: Libvi
     # the aborted job is gone: the same VM migrates normally afterwards
     back = hv.migrate(dirty.name, source, target, MigrationOptions())
     assert back.outcome is StepOutcome.OK and hv.locate(dirty.name) == (target,)
+
+
+def test_an_abort_from_another_thread_and_a_switch_to_post_copy(lab: LabInfo, hv: LibvirtHypervisor) -> None:
+    dirty = next((v for v in lab.vms if v.linux), lab.vms[0])
+    source = hv.locate(dirty.name)[0]
+    target = next(h.name for h in lab.hosts if h.name != source)
+    # what the drain scheduler does: abort a running migration from its own thread
+    timer = threading.Timer(2.0, hv.abort, args=(dirty.name, source))
+    timer.start()
+    with pytest.raises(MigrationError, match="abort") as caught:
+        hv.migrate(dirty.name, source, target, MigrationOptions(bandwidth_mib_s=5))
+    timer.join()
+    assert caught.value.vm == dirty.name and hv.locate(dirty.name) == (source,)
+    # the same crawl with post-copy allowed: the stall rule switches to post-copy instead of aborting
+    crawl = MigrationOptions(bandwidth_mib_s=5, post_copy=True, stall_seconds=60, min_budget_seconds=3,
+                             seconds_per_gib=1)
+    result = hv.migrate(dirty.name, source, target, crawl)
+    assert result.outcome is StepOutcome.OK and result.seconds > 3
+    assert hv.locate(dirty.name) == (target,)
 
 
 def test_migration_to_a_host_without_memory_fails_cleanly(lab: LabInfo, hv: LibvirtHypervisor) -> None:
