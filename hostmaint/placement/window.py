@@ -101,8 +101,10 @@ def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, 
         for p in result.placements:
             location[p.vm] = p.target
             moves[p.vm] = moves.get(p.vm, 0) + 1
-        # the host comes back patched and empty, except the VMs it shut down and starts again
-        leaving = [v for v in here if v.migratable]
+        # the host comes back patched, without the VMs that moved (those it shut down start again;
+        # blocked ones never left)
+        gone = {p.vm for p in result.placements}
+        leaving = [v for v in here if v.name in gone]
         _empty_host(ledger, name, leaving)
         patched.append(name)
         sent = sum(p.memory_mib for p in result.placements)
