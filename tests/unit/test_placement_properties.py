@@ -6,8 +6,12 @@ planner) and charges each placement against it.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -262,6 +266,30 @@ def test_generated_fleets_plan_within_constraints(seed: int, hosts: int) -> None
     assert_hard_constraints(s, plan.placements, {"h0000"})
     _check_blockers(s, plan)
     window = plan_window(s, [h.name for h in s.hosts[:3]], spare_hosts=0)
+    moves = Counter[str]()
     for step in window.steps:
         for b in step.evacuation.blocked:
             assert b.constraint in CONSTRAINTS
+        for p in step.evacuation.placements:
+            assert p.source == step.host and p.target != step.host
+            assert s.host(p.target).state is HostState.ACTIVE
+            moves[p.vm] += 1
+    assert window.migrations == sum(moves.values()) and window.vms_moved == len(moves)
+    assert max(moves.values(), default=0) <= 2  # at most: onto a host of the window, then off it once
+
+
+def test_plans_do_not_depend_on_the_hash_seed() -> None:
+    """Sets and dicts of names must never leak their order into a plan: run under two hash seeds."""
+    code = ("import hashlib\n"
+            "from hostmaint.placement import plan_evacuation, plan_rebalance, plan_window\n"
+            "from hostmaint.placement.synthetic import generate_fleet\n"
+            "s = generate_fleet(5, 12, fill=(0.55, 0.8), drain_vms=20)\n"
+            "out = plan_evacuation(s, ['h0000', 'h0003']).model_dump_json()\n"
+            "out += plan_window(s, [h.name for h in s.hosts[:4]]).model_dump_json()\n"
+            "out += plan_rebalance(s, 20).model_dump_json()\n"
+            "print(hashlib.sha256(out.encode()).hexdigest())\n")
+    root = Path(__file__).resolve().parents[2]
+    digests = {subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(root)}).stdout
+               for seed in ("1", "2")}
+    assert len(digests) == 1
