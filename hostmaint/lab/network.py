@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from hostmaint.errors import HostmaintError
+
 LAB_SUBNET = ipaddress.IPv4Network("10.213.7.0/24")
 BRIDGE = "hmlab0"
 BRIDGE_IP = LAB_SUBNET.network_address + 1
@@ -22,7 +24,7 @@ VETH_PREFIX = "hml-"
 NETNS_DIR = Path("/run/netns")
 
 
-class LabError(RuntimeError):
+class LabError(HostmaintError):
     """The lab could not be brought up or torn down; the message says which step and why."""
 
 

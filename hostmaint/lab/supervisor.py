@@ -23,7 +23,7 @@ import time
 import uuid
 from pathlib import Path
 
-from hostmaint.lab.network import kill_pids, pids_in_namespaces
+from hostmaint.lab.network import LabError, kill_pids, pids_in_namespaces
 from hostmaint.lab.packages import newest_kernel
 from hostmaint.lab.sshd import SshdHandle, start_sshd
 
@@ -216,7 +216,7 @@ def main(argv: list[str]) -> int:
     try:
         supervisor.enter()
         supervisor.boot()
-    except (OSError, RuntimeError, ValueError, KeyError, subprocess.SubprocessError) as exc:
+    except (OSError, RuntimeError, ValueError, KeyError, subprocess.SubprocessError, LabError) as exc:
         # report why the host failed to come up, then leave no process behind
         _log(host_dir, f"boot failed: {exc!r}")
         supervisor._write_status(f"failed: {exc}")

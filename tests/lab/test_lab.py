@@ -31,7 +31,7 @@ from hostmaint.lab import (
     start_libvirtd,
 )
 from hostmaint.models import MigrationOptions, MigrationProgress, StepOutcome
-from tests.lab.conftest import WORKDIR, lab_skip_reason, leftovers
+from tests.lab.labkit import WORKDIR, lab_skip_reason, leftovers, wait_for_no_foreign_lab
 
 pytestmark = pytest.mark.lab
 
@@ -242,6 +242,7 @@ def test_a_failed_lab_up_cleans_up_after_itself() -> None:
     reason = lab_skip_reason()
     if reason:
         pytest.skip(reason)
+    wait_for_no_foreign_lab()
     # a 64 MiB guest cannot be allocated on a host with 32 MiB: the up fails half-way
     with pytest.raises(LabError):
         lab_up(hosts=1, vms=1, workdir=WORKDIR, linux_guests=0, host_memory_mib=32)

@@ -1,0 +1,53 @@
+"""What the lab tests share: the workdir, the skip rule and the leftover check."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+from hostmaint.lab.lab import foreign_lab
+from hostmaint.lab.network import lab_links, lab_netns
+
+WORKDIR = Path("/var/tmp/hostmaint-labtest")
+# hv01 is the big host: a guest that fits there does not fit on hv02/hv03 (memory test)
+HOST_MEMORY_MIB = (2048, 1024, 1024)
+
+
+def lab_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "lab tests need root (network namespaces, mounts, libvirtd)"
+    if shutil.which("libvirtd") is None and not Path("/usr/sbin/libvirtd").exists():
+        return "no libvirtd binary: run scripts/install-system.sh"
+    return None
+
+
+def leftovers(workdir: Path) -> list[str]:
+    """Everything of a lab still on the machine: namespaces, links, mounts, live processes."""
+    found = [f"netns {n}" for n in lab_netns()]
+    found += [f"link {n}" for n in lab_links()]
+    with open("/proc/self/mounts") as f:
+        found += [f"mount {line.split()[1]}" for line in f
+                  if str(workdir) in line or "/run/netns/hmlab" in line]
+    marker = str(workdir).encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue  # exited while we looked
+        if state != "Z" and marker in cmdline:
+            words = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"process {entry}: {words[:120]}")
+    return found
+
+
+def wait_for_no_foreign_lab(timeout: float = 900.0) -> None:
+    """Only one lab fits on a machine (fixed names and addresses): wait for another user's to go."""
+    deadline = time.monotonic() + timeout
+    while (other := foreign_lab(WORKDIR)) is not None:
+        assert time.monotonic() < deadline, f"another lab stays up on this machine: {other}"
+        time.sleep(5)
