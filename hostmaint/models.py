@@ -261,6 +261,18 @@ class CapacityCheck(Frozen):
     reason: str
 
 
+class Balance(Frozen):
+    """How evenly memory is used over a set of hosts: what plans report about their result."""
+
+    hosts: int = 0
+    host_max_mean: float = 0.0  # fullest host's utilisation over the capacity-weighted mean
+    host_std: float = 0.0
+    cell_max_mean: float = 0.0
+    cell_std: float = 0.0
+    numa_remote: int = 0  # placements spread over cells because no single cell held them
+    objective: float = 0.0  # memory-weighted sum of squared utilisations (lower is more even)
+
+
 class EvacuationPlan(Frozen):
     """Where every VM of the drained hosts goes. Printed before anything moves."""
 
@@ -273,6 +285,7 @@ class EvacuationPlan(Frozen):
     skipped_hosts: tuple[str, ...] = ()
     capacity: CapacityCheck | None = None
     planner: str = "hostmaint"
+    balance: Balance | None = None  # over the hosts that may receive, after the plan
 
     @property
     def feasible(self) -> bool:
@@ -290,6 +303,8 @@ class RebalancePlan(Frozen):
     moves: tuple[RebalanceMove, ...] = ()
     balance_before: float = 0.0
     balance_after: float = 0.0
+    spread_before: Balance | None = None
+    spread_after: Balance | None = None
 
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from hostmaint.errors import InputError
 from hostmaint.models import (
+    Balance,
     Blocker,
     CapacityCheck,
     EvacuationPlan,
@@ -40,7 +41,7 @@ from hostmaint.models import (
     VmAction,
 )
 from hostmaint.placement.fit import Demand, Miss, could_fit, demand_of, fit_host
-from hostmaint.placement.objective import CELL_WEIGHT, balance, fit_delta
+from hostmaint.placement.objective import CELL_WEIGHT, balance, fit_delta, measure
 from hostmaint.placement.state import Fit, HostLoad, Ledger
 
 GIB = 1024
@@ -315,11 +316,13 @@ def evacuate(snapshot: FleetSnapshot, ledger: Ledger, hosts: Sequence[str], *,
     groups: dict[str, list[HostLoad]] = {}
 
     def targets_for(vm: Vm) -> list[HostLoad]:
-        group = ledger.hosts[vm.host].cpu_group
-        if group not in groups:
-            groups[group] = [h for h in ledger.hosts.values()
-                             if h.state is HostState.ACTIVE and h.name not in barred and h.cpu_group == group]
-        return groups[group]
+        source = ledger.hosts[vm.host]
+        key = f"{source.cluster}/{source.cpu_group}"
+        if key not in groups:
+            groups[key] = [h for h in ledger.hosts.values()
+                           if h.state is HostState.ACTIVE and h.name not in barred
+                           and h.cpu_group == source.cpu_group and h.cluster == source.cluster]
+        return groups[key]
 
     chosen, unplaced = _greedy(difficulty_order(movers), ledger, targets_for, avoid, pack=False)
     if unplaced:
@@ -498,4 +501,10 @@ def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Col
     return EvacuationPlan(cluster=snapshot.cluster, hosts=tuple(drained), snapshot_digest=snapshot.digest(),
                           placements=tuple(result.placements), blocked=tuple(result.blocked),
                           vm_actions=tuple(result.vm_actions), skipped_hosts=tuple(result.skipped_hosts),
-                          capacity=capacity)
+                          capacity=capacity, balance=receivers_balance(ledger, drained, result.placements))
+
+
+def receivers_balance(ledger: Ledger, drained: Collection[str], placements: Sequence[Placement]) -> Balance:
+    """Balance over the active hosts that were not drained, after the plan is charged."""
+    return measure((h for h in ledger.hosts.values() if h.state is HostState.ACTIVE and h.name not in drained),
+                   numa_remote=sum(1 for p in placements if not p.numa_local))

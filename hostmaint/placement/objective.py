@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from hostmaint.models import Balance
 from hostmaint.placement.state import Fit, HostLoad
 
 CELL_WEIGHT = 0.5  # a host's cells together, relative to the host itself
@@ -71,3 +72,24 @@ def spread(utils: list[float]) -> tuple[float, float, float]:
     mean = sum(utils) / len(utils)
     std = math.sqrt(sum((u - mean) ** 2 for u in utils) / len(utils))
     return (max(utils) / mean if mean else 0.0), std, mean
+
+
+def measure(hosts: Iterable[HostLoad], numa_remote: int = 0) -> Balance:
+    """What a plan reports about how even the hosts are: max/mean (mean weighted by capacity), σ."""
+    hosts = list(hosts)
+    cells = [c for h in hosts for c in h.cells if c.memory_mib]
+    if not hosts or not cells:
+        return Balance(numa_remote=numa_remote)
+
+    def max_mean_std(pairs: list[tuple[float, int]]) -> tuple[float, float]:
+        utils = [u / m for u, m in pairs if m]
+        weighted = sum(u for u, _ in pairs) / sum(m for _, m in pairs)
+        mean = sum(utils) / len(utils)
+        std = math.sqrt(sum((x - mean) ** 2 for x in utils) / len(utils))
+        return (max(utils) / weighted if weighted else 0.0), std
+
+    hmm, hstd = max_mean_std([(h.used_mib, h.memory_mib) for h in hosts])
+    cmm, cstd = max_mean_std([(c.used_mib, c.memory_mib) for c in cells])
+    return Balance(hosts=len(hosts), host_max_mean=round(hmm, 4), host_std=round(hstd, 4),
+                   cell_max_mean=round(cmm, 4), cell_std=round(cstd, 4), numa_remote=numa_remote,
+                   objective=round(balance(hosts), 6))

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from hostmaint.models import FleetSnapshot, HostState, RebalanceMove, RebalancePlan, Vm
 from hostmaint.placement.evacuate import Choice, placement_for
 from hostmaint.placement.fit import Miss, could_fit, demand_of, fit_host
-from hostmaint.placement.objective import balance, fit_delta, release_delta
+from hostmaint.placement.objective import balance, fit_delta, measure, release_delta
 from hostmaint.placement.state import Fit, HostLoad, Ledger
 
 DONORS = 4  # fullest hosts weighed per step
@@ -104,6 +104,7 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int, *, prefer_origin: bo
     ledger = Ledger.from_snapshot(snapshot)
     active = {n: h for n, h in ledger.hosts.items() if h.state is HostState.ACTIVE}
     before = balance(active.values())
+    spread_before = measure(active.values())
     moves: list[RebalanceMove] = []
     vms_by_host: dict[str, list[Vm]] = {n: [] for n in ledger.hosts}
     for vm in sorted(snapshot.vms, key=lambda v: v.name):
@@ -127,7 +128,8 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int, *, prefer_origin: bo
             origin = vm.origin
             if (not vm.migratable or origin is None or origin == vm.host or origin not in active
                     or vm.host not in active
-                    or active[origin].cpu_group != ledger.hosts[vm.host].cpu_group):
+                    or active[origin].cpu_group != ledger.hosts[vm.host].cpu_group
+                    or active[origin].cluster != ledger.hosts[vm.host].cluster):
                 continue
             got = fit_host(vm, active[origin])
             if isinstance(got, Miss):
@@ -154,7 +156,10 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int, *, prefer_origin: bo
 
     after = balance(active.values())
     return RebalancePlan(cluster=snapshot.cluster, snapshot_digest=snapshot.digest(), moves=tuple(moves),
-                         balance_before=round(before, 6), balance_after=round(after, 6))
+                         balance_before=round(before, 6), balance_after=round(after, 6),
+                         spread_before=spread_before,
+                         spread_after=measure(active.values(),
+                                              numa_remote=sum(1 for m in moves if not m.placement.numa_local)))
 
 
 def _best_move(ledger: Ledger, donors: list[str], heaps: _Heaps,
@@ -167,7 +172,7 @@ def _best_move(ledger: Ledger, donors: list[str], heaps: _Heaps,
         src = hosts[d]
         for r in receivers:
             dst = hosts[r]
-            if r == d or dst.cpu_group != src.cpu_group or dst.util >= src.util:
+            if r == d or dst.cpu_group != src.cpu_group or dst.cluster != src.cluster or dst.util >= src.util:
                 continue
             for vm in vms_by_host[d]:
                 est = _estimate(src, dst, vm.memory_mib)

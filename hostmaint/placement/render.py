@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hostmaint.models import CapacityCheck, EvacuationPlan, RebalancePlan, WindowPlan
+from hostmaint.models import Balance, CapacityCheck, EvacuationPlan, RebalancePlan, WindowPlan
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -25,10 +25,18 @@ def _capacity(check: CapacityCheck | None) -> str:
     return f"N+1 check: {'ok' if check.ok else 'REFUSED'} (margin {check.margin_mib} MiB): {check.reason}"
 
 
+def _balance(b: Balance | None, what: str = "balance after") -> str:
+    if b is None:
+        return f"{what}: not measured"
+    return (f"{what}: {b.hosts} hosts, host max/mean {b.host_max_mean:.3f} σ {b.host_std:.3f}, "
+            f"cell max/mean {b.cell_max_mean:.3f} σ {b.cell_std:.3f}, NUMA-remote {b.numa_remote}")
+
+
 def _evacuation(plan: EvacuationPlan, *, title: str | None = None) -> str:
     out = [title or f"Evacuation plan for {', '.join(plan.hosts)} (cluster {plan.cluster}): "
            f"{'FEASIBLE' if plan.feasible else 'NOT FEASIBLE'}",
-           f"snapshot {plan.snapshot_digest[:12]}, planner {plan.planner}", _capacity(plan.capacity)]
+           f"snapshot {plan.snapshot_digest[:12]}, planner {plan.planner}", _capacity(plan.capacity),
+           _balance(plan.balance)]
     if plan.placements:
         rows = [(p.vm, p.source, p.target, ",".join(map(str, p.target_cells)),
                  "local" if p.numa_local else "REMOTE", p.memory_mib, _pins(p.vcpupin),
@@ -50,7 +58,8 @@ def _evacuation(plan: EvacuationPlan, *, title: str | None = None) -> str:
 def _rebalance(plan: RebalancePlan) -> str:
     out = [f"Rebalance plan for cluster {plan.cluster}: {len(plan.moves)} move(s), "
            f"balance {plan.balance_before:.4f} -> {plan.balance_after:.4f} (sum of squared utilisations)",
-           f"snapshot {plan.snapshot_digest[:12]}"]
+           f"snapshot {plan.snapshot_digest[:12]}", _balance(plan.spread_before, "before"),
+           _balance(plan.spread_after, "after")]
     if plan.moves:
         rows = [(i + 1, m.placement.vm, m.placement.source, m.placement.target,
                  ",".join(map(str, m.placement.target_cells)), m.placement.memory_mib, f"{m.improvement:.4f}")

@@ -52,6 +52,7 @@ class HostLoad:
     """One host's free capacity and what already runs there."""
 
     name: str
+    cluster: str
     cpu_group: str
     state: HostState
     cells: list[CellLoad]
@@ -110,7 +111,7 @@ def _host_load(host: Host, vms: list[Vm], headroom_pct: float, overcommit: float
             hugepages={hp.size_kib: hp.free for hp in c.hugepages},
             cpus=tuple(sorted(c.cpus)),
         ))
-    load = HostLoad(name=host.name, cpu_group=host.cpu_group, state=host.state, cells=cells,
+    load = HostLoad(name=host.name, cluster=host.cluster, cpu_group=host.cpu_group, state=host.state, cells=cells,
                     vcpu_budget=host.cpu_count * overcommit)
     cpu_cell = {cpu: cell for cell in cells for cpu in cell.cpus}
     for vm in vms:

@@ -35,7 +35,7 @@ from hostmaint.models import (
     WindowPlan,
     WindowStep,
 )
-from hostmaint.placement.evacuate import _check_hosts, _skipped, check_capacity, evacuate
+from hostmaint.placement.evacuate import _check_hosts, _skipped, check_capacity, evacuate, receivers_balance
 from hostmaint.placement.state import Ledger, pages_for, pinned_cpus
 
 
@@ -97,7 +97,8 @@ def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, 
         result = evacuate(current, ledger, [name], avoid=later)
         plan = EvacuationPlan(cluster=snapshot.cluster, hosts=(name,), snapshot_digest=snapshot.digest(),
                               placements=tuple(result.placements), blocked=tuple(result.blocked),
-                              vm_actions=tuple(result.vm_actions), skipped_hosts=tuple(result.skipped_hosts))
+                              vm_actions=tuple(result.vm_actions), skipped_hosts=tuple(result.skipped_hosts),
+                              balance=receivers_balance(ledger, [name], result.placements))
         for p in result.placements:
             location[p.vm] = p.target
             moves[p.vm] = moves.get(p.vm, 0) + 1

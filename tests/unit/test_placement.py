@@ -153,6 +153,12 @@ def test_memory_accounts_for_reserved_headroom_and_earlier_placements() -> None:
 # --- which hosts may receive ----------------------------------------------------------------------
 
 
+def test_targets_stay_in_the_cluster_of_the_source() -> None:
+    other = two_cells("x", 63, 63).model_copy(update={"cluster": "other"})
+    s = snap(two_cells("a", 0, 0), two_cells("b", 20, 20), other, vms=(vm("v", "a", 4),))
+    assert only(plan_evacuation(s, ["a"], spare_hosts=0), "v").target == "b"
+
+
 def test_targets_are_active_same_cpu_group_and_not_drained() -> None:
     hosts = (two_cells("a", 0, 0, cpu_group="icelake"), two_cells("b", 60, 60, cpu_group="icelake"),
              two_cells("c", 63, 63, cpu_group="icelake", state=HostState.CORDONED),
@@ -255,8 +261,12 @@ def test_same_snapshot_same_plan_and_digest_recorded() -> None:
 
 def test_every_placement_says_why_and_names_the_runner_up() -> None:
     s = snap(two_cells("a", 0, 0), two_cells("b", 60, 60), two_cells("c", 40, 40), vms=(vm("v", "a", 4),))
-    p = only(plan_evacuation(s, ["a"], spare_hosts=0), "v")
+    plan = plan_evacuation(s, ["a"], spare_hosts=0)
+    p = only(plan, "v")
     assert p.target == "b" and p.runner_up == "c" and "runner-up c" in p.reason and "single-cell" in p.reason
+    # b: 128 GiB with 4 + 4 GiB used + 4 moved = 12; c: 48 used of 128; capacity-weighted mean 30/128
+    assert plan.balance is not None and plan.balance.hosts == 2 and plan.balance.numa_remote == 0
+    assert plan.balance.host_max_mean == pytest.approx((48 / 128) / (60 / 256), abs=1e-3)
 
 
 def test_render_plan_shows_placements_and_blockers() -> None:
@@ -317,6 +327,8 @@ def test_rebalance_improves_balance_within_the_move_budget() -> None:
     assert sum(m.improvement for m in plan.moves) == pytest.approx(plan.balance_before - plan.balance_after,
                                                                    abs=1e-4)
     assert all(m.placement.source == "full" for m in plan.moves)
+    assert plan.spread_before is not None and plan.spread_after is not None
+    assert plan.spread_after.host_std < plan.spread_before.host_std
     assert plan_rebalance(_lopsided(), 0).moves == ()
 
 
