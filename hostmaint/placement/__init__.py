@@ -2,9 +2,9 @@
 
 Public API::
 
-    check_capacity(snapshot, hosts, *, spare_hosts=1) -> CapacityCheck       # the N+1 check
-    plan_evacuation(snapshot, hosts, *, avoid=(), spare_hosts=1) -> EvacuationPlan
-    plan_window(snapshot, hosts=None, *, spare_hosts=1, ...) -> WindowPlan
+    check_capacity(snapshot, hosts, *, spare_hosts=None) -> CapacityCheck    # the N+1 check
+    plan_evacuation(snapshot, hosts, *, avoid=(), spare_hosts=None) -> EvacuationPlan
+    plan_window(snapshot, hosts=None, *, spare_hosts=None, ...) -> WindowPlan
     plan_rebalance(snapshot, max_moves, *, prefer_origin=True) -> RebalancePlan
     render_plan(plan) -> str
 

@@ -76,9 +76,10 @@ def _skipped(snapshot: FleetSnapshot, hosts: Iterable[str]) -> set[str]:
             if not vm.migratable and vm.on_unmigratable is UnmigratableAction.SKIP_HOST}
 
 
-def check_capacity(snapshot: FleetSnapshot, hosts: Sequence[str], *, spare_hosts: int = 1) -> CapacityCheck:
+def check_capacity(snapshot: FleetSnapshot, hosts: Sequence[str], *, spare_hosts: int | None = None
+                   ) -> CapacityCheck:
     """The N+1 check: after draining ``hosts`` the remaining active hosts hold all load and still
-    survive losing their ``spare_hosts`` largest hosts.
+    survive losing their ``spare_hosts`` largest hosts (default: the cluster's ``limits.spare_hosts``).
 
     Usable capacity of a host = memory - reserved - headroom. ``margin_mib`` is what is left after
     load and the lost largest host(s); negative means refused. Hosts skipped by policy and VMs that
@@ -88,8 +89,10 @@ def check_capacity(snapshot: FleetSnapshot, hosts: Sequence[str], *, spare_hosts
     return _capacity(snapshot, Ledger.from_snapshot(snapshot), drained, spare_hosts)
 
 
-def _capacity(snapshot: FleetSnapshot, ledger: Ledger, drained: Sequence[str], spare_hosts: int) -> CapacityCheck:
+def _capacity(snapshot: FleetSnapshot, ledger: Ledger, drained: Sequence[str], spare: int | None
+              ) -> CapacityCheck:
     """check_capacity on a ledger nothing has been charged to yet."""
+    spare_hosts = snapshot.limits.spare_hosts if spare is None else spare
     skipped = _skipped(snapshot, drained)
     demand = sum(vm.memory_mib for h in drained if h not in skipped for vm in snapshot.vms_on(h)
                  if vm.migratable)
@@ -488,8 +491,11 @@ def _make_room(vm: Vm, chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
 
 
 def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Collection[str] = (),
-                    spare_hosts: int = 1) -> EvacuationPlan:
-    """Plan where every VM of ``hosts`` goes; the N+1 check (``spare_hosts``) is part of the plan.
+                    spare_hosts: int | None = None) -> EvacuationPlan:
+    """Plan where every VM of ``hosts`` goes; the N+1 check is part of the plan.
+
+    ``spare_hosts`` overrides the cluster's ``limits.spare_hosts`` (how many of the largest
+    remaining hosts the cluster must be able to lose).
 
     The plan is feasible only when no VM is blocked and the N+1 check holds. Same snapshot,
     same arguments: same plan.

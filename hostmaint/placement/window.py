@@ -61,7 +61,7 @@ def _empty_host(ledger: Ledger, name: str, vms: Sequence[Vm]) -> None:
             host.groups[vm.anti_affinity] -= 1
 
 
-def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, spare_hosts: int = 1,
+def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, spare_hosts: int | None = None,
                 link_mib_s: float = 1100.0, per_migration_s: float = 10.0,
                 patch_seconds: float = 900.0, prefer_patched: bool = True) -> WindowPlan:
     """Order ``hosts`` (default: every host of the cluster) and plan each one's evacuation so VMs

@@ -240,6 +240,16 @@ def test_n_plus_one_states_the_margin_when_it_holds() -> None:
     assert check.ok and check.margin_mib == (256 - 24 - 8) * GIB
 
 
+def test_spare_hosts_comes_from_the_cluster_limits() -> None:
+    s = snap(two_cells("a", 60, 60), two_cells("b", 60, 60), vms=(vm("v", "a", 4),))
+    assert not check_capacity(s, ["a"]).ok  # one host left: N+1 cannot hold
+    lab = s.model_copy(update={"limits": Limits(spare_hosts=0)})
+    check = check_capacity(lab, ["a"])
+    assert check.ok and "N+0" in check.reason
+    assert plan_evacuation(lab, ["a"]).feasible and not plan_evacuation(s, ["a"]).feasible
+    assert check_capacity(lab, ["a"], spare_hosts=1) == check_capacity(s, ["a"])
+
+
 def test_unknown_host_is_an_input_error() -> None:
     with pytest.raises(InputError, match="nope"):
         plan_evacuation(snap(two_cells("a", 0, 0), two_cells("b", 9, 9)), ["nope"])
