@@ -22,10 +22,11 @@ from typing import Any
 
 import httpx
 import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_support import ALL_VMS, make_fleet, where
 
 from deployments.serve import ENTRYPOINTS, ROOT
-from deployments.server import ServerConfig, running_server, server_env
+from deployments.server import ServerConfig, ensure_zombie_automation, running_server, server_env
 from hostmaint.audit import AuditTrail
 from hostmaint.db import open_engine
 from hostmaint.models import HostState, StepOutcome
@@ -288,6 +289,9 @@ def test_flow_killed_mid_drain_is_finished_by_the_next_run(site: Site) -> None:
     on_host = {vm for vm, hosts in where(fleet).items() if host in hosts}
     assert len(on_host) == 3
     states = HostStateStore(open_engine(f"sqlite:///{db}"))
+    # the setup's automation waits 90 s; 45 s (heartbeats every 30 s) lets this test see it act
+    with temporary_settings({PREFECT_API_URL: site.api}):
+        ensure_zombie_automation(within_s=45)
 
     first = subprocess.Popen([PY, "-c", EVACUATE, host, str(fleet), "first"], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
@@ -325,3 +329,11 @@ def test_flow_killed_mid_drain_is_finished_by_the_next_run(site: Site) -> None:
     assert states.state(host) is HostState.DRAINED
     for name in (f"host:{host}", "maintenance:demo", "migrations:demo"):
         assert site.limit(name)["active_slots"] == 0, name
+    # the dead run does not stay "Running": the zombie-run automation marked it Crashed
+    evacuations = site.post("/flow_runs/filter", {"flows": {"name": {"any_": ["evacuate-host"]}}, "limit": 50})
+    [dead] = [r for r in evacuations if r["parameters"].get("operator") == "first"]
+    deadline = time.monotonic() + 60
+    while dead["state"]["type"] == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(1)
+        dead = site.get(f"/flow_runs/{dead['id']}")
+    assert dead["state"]["type"] == "CRASHED", dead["state"]
