@@ -45,9 +45,16 @@ id -nG libvirt-qemu | grep -qw libvirt-qemu || adduser libvirt-qemu libvirt-qemu
 # The Debian cloud kernel booted by the lab's Linux guests (downloaded, never installed).
 CACHE=/var/cache/hostmaint-lab
 mkdir -p "$CACHE"
+fetch_kernel() {
+    local pkg
+    pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-/ {print $2; exit}')
+    [ -n "$pkg" ] && (cd "$CACHE" && apt-get download -qq "$pkg")
+}
 if ! ls "$CACHE"/linux-image-*-cloud-amd64_*.deb >/dev/null 2>&1; then
-    [ -n "$(ls -A /var/lib/apt/lists 2>/dev/null | grep -v lock || true)" ] || apt-get update -qq
-    kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
-    (cd "$CACHE" && apt-get download -qq "$kernel_pkg")
+    # stale or missing package lists: refresh once and try again; fail loudly if it still does not come
+    fetch_kernel || { apt-get update -qq && fetch_kernel; } || {
+        echo "install-system.sh: cannot download the Debian cloud kernel for the lab's Linux guests" >&2
+        exit 1
+    }
 fi
 echo "install-system.sh: ok"
