@@ -251,7 +251,7 @@ def placement_for(vm: Vm, choice: Choice) -> Placement:
     if fit.numa_local:
         kind = "vNUMA 1:1" if vm.vnuma else "single-cell"
     reason = (f"{kind} on {fit.host} cell(s) {cells}; host at {choice.util_before:.0%} before; "
-              f"objective +{choice.delta:.4f}, best of {choice.candidates} fitting host(s)")
+              f"objective +{choice.delta:.4f}, best of {choice.candidates} fitting host(s) weighed")
     if choice.avoided:
         reason += "; host is due for maintenance later but nothing else fits"
     runner = None

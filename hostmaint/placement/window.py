@@ -35,7 +35,7 @@ from hostmaint.models import (
     WindowPlan,
     WindowStep,
 )
-from hostmaint.placement.evacuate import _check_hosts, _skipped, check_capacity, evacuate, receivers_balance
+from hostmaint.placement.evacuate import _capacity, _check_hosts, _skipped, evacuate, receivers_balance
 from hostmaint.placement.state import Ledger, pages_for, pinned_cpus
 
 
@@ -74,20 +74,20 @@ def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, 
     skipped = _skipped(snapshot, names)
     todo = [n for n in names if n not in skipped]
     # one host is out at a time: N+1 must hold for each of them; the plan states the tightest
-    checks = [check_capacity(snapshot, [n], spare_hosts=spare_hosts) for n in todo]
+    ledger = Ledger.from_snapshot(snapshot)
+    checks = [_capacity(snapshot, ledger, [n], spare_hosts) for n in todo]  # reads the ledger only
     capacity = min(checks, key=lambda c: c.margin_mib) if checks else None
 
     def load(name: str) -> tuple[int, str]:
         return (sum(v.memory_mib for v in snapshot.vms_on(name) if v.migratable), name)
 
     order = sorted(todo, key=load)
-    ledger = Ledger.from_snapshot(snapshot)
     # where each VM is now, as the window moves it around
     location: dict[str, str] = {v.name: v.host for v in snapshot.vms}
     vm_by_name = {v.name: v for v in snapshot.vms}
     moves: dict[str, int] = {}
     steps: list[WindowStep] = []
-    patched: list[str] = []
+    digest = snapshot.digest()
     total_seconds = 0.0
     for i, name in enumerate(order):
         here = [vm_by_name[v].model_copy(update={"host": name})
@@ -95,7 +95,7 @@ def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, 
         current = snapshot.model_copy(update={"vms": tuple(here)})
         later = set(order[i + 1:]) if prefer_patched else set()
         result = evacuate(current, ledger, [name], avoid=later)
-        plan = EvacuationPlan(cluster=snapshot.cluster, hosts=(name,), snapshot_digest=snapshot.digest(),
+        plan = EvacuationPlan(cluster=snapshot.cluster, hosts=(name,), snapshot_digest=digest,
                               placements=tuple(result.placements), blocked=tuple(result.blocked),
                               vm_actions=tuple(result.vm_actions), skipped_hosts=tuple(result.skipped_hosts),
                               balance=receivers_balance(ledger, [name], result.placements))
@@ -107,7 +107,6 @@ def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, 
         gone = {p.vm for p in result.placements}
         leaving = [v for v in here if v.name in gone]
         _empty_host(ledger, name, leaving)
-        patched.append(name)
         sent = sum(p.memory_mib for p in result.placements)
         slots = max(snapshot.limits.migrations_per_source, 1)
         seconds = sent / link_mib_s + per_migration_s * len(result.placements) / slots + patch_seconds
@@ -117,7 +116,7 @@ def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, 
         steps.append(WindowStep(order=i + 1, host=name, evacuation=plan, estimated_seconds=round(seconds, 1)))
     migrations = sum(moves.values())
     moved = len(moves)
-    return WindowPlan(cluster=snapshot.cluster, snapshot_digest=snapshot.digest(), steps=tuple(steps),
+    return WindowPlan(cluster=snapshot.cluster, snapshot_digest=digest, steps=tuple(steps),
                       skipped_hosts=tuple(n for n in names if n in skipped), capacity=capacity,
                       migrations=migrations, vms_moved=moved,
                       migrations_per_vm=round(migrations / moved, 4) if moved else 0.0,
