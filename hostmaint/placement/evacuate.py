@@ -345,6 +345,7 @@ def evacuate(snapshot: FleetSnapshot, ledger: Ledger, hosts: Sequence[str], *,
                 best = (_rank(got, ledger), got, left, ledger.hosts)
         _, chosen, unplaced, ledger.hosts = best
         groups.clear()
+    _localize(chosen, ledger, targets_for, avoid)
     _improve(chosen, ledger, targets_for, avoid)
     _shave_peak(chosen, ledger, targets_for, avoid)
     for vm in unplaced:
@@ -459,12 +460,32 @@ def _shave_peak(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
             return
 
 
+def _localize(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
+              targets_for: Callable[[Vm], list[HostLoad]], avoid: Collection[str]) -> None:
+    """Turn NUMA-remote placements local where moving one other planned VM makes a cell free.
+
+    Greedy order can use up the only single cells a later VM needed; this undoes that.
+    """
+    for name in sorted(n for n, (_, c) in chosen.items() if not c.fit.numa_local):
+        vm, cur = chosen.pop(name)
+        ledger.unapply(vm, cur.fit)
+        again = choose(vm, targets_for(vm), avoid)
+        if isinstance(again, Choice) and again.fit.numa_local:
+            ledger.apply(vm, again.fit)
+            chosen[name] = (vm, again)
+        elif not _make_room(vm, chosen, ledger, targets_for, avoid, local_only=True):
+            ledger.apply(vm, cur.fit)
+            chosen[name] = (vm, cur)
+
+
 def _make_room(vm: Vm, chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
-               targets_for: Callable[[Vm], list[HostLoad]], avoid: Collection[str]) -> bool:
+               targets_for: Callable[[Vm], list[HostLoad]], avoid: Collection[str], *,
+               local_only: bool = False) -> bool:
     """Place a VM that fits nowhere by moving one already-planned VM elsewhere (one ejection).
 
     Tries the emptiest hosts first and, on each, its planned VMs largest first; the displaced VM
-    must land no worse (NUMA-local stays local). True when ``vm`` is placed.
+    must land no worse (NUMA-local stays local). ``local_only`` accepts only a single-cell (or
+    vNUMA 1:1) fit for ``vm``. True when ``vm`` is placed.
     """
     targets = targets_for(vm)
     for host in sorted(targets, key=lambda h: (h.util, h.name)):
@@ -473,7 +494,7 @@ def _make_room(vm: Vm, chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
         for other, was in planned:
             ledger.unapply(other, was.fit)
             util = host.util
-            got = fit_host(vm, host, allow_remote=True)
+            got = fit_host(vm, host, allow_remote=not local_only)
             if not isinstance(got, Miss):
                 delta = fit_delta(host, got)
                 ledger.apply(vm, got)

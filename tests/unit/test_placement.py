@@ -380,3 +380,16 @@ def test_two_equal_hosts_end_as_even_as_any_split_allows() -> None:
     best = min(abs(sum(s for i, s in enumerate(sizes) if mask >> i & 1) * 2 - sum(sizes))
                for mask in range(1 << len(sizes)))
     assert abs(per_host["b"] - per_host["c"]) == best * GIB
+
+
+def test_a_remote_placement_becomes_local_when_moving_one_planned_vm_frees_a_cell() -> None:
+    # the pinned VM goes first (hardest) into b's only 20 GiB cell (b is the emptier host: its free
+    # hugepages count as free); then "wide" has no single cell anywhere until "pinned" moves to c
+    gig = 1024 * 1024
+    b = host("b", cell(0, 128, 20, range(0, 4)),
+             cell(1, 128, 10, range(4, 8), (HugePages(size_kib=gig, total=100, free=100),)))
+    c = host("c", cell(0, 64, 18, range(0, 4)), cell(1, 64, 18, range(4, 8)))
+    vms = (vm("pinned", "a", 18, vcpus=1, vcpupin={0: (0,)}), vm("wide", "a", 20))
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), b, c, vms=vms), ["a"], spare_hosts=0)
+    assert plan.feasible and all(p.numa_local for p in plan.placements)
+    assert {p.vm: p.target for p in plan.placements} == {"pinned": "c", "wide": "b"}
