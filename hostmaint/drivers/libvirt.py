@@ -167,6 +167,7 @@ class LibvirtHypervisor:
         self._local = threading.local()
         self._lock = threading.Lock()
         self._opened: list[libvirt.virConnect] = []
+        self._owner: dict[int, threading.Thread] = {}  # id(cached connection) -> the thread it serves
         self._post_copy: set[tuple[str, str]] = set()  # (vm, source) switched to post-copy
 
     @classmethod
@@ -216,9 +217,19 @@ class LibvirtHypervisor:
             except libvirt.libvirtError:
                 pass  # a dead connection: replaced below
             self._drop(host)
+        self._close_connections_of_finished_threads()
         conn = self._open(host)
         conns[host] = conn
+        with self._lock:
+            self._owner[id(conn)] = threading.current_thread()
         return conn
+
+    def _close_connections_of_finished_threads(self) -> None:
+        """Close the cached connections of threads that have ended (drain workers come and go)."""
+        with self._lock:
+            finished = [c for c in self._opened if (t := self._owner.get(id(c))) is not None and not t.is_alive()]
+        for conn in finished:
+            self._close(conn)
 
     def _drop(self, host: str) -> None:
         conns: dict[str, libvirt.virConnect] = self._local.__dict__.setdefault("conns", {})
@@ -230,6 +241,7 @@ class LibvirtHypervisor:
         with self._lock:
             if conn in self._opened:
                 self._opened.remove(conn)
+            self._owner.pop(id(conn), None)
         self._close_bounded([conn])
 
     def _close_bounded(self, conns: list[libvirt.virConnect]) -> None:
@@ -254,6 +266,7 @@ class LibvirtHypervisor:
         """Close every connection this driver opened, in every thread."""
         with self._lock:
             conns, self._opened = self._opened, []
+            self._owner.clear()
         self._close_bounded(conns)
 
     def _call(self, host: str, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:

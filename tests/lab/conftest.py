@@ -1,4 +1,4 @@
-"""The lab fixture: one real 3-host KVM lab for the whole session, torn down even on failure.
+"""The lab fixture: one real 3-host KVM lab per test module, torn down even on failure.
 
 Lab tests need root and libvirtd; without either they are skipped with the reason. CI runs as
 root after ``scripts/install-system.sh``, so there they run for real.
@@ -15,7 +15,7 @@ from hostmaint.lab.network import BRIDGE, lab_links
 from tests.lab.labkit import HOST_MEMORY_MIB, WORKDIR, lab_skip_reason, leftovers, wait_for_no_foreign_lab
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def lab() -> Iterator[LabInfo]:
     reason = lab_skip_reason()
     if reason:
