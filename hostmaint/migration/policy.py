@@ -299,13 +299,19 @@ def options_for(spec: MigrationSpec, options: MigrationOptions, policy: Schedule
     })
 
 
+def _started(sample: MigrationProgress) -> bool:
+    # libvirt reports a job before it has data: all zeros, and a "remaining" of 0 is no low at all
+    return sample.data_total > 0
+
+
 def stalled_for_s(history: Sequence[MigrationProgress]) -> float:
-    """Seconds since ``data_remaining`` last reached a new low (0 without samples)."""
-    if not history:
+    """Seconds since ``data_remaining`` last reached a new low (0 before the job reports data)."""
+    started = [s for s in history if _started(s)]
+    if not started:
         return 0.0
     low = math.inf
-    low_at = history[0].elapsed_s
-    for sample in history:
+    low_at = started[0].elapsed_s
+    for sample in started:
         if sample.data_remaining < low:
             low, low_at = sample.data_remaining, sample.elapsed_s
     return history[-1].elapsed_s - low_at
@@ -320,6 +326,8 @@ class ProgressTrack:
         self.last: MigrationProgress | None = None
 
     def observe(self, sample: MigrationProgress) -> None:
+        if not _started(sample):
+            return  # no data yet: says nothing about progress
         if self.low is None or sample.data_remaining < self.low.data_remaining:
             self.low = sample
         self.last = sample

@@ -26,7 +26,7 @@ GIB = 1024**3
 
 
 def samples(*points: tuple[float, int]) -> list[MigrationProgress]:
-    return [MigrationProgress(vm="v", elapsed_s=t, data_remaining=r) for t, r in points]
+    return [MigrationProgress(vm="v", elapsed_s=t, data_total=1000, data_remaining=r) for t, r in points]
 
 
 FALLING = samples((0, 900), (10, 700), (20, 500), (30, 300))
@@ -59,6 +59,20 @@ def test_watchdog_time_counts_as_stall_time_without_new_samples() -> None:
     history = samples((0, 900), (10, 500))
     assert next_action(history, budget_s=1000, stall_s=60, elapsed_s=30).action is Action.CONTINUE
     assert next_action(history, budget_s=1000, stall_s=60, elapsed_s=75).action is Action.ENABLE_AUTO_CONVERGE
+
+
+def test_samples_before_the_job_reports_data_are_no_progress_low() -> None:
+    # libvirt's first jobStats of a migration: a job, but all zeros. Seen on the lab: without this
+    # rule the zero "remaining" was the low and the migration was escalated after stall_s regardless.
+    history = [MigrationProgress(vm="v", elapsed_s=0.5)] + samples((1, 900), (3, 800), (5, 700))
+    assert stalled_for_s(history) == 0
+    track = ProgressTrack()
+    for s in history:
+        track.observe(s)
+    assert next_action(track.history, budget_s=100, stall_s=4).action is Action.CONTINUE
+    only_zero = ProgressTrack()
+    only_zero.observe(MigrationProgress(vm="v", elapsed_s=9.0))
+    assert only_zero.history == ()
 
 
 def test_progress_track_keeps_the_answer_of_the_full_history() -> None:
