@@ -16,7 +16,7 @@ import pytest
 from hostmaint.drivers.base import Hypervisor
 from hostmaint.drivers.libvirt import LibvirtHypervisor
 from hostmaint.drivers.ssh import SshShell
-from hostmaint.errors import MigrationError, TransientDriverError
+from hostmaint.errors import DriverError, MigrationError, TransientDriverError
 from hostmaint.inventory import load_inventory
 from hostmaint.lab import (
     LabError,
@@ -231,6 +231,22 @@ def test_reboot_host_gives_a_new_boot_id_and_services_return(lab: LabInfo, hv: L
     assert hv.running_vms(host) == ()  # guests do not survive a reboot; libvirtd answers again
     status = {h.name: h for h in lab_status(WORKDIR).hosts}[host]
     assert status.libvirtd_listening and status.sshd_listening and status.boot_id == new
+
+
+def test_start_after_reboot_and_a_shutdown_the_guest_ignores(lab: LabInfo, hv: LibvirtHypervisor) -> None:
+    # hv03 was rebooted: its guests are defined but shut off (the libvirtd test moved one away)
+    host = "hv03"
+    vm = max(v.name for v in lab.vms if v.host == host)  # the libvirtd test moved the first one away
+    assert hv.locate(vm) == ()
+    hv.start(vm, host)
+    hv.start(vm, host)  # already running: nothing to do
+    assert hv.locate(vm) == (host,)
+    # a diskless SeaBIOS guest has no OS to honour the ACPI power button: the driver waits, then
+    # says so, and forces nothing
+    with pytest.raises(DriverError) as caught:
+        hv.shutdown(vm, host, timeout=2.0)
+    assert caught.value.host == host and vm in str(caught.value) and "did not shut down" in str(caught.value)
+    assert hv.locate(vm) == (host,)
 
 
 def test_lab_down_leaves_nothing_behind(lab: LabInfo, hv: LibvirtHypervisor, shell: SshShell) -> None:
