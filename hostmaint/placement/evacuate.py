@@ -349,12 +349,12 @@ def evacuate(snapshot: FleetSnapshot, ledger: Ledger, hosts: Sequence[str], *,
     _improve(chosen, ledger, targets_for, avoid)
     _shave_peak(chosen, ledger, targets_for, avoid)
     for vm in unplaced:
-        got = choose(vm, targets_for(vm), avoid)
-        if isinstance(got, Choice):  # the local search happened to free a place for it
-            ledger.apply(vm, got.fit)
-            chosen[vm.name] = (vm, got)
+        late = choose(vm, targets_for(vm), avoid)
+        if isinstance(late, Choice):  # the local search happened to free a place for it
+            ledger.apply(vm, late.fit)
+            chosen[vm.name] = (vm, late)
         else:
-            out.blocked.append(blocker_for(vm, got, len(targets_for(vm))))
+            out.blocked.append(blocker_for(vm, late, len(targets_for(vm))))
     out.placements.extend(placement_for(vm, choice) for vm, choice in chosen.values())
     out.placements.sort(key=lambda p: (p.source, p.vm))
     out.blocked.sort(key=lambda b: (b.host, b.vm))

@@ -50,8 +50,8 @@ def _evacuation(plan: EvacuationPlan, *, title: str | None = None) -> str:
     if plan.skipped_hosts:
         out += ["", f"skipped hosts: {', '.join(plan.skipped_hosts)}"]
     if plan.blocked:
-        rows = [(b.vm, b.host, b.constraint, b.reason, b.hint) for b in plan.blocked]
-        out += ["", "BLOCKED:", _table(("VM", "HOST", "CONSTRAINT", "REASON", "HINT"), rows)]
+        blocked = [(b.vm, b.host, b.constraint, b.reason, b.hint) for b in plan.blocked]
+        out += ["", "BLOCKED:", _table(("VM", "HOST", "CONSTRAINT", "REASON", "HINT"), blocked)]
     return "\n".join(out)
 
 
