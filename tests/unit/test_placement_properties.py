@@ -37,7 +37,7 @@ GIB = 1024
 PAGE = 1024 * 1024  # 1 GiB hugepages
 CONSTRAINTS = {"memory", "vcpu", "hugepages", "numa", "pinning", "anti-affinity", "cpu-group", "unmigratable",
                "capacity"}
-FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @st.composite
@@ -258,7 +258,7 @@ def test_rebalance_never_breaks_a_hard_constraint_and_never_worsens_balance(s: F
     assert plan == plan_rebalance(s, budget)
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(st.integers(0, 10_000), st.integers(3, 12))
 def test_generated_fleets_plan_within_constraints(seed: int, hosts: int) -> None:
     s = generate_fleet(seed, hosts, fill=(0.55, 0.8), drain_vms=12)
