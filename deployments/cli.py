@@ -83,6 +83,10 @@ def setup_cmd(inventory: InventoryOpt = "inventory.yaml", api_url: ApiOpt = None
     _print_setup(report)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 @app.command("server")
 def server_cmd(inventory: Annotated[str | None, typer.Option(
                    "--inventory", "-i", envvar="HOSTMAINT_INVENTORY",
@@ -110,7 +114,7 @@ def server_cmd(inventory: Annotated[str | None, typer.Option(
             _print_setup(setup(inventory, work_pool=None if no_deployments else work_pool))
             if not no_deployments:
                 out.print(f"  run flows: prefect worker start --pool {work_pool}  (with HOSTMAINT_INVENTORY set)")
-        signal.signal(signal.SIGTERM, lambda *_: server.stop())
+        signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: the finally below stops the server
         server.process.wait()
     except (HostmaintError, KeyError, httpx.HTTPError) as exc:
         server.stop()

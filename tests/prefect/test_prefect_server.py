@@ -26,7 +26,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_support import ALL_VMS, make_fleet, where
 
 from deployments.serve import ENTRYPOINTS, ROOT
-from deployments.server import ServerConfig, ensure_zombie_automation, running_server, server_env
+from deployments.server import ServerConfig, ensure_zombie_automation, server_env
 from hostmaint.audit import AuditTrail
 from hostmaint.db import open_engine
 from hostmaint.models import HostState, StepOutcome
@@ -109,51 +109,74 @@ class Site:
                               capture_output=True, text=True, timeout=120)
 
 
+def stop(process: subprocess.Popen[Any], timeout: float = 30) -> int:
+    """SIGTERM, then SIGKILL to the process group after ``timeout``; the exit code."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+    return process.returncode
+
+
+def wait_for(what: str, ready: Any, process: subprocess.Popen[Any], log: Path, timeout: float = 150) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, f"{what} exited {process.returncode}:\n{log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{what} not ready in {timeout}s:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    """`hostmaint server -i INVENTORY` (server + setup), then `hostmaint serve`, as the README says."""
     work = tmp_path_factory.mktemp("site")
-    config = ServerConfig(home=work / "prefect", port=free_port(),
-                          extra_env={"PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1",
-                                     "PREFECT_LOGGING_LEVEL": "INFO"})
+    config = ServerConfig(home=work / "prefect", port=free_port())
     inventory = make_fleet(work / "fleet")
     db = work / "hostmaint.db"
     env = {**server_env(config), "HOSTMAINT_DB": str(db), "HOSTMAINT_INVENTORY": str(inventory),
            "PREFECT_RUNNER_POLL_FREQUENCY": "1", "HOSTMAINT_LOCK_LEASE_SECONDS": "60",
-           "PYTHONPATH": str(ROOT)}
-    with running_server(config):
-        setup = subprocess.run([PY, "-m", "deployments.cli", "setup", "-i", str(inventory)], cwd=ROOT, env=env,
-                               capture_output=True, text=True, timeout=120)
-        assert setup.returncode == 0, setup.stdout + setup.stderr
-        site = Site(config, inventory, db, env, work)
+           "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1", "PYTHONPATH": str(ROOT)}
+    site = Site(config, inventory, db, env, work)
+    server_log = work / "server-cli.log"
+    with server_log.open("w") as out:
+        server = subprocess.Popen([PY, "-m", "deployments.cli", "server", "--home", str(config.home), "--port",
+                                   str(config.port), "-i", str(inventory)], cwd=ROOT, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    serve_log = work / "serve.log"
+    serve: subprocess.Popen[Any] | None = None
+    try:
+        wait_for("hostmaint server", lambda: "hardware-check-failed-runbook/hardware-check-failed"
+                 in server_log.read_text(), server, server_log)
         site.pool_deployment = site.deployment("evacuate-host")
-        log = (work / "serve.log").open("w")
-        serve = subprocess.Popen([PY, "-m", "deployments.cli", "serve", "-i", str(inventory),
-                                  "--approval-poll-seconds", "1"], cwd=ROOT, env=env, stdout=log,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    dep = site.deployment("degraded-host")
-                    if dep.get("status") == "READY" and not dep.get("work_pool_name"):
-                        break
-                except httpx.HTTPStatusError:
-                    pass
-                assert serve.poll() is None, (work / "serve.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "hostmaint serve did not come up"
-                time.sleep(0.5)
-            yield site
-        finally:
-            serve.send_signal(signal.SIGTERM)
+        with serve_log.open("w") as out:
+            serve = subprocess.Popen([PY, "-m", "deployments.cli", "serve", "-i", str(inventory),
+                                      "--approval-poll-seconds", "1"], cwd=ROOT, env=env, stdout=out,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+
+        def served() -> bool:
             try:
-                serve.wait(20)
-            except subprocess.TimeoutExpired:
-                serve.kill()
-            log.close()
+                dep = site.deployment("degraded-host")
+            except httpx.HTTPStatusError:
+                return False
+            return dep.get("status") == "READY" and not dep.get("work_pool_name")
+
+        wait_for("hostmaint serve", served, serve, serve_log, timeout=90)
+        yield site
+    finally:
+        if serve is not None:
+            stop(serve)
+        assert stop(server) == 0, server_log.read_text()[-3000:]  # SIGTERM stops the server cleanly
 
 
 def test_setup_made_the_server_ready(site: Site) -> None:
-    """`hostmaint setup`: limits from the inventory, the zombie-run automation, the pool and its deployments."""
+    """`hostmaint server -i`: loopback, analytics off, leases on disk; limits, automation, pool, deployments."""
+    settings = site.get("/admin/settings")
+    assert settings["server"]["analytics_enabled"] is False
+    assert settings["server"]["concurrency"]["lease_storage"] == "prefect.server.concurrency.lease_storage.filesystem"
+    assert settings["server"]["api"]["host"] == "127.0.0.1"
     for name, size in (("host:hv01", 1), ("maintenance:demo", 1), ("migrations:demo", 4)):
         assert site.limit(name)["limit"] == size
     automations = site.post("/automations/filter", {})
@@ -230,6 +253,7 @@ def test_ui_form_submits_a_dry_run_evacuation(site: Site, tmp_path: Path) -> Non
     before = where(site.inventory)
     allowed: list[str] = []
     blocked: list[str] = []
+    console: list[str] = []
 
     def only_loopback(route: Any) -> None:
         url = route.request.url
@@ -243,20 +267,38 @@ def test_ui_form_submits_a_dry_run_evacuation(site: Site, tmp_path: Path) -> Non
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = None
         try:
             context = browser.new_context(viewport={"width": 1280, "height": 1500})
+            context.set_default_timeout(60_000)  # 2 cores shared with a server and a flow runner
             context.route("**/*", only_loopback)
             page = context.new_page()
-            page.goto(f"{site.config.ui_url}/v2/deployments/deployment/{dep['id']}/run", wait_until="networkidle")
-            page.get_by_text("Move every VM off one host").wait_for(timeout=30_000)
+            page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
+            page.on("requestfailed", lambda req: console.append(f"request failed: {req.url} {req.failure}"))
+            page.on("response", lambda r: r.status >= 500 and console.append(f"{r.status}: {r.url}"))
+            form = f"{site.config.ui_url}/v2/deployments/deployment/{dep['id']}/run"
+            page.goto(form, wait_until="domcontentloaded")
+            try:
+                page.get_by_text("Move every VM off one host").wait_for(timeout=30_000)
+            except playwright.TimeoutError:
+                # the single-page app renders nothing when an API call fails on a busy server
+                # (SQLite "database is locked" -> 503); a person would reload, so do we, once
+                console.append("form did not render in 30 s: reloading")
+                page.goto(form, wait_until="domcontentloaded")
+                page.get_by_text("Move every VM off one host").wait_for()
             for label in ("Host", "Reason", "Operator", "Dry run (Optional)", "Approval required (Optional)"):
-                page.get_by_text(label, exact=True).first.wait_for(timeout=10_000)
+                page.get_by_text(label, exact=True).first.wait_for()
             page.get_by_label("Host", exact=True).fill("hv02")
             page.get_by_label("Reason", exact=True).fill("UI dry run from the form")
             page.get_by_label("Operator", exact=True).fill("ui-tester")
             page.screenshot(path=str(ARTIFACTS / "evacuate-host-form.png"), full_page=True)
             page.get_by_role("button", name="Submit").click()
-            page.wait_for_url(lambda url: "/run" not in url, timeout=30_000)
+            page.wait_for_url(lambda url: "/run" not in url)
+        except Exception:
+            if page is not None:
+                page.screenshot(path=str(ARTIFACTS / "evacuate-host-form-failure.png"), full_page=True)
+            (ARTIFACTS / "evacuate-host-form-failure.log").write_text("\n".join(console))
+            raise
         finally:
             browser.close()
 
@@ -268,7 +310,8 @@ def test_ui_form_submits_a_dry_run_evacuation(site: Site, tmp_path: Path) -> Non
     assert where(site.inventory) == before  # a dry run moves nothing
     assert allowed and all(u.startswith(origin) for u in allowed)
     (ARTIFACTS / "evacuate-host-form.json").write_text(json.dumps(
-        {"flow_run": run["id"], "parameters": run["parameters"], "blocked_requests": sorted(set(blocked))}, indent=2))
+        {"flow_run": run["id"], "parameters": run["parameters"], "blocked_requests": sorted(set(blocked)),
+         "browser_log": console}, indent=2))
 
 
 # --- a flow killed mid-drain -------------------------------------------------------------------------------------
