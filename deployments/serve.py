@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -225,11 +225,11 @@ def build_deployments(inventory: str | Path | Inventory, *, windows: Path = WIND
     window_flow = _load_flow(PATCH_WINDOW_ENTRYPOINT, source)
     for cluster in inv.clusters:
         cfg = overrides.get(cluster.name, default)
-        out.append(window_flow.to_deployment(
+        out.append(cast(RunnerDeployment, window_flow.to_deployment(
             name=f"patch-window-{cluster.name}", tags=[*TAGS, f"cluster:{cluster.name}"],
             description=f"Patch window of cluster {cluster.name}: {cfg.rrule} in {cfg.timezone}, "
                         f"{cfg.window_minutes:g} min, {len(cfg.exclude)} date(s) excluded.",
-            schedules=[window_schedule(cluster.name, cfg)], parameters=window_parameters(cluster.name, cfg)))
+            schedules=[window_schedule(cluster.name, cfg)], parameters=window_parameters(cluster.name, cfg))))
     extra = {} if approval_poll_s is None else {"poll_interval_s": approval_poll_s}
     for name, (entrypoint, description) in ENTRYPOINTS.items():
         fl = _load_flow(entrypoint, source)
@@ -238,7 +238,7 @@ def build_deployments(inventory: str | Path | Inventory, *, windows: Path = WIND
             kwargs["triggers"] = [degraded_trigger(extra)]
         elif name == "hardware-check-failed":
             kwargs["triggers"] = [hardware_trigger(extra)]
-        out.append(fl.to_deployment(name=name, tags=TAGS, description=description, **kwargs))
+        out.append(cast(RunnerDeployment, fl.to_deployment(name=name, tags=TAGS, description=description, **kwargs)))
     return out
 
 

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import httpx
 
@@ -181,14 +181,14 @@ def ensure_zombie_automation(within_s: int = ZOMBIE_WITHIN_S) -> str:
         match={"prefect.resource.id": ["prefect.flow-run.*"]},
         for_each={"prefect.resource.id"},
         posture=Posture.Proactive, threshold=1, within=timedelta(seconds=within_s))
-    action = ChangeFlowRunState(state=StateType.CRASHED,
+    action = ChangeFlowRunState(name=None, state=StateType.CRASHED, force=False,
                                 message=f"no heartbeat for {within_s}s: the process running this flow died "
                                         "(its host locks are freed when their leases run out)")
     with get_client(sync_client=True) as client:
         for old in client.read_automations_by_name(ZOMBIE_AUTOMATION):
             client.delete_automation(old.id)
-    automation = Automation(name=ZOMBIE_AUTOMATION, description="hostmaint: zombie flow runs",
-                            trigger=trigger, actions=[action]).create()
+    automation = cast(Automation, Automation(name=ZOMBIE_AUTOMATION, description="hostmaint: zombie flow runs",
+                                             trigger=trigger, actions=[action]).create())
     return str(automation.id)
 
 

@@ -26,12 +26,15 @@ def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 36
                         lock_wait_s: float | None = 60) -> HostOutcome:
     """Evacuate one host as asked in the form; with approval required, show the plan and wait for a yes."""
     inv = request.inventory or default_inventory()
-    common = {"host": request.host, "operator": request.operator, "reason": request.reason, "inventory": inv,
-              "trigger": Trigger.UI}
+
+    def evacuate(dry_run: bool = False) -> HostOutcome:
+        return evacuate_host(host=request.host, dry_run=dry_run, operator=request.operator, reason=request.reason,
+                             inventory=inv, trigger=Trigger.UI, lock_wait_s=lock_wait_s)
+
     if request.dry_run:
-        return evacuate_host(dry_run=True, **common)
+        return evacuate(dry_run=True)
     if not request.approval_required:
-        return evacuate_host(lock_wait_s=lock_wait_s, **common)
+        return evacuate()
     ref = RuntimeRef(inv)
     rt = ref.open()
     run = run_context("evacuate-on-request", Trigger.UI, request.operator, request.reason)
@@ -44,7 +47,7 @@ def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 36
             return HostOutcome(host=request.host, outcome=StepOutcome.SKIPPED, simulated=rt.simulated,
                                state=rt.states.state(request.host).value,
                                detail=f"not approved by {answer.operator}: {answer.comment}; nothing changed")
-        return evacuate_host(lock_wait_s=lock_wait_s, **common)
+        return evacuate()
 
 
 @flow(name="patch-on-request", log_prints=True)
