@@ -8,6 +8,7 @@ Everything is SIMULATED hosts; nothing leaves 127.0.0.1.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -17,15 +18,18 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import httpx
 import pytest
+from prefect.server.schemas.schedules import RRuleSchedule
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_support import ALL_VMS, make_fleet, where
 
-from deployments.serve import ENTRYPOINTS, ROOT
+from deployments.serve import ENTRYPOINTS, ROOT, load_windows, window_rrule
 from deployments.server import ServerConfig, ensure_zombie_automation, server_env
 from hostmaint.audit import AuditTrail
 from hostmaint.db import open_engine
@@ -195,9 +199,29 @@ def test_serve_took_over_every_deployment(site: Site) -> None:
         dep = site.deployment(name)
         assert dep["work_pool_name"] is None, name  # served here, no longer waiting for a worker
         assert dep["status"] == "READY", name
-    [schedule] = site.deployment("patch-window-demo")["schedules"]
+    window = site.deployment("patch-window-demo")
+    [schedule] = window["schedules"]
     assert schedule["schedule"]["timezone"] == "Asia/Tokyo" and "BYDAY=+2TU" in schedule["schedule"]["rrule"]
     assert schedule["parameters"]["cluster"] == "demo"
+
+
+def test_the_scheduler_creates_the_windows_and_skips_excluded_dates(site: Site) -> None:
+    """The server's own scheduler turns the schedule into runs: 22:00 Tokyo, none on an excluded date."""
+    window = site.deployment("patch-window-demo")
+    deadline = time.monotonic() + 90
+    while not (runs := [r for r in site.runs_of(window["id"]) if r["state"]["type"] == "SCHEDULED"]):
+        assert time.monotonic() < deadline, "the scheduler created no patch window run"
+        time.sleep(1)
+    tokyo = ZoneInfo("Asia/Tokyo")
+    starts = sorted(datetime.fromisoformat(r["expected_start_time"]).astimezone(tokyo) for r in runs)
+    for start in starts:
+        assert (start.weekday(), start.hour, start.minute) == (1, 22, 0) and 8 <= start.day <= 14, start
+        assert start.date().isoformat() not in ("2026-12-08", "2027-01-12"), f"excluded date scheduled: {start}"
+    assert all(r["parameters"]["cluster"] == "demo" and r["parameters"]["window_minutes"] == 240 for r in runs)
+    cfg, _ = load_windows()
+    expected = asyncio.run(RRuleSchedule(rrule=window_rrule(cfg), timezone=cfg.timezone).get_dates(
+        n=len(starts), start=datetime.now(UTC)))
+    assert starts == [d.astimezone(tokyo) for d in expected]
 
 
 def test_degraded_event_starts_the_runbook_which_waits_for_approval(site: Site) -> None:
