@@ -63,11 +63,15 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
     clock = WindowClock(end=window_end)
     snapshot = t.discover(ref, cluster)
     done = rt.states.patched_in(window_id)
-    order = window_order(snapshot, hosts)
+    order, left_out = window_order(snapshot, hosts)
     pending = [h for h in order if h not in done]
     outcomes = [HostOutcome(host=h, outcome=StepOutcome.SKIPPED, state=rt.states.state(h).value,
                             detail=f"already patched in window {window_id}", simulated=rt.simulated)
                 for h in order if h in done]
+    outcomes += [HostOutcome(host=h, outcome=StepOutcome.SKIPPED, state=rt.states.state(h).value,
+                             detail="left out of the window: a VM's policy is skip-host", simulated=rt.simulated)
+                 for h in left_out]
+    order += left_out
     logger.info("window %s: %d host(s) to patch, %d already done, %d at a time",
                 window_id, len(pending), len(done), parallel)
     running: dict[str, PrefectFuture[HostOutcome]] = {}

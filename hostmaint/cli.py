@@ -155,7 +155,7 @@ def plan_drain(host: str, inventory: InventoryOpt = "inventory.yaml", snapshot: 
         if plan.capacity is None:
             plan = plan.model_copy(update={"capacity": check_capacity(snap, [host])})
         if as_json:
-            _print_json(plan.model_dump(mode="json"))
+            _print_json({**plan.model_dump(mode="json"), "feasible": plan.feasible})
         else:
             out.print(render_plan(plan), highlight=False)
         if not plan.feasible:
@@ -174,7 +174,7 @@ def plan_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml", sn
             raise InputError(f"the snapshot is of cluster {snap.cluster!r}, not {cluster!r}")
         plan = plan_window(snap)
         if as_json:
-            _print_json(plan.model_dump(mode="json"))
+            _print_json({**plan.model_dump(mode="json"), "feasible": plan.feasible})
         else:
             out.print(render_plan(plan), highlight=False)
 

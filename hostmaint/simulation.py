@@ -45,7 +45,8 @@ def demo_snapshot(hosts: int = 4, vms: int = 12, *, cluster: str = "demo") -> Fl
                          hosts=host_models, vms=tuple(sorted(vm_models, key=lambda v: v.name)))
 
 
-def demo_packages(snapshot: FleetSnapshot, *, kernel_update_on: tuple[str, ...] = ("hv02",)) -> dict[str, SimHostPackages]:
+def demo_packages(snapshot: FleetSnapshot, *,
+                  kernel_update_on: tuple[str, ...] = ("hv02",)) -> dict[str, SimHostPackages]:
     """Every host has an openssl update pending; the hosts named get a newer kernel too."""
     out = {}
     for h in snapshot.hosts:

@@ -51,11 +51,12 @@ def estimate_host_seconds(snapshot: FleetSnapshot, host: str, inventory: Invento
     return drain + PATCH_SECONDS + reboot
 
 
-def window_order(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None) -> list[str]:
-    """The order hosts are patched in.
+def window_order(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
+    """The order hosts are patched in, and the hosts the window must leave out.
 
-    The planner's rolling-window order (VMs move onto already-patched hosts, about
-    one migration per VM) when it offers one; the host names given, else all hosts.
+    The order is the planner's rolling-window order (VMs move onto already-patched
+    hosts, about one migration per VM). Left out are hosts whose VMs' policy says
+    ``skip-host``; the window reports them instead of dropping them silently.
     """
     from hostmaint.placement import plan_window
 
@@ -64,4 +65,6 @@ def window_order(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None) ->
     if unknown:
         raise KeyError(f"unknown host(s) in cluster {snapshot.cluster}: {', '.join(unknown)}")
     plan = plan_window(snapshot, wanted)
-    return [h for h in plan.order if h in wanted]
+    order = [h for h in plan.order if h in wanted]
+    left_out = [h for h in wanted if h not in order]
+    return order, left_out

@@ -41,6 +41,7 @@ def test_plan_drain_offline_from_a_snapshot(sim_inventory: Path, tmp_path: Path)
     code, text = run("plan", "drain", "hv01", "--snapshot", str(out), "--json")
     assert code == 0, text
     plan = json.loads(runner.invoke(app, ["plan", "drain", "hv01", "--snapshot", str(out), "--json"]).stdout)
+    assert plan["feasible"] is True
     assert {p["source"] for p in plan["placements"]} == {"hv01"}
     assert "hv01" not in {p["target"] for p in plan["placements"]}
     # the same snapshot gives the same plan
