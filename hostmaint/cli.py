@@ -203,7 +203,11 @@ def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
     from hostmaint.models import Trigger
 
     kwargs.setdefault("trigger", Trigger.CLI)
-    return fn(**kwargs)
+    name = getattr(fn, "name", getattr(fn, "__name__", "flow"))
+    # A spinner on the terminal; the run's steps are narrated by Prefect's log lines around it.
+    with out.status(f"[bold]{name}[/bold] running (Ctrl-C stops it; the host is left in a safe state)",
+                    spinner="dots"):
+        return fn(**kwargs)
 
 
 def _show_outcomes(outcomes: list[Any], as_json: bool) -> None:
