@@ -53,6 +53,58 @@ def _mount(argv: list[str]) -> None:
     subprocess.run(["mount", *argv], check=True, capture_output=True, text=True)
 
 
+class MemoryView:
+    """What the host's processes read as its memory: the size and free space of its RAM tmpfs.
+
+    libvirt takes a host's and its NUMA cells' memory from ``/proc/meminfo`` and
+    ``/sys/devices/system/node/nodeN/meminfo``; every lab host would otherwise report the whole
+    machine's (and all of them the same free memory). Files with the lab host's numbers are
+    bind-mounted over those, in this mount namespace only, and rewritten in place with fixed-width
+    numbers (a reader never sees a half-written file) as guests come and go.
+    """
+
+    WIDTH = 12
+
+    def __init__(self, state: Path, ram: Path, memory_mib: int) -> None:
+        self.state = state
+        self.ram = ram
+        self.total_kib = memory_mib * 1024
+        self.nodes = sorted(int(p.name[4:]) for p in Path("/sys/devices/system/node").glob("node[0-9]*"))
+        self.files: dict[Path, Path] = {}  # our file -> what it covers
+
+    def install(self) -> None:
+        self.files[self.state / "meminfo"] = Path("/proc/meminfo")
+        for node in self.nodes:
+            self.files[self.state / f"node{node}-meminfo"] = Path(f"/sys/devices/system/node/node{node}/meminfo")
+        self.refresh()
+        for ours, target in self.files.items():
+            _mount(["--bind", str(ours), str(target)])
+
+    def _free_kib(self) -> int:
+        st = os.statvfs(self.ram)
+        return min(self.total_kib, st.f_bavail * st.f_frsize // 1024)
+
+    def _render(self, target: Path, free: int) -> bytes:
+        w = self.WIDTH
+        if target == Path("/proc/meminfo"):
+            rows = [("MemTotal", self.total_kib), ("MemFree", free), ("MemAvailable", free), ("Buffers", 0),
+                    ("Cached", 0), ("SwapCached", 0), ("SwapTotal", 0), ("SwapFree", 0)]
+            return "".join(f"{k + ':':<16}{v:>{w}} kB\n" for k, v in rows).encode()
+        node = int(target.parent.name[4:])
+        share = len(self.nodes) or 1
+        total, node_free = self.total_kib // share, free // share
+        rows = [("MemTotal", total), ("MemFree", node_free), ("MemUsed", total - node_free)]
+        return "".join(f"Node {node} {k + ':':<10}{v:>{w}} kB\n" for k, v in rows).encode()
+
+    def refresh(self) -> None:
+        free = self._free_kib()
+        for ours, target in self.files.items():
+            data = self._render(target, free)
+            # same length every time: overwrite in place, never truncate (the bind mount holds the inode)
+            with open(ours, "r+b" if ours.exists() else "wb") as f:
+                f.write(data)
+
+
 class Supervisor:
     """One lab host's lifecycle. ``config`` is ``DIR/host.json`` written by hostmaint.lab.host."""
 
@@ -64,6 +116,7 @@ class Supervisor:
         self.sshd: SshdHandle | None = None
         self.boot_count = 0
         self.status: dict[str, object] = {}
+        self.memory_view = MemoryView(self.state, self.dir / "ram", int(self.config["memory_mib"]))
 
     # --- set-up, once -------------------------------------------------------------
 
@@ -80,6 +133,7 @@ class Supervisor:
         ram.mkdir(exist_ok=True)
         # guests' RAM is a file here: this tmpfs's size is the host's memory, as the guests see it
         _mount(["-t", "tmpfs", "-o", f"size={self.config['memory_mib']}m,mode=0755", "tmpfs", str(ram)])
+        self.memory_view.install()
         (self.state / "supervisor.pid").write_text(f"{os.getpid()}\n")
 
     # --- boot and shutdown -----------------------------------------------------------
@@ -96,6 +150,7 @@ class Supervisor:
         (self.state / "boot_id").write_text(str(uuid.uuid4()) + "\n")
         (self.state / "running-kernel").write_text(newest_kernel(self.dir) + "\n")
         (self.state / "booted-at").write_text(f"{time.time()}\n")
+        self.memory_view.refresh()
         self.start_libvirtd()
         self.sshd = start_sshd(self.dir / "sshd", authorized_keys=Path(self.config["authorized_keys"]),
                                address=self.config["ip"], port=22, netns=self.config["netns"],
@@ -146,6 +201,7 @@ class Supervisor:
         signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
         while True:
             self._reap()
+            self.memory_view.refresh()
             if stop:
                 self.handle({"action": "stop"})
             request = self._take_request()
