@@ -89,6 +89,11 @@ class DrainReport:
         return not self.failed
 
     @property
+    def concurrency(self) -> tuple[tuple[float, int], ...]:
+        """Migrations in flight over time: (seconds since start, in flight) at every start and end."""
+        return tuple((e.at_s, int(e.detail["in_flight"])) for e in self.events if "in_flight" in e.detail)
+
+    @property
     def failed(self) -> tuple[MigrationResult, ...]:
         """The results whose VM is still on its source: failed, aborted, or never started."""
         return tuple(r for r in self.results if r.outcome not in (StepOutcome.OK, StepOutcome.SKIPPED))

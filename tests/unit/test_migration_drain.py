@@ -209,6 +209,21 @@ def test_limits_are_never_exceeded_and_every_vm_moves(policy: SchedulerPolicy) -
                for e in starts)
 
 
+def test_empty_plan_is_an_empty_ok_report() -> None:
+    report = drain(make_plan([]), fleet([]), Limits())
+    assert report.ok and report.results == () and report.max_concurrency == 0
+
+
+def test_concurrency_timeline_follows_starts_and_ends() -> None:
+    moves = [(f"vm{i}", "src", f"dst{i}", 1024) for i in range(5)]
+    report = drain(make_plan(moves), fleet(moves), Limits(migrations_per_source=8, migrations_per_target=8),
+                   policy=SchedulerPolicy.fixed(2))
+    timeline = report.concurrency
+    assert len(timeline) == 10  # five starts, five ends
+    assert max(n for _, n in timeline) == report.max_concurrency == 2
+    assert timeline[-1][1] == 0
+
+
 def test_fixed_limits_reach_their_concurrency() -> None:
     moves = [(f"vm{i}", "src", f"dst{i}", 1024) for i in range(6)]
     limits = Limits(migrations_per_source=8, migrations_per_target=8, migrations_per_cluster=8)
