@@ -1,0 +1,160 @@
+"""The maintenance flows on the real lab: real libvirtd, live migrations, sshd, dnf and reboots.
+
+Runs as root (skipped with the reason otherwise; CI runs it). One fresh lab for the module,
+torn down at the end even on failure, leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hostmaint.lab import LabInfo, kill_libvirtd, lab_down, lab_up, start_libvirtd
+from hostmaint.models import HostState, StepOutcome, Trigger
+from tests.lab.labkit import HOST_MEMORY_MIB, WORKDIR, lab_skip_reason, leftovers, wait_for_no_foreign_lab
+
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("prefect_server")]
+
+
+@pytest.fixture(scope="module")
+def flow_lab(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabInfo]:
+    reason = lab_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from flows.locks import ensure_limits
+
+    wait_for_no_foreign_lab()
+    lab_down(WORKDIR)
+    info = lab_up(hosts=3, vms=6, workdir=WORKDIR, linux_guests=1, host_memory_mib=HOST_MEMORY_MIB)
+    ensure_limits(info.inventory_path)
+    try:
+        yield info
+    finally:
+        from hostmaint.runtime import close_all
+
+        close_all()
+        lab_down(WORKDIR)
+        assert not leftovers(WORKDIR), leftovers(WORKDIR)
+
+
+@pytest.fixture
+def rt(flow_lab: LabInfo, hostmaint_db: Path) -> object:
+    from hostmaint.runtime import open_runtime
+
+    return open_runtime(flow_lab.inventory_path, fresh=True)
+
+
+def all_vms(rt: object) -> dict[str, list[str]]:
+    """vm -> hosts it runs on, asked of every lab host's libvirtd."""
+    out: dict[str, list[str]] = {}
+    for entry in rt.inventory.hosts:  # type: ignore[attr-defined]
+        for vm in rt.hypervisor.running_vms(entry.name):  # type: ignore[attr-defined]
+            out.setdefault(vm, []).append(entry.name)
+    return out
+
+
+def boot_id(rt: object, host: str) -> str:
+    return rt.shell.run(host, ["cat", "/proc/sys/kernel/random/boot_id"]).stdout.strip()  # type: ignore[attr-defined]
+
+
+def test_patch_host_on_the_lab_end_to_end(flow_lab: LabInfo, rt: object) -> None:
+    from flows.patch_host import patch_host
+
+    before = all_vms(rt)
+    assert all(len(h) == 1 for h in before.values())
+    home = sorted(vm for vm, hosts in before.items() if hosts == ["hv02"])
+    assert home, "the lab puts guests on hv02"
+    old_boot = boot_id(rt, "hv02")
+
+    result = patch_host(host="hv02", operator="lab-test", reason="lab patch", inventory=str(flow_lab.inventory_path),
+                        trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK, result.detail
+    assert result.rebooted  # kernel-lab 6.1.0-2 was pending
+    assert result.packages_changed >= 2
+    assert boot_id(rt, "hv02") != old_boot
+    kernel = rt.shell.run("hv02", ["uname", "-r"]).stdout.strip()  # type: ignore[attr-defined]
+    assert kernel == "6.1.0-2.lab.x86_64"
+    after = all_vms(rt)
+    assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
+    assert sorted(vm for vm, hosts in after.items() if hosts == ["hv02"]) == home  # they came home
+    assert rt.states.state("hv02") is HostState.ACTIVE  # type: ignore[attr-defined]
+    records = rt.audit.records(host="hv02")  # type: ignore[attr-defined]
+    migrations = [r for r in rt.audit.records() if r.step == "migrate"]  # type: ignore[attr-defined]
+    assert {r.vm for r in migrations} >= set(home)
+    assert all(r.details["seconds"] > 0 for r in migrations)
+    reboot = next(r for r in records if r.step == "reboot")
+    assert reboot.details["reboot"]["new_boot_id"] != reboot.details["reboot"]["old_boot_id"]
+    steps = [r.step for r in records]
+    assert steps.index("confirm-empty") < steps.index("reboot") < steps.index("verify")
+    assert rt.audit.verify().ok  # type: ignore[attr-defined]
+
+
+def test_evacuation_rides_out_a_target_libvirtd_crash(flow_lab: LabInfo, rt: object) -> None:
+    from flows.evacuate_host import evacuate_host
+
+    before = all_vms(rt)
+    kill_libvirtd("hv03", WORKDIR)
+    restarter = threading.Timer(4.0, start_libvirtd, args=("hv03", WORKDIR))
+    restarter.start()
+    started = time.monotonic()
+    try:
+        result = evacuate_host(host="hv01", operator="lab-test", reason="libvirtd crash",
+                               inventory=str(flow_lab.inventory_path), trigger=Trigger.TEST)
+    finally:
+        restarter.join()
+
+    assert time.monotonic() - started > 3.5  # it had to wait for hv03's libvirtd to come back
+    assert result.outcome is StepOutcome.OK, result.detail
+    after = all_vms(rt)
+    assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
+    assert not [vm for vm, hosts in after.items() if "hv01" in hosts]
+    assert rt.states.state("hv01") is HostState.DRAINED  # type: ignore[attr-defined]
+
+
+def lab_free_mib(flow_lab: LabInfo, rt: object, host: str) -> int:
+    """Room left in a lab host's guest-memory tmpfs (what really limits it, unlike libvirt's report)."""
+    size = dict(zip(("hv01", "hv02", "hv03"), HOST_MEMORY_MIB, strict=True))[host]
+    used = sum(vm.memory_mib for vm in rt.hypervisor.discover(host).vms)  # type: ignore[attr-defined]
+    return size - used
+
+
+def test_a_big_guest_without_room_stops_the_evacuation_safely(flow_lab: LabInfo, rt: object) -> None:
+    """A guest no remaining host can hold: the flow stops with the host cordoned, the guest still on
+    its source and every VM running once; the failed step (plan, or the migration the target
+    refused) names the guest."""
+    from flows.evacuate_host import evacuate_host
+    from hostmaint.lab import add_guest, remove_guest
+
+    big = min(700, lab_free_mib(flow_lab, rt, "hv02") - 40)
+    assert big > 300, "hv02 has room for a big guest"
+    added = []
+    try:
+        add_guest(flow_lab, "big02", "hv02", memory_mib=big)
+        added.append("big02")
+        fill = lab_free_mib(flow_lab, rt, "hv03") - 150
+        if fill > 0:
+            add_guest(flow_lab, "fill03", "hv03", memory_mib=fill)
+            added.append("fill03")
+        assert lab_free_mib(flow_lab, rt, "hv03") < big
+        before = all_vms(rt)
+        assert rt.states.state("hv01") is not HostState.ACTIVE  # type: ignore[attr-defined]  # hv03 is the only target
+
+        with pytest.raises(Exception, match="big02"):
+            evacuate_host(host="hv02", operator="lab-test", reason="overcommit",
+                          inventory=str(flow_lab.inventory_path), trigger=Trigger.TEST)
+
+        after = all_vms(rt)
+        assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
+        assert after["big02"] == ["hv02"]  # refused by the target, still running on its source
+        assert rt.states.state("hv02") is HostState.CORDONED  # type: ignore[attr-defined]
+        failed = [r for r in rt.audit.records(host="hv02")  # type: ignore[attr-defined]
+                  if r.outcome == "failed" and r.step in ("plan", "drain")]
+        assert failed and "big02" in failed[-1].details["error"]
+    finally:
+        for name in added:
+            remove_guest(flow_lab, name)
