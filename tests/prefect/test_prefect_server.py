@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -142,7 +143,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     db = work / "hostmaint.db"
     env = {**server_env(config), "HOSTMAINT_DB": str(db), "HOSTMAINT_INVENTORY": str(inventory),
            "PREFECT_RUNNER_POLL_FREQUENCY": "1", "HOSTMAINT_LOCK_LEASE_SECONDS": "60",
-           "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1", "PYTHONPATH": str(ROOT)}
+           "PREFECT_SERVER_SERVICES_REPOSSESSOR_LOOP_SECONDS": "1", "PYTHONPATH": str(ROOT),
+           "PREFECT_LOGGING_LEVEL": "INFO"}  # runs log their plan at INFO; the UI shows it
     site = Site(config, inventory, db, env, work)
     server_log = work / "server-cli.log"
     with server_log.open("w") as out:
@@ -267,64 +269,89 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"]
 
 
-def test_ui_form_submits_a_dry_run_evacuation(site: Site, tmp_path: Path) -> None:
+@dataclass
+class Browser:
+    """One headless Chromium page that can only reach the site, and what it tried to reach."""
+
+    page: Any
+    allowed: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+
+    def open(self, url: str, marker: str) -> None:
+        """Go to ``url`` and wait until ``marker`` text shows; reload once if the app rendered nothing."""
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        self.page.goto(url, wait_until="domcontentloaded")
+        try:
+            self.page.get_by_text(marker).first.wait_for(timeout=30_000)
+        except PlaywrightTimeout:
+            # the single-page app renders nothing when an API call fails on a busy server
+            # (SQLite "database is locked" -> 503); a person would reload, so do we, once
+            self.log.append(f"{marker!r} did not show in 30 s: reloading")
+            self.page.goto(url, wait_until="domcontentloaded")
+            self.page.get_by_text(marker).first.wait_for()
+
+
+@contextmanager
+def browser(site: Site, artifact: str) -> Iterator[Browser]:
+    """Chromium (Debian's, via playwright) whose every request not to the site is aborted.
+
+    The UI's page code reaches for an outside analytics host even with analytics off;
+    nothing may leave 127.0.0.1. On failure the page and the browser log are saved.
+    """
     if not CHROMIUM.exists():
         pytest.skip("Debian chromium is not installed (deployments/install-ui-test.sh installs it)")
     playwright = pytest.importorskip("playwright.sync_api", reason="pip playwright is not installed "
                                      "(deployments/install-ui-test.sh installs it)")
-    dep = site.deployment("evacuate-host")
     origin = site.config.ui_url + "/"
-    before = where(site.inventory)
-    allowed: list[str] = []
-    blocked: list[str] = []
-    console: list[str] = []
-
-    def only_loopback(route: Any) -> None:
-        url = route.request.url
-        if url.startswith(origin):
-            allowed.append(url)
-            route.continue_()
-        else:  # the UI's page code reaches for an outside analytics host: never let it out
-            blocked.append(url)
-            route.abort()
-
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        page = None
+        chromium = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport={"width": 1280, "height": 1500})
+            context = chromium.new_context(viewport={"width": 1280, "height": 1500})
             context.set_default_timeout(60_000)  # 2 cores shared with a server and a flow runner
-            context.route("**/*", only_loopback)
             page = context.new_page()
-            page.on("console", lambda msg: console.append(f"{msg.type}: {msg.text}"))
-            page.on("requestfailed", lambda req: console.append(f"request failed: {req.url} {req.failure}"))
-            page.on("response", lambda r: r.status >= 500 and console.append(f"{r.status}: {r.url}"))
-            form = f"{site.config.ui_url}/v2/deployments/deployment/{dep['id']}/run"
-            page.goto(form, wait_until="domcontentloaded")
+            b = Browser(page)
+
+            def only_loopback(route: Any) -> None:
+                url = route.request.url
+                if url.startswith(origin):
+                    b.allowed.append(url)
+                    route.continue_()
+                else:
+                    b.blocked.append(url)
+                    route.abort()
+
+            context.route("**/*", only_loopback)
+            page.on("console", lambda msg: b.log.append(f"{msg.type}: {msg.text}"))
+            page.on("requestfailed", lambda req: b.log.append(f"request failed: {req.url} {req.failure}"))
+            page.on("response", lambda r: r.status >= 500 and b.log.append(f"{r.status}: {r.url}"))
             try:
-                page.get_by_text("Move every VM off one host").wait_for(timeout=30_000)
-            except playwright.TimeoutError:
-                # the single-page app renders nothing when an API call fails on a busy server
-                # (SQLite "database is locked" -> 503); a person would reload, so do we, once
-                console.append("form did not render in 30 s: reloading")
-                page.goto(form, wait_until="domcontentloaded")
-                page.get_by_text("Move every VM off one host").wait_for()
-            for label in ("Host", "Reason", "Operator", "Dry run (Optional)", "Approval required (Optional)"):
-                page.get_by_text(label, exact=True).first.wait_for()
-            page.get_by_label("Host", exact=True).fill("hv02")
-            page.get_by_label("Reason", exact=True).fill("UI dry run from the form")
-            page.get_by_label("Operator", exact=True).fill("ui-tester")
-            page.screenshot(path=str(ARTIFACTS / "evacuate-host-form.png"), full_page=True)
-            page.get_by_role("button", name="Submit").click()
-            page.wait_for_url(lambda url: "/run" not in url)
-        except Exception:
-            if page is not None:
-                page.screenshot(path=str(ARTIFACTS / "evacuate-host-form-failure.png"), full_page=True)
-            (ARTIFACTS / "evacuate-host-form-failure.log").write_text("\n".join(console))
-            raise
+                yield b
+            except Exception:
+                page.screenshot(path=str(ARTIFACTS / f"{artifact}-failure.png"), full_page=True)
+                (ARTIFACTS / f"{artifact}-failure.log").write_text("\n".join(b.log))
+                raise
         finally:
-            browser.close()
+            chromium.close()
+    assert b.allowed and all(u.startswith(origin) for u in b.allowed)
+
+
+def test_ui_form_submits_a_dry_run_evacuation(site: Site) -> None:
+    dep = site.deployment("evacuate-host")
+    before = where(site.inventory)
+    with browser(site, "evacuate-host-form") as b:
+        b.open(f"{site.config.ui_url}/v2/deployments/deployment/{dep['id']}/run", "Move every VM off one host")
+        page = b.page
+        for label in ("Host", "Reason", "Operator", "Dry run (Optional)", "Approval required (Optional)"):
+            page.get_by_text(label, exact=True).first.wait_for()
+        page.get_by_label("Host", exact=True).fill("hv02")
+        page.get_by_label("Reason", exact=True).fill("UI dry run from the form")
+        page.get_by_label("Operator", exact=True).fill("ui-tester")
+        page.screenshot(path=str(ARTIFACTS / "evacuate-host-form.png"), full_page=True)
+        page.get_by_role("button", name="Submit").click()
+        page.wait_for_url(lambda url: "/run" not in url)
 
     run = site.wait_run(dep["id"], {"COMPLETED", "FAILED", "CRASHED"},
                         lambda r: r["parameters"].get("request", {}).get("operator") == "ui-tester", timeout=90)
@@ -332,10 +359,48 @@ def test_ui_form_submits_a_dry_run_evacuation(site: Site, tmp_path: Path) -> Non
     request = run["parameters"]["request"]
     assert (request["host"], request["reason"], request["dry_run"]) == ("hv02", "UI dry run from the form", True)
     assert where(site.inventory) == before  # a dry run moves nothing
-    assert allowed and all(u.startswith(origin) for u in allowed)
     (ARTIFACTS / "evacuate-host-form.json").write_text(json.dumps(
-        {"flow_run": run["id"], "parameters": run["parameters"], "blocked_requests": sorted(set(blocked)),
-         "browser_log": console}, indent=2))
+        {"flow_run": run["id"], "parameters": run["parameters"], "blocked_requests": sorted(set(b.blocked)),
+         "browser_log": b.log}, indent=2))
+
+
+def test_ui_resume_dialog_approves_the_hardware_runbook(site: Site) -> None:
+    """A failed hardware check → the runbook pauses → an approver answers in the UI's Resume dialog."""
+    dep = site.deployment("hardware-check-failed")
+    sent = site.cli("event", "hardware-failed", "hv04", "--check", "memtest", "--detail", "DIMM B2")
+    assert sent.returncode == 0, sent.stderr
+    event_id = sent.stdout.split("(event ")[1].rstrip(")\n ")
+    paused = site.wait_run(dep["id"], {"PAUSED"}, lambda r: r["parameters"].get("event_id") == event_id)
+    states = HostStateStore(open_engine(f"sqlite:///{site.db}"))
+    assert states.state("hv04") is HostState.CORDONED  # at once, before anyone answered
+
+    with browser(site, "resume-dialog") as b:
+        b.open(f"{site.config.ui_url}/v2/runs/flow-run/{paused['id']}", paused["name"])
+        page = b.page
+        # the run's ⋮ menu is the right-most button of the header row
+        header = [x for x in page.get_by_role("button").all()
+                  if (box := x.bounding_box()) and box["y"] < 80 and box["x"] > 1000]
+        assert header, "no run menu button in the header"
+        header[-1].click()
+        page.get_by_role("menuitem", name="Resume").click()
+        dialog = page.get_by_role("dialog")
+        dialog.get_by_text("Who decides; written into the audit trail.").wait_for()
+        page.get_by_label("Your name", exact=True).fill("ui-approver")
+        page.get_by_label("Comment (Optional)", exact=True).fill("approved in the UI")
+        dialog.get_by_role("switch").click()
+        page.screenshot(path=str(ARTIFACTS / "resume-approval-dialog.png"))
+        dialog.get_by_role("button", name="Resume").click()
+        dialog.wait_for(state="hidden")
+
+    done = site.wait_run(dep["id"], {"COMPLETED", "FAILED", "CRASHED"}, lambda r: r["id"] == paused["id"])
+    assert done["state"]["type"] == "COMPLETED", done["state"]
+    assert not any("hv04" in hosts for hosts in where(site.inventory).values())
+    record = states.get("hv04")
+    assert (record.state, record.reason) == (HostState.CORDONED, "hardware check failed: memtest: DIMM B2")
+    audit = AuditTrail(open_engine(f"sqlite:///{site.db}"))
+    [approval] = [r for r in audit.records(host="hv04") if r.step == "approval"]
+    assert approval.operator == "ui-approver" and approval.details["approve"] is True
+    assert approval.details["comment"] == "approved in the UI"
 
 
 # --- a flow killed mid-drain -------------------------------------------------------------------------------------
