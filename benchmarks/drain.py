@@ -391,6 +391,9 @@ def _lab_measure(rounds: int) -> str:
                  f"{setup:.2f} s ((wall − transfer) ÷ migrations); the link is taken as two streams (2 cores). "
                  "Calibration pass, guest: seconds / MiB sent: "
                  + ", ".join(f"{vm} {sec:.2f} s / {mib:.0f}" for vm, sec, mib in calibration) + ".")
+    lines.append("- The fixed 1 row is the calibration drain itself (0 % by construction); on the parallel drains "
+                 "the simulator's error is its error on lab drains (this machine's 2 cores, shared with other "
+                 "work, are not in the model).")
     lines.append(f"- VMs lost (running on neither or both hosts after a drain): {lost}.")
     lines.append("")
     lines.append("Escalation on the real driver: the same 8 guests, every migration capped at 8 MiB/s, "
