@@ -135,3 +135,14 @@ def test_unknown_host_fails_before_anything(fleet: Path, flow_name: str) -> None
     with pytest.raises(Exception, match="unknown host 'hv99'"):
         degraded_host_runbook(host="hv99", reason="x", inventory=str(fleet), **FAST)
     assert records("hv99") == []
+
+
+def test_no_answer_in_time_counts_as_no(fleet: Path) -> None:
+    before = where(fleet)
+    outcome = degraded_host_runbook(host="hv02", reason="flapping link", inventory=str(fleet),
+                                    poll_interval_s=1, approval_timeout_s=3)
+    assert outcome.outcome is StepOutcome.SKIPPED
+    assert where(fleet) == before
+    assert state(fleet, "hv02") is HostState.CORDONED
+    [approval] = records("hv02", "approval")
+    assert approval.operator == "nobody" and approval.details["timed_out"] is True
