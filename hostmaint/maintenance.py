@@ -195,7 +195,7 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *,
                 rt.states.transition(h, HostState.DRAINING, "draining", run.run_id)
         for p in plan.placements:
             rt.states.record_origin(p.vm, p.source, run.run_id)
-        report = drain(plan, rt.hypervisor, limits, on_event=on_event)
+        report = drain(plan, rt.hypervisor, limits, on_event=on_event, **_drain_inputs(rt, cluster))
         rec.details["migrations"] = [r.model_dump(mode="json") for r in report.results]
         rec.details["seconds"] = round(report.seconds, 3)
         rec.details["max_concurrency"] = report.max_concurrency
@@ -211,6 +211,18 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *,
             if rt.states.state(h) is HostState.DRAINING:
                 rt.states.transition(h, HostState.DRAINED, "drained", run.run_id)
         return report
+
+
+def _drain_inputs(rt: Runtime, cluster: str) -> dict[str, Any]:
+    """What the drain scheduler needs besides the plan: each host's link, and the targets' free
+    memory now, so migrations in flight are counted against their target."""
+    inventory = rt.inventory
+    link = {h.name: float(h.link_bandwidth_mib_s or inventory.cluster(cluster).link_bandwidth_mib_s)
+            for h in inventory.hosts_of(cluster)}
+    snap = snapshot(rt, cluster)
+    free = {h.name: sum(c.free_mib for c in h.cells) for h in snap.hosts}
+    return {"bandwidth_mib_s": link, "target_free_mib": free,
+            "vm_memory_mib": {v.name: v.memory_mib for v in snap.vms}}
 
 
 def _audit_migration(rt: Runtime, run: RunContext, cluster: str, result: MigrationResult) -> None:
@@ -398,7 +410,7 @@ def return_vms(rt: Runtime, run: RunContext, host: str, *,
             rec.outcome = StepOutcome.SKIPPED
             return None
         limits = rt.inventory.cluster(plan.cluster).limits
-        report = drain(plan, rt.hypervisor, limits, on_event=on_event)
+        report = drain(plan, rt.hypervisor, limits, on_event=on_event, **_drain_inputs(rt, plan.cluster))
         for r in report.results:
             _audit_migration(rt, run, plan.cluster, r)
             if r.outcome in (StepOutcome.OK, StepOutcome.SKIPPED):
@@ -420,7 +432,7 @@ def rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, *,
             return None
         evac = EvacuationPlan(cluster=plan.cluster, hosts=(), snapshot_digest=plan.snapshot_digest,
                               placements=tuple(m.placement for m in plan.moves))
-        report = drain(evac, rt.hypervisor, limits, on_event=on_event)
+        report = drain(evac, rt.hypervisor, limits, on_event=on_event, **_drain_inputs(rt, plan.cluster))
         for r in report.results:
             _audit_migration(rt, run, plan.cluster, r)
             if r.outcome is StepOutcome.OK and rt.states.origins().get(r.vm) == r.target:

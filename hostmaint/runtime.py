@@ -87,4 +87,8 @@ def close_all() -> None:
     with _cache_lock:
         for rt in _cache.values():
             rt.shell.close()
+            # libvirt-python can crash at exit collecting connections to daemons that are gone.
+            close = getattr(rt.hypervisor, "close", None)
+            if callable(close):
+                close()
         _cache.clear()
