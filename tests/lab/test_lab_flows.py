@@ -158,3 +158,40 @@ def test_a_big_guest_without_room_stops_the_evacuation_safely(flow_lab: LabInfo,
     finally:
         for name in added:
             remove_guest(flow_lab, name)
+
+
+def test_a_guest_that_cannot_converge_is_escalated_then_aborted_while_others_finish(flow_lab: LabInfo,
+                                                                                    rt: object) -> None:
+    """lnx01 rewrites 128 MiB in a loop; capped at 8 MiB/s it can never converge. The scheduler
+    must escalate it (auto-converge) and then abort it, leaving it running on its source, while a
+    small guest beside it migrates normally."""
+    from hostmaint.migration import EventKind, SchedulerPolicy, drain
+    from hostmaint.models import EvacuationPlan, Limits, MigrationOptions, Placement
+
+    hv = rt.hypervisor  # type: ignore[attr-defined]
+    (source,) = hv.locate("lnx01")
+    companions = [vm for vm in hv.running_vms(source) if vm.startswith("vm")]
+    assert companions, f"a small guest runs beside lnx01 on {source}"
+    target = next(h for h in ("hv01", "hv02", "hv03") if h != source)
+    moving = ["lnx01", companions[0]]
+    memory = {v.name: v.memory_mib for v in hv.discover(source).vms}
+    plan = EvacuationPlan(cluster="lab", hosts=(source,), snapshot_digest="lab-test", placements=tuple(
+        Placement(vm=vm, source=source, target=target, memory_mib=memory[vm]) for vm in moving))
+    before = all_vms(rt)
+
+    report = drain(plan, hv, Limits(migrations_per_source=4, migrations_per_target=4),
+                   options=MigrationOptions(bandwidth_mib_s=8, stall_seconds=4, min_budget_seconds=60),
+                   policy=SchedulerPolicy(allow_post_copy=False))
+
+    outcome = {r.vm: r.outcome for r in report.results}
+    assert outcome[companions[0]] is StepOutcome.OK
+    assert outcome["lnx01"] in (StepOutcome.FAILED, StepOutcome.ABORTED)
+    kinds = [(e.kind, e.vm) for e in report.events]
+    assert (EventKind.ESCALATED, "lnx01") in kinds
+    escalated_at = min(i for i, k in enumerate(kinds) if k == (EventKind.ESCALATED, "lnx01"))
+    assert any(k[1] == "lnx01" and k[0] in (EventKind.ABORTED, EventKind.FAILED) and i > escalated_at
+               for i, k in enumerate(kinds))
+    after = all_vms(rt)
+    assert after["lnx01"] == [source]  # abort is the safe end: it still runs where it was
+    assert after[companions[0]] == [target]
+    assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
