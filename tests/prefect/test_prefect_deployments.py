@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -209,3 +210,45 @@ def test_the_server_refuses_a_bad_form(prefect_server: None, inventory: Path, re
     with get_client(sync_client=True) as client, pytest.raises(Exception, match="409|Validation") as info:
         client.create_flow_run_from_deployment(deployment_id, parameters={"request": request_body})
     assert bad in str(info.value) or "409" in str(info.value)
+
+
+@pytest.mark.slow
+def test_a_process_worker_runs_a_pool_deployment(prefect_server: None, tmp_path: Path, hostmaint_db: Path) -> None:
+    """The scale-out path: a deployment registered with a process pool, run by `prefect worker start`."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.server import ensure_work_pool, prefect_executable
+
+    inventory = make_fleet(tmp_path / "fleet")
+    pool = "hostmaint-worker-test"
+    ensure_work_pool(pool)
+    [dep] = [d for d in build_deployments(inventory, source=ROOT) if d.name == "evacuate-host"]
+    dep.name = "evacuate-host-worker-test"  # its own deployment: other tests serve "evacuate-host"
+    deployment_id = dep.apply(work_pool_name=pool)
+    with get_client(sync_client=True) as client:
+        run = client.create_flow_run_from_deployment(deployment_id, parameters={"request": {
+            "host": "hv01", "reason": "worker test", "operator": "olivia", "dry_run": True}})
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "HOSTMAINT_INVENTORY": str(inventory),
+           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "1"}
+    log = tmp_path / "worker.log"
+    with log.open("w") as out:
+        worker = subprocess.Popen([prefect_executable(), "worker", "start", "--pool", pool, "--type", "process"],
+                                  cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        with get_client(sync_client=True) as client:
+            while not (state := client.read_flow_run(run.id).state).is_final():
+                assert worker.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"worker did not finish the run:\n{log.read_text()[-3000:]}"
+                time.sleep(0.5)
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    assert state.is_completed(), f"{state}\n{log.read_text()[-3000:]}"
+    # the worker's flow process wrote the dry run's plan to the same audit trail, under the form's operator
+    from hostmaint.audit import AuditTrail
+    from hostmaint.db import open_engine
+
+    [plan] = [r for r in AuditTrail(open_engine()).records(host="hv01") if r.step == "plan"]
+    assert (plan.operator, plan.outcome.value, plan.flow) == ("olivia", "dry-run", "evacuate-host")
