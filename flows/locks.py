@@ -38,7 +38,7 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
-from hostmaint.errors import LockError
+from hostmaint.errors import LockError, LockHeldError
 from hostmaint.inventory import Inventory, load_inventory
 
 LEASE_ENV = "HOSTMAINT_LOCK_LEASE_SECONDS"
@@ -163,7 +163,7 @@ def hold(name: str, *, occupy: int = 1, wait_seconds: float | None = None, why: 
     except TimeoutError as exc:
         if acquired:
             raise
-        raise LockError(f"lock {name!r} is held by another run{why}; waited {wait_seconds:g}s and gave up, "
+        raise LockHeldError(f"lock {name!r} is held by another run{why}; waited {wait_seconds:g}s and gave up, "
                         "nothing was changed. Run again when that run has finished (Prefect UI: "
                         "Concurrency, and the host's state in 'hostmaint host status').") from exc
 

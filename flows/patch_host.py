@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from hostmaint.errors import HostmaintError
-from hostmaint.models import HostState, MigrationResult, StepOutcome, Trigger
+from hostmaint.models import EvacuationPlan, HostState, MigrationResult, StepOutcome, Trigger
 from hostmaint.placement import render_plan
 from tasks import maintenance as t
 from tasks.common import RuntimeRef
@@ -44,9 +44,9 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
     if window_id and host in rt.states.patched_in(window_id):
         return outcome(StepOutcome.SKIPPED, f"already patched in window {window_id}")
     if dry_run:
-        plan = t.plan_evacuation(ref, run, host, avoid or [], dry_run=True)
-        logger.info("dry run, nothing changes:\n%s", render_plan(plan))
-        return outcome(StepOutcome.DRY_RUN, render_plan(plan))
+        preview = t.plan_evacuation(ref, run, host, avoid or [], dry_run=True)
+        logger.info("dry run, nothing changes:\n%s", render_plan(preview))
+        return outcome(StepOutcome.DRY_RUN, render_plan(preview))
 
     with locks.host_maintenance(host, cluster, wait_seconds=lock_wait_s):
         snapshot = t.discover(ref, cluster)
@@ -54,7 +54,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
         migrations: list[MigrationResult] = []
         rebooted = False
         changed = 0
-        plan = None
+        plan: EvacuationPlan | None = None
         stopped: list[str] = []
         try:
             state = rt.states.state(host)

@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.patch_host import patch_host
+from hostmaint.errors import LockHeldError
 from hostmaint.models import StepOutcome, Trigger
 from hostmaint.window import WindowClock, estimate_host_seconds, window_order
 from tasks import maintenance as t
@@ -32,6 +33,10 @@ def patch_one(host: str, inventory: str, operator: str, window_id: str, trigger:
     try:
         return patch_host(host=host, operator=operator, reason=f"patch window {window_id}", inventory=inventory,
                           trigger=trigger, window_id=window_id, return_vms=False, avoid=avoid)
+    except LockHeldError as exc:
+        # Another run (an evacuation, a runbook) holds the host: not a failure of this host.
+        state = RuntimeRef(inventory).open().states.state(host).value
+        return HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=state, detail=f"not started: {exc}")
     except Exception as exc:  # noqa: BLE001 - recorded per host; the audit has the details
         state = RuntimeRef(inventory).open().states.state(host).value
         return HostOutcome(host=host, outcome=StepOutcome.FAILED, state=state, detail=str(exc))

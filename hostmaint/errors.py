@@ -9,7 +9,8 @@ driver or loader that meets them, into one of these, with ``raise ... from exc``
     │   └── SnapshotError           a fleet snapshot that does not parse or is inconsistent
     ├── PlanError                   no safe plan (an unplaceable VM, N+1 refused)
     ├── StateError                  an invalid host state transition
-    ├── LockError                   a host or cluster lock is held or missing
+    ├── LockError                   a host or cluster lock is missing (never run unlocked)
+    │   └── LockHeldError           the lock is held by another run: wait or come back later
     ├── DriverError                 I/O towards a host failed
     │   ├── TransientDriverError    worth retrying (connection refused, dropped, timed out)
     │   ├── HostKeyError            an unknown or changed SSH host key: never retried
@@ -54,6 +55,10 @@ class StateError(HostmaintError):
 
 class LockError(HostmaintError):
     """A lock that is held by another run, or a limit that does not exist."""
+
+
+class LockHeldError(LockError):
+    """Another run holds the lock: nothing is wrong with the host, it is busy."""
 
 
 class DriverError(HostmaintError):
