@@ -468,7 +468,10 @@ def _demo_lab(workdir: Path | None, hosts: int, vms: int, keep: bool) -> None:
     kwargs: dict[str, Any] = {} if workdir is None else {"workdir": workdir}
     started = time.monotonic()
     info = lab_up(hosts=hosts, vms=vms, **kwargs)
-    _use_db(Path(info.inventory_path).parent)
+    db = Path(info.inventory_path).parent / "hostmaint.db"
+    if "HOSTMAINT_DB" not in os.environ and db.exists():
+        db.unlink()  # a new lab has no history: host states of an earlier lab would be wrong here
+    _use_db(db.parent)
     out.print(f"lab up in {time.monotonic() - started:.1f}s: {len(info.hosts)} hosts, inventory "
               f"{info.inventory_path}")
     _ensure_limits(Path(info.inventory_path))
