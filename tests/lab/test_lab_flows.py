@@ -6,10 +6,10 @@ torn down at the end even on failure, leaving nothing behind.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -31,21 +31,28 @@ def flow_lab(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> 
     lab_down(WORKDIR)
     info = lab_up(hosts=3, vms=6, workdir=WORKDIR, linux_guests=1, host_memory_mib=HOST_MEMORY_MIB)
     ensure_limits(info.inventory_path)
+    # One state database for the module: the tests follow each other on one lab, as runs would.
+    saved = os.environ.get("HOSTMAINT_DB")
+    os.environ["HOSTMAINT_DB"] = str(tmp_path_factory.mktemp("lab-flows") / "hostmaint.db")
     try:
         yield info
     finally:
         from hostmaint.runtime import close_all
 
+        if saved is None:
+            os.environ.pop("HOSTMAINT_DB", None)
+        else:
+            os.environ["HOSTMAINT_DB"] = saved
         close_all()
         lab_down(WORKDIR)
         assert not leftovers(WORKDIR), leftovers(WORKDIR)
 
 
 @pytest.fixture
-def rt(flow_lab: LabInfo, hostmaint_db: Path) -> object:
+def rt(flow_lab: LabInfo) -> object:
     from hostmaint.runtime import open_runtime
 
-    return open_runtime(flow_lab.inventory_path, fresh=True)
+    return open_runtime(flow_lab.inventory_path)
 
 
 def all_vms(rt: object) -> dict[str, list[str]]:
