@@ -103,7 +103,8 @@ class StepError(HostmaintError):
     def __init__(self, message: str, host: str | None = None, step: str | None = None) -> None:
         self.host = host
         self.step = step
-        super().__init__(message)
+        # Every failure names its host: say it unless the message already does.
+        super().__init__(message if host is None or host in message else f"{host}: {message}")
 
 
 class AuditError(HostmaintError):

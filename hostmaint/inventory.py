@@ -211,7 +211,9 @@ class Inventory(Strict):
         """The cluster's host policy with the host's overrides applied."""
         entry = self.host(host)
         base = self.cluster(entry.cluster).host_policy
-        changes = {k: v for k, v in entry.policy.model_dump().items() if v is not None}
+        # Field values, not model_dump(): nested models (verify checks) must stay models.
+        changes = {k: getattr(entry.policy, k) for k in type(entry.policy).model_fields
+                   if getattr(entry.policy, k) is not None}
         return base.model_copy(update=changes) if changes else base
 
     def vm_policy(self, cluster: str, vm_name: str, tags: tuple[str, ...] = ()) -> VmPolicy | None:

@@ -202,3 +202,70 @@ def test_a_guest_that_cannot_converge_is_escalated_then_aborted_while_others_fin
     assert after["lnx01"] == [source]  # abort is the safe end: it still runs where it was
     assert after[companions[0]] == [target]
     assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
+
+
+def _inventory_with(flow_lab: LabInfo, tmp_path: object, host: str, policy: dict[str, object]) -> str:
+    """A copy of the lab's inventory with one host's policy overridden."""
+    import yaml
+
+    data = yaml.safe_load(flow_lab.inventory_path.read_text())
+    for entry in data["hosts"]:
+        if entry["name"] == host:
+            entry["policy"] = policy
+    path = tmp_path / "inventory.yaml"  # type: ignore[operator]
+    path.write_text(yaml.safe_dump(data))
+    from flows.locks import ensure_limits
+
+    ensure_limits(path)
+    return str(path)
+
+
+def _reactivate(rt: object, *hosts: str) -> None:
+    """Earlier tests leave hosts drained or cordoned; an operator would uncordon them."""
+    for host in hosts:
+        if rt.states.state(host) is HostState.FAILED:  # type: ignore[attr-defined]
+            rt.states.transition(host, HostState.CORDONED, "test: operator reset")  # type: ignore[attr-defined]
+        if rt.states.state(host) is not HostState.ACTIVE:  # type: ignore[attr-defined]
+            rt.states.transition(host, HostState.ACTIVE, "test: operator uncordon")  # type: ignore[attr-defined]
+
+
+def test_a_failing_verify_check_leaves_the_host_failed_and_its_vms_elsewhere(flow_lab: LabInfo, rt: object,
+                                                                             tmp_path: object) -> None:
+    from flows.patch_host import patch_host
+
+    _reactivate(rt, "hv01", "hv02", "hv03")
+    inventory = _inventory_with(flow_lab, tmp_path, "hv03", {"verify": [
+        {"name": "storage mounted", "argv": ["test", "-e", "/hostmaint-lab/no-such-mount"], "expect_exit": 0}]})
+    before = all_vms(rt)
+
+    with pytest.raises(Exception, match="storage mounted"):
+        patch_host(host="hv03", operator="lab-test", reason="verify fails", inventory=inventory,
+                   trigger=Trigger.TEST)
+
+    assert rt.states.state("hv03") is HostState.FAILED  # type: ignore[attr-defined]
+    after = all_vms(rt)
+    assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
+    assert not [vm for vm, hosts in after.items() if "hv03" in hosts]  # it stays empty, never refilled
+    verify = [r for r in rt.audit.records(host="hv03") if r.step == "verify"]  # type: ignore[attr-defined]
+    assert verify and verify[-1].outcome == "failed" and "storage mounted" in verify[-1].details["error"]
+
+
+def test_a_host_that_does_not_come_back_in_time_is_failed(flow_lab: LabInfo, rt: object, tmp_path: object) -> None:
+    from flows.patch_host import patch_host
+
+    _reactivate(rt, "hv01", "hv02", "hv03")
+    # The lab host is down for ~3 s; a 1 s timeout makes it a host that "never" returns.
+    inventory = _inventory_with(flow_lab, tmp_path, "hv01", {"reboot_timeout_s": 1})
+    before = all_vms(rt)
+
+    with pytest.raises(Exception, match="hv01"):
+        patch_host(host="hv01", operator="lab-test", reason="slow reboot", inventory=inventory,
+                   trigger=Trigger.TEST)
+
+    assert rt.states.state("hv01") is HostState.FAILED  # type: ignore[attr-defined]
+    reboot = [r for r in rt.audit.records(host="hv01") if r.step == "reboot"]  # type: ignore[attr-defined]
+    assert reboot and reboot[-1].outcome == "failed"
+    time.sleep(5)  # let the lab host finish booting before looking at every host
+    after = all_vms(rt)
+    assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
+    assert not [vm for vm, hosts in after.items() if "hv01" in hosts]

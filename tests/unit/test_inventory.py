@@ -35,6 +35,15 @@ def test_example_loads_and_resolves_policy_overrides() -> None:
     assert Path(inv.host("hv01").ssh.known_hosts).is_absolute()
 
 
+def test_a_host_override_of_verify_checks_keeps_them_checks() -> None:
+    doc = example()
+    doc["hosts"][0]["policy"] = {"verify": [{"name": "mounted", "argv": ["test", "-e", "/srv"]}]}
+    policy = parse_inventory(doc).policy_for("hv01")
+    assert [c.name for c in policy.verify] == ["mounted"]
+    assert policy.verify[0].argv == ["test", "-e", "/srv"]
+    assert policy.excludes == ["kernel-rt*", "qemu-kvm*"]  # not overridden: inherited
+
+
 def test_cli_check_accepts_the_example() -> None:
     result = runner.invoke(app, ["inventory", "check", str(EXAMPLE)])
     assert result.exit_code == 0, result.output
