@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from prefect import get_run_logger
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
@@ -44,18 +46,32 @@ def transient_only(task: Any, task_run: TaskRun, state: State) -> bool:
 IO_RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 5, 15], "retry_condition_fn": transient_only}
 
 
-def drain_logger() -> Callable[[DrainEvent], None]:
-    """Narrate a drain in the run's log (the audit trail keeps the record).
+def drain_logger(total: int = 0) -> Callable[[DrainEvent], None]:
+    """Narrate a drain in the run's log and keep a progress artifact (VMs done / total, bytes moved).
 
-    The logger is taken here, in the task, because drain events arrive on the
-    drain's worker threads, which have no Prefect run context of their own.
+    The audit trail keeps the record; these are views of it. The logger is taken
+    here, in the task, because drain events arrive on the drain's worker threads,
+    which have no Prefect run context of their own.
     """
     logger = get_run_logger()
+    artifact = create_progress_artifact(0.0, description=f"drain: 0 of {total} VM(s) done") if total else None
+    done = 0
+    moved = 0
+    lock = threading.Lock()
 
     def log(event: DrainEvent) -> None:
+        nonlocal done, moved
         kind = getattr(event.kind, "value", event.kind)
         if kind == "progress":
             return
         logger.info("drain %s %s %s", kind, event.vm, dict(event.detail))
+        if artifact is None or kind not in ("finished", "failed", "aborted", "skipped"):
+            return
+        with lock:
+            done += 1
+            moved += int(event.detail.get("data_bytes") or 0)
+            progress = min(100.0, 100.0 * done / total)
+            text = f"drain: {done} of {total} VM(s) done, {moved / 2**30:.2f} GiB moved"
+        update_progress_artifact(artifact, progress, description=text)
 
     return log

@@ -37,7 +37,7 @@ def plan_evacuation(ref: RuntimeRef, run: RunContext, host: str, avoid: list[str
 def drain_host(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan) -> DrainReport:
     # No Prefect retry: a failed migration is already retried or aborted by the drain
     # scheduler; re-running the whole drain is the operator's call (re-run the flow).
-    return steps.drain_host(ref.open(), run, plan, on_event=drain_logger())
+    return steps.drain_host(ref.open(), run, plan, on_event=drain_logger(len(plan.placements)))
 
 
 @task(name="stop-unmigratable", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)

@@ -226,10 +226,13 @@ class LibvirtHypervisor:
 
     def _close_connections_of_finished_threads(self) -> None:
         """Close the cached connections of threads that have ended (drain workers come and go)."""
+        # Claim them under the lock: two threads closing one connection would free it twice (a segfault).
         with self._lock:
             finished = [c for c in self._opened if (t := self._owner.get(id(c))) is not None and not t.is_alive()]
-        for conn in finished:
-            self._close(conn)
+            for conn in finished:
+                self._opened.remove(conn)
+                self._owner.pop(id(conn), None)
+        self._close_bounded(finished)
 
     def _drop(self, host: str) -> None:
         conns: dict[str, libvirt.virConnect] = self._local.__dict__.setdefault("conns", {})
@@ -239,8 +242,9 @@ class LibvirtHypervisor:
 
     def _close(self, conn: libvirt.virConnect) -> None:
         with self._lock:
-            if conn in self._opened:
-                self._opened.remove(conn)
+            if not any(c is conn for c in self._opened):
+                return  # already claimed and closed by another thread or by close()
+            self._opened = [c for c in self._opened if c is not conn]
             self._owner.pop(id(conn), None)
         self._close_bounded([conn])
 

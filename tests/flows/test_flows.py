@@ -210,3 +210,20 @@ def test_rebalance_moves_within_budget(tmp_path: Path, hostmaint_db: Path) -> No
     assert_each_vm_runs_once(inventory, {v.name for v in snap.vms})
     running = fleet_of(inventory).running
     assert running["hv03"] or running["hv04"]
+
+
+def test_drain_keeps_a_progress_artifact(sim_inventory: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    moving = len(fleet_of(sim_inventory).running["hv02"])
+    evacuate_host(host="hv02", operator="ivy", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
+                                          sort=ArtifactSort.CREATED_DESC, limit=5)
+    latest = artifacts[0]
+    assert latest.data == 100.0
+    assert f"{moving} of {moving} VM(s) done" in (latest.description or "")
+    assert "GiB moved" in (latest.description or "")
