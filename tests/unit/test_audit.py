@@ -9,7 +9,7 @@ import json
 import subprocess
 import sys
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -19,32 +19,11 @@ from hostmaint.audit import AuditEntry, AuditRecord, AuditSink, AuditTrail, reda
 from hostmaint.db import open_engine
 from hostmaint.errors import AuditError
 from hostmaint.models import MigrationResult, StepOutcome, Trigger
+from tests.unit.conftest import T0, FakeClock
 
 REPO = Path(__file__).resolve().parents[2]
 ZEROS = "0" * 64
-T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
 STEPS = ("cordon", "drain", "update", "reboot", "verify", "uncordon")
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        self.now += timedelta(seconds=1)
-        return self.now
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "audit.db"
-
-
-@pytest.fixture
-def engine(db_path: Path) -> sa.Engine:
-    eng = open_engine(str(db_path))
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture

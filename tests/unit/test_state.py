@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -14,6 +14,7 @@ from hostmaint.db import HostStateRow, database_url, open_engine
 from hostmaint.errors import StateError
 from hostmaint.models import HostState as S
 from hostmaint.state import HostRecord, HostStateStore
+from tests.unit.conftest import T0, FakeClock
 
 # the state machine as the brief states it, written out independently of hostmaint.state.TRANSITIONS
 ALLOWED = {
@@ -29,30 +30,6 @@ ALLOWED = {
 VALID = [(a, b) for a, targets in ALLOWED.items() for b in sorted(targets)]
 INVALID = [(a, b) for a, b in itertools.product(S, S) if a != b and b not in ALLOWED[a]]
 
-T0 = datetime(2026, 11, 26, 10, 0, tzinfo=UTC)
-
-
-class FakeClock:
-    """A clock that moves one second per reading."""
-
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> datetime:
-        self.now += timedelta(seconds=1)
-        return self.now
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "hostmaint.db"
-
-
-@pytest.fixture
-def engine(db_path: Path) -> sa.Engine:
-    eng = open_engine(str(db_path))
-    yield eng
-    eng.dispose()
 
 
 @pytest.fixture
