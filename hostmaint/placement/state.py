@@ -209,6 +209,12 @@ class Ledger:
                         mib, vm.hugepage_kib)
                 else:
                     cell.avail_mib += mib
+        self.release_bookings(vm)
+
+    def release_bookings(self, vm: Vm, host_name: str | None = None) -> None:
+        """Give back what ``vm`` held on a host (its own by default) besides memory: pinned CPUs,
+        vCPUs, its anti-affinity slot."""
+        host = self.hosts[host_name or vm.host]
         held = pinned_cpus(vm)
         for cell in host.cells:
             cell.pinned -= held

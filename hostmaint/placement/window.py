@@ -36,7 +36,7 @@ from hostmaint.models import (
     WindowStep,
 )
 from hostmaint.placement.evacuate import _capacity, _check_hosts, _skipped, evacuate, receivers_balance
-from hostmaint.placement.state import Ledger, pages_for, pinned_cpus
+from hostmaint.placement.state import Ledger, pages_for
 
 
 def _empty_host(ledger: Ledger, name: str, vms: Sequence[Vm]) -> None:
@@ -52,13 +52,7 @@ def _empty_host(ledger: Ledger, name: str, vms: Sequence[Vm]) -> None:
                     share, vm.hugepage_kib)
             else:
                 cell.avail_mib += share
-        held = pinned_cpus(vm)
-        for cell in host.cells:
-            cell.pinned -= held
-        host.vcpus_used -= vm.vcpus
-        host.vm_count -= 1
-        if vm.anti_affinity:
-            host.groups[vm.anti_affinity] -= 1
+        ledger.release_bookings(vm, name)
 
 
 def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, spare_hosts: int | None = None,
