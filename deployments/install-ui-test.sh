@@ -9,6 +9,10 @@ if ! command -v chromium >/dev/null 2>&1; then
     apt-get update
     DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
 fi
-"$VENV/bin/pip" install --quiet 'playwright>=1.45'
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "install-ui-test: no venv at $VENV; run scripts/setup.sh (it creates the venv first)" >&2
+    exit 1
+fi
+"$VENV/bin/python" -m pip install --quiet 'playwright>=1.45'
 chromium --version
 "$VENV/bin/python" -c "import playwright; print('playwright', __import__('importlib.metadata').metadata.version('playwright'))"

@@ -6,9 +6,6 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
     bash scripts/install-system.sh
-    if [ "${HOSTMAINT_UI_TESTS:-1}" = "1" ] && [ -f deployments/install-ui-test.sh ]; then
-        bash deployments/install-ui-test.sh
-    fi
 else
     echo "setup: not root (or no apt): skipping system packages; the lab and its tests need root" >&2
 fi
@@ -22,4 +19,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[dev,ui]'
     touch "$stamp"
+fi
+
+# The UI test's browser comes after the venv: its installer uses the venv's pip (a clean clone has none before).
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null \
+    && [ "${HOSTMAINT_UI_TESTS:-1}" = "1" ] && [ -f deployments/install-ui-test.sh ]; then
+    bash deployments/install-ui-test.sh
 fi
