@@ -355,6 +355,10 @@ class MigrationOptions(Frozen):
 
     bandwidth_mib_s: int | None = None
     auto_converge: bool = False
+    # QEMU's vCPU throttle when auto-converge starts and its step per round (libvirt's
+    # auto_converge.initial / .increment); None leaves QEMU's defaults (20 %, +10 %).
+    auto_converge_initial_pct: Annotated[int, Field(ge=1, le=99)] | None = None
+    auto_converge_increment_pct: Annotated[int, Field(ge=1, le=99)] | None = None
     post_copy: bool = False
     parallel_connections: Annotated[int, Field(ge=1, le=64)] = 1
     stall_seconds: Annotated[float, Field(gt=0)] = 60.0
@@ -373,6 +377,7 @@ class MigrationProgress(Frozen):
     data_remaining: int = 0
     dirty_rate_bps: int = 0
     iterations: int = 0
+    throttle_pct: int = 0  # the guest's vCPU throttle auto-converge applies now
 
 
 class MigrationResult(Frozen):

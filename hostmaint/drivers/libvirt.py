@@ -129,6 +129,7 @@ def progress_from_job_stats(vm: str, elapsed: float, stats: Mapping[str, Any]) -
         data_remaining=int(stats.get("data_remaining", 0)),
         dirty_rate_bps=int(stats.get("memory_dirty_rate", 0)) * page,
         iterations=int(stats.get("memory_iteration", 0)),
+        throttle_pct=int(stats.get("auto_converge_throttle", 0) or 0),
     )
 
 
@@ -459,6 +460,10 @@ class LibvirtHypervisor:
             params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = options.bandwidth_mib_s
         if options.auto_converge:
             flags |= libvirt.VIR_MIGRATE_AUTO_CONVERGE
+            if options.auto_converge_initial_pct is not None:
+                params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INITIAL] = options.auto_converge_initial_pct
+            if options.auto_converge_increment_pct is not None:
+                params[libvirt.VIR_MIGRATE_PARAM_AUTO_CONVERGE_INCREMENT] = options.auto_converge_increment_pct
         if options.post_copy:
             flags |= libvirt.VIR_MIGRATE_POSTCOPY
         if options.parallel_connections > 1:

@@ -37,6 +37,7 @@ from hostmaint.migration.policy import (
     SchedulerPolicy,
     about_to_finish,
     admission_refusal,
+    expected_dirty_mib_s,
     link_of,
     migration_budget_s,
     next_action,
@@ -242,12 +243,13 @@ class _Drain:
         flight = _Flight(spec, rate, opts, self.clock(), migration_budget_s(spec.memory_mib, self.options))
         if opts.auto_converge:
             flight.level = Escalation.AUTO_CONVERGE  # on from the start: the next step is post-copy
-        self.load.add(spec, rate)
+        self.load.add(spec, rate, expected_dirty_mib_s(spec, self.policy, rate))
         self.max_concurrency = max(self.max_concurrency, self.load.total)
         self.emit(EventKind.STARTED, spec.vm, source=spec.source, target=spec.target,
                   memory_mib=spec.memory_mib, dirty_mib_s=spec.dirty_mib_s, in_flight=self.load.total,
                   on_source=self.load.per_source[spec.source], on_target=self.load.per_target[spec.target],
-                  auto_converge=opts.auto_converge, post_copy=opts.post_copy,
+                  auto_converge=opts.auto_converge, auto_converge_initial_pct=opts.auto_converge_initial_pct,
+                  post_copy=opts.post_copy,
                   budget_s=round(flight.budget_s, 1))
         flights[pool.submit(self.migrate_one, flight)] = flight
         return None

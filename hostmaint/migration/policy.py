@@ -83,8 +83,14 @@ class SchedulerPolicy:
     max_per_source: int | None = None
     # admission: each running migration's dirty rate must stay below this part of its link share
     dirty_fraction: float = 0.7
-    # a VM whose dirty rate is at least this share of its stream starts with auto-converge on
-    auto_converge_upfront_fraction: float = 0.5
+    # a VM whose dirty rate is at least this share of its stream starts with auto-converge on (the
+    # simulated drains: 0.3 beats 0.5 on the worst seeds by 3-5 %, see benchmarks/RESULTS.md)
+    auto_converge_upfront_fraction: float = 0.3
+    # ... and its throttle starts where its dirty rate falls to this share of the stream, so it converges
+    # in a few rounds instead of re-sending its memory while QEMU creeps up from 20 % (adaptive only);
+    # never above auto_converge_max_initial_pct: how much guest slow-down the operator accepts upfront
+    auto_converge_target_fraction: float = 0.3
+    auto_converge_max_initial_pct: int = 60
     stream_mib_s: float = DEFAULT_STREAM_MIB_S  # per connection; times options.parallel_connections
     default_link_mib_s: float = DEFAULT_LINK_MIB_S
     # escalation
@@ -138,22 +144,24 @@ class Load:
     # memory committed per host: in flight or landed onto it, minus what has left it
     target_mib: dict[str, int] = field(default_factory=dict)
     source_rate: dict[str, float] = field(default_factory=dict)  # expected MiB/s leaving each source
-    source_dirty: dict[str, list[float]] = field(default_factory=dict)  # dirty rates of its migrations
+    # the dirty rates of each source's migrations still using its link, by VM (after any upfront throttle)
+    source_dirty: dict[str, dict[str, float]] = field(default_factory=dict)
 
-    def add(self, spec: MigrationSpec, rate: float) -> None:
-        """Count a migration that starts."""
+    def add(self, spec: MigrationSpec, rate: float, dirty_mib_s: float | None = None) -> None:
+        """Count a migration that starts; ``dirty_mib_s`` is its expected dirty rate (default: the VM's)."""
         self.total += 1
         self.per_source[spec.source] = self.per_source.get(spec.source, 0) + 1
         self.per_target[spec.target] = self.per_target.get(spec.target, 0) + 1
         self.target_mib[spec.target] = self.target_mib.get(spec.target, 0) + spec.memory_mib
         self.source_rate[spec.source] = self.source_rate.get(spec.source, 0.0) + rate
-        self.source_dirty.setdefault(spec.source, []).append(spec.dirty_mib_s)
+        self.source_dirty.setdefault(spec.source, {})[spec.vm] = (
+            spec.dirty_mib_s if dirty_mib_s is None else dirty_mib_s)
 
     def release(self, spec: MigrationSpec, rate: float) -> None:
         """A migration about to finish gives its link share to the next one early, so the next one's
         set-up overlaps its last seconds. It still counts against the limits until it ends."""
         self.source_rate[spec.source] -= rate
-        self.source_dirty[spec.source].remove(spec.dirty_mib_s)
+        del self.source_dirty[spec.source][spec.vm]
 
     def remove(self, spec: MigrationSpec, rate: float, *, landed: bool, released: bool = False) -> None:
         """Uncount a migration that ended; a landed VM keeps its memory on the target."""
@@ -244,15 +252,16 @@ def admission_refusal(spec: MigrationSpec, load: Load, limits: Limits, policy: S
                     f"> {target_free_mib[spec.target]} MiB free")
     if policy.max_per_source is not None and on_source >= policy.max_per_source:
         return f"policy {policy.name}: {policy.max_per_source} per source"
-    sharing = load.source_dirty.get(spec.source, [])  # migrations still using the source link
+    sharing = list(load.source_dirty.get(spec.source, {}).values())  # migrations still using the link
     if not policy.adaptive or not sharing:
         return None  # one migration always runs, or a source would wait forever
     running_rate = load.source_rate.get(spec.source, 0.0)
     if running_rate >= link_mib_s * 0.999:
         return f"source link {spec.source} full ({running_rate:.0f}/{link_mib_s:.0f} MiB/s)"
     added = min(link_mib_s, running_rate + rate_mib_s) - running_rate
-    if spec.dirty_mib_s >= added:
-        return (f"adds {added:.0f} MiB/s of link but dirties {spec.dirty_mib_s:.0f} MiB/s: "
+    dirty = expected_dirty_mib_s(spec, policy, rate_mib_s)
+    if dirty >= added:
+        return (f"adds {added:.0f} MiB/s of link but dirties {dirty:.0f} MiB/s: "
                 f"waits for the link to itself")
     # When the newcomer makes the link the bottleneck, every migration's share shrinks. None that
     # converges comfortably now (dirty rate below dirty_fraction of its share) may be pushed past
@@ -262,7 +271,7 @@ def admission_refusal(spec: MigrationSpec, load: Load, limits: Limits, policy: S
     share_before = min(rate_mib_s, link_mib_s / n)
     share = min(rate_mib_s, link_mib_s / (n + 1))
     line_before, line = policy.dirty_fraction * share_before, policy.dirty_fraction * share
-    pushed = [d for d in [*sharing, spec.dirty_mib_s] if line < d <= line_before]
+    pushed = [d for d in [*sharing, dirty] if line < d <= line_before]
     if pushed:
         return (f"a dirty rate of {max(pushed):.0f} MiB/s would pass {policy.dirty_fraction:.0%} of the "
                 f"{share:.0f} MiB/s share each of {n + 1} migrations gets from {spec.source}")
@@ -281,16 +290,42 @@ DRIVER_STALL_FACTOR = 3.0
 DRIVER_BUDGET_FACTOR = 1.1
 
 
+QEMU_THROTTLE_INITIAL_PCT = 20
+
+
+def initial_throttle_pct(dirty_mib_s: float, rate_mib_s: float, policy: SchedulerPolicy) -> int:
+    """The vCPU throttle that brings a guest's dirty rate down to ``auto_converge_target_fraction`` of
+    its stream: at least QEMU's own 20 %, at most the policy's ``auto_converge_max_initial_pct``."""
+    if dirty_mib_s <= 0 or rate_mib_s <= 0:
+        return QEMU_THROTTLE_INITIAL_PCT
+    needed = math.ceil(round(100 * (1 - policy.auto_converge_target_fraction * rate_mib_s / dirty_mib_s), 6))
+    ceiling = max(QEMU_THROTTLE_INITIAL_PCT, policy.auto_converge_max_initial_pct)
+    return min(ceiling, max(QEMU_THROTTLE_INITIAL_PCT, needed))
+
+
+def expected_dirty_mib_s(spec: MigrationSpec, policy: SchedulerPolicy, rate_mib_s: float) -> float:
+    """The dirty rate a migration will see once started: the VM's, lowered by the upfront throttle
+    :func:`options_for` gives a VM that dirties a large part of its stream (adaptive policies)."""
+    upfront = policy.auto_converge and spec.dirty_mib_s >= policy.auto_converge_upfront_fraction * rate_mib_s
+    if not (upfront and policy.adaptive):
+        return spec.dirty_mib_s
+    return spec.dirty_mib_s * (1 - initial_throttle_pct(spec.dirty_mib_s, rate_mib_s, policy) / 100)
+
+
 def options_for(spec: MigrationSpec, options: MigrationOptions, policy: SchedulerPolicy,
                 rate_mib_s: float) -> MigrationOptions:
     """The options the driver gets for one migration: its placement, post-copy capability, upfront
     auto-converge for a VM dirtying a large part of its stream, and the driver's own stall/budget rule
     set behind the scheduler's (the scheduler keeps using ``options`` as given)."""
-    auto_converge = options.auto_converge or (
-        policy.auto_converge and spec.dirty_mib_s >= policy.auto_converge_upfront_fraction * rate_mib_s)
+    upfront = policy.auto_converge and spec.dirty_mib_s >= policy.auto_converge_upfront_fraction * rate_mib_s
+    auto_converge = options.auto_converge or upfront
+    initial = options.auto_converge_initial_pct
+    if upfront and policy.adaptive and initial is None:
+        initial = initial_throttle_pct(spec.dirty_mib_s, rate_mib_s, policy)
     return options.model_copy(update={
         "placement": spec.placement,
         "auto_converge": auto_converge,
+        "auto_converge_initial_pct": initial,
         # post-copy can only be switched to when the migration started post-copy capable
         "post_copy": options.post_copy or policy.allow_post_copy,
         "stall_seconds": options.stall_seconds * DRIVER_STALL_FACTOR,

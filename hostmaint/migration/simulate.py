@@ -42,6 +42,7 @@ from hostmaint.migration.policy import (
     SchedulerPolicy,
     about_to_finish,
     admission_refusal,
+    expected_dirty_mib_s,
     migration_budget_s,
     next_action,
     options_for,
@@ -313,13 +314,21 @@ class _Engine:
             m.phase = Phase.SETUP
             if m.options.auto_converge:
                 m.level = Escalation.AUTO_CONVERGE
-                m.throttle = self.params.ac_initial if m.spec.dirty_mib_s > 0 else 0.0
-            self.load.add(m.spec, rate)
+                m.throttle = self._ac_initial(m) if m.spec.dirty_mib_s > 0 else 0.0
+            self.load.add(m.spec, rate, expected_dirty_mib_s(m.spec, self.policy, rate))
             self.max_concurrency = max(self.max_concurrency, self.load.total)
             self.running.append(m)
         if admitted:
             taken = {id(m) for m in admitted}
             self.pending = [m for m in self.pending if id(m) not in taken]
+
+    def _ac_initial(self, m: _Mig) -> float:
+        pct = m.options.auto_converge_initial_pct if m.options is not None else None
+        return self.params.ac_initial if pct is None else pct / 100
+
+    def _ac_step(self, m: _Mig) -> float:
+        pct = m.options.auto_converge_increment_pct if m.options is not None else None
+        return self.params.ac_step if pct is None else pct / 100
 
     def finish(self, m: _Mig, outcome: StepOutcome, reason: str = "") -> None:
         m.phase = Phase.DONE
@@ -394,7 +403,7 @@ class _Engine:
                 self.finish(m, StepOutcome.OK)
             return
         if m.level >= Escalation.AUTO_CONVERGE and m.dirty_acc > 0.5 * m.round_sent:
-            m.throttle = min(self.params.ac_max, max(self.params.ac_initial, m.throttle + self.params.ac_step))
+            m.throttle = min(self.params.ac_max, max(self._ac_initial(m), m.throttle + self._ac_step(m)))
         m.left, m.dirty_acc, m.round_sent = nxt, 0.0, 0.0
         m.rounds += 1
 
@@ -411,7 +420,7 @@ class _Engine:
                                can_post_copy=m.options.post_copy and self.params.controls)
         if decision.action is Action.ENABLE_AUTO_CONVERGE:
             m.level, m.level_since = Escalation.AUTO_CONVERGE, elapsed
-            m.throttle = max(m.throttle, self.params.ac_initial)
+            m.throttle = max(m.throttle, self._ac_initial(m))
         elif decision.action is Action.SWITCH_TO_POST_COPY:
             m.level, m.level_since = Escalation.POST_COPY, elapsed
             m.phase, m.left, m.dirty_acc = Phase.POSTCOPY, m.left + m.dirty_acc, 0.0

@@ -165,6 +165,27 @@ def test_an_abort_from_another_thread_and_a_switch_to_post_copy(lab: LabInfo, hv
     assert any(s.elapsed_s >= crawl.min_budget_seconds and s.data_remaining > s.data_total // 2 for s in samples)
 
 
+def test_upfront_auto_converge_starts_at_the_throttle_the_scheduler_chose(lab: LabInfo,
+                                                                         hv: LibvirtHypervisor) -> None:
+    # QEMU starts auto-converge at 20 %; the scheduler asks for more for a guest it knows is dirty.
+    # A Linux guest rewriting 128 MiB cannot converge at 16 MiB/s, so QEMU throttles it.
+    dirty = next(v for v in lab.vms if v.linux)
+    source = hv.locate(dirty.name)[0]
+    target = next(h.name for h in lab.hosts if h.name != source)
+    options = MigrationOptions(bandwidth_mib_s=16, auto_converge=True, auto_converge_initial_pct=50,
+                               auto_converge_increment_pct=5, stall_seconds=120, min_budget_seconds=45,
+                               seconds_per_gib=1)
+    samples: list[MigrationProgress] = []
+    try:
+        hv.migrate(dirty.name, source, target, options, samples.append)
+    except MigrationError:
+        pass  # the budget may end it: what this test looks at is the throttle it ran with
+    throttles = sorted({s.throttle_pct for s in samples if s.throttle_pct > 0})
+    assert throttles, f"QEMU never throttled {dirty.name}: {len(samples)} samples"
+    assert throttles[0] >= 50  # the first step was ours, not QEMU's 20
+    assert len(hv.locate(dirty.name)) == 1
+
+
 def test_migration_to_a_host_without_memory_fails_cleanly(lab: LabInfo, hv: LibvirtHypervisor) -> None:
     # 1400 MiB fits on hv01 (2048 MiB) but not on hv02 (1024 MiB): QEMU cannot allocate it there
     add_guest(lab, "big01", "hv01", memory_mib=1400)

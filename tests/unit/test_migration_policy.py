@@ -13,6 +13,8 @@ from hostmaint.migration.policy import (
     ProgressTrack,
     SchedulerPolicy,
     admission_refusal,
+    expected_dirty_mib_s,
+    initial_throttle_pct,
     migration_budget_s,
     next_action,
     options_for,
@@ -92,10 +94,10 @@ def spec(vm: str, mib: int, dirty: float = 0.0, source: str = "s", target: str =
     return MigrationSpec(Placement(vm=vm, source=source, target=target, memory_mib=mib), mib, dirty)
 
 
-def loaded(*running: tuple[MigrationSpec, float]) -> Load:
+def loaded(*running: tuple[MigrationSpec, float] | tuple[MigrationSpec, float, float]) -> Load:
     load = Load()
-    for s, rate in running:
-        load.add(s, rate)
+    for s, rate, *dirty in running:
+        load.add(s, rate, *dirty)
     return load
 
 
@@ -112,7 +114,12 @@ BIG = Limits(migrations_per_source=16, migrations_per_target=16, migrations_per_
     # sharing the link, every dirty rate must stay below 70 % of the 550 MiB/s share (385)
     ([(spec("x", 1, dirty=350), 600.0)], spec("a", 1024, dirty=350), SchedulerPolicy(), BIG, None),
     ([(spec("x", 1, dirty=400), 600.0)], spec("a", 1024, dirty=10), SchedulerPolicy(), BIG, "dirty rate of 400"),
-    ([(spec("x", 1, dirty=10), 600.0)], spec("a", 1024, dirty=400), SchedulerPolicy(), BIG, "dirty rate of 400"),
+    ([(spec("x", 1, dirty=10), 600.0)], spec("a", 1024, dirty=400), SchedulerPolicy(auto_converge=False), BIG,
+     "dirty rate of 400"),
+    # ... unless the newcomer starts throttled: 400 MiB/s at 55 % is 180, well inside its share
+    ([(spec("x", 1, dirty=10), 600.0)], spec("a", 1024, dirty=400), SchedulerPolicy(), BIG, None),
+    # a running VM counts with the dirty rate it was admitted with (after its upfront throttle)
+    ([(spec("x", 1, dirty=400), 600.0, 180.0)], spec("a", 1024, dirty=10), SchedulerPolicy(), BIG, None),
     # a newcomer that adds less link than it dirties waits for the link to itself
     ([(spec("x", 1), 1000.0)], spec("a", 1024, dirty=150), SchedulerPolicy(), BIG, "adds 100"),
     # fixed policies ignore link and dirty rate, and stop at their number
@@ -171,6 +178,32 @@ def test_stream_rate_and_options() -> None:
     assert opts.placement == s.placement and opts.auto_converge and opts.post_copy
     calm = options_for(spec("b", 1024, dirty=10), MigrationOptions(), policy, 600)
     assert not calm.auto_converge and not calm.post_copy
+
+
+@pytest.mark.parametrize(("dirty", "rate", "expected"), [
+    (0.0, 600.0, 20),      # nothing known: QEMU's own start
+    (300.0, 600.0, 40),    # 300 -> 180 = 0.3 x 600 needs 40 %
+    (400.0, 600.0, 55),
+    (5000.0, 600.0, 60),   # never more than the policy accepts upfront
+    (190.0, 600.0, 20),    # never less than QEMU's 20 %
+])
+def test_initial_throttle_brings_the_dirty_rate_under_the_target_share(dirty, rate, expected) -> None:
+    assert initial_throttle_pct(dirty, rate, SchedulerPolicy()) == expected
+
+
+def test_upfront_throttle_reaches_the_driver_only_for_adaptive_policies() -> None:
+    hot = spec("hot", 4096, dirty=400)
+    ours = options_for(hot, MigrationOptions(), SchedulerPolicy(), 600)
+    assert ours.auto_converge and ours.auto_converge_initial_pct == 55
+    assert expected_dirty_mib_s(hot, SchedulerPolicy(), 600) == pytest.approx(180)
+    fixed = options_for(hot, MigrationOptions(), SchedulerPolicy.fixed(2), 600)
+    assert fixed.auto_converge and fixed.auto_converge_initial_pct is None  # QEMU's 20 %, like the anchors
+    assert expected_dirty_mib_s(hot, SchedulerPolicy.fixed(2), 600) == 400
+    calm = spec("calm", 4096, dirty=50)
+    assert options_for(calm, MigrationOptions(), SchedulerPolicy(), 600).auto_converge_initial_pct is None
+    # an operator's explicit setting wins
+    mine = options_for(hot, MigrationOptions(auto_converge_initial_pct=30), SchedulerPolicy(), 600)
+    assert mine.auto_converge_initial_pct == 30
 
 
 def test_the_drivers_own_abort_rule_comes_after_the_schedulers_escalation() -> None:
