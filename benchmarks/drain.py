@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hostmaint.errors import HostmaintError  # noqa: E402
 from hostmaint.lab.network import LabError  # noqa: E402
-from hostmaint.migration.policy import MIB, Order, SchedulerPolicy  # noqa: E402
+from hostmaint.migration.policy import MIB, Escalation, Order, SchedulerPolicy  # noqa: E402
 from hostmaint.migration.simulate import (  # noqa: E402
     DrainEstimate,
     SimParams,
@@ -87,6 +87,29 @@ class Row:
     p99_ms: list[float]
     aborted: int
     makespan: list[float]
+    floor: list[float]
+    empty: list[float]  # until the host is empty: the drain re-run for what the first pass aborted
+    left: int  # VMs still on the source after MAX_PASSES
+    throttled: int  # VMs that ran under auto-converge (guest slowed while it migrated)
+
+
+MAX_PASSES = 3
+
+
+def drain_until_empty(first: DrainEstimate, placements: Sequence[Placement], dirty: dict[str, float],
+                      policy: SchedulerPolicy, options: MigrationOptions, params: SimParams) -> tuple[float, int]:
+    """What an operator does after a drain that aborted some VMs: run it again for those, until the
+    host is empty (at most MAX_PASSES). A host is drained when it is empty, not when the first pass
+    ends: returns (seconds until empty, VMs still on the source)."""
+    total, est = first.makespan_s, first
+    for _ in range(MAX_PASSES - 1):
+        left = {m.vm for m in est.not_moved}
+        if not left:
+            break
+        est = simulate_drain([p for p in placements if p.vm in left], LIMITS, policy=policy, options=options,
+                             dirty_rate=dirty, params=params)
+        total += est.makespan_s
+    return total, len(est.not_moved)
 
 
 def run_drains(seeds: Sequence[int]) -> tuple[str, dict[tuple[str, str], dict[str, Row]]]:
@@ -98,7 +121,7 @@ def run_drains(seeds: Sequence[int]) -> tuple[str, dict[tuple[str, str], dict[st
             options = MigrationOptions(parallel_connections=conns)
             rows: dict[str, Row] = {}
             for name, policy in policies():
-                row = Row(name, [], [], [], [], 0, [])
+                row = Row(name, [], [], [], [], 0, [], [], [], 0, 0)
                 for seed in seeds:
                     placements, dirty = drain_case(seed)
                     est: DrainEstimate = simulate_drain(placements, LIMITS, policy=policy, options=options,
@@ -109,55 +132,73 @@ def run_drains(seeds: Sequence[int]) -> tuple[str, dict[tuple[str, str], dict[st
                     row.p99_ms.append(est.downtime_percentile_ms(99))
                     row.aborted += len(est.not_moved)
                     row.makespan.append(est.makespan_s)
+                    row.floor.append(est.lower_bound_s)
+                    empty, left = drain_until_empty(est, placements, dirty, policy, options, params)
+                    row.empty.append(empty)
+                    row.left += left
+                    row.throttled += sum(1 for m in est.migrations if m.escalation >= Escalation.AUTO_CONVERGE)
                 rows[name] = row
             everything[(link_name, stream_name)] = rows
             lines.append(f"\n#### {link_name}, {stream_name} ({conns} connection{'s' if conns > 1 else ''} "
                          f"per migration), 30 VMs, {len(seeds)} seeds\n")
             lines.append("| policy / order | makespan ÷ floor (mean, worst) | makespan ÷ Σmem/link | "
-                         "bytes ÷ Σmem | p99 downtime ms | VMs not moved | makespan s (mean) |")
-            lines.append("|---|---|---|---|---|---|---|")
+                         "bytes ÷ Σmem | p99 downtime ms | VMs aborted in pass 1 | makespan s (mean) | "
+                         "until empty s (mean) | VMs throttled |")
+            lines.append("|---|---|---|---|---|---|---|---|---|")
             for row in rows.values():
                 lines.append(f"| {row.name} | {statistics.mean(row.ratio):.3f}, {max(row.ratio):.3f} | "
                              f"{statistics.mean(row.link_ratio):.3f} | {statistics.mean(row.bytes_ratio):.3f} | "
-                             f"{max(row.p99_ms):.0f} | {row.aborted} | {statistics.mean(row.makespan):.0f} |")
+                             f"{max(row.p99_ms):.0f} | {row.aborted} | {statistics.mean(row.makespan):.0f} | "
+                             f"{statistics.mean(row.empty):.0f} | {row.throttled} |")
     return "\n".join(lines), everything
 
 
 def summary(everything: dict[tuple[str, str], dict[str, Row]]) -> str:
-    """Ours (own order) against each baseline in its best order and against the issue's targets."""
-    lines = ["| scenario | ours ÷ floor (worst) | target | vs fixed2 best order | vs unbounded best order "
-             "| vs fixed1 best order | VMs lost |", "|---|---|---|---|---|---|---|"]
+    """Ours (own order) against each baseline in its best order and against the issue's targets.
+
+    Drains are compared until the host is empty (a drain that aborted VMs is run again for them);
+    the first pass alone is shown too. "Most possible" is what a perfect schedule (the floor) would
+    gain over the baseline: a target above it cannot be met by any scheduler in this model."""
+    lines = ["| scenario | ours ÷ floor, mean (worst seed) | target | vs fixed 2 (most possible) "
+             "| vs unbounded until empty (most possible; first pass) | vs fixed 1 | VMs lost |",
+             "|---|---|---|---|---|---|---|"]
     verdicts = ["", "Against the issue's targets (each baseline in its best order):", ""]
     for (link_name, stream_name), rows in everything.items():
         ours = rows[OURS]
         target = 1.10 if stream_name == "multi-connection" else 1.20
 
-        def best(prefix: str, rows: dict[str, Row] = rows) -> float:
-            return min(statistics.mean(r.makespan) for n, r in rows.items() if n.startswith(prefix + " /"))
+        def best(prefix: str, rows: dict[str, Row] = rows) -> Row:
+            return min((r for n, r in rows.items() if n.startswith(prefix + " /")),
+                       key=lambda r: statistics.mean(r.empty))
 
-        mean = statistics.mean(ours.makespan)
+        def gain(ours_s: list[float], theirs_s: list[float]) -> float:
+            return 1 - statistics.mean(ours_s) / statistics.mean(theirs_s)
 
-        def unmoved(prefix: str, rows: dict[str, Row] = rows) -> int:
-            best_row = min((r for n, r in rows.items() if n.startswith(prefix + " /")),
-                           key=lambda r: statistics.mean(r.makespan))
-            return best_row.aborted
+        def pct(g: float) -> str:
+            return f"{g:.1%} shorter" if g >= 0 else f"{-g:.1%} longer"
 
-        def versus(prefix: str, mean: float = mean) -> str:
-            gain = 1 - mean / best(prefix)
-            return f"{gain:.1%} shorter" if gain >= 0 else f"{-gain:.1%} longer"
-
-        cells = [versus(p) for p in ("fixed2", "unbounded", "fixed1")]
-        f2, unb = 1 - mean / best("fixed2"), 1 - mean / best("unbounded")
-        verdicts.append(f"- {link_name}, {stream_name}: floor ≤ {target:.2f}× "
-                        f"{'met' if statistics.mean(ours.ratio) <= target else 'NOT met'} on the mean "
-                        f"({'also' if max(ours.ratio) <= target else 'not'} on the worst seed); "
-                        f"≥ 15 % shorter than fixed 2: {'met' if f2 >= 0.15 else 'NOT met'} ({f2:.1%}); "
-                        f"≥ 25 % shorter than unbounded: {'met' if unb >= 0.25 else 'NOT met'} ({unb:.1%}; "
-                        f"unbounded left {unmoved('unbounded')} VMs on their source, not moved at all); "
-                        f"VMs lost: 0 (ours left {ours.aborted} unmoved).")
-        lines.append(f"| {link_name}, {stream_name} | {statistics.mean(ours.ratio):.3f} ({max(ours.ratio):.3f}) "
-                     f"| ≤ {target:.2f} | {cells[0]} | {cells[1]} | {cells[2]} | 0 of {30 * len(ours.ratio)} "
-                     f"lost, {ours.aborted} aborted (left on source) |")
+        f2, unb, f1 = best("fixed2"), best("unbounded"), best("fixed1")
+        g_f2, most_f2 = gain(ours.empty, f2.empty), gain(ours.floor, f2.empty)
+        g_unb, g_unb_first = gain(ours.empty, unb.empty), gain(ours.makespan, unb.makespan)
+        most_unb = gain(ours.floor, unb.empty)
+        mean_r, worst_r = statistics.mean(ours.ratio), max(ours.ratio)
+        lost = ours.left  # VMs not running on their target after every pass (they stay on the source)
+        f2_verdict = ("met" if g_f2 >= 0.15 else
+                      "NOT met" + (f", and no schedule can: the floor itself is only {most_f2:.1%} shorter"
+                                   if most_f2 < 0.15 else ""))
+        verdicts.append(
+            f"- {link_name}, {stream_name}: ≤ {target:.2f}× the floor {'met' if mean_r <= target else 'NOT met'} "
+            f"on the mean ({mean_r:.3f}), {'met' if worst_r <= target else 'NOT met'} on the worst seed "
+            f"({worst_r:.3f}); ≥ 15 % shorter than fixed 2: {f2_verdict} ({g_f2:.1%}); ≥ 25 % shorter than "
+            f"unbounded: {'met' if g_unb >= 0.25 else 'NOT met'} until empty ({g_unb:.1%}; the floor is "
+            f"{most_unb:.1%} shorter; unbounded aborted "
+            f"{unb.aborted} VMs in its first pass and left {unb.left} after {MAX_PASSES}), "
+            f"{'met' if g_unb_first >= 0.25 else 'not met'} on the first pass alone ({g_unb_first:.1%}); "
+            f"VMs lost: 0 (ours aborted {ours.aborted}, left {lost} on the source, throttled {ours.throttled} "
+            f"of {30 * len(ours.ratio)} while they moved).")
+        lines.append(f"| {link_name}, {stream_name} | {mean_r:.3f} ({worst_r:.3f}) | ≤ {target:.2f} | "
+                     f"{pct(g_f2)} ({most_f2:.1%}) | {pct(g_unb)} ({most_unb:.1%}; {pct(g_unb_first)}) | "
+                     f"{pct(gain(ours.empty, f1.empty))} | 0 of {30 * len(ours.ratio)} |")
     return "\n".join(lines + verdicts)
 
 
@@ -416,6 +457,21 @@ def _fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
     return slope, my - slope * mx
 
 
+def previous_lab_section() -> str:
+    """The lab measurement already in RESULTS.md (it needs root and the lab; a run without ``--lab``
+    keeps it rather than erasing it). Empty when there is none."""
+    if not RESULTS.exists():
+        return ""
+    doc = RESULTS.read_text()
+    marker = "### Real drain in the lab"
+    if marker not in doc.split("## Drain", 1)[-1]:
+        return ""
+    rest = doc.split("## Drain", 1)[1].split(marker, 1)[1]
+    cut = [i for i in (rest.find("\n## "), rest.find("\n### ")) if i >= 0]
+    body = rest[:min(cut)] if cut else rest
+    return "" if "Not measured yet" in body else body.rstrip()
+
+
 def write_section(text: str) -> None:
     """Replace the "## Drain" section of RESULTS.md (up to the next "## "), leaving the rest alone."""
     if RESULTS.exists():
@@ -431,13 +487,20 @@ def write_section(text: str) -> None:
 
 
 READING = """How to read it: the floor is max(Σ memory ÷ source link, the slowest VM alone); re-sending
-dirtied pages alone costs 2-10 % above it (column "bytes ÷ Σmem"). On 10 GbE two single-stream
-migrations (600 MiB/s each) already fill the link, so fixed 2 is close to ours there; where one stream
-cannot fill the link (25 GbE, single-stream) a fixed limit leaves most of it idle. The model has no
-per-migration CPU or memory cost on the hosts, so "unbounded" pays only for dirty-page re-sends and
-for the VMs it cannot converge (those it aborts are not moved at all, and its makespan does not
-include moving them). Ours is the default `SchedulerPolicy()`: longest-expected-first order,
-link-filling admission with the dirty-rate bound, 2 s look-ahead, same escalation as the baselines."""
+dirtied pages alone costs 2-10 % above it (column "bytes ÷ Σmem"). A drain is done when the host is
+empty: where a policy aborted VMs (they stay on the source, running), the drain is run again for them,
+as an operator would, up to 3 passes ("until empty"); the first pass alone is shown too. "Most
+possible" is what the floor itself gains over the baseline: where a target asks for more, no
+scheduler can meet it in this model. On 10 GbE two single-stream migrations (600 MiB/s each) already
+fill the link, so fixed 2 is close to the floor there; where one stream cannot fill the link (25 GbE,
+single-stream) a fixed limit leaves most of it idle. The model has no per-migration CPU or memory
+cost on the hosts, so "unbounded" pays only for dirty-page re-sends and for the VMs it cannot
+converge. Ours is the default `SchedulerPolicy()`: longest-expected-first order, link-filling
+admission with the dirty-rate bound, 2 s look-ahead, and for a VM known to dirty ≥ 30 % of its
+stream, auto-converge from the start at the throttle that brings it to 30 % (at most 60 %; libvirt's
+`auto_converge.initial`) where the baselines start at QEMU's 20 %; escalation is otherwise the same
+(auto-converge on stall, no post-copy, 150 s/GiB budget, 300 ms downtime limit). "VMs throttled"
+counts the guests slowed while they moved: the price of that choice."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -462,8 +525,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.lab:
         out += ["", "### Real drain in the lab", lab_section()]
     else:
-        out += ["", "### Real drain in the lab", "",
-                "Not measured yet: run with `--lab` on a machine with the KVM lab (see docs/draining.md)."]
+        kept = previous_lab_section()
+        out += ["", "### Real drain in the lab", kept or
+                "\nNot measured yet: run with `--lab` on a machine with the KVM lab (see docs/draining.md)."]
     text = "\n".join(out)
     print(text)
     print(f"\n(benchmark took {time.monotonic() - started:.0f} s)", file=sys.stderr)
