@@ -324,7 +324,8 @@ class _Engine:
 
     def _ac_initial(self, m: _Mig) -> float:
         pct = m.options.auto_converge_initial_pct if m.options is not None else None
-        return self.params.ac_initial if pct is None else pct / 100
+        # QEMU refuses an initial throttle above its maximum: the model caps it the same way
+        return self.params.ac_initial if pct is None else min(self.params.ac_max, pct / 100)
 
     def _ac_step(self, m: _Mig) -> float:
         pct = m.options.auto_converge_increment_pct if m.options is not None else None
