@@ -53,6 +53,17 @@ class Hypervisor(Protocol):
 
 
 @runtime_checkable
+class DirtyRateProbe(Protocol):
+    """A hypervisor that can measure how fast its running guests dirty memory (QEMU's calc-dirty-rate):
+    what the drain scheduler orders, admits and throttles by."""
+
+    def measure_dirty_rates(self, host: str, seconds: float = 1.0) -> dict[str, float]:
+        """MiB/s per running VM of ``host``, sampled over ``seconds``; VMs that could not be measured
+        are left out (their rate stays unknown, never guessed)."""
+        ...
+
+
+@runtime_checkable
 class HostShell(Protocol):
     """Commands on a host, as argv lists; never a shell string."""
 

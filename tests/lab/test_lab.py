@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from hostmaint.drivers.base import Hypervisor
+from hostmaint.drivers.base import DirtyRateProbe, Hypervisor
 from hostmaint.drivers.libvirt import LibvirtHypervisor
 from hostmaint.drivers.ssh import SshShell
 from hostmaint.errors import DriverError, MigrationError, TransientDriverError
@@ -163,6 +163,21 @@ def test_an_abort_from_another_thread_and_a_switch_to_post_copy(lab: LabInfo, hv
     assert hv.locate(dirty.name) == (target,)
     # the budget ran out while most of the memory was still to be copied; it finished all the same
     assert any(s.elapsed_s >= crawl.min_budget_seconds and s.data_remaining > s.data_total // 2 for s in samples)
+
+
+def test_dirty_rates_are_measured_per_guest(lab: LabInfo, hv: LibvirtHypervisor) -> None:
+    # what the scheduler orders and throttles by: the Linux guests rewrite 128 MiB in a loop,
+    # the SeaBIOS guests sit in their BIOS
+    assert isinstance(hv, DirtyRateProbe)
+    host = hv.locate(next(v for v in lab.vms if v.linux).name)[0]
+    on_host = set(hv.running_vms(host))
+    rates = hv.measure_dirty_rates(host, seconds=2)
+    assert set(rates) == on_host  # every running guest measured, nothing else
+    busy = [rates[v.name] for v in lab.vms if v.linux and v.name in on_host]
+    idle = [rates[v.name] for v in lab.vms if not v.linux and v.name in on_host]
+    assert busy and min(busy) > 1.0, rates
+    if idle:
+        assert max(idle) < min(busy), rates
 
 
 def test_upfront_auto_converge_starts_at_the_throttle_the_scheduler_chose(lab: LabInfo,
