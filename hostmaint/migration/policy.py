@@ -258,16 +258,17 @@ def admission_refusal(spec: MigrationSpec, load: Load, limits: Limits, policy: S
     running_rate = load.source_rate.get(spec.source, 0.0)
     if running_rate >= link_mib_s * 0.999:
         return f"source link {spec.source} full ({running_rate:.0f}/{link_mib_s:.0f} MiB/s)"
-    added = min(link_mib_s, running_rate + rate_mib_s) - running_rate
+    # what it will get once running: links are shared fairly, so its share, not the leftover
+    n = len(sharing)
+    gets = min(rate_mib_s, link_mib_s / (n + 1))
     dirty = expected_dirty_mib_s(spec, policy, rate_mib_s)
-    if dirty >= added:
-        return (f"adds {added:.0f} MiB/s of link but dirties {dirty:.0f} MiB/s: "
-                f"waits for the link to itself")
+    if dirty >= policy.dirty_fraction * gets:
+        return (f"would get {gets:.0f} MiB/s of {spec.source}'s link but dirties {dirty:.0f} MiB/s: "
+                f"waits for more of the link")
     # When the newcomer makes the link the bottleneck, every migration's share shrinks. None that
     # converges comfortably now (dirty rate below dirty_fraction of its share) may be pushed past
     # that line, or its pre-copy rounds stop shrinking and its final pause grows. While the link has
     # room nobody's share changes; a VM already past the line relies on auto-converge either way.
-    n = len(sharing)
     share_before = min(rate_mib_s, link_mib_s / n)
     share = min(rate_mib_s, link_mib_s / (n + 1))
     line_before, line = policy.dirty_fraction * share_before, policy.dirty_fraction * share

@@ -115,13 +115,16 @@ BIG = Limits(migrations_per_source=16, migrations_per_target=16, migrations_per_
     ([(spec("x", 1, dirty=350), 600.0)], spec("a", 1024, dirty=350), SchedulerPolicy(), BIG, None),
     ([(spec("x", 1, dirty=400), 600.0)], spec("a", 1024, dirty=10), SchedulerPolicy(), BIG, "dirty rate of 400"),
     ([(spec("x", 1, dirty=10), 600.0)], spec("a", 1024, dirty=400), SchedulerPolicy(auto_converge=False), BIG,
-     "dirty rate of 400"),
+     "would get 550 MiB/s of s's link but dirties 400"),
     # ... unless the newcomer starts throttled: 400 MiB/s at 55 % is 180, well inside its share
     ([(spec("x", 1, dirty=10), 600.0)], spec("a", 1024, dirty=400), SchedulerPolicy(), BIG, None),
     # a running VM counts with the dirty rate it was admitted with (after its upfront throttle)
     ([(spec("x", 1, dirty=400), 600.0, 180.0)], spec("a", 1024, dirty=10), SchedulerPolicy(), BIG, None),
-    # a newcomer that adds less link than it dirties waits for the link to itself
-    ([(spec("x", 1), 1000.0)], spec("a", 1024, dirty=150), SchedulerPolicy(), BIG, "adds 100"),
+    # a newcomer is judged by the fair share it will get (550), not by the 100 MiB/s the link has left:
+    # judged by the leftover, a dirty VM waited behind every smaller one and became the drain's tail
+    ([(spec("x", 1), 1000.0)], spec("a", 1024, dirty=150), SchedulerPolicy(), BIG, None),
+    ([(spec("x", 1), 1000.0)], spec("a", 1024, dirty=390), SchedulerPolicy(auto_converge=False), BIG,
+     "would get 550"),
     # fixed policies ignore link and dirty rate, and stop at their number
     ([(spec("x", 1, dirty=400), 600.0), (spec("y", 1), 600.0)], spec("a", 1, dirty=900),
      SchedulerPolicy.unbounded(), BIG, None),
