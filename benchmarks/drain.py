@@ -476,7 +476,7 @@ def previous_lab_section() -> str:
     cut = [i for i in (rest.find("\n## "), rest.find("\n### ")) if i >= 0]
     body = rest[:min(cut)] if cut else rest
     body = body.replace("\n(Kept from the last run with `--lab`; this run did not touch the lab.)\n", "")
-    return "" if "Not measured yet" in body else body.rstrip()
+    return "" if "Not measured yet" in body else body.strip()
 
 
 def write_section(text: str) -> None:
@@ -534,7 +534,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         kept = previous_lab_section()
         out += ["", "### Real drain in the lab",
-                ("\n(Kept from the last run with `--lab`; this run did not touch the lab.)\n" + kept) if kept else
+                ("\n(Kept from the last run with `--lab`; this run did not touch the lab.)\n\n" + kept) if kept else
                 "\nNot measured yet: run with `--lab` on a machine with the KVM lab (see docs/draining.md)."]
     text = "\n".join(out)
     print(text)
