@@ -26,7 +26,7 @@ from tasks import maintenance as t
 from tasks.common import RuntimeRef
 
 
-@task(name="patch-host-in-window", cache_policy=NO_CACHE, tags=["hostmaint"])
+@task(name="patch-host-in-window", cache_policy=NO_CACHE)  # untagged: see tasks/maintenance.py
 def patch_one(host: str, inventory: str, operator: str, window_id: str, trigger: Trigger,
               avoid: list[str]) -> HostOutcome:
     # A failed host is an outcome of the window, not an exception that kills it.

@@ -14,93 +14,96 @@ from hostmaint.placement import plan_rebalance
 from hostmaint.state import HostRecord
 from tasks.common import IO_RETRIES, RuntimeRef, drain_logger
 
-TAGS = ["hostmaint"]
+# No task tags: Prefect turns every tag of a task run into a tag-concurrency lookup on the server
+# (an increment-with-lease request, cached 5 s) before the task starts. hostmaint's safety locks
+# are the global limits in flows/locks.py, not tag limits; the flow runs keep their tags
+# (deployments/), so runs still filter by "hostmaint" in the UI.
 
 
-@task(name="cordon", cache_policy=NO_CACHE, tags=TAGS)
+@task(name="cordon", cache_policy=NO_CACHE)
 def cordon_host(ref: RuntimeRef, run: RunContext, host: str) -> HostRecord:
     return steps.cordon(ref.open(), run, host)
 
 
-@task(name="discover", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)
+@task(name="discover", cache_policy=NO_CACHE, **IO_RETRIES)
 def discover(ref: RuntimeRef, cluster: str) -> FleetSnapshot:
     return steps.snapshot(ref.open(), cluster)
 
 
-@task(name="plan-evacuation", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)
+@task(name="plan-evacuation", cache_policy=NO_CACHE, **IO_RETRIES)
 def plan_evacuation(ref: RuntimeRef, run: RunContext, host: str, avoid: list[str] | None = None,
                     dry_run: bool = False) -> EvacuationPlan:
     return steps.plan_drain(ref.open(), run, host, avoid=avoid or [], dry_run=dry_run)
 
 
-@task(name="drain", cache_policy=NO_CACHE, tags=TAGS)
+@task(name="drain", cache_policy=NO_CACHE)
 def drain_host(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan) -> DrainReport:
     # No Prefect retry: a failed migration is already retried or aborted by the drain
     # scheduler; re-running the whole drain is the operator's call (re-run the flow).
     return steps.drain_host(ref.open(), run, plan, on_event=drain_logger(len(plan.placements)))
 
 
-@task(name="stop-unmigratable", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)
+@task(name="stop-unmigratable", cache_policy=NO_CACHE, **IO_RETRIES)
 def stop_unmigratable(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan) -> list[str]:
     return steps.stop_unmigratable(ref.open(), run, plan)
 
 
-@task(name="start-unmigratable", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)
+@task(name="start-unmigratable", cache_policy=NO_CACHE, **IO_RETRIES)
 def start_unmigratable(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan) -> list[str]:
     return steps.start_unmigratable(ref.open(), run, plan)
 
 
-@task(name="confirm-empty", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)
+@task(name="confirm-empty", cache_policy=NO_CACHE, **IO_RETRIES)
 def confirm_empty(ref: RuntimeRef, run: RunContext, host: str) -> None:
     steps.confirm_empty(ref.open(), run, host)
 
 
-@task(name="cells-before", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)
+@task(name="cells-before", cache_policy=NO_CACHE, **IO_RETRIES)
 def host_cells(ref: RuntimeRef, host: str) -> tuple[Cell, ...]:
     return ref.open().hypervisor.discover(host).cells
 
 
-@task(name="update", cache_policy=NO_CACHE, tags=TAGS)
+@task(name="update", cache_policy=NO_CACHE)
 def update_host(ref: RuntimeRef, run: RunContext, host: str) -> tuple[patching.PackageDiff, patching.RebootDecision]:
     return steps.patch(ref.open(), run, host)
 
 
-@task(name="reboot", cache_policy=NO_CACHE, tags=TAGS)
+@task(name="reboot", cache_policy=NO_CACHE)
 def reboot_host(ref: RuntimeRef, run: RunContext, host: str) -> patching.RebootResult:
     return steps.reboot(ref.open(), run, host)
 
 
-@task(name="verify", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)
+@task(name="verify", cache_policy=NO_CACHE, **IO_RETRIES)
 def verify_host(ref: RuntimeRef, run: RunContext, host: str, cells_before: tuple[Cell, ...] | None) -> None:
     steps.verify(ref.open(), run, host, cells_before)
 
 
-@task(name="uncordon", cache_policy=NO_CACHE, tags=TAGS)
+@task(name="uncordon", cache_policy=NO_CACHE)
 def uncordon_host(ref: RuntimeRef, run: RunContext, host: str) -> HostState:
     return steps.uncordon(ref.open(), run, host)
 
 
-@task(name="return-vms", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)
+@task(name="return-vms", cache_policy=NO_CACHE, **IO_RETRIES)
 def return_vms(ref: RuntimeRef, run: RunContext, host: str) -> DrainReport | None:
     return steps.return_vms(ref.open(), run, host, on_event=drain_logger())
 
 
-@task(name="plan-rebalance", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)
+@task(name="plan-rebalance", cache_policy=NO_CACHE, **IO_RETRIES)
 def plan_rebalance_task(ref: RuntimeRef, cluster: str, max_moves: int) -> RebalancePlan:
     return plan_rebalance(steps.snapshot(ref.open(), cluster), max_moves)
 
 
-@task(name="rebalance", cache_policy=NO_CACHE, tags=TAGS)
+@task(name="rebalance", cache_policy=NO_CACHE)
 def rebalance(ref: RuntimeRef, run: RunContext, plan: RebalancePlan) -> DrainReport | None:
     return steps.rebalance(ref.open(), run, plan, on_event=drain_logger())
 
 
-@task(name="check-invariants", cache_policy=NO_CACHE, tags=TAGS, **IO_RETRIES)
+@task(name="check-invariants", cache_policy=NO_CACHE, **IO_RETRIES)
 def check_invariants(ref: RuntimeRef, cluster: str, expected: list[str], stopped: list[str] | None = None
                      ) -> dict[str, str]:
     return steps.check_invariants(ref.open(), cluster, expected, stopped=stopped or [])
 
 
-@task(name="mark-failed", cache_policy=NO_CACHE, tags=TAGS)
+@task(name="mark-failed", cache_policy=NO_CACHE)
 def mark_failed(ref: RuntimeRef, run: RunContext, host: str, reason: str) -> None:
     steps.fail_host(ref.open(), run, host, reason)

@@ -99,7 +99,7 @@ def ask_approval(rt: Runtime, run: RunContext, host: str, plan: EvacuationPlan, 
     return answer
 
 
-@task(name="keep-cordoned", cache_policy=NO_CACHE, tags=["hostmaint"])
+@task(name="keep-cordoned", cache_policy=NO_CACHE)  # untagged: see tasks/maintenance.py
 def keep_cordoned(ref: RuntimeRef, run: RunContext, host: str, reason: str) -> HostState:
     """Leave ``host`` cordoned with ``reason`` (a drained host goes back to cordoned); audited."""
     rt = ref.open()
