@@ -24,6 +24,7 @@ from hostmaint.audit import AuditEntry
 from hostmaint.errors import DriverError, HostmaintError, PlanError, StepError, TransientDriverError
 from hostmaint.fleet import discover_cluster
 from hostmaint.migration import DrainEvent, DrainReport, drain
+from hostmaint.migration.probe import probe_dirty_rates
 from hostmaint.models import (
     Cell,
     EvacuationPlan,
@@ -195,7 +196,13 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *,
                 rt.states.transition(h, HostState.DRAINING, "draining", run.run_id)
         for p in plan.placements:
             rt.states.record_origin(p.vm, p.source, run.run_id)
-        report = drain(plan, rt.hypervisor, limits, on_event=on_event, **_drain_inputs(rt, cluster))
+        inputs = _drain_inputs(rt, cluster)
+        # the scheduler orders, admits and throttles by how fast each guest dirties memory
+        rates, notes = probe_dirty_rates(rt.hypervisor, plan.hosts, [p.vm for p in plan.placements])
+        rec.details["dirty_rate_mib_s"] = {vm: round(r, 1) for vm, r in sorted(rates.items())}
+        if notes:
+            rec.details["dirty_rate_notes"] = notes
+        report = drain(plan, rt.hypervisor, limits, on_event=on_event, dirty_rate=rates, **inputs)
         rec.details["migrations"] = [r.model_dump(mode="json") for r in report.results]
         rec.details["seconds"] = round(report.seconds, 3)
         rec.details["max_concurrency"] = report.max_concurrency
