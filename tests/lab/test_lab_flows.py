@@ -96,6 +96,11 @@ def test_patch_host_on_the_lab_end_to_end(flow_lab: LabInfo, rt: object) -> None
     assert all(r.details["seconds"] > 0 for r in migrations)
     reboot = next(r for r in records if r.step == "reboot")
     assert reboot.details["reboot"]["new_boot_id"] != reboot.details["reboot"]["old_boot_id"]
+    # the drain measured every guest it moved, and the scheduler got those rates
+    drain = next(r for r in records if r.step == "drain")
+    assert set(drain.details["dirty_rate_mib_s"]) == set(home), drain.details
+    busy = [vm for vm in home if vm in {v.name for v in flow_lab.vms if v.linux}]
+    assert all(drain.details["dirty_rate_mib_s"][vm] > 1.0 for vm in busy), drain.details
     steps = [r.step for r in records]
     assert steps.index("confirm-empty") < steps.index("reboot") < steps.index("verify")
     assert rt.audit.verify().ok  # type: ignore[attr-defined]
