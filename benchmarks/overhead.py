@@ -197,8 +197,14 @@ def instrument(timeline: Timeline, rt: Any) -> Callable[[], None]:
           timeline.timed(HOST, "reboot wait", maintenance.patching.reboot_and_wait))
     patch(rt, "audit", _Wrapped(rt.audit, timeline, AUDIT, "audit"))
     patch(rt, "states", _Wrapped(rt.states, timeline, STATE, "states"))
-    patch(locks, "concurrency", timeline.timed_cm(LOCKS, lambda name, **_: f"concurrency({name})",
-                                                  locks.concurrency))
+    acquire, release = locks._acquire, locks._release  # one server request each (plus retries)
+
+    def timed_acquire(names: list[str], *args: Any, **kwargs: Any) -> Any:
+        with timeline.span(LOCKS, f"request {','.join(names)}"):
+            return acquire(names, *args, **kwargs)
+
+    patch(locks, "_acquire", timed_acquire)
+    patch(locks, "_release", timeline.timed(LOCKS, "release request", release))
     patch(locks, "host_maintenance", timeline.timed_cm(LOCKS, lambda *a, **k: "host_maintenance",
                                                        locks.host_maintenance))
     patch(locks, "cluster_migrations", timeline.timed_cm(LOCKS, lambda *a, **k: "cluster_migrations",
@@ -235,17 +241,19 @@ def instrument_api(timeline: Timeline) -> Callable[[], None]:
         parts = [p if not _looks_like_id(p) else "{id}" for p in request.url.path.split("/")]
         return f"{request.method} {'/'.join(parts).removeprefix('/api')}"
 
-    def count(request: httpx.Request, status: int) -> None:
-        timeline.add("api-attempt", f"{key(request)} {status}", 0.0, 0.0)
+    def count(request: httpx.Request, status: int, start: float) -> None:
+        timeline.add("api-attempt", f"{key(request)} {status}", start, time.monotonic())
 
     async def a_inner(self: Any, request: httpx.Request, *a: Any, **k: Any) -> Any:
+        start = time.monotonic()
         response = await inner_async(self, request, *a, **k)
-        count(request, response.status_code)
+        count(request, response.status_code, start)
         return response
 
     def s_inner(self: Any, request: httpx.Request, *a: Any, **k: Any) -> Any:
+        start = time.monotonic()
         response = inner_sync(self, request, *a, **k)
-        count(request, response.status_code)
+        count(request, response.status_code, start)
         return response
 
     async def a_outer(self: Any, request: httpx.Request, *a: Any, **k: Any) -> Any:
@@ -402,15 +410,15 @@ def report(label: str, runs: list[Run]) -> None:
 
     print(f"\nPrefect API requests (HTTP; the run's events go over a websocket, not here), run {len(runs)}: "
           "requests, attempts answered 503 (server's SQLite busy; the client waits ~2 s), s incl. retries")
-    print("| request | n | 503s | s |")
-    print("|---|---|---|---|")
-    attempts = last.timeline.names("api-attempt")
+    print("| request | n | 503s | s until the 503s came back | s incl. retries |")
+    print("|---|---|---|---|---|")
     for name, n, secs in last.per_name("api"):
-        busy = sum(last.timeline.count("api-attempt", a) for a in attempts if a == f"{name} 503")
-        print(f"| {name} | {n} | {busy} | {secs:.3f} |")
-    print("\n503 answers per run: " + ", ".join(
-        str(sum(r.timeline.count("api-attempt", a) for a in r.timeline.names("api-attempt") if a.endswith(" 503")))
-        for r in runs))
+        busy = last.timeline.spans.get(("api-attempt", f"{name} 503"), [])
+        print(f"| {name} | {n} | {len(busy)} | {sum(e - s for s, e in busy):.3f} | {secs:.3f} |")
+    print("\n503 answers per run (n, s the server took to send them): " + ", ".join(
+        f"{len(b)} ({sum(e - s for s, e in b):.2f} s)" for b in
+        ([s for (c, n), spans in r.timeline.spans.items() if c == "api-attempt" and n.endswith(" 503") for s in spans]
+         for r in runs)))
 
     for title, category in (("locks", LOCKS), ("audit", AUDIT), ("state store", STATE), ("host calls", HOST),
                             ("artifacts", ARTIFACTS)):

@@ -1,4 +1,4 @@
-"""Cluster-wide locks: Prefect global concurrency limits, always taken with ``strict=True``.
+"""Cluster-wide locks: Prefect global concurrency limits, always strict (a missing limit stops the run).
 
 Three limits per inventory, created by :func:`ensure_limits` (``hostmaint setup``)::
 
@@ -7,10 +7,14 @@ Three limits per inventory, created by :func:`ensure_limits` (``hostmaint setup`
     migrations:<cluster>   limits.migrations_per_cluster     live migrations of a cluster at once
 
 A limit that does not exist is an error (:class:`~hostmaint.errors.LockError`),
-never a warning: without ``strict`` Prefect would log and run unlocked. A list of
-names is taken one name at a time in a fixed order (host, then cluster), because
-Prefect only checks that *some* of a list exist; the fixed order keeps two runs
-from each holding what the other waits for.
+never a warning: Prefect's ``concurrency(strict=False)`` would log and run unlocked,
+and even its ``strict=True`` only checks that *some* of a list exist. So hostmaint asks
+the server itself (:func:`_acquire`): every name must come back granted, or the slots
+are given back and the run stops. ``host:`` and ``maintenance:`` are taken in one
+request when both are free (all or nothing, on the server); when one is held they
+are taken one at a time in a fixed order (host, then cluster), which keeps two runs
+from each holding what the other waits for. A server too busy to answer (SQLite: 503)
+is asked again within 50 ms–1 s rather than Prefect's client's ~2 s.
 
 Locks are re-entrant within a run: a runbook holding ``host:hv01`` may call the
 evacuate-host flow for hv01 as a subflow without waiting on itself.
@@ -24,17 +28,23 @@ server restart (``PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE``, see docs/deploymen
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from uuid import UUID
 
+import httpx
 from prefect import runtime
-from prefect.client.orchestration import get_client
+from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.concurrency.sync import concurrency
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+from prefect.concurrency._events import emit_concurrency_acquisition_events, emit_concurrency_release_events
+from prefect.concurrency._leases import maintain_concurrency_lease
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
@@ -132,49 +142,155 @@ def _holder() -> ConcurrencyLeaseHolder | None:
     return ConcurrencyLeaseHolder(type="flow_run", id=run_id) if run_id else None
 
 
+# A Prefect server on SQLite answers 503 when its database is busy (its own event writers hold the
+# write lock). Prefect's client then sleeps ~2 s before asking again — and sleeps even when told not
+# to retry. Taking or giving back a lock is one short write, so hostmaint sends those requests itself,
+# once each, and asks again after these waits (the last one repeating).
+BUSY_RETRY_SECONDS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.0)
+BUSY_ATTEMPTS = 40  # ~30 s of a busy or unreachable server, then LockError
+RETRYABLE_STATUS = frozenset({408, 429, 502, 503})
+MAX_POLL_SECONDS = 2.0  # a held lock is asked for again at most this long after (the server suggests longer)
+
+
+def _busy_wait(attempt: int) -> float:
+    return BUSY_RETRY_SECONDS[min(attempt, len(BUSY_RETRY_SECONDS) - 1)]
+
+
+def _missing(name: str, detail: str) -> LockError:
+    return LockError(f"lock {name!r} is missing on the Prefect server {PREFECT_API_URL.value()}: refusing to "
+                     f"run unlocked, nothing was changed. Create the limits with 'hostmaint setup "
+                     f"--inventory INVENTORY' (flows.locks.ensure_limits). ({detail})")
+
+
+def _post_once(client: SyncPrefectClient, path: str, body: dict[str, Any]) -> httpx.Response:
+    """POST ``body`` to the Prefect API once: the Prefect client's base URL and auth, not its retry loop."""
+    http = client._client  # the client's httpx.Client: base URL, auth and TLS settings of this profile
+    response = httpx.Client.send(http, http.build_request("POST", path, json=body))
+    if response.status_code == 403:
+        # CSRF protection is on: the Prefect client's own send adds the token (and retries as it does)
+        response = http.send(http.build_request("POST", path, json=body))
+    return response
+
+
+def _acquire(names: list[str], occupy: int, wait_seconds: float | None, why: str, *,
+             only_if_free: bool = False) -> ConcurrencyLimitWithLeaseResponse | None:
+    """Take ``occupy`` slots of every limit in ``names`` in one request: all of them or none.
+
+    Strict: every name must exist, else the slots granted are given back and LockError names the
+    missing one (Prefect's own ``strict`` only asks that *some* of a list exist). Held by others:
+    asked again after the server's Retry-After (at most :data:`MAX_POLL_SECONDS`) until
+    ``wait_seconds`` is over, then LockHeldError; with ``only_if_free`` None at once instead.
+    """
+    deadline = None if wait_seconds is None else time.monotonic() + wait_seconds
+    holder = _holder()
+    body: dict[str, Any] = {"names": names, "slots": occupy, "mode": "concurrency",
+                            "lease_duration": lease_seconds()}
+    if holder is not None:
+        body["holder"] = holder.model_dump(mode="json")
+    busy = 0
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                response = _post_once(client, "/v2/concurrency_limits/increment-with-lease", body)
+            except httpx.TransportError as exc:
+                if busy >= BUSY_ATTEMPTS:
+                    raise LockError(f"the Prefect server {PREFECT_API_URL.value()} cannot be reached to take "
+                                    f"the lock {names!r} ({exc}); nothing was changed") from exc
+                delay, busy = _busy_wait(busy), busy + 1
+            else:
+                status = response.status_code
+                if status == 200:
+                    lease = ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
+                    granted = {limit.name for limit in lease.limits}
+                    missing = [name for name in names if name not in granted]
+                    if missing:
+                        if lease.limits:
+                            _release(lease.lease_id)
+                        raise _missing(missing[0], f"the server has no limit named {missing[0]!r}")
+                    return lease
+                if status == 423:
+                    if only_if_free:
+                        return None
+                    if deadline is not None and time.monotonic() >= deadline:
+                        label = repr(names[0]) if len(names) == 1 else ", ".join(map(repr, names))
+                        raise LockHeldError(
+                            f"lock {label} is held by another run{why}; waited {wait_seconds:g}s and gave up, "
+                            "nothing was changed. Run again when that run has finished (Prefect UI: "
+                            "Concurrency, and the host's state in 'hostmaint host status').")
+                    delay = min(MAX_POLL_SECONDS, float(response.headers.get("Retry-After", 1.0)))
+                elif status in RETRYABLE_STATUS and busy < BUSY_ATTEMPTS:
+                    delay, busy = _busy_wait(busy), busy + 1
+                else:
+                    raise LockError(f"the Prefect server {PREFECT_API_URL.value()} refused the lock {names!r} "
+                                    f"({status}: {response.text[:200]}); nothing was changed")
+            if deadline is not None:
+                delay = max(0.0, min(delay, deadline - time.monotonic()))
+            time.sleep(delay)
+
+
+def _release(lease_id: UUID) -> None:
+    """Give the lease's slots back; a busy server is asked again soon, then with Prefect's own retries."""
+    body = {"lease_id": str(lease_id)}
+    with get_client(sync_client=True) as client:
+        for attempt in range(len(BUSY_RETRY_SECONDS)):
+            try:
+                response = _post_once(client, "/v2/concurrency_limits/decrement-with-lease", body)
+            except httpx.TransportError:
+                pass
+            else:
+                if response.status_code not in RETRYABLE_STATUS:
+                    response.raise_for_status()
+                    return
+            time.sleep(_busy_wait(attempt))
+        # still busy: Prefect's own retries (~2 s apart); if even that fails the error is raised, and
+        # the server frees the slots when the lease runs out (lease_seconds())
+        client.release_concurrency_slots_with_lease(lease_id)
+
+
+@contextmanager
+def _holding(names: list[str], lease: ConcurrencyLimitWithLeaseResponse, occupy: int) -> Iterator[None]:
+    """Keep ``lease`` renewed for the block (a failed renewal stops the run: strict), then give it back."""
+    events = emit_concurrency_acquisition_events(lease.limits, occupy)
+    token = _held.set(_held.get() | set(names))
+    try:
+        with maintain_concurrency_lease(lease.lease_id, lease_seconds(), raise_on_lease_renewal_failure=True):
+            yield
+    finally:
+        _held.reset(token)
+        _release(lease.lease_id)
+        emit_concurrency_release_events(lease.limits, occupy, events)
+
+
 @contextmanager
 def hold(name: str, *, occupy: int = 1, wait_seconds: float | None = None, why: str = "") -> Iterator[None]:
     """Hold ``occupy`` slots of limit ``name`` for the block; strict: a missing limit raises LockError.
 
-    ``wait_seconds``: give up after this long with a LockError saying who to wait
+    ``wait_seconds``: give up after this long with a LockHeldError saying who to wait
     for (``None`` waits as long as it takes). Already held by this run: no-op.
     """
     if name in _held.get():
         yield
         return
-    from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
-
-    acquired = False
-    try:
-        with concurrency(name, occupy=occupy, timeout_seconds=wait_seconds, strict=True,
-                         lease_duration=lease_seconds(), holder=_holder()):
-            acquired = True
-            token = _held.set(_held.get() | {name})
-            try:
-                yield
-            finally:
-                _held.reset(token)
-    except ConcurrencySlotAcquisitionError as exc:
-        if acquired:
-            raise
-        raise LockError(f"lock {name!r} is missing on the Prefect server {PREFECT_API_URL.value()}: refusing to "
-                        f"run unlocked, nothing was changed. Create the limits with 'hostmaint setup "
-                        f"--inventory INVENTORY' (flows.locks.ensure_limits). ({exc})") from exc
-    except TimeoutError as exc:
-        if acquired:
-            raise
-        raise LockHeldError(f"lock {name!r} is held by another run{why}; waited {wait_seconds:g}s and gave up, "
-                        "nothing was changed. Run again when that run has finished (Prefect UI: "
-                        "Concurrency, and the host's state in 'hostmaint host status').") from exc
+    lease = _acquire([name], occupy, wait_seconds, why)
+    assert lease is not None  # only None with only_if_free
+    with _holding([name], lease, occupy):
+        yield
 
 
 @contextmanager
 def host_maintenance(host: str, cluster: str, *, wait_seconds: float | None = None) -> Iterator[None]:
     """Hold ``host:<host>`` and one slot of ``maintenance:<cluster>`` for a host's whole maintenance.
 
-    The host lock is taken first and may time out (another run has the host); the
-    cluster slot is then waited for as long as it takes (the cluster is busy, not this host).
+    Both free (the usual case): taken together in one request. Otherwise one at a time,
+    host first: the host lock may time out (another run has the host); the cluster slot is
+    then waited for as long as it takes (the cluster is busy, not this host).
     """
+    names = [n for n in (host_limit(host), maintenance_limit(cluster)) if n not in _held.get()]
+    lease = _acquire(names, 1, 0, "", only_if_free=True) if len(names) == 2 else None
+    if lease is not None:
+        with _holding(names, lease, 1):
+            yield
+        return
     with ExitStack() as stack:
         stack.enter_context(hold(host_limit(host), wait_seconds=wait_seconds,
                                  why=f" (host {host} is under maintenance)"))
