@@ -39,10 +39,13 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
         publish_report(f"evacuate {host} (dry run)", [outcome])
         return outcome
     with locks.host_maintenance(host, cluster, wait_seconds=lock_wait_s):
-        expected = [v.name for v in t.discover(ref, cluster).vms]
         t.cordon_host(ref, run, host)
+        # One discovery, after the cordon and before anything moves, is both the list of VMs the
+        # invariants expect and the plan's view of the cluster (the plan used to discover again).
+        snapshot = t.discover(ref, cluster)
+        expected = [v.name for v in snapshot.vms]
         try:
-            plan = t.plan_evacuation(ref, run, host)
+            plan = t.plan_evacuation(ref, run, host, snapshot=snapshot)
             logger.info("plan:\n%s", render_plan(plan))
             with locks.cluster_migrations(cluster):
                 report = t.drain_host(ref, run, plan)

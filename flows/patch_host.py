@@ -49,8 +49,6 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
         return outcome(StepOutcome.DRY_RUN, render_plan(preview))
 
     with locks.host_maintenance(host, cluster, wait_seconds=lock_wait_s):
-        snapshot = t.discover(ref, cluster)
-        expected = [v.name for v in snapshot.vms]
         migrations: list[MigrationResult] = []
         rebooted = False
         changed = 0
@@ -60,7 +58,12 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
             state = rt.states.state(host)
             if state in BEFORE_DRAINED:
                 t.cordon_host(ref, run, host)
-                plan = t.plan_evacuation(ref, run, host, avoid or [])
+            # One discovery, after the cordon and before anything moves, is both the list of VMs the
+            # invariants expect and the plan's view of the cluster (the plan used to discover again).
+            snapshot = t.discover(ref, cluster)
+            expected = [v.name for v in snapshot.vms]
+            if state in BEFORE_DRAINED:
+                plan = t.plan_evacuation(ref, run, host, avoid or [], snapshot=snapshot)
                 logger.info("plan:\n%s", render_plan(plan))
                 with locks.cluster_migrations(cluster):
                     migrations += t.drain_host(ref, run, plan).results

@@ -151,15 +151,19 @@ def snapshot(rt: Runtime, cluster: str) -> FleetSnapshot:
 
 
 def plan_drain(rt: Runtime, run: RunContext, host: str, *, avoid: Sequence[str] = (),
-               dry_run: bool = False) -> EvacuationPlan:
+               dry_run: bool = False, snap: FleetSnapshot | None = None) -> EvacuationPlan:
     """Discover, check N+1 and plan the evacuation of ``host``. Raises PlanError when unsafe.
 
     With ``dry_run`` an unsafe plan is returned (to be printed) instead of raised,
-    and the audit record says dry-run.
+    and the audit record says dry-run. ``snap``: the cluster as the caller discovered it
+    just now, after cordoning ``host`` (the plan is made on it instead of discovering again).
     """
     cluster = rt.cluster_of(host)
     with audited(rt, run, "plan", host=host, inputs={"avoid": list(avoid), "dry_run": dry_run}) as rec:
-        snap = snapshot(rt, cluster)
+        if snap is None:
+            snap = snapshot(rt, cluster)
+        elif snap.cluster != cluster:
+            raise PlanError(f"planning {host} of cluster {cluster} on a snapshot of cluster {snap.cluster}")
         plan = plan_evacuation(snap, [host], avoid=tuple(avoid))
         if plan.capacity is None:
             plan = plan.model_copy(update={"capacity": check_capacity(snap, [host])})
@@ -220,13 +224,17 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *,
         return report
 
 
-def _drain_inputs(rt: Runtime, cluster: str) -> dict[str, Any]:
+def _drain_inputs(rt: Runtime, cluster: str, snap: FleetSnapshot | None = None) -> dict[str, Any]:
     """What the drain scheduler needs besides the plan: each host's link, and the targets' free
-    memory now, so migrations in flight are counted against their target."""
+    memory now, so migrations in flight are counted against their target.
+
+    ``snap``: a discovery the caller made just now, in the same step, under the same locks
+    (None: discover now)."""
     inventory = rt.inventory
     link = {h.name: float(h.link_bandwidth_mib_s or inventory.cluster(cluster).link_bandwidth_mib_s)
             for h in inventory.hosts_of(cluster)}
-    snap = snapshot(rt, cluster)
+    if snap is None:
+        snap = snapshot(rt, cluster)
     free = {h.name: sum(c.free_mib for c in h.cells) for h in snap.hosts}
     return {"bandwidth_mib_s": link, "target_free_mib": free,
             "vm_memory_mib": {v.name: v.memory_mib for v in snap.vms}}
@@ -381,14 +389,16 @@ def _jsonable(value: Any) -> Any:
 # --- return and rebalance ----------------------------------------------------------------
 
 
-def plan_return(rt: Runtime, host: str) -> EvacuationPlan:
+def plan_return(rt: Runtime, host: str, snap: FleetSnapshot | None = None) -> EvacuationPlan:
     """Plan moving back the VMs whose recorded origin is ``host``, where the host still has room.
 
     A VM that no longer fits stays where it is (recorded), since a return is an
-    optimisation, never a reason to overload a host.
+    optimisation, never a reason to overload a host. ``snap``: the cluster discovered just
+    now (None: discover now).
     """
     cluster = rt.cluster_of(host)
-    snap = snapshot(rt, cluster)
+    if snap is None:
+        snap = snapshot(rt, cluster)
     target = snap.host(host)
     if target.state is not HostState.ACTIVE:
         return EvacuationPlan(cluster=cluster, hosts=(), snapshot_digest=snap.digest())
@@ -411,13 +421,16 @@ def return_vms(rt: Runtime, run: RunContext, host: str, *,
                on_event: Callable[[DrainEvent], None] | None = None) -> DrainReport | None:
     """Move back the VMs that left ``host`` for its maintenance; clear their origin once home."""
     with audited(rt, run, "return-vms", host=host) as rec:
-        plan = plan_return(rt, host)
+        # one discovery serves the plan and the drain's free-memory view: both are taken at once,
+        # in this step, under the same locks (it was discovered twice, a few ms apart)
+        snap = snapshot(rt, rt.cluster_of(host))
+        plan = plan_return(rt, host, snap)
         rec.details["plan"] = plan.model_dump(mode="json")
         if not plan.placements:
             rec.outcome = StepOutcome.SKIPPED
             return None
         limits = rt.inventory.cluster(plan.cluster).limits
-        report = drain(plan, rt.hypervisor, limits, on_event=on_event, **_drain_inputs(rt, plan.cluster))
+        report = drain(plan, rt.hypervisor, limits, on_event=on_event, **_drain_inputs(rt, plan.cluster, snap))
         for r in report.results:
             _audit_migration(rt, run, plan.cluster, r)
             if r.outcome in (StepOutcome.OK, StepOutcome.SKIPPED):

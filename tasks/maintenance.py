@@ -32,8 +32,8 @@ def discover(ref: RuntimeRef, cluster: str) -> FleetSnapshot:
 
 @task(name="plan-evacuation", cache_policy=NO_CACHE, **IO_RETRIES)
 def plan_evacuation(ref: RuntimeRef, run: RunContext, host: str, avoid: list[str] | None = None,
-                    dry_run: bool = False) -> EvacuationPlan:
-    return steps.plan_drain(ref.open(), run, host, avoid=avoid or [], dry_run=dry_run)
+                    dry_run: bool = False, snapshot: FleetSnapshot | None = None) -> EvacuationPlan:
+    return steps.plan_drain(ref.open(), run, host, avoid=avoid or [], dry_run=dry_run, snap=snapshot)
 
 
 @task(name="drain", cache_policy=NO_CACHE)
