@@ -9,6 +9,7 @@ imports libvirt).
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
@@ -95,7 +96,9 @@ def linux_xml(spec: GuestSpec, kernel: Path, initrd: Path, console_log: Path | N
 
 
 # Non-zero data: QEMU sends zero pages as tiny markers, so rewriting zeros would dirty nothing
-# that costs bandwidth. 16 MiB of random bytes are copied over the N MiB again and again.
+# that costs bandwidth. Two different 8 MiB blocks of random bytes take turns over the N MiB:
+# rewriting the same bytes dirties pages for migration, but QEMU's page-sampling dirty-rate
+# measurement (a hash of page contents) would see nothing change.
 _INIT = """#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /tmp /bin
 /bin/busybox mount -t proc proc /proc
@@ -106,15 +109,18 @@ mib=${mib:-0}
 mkdir -p /mem
 # the initramfs root is a tmpfs limited to half the RAM: the dirtied memory gets its own
 mount -t tmpfs -o size=$((mib + 4))m tmpfs /mem
-dd if=/dev/urandom of=/src bs=1M count=16 2>/dev/null
+dd if=/dev/urandom of=/src0 bs=1M count=8 2>/dev/null
+dd if=/dev/urandom of=/src1 bs=1M count=8 2>/dev/null
 echo "hostmaint-lab guest: userspace up, rewriting ${mib} MiB in a loop"
+turn=0
 while true; do
   if [ "$mib" -gt 0 ]; then
     i=0
     while [ $i -lt $mib ]; do
-      dd if=/src of=/mem/dirty bs=1M count=16 seek=$i conv=notrunc 2>/dev/null
-      i=$((i + 16))
+      dd if=/src$turn of=/mem/dirty bs=1M count=8 seek=$i conv=notrunc 2>/dev/null
+      i=$((i + 8))
     done
+    turn=$((1 - turn))
     [ -n "$said" ] || { said=1; echo "hostmaint-lab guest: first pass done, $(du -m /mem/dirty | cut -f1) MiB"; }
   else
     sleep 1
@@ -140,7 +146,9 @@ def linux_boot_files(cache: Path) -> tuple[Path, Path]:
             debs = sorted(glob.glob(str(KERNEL_CACHE / "linux-image-*-cloud-amd64_*.deb")))
         run(["dpkg-deb", "-x", debs[-1], str(out)], timeout=120)
         kernel = next(iter(sorted(out.glob("boot/vmlinuz-*"))))
-    initrd = cache / "linux" / "initramfs.cpio"
+    # named by its init script: a lab built before the script changed must not boot the old one
+    digest = hashlib.sha256(_INIT.encode()).hexdigest()[:12]
+    initrd = cache / "linux" / f"initramfs-{digest}.cpio"
     if not initrd.exists():
         stage = cache / "initramfs-root"
         if stage.exists():

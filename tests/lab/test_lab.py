@@ -187,6 +187,10 @@ def test_upfront_auto_converge_starts_at_the_throttle_the_scheduler_chose(lab: L
     dirty = next(v for v in lab.vms if v.linux)
     source = hv.locate(dirty.name)[0]
     target = next(h.name for h in lab.hosts if h.name != source)
+    # a guest still booting dirties nothing yet and would converge: wait until its loop runs
+    deadline = time.monotonic() + 90
+    while hv.measure_dirty_rates(source, 1).get(dirty.name, 0.0) < 8.0:
+        assert time.monotonic() < deadline, f"{dirty.name} never started dirtying memory"
     options = MigrationOptions(bandwidth_mib_s=16, auto_converge=True, auto_converge_initial_pct=50,
                                auto_converge_increment_pct=5, stall_seconds=120, min_budget_seconds=45,
                                seconds_per_gib=1)
