@@ -408,8 +408,9 @@ def report(label: str, runs: list[Run]) -> None:
     for name, n, call, host, db, core, book in last.per_task():
         print(f"| {name} | {n} | {call:.3f} | {host:.3f} | {db:.3f} | {core:.3f} | {book:.3f} |")
 
-    print(f"\nPrefect API requests (HTTP; the run's events go over a websocket, not here), run {len(runs)}: "
-          "requests, attempts answered 503 (server's SQLite busy; the client waits ~2 s), s incl. retries")
+    print(f"\nPrefect API requests through the Prefect client, run {len(runs)} (the run's events go over a "
+          "websocket; lock requests are sent once each by flows/locks.py and show under locks): a 503 means the "
+          "server's SQLite was busy, and the Prefect client then sleeps ~2 s before it asks again")
     print("| request | n | 503s | s until the 503s came back | s incl. retries |")
     print("|---|---|---|---|---|")
     for name, n, secs in last.per_name("api"):
