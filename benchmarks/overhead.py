@@ -9,7 +9,7 @@ The overhead is then broken down, measured: timers wrap the drivers, the audit t
 store, the lock context managers (and each Prefect ``concurrency`` acquisition inside them), the
 artifacts, every task's call and its body, and the flow's body. Each instant of the run is given to
 the most specific thing that was busy then (host > audit > state > locks > artifacts > hostmaint
-code in a task > Prefect task-run bookkeeping > flow body outside tasks > Prefect flow start/finish),
+code in a task > Prefect task-run bookkeeping > flow body outside tasks > Prefect flow start and finish),
 so the rows add up to the wall time, also when the drain's threads overlap.
 
     .venv/bin/python benchmarks/overhead.py              # on the real lab (root), 3 hosts
@@ -51,8 +51,9 @@ ARTIFACTS = "artifacts (markdown, table, progress)"
 CORE = "hostmaint code in tasks (planning, drain scheduler, models)"
 TASK = "Prefect task-run bookkeeping (call minus body)"
 FLOW_BODY = "flow body outside tasks (runtime, run context, logs)"
-FLOW = "Prefect flow start/finish (wall minus flow body)"
-ORDER = (HOST, AUDIT, STATE, LOCKS, ARTIFACTS, CORE, TASK, FLOW_BODY, FLOW)
+FLOW_START = "Prefect flow start (call until the flow body runs)"
+FLOW_END = "Prefect flow finish (flow body returned until the call returns)"
+ORDER = (HOST, AUDIT, STATE, LOCKS, ARTIFACTS, CORE, TASK, FLOW_BODY, FLOW_START, FLOW_END)
 
 
 # --- interval arithmetic ---------------------------------------------------------------
@@ -326,8 +327,10 @@ class Run:
         tl = self.timeline
         taken: list[Span] = []
         out = {}
+        body = tl.union(FLOW_BODY) or [(self.wall[1], self.wall[1])]
+        outside = {FLOW_START: [(self.wall[0], body[0][0])], FLOW_END: [(body[-1][1], self.wall[1])]}
         for category in ORDER:
-            spans = [self.wall] if category == FLOW else tl.union(category)
+            spans = outside.get(category) or tl.union(category)
             spans = intersect(spans, [self.wall])
             mine = minus(spans, taken)
             out[category] = length(mine)
@@ -416,10 +419,11 @@ def report(label: str, runs: list[Run]) -> None:
     for name, n, secs in last.per_name("api"):
         busy = last.timeline.spans.get(("api-attempt", f"{name} 503"), [])
         print(f"| {name} | {n} | {len(busy)} | {sum(e - s for s, e in busy):.3f} | {secs:.3f} |")
-    print("\n503 answers per run (n, s the server took to send them): " + ", ".join(
-        f"{len(b)} ({sum(e - s for s, e in b):.2f} s)" for b in
-        ([s for (c, n), spans in r.timeline.spans.items() if c == "api-attempt" and n.endswith(" 503") for s in spans]
-         for r in runs)))
+    print("\n503 answers per run (all requests, lock requests included):")
+    for i, r in enumerate(runs, 1):
+        busy = sorted((n.removesuffix(" 503"), len(spans)) for (c, n), spans in r.timeline.spans.items()
+                      if c == "api-attempt" and n.endswith(" 503"))
+        print(f"- run {i}: " + (", ".join(f"{n} x{k}" for n, k in busy) or "none"))
 
     for title, category in (("locks", LOCKS), ("audit", AUDIT), ("state store", STATE), ("host calls", HOST),
                             ("artifacts", ARTIFACTS)):
