@@ -79,7 +79,9 @@ def test_missing_limit_fails_loudly_and_changes_nothing(tmp_path: Path, hostmain
 
 def test_second_evacuation_of_a_host_is_refused_while_the_first_runs(tmp_path: Path, hostmaint_db: Path,
                                                                      prefect_server: None) -> None:
-    inventory = make_fleet(tmp_path / "fleet", time_scale=0.4)  # ~1.5 s per migration
+    # ~4 s per migration: the first run must still hold the host when the second one's flow run has
+    # been created (a busy Prefect server can make that take a few seconds)
+    inventory = make_fleet(tmp_path / "fleet", time_scale=1.0)
     locks.ensure_limits(inventory)
     rt = open_runtime(inventory)
     first = in_background(evacuate_host, host="hv01", operator="first", inventory=str(inventory))
