@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from hostmaint.drivers.base import DirtyRateProbe, Hypervisor
 from hostmaint.errors import DriverError
 
-DEFAULT_PROBE_SECONDS = 2.0
+DEFAULT_PROBE_SECONDS = 1.0  # QEMU samples whole seconds; a drain of minutes hardly feels one
 
 
 def probe_dirty_rates(hypervisor: Hypervisor, hosts: Sequence[str], vms: Sequence[str],
