@@ -244,7 +244,13 @@ def test_a_process_worker_runs_a_pool_deployment(prefect_server: None, tmp_path:
                 time.sleep(0.5)
     finally:
         worker.terminate()
-        worker.wait(30)
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            # Prefect's worker sometimes takes longer than that to wind down after SIGTERM (seen once
+            # in CI, after the run had completed); how it stops is not what this test is about
+            worker.kill()
+            worker.wait(10)
     assert state.is_completed(), f"{state}\n{log.read_text()[-3000:]}"
     # the worker's flow process wrote the dry run's plan to the same audit trail, under the form's operator
     from hostmaint.audit import AuditTrail
