@@ -61,14 +61,17 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
             # One discovery, after the cordon and before anything moves, is both the list of VMs the
             # invariants expect and the plan's view of the cluster (the plan used to discover again).
             snapshot = t.discover(ref, cluster)
+            # VMs an earlier run shut down on this host are expected too: stopped until it is verified
+            stopped = rt.states.stopped_on(host)
             expected = [v.name for v in snapshot.vms]
+            expected += [vm for vm in stopped if vm not in expected]
             if state in BEFORE_DRAINED:
                 plan = t.plan_evacuation(ref, run, host, avoid or [], snapshot=snapshot)
                 logger.info("plan:\n%s", render_plan(plan))
                 with locks.cluster_migrations(cluster):
                     migrations += t.drain_host(ref, run, plan).results
-                t.check_invariants(ref, cluster, expected)
-                stopped = t.stop_unmigratable(ref, run, plan)
+                t.check_invariants(ref, cluster, expected, stopped)
+                stopped = sorted({*stopped, *t.stop_unmigratable(ref, run, plan)})
                 state = HostState.DRAINED
             if state is HostState.DRAINED:
                 # Also the gate for a host found drained by an earlier run: proven empty again now.
@@ -86,9 +89,8 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
             if state in (HostState.REBOOTING, HostState.VERIFYING):
                 t.verify_host(ref, run, host, cells)
             t.uncordon_host(ref, run, host)
-            if plan is not None:
-                t.start_unmigratable(ref, run, plan)
-                stopped = []
+            t.start_unmigratable(ref, run, host, plan)
+            stopped = []
             if return_vms:
                 with locks.cluster_migrations(cluster):
                     report = t.return_vms(ref, run, host)

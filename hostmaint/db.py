@@ -111,6 +111,19 @@ class VmOriginRow(Base):
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class VmStoppedRow(Base):
+    """A VM maintenance shut down (its policy said so) and must start again once its host is verified.
+
+    Recorded before the shutdown is asked for, so a run that dies in between still knows."""
+
+    __tablename__ = "hostmaint_vm_stopped"
+
+    vm: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(sa.String(255), index=True)
+    run_id: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class AuditRow(Base):
     """One audit record. ``seq`` is the primary key, so two writers cannot both append the same seq."""
 
@@ -139,6 +152,7 @@ host_state_table = cast(sa.Table, HostStateRow.__table__)
 host_history_table = cast(sa.Table, HostHistoryRow.__table__)
 window_progress_table = cast(sa.Table, WindowProgressRow.__table__)
 vm_origin_table = cast(sa.Table, VmOriginRow.__table__)
+vm_stopped_table = cast(sa.Table, VmStoppedRow.__table__)
 audit_table = cast(sa.Table, AuditRow.__table__)
 
 

@@ -249,7 +249,10 @@ def _audit_migration(rt: Runtime, run: RunContext, cluster: str, result: Migrati
 
 
 def stop_unmigratable(rt: Runtime, run: RunContext, plan: EvacuationPlan) -> list[str]:
-    """Shut down the VMs whose policy says so, before the host reboots."""
+    """Shut down the VMs whose policy says so, before the host reboots.
+
+    Each is recorded before its shutdown is asked for: a run that dies in between still knows to
+    start it again (:func:`start_unmigratable` reads the record, not the plan)."""
     stopped = []
     for action in plan.vm_actions:
         if action.action is not UnmigratableAction.SHUTDOWN:
@@ -259,23 +262,27 @@ def stop_unmigratable(rt: Runtime, run: RunContext, plan: EvacuationPlan) -> lis
             if action.vm not in rt.hypervisor.running_vms(action.host):
                 rec.outcome = StepOutcome.SKIPPED
                 continue
+            rt.states.record_stopped(action.vm, action.host, run.run_id)
             rt.hypervisor.shutdown(action.vm, action.host)
             stopped.append(action.vm)
     return stopped
 
 
-def start_unmigratable(rt: Runtime, run: RunContext, plan: EvacuationPlan) -> list[str]:
-    """Start again the VMs ``stop_unmigratable`` shut down, once the host is verified."""
+def start_unmigratable(rt: Runtime, run: RunContext, host: str, plan: EvacuationPlan | None = None) -> list[str]:
+    """Start again, on ``host`` once it is verified, every VM maintenance shut down there: those
+    recorded by any run (a resumed run has no plan of the stop) and those of ``plan``."""
+    names = set(rt.states.stopped_on(host))
+    if plan is not None:
+        names |= {a.vm for a in plan.vm_actions if a.action is UnmigratableAction.SHUTDOWN and a.host == host}
     started = []
-    for action in plan.vm_actions:
-        if action.action is not UnmigratableAction.SHUTDOWN:
-            continue
-        with audited(rt, run, "start-vm", host=action.host, vm=action.vm) as rec:
-            if action.vm in rt.hypervisor.running_vms(action.host):
+    for vm in sorted(names):
+        with audited(rt, run, "start-vm", host=host, vm=vm) as rec:
+            if vm in rt.hypervisor.running_vms(host):
                 rec.outcome = StepOutcome.SKIPPED
-                continue
-            rt.hypervisor.start(action.vm, action.host)
-            started.append(action.vm)
+            else:
+                rt.hypervisor.start(vm, host)
+                started.append(vm)
+            rt.states.clear_stopped(vm)
     return started
 
 

@@ -39,6 +39,7 @@ from hostmaint.db import (
     host_state_table,
     utcnow,
     vm_origin_table,
+    vm_stopped_table,
     window_progress_table,
     write_transaction,
 )
@@ -225,6 +226,30 @@ class HostStateStore:
     def clear_origin(self, vm: str) -> None:
         """Forget ``vm``'s origin (it is home again); nothing happens if none was recorded."""
         t = vm_origin_table
+        with write_transaction(self._engine) as conn:
+            conn.execute(sa.delete(t).where(t.c.vm == vm))
+
+    # --- VMs stopped by maintenance -------------------------------------------------
+
+    def record_stopped(self, vm: str, host: str, run_id: str | None = None) -> None:
+        """Remember that maintenance is about to shut ``vm`` down on ``host`` (idempotent)."""
+        t = vm_stopped_table
+
+        def record(conn: Connection) -> None:
+            if conn.execute(sa.select(t.c.vm).where(t.c.vm == vm)).first() is None:
+                conn.execute(sa.insert(t).values(vm=vm, host=host, run_id=run_id, recorded_at=self._clock()))
+
+        self._retry(record)
+
+    def stopped_on(self, host: str) -> list[str]:
+        """The VMs maintenance shut down on ``host`` and has not started again."""
+        t = vm_stopped_table
+        with self._engine.connect() as conn:
+            return [r.vm for r in conn.execute(sa.select(t.c.vm).where(t.c.host == host).order_by(t.c.vm))]
+
+    def clear_stopped(self, vm: str) -> None:
+        """``vm`` runs again (or never was stopped): forget it."""
+        t = vm_stopped_table
         with write_transaction(self._engine) as conn:
             conn.execute(sa.delete(t).where(t.c.vm == vm))
 

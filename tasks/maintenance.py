@@ -49,8 +49,9 @@ def stop_unmigratable(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan) ->
 
 
 @task(name="start-unmigratable", cache_policy=NO_CACHE, **IO_RETRIES)
-def start_unmigratable(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan) -> list[str]:
-    return steps.start_unmigratable(ref.open(), run, plan)
+def start_unmigratable(ref: RuntimeRef, run: RunContext, host: str,
+                       plan: EvacuationPlan | None = None) -> list[str]:
+    return steps.start_unmigratable(ref.open(), run, host, plan)
 
 
 @task(name="confirm-empty", cache_policy=NO_CACHE, **IO_RETRIES)

@@ -151,6 +151,30 @@ def test_evacuate_then_patch_resumes_from_drained(sim_inventory: Path) -> None:
     assert_each_vm_runs_once(sim_inventory, ALL_VMS)
 
 
+def test_a_vm_shut_down_by_its_policy_starts_again_when_a_later_run_finishes_the_host(
+        tmp_path: Path, hostmaint_db: Path) -> None:
+    # app-06 cannot migrate and its policy says: shut down, start again after. The evacuation stops it
+    # and leaves hv04 drained; the patch run that finishes hv04 has no plan of that stop (it resumes
+    # from drained), yet must start it: the record, not the plan, says what maintenance stopped.
+    snap = demo_snapshot(4, 12)
+    inventory = write_simulated_fleet(tmp_path / "fleet", snap, demo_packages(snap), time_scale=0.001,
+                                      vm_policies=[{"match": {"name": "app-06"}, "migratable": False,
+                                                    "on_unmigratable": "shutdown"}])
+    evacuated = evacuate_host(host="hv04", operator="erin", inventory=str(inventory), trigger=Trigger.TEST)
+    assert evacuated.outcome is StepOutcome.OK
+    assert "app-06" not in where(inventory)  # stopped, as its policy allows
+    assert open_runtime(inventory).states.stopped_on("hv04") == ["app-06"]
+
+    result = patch_host(host="hv04", operator="erin", inventory=str(inventory), trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK
+    assert where(inventory)["app-06"] == ["hv04"]  # running again, where it was
+    assert_each_vm_runs_once(inventory, ALL_VMS)
+    assert open_runtime(inventory).states.stopped_on("hv04") == []
+    starts = [r for r in audit().records(host="hv04") if r.step == "start-vm"]
+    assert [(r.vm, r.outcome) for r in starts] == [("app-06", StepOutcome.OK)]
+
+
 def test_window_rerun_skips_patched_hosts(sim_inventory: Path) -> None:
     first = patch_window(cluster="demo", window_id="w1", operator="sched", inventory=str(sim_inventory),
                          trigger=Trigger.TEST, rebalance_moves=0)
