@@ -236,14 +236,14 @@ class _Drain:
         link = self.links[spec.source]
         rate = stream_rate(self.options, self.policy, link)
         refusal = admission_refusal(spec, self.load, self.limits, self.policy, link_mib_s=link,
-                                    rate_mib_s=rate, target_free_mib=self.target_free_mib)
+                                    rate_mib_s=rate, target_free_mib=self.target_free_mib, options=self.options)
         if refusal is not None:
             return refusal
         opts = options_for(spec, self.options, self.policy, rate)
         flight = _Flight(spec, rate, opts, self.clock(), migration_budget_s(spec.memory_mib, self.options))
         if opts.auto_converge:
             flight.level = Escalation.AUTO_CONVERGE  # on from the start: the next step is post-copy
-        self.load.add(spec, rate, expected_dirty_mib_s(spec, self.policy, rate))
+        self.load.add(spec, rate, expected_dirty_mib_s(spec, self.policy, rate, self.options))
         self.max_concurrency = max(self.max_concurrency, self.load.total)
         self.emit(EventKind.STARTED, spec.vm, source=spec.source, target=spec.target,
                   memory_mib=spec.memory_mib, dirty_mib_s=spec.dirty_mib_s, in_flight=self.load.total,

@@ -83,8 +83,8 @@ class SchedulerPolicy:
     max_per_source: int | None = None
     # admission: each running migration's dirty rate must stay below this part of its link share
     dirty_fraction: float = 0.7
-    # a VM whose dirty rate is at least this share of its stream starts with auto-converge on (the
-    # simulated drains: 0.3 beats 0.5 on the worst seeds by 3-5 %, see benchmarks/RESULTS.md)
+    # a VM whose dirty rate is at least this share of its stream starts with auto-converge on (chosen on
+    # the simulated drains: with 0.3 the worst seeds came 3-5 % closer to the floor than with 0.5)
     auto_converge_upfront_fraction: float = 0.3
     # ... and its throttle starts where its dirty rate falls to this share of the stream, so it converges
     # in a few rounds instead of re-sending its memory while QEMU creeps up from 20 % (adaptive only);
@@ -236,7 +236,8 @@ def order_placements(specs: Sequence[MigrationSpec], order: Order,
 
 def admission_refusal(spec: MigrationSpec, load: Load, limits: Limits, policy: SchedulerPolicy, *,
                       link_mib_s: float, rate_mib_s: float,
-                      target_free_mib: Mapping[str, int] | None = None) -> str | None:
+                      target_free_mib: Mapping[str, int] | None = None,
+                      options: MigrationOptions | None = None) -> str | None:
     """Why ``spec`` may not start now, or None when it may. Hard limits first, then the policy."""
     on_source = load.per_source.get(spec.source, 0)
     if load.total >= limits.migrations_per_cluster:
@@ -261,7 +262,7 @@ def admission_refusal(spec: MigrationSpec, load: Load, limits: Limits, policy: S
     # what it will get once running: links are shared fairly, so its share, not the leftover
     n = len(sharing)
     gets = min(rate_mib_s, link_mib_s / (n + 1))
-    dirty = expected_dirty_mib_s(spec, policy, rate_mib_s)
+    dirty = expected_dirty_mib_s(spec, policy, rate_mib_s, options)
     if dirty >= policy.dirty_fraction * gets:
         return (f"would get {gets:.0f} MiB/s of {spec.source}'s link but dirties {dirty:.0f} MiB/s: "
                 f"waits for more of the link")
@@ -304,13 +305,23 @@ def initial_throttle_pct(dirty_mib_s: float, rate_mib_s: float, policy: Schedule
     return min(ceiling, max(QEMU_THROTTLE_INITIAL_PCT, needed))
 
 
-def expected_dirty_mib_s(spec: MigrationSpec, policy: SchedulerPolicy, rate_mib_s: float) -> float:
-    """The dirty rate a migration will see once started: the VM's, lowered by the upfront throttle
-    :func:`options_for` gives a VM that dirties a large part of its stream (adaptive policies)."""
+def upfront_throttle_pct(spec: MigrationSpec, policy: SchedulerPolicy, rate_mib_s: float,
+                         options: MigrationOptions | None = None) -> int | None:
+    """The vCPU throttle a migration starts with, or None when it starts unthrottled (or at QEMU's
+    own 20 %: the fixed policies). Upfront for a VM dirtying ``auto_converge_upfront_fraction`` of its
+    stream; an operator's ``auto_converge_initial_pct`` wins over the computed one."""
     upfront = policy.auto_converge and spec.dirty_mib_s >= policy.auto_converge_upfront_fraction * rate_mib_s
     if not (upfront and policy.adaptive):
-        return spec.dirty_mib_s
-    return spec.dirty_mib_s * (1 - initial_throttle_pct(spec.dirty_mib_s, rate_mib_s, policy) / 100)
+        return None
+    explicit = options.auto_converge_initial_pct if options is not None else None
+    return explicit if explicit is not None else initial_throttle_pct(spec.dirty_mib_s, rate_mib_s, policy)
+
+
+def expected_dirty_mib_s(spec: MigrationSpec, policy: SchedulerPolicy, rate_mib_s: float,
+                         options: MigrationOptions | None = None) -> float:
+    """The dirty rate a migration will see once started: the VM's, lowered by its upfront throttle."""
+    pct = upfront_throttle_pct(spec, policy, rate_mib_s, options)
+    return spec.dirty_mib_s if pct is None else spec.dirty_mib_s * (1 - pct / 100)
 
 
 def options_for(spec: MigrationSpec, options: MigrationOptions, policy: SchedulerPolicy,
@@ -319,14 +330,11 @@ def options_for(spec: MigrationSpec, options: MigrationOptions, policy: Schedule
     auto-converge for a VM dirtying a large part of its stream, and the driver's own stall/budget rule
     set behind the scheduler's (the scheduler keeps using ``options`` as given)."""
     upfront = policy.auto_converge and spec.dirty_mib_s >= policy.auto_converge_upfront_fraction * rate_mib_s
-    auto_converge = options.auto_converge or upfront
-    initial = options.auto_converge_initial_pct
-    if upfront and policy.adaptive and initial is None:
-        initial = initial_throttle_pct(spec.dirty_mib_s, rate_mib_s, policy)
+    pct = upfront_throttle_pct(spec, policy, rate_mib_s, options)
     return options.model_copy(update={
         "placement": spec.placement,
-        "auto_converge": auto_converge,
-        "auto_converge_initial_pct": initial,
+        "auto_converge": options.auto_converge or upfront,
+        "auto_converge_initial_pct": pct if pct is not None else options.auto_converge_initial_pct,
         # post-copy can only be switched to when the migration started post-copy capable
         "post_copy": options.post_copy or policy.allow_post_copy,
         "stall_seconds": options.stall_seconds * DRIVER_STALL_FACTOR,

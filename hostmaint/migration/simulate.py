@@ -302,7 +302,8 @@ class _Engine:
             link = self.params.link(m.spec.source)
             rate = stream_rate(self.options, self.policy, link)
             if admission_refusal(m.spec, self.load, self.limits, self.policy, link_mib_s=link,
-                                 rate_mib_s=rate, target_free_mib=self.target_free_mib) is not None:
+                                 rate_mib_s=rate, target_free_mib=self.target_free_mib,
+                                 options=self.options) is not None:
                 continue
             admitted.append(m)
             m.options = options_for(m.spec, self.options, self.policy, rate)
@@ -315,7 +316,7 @@ class _Engine:
             if m.options.auto_converge:
                 m.level = Escalation.AUTO_CONVERGE
                 m.throttle = self._ac_initial(m) if m.spec.dirty_mib_s > 0 else 0.0
-            self.load.add(m.spec, rate, expected_dirty_mib_s(m.spec, self.policy, rate))
+            self.load.add(m.spec, rate, expected_dirty_mib_s(m.spec, self.policy, rate, self.options))
             self.max_concurrency = max(self.max_concurrency, self.load.total)
             self.running.append(m)
         if admitted:

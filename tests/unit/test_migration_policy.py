@@ -207,6 +207,8 @@ def test_upfront_throttle_reaches_the_driver_only_for_adaptive_policies() -> Non
     # an operator's explicit setting wins
     mine = options_for(hot, MigrationOptions(auto_converge_initial_pct=30), SchedulerPolicy(), 600)
     assert mine.auto_converge_initial_pct == 30
+    assert expected_dirty_mib_s(hot, SchedulerPolicy(), 600, MigrationOptions(auto_converge_initial_pct=30)) \
+        == pytest.approx(280)  # admission counts it at the throttle it will really run with
 
 
 def test_the_drivers_own_abort_rule_comes_after_the_schedulers_escalation() -> None:
