@@ -210,6 +210,9 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *,
         rec.details["migrations"] = [r.model_dump(mode="json") for r in report.results]
         rec.details["seconds"] = round(report.seconds, 3)
         rec.details["max_concurrency"] = report.max_concurrency
+        # what the scheduler decided, not only what came of it: concurrency over time, escalations, aborts
+        rec.details["concurrency"] = [list(point) for point in report.concurrency]
+        rec.details["decisions"] = list(report.decisions)
         for r in report.results:
             _audit_migration(rt, run, cluster, r)
         if not report.ok:

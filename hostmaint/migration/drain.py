@@ -95,6 +95,14 @@ class DrainReport:
         return tuple((e.at_s, int(e.detail["in_flight"])) for e in self.events if "in_flight" in e.detail)
 
     @property
+    def decisions(self) -> tuple[dict[str, Any], ...]:
+        """What the scheduler decided for each VM beyond starting it (escalations, aborts, skips,
+        failures), for the audit record: the per-VM progress samples are left to the run's log."""
+        return tuple({"at_s": round(e.at_s, 3), "kind": e.kind.value, "vm": e.vm, **e.detail}
+                     for e in self.events
+                     if e.kind in (EventKind.ESCALATED, EventKind.ABORTED, EventKind.FAILED, EventKind.SKIPPED))
+
+    @property
     def failed(self) -> tuple[MigrationResult, ...]:
         """The results whose VM is still on its source: failed, aborted, or never started."""
         return tuple(r for r in self.results if r.outcome not in (StepOutcome.OK, StepOutcome.SKIPPED))

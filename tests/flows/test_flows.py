@@ -79,6 +79,11 @@ def test_patch_host_end_to_end(sim_inventory: Path) -> None:
     assert steps.index("confirm-empty") < steps.index("reboot")
     records = audit().records(host="hv02")
     assert {r.operator for r in records} == {"alice"}
+    drain = next(r for r in records if r.step == "drain")
+    # the scheduler's decisions are in the record, not only their results: in-flight over time
+    in_flight = [n for _, n in drain.details["concurrency"]]
+    assert in_flight and max(in_flight) == drain.details["max_concurrency"] and in_flight[-1] == 0
+    assert drain.details["decisions"] == []  # nothing escalated, aborted or skipped in this drain
     update = next(r for r in records if r.step == "update")
     upgraded = {c["package"].split(".")[0] for c in update.details["package_diff"]["upgraded"]}
     assert {"openssl"} <= upgraded

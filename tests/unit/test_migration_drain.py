@@ -352,6 +352,9 @@ def test_without_post_copy_a_stalled_migration_is_aborted_and_stays_on_its_sourc
     hv = fleet(moves, cls=ControllableFake, scripts={"busy": Script(converges=False)})
     report = drain(make_plan(moves), hv, Limits(), options=MigrationOptions(stall_seconds=3))
     assert escalations(report) == [("busy", "enable-auto-converge"), ("busy", "abort")]
+    # what the audit record keeps: both escalation decisions, then the abort, in order
+    assert [(d["vm"], d["kind"], d.get("action")) for d in report.decisions] == [
+        ("busy", "escalated", "enable-auto-converge"), ("busy", "escalated", "abort"), ("busy", "aborted", None)]
     busy = report.results[0]
     assert busy.outcome is StepOutcome.ABORTED and "no progress" in (busy.error or "")
     assert hv.location == {"busy": "src", "calm": "dst"}
