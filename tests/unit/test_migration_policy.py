@@ -116,7 +116,7 @@ BIG = Limits(migrations_per_source=16, migrations_per_target=16, migrations_per_
     ([(spec("x", 1, dirty=400), 600.0)], spec("a", 1024, dirty=10), SchedulerPolicy(), BIG, "dirty rate of 400"),
     ([(spec("x", 1, dirty=10), 600.0)], spec("a", 1024, dirty=400), SchedulerPolicy(auto_converge=False), BIG,
      "would get 550 MiB/s of s's link but dirties 400"),
-    # ... unless the newcomer starts throttled: 400 MiB/s at 55 % is 180, well inside its share
+    # ... unless the newcomer starts throttled: 400 MiB/s at 85 % is 60, well inside its share
     ([(spec("x", 1, dirty=10), 600.0)], spec("a", 1024, dirty=400), SchedulerPolicy(), BIG, None),
     # a running VM counts with the dirty rate it was admitted with (after its upfront throttle)
     ([(spec("x", 1, dirty=400), 600.0, 180.0)], spec("a", 1024, dirty=10), SchedulerPolicy(), BIG, None),
@@ -185,10 +185,10 @@ def test_stream_rate_and_options() -> None:
 
 @pytest.mark.parametrize(("dirty", "rate", "expected"), [
     (0.0, 600.0, 20),      # nothing known: QEMU's own start
-    (300.0, 600.0, 40),    # 300 -> 180 = 0.3 x 600 needs 40 %
-    (400.0, 600.0, 55),
-    (5000.0, 600.0, 60),   # never more than the policy accepts upfront
-    (190.0, 600.0, 20),    # never less than QEMU's 20 %
+    (300.0, 600.0, 80),    # 300 -> 60 = 0.1 x 600 needs 80 %
+    (400.0, 600.0, 85),
+    (5000.0, 600.0, 90),   # never more than the policy accepts upfront
+    (70.0, 600.0, 20),     # never less than QEMU's 20 %
 ])
 def test_initial_throttle_brings_the_dirty_rate_under_the_target_share(dirty, rate, expected) -> None:
     assert initial_throttle_pct(dirty, rate, SchedulerPolicy()) == expected
@@ -197,8 +197,8 @@ def test_initial_throttle_brings_the_dirty_rate_under_the_target_share(dirty, ra
 def test_upfront_throttle_reaches_the_driver_only_for_adaptive_policies() -> None:
     hot = spec("hot", 4096, dirty=400)
     ours = options_for(hot, MigrationOptions(), SchedulerPolicy(), 600)
-    assert ours.auto_converge and ours.auto_converge_initial_pct == 55
-    assert expected_dirty_mib_s(hot, SchedulerPolicy(), 600) == pytest.approx(180)
+    assert ours.auto_converge and ours.auto_converge_initial_pct == 85
+    assert expected_dirty_mib_s(hot, SchedulerPolicy(), 600) == pytest.approx(60)
     fixed = options_for(hot, MigrationOptions(), SchedulerPolicy.fixed(2), 600)
     assert fixed.auto_converge and fixed.auto_converge_initial_pct is None  # QEMU's 20 %, like the anchors
     assert expected_dirty_mib_s(hot, SchedulerPolicy.fixed(2), 600) == 400
