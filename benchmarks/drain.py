@@ -509,6 +509,7 @@ def write_section(text: str) -> None:
     RESULTS.write_text(head + "## Drain\n\n" + text.strip() + "\n\n" + tail)
 
 
+_DEFAULT = SchedulerPolicy()  # the text states its parameters, so they cannot go stale
 READING = """How to read it: the floor is max(Σ memory ÷ source link, the slowest VM alone); re-sending
 dirtied pages alone costs 2-10 % above it (column "bytes ÷ Σmem"). A drain is done when the host is
 empty: where a policy aborted VMs (they stay on the source, running), the drain is run again for them,
@@ -519,11 +520,18 @@ fill the link, so fixed 2 is close to the floor there; where one stream cannot f
 single-stream) a fixed limit leaves most of it idle. The model has no per-migration CPU or memory
 cost on the hosts, so "unbounded" pays only for dirty-page re-sends and for the VMs it cannot
 converge. Ours is the default `SchedulerPolicy()`: longest-expected-first order, link-filling
-admission with the dirty-rate bound, 2 s look-ahead, and for a VM known to dirty ≥ 30 % of its
-stream, auto-converge from the start at the throttle that brings it to 30 % (at most 60 %; libvirt's
-`auto_converge.initial`) where the baselines start at QEMU's 20 %; escalation is otherwise the same
-(auto-converge on stall, no post-copy, 150 s/GiB budget, 300 ms downtime limit). "VMs throttled"
-counts the guests slowed while they moved: the price of that choice."""
+admission with the dirty-rate bound, {p.lookahead_s:g} s look-ahead, and for a VM known to dirty ≥
+{up:.0f} % of its stream, auto-converge from the start at the throttle that brings it to {to:.0f} % of
+the stream (at most {p.auto_converge_max_initial_pct} %; libvirt's `auto_converge.initial`) where the
+baselines start at QEMU's 20 %; escalation is otherwise the same (auto-converge on stall, no
+post-copy, 150 s/GiB budget, 300 ms downtime limit). "VMs throttled" counts the guests slowed while
+they moved: the price of that choice. The throttle is deep on purpose: pre-copy re-sends D ÷ (b − D)
+of a VM's memory, and on a full link those bytes are the drain's time. So these few guests lose up to
+{p.auto_converge_max_initial_pct} % of their vCPU time for a shorter migration rather than less for a
+longer one; summed over the migration that is more guest time, not less: the drain's seconds are
+bought with it. Which guests are throttled depends only on their dirty rate, not on the depth."""
+READING = READING.format(p=_DEFAULT, up=100 * _DEFAULT.auto_converge_upfront_fraction,
+                         to=100 * _DEFAULT.auto_converge_target_fraction)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
