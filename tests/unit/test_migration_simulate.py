@@ -53,13 +53,15 @@ def test_auto_converge_brings_a_too_dirty_vm_over() -> None:
 
 def test_a_known_dirty_vm_starts_at_a_throttle_that_lets_it_converge() -> None:
     # 16 GiB dirtying 500 MiB/s on a 600 MiB/s stream: from QEMU's 20 % it re-sends its memory for
-    # many rounds; starting at the throttle that brings it to 30 % of the stream it does not
+    # many rounds; starting at the throttle that brings it to a tenth of the stream it does not
     kw = dict(dirty_rate={"v0": 500.0}, params=SimParams(setup_s=0.0))
     ours = simulate_drain(moves(1, mib=16 * 1024), BIG, policy=SchedulerPolicy(), **kw).migrations[0]
     qemu = simulate_drain(moves(1, mib=16 * 1024), BIG, policy=SchedulerPolicy.fixed(1), **kw).migrations[0]
     assert ours.outcome is qemu.outcome is StepOutcome.OK
     assert ours.escalation is qemu.escalation is Escalation.AUTO_CONVERGE  # both throttled from the start
     assert ours.sent_mib < qemu.sent_mib and ours.seconds < qemu.seconds and ours.rounds < qemu.rounds
+    # pre-copy re-sends D / (b - D): at 60 of 600 MiB/s that is a ninth of its memory, the link's time
+    assert ours.sent_mib <= 1.15 * 16 * 1024
 
 
 def test_post_copy_when_auto_converge_is_not_enough() -> None:
