@@ -398,7 +398,12 @@ def next_action(history: Sequence[MigrationProgress], *, budget_s: float, stall_
     ``history`` holds its progress samples (oldest first); ``level`` is how far it has been
     escalated and ``level_since_s`` when (so an escalation gets ``stall_s`` to show an effect).
     ``elapsed_s`` overrides the last sample's time (a watchdog with no fresh sample).
+
+    The stall period is at most a third of the budget, so the whole ladder (auto-converge, then
+    post-copy or abort) fits inside it: with the defaults (60 s stall, 60 s budget floor) a VM under
+    410 MiB was aborted by its budget before auto-converge was ever tried.
     """
+    stall_s = min(stall_s, budget_s / 3)
     now = elapsed_s if elapsed_s is not None else (history[-1].elapsed_s if history else 0.0)
     if level is Escalation.POST_COPY:
         return Decision(Action.CONTINUE, "in post-copy: runs to completion, an abort would lose the VM")

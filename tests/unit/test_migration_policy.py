@@ -63,6 +63,19 @@ def test_watchdog_time_counts_as_stall_time_without_new_samples() -> None:
     assert next_action(history, budget_s=1000, stall_s=60, elapsed_s=75).action is Action.ENABLE_AUTO_CONVERGE
 
 
+def test_the_whole_ladder_fits_a_short_budget() -> None:
+    """A 256 MiB VM has the 60 s budget floor; with a 60 s stall period it used to be aborted by the
+    budget before auto-converge was tried. The stall period shrinks to a third of the budget."""
+    history = samples((0, 900), (10, 500), (25, 600), (31, 550))  # last new low at 10 s
+    assert next_action(history, budget_s=60, stall_s=60, elapsed_s=29).action is Action.CONTINUE
+    assert next_action(history, budget_s=60, stall_s=60, elapsed_s=31).action is Action.ENABLE_AUTO_CONVERGE
+    ladder = next_action(history, budget_s=60, stall_s=60, level=Escalation.AUTO_CONVERGE, level_since_s=31,
+                         can_post_copy=True, elapsed_s=52)
+    assert ladder.action is Action.SWITCH_TO_POST_COPY  # 21 s after auto-converge, still no new low
+    # a long budget keeps the operator's stall period
+    assert next_action(history, budget_s=1000, stall_s=60, elapsed_s=31).action is Action.CONTINUE
+
+
 def test_samples_before_the_job_reports_data_are_no_progress_low() -> None:
     # libvirt's first jobStats of a migration: a job, but all zeros. Seen on the lab: without this
     # rule the zero "remaining" was the low and the migration was escalated after stall_s regardless.
