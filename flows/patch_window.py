@@ -20,6 +20,7 @@ from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.patch_host import patch_host
 from hostmaint.errors import LockHeldError
+from hostmaint.maintenance import link_figures
 from hostmaint.models import StepOutcome, Trigger
 from hostmaint.window import WindowClock, estimate_host_seconds, window_order
 from tasks import maintenance as t
@@ -79,13 +80,15 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
     order += left_out
     logger.info("window %s: %d host(s) to patch, %d already done, %d at a time",
                 window_id, len(pending), len(done), parallel)
+    links = link_figures(rt.inventory, rt.states, cluster)  # measured by earlier drains where the inventory gives none
     running: dict[str, PrefectFuture[HostOutcome]] = {}
     failures = 0
     durations: list[float] = []
     while pending or running:
         while pending and len(running) < parallel and failures <= max_failed_hosts:
             host = pending[0]
-            needed = max(durations) if durations else estimate_host_seconds(snapshot, host, rt.inventory)
+            needed = max(durations) if durations else estimate_host_seconds(
+                snapshot, host, rt.inventory, links[host].mib_s if host in links else None)
             if not clock.fits(needed):
                 logger.warning("window %s ends before %s could finish (~%.0fs): not started", window_id,
                                host, needed)

@@ -24,6 +24,7 @@ from rich.table import Table
 from hostmaint.errors import HostmaintError, InputError, PlanError
 from hostmaint.fleet import dump_snapshot, load_snapshot
 from hostmaint.inventory import load_inventory
+from hostmaint.models import MigrationOptions
 
 app = typer.Typer(help="Maintenance orchestration for KVM/libvirt fleets.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -316,21 +317,27 @@ def rebalance(cluster: str, inventory: InventoryOpt = "inventory.yaml", max_move
 
 @host_app.command("status")
 def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = False) -> None:
-    """Every host's maintenance state."""
+    """Every host's maintenance state, and the migration link its drains will use (and why)."""
     with exit_codes():
+        from hostmaint.maintenance import link_figures
+
         rt = _runtime(inventory)
+        links = {h: f for c in rt.inventory.clusters for h, f in link_figures(rt.inventory, rt.states, c.name).items()}
         rows = []
         for h in rt.inventory.hosts:
             rec = rt.states.get(h.name)
-            rows.append({"host": h.name, "cluster": h.cluster, "state": rec.state.value, "reason": rec.reason})
+            link = links[h.name]
+            rows.append({"host": h.name, "cluster": h.cluster, "state": rec.state.value, "reason": rec.reason,
+                         "link_mib_s": link.mib_s, "link_basis": link.basis, "link_note": link.note})
         if as_json:
             _print_json(rows)
             return
         table = Table(title="hosts")
-        for col in ("host", "cluster", "state", "reason"):
+        for col in ("host", "cluster", "state", "reason", "link MiB/s", "link from"):
             table.add_column(col)
         for r in rows:
-            table.add_row(r["host"], r["cluster"], r["state"], r["reason"])
+            basis = r["link_basis"] + (f": {r['link_note']}" if r["link_note"] else "")
+            table.add_row(r["host"], r["cluster"], r["state"], r["reason"], f"{r['link_mib_s']:.0f}", basis)
         out.print(table)
 
 
@@ -536,7 +543,8 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
                         as_json: JsonOpt = False) -> None:
     """Estimate a patch window's duration for CLUSTER from a snapshot (a model, not a run).
 
-    Links come from the inventory when it is there (else 1100 MiB/s); dirty rates from --dirty-rates
+    Links come from the inventory when it is there, else from what past drains measured (else 1100 MiB/s;
+    'hostmaint host status' shows each host's figure and its basis); dirty rates from --dirty-rates
     (else unknown: every VM counted as idle, which makes the estimate optimistic for busy guests)."""
     from hostmaint.migration.simulate import SimParams, simulate_window
     from hostmaint.placement import plan_window
@@ -548,15 +556,20 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
         if parallel is not None and parallel < 1:
             raise InputError(f"--parallel: must be >= 1, got {parallel}")
         rates = _read_dirty_rates(dirty_rates, {v.name for v in snap.vms}) if dirty_rates else None
-        params = SimParams()
+        params, policy, options = SimParams(), None, MigrationOptions()
         if Path(inventory).exists():
             inv = load_inventory(inventory)
             if any(c.name == cluster for c in inv.clusters):
-                default = float(inv.cluster(cluster).link_bandwidth_mib_s)
-                params = SimParams(default_link_mib_s=default, link_mib_s={
-                    h.name: float(h.link_bandwidth_mib_s or default) for h in inv.hosts_of(cluster)})
+                from hostmaint.db import open_engine
+                from hostmaint.maintenance import drain_settings, link_figures
+                from hostmaint.state import HostStateStore
+
+                # the links the drains would use: the inventory's, else what past drains measured
+                figures = link_figures(inv, HostStateStore(open_engine()), cluster)
+                params = SimParams(link_mib_s={h: f.mib_s for h, f in figures.items()})
+                policy, options = drain_settings(inv, cluster)
         estimate = simulate_window(snap, plan_window(snap), patch_s=patch_seconds, parallel=parallel,
-                                   dirty_rate=rates, params=params)
+                                   dirty_rate=rates, params=params, policy=policy, options=options)
         fits = None if window_hours is None else estimate.fits(window_hours * 3600)
         if as_json:
             _print_json({"cluster": cluster, "makespan_s": estimate.makespan_s, "parallel": estimate.parallel,

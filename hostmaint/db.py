@@ -124,6 +124,20 @@ class VmStoppedRow(Base):
     recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class LinkObservationRow(Base):
+    """What one drain saw of a source host's migration link (hostmaint.migration.links)."""
+
+    __tablename__ = "hostmaint_link_observation"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    host: Mapped[str] = mapped_column(sa.String(255), index=True)
+    peak_mib_s: Mapped[float] = mapped_column(sa.Float)
+    demand_mib_s: Mapped[float] = mapped_column(sa.Float)
+    streams: Mapped[int] = mapped_column(sa.Integer)
+    run_id: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class AuditRow(Base):
     """One audit record. ``seq`` is the primary key, so two writers cannot both append the same seq."""
 
@@ -153,6 +167,7 @@ host_history_table = cast(sa.Table, HostHistoryRow.__table__)
 window_progress_table = cast(sa.Table, WindowProgressRow.__table__)
 vm_origin_table = cast(sa.Table, VmOriginRow.__table__)
 vm_stopped_table = cast(sa.Table, VmStoppedRow.__table__)
+link_observation_table = cast(sa.Table, LinkObservationRow.__table__)
 audit_table = cast(sa.Table, AuditRow.__table__)
 
 

@@ -137,12 +137,30 @@ class VmPolicy(Strict):
         return self.match.tag is None or self.match.tag in tags
 
 
+class MigrationSettings(Strict):
+    """How a cluster's drains live-migrate (hostmaint.migration): escalation, budgets, throttling.
+
+    The defaults are the adaptive scheduler's; the inventory's ``limits`` still bound concurrency."""
+
+    allow_post_copy: bool = False  # post-copy loses the VM if the network fails mid-way: opt in
+    auto_converge: bool = True  # throttle a guest's vCPUs when its migration stalls (and upfront, below)
+    # a guest known to dirty much of its stream starts throttled, at most this much (QEMU's own start: 20)
+    max_upfront_throttle_pct: Annotated[int, Field(ge=20, le=99)] = 90
+    parallel_connections: Annotated[int, Field(ge=1, le=64)] = 1
+    bandwidth_mib_s: Annotated[int, Field(gt=0)] | None = None  # per-migration cap (libvirt's bandwidth)
+    stall_seconds: Annotated[float, Field(gt=0)] = 60.0  # no progress this long: escalate one step
+    seconds_per_gib: Annotated[float, Field(gt=0)] = 150.0  # every migration's time budget ...
+    min_budget_seconds: Annotated[float, Field(gt=0)] = 60.0  # ... and its floor; then it is aborted
+
+
 class Cluster(Strict):
     name: Annotated[str, Field(pattern=HOST_NAME)]
     limits: Limits = Limits()
     host_policy: HostPolicy = HostPolicy()
     vm_policies: list[VmPolicy] = Field(default_factory=list)
-    link_bandwidth_mib_s: Annotated[int, Field(gt=0)] = 1100  # ~10 GbE, until measured
+    # unset: each host's link is measured by its drains (hostmaint.migration.links), ~10 GbE until then
+    link_bandwidth_mib_s: Annotated[int, Field(gt=0)] | None = None
+    migration: MigrationSettings = MigrationSettings()
 
 
 class HostEntry(Strict):

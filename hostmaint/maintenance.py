@@ -16,20 +16,25 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hostmaint import patching
 from hostmaint.audit import AuditEntry
 from hostmaint.errors import DriverError, HostmaintError, PlanError, StepError, TransientDriverError
 from hostmaint.fleet import discover_cluster
+from hostmaint.inventory import Inventory
 from hostmaint.migration import DrainEvent, DrainReport, drain
+from hostmaint.migration.links import LinkFigure, resolve_link
+from hostmaint.migration.policy import DEFAULT_LINK_MIB_S, SchedulerPolicy
 from hostmaint.migration.probe import probe_dirty_rates
 from hostmaint.models import (
     Cell,
     EvacuationPlan,
     FleetSnapshot,
     HostState,
+    Limits,
+    MigrationOptions,
     MigrationResult,
     Placement,
     RebalancePlan,
@@ -39,7 +44,7 @@ from hostmaint.models import (
 )
 from hostmaint.placement import check_capacity, plan_evacuation
 from hostmaint.runtime import Runtime
-from hostmaint.state import HostRecord
+from hostmaint.state import HostRecord, HostStateStore
 
 
 @dataclass(frozen=True)
@@ -200,13 +205,12 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *,
                 rt.states.transition(h, HostState.DRAINING, "draining", run.run_id)
         for p in plan.placements:
             rt.states.record_origin(p.vm, p.source, run.run_id)
-        inputs = _drain_inputs(rt, cluster)
         # the scheduler orders, admits and throttles by how fast each guest dirties memory
         rates, notes = probe_dirty_rates(rt.hypervisor, plan.hosts, [p.vm for p in plan.placements])
         rec.details["dirty_rate_mib_s"] = {vm: round(r, 1) for vm, r in sorted(rates.items())}
         if notes:
             rec.details["dirty_rate_notes"] = notes
-        report = drain(plan, rt.hypervisor, limits, on_event=on_event, dirty_rate=rates, **inputs)
+        report = _drain(rt, run, rec, plan, limits, cluster, on_event=on_event, dirty_rate=rates)
         rec.details["migrations"] = [r.model_dump(mode="json") for r in report.results]
         rec.details["seconds"] = round(report.seconds, 3)
         rec.details["max_concurrency"] = report.max_concurrency
@@ -227,15 +231,56 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *,
         return report
 
 
-def _drain_inputs(rt: Runtime, cluster: str, snap: FleetSnapshot | None = None) -> dict[str, Any]:
+def link_figures(inventory: Inventory, states: HostStateStore, cluster: str) -> dict[str, LinkFigure]:
+    """Each host's migration link as the scheduler will use it, and where the figure came from:
+    the inventory (host, then cluster), else what its past drains measured, else the default."""
+    cluster_mib_s = inventory.cluster(cluster).link_bandwidth_mib_s
+    return {h.name: resolve_link(h.link_bandwidth_mib_s, cluster_mib_s, states.link_observations(h.name),
+                                 DEFAULT_LINK_MIB_S)
+            for h in inventory.hosts_of(cluster)}
+
+
+def drain_settings(inventory: Inventory, cluster: str) -> tuple[SchedulerPolicy, MigrationOptions]:
+    """The scheduler policy and migration options of ``cluster``'s drains, from its ``migration`` settings."""
+    m = inventory.cluster(cluster).migration
+    policy = SchedulerPolicy(allow_post_copy=m.allow_post_copy, auto_converge=m.auto_converge,
+                             auto_converge_max_initial_pct=m.max_upfront_throttle_pct)
+    options = MigrationOptions(parallel_connections=m.parallel_connections, bandwidth_mib_s=m.bandwidth_mib_s,
+                               stall_seconds=m.stall_seconds, seconds_per_gib=m.seconds_per_gib,
+                               min_budget_seconds=m.min_budget_seconds)
+    return policy, options
+
+
+def _drain(rt: Runtime, run: RunContext, rec: StepRecord, plan: EvacuationPlan, limits: Limits, cluster: str, *,
+           snap: FleetSnapshot | None = None, on_event: Callable[[DrainEvent], None] | None = None,
+           dirty_rate: dict[str, float] | None = None) -> DrainReport:
+    """Run ``plan``'s migrations; the audit record says which link figures the scheduler used and
+    what the drain saw of the links, and the state keeps the latter for the next drains."""
+    figures = link_figures(rt.inventory, rt.states, cluster)
+    rec.details["links"] = {h: {"mib_s": figures[h].mib_s, "basis": figures[h].basis,
+                                **({"note": figures[h].note} if figures[h].note else {})}
+                            for h in sorted({p.source for p in plan.placements}) if h in figures}
+    inputs = _drain_inputs(rt, cluster, snap, {h: f.mib_s for h, f in figures.items()})
+    policy, options = drain_settings(rt.inventory, cluster)
+    rec.details["migration_settings"] = rt.inventory.cluster(cluster).migration.model_dump(mode="json")
+    report = drain(plan, rt.hypervisor, limits, policy=policy, options=options, on_event=on_event,
+                   dirty_rate=dirty_rate, **inputs)
+    # a simulated fleet runs on a scaled clock and shares no link: its rates say nothing of a link
+    if report.links and not rt.simulated:
+        rt.states.record_links(report.links, run.run_id)
+        rec.details["links_observed"] = [{**asdict(o), "saturated": o.saturated} for o in report.links]
+    return report
+
+
+def _drain_inputs(rt: Runtime, cluster: str, snap: FleetSnapshot | None = None,
+                  link: dict[str, float] | None = None) -> dict[str, Any]:
     """What the drain scheduler needs besides the plan: each host's link, and the targets' free
     memory now, so migrations in flight are counted against their target.
 
     ``snap``: a discovery the caller made just now, in the same step, under the same locks
     (None: discover now)."""
-    inventory = rt.inventory
-    link = {h.name: float(h.link_bandwidth_mib_s or inventory.cluster(cluster).link_bandwidth_mib_s)
-            for h in inventory.hosts_of(cluster)}
+    if link is None:
+        link = {h: figure.mib_s for h, figure in link_figures(rt.inventory, rt.states, cluster).items()}
     if snap is None:
         snap = snapshot(rt, cluster)
     free = {h.name: sum(c.free_mib for c in h.cells) for h in snap.hosts}
@@ -440,7 +485,7 @@ def return_vms(rt: Runtime, run: RunContext, host: str, *,
             rec.outcome = StepOutcome.SKIPPED
             return None
         limits = rt.inventory.cluster(plan.cluster).limits
-        report = drain(plan, rt.hypervisor, limits, on_event=on_event, **_drain_inputs(rt, plan.cluster, snap))
+        report = _drain(rt, run, rec, plan, limits, plan.cluster, snap=snap, on_event=on_event)
         for r in report.results:
             _audit_migration(rt, run, plan.cluster, r)
             if r.outcome in (StepOutcome.OK, StepOutcome.SKIPPED):
@@ -462,7 +507,7 @@ def rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, *,
             return None
         evac = EvacuationPlan(cluster=plan.cluster, hosts=(), snapshot_digest=plan.snapshot_digest,
                               placements=tuple(m.placement for m in plan.moves))
-        report = drain(evac, rt.hypervisor, limits, on_event=on_event, **_drain_inputs(rt, plan.cluster))
+        report = _drain(rt, run, rec, evac, limits, plan.cluster, on_event=on_event)
         for r in report.results:
             _audit_migration(rt, run, plan.cluster, r)
             if r.outcome is StepOutcome.OK and rt.states.origins().get(r.vm) == r.target:

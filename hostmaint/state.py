@@ -24,7 +24,7 @@ operator had cordoned is cordoned again afterwards, not made active. It is set b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
@@ -37,6 +37,7 @@ from hostmaint.db import (
     Clock,
     host_history_table,
     host_state_table,
+    link_observation_table,
     utcnow,
     vm_origin_table,
     vm_stopped_table,
@@ -44,6 +45,7 @@ from hostmaint.db import (
     write_transaction,
 )
 from hostmaint.errors import StateError
+from hostmaint.migration.links import RECENT, LinkObservation
 from hostmaint.models import HostState
 
 S = HostState
@@ -252,6 +254,25 @@ class HostStateStore:
         t = vm_stopped_table
         with write_transaction(self._engine) as conn:
             conn.execute(sa.delete(t).where(t.c.vm == vm))
+
+    # --- what drains saw of the links ----------------------------------------------
+
+    def record_links(self, observations: Sequence[LinkObservation], run_id: str | None = None) -> None:
+        """Keep what a drain saw of its sources' links, for the next drains' link estimates."""
+        if not observations:
+            return
+        t = link_observation_table
+        with write_transaction(self._engine) as conn:
+            conn.execute(sa.insert(t), [dict(host=o.host, peak_mib_s=o.peak_mib_s, demand_mib_s=o.demand_mib_s,
+                                             streams=o.streams, run_id=run_id, recorded_at=self._clock())
+                                        for o in observations])
+
+    def link_observations(self, host: str, limit: int = RECENT) -> list[LinkObservation]:
+        """``host``'s most recent link observations, newest first."""
+        t = link_observation_table
+        query = sa.select(t).where(t.c.host == host).order_by(t.c.id.desc()).limit(limit)
+        with self._engine.connect() as conn:
+            return [LinkObservation(r.host, r.peak_mib_s, r.demand_mib_s, r.streams) for r in conn.execute(query)]
 
     # --- internals ---------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from hostmaint.inventory import Inventory
+from hostmaint.migration.policy import DEFAULT_LINK_MIB_S
 from hostmaint.models import FleetSnapshot
 
 # What a host costs besides moving memory: package update and verification. Deliberately
@@ -39,11 +40,14 @@ class WindowClock:
         return None if self.end is None else (self.end - self.now()).total_seconds()
 
 
-def estimate_host_seconds(snapshot: FleetSnapshot, host: str, inventory: Inventory) -> float:
-    """A pessimistic estimate of one host's maintenance: drain + patch + reboot timeout."""
+def estimate_host_seconds(snapshot: FleetSnapshot, host: str, inventory: Inventory,
+                          link_mib_s: float | None = None) -> float:
+    """A pessimistic estimate of one host's maintenance: drain + patch + reboot timeout.
+
+    ``link_mib_s``: the host's link as the drain will use it (measured, say); default: the inventory's."""
     entry = inventory.host(host)
     cluster = inventory.cluster(entry.cluster)
-    bandwidth = entry.link_bandwidth_mib_s or cluster.link_bandwidth_mib_s
+    bandwidth = link_mib_s or entry.link_bandwidth_mib_s or cluster.link_bandwidth_mib_s or DEFAULT_LINK_MIB_S
     memory = sum(v.memory_mib for v in snapshot.vms_on(host))
     drain = memory / bandwidth * 1.5  # re-sent dirty pages and per-migration overhead
     policy = inventory.policy_for(host)

@@ -96,6 +96,22 @@ def create_host_netns(host: str, ip: str) -> str:
     return ns
 
 
+def limit_egress(host: str, mib_s: float | None) -> None:
+    """Make lab host ``host``'s link send at most ``mib_s`` MiB/s (a token bucket on its ``eth0``), like a
+    slower NIC; None removes the limit. The veth pair is otherwise as fast as the machine's CPUs."""
+    ns = netns_name(host)
+    if mib_s is None:
+        run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
+        return
+    if mib_s <= 0:
+        raise ValueError(f"egress limit of {host}: must be > 0 MiB/s, got {mib_s}")
+    bits = int(mib_s * 8 * 1024 * 1024)
+    # burst: a few ms of traffic and above a 64 KiB GSO segment, or the bucket itself caps the rate
+    burst = max(256 * 1024, bits // 8 // 200)
+    run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
+         "rate", f"{bits}bit", "burst", str(burst), "latency", "100ms"])
+
+
 def delete_host_netns(host: str) -> None:
     """Kill every process of the namespace, then delete it (its veth pair goes with it)."""
     ns = netns_name(host)

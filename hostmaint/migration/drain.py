@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -28,6 +29,7 @@ from typing import Any
 from hostmaint.drivers.base import Hypervisor
 from hostmaint.errors import DriverError
 from hostmaint.migration.control import MigrationControl
+from hostmaint.migration.links import LinkMeter, LinkObservation
 from hostmaint.migration.policy import (
     Action,
     Escalation,
@@ -77,12 +79,14 @@ class DrainEvent:
 
 @dataclass(frozen=True)
 class DrainReport:
-    """Every migration's result (plan order), every event, the wall time and the peak concurrency."""
+    """Every migration's result (plan order), every event, the wall time, the peak concurrency and
+    what was seen of each source's link (for :func:`~hostmaint.migration.links.estimate_link`)."""
 
     results: tuple[MigrationResult, ...]
     events: tuple[DrainEvent, ...]
     seconds: float
     max_concurrency: int
+    links: tuple[LinkObservation, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -124,6 +128,8 @@ class _Flight:
     released: bool = False  # handed its link share on while finishing
     last_progress_event: float = -1e18
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # (seconds since the drain started, bytes processed) while it sends memory: the link meter's input
+    sent: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=16))
 
 
 def drain(plan: EvacuationPlan, hypervisor: Hypervisor, limits: Limits, *,
@@ -182,6 +188,7 @@ class _Drain:
         self.load = Load()
         self.max_concurrency = 0
         self.stop_reason: str | None = None
+        self.meter = LinkMeter()
 
     # --- events -------------------------------------------------------------
 
@@ -235,9 +242,25 @@ class _Drain:
                 for flight in flights.values():
                     self.watch(flight)
                     self.release_if_finishing(flight)
+                self.measure_links(flights.values())
         ordered = tuple(self.results[s.vm] for s in self.specs)
         seconds = round(self.clock() - self.t0, 3)
-        return DrainReport(ordered, tuple(self.events), seconds, self.max_concurrency)
+        return DrainReport(ordered, tuple(self.events), seconds, self.max_concurrency, self.meter.observations())
+
+    def measure_links(self, flights: Iterable[_Flight]) -> None:
+        """Show the link meter every source's migrations that are sending memory right now."""
+        now = self.clock() - self.t0
+        sending: dict[str, list[tuple[float, list[tuple[float, int]]]]] = {}
+        for flight in flights:
+            with flight.lock:
+                samples = list(flight.sent)
+            last = flight.progress.last
+            # a migration with no fresh sample is finishing or stuck: what it sends is not known
+            if not samples or last is None or last.data_remaining == 0 or now - samples[-1][0] > 1.5:
+                continue
+            sending.setdefault(flight.spec.source, []).append((flight.rate, samples))
+        for source, entries in sending.items():
+            self.meter.observe(source, entries)
 
     def admit(self, spec: MigrationSpec, pool: ThreadPoolExecutor,
               flights: dict[Future[MigrationResult], _Flight]) -> str | None:
@@ -320,6 +343,9 @@ class _Drain:
         """Called by the driver for every progress sample: record it and escalate if it stalls."""
         flight.progress.observe(sample)
         now = self.clock()
+        if sample.data_processed > 0:
+            with flight.lock:
+                flight.sent.append((now - self.t0, sample.data_processed))
         if now - flight.last_progress_event >= self.policy.progress_event_s:
             flight.last_progress_event = now
             self.emit(EventKind.PROGRESS, sample.vm, elapsed_s=sample.elapsed_s,

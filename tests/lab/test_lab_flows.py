@@ -274,3 +274,60 @@ def test_a_host_that_does_not_come_back_in_time_is_failed(flow_lab: LabInfo, rt:
     after = all_vms(rt)
     assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
     assert not [vm for vm, hosts in after.items() if "hv01" in hosts]
+
+
+def test_a_hosts_link_is_learned_from_its_drains(flow_lab: LabInfo, rt: object, tmp_path: object) -> None:
+    """The inventory gives no link bandwidth. lnx01's host gets a 64 MiB/s link (a token bucket on its
+    NIC); its first evacuation uses the default figure and measures the link, saturated, near 64 MiB/s;
+    the state keeps that, and the next evacuation of the same host schedules with the measured figure."""
+    import yaml
+
+    from flows.evacuate_host import evacuate_host
+    from hostmaint.lab.network import limit_egress
+    from hostmaint.maintenance import link_figures
+    from hostmaint.models import MigrationOptions
+
+    limit = 64.0
+    # lnx01 cannot converge over 64 MiB/s on its own: the operator's 5 s stall period gets it
+    # auto-converge soon (the default ladder would too, after 20 s)
+    data = yaml.safe_load(flow_lab.inventory_path.read_text())
+    data["clusters"][0]["migration"] = {"stall_seconds": 5}
+    inventory = tmp_path / "inventory.yaml"  # type: ignore[operator]
+    inventory.write_text(yaml.safe_dump(data))
+    from flows.locks import ensure_limits
+
+    ensure_limits(inventory)
+    _reactivate(rt, "hv01", "hv02", "hv03")
+    hv = rt.hypervisor  # type: ignore[attr-defined]
+    (source,) = hv.locate("lnx01")
+    assert flow_lab.vms and rt.inventory.cluster("lab").link_bandwidth_mib_s is None  # type: ignore[attr-defined]
+    limit_egress(source, limit)
+    try:
+        before = all_vms(rt)
+        first = evacuate_host(host=source, operator="lab-test", reason="link", inventory=str(inventory),
+                              trigger=Trigger.TEST)
+        assert first.outcome is StepOutcome.OK, first.detail
+        drain_1 = [r for r in rt.audit.records(host=source) if r.step == "drain"][-1]  # type: ignore[attr-defined]
+        assert drain_1.details["links"][source]["basis"] == "default", drain_1.details["links"]
+        assert drain_1.details["migration_settings"]["stall_seconds"] == 5
+        seen = {o["host"]: o for o in drain_1.details["links_observed"]}
+        assert seen[source]["saturated"], seen  # one stream could push ~600 MiB/s; the link let 64 through
+        assert 0.6 * limit <= seen[source]["peak_mib_s"] <= 1.1 * limit, seen
+        figure = link_figures(rt.inventory, rt.states, "lab")[source]  # type: ignore[attr-defined]
+        assert (figure.basis, figure.mib_s) == ("measured", seen[source]["peak_mib_s"])
+
+        # lnx01 goes back (an operator's move), and the host is drained again
+        (elsewhere,) = hv.locate("lnx01")
+        hv.migrate("lnx01", elsewhere, source, MigrationOptions())
+        _reactivate(rt, source)
+        second = evacuate_host(host=source, operator="lab-test", reason="link again", inventory=str(inventory),
+                               trigger=Trigger.TEST)
+        assert second.outcome is StepOutcome.OK, second.detail
+        drain_2 = [r for r in rt.audit.records(host=source) if r.step == "drain"][-1]  # type: ignore[attr-defined]
+        assert drain_2.details["links"][source] == {"mib_s": figure.mib_s, "basis": "measured",
+                                                    "note": figure.note}
+        after = all_vms(rt)
+        assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
+        assert not [vm for vm, hosts in after.items() if source in hosts]
+    finally:
+        limit_egress(source, None)

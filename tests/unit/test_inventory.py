@@ -89,6 +89,11 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("headroom out of range", _set("clusters.0.limits.memory_headroom_pct", 120),
      "clusters[0].limits.memory_headroom_pct"),
     ("hosts not a list", _set("hosts", {"hv01": {}}), "hosts:"),
+    ("zero stall period", _set("clusters.0.migration", {"stall_seconds": 0}), "clusters[0].migration.stall_seconds"),
+    ("upfront throttle over 99", _set("clusters.0.migration", {"max_upfront_throttle_pct": 100}),
+     "clusters[0].migration.max_upfront_throttle_pct"),
+    ("unknown migration setting", _set("clusters.0.migration", {"post_copy": True}),
+     "clusters[0].migration.post_copy"),
 ]
 
 
@@ -129,3 +134,19 @@ def test_every_problem_is_reported_at_once() -> None:
     with pytest.raises(InventoryError) as info:
         parse_inventory(doc, "x.yaml")
     assert len(info.value.problems) == 2
+
+
+def test_migration_settings_reach_the_drain_scheduler(tmp_path: Path) -> None:
+    from hostmaint.maintenance import drain_settings
+
+    doc = example()
+    doc["clusters"][0]["migration"] = {"allow_post_copy": True, "max_upfront_throttle_pct": 60,
+                                       "parallel_connections": 4, "stall_seconds": 20}
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    inv = load_inventory(path)
+    policy, options = drain_settings(inv, doc["clusters"][0]["name"])
+    assert (policy.allow_post_copy, policy.auto_converge_max_initial_pct) == (True, 60)
+    assert (options.parallel_connections, options.stall_seconds) == (4, 20)
+    other, other_options = drain_settings(inv, doc["clusters"][1]["name"])  # no section: the defaults
+    assert not other.allow_post_copy and other_options.stall_seconds == 60

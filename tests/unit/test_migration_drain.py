@@ -431,3 +431,21 @@ def test_adaptive_order_moves_large_calm_vms_first() -> None:
           dirty_rate={"hot": 400.0})
     assert [vm for vm, _ in hv.calls][0] == "large"
     assert [vm for vm, _ in hv.calls][-1] == "hot"
+
+
+# --- what the drain sees of the link ---------------------------------------------------------------
+
+
+def test_drain_reports_what_its_migrations_pushed_together() -> None:
+    """Two 1 GiB migrations from one source, each sending 512 MiB/s of wall time for 2 s: the drain's
+    link observation is their sum at most, with the demand its streams could have pushed."""
+    moves = [("a", "src", "dst1", 1024), ("b", "src", "dst2", 1024)]
+    slow = Script(steps=20, step_s=0.1)
+    hv = fleet(moves, scripts={"a": slow, "b": slow})
+    report = drain(make_plan(moves), hv, Limits(), policy=SchedulerPolicy.unbounded(),
+                   bandwidth_mib_s={"src": 10_000})
+    assert report.ok
+    (seen,) = report.links
+    assert (seen.host, seen.streams, seen.demand_mib_s) == ("src", 2, 1200.0)
+    # sleeps only ever stretch, so the fake never sends faster than 2 × 512 MiB/s
+    assert 0 < seen.peak_mib_s <= 1024 * 1.05

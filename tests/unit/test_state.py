@@ -348,3 +348,20 @@ def test_in_memory_database_is_shared_across_connections() -> None:
         assert HostStateStore(eng).state("hv01") == S.CORDONED
     finally:
         eng.dispose()
+
+
+# --- what drains saw of the links ---------------------------------------------------------------
+
+
+def test_link_observations_come_back_newest_first_per_host(store: HostStateStore) -> None:
+    from hostmaint.migration.links import LinkObservation, estimate_link
+
+    store.record_links([LinkObservation("hv1", 110.0, 1200.0, 2), LinkObservation("hv2", 900.0, 600.0, 1)], "run-1")
+    store.record_links([LinkObservation("hv1", 130.0, 1200.0, 2)], "run-2")
+    store.record_links([], "run-3")  # a drain that saw nothing countable writes nothing
+    assert [o.peak_mib_s for o in store.link_observations("hv1")] == [130.0, 110.0]
+    assert store.link_observations("hv2") == [LinkObservation("hv2", 900.0, 600.0, 1)]
+    assert store.link_observations("hv3") == []
+    assert [o.peak_mib_s for o in store.link_observations("hv1", limit=1)] == [130.0]
+    figure = estimate_link(store.link_observations("hv1"), 1100.0)
+    assert figure is not None and (figure.basis, figure.mib_s) == ("measured", 120.0)
