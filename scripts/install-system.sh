@@ -19,6 +19,8 @@ PACKAGES=(
     dnf createrepo-c rpm
     # Linux test guests: a busybox initramfs; networking: namespaces, veths, a bridge
     busybox-static cpio iproute2 util-linux procps
+    # the unit tests' throwaway PostgreSQL clusters (state and audit on HOSTMAINT_DB=postgresql+psycopg://...)
+    postgresql
 )
 
 missing=()

@@ -17,7 +17,7 @@ fi
 stamp=.venv/.hostmaint-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e '.[dev,ui]'
+    .venv/bin/python -m pip install -q -e '.[dev,ui,postgres]'
     touch "$stamp"
 fi
 
