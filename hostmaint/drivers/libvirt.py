@@ -28,7 +28,13 @@ import libvirt
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from hostmaint.drivers.base import ProgressCallback
-from hostmaint.drivers.domain_xml import parse_capabilities, parse_domain, rewrite_for_target, with_free_memory
+from hostmaint.drivers.domain_xml import (
+    HostCapabilities,
+    parse_capabilities,
+    parse_domain,
+    rewrite_for_target,
+    with_free_memory,
+)
 from hostmaint.drivers.stall import stall_decision, stall_reason
 from hostmaint.errors import DriverError, MigrationError, TransientDriverError
 from hostmaint.inventory import Inventory
@@ -154,7 +160,7 @@ class LibvirtHypervisor:
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                  poll_interval: float = 0.5, abort_timeout: float = 20.0, abort_attempts: int = 3,
                  shared_storage_prefixes: Sequence[str] = (), keepalive_interval: int = 5,
-                 keepalive_count: int = 3, close_timeout: float = 5.0) -> None:
+                 keepalive_count: int = 3, close_timeout: float = 5.0, capabilities_ttl_s: float = 60.0) -> None:
         _ensure_event_loop()
         self._uris = dict(uris)
         self._keepalive = (keepalive_interval, keepalive_count)
@@ -171,6 +177,11 @@ class LibvirtHypervisor:
         self._opened: list[libvirt.virConnect] = []
         self._owner: dict[int, threading.Thread] = {}  # id(cached connection) -> the thread it serves
         self._post_copy: set[tuple[str, str]] = set()  # (vm, source) switched to post-copy
+        # getCapabilities costs ~0.2 s on the lab and a run discovers a host about ten times; its
+        # topology only changes with a reboot (the connection drops: forgotten then), its hugepage
+        # pools when an admin resizes them (the TTL bounds that; free memory and pages are read live)
+        self._caps_ttl = capabilities_ttl_s
+        self._caps: dict[str, tuple[float, HostCapabilities]] = {}
 
     @classmethod
     def from_inventory(cls, inv: Inventory, cluster: str, **kwargs: Any) -> LibvirtHypervisor:
@@ -236,7 +247,21 @@ class LibvirtHypervisor:
                 self._owner.pop(id(conn), None)
         self._close_bounded(finished)
 
+    def _capabilities(self, host: str, conn: libvirt.virConnect) -> HostCapabilities:
+        """The host's parsed capabilities, read again when older than the TTL or after a lost connection."""
+        now = self._clock()
+        with self._lock:
+            cached = self._caps.get(host)
+        if cached is not None and now - cached[0] < self._caps_ttl:
+            return cached[1]
+        caps = parse_capabilities(conn.getCapabilities())
+        with self._lock:
+            self._caps[host] = (now, caps)
+        return caps
+
     def _drop(self, host: str) -> None:
+        with self._lock:
+            self._caps.pop(host, None)  # libvirtd restarted or the host rebooted: its topology may differ
         conns: dict[str, libvirt.virConnect] = self._local.__dict__.setdefault("conns", {})
         conn = conns.pop(host, None)
         if conn is not None:
@@ -305,7 +330,7 @@ class LibvirtHypervisor:
         """NUMA cells (memory, CPUs, hugepages, free memory) and every running VM of ``host``."""
 
         def read(conn: libvirt.virConnect) -> HostDiscovery:
-            caps = parse_capabilities(conn.getCapabilities())
+            caps = self._capabilities(host, conn)
             n = len(caps.cells)
             if n:
                 free = conn.getCellsFreeMemory(0, n)

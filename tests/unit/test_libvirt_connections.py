@@ -149,3 +149,54 @@ def test_one_connection_per_thread_closed_when_the_thread_ends(monkeypatch: pyte
     assert [c.closed for c in opened] == [False, True, True, True, True, False]
     hv.close()
     assert all(c.closed for c in opened)
+
+
+CAPS = """<capabilities><host><uuid>4c4c4544-0000-0000-0000-000000000001</uuid><topology><cells num='1'>
+<cell id='0'><memory unit='KiB'>{kib}</memory><pages unit='KiB' size='4'>0</pages>
+<cpus num='2'><cpu id='0'/><cpu id='1'/></cpus></cell></cells></topology></host></capabilities>"""
+
+
+class CapsConn(FakeConn):
+    """A connection that answers discovery; counts getCapabilities and reports the memory it is told."""
+
+    def __init__(self, host_kib: list[int], calls: list[str]) -> None:
+        super().__init__(list)
+        self.host_kib, self.calls = host_kib, calls
+
+    def getCapabilities(self) -> str:
+        self.calls.append("caps")
+        return CAPS.format(kib=self.host_kib[0])
+
+    def getCellsFreeMemory(self, start: int, n: int) -> list[int]:
+        self.calls.append("free")
+        return [1024 * 1024 * 1024] * n
+
+    def getHostname(self) -> str:
+        return "hv01"
+
+
+def test_capabilities_are_read_once_per_ttl_and_free_memory_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    host_kib = [8 * 1024 * 1024]
+    install(monkeypatch, lambda n: CapsConn(host_kib, calls))
+    now = [0.0]
+    hv = LibvirtHypervisor({"hv01": URI}, clock=lambda: now[0], sleep=lambda s: None, capabilities_ttl_s=60)
+    assert hv.discover("hv01").cells[0].memory_mib == 8192
+    host_kib[0] = 16 * 1024 * 1024  # the host changed (say, hugepage pools resized)
+    now[0] = 59.0
+    assert hv.discover("hv01").cells[0].memory_mib == 8192  # within the TTL: the cached topology
+    assert calls == ["caps", "free", "free"]  # free memory is always read live
+    now[0] = 61.0
+    assert hv.discover("hv01").cells[0].memory_mib == 16384  # past the TTL: read again
+
+
+def test_a_lost_connection_forgets_the_capabilities(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    host_kib = [8 * 1024 * 1024]
+    opened = install(monkeypatch, lambda n: CapsConn(host_kib, calls))
+    hv = LibvirtHypervisor({"hv01": URI}, clock=lambda: 0.0, sleep=lambda s: None)
+    hv.discover("hv01")
+    host_kib[0] = 16 * 1024 * 1024
+    opened[0].closed = True  # the host rebooted: the connection is dead
+    assert hv.discover("hv01").cells[0].memory_mib == 16384
+    assert calls.count("caps") == 2 and len(opened) == 2
