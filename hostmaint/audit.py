@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from hostmaint.db import Clock, audit_table, utcnow, write_transaction
+from hostmaint.db import Clock, audit_table, lock_for_append, utcnow, write_transaction
 from hostmaint.errors import AuditError
 from hostmaint.models import StepOutcome, Trigger
 
@@ -37,7 +37,8 @@ GENESIS_HASH = "0" * 64
 REDACTED = "***redacted***"
 SECRET_KEY_PARTS = ("password", "passphrase", "secret", "token", "privatekey", "keymaterial", "apikey",
                     "authorization")
-_APPEND_ATTEMPTS = 20  # lost seq races only happen on PostgreSQL; SQLite serialises on BEGIN IMMEDIATE
+# lost seq races happen only with a writer that does not lock (lock_for_append): a backstop
+_APPEND_ATTEMPTS = 20
 
 # the stored fields, in the order exports print them
 FIELDS = ("seq", "time", "run_id", "flow", "trigger", "operator", "cluster", "host", "vm", "step",
@@ -194,9 +195,10 @@ class AuditTrail:
     def append(self, entry: AuditEntry) -> AuditRecord:
         """Redact, chain and store ``entry`` as the next record.
 
-        The last record is read and record ``seq + 1`` inserted in one write transaction
-        (SQLite: under its write lock); ``seq`` is unique, so a writer that lost a race on
-        PostgreSQL gets a conflict and tries again on top of the winner.
+        The last record is read and record ``seq + 1`` inserted in one write transaction that
+        keeps other appenders out (SQLite: its write lock; PostgreSQL: a table lock readers
+        pass, see :func:`~hostmaint.db.lock_for_append`). ``seq`` is unique as well, so a writer
+        that still lost a race gets a conflict and tries again on top of the winner.
         """
         inputs = redact(_plain(dict(entry.inputs)))
         details = redact(_plain(dict(entry.details)))
@@ -212,6 +214,7 @@ class AuditTrail:
         for attempt in range(_APPEND_ATTEMPTS):
             try:
                 with write_transaction(self._engine) as conn:
+                    lock_for_append(conn, audit_table)
                     last = conn.execute(sa.select(audit_table.c.seq, audit_table.c.hash)
                                         .order_by(audit_table.c.seq.desc()).limit(1)).first()
                     seq, prev_hash = (last.seq + 1, last.hash) if last else (1, GENESIS_HASH)

@@ -3,9 +3,11 @@
 One SQLAlchemy engine, one schema. SQLite by default (a file several threads and
 processes share: WAL journal, a busy timeout, and write transactions that take the
 write lock up front with ``BEGIN IMMEDIATE`` so a read-then-write cannot be overtaken);
-PostgreSQL by URL. Writers that read before they write (the state machine, the audit
-chain) rely on :func:`write_transaction` plus a unique key and a retry, which holds on
-both databases.
+PostgreSQL by URL (verified: the state and audit tests run on both, tests/unit/conftest.py).
+Writers that read before they write rely on :func:`write_transaction` plus a unique key
+and a retry, which holds on both databases; on PostgreSQL the state machine also locks the
+host's row (``SELECT ... FOR UPDATE``) and the audit chain the audit table
+(:func:`lock_for_append`), so concurrent writers queue instead of retrying.
 """
 
 from __future__ import annotations
@@ -241,6 +243,22 @@ def _create_tables(engine: Engine) -> None:
         if "already exists" not in str(exc):
             raise
         Base.metadata.create_all(engine)
+
+
+def lock_for_append(conn: Connection, table: sa.Table) -> None:
+    """Keep every other writer of ``table`` out until this transaction ends; readers carry on.
+
+    For read-then-insert work whose read decides the new key (the audit chain's next seq).
+    On SQLite the write transaction already holds the database's write lock: nothing to do.
+    On PostgreSQL two READ COMMITTED writers would read the same last row and race for the
+    same key; the loser retries, but with eight writers appending at once one writer lost
+    20 races in a row and its append failed. ``SHARE ROW EXCLUSIVE`` conflicts with itself and
+    with INSERT/UPDATE/DELETE, not with SELECT, so appends queue up as they do on SQLite.
+    Take it first in the transaction, before any read.
+    """
+    if conn.dialect.name == "postgresql":
+        name = conn.dialect.identifier_preparer.format_table(table)
+        conn.exec_driver_sql(f"LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE")
 
 
 @contextmanager
