@@ -22,12 +22,13 @@ from typing import Any, cast
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, Engine
-from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 ENV_VAR = "HOSTMAINT_DB"
 DEFAULT_PATH = Path("~/.local/share/hostmaint/hostmaint.db")
 BUSY_TIMEOUT_MS = 30_000
+# PostgreSQL advisory lock taken while creating the schema: "hostmain" as a 64-bit integer
+SCHEMA_LOCK_KEY = int.from_bytes(b"hostmain", "big")
 
 Clock = Callable[[], datetime]
 
@@ -235,14 +236,20 @@ def _sqlite_engine(url: sa.URL) -> Engine:
 
 
 def _create_tables(engine: Engine) -> None:
-    # several processes may open a fresh database at once; the loser of a CREATE TABLE race
-    # finds the table there on its second look
-    try:
-        Base.metadata.create_all(engine)
-    except OperationalError as exc:
-        if "already exists" not in str(exc):
-            raise
-        Base.metadata.create_all(engine)
+    # Several processes may open a fresh database at once (workers starting a window's runs).
+    # They take turns, so whoever comes second finds the tables and creates nothing. Without
+    # that, in a test of six engines opening one new database together, five failed on both
+    # databases: SQLite's deferred transaction read the schema, then could not get the write
+    # lock ("database is locked", no busy wait for a reader turning writer); PostgreSQL's
+    # concurrent CREATE TABLEs collided in its catalog (a unique violation on pg_type).
+    with engine.connect() as conn:
+        if set(Base.metadata.tables) <= set(sa.inspect(conn).get_table_names()):
+            return  # the usual case: nothing to create, no lock to take
+    with write_transaction(engine) as conn:  # SQLite: the write lock, with the busy timeout
+        if conn.dialect.name == "postgresql":
+            # held until the DDL commits
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+        Base.metadata.create_all(conn)
 
 
 def lock_for_append(conn: Connection, table: sa.Table) -> None:
