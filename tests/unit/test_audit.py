@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from hostmaint import audit
 from hostmaint.audit import AuditEntry, AuditRecord, AuditSink, AuditTrail, redact
 from hostmaint.db import open_engine
 from hostmaint.errors import AuditError
@@ -309,6 +310,7 @@ def test_eight_threads_append_25_each_into_one_valid_chain(engine: sa.Engine) ->
 
 WRITER = """
 import sys
+from hostmaint import audit
 from hostmaint.audit import AuditEntry, AuditTrail
 from hostmaint.db import open_engine
 from hostmaint.errors import AuditError
@@ -318,12 +320,12 @@ for i in range(int(sys.argv[3])):
 """
 
 
-def test_separate_processes_append_into_one_valid_chain(db_path: Path) -> None:
-    open_engine(str(db_path)).dispose()  # create the schema once, as a deployment would
-    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(db_path), f"proc-{p}", "20"], cwd=REPO)
+def test_separate_processes_append_into_one_valid_chain(db_url: str) -> None:
+    open_engine(db_url).dispose()  # create the schema once, as a deployment would
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, db_url, f"proc-{p}", "20"], cwd=REPO)
              for p in range(3)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
-    eng = open_engine(str(db_path))
+    eng = open_engine(db_url)
     try:
         trail = AuditTrail(eng)
         records = trail.records()
@@ -377,3 +379,46 @@ def test_non_finite_duration_is_refused(trail: AuditTrail) -> None:
     with pytest.raises(ValueError, match="duration_s"):
         trail.append(AuditEntry(step="drain", duration_s=float("nan")))
     assert trail.records() == []
+
+
+def test_concurrent_appends_queue_instead_of_racing(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Appenders wait for each other (SQLite's write lock, PostgreSQL's table lock): no append needs a retry."""
+    monkeypatch.setattr(audit, "_APPEND_ATTEMPTS", 1)  # a lost seq race now fails the append
+    trail = AuditTrail(engine)
+    barrier = threading.Barrier(6)
+    failures: list[BaseException] = []
+
+    def writer(t: int) -> None:
+        barrier.wait()
+        try:
+            for i in range(20):
+                trail.append(AuditEntry(run_id=f"thread-{t}", step="drain", inputs={"i": i}))
+        except BaseException as exc:  # collected and asserted below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert failures == []
+    assert [r.seq for r in trail.records()] == list(range(1, 121))
+    assert trail.verify().ok
+
+
+def test_audit_verify_command_names_the_tampered_record(db_url: str, engine: sa.Engine, trail: AuditTrail,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``hostmaint audit verify`` on the database HOSTMAINT_DB names (SQLite file or PostgreSQL URL)."""
+    from typer.testing import CliRunner
+
+    from hostmaint.cli import app
+
+    monkeypatch.setenv("HOSTMAINT_DB", db_url)
+    records = fill(trail, 5)
+    intact = CliRunner().invoke(app, ["audit", "verify"])
+    assert intact.exit_code == 0, intact.output
+    assert "5 record(s), chain intact" in intact.output
+    sql(engine, "UPDATE hostmaint_audit SET operator = 'mallory' WHERE seq = 3")
+    broken = CliRunner().invoke(app, ["audit", "verify"])
+    assert broken.exit_code == 1
+    assert f"record 3 ({records[2].step} {records[2].host}) was altered" in broken.output

@@ -203,9 +203,9 @@ def _race(jobs: list) -> tuple[list, list[Exception]]:
 
 
 @pytest.mark.parametrize("round_", range(10))
-def test_conflicting_transitions_from_two_threads_exactly_one_wins(db_path: Path, round_: int) -> None:
-    # one engine per thread: the same as two processes sharing the file
-    engines = [open_engine(str(db_path)) for _ in range(2)]
+def test_conflicting_transitions_from_two_threads_exactly_one_wins(db_url: str, round_: int) -> None:
+    # one engine per thread: the same as two processes sharing the database
+    engines = [open_engine(db_url) for _ in range(2)]
     try:
         a, b = (HostStateStore(e) for e in engines)
         a.transition("hv01", S.CORDONED, "setup")
@@ -224,8 +224,8 @@ def test_conflicting_transitions_from_two_threads_exactly_one_wins(db_path: Path
             e.dispose()
 
 
-def test_same_transition_from_eight_threads_is_written_once(db_path: Path) -> None:
-    engines = [open_engine(str(db_path)) for _ in range(8)]
+def test_same_transition_from_eight_threads_is_written_once(db_url: str) -> None:
+    engines = [open_engine(db_url) for _ in range(8)]
     try:
         stores = [HostStateStore(e) for e in engines]
         results, errors = _race([
@@ -293,8 +293,8 @@ def test_origins_round_trip_and_keep_the_first(store: HostStateStore) -> None:
 # --- persistence and the database -----------------------------------------------------------------
 
 
-def test_state_survives_a_new_engine_on_the_same_file(db_path: Path) -> None:
-    first = open_engine(str(db_path))
+def test_state_survives_a_new_engine_on_the_same_database(db_url: str) -> None:
+    first = open_engine(db_url)
     s1 = HostStateStore(first)
     s1.begin_maintenance("hv01", "run-1", "patch")
     s1.transition("hv01", S.DRAINING, "drain", "run-1")
@@ -302,7 +302,7 @@ def test_state_survives_a_new_engine_on_the_same_file(db_path: Path) -> None:
     s1.record_origin("vm1", "hv01")
     first.dispose()
 
-    second = open_engine(str(db_path))
+    second = open_engine(db_url)
     try:
         s2 = HostStateStore(second)
         rec = s2.get("hv01")
@@ -318,10 +318,41 @@ def test_state_survives_a_new_engine_on_the_same_file(db_path: Path) -> None:
         second.dispose()
 
 
-def test_sqlite_file_uses_wal_and_a_busy_timeout(engine: sa.Engine) -> None:
-    with engine.connect() as conn:
-        assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+def test_a_fresh_database_opened_by_six_engines_at_once(db_url: str) -> None:
+    """Workers starting together on a new database: every one gets the schema, none fails creating it."""
+    barrier = threading.Barrier(6)
+    engines: list[sa.Engine] = []
+    failures: list[BaseException] = []
+
+    def open_one() -> None:
+        barrier.wait()
+        try:
+            engines.append(open_engine(db_url))
+        except BaseException as exc:  # collected and asserted below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    try:
+        assert failures == []
+        HostStateStore(engines[0]).transition("hv01", S.CORDONED, "the schema is there")
+        assert HostStateStore(engines[-1]).state("hv01") == S.CORDONED
+    finally:
+        for e in engines:
+            e.dispose()
+
+
+def test_sqlite_file_uses_wal_and_a_busy_timeout(db_path: Path) -> None:
+    engine = open_engine(str(db_path))
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 1000
+    finally:
+        engine.dispose()
 
 
 def test_database_url_choices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
