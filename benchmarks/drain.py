@@ -453,13 +453,19 @@ def _lab_measure(rounds: int) -> str:
                  "the simulator's error is its error on lab drains (this machine's 2 cores, shared with other "
                  "work, are not in the model).")
     lines.append(f"- VMs lost (running on neither or both hosts after a drain): {lost}.")
+    upfront = SchedulerPolicy().auto_converge_upfront_fraction
+    throttled = sorted(vm for vm, r in rates_seen.items() if r >= upfront * stream)
     lines.append("- Dirty rates measured (QEMU page sampling, MiB/s): "
-                 + ", ".join(f"{vm} {r:.0f}" for vm, r in sorted(rates_seen.items())) + ". Below 30 % of a "
-                 "stream, so no guest got the upfront throttle here; they only order the drain. On these "
-                 "sub-10 s drains the probe's second is a large share; on a real host's minutes it is not.")
+                 + ", ".join(f"{vm} {r:.0f}" for vm, r in sorted(rates_seen.items())) + ". "
+                 + (f"{', '.join(throttled)} dirtied at least {upfront:.0%} of a stream and started throttled; "
+                    if throttled else f"Below {upfront:.0%} of a stream, so no guest got the upfront throttle "
+                    "here; ")
+                 + "the rates order the drain. On these sub-10 s drains the probe's second is a large share; "
+                 "on a real host's minutes it is not.")
     lines.append("")
     lines.append("Escalation on the real driver: the same 8 guests, every migration capped at 8 MiB/s, "
-                 "stall period 4 s (the Linux guests cannot converge):")
+                 "stall period 4 s (a Linux guest that rewrites its memory faster than 8 MiB/s cannot converge; "
+                 "how fast each one rewrites varies from run to run):")
     lines.append("")
     lines.extend(escalation)
     lines.append("")
