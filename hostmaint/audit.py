@@ -196,8 +196,8 @@ class AuditTrail:
         """Redact, chain and store ``entry`` as the next record.
 
         The last record is read and record ``seq + 1`` inserted in one write transaction that
-        keeps other appenders out (SQLite: its write lock; PostgreSQL: a table lock readers
-        pass, see :func:`~hostmaint.db.lock_for_append`). ``seq`` is unique as well, so a writer
+        keeps other appenders out (SQLite: its write lock; PostgreSQL: an advisory lock readers
+        ignore, see :func:`~hostmaint.db.lock_for_append`). ``seq`` is unique as well, so a writer
         that still lost a race gets a conflict and tries again on top of the winner.
         """
         inputs = redact(_plain(dict(entry.inputs)))

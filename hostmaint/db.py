@@ -6,12 +6,13 @@ write lock up front with ``BEGIN IMMEDIATE`` so a read-then-write cannot be over
 PostgreSQL by URL (verified: the state and audit tests run on both, tests/unit/conftest.py).
 Writers that read before they write rely on :func:`write_transaction` plus a unique key
 and a retry, which holds on both databases; on PostgreSQL the state machine also locks the
-host's row (``SELECT ... FOR UPDATE``) and the audit chain the audit table
+host's row (``SELECT ... FOR UPDATE``) and audit appenders take an advisory lock
 (:func:`lock_for_append`), so concurrent writers queue instead of retrying.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,8 +28,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 ENV_VAR = "HOSTMAINT_DB"
 DEFAULT_PATH = Path("~/.local/share/hostmaint/hostmaint.db")
 BUSY_TIMEOUT_MS = 30_000
-# PostgreSQL advisory lock taken while creating the schema: "hostmain" as a 64-bit integer
-SCHEMA_LOCK_KEY = int.from_bytes(b"hostmain", "big")
 
 Clock = Callable[[], datetime]
 
@@ -248,24 +247,29 @@ def _create_tables(engine: Engine) -> None:
     with write_transaction(engine) as conn:  # SQLite: the write lock, with the busy timeout
         if conn.dialect.name == "postgresql":
             # held until the DDL commits
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key("schema")})
         Base.metadata.create_all(conn)
 
 
 def lock_for_append(conn: Connection, table: sa.Table) -> None:
-    """Keep every other writer of ``table`` out until this transaction ends; readers carry on.
+    """Keep every other hostmaint writer of ``table`` out until this transaction ends; readers carry on.
 
     For read-then-insert work whose read decides the new key (the audit chain's next seq).
     On SQLite the write transaction already holds the database's write lock: nothing to do.
     On PostgreSQL two READ COMMITTED writers would read the same last row and race for the
     same key; the loser retries, but with eight writers appending at once one writer lost
-    20 races in a row and its append failed. ``SHARE ROW EXCLUSIVE`` conflicts with itself and
-    with INSERT/UPDATE/DELETE, not with SELECT, so appends queue up as they do on SQLite.
-    Take it first in the transaction, before any read.
+    20 races in a row and its append failed. So appenders queue on a transaction advisory
+    lock named after the table: unlike ``LOCK TABLE`` in a mode that keeps writers out, it
+    needs no UPDATE or DELETE right on the table, so a role that may only SELECT and INSERT
+    the audit table (docs/deployments.md) can still append. Take it first in the transaction.
     """
     if conn.dialect.name == "postgresql":
-        name = conn.dialect.identifier_preparer.format_table(table)
-        conn.exec_driver_sql(f"LOCK TABLE {name} IN SHARE ROW EXCLUSIVE MODE")
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key(table.name)})
+
+
+def advisory_key(name: str) -> int:
+    """The PostgreSQL advisory lock key (a signed 64-bit integer) hostmaint uses for ``name``."""
+    return int.from_bytes(hashlib.sha256(f"hostmaint:{name}".encode()).digest()[:8], "big", signed=True)
 
 
 @contextmanager

@@ -96,7 +96,11 @@ class Cluster:
 
     @property
     def url(self) -> str:
-        return f"postgresql+psycopg://{SUPERUSER}@/{DATABASE}?host={self.base}"
+        return self.url_as(SUPERUSER)
+
+    def url_as(self, user: str) -> str:
+        """The ``hostmaint`` database as another role (trust auth: no password)."""
+        return f"postgresql+psycopg://{user}@/{DATABASE}?host={self.base}"
 
     def version(self) -> str:
         """The server's version, e.g. ``15.18 (Debian 15.18-0+deb12u1)``."""

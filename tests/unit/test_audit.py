@@ -20,6 +20,7 @@ from hostmaint.audit import AuditEntry, AuditRecord, AuditSink, AuditTrail, reda
 from hostmaint.db import open_engine
 from hostmaint.errors import AuditError
 from hostmaint.models import MigrationResult, StepOutcome, Trigger
+from tests import pg
 from tests.unit.conftest import T0, FakeClock
 
 REPO = Path(__file__).resolve().parents[2]
@@ -422,3 +423,34 @@ def test_audit_verify_command_names_the_tampered_record(db_url: str, engine: sa.
     broken = CliRunner().invoke(app, ["audit", "verify"])
     assert broken.exit_code == 1
     assert f"record 3 ({records[2].step} {records[2].host}) was altered" in broken.output
+
+
+def test_postgres_role_that_may_only_select_and_insert_appends_but_cannot_edit(postgres: pg.Cluster) -> None:
+    """The hardening docs/deployments.md suggests: the workers' role gets no UPDATE or DELETE on the trail."""
+    postgres.reset()
+    open_engine(postgres.url).dispose()  # the schema, created by its owner
+    admin = sa.create_engine(postgres.url, poolclass=sa.pool.NullPool)
+    with admin.begin() as conn:
+        conn.execute(sa.text("CREATE ROLE hm_appender LOGIN"))
+        conn.execute(sa.text("GRANT USAGE ON SCHEMA public TO hm_appender"))
+        conn.execute(sa.text("GRANT SELECT, INSERT ON hostmaint_audit TO hm_appender"))
+    eng = open_engine(postgres.url_as("hm_appender"))
+    try:
+        trail = AuditTrail(eng)
+        threads = [threading.Thread(target=fill, args=(trail, 5)) for _ in range(3)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert (trail.verify().ok, trail.verify().count) == (True, 15)
+        with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+            sql(eng, "UPDATE hostmaint_audit SET operator = 'mallory' WHERE seq = 1")
+        with pytest.raises(sa.exc.ProgrammingError, match="permission denied"):
+            sql(eng, "DELETE FROM hostmaint_audit WHERE seq = 15")
+        assert trail.verify().count == 15
+    finally:
+        eng.dispose()
+        with admin.begin() as conn:
+            conn.execute(sa.text("DROP OWNED BY hm_appender"))
+            conn.execute(sa.text("DROP ROLE hm_appender"))
+        admin.dispose()
