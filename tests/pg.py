@@ -102,15 +102,6 @@ class Cluster:
         """The ``hostmaint`` database as another role (trust auth: no password)."""
         return f"postgresql+psycopg://{user}@/{DATABASE}?host={self.base}"
 
-    def version(self) -> str:
-        """The server's version, e.g. ``15.18 (Debian 15.18-0+deb12u1)``."""
-        import psycopg
-
-        with psycopg.connect(host=str(self.base), user=SUPERUSER, dbname=DATABASE) as conn:
-            row = conn.execute("SHOW server_version").fetchone()
-        assert row is not None
-        return str(row[0])
-
     def reset(self) -> None:
         """Empty the ``hostmaint`` database: drop its schema with every table in it, and make it anew."""
         import psycopg
