@@ -181,7 +181,8 @@ def test_dirty_rates_are_measured_per_guest(lab: LabInfo, hv: LibvirtHypervisor)
         if min(rates[vm] for vm in busy_vms) > 8.0 or time.monotonic() > deadline:
             break
     assert min(rates[vm] for vm in busy_vms) > 8.0, rates  # 128 MiB rewritten over and over
-    assert all(rates[vm] < 1.0 for vm in idle_vms), rates  # a SeaBIOS guest writes nothing
+    # a SeaBIOS guest writes next to nothing; QEMU reports whole MiB/s, and 1 was seen (timers, VGA)
+    assert all(rates[vm] <= 2.0 for vm in idle_vms), rates
 
 
 def test_upfront_auto_converge_starts_at_the_throttle_the_scheduler_chose(lab: LabInfo,

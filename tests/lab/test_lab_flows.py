@@ -288,10 +288,10 @@ def test_a_hosts_link_is_learned_from_its_drains(flow_lab: LabInfo, rt: object, 
     from hostmaint.models import MigrationOptions
 
     limit = 64.0
-    # lnx01 cannot converge over 64 MiB/s on its own: the operator's 5 s stall period gets it
-    # auto-converge soon (the default ladder would too, after 20 s)
+    # lnx01 rewrites memory at 2-60 MiB/s (it varies from run to run), so over 64 MiB/s it may not
+    # converge: an 8 s stall period gets it auto-converge, then post-copy, which always completes
     data = yaml.safe_load(flow_lab.inventory_path.read_text())
-    data["clusters"][0]["migration"] = {"stall_seconds": 5}
+    data["clusters"][0]["migration"] = {"stall_seconds": 8, "allow_post_copy": True}
     inventory = tmp_path / "inventory.yaml"  # type: ignore[operator]
     inventory.write_text(yaml.safe_dump(data))
     from flows.locks import ensure_limits
@@ -309,7 +309,7 @@ def test_a_hosts_link_is_learned_from_its_drains(flow_lab: LabInfo, rt: object, 
         assert first.outcome is StepOutcome.OK, first.detail
         drain_1 = [r for r in rt.audit.records(host=source) if r.step == "drain"][-1]  # type: ignore[attr-defined]
         assert drain_1.details["links"][source]["basis"] == "default", drain_1.details["links"]
-        assert drain_1.details["migration_settings"]["stall_seconds"] == 5
+        assert drain_1.details["migration_settings"]["stall_seconds"] == 8
         seen = {o["host"]: o for o in drain_1.details["links_observed"]}
         assert seen[source]["saturated"], seen  # one stream could push ~600 MiB/s; the link let 64 through
         assert 0.6 * limit <= seen[source]["peak_mib_s"] <= 1.1 * limit, seen
