@@ -49,7 +49,8 @@ def _default_window_id(cluster: str) -> str:
     return f"{cluster}:{day}"
 
 
-@flow(name="patch-window", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))
+# Prefect 3.9 types the flow's runner as TaskRunner[PrefectFuture[Any]] and infers ThreadPoolTaskRunner[Never]
+@flow(name="patch-window", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))  # type: ignore[arg-type]
 def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datetime | None = None,
                  window_minutes: float | None = None, max_failed_hosts: int = 0,
                  hosts: list[str] | None = None, window_id: str | None = None, operator: str = "scheduler",

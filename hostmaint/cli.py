@@ -504,7 +504,7 @@ def lab_up_cmd(hosts: int = 3, vms: int = 6, workdir: Path | None = None) -> Non
     from hostmaint.lab import lab_up
 
     with exit_codes():
-        info = lab_up(hosts=hosts, vms=vms, **({} if workdir is None else {"workdir": workdir}))
+        info = lab_up(hosts=hosts, vms=vms) if workdir is None else lab_up(hosts=hosts, vms=vms, workdir=workdir)
         out.print(f"inventory: {info.inventory_path}\nknown_hosts: {info.known_hosts_path}")
         out.print(Path(info.inventory_path).read_text(), highlight=False)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
+from uuid import UUID
 
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -54,7 +55,9 @@ def drain_logger(total: int = 0) -> Callable[[DrainEvent], None]:
     which have no Prefect run context of their own.
     """
     logger = get_run_logger()
-    artifact = create_progress_artifact(0.0, description=f"drain: 0 of {total} VM(s) done") if total else None
+    # called from sync tasks only, where Prefect's sync-compatible helper returns the id itself
+    artifact = cast(UUID, create_progress_artifact(0.0, description=f"drain: 0 of {total} VM(s) done")
+                    ) if total else None
     done = 0
     moved = 0
     lock = threading.Lock()
