@@ -136,3 +136,23 @@ def test_demo_simulated(tmp_path: Path, hostmaint_db: Path) -> None:
     assert "SIMULATED" in text
     for host in ("hv01", "hv02", "hv03", "hv04"):
         assert host in text
+
+
+def test_host_status_shows_each_hosts_link_and_where_it_came_from(sim_inventory: Path) -> None:
+    import yaml
+
+    from hostmaint.db import open_engine
+    from hostmaint.migration.links import LinkObservation
+    from hostmaint.state import HostStateStore
+
+    # hv02's drains saw its link saturated at 110 MiB/s (a 1 GbE NIC); hv03 has a figure in the inventory
+    HostStateStore(open_engine()).record_links([LinkObservation("hv02", 110.0, 1200.0, 2)], "run-x")
+    doc = yaml.safe_load(sim_inventory.read_text())
+    next(h for h in doc["hosts"] if h["name"] == "hv03")["link_bandwidth_mib_s"] = 2900
+    sim_inventory.write_text(yaml.safe_dump(doc))
+    result = runner.invoke(app, ["host", "status", "-i", str(sim_inventory), "--json"])
+    assert result.exit_code == 0, result.output
+    links = {r["host"]: (r["link_mib_s"], r["link_basis"]) for r in json.loads(result.output)}
+    assert links["hv02"] == (110.0, "measured")
+    assert links["hv03"] == (2900.0, "inventory (host)")
+    assert links["hv01"] == (1100.0, "default")
