@@ -260,7 +260,7 @@ def _drain(rt: Runtime, run: RunContext, rec: StepRecord, plan: EvacuationPlan, 
     rec.details["links"] = {h: {"mib_s": figures[h].mib_s, "basis": figures[h].basis,
                                 **({"note": figures[h].note} if figures[h].note else {})}
                             for h in sorted({p.source for p in plan.placements}) if h in figures}
-    inputs = _drain_inputs(rt, cluster, snap, {h: f.mib_s for h, f in figures.items()})
+    inputs = _drain_inputs(rt, cluster, {h: f.mib_s for h, f in figures.items()}, snap)
     policy, options = drain_settings(rt.inventory, cluster)
     rec.details["migration_settings"] = rt.inventory.cluster(cluster).migration.model_dump(mode="json")
     report = drain(plan, rt.hypervisor, limits, policy=policy, options=options, on_event=on_event,
@@ -272,15 +272,13 @@ def _drain(rt: Runtime, run: RunContext, rec: StepRecord, plan: EvacuationPlan, 
     return report
 
 
-def _drain_inputs(rt: Runtime, cluster: str, snap: FleetSnapshot | None = None,
-                  link: dict[str, float] | None = None) -> dict[str, Any]:
-    """What the drain scheduler needs besides the plan: each host's link, and the targets' free
+def _drain_inputs(rt: Runtime, cluster: str, link: dict[str, float],
+                  snap: FleetSnapshot | None = None) -> dict[str, Any]:
+    """What the drain scheduler needs besides the plan: each host's ``link``, and the targets' free
     memory now, so migrations in flight are counted against their target.
 
     ``snap``: a discovery the caller made just now, in the same step, under the same locks
     (None: discover now)."""
-    if link is None:
-        link = {h: figure.mib_s for h, figure in link_figures(rt.inventory, rt.states, cluster).items()}
     if snap is None:
         snap = snapshot(rt, cluster)
     free = {h.name: sum(c.free_mib for c in h.cells) for h in snap.hosts}
