@@ -21,6 +21,8 @@ PACKAGES=(
     busybox-static cpio iproute2 util-linux procps
     # the unit tests' throwaway PostgreSQL clusters (state and audit on HOSTMAINT_DB=postgresql+psycopg://...)
     postgresql
+    # a lab host reached as a non-root user that runs its commands through `sudo -n` (inventory ssh.sudo)
+    sudo
 )
 
 missing=()
@@ -58,5 +60,20 @@ if ! ls "$CACHE"/linux-image-*-cloud-amd64_*.deb >/dev/null 2>&1; then
         echo "install-system.sh: cannot download the Debian cloud kernel for the lab's Linux guests" >&2
         exit 1
     }
+fi
+# The lab's operator account for ssh.sudo: a system user with no password and no home of its own, so it can only log in
+# to the lab's own sshds (their AuthorizedKeysFile is the lab's key) and there becomes root through sudo -n.
+if ! id hmlab-op >/dev/null 2>&1; then
+    adduser --system --no-create-home --home / --shell /bin/sh --disabled-password \
+        --gecos "hostmaint lab operator" hmlab-op
+fi
+[ "$(getent passwd hmlab-op | cut -d: -f6)" = / ] || usermod -d / hmlab-op
+# '*', not adduser's '!': no password either way, but sshd (without PAM) refuses a locked account's key
+[ "$(getent shadow hmlab-op | cut -d: -f2)" = '*' ] || usermod -p '*' hmlab-op
+SUDOERS=/etc/sudoers.d/hostmaint-lab
+if [ ! -f "$SUDOERS" ]; then
+    printf 'hmlab-op ALL=(root) NOPASSWD: ALL\n' > "$SUDOERS.tmp"
+    chmod 0440 "$SUDOERS.tmp"
+    visudo -cqf "$SUDOERS.tmp" && mv "$SUDOERS.tmp" "$SUDOERS"
 fi
 echo "install-system.sh: ok"

@@ -127,6 +127,11 @@ class Supervisor:
         for sub, target in PRIVATE_DIRS.items():
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
             _mount(["--bind", str(self.dir / sub), target])
+        # the host knows its own name (sudo, libvirtd look it up): from this file, never by asking a DNS
+        # server the namespace has no route to
+        hosts = self.dir / "etc-hosts"
+        hosts.write_text(f"127.0.0.1 localhost\n{self.config['ip']} {self.config['hostname']}\n")
+        _mount(["--bind", str(hosts), "/etc/hosts"])
         (self.state / "boot_id").write_text(str(uuid.uuid4()) + "\n")
         _mount(["--bind", str(self.state / "boot_id"), BOOT_ID])
         ram = self.dir / "ram"

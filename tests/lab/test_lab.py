@@ -267,6 +267,36 @@ def test_patch_cycle_over_ssh_really_updates_and_reboots(lab: LabInfo, shell: Ss
     assert shell.run(host, ["needs-restarting", "-r"]).exit_code == 0
 
 
+def test_a_non_root_operator_patches_through_sudo(lab: LabInfo) -> None:
+    """Inventory ``ssh.sudo`` for real: ``hmlab-op`` (made by scripts/install-system.sh, NOPASSWD sudo)
+    logs in with the lab's key, and every command goes through ``sudo -n --``: the update that needs
+    root works with it and is refused without it, and a quoted argument stays one word."""
+    import pwd
+
+    try:
+        pwd.getpwnam("hmlab-op")
+    except KeyError:
+        pytest.skip("no hmlab-op user: run scripts/install-system.sh")
+    entry = load_inventory(lab.inventory_path).host("hv03")
+    plain = SshShell({"hv03": entry.ssh.model_copy(update={"user": "hmlab-op"})}, retries=2, backoff_s=0.2)
+    sudo = SshShell({"hv03": entry.ssh.model_copy(update={"user": "hmlab-op", "sudo": True})}, retries=2,
+                    backoff_s=0.2)
+    try:
+        assert plain.run("hv03", ["id", "-un"]).stdout.strip() == "hmlab-op"
+        assert sudo.run("hv03", ["id", "-un"]).stdout.strip() == "root"
+        refused = plain.run("hv03", ["dnf", "-y", "update"], timeout=120)
+        assert refused.exit_code != 0  # dnf needs root
+        assert sudo.run("hv03", ["printf", "%s", "a b; id"]).stdout == "a b; id"
+        update = sudo.run("hv03", ["dnf", "-y", "update"], timeout=120)
+        assert update.exit_code == 0, update.stderr
+        installed = sudo.run("hv03", ["rpm", "-q", "kernel-lab"]).stdout.split()
+        assert "kernel-lab-6.1.0-2.lab.x86_64" in installed
+        assert "unable to resolve host" not in update.stderr  # the host's name comes from its /etc/hosts
+    finally:
+        plain.close()
+        sudo.close()
+
+
 def test_reboot_host_gives_a_new_boot_id_and_services_return(lab: LabInfo, hv: LibvirtHypervisor,
                                                              shell: SshShell) -> None:
     host = "hv03"
