@@ -281,26 +281,31 @@ def test_secrets_never_reach_the_database(engine: sa.Engine, trail: AuditTrail) 
 # --- concurrent writers ---------------------------------------------------------------------------
 
 
-def test_eight_threads_append_25_each_into_one_valid_chain(engine: sa.Engine) -> None:
-    trail = AuditTrail(engine)
-    barrier = threading.Barrier(8)
+def append_from_threads(trail: AuditTrail, threads: int, each: int) -> list[BaseException]:
+    """``threads`` writers, released together, each appending ``each`` records; what they raised."""
+    barrier = threading.Barrier(threads)
     failures: list[BaseException] = []
 
     def writer(t: int) -> None:
         barrier.wait()
         try:
-            for i in range(25):
+            for i in range(each):
                 trail.append(AuditEntry(run_id=f"thread-{t}", step="drain", host=f"hv{t:02d}",
                                         inputs={"i": i}))
-        except BaseException as exc:  # collected and asserted below, so a failing thread fails the test
+        except BaseException as exc:  # collected and asserted by the caller, so a failing thread fails the test
             failures.append(exc)
 
-    threads = [threading.Thread(target=writer, args=(t,)) for t in range(8)]
-    for th in threads:
+    workers = [threading.Thread(target=writer, args=(t,)) for t in range(threads)]
+    for th in workers:
         th.start()
-    for th in threads:
+    for th in workers:
         th.join()
-    assert failures == []
+    return failures
+
+
+def test_eight_threads_append_25_each_into_one_valid_chain(engine: sa.Engine) -> None:
+    trail = AuditTrail(engine)
+    assert append_from_threads(trail, 8, 25) == []
     records = trail.records()
     assert [r.seq for r in records] == list(range(1, 201))  # no duplicate, no gap
     assert sorted((r.run_id, r.inputs["i"]) for r in records) == sorted(
@@ -383,26 +388,10 @@ def test_non_finite_duration_is_refused(trail: AuditTrail) -> None:
 
 
 def test_concurrent_appends_queue_instead_of_racing(engine: sa.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Appenders wait for each other (SQLite's write lock, PostgreSQL's table lock): no append needs a retry."""
+    """Appenders wait for each other (SQLite's write lock, a PostgreSQL advisory lock): no append needs a retry."""
     monkeypatch.setattr(audit, "_APPEND_ATTEMPTS", 1)  # a lost seq race now fails the append
     trail = AuditTrail(engine)
-    barrier = threading.Barrier(6)
-    failures: list[BaseException] = []
-
-    def writer(t: int) -> None:
-        barrier.wait()
-        try:
-            for i in range(20):
-                trail.append(AuditEntry(run_id=f"thread-{t}", step="drain", inputs={"i": i}))
-        except BaseException as exc:  # collected and asserted below
-            failures.append(exc)
-
-    threads = [threading.Thread(target=writer, args=(t,)) for t in range(6)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert failures == []
+    assert append_from_threads(trail, 6, 20) == []
     assert [r.seq for r in trail.records()] == list(range(1, 121))
     assert trail.verify().ok
 
