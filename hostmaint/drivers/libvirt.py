@@ -17,6 +17,7 @@ block an abort for ten minutes (see the lab notes).
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -51,6 +52,7 @@ from hostmaint.models import (
 __all__ = ["LibvirtHypervisor", "stall_decision", "stall_reason"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 DEFAULT_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
                  | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
@@ -613,6 +615,10 @@ class LibvirtHypervisor:
                              name=f"abort-{vm}-{attempt}", daemon=True).start()
             if not done.wait(self._abort_timeout):
                 errors.append(f"abortJob blocked for {self._abort_timeout:g}s")
+                # Worth an operator's eye: QEMU stuck in "cancelling" is rare, and a resend clears it.
+                log.warning("aborting the migration of %s on %s: abortJob blocked for %gs (try %d of %d)%s",
+                            vm, source, self._abort_timeout, attempt, self._abort_attempts,
+                            "; resending from a fresh connection" if attempt < self._abort_attempts else "")
                 continue
             error = outcome.get("error")
             if error is None:

@@ -3,6 +3,7 @@ connection. Fake connections stand in for libvirtd here; the lab tests abort rea
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterator
 
@@ -76,13 +77,18 @@ def driver(monkeypatch: pytest.MonkeyPatch, aborts: list[Callable[[], None]]) ->
 
 
 def test_a_blocked_abort_is_resent_from_a_fresh_connection(monkeypatch: pytest.MonkeyPatch,
-                                                          release: threading.Event) -> None:
+                                                          release: threading.Event,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     calls: list[str] = []
     hv, opened = driver(monkeypatch, [lambda: (calls.append("blocked"), release.wait(10)) and None,
                                       lambda: calls.append("done")])
-    hv.abort("vm1", "hv01")
+    with caplog.at_level(logging.WARNING, logger="hostmaint.drivers.libvirt"):
+        hv.abort("vm1", "hv01")
     assert calls == ["blocked", "done"]
     assert len(opened) == 2 and opened[0] is not opened[1]
+    # the operator hears of it, naming the VM and the host, though the abort itself succeeded
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "vm1 on hv01" in warning and "blocked" in warning and "resending" in warning
 
 
 def test_an_abort_that_always_blocks_is_a_migration_error(monkeypatch: pytest.MonkeyPatch,
