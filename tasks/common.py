@@ -1,7 +1,8 @@
-"""What every task shares: the runtime reference, retry rules, logging of drain events."""
+"""What every task shares: the runtime reference, retry rules, logging of drain events and of the core."""
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,11 +12,40 @@ from uuid import UUID
 from prefect import get_run_logger
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.client.schemas.objects import TaskRun
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.logging.handlers import APILogHandler
 from prefect.states import State
 
 from hostmaint.errors import TransientDriverError
 from hostmaint.migration import DrainEvent
 from hostmaint.runtime import Runtime, open_runtime
+
+
+class CoreLogForwarder(APILogHandler):
+    """Sends the core library's log records (``hostmaint.*``: a reboot's progress, a blocked abort) to
+    the Prefect run they happen in, so the operator reads them in the run's log in the UI.
+
+    What Prefect's ``PREFECT_LOGGING_EXTRA_LOGGERS`` does, without relying on every worker's
+    environment; records outside any run (the CLI, a bare thread) are left to the other handlers
+    instead of raising Prefect's "no flow run" warning.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if FlowRunContext.get() is None and TaskRunContext.get() is None:
+            return
+        super().emit(record)
+
+
+def forward_core_logs() -> None:
+    """Attach :class:`CoreLogForwarder` to the ``hostmaint`` logger once; INFO unless a level was set."""
+    core = logging.getLogger("hostmaint")
+    if not any(isinstance(h, CoreLogForwarder) for h in core.handlers):
+        core.addHandler(CoreLogForwarder())
+    if core.level == logging.NOTSET:
+        core.setLevel(logging.INFO)
+
+
+forward_core_logs()  # every task module imports this one, in whatever process runs the flow
 
 
 @dataclass(frozen=True)

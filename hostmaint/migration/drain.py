@@ -17,6 +17,7 @@ as a :class:`DrainEvent` (also streamed to ``on_event`` for the audit record and
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from collections import deque
@@ -282,7 +283,9 @@ class _Drain:
                   auto_converge=opts.auto_converge, auto_converge_initial_pct=opts.auto_converge_initial_pct,
                   post_copy=opts.post_copy,
                   budget_s=round(flight.budget_s, 1))
-        flights[pool.submit(self.migrate_one, flight)] = flight
+        # The caller's context follows the migration onto its thread (a fresh copy each: a context can be
+        # entered by one thread at a time), so the caller's logging sees whose run a record belongs to.
+        flights[pool.submit(contextvars.copy_context().run, self.migrate_one, flight)] = flight
         return None
 
     def record(self, result: MigrationResult, flight: _Flight | None = None) -> None:
@@ -404,7 +407,8 @@ class _Drain:
 
         # Always on its own thread: an abort can block (QEMU stuck "cancelling"), and neither the
         # scheduler nor the driver's progress loop (which called us) may wait for it.
-        threading.Thread(target=abort, name=f"abort-{flight.spec.vm}", daemon=True).start()
+        threading.Thread(target=contextvars.copy_context().run, args=(abort,), name=f"abort-{flight.spec.vm}",
+                         daemon=True).start()
 
     def release_if_finishing(self, flight: _Flight) -> None:
         last = flight.progress.last

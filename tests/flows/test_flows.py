@@ -256,3 +256,24 @@ def test_drain_keeps_a_progress_artifact(sim_inventory: Path) -> None:
     assert latest.data == 100.0
     assert f"{moving} of {moving} VM(s) done" in (latest.description or "")
     assert "GiB moved" in (latest.description or "")
+
+
+def test_the_core_librarys_log_lines_reach_the_runs_log(sim_inventory: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    state = patch_host(host="hv02", operator="jo", inventory=str(sim_inventory), trigger=Trigger.TEST,
+                       return_state=True)
+    assert state.is_completed()
+    APILogWorker.drain_all()  # logs travel in batches
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    # hostmaint.patching narrates the reboot; the operator reads it in the run's log in the UI
+    core = [entry.message for entry in logs if entry.name.startswith("hostmaint")]
+    assert any(m.startswith("hv02: rebooting (boot id ") for m in core), core
+    assert any(m.startswith("hv02: back after ") for m in core), core
+    # and it is filed under the task that rebooted, not only under the flow
+    reboot = [entry for entry in logs if entry.message.startswith("hv02: rebooting")]
+    assert all(entry.task_run_id is not None for entry in reboot)

@@ -7,6 +7,7 @@ driver's side, not on the scheduler's word.
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
 from dataclasses import dataclass
@@ -449,3 +450,40 @@ def test_drain_reports_what_its_migrations_pushed_together() -> None:
     assert (seen.host, seen.streams, seen.demand_mib_s) == ("src", 2, 1200.0)
     # sleeps only ever stretch, so the fake never sends faster than 2 × 512 MiB/s
     assert 0 < seen.peak_mib_s <= 1024 * 1.05
+
+
+# --- context ----------------------------------------------------------------------
+
+RUN = contextvars.ContextVar("RUN", default="no run")
+
+
+class ContextRecordingFake(FakeHypervisor):
+    """Records which run each migrate and abort call sees: what a run-aware log handler would see."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[str, str, str]] = []
+
+    def migrate(self, vm, source, target, options, on_progress=None):  # type: ignore[no-untyped-def]
+        with self.lock:
+            self.seen.append(("migrate", vm, RUN.get()))
+        return super().migrate(vm, source, target, options, on_progress)
+
+    def abort(self, vm: str, source: str) -> None:
+        with self.lock:
+            self.seen.append(("abort", vm, RUN.get()))
+        super().abort(vm, source)
+
+
+def test_the_callers_context_follows_migrations_and_aborts_onto_their_threads() -> None:
+    moves = [("busy", "src", "dst", 1024), ("calm", "src", "dst", 1024), ("calm2", "src", "dst", 512)]
+    hv = fleet(moves, cls=ContextRecordingFake, scripts={"busy": Script(converges=False)})
+    token = RUN.set("run-42")
+    try:
+        report = drain(make_plan(moves), hv, Limits(), options=MigrationOptions(stall_seconds=3))
+    finally:
+        RUN.reset(token)
+    assert [r.vm for r in report.results if r.outcome is StepOutcome.ABORTED] == ["busy"]
+    seen = hv.seen  # type: ignore[attr-defined]
+    assert {kind for kind, _, _ in seen} == {"migrate", "abort"}
+    assert {run for _, _, run in seen} == {"run-42"}, seen
