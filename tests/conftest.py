@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import pg
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
@@ -24,6 +26,22 @@ def prefect_server() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[pg.Cluster]:
+    """A throwaway PostgreSQL cluster for the session, on a Unix socket only."""
+    reason = pg.unavailable()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            # CI installs PostgreSQL (scripts/install-system.sh) and psycopg (scripts/setup.sh)
+            pytest.fail(f"PostgreSQL tests cannot run in CI: {reason}")
+        pytest.skip(f"PostgreSQL tests skipped: {reason}")
+    cluster = pg.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

@@ -331,3 +331,94 @@ def test_a_hosts_link_is_learned_from_its_drains(flow_lab: LabInfo, rt: object, 
         assert not [vm for vm, hosts in after.items() if source in hosts]
     finally:
         limit_egress(source, None)
+
+
+def test_two_workers_on_two_machines_share_locks_state_and_audit(flow_lab: LabInfo, rt: object, postgres: object,
+                                                                 tmp_path: object) -> None:
+    """Scale-out as docs/deployments.md sets it up: a process work pool, one `prefect worker` per machine,
+    each machine with its own copy of the inventory and working directory, the hostmaint database on
+    PostgreSQL. Two machines are two worker processes here (one run at a time each); patch-host runs for
+    hv01 and hv02 start together. The cluster's one maintenance slot is held across the machines, so the
+    hosts are in maintenance one after the other; both finish, every VM runs once, and both runs wrote
+    one audit chain that verifies."""
+    import subprocess
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.serve import ROOT, build_deployments
+    from deployments.server import ensure_work_pool, prefect_executable
+    from hostmaint.audit import AuditTrail
+    from hostmaint.db import open_engine
+
+    db_url = postgres.url  # type: ignore[attr-defined]
+    postgres.reset()  # type: ignore[attr-defined]
+    before = all_vms(rt)
+    pool = "hostmaint-lab-machines"
+    ensure_work_pool(pool)
+    [dep] = [d for d in build_deployments(flow_lab.inventory_path, source=ROOT) if d.name == "patch-host"]
+    dep.name = "patch-host-two-machines"  # its own deployment: nothing else serves it
+    deployment_id = dep.apply(work_pool_name=pool)
+    with get_client(sync_client=True) as client:
+        runs = {host: client.create_flow_run_from_deployment(deployment_id, parameters={"request": {
+            "host": host, "reason": "two machines", "operator": f"op-{host}", "dry_run": False}})
+            for host in ("hv01", "hv02")}
+    machines: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    try:
+        for name in ("machine-a", "machine-b"):
+            home = Path(tmp_path) / name  # type: ignore[arg-type]
+            home.mkdir()
+            inventory = home / "inventory.yaml"
+            inventory.write_text(flow_lab.inventory_path.read_text())
+            env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "HOSTMAINT_INVENTORY": str(inventory),
+                   "HOSTMAINT_DB": db_url, "PREFECT_WORKER_QUERY_SECONDS": "1",
+                   "PREFECT_WORKER_PREFETCH_SECONDS": "1", "PREFECT_LOGGING_LEVEL": "INFO"}  # names the runs it takes
+            log = home / "worker.log"
+            with log.open("w") as out:
+                machines[name] = (subprocess.Popen(
+                    [prefect_executable(), "worker", "start", "--pool", pool, "--type", "process", "--name", name,
+                     "--limit", "1"], cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT), log)
+        deadline = time.monotonic() + 300
+        with get_client(sync_client=True) as client:
+            while not all((state := client.read_flow_run(r.id).state) and state.is_final() for r in runs.values()):
+                for worker, log in machines.values():
+                    assert worker.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "\n".join(log.read_text()[-2000:] for _, log in machines.values())
+                time.sleep(1)
+            finished = {host: client.read_flow_run(r.id) for host, r in runs.items()}
+            states = {host: run.state for host, run in finished.items()}
+    finally:
+        for worker, _ in machines.values():
+            worker.terminate()
+        for worker, _ in machines.values():
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait(10)
+    logs = {name: log.read_text() for name, (_, log) in machines.items()}
+    for host, state in states.items():
+        assert state is not None and state.is_completed(), f"{host}: {state}\n{logs}"
+    # each machine ran one of the runs
+    ran = {name: {host for host, r in runs.items() if str(r.id) in text} for name, text in logs.items()}
+    assert sorted(map(len, ran.values())) == [1, 1] and set().union(*ran.values()) == {"hv01", "hv02"}, ran
+
+    after = all_vms(rt)
+    assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
+    trail = AuditTrail(open_engine(db_url))
+    assert trail.verify().ok
+    spans: dict[str, tuple[int, int]] = {}
+    for host in ("hv01", "hv02"):
+        records = trail.records(host=host)
+        cordon = next(r for r in records if r.step == "cordon")
+        uncordon = next(r for r in records if r.step == "uncordon")
+        assert cordon.operator == uncordon.operator == f"op-{host}"  # whose form started it, on either machine
+        spans[host] = (cordon.seq, uncordon.seq)
+    (_, first_uncordoned), (second_cordoned, _) = sorted(spans.values())
+    # one host in maintenance at a time, though two machines ran them: the chain orders their records
+    assert first_uncordoned < second_cordoned, spans
+    # ... and not because they happened to run one after the other: both runs were running at once
+    starts = [run.start_time for run in finished.values()]
+    ends = [run.end_time for run in finished.values()]
+    assert None not in starts and None not in ends and max(starts) < min(ends), finished  # type: ignore[operator]

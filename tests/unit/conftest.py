@@ -2,13 +2,13 @@
 
 ``db_url`` (and ``engine`` on it) is parametrized over SQLite and PostgreSQL, so every state
 and audit test that takes it runs on both. PostgreSQL is one throwaway cluster per session
-(tests/pg.py), emptied before each test; where it cannot run, the PostgreSQL cases are
-skipped with the reason, except under CI, where a skip would hide that they never ran.
+(tests/pg.py, the ``postgres`` fixture of tests/conftest.py), emptied before each test; where it
+cannot run, the PostgreSQL cases are skipped with the reason, except under CI, where a skip would
+hide that they never ran.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -32,22 +32,6 @@ class FakeClock:
     def __call__(self) -> datetime:
         self.now += timedelta(seconds=1)
         return self.now
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[pg.Cluster]:
-    """A throwaway PostgreSQL cluster for the session, on a Unix socket only."""
-    reason = pg.unavailable()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            # CI installs PostgreSQL (scripts/install-system.sh) and psycopg (scripts/setup.sh)
-            pytest.fail(f"PostgreSQL tests cannot run in CI: {reason}")
-        pytest.skip(f"PostgreSQL tests skipped: {reason}")
-    cluster = pg.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
 
 
 @pytest.fixture
