@@ -51,7 +51,7 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
             plan = t.plan_evacuation(ref, run, host, snapshot=snapshot)
             logger.info("plan:\n%s", render_plan(plan))
             with locks.cluster_migrations(cluster):
-                report = t.drain_host(ref, run, plan)
+                report = t.drain_host(ref, run, plan, snapshot)
             t.check_invariants(ref, cluster, expected, stopped)
             stopped = sorted({*stopped, *t.stop_unmigratable(ref, run, plan)})
             t.confirm_empty(ref, run, host)

@@ -2,6 +2,8 @@
 
 Re-running after a crash continues from the host's recorded state: a drained
 host is not drained again, a host found rebooting is waited for and verified.
+A plan refused before anything moved (N+1, a VM that fits nowhere) puts the host
+back as it was: the run fails, the host is not left cordoned.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from prefect import flow, get_run_logger
 
 from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
-from hostmaint.errors import HostmaintError
+from hostmaint.errors import HostmaintError, PlanError
 from hostmaint.models import EvacuationPlan, HostState, MigrationResult, StepOutcome, Trigger
 from hostmaint.placement import render_plan
 from tasks import maintenance as t
@@ -54,6 +56,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
         changed = 0
         plan: EvacuationPlan | None = None
         stopped: list[str] = []
+        refused = False  # the plan was refused before anything moved
         try:
             state = rt.states.state(host)
             if state in BEFORE_DRAINED:
@@ -66,10 +69,19 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
             expected = [v.name for v in snapshot.vms]
             expected += [vm for vm in stopped if vm not in expected]
             if state in BEFORE_DRAINED:
-                plan = t.plan_evacuation(ref, run, host, avoid or [], snapshot=snapshot)
-                logger.info("plan:\n%s", render_plan(plan))
-                with locks.cluster_migrations(cluster):
-                    migrations += t.drain_host(ref, run, plan).results
+                try:
+                    plan = t.plan_evacuation(ref, run, host, avoid or [], snapshot=snapshot)
+                    logger.info("plan:\n%s", render_plan(plan))
+                    with locks.cluster_migrations(cluster):
+                        migrations += t.drain_host(ref, run, plan, snapshot, avoid or []).results
+                except PlanError:
+                    # Refused before anything moved (N+1, a VM that fits nowhere): the patch never
+                    # started, so the host goes back to how it was. Left cordoned, every refusal in a
+                    # window would take one more host out of placement and make the next refusal likelier.
+                    if state is not HostState.DRAINING:
+                        t.uncordon_host(ref, run, host)
+                    refused = True
+                    raise
                 t.check_invariants(ref, cluster, expected, stopped)
                 stopped = sorted({*stopped, *t.stop_unmigratable(ref, run, plan)})
                 state = HostState.DRAINED
@@ -100,7 +112,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
             if window_id:
                 rt.states.mark_patched(window_id, host, run.run_id)
         except HostmaintError as exc:
-            if rt.states.state(host) is HostState.ACTIVE:
+            if rt.states.state(host) is HostState.ACTIVE and not refused:
                 t.mark_failed(ref, run, host, str(exc))
             result = outcome(StepOutcome.FAILED, str(exc), migrations=migrations, rebooted=rebooted,
                              packages_changed=changed)

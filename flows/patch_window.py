@@ -1,7 +1,8 @@
 """patch-window: roll patch-host through a cluster, N hosts at a time, inside the window.
 
-It never starts a host that cannot finish before the window ends, stops starting
-hosts once failures exceed the limit, and skips hosts already patched in this
+It never starts a host that cannot finish before the window ends, nor one more host
+than N+1 allows at that moment (it waits for a host in maintenance to finish), stops
+starting hosts once failures exceed the limit, and skips hosts already patched in this
 window when run again. VMs evacuate onto hosts patched earlier in the window, so
 each VM moves about once; a final rebalance levels the cluster with few moves.
 """
@@ -85,6 +86,7 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
     running: dict[str, PrefectFuture[HostOutcome]] = {}
     failures = 0
     durations: list[float] = []
+    waiting_for_room: str | None = None  # refused room; asked again once a host in maintenance finishes
     while pending or running:
         while pending and len(running) < parallel and failures <= max_failed_hosts:
             host = pending[0]
@@ -94,6 +96,19 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
                 logger.warning("window %s ends before %s could finish (~%.0fs): not started", window_id,
                                host, needed)
                 break
+            if running:
+                # N hosts at a time is an upper bound: one more starts only while the rest of the
+                # cluster can still take every VM and lose a host (N+1). Otherwise it would be
+                # refused by its own plan, after a cordon, as a failure of the window.
+                if waiting_for_room == host:
+                    break
+                room = t.room_in_window(ref, cluster, sorted(running), host)
+                if not room.ok:
+                    logger.info("window %s: %s waits until a host in maintenance finishes: %s", window_id,
+                                host, room.reason)
+                    waiting_for_room = host
+                    break
+            waiting_for_room = None
             pending.pop(0)
             avoid = [h for h in pending if h != host]
             running[host] = patch_one.submit(host, inv_path, operator, window_id, trigger, avoid)
@@ -106,6 +121,7 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
                 outcomes.append(result)
                 durations.append(result.seconds)
                 running.pop(host)
+                waiting_for_room = None  # room may have come back
                 if result.outcome is StepOutcome.FAILED:
                     failures += 1
                     logger.error("host %s failed: %s", host, result.detail)

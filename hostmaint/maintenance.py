@@ -12,6 +12,7 @@ Guards that hold whatever the caller does:
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -42,9 +43,11 @@ from hostmaint.models import (
     Trigger,
     UnmigratableAction,
 )
-from hostmaint.placement import check_capacity, plan_evacuation
+from hostmaint.placement import check_capacity, plan_evacuation, render_plan, stale_targets
 from hostmaint.runtime import Runtime
 from hostmaint.state import HostRecord, HostStateStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -186,11 +189,40 @@ def plan_drain(rt: Runtime, run: RunContext, host: str, *, avoid: Sequence[str] 
 # --- drain --------------------------------------------------------------------------
 
 
-def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *,
-               on_event: Callable[[DrainEvent], None] | None = None) -> DrainReport:
+def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot, now: FleetSnapshot, *,
+           avoid: Sequence[str] = ()) -> EvacuationPlan:
+    """``plan`` if it still fits the cluster as ``now`` shows it; otherwise a new plan made on ``now``,
+    with its own audit record (step ``replan``: why, and the plan that replaces the old one).
+
+    A plan waits for the cluster's migrations lock while other runs drain; what they moved can
+    fill the targets it counted on. Raises PlanError when the new plan is not feasible.
+    """
+    reasons = stale_targets(plan, planned_on, now)
+    if not reasons:
+        return plan
+    host = plan.hosts[0] if plan.hosts else None
+    with audited(rt, run, "replan", host=host, cluster=plan.cluster,
+                 inputs={"reasons": reasons, "replaces": plan.snapshot_digest, "avoid": list(avoid)}) as rec:
+        fresh = plan_evacuation(now, list(plan.hosts), avoid=tuple(avoid))
+        rec.details["plan"] = fresh.model_dump(mode="json")
+        log.info("%s: the plan changed while it waited (%s); re-planned:\n%s", ", ".join(plan.hosts),
+                 "; ".join(reasons), render_plan(fresh))
+        if not fresh.feasible:
+            blocked = [f"{b.vm}: {b.constraint}: {b.reason}" for b in fresh.blocked]
+            if fresh.capacity is not None and not fresh.capacity.ok:
+                blocked.insert(0, f"N+1: {fresh.capacity.reason}")
+            raise PlanError(f"cannot evacuate {', '.join(plan.hosts)} any more ({'; '.join(reasons)}): "
+                            + "; ".join(blocked))
+        return fresh
+
+
+def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, planned_on: FleetSnapshot | None = None,
+               avoid: Sequence[str] = (), on_event: Callable[[DrainEvent], None] | None = None) -> DrainReport:
     """Live-migrate every placement of ``plan``, within the cluster's limits.
 
-    Origins are recorded before a VM moves, so a crash mid-drain still knows where
+    ``planned_on``: the discovery the plan was made on. The cluster is discovered again first;
+    when the plan no longer fits it (see :func:`replan`), a recorded re-plan (with ``avoid``)
+    runs instead. Origins are recorded before a VM moves, so a crash mid-drain still knows where
     to return it. A failed migration leaves its VM on the source and the host cordoned.
     """
     if not plan.feasible:
@@ -198,6 +230,9 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *,
     cluster = plan.cluster
     host = plan.hosts[0] if plan.hosts else None
     limits = rt.inventory.cluster(cluster).limits
+    now = snapshot(rt, cluster)  # under the caller's migrations lock: nobody else moves VMs from here on
+    if planned_on is not None:
+        plan = replan(rt, run, plan, planned_on, now, avoid=avoid)
     with audited(rt, run, "drain", host=host, cluster=cluster,
                  inputs={"placements": len(plan.placements), "snapshot": plan.snapshot_digest}) as rec:
         for h in plan.hosts:
@@ -210,7 +245,7 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *,
         rec.details["dirty_rate_mib_s"] = {vm: round(r, 1) for vm, r in sorted(rates.items())}
         if notes:
             rec.details["dirty_rate_notes"] = notes
-        report = _drain(rt, run, rec, plan, limits, cluster, on_event=on_event, dirty_rate=rates)
+        report = _drain(rt, run, rec, plan, limits, cluster, snap=now, on_event=on_event, dirty_rate=rates)
         rec.details["migrations"] = [r.model_dump(mode="json") for r in report.results]
         rec.details["seconds"] = round(report.seconds, 3)
         rec.details["max_concurrency"] = report.max_concurrency

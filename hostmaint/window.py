@@ -1,4 +1,5 @@
-"""Maintenance windows: when a host may still start, in what order hosts go, how long one takes.
+"""Maintenance windows: when a host may still start, in what order hosts go, how long one takes,
+and whether the cluster has room for one more host in maintenance.
 
 Pure: time comes in as a parameter (``now``), so a table of times tests it.
 """
@@ -11,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from hostmaint.inventory import Inventory
 from hostmaint.migration.policy import DEFAULT_LINK_MIB_S
-from hostmaint.models import FleetSnapshot
+from hostmaint.models import CapacityCheck, FleetSnapshot
 
 # What a host costs besides moving memory: package update and verification. Deliberately
 # pessimistic; once a host of the window has finished, its real duration is used instead.
@@ -72,3 +73,16 @@ def window_order(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None) ->
     order = [h for h in plan.order if h in wanted]
     left_out = [h for h in wanted if h not in order]
     return order, left_out
+
+
+def room_for(snapshot: FleetSnapshot, in_maintenance: Sequence[str], host: str) -> CapacityCheck:
+    """Whether the window may start ``host`` now: the N+1 check with it out as well as the hosts
+    already in maintenance, on a discovery made just now.
+
+    The VMs still on hosts in maintenance (not moved yet) count as load the others must take;
+    hosts missing from the discovery (rebooting) hold nothing and are out already.
+    """
+    from hostmaint.placement import check_capacity
+
+    known = {h.name for h in snapshot.hosts}
+    return check_capacity(snapshot, [h for h in in_maintenance if h in known and h != host] + [host])

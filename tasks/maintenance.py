@@ -9,9 +9,10 @@ from hostmaint import maintenance as steps
 from hostmaint import patching
 from hostmaint.maintenance import RunContext
 from hostmaint.migration import DrainReport
-from hostmaint.models import Cell, EvacuationPlan, FleetSnapshot, HostState, RebalancePlan
+from hostmaint.models import CapacityCheck, Cell, EvacuationPlan, FleetSnapshot, HostState, RebalancePlan
 from hostmaint.placement import plan_rebalance
 from hostmaint.state import HostRecord
+from hostmaint.window import room_for
 from tasks.common import IO_RETRIES, RuntimeRef, drain_logger
 
 # No task tags: Prefect turns every tag of a task run into a tag-concurrency lookup on the server
@@ -30,6 +31,11 @@ def discover(ref: RuntimeRef, cluster: str) -> FleetSnapshot:
     return steps.snapshot(ref.open(), cluster)
 
 
+@task(name="room-in-window", cache_policy=NO_CACHE, **IO_RETRIES)
+def room_in_window(ref: RuntimeRef, cluster: str, in_maintenance: list[str], host: str) -> CapacityCheck:
+    return room_for(steps.snapshot(ref.open(), cluster), in_maintenance, host)
+
+
 @task(name="plan-evacuation", cache_policy=NO_CACHE, **IO_RETRIES)
 def plan_evacuation(ref: RuntimeRef, run: RunContext, host: str, avoid: list[str] | None = None,
                     dry_run: bool = False, snapshot: FleetSnapshot | None = None) -> EvacuationPlan:
@@ -37,10 +43,12 @@ def plan_evacuation(ref: RuntimeRef, run: RunContext, host: str, avoid: list[str
 
 
 @task(name="drain", cache_policy=NO_CACHE)
-def drain_host(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan) -> DrainReport:
+def drain_host(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot | None = None,
+               avoid: list[str] | None = None) -> DrainReport:
     # No Prefect retry: a failed migration is already retried or aborted by the drain
     # scheduler; re-running the whole drain is the operator's call (re-run the flow).
-    return steps.drain_host(ref.open(), run, plan, on_event=drain_logger(len(plan.placements)))
+    return steps.drain_host(ref.open(), run, plan, planned_on=planned_on, avoid=avoid or [],
+                            on_event=drain_logger(len(plan.placements)))
 
 
 @task(name="stop-unmigratable", cache_policy=NO_CACHE, **IO_RETRIES)

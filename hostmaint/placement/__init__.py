@@ -4,6 +4,7 @@ Public API::
 
     check_capacity(snapshot, hosts, *, spare_hosts=None) -> CapacityCheck    # the N+1 check
     plan_evacuation(snapshot, hosts, *, avoid=(), spare_hosts=None) -> EvacuationPlan
+    stale_targets(plan, planned_on, now) -> list[str]                       # must a waiting plan be re-made?
     plan_window(snapshot, hosts=None, *, spare_hosts=None, ...) -> WindowPlan
     plan_rebalance(snapshot, max_moves, *, prefer_origin=True) -> RebalancePlan
     render_plan(plan) -> str
@@ -11,9 +12,9 @@ Public API::
 See docs/planner.md for the rules and the objective.
 """
 
-from hostmaint.placement.evacuate import check_capacity, plan_evacuation
+from hostmaint.placement.evacuate import check_capacity, plan_evacuation, stale_targets
 from hostmaint.placement.rebalance import plan_rebalance
 from hostmaint.placement.render import render_plan
 from hostmaint.placement.window import plan_window
 
-__all__ = ["check_capacity", "plan_evacuation", "plan_rebalance", "plan_window", "render_plan"]
+__all__ = ["check_capacity", "plan_evacuation", "plan_rebalance", "plan_window", "render_plan", "stale_targets"]

@@ -531,6 +531,32 @@ def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Col
                           capacity=capacity, balance=receivers_balance(ledger, drained, result.placements))
 
 
+def stale_targets(plan: EvacuationPlan, planned_on: FleetSnapshot, now: FleetSnapshot) -> list[str]:
+    """Why ``plan``, made on ``planned_on``, may no longer fit the cluster as ``now`` shows it: each
+    target that is no longer active, or that received VMs since (another run's drain moved them
+    there while this plan waited its turn). Empty: the plan still stands.
+
+    Only arrivals and state count: a VM leaving a target frees memory, CPUs and anti-affinity
+    slots, which cannot make a placement wrong.
+    """
+    before = {h.name: h for h in planned_on.hosts}
+    after = {h.name: h for h in now.hosts}
+    reasons = []
+    for target in sorted({p.target for p in plan.placements}):
+        host = after.get(target)
+        if host is None:
+            reasons.append(f"{target} is gone from the cluster's discovery")
+            continue
+        if host.state is not HostState.ACTIVE:
+            reasons.append(f"{target} is {host.state.value} now")
+            continue
+        had = {v.name for v in planned_on.vms_on(target)} if target in before else set()
+        arrived = sorted({v.name for v in now.vms_on(target)} - had)
+        if arrived:
+            reasons.append(f"{target} received {', '.join(arrived)}")
+    return reasons
+
+
 def receivers_balance(ledger: Ledger, drained: Collection[str], placements: Sequence[Placement]) -> Balance:
     """Balance over the active hosts that were not drained, after the plan is charged."""
     return measure((h for h in ledger.hosts.values() if h.state is HostState.ACTIVE and h.name not in drained),

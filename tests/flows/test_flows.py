@@ -6,7 +6,9 @@ drivers themselves are proven against the real lab in tests/lab.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -17,7 +19,7 @@ from flows.rebalance_cluster import rebalance_cluster
 from hostmaint.audit import AuditTrail
 from hostmaint.db import open_engine
 from hostmaint.drivers.memory import SimulatedFleet
-from hostmaint.models import HostState, StepOutcome, Trigger
+from hostmaint.models import FleetSnapshot, HostState, StepOutcome, Trigger
 from hostmaint.runtime import open_runtime
 from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
 
@@ -258,18 +260,26 @@ def test_drain_keeps_a_progress_artifact(sim_inventory: Path) -> None:
     assert "GiB moved" in (latest.description or "")
 
 
-def test_the_core_librarys_log_lines_reach_the_runs_log(sim_inventory: Path) -> None:
+def run_logs(flow_run_id: object) -> list[Any]:
+    """The log entries the Prefect server holds for one flow run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.logging.handlers import APILogWorker
 
+    APILogWorker.drain_all()  # logs travel in batches
+    with get_client(sync_client=True) as client:
+        return list(client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))))
+
+
+def run_log(flow_run_id: object) -> list[str]:
+    return [entry.message for entry in run_logs(flow_run_id)]
+
+
+def test_the_core_librarys_log_lines_reach_the_runs_log(sim_inventory: Path) -> None:
     state = patch_host(host="hv02", operator="jo", inventory=str(sim_inventory), trigger=Trigger.TEST,
                        return_state=True)
     assert state.is_completed()
-    APILogWorker.drain_all()  # logs travel in batches
-    with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(
-            flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+    logs = run_logs(state.state_details.flow_run_id)
     # hostmaint.patching narrates the reboot; the operator reads it in the run's log in the UI
     core = [entry.message for entry in logs if entry.name.startswith("hostmaint")]
     assert any(m.startswith("hv02: rebooting (boot id ") for m in core), core
@@ -277,3 +287,116 @@ def test_the_core_librarys_log_lines_reach_the_runs_log(sim_inventory: Path) -> 
     # and it is filed under the task that rebooted, not only under the flow
     reboot = [entry for entry in logs if entry.message.startswith("hv02: rebooting")]
     assert all(entry.task_run_id is not None for entry in reboot)
+
+
+# --- several hosts at once -------------------------------------------------------------------------
+
+
+def crowded_fleet(tmp_path: Path, hosts: int, vms: int, max_in_maintenance: int, *, time_scale: float = 0.001
+                  ) -> tuple[Path, FleetSnapshot]:
+    """A SIMULATED cluster fuller than the demo: N+1 lets fewer hosts out than the limit names."""
+    snap = demo_snapshot(hosts, vms)
+    snap = snap.model_copy(update={"limits": snap.limits.model_copy(update={
+        "max_hosts_in_maintenance": max_in_maintenance, "migrations_per_cluster": 8})})
+    inventory = write_simulated_fleet(tmp_path / "crowded", snap, demo_packages(snap), time_scale=time_scale)
+    from flows.locks import ensure_limits
+
+    ensure_limits(inventory)
+    return inventory, snap
+
+
+def most_hosts_in_maintenance_at_once() -> int:
+    """From the audit chain: how many hosts were between their cordon and their uncordon at once."""
+    spans: dict[str, list[int]] = {}
+    for r in audit().records():
+        if r.step in ("cordon", "uncordon") and r.host:
+            spans.setdefault(r.host, []).append(r.seq)
+    events = sorted((seq, +1 if i % 2 == 0 else -1) for seqs in spans.values() for i, seq in enumerate(seqs))
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_a_window_runs_only_as_many_hosts_at_once_as_n_plus_1_allows(tmp_path: Path, hostmaint_db: Path) -> None:
+    from hostmaint.migration.simulate import parallel_capacity
+
+    # the limit says 3 hosts at once, but this cluster can spare only one: the window must not try 3
+    inventory, snap = crowded_fleet(tmp_path, hosts=8, vms=80, max_in_maintenance=3, time_scale=0.02)
+    assert parallel_capacity(snap, [h.name for h in snap.hosts]) == 1
+
+    flow_runs = logging.getLogger("prefect.flow_runs")
+    level = flow_runs.level
+    flow_runs.setLevel(logging.INFO)  # the tests run Prefect at WARNING; the window says why a host waits at INFO
+    try:
+        state = patch_window(cluster="demo", max_hosts_in_parallel=3, window_id="w-crowded", operator="sched",
+                             inventory=str(inventory), trigger=Trigger.TEST, rebalance_moves=0, return_state=True)
+    finally:
+        flow_runs.setLevel(level)
+    outcomes = state.result()
+
+    # none refused by its own N+1 check (which used to leave it cordoned, one more host out each time)
+    assert {o.host: o.outcome for o in outcomes} == {h.name: StepOutcome.OK for h in snap.hosts}, outcomes
+    assert set(states(inventory).values()) == {HostState.ACTIVE}
+    assert_each_vm_runs_once(inventory, {v.name for v in snap.vms})
+    assert most_hosts_in_maintenance_at_once() == 1
+    # each next host was held back because N+1 said no, not because nothing else was running
+    waits = [m for m in run_log(state.state_details.flow_run_id) if "waits until a host in maintenance" in m]
+    assert waits and all("N+1 refused" in m for m in waits), waits
+
+
+def test_a_patch_refused_by_n_plus_1_leaves_the_host_as_it_was(tmp_path: Path, hostmaint_db: Path) -> None:
+    inventory, _ = crowded_fleet(tmp_path, hosts=3, vms=30, max_in_maintenance=1)
+    before = where(inventory)
+
+    with pytest.raises(Exception, match="N\\+1"):
+        patch_host(host="hv01", operator="lee", inventory=str(inventory), trigger=Trigger.TEST)
+
+    assert where(inventory) == before  # nothing moved
+    assert states(inventory)["hv01"] is HostState.ACTIVE  # not left cordoned, not marked failed
+    steps = [(r.step, r.outcome.value) for r in audit().records(host="hv01")]
+    assert steps == [("cordon", "ok"), ("plan", "failed"), ("uncordon", "ok")], steps
+
+
+def test_a_plan_that_waited_while_another_drain_filled_its_target_is_replanned(sim_inventory: Path) -> None:
+    from hostmaint import maintenance as steps
+    from hostmaint.models import MigrationOptions
+
+    rt = open_runtime(sim_inventory)
+    run = steps.RunContext(flow="test", trigger=Trigger.TEST, operator="kim", reason="waited")
+    steps.cordon(rt, run, "hv01")
+    planned_on = steps.snapshot(rt, "demo")
+    plan = steps.plan_drain(rt, run, "hv01", snap=planned_on)
+    target = plan.placements[0].target
+    # while the plan waits for the migrations lock, another run's drain moves a VM onto its target
+    mover = next(v for v in planned_on.vms if v.host not in ("hv01", target) and not v.anti_affinity)
+    rt.hypervisor.migrate(mover.name, mover.host, target, MigrationOptions())
+
+    report = steps.drain_host(rt, run, plan, planned_on=planned_on)
+
+    assert report.ok
+    [replan] = [r for r in audit().records(host="hv01") if r.step == "replan"]
+    assert replan.inputs["reasons"] == [f"{target} received {mover.name}"]
+    assert replan.inputs["replaces"] == plan.snapshot_digest
+    # what ran is the recorded re-plan, not the plan that waited
+    ran = {(m.vm, m.target) for m in report.results}
+    assert ran == {(p["vm"], p["target"]) for p in replan.details["plan"]["placements"]}
+    assert not fleet_of(sim_inventory).running["hv01"]
+    assert_each_vm_runs_once(sim_inventory, ALL_VMS)
+
+
+def test_a_plan_that_still_fits_runs_as_planned(sim_inventory: Path) -> None:
+    from hostmaint import maintenance as steps
+
+    rt = open_runtime(sim_inventory)
+    run = steps.RunContext(flow="test", trigger=Trigger.TEST, operator="kim", reason="no change")
+    steps.cordon(rt, run, "hv01")
+    planned_on = steps.snapshot(rt, "demo")
+    plan = steps.plan_drain(rt, run, "hv01", snap=planned_on)
+
+    report = steps.drain_host(rt, run, plan, planned_on=planned_on)
+
+    assert report.ok
+    assert not [r for r in audit().records() if r.step == "replan"]
+    assert {(m.vm, m.target) for m in report.results} == {(p.vm, p.target) for p in plan.placements}

@@ -17,7 +17,14 @@ from hostmaint.models import (
     UnmigratableAction,
     Vm,
 )
-from hostmaint.placement import check_capacity, plan_evacuation, plan_rebalance, plan_window, render_plan
+from hostmaint.placement import (
+    check_capacity,
+    plan_evacuation,
+    plan_rebalance,
+    plan_window,
+    render_plan,
+    stale_targets,
+)
 
 GIB = 1024
 _uuid = iter(range(1, 10**6))
@@ -393,3 +400,28 @@ def test_a_remote_placement_becomes_local_when_moving_one_planned_vm_frees_a_cel
     plan = plan_evacuation(snap(two_cells("a", 0, 0), b, c, vms=vms), ["a"], spare_hosts=0)
     assert plan.feasible and all(p.numa_local for p in plan.placements)
     assert {p.vm: p.target for p in plan.placements} == {"pinned": "c", "wide": "b"}
+
+
+# --- a plan that waited -------------------------------------------------------------------------
+
+
+def test_a_plan_goes_stale_when_a_target_receives_vms_or_leaves_the_active_hosts() -> None:
+    before = snap(two_cells("a", 40, 40), two_cells("b", 60, 60), two_cells("c", 60, 60),
+                  vms=(vm("x", "a", 8), vm("y", "b", 4), vm("z", "c", 4)))
+    plan = plan_evacuation(before, ["a"])
+    [target] = {p.target for p in plan.placements}
+    other = "c" if target == "b" else "b"
+    assert stale_targets(plan, before, before) == []
+    # a VM leaving the target only frees room: the plan still stands
+    left = before.model_copy(update={"vms": tuple(v for v in before.vms if v.host != target)})
+    assert stale_targets(plan, before, left) == []
+    # another run's drain moved a VM onto the target while this plan waited
+    moved = before.model_copy(update={"vms": before.vms + (vm("w", target, 50),)})
+    assert stale_targets(plan, before, moved) == [f"{target} received w"]
+    # the target was cordoned meanwhile
+    cordoned = before.model_copy(update={"hosts": tuple(h.model_copy(update={"state": HostState.CORDONED})
+                                                        if h.name == target else h for h in before.hosts)})
+    assert stale_targets(plan, before, cordoned) == [f"{target} is cordoned now"]
+    # a host the plan does not use may change freely
+    elsewhere = before.model_copy(update={"vms": before.vms + (vm("v", other, 30),)})
+    assert stale_targets(plan, before, elsewhere) == []
