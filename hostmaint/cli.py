@@ -573,20 +573,22 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
         fits = None if window_hours is None else estimate.fits(window_hours * 3600)
         if as_json:
             _print_json({"cluster": cluster, "makespan_s": estimate.makespan_s, "parallel": estimate.parallel,
-                         "serial_s": estimate.serial_s, "lower_bound_s": estimate.lower_bound_s, "fits": fits,
-                         "hosts": [{"host": h.host, "start_s": h.start_s, "drained_s": h.drained_s,
+                         "serial_s": estimate.serial_s, "lower_bound_s": estimate.bound_s, "fits": fits,
+                         "hosts": [{"host": h.host, "start_s": h.start_s, "drain_start_s": h.drain_start_s,
+                                    "drained_s": h.drained_s,
                                     "end_s": h.end_s, "migrations": h.migrations, "outcome": h.outcome.value}
                                    for h in estimate.hosts]})
         else:
             table = Table(title=f"what-if window for {cluster} (a model; see docs/draining.md for its error)")
-            for col in ("host", "start", "drained", "done", "migrations", "outcome"):
+            for col in ("host", "start", "drain starts", "drained", "done", "migrations", "outcome"):
                 table.add_column(col)
             for h in estimate.hosts:
-                table.add_row(h.host, _hms(h.start_s), _hms(h.drained_s), _hms(h.end_s), str(h.migrations),
-                              h.outcome.value)
+                table.add_row(h.host, _hms(h.start_s), _hms(h.drain_start_s), _hms(h.drained_s), _hms(h.end_s),
+                              str(h.migrations), h.outcome.value)
             out.print(table)
-            out.print(f"makespan {_hms(estimate.makespan_s)} with {estimate.parallel} host(s) at once; "
-                      f"serial would take {_hms(estimate.serial_s)}; lower bound {_hms(estimate.lower_bound_s)}")
+            out.print(f"makespan {_hms(estimate.makespan_s)} with {estimate.parallel} host(s) at once, draining "
+                      f"one at a time; serial would take {_hms(estimate.serial_s)}; lower bound "
+                      f"{_hms(estimate.bound_s)}")
             if fits is not None:
                 out.print(f"fits a {window_hours:g} h window: {'yes' if fits else 'NO'}")
         if fits is False:

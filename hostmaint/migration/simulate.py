@@ -164,6 +164,7 @@ class HostEstimate:
     end_s: float
     migrations: int
     outcome: StepOutcome  # FAILED: a VM did not move, the host is not patched
+    drain_start_s: float = -1.0  # when its drain got the cluster's migrations lock (after start_s)
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,9 @@ class WindowEstimate:
     migrations: tuple[SimMigration, ...] = ()
     # also counts whole hosts: of the m·parallel+1 longest hosts some slot runs m+1 one after another
     wave_bound_s: float = 0.0
+    # drains one at a time (what the flows do: a drain holds the cluster's migrations lock): every
+    # host's drain, one after another, then the last host's patch
+    drain_bound_s: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -191,6 +195,16 @@ class WindowEstimate:
         bound = max(self.lower_bound_s, self.wave_bound_s)
         return self.makespan_s / bound if bound > 0 else 1.0
 
+    @property
+    def bound_s(self) -> float:
+        """The tightest of the lower bounds: Σ per host ÷ parallel, whole hosts, drains in a row."""
+        return max(self.lower_bound_s, self.wave_bound_s, self.drain_bound_s)
+
+    @property
+    def bound_ratio(self) -> float:
+        """Makespan ÷ :attr:`bound_s`."""
+        return self.makespan_s / self.bound_s if self.bound_s > 0 else 1.0
+
     def fits(self, window_s: float) -> bool:
         """True when the window ends within ``window_s`` and every host was patched."""
         return self.makespan_s <= window_s and all(h.outcome is StepOutcome.OK for h in self.hosts)
@@ -202,7 +216,7 @@ class WindowEstimate:
         lines = [f"cluster {self.cluster}: {len(self.hosts)} hosts, {self.parallel} at once (N+1), "
                  f"estimated {self.makespan_s / 3600:.2f} h",
                  f"  serial would take {self.serial_s / 3600:.2f} h; lower bound "
-                 f"{max(self.lower_bound_s, self.wave_bound_s) / 3600:.2f} h",
+                 f"{self.bound_s / 3600:.2f} h",
                  f"  {len(self.migrations)} migrations, {unmoved} not moved"]
         if failed:
             lines.append(f"  hosts left unpatched (a VM could not move): {', '.join(failed)}")
@@ -520,6 +534,7 @@ class _HostJob:
     name: str
     migs: list[_Mig]
     start: float = -1.0
+    drain_start: float = -1.0
     drained: float = -1.0
     end: float = -1.0
     failed: bool = False
@@ -529,34 +544,42 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
                     policy: SchedulerPolicy | None = None, options: MigrationOptions = MigrationOptions(),
                     dirty_rate: Mapping[str, float] | None = None, params: SimParams = SimParams(),
                     patch_s: float = 600.0, parallel: int | None = None, spare_hosts: int = 1,
-                    just_in_time: bool = True) -> WindowEstimate:
+                    just_in_time: bool = True, drains_at_once: int | None = 1) -> WindowEstimate:
     """Simulate a rolling window over ``snapshot``'s cluster: drain, patch (``patch_s``: update, reboot,
     verify) and return each host, ``parallel`` hosts at once (default: what N+1 capacity allows).
 
+    ``drains_at_once``: how many hosts of the cluster drain at the same time. 1 is what the flows
+    do (a drain holds the cluster's migrations lock; the other hosts in maintenance wait for it,
+    cordoned, or patch meanwhile); ``None`` lets every host in maintenance drain at once, sharing
+    the cluster's migration limit (a model of a scheduler hostmaint does not have).
+
     With a :class:`WindowPlan` its placements are used, and a host starts only when the hosts its VMs
     go to are not in maintenance (and those that send VMs to it are done sending). With a list of
-    hosts each host's VMs are placed when it starts, largest first, onto the active host with the most
-    free memory, patched hosts preferred. Also simulates the same hosts one at a time (``serial_s``)
-    for the lower bound. Pure and deterministic.
+    hosts each host's VMs are placed when its drain begins (as the flows re-plan a plan that waited),
+    largest first, onto the active host with the most free memory, patched hosts preferred. Also
+    simulates the same hosts one at a time (``serial_s``) for the lower bounds. Pure and deterministic.
     """
     policy = policy or SchedulerPolicy()
     names = list(window.order) if isinstance(window, WindowPlan) else list(window)
     k = parallel if parallel is not None else parallel_capacity(snapshot, names, spare_hosts=spare_hosts)
-    run = _run_window(snapshot, window, names, k, policy, options, dirty_rate, params, patch_s, just_in_time)
+    run = _run_window(snapshot, window, names, k, policy, options, dirty_rate, params, patch_s, just_in_time,
+                      drains_at_once)
     serial = run if k == 1 else _run_window(snapshot, window, names, 1, policy, options, dirty_rate, params,
-                                            patch_s, just_in_time)
+                                            patch_s, just_in_time, drains_at_once)
     per_host = sorted((h.end_s - h.start_s for h in serial[0]), reverse=True)
     bound = max(sum(per_host) / max(k, 1), max(per_host, default=0.0))
     waves = max(((m + 1) * per_host[m * k] for m in range(math.ceil(len(per_host) / k))), default=0.0)
+    drains = sum(h.drained_s - h.start_s for h in serial[0])
+    in_a_row = drains + patch_s if drains_at_once == 1 and serial[0] else 0.0
     hosts, migs, makespan = run
     return WindowEstimate(cluster=snapshot.cluster, hosts=hosts, makespan_s=round(makespan, 3), parallel=k,
                           serial_s=round(serial[2], 3), lower_bound_s=round(bound, 3), migrations=migs,
-                          wave_bound_s=round(waves, 3))
+                          wave_bound_s=round(waves, 3), drain_bound_s=round(in_a_row, 3))
 
 
 def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], names: list[str], k: int,
                 policy: SchedulerPolicy, options: MigrationOptions, dirty_rate: Mapping[str, float] | None,
-                params: SimParams, patch_s: float, just_in_time: bool
+                params: SimParams, patch_s: float, just_in_time: bool, drains_at_once: int | None = 1
                 ) -> tuple[tuple[HostEstimate, ...], tuple[SimMigration, ...], float]:
     limits = snapshot.limits
     free: dict[str, float] = {}
@@ -576,6 +599,8 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
     order_idx = {n: i for i, n in enumerate(names)}
     waiting = list(names)
     in_maint: list[str] = []
+    drain_queue: list[str] = []  # in maintenance, waiting for the cluster's migrations lock
+    draining: set[str] = set()
     patched: set[str] = set()
     timers: dict[str, float] = {}
 
@@ -619,8 +644,16 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
                 continue
             waiting.remove(name)
             in_maint.append(name)
+            jobs[name].start = engine.t
+            drain_queue.append(name)
+            begin_drains()
+
+    def begin_drains() -> None:
+        while drain_queue and (drains_at_once is None or len(draining) < drains_at_once):
+            name = drain_queue.pop(0)
+            draining.add(name)
             job = jobs[name]
-            job.start = engine.t
+            job.drain_start = engine.t
             placements = place(name)
             unplaced = [v for v, h in location.items() if h == name and v not in {p.vm for p in placements}]
             job.failed = bool(unplaced) and not planned
@@ -633,6 +666,7 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
             engine.admit()  # its migrations take their slots before the next host is considered
             if not job.migs:
                 job.drained = engine.t
+                draining.discard(name)
                 timers[name] = engine.t + (0.0 if job.failed else patch_s)
 
     def settle() -> None:
@@ -640,6 +674,7 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
             job = jobs[name]
             if job.drained < 0 and job.migs and all(m.phase is Phase.DONE for m in job.migs):
                 job.drained = engine.t
+                draining.discard(name)
                 for m in job.migs:
                     if m.outcome is StepOutcome.OK:
                         location[m.spec.vm] = m.spec.target
@@ -658,6 +693,7 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
 
     while waiting or in_maint:
         settle()
+        begin_drains()
         start_hosts()
         engine.admit()
         horizon = min(timers.values(), default=math.inf)
@@ -677,7 +713,8 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
         engine.step(horizon)
     hosts = tuple(HostEstimate(host=j.name, start_s=round(j.start, 3), drained_s=round(j.drained, 3),
                                end_s=round(j.end, 3), migrations=len(j.migs),
-                               outcome=StepOutcome.FAILED if j.failed else StepOutcome.OK)
+                               outcome=StepOutcome.FAILED if j.failed else StepOutcome.OK,
+                               drain_start_s=round(j.drain_start, 3))
                   for j in jobs.values())
     migs = tuple(engine.result(m) for m in engine.done)
     return hosts, migs, max((j.end for j in jobs.values()), default=0.0)

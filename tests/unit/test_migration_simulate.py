@@ -186,7 +186,8 @@ def test_parallel_capacity_keeps_n_plus_one() -> None:
 def test_window_runs_hosts_in_parallel_and_every_host_is_patched() -> None:
     snap = cluster(8, 4, max_hosts_in_maintenance=8, migrations_per_cluster=16)
     names = [h.name for h in snap.hosts]
-    est = simulate_window(snap, names, patch_s=300)
+    # every host in maintenance drains at once (not what the flows do: see the next test)
+    est = simulate_window(snap, names, patch_s=300, drains_at_once=None)
     assert est.parallel == parallel_capacity(snap, names) > 1
     assert all(h.outcome is StepOutcome.OK for h in est.hosts)
     assert all(m.outcome is StepOutcome.OK for m in est.migrations)
@@ -199,6 +200,21 @@ def test_window_runs_hosts_in_parallel_and_every_host_is_patched() -> None:
         assert sum(1 for h in est.hosts if h.start_s <= t < h.end_s) <= est.parallel
     assert est.fits(est.makespan_s) and not est.fits(est.makespan_s - 1)
     assert f"{est.parallel} at once" in est.describe() and "0 not moved" in est.describe()
+
+
+def test_by_default_hosts_drain_one_at_a_time_as_the_flows_do() -> None:
+    snap = cluster(8, 4, max_hosts_in_maintenance=8, migrations_per_cluster=16)
+    names = [h.name for h in snap.hosts]
+    est = simulate_window(snap, names, patch_s=300)
+    assert est.parallel > 1 and all(h.outcome is StepOutcome.OK for h in est.hosts)
+    # a drain holds the cluster's migrations lock: no two drains overlap, later ones wait in maintenance
+    drains = sorted((h.drain_start_s, h.drained_s) for h in est.hosts)
+    assert all(a_end <= b_start + 1e-6 for (_, a_end), (b_start, _) in zip(drains, drains[1:], strict=False))
+    assert any(h.drain_start_s > h.start_s for h in est.hosts)
+    # and patching overlaps draining, so it still beats one host at a time
+    assert est.drain_bound_s <= est.makespan_s < est.serial_s
+    concurrent = simulate_window(snap, names, patch_s=300, drains_at_once=None)
+    assert concurrent.makespan_s < est.makespan_s
 
 
 def test_serial_window_equals_the_sum_of_its_hosts() -> None:
