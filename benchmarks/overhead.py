@@ -210,6 +210,7 @@ def instrument(timeline: Timeline, rt: Any) -> Callable[[], None]:
                                                        locks.host_maintenance))
     patch(locks, "cluster_migrations", timeline.timed_cm(LOCKS, lambda *a, **k: "cluster_migrations",
                                                          locks.cluster_migrations))
+    patch(locks, "drain_slots", timeline.timed_cm(LOCKS, lambda *a, **k: "drain_slots", locks.drain_slots))
     patch(flow_module, "publish_report", timeline.timed(ARTIFACTS, "report", flow_module.publish_report))
     for name in ("create_progress_artifact", "update_progress_artifact"):
         patch(task_common, name, timeline.timed(ARTIFACTS, name, getattr(task_common, name)))

@@ -8,6 +8,7 @@ from prefect import flow, get_run_logger
 
 from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
+from flows.draining import drain_planned
 from hostmaint.errors import HostmaintError
 from hostmaint.models import StepOutcome, Trigger
 from hostmaint.placement import render_plan
@@ -48,10 +49,11 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
         expected = [v.name for v in snapshot.vms]
         expected += [vm for vm in stopped if vm not in expected]
         try:
-            plan = t.plan_evacuation(ref, run, host, snapshot=snapshot)
+            # hosts another drain fills right now come last, so this drain can run beside it
+            prefer_not = locks.busy_targets([h.name for h in rt.inventory.hosts_of(cluster)])
+            plan = t.plan_evacuation(ref, run, host, prefer_not, snapshot=snapshot)
             logger.info("plan:\n%s", render_plan(plan))
-            with locks.cluster_migrations(cluster):
-                report = t.drain_host(ref, run, plan, snapshot)
+            plan, report = drain_planned(ref, run, plan, snapshot, prefer_not)
             t.check_invariants(ref, cluster, expected, stopped)
             stopped = sorted({*stopped, *t.stop_unmigratable(ref, run, plan)})
             t.confirm_empty(ref, run, host)

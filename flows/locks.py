@@ -1,10 +1,15 @@
 """Cluster-wide locks: Prefect global concurrency limits, always strict (a missing limit stops the run).
 
-Three limits per inventory, created by :func:`ensure_limits` (``hostmaint setup``)::
+The limits of an inventory, created by :func:`ensure_limits` (``hostmaint setup``)::
 
     host:<name>            1                           one maintenance of a host at a time
+    inbound:<name>         1                           one drain sending VMs to a host at a time
     maintenance:<cluster>  limits.max_hosts_in_maintenance   hosts of a cluster in maintenance at once
     migrations:<cluster>   limits.migrations_per_cluster     live migrations of a cluster at once
+
+Drains of one cluster run side by side (:func:`drain_slots`): each holds its targets' ``inbound:``
+and a share of ``migrations:<cluster>``. Returning VMs and rebalancing hold all of the latter
+(:func:`cluster_migrations`), so they run alone.
 
 A limit that does not exist is an error (:class:`~hostmaint.errors.LockError`),
 never a warning: Prefect's ``concurrency(strict=False)`` would log and run unlocked,
@@ -29,7 +34,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -62,6 +67,10 @@ def host_limit(host: str) -> str:
     return f"host:{host}"
 
 
+def inbound_limit(host: str) -> str:
+    return f"inbound:{host}"
+
+
 def maintenance_limit(cluster: str) -> str:
     return f"maintenance:{cluster}"
 
@@ -91,6 +100,7 @@ class LimitChange:
 def limit_specs(inventory: Inventory) -> list[LimitSpec]:
     """Every limit the inventory needs, hosts first, in inventory order."""
     specs = [LimitSpec(host_limit(h.name), 1) for h in inventory.hosts]
+    specs += [LimitSpec(inbound_limit(h.name), 1) for h in inventory.hosts]
     for c in inventory.clusters:
         specs.append(LimitSpec(maintenance_limit(c.name), c.limits.max_hosts_in_maintenance))
         specs.append(LimitSpec(migrations_limit(c.name), c.limits.migrations_per_cluster))
@@ -279,14 +289,16 @@ def hold(name: str, *, occupy: int = 1, wait_seconds: float | None = None, why: 
 
 @contextmanager
 def host_maintenance(host: str, cluster: str, *, wait_seconds: float | None = None) -> Iterator[None]:
-    """Hold ``host:<host>`` and one slot of ``maintenance:<cluster>`` for a host's whole maintenance.
+    """Hold ``host:<host>``, one slot of ``maintenance:<cluster>`` and ``inbound:<host>`` for a host's
+    whole maintenance (the last keeps every drain from sending VMs to it meanwhile).
 
-    Both free (the usual case): taken together in one request. Otherwise one at a time,
-    host first: the host lock may time out (another run has the host); the cluster slot is
-    then waited for as long as it takes (the cluster is busy, not this host).
+    All free (the usual case): taken together in one request. Otherwise one at a time,
+    host first: the host lock may time out (another run has the host); the cluster slot and
+    the inbound lock are then waited for as long as it takes (the cluster is busy, or another
+    host's drain is still sending VMs here).
     """
-    names = [n for n in (host_limit(host), maintenance_limit(cluster)) if n not in _held.get()]
-    lease = _acquire(names, 1, 0, "", only_if_free=True) if len(names) == 2 else None
+    names = [n for n in (host_limit(host), maintenance_limit(cluster), inbound_limit(host)) if n not in _held.get()]
+    lease = _acquire(names, 1, 0, "", only_if_free=True) if len(names) == 3 else None
     if lease is not None:
         with _holding(names, lease, 1):
             yield
@@ -295,15 +307,69 @@ def host_maintenance(host: str, cluster: str, *, wait_seconds: float | None = No
         stack.enter_context(hold(host_limit(host), wait_seconds=wait_seconds,
                                  why=f" (host {host} is under maintenance)"))
         stack.enter_context(hold(maintenance_limit(cluster)))
+        # no drain sends VMs to a host in maintenance: one that is doing so now finishes first
+        stack.enter_context(hold(inbound_limit(host)))
         yield
 
 
-@contextmanager
-def cluster_migrations(cluster: str) -> Iterator[None]:
-    """Hold every slot of ``migrations:<cluster>`` while this run migrates VMs of the cluster.
+def drain_share(migrations_per_cluster: int, migrations_per_source: int, sources: int = 1) -> int:
+    """The slots of ``migrations:<cluster>`` one drain takes: what its sources may send at once, at most
+    the whole limit. With 16 per cluster and 8 per source, two hosts drain side by side."""
+    return max(1, min(migrations_per_cluster, migrations_per_source * max(1, sources)))
 
-    One drain already keeps to the cluster's migration limit on its own; holding the
-    whole limit keeps two runs' drains from adding up past it.
+
+@contextmanager
+def drain_slots(cluster: str, targets: Collection[str], share: int, *,
+                wait_seconds: float | None = None) -> Iterator[None]:
+    """Hold ``inbound:<t>`` of every target and ``share`` slots of ``migrations:<cluster>`` for a drain.
+
+    Two drains then never send to the same host, so each alone counts what lands on its targets
+    (their free memory, the per-target limit), and their slots add up to at most the cluster's
+    limit. The targets are taken first, all or none, waiting as long as another drain sends to one
+    of them (at most ``wait_seconds``, then LockHeldError); then the slots. A run that holds the
+    whole limit (:func:`cluster_migrations`) already excludes every other migration: re-entrant,
+    nothing more is taken.
+    """
+    if migrations_limit(cluster) in _held.get():
+        yield
+        return
+    names = sorted({inbound_limit(t) for t in targets} - _held.get())
+    with ExitStack() as stack:
+        if names:
+            lease = _acquire(names, 1, wait_seconds, " (another drain sends VMs there, or it is in maintenance)")
+            assert lease is not None  # only None with only_if_free
+            stack.enter_context(_holding(names, lease, 1))
+        stack.enter_context(hold(migrations_limit(cluster), occupy=share))
+        yield
+
+
+def busy_targets(hosts: Collection[str]) -> list[str]:
+    """Which of ``hosts`` another run's drain is sending VMs to right now (their ``inbound:`` is taken).
+
+    A plan that avoids them can drain beside that drain instead of waiting for it. A snapshot:
+    by the time the plan's targets are locked it may have changed, which only means waiting.
+    """
+    wanted = {inbound_limit(h): h for h in hosts}
+    busy: list[str] = []
+    page = 200
+    with get_client(sync_client=True) as client:
+        offset = 0
+        while True:
+            limits = client.read_global_concurrency_limits(limit=page, offset=offset)
+            busy += [wanted[lim.name] for lim in limits
+                     if lim.name in wanted and lim.active_slots > 0 and lim.name not in _held.get()]
+            if len(limits) < page:
+                return sorted(busy)
+            offset += page
+
+
+@contextmanager
+def cluster_migrations(cluster: str, targets: Collection[str] = ()) -> Iterator[None]:
+    """Hold every slot of ``migrations:<cluster>`` (and ``inbound:`` of ``targets``) while this run
+    migrates VMs of the cluster that are not a drain's: returning VMs, rebalancing.
+
+    Holding the whole limit keeps every drain and every other such run out meanwhile; the targets'
+    inbound locks keep a host from going into maintenance while VMs are sent to it.
     """
     name = migrations_limit(cluster)
     if name in _held.get():
@@ -314,7 +380,7 @@ def cluster_migrations(cluster: str) -> Iterator[None]:
             size = client.read_global_concurrency_limit_by_name(name).limit
         except ObjectNotFound:
             size = 1  # hold() raises the LockError that explains what is missing
-    with hold(name, occupy=size):
+    with drain_slots(cluster, targets, size):
         yield
 
 

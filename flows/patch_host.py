@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger
 
 from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
+from flows.draining import drain_planned
 from hostmaint.errors import HostmaintError, PlanError
 from hostmaint.models import EvacuationPlan, HostState, MigrationResult, StepOutcome, Trigger
 from hostmaint.placement import render_plan
@@ -70,10 +71,12 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
             expected += [vm for vm in stopped if vm not in expected]
             if state in BEFORE_DRAINED:
                 try:
-                    plan = t.plan_evacuation(ref, run, host, avoid or [], snapshot=snapshot)
+                    # hosts another drain fills right now come last, so this drain can run beside it
+                    prefer_not = [*(avoid or []), *locks.busy_targets([h.name for h in rt.inventory.hosts_of(cluster)])]
+                    plan = t.plan_evacuation(ref, run, host, prefer_not, snapshot=snapshot)
                     logger.info("plan:\n%s", render_plan(plan))
-                    with locks.cluster_migrations(cluster):
-                        migrations += t.drain_host(ref, run, plan, snapshot, avoid or []).results
+                    plan, report = drain_planned(ref, run, plan, snapshot, prefer_not)
+                    migrations += report.results
                 except PlanError:
                     # Refused before anything moved (N+1, a VM that fits nowhere): the patch never
                     # started, so the host goes back to how it was. Left cordoned, every refusal in a
@@ -105,9 +108,9 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
             stopped = []
             if return_vms:
                 with locks.cluster_migrations(cluster):
-                    report = t.return_vms(ref, run, host)
-                if report is not None:
-                    migrations += report.results
+                    returned = t.return_vms(ref, run, host)
+                if returned is not None:
+                    migrations += returned.results
             t.check_invariants(ref, cluster, expected, stopped)
             if window_id:
                 rt.states.mark_patched(window_id, host, run.run_id)

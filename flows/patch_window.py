@@ -131,7 +131,7 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
                                     detail=f"not started: {reason}", simulated=rt.simulated))
     if failures <= max_failed_hosts and rebalance_moves > 0 and not pending:
         plan = t.plan_rebalance_task(ref, cluster, rebalance_moves)
-        with locks.cluster_migrations(cluster):
+        with locks.cluster_migrations(cluster, [m.placement.target for m in plan.moves]):
             t.rebalance(ref, run, plan)
     outcomes.sort(key=lambda o: order.index(o.host) if o.host in order else len(order))
     publish_report(f"patch window {window_id}", outcomes, key=None)

@@ -25,7 +25,7 @@ def rebalance_cluster(cluster: str, max_moves: int = 10, dry_run: bool = False, 
     if dry_run:
         return HostOutcome(host=cluster, outcome=StepOutcome.DRY_RUN, state="-", detail=render_plan(plan),
                            simulated=rt.simulated)
-    with locks.cluster_migrations(cluster):
+    with locks.cluster_migrations(cluster, [m.placement.target for m in plan.moves]):
         report = t.rebalance(ref, run, plan)
     t.check_invariants(ref, cluster, expected)
     result = HostOutcome(host=cluster, outcome=StepOutcome.OK if report is None or report.ok else StepOutcome.FAILED,

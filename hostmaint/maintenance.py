@@ -216,25 +216,41 @@ def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: Fleet
         return fresh
 
 
-def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, planned_on: FleetSnapshot | None = None,
-               avoid: Sequence[str] = (), on_event: Callable[[DrainEvent], None] | None = None) -> DrainReport:
+def recheck_plan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot, *,
+                 avoid: Sequence[str] = ()) -> tuple[EvacuationPlan, FleetSnapshot]:
+    """The cluster discovered now, and the plan to drain on it: ``plan`` (made on ``planned_on``) if it
+    still fits, else a recorded re-plan (:func:`replan`). For a caller that holds the plan's targets."""
+    now = snapshot(rt, plan.cluster)
+    return replan(rt, run, plan, planned_on, now, avoid=avoid), now
+
+
+def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: FleetSnapshot | None = None,
+               planned_on: FleetSnapshot | None = None, avoid: Sequence[str] = (), cluster_slots: int | None = None,
+               on_event: Callable[[DrainEvent], None] | None = None) -> DrainReport:
     """Live-migrate every placement of ``plan``, within the cluster's limits.
 
-    ``planned_on``: the discovery the plan was made on. The cluster is discovered again first;
-    when the plan no longer fits it (see :func:`replan`), a recorded re-plan (with ``avoid``)
-    runs instead. Origins are recorded before a VM moves, so a crash mid-drain still knows where
-    to return it. A failed migration leaves its VM on the source and the host cordoned.
+    ``now``: the cluster as the caller discovered it just now, holding the plan's targets (else it is
+    discovered here). ``planned_on``: the discovery the plan was made on; when the plan no longer
+    fits ``now`` (see :func:`replan`), a recorded re-plan (with ``avoid``) runs instead.
+    ``cluster_slots``: this drain's share of the cluster's migrations (other drains run beside it).
+    Origins are recorded before a VM moves, so a crash mid-drain still knows where to return it.
+    A failed migration leaves its VM on the source and the host cordoned.
     """
     if not plan.feasible:
         raise PlanError("refusing to drain with an infeasible plan")
     cluster = plan.cluster
     host = plan.hosts[0] if plan.hosts else None
     limits = rt.inventory.cluster(cluster).limits
-    now = snapshot(rt, cluster)  # under the caller's migrations lock: nobody else moves VMs from here on
+    if cluster_slots is not None:
+        limits = limits.model_copy(update={"migrations_per_cluster": max(1, min(cluster_slots,
+                                                                               limits.migrations_per_cluster))})
+    if now is None:
+        now = snapshot(rt, cluster)
     if planned_on is not None:
         plan = replan(rt, run, plan, planned_on, now, avoid=avoid)
     with audited(rt, run, "drain", host=host, cluster=cluster,
-                 inputs={"placements": len(plan.placements), "snapshot": plan.snapshot_digest}) as rec:
+                 inputs={"placements": len(plan.placements), "snapshot": plan.snapshot_digest,
+                         "cluster_slots": limits.migrations_per_cluster}) as rec:
         for h in plan.hosts:
             if rt.states.state(h) in (HostState.CORDONED, HostState.DRAINED):
                 rt.states.transition(h, HostState.DRAINING, "draining", run.run_id)

@@ -42,12 +42,18 @@ def plan_evacuation(ref: RuntimeRef, run: RunContext, host: str, avoid: list[str
     return steps.plan_drain(ref.open(), run, host, avoid=avoid or [], dry_run=dry_run, snap=snapshot)
 
 
+@task(name="recheck-plan", cache_policy=NO_CACHE, **IO_RETRIES)
+def recheck_plan(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot,
+                 avoid: list[str] | None = None) -> tuple[EvacuationPlan, FleetSnapshot]:
+    return steps.recheck_plan(ref.open(), run, plan, planned_on, avoid=avoid or [])
+
+
 @task(name="drain", cache_policy=NO_CACHE)
-def drain_host(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot | None = None,
-               avoid: list[str] | None = None) -> DrainReport:
+def drain_host(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, now: FleetSnapshot | None = None,
+               cluster_slots: int | None = None) -> DrainReport:
     # No Prefect retry: a failed migration is already retried or aborted by the drain
     # scheduler; re-running the whole drain is the operator's call (re-run the flow).
-    return steps.drain_host(ref.open(), run, plan, planned_on=planned_on, avoid=avoid or [],
+    return steps.drain_host(ref.open(), run, plan, now=now, cluster_slots=cluster_slots,
                             on_event=drain_logger(len(plan.placements)))
 
 

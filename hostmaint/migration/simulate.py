@@ -180,8 +180,8 @@ class WindowEstimate:
     migrations: tuple[SimMigration, ...] = ()
     # also counts whole hosts: of the m·parallel+1 longest hosts some slot runs m+1 one after another
     wave_bound_s: float = 0.0
-    # drains one at a time (what the flows do: a drain holds the cluster's migrations lock): every
-    # host's drain, one after another, then the last host's patch
+    # drains at most so many at a time (the flows: migrations per cluster ÷ per source): Σ drains ÷
+    # that, then the last host's patch
     drain_bound_s: float = 0.0
 
     @property
@@ -544,14 +544,15 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
                     policy: SchedulerPolicy | None = None, options: MigrationOptions = MigrationOptions(),
                     dirty_rate: Mapping[str, float] | None = None, params: SimParams = SimParams(),
                     patch_s: float = 600.0, parallel: int | None = None, spare_hosts: int = 1,
-                    just_in_time: bool = True, drains_at_once: int | None = 1) -> WindowEstimate:
+                    just_in_time: bool = True, drains_at_once: int | None = None) -> WindowEstimate:
     """Simulate a rolling window over ``snapshot``'s cluster: drain, patch (``patch_s``: update, reboot,
     verify) and return each host, ``parallel`` hosts at once (default: what N+1 capacity allows).
 
-    ``drains_at_once``: how many hosts of the cluster drain at the same time. 1 is what the flows
-    do (a drain holds the cluster's migrations lock; the other hosts in maintenance wait for it,
-    cordoned, or patch meanwhile); ``None`` lets every host in maintenance drain at once, sharing
-    the cluster's migration limit (a model of a scheduler hostmaint does not have).
+    ``drains_at_once``: how many hosts of the cluster may drain at the same time. ``None`` is what
+    the flows allow: each drain holds its source's share of the cluster's migration slots
+    (``migrations_per_source``), so ``migrations_per_cluster // migrations_per_source`` drains,
+    onto disjoint targets (a host waits while its VMs could only go where another drain sends).
+    1 is one drain at a time per cluster. Hosts in maintenance not draining patch, or wait, cordoned.
 
     With a :class:`WindowPlan` its placements are used, and a host starts only when the hosts its VMs
     go to are not in maintenance (and those that send VMs to it are done sending). With a list of
@@ -569,8 +570,12 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     per_host = sorted((h.end_s - h.start_s for h in serial[0]), reverse=True)
     bound = max(sum(per_host) / max(k, 1), max(per_host, default=0.0))
     waves = max(((m + 1) * per_host[m * k] for m in range(math.ceil(len(per_host) / k))), default=0.0)
+    # the drains of a cluster, at most so many at a time, then one patch
+    at_once = drains_at_once if drains_at_once is not None else max(
+        1, snapshot.limits.migrations_per_cluster // max(1, min(snapshot.limits.migrations_per_cluster,
+                                                                 snapshot.limits.migrations_per_source)))
     drains = sum(h.drained_s - h.start_s for h in serial[0])
-    in_a_row = drains + patch_s if drains_at_once == 1 and serial[0] else 0.0
+    in_a_row = drains / min(at_once, k) + patch_s if serial[0] else 0.0
     hosts, migs, makespan = run
     return WindowEstimate(cluster=snapshot.cluster, hosts=hosts, makespan_s=round(makespan, 3), parallel=k,
                           serial_s=round(serial[2], 3), lower_bound_s=round(bound, 3), migrations=migs,
@@ -579,7 +584,7 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
 
 def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], names: list[str], k: int,
                 policy: SchedulerPolicy, options: MigrationOptions, dirty_rate: Mapping[str, float] | None,
-                params: SimParams, patch_s: float, just_in_time: bool, drains_at_once: int | None = 1
+                params: SimParams, patch_s: float, just_in_time: bool, drains_at_once: int | None = None
                 ) -> tuple[tuple[HostEstimate, ...], tuple[SimMigration, ...], float]:
     limits = snapshot.limits
     free: dict[str, float] = {}
@@ -599,8 +604,12 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
     order_idx = {n: i for i, n in enumerate(names)}
     waiting = list(names)
     in_maint: list[str] = []
-    drain_queue: list[str] = []  # in maintenance, waiting for the cluster's migrations lock
+    drain_queue: list[str] = []  # in maintenance, waiting for its turn to drain
     draining: set[str] = set()
+    planned_targets: dict[str, list[Placement]] = {}
+    # the flows: each drain holds its sources' share of the cluster's migration slots
+    share = max(1, min(limits.migrations_per_cluster, limits.migrations_per_source))
+    at_once = drains_at_once if drains_at_once is not None else max(1, limits.migrations_per_cluster // share)
     patched: set[str] = set()
     timers: dict[str, float] = {}
 
@@ -619,7 +628,9 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
         # every earlier host that sends VMs here must be done sending
         return all(jobs[o].drained >= 0 for o in names[:order_idx[name]] if name in targets_of(o))
 
-    def place(name: str) -> list[Placement]:
+    def place(name: str, busy: set[str]) -> list[Placement] | None:
+        """Where ``name``'s VMs go; None when one can only go to a host another drain fills now (it
+        waits for that drain, as the flows wait for the target's inbound lock)."""
         if planned:
             return planned.get(name, [])
         out: list[Placement] = []
@@ -629,7 +640,11 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
             fitting = [h for h in candidates if free[h] >= memory[vm]]
             if not fitting:
                 continue  # left on the host: the drain of this host fails
-            best = max(fitting, key=lambda h: (h in patched, free[h], h))
+            best = max(fitting, key=lambda h: (h in patched and h not in busy, h not in busy, free[h], h))
+            if best in busy:
+                for p in out:
+                    free[p.target] += p.memory_mib
+                return None
             free[best] -= memory[vm]
             out.append(Placement(vm=vm, source=name, target=best, memory_mib=memory[vm], reason="simulated"))
         return out
@@ -649,12 +664,17 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
             begin_drains()
 
     def begin_drains() -> None:
-        while drain_queue and (drains_at_once is None or len(draining) < drains_at_once):
-            name = drain_queue.pop(0)
+        while drain_queue and len(draining) < at_once:
+            name = drain_queue[0]
+            busy = {p.target for d in draining for p in planned_targets.get(d, [])}
+            placements = place(name, busy)
+            if placements is None:
+                return  # first come, first served: the next host waits behind it
+            drain_queue.pop(0)
             draining.add(name)
+            planned_targets[name] = placements
             job = jobs[name]
             job.drain_start = engine.t
-            placements = place(name)
             unplaced = [v for v, h in location.items() if h == name and v not in {p.vm for p in placements}]
             job.failed = bool(unplaced) and not planned
             specs = _specs(placements, memory, dirty_rate)

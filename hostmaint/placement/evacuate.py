@@ -534,7 +534,8 @@ def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Col
 def stale_targets(plan: EvacuationPlan, planned_on: FleetSnapshot, now: FleetSnapshot) -> list[str]:
     """Why ``plan``, made on ``planned_on``, may no longer fit the cluster as ``now`` shows it: each
     target that is no longer active, or that received VMs since (another run's drain moved them
-    there while this plan waited its turn). Empty: the plan still stands.
+    there while this plan waited its turn), and each drained host that received VMs the plan does
+    not move. Empty: the plan still stands.
 
     Only arrivals and state count: a VM leaving a target frees memory, CPUs and anti-affinity
     slots, which cannot make a placement wrong.
@@ -542,6 +543,10 @@ def stale_targets(plan: EvacuationPlan, planned_on: FleetSnapshot, now: FleetSna
     before = {h.name: h for h in planned_on.hosts}
     after = {h.name: h for h in now.hosts}
     reasons = []
+    for source in plan.hosts:  # a VM that landed on a host being drained must leave with the others
+        arrived = sorted({v.name for v in now.vms_on(source)} - {v.name for v in planned_on.vms_on(source)})
+        if arrived:
+            reasons.append(f"{source} (drained) received {', '.join(arrived)}")
     for target in sorted({p.target for p in plan.placements}):
         host = after.get(target)
         if host is None:

@@ -400,3 +400,49 @@ def test_a_plan_that_still_fits_runs_as_planned(sim_inventory: Path) -> None:
     assert report.ok
     assert not [r for r in audit().records() if r.step == "replan"]
     assert {(m.vm, m.target) for m in report.results} == {(p.vm, p.target) for p in plan.placements}
+
+
+def test_two_hosts_drain_side_by_side_onto_different_targets(tmp_path: Path, hostmaint_db: Path) -> None:
+    import threading
+    import time
+    from datetime import datetime, timedelta
+
+    from flows.locks import ensure_limits
+
+    # its own cluster (and so its own limits on the session's server): 2 hosts in maintenance at once,
+    # 4 migrations per cluster and 2 per source, so two drains fit side by side
+    snap = demo_snapshot(6, 12, cluster="side")
+    snap = snap.model_copy(update={"limits": snap.limits.model_copy(update={"max_hosts_in_maintenance": 2})})
+    # slow migrations (seconds each): the first drain still runs when the second run has planned
+    inventory = write_simulated_fleet(tmp_path / "six", snap, demo_packages(snap), time_scale=4.0)
+    ensure_limits(inventory)
+    rt = open_runtime(inventory)
+    for host in ("hv01", "hv02"):  # an operator took both out of placement: neither plan targets the other
+        rt.states.transition(host, HostState.CORDONED, "test: operator cordon")
+    results: dict[str, object] = {}
+    first = threading.Thread(target=lambda: results.update(hv01=evacuate_host(
+        host="hv01", operator="ann", inventory=str(inventory), trigger=Trigger.TEST)))
+    first.start()
+    deadline = time.monotonic() + 60
+    while rt.states.state("hv01") is not HostState.DRAINING and time.monotonic() < deadline:
+        time.sleep(0.05)
+    results["hv02"] = evacuate_host(host="hv02", operator="bob", inventory=str(inventory), trigger=Trigger.TEST)
+    first.join(120)
+
+    assert {h: r.outcome for h, r in results.items()} == {"hv01": StepOutcome.OK, "hv02": StepOutcome.OK}  # type: ignore[attr-defined]
+    assert_each_vm_runs_once(inventory, {v.name for v in snap.vms})
+    assert not fleet_of(inventory).running["hv01"] and not fleet_of(inventory).running["hv02"]
+    records = audit().records()
+
+    def span(r: object) -> tuple[datetime, datetime]:
+        end = datetime.fromisoformat(r.time)  # type: ignore[attr-defined]
+        return end - timedelta(seconds=r.duration_s), end  # type: ignore[attr-defined]
+
+    drains = {r.host: span(r) for r in records if r.step == "drain"}
+    (a_start, a_end), (b_start, b_end) = drains["hv01"], drains["hv02"]
+    assert a_start < b_end and b_start < a_end, drains  # the second drain did not wait for the first
+    targets = {h: {r.inputs["target"] for r in records if r.step == "migrate" and r.host == h}
+               for h in ("hv01", "hv02")}
+    assert targets["hv01"] and targets["hv02"] and not targets["hv01"] & targets["hv02"], targets
+    # each drain kept to its share of the cluster's 4 migration slots
+    assert {r.host: r.inputs["cluster_slots"] for r in records if r.step == "drain"} == {"hv01": 2, "hv02": 2}

@@ -7,6 +7,7 @@ alongside; ensure_limits is idempotent and follows the inventory.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def test_limit_specs_follow_the_inventory(tmp_path: Path) -> None:
     inv = load_inventory(make_fleet(tmp_path))
     specs = {s.name: s.limit for s in locks.limit_specs(inv)}
     assert specs == {"host:hv01": 1, "host:hv02": 1, "host:hv03": 1, "host:hv04": 1,
+                     "inbound:hv01": 1, "inbound:hv02": 1, "inbound:hv03": 1, "inbound:hv04": 1,
                      "maintenance:demo": 1, "migrations:demo": 4}
 
 
@@ -126,7 +128,7 @@ def test_locks_are_reentrant_within_a_run(prefect_server: None, tmp_path: Path) 
     locks.ensure_limits(make_fleet(tmp_path))
     with locks.host_maintenance("hv03", "demo", wait_seconds=5):
         with locks.host_maintenance("hv03", "demo", wait_seconds=1):
-            assert locks.held() == {"host:hv03", "maintenance:demo"}
+            assert locks.held() == {"host:hv03", "maintenance:demo", "inbound:hv03"}
             assert active_slots("host:hv03") == 1
     assert locks.held() == frozenset()
     assert active_slots("host:hv03") == 0
@@ -138,3 +140,36 @@ def test_lease_seconds_has_a_floor(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(locks.LEASE_ENV, "soon")
     with pytest.raises(LockError, match="not a number"):
         locks.lease_seconds()
+
+
+def test_drains_onto_other_hosts_run_together_and_one_onto_the_same_host_waits(prefect_server: None,
+                                                                               tmp_path: Path) -> None:
+    locks.ensure_limits(make_fleet(tmp_path))  # demo: 4 migrations per cluster, 2 per source
+    share = locks.drain_share(4, 2)
+    assert share == 2
+
+    def drain_in_thread(targets: list[str], started: threading.Event, stop: threading.Event) -> threading.Thread:
+        def body() -> None:  # a thread of its own has no locks of this run: it stands for another run
+            with locks.drain_slots("demo", targets, share):
+                started.set()
+                stop.wait(30)
+        thread = threading.Thread(target=body)
+        thread.start()
+        return thread
+
+    stop = threading.Event()
+    with locks.drain_slots("demo", ["hv02"], share):
+        assert active_slots("inbound:hv02") == 1 and active_slots("migrations:demo") == 2
+        beside, overlapping = threading.Event(), threading.Event()
+        t1 = drain_in_thread(["hv03", "hv04"], beside, stop)
+        assert beside.wait(30)  # other targets, slots left: at once
+        assert active_slots("migrations:demo") == 4
+        t2 = drain_in_thread(["hv02", "hv03"], overlapping, stop)
+        assert not overlapping.wait(3)  # hv02 is this drain's target
+        assert active_slots("migrations:demo") == 4  # and it took nothing while it waited: all or none
+    stop.set()
+    t1.join(30)
+    assert overlapping.wait(30)  # this drain is over, and so is the other one onto hv03
+    t2.join(30)
+    for name in ("inbound:hv02", "inbound:hv03", "inbound:hv04", "migrations:demo"):
+        assert active_slots(name) == 0, name

@@ -425,3 +425,6 @@ def test_a_plan_goes_stale_when_a_target_receives_vms_or_leaves_the_active_hosts
     # a host the plan does not use may change freely
     elsewhere = before.model_copy(update={"vms": before.vms + (vm("v", other, 30),)})
     assert stale_targets(plan, before, elsewhere) == []
+    # a VM that landed on the drained host would be left behind by the plan
+    landed = before.model_copy(update={"vms": before.vms + (vm("u", "a", 1),)})
+    assert stale_targets(plan, before, landed) == ["a (drained) received u"]
