@@ -22,6 +22,7 @@ from typing import Any
 
 from hostmaint import patching
 from hostmaint.audit import AuditEntry
+from hostmaint.drivers.base import MigrationStates
 from hostmaint.errors import DriverError, HostmaintError, PlanError, StepError, TransientDriverError
 from hostmaint.fleet import discover_cluster
 from hostmaint.inventory import Inventory
@@ -576,25 +577,30 @@ def check_invariants(rt: Runtime, cluster: str, expected: Sequence[str], *,
     """Every expected VM runs exactly once (VMs stopped by their policy: not at all).
 
     Returns vm → host. Raises StepError naming every VM that is missing or doubled.
-    A rebooting host cannot be asked; it was proven empty before its reboot.
+    A rebooting host cannot be asked; it was proven empty before its reboot. A copy paused for a
+    live migration (another run's drain may be moving VMs right now) is not a second run of the
+    VM; a VM seen only paused for one (at its switch-over) is in transit, not missing.
     """
     where: dict[str, list[str]] = {}
+    transit: dict[str, list[str]] = {}
     for entry in rt.inventory.hosts_of(cluster):
         try:
             names = rt.hypervisor.running_vms(entry.name)
+            moving = set(rt.hypervisor.in_migration(entry.name)) if isinstance(rt.hypervisor, MigrationStates) \
+                else set()
         except TransientDriverError:
             if rt.states.state(entry.name) in (HostState.REBOOTING, HostState.PATCHING, HostState.FAILED):
                 continue
             raise
         for name in names:
-            where.setdefault(name, []).append(entry.name)
+            (transit if name in moving else where).setdefault(name, []).append(entry.name)
     problems = []
     for vm in expected:
         hosts = where.get(vm, [])
         if vm in stopped:
             if hosts:
                 problems.append(f"{vm} should be stopped but runs on {', '.join(hosts)}")
-        elif len(hosts) != 1:
+        elif len(hosts) > 1 or (not hosts and vm not in transit):
             problems.append(f"{vm} runs {len(hosts)} times ({', '.join(hosts) or 'nowhere'})")
     if problems:
         raise StepError("invariant broken: " + "; ".join(problems), None, "invariants")

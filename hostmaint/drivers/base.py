@@ -64,6 +64,17 @@ class DirtyRateProbe(Protocol):
 
 
 @runtime_checkable
+class MigrationStates(Protocol):
+    """A hypervisor whose live migrations show the moving VM on both hosts for a while (libvirt: the
+    destination's domain exists, paused, from the first byte; in post-copy the source stays, paused)."""
+
+    def in_migration(self, host: str) -> tuple[str, ...]:
+        """Names of the VMs on ``host`` that are there only because a live migration is moving them:
+        paused for it (an incoming copy, a source at switch-over or in post-copy)."""
+        ...
+
+
+@runtime_checkable
 class HostShell(Protocol):
     """Commands on a host, as argv lists; never a shell string."""
 

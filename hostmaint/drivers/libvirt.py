@@ -54,6 +54,10 @@ __all__ = ["LibvirtHypervisor", "stall_decision", "stall_reason"]
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
+# Why a domain is paused while a live migration moves it (libvirt's virDomainPausedReason)
+_MIGRATION_PAUSES = frozenset({libvirt.VIR_DOMAIN_PAUSED_MIGRATION, libvirt.VIR_DOMAIN_PAUSED_STARTING_UP,
+                               libvirt.VIR_DOMAIN_PAUSED_POSTCOPY})
+
 DEFAULT_FLAGS = (libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_PEER2PEER | libvirt.VIR_MIGRATE_PERSIST_DEST
                  | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
 # Errors that mean "the connection, not the operation, failed".
@@ -377,6 +381,22 @@ class LibvirtHypervisor:
         """Names of the VMs running on ``host``."""
         return self._call(host, "listing running VMs", lambda c: tuple(sorted(
             d.name() for d in c.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))))
+
+    def in_migration(self, host: str) -> tuple[str, ...]:
+        """VMs on ``host`` paused because a live migration moves them: the destination's copy before it
+        takes over (reasons "migration", "starting up"), a source in post-copy. Seen on the lab."""
+        def moving(conn: libvirt.virConnect) -> tuple[str, ...]:
+            out = []
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                try:
+                    state, reason = dom.state()
+                except libvirt.libvirtError:
+                    continue  # it left while we looked
+                if state == libvirt.VIR_DOMAIN_PAUSED and reason in _MIGRATION_PAUSES:
+                    out.append(dom.name())
+            return tuple(sorted(out))
+
+        return self._call(host, "listing VMs in migration", moving)
 
     def locate(self, vm: str) -> tuple[str, ...]:
         """Hosts where ``vm`` runs now.

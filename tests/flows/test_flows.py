@@ -446,3 +446,48 @@ def test_two_hosts_drain_side_by_side_onto_different_targets(tmp_path: Path, hos
     assert targets["hv01"] and targets["hv02"] and not targets["hv01"] & targets["hv02"], targets
     # each drain kept to its share of the cluster's 4 migration slots
     assert {r.host: r.inputs["cluster_slots"] for r in records if r.step == "drain"} == {"hv01": 2, "hv02": 2}
+
+
+class _MidMigration:
+    """The sim fleet as libvirt shows it while another run migrates: ``moving`` VMs also sit on a second
+    host, paused for the migration (``incoming``), or only there at the switch-over (``switching``)."""
+
+    def __init__(self, real: object, incoming: dict[str, str], switching: dict[str, tuple[str, str]]) -> None:
+        self.real, self.incoming, self.switching = real, incoming, switching
+
+    def running_vms(self, host: str) -> tuple[str, ...]:
+        names = set(self.real.running_vms(host))  # type: ignore[attr-defined]
+        names |= {vm for vm, h in self.incoming.items() if h == host}
+        names -= {vm for vm, (src, _) in self.switching.items() if src != host}
+        names |= {vm for vm, pair in self.switching.items() if host in pair}
+        return tuple(sorted(names))
+
+    def in_migration(self, host: str) -> tuple[str, ...]:
+        return tuple(sorted({vm for vm, h in self.incoming.items() if h == host}
+                            | {vm for vm, pair in self.switching.items() if host in pair}))
+
+
+def test_invariants_count_a_vm_being_migrated_once_and_a_vm_running_twice_as_broken(sim_inventory: Path) -> None:
+    from hostmaint import maintenance as steps
+    from hostmaint.errors import StepError
+
+    rt = open_runtime(sim_inventory)
+    placement = {vm: hosts[0] for vm, hosts in where(sim_inventory).items()}
+    a, b = sorted(placement)[:2]
+    elsewhere = {vm: next(h for h in ("hv01", "hv02", "hv03") if h != placement[vm]) for vm in (a, b)}
+    real = rt.hypervisor
+    # another run moves a: its copy on the target is paused for the migration; b is at its switch-over
+    rt.hypervisor = _MidMigration(real, {a: elsewhere[a]}, {b: (placement[b], elsewhere[b])})  # type: ignore[assignment]
+    try:
+        assert steps.check_invariants(rt, "demo", sorted(ALL_VMS))[a] == placement[a]
+    finally:
+        rt.hypervisor = real
+    # a VM running, not paused, on two hosts is what the check is for
+    twice = _MidMigration(real, {a: elsewhere[a]}, {})
+    twice.in_migration = lambda host: ()  # type: ignore[method-assign]
+    rt.hypervisor = twice  # type: ignore[assignment]
+    try:
+        with pytest.raises(StepError, match=f"{a} runs 2 times"):
+            steps.check_invariants(rt, "demo", sorted(ALL_VMS))
+    finally:
+        rt.hypervisor = real

@@ -218,6 +218,29 @@ def test_sixteen_aborts_in_a_row_leave_each_guest_running_once_on_its_source(
         print("  " + message)
 
 
+def test_a_migrating_guests_copy_on_its_target_is_listed_as_in_migration(lab: LabInfo,
+                                                                         hv: LibvirtHypervisor) -> None:
+    # what the invariant check relies on: during a live migration the target lists the guest too
+    # (paused for the migration), and in_migration says which copy that is
+    vm = next(v.name for v in lab.vms if v.linux)
+    source = hv.locate(vm)[0]
+    target = next(h.name for h in lab.hosts if h.name != source)
+    seen: list[tuple[bool, bool, bool]] = []
+    moving = threading.Event()
+
+    def watch(p: MigrationProgress) -> None:
+        if p.data_processed > 0 and not moving.is_set():
+            seen.append((vm in hv.running_vms(target), vm in hv.in_migration(target), vm in hv.in_migration(source)))
+            moving.set()
+            threading.Thread(target=hv.abort, args=(vm, source)).start()
+
+    with pytest.raises(MigrationError, match="abort"):
+        hv.migrate(vm, source, target, MigrationOptions(bandwidth_mib_s=2, stall_seconds=600,
+                                                        min_budget_seconds=600), watch)
+    assert seen == [(True, True, False)]  # on both hosts, the target's copy paused for the migration
+    assert hv.locate(vm) == (source,) and vm not in hv.in_migration(source)
+
+
 def test_dirty_rates_are_measured_per_guest(lab: LabInfo, hv: LibvirtHypervisor) -> None:
     # what the scheduler orders and throttles by: the Linux guests rewrite 128 MiB in a loop,
     # the SeaBIOS guests sit in their BIOS
