@@ -359,15 +359,22 @@ def test_a_patch_refused_by_n_plus_1_leaves_the_host_as_it_was(tmp_path: Path, h
     assert steps == [("cordon", "ok"), ("plan", "failed"), ("uncordon", "ok")], steps
 
 
+def cordoned_and_planned(inventory: Path, host: str) -> tuple[Any, Any, FleetSnapshot, Any]:
+    """What a run has when it waits for its turn to drain ``host``: runtime, run, the discovery, the plan."""
+    from hostmaint import maintenance as steps
+
+    rt = open_runtime(inventory)
+    run = steps.RunContext(flow="test", trigger=Trigger.TEST, operator="kim", reason="waits")
+    steps.cordon(rt, run, host)
+    planned_on = steps.snapshot(rt, rt.cluster_of(host))
+    return rt, run, planned_on, steps.plan_drain(rt, run, host, snap=planned_on)
+
+
 def test_a_plan_that_waited_while_another_drain_filled_its_target_is_replanned(sim_inventory: Path) -> None:
     from hostmaint import maintenance as steps
     from hostmaint.models import MigrationOptions
 
-    rt = open_runtime(sim_inventory)
-    run = steps.RunContext(flow="test", trigger=Trigger.TEST, operator="kim", reason="waited")
-    steps.cordon(rt, run, "hv01")
-    planned_on = steps.snapshot(rt, "demo")
-    plan = steps.plan_drain(rt, run, "hv01", snap=planned_on)
+    rt, run, planned_on, plan = cordoned_and_planned(sim_inventory, "hv01")
     target = plan.placements[0].target
     # while the plan waits for the migrations lock, another run's drain moves a VM onto its target
     mover = next(v for v in planned_on.vms if v.host not in ("hv01", target) and not v.anti_affinity)
@@ -389,11 +396,7 @@ def test_a_plan_that_waited_while_another_drain_filled_its_target_is_replanned(s
 def test_a_plan_that_still_fits_runs_as_planned(sim_inventory: Path) -> None:
     from hostmaint import maintenance as steps
 
-    rt = open_runtime(sim_inventory)
-    run = steps.RunContext(flow="test", trigger=Trigger.TEST, operator="kim", reason="no change")
-    steps.cordon(rt, run, "hv01")
-    planned_on = steps.snapshot(rt, "demo")
-    plan = steps.plan_drain(rt, run, "hv01", snap=planned_on)
+    rt, run, planned_on, plan = cordoned_and_planned(sim_inventory, "hv01")
 
     report = steps.drain_host(rt, run, plan, planned_on=planned_on)
 
@@ -403,11 +406,8 @@ def test_a_plan_that_still_fits_runs_as_planned(sim_inventory: Path) -> None:
 
 
 def test_two_hosts_drain_side_by_side_onto_different_targets(tmp_path: Path, hostmaint_db: Path) -> None:
-    import threading
-    import time
-    from datetime import datetime, timedelta
-
     from flows.locks import ensure_limits
+    from tests.side_by_side import assert_drained_at_once_onto_different_hosts, evacuate_side_by_side
 
     # its own cluster (and so its own limits on the session's server): 2 hosts in maintenance at once,
     # 4 migrations per cluster and 2 per source, so two drains fit side by side
@@ -419,31 +419,14 @@ def test_two_hosts_drain_side_by_side_onto_different_targets(tmp_path: Path, hos
     rt = open_runtime(inventory)
     for host in ("hv01", "hv02"):  # an operator took both out of placement: neither plan targets the other
         rt.states.transition(host, HostState.CORDONED, "test: operator cordon")
-    results: dict[str, object] = {}
-    first = threading.Thread(target=lambda: results.update(hv01=evacuate_host(
-        host="hv01", operator="ann", inventory=str(inventory), trigger=Trigger.TEST)))
-    first.start()
-    deadline = time.monotonic() + 60
-    while rt.states.state("hv01") is not HostState.DRAINING and time.monotonic() < deadline:
-        time.sleep(0.05)
-    results["hv02"] = evacuate_host(host="hv02", operator="bob", inventory=str(inventory), trigger=Trigger.TEST)
-    first.join(120)
 
-    assert {h: r.outcome for h, r in results.items()} == {"hv01": StepOutcome.OK, "hv02": StepOutcome.OK}  # type: ignore[attr-defined]
+    results = evacuate_side_by_side(rt, inventory, "hv01", "hv02")
+
+    assert {h: r.outcome for h, r in results.items()} == {"hv01": StepOutcome.OK, "hv02": StepOutcome.OK}
     assert_each_vm_runs_once(inventory, {v.name for v in snap.vms})
     assert not fleet_of(inventory).running["hv01"] and not fleet_of(inventory).running["hv02"]
     records = audit().records()
-
-    def span(r: object) -> tuple[datetime, datetime]:
-        end = datetime.fromisoformat(r.time)  # type: ignore[attr-defined]
-        return end - timedelta(seconds=r.duration_s), end  # type: ignore[attr-defined]
-
-    drains = {r.host: span(r) for r in records if r.step == "drain"}
-    (a_start, a_end), (b_start, b_end) = drains["hv01"], drains["hv02"]
-    assert a_start < b_end and b_start < a_end, drains  # the second drain did not wait for the first
-    targets = {h: {r.inputs["target"] for r in records if r.step == "migrate" and r.host == h}
-               for h in ("hv01", "hv02")}
-    assert targets["hv01"] and targets["hv02"] and not targets["hv01"] & targets["hv02"], targets
+    assert_drained_at_once_onto_different_hosts(records, "hv01", "hv02")
     # each drain kept to its share of the cluster's 4 migration slots
     assert {r.host: r.inputs["cluster_slots"] for r in records if r.step == "drain"} == {"hv01": 2, "hv02": 2}
 

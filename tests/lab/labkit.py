@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from hostmaint.lab.lab import foreign_lab
@@ -51,3 +53,21 @@ def wait_for_no_foreign_lab(timeout: float = 900.0) -> None:
     while (other := foreign_lab(WORKDIR)) is not None:
         assert time.monotonic() < deadline, f"another lab stays up on this machine: {other}"
         time.sleep(5)
+
+
+@contextmanager
+def hostmaint_db_at(path: Path) -> Iterator[None]:
+    """$HOSTMAINT_DB set to ``path`` for a lab module (its tests follow each other on one lab, as runs
+    would); afterwards the runtimes are closed and the variable is as it was."""
+    from hostmaint.runtime import close_all
+
+    saved = os.environ.get("HOSTMAINT_DB")
+    os.environ["HOSTMAINT_DB"] = str(path)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("HOSTMAINT_DB", None)
+        else:
+            os.environ["HOSTMAINT_DB"] = saved
+        close_all()

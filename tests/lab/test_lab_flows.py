@@ -15,7 +15,14 @@ import pytest
 
 from hostmaint.lab import LabInfo, kill_libvirtd, lab_down, lab_up, start_libvirtd
 from hostmaint.models import HostState, StepOutcome, Trigger
-from tests.lab.labkit import HOST_MEMORY_MIB, WORKDIR, lab_skip_reason, leftovers, wait_for_no_foreign_lab
+from tests.lab.labkit import (
+    HOST_MEMORY_MIB,
+    WORKDIR,
+    hostmaint_db_at,
+    lab_skip_reason,
+    leftovers,
+    wait_for_no_foreign_lab,
+)
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("prefect_server")]
 
@@ -31,19 +38,10 @@ def flow_lab(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> 
     lab_down(WORKDIR)
     info = lab_up(hosts=3, vms=6, workdir=WORKDIR, linux_guests=1, host_memory_mib=HOST_MEMORY_MIB)
     ensure_limits(info.inventory_path)
-    # One state database for the module: the tests follow each other on one lab, as runs would.
-    saved = os.environ.get("HOSTMAINT_DB")
-    os.environ["HOSTMAINT_DB"] = str(tmp_path_factory.mktemp("lab-flows") / "hostmaint.db")
     try:
-        yield info
+        with hostmaint_db_at(tmp_path_factory.mktemp("lab-flows") / "hostmaint.db"):
+            yield info
     finally:
-        from hostmaint.runtime import close_all
-
-        if saved is None:
-            os.environ.pop("HOSTMAINT_DB", None)
-        else:
-            os.environ["HOSTMAINT_DB"] = saved
-        close_all()
         lab_down(WORKDIR)
         assert not leftovers(WORKDIR), leftovers(WORKDIR)
 

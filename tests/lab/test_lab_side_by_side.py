@@ -7,19 +7,15 @@ enough for the other to start beside it. Runs as root; its own lab, torn down at
 
 from __future__ import annotations
 
-import os
-import threading
-import time
 from collections.abc import Iterator
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 import yaml
 
 from hostmaint.lab import LabInfo, add_guest, lab_down, lab_up
-from hostmaint.models import HostState, StepOutcome, Trigger
-from tests.lab.labkit import WORKDIR, lab_skip_reason, leftovers, wait_for_no_foreign_lab
+from hostmaint.models import HostState, StepOutcome
+from tests.lab.labkit import WORKDIR, hostmaint_db_at, lab_skip_reason, leftovers, wait_for_no_foreign_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("prefect_server")]
 
@@ -34,9 +30,7 @@ def four_hosts(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -
     wait_for_no_foreign_lab()
     lab_down(WORKDIR)
     info = lab_up(hosts=4, vms=2, workdir=WORKDIR, linux_guests=0, host_memory_mib=1024)
-    saved = os.environ.get("HOSTMAINT_DB")
     home = tmp_path_factory.mktemp("side-by-side")
-    os.environ["HOSTMAINT_DB"] = str(home / "hostmaint.db")
     try:
         for host in ("hv01", "hv02"):
             add_guest(info, f"busy-{host}", host, memory_mib=256, linux=True)
@@ -50,63 +44,39 @@ def four_hosts(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -
         inventory = home / "inventory.yaml"
         inventory.write_text(yaml.safe_dump(data))
         ensure_limits(inventory)
-        yield info, inventory
+        with hostmaint_db_at(home / "hostmaint.db"):
+            yield info, inventory
     finally:
-        from hostmaint.runtime import close_all
-
-        if saved is None:
-            os.environ.pop("HOSTMAINT_DB", None)
-        else:
-            os.environ["HOSTMAINT_DB"] = saved
-        close_all()
         lab_down(WORKDIR)
         assert not leftovers(WORKDIR), leftovers(WORKDIR)
 
 
 def test_two_real_drains_run_side_by_side_onto_different_hosts(four_hosts: tuple[LabInfo, Path]) -> None:
-    from flows.evacuate_host import evacuate_host
     from hostmaint.runtime import open_runtime
+    from tests.side_by_side import assert_drained_at_once_onto_different_hosts, evacuate_side_by_side
 
     info, inventory = four_hosts
     rt = open_runtime(inventory)
     hosts = [h.name for h in info.hosts]
-    before = {vm: [h for h in hosts if vm in rt.hypervisor.running_vms(h)]
-              for h in hosts for vm in rt.hypervisor.running_vms(h)}
+
+    def placement() -> dict[str, list[str]]:
+        return {vm: [h for h in hosts if vm in rt.hypervisor.running_vms(h)]
+                for h in hosts for vm in rt.hypervisor.running_vms(h)}
+
+    before = placement()
     assert {vm for vm, on in before.items() if on == ["hv01"]} >= {"busy-hv01"}
     # an operator took hv01 and hv02 out of placement (neither plan targets the other), and hv04 for
     # now: hv01's VMs all go to hv03 (the planner would spread them over both free hosts otherwise)
     for host in ("hv01", "hv02", "hv04"):
         rt.states.transition(host, HostState.CORDONED, "test: operator cordon")
 
-    results: dict[str, object] = {}
-    first = threading.Thread(target=lambda: results.update(hv01=evacuate_host(
-        host="hv01", operator="ann", inventory=str(inventory), trigger=Trigger.TEST)))
-    first.start()
-    deadline = time.monotonic() + 120
-    while rt.states.state("hv01") is not HostState.DRAINING and time.monotonic() < deadline:
-        time.sleep(0.1)
-    rt.states.transition("hv04", HostState.ACTIVE, "test: operator uncordon")
-    # hv03 is busy with hv01's drain: hv02's plan prefers hv04 and drains beside it
-    results["hv02"] = evacuate_host(host="hv02", operator="bob", inventory=str(inventory), trigger=Trigger.TEST)
-    first.join(300)
+    # hv03 is busy with hv01's drain when hv04 comes back: hv02's plan prefers hv04 and drains beside it
+    results = evacuate_side_by_side(rt, inventory, "hv01", "hv02", once_first_drains=lambda: rt.states.transition(
+        "hv04", HostState.ACTIVE, "test: operator uncordon"))
 
-    assert {h: r.outcome for h, r in results.items()} == {"hv01": StepOutcome.OK,  # type: ignore[attr-defined]
-                                                          "hv02": StepOutcome.OK}
-    after = {vm: [h for h in hosts if vm in rt.hypervisor.running_vms(h)]
-             for h in hosts for vm in rt.hypervisor.running_vms(h)}
+    assert {h: r.outcome for h, r in results.items()} == {"hv01": StepOutcome.OK, "hv02": StepOutcome.OK}
+    after = placement()
     assert set(after) == set(before) and all(len(on) == 1 for on in after.values()), after
     assert not rt.hypervisor.running_vms("hv01") and not rt.hypervisor.running_vms("hv02")
-
-    records = rt.audit.records()
-
-    def span(r: object) -> tuple[datetime, datetime]:
-        end = datetime.fromisoformat(r.time)  # type: ignore[attr-defined]
-        return end - timedelta(seconds=r.duration_s), end  # type: ignore[attr-defined]
-
-    drains = {r.host: span(r) for r in records if r.step == "drain"}
-    (a_start, a_end), (b_start, b_end) = drains["hv01"], drains["hv02"]
-    assert a_start < b_end and b_start < a_end, drains  # real migrations of both hosts at once
-    targets = {h: {r.inputs["target"] for r in records if r.step == "migrate" and r.host == h}
-               for h in ("hv01", "hv02")}
-    assert targets["hv01"] and targets["hv02"] and not targets["hv01"] & targets["hv02"], targets
+    assert_drained_at_once_onto_different_hosts(rt.audit.records(), "hv01", "hv02")  # real migrations at once
     assert rt.audit.verify().ok
