@@ -40,7 +40,7 @@ def drain_planned(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planne
     """
     logger = get_run_logger()
     limits = ref.open().inventory.cluster(plan.cluster).limits
-    share = locks.drain_share(limits.migrations_per_cluster, limits.migrations_per_source, len(plan.hosts))
+    share = limits.slots_per_drain(len(plan.hosts))
     rounds = 0
     while rounds < RETARGET_ROUNDS:
         held = _targets(plan)

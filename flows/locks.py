@@ -312,12 +312,6 @@ def host_maintenance(host: str, cluster: str, *, wait_seconds: float | None = No
         yield
 
 
-def drain_share(migrations_per_cluster: int, migrations_per_source: int, sources: int = 1) -> int:
-    """The slots of ``migrations:<cluster>`` one drain takes: what its sources may send at once, at most
-    the whole limit. With 16 per cluster and 8 per source, two hosts drain side by side."""
-    return max(1, min(migrations_per_cluster, migrations_per_source * max(1, sources)))
-
-
 @contextmanager
 def drain_slots(cluster: str, targets: Collection[str], share: int, *,
                 wait_seconds: float | None = None) -> Iterator[None]:

@@ -586,9 +586,9 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
                 table.add_row(h.host, _hms(h.start_s), _hms(h.drain_start_s), _hms(h.drained_s), _hms(h.end_s),
                               str(h.migrations), h.outcome.value)
             out.print(table)
-            out.print(f"makespan {_hms(estimate.makespan_s)} with {estimate.parallel} host(s) at once, draining "
-                      f"one at a time; serial would take {_hms(estimate.serial_s)}; lower bound "
-                      f"{_hms(estimate.bound_s)}")
+            out.print(f"makespan {_hms(estimate.makespan_s)} with {estimate.parallel} host(s) at once, up to "
+                      f"{snap.limits.drains_at_once()} draining; serial would take {_hms(estimate.serial_s)}; "
+                      f"lower bound {_hms(estimate.bound_s)}")
             if fits is not None:
                 out.print(f"fits a {window_hours:g} h window: {'yes' if fits else 'NO'}")
         if fits is False:

@@ -195,8 +195,8 @@ def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: Fleet
     """``plan`` if it still fits the cluster as ``now`` shows it; otherwise a new plan made on ``now``,
     with its own audit record (step ``replan``: why, and the plan that replaces the old one).
 
-    A plan waits for the cluster's migrations lock while other runs drain; what they moved can
-    fill the targets it counted on. Raises PlanError when the new plan is not feasible.
+    A plan waits for its targets' locks while other runs drain; what they moved can fill the
+    targets it counted on. Raises PlanError when the new plan is not feasible.
     """
     reasons = stale_targets(plan, planned_on, now)
     if not reasons:
@@ -226,13 +226,12 @@ def recheck_plan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on:
 
 
 def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: FleetSnapshot | None = None,
-               planned_on: FleetSnapshot | None = None, avoid: Sequence[str] = (), cluster_slots: int | None = None,
+               cluster_slots: int | None = None,
                on_event: Callable[[DrainEvent], None] | None = None) -> DrainReport:
     """Live-migrate every placement of ``plan``, within the cluster's limits.
 
     ``now``: the cluster as the caller discovered it just now, holding the plan's targets (else it is
-    discovered here). ``planned_on``: the discovery the plan was made on; when the plan no longer
-    fits ``now`` (see :func:`replan`), a recorded re-plan (with ``avoid``) runs instead.
+    discovered here); a plan that waited for them is checked first with :func:`recheck_plan`.
     ``cluster_slots``: this drain's share of the cluster's migrations (other drains run beside it).
     Origins are recorded before a VM moves, so a crash mid-drain still knows where to return it.
     A failed migration leaves its VM on the source and the host cordoned.
@@ -247,8 +246,6 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
                                                                                limits.migrations_per_cluster))})
     if now is None:
         now = snapshot(rt, cluster)
-    if planned_on is not None:
-        plan = replan(rt, run, plan, planned_on, now, avoid=avoid)
     with audited(rt, run, "drain", host=host, cluster=cluster,
                  inputs={"placements": len(plan.placements), "snapshot": plan.snapshot_digest,
                          "cluster_slots": limits.migrations_per_cluster}) as rec:

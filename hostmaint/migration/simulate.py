@@ -164,7 +164,7 @@ class HostEstimate:
     end_s: float
     migrations: int
     outcome: StepOutcome  # FAILED: a VM did not move, the host is not patched
-    drain_start_s: float = -1.0  # when its drain got the cluster's migrations lock (after start_s)
+    drain_start_s: float = -1.0  # when its drain got its turn (at or after start_s)
 
 
 @dataclass(frozen=True)
@@ -571,9 +571,7 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     bound = max(sum(per_host) / max(k, 1), max(per_host, default=0.0))
     waves = max(((m + 1) * per_host[m * k] for m in range(math.ceil(len(per_host) / k))), default=0.0)
     # the drains of a cluster, at most so many at a time, then one patch
-    at_once = drains_at_once if drains_at_once is not None else max(
-        1, snapshot.limits.migrations_per_cluster // max(1, min(snapshot.limits.migrations_per_cluster,
-                                                                 snapshot.limits.migrations_per_source)))
+    at_once = drains_at_once if drains_at_once is not None else snapshot.limits.drains_at_once()
     drains = sum(h.drained_s - h.start_s for h in serial[0])
     in_a_row = drains / min(at_once, k) + patch_s if serial[0] else 0.0
     hosts, migs, makespan = run
@@ -607,9 +605,8 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
     drain_queue: list[str] = []  # in maintenance, waiting for its turn to drain
     draining: set[str] = set()
     planned_targets: dict[str, list[Placement]] = {}
-    # the flows: each drain holds its sources' share of the cluster's migration slots
-    share = max(1, min(limits.migrations_per_cluster, limits.migrations_per_source))
-    at_once = drains_at_once if drains_at_once is not None else max(1, limits.migrations_per_cluster // share)
+    # the flows: each drain holds its source's share of the cluster's migration slots
+    at_once = drains_at_once if drains_at_once is not None else limits.drains_at_once()
     patched: set[str] = set()
     timers: dict[str, float] = {}
 

@@ -376,16 +376,17 @@ def test_a_plan_that_waited_while_another_drain_filled_its_target_is_replanned(s
 
     rt, run, planned_on, plan = cordoned_and_planned(sim_inventory, "hv01")
     target = plan.placements[0].target
-    # while the plan waits for the migrations lock, another run's drain moves a VM onto its target
+    # while the plan waits for its targets' locks, another run's drain moves a VM onto its target
     mover = next(v for v in planned_on.vms if v.host not in ("hv01", target) and not v.anti_affinity)
     rt.hypervisor.migrate(mover.name, mover.host, target, MigrationOptions())
 
-    report = steps.drain_host(rt, run, plan, planned_on=planned_on)
+    fresh, now = steps.recheck_plan(rt, run, plan, planned_on)
+    report = steps.drain_host(rt, run, fresh, now=now)
 
     assert report.ok
     [replan] = [r for r in audit().records(host="hv01") if r.step == "replan"]
     assert replan.inputs["reasons"] == [f"{target} received {mover.name}"]
-    assert replan.inputs["replaces"] == plan.snapshot_digest
+    assert replan.inputs["replaces"] == plan.snapshot_digest != fresh.snapshot_digest
     # what ran is the recorded re-plan, not the plan that waited
     ran = {(m.vm, m.target) for m in report.results}
     assert ran == {(p["vm"], p["target"]) for p in replan.details["plan"]["placements"]}
@@ -398,9 +399,10 @@ def test_a_plan_that_still_fits_runs_as_planned(sim_inventory: Path) -> None:
 
     rt, run, planned_on, plan = cordoned_and_planned(sim_inventory, "hv01")
 
-    report = steps.drain_host(rt, run, plan, planned_on=planned_on)
+    kept, now = steps.recheck_plan(rt, run, plan, planned_on)
+    report = steps.drain_host(rt, run, kept, now=now)
 
-    assert report.ok
+    assert report.ok and kept == plan
     assert not [r for r in audit().records() if r.step == "replan"]
     assert {(m.vm, m.target) for m in report.results} == {(p.vm, p.target) for p in plan.placements}
 

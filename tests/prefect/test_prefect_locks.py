@@ -144,9 +144,11 @@ def test_lease_seconds_has_a_floor(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_drains_onto_other_hosts_run_together_and_one_onto_the_same_host_waits(prefect_server: None,
                                                                                tmp_path: Path) -> None:
-    locks.ensure_limits(make_fleet(tmp_path))  # demo: 4 migrations per cluster, 2 per source
-    share = locks.drain_share(4, 2)
-    assert share == 2
+    inventory = make_fleet(tmp_path)
+    locks.ensure_limits(inventory)
+    limits = load_inventory(inventory).cluster("demo").limits
+    share = limits.slots_per_drain()  # demo: 4 migrations per cluster, 2 per source
+    assert (share, limits.drains_at_once()) == (2, 2)
 
     def drain_in_thread(targets: list[str], started: threading.Event, stop: threading.Event) -> threading.Thread:
         def body() -> None:  # a thread of its own has no locks of this run: it stands for another run
