@@ -35,7 +35,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hostmaint.errors import HostmaintError  # noqa: E402
 from hostmaint.lab.network import LabError  # noqa: E402
-from hostmaint.migration.policy import MIB, Escalation, Order, SchedulerPolicy  # noqa: E402
+from hostmaint.migration.policy import (  # noqa: E402
+    MIB,
+    Escalation,
+    Order,
+    SchedulerPolicy,
+    drain_limits,
+    slots_per_drain,
+)
 from hostmaint.migration.simulate import (  # noqa: E402
     DrainEstimate,
     SimParams,
@@ -50,6 +57,11 @@ STREAMS = {"single-stream": 1, "multi-connection": 4}
 SIZES_GIB = (2, 4, 8, 16, 32, 64)
 SIZE_WEIGHTS = (25, 25, 20, 15, 10, 5)
 LIMITS = Limits(migrations_per_source=32, migrations_per_target=32, migrations_per_cluster=64)
+
+
+def flows_limits(policy: SchedulerPolicy, options: MigrationOptions, link: float) -> Limits:
+    """LIMITS as a drain started by the flows runs within them: its share of the cluster's slots."""
+    return drain_limits(LIMITS, slots_per_drain({"src": link}, LIMITS, policy, options))
 ORDERS = (Order.LARGEST_FIRST, Order.SMALLEST_FIRST, Order.LOW_DIRTY_FIRST)
 OURS = f"ours / {SchedulerPolicy().order} (default)"
 
@@ -106,7 +118,8 @@ def drain_until_empty(first: DrainEstimate, placements: Sequence[Placement], dir
         left = {m.vm for m in est.not_moved}
         if not left:
             break
-        est = simulate_drain([p for p in placements if p.vm in left], LIMITS, policy=policy, options=options,
+        est = simulate_drain([p for p in placements if p.vm in left],
+                             flows_limits(policy, options, params.default_link_mib_s), policy=policy, options=options,
                              dirty_rate=dirty, params=params)
         total += est.makespan_s
     return total, len(est.not_moved)
@@ -124,7 +137,8 @@ def run_drains(seeds: Sequence[int]) -> tuple[str, dict[tuple[str, str], dict[st
                 row = Row(name, [], [], [], [], 0, [], [], [], 0, 0)
                 for seed in seeds:
                     placements, dirty = drain_case(seed)
-                    est: DrainEstimate = simulate_drain(placements, LIMITS, policy=policy, options=options,
+                    est: DrainEstimate = simulate_drain(placements, flows_limits(policy, options, link),
+                                                        policy=policy, options=options,
                                                         dirty_rate=dirty, params=params)
                     row.ratio.append(est.ratio)
                     row.link_ratio.append(est.makespan_s / est.link_floor_s)
@@ -205,6 +219,9 @@ def summary(everything: dict[tuple[str, str], dict[str, Row]]) -> str:
 # --- the whole night --------------------------------------------------------------------
 
 
+NIGHT_LIMITS = Limits(migrations_per_source=8, migrations_per_target=4, migrations_per_cluster=16)
+
+
 def night_cluster(seed: int, name: str, hosts: int, vms_per_host: int) -> tuple[FleetSnapshot, dict[str, float]]:
     rng = random.Random(seed)
     hs = tuple(Host(name=f"{name}-h{i:02d}", cluster=name,
@@ -217,8 +234,7 @@ def night_cluster(seed: int, name: str, hosts: int, vms_per_host: int) -> tuple[
             gib = rng.choices(SIZES_GIB, SIZE_WEIGHTS)[0]
             vms.append(Vm(name=f"{h.name}-v{j:02d}", uuid=f"{h.name}-{j}", host=h.name, memory_mib=gib * 1024,
                           vcpus=2))
-    limits = Limits(migrations_per_source=8, migrations_per_target=4, migrations_per_cluster=16,
-                    max_hosts_in_maintenance=hosts)
+    limits = NIGHT_LIMITS.model_copy(update={"max_hosts_in_maintenance": hosts})
     snap = FleetSnapshot(cluster=name, taken_at="2026-11-26T00:00:00Z", source="benchmark", limits=limits,
                          hosts=hs, vms=tuple(vms))
     return snap, {v.name: dirty_rate(rng) for v in vms}
@@ -246,15 +262,17 @@ def run_night(clusters: int, hosts: int, vms_per_host: int, patch_s: float) -> s
         ovirt_serial += ovirt.makespan_s
         ours_serial += est.serial_s
         rows.append((snap.cluster, len(snap.vms), est, one, every, ovirt))
-    limits = rows[0][2] if rows else None
-    at_once = 16 // 8
+    at_once = rows[0][2].drains_at_once if rows else 1
+    share = slots_per_drain({"": SimParams().default_link_mib_s}, NIGHT_LIMITS, SchedulerPolicy(),
+                            MigrationOptions())
     lines = [f"\n{clusters} clusters × {hosts} hosts ({clusters * hosts} hosts, "
              f"{sum(r[1] for r in rows)} VMs of 2-64 GiB with heavy-tailed dirty rates, 512 GiB per host, "
              f"10 GbE, limits 8 out / 4 in per host and 16 per cluster), update+reboot+verify "
              f"{patch_s:.0f} s per host (an assumption); clusters run side by side. "
              f"Simulated in {time.monotonic() - started:.0f} s.\n",
              f"As the flows run a window: up to N+1 hosts in maintenance; each drain holds its source's share "
-             f"of the cluster's migration slots (8 of 16: {at_once} drains at once) and the inbound lock of "
+             f"of the cluster's migration slots (what its link can use: {share} of 16, so {at_once} drains at "
+             f"once) and the inbound lock of "
              f"every target, so drains side by side never send to the same host (a host whose VMs could only "
              f"go where another drain sends waits for it); hosts not draining patch, or wait, cordoned. "
              f"Beside it, the same window with one drain at a time (how the flows ran before 2026-12-02), and "
@@ -263,7 +281,6 @@ def run_night(clusters: int, hosts: int, vms_per_host: int, patch_s: float) -> s
              "| every host draining | its ÷ Σ-bound | Σ-bound | wave-bound | drains bound | serial, ours "
              "| serial, oVirt-like | migrations per VM | VMs not moved |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    del limits
     for name, nvms, est, one, every, ovirt in rows:
         lost = sum(1 for m in est.migrations if m.outcome != "ok")
         lines.append(f"| {name} | {nvms} | {est.parallel} | {est.makespan_s / 3600:.2f} h | {est.ratio:.3f} | "
@@ -287,7 +304,7 @@ def run_night(clusters: int, hosts: int, vms_per_host: int, patch_s: float) -> s
                  f"(onto disjoint targets): {night_every / 3600:.2f} h, {min(r[4].ratio for r in rows):.3f}-"
                  f"{max(r[4].ratio for r in rows):.3f} × the Σ-bound. The bound that counts whole hosts is itself "
                  f"> 1.15 × the Σ-bound in {unreachable} of {clusters} clusters. More drains at once come from "
-                 f"a larger `migrations_per_cluster` or a smaller `migrations_per_source` in the inventory.")
+                 f"a larger `migrations_per_cluster` in the inventory.")
     lines.append(f"- Serial host by host over the fleet: ours {ours_serial / 3600:.1f} h "
                  f"({ours_serial / 86400:.1f} days), oVirt-like (2 × 52 MiB/s per host) {ovirt_serial / 3600:.1f} h "
                  f"({ovirt_serial / 86400:.1f} days, {ovirt_serial / (clusters * hosts) / 60:.1f} min a host): "

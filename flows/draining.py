@@ -9,7 +9,7 @@ from prefect import get_run_logger
 
 from flows import locks
 from hostmaint.errors import LockHeldError, PlanError
-from hostmaint.maintenance import RunContext
+from hostmaint.maintenance import RunContext, drain_share
 from hostmaint.migration import DrainReport
 from hostmaint.models import EvacuationPlan, FleetSnapshot
 from tasks import maintenance as t
@@ -32,15 +32,16 @@ def drain_planned(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planne
     """Drain ``plan`` (made on ``planned_on``); return the plan that ran and its report.
 
     Holds the ``inbound:`` lock of every target and this drain's share of the cluster's migration
-    slots (flows/locks.py), so other hosts of the cluster drain at the same time onto other
-    targets. Holding them, it discovers the cluster again: a plan that no longer fits is re-made
-    and recorded (step ``replan``); one re-made onto targets it does not hold is taken up again
-    with those. Targets busy for long (another drain, a host gone into maintenance) make it look
-    again every :data:`TARGET_WAIT_S`; only re-made plans count against :data:`RETARGET_ROUNDS`.
+    slots (``drain_share``: what its sources' links can use; flows/locks.py), so other hosts of the
+    cluster drain at the same time onto other targets. Holding them, it discovers the cluster again:
+    a plan that no longer fits is re-made and recorded (step ``replan``); one re-made onto targets it
+    does not hold is taken up again with those. Targets busy for long (another drain, a host gone
+    into maintenance) make it look again every :data:`TARGET_WAIT_S`; only re-made plans count
+    against :data:`RETARGET_ROUNDS`.
     """
     logger = get_run_logger()
-    limits = ref.open().inventory.cluster(plan.cluster).limits
-    share = limits.slots_per_drain(len(plan.hosts))
+    # its sources' links decide how many slots the drain can use; the rest are for the drains beside it
+    share = drain_share(ref.open(), plan)
     rounds = 0
     while rounds < RETARGET_ROUNDS:
         held = _targets(plan)

@@ -587,7 +587,7 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
                               str(h.migrations), h.outcome.value)
             out.print(table)
             out.print(f"makespan {_hms(estimate.makespan_s)} with {estimate.parallel} host(s) at once, up to "
-                      f"{snap.limits.drains_at_once()} draining; serial would take {_hms(estimate.serial_s)}; "
+                      f"{estimate.drains_at_once} draining; serial would take {_hms(estimate.serial_s)}; "
                       f"lower bound {_hms(estimate.bound_s)}")
             if fits is not None:
                 out.print(f"fits a {window_hours:g} h window: {'yes' if fits else 'NO'}")

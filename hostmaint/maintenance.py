@@ -28,7 +28,7 @@ from hostmaint.fleet import discover_cluster
 from hostmaint.inventory import Inventory
 from hostmaint.migration import DrainEvent, DrainReport, drain
 from hostmaint.migration.links import LinkFigure, resolve_link
-from hostmaint.migration.policy import DEFAULT_LINK_MIB_S, SchedulerPolicy
+from hostmaint.migration.policy import DEFAULT_LINK_MIB_S, SchedulerPolicy, drain_limits, slots_per_drain
 from hostmaint.migration.probe import probe_dirty_rates
 from hostmaint.models import (
     Cell,
@@ -242,8 +242,7 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
     host = plan.hosts[0] if plan.hosts else None
     limits = rt.inventory.cluster(cluster).limits
     if cluster_slots is not None:
-        limits = limits.model_copy(update={"migrations_per_cluster": max(1, min(cluster_slots,
-                                                                               limits.migrations_per_cluster))})
+        limits = drain_limits(limits, cluster_slots)
     if now is None:
         now = snapshot(rt, cluster)
     with audited(rt, run, "drain", host=host, cluster=cluster,
@@ -287,6 +286,15 @@ def link_figures(inventory: Inventory, states: HostStateStore, cluster: str) -> 
     return {h.name: resolve_link(h.link_bandwidth_mib_s, cluster_mib_s, states.link_observations(h.name),
                                  DEFAULT_LINK_MIB_S)
             for h in inventory.hosts_of(cluster)}
+
+
+def drain_share(rt: Runtime, plan: EvacuationPlan) -> int:
+    """The slots of the cluster's migration limit a drain of ``plan`` holds: what its sources can use
+    with the links the scheduler will see and the cluster's drain settings (``slots_per_drain``)."""
+    figures = link_figures(rt.inventory, rt.states, plan.cluster)
+    policy, options = drain_settings(rt.inventory, plan.cluster)
+    links = {h: figures[h].mib_s if h in figures else policy.default_link_mib_s for h in plan.hosts}
+    return slots_per_drain(links, rt.inventory.cluster(plan.cluster).limits, policy, options)
 
 
 def drain_settings(inventory: Inventory, cluster: str) -> tuple[SchedulerPolicy, MigrationOptions]:

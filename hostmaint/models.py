@@ -93,15 +93,6 @@ class Limits(Frozen):
     # (0 for a two-host lab, where N+1 can never hold)
     spare_hosts: Annotated[int, Field(ge=0, le=64)] = 1
 
-    def slots_per_drain(self, sources: int = 1) -> int:
-        """The share of the cluster's migration slots one drain holds: what its sources may send at
-        once, at most the whole limit. Drains of a cluster run side by side within it."""
-        return max(1, min(self.migrations_per_cluster, self.migrations_per_source * max(1, sources)))
-
-    def drains_at_once(self) -> int:
-        """How many single-host drains of a cluster fit side by side (16 per cluster, 8 per source: 2)."""
-        return max(1, self.migrations_per_cluster // self.slots_per_drain())
-
 
 # --- discovered facts -------------------------------------------------------
 

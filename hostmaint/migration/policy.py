@@ -203,6 +203,39 @@ def stream_rate(options: MigrationOptions, policy: SchedulerPolicy, link_mib_s: 
     return min(rate, link_mib_s)
 
 
+def slots_per_drain(links_mib_s: Mapping[str, float], limits: Limits, policy: SchedulerPolicy,
+                    options: MigrationOptions) -> int:
+    """The share of the cluster's migration slots a drain of these sources holds (source: its link).
+
+    What the drain can use, at most what its sources may send at once and at most the whole limit.
+    The adaptive policy fills a source's link and no more: enough streams to fill it, and one more
+    for the next migration's set-up while one finishes (:func:`about_to_finish`). Holding more would
+    only keep slots from the drains beside it (10 GbE, 600 MiB/s streams: 3 of a source's 8). The
+    fixed policies hold their fixed number; unbounded holds the inventory's.
+    """
+    per_source = 0
+    for link in links_mib_s.values():
+        if policy.adaptive:
+            streams = math.ceil(round(link / stream_rate(options, policy, link), 6)) + 1
+            per_source += min(limits.migrations_per_source, streams)
+        else:
+            per_source += min(limits.migrations_per_source, policy.max_per_source or limits.migrations_per_source)
+    return max(1, min(limits.migrations_per_cluster, per_source))
+
+
+def drain_limits(limits: Limits, share: int) -> Limits:
+    """The limits a drain holding ``share`` of the cluster's migration slots runs within."""
+    return limits.model_copy(update={"migrations_per_cluster": max(1, min(share, limits.migrations_per_cluster))})
+
+
+def drains_side_by_side(limits: Limits, policy: SchedulerPolicy, options: MigrationOptions,
+                   link_mib_s: float | None = None) -> int:
+    """How many single-host drains of a cluster fit side by side on links of ``link_mib_s`` (default:
+    the policy's). On 10 GbE with 8 per source a drain holds 3 slots: 16 per cluster fit 5 drains."""
+    link = policy.default_link_mib_s if link_mib_s is None else link_mib_s
+    return max(1, limits.migrations_per_cluster // slots_per_drain({"": link}, limits, policy, options))
+
+
 def expected_seconds(spec: MigrationSpec, rate_mib_s: float) -> float:
     """A migration's expected time with ``rate_mib_s`` to itself: M / (b − D) while it converges.
 

@@ -42,11 +42,13 @@ from hostmaint.migration.policy import (
     SchedulerPolicy,
     about_to_finish,
     admission_refusal,
+    drains_side_by_side,
     expected_dirty_mib_s,
     migration_budget_s,
     next_action,
     options_for,
     order_placements,
+    slots_per_drain,
     stream_rate,
 )
 from hostmaint.models import (
@@ -180,9 +182,10 @@ class WindowEstimate:
     migrations: tuple[SimMigration, ...] = ()
     # also counts whole hosts: of the m·parallel+1 longest hosts some slot runs m+1 one after another
     wave_bound_s: float = 0.0
-    # drains at most so many at a time (the flows: migrations per cluster ÷ per source): Σ drains ÷
-    # that, then the last host's patch
+    # drains at most so many at a time (the flows: as many as their shares of the cluster's migration
+    # slots fit): Σ drains ÷ that, then the last host's patch
     drain_bound_s: float = 0.0
+    drains_at_once: int = 1
 
     @property
     def ratio(self) -> float:
@@ -288,8 +291,14 @@ class _Engine:
     """Runs migrations (and, for windows, host jobs) in simulated time."""
 
     def __init__(self, limits: Limits, policy: SchedulerPolicy, options: MigrationOptions,
-                 params: SimParams, target_free_mib: Mapping[str, int] | None) -> None:
+                 params: SimParams, target_free_mib: Mapping[str, int] | None,
+                 source_slots: Mapping[str, int] | None = None) -> None:
         self.limits = limits
+        # a window's single-host drains each run within their share of the cluster's slots, the
+        # shares together within the cluster's limit
+        self.source_limits = {
+            h: limits.model_copy(update={"migrations_per_source": min(n, limits.migrations_per_source)})
+            for h, n in (source_slots or {}).items()}
         self.policy = policy
         self.options = options
         self.params = params
@@ -315,7 +324,8 @@ class _Engine:
         for m in self.pending:
             link = self.params.link(m.spec.source)
             rate = stream_rate(self.options, self.policy, link)
-            if admission_refusal(m.spec, self.load, self.limits, self.policy, link_mib_s=link,
+            limits = self.source_limits.get(m.spec.source, self.limits)
+            if admission_refusal(m.spec, self.load, limits, self.policy, link_mib_s=link,
                                  rate_mib_s=rate, target_free_mib=self.target_free_mib,
                                  options=self.options) is not None:
                 continue
@@ -549,10 +559,11 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     verify) and return each host, ``parallel`` hosts at once (default: what N+1 capacity allows).
 
     ``drains_at_once``: how many hosts of the cluster may drain at the same time. ``None`` is what
-    the flows allow: each drain holds its source's share of the cluster's migration slots
-    (``migrations_per_source``), so ``migrations_per_cluster // migrations_per_source`` drains,
-    onto disjoint targets (a host waits while its VMs could only go where another drain sends).
-    1 is one drain at a time per cluster. Hosts in maintenance not draining patch, or wait, cordoned.
+    the flows allow: each drain holds its source's share of the cluster's migration slots (what its
+    link can use, :func:`slots_per_drain`) and drains start while their shares fit the cluster's
+    limit, onto disjoint targets (a host waits while its VMs could only go where another drain
+    sends). 1 is one drain at a time per cluster. Hosts in maintenance not draining patch, or wait,
+    cordoned.
 
     With a :class:`WindowPlan` its placements are used, and a host starts only when the hosts its VMs
     go to are not in maintenance (and those that send VMs to it are done sending). With a list of
@@ -570,14 +581,16 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     per_host = sorted((h.end_s - h.start_s for h in serial[0]), reverse=True)
     bound = max(sum(per_host) / max(k, 1), max(per_host, default=0.0))
     waves = max(((m + 1) * per_host[m * k] for m in range(math.ceil(len(per_host) / k))), default=0.0)
-    # the drains of a cluster, at most so many at a time, then one patch
-    at_once = drains_at_once if drains_at_once is not None else snapshot.limits.drains_at_once()
+    # the drains of a cluster, at most so many at a time (the smallest shares: the most), then one patch
+    at_once = drains_at_once if drains_at_once is not None else max(
+        (drains_side_by_side(snapshot.limits, policy, options, params.link(n)) for n in names), default=1)
     drains = sum(h.drained_s - h.start_s for h in serial[0])
     in_a_row = drains / min(at_once, k) + patch_s if serial[0] else 0.0
     hosts, migs, makespan = run
     return WindowEstimate(cluster=snapshot.cluster, hosts=hosts, makespan_s=round(makespan, 3), parallel=k,
                           serial_s=round(serial[2], 3), lower_bound_s=round(bound, 3), migrations=migs,
-                          wave_bound_s=round(waves, 3), drain_bound_s=round(in_a_row, 3))
+                          wave_bound_s=round(waves, 3), drain_bound_s=round(in_a_row, 3),
+                          drains_at_once=at_once)
 
 
 def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], names: list[str], k: int,
@@ -595,8 +608,10 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
     planned: dict[str, list[Placement]] = {}
     if isinstance(window, WindowPlan):
         planned = {s.host: list(s.evacuation.placements) for s in window.steps}
+    # each drain holds its share of the cluster's slots: what its link can use (as the flows do)
+    share = {n: slots_per_drain({n: params.link(n)}, limits, policy, options) for n in names}
     # The engine checks target memory from the free memory it is given; admission counts in-flight.
-    engine = _Engine(limits, policy, options, params, {n: int(f) for n, f in free.items()})
+    engine = _Engine(limits, policy, options, params, {n: int(f) for n, f in free.items()}, share)
     jobs = {n: _HostJob(n, []) for n in names}
     active = {h.name for h in snapshot.hosts if h.state is HostState.ACTIVE}
     order_idx = {n: i for i, n in enumerate(names)}
@@ -605,8 +620,6 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
     drain_queue: list[str] = []  # in maintenance, waiting for its turn to drain
     draining: set[str] = set()
     planned_targets: dict[str, list[Placement]] = {}
-    # the flows: each drain holds its source's share of the cluster's migration slots
-    at_once = drains_at_once if drains_at_once is not None else limits.drains_at_once()
     patched: set[str] = set()
     timers: dict[str, float] = {}
 
@@ -660,8 +673,15 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
             drain_queue.append(name)
             begin_drains()
 
+    def room_to_drain(name: str) -> bool:
+        if not draining:
+            return True
+        if drains_at_once is not None:
+            return len(draining) < drains_at_once
+        return sum(share[d] for d in draining) + share[name] <= limits.migrations_per_cluster
+
     def begin_drains() -> None:
-        while drain_queue and len(draining) < at_once:
+        while drain_queue and room_to_drain(drain_queue[0]):
             name = drain_queue[0]
             busy = {p.target for d in draining for p in planned_targets.get(d, [])}
             placements = place(name, busy)

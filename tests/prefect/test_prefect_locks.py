@@ -22,7 +22,8 @@ from hostmaint.audit import AuditTrail
 from hostmaint.db import open_engine
 from hostmaint.errors import LockError
 from hostmaint.inventory import load_inventory
-from hostmaint.models import HostState, StepOutcome
+from hostmaint.migration.policy import SchedulerPolicy, drains_side_by_side, slots_per_drain
+from hostmaint.models import HostState, MigrationOptions, StepOutcome
 from hostmaint.runtime import open_runtime
 
 
@@ -147,8 +148,9 @@ def test_drains_onto_other_hosts_run_together_and_one_onto_the_same_host_waits(p
     inventory = make_fleet(tmp_path)
     locks.ensure_limits(inventory)
     limits = load_inventory(inventory).cluster("demo").limits
-    share = limits.slots_per_drain()  # demo: 4 migrations per cluster, 2 per source
-    assert (share, limits.drains_at_once()) == (2, 2)
+    # demo: 4 migrations per cluster, 2 per source (fewer than its 10 GbE link could use)
+    share = slots_per_drain({"hv01": 1100.0}, limits, SchedulerPolicy(), MigrationOptions())
+    assert (share, drains_side_by_side(limits, SchedulerPolicy(), MigrationOptions())) == (2, 2)
 
     def drain_in_thread(targets: list[str], started: threading.Event, stop: threading.Event) -> threading.Thread:
         def body() -> None:  # a thread of its own has no locks of this run: it stands for another run

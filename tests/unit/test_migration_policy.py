@@ -13,12 +13,15 @@ from hostmaint.migration.policy import (
     ProgressTrack,
     SchedulerPolicy,
     admission_refusal,
+    drain_limits,
+    drains_side_by_side,
     expected_dirty_mib_s,
     initial_throttle_pct,
     migration_budget_s,
     next_action,
     options_for,
     order_placements,
+    slots_per_drain,
     stalled_for_s,
     stream_rate,
 )
@@ -230,3 +233,53 @@ def test_the_drivers_own_abort_rule_comes_after_the_schedulers_escalation() -> N
     # the scheduler escalates at 60 s without progress and decides post-copy/abort at 120 s
     assert driver.stall_seconds > 2 * base.stall_seconds
     assert migration_budget_s(4096, driver) > migration_budget_s(4096, base)
+
+
+# --- a drain's share of the cluster's migration slots -----------------------------------------
+
+
+@pytest.mark.parametrize(("link", "options", "per_source", "expected"), [
+    (1100.0, MigrationOptions(), 8, 3),  # two 600 MiB/s streams fill 10 GbE, one more sets up
+    (2900.0, MigrationOptions(), 8, 6),  # 25 GbE: five streams, one more
+    (2900.0, MigrationOptions(), 4, 4),  # never more than the source may send
+    (1100.0, MigrationOptions(parallel_connections=4), 8, 2),  # one migration fills the link
+    (1100.0, MigrationOptions(bandwidth_mib_s=100), 8, 8),  # slow streams: every slot the source has
+    (64.0, MigrationOptions(), 8, 2),  # a slow link: one stream fills it
+    (1200.0, MigrationOptions(), 8, 3),  # exactly two streams fill it, and one more
+])
+def test_a_drain_holds_the_slots_its_link_can_use(link: float, options: MigrationOptions, per_source: int,
+                                                  expected: int) -> None:
+    limits = Limits(migrations_per_source=per_source, migrations_per_cluster=64)
+    assert slots_per_drain({"hv01": link}, limits, SchedulerPolicy(), options) == expected
+
+
+def test_fixed_and_unbounded_drains_hold_what_they_may_run() -> None:
+    limits = Limits(migrations_per_source=8, migrations_per_cluster=16)
+    links = {"hv01": 1100.0}
+    assert slots_per_drain(links, limits, SchedulerPolicy.fixed(2), MigrationOptions()) == 2
+    assert slots_per_drain(links, limits, SchedulerPolicy.unbounded(), MigrationOptions()) == 8
+
+
+def test_a_drain_of_several_hosts_holds_each_ones_share_within_the_cluster() -> None:
+    limits = Limits(migrations_per_source=8, migrations_per_cluster=16)
+    two = {"hv01": 1100.0, "hv02": 2900.0}
+    assert slots_per_drain(two, limits, SchedulerPolicy(), MigrationOptions()) == 3 + 6
+    many = {f"hv{i:02d}": 1100.0 for i in range(8)}
+    assert slots_per_drain(many, limits, SchedulerPolicy(), MigrationOptions()) == 16  # the whole limit
+
+
+def test_how_many_drains_fit_side_by_side() -> None:
+    options, policy = MigrationOptions(), SchedulerPolicy()
+    assert drains_side_by_side(Limits(migrations_per_source=8, migrations_per_cluster=16), policy, options) == 5
+    assert drains_side_by_side(Limits(migrations_per_source=2, migrations_per_cluster=8), policy, options) == 4
+    assert drains_side_by_side(Limits(migrations_per_source=8, migrations_per_cluster=2), policy, options) == 1
+    assert drains_side_by_side(Limits(migrations_per_source=8, migrations_per_cluster=16), policy, options,
+                               link_mib_s=64.0) == 8
+
+
+def test_a_drains_limits_are_its_share_of_the_cluster() -> None:
+    limits = Limits(migrations_per_source=8, migrations_per_cluster=16)
+    assert drain_limits(limits, 3).migrations_per_cluster == 3
+    assert drain_limits(limits, 40).migrations_per_cluster == 16
+    assert drain_limits(limits, 0).migrations_per_cluster == 1
+    assert drain_limits(limits, 3).migrations_per_source == 8

@@ -209,17 +209,26 @@ def _overlapping(est):  # type: ignore[no-untyped-def]
             if a.host < b.host and a.drain_start_s < b.drained_s - 1e-6 and b.drain_start_s < a.drained_s - 1e-6]
 
 
-def test_by_default_hosts_drain_as_the_flows_let_them() -> None:
-    # 16 migrations per cluster, 4 per source: a drain holds 4 slots, so 4 drains at once at most,
-    # and two at the same time never send to the same host (each holds its targets' inbound lock)
-    snap = cluster(8, 4, max_hosts_in_maintenance=8, migrations_per_cluster=16, migrations_per_source=4)
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    return max((sum(1 for s, e in spans if s <= t < e) for t, _ in spans), default=0)
+
+
+@pytest.mark.parametrize(("link", "share"), [(1100.0, 3), (300.0, 2)])
+def test_by_default_hosts_drain_as_the_flows_let_them(link: float, share: int) -> None:
+    # 10 migrations per cluster, 8 per source: a drain holds the slots its link can use (10 GbE: two
+    # 600 MiB/s streams and one setting up; a 300 MiB/s link: one and one), so 10 // 3 = 3 or
+    # 10 // 2 = 5 drains at once, each within its share; two at the same time never send to the same
+    # host (each holds its targets' inbound lock)
+    snap = cluster(10, 4, max_hosts_in_maintenance=10, migrations_per_cluster=10, migrations_per_source=8)
     names = [h.name for h in snap.hosts]
-    est = simulate_window(snap, names, patch_s=300)
+    est = simulate_window(snap, names, patch_s=300, params=SimParams(default_link_mib_s=link))
     assert est.parallel > 1 and all(h.outcome is StepOutcome.OK for h in est.hosts)
+    assert est.drains_at_once == 10 // share
     pairs = _overlapping(est)
     assert pairs  # drains do run side by side
-    at = sorted({h.drain_start_s for h in est.hosts})
-    assert max(sum(1 for h in est.hosts if h.drain_start_s <= t < h.drained_s) for t in at) <= 4
+    assert _most_at_once([(h.drain_start_s, h.drained_s) for h in est.hosts]) <= 10 // share
+    for h in names:
+        assert _most_at_once([(m.start_s, m.end_s) for m in est.migrations if m.source == h]) <= share
     targets = {h: {m.target for m in est.migrations if m.source == h} for h in names}
     for a, b in pairs:
         assert not targets[a.host] & targets[b.host], (a.host, b.host)
