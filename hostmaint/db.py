@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sqlite3
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
 
 ENV_VAR = "HOSTMAINT_DB"
 DEFAULT_PATH = Path("~/.local/share/hostmaint/hostmaint.db")
@@ -222,7 +224,7 @@ def _sqlite_engine(url: sa.URL) -> Engine:
         cur = dbapi_conn.cursor()
         cur.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         if not in_memory:
-            cur.execute("PRAGMA journal_mode = WAL")
+            _use_wal(cur)
         cur.execute("PRAGMA foreign_keys = ON")
         cur.close()
 
@@ -232,6 +234,24 @@ def _sqlite_engine(url: sa.URL) -> Engine:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _locked(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
+
+
+def _use_wal(cur: Any) -> None:
+    """Switch the database file to WAL (it stays so); a no-op once any connection has.
+
+    Switching needs the database to itself, and SQLite answers "database is locked" at once
+    instead of waiting out the busy timeout: with six engines opening a fresh database together,
+    about one run in forty failed here. So: look first, and retry the switch within the timeout."""
+    if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        return
+    for attempt in Retrying(stop=stop_after_delay(BUSY_TIMEOUT_MS / 1000), wait=wait_random(0.01, 0.1),
+                            retry=retry_if_exception(_locked), reraise=True):
+        with attempt:
+            cur.execute("PRAGMA journal_mode = WAL")
 
 
 def _create_tables(engine: Engine) -> None:
