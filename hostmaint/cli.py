@@ -142,6 +142,9 @@ def snapshot(inventory: InventoryOpt = "inventory.yaml",
 
 @plan_app.command("drain")
 def plan_drain(host: str, inventory: InventoryOpt = "inventory.yaml", snapshot: SnapshotOpt = None,
+               patch: Annotated[bool, typer.Option(
+                   "--patch", help="Plan as a patch does: focused on as few hosts as hold the VMs (they come "
+                                   "back, or a window rebalances); without it, as an evacuation: balanced.")] = False,
                as_json: JsonOpt = False) -> None:
     """Plan the evacuation of HOST (exit 1 when it cannot be done safely)."""
     from hostmaint.placement import check_capacity, plan_evacuation, render_plan
@@ -152,7 +155,7 @@ def plan_drain(host: str, inventory: InventoryOpt = "inventory.yaml", snapshot: 
             snap.host(host)
         except KeyError:
             raise InputError(f"host {host!r} is not in cluster {snap.cluster}") from None
-        plan = plan_evacuation(snap, [host])
+        plan = plan_evacuation(snap, [host], focus=patch)
         if plan.capacity is None:
             plan = plan.model_copy(update={"capacity": check_capacity(snap, [host])})
         if as_json:

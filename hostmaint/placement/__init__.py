@@ -3,7 +3,7 @@
 Public API::
 
     check_capacity(snapshot, hosts, *, spare_hosts=None) -> CapacityCheck    # the N+1 check
-    plan_evacuation(snapshot, hosts, *, avoid=(), spare_hosts=None) -> EvacuationPlan
+    plan_evacuation(snapshot, hosts, *, avoid=(), busy=(), focus=False, spare_hosts=None) -> EvacuationPlan
     stale_targets(plan, planned_on, now) -> list[str]                       # must a waiting plan be re-made?
     plan_window(snapshot, hosts=None, *, spare_hosts=None, ...) -> WindowPlan
     plan_rebalance(snapshot, max_moves, *, prefer_origin=True) -> RebalancePlan

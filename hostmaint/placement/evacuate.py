@@ -24,7 +24,7 @@ import copy
 import heapq
 import math
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hostmaint.errors import InputError
@@ -45,6 +45,22 @@ from hostmaint.placement.objective import CELL_WEIGHT, balance, fit_delta, measu
 from hostmaint.placement.state import Fit, HostLoad, Ledger
 
 GIB = 1024
+
+# How much a plan wants a target, best first. A VM goes to a worse rank only when it fits no host of
+# a better one (NUMA-local first, always): the placement's tier after locality.
+Ranks = Mapping[str, int]
+PREFERRED = 0  # one of the hosts this drain focuses on (or any host, without focus)
+UNFOCUSED = 1  # a good host, outside the few this drain sends to
+DUE = 2  # due for maintenance later (``avoid``); with focus, one of the few of those
+DUE_UNFOCUSED = 3  # due for maintenance later, outside the few
+BUSY = 4  # another drain sends VMs there now: this drain would wait for it
+KIND = {PREFERRED: 0, UNFOCUSED: 0, DUE: 1, DUE_UNFOCUSED: 1, BUSY: 2}
+RANK_NOTES = {
+    UNFOCUSED: "; outside this drain's focus hosts (filled to their level)",
+    DUE: "; host is due for maintenance later but nothing else fits",
+    DUE_UNFOCUSED: "; host is due for maintenance later but nothing else fits",
+    BUSY: "; another drain is sending VMs to this host now: this drain waits for it",
+}
 
 _HINTS = {
     "memory": "free memory on the remaining hosts (or drain fewer hosts at once)",
@@ -133,16 +149,18 @@ class Choice:
 
     fit: Fit
     delta: float
-    avoided: bool
+    avoided: int  # the target's rank: PREFERRED (0) up to BUSY
     runner_up: tuple[str, float] | None
     candidates: int
     util_before: float = 0.0
     note: str = ""
 
     @property
-    def tier(self) -> tuple[bool, bool]:
-        """Lower is better: NUMA-local before remote, then hosts not due for maintenance."""
-        return (not self.fit.numa_local, self.avoided)
+    def tier(self) -> tuple[bool, int]:
+        """Lower is better: NUMA-local before remote, then the target's kind: neither due nor busy,
+        due for maintenance, busy. Focus is a preference inside a kind (:func:`choose` ranks by
+        it), not a tier: a VM may leave a focus host to make another VM NUMA-local."""
+        return (not self.fit.numa_local, KIND[self.avoided])
 
 
 @dataclass
@@ -165,8 +183,8 @@ def _leftover(vm: Vm, host: HostLoad, fit: Fit) -> float:
     return left
 
 
-def _by_bound(vm: Vm, need: Demand, targets: Sequence[HostLoad], avoid: Collection[str], pack: bool,
-              remote: bool, scored: list[tuple[bool, float, str, Fit, float]]) -> Iterator[HostLoad]:
+def _by_bound(vm: Vm, need: Demand, targets: Sequence[HostLoad], avoid: Ranks, pack: bool,
+              remote: bool, scored: list[tuple[int, float, str, Fit, float]]) -> Iterator[HostLoad]:
     """The hosts worth weighing for ``vm``, cheapest possible objective growth first.
 
     A fit's growth is at least its host term (cell terms only add), so once a host's (tier,
@@ -198,9 +216,9 @@ def _by_bound(vm: Vm, need: Demand, targets: Sequence[HostLoad], avoid: Collecti
         bound = (2 * used * add + add2) / (mem * mem)
         if one_cell and cheapest < math.inf:  # it lands in one cell: the cheapest bounds the cell term
             bound += CELL_WEIGHT * cheapest / mem
-        ranked.append((host.name in avoid, host.weight * bound, host.name, host))
+        ranked.append((avoid.get(host.name, PREFERRED), host.weight * bound, host.name, host))
     ranked.sort(key=lambda r: (r[0], r[1], r[2]))
-    top: list[tuple[bool, float]] = []  # the best two (tier, growth) found so far
+    top: list[tuple[int, float]] = []  # the best two (tier, growth) found so far
     seen = 0
     for avoided, bound, _, host in ranked:
         for s in scored[seen:]:
@@ -212,7 +230,7 @@ def _by_bound(vm: Vm, need: Demand, targets: Sequence[HostLoad], avoid: Collecti
             yield host
 
 
-def choose(vm: Vm, targets: Sequence[HostLoad], avoid: Collection[str], *, pack: bool = False
+def choose(vm: Vm, targets: Sequence[HostLoad], avoid: Ranks, *, pack: bool = False
            ) -> Choice | list[Miss]:
     """The best fit for ``vm`` among ``targets`` by tier then objective growth, or every host's Miss.
 
@@ -220,13 +238,14 @@ def choose(vm: Vm, targets: Sequence[HostLoad], avoid: Collection[str], *, pack:
     """
     need = demand_of(vm)
     for remote in (False, True):
-        scored: list[tuple[bool, float, str, Fit, float]] = []
+        scored: list[tuple[int, float, str, Fit, float]] = []
         for host in _by_bound(vm, need, targets, avoid, pack, remote, scored):
             got = fit_host(vm, host, allow_remote=remote, need=need)
             if isinstance(got, Miss):
                 continue
             delta = fit_delta(host, got)
-            scored.append((host.name in avoid, _leftover(vm, host, got) if pack else delta, host.name, got, delta))
+            scored.append((avoid.get(host.name, PREFERRED), _leftover(vm, host, got) if pack else delta, host.name,
+                           got, delta))
         if scored:
             scored.sort(key=lambda s: (s[0], s[1], s[2]))
             best = scored[0]
@@ -253,7 +272,7 @@ def placement_for(vm: Vm, choice: Choice) -> Placement:
     reason = (f"{kind} on {fit.host} cell(s) {cells}; host at {choice.util_before:.0%} before; "
               f"objective +{choice.delta:.4f}, best of {choice.candidates} fitting host(s) weighed")
     if choice.avoided:
-        reason += "; host is due for maintenance later but nothing else fits"
+        reason += RANK_NOTES[min(choice.avoided, BUSY)]
     runner = None
     if choice.runner_up is not None:
         runner = choice.runner_up[0]
@@ -283,12 +302,14 @@ def blocker_for(vm: Vm, misses: list[Miss], group_size: int) -> Blocker:
 
 
 def evacuate(snapshot: FleetSnapshot, ledger: Ledger, hosts: Sequence[str], *,
-             avoid: Collection[str] = (), exclude: Collection[str] = ()) -> Evacuation:
+             avoid: Collection[str] | Ranks = (), exclude: Collection[str] = ()) -> Evacuation:
     """Plan the VMs of ``hosts`` onto the other active hosts, charging ``ledger`` as it goes.
 
     ``exclude`` names further hosts that must not receive VMs (e.g. ones already out for
-    maintenance); ``avoid`` are used only when nothing else fits.
+    maintenance); ``avoid`` are used only when nothing else fits: names (rank DUE) or ranks.
     """
+    avoid = ({h: r for h, r in avoid.items() if r > PREFERRED} if isinstance(avoid, Mapping)
+             else dict.fromkeys(avoid, DUE))
     out = Evacuation()
     skipped = _skipped(snapshot, hosts)
     movers: list[Vm] = []
@@ -363,7 +384,7 @@ def evacuate(snapshot: FleetSnapshot, ledger: Ledger, hosts: Sequence[str], *,
 
 
 def _greedy(order: Iterable[Vm], ledger: Ledger, targets_for: Callable[[Vm], list[HostLoad]],
-            avoid: Collection[str], *, pack: bool) -> tuple[dict[str, tuple[Vm, Choice]], list[Vm]]:
+            avoid: Ranks, *, pack: bool) -> tuple[dict[str, tuple[Vm, Choice]], list[Vm]]:
     """Place VMs one by one in ``order``; then try to make room for those that did not fit."""
     chosen: dict[str, tuple[Vm, Choice]] = {}
     unplaced: list[Vm] = []
@@ -389,7 +410,7 @@ IMPROVE_HOSTS = 32  # least-loaded targets weighed per re-placement, besides the
 
 
 def _improve(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
-             targets_for: Callable[[Vm], list[HostLoad]], avoid: Collection[str]) -> None:
+             targets_for: Callable[[Vm], list[HostLoad]], avoid: Ranks) -> None:
     """Re-place planned VMs one at a time while that lowers the objective (never a worse tier).
 
     Greedy placement in a fixed order leaves easy gains (an early VM on a host that later
@@ -426,7 +447,7 @@ SHAVE_MOVES = 40
 
 
 def _shave_peak(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
-                targets_for: Callable[[Vm], list[HostLoad]], avoid: Collection[str]) -> None:
+                targets_for: Callable[[Vm], list[HostLoad]], avoid: Ranks) -> None:
     """Lower the fullest receiving host: move one of its planned VMs to a host that stays below it.
 
     The sum of squares settles the bulk; this pass trims the single highest utilisation, which
@@ -449,7 +470,8 @@ def _shave_peak(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
             ledger.unapply(vm, cur.fit)
             alt = choose(vm, [h for h in targets_for(vm) if h.name != peak.name
                               and h.util + vm.memory_mib / max(h.memory_mib, 1) < top - 1e-9], avoid)
-            if isinstance(alt, Choice) and alt.tier <= cur.tier:
+            # only to as good a rank: shaving must not spread a focused drain again
+            if isinstance(alt, Choice) and alt.tier <= cur.tier and alt.avoided <= cur.avoided:
                 ledger.apply(vm, alt.fit)
                 alt.note = f"moved off {peak.name} to lower the fullest host"
                 chosen[vm.name] = (vm, alt)
@@ -461,7 +483,7 @@ def _shave_peak(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
 
 
 def _localize(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
-              targets_for: Callable[[Vm], list[HostLoad]], avoid: Collection[str]) -> None:
+              targets_for: Callable[[Vm], list[HostLoad]], avoid: Ranks) -> None:
     """Turn NUMA-remote placements local where moving one other planned VM makes a cell free.
 
     Greedy order can use up the only single cells a later VM needed; this undoes that.
@@ -479,7 +501,7 @@ def _localize(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
 
 
 def _make_room(vm: Vm, chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
-               targets_for: Callable[[Vm], list[HostLoad]], avoid: Collection[str], *,
+               targets_for: Callable[[Vm], list[HostLoad]], avoid: Ranks, *,
                local_only: bool = False) -> bool:
     """Place a VM that fits nowhere by moving one already-planned VM elsewhere (one ejection).
 
@@ -503,7 +525,7 @@ def _make_room(vm: Vm, chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
                     ledger.apply(other, alt.fit)
                     alt.note = f"moved here to make room for {vm.name}"
                     chosen[other.name] = (other, alt)
-                    chosen[vm.name] = (vm, Choice(got, delta, host.name in avoid, None, 1, util,
+                    chosen[vm.name] = (vm, Choice(got, delta, avoid.get(host.name, PREFERRED), None, 1, util,
                                                   note=f"room made by moving {other.name} to {alt.fit.host}"))
                     return True
                 ledger.unapply(vm, got)
@@ -512,9 +534,15 @@ def _make_room(vm: Vm, chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
 
 
 def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Collection[str] = (),
+                    busy: Collection[str] = (), focus: bool = False,
                     spare_hosts: int | None = None) -> EvacuationPlan:
     """Plan where every VM of ``hosts`` goes; the N+1 check is part of the plan.
 
+    ``avoid``: hosts due for maintenance later, used only when nothing else fits. ``busy``: hosts
+    another drain sends VMs to now, used last (this drain would wait for that one).
+    ``focus``: send to as few hosts as hold the VMs (:func:`focus_hosts`), so other drains of the
+    cluster find hosts to send to beside this one; balanced among those. For VMs that come back or
+    are rebalanced soon (a patch); an evacuation whose VMs stay is balanced over every host.
     ``spare_hosts`` overrides the cluster's ``limits.spare_hosts`` (how many of the largest
     remaining hosts the cluster must be able to lose).
 
@@ -524,11 +552,58 @@ def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Col
     drained = _check_hosts(snapshot, hosts)
     ledger = Ledger.from_snapshot(snapshot)
     capacity = _capacity(snapshot, ledger, drained, spare_hosts)
-    result = evacuate(snapshot, ledger, drained, avoid=avoid)
+    ranks = target_ranks(snapshot, ledger, drained, avoid=avoid, busy=busy, focus=focus)
+    result = evacuate(snapshot, ledger, drained, avoid=ranks)
     return EvacuationPlan(cluster=snapshot.cluster, hosts=tuple(drained), snapshot_digest=snapshot.digest(),
                           placements=tuple(result.placements), blocked=tuple(result.blocked),
                           vm_actions=tuple(result.vm_actions), skipped_hosts=tuple(result.skipped_hosts),
                           capacity=capacity, balance=receivers_balance(ledger, drained, result.placements))
+
+
+def target_ranks(snapshot: FleetSnapshot, ledger: Ledger, drained: Sequence[str], *, avoid: Collection[str] = (),
+                 busy: Collection[str] = (), focus: bool = False) -> dict[str, int]:
+    """Each receiver's rank for a drain of ``drained`` (see :data:`Ranks`): due for maintenance
+    (``avoid``), busy with another drain (``busy``), and with ``focus`` outside the drain's
+    :func:`focus_hosts` one rank down within its kind."""
+    ranks: dict[str, int] = dict.fromkeys(avoid, DUE) | dict.fromkeys(busy, BUSY)
+    if not focus:
+        return ranks
+    chosen = focus_hosts(snapshot, ledger, drained, ranks)
+    return {h: r + 1 if r in (PREFERRED, DUE) and h not in chosen else r
+            for h, r in ((h, ranks.get(h, PREFERRED)) for h in ledger.hosts)}
+
+
+def focus_hosts(snapshot: FleetSnapshot, ledger: Ledger, drained: Sequence[str], ranks: Ranks) -> set[str]:
+    """The few hosts a drain of ``drained`` sends to: the emptiest receivers, as many as hold its VMs
+    (up to each one's headroom), and at least as many as its migrations need at once
+    (``migrations_per_source`` ÷ ``migrations_per_target``).
+
+    Balancing every VM over every host spreads one drain over the whole cluster; two drains then
+    always share a target and run one after the other (a target takes one drain at a time), so a
+    window's drains would go one by one. Focused, they run side by side. The price is balance while
+    the window runs: the focus hosts end fuller than the rest (never past the headroom), until the
+    window's rebalance or the VMs' return home. Hosts not due for maintenance come first (VMs
+    landing there need not move again); a host another drain fills now (rank BUSY) is never one.
+    Empty when nothing moves.
+    """
+    skipped = _skipped(snapshot, drained)
+    need = float(sum(vm.memory_mib for h in drained if h not in skipped for vm in snapshot.vms_on(h)
+                     if vm.migratable))
+    limits = snapshot.limits
+    at_least = math.ceil(min(limits.migrations_per_source * len(drained), limits.migrations_per_cluster)
+                         / limits.migrations_per_target)
+    receivers = sorted((h for h in ledger.hosts.values() if h.state is HostState.ACTIVE and h.name not in drained
+                        and ranks.get(h.name, PREFERRED) < BUSY),
+                       key=lambda h: (ranks.get(h.name, PREFERRED) >= DUE, -h.avail_mib, h.name))
+    chosen: set[str] = set()
+    room = 0.0
+    for host in receivers:
+        if need <= 0 or (room >= need and len(chosen) >= at_least):
+            break
+        if host.avail_mib > 0:
+            chosen.add(host.name)
+            room += host.avail_mib
+    return chosen
 
 
 def stale_targets(plan: EvacuationPlan, planned_on: FleetSnapshot, now: FleetSnapshot) -> list[str]:

@@ -47,6 +47,11 @@ def test_plan_drain_offline_from_a_snapshot(sim_inventory: Path, tmp_path: Path)
     # the same snapshot gives the same plan
     again = json.loads(runner.invoke(app, ["plan", "drain", "hv01", "--snapshot", str(out), "--json"]).stdout)
     assert again == plan
+    # as a patch plans it: focused on fewer hosts than the balanced evacuation spreads over
+    patch = json.loads(runner.invoke(app, ["plan", "drain", "hv01", "--snapshot", str(out), "--patch",
+                                           "--json"]).stdout)
+    assert patch["feasible"] is True and len(patch["placements"]) == len(plan["placements"])
+    assert len({p["target"] for p in patch["placements"]}) < len({p["target"] for p in plan["placements"]})
     assert run("plan", "drain", "hv99", "--snapshot", str(out))[0] == 2
     bad = tmp_path / "bad.json"
     bad.write_text('{"cluster": "x", "hosts": "no"}')

@@ -428,3 +428,73 @@ def test_a_plan_goes_stale_when_a_target_receives_vms_or_leaves_the_active_hosts
     # a VM that landed on the drained host would be left behind by the plan
     landed = before.model_copy(update={"vms": before.vms + (vm("u", "a", 1),)})
     assert stale_targets(plan, before, landed) == ["a (drained) received u"]
+
+
+# --- focus: a drain sends to few hosts, so drains of one cluster can run side by side ---------------
+
+
+def _even_cluster(hosts: int = 8, free_gib: float = 40) -> tuple[Host, ...]:
+    """``hosts`` hosts of 2 x 64 GiB with ``free_gib`` free in each cell."""
+    return tuple(two_cells(f"h{i}", free_gib, free_gib) for i in range(hosts))
+
+
+def _drain_of(n: int, gib: float = 4) -> tuple[Vm, ...]:
+    return tuple(vm(f"v{i}", "h0", gib) for i in range(n))
+
+
+def test_a_focused_drain_sends_to_as_few_hosts_as_hold_it() -> None:
+    # 7 receivers with 80 GiB free each, 16 x 4 GiB to place (10 % headroom: 67.2 GiB plannable each).
+    # Balanced, every receiver gets some; focused, one host holds them (64 GiB), and one is what its
+    # migrations need at once (2 per source, 2 per target)
+    s = snap(*_even_cluster(), vms=_drain_of(16), headroom=10)
+    spread = plan_evacuation(s, ["h0"], spare_hosts=0)
+    focused = plan_evacuation(s, ["h0"], spare_hosts=0, focus=True)
+    assert spread.feasible and focused.feasible and len(focused.placements) == 16
+    assert len({p.target for p in spread.placements}) == 7
+    targets = {p.target for p in focused.placements}
+    assert len(targets) == 1
+    # never past the headroom: every target keeps 10 % of its memory
+    for t in targets:
+        moved = sum(p.memory_mib for p in focused.placements if p.target == t) / GIB
+        assert 48 + moved <= 128 * 0.9
+    assert "best of" in focused.placements[0].reason
+
+
+def test_a_focused_drain_takes_as_many_hosts_as_its_migrations_need() -> None:
+    # 8 migrations per source, 2 per target: four targets at least, though one could hold the drain
+    hosts = tuple(two_cells(f"h{i}", 60, 60) for i in range(8))
+    s = FleetSnapshot(cluster="c", taken_at="t", hosts=hosts, vms=_drain_of(8),
+                      limits=Limits(memory_headroom_pct=0, migrations_per_source=8, migrations_per_target=2))
+    focused = plan_evacuation(s, ["h0"], spare_hosts=0, focus=True)
+    assert len({p.target for p in focused.placements}) == 4
+
+
+def test_a_drain_avoids_hosts_another_drain_fills_and_two_drains_share_no_host() -> None:
+    hosts = (*(two_cells(f"h{i}", 60, 60) for i in range(8)),)
+    vms = (*(vm(f"a{i}", "h0", 8) for i in range(6)), *(vm(f"b{i}", "h1", 8) for i in range(6)))
+    s = snap(*hosts, vms=vms)
+    first = plan_evacuation(s, ["h0"], spare_hosts=0, avoid={"h1"}, focus=True)
+    busy = {p.target for p in first.placements}
+    assert len(busy) < 6  # focused: room for the second drain
+    second = plan_evacuation(s, ["h1"], spare_hosts=0, busy=busy, focus=True)
+    assert first.feasible and second.feasible
+    assert not busy & {p.target for p in second.placements}
+    # a busy host is still used when nothing else fits, with the reason in the plan
+    crowded = snap(two_cells("h0", 0, 0), two_cells("h1", 30, 30), two_cells("h2", 2, 2),
+                   vms=(vm("x", "h0", 20),))
+    plan = plan_evacuation(crowded, ["h0"], spare_hosts=0, busy={"h1"})
+    assert only(plan, "x").target == "h1" and "another drain is sending VMs" in only(plan, "x").reason
+
+
+def test_focus_never_prefers_a_host_due_for_maintenance_over_one_that_is_not() -> None:
+    # "later" is empty and due; b is fuller than the cluster's level but takes the VMs
+    s = snap(two_cells("a", 0, 0), two_cells("later", 64, 64), two_cells("b", 20, 20),
+             vms=(vm("v1", "a", 8), vm("v2", "a", 8)))
+    plan = plan_evacuation(s, ["a"], avoid={"later"}, spare_hosts=0, focus=True)
+    assert {p.target for p in plan.placements} == {"b"}
+
+
+def test_focused_plans_are_deterministic() -> None:
+    s = snap(*_even_cluster(), vms=_drain_of(16))
+    assert plan_evacuation(s, ["h0"], spare_hosts=0, focus=True) == plan_evacuation(s, ["h0"], spare_hosts=0,
+                                                                                    focus=True)
