@@ -255,13 +255,14 @@ def run_night(clusters: int, hosts: int, vms_per_host: int, patch_s: float) -> s
         est = simulate_window(snap, emptiest, dirty_rate=dirty, patch_s=patch_s)
         one = simulate_window(snap, emptiest, dirty_rate=dirty, patch_s=patch_s, drains_at_once=1)
         every = simulate_window(snap, emptiest, dirty_rate=dirty, patch_s=patch_s, drains_at_once=hosts)
+        spread = simulate_window(snap, emptiest, dirty_rate=dirty, patch_s=patch_s, focus=False)
         # oVirt's cluster_upgrade role: one host at a time, 2 migrations per host at 52 MiB/s each
         ovirt = simulate_window(snap, names, dirty_rate=dirty, patch_s=patch_s, parallel=1,
                                 policy=SchedulerPolicy.fixed(2, order=Order.PLAN),
                                 options=MigrationOptions(bandwidth_mib_s=52), params=SimParams(sample_s=5.0))
         ovirt_serial += ovirt.makespan_s
         ours_serial += est.serial_s
-        rows.append((snap.cluster, len(snap.vms), est, one, every, ovirt))
+        rows.append((snap.cluster, len(snap.vms), est, one, every, ovirt, spread))
     at_once = rows[0][2].drains_at_once if rows else 1
     share = slots_per_drain({"": SimParams().default_link_mib_s}, NIGHT_LIMITS, SchedulerPolicy(),
                             MigrationOptions())
@@ -272,16 +273,17 @@ def run_night(clusters: int, hosts: int, vms_per_host: int, patch_s: float) -> s
              f"Simulated in {time.monotonic() - started:.0f} s.\n",
              f"As the flows run a window: up to N+1 hosts in maintenance; each drain holds its source's share "
              f"of the cluster's migration slots (what its link can use: {share} of 16, so {at_once} drains at "
-             f"once) and the inbound lock of "
-             f"every target, so drains side by side never send to the same host (a host whose VMs could only "
-             f"go where another drain sends waits for it); hosts not draining patch, or wait, cordoned. "
-             f"Beside it, the same window with one drain at a time (how the flows ran before 2026-12-02), and "
-             f"with every host in maintenance allowed to drain (still onto disjoint targets).\n",
+             f"once) and the inbound lock of every target, so drains side by side never send to the same host "
+             f"(a host whose VMs could only go where another drain sends waits for it); each patch's plan is "
+             f"focused: as few targets as hold its VMs, patched hosts first; hosts not draining patch, or wait, "
+             f"cordoned. Beside it, the same window with one drain at a time (how the flows ran before "
+             f"2026-12-02), and with every host in maintenance allowed to drain (still onto disjoint, focused "
+             f"targets).\n",
              "| cluster | VMs | hosts at once (N+1) | window | ÷ Σ-bound | ÷ tightest bound | one drain at a time "
              "| every host draining | its ÷ Σ-bound | Σ-bound | wave-bound | drains bound | serial, ours "
              "| serial, oVirt-like | migrations per VM | VMs not moved |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, nvms, est, one, every, ovirt in rows:
+    for name, nvms, est, one, every, ovirt, _ in rows:
         lost = sum(1 for m in est.migrations if m.outcome != "ok")
         lines.append(f"| {name} | {nvms} | {est.parallel} | {est.makespan_s / 3600:.2f} h | {est.ratio:.3f} | "
                      f"{est.bound_ratio:.3f} | {one.makespan_s / 3600:.2f} h | {every.makespan_s / 3600:.2f} h | "
@@ -292,6 +294,7 @@ def run_night(clusters: int, hosts: int, vms_per_host: int, patch_s: float) -> s
     night = max(r[2].makespan_s for r in rows)
     night_one = max(r[3].makespan_s for r in rows)
     night_every = max(r[4].makespan_s for r in rows)
+    night_spread = max(r[6].makespan_s for r in rows)
     unreachable = sum(1 for r in rows if r[2].wave_bound_s > 1.15 * r[2].lower_bound_s)
     lines.append("")
     lines.append(f"- **The night: {night / 3600:.2f} h** (the slowest cluster, as the flows run it); fits an "
@@ -305,6 +308,15 @@ def run_night(clusters: int, hosts: int, vms_per_host: int, patch_s: float) -> s
                  f"{max(r[4].ratio for r in rows):.3f} × the Σ-bound. The bound that counts whole hosts is itself "
                  f"> 1.15 × the Σ-bound in {unreachable} of {clusters} clusters. More drains at once come from "
                  f"a larger `migrations_per_cluster` in the inventory.")
+    def per_vm(i: int) -> str:
+        return (f"{min(len(r[i].migrations) / r[1] for r in rows):.2f}-"
+                f"{max(len(r[i].migrations) / r[1] for r in rows):.2f}")
+
+    lines.append(f"- Without focus (each drain balanced over every host, as an evacuation is): "
+                 f"{night_spread / 3600:.2f} h: drains spread over the whole cluster collide on their targets and "
+                 f"wait for each other. Migrations per VM: {per_vm(2)} focused, {per_vm(6)} without focus, "
+                 f"{per_vm(3)} one drain at a time: more drains early, while few hosts are patched, land more "
+                 f"VMs on hosts that drain later and move them twice.")
     lines.append(f"- Serial host by host over the fleet: ours {ours_serial / 3600:.1f} h "
                  f"({ours_serial / 86400:.1f} days), oVirt-like (2 × 52 MiB/s per host) {ovirt_serial / 3600:.1f} h "
                  f"({ovirt_serial / 86400:.1f} days, {ovirt_serial / (clusters * hosts) / 60:.1f} min a host): "

@@ -21,6 +21,9 @@ RETARGET_ROUNDS = 4
 # How long to wait for the targets' locks before looking at the cluster again: a target that went
 # into maintenance meanwhile holds its lock for the whole maintenance, and the plan must change.
 TARGET_WAIT_S = 30.0
+# ... or this long when none of its targets looked busy just before: another run took one in the
+# moment between (every host of a window plans at once), and a plan that moves off it can start now.
+RACE_WAIT_S = 3.0
 
 
 def _targets(plan: EvacuationPlan) -> list[str]:
@@ -28,36 +31,54 @@ def _targets(plan: EvacuationPlan) -> list[str]:
 
 
 def drain_planned(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot,
-                  avoid: list[str] | None = None) -> tuple[EvacuationPlan, DrainReport]:
+                  avoid: list[str] | None = None, focus: bool = False) -> tuple[EvacuationPlan, DrainReport]:
     """Drain ``plan`` (made on ``planned_on``); return the plan that ran and its report.
 
     Holds the ``inbound:`` lock of every target and this drain's share of the cluster's migration
     slots (``drain_share``: what its sources' links can use; flows/locks.py), so other hosts of the
     cluster drain at the same time onto other targets. Holding them, it discovers the cluster again:
     a plan that no longer fits is re-made and recorded (step ``replan``); one re-made onto targets it
-    does not hold is taken up again with those. Targets busy for long (another drain, a host gone
-    into maintenance) make it look again every :data:`TARGET_WAIT_S`; only re-made plans count
-    against :data:`RETARGET_ROUNDS`.
+    does not hold is taken up again with those; only these re-plans count against
+    :data:`RETARGET_ROUNDS`. Before taking the locks, and again while targets are busy (another drain
+    sends there, a host went into maintenance: every :data:`TARGET_WAIT_S`, or :data:`RACE_WAIT_S`
+    when they were free a moment before), it looks at the cluster: a plan that no longer fits is
+    re-made, and one that fits is moved off the busy hosts when the cluster has room for that
+    (``retarget``, recorded too); otherwise it waits on.
     """
     logger = get_run_logger()
+    rt = ref.open()
+    hosts = [h.name for h in rt.inventory.hosts_of(plan.cluster)]
     # its sources' links decide how many slots the drain can use; the rest are for the drains beside it
-    share = drain_share(ref.open(), plan)
+    share = drain_share(rt, plan)
     rounds = 0
     while rounds < RETARGET_ROUNDS:
+        busy = locks.busy_targets(hosts)
+        wait_s = RACE_WAIT_S
+        if set(_targets(plan)) & set(busy):
+            # Another drain fills a target now (a window's hosts all plan at its start): has the
+            # cluster changed under the plan, and if not, is there room off the busy hosts?
+            fresh, now = t.recheck_plan(ref, run, plan, planned_on, avoid or [], focus)
+            planned_on = now
+            if fresh != plan:
+                plan = fresh
+                rounds += 1
+                continue
+            plan = t.retarget_plan(ref, run, plan, now, busy, avoid or [], focus)
+            if plan == fresh:
+                wait_s = TARGET_WAIT_S  # no room elsewhere: wait for those drains
+            else:
+                logger.info("%s: targets busy with other drains; re-planned onto %s", ", ".join(plan.hosts),
+                            ", ".join(_targets(plan)))
         held = _targets(plan)
         try:
-            with locks.drain_slots(plan.cluster, held, share, wait_seconds=TARGET_WAIT_S):
-                plan, now = t.recheck_plan(ref, run, plan, planned_on, avoid or [])
+            with locks.drain_slots(plan.cluster, held, share, wait_seconds=wait_s):
+                plan, now = t.recheck_plan(ref, run, plan, planned_on, avoid or [], focus)
                 if set(_targets(plan)) <= set(held):
                     return plan, t.drain_host(ref, run, plan, now, share)
             logger.info("the re-made plan for %s sends VMs to %s as well: taking those", ", ".join(plan.hosts),
                         ", ".join(sorted(set(_targets(plan)) - set(held))))
         except LockHeldError:
-            # still busy: has the cluster changed under the plan (a target cordoned, say)?
-            plan, now = t.recheck_plan(ref, run, plan, planned_on, avoid or [])
-            if _targets(plan) == held:
-                planned_on = now
-                continue  # the same targets: another drain is still at work there, wait on
+            continue  # still busy after the wait: look at the cluster and the busy hosts again
         planned_on = now
         rounds += 1
     raise PlanError(f"the plan for {', '.join(plan.hosts)} kept changing while other drains filled its targets "

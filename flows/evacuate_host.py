@@ -49,11 +49,12 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
         expected = [v.name for v in snapshot.vms]
         expected += [vm for vm in stopped if vm not in expected]
         try:
-            # hosts another drain fills right now come last, so this drain can run beside it
-            prefer_not = locks.busy_targets([h.name for h in rt.inventory.hosts_of(cluster)])
-            plan = t.plan_evacuation(ref, run, host, prefer_not, snapshot=snapshot)
+            # hosts another drain fills right now come last, so this drain can run beside it; not
+            # focused: the VMs stay where they land, so they are balanced over every host
+            busy = locks.busy_targets([h.name for h in rt.inventory.hosts_of(cluster)])
+            plan = t.plan_evacuation(ref, run, host, snapshot=snapshot, busy=busy)
             logger.info("plan:\n%s", render_plan(plan))
-            plan, report = drain_planned(ref, run, plan, snapshot, prefer_not)
+            plan, report = drain_planned(ref, run, plan, snapshot)
             t.check_invariants(ref, cluster, expected, stopped)
             stopped = sorted({*stopped, *t.stop_unmigratable(ref, run, plan)})
             t.confirm_empty(ref, run, host)

@@ -47,7 +47,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
     if window_id and host in rt.states.patched_in(window_id):
         return outcome(StepOutcome.SKIPPED, f"already patched in window {window_id}")
     if dry_run:
-        preview = t.plan_evacuation(ref, run, host, avoid or [], dry_run=True)
+        preview = t.plan_evacuation(ref, run, host, avoid or [], dry_run=True, focus=True)
         logger.info("dry run, nothing changes:\n%s", render_plan(preview))
         return outcome(StepOutcome.DRY_RUN, render_plan(preview))
 
@@ -71,11 +71,13 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
             expected += [vm for vm in stopped if vm not in expected]
             if state in BEFORE_DRAINED:
                 try:
-                    # hosts another drain fills right now come last, so this drain can run beside it
-                    prefer_not = [*(avoid or []), *locks.busy_targets([h.name for h in rt.inventory.hosts_of(cluster)])]
-                    plan = t.plan_evacuation(ref, run, host, prefer_not, snapshot=snapshot)
+                    # Hosts another drain fills right now come last, so this drain can run beside it;
+                    # focused on few hosts, so the next drains can too (the VMs return home after the
+                    # patch, or a window rebalances at its end)
+                    busy = locks.busy_targets([h.name for h in rt.inventory.hosts_of(cluster)])
+                    plan = t.plan_evacuation(ref, run, host, avoid or [], snapshot=snapshot, busy=busy, focus=True)
                     logger.info("plan:\n%s", render_plan(plan))
-                    plan, report = drain_planned(ref, run, plan, snapshot, prefer_not)
+                    plan, report = drain_planned(ref, run, plan, snapshot, avoid or [], focus=True)
                     migrations += report.results
                 except PlanError:
                     # Refused before anything moved (N+1, a VM that fits nowhere): the patch never

@@ -110,7 +110,9 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
                     break
             waiting_for_room = None
             pending.pop(0)
-            avoid = [h for h in pending if h != host]
+            # due later, and those started a moment ago that may not be cordoned yet: a plan made now
+            # must not send VMs to a host about to go into maintenance (it would wait for its drain)
+            avoid = [h for h in (*running, *pending) if h != host]
             running[host] = patch_one.submit(host, inv_path, operator, window_id, trigger, avoid)
         if not running:
             break

@@ -159,21 +159,24 @@ def snapshot(rt: Runtime, cluster: str) -> FleetSnapshot:
                             origins=rt.states.origins(), source=rt.source, skip_unreachable=skip)
 
 
-def plan_drain(rt: Runtime, run: RunContext, host: str, *, avoid: Sequence[str] = (),
-               dry_run: bool = False, snap: FleetSnapshot | None = None) -> EvacuationPlan:
+def plan_drain(rt: Runtime, run: RunContext, host: str, *, avoid: Sequence[str] = (), busy: Sequence[str] = (),
+               focus: bool = False, dry_run: bool = False, snap: FleetSnapshot | None = None) -> EvacuationPlan:
     """Discover, check N+1 and plan the evacuation of ``host``. Raises PlanError when unsafe.
 
-    With ``dry_run`` an unsafe plan is returned (to be printed) instead of raised,
-    and the audit record says dry-run. ``snap``: the cluster as the caller discovered it
-    just now, after cordoning ``host`` (the plan is made on it instead of discovering again).
+    ``avoid``: hosts due for maintenance later; ``busy``: hosts other drains fill now; ``focus``:
+    send to few hosts (see ``plan_evacuation``). With ``dry_run`` an unsafe plan is returned (to be
+    printed) instead of raised, and the audit record says dry-run. ``snap``: the cluster as the
+    caller discovered it just now, after cordoning ``host`` (the plan is made on it instead of
+    discovering again).
     """
     cluster = rt.cluster_of(host)
-    with audited(rt, run, "plan", host=host, inputs={"avoid": list(avoid), "dry_run": dry_run}) as rec:
+    with audited(rt, run, "plan", host=host, inputs={"avoid": list(avoid), "busy": list(busy), "focus": focus,
+                                                     "dry_run": dry_run}) as rec:
         if snap is None:
             snap = snapshot(rt, cluster)
         elif snap.cluster != cluster:
             raise PlanError(f"planning {host} of cluster {cluster} on a snapshot of cluster {snap.cluster}")
-        plan = plan_evacuation(snap, [host], avoid=tuple(avoid))
+        plan = plan_evacuation(snap, [host], avoid=tuple(avoid), busy=tuple(busy), focus=focus)
         if plan.capacity is None:
             plan = plan.model_copy(update={"capacity": check_capacity(snap, [host])})
         rec.details["plan"] = plan.model_dump(mode="json")
@@ -191,7 +194,7 @@ def plan_drain(rt: Runtime, run: RunContext, host: str, *, avoid: Sequence[str] 
 
 
 def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot, now: FleetSnapshot, *,
-           avoid: Sequence[str] = ()) -> EvacuationPlan:
+           avoid: Sequence[str] = (), focus: bool = False) -> EvacuationPlan:
     """``plan`` if it still fits the cluster as ``now`` shows it; otherwise a new plan made on ``now``,
     with its own audit record (step ``replan``: why, and the plan that replaces the old one).
 
@@ -204,7 +207,7 @@ def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: Fleet
     host = plan.hosts[0] if plan.hosts else None
     with audited(rt, run, "replan", host=host, cluster=plan.cluster,
                  inputs={"reasons": reasons, "replaces": plan.snapshot_digest, "avoid": list(avoid)}) as rec:
-        fresh = plan_evacuation(now, list(plan.hosts), avoid=tuple(avoid))
+        fresh = plan_evacuation(now, list(plan.hosts), avoid=tuple(avoid), focus=focus)
         rec.details["plan"] = fresh.model_dump(mode="json")
         log.info("%s: the plan changed while it waited (%s); re-planned:\n%s", ", ".join(plan.hosts),
                  "; ".join(reasons), render_plan(fresh))
@@ -218,11 +221,35 @@ def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: Fleet
 
 
 def recheck_plan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot, *,
-                 avoid: Sequence[str] = ()) -> tuple[EvacuationPlan, FleetSnapshot]:
+                 avoid: Sequence[str] = (), focus: bool = False) -> tuple[EvacuationPlan, FleetSnapshot]:
     """The cluster discovered now, and the plan to drain on it: ``plan`` (made on ``planned_on``) if it
     still fits, else a recorded re-plan (:func:`replan`). For a caller that holds the plan's targets."""
     now = snapshot(rt, plan.cluster)
-    return replan(rt, run, plan, planned_on, now, avoid=avoid), now
+    return replan(rt, run, plan, planned_on, now, avoid=avoid, focus=focus), now
+
+
+def retarget(rt: Runtime, run: RunContext, plan: EvacuationPlan, now: FleetSnapshot, busy: Sequence[str], *,
+             avoid: Sequence[str] = (), focus: bool = False) -> EvacuationPlan:
+    """``plan`` moved off the hosts other drains fill now (``busy``), when a plan on ``now`` that sends
+    to none of them exists; else ``plan`` itself, to wait for them. A plan made before those drains
+    began (every host of a window plans at its start) would otherwise wait for each in turn.
+
+    A new plan gets its audit record (step ``replan``, reason: the busy targets)."""
+    taken = sorted({p.target for p in plan.placements} & set(busy))
+    if not taken:
+        return plan
+    fresh = plan_evacuation(now, list(plan.hosts), avoid=tuple(avoid), busy=tuple(busy), focus=focus)
+    if not fresh.feasible or {p.target for p in fresh.placements} & set(busy):
+        return plan
+    host = plan.hosts[0] if plan.hosts else None
+    reasons = [f"{t} is busy: another drain sends VMs there" for t in taken]
+    with audited(rt, run, "replan", host=host, cluster=plan.cluster,
+                 inputs={"reasons": reasons, "replaces": plan.snapshot_digest, "avoid": list(avoid),
+                         "busy": list(busy), "focus": focus}) as rec:
+        rec.details["plan"] = fresh.model_dump(mode="json")
+        log.info("%s: its targets %s are busy with other drains; re-planned onto free hosts:\n%s",
+                 ", ".join(plan.hosts), ", ".join(taken), render_plan(fresh))
+    return fresh
 
 
 def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: FleetSnapshot | None = None,

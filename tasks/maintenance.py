@@ -38,14 +38,22 @@ def room_in_window(ref: RuntimeRef, cluster: str, in_maintenance: list[str], hos
 
 @task(name="plan-evacuation", cache_policy=NO_CACHE, **IO_RETRIES)
 def plan_evacuation(ref: RuntimeRef, run: RunContext, host: str, avoid: list[str] | None = None,
-                    dry_run: bool = False, snapshot: FleetSnapshot | None = None) -> EvacuationPlan:
-    return steps.plan_drain(ref.open(), run, host, avoid=avoid or [], dry_run=dry_run, snap=snapshot)
+                    dry_run: bool = False, snapshot: FleetSnapshot | None = None, busy: list[str] | None = None,
+                    focus: bool = False) -> EvacuationPlan:
+    return steps.plan_drain(ref.open(), run, host, avoid=avoid or [], busy=busy or [], focus=focus,
+                            dry_run=dry_run, snap=snapshot)
 
 
 @task(name="recheck-plan", cache_policy=NO_CACHE, **IO_RETRIES)
 def recheck_plan(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot,
-                 avoid: list[str] | None = None) -> tuple[EvacuationPlan, FleetSnapshot]:
-    return steps.recheck_plan(ref.open(), run, plan, planned_on, avoid=avoid or [])
+                 avoid: list[str] | None = None, focus: bool = False) -> tuple[EvacuationPlan, FleetSnapshot]:
+    return steps.recheck_plan(ref.open(), run, plan, planned_on, avoid=avoid or [], focus=focus)
+
+
+@task(name="retarget-plan", cache_policy=NO_CACHE, **IO_RETRIES)
+def retarget_plan(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, now: FleetSnapshot, busy: list[str],
+                  avoid: list[str] | None = None, focus: bool = False) -> EvacuationPlan:
+    return steps.retarget(ref.open(), run, plan, now, busy, avoid=avoid or [], focus=focus)
 
 
 @task(name="drain", cache_policy=NO_CACHE)

@@ -62,6 +62,7 @@ from hostmaint.models import (
     StepOutcome,
     WindowPlan,
 )
+from hostmaint.placement.evacuate import BUSY, DUE, PREFERRED
 
 EPS = 1e-9
 
@@ -554,7 +555,8 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
                     policy: SchedulerPolicy | None = None, options: MigrationOptions = MigrationOptions(),
                     dirty_rate: Mapping[str, float] | None = None, params: SimParams = SimParams(),
                     patch_s: float = 600.0, parallel: int | None = None, spare_hosts: int = 1,
-                    just_in_time: bool = True, drains_at_once: int | None = None) -> WindowEstimate:
+                    just_in_time: bool = True, drains_at_once: int | None = None,
+                    focus: bool = True) -> WindowEstimate:
     """Simulate a rolling window over ``snapshot``'s cluster: drain, patch (``patch_s``: update, reboot,
     verify) and return each host, ``parallel`` hosts at once (default: what N+1 capacity allows).
 
@@ -567,17 +569,19 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
 
     With a :class:`WindowPlan` its placements are used, and a host starts only when the hosts its VMs
     go to are not in maintenance (and those that send VMs to it are done sending). With a list of
-    hosts each host's VMs are placed when its drain begins (as the flows re-plan a plan that waited),
-    largest first, onto the active host with the most free memory, patched hosts preferred. Also
+    hosts each host's VMs are placed when its drain begins (as the flows re-plan a plan whose targets
+    another drain took), largest first, ranked as the planner ranks them: patched hosts before hosts
+    due later, busy hosts last, and with ``focus`` (the flows' patches) the drain's few focus hosts
+    first within each; most free memory stands in for the balance objective. Also
     simulates the same hosts one at a time (``serial_s``) for the lower bounds. Pure and deterministic.
     """
     policy = policy or SchedulerPolicy()
     names = list(window.order) if isinstance(window, WindowPlan) else list(window)
     k = parallel if parallel is not None else parallel_capacity(snapshot, names, spare_hosts=spare_hosts)
     run = _run_window(snapshot, window, names, k, policy, options, dirty_rate, params, patch_s, just_in_time,
-                      drains_at_once)
+                      drains_at_once, focus)
     serial = run if k == 1 else _run_window(snapshot, window, names, 1, policy, options, dirty_rate, params,
-                                            patch_s, just_in_time, drains_at_once)
+                                            patch_s, just_in_time, drains_at_once, focus)
     per_host = sorted((h.end_s - h.start_s for h in serial[0]), reverse=True)
     bound = max(sum(per_host) / max(k, 1), max(per_host, default=0.0))
     waves = max(((m + 1) * per_host[m * k] for m in range(math.ceil(len(per_host) / k))), default=0.0)
@@ -595,8 +599,8 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
 
 def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], names: list[str], k: int,
                 policy: SchedulerPolicy, options: MigrationOptions, dirty_rate: Mapping[str, float] | None,
-                params: SimParams, patch_s: float, just_in_time: bool, drains_at_once: int | None = None
-                ) -> tuple[tuple[HostEstimate, ...], tuple[SimMigration, ...], float]:
+                params: SimParams, patch_s: float, just_in_time: bool, drains_at_once: int | None = None,
+                focus: bool = True) -> tuple[tuple[HostEstimate, ...], tuple[SimMigration, ...], float]:
     limits = snapshot.limits
     free: dict[str, float] = {}
     for h in snapshot.hosts:
@@ -638,19 +642,44 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
         # every earlier host that sends VMs here must be done sending
         return all(jobs[o].drained >= 0 for o in names[:order_idx[name]] if name in targets_of(o))
 
+    at_least = math.ceil(min(limits.migrations_per_source, limits.migrations_per_cluster)
+                         / limits.migrations_per_target)
+
     def place(name: str, busy: set[str]) -> list[Placement] | None:
         """Where ``name``'s VMs go; None when one can only go to a host another drain fills now (it
-        waits for that drain, as the flows wait for the target's inbound lock)."""
+        waits for that drain, as the flows wait for the target's inbound lock).
+
+        As the planner ranks targets (``placement.evacuate``): not due for maintenance (patched, or
+        outside the window) before due, busy last; with ``focus``, the drain's few focus hosts
+        (emptiest first, as many as hold it) before the rest of their kind. Most free memory
+        stands in for the planner's balance objective."""
         if planned:
             return planned.get(name, [])
         out: list[Placement] = []
         vms = sorted((v for v, h in location.items() if h == name), key=lambda v: (-memory[v], v))
         candidates = [h for h in sorted(active) if h not in in_maint and h != name]
+        due = {h for h in candidates if h in order_idx and h not in patched}
+        chosen: set[str] = set()
+        if focus:
+            need, room = sum(memory[v] for v in vms), 0.0
+            for h in sorted((c for c in candidates if c not in busy), key=lambda c: (c in due, -free[c], c)):
+                if room >= need and len(chosen) >= at_least:
+                    break
+                if free[h] > 0:
+                    chosen.add(h)
+                    room += free[h]
+
+        def rank(h: str) -> int:
+            if h in busy:
+                return BUSY
+            base = DUE if h in due else PREFERRED
+            return base + 1 if focus and h not in chosen else base
+
         for vm in vms:
             fitting = [h for h in candidates if free[h] >= memory[vm]]
             if not fitting:
                 continue  # left on the host: the drain of this host fails
-            best = max(fitting, key=lambda h: (h in patched and h not in busy, h not in busy, free[h], h))
+            best = max(fitting, key=lambda h: (-rank(h), free[h], h))
             if best in busy:
                 for p in out:
                     free[p.target] += p.memory_mib

@@ -433,6 +433,63 @@ def test_two_hosts_drain_side_by_side_onto_different_targets(tmp_path: Path, hos
     assert {r.host: r.inputs["cluster_slots"] for r in records if r.step == "drain"} == {"hv01": 2, "hv02": 2}
 
 
+def test_a_windows_hosts_drain_side_by_side_though_they_planned_at_once(tmp_path: Path, hostmaint_db: Path) -> None:
+    from flows.locks import ensure_limits
+    from tests.side_by_side import assert_drained_at_once_onto_different_hosts
+
+    # A window of two at once: both hosts plan at its start, on the same cluster, before either drain
+    # holds a target. Focused, each plan picks the emptiest hosts, the same ones; the second to take
+    # its locks finds them busy and moves off them instead of waiting for the first drain to end.
+    snap = demo_snapshot(8, 24, cluster="window2")
+    snap = snap.model_copy(update={"limits": snap.limits.model_copy(
+        update={"max_hosts_in_maintenance": 2, "migrations_per_cluster": 4, "migrations_per_source": 2})})
+    inventory = write_simulated_fleet(tmp_path / "eight", snap, demo_packages(snap), time_scale=4.0)
+    ensure_limits(inventory)
+
+    outcomes = patch_window(cluster="window2", hosts=["hv01", "hv02"], max_hosts_in_parallel=2, window_id="w-two",
+                            operator="sched", inventory=str(inventory), trigger=Trigger.TEST, rebalance_moves=0)
+
+    assert {o.host: o.outcome for o in outcomes} == {"hv01": StepOutcome.OK, "hv02": StepOutcome.OK}, outcomes
+    assert_each_vm_runs_once(inventory, {v.name for v in snap.vms})
+    records = audit().records()
+    assert_drained_at_once_onto_different_hosts(records, "hv01", "hv02")
+    plans = {r.host: r for r in records if r.step == "plan"}
+    assert all(p.inputs["focus"] for p in plans.values())
+    # each drain went to fewer hosts than the six it could have spread over
+    for host in ("hv01", "hv02"):
+        assert len({r.inputs["target"] for r in records if r.step == "migrate" and r.host == host}) < 6
+    moved_off = [r for r in records if r.step == "replan" and any("busy" in why for why in r.inputs["reasons"])]
+    first_targets = {h: {p["target"] for p in plans[h].details["plan"]["placements"]} for h in ("hv01", "hv02")}
+    # Plans that collided (both made before either drain held a target: the usual case) had one
+    # re-made onto free hosts, recorded; a plan made after the other drain took its targets avoided them
+    if first_targets["hv01"] & first_targets["hv02"]:
+        assert len(moved_off) == 1 and moved_off[0].details["plan"]["placements"], moved_off
+    else:
+        assert not moved_off and any(plans[h].inputs["busy"] for h in plans), plans
+
+
+def test_a_plan_whose_targets_another_drain_fills_moves_off_them_when_the_cluster_has_room(
+        sim_inventory: Path) -> None:
+    from hostmaint import maintenance as steps
+
+    rt, run, planned_on, _ = cordoned_and_planned(sim_inventory, "hv01")
+    plan = steps.plan_drain(rt, run, "hv01", snap=planned_on, focus=True)  # as a patch plans
+    targets = sorted({p.target for p in plan.placements})
+    others = sorted({h.name for h in planned_on.hosts} - {"hv01", *targets})
+    assert others  # demo: 4 hosts, a focused plan sends to fewer than 3
+
+    moved = steps.retarget(rt, run, plan, planned_on, targets, focus=True)
+    assert moved.feasible and not {p.target for p in moved.placements} & set(targets)
+    [record] = [r for r in audit().records() if r.step == "replan"]
+    assert record.inputs["busy"] == targets and all("busy" in why for why in record.inputs["reasons"])
+    assert record.details["plan"]["placements"] == [p.model_dump(mode="json") for p in moved.placements]
+    # every other host busy too: nothing better, the plan stays and waits (no record)
+    assert steps.retarget(rt, run, plan, planned_on, [*targets, *others], focus=True) == plan
+    # none of its targets busy: nothing to do
+    assert steps.retarget(rt, run, plan, planned_on, others, focus=True) == plan
+    assert len([r for r in audit().records() if r.step == "replan"]) == 1
+
+
 class _MidMigration:
     """The sim fleet as libvirt shows it while another run migrates: ``moving`` VMs also sit on a second
     host, paused for the migration (``incoming``), or only there at the switch-over (``switching``)."""

@@ -282,3 +282,22 @@ def test_longest_first_starts_a_vm_that_dirties_past_its_stream_early_not_last()
     assert last.migrations[0].start_s > 0.0
     assert ours.makespan_s < last.makespan_s
     assert SchedulerPolicy().order is Order.LONGEST_FIRST
+
+
+def test_focused_drains_send_to_fewer_hosts_and_more_of_them_overlap() -> None:
+    # as the flows' patches plan: each drain onto as few hosts as hold it, so the next drains find
+    # hosts no drain fills; balanced over every host, drains collide on their targets and wait
+    snap = cluster(12, 6, max_hosts_in_maintenance=12, migrations_per_cluster=16, migrations_per_source=8,
+                   migrations_per_target=4)
+    names = [h.name for h in snap.hosts]
+    focused = simulate_window(snap, names, patch_s=300)
+    spread = simulate_window(snap, names, patch_s=300, focus=False)
+    for est in (focused, spread):
+        assert all(h.outcome is StepOutcome.OK for h in est.hosts)
+        assert {m.vm for m in est.migrations} == {v.name for v in snap.vms}
+    widest = {name: max(len({m.target for m in est.migrations if m.source == h}) for h in names)
+              for name, est in (("focused", focused), ("spread", spread))}
+    # 6 x 16 GiB onto hosts with 160 GiB free: one host holds a drain; 8 out / 4 in: two are needed
+    assert widest == {"focused": 2, "spread": 6}
+    assert len(_overlapping(focused)) > len(_overlapping(spread))
+    assert focused.makespan_s < spread.makespan_s
