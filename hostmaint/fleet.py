@@ -10,16 +10,19 @@ contract; see docs/snapshot.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import ValidationError
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
-from hostmaint.drivers.base import Hypervisor
+from hostmaint.drivers.base import Hypervisor, MigrationStates
 from hostmaint.errors import SnapshotError
 from hostmaint.inventory import Inventory
 from hostmaint.models import FleetSnapshot, Host, HostDiscovery, HostState, UnmigratableAction, Vm
+
+DISCOVERY_ATTEMPTS = 3
 
 
 def apply_policies(inventory: Inventory, cluster: str, vm: Vm) -> Vm:
@@ -39,10 +42,17 @@ def apply_policies(inventory: Inventory, cluster: str, vm: Vm) -> Vm:
 
 def build_snapshot(inventory: Inventory, cluster: str, discoveries: Mapping[str, HostDiscovery], *,
                    states: Mapping[str, HostState] | None = None, origins: Mapping[str, str] | None = None,
-                   source: str = "libvirt", now: datetime | None = None) -> FleetSnapshot:
-    """Join discoveries, kept state and inventory policy into one snapshot of ``cluster``."""
+                   source: str = "libvirt", now: datetime | None = None,
+                   moving: Mapping[str, Collection[str]] | None = None) -> FleetSnapshot:
+    """Join discoveries, kept state and inventory policy into one snapshot of ``cluster``.
+
+    ``moving``: per host, the VMs there only because a live migration is moving them (paused for it,
+    ``MigrationStates.in_migration``). Another run's migration shows its VM on two hosts; the
+    snapshot keeps the copy that runs (both paused, at the switch-over: the first host by name).
+    A VM on two hosts with neither copy moving is inconsistent: SnapshotError."""
     states = states or {}
     origins = origins or {}
+    moving = moving or {}
     hosts: list[Host] = []
     vms: list[Vm] = []
     for entry in inventory.hosts_of(cluster):
@@ -55,6 +65,14 @@ def build_snapshot(inventory: Inventory, cluster: str, discoveries: Mapping[str,
         for vm in found.vms:
             vm = vm.model_copy(update={"host": entry.name, "origin": origins.get(vm.name)})
             vms.append(apply_policies(inventory, cluster, vm))
+    copies: dict[str, list[Vm]] = {}
+    for vm in vms:
+        copies.setdefault(vm.name, []).append(vm)
+    for name, seen in copies.items():
+        transit = [v for v in seen if name in moving.get(v.host, ())]
+        if len(seen) > 1 and transit:
+            keep = [v for v in seen if v not in transit] or transit[:1]
+            vms = [v for v in vms if v.name != name or v in keep]
     taken = (now or datetime.now(UTC)).isoformat(timespec="seconds")
     try:
         return FleetSnapshot(cluster=cluster, taken_at=taken, source=source,
@@ -71,14 +89,24 @@ def discover_cluster(inventory: Inventory, cluster: str, hypervisor: Hypervisor,
     """Discover every host of ``cluster`` through ``hypervisor`` and build a snapshot.
 
     Hosts named in ``skip_unreachable`` (a host that is rebooting, say) are left out;
-    any other unreachable host raises, since a plan without it would be wrong.
+    any other unreachable host raises, since a plan without it would be wrong. Hosts are asked one
+    after another, so a migration that ends between two of them can show its VM running on both:
+    an inconsistent discovery is made again, up to :data:`DISCOVERY_ATTEMPTS` times, a second apart.
     """
-    discoveries = {}
-    for entry in inventory.hosts_of(cluster):
-        if entry.name in skip_unreachable:
-            continue
-        discoveries[entry.name] = hypervisor.discover(entry.name)
-    return build_snapshot(inventory, cluster, discoveries, states=states, origins=origins, source=source)
+    for attempt in Retrying(stop=stop_after_attempt(DISCOVERY_ATTEMPTS), wait=wait_fixed(1.0),
+                            retry=retry_if_exception_type(SnapshotError), reraise=True):
+        with attempt:
+            discoveries = {}
+            moving: dict[str, tuple[str, ...]] = {}
+            for entry in inventory.hosts_of(cluster):
+                if entry.name in skip_unreachable:
+                    continue
+                discoveries[entry.name] = hypervisor.discover(entry.name)
+                if isinstance(hypervisor, MigrationStates):
+                    moving[entry.name] = hypervisor.in_migration(entry.name)
+            return build_snapshot(inventory, cluster, discoveries, states=states, origins=origins, source=source,
+                                  moving=moving)
+    raise AssertionError("unreachable: the last attempt returns or raises")
 
 
 def _first_error(exc: ValidationError) -> str:

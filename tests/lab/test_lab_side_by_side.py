@@ -80,3 +80,38 @@ def test_two_real_drains_run_side_by_side_onto_different_hosts(four_hosts: tuple
     assert not rt.hypervisor.running_vms("hv01") and not rt.hypervisor.running_vms("hv02")
     assert_drained_at_once_onto_different_hosts(rt.audit.records(), "hv01", "hv02")  # real migrations at once
     assert rt.audit.verify().ok
+
+
+def test_a_real_window_of_two_patches_drains_them_side_by_side(four_hosts: tuple[LabInfo, Path]) -> None:
+    """After the evacuations above the guests run on hv03 and hv04, and hv01 and hv02 are empty. A
+    patch window of hv03 and hv04, two at once: both plan at its start, focused on the emptiest hosts
+    (the same one, unless the second plans after the first drain took it); they drain at the same
+    time, each onto a host of its own, patch, reboot and come back."""
+    from flows.patch_window import patch_window
+    from hostmaint.models import Trigger
+    from hostmaint.runtime import open_runtime
+    from tests.side_by_side import assert_drained_at_once_onto_different_hosts
+
+    info, inventory = four_hosts
+    rt = open_runtime(inventory)
+    hosts = [h.name for h in info.hosts]
+    for host in ("hv01", "hv02"):  # the operator puts the evacuated hosts back
+        if rt.states.state(host) is not HostState.ACTIVE:
+            rt.states.transition(host, HostState.ACTIVE, "test: operator uncordon")
+    guests = {vm for h in hosts for vm in rt.hypervisor.running_vms(h)}
+    assert not rt.hypervisor.running_vms("hv01") and not rt.hypervisor.running_vms("hv02")
+    seen = len(rt.audit.records())
+
+    outcomes = patch_window(cluster=rt.cluster_of("hv03"), hosts=["hv03", "hv04"], max_hosts_in_parallel=2,
+                            window_id="lab-two", operator="lab", inventory=str(inventory), trigger=Trigger.TEST,
+                            rebalance_moves=0)
+
+    assert {o.host: o.outcome for o in outcomes} == {"hv03": StepOutcome.OK, "hv04": StepOutcome.OK}, outcomes
+    running = {h: rt.hypervisor.running_vms(h) for h in hosts}
+    assert sorted(vm for vms in running.values() for vm in vms) == sorted(guests)  # each once, none lost
+    assert not running["hv03"] and not running["hv04"]
+    records = rt.audit.records()[seen:]
+    assert_drained_at_once_onto_different_hosts(records, "hv03", "hv04")
+    assert all(r.inputs["focus"] for r in records if r.step == "plan")
+    assert {r.host for r in records if r.step == "verify"} == {"hv03", "hv04"}
+    assert rt.audit.verify().ok

@@ -1,0 +1,65 @@
+"""The snapshot a discovery builds while other runs migrate: a VM on two hosts, once or wrongly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hostmaint.errors import SnapshotError
+from hostmaint.fleet import build_snapshot, discover_cluster
+from hostmaint.inventory import load_inventory
+from hostmaint.models import Cell, HostDiscovery, Vm
+
+INVENTORY = load_inventory(Path(__file__).resolve().parents[2] / "examples" / "inventory.yaml")
+
+
+def seen(host: str, *vms: str) -> HostDiscovery:
+    return HostDiscovery(host=host, cells=(Cell(id=0, memory_mib=65536, free_mib=32768),),
+                         vms=tuple(Vm(name=v, uuid=f"u-{v}", host=host, memory_mib=2048, vcpus=1) for v in vms))
+
+
+def test_a_vm_another_run_migrates_is_in_the_snapshot_once_where_it_runs() -> None:
+    found = {"hv01": seen("hv01", "web", "db"), "hv02": seen("hv02", "web"), "hv03": seen("hv03")}
+    # pre-copy: the target's copy is paused for the migration, the source's runs
+    snap = build_snapshot(INVENTORY, "prod-a", found, moving={"hv02": ("web",)})
+    assert [(v.name, v.host) for v in snap.vms] == [("db", "hv01"), ("web", "hv01")]
+    # post-copy: the source's copy is the paused one
+    snap = build_snapshot(INVENTORY, "prod-a", found, moving={"hv01": ("web",)})
+    assert [(v.name, v.host) for v in snap.vms] == [("db", "hv01"), ("web", "hv02")]
+    # the switch-over: both paused, the VM is still counted once
+    snap = build_snapshot(INVENTORY, "prod-a", found, moving={"hv01": ("web",), "hv02": ("web",)})
+    assert [v.name for v in snap.vms] == ["db", "web"]
+
+
+def test_a_vm_running_on_two_hosts_with_no_migration_is_refused() -> None:
+    found = {"hv01": seen("hv01", "web"), "hv02": seen("hv02", "web"), "hv03": seen("hv03")}
+    with pytest.raises(SnapshotError, match="web"):
+        build_snapshot(INVENTORY, "prod-a", found)
+    # a paused copy of another VM changes nothing for this one
+    with pytest.raises(SnapshotError, match="web"):
+        build_snapshot(INVENTORY, "prod-a", found, moving={"hv02": ("db",)})
+
+
+class _Flaky:
+    """A hypervisor whose first look catches a migration ending between two hosts' answers."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    def discover(self, host: str) -> HostDiscovery:
+        if host == "hv01":
+            self.looks += 1
+        moved = self.looks > 1
+        vms = {"hv01": () if moved else ("web",), "hv02": ("web",), "hv03": ()}[host]
+        return seen(host, *vms)
+
+    def in_migration(self, host: str) -> tuple[str, ...]:
+        return ()  # asked after the migration ended: nothing is paused for it any more
+
+
+def test_a_discovery_torn_by_a_migration_ending_is_made_again() -> None:
+    hypervisor = _Flaky()
+    snap = discover_cluster(INVENTORY, "prod-a", hypervisor)  # type: ignore[arg-type]
+    assert hypervisor.looks == 2
+    assert [(v.name, v.host) for v in snap.vms] == [("web", "hv02")]
