@@ -9,9 +9,10 @@ The procedure, as ``plan_evacuation`` runs it:
    leave the host out of the plan altogether.
 3. Placement, hardest VMs first (vNUMA, pinned, hugepages, then by size):
    each VM goes where the balance objective grows least, among active hosts of
-   the same CPU group that are not drained. Tiers, in order: NUMA-local on a
-   host not in ``avoid``; NUMA-local on an avoided host; only then NUMA-remote
-   (not avoided, then avoided). A VM that fits nowhere is a Blocker naming the
+   the same CPU group that are not drained. Order: NUMA-local before remote, and
+   within each by the target's rank (:data:`Ranks`: focus hosts, other hosts,
+   hosts due for maintenance, hosts another drain fills now). A VM that fits
+   nowhere is a Blocker naming the
    constraint that stopped it on most hosts.
 
 Pure and deterministic: hosts and VMs are taken in sorted order and ties are
@@ -56,7 +57,7 @@ DUE_UNFOCUSED = 3  # due for maintenance later, outside the few
 BUSY = 4  # another drain sends VMs there now: this drain would wait for it
 KIND = {PREFERRED: 0, UNFOCUSED: 0, DUE: 1, DUE_UNFOCUSED: 1, BUSY: 2}
 RANK_NOTES = {
-    UNFOCUSED: "; outside this drain's focus hosts (filled to their level)",
+    UNFOCUSED: "; outside this drain's focus hosts (they are full)",
     DUE: "; host is due for maintenance later but nothing else fits",
     DUE_UNFOCUSED: "; host is due for maintenance later but nothing else fits",
     BUSY: "; another drain is sending VMs to this host now: this drain waits for it",
@@ -149,7 +150,7 @@ class Choice:
 
     fit: Fit
     delta: float
-    avoided: int  # the target's rank: PREFERRED (0) up to BUSY
+    rank: int  # the target's rank (see Ranks): PREFERRED (0) up to BUSY
     runner_up: tuple[str, float] | None
     candidates: int
     util_before: float = 0.0
@@ -160,7 +161,7 @@ class Choice:
         """Lower is better: NUMA-local before remote, then the target's kind: neither due nor busy,
         due for maintenance, busy. Focus is a preference inside a kind (:func:`choose` ranks by
         it), not a tier: a VM may leave a focus host to make another VM NUMA-local."""
-        return (not self.fit.numa_local, KIND[self.avoided])
+        return (not self.fit.numa_local, KIND[self.rank])
 
 
 @dataclass
@@ -220,11 +221,11 @@ def _by_bound(vm: Vm, need: Demand, targets: Sequence[HostLoad], avoid: Ranks, p
     ranked.sort(key=lambda r: (r[0], r[1], r[2]))
     top: list[tuple[int, float]] = []  # the best two (tier, growth) found so far
     seen = 0
-    for avoided, bound, _, host in ranked:
+    for rank, bound, _, host in ranked:
         for s in scored[seen:]:
             top = sorted([*top, (s[0], s[1])])[:2]
         seen = len(scored)
-        if len(top) == 2 and (avoided, bound) > top[1]:
+        if len(top) == 2 and (rank, bound) > top[1]:
             return  # this host, and every later one, ranks below the best two found
         if could_fit(vm, need, host):
             yield host
@@ -271,8 +272,8 @@ def placement_for(vm: Vm, choice: Choice) -> Placement:
         kind = "vNUMA 1:1" if vm.vnuma else "single-cell"
     reason = (f"{kind} on {fit.host} cell(s) {cells}; host at {choice.util_before:.0%} before; "
               f"objective +{choice.delta:.4f}, best of {choice.candidates} fitting host(s) weighed")
-    if choice.avoided:
-        reason += RANK_NOTES[min(choice.avoided, BUSY)]
+    if choice.rank:
+        reason += RANK_NOTES[min(choice.rank, BUSY)]
     runner = None
     if choice.runner_up is not None:
         runner = choice.runner_up[0]
@@ -471,7 +472,7 @@ def _shave_peak(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
             alt = choose(vm, [h for h in targets_for(vm) if h.name != peak.name
                               and h.util + vm.memory_mib / max(h.memory_mib, 1) < top - 1e-9], avoid)
             # only to as good a rank: shaving must not spread a focused drain again
-            if isinstance(alt, Choice) and alt.tier <= cur.tier and alt.avoided <= cur.avoided:
+            if isinstance(alt, Choice) and alt.tier <= cur.tier and alt.rank <= cur.rank:
                 ledger.apply(vm, alt.fit)
                 alt.note = f"moved off {peak.name} to lower the fullest host"
                 chosen[vm.name] = (vm, alt)

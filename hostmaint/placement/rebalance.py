@@ -112,7 +112,7 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int, *, prefer_origin: bo
             vms_by_host[vm.host].append(vm)
 
     def commit(vm: Vm, fit: Fit, why: str, gain: float) -> None:
-        choice = Choice(fit=fit, delta=-gain, avoided=False, runner_up=None, candidates=1,
+        choice = Choice(fit=fit, delta=-gain, rank=0, runner_up=None, candidates=1,
                         util_before=ledger.hosts[fit.host].util)
         placement = placement_for(vm, choice)
         placement = placement.model_copy(update={"reason": f"{why}; {placement.reason}"})
