@@ -184,9 +184,13 @@ class WindowEstimate:
     # also counts whole hosts: of the m·parallel+1 longest hosts some slot runs m+1 one after another
     wave_bound_s: float = 0.0
     # drains at most so many at a time (the flows: as many as their shares of the cluster's migration
-    # slots fit): Σ drains ÷ that, then the last host's patch
+    # slots fit): Σ drains ÷ that, then the last host's patch. Each host's drain as it takes alone,
+    # every VM moving once (a move onto an unpatched host only adds work)
     drain_bound_s: float = 0.0
     drains_at_once: int = 1
+    # When every active host is due, a VM's last move must land on a patched host, and the first one
+    # is back no sooner than the quickest drain and its patch: no drain before that shortens the rest
+    first_patch_s: float = 0.0
 
     @property
     def ratio(self) -> float:
@@ -201,8 +205,9 @@ class WindowEstimate:
 
     @property
     def bound_s(self) -> float:
-        """The tightest of the lower bounds: Σ per host ÷ parallel, whole hosts, drains in a row."""
-        return max(self.lower_bound_s, self.wave_bound_s, self.drain_bound_s)
+        """The tightest of the lower bounds: Σ per host ÷ parallel, whole hosts, and the drains
+        bound after the first host is patched (:attr:`first_patch_s`)."""
+        return max(self.lower_bound_s, self.wave_bound_s, self.first_patch_s + self.drain_bound_s)
 
     @property
     def bound_ratio(self) -> float:
@@ -573,7 +578,8 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     another drain took), largest first, ranked as the planner ranks them: patched hosts before hosts
     due later, busy hosts last, and with ``focus`` (the flows' patches) the drain's few focus hosts
     first within each; most free memory stands in for the balance objective. Also
-    simulates the same hosts one at a time (``serial_s``) for the lower bounds. Pure and deterministic.
+    simulates the same hosts one at a time (``serial_s``), and each host alone (the lower bounds).
+    Pure and deterministic.
     """
     policy = policy or SchedulerPolicy()
     names = list(window.order) if isinstance(window, WindowPlan) else list(window)
@@ -582,19 +588,25 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
                       drains_at_once, focus)
     serial = run if k == 1 else _run_window(snapshot, window, names, 1, policy, options, dirty_rate, params,
                                             patch_s, just_in_time, drains_at_once, focus)
-    per_host = sorted((h.end_s - h.start_s for h in serial[0]), reverse=True)
+    # each host as it takes alone, from the window's start: every VM moves once (in a window, a VM
+    # that lands on a host due later moves again, which only adds time)
+    solo = [_run_window(snapshot, [n], [n], 1, policy, options, dirty_rate, params, patch_s, just_in_time,
+                        drains_at_once, focus)[0][0] for n in names]
+    per_host = sorted((h.end_s - h.start_s for h in solo), reverse=True)
     bound = max(sum(per_host) / max(k, 1), max(per_host, default=0.0))
     waves = max(((m + 1) * per_host[m * k] for m in range(math.ceil(len(per_host) / k))), default=0.0)
     # the drains of a cluster, at most so many at a time (the smallest shares: the most), then one patch
     at_once = drains_at_once if drains_at_once is not None else max(
         (drains_side_by_side(snapshot.limits, policy, options, params.link(n)) for n in names), default=1)
-    drains = sum(h.drained_s - h.start_s for h in serial[0])
-    in_a_row = drains / min(at_once, k) + patch_s if serial[0] else 0.0
+    solo_drains = [h.drained_s - h.start_s for h in solo if h.outcome is StepOutcome.OK]
+    in_a_row = sum(solo_drains) / min(at_once, k) + patch_s if solo_drains else 0.0
+    outside = any(h.state is HostState.ACTIVE and h.name not in names for h in snapshot.hosts)
+    first_patch = 0.0 if outside or not solo_drains else min(solo_drains) + patch_s
     hosts, migs, makespan = run
     return WindowEstimate(cluster=snapshot.cluster, hosts=hosts, makespan_s=round(makespan, 3), parallel=k,
                           serial_s=round(serial[2], 3), lower_bound_s=round(bound, 3), migrations=migs,
                           wave_bound_s=round(waves, 3), drain_bound_s=round(in_a_row, 3),
-                          drains_at_once=at_once)
+                          drains_at_once=at_once, first_patch_s=round(first_patch, 3))
 
 
 def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], names: list[str], k: int,

@@ -301,3 +301,39 @@ def test_focused_drains_send_to_fewer_hosts_and_more_of_them_overlap() -> None:
     assert widest == {"focused": 2, "spread": 6}
     assert len(_overlapping(focused)) > len(_overlapping(spread))
     assert focused.makespan_s < spread.makespan_s
+
+
+def _mixed_cluster(seed: int, hosts: int = 8) -> tuple[FleetSnapshot, dict[str, float]]:
+    rng = random.Random(seed)
+    hs = tuple(Host(name=f"h{i}", cluster="c", cells=(Cell(id=0, memory_mib=256 * 1024, free_mib=0),))
+               for i in range(hosts))
+    vms = tuple(Vm(name=f"h{i}-v{j}", uuid=f"{i}-{j}", host=f"h{i}", memory_mib=rng.choice((2, 8, 16, 32)) * 1024,
+                   vcpus=2) for i in range(hosts) for j in range(rng.randint(2, 6)))
+    snap = FleetSnapshot(cluster="c", taken_at="t", hosts=hs, vms=vms,
+                         limits=Limits(memory_headroom_pct=0, max_hosts_in_maintenance=hosts, migrations_per_cluster=8,
+                                       migrations_per_source=8, migrations_per_target=4))
+    return snap, {v.name: rng.choice((0.0, 5.0, 50.0, 200.0)) for v in vms}
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("drains_at_once", [None, 1, 8])
+def test_no_window_beats_its_tightest_bound(seed: int, drains_at_once: int | None) -> None:
+    # every host is due: the first patched host is back only after the quickest drain and its patch,
+    # and every VM's last move comes after that (a move onto an unpatched host leaves the work as it was)
+    snap, dirty = _mixed_cluster(seed)
+    names = [h.name for h in snap.hosts]
+    est = simulate_window(snap, names, patch_s=200, dirty_rate=dirty, drains_at_once=drains_at_once)
+    assert all(h.outcome is StepOutcome.OK for h in est.hosts)
+    assert est.first_patch_s >= 200
+    assert est.makespan_s >= (est.first_patch_s + est.drain_bound_s) * 0.999
+
+
+def test_a_host_outside_the_window_takes_vms_from_the_start() -> None:
+    # h7 is active and not due: a VM's first move can be its last, so no first-patch wait is owed
+    snap, dirty = _mixed_cluster(1)
+    names = [h.name for h in snap.hosts][:-1]
+    est = simulate_window(snap, names, patch_s=200, dirty_rate=dirty)
+    assert est.first_patch_s == 0.0
+    assert est.bound_s == max(est.lower_bound_s, est.wave_bound_s, est.drain_bound_s)
+    everyone = simulate_window(snap, [h.name for h in snap.hosts], patch_s=200, dirty_rate=dirty)
+    assert everyone.first_patch_s > 0.0
