@@ -31,11 +31,13 @@ def _targets(plan: EvacuationPlan) -> list[str]:
 
 
 def drain_planned(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot,
-                  avoid: list[str] | None = None, focus: bool = False) -> tuple[EvacuationPlan, DrainReport]:
+                  avoid: list[str] | None = None, focus: bool = False,
+                  hosts_at_once: int = 1) -> tuple[EvacuationPlan, DrainReport]:
     """Drain ``plan`` (made on ``planned_on``); return the plan that ran and its report.
 
     Holds the ``inbound:`` lock of every target and this drain's share of the cluster's migration
-    slots (``drain_share``: what its sources' links can use; flows/locks.py), so other hosts of the
+    slots (``drain_share``: what its sources' links can use, without the set-up slot when the
+    ``hosts_at_once`` of a window could not all have one; flows/locks.py), so other hosts of the
     cluster drain at the same time onto other targets. Holding them, it discovers the cluster again:
     a plan that no longer fits is re-made and recorded (step ``replan``); one re-made onto targets it
     does not hold is taken up again with those; only these re-plans count against
@@ -49,7 +51,7 @@ def drain_planned(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planne
     rt = ref.open()
     hosts = [h.name for h in rt.inventory.hosts_of(plan.cluster)]
     # its sources' links decide how many slots the drain can use; the rest are for the drains beside it
-    share = drain_share(rt, plan)
+    share = drain_share(rt, plan, hosts_at_once)
     rounds = 0
     while rounds < RETARGET_ROUNDS:
         busy = locks.busy_targets(hosts)

@@ -28,10 +28,13 @@ BEFORE_DRAINED = (HostState.ACTIVE, HostState.CORDONED, HostState.DRAINING)
 def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_run: bool = False,
                inventory: str | None = None, trigger: Trigger = Trigger.UI, window_id: str | None = None,
                return_vms: bool = True, avoid: list[str] | None = None,
-               lock_wait_s: float | None = 60) -> HostOutcome:
+               lock_wait_s: float | None = 60, hosts_at_once: int = 1) -> HostOutcome:
     """Take one host through maintenance end to end; the host is never rebooted with a VM on it.
 
     The run holds ``host:<host>`` and a ``maintenance:<cluster>`` slot throughout (flows/locks.py).
+    patch-window sets ``window_id``, ``avoid`` (hosts due later) and ``hosts_at_once`` (how many
+    hosts it runs at once: when their drains could not all hold a set-up slot of the cluster's
+    migration limit, this one holds none, so more of them drain side by side).
     """
     started = time.monotonic()
     ref = RuntimeRef(inventory or default_inventory())
@@ -77,7 +80,8 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
                     busy = locks.busy_targets([h.name for h in rt.inventory.hosts_of(cluster)])
                     plan = t.plan_evacuation(ref, run, host, avoid or [], snapshot=snapshot, busy=busy, focus=True)
                     logger.info("plan:\n%s", render_plan(plan))
-                    plan, report = drain_planned(ref, run, plan, snapshot, avoid or [], focus=True)
+                    plan, report = drain_planned(ref, run, plan, snapshot, avoid or [], focus=True,
+                                                 hosts_at_once=hosts_at_once)
                     migrations += report.results
                 except PlanError:
                     # Refused before anything moved (N+1, a VM that fits nowhere): the patch never

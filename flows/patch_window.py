@@ -30,11 +30,12 @@ from tasks.common import RuntimeRef
 
 @task(name="patch-host-in-window", cache_policy=NO_CACHE)  # untagged: see tasks/maintenance.py
 def patch_one(host: str, inventory: str, operator: str, window_id: str, trigger: Trigger,
-              avoid: list[str]) -> HostOutcome:
+              avoid: list[str], hosts_at_once: int = 1) -> HostOutcome:
     # A failed host is an outcome of the window, not an exception that kills it.
     try:
         return patch_host(host=host, operator=operator, reason=f"patch window {window_id}", inventory=inventory,
-                          trigger=trigger, window_id=window_id, return_vms=False, avoid=avoid)
+                          trigger=trigger, window_id=window_id, return_vms=False, avoid=avoid,
+                          hosts_at_once=hosts_at_once)
     except LockHeldError as exc:
         # Another run (an evacuation, a runbook) holds the host: not a failure of this host.
         state = RuntimeRef(inventory).open().states.state(host).value
@@ -113,7 +114,7 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
             # due later, and those started a moment ago that may not be cordoned yet: a plan made now
             # must not send VMs to a host about to go into maintenance (it would wait for its drain)
             avoid = [h for h in (*running, *pending) if h != host]
-            running[host] = patch_one.submit(host, inv_path, operator, window_id, trigger, avoid)
+            running[host] = patch_one.submit(host, inv_path, operator, window_id, trigger, avoid, parallel)
         if not running:
             break
         time.sleep(0.2)

@@ -315,13 +315,20 @@ def link_figures(inventory: Inventory, states: HostStateStore, cluster: str) -> 
             for h in inventory.hosts_of(cluster)}
 
 
-def drain_share(rt: Runtime, plan: EvacuationPlan) -> int:
+def drain_share(rt: Runtime, plan: EvacuationPlan, hosts_at_once: int = 1) -> int:
     """The slots of the cluster's migration limit a drain of ``plan`` holds: what its sources can use
-    with the links the scheduler will see and the cluster's drain settings (``slots_per_drain``)."""
+    with the links the scheduler will see and the cluster's drain settings (``slots_per_drain``).
+
+    The drains that may want slots beside it: ``hosts_at_once`` (what a window runs at once), or the
+    hosts of the cluster in maintenance and not drained yet, whichever is more."""
     figures = link_figures(rt.inventory, rt.states, plan.cluster)
     policy, options = drain_settings(rt.inventory, plan.cluster)
     links = {h: figures[h].mib_s if h in figures else policy.default_link_mib_s for h in plan.hosts}
-    return slots_per_drain(links, rt.inventory.cluster(plan.cluster).limits, policy, options)
+    records = rt.states.all()
+    undrained = sum(1 for h in rt.inventory.hosts_of(plan.cluster)
+                    if h.name in records and records[h.name].state in (HostState.CORDONED, HostState.DRAINING))
+    return slots_per_drain(links, rt.inventory.cluster(plan.cluster).limits, policy, options,
+                           max(hosts_at_once, undrained, 1))
 
 
 def drain_settings(inventory: Inventory, cluster: str) -> tuple[SchedulerPolicy, MigrationOptions]:

@@ -204,7 +204,7 @@ def stream_rate(options: MigrationOptions, policy: SchedulerPolicy, link_mib_s: 
 
 
 def slots_per_drain(links_mib_s: Mapping[str, float], limits: Limits, policy: SchedulerPolicy,
-                    options: MigrationOptions) -> int:
+                    options: MigrationOptions, drains_waiting: int = 1) -> int:
     """The share of the cluster's migration slots a drain of these sources holds (source: its link).
 
     What the drain can use, at most what its sources may send at once and at most the whole limit.
@@ -212,15 +212,25 @@ def slots_per_drain(links_mib_s: Mapping[str, float], limits: Limits, policy: Sc
     for the next migration's set-up while one finishes (:func:`about_to_finish`). Holding more would
     only keep slots from the drains beside it (10 GbE, 600 MiB/s streams: 3 of a source's 8). The
     fixed policies hold their fixed number; unbounded holds the inventory's.
+
+    ``drains_waiting``: the drains of the cluster that want slots now, this one included. When they
+    cannot all have the set-up slot, none takes it: the cluster's slots then move more data side by
+    side (16 slots on 10 GbE: 8 drains at once instead of 5) than they save in set-ups inside one.
     """
-    per_source = 0
+    per_source = lean = 0
     for link in links_mib_s.values():
         if policy.adaptive:
-            streams = math.ceil(round(link / stream_rate(options, policy, link), 6)) + 1
-            per_source += min(limits.migrations_per_source, streams)
+            streams = math.ceil(round(link / stream_rate(options, policy, link), 6))
+            per_source += min(limits.migrations_per_source, streams + 1)
+            lean += min(limits.migrations_per_source, streams)
         else:
-            per_source += min(limits.migrations_per_source, policy.max_per_source or limits.migrations_per_source)
-    return max(1, min(limits.migrations_per_cluster, per_source))
+            fixed = min(limits.migrations_per_source, policy.max_per_source or limits.migrations_per_source)
+            per_source += fixed
+            lean += fixed
+    full = max(1, min(limits.migrations_per_cluster, per_source))
+    if drains_waiting > 1 and drains_waiting * full > limits.migrations_per_cluster:
+        return max(1, min(limits.migrations_per_cluster, lean))
+    return full
 
 
 def drain_limits(limits: Limits, share: int) -> Limits:
@@ -229,11 +239,13 @@ def drain_limits(limits: Limits, share: int) -> Limits:
 
 
 def drains_side_by_side(limits: Limits, policy: SchedulerPolicy, options: MigrationOptions,
-                   link_mib_s: float | None = None) -> int:
+                        link_mib_s: float | None = None, drains_waiting: int = 1) -> int:
     """How many single-host drains of a cluster fit side by side on links of ``link_mib_s`` (default:
-    the policy's). On 10 GbE with 8 per source a drain holds 3 slots: 16 per cluster fit 5 drains."""
+    the policy's), with ``drains_waiting`` wanting slots. On 10 GbE with 8 per source a lone drain
+    holds 3 slots; with more drains waiting than 16 per cluster fit at 3, each holds 2, and 8 fit."""
     link = policy.default_link_mib_s if link_mib_s is None else link_mib_s
-    return max(1, limits.migrations_per_cluster // slots_per_drain({"": link}, limits, policy, options))
+    return max(1, limits.migrations_per_cluster // slots_per_drain({"": link}, limits, policy, options,
+                                                                   drains_waiting))
 
 
 def expected_seconds(spec: MigrationSpec, rate_mib_s: float) -> float:

@@ -183,10 +183,11 @@ class WindowEstimate:
     migrations: tuple[SimMigration, ...] = ()
     # also counts whole hosts: of the m·parallel+1 longest hosts some slot runs m+1 one after another
     wave_bound_s: float = 0.0
-    # drains at most so many at a time (the flows: as many as their shares of the cluster's migration
-    # slots fit): Σ drains ÷ that, then the last host's patch. Each host's drain as it takes alone,
-    # every VM moving once (a move onto an unpatched host only adds work)
+    # every VM moves at least once: Σ each host's drain as it takes alone ÷ hosts at once, or Σ each
+    # VM's own floor ÷ the cluster's migration slots, whichever is longer; then the last host's patch
     drain_bound_s: float = 0.0
+    # how many drains the flows' shares of the cluster's slots fit side by side (not a bound: a
+    # schedule holding fewer slots per drain runs more)
     drains_at_once: int = 1
     # When every active host is due, a VM's last move must land on a patched host, and the first one
     # is back no sooner than the quickest drain and its patch: no drain before that shortens the rest
@@ -317,6 +318,11 @@ class _Engine:
         self.max_concurrency = 0
         self.next_sample = params.sample_s
         self.changed = True  # something happened that admission should look at
+
+    def hold(self, source: str, slots: int) -> None:
+        """A drain of ``source`` begins holding ``slots`` of the cluster's slots (its share)."""
+        self.source_limits[source] = self.limits.model_copy(
+            update={"migrations_per_source": min(slots, self.limits.migrations_per_source)})
 
     # admission, exactly as the executor does it
     def admit(self) -> None:
@@ -560,7 +566,7 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
                     policy: SchedulerPolicy | None = None, options: MigrationOptions = MigrationOptions(),
                     dirty_rate: Mapping[str, float] | None = None, params: SimParams = SimParams(),
                     patch_s: float = 600.0, parallel: int | None = None, spare_hosts: int = 1,
-                    just_in_time: bool = True, drains_at_once: int | None = None,
+                    just_in_time: bool = False, drains_at_once: int | None = None,
                     focus: bool = True) -> WindowEstimate:
     """Simulate a rolling window over ``snapshot``'s cluster: drain, patch (``patch_s``: update, reboot,
     verify) and return each host, ``parallel`` hosts at once (default: what N+1 capacity allows).
@@ -597,9 +603,14 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     waves = max(((m + 1) * per_host[m * k] for m in range(math.ceil(len(per_host) / k))), default=0.0)
     # the drains of a cluster, at most so many at a time (the smallest shares: the most), then one patch
     at_once = drains_at_once if drains_at_once is not None else max(
-        (drains_side_by_side(snapshot.limits, policy, options, params.link(n)) for n in names), default=1)
+        (drains_side_by_side(snapshot.limits, policy, options, params.link(n), k) for n in names), default=1)
     solo_drains = [h.drained_s - h.start_s for h in solo if h.outcome is StepOutcome.OK]
-    in_a_row = sum(solo_drains) / min(at_once, k) + patch_s if solo_drains else 0.0
+    fastest = max(names, key=params.link, default="")
+    floors = sum(vm_floor_s(spec, options, policy, params) for spec in _specs(
+        [Placement(vm=v.name, source=v.host, target=fastest, memory_mib=v.memory_mib, reason="bound")
+         for v in snapshot.vms if v.host in names], None, dirty_rate))
+    work = max(sum(solo_drains) / max(min(k, len(names)), 1), floors / max(snapshot.limits.migrations_per_cluster, 1))
+    in_a_row = work + patch_s if solo_drains else 0.0
     outside = any(h.state is HostState.ACTIVE and h.name not in names for h in snapshot.hosts)
     first_patch = 0.0 if outside or not solo_drains else min(solo_drains) + patch_s
     hosts, migs, makespan = run
@@ -624,8 +635,15 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
     planned: dict[str, list[Placement]] = {}
     if isinstance(window, WindowPlan):
         planned = {s.host: list(s.evacuation.placements) for s in window.steps}
-    # each drain holds its share of the cluster's slots: what its link can use (as the flows do)
+    # each drain holds its share of the cluster's slots: what its link can use, without the set-up
+    # slot when the window's hosts at once (or more waiting now) could not all have one (as the flows)
     share = {n: slots_per_drain({n: params.link(n)}, limits, policy, options) for n in names}
+
+    def share_now(name: str) -> int:
+        if drains_at_once is not None:
+            return share[name]
+        return slots_per_drain({name: params.link(name)}, limits, policy, options,
+                               max(k, len(draining) + len(drain_queue)))
     # The engine checks target memory from the free memory it is given; admission counts in-flight.
     engine = _Engine(limits, policy, options, params, {n: int(f) for n, f in free.items()}, share)
     jobs = {n: _HostJob(n, []) for n in names}
@@ -719,7 +737,7 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
             return True
         if drains_at_once is not None:
             return len(draining) < drains_at_once
-        return sum(share[d] for d in draining) + share[name] <= limits.migrations_per_cluster
+        return sum(share[d] for d in draining) + share_now(name) <= limits.migrations_per_cluster
 
     def begin_drains() -> None:
         while drain_queue and room_to_drain(drain_queue[0]):
@@ -728,6 +746,8 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
             placements = place(name, busy)
             if placements is None:
                 return  # first come, first served: the next host waits behind it
+            share[name] = share_now(name)
+            engine.hold(name, share[name])
             drain_queue.pop(0)
             draining.add(name)
             planned_targets[name] = placements

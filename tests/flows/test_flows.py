@@ -370,6 +370,31 @@ def cordoned_and_planned(inventory: Path, host: str) -> tuple[Any, Any, FleetSna
     return rt, run, planned_on, steps.plan_drain(rt, run, host, snap=planned_on)
 
 
+def test_a_drain_gives_up_its_set_up_slot_when_the_drains_beside_it_could_not_all_have_one(
+        tmp_path: Path, hostmaint_db: Path) -> None:
+    from hostmaint import maintenance as steps
+
+    snap = demo_snapshot(8, 24, cluster="share")
+    snap = snap.model_copy(update={"limits": snap.limits.model_copy(
+        update={"max_hosts_in_maintenance": 8, "migrations_per_cluster": 16, "migrations_per_source": 8})})
+    inventory = write_simulated_fleet(tmp_path / "share", snap, demo_packages(snap))
+    rt, _, _, plan = cordoned_and_planned(inventory, "hv01")
+    # alone: two streams fill its link, one more sets up the next migration; 5 such fit 16 slots
+    assert steps.drain_share(rt, plan) == 3
+    assert steps.drain_share(rt, plan, hosts_at_once=5) == 3
+    # a window of 6 at once: not all would have a set-up slot, so none takes one
+    assert steps.drain_share(rt, plan, hosts_at_once=6) == 2
+    # the same when 6 hosts of the cluster are in maintenance and not drained, whoever started them
+    for host in ("hv02", "hv03", "hv04", "hv05"):
+        rt.states.transition(host, HostState.CORDONED, "test: operator cordon")
+    assert steps.drain_share(rt, plan) == 3
+    rt.states.transition("hv06", HostState.CORDONED, "test: operator cordon")
+    rt.states.transition("hv06", HostState.DRAINING, "test: draining")
+    assert steps.drain_share(rt, plan) == 2
+    rt.states.transition("hv06", HostState.DRAINED, "test: drained")
+    assert steps.drain_share(rt, plan) == 3
+
+
 def test_a_plan_that_waited_while_another_drain_filled_its_target_is_replanned(sim_inventory: Path) -> None:
     from hostmaint import maintenance as steps
     from hostmaint.models import MigrationOptions
@@ -440,9 +465,11 @@ def test_a_windows_hosts_drain_side_by_side_though_they_planned_at_once(tmp_path
     # A window of two at once: both hosts plan at its start, on the same cluster, before either drain
     # holds a target. Focused, each plan picks the emptiest hosts, the same ones; the second to take
     # its locks finds them busy and moves off them instead of waiting for the first drain to end.
+    # 8 per source: alone, a drain would hold 3 slots (two streams fill its link, one sets up), and
+    # two of 3 do not fit the cluster's 4; a window of two has each hold the 2 that fill its link
     snap = demo_snapshot(8, 24, cluster="window2")
     snap = snap.model_copy(update={"limits": snap.limits.model_copy(
-        update={"max_hosts_in_maintenance": 2, "migrations_per_cluster": 4, "migrations_per_source": 2})})
+        update={"max_hosts_in_maintenance": 2, "migrations_per_cluster": 4, "migrations_per_source": 8})})
     inventory = write_simulated_fleet(tmp_path / "eight", snap, demo_packages(snap), time_scale=4.0)
     ensure_limits(inventory)
 
@@ -453,6 +480,7 @@ def test_a_windows_hosts_drain_side_by_side_though_they_planned_at_once(tmp_path
     assert_each_vm_runs_once(inventory, {v.name for v in snap.vms})
     records = audit().records()
     assert_drained_at_once_onto_different_hosts(records, "hv01", "hv02")
+    assert {r.host: r.inputs["cluster_slots"] for r in records if r.step == "drain"} == {"hv01": 2, "hv02": 2}
     plans = {r.host: r for r in records if r.step == "plan"}
     assert all(p.inputs["focus"] for p in plans.values())
     # each drain went to fewer hosts than the six it could have spread over

@@ -277,6 +277,19 @@ def test_how_many_drains_fit_side_by_side() -> None:
                                link_mib_s=64.0) == 8
 
 
+@pytest.mark.parametrize(("waiting", "expected"), [(1, 3), (5, 3), (6, 2), (8, 2), (30, 2)])
+def test_drains_that_cannot_all_have_a_set_up_slot_hold_none(waiting: int, expected: int) -> None:
+    # 16 per cluster, 10 GbE: 5 drains of 3 fit; from 6 waiting each holds the 2 that fill its link
+    limits = Limits(migrations_per_source=8, migrations_per_cluster=16)
+    policy, options = SchedulerPolicy(), MigrationOptions()
+    assert slots_per_drain({"hv01": 1100.0}, limits, policy, options, drains_waiting=waiting) == expected
+    assert drains_side_by_side(limits, policy, options, drains_waiting=waiting) == 16 // expected
+    # fixed limits have no set-up slot to give up; a source allowed one stream keeps it
+    assert slots_per_drain({"hv01": 1100.0}, limits, SchedulerPolicy.fixed(2), options, drains_waiting=waiting) == 2
+    one = Limits(migrations_per_source=1, migrations_per_cluster=16)
+    assert slots_per_drain({"hv01": 1100.0}, one, policy, options, drains_waiting=waiting) == 1
+
+
 def test_a_drains_limits_are_its_share_of_the_cluster() -> None:
     limits = Limits(migrations_per_source=8, migrations_per_cluster=16)
     assert drain_limits(limits, 3).migrations_per_cluster == 3

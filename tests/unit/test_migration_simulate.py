@@ -213,15 +213,17 @@ def _most_at_once(spans: list[tuple[float, float]]) -> int:
     return max((sum(1 for s, e in spans if s <= t < e) for t, _ in spans), default=0)
 
 
-@pytest.mark.parametrize(("link", "share"), [(1100.0, 3), (300.0, 2)])
+@pytest.mark.parametrize(("link", "share"), [(1100.0, 2), (300.0, 1)])
 def test_by_default_hosts_drain_as_the_flows_let_them(link: float, share: int) -> None:
     # 10 migrations per cluster, 8 per source: a drain holds the slots its link can use (10 GbE: two
-    # 600 MiB/s streams and one setting up; a 300 MiB/s link: one and one), so 10 // 3 = 3 or
-    # 10 // 2 = 5 drains at once, each within its share; two at the same time never send to the same
-    # host (each holds its targets' inbound lock)
+    # 600 MiB/s streams; a 300 MiB/s link: one). The set-up slot on top would not fit every drain of
+    # the window's hosts at once (7 x 3 > 10), so none takes it: 10 // 2 = 5 or 10 // 1 = 10 drains
+    # at once, each within its share; two at the same time never send to the same host (each holds
+    # its targets' inbound lock)
     snap = cluster(10, 4, max_hosts_in_maintenance=10, migrations_per_cluster=10, migrations_per_source=8)
     names = [h.name for h in snap.hosts]
     est = simulate_window(snap, names, patch_s=300, params=SimParams(default_link_mib_s=link))
+    assert est.parallel * (share + 1) > 10
     assert est.parallel > 1 and all(h.outcome is StepOutcome.OK for h in est.hosts)
     assert est.drains_at_once == 10 // share
     pairs = _overlapping(est)
@@ -233,6 +235,16 @@ def test_by_default_hosts_drain_as_the_flows_let_them(link: float, share: int) -
     for a, b in pairs:
         assert not targets[a.host] & targets[b.host], (a.host, b.host)
     assert est.drain_bound_s <= est.makespan_s < est.serial_s
+
+
+def test_a_window_whose_drains_all_fit_keeps_the_set_up_slot() -> None:
+    # 3 hosts at once x 3 slots fit 10: each drain holds its set-up slot, and uses it
+    snap = cluster(10, 4, max_hosts_in_maintenance=10, migrations_per_cluster=10, migrations_per_source=8)
+    names = [h.name for h in snap.hosts]
+    est = simulate_window(snap, names, patch_s=300, parallel=3)
+    assert est.drains_at_once == 3
+    most = max(_most_at_once([(m.start_s, m.end_s) for m in est.migrations if m.source == h]) for h in names)
+    assert most == 3
 
 
 def test_one_drain_at_a_time_when_asked() -> None:
