@@ -20,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.patch_host import patch_host
-from hostmaint.errors import LockHeldError
+from hostmaint.errors import InputError, LockHeldError
 from hostmaint.maintenance import link_figures
 from hostmaint.models import StepOutcome, Trigger
 from hostmaint.window import WindowClock, estimate_host_seconds, window_order
@@ -57,9 +57,20 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
                  window_minutes: float | None = None, max_failed_hosts: int = 0,
                  hosts: list[str] | None = None, window_id: str | None = None, operator: str = "scheduler",
                  inventory: str | None = None, trigger: Trigger = Trigger.SCHEDULE,
-                 rebalance_moves: int = 10) -> list[HostOutcome]:
-    """Patch the hosts of ``cluster`` (or only ``hosts``) inside one maintenance window."""
+                 rebalance_moves: int | None = None, rebalance_within_pct: float = 10.0) -> list[HostOutcome]:
+    """Patch the hosts of ``cluster`` (or only ``hosts``) inside one maintenance window.
+
+    At the end, when every host was patched, a rebalance levels the cluster until each host's memory
+    use is within ``rebalance_within_pct`` points of the cluster's, with at most ``rebalance_moves``
+    migrations (None: as many as that takes; 0: no rebalance). A rolling window leaves its last hosts
+    empty, and a fixed handful of moves does not level a cluster of dozens of hosts. It levels
+    rather than sending VMs home: the window moved each VM about once on purpose. The VMs' origins stay
+    recorded, so an on-demand rebalance-cluster (origin returns first) can still bring them back."""
     logger = get_run_logger()
+    if rebalance_moves is not None and rebalance_moves < 0:
+        raise InputError(f"rebalance_moves: must be >= 0 or empty (as many as levelling takes), got {rebalance_moves}")
+    if not 0 <= rebalance_within_pct < 100:
+        raise InputError(f"rebalance_within_pct: must be in [0, 100), got {rebalance_within_pct}")
     inv_path = inventory or default_inventory()
     ref = RuntimeRef(inv_path)
     rt = ref.open()
@@ -132,10 +143,22 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
         reason = "failure limit reached" if failures > max_failed_hosts else "window would end before it finished"
         outcomes.append(HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host).value,
                                     detail=f"not started: {reason}", simulated=rt.simulated))
-    if failures <= max_failed_hosts and rebalance_moves > 0 and not pending:
-        plan = t.plan_rebalance_task(ref, cluster, rebalance_moves)
-        with locks.cluster_migrations(cluster, [m.placement.target for m in plan.moves]):
-            t.rebalance(ref, run, plan)
+    if failures <= max_failed_hosts and rebalance_moves != 0 and not pending:
+        remaining = clock.remaining()
+        if remaining is not None and remaining <= 0:
+            # the window is the time the operator allowed for moving VMs: levelling is no reason to overrun it
+            logger.warning("window %s has ended: the cluster is not rebalanced (run rebalance-cluster later)",
+                           window_id)
+        else:
+            plan = t.plan_rebalance_task(ref, cluster, rebalance_moves, prefer_origin=False,
+                                         within=rebalance_within_pct / 100)
+            before, after = plan.spread_before, plan.spread_after
+            if before is not None and after is not None:
+                logger.info("window %s: rebalance of %d move(s); the fullest host goes from %.2f to %.2f × "
+                            "the cluster's mean", window_id, len(plan.moves), before.host_max_mean,
+                            after.host_max_mean)
+            with locks.cluster_migrations(cluster, [m.placement.target for m in plan.moves]):
+                t.rebalance(ref, run, plan)
     outcomes.sort(key=lambda o: order.index(o.host) if o.host in order else len(order))
     publish_report(f"patch window {window_id}", outcomes, key=None)
     return outcomes

@@ -112,8 +112,10 @@ def return_vms(ref: RuntimeRef, run: RunContext, host: str) -> DrainReport | Non
 
 
 @task(name="plan-rebalance", cache_policy=NO_CACHE, **IO_RETRIES)
-def plan_rebalance_task(ref: RuntimeRef, cluster: str, max_moves: int) -> RebalancePlan:
-    return plan_rebalance(steps.snapshot(ref.open(), cluster), max_moves)
+def plan_rebalance_task(ref: RuntimeRef, cluster: str, max_moves: int | None, prefer_origin: bool = True,
+                        within: float | None = None) -> RebalancePlan:
+    return plan_rebalance(steps.snapshot(ref.open(), cluster), max_moves, prefer_origin=prefer_origin,
+                          within=within)
 
 
 @task(name="rebalance", cache_policy=NO_CACHE)

@@ -6,7 +6,7 @@ Public API::
     plan_evacuation(snapshot, hosts, *, avoid=(), busy=(), focus=False, spare_hosts=None) -> EvacuationPlan
     stale_targets(plan, planned_on, now) -> list[str]                       # must a waiting plan be re-made?
     plan_window(snapshot, hosts=None, *, spare_hosts=None, ...) -> WindowPlan
-    plan_rebalance(snapshot, max_moves, *, prefer_origin=True) -> RebalancePlan
+    plan_rebalance(snapshot, max_moves, *, prefer_origin=True, within=None) -> RebalancePlan
     render_plan(plan) -> str
 
 See docs/planner.md for the rules and the objective.

@@ -8,7 +8,13 @@ Two passes, both greedy and deterministic:
 2. Levelling: repeatedly take the fullest hosts and, among their VMs and the
    least-loaded hosts, make the move that lowers the balance objective most;
    a move that does not lower it is never kept, and the pass stops when no
-   move helps.
+   move helps, or (with ``within``) as soon as every active host is that close
+   to the cluster's utilisation. The objective rewards ever smaller moves near
+   the optimum; ``within`` is how an operator says "level enough" and keeps
+   the move count to what the imbalance needs. The benchmark's 30-host clusters
+   after a simulated night (600 VMs, 8-13 hosts left empty): within 0.10 in
+   46-63 moves, fully level in 75-87; returning every VM home instead takes
+   366-401 moves and leaves them at 1.6-1.8 × the mean utilisation.
 
 Moves are independent and may run in any order or in parallel: nothing a
 departing VM frees (memory, vCPUs, pinned CPUs, its anti-affinity slot) is
@@ -24,7 +30,7 @@ exactly; hosts are kept in heaps by utilisation. A 1,000-host cluster with
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from hostmaint.models import FleetSnapshot, HostState, RebalanceMove, RebalancePlan, Vm
 from hostmaint.placement.evacuate import Choice, placement_for
@@ -95,12 +101,19 @@ class _Heaps:
         return list(self._top(self.empty, self.version, n, keep))
 
 
-def plan_rebalance(snapshot: FleetSnapshot, max_moves: int, *, prefer_origin: bool = True) -> RebalancePlan:
-    """Level the cluster with at most ``max_moves`` migrations; report balance before and after.
+def plan_rebalance(snapshot: FleetSnapshot, max_moves: int | None, *, prefer_origin: bool = True,
+                   within: float | None = None) -> RebalancePlan:
+    """Level the cluster with at most ``max_moves`` migrations (None: no cap; a VM moves at most
+    once either way); report balance before and after.
 
-    Every move carries its gain (the drop in the objective it buys); origin returns may carry a
-    negative gain, levelling moves never do.
+    ``within``: stop levelling once every active host's memory utilisation is within this many
+    points of the cluster's (0.10: ±10 %); None: level until no move helps. Every move carries its
+    gain (the drop in the objective it buys); origin returns may carry a negative gain, levelling
+    moves never do.
     """
+    if within is not None and not 0 <= within < 1:
+        raise ValueError(f"within: a utilisation difference in [0, 1), got {within}")
+    cap = len(snapshot.vms) if max_moves is None else max_moves
     ledger = Ledger.from_snapshot(snapshot)
     active = {n: h for n, h in ledger.hosts.items() if h.state is HostState.ACTIVE}
     before = balance(active.values())
@@ -123,7 +136,7 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int, *, prefer_origin: bo
 
     if prefer_origin:
         for vm in sorted(snapshot.vms, key=lambda v: v.name):
-            if len(moves) >= max_moves:
+            if len(moves) >= cap:
                 break
             origin = vm.origin
             if (not vm.migratable or origin is None or origin == vm.host or origin not in active
@@ -137,7 +150,7 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int, *, prefer_origin: bo
             commit(vm, got, f"returns to its origin {origin}", _move_gain(ledger, vm, got))
 
     heaps = _Heaps(active)
-    while len(moves) < max_moves:
+    while len(moves) < cap and not (within is not None and _level(active.values(), within)):
         donors = heaps.fullest(DONORS, lambda n: bool(vms_by_host[n]))
         if not donors:
             break
@@ -160,6 +173,16 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int, *, prefer_origin: bo
                          spread_before=spread_before,
                          spread_after=measure(active.values(),
                                               numa_remote=sum(1 for m in moves if not m.placement.numa_local)))
+
+
+def _level(hosts: Iterable[HostLoad], within: float) -> bool:
+    """True when every host's utilisation is within ``within`` of the hosts' together."""
+    hosts = [h for h in hosts if h.memory_mib]
+    total = sum(h.memory_mib for h in hosts)
+    if not total:
+        return True
+    mean = sum(h.used_mib for h in hosts) / total
+    return all(abs(h.util - mean) <= within for h in hosts)
 
 
 def _best_move(ledger: Ledger, donors: list[str], heaps: _Heaps,

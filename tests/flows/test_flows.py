@@ -305,6 +305,33 @@ def crowded_fleet(tmp_path: Path, hosts: int, vms: int, max_in_maintenance: int,
     return inventory, snap
 
 
+def host_utils(inventory: Path, snap: FleetSnapshot) -> dict[str, float]:
+    """Each host's memory use over its memory, from the VMs the simulated fleet runs now."""
+    memory = {v.name: v.memory_mib for v in snap.vms}
+    return {h.name: sum(memory[v] for v in fleet_of(inventory).running.get(h.name, ())) / h.memory_mib
+            for h in snap.hosts}
+
+
+def test_a_window_levels_the_cluster_it_leaves_lopsided(tmp_path: Path, hostmaint_db: Path) -> None:
+    inventory, snap = crowded_fleet(tmp_path, hosts=6, vms=48, max_in_maintenance=1)
+    # a window that does not rebalance leaves its last host empty
+    patch_window(cluster="demo", window_id="w-no-level", operator="sched", inventory=str(inventory),
+                 trigger=Trigger.TEST, rebalance_moves=0)
+    lopsided = host_utils(inventory, snap)
+    mean = sum(lopsided.values()) / len(lopsided)
+    assert max(abs(u - mean) for u in lopsided.values()) > 0.10, lopsided
+
+    outcomes = patch_window(cluster="demo", window_id="w-level", operator="sched", inventory=str(inventory),
+                            trigger=Trigger.TEST)
+
+    assert {o.outcome for o in outcomes} == {StepOutcome.OK}
+    levelled = host_utils(inventory, snap)
+    assert max(abs(u - mean) for u in levelled.values()) <= 0.10, levelled
+    assert_each_vm_runs_once(inventory, {v.name for v in snap.vms})
+    (record,) = [r for r in audit().records() if r.step == "rebalance" and r.outcome is not StepOutcome.SKIPPED]
+    assert record.outcome is StepOutcome.OK and record.details["balance_after"] < record.details["balance_before"]
+
+
 def most_hosts_in_maintenance_at_once() -> int:
     """From the audit chain: how many hosts were between their cordon and their uncordon at once."""
     spans: dict[str, list[int]] = {}

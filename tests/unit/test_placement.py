@@ -14,6 +14,7 @@ from hostmaint.models import (
     HugePages,
     Limits,
     Numatune,
+    RebalanceMove,
     UnmigratableAction,
     Vm,
 )
@@ -363,6 +364,41 @@ def test_rebalance_returns_vms_to_their_origin_first() -> None:
     assert plan.moves[0].placement.vm == "homesick" and plan.moves[0].placement.target == "mid"
     assert "origin" in plan.moves[0].placement.reason
     assert all(m.placement.vm != "homesick" for m in plan_rebalance(s, 2, prefer_origin=False).moves)
+
+
+def _after_a_window() -> FleetSnapshot:
+    """Four hosts at 75 % and two left empty, as the last hosts of a rolling window are."""
+    hosts = tuple(two_cells(f"h{i}", 16, 16) for i in range(4)) + (two_cells("h4", 64, 64), two_cells("h5", 64, 64))
+    return snap(*hosts, vms=tuple(vm(f"v{i}{j}", f"h{i}", 8) for i in range(4) for j in range(12)))
+
+
+def _utils_after(s: FleetSnapshot, moves: tuple[RebalanceMove, ...]) -> dict[str, float]:
+    used = {h.name: 0 for h in s.hosts}
+    for v in s.vms:
+        used[v.host] += v.memory_mib
+    for m in moves:
+        used[m.placement.source] -= m.placement.memory_mib
+        used[m.placement.target] += m.placement.memory_mib
+    return {h.name: used[h.name] / h.memory_mib for h in s.hosts}
+
+
+def test_rebalance_within_a_tolerance_stops_as_soon_as_every_host_is_that_close_to_the_mean() -> None:
+    s = _after_a_window()
+    full = plan_rebalance(s, None, prefer_origin=False)
+    enough = plan_rebalance(s, None, prefer_origin=False, within=0.10)
+
+    mean = sum(v.memory_mib for v in s.vms) / sum(h.memory_mib for h in s.hosts)
+    assert all(abs(u - mean) <= 0.10 for u in _utils_after(s, enough.moves).values())
+    # the same greedy moves, cut at the first point where the cluster is level enough
+    assert enough.moves == full.moves[:len(enough.moves)]
+    assert len(enough.moves) < len(full.moves)
+    assert any(abs(u - mean) > 0.10 for u in _utils_after(s, enough.moves[:-1]).values())
+    assert plan_rebalance(s, 3, prefer_origin=False, within=0.10).moves == enough.moves[:3]
+
+
+def test_rebalance_refuses_a_tolerance_that_is_not_a_utilisation() -> None:
+    with pytest.raises(ValueError, match="within"):
+        plan_rebalance(_after_a_window(), None, within=1.5)
 
 
 def test_a_vm_that_fits_nowhere_gets_room_made_by_moving_a_planned_vm() -> None:
