@@ -9,8 +9,8 @@ from prefect import flow, get_run_logger
 from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.draining import drain_planned
-from hostmaint.errors import HostmaintError
-from hostmaint.models import StepOutcome, Trigger
+from hostmaint.errors import HostmaintError, InputError, PlanError
+from hostmaint.models import EvacuationPlan, FleetSnapshot, StepOutcome, Trigger
 from hostmaint.placement import render_plan
 from tasks import maintenance as t
 from tasks.common import RuntimeRef
@@ -19,12 +19,17 @@ from tasks.common import RuntimeRef
 @flow(name="evacuate-host", log_prints=True)
 def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", reason: str = "",
                   inventory: str | None = None, trigger: Trigger = Trigger.UI,
-                  lock_wait_s: float | None = 60) -> HostOutcome:
+                  lock_wait_s: float | None = 60, approved_plan: EvacuationPlan | None = None,
+                  approved_on: FleetSnapshot | None = None) -> HostOutcome:
     """Move every VM off ``host`` and leave it cordoned and empty.
 
     With ``dry_run`` the plan is printed and nothing changes (one audit record says so).
     Otherwise the run holds ``host:<host>`` and a ``maintenance:<cluster>`` slot throughout
     (flows/locks.py); another run on the host makes it wait ``lock_wait_s``, then refuse.
+
+    ``approved_plan`` (made on ``approved_on``): the plan a human approved. It is what runs, unless
+    the cluster changed under it since (then the re-made plan runs and is recorded, step ``replan``,
+    as any plan that waited); an approved plan that was not feasible is refused before anything moves.
     """
     started = time.monotonic()
     ref = RuntimeRef(inventory or default_inventory())
@@ -39,6 +44,8 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
                               detail=render_plan(plan), simulated=rt.simulated)
         publish_report(f"evacuate {host} (dry run)", [outcome])
         return outcome
+    if approved_plan is not None:
+        approved_plan = _approved(host, approved_plan, approved_on)  # before anything changes
     with locks.host_maintenance(host, cluster, wait_seconds=lock_wait_s):
         t.cordon_host(ref, run, host)
         # One discovery, after the cordon and before anything moves, is both the list of VMs the
@@ -49,12 +56,16 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
         expected = [v.name for v in snapshot.vms]
         expected += [vm for vm in stopped if vm not in expected]
         try:
-            # hosts another drain fills right now come last, so this drain can run beside it; not
-            # focused: the VMs stay where they land, so they are balanced over every host
-            busy = locks.busy_targets([h.name for h in rt.inventory.hosts_of(cluster)])
-            plan = t.plan_evacuation(ref, run, host, snapshot=snapshot, busy=busy)
-            logger.info("plan:\n%s", render_plan(plan))
-            plan, report = drain_planned(ref, run, plan, snapshot)
+            if approved_plan is not None:
+                plan, planned_on = approved_plan, approved_on or snapshot
+                logger.info("the approved plan:\n%s", render_plan(plan))
+            else:
+                # hosts another drain fills right now come last, so this drain can run beside it; not
+                # focused: the VMs stay where they land, so they are balanced over every host
+                busy = locks.busy_targets([h.name for h in rt.inventory.hosts_of(cluster)])
+                plan, planned_on = t.plan_evacuation(ref, run, host, snapshot=snapshot, busy=busy), snapshot
+                logger.info("plan:\n%s", render_plan(plan))
+            plan, report = drain_planned(ref, run, plan, planned_on)
             t.check_invariants(ref, cluster, expected, stopped)
             stopped = sorted({*stopped, *t.stop_unmigratable(ref, run, plan)})
             t.confirm_empty(ref, run, host)
@@ -70,3 +81,18 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
                               detail=f"{len(report.results)} VM(s) moved; host left cordoned")
         publish_report(f"evacuate {host}", [outcome])
         return outcome
+
+
+def _approved(host: str, plan: EvacuationPlan, planned_on: FleetSnapshot | None) -> EvacuationPlan:
+    """The approved plan, if it is one this run may carry out: of ``host`` alone, made on the snapshot
+    given with it, and feasible when it was shown (a dry-run plan is printed even when it is not)."""
+    if plan.hosts != (host,):
+        raise InputError(f"approved_plan: it evacuates {', '.join(plan.hosts) or 'no host'}, not {host}")
+    if planned_on is None or planned_on.digest() != plan.snapshot_digest:
+        raise InputError("approved_on: the snapshot the approved plan was made on is required, and must be that one")
+    if not plan.feasible:
+        reasons = [f"{b.vm}: {b.constraint}: {b.reason}" for b in plan.blocked]
+        if plan.capacity is not None and not plan.capacity.ok:
+            reasons.insert(0, f"N+1: {plan.capacity.reason}")
+        raise PlanError(f"the approved plan for {host} cannot be carried out: " + "; ".join(reasons))
+    return plan

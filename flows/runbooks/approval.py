@@ -28,7 +28,7 @@ from hostmaint.models import EvacuationPlan, HostState, StepOutcome, Trigger
 from hostmaint.placement import render_plan
 from hostmaint.runtime import Runtime
 from tasks.common import RuntimeRef
-from tasks.maintenance import cordon_host, plan_evacuation
+from tasks.maintenance import cordon_host, discover, plan_evacuation
 
 
 class Severity(StrEnum):
@@ -130,7 +130,10 @@ def run_incident(*, flow: str, host: str, reason: str, source: str, inventory: s
         rec.details["automatic"] = automatic
     with locks.host_maintenance(host, rt.cluster_of(host), wait_seconds=lock_wait_s):
         cordon_host(ref, run, host)
-        plan = plan_evacuation(ref, run, host, dry_run=True)
+        # the plan shown is the plan that runs once approved (or a recorded re-plan if the cluster
+        # changed meanwhile): it goes to the evacuation with the snapshot it was made on
+        snapshot = discover(ref, rt.cluster_of(host))
+        plan = plan_evacuation(ref, run, host, dry_run=True, snapshot=snapshot)
         show_plan(plan, host, reason)
         answer = ask_approval(rt, run, host, plan, timeout_s=approval_timeout_s, poll_interval_s=poll_interval_s,
                               automatic=automatic)
@@ -141,7 +144,8 @@ def run_incident(*, flow: str, host: str, reason: str, source: str, inventory: s
                                detail=f"evacuation not approved by {answer.operator}"
                                       f"{': ' + answer.comment if answer.comment else ''}; host left cordoned")
         result = evacuate_host(host=host, operator=answer.operator, reason=reason, inventory=inv,
-                               trigger=Trigger.EVENT, lock_wait_s=lock_wait_s)
+                               trigger=Trigger.EVENT, lock_wait_s=lock_wait_s, approved_plan=plan,
+                               approved_on=snapshot)
         keep_cordoned(ref, replace(run, operator=answer.operator), host, reason)
     return result.model_copy(update={"state": rt.states.state(host).value,
                                      "detail": f"{result.detail}; approved by {answer.operator}"})

@@ -16,9 +16,9 @@ from flows.params import EvacuationRequest, PatchRequest, RebalanceRequest
 from flows.patch_host import patch_host
 from flows.rebalance_cluster import rebalance_cluster
 from flows.runbooks.approval import ask_approval, show_plan
-from hostmaint.models import StepOutcome, Trigger
+from hostmaint.models import EvacuationPlan, FleetSnapshot, StepOutcome, Trigger
 from tasks.common import RuntimeRef
-from tasks.maintenance import plan_evacuation
+from tasks.maintenance import discover, plan_evacuation
 
 
 @flow(name="evacuate-on-request", log_prints=True)
@@ -27,9 +27,12 @@ def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 36
     """Evacuate one host as asked in the form; with approval required, show the plan and wait for a yes."""
     inv = request.inventory or default_inventory()
 
-    def evacuate(dry_run: bool = False) -> HostOutcome:
+    def evacuate(dry_run: bool = False, approved: tuple[EvacuationPlan, FleetSnapshot] | None = None
+                 ) -> HostOutcome:
+        plan, snapshot = approved if approved is not None else (None, None)
         return evacuate_host(host=request.host, dry_run=dry_run, operator=request.operator, reason=request.reason,
-                             inventory=inv, trigger=Trigger.UI, lock_wait_s=lock_wait_s)
+                             inventory=inv, trigger=Trigger.UI, lock_wait_s=lock_wait_s, approved_plan=plan,
+                             approved_on=snapshot)
 
     if request.dry_run:
         return evacuate(dry_run=True)
@@ -39,7 +42,10 @@ def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 36
     rt = ref.open()
     run = run_context("evacuate-on-request", Trigger.UI, request.operator, request.reason)
     with locks.host_maintenance(request.host, rt.cluster_of(request.host), wait_seconds=lock_wait_s):
-        plan = plan_evacuation(ref, run, request.host, dry_run=True)
+        # the plan shown is the plan that runs once approved (or a recorded re-plan if the cluster
+        # changed meanwhile)
+        snapshot = discover(ref, rt.cluster_of(request.host))
+        plan = plan_evacuation(ref, run, request.host, dry_run=True, snapshot=snapshot)
         show_plan(plan, request.host, request.reason)
         answer = ask_approval(rt, run, request.host, plan, timeout_s=approval_timeout_s,
                               poll_interval_s=poll_interval_s)
@@ -47,7 +53,7 @@ def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 36
             return HostOutcome(host=request.host, outcome=StepOutcome.SKIPPED, simulated=rt.simulated,
                                state=rt.states.state(request.host).value,
                                detail=f"not approved by {answer.operator}: {answer.comment}; nothing changed")
-        return evacuate()
+        return evacuate(approved=(plan, snapshot))
 
 
 @flow(name="patch-on-request", log_prints=True)

@@ -19,7 +19,7 @@ from flows.rebalance_cluster import rebalance_cluster
 from hostmaint.audit import AuditTrail
 from hostmaint.db import open_engine
 from hostmaint.drivers.memory import SimulatedFleet
-from hostmaint.models import FleetSnapshot, HostState, StepOutcome, Trigger
+from hostmaint.models import EvacuationPlan, FleetSnapshot, HostState, StepOutcome, Trigger
 from hostmaint.runtime import open_runtime
 from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
 
@@ -138,6 +138,57 @@ def test_dry_run_changes_nothing_but_its_record(sim_inventory: Path) -> None:
     assert set(states(sim_inventory).values()) == {HostState.ACTIVE}
     new = audit().records()[before:]
     assert [(r.step, r.outcome) for r in new] == [("plan", "dry-run")]
+
+
+def approved(inventory: Path, host: str) -> tuple[EvacuationPlan, FleetSnapshot]:
+    """A plan as an approval form shows it: made on a snapshot of the cluster now."""
+    from hostmaint.maintenance import snapshot
+    from hostmaint.placement import plan_evacuation
+
+    snap = snapshot(open_runtime(inventory), "demo")
+    return plan_evacuation(snap, [host]), snap
+
+
+def test_the_approved_plan_is_the_plan_that_runs(sim_inventory: Path) -> None:
+    plan, snap = approved(sim_inventory, "hv01")
+
+    result = evacuate_host(host="hv01", operator="ivan", inventory=str(sim_inventory), trigger=Trigger.TEST,
+                           approved_plan=plan, approved_on=snap)
+
+    assert result.outcome is StepOutcome.OK
+    assert {(m.vm, m.target) for m in result.migrations} == {(p.vm, p.target) for p in plan.placements}
+    assert not [r for r in audit().records() if r.step == "replan"]
+    assert_each_vm_runs_once(sim_inventory, ALL_VMS)
+
+
+def test_an_approved_plan_the_cluster_changed_under_is_re_made_and_recorded(sim_inventory: Path) -> None:
+    plan, snap = approved(sim_inventory, "hv01")
+    gone = sorted({p.target for p in plan.placements})[0]
+    open_runtime(sim_inventory).states.transition(gone, HostState.CORDONED, "another operator")
+
+    result = evacuate_host(host="hv01", operator="ivan", inventory=str(sim_inventory), trigger=Trigger.TEST,
+                           approved_plan=plan, approved_on=snap)
+
+    assert result.outcome is StepOutcome.OK
+    assert gone not in {m.target for m in result.migrations}
+    (replan,) = [r for r in audit().records() if r.step == "replan"]
+    assert any(gone in why for why in replan.inputs["reasons"]), replan.inputs
+    assert_each_vm_runs_once(sim_inventory, ALL_VMS)
+
+
+def test_an_approved_plan_of_another_host_changes_nothing(sim_inventory: Path) -> None:
+    from hostmaint.errors import InputError
+
+    plan, snap = approved(sim_inventory, "hv02")
+    before = where(sim_inventory)
+
+    with pytest.raises(InputError, match="approved_plan: it evacuates hv02, not hv01"):
+        evacuate_host(host="hv01", operator="ivan", inventory=str(sim_inventory), trigger=Trigger.TEST,
+                      approved_plan=plan, approved_on=snap)
+
+    assert where(sim_inventory) == before
+    assert states(sim_inventory)["hv01"] is HostState.ACTIVE
+    assert not [r for r in audit().records() if r.step == "cordon"]
 
 
 def test_evacuate_then_patch_resumes_from_drained(sim_inventory: Path) -> None:

@@ -77,6 +77,11 @@ def test_degraded_approved_evacuates_under_the_approvers_name(fleet: Path) -> No
     migrations = [r for r in records(step="migrate") if r.vm in on_hv02]
     assert {r.vm for r in migrations} == on_hv02
     assert {r.operator for r in migrations} == {"dave"}
+    # what ran is the plan dave saw, not one made again after his yes
+    [shown] = [r for r in records("hv02", "plan") if r.outcome is StepOutcome.DRY_RUN]
+    assert {(r.vm, r.inputs["target"]) for r in migrations} == {
+        (p["vm"], p["target"]) for p in shown.details["plan"]["placements"]}
+    assert records(step="replan") == []
 
 
 def test_critical_severity_acts_at_once(fleet: Path) -> None:
