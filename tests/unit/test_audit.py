@@ -278,6 +278,56 @@ def test_secrets_never_reach_the_database(engine: sa.Engine, trail: AuditTrail) 
     assert trail.verify().ok
 
 
+# what dnf/librepo print when a repository's metadata cannot be fetched: the URL with its credentials
+DNF_STDERR = ("Errors during downloading metadata for repository 'internal':\n"
+              "  - Curl error (7): Couldn't connect to server for "
+              "https://svc-patch:Hunter2pw@repo.corp/el9/repodata/repomd.xml\n"
+              "Error: Failed to download metadata for repo 'internal'")
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("for https://svc-patch:Hunter2pw@repo.corp/el9/repomd.xml",
+     "for https://svc-patch:***@repo.corp/el9/repomd.xml"),
+    ("postgresql+psycopg://hm:S3cr3t@db/hostmaint", "postgresql+psycopg://hm:***@db/hostmaint"),
+    ("https://u:p@ss@repo/x", "https://u:***@repo/x"),  # an unencoded "@" in the password
+    ("baseurl=https://a:b1@c/ mirror=https://d:e2@f/", "baseurl=https://a:***@c/ mirror=https://d:***@f/"),
+    ("GET https://repo/x?arch=x86_64&token=abc123&n=1", "GET https://repo/x?arch=x86_64&token=***&n=1"),
+    ("mirrorlist?access_token=zz#top", "mirrorlist?access_token=***#top"),
+    ("password=hunter2 user=bob", "password=*** user=bob"),
+    ("PGPASSWORD='a b' psql", "PGPASSWORD=*** psql"),
+    # nothing secret: left as it was
+    ("ftp://anon@mirror/pub", "ftp://anon@mirror/pub"),
+    ("https://repo:8443/el9 mail root@hv01", "https://repo:8443/el9 mail root@hv01"),
+    ("kernel-core 5.14.0-362.el9 arch=x86_64", "kernel-core 5.14.0-362.el9 arch=x86_64"),
+    (PEM, "***redacted***"),
+])
+def test_redact_text_masks_credentials_inside_text(text: str, expected: str) -> None:
+    assert audit.redact_text(text) == expected
+    assert audit.redact_text(expected) == expected  # redacting again changes nothing
+
+
+def test_credentials_in_command_output_and_errors_are_stored_redacted(engine: sa.Engine,
+                                                                        trail: AuditTrail) -> None:
+    error = f"hv01: dnf update failed (exit 1): {DNF_STDERR}"
+    trail.append(AuditEntry(step="update", host="hv01", outcome=StepOutcome.FAILED,
+                            inputs={"repo_url": "https://svc-patch:Hunter2pw@repo.corp/el9"},
+                            details={"stdout": "", "stderr": DNF_STDERR, "error": error,
+                                     "db": "postgresql+psycopg://hm:S3cr3t@db/hostmaint",
+                                     "argv": ["curl", "https://repo.corp/x?token=t0k3n"]}))
+    rec = trail.records()[0]
+    masked = DNF_STDERR.replace("svc-patch:Hunter2pw@", "svc-patch:***@")
+    assert rec.details["stderr"] == masked
+    assert rec.details["error"] == f"hv01: dnf update failed (exit 1): {masked}"
+    assert rec.details["db"] == "postgresql+psycopg://hm:***@db/hostmaint"
+    assert rec.details["argv"] == ["curl", "https://repo.corp/x?token=***"]
+    assert rec.inputs == {"repo_url": "https://svc-patch:***@repo.corp/el9"}
+    with engine.connect() as conn:
+        raw = json.dumps([list(r) for r in conn.execute(sa.text("SELECT * FROM hostmaint_audit"))])
+    for secret in ("Hunter2pw", "S3cr3t", "t0k3n"):
+        assert secret not in raw
+    assert trail.verify().ok
+
+
 # --- concurrent writers ---------------------------------------------------------------------------
 
 
