@@ -164,6 +164,24 @@ class Host(Frozen):
     boot_id: str | None = None
     kernel: str | None = None
 
+    @model_validator(mode="after")
+    def _cells_consistent(self) -> Host:
+        # The planner finds cells by id and books pinned CPUs by number: a second cell with the
+        # same id would be charged to the first, and a CPU in two cells handed out twice, so the
+        # plan would be silently wrong.
+        seen_cells: set[int] = set()
+        cpu_cell: dict[int, int] = {}
+        for cell in self.cells:
+            if cell.id in seen_cells:
+                raise ValueError(f"host {self.name!r}: cell id {cell.id} is listed twice")
+            seen_cells.add(cell.id)
+            for cpu in cell.cpus:
+                if cpu in cpu_cell:
+                    where = "twice in cell" if cpu_cell[cpu] == cell.id else f"in cells {cpu_cell[cpu]} and"
+                    raise ValueError(f"host {self.name!r}: CPU {cpu} is listed {where} {cell.id}")
+                cpu_cell[cpu] = cell.id
+        return self
+
     @property
     def memory_mib(self) -> int:
         return sum(c.memory_mib for c in self.cells)
