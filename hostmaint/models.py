@@ -169,6 +169,13 @@ class Host(Frozen):
         # The planner finds cells by id and books pinned CPUs by number: a second cell with the
         # same id would be charged to the first, and a CPU in two cells handed out twice, so the
         # plan would be silently wrong.
+        # Discovery always reports at least one cell (a host without a NUMA topology is one cell
+        # holding all of it), and every utilisation the planner weighs is over the host's memory.
+        if not self.cells:
+            raise ValueError(f"host {self.name!r} has no NUMA cells; a host without a NUMA topology "
+                             f"is one cell holding all its memory and CPUs")
+        if self.memory_mib <= 0:
+            raise ValueError(f"host {self.name!r}: its cells hold no memory")
         seen_cells: set[int] = set()
         cpu_cell: dict[int, int] = {}
         for cell in self.cells:

@@ -42,6 +42,10 @@ def test_the_base_snapshot_is_valid() -> None:
                  ("hosts[1]", "host 'b'", "CPU 1 is listed in cells 0 and 1"), id="cpu-in-two-cells"),
     pytest.param(lambda d: d["hosts"][0]["cells"][0].update(cpus=[0, 1, 1]),
                  ("hosts[0]", "host 'a'", "CPU 1 is listed twice in cell 0"), id="cpu-twice-in-a-cell"),
+    pytest.param(lambda d: d["hosts"][1].update(cells=[]),
+                 ("hosts[1]", "host 'b' has no NUMA cells"), id="host-without-cells"),
+    pytest.param(lambda d: d["hosts"][1]["cells"][0].update(memory_mib=0, free_mib=0),
+                 ("hosts[1]", "host 'b'", "cells hold no memory"), id="host-without-memory"),
 ])
 def test_bad_input_is_refused_naming_the_field_and_what_is_wrong(mutate: Mutation, words: tuple[str, ...]) -> None:
     with pytest.raises(SnapshotError) as err:
@@ -55,3 +59,8 @@ def test_cell_ids_need_not_be_contiguous() -> None:
     _parse(lambda d: d["hosts"][1].update(cells=[
         {"id": 0, "memory_mib": 4096, "free_mib": 4096, "cpus": [0, 1]},
         {"id": 2, "memory_mib": 4096, "free_mib": 4096, "cpus": [2, 3]}]))
+
+
+def test_a_memoryless_cell_beside_others_is_allowed() -> None:
+    # CPU-only NUMA nodes exist; only a host with no memory at all is refused
+    _parse(lambda d: d["hosts"][1]["cells"].append({"id": 1, "memory_mib": 0, "free_mib": 0, "cpus": [2, 3]}))

@@ -366,6 +366,17 @@ def test_rebalance_returns_vms_to_their_origin_first() -> None:
     assert all(m.placement.vm != "homesick" for m in plan_rebalance(s, 2, prefer_origin=False).moves)
 
 
+def test_rebalance_and_evacuation_leave_a_memoryless_cell_alone() -> None:
+    # a host must hold memory (the snapshot refuses one without: tests/unit/test_models.py), but a
+    # CPU-only cell beside others is real; it neither divides by zero nor receives memory
+    odd = host("odd", cell(0, 64, 64, range(0, 4)), cell(1, 0, 0, range(4, 8)))
+    s = snap(two_cells("full", 8, 8), odd, vms=tuple(vm(f"f{i}", "full", 14) for i in range(8)))
+    moves = plan_rebalance(s, 4).moves
+    assert moves and all(m.placement.target_cells == (0,) for m in moves if m.placement.target == "odd")
+    evac = plan_evacuation(s, ["full"], spare_hosts=0)
+    assert all(p.target_cells == (0,) for p in evac.placements)
+
+
 def _after_a_window() -> FleetSnapshot:
     """Four hosts at 75 % and two left empty, as the last hosts of a rolling window are."""
     hosts = tuple(two_cells(f"h{i}", 16, 16) for i in range(4)) + (two_cells("h4", 64, 64), two_cells("h5", 64, 64))
