@@ -104,6 +104,44 @@ class AuditRecord:
 
 
 @dataclass(frozen=True)
+class Anchor:
+    """A chain head written down outside the database: record ``seq`` had hash ``hash``.
+
+    Written as ``SEQ:HASH`` (``str(anchor)``, :meth:`parse`). With the seq, a trail cut
+    below the anchor is reported with the records that are missing, not just "hash not found".
+    """
+
+    seq: int
+    hash: str
+
+    def __str__(self) -> str:
+        return f"{self.seq}:{self.hash}"
+
+    @classmethod
+    def parse(cls, text: str) -> Anchor:
+        """``SEQ:HASH`` as :class:`VerifyReport` prints it; ValueError saying what is wrong otherwise."""
+        seq_text, sep, hash_text = text.strip().partition(":")
+        if not sep or not seq_text.isdigit():
+            raise ValueError(f"expected SEQ:HASH (a record number, a colon, its 64-hex-digit hash), got {text!r}")
+        hash_text = hash_text.lower()
+        if not _is_hash(hash_text):
+            raise ValueError(f"{hash_text!r} is not a SHA-256 hash (64 hex digits)")
+        seq = int(seq_text)
+        if seq == 0 and hash_text != GENESIS_HASH:
+            raise ValueError("record 0 is the empty trail: its hash is 64 zeros")
+        return cls(seq, hash_text)
+
+
+def parse_anchor(text: str) -> Anchor | str:
+    """An anchor as an operator wrote it down: ``SEQ:HASH``, or a bare hash (what :meth:`AuditTrail.verify`
+    took before anchors had a seq). ValueError saying what is wrong otherwise."""
+    bare = text.strip().lower()
+    if ":" not in bare and _is_hash(bare):
+        return bare
+    return Anchor.parse(text)
+
+
+@dataclass(frozen=True)
 class VerifyReport:
     """The result of :meth:`AuditTrail.verify`. ``problem`` names the first bad record and what is wrong."""
 
@@ -112,6 +150,12 @@ class VerifyReport:
     first_bad_seq: int | None
     problem: str
     last_hash: str = ""  # write this into the change ticket to anchor the chain (docs/audit.md)
+    last_seq: int = 0  # the record ``last_hash`` belongs to (0: none)
+
+    @property
+    def head(self) -> Anchor:
+        """The last record that verified, as an anchor to write down (``str()`` gives ``SEQ:HASH``)."""
+        return Anchor(self.last_seq, self.last_hash or GENESIS_HASH)
 
 
 @runtime_checkable
@@ -277,33 +321,43 @@ class AuditTrail:
         with self._engine.connect() as conn:
             return [_from_row(r) for r in conn.execute(query.order_by(t.c.seq))]
 
-    def verify(self, anchor: str | None = None) -> VerifyReport:
+    def verify(self, anchor: Anchor | str | None = None) -> VerifyReport:
         """Walk the chain and report the first record that was altered, removed or moved.
 
-        ``anchor``: a hash written down earlier (the change ticket's ``last_hash``); the
-        chain must still contain it, which catches a chain rewritten from scratch.
+        ``anchor``: a head written down earlier (the change ticket's ``report.head``). The chain
+        alone cannot tell that its newest records were deleted or that it was rebuilt from
+        scratch; against an anchor it can. An :class:`Anchor` must still be record ``seq``
+        with that hash: a chain that now ends before it is reported with the missing records.
+        A bare hash (the older form) must still be somewhere in the chain.
         """
         with self._engine.connect() as conn:
             rows = conn.execute(sa.select(audit_table).order_by(audit_table.c.seq)).all()
         chain = [_stored_fields(row) for row in rows]
         stored = {fields["hash"]: fields for fields in chain}  # to trace where moved content came from
-        seen: set[str] = set()
         prev: dict[str, Any] | None = None
         for count, fields in enumerate(chain):
             found = _check(fields, prev, stored)
             if found is not None:
                 bad_seq, problem = found
                 return VerifyReport(ok=False, count=count, first_bad_seq=bad_seq, problem=problem,
-                                    last_hash=prev["hash"] if prev else GENESIS_HASH)
-            seen.add(fields["hash"])
+                                    last_hash=prev["hash"] if prev else GENESIS_HASH,
+                                    last_seq=prev["seq"] if prev else 0)
             prev = fields
         count = len(rows)
-        last_hash = prev["hash"] if prev else GENESIS_HASH
-        if anchor is not None and anchor not in seen and anchor != GENESIS_HASH:
-            return VerifyReport(ok=False, count=count, first_bad_seq=None, last_hash=last_hash,
+        last_hash: str = prev["hash"] if prev else GENESIS_HASH
+        last_seq: int = prev["seq"] if prev else 0
+        # the walk passed, so record n is chain[n - 1]
+        if isinstance(anchor, Anchor):
+            found = _check_anchor(anchor, chain)
+            if found is not None:
+                bad_seq, problem = found
+                return VerifyReport(ok=False, count=count, first_bad_seq=bad_seq, problem=problem,
+                                    last_hash=last_hash, last_seq=last_seq)
+        elif anchor is not None and anchor != GENESIS_HASH and anchor not in stored:
+            return VerifyReport(ok=False, count=count, first_bad_seq=None, last_hash=last_hash, last_seq=last_seq,
                                 problem=f"the anchored hash {anchor} is not in the chain: the trail was"
                                         " rewritten or truncated after the anchor was taken")
-        return VerifyReport(ok=True, count=count, first_bad_seq=None, last_hash=last_hash,
+        return VerifyReport(ok=True, count=count, first_bad_seq=None, last_hash=last_hash, last_seq=last_seq,
                             problem=f"{count} records, chain intact")
 
     def export(self, fmt: Literal["jsonl", "csv"]) -> str:
@@ -353,6 +407,28 @@ def _check(fields: dict[str, Any], prev: Mapping[str, Any] | None,
         return seq, (f"{_label(fields)} does not link to the record before it: its prev_hash is not"
                      f" record {expected_seq - 1}'s hash (a record was removed, inserted or rewritten)")
     return None
+
+
+def _check_anchor(anchor: Anchor, chain: list[dict[str, Any]]) -> tuple[int, str] | None:
+    """The first bad seq and what is wrong, if an intact ``chain`` does not hold ``anchor`` where it was."""
+    if anchor.seq == 0:
+        return None  # the empty trail: every chain starts from it
+    if anchor.seq > len(chain):
+        first = len(chain) + 1
+        missing = f"record {first} is" if first == anchor.seq else f"records {first}..{anchor.seq} are"
+        ends = f"ends at record {len(chain)}" if chain else "is empty"
+        return first, (f"{missing} missing: the chain {ends}, but the anchor {anchor} names record {anchor.seq};"
+                       " the newest records were deleted after the anchor was taken")
+    fields = chain[anchor.seq - 1]
+    if fields["hash"] != anchor.hash:
+        return anchor.seq, (f"{_label(fields)} is not the anchored record: its hash is {fields['hash']}, the"
+                            f" anchor {anchor} says otherwise; the trail up to it was rewritten (or cut and"
+                            " written again) after the anchor was taken")
+    return None
+
+
+def _is_hash(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 def _original_seq(fields: Mapping[str, Any], stored: Mapping[str, Mapping[str, Any]]) -> int | None:

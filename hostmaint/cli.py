@@ -410,15 +410,36 @@ def audit_export(fmt: Annotated[str, typer.Option("--format", help="jsonl or csv
 
 
 @audit_app.command("verify")
-def audit_verify() -> None:
-    """Check the hash chain: exit 1 naming the first record altered, removed or reordered."""
+def audit_verify(anchor: Annotated[str | None, typer.Option(
+                     "--anchor", help="A head printed by an earlier verify (SEQ:HASH, or just the hash): it "
+                                      "must still be in the chain. Without one, deleting the newest records "
+                                      "goes unnoticed.")] = None,
+                 as_json: JsonOpt = False) -> None:
+    """Check the hash chain: exit 1 naming the first record altered, removed or reordered, or the records
+    missing below --anchor. Prints the chain's head: note it (the change ticket) and pass it as --anchor later."""
     with exit_codes():
-        report = _audit(None).verify()
-        if report.ok:
-            out.print(f"audit trail verified: {report.count} record(s), chain intact")
-            return
-        err.print(f"[red]audit trail broken:[/red] {report.problem}", highlight=False)
-        raise typer.Exit(1)
+        report = _audit(None).verify(anchor=_parse_anchor(anchor) if anchor is not None else None)
+        if as_json:
+            _print_json({"ok": report.ok, "count": report.count, "first_bad_seq": report.first_bad_seq,
+                         "problem": report.problem, "head": str(report.head), "anchor": anchor})
+        elif report.ok:
+            out.print(f"audit trail verified: {report.count} record(s), chain intact"
+                      + (f"; anchor {anchor} in place" if anchor else ""))
+            out.print(f"head: {report.head}", highlight=False, soft_wrap=True)
+        else:
+            err.print(f"[red]audit trail broken:[/red] {report.problem}", highlight=False, soft_wrap=True)
+            err.print(f"last record that verified: {report.head}", highlight=False, soft_wrap=True)
+        if not report.ok:
+            raise typer.Exit(1)
+
+
+def _parse_anchor(text: str) -> Any:
+    from hostmaint.audit import parse_anchor
+
+    try:
+        return parse_anchor(text)
+    except ValueError as exc:
+        raise InputError(f"--anchor: {exc}") from None
 
 
 # --- demo -----------------------------------------------------------------------------------------------

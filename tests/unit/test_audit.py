@@ -237,6 +237,56 @@ def test_truncated_tail_is_caught_only_by_the_anchor(engine: sa.Engine, trail: A
     assert trail.verify(anchor=trail.records()[7].hash).ok
 
 
+def test_cut_tail_is_named_against_a_seq_anchor(engine: sa.Engine, trail: AuditTrail) -> None:
+    """Deleting the newest records leaves a shorter chain that verifies; the anchor taken before names the loss."""
+    fill(trail, 5)
+    head = trail.verify().head
+    assert (head.seq, head.hash) == (5, trail.records()[-1].hash)
+    sql(engine, "DELETE FROM hostmaint_audit WHERE seq >= 4")
+    alone = trail.verify()
+    assert alone.ok and alone.count == 3  # the chain by itself cannot tell (docs/audit.md)
+    anchored = trail.verify(anchor=head)
+    assert (anchored.ok, anchored.first_bad_seq, anchored.count) == (False, 4, 3)
+    assert anchored.problem.startswith("records 4..5 are missing: the chain ends at record 3")
+    assert str(head) in anchored.problem
+    # writing new records on top does not hide the cut: record 5 is not the one anchored
+    fill(trail, 2)
+    rewritten = trail.verify(anchor=head)
+    assert (rewritten.ok, rewritten.first_bad_seq) == (False, 5)
+    assert "record 5 (" in rewritten.problem and "is not the anchored record" in rewritten.problem
+
+
+def test_seq_anchor_still_in_place_verifies(trail: AuditTrail) -> None:
+    fill(trail, 3)
+    head = trail.verify().head
+    fill(trail, 2)  # records after the anchor are fine
+    assert trail.verify(anchor=head).ok
+    assert trail.verify(anchor=audit.Anchor.parse(str(head))).ok
+    assert trail.verify(anchor=audit.Anchor(0, ZEROS)).ok  # the empty trail's head
+    only_one = AuditTrail(open_engine("sqlite://"))
+    assert only_one.verify().head == audit.Anchor(0, ZEROS)
+    assert not only_one.verify(anchor=head).ok
+
+
+@pytest.mark.parametrize(("text", "why"), [
+    ("5", "expected SEQ:HASH"),
+    ("x:" + "a" * 64, "expected SEQ:HASH"),
+    ("-1:" + "a" * 64, "expected SEQ:HASH"),
+    ("5:abc", "not a SHA-256 hash"),
+    ("5:" + "g" * 64, "not a SHA-256 hash"),
+    ("0:" + "a" * 64, "record 0 is the empty trail"),
+])
+def test_malformed_anchor_is_refused(text: str, why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        audit.parse_anchor(text)
+
+
+def test_parse_anchor_takes_both_forms() -> None:
+    h = "Ab" * 32
+    assert audit.parse_anchor(f" 7:{h} ") == audit.Anchor(7, h.lower())
+    assert audit.parse_anchor(h) == h.lower()
+
+
 # --- redaction ----------------------------------------------------------------------------------
 
 PEM = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from hostmaint.cli import app
@@ -51,3 +53,35 @@ def test_simulate_window_takes_measured_dirty_rates(tmp_path: Path) -> None:
     rates.write_text(json.dumps({first: -3}))
     negative = runner.invoke(app, [*base, "--dirty-rates", str(rates)])
     assert negative.exit_code == 2 and first in negative.output and ">= 0" in negative.output
+
+
+def test_audit_verify_prints_the_head_and_catches_a_cut_tail_only_against_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hostmaint.audit import AuditEntry, AuditTrail
+    from hostmaint.db import open_engine
+
+    db = tmp_path / "hostmaint.db"
+    monkeypatch.setenv("HOSTMAINT_DB", str(db))
+    trail = AuditTrail(open_engine())
+    records = [trail.append(AuditEntry(host="hv01", step=step)) for step in ("cordon", "drain", "update",
+                                                                            "reboot", "verify")]
+    before = runner.invoke(app, ["audit", "verify", "--json"])
+    assert before.exit_code == 0, before.output
+    head = json.loads(before.stdout)["head"]
+    assert head == f"5:{records[-1].hash}"
+    text = runner.invoke(app, ["audit", "verify"])
+    assert text.exit_code == 0 and f"head: {head}" in text.output
+    with sqlite3.connect(db) as conn:
+        conn.execute("DELETE FROM hostmaint_audit WHERE seq >= 4")
+    # documented limit: without an anchor the shorter chain is consistent
+    alone = runner.invoke(app, ["audit", "verify"])
+    assert alone.exit_code == 0 and "3 record(s), chain intact" in alone.output
+    anchored = runner.invoke(app, ["audit", "verify", "--anchor", head])
+    assert anchored.exit_code == 1
+    assert "records 4..5 are missing" in anchored.output
+    bare = runner.invoke(app, ["audit", "verify", "--anchor", records[-1].hash])  # the hash alone: still caught
+    assert bare.exit_code == 1 and "is not in the chain" in bare.output
+    kept = runner.invoke(app, ["audit", "verify", "--anchor", f"3:{records[2].hash}"])
+    assert kept.exit_code == 0, kept.output
+    bad = runner.invoke(app, ["audit", "verify", "--anchor", "5:nothex"])
+    assert bad.exit_code == 2 and "--anchor" in bad.output
