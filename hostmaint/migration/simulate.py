@@ -63,6 +63,7 @@ from hostmaint.models import (
     WindowPlan,
 )
 from hostmaint.placement.evacuate import BUSY, DUE, PREFERRED
+from hostmaint.placement.rebalance import plan_rebalance
 
 EPS = 1e-9
 
@@ -192,6 +193,14 @@ class WindowEstimate:
     # When every active host is due, a VM's last move must land on a patched host, and the first one
     # is back no sooner than the quickest drain and its patch: no drain before that shortens the rest
     first_patch_s: float = 0.0
+    # the levelling rebalance the window runs after its last host (patch-window), when it still has time
+    rebalance_moves: int = 0
+    rebalance_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        """The window with its closing rebalance: patching (:attr:`makespan_s`), then levelling."""
+        return self.makespan_s + self.rebalance_s
 
     @property
     def ratio(self) -> float:
@@ -228,6 +237,9 @@ class WindowEstimate:
                  f"  serial would take {self.serial_s / 3600:.2f} h; lower bound "
                  f"{self.bound_s / 3600:.2f} h",
                  f"  {len(self.migrations)} migrations, {unmoved} not moved"]
+        if self.rebalance_moves:
+            lines.append(f"  then a rebalance of {self.rebalance_moves} moves, {self.rebalance_s / 60:.1f} min "
+                         f"(skipped when the window has ended): {self.total_s / 3600:.2f} h in all")
         if failed:
             lines.append(f"  hosts left unpatched (a VM could not move): {', '.join(failed)}")
         return "\n".join(lines)
@@ -567,7 +579,7 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
                     dirty_rate: Mapping[str, float] | None = None, params: SimParams = SimParams(),
                     patch_s: float = 600.0, parallel: int | None = None, spare_hosts: int = 1,
                     just_in_time: bool = False, drains_at_once: int | None = None,
-                    focus: bool = True) -> WindowEstimate:
+                    focus: bool = True, rebalance_within: float | None = 0.10) -> WindowEstimate:
     """Simulate a rolling window over ``snapshot``'s cluster: drain, patch (``patch_s``: update, reboot,
     verify) and return each host, ``parallel`` hosts at once (default: what N+1 capacity allows).
 
@@ -585,7 +597,11 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     due later, busy hosts last, and with ``focus`` (the flows' patches) the drain's few focus hosts
     first within each; most free memory stands in for the balance objective. Also
     simulates the same hosts one at a time (``serial_s``), and each host alone (the lower bounds).
-    Pure and deterministic.
+
+    ``rebalance_within``: after the last host, the window's levelling rebalance (patch-window's
+    ``rebalance_within_pct`` ÷ 100; None: none) is planned on the cluster as the window leaves it and
+    simulated holding the cluster's whole migration limit (``rebalance_moves``, ``rebalance_s``; the
+    makespan and the bounds are the patching alone). Pure and deterministic.
     """
     policy = policy or SchedulerPolicy()
     names = list(window.order) if isinstance(window, WindowPlan) else list(window)
@@ -614,10 +630,43 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     outside = any(h.state is HostState.ACTIVE and h.name not in names for h in snapshot.hosts)
     first_patch = 0.0 if outside or not solo_drains else min(solo_drains) + patch_s
     hosts, migs, makespan = run
+    moves: tuple[Placement, ...] = ()
+    levelling = 0.0
+    if rebalance_within is not None and all(h.outcome is StepOutcome.OK for h in hosts):
+        # as patch-window: only when every host was patched, level rather than return home
+        plan = plan_rebalance(window_end_snapshot(snapshot, migs), None, prefer_origin=False,
+                              within=rebalance_within)
+        moves = tuple(m.placement for m in plan.moves)
+        if moves:
+            levelling = simulate_drain(moves, snapshot.limits, policy=policy, options=options,
+                                       dirty_rate=dirty_rate, params=params).makespan_s
     return WindowEstimate(cluster=snapshot.cluster, hosts=hosts, makespan_s=round(makespan, 3), parallel=k,
                           serial_s=round(serial[2], 3), lower_bound_s=round(bound, 3), migrations=migs,
                           wave_bound_s=round(waves, 3), drain_bound_s=round(in_a_row, 3),
-                          drains_at_once=at_once, first_patch_s=round(first_patch, 3))
+                          drains_at_once=at_once, first_patch_s=round(first_patch, 3),
+                          rebalance_moves=len(moves), rebalance_s=round(levelling, 3))
+
+
+def window_end_snapshot(snapshot: FleetSnapshot, migrations: Sequence[SimMigration]) -> FleetSnapshot:
+    """``snapshot`` as a simulated window leaves it: each VM where its last completed move put it, and
+    each host's free memory changed by what left and arrived (spread over its cells by size, as the
+    simulator does not place VMs in cells)."""
+    where = {v.name: v.host for v in snapshot.vms}
+    for m in sorted(migrations, key=lambda m: (m.end_s, m.vm)):
+        if m.outcome is StepOutcome.OK:
+            where[m.vm] = m.target
+    delta = dict.fromkeys((h.name for h in snapshot.hosts), 0)
+    for v in snapshot.vms:
+        delta[v.host] += v.memory_mib
+        delta[where[v.name]] -= v.memory_mib
+    hosts = []
+    for h in snapshot.hosts:
+        size = h.memory_mib or 1
+        cells = tuple(c.model_copy(update={"free_mib": max(0, c.free_mib + delta[h.name] * c.memory_mib // size)})
+                      for c in h.cells)
+        hosts.append(h.model_copy(update={"cells": cells}))
+    vms = tuple(v.model_copy(update={"host": where[v.name]}) for v in snapshot.vms)
+    return snapshot.model_copy(update={"hosts": tuple(hosts), "vms": vms})
 
 
 def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], names: list[str], k: int,

@@ -12,8 +12,10 @@ from hostmaint.migration.simulate import (
     parallel_capacity,
     simulate_drain,
     simulate_window,
+    window_end_snapshot,
 )
 from hostmaint.models import Cell, FleetSnapshot, Host, Limits, MigrationOptions, Placement, StepOutcome, Vm
+from hostmaint.placement import plan_rebalance
 
 EXACT = SimParams(setup_s=0.0, downtime_limit_ms=1.0)  # no overhead: the closed forms hold
 NO_ESCALATION = SchedulerPolicy(auto_converge=False)
@@ -349,3 +351,42 @@ def test_a_host_outside_the_window_takes_vms_from_the_start() -> None:
     assert est.bound_s == max(est.lower_bound_s, est.wave_bound_s, est.drain_bound_s)
     everyone = simulate_window(snap, [h.name for h in snap.hosts], patch_s=200, dirty_rate=dirty)
     assert everyone.first_patch_s > 0.0
+
+
+def _used_cluster(hosts: int, vms_per_host: int) -> FleetSnapshot:
+    """Hosts whose cells show what their VMs use, with CPUs: a snapshot the rebalance planner can use."""
+    names = [f"h{i}" for i in range(hosts)]
+    vms = tuple(Vm(name=f"{h}-v{j}", uuid=f"{h}-{j}", host=h, memory_mib=(8 + 8 * (j % 3)) * 1024, vcpus=2)
+                for h in names for j in range(vms_per_host))
+    used = {h: sum(v.memory_mib for v in vms if v.host == h) for h in names}
+    hs = tuple(Host(name=h, cluster="c", cells=(Cell(id=0, memory_mib=256 * 1024, free_mib=256 * 1024 - used[h],
+                                                     cpus=tuple(range(32))),)) for h in names)
+    return FleetSnapshot(cluster="c", taken_at="t", hosts=hs, vms=vms,
+                         limits=Limits(memory_headroom_pct=0, max_hosts_in_maintenance=hosts, migrations_per_cluster=8,
+                                       migrations_per_source=4, migrations_per_target=4))
+
+
+def test_the_window_leaves_each_vm_where_its_last_move_put_it() -> None:
+    snap = _used_cluster(6, 6)
+    est = simulate_window(snap, [h.name for h in snap.hosts], patch_s=200, rebalance_within=None)
+    end = window_end_snapshot(snap, est.migrations)
+
+    last = {m.vm: m.target for m in sorted(est.migrations, key=lambda m: m.end_s)}
+    assert {v.name: v.host for v in end.vms} == {v.name: last.get(v.name, v.host) for v in snap.vms}
+    for h in end.hosts:  # free memory follows the VMs: what a host runs plus what is free is its memory
+        assert h.cells[0].free_mib + sum(v.memory_mib for v in end.vms_on(h.name)) == h.memory_mib
+
+
+def test_a_window_ends_with_the_rebalance_the_flow_runs_after_its_last_host() -> None:
+    snap = _used_cluster(6, 6)
+    names = [h.name for h in snap.hosts]
+    patching = simulate_window(snap, names, patch_s=200, rebalance_within=None)
+    est = simulate_window(snap, names, patch_s=200)
+
+    assert est.makespan_s == patching.makespan_s  # the patching is the same; the levelling comes after it
+    assert patching.rebalance_moves == 0 and patching.total_s == patching.makespan_s
+    end = window_end_snapshot(snap, est.migrations)
+    plan = plan_rebalance(end, None, prefer_origin=False, within=0.10)
+    assert est.rebalance_moves == len(plan.moves) > 0
+    assert est.rebalance_s > 0 and est.total_s == pytest.approx(est.makespan_s + est.rebalance_s)
+    assert "then a rebalance of" in est.describe()
