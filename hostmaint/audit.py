@@ -170,12 +170,14 @@ class AuditSink(Protocol):
 # --- redaction and canonical form ---------------------------------------------------
 
 
-def _is_secret_key(key: object) -> bool:
+def is_secret_name(key: object) -> bool:
+    """Whether a field or parameter of this name holds a secret (see :func:`redact`)."""
     squashed = str(key).lower().replace("_", "").replace("-", "")
     return any(part in squashed for part in SECRET_KEY_PARTS)
 
 
-def _is_pem_key(text: str) -> bool:
+def holds_private_key(text: str) -> bool:
+    """Whether ``text`` holds a PEM/OpenSSH private key."""
     return "-----BEGIN" in text and "PRIVATE KEY" in text
 
 
@@ -189,10 +191,10 @@ def redact_text(text: str) -> str:
     text always gives the same result, so a redacted record hashes the same on every check.
     Use it on any text built from host output or errors that is shown to people.
     """
-    if _is_pem_key(text):
+    if holds_private_key(text):
         return REDACTED
     text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:***@", text)
-    return _NAMED_VALUE.sub(lambda m: f"{m['name']}=***" if _is_secret_key(m["name"]) else m[0], text)
+    return _NAMED_VALUE.sub(lambda m: f"{m['name']}=***" if is_secret_name(m["name"]) else m[0], text)
 
 
 def redact(value: Any) -> Any:
@@ -205,7 +207,7 @@ def redact(value: Any) -> Any:
     pairs masked). Dicts, lists and tuples are walked recursively.
     """
     if isinstance(value, Mapping):
-        return {k: (REDACTED if _is_secret_key(k) else redact(v)) for k, v in value.items()}
+        return {k: (REDACTED if is_secret_name(k) else redact(v)) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [redact(v) for v in value]
     if isinstance(value, str):

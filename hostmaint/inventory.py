@@ -16,12 +16,19 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from hostmaint.audit import holds_private_key, is_secret_name, redact_text
 from hostmaint.errors import InventoryError
 from hostmaint.models import Limits, PackageManager, RebootPolicy, UnmigratableAction
 
 # A package name or glob: nothing a shell could read as syntax.
 PACKAGE_PATTERN = re.compile(r"^[A-Za-z0-9._+*-]+$")
 HOST_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+# what Prefect accepts as a block document name
+BLOCK_NAME = r"^[a-z0-9-]+$"
+# a PEM block as it appears in a message (repr() turns its line breaks into "\\n"), or cut off at the end
+_PEM_BLOCK = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)", re.S)
+KEY_NOT_HERE = ("the key itself never goes in the inventory: use key: {file: PATH}, {agent: true} or "
+                "{secret_block: NAME}")
 
 
 def _check_package_globs(names: list[str]) -> list[str]:
@@ -38,9 +45,29 @@ class Strict(BaseModel):
 class SshKey(Strict):
     """Where the SSH private key comes from. The key itself never enters the inventory."""
 
-    file: str | None = None
+    file: Annotated[str, Field(min_length=1)] | None = None
     agent: bool = False
-    secret_block: str | None = None  # a Prefect Secret block holding the key
+    # a Prefect Secret block holding the key
+    secret_block: Annotated[str, Field(pattern=BLOCK_NAME)] | None = None
+
+    @field_validator("file", mode="before")
+    @classmethod
+    def _a_path(cls, v: Any) -> Any:
+        # a key pasted under file: would otherwise pass, and be printed as the "path" at connect time
+        if isinstance(v, str) and holds_private_key(v):
+            raise ValueError(f"holds a private key, not the path of one; {KEY_NOT_HERE}")
+        if isinstance(v, str) and any(c in v for c in "\n\r\0"):
+            raise ValueError("must be the path of the key file: it has a line break")
+        return v
+
+    @field_validator("secret_block", mode="before")
+    @classmethod
+    def _a_block_name(cls, v: Any) -> Any:
+        if isinstance(v, str) and holds_private_key(v):
+            raise ValueError(f"holds a private key, not the name of the Secret block that holds it; {KEY_NOT_HERE}")
+        if isinstance(v, str) and not re.fullmatch(BLOCK_NAME, v):
+            raise ValueError("must be a Prefect block name: lowercase letters, digits and dashes")
+        return v
 
     @model_validator(mode="after")
     def _one_source(self) -> SshKey:
@@ -260,7 +287,14 @@ def _host_of(raw: Any, loc: tuple[Any, ...]) -> str | None:
     return None
 
 
-def _message(err: Any) -> str:
+def _secret_setting(loc: tuple[Any, ...]) -> bool:
+    """Whether the field at ``loc`` is about credentials: anything under ``ssh.key``, or a secret-looking name."""
+    names = [p for p in loc if isinstance(p, str)]
+    under_key = any(a == "ssh" and b == "key" for a, b in zip(names, names[1:], strict=False))
+    return under_key or any(is_secret_name(n) for n in names)
+
+
+def _message(err: Any, loc: tuple[Any, ...]) -> str:
     msg = str(err["msg"])
     for prefix in ("Value error, ", "Assertion failed, "):
         if msg.startswith(prefix):
@@ -271,7 +305,19 @@ def _message(err: Any) -> str:
         msg = "required field is missing"
     if err["type"] not in ("missing", "extra_forbidden") and "input" in err \
             and not isinstance(err["input"], dict | list) and "got" not in msg:
-        msg += f", got {err['input']!r}"
+        value = err["input"]
+        pem = isinstance(value, str) and holds_private_key(value)
+        # errors are printed and logged: a key or password pasted in the wrong place must not be echoed
+        if pem:
+            msg += " (the value is not shown: it holds a private key)"
+            if KEY_NOT_HERE not in msg:
+                msg += f"; {KEY_NOT_HERE}"
+        elif _secret_setting(loc):
+            msg += " (the value is not shown: it is a credential setting)"
+        elif isinstance(value, str) and redact_text(value) != value:
+            msg += " (the value is not shown: it holds a password or token)"
+        else:
+            msg += f", got {value!r}"
     return msg
 
 
@@ -288,13 +334,15 @@ def parse_inventory(data: Any, source: str = "<inventory>") -> Inventory:
             path = _field_path(loc) or "top level"
             host = _host_of(data, loc)
             where = f"{path} (host {host})" if host else path
-            msg = _message(err)
+            msg = _message(err, loc)
             if "\n" in msg:  # cross-field checks already carry their own paths
                 problems.extend(msg.splitlines())
             elif not loc and ":" in msg.split(" ")[0]:
                 problems.append(msg)
             else:
                 problems.append(f"{where}: {msg}")
+        # the net under _message: a validator's own message may quote what it was given
+        problems = [redact_text(_PEM_BLOCK.sub("<a private key, not shown>", p)) for p in problems]
         raise InventoryError(problems, source) from None
 
 

@@ -150,3 +150,59 @@ def test_migration_settings_reach_the_drain_scheduler(tmp_path: Path) -> None:
     assert (options.parallel_connections, options.stall_seconds) == (4, 20)
     other, other_options = drain_settings(inv, doc["clusters"][1]["name"])  # no section: the defaults
     assert not other.allow_post_copy and other_options.stall_seconds == 60
+
+
+# a private key as an operator might paste it by mistake (not a real key: only its shape matters)
+PEM = ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAAB\n"
+       "QyNTUxOQAAACBOxkcDCXXXgSRDH63acR/7txWbAB0ROVR1zL5AdXKh\n-----END OPENSSH PRIVATE KEY-----\n")
+KEY_BODY = ("b3BlbnNzaC1rZXktdjEAAAAABG5vbmUA", "QyNTUxOQAAACBOxkcDCXXX")
+
+PASTED: list[tuple[str, Callable[[dict[str, Any]], None], str, str]] = [
+    ("key itself as ssh.key", _set("hosts.0.ssh.key", PEM), "hosts[0].ssh.key (host hv01)",
+     "Input should be a valid dictionary"),
+    ("key as the key file's path", _set("hosts.0.ssh.key", {"file": PEM}), "hosts[0].ssh.key.file (host hv01)",
+     "holds a private key, not the path of one"),
+    ("key as the secret block's name", _set("hosts.0.ssh.key", {"secret_block": PEM}),
+     "hosts[0].ssh.key.secret_block (host hv01)", "holds a private key, not the name of the Secret block"),
+    ("key as agent", _set("hosts.0.ssh.key", {"agent": PEM}), "hosts[0].ssh.key.agent (host hv01)",
+     "valid boolean"),
+    ("key in an exclude", _set("clusters.0.host_policy.excludes", [PEM]), "clusters[0].host_policy.excludes",
+     "not a package name"),
+]
+
+
+@pytest.mark.parametrize("name,change,field,what", PASTED, ids=[p[0] for p in PASTED])
+def test_a_pasted_private_key_is_never_echoed(tmp_path: Path, name: str, change: Callable[[dict[str, Any]], None],
+                                              field: str, what: str) -> None:
+    doc = example()
+    change(doc)
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.dump(doc, default_style=None))  # the key as a YAML block, as it was pasted
+    result = runner.invoke(app, ["inventory", "check", str(path)])
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert field in said and what in said
+    for body in KEY_BODY:
+        assert body not in result.output
+    assert "BEGIN OPENSSH" not in result.output
+
+
+def test_credential_settings_and_passwords_are_not_echoed() -> None:
+    doc = example()
+    doc["hosts"][0]["ssh"]["key"] = {"file": 1234}
+    doc["hosts"][1]["ssh"]["key"] = {"secret_block": "Prod SSH key"}
+    doc["hosts"][2]["libvirt_uri"] = "https://admin:Hunter2pw@hv03/system"
+    with pytest.raises(InventoryError) as info:
+        parse_inventory(doc, "x.yaml")
+    problems = info.value.problems
+    assert problems[0] == ("hosts[0].ssh.key.file (host hv01): Input should be a valid string"
+                           " (the value is not shown: it is a credential setting)")
+    assert problems[1].startswith("hosts[1].ssh.key.secret_block (host hv02): must be a Prefect block name")
+    assert "Prod SSH key" not in problems[1]
+    assert problems[2].startswith("hosts[2].libvirt_uri (host hv03): String should match pattern")
+    assert "Hunter2pw" not in str(info.value)
+    # a value that is no secret is still shown: it helps to see what was wrong
+    doc = example()
+    doc["hosts"][0]["ssh"]["port"] = "twenty-two"
+    with pytest.raises(InventoryError, match="got 'twenty-two'"):
+        parse_inventory(doc, "x.yaml")
