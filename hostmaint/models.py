@@ -149,7 +149,9 @@ class Vm(Frozen):
 
     @property
     def pinned(self) -> bool:
-        return bool(self.vcpupin)
+        # Emulator threads pinned alone hold their CPUs as much as vCPUs do: the target must
+        # reserve them and the migration must rewrite them, or they land on another VM's CPUs.
+        return bool(self.vcpupin or self.emulatorpin)
 
 
 class Host(Frozen):

@@ -15,7 +15,8 @@ from hostmaint.drivers.domain_xml import (
     to_kib,
     with_free_memory,
 )
-from hostmaint.models import Numatune, Placement
+from hostmaint.models import Cell, FleetSnapshot, Host, Limits, MigrationOptions, Numatune, Placement, Vm
+from hostmaint.placement import plan_evacuation
 
 CAPS = """<capabilities><host><uuid>11111111-2222-3333-4444-555555555555</uuid>
 <topology><cells num='2'>
@@ -112,3 +113,40 @@ def test_rewrite_adds_cputune_where_there_was_none() -> None:
     root = ET.fromstring(rewrite_for_target(PLAIN, placement))
     assert root.find("cputune/vcpupin").get("cpuset") == "1"  # type: ignore[union-attr]
     assert root.find("numatune/memory").get("nodeset") == "0"  # type: ignore[union-attr]
+
+
+EMULATOR_ONLY = """<domain type='kvm'><name>emu01</name><uuid>u2</uuid><memory unit='GiB'>4</memory>
+<vcpu>2</vcpu><cputune><emulatorpin cpuset='6-7'/></cputune></domain>"""
+
+
+def _emulator_only_placement() -> Placement:
+    """The planner's placement of a VM that pins only its emulator threads (6-7 on its host) onto a
+    host where 6 and 7 are another VM's pinned vCPUs."""
+    gib = 1024
+    cells = (Cell(id=0, memory_mib=64 * gib, free_mib=60 * gib, cpus=(0, 1, 2, 3)),
+             Cell(id=1, memory_mib=64 * gib, free_mib=60 * gib, cpus=(4, 5, 6, 7)))
+    snap = FleetSnapshot(cluster="c", taken_at="t", limits=Limits(spare_hosts=0), hosts=(
+        Host(name="src", cluster="c", cells=cells), Host(name="dst", cluster="c", cells=cells)), vms=(
+        parse_domain(EMULATOR_ONLY, "src"),
+        Vm(name="p", uuid="2", host="dst", memory_mib=4 * gib, vcpus=2, vcpupin={0: (6,), 1: (7,)})))
+    [placement] = plan_evacuation(snap, ["src"]).placements
+    return placement
+
+
+def test_emulator_pinning_alone_is_rewritten_for_the_target() -> None:
+    placement = _emulator_only_placement()
+    assert placement.emulatorpin and not set(placement.emulatorpin) & {6, 7}
+    root = ET.fromstring(rewrite_for_target(EMULATOR_ONLY, placement))
+    assert root.find("cputune/emulatorpin").get("cpuset") == format_cpuset(placement.emulatorpin)  # type: ignore[union-attr]
+    assert root.findall("cputune/vcpupin") == []  # none before, none invented
+
+
+def test_the_driver_sends_the_rewritten_emulator_pinning_as_destination_xml() -> None:
+    libvirt = pytest.importorskip("libvirt")
+    from hostmaint.drivers.libvirt import LibvirtHypervisor
+
+    placement = _emulator_only_placement()
+    _, params = LibvirtHypervisor._request(EMULATOR_ONLY, MigrationOptions(placement=placement))
+    for key in (libvirt.VIR_MIGRATE_PARAM_DEST_XML, libvirt.VIR_MIGRATE_PARAM_PERSIST_XML):
+        sent = ET.fromstring(params[key])
+        assert sent.find("cputune/emulatorpin").get("cpuset") == format_cpuset(placement.emulatorpin)  # type: ignore[union-attr]

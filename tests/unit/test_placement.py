@@ -114,6 +114,26 @@ def test_pinned_vm_gets_free_unpinned_cpus_of_its_new_cell_and_rewritten_pins() 
     assert p.numatune_nodeset == (1,)
 
 
+def test_emulator_pinning_alone_is_pinning_it_moves_rewritten_and_reserves_its_cpus() -> None:
+    # b's CPUs 8 and 9 hold the emulator threads of "emu", which pins no vCPU: they are taken
+    b = host("b", cell(0, 64, 40, range(0, 8)), cell(1, 64, 40, range(8, 10)))
+    emu_there = vm("emu", "b", 1, emulatorpin=(8, 9))
+    # "moving" pins only its emulator threads, on CPUs a VM on b pins for its vCPUs
+    resident = vm("resident", "b", 1, vcpupin={0: (2,), 1: (3,)})
+    moving = vm("moving", "a", 4, emulatorpin=(2, 3))
+    pinned = vm("pinned", "a", 4, vcpupin={0: (4,), 1: (5,)})
+    s = snap(two_cells("a", 0, 0), b, vms=(emu_there, resident, moving, pinned))
+    plan = plan_evacuation(s, ["a"], spare_hosts=0)
+    assert plan.feasible
+    mv, pn = only(plan, "moving"), only(plan, "pinned")
+    # the emulator pinning is rewritten onto free CPUs of the chosen cell (never 2, 3 or 8, 9) ...
+    assert mv.vcpupin == {} and len(mv.emulatorpin) == 2
+    assert mv.target_cells == (0,) and set(mv.emulatorpin) <= set(range(0, 8)) - {2, 3}
+    # ... and no vCPU is pinned onto emulator threads' CPUs, those of "emu" or of "moving"
+    pins = {c for cpus in pn.vcpupin.values() for c in cpus}
+    assert len(pins) == 2 and not pins & ({2, 3, 8, 9} | set(mv.emulatorpin))
+
+
 def test_pinned_vm_without_enough_free_cpus_in_any_cell_is_blocked_as_pinning() -> None:
     b = host("b", cell(0, 64, 40, range(0, 2)))
     pinned = vm("pinned", "a", 4, vcpus=4, vcpupin={i: (i,) for i in range(4)})

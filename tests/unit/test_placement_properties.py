@@ -63,7 +63,7 @@ def fleets(draw: st.DrawFn) -> FleetSnapshot:
         for v in range(draw(st.integers(0, 7))):
             mem = draw(st.integers(1, 20)) * GIB
             vcpus = draw(st.integers(1, 4))
-            kind = draw(st.sampled_from(("plain", "plain", "plain", "vnuma", "pinned", "hugepages")))
+            kind = draw(st.sampled_from(("plain", "plain", "plain", "vnuma", "pinned", "emulator", "hugepages")))
             extra: dict[str, object] = {}
             if kind == "vnuma":
                 half = mem // 2
@@ -75,6 +75,8 @@ def fleets(draw: st.DrawFn) -> FleetSnapshot:
                 extra["vcpupin"] = {i: (cpu,) for i, cpu in enumerate(pins)}
                 extra["emulatorpin"] = (pins[0],)
                 extra["numatune"] = Numatune(mode="strict", nodeset=(pins[0] // 4,))
+            elif kind == "emulator" and free_cpus:  # emulator threads pinned, vCPUs floating
+                extra["emulatorpin"] = (free_cpus.pop(0),)
             elif kind == "hugepages":
                 extra["hugepage_kib"] = PAGE
                 mem = draw(st.integers(1, 6)) * GIB
@@ -89,8 +91,7 @@ def fleets(draw: st.DrawFn) -> FleetSnapshot:
 
 
 def _pinned(vm: Vm) -> set[int]:
-    if not vm.vcpupin:
-        return set()
+    """Host CPUs a VM holds: its vCPUs' and its emulator threads' pins, either alone or both."""
     return {cpu for cpus in vm.vcpupin.values() for cpu in cpus} | set(vm.emulatorpin)
 
 
@@ -145,7 +146,7 @@ def assert_hard_constraints(s: FleetSnapshot, placements: Iterable[Placement], b
         if vm.anti_affinity:
             assert groups[p.target][vm.anti_affinity] == 0, f"{p.vm}: anti-affinity on {p.target}"
             groups[p.target][vm.anti_affinity] += 1
-        if vm.vcpupin:
+        if _pinned(vm):
             new = {cpu for cpus in p.vcpupin.values() for cpu in cpus} | set(p.emulatorpin)
             assert len(new) == len(_pinned(vm)), f"{p.vm}: pinned CPU count changed"
             cells = {c.id: set(c.cpus) for c in target.cells}
