@@ -2,7 +2,10 @@
 
 How paramiko's failures become hostmaint errors (translated here, once)::
 
-    BadHostKeyException, a host missing from known_hosts   -> HostKeyError      (never retried)
+    a known_hosts file that cannot be read, or a line of it
+        that does not parse (named by its line number)     -> HostKeyError      (never retried)
+    BadHostKeyException, a host missing from known_hosts,
+        a key marked @revoked                              -> HostKeyError      (never retried)
     AuthenticationException                                -> DriverError       (never retried)
     refused / unreachable / timeout / EOFError /
         SSHException while connecting or opening a channel -> retried, then TransientDriverError
@@ -10,6 +13,14 @@ How paramiko's failures become hostmaint errors (translated here, once)::
                                                               the command may have run)
     the command outlived its timeout                       -> CommandError "timed out after Ns"
     the command ran and exited non-zero                    -> a CommandResult, never an exception
+
+known_hosts is read here, not by paramiko's loader, which raises an untranslated InvalidHostKey for
+a corrupt line and cannot read OpenSSH's markers. Host keys are only ever *taken away* from what a
+plain line grants: ``@revoked`` lines are honoured (that key is refused for every host, whatever the
+line's host pattern), ``@cert-authority`` lines grant nothing (paramiko cannot check host
+certificates, so the host's own key line is still required; an unknown-host error points at the CA
+lines), and a line that does not parse is an error naming the file and line, never skipped, since it
+may be the very host's key. A key type paramiko does not know is skipped: it cannot grant anything.
 
 Commands are argv lists; each element is quoted with ``shlex.quote`` so the remote shell sees
 exactly one literal word per element. Key material is never logged, put in an exception or a
@@ -31,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import paramiko
+from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from hostmaint.errors import CommandError, DriverError, HostKeyError, TransientDriverError
@@ -70,13 +82,98 @@ def _require_agent_keys(host: str) -> None:
     """An agent without keys (or no agent at all) is a setup error, not worth a retry."""
     try:
         agent = paramiko.Agent()
-    except paramiko.SSHException as exc:
-        raise DriverError(f"ssh-agent not usable: {exc}", host) from exc
+    except (paramiko.SSHException, EOFError, OSError) as exc:
+        # the agent socket may exist and still hang up or refuse: a setup problem all the same
+        raise DriverError(f"ssh-agent not usable: {type(exc).__name__}: {exc}", host) from exc
     try:
         if not agent.get_keys():
             raise DriverError("key source is ssh-agent, but no agent with keys answers on SSH_AUTH_SOCK", host)
     finally:
         agent.close()
+
+
+def _key_id(key: paramiko.PKey) -> tuple[str, bytes]:
+    return key.get_name(), key.asbytes()
+
+
+@dataclass(frozen=True)
+class _KnownHosts:
+    """A known_hosts file as this driver reads it (see the module docstring for the rules)."""
+
+    path: str
+    trusted: tuple[tuple[str, paramiko.PKey], ...]  # (host name or hashed name, key), file order
+    revoked: Mapping[tuple[str, bytes], int]  # (key type, key blob) -> line number of its @revoked line
+    ca_lines: tuple[int, ...]  # @cert-authority lines, which grant nothing here
+
+    def fill(self, keys: paramiko.HostKeys) -> None:
+        """Put the trusted keys into paramiko's table; the first line for a host and key type wins."""
+        for name, key in self.trusted:
+            known = keys.lookup(name)
+            # paramiko compares only the first key of a type; add() would let a later line replace it
+            if known is None or key.get_name() not in known:
+                keys.add(name, key.get_name(), key)
+
+    def revoked_line(self, key: paramiko.PKey) -> int | None:
+        return self.revoked.get(_key_id(key))
+
+    def ca_hint(self) -> str:
+        if not self.ca_lines:
+            return ""
+        lines = ", ".join(str(n) for n in self.ca_lines)
+        return (f"; {self.path} line(s) {lines} are @cert-authority lines, which hostmaint does not use "
+                "(host certificates cannot be checked): add the host's own key")
+
+
+def _known_hosts_entry(fields: list[str], lineno: int, path: str, host: str) -> HostKeyEntry | None:
+    """One ``hosts key-type base64-key [comment]`` line; None for a key type paramiko does not know."""
+    if len(fields) < 3:
+        raise HostKeyError(f"{path} line {lineno}: not a known_hosts entry (expected 'hosts key-type key'); "
+                           "fix or remove the line", host)
+    try:
+        # one space between fields: paramiko's parser splits on every single blank
+        return HostKeyEntry.from_line(" ".join(fields[:3]), lineno)
+    except InvalidHostKey as exc:
+        raise HostKeyError(f"{path} line {lineno}: the {fields[1]} key is not valid base64; "
+                           "fix or remove the line", host) from exc
+    except (paramiko.SSHException, ValueError) as exc:
+        # a blob that decodes but is no key of its type (paramiko: SSHException; PyNaCl: ValueError)
+        raise HostKeyError(f"{path} line {lineno}: the {fields[1]} key does not decode as one; "
+                           "fix or remove the line", host) from exc
+
+
+def _load_known_hosts(path: str, host: str) -> _KnownHosts:
+    """Read and check the whole file; any line that does not parse is an error naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise HostKeyError(f"known_hosts file {path} cannot be read: {exc.strerror}", host) from exc
+    except UnicodeDecodeError as exc:
+        raise HostKeyError(f"known_hosts file {path} is not text: byte {exc.start} is not UTF-8", host) from exc
+    trusted: list[tuple[str, paramiko.PKey]] = []
+    revoked: dict[tuple[str, bytes], int] = {}
+    ca_lines: list[int] = []
+    for lineno, raw in enumerate(text.split("\n"), 1):
+        fields = raw.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        marker = fields.pop(0) if fields[0].startswith("@") else ""
+        if marker == "@cert-authority":
+            ca_lines.append(lineno)
+            continue
+        if marker not in ("", "@revoked"):
+            raise HostKeyError(f"{path} line {lineno}: unknown marker {marker[:40]!r} "
+                               "(OpenSSH knows @cert-authority and @revoked); fix or remove the line", host)
+        entry = _known_hosts_entry(fields, lineno, path, host)
+        if entry is None:
+            continue  # a key type paramiko cannot use: it can neither grant nor be offered
+        if marker == "@revoked":
+            revoked.setdefault(_key_id(entry.key), lineno)
+        else:
+            trusted.extend((name, entry.key) for name in entry.hostnames)
+    # A revoked key is dropped from every host, so offering it is refused like any unknown key.
+    kept = tuple((name, key) for name, key in trusted if _key_id(key) not in revoked)
+    return _KnownHosts(path, kept, revoked, tuple(ca_lines))
 
 
 class _UnknownHostKey(paramiko.SSHException):
@@ -91,6 +188,24 @@ class _RejectUnknown(paramiko.RejectPolicy):
 
     def missing_host_key(self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey) -> NoReturn:
         raise _UnknownHostKey(hostname, key)
+
+
+def _host_key_error(exc: paramiko.BadHostKeyException | _UnknownHostKey, known: _KnownHosts, label: str,
+                    host: str) -> HostKeyError:
+    """Why the offered host key was refused: revoked, changed, or unknown."""
+    offered = f"{exc.key.get_name()} {fingerprint(exc.key)}"
+    revoked = known.revoked_line(exc.key)
+    if revoked is not None:
+        return HostKeyError(f"host key for {label} is REVOKED: offered {offered}, marked @revoked in "
+                            f"{known.path} line {revoked}; refusing to connect", host)
+    if isinstance(exc, paramiko.BadHostKeyException):
+        return HostKeyError(
+            f"host key for {label} CHANGED: offered {offered}, {known.path} has {fingerprint(exc.expected_key)}; "
+            "refusing to connect (if the host was reinstalled, verify the new key out of band and update "
+            "known_hosts)", host)
+    return HostKeyError(
+        f"host key for {label} is not in {known.path}: offered {offered}; refusing to connect "
+        f"(verify it out of band and add it to known_hosts){known.ca_hint()}", host)
 
 
 class _Retry(Exception):
@@ -163,8 +278,13 @@ class SshShell:
                                        host) from exc
         try:
             out, err, code = self._collect(host, channel, start, timeout)
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            # a read or select on the channel failed under us: the connection is gone, the command may have run
+            self._drop(host, channel.get_transport())
+            raise TransientDriverError(f"connection lost while the command ran (it may have run): "
+                                       f"{type(exc).__name__}", host) from exc
         finally:
-            channel.close()
+            self._close_channel(host, channel)
         seconds = self._clock() - start
         log.debug("%s: %s exited %d in %.2fs", host, words[0], code, seconds)
         return CommandResult(host=host, argv=tuple(argv), exit_code=code, stdout=out, stderr=err,
@@ -238,14 +358,10 @@ class SshShell:
             return conn
 
     def _connect(self, host: str, target: SshTarget) -> paramiko.SSHClient:
+        known = _load_known_hosts(target.known_hosts, host)
         client = paramiko.SSHClient()
-        try:
-            # load() (not load_host_keys) so paramiko never writes the file back
-            client.get_host_keys().load(target.known_hosts)
-        except OSError as exc:
-            client.close()
-            raise HostKeyError(f"known_hosts file {target.known_hosts} cannot be read: {exc.strerror}",
-                               host) from exc
+        # the table is filled in place (not load_host_keys), so paramiko never writes the file back
+        known.fill(client.get_host_keys())
         client.set_missing_host_key_policy(_RejectUnknown())
         auth: dict[str, Any] = {"allow_agent": False, "look_for_keys": False}
         if target.key.agent:
@@ -260,19 +376,9 @@ class SshShell:
             client.connect(target.address, port=target.port, username=target.user,
                            timeout=target.connect_timeout_s, banner_timeout=target.connect_timeout_s,
                            auth_timeout=target.connect_timeout_s, **auth)
-        except paramiko.BadHostKeyException as exc:
+        except (paramiko.BadHostKeyException, _UnknownHostKey) as exc:
             client.close()
-            raise HostKeyError(
-                f"host key for {label} CHANGED: offered {exc.key.get_name()} {fingerprint(exc.key)}, "
-                f"{target.known_hosts} has {fingerprint(exc.expected_key)}; refusing to connect "
-                "(if the host was reinstalled, verify the new key out of band and update known_hosts)",
-                host) from None
-        except _UnknownHostKey as exc:
-            client.close()
-            raise HostKeyError(
-                f"host key for {label} is not in {target.known_hosts}: offered {exc.key.get_name()} "
-                f"{fingerprint(exc.key)}; refusing to connect (verify it out of band and add it to known_hosts)",
-                host) from None
+            raise _host_key_error(exc, known, label, host) from None
         except paramiko.AuthenticationException as exc:
             client.close()
             raise DriverError(f"authentication as {target.user}@{label} failed with the key from "
@@ -359,6 +465,16 @@ class SshShell:
             self._drop(host, channel.get_transport())
             raise TransientDriverError("connection lost while the command ran (it may have run)", host)
         return out.decode("utf-8", errors="replace"), err.decode("utf-8", errors="replace"), code
+
+    def _close_channel(self, host: str, channel: paramiko.Channel) -> None:
+        """Close a finished channel. Failing to, the connection under it is broken: drop it so the
+        next command reconnects. The command's outcome is already known (or already raised), so a
+        close failure must not replace it."""
+        try:
+            channel.close()
+        except (paramiko.SSHException, EOFError, OSError) as exc:
+            log.debug("%s: closing a channel failed (%s); dropping the connection", host, type(exc).__name__)
+            self._drop(host, channel.get_transport())
 
     @staticmethod
     def _answers(channel: paramiko.Channel, timeout: float = 3.0) -> bool:

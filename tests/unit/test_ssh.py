@@ -169,6 +169,67 @@ def test_missing_known_hosts_file_is_a_host_key_error(lab: Lab, tmp_path: Path) 
         shell.run("hv1", ["true"])
 
 
+def known_hosts_with(lab: Lab, tmp_path: Path, *lines: str) -> SshShell:
+    """A shell whose known_hosts holds exactly ``lines``; ``sleeps`` records any retry."""
+    path = tmp_path / "known_hosts"
+    path.write_text("".join(f"{line}\n" for line in lines))
+    return SshShell({"hv1": lab.target(known_hosts=str(path))}, sleep=lambda s: pytest.fail("retried"))
+
+
+@pytest.mark.parametrize(("bad_line", "expected"), [
+    ("127.0.0.1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAI!!!notbase64", "the ssh-ed25519 key is not valid base64"),
+    ("127.0.0.1 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAA2FiYw==", "the ssh-ed25519 key does not decode"),
+    ("127.0.0.1 ssh-ed25519", "not a known_hosts entry"),
+    ("@marker-from-the-future 127.0.0.1 ssh-ed25519 AAAA", "unknown marker '@marker-from-the-future'"),
+])
+def test_a_known_hosts_line_that_does_not_parse_is_a_host_key_error_naming_file_and_line(
+        lab: Lab, tmp_path: Path, bad_line: str, expected: str) -> None:
+    # The host's own (good) key is on line 1: a corrupt line elsewhere still refuses, since it may be
+    # the line an operator meant for this host, and nothing on the host runs.
+    shell = known_hosts_with(lab, tmp_path, lab.sshd.known_hosts_line(), "# a comment", bad_line)
+    with pytest.raises(HostKeyError) as err:
+        shell.run("hv1", ["touch", str(tmp_path / "ran")])
+    assert str(err.value).startswith(f"hv1: {tmp_path / 'known_hosts'} line 3: {expected}")
+    assert "fix or remove the line" in str(err.value)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_cert_authority_lines_grant_nothing_and_the_hosts_own_key_is_still_required(
+        lab: Lab, tmp_path: Path) -> None:
+    ca_line = f"@cert-authority * {lab.sshd.host_key_pub}"  # even the server's own key, as a CA, lets nobody in
+    shell = known_hosts_with(lab, tmp_path, ca_line)
+    with pytest.raises(HostKeyError) as err:
+        shell.run("hv1", ["touch", str(tmp_path / "ran")])
+    text = str(err.value)
+    assert f"is not in {tmp_path / 'known_hosts'}" in text and server_fingerprint(lab) in text
+    assert "line(s) 1 are @cert-authority lines" in text and "add the host's own key" in text
+    assert not (tmp_path / "ran").exists()
+
+    shell = known_hosts_with(lab, tmp_path, ca_line, lab.sshd.known_hosts_line())
+    try:
+        assert shell.run("hv1", ["echo", "in"]).stdout == "in\n"
+    finally:
+        shell.close()
+
+
+def test_a_revoked_host_key_is_refused_even_when_a_line_trusts_it(lab: Lab, tmp_path: Path) -> None:
+    # OpenSSH: "@revoked ... must not ever be accepted"; the revoked line's host pattern does not matter.
+    shell = known_hosts_with(lab, tmp_path, lab.sshd.known_hosts_line(), f"@revoked old-name {lab.sshd.host_key_pub}")
+    with pytest.raises(HostKeyError) as err:
+        shell.run("hv1", ["touch", str(tmp_path / "ran")])
+    text = str(err.value)
+    assert "REVOKED" in text and f"{tmp_path / 'known_hosts'} line 2" in text and server_fingerprint(lab) in text
+    assert not (tmp_path / "ran").exists()
+    # a revoked key of another host changes nothing for this one
+    _, other_pub = make_keypair(tmp_path / "other", "host_key")
+    shell = known_hosts_with(lab, tmp_path, f"@revoked * {' '.join(other_pub.read_text().split()[:2])}",
+                             lab.sshd.known_hosts_line())
+    try:
+        assert shell.run("hv1", ["true"]).exit_code == 0
+    finally:
+        shell.close()
+
+
 def test_unauthorized_key_is_an_error_not_retried(lab: Lab, tmp_path: Path) -> None:
     stranger, _ = make_keypair(tmp_path / "stranger")
     sleeps: list[float] = []
@@ -244,6 +305,28 @@ def test_connection_lost_while_the_command_runs_is_transient(lab: Lab, tmp_path:
         stopper.join()
         shell.close()
         server.stop()
+
+
+def test_a_channel_failing_mid_read_is_transient_and_a_failing_close_does_not_hide_it(
+        lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A socket error while reading, then another while closing: what comes out is the read's, translated.
+    class BrokenChannel:
+        def exec_command(self, command: str) -> None:
+            pass
+
+        def recv_ready(self) -> bool:
+            raise OSError(9, "Bad file descriptor")
+
+        def close(self) -> None:
+            raise EOFError()
+
+        def get_transport(self) -> None:
+            return None
+
+    shell = lab.shell()
+    monkeypatch.setattr(shell, "_open_channel", lambda host, target, timeout: BrokenChannel())
+    with pytest.raises(TransientDriverError, match="hv1: connection lost while the command ran .*OSError"):
+        shell.run("hv1", ["true"])
 
 
 # --- injection ----------------------------------------------------------------------------------------
