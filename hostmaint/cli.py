@@ -458,8 +458,31 @@ def demo(simulated: Annotated[bool, typer.Option("--simulated", help="Use the in
             _demo_lab(workdir, hosts, vms, keep)
 
 
-def _use_db(workdir: Path) -> None:
-    os.environ.setdefault("HOSTMAINT_DB", str(workdir / "hostmaint.db"))
+def _use_demo_db(workdir: Path) -> Path:
+    """Give the demo its own empty database in ``workdir`` and point this process at it.
+
+    Whatever HOSTMAINT_DB was exported (docs/deployments.md has operators export the production
+    URL) is overridden, not honoured: a demo's made-up hosts, windows and audit records must never
+    land in a real trail, and a trail's records cannot be removed again. A stale file from an
+    earlier demo goes too (its host states would be wrong for a new fleet), with SQLite's WAL
+    files, which SQLite would otherwise try to apply to the new database.
+    """
+    exported = os.environ.get("HOSTMAINT_DB")
+    db = workdir / "hostmaint.db"
+    for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    os.environ["HOSTMAINT_DB"] = str(db)
+    if exported and exported != str(db):
+        err.print(f"the demo uses its own database {db}; HOSTMAINT_DB ({_shown_db(exported)}) is not touched",
+                  highlight=False, soft_wrap=True)
+    return db
+
+
+def _shown_db(url: str) -> str:
+    """A database URL as the CLI may print it: its password masked."""
+    from hostmaint.audit import redact_text
+
+    return redact_text(url)
 
 
 def _ensure_limits(inventory: Path) -> None:
@@ -474,9 +497,8 @@ def _demo_simulated(workdir: Path | None) -> None:
     from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
 
     workdir = workdir or Path.home() / ".local/share/hostmaint/demo-simulated"
-    if (workdir / "hostmaint.db").exists():
-        (workdir / "hostmaint.db").unlink()
-    _use_db(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    db = _use_demo_db(workdir)
     snap = demo_snapshot(4, 12)
     inventory = write_simulated_fleet(workdir, snap, demo_packages(snap), time_scale=0.05)
     err.print("[yellow]SIMULATED fleet[/yellow]: 4 hosts, 12 VMs, anti-affinity pair db-1/db-2, "
@@ -486,8 +508,8 @@ def _demo_simulated(workdir: Path | None) -> None:
     outcomes = _run_flow(patch_window, cluster=snap.cluster, inventory=str(inventory), max_hosts_in_parallel=1,
                          window_id="demo", operator="demo")
     _show_outcomes(outcomes, False)
-    out.print(f"window finished in {time.monotonic() - started:.1f}s; audit trail: {os.environ['HOSTMAINT_DB']} "
-              f"(hostmaint audit show / verify with HOSTMAINT_DB set)")
+    out.print(f"window finished in {time.monotonic() - started:.1f}s; audit trail: {db} "
+              f"(hostmaint audit show / verify with HOSTMAINT_DB={db})")
 
 
 def _demo_lab(workdir: Path | None, hosts: int, vms: int, keep: bool) -> None:
@@ -499,10 +521,7 @@ def _demo_lab(workdir: Path | None, hosts: int, vms: int, keep: bool) -> None:
     kwargs: dict[str, Any] = {} if workdir is None else {"workdir": workdir}
     started = time.monotonic()
     info = lab_up(hosts=hosts, vms=vms, **kwargs)
-    db = Path(info.inventory_path).parent / "hostmaint.db"
-    if "HOSTMAINT_DB" not in os.environ and db.exists():
-        db.unlink()  # a new lab has no history: host states of an earlier lab would be wrong here
-    _use_db(db.parent)
+    db = _use_demo_db(Path(info.inventory_path).parent)  # a new lab has no history
     out.print(f"lab up in {time.monotonic() - started:.1f}s: {len(info.hosts)} hosts, inventory "
               f"{info.inventory_path}")
     _ensure_limits(Path(info.inventory_path))
@@ -510,7 +529,7 @@ def _demo_lab(workdir: Path | None, hosts: int, vms: int, keep: bool) -> None:
         outcomes = _run_flow(patch_window, cluster="lab", inventory=str(info.inventory_path),
                              max_hosts_in_parallel=1, window_id=f"lab-{int(time.time())}", operator="demo")
         _show_outcomes(outcomes, False)
-        out.print(f"audit trail: {os.environ['HOSTMAINT_DB']}; Prefect UI: run 'prefect server start' "
+        out.print(f"audit trail: {db}; Prefect UI: run 'prefect server start' "
                   "and set PREFECT_API_URL=http://127.0.0.1:4200/api before the demo to see the runs")
         if any(o.outcome.value == "failed" for o in outcomes):
             raise typer.Exit(1)

@@ -85,3 +85,26 @@ def test_audit_verify_prints_the_head_and_catches_a_cut_tail_only_against_it(
     assert kept.exit_code == 0, kept.output
     bad = runner.invoke(app, ["audit", "verify", "--anchor", "5:nothex"])
     assert bad.exit_code == 2 and "--anchor" in bad.output
+
+
+def test_demo_uses_its_own_database_whatever_is_exported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """An exported production HOSTMAINT_DB is overridden (never written by the demo) and its password never shown."""
+    import os
+
+    from hostmaint.cli import _shown_db, _use_demo_db
+
+    production = "postgresql+psycopg://hostmaint:S3cr3t@db.example/hostmaint"
+    monkeypatch.setenv("HOSTMAINT_DB", production)
+    stale = [tmp_path / name for name in ("hostmaint.db", "hostmaint.db-wal", "hostmaint.db-shm")]
+    for path in stale:
+        path.write_text("an earlier demo's")
+    db = _use_demo_db(tmp_path)
+    assert db == tmp_path / "hostmaint.db"
+    assert os.environ["HOSTMAINT_DB"] == str(db)
+    assert not any(path.exists() for path in stale)
+    said = capsys.readouterr()
+    assert "S3cr3t" not in said.out + said.err
+    assert "postgresql+psycopg://hostmaint:***@db.example/hostmaint" in said.err
+    assert _shown_db(production) == "postgresql+psycopg://hostmaint:***@db.example/hostmaint"
+    assert _shown_db(str(db)) == str(db)
