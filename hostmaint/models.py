@@ -147,6 +147,16 @@ class Vm(Frozen):
     tags: tuple[str, ...] = ()
     origin: str | None = None  # the host it lived on before maintenance moved it
 
+    @model_validator(mode="after")
+    def _vnuma_within_memory(self) -> Vm:
+        # Guest cells hold part of the VM's memory (the rest is hot-plugged DIMMs); cells holding
+        # more than the whole VM is a topology no domain has, and would be planned as given.
+        listed = sum(g.memory_mib for g in self.vnuma)
+        if listed > self.memory_mib:
+            raise ValueError(f"VM {self.name!r}: its vNUMA cells hold {listed} MiB, more than its "
+                             f"memory_mib {self.memory_mib}")
+        return self
+
     @property
     def pinned(self) -> bool:
         # Emulator threads pinned alone hold their CPUs as much as vCPUs do: the target must

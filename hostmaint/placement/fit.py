@@ -7,7 +7,8 @@
 2. vCPU budget of the host;
 3. cells:
    * a VM with vNUMA maps its guest cells 1:1 onto distinct host cells, each
-     holding that guest cell's memory (or hugepages) and pinned CPUs;
+     holding that guest cell's memory (or hugepages) and pinned CPUs; memory of
+     the VM outside its guest cells is spread over them (``guest_cell_mib``);
    * any other VM goes into one cell; only when ``allow_remote`` (no single-cell
      fit anywhere) may it be spread over several cells, reported NUMA-remote;
    * a pinned VM needs as many free, unpinned host CPUs in the chosen cells as
@@ -68,13 +69,35 @@ def demand_of(vm: Vm) -> Demand:
         if vm.pinned:
             rest.update(vm.emulatorpin)
         groups[0] = sorted(set(groups[0]) | (rest - taken))
-        return Demand(tuple(g.memory_mib for g in cells), tuple(tuple(g) for g in groups), vm.hugepage_kib)
+        return Demand(guest_cell_mib(vm), tuple(tuple(g) for g in groups), vm.hugepage_kib)
     held: set[int] = set()
     for cpuset in pinned.values():
         held.update(cpuset)
     if vm.pinned:
         held.update(vm.emulatorpin)
     return Demand((vm.memory_mib,), (tuple(sorted(held)),), vm.hugepage_kib)
+
+
+def guest_cell_mib(vm: Vm) -> tuple[int, ...]:
+    """Memory each guest cell of ``vm`` needs on its host cell, in guest-cell order, adding up to
+    ``vm.memory_mib``.
+
+    A domain's memory may exceed its guest cells: hot-plugged DIMMs, and the MiB each cell's size
+    loses to rounding. That memory is on the host all the same, and the snapshot does not say
+    which guest cell holds it, so it is spread over the cells in proportion to their size (an
+    estimate: a DIMM sits in one guest cell). More in the cells than in the VM is refused when the
+    snapshot is loaded.
+    """
+    listed = [g.memory_mib for g in sorted(vm.vnuma, key=lambda g: g.id)]
+    extra = vm.memory_mib - sum(listed)
+    if extra <= 0:
+        return tuple(listed)
+    total = sum(listed)
+    shares = [extra * m // total for m in listed]
+    # the MiB lost to rounding down go to the first cells, so the parts add up exactly
+    for i in range(extra - sum(shares)):
+        shares[i] += 1
+    return tuple(m + share for m, share in zip(listed, shares, strict=True))
 
 
 def _room_mib(cell: CellLoad, page_kib: int) -> float:
@@ -205,7 +228,8 @@ def _fit_vnuma(vm: Vm, host: HostLoad, need: Demand) -> Fit | Miss:
         if matched is None:
             miss = _total_miss(vm, host, need)
             return miss or Miss("numa", f"no {len(need.mib)} distinct cells of {host.name} each hold "
-                                        f"one guest cell of {vm.name}")
+                                        f"one guest cell of {vm.name} "
+                                        f"({', '.join(str(m) for m in need.mib)} MiB)")
         assign = matched
     cells = [assign[g] for g in range(len(need.mib))]
     cpu_map: dict[int, int] = {}

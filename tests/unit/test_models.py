@@ -46,6 +46,9 @@ def test_the_base_snapshot_is_valid() -> None:
                  ("hosts[1]", "host 'b' has no NUMA cells"), id="host-without-cells"),
     pytest.param(lambda d: d["hosts"][1]["cells"][0].update(memory_mib=0, free_mib=0),
                  ("hosts[1]", "host 'b'", "cells hold no memory"), id="host-without-memory"),
+    pytest.param(lambda d: d["vms"][0].update(vnuma=[{"id": 0, "memory_mib": 1024}, {"id": 1, "memory_mib": 1}]),
+                 ("vms[0]", "VM 'web-1'", "vNUMA cells hold 1025 MiB, more than its memory_mib 1024"),
+                 id="vnuma-cells-hold-more-than-the-vm"),
 ])
 def test_bad_input_is_refused_naming_the_field_and_what_is_wrong(mutate: Mutation, words: tuple[str, ...]) -> None:
     with pytest.raises(SnapshotError) as err:
@@ -64,3 +67,8 @@ def test_cell_ids_need_not_be_contiguous() -> None:
 def test_a_memoryless_cell_beside_others_is_allowed() -> None:
     # CPU-only NUMA nodes exist; only a host with no memory at all is refused
     _parse(lambda d: d["hosts"][1]["cells"].append({"id": 1, "memory_mib": 0, "free_mib": 0, "cpus": [2, 3]}))
+
+
+def test_vnuma_cells_may_hold_less_than_the_vm() -> None:
+    # hot-plugged DIMMs are memory outside the guest cells (the planner spreads it over them)
+    _parse(lambda d: d["vms"][0].update(vnuma=[{"id": 0, "memory_mib": 256}, {"id": 1, "memory_mib": 256}]))

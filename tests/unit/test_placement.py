@@ -75,6 +75,32 @@ def test_vnuma_guest_cells_map_one_to_one_onto_distinct_cells_that_fit() -> None
     assert sorted(p.target_cells) == [1, 3]  # the only two cells with 30 GiB free each
 
 
+def test_vnuma_memory_outside_the_guest_cells_is_charged_to_them_in_proportion() -> None:
+    # 20 GiB of the VM's 24 are hot-plugged DIMMs outside its 1 + 3 GiB guest cells: every MiB is
+    # on the host, so the cells' 16 GiB free (32 together) cannot take 1:1 what needs 6 + 18
+    dimms = vm("dimms", "a", 24, vcpus=4, vnuma=(GuestCell(id=0, memory_mib=1 * GIB, vcpus=(0, 1)),
+                                                   GuestCell(id=1, memory_mib=3 * GIB, vcpus=(2, 3))),
+               numatune=Numatune(mode="strict", nodeset=(0, 1)))
+    small = host("small", cell(0, 16, 16, range(0, 4)), cell(1, 16, 16, range(4, 8)))
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), small, vms=(dimms,)), ["a"], spare_hosts=0)
+    [blk] = plan.blocked
+    assert (blk.vm, blk.constraint) == ("dimms", "numa") and "6144, 18432 MiB" in blk.reason
+    big = host("big", cell(0, 64, 10, range(0, 4)), cell(1, 64, 30, range(4, 8)))
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), big, vms=(dimms,)), ["a"], spare_hosts=0)
+    p = only(plan, "dimms")
+    # guest cell 1 (3 of the 4 listed GiB) takes 3/4 of the memory: only cell 1 holds 18 GiB
+    assert p.target_cells == (0, 1) and p.cell_memory_mib == (6 * GIB, 18 * GIB)
+    assert sum(p.cell_memory_mib) == p.memory_mib == 24 * GIB
+
+
+def test_rounding_leftovers_make_the_guest_cells_add_up_to_the_vm() -> None:
+    odd = vm("odd", "a", 3002 / GIB, vcpus=3,
+             vnuma=tuple(GuestCell(id=i, memory_mib=1000, vcpus=(i,)) for i in range(3)))
+    p = only(plan_evacuation(snap(two_cells("a", 0, 0), two_cells("b", 60, 60), host("c", *(
+        cell(i, 16, 16, range(i * 2, i * 2 + 2)) for i in range(3))), vms=(odd,)), ["a"], spare_hosts=0), "odd")
+    assert p.cell_memory_mib == (1001, 1001, 1000)
+
+
 def test_vnuma_with_more_guest_cells_than_any_host_is_blocked_as_numa() -> None:
     wide = vm("wide", "a", 8, vcpus=4, vnuma=tuple(GuestCell(id=i, memory_mib=2 * GIB, vcpus=(i,)) for i in range(4)))
     plan = plan_evacuation(snap(two_cells("a", 0, 0), two_cells("b", 60, 60), vms=(wide,)), ["a"], spare_hosts=0)

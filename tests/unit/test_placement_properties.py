@@ -66,9 +66,11 @@ def fleets(draw: st.DrawFn) -> FleetSnapshot:
             kind = draw(st.sampled_from(("plain", "plain", "plain", "vnuma", "pinned", "emulator", "hugepages")))
             extra: dict[str, object] = {}
             if kind == "vnuma":
-                half = mem // 2
+                # sometimes part of the memory is hot-plugged DIMMs, outside the guest cells
+                listed = mem - draw(st.sampled_from((0, 0, mem // 2)))
+                half = listed // 2
                 extra["vnuma"] = (GuestCell(id=0, memory_mib=half, vcpus=(0,)),
-                                  GuestCell(id=1, memory_mib=mem - half, vcpus=(1,)))
+                                  GuestCell(id=1, memory_mib=listed - half, vcpus=(1,)))
                 vcpus = max(vcpus, 2)
             elif kind == "pinned" and len(free_cpus) >= vcpus:
                 pins = [free_cpus.pop(0) for _ in range(vcpus)]
