@@ -471,23 +471,44 @@ def running_kernel(shell: HostShell, host: str, step: str = Step.REBOOT_DECISION
 
 
 def installed_kernels(shell: HostShell, host: str, step: str = Step.REBOOT_DECISION) -> tuple[str, ...]:
-    """Installed kernels spelled like ``uname -r``; empty when no package provides a kernel.
+    """Installed kernels spelled like ``uname -r``; empty only when rpm says nothing provides a kernel.
 
     Asked by capability (``rpm -q --whatprovides kernel kernel-core``), so any kernel flavour that
-    provides ``kernel`` counts, whatever its package name.
+    provides ``kernel`` counts, whatever its package name. rpm exits with the number of capabilities
+    nobody provides and prints "no package provides X" for each. Any answer that does not add up is
+    a StepError naming the command, never a shorter list: a partial list (rpm killed by a signal,
+    which the SSH driver reports as exit -1) would make verify say "running the newest kernel" and
+    the reboot decision say "no reboot" about a host that has a newer one installed.
     """
     argv = ["rpm", "-q", "--whatprovides", "--qf", KERNEL_QUERYFORMAT, *KERNEL_CAPABILITIES]
+    command = f"{' '.join(argv[:3])} {' '.join(KERNEL_CAPABILITIES)}"
     res = _run(shell, host, argv, step, QUERY_TIMEOUT_S)
-    # rpm -q exits with the number of capabilities nobody provides, saying "no package provides X"
+
+    def broken(why: str) -> StepError:
+        return StepError(f"{command}: {why}", host=host, step=step)
+
+    if res.exit_code < 0:
+        raise broken(f"exit {res.exit_code}: killed by a signal or its exit status was lost, so its list "
+                     f"may be partial: {_said(res)}")
+    if res.exit_code > len(KERNEL_CAPABILITIES) or (res.exit_code and res.stderr.strip()):
+        raise broken(f"failed (exit {res.exit_code}): {_said(res)}")
     kernels: set[str] = set()
+    unprovided = 0
     for line in res.stdout.splitlines():
         line = line.strip()
-        if not line or line.startswith("no package provides "):
+        if not line:
             continue
-        kernels.add(line)
-    if res.exit_code > len(KERNEL_CAPABILITIES) or (res.exit_code and res.stderr.strip()):
-        raise StepError(f"{' '.join(argv[:3])} {' '.join(KERNEL_CAPABILITIES)} failed (exit {res.exit_code}): "
-                        f"{_said(res)}", host=host, step=step)
+        if line.startswith("no package provides "):
+            unprovided += 1
+        elif len(line.split()) != 1:
+            # not a `uname -r` spelling: a message this parser does not know (another locale, a warning)
+            raise broken(f"unexpected output line {line[:80]!r}")
+        else:
+            kernels.add(line)
+    if unprovided != res.exit_code:
+        raise broken(f"exit {res.exit_code} but {unprovided} 'no package provides' line(s): output is incomplete")
+    if not kernels and unprovided < len(KERNEL_CAPABILITIES):
+        raise broken(f"exit {res.exit_code} says a package provides a kernel, but no kernel was listed")
     return tuple(sorted(kernels))
 
 
@@ -507,6 +528,10 @@ def reboot_decision(shell: HostShell, host: str, policy: HostPolicy) -> RebootDe
     if top is not None and top != running:
         reasons.append(f"newest installed kernel {top} is not the running {running}")
     res = _run(shell, host, ["needs-restarting", "-r"], Step.REBOOT_DECISION, QUERY_TIMEOUT_S)
+    if res.exit_code < 0:
+        # killed mid-way, it may have been about to say "reboot": that is no answer, not "unavailable"
+        raise StepError(f"needs-restarting -r: exit {res.exit_code}: killed by a signal or its exit status "
+                        f"was lost: {_said(res)}", host=host, step=Step.REBOOT_DECISION)
     if res.exit_code == 1:
         said = next((ln.strip() for ln in res.stdout.splitlines() if ln.strip()), "reboot required")
         reasons.append(f"needs-restarting -r: {said}")

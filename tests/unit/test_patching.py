@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -239,6 +240,53 @@ def test_reboot_decision_table(policy: RebootPolicy, host: dict[str, object], ne
     decision = patching.reboot_decision(shell, "hv1", HostPolicy(reboot=policy))
     assert decision.needed is needed
     assert reason in decision.reason
+
+
+RPM_KERNELS = shlex.join(["rpm", "-q", "--whatprovides", "--qf", patching.KERNEL_QUERYFORMAT,
+                          *patching.KERNEL_CAPABILITIES])
+RUNNING = f"{K1}.x86_64"
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    # rpm killed by a signal (the SSH driver reports -1) after printing only the running kernel
+    ((-1, f"{RUNNING}\n", ""), "exit -1: killed by a signal"),
+    ((-1, "", ""), "exit -1: killed by a signal"),  # ... or before printing anything
+    ((0, "", ""), "exit 0 says a package provides a kernel, but no kernel was listed"),
+    ((1, f"{RUNNING}\n", ""), "exit 1 but 0 'no package provides' line(s)"),
+    ((3, "", ""), "failed (exit 3)"),
+    ((1, "no package provides kernel\n", "error: rpmdb: damaged header\n"),
+     "failed (exit 1): error: rpmdb: damaged header"),
+    ((2, "kein Paket stellt kernel bereit\nkein Paket stellt kernel-core bereit\n", ""),
+     "unexpected output line 'kein Paket stellt kernel bereit'"),
+])
+def test_a_kernel_list_that_does_not_add_up_is_an_error_not_an_answer(
+        answer: tuple[int, str, str], expected: str) -> None:
+    host = make_host(installed={"kernel-core": K2}, running_kernel=RUNNING, commands={RPM_KERNELS: list(answer)})
+    shell, _, _ = setup(host)
+    with pytest.raises(StepError) as err:
+        patching.reboot_decision(shell, "hv1", HostPolicy())
+    assert err.value.host == "hv1" and err.value.step == "reboot-decision"
+    assert f"rpm -q --whatprovides kernel kernel-core: {expected}" in str(err.value)
+    report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", HostPolicy(), cells_before=CELLS)
+    kernel = {c.name: c for c in report.checks}["kernel"]
+    assert not report.ok and not kernel.ok and not kernel.skipped and expected in kernel.detail
+
+
+@pytest.mark.parametrize(("answer", "kernels"), [
+    ((2, "no package provides kernel\nno package provides kernel-core\n", ""), ()),  # rpm says: none at all
+    ((1, f"no package provides kernel-core\n{RUNNING}\n", ""), (RUNNING,)),  # RHEL 7: only "kernel"
+    ((0, f"{RUNNING}\n{K2}.x86_64\n{K2}.x86_64\n", ""), (RUNNING, f"{K2}.x86_64")),  # one per capability
+])
+def test_kernel_lists_rpm_vouches_for(answer: tuple[int, str, str], kernels: tuple[str, ...]) -> None:
+    shell, _, _ = setup(make_host(commands={RPM_KERNELS: list(answer)}))
+    assert patching.installed_kernels(shell, "hv1") == kernels
+
+
+def test_needs_restarting_killed_by_a_signal_is_no_answer() -> None:
+    shell, _, _ = setup(make_host(commands={"needs-restarting -r": [-1, "", ""]}))
+    with pytest.raises(StepError, match="hv1: needs-restarting -r: exit -1: killed by a signal") as err:
+        patching.reboot_decision(shell, "hv1", HostPolicy())
+    assert err.value.step == "reboot-decision"
 
 
 # --- verify ------------------------------------------------------------------------------------
