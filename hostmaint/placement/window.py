@@ -14,7 +14,9 @@ patched host is an empty landing place for the next one.
 Simulation between steps: after a host is drained and patched it rejoins
 the cluster empty (its VMs' memory is credited back to its cells in
 proportion to what each cell used), plus the VMs it shut down, which start
-again where they were.
+again where they were. A VM that moved is carried on with the pins its
+placement gave it (``as_placed``), so a later step that moves it again frees
+the CPUs it holds there.
 
 Duration estimate per host: the memory it sends over its link
 (``link_mib_s``, ~10 GbE by default; migrations from one source share the
@@ -30,6 +32,7 @@ from collections.abc import Sequence
 from hostmaint.models import (
     EvacuationPlan,
     FleetSnapshot,
+    Placement,
     UnmigratableAction,
     Vm,
     WindowPlan,
@@ -53,6 +56,20 @@ def _empty_host(ledger: Ledger, name: str, vms: Sequence[Vm]) -> None:
             else:
                 cell.avail_mib += share
         ledger.release_bookings(vm, name)
+
+
+def as_placed(vm: Vm, placement: Placement) -> Vm:
+    """``vm`` as it runs on its target after ``placement``: its pins and numatune nodeset rewritten.
+
+    A VM the window moves twice leaves its second host from these, so that step frees and maps the
+    CPUs it holds there.
+    """
+    update: dict[str, object] = {"host": placement.target}
+    if vm.pinned:
+        update |= {"vcpupin": placement.vcpupin, "emulatorpin": placement.emulatorpin}
+    if vm.numatune is not None and placement.numatune_nodeset is not None:
+        update["numatune"] = vm.numatune.model_copy(update={"nodeset": placement.numatune_nodeset})
+    return vm.model_copy(update=update)
 
 
 def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, spare_hosts: int | None = None,
@@ -93,14 +110,16 @@ def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, 
                               placements=tuple(result.placements), blocked=tuple(result.blocked),
                               vm_actions=tuple(result.vm_actions), skipped_hosts=tuple(result.skipped_hosts),
                               balance=receivers_balance(ledger, [name], result.placements))
-        for p in result.placements:
-            location[p.vm] = p.target
-            moves[p.vm] = moves.get(p.vm, 0) + 1
         # the host comes back patched, without the VMs that moved (those it shut down start again;
-        # blocked ones never left)
+        # blocked ones never left); each leaving VM frees the CPUs it pins here, which for one that
+        # arrived earlier in the window are those its placement gave it, not the snapshot's
         gone = {p.vm for p in result.placements}
         leaving = [v for v in here if v.name in gone]
         _empty_host(ledger, name, leaving)
+        for p in result.placements:
+            location[p.vm] = p.target
+            moves[p.vm] = moves.get(p.vm, 0) + 1
+            vm_by_name[p.vm] = as_placed(vm_by_name[p.vm], p)
         sent = sum(p.memory_mib for p in result.placements)
         slots = max(snapshot.limits.migrations_per_source, 1)
         seconds = sent / link_mib_s + per_migration_s * len(result.placements) / slots + patch_seconds

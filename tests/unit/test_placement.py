@@ -374,6 +374,34 @@ def test_window_leaves_out_hosts_whose_vms_skip_the_host() -> None:
     assert plan.skipped_hosts == ("h1",) and plan.order == ("h0", "h2")
 
 
+def test_a_vm_moved_twice_frees_the_cpus_it_was_given_not_its_original_ones() -> None:
+    # A's Y pins A's CPUs 0-1 and lands on B (CPUs 2-3: X pins 0-1 and stays, shut down for B's
+    # patch); when B is drained Y leaves B's 2-3, and C's Z, pinned too, must not get X's 0-1
+    def one(name: str, gib: int, used: int, cpus: tuple[int, ...]) -> Host:
+        return host(name, cell(0, gib, gib - used, cpus))
+
+    vms = (vm("X", "B", 4, vcpupin={0: (0,), 1: (1,)}, migratable=False,
+              on_unmigratable=UnmigratableAction.SHUTDOWN),
+           vm("W", "B", 6, vcpus=1),
+           vm("Y", "A", 4, vcpupin={0: (0,), 1: (1,)}),
+           vm("Z", "C", 8, vcpupin={0: (0,), 1: (1,)}))
+    s = snap(one("A", 9, 4, (0, 1)), one("B", 64, 10, (0, 1, 2, 3)), one("C", 64, 8, (0, 1)), vms=vms)
+    plan = plan_window(s, spare_hosts=0)
+    assert plan.feasible and plan.order == ("A", "B", "C")
+    # replay the window: after every step no CPU of a host is pinned by two VMs
+    where = {v.name: v.host for v in s.vms}
+    pins = {v.name: {c for cpus in v.vcpupin.values() for c in cpus} for v in s.vms}
+    for step in plan.steps:
+        for p in step.evacuation.placements:
+            where[p.vm] = p.target
+            pins[p.vm] = {c for cpus in p.vcpupin.values() for c in cpus} | set(p.emulatorpin)
+        for h in ("A", "B", "C"):
+            held = [c for v, on in where.items() if on == h for c in pins[v]]
+            assert len(held) == len(set(held)), (step.host, h, sorted(held))
+    z = next(p for st in plan.steps for p in st.evacuation.placements if p.vm == "Z")
+    assert z.target == "B" and z.vcpupin == {0: (2,), 1: (3,)}
+
+
 # --- rebalance --------------------------------------------------------------------------------------
 
 
