@@ -80,7 +80,15 @@ def exit_codes() -> Iterator[None]:
 def _runtime(inventory: str) -> Any:
     from hostmaint.runtime import open_runtime
 
-    return open_runtime(inventory)
+    # The runtime is cached per process and the flows this CLI starts reuse it, so it needs the
+    # same key loader the tasks give theirs, or hosts keyed by a Secret block could not connect.
+    return open_runtime(inventory, key_loader=_secret_block_key)
+
+
+def _secret_block_key(name: str) -> str:
+    from tasks.common import load_secret_block  # Prefect is imported only when a host's key is in a block
+
+    return load_secret_block(name)
 
 
 def _snapshot_for(inventory: str | None, cluster: str | None, snapshot: Path | None, host: str | None = None) -> Any:

@@ -16,7 +16,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 from prefect.states import State
 
-from hostmaint.errors import TransientDriverError
+from hostmaint.errors import InputError, TransientDriverError
 from hostmaint.migration import DrainEvent
 from hostmaint.runtime import Runtime, open_runtime
 
@@ -48,6 +48,48 @@ def forward_core_logs() -> None:
 forward_core_logs()  # every task module imports this one, in whatever process runs the flow
 
 
+class SecretBlockMissing(InputError):
+    """The inventory names a Secret block (``key: {secret_block: NAME}``) that Prefect does not have."""
+
+
+class SecretBlockUnusable(InputError):
+    """The Secret block exists but cannot be read, or does not hold a key as text."""
+
+
+def load_secret_block(name: str) -> str:
+    """The SSH private key held by the Prefect Secret block ``name``: the ``key_loader`` for ``secret_block``.
+
+    Errors name the block and never carry what it holds, nor Prefect's own messages, which
+    may quote block data (a schema mismatch is a pydantic error showing its input). The SSH
+    driver keeps only the error's type, so the types say what happened.
+    """
+    from prefect.blocks.system import Secret
+    from prefect.exceptions import ObjectNotFound
+
+    failure: type[InputError] | None = None
+    detail = ""
+    try:
+        # Secret.load answers a coroutine inside a running event loop; the key is wanted from sync
+        # tasks and the drain's worker threads, so force the sync path (async_dispatch takes _sync,
+        # the signature it wraps does not show it)
+        block = cast(Secret[Any], Secret.load(name, _sync=True))  # type: ignore[call-arg]
+    except ValueError as exc:
+        if isinstance(exc.__cause__, ObjectNotFound):
+            failure, detail = SecretBlockMissing, (f"there is no Prefect Secret block {name!r}: create it with the "
+                                                   "private key as its value (UI: Blocks, or "
+                                                   f"Secret(value=...).save({name!r}))")
+        else:
+            failure, detail = SecretBlockUnusable, f"Prefect Secret block {name!r} cannot be read: {type(exc).__name__}"
+    # raised outside the except block, so no __context__ carries Prefect's message along
+    if failure is not None:
+        raise failure(detail)
+    value = block.get()
+    if not isinstance(value, str) or not value.strip():
+        raise SecretBlockUnusable(f"Prefect Secret block {name!r} does not hold a private key as text "
+                                  f"(it holds {type(value).__name__ if value else 'nothing'})")
+    return value
+
+
 @dataclass(frozen=True)
 class RuntimeRef:
     """Names a runtime instead of carrying it: tasks rebuild or reuse it in their own process."""
@@ -56,7 +98,8 @@ class RuntimeRef:
     db_url: str | None = None
 
     def open(self) -> Runtime:
-        return open_runtime(self.inventory, self.db_url)
+        # hosts whose key is in a Secret block (key: {secret_block: NAME}) get it through Prefect
+        return open_runtime(self.inventory, self.db_url, key_loader=load_secret_block)
 
 
 def transient_only(task: Any, task_run: TaskRun, state: State) -> bool:
