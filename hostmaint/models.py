@@ -11,7 +11,16 @@ import json
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
 
 SNAPSHOT_FORMAT = "hostmaint.snapshot/1"
 
@@ -146,6 +155,18 @@ class Vm(Frozen):
     on_unmigratable: UnmigratableAction = UnmigratableAction.BLOCK
     tags: tuple[str, ...] = ()
     origin: str | None = None  # the host it lived on before maintenance moved it
+
+    @field_validator("memory_mib", "vcpus", mode="wrap")
+    @classmethod
+    def _positive(cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> int:
+        # A snapshot's VMs are found by name, not position: say which VM has no memory or vCPUs.
+        try:
+            return int(handler(value))
+        except ValidationError as exc:
+            if exc.errors()[0]["type"] != "greater_than":
+                raise
+            name = info.data.get("name", "?")
+            raise ValueError(f"VM {name!r}: {info.field_name} must be greater than 0, got {value!r}") from None
 
     @model_validator(mode="after")
     def _vnuma_within_memory(self) -> Vm:

@@ -49,6 +49,10 @@ def test_the_base_snapshot_is_valid() -> None:
     pytest.param(lambda d: d["vms"][0].update(vnuma=[{"id": 0, "memory_mib": 1024}, {"id": 1, "memory_mib": 1}]),
                  ("vms[0]", "VM 'web-1'", "vNUMA cells hold 1025 MiB, more than its memory_mib 1024"),
                  id="vnuma-cells-hold-more-than-the-vm"),
+    pytest.param(lambda d: d["vms"][0].update(memory_mib=0),
+                 ("vms[0].memory_mib", "VM 'web-1'", "greater than 0, got 0"), id="vm-without-memory"),
+    pytest.param(lambda d: d["vms"][0].update(vcpus=-1),
+                 ("vms[0].vcpus", "VM 'web-1'", "greater than 0, got -1"), id="vm-without-vcpus"),
 ])
 def test_bad_input_is_refused_naming_the_field_and_what_is_wrong(mutate: Mutation, words: tuple[str, ...]) -> None:
     with pytest.raises(SnapshotError) as err:
