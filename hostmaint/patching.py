@@ -553,12 +553,32 @@ def reboot_decision(shell: HostShell, host: str, policy: HostPolicy) -> RebootDe
 # --- 6. reboot ------------------------------------------------------------------
 
 
+_BOOT_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.IGNORECASE)
+
+
+def parse_boot_id(stdout: str, host: str) -> str:
+    """The boot id in ``stdout`` (the kernel's UUID, whitespace around it ignored), lower case.
+
+    Anything else is a StepError showing a short excerpt: "the boot id changed" is how a reboot is
+    seen, so a login banner or an error text on stdout must never pass for a new boot id.
+    """
+    text = stdout.strip()
+    if _BOOT_ID.fullmatch(text):
+        return text.lower()
+    excerpt = repr(text[:60]) + (f" ... ({len(text)} characters)" if len(text) > 60 else "")
+    # the host named first, explicitly: StepError adds it only when the message lacks it, and the
+    # excerpt (a banner) may well contain the host's name
+    raise StepError(f"{host}: {' '.join(BOOT_ID_ARGV)} printed {excerpt}, not a boot id (a UUID); "
+                    "is something (a login banner, a shell profile) writing to stdout?", host=host, step=Step.REBOOT)
+
+
 def read_boot_id(shell: HostShell, host: str, timeout: float = PROBE_TIMEOUT_S) -> str:
-    """The host's boot id. Raises TransientDriverError/CommandError when it cannot be read."""
+    """The host's boot id. Raises TransientDriverError/CommandError when it cannot be read, and
+    StepError when what the host printed is not a boot id."""
     res = shell.run(host, BOOT_ID_ARGV, timeout=timeout)
     if res.exit_code != 0 or not res.stdout.strip():
         raise TransientDriverError(f"boot id unreadable (exit {res.exit_code})", host=host)
-    return res.stdout.strip()
+    return parse_boot_id(res.stdout, host)
 
 
 def reboot_and_wait(shell: HostShell, host: str, policy: HostPolicy, *,
@@ -569,7 +589,8 @@ def reboot_and_wait(shell: HostShell, host: str, policy: HostPolicy, *,
     The reboot command may return, lose its connection or time out: all three mean "issued".
     Only an explicit non-zero exit (reboot refused) fails at once. Raises StepError when the
     boot id has not changed within ``policy.reboot_timeout_s`` (the host never came back, or
-    never went down).
+    never went down), and at once when the host answers with something that is not a boot id
+    (before the reboot, nothing is rebooted then).
     """
     try:
         old = read_boot_id(shell, host)

@@ -6,6 +6,7 @@ import os
 import shlex
 import shutil
 import subprocess
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from hostmaint.drivers.ssh import SshShell
 from hostmaint.errors import InventoryError, StepError, TransientDriverError
 from hostmaint.inventory import HostPolicy, SshKey, SshTarget, VerifyCheck, parse_inventory
 from hostmaint.lab.sshd import authorize, make_keypair, start_sshd, write_known_hosts
-from hostmaint.models import Cell, HostDiscovery, PackageManager, RebootPolicy
+from hostmaint.models import Cell, CommandResult, HostDiscovery, PackageManager, RebootPolicy
 
 K1, K2 = "5.14.0-362.el9", "5.14.0-427.el9"
 
@@ -214,6 +215,80 @@ def test_reboot_refused_or_ignored() -> None:
     shell, clock, _ = setup(make_host(commands={"reboot": [0, "", ""]}))
     with pytest.raises(StepError, match="did not reboot: boot id still"):
         patching.reboot_and_wait(shell, "hv1", HostPolicy(reboot_timeout_s=30), clock=clock, sleep=clock.sleep)
+
+
+class HandlerShell:
+    """A HostShell answering from a function of argv; it records what ran."""
+
+    def __init__(self, handler: Callable[[tuple[str, ...]], tuple[int, str, str]]) -> None:
+        self.handler = handler
+        self.ran: list[tuple[str, ...]] = []
+
+    def run(self, host: str, argv: Sequence[str], timeout: float = 60.0) -> CommandResult:
+        self.ran.append(tuple(argv))
+        code, out, err = self.handler(tuple(argv))
+        return CommandResult(host=host, argv=tuple(argv), exit_code=code, stdout=out, stderr=err)
+
+    def close(self) -> None:
+        pass
+
+
+BOOT_1 = "3f1c1b1e-0000-4000-8000-000000000001"
+BOOT_2 = "3f1c1b1e-0000-4000-8000-000000000002"
+
+
+@pytest.mark.parametrize(("stdout", "boot_id"), [
+    (f"{BOOT_1}\n", BOOT_1), (f"  {BOOT_1.upper()}\r\n", BOOT_1),
+])
+def test_a_boot_id_is_a_uuid(stdout: str, boot_id: str) -> None:
+    assert patching.parse_boot_id(stdout, "hv1") == boot_id
+
+
+@pytest.mark.parametrize(("stdout", "excerpt"), [
+    (f"Welcome to hv1 (bashrc) 06:01:02\n{BOOT_1}\n", "'Welcome to hv1 (bashrc) 06:01:02\\n3f1c1b1e-0000-4000-8000-"),
+    ("not-a-uuid\n", "'not-a-uuid'"),
+    (f"{{{BOOT_1}}}", f"'{{{BOOT_1}}}'"),
+    (BOOT_1.replace("-", ""), f"'{BOOT_1.replace('-', '')}'"),
+    (f"urn:uuid:{BOOT_1}", f"'urn:uuid:{BOOT_1}'"),
+    ("x" * 500, "... (500 characters)"),
+])
+def test_anything_else_is_not_a_boot_id(stdout: str, excerpt: str) -> None:
+    with pytest.raises(StepError) as err:
+        patching.parse_boot_id(stdout, "hv1")
+    assert err.value.host == "hv1" and err.value.step == "reboot"
+    assert str(err.value).startswith("hv1: cat /proc/sys/kernel/random/boot_id printed ")
+    assert excerpt in str(err.value) and "not a boot id" in str(err.value)
+    assert len(str(err.value)) < 250  # an excerpt, not the whole output
+
+
+def test_a_banner_after_the_reboot_is_no_new_boot_id() -> None:
+    answers: Iterator[str] = iter([BOOT_1, f"Welcome to hv1\n{BOOT_1}"])
+
+    def host(argv: tuple[str, ...]) -> tuple[int, str, str]:
+        return (0, next(answers), "") if argv == patching.BOOT_ID_ARGV else (0, "", "")
+
+    shell, clock = HandlerShell(host), FakeClock()
+    with pytest.raises(StepError, match="printed 'Welcome to hv1.*not a boot id") as err:
+        patching.reboot_and_wait(shell, "hv1", HostPolicy(reboot_timeout_s=60), clock=clock, sleep=clock.sleep)
+    assert err.value.step == "reboot" and shell.ran.count(patching.REBOOT_ARGV) == 1
+
+
+def test_a_banner_before_the_reboot_fails_it_without_rebooting() -> None:
+    shell, clock = HandlerShell(lambda argv: (0, f"Last login: today\n{BOOT_1}\n", "")), FakeClock()
+    with pytest.raises(StepError, match="hv1: cat /proc/sys/kernel/random/boot_id printed 'Last login"):
+        patching.reboot_and_wait(shell, "hv1", HostPolicy(), clock=clock, sleep=clock.sleep)
+    assert shell.ran == [patching.BOOT_ID_ARGV]
+
+
+def test_a_new_boot_id_is_a_reboot() -> None:
+    answers = iter([BOOT_1, BOOT_1, f"{BOOT_2}\n"])
+
+    def host(argv: tuple[str, ...]) -> tuple[int, str, str]:
+        return (0, next(answers), "") if argv == patching.BOOT_ID_ARGV else (0, "", "")
+
+    clock = FakeClock()
+    result = patching.reboot_and_wait(HandlerShell(host), "hv1", HostPolicy(), clock=clock, sleep=clock.sleep)
+    assert (result.old_boot_id, result.new_boot_id) == (BOOT_1, BOOT_2)
 
 
 # --- reboot decision ------------------------------------------------------------------------
