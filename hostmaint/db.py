@@ -27,6 +27,8 @@ from sqlalchemy.engine import Connection, Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
 
+from hostmaint.errors import InputError
+
 ENV_VAR = "HOSTMAINT_DB"
 DEFAULT_PATH = Path("~/.local/share/hostmaint/hostmaint.db")
 BUSY_TIMEOUT_MS = 30_000
@@ -199,13 +201,45 @@ def open_engine(url: str | None = None) -> Engine:
     :func:`write_transaction` can take the write lock with ``BEGIN IMMEDIATE``.
     """
     resolved = database_url(url)
-    sa_url = sa.make_url(resolved)
-    if sa_url.get_backend_name() == "sqlite":
-        engine = _sqlite_engine(sa_url)
-    else:
-        engine = sa.create_engine(sa_url, pool_pre_ping=True)
+    try:
+        sa_url = sa.make_url(resolved)
+        if sa_url.get_backend_name() == "sqlite":
+            engine = _sqlite_engine(sa_url)
+        else:
+            engine = sa.create_engine(sa_url, pool_pre_ping=True)
+    except (sa.exc.ArgumentError, ValueError, ImportError) as exc:
+        raise _bad_url(url, resolved, exc) from None
     _create_tables(engine)
     return engine
+
+
+def _bad_url(given: str | None, resolved: str, exc: Exception) -> InputError:
+    """A URL SQLAlchemy cannot use, as one line naming where it came from; its password never shown.
+
+    SQLAlchemy's messages may quote the URL, so the password is cut out of them too, and the
+    original exception is not chained (a traceback would print it)."""
+    source = "the database URL" if given else ENV_VAR
+    password = _password_in(resolved)
+    shown = resolved.replace(f":{password}@", ":***@") if password else resolved
+    if isinstance(exc, sa.exc.NoSuchModuleError):
+        why = f"no SQLAlchemy dialect or driver {resolved.split('://', 1)[0]!r}"
+    elif isinstance(exc, ImportError):
+        why = f"its database driver is not installed ({exc}); for PostgreSQL: pip install 'hostmaint[postgres]'"
+    else:
+        why = str(exc)
+    if password:
+        why = why.replace(password, "***")
+    return InputError(f"{source}: not a usable database URL: {shown}: {why} (expected a file path or a URL like "
+                      "postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE)")
+
+
+def _password_in(url: str) -> str:
+    """The password in ``scheme://user:password@host...``, found without parsing (the URL may not parse)."""
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    if "@" not in rest:
+        return ""
+    userinfo = rest.rsplit("@", 1)[0]
+    return userinfo.split(":", 1)[1] if ":" in userinfo else ""
 
 
 def _sqlite_engine(url: sa.URL) -> Engine:

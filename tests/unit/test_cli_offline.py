@@ -108,3 +108,25 @@ def test_demo_uses_its_own_database_whatever_is_exported(tmp_path: Path, monkeyp
     assert "postgresql+psycopg://hostmaint:***@db.example/hostmaint" in said.err
     assert _shown_db(production) == "postgresql+psycopg://hostmaint:***@db.example/hostmaint"
     assert _shown_db(str(db)) == str(db)
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("postgresql+psycopg://hm:S3cr3t@db.example:54x2/hostmaint", "'54x2'"),
+    ("postgresql+nosuchdriver://hm:S3cr3t@db.example/hostmaint", "no SQLAlchemy dialect or driver"),
+    ("post gres://hm:S3cr3t@db.example/hostmaint", "Could not parse"),
+])
+def test_a_bad_database_url_is_bad_input_naming_hostmaint_db(url: str, why: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from hostmaint.db import open_engine
+    from hostmaint.errors import InputError
+
+    monkeypatch.setenv("HOSTMAINT_DB", url)
+    result = runner.invoke(app, ["audit", "verify"])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert said.startswith("error: HOSTMAINT_DB: not a usable database URL")
+    assert why in said and "hm:***@db.example" in said
+    assert "S3cr3t" not in result.output and "Traceback" not in result.output
+    with pytest.raises(InputError, match="^the database URL: ") as info:
+        open_engine(url)  # given directly, not through the environment
+    assert "S3cr3t" not in str(info.value) and info.value.__cause__ is None
