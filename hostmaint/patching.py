@@ -133,12 +133,16 @@ class RebootResult(Frozen):
 
 
 class CheckResult(Frozen):
-    """One verification check; ``skipped`` checks (n/a on this host) count as ok."""
+    """One verification check; ``skipped`` checks (n/a on this host) count as ok.
+
+    ``warning``: ok, yet something the operator should know (a kernel reboot pending by policy).
+    """
 
     name: str
     ok: bool
     detail: str
     skipped: bool = False
+    warning: bool = False
 
 
 class VerifyReport(Frozen):
@@ -149,6 +153,10 @@ class VerifyReport(Frozen):
     @property
     def failures(self) -> tuple[CheckResult, ...]:
         return tuple(c for c in self.checks if not c.ok)
+
+    @property
+    def warnings(self) -> tuple[CheckResult, ...]:
+        return tuple(c for c in self.checks if c.ok and c.warning)
 
     def reason(self) -> str:
         """One line naming every failed check, for StepError and the audit."""
@@ -242,9 +250,14 @@ def newest(versions: Sequence[str], compare: Callable[[str, str], int] = evr_com
     return best
 
 
+def kernel_compare(a: str, b: str) -> int:
+    """Compare two ``uname -r`` style strings (``V-R.arch``) by version-release."""
+    return evr_compare(a.rsplit(".", 1)[0], b.rsplit(".", 1)[0])
+
+
 def newest_kernel(kernels: Sequence[str]) -> str:
     """The newest of ``uname -r`` style strings (``V-R.arch``)."""
-    return newest(kernels, lambda a, b: evr_compare(a.rsplit(".", 1)[0], b.rsplit(".", 1)[0]))
+    return newest(kernels, kernel_compare)
 
 
 # --- helpers ------------------------------------------------------------------
@@ -650,15 +663,26 @@ def _check(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
         return CheckResult(name=name, ok=False, detail=str(exc))
 
 
-def check_kernel(shell: HostShell, host: str) -> CheckResult:
+def check_kernel(shell: HostShell, host: str, reboot: RebootPolicy = RebootPolicy.IF_NEEDED) -> CheckResult:
+    """The host runs its newest installed kernel.
+
+    Under ``reboot: never`` the host keeps its old kernel on purpose, so a *newer* kernel installed
+    than the running one is a warning ("reboot pending by policy"), not a failure: failing it would
+    mark a correctly patched host failed and keep its VMs away. Any other mismatch (running a kernel
+    newer than every installed one) still fails, under every policy.
+    """
     kernels = installed_kernels(shell, host, Step.VERIFY)
     if not kernels:
         return CheckResult(name="kernel", ok=True, skipped=True, detail="n/a: no kernel package installed")
     running = running_kernel(shell, host, Step.VERIFY)
     top = newest_kernel(kernels)
-    if running != top:
-        return CheckResult(name="kernel", ok=False, detail=f"running {running}, newest installed is {top}")
-    return CheckResult(name="kernel", ok=True, detail=f"running the newest kernel {running}")
+    if running == top:
+        return CheckResult(name="kernel", ok=True, detail=f"running the newest kernel {running}")
+    if reboot is RebootPolicy.NEVER and kernel_compare(top, running) > 0:
+        return CheckResult(name="kernel", ok=True, warning=True,
+                           detail=f"newer kernel {top} installed, still running {running}: "
+                                  "reboot pending by policy (reboot: never)")
+    return CheckResult(name="kernel", ok=False, detail=f"running {running}, newest installed is {top}")
 
 
 def check_libvirtd(hypervisor: Hypervisor, host: str) -> CheckResult:
@@ -708,11 +732,12 @@ def verify_host(shell: HostShell, hypervisor: Hypervisor, host: str, policy: Hos
                 cells_before: Sequence[Cell] | None = None) -> VerifyReport:
     """Step 7: every check runs and is reported; ``ok`` is False when any failed. Never raises for a check.
 
-    Checks: the newest kernel runs; libvirtd answers; NUMA cells (ids, cpus, memory) are those
+    Checks: the newest kernel runs (under ``reboot: never`` a newer one installed is a warning, see
+    ``check_kernel``); libvirtd answers; NUMA cells (ids, cpus, memory) are those
     seen before maintenance; no failed systemd units (where systemd runs); the inventory's checks.
     """
     checks = [
-        _check("kernel", lambda: check_kernel(shell, host)),
+        _check("kernel", lambda: check_kernel(shell, host, policy.reboot)),
         _check("libvirtd", lambda: check_libvirtd(hypervisor, host)),
     ]
     if cells_before is None:

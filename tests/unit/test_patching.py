@@ -393,6 +393,45 @@ def test_verify_reports_every_failed_check_without_raising() -> None:
     assert "has-tool: /usr/local/bin/site-check --quick: exit 127" in report.reason()
 
 
+@pytest.mark.parametrize(("reboot", "ok", "warning"), [
+    (RebootPolicy.NEVER, True, True),  # the old kernel runs on purpose: pending, not failed
+    (RebootPolicy.IF_NEEDED, False, False),  # the same host without its reboot: still a failure
+    (RebootPolicy.ALWAYS, False, False),
+])
+def test_a_kernel_update_without_a_reboot_fails_verify_unless_the_policy_never_reboots(
+        reboot: RebootPolicy, ok: bool, warning: bool) -> None:
+    shell, _, state = setup()
+    policy = HostPolicy(reboot=reboot)
+    patching.apply_updates(shell, "hv1", policy)
+    assert state.kernels() == [f"{K1}.x86_64", f"{K2}.x86_64"] and state.reboots == 0
+    report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", policy, cells_before=CELLS)
+    kernel = {c.name: c for c in report.checks}["kernel"]
+    assert (report.ok, kernel.ok, kernel.warning) == (ok, ok, warning)
+    if ok:
+        assert kernel.detail == (f"newer kernel {K2}.x86_64 installed, still running {K1}.x86_64: "
+                                 "reboot pending by policy (reboot: never)")
+        assert report.warnings == (kernel,) and report.reason() == "all checks passed"
+    else:
+        assert report.reason() == f"kernel: running {K1}.x86_64, newest installed is {K2}.x86_64"
+
+
+def test_never_reboot_still_applies_every_other_check() -> None:
+    shell, _, _ = setup(make_host(installed={"kernel-core": K2}, running_kernel=f"{K1}.x86_64",
+                                  failed_units=["kdump.service"]))
+    report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", HostPolicy(reboot=RebootPolicy.NEVER),
+                                  cells_before=CELLS)
+    assert not report.ok and [c.name for c in report.failures] == ["systemd"]
+    assert [c.name for c in report.warnings] == ["kernel"]
+
+
+def test_never_reboot_does_not_excuse_a_running_kernel_newer_than_any_installed() -> None:
+    # not "pending": the newest installed kernel is older than the running one (its package is gone)
+    shell, _, _ = setup(make_host(installed={"kernel-core": K1}, running_kernel=f"{K2}.x86_64"))
+    report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", HostPolicy(reboot=RebootPolicy.NEVER),
+                                  cells_before=CELLS)
+    assert not report.ok and report.reason() == f"kernel: running {K2}.x86_64, newest installed is {K1}.x86_64"
+
+
 def test_verify_libvirtd_down_and_na_checks() -> None:
     shell, _, _ = setup(SimHostPackages(installed={"bash": "5.1-1"}, has_systemd=False))
     report = patching.verify_host(shell, FakeHypervisor(CELLS, reachable=False), "hv1", HostPolicy(),
