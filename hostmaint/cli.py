@@ -21,6 +21,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from hostmaint.audit import redact_text
 from hostmaint.errors import HostmaintError, InputError, PlanError
 from hostmaint.fleet import dump_snapshot, load_snapshot
 from hostmaint.inventory import load_inventory
@@ -60,20 +61,24 @@ ReasonOpt = Annotated[str, typer.Option("--reason", help="Why (for the audit).")
 
 @contextmanager
 def exit_codes() -> Iterator[None]:
-    """Map errors to the documented exit codes, with one clear line on stderr."""
+    """Map errors to the documented exit codes, with one clear line on stderr.
+
+    Messages are masked like audit records (:func:`~hostmaint.audit.redact_text`): a failed
+    step's message quotes the host's output, and dnf prints repository URLs with their passwords.
+    """
     try:
         yield
     except InputError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        err.print(f"[red]error:[/red] {redact_text(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     except KeyError as exc:
-        err.print(f"[red]error:[/red] {exc.args[0] if exc.args else exc}", highlight=False)
+        err.print(f"[red]error:[/red] {redact_text(str(exc.args[0] if exc.args else exc))}", highlight=False)
         raise typer.Exit(2) from None
     except PlanError as exc:
-        err.print(f"[red]no safe plan:[/red] {exc}", highlight=False)
+        err.print(f"[red]no safe plan:[/red] {redact_text(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     except HostmaintError as exc:
-        err.print(f"[red]failed:[/red] {exc}", highlight=False)
+        err.print(f"[red]failed:[/red] {redact_text(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -223,15 +228,16 @@ def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
 
 
 def _show_outcomes(outcomes: list[Any], as_json: bool) -> None:
+    # a failed host's detail is its error, which may quote host output (see exit_codes)
     if as_json:
-        _print_json([o.model_dump(mode="json") for o in outcomes])
+        _print_json([{**o.model_dump(mode="json"), "detail": redact_text(o.detail)} for o in outcomes])
         return
     table = Table(title="outcome per host")
     for col in ("host", "outcome", "state", "rebooted", "packages", "seconds", "detail"):
         table.add_column(col)
     for o in outcomes:
         table.add_row(o.host, o.outcome.value, o.state, "yes" if o.rebooted else "no", str(o.packages_changed),
-                      f"{o.seconds:.1f}", o.detail[:300])
+                      f"{o.seconds:.1f}", redact_text(o.detail)[:300])
     out.print(table)
     migrations = [m for o in outcomes for m in o.migrations]
     if migrations:
@@ -338,7 +344,9 @@ def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = F
         for h in rt.inventory.hosts:
             rec = rt.states.get(h.name)
             link = links[h.name]
-            rows.append({"host": h.name, "cluster": h.cluster, "state": rec.state.value, "reason": rec.reason,
+            # a failed host's reason is its error (see exit_codes)
+            rows.append({"host": h.name, "cluster": h.cluster, "state": rec.state.value,
+                         "reason": redact_text(rec.reason),
                          "link_mib_s": link.mib_s, "link_basis": link.basis, "link_note": link.note})
         if as_json:
             _print_json(rows)

@@ -130,3 +130,27 @@ def test_a_bad_database_url_is_bad_input_naming_hostmaint_db(url: str, why: str,
     with pytest.raises(InputError, match="^the database URL: ") as info:
         open_engine(url)  # given directly, not through the environment
     assert "S3cr3t" not in str(info.value) and info.value.__cause__ is None
+
+
+def test_host_status_masks_credentials_in_a_failed_hosts_reason(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failed host's reason is its error, which may quote dnf's output with a repository password."""
+    from hostmaint.db import open_engine
+    from hostmaint.models import HostState
+    from hostmaint.simulation import demo_packages, write_simulated_fleet
+    from hostmaint.state import HostStateStore
+
+    monkeypatch.setenv("HOSTMAINT_DB", str(tmp_path / "hostmaint.db"))
+    snap = demo_snapshot(4, 12)
+    inventory = write_simulated_fleet(tmp_path, snap, demo_packages(snap))
+    states = HostStateStore(open_engine())
+    states.transition("hv01", HostState.CORDONED, "patch")
+    states.transition("hv01", HostState.FAILED, "patch failed: Curl error (7) for "
+                                                "https://svc-patch:Hunter2pw@repo.corp/el9/repodata/repomd.xml")
+    for args in (["--json"], []):
+        result = runner.invoke(app, ["host", "status", "-i", str(inventory), *args])
+        assert result.exit_code == 0, result.output
+        assert "Hunter2pw" not in result.output
+    rows = json.loads(runner.invoke(app, ["host", "status", "-i", str(inventory), "--json"]).stdout)
+    assert rows[0]["reason"] == ("patch failed: Curl error (7) for "
+                                 "https://svc-patch:***@repo.corp/el9/repodata/repomd.xml")
