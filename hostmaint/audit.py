@@ -276,7 +276,8 @@ class AuditTrail:
         details = json.loads(canonical_json(details))
         trigger = Trigger(entry.trigger) if entry.trigger is not None else None
         outcome = StepOutcome(entry.outcome)
-        duration_s = float(entry.duration_s)
+        # + 0.0 turns -0.0 into 0.0: SQLite reads -0.0 back as 0.0, and the record would no longer match its hash
+        duration_s = float(entry.duration_s) + 0.0
         if not math.isfinite(duration_s):
             # SQLite would store NaN as NULL and the record would no longer match its hash
             raise ValueError(f"audit entry {entry.step!r}: duration_s must be a finite number, got {duration_s}")

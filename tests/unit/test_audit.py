@@ -481,6 +481,13 @@ def test_reading_a_record_with_a_tampered_enum_raises_audit_error(engine: sa.Eng
     assert trail.verify().problem.startswith("record 2 (")  # verify still names it instead of crashing
 
 
+def test_negative_zero_duration_verifies(trail: AuditTrail) -> None:
+    """-0.0 hashes as "-0.0" but SQLite returns 0.0: it is stored as 0.0, so the record still verifies."""
+    rec = trail.append(entry(1, duration_s=-0.0))
+    assert str(rec.duration_s) == "0.0"
+    assert trail.verify().ok
+
+
 def test_non_finite_duration_is_refused(trail: AuditTrail) -> None:
     with pytest.raises(ValueError, match="duration_s"):
         trail.append(AuditEntry(step="drain", duration_s=float("nan")))
