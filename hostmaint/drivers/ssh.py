@@ -72,8 +72,10 @@ def _parse_key(text: str, source: str, host: str) -> paramiko.PKey:
     for kind in _KEY_TYPES:
         try:
             return kind.from_private_key(io.StringIO(text))
-        except (paramiko.SSHException, ValueError):
-            continue  # not this key type (or encrypted); try the next
+        except (paramiko.SSHException, ValueError, IndexError, AssertionError):
+            # not this key type, encrypted, or corrupt: paramiko's parsers raise IndexError and
+            # AssertionError on a damaged key (found by corrupting keys), not only SSHException
+            continue
     raise DriverError(f"{source} does not hold an unencrypted ed25519, ECDSA or RSA private key "
                       "(use ssh-agent for a key with a passphrase)", host)
 
@@ -425,10 +427,14 @@ class SshShell:
     def _file_key(host: str, path: str) -> paramiko.PKey:
         """The key file, read at each connect (it may be rotated); a bad file is an error, not retried."""
         try:
-            with open(path) as f:
-                text = f.read()
+            with open(path, "rb") as f:
+                data = f.read()
         except OSError as exc:
             raise DriverError(f"cannot read SSH key file {path}: {exc.strerror}", host) from None
+        text = data.decode("utf-8", errors="replace")
+        # A key file is ASCII; undecodable bytes are replaced rather than raised, since a
+        # UnicodeDecodeError would carry the file's bytes (key material) in it: the key parser then
+        # refuses the text like any other damaged key.
         return _parse_key(text, f"key file {path}", host)
 
     # --- reading a command's output -----------------------------------------------------

@@ -7,8 +7,10 @@ exit codes and output, timeouts, retried connects, one reused connection, argv q
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import random
 import shutil
 import subprocess
 import threading
@@ -574,6 +576,36 @@ def test_bad_key_files_are_errors_not_retried(lab: Lab, tmp_path: Path) -> None:
         with pytest.raises(DriverError, match=expected) as err:
             shell.run("hv1", ["true"])
         assert not isinstance(err.value, TransientDriverError) and sleeps == []
+
+
+def test_a_damaged_key_file_is_a_driver_error_whatever_paramiko_raises(lab: Lab, tmp_path: Path) -> None:
+    # paramiko's parsers raise IndexError or AssertionError (not SSHException) on many damaged keys:
+    # every cut of a good key, some flipped bytes, and a binary file must all come out as DriverError.
+    lines = lab.key.read_text().splitlines()
+    blob = base64.b64decode("".join(lines[1:-1]))
+    rng = random.Random(0)
+    damaged = [blob[:n] for n in range(len(blob))]
+    for _ in range(40):
+        flipped = bytearray(blob)
+        flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+        damaged.append(bytes(flipped))
+    bad = tmp_path / "id_bad"
+    refused = 0
+    for data in damaged:
+        bad.write_text(f"{lines[0]}\n{base64.b64encode(data).decode()}\n{lines[-1]}\n")
+        shell = SshShell({"hv1": lab.target(key=SshKey(file=str(bad)))}, sleep=lambda s: pytest.fail("retried"))
+        try:
+            shell.run("hv1", ["true"])
+        except DriverError as exc:
+            assert not isinstance(exc, TransientDriverError)
+            assert f"key file {bad} does not hold an unencrypted" in str(exc)
+            refused += 1
+        else:
+            shell.close()  # a flipped bit in the comment or padding can leave the key whole
+    assert refused >= len(blob)  # at least every cut was refused
+    bad.write_bytes(b"\xff\xfe" + blob)
+    with pytest.raises(DriverError, match="does not hold an unencrypted"):
+        SshShell({"hv1": lab.target(key=SshKey(file=str(bad)))}).run("hv1", ["true"])
 
 
 def test_inventory_check_argv_from_yaml_reaches_the_host_literally(lab: Lab, tmp_path: Path) -> None:
