@@ -6,7 +6,8 @@ How paramiko's failures become hostmaint errors (translated here, once)::
         that does not parse (named by its line number)     -> HostKeyError      (never retried)
     BadHostKeyException, a host missing from known_hosts,
         a key marked @revoked                              -> HostKeyError      (never retried)
-    AuthenticationException                                -> DriverError       (never retried)
+    AuthenticationException, an address that cannot be
+        resolved at all (ValueError)                       -> DriverError       (never retried)
     refused / unreachable / timeout / EOFError /
         SSHException while connecting or opening a channel -> retried, then TransientDriverError
     connection lost after the command was sent             -> TransientDriverError (not retried:
@@ -389,6 +390,11 @@ class SshShell:
             # NoValidConnectionsError (refused), socket.timeout, a banner that never came, a reset
             client.close()
             raise _Retry(f"connect to {label}: {type(exc).__name__}: {exc}") from exc
+        except ValueError as exc:
+            # an address the resolver cannot even encode (an IDNA label over 63 characters, a NUL byte)
+            # or a malformed value met in the handshake: no retry changes either
+            client.close()
+            raise DriverError(f"connect to {label} failed: {type(exc).__name__}: {exc}", host) from exc
         transport = client.get_transport()
         if transport is not None and self._keepalive_s:
             transport.set_keepalive(self._keepalive_s)

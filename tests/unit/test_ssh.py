@@ -242,6 +242,15 @@ def test_unauthorized_key_is_an_error_not_retried(lab: Lab, tmp_path: Path) -> N
     assert sleeps == []
 
 
+def test_an_address_the_resolver_cannot_encode_is_an_error_not_retried(lab: Lab) -> None:
+    # socket.getaddrinfo raises UnicodeError (a ValueError) for a label over 63 characters
+    address = "a" * 70 + ".example"
+    shell = SshShell({"hv1": lab.target(address=address)}, sleep=lambda s: pytest.fail("retried"))
+    with pytest.raises(DriverError, match=rf"hv1: connect to \[{address}\]:\d+ failed: UnicodeError") as err:
+        shell.run("hv1", ["true"])
+    assert not isinstance(err.value, TransientDriverError)
+
+
 # --- transient failures ------------------------------------------------------------------------------
 
 
