@@ -21,11 +21,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hostmaint.audit import redact_text
 from hostmaint.errors import HostmaintError, InputError, PlanError
 from hostmaint.fleet import dump_snapshot, load_snapshot
 from hostmaint.inventory import load_inventory
 from hostmaint.models import MigrationOptions
+from hostmaint.redaction import redact_text
 
 app = typer.Typer(help="Maintenance orchestration for KVM/libvirt fleets.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -496,7 +496,7 @@ def _use_demo_db(workdir: Path) -> Path:
 
 def _shown_db(url: str) -> str:
     """A database URL as the CLI may print it: its password masked."""
-    from hostmaint.audit import redact_text
+    from hostmaint.redaction import redact_text
 
     return redact_text(url)
 

@@ -22,9 +22,19 @@ driver or loader that meets them, into one of these, with ``raise ... from exc``
 
 from __future__ import annotations
 
+from hostmaint.redaction import redact_text
+
 
 class HostmaintError(Exception):
-    """Base of every error hostmaint raises on purpose."""
+    """Base of every error hostmaint raises on purpose.
+
+    Its message is masked when the error is made (:func:`hostmaint.redaction.redact_text`): errors
+    quote host output, such as dnf's with a repository URL and its password, and from here the text
+    reaches host states, run results, logs and the Prefect UI.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(redact_text(a) if isinstance(a, str) else a for a in args))
 
 
 class InputError(HostmaintError):

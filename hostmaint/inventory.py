@@ -16,9 +16,9 @@ from typing import Annotated, Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hostmaint.audit import holds_private_key, is_secret_name, redact_text
 from hostmaint.errors import InventoryError
 from hostmaint.models import Limits, PackageManager, RebootPolicy, UnmigratableAction
+from hostmaint.redaction import holds_private_key, is_secret_name, redact_text
 
 # A package name or glob: nothing a shell could read as syntax.
 PACKAGE_PATTERN = re.compile(r"^[A-Za-z0-9._+*-]+$")

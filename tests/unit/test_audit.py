@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from hostmaint import audit
+from hostmaint import audit, redaction
 from hostmaint.audit import AuditEntry, AuditRecord, AuditSink, AuditTrail, redact
 from hostmaint.db import open_engine
 from hostmaint.errors import AuditError
@@ -352,8 +352,8 @@ DNF_STDERR = ("Errors during downloading metadata for repository 'internal':\n"
     (PEM, "***redacted***"),
 ])
 def test_redact_text_masks_credentials_inside_text(text: str, expected: str) -> None:
-    assert audit.redact_text(text) == expected
-    assert audit.redact_text(expected) == expected  # redacting again changes nothing
+    assert redaction.redact_text(text) == expected
+    assert redaction.redact_text(expected) == expected  # redacting again changes nothing
 
 
 def test_credentials_in_command_output_and_errors_are_stored_redacted(engine: sa.Engine,
@@ -550,3 +550,12 @@ def test_postgres_role_that_may_only_select_and_insert_appends_but_cannot_edit(p
             conn.execute(sa.text("DROP OWNED BY hm_appender"))
             conn.execute(sa.text("DROP ROLE hm_appender"))
         admin.dispose()
+
+
+def test_an_error_quoting_host_output_never_carries_its_password() -> None:
+    from hostmaint.errors import InputError, StepError
+
+    said = "Curl error (67): https://mirror:s3cret@repo.example/el9/repodata/repomd.xml; token=abc123"
+    for err in (StepError(f"dnf failed: {said}", host="hv01", step="update"), InputError(said)):
+        assert "s3cret" not in str(err) and "abc123" not in str(err)
+        assert "https://mirror:***@repo.example" in str(err) and "token=***" in str(err)
