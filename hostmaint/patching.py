@@ -360,13 +360,26 @@ def free_space(shell: HostShell, host: str, paths: Sequence[str] = FREE_SPACE_PA
                 continue
             raise StepError(f"df -Pm {path} failed (exit {res.exit_code}): {_said(res)}",
                             host=host, step=Step.PREFLIGHT)
-        rows = [ln.split() for ln in res.stdout.strip().splitlines()[1:] if ln.strip()]
-        try:
-            free[path] = int(rows[-1][-3])  # Filesystem 1M-blocks Used Available Capacity Mounted-on
-        except (IndexError, ValueError) as exc:
-            raise StepError(f"df -Pm {path}: unexpected output {res.stdout.strip()!r}",
-                            host=host, step=Step.PREFLIGHT) from exc
+        rows = [ln for ln in res.stdout.strip().splitlines()[1:] if ln.strip()]
+        available = _df_available(rows[-1]) if rows else None
+        if available is None:
+            raise StepError(f"df -Pm {path}: unexpected output {res.stdout.strip()[:300]!r}",
+                            host=host, step=Step.PREFLIGHT)
+        free[path] = available
     return free
+
+
+_DF_NUMBERS = re.compile(r"\s(\d+)\s+(\d+)\s+(\d+)\s+(\d+)%\s")
+
+
+def _df_available(row: str) -> int | None:
+    """Available MiB from a ``df -P`` row: ``Filesystem 1M-blocks Used Available Capacity Mounted-on``.
+
+    Found as the four numbers ending in the capacity's ``%``, not by counting words from either
+    end: a mount point (or a device) may contain spaces.
+    """
+    match = _DF_NUMBERS.search(row + " ")
+    return int(match.group(3)) if match else None
 
 
 def check_updates(shell: HostShell, host: str, pm: PackageManager, policy: HostPolicy, *,

@@ -451,6 +451,27 @@ def test_verify_while_host_is_down_fails_the_checks_instead_of_raising() -> None
     assert not report.ok and "simulated host is down" in report.reason()
 
 
+DF_HEADER = "Filesystem 1048576-blocks Used Available Capacity Mounted on\n"
+
+
+@pytest.mark.parametrize(("row", "available"), [
+    ("/dev/sda1 100 60 40 60% /\n", 40),
+    ("/dev/sda1 100 50 50 50% /mnt/my disk\n", 50),  # a mount point with a space
+    ("/dev/mapper/vg0-root   51175   9000   42175     18% /\n", 42175),
+    ("//nas/share 2 1 20 5 200 150 50 75% /mnt/x 1 2 3%\n", 50),  # a device with spaces and digits
+])
+def test_df_available_is_found_whatever_the_mount_point(row: str, available: int) -> None:
+    shell = HandlerShell(lambda argv: (0, DF_HEADER + row, ""))
+    assert patching.free_space(shell, "hv1", ["/"]) == {"/": available}
+
+
+@pytest.mark.parametrize("stdout", [DF_HEADER, DF_HEADER + "/dev/sda1 100 50 50 - /\n", "garbage\n"])
+def test_df_output_without_the_numbers_is_an_error(stdout: str) -> None:
+    with pytest.raises(StepError, match=r"hv1: df -Pm /: unexpected output") as err:
+        patching.free_space(HandlerShell(lambda argv: (0, stdout, "")), "hv1", ["/"])
+    assert err.value.step == "preflight"
+
+
 # --- pure pieces ----------------------------------------------------------------------------------
 
 
