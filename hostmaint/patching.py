@@ -729,7 +729,11 @@ def check_numa(hypervisor: Hypervisor, host: str, cells_before: Sequence[Cell]) 
 
 def check_systemd(shell: HostShell, host: str) -> CheckResult:
     probe = shell.run(host, ["test", "-d", "/run/systemd/system"], timeout=PROBE_TIMEOUT_S)
-    if probe.exit_code != 0:
+    if probe.exit_code not in (0, 1):
+        # test says 0 or 1; anything else (killed by a signal: -1) is no answer, and must not skip the check
+        return CheckResult(name="systemd", ok=False,
+                           detail=f"test -d /run/systemd/system: exit {probe.exit_code}: {_said(probe)}")
+    if probe.exit_code == 1:
         return CheckResult(name="systemd", ok=True, skipped=True, detail="n/a: host does not run systemd")
     res = shell.run(host, ["systemctl", "--failed", "--no-legend", "--plain"], timeout=QUERY_TIMEOUT_S)
     if res.exit_code != 0:

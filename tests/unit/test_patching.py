@@ -451,6 +451,14 @@ def test_verify_while_host_is_down_fails_the_checks_instead_of_raising() -> None
     assert not report.ok and "simulated host is down" in report.reason()
 
 
+def test_a_systemd_probe_killed_by_a_signal_fails_the_check_instead_of_skipping_it() -> None:
+    shell, _, _ = setup(make_host(commands={"test -d /run/systemd/system": [-1, "", ""]}))
+    report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", HostPolicy(), cells_before=CELLS)
+    systemd = {c.name: c for c in report.checks}["systemd"]
+    assert not report.ok and not systemd.ok and not systemd.skipped
+    assert systemd.detail == "test -d /run/systemd/system: exit -1: (no output)"
+
+
 DF_HEADER = "Filesystem 1048576-blocks Used Available Capacity Mounted on\n"
 
 
