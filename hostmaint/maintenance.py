@@ -373,8 +373,17 @@ def _drain_inputs(rt: Runtime, cluster: str, link: dict[str, float],
     if snap is None:
         snap = snapshot(rt, cluster)
     free = {h.name: sum(c.free_mib for c in h.cells) for h in snap.hosts}
-    return {"bandwidth_mib_s": link, "target_free_mib": free,
-            "vm_memory_mib": {v.name: v.memory_mib for v in snap.vms}}
+    # Libvirt's free memory excludes the hugepage pool, so a hugepage-backed VM is counted against the
+    # free pages of its size (summed over the cells), as the planner placed it, not against ``free``.
+    pages: dict[str, dict[int, int]] = {}
+    for h in snap.hosts:
+        per_size = pages.setdefault(h.name, {})
+        for c in h.cells:
+            for hp in c.hugepages:
+                per_size[hp.size_kib] = per_size.get(hp.size_kib, 0) + hp.free
+    return {"bandwidth_mib_s": link, "target_free_mib": free, "target_free_hugepages": pages,
+            "vm_memory_mib": {v.name: v.memory_mib for v in snap.vms},
+            "vm_hugepage_kib": {v.name: v.hugepage_kib for v in snap.vms if v.hugepage_kib}}
 
 
 def _audit_migration(rt: Runtime, run: RunContext, cluster: str, result: MigrationResult) -> None:

@@ -2,7 +2,8 @@
 
 ``drain(plan, hypervisor, limits)`` is what the ``drain`` task calls. It runs the plan's placements
 in a thread pool and never has more in flight than ``limits`` allow per source, per target and per
-cluster; the memory of a migration in flight counts against its target from its first byte. The
+cluster; the memory of a migration in flight counts against its target from its first byte (a
+hugepage-backed VM's against the target's free hugepages of its size, as the planner placed it). The
 :class:`SchedulerPolicy` decides the order, whether the next migration may start now (fill the source
 link, keep the summed dirty rate well below it) and the escalation of a stalled one
 (auto-converge → post-copy where allowed → abort).
@@ -140,6 +141,8 @@ def drain(plan: EvacuationPlan, hypervisor: Hypervisor, limits: Limits, *,
           vm_memory_mib: Mapping[str, int] | None = None,
           dirty_rate: Mapping[str, float] | None = None,
           target_free_mib: Mapping[str, int] | None = None,
+          vm_hugepage_kib: Mapping[str, int] | None = None,
+          target_free_hugepages: Mapping[str, Mapping[int, int]] | None = None,
           on_event: Callable[[DrainEvent], None] | None = None,
           cancel: threading.Event | None = None,
           clock: Callable[[], float] = time.monotonic,
@@ -148,13 +151,17 @@ def drain(plan: EvacuationPlan, hypervisor: Hypervisor, limits: Limits, *,
 
     ``bandwidth_mib_s`` is each host's link (default: the policy's), ``vm_memory_mib`` and
     ``dirty_rate`` (MiB/s) what is known of each VM (memory falls back to the placement's),
-    ``target_free_mib`` the memory each target has free before the drain: a migration in flight
-    counts against it. ``cancel``, once set, stops admitting, aborts what runs (except post-copy)
-    and reports the rest as ABORTED. ``policy`` defaults to the adaptive one. Never raises for a
-    failed migration; its VM stays on its source and its result says why.
+    ``target_free_mib`` the ordinary memory each target has free before the drain: a migration in
+    flight counts against it. A VM in ``vm_hugepage_kib`` (its page size in KiB) is backed by
+    hugepages and counts against its target's free pages of that size in ``target_free_hugepages``
+    (host -> page size KiB -> free pages) instead. ``cancel``, once set, stops admitting, aborts
+    what runs (except post-copy) and reports the rest as ABORTED. ``policy`` defaults to the
+    adaptive one. Never raises for a failed migration; its VM stays on its source and its result
+    says why.
     """
     run = _Drain(plan, hypervisor, limits, options, policy or SchedulerPolicy(), bandwidth_mib_s or {},
-                 vm_memory_mib or {}, dirty_rate or {}, target_free_mib, on_event, cancel, clock)
+                 vm_memory_mib or {}, dirty_rate or {}, vm_hugepage_kib or {}, target_free_mib,
+                 target_free_hugepages, on_event, cancel, clock)
     return run.execute(poll_s)
 
 
@@ -163,8 +170,9 @@ class _Drain:
 
     def __init__(self, plan: EvacuationPlan, hypervisor: Hypervisor, limits: Limits,
                  options: MigrationOptions, policy: SchedulerPolicy, bandwidth: Mapping[str, float],
-                 memory: Mapping[str, int], dirty: Mapping[str, float],
+                 memory: Mapping[str, int], dirty: Mapping[str, float], hugepage_kib: Mapping[str, int],
                  target_free_mib: Mapping[str, int] | None,
+                 target_free_hugepages: Mapping[str, Mapping[int, int]] | None,
                  on_event: Callable[[DrainEvent], None] | None, cancel: threading.Event | None,
                  clock: Callable[[], float]) -> None:
         self.plan = plan
@@ -175,11 +183,13 @@ class _Drain:
         self.policy = policy
         self.bandwidth = bandwidth
         self.target_free_mib = target_free_mib
+        self.target_free_hugepages = target_free_hugepages
         self.on_event = on_event
         self.cancel = cancel
         self.clock = clock
         self.t0 = clock()
-        self.specs = [MigrationSpec(p, memory.get(p.vm, p.memory_mib), float(dirty.get(p.vm, 0.0)))
+        self.specs = [MigrationSpec(p, memory.get(p.vm, p.memory_mib), float(dirty.get(p.vm, 0.0)),
+                                    hugepage_kib.get(p.vm, 0))
                       for p in plan.placements]
         self.links = {s.source: link_of(s.source, bandwidth, policy) for s in self.specs}
         self.lock = threading.Lock()  # guards events, results, counters
@@ -268,7 +278,8 @@ class _Drain:
         link = self.links[spec.source]
         rate = stream_rate(self.options, self.policy, link)
         refusal = admission_refusal(spec, self.load, self.limits, self.policy, link_mib_s=link,
-                                    rate_mib_s=rate, target_free_mib=self.target_free_mib, options=self.options)
+                                    rate_mib_s=rate, target_free_mib=self.target_free_mib, options=self.options,
+                                    target_free_hugepages=self.target_free_hugepages)
         if refusal is not None:
             return refusal
         opts = options_for(spec, self.options, self.policy, rate)

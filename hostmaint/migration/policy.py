@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
 from hostmaint.models import Limits, MigrationOptions, MigrationProgress, Placement
+from hostmaint.placement.state import pages_for
 
 MIB = 1024 * 1024
 DEFAULT_LINK_MIB_S = 1100.0  # ~10 GbE after protocol overhead; the inventory's default too
@@ -126,6 +127,13 @@ class MigrationSpec:
     placement: Placement
     memory_mib: int
     dirty_mib_s: float  # 0 when unknown
+    hugepage_kib: int = 0  # the size of the hugepages backing its memory; 0 = ordinary memory
+
+    @property
+    def pages(self) -> int:
+        """The hugepages it takes on its target (0 for ordinary memory): whole pages, as the planner
+        charges them."""
+        return pages_for(self.memory_mib, self.hugepage_kib) if self.hugepage_kib else 0
 
     @property
     def vm(self) -> str:
@@ -149,6 +157,9 @@ class Load:
     per_target: dict[str, int] = field(default_factory=dict)
     # memory committed per host: in flight or landed onto it, minus what has left it
     target_mib: dict[str, int] = field(default_factory=dict)
+    # the same for hugepage-backed VMs, in pages per (host, page size KiB): such a VM takes pages of its
+    # size from the host's pool, not ordinary memory (the planner's rule), and gives them back there
+    target_pages: dict[tuple[str, int], int] = field(default_factory=dict)
     source_rate: dict[str, float] = field(default_factory=dict)  # expected MiB/s leaving each source
     # the dirty rates of each source's migrations still using its link, by VM (after any upfront throttle)
     source_dirty: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -158,7 +169,7 @@ class Load:
         self.total += 1
         self.per_source[spec.source] = self.per_source.get(spec.source, 0) + 1
         self.per_target[spec.target] = self.per_target.get(spec.target, 0) + 1
-        self.target_mib[spec.target] = self.target_mib.get(spec.target, 0) + spec.memory_mib
+        self.commit(spec.target, spec, 1)
         self.source_rate[spec.source] = self.source_rate.get(spec.source, 0.0) + rate
         self.source_dirty.setdefault(spec.source, {})[spec.vm] = (
             spec.dirty_mib_s if dirty_mib_s is None else dirty_mib_s)
@@ -176,11 +187,19 @@ class Load:
         self.per_target[spec.target] -= 1
         if landed:
             # the VM left its source: that memory is free for whatever migrates onto the source
-            self.target_mib[spec.source] = self.target_mib.get(spec.source, 0) - spec.memory_mib
+            self.commit(spec.source, spec, -1)
         else:
-            self.target_mib[spec.target] -= spec.memory_mib
+            self.commit(spec.target, spec, -1)
         if not released:
             self.release(spec, rate)
+
+    def commit(self, host: str, spec: MigrationSpec, sign: int) -> None:
+        """Count (``sign`` 1) or uncount (-1) ``spec``'s memory on ``host``, in the pool it draws from."""
+        if spec.hugepage_kib:
+            key = (host, spec.hugepage_kib)
+            self.target_pages[key] = self.target_pages.get(key, 0) + sign * spec.pages
+        else:
+            self.target_mib[host] = self.target_mib.get(host, 0) + sign * spec.memory_mib
 
 
 def about_to_finish(remaining_bytes: int, rate_mib_s: float, policy: SchedulerPolicy) -> bool:
@@ -288,8 +307,13 @@ def order_placements(specs: Sequence[MigrationSpec], order: Order,
 def admission_refusal(spec: MigrationSpec, load: Load, limits: Limits, policy: SchedulerPolicy, *,
                       link_mib_s: float, rate_mib_s: float,
                       target_free_mib: Mapping[str, int] | None = None,
-                      options: MigrationOptions | None = None) -> str | None:
-    """Why ``spec`` may not start now, or None when it may. Hard limits first, then the policy."""
+                      options: MigrationOptions | None = None,
+                      target_free_hugepages: Mapping[str, Mapping[int, int]] | None = None) -> str | None:
+    """Why ``spec`` may not start now, or None when it may. Hard limits first, then the policy.
+
+    ``target_free_mib`` is each target's free ordinary memory before the drain, ``target_free_hugepages``
+    its free hugepages per page size (KiB); a host missing from one is not checked against it.
+    """
     on_source = load.per_source.get(spec.source, 0)
     if load.total >= limits.migrations_per_cluster:
         return f"cluster limit {limits.migrations_per_cluster} reached"
@@ -297,7 +321,16 @@ def admission_refusal(spec: MigrationSpec, load: Load, limits: Limits, policy: S
         return f"source {spec.source} at its limit {limits.migrations_per_source}"
     if load.per_target.get(spec.target, 0) >= limits.migrations_per_target:
         return f"target {spec.target} at its limit {limits.migrations_per_target}"
-    if target_free_mib is not None and spec.target in target_free_mib:
+    if spec.hugepage_kib:
+        # Libvirt's free memory excludes the hugepage pool: such a VM is judged by the free pages of its
+        # size alone, as the planner placed it, and never by ordinary memory it does not use.
+        if target_free_hugepages is not None and spec.target in target_free_hugepages:
+            free = target_free_hugepages[spec.target].get(spec.hugepage_kib, 0)
+            taken = load.target_pages.get((spec.target, spec.hugepage_kib), 0)
+            if taken + spec.pages > free:
+                return (f"target {spec.target} {spec.hugepage_kib} KiB hugepages: {taken} pages committed + "
+                        f"{spec.pages} pages > {free} free")
+    elif target_free_mib is not None and spec.target in target_free_mib:
         committed = load.target_mib.get(spec.target, 0)
         if committed + spec.memory_mib > target_free_mib[spec.target]:
             return (f"target {spec.target} memory: {committed} MiB committed + {spec.memory_mib} MiB "

@@ -1,8 +1,9 @@
 """The drain executor against an in-memory hypervisor with scripted migrations.
 
 The fake counts what is in flight per source, per target and in total, and the memory each host
-holds (a VM in flight occupies its target from the start), so the tests check the limits on the
-driver's side, not on the scheduler's word.
+holds (a VM in flight occupies its target from the start; a hugepage-backed VM takes pages of its
+size from the target's pool instead), so the tests check the limits on the driver's side, not on the
+scheduler's word.
 """
 
 from __future__ import annotations
@@ -48,13 +49,18 @@ class FakeHypervisor:
     """An in-memory fleet. Thread-safe; records concurrency, memory and every call."""
 
     def __init__(self, vms: dict[str, tuple[str, int]], capacity_mib: dict[str, int],
-                 scripts: dict[str, Script] | None = None) -> None:
+                 scripts: dict[str, Script] | None = None, *, page_kib: dict[str, int] | None = None,
+                 free_pages: dict[str, dict[int, int]] | None = None) -> None:
         self.location = {vm: host for vm, (host, _) in vms.items()}
         self.memory = {vm: mib for vm, (_, mib) in vms.items()}
         self.capacity = dict(capacity_mib)
         self.used = {h: 0 for h in capacity_mib}
+        # hugepage-backed VMs (vm -> page size KiB) and each host's free pages besides those they hold
+        self.page_kib = dict(page_kib or {})
+        self.free_pages = {h: dict(sizes) for h, sizes in (free_pages or {}).items()}
         for vm, host in self.location.items():
-            self.used[host] += self.memory[vm]
+            if vm not in self.page_kib:
+                self.used[host] += self.memory[vm]
         self.scripts = scripts or {}
         self.lock = threading.Lock()
         self.in_flight: list[tuple[str, str]] = []
@@ -106,9 +112,7 @@ class FakeHypervisor:
             n_tgt = sum(1 for _, t in self.in_flight if t == target)
             self.max_source[source] = max(self.max_source.get(source, 0), n_src)
             self.max_target[target] = max(self.max_target.get(target, 0), n_tgt)
-            self.used[target] += mem  # the target holds the VM's memory from the first byte
-            if self.used[target] > self.capacity[target]:
-                self.overcommits.append(f"{target}: {self.used[target]} > {self.capacity[target]}")
+            self.hold(vm, target, 1)  # the target holds the VM's memory from the first byte
         moved = False
         try:
             elapsed, remaining, iterations = 0.0, mem * MIB, 0
@@ -147,10 +151,21 @@ class FakeHypervisor:
         finally:
             with self.lock:
                 self.in_flight.remove((source, target))
-                if moved:
-                    self.used[source] -= mem
-                else:
-                    self.used[target] -= mem
+                self.hold(vm, source if moved else target, -1)
+
+    def hold(self, vm: str, host: str, sign: int) -> None:
+        """Take (1) or give back (-1) ``vm``'s memory on ``host``, from the pool it uses; under the lock."""
+        mem = self.memory[vm]
+        size = self.page_kib.get(vm)
+        if size is None:
+            self.used[host] += sign * mem
+            if self.used[host] > self.capacity[host]:
+                self.overcommits.append(f"{host}: {self.used[host]} > {self.capacity[host]}")
+            return
+        pool = self.free_pages.setdefault(host, {})
+        pool[size] = pool.get(size, 0) - sign * -(-mem * 1024 // size)
+        if pool[size] < 0:
+            self.overcommits.append(f"{host}: {-pool[size]} {size} KiB hugepages short")
 
     def aborted(self, vm: str) -> bool:
         with self.lock:
@@ -267,6 +282,55 @@ def test_in_flight_memory_limits_parallel_arrivals() -> None:
     assert [r.outcome for r in report.results] == [StepOutcome.OK] * 2 + [StepOutcome.FAILED] * 2
     assert all("memory" in (r.error or "") for r in report.failed)
     assert hv.location["vm2"] == "src" and hv.location["vm3"] == "src"
+
+
+GIB_PAGE_KIB = 1024 * 1024  # 1 GiB hugepages
+
+
+def test_hugepage_vm_is_admitted_by_the_free_pages_of_its_size_not_by_ordinary_memory() -> None:
+    # dst has 28 GiB of ordinary memory free and 80 free 1 GiB pages: the 32 GiB hugepage VM fits the
+    # pool (where the planner put it), the 20 GiB ordinary VM fits the ordinary memory, both at once.
+    moves = [("hp", "src", "dst", 32 * 1024), ("plain", "src", "dst", 20 * 1024)]
+    hv = FakeHypervisor({"hp": ("src", 32 * 1024), "plain": ("src", 20 * 1024)},
+                        {"src": 100_000, "dst": 28 * 1024}, page_kib={"hp": GIB_PAGE_KIB},
+                        free_pages={"dst": {GIB_PAGE_KIB: 80}})
+    report = drain(make_plan(moves), hv, Limits(), policy=SchedulerPolicy.unbounded(),
+                   target_free_mib={"dst": 28 * 1024}, vm_hugepage_kib={"hp": GIB_PAGE_KIB},
+                   target_free_hugepages={"dst": {GIB_PAGE_KIB: 80}})
+    assert report.ok, report.failed
+    assert hv.location == {"hp": "dst", "plain": "dst"}
+    assert hv.overcommits == []
+    assert hv.free_pages["dst"][GIB_PAGE_KIB] == 80 - 32 and hv.used["dst"] == 20 * 1024
+
+
+def test_in_flight_hugepage_vms_count_against_the_targets_free_pages() -> None:
+    # dst has 40 free 1 GiB pages: "a" and "b" (32 pages each) cannot arrive together, so "b" waits
+    # until "out" has left dst and given its 32 pages back. Ordinary memory has room for all of them.
+    moves = [("out", "dst", "other", 32 * 1024), ("a", "src", "dst", 32 * 1024), ("b", "src", "dst", 32 * 1024)]
+    hv = FakeHypervisor({vm: (s, m) for vm, s, _, m in moves}, {"src": 100_000, "dst": 100_000, "other": 100_000},
+                        scripts={"out": Script(steps=10)}, page_kib={vm: GIB_PAGE_KIB for vm, *_ in moves},
+                        free_pages={"dst": {GIB_PAGE_KIB: 40}, "other": {GIB_PAGE_KIB: 80}})
+    report = drain(make_plan(moves), hv, Limits(migrations_per_source=4, migrations_per_target=4),
+                   policy=SchedulerPolicy.unbounded(), target_free_mib={"dst": 100_000, "other": 100_000},
+                   vm_hugepage_kib={vm: GIB_PAGE_KIB for vm, *_ in moves},
+                   target_free_hugepages={"dst": {GIB_PAGE_KIB: 40}, "other": {GIB_PAGE_KIB: 80}})
+    assert report.ok, report.failed
+    assert hv.overcommits == []  # the pool was never short, on the driver's side
+    assert hv.location == {"out": "other", "a": "dst", "b": "dst"}
+    kinds = [(e.kind, e.vm) for e in report.events if e.kind in (EventKind.STARTED, EventKind.FINISHED)]
+    assert kinds.index((EventKind.STARTED, "a")) < kinds.index((EventKind.FINISHED, "out"))
+    assert kinds.index((EventKind.FINISHED, "out")) < kinds.index((EventKind.STARTED, "b"))
+
+
+def test_a_hugepage_vm_that_never_fits_the_pool_is_refused_with_the_page_size() -> None:
+    moves = [("hp", "src", "dst", 32 * 1024)]
+    hv = FakeHypervisor({"hp": ("src", 32 * 1024)}, {"src": 100_000, "dst": 100_000},
+                        page_kib={"hp": GIB_PAGE_KIB}, free_pages={"dst": {GIB_PAGE_KIB: 16}})
+    report = drain(make_plan(moves), hv, Limits(), target_free_mib={"dst": 100_000},
+                   vm_hugepage_kib={"hp": GIB_PAGE_KIB}, target_free_hugepages={"dst": {GIB_PAGE_KIB: 16}})
+    assert report.results[0].outcome is StepOutcome.FAILED
+    assert "1048576 KiB hugepages" in (report.results[0].error or "")
+    assert hv.calls == [] and hv.location["hp"] == "src"
 
 
 # --- skip, failure, abort -----------------------------------------------------------

@@ -176,6 +176,40 @@ def test_admission_counts_in_flight_memory_on_the_target_and_frees_it_on_the_sou
                              rate_mib_s=600, target_free_mib=free) is None
 
 
+GIB_PAGE_KIB = 1024 * 1024
+
+
+def test_admission_counts_hugepage_vms_against_the_free_pages_of_their_size() -> None:
+    def hp(vm: str, gib: int, source: str = "s", target: str = "t", page_kib: int = GIB_PAGE_KIB) -> MigrationSpec:
+        return MigrationSpec(Placement(vm=vm, source=source, target=target, memory_mib=gib * 1024), gib * 1024,
+                             0.0, page_kib)
+
+    def refusal(candidate: MigrationSpec, load: Load) -> str | None:
+        return admission_refusal(candidate, load, BIG, SchedulerPolicy.unbounded(), link_mib_s=1100,
+                                 rate_mib_s=600, target_free_mib={"t": 28 * 1024, "s": 0},
+                                 target_free_hugepages={"t": {GIB_PAGE_KIB: 40, 2048: 4096}, "s": {}})
+
+    # 28 GiB of ordinary memory free, 40 free 1 GiB pages: a 32 GiB hugepage VM is judged by the pages
+    assert refusal(hp("a", 32), Load()) is None
+    assert refusal(spec("plain", 32 * 1024), Load()) is not None  # the same VM on ordinary memory is not
+    # in flight, its pages are committed: a second one does not fit the 8 pages left ...
+    load = loaded((hp("a", 32), 1.0))
+    why = refusal(hp("b", 32), load)
+    assert why is not None and "1048576 KiB hugepages: 32 pages committed + 32 pages > 40 free" in why
+    # ... while other page sizes and ordinary memory are other pools, untouched by it
+    assert refusal(hp("c", 8, page_kib=2048), load) is None
+    assert refusal(spec("plain", 20 * 1024), load) is None
+    # a host without a pool of that size has no page for it
+    assert refusal(hp("d", 1, target="s"), Load()) is not None
+    # aborted: the target gets its pages back; landed: they stay there, and the source gets them back
+    load.remove(hp("a", 32), 1.0, landed=False)
+    assert refusal(hp("b", 32), load) is None
+    load.add(hp("a", 32), 1.0)
+    load.remove(hp("a", 32), 1.0, landed=True)
+    assert refusal(hp("b", 32), load) is not None
+    assert load.target_pages[("s", GIB_PAGE_KIB)] == -32 and load.target_mib.get("t", 0) == 0
+
+
 def test_orders() -> None:
     specs = [spec("small", 512), spec("hot", 8192, dirty=600), spec("big", 4096, dirty=10),
              spec("warm", 16384, dirty=150)]
