@@ -398,8 +398,17 @@ class _Drain:
             else:
                 self.control.start_post_copy(spec.vm, spec.source)
         except DriverError as exc:
-            # The escalation did not take; its level still counts, so the next stall goes one further.
             self.emit(EventKind.ESCALATED, spec.vm, action=str(decision.action), error=str(exc))
+            if decision.action is Action.ENABLE_AUTO_CONVERGE:
+                return  # it did not take; its level still counts, so the next stall goes one further
+            # Post-copy did not take: the migration is still pre-copy, so "never abort in post-copy" must
+            # not hold it (it would escape its budget and a cancel, which is held off during the switch).
+            # The policy aborts it, decided now rather than at the next sample: it is stalled, and a
+            # stalled driver may send none until the watchdog's budget runs out.
+            with flight.lock:
+                flight.level = Escalation.POST_COPY_FAILED
+                flight.level_since_s = elapsed_s
+            self.escalate(flight, elapsed_s)
 
     def request_abort(self, flight: _Flight, reason: str) -> None:
         with flight.lock:

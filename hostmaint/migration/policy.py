@@ -16,7 +16,8 @@ Three decisions:
 * **escalation** (:func:`next_action`): when a migration stops making progress, enable
   auto-converge, then switch to post-copy where allowed, then abort; a time budget per GiB caps
   every migration. Abort is the safe end state (the VM keeps running on its source); a migration
-  already in post-copy is never aborted, because the VM then runs on the target.
+  already in post-copy is never aborted, because the VM then runs on the target, but one whose
+  switch to post-copy failed is still pre-copy, and is aborted.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ class Escalation(IntEnum):
     NONE = 0
     AUTO_CONVERGE = 1
     POST_COPY = 2
+    # the switch to post-copy was asked for and did not take: still pre-copy, so abort is all that is left
+    POST_COPY_FAILED = 3
 
 
 @dataclass(frozen=True)
@@ -485,6 +488,10 @@ def next_action(history: Sequence[MigrationProgress], *, budget_s: float, stall_
     now = elapsed_s if elapsed_s is not None else (history[-1].elapsed_s if history else 0.0)
     if level is Escalation.POST_COPY:
         return Decision(Action.CONTINUE, "in post-copy: runs to completion, an abort would lose the VM")
+    if level is Escalation.POST_COPY_FAILED:
+        # It still runs pre-copy and stalled: nothing is left to try, and waiting for another stall period
+        # only holds the target's memory and a slot. Abort is the safe end: the VM stays on its source.
+        return Decision(Action.ABORT, "the switch to post-copy failed; the VM stays on its source")
     if now >= budget_s:
         return Decision(Action.ABORT, f"time budget {budget_s:.0f}s used up after {now:.0f}s")
     if not history:

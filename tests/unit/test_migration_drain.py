@@ -412,6 +412,52 @@ def test_auto_converge_that_works_stops_the_escalation() -> None:
     assert escalations(report) == [("busy", "enable-auto-converge")]
 
 
+class PostCopyFails(ControllableFake):
+    """A fake whose switch to post-copy fails (libvirt refused it): the migration stays pre-copy."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.on_switch = lambda: None  # what happens while the switch is being tried
+
+    def start_post_copy(self, vm: str, source: str) -> None:
+        self.on_switch()
+        raise MigrationError("migrateStartPostCopy: operation failed", host=source, vm=vm)
+
+
+def test_a_failed_switch_to_post_copy_aborts_within_the_budget_and_stays_on_its_source() -> None:
+    moves = [("stuck", "src", "dst", 1024)]
+    hv = fleet(moves, cls=PostCopyFails, scripts={"stuck": Script(converges=False)})
+    # 1 GiB at 30 s/GiB: a 30 s budget on the fake's clock, with room for the whole ladder (5 s stalls)
+    opts = MigrationOptions(stall_seconds=5, seconds_per_gib=30, min_budget_seconds=30)
+    report = drain(make_plan(moves), hv, Limits(), options=opts, policy=SchedulerPolicy(allow_post_copy=True))
+    assert escalations(report) == [("stuck", "enable-auto-converge"), ("stuck", "switch-to-post-copy"),
+                                   ("stuck", "abort")]
+    failed_switch = [e.detail for e in report.events if e.kind is EventKind.ESCALATED and "error" in e.detail]
+    assert [(d["action"], "migrateStartPostCopy" in d["error"]) for d in failed_switch] == [
+        ("switch-to-post-copy", True)]
+    abort = [e for e in report.events if e.kind is EventKind.ESCALATED and e.detail.get("action") == "abort"][0]
+    assert abort.detail["elapsed_s"] < 30  # decided by the policy, not by the budget or the driver
+    stuck = report.results[0]
+    assert stuck.outcome is StepOutcome.ABORTED and "post-copy failed" in (stuck.error or "")
+    assert hv.aborted("stuck") and hv.location["stuck"] == "src" and "stuck" not in hv.post_copy
+    (ended,) = [e for e in report.events if e.kind is EventKind.ABORTED]
+    assert ended.detail["escalation"] == "post_copy_failed"  # the audit record says how far it got
+
+
+def test_cancel_during_a_failed_switch_to_post_copy_still_aborts() -> None:
+    # A cancel while the switch is tried is held off (the migration might be going post-copy); the switch
+    # fails, so the migration is pre-copy after all and aborted, and nothing more starts.
+    moves = [("stuck", "src", "dst", 1024), ("next", "src", "dst", 512)]
+    hv = fleet(moves, cls=PostCopyFails, scripts={"stuck": Script(converges=False)})
+    stop = threading.Event()
+    hv.on_switch = stop.set  # type: ignore[attr-defined]
+    report = drain(make_plan(moves), hv, Limits(), options=MigrationOptions(stall_seconds=3),
+                   policy=SchedulerPolicy.fixed(1, allow_post_copy=True), cancel=stop, poll_s=0.001)
+    assert [r.outcome for r in report.results] == [StepOutcome.ABORTED, StepOutcome.ABORTED]
+    assert hv.aborted("stuck") and hv.location == {"stuck": "src", "next": "src"}
+    assert [vm for vm, _ in hv.calls] == ["stuck"]
+
+
 def test_without_post_copy_a_stalled_migration_is_aborted_and_stays_on_its_source() -> None:
     moves = [("busy", "src", "dst", 1024), ("calm", "src", "dst", 1024)]
     hv = fleet(moves, cls=ControllableFake, scripts={"busy": Script(converges=False)})

@@ -52,6 +52,9 @@ FLAT = samples((0, 900), (10, 500), (20, 600), (30, 550), (80, 700))  # last new
     (FALLING, Escalation.NONE, 0, True, True, 30, Action.ABORT),
     # post-copy is never aborted: the VM already runs on the target
     (FLAT, Escalation.POST_COPY, 0, True, True, 10, Action.CONTINUE),
+    # a switch to post-copy that failed leaves it pre-copy with nothing left to try: abort, at once
+    (FLAT, Escalation.POST_COPY_FAILED, 80, True, True, 1000, Action.ABORT),
+    (FALLING, Escalation.POST_COPY_FAILED, 30, True, True, 1000, Action.ABORT),
 ])
 def test_next_action(history, level, since, ac, pc, budget, expected) -> None:
     decision = next_action(history, budget_s=budget, stall_s=60, level=level, level_since_s=since,
