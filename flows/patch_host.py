@@ -63,7 +63,8 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
         refused = False  # the plan was refused before anything moved
         try:
             state = rt.states.state(host)
-            if state in BEFORE_DRAINED:
+            if state in BEFORE_DRAINED or state is HostState.FAILED:
+                # a failed host is refused here, with how to clear it, before anything else runs
                 t.cordon_host(ref, run, host)
             # One discovery, after the cordon and before anything moves, is both the list of VMs the
             # invariants expect and the plan's view of the cluster (the plan used to discover again).
@@ -72,7 +73,10 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
             stopped = rt.states.stopped_on(host)
             expected = [v.name for v in snapshot.vms]
             expected += [vm for vm in stopped if vm not in expected]
-            if state in BEFORE_DRAINED:
+            # a run that died after its drain, before it shut down the VMs whose policy says so,
+            # left them on the drained host: this run plans for them again, or could never go on
+            leftover = state is HostState.DRAINED and any(v.host == host for v in snapshot.vms)
+            if state in BEFORE_DRAINED or leftover:
                 try:
                     # Hosts another drain fills right now come last, so this drain can run beside it;
                     # focused on few hosts, so the next drains can too (the VMs return home after the
@@ -87,7 +91,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
                     # Refused before anything moved (N+1, a VM that fits nowhere): the patch never
                     # started, so the host goes back to how it was. Left cordoned, every refusal in a
                     # window would take one more host out of placement and make the next refusal likelier.
-                    if state is not HostState.DRAINING:
+                    if state not in (HostState.DRAINING, HostState.DRAINED):
                         t.uncordon_host(ref, run, host)
                     refused = True
                     raise

@@ -137,6 +137,11 @@ def uncordon(rt: Runtime, run: RunContext, host: str) -> HostState:
     """Return the host to the state it had before maintenance (an operator's cordon stays)."""
     with audited(rt, run, "uncordon", host=host) as rec:
         record = rt.states.get(host)
+        if record.state is HostState.FAILED:
+            # a failed host is cleared by an operator, never by a run that finds it so: it may be
+            # unpatched or unverified, and uncordoning it would let VMs onto it
+            raise StepError(f"host {host} is failed ({record.reason}); an operator must clear it with "
+                            f"'hostmaint host reset {host}' first", host, "uncordon")
         target = record.prior_state or HostState.ACTIVE
         if target not in (HostState.ACTIVE, HostState.CORDONED):
             target = HostState.ACTIVE
@@ -627,8 +632,11 @@ def check_invariants(rt: Runtime, cluster: str, expected: Sequence[str], *,
     Returns vm → host. Raises StepError naming every VM that is missing or doubled.
     A rebooting host cannot be asked; it was proven empty before its reboot. A copy paused for a
     live migration (another run's drain may be moving VMs right now) is not a second run of the
-    VM; a VM seen only paused for one (at its switch-over) is in transit, not missing.
+    VM; a VM seen only paused for one (at its switch-over) is in transit, not missing. A VM another
+    run shuts down (or has shut down) by its policy may run once or not at all: that run records it
+    before asking, and starts it again after its host's maintenance.
     """
+    elsewhere = set(rt.states.stopped()) - set(stopped)
     where: dict[str, list[str]] = {}
     transit: dict[str, list[str]] = {}
     for entry in rt.inventory.hosts_of(cluster):
@@ -648,7 +656,7 @@ def check_invariants(rt: Runtime, cluster: str, expected: Sequence[str], *,
         if vm in stopped:
             if hosts:
                 problems.append(f"{vm} should be stopped but runs on {', '.join(hosts)}")
-        elif len(hosts) > 1 or (not hosts and vm not in transit):
+        elif len(hosts) > 1 or (not hosts and vm not in transit and vm not in elsewhere):
             problems.append(f"{vm} runs {len(hosts)} times ({', '.join(hosts) or 'nowhere'})")
     if problems:
         raise StepError("invariant broken: " + "; ".join(problems), None, "invariants")

@@ -249,6 +249,12 @@ class HostStateStore:
         with self._engine.connect() as conn:
             return [r.vm for r in conn.execute(sa.select(t.c.vm).where(t.c.host == host).order_by(t.c.vm))]
 
+    def stopped(self) -> dict[str, str]:
+        """Every VM maintenance shut down and has not started again, with the host it was on."""
+        t = vm_stopped_table
+        with self._engine.connect() as conn:
+            return {r.vm: r.host for r in conn.execute(sa.select(t.c.vm, t.c.host).order_by(t.c.vm))}
+
     def clear_stopped(self, vm: str) -> None:
         """``vm`` runs again (or never was stopped): forget it."""
         t = vm_stopped_table

@@ -19,6 +19,8 @@ from flows.rebalance_cluster import rebalance_cluster
 from hostmaint.audit import AuditTrail
 from hostmaint.db import open_engine
 from hostmaint.drivers.memory import SimulatedFleet
+from hostmaint.errors import StepError
+from hostmaint.maintenance import check_invariants
 from hostmaint.models import EvacuationPlan, FleetSnapshot, HostState, StepOutcome, Trigger
 from hostmaint.runtime import open_runtime
 from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
@@ -639,3 +641,100 @@ def test_invariants_count_a_vm_being_migrated_once_and_a_vm_running_twice_as_bro
             steps.check_invariants(rt, "demo", sorted(ALL_VMS))
     finally:
         rt.hypervisor = real
+
+
+def shutdown_fleet(tmp_path: Path, hosts: int = 4, *, max_in_maintenance: int = 1, cluster: str = "demo") -> Path:
+    """A SIMULATED cluster where app-03 cannot migrate and its policy shuts it down for maintenance.
+
+    A cluster that lets more hosts into maintenance than the demo's needs a name of its own: the
+    session's Prefect server already holds the demo's limits."""
+    snap = demo_snapshot(hosts, 12, cluster=cluster)
+    snap = snap.model_copy(update={"limits": snap.limits.model_copy(
+        update={"max_hosts_in_maintenance": max_in_maintenance})})
+    inventory = write_simulated_fleet(tmp_path / "stop", snap, demo_packages(snap), time_scale=0.001,
+                                      vm_policies=[{"match": {"name": "app-03"}, "migratable": False,
+                                                    "on_unmigratable": "shutdown"}])
+    from flows.locks import ensure_limits
+
+    ensure_limits(inventory)
+    return inventory
+
+
+def test_a_failed_host_stays_failed_when_its_patch_runs_again(tmp_path: Path, hostmaint_db: Path) -> None:
+    inventory = shutdown_fleet(tmp_path)
+    host = where(inventory)["app-03"][0]
+    fleet = fleet_of(inventory)
+    fleet.packages[host].fail_update = True
+    fleet.save()
+    rt = open_runtime(inventory)
+    rt.states.transition(host, HostState.CORDONED, "operator: watch its fans")  # before maintenance
+    first = patch_window(cluster="demo", hosts=[host], window_id="w-fail", inventory=str(inventory),
+                         trigger=Trigger.TEST, rebalance_moves=0)
+    assert first[0].outcome is StepOutcome.FAILED and rt.states.state(host) is HostState.FAILED
+
+    again = patch_window(cluster="demo", hosts=[host], window_id="w-fail", inventory=str(inventory),
+                         trigger=Trigger.TEST, rebalance_moves=0)
+
+    # not cleared by a run that finds it failed: unpatched, its shut-down VM stays down, and not patched
+    assert again[0].outcome is StepOutcome.FAILED and "hostmaint host reset" in again[0].detail
+    assert rt.states.state(host) is HostState.FAILED
+    assert host not in rt.states.patched_in("w-fail")
+    assert "app-03" not in where(inventory) and rt.states.stopped_on(host) == ["app-03"]
+
+
+def test_a_patch_resumed_after_its_drain_shuts_down_what_its_policy_says(tmp_path: Path, hostmaint_db: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.maintenance as steps
+
+    inventory = shutdown_fleet(tmp_path)
+    host = where(inventory)["app-03"][0]
+
+    def worker_lost(*args: Any, **kwargs: Any) -> list[str]:
+        raise RuntimeError("worker lost")
+
+    stop = steps.stop_unmigratable
+    monkeypatch.setattr(steps, "stop_unmigratable", worker_lost)  # dies after the drain, before the stop
+    with pytest.raises(RuntimeError, match="worker lost"):
+        patch_host(host=host, operator="a", inventory=str(inventory), trigger=Trigger.TEST)
+    # not monkeypatch.undo(): that would also undo the test's own HOSTMAINT_DB
+    monkeypatch.setattr(steps, "stop_unmigratable", stop)
+    assert states(inventory)[host] is HostState.DRAINED and where(inventory)["app-03"] == [host]
+
+    result = patch_host(host=host, operator="a", inventory=str(inventory), trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK, result.detail
+    assert states(inventory)[host] is HostState.ACTIVE
+    assert where(inventory)["app-03"] == [host]  # shut down for the reboot, started again after verify
+    assert [r.outcome for r in audit().records(host=host) if r.step == "shutdown-vm"] == [StepOutcome.OK]
+    assert_each_vm_runs_once(inventory, ALL_VMS)
+
+
+def test_a_vm_another_run_shuts_down_by_policy_is_no_broken_invariant(tmp_path: Path, hostmaint_db: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import tasks.maintenance as steps
+
+    inventory = shutdown_fleet(tmp_path, hosts=6)
+    other = where(inventory)["app-03"][0]
+    host = next(h for h in ("hv01", "hv02", "hv03") if h != other)
+    check = steps.check_invariants
+
+    def other_run_stops_app_03(*args: Any, **kwargs: Any) -> dict[str, str]:
+        # meanwhile another run (a window's second host, an evacuation) does what stop_unmigratable
+        # does on its host: records app-03 as stopped by its policy, then shuts it down
+        rt = open_runtime(inventory)
+        if "app-03" in rt.hypervisor.running_vms(other):
+            rt.states.record_stopped("app-03", other, "the-other-run")
+            rt.hypervisor.shutdown("app-03", other)
+        return check(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "check_invariants", other_run_stops_app_03)
+    result = patch_host(host=host, operator="alice", inventory=str(inventory), trigger=Trigger.TEST)
+
+    assert "app-03" not in where(inventory)
+    assert result.outcome is StepOutcome.OK, result.detail
+    assert states(inventory)[host] is HostState.ACTIVE
+    # a VM nobody recorded as stopped is still missed
+    rt = open_runtime(inventory)
+    rt.states.clear_stopped("app-03")
+    with pytest.raises(StepError, match="app-03 runs 0 times"):
+        check_invariants(rt, "demo", sorted(ALL_VMS))
