@@ -17,9 +17,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.patch_host import patch_host
+from flows.rebalance_cluster import rebalance_locked
 from hostmaint.errors import InputError, LockHeldError
 from hostmaint.maintenance import link_figures
 from hostmaint.models import StepOutcome, Trigger
@@ -150,15 +150,16 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
             logger.warning("window %s has ended: the cluster is not rebalanced (run rebalance-cluster later)",
                            window_id)
         else:
-            plan = t.plan_rebalance_task(ref, cluster, rebalance_moves, prefer_origin=False,
-                                         within=rebalance_within_pct / 100)
+            within = rebalance_within_pct / 100
+            now = t.discover(ref, cluster)
+            plan = t.plan_rebalance_task(ref, cluster, rebalance_moves, prefer_origin=False, within=within,
+                                         snapshot=now)
             before, after = plan.spread_before, plan.spread_after
             if before is not None and after is not None:
                 logger.info("window %s: rebalance of %d move(s); the fullest host goes from %.2f to %.2f × "
                             "the cluster's mean", window_id, len(plan.moves), before.host_max_mean,
                             after.host_max_mean)
-            with locks.cluster_migrations(cluster, [m.placement.target for m in plan.moves]):
-                t.rebalance(ref, run, plan)
+            rebalance_locked(ref, run, plan, now, rebalance_moves, prefer_origin=False, within=within)
     outcomes.sort(key=lambda o: order.index(o.host) if o.host in order else len(order))
     publish_report(f"patch window {window_id}", outcomes, key=None)
     return outcomes

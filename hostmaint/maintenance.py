@@ -44,7 +44,7 @@ from hostmaint.models import (
     Trigger,
     UnmigratableAction,
 )
-from hostmaint.placement import check_capacity, plan_evacuation, render_plan, stale_targets
+from hostmaint.placement import check_capacity, plan_evacuation, plan_rebalance, render_plan, stale_targets
 from hostmaint.runtime import Runtime
 from hostmaint.state import HostRecord, HostStateStore
 
@@ -597,6 +597,33 @@ def return_vms(rt: Runtime, run: RunContext, host: str, *,
         if not report.ok:
             rec.outcome = StepOutcome.FAILED
         return report
+
+
+def recheck_rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, planned_on: FleetSnapshot, *,
+                      max_moves: int | None, prefer_origin: bool = True,
+                      within: float | None = None) -> tuple[RebalancePlan, FleetSnapshot]:
+    """The cluster discovered now, and the rebalance to run on it: ``plan`` (made on ``planned_on``
+    with these settings) if it still stands, else a new plan made on it with its audit record (step
+    ``replan``). For a caller that holds the plan's targets.
+
+    A rebalance waits for its targets' locks while drains run: meanwhile a target can go into
+    maintenance or fill up, and a VM can leave the host the plan moves it from."""
+    now = snapshot(rt, plan.cluster)
+    moves = EvacuationPlan(cluster=plan.cluster, hosts=(), snapshot_digest=plan.snapshot_digest,
+                           placements=tuple(m.placement for m in plan.moves))
+    reasons = stale_targets(moves, planned_on, now)
+    where = {v.name: v.host for v in now.vms}
+    reasons += [f"{m.placement.vm} is no longer on {m.placement.source}" for m in plan.moves
+                if where.get(m.placement.vm) != m.placement.source]
+    if not reasons:
+        return plan, now
+    with audited(rt, run, "replan", cluster=plan.cluster,
+                 inputs={"reasons": reasons, "replaces": plan.snapshot_digest, "rebalance": True}) as rec:
+        fresh = plan_rebalance(now, max_moves, prefer_origin=prefer_origin, within=within)
+        rec.details["plan"] = fresh.model_dump(mode="json")
+        log.info("rebalance of %s: the cluster changed while it waited (%s); re-planned:\n%s", plan.cluster,
+                 "; ".join(reasons), render_plan(fresh))
+    return fresh, now
 
 
 def rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, *,

@@ -113,9 +113,17 @@ def return_vms(ref: RuntimeRef, run: RunContext, host: str) -> DrainReport | Non
 
 @task(name="plan-rebalance", cache_policy=NO_CACHE, **IO_RETRIES)
 def plan_rebalance_task(ref: RuntimeRef, cluster: str, max_moves: int | None, prefer_origin: bool = True,
-                        within: float | None = None) -> RebalancePlan:
-    return plan_rebalance(steps.snapshot(ref.open(), cluster), max_moves, prefer_origin=prefer_origin,
+                        within: float | None = None, snapshot: FleetSnapshot | None = None) -> RebalancePlan:
+    return plan_rebalance(snapshot or steps.snapshot(ref.open(), cluster), max_moves, prefer_origin=prefer_origin,
                           within=within)
+
+
+@task(name="recheck-rebalance", cache_policy=NO_CACHE, **IO_RETRIES)
+def recheck_rebalance(ref: RuntimeRef, run: RunContext, plan: RebalancePlan, planned_on: FleetSnapshot,
+                      max_moves: int | None, prefer_origin: bool = True,
+                      within: float | None = None) -> tuple[RebalancePlan, FleetSnapshot]:
+    return steps.recheck_rebalance(ref.open(), run, plan, planned_on, max_moves=max_moves,
+                                   prefer_origin=prefer_origin, within=within)
 
 
 @task(name="rebalance", cache_policy=NO_CACHE)

@@ -738,3 +738,43 @@ def test_a_vm_another_run_shuts_down_by_policy_is_no_broken_invariant(tmp_path: 
     rt.states.clear_stopped("app-03")
     with pytest.raises(StepError, match="app-03 runs 0 times"):
         check_invariants(rt, "demo", sorted(ALL_VMS))
+
+
+def test_a_rebalance_whose_target_went_into_maintenance_while_it_waited_is_re_made(
+        tmp_path: Path, hostmaint_db: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from contextlib import contextmanager
+
+    import flows.locks as locks
+    from flows.evacuate_host import evacuate_host
+
+    snap = demo_snapshot(4, 12)
+    # every VM on two hosts, so the rebalance sends VMs to the other two
+    snap = snap.model_copy(update={"vms": tuple(v.model_copy(update={"host": "hv01" if i % 2 else "hv02"})
+                                                 for i, v in enumerate(snap.vms))})
+    inventory = write_simulated_fleet(tmp_path / "f", snap, demo_packages(snap), time_scale=0.001, vm_policies=[])
+    take = locks.cluster_migrations
+    evacuated: list[str] = []
+
+    @contextmanager
+    def an_evacuation_got_there_first(cluster: str, targets: Any = ()) -> Any:
+        # the rebalance waits for a target's inbound lock while an evacuation of that host holds it;
+        # the evacuation ends with the host cordoned and empty, and the rebalance gets the lock
+        if not evacuated:
+            target = sorted(targets)[0]
+            evacuate_host(host=target, operator="ops", reason="suspect DIMM", inventory=str(inventory),
+                          trigger=Trigger.TEST)
+            evacuated.append(target)
+        with take(cluster, targets):
+            yield
+
+    monkeypatch.setattr(locks, "cluster_migrations", an_evacuation_got_there_first)
+    result = rebalance_cluster(cluster="demo", max_moves=3, operator="frank", inventory=str(inventory),
+                               trigger=Trigger.TEST)
+
+    (cordoned,) = evacuated
+    assert result.outcome is StepOutcome.OK and result.migrations
+    assert cordoned not in {m.target for m in result.migrations}
+    assert where(inventory) and not any(cordoned in hosts for hosts in where(inventory).values())
+    (replan,) = [r for r in audit().records() if r.step == "replan"]
+    assert any(cordoned in why for why in replan.inputs["reasons"]), replan.inputs
+    assert_each_vm_runs_once(inventory, {v.name for v in snap.vms})
