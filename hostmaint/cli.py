@@ -596,9 +596,18 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
                         = 600.0,
                         parallel: Annotated[int | None, typer.Option(help="Hosts at once (default: what N+1 "
                                                                       "capacity and the limits allow).")] = None,
-                        window_hours: Annotated[float | None, typer.Option(help="Say whether it fits.")] = None,
+                        window_hours: Annotated[float | None, typer.Option(
+                            help="Say whether the patching fits (exit 1 if not). The closing rebalance is "
+                                 "not counted: patch-window does not start it once the window has ended.")]
+                        = None,
                         dirty_rates: Annotated[Path | None, typer.Option(
                             help="JSON {vm: MiB/s}, e.g. from 'hostmaint simulate dirty-rates'.")] = None,
+                        rebalance_within_pct: Annotated[float, typer.Option(
+                            help="The closing rebalance levels each host's memory use to within this many "
+                                 "points of the cluster's (patch-window's rebalance_within_pct).")] = 10.0,
+                        rebalance: Annotated[bool, typer.Option(
+                            "--rebalance/--no-rebalance",
+                            help="Estimate the window's closing rebalance (--no-rebalance: none).")] = True,
                         as_json: JsonOpt = False) -> None:
     """Estimate a patch window's duration for CLUSTER from a snapshot (a model, not a run).
 
@@ -606,6 +615,7 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
     'hostmaint host status' shows each host's figure and its basis); dirty rates from --dirty-rates
     (else unknown: every VM counted as idle, which makes the estimate optimistic for busy guests)."""
     from hostmaint.migration.simulate import SimParams, simulate_window
+    from hostmaint.models import StepOutcome
     from hostmaint.placement import plan_window
 
     with exit_codes():
@@ -614,6 +624,9 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
             raise InputError(f"the snapshot is of cluster {snap.cluster!r}, not {cluster!r}")
         if parallel is not None and parallel < 1:
             raise InputError(f"--parallel: must be >= 1, got {parallel}")
+        # the range patch-window accepts: a target of 100 points or more would level nothing
+        if not 0 <= rebalance_within_pct < 100:
+            raise InputError(f"--rebalance-within-pct: must be in [0, 100), got {rebalance_within_pct:g}")
         rates = _read_dirty_rates(dirty_rates, {v.name for v in snap.vms}) if dirty_rates else None
         params, policy, options = SimParams(), None, MigrationOptions()
         if Path(inventory).exists():
@@ -628,11 +641,15 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
                 params = SimParams(link_mib_s={h: f.mib_s for h, f in figures.items()})
                 policy, options = drain_settings(inv, cluster)
         estimate = simulate_window(snap, plan_window(snap), patch_s=patch_seconds, parallel=parallel,
-                                   dirty_rate=rates, params=params, policy=policy, options=options)
+                                   dirty_rate=rates, params=params, policy=policy, options=options,
+                                   rebalance_within=rebalance_within_pct / 100 if rebalance else None)
+        # the patching alone: patch-window skips its levelling rather than overrun an ended window
         fits = None if window_hours is None else estimate.fits(window_hours * 3600)
         if as_json:
             _print_json({"cluster": cluster, "makespan_s": estimate.makespan_s, "parallel": estimate.parallel,
                          "serial_s": estimate.serial_s, "lower_bound_s": estimate.bound_s, "fits": fits,
+                         "rebalance_moves": estimate.rebalance_moves, "rebalance_s": estimate.rebalance_s,
+                         "total_s": round(estimate.total_s, 3),
                          "hosts": [{"host": h.host, "start_s": h.start_s, "drain_start_s": h.drain_start_s,
                                     "drained_s": h.drained_s,
                                     "end_s": h.end_s, "migrations": h.migrations, "outcome": h.outcome.value}
@@ -648,8 +665,18 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
             out.print(f"makespan {_hms(estimate.makespan_s)} with {estimate.parallel} host(s) at once, up to "
                       f"{estimate.drains_at_once} draining; serial would take {_hms(estimate.serial_s)}; "
                       f"lower bound {_hms(estimate.bound_s)}")
+            if not rebalance:
+                closing = "none (--no-rebalance)"
+            elif any(h.outcome is not StepOutcome.OK for h in estimate.hosts):
+                closing = "none (patch-window levels the cluster only when every host was patched)"
+            elif not estimate.rebalance_moves:
+                closing = f"no moves (levelling to within {rebalance_within_pct:g} points needs none, or none helps)"
+            else:
+                closing = (f"{estimate.rebalance_moves} move(s), {estimate.rebalance_s / 60:.1f} min; "
+                           f"{_hms(estimate.total_s)} in all (skipped when the window has ended)")
+            out.print(f"closing rebalance: {closing}")
             if fits is not None:
-                out.print(f"fits a {window_hours:g} h window: {'yes' if fits else 'NO'}")
+                out.print(f"the patching fits a {window_hours:g} h window: {'yes' if fits else 'NO'}")
         if fits is False:
             raise typer.Exit(1)
 

@@ -55,6 +55,32 @@ def test_simulate_window_takes_measured_dirty_rates(tmp_path: Path) -> None:
     assert negative.exit_code == 2 and first in negative.output and ">= 0" in negative.output
 
 
+def test_simulate_window_reports_its_closing_rebalance(tmp_path: Path) -> None:
+    snap = tmp_path / "snap.json"
+    snap.write_text(dump_snapshot(demo_snapshot(4, 12)))
+    text_base = ["simulate", "window", "demo", "--snapshot", str(snap), "--inventory", str(tmp_path / "none.yaml")]
+    base = [*text_base, "--json"]
+    runs = {name: runner.invoke(app, [*base, *extra]) for name, extra in
+            {"default": [], "level": ["--rebalance-within-pct", "0"], "none": ["--no-rebalance"]}.items()}
+    for name, run in runs.items():
+        assert run.exit_code == 0, (name, run.output)
+    data = {name: json.loads(run.stdout) for name, run in runs.items()}
+    for name, d in data.items():
+        # the window with its levelling: the patching, then the rebalance after the last host
+        assert d["total_s"] == pytest.approx(d["makespan_s"] + d["rebalance_s"], abs=0.002), name
+        assert d["rebalance_moves"] >= 0 and d["rebalance_s"] >= 0, name
+    # the rebalance follows the patching: asking for it, or not, leaves the makespan as it was
+    assert data["default"]["makespan_s"] == data["level"]["makespan_s"] == data["none"]["makespan_s"]
+    assert data["none"]["rebalance_moves"] == 0 and data["none"]["rebalance_s"] == 0
+    # no move is free: a rebalance that moves VMs takes time
+    assert (data["level"]["rebalance_moves"] > 0) == (data["level"]["rebalance_s"] > 0)
+    text = runner.invoke(app, [*text_base, "--no-rebalance"])
+    assert text.exit_code == 0 and "closing rebalance: none" in text.output
+    for bad in ("100", "-1", "250"):
+        refused = runner.invoke(app, [*base, "--rebalance-within-pct", bad])
+        assert refused.exit_code == 2 and "--rebalance-within-pct" in refused.output, (bad, refused.output)
+
+
 def test_audit_verify_prints_the_head_and_catches_a_cut_tail_only_against_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from hostmaint.audit import AuditEntry, AuditTrail
