@@ -111,6 +111,10 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
                     t.reboot_host(ref, run, host)
                     rebooted = True
                 state = HostState.VERIFYING
+            if state is HostState.REBOOTING:
+                # an earlier run died while the host rebooted: prove the reboot happened (or do it)
+                t.resume_reboot(ref, run, host)
+                rebooted = True
             if state in (HostState.REBOOTING, HostState.VERIFYING):
                 t.verify_host(ref, run, host, cells)
             t.uncordon_host(ref, run, host)

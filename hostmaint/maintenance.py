@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 from hostmaint import patching
@@ -489,18 +490,63 @@ def patch(rt: Runtime, run: RunContext, host: str) -> tuple[patching.PackageDiff
 
 
 def reboot(rt: Runtime, run: RunContext, host: str) -> patching.RebootResult:
-    """Reboot an empty host and wait for a new boot id."""
+    """Reboot an empty host and wait for a new boot id.
+
+    The boot id before the reboot is recorded (step ``reboot-issued``) before the reboot is asked
+    for: a run that dies while the host reboots leaves it ``rebooting``, and only that id lets the
+    next run tell a reboot that happened from one that never did (:func:`resume_reboot`)."""
     policy = rt.inventory.policy_for(host)
     _require_empty(rt, host, "reboot")
     rt.states.transition(host, HostState.REBOOTING, "rebooting", run.run_id)
+
+    def issued(boot_id: str) -> None:
+        with audited(rt, run, "reboot-issued", host=host) as rec:
+            rec.details["boot_id_before"] = boot_id
+
     try:
         with audited(rt, run, "reboot", host=host, inputs={"timeout_s": policy.reboot_timeout_s}) as rec:
-            result = patching.reboot_and_wait(rt.shell, host, policy)
+            result = patching.reboot_and_wait(rt.shell, host, policy, before_issue=issued)
             rec.details["reboot"] = _jsonable(result)
             return result
     except (StepError, DriverError) as exc:
         fail_host(rt, run, host, f"reboot failed: {exc}")
         raise
+
+
+def resume_reboot(rt: Runtime, run: RunContext, host: str) -> patching.RebootResult:
+    """Finish the reboot of a host an earlier run left ``rebooting``: proven, not assumed.
+
+    With the boot id that run recorded before asking for the reboot: a host that answers with
+    another has rebooted; one that does not answer is waited for as a reboot is; one that still
+    answers with it never rebooted (the run died before the command went out, or the host had not
+    gone down yet), so it is rebooted now. Without a recorded id the reboot was never asked for:
+    it is done now. The host was proven empty before it became ``rebooting`` and is proven empty
+    again before any new reboot."""
+    policy = rt.inventory.policy_for(host)
+    since = rt.states.get(host).since
+    issued = [r for r in rt.audit.records(host=host) if r.step == "reboot-issued"
+              and r.outcome is StepOutcome.OK and datetime.fromisoformat(r.time) >= since]
+    old = issued[-1].details.get("boot_id_before") if issued else None
+    if old is None:
+        return reboot(rt, run, host)
+    try:
+        with audited(rt, run, "reboot", host=host, inputs={"resumed": True, "boot_id_before": old,
+                                                           "timeout_s": policy.reboot_timeout_s}) as rec:
+            try:
+                now = patching.read_boot_id(rt.shell, host)
+            except TransientDriverError:
+                now = None  # down: rebooting right now
+            if now == old:
+                rec.details["note"] = "the host still ran the boot it had before: it never rebooted"
+                rec.outcome = StepOutcome.SKIPPED
+            else:
+                result = patching.wait_for_new_boot(rt.shell, host, policy, old, time.monotonic())
+                rec.details["reboot"] = _jsonable(result)
+                return result
+    except (StepError, DriverError) as exc:
+        fail_host(rt, run, host, f"reboot failed: {exc}")
+        raise
+    return reboot(rt, run, host)
 
 
 def verify(rt: Runtime, run: RunContext, host: str, cells_before: tuple[Cell, ...] | None) -> None:

@@ -609,14 +609,15 @@ def read_boot_id(shell: HostShell, host: str, timeout: float = PROBE_TIMEOUT_S) 
 
 def reboot_and_wait(shell: HostShell, host: str, policy: HostPolicy, *,
                     clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-                    poll_s: float = 1.0) -> RebootResult:
+                    poll_s: float = 1.0, before_issue: Callable[[str], None] | None = None) -> RebootResult:
     """Step 6: reboot, see the host go down, wait for it back with a new boot id.
 
     The reboot command may return, lose its connection or time out: all three mean "issued".
     Only an explicit non-zero exit (reboot refused) fails at once. Raises StepError when the
     boot id has not changed within ``policy.reboot_timeout_s`` (the host never came back, or
     never went down), and at once when the host answers with something that is not a boot id
-    (before the reboot, nothing is rebooted then).
+    (before the reboot, nothing is rebooted then). ``before_issue`` gets the boot id before the
+    reboot is asked for, so a caller can keep it where a run that dies meanwhile finds it.
     """
     try:
         old = read_boot_id(shell, host)
@@ -624,6 +625,8 @@ def reboot_and_wait(shell: HostShell, host: str, policy: HostPolicy, *,
         raise StepError(str(exc), host=host, step=Step.REBOOT) from exc
     except DriverError as exc:
         raise StepError(f"cannot read boot id before reboot: {exc}", host=host, step=Step.REBOOT) from exc
+    if before_issue is not None:
+        before_issue(old)
     start = clock()
     log.info("%s: rebooting (boot id %s)", host, old)
     try:
@@ -634,7 +637,14 @@ def reboot_and_wait(shell: HostShell, host: str, policy: HostPolicy, *,
                             host=host, step=Step.REBOOT)
     except (TransientDriverError, CommandError) as exc:
         log.info("%s: connection dropped by reboot as expected (%s)", host, type(exc).__name__)
+    return wait_for_new_boot(shell, host, policy, old, start, clock=clock, sleep=sleep, poll_s=poll_s)
 
+
+def wait_for_new_boot(shell: HostShell, host: str, policy: HostPolicy, old: str, start: float, *,
+                      clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                      poll_s: float = 1.0) -> RebootResult:
+    """Wait until ``host`` answers with a boot id other than ``old``, at most ``policy.reboot_timeout_s``
+    from ``start`` (a ``clock()`` reading); raises StepError as :func:`reboot_and_wait` does."""
     deadline = start + policy.reboot_timeout_s
     down_after: float | None = None
     last_error = ""

@@ -96,6 +96,11 @@ def reboot_host(ref: RuntimeRef, run: RunContext, host: str) -> patching.RebootR
     return steps.reboot(ref.open(), run, host)
 
 
+@task(name="resume-reboot", cache_policy=NO_CACHE)
+def resume_reboot(ref: RuntimeRef, run: RunContext, host: str) -> patching.RebootResult:
+    return steps.resume_reboot(ref.open(), run, host)
+
+
 @task(name="verify", cache_policy=NO_CACHE, **IO_RETRIES)
 def verify_host(ref: RuntimeRef, run: RunContext, host: str, cells_before: tuple[Cell, ...] | None) -> None:
     steps.verify(ref.open(), run, host, cells_before)

@@ -778,3 +778,38 @@ def test_a_rebalance_whose_target_went_into_maintenance_while_it_waited_is_re_ma
     (replan,) = [r for r in audit().records() if r.step == "replan"]
     assert any(cordoned in why for why in replan.inputs["reasons"]), replan.inputs
     assert_each_vm_runs_once(inventory, {v.name for v in snap.vms})
+
+
+@pytest.mark.parametrize("dies", ["before the reboot went out", "after the host came back"])
+def test_a_patch_resumed_while_its_host_was_rebooting_proves_the_reboot(sim_inventory: Path, dies: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from hostmaint import patching
+
+    reboot = patching.reboot_and_wait
+    first_boot = fleet_of(sim_inventory).packages["hv02"].boot_id  # hv02 has a kernel update: it reboots
+
+    def worker_lost(shell: Any, host: str, policy: Any, **kwargs: Any) -> Any:
+        if dies == "before the reboot went out":
+            kwargs["before_issue"](patching.read_boot_id(shell, host))
+        else:
+            reboot(shell, host, policy, **kwargs)
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(patching, "reboot_and_wait", worker_lost)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        patch_host(host="hv02", operator="a", inventory=str(sim_inventory), trigger=Trigger.TEST)
+    monkeypatch.setattr(patching, "reboot_and_wait", reboot)  # not undo(): that drops HOSTMAINT_DB too
+    assert states(sim_inventory)["hv02"] is HostState.REBOOTING
+
+    result = patch_host(host="hv02", operator="a", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK, result.detail
+    assert fleet_of(sim_inventory).packages["hv02"].boot_id != first_boot
+    issued = [r for r in audit().records(host="hv02") if r.step == "reboot-issued"]
+    reboots = [r for r in audit().records(host="hv02") if r.step == "reboot"]
+    if dies == "before the reboot went out":  # found still on its old boot: rebooted now, once more asked
+        assert len(issued) == 2 and reboots[-2].outcome is StepOutcome.SKIPPED
+        assert reboots[-1].outcome is StepOutcome.OK
+    else:  # found on a new boot: proven, not rebooted again
+        assert len(issued) == 1 and reboots[-1].outcome is StepOutcome.OK and reboots[-1].inputs["resumed"]
+    assert_each_vm_runs_once(sim_inventory, ALL_VMS)
