@@ -39,13 +39,13 @@ from hostmaint.models import (
     Limits,
     MigrationOptions,
     MigrationResult,
-    Placement,
     RebalancePlan,
     StepOutcome,
     Trigger,
     UnmigratableAction,
 )
 from hostmaint.placement import check_capacity, plan_evacuation, plan_rebalance, render_plan, stale_targets
+from hostmaint.placement.rebalance import plan_return as plan_return_home
 from hostmaint.runtime import Runtime
 from hostmaint.state import HostRecord, HostStateStore
 
@@ -607,17 +607,7 @@ def plan_return(rt: Runtime, host: str, snap: FleetSnapshot | None = None) -> Ev
     if target.state is not HostState.ACTIVE:
         return EvacuationPlan(cluster=cluster, hosts=(), snapshot_digest=snap.digest())
     origins = rt.states.origins(host)
-    headroom = snap.limits.memory_headroom_pct / 100
-    free = {c.id: c.free_mib - int(c.memory_mib * headroom) for c in target.cells}
-    placements = []
-    for vm in sorted((v for v in snap.vms if origins.get(v.name) == host and v.host != host),
-                     key=lambda v: v.name):
-        cell = max(free, key=lambda cid: (free[cid], -cid)) if free else None
-        if cell is None or free[cell] < vm.memory_mib:
-            continue
-        free[cell] -= vm.memory_mib
-        placements.append(Placement(vm=vm.name, source=vm.host, target=host, target_cells=(cell,),
-                                    memory_mib=vm.memory_mib, reason=f"return to origin {host}"))
+    placements = plan_return_home(snap, host, [vm for vm, origin in origins.items() if origin == host])
     return EvacuationPlan(cluster=cluster, hosts=(), snapshot_digest=snap.digest(), placements=tuple(placements))
 
 

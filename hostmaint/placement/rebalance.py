@@ -30,9 +30,9 @@ exactly; hosts are kept in heaps by utilisation. A 1,000-host cluster with
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 
-from hostmaint.models import FleetSnapshot, HostState, RebalanceMove, RebalancePlan, Vm
+from hostmaint.models import FleetSnapshot, HostState, Placement, RebalanceMove, RebalancePlan, Vm
 from hostmaint.placement.evacuate import Choice, placement_for
 from hostmaint.placement.fit import Miss, could_fit, demand_of, fit_host
 from hostmaint.placement.objective import balance, fit_delta, measure, release_delta
@@ -173,6 +173,31 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int | None, *, prefer_ori
                          spread_before=spread_before,
                          spread_after=measure(active.values(),
                                               numa_remote=sum(1 for m in moves if not m.placement.numa_local)))
+
+
+def plan_return(snapshot: FleetSnapshot, host: str, vms: Collection[str]) -> tuple[Placement, ...]:
+    """Placements that send ``vms`` back to ``host``, the origin maintenance moved them from.
+
+    Each is fitted as every placement is (NUMA cells or a 1:1 vNUMA map, vCPU budget, hugepages,
+    anti-affinity, headroom) and its pinning and numatune are rewritten for ``host``: the CPUs a VM
+    was given on the host it waited on mean nothing at home. In name order, each charged before the
+    next; a VM that no longer fits (or cannot migrate) stays where it is, since a return is an
+    optimisation, never a reason to overload a host. Pure."""
+    ledger = Ledger.from_snapshot(snapshot)
+    home = ledger.hosts[host]
+    wanted = set(vms)
+    out: list[Placement] = []
+    for vm in sorted((v for v in snapshot.vms if v.name in wanted and v.host != host and v.migratable),
+                     key=lambda v: v.name):
+        got = fit_host(vm, home)
+        if isinstance(got, Miss):
+            continue
+        choice = Choice(fit=got, delta=fit_delta(home, got), rank=0, runner_up=None, candidates=1,
+                        util_before=home.util)
+        placement = placement_for(vm, choice)
+        out.append(placement.model_copy(update={"reason": f"return to origin {host}; {placement.reason}"}))
+        ledger.apply(vm, got)
+    return tuple(out)
 
 
 def _level(hosts: Iterable[HostLoad], within: float) -> bool:

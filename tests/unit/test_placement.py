@@ -619,3 +619,23 @@ def test_focused_plans_are_deterministic() -> None:
     s = snap(*_even_cluster(), vms=_drain_of(16))
     assert plan_evacuation(s, ["h0"], spare_hosts=0, focus=True) == plan_evacuation(s, ["h0"], spare_hosts=0,
                                                                                     focus=True)
+
+
+def test_vms_returning_home_get_pins_of_their_home_and_only_if_they_fit() -> None:
+    from hostmaint.placement.rebalance import plan_return
+
+    # "home" is empty after its maintenance but for a resident pinned to CPUs 0-1; three VMs wait on
+    # "away": two pinned there to CPUs that mean nothing at home, and one too big to fit home any more
+    resident = vm("resident", "home", 4, vcpupin={0: (0,), 1: (1,)})
+    first = vm("first", "away", 8, vcpupin={0: (0,), 1: (1,)}, origin="home")
+    second = vm("second", "away", 8, vcpupin={0: (2,), 1: (3,)}, origin="home")
+    huge = vm("huge", "away", 70, origin="home")
+    s = snap(two_cells("home", 60, 64), two_cells("away", 20, 30), vms=(resident, first, second, huge))
+
+    placements = plan_return(s, "home", ["first", "second", "huge"])
+
+    assert [p.vm for p in placements] == ["first", "second"]  # huge stays where it is
+    pins = [cpu for p in placements for cpus in p.vcpupin.values() for cpu in cpus]
+    assert len(pins) == len(set(pins)) == 4  # no CPU given twice
+    assert not {0, 1} & set(pins)  # nor the resident's
+    assert all(p.target == "home" and p.reason.startswith("return to origin home") for p in placements)
