@@ -63,6 +63,12 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
         refused = False  # the plan was refused before anything moved
         try:
             state = rt.states.state(host)
+            if state in (HostState.ACTIVE, HostState.CORDONED):
+                try:
+                    t.precheck_host(ref, run, host)  # SSH, package manager, space: before anything moves
+                except HostmaintError:
+                    refused = True
+                    raise
             if state in BEFORE_DRAINED or state is HostState.FAILED:
                 # a failed host is refused here, with how to clear it, before anything else runs
                 t.cordon_host(ref, run, host)

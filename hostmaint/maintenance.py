@@ -463,6 +463,21 @@ class PatchOutcome:
     new_boot_id: str | None
 
 
+def precheck(rt: Runtime, run: RunContext, host: str) -> patching.Preflight:
+    """Before the cordon: the host answers over SSH with a trusted key, has its package manager and
+    the free space its policy asks for (:func:`patching.precheck`). A host that cannot be patched is
+    refused while nothing has changed, not after its VMs were moved off it."""
+    with audited(rt, run, "precheck", host=host) as rec:
+        try:
+            result = patching.precheck(rt.shell, host, rt.inventory.policy_for(host))
+        except DriverError as exc:
+            raise StepError(f"cannot be patched, nothing changed: {exc}", host, "precheck") from exc
+        except StepError as exc:
+            raise StepError(f"cannot be patched, nothing changed: {exc}", host, "precheck") from exc
+        rec.details["precheck"] = _jsonable(result)
+        return result
+
+
 def patch(rt: Runtime, run: RunContext, host: str) -> tuple[patching.PackageDiff, patching.RebootDecision]:
     """Preflight, update with the host's policy, and record the package diff and reboot decision."""
     policy = rt.inventory.policy_for(host)

@@ -404,6 +404,20 @@ def check_updates(shell: HostShell, host: str, pm: PackageManager, policy: HostP
     return parse_check_update(res.stdout) if res.exit_code == 100 else ()
 
 
+def precheck(shell: HostShell, host: str, policy: HostPolicy) -> Preflight:
+    """What can be known before a VM moves: the host answers over SSH with a key we trust, its
+    package manager is there and it has the free space the policy asks for. Cheap (no repository
+    is asked). Raises StepError naming the problem."""
+    pm, version, note = detect_package_manager(shell, host, policy.package_manager)
+    free = free_space(shell, host)
+    low = [f"{path} has {mib} MiB free, policy needs {policy.min_free_mib} MiB"
+           for path, mib in free.items() if mib < policy.min_free_mib]
+    if low:
+        raise StepError("not enough free space: " + "; ".join(low), host=host, step=Step.PREFLIGHT)
+    return Preflight(host=host, package_manager=pm, package_manager_version=version, free_mib=free,
+                     notes=(note,) if note else ())
+
+
 def preflight(shell: HostShell, host: str, policy: HostPolicy) -> Preflight:
     """Step 1: package manager present, enough free space, repositories reachable, updates listed.
 

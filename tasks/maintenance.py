@@ -96,6 +96,11 @@ def reboot_host(ref: RuntimeRef, run: RunContext, host: str) -> patching.RebootR
     return steps.reboot(ref.open(), run, host)
 
 
+@task(name="precheck", cache_policy=NO_CACHE, **IO_RETRIES)
+def precheck_host(ref: RuntimeRef, run: RunContext, host: str) -> patching.Preflight:
+    return steps.precheck(ref.open(), run, host)
+
+
 @task(name="resume-reboot", cache_policy=NO_CACHE)
 def resume_reboot(ref: RuntimeRef, run: RunContext, host: str) -> patching.RebootResult:
     return steps.resume_reboot(ref.open(), run, host)

@@ -436,7 +436,25 @@ def test_a_patch_refused_by_n_plus_1_leaves_the_host_as_it_was(tmp_path: Path, h
     assert where(inventory) == before  # nothing moved
     assert states(inventory)["hv01"] is HostState.ACTIVE  # not left cordoned, not marked failed
     steps = [(r.step, r.outcome.value) for r in audit().records(host="hv01")]
-    assert steps == [("cordon", "ok"), ("plan", "failed"), ("uncordon", "ok")], steps
+    assert steps == [("precheck", "ok"), ("cordon", "ok"), ("plan", "failed"), ("uncordon", "ok")], steps
+
+
+@pytest.mark.parametrize("broken", ["no free space", "no package manager"])
+def test_a_host_that_cannot_be_patched_is_refused_before_anything_moves(sim_inventory: Path, broken: str) -> None:
+    fleet = fleet_of(sim_inventory)
+    if broken == "no free space":
+        fleet.packages["hv03"].free_mib["/var"] = 10
+    else:
+        fleet.packages["hv03"].package_managers = []
+    fleet.save()
+    before = where(sim_inventory)
+
+    with pytest.raises(StepError, match="cannot be patched, nothing changed: hv03: "):
+        patch_host(host="hv03", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    assert where(sim_inventory) == before
+    assert states(sim_inventory)["hv03"] is HostState.ACTIVE  # not cordoned, not marked failed
+    assert [(r.step, r.outcome) for r in audit().records(host="hv03")] == [("precheck", StepOutcome.FAILED)]
 
 
 def cordoned_and_planned(inventory: Path, host: str) -> tuple[Any, Any, FleetSnapshot, Any]:
