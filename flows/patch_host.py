@@ -123,17 +123,21 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
                 rebooted = True
             if state in (HostState.REBOOTING, HostState.VERIFYING):
                 t.verify_host(ref, run, host, cells)
-            t.uncordon_host(ref, run, host)
+            # its own shut-down VMs start before the uncordon: a run that dies between the two then
+            # finds the host verifying (verified again, then uncordoned), never active with them down
             t.start_unmigratable(ref, run, host, plan)
             stopped = []
+            t.uncordon_host(ref, run, host)
+            if window_id:
+                # patched and back in service: a window run again skips it from here on (what is left,
+                # returning VMs and the last check, is not worth a second maintenance)
+                rt.states.mark_patched(window_id, host, run.run_id)
             if return_vms:
                 with locks.cluster_migrations(cluster):
                     returned = t.return_vms(ref, run, host)
                 if returned is not None:
                     migrations += returned.results
             t.check_invariants(ref, cluster, expected, stopped)
-            if window_id:
-                rt.states.mark_patched(window_id, host, run.run_id)
         except HostmaintError as exc:
             if rt.states.state(host) is HostState.ACTIVE and not refused:
                 t.mark_failed(ref, run, host, str(exc))

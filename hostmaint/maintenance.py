@@ -423,6 +423,11 @@ def stop_unmigratable(rt: Runtime, run: RunContext, plan: EvacuationPlan) -> lis
 def start_unmigratable(rt: Runtime, run: RunContext, host: str, plan: EvacuationPlan | None = None) -> list[str]:
     """Start again, on ``host`` once it is verified, every VM maintenance shut down there: those
     recorded by any run (a resumed run has no plan of the stop) and those of ``plan``."""
+    state = rt.states.state(host)
+    if state not in (HostState.VERIFYING, HostState.ACTIVE, HostState.CORDONED):
+        # only a verified host (or one whose maintenance ended) takes its VMs back
+        raise StepError(f"host {host} is {state.value}: its VMs start again only once it is verified",
+                        host, "start-vm")
     names = set(rt.states.stopped_on(host))
     if plan is not None:
         names |= {a.vm for a in plan.vm_actions if a.action is UnmigratableAction.SHUTDOWN and a.host == host}

@@ -831,3 +831,38 @@ def test_a_patch_resumed_while_its_host_was_rebooting_proves_the_reboot(sim_inve
     else:  # found on a new boot: proven, not rebooted again
         assert len(issued) == 1 and reboots[-1].outcome is StepOutcome.OK and reboots[-1].inputs["resumed"]
     assert_each_vm_runs_once(sim_inventory, ALL_VMS)
+
+
+@pytest.mark.parametrize("dies_at", ["uncordon_host", "check_invariants"])
+def test_a_window_run_again_after_a_host_was_verified_does_not_patch_it_twice(
+        tmp_path: Path, hostmaint_db: Path, monkeypatch: pytest.MonkeyPatch, dies_at: str) -> None:
+    import tasks.maintenance as steps
+
+    inventory = shutdown_fleet(tmp_path)
+    host = where(inventory)["app-03"][0]
+    real = getattr(steps, dies_at)
+    calls = {"n": 0}
+
+    def worker_lost(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        # uncordon dies the first time; the invariant check after the uncordon (its third call) too
+        if dies_at == "uncordon_host" or calls["n"] == 3:
+            raise RuntimeError("worker lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(steps, dies_at, worker_lost)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        patch_host(host=host, operator="a", inventory=str(inventory), trigger=Trigger.TEST, window_id="w-again",
+                   return_vms=False)
+    monkeypatch.setattr(steps, dies_at, real)  # not undo(): that drops HOSTMAINT_DB too
+    # its shut-down VM was started before the uncordon: never an active host with it down
+    assert where(inventory)["app-03"] == [host]
+
+    patch_window(cluster="demo", hosts=[host], window_id="w-again", inventory=str(inventory),
+                 trigger=Trigger.TEST, rebalance_moves=0)
+
+    assert states(inventory)[host] is HostState.ACTIVE
+    assert host in open_runtime(inventory).states.patched_in("w-again")
+    for step in ("cordon", "drain", "update"):  # one maintenance, not two
+        assert len([r for r in audit().records(host=host) if r.step == step]) == 1, step
+    assert_each_vm_runs_once(inventory, ALL_VMS)
