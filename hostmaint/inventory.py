@@ -79,7 +79,7 @@ class SshKey(Strict):
 
 class SshTarget(Strict):
     address: Annotated[str, Field(min_length=1)]
-    port: int = 22
+    port: Annotated[int, Field(strict=True)] = 22  # strict: YAML's "yes" would otherwise be port 1
     user: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")] = "root"
     key: SshKey
     known_hosts: Annotated[str, Field(min_length=1)]
@@ -211,7 +211,7 @@ class Simulation(Strict):
 class Inventory(Strict):
     """The whole inventory file."""
 
-    version: int = 1
+    version: Annotated[int, Field(strict=True, ge=1, le=1)] = 1  # the only format there is
     simulation: Simulation | None = None
     clusters: Annotated[list[Cluster], Field(min_length=1)]
     hosts: Annotated[list[HostEntry], Field(min_length=1)]

@@ -214,6 +214,10 @@ class Host(Frozen):
         for cell in self.cells:
             if cell.id in seen_cells:
                 raise ValueError(f"host {self.name!r}: cell id {cell.id} is listed twice")
+            if cell.free_mib > cell.memory_mib:
+                # the planner would count memory the cell does not have as room for VMs
+                raise ValueError(f"host {self.name!r}: cell {cell.id} has {cell.free_mib} MiB free of "
+                                 f"{cell.memory_mib} MiB")
             seen_cells.add(cell.id)
             for cpu in cell.cpus:
                 if cpu in cpu_cell:

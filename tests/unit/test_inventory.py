@@ -68,6 +68,8 @@ def _append_duplicate_host(doc: dict[str, Any]) -> None:
 BAD: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("bad port", _set("hosts.3.ssh.port", 0), "hosts[3].ssh.port (host old01): must be 1-65535, got 0"),
     ("port wrong type", _set("hosts.0.ssh.port", "twenty-two"), "hosts[0].ssh.port (host hv01)"),
+    ("port yes", _set("hosts.0.ssh.port", True), "hosts[0].ssh.port (host hv01)"),  # YAML's yes, not port 1
+    ("unknown format version", _set("version", 99), "version"),
     ("unknown key", _set("hosts.1.colour", "blue"), "hosts[1].colour (host hv02): unknown field"),
     ("duplicate host", _append_duplicate_host, "hosts[4].name (host hv01): duplicate host"),
     ("negative limit", _set("clusters.0.limits.migrations_per_source", -1),

@@ -42,6 +42,8 @@ def test_the_base_snapshot_is_valid() -> None:
                  ("hosts[1]", "host 'b'", "CPU 1 is listed in cells 0 and 1"), id="cpu-in-two-cells"),
     pytest.param(lambda d: d["hosts"][0]["cells"][0].update(cpus=[0, 1, 1]),
                  ("hosts[0]", "host 'a'", "CPU 1 is listed twice in cell 0"), id="cpu-twice-in-a-cell"),
+    pytest.param(lambda d: d["hosts"][1]["cells"][0].update(free_mib=10**7),
+                 ("hosts[1]", "host 'b'", "cell 0 has 10000000 MiB free of"), id="more-free-than-memory"),
     pytest.param(lambda d: d["hosts"][1].update(cells=[]),
                  ("hosts[1]", "host 'b' has no NUMA cells"), id="host-without-cells"),
     pytest.param(lambda d: d["hosts"][1]["cells"][0].update(memory_mib=0, free_mib=0),
