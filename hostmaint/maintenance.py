@@ -581,6 +581,8 @@ def verify(rt: Runtime, run: RunContext, host: str, cells_before: tuple[Cell, ..
             if not report.ok:
                 bad = [f"{c.name}: {c.detail}" for c in report.checks if not c.ok]
                 raise StepError(f"host {host} failed verification: " + "; ".join(bad), host, "verify")
+            for check in report.warnings:  # passed, but an operator should know (a reboot pending by policy)
+                log.warning("%s: %s: %s", host, check.name, check.detail)
     except TransientDriverError:
         raise  # the host is not answering yet: the task retries, the host stays verifying
     except (StepError, DriverError) as exc:

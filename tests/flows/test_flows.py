@@ -866,3 +866,23 @@ def test_a_window_run_again_after_a_host_was_verified_does_not_patch_it_twice(
     for step in ("cordon", "drain", "update"):  # one maintenance, not two
         assert len([r for r in audit().records(host=host) if r.step == step]) == 1, step
     assert_each_vm_runs_once(inventory, ALL_VMS)
+
+
+def test_a_host_whose_policy_never_reboots_keeps_its_kernel_and_says_a_reboot_is_pending(
+        sim_inventory: Path) -> None:
+    import yaml
+
+    doc = yaml.safe_load(sim_inventory.read_text())
+    doc["clusters"][0]["host_policy"]["reboot"] = "never"
+    sim_inventory.write_text(yaml.safe_dump(doc, sort_keys=False))
+    boot = fleet_of(sim_inventory).packages["hv02"].boot_id  # hv02 gets a new kernel
+
+    result = patch_host(host="hv02", operator="a", inventory=str(sim_inventory), trigger=Trigger.TEST,
+                        return_state=True)
+
+    assert result.result().outcome is StepOutcome.OK and not result.result().rebooted
+    assert fleet_of(sim_inventory).packages["hv02"].boot_id == boot
+    assert states(sim_inventory)["hv02"] is HostState.ACTIVE
+    (verify,) = [r for r in audit().records(host="hv02") if r.step == "verify"]
+    assert verify.outcome is StepOutcome.OK
+    assert any("reboot pending by policy" in line for line in run_log(result.state_details.flow_run_id))
