@@ -45,10 +45,14 @@ def patch_one(host: str, inventory: str, operator: str, window_id: str, trigger:
         return HostOutcome(host=host, outcome=StepOutcome.FAILED, state=state, detail=str(exc))
 
 
-def _default_window_id(cluster: str) -> str:
+def _scheduled_start() -> datetime:
+    """When this run was scheduled to start (now, for a run started by hand or outside Prefect)."""
     scheduled = runtime.flow_run.scheduled_start_time
-    day = (scheduled or datetime.now(UTC)).date().isoformat()
-    return f"{cluster}:{day}"
+    return datetime.fromtimestamp(scheduled.timestamp(), UTC) if scheduled else datetime.now(UTC)
+
+
+def _default_window_id(cluster: str) -> str:
+    return f"{cluster}:{_scheduled_start().date().isoformat()}"
 
 
 # Prefect 3.9 types the flow's runner as TaskRunner[PrefectFuture[Any]] and infers ThreadPoolTaskRunner[Never]
@@ -79,7 +83,11 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
     limits = rt.inventory.cluster(cluster).limits
     parallel = max(1, min(max_hosts_in_parallel, limits.max_hosts_in_maintenance))
     if window_end is None and window_minutes is not None:
-        window_end = datetime.now(UTC) + timedelta(minutes=window_minutes)
+        # from the window's scheduled start, not from when this run got going: a run that starts late
+        # (a worker was down) or is retried after a crash must not get a whole new window
+        window_end = _scheduled_start() + timedelta(minutes=window_minutes)
+    if window_end is not None and window_end.tzinfo is None:
+        window_end = window_end.replace(tzinfo=UTC)  # a time without an offset is UTC, as the CLI says
     clock = WindowClock(end=window_end)
     snapshot = t.discover(ref, cluster)
     done = rt.states.patched_in(window_id)

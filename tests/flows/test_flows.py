@@ -886,3 +886,37 @@ def test_a_host_whose_policy_never_reboots_keeps_its_kernel_and_says_a_reboot_is
     (verify,) = [r for r in audit().records(host="hv02") if r.step == "verify"]
     assert verify.outcome is StepOutcome.OK
     assert any("reboot pending by policy" in line for line in run_log(result.state_details.flow_run_id))
+
+
+def test_a_window_that_starts_late_ends_when_it_was_scheduled_to(sim_inventory: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+    from prefect.states import Scheduled
+
+    # a 240-minute window scheduled 5 hours ago that a worker picks up only now: it ended an hour ago
+    scheduled = datetime.now(UTC) - timedelta(hours=5)
+    params = {"cluster": "demo", "window_minutes": 240, "window_id": "w-late-start", "operator": "sched",
+              "inventory": str(sim_inventory), "trigger": Trigger.TEST}
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run(patch_window, parameters=params,
+                                          state=Scheduled(scheduled_time=scheduled))
+
+    outcomes = run_flow(patch_window, flow_run=flow_run, parameters=params)
+
+    assert {o.outcome for o in outcomes} == {StepOutcome.SKIPPED}
+    assert all("window would end" in o.detail for o in outcomes)
+    assert not [r for r in audit().records() if r.step == "cordon"]
+
+
+def test_a_window_end_without_an_offset_is_utc(sim_inventory: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    naive = (datetime.now(UTC) + timedelta(seconds=30)).replace(tzinfo=None)  # as typed on the CLI
+
+    outcomes = patch_window(cluster="demo", window_id="w-naive", operator="sched", inventory=str(sim_inventory),
+                            trigger=Trigger.TEST, window_end=naive)
+
+    assert {o.outcome for o in outcomes} == {StepOutcome.SKIPPED}  # too short for any host, not a crash
+    assert all("window would end" in o.detail for o in outcomes)
