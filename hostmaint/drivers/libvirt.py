@@ -706,11 +706,23 @@ class LibvirtHypervisor:
     # --- power --------------------------------------------------------------------
 
     def shutdown(self, vm: str, host: str, timeout: float = 120.0) -> None:
-        """ACPI shutdown, then wait until it stopped. DriverError when it did not within ``timeout``."""
+        """ACPI shutdown, then wait until it stopped. DriverError when it did not within ``timeout``.
+
+        A transient domain is refused before anything is sent: libvirt forgets a transient domain
+        the moment it stops, so ``start`` could never bring it back after the maintenance.
+        """
         def request(conn: libvirt.virConnect) -> bool:
             dom = _lookup(conn, vm)
             if dom is None or not dom.isActive():
                 return False
+            if not dom.isPersistent():
+                # Defining it persistently here would change the VM behind the operator's back; left
+                # running, it keeps the host from being emptied, and the run stops there, which is safe.
+                raise DriverError(
+                    f"refusing to shut down {vm}: it is a transient domain (not defined "
+                    f"persistently), and libvirt forgets a transient domain once it stops, so it could never "
+                    f"be started again; define it persistently (virsh dumpxml {vm} > {vm}.xml; virsh define "
+                    f"{vm}.xml) or set its on_unmigratable policy to block or skip-host in the inventory", host)
             dom.shutdown()
             return True
 
