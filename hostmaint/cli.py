@@ -364,16 +364,54 @@ def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = F
 def host_reset(host: str, inventory: InventoryOpt = "inventory.yaml", operator: OperatorOpt = "unknown",
                reason: ReasonOpt = "operator reset") -> None:
     """Clear a failed host back to cordoned (after an operator fixed it)."""
+    from hostmaint.models import HostState
+
+    def reset(rt: Any, run: Any) -> Any:
+        state = rt.states.state(host)
+        if state is not HostState.FAILED:
+            # a host in maintenance belongs to its run: resetting it would take it from under that run
+            raise InputError(f"{host} is {state.value}, not failed: reset clears only a failed host"
+                             + (" (uncordon returns a cordoned one to service)" if state is HostState.CORDONED
+                                else ""))
+        return rt.states.transition(host, HostState.CORDONED, reason, run.run_id)
+
+    _host_change(host, inventory, operator, reason, "reset", reset)
+
+
+@host_app.command("cordon")
+def host_cordon(host: str, inventory: InventoryOpt = "inventory.yaml", operator: OperatorOpt = "unknown",
+                reason: ReasonOpt = "operator cordon") -> None:
+    """Take HOST out of placement until an operator uncordons it; a later maintenance leaves it cordoned."""
+    _host_change(host, inventory, operator, reason, "operator-cordon",
+                 lambda rt, run: rt.states.set_aside(host, reason, run.run_id))
+
+
+@host_app.command("uncordon")
+def host_uncordon(host: str, inventory: InventoryOpt = "inventory.yaml", operator: OperatorOpt = "unknown",
+                  reason: ReasonOpt = "operator uncordon") -> None:
+    """Return an operator-cordoned HOST to service (a host in maintenance is its run's to finish)."""
+    _host_change(host, inventory, operator, reason, "operator-uncordon",
+                 lambda rt, run: rt.states.return_to_service(host, reason, run.run_id))
+
+
+def _host_change(host: str, inventory: str, operator: str, reason: str, step: str,
+                 change: Callable[[Any, Any], Any]) -> None:
+    """An operator's change of a host's state: audited, refused with exit 2 when the state forbids it."""
+    from hostmaint.errors import StateError
     from hostmaint.maintenance import RunContext, audited
-    from hostmaint.models import HostState, Trigger
+    from hostmaint.models import Trigger
 
     with exit_codes():
         rt = _runtime(inventory)
         rt.inventory.host(host)
         run = RunContext(flow="cli", trigger=Trigger.CLI, operator=operator, reason=reason)
-        with audited(rt, run, "reset", host=host, inputs={"reason": reason}):
-            rt.states.transition(host, HostState.CORDONED, reason)
-        out.print(f"{host}: cordoned")
+        before = rt.states.get(host)
+        try:
+            with audited(rt, run, step, host=host, inputs={"reason": reason, "state_before": before.state.value}):
+                record = change(rt, run)
+        except StateError as exc:
+            raise InputError(str(exc)) from exc
+        out.print(f"{host}: {record.state.value}")
 
 
 # --- audit ------------------------------------------------------------------------------------------------

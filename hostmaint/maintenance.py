@@ -147,6 +147,10 @@ def uncordon(rt: Runtime, run: RunContext, host: str) -> HostState:
         if target not in (HostState.ACTIVE, HostState.CORDONED):
             target = HostState.ACTIVE
         if record.state is target:
+            if record.prior_state is not None:
+                # cordoned by an operator, and still cordoned: the maintenance ends here all the same,
+                # so the host is the operator's again (hostmaint host uncordon)
+                rt.states.set_aside(host, "maintenance finished; cordoned as before", run.run_id)
             rec.outcome = StepOutcome.SKIPPED
             return target
         rt.states.transition(host, target, "maintenance finished", run.run_id)

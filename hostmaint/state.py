@@ -180,6 +180,41 @@ class HostStateStore:
 
         return self._atomically(host, begin)
 
+    def set_aside(self, host: str, reason: str, run_id: str | None = None) -> HostRecord:
+        """Leave ``host`` cordoned outside any maintenance, as an operator's cordon is: no prior
+        state is kept, so no later run puts it back into service; only an operator does
+        (:meth:`return_to_service`). For an operator's cordon, and an incident that takes a host out.
+
+        From ``active``, ``cordoned`` (an unfinished maintenance is ended here) or ``drained`` (an
+        evacuation's end); any other state is mid-maintenance or failed and raises StateError."""
+
+        def aside(conn: Connection, current: HostRecord, exists: bool) -> HostRecord:
+            if current.state not in (S.ACTIVE, S.CORDONED, S.DRAINED):
+                raise StateError(f"host {host} is {current.state}: only an active, cordoned or drained host is "
+                                 "set aside (a host in maintenance finishes it; a failed one is reset first)")
+            if current.state == S.CORDONED and current.prior_state is None and current.reason == reason:
+                return current
+            return self._write(conn, current, exists, S.CORDONED, reason, run_id, None)
+
+        return self._atomically(host, aside)
+
+    def return_to_service(self, host: str, reason: str, run_id: str | None = None) -> HostRecord:
+        """An operator's uncordon: ``cordoned`` outside maintenance -> ``active``. A host cordoned by a
+        maintenance that has not finished (it has a prior state), or in any other state, raises
+        StateError naming it: that run finishes it, or an operator resets a failed host first."""
+
+        def back(conn: Connection, current: HostRecord, exists: bool) -> HostRecord:
+            if current.state == S.ACTIVE:
+                return current
+            if current.state != S.CORDONED or current.prior_state is not None:
+                why = ("a maintenance holds it (run it again to finish)" if current.state != S.FAILED
+                       else "it is failed: reset it first")
+                raise StateError(f"host {host} is {current.state}"
+                                 f"{' (in maintenance)' if current.prior_state else ''}: {why}")
+            return self._write(conn, current, exists, S.ACTIVE, reason, run_id, None)
+
+        return self._atomically(host, back)
+
     # --- window progress -------------------------------------------------------
 
     def mark_patched(self, window_id: str, host: str, run_id: str | None = None) -> None:

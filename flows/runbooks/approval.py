@@ -50,7 +50,7 @@ class Severity(StrEnum):
 class ApprovalInput(RunInput):
     """What the approver fills in on the paused run's Resume form."""
 
-    operator: str = Field(min_length=1, max_length=120, title="Your name",
+    operator: str = Field(min_length=1, max_length=120, pattern=r"\S", title="Your name",
                           description="Who decides; written into the audit trail.")
     approve: bool = Field(default=False, title="Approve",
                           description="Yes: carry out the plan shown in the run's artifacts. No: change nothing more.")
@@ -101,15 +101,18 @@ def ask_approval(rt: Runtime, run: RunContext, host: str, plan: EvacuationPlan, 
 
 @task(name="keep-cordoned", cache_policy=NO_CACHE)  # untagged: see tasks/maintenance.py
 def keep_cordoned(ref: RuntimeRef, run: RunContext, host: str, reason: str) -> HostState:
-    """Leave ``host`` cordoned with ``reason`` (a drained host goes back to cordoned); audited."""
+    """Leave ``host`` cordoned with ``reason``, outside any maintenance, until an operator returns it
+    to service (``hostmaint host uncordon``); audited.
+
+    The cordon this runbook began remembered the host as ``active``: left so, the host's next patch
+    would end by putting it back into service, degraded or not. Set aside, a later patch leaves it
+    cordoned, as it does an operator's cordon."""
     rt = ref.open()
     with audited(rt, run, "keep-cordoned", host=host, inputs={"reason": reason}) as rec:
-        state = rt.states.state(host)
-        rec.details["state_before"] = state.value
-        if state is HostState.CORDONED:
-            rec.outcome = StepOutcome.SKIPPED
-            return state
-        return rt.states.transition(host, HostState.CORDONED, reason, run.run_id).state
+        before = rt.states.get(host)
+        rec.details["state_before"] = before.state.value
+        rec.details["prior_state_before"] = before.prior_state.value if before.prior_state else None
+        return rt.states.set_aside(host, reason, run.run_id).state
 
 
 def run_incident(*, flow: str, host: str, reason: str, source: str, inventory: str | None,

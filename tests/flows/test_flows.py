@@ -920,3 +920,20 @@ def test_a_window_end_without_an_offset_is_utc(sim_inventory: Path) -> None:
 
     assert {o.outcome for o in outcomes} == {StepOutcome.SKIPPED}  # too short for any host, not a crash
     assert all("window would end" in o.detail for o in outcomes)
+
+
+def test_a_host_an_incident_took_out_stays_out_after_its_next_patch(sim_inventory: Path) -> None:
+    from flows.runbooks.degraded_host import degraded_host_runbook
+
+    out = degraded_host_runbook(host="hv03", reason="ECC errors", severity="critical", inventory=str(sim_inventory),
+                                poll_interval_s=1, approval_timeout_s=5)
+    assert out.outcome is StepOutcome.OK and states(sim_inventory)["hv03"] is HostState.CORDONED
+
+    patched = patch_host(host="hv03", operator="a", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    # patched, and still out of service until an operator says otherwise: not put back as 'active'
+    assert patched.outcome is StepOutcome.OK
+    assert states(sim_inventory)["hv03"] is HostState.CORDONED
+    assert open_runtime(sim_inventory).states.get("hv03").prior_state is None
+    assert not fleet_of(sim_inventory).running["hv03"]  # nothing returned to a cordoned host
+    assert_each_vm_runs_once(sim_inventory, ALL_VMS)

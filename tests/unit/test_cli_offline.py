@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from hostmaint.audit import AuditTrail
 from hostmaint.cli import app
 from hostmaint.fleet import dump_snapshot
 from hostmaint.simulation import demo_snapshot
@@ -180,3 +181,43 @@ def test_host_status_masks_credentials_in_a_failed_hosts_reason(tmp_path: Path,
     rows = json.loads(runner.invoke(app, ["host", "status", "-i", str(inventory), "--json"]).stdout)
     assert rows[0]["reason"] == ("patch failed: Curl error (7) for "
                                  "https://svc-patch:***@repo.corp/el9/repodata/repomd.xml")
+
+
+def test_an_operator_cordons_uncordons_and_resets_hosts_only_from_states_that_allow_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typing import Any
+
+    from hostmaint.db import open_engine
+    from hostmaint.models import HostState
+    from hostmaint.simulation import demo_packages, write_simulated_fleet
+    from hostmaint.state import HostStateStore
+
+    monkeypatch.setenv("HOSTMAINT_DB", str(tmp_path / "hostmaint.db"))
+    snap = demo_snapshot(4, 12)
+    inventory = str(write_simulated_fleet(tmp_path, snap, demo_packages(snap)))
+    states = HostStateStore(open_engine())
+
+    def host(*args: str) -> Any:
+        return runner.invoke(app, ["host", *args, "-i", inventory, "--operator", "olga"])
+
+    cordon = host("cordon", "hv01", "--reason", "fan noise")
+    assert cordon.exit_code == 0, cordon.output
+    assert states.get("hv01").state is HostState.CORDONED and states.get("hv01").prior_state is None
+    # a later maintenance begins from the operator's cordon and leaves it there
+    assert states.begin_maintenance("hv01", "run-1", "patch").prior_state is HostState.CORDONED
+    refused = host("uncordon", "hv01")  # that maintenance has not finished: it is its run's
+    assert refused.exit_code == 2 and "in maintenance" in refused.output
+    states.transition("hv01", HostState.DRAINING, "draining")
+    states.transition("hv01", HostState.CORDONED, "maintenance finished")  # the run ends at its prior state
+    assert host("uncordon", "hv01").exit_code == 0 and states.get("hv01").state is HostState.ACTIVE
+
+    # reset clears only a failed host: one a run holds mid-maintenance is not taken from under it
+    states.transition("hv02", HostState.CORDONED, "patch")
+    states.transition("hv02", HostState.DRAINING, "draining")
+    busy = host("reset", "hv02")
+    assert busy.exit_code == 2 and "draining, not failed" in busy.output
+    assert states.get("hv02").state is HostState.DRAINING
+    states.transition("hv02", HostState.FAILED, "drain failed")
+    assert host("reset", "hv02").exit_code == 0 and states.get("hv02").state is HostState.CORDONED
+    steps = [r.step for r in AuditTrail(open_engine()).records(host="hv02")]
+    assert steps == ["reset", "reset"]  # the refusal is recorded too
