@@ -146,6 +146,9 @@ class Vm(Frozen):
     vnuma: tuple[GuestCell, ...] = ()
     vcpupin: dict[int, tuple[int, ...]] = Field(default_factory=dict)
     emulatorpin: tuple[int, ...] = ()
+    # <vcpu cpuset>: where libvirt runs every vCPU without its own vcpupin and the emulator
+    # threads when there is no emulatorpin; empty when not set (or placement='auto')
+    vcpu_cpuset: tuple[int, ...] = ()
     numatune: Numatune | None = None
     hugepage_kib: Annotated[int, Field(ge=0)] = 0
     migratable: bool = True
@@ -180,9 +183,10 @@ class Vm(Frozen):
 
     @property
     def pinned(self) -> bool:
-        # Emulator threads pinned alone hold their CPUs as much as vCPUs do: the target must
-        # reserve them and the migration must rewrite them, or they land on another VM's CPUs.
-        return bool(self.vcpupin or self.emulatorpin)
+        # Emulator threads pinned alone, or vCPUs bound by <vcpu cpuset> alone, hold their CPUs as
+        # much as vcpupin does: the target must reserve them and the migration must rewrite them,
+        # or they land on another VM's CPUs (or on CPU ids that mean nothing on the target).
+        return bool(self.vcpupin or self.emulatorpin or self.vcpu_cpuset)
 
 
 class Host(Frozen):
@@ -292,6 +296,7 @@ class Placement(Frozen):
     numa_local: bool = True
     vcpupin: dict[int, tuple[int, ...]] = Field(default_factory=dict)
     emulatorpin: tuple[int, ...] = ()
+    vcpu_cpuset: tuple[int, ...] = ()  # the VM's <vcpu cpuset> on the target; empty = leave it as is
     numatune_nodeset: tuple[int, ...] | None = None
     memory_mib: int = 0
     reason: str = ""

@@ -157,6 +157,12 @@ def parse_domain(xml: str, host: str, *, vcpus_live: int | None = None,
     vcpupin = {int(p.get("vcpu", "0")): parse_cpuset(p.get("cpuset")) for p in root.findall("cputune/vcpupin")}
     emulator = root.find("cputune/emulatorpin")
     emulatorpin = parse_cpuset(emulator.get("cpuset")) if emulator is not None else ()
+    # <vcpu cpuset> binds every vCPU without its own vcpupin, and the emulator threads without an
+    # emulatorpin, to those host CPUs: pinning as much as vcpupin is. With placement='auto' libvirt
+    # ignores it (numad chooses on whichever host the VM runs), so then it pins nothing.
+    vcpu_cpuset: tuple[int, ...] = ()
+    if vcpu is not None and vcpu.get("placement", "static") != "auto":
+        vcpu_cpuset = parse_cpuset(vcpu.get("cpuset"))
     numa_mem = root.find("numatune/memory")
     numatune = None
     if numa_mem is not None:
@@ -171,7 +177,7 @@ def parse_domain(xml: str, host: str, *, vcpus_live: int | None = None,
     return Vm(
         name=name, uuid=(root.findtext("uuid") or "").strip(), host=host,
         memory_mib=max(1, memory_kib // 1024), vcpus=max(1, vcpus), vnuma=vnuma, vcpupin=vcpupin,
-        emulatorpin=emulatorpin, numatune=numatune, hugepage_kib=hugepage_kib,
+        emulatorpin=emulatorpin, vcpu_cpuset=vcpu_cpuset, numatune=numatune, hugepage_kib=hugepage_kib,
         migratable=not reasons, not_migratable_reason="; ".join(reasons) or None,
     )
 
@@ -180,11 +186,15 @@ def rewrite_for_target(xml: str, placement: Placement) -> str:
     """The domain XML with the target's pinning and NUMA binding from ``placement``.
 
     ``vcpupin`` replaces every ``<vcpupin>``; ``emulatorpin`` replaces ``<emulatorpin>``;
-    ``numatune_nodeset`` replaces ``<numatune><memory nodeset>`` and the ``<memnode>`` cells
-    (guest cell i → target_cells[i] when the placement names one target cell per guest cell).
+    ``vcpu_cpuset`` replaces ``<vcpu cpuset>``; ``numatune_nodeset`` replaces
+    ``<numatune><memory nodeset>`` and the ``<memnode>`` cells (guest cell i → target_cells[i] when
+    the placement names one target cell per guest cell).
     Anything the placement leaves empty is left as it is.
     """
     root = ET.fromstring(xml)
+    vcpu_el = root.find("vcpu")
+    if placement.vcpu_cpuset and vcpu_el is not None:
+        vcpu_el.set("cpuset", format_cpuset(placement.vcpu_cpuset))
     if placement.vcpupin or placement.emulatorpin:
         cputune = root.find("cputune")
         if cputune is None:

@@ -262,9 +262,16 @@ def choose(vm: Vm, targets: Sequence[HostLoad], avoid: Ranks, *, pack: bool = Fa
 def placement_for(vm: Vm, choice: Choice) -> Placement:
     """Freeze a choice into a Placement with the rewrite the target needs and the reason."""
     fit = choice.fit
-    vcpupin = ({vcpu: tuple(sorted(fit.cpu_map[c] for c in cpus))
-                for vcpu, cpus in sorted(vm.vcpupin.items())} if vm.pinned else {})
-    emulatorpin = tuple(sorted(fit.cpu_map[c] for c in vm.emulatorpin)) if vm.pinned else ()
+
+    def mapped(cpus: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(sorted(fit.cpu_map[c] for c in cpus)) if vm.pinned else ()
+
+    vcpupin = {vcpu: mapped(cpus) for vcpu, cpus in sorted(vm.vcpupin.items())} if vm.pinned else {}
+    vcpu_cpuset = mapped(vm.vcpu_cpuset)
+    # Without an emulatorpin libvirt runs the emulator threads on the <vcpu cpuset>; saying so
+    # explicitly keeps the placement's emulatorpin what those threads get on the target, and makes
+    # the driver send the rewritten XML for a VM bound by its cpuset alone.
+    emulatorpin = mapped(vm.emulatorpin) or vcpu_cpuset
     nodeset = tuple(sorted(fit.cells)) if vm.numatune is not None else None
     cells = ",".join(str(c) for c in fit.cells)
     kind = "NUMA-remote (no single-cell fit anywhere)"
@@ -282,7 +289,8 @@ def placement_for(vm: Vm, choice: Choice) -> Placement:
         reason += f"; {choice.note}"
     return Placement(vm=vm.name, source=vm.host, target=fit.host, target_cells=fit.cells,
                      numa_local=fit.numa_local, vcpupin=vcpupin, emulatorpin=emulatorpin,
-                     numatune_nodeset=nodeset, memory_mib=vm.memory_mib, reason=reason, runner_up=runner,
+                     vcpu_cpuset=vcpu_cpuset, numatune_nodeset=nodeset, memory_mib=vm.memory_mib,
+                     reason=reason, runner_up=runner,
                      cell_memory_mib=tuple(math.ceil(m) for m in fit.cell_mib))
 
 

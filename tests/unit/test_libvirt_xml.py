@@ -150,3 +150,56 @@ def test_the_driver_sends_the_rewritten_emulator_pinning_as_destination_xml() ->
     for key in (libvirt.VIR_MIGRATE_PARAM_DEST_XML, libvirt.VIR_MIGRATE_PARAM_PERSIST_XML):
         sent = ET.fromstring(params[key])
         assert sent.find("cputune/emulatorpin").get("cpuset") == format_cpuset(placement.emulatorpin)  # type: ignore[union-attr]
+
+
+CPUSET_ONLY = """<domain type='kvm'><name>set01</name><uuid>u3</uuid><memory unit='GiB'>4</memory>
+<vcpu placement='static' cpuset='2-3'>2</vcpu></domain>"""
+
+
+def test_a_vcpu_cpuset_is_pinning() -> None:
+    vm = parse_domain(CPUSET_ONLY, "hv01")
+    assert vm.vcpu_cpuset == (2, 3) and vm.pinned
+    assert (vm.vcpupin, vm.emulatorpin) == ({}, ())  # the XML has neither: none invented
+
+
+def test_a_vcpu_cpuset_numad_places_is_not_pinning() -> None:
+    # placement='auto': libvirt ignores the cpuset and numad chooses on whichever host runs the VM
+    vm = parse_domain(CPUSET_ONLY.replace("'static'", "'auto'"), "hv01")
+    assert vm.vcpu_cpuset == () and not vm.pinned
+
+
+def test_the_vcpu_cpuset_is_rewritten_to_the_target_cpus() -> None:
+    placement = Placement(vm="set01", source="hv01", target="hv02", target_cells=(1,),
+                          vcpu_cpuset=(10, 11), emulatorpin=(10, 11))
+    root = ET.fromstring(rewrite_for_target(CPUSET_ONLY, placement))
+    assert root.find("vcpu").get("cpuset") == "10-11"  # type: ignore[union-attr]
+    assert root.findtext("vcpu") == "2" and root.find("vcpu").get("placement") == "static"  # type: ignore[union-attr]
+    assert root.find("cputune/emulatorpin").get("cpuset") == "10-11"  # type: ignore[union-attr]
+    assert root.findall("cputune/vcpupin") == []
+
+
+def _cpuset_only_placement() -> Placement:
+    """The planner's placement of a VM bound by <vcpu cpuset='2-3'> alone onto a host where 2 and
+    3 are another VM's."""
+    gib = 1024
+    cells = (Cell(id=0, memory_mib=64 * gib, free_mib=60 * gib, cpus=(0, 1, 2, 3)),
+             Cell(id=1, memory_mib=64 * gib, free_mib=0, cpus=(4, 5, 6, 7)))
+    snap = FleetSnapshot(cluster="c", taken_at="t", limits=Limits(spare_hosts=0), hosts=(
+        Host(name="src", cluster="c", cells=cells), Host(name="dst", cluster="c", cells=cells)), vms=(
+        parse_domain(CPUSET_ONLY, "src"),
+        Vm(name="p", uuid="2", host="dst", memory_mib=4 * gib, vcpus=2, vcpupin={0: (2,), 1: (3,)})))
+    [placement] = plan_evacuation(snap, ["src"]).placements
+    return placement
+
+
+def test_the_driver_sends_the_rewritten_vcpu_cpuset_as_destination_xml() -> None:
+    libvirt = pytest.importorskip("libvirt")
+    from hostmaint.drivers.libvirt import LibvirtHypervisor
+
+    placement = _cpuset_only_placement()
+    assert placement.vcpu_cpuset == (0, 1)  # cell 0's free CPUs: 2 and 3 are "p"'s on dst
+    _, params = LibvirtHypervisor._request(CPUSET_ONLY, MigrationOptions(placement=placement))
+    for key in (libvirt.VIR_MIGRATE_PARAM_DEST_XML, libvirt.VIR_MIGRATE_PARAM_PERSIST_XML):
+        sent = ET.fromstring(params[key])
+        assert sent.find("vcpu").get("cpuset") == "0-1"  # type: ignore[union-attr]
+        assert sent.find("cputune/emulatorpin").get("cpuset") == "0-1"  # type: ignore[union-attr]

@@ -160,6 +160,34 @@ def test_emulator_pinning_alone_is_pinning_it_moves_rewritten_and_reserves_its_c
     assert len(pins) == 2 and not pins & ({2, 3, 8, 9} | set(mv.emulatorpin))
 
 
+def test_vcpu_cpuset_alone_is_pinning_it_reserves_its_cpus_and_is_rewritten() -> None:
+    # b's cell 1 (CPUs 8-15): 8-9 held by the <vcpu cpuset> of "there", which has no vcpupin
+    b = host("b", cell(0, 64, 0, range(0, 8)), cell(1, 64, 40, range(8, 16)))
+    there = vm("there", "b", 1, vcpu_cpuset=(8, 9))
+    # "moving" is bound by its cpuset alone, to CPUs that are "there"'s on b
+    moving = vm("moving", "a", 4, vcpu_cpuset=(8, 9))
+    pinned = vm("pinned", "a", 2, vcpupin={0: (10,), 1: (11,)})
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), b, vms=(there, moving, pinned)), ["a"], spare_hosts=0)
+    assert plan.feasible
+    mv, pn = only(plan, "moving"), only(plan, "pinned")
+    # the cpuset moves onto free CPUs of its target cell, never the 8-9 "there" holds ...
+    assert mv.target_cells == (1,) and len(mv.vcpu_cpuset) == 2
+    assert set(mv.vcpu_cpuset) <= set(range(10, 16))
+    # ... its emulator threads (which run on the cpuset) say so explicitly ...
+    assert mv.emulatorpin == mv.vcpu_cpuset and mv.vcpupin == {}
+    # ... and the CPUs it now holds are reserved: no vCPU of "pinned" lands on them
+    pins = {c for cpus in pn.vcpupin.values() for c in cpus}
+    assert len(pins) == 2 and not pins & ({8, 9} | set(mv.vcpu_cpuset))
+
+
+def test_a_vcpu_cpuset_without_room_in_any_cell_is_blocked_as_pinning() -> None:
+    b = host("b", cell(0, 64, 40, range(0, 2)), cell(1, 64, 40, range(2, 4)))
+    wide = vm("wide", "a", 4, vcpu_cpuset=(0, 1, 2, 3, 4))
+    plan = plan_evacuation(snap(two_cells("a", 0, 0), b, vms=(wide,)), ["a"], spare_hosts=0)
+    [blk] = plan.blocked
+    assert (blk.vm, blk.constraint) == ("wide", "pinning")
+
+
 def test_pinned_vm_without_enough_free_cpus_in_any_cell_is_blocked_as_pinning() -> None:
     b = host("b", cell(0, 64, 40, range(0, 2)))
     pinned = vm("pinned", "a", 4, vcpus=4, vcpupin={i: (i,) for i in range(4)})
