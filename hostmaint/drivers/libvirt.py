@@ -6,6 +6,9 @@ The only module that imports ``libvirt``. libvirt errors are translated here, on
   attempts with tenacity; the caller may retry the operation);
 * a live migration failed, was aborted or could not be confirmed → ``MigrationError`` naming the VM,
   source and target;
+* host output the parsers of :mod:`hostmaint.drivers.domain_xml` cannot read (malformed XML, a
+  number or unit they do not know, a domain without a name) → ``DriverError`` naming the host, the
+  domain if there is one, and what was wrong; never a snapshot built from a guess;
 * anything else → ``DriverError`` naming the host.
 
 A migration runs ``migrateToURI3`` (``LIVE | PEER2PEER | PERSIST_DEST | UNDEFINE_SOURCE``) in a worker
@@ -21,11 +24,13 @@ import logging
 import math
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import libvirt
+from pydantic import ValidationError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from hostmaint.drivers.base import ProgressCallback
@@ -100,6 +105,33 @@ def _ensure_event_loop() -> None:
 
 def _message(exc: libvirt.libvirtError) -> str:
     return str(exc.get_error_message() or exc).strip()
+
+
+# What the domain_xml parsers raise on host output they cannot read: XML that does not parse, a
+# number or size unit they do not know (ValueError), a model the output leaves invalid
+# (ValidationError, itself a ValueError).
+_UNREADABLE = (ET.ParseError, ValueError)
+_EXCERPT = 60  # characters of host output or of a bad value quoted in an error
+
+
+def _clip(text: str, limit: int = _EXCERPT) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _what_was_wrong(exc: Exception, text: str) -> str:
+    """One short line saying what in ``text`` (host output) the parser could not read."""
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]  # the first is enough to find the fault; the cause keeps them all
+        field = ".".join(str(part) for part in err["loc"]) or "value"
+        return f"{field}: {err['msg']} (got {_clip(repr(err['input']))})"
+    if isinstance(exc, ET.ParseError):
+        line, column = exc.position
+        lines = text.splitlines() or [""]
+        row = lines[min(max(line, 1), len(lines)) - 1]
+        near = row[max(0, column - _EXCERPT // 2):column + _EXCERPT // 2]
+        return f"not well-formed XML: {exc} (near {_clip(near)!r})"
+    return _clip(str(exc), 2 * _EXCERPT)
 
 
 def _is_connection_error(exc: libvirt.libvirtError) -> bool:
@@ -260,7 +292,12 @@ class LibvirtHypervisor:
             cached = self._caps.get(host)
         if cached is not None and now - cached[0] < self._caps_ttl:
             return cached[1]
-        caps = parse_capabilities(conn.getCapabilities())
+        xml = conn.getCapabilities()
+        try:
+            caps = parse_capabilities(xml)
+        except _UNREADABLE as exc:
+            raise DriverError(f"cannot read the capabilities from {self.uri(host)}: {_what_was_wrong(exc, xml)}",
+                              host) from exc
         with self._lock:
             self._caps[host] = (now, caps)
         return caps
@@ -370,12 +407,19 @@ class LibvirtHypervisor:
 
     def _describe(self, dom: libvirt.virDomain, host: str) -> Vm | None:
         try:
-            return parse_domain(dom.XMLDesc(0), host, vcpus_live=int(dom.info()[3]),
-                                shared_storage_prefixes=self._shared)
+            xml = dom.XMLDesc(0)
+            vcpus = int(dom.info()[3])
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None  # migrated away or stopped between listing and reading
             raise
+        try:
+            return parse_domain(xml, host, vcpus_live=vcpus, shared_storage_prefixes=self._shared)
+        except _UNREADABLE as exc:
+            # One domain the parser cannot read fails the discovery: a snapshot without it would plan a
+            # host as emptier than it is.
+            raise DriverError(f"cannot read the XML of domain {dom.name()}: {_what_was_wrong(exc, xml)}",
+                              host) from exc
 
     def running_vms(self, host: str) -> tuple[str, ...]:
         """Names of the VMs running on ``host``."""
@@ -429,7 +473,11 @@ class LibvirtHypervisor:
         if xml is None:
             raise MigrationError(f"migrating {where}: {vm} is not running on {source}", source, vm, target)
         self._call(target, "checking the migration target", lambda c: c.getHostname())
-        flags, params = self._request(xml, options)
+        try:
+            flags, params = self._request(xml, options)
+        except _UNREADABLE as exc:
+            raise MigrationError(f"migrating {where}: cannot read the XML of {vm}: {_what_was_wrong(exc, xml)}",
+                                 source, vm, target) from exc
 
         worker = _Worker()
         threading.Thread(target=self._run_migration, args=(worker, vm, source, target, flags, params),
