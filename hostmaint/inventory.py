@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -29,6 +30,57 @@ BLOCK_NAME = r"^[a-z0-9-]+$"
 _PEM_BLOCK = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|$)", re.S)
 KEY_NOT_HERE = ("the key itself never goes in the inventory: use key: {file: PATH}, {agent: true} or "
                 "{secret_block: NAME}")
+
+
+def _check_shared_paths(paths: list[str]) -> list[str]:
+    """Entries of ``shared_storage``: absolute, normalized paths, as libvirt names a disk's source."""
+    for i, path in enumerate(paths):
+        if not path:
+            raise ValueError(f"[{i}] is empty: give an absolute path such as /mnt/nfs/images")
+        if any(ord(c) < 32 or ord(c) == 127 for c in path):
+            raise ValueError(f"[{i}] {path!r} has a control character or line break")
+        if not path.startswith("/"):
+            raise ValueError(f"[{i}] {path!r} is not an absolute path (libvirt names disk sources by absolute path)")
+        # the match is literal, on the path in the domain XML: a path that spells a directory another
+        # way (//, ., ..) would silently match nothing, or something else
+        parts = path.rstrip("/").split("/")[1:]
+        if "" in parts:
+            raise ValueError(f"[{i}] {path!r} has an empty path component (//)")
+        if "." in parts or ".." in parts:
+            raise ValueError(f"[{i}] {path!r} has a '.' or '..' component: give the path as the domain XML names it")
+        if "*" in path[:-1] or "?" in path or "[" in path:  # read literally, a glob would match nothing
+            raise ValueError(f"[{i}] {path!r}: the only pattern understood is one * at the end "
+                             "(a name prefix, e.g. /dev/disk/by-id/dm-uuid-mpath-*)")
+        if shared_storage_prefix(path) == "/":
+            raise ValueError(f"[{i}] {path!r} would count every disk of every host as shared")
+    return paths
+
+
+def shared_storage_prefix(path: str) -> str:
+    """The string a disk's source path must start with to lie in the ``shared_storage`` entry ``path``.
+
+    A directory ends with ``/`` so that ``/mnt/nfs`` never covers ``/mnt/nfs-local/x``; an entry ending
+    in ``*`` is a name prefix and is taken as written (``.../dm-uuid-mpath-*`` covers every multipath LUN).
+    """
+    if path.endswith("*"):
+        return path[:-1]
+    return path.rstrip("/") + "/"
+
+
+def shared_by_all(prefix_sets: Sequence[Sequence[str]]) -> tuple[str, ...]:
+    """The prefixes (as from :func:`shared_storage_prefix`) under which a path is shared in every set.
+
+    A path is shared in a set when it starts with one of its prefixes, so two prefixes overlap only
+    when one starts with the other, and then the longer one is what both sets share.
+    """
+    if not prefix_sets:
+        return ()
+    common = set(prefix_sets[0])
+    for prefixes in prefix_sets[1:]:
+        common = {a if a.startswith(b) else b for a in common for b in prefixes
+                  if a.startswith(b) or b.startswith(a)}
+    # a prefix inside another adds nothing
+    return tuple(sorted(p for p in common if not any(p != q and p.startswith(q) for q in common)))
 
 
 def _check_package_globs(names: list[str]) -> list[str]:
@@ -188,6 +240,21 @@ class Cluster(Strict):
     # unset: each host's link is measured by its drains (hostmaint.migration.links), ~10 GbE until then
     link_bandwidth_mib_s: Annotated[int, Field(gt=0)] | None = None
     migration: MigrationSettings = MigrationSettings()
+    # Paths every host of the cluster sees as the same storage (NFS, GFS2, a shared LUN): a file or
+    # block disk there may live-migrate, any other blocks its VM (hostmaint never copies disks).
+    # Cluster-wide only: the planner may send a VM to any host of the cluster, so a path shared by
+    # some hosts only is not shared storage for a migration.
+    shared_storage: list[str] = Field(default_factory=list)
+
+    @field_validator("shared_storage")
+    @classmethod
+    def _shared_paths(cls, v: list[str]) -> list[str]:
+        return _check_shared_paths(v)
+
+    @property
+    def shared_storage_prefixes(self) -> tuple[str, ...]:
+        """``shared_storage`` as the prefixes a disk's source path is matched against (see shared_storage_prefix)."""
+        return tuple(dict.fromkeys(shared_storage_prefix(p) for p in self.shared_storage))
 
 
 class HostEntry(Strict):
@@ -260,6 +327,10 @@ class Inventory(Strict):
         changes = {k: getattr(entry.policy, k) for k in type(entry.policy).model_fields
                    if getattr(entry.policy, k) is not None}
         return base.model_copy(update=changes) if changes else base
+
+    def shared_storage_for(self, host: str) -> tuple[str, ...]:
+        """The shared-storage prefixes of ``host``: its cluster's (there is no host override)."""
+        return self.cluster(self.host(host).cluster).shared_storage_prefixes
 
     def vm_policy(self, cluster: str, vm_name: str, tags: tuple[str, ...] = ()) -> VmPolicy | None:
         for policy in self.cluster(cluster).vm_policies:

@@ -33,6 +33,8 @@ def test_example_loads_and_resolves_policy_overrides() -> None:
     assert inv.vm_policy("prod-a", "db-7").anti_affinity == "databases"  # type: ignore[union-attr]
     assert inv.vm_policy("prod-a", "web-1", ("gpu",)).migratable is False  # type: ignore[union-attr]
     assert Path(inv.host("hv01").ssh.known_hosts).is_absolute()
+    assert inv.shared_storage_for("hv01") == ("/mnt/nfs/images/", "/dev/disk/by-id/dm-uuid-mpath-")
+    assert inv.shared_storage_for("old01") == ()  # lab-b declares none: every file or block disk is local
 
 
 def test_a_host_override_of_verify_checks_keeps_them_checks() -> None:
@@ -94,6 +96,9 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("zero stall period", _set("clusters.0.migration", {"stall_seconds": 0}), "clusters[0].migration.stall_seconds"),
     ("upfront throttle over 99", _set("clusters.0.migration", {"max_upfront_throttle_pct": 100}),
      "clusters[0].migration.max_upfront_throttle_pct"),
+    ("relative shared storage path", _set("clusters.1.shared_storage", ["images"]),
+     "clusters[1].shared_storage: [0] 'images' is not an absolute path"),
+    ("empty shared storage path", _set("clusters.0.shared_storage", [""]), "clusters[0].shared_storage: [0] is empty"),
     ("unknown migration setting", _set("clusters.0.migration", {"post_copy": True}),
      "clusters[0].migration.post_copy"),
 ]
