@@ -374,11 +374,14 @@ class LibvirtHypervisor:
 
         def read(conn: libvirt.virConnect) -> HostDiscovery:
             caps = self._capabilities(host, conn)
-            n = len(caps.cells)
-            if n:
-                free = conn.getCellsFreeMemory(0, n)
+            if caps.cells:
+                # Each cell is asked for by its own node id: ids can be sparse ({0, 2} with a node
+                # offline), and libvirt reads a range start..start+n-1 by id, so asking for the first n
+                # gave cell 2 the numbers of node 1 or failed on a node the host does not have.
+                ids = [c.id for c in caps.cells]
+                free = [conn.getCellsFreeMemory(cell, 1)[0] for cell in ids]  # in the order of caps.cells
                 sizes = sorted({hp.size_kib for c in caps.cells for hp in c.hugepages})
-                pages = self._free_pages(conn, sizes, n)
+                pages = self._free_pages(conn, sizes, ids)
                 cells = with_free_memory(caps, free, pages)
             else:  # no NUMA topology reported: one cell with the whole host
                 info = conn.getInfo()
@@ -395,15 +398,21 @@ class LibvirtHypervisor:
         return self._call(host, "discovery", read)
 
     @staticmethod
-    def _free_pages(conn: libvirt.virConnect, sizes: list[int], cells: int) -> dict[int, dict[int, int]]:
+    def _free_pages(conn: libvirt.virConnect, sizes: list[int], cells: list[int]) -> dict[int, dict[int, int]]:
+        """Free hugepages per NUMA node id and page size (KiB), asked node by node (ids can be sparse)."""
         if not sizes:
             return {}
-        try:
-            return dict(conn.getFreePages(sizes, 0, cells))
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_UNSUPPORTED):
-                return {}  # the driver cannot tell: free hugepages stay 0, the planner will not count on them
-            raise
+        out: dict[int, dict[int, int]] = {}
+        for cell in cells:
+            try:
+                answer = conn.getFreePages(sizes, cell, 1)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_UNSUPPORTED):
+                    return {}  # the driver cannot tell: free hugepages stay 0, the planner will not count on them
+                raise
+            # One node was asked for, so the one entry is that node's, whatever index the binding keys it by.
+            out[cell] = {int(size): int(count) for size, count in next(iter(answer.values()), {}).items()}
+        return out
 
     def _describe(self, dom: libvirt.virDomain, host: str) -> Vm | None:
         try:

@@ -268,3 +268,24 @@ def test_a_migration_whose_xml_cannot_be_rewritten_is_refused_before_it_starts(
     err = caught.value
     assert (err.host, err.vm, err.target) == ("hv01", "db1", "hv02")
     assert "cannot read the XML of db1" in str(err) and "not well-formed XML" in str(err)
+
+
+# --- sparse NUMA node ids ------------------------------------------------------------------
+
+CAPS_NODES_0_AND_2 = (
+    "<capabilities><host><uuid>h</uuid><topology><cells num='2'>"
+    "<cell id='0'><memory unit='KiB'>8388608</memory><pages unit='KiB' size='2048'>512</pages>"
+    "<cpus num='2'><cpu id='0'/><cpu id='1'/></cpus></cell>"
+    "<cell id='2'><memory unit='KiB'>8388608</memory><pages unit='KiB' size='2048'>512</pages>"
+    "<cpus num='2'><cpu id='2'/><cpu id='3'/></cpus></cell>"
+    "</cells></topology></host></capabilities>")
+
+
+@pytest.mark.parametrize("node_1", [None, 0], ids=["node 1 absent", "node 1 present, empty"])
+def test_free_memory_and_hugepages_are_matched_to_cells_by_node_id(monkeypatch: pytest.MonkeyPatch,
+                                                                    node_1: int | None) -> None:
+    free = {0: 4 * 2**30, 2: 6 * 2**30} | ({} if node_1 is None else {1: node_1})
+    conn = DiscoveryConn(CAPS_NODES_0_AND_2, [], free=free, pages={0: {2048: 100}, 2: {2048: 400}})
+    cells = discovery_driver(monkeypatch, conn).discover("hv01").cells
+    seen = {c.id: (c.free_mib, {hp.size_kib: hp.free for hp in c.hugepages}) for c in cells}
+    assert seen == {0: (free[0] // 2**20, {2048: 100}), 2: (free[2] // 2**20, {2048: 400})}
