@@ -149,6 +149,7 @@ class Vm(Frozen):
     # <vcpu cpuset>: where libvirt runs every vCPU without its own vcpupin and the emulator
     # threads when there is no emulatorpin; empty when not set (or placement='auto')
     vcpu_cpuset: tuple[int, ...] = ()
+    iothreadpin: dict[int, tuple[int, ...]] = Field(default_factory=dict)  # iothread id -> host CPUs
     numatune: Numatune | None = None
     hugepage_kib: Annotated[int, Field(ge=0)] = 0
     migratable: bool = True
@@ -183,10 +184,10 @@ class Vm(Frozen):
 
     @property
     def pinned(self) -> bool:
-        # Emulator threads pinned alone, or vCPUs bound by <vcpu cpuset> alone, hold their CPUs as
-        # much as vcpupin does: the target must reserve them and the migration must rewrite them,
-        # or they land on another VM's CPUs (or on CPU ids that mean nothing on the target).
-        return bool(self.vcpupin or self.emulatorpin or self.vcpu_cpuset)
+        # Emulator or I/O threads pinned alone, or vCPUs bound by <vcpu cpuset> alone, hold their
+        # CPUs as much as vcpupin does: the target must reserve them and the migration must rewrite
+        # them, or they land on another VM's CPUs (or on CPU ids that mean nothing on the target).
+        return bool(self.vcpupin or self.emulatorpin or self.vcpu_cpuset or self.iothreadpin)
 
 
 class Host(Frozen):
@@ -297,11 +298,19 @@ class Placement(Frozen):
     vcpupin: dict[int, tuple[int, ...]] = Field(default_factory=dict)
     emulatorpin: tuple[int, ...] = ()
     vcpu_cpuset: tuple[int, ...] = ()  # the VM's <vcpu cpuset> on the target; empty = leave it as is
+    iothreadpin: dict[int, tuple[int, ...]] = Field(default_factory=dict)
     numatune_nodeset: tuple[int, ...] | None = None
     memory_mib: int = 0
     reason: str = ""
     runner_up: str | None = None
     cell_memory_mib: tuple[int, ...] = ()  # memory each of target_cells holds, in the same order
+
+    @property
+    def rewrites_domain(self) -> bool:
+        """Whether the target needs the domain XML rewritten: anything pinned or bound to the
+        source's CPUs or cells must not reach the target as it is."""
+        return bool(self.vcpupin or self.emulatorpin or self.vcpu_cpuset or self.iothreadpin
+                    or self.numatune_nodeset is not None)
 
 
 class Blocker(Frozen):

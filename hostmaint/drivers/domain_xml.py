@@ -157,6 +157,8 @@ def parse_domain(xml: str, host: str, *, vcpus_live: int | None = None,
     vcpupin = {int(p.get("vcpu", "0")): parse_cpuset(p.get("cpuset")) for p in root.findall("cputune/vcpupin")}
     emulator = root.find("cputune/emulatorpin")
     emulatorpin = parse_cpuset(emulator.get("cpuset")) if emulator is not None else ()
+    iothreadpin = {int(p.get("iothread", "0")): parse_cpuset(p.get("cpuset"))
+                   for p in root.findall("cputune/iothreadpin")}
     # <vcpu cpuset> binds every vCPU without its own vcpupin, and the emulator threads without an
     # emulatorpin, to those host CPUs: pinning as much as vcpupin is. With placement='auto' libvirt
     # ignores it (numad chooses on whichever host the VM runs), so then it pins nothing.
@@ -177,7 +179,8 @@ def parse_domain(xml: str, host: str, *, vcpus_live: int | None = None,
     return Vm(
         name=name, uuid=(root.findtext("uuid") or "").strip(), host=host,
         memory_mib=max(1, memory_kib // 1024), vcpus=max(1, vcpus), vnuma=vnuma, vcpupin=vcpupin,
-        emulatorpin=emulatorpin, vcpu_cpuset=vcpu_cpuset, numatune=numatune, hugepage_kib=hugepage_kib,
+        emulatorpin=emulatorpin, vcpu_cpuset=vcpu_cpuset, iothreadpin=iothreadpin,
+        numatune=numatune, hugepage_kib=hugepage_kib,
         migratable=not reasons, not_migratable_reason="; ".join(reasons) or None,
     )
 
@@ -186,16 +189,16 @@ def rewrite_for_target(xml: str, placement: Placement) -> str:
     """The domain XML with the target's pinning and NUMA binding from ``placement``.
 
     ``vcpupin`` replaces every ``<vcpupin>``; ``emulatorpin`` replaces ``<emulatorpin>``;
-    ``vcpu_cpuset`` replaces ``<vcpu cpuset>``; ``numatune_nodeset`` replaces
-    ``<numatune><memory nodeset>`` and the ``<memnode>`` cells (guest cell i → target_cells[i] when
-    the placement names one target cell per guest cell).
+    ``iothreadpin`` replaces every ``<iothreadpin>``; ``vcpu_cpuset`` replaces ``<vcpu cpuset>``;
+    ``numatune_nodeset`` replaces ``<numatune><memory nodeset>`` and the ``<memnode>`` cells
+    (guest cell i → target_cells[i] when the placement names one target cell per guest cell).
     Anything the placement leaves empty is left as it is.
     """
     root = ET.fromstring(xml)
     vcpu_el = root.find("vcpu")
     if placement.vcpu_cpuset and vcpu_el is not None:
         vcpu_el.set("cpuset", format_cpuset(placement.vcpu_cpuset))
-    if placement.vcpupin or placement.emulatorpin:
+    if placement.vcpupin or placement.emulatorpin or placement.iothreadpin:
         cputune = root.find("cputune")
         if cputune is None:
             cputune = ET.SubElement(root, "cputune")
@@ -210,6 +213,14 @@ def rewrite_for_target(xml: str, placement: Placement) -> str:
             if emu is None:
                 emu = ET.SubElement(cputune, "emulatorpin")
             emu.set("cpuset", format_cpuset(placement.emulatorpin))
+        if placement.iothreadpin:
+            for old in cputune.findall("iothreadpin"):
+                cputune.remove(old)
+            # after the vcpupins and emulatorpin, where libvirt writes them
+            at = max((i + 1 for i, el in enumerate(cputune) if el.tag in ("vcpupin", "emulatorpin")), default=0)
+            for i, (thread, cpus) in enumerate(sorted(placement.iothreadpin.items())):
+                cputune.insert(at + i, ET.Element("iothreadpin", {"iothread": str(thread),
+                                                                   "cpuset": format_cpuset(cpus)}))
     if placement.numatune_nodeset is not None:
         numatune = root.find("numatune")
         if numatune is None:

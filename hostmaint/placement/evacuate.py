@@ -267,6 +267,7 @@ def placement_for(vm: Vm, choice: Choice) -> Placement:
         return tuple(sorted(fit.cpu_map[c] for c in cpus)) if vm.pinned else ()
 
     vcpupin = {vcpu: mapped(cpus) for vcpu, cpus in sorted(vm.vcpupin.items())} if vm.pinned else {}
+    iothreadpin = {thread: mapped(cpus) for thread, cpus in sorted(vm.iothreadpin.items())} if vm.pinned else {}
     vcpu_cpuset = mapped(vm.vcpu_cpuset)
     # Without an emulatorpin libvirt runs the emulator threads on the <vcpu cpuset>; saying so
     # explicitly keeps the placement's emulatorpin what those threads get on the target, and makes
@@ -289,8 +290,8 @@ def placement_for(vm: Vm, choice: Choice) -> Placement:
         reason += f"; {choice.note}"
     return Placement(vm=vm.name, source=vm.host, target=fit.host, target_cells=fit.cells,
                      numa_local=fit.numa_local, vcpupin=vcpupin, emulatorpin=emulatorpin,
-                     vcpu_cpuset=vcpu_cpuset, numatune_nodeset=nodeset, memory_mib=vm.memory_mib,
-                     reason=reason, runner_up=runner,
+                     vcpu_cpuset=vcpu_cpuset, iothreadpin=iothreadpin, numatune_nodeset=nodeset,
+                     memory_mib=vm.memory_mib, reason=reason, runner_up=runner,
                      cell_memory_mib=tuple(math.ceil(m) for m in fit.cell_mib))
 
 

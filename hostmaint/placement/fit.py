@@ -12,7 +12,7 @@
    * any other VM goes into one cell; only when ``allow_remote`` (no single-cell
      fit anywhere) may it be spread over several cells, reported NUMA-remote;
    * a pinned VM needs as many free, unpinned host CPUs in the chosen cells as
-     it pins today (vcpupin, emulatorpin and the ``<vcpu cpuset>`` together);
+     it pins today (vcpupin, emulatorpin, iothreadpin and the ``<vcpu cpuset>``);
      the ``cpu_map`` says which new CPU replaces which old one.
 
 A ``numatune`` nodeset (strict or not) is rewritten to the chosen cells, and
@@ -63,14 +63,16 @@ def demand_of(vm: Vm) -> Demand:
             cpus -= taken
             taken |= cpus
             groups.append(sorted(cpus))
-        # CPUs pinned by vCPUs that no guest cell lists, emulator threads and the <vcpu cpuset>
-        # (which guest cell's vCPUs run where in it is not recorded) go with guest cell 0
+        # CPUs pinned by vCPUs that no guest cell lists, emulator and I/O threads and the <vcpu
+        # cpuset> (which guest cell's vCPUs run where in it is not recorded) go with guest cell 0
         rest: set[int] = set()
         for cpuset in pinned.values():
             rest.update(cpuset)
         if vm.pinned:
             rest.update(vm.emulatorpin)
             rest.update(vm.vcpu_cpuset)
+            for cpuset in vm.iothreadpin.values():
+                rest.update(cpuset)
         groups[0] = sorted(set(groups[0]) | (rest - taken))
         return Demand(guest_cell_mib(vm), tuple(tuple(g) for g in groups), vm.hugepage_kib)
     held: set[int] = set()
@@ -79,6 +81,8 @@ def demand_of(vm: Vm) -> Demand:
     if vm.pinned:
         held.update(vm.emulatorpin)
         held.update(vm.vcpu_cpuset)
+        for cpuset in vm.iothreadpin.values():
+            held.update(cpuset)
     return Demand((vm.memory_mib,), (tuple(sorted(held)),), vm.hugepage_kib)
 
 

@@ -12,8 +12,8 @@ the lead's contract names:
   instead (libvirt's free memory already excludes the pool);
 * vCPU budget of a host = ``cpu_count * vcpu_overcommit`` - vCPUs of the VMs
   on it, planned ones included;
-* a pinned VM needs host CPUs no other VM pins (vcpupin, emulatorpin or the
-  ``<vcpu cpuset>``).
+* a pinned VM needs host CPUs no other VM pins (vcpupin, emulatorpin,
+  iothreadpin or the ``<vcpu cpuset>``).
 
 Utilisation (for the balance objective and reports) is raw: used memory over
 cell size, where free hugepages count as free.
@@ -89,11 +89,12 @@ class HostLoad:
 
 
 def pinned_cpus(vm: Vm) -> set[int]:
-    """Host CPUs a pinned VM holds (vcpupin, emulatorpin, vcpu cpuset); empty for a floating VM."""
+    """Host CPUs a pinned VM holds (vcpupin, emulatorpin, iothreadpin, vcpu cpuset); empty for a
+    floating VM."""
     if not vm.pinned:
         return set()
     held: set[int] = set(vm.emulatorpin) | set(vm.vcpu_cpuset)
-    for cpus in vm.vcpupin.values():
+    for cpus in (*vm.vcpupin.values(), *vm.iothreadpin.values()):
         held.update(cpus)
     return held
 

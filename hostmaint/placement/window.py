@@ -67,7 +67,7 @@ def as_placed(vm: Vm, placement: Placement) -> Vm:
     update: dict[str, object] = {"host": placement.target}
     if vm.pinned:
         update |= {"vcpupin": placement.vcpupin, "emulatorpin": placement.emulatorpin,
-                   "vcpu_cpuset": placement.vcpu_cpuset}
+                   "vcpu_cpuset": placement.vcpu_cpuset, "iothreadpin": placement.iothreadpin}
     if vm.numatune is not None and placement.numatune_nodeset is not None:
         update["numatune"] = vm.numatune.model_copy(update={"nodeset": placement.numatune_nodeset})
     return vm.model_copy(update=update)

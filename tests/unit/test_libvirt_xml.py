@@ -203,3 +203,59 @@ def test_the_driver_sends_the_rewritten_vcpu_cpuset_as_destination_xml() -> None
         sent = ET.fromstring(params[key])
         assert sent.find("vcpu").get("cpuset") == "0-1"  # type: ignore[union-attr]
         assert sent.find("cputune/emulatorpin").get("cpuset") == "0-1"  # type: ignore[union-attr]
+
+
+IOTHREADS = """<domain type='kvm'><name>io01</name><uuid>u4</uuid><memory unit='GiB'>4</memory>
+<vcpu>2</vcpu><iothreads>2</iothreads>
+<cputune><vcpupin vcpu='0' cpuset='2'/><vcpupin vcpu='1' cpuset='3'/><emulatorpin cpuset='4'/>
+ <iothreadpin iothread='1' cpuset='5'/><iothreadpin iothread='2' cpuset='5-6'/></cputune></domain>"""
+
+
+def test_iothread_pinning_is_parsed_as_pinning() -> None:
+    vm = parse_domain(IOTHREADS, "hv01")
+    assert vm.iothreadpin == {1: (5,), 2: (5, 6)}
+    alone = parse_domain(IOTHREADS.replace("<vcpupin vcpu='0' cpuset='2'/><vcpupin vcpu='1' cpuset='3'/>"
+                                           "<emulatorpin cpuset='4'/>", ""), "hv01")
+    assert alone.pinned and (alone.vcpupin, alone.emulatorpin) == ({}, ())
+
+
+def test_iothread_pinning_is_rewritten_to_the_target_cpus() -> None:
+    placement = Placement(vm="io01", source="hv01", target="hv02", target_cells=(1,),
+                          vcpupin={0: (10,), 1: (11,)}, emulatorpin=(12,), iothreadpin={1: (13,), 2: (13, 14)})
+    root = ET.fromstring(rewrite_for_target(IOTHREADS, placement))
+    pins = {p.get("iothread"): p.get("cpuset") for p in root.findall("cputune/iothreadpin")}
+    assert pins == {"1": "13", "2": "13-14"}
+    assert [el.tag for el in root.find("cputune")] == [  # type: ignore[union-attr]
+        "vcpupin", "vcpupin", "emulatorpin", "iothreadpin", "iothreadpin"]
+
+
+def _iothread_placement() -> Placement:
+    """The planner's placement of IOTHREADS (CPUs 2-6) onto a host where 2-3 are another VM's."""
+    gib = 1024
+    cells = (Cell(id=0, memory_mib=64 * gib, free_mib=60 * gib, cpus=tuple(range(8))),)
+    snap = FleetSnapshot(cluster="c", taken_at="t", limits=Limits(spare_hosts=0), hosts=(
+        Host(name="src", cluster="c", cells=cells), Host(name="dst", cluster="c", cells=cells)), vms=(
+        parse_domain(IOTHREADS, "src"),
+        Vm(name="p", uuid="2", host="dst", memory_mib=4 * gib, vcpus=2, vcpupin={0: (2,), 1: (3,)})))
+    [placement] = plan_evacuation(snap, ["src"]).placements
+    return placement
+
+
+def test_the_planner_maps_iothread_pins_with_the_other_pins_and_the_driver_sends_them() -> None:
+    placement = _iothread_placement()
+    # old 2,3,4,5,6 -> the free 0,1,4,5,6 in order: 5 -> 5, 6 -> 6, never the 2-3 "p" holds
+    assert placement.vcpupin == {0: (0,), 1: (1,)} and placement.emulatorpin == (4,)
+    assert placement.iothreadpin == {1: (5,), 2: (5, 6)}
+    libvirt = pytest.importorskip("libvirt")
+    from hostmaint.drivers.libvirt import LibvirtHypervisor
+
+    _, params = LibvirtHypervisor._request(IOTHREADS, MigrationOptions(placement=placement))
+    sent = ET.fromstring(params[libvirt.VIR_MIGRATE_PARAM_DEST_XML])
+    assert {p.get("iothread"): p.get("cpuset") for p in sent.findall("cputune/iothreadpin")} == {
+        "1": "5", "2": "5-6"}
+
+
+def test_a_placement_that_pins_only_iothreads_still_rewrites_the_domain() -> None:
+    assert Placement(vm="v", source="a", target="b", iothreadpin={1: (3,)}).rewrites_domain
+    assert Placement(vm="v", source="a", target="b", numatune_nodeset=(0,)).rewrites_domain
+    assert not Placement(vm="v", source="a", target="b", target_cells=(0,)).rewrites_domain
