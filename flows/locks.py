@@ -15,11 +15,13 @@ A limit that does not exist is an error (:class:`~hostmaint.errors.LockError`),
 never a warning: Prefect's ``concurrency(strict=False)`` would log and run unlocked,
 and even its ``strict=True`` only checks that *some* of a list exist. So hostmaint asks
 the server itself (:func:`_acquire`): every name must come back granted, or the slots
-are given back and the run stops. ``host:`` and ``maintenance:`` are taken in one
-request when both are free (all or nothing, on the server); when one is held they
-are taken one at a time in a fixed order (host, then cluster), which keeps two runs
-from each holding what the other waits for. A server too busy to answer (SQLite: 503)
-is asked again within 50 ms–1 s rather than Prefect's client's ~2 s.
+are given back and the run stops. An inactive limit (switched off in the UI) is refused
+the same way: the server grants it without counting the slot, so it would exclude nobody.
+``host:`` and ``maintenance:`` are taken in one request when both are free (all or
+nothing, on the server); when one is held they are taken one at a time in a fixed
+order (host, then cluster), which keeps two runs from each holding what the other
+waits for. A server too busy to answer (SQLite: 503) is asked again within 50 ms–1 s
+rather than Prefect's client's ~2 s.
 
 Locks are re-entrant within a run: a runbook holding ``host:hv01`` may call the
 evacuate-host flow for hv01 as a subflow without waiting on itself.
@@ -40,6 +42,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 from uuid import UUID
 
 import httpx
@@ -47,7 +50,7 @@ from prefect import runtime
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
-from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse, GlobalConcurrencyLimitResponse
 from prefect.concurrency._events import emit_concurrency_acquisition_events, emit_concurrency_release_events
 from prefect.concurrency._leases import maintain_concurrency_lease
 from prefect.exceptions import ObjectNotFound
@@ -172,6 +175,57 @@ def _missing(name: str, detail: str) -> LockError:
                      f"--inventory INVENTORY' (flows.locks.ensure_limits). ({detail})")
 
 
+def _inactive(name: str) -> LockError:
+    return LockError(f"lock {name!r} is inactive on the Prefect server {PREFECT_API_URL.value()}: an inactive "
+                     f"limit lets every run through, so hostmaint refuses to run unlocked; nothing was changed. "
+                     f"Re-activate it with 'hostmaint setup --inventory INVENTORY' or in the Prefect UI "
+                     f"(Concurrency, the limit's Active toggle).")
+
+
+def _is_active(client: SyncPrefectClient, name: str) -> bool:
+    """Whether the server counts slots of limit ``name``; a busy server is asked again soon (as in _acquire)."""
+    http = client._client
+    request = http.build_request("GET", f"/v2/concurrency_limits/{quote(name, safe=':')}")
+    busy = 0
+    while True:
+        try:
+            response = httpx.Client.send(http, request)
+        except httpx.TransportError as exc:
+            if busy >= BUSY_ATTEMPTS:
+                raise LockError(f"the Prefect server {PREFECT_API_URL.value()} cannot be reached to read the "
+                                f"lock {name!r} ({exc}); nothing was changed") from exc
+        else:
+            status = response.status_code
+            if status == 200:
+                return bool(GlobalConcurrencyLimitResponse.model_validate(response.json()).active)
+            if status == 404:  # removed since it was granted
+                raise _missing(name, f"the server has no limit named {name!r}")
+            if status not in RETRYABLE_STATUS or busy >= BUSY_ATTEMPTS:
+                raise LockError(f"the Prefect server {PREFECT_API_URL.value()} refused to read the lock "
+                                f"{name!r} ({status}: {response.text[:200]}); nothing was changed")
+        time.sleep(_busy_wait(busy))
+        busy += 1
+
+
+def _refuse_inactive(client: SyncPrefectClient, names: list[str],
+                     lease: ConcurrencyLimitWithLeaseResponse) -> None:
+    """Give ``lease`` back and raise LockError if one of ``names`` is inactive.
+
+    The server grants an inactive limit without counting the slot (it lists it in the reply all the
+    same), so a run "holding" it excludes nobody: toggled off in the UI, two runs would hold one host.
+    Asked after the grant, not before, so a limit switched off while this run waited is caught too.
+    Giving the lease back leaves the inactive limit's count alone (the server decrements active ones only).
+    """
+    try:
+        off = [name for name in names if not _is_active(client, name)]
+    except BaseException:
+        _release(lease.lease_id)
+        raise
+    if off:
+        _release(lease.lease_id)
+        raise _inactive(off[0])
+
+
 def _post_once(client: SyncPrefectClient, path: str, body: dict[str, Any]) -> httpx.Response:
     """POST ``body`` to the Prefect API once: the Prefect client's base URL and auth, not its retry loop."""
     http = client._client  # the client's httpx.Client: base URL, auth and TLS settings of this profile
@@ -186,8 +240,8 @@ def _acquire(names: list[str], occupy: int, wait_seconds: float | None, why: str
              only_if_free: bool = False) -> ConcurrencyLimitWithLeaseResponse | None:
     """Take ``occupy`` slots of every limit in ``names`` in one request: all of them or none.
 
-    Strict: every name must exist, else the slots granted are given back and LockError names the
-    missing one (Prefect's own ``strict`` only asks that *some* of a list exist). Held by others:
+    Strict: every name must exist and be active, else the slots granted are given back and LockError
+    names the missing or inactive one (Prefect's own ``strict`` only asks that *some* of a list exist). Held by others:
     asked again after the server's Retry-After (at most :data:`MAX_POLL_SECONDS`) until
     ``wait_seconds`` is over, then LockHeldError; with ``only_if_free`` None at once instead.
     """
@@ -217,6 +271,7 @@ def _acquire(names: list[str], occupy: int, wait_seconds: float | None, why: str
                         if lease.limits:
                             _release(lease.lease_id)
                         raise _missing(missing[0], f"the server has no limit named {missing[0]!r}")
+                    _refuse_inactive(client, names, lease)
                     return lease
                 if status == 423:
                     if only_if_free:

@@ -1,19 +1,23 @@
 """Cluster-wide locks: strict global concurrency limits on the session's Prefect test server.
 
-What must hold: a missing limit fails the run loudly before anything changes (and
-leaks no slot); a second maintenance of a host waits or is refused, never runs
+What must hold: a missing or inactive limit fails the run loudly before anything
+changes (and leaks no slot); a second maintenance of a host waits or is refused, never runs
 alongside; ensure_limits is idempotent and follows the inventory.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 import yaml
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect_support import ALL_VMS, in_background, make_fleet, where
 
 from flows import locks
@@ -177,3 +181,112 @@ def test_drains_onto_other_hosts_run_together_and_one_onto_the_same_host_waits(p
     t2.join(30)
     for name in ("inbound:hv02", "inbound:hv03", "inbound:hv04", "migrations:demo"):
         assert active_slots(name) == 0, name
+
+
+def limits_for(host: str, cluster: str, *, off: str | None = None) -> None:
+    """The limits of one host of one cluster (names no other test uses), ``off`` switched off as in the UI."""
+    sizes = {locks.host_limit(host): 1, locks.inbound_limit(host): 1, locks.inbound_limit(f"{host}-peer"): 1,
+             locks.maintenance_limit(cluster): 1, locks.migrations_limit(cluster): 4}
+    with get_client(sync_client=True) as client:
+        for name, size in sizes.items():
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=size))
+        if off is not None:
+            client.update_global_concurrency_limit(off, GlobalConcurrencyLimitUpdate(active=False))
+
+
+@contextmanager
+def held_by_another_run(name: str) -> Iterator[None]:
+    """``name`` held by a thread (a thread has no locks of this run: it stands for another run)."""
+    taken, stop = threading.Event(), threading.Event()
+
+    def body() -> None:
+        with locks.hold(name):
+            taken.set()
+            stop.wait(60)
+    thread = threading.Thread(target=body)
+    thread.start()
+    assert taken.wait(30)
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+# (case, what is switched off, whether another run holds the host's inbound lock, how the lock is taken)
+INACTIVE_CASES: list[tuple[str, str, bool, Callable[[str, str], AbstractContextManager[None]]]] = [
+    ("hold", "host", False, lambda h, c: locks.hold(locks.host_limit(h), wait_seconds=2)),
+    ("maintenance: all in one request", "host", False, lambda h, c: locks.host_maintenance(h, c, wait_seconds=2)),
+    ("maintenance: one request", "maintenance", False, lambda h, c: locks.host_maintenance(h, c, wait_seconds=2)),
+    # the host's inbound lock taken: the combined request is refused and the locks are taken one at a time
+    ("maintenance: one at a time", "maintenance", True, lambda h, c: locks.host_maintenance(h, c, wait_seconds=2)),
+    ("maintenance: one at a time, host", "host", True, lambda h, c: locks.host_maintenance(h, c, wait_seconds=2)),
+    ("drain: target", "peer", False, lambda h, c: locks.drain_slots(c, [f"{h}-peer"], 2, wait_seconds=2)),
+    ("drain: slots", "migrations", False, lambda h, c: locks.drain_slots(c, [f"{h}-peer"], 2, wait_seconds=2)),
+    ("cluster migrations", "migrations", False, lambda h, c: locks.cluster_migrations(c, [f"{h}-peer"])),
+]
+
+
+@pytest.mark.parametrize(("case", "off", "inbound_taken", "take"), INACTIVE_CASES, ids=[c[0] for c in INACTIVE_CASES])
+def test_an_inactive_limit_is_refused_like_a_missing_one(
+        prefect_server: None, case: str, off: str, inbound_taken: bool,
+        take: Callable[[str, str], AbstractContextManager[None]]) -> None:
+    # the server grants an inactive limit without counting it: a run holding it would exclude nobody
+    host = cluster = "off-" + "-".join(re.findall(r"[a-z]+", case))  # limits of this case alone
+    names = {"host": locks.host_limit(host), "maintenance": locks.maintenance_limit(cluster),
+             "peer": locks.inbound_limit(f"{host}-peer"), "migrations": locks.migrations_limit(cluster)}
+    limits_for(host, cluster, off=names[off])
+    entered = []
+    with ExitStack() as other:
+        if inbound_taken:
+            other.enter_context(held_by_another_run(locks.inbound_limit(host)))
+        with pytest.raises(LockError, match=rf"lock '{names[off]}' is inactive .* refuses to run unlocked; "
+                                            r"nothing was changed\. Re-activate it with 'hostmaint setup"):
+            with take(host, cluster):
+                entered.append(case)
+    assert entered == []
+    assert locks.held() == frozenset()
+    for name in (*names.values(), locks.inbound_limit(host)):
+        assert active_slots(name) == 0, name  # every slot taken on the way was given back
+
+
+def test_a_limit_switched_off_while_held_does_not_let_a_second_run_in(prefect_server: None) -> None:
+    limits_for("inactive-held", "inactive-held")
+    name = locks.host_limit("inactive-held")
+    second: list[str] = []
+
+    def second_run() -> None:  # a thread of its own has no locks of this run: it stands for another run
+        try:
+            with locks.hold(name, wait_seconds=2):
+                second.append("held")
+        except LockError as exc:
+            second.append(str(exc))
+
+    with locks.hold(name):
+        with get_client(sync_client=True) as client:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active=False))
+        thread = threading.Thread(target=second_run)
+        thread.start()
+        thread.join(60)
+    assert len(second) == 1 and f"lock {name!r} is inactive" in second[0]
+
+
+def test_an_inactive_limit_stops_the_flow_before_anything_changes(tmp_path: Path, hostmaint_db: Path,
+                                                                  prefect_server: None) -> None:
+    inventory = renamed_cluster(make_fleet(tmp_path / "fleet"), "switchedoff")
+    locks.ensure_limits(inventory)
+    with get_client(sync_client=True) as client:
+        client.update_global_concurrency_limit("maintenance:switchedoff", GlobalConcurrencyLimitUpdate(active=False))
+    before = where(inventory)
+
+    with pytest.raises(LockError, match=r"lock 'maintenance:switchedoff' is inactive"):
+        evacuate_host(host="hv01", operator="ivan", inventory=str(inventory), lock_wait_s=5)
+
+    assert where(inventory) == before
+    assert open_runtime(inventory).states.state("hv01") is HostState.ACTIVE
+    assert AuditTrail(open_engine()).records(host="hv01") == []
+    assert active_slots("host:hv01") == 0
+    # hostmaint setup switches it on again, as the message says
+    assert {c.name: c.action for c in locks.ensure_limits(inventory)}["maintenance:switchedoff"] == "updated"
+    with locks.host_maintenance("hv01", "switchedoff", wait_seconds=5):
+        assert active_slots("maintenance:switchedoff") == 1
