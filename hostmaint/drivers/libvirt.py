@@ -216,10 +216,14 @@ class LibvirtHypervisor:
         self._owner: dict[int, threading.Thread] = {}  # id(cached connection) -> the thread it serves
         self._post_copy: set[tuple[str, str]] = set()  # (vm, source) switched to post-copy
         # getCapabilities costs ~0.2 s on the lab and a run discovers a host about ten times; its
-        # topology only changes with a reboot (the connection drops: forgotten then), its hugepage
-        # pools when an admin resizes them (the TTL bounds that; free memory and pages are read live)
+        # topology only changes with a reboot, its hugepage pools when an admin resizes them (the TTL
+        # bounds that; free memory and pages are read live). A reboot ends every connection, but a
+        # thread that opens its first one cannot tell that from a reboot, so any new connection to a
+        # host forgets its capabilities. The generation counts those forgettings: a read that began
+        # before one is not cached (it may have come over a connection to the host before its reboot).
         self._caps_ttl = capabilities_ttl_s
         self._caps: dict[str, tuple[float, HostCapabilities]] = {}
+        self._caps_generation: dict[str, int] = {}
 
     @classmethod
     def from_inventory(cls, inv: Inventory, cluster: str, **kwargs: Any) -> LibvirtHypervisor:
@@ -251,6 +255,7 @@ class LibvirtHypervisor:
                     raise TransientDriverError(f"keepalive on {uri}: {_message(exc)}", host) from exc
             with self._lock:
                 self._opened.append(conn)
+                self._forget_capabilities(host)  # the host may have rebooted since they were read
             return conn
 
         retrying = Retrying(stop=stop_after_attempt(self._retries), wait=wait_exponential(multiplier=0.2, max=2.0),
@@ -286,10 +291,12 @@ class LibvirtHypervisor:
         self._close_bounded(finished)
 
     def _capabilities(self, host: str, conn: libvirt.virConnect) -> HostCapabilities:
-        """The host's parsed capabilities, read again when older than the TTL or after a lost connection."""
+        """The host's parsed capabilities, read again when older than the TTL or once a connection to the
+        host was lost or opened since."""
         now = self._clock()
         with self._lock:
             cached = self._caps.get(host)
+            generation = self._caps_generation.get(host, 0)
         if cached is not None and now - cached[0] < self._caps_ttl:
             return cached[1]
         xml = conn.getCapabilities()
@@ -299,12 +306,18 @@ class LibvirtHypervisor:
             raise DriverError(f"cannot read the capabilities from {self.uri(host)}: {_what_was_wrong(exc, xml)}",
                               host) from exc
         with self._lock:
-            self._caps[host] = (now, caps)
+            if self._caps_generation.get(host, 0) == generation:  # no new connection since the read began
+                self._caps[host] = (now, caps)
         return caps
+
+    def _forget_capabilities(self, host: str) -> None:
+        """Drop ``host``'s cached capabilities; the caller holds ``_lock``."""
+        self._caps.pop(host, None)
+        self._caps_generation[host] = self._caps_generation.get(host, 0) + 1
 
     def _drop(self, host: str) -> None:
         with self._lock:
-            self._caps.pop(host, None)  # libvirtd restarted or the host rebooted: its topology may differ
+            self._forget_capabilities(host)  # libvirtd restarted or the host rebooted: its topology may differ
         conns: dict[str, libvirt.virConnect] = self._local.__dict__.setdefault("conns", {})
         conn = conns.pop(host, None)
         if conn is not None:

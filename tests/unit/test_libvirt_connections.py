@@ -200,3 +200,46 @@ def test_a_lost_connection_forgets_the_capabilities(monkeypatch: pytest.MonkeyPa
     opened[0].closed = True  # the host rebooted: the connection is dead
     assert hv.discover("hv01").cells[0].memory_mib == 16384
     assert calls.count("caps") == 2 and len(opened) == 2
+
+
+def test_a_new_connection_forgets_the_capabilities_other_threads_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    host_kib = [8 * 1024 * 1024]
+    opened = install(monkeypatch, lambda n: CapsConn(host_kib, calls))
+    now = [0.0]
+    hv = LibvirtHypervisor({"hv01": URI}, clock=lambda: now[0], sleep=lambda s: None, capabilities_ttl_s=60)
+    assert hv.discover("hv01").cells[0].memory_mib == 8192
+    host_kib[0] = 16 * 1024 * 1024  # the host rebooted with other memory; this thread has not noticed yet
+    opened[0].closed = True
+    now[0] = 30.0  # well within the TTL
+    seen: list[int] = []
+    worker = threading.Thread(target=lambda: seen.append(hv.discover("hv01").cells[0].memory_mib))
+    worker.start()
+    worker.join()
+    assert seen == [16384]  # its first connection: the topology after the reboot, not the cached one
+    assert calls.count("caps") == 2
+
+
+def test_capabilities_read_before_a_new_connection_opened_are_not_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    host_kib = [8 * 1024 * 1024]
+    hv: LibvirtHypervisor | None = None
+
+    class RacingConn(CapsConn):
+        def getCapabilities(self) -> str:
+            answer = super().getCapabilities()
+            if calls.count("caps") == 1:
+                # The answer is on its way back when the host reboots and another thread connects anew.
+                host_kib[0] = 16 * 1024 * 1024
+                assert hv is not None
+                other = threading.Thread(target=hv.running_vms, args=("hv01",))
+                other.start()
+                other.join()
+            return answer
+
+    opened = install(monkeypatch, lambda n: RacingConn(host_kib, calls))
+    hv = LibvirtHypervisor({"hv01": URI}, clock=lambda: 0.0, sleep=lambda s: None, capabilities_ttl_s=60)
+    assert hv.discover("hv01").cells[0].memory_mib == 8192  # what that read said
+    assert len(opened) == 2
+    assert hv.discover("hv01").cells[0].memory_mib == 16384  # but it was not kept for the next discovery
+    assert calls.count("caps") == 2
