@@ -166,9 +166,18 @@ def parse_domain(xml: str, host: str, *, vcpus_live: int | None = None,
     if vcpu is not None and vcpu.get("placement", "static") != "auto":
         vcpu_cpuset = parse_cpuset(vcpu.get("cpuset"))
     numa_mem = root.find("numatune/memory")
+    memnodes = sorted(root.findall("numatune/memnode"), key=lambda m: int(m.get("cellid", "0")))
     numatune = None
     if numa_mem is not None:
         numatune = Numatune(mode=numa_mem.get("mode", "strict"), nodeset=parse_cpuset(numa_mem.get("nodeset")))
+    elif memnodes:
+        # Guest cells bound one by one with no <memory> binding the whole: the memory is as bound
+        # to the source's nodes as with one, so it is numatune all the same (the nodes they name,
+        # the first guest cell's mode), and the placement rewrites the memnodes to the target's.
+        nodes: set[int] = set()
+        for memnode in memnodes:
+            nodes.update(parse_cpuset(memnode.get("nodeset")))
+        numatune = Numatune(mode=memnodes[0].get("mode", "strict"), nodeset=tuple(sorted(nodes)))
     hugepage_kib = 0
     hugepages = root.find("memoryBacking/hugepages")
     if hugepages is not None:
@@ -191,7 +200,9 @@ def rewrite_for_target(xml: str, placement: Placement) -> str:
     ``vcpupin`` replaces every ``<vcpupin>``; ``emulatorpin`` replaces ``<emulatorpin>``;
     ``iothreadpin`` replaces every ``<iothreadpin>``; ``vcpu_cpuset`` replaces ``<vcpu cpuset>``;
     ``numatune_nodeset`` replaces ``<numatune><memory nodeset>`` and the ``<memnode>`` cells
-    (guest cell i → target_cells[i] when the placement names one target cell per guest cell).
+    (the guest cell with the i-th lowest id → target_cells[i] when the placement names one target
+    cell per guest cell, else the whole nodeset); a numatune of memnodes alone gets no ``<memory>``,
+    which would bind the memory outside the guest cells too.
     Anything the placement leaves empty is left as it is.
     """
     root = ET.fromstring(xml)
@@ -226,14 +237,19 @@ def rewrite_for_target(xml: str, placement: Placement) -> str:
         if numatune is None:
             numatune = ET.SubElement(root, "numatune")
         memory = numatune.find("memory")
-        if memory is None:
+        memnodes = numatune.findall("memnode")
+        if memory is None and not memnodes:
             memory = ET.Element("memory", {"mode": "strict"})
             numatune.insert(0, memory)
-        memory.set("nodeset", format_cpuset(placement.numatune_nodeset))
-        memnodes = numatune.findall("memnode")
-        for i, memnode in enumerate(memnodes):
-            if len(placement.target_cells) == len(memnodes):
-                memnode.set("nodeset", str(placement.target_cells[i]))
+        if memory is not None:
+            memory.set("nodeset", format_cpuset(placement.numatune_nodeset))
+        # target_cells is in guest-cell order (ascending id), as the planner maps vNUMA cells
+        guest_ids = sorted(int(c.get("id", str(i))) for i, c in enumerate(root.findall("cpu/numa/cell")))
+        one_each = len(placement.target_cells) == len(guest_ids)
+        for memnode in memnodes:
+            cellid = int(memnode.get("cellid", "0"))
+            if one_each and cellid in guest_ids:
+                memnode.set("nodeset", str(placement.target_cells[guest_ids.index(cellid)]))
             else:
                 memnode.set("nodeset", format_cpuset(placement.numatune_nodeset))
     return ET.tostring(root, encoding="unicode")

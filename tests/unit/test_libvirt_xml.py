@@ -259,3 +259,40 @@ def test_a_placement_that_pins_only_iothreads_still_rewrites_the_domain() -> Non
     assert Placement(vm="v", source="a", target="b", iothreadpin={1: (3,)}).rewrites_domain
     assert Placement(vm="v", source="a", target="b", numatune_nodeset=(0,)).rewrites_domain
     assert not Placement(vm="v", source="a", target="b", target_cells=(0,)).rewrites_domain
+
+
+MEMNODES = """<domain type='kvm'><name>mn01</name><uuid>u5</uuid><memory unit='GiB'>2</memory><vcpu>2</vcpu>
+<cpu><numa><cell id='0' cpus='0' memory='1' unit='GiB'/><cell id='1' cpus='1' memory='1' unit='GiB'/></numa></cpu>
+<numatune><memnode cellid='1' mode='preferred' nodeset='1'/><memnode cellid='0' mode='strict' nodeset='0'/>
+</numatune></domain>"""
+
+
+def test_a_numatune_of_memnodes_alone_is_numatune() -> None:
+    vm = parse_domain(MEMNODES, "hv01")
+    assert vm.numatune == Numatune(mode="strict", nodeset=(0, 1))  # guest cell 0's mode, every node named
+
+
+def test_memnodes_are_rewritten_to_their_guest_cells_target_and_no_memory_binding_is_invented() -> None:
+    placement = Placement(vm="mn01", source="hv01", target="hv02", target_cells=(3, 2), numatune_nodeset=(2, 3))
+    root = ET.fromstring(rewrite_for_target(MEMNODES, placement))
+    nodes = {m.get("cellid"): (m.get("mode"), m.get("nodeset")) for m in root.findall("numatune/memnode")}
+    # guest cell 0 -> target cell 3, guest cell 1 -> 2, whatever order the memnodes are listed in
+    assert nodes == {"0": ("strict", "3"), "1": ("preferred", "2")}
+    assert root.find("numatune/memory") is None
+
+
+def test_the_planner_binds_a_memnode_only_vm_to_its_target_cells_and_the_driver_sends_it() -> None:
+    gib = 1024
+    cells = tuple(Cell(id=i, memory_mib=64 * gib, free_mib=60 * gib, cpus=(2 * i, 2 * i + 1)) for i in range(2))
+    snap = FleetSnapshot(cluster="c", taken_at="t", limits=Limits(spare_hosts=0), hosts=(
+        Host(name="src", cluster="c", cells=cells), Host(name="dst", cluster="c", cells=cells)),
+        vms=(parse_domain(MEMNODES, "src"),))
+    [placement] = plan_evacuation(snap, ["src"]).placements
+    assert placement.numatune_nodeset == tuple(sorted(placement.target_cells))
+    libvirt = pytest.importorskip("libvirt")
+    from hostmaint.drivers.libvirt import LibvirtHypervisor
+
+    _, params = LibvirtHypervisor._request(MEMNODES, MigrationOptions(placement=placement))
+    sent = ET.fromstring(params[libvirt.VIR_MIGRATE_PARAM_DEST_XML])
+    assert {m.get("cellid"): m.get("nodeset") for m in sent.findall("numatune/memnode")} == {
+        str(g): str(t) for g, t in enumerate(placement.target_cells)}
