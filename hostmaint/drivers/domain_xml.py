@@ -76,8 +76,9 @@ def parse_capabilities(xml: str) -> HostCapabilities:
     cells = []
     for cell in root.findall("host/topology/cells/cell"):
         mem = cell.find("memory")
+        # the size has a unit like any libvirt size (KiB in practice, but MiB is valid XML)
         pages = tuple(
-            HugePages(size_kib=int(p.get("size", "0")), total=int((p.text or "0").strip()), free=0)
+            HugePages(size_kib=to_kib(p.get("size"), p.get("unit")), total=int((p.text or "0").strip()), free=0)
             for p in cell.findall("pages")
             if to_kib(p.get("size"), p.get("unit")) > 4  # 4 KiB are ordinary pages, not a hugepage pool
         )

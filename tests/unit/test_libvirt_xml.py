@@ -74,6 +74,13 @@ def test_capabilities_give_cells_cpus_and_hugepage_pools() -> None:
     assert [(p.size_kib, p.free) for p in cells[0].hugepages] == [(2048, 100), (1048576, 1)]
 
 
+def test_hugepage_pool_sizes_honour_their_unit() -> None:
+    caps = parse_capabilities(CAPS.replace("unit='KiB' size='2048'", "unit='MiB' size='2'")
+                              .replace("unit='KiB' size='1048576'", "unit='GiB' size='1'"))
+    assert [(p.size_kib, p.total) for p in caps.cells[0].hugepages] == [(2048, 512), (1048576, 2)]
+    assert [p.size_kib for p in caps.cells[1].hugepages] == [2048]
+
+
 def test_pinned_vm_with_passthrough_and_local_disk() -> None:
     vm = parse_domain(PINNED, "hv01", vcpus_live=3)
     assert (vm.name, vm.host, vm.memory_mib, vm.vcpus) == ("db01", "hv01", 4096, 3)
