@@ -61,6 +61,13 @@ def format_cpuset(cpus: Sequence[int]) -> str:
     return ",".join(ranges)
 
 
+# The page size of a bare <hugepages/>: libvirt then backs the guest with the host kernel's default
+# hugepage size (Hugepagesize in /proc/meminfo). Neither the capabilities nor the snapshot say which
+# size that is, so the x86-64 kernel's default (2 MiB, unless booted with default_hugepagesz=) is
+# assumed; a caller that knows the host's passes ``default_hugepage_kib``.
+DEFAULT_HUGEPAGE_KIB = 2048
+
+
 @dataclass(frozen=True)
 class HostCapabilities:
     """What the capabilities XML says about the host (free memory comes from other calls)."""
@@ -140,8 +147,13 @@ def _blocking_devices(devices: ET.Element | None, shared_prefixes: Sequence[str]
 
 
 def parse_domain(xml: str, host: str, *, vcpus_live: int | None = None,
-                 shared_storage_prefixes: Sequence[str] = ()) -> Vm:
-    """A running domain's XML (``XMLDesc(0)``) → Vm as discovered (no inventory policy yet)."""
+                 shared_storage_prefixes: Sequence[str] = (),
+                 default_hugepage_kib: int = DEFAULT_HUGEPAGE_KIB) -> Vm:
+    """A running domain's XML (``XMLDesc(0)``) → Vm as discovered (no inventory policy yet).
+
+    ``default_hugepage_kib`` is the host's default hugepage size, what a ``<hugepages/>`` naming no
+    ``<page>`` is backed by (see :data:`DEFAULT_HUGEPAGE_KIB` for what is assumed without it).
+    """
     root = ET.fromstring(xml)
     name = root.findtext("name") or ""
     mem = root.find("memory")
@@ -183,7 +195,7 @@ def parse_domain(xml: str, host: str, *, vcpus_live: int | None = None,
     hugepages = root.find("memoryBacking/hugepages")
     if hugepages is not None:
         page = hugepages.find("page")
-        hugepage_kib = to_kib(page.get("size"), page.get("unit")) if page is not None else 2048
+        hugepage_kib = to_kib(page.get("size"), page.get("unit")) if page is not None else default_hugepage_kib
 
     reasons = _blocking_devices(root.find("devices"), shared_storage_prefixes)
     return Vm(

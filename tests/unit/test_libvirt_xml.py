@@ -95,6 +95,17 @@ def test_pinned_vm_with_passthrough_and_local_disk() -> None:
     assert "vdb" not in reason and "sda" not in reason  # network disk and read-only cdrom do not block
 
 
+BARE_HUGEPAGES = """<domain type='kvm'><name>hp01</name><uuid>u6</uuid><memory unit='GiB'>4</memory>
+<vcpu>2</vcpu><memoryBacking><hugepages/></memoryBacking></domain>"""
+
+
+def test_bare_hugepages_use_the_hosts_default_page_size() -> None:
+    # no <page>: libvirt uses the host's default size; the x86-64 default is assumed unless told
+    assert parse_domain(BARE_HUGEPAGES, "hv01").hugepage_kib == 2048
+    assert parse_domain(BARE_HUGEPAGES, "hv01", default_hugepage_kib=1048576).hugepage_kib == 1048576
+    assert parse_domain(PLAIN, "hv01", default_hugepage_kib=1048576).hugepage_kib == 0
+
+
 def test_disks_on_shared_storage_do_not_block() -> None:
     assert not parse_domain(PLAIN, "hv02").migratable
     vm = parse_domain(PLAIN, "hv02", shared_storage_prefixes=("/nfs/",))
