@@ -21,6 +21,7 @@ worker is started with ``$HOSTMAINT_INVENTORY``, so one deployment serves any si
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any, cast
@@ -103,8 +104,14 @@ class WindowConfig(BaseModel):
         return v
 
 
-def load_windows(path: Path = WINDOWS_FILE) -> tuple[WindowConfig, dict[str, WindowConfig]]:
-    """Read windows.yaml: the default window and every cluster's override (merged onto the default)."""
+def load_windows(path: Path = WINDOWS_FILE, known: Collection[str] | None = None,
+                 ) -> tuple[WindowConfig, dict[str, WindowConfig]]:
+    """Read windows.yaml: the default window and every cluster's override (merged onto the default).
+
+    ``known``: the inventory's clusters. An override naming none of them is refused: it is almost
+    always a typo, and the cluster it meant would silently run on the default window (another
+    timezone, another size).
+    """
     raw = yaml.safe_load(path.read_text()) or {}
     try:
         default = WindowConfig.model_validate(raw.get("default") or {})
@@ -112,6 +119,12 @@ def load_windows(path: Path = WINDOWS_FILE) -> tuple[WindowConfig, dict[str, Win
                     for name, over in (raw.get("clusters") or {}).items()}
     except ValidationError as exc:
         raise InputError(f"{path}: {exc}") from None
+    if known is not None:
+        unknown = sorted(str(name) for name in clusters if name not in known)
+        if unknown:
+            raise InputError(f"{path}: clusters: {', '.join(map(repr, unknown))}: no cluster of the inventory is "
+                             f"called that (its clusters: {', '.join(sorted(known)) or 'none'}); correct the "
+                             f"name or remove the override, else that cluster runs on the default window")
     return default, clusters
 
 
@@ -220,7 +233,7 @@ def build_deployments(inventory: str | Path | Inventory, *, windows: Path = WIND
     paused for approval checks for the answer (the flows' default is 10 s).
     """
     inv = inventory if isinstance(inventory, Inventory) else load_inventory(inventory)
-    default, overrides = load_windows(windows)
+    default, overrides = load_windows(windows, known=[c.name for c in inv.clusters])
     out: list[RunnerDeployment] = []
     window_flow = _load_flow(PATCH_WINDOW_ENTRYPOINT, source)
     for cluster in inv.clusters:

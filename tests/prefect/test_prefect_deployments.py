@@ -79,6 +79,20 @@ def test_one_patch_window_per_cluster_with_overrides(tmp_path: Path) -> None:
     assert window.parameters["window_minutes"] == 90  # inherited from the default
 
 
+def test_an_override_for_a_cluster_the_inventory_lacks_is_refused(tmp_path: Path) -> None:
+    # a typo of 'demo': ignored, demo would run on the default window (another timezone, one host at a time)
+    inv = make_fleet(tmp_path / "fleet")
+    windows = tmp_path / "windows.yaml"
+    windows.write_text(yaml.safe_dump({
+        "default": {"rrule": "FREQ=MONTHLY;BYDAY=+2TU;BYHOUR=22", "timezone": "Asia/Tokyo"},
+        "clusters": {"dmeo": {"timezone": "UTC", "max_hosts_in_parallel": 2}, "demo": {"window_minutes": 60}}}))
+    with pytest.raises(InputError, match=rf"^{windows}: clusters: 'dmeo': no cluster of the inventory is called "
+                                         r"that \(its clusters: demo\); correct the name or remove the override"):
+        build_deployments(inv, windows=windows)
+    _, overrides = load_windows(windows)  # without an inventory there is nothing to check the names against
+    assert set(overrides) == {"dmeo", "demo"}
+
+
 # --- schedules ---------------------------------------------------------------------------------------------------
 
 
