@@ -130,8 +130,11 @@ class GuestCell(Frozen):
     vcpus: tuple[int, ...] = ()
 
 
+NUMATUNE_MODES = ("strict", "preferred", "interleave", "restrictive")  # libvirt's <numatune> modes
+
+
 class Numatune(Frozen):
-    mode: str = "strict"  # strict | preferred | interleave | restrictive
+    mode: str = "strict"  # one of NUMATUNE_MODES; checked by the Vm, whose name the error gives
     nodeset: tuple[int, ...] = ()
 
 
@@ -180,6 +183,15 @@ class Vm(Frozen):
         if listed > self.memory_mib:
             raise ValueError(f"VM {self.name!r}: its vNUMA cells hold {listed} MiB, more than its "
                              f"memory_mib {self.memory_mib}")
+        return self
+
+    @model_validator(mode="after")
+    def _numatune_mode_known(self) -> Vm:
+        # An unknown mode would be planned as a binding and sent back to libvirt, which refuses
+        # the destination XML only when the migration starts, after the plan was approved.
+        if self.numatune is not None and self.numatune.mode not in NUMATUNE_MODES:
+            raise ValueError(f"VM {self.name!r}: numatune mode {self.numatune.mode!r} is not one of "
+                             f"{', '.join(NUMATUNE_MODES)}")
         return self
 
     @property

@@ -10,7 +10,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from hostmaint.models import Cell, GuestCell, HugePages, Numatune, Placement, Vm
+from hostmaint.models import NUMATUNE_MODES, Cell, GuestCell, HugePages, Numatune, Placement, Vm
 
 _UNIT_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "kb": 1000 / 1024, "m": 1024, "mib": 1024,
              "mb": 1000 * 1000 / 1024, "g": 1024**2, "gib": 1024**2, "gb": 1000**3 / 1024, "t": 1024**3,
@@ -180,6 +180,12 @@ def parse_domain(xml: str, host: str, *, vcpus_live: int | None = None,
         vcpu_cpuset = parse_cpuset(vcpu.get("cpuset"))
     numa_mem = root.find("numatune/memory")
     memnodes = sorted(root.findall("numatune/memnode"), key=lambda m: int(m.get("cellid", "0")))
+    for el in ([numa_mem] if numa_mem is not None else []) + memnodes:
+        # refused here, not planned: libvirt would refuse the destination XML mid-drain
+        if el.get("mode", "strict") not in NUMATUNE_MODES:
+            where = f"<memnode cellid='{el.get('cellid')}'>" if el.tag == "memnode" else "<memory>"
+            raise ValueError(f"domain {name!r}: <numatune> {where} mode {el.get('mode')!r} is not one of "
+                             f"{', '.join(NUMATUNE_MODES)}")
     numatune = None
     if numa_mem is not None:
         numatune = Numatune(mode=numa_mem.get("mode", "strict"), nodeset=parse_cpuset(numa_mem.get("nodeset")))

@@ -314,3 +314,20 @@ def test_the_planner_binds_a_memnode_only_vm_to_its_target_cells_and_the_driver_
     sent = ET.fromstring(params[libvirt.VIR_MIGRATE_PARAM_DEST_XML])
     assert {m.get("cellid"): m.get("nodeset") for m in sent.findall("numatune/memnode")} == {
         str(g): str(t) for g, t in enumerate(placement.target_cells)}
+
+
+@pytest.mark.parametrize("numatune", [
+    "<memory mode='bogus' nodeset='0'/>",
+    "<memnode cellid='0' mode='strict' nodeset='0'/><memnode cellid='1' mode='bogus' nodeset='1'/>",
+])
+def test_an_unknown_numatune_mode_is_refused_naming_the_vm(numatune: str) -> None:
+    xml = MEMNODES.split("<numatune>")[0] + f"<numatune>{numatune}</numatune></domain>"
+    with pytest.raises(ValueError, match=r"domain 'mn01': <numatune> .*mode 'bogus'"):
+        parse_domain(xml, "hv01")
+
+
+def test_a_snapshot_vm_with_an_unknown_numatune_mode_is_refused_naming_it() -> None:
+    with pytest.raises(ValueError, match="VM 'db': numatune mode 'bogus'"):
+        Vm(name="db", uuid="u", host="h", memory_mib=1, vcpus=1, numatune=Numatune(mode="bogus"))
+    for mode in ("strict", "preferred", "interleave", "restrictive"):
+        assert parse_domain(MEMNODES.replace("mode='preferred'", f"mode='{mode}'"), "hv01").numatune
