@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -65,22 +64,6 @@ def shared_storage_prefix(path: str) -> str:
     if path.endswith("*"):
         return path[:-1]
     return path.rstrip("/") + "/"
-
-
-def shared_by_all(prefix_sets: Sequence[Sequence[str]]) -> tuple[str, ...]:
-    """The prefixes (as from :func:`shared_storage_prefix`) under which a path is shared in every set.
-
-    A path is shared in a set when it starts with one of its prefixes, so two prefixes overlap only
-    when one starts with the other, and then the longer one is what both sets share.
-    """
-    if not prefix_sets:
-        return ()
-    common = set(prefix_sets[0])
-    for prefixes in prefix_sets[1:]:
-        common = {a if a.startswith(b) else b for a in common for b in prefixes
-                  if a.startswith(b) or b.startswith(a)}
-    # a prefix inside another adds nothing
-    return tuple(sorted(p for p in common if not any(p != q and p.startswith(q) for q in common)))
 
 
 def _check_package_globs(names: list[str]) -> list[str]:

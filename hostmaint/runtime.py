@@ -17,7 +17,7 @@ from pathlib import Path
 from hostmaint.audit import AuditTrail
 from hostmaint.db import open_engine
 from hostmaint.drivers.base import HostShell, Hypervisor
-from hostmaint.inventory import Inventory, load_inventory, shared_by_all
+from hostmaint.inventory import Inventory, load_inventory
 from hostmaint.state import HostStateStore
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ def open_runtime(inventory_path: str | Path, db_url: str | None = None, *,
             from hostmaint.drivers.ssh import SshShell
 
             hypervisor = LibvirtHypervisor({h.name: h.libvirt_uri for h in inventory.hosts},
-                                           shared_storage_prefixes=shared_storage(inventory))
+                                           shared_storage_prefixes={h.name: inventory.shared_storage_for(h.name)
+                                                                    for h in inventory.hosts})
             shell = SshShell.from_inventory(inventory, key_loader=key_loader)
             simulated = False
         rt = Runtime(inventory=inventory, inventory_path=path, hypervisor=hypervisor, shell=shell,
@@ -84,26 +85,6 @@ def open_runtime(inventory_path: str | Path, db_url: str | None = None, *,
                      db_url=db_url)
         _cache[key] = rt
         return rt
-
-
-def shared_storage(inventory: Inventory) -> tuple[str, ...]:
-    """The shared-storage prefixes for the one libvirt driver that serves every host of the inventory.
-
-    The driver takes one list for all its hosts, but a path is shared only among the hosts of the
-    cluster that declares it: the same path on another cluster may be a local disk, and migrating a
-    VM whose disk is not on the same storage at both ends can run it on the target's own file of that
-    name (libvirt's safety check lets cache=none disks through).
-    So only what every cluster declares is passed; the rest is logged, and the VMs with disks there
-    stay not migratable (the planner shows why) until the driver takes a list per host.
-    """
-    common = shared_by_all([c.shared_storage_prefixes for c in inventory.clusters if inventory.hosts_of(c.name)])
-    for c in inventory.clusters:
-        narrowed = [p for p in c.shared_storage_prefixes if not any(p.startswith(q) for q in common)]
-        if narrowed:
-            log.warning("cluster %s: shared_storage %s not (wholly) used: another cluster does not declare it "
-                        "and the libvirt driver takes one list for all hosts; VMs with disks there count as "
-                        "not migratable", c.name, ", ".join(narrowed))
-    return common
 
 
 def close_all() -> None:

@@ -197,7 +197,7 @@ class LibvirtHypervisor:
     def __init__(self, uris: Mapping[str, str], *, connect_retries: int = 3,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
                  poll_interval: float = 0.5, abort_timeout: float = 20.0, abort_attempts: int = 3,
-                 shared_storage_prefixes: Sequence[str] = (), keepalive_interval: int = 5,
+                 shared_storage_prefixes: Mapping[str, Sequence[str]] | None = None, keepalive_interval: int = 5,
                  keepalive_count: int = 3, close_timeout: float = 5.0, capabilities_ttl_s: float = 60.0) -> None:
         _ensure_event_loop()
         self._uris = dict(uris)
@@ -209,7 +209,8 @@ class LibvirtHypervisor:
         self._poll = poll_interval
         self._abort_timeout = abort_timeout
         self._abort_attempts = abort_attempts
-        self._shared = tuple(shared_storage_prefixes)
+        # per host: a path is shared only among the hosts of the cluster that declares it
+        self._shared = {h: tuple(p) for h, p in (shared_storage_prefixes or {}).items()}
         self._local = threading.local()
         self._lock = threading.Lock()
         self._opened: list[libvirt.virConnect] = []
@@ -227,7 +228,9 @@ class LibvirtHypervisor:
 
     @classmethod
     def from_inventory(cls, inv: Inventory, cluster: str, **kwargs: Any) -> LibvirtHypervisor:
-        """A driver for the hosts of ``cluster`` in ``inv``."""
+        """A driver for the hosts of ``cluster`` in ``inv``, with their cluster's shared storage."""
+        kwargs.setdefault("shared_storage_prefixes", {h.name: inv.shared_storage_for(h.name)
+                                                      for h in inv.hosts_of(cluster)})
         return cls({h.name: h.libvirt_uri for h in inv.hosts_of(cluster)}, **kwargs)
 
     # --- connections ------------------------------------------------------------
@@ -436,7 +439,7 @@ class LibvirtHypervisor:
                 return None  # migrated away or stopped between listing and reading
             raise
         try:
-            return parse_domain(xml, host, vcpus_live=vcpus, shared_storage_prefixes=self._shared)
+            return parse_domain(xml, host, vcpus_live=vcpus, shared_storage_prefixes=self._shared.get(host, ()))
         except _UNREADABLE as exc:
             # One domain the parser cannot read fails the discovery: a snapshot without it would plan a
             # host as emptier than it is.

@@ -4,7 +4,6 @@ so a VM whose disks are on it is discovered migratable and one with a local disk
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ import hostmaint.drivers.libvirt as driver_module
 import hostmaint.runtime as runtime_module
 from hostmaint.drivers.domain_xml import parse_domain
 from hostmaint.errors import InventoryError
-from hostmaint.inventory import parse_inventory, shared_by_all, shared_storage_prefix
+from hostmaint.inventory import parse_inventory, shared_storage_prefix
 from hostmaint.runtime import open_runtime
 
 
@@ -100,21 +99,6 @@ def test_a_disk_is_shared_only_under_a_whole_path_component(path: str, shared: b
     assert vm.migratable is shared, vm.not_migratable_reason
 
 
-@pytest.mark.parametrize("sets,common", [
-    ([], ()),
-    ([("/a/",)], ("/a/",)),
-    ([("/a/",), ("/a/",)], ("/a/",)),
-    ([("/a/",), ()], ()),
-    ([("/a/",), ("/b/",)], ()),
-    ([("/a/",), ("/a/x/",)], ("/a/x/",)),  # only /a/x/ is shared in both
-    ([("/a/x/", "/b/"), ("/a/", "/c/")], ("/a/x/",)),
-    ([("/a/", "/a/x/"), ("/a/",)], ("/a/",)),  # /a/x/ adds nothing under /a/
-    ([("/dev/mpath-",), ("/dev/mpath-a/",)], ("/dev/mpath-a/",)),
-])
-def test_what_every_cluster_shares(sets: list[tuple[str, ...]], common: tuple[str, ...]) -> None:
-    assert shared_by_all(sets) == common
-
-
 # --- the runtime's driver, over fake libvirt connections ---------------------------------------------
 
 CAPS = ("<capabilities><host><uuid>h</uuid><topology><cells num='1'><cell id='0'>"
@@ -191,15 +175,15 @@ def test_the_runtime_driver_counts_the_clusters_shared_storage(tmp_path: Path,
     assert migratable(rt, "hv-prod") == {"on-nfs": True, "on-lun": True, "beside-nfs": False, "local": False}
 
 
-def test_a_path_only_one_cluster_declares_is_not_shared_on_any(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                               caplog: pytest.LogCaptureFixture) -> None:
-    # The driver takes one list for every host: the path that is NFS on prod may be a local disk on lab.
+def test_a_path_is_shared_only_on_the_hosts_of_the_cluster_that_declares_it(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # the path that is NFS on prod may be a local disk on lab: each host gets its own cluster's list
     doc = inventory({"prod": ["/mnt/nfs/images", "/srv/gfs2"], "lab": ["/srv/gfs2/vms"]})
     domains = {"qemu+tcp://hv-prod/system": [domain("on-nfs", "/mnt/nfs/images/a.qcow2"),
-                                             domain("on-gfs2", "/srv/gfs2/vms/b.qcow2"),
-                                             domain("beside-gfs2", "/srv/gfs2/other/c.qcow2")]}
-    with caplog.at_level(logging.WARNING, logger=runtime_module.__name__):
-        rt = runtime_over(tmp_path, monkeypatch, doc, domains)
-    assert migratable(rt, "hv-prod") == {"on-nfs": False, "on-gfs2": True, "beside-gfs2": False}
-    warned = [r.getMessage() for r in caplog.records]
-    assert len(warned) == 1 and warned[0].startswith("cluster prod: shared_storage /mnt/nfs/images/, /srv/gfs2/ ")
+                                             domain("beside-vms", "/srv/gfs2/other/c.qcow2")],
+               "qemu+tcp://hv-lab/system": [domain("lab-on-nfs", "/mnt/nfs/images/a.qcow2"),
+                                            domain("lab-on-gfs2", "/srv/gfs2/vms/b.qcow2"),
+                                            domain("lab-beside-vms", "/srv/gfs2/other/c.qcow2")]}
+    rt = runtime_over(tmp_path, monkeypatch, doc, domains)
+    assert migratable(rt, "hv-prod") == {"on-nfs": True, "beside-vms": True}
+    assert migratable(rt, "hv-lab") == {"lab-on-nfs": False, "lab-on-gfs2": True, "lab-beside-vms": False}
