@@ -591,8 +591,7 @@ class LibvirtHypervisor:
             flags |= libvirt.VIR_MIGRATE_PARALLEL
             params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = options.parallel_connections
         placement = options.placement
-        if placement is not None and (placement.vcpupin or placement.emulatorpin
-                                      or placement.numatune_nodeset is not None):
+        if placement is not None and placement.rewrites_domain:
             dest_xml = rewrite_for_target(xml, placement)
             params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = dest_xml
             params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] = dest_xml  # the persistent config gets it too

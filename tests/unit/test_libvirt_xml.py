@@ -331,3 +331,13 @@ def test_a_snapshot_vm_with_an_unknown_numatune_mode_is_refused_naming_it() -> N
         Vm(name="db", uuid="u", host="h", memory_mib=1, vcpus=1, numatune=Numatune(mode="bogus"))
     for mode in ("strict", "preferred", "interleave", "restrictive"):
         assert parse_domain(MEMNODES.replace("mode='preferred'", f"mode='{mode}'"), "hv01").numatune
+
+
+def test_the_driver_sends_a_destination_xml_for_a_vm_that_pins_only_its_iothreads() -> None:
+    libvirt = pytest.importorskip("libvirt")
+    from hostmaint.drivers.libvirt import LibvirtHypervisor
+
+    placement = Placement(vm="io01", source="src", target="dst", iothreadpin={1: (7,), 2: (7,)})
+    _, params = LibvirtHypervisor._request(IOTHREADS, MigrationOptions(placement=placement))
+    sent = ET.fromstring(params[libvirt.VIR_MIGRATE_PARAM_DEST_XML])
+    assert {p.get("iothread"): p.get("cpuset") for p in sent.findall("cputune/iothreadpin")} == {"1": "7", "2": "7"}
