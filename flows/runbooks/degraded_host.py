@@ -4,7 +4,8 @@ Started by a ``hostmaint.host.degraded`` event (``POST /api/events`` or
 ``hostmaint event degraded HOST --reason ...``) through the deployment's trigger.
 The event's severity decides whether a human is asked: ``critical`` evacuates at
 once, anything else pauses for approval. Either way the host ends cordoned with
-the reason, and the approver (or "automatic: ...") is in the audit trail.
+the reason, and the approver (or "automatic: ...") is in the audit trail. An event
+without a reason is refused before the host is touched.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from prefect import flow
 
 from flows.common import HostOutcome
 from flows.runbooks.approval import Severity, run_incident
+from hostmaint.errors import InputError
 
 EVENT = "hostmaint.host.degraded"
 
@@ -22,7 +24,16 @@ def degraded_host_runbook(host: str, reason: str = "degraded", severity: str = S
                           source: str = "monitoring", event_id: str | None = None, inventory: str | None = None,
                           approval_timeout_s: int = 3600, poll_interval_s: int = 10,
                           lock_wait_s: float | None = 300) -> HostOutcome:
-    """Cordon the degraded ``host`` and evacuate it, with approval unless ``severity`` is critical."""
+    """Cordon the degraded ``host`` and evacuate it, with approval unless ``severity`` is critical.
+
+    A blank ``reason`` is refused (InputError) before anything changes.
+    """
+    if not reason.strip():
+        # the trigger renders a payload key the event lacks as "": cordoned "degraded: ", the host would
+        # stay out of service with no cause named for whoever has to clear it
+        raise InputError(f"{EVENT} for host {host!r} gives no reason: 'reason' is empty (the event's "
+                         "payload.reason is missing or blank); refused, nothing was changed. Send the event with "
+                         "payload.reason set ('hostmaint event degraded HOST --reason TEXT').")
     level = Severity.parse(severity)
     automatic = f"severity {level.value}: act at once" if level is Severity.CRITICAL else None
     return run_incident(flow="degraded-host-runbook", host=host, reason=f"degraded: {reason}", source=source,

@@ -6,18 +6,26 @@ A paused run is resumed the way the UI does it (``resume_flow_run`` with the
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prefect.events import DeploymentEventTrigger
+from prefect.events.schemas.events import ReceivedEvent
 from prefect.flow_runs import resume_flow_run
+from prefect.server.utilities.user_templates import render_user_template_sync
 from prefect_support import ALL_VMS, in_background, lost, wait_paused, where
 
+from deployments.serve import DEGRADED_EVENT, HARDWARE_EVENT, degraded_trigger, hardware_trigger, host_event_resource
 from flows.params import EvacuationRequest
 from flows.runbooks.degraded_host import degraded_host_runbook
 from flows.runbooks.hardware_check import hardware_check_failed_runbook
 from flows.runbooks.on_request import evacuate_on_request
 from hostmaint.audit import AuditTrail
 from hostmaint.db import open_engine
+from hostmaint.errors import InputError
 from hostmaint.models import HostState, StepOutcome
 from hostmaint.runtime import open_runtime
 
@@ -151,3 +159,45 @@ def test_no_answer_in_time_counts_as_no(fleet: Path) -> None:
     assert state(fleet, "hv02") is HostState.CORDONED
     [approval] = records("hv02", "approval")
     assert approval.operator == "nobody" and approval.details["timed_out"] is True
+
+
+def parameters_from_event(trigger: DeploymentEventTrigger, event: str, host: str,
+                          payload: dict[str, Any]) -> dict[str, Any]:
+    """The run parameters the deployment's trigger gives for this event, rendered as the server renders them."""
+    now = datetime.now(UTC)
+    received = ReceivedEvent(event=event, resource=host_event_resource(host, "demo"), payload=payload,
+                             occurred=now, received=now)
+    return {name: render_user_template_sync(template, {"event": received})
+            for name, template in trigger.parameters.items()}
+
+
+# (case, runbook, its trigger, event, payload, the field named)
+BLANK_FIELDS: list[tuple[str, Callable[..., Any], DeploymentEventTrigger, str, dict[str, Any], str]] = [
+    ("hardware: no check", hardware_check_failed_runbook, hardware_trigger(), HARDWARE_EVENT,
+     {"detail": "DIMM B2"}, "check"),
+    ("hardware: blank check", hardware_check_failed_runbook, hardware_trigger(), HARDWARE_EVENT,
+     {"check": "  ", "detail": "DIMM B2"}, "check"),
+    # critical: would evacuate at once, nobody asked
+    ("degraded: no reason", degraded_host_runbook, degraded_trigger(), DEGRADED_EVENT,
+     {"severity": "critical"}, "reason"),
+    ("degraded: empty reason", degraded_host_runbook, degraded_trigger(), DEGRADED_EVENT,
+     {"reason": "", "severity": "warning"}, "reason"),
+]
+
+
+@pytest.mark.parametrize(("case", "runbook", "trigger", "event", "payload", "field"), BLANK_FIELDS,
+                         ids=[c[0] for c in BLANK_FIELDS])
+def test_an_event_missing_a_required_field_is_refused_before_anything(
+        fleet: Path, case: str, runbook: Callable[..., Any], trigger: DeploymentEventTrigger, event: str,
+        payload: dict[str, Any], field: str) -> None:
+    # the trigger renders a payload key the event lacks as "": the host would be cordoned for no named cause
+    params = parameters_from_event(trigger, event, "hv01", payload)
+    assert params["host"] == "hv01" and params[field].strip() == ""
+    before = where(fleet)
+
+    with pytest.raises(InputError, match=rf"^{event} for host 'hv01' .*: '{field}' is empty .*nothing was changed"):
+        runbook(**params, inventory=str(fleet), **FAST)
+
+    assert state(fleet, "hv01") is HostState.ACTIVE
+    assert where(fleet) == before
+    assert records("hv01") == []  # refused like an unknown host: before the incident is recorded
