@@ -157,6 +157,9 @@ class Vm(Frozen):
     hugepage_kib: Annotated[int, Field(ge=0)] = 0
     migratable: bool = True
     not_migratable_reason: str | None = None
+    # False for a transient domain: libvirt forgets it once it stops, so it can never be shut down
+    # for maintenance and started again
+    persistent: bool = True
     # policy, resolved from the inventory's vm_policies
     anti_affinity: str | None = None
     on_unmigratable: UnmigratableAction = UnmigratableAction.BLOCK

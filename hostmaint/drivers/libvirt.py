@@ -434,12 +434,14 @@ class LibvirtHypervisor:
         try:
             xml = dom.XMLDesc(0)
             vcpus = int(dom.info()[3])
+            persistent = bool(dom.isPersistent())
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return None  # migrated away or stopped between listing and reading
             raise
         try:
-            return parse_domain(xml, host, vcpus_live=vcpus, shared_storage_prefixes=self._shared.get(host, ()))
+            vm = parse_domain(xml, host, vcpus_live=vcpus, shared_storage_prefixes=self._shared.get(host, ()))
+            return vm if persistent else vm.model_copy(update={"persistent": False})
         except _UNREADABLE as exc:
             # One domain the parser cannot read fails the discovery: a snapshot without it would plan a
             # host as emptier than it is.

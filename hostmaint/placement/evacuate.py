@@ -72,6 +72,7 @@ _HINTS = {
     "anti-affinity": "every candidate already runs a VM of its anti-affinity group; relax the group",
     "cpu-group": "add an active host of the same CPU group or uncordon one",
     "unmigratable": "set on_unmigratable: shutdown (or skip-host) for it in the inventory's vm_policies",
+    "transient": "define the domain persistently (virsh dumpxml + virsh define), or set its policy to skip-host",
 }
 
 
@@ -336,6 +337,12 @@ def evacuate(snapshot: FleetSnapshot, ledger: Ledger, hosts: Sequence[str], *,
         for vm in vms:
             if vm.migratable:
                 movers.append(vm)
+            elif vm.on_unmigratable is UnmigratableAction.SHUTDOWN and not vm.persistent:
+                out.blocked.append(Blocker(
+                    vm=vm.name, host=name, constraint="transient",
+                    reason=f"cannot live-migrate ({vm.not_migratable_reason or 'policy'}) and its policy is "
+                           f"shutdown, but it is a transient domain: libvirt forgets it once it stops, so it "
+                           f"could never be started again", hint=_HINTS["transient"]))
             elif vm.on_unmigratable is UnmigratableAction.SHUTDOWN:
                 out.vm_actions.append(VmAction(
                     vm=vm.name, host=name, action=UnmigratableAction.SHUTDOWN,

@@ -128,11 +128,14 @@ def domain_xml(name: str = "web1", *, extra: str = "") -> str:
 
 
 class ListedDomain:
-    def __init__(self, name: str, xml: str) -> None:
-        self._name, self.xml = name, xml
+    def __init__(self, name: str, xml: str, persistent: bool = True) -> None:
+        self._name, self.xml, self.persistent = name, xml, persistent
 
     def name(self) -> str:
         return self._name
+
+    def isPersistent(self) -> int:
+        return int(self.persistent)
 
     def XMLDesc(self, flags: int) -> str:
         return self.xml
@@ -289,3 +292,9 @@ def test_free_memory_and_hugepages_are_matched_to_cells_by_node_id(monkeypatch: 
     cells = discovery_driver(monkeypatch, conn).discover("hv01").cells
     seen = {c.id: (c.free_mib, {hp.size_kib: hp.free for hp in c.hugepages}) for c in cells}
     assert seen == {0: (free[0] // 2**20, {2048: 100}), 2: (free[2] // 2**20, {2048: 400})}
+
+
+def test_discovery_says_which_domains_are_transient(monkeypatch: pytest.MonkeyPatch) -> None:
+    hv = discovery_driver(monkeypatch, DiscoveryConn(CAPS_ONE_CELL, [
+        ListedDomain("web1", domain_xml("web1")), ListedDomain("scratch", domain_xml("scratch"), persistent=False)]))
+    assert {vm.name: vm.persistent for vm in hv.discover("hv01").vms} == {"web1": True, "scratch": False}

@@ -667,3 +667,15 @@ def test_vms_returning_home_get_pins_of_their_home_and_only_if_they_fit() -> Non
     assert len(pins) == len(set(pins)) == 4  # no CPU given twice
     assert not {0, 1} & set(pins)  # nor the resident's
     assert all(p.target == "home" and p.reason.startswith("return to origin home") for p in placements)
+
+
+def test_a_transient_vm_whose_policy_is_shutdown_blocks_the_plan_before_anything_moves() -> None:
+    # libvirt forgets a transient domain once it stops: shut down, it could never be started again
+    keep = vm("keep", "a", 2, migratable=False, on_unmigratable=UnmigratableAction.SHUTDOWN)
+    scratch = vm("scratch", "a", 2, migratable=False, on_unmigratable=UnmigratableAction.SHUTDOWN, persistent=False)
+    plan = plan_evacuation(snap(two_cells("a", 60, 60), two_cells("b", 64, 64), vms=(keep, scratch)), ["a"])
+
+    assert not plan.feasible
+    assert [(b.vm, b.constraint) for b in plan.blocked] == [("scratch", "transient")]
+    assert "could never be started again" in plan.blocked[0].reason
+    assert [(a.vm, a.action) for a in plan.vm_actions] == [("keep", UnmigratableAction.SHUTDOWN)]

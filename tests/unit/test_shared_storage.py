@@ -113,6 +113,9 @@ class FakeDomain:
     def XMLDesc(self, flags: int) -> str:
         return self.xml
 
+    def isPersistent(self) -> int:
+        return 1
+
     def info(self) -> list[int]:
         return [libvirt.VIR_DOMAIN_RUNNING, 1048576, 1048576, 1, 0]
 
