@@ -178,6 +178,8 @@ def event_degraded(host: str, reason: Annotated[str, typer.Option(help="What mon
     from flows.runbooks.approval import Severity
 
     try:
+        if not reason.strip():  # the runbook would refuse it: say so here, before anything is sent
+            raise InputError("--reason: say what monitoring saw; an empty reason is refused")
         api = _use_api(api_url)
         if severity.lower() not in {s.value for s in Severity}:
             raise InputError(f"--severity: must be one of {', '.join(s.value for s in Severity)}, got {severity!r}")
@@ -201,6 +203,8 @@ def event_hardware_failed(host: str, check: Annotated[str, typer.Option(help="Th
     from deployments.serve import HARDWARE_EVENT
 
     try:
+        if not check.strip():  # the runbook would refuse it: say so here, before anything is sent
+            raise InputError("--check: name the check that failed; an empty check is refused")
         api = _use_api(api_url)
         cluster = _known_cluster(inventory, host)
         event_id = send_host_event(api, HARDWARE_EVENT, host, {"check": check, "detail": detail, "source": source},

@@ -221,3 +221,15 @@ def test_an_operator_cordons_uncordons_and_resets_hosts_only_from_states_that_al
     assert host("reset", "hv02").exit_code == 0 and states.get("hv02").state is HostState.CORDONED
     steps = [r.step for r in AuditTrail(open_engine()).records(host="hv02")]
     assert steps == ["reset", "reset"]  # the refusal is recorded too
+
+
+@pytest.mark.parametrize("args,option", [
+    (["degraded", "hv01", "--reason", "  "], "--reason"),
+    (["hardware-failed", "hv01", "--check", ""], "--check"),
+])
+def test_an_event_without_its_cause_is_refused_before_it_is_sent(args: list[str], option: str) -> None:
+    from deployments.cli import app as deployments_app
+
+    # an API URL that nothing listens on: the refusal must come before any request
+    result = runner.invoke(deployments_app, ["event", *args, "--api-url", "http://127.0.0.1:9/api"])
+    assert result.exit_code == 2 and option in result.output
