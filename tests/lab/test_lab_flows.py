@@ -10,6 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import pytest
 
@@ -358,11 +359,8 @@ def test_two_workers_on_two_machines_share_locks_state_and_audit(flow_lab: LabIn
     [dep] = [d for d in build_deployments(flow_lab.inventory_path, source=ROOT) if d.name == "patch-host"]
     dep.name = "patch-host-two-machines"  # its own deployment: nothing else serves it
     deployment_id = dep.apply(work_pool_name=pool)
-    with get_client(sync_client=True) as client:
-        runs = {host: client.create_flow_run_from_deployment(deployment_id, parameters={"request": {
-            "host": host, "reason": "two machines", "operator": f"op-{host}", "dry_run": False}})
-            for host in ("hv01", "hv02")}
     machines: dict[str, tuple[subprocess.Popen[bytes], Path]] = {}
+    started = datetime.now(UTC)
     try:
         for name in ("machine-a", "machine-b"):
             home = Path(tmp_path) / name  # type: ignore[arg-type]
@@ -377,6 +375,19 @@ def test_two_workers_on_two_machines_share_locks_state_and_audit(flow_lab: LabIn
                 machines[name] = (subprocess.Popen(
                     [prefect_executable(), "worker", "start", "--pool", pool, "--type", "process", "--name", name,
                      "--limit", "1"], cwd=home, env=env, stdout=out, stderr=subprocess.STDOUT), log)
+        # both machines polling before the runs exist: a worker that came up late (its start hit a busy
+        # server) would take its run only after the other had finished, and show nothing of the locks
+        deadline = time.monotonic() + 120
+        with get_client(sync_client=True) as client:
+            while {w.name for w in client.read_workers_for_work_pool(pool)
+                   if w.last_heartbeat_time and w.last_heartbeat_time > started} < set(machines):
+                for worker, log in machines.values():
+                    assert worker.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "\n".join(log.read_text()[-2000:] for _, log in machines.values())
+                time.sleep(0.5)
+            runs = {host: client.create_flow_run_from_deployment(deployment_id, parameters={"request": {
+                "host": host, "reason": "two machines", "operator": f"op-{host}", "dry_run": False}})
+                for host in ("hv01", "hv02")}
         deadline = time.monotonic() + 300
         with get_client(sync_client=True) as client:
             while not all((state := client.read_flow_run(r.id).state) and state.is_final() for r in runs.values()):
