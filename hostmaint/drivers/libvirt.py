@@ -143,12 +143,19 @@ class _ConnectionLost(TransientDriverError):
 
 
 def _lookup(conn: libvirt.virConnect, vm: str) -> libvirt.virDomain | None:
-    try:
-        return conn.lookupByName(vm)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return None
-        raise
+    for attempt in range(3):
+        try:
+            return conn.lookupByName(vm)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None
+            if exc.get_error_code() in (None, libvirt.VIR_ERR_OK) and attempt < 2:
+                # failed without saying why: seen on the lab while an aborted migration's incoming
+                # domain was torn down on the target; a moment later the answer is a real one
+                time.sleep(0.2)
+                continue
+            raise
+    return None  # not reached: the last attempt returns or raises
 
 
 def _running(conn: libvirt.virConnect, vm: str) -> bool:
