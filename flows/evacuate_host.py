@@ -91,8 +91,5 @@ def _approved(host: str, plan: EvacuationPlan, planned_on: FleetSnapshot | None)
     if planned_on is None or planned_on.digest() != plan.snapshot_digest:
         raise InputError("approved_on: the snapshot the approved plan was made on is required, and must be that one")
     if not plan.feasible:
-        reasons = [f"{b.vm}: {b.constraint}: {b.reason}" for b in plan.blocked]
-        if plan.capacity is not None and not plan.capacity.ok:
-            reasons.insert(0, f"N+1: {plan.capacity.reason}")
-        raise PlanError(f"the approved plan for {host} cannot be carried out: " + "; ".join(reasons))
+        raise PlanError(f"the approved plan for {host} cannot be carried out: " + "; ".join(plan.refusals))
     return plan

@@ -193,10 +193,7 @@ def plan_drain(rt: Runtime, run: RunContext, host: str, *, avoid: Sequence[str] 
         if dry_run:
             rec.outcome = StepOutcome.DRY_RUN
         elif not plan.feasible:
-            reasons = [f"{b.vm}: {b.constraint}: {b.reason}" for b in plan.blocked]
-            if plan.capacity is not None and not plan.capacity.ok:
-                reasons.insert(0, f"N+1: {plan.capacity.reason}")
-            raise PlanError(f"cannot evacuate {host}: " + "; ".join(reasons))
+            raise PlanError(f"cannot evacuate {host}: " + "; ".join(plan.refusals))
         return plan
 
 
@@ -222,11 +219,8 @@ def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: Fleet
         log.info("%s: the plan changed while it waited (%s); re-planned:\n%s", ", ".join(plan.hosts),
                  "; ".join(reasons), render_plan(fresh))
         if not fresh.feasible:
-            blocked = [f"{b.vm}: {b.constraint}: {b.reason}" for b in fresh.blocked]
-            if fresh.capacity is not None and not fresh.capacity.ok:
-                blocked.insert(0, f"N+1: {fresh.capacity.reason}")
             raise PlanError(f"cannot evacuate {', '.join(plan.hosts)} any more ({'; '.join(reasons)}): "
-                            + "; ".join(blocked))
+                            + "; ".join(fresh.refusals))
         return fresh
 
 

@@ -385,6 +385,14 @@ class EvacuationPlan(Frozen):
     def feasible(self) -> bool:
         return not self.blocked and (self.capacity is None or self.capacity.ok)
 
+    @property
+    def refusals(self) -> list[str]:
+        """Why the plan cannot be carried out: N+1 first, then each VM that has no target."""
+        reasons = [f"{b.vm}: {b.constraint}: {b.reason}" for b in self.blocked]
+        if self.capacity is not None and not self.capacity.ok:
+            reasons.insert(0, f"N+1: {self.capacity.reason}")
+        return reasons
+
 
 class RebalanceMove(Frozen):
     placement: Placement

@@ -423,15 +423,8 @@ def preflight(shell: HostShell, host: str, policy: HostPolicy) -> Preflight:
 
     Raises StepError naming every problem found (space on each mount, or the repo error's stderr).
     """
-    pm, version, note = detect_package_manager(shell, host, policy.package_manager)
-    free = free_space(shell, host)
-    low = [f"{path} has {mib} MiB free, policy needs {policy.min_free_mib} MiB"
-           for path, mib in free.items() if mib < policy.min_free_mib]
-    if low:
-        raise StepError("not enough free space: " + "; ".join(low), host=host, step=Step.PREFLIGHT)
-    result = Preflight(host=host, package_manager=pm, package_manager_version=version, free_mib=free,
-                       notes=(note,) if note else ())
-    updates = check_updates(shell, host, pm, policy, legacy_yum=result.legacy_yum)
+    result = precheck(shell, host, policy)
+    updates = check_updates(shell, host, result.package_manager, policy, legacy_yum=result.legacy_yum)
     return result.model_copy(update={"updates": updates})
 
 
