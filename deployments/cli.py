@@ -18,6 +18,7 @@ import httpx
 import typer
 from rich.console import Console
 
+from hostmaint.display import cell, labelled
 from hostmaint.errors import HostmaintError, InputError
 
 app = typer.Typer(help="Prefect server, deployments and events.", no_args_is_help=True, add_completion=False,
@@ -39,7 +40,9 @@ NoDeployOpt = Annotated[bool, typer.Option("--no-deployments",
 
 
 def _fail(exc: Exception) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc}", highlight=False)
+    # the message may quote a host name or the server's log (one line of it a line): data, not markup
+    first, *more = str(exc).split("\n")
+    err.print(labelled("error:", "red", first, more), highlight=False)
     return typer.Exit(2 if isinstance(exc, InputError | KeyError) else 1)
 
 
@@ -188,7 +191,7 @@ def event_degraded(host: str, reason: Annotated[str, typer.Option(help="What mon
                                                                "source": source}, cluster)
     except (HostmaintError, KeyError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
-    out.print(f"sent {DEGRADED_EVENT} for {host} (event {event_id})")
+    out.print(cell(f"sent {DEGRADED_EVENT} for {host} (event {event_id})"))
 
 
 @event_app.command("hardware-failed")
@@ -211,7 +214,7 @@ def event_hardware_failed(host: str, check: Annotated[str, typer.Option(help="Th
                                    cluster)
     except (HostmaintError, KeyError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
-    out.print(f"sent {HARDWARE_EVENT} for {host} (event {event_id})")
+    out.print(cell(f"sent {HARDWARE_EVENT} for {host} (event {event_id})"))
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from hostmaint.errors import HostmaintError, InputError, PlanError
+from hostmaint.display import cell, labelled
+from hostmaint.errors import HostmaintError, InputError, InventoryError, PlanError
 from hostmaint.fleet import dump_snapshot, load_snapshot
 from hostmaint.inventory import load_inventory
 from hostmaint.models import MigrationOptions
@@ -65,20 +67,28 @@ def exit_codes() -> Iterator[None]:
 
     Messages are masked like audit records (:func:`~hostmaint.audit.redact_text`): a failed
     step's message quotes the host's output, and dnf prints repository URLs with their passwords.
+    They are printed as data (:func:`~hostmaint.display.labelled`): a VM name they quote is not markup.
     """
     try:
         yield
+    except InventoryError as exc:
+        if len(exc.problems) == 1:
+            err.print(labelled("error:", "red", str(exc)), highlight=False)
+        else:  # one problem a line, as the error's own text has them
+            err.print(labelled("error:", "red", f"{exc.source}: {len(exc.problems)} problems:",
+                               [redact_text(p) for p in exc.problems]), highlight=False)
+        raise typer.Exit(2) from None
     except InputError as exc:
-        err.print(f"[red]error:[/red] {redact_text(str(exc))}", highlight=False)
+        err.print(labelled("error:", "red", redact_text(str(exc))), highlight=False)
         raise typer.Exit(2) from None
     except KeyError as exc:
-        err.print(f"[red]error:[/red] {redact_text(str(exc.args[0] if exc.args else exc))}", highlight=False)
+        err.print(labelled("error:", "red", redact_text(str(exc.args[0] if exc.args else exc))), highlight=False)
         raise typer.Exit(2) from None
     except PlanError as exc:
-        err.print(f"[red]no safe plan:[/red] {redact_text(str(exc))}", highlight=False)
+        err.print(labelled("no safe plan:", "red", redact_text(str(exc))), highlight=False)
         raise typer.Exit(1) from None
     except HostmaintError as exc:
-        err.print(f"[red]failed:[/red] {redact_text(str(exc))}", highlight=False)
+        err.print(labelled("failed:", "red", redact_text(str(exc))), highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -129,7 +139,7 @@ def inventory_check(file: Path) -> None:
     """Validate an inventory file: exit 0 when valid, 2 otherwise (every problem named)."""
     with exit_codes():
         inv = load_inventory(file)
-        out.print(f"{file}: valid — {len(inv.clusters)} cluster(s), {len(inv.hosts)} host(s)")
+        out.print(cell(f"{file}: valid — {len(inv.clusters)} cluster(s), {len(inv.hosts)} host(s)"))
 
 
 @app.command()
@@ -145,7 +155,7 @@ def snapshot(inventory: InventoryOpt = "inventory.yaml",
         text = dump_snapshot(snap)
         if output:
             output.write_text(text)
-            err.print(f"wrote {output}: {len(snap.hosts)} host(s), {len(snap.vms)} VM(s)")
+            err.print(cell(f"wrote {output}: {len(snap.hosts)} host(s), {len(snap.vms)} VM(s)"))
         else:
             sys.stdout.write(text)
 
@@ -174,7 +184,7 @@ def plan_drain(host: str, inventory: InventoryOpt = "inventory.yaml", snapshot: 
         if as_json:
             _print_json({**plan.model_dump(mode="json"), "feasible": plan.feasible})
         else:
-            out.print(render_plan(plan), highlight=False)
+            out.print(Text(render_plan(plan)), highlight=False, soft_wrap=True)
         if not plan.feasible:
             raise typer.Exit(1)
 
@@ -193,7 +203,7 @@ def plan_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml", sn
         if as_json:
             _print_json({**plan.model_dump(mode="json"), "feasible": plan.feasible})
         else:
-            out.print(render_plan(plan), highlight=False)
+            out.print(Text(render_plan(plan)), highlight=False, soft_wrap=True)
 
 
 @plan_app.command("rebalance")
@@ -210,7 +220,7 @@ def plan_rebalance_cmd(cluster: str, max_moves: int = 10, inventory: InventoryOp
         if as_json:
             _print_json(plan.model_dump(mode="json"))
         else:
-            out.print(render_plan(plan), highlight=False)
+            out.print(Text(render_plan(plan)), highlight=False, soft_wrap=True)
 
 
 # --- actions (Prefect flows) -------------------------------------------------------------------------
@@ -236,8 +246,8 @@ def _show_outcomes(outcomes: list[Any], as_json: bool) -> None:
     for col in ("host", "outcome", "state", "rebooted", "packages", "seconds", "detail"):
         table.add_column(col)
     for o in outcomes:
-        table.add_row(o.host, o.outcome.value, o.state, "yes" if o.rebooted else "no", str(o.packages_changed),
-                      f"{o.seconds:.1f}", redact_text(o.detail)[:300])
+        table.add_row(*map(cell, (o.host, o.outcome.value, o.state, "yes" if o.rebooted else "no",
+                                  str(o.packages_changed), f"{o.seconds:.1f}", redact_text(o.detail)[:300])))
     out.print(table)
     migrations = [m for o in outcomes for m in o.migrations]
     if migrations:
@@ -245,8 +255,8 @@ def _show_outcomes(outcomes: list[Any], as_json: bool) -> None:
         for col in ("vm", "from", "to", "seconds", "downtime ms", "outcome"):
             mt.add_column(col)
         for m in migrations:
-            mt.add_row(m.vm, m.source, m.target, f"{m.seconds:.2f}",
-                       "-" if m.downtime_ms is None else f"{m.downtime_ms:.0f}", m.outcome.value)
+            mt.add_row(*map(cell, (m.vm, m.source, m.target, f"{m.seconds:.2f}",
+                                   "-" if m.downtime_ms is None else f"{m.downtime_ms:.0f}", m.outcome.value)))
         out.print(mt)
 
 
@@ -356,7 +366,8 @@ def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = F
             table.add_column(col)
         for r in rows:
             basis = r["link_basis"] + (f": {r['link_note']}" if r["link_note"] else "")
-            table.add_row(r["host"], r["cluster"], r["state"], r["reason"], f"{r['link_mib_s']:.0f}", basis)
+            table.add_row(*map(cell, (r["host"], r["cluster"], r["state"], r["reason"], f"{r['link_mib_s']:.0f}",
+                                      basis)))
         out.print(table)
 
 
@@ -411,7 +422,7 @@ def _host_change(host: str, inventory: str, operator: str, reason: str, step: st
                 record = change(rt, run)
         except StateError as exc:
             raise InputError(str(exc)) from exc
-        out.print(f"{host}: {record.state.value}")
+        out.print(cell(f"{host}: {record.state.value}"))
 
 
 # --- audit ------------------------------------------------------------------------------------------------
@@ -440,9 +451,9 @@ def audit_show(host: Annotated[str | None, typer.Option(help="Only this host.")]
             table.add_column(col)
         for r in records:
             d = _record_dict(r)
-            table.add_row(str(d["seq"]), str(d["time"])[:19], d["flow"] or "", d["trigger"] or "",
-                          d["operator"] or "", d["host"] or "", d["vm"] or "", d["step"], d["outcome"],
-                          f"{d['duration_s'] or 0:.2f}")
+            table.add_row(*map(cell, (str(d["seq"]), str(d["time"])[:19], d["flow"] or "", d["trigger"] or "",
+                                      d["operator"] or "", d["host"] or "", d["vm"] or "", d["step"],
+                                      d["outcome"], f"{d['duration_s'] or 0:.2f}")))
         out.print(table)
 
 
@@ -481,7 +492,7 @@ def audit_verify(anchor: Annotated[str | None, typer.Option(
                       + (f"; anchor {anchor} in place" if anchor else ""))
             out.print(f"head: {report.head}", highlight=False, soft_wrap=True)
         else:
-            err.print(f"[red]audit trail broken:[/red] {report.problem}", highlight=False, soft_wrap=True)
+            err.print(labelled("audit trail broken:", "red", report.problem), highlight=False, soft_wrap=True)
             err.print(f"last record that verified: {report.head}", highlight=False, soft_wrap=True)
         if not report.ok:
             raise typer.Exit(1)
@@ -527,7 +538,7 @@ def _use_demo_db(workdir: Path) -> Path:
         stale.unlink(missing_ok=True)
     os.environ["HOSTMAINT_DB"] = str(db)
     if exported and exported != str(db):
-        err.print(f"the demo uses its own database {db}; HOSTMAINT_DB ({_shown_db(exported)}) is not touched",
+        err.print(cell(f"the demo uses its own database {db}; HOSTMAINT_DB ({_shown_db(exported)}) is not touched"),
                   highlight=False, soft_wrap=True)
     return db
 
@@ -562,8 +573,8 @@ def _demo_simulated(workdir: Path | None) -> None:
     outcomes = _run_flow(patch_window, cluster=snap.cluster, inventory=str(inventory), max_hosts_in_parallel=1,
                          window_id="demo", operator="demo")
     _show_outcomes(outcomes, False)
-    out.print(f"window finished in {time.monotonic() - started:.1f}s; audit trail: {db} "
-              f"(hostmaint audit show / verify with HOSTMAINT_DB={db})")
+    out.print(cell(f"window finished in {time.monotonic() - started:.1f}s; audit trail: {db} "
+                   f"(hostmaint audit show / verify with HOSTMAINT_DB={db})"))
 
 
 def _demo_lab(workdir: Path | None, hosts: int, vms: int, keep: bool) -> None:
@@ -577,14 +588,14 @@ def _demo_lab(workdir: Path | None, hosts: int, vms: int, keep: bool) -> None:
     info = lab_up(hosts=hosts, vms=vms, **kwargs)
     db = _use_demo_db(Path(info.inventory_path).parent)  # a new lab has no history
     out.print(f"lab up in {time.monotonic() - started:.1f}s: {len(info.hosts)} hosts, inventory "
-              f"{info.inventory_path}")
+              f"{info.inventory_path}", markup=False)
     _ensure_limits(Path(info.inventory_path))
     try:
         outcomes = _run_flow(patch_window, cluster="lab", inventory=str(info.inventory_path),
                              max_hosts_in_parallel=1, window_id=f"lab-{int(time.time())}", operator="demo")
         _show_outcomes(outcomes, False)
         out.print(f"audit trail: {db}; Prefect UI: run 'prefect server start' "
-                  "and set PREFECT_API_URL=http://127.0.0.1:4200/api before the demo to see the runs")
+                  "and set PREFECT_API_URL=http://127.0.0.1:4200/api before the demo to see the runs", markup=False)
         if any(o.outcome.value == "failed" for o in outcomes):
             raise typer.Exit(1)
     finally:
@@ -602,8 +613,8 @@ def lab_up_cmd(hosts: int = 3, vms: int = 6, workdir: Path | None = None) -> Non
 
     with exit_codes():
         info = lab_up(hosts=hosts, vms=vms) if workdir is None else lab_up(hosts=hosts, vms=vms, workdir=workdir)
-        out.print(f"inventory: {info.inventory_path}\nknown_hosts: {info.known_hosts_path}")
-        out.print(Path(info.inventory_path).read_text(), highlight=False)
+        out.print(f"inventory: {info.inventory_path}\nknown_hosts: {info.known_hosts_path}", markup=False)
+        out.print(Path(info.inventory_path).read_text(), highlight=False, markup=False, emoji=False)
 
 
 @lab_app.command("down")
@@ -693,12 +704,12 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
                                     "end_s": h.end_s, "migrations": h.migrations, "outcome": h.outcome.value}
                                    for h in estimate.hosts]})
         else:
-            table = Table(title=f"what-if window for {cluster} (a model; see docs/draining.md for its error)")
+            table = Table(title=cell(f"what-if window for {cluster} (a model; see docs/draining.md for its error)"))
             for col in ("host", "start", "drain starts", "drained", "done", "migrations", "outcome"):
                 table.add_column(col)
             for h in estimate.hosts:
-                table.add_row(h.host, _hms(h.start_s), _hms(h.drain_start_s), _hms(h.drained_s), _hms(h.end_s),
-                              str(h.migrations), h.outcome.value)
+                table.add_row(*map(cell, (h.host, _hms(h.start_s), _hms(h.drain_start_s), _hms(h.drained_s),
+                                          _hms(h.end_s), str(h.migrations), h.outcome.value)))
             out.print(table)
             out.print(f"makespan {_hms(estimate.makespan_s)} with {estimate.parallel} host(s) at once, up to "
                       f"{estimate.drains_at_once} draining; serial would take {_hms(estimate.serial_s)}; "
@@ -755,11 +766,11 @@ def simulate_dirty_rates(cluster: str, inventory: InventoryOpt = "inventory.yaml
         vms = [vm for h in hosts for vm in rt.hypervisor.running_vms(h)]
         rates, notes = probe_dirty_rates(rt.hypervisor, hosts, vms, seconds)
         for note in notes:
-            err.print(f"[yellow]{note}[/yellow]")
+            err.print(cell(note, style="yellow"))
         text = json.dumps({vm: round(r, 1) for vm, r in sorted(rates.items())}, indent=2) + "\n"
         if output:
             output.write_text(text)
-            err.print(f"wrote {output}: {len(rates)} of {len(vms)} VM(s) measured")
+            err.print(cell(f"wrote {output}: {len(rates)} of {len(vms)} VM(s) measured"))
         else:
             sys.stdout.write(text)
 

@@ -109,13 +109,29 @@ def discover_cluster(inventory: Inventory, cluster: str, hypervisor: Hypervisor,
     raise AssertionError("unreachable: the last attempt returns or raises")
 
 
-def _first_error(exc: ValidationError) -> str:
+def _first_error(exc: ValidationError, data: object = None) -> str:
     err = exc.errors()[0]
     path = ""
     for part in err["loc"]:
         path += f"[{part}]" if isinstance(part, int) else ("." if path else "") + str(part)
     msg = str(err["msg"]).removeprefix("Value error, ")
+    msg = _name_the_entry(err["loc"], msg, data)
     return f"{path}: {msg}" if path else msg
+
+
+def _name_the_entry(loc: tuple[int | str, ...], msg: str, data: object) -> str:
+    """Pydantic's own errors ("greater than or equal to 0") name a position, hosts[3]: say which
+    host or VM that is, as our own checks do."""
+    if len(loc) < 2 or loc[0] not in ("hosts", "vms") or not isinstance(loc[1], int) or not isinstance(data, dict):
+        return msg
+    entries = data.get(str(loc[0]))
+    if not isinstance(entries, list) or not 0 <= loc[1] < len(entries) or not isinstance(entries[loc[1]], dict):
+        return msg
+    name = entries[loc[1]].get("name")
+    what = "host" if loc[0] == "hosts" else "VM"
+    if not isinstance(name, str) or f"{what} {name!r}" in msg:
+        return msg
+    return f"{what} {name!r}: {msg}"
 
 
 def parse_snapshot(text: str, source: str = "<snapshot>") -> FleetSnapshot:
@@ -127,7 +143,7 @@ def parse_snapshot(text: str, source: str = "<snapshot>") -> FleetSnapshot:
     try:
         return FleetSnapshot.model_validate(data)
     except ValidationError as exc:
-        raise SnapshotError(f"{source}: {_first_error(exc)}") from None
+        raise SnapshotError(f"{source}: {_first_error(exc, data)}") from None
 
 
 def load_snapshot(path: str | Path) -> FleetSnapshot:

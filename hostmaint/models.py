@@ -146,6 +146,9 @@ class Vm(Frozen):
     host: str
     memory_mib: Annotated[int, Field(gt=0)]
     vcpus: Annotated[int, Field(gt=0)]
+    # <vcpu>'s maximum when hot-pluggable vCPUs make it more than ``vcpus`` (those online now, what
+    # the host runs); pins and guest cells may name any vCPU below it. None: the same as vcpus.
+    max_vcpus: Annotated[int, Field(gt=0)] | None = None
     vnuma: tuple[GuestCell, ...] = ()
     vcpupin: dict[int, tuple[int, ...]] = Field(default_factory=dict)
     emulatorpin: tuple[int, ...] = ()
@@ -197,6 +200,41 @@ class Vm(Frozen):
                              f"{', '.join(NUMATUNE_MODES)}")
         return self
 
+    @model_validator(mode="after")
+    def _vcpus_exist(self) -> Vm:
+        # vCPUs are numbered 0..vcpus-1 and libvirt refuses a domain whose pins or guest cells
+        # name others: such a VM never ran, and its pins would be planned (and rewritten) as given.
+        most = self.max_vcpus or self.vcpus
+        if most < self.vcpus:
+            raise ValueError(f"VM {self.name!r}: max_vcpus {most} is less than the {self.vcpus} vCPUs it runs")
+
+        def check(vcpu: int, where: str) -> None:
+            if not 0 <= vcpu < most:
+                raise ValueError(f"VM {self.name!r}: {where} names vCPU {vcpu}, but the VM has {most} vCPU(s) "
+                                 f"(0-{most - 1}{'' if self.max_vcpus else '; max_vcpus gives hot-pluggable ones'})")
+        for vcpu in self.vcpupin:
+            check(vcpu, "vcpupin")
+        cell_of: dict[int, int] = {}
+        seen_cells: set[int] = set()
+        for g in self.vnuma:
+            if g.id in seen_cells:
+                raise ValueError(f"VM {self.name!r}: vnuma: guest cell id {g.id} is listed twice")
+            seen_cells.add(g.id)
+            for vcpu in g.vcpus:
+                check(vcpu, f"vnuma guest cell {g.id}")
+                if vcpu in cell_of:
+                    where = "twice in guest cell" if cell_of[vcpu] == g.id else f"in guest cells {cell_of[vcpu]} and"
+                    raise ValueError(f"VM {self.name!r}: vnuma: vCPU {vcpu} is listed {where} {g.id}")
+                cell_of[vcpu] = g.id
+        for thread in self.iothreadpin:
+            if thread < 1:  # libvirt numbers I/O threads from 1 and refuses 0
+                raise ValueError(f"VM {self.name!r}: iothreadpin names I/O thread {thread}; I/O thread ids "
+                                 f"start at 1")
+        if self.hugepage_kib and not _power_of_two(self.hugepage_kib):
+            raise ValueError(f"VM {self.name!r}: hugepage_kib {self.hugepage_kib} is not a power of two; no "
+                             f"page size is")
+        return self
+
     @property
     def pinned(self) -> bool:
         # Emulator or I/O threads pinned alone, or vCPUs bound by <vcpu cpuset> alone, hold their
@@ -239,7 +277,10 @@ class Host(Frozen):
                 raise ValueError(f"host {self.name!r}: cell {cell.id} has {cell.free_mib} MiB free of "
                                  f"{cell.memory_mib} MiB")
             seen_cells.add(cell.id)
+            _check_pools(self.name, cell)
             for cpu in cell.cpus:
+                if cpu < 0:
+                    raise ValueError(f"host {self.name!r}: cell {cell.id} lists CPU {cpu}; CPU ids are not negative")
                 if cpu in cpu_cell:
                     where = "twice in cell" if cpu_cell[cpu] == cell.id else f"in cells {cpu_cell[cpu]} and"
                     raise ValueError(f"host {self.name!r}: CPU {cpu} is listed {where} {cell.id}")
@@ -253,6 +294,31 @@ class Host(Frozen):
     @property
     def cpu_count(self) -> int:
         return sum(len(c.cpus) for c in self.cells)
+
+
+def _power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _check_pools(host: str, cell: Cell) -> None:
+    """A cell's hugepage pools as the kernel keeps them: one pool per page size, a power of two,
+    no more free pages than the pool has, and no pool larger than the cell's memory."""
+    sizes: set[int] = set()
+    pool_kib = 0
+    for hp in cell.hugepages:
+        where = f"host {host!r}: cell {cell.id}: hugepages of {hp.size_kib} KiB"
+        if not _power_of_two(hp.size_kib):
+            raise ValueError(f"{where}: the page size is not a power of two")
+        if hp.size_kib in sizes:
+            # the planner keeps one pool per size: a second entry would silently replace the first
+            raise ValueError(f"{where} are listed twice")
+        sizes.add(hp.size_kib)
+        if hp.free > hp.total:
+            raise ValueError(f"{where}: {hp.free} pages free of a pool of {hp.total}")
+        pool_kib += hp.total * hp.size_kib
+    if pool_kib > cell.memory_mib * 1024:
+        raise ValueError(f"host {host!r}: cell {cell.id}: its hugepage pools hold {pool_kib // 1024} MiB, "
+                         f"more than the cell's memory_mib {cell.memory_mib}")
 
 
 class FleetSnapshot(Frozen):
@@ -273,6 +339,7 @@ class FleetSnapshot(Frozen):
         if dup:
             raise ValueError(f"hosts: duplicate host name(s) {sorted(dup)}")
         known = set(names)
+        hosts = {h.name: h for h in self.hosts}
         seen: set[str] = set()
         for i, vm in enumerate(self.vms):
             if vm.host not in known:
@@ -280,6 +347,7 @@ class FleetSnapshot(Frozen):
             if vm.name in seen:
                 raise ValueError(f"vms[{i}].name: VM {vm.name!r} runs more than once")
             seen.add(vm.name)
+            _check_vm_on_host(i, vm, hosts[vm.host])
         if self.format != SNAPSHOT_FORMAT:
             raise ValueError(f"format: expected {SNAPSHOT_FORMAT!r}, got {self.format!r}")
         return self
@@ -297,6 +365,30 @@ class FleetSnapshot(Frozen):
         """SHA-256 of the canonical JSON: plans name the snapshot they were made from."""
         canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()
+
+
+def _check_vm_on_host(index: int, vm: Vm, host: Host) -> None:
+    """What a running VM's definition names must exist on its host: libvirt refuses to start a
+    domain pinned to CPUs or bound to NUMA nodes the host lacks, or backed by hugepages of a size
+    the host has no pool of. Planned as given, such pins would be counted and rewritten."""
+    cpus = {cpu for cell in host.cells for cpu in cell.cpus}
+    named = {"vcpupin": [c for pin in vm.vcpupin.values() for c in pin], "emulatorpin": vm.emulatorpin,
+             "vcpu_cpuset": vm.vcpu_cpuset, "iothreadpin": [c for pin in vm.iothreadpin.values() for c in pin]}
+    for field_name, held in named.items():
+        missing = sorted(set(held) - cpus)
+        if missing:
+            raise ValueError(f"vms[{index}].{field_name}: VM {vm.name!r} is pinned to CPU(s) "
+                             f"{', '.join(map(str, missing))}, which host {host.name!r} does not have")
+    cells = {cell.id for cell in host.cells}
+    if vm.numatune is not None:
+        missing = sorted(set(vm.numatune.nodeset) - cells)
+        if missing:
+            raise ValueError(f"vms[{index}].numatune: VM {vm.name!r} is bound to NUMA node(s) "
+                             f"{', '.join(map(str, missing))}, which host {host.name!r} does not have")
+    if vm.hugepage_kib and not any(hp.size_kib == vm.hugepage_kib for cell in host.cells for hp in cell.hugepages):
+        raise ValueError(f"vms[{index}].hugepage_kib: VM {vm.name!r} is backed by {vm.hugepage_kib} KiB "
+                         f"hugepages, but host {host.name!r} lists no pool of that size (a bare <hugepages/> "
+                         f"is read as the host's default size: is it another?)")
 
 
 # --- plans ------------------------------------------------------------------

@@ -160,6 +160,8 @@ def parse_domain(xml: str, host: str, *, vcpus_live: int | None = None,
     memory_kib = to_kib(mem.text if mem is not None else None, mem.get("unit") if mem is not None else None)
     vcpu = root.find("vcpu")
     vcpus = vcpus_live or (int(vcpu.get("current") or (vcpu.text or "1").strip()) if vcpu is not None else 1)
+    # pins and guest cells may name vCPUs that are offline now (current < maximum)
+    most = int((vcpu.text or "1").strip()) if vcpu is not None else 1
 
     vnuma = tuple(
         GuestCell(id=int(c.get("id", str(i))),
@@ -206,7 +208,8 @@ def parse_domain(xml: str, host: str, *, vcpus_live: int | None = None,
     reasons = _blocking_devices(root.find("devices"), shared_storage_prefixes)
     return Vm(
         name=name, uuid=(root.findtext("uuid") or "").strip(), host=host,
-        memory_mib=max(1, memory_kib // 1024), vcpus=max(1, vcpus), vnuma=vnuma, vcpupin=vcpupin,
+        memory_mib=max(1, memory_kib // 1024), vcpus=max(1, vcpus), max_vcpus=most if most > max(1, vcpus) else None,
+        vnuma=vnuma, vcpupin=vcpupin,
         emulatorpin=emulatorpin, vcpu_cpuset=vcpu_cpuset, iothreadpin=iothreadpin,
         numatune=numatune, hugepage_kib=hugepage_kib,
         migratable=not reasons, not_migratable_reason="; ".join(reasons) or None,

@@ -1,18 +1,31 @@
-"""Plans as plain-text tables, for ``--dry-run`` and ``hostmaint plan ...`` output."""
+"""Plans as plain-text tables, for ``--dry-run`` and ``hostmaint plan ...`` output.
+
+Names and reasons come from hosts and snapshots: every one goes through :func:`visible`, so a
+line break or an escape sequence in a VM's name shows as ``\\n`` or ``\\x1b`` and a table keeps
+one line per VM. The text is plain: print it as such (rich ``Text``), never as markup.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from rich.cells import cell_len
+
+from hostmaint.display import visible
 from hostmaint.models import Balance, CapacityCheck, EvacuationPlan, RebalancePlan, WindowPlan
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    cells = [[str(h) for h in headers]] + [[visible(c) for c in r] for r in rows]
+    # terminal columns, not characters: a CJK name takes two per character
+    widths = [max(cell_len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c + " " * (w - cell_len(c)) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(map(visible, names))
 
 
 def _pins(p: dict[int, tuple[int, ...]]) -> str:
@@ -22,7 +35,7 @@ def _pins(p: dict[int, tuple[int, ...]]) -> str:
 def _capacity(check: CapacityCheck | None) -> str:
     if check is None:
         return "N+1 check: not run"
-    return f"N+1 check: {'ok' if check.ok else 'REFUSED'} (margin {check.margin_mib} MiB): {check.reason}"
+    return f"N+1 check: {'ok' if check.ok else 'REFUSED'} (margin {check.margin_mib} MiB): {visible(check.reason)}"
 
 
 def _balance(b: Balance | None, what: str = "balance after") -> str:
@@ -33,7 +46,7 @@ def _balance(b: Balance | None, what: str = "balance after") -> str:
 
 
 def _evacuation(plan: EvacuationPlan, *, title: str | None = None) -> str:
-    out = [title or f"Evacuation plan for {', '.join(plan.hosts)} (cluster {plan.cluster}): "
+    out = [title or f"Evacuation plan for {_names(plan.hosts)} (cluster {visible(plan.cluster)}): "
            f"{'FEASIBLE' if plan.feasible else 'NOT FEASIBLE'}",
            f"snapshot {plan.snapshot_digest[:12]}, planner {plan.planner}", _capacity(plan.capacity),
            _balance(plan.balance)]
@@ -48,7 +61,7 @@ def _evacuation(plan: EvacuationPlan, *, title: str | None = None) -> str:
         out += ["", _table(("VM", "HOST", "ACTION", "WHY"),
                            [(a.vm, a.host, a.action.value, a.reason) for a in plan.vm_actions])]
     if plan.skipped_hosts:
-        out += ["", f"skipped hosts: {', '.join(plan.skipped_hosts)}"]
+        out += ["", f"skipped hosts: {_names(plan.skipped_hosts)}"]
     if plan.blocked:
         blocked = [(b.vm, b.host, b.constraint, b.reason, b.hint) for b in plan.blocked]
         out += ["", "BLOCKED:", _table(("VM", "HOST", "CONSTRAINT", "REASON", "HINT"), blocked)]
@@ -56,7 +69,7 @@ def _evacuation(plan: EvacuationPlan, *, title: str | None = None) -> str:
 
 
 def _rebalance(plan: RebalancePlan) -> str:
-    out = [f"Rebalance plan for cluster {plan.cluster}: {len(plan.moves)} move(s), "
+    out = [f"Rebalance plan for cluster {visible(plan.cluster)}: {len(plan.moves)} move(s), "
            f"balance {plan.balance_before:.4f} -> {plan.balance_after:.4f} (sum of squared utilisations)",
            f"snapshot {plan.snapshot_digest[:12]}", _balance(plan.spread_before, "before"),
            _balance(plan.spread_after, "after")]
@@ -69,7 +82,7 @@ def _rebalance(plan: RebalancePlan) -> str:
 
 
 def _window(plan: WindowPlan) -> str:
-    out = [f"Rolling window for cluster {plan.cluster}: {'FEASIBLE' if plan.feasible else 'NOT FEASIBLE'}; "
+    out = [f"Rolling window for cluster {visible(plan.cluster)}: {'FEASIBLE' if plan.feasible else 'NOT FEASIBLE'}; "
            f"{len(plan.steps)} host(s), {plan.migrations} migration(s) of {plan.vms_moved} VM(s) "
            f"= {plan.migrations_per_vm:.2f} per VM; estimated {plan.estimated_seconds / 60:.0f} min",
            f"snapshot {plan.snapshot_digest[:12]}", _capacity(plan.capacity)]
@@ -79,10 +92,10 @@ def _window(plan: WindowPlan) -> str:
             for s in plan.steps]
     out += ["", _table(("#", "HOST", "MOVES", "ONTO PATCHED", "ACTIONS", "BLOCKED", "MIN"), rows)]
     if plan.skipped_hosts:
-        out += ["", f"skipped hosts: {', '.join(plan.skipped_hosts)}"]
+        out += ["", f"skipped hosts: {_names(plan.skipped_hosts)}"]
     for step in plan.steps:
         if step.evacuation.placements or step.evacuation.blocked or step.evacuation.vm_actions:
-            out += ["", _evacuation(step.evacuation, title=f"Step {step.order}: drain {step.host}")]
+            out += ["", _evacuation(step.evacuation, title=f"Step {step.order}: drain {visible(step.host)}")]
     return "\n".join(out)
 
 

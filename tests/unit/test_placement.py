@@ -209,7 +209,8 @@ def test_hugepage_vm_needs_free_pages_of_its_size_in_the_cell() -> None:
     c = host("c", cell(0, 64, 5, range(0, 8), (HugePages(size_kib=gig, total=20, free=10),)),
              cell(1, 64, 5, range(8, 16), (HugePages(size_kib=gig, total=20, free=12),)))
     hp = vm("hp", "a", 12, hugepage_kib=gig)
-    plan = plan_evacuation(snap(two_cells("a", 0, 0), b, c, vms=(hp,)), ["a"], spare_hosts=0)
+    a = host("a", cell(0, 64, 0, range(0, 8), (HugePages(size_kib=gig, total=12, free=0),)))  # its pool backs hp
+    plan = plan_evacuation(snap(a, b, c, vms=(hp,)), ["a"], spare_hosts=0)
     p = only(plan, "hp")
     assert (p.target, p.target_cells) == ("c", (1,))  # b has only 2 MiB pages; c cell 0 has 10 x 1 GiB
 

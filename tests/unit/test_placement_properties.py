@@ -79,7 +79,7 @@ def fleets(draw: st.DrawFn) -> FleetSnapshot:
                 extra["numatune"] = Numatune(mode="strict", nodeset=(pins[0] // 4,))
             elif kind == "emulator" and free_cpus:  # emulator threads pinned, vCPUs floating
                 extra["emulatorpin"] = (free_cpus.pop(0),)
-            elif kind == "hugepages":
+            elif kind == "hugepages" and any(cell.hugepages for cell in cells):  # a pool of its size backs it
                 extra["hugepage_kib"] = PAGE
                 mem = draw(st.integers(1, 6)) * GIB
             migratable = draw(st.sampled_from((True,) * 9 + (False,)))
