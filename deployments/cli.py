@@ -37,6 +37,14 @@ ApiOpt = Annotated[str | None, typer.Option("--api-url", envvar="PREFECT_API_URL
 PoolOpt = Annotated[str, typer.Option("--work-pool", help="Process work pool the deployments go to.")]
 NoDeployOpt = Annotated[bool, typer.Option("--no-deployments",
                                            help="Only limits and automation; 'hostmaint serve' brings its own.")]
+SimulatedOpt = Annotated[bool, typer.Option(
+    "--simulated", help="Serve every deployment on a fresh SIMULATED fleet (4 hosts, 12 VMs, cluster 'demo'); "
+                        "no real host is contacted. Ignores --inventory.")]
+TimeScaleOpt = Annotated[float, typer.Option(
+    "--time-scale", min=0.001, max=10, help="With --simulated: real seconds per simulated second (the "
+                                            "inventory's simulation.time_scale; 1 = real speed).")]
+SimHomeOpt = Annotated[Path, typer.Option("--simulated-home", help="With --simulated: where its files and "
+                                                                    "its own hostmaint database go.")]
 
 
 def _fail(exc: Exception) -> typer.Exit:
@@ -100,8 +108,14 @@ def server_cmd(inventory: Annotated[str | None, typer.Option(
                database_url: Annotated[str | None, typer.Option(
                    "--database-url", envvar="HOSTMAINT_PREFECT_DATABASE_URL",
                    help="postgresql+asyncpg://user:pass@host/db (default: SQLite in --home).")] = None,
-               work_pool: PoolOpt = "hostmaint", no_deployments: NoDeployOpt = False) -> None:
-    """Start a Prefect server on 127.0.0.1 (analytics off, leases on disk), set it up, keep it running."""
+               work_pool: PoolOpt = "hostmaint", no_deployments: NoDeployOpt = False,
+               simulated: SimulatedOpt = False, time_scale: TimeScaleOpt = 0.2,
+               simulated_home: SimHomeOpt = Path("~/.local/share/hostmaint/simulated")) -> None:
+    """Start a Prefect server on 127.0.0.1 (analytics off, leases on disk), set it up, keep it running.
+
+    With --simulated it also serves every deployment, on a SIMULATED fleet, from this process:
+    one command to try the UI without hypervisors.
+    """
     from deployments.server import ServerConfig, server_env, setup, start_server
 
     cfg = ServerConfig(home=home, port=port, database_url=database_url)
@@ -112,12 +126,16 @@ def server_cmd(inventory: Annotated[str | None, typer.Option(
     out.print(f"Prefect server up: UI {cfg.ui_url}  API {cfg.api_url}  (log {server.log_path})")
     out.print(f"  export PREFECT_API_URL={cfg.api_url}")
     try:
+        signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: the finally below stops the server
+        if simulated:
+            os.environ.update({k: v for k, v in server_env(cfg).items() if k.startswith("PREFECT_")})
+            _serve_simulated(simulated_home, time_scale)  # until Ctrl-C or SIGTERM; then the server stops too
+            return
         if inventory:
             os.environ.update({k: v for k, v in server_env(cfg).items() if k.startswith("PREFECT_")})
             _print_setup(setup(inventory, work_pool=None if no_deployments else work_pool))
             if not no_deployments:
                 out.print(f"  run flows: prefect worker start --pool {work_pool}  (with HOSTMAINT_INVENTORY set)")
-        signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: the finally below stops the server
         server.process.wait()
     except (HostmaintError, KeyError, httpx.HTTPError) as exc:
         server.stop()
@@ -134,15 +152,34 @@ def serve_cmd(inventory: InventoryOpt = "inventory.yaml", api_url: ApiOpt = None
               windows: Annotated[Path | None, typer.Option(help="Patch window schedules (windows.yaml).")] = None,
               approval_poll_s: Annotated[int | None, typer.Option(
                   "--approval-poll-seconds", min=1, help="How often a run waiting for approval checks (default 10).")]
-              = None) -> None:
+              = None, simulated: SimulatedOpt = False, time_scale: TimeScaleOpt = 0.2,
+              simulated_home: SimHomeOpt = Path("~/.local/share/hostmaint/simulated")) -> None:
     """Serve every deployment from this process (small sites): schedules, forms and runbook triggers."""
     from deployments.serve import WINDOWS_FILE, serve_deployments
 
     try:
         _use_api(api_url)
+        if simulated:
+            _serve_simulated(simulated_home, time_scale, limit=limit, approval_poll_s=approval_poll_s)
+            return
         serve_deployments(inventory, windows=windows or WINDOWS_FILE, limit=limit, approval_poll_s=approval_poll_s)
     except (HostmaintError, KeyError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
+
+
+def _serve_simulated(home: Path, time_scale: float, *, limit: int | None = None,
+                     approval_poll_s: int | None = None) -> None:
+    """Write a fresh SIMULATED fleet, set the server up for it and serve every deployment on it."""
+    from deployments.serve import serve_deployments, simulated_site
+    from deployments.server import setup
+
+    inventory = simulated_site(home, time_scale=time_scale)
+    err.print(f"[yellow]SIMULATED fleet[/yellow]: 4 hosts, 12 VMs, cluster demo, time scale {time_scale:g}; "
+              f"inventory {inventory}, database {os.environ['HOSTMAINT_DB']}. No real host is contacted.",
+              soft_wrap=True, highlight=False)
+    _print_setup(setup(inventory, work_pool=None))
+    out.print("serving every deployment on the SIMULATED fleet; Ctrl-C stops")
+    serve_deployments(inventory, limit=limit, approval_poll_s=approval_poll_s)
 
 
 def send_host_event(api_url: str, event: str, host: str, payload: dict[str, object],

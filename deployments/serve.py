@@ -41,6 +41,8 @@ from hostmaint.inventory import Inventory, load_inventory
 ROOT = Path(__file__).resolve().parents[1]
 WINDOWS_FILE = Path(__file__).with_name("windows.yaml")
 TAGS = ["hostmaint"]
+SIMULATED_TAG = "simulated"
+SIMULATED_LABEL = "SIMULATED fleet, no real host is touched. "
 EXCLUSION_HORIZON_YEARS = 10
 
 DEGRADED_EVENT = "hostmaint.host.degraded"
@@ -234,13 +236,17 @@ def build_deployments(inventory: str | Path | Inventory, *, windows: Path = WIND
     """
     inv = inventory if isinstance(inventory, Inventory) else load_inventory(inventory)
     default, overrides = load_windows(windows, known=[c.name for c in inv.clusters])
+    # a simulated inventory says so on every deployment (and, through the tag, on every run), so
+    # nobody mistakes a demo for the fleet
+    label = SIMULATED_LABEL if inv.simulation is not None else ""
+    tags = [*TAGS, SIMULATED_TAG] if inv.simulation is not None else TAGS
     out: list[RunnerDeployment] = []
     window_flow = _load_flow(PATCH_WINDOW_ENTRYPOINT, source)
     for cluster in inv.clusters:
         cfg = overrides.get(cluster.name, default)
         out.append(cast(RunnerDeployment, window_flow.to_deployment(
-            name=f"patch-window-{cluster.name}", tags=[*TAGS, f"cluster:{cluster.name}"],
-            description=f"Patch window of cluster {cluster.name}: {cfg.rrule} in {cfg.timezone}, "
+            name=f"patch-window-{cluster.name}", tags=[*tags, f"cluster:{cluster.name}"],
+            description=f"{label}Patch window of cluster {cluster.name}: {cfg.rrule} in {cfg.timezone}, "
                         f"{cfg.window_minutes:g} min, {len(cfg.exclude)} date(s) excluded.",
             schedules=[window_schedule(cluster.name, cfg)], parameters=window_parameters(cluster.name, cfg))))
     extra = {} if approval_poll_s is None else {"poll_interval_s": approval_poll_s}
@@ -251,8 +257,29 @@ def build_deployments(inventory: str | Path | Inventory, *, windows: Path = WIND
             kwargs["triggers"] = [degraded_trigger(extra)]
         elif name == "hardware-check-failed":
             kwargs["triggers"] = [hardware_trigger(extra)]
-        out.append(cast(RunnerDeployment, fl.to_deployment(name=name, tags=TAGS, description=description, **kwargs)))
+        out.append(cast(RunnerDeployment, fl.to_deployment(name=name, tags=tags, description=label + description,
+                                                           **kwargs)))
     return out
+
+
+SIMULATED_HOME = Path("~/.local/share/hostmaint/simulated")
+SIMULATED_TIME_SCALE = 0.2  # real seconds per simulated one: a 4 GiB VM moves in ~1 s, slow enough to watch
+
+
+def simulated_site(workdir: Path = SIMULATED_HOME, *, time_scale: float = SIMULATED_TIME_SCALE) -> Path:
+    """A fresh SIMULATED fleet to serve (4 hosts, 12 VMs, cluster ``demo``) and its own empty database.
+
+    Returns the inventory path. ``time_scale`` goes into the inventory's ``simulation.time_scale``,
+    which is what the runs read. The database is ``workdir/hostmaint.db`` (``$HOSTMAINT_DB`` is set for
+    this process and the runs it serves), so no simulated record reaches a real trail.
+    """
+    from hostmaint.simulation import demo_packages, demo_snapshot, use_fresh_database, write_simulated_fleet
+
+    workdir = workdir.expanduser().resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    use_fresh_database(workdir)
+    snap = demo_snapshot(4, 12)
+    return write_simulated_fleet(workdir, snap, demo_packages(snap), time_scale=time_scale)
 
 
 def serve_deployments(inventory: str | Path, *, windows: Path = WINDOWS_FILE, limit: int | None = None,

@@ -67,7 +67,8 @@ def open_runtime(inventory_path: str | Path, db_url: str | None = None, *,
         if inventory.simulation is not None:
             from hostmaint.drivers.memory import SimulatedFleet
 
-            fleet = SimulatedFleet.load(Path(inventory.simulation.state_file))
+            fleet = SimulatedFleet.load(Path(inventory.simulation.state_file),
+                                         time_scale=inventory.simulation.time_scale)
             hypervisor: Hypervisor = fleet
             shell: HostShell = fleet
             simulated = True

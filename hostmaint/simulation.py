@@ -6,6 +6,7 @@ benchmarks. Everything it writes says it is simulated.
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,3 +89,18 @@ def write_simulated_fleet(workdir: Path, snapshot: FleetSnapshot, packages: dict
     path.write_text("# SIMULATED fleet written by hostmaint; no real host is contacted.\n"
                     + yaml.safe_dump(inventory, sort_keys=False))
     return path
+
+
+def use_fresh_database(workdir: Path) -> Path:
+    """Point this process's state and audit at a new, empty ``workdir/hostmaint.db``; return its path.
+
+    A simulated fleet's made-up hosts, windows and audit records must never land in a real trail
+    (a trail's records cannot be removed again), so an exported ``HOSTMAINT_DB`` is overridden. A
+    stale file from an earlier run goes, with SQLite's WAL files (SQLite would apply them to the
+    new database), since its host states would be wrong for a new fleet.
+    """
+    db = workdir / "hostmaint.db"
+    for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        stale.unlink(missing_ok=True)
+    os.environ["HOSTMAINT_DB"] = str(db)
+    return db

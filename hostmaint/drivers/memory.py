@@ -94,15 +94,20 @@ class SimulatedFleet:
             tmp.replace(self.state_file)
 
     @classmethod
-    def load(cls, path: Path, **kwargs: object) -> SimulatedFleet:
-        """Load a fleet saved by ``save`` (or written by ``hostmaint demo``)."""
+    def load(cls, path: Path, *, time_scale: float | None = None, **kwargs: object) -> SimulatedFleet:
+        """Load a fleet saved by ``save`` (or written by ``hostmaint demo``).
+
+        ``time_scale``: the inventory's (``simulation.time_scale``), where the docs tell operators to set
+        the speed; it wins over the value the state file was first written with.
+        """
         data = json.loads(path.read_text())
         if data.get("format") != SIM_FORMAT:
             raise DriverError(f"{path}: not a simulated fleet state file (format {data.get('format')!r})")
         snapshot = FleetSnapshot.model_validate(data["snapshot"])
         packages = {h: SimHostPackages(**p) for h, p in data["packages"].items()}
         fleet = cls(snapshot, packages, bandwidth_mib_s=data["bandwidth_mib_s"],
-                    time_scale=data["time_scale"], state_file=path, **kwargs)  # type: ignore[arg-type]
+                    time_scale=data["time_scale"] if time_scale is None else time_scale, state_file=path,
+                    **kwargs)  # type: ignore[arg-type]
         fleet.running = {h: set(v) for h, v in data["running"].items()}
         fleet.stopped = dict(data["stopped"])
         fleet.lost = list(data["lost"])

@@ -1,0 +1,46 @@
+"""What an operator sees in the Prefect UI and the audit trail (issue 18), on a SIMULATED fleet.
+
+Deployments served on the simulated fleet say so; setup and serve leave one set of automations;
+runs are named and tagged after their action and host; a rejected approval is its own state;
+the audit names who really started a run; forms refuse unknown hosts and clusters before a run exists.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect_support import make_fleet
+
+from deployments.serve import SIMULATED_TAG, build_deployments, simulated_site
+
+
+def test_deployments_served_on_a_simulated_fleet_say_so(tmp_path: Path) -> None:
+    deps = build_deployments(make_fleet(tmp_path / "sim"))
+    assert deps
+    for dep in deps:
+        assert SIMULATED_TAG in dep.tags, dep.name
+        assert dep.description and dep.description.startswith("SIMULATED"), dep.name
+
+
+def test_deployments_of_a_real_inventory_do_not_say_simulated(tmp_path: Path) -> None:
+    inventory = make_fleet(tmp_path / "real")
+    data = yaml.safe_load(inventory.read_text())
+    del data["simulation"]
+    for h in data["hosts"]:
+        h["libvirt_uri"] = f"qemu+ssh://root@{h['name']}/system"
+    inventory.write_text(yaml.safe_dump(data))
+    for dep in build_deployments(inventory):
+        assert SIMULATED_TAG not in dep.tags
+        assert "SIMULATED" not in (dep.description or "")
+
+
+def test_the_simulated_site_has_its_own_database_and_the_speed_asked_for(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOSTMAINT_DB", str(tmp_path / "production.db"))
+    inventory = simulated_site(tmp_path / "site", time_scale=0.3)
+    data = yaml.safe_load(inventory.read_text())
+    assert data["simulation"]["time_scale"] == 0.3
+    assert os.environ["HOSTMAINT_DB"] == str((tmp_path / "site" / "hostmaint.db").resolve())
