@@ -10,6 +10,7 @@ from prefect import runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
+from hostmaint.display import markdown_text, visible
 from hostmaint.maintenance import RunContext
 from hostmaint.models import MigrationResult, StepOutcome, Trigger
 
@@ -42,18 +43,24 @@ class HostOutcome(BaseModel):
 
 
 def publish_report(title: str, outcomes: Sequence[HostOutcome], *, key: str | None = None) -> None:
-    """End a run with a markdown summary per host and a table of every migration."""
+    """End a run with a markdown summary per host and a table of every migration.
+
+    Host names, states and details are data (a detail quotes host output): escaped, they cannot end
+    a cell or a row, nor open a link, HTML or code in the UI (:func:`~hostmaint.display.markdown_text`).
+    """
     sim = any(o.simulated for o in outcomes)
-    lines = [f"# {title}", ""]
+    lines = [f"# {markdown_text(title)}", ""]
     if sim:
         lines += ["> **SIMULATED fleet** — no real host was touched.", ""]
     lines += ["| host | outcome | state | rebooted | packages | seconds | detail |",
               "|---|---|---|---|---|---|---|"]
     for o in outcomes:
-        lines.append(f"| {o.host} | {o.outcome.value} | {o.state} | {'yes' if o.rebooted else 'no'} | "
-                     f"{o.packages_changed} | {o.seconds:.1f} | {o.detail.replace('|', '/')[:200]} |")
+        lines.append(f"| {markdown_text(o.host)} | {o.outcome.value} | {markdown_text(o.state)} | "
+                     f"{'yes' if o.rebooted else 'no'} | {o.packages_changed} | {o.seconds:.1f} | "
+                     f"{markdown_text(o.detail[:200])} |")
     create_markdown_artifact("\n".join(lines), key=key, description=title)
-    rows = [{"vm": m.vm, "from": m.source, "to": m.target, "seconds": round(m.seconds, 2),
+    # the UI shows a table artifact's values as text: only what would not show needs escaping
+    rows = [{"vm": visible(m.vm), "from": visible(m.source), "to": visible(m.target), "seconds": round(m.seconds, 2),
              "downtime_ms": m.downtime_ms, "outcome": m.outcome.value}
             for o in outcomes for m in o.migrations]
     if rows:

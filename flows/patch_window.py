@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.patch_host import patch_host
 from flows.rebalance_cluster import rebalance_locked
+from hostmaint.display import visible
 from hostmaint.errors import InputError, LockHeldError
 from hostmaint.maintenance import link_figures
 from hostmaint.models import StepOutcome, Trigger
@@ -146,7 +147,7 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
                 waiting_for_room = None  # room may have come back
                 if result.outcome is StepOutcome.FAILED:
                     failures += 1
-                    logger.error("host %s failed: %s", host, result.detail)
+                    logger.error("host %s failed: %s", host, visible(result.detail))
     for host in pending:
         reason = "failure limit reached" if failures > max_failed_hosts else "window would end before it finished"
         outcomes.append(HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host).value,

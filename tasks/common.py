@@ -16,6 +16,7 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 from prefect.states import State
 
+from hostmaint.display import visible
 from hostmaint.errors import InputError, TransientDriverError
 from hostmaint.migration import DrainEvent
 from hostmaint.runtime import Runtime, open_runtime
@@ -140,7 +141,8 @@ def drain_logger(total: int = 0) -> Callable[[DrainEvent], None]:
         kind = getattr(event.kind, "value", event.kind)
         if kind == "progress":
             return
-        logger.info("drain %s %s %s", kind, event.vm, dict(event.detail))
+        # the VM name is the host's: one log line, whatever it holds
+        logger.info("drain %s %s %s", kind, visible(event.vm), dict(event.detail))  # repr() escapes the detail
         if artifact is None or kind not in ("finished", "failed", "aborted", "skipped"):
             return
         with lock:

@@ -23,6 +23,7 @@ from flows import locks
 from flows.common import HostOutcome, default_inventory, run_context
 from flows.evacuate_host import evacuate_host
 from flows.params import check_host
+from hostmaint.display import markdown_code, markdown_text, visible
 from hostmaint.maintenance import RunContext, audited
 from hostmaint.models import EvacuationPlan, HostState, StepOutcome, Trigger
 from hostmaint.placement import render_plan
@@ -60,8 +61,10 @@ class ApprovalInput(RunInput):
 def show_plan(plan: EvacuationPlan, host: str, why: str) -> str:
     """Print the plan to the run log and publish it as the run's artifact; return the text."""
     text = render_plan(plan)
-    get_run_logger().info("plan for %s (%s):\n%s", host, why, text)
-    create_markdown_artifact(f"# Evacuation plan for {host}\n\n{why}\n\n```\n{text}\n```\n",
+    get_run_logger().info("plan for %s (%s):\n%s", visible(host), visible(why), text)
+    # the reason comes from an event and the plan names VMs: neither may format the page the approver reads
+    create_markdown_artifact(f"# Evacuation plan for {markdown_text(host)}\n\nWhy: {markdown_text(why)}\n\n"
+                             f"{markdown_code(text)}",
                              key=f"plan-{host.lower().replace('.', '-').replace('_', '-')}",
                              description=f"evacuation plan for {host}")
     return text
@@ -94,8 +97,8 @@ def ask_approval(rt: Runtime, run: RunContext, host: str, plan: EvacuationPlan, 
         rec.details.update({"approve": answer.approve, "approver": answer.operator, "comment": answer.comment,
                             "automatic": automatic is not None, "timed_out": timed_out})
         rec.outcome = StepOutcome.OK if answer.approve else StepOutcome.SKIPPED
-    get_run_logger().info("%s by %s%s", "approved" if answer.approve else "NOT approved", answer.operator,
-                          f": {answer.comment}" if answer.comment else "")
+    get_run_logger().info("%s by %s%s", "approved" if answer.approve else "NOT approved", visible(answer.operator),
+                          f": {visible(answer.comment)}" if answer.comment else "")
     return answer
 
 
