@@ -93,12 +93,13 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
                     plan, report = drain_planned(ref, run, plan, snapshot, avoid or [], focus=True,
                                                  hosts_at_once=hosts_at_once)
                     migrations += report.results
-                except PlanError:
-                    # Refused before anything moved (N+1, a VM that fits nowhere): the patch never
-                    # started, so the host goes back to how it was. Left cordoned, every refusal in a
-                    # window would take one more host out of placement and make the next refusal likelier.
-                    if state not in (HostState.DRAINING, HostState.DRAINED):
-                        t.uncordon_host(ref, run, host)
+                except PlanError as exc:
+                    # Refused before anything moved (N+1, a VM that fits nowhere): when nothing of the
+                    # host was moved yet, it goes back to how it was (left cordoned, every refusal in a
+                    # window would take one more host out of placement and make the next refusal
+                    # likelier). When an earlier run moved some of its VMs, it never was back in service:
+                    # it stays cordoned, unpatched, with the reason and the VMs that are away.
+                    t.end_unstarted(ref, run, host, str(exc), snapshot)
                     refused = True
                     raise
                 t.check_invariants(ref, cluster, expected, stopped)

@@ -354,20 +354,22 @@ def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = F
         for h in rt.inventory.hosts:
             rec = rt.states.get(h.name)
             link = links[h.name]
+            # VMs maintenance moved off it and did not bring back (their recorded origin is this host)
+            away = sorted(rt.states.origins(h.name))
             # a failed host's reason is its error (see exit_codes)
             rows.append({"host": h.name, "cluster": h.cluster, "state": rec.state.value,
-                         "reason": redact_text(rec.reason),
+                         "reason": redact_text(rec.reason), "vms_away": away,
                          "link_mib_s": link.mib_s, "link_basis": link.basis, "link_note": link.note})
         if as_json:
             _print_json(rows)
             return
         table = Table(title="hosts")
-        for col in ("host", "cluster", "state", "reason", "link MiB/s", "link from"):
+        for col in ("host", "cluster", "state", "reason", "VMs away", "link MiB/s", "link from"):
             table.add_column(col)
         for r in rows:
             basis = r["link_basis"] + (f": {r['link_note']}" if r["link_note"] else "")
-            table.add_row(*map(cell, (r["host"], r["cluster"], r["state"], r["reason"], f"{r['link_mib_s']:.0f}",
-                                      basis)))
+            table.add_row(*map(cell, (r["host"], r["cluster"], r["state"], r["reason"],
+                                      ", ".join(r["vms_away"]) or "-", f"{r['link_mib_s']:.0f}", basis)))
         out.print(table)
 
 

@@ -10,7 +10,7 @@ contract; see docs/snapshot.md.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from hostmaint.drivers.base import Hypervisor, MigrationStates
 from hostmaint.errors import SnapshotError
 from hostmaint.inventory import Inventory
-from hostmaint.models import FleetSnapshot, Host, HostDiscovery, HostState, UnmigratableAction, Vm
+from hostmaint.models import Cell, FleetSnapshot, Host, HostDiscovery, HostState, UnmigratableAction, Vm
 
 DISCOVERY_ATTEMPTS = 3
 
@@ -38,6 +38,23 @@ def apply_policies(inventory: Inventory, cluster: str, vm: Vm) -> Vm:
         changes["migratable"] = False
         changes["not_migratable_reason"] = vm.not_migratable_reason or "policy: migratable: false"
     return vm.model_copy(update=changes)
+
+
+def free_after_guests(cells: tuple[Cell, ...], vms: Sequence[Vm]) -> tuple[Cell, ...]:
+    """``cells`` with free memory no higher than what the guests running there leave.
+
+    The host's free memory counts only pages a guest has touched: a guest that started a moment ago
+    (or that never touches most of its memory) looks almost free, and a plan made on that figure
+    places VMs where the guest's memory will be. So free memory is capped at the host's memory less
+    its hugepage pools and its guests' ordinary memory, lowered in every cell in proportion (which
+    cell a guest's pages land in is not known)."""
+    free = sum(c.free_mib for c in cells)
+    pools = sum(hp.total * hp.size_kib for c in cells for hp in c.hugepages) // 1024
+    committed = sum(v.memory_mib for v in vms if not v.hugepage_kib)
+    ceiling = max(0, sum(c.memory_mib for c in cells) - pools - committed)
+    if free <= ceiling:
+        return cells
+    return tuple(c.model_copy(update={"free_mib": c.free_mib * ceiling // free}) for c in cells)
 
 
 def build_snapshot(inventory: Inventory, cluster: str, discoveries: Mapping[str, HostDiscovery], *,
@@ -60,8 +77,8 @@ def build_snapshot(inventory: Inventory, cluster: str, discoveries: Mapping[str,
         if found is None:
             continue
         hosts.append(Host(name=entry.name, cluster=cluster, state=states.get(entry.name, HostState.ACTIVE),
-                          cells=found.cells, reserved_memory_mib=entry.reserved_memory_mib,
-                          cpu_group=entry.cpu_group))
+                          cells=free_after_guests(found.cells, found.vms),
+                          reserved_memory_mib=entry.reserved_memory_mib, cpu_group=entry.cpu_group))
         for vm in found.vms:
             vm = vm.model_copy(update={"host": entry.name, "origin": origins.get(vm.name)})
             vms.append(apply_policies(inventory, cluster, vm))

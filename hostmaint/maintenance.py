@@ -135,7 +135,11 @@ def cordon(rt: Runtime, run: RunContext, host: str) -> HostRecord:
 
 
 def uncordon(rt: Runtime, run: RunContext, host: str) -> HostState:
-    """Return the host to the state it had before maintenance (an operator's cordon stays)."""
+    """Return a host verified in this maintenance to the state it had before (an operator's cordon stays).
+
+    Only a ``verifying`` host (it passed :func:`verify`) goes back: a host that left service and was
+    not verified stays out, whatever asks. A maintenance that ends before it started anything is
+    :func:`end_unstarted`."""
     with audited(rt, run, "uncordon", host=host) as rec:
         record = rt.states.get(host)
         if record.state is HostState.FAILED:
@@ -146,16 +150,59 @@ def uncordon(rt: Runtime, run: RunContext, host: str) -> HostState:
         target = record.prior_state or HostState.ACTIVE
         if target not in (HostState.ACTIVE, HostState.CORDONED):
             target = HostState.ACTIVE
-        if record.state is target:
-            if record.prior_state is not None:
-                # cordoned by an operator, and still cordoned: the maintenance ends here all the same,
-                # so the host is the operator's again (hostmaint host uncordon)
-                rt.states.set_aside(host, "maintenance finished; cordoned as before", run.run_id)
-            rec.outcome = StepOutcome.SKIPPED
-            return target
-        rt.states.transition(host, target, "maintenance finished", run.run_id)
+        if record.state is not HostState.VERIFYING:
+            raise StepError(f"host {host} is {record.state.value} ({record.reason}), not verified in this "
+                            "maintenance: it stays out of service", host, "uncordon")
+        # cordoned by an operator before: it ends cordoned, outside any maintenance, so the host is the
+        # operator's again (hostmaint host uncordon)
+        rt.states.transition(host, target, "maintenance finished: verified" + (
+            "; cordoned as before" if target is HostState.CORDONED else ""), run.run_id)
         rec.details["state"] = target.value
         return target
+
+
+def displaced_vms(rt: Runtime, host: str, snap: FleetSnapshot) -> dict[str, str]:
+    """VM -> the host it runs on now, for every VM maintenance moved off ``host`` (its recorded
+    origin) that is not back on it; a VM running nowhere in ``snap`` is named with "nowhere"."""
+    where = {v.name: v.host for v in snap.vms}
+    return {vm: where.get(vm, "nowhere") for vm, origin in rt.states.origins(host).items()
+            if where.get(vm) != host}
+
+
+def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: FleetSnapshot) -> HostState:
+    """End a maintenance that cannot go on (its plan was refused): the host goes back to the state it
+    had before only when nothing of it was moved or stopped for maintenance, so it never left service.
+
+    Otherwise (an earlier run's drain moved some of its VMs, or shut some down) it stays cordoned,
+    unpatched, with the reason and the VMs that are away named in its state and the audit record
+    (step ``keep-cordoned``); the run that can plan finishes it later, and ``host status`` lists them.
+    ``snap``: the cluster discovered in this run."""
+    displaced = displaced_vms(rt, host, snap)
+    stopped = rt.states.stopped_on(host)
+    record = rt.states.get(host)
+    if not displaced and not stopped and record.state is HostState.CORDONED:
+        with audited(rt, run, "uncordon", host=host, inputs={"why": why}) as rec:
+            target = record.prior_state or HostState.ACTIVE
+            if target is HostState.CORDONED:
+                rt.states.set_aside(host, "maintenance not started; cordoned as before", run.run_id)
+            else:
+                rt.states.transition(host, HostState.ACTIVE, f"maintenance not started, nothing moved: {why}",
+                                     run.run_id)
+            rec.details["state"] = target.value
+            rec.details["note"] = "nothing was moved or stopped: the host never left service"
+            return target
+    away = [f"{vm} (on {where})" for vm, where in sorted(displaced.items())]
+    reason = f"maintenance cannot go on, not patched: {why}"
+    if away:
+        reason += f"; its VMs away: {', '.join(away)}"
+    if stopped:
+        reason += f"; shut down by maintenance: {', '.join(stopped)}"
+    with audited(rt, run, "keep-cordoned", host=host, inputs={"why": why}) as rec:
+        rec.details["displaced"] = displaced
+        rec.details["stopped"] = list(stopped)
+        rec.details["state_before"] = record.state.value
+        rt.states.keep_out(host, reason, run.run_id)
+    return HostState.CORDONED
 
 
 # --- discovery and plans ----------------------------------------------------------------
@@ -298,6 +345,8 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
         rec.details["decisions"] = list(report.decisions)
         for r in report.results:
             _audit_migration(rt, run, cluster, r)
+            if r.outcome in (StepOutcome.FAILED, StepOutcome.ABORTED) and _still_home(rt, r.vm, r.source):
+                rt.states.clear_origin(r.vm)  # it never left: its origin would call it displaced
         if not report.ok:
             for h in plan.hosts:
                 rt.states.transition(h, HostState.CORDONED, "drain failed", run.run_id)
@@ -308,6 +357,16 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
             if rt.states.state(h) is HostState.DRAINING:
                 rt.states.transition(h, HostState.DRAINED, "drained", run.run_id)
         return report
+
+
+def _still_home(rt: Runtime, vm: str, source: str) -> bool:
+    """Whether ``vm``, whose origin is recorded as ``source``, runs there alone now (asked, not assumed)."""
+    if rt.states.origins().get(vm) != source:
+        return False
+    try:
+        return rt.hypervisor.locate(vm) == (source,)
+    except DriverError:
+        return False  # cannot tell: keep the origin, the VM may be away
 
 
 def link_figures(inventory: Inventory, states: HostStateStore, cluster: str) -> dict[str, LinkFigure]:

@@ -198,6 +198,23 @@ class HostStateStore:
 
         return self._atomically(host, aside)
 
+    def keep_out(self, host: str, reason: str, run_id: str | None = None) -> HostRecord:
+        """Leave ``host`` cordoned, its maintenance unfinished, with ``reason`` saying why: the work
+        cannot go on, and the host may not go back into service until a run verifies it.
+
+        Unlike :meth:`set_aside` the state before maintenance is kept, so the run that finishes the
+        maintenance later restores it. From ``cordoned`` (a new reason is written even when the state
+        stays) or any state that may back out to it (draining, drained, patching, verifying)."""
+
+        def out(conn: Connection, current: HostRecord, exists: bool) -> HostRecord:
+            if current.state == S.CORDONED and current.reason == reason:
+                return current
+            if current.state != S.CORDONED:
+                check_transition(host, current.state, S.CORDONED)
+            return self._write(conn, current, exists, S.CORDONED, reason, run_id, current.prior_state or S.ACTIVE)
+
+        return self._atomically(host, out)
+
     def return_to_service(self, host: str, reason: str, run_id: str | None = None) -> HostRecord:
         """An operator's uncordon: ``cordoned`` outside maintenance -> ``active``. A host cordoned by a
         maintenance that has not finished (it has a prior state), or in any other state, raises
@@ -259,6 +276,13 @@ class HostStateStore:
             query = query.where(t.c.origin == origin_host)
         with self._engine.connect() as conn:
             return {r.vm: r.origin for r in conn.execute(query)}
+
+    def origin_records(self, origin_host: str) -> list[tuple[str, str | None, datetime]]:
+        """(vm, the run that recorded it, when) for every VM whose recorded origin is ``origin_host``."""
+        t = vm_origin_table
+        query = sa.select(t.c.vm, t.c.run_id, t.c.recorded_at).where(t.c.origin == origin_host).order_by(t.c.vm)
+        with self._engine.connect() as conn:
+            return [(r.vm, r.run_id, r.recorded_at) for r in conn.execute(query)]
 
     def clear_origin(self, vm: str) -> None:
         """Forget ``vm``'s origin (it is home again); nothing happens if none was recorded."""

@@ -116,6 +116,11 @@ def uncordon_host(ref: RuntimeRef, run: RunContext, host: str) -> HostState:
     return steps.uncordon(ref.open(), run, host)
 
 
+@task(name="end-unstarted", cache_policy=NO_CACHE)
+def end_unstarted(ref: RuntimeRef, run: RunContext, host: str, why: str, snapshot: FleetSnapshot) -> HostState:
+    return steps.end_unstarted(ref.open(), run, host, why, snapshot)
+
+
 @task(name="return-vms", cache_policy=NO_CACHE, **IO_RETRIES)
 def return_vms(ref: RuntimeRef, run: RunContext, host: str) -> DrainReport | None:
     return steps.return_vms(ref.open(), run, host, on_event=drain_logger())

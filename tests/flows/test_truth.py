@@ -1,0 +1,159 @@
+"""The record and the states tell the truth under faults (issue 15), on a SIMULATED fleet.
+
+Each test stages one fault the way it shows to hostmaint (a VM that appeared, a run that died, a
+connection that dropped) and checks what the host state, ``host status`` and the audit say after it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from flows.patch_host import patch_host
+from hostmaint.audit import AuditTrail
+from hostmaint.db import open_engine
+from hostmaint.drivers.memory import SimulatedFleet
+from hostmaint.errors import PlanError
+from hostmaint.models import HostDiscovery, HostState, StepOutcome, Trigger, Vm
+from hostmaint.runtime import open_runtime
+from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+def audit() -> AuditTrail:
+    return AuditTrail(open_engine())
+
+
+def fleet(rt: Any) -> SimulatedFleet:
+    assert isinstance(rt.hypervisor, SimulatedFleet)
+    return rt.hypervisor
+
+
+def crowded(tmp_path: Path, hosts: int = 3, vms: int = 30) -> Path:
+    """A SIMULATED cluster so full that N+1 lets no host out."""
+    from flows.locks import ensure_limits
+
+    snap = demo_snapshot(hosts, vms)
+    snap = snap.model_copy(update={"limits": snap.limits.model_copy(update={"migrations_per_cluster": 8})})
+    inventory = write_simulated_fleet(tmp_path / "crowded", snap, demo_packages(snap), time_scale=0.001)
+    ensure_limits(inventory)
+    return inventory
+
+
+# --- a. the cluster changed between plan and migration -------------------------------------------------
+
+
+class _UntouchedMemory:
+    """The sim fleet, with a guest that started on ``host`` a moment ago and has touched none of its
+    memory yet: the host's free memory does not show it (as libvirt's does not)."""
+
+    def __init__(self, real: SimulatedFleet, host: str, vm: Vm) -> None:
+        self.real, self.host, self.vm = real, host, vm
+
+    def discover(self, host: str) -> HostDiscovery:
+        found = self.real.discover(host)
+        if host != self.host:
+            return found
+        share = self.vm.memory_mib // len(found.cells)
+        cells = tuple(c.model_copy(update={"free_mib": min(c.memory_mib, c.free_mib + share)}) for c in found.cells)
+        return found.model_copy(update={"cells": cells})
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_a_replan_counts_a_vm_that_arrived_though_free_memory_does_not_show_it(sim_inventory: Path) -> None:
+    from hostmaint import maintenance as steps
+
+    rt = open_runtime(sim_inventory)
+    run = steps.RunContext(flow="test", trigger=Trigger.TEST, operator="kim", reason="waits")
+    steps.cordon(rt, run, "hv01")
+    planned_on = steps.snapshot(rt, "demo")
+    plan = steps.plan_drain(rt, run, "hv01", snap=planned_on)
+    target = plan.placements[0].target
+    # while the plan waits, a big guest starts on its target; its memory is not in the free figure yet
+    real = fleet(rt)
+    filler = Vm(name="filler", uuid="00000000-0000-0000-0000-00000000f111", host=target, memory_mib=56 * 1024,
+                vcpus=1)
+    real.vms["filler"] = filler
+    real.running[target].add("filler")
+    rt.hypervisor = _UntouchedMemory(real, target, filler)  # type: ignore[assignment]
+    try:
+        fresh, _ = steps.recheck_plan(rt, run, plan, planned_on)
+    finally:
+        rt.hypervisor = real
+
+    [replan] = [r for r in audit().records(host="hv01") if r.step == "replan"]
+    assert replan.inputs["reasons"] == [f"{target} received filler"]
+    # the re-plan counts the guest's memory: nothing more goes to the host it fills
+    assert fresh.feasible and target not in {p.target for p in fresh.placements}, fresh.placements
+
+
+def displace(rt: Any, host: str, count: int, to: str) -> list[str]:
+    """What a run that died after moving ``count`` VMs off ``host`` left: the host cordoned by it,
+    their origins recorded, the VMs running on ``to``."""
+    rt.states.begin_maintenance(host, "run-that-died", "patch")
+    moved = sorted(fleet(rt).running[host])[:count]
+    for vm in moved:
+        rt.states.record_origin(vm, host, "run-that-died")
+        fleet(rt).running[host].discard(vm)
+        fleet(rt).running[to].add(vm)
+    fleet(rt).save()
+    return moved
+
+
+def test_a_re_run_that_cannot_plan_leaves_a_host_whose_vms_are_away_cordoned(tmp_path: Path,
+                                                                               hostmaint_db: Path) -> None:
+    from hostmaint.cli import app
+
+    inventory = crowded(tmp_path)
+    rt = open_runtime(inventory)
+    moved = displace(rt, "hv01", 2, "hv02")
+
+    with pytest.raises(PlanError, match="N\\+1"):
+        patch_host(host="hv01", operator="lee", inventory=str(inventory), trigger=Trigger.TEST)
+
+    # never patched, two of its VMs away: not active, and the reason says so
+    record = rt.states.get("hv01")
+    assert record.state is HostState.CORDONED, record
+    assert "not patched" in record.reason and all(f"{vm} (on hv02)" in record.reason for vm in moved), record
+    steps = [(r.step, r.outcome) for r in audit().records(host="hv01")]
+    assert ("uncordon", StepOutcome.OK) not in steps, steps
+    [kept] = [r for r in audit().records(host="hv01") if r.step == "keep-cordoned"]
+    assert kept.details["displaced"] == {vm: "hv02" for vm in moved}
+    # host status lists them
+    result = CliRunner().invoke(app, ["host", "status", "-i", str(inventory), "--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["host"]: r for r in json.loads(result.stdout)}
+    assert rows["hv01"]["state"] == "cordoned" and rows["hv01"]["vms_away"] == moved
+
+
+def test_a_refused_plan_with_nothing_moved_still_puts_the_host_back(tmp_path: Path, hostmaint_db: Path) -> None:
+    inventory = crowded(tmp_path)
+    rt = open_runtime(inventory)
+
+    with pytest.raises(PlanError, match="N\\+1"):
+        patch_host(host="hv01", operator="lee", inventory=str(inventory), trigger=Trigger.TEST)
+
+    assert rt.states.state("hv01") is HostState.ACTIVE  # it never left service
+    assert "nothing moved" in rt.states.get("hv01").reason
+
+
+def test_uncordon_refuses_a_host_that_was_not_verified(sim_inventory: Path) -> None:
+    from hostmaint import maintenance as steps
+    from hostmaint.errors import StepError
+
+    rt = open_runtime(sim_inventory)
+    run = steps.RunContext(flow="test", trigger=Trigger.TEST, operator="kim", reason="patch")
+    steps.cordon(rt, run, "hv03")
+    rt.states.transition("hv03", HostState.DRAINING, "draining", run.run_id)
+    rt.states.transition("hv03", HostState.DRAINED, "drained", run.run_id)
+
+    with pytest.raises(StepError, match="not verified"):
+        steps.uncordon(rt, run, "hv03")
+    assert rt.states.state("hv03") is HostState.DRAINED
