@@ -126,7 +126,10 @@ def server_cmd(inventory: Annotated[str | None, typer.Option(
     out.print(f"Prefect server up: UI {cfg.ui_url}  API {cfg.api_url}  (log {server.log_path})")
     out.print(f"  export PREFECT_API_URL={cfg.api_url}")
     try:
-        signal.signal(signal.SIGTERM, _interrupt)  # stop like Ctrl-C: the finally below stops the server
+        # stop like Ctrl-C: the finally below stops the server (it runs in its own session, so a closed
+        # terminal's SIGHUP reaches only us)
+        signal.signal(signal.SIGTERM, _interrupt)
+        signal.signal(signal.SIGHUP, _interrupt)
         if simulated:
             os.environ.update({k: v for k, v in server_env(cfg).items() if k.startswith("PREFECT_")})
             _serve_simulated(simulated_home, time_scale)  # until Ctrl-C or SIGTERM; then the server stops too

@@ -133,7 +133,10 @@ def start_server(cfg: ServerConfig, *, timeout_s: float = 90.0, log: Path | None
     log_path = log or home / "server.log"
     out: IO[bytes] = log_path.open("ab")
     argv = [prefect_executable(), "server", "start", "--host", cfg.host, "--port", str(cfg.port)]
-    process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    # its own session: a Ctrl-C (or a signal to our process group) reaches us alone, so whatever we
+    # serve shuts down against a live server (it pauses its deployments) before we stop the server
+    process = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                               start_new_session=True)
     out.close()
     running = RunningServer(cfg, process, log_path)
     try:
