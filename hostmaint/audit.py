@@ -30,6 +30,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
 from hostmaint.db import Clock, audit_table, lock_for_append, utcnow, write_transaction
+from hostmaint.display import spreadsheet_cell
 from hostmaint.errors import AuditError
 from hostmaint.models import StepOutcome, Trigger
 from hostmaint.redaction import redact
@@ -311,19 +312,27 @@ class AuditTrail:
                             problem=f"{count} records, chain intact")
 
     def export(self, fmt: Literal["jsonl", "csv"]) -> str:
-        """Every record, in seq order, as JSON lines or CSV (``inputs``/``details`` as JSON text in CSV)."""
+        """Every record, in seq order, as JSON lines or CSV (``inputs``/``details`` as JSON text in CSV).
+
+        JSON lines carry the exact records. The CSV is for spreadsheets, and names in it come from
+        hosts: a text cell that a spreadsheet would take as a formula (``=``, ``+``, ``-``, ``@``, tab,
+        CR first) starts with ``'`` there (:func:`~hostmaint.display.spreadsheet_cell`), and a field
+        with a line break is quoted, so a record stays one row. The stored records are not changed.
+        """
         records = self.records()
         if fmt == "jsonl":
             return "".join(canonical_json(r.to_dict()) + "\n" for r in records)
         if fmt == "csv":
             out = io.StringIO()
-            writer = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\n")
+            # RFC 4180's CRLF: the csv module quotes a field holding any character of the line
+            # terminator, so with "\n" alone a bare CR in a name was written unquoted and split the row
+            writer = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\r\n")
             writer.writeheader()
             for r in records:
                 row = r.to_dict()
                 row["inputs"] = canonical_json(row["inputs"])
                 row["details"] = canonical_json(row["details"])
-                writer.writerow(row)
+                writer.writerow({k: spreadsheet_cell(v) for k, v in row.items()})
             return out.getvalue()
         raise ValueError(f"export format {fmt!r}: expected 'jsonl' or 'csv'")
 

@@ -468,6 +468,31 @@ def test_export_csv_parses_back(trail: AuditTrail) -> None:
     assert rows[0]["vm"] == "vm0" and rows[1]["vm"] == ""
 
 
+# a cell a spreadsheet evaluates (OWASP, CSV injection), a line break inside a field, quotes and commas
+CSV_HOSTILE = ["=HYPERLINK(\"https://evil.example\",\"x\")", "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(A1:A9)",
+               "\tx", "\rx", "line1\nline2", "cr\r\nlf", 'quote"and,comma', "[bold red]x", "hv01", "a=b"]
+
+
+def test_export_csv_is_safe_in_a_spreadsheet_and_keeps_one_row_per_record(trail: AuditTrail) -> None:
+    records = [trail.append(AuditEntry(run_id=text, flow=text, operator=text, cluster=text, host=text, vm=text,
+                                       step=text, inputs={"vm": text}, details={"error": text}))
+               for text in CSV_HOSTILE]
+    exported = trail.export("csv")
+    rows = list(csv.DictReader(io.StringIO(exported, newline="")))
+    assert len(rows) == len(CSV_HOSTILE)
+    for row, text in zip(rows, CSV_HOSTILE, strict=True):
+        shown = "'" + text if text[0] in "=+-@\t\r" else text
+        for column in ("run_id", "flow", "operator", "cluster", "host", "vm", "step"):
+            assert row[column] == shown, (column, row[column])
+        assert json.loads(row["inputs"]) == {"vm": text}  # JSON text starts with "{": never a formula
+    for row in rows:
+        assert not any(v.startswith(("=", "+", "-", "@", "\t", "\r")) for v in row.values() if v), row
+    # exact data elsewhere: the stored records and the JSON lines are unchanged, and the chain verifies
+    assert [json.loads(line)["vm"] for line in trail.export("jsonl").splitlines()] == CSV_HOSTILE
+    assert [r.vm for r in trail.records()] == [r.vm for r in records] == CSV_HOSTILE
+    assert trail.verify().ok
+
+
 def test_export_unknown_format_is_refused(trail: AuditTrail) -> None:
     with pytest.raises(ValueError, match="xml"):
         trail.export("xml")  # type: ignore[arg-type]

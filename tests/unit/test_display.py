@@ -251,3 +251,19 @@ def test_the_run_summary_shows_hostile_names_and_details_literally(capsys: pytes
     _show_outcomes([outcome], True)
     exact = json.loads(capsys.readouterr().out)
     assert [m["vm"] for m in exact[0]["migrations"]] == NAMES
+
+
+def test_audit_export_csv_reads_back_one_row_per_record_with_no_formula(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import csv
+    import io
+
+    _hostile_trail(tmp_path, monkeypatch)
+    result = runner.invoke(app, ["audit", "export", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout, newline="")))
+    assert [r["vm"] for r in rows] == [spreadsheet_cell(n) for n in NAMES]
+    assert rows[NAMES.index(HOSTILE_NAMES["formula"])]["host"].startswith("'=")
+    exact = [json.loads(line) for line in runner.invoke(app, ["audit", "export"]).stdout.splitlines()]
+    assert [r["vm"] for r in exact] == NAMES
+    assert runner.invoke(app, ["audit", "verify"]).exit_code == 0
