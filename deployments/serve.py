@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Annotated, Any, cast
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import yaml
 from dateutil.rrule import rrulestr
 from prefect import Flow
 from prefect.deployments.runner import RunnerDeployment
@@ -35,6 +34,7 @@ from prefect.events import DeploymentEventTrigger
 from prefect.schedules import RRule, Schedule
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from hostmaint.config_file import load_yaml
 from hostmaint.errors import InputError
 from hostmaint.inventory import Inventory, load_inventory
 
@@ -114,7 +114,13 @@ def load_windows(path: Path = WINDOWS_FILE, known: Collection[str] | None = None
     always a typo, and the cluster it meant would silently run on the default window (another
     timezone, another size).
     """
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path) or {}  # strict: UTF-8, no key given twice (exit 2 naming file and lines)
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: top level: must be a mapping with default: and clusters:, "
+                         f"got {type(raw).__name__}")
+    if not isinstance(raw.get("clusters") or {}, dict):
+        raise InputError(f"{path}: clusters: must be a mapping {{cluster: overrides}}, "
+                         f"got {type(raw['clusters']).__name__}")
     try:
         default = WindowConfig.model_validate(raw.get("default") or {})
         clusters = {name: WindowConfig.model_validate({**default.model_dump(), **(over or {})})
@@ -291,15 +297,25 @@ def serve_deployments(inventory: str | Path, *, windows: Path = WINDOWS_FILE, li
     """
     from prefect import serve
 
+    serve(*prepare_to_serve(inventory, windows=windows, approval_poll_s=approval_poll_s), limit=limit)
+
+
+def prepare_to_serve(inventory: str | Path, *, windows: Path = WINDOWS_FILE,
+                     approval_poll_s: int | None = None) -> list[RunnerDeployment]:
+    """Everything ``serve`` does before it registers and runs the deployments; returns them."""
     from flows.locks import ensure_limits
 
     path = str(Path(inventory).resolve())
     os.environ["HOSTMAINT_INVENTORY"] = path
     os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
+    from deployments.server import ensure_zombie_automation
+
     ensure_limits(path)
+    ensure_zombie_automation()  # as setup does: serve alone must not leave dead runs Running forever
     deployments = build_deployments(path, windows=windows, approval_poll_s=approval_poll_s)
     take_over_from_work_pools(deployments)
-    serve(*deployments, limit=limit)
+    remove_orphaned_triggers()
+    return deployments
 
 
 def take_over_from_work_pools(deployments: list[RunnerDeployment]) -> list[str]:
@@ -321,6 +337,35 @@ def take_over_from_work_pools(deployments: list[RunnerDeployment]) -> list[str]:
             except ObjectNotFound:
                 continue
             if existing.work_pool_name:
+                # its trigger automations first: the server keeps them when the deployment goes, and
+                # they would fire at a deployment that no longer exists on every event
+                client.delete_resource_owned_automations(f"prefect.deployment.{existing.id}")
                 client.delete_deployment(existing.id)
                 taken.append(full)
     return taken
+
+
+TRIGGER_NAMES = ("host degraded", "hardware check failed")  # the automations degraded_trigger, hardware_trigger make
+
+
+def remove_orphaned_triggers() -> list[str]:
+    """Delete hostmaint's runbook trigger automations whose deployment no longer exists; return their ids.
+
+    Earlier versions of ``serve`` deleted the work pool's deployments without their automations, which
+    then appeared twice in the UI ("Run deployment: No access") and made the server log a 404 per event.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    removed = []
+    with get_client(sync_client=True) as client:
+        for automation in client.read_automations():
+            owner = automation.owner_resource or ""
+            if automation.name not in TRIGGER_NAMES or not owner.startswith("prefect.deployment."):
+                continue
+            try:
+                client.read_deployment(owner.removeprefix("prefect.deployment."))
+            except ObjectNotFound:
+                client.delete_automation(automation.id)
+                removed.append(str(automation.id))
+    return removed

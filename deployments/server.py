@@ -236,10 +236,11 @@ def setup(inventory: str | Path, *, work_pool: str | None = None, source: Path |
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
-    from deployments.serve import ROOT, WINDOWS_FILE, build_deployments
+    from deployments.serve import ROOT, WINDOWS_FILE, build_deployments, remove_orphaned_triggers
     from flows.locks import ensure_limits
 
     report = SetupReport(limits=ensure_limits(inventory), automation_id=ensure_zombie_automation())
+    remove_orphaned_triggers()
     if work_pool:
         report.work_pool = work_pool
         report.work_pool_created = ensure_work_pool(work_pool)

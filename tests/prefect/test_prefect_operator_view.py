@@ -44,3 +44,57 @@ def test_the_simulated_site_has_its_own_database_and_the_speed_asked_for(
     data = yaml.safe_load(inventory.read_text())
     assert data["simulation"]["time_scale"] == 0.3
     assert os.environ["HOSTMAINT_DB"] == str((tmp_path / "site" / "hostmaint.db").resolve())
+
+
+# --- setup and serve agree on one set of automations ------------------------------------------------------
+
+
+def _serve_registration(inventory: Path) -> None:
+    """What 'hostmaint serve' does before it blocks: its preparation, then each deployment applied
+    without a work pool (prefect's Runner.add_deployment)."""
+    from deployments.serve import prepare_to_serve
+
+    for dep in prepare_to_serve(inventory):
+        dep.apply()
+
+
+def _setup(inventory: Path) -> None:
+    from deployments.server import setup
+
+    setup(inventory, work_pool="hostmaint-issue18")
+
+
+def _automations() -> dict[str, list[str]]:
+    """automation name -> what each one's deployment action targets ('missing' for a deleted deployment)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.actions import RunDeployment
+    from prefect.exceptions import ObjectNotFound
+
+    out: dict[str, list[str]] = {}
+    with get_client(sync_client=True) as client:
+        for automation in client.read_automations():
+            for action in automation.actions:
+                target = "no deployment"
+                if isinstance(action, RunDeployment) and action.deployment_id is not None:
+                    try:
+                        dep = client.read_deployment(action.deployment_id)
+                        target = f"{dep.name} ({dep.work_pool_name or 'served'})"
+                    except ObjectNotFound:
+                        target = "missing"
+                out.setdefault(automation.name, []).append(target)
+    return out
+
+
+@pytest.mark.parametrize("order", [("setup", "serve"), ("serve", "setup"), ("setup", "serve", "setup", "serve"),
+                                   ("serve", "serve", "setup", "setup")])
+def test_setup_and_serve_leave_one_set_of_automations(order: tuple[str, ...], tmp_path: Path,
+                                                     hostmaint_db: Path, prefect_server: None) -> None:
+    inventory = make_fleet(tmp_path / "fleet")
+    for step in order:
+        _setup(inventory) if step == "setup" else _serve_registration(inventory)
+
+    automations = _automations()
+    assert automations["host degraded"] == ["degraded-host (served)"], automations
+    assert automations["hardware check failed"] == ["hardware-check-failed (served)"], automations
+    assert len(automations["hostmaint: crash flow runs whose process died"]) == 1, automations
+    assert not any("missing" in targets for targets in automations.values()), automations
