@@ -353,6 +353,19 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
             failed = ", ".join(f"{r.vm} ({r.error})" for r in report.failed)
             raise StepError(f"drain of {', '.join(plan.hosts)} failed: {failed}; "
                             "the VMs that did not move still run on their source", host, "drain")
+        # A VM started on the host while it drained is not in the plan: the host is not drained, and
+        # its state must not say so while that VM runs there
+        kept = {a.vm for a in plan.vm_actions if a.action is UnmigratableAction.SHUTDOWN}
+        arrived = {h: sorted(set(rt.hypervisor.running_vms(h)) - kept) for h in plan.hosts}
+        arrived = {h: vms for h, vms in arrived.items() if vms}
+        if arrived:
+            rec.details["arrived_during_drain"] = arrived
+            for h, vms in arrived.items():
+                rt.states.transition(h, HostState.CORDONED, f"not drained: {', '.join(vms)} started on it during "
+                                     "the drain; run again to move it off", run.run_id)
+            named = "; ".join(f"{', '.join(vms)} on {h}" for h, vms in arrived.items())
+            raise StepError(f"drain of {', '.join(plan.hosts)} is not complete: {named} started during the drain "
+                            "(not in its plan); the host stays cordoned, run again to move it off", host, "drain")
         for h in plan.hosts:
             if rt.states.state(h) is HostState.DRAINING:
                 rt.states.transition(h, HostState.DRAINED, "drained", run.run_id)
@@ -506,6 +519,10 @@ def confirm_empty(rt: Runtime, run: RunContext, host: str) -> None:
         running = rt.hypervisor.running_vms(host)
         rec.details["running"] = list(running)
         if running:
+            if rt.states.state(host) is HostState.DRAINED:
+                # the state must not say drained while a VM runs there (one started since the drain)
+                rt.states.transition(host, HostState.CORDONED, f"not drained: {', '.join(running)} runs on it; "
+                                     "run again to move it off", run.run_id)
             raise StepError(f"host {host} still runs {len(running)} VM(s): {', '.join(running)}; "
                             "it will not be patched or rebooted", host, "confirm-empty")
 

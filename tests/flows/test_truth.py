@@ -157,3 +157,49 @@ def test_uncordon_refuses_a_host_that_was_not_verified(sim_inventory: Path) -> N
     with pytest.raises(StepError, match="not verified"):
         steps.uncordon(rt, run, "hv03")
     assert rt.states.state("hv03") is HostState.DRAINED
+
+
+# --- d. a VM started on the host during its drain -------------------------------------------------------
+
+
+class _StartsDuringDrain:
+    """The sim fleet, where a tenant starts ``vm`` on ``host`` as the first migration off it runs."""
+
+    def __init__(self, real: SimulatedFleet, host: str, vm: Vm) -> None:
+        self.real, self.host, self.vm, self.started = real, host, vm, False
+
+    def migrate(self, vm: str, source: str, *args: Any, **kwargs: Any) -> Any:
+        if source == self.host and not self.started:
+            self.started = True
+            self.real.vms[self.vm.name] = self.vm
+            self.real.start(self.vm.name, self.host)
+        return self.real.migrate(vm, source, *args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_a_vm_started_during_the_drain_keeps_the_host_from_being_called_drained(sim_inventory: Path) -> None:
+    from hostmaint.cli import app
+    from hostmaint.errors import StepError
+
+    rt = open_runtime(sim_inventory)
+    real = fleet(rt)
+    boot = real.packages["hv03"].boot_id
+    intruder = Vm(name="tenant-new", uuid="00000000-0000-0000-0000-0000000000aa", host="hv03", memory_mib=1024,
+                  vcpus=1)
+    rt.hypervisor = _StartsDuringDrain(real, "hv03", intruder)  # type: ignore[assignment]
+    try:
+        with pytest.raises(StepError, match="tenant-new"):
+            patch_host(host="hv03", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
+    finally:
+        rt.hypervisor = real
+
+    assert "tenant-new" in real.running["hv03"] and real.packages["hv03"].boot_id == boot  # never rebooted
+    record = rt.states.get("hv03")
+    assert record.state is HostState.CORDONED and "tenant-new" in record.reason, record
+    # no state of the host said drained while tenant-new ran on it
+    assert [h.state for h in rt.states.history("hv03")].count(HostState.DRAINED) == 0
+    result = CliRunner().invoke(app, ["host", "status", "-i", str(sim_inventory), "--json"])
+    row = {r["host"]: r for r in json.loads(result.stdout)}["hv03"]
+    assert row["state"] == "cordoned" and "tenant-new" in row["reason"]
