@@ -734,10 +734,9 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
 
 def _read_dirty_rates(path: Path, vms: set[str]) -> dict[str, float]:
     """{vm: MiB/s} from JSON; every value a number >= 0 and every VM one of the snapshot's."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise InputError(f"{path}: cannot read dirty rates: {exc}") from exc
+    from hostmaint.config_file import parse_json, read_text
+
+    data = parse_json(read_text(path), str(path))  # FileFormatError (exit 2) naming the file and place
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected an object {{vm: MiB/s}}, got {type(data).__name__}")
     rates: dict[str, float] = {}

@@ -6,7 +6,8 @@ driver or loader that meets them, into one of these, with ``raise ... from exc``
     HostmaintError
     ├── InputError                  bad inventory, parameters or snapshot: exit 2, nothing changed
     │   ├── InventoryError          names the file, the field path and the host
-    │   └── SnapshotError           a fleet snapshot that does not parse or is inconsistent
+    │   ├── SnapshotError           a fleet snapshot that does not parse or is inconsistent
+    │   └── FileFormatError         a file that is not UTF-8, does not parse, or repeats a key
     ├── PlanError                   no safe plan (an unplaceable VM, N+1 refused)
     ├── StateError                  an invalid host state transition
     ├── LockError                   a host or cluster lock is missing (never run unlocked)
@@ -53,6 +54,16 @@ class InventoryError(InputError):
 
 class SnapshotError(InputError):
     """A fleet snapshot that does not parse or contradicts itself."""
+
+
+class FileFormatError(InputError):
+    """A file that cannot be read, is not UTF-8, does not parse, or gives a key twice
+    (hostmaint.config_file). ``source`` is the file, ``problem`` what is wrong and where."""
+
+    def __init__(self, problem: str, source: str) -> None:
+        self.problem = problem
+        self.source = source
+        super().__init__(f"{source}: {problem}")
 
 
 class PlanError(HostmaintError):

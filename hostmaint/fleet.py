@@ -17,8 +17,9 @@ from pathlib import Path
 from pydantic import ValidationError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
+from hostmaint.config_file import parse_json, read_text
 from hostmaint.drivers.base import Hypervisor, MigrationStates
-from hostmaint.errors import SnapshotError
+from hostmaint.errors import FileFormatError, SnapshotError
 from hostmaint.inventory import Inventory
 from hostmaint.models import Cell, FleetSnapshot, Host, HostDiscovery, HostState, UnmigratableAction, Vm
 
@@ -152,11 +153,11 @@ def _name_the_entry(loc: tuple[int | str, ...], msg: str, data: object) -> str:
 
 
 def parse_snapshot(text: str, source: str = "<snapshot>") -> FleetSnapshot:
-    """Parse snapshot JSON. Raises SnapshotError naming the field path."""
+    """Parse snapshot JSON. Raises SnapshotError naming the field path (or the key given twice)."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SnapshotError(f"{source}: not JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}") from None
+        data = parse_json(text, source)
+    except FileFormatError as exc:
+        raise SnapshotError(str(exc)) from None
     try:
         return FleetSnapshot.model_validate(data)
     except ValidationError as exc:
@@ -167,9 +168,9 @@ def load_snapshot(path: str | Path) -> FleetSnapshot:
     """Read a snapshot file written by ``hostmaint snapshot`` or any tool that follows docs/snapshot.md."""
     p = Path(path)
     try:
-        text = p.read_text()
-    except OSError as exc:
-        raise SnapshotError(f"{p}: cannot read: {exc.strerror}") from None
+        text = read_text(p)  # UTF-8, or an error naming the byte and its line
+    except FileFormatError as exc:
+        raise SnapshotError(str(exc)) from None
     return parse_snapshot(text, str(p))
 
 

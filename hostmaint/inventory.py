@@ -13,10 +13,10 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from hostmaint.errors import InventoryError
+from hostmaint.config_file import load_yaml
+from hostmaint.errors import FileFormatError, InventoryError
 from hostmaint.models import Limits, PackageManager, RebootPolicy, UnmigratableAction
 from hostmaint.redaction import holds_private_key, is_secret_name, redact_text
 
@@ -404,16 +404,10 @@ def load_inventory(path: str | Path) -> Inventory:
     """Load and validate an inventory file. Raises InventoryError (exit 2 in the CLI)."""
     p = Path(path)
     try:
-        text = p.read_text()
-    except OSError as exc:
-        raise InventoryError([f"cannot read: {exc.strerror}"], str(p)) from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise InventoryError([f"malformed YAML at {where}: {problem}"], str(p)) from None
+        # strict: UTF-8 only, and a key given twice (a second limits: block) is refused, not half-read
+        data = load_yaml(p)
+    except FileFormatError as exc:
+        raise InventoryError([exc.problem], exc.source) from None
     return resolve_paths(parse_inventory(data, str(p)), p.parent)
 
 
