@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.draining import drain_planned
+from flows.run_display import label_run
 from hostmaint.errors import HostmaintError, PlanError
 from hostmaint.models import EvacuationPlan, HostState, MigrationResult, StepOutcome, Trigger
 from hostmaint.placement import render_plan
@@ -41,6 +42,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
     rt = ref.open()
     run = run_context("patch-host", trigger, operator, reason, window_id)
     cluster = rt.cluster_of(host)
+    label_run("patch", ref.inventory, host=host, cluster=cluster, dry_run=dry_run)
     logger = get_run_logger()
 
     def outcome(result: StepOutcome, detail: str, **kw: object) -> HostOutcome:
@@ -60,6 +62,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
         changed = 0
         plan: EvacuationPlan | None = None
         stopped: list[str] = []
+        shut_off: list[str] = []
         refused = False  # the plan was refused before anything moved
         try:
             state = rt.states.state(host)
@@ -128,6 +131,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
             # finds the host verifying (verified again, then uncordoned), never active with them down
             t.start_unmigratable(ref, run, host, plan)
             stopped = []
+            shut_off = t.report_shut_off(ref, run, host)
             t.uncordon_host(ref, run, host)
             if window_id:
                 # patched and back in service: a window run again skips it from here on (what is left,
@@ -146,7 +150,9 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
                              packages_changed=changed)
             publish_report(f"patch {host}", [result])
             raise
-        result = outcome(StepOutcome.OK, f"{changed} package change(s)" + ("; rebooted" if rebooted else ""),
-                         migrations=migrations, rebooted=rebooted, packages_changed=changed)
+        detail = f"{changed} package change(s)" + ("; rebooted" if rebooted else "")
+        if shut_off:
+            detail += f"; shut-off VMs left defined on it: {', '.join(shut_off)}"
+        result = outcome(StepOutcome.OK, detail, migrations=migrations, rebooted=rebooted, packages_changed=changed)
         publish_report(f"patch {host}", [result])
         return result

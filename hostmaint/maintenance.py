@@ -23,7 +23,7 @@ from typing import Any
 
 from hostmaint import patching
 from hostmaint.audit import AuditEntry
-from hostmaint.drivers.base import MigrationStates
+from hostmaint.drivers.base import MigrationStates, ShutOffVms
 from hostmaint.errors import DriverError, HostmaintError, PlanError, StepError, TransientDriverError
 from hostmaint.fleet import discover_cluster
 from hostmaint.inventory import Inventory
@@ -513,6 +513,26 @@ def start_unmigratable(rt: Runtime, run: RunContext, host: str, plan: Evacuation
     return started
 
 
+def report_shut_off(rt: Runtime, run: RunContext, host: str) -> list[str]:
+    """The persistent VMs defined on ``host`` and shut off (not by maintenance: those it starts
+    again). They stay defined where they are; the audit record (step ``shut-off-vms``) and the run's
+    summary name them, since nobody would otherwise learn that a patched host holds them."""
+    with audited(rt, run, "shut-off-vms", host=host) as rec:
+        if not isinstance(rt.hypervisor, ShutOffVms):
+            rec.outcome = StepOutcome.SKIPPED
+            rec.details["note"] = "the hypervisor driver cannot list shut-off VMs"
+            return []
+        ours = set(rt.states.stopped_on(host))
+        off = [vm for vm in rt.hypervisor.shut_off_vms(host) if vm not in ours]
+        rec.details["vms"] = off
+        if off:
+            rec.details["note"] = "defined on the host and shut off; left defined where they are"
+            log.warning("%s: shut-off VMs left defined on it: %s", host, ", ".join(off))
+        else:
+            rec.outcome = StepOutcome.SKIPPED
+        return off
+
+
 def confirm_empty(rt: Runtime, run: RunContext, host: str) -> None:
     """The gate before any reboot: no VM may run on ``host``."""
     with audited(rt, run, "confirm-empty", host=host) as rec:
@@ -548,7 +568,8 @@ def precheck(rt: Runtime, run: RunContext, host: str) -> patching.Preflight:
     refused while nothing has changed, not after its VMs were moved off it."""
     with audited(rt, run, "precheck", host=host) as rec:
         try:
-            result = patching.precheck(rt.shell, host, rt.inventory.policy_for(host))
+            # the repositories too: what would be updated is part of what the precheck records
+            result = patching.preflight(rt.shell, host, rt.inventory.policy_for(host))
         except DriverError as exc:
             raise StepError(f"cannot be patched, nothing changed: {exc}", host, "precheck") from exc
         except StepError as exc:

@@ -76,6 +76,11 @@ def start_unmigratable(ref: RuntimeRef, run: RunContext, host: str,
     return steps.start_unmigratable(ref.open(), run, host, plan)
 
 
+@task(name="shut-off-vms", cache_policy=NO_CACHE, **IO_RETRIES)
+def report_shut_off(ref: RuntimeRef, run: RunContext, host: str) -> list[str]:
+    return steps.report_shut_off(ref.open(), run, host)
+
+
 @task(name="confirm-empty", cache_policy=NO_CACHE, **IO_RETRIES)
 def confirm_empty(ref: RuntimeRef, run: RunContext, host: str) -> None:
     steps.confirm_empty(ref.open(), run, host)

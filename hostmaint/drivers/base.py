@@ -75,6 +75,16 @@ class MigrationStates(Protocol):
 
 
 @runtime_checkable
+class ShutOffVms(Protocol):
+    """A hypervisor that can list the VMs defined on a host but not running (libvirt: persistent,
+    inactive domains): they stay defined through maintenance, and the operator is told of them."""
+
+    def shut_off_vms(self, host: str) -> tuple[str, ...]:
+        """Names of the persistent VMs defined on ``host`` that are shut off."""
+        ...
+
+
+@runtime_checkable
 class HostShell(Protocol):
     """Commands on a host, as argv lists; never a shell string."""
 

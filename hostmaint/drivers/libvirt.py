@@ -460,6 +460,12 @@ class LibvirtHypervisor:
         return self._call(host, "listing running VMs", lambda c: tuple(sorted(
             d.name() for d in c.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))))
 
+    def shut_off_vms(self, host: str) -> tuple[str, ...]:
+        """Names of the persistent VMs defined on ``host`` that are not running."""
+        flags = libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE | libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT
+        return self._call(host, "listing shut-off VMs", lambda c: tuple(sorted(
+            d.name() for d in c.listAllDomains(flags))))
+
     def in_migration(self, host: str) -> tuple[str, ...]:
         """VMs on ``host`` paused because a live migration moves them: the destination's copy before it
         takes over (reasons "migration", "starting up"), a source in post-copy. Seen on the lab."""

@@ -154,6 +154,11 @@ class SimulatedFleet:
             self._reachable(host)
             return tuple(sorted(self.running[host]))
 
+    def shut_off_vms(self, host: str) -> tuple[str, ...]:
+        with self._lock:
+            self._reachable(host)
+            return tuple(sorted(vm for vm, h in self.stopped.items() if h == host))
+
     def locate(self, vm: str) -> tuple[str, ...]:
         with self._lock:
             out = []

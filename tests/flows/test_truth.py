@@ -203,3 +203,28 @@ def test_a_vm_started_during_the_drain_keeps_the_host_from_being_called_drained(
     result = CliRunner().invoke(app, ["host", "status", "-i", str(sim_inventory), "--json"])
     row = {r["host"]: r for r in json.loads(result.stdout)}["hv03"]
     assert row["state"] == "cordoned" and "tenant-new" in row["reason"]
+
+
+# --- f. what the precheck saw, and shut-off VMs on a patched host ----------------------------------------
+
+
+def test_the_precheck_records_the_updates_pending_and_a_shut_off_vm_is_reported(sim_inventory: Path) -> None:
+    rt = open_runtime(sim_inventory)
+    real = fleet(rt)
+    # an operator shut this VM down before the maintenance; it stays defined on hv02
+    off = sorted(real.running["hv02"])[0]
+    real.running["hv02"].discard(off)
+    real.stopped[off] = "hv02"
+    real.save()
+
+    result = patch_host(host="hv02", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK
+    records = audit().records(host="hv02")
+    [precheck] = [r for r in records if r.step == "precheck"]
+    pending = {u["package"].split(".")[0] for u in precheck.details["precheck"]["updates"]}
+    assert {"openssl", "kernel-core"} <= pending, precheck.details
+    [report] = [r for r in records if r.step == "shut-off-vms"]
+    assert report.details["vms"] == [off]
+    assert off in result.detail and "shut-off" in result.detail
+    assert real.stopped == {off: "hv02"} and off not in {vm for vms in real.running.values() for vm in vms}
