@@ -135,11 +135,41 @@ def _simulated_banner(simulated: bool) -> None:
 
 
 @inventory_app.command("check")
-def inventory_check(file: Path) -> None:
+def inventory_check(file: Path, files: Annotated[bool, typer.Option(
+        "--files/--no-files",
+        help="Also check, on this machine, the files it names: every known_hosts file and SSH key file exists "
+             "and can be read, and known_hosts holds each host's key (else SSH to it is impossible). "
+             "--no-files checks the inventory alone, where those files are not (CI, a laptop).")] = True) -> None:
     """Validate an inventory file: exit 0 when valid, 2 otherwise (every problem named)."""
     with exit_codes():
         inv = load_inventory(file)
-        out.print(cell(f"{file}: valid — {len(inv.clusters)} cluster(s), {len(inv.hosts)} host(s)"))
+        if files:
+            problems = _named_file_problems(inv)
+            if problems:
+                raise InventoryError(problems, str(file))
+        what = "valid" if files else "valid; the files it names were not checked (--no-files)"
+        out.print(cell(f"{file}: {what} — {len(inv.clusters)} cluster(s), {len(inv.hosts)} host(s)"))
+
+
+def _named_file_problems(inv: Any) -> list[str]:
+    """The inventory's files that are missing or unreadable, then hosts their known_hosts cannot verify."""
+    from hostmaint.drivers.ssh import known_hosts_problem
+    from hostmaint.inventory import file_problem, file_problems
+
+    problems = file_problems(inv)
+    if inv.simulation is not None:
+        return problems  # a SIMULATED fleet contacts no host: its known_hosts holds no keys
+    by_problem: dict[str, list[tuple[int, str]]] = {}
+    for i, h in enumerate(inv.hosts):
+        if file_problem(h.ssh.known_hosts) is not None:
+            continue  # said above
+        problem = known_hosts_problem(h.ssh)
+        if problem is not None:
+            by_problem.setdefault(problem, []).append((i, h.name))
+    for problem, hosts in by_problem.items():  # a line that does not parse is said once, for all its hosts
+        names = f"host {hosts[0][1]}" if len(hosts) == 1 else f"hosts {', '.join(n for _, n in hosts)}"
+        problems.append(f"hosts[{hosts[0][0]}].ssh.known_hosts ({names}): {problem}")
+    return problems
 
 
 @app.command()

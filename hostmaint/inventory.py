@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import stat
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -425,3 +426,60 @@ def resolve_paths(inv: Inventory, base: Path) -> Inventory:
     if sim is not None and not Path(sim.state_file).is_absolute():
         sim = sim.model_copy(update={"state_file": str((base / sim.state_file).resolve())})
     return inv.model_copy(update={"hosts": hosts, "simulation": sim})
+
+
+# --- the local files an inventory names ------------------------------------------------------------------
+
+
+def file_problem(path: str) -> str | None:
+    """Why ``path`` cannot be read as a file here, or None. Never opens a FIFO or a device (it could block)."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except FileNotFoundError:
+        return f"{path} does not exist"
+    except OSError as exc:
+        return f"{path} cannot be reached: {exc.strerror}"
+    if stat.S_ISDIR(mode):
+        return f"{path} is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return f"{path} is not a regular file"
+    try:
+        with p.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        return f"{path} cannot be read: {exc.strerror}"
+    return None
+
+
+def file_problems(inv: Inventory) -> list[str]:
+    """What is wrong with the local files ``inv`` names, one problem per file and field, naming its hosts.
+
+    A known_hosts file or SSH key file that does not exist or cannot be read makes SSH to its hosts
+    impossible (host keys are always verified); a missing ``simulation.state_file`` leaves nothing to
+    simulate. ``load_inventory`` does not look (a command may not need the files, and may run where
+    they are not); ``hostmaint inventory check`` does. Secret blocks and agents are not checked here.
+    """
+    # (field, path) -> hosts naming it, in inventory order
+    named: dict[tuple[str, str], list[str]] = {}
+    fields: dict[tuple[str, str], str] = {}
+    for i, h in enumerate(inv.hosts):
+        refs = [("known_hosts", h.ssh.known_hosts, f"hosts[{i}].ssh.known_hosts")]
+        if h.ssh.key.file is not None:
+            refs.append(("key", h.ssh.key.file, f"hosts[{i}].ssh.key.file"))
+        for kind, path, field in refs:
+            named.setdefault((kind, path), []).append(h.name)
+            fields.setdefault((kind, path), field)
+    why = {"known_hosts": "no host key can be verified, so SSH is impossible",
+           "key": "the SSH key cannot be loaded, so SSH is impossible"}
+    problems = []
+    for (kind, path), hosts in named.items():
+        problem = file_problem(path)
+        if problem is not None:
+            them = f"host {hosts[0]}" if len(hosts) == 1 else f"hosts {', '.join(hosts)}"
+            problems.append(f"{fields[(kind, path)]} ({them}): {problem}: {why[kind]}")
+    if inv.simulation is not None:
+        problem = file_problem(inv.simulation.state_file)
+        if problem is not None:
+            problems.append(f"simulation.state_file: {problem}: the SIMULATED fleet cannot be loaded")
+    return problems

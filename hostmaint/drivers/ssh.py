@@ -179,6 +179,26 @@ def _load_known_hosts(path: str, host: str) -> _KnownHosts:
     return _KnownHosts(path, kept, revoked, tuple(ca_lines))
 
 
+def known_hosts_problem(target: SshTarget) -> str | None:
+    """Why this driver could not verify ``target``'s host key from its known_hosts file, or None.
+
+    The file is read as a connection reads it: a line that does not parse is named, and the host
+    (``address``, or ``[address]:port`` off port 22) must have a key there, else every connection is
+    refused. For ``hostmaint inventory check``; nothing is contacted.
+    """
+    try:
+        known = _load_known_hosts(target.known_hosts, target.address)
+    except HostKeyError as exc:
+        return str(exc).removeprefix(f"{target.address}: ")
+    keys = paramiko.HostKeys()
+    known.fill(keys)
+    label = _host_label(target)
+    if keys.lookup(label) is None:
+        return (f"{target.known_hosts} has no key for {label}, so every connection would be refused: add the "
+                f"host's key, verified out of band{known.ca_hint()}")
+    return None
+
+
 class _UnknownHostKey(paramiko.SSHException):
     def __init__(self, hostname: str, key: paramiko.PKey) -> None:
         self.hostname = hostname
