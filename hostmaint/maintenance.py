@@ -24,6 +24,7 @@ from typing import Any
 from hostmaint import patching
 from hostmaint.audit import AuditEntry
 from hostmaint.drivers.base import MigrationStates, ShutOffVms
+from hostmaint.display import visible
 from hostmaint.errors import DriverError, HostmaintError, PlanError, StepError, TransientDriverError
 from hostmaint.fleet import discover_cluster
 from hostmaint.inventory import Inventory
@@ -527,7 +528,7 @@ def report_shut_off(rt: Runtime, run: RunContext, host: str) -> list[str]:
         rec.details["vms"] = off
         if off:
             rec.details["note"] = "defined on the host and shut off; left defined where they are"
-            log.warning("%s: shut-off VMs left defined on it: %s", host, ", ".join(off))
+            log.warning("%s: shut-off VMs left defined on it: %s", host, ", ".join(map(visible, off)))
         else:
             rec.outcome = StepOutcome.SKIPPED
         return off

@@ -42,6 +42,7 @@ from hostmaint.drivers.domain_xml import (
     with_free_memory,
 )
 from hostmaint.drivers.stall import stall_decision, stall_reason
+from hostmaint.display import visible
 from hostmaint.errors import DriverError, MigrationError, TransientDriverError
 from hostmaint.inventory import Inventory
 from hostmaint.models import (
@@ -724,7 +725,7 @@ class LibvirtHypervisor:
                 errors.append(f"abortJob blocked for {self._abort_timeout:g}s")
                 # Worth an operator's eye: QEMU stuck in "cancelling" is rare, and a resend clears it.
                 log.warning("aborting the migration of %s on %s: abortJob blocked for %gs (try %d of %d)%s",
-                            vm, source, self._abort_timeout, attempt, self._abort_attempts,
+                            visible(vm), source, self._abort_timeout, attempt, self._abort_attempts,
                             "; resending from a fresh connection" if attempt < self._abort_attempts else "")
                 continue
             error = outcome.get("error")
