@@ -23,8 +23,8 @@ from typing import Any
 
 from hostmaint import patching
 from hostmaint.audit import AuditEntry
-from hostmaint.drivers.base import MigrationStates, ShutOffVms
 from hostmaint.display import visible
+from hostmaint.drivers.base import MigrationStates, ShutOffVms
 from hostmaint.errors import DriverError, HostmaintError, PlanError, StepError, TransientDriverError
 from hostmaint.fleet import discover_cluster
 from hostmaint.inventory import Inventory

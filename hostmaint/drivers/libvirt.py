@@ -33,6 +33,7 @@ import libvirt
 from pydantic import ValidationError
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from hostmaint.display import visible
 from hostmaint.drivers.base import ProgressCallback
 from hostmaint.drivers.domain_xml import (
     HostCapabilities,
@@ -42,7 +43,6 @@ from hostmaint.drivers.domain_xml import (
     with_free_memory,
 )
 from hostmaint.drivers.stall import stall_decision, stall_reason
-from hostmaint.display import visible
 from hostmaint.errors import DriverError, MigrationError, TransientDriverError
 from hostmaint.inventory import Inventory
 from hostmaint.models import (
