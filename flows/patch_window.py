@@ -21,10 +21,10 @@ from flows.common import HostOutcome, default_inventory, publish_report, run_con
 from flows.patch_host import patch_host
 from flows.rebalance_cluster import rebalance_locked
 from hostmaint.display import visible
-from hostmaint.errors import InputError, LockHeldError
+from hostmaint.errors import InputError, LockHeldError, StepError
 from hostmaint.maintenance import link_figures
 from hostmaint.models import StepOutcome, Trigger
-from hostmaint.window import WindowClock, estimate_host_seconds, window_order
+from hostmaint.window import WindowClock, estimate_host_seconds, host_budget_s, window_left, window_order
 from tasks import maintenance as t
 from tasks.common import RuntimeRef
 
@@ -107,12 +107,14 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
     running: dict[str, PrefectFuture[HostOutcome]] = {}
     failures = 0
     durations: list[float] = []
+    started: list[str] = []
     waiting_for_room: str | None = None  # refused room; asked again once a host in maintenance finishes
     while pending or running:
         while pending and len(running) < parallel and failures <= max_failed_hosts:
             host = pending[0]
-            needed = max(durations) if durations else estimate_host_seconds(
-                snapshot, host, rt.inventory, links[host].mib_s if host in links else None)
+            # its own estimate, or longer once a host of this window took longer: never less
+            needed = host_budget_s(estimate_host_seconds(
+                snapshot, host, rt.inventory, links[host].mib_s if host in links else None), durations)
             if not clock.fits(needed):
                 logger.warning("window %s ends before %s could finish (~%.0fs): not started", window_id,
                                host, needed)
@@ -134,6 +136,7 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
             # due later, and those started a moment ago that may not be cordoned yet: a plan made now
             # must not send VMs to a host about to go into maintenance (it would wait for its drain)
             avoid = [h for h in (*running, *pending) if h != host]
+            started.append(host)
             running[host] = patch_one.submit(host, inv_path, operator, window_id, trigger, avoid, parallel)
         if not running:
             break
@@ -148,6 +151,7 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
                 if result.outcome is StepOutcome.FAILED:
                     failures += 1
                     logger.error("host %s failed: %s", host, visible(result.detail))
+    left = list(pending)
     for host in pending:
         reason = "failure limit reached" if failures > max_failed_hosts else "window would end before it finished"
         outcomes.append(HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host).value,
@@ -171,4 +175,10 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
             rebalance_locked(ref, run, plan, now, rebalance_moves, prefer_origin=False, within=within)
     outcomes.sort(key=lambda o: order.index(o.host) if o.host in order else len(order))
     publish_report(f"patch window {window_id}", outcomes, key=None)
+    if left:
+        summary = window_left(window_id, cluster, left, started, failures > max_failed_hosts, clock)
+        if not started:
+            # nothing was done: the run (and the CLI) must not end as if the window had done its work
+            raise StepError(summary, None, "window")
+        logger.warning("%s", summary)
     return outcomes

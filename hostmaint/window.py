@@ -56,6 +56,28 @@ def estimate_host_seconds(snapshot: FleetSnapshot, host: str, inventory: Invento
     return drain + PATCH_SECONDS + reboot
 
 
+def host_budget_s(estimate_s: float, finished_s: Sequence[float] = ()) -> float:
+    """How long a host of the window is given to finish: its own estimate, or the longest a host of
+    this window actually took when that was longer. A quick host before it never shortens it: the
+    estimate is what its drain, update and reboot may take, and a host that starts with less time
+    left than that may still be in maintenance when the window ends."""
+    return max([estimate_s, *finished_s])
+
+
+def window_left(window_id: str, cluster: str, left: Sequence[str], started: Sequence[str],
+                failure_limit: bool, clock: WindowClock) -> str:
+    """What a window leaves undone and how to resume it, in one paragraph for the operator."""
+    why = "the failure limit was reached" if failure_limit else "the window ends before they could finish"
+    text = (f"window {window_id} {'started no host' if not started else f'patched or tried {len(started)} host(s)'}"
+            f": {len(left)} host(s) of {cluster} left unpatched ({', '.join(left)}), {why}")
+    remaining = clock.remaining()
+    if remaining is not None and clock.end is not None and not failure_limit:
+        end = clock.end.astimezone(UTC)
+        text += f" ({max(remaining, 0):.0f}s left of the window, ending {end:%Y-%m-%d %H:%M:%S} UTC)"
+    return (text + f". Resume in a later window with the same id: hostmaint window run {cluster} --window-id "
+            f"{window_id} --window-end <time>; hosts patched already are skipped.")
+
+
 def window_order(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None) -> tuple[list[str], list[str]]:
     """The order hosts are patched in, and the hosts the window must leave out.
 

@@ -270,11 +270,11 @@ def test_window_stops_after_failure_limit(sim_inventory: Path) -> None:
 def test_window_that_has_ended_starts_no_host(sim_inventory: Path) -> None:
     from datetime import UTC, datetime, timedelta
 
-    outcomes = patch_window(cluster="demo", window_id="w-late", operator="sched", inventory=str(sim_inventory),
-                            trigger=Trigger.TEST, window_end=datetime.now(UTC) + timedelta(seconds=30))
+    # a window that started no host fails (CLI exit 1), saying what is left and how to resume
+    with pytest.raises(StepError, match="window w-late started no host: 4 host"):
+        patch_window(cluster="demo", window_id="w-late", operator="sched", inventory=str(sim_inventory),
+                     trigger=Trigger.TEST, window_end=datetime.now(UTC) + timedelta(seconds=30))
 
-    assert {o.outcome for o in outcomes} == {StepOutcome.SKIPPED}
-    assert all("window would end" in o.detail for o in outcomes)
     assert not [r for r in audit().records() if r.step == "cordon"]
 
 
@@ -903,10 +903,9 @@ def test_a_window_that_starts_late_ends_when_it_was_scheduled_to(sim_inventory: 
         flow_run = client.create_flow_run(patch_window, parameters=params,
                                           state=Scheduled(scheduled_time=scheduled))
 
-    outcomes = run_flow(patch_window, flow_run=flow_run, parameters=params)
+    state = run_flow(patch_window, flow_run=flow_run, parameters=params, return_type="state")
 
-    assert {o.outcome for o in outcomes} == {StepOutcome.SKIPPED}
-    assert all("window would end" in o.detail for o in outcomes)
+    assert state.is_failed() and "started no host" in str(state.message)
     assert not [r for r in audit().records() if r.step == "cordon"]
 
 
@@ -915,11 +914,10 @@ def test_a_window_end_without_an_offset_is_utc(sim_inventory: Path) -> None:
 
     naive = (datetime.now(UTC) + timedelta(seconds=30)).replace(tzinfo=None)  # as typed on the CLI
 
-    outcomes = patch_window(cluster="demo", window_id="w-naive", operator="sched", inventory=str(sim_inventory),
-                            trigger=Trigger.TEST, window_end=naive)
-
-    assert {o.outcome for o in outcomes} == {StepOutcome.SKIPPED}  # too short for any host, not a crash
-    assert all("window would end" in o.detail for o in outcomes)
+    # too short for any host (not a crash on the naive time): a window that started none
+    with pytest.raises(StepError, match=r"started no host.*ending .* UTC\)"):
+        patch_window(cluster="demo", window_id="w-naive", operator="sched", inventory=str(sim_inventory),
+                     trigger=Trigger.TEST, window_end=naive)
 
 
 def test_a_host_an_incident_took_out_stays_out_after_its_next_patch(sim_inventory: Path) -> None:

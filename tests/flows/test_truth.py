@@ -228,3 +228,72 @@ def test_the_precheck_records_the_updates_pending_and_a_shut_off_vm_is_reported(
     assert report.details["vms"] == [off]
     assert off in result.detail and "shut-off" in result.detail
     assert real.stopped == {off: "hv02"} and off not in {vm for vms in real.running.values() for vm in vms}
+
+
+# --- e. a window that can start no host, and one host's estimate ----------------------------------------
+
+
+class _SlowUpdate:
+    """The sim fleet's shell, where ``dnf update`` on ``host`` takes ``seconds`` (a slow mirror)."""
+
+    def __init__(self, real: Any, host: str, seconds: float) -> None:
+        self.real, self.host, self.seconds = real, host, seconds
+
+    def run(self, host: str, argv: Any, timeout: float = 60.0) -> Any:
+        if host == self.host and "update" in argv:
+            import time
+
+            time.sleep(self.seconds)
+        return self.real.run(host, argv, timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_a_host_starts_only_when_its_own_estimate_fits_what_is_left(sim_inventory: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from flows.patch_window import patch_window
+    from hostmaint import maintenance as steps
+    from hostmaint.window import estimate_host_seconds
+
+    rt = open_runtime(sim_inventory)
+    snap = steps.snapshot(rt, "demo")
+    # hv01 and hv03 carry the same memory: the same estimate (drain + update + the reboot timeout)
+    estimate = estimate_host_seconds(snap, "hv01", rt.inventory)
+    assert estimate == estimate_host_seconds(snap, "hv03", rt.inventory)
+    real_shell = rt.shell
+    rt.shell = _SlowUpdate(real_shell, "hv01", 5.0)  # type: ignore[assignment]
+    rt.shell = _SlowUpdate(rt.shell, "hv03", 5.0)  # type: ignore[assignment]
+    try:
+        # room for one host's estimate (and a little); the first host is done far sooner than its
+        # estimate, but what is left then is less than the second host's own estimate
+        outcomes = patch_window(cluster="demo", hosts=["hv01", "hv03"], window_id="w-tight", operator="sched",
+                                inventory=str(sim_inventory), trigger=Trigger.TEST, rebalance_moves=0,
+                                window_end=datetime.now(UTC) + timedelta(seconds=estimate + 4))
+    finally:
+        rt.shell = real_shell
+
+    by_outcome = sorted(o.outcome.value for o in outcomes)
+    assert by_outcome == ["ok", "skipped"], outcomes
+    [left] = [o for o in outcomes if o.outcome is StepOutcome.SKIPPED]
+    assert "window would end" in left.detail
+    assert rt.states.state(left.host) is HostState.ACTIVE  # never cordoned
+
+
+def test_a_window_that_starts_no_host_fails_and_says_how_to_resume(sim_inventory: Path) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from typer.testing import CliRunner
+
+    from hostmaint.cli import app
+
+    end = (datetime.now(UTC) + timedelta(seconds=60)).strftime("%Y-%m-%dT%H:%M:%S")
+    result = CliRunner().invoke(app, ["window", "run", "demo", "-i", str(sim_inventory), "--window-end", end,
+                                      "--window-id", "w-short"])
+
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1, text
+    assert "window w-short started no host: 4 host(s) of demo left unpatched" in text, text
+    assert "hostmaint window run demo --window-id w-short --window-end" in text, text
+    assert not [r for r in audit().records() if r.step == "cordon"]
