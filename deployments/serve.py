@@ -106,6 +106,21 @@ class WindowConfig(BaseModel):
         return v
 
 
+def _window_config(path: Path, where: str, data: Any) -> WindowConfig:
+    """One window's settings, or InputError naming the file and each bad field (``default.rrule: ...``)."""
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: {where}: must be a mapping of window settings, got {type(data).__name__}")
+    try:
+        return WindowConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in (where, *err["loc"]))
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            problems.append(f"{field}: {'unknown field' if err['type'] == 'extra_forbidden' else msg}")
+        raise InputError(f"{path}: " + "; ".join(problems)) from None
+
+
 def load_windows(path: Path = WINDOWS_FILE, known: Collection[str] | None = None,
                  ) -> tuple[WindowConfig, dict[str, WindowConfig]]:
     """Read windows.yaml: the default window and every cluster's override (merged onto the default).
@@ -121,12 +136,9 @@ def load_windows(path: Path = WINDOWS_FILE, known: Collection[str] | None = None
     if not isinstance(raw.get("clusters") or {}, dict):
         raise InputError(f"{path}: clusters: must be a mapping {{cluster: overrides}}, "
                          f"got {type(raw['clusters']).__name__}")
-    try:
-        default = WindowConfig.model_validate(raw.get("default") or {})
-        clusters = {name: WindowConfig.model_validate({**default.model_dump(), **(over or {})})
-                    for name, over in (raw.get("clusters") or {}).items()}
-    except ValidationError as exc:
-        raise InputError(f"{path}: {exc}") from None
+    default = _window_config(path, "default", raw.get("default") or {})
+    clusters = {name: _window_config(path, f"clusters.{name}", {**default.model_dump(), **(over or {})})
+                for name, over in (raw.get("clusters") or {}).items()}
     if known is not None:
         unknown = sorted(str(name) for name in clusters if name not in known)
         if unknown:

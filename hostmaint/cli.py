@@ -27,6 +27,7 @@ from hostmaint.errors import HostmaintError, InputError, InventoryError, PlanErr
 from hostmaint.fleet import dump_snapshot, load_snapshot
 from hostmaint.inventory import load_inventory
 from hostmaint.models import MigrationOptions
+from hostmaint.placement.exact import DEFAULT_BUDGET
 from hostmaint.redaction import redact_text
 
 app = typer.Typer(help="Maintenance orchestration for KVM/libvirt fleets.", no_args_is_help=True,
@@ -139,7 +140,10 @@ def inventory_check(file: Path, files: Annotated[bool, typer.Option(
         "--files/--no-files",
         help="Also check, on this machine, the files it names: every known_hosts file and SSH key file exists "
              "and can be read, and known_hosts holds each host's key (else SSH to it is impossible). "
-             "--no-files checks the inventory alone, where those files are not (CI, a laptop).")] = True) -> None:
+             "--no-files checks the inventory alone, where those files are not (CI, a laptop).")] = True,
+                    windows: Annotated[Path | None, typer.Option(
+                        help="Also check this windows.yaml (the patch window schedules) against the inventory, "
+                             "as 'hostmaint setup' and 'serve' will read it.")] = None) -> None:
     """Validate an inventory file: exit 0 when valid, 2 otherwise (every problem named)."""
     with exit_codes():
         inv = load_inventory(file)
@@ -147,8 +151,22 @@ def inventory_check(file: Path, files: Annotated[bool, typer.Option(
             problems = _named_file_problems(inv)
             if problems:
                 raise InventoryError(problems, str(file))
+        if windows is not None:
+            _check_windows(windows, [c.name for c in inv.clusters])
         what = "valid" if files else "valid; the files it names were not checked (--no-files)"
         out.print(cell(f"{file}: {what} — {len(inv.clusters)} cluster(s), {len(inv.hosts)} host(s)"))
+
+
+def _check_windows(path: Path, clusters: list[str]) -> None:
+    """windows.yaml as setup/serve read it: strictly, overrides naming inventory clusters, exclusions on window days."""
+    from deployments.serve import load_windows, window_rrule
+
+    default, overrides = load_windows(path, known=clusters)
+    for name, cfg in {"default": default, **{f"clusters.{c}": o for c, o in overrides.items()}}.items():
+        try:
+            window_rrule(cfg)
+        except InputError as exc:
+            raise InputError(f"{path}: {name}: {exc}") from None
 
 
 def _named_file_problems(inv: Any) -> list[str]:
@@ -190,6 +208,19 @@ def snapshot(inventory: InventoryOpt = "inventory.yaml",
             sys.stdout.write(text)
 
 
+# The planner's exact stage: how much CP-SAT work a plan may spend (placement/exact.py).
+ExactBudgetOpt = Annotated[float, typer.Option(
+    "--exact-budget", help="Deterministic seconds (about a second of CPU each) the planner's exact stage may spend "
+                           "proving the plan best or the drain impossible; 0: greedy only. Raise it when a plan "
+                           "says no placement was found within its budget.")]
+
+
+def _budget(value: float) -> float:
+    if not 0 <= value <= 600:
+        raise InputError(f"--exact-budget: must be between 0 and 600 deterministic seconds, got {value:g}")
+    return value
+
+
 # --- plans --------------------------------------------------------------------------------------
 
 
@@ -198,7 +229,7 @@ def plan_drain(host: str, inventory: InventoryOpt = "inventory.yaml", snapshot: 
                patch: Annotated[bool, typer.Option(
                    "--patch", help="Plan as a patch does: focused on as few hosts as hold the VMs (they come "
                                    "back, or a window rebalances); without it, as an evacuation: balanced.")] = False,
-               as_json: JsonOpt = False) -> None:
+               as_json: JsonOpt = False, exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
     """Plan the evacuation of HOST (exit 1 when it cannot be done safely)."""
     from hostmaint.placement import check_capacity, plan_evacuation, render_plan
 
@@ -208,7 +239,7 @@ def plan_drain(host: str, inventory: InventoryOpt = "inventory.yaml", snapshot: 
             snap.host(host)
         except KeyError:
             raise InputError(f"host {host!r} is not in cluster {snap.cluster}") from None
-        plan = plan_evacuation(snap, [host], focus=patch)
+        plan = plan_evacuation(snap, [host], focus=patch, exact_budget=_budget(exact_budget))
         if plan.capacity is None:
             plan = plan.model_copy(update={"capacity": check_capacity(snap, [host])})
         if as_json:
@@ -300,29 +331,29 @@ def _check_host(inventory: str, host: str) -> Any:
 @app.command()
 def evacuate(host: str, inventory: InventoryOpt = "inventory.yaml", dry_run: DryRunOpt = False,
              operator: OperatorOpt = "unknown", reason: ReasonOpt = "on-demand evacuation",
-             as_json: JsonOpt = False) -> None:
+             as_json: JsonOpt = False, exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
     """Cordon HOST and live-migrate every VM off it (the plan is printed first)."""
     from flows.evacuate_host import evacuate_host
 
     with exit_codes():
         _check_host(inventory, host)
         result = _run_flow(evacuate_host, host=host, dry_run=dry_run, operator=operator, reason=reason,
-                           inventory=inventory)
+                           inventory=inventory, exact_budget=_budget(exact_budget))
         _show_outcomes([result], as_json)
 
 
 @app.command()
 def patch(host: str, inventory: InventoryOpt = "inventory.yaml", dry_run: DryRunOpt = False,
           operator: OperatorOpt = "unknown", reason: ReasonOpt = "patch", as_json: JsonOpt = False,
-          no_return: Annotated[bool, typer.Option("--no-return", help="Leave moved VMs where they are.")] = False
-          ) -> None:
+          no_return: Annotated[bool, typer.Option("--no-return", help="Leave moved VMs where they are.")] = False,
+          exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
     """Evacuate, update, reboot when needed, verify, uncordon HOST and return its VMs."""
     from flows.patch_host import patch_host
 
     with exit_codes():
         _check_host(inventory, host)
         result = _run_flow(patch_host, host=host, dry_run=dry_run, operator=operator, reason=reason,
-                           inventory=inventory, return_vms=not no_return)
+                           inventory=inventory, return_vms=not no_return, exact_budget=_budget(exact_budget))
         _show_outcomes([result], as_json)
 
 

@@ -145,3 +145,31 @@ def test_windows_yaml_is_read_strictly(tmp_path: Path, data: bytes, problem: str
     with pytest.raises(InputError) as info:
         load_windows(path)
     assert str(info.value).startswith(f"{path}: ") and problem in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    (None, "cannot read: No such file or directory"),
+    ("default:\n  rrule: FREQ=DAILY\n  rrule: FREQ=WEEKLY\n", "default: key 'rrule' is given twice"),
+    ("default:\n  rrule: FREQ=DAILY\n  timezone: Mars/Base\n  windw_minutes: 3\n",
+     "default.timezone: unknown timezone 'Mars/Base' (use an IANA name such as Asia/Tokyo); "
+     "default.windw_minutes: unknown field"),
+    ("default: {rrule: FREQ=DAILY}\nclusters:\n  prod-a: {max_hosts_in_parallel: 0}\n",
+     "clusters.prod-a.max_hosts_in_parallel: Input should be greater than or equal to 1"),
+    ("default: {rrule: FREQ=DAILY}\nclusters:\n  prod-z: {}\n", "'prod-z': no cluster of the inventory"),
+    ("default: {rrule: 'FREQ=MONTHLY;BYDAY=+2TU', timezone: UTC, exclude: [2026-12-09]}\n",
+     "default: exclude 2026-12-09: no patch window falls on that date"),
+])
+def test_inventory_check_checks_windows_yaml_as_setup_reads_it(tmp_path: Path, text: str | None, problem: str) -> None:
+    windows = tmp_path / "windows.yaml"
+    if text is not None:
+        windows.write_text(text)
+    result = runner.invoke(app, ["inventory", "check", "--no-files", "--windows", str(windows), str(EXAMPLE)])
+    assert result.exit_code == 2, result.output
+    said = " ".join(result.output.split())
+    assert said.startswith(f"error: {windows}: ") and problem in said and "Traceback" not in said, said
+
+
+def test_inventory_check_accepts_the_shipped_windows_yaml() -> None:
+    shipped = EXAMPLE.parents[1] / "deployments" / "windows.yaml"
+    result = runner.invoke(app, ["inventory", "check", "--no-files", "--windows", str(shipped), str(EXAMPLE)])
+    assert result.exit_code == 0, result.output
