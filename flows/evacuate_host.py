@@ -12,6 +12,7 @@ from flows.draining import drain_planned
 from hostmaint.errors import HostmaintError, InputError, PlanError
 from hostmaint.models import EvacuationPlan, FleetSnapshot, StepOutcome, Trigger
 from hostmaint.placement import render_plan
+from hostmaint.placement.exact import DEFAULT_BUDGET
 from tasks import maintenance as t
 from tasks.common import RuntimeRef
 
@@ -20,7 +21,7 @@ from tasks.common import RuntimeRef
 def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", reason: str = "",
                   inventory: str | None = None, trigger: Trigger = Trigger.UI,
                   lock_wait_s: float | None = 60, approved_plan: EvacuationPlan | None = None,
-                  approved_on: FleetSnapshot | None = None) -> HostOutcome:
+                  approved_on: FleetSnapshot | None = None, exact_budget: float = DEFAULT_BUDGET) -> HostOutcome:
     """Move every VM off ``host`` and leave it cordoned and empty.
 
     With ``dry_run`` the plan is printed and nothing changes (one audit record says so).
@@ -30,9 +31,10 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
     ``approved_plan`` (made on ``approved_on``): the plan a human approved. It is what runs, unless
     the cluster changed under it since (then the re-made plan runs and is recorded, step ``replan``,
     as any plan that waited); an approved plan that was not feasible is refused before anything moves.
+    ``exact_budget``: deterministic seconds for the planner's exact stage (0: greedy only).
     """
     started = time.monotonic()
-    ref = RuntimeRef(inventory or default_inventory())
+    ref = RuntimeRef(inventory or default_inventory(), exact_budget=exact_budget)
     rt = ref.open()
     run = run_context("evacuate-host", trigger, operator, reason)
     cluster = rt.cluster_of(host)

@@ -19,10 +19,16 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from flows.common import default_inventory
 from hostmaint.errors import InputError
 from hostmaint.inventory import HOST_NAME, Inventory, load_inventory
+from hostmaint.placement.exact import DEFAULT_BUDGET
 
 HostName = Annotated[str, Field(pattern=HOST_NAME, min_length=1, max_length=63)]
 Operator = Annotated[str, Field(min_length=1, max_length=120, title="Operator",
                                 description="Who asks for this; recorded in the audit trail with every step.")]
+ExactBudget = Annotated[float, Field(
+    ge=0, le=600, title="Exact planning budget",
+    description="Deterministic seconds (about a second of CPU each) the planner's exact stage (CP-SAT) may spend "
+                "proving the plan best or a drain impossible. 0: greedy only. Raise it when a plan says it "
+                "found no placement within its budget.")]
 InventoryPath = Annotated[str | None, Field(
     default=None, title="Inventory",
     description="Inventory file on the worker. Leave empty for the worker's $HOSTMAINT_INVENTORY.")]
@@ -69,6 +75,7 @@ class EvacuationRequest(_Request):
     approval_required: bool = Field(
         default=False, title="Approval required",
         description="Print the plan and pause until someone approves it (Resume in the run's menu).")
+    exact_budget: ExactBudget = DEFAULT_BUDGET
     inventory: InventoryPath = None
 
     @model_validator(mode="after")
@@ -90,6 +97,7 @@ class PatchRequest(_Request):
     dry_run: bool = Field(default=True, title="Dry run", description="Only print the evacuation plan.")
     return_vms: bool = Field(default=True, title="Return VMs",
                              description="Move the VMs back to the host once it is verified.")
+    exact_budget: ExactBudget = DEFAULT_BUDGET
     inventory: InventoryPath = None
 
     @model_validator(mode="after")

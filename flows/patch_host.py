@@ -18,6 +18,7 @@ from flows.draining import drain_planned
 from hostmaint.errors import HostmaintError, PlanError
 from hostmaint.models import EvacuationPlan, HostState, MigrationResult, StepOutcome, Trigger
 from hostmaint.placement import render_plan
+from hostmaint.placement.exact import DEFAULT_BUDGET
 from tasks import maintenance as t
 from tasks.common import RuntimeRef
 
@@ -28,7 +29,8 @@ BEFORE_DRAINED = (HostState.ACTIVE, HostState.CORDONED, HostState.DRAINING)
 def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_run: bool = False,
                inventory: str | None = None, trigger: Trigger = Trigger.UI, window_id: str | None = None,
                return_vms: bool = True, avoid: list[str] | None = None,
-               lock_wait_s: float | None = 60, hosts_at_once: int = 1) -> HostOutcome:
+               lock_wait_s: float | None = 60, hosts_at_once: int = 1,
+               exact_budget: float = DEFAULT_BUDGET) -> HostOutcome:
     """Take one host through maintenance end to end; the host is never rebooted with a VM on it.
 
     The run holds ``host:<host>`` and a ``maintenance:<cluster>`` slot throughout (flows/locks.py).
@@ -37,7 +39,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
     migration limit, this one holds none, so more of them drain side by side).
     """
     started = time.monotonic()
-    ref = RuntimeRef(inventory or default_inventory())
+    ref = RuntimeRef(inventory or default_inventory(), exact_budget=exact_budget)
     rt = ref.open()
     run = run_context("patch-host", trigger, operator, reason, window_id)
     cluster = rt.cluster_of(host)

@@ -24,6 +24,7 @@ from hostmaint.display import visible
 from hostmaint.errors import InputError, LockHeldError, StepError
 from hostmaint.maintenance import link_figures
 from hostmaint.models import StepOutcome, Trigger
+from hostmaint.placement.exact import DEFAULT_BUDGET
 from hostmaint.window import WindowClock, estimate_host_seconds, host_budget_s, window_left, window_order
 from tasks import maintenance as t
 from tasks.common import RuntimeRef
@@ -31,12 +32,12 @@ from tasks.common import RuntimeRef
 
 @task(name="patch-host-in-window", cache_policy=NO_CACHE)  # untagged: see tasks/maintenance.py
 def patch_one(host: str, inventory: str, operator: str, window_id: str, trigger: Trigger,
-              avoid: list[str], hosts_at_once: int = 1) -> HostOutcome:
+              avoid: list[str], hosts_at_once: int = 1, exact_budget: float = DEFAULT_BUDGET) -> HostOutcome:
     # A failed host is an outcome of the window, not an exception that kills it.
     try:
         return patch_host(host=host, operator=operator, reason=f"patch window {window_id}", inventory=inventory,
                           trigger=trigger, window_id=window_id, return_vms=False, avoid=avoid,
-                          hosts_at_once=hosts_at_once)
+                          hosts_at_once=hosts_at_once, exact_budget=exact_budget)
     except LockHeldError as exc:
         # Another run (an evacuation, a runbook) holds the host: not a failure of this host.
         state = RuntimeRef(inventory).open().states.state(host).value
@@ -62,7 +63,8 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
                  window_minutes: float | None = None, max_failed_hosts: int = 0,
                  hosts: list[str] | None = None, window_id: str | None = None, operator: str = "scheduler",
                  inventory: str | None = None, trigger: Trigger = Trigger.SCHEDULE,
-                 rebalance_moves: int | None = None, rebalance_within_pct: float = 10.0) -> list[HostOutcome]:
+                 rebalance_moves: int | None = None, rebalance_within_pct: float = 10.0,
+                 exact_budget: float = DEFAULT_BUDGET) -> list[HostOutcome]:
     """Patch the hosts of ``cluster`` (or only ``hosts``) inside one maintenance window.
 
     At the end, when every host was patched, a rebalance levels the cluster until each host's memory
@@ -77,7 +79,7 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
     if not 0 <= rebalance_within_pct < 100:
         raise InputError(f"rebalance_within_pct: must be in [0, 100), got {rebalance_within_pct}")
     inv_path = inventory or default_inventory()
-    ref = RuntimeRef(inv_path)
+    ref = RuntimeRef(inv_path, exact_budget=exact_budget)
     rt = ref.open()
     window_id = window_id or _default_window_id(cluster)
     run = run_context("patch-window", trigger, operator, f"window {window_id}", window_id)

@@ -46,6 +46,7 @@ from hostmaint.models import (
     UnmigratableAction,
 )
 from hostmaint.placement import check_capacity, plan_evacuation, plan_rebalance, render_plan, stale_targets
+from hostmaint.placement.exact import DEFAULT_BUDGET
 from hostmaint.placement.rebalance import plan_return as plan_return_home
 from hostmaint.runtime import Runtime
 from hostmaint.state import HostRecord, HostStateStore
@@ -218,23 +219,26 @@ def snapshot(rt: Runtime, cluster: str) -> FleetSnapshot:
 
 
 def plan_drain(rt: Runtime, run: RunContext, host: str, *, avoid: Sequence[str] = (), busy: Sequence[str] = (),
-               focus: bool = False, dry_run: bool = False, snap: FleetSnapshot | None = None) -> EvacuationPlan:
+               focus: bool = False, dry_run: bool = False, snap: FleetSnapshot | None = None,
+               exact_budget: float = DEFAULT_BUDGET) -> EvacuationPlan:
     """Discover, check N+1 and plan the evacuation of ``host``. Raises PlanError when unsafe.
 
     ``avoid``: hosts due for maintenance later; ``busy``: hosts other drains fill now; ``focus``:
     send to few hosts (see ``plan_evacuation``). With ``dry_run`` an unsafe plan is returned (to be
     printed) instead of raised, and the audit record says dry-run. ``snap``: the cluster as the
     caller discovered it just now, after cordoning ``host`` (the plan is made on it instead of
-    discovering again).
+    discovering again). ``exact_budget``: the planner's exact stage (``plan_evacuation``).
     """
     cluster = rt.cluster_of(host)
     with audited(rt, run, "plan", host=host, inputs={"avoid": list(avoid), "busy": list(busy), "focus": focus,
-                                                     "dry_run": dry_run}) as rec:
+                                                     "dry_run": dry_run, "exact_budget": exact_budget}) as rec:
         if snap is None:
             snap = snapshot(rt, cluster)
         elif snap.cluster != cluster:
             raise PlanError(f"planning {host} of cluster {cluster} on a snapshot of cluster {snap.cluster}")
-        plan = plan_evacuation(snap, [host], avoid=tuple(avoid), busy=tuple(busy), focus=focus)
+        plan = plan_evacuation(snap, [host], avoid=tuple(avoid), busy=tuple(busy), focus=focus,
+                               exact_budget=exact_budget)
+        rec.details["proof"] = plan.proof.value
         if plan.capacity is None:
             plan = plan.model_copy(update={"capacity": check_capacity(snap, [host])})
         rec.details["plan"] = plan.model_dump(mode="json")
@@ -249,7 +253,7 @@ def plan_drain(rt: Runtime, run: RunContext, host: str, *, avoid: Sequence[str] 
 
 
 def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot, now: FleetSnapshot, *,
-           avoid: Sequence[str] = (), focus: bool = False) -> EvacuationPlan:
+           avoid: Sequence[str] = (), focus: bool = False, exact_budget: float = DEFAULT_BUDGET) -> EvacuationPlan:
     """``plan`` if it still fits the cluster as ``now`` shows it; otherwise a new plan made on ``now``,
     with its own audit record (step ``replan``: why, and the plan that replaces the old one).
 
@@ -262,8 +266,9 @@ def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: Fleet
     host = plan.hosts[0] if plan.hosts else None
     with audited(rt, run, "replan", host=host, cluster=plan.cluster,
                  inputs={"reasons": reasons, "replaces": plan.snapshot_digest, "avoid": list(avoid)}) as rec:
-        fresh = plan_evacuation(now, list(plan.hosts), avoid=tuple(avoid), focus=focus)
+        fresh = plan_evacuation(now, list(plan.hosts), avoid=tuple(avoid), focus=focus, exact_budget=exact_budget)
         rec.details["plan"] = fresh.model_dump(mode="json")
+        rec.details["proof"] = fresh.proof.value
         log.info("%s: the plan changed while it waited (%s); re-planned:\n%s", ", ".join(plan.hosts),
                  "; ".join(reasons), render_plan(fresh))
         if not fresh.feasible:
@@ -273,15 +278,16 @@ def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: Fleet
 
 
 def recheck_plan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot, *,
-                 avoid: Sequence[str] = (), focus: bool = False) -> tuple[EvacuationPlan, FleetSnapshot]:
+                 avoid: Sequence[str] = (), focus: bool = False,
+                 exact_budget: float = DEFAULT_BUDGET) -> tuple[EvacuationPlan, FleetSnapshot]:
     """The cluster discovered now, and the plan to drain on it: ``plan`` (made on ``planned_on``) if it
     still fits, else a recorded re-plan (:func:`replan`). For a caller that holds the plan's targets."""
     now = snapshot(rt, plan.cluster)
-    return replan(rt, run, plan, planned_on, now, avoid=avoid, focus=focus), now
+    return replan(rt, run, plan, planned_on, now, avoid=avoid, focus=focus, exact_budget=exact_budget), now
 
 
 def retarget(rt: Runtime, run: RunContext, plan: EvacuationPlan, now: FleetSnapshot, busy: Sequence[str], *,
-             avoid: Sequence[str] = (), focus: bool = False) -> EvacuationPlan:
+             avoid: Sequence[str] = (), focus: bool = False, exact_budget: float = DEFAULT_BUDGET) -> EvacuationPlan:
     """``plan`` moved off the hosts other drains fill now (``busy``), when a plan on ``now`` that sends
     to none of them exists; else ``plan`` itself, to wait for them. A plan made before those drains
     began (every host of a window plans at its start) would otherwise wait for each in turn.
@@ -290,7 +296,8 @@ def retarget(rt: Runtime, run: RunContext, plan: EvacuationPlan, now: FleetSnaps
     taken = sorted({p.target for p in plan.placements} & set(busy))
     if not taken:
         return plan
-    fresh = plan_evacuation(now, list(plan.hosts), avoid=tuple(avoid), busy=tuple(busy), focus=focus)
+    fresh = plan_evacuation(now, list(plan.hosts), avoid=tuple(avoid), busy=tuple(busy), focus=focus,
+                            exact_budget=exact_budget)
     if not fresh.feasible or {p.target for p in fresh.placements} & set(busy):
         return plan
     host = plan.hosts[0] if plan.hosts else None

@@ -428,6 +428,9 @@ class Blocker(Frozen):
     constraint: str  # memory | vcpu | hugepages | numa | pinning | anti-affinity | cpu-group | unmigratable | capacity
     reason: str
     hint: str = ""
+    # with a proven refusal: VMs that cannot all be placed together (this one among them), found and
+    # shrunk by the exact stage
+    core: tuple[str, ...] = ()
 
 
 class VmAction(Frozen):
@@ -459,6 +462,21 @@ class Balance(Frozen):
     objective: float = 0.0  # memory-weighted sum of squared utilisations (lower is more even)
 
 
+class PlanProof(StrEnum):
+    """How sure a plan is of its placement, from the exact stage (placement/exact.py)."""
+
+    OPTIMAL = "optimal"  # CP-SAT proved every stage of the objective optimal
+    FEASIBLE = "feasible"  # the budget ran out first: the best found, not proven best (nor a refusal proven)
+    INFEASIBLE = "infeasible"  # CP-SAT proved that not every VM can be placed
+    GREEDY_ONLY = "greedy-only"  # the exact stage did not run (no budget, or too large a model)
+
+    @property
+    def label(self) -> str:
+        """How tables and refusals say it."""
+        return {PlanProof.FEASIBLE: "feasible (limit reached)", PlanProof.INFEASIBLE: "infeasible (proven)",
+                PlanProof.GREEDY_ONLY: "greedy only"}.get(self, self.value)
+
+
 class EvacuationPlan(Frozen):
     """Where every VM of the drained hosts goes. Printed before anything moves."""
 
@@ -472,6 +490,8 @@ class EvacuationPlan(Frozen):
     capacity: CapacityCheck | None = None
     planner: str = "hostmaint"
     balance: Balance | None = None  # over the hosts that may receive, after the plan
+    proof: PlanProof = PlanProof.GREEDY_ONLY
+    proof_note: str = ""  # what the exact stage did: its budget, the stages it proved, why it did not run
 
     @property
     def feasible(self) -> bool:
@@ -499,6 +519,8 @@ class RebalancePlan(Frozen):
     balance_after: float = 0.0
     spread_before: Balance | None = None
     spread_after: Balance | None = None
+    proof: PlanProof = PlanProof.GREEDY_ONLY
+    proof_note: str = ""
 
 
 
@@ -524,6 +546,7 @@ class WindowPlan(Frozen):
     migrations_per_vm: float = 0.0
     estimated_seconds: float = 0.0
     planner: str = "hostmaint"
+    proof: PlanProof = PlanProof.GREEDY_ONLY  # the weakest of its steps' (see placement.exact.weakest)
 
     @property
     def feasible(self) -> bool:

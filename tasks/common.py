@@ -19,6 +19,7 @@ from prefect.states import State
 from hostmaint.display import visible
 from hostmaint.errors import InputError, TransientDriverError
 from hostmaint.migration import DrainEvent
+from hostmaint.placement.exact import DEFAULT_BUDGET
 from hostmaint.runtime import Runtime, open_runtime
 
 
@@ -97,6 +98,8 @@ class RuntimeRef:
 
     inventory: str
     db_url: str | None = None
+    # deterministic seconds for the planner's exact stage in every plan these tasks make (0: greedy only)
+    exact_budget: float = DEFAULT_BUDGET
 
     def open(self) -> Runtime:
         # hosts whose key is in a Secret block (key: {secret_block: NAME}) get it through Prefect

@@ -41,19 +41,21 @@ def plan_evacuation(ref: RuntimeRef, run: RunContext, host: str, avoid: list[str
                     dry_run: bool = False, snapshot: FleetSnapshot | None = None, busy: list[str] | None = None,
                     focus: bool = False) -> EvacuationPlan:
     return steps.plan_drain(ref.open(), run, host, avoid=avoid or [], busy=busy or [], focus=focus,
-                            dry_run=dry_run, snap=snapshot)
+                            dry_run=dry_run, snap=snapshot, exact_budget=ref.exact_budget)
 
 
 @task(name="recheck-plan", cache_policy=NO_CACHE, **IO_RETRIES)
 def recheck_plan(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot,
                  avoid: list[str] | None = None, focus: bool = False) -> tuple[EvacuationPlan, FleetSnapshot]:
-    return steps.recheck_plan(ref.open(), run, plan, planned_on, avoid=avoid or [], focus=focus)
+    return steps.recheck_plan(ref.open(), run, plan, planned_on, avoid=avoid or [], focus=focus,
+                              exact_budget=ref.exact_budget)
 
 
 @task(name="retarget-plan", cache_policy=NO_CACHE, **IO_RETRIES)
 def retarget_plan(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, now: FleetSnapshot, busy: list[str],
                   avoid: list[str] | None = None, focus: bool = False) -> EvacuationPlan:
-    return steps.retarget(ref.open(), run, plan, now, busy, avoid=avoid or [], focus=focus)
+    return steps.retarget(ref.open(), run, plan, now, busy, avoid=avoid or [], focus=focus,
+                          exact_budget=ref.exact_budget)
 
 
 @task(name="drain", cache_policy=NO_CACHE)

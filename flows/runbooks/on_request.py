@@ -32,13 +32,13 @@ def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 36
         plan, snapshot = approved if approved is not None else (None, None)
         return evacuate_host(host=request.host, dry_run=dry_run, operator=request.operator, reason=request.reason,
                              inventory=inv, trigger=Trigger.UI, lock_wait_s=lock_wait_s, approved_plan=plan,
-                             approved_on=snapshot)
+                             approved_on=snapshot, exact_budget=request.exact_budget)
 
     if request.dry_run:
         return evacuate(dry_run=True)
     if not request.approval_required:
         return evacuate()
-    ref = RuntimeRef(inv)
+    ref = RuntimeRef(inv, exact_budget=request.exact_budget)
     rt = ref.open()
     run = run_context("evacuate-on-request", Trigger.UI, request.operator, request.reason)
     with locks.host_maintenance(request.host, rt.cluster_of(request.host), wait_seconds=lock_wait_s):
@@ -61,7 +61,7 @@ def patch_on_request(request: PatchRequest, lock_wait_s: float | None = 60) -> H
     """Patch one host as asked in the form."""
     return patch_host(host=request.host, operator=request.operator, reason=request.reason, dry_run=request.dry_run,
                       inventory=request.inventory or default_inventory(), trigger=Trigger.UI,
-                      return_vms=request.return_vms, lock_wait_s=lock_wait_s)
+                      return_vms=request.return_vms, lock_wait_s=lock_wait_s, exact_budget=request.exact_budget)
 
 
 @flow(name="rebalance-on-request", log_prints=True)

@@ -37,10 +37,12 @@ from hostmaint.models import (
     FleetSnapshot,
     HostState,
     Placement,
+    PlanProof,
     UnmigratableAction,
     Vm,
     VmAction,
 )
+from hostmaint.placement import exact
 from hostmaint.placement.fit import Demand, Miss, could_fit, demand_of, fit_host
 from hostmaint.placement.objective import CELL_WEIGHT, balance, fit_delta, measure
 from hostmaint.placement.state import Fit, HostLoad, Ledger
@@ -173,6 +175,8 @@ class Evacuation:
     blocked: list[Blocker] = field(default_factory=list)
     vm_actions: list[VmAction] = field(default_factory=list)
     skipped_hosts: list[str] = field(default_factory=list)
+    proof: PlanProof = PlanProof.GREEDY_ONLY
+    proof_note: str = ""
 
 
 def _leftover(vm: Vm, host: HostLoad, fit: Fit) -> float:
@@ -313,11 +317,13 @@ def blocker_for(vm: Vm, misses: list[Miss], group_size: int) -> Blocker:
 
 
 def evacuate(snapshot: FleetSnapshot, ledger: Ledger, hosts: Sequence[str], *,
-             avoid: Collection[str] | Ranks = (), exclude: Collection[str] = ()) -> Evacuation:
+             avoid: Collection[str] | Ranks = (), exclude: Collection[str] = (),
+             exact_budget: float = exact.DEFAULT_BUDGET) -> Evacuation:
     """Plan the VMs of ``hosts`` onto the other active hosts, charging ``ledger`` as it goes.
 
     ``exclude`` names further hosts that must not receive VMs (e.g. ones already out for
     maintenance); ``avoid`` are used only when nothing else fits: names (rank DUE) or ranks.
+    ``exact_budget``: deterministic seconds for the exact stage (:func:`exact_stage`); 0: greedy only.
     """
     avoid = ({h: r for h, r in avoid.items() if r > PREFERRED} if isinstance(avoid, Mapping)
              else dict.fromkeys(avoid, DUE))
@@ -391,8 +397,8 @@ def evacuate(snapshot: FleetSnapshot, ledger: Ledger, hosts: Sequence[str], *,
         if isinstance(late, Choice):  # the local search happened to free a place for it
             ledger.apply(vm, late.fit)
             chosen[vm.name] = (vm, late)
-        else:
-            out.blocked.append(blocker_for(vm, late, len(targets_for(vm))))
+    out.proof, out.proof_note, blocked = exact_stage(movers, chosen, ledger, targets_for, avoid, exact_budget)
+    out.blocked.extend(blocked)
     out.placements.extend(placement_for(vm, choice) for vm, choice in chosen.values())
     out.placements.sort(key=lambda p: (p.source, p.vm))
     out.blocked.sort(key=lambda b: (b.host, b.vm))
@@ -552,7 +558,7 @@ def _make_room(vm: Vm, chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
 
 def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Collection[str] = (),
                     busy: Collection[str] = (), focus: bool = False,
-                    spare_hosts: int | None = None) -> EvacuationPlan:
+                    spare_hosts: int | None = None, exact_budget: float = exact.DEFAULT_BUDGET) -> EvacuationPlan:
     """Plan where every VM of ``hosts`` goes; the N+1 check is part of the plan.
 
     ``avoid``: hosts due for maintenance later, used only when nothing else fits. ``busy``: hosts
@@ -562,6 +568,8 @@ def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Col
     are rebalanced soon (a patch); an evacuation whose VMs stay is balanced over every host.
     ``spare_hosts`` overrides the cluster's ``limits.spare_hosts`` (how many of the largest
     remaining hosts the cluster must be able to lose).
+    ``exact_budget``: deterministic seconds of CP-SAT work behind the greedy (0: greedy only); the
+    plan's ``proof`` says what it established.
 
     The plan is feasible only when no VM is blocked and the N+1 check holds. Same snapshot,
     same arguments: same plan.
@@ -570,11 +578,12 @@ def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Col
     ledger = Ledger.from_snapshot(snapshot)
     capacity = _capacity(snapshot, ledger, drained, spare_hosts)
     ranks = target_ranks(snapshot, ledger, drained, avoid=avoid, busy=busy, focus=focus)
-    result = evacuate(snapshot, ledger, drained, avoid=ranks)
+    result = evacuate(snapshot, ledger, drained, avoid=ranks, exact_budget=exact_budget)
     return EvacuationPlan(cluster=snapshot.cluster, hosts=tuple(drained), snapshot_digest=snapshot.digest(),
                           placements=tuple(result.placements), blocked=tuple(result.blocked),
                           vm_actions=tuple(result.vm_actions), skipped_hosts=tuple(result.skipped_hosts),
-                          capacity=capacity, balance=receivers_balance(ledger, drained, result.placements))
+                          capacity=capacity, balance=receivers_balance(ledger, drained, result.placements),
+                          proof=result.proof, proof_note=result.proof_note)
 
 
 def target_ranks(snapshot: FleetSnapshot, ledger: Ledger, drained: Sequence[str], *, avoid: Collection[str] = (),
@@ -658,3 +667,180 @@ def receivers_balance(ledger: Ledger, drained: Collection[str], placements: Sequ
     """Balance over the active hosts that were not drained, after the plan is charged."""
     return measure((h for h in ledger.hosts.values() if h.state is HostState.ACTIVE and h.name not in drained),
                    numa_remote=sum(1 for p in placements if not p.numa_local))
+
+
+# --- the exact stage -------------------------------------------------------------------------------
+
+Chosen = dict[str, tuple[Vm, Choice]]
+
+
+def _key(chosen: Chosen, hosts: Sequence[HostLoad], avoid: Ranks, n: int) -> tuple[int, int, int, float, float,
+                                                                              float]:
+    """The lexicographic objective, lower is better: most VMs placed, most NUMA-local, best target
+    ranks, lowest peak utilisation, least spread (``exact.spread_of``), then the greedy's balance
+    objective (over the hosts the plan may fill; ``n``: VMs to place)."""
+    w = exact.rank_weights(n)
+    placed = [c.fit for _, c in chosen.values()]
+    return (-len(placed), -sum(f.numa_local for f in placed),
+            sum(w[min(avoid.get(f.host, PREFERRED), BUSY)] for f in placed),
+            round(max((h.util for h in hosts), default=0.0), 4), round(exact.spread_of(hosts), 4),
+            round(balance(hosts), 9))
+
+
+def exact_stage(movers: Sequence[Vm], chosen: Chosen, ledger: Ledger, targets_for: Callable[[Vm], list[HostLoad]],
+                avoid: Ranks, budget: float) -> tuple[PlanProof, str, list[Blocker]]:
+    """Run CP-SAT behind the greedy's ``chosen`` (charged on ``ledger``); adopt its placement when it
+    is better by :func:`_key`. Returns the proof, what the stage did, and a Blocker per VM left out.
+
+    The greedy is the hint and the answer without budget. An optimisation (the greedy placed every
+    VM) larger than ``exact.MAX_PAIRS`` VM-host pairs stays greedy; a refusal is always searched.
+    """
+    left = [vm for vm in movers if vm.name not in chosen]
+    if not movers:
+        return PlanProof.OPTIMAL, "nothing to place", []
+    pairs = sum(len(targets_for(vm)) for vm in movers)
+    if budget <= 0:
+        return PlanProof.GREEDY_ONLY, "exact stage off (budget 0)", _greedy_blockers(
+            left, chosen, ledger, targets_for, avoid,
+            "not proven impossible: the exact stage did not run (budget 0); give it a budget with --exact-budget "
+            "(flows: exact_budget)")
+    if not left and pairs > exact.MAX_PAIRS:
+        return PlanProof.GREEDY_ONLY, (f"greedy only: {pairs} VM-host pairs, above the exact stage's "
+                                       f"{exact.MAX_PAIRS}; every VM is placed"), []
+    pool = {h.name: h for vm in movers for h in targets_for(vm)}
+    greedy = {name: c.fit for name, (_, c) in chosen.items()}
+    before = _key(chosen, list(pool.values()), avoid, len(movers))
+    for vm, c in chosen.values():
+        ledger.unapply(vm, c.fit)
+    start = {name: copy.deepcopy(h) for name, h in pool.items()}
+    for vm, c in chosen.values():
+        ledger.apply(vm, c.fit)
+    order = difficulty_order(movers)
+    prob = exact.Problem(vms=order, hosts=start, targets={vm.name: [h.name for h in targets_for(vm)] for vm in order},
+                         ranks=avoid, remote=bool(left) or any(not c.fit.numa_local for _, c in chosen.values()))
+    spend = exact.Budget(budget)
+    outcome = exact.solve(prob, greedy, spend)
+    note = f"exact stage (CP-SAT, budget {budget:g}): {outcome.note}"
+    proof = outcome.proof
+    if outcome.choices is not None:
+        adopted = _adopt(outcome.choices, prob, chosen, ledger, avoid)
+        if adopted is None:
+            blocked = _greedy_blockers(left, chosen, ledger, targets_for, avoid,
+                                       "not proven impossible: the exact stage's answer was not used")
+            return PlanProof.GREEDY_ONLY, note + "; its placement failed the fit rules: kept the greedy's", blocked
+        if _key(adopted, list(pool.values()), avoid, len(movers)) < before:
+            chosen.clear()
+            chosen.update(adopted)
+            note += "; its placement is better than the greedy's and was taken"
+        else:
+            for vm, c in adopted.values():
+                ledger.unapply(vm, c.fit)
+            for vm, c in chosen.values():
+                ledger.apply(vm, c.fit)
+            note += "; the greedy's placement is as good and was kept"
+    left = [vm for vm in order if vm.name not in chosen]
+    if not left:
+        return proof, note, []
+    if proof is not PlanProof.INFEASIBLE:
+        return proof, note, _greedy_blockers(
+            left, chosen, ledger, targets_for, avoid,
+            f"not proven impossible: no placement of every VM was found within the exact stage's budget "
+            f"({budget:g}); a larger --exact-budget (flows: exact_budget) may find one")
+    placed = [name for name in chosen if name in prob.needs]
+    proven: list[Blocker] = []
+    first: exact.Core | None = None
+    for i, vm in enumerate(left):
+        core = exact.refusal_core(prob, placed, vm, spend) if i < exact.CORES and spend.left > 0 else None
+        first = first or core
+        proven.append(_proven_blocker(vm, core or first, targets_for(vm), chosen, ledger, avoid))
+    return proof, note, proven
+
+
+def _adopt(choices: Mapping[str, exact.Choice], prob: exact.Problem, chosen: Chosen, ledger: Ledger,
+           avoid: Ranks) -> Chosen | None:
+    """Swap the greedy's placement on ``ledger`` for the exact stage's, each fit checked again by the
+    fit rules as it is charged; None (and the greedy's restored) if one breaks a rule."""
+    for vm, c in chosen.values():
+        ledger.unapply(vm, c.fit)
+    out: Chosen = {}
+    for vm in prob.vms:
+        pick = choices.get(vm.name)
+        if pick is None:
+            continue
+        host = ledger.hosts[pick.host]
+        fit = exact.to_fit(vm, prob.needs[vm.name], host, pick)
+        if fit is None:
+            for done, c in out.values():
+                ledger.unapply(done, c.fit)
+            for back, c in chosen.values():
+                ledger.apply(back, c.fit)
+            return None
+        util = host.util
+        delta = fit_delta(host, fit)
+        ledger.apply(vm, fit)
+        out[vm.name] = (vm, Choice(fit, delta, avoid.get(pick.host, PREFERRED), None,
+                                   len(prob.targets[vm.name]), util, note="placed by the exact stage"))
+    return out
+
+
+def _greedy_blockers(left: Sequence[Vm], chosen: Chosen, ledger: Ledger,
+                     targets_for: Callable[[Vm], list[HostLoad]], avoid: Ranks, unproven: str) -> list[Blocker]:
+    """The greedy's blocker for each VM left out, saying the refusal is not proven and how to prove it."""
+    out = []
+    for vm in left:
+        got = choose(vm, targets_for(vm), avoid)
+        if isinstance(got, Choice):  # room left after all: take it
+            ledger.apply(vm, got.fit)
+            chosen[vm.name] = (vm, got)
+            continue
+        b = blocker_for(vm, got, len(targets_for(vm)))
+        out.append(b.model_copy(update={"hint": f"{b.hint}; {unproven}" if b.hint else unproven}))
+    return out
+
+
+_CAUSE_WORDS = {
+    "anti-affinity": "their anti-affinity group",
+    "vcpu": "the targets' vCPU budget",
+    "memory": "the targets' free memory",
+    "hugepages": "the targets' free hugepages",
+    "pinning": "the targets' free unpinned CPUs",
+    "numa": "their vNUMA cells (each onto its own host cell)",
+}
+
+
+def _proven_blocker(vm: Vm, core: exact.Core | None, targets: Sequence[HostLoad], chosen: Chosen,
+                    ledger: Ledger, avoid: Ranks) -> Blocker:
+    """A proven refusal's blocker: the reason and hint follow from the core, not from a count of
+    the constraints each host happened to miss on."""
+    if not targets:
+        return blocker_for(vm, [], 0)
+    if core is None:
+        got = choose(vm, targets, avoid)
+        base = blocker_for(vm, got if isinstance(got, list) else [], len(targets))
+        return base.model_copy(update={"reason": f"proven impossible (not every VM fits); {base.reason}"})
+    others = [n for n in core.vms if n != vm.name]
+    if vm.name not in core.vms:  # its own core was not found within the budget: name one that was
+        what = (f"not every VM fits ({', '.join(core.vms)} cannot "
+                + ("all be placed together)" if len(core.vms) > 1 else "be placed)"))
+    elif others:
+        what = f"{vm.name} cannot be placed together with {', '.join(others)}"
+    else:
+        what = f"{vm.name} fits no target even if nothing else moved"
+    what += " (a minimal set: each one is needed)" if core.minimal and len(core.vms) > 1 else ""
+    if core.causes:
+        constraint = core.causes[0]
+        because = " or ".join(_CAUSE_WORDS[c] for c in core.causes)
+        reason = f"proven by the exact stage: {what}; they fit if nothing but {because} gave way"
+        hint = "; or ".join(_HINTS[c] for c in core.causes)
+    else:
+        constraint = "capacity"
+        reason = f"proven by the exact stage: {what}; no single rule is the cause: several hold them back together"
+        hint = "free capacity on the remaining hosts (memory, CPUs, hugepages) or drain fewer hosts at once"
+    got = choose(vm, targets, avoid)
+    if isinstance(got, list) and got:
+        # what each host misses with the others placed: detail, not the cause (the core is)
+        base = blocker_for(vm, got, len(targets))
+        reason += f"; as planned, it {base.reason}"
+        if len(core.vms) == 1 and base.constraint in core.causes:
+            constraint = base.constraint  # alone, the hosts' own misses name it best
+    return Blocker(vm=vm.name, host=vm.host, constraint=constraint, reason=reason, hint=hint, core=core.vms)

@@ -22,6 +22,7 @@ always holds the VM's memory.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hostmaint.models import Vm
@@ -115,13 +116,49 @@ def _room_mib(cell: CellLoad, page_kib: int) -> float:
     return cell.avail_mib
 
 
-def _cell_holds(cell: CellLoad, mib: float, ncpus: int, page_kib: int) -> bool:
+# The cell and host rules below are the planner's one definition of "fits": the greedy asks them
+# per VM (``fit_host``), the exact stage (exact.py) turns the same numbers into linear constraints.
+
+
+def pool_room(cell: CellLoad, page_kib: int) -> int:
+    """What a cell's pool for this kind of memory still holds, in the units it is drawn in: free
+    hugepages of ``page_kib``, or whole MiB of plannable ordinary memory (0 = ordinary)."""
     if page_kib:
-        if cell.hugepages.get(page_kib, 0) < pages_for(mib, page_kib):
-            return False
-    elif cell.avail_mib < mib:
+        return max(cell.hugepages.get(page_kib, 0), 0)
+    return max(math.floor(cell.avail_mib), 0)
+
+
+def pool_draw(mib: float, page_kib: int) -> int:
+    """What ``mib`` MiB of a VM draws from a cell's pool, in :func:`pool_room`'s units."""
+    return pages_for(mib, page_kib) if page_kib else math.ceil(mib)
+
+
+def free_cpu_count(cell: CellLoad) -> int:
+    """Host CPUs of the cell a pinned VM may still take."""
+    return len(cell.free_cpus())
+
+
+def cell_holds(cell: CellLoad, mib: float, ncpus: int, page_kib: int) -> bool:
+    """Whether the cell alone takes ``mib`` of this kind of memory and ``ncpus`` pinned CPUs."""
+    if pool_room(cell, page_kib) < pool_draw(mib, page_kib):
         return False
-    return ncpus == 0 or len(cell.free_cpus()) >= ncpus
+    return ncpus == 0 or free_cpu_count(cell) >= ncpus
+
+
+def host_miss(vm: Vm, host: HostLoad) -> Miss | None:
+    """The host-wide rules (anti-affinity, vCPU budget): the one that stops ``vm`` on ``host``, if any."""
+    if vm.anti_affinity and host.groups.get(vm.anti_affinity, 0) > 0:
+        return Miss("anti-affinity",
+                    f"{host.name} already runs a VM of anti-affinity group {vm.anti_affinity!r}")
+    if host.vcpus_used + vm.vcpus > host.vcpu_budget:
+        return Miss("vcpu", f"{host.name} has {host.vcpu_budget - host.vcpus_used:g} vCPUs of budget left, "
+                            f"{vm.name} needs {vm.vcpus}")
+    return None
+
+
+def vcpu_room(host: HostLoad) -> int:
+    """vCPUs the host's budget still takes (``host_miss`` in the exact stage's integer terms)."""
+    return max(math.floor(host.vcpu_budget) - host.vcpus_used, 0)
 
 
 def _after_util(cell: CellLoad, mib: float) -> float:
@@ -130,9 +167,7 @@ def _after_util(cell: CellLoad, mib: float) -> float:
 
 def could_fit(vm: Vm, need: Demand, host: HostLoad) -> bool:
     """A cheap screen: False only when ``fit_host`` would surely say Miss (used to skip hosts fast)."""
-    if vm.anti_affinity and host.groups.get(vm.anti_affinity, 0) > 0:
-        return False
-    if host.vcpus_used + vm.vcpus > host.vcpu_budget:
+    if host_miss(vm, host) is not None:
         return False
     part = max(need.mib)
     if need.page_kib:
@@ -146,19 +181,16 @@ def fit_host(vm: Vm, host: HostLoad, *, allow_remote: bool = False, need: Demand
 
     ``need`` is ``demand_of(vm)``, passed in when the caller weighs many hosts for one VM.
     """
-    if vm.anti_affinity and host.groups.get(vm.anti_affinity, 0) > 0:
-        return Miss("anti-affinity",
-                    f"{host.name} already runs a VM of anti-affinity group {vm.anti_affinity!r}")
-    if host.vcpus_used + vm.vcpus > host.vcpu_budget:
-        return Miss("vcpu", f"{host.name} has {host.vcpu_budget - host.vcpus_used:g} vCPUs of budget left, "
-                            f"{vm.name} needs {vm.vcpus}")
+    miss = host_miss(vm, host)
+    if miss is not None:
+        return miss
     need = need or demand_of(vm)
     if vm.vnuma:
         return _fit_vnuma(vm, host, need)
     mib, ncpus = need.mib[0], len(need.cpus[0])
     best: CellLoad | None = None
     for cell in host.cells:
-        if _cell_holds(cell, mib, ncpus, need.page_kib) and (
+        if cell_holds(cell, mib, ncpus, need.page_kib) and (
                 best is None or _after_util(cell, mib) < _after_util(best, mib)):
             best = cell
     if best is not None:
@@ -219,7 +251,7 @@ def _fit_vnuma(vm: Vm, host: HostLoad, need: Demand) -> Fit | Miss:
     """Guest cells 1:1 onto distinct host cells: greedy on the least loaded, then exact matching."""
     if len(host.cells) < len(need.mib):
         return Miss("numa", f"{vm.name} has {len(need.mib)} guest cells, {host.name} only {len(host.cells)}")
-    ok = [[c for c in host.cells if _cell_holds(c, need.mib[g], len(need.cpus[g]), need.page_kib)]
+    ok = [[c for c in host.cells if cell_holds(c, need.mib[g], len(need.cpus[g]), need.page_kib)]
           for g in range(len(need.mib))]
     # largest guest cell first, each onto its least-loaded fitting cell not yet used
     assign: dict[int, CellLoad] = {}

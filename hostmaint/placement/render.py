@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from rich.cells import cell_len
 
 from hostmaint.display import visible
-from hostmaint.models import Balance, CapacityCheck, EvacuationPlan, RebalancePlan, WindowPlan
+from hostmaint.models import Balance, CapacityCheck, EvacuationPlan, PlanProof, RebalancePlan, WindowPlan
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -45,10 +45,18 @@ def _balance(b: Balance | None, what: str = "balance after") -> str:
             f"cell max/mean {b.cell_max_mean:.3f} σ {b.cell_std:.3f}, NUMA-remote {b.numa_remote}")
 
 
+def _proof(plan: EvacuationPlan) -> str:
+    """The plan's proof line: how sure it is, and for a refusal whether it is proven."""
+    line = f"proof: {plan.proof.label}"
+    if plan.blocked and plan.proof is not PlanProof.INFEASIBLE:
+        line += " (the refusal is NOT proven: a larger --exact-budget may find a placement)"
+    return line + (f"; {plan.proof_note}" if plan.proof_note else "")
+
+
 def _evacuation(plan: EvacuationPlan, *, title: str | None = None) -> str:
     out = [title or f"Evacuation plan for {_names(plan.hosts)} (cluster {visible(plan.cluster)}): "
            f"{'FEASIBLE' if plan.feasible else 'NOT FEASIBLE'}",
-           f"snapshot {plan.snapshot_digest[:12]}, planner {plan.planner}", _capacity(plan.capacity),
+           f"snapshot {plan.snapshot_digest[:12]}, planner {plan.planner}", _proof(plan), _capacity(plan.capacity),
            _balance(plan.balance)]
     if plan.placements:
         rows = [(p.vm, p.source, p.target, ",".join(map(str, p.target_cells)),
@@ -85,7 +93,8 @@ def _window(plan: WindowPlan) -> str:
     out = [f"Rolling window for cluster {visible(plan.cluster)}: {'FEASIBLE' if plan.feasible else 'NOT FEASIBLE'}; "
            f"{len(plan.steps)} host(s), {plan.migrations} migration(s) of {plan.vms_moved} VM(s) "
            f"= {plan.migrations_per_vm:.2f} per VM; estimated {plan.estimated_seconds / 60:.0f} min",
-           f"snapshot {plan.snapshot_digest[:12]}", _capacity(plan.capacity)]
+           f"snapshot {plan.snapshot_digest[:12]}, proof: {plan.proof.label} (the weakest of its steps')",
+           _capacity(plan.capacity)]
     rows = [(s.order, s.host, len(s.evacuation.placements), sum(1 for p in s.evacuation.placements
                                                                 if p.target in plan.patched_before(s.host)),
              len(s.evacuation.vm_actions), len(s.evacuation.blocked), f"{s.estimated_seconds / 60:.1f}")

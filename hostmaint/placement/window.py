@@ -33,12 +33,14 @@ from hostmaint.models import (
     EvacuationPlan,
     FleetSnapshot,
     Placement,
+    PlanProof,
     UnmigratableAction,
     Vm,
     WindowPlan,
     WindowStep,
 )
 from hostmaint.placement.evacuate import _capacity, _check_hosts, _skipped, evacuate, receivers_balance
+from hostmaint.placement.exact import DEFAULT_BUDGET, weakest
 from hostmaint.placement.state import Ledger, pages_for
 
 
@@ -75,12 +77,14 @@ def as_placed(vm: Vm, placement: Placement) -> Vm:
 
 def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, spare_hosts: int | None = None,
                 link_mib_s: float = 1100.0, per_migration_s: float = 10.0,
-                patch_seconds: float = 900.0, prefer_patched: bool = True) -> WindowPlan:
+                patch_seconds: float = 900.0, prefer_patched: bool = True,
+                exact_budget: float = DEFAULT_BUDGET) -> WindowPlan:
     """Order ``hosts`` (default: every host of the cluster) and plan each one's evacuation so VMs
     land on already-patched hosts; report migrations per VM and the estimated duration.
 
     ``prefer_patched=False`` plans each host as a plain evacuation (no preference for patched
-    hosts): the benchmark's baseline.
+    hosts): the benchmark's baseline. ``exact_budget``: the exact stage's budget for each step's
+    placement (see ``plan_evacuation``); the window's ``proof`` is the weakest of its steps'.
     """
     names = _check_hosts(snapshot, hosts if hosts is not None else sorted(h.name for h in snapshot.hosts))
     skipped = _skipped(snapshot, names)
@@ -106,11 +110,12 @@ def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, 
                 for v, h in sorted(location.items()) if h == name]
         current = snapshot.model_copy(update={"vms": tuple(here)})
         later = set(order[i + 1:]) if prefer_patched else set()
-        result = evacuate(current, ledger, [name], avoid=later)
+        result = evacuate(current, ledger, [name], avoid=later, exact_budget=exact_budget)
         plan = EvacuationPlan(cluster=snapshot.cluster, hosts=(name,), snapshot_digest=digest,
                               placements=tuple(result.placements), blocked=tuple(result.blocked),
                               vm_actions=tuple(result.vm_actions), skipped_hosts=tuple(result.skipped_hosts),
-                              balance=receivers_balance(ledger, [name], result.placements))
+                              balance=receivers_balance(ledger, [name], result.placements),
+                              proof=result.proof, proof_note=result.proof_note)
         # the host comes back patched, without the VMs that moved (those it shut down start again;
         # blocked ones never left); each leaving VM frees the CPUs it pins here, which for one that
         # arrived earlier in the window are those its placement gave it, not the snapshot's
@@ -134,4 +139,5 @@ def plan_window(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None, *, 
                       skipped_hosts=tuple(n for n in names if n in skipped), capacity=capacity,
                       migrations=migrations, vms_moved=moved,
                       migrations_per_vm=round(migrations / moved, 4) if moved else 0.0,
-                      estimated_seconds=round(total_seconds, 1))
+                      estimated_seconds=round(total_seconds, 1),
+                      proof=weakest(s.evacuation.proof for s in steps) if steps else PlanProof.OPTIMAL)

@@ -1,0 +1,648 @@
+"""The exact stage: CP-SAT behind the greedy planner, and the proof every plan states.
+
+The greedy (evacuate.py) places VMs one at a time and can use up the only host that fits a later
+VM; it then refuses a drain that can be done. This stage models the same placement as one
+constraint program, with the fit rules of fit.py (``cell_holds``, ``host_miss``, ``pool_room``,
+``pool_draw``, ``free_cpu_count``, ``vcpu_room``) turned into linear constraints:
+
+* each guest part (one for a plain VM, one per guest cell for vNUMA) onto a host cell that alone
+  holds it: ordinary memory after reserve and headroom, or free hugepages of its page size; its
+  pinned CPUs from the cell's free unpinned CPUs; guest cells 1:1 onto distinct host cells;
+* a NUMA-remote spread over cells (a plain VM, only where not everything was local already);
+* the host's vCPU budget; one VM of an anti-affinity group per host (none where the group runs);
+* targets are exactly the greedy's (active, not drained, same cluster and CPU group), charged
+  from the same ledger, so migrations in flight already count on their targets.
+
+The objective is lexicographic, solved as stages (each stage's optimum fixed for the next): VMs
+placed, NUMA-local, the targets' ranks (focus, due for maintenance, busy), the highest host
+utilisation, then the spread (Σ weighted squared utilisation of hosts and cells, as objective.py).
+The greedy result is the hint and the answer whenever this stage finds nothing better. CP-SAT
+runs with one worker, a fixed seed and a *deterministic* time budget (never wall time), so the
+same snapshot gives the same plan and the same proof on any machine.
+
+When the first stage proves that not every VM fits, :func:`refusal_cores` names, for each VM
+left out, a set of VMs that cannot all be placed together (CP-SAT's sufficient assumptions,
+shrunk by deletion to a minimal set when the budget allows) and the rules whose relaxation alone
+would let that set fit; the blocker's reason and hint follow from that set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from hostmaint.models import PlanProof, Vm
+from hostmaint.placement.fit import (
+    Demand,
+    cell_holds,
+    demand_of,
+    free_cpu_count,
+    host_miss,
+    pool_draw,
+    pool_room,
+    vcpu_room,
+)
+from hostmaint.placement.objective import CELL_WEIGHT
+from hostmaint.placement.state import CellLoad, Fit, HostLoad
+
+if TYPE_CHECKING:
+    from ortools.sat.python import cp_model
+
+
+def _cp():  # type: ignore[no-untyped-def]
+    """OR-Tools' CP-SAT, imported when the exact stage first runs: the import takes most of a second
+    (numpy, pandas), which a greedy-only plan or a CLI start need not pay."""
+    from ortools.sat.python import cp_model
+
+    return cp_model
+
+# Deterministic seconds of CP-SAT work a plan may spend (a unit of solver work that is about a
+# second on a typical core, the same on every machine). 0: greedy only.
+DEFAULT_BUDGET = 1.0
+STAGE_SHARE = 0.6  # of the budget left, what one stage of the objective may spend
+# Above this many VM-host candidate pairs an optimisation (the greedy placed every VM) stays
+# greedy: the model would cost more to build than it gains (benchmarks/exact.py). A refusal is
+# always searched, whatever the size.
+MAX_PAIRS = 2500
+WORKERS = 1
+SEED = 1
+CORES = 8  # VMs left out that get a refusal core of their own; the rest name the first
+
+# Rules the exact stage can relax one at a time to say which one a refusal core runs into.
+RULES = ("numa", "anti-affinity", "pinning", "hugepages", "vcpu", "memory")
+UTIL_SCALE = 10_000  # utilisation in the peak stage, in 1/10,000
+
+
+@dataclass(frozen=True)
+class Option:
+    """One host a VM could go to: for each guest part the cells that alone hold it, and whether a
+    NUMA-remote spread over the host's cells is modelled."""
+
+    host: str
+    local: tuple[tuple[int, ...], ...]  # per guest part; empty tuple = no local fit on this host
+    remote: bool
+
+
+@dataclass
+class Problem:
+    """What the exact stage is asked: the VMs to place, onto which hosts, from which start."""
+
+    vms: list[Vm]
+    hosts: dict[str, HostLoad]  # start state: the ledger before this plan charged anything
+    targets: dict[str, list[str]]  # VM -> hosts it may go to (the greedy's targets)
+    ranks: Mapping[str, int]
+    remote: bool  # model NUMA-remote spreads (only when the greedy did not get every VM local)
+    needs: dict[str, Demand] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.needs = {vm.name: demand_of(vm) for vm in self.vms}
+
+    def options(self, vm: Vm, relax: frozenset[str] = frozenset()) -> list[Option]:
+        """The hosts ``vm`` can go to alone (with ``relax``: those rules ignored), by the fit rules."""
+        need = self.needs[vm.name]
+        out = []
+        for name in self.targets[vm.name]:
+            host = self.hosts[name]
+            miss = host_miss(vm, host)
+            if miss is not None and miss.constraint not in relax:
+                continue
+            local = _local_cells(vm, need, host, relax)
+            spread = (self.remote or "numa" in relax) and (not vm.vnuma or "numa" in relax) and \
+                len(host.cells) > 1 and _spread_room(need, host, relax)
+            if local or spread:
+                out.append(Option(name, local, spread))
+        return out
+
+
+def _holds(cell: CellLoad, mib: float, ncpus: int, page_kib: int, relax: frozenset[str]) -> bool:
+    if not relax:
+        return cell_holds(cell, mib, ncpus, page_kib)
+    pool = "hugepages" if page_kib else "memory"
+    if pool not in relax and pool_room(cell, page_kib) < pool_draw(mib, page_kib):
+        return False
+    return ncpus == 0 or "pinning" in relax or free_cpu_count(cell) >= ncpus
+
+
+def _local_cells(vm: Vm, need: Demand, host: HostLoad, relax: frozenset[str]) -> tuple[tuple[int, ...], ...]:
+    parts = len(need.mib)
+    if len(host.cells) < parts:
+        return ()
+    per = tuple(tuple(c.id for c in host.cells if _holds(c, need.mib[g], len(need.cpus[g]), need.page_kib, relax))
+                for g in range(parts))
+    if any(not cells for cells in per) or len({c for cells in per for c in cells}) < parts:
+        return ()
+    return per
+
+
+def _spread_room(need: Demand, host: HostLoad, relax: frozenset[str]) -> bool:
+    pool = "hugepages" if need.page_kib else "memory"
+    if pool not in relax and sum(pool_room(c, need.page_kib) for c in host.cells) < _spread_draw(need):
+        return False
+    ncpus = sum(len(g) for g in need.cpus)
+    return "pinning" in relax or sum(free_cpu_count(c) for c in host.cells) >= ncpus
+
+
+def _spread_draw(need: Demand) -> int:
+    return pool_draw(need.total_mib, need.page_kib)
+
+
+def _unit_mib(page_kib: int) -> float:
+    """MiB of one unit of a pool (a hugepage, or 1 MiB)."""
+    return page_kib / 1024 if page_kib else 1.0
+
+
+def rank_weights(n: int) -> dict[int, int]:
+    """Per target rank, its cost in the rank stage: busy before due before unfocused, lexicographic."""
+    big = n + 1
+    return {0: 0, 1: 1, 2: big, 3: big + 1, 4: big * big}
+
+
+class Model:
+    """The CP-SAT model of one placement problem (optionally a subset of its VMs, rules relaxed)."""
+
+    def __init__(self, prob: Problem, vms: Sequence[Vm], relax: frozenset[str] = frozenset()) -> None:
+        self.prob = prob
+        self.vms = list(vms)
+        self.m = _cp().CpModel()
+        m = self.m
+        self.placed: dict[str, cp_model.IntVar] = {}
+        self.y: dict[tuple[str, str], cp_model.IntVar] = {}  # VM local on host
+        self.x: dict[tuple[str, int, str, int], cp_model.IntVar] = {}  # guest part g on host cell
+        self.r: dict[tuple[str, str], cp_model.IntVar] = {}  # VM spread over the host's cells
+        self.part: dict[tuple[str, str, int], cp_model.IntVar] = {}  # pool units a spread draws per cell
+        self.cpu: dict[tuple[str, str, int], cp_model.IntVar] = {}  # pinned CPUs a spread takes per cell
+        self.z: dict[tuple[str, str, int], cp_model.IntVar] = {}  # a spread uses the cell
+        self.options: dict[str, list[Option]] = {}
+        pool: dict[tuple[str, int, int], list[tuple[int, cp_model.IntVar]]] = {}
+        cpus: dict[tuple[str, int], list[tuple[int, cp_model.IntVar]]] = {}
+        vcpus: dict[str, list[tuple[int, cp_model.IntVar]]] = {}
+        groups: dict[tuple[str, str], list[cp_model.IntVar]] = {}
+        self.load: dict[str, list[tuple[int, cp_model.IntVar]]] = {}  # host -> (MiB, var)
+        self.cell_load: dict[tuple[str, int], list[tuple[int, cp_model.IntVar]]] = {}
+        for i, vm in enumerate(self.vms):
+            need = prob.needs[vm.name]
+            p = m.new_bool_var(f"p{i}")
+            self.placed[vm.name] = p
+            opts = prob.options(vm, relax)
+            self.options[vm.name] = opts
+            on: list[cp_model.IntVar] = []
+            for opt in opts:
+                host = prob.hosts[opt.host]
+                here: list[cp_model.IntVar] = []
+                if opt.local:
+                    y = m.new_bool_var(f"y{i}_{opt.host}")
+                    self.y[vm.name, opt.host] = y
+                    here.append(y)
+                    used: dict[int, list[cp_model.IntVar]] = {}
+                    for g, cells in enumerate(opt.local):
+                        xs = []
+                        for c in cells:
+                            v = m.new_bool_var(f"x{i}_{g}_{opt.host}_{c}")
+                            self.x[vm.name, g, opt.host, c] = v
+                            xs.append(v)
+                            used.setdefault(c, []).append(v)
+                            pool.setdefault((opt.host, c, need.page_kib), []).append(
+                                (pool_draw(need.mib[g], need.page_kib), v))
+                            if need.cpus[g]:
+                                cpus.setdefault((opt.host, c), []).append((len(need.cpus[g]), v))
+                            self.cell_load.setdefault((opt.host, c), []).append((need.mib[g], v))
+                        m.add(sum(xs) == y)
+                    for vs in used.values():
+                        if len(vs) > 1:
+                            m.add(sum(vs) <= 1)  # guest cells onto distinct host cells
+                if opt.remote:
+                    r = m.new_bool_var(f"r{i}_{opt.host}")
+                    self.r[vm.name, opt.host] = r
+                    here.append(r)
+                    draw = _spread_draw(need)
+                    ncpus = sum(len(g) for g in need.cpus)
+                    parts, takes = [], []
+                    for cell in host.cells:
+                        a = m.new_int_var(0, draw, f"a{i}_{opt.host}_{cell.id}")
+                        self.part[vm.name, opt.host, cell.id] = a
+                        parts.append(a)
+                        pool.setdefault((opt.host, cell.id, need.page_kib), []).append((1, a))
+                        self.cell_load.setdefault((opt.host, cell.id), []).append(
+                            (max(round(_unit_mib(need.page_kib)), 1), a))
+                        if ncpus:  # pinned CPUs only from the cells that hold its memory
+                            z = m.new_bool_var(f"z{i}_{opt.host}_{cell.id}")
+                            k = m.new_int_var(0, ncpus, f"k{i}_{opt.host}_{cell.id}")
+                            self.z[vm.name, opt.host, cell.id] = z
+                            self.cpu[vm.name, opt.host, cell.id] = k
+                            m.add(a <= draw * z)
+                            m.add(k <= ncpus * z)
+                            m.add(z <= r)
+                            takes.append(k)
+                            cpus.setdefault((opt.host, cell.id), []).append((1, k))
+                    m.add(sum(parts) == draw * r)
+                    if ncpus:
+                        m.add(sum(takes) == ncpus * r)
+                for v in here:
+                    on.append(v)
+                    vcpus.setdefault(opt.host, []).append((vm.vcpus, v))
+                    self.load.setdefault(opt.host, []).append((vm.memory_mib, v))
+                    if vm.anti_affinity:
+                        groups.setdefault((vm.anti_affinity, opt.host), []).append(v)
+            m.add(sum(on) == p)
+        hosts = prob.hosts
+        for (h, c, page), terms in pool.items():
+            kind = "hugepages" if page else "memory"
+            if kind not in relax:
+                m.add(sum(a * v for a, v in terms) <= pool_room(hosts[h].cell(c), page))
+        if "pinning" not in relax:
+            for (h, c), terms in cpus.items():
+                m.add(sum(a * v for a, v in terms) <= free_cpu_count(hosts[h].cell(c)))
+        if "vcpu" not in relax:
+            for h, terms in vcpus.items():
+                m.add(sum(a * v for a, v in terms) <= vcpu_room(hosts[h]))
+        if "anti-affinity" not in relax:
+            for vs in groups.values():
+                if len(vs) > 1:
+                    m.add(sum(vs) <= 1)
+
+    # --- the objective's stages -------------------------------------------------------------------
+
+    def n_placed(self) -> cp_model.LinearExpr:
+        return sum(self.placed.values())  # type: ignore[return-value]
+
+    def n_local(self) -> cp_model.LinearExpr:
+        return sum(self.y.values())  # type: ignore[return-value]
+
+    def rank_cost(self) -> cp_model.LinearExpr:
+        w = rank_weights(len(self.vms))
+        ranks = self.prob.ranks
+        terms = [w[min(ranks.get(h, 0), 4)] * v for (_, h), v in (*self.y.items(), *self.r.items())
+                 if ranks.get(h, 0)]
+        return sum(terms)  # type: ignore[return-value]
+
+    def peak(self) -> cp_model.IntVar:
+        """The highest utilisation (in 1/UTIL_SCALE) among the hosts this plan may fill."""
+        top = self.m.new_int_var(0, 2 * UTIL_SCALE, "peak")
+        for name, terms in sorted(self.load.items()):
+            host = self.prob.hosts[name]
+            if host.memory_mib:
+                used = round(host.used_mib)
+                self.m.add(UTIL_SCALE * used + sum(UTIL_SCALE * a * v for a, v in terms)
+                           <= top * host.memory_mib)
+        return top
+
+    def spread(self) -> cp_model.LinearExpr:
+        """How far the hosts this plan may fill, and their cells, sit above their mean utilisation
+        (in 1/UTIL_SCALE, weighted as objective.py weighs hosts and cells; see :func:`spread_of`).
+
+        Linear, so CP-SAT proves its optimum where a sum of squares would run out of budget; the
+        peak stage before it already holds the fullest host down."""
+        hosts = [self.prob.hosts[n] for n in sorted(self.load)]
+        moved = sum(vm.memory_mib for vm in self.vms)
+        memory = sum(h.memory_mib for h in hosts)
+        if not memory:
+            return 0  # type: ignore[return-value]
+        mean = UTIL_SCALE * (sum(round(h.used_mib) for h in hosts) + moved) // memory
+        terms = []
+
+        def above(used: float, size: int, load: list[tuple[int, cp_model.IntVar]], weight: float, name: str) -> None:
+            if not size or weight <= 0:
+                return
+            u = self.m.new_int_var(0, 2 * UTIL_SCALE, f"u_{name}")
+            self.m.add(u * size >= UTIL_SCALE * round(used) + sum(UTIL_SCALE * a * v for a, v in load))
+            e = self.m.new_int_var(0, 2 * UTIL_SCALE, f"e_{name}")
+            self.m.add(e >= u - mean)
+            terms.append(max(round(100 * weight), 1) * e)
+
+        for host in hosts:
+            above(host.used_mib, host.memory_mib, self.load[host.name], host.weight, host.name)
+            for c in host.cells:
+                load = self.cell_load.get((host.name, c.id), [])
+                above(c.used_mib, c.memory_mib, load, host.weight * CELL_WEIGHT * c.memory_mib / host.memory_mib,
+                      f"{host.name}_{c.id}")
+        return sum(terms)  # type: ignore[return-value]
+
+    # --- hints and solutions -----------------------------------------------------------------------
+
+    def hint(self, fits: Mapping[str, Fit]) -> None:
+        """Hint a placement (the greedy's, or the previous stage's) to CP-SAT."""
+        self.m.clear_hints()
+        for vm in self.vms:
+            fit = fits.get(vm.name)
+            self.m.add_hint(self.placed[vm.name], fit is not None)
+            for opt in self.options[vm.name]:
+                y = self.y.get((vm.name, opt.host))
+                r = self.r.get((vm.name, opt.host))
+                here = fit is not None and fit.host == opt.host
+                if y is not None:
+                    local = here and fit is not None and fit.numa_local
+                    self.m.add_hint(y, local)
+                    for g, cells in enumerate(opt.local):
+                        for c in cells:
+                            self.m.add_hint(self.x[vm.name, g, opt.host, c],
+                                            local and fit is not None and fit.cells[g] == c)
+                if r is not None:
+                    spread = here and fit is not None and not fit.numa_local
+                    self.m.add_hint(r, spread)
+                    page = self.prob.needs[vm.name].page_kib
+                    host = self.prob.hosts[opt.host]
+                    for cell in host.cells:
+                        mib = dict(zip(fit.cells, fit.cell_mib, strict=True)).get(cell.id, 0.0) \
+                            if spread and fit is not None else 0.0
+                        taken = sum(1 for cpu in fit.cpu_map.values() if cpu in cell.cpus) \
+                            if spread and fit is not None else 0
+                        self.m.add_hint(self.part[vm.name, opt.host, cell.id], pool_draw(mib, page) if mib else 0)
+                        if (vm.name, opt.host, cell.id) in self.z:
+                            self.m.add_hint(self.z[vm.name, opt.host, cell.id], mib > 0)
+                            self.m.add_hint(self.cpu[vm.name, opt.host, cell.id], taken)
+
+    def solution(self, solver: cp_model.CpSolver) -> dict[str, Choice]:
+        """The placement the solver found: VM -> host, cells, memory per cell, CPUs per cell."""
+        out: dict[str, Choice] = {}
+        for vm in self.vms:
+            if not solver.value(self.placed[vm.name]):
+                continue
+            need = self.prob.needs[vm.name]
+            for opt in self.options[vm.name]:
+                y = self.y.get((vm.name, opt.host))
+                if y is not None and solver.value(y):
+                    cells = tuple(next(c for c in opt.local[g] if solver.value(self.x[vm.name, g, opt.host, c]))
+                                  for g in range(len(opt.local)))
+                    out[vm.name] = Choice(opt.host, cells, tuple(float(m) for m in need.mib),
+                                          tuple(len(g) for g in need.cpus), True)
+                    break
+                r = self.r.get((vm.name, opt.host))
+                if r is not None and solver.value(r):
+                    host = self.prob.hosts[opt.host]
+                    def took(c: CellLoad, name: str = vm.name, host_name: str = opt.host) -> int:
+                        k = self.cpu.get((name, host_name, c.id))
+                        return solver.value(k) if k is not None else 0
+
+                    used = [c for c in host.cells if solver.value(self.part[vm.name, opt.host, c.id]) or took(c)]
+                    unit = _unit_mib(need.page_kib)
+                    mib = [solver.value(self.part[vm.name, opt.host, c.id]) * unit for c in used]
+                    out[vm.name] = Choice(opt.host, tuple(c.id for c in used), tuple(mib),
+                                          tuple(took(c) for c in used), False)
+                    break
+        return out
+
+
+@dataclass(frozen=True)
+class Choice:
+    """Where the exact stage put one VM (before CPUs are mapped: see :func:`to_fit`)."""
+
+    host: str
+    cells: tuple[int, ...]
+    cell_mib: tuple[float, ...]
+    cell_cpus: tuple[int, ...]  # pinned CPUs taken from each cell
+    numa_local: bool
+
+
+def to_fit(vm: Vm, need: Demand, host: HostLoad, choice: Choice) -> Fit | None:
+    """The exact stage's choice as a Fit on ``host`` as it is charged now, checked again by the fit
+    rules (None if it breaks one: the model and the rules disagree, and the greedy plan stands)."""
+    if host_miss(vm, host) is not None:
+        return None
+    cpu_map: dict[int, int] = {}
+    if choice.numa_local:
+        for g, cid in enumerate(choice.cells):
+            cell = host.cell(cid)
+            if not cell_holds(cell, need.mib[g], len(need.cpus[g]), need.page_kib):
+                return None
+            cpu_map.update(zip(need.cpus[g], cell.free_cpus(), strict=False))
+    else:
+        source = [cpu for g in need.cpus for cpu in g]
+        at = 0
+        for cid, mib, ncpus in zip(choice.cells, choice.cell_mib, choice.cell_cpus, strict=True):
+            cell = host.cell(cid)
+            if pool_room(cell, need.page_kib) < pool_draw(mib, need.page_kib) or free_cpu_count(cell) < ncpus:
+                return None
+            cpu_map.update(zip(source[at:at + ncpus], cell.free_cpus(), strict=False))
+            at += ncpus
+        drawn = sum(pool_draw(m, need.page_kib) for m in choice.cell_mib)
+        if at != len(source) or drawn < _spread_draw(need):
+            return None
+    if len(cpu_map) != sum(len(g) for g in need.cpus):
+        return None
+    return Fit(host.name, choice.cells, choice.cell_mib, choice.numa_local, cpu_map)
+
+
+def spread_of(hosts: Sequence[HostLoad]) -> float:
+    """The spread stage's measure on charged hosts, in floats: Σ weight × (utilisation above the
+    hosts' mean) over hosts and, at objective.py's cell weight, their cells."""
+    memory = sum(h.memory_mib for h in hosts)
+    if not memory:
+        return 0.0
+    mean = sum(h.used_mib for h in hosts) / memory
+    total = 0.0
+    for h in hosts:
+        if not h.memory_mib:
+            continue
+        total += h.weight * max(h.util - mean, 0.0)
+        for c in h.cells:
+            if c.memory_mib:
+                total += h.weight * CELL_WEIGHT * c.memory_mib / h.memory_mib * max(c.util - mean, 0.0)
+    return total
+
+
+# --- solving ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Budget:
+    """Deterministic seconds of CP-SAT work left for this plan."""
+
+    left: float
+
+    def solver(self, share: float = 1.0) -> cp_model.CpSolver:
+        """A solver that may spend ``share`` of what is left: one worker, a fixed seed, no wall clock."""
+        solver = _cp().CpSolver()
+        p = solver.parameters
+        p.num_workers = WORKERS
+        p.random_seed = SEED
+        p.max_deterministic_time = max(self.left * share, 0.0)
+        return solver
+
+    def spend(self, solver: cp_model.CpSolver) -> None:
+        self.left -= solver.deterministic_time
+
+
+@dataclass
+class Outcome:
+    """What the staged solve found: the placement, how far it is proven, and what it did."""
+
+    choices: dict[str, Choice] | None  # None: no solution (keep the greedy's)
+    proof: PlanProof
+    note: str
+    stages: list[str] = field(default_factory=list)  # stage: optimal | best found | kept
+
+
+STAGES = ("placed", "NUMA-local", "target rank", "peak utilisation", "spread")
+
+
+def solve(prob: Problem, greedy: Mapping[str, Fit], budget: Budget) -> Outcome:
+    """Solve the lexicographic objective stage by stage within ``budget``, hinted by ``greedy``."""
+    cp_model = _cp()
+    model = Model(prob, prob.vms)
+    n = len(prob.vms)
+    g_local = sum(1 for f in greedy.values() if f.numa_local)
+    w = rank_weights(n)
+    g_rank = sum(w[min(prob.ranks.get(f.host, 0), 4)] for f in greedy.values())
+    exprs: list[tuple[str, Callable[[], Any], bool, int | None]] = [
+        # name, objective, maximise, the greedy's value when it is the best possible
+        ("placed", model.n_placed, True, n if len(greedy) == n else None),
+        ("NUMA-local", model.n_local, True, n if g_local == n else None),
+        ("target rank", model.rank_cost, False, 0 if g_rank == 0 else None),
+        ("peak utilisation", model.peak, False, None),
+        ("spread", model.spread, False, None),
+    ]
+    model.hint(greedy)
+    choices: dict[str, Choice] | None = None
+    proven = True
+    notes: list[str] = []
+    for name, make, up, known in exprs:
+        expr = make()
+        if known is not None:
+            model.m.add(expr == known)
+            notes.append(f"{name}: {known} (the greedy's, the best possible)")
+            continue
+        if budget.left <= 0:
+            proven = False
+            notes.append(f"{name}: not searched (budget spent)")
+            break
+        if up:
+            model.m.maximize(expr)
+        else:
+            model.m.minimize(expr)
+        # a stage leaves part of the budget to the next (or, for a refusal, to its cores)
+        solver = budget.solver(share=1.0 if name == STAGES[-1] else STAGE_SHARE)
+        status = solver.solve(model.m)
+        budget.spend(solver)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            proven = False
+            notes.append(f"{name}: nothing found within the budget")
+            break
+        value = round(solver.objective_value)
+        choices = model.solution(solver)
+        model.hint({v: _as_fit(c) for v, c in choices.items()})
+        if status == cp_model.OPTIMAL:
+            model.m.add(expr == value)
+            notes.append(f"{name}: {value} (optimal)")
+        else:
+            proven = False
+            model.m.add(expr >= value if up else expr <= value)
+            notes.append(f"{name}: {value} (best found; budget spent)")
+        if name == "placed" and value < n:
+            # the refusal: later stages would only polish a plan that cannot run
+            proof = PlanProof.INFEASIBLE if status == cp_model.OPTIMAL else PlanProof.FEASIBLE
+            return Outcome(choices, proof, "; ".join(notes))
+        if not proven:
+            break
+    model.m.clear_objective()
+    proof = PlanProof.OPTIMAL if proven else PlanProof.FEASIBLE
+    if choices is None and len(greedy) == n:
+        # every stage that ran was the greedy's own optimum: its plan is the answer, proven
+        return Outcome(None, proof, "; ".join(notes))
+    return Outcome(choices, proof, "; ".join(notes))
+
+
+def _as_fit(c: Choice) -> Fit:
+    """A choice as a hint (CPU maps do not matter to the model)."""
+    return Fit(c.host, c.cells, c.cell_mib, c.numa_local, {i: i for i in range(sum(c.cell_cpus))}
+               if not c.numa_local else {})
+
+
+# --- refusal cores ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Core:
+    """VMs that cannot all be placed together, and the rules any one of which, relaxed, would let them."""
+
+    vms: tuple[str, ...]
+    minimal: bool  # every member was shown necessary (removing it makes the rest placeable)
+    causes: tuple[str, ...]  # from RULES; empty: no single rule, only several together
+
+
+def _all_fit(prob: Problem, vms: Sequence[Vm], budget: Budget, relax: frozenset[str] = frozenset()) -> bool | None:
+    """Can every one of ``vms`` be placed at once? None when the budget ran out first."""
+    cp_model = _cp()
+    if not vms:
+        return True
+    model = Model(prob, vms, relax)
+    for p in model.placed.values():
+        model.m.add(p == 1)
+    solver = budget.solver()
+    status = solver.solve(model.m)
+    budget.spend(solver)
+    if status == cp_model.INFEASIBLE:
+        return False
+    if status in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+        return True
+    return None
+
+
+def refusal_core(prob: Problem, placed: Iterable[str], left_out: Vm, budget: Budget) -> Core | None:
+    """A set of VMs, ``left_out`` among them, that cannot all be placed together.
+
+    The optimum placed ``placed``: with ``left_out`` they are one too many, so some subset holding
+    ``left_out`` is infeasible. CP-SAT's sufficient assumptions narrow it; deletion shrinks it to a
+    minimal set (each member needed) while the budget lasts. None if even the first step ran out.
+    """
+    cp_model = _cp()
+    by_name = {v.name: v for v in prob.vms}
+    members = [by_name[n] for n in sorted(placed)] + [left_out]
+    model = Model(prob, members)
+    model.m.add_assumptions([model.placed[v.name] for v in members])
+    solver = budget.solver()
+    status = solver.solve(model.m)
+    budget.spend(solver)
+    if status != cp_model.INFEASIBLE:
+        return None
+    index = {model.placed[v.name].index: v for v in members}
+    core = [index[i] for i in solver.sufficient_assumptions_for_infeasibility() if i in index]
+    if left_out not in core:
+        core.append(left_out)
+    minimal = True
+    for vm in sorted(core, key=lambda v: (v is left_out, -v.memory_mib, v.name)):
+        if vm is left_out or budget.left <= 0:
+            minimal = minimal and vm is left_out
+            continue
+        rest = [v for v in core if v is not vm]
+        fits = _all_fit(prob, rest, budget)
+        if fits is False:
+            core = rest  # still infeasible without it: not needed
+        elif fits is None:
+            minimal = False
+    if minimal and len(core) > 1:
+        minimal = _all_fit(prob, [v for v in core if v is not left_out], budget) is True
+    causes = []
+    for rule in _rules_for(core, prob):
+        if budget.left <= 0:
+            break
+        if _all_fit(prob, core, budget, frozenset({rule})) is True:
+            causes.append(rule)
+    return Core(tuple(sorted(v.name for v in core)), minimal, tuple(causes))
+
+
+def _rules_for(vms: Sequence[Vm], prob: Problem) -> list[str]:
+    """The rules that can matter to ``vms`` (relaxing the others cannot change anything), the most
+    specific first: that is the one a blocker names when several would each be enough."""
+    rules = []
+    if any(v.vnuma for v in vms) or not prob.remote:
+        rules.append("numa")
+    if any(v.anti_affinity for v in vms):
+        rules.append("anti-affinity")
+    if any(v.pinned for v in vms):
+        rules.append("pinning")
+    if any(v.hugepage_kib for v in vms):
+        rules.append("hugepages")
+    rules.append("vcpu")
+    if any(not v.hugepage_kib for v in vms):
+        rules.append("memory")
+    return rules
+
+
+def weakest(proofs: Iterable[PlanProof]) -> PlanProof:
+    """The proof of a plan made of several (a window's steps): a proven refusal, else the least sure."""
+    got = set(proofs)
+    for p in (PlanProof.INFEASIBLE, PlanProof.GREEDY_ONLY, PlanProof.FEASIBLE, PlanProof.OPTIMAL):
+        if p in got:
+            return p
+    return PlanProof.GREEDY_ONLY
