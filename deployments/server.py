@@ -180,6 +180,9 @@ def ensure_zombie_automation(within_s: int = ZOMBIE_WITHIN_S) -> str:
         after={"prefect.flow-run.heartbeat"},
         expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
                 "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed", "prefect.flow-run.Paused",
+                # an event is named after the state's name: a run whose plan was not approved ends
+                # Cancelled named Rejected (flows/run_display.py)
+                "prefect.flow-run.Rejected",
                 "prefect.flow-run.Suspended"},
         match={"prefect.resource.id": ["prefect.flow-run.*"]},
         for_each={"prefect.resource.id"},

@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.draining import drain_planned
+from flows.run_display import label_run
 from hostmaint.errors import HostmaintError, InputError, PlanError
 from hostmaint.models import EvacuationPlan, FleetSnapshot, StepOutcome, Trigger
 from hostmaint.placement import render_plan
@@ -38,6 +39,7 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
     rt = ref.open()
     run = run_context("evacuate-host", trigger, operator, reason)
     cluster = rt.cluster_of(host)
+    label_run("evacuate", ref.inventory, host=host, cluster=cluster, dry_run=dry_run)
     logger = get_run_logger()
     if dry_run:
         plan = t.plan_evacuation(ref, run, host, dry_run=True)

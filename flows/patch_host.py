@@ -15,6 +15,7 @@ from prefect import flow, get_run_logger
 from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.draining import drain_planned
+from flows.run_display import label_run
 from hostmaint.errors import HostmaintError, PlanError
 from hostmaint.models import EvacuationPlan, HostState, MigrationResult, StepOutcome, Trigger
 from hostmaint.placement import render_plan
@@ -43,6 +44,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
     rt = ref.open()
     run = run_context("patch-host", trigger, operator, reason, window_id)
     cluster = rt.cluster_of(host)
+    label_run("patch", ref.inventory, host=host, cluster=cluster, dry_run=dry_run)
     logger = get_run_logger()
 
     def outcome(result: StepOutcome, detail: str, **kw: object) -> HostOutcome:

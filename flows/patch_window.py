@@ -20,6 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.patch_host import patch_host
 from flows.rebalance_cluster import rebalance_locked
+from flows.run_display import label_run
 from hostmaint.display import visible
 from hostmaint.errors import InputError, LockHeldError, StepError
 from hostmaint.maintenance import link_figures
@@ -84,6 +85,7 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
     window_id = window_id or _default_window_id(cluster)
     run = run_context("patch-window", trigger, operator, f"window {window_id}", window_id)
     limits = rt.inventory.cluster(cluster).limits
+    label_run("patch window", inv_path, cluster=cluster)
     parallel = max(1, min(max_hosts_in_parallel, limits.max_hosts_in_maintenance))
     if window_end is None and window_minutes is not None:
         # from the window's scheduled start, not from when this run got going: a run that starts late

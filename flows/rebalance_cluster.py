@@ -7,6 +7,7 @@ from prefect import flow, get_run_logger
 from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.draining import RETARGET_ROUNDS
+from flows.run_display import label_run
 from hostmaint.errors import PlanError
 from hostmaint.maintenance import RunContext
 from hostmaint.migration import DrainReport
@@ -23,6 +24,7 @@ def rebalance_cluster(cluster: str, max_moves: int = 10, dry_run: bool = False, 
     ref = RuntimeRef(inventory or default_inventory())
     rt = ref.open()
     run = run_context("rebalance-cluster", trigger, operator, f"rebalance {cluster}")
+    label_run("rebalance", ref.inventory, cluster=cluster, dry_run=dry_run)
     snapshot = t.discover(ref, cluster)
     expected = [v.name for v in snapshot.vms]
     plan = t.plan_rebalance_task(ref, cluster, max_moves, snapshot=snapshot)

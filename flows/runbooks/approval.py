@@ -14,6 +14,7 @@ from enum import StrEnum
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
@@ -23,6 +24,7 @@ from flows import locks
 from flows.common import HostOutcome, default_inventory, run_context
 from flows.evacuate_host import evacuate_host
 from flows.params import check_host
+from flows.run_display import label_run, rejected, running_again_after_pause_timeout
 from hostmaint.display import markdown_code, markdown_text, visible
 from hostmaint.maintenance import RunContext, audited
 from hostmaint.models import EvacuationPlan, HostState, StepOutcome, Trigger
@@ -87,6 +89,7 @@ def ask_approval(rt: Runtime, run: RunContext, host: str, plan: EvacuationPlan, 
             answer = pause_flow_run(wait_for_input=ApprovalInput, timeout=timeout_s, poll_interval=poll_interval_s,
                                     key=f"approve-{host}")
         except FlowPauseTimeout:
+            running_again_after_pause_timeout()
             timed_out = True
             answer = ApprovalInput(operator="nobody", approve=False,
                                    comment=f"no answer within {timeout_s}s; nothing was approved")
@@ -120,7 +123,7 @@ def keep_cordoned(ref: RuntimeRef, run: RunContext, host: str, reason: str) -> H
 
 def run_incident(*, flow: str, host: str, reason: str, source: str, inventory: str | None,
                  automatic: str | None, event: dict[str, object], approval_timeout_s: int, poll_interval_s: int,
-                 lock_wait_s: float | None) -> HostOutcome:
+                 lock_wait_s: float | None) -> HostOutcome | State:
     """The incident runbook: lock the host, cordon it, show the plan, ask, evacuate if approved, keep it cordoned.
 
     Rejected or timed out: the host stays cordoned and no VM moves. Approved: the
@@ -129,6 +132,7 @@ def run_incident(*, flow: str, host: str, reason: str, source: str, inventory: s
     """
     inv = inventory or default_inventory()
     check_host(host, inv)
+    label_run(flow.removesuffix("-runbook").replace("-", " "), inv, host=host)
     ref = RuntimeRef(inv)
     rt = ref.open()
     run = run_context(flow, Trigger.EVENT, source, reason)
@@ -145,10 +149,11 @@ def run_incident(*, flow: str, host: str, reason: str, source: str, inventory: s
                               automatic=automatic)
         if not answer.approve:
             keep_cordoned(ref, run, host, reason)
-            return HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host).value,
-                               simulated=rt.simulated,
-                               detail=f"evacuation not approved by {answer.operator}"
-                                      f"{': ' + answer.comment if answer.comment else ''}; host left cordoned")
+            return rejected(HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host).value,
+                                        simulated=rt.simulated,
+                                        detail=f"evacuation not approved by {answer.operator}"
+                                               f"{': ' + answer.comment if answer.comment else ''}; "
+                                               "host left cordoned"))
         result = evacuate_host(host=host, operator=answer.operator, reason=reason, inventory=inv,
                                trigger=Trigger.EVENT, lock_wait_s=lock_wait_s, approved_plan=plan,
                                approved_on=snapshot)

@@ -11,6 +11,7 @@ without a reason is refused before the host is touched.
 from __future__ import annotations
 
 from prefect import flow
+from prefect.client.schemas.objects import State
 
 from flows.common import HostOutcome
 from flows.runbooks.approval import Severity, run_incident
@@ -23,7 +24,7 @@ EVENT = "hostmaint.host.degraded"
 def degraded_host_runbook(host: str, reason: str = "degraded", severity: str = Severity.WARNING.value,
                           source: str = "monitoring", event_id: str | None = None, inventory: str | None = None,
                           approval_timeout_s: int = 3600, poll_interval_s: int = 10,
-                          lock_wait_s: float | None = 300) -> HostOutcome:
+                          lock_wait_s: float | None = 300) -> HostOutcome | State:
     """Cordon the degraded ``host`` and evacuate it, with approval unless ``severity`` is critical.
 
     A blank ``reason`` is refused (InputError) before anything changes.

@@ -10,6 +10,7 @@ An event that names no check is refused before the host is touched.
 from __future__ import annotations
 
 from prefect import flow
+from prefect.client.schemas.objects import State
 
 from flows.common import HostOutcome
 from flows.runbooks.approval import run_incident
@@ -22,7 +23,7 @@ EVENT = "hostmaint.host.hardware-check-failed"
 def hardware_check_failed_runbook(host: str, check: str, detail: str = "", source: str = "monitoring",
                                   event_id: str | None = None, inventory: str | None = None,
                                   approval_timeout_s: int = 3600, poll_interval_s: int = 10,
-                                  lock_wait_s: float | None = 300) -> HostOutcome:
+                                  lock_wait_s: float | None = 300) -> HostOutcome | State:
     """Cordon ``host`` because hardware ``check`` failed; evacuate it once someone approves.
 
     A blank ``check`` is refused (InputError) before anything changes.

@@ -8,6 +8,7 @@ against the inventory before anything happens.
 from __future__ import annotations
 
 from prefect import flow
+from prefect.client.schemas.objects import State
 
 from flows import locks
 from flows.common import HostOutcome, default_inventory, run_context
@@ -15,6 +16,7 @@ from flows.evacuate_host import evacuate_host
 from flows.params import EvacuationRequest, PatchRequest, RebalanceRequest
 from flows.patch_host import patch_host
 from flows.rebalance_cluster import rebalance_cluster
+from flows.run_display import label_run, rejected
 from flows.runbooks.approval import ask_approval, show_plan
 from hostmaint.models import EvacuationPlan, FleetSnapshot, StepOutcome, Trigger
 from tasks.common import RuntimeRef
@@ -23,9 +25,10 @@ from tasks.maintenance import discover, plan_evacuation
 
 @flow(name="evacuate-on-request", log_prints=True)
 def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 3600, poll_interval_s: int = 10,
-                        lock_wait_s: float | None = 60) -> HostOutcome:
+                        lock_wait_s: float | None = 60) -> HostOutcome | State:
     """Evacuate one host as asked in the form; with approval required, show the plan and wait for a yes."""
     inv = request.inventory or default_inventory()
+    label_run("evacuate", inv, host=request.host, dry_run=request.dry_run)
 
     def evacuate(dry_run: bool = False, approved: tuple[EvacuationPlan, FleetSnapshot] | None = None
                  ) -> HostOutcome:
@@ -50,15 +53,17 @@ def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 36
         answer = ask_approval(rt, run, request.host, plan, timeout_s=approval_timeout_s,
                               poll_interval_s=poll_interval_s)
         if not answer.approve:
-            return HostOutcome(host=request.host, outcome=StepOutcome.SKIPPED, simulated=rt.simulated,
-                               state=rt.states.state(request.host).value,
-                               detail=f"not approved by {answer.operator}: {answer.comment}; nothing changed")
+            return rejected(HostOutcome(host=request.host, outcome=StepOutcome.SKIPPED, simulated=rt.simulated,
+                                        state=rt.states.state(request.host).value,
+                                        detail=f"not approved by {answer.operator}: {answer.comment}; "
+                                               "nothing changed"))
         return evacuate(approved=(plan, snapshot))
 
 
 @flow(name="patch-on-request", log_prints=True)
 def patch_on_request(request: PatchRequest, lock_wait_s: float | None = 60) -> HostOutcome:
     """Patch one host as asked in the form."""
+    label_run("patch", request.inventory or default_inventory(), host=request.host, dry_run=request.dry_run)
     return patch_host(host=request.host, operator=request.operator, reason=request.reason, dry_run=request.dry_run,
                       inventory=request.inventory or default_inventory(), trigger=Trigger.UI,
                       return_vms=request.return_vms, lock_wait_s=lock_wait_s, exact_budget=request.exact_budget)
@@ -67,6 +72,7 @@ def patch_on_request(request: PatchRequest, lock_wait_s: float | None = 60) -> H
 @flow(name="rebalance-on-request", log_prints=True)
 def rebalance_on_request(request: RebalanceRequest) -> HostOutcome:
     """Rebalance one cluster as asked in the form."""
+    label_run("rebalance", request.inventory or default_inventory(), cluster=request.cluster, dry_run=request.dry_run)
     return rebalance_cluster(cluster=request.cluster, max_moves=request.max_moves, dry_run=request.dry_run,
                              operator=request.operator, inventory=request.inventory or default_inventory(),
                              trigger=Trigger.UI)

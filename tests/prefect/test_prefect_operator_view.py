@@ -98,3 +98,23 @@ def test_setup_and_serve_leave_one_set_of_automations(order: tuple[str, ...], tm
     assert automations["hardware check failed"] == ["hardware-check-failed (served)"], automations
     assert len(automations["hostmaint: crash flow runs whose process died"]) == 1, automations
     assert not any("missing" in targets for targets in automations.values()), automations
+
+
+# --- runs are named and tagged after their action and host ----------------------------------------------------
+
+
+def test_runs_are_named_after_action_and_host_and_tagged_to_filter(fleet: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    from flows.params import EvacuationRequest
+    from flows.runbooks.on_request import evacuate_on_request
+
+    state = evacuate_on_request(request=EvacuationRequest(host="hv02", reason="INC-7", operator="ann",
+                                                          inventory=str(fleet)), return_state=True)
+    with get_client(sync_client=True) as client:
+        parent = client.read_flow_run(state.state_details.flow_run_id)
+        [child] = [r for r in client.read_flow_runs() if r.parent_task_run_id is not None
+                   and client.read_task_run(r.parent_task_run_id).flow_run_id == parent.id]
+    for run in (parent, child):
+        assert run.name == "evacuate hv02 (dry run, simulated)", run.name
+        assert {"host:hv02", "cluster:demo", "simulated"} <= set(run.tags), run.tags

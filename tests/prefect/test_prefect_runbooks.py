@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prefect.client.schemas.objects import State, StateType
 from prefect.events import DeploymentEventTrigger
 from prefect.events.schemas.events import ReceivedEvent
 from prefect.flow_runs import resume_flow_run
@@ -19,7 +20,9 @@ from prefect.server.utilities.user_templates import render_user_template_sync
 from prefect_support import ALL_VMS, in_background, lost, wait_paused, where
 
 from deployments.serve import DEGRADED_EVENT, HARDWARE_EVENT, degraded_trigger, hardware_trigger, host_event_resource
+from flows.common import HostOutcome
 from flows.params import EvacuationRequest
+from flows.run_display import PlanRejected
 from flows.runbooks.degraded_host import degraded_host_runbook
 from flows.runbooks.hardware_check import hardware_check_failed_runbook
 from flows.runbooks.on_request import evacuate_on_request
@@ -36,6 +39,14 @@ def state(inventory: Path, host: str) -> HostState:
     return open_runtime(inventory).states.state(host)
 
 
+def rejected_outcome(final: State) -> HostOutcome:
+    """The outcome of a run whose plan was not approved; its state says so (not green Completed)."""
+    assert final.type is StateType.CANCELLED and final.name == "Rejected", final
+    error = final.result(raise_on_failure=False)
+    assert isinstance(error, PlanRejected), error
+    return error.outcome
+
+
 def records(host: str | None = None, step: str | None = None) -> list:
     out = AuditTrail(open_engine()).records(host=host)
     return [r for r in out if step is None or r.step == step]
@@ -44,12 +55,12 @@ def records(host: str | None = None, step: str | None = None) -> list:
 def test_degraded_rejected_leaves_host_cordoned_and_vms_untouched(fleet: Path) -> None:
     before = where(fleet)
     box = in_background(degraded_host_runbook, host="hv01", reason="ECC errors rising", severity="warning",
-                        inventory=str(fleet), **FAST)
+                        inventory=str(fleet), return_state=True, **FAST)
     paused = wait_paused("degraded-host-runbook", box=box)
     # cordoned before anyone is asked: nothing new lands on a degraded host meanwhile
     assert state(fleet, "hv01") is HostState.CORDONED
     resume_flow_run(paused.id, run_input={"operator": "carol", "approve": False, "comment": "vendor is on it"})
-    outcome = box.join()
+    outcome = rejected_outcome(box.join())
 
     assert outcome.outcome is StepOutcome.SKIPPED
     assert "carol" in outcome.detail
@@ -133,10 +144,10 @@ def test_on_request_with_approval_rejected_changes_nothing(fleet: Path) -> None:
     before = where(fleet)
     req = EvacuationRequest(host="hv01", reason="INC-42", operator="grace", dry_run=False, approval_required=True,
                             inventory=str(fleet))
-    box = in_background(evacuate_on_request, request=req, **FAST)
+    box = in_background(evacuate_on_request, request=req, return_state=True, **FAST)
     paused = wait_paused("evacuate-on-request", box=box)
     resume_flow_run(paused.id, run_input={"operator": "heidi", "approve": False, "comment": "not in business hours"})
-    outcome = box.join()
+    outcome = rejected_outcome(box.join())
     assert outcome.outcome is StepOutcome.SKIPPED
     assert where(fleet) == before
     assert state(fleet, "hv01") is HostState.ACTIVE
@@ -152,8 +163,8 @@ def test_unknown_host_fails_before_anything(fleet: Path, flow_name: str) -> None
 
 def test_no_answer_in_time_counts_as_no(fleet: Path) -> None:
     before = where(fleet)
-    outcome = degraded_host_runbook(host="hv02", reason="flapping link", inventory=str(fleet),
-                                    poll_interval_s=1, approval_timeout_s=3)
+    outcome = rejected_outcome(degraded_host_runbook(host="hv02", reason="flapping link", inventory=str(fleet),
+                                                     poll_interval_s=1, approval_timeout_s=3, return_state=True))
     assert outcome.outcome is StepOutcome.SKIPPED
     assert where(fleet) == before
     assert state(fleet, "hv02") is HostState.CORDONED

@@ -1,0 +1,103 @@
+"""How a run shows in the Prefect UI: a name that says what it does and to what, tags to filter on,
+and a state of its own when a human said no.
+
+Prefect names runs with random words ("huge-snail") and ends every run that returns as green
+*Completed*: in the runs list an evacuation of hv01 looked like a rejected one of hv03. Each flow
+calls :func:`label_run` once it knows its host or cluster; the runbooks end a rejection with
+:func:`rejected`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+from prefect import runtime
+from prefect.client.schemas.objects import State
+from prefect.exceptions import CancelledRun
+from prefect.states import Cancelled
+
+from flows.common import HostOutcome
+from tasks.common import RuntimeRef
+
+log = logging.getLogger(__name__)
+
+REJECTED = "Rejected"  # the state's name in the UI (of type Cancelled: grey, not green)
+SIMULATED_TAG = "simulated"
+
+
+def run_name(action: str, target: str, *, dry_run: bool = False, simulated: bool = False) -> str:
+    """``evacuate hv01``, ``patch window demo (dry run, simulated)``."""
+    notes = [note for note, on in (("dry run", dry_run), ("simulated", simulated)) if on]
+    return f"{action} {target}" + (f" ({', '.join(notes)})" if notes else "")
+
+
+def run_tags(host: str | None, cluster: str | None, simulated: bool) -> list[str]:
+    """``host:<name>``, ``cluster:<name>`` and ``simulated`` as they apply."""
+    tags = [f"host:{host}"] if host else []
+    tags += [f"cluster:{cluster}"] if cluster else []
+    return tags + ([SIMULATED_TAG] if simulated else [])
+
+
+def label_run(action: str, inventory: str, *, host: str | None = None, cluster: str | None = None,
+              dry_run: bool = False) -> None:
+    """Name the current flow run after ``action`` and its host (else cluster), and tag it with both.
+
+    The cluster of ``host`` comes from the inventory, and a SIMULATED inventory marks the name and
+    the tags. Outside a flow run it does nothing. The labels are a view: if the server cannot take
+    them the run goes on (logged), since a name is not worth failing maintenance for.
+    """
+    run_id = runtime.flow_run.id
+    if not run_id:
+        return
+    rt = RuntimeRef(inventory).open()
+    known = {h.name: h.cluster for h in rt.inventory.hosts}
+    cluster = cluster or (known.get(host) if host else None)
+    target = host or cluster or "?"
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import PrefectException
+
+    try:
+        with get_client(sync_client=True) as client:
+            tags = client.read_flow_run(run_id).tags
+            new = [t for t in run_tags(host, cluster, rt.simulated) if t not in tags]
+            client.update_flow_run(run_id, name=run_name(action, target, dry_run=dry_run, simulated=rt.simulated),
+                                   tags=[*tags, *new])
+    except (PrefectException, httpx.HTTPError, OSError) as exc:
+        log.warning("could not name run %s %r: %s", run_id, action, exc)
+
+
+class PlanRejected(CancelledRun):
+    """A run ended because its plan was not approved; ``outcome`` says what was left as it was.
+
+    What calling such a flow directly raises (``return_state=True`` gives the *Rejected* state).
+    """
+
+    def __init__(self, outcome: HostOutcome) -> None:
+        super().__init__(outcome.detail)
+        self.outcome = outcome
+
+
+def rejected(outcome: HostOutcome) -> State:
+    """The final state of a run whose plan a human (or the approval timeout) did not approve:
+    of type Cancelled, named *Rejected*, the outcome's detail as its message."""
+    return Cancelled(name=REJECTED, message=outcome.detail, data=PlanRejected(outcome))
+
+
+def running_again_after_pause_timeout() -> None:
+    """Mark the current run Running again after its pause for approval timed out.
+
+    The server keeps such a run Paused and turns whatever final state it then reports into Failed
+    ("The flow was ... and never resumed"); but the run goes on (it records that nobody approved and
+    leaves the host as the runbook says), and it should end *Rejected* like any "no". Forced: the
+    server refuses every other way out of an expired pause.
+    """
+    run_id = runtime.flow_run.id
+    if not run_id:
+        return
+    from prefect.client.orchestration import get_client
+    from prefect.states import Running
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(run_id, Running(message="no answer in time: treated as not approved"),
+                                  force=True)
