@@ -29,8 +29,9 @@ from collections.abc import Sequence
 from rich.text import Text
 
 # C0/C1 controls and DEL, the invisible "format" characters (bidi embeddings, overrides and isolates,
-# zero-width spaces and joiners, the BOM, soft hyphen) and the Unicode line and paragraph separators
-_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+# zero-width spaces and joiners, the BOM, soft hyphen), the Unicode line and paragraph separators, and
+# lone surrogates (a name decoded with surrogateescape), which no terminal can even be sent
+_HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
 # what is read as syntax in a markdown table cell or paragraph: emphasis, code spans, links and
 # images, strikethrough, the cell separator, and a heading or list marker should it start a line
