@@ -197,6 +197,27 @@ class Supervisor:
         self.libvirtd = None
         self.sshd = None
 
+    def running_guests(self) -> list[str]:
+        """Names of the QEMU guests running on this host now (from /proc, not from libvirt)."""
+        net = os.stat("/proc/self/ns/net").st_ino
+        names = []
+        for pid in pids_in_namespaces(net_inode=net):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            except OSError:
+                continue  # exited while we looked
+            if argv and "qemu-system" in argv[0] and "-name" in argv:
+                spec = argv[argv.index("-name") + 1]
+                names += [part[len("guest="):] for part in spec.split(",") if part.startswith("guest=")]
+        return sorted(names)
+
+    def _log_reboot(self) -> None:
+        # what the power cut kills, written down by the "hardware": the chaos campaign's outside
+        # proof that no host rebooted with a guest on it
+        entry = {"at": time.time(), "boot_id": self.boot_id(), "guests_killed": self.running_guests()}
+        with open(self.state / "reboots.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
     # --- the request loop -----------------------------------------------------------
 
     def serve(self) -> None:
@@ -221,6 +242,7 @@ class Supervisor:
             self._write_status("down", request)
             # let the caller's session (e.g. `ssh host reboot`) read its exit status first
             time.sleep(float(request.get("delay_seconds", 0.3)))  # type: ignore[arg-type]
+            self._log_reboot()
             self.power_off()
             time.sleep(float(request.get("down_seconds", 3.0)))  # type: ignore[arg-type]
             self.boot()

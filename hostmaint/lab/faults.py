@@ -1,0 +1,261 @@
+"""Faults for lab hosts, each with its undo: what the chaos campaign (benchmarks/chaos.py) injects.
+
+Every fault acts on the lab's "hardware" only — the host's veth, its processes, its command
+wrappers, its repository file, the operator's known_hosts — never on hostmaint's state. Each
+function that breaks something returns an :data:`Undo` that mends exactly that (idempotent), so a
+campaign can undo every fault before it re-runs the interrupted work, as an operator would after
+fixing the cause.
+
+Also here: what the campaign reads from outside hostmaint — a host's boot id, running kernel,
+installed packages, the guests its reboots killed (:func:`reboots`), and its running domains
+through its own libvirtd socket (which works while its link is cut).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+from hostmaint.lab.host import host_dir, read_status, supervisor_pid
+from hostmaint.lab.lab import LabInfo, LabVm, add_guest, remove_guest
+from hostmaint.lab.network import LabError, netns_inode, pids_in_namespaces, run, veth_name
+from hostmaint.lab.packages import newest_kernel, rpm_env
+
+Undo = Callable[[], None]
+REBOOT_LOG = "reboots.jsonl"
+
+
+def libvirt_socket_uri(workdir: Path, host: str) -> str:
+    """The host's libvirtd over its Unix socket: reachable from the root namespace even with the link cut."""
+    return f"qemu+unix:///system?socket={host_dir(workdir, host) / 'run-libvirt' / 'libvirt-sock'}"
+
+
+# --- network ---------------------------------------------------------------------------------------
+
+
+def cut_link(host: str) -> Undo:
+    """A network partition: the host's veth on the lab bridge goes down (libvirt, SSH and migrations to
+    and from it stall). Guests keep running."""
+    link = veth_name(host)
+    run(["ip", "link", "set", link, "down"])
+
+    def undo() -> None:
+        run(["ip", "link", "set", link, "up"])
+
+    return undo
+
+
+# --- processes ---------------------------------------------------------------------------------------
+
+
+def _host_processes(host: str) -> list[tuple[int, list[str]]]:
+    inode = netns_inode(f"hmlab-{host}")
+    if inode is None:
+        raise LabError(f"lab host {host}: no network namespace")
+    found = []
+    for pid in pids_in_namespaces(net_inode=inode):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue  # exited while we looked
+        found.append((pid, [a for a in argv if a]))
+    return found
+
+
+def kill_ssh_sessions(workdir: Path, host: str) -> int:
+    """SIGKILL every SSH session of the host (sshd's per-connection processes), as a crashing sshd or a
+    dropped connection would: the client sees the connection die mid-command; the command itself may
+    run on. The listening sshd stays, so the host is reachable again at once. Returns how many died."""
+    listener = read_status(workdir, host).get("sshd_pid")
+    killed = 0
+    for pid, argv in _host_processes(host):
+        if pid != listener and argv and argv[0].startswith("sshd"):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass  # its connection ended on its own meanwhile
+    return killed
+
+
+def host_runs(host: str, word: str) -> bool:
+    """Whether a process of the host has ``word`` in its command line (e.g. ``dnf``: a command is running)."""
+    return any(any(word in a for a in argv) for _, argv in _host_processes(host))
+
+
+# --- reboots -----------------------------------------------------------------------------------------
+
+
+def _wrapper(workdir: Path, host: str, name: str) -> Path:
+    return host_dir(workdir, host) / "bin" / name
+
+
+def _replace_wrapper(workdir: Path, host: str, name: str, text: str) -> Undo:
+    path = _wrapper(workdir, host, name)
+    original = path.read_text()
+    tmp = path.with_suffix(".chaos")
+    tmp.write_text(text)
+    tmp.chmod(0o755)
+    tmp.replace(path)  # atomic: a command starting now runs one whole script or the other
+
+    def undo() -> None:
+        back = path.with_suffix(".chaos")
+        back.write_text(original)
+        back.chmod(0o755)
+        back.replace(path)
+
+    return undo
+
+
+def hang_reboot(workdir: Path, host: str, down_seconds: float) -> Undo:
+    """The host's next ``reboot`` powers it off for ``down_seconds`` (longer than the inventory's
+    reboot timeout: a host that does not come back in time), then boots it as usual."""
+    state = host_dir(workdir, host) / "state"
+    request = json.dumps({"action": "reboot", "id": "chaos-hang", "down_seconds": down_seconds})
+    return _replace_wrapper(workdir, host, "reboot", f"""#!/bin/sh
+# hostmaint chaos: a reboot that stays down for {down_seconds:.0f} s
+printf '%s' '{request}' > '{state / "request"}.tmp' && mv '{state / "request"}.tmp' '{state / "request"}'
+kill -USR1 "$(cat '{state / 'supervisor.pid'}')"
+echo "hostmaint lab: rebooting $(/usr/bin/hostname)"
+exit 0
+""")
+
+
+def ignore_reboot(workdir: Path, host: str) -> Undo:
+    """The host's ``reboot`` says it reboots, exits 0 and does nothing (a reboot that does not happen)."""
+    return _replace_wrapper(workdir, host, "reboot", """#!/bin/sh
+# hostmaint chaos: a reboot that does not happen
+echo "hostmaint lab: rebooting $(/usr/bin/hostname)"
+exit 0
+""")
+
+
+def reboots(workdir: Path, host: str) -> list[dict[str, object]]:
+    """Every reboot of the host so far (the supervisor's log): time, old boot id, guests it killed."""
+    path = host_dir(workdir, host) / "state" / REBOOT_LOG
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def boot_id(workdir: Path, host: str) -> str:
+    return (host_dir(workdir, host) / "state" / "boot_id").read_text().strip()
+
+
+def running_kernel(workdir: Path, host: str) -> str:
+    return (host_dir(workdir, host) / "state" / "running-kernel").read_text().strip()
+
+
+# --- packages ----------------------------------------------------------------------------------------
+
+
+def installed_packages(workdir: Path, host: str) -> set[str]:
+    """``name-version-release`` of every package in the host's rpm database, read from outside it."""
+    d = host_dir(workdir, host)
+    proc = subprocess.run(["rpm", "--root", str(d / "root"), "-qa", "--qf", "%{NAME}-%{VERSION}-%{RELEASE}\\n"],
+                          capture_output=True, text=True, timeout=60, env=rpm_env(d))
+    if proc.returncode != 0:
+        raise LabError(f"lab host {host}: rpm -qa failed: {proc.stderr.strip()}")
+    return set(proc.stdout.split())
+
+
+def newest_installed_kernel(workdir: Path, host: str) -> str:
+    """The newest kernel-lab in the host's rpm database, spelled as ``uname -r`` spells it."""
+    return newest_kernel(host_dir(workdir, host))
+
+
+def break_repo(workdir: Path, host: str) -> Undo:
+    """The host's repository points at a directory that does not exist: dnf fails (a broken mirror)."""
+    repo_file = next((host_dir(workdir, host) / "yum.repos.d").glob("*.repo"))
+    original = repo_file.read_text()
+    broken = "\n".join("baseurl=file:///var/empty/hostmaint-chaos-no-repo" if line.startswith("baseurl=") else line
+                       for line in original.splitlines()) + "\n"
+    repo_file.write_text(broken)
+
+    def undo() -> None:
+        repo_file.write_text(original)
+
+    return undo
+
+
+def fill_disk(workdir: Path, host: str) -> Undo:
+    """dnf's cache directory becomes a full 1 MiB filesystem (inside the host's mount namespace only):
+    every dnf run that writes metadata fails with 'No space left on device'."""
+    pid = supervisor_pid(workdir, host)
+    if pid is None:
+        raise LabError(f"lab host {host}: its supervisor is not running")
+    cache = host_dir(workdir, host) / "dnf-cache"
+    cache.mkdir(exist_ok=True)
+    enter = ["nsenter", "-t", str(pid), "-m", "--"]
+    run([*enter, "mount", "-t", "tmpfs", "-o", "size=1m", "chaos-full", str(cache)])
+    # fill it to the last block; dd's own "No space left" is the point
+    run([*enter, "dd", "if=/dev/zero", f"of={cache / 'filler'}", "bs=64k"], check=False)
+
+    def undo() -> None:
+        # unmount every stacked copy (an undo repeated after a second fill)
+        while run([*enter, "umount", str(cache)], check=False).returncode == 0:
+            pass
+
+    return undo
+
+
+# --- identity and guests --------------------------------------------------------------------------------
+
+
+def change_host_key(known_hosts: Path, ip: str) -> Undo:
+    """The operator's known_hosts no longer holds the key the host presents, as after a reinstall or
+    an impostor: strict host-key checking must refuse the host. The undo puts the trusted line back."""
+    original = known_hosts.read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        key = Path(tmp) / "key"
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
+        other = " ".join(key.with_suffix(".pub").read_text().split()[:2])
+    lines = [f"{ip} {other}" if line.split(" ", 1)[0] == ip else line for line in original.splitlines()]
+    known_hosts.write_text("\n".join(lines) + "\n")
+
+    def undo() -> None:
+        known_hosts.write_text(original)
+
+    return undo
+
+
+def free_mib(workdir: Path, host: str) -> int:
+    """Guest memory the host has left (its memory tmpfs, as the host's own /proc/meminfo reports it)."""
+    for line in (host_dir(workdir, host) / "state" / "meminfo").read_text().splitlines():
+        if line.startswith("MemFree:"):
+            return int(line.split()[1]) // 1024
+    raise LabError(f"lab host {host}: no MemFree in its meminfo")
+
+
+def start_guest(info: LabInfo, name: str, host: str, memory_mib: int = 64) -> LabVm:
+    """A tenant starts a VM on ``host`` (whatever hostmaint thinks of the host right now)."""
+    return add_guest(info, name, host, memory_mib=memory_mib)
+
+
+def fill_host(info: LabInfo, name: str, host: str, leave_mib: int = 48) -> LabVm | None:
+    """A guest that takes all but about ``leave_mib`` of the host's free memory (a target filled up
+    behind a plan's back); None when less than 64 MiB is free to take. A migration arriving at the
+    same moment takes memory too, so a size the host refuses is tried again 64 MiB smaller."""
+    for attempt in range(3):
+        size = free_mib(info.workdir, host) - leave_mib - 64 * attempt
+        if size < 64:
+            return None
+        try:
+            return add_guest(info, name, host, memory_mib=size)
+        except LabError:
+            remove_guest(info, name)  # defined but not started: gone again before the next size
+    return None
+
+
+def kill_process_group(pid: int) -> None:
+    """kill -9 of a process and its group (a flow's process dying with the machine under it)."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass  # it had finished
