@@ -172,7 +172,8 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int | None, *, prefer_ori
                          balance_before=round(before, 6), balance_after=round(after, 6),
                          spread_before=spread_before,
                          spread_after=measure(active.values(),
-                                              numa_remote=sum(1 for m in moves if not m.placement.numa_local)))
+                                              numa_remote=sum(1 for m in moves if not m.placement.numa_local)),
+                         proof_note="the exact stage does not plan rebalances yet: greedy levelling")
 
 
 def plan_return(snapshot: FleetSnapshot, host: str, vms: Collection[str]) -> tuple[Placement, ...]:

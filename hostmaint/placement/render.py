@@ -79,7 +79,7 @@ def _evacuation(plan: EvacuationPlan, *, title: str | None = None) -> str:
 def _rebalance(plan: RebalancePlan) -> str:
     out = [f"Rebalance plan for cluster {visible(plan.cluster)}: {len(plan.moves)} move(s), "
            f"balance {plan.balance_before:.4f} -> {plan.balance_after:.4f} (sum of squared utilisations)",
-           f"snapshot {plan.snapshot_digest[:12]}", _balance(plan.spread_before, "before"),
+           f"snapshot {plan.snapshot_digest[:12]}, proof: {plan.proof.label}", _balance(plan.spread_before, "before"),
            _balance(plan.spread_after, "after")]
     if plan.moves:
         rows = [(i + 1, m.placement.vm, m.placement.source, m.placement.target,
