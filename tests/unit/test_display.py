@@ -268,3 +268,30 @@ def test_audit_export_csv_reads_back_one_row_per_record_with_no_formula(tmp_path
     exact = [json.loads(line) for line in runner.invoke(app, ["audit", "export"]).stdout.splitlines()]
     assert [r["vm"] for r in exact] == NAMES
     assert runner.invoke(app, ["audit", "verify"]).exit_code == 0
+
+
+def test_the_core_logs_shut_off_vms_by_escaped_name_on_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """Core log records reach the run's log in the UI (tasks.common.CoreLogForwarder) and the worker's terminal."""
+    import logging
+
+    from hostmaint.maintenance import RunContext, report_shut_off
+    from hostmaint.models import Trigger
+    from hostmaint.runtime import open_runtime
+    from hostmaint.simulation import demo_packages, write_simulated_fleet
+
+    monkeypatch.setenv("HOSTMAINT_DB", str(tmp_path / "hostmaint.db"))
+    snap = hostile_snapshot()
+    inventory = write_simulated_fleet(tmp_path, snap, demo_packages(snap), vm_policies=[])
+    rt = open_runtime(inventory, fresh=True)
+    fleet = rt.hypervisor
+    on_hv01 = sorted(fleet.running["hv01"])
+    for vm in on_hv01:
+        fleet.running["hv01"].discard(vm)
+        fleet.stopped[vm] = "hv01"
+    with caplog.at_level(logging.WARNING, logger="hostmaint"):
+        off = report_shut_off(rt, RunContext(flow="test", trigger=Trigger.TEST, operator="t", reason="t"), "hv01")
+    assert sorted(off) == on_hv01
+    [message] = [r.getMessage() for r in caplog.records if "shut-off VMs" in r.getMessage()]
+    assert "\n" not in message and not _hidden(message)
+    assert all(visible(vm) in message for vm in on_hv01)
