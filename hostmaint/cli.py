@@ -277,6 +277,8 @@ def plan_rebalance_cmd(cluster: str, max_moves: int = 10, inventory: InventoryOp
         if max_moves < 0:
             raise InputError(f"--max-moves: must be >= 0, got {max_moves}")
         snap = _snapshot_for(inventory if snapshot is None else None, cluster, snapshot)
+        if snap.cluster != cluster:
+            raise InputError(f"the snapshot is of cluster {snap.cluster!r}, not {cluster!r}")
         plan = plan_rebalance(snap, max_moves)
         if as_json:
             _print_json(plan.model_dump(mode="json"))

@@ -233,3 +233,13 @@ def test_an_event_without_its_cause_is_refused_before_it_is_sent(args: list[str]
     # an API URL that nothing listens on: the refusal must come before any request
     result = runner.invoke(deployments_app, ["event", *args, "--api-url", "http://127.0.0.1:9/api"])
     assert result.exit_code == 2 and option in result.output
+
+
+@pytest.mark.parametrize("command", [["plan", "window"], ["plan", "rebalance"]])
+def test_a_plan_for_another_cluster_than_the_snapshots_is_refused(command: list[str], tmp_path: Path) -> None:
+    # The snapshot is of cluster demo: planning "prod" from it would silently plan demo under prod's name.
+    snap = tmp_path / "snap.json"
+    snap.write_text(dump_snapshot(demo_snapshot(4, 12)))
+    wrong = runner.invoke(app, [*command, "prod", "--snapshot", str(snap)])
+    assert wrong.exit_code == 2 and "'demo', not 'prod'" in wrong.output
+    assert runner.invoke(app, [*command, "demo", "--snapshot", str(snap)]).exit_code == 0
