@@ -587,29 +587,87 @@ def precheck(rt: Runtime, run: RunContext, host: str) -> patching.Preflight:
 
 
 def patch(rt: Runtime, run: RunContext, host: str) -> tuple[patching.PackageDiff, patching.RebootDecision]:
-    """Preflight, update with the host's policy, and record the package diff and reboot decision."""
+    """Preflight, update with the host's policy, and record the package diff and reboot decision.
+
+    The installed packages are recorded (step ``update-started``) before the package manager runs.
+    When the connection drops while it runs, the update may have completed or not: the ``update``
+    record says its outcome is unknown, the host stays ``patching`` with that reason, and the next run
+    reads what changed from the host's package database against that list (step ``update-recovered``,
+    :func:`recover_lost_update`) before it updates again. The diff returned counts both."""
     policy = rt.inventory.policy_for(host)
     _require_empty(rt, host, "patch")
     if rt.states.state(host) is not HostState.PATCHING:
         rt.states.transition(host, HostState.PATCHING, "patching", run.run_id)
+    lost: TransientDriverError | None = None
     try:
         with audited(rt, run, "preflight", host=host, inputs={"policy": policy.model_dump(mode="json")}) as rec:
             pre = patching.preflight(rt.shell, host, policy)
             rec.details["preflight"] = _jsonable(pre)
-        with audited(rt, run, "update", host=host) as rec:
+        recovered = recover_lost_update(rt, run, host)
+        with audited(rt, run, "update-started", host=host) as rec:
             before = patching.installed_packages(rt.shell, host)
-            result = patching.apply_updates(rt.shell, host, policy, package_manager=pre.package_manager)
-            after = patching.installed_packages(rt.shell, host)
-            diff = patching.package_diff(before, after)
-            rec.details["package_diff"] = _jsonable(diff)
-            rec.details["update"] = _jsonable(result)
+            rec.details["packages_before"] = before
+        with audited(rt, run, "update", host=host) as rec:
+            try:
+                result = patching.apply_updates(rt.shell, host, policy, package_manager=pre.package_manager)
+                after = patching.installed_packages(rt.shell, host)
+            except TransientDriverError as exc:
+                lost = exc
+                rec.outcome = StepOutcome.UNKNOWN
+                rec.details["error"] = str(exc)
+                rec.details["note"] = ("connection lost while the update ran: whether it completed is unknown; the "
+                                       "next run reads what changed from the host's package database")
+            else:
+                diff = patching.package_diff(before, after)
+                rec.details["package_diff"] = _jsonable(diff)
+                rec.details["update"] = _jsonable(result)
+        if lost is not None:
+            rt.states.note(host, f"update outcome unknown (connection lost: {lost}); run again to read what "
+                                 "changed from the host", run.run_id)
+            raise StepError(f"connection lost during the update, its outcome is unknown ({lost}); the host stays "
+                            "patching; run again to read what changed from the host", host, "update") from lost
+        if recovered is not None:
+            diff = patching.PackageDiff(installed=recovered.installed + diff.installed,
+                                        upgraded=recovered.upgraded + diff.upgraded,
+                                        removed=recovered.removed + diff.removed)
         with audited(rt, run, "reboot-decision", host=host) as rec:
             decision = patching.reboot_decision(rt.shell, host, policy)
             rec.details["decision"] = _jsonable(decision)
         return diff, decision
     except (StepError, DriverError) as exc:
-        fail_host(rt, run, host, f"patch failed: {exc}")
+        if lost is None:  # an unknown outcome is not a failure: the host stays patching for the next run
+            fail_host(rt, run, host, f"patch failed: {exc}")
         raise
+
+
+UPDATE_STEPS = ("update-started", "update", "update-recovered")
+
+
+def recover_lost_update(rt: Runtime, run: RunContext, host: str) -> patching.PackageDiff | None:
+    """What an earlier update of ``host`` changed when its outcome was never known (the connection
+    dropped, or the run died, while the package manager ran): the host's packages now against the list
+    recorded before it ran, recorded as step ``update-recovered``. None when the last update's outcome
+    is known."""
+    records = [r for r in rt.audit.records(host=host) if r.step in UPDATE_STEPS]
+    starts = [i for i, r in enumerate(records) if r.step == "update-started" and r.outcome is StepOutcome.OK]
+    if not starts:
+        return None
+    started = records[starts[-1]]
+    if any(r.step == "update-recovered" or (r.step == "update" and r.outcome is not StepOutcome.UNKNOWN)
+           for r in records[starts[-1] + 1:]):
+        return None
+    with audited(rt, run, "update-recovered", host=host,
+                 inputs={"update_started_seq": started.seq, "update_run": started.run_id}) as rec:
+        now = patching.installed_packages(rt.shell, host)
+        diff = patching.package_diff(dict(started.details.get("packages_before") or {}), now)
+        rec.details["package_diff"] = _jsonable(diff)
+        rec.details["note"] = (f"the update of run {started.run_id} ended without a known outcome; what it changed "
+                               "was read from the host's package database against the list recorded before it ran")
+        if diff.empty:
+            rec.outcome = StepOutcome.SKIPPED
+        log.warning("%s: the update of run %s had an unknown outcome; it changed %s", host, started.run_id,
+                    diff.summary())
+        return diff
 
 
 def reboot(rt: Runtime, run: RunContext, host: str) -> patching.RebootResult:

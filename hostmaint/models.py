@@ -55,6 +55,7 @@ class StepOutcome(StrEnum):
     FAILED = "failed"
     DRY_RUN = "dry-run"
     ABORTED = "aborted"
+    UNKNOWN = "unknown"  # the connection was lost while it ran: it may or may not have happened
 
 
 class Trigger(StrEnum):

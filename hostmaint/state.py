@@ -215,6 +215,17 @@ class HostStateStore:
 
         return self._atomically(host, out)
 
+    def note(self, host: str, reason: str, run_id: str | None = None) -> HostRecord:
+        """Say why ``host`` is where it is, staying there (a recorded change of reason, no transition):
+        for what a run learns about a host without moving it, such as an update whose outcome is unknown."""
+
+        def say(conn: Connection, current: HostRecord, exists: bool) -> HostRecord:
+            if current.reason == reason:
+                return current
+            return self._write(conn, current, exists, current.state, reason, run_id, current.prior_state)
+
+        return self._atomically(host, say)
+
     def return_to_service(self, host: str, reason: str, run_id: str | None = None) -> HostRecord:
         """An operator's uncordon: ``cordoned`` outside maintenance -> ``active``. A host cordoned by a
         maintenance that has not finished (it has a prior state), or in any other state, raises

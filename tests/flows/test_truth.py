@@ -297,3 +297,55 @@ def test_a_window_that_starts_no_host_fails_and_says_how_to_resume(sim_inventory
     assert "window w-short started no host: 4 host(s) of demo left unpatched" in text, text
     assert "hostmaint window run demo --window-id w-short --window-end" in text, text
     assert not [r for r in audit().records() if r.step == "cordon"]
+
+
+# --- c. the SSH connection dropped during the update -----------------------------------------------------
+
+
+class _DropsDuringUpdate:
+    """The sim fleet's shell, where the connection to ``host`` drops while ``dnf update`` runs: the update
+    completes on the host, the caller never hears how it ended."""
+
+    def __init__(self, real: Any, host: str) -> None:
+        self.real, self.host, self.dropped = real, host, False
+
+    def run(self, host: str, argv: Any, timeout: float = 60.0) -> Any:
+        from hostmaint.errors import TransientDriverError
+
+        result = self.real.run(host, argv, timeout)
+        if host == self.host and "update" in argv and not self.dropped:
+            self.dropped = True
+            raise TransientDriverError("connection lost while the command ran (it may have run)", host)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_an_update_whose_connection_dropped_is_unknown_and_the_re_run_records_what_changed(
+        sim_inventory: Path) -> None:
+    from hostmaint.errors import StepError
+
+    rt = open_runtime(sim_inventory)
+    real_shell = rt.shell
+    rt.shell = _DropsDuringUpdate(real_shell, "hv01")  # type: ignore[assignment]
+    try:
+        with pytest.raises(StepError, match="outcome is unknown"):
+            patch_host(host="hv01", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
+    finally:
+        rt.shell = real_shell
+
+    # the update ran to its end on the host; the record says its outcome is unknown, not failed
+    assert fleet(rt).packages["hv01"].installed["openssl"] == "1:3.0.7-28.el9"
+    [update] = [r for r in audit().records(host="hv01") if r.step == "update"]
+    assert update.outcome is StepOutcome.UNKNOWN and "connection lost" in update.details["error"]
+    record = rt.states.get("hv01")
+    assert record.state is HostState.PATCHING and "outcome unknown" in record.reason, record
+
+    result = patch_host(host="hv01", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK and result.packages_changed == 1
+    [recovered] = [r for r in audit().records(host="hv01") if r.step == "update-recovered"]
+    assert recovered.outcome is StepOutcome.OK and recovered.inputs["update_run"] == update.run_id
+    assert [c["package"].split(".")[0] for c in recovered.details["package_diff"]["upgraded"]] == ["openssl"]
+    assert rt.states.state("hv01") is HostState.ACTIVE
