@@ -72,6 +72,7 @@ CORES = 8  # VMs left out that get a refusal core of their own; the rest name th
 # Rules the exact stage can relax one at a time to say which one a refusal core runs into.
 RULES = ("numa", "anti-affinity", "pinning", "hugepages", "vcpu", "memory")
 UTIL_SCALE = 10_000  # utilisation in the peak stage, in 1/10,000
+SPREAD_SCALE = 1_000  # and in the spread stage, in 1/1,000: coarser, so its optimum is proven sooner
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,8 @@ class Problem:
     targets: dict[str, list[str]]  # VM -> hosts it may go to (the greedy's targets)
     ranks: Mapping[str, int]
     remote: bool  # model NUMA-remote spreads (only when the greedy did not get every VM local)
+    # the VMs run on hosts of the model already (a rebalance): a move also lowers its source's load
+    internal: bool = False
     needs: dict[str, Demand] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -245,6 +248,16 @@ class Model:
                     if vm.anti_affinity:
                         groups.setdefault((vm.anti_affinity, opt.host), []).append(v)
             m.add(sum(on) == p)
+            if prob.internal and vm.host in prob.hosts:
+                # leaving lowers its host (and each cell in proportion to what it uses, as the ledger's
+                # unload does); nothing it frees is planned onto, so moves stay independent
+                src = prob.hosts[vm.host]
+                self.load.setdefault(vm.host, []).append((-vm.memory_mib, p))
+                src_used = sum(sc.used_mib for sc in src.cells)
+                for sc in src.cells:
+                    share = round(min(sc.used_mib, vm.memory_mib * sc.used_mib / src_used)) if src_used > 0 else 0
+                    if share:
+                        self.cell_load.setdefault((vm.host, sc.id), []).append((-share, p))
         hosts = prob.hosts
         for (h, c, page), terms in pool.items():
             kind = "hugepages" if page else "memory"
@@ -279,8 +292,8 @@ class Model:
     def peak(self) -> cp_model.IntVar:
         """The highest utilisation (in 1/UTIL_SCALE) among the hosts this plan may fill."""
         top = self.m.new_int_var(0, 2 * UTIL_SCALE, "peak")
-        for name, terms in sorted(self.load.items()):
-            host = self.prob.hosts[name]
+        for name, host in sorted(self.prob.hosts.items()):
+            terms = self.load.get(name, [])
             if host.memory_mib:
                 used = round(host.used_mib)
                 self.m.add(UTIL_SCALE * used + sum(UTIL_SCALE * a * v for a, v in terms)
@@ -289,24 +302,27 @@ class Model:
 
     def spread(self) -> cp_model.LinearExpr:
         """How far the hosts this plan may fill, and their cells, sit above their mean utilisation
-        (in 1/UTIL_SCALE, weighted as objective.py weighs hosts and cells; see :func:`spread_of`).
+        (in 1/SPREAD_SCALE, weighted as objective.py weighs hosts and cells; see :func:`spread_of`).
 
         Linear, so CP-SAT proves its optimum where a sum of squares would run out of budget; the
         peak stage before it already holds the fullest host down."""
-        hosts = [self.prob.hosts[n] for n in sorted(self.load)]
-        moved = sum(vm.memory_mib for vm in self.vms)
-        memory = sum(h.memory_mib for h in hosts)
+        every = list(self.prob.hosts.values())
+        moved = 0 if self.prob.internal else sum(vm.memory_mib for vm in self.vms)
+        memory = sum(h.memory_mib for h in every)
         if not memory:
             return 0  # type: ignore[return-value]
-        mean = UTIL_SCALE * (sum(round(h.used_mib) for h in hosts) + moved) // memory
+        # the mean over every host of the problem, as spread_of takes it; hosts nothing reaches are
+        # constants and left out
+        mean = SPREAD_SCALE * (sum(round(h.used_mib) for h in every) + moved) // memory
+        hosts = [self.prob.hosts[n] for n in sorted(self.load)]
         terms = []
 
         def above(used: float, size: int, load: list[tuple[int, cp_model.IntVar]], weight: float, name: str) -> None:
             if not size or weight <= 0:
                 return
-            u = self.m.new_int_var(0, 2 * UTIL_SCALE, f"u_{name}")
-            self.m.add(u * size >= UTIL_SCALE * round(used) + sum(UTIL_SCALE * a * v for a, v in load))
-            e = self.m.new_int_var(0, 2 * UTIL_SCALE, f"e_{name}")
+            u = self.m.new_int_var(0, 2 * SPREAD_SCALE, f"u_{name}")
+            self.m.add(u * size >= SPREAD_SCALE * round(used) + sum(SPREAD_SCALE * a * v for a, v in load))
+            e = self.m.new_int_var(0, 2 * SPREAD_SCALE, f"e_{name}")
             self.m.add(e >= u - mean)
             terms.append(max(round(100 * weight), 1) * e)
 
@@ -317,6 +333,20 @@ class Model:
                 above(c.used_mib, c.memory_mib, load, host.weight * CELL_WEIGHT * c.memory_mib / host.memory_mib,
                       f"{host.name}_{c.id}")
         return sum(terms)  # type: ignore[return-value]
+
+    def level(self, within: float) -> None:
+        """Every host's utilisation within ``within`` of the hosts' mean (a rebalance's target)."""
+        every = [h for h in self.prob.hosts.values() if h.memory_mib]
+        memory = sum(h.memory_mib for h in every)
+        if not memory:
+            return
+        used = sum(round(h.used_mib) for h in every)
+        for host in every:
+            load = round(host.used_mib) + sum(a * v for a, v in self.load.get(host.name, []))
+            # |load/mem - used/memory| <= within, multiplied out to integers (within in 1/UTIL_SCALE)
+            w = round(within * UTIL_SCALE)
+            self.m.add(UTIL_SCALE * memory * load <= (UTIL_SCALE * used + w * memory) * host.memory_mib)
+            self.m.add(UTIL_SCALE * memory * load >= (UTIL_SCALE * used - w * memory) * host.memory_mib)
 
     # --- hints and solutions -----------------------------------------------------------------------
 
@@ -473,30 +503,22 @@ class Outcome:
     stages: list[str] = field(default_factory=list)  # stage: optimal | best found | kept
 
 
-STAGES = ("placed", "NUMA-local", "target rank", "peak utilisation", "spread")
+Stage = tuple[str, Callable[[], Any], bool, "int | None"]  # name, objective, maximise, known optimum
 
 
-def solve(prob: Problem, greedy: Mapping[str, Fit], budget: Budget) -> Outcome:
-    """Solve the lexicographic objective stage by stage within ``budget``, hinted by ``greedy``."""
+def _run_stages(model: Model, stages: Sequence[Stage], budget: Budget, greedy: Mapping[str, Fit],
+                refusal: int | None = None) -> tuple[Outcome, Any]:
+    """Solve ``stages`` in order, each optimum fixed for the next (a known optimum is fixed without a
+    solve). Stops at the first stage that is not proven optimal. With ``refusal``, a first stage
+    whose optimum is below it ends the solve there (a refusal: later stages would only polish a plan
+    that cannot run). Returns the outcome and the first stage's status (None if it was known)."""
     cp_model = _cp()
-    model = Model(prob, prob.vms)
-    n = len(prob.vms)
-    g_local = sum(1 for f in greedy.values() if f.numa_local)
-    w = rank_weights(n)
-    g_rank = sum(w[min(prob.ranks.get(f.host, 0), 4)] for f in greedy.values())
-    exprs: list[tuple[str, Callable[[], Any], bool, int | None]] = [
-        # name, objective, maximise, the greedy's value when it is the best possible
-        ("placed", model.n_placed, True, n if len(greedy) == n else None),
-        ("NUMA-local", model.n_local, True, n if g_local == n else None),
-        ("target rank", model.rank_cost, False, 0 if g_rank == 0 else None),
-        ("peak utilisation", model.peak, False, None),
-        ("spread", model.spread, False, None),
-    ]
     model.hint(greedy)
     choices: dict[str, Choice] | None = None
     proven = True
     notes: list[str] = []
-    for name, make, up, known in exprs:
+    first: Any = None
+    for k, (name, make, up, known) in enumerate(stages):
         expr = make()
         if known is not None:
             model.m.add(expr == known)
@@ -511,12 +533,15 @@ def solve(prob: Problem, greedy: Mapping[str, Fit], budget: Budget) -> Outcome:
         else:
             model.m.minimize(expr)
         # a stage leaves part of the budget to the next (or, for a refusal, to its cores)
-        solver = budget.solver(share=1.0 if name == STAGES[-1] else STAGE_SHARE)
+        solver = budget.solver(share=1.0 if k == len(stages) - 1 else STAGE_SHARE)
         status = solver.solve(model.m)
         budget.spend(solver)
+        if k == 0:
+            first = status
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             proven = False
-            notes.append(f"{name}: nothing found within the budget")
+            notes.append(f"{name}: impossible (proven)" if status == cp_model.INFEASIBLE
+                         else f"{name}: nothing found within the budget")
             break
         value = round(solver.objective_value)
         choices = model.solution(solver)
@@ -528,18 +553,58 @@ def solve(prob: Problem, greedy: Mapping[str, Fit], budget: Budget) -> Outcome:
             proven = False
             model.m.add(expr >= value if up else expr <= value)
             notes.append(f"{name}: {value} (best found; budget spent)")
-        if name == "placed" and value < n:
-            # the refusal: later stages would only polish a plan that cannot run
+        if k == 0 and refusal is not None and value < refusal:
             proof = PlanProof.INFEASIBLE if status == cp_model.OPTIMAL else PlanProof.FEASIBLE
-            return Outcome(choices, proof, "; ".join(notes))
+            return Outcome(choices, proof, "; ".join(notes)), first
         if not proven:
             break
     model.m.clear_objective()
-    proof = PlanProof.OPTIMAL if proven else PlanProof.FEASIBLE
-    if choices is None and len(greedy) == n:
-        # every stage that ran was the greedy's own optimum: its plan is the answer, proven
-        return Outcome(None, proof, "; ".join(notes))
-    return Outcome(choices, proof, "; ".join(notes))
+    return Outcome(choices, PlanProof.OPTIMAL if proven else PlanProof.FEASIBLE, "; ".join(notes)), first
+
+
+def solve(prob: Problem, greedy: Mapping[str, Fit], budget: Budget) -> Outcome:
+    """Solve the evacuation's lexicographic objective stage by stage within ``budget``, hinted by
+    ``greedy``: VMs placed, NUMA-local, target rank, peak utilisation, spread."""
+    model = Model(prob, prob.vms)
+    n = len(prob.vms)
+    g_local = sum(1 for f in greedy.values() if f.numa_local)
+    w = rank_weights(n)
+    g_rank = sum(w[min(prob.ranks.get(f.host, 0), 4)] for f in greedy.values())
+    stages: list[Stage] = [
+        ("placed", model.n_placed, True, n if len(greedy) == n else None),
+        ("NUMA-local", model.n_local, True, n if g_local == n else None),
+        ("target rank", model.rank_cost, False, 0 if g_rank == 0 else None),
+        ("peak utilisation", model.peak, False, None),
+        ("spread", model.spread, False, None),
+    ]
+    return _run_stages(model, stages, budget, greedy, refusal=n)[0]
+
+
+def solve_rebalance(prob: Problem, greedy: Mapping[str, Fit], cap: int, within: float | None,
+                    budget: Budget) -> Outcome:
+    """A rebalance's moves (``prob.vms`` may each move once, to a host of ``prob.targets``).
+
+    With ``within``: the fewest moves that bring every host within that many points of the mean,
+    then the lowest peak and spread; when no ``cap`` moves reach it (proven), or without ``within``:
+    the lowest peak, then spread, then the fewest moves, within ``cap``."""
+    cp_model = _cp()
+    notes = []
+    if within is not None:
+        model = Model(prob, prob.vms)
+        model.m.add(model.n_placed() <= cap)
+        model.level(within)
+        out, first = _run_stages(model, [("moves to level", model.n_placed, False, None),
+                                         ("peak utilisation", model.peak, False, None),
+                                         ("spread", model.spread, False, None)], budget, greedy)
+        if first != cp_model.INFEASIBLE:
+            return out
+        notes.append(f"no {cap} moves bring every host within {within:.0%} of the mean (proven)")
+    model = Model(prob, prob.vms)
+    model.m.add(model.n_placed() <= cap)
+    out, _ = _run_stages(model, [("peak utilisation", model.peak, False, None),
+                                 ("spread", model.spread, False, None),
+                                 ("moves", model.n_placed, False, None)], budget, greedy)
+    return Outcome(out.choices, out.proof, "; ".join([*notes, out.note]))
 
 
 def _as_fit(c: Choice) -> Fit:

@@ -29,10 +29,12 @@ exactly; hosts are kept in heaps by utilisation. A 1,000-host cluster with
 
 from __future__ import annotations
 
+import copy
 import heapq
 from collections.abc import Callable, Collection, Iterable, Iterator
 
-from hostmaint.models import FleetSnapshot, HostState, Placement, RebalanceMove, RebalancePlan, Vm
+from hostmaint.models import FleetSnapshot, HostState, Placement, PlanProof, RebalanceMove, RebalancePlan, Vm
+from hostmaint.placement import exact
 from hostmaint.placement.evacuate import Choice, placement_for
 from hostmaint.placement.fit import Miss, could_fit, demand_of, fit_host
 from hostmaint.placement.objective import balance, fit_delta, measure, release_delta
@@ -102,7 +104,7 @@ class _Heaps:
 
 
 def plan_rebalance(snapshot: FleetSnapshot, max_moves: int | None, *, prefer_origin: bool = True,
-                   within: float | None = None) -> RebalancePlan:
+                   within: float | None = None, exact_budget: float = exact.DEFAULT_BUDGET) -> RebalancePlan:
     """Level the cluster with at most ``max_moves`` migrations (None: no cap; a VM moves at most
     once either way); report balance before and after.
 
@@ -110,6 +112,11 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int | None, *, prefer_ori
     points of the cluster's (0.10: ±10 %); None: level until no move helps. Every move carries its
     gain (the drop in the objective it buys); origin returns may carry a negative gain, levelling
     moves never do.
+
+    ``exact_budget``: the levelling is also solved by the exact stage (placement/exact.py) when the
+    cluster is small enough (``exact.MAX_PAIRS`` VM-host pairs): with ``within``, the fewest moves
+    that reach it; without, the lowest peak and spread within the move budget, then the fewest
+    moves. Its moves replace the greedy's when they are better; ``proof`` says what was proven.
     """
     if within is not None and not 0 <= within < 1:
         raise ValueError(f"within: a utilisation difference in [0, 1), got {within}")
@@ -125,13 +132,7 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int | None, *, prefer_ori
             vms_by_host[vm.host].append(vm)
 
     def commit(vm: Vm, fit: Fit, why: str, gain: float) -> None:
-        choice = Choice(fit=fit, delta=-gain, rank=0, runner_up=None, candidates=1,
-                        util_before=ledger.hosts[fit.host].util)
-        placement = placement_for(vm, choice)
-        placement = placement.model_copy(update={"reason": f"{why}; {placement.reason}"})
-        ledger.unload(vm)
-        ledger.apply(vm, fit)
-        moves.append(RebalanceMove(placement=placement, improvement=round(gain, 6)))
+        _commit(ledger, moves, vm, fit, why, gain)
         vms_by_host[vm.host].remove(vm)
 
     if prefer_origin:
@@ -149,6 +150,10 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int | None, *, prefer_ori
                 continue
             commit(vm, got, f"returns to its origin {origin}", _move_gain(ledger, vm, got))
 
+    levelled_from = len(moves)
+    movable = [vm for vms in vms_by_host.values() for vm in vms if vm.host in active]
+    pairs = sum(1 for vm in movable for h in active.values() if _same_group(ledger.hosts[vm.host], h))
+    saved = copy.deepcopy(ledger.hosts) if 0 < pairs <= exact.MAX_PAIRS and exact_budget > 0 else None
     heaps = _Heaps(active)
     while len(moves) < cap and not (within is not None and _level(active.values(), within)):
         donors = heaps.fullest(DONORS, lambda n: bool(vms_by_host[n]))
@@ -167,13 +172,26 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int | None, *, prefer_ori
         heaps.changed(src)
         heaps.changed(fit.host)
 
+    proof, note = PlanProof.GREEDY_ONLY, ("exact stage off (budget 0)" if exact_budget <= 0 else
+                                          f"greedy only: {pairs} VM-host pairs, above the exact stage's "
+                                          f"{exact.MAX_PAIRS}")
+    if saved is not None:
+        proof, note, better = _exact_levelling(saved, movable, moves, levelled_from, cap, within, exact_budget)
+        if better is not None:
+            mine = [h for h in better[0].hosts.values() if h.state is HostState.ACTIVE]
+            if _levelling_key(mine, len(better[1]), within) < _levelling_key(list(active.values()), len(moves), within):
+                ledger, moves = better
+                active = {n: h for n, h in ledger.hosts.items() if h.state is HostState.ACTIVE}
+                note += "; its moves are better than the greedy's and were taken"
+            else:
+                note += "; the greedy's moves are as good and were kept"
     after = balance(active.values())
     return RebalancePlan(cluster=snapshot.cluster, snapshot_digest=snapshot.digest(), moves=tuple(moves),
                          balance_before=round(before, 6), balance_after=round(after, 6),
                          spread_before=spread_before,
                          spread_after=measure(active.values(),
                                               numa_remote=sum(1 for m in moves if not m.placement.numa_local)),
-                         proof_note="the exact stage does not plan rebalances yet: greedy levelling")
+                         proof=proof, proof_note=note)
 
 
 def plan_return(snapshot: FleetSnapshot, host: str, vms: Collection[str]) -> tuple[Placement, ...]:
@@ -245,3 +263,62 @@ def _best_move(ledger: Ledger, donors: list[str], heaps: _Heaps,
         if gain > 1e-9 and (best is None or (gain, name, r) > (best[0], best[1], best[2])):
             best = (gain, name, r, vm, got)
     return None if best is None else (best[0], best[3], best[4])
+
+
+def _commit(ledger: Ledger, moves: list[RebalanceMove], vm: Vm, fit: Fit, why: str, gain: float) -> None:
+    """Charge one move: its target takes the VM, its source only looks emptier (nothing is freed)."""
+    choice = Choice(fit=fit, delta=-gain, rank=0, runner_up=None, candidates=1,
+                    util_before=ledger.hosts[fit.host].util)
+    placement = placement_for(vm, choice)
+    placement = placement.model_copy(update={"reason": f"{why}; {placement.reason}"})
+    ledger.unload(vm)
+    ledger.apply(vm, fit)
+    moves.append(RebalanceMove(placement=placement, improvement=round(gain, 6)))
+
+
+def _same_group(src: HostLoad, dst: HostLoad) -> bool:
+    return dst.name != src.name and dst.cpu_group == src.cpu_group and dst.cluster == src.cluster
+
+
+def _levelling_key(hosts: list[HostLoad], moves: int, within: float | None) -> tuple[bool, float, float, float]:
+    """Lower is better: peak, spread (``exact.spread_of``), then fewer moves; with ``within``, first
+    level, then the fewest moves, then peak and spread."""
+    peak = round(max((h.util for h in hosts), default=0.0), 4)
+    spread = round(exact.spread_of(hosts), 4)
+    if within is not None:
+        return (not _level(hosts, within + 1e-4), float(moves), peak, spread)
+    return (False, peak, spread, float(moves))
+
+
+def _exact_levelling(start: dict[str, HostLoad], movable: list[Vm],
+                     moves: list[RebalanceMove], levelled_from: int, cap: int, within: float | None,
+                     budget: float) -> tuple[PlanProof, str, tuple[Ledger, list[RebalanceMove]] | None]:
+    """The levelling solved by the exact stage from ``start`` (the ledger after origin returns); its
+    ledger and moves (the origin returns, ``moves[:levelled_from]``, then its own), for the caller to
+    weigh against the greedy's by :func:`_levelling_key`."""
+    active = {n: h for n, h in start.items() if h.state is HostState.ACTIVE}
+    greedy_moves = moves[levelled_from:]
+    by_name = {vm.name: vm for vm in movable}
+    greedy = {}
+    for m in greedy_moves:
+        p = m.placement
+        greedy[p.vm] = Fit(p.target, p.target_cells, tuple(float(x) for x in p.cell_memory_mib), p.numa_local, {})
+    prob = exact.Problem(vms=sorted(movable, key=lambda v: v.name), hosts=copy.deepcopy(active),
+                         targets={vm.name: [h.name for h in active.values() if _same_group(active[vm.host], h)]
+                                  for vm in movable},
+                         ranks={}, remote=False, internal=True)
+    out = exact.solve_rebalance(prob, greedy, cap - levelled_from, within, exact.Budget(budget))
+    note = f"exact stage (CP-SAT, budget {budget:g}): {out.note}"
+    if out.choices is None:
+        return out.proof, note, None
+    ledger = Ledger(copy.deepcopy(start))
+    mine = list(moves[:levelled_from])
+    for name in sorted(out.choices):
+        vm = by_name[name]
+        pick = out.choices[name]
+        fit = exact.to_fit(vm, prob.needs[name], ledger.hosts[pick.host], pick)
+        if fit is None:
+            return PlanProof.GREEDY_ONLY, note + "; its moves failed the fit rules: kept the greedy's", None
+        gain = _move_gain(ledger, vm, fit)
+        _commit(ledger, mine, vm, fit, f"levels {vm.host} (exact stage)", gain)
+    return out.proof, note, (ledger, mine)

@@ -136,3 +136,16 @@ def test_a_large_optimisation_stays_greedy_and_says_so() -> None:
     s = fleet(hosts, [vm(f"v{i}", 1) for i in range(5)])
     plan = plan_evacuation(s, ["src"])
     assert plan.feasible and plan.proof is PlanProof.GREEDY_ONLY and "greedy only" in plan.proof_note
+
+
+def test_rebalance_reaches_the_target_spread_with_the_fewest_moves_proven() -> None:
+    from hostmaint.placement import plan_rebalance
+    from hostmaint.placement.synthetic import generate_fleet
+
+    s = generate_fleet(3, 8, fill=(0.3, 0.9))
+    greedy = plan_rebalance(s, None, prefer_origin=False, within=0.10, exact_budget=0)
+    plan = plan_rebalance(s, None, prefer_origin=False, within=0.10)
+    assert greedy.proof is PlanProof.GREEDY_ONLY and plan.proof is PlanProof.OPTIMAL
+    assert "moves to level" in plan.proof_note and len(plan.moves) <= len(greedy.moves)
+    assert f"proof: {plan.proof.label}" in render_plan(plan)
+
