@@ -223,20 +223,20 @@ def _total_miss(vm: Vm, host: HostLoad, need: Demand) -> Miss | None:
 def _fit_spread(vm: Vm, host: HostLoad, need: Demand) -> Fit | Miss:
     """NUMA-remote: fill the roomiest cells until the memory is covered; pinned CPUs from those cells."""
     order = sorted(host.cells, key=lambda c: (-_room_mib(c, need.page_kib), c.id))
-    left = float(need.total_mib)
+    # in the pools' own units (whole MiB, or whole pages), as the exact stage draws them: the parts
+    # add up to the VM and no cell is charged a fraction of a MiB past what it can plan
+    left = pool_draw(need.total_mib, need.page_kib)
+    unit = need.page_kib / 1024 if need.page_kib else 1.0
     chosen: list[CellLoad] = []
     parts: list[float] = []
     for cell in order:
         if left <= 0:
             break
-        room = _room_mib(cell, need.page_kib)
-        if room <= 0:
+        take = min(pool_room(cell, need.page_kib), left)
+        if take <= 0:
             continue
-        take = min(room, left)
-        if need.page_kib:  # whole pages per cell
-            take = min(float(pages_for(take, need.page_kib) * need.page_kib / 1024), room)
         chosen.append(cell)
-        parts.append(take)
+        parts.append(take * unit)
         left -= take
     if left > 0:
         return Miss("memory", f"{host.name} cannot hold {vm.name} even across cells")

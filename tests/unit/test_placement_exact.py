@@ -149,3 +149,15 @@ def test_rebalance_reaches_the_target_spread_with_the_fewest_moves_proven() -> N
     assert "moves to level" in plan.proof_note and len(plan.moves) <= len(greedy.moves)
     assert f"proof: {plan.proof.label}" in render_plan(plan)
 
+
+def test_a_numa_remote_spread_adds_up_to_the_vm_in_whole_mib() -> None:
+    # each cell plans 3072 - 10 % of 12288 = 1843.2 MiB: a 2048 MiB VM fits no single cell and is
+    # spread; its parts were 1843.2 + 204.8, rounded up to 1844 + 205 (one MiB past the cell and the VM)
+    target = Host(name="h", cluster="c", cells=tuple(
+        Cell(id=i, memory_mib=12 * GIB, free_mib=3 * GIB, cpus=(2 * i, 2 * i + 1)) for i in range(2)))
+    s = FleetSnapshot(cluster="c", taken_at="t", hosts=(host("src", (256, 0), cpus=8), target),
+                      vms=(vm("v", 2),), limits=Limits(memory_headroom_pct=10, spare_hosts=0))
+    for budget in (0.0, ex.DEFAULT_BUDGET):
+        [p] = plan_evacuation(s, ["src"], exact_budget=budget).placements
+        assert not p.numa_local and sum(p.cell_memory_mib) == p.memory_mib == 2 * GIB
+        assert all(mib <= 1843 for mib in p.cell_memory_mib), p.cell_memory_mib
