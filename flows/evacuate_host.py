@@ -50,11 +50,13 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
         return outcome
     if approved_plan is not None:
         approved_plan = _approved(host, approved_plan, approved_on)  # before anything changes
-    with locks.host_maintenance(host, cluster, wait_seconds=lock_wait_s):
+    with locks.host_maintenance(host, cluster, wait_seconds=lock_wait_s, holder=rt.states.get(host).run_id):
         t.cordon_host(ref, run, host)
         # One discovery, after the cordon and before anything moves, is both the list of VMs the
         # invariants expect and the plan's view of the cluster (the plan used to discover again).
         snapshot = t.discover(ref, cluster)
+        # migrations an earlier run started and never recorded (it died while they ran)
+        t.record_found_moves(ref, run, host, snapshot)
         # VMs an earlier run shut down on this host stay down until a patch run verifies it
         stopped = rt.states.stopped_on(host)
         expected = [v.name for v in snapshot.vms]

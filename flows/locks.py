@@ -40,6 +40,7 @@ from collections.abc import Collection, Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -342,15 +343,45 @@ def hold(name: str, *, occupy: int = 1, wait_seconds: float | None = None, why: 
         yield
 
 
+def describe_holder(run_id: str | None) -> str:
+    """Who is likely to hold a host's lock, for a LockHeldError: the run recorded on the host (the
+    one that last changed its state; Prefect's API does not name a lock's holder), what Prefect says
+    of it, and when its lease frees by itself if that run is dead."""
+    lease = lease_seconds()
+    if not run_id:
+        return (f" A run that died holding it frees it by itself: its lease runs out at most {lease:g}s after "
+                "its last renewal.")
+    try:
+        with get_client(sync_client=True) as client:
+            flow_run = client.read_flow_run(UUID(run_id))
+    except (ValueError, ObjectNotFound, httpx.HTTPError):
+        return (f" The host's state was last changed by run {run_id}, which Prefect does not know; if it died "
+                f"holding the lock, its lease runs out by itself at most {lease:g}s after its last renewal.")
+    state = flow_run.state
+    text = f" The host's state was last changed by run {run_id} ({flow_run.name})"
+    if state is None:
+        return text + f"; if it died holding the lock, its lease runs out at most {lease:g}s after its last renewal."
+    text += f", which Prefect says is {state.name}"
+    if state.is_final():
+        ended = state.timestamp
+        return (text + f" since {ended:%Y-%m-%d %H:%M:%S %Z}: a run that has ended renews no lease, so the lock "
+                f"frees by itself by {ended + timedelta(seconds=lease):%H:%M:%S %Z} at the latest; run again then.")
+    return (text + f". If its process died (killed, its machine lost), Prefect shows it {state.name} until its "
+            f"zombie detection marks it crashed, and the lock frees by itself at most {lease:g}s after the process "
+            "last renewed its lease; otherwise it is still working on the host.")
+
+
 @contextmanager
-def host_maintenance(host: str, cluster: str, *, wait_seconds: float | None = None) -> Iterator[None]:
+def host_maintenance(host: str, cluster: str, *, wait_seconds: float | None = None,
+                     holder: str | None = None) -> Iterator[None]:
     """Hold ``host:<host>``, one slot of ``maintenance:<cluster>`` and ``inbound:<host>`` for a host's
     whole maintenance (the last keeps every drain from sending VMs to it meanwhile).
 
     All free (the usual case): taken together in one request. Otherwise one at a time,
     host first: the host lock may time out (another run has the host); the cluster slot and
     the inbound lock are then waited for as long as it takes (the cluster is busy, or another
-    host's drain is still sending VMs here).
+    host's drain is still sending VMs here). ``holder``: the run recorded on the host, named (with
+    what Prefect says of it) when the host lock times out (:func:`describe_holder`).
     """
     names = [n for n in (host_limit(host), maintenance_limit(cluster), inbound_limit(host)) if n not in _held.get()]
     lease = _acquire(names, 1, 0, "", only_if_free=True) if len(names) == 3 else None
@@ -359,8 +390,11 @@ def host_maintenance(host: str, cluster: str, *, wait_seconds: float | None = No
             yield
         return
     with ExitStack() as stack:
-        stack.enter_context(hold(host_limit(host), wait_seconds=wait_seconds,
-                                 why=f" (host {host} is under maintenance)"))
+        try:
+            stack.enter_context(hold(host_limit(host), wait_seconds=wait_seconds,
+                                     why=f" (host {host} is under maintenance)"))
+        except LockHeldError as exc:
+            raise LockHeldError(str(exc) + describe_holder(holder)) from exc
         stack.enter_context(hold(maintenance_limit(cluster)))
         # no drain sends VMs to a host in maintenance: one that is doing so now finishes first
         stack.enter_context(hold(inbound_limit(host)))

@@ -58,7 +58,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
         logger.info("dry run, nothing changes:\n%s", render_plan(preview))
         return outcome(StepOutcome.DRY_RUN, render_plan(preview))
 
-    with locks.host_maintenance(host, cluster, wait_seconds=lock_wait_s):
+    with locks.host_maintenance(host, cluster, wait_seconds=lock_wait_s, holder=rt.states.get(host).run_id):
         migrations: list[MigrationResult] = []
         rebooted = False
         changed = 0
@@ -80,6 +80,8 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
             # One discovery, after the cordon and before anything moves, is both the list of VMs the
             # invariants expect and the plan's view of the cluster (the plan used to discover again).
             snapshot = t.discover(ref, cluster)
+            # migrations an earlier run started and never recorded (it died while they ran)
+            t.record_found_moves(ref, run, host, snapshot)
             # VMs an earlier run shut down on this host are expected too: stopped until it is verified
             stopped = rt.states.stopped_on(host)
             expected = [v.name for v in snapshot.vms]

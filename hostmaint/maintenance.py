@@ -380,6 +380,39 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
         return report
 
 
+def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnapshot) -> list[str]:
+    """Record the migrations off ``host`` that completed with nobody left to record them.
+
+    A drain records each VM's origin before moving it, and each migration when it ends. A run killed
+    while its migrations were in flight leaves origins with no ``migrate`` record: libvirt carries on
+    and the VM lands on its target after the run died. Each VM found away from ``host`` (``snap``: the
+    cluster discovered now) whose move no record of that run covers gets one now (step
+    ``migration-found``, naming the run that started it and where the VM runs); an origin whose VM
+    never left is dropped, so the host is not said to have VMs away. Returns the VMs found moved."""
+    where = {v.name: v.host for v in snap.vms}
+    moved = {(r.vm, r.run_id) for r in rt.audit.records(host=host) if r.step in ("migrate", "migration-found")
+             and r.outcome is StepOutcome.OK}
+    found = []
+    for vm, started_by, recorded_at in rt.states.origin_records(host):
+        if started_by == run.run_id:
+            continue
+        now = where.get(vm)
+        if now == host:
+            rt.states.clear_origin(vm)  # its migration never completed: it is home
+            continue
+        if now is None or (vm, started_by) in moved:
+            continue
+        with audited(rt, run, "migration-found", host=host, vm=vm,
+                     inputs={"target": now, "started_by_run": started_by}) as rec:
+            rec.details["note"] = (f"{vm} left {host} for {now} in a migration run {started_by} started (origin "
+                                   f"recorded {recorded_at.isoformat(timespec='seconds')}) and never recorded: "
+                                   "that run ended before the migration did")
+            log.warning("%s: %s was found on %s: moved by run %s, which died before recording it", host, vm, now,
+                        started_by)
+        found.append(vm)
+    return found
+
+
 def _still_home(rt: Runtime, vm: str, source: str) -> bool:
     """Whether ``vm``, whose origin is recorded as ``source``, runs there alone now (asked, not assumed)."""
     if rt.states.origins().get(vm) != source:

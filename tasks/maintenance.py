@@ -123,6 +123,11 @@ def uncordon_host(ref: RuntimeRef, run: RunContext, host: str) -> HostState:
     return steps.uncordon(ref.open(), run, host)
 
 
+@task(name="record-found-moves", cache_policy=NO_CACHE)
+def record_found_moves(ref: RuntimeRef, run: RunContext, host: str, snapshot: FleetSnapshot) -> list[str]:
+    return steps.record_found_moves(ref.open(), run, host, snapshot)
+
+
 @task(name="end-unstarted", cache_policy=NO_CACHE)
 def end_unstarted(ref: RuntimeRef, run: RunContext, host: str, why: str, snapshot: FleetSnapshot) -> HostState:
     return steps.end_unstarted(ref.open(), run, host, why, snapshot)

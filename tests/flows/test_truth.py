@@ -349,3 +349,54 @@ def test_an_update_whose_connection_dropped_is_unknown_and_the_re_run_records_wh
     assert recovered.outcome is StepOutcome.OK and recovered.inputs["update_run"] == update.run_id
     assert [c["package"].split(".")[0] for c in recovered.details["package_diff"]["upgraded"]] == ["openssl"]
     assert rt.states.state("hv01") is HostState.ACTIVE
+
+
+# --- b. a run killed mid-drain ---------------------------------------------------------------------------
+
+
+def test_migrations_that_completed_after_their_run_died_are_found_and_recorded(sim_inventory: Path) -> None:
+    rt = open_runtime(sim_inventory)
+    # a run cordoned hv01, recorded the origins of its drain and was killed while two migrations
+    # were in flight; libvirt finished them: the VMs run on hv02, and no record says so
+    moved = displace(rt, "hv01", 2, "hv02")
+    rt.states.transition("hv01", HostState.DRAINING, "draining", "run-that-died")
+    left = sorted(fleet(rt).running["hv01"])
+    rt.states.record_origin(left[0], "hv01", "run-that-died")  # its migration never completed
+
+    result = patch_host(host="hv01", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK
+    found = [r for r in audit().records(host="hv01") if r.step == "migration-found"]
+    assert sorted(r.vm or "" for r in found) == moved
+    assert all(r.inputs == {"target": "hv02", "started_by_run": "run-that-died"} for r in found), found
+    assert all("run-that-died" in r.details["note"] for r in found)
+    assert fleet(rt).running["hv01"] >= set(moved)  # and they came home with the others
+    assert not rt.states.origins("hv01")  # the origin of the VM that never left is gone too
+    assert audit().verify().ok
+
+
+def test_a_lock_held_by_a_dead_run_is_named_with_when_it_frees(sim_inventory: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    from flows import locks
+    from hostmaint.errors import LockHeldError
+
+    with get_client(sync_client=True) as client:
+        dead = client.create_flow_run(patch_host, parameters={"host": "hv04"}, name="killed-mid-drain")
+        client.set_flow_run_state(dead.id, Crashed(message="process killed"), force=True)
+    rt = open_runtime(sim_inventory)
+    rt.states.begin_maintenance("hv04", str(dead.id), "patch")
+    # the dead run's lease on host:hv04 is still there: nothing renews it, nothing gave it back
+    lease = locks._acquire([locks.host_limit("hv04")], 1, 0, "")
+    assert lease is not None
+    try:
+        with pytest.raises(LockHeldError) as caught:
+            patch_host(host="hv04", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST,
+                       lock_wait_s=1)
+    finally:
+        locks._release(lease.lease_id)
+
+    text = str(caught.value)
+    assert str(dead.id) in text and "killed-mid-drain" in text and "Crashed" in text, text
+    assert "frees by itself by" in text, text
