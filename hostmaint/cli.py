@@ -252,7 +252,7 @@ def plan_drain(host: str, inventory: InventoryOpt = "inventory.yaml", snapshot: 
 
 @plan_app.command("window")
 def plan_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml", snapshot: SnapshotOpt = None,
-                    as_json: JsonOpt = False) -> None:
+                    as_json: JsonOpt = False, exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
     """Plan a rolling window over CLUSTER: host order and evacuation targets."""
     from hostmaint.placement import plan_window, render_plan
 
@@ -260,7 +260,7 @@ def plan_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml", sn
         snap = _snapshot_for(inventory if snapshot is None else None, cluster, snapshot)
         if snap.cluster != cluster:
             raise InputError(f"the snapshot is of cluster {snap.cluster!r}, not {cluster!r}")
-        plan = plan_window(snap)
+        plan = plan_window(snap, exact_budget=_budget(exact_budget))
         if as_json:
             _print_json({**plan.model_dump(mode="json"), "feasible": plan.feasible})
         else:
@@ -269,7 +269,8 @@ def plan_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml", sn
 
 @plan_app.command("rebalance")
 def plan_rebalance_cmd(cluster: str, max_moves: int = 10, inventory: InventoryOpt = "inventory.yaml",
-                       snapshot: SnapshotOpt = None, as_json: JsonOpt = False) -> None:
+                       snapshot: SnapshotOpt = None, as_json: JsonOpt = False,
+                       exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
     """Plan a rebalance of CLUSTER with at most MAX_MOVES migrations."""
     from hostmaint.placement import plan_rebalance, render_plan
 
@@ -279,7 +280,7 @@ def plan_rebalance_cmd(cluster: str, max_moves: int = 10, inventory: InventoryOp
         snap = _snapshot_for(inventory if snapshot is None else None, cluster, snapshot)
         if snap.cluster != cluster:
             raise InputError(f"the snapshot is of cluster {snap.cluster!r}, not {cluster!r}")
-        plan = plan_rebalance(snap, max_moves)
+        plan = plan_rebalance(snap, max_moves, exact_budget=_budget(exact_budget))
         if as_json:
             _print_json(plan.model_dump(mode="json"))
         else:

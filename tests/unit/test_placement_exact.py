@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
+from pathlib import Path
 
+from typer.testing import CliRunner
+
+from hostmaint.cli import app
+from hostmaint.fleet import dump_snapshot
 from hostmaint.models import Cell, FleetSnapshot, Host, Limits, PlanProof, Vm
 from hostmaint.placement import exact as ex
-from hostmaint.placement import plan_evacuation, plan_window, render_plan
+from hostmaint.placement import plan_evacuation, plan_rebalance, plan_window, render_plan
 from hostmaint.placement.state import Ledger
+from hostmaint.placement.synthetic import generate_fleet
 
 GIB = 1024
 
@@ -139,9 +146,6 @@ def test_a_large_optimisation_stays_greedy_and_says_so() -> None:
 
 
 def test_rebalance_reaches_the_target_spread_with_the_fewest_moves_proven() -> None:
-    from hostmaint.placement import plan_rebalance
-    from hostmaint.placement.synthetic import generate_fleet
-
     s = generate_fleet(3, 8, fill=(0.3, 0.9))
     greedy = plan_rebalance(s, None, prefer_origin=False, within=0.10, exact_budget=0)
     plan = plan_rebalance(s, None, prefer_origin=False, within=0.10)
@@ -161,3 +165,16 @@ def test_a_numa_remote_spread_adds_up_to_the_vm_in_whole_mib() -> None:
         [p] = plan_evacuation(s, ["src"], exact_budget=budget).placements
         assert not p.numa_local and sum(p.cell_memory_mib) == p.memory_mib == 2 * GIB
         assert all(mib <= 1843 for mib in p.cell_memory_mib), p.cell_memory_mib
+
+
+def test_plan_drain_takes_an_exact_budget_and_prints_the_proof(tmp_path: Path) -> None:
+    snap = tmp_path / "snap.json"
+    snap.write_text(dump_snapshot(FALSE_REFUSAL))
+    runner = CliRunner()
+    greedy = runner.invoke(app, ["plan", "drain", "src", "--snapshot", str(snap), "--exact-budget", "0"])
+    assert greedy.exit_code == 1 and "proof: greedy only" in greedy.output and "NOT proven" in greedy.output
+    exact = runner.invoke(app, ["plan", "drain", "src", "--snapshot", str(snap), "--json"])
+    assert exact.exit_code == 0, exact.output
+    assert json.loads(exact.stdout)["proof"] in ("optimal", "feasible")
+    bad = runner.invoke(app, ["plan", "drain", "src", "--snapshot", str(snap), "--exact-budget", "-1"])
+    assert bad.exit_code == 2 and "--exact-budget" in bad.output
