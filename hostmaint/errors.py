@@ -17,6 +17,7 @@ driver or loader that meets them, into one of these, with ``raise ... from exc``
     │   ├── HostKeyError            an unknown or changed SSH host key: never retried
     │   ├── CommandError            a command ran and failed: never retried blindly
     │   └── MigrationError          a live migration failed or was aborted; the VM stays on its source
+    ├── MonitoringError             Prometheus or Alertmanager did not answer, or refused (names the url)
     ├── StepError                   a maintenance step failed; the host is left cordoned/failed
     └── AuditError                  the audit chain does not verify
 """
@@ -116,6 +117,14 @@ class MigrationError(DriverError):
         self.vm = vm
         self.target = target
         super().__init__(message, host)
+
+
+class MonitoringError(HostmaintError):
+    """Prometheus or Alertmanager could not be reached or refused a request; ``url`` names it (redacted)."""
+
+    def __init__(self, message: str, url: str) -> None:
+        self.url = redact_text(url)
+        super().__init__(f"{self.url}: {message}")
 
 
 class StepError(HostmaintError):

@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from hostmaint.config_file import load_yaml
 from hostmaint.errors import FileFormatError, InventoryError
+from hostmaint.hooks import HookPlace
 from hostmaint.models import Limits, PackageManager, RebootPolicy, UnmigratableAction
+from hostmaint.monitoring import GatePoint, OnHold, check_query, check_template
 from hostmaint.redaction import holds_private_key, is_secret_name, redact_text
 
 # A package name or glob: nothing a shell could read as syntax.
@@ -216,6 +218,133 @@ class MigrationSettings(Strict):
     min_budget_seconds: Annotated[float, Field(gt=0)] = 60.0  # ... and its floor; then it is aborted
 
 
+# --- monitoring and hooks (hostmaint.monitoring, hostmaint.hooks; docs/integrations.md) -----------------
+
+LABEL_NAME = r"^[a-zA-Z_][a-zA-Z0-9_]*$"
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+
+
+def _check_url(v: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/?#]+(/[^\s?#]*)?", v):
+        raise ValueError("must be an http:// or https:// URL without spaces, query or fragment "
+                         "(e.g. http://prometheus.example:9090)")
+    return v.rstrip("/")
+
+
+class PrometheusGate(Strict):
+    """A PromQL query that holds a host while it answers anything (``$host``/``$cluster`` inside quotes)."""
+
+    name: Annotated[str, Field(pattern=NAME)]
+    query: str
+    at: Annotated[list[GatePoint], Field(min_length=1)] = Field(
+        default_factory=lambda: [GatePoint.BEFORE_DRAIN, GatePoint.BEFORE_REBOOT])
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, v: str) -> str:
+        return check_query(v)
+
+
+class PrometheusSettings(Strict):
+    url: str
+    required: bool = False  # unreachable: logged and audited, never holds the host (true: holds it)
+    timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    gates: Annotated[list[PrometheusGate], Field(min_length=1)]
+    on_hold: OnHold = OnHold.WAIT
+    wait_s: Annotated[float, Field(ge=0, le=86400)] = 900.0  # how long a held host waits before it stops
+    interval_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_url(v)
+
+    @model_validator(mode="after")
+    def _unique(self) -> PrometheusSettings:
+        names = [g.name for g in self.gates]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"gates: the gate name {twice[0]!r} is used twice")
+        return self
+
+
+class SilenceMatcher(Strict):
+    """An Alertmanager matcher; ``value`` may hold ``$host``/``$cluster`` (regex-escaped when ``regex``)."""
+
+    name: Annotated[str, Field(pattern=LABEL_NAME)]
+    value: Annotated[str, Field(min_length=1)]
+    regex: bool = False
+    equal: bool = True
+
+    @field_validator("value")
+    @classmethod
+    def _value(cls, v: str) -> str:
+        return check_template(v)
+
+
+class AlertmanagerSettings(Strict):
+    url: str
+    required: bool = False  # unreachable: logged and audited, maintenance goes on without a silence
+    timeout_s: Annotated[float, Field(gt=0, le=120)] = 10.0
+    matchers: Annotated[list[SilenceMatcher], Field(min_length=1)]
+    # the lease: the silence ends this long after the last extension, so a dead run's silence lapses
+    lease_s: Annotated[float, Field(ge=1, le=86400)] = 600.0
+    extend_every_s: Annotated[float, Field(gt=0)] | None = None  # default: a third of lease_s
+    comment: Annotated[str, Field(min_length=1, max_length=200)] = "hostmaint maintenance"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return _check_url(v)
+
+    @model_validator(mode="after")
+    def _sane(self) -> AlertmanagerSettings:
+        if self.extend_every_s is not None and self.extend_every_s >= self.lease_s:
+            raise ValueError(f"extend_every_s ({self.extend_every_s:g}) must be shorter than lease_s "
+                             f"({self.lease_s:g}), or the silence lapses between extensions")
+        if not any(m.equal and not m.regex for m in self.matchers):
+            raise ValueError("matchers: at least one must be a plain equality matcher (regex: false, equal: true): "
+                             "a silence must not cover every alert")
+        return self
+
+
+class Monitoring(Strict):
+    prometheus: PrometheusSettings | None = None
+    alertmanager: AlertmanagerSettings | None = None
+
+
+class HookSpec(Strict):
+    """A command at one point of a host's maintenance: an argv list, never a shell string."""
+
+    name: Annotated[str, Field(pattern=NAME)]
+    argv: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+    on: HookPlace = HookPlace.HOST
+    timeout_s: Annotated[float, Field(gt=0, le=7200)] = 300.0
+
+    @field_validator("argv")
+    @classmethod
+    def _argv(cls, v: list[str]) -> list[str]:
+        for i, arg in enumerate(v):
+            if "\0" in arg:
+                raise ValueError(f"[{i}] has a NUL byte")
+            try:
+                check_template(arg)
+            except ValueError as exc:
+                raise ValueError(f"[{i}] {exc}") from None
+        return v
+
+
+class Hooks(Strict):
+    pre_drain: list[HookSpec] = Field(default_factory=list)
+    pre_reboot: list[HookSpec] = Field(default_factory=list)
+    post_verify: list[HookSpec] = Field(default_factory=list)
+    post_maintenance: list[HookSpec] = Field(default_factory=list)
+
+    def at(self, field: str) -> list[HookSpec]:
+        """The hooks of the point whose field is ``field`` (``pre_drain``)."""
+        return list(getattr(self, field))
+
+
 class Cluster(Strict):
     name: Annotated[str, Field(pattern=HOST_NAME)]
     limits: Limits = Limits()
@@ -229,6 +358,8 @@ class Cluster(Strict):
     # Cluster-wide only: the planner may send a VM to any host of the cluster, so a path shared by
     # some hosts only is not shared storage for a migration.
     shared_storage: list[str] = Field(default_factory=list)
+    monitoring: Monitoring | None = None  # gates and silences (docs/integrations.md)
+    hooks: Hooks = Hooks()
 
     @field_validator("shared_storage")
     @classmethod
@@ -250,6 +381,7 @@ class HostEntry(Strict):
     cpu_group: str = "default"
     reserved_memory_mib: Annotated[int, Field(ge=0)] = 0
     link_bandwidth_mib_s: Annotated[int, Field(gt=0)] | None = None
+    hooks: Hooks = Hooks()  # run after the cluster's at each point
 
 
 class Simulation(Strict):
@@ -311,6 +443,11 @@ class Inventory(Strict):
         changes = {k: getattr(entry.policy, k) for k in type(entry.policy).model_fields
                    if getattr(entry.policy, k) is not None}
         return base.model_copy(update=changes) if changes else base
+
+    def hooks_for(self, host: str, field: str) -> list[HookSpec]:
+        """``host``'s hooks at the point whose field is ``field``: its cluster's first, then its own."""
+        entry = self.host(host)
+        return self.cluster(entry.cluster).hooks.at(field) + entry.hooks.at(field)
 
     def shared_storage_for(self, host: str) -> tuple[str, ...]:
         """The shared-storage prefixes of ``host``: its cluster's (there is no host override)."""

@@ -1,0 +1,395 @@
+"""Monitoring gates and silences against REAL Prometheus and Alertmanager servers (Debian's packages),
+started on loopback ports for the session; skipped, saying why, only when the binaries are absent.
+
+Prometheus scrapes a tiny exporter this file runs (a flag the tests raise and clear) and evaluates
+two alerts every second: ``HostOnFire`` always fires for hv01, ``Toggle`` fires for hv02 while the
+flag is 1. The pure parts (query templating, the verdict, the bounded wait) are table-tested too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hostmaint.errors import MonitoringError, StepError
+from hostmaint.inventory import InventoryError, Monitoring, parse_inventory
+from hostmaint.maintenance import RunContext
+from hostmaint.models import HostState, StepOutcome
+from hostmaint.monitoring import (
+    GatePoint,
+    GateVerdict,
+    OnHold,
+    Series,
+    end_silence,
+    gate,
+    hold_reboot,
+    judge,
+    open_silence,
+    promql_string,
+    render_query,
+    wait_for_gates,
+)
+from hostmaint.runtime import Runtime, open_runtime
+
+PROMETHEUS = shutil.which("prometheus")
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+GATE = 'ALERTS{alertstate="firing", instance="$host"}'
+
+
+# --- pure parts ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("query", "host", "expected"), [
+    (GATE, "hv01", 'ALERTS{alertstate="firing", instance="hv01"}'),
+    # a name that would close the string and add a matcher stays one value
+    ('up{instance="$host"}', 'x",job=~".*', 'up{instance="x\\",job=~\\".*"}'),
+    ("up{instance='$host'}", "a'b", "up{instance='a\\'b'}"),
+    # after =~ the name is a literal regex: its dot matches a dot only (and the backslash is doubled)
+    ('up{instance=~"$host(:[0-9]+)?"}', "hv01.dc1", 'up{instance=~"hv01\\\\.dc1(:[0-9]+)?"}'),
+    ('ceph_health_status{cluster="${cluster}"} > 0 or ALERTS{host="$host"}', "h", None),
+])
+def test_render_query_escapes_names_for_where_they_stand(query: str, host: str, expected: str | None) -> None:
+    out = render_query(query, host=host, cluster="prod-a")
+    if expected is not None:
+        assert out == expected
+    else:
+        assert out == 'ceph_health_status{cluster="prod-a"} > 0 or ALERTS{host="h"}'
+
+
+@pytest.mark.parametrize(("query", "error"), [
+    ("up{instance=$host}", "outside a quoted label value"),
+    ('up{instance="$hostname"}', "unknown placeholder $hostname"),
+    ('up{instance="$1"}', "lone $"),
+    ("up{instance=`$host`}", "raw"),
+    ('up{instance="$host}', "unterminated"),
+])
+def test_bad_query_templates_are_refused(query: str, error: str) -> None:
+    with pytest.raises(ValueError, match=error.replace("$", r"\$")):
+        render_query(query, host="h", cluster="c")
+
+
+def test_promql_string_escapes_everything_that_ends_a_string() -> None:
+    assert promql_string('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+
+
+def test_judge_names_what_held_and_follows_required() -> None:
+    held = judge("host", "q", [Series({"alertname": "Down", "instance": "hv01"}, "1")], required=False)
+    assert held.verdict is GateVerdict.HELD and "Down{instance='hv01'}" in held.reason
+    assert judge("host", "q", [], required=True).verdict is GateVerdict.OPEN
+    err = MonitoringError("refused", "http://prom:9090/api/v1/query")
+    assert judge("host", "q", err, required=False).verdict is GateVerdict.UNREACHABLE
+    blocked = judge("host", "q", err, required=True)
+    assert blocked.verdict is GateVerdict.BLOCKED and "http://prom:9090" in blocked.reason
+
+
+class FakeTime:
+    def __init__(self) -> None:
+        self.t = 0.0
+        self.sleeps: list[float] = []
+
+    def clock(self) -> float:
+        return self.t
+
+    def sleep(self, s: float) -> None:
+        self.sleeps.append(s)
+        self.t += s
+
+
+@pytest.mark.parametrize(("on_hold", "answers", "passed", "attempts"), [
+    (OnHold.WAIT, [[]], True, 1),
+    (OnHold.WAIT, [["x"], ["x"], []], True, 3),  # cleared while waiting
+    (OnHold.WAIT, [["x"]] * 10, False, 4),  # bounded: 0, 20, 40, 60 s
+    (OnHold.SKIP, [["x"], []], False, 1),  # skip: no waiting
+])
+def test_wait_for_gates_is_bounded(on_hold: OnHold, answers: list[list[str]], passed: bool, attempts: int) -> None:
+    ft = FakeTime()
+    it = iter(answers)
+
+    def ask() -> list[Any]:
+        series = [Series({"alertname": a}, "1") for a in next(it)]
+        return [judge("g", "q", series, required=False)]
+
+    result = wait_for_gates(GatePoint.BEFORE_DRAIN, ask, on_hold=on_hold, wait_s=60, interval_s=20,
+                            clock=ft.clock, sleep=ft.sleep)
+    assert (result.passed, result.attempts) == (passed, attempts)
+    assert sum(ft.sleeps) <= 60
+    if not passed:
+        assert "gate g holds" in result.reason
+
+
+def test_inventory_monitoring_and_hooks_errors_name_the_field(sim_inventory: Path) -> None:
+    import yaml
+
+    data = yaml.safe_load(sim_inventory.read_text())
+    data["clusters"][0]["monitoring"] = {
+        "prometheus": {"url": "prom:9090", "gates": [{"name": "a", "query": "up{instance=$host}"}],
+                       "on_hold": "later"},
+        "alertmanager": {"url": "http://am:9093", "matchers": [{"name": "instance", "value": "$hst"}],
+                         "lease_s": 60, "extend_every_s": 90}}
+    data["hosts"][1]["hooks"] = {"pre_drain": [{"name": "x", "argv": ["echo", "$HOME"]}],
+                                 "pre_boot": []}
+    with pytest.raises(InventoryError) as err:
+        parse_inventory(data, "inv.yaml")
+    text = str(err.value)
+    for needle in ["clusters[0].monitoring.prometheus.url: must be an http",
+                   "clusters[0].monitoring.prometheus.gates[0].query: placeholder",
+                   "clusters[0].monitoring.prometheus.on_hold:",
+                   "clusters[0].monitoring.alertmanager.matchers[0].value:",
+                   "hosts[1].hooks.pre_drain[0].argv (host hv02): [1]",
+                   "hosts[1].hooks.pre_boot (host hv02): unknown field"]:
+        assert needle in text, (needle, text)
+    # extend_every_s is checked once the matchers are valid
+    data["clusters"][0]["monitoring"]["prometheus"] = None
+    data["clusters"][0]["monitoring"]["alertmanager"]["matchers"][0]["value"] = "$host"
+    data["hosts"][1]["hooks"] = {}
+    with pytest.raises(InventoryError, match="extend_every_s .* must be shorter than lease_s"):
+        parse_inventory(data, "inv.yaml")
+
+
+# --- real servers ----------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Flag:
+    """The exporter's one metric: ``hostmaint_test_flag{instance="hv02"}``."""
+
+    value = 1
+
+
+def _exporter() -> tuple[ThreadingHTTPServer, int]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = f'hostmaint_test_flag{{instance="hv02"}} {Flag.value}\n'.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, int(server.server_address[1])
+
+
+def _until(what: str, check: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = check()
+        except httpx.HTTPError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@dataclasses.dataclass
+class Servers:
+    prometheus: str
+    alertmanager: str
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    if not PROMETHEUS or not ALERTMANAGER:
+        pytest.skip("Prometheus/Alertmanager binaries absent: apt-get install prometheus prometheus-alertmanager "
+                    "(scripts/install-system.sh installs them)")
+    work = tmp_path_factory.mktemp("monitoring")
+    exporter, exporter_port = _exporter()
+    (work / "rules.yml").write_text(
+        "groups:\n- name: hostmaint-test\n  interval: 1s\n  rules:\n"
+        "  - alert: HostOnFire\n    expr: vector(1)\n    labels: {instance: hv01, severity: critical}\n"
+        "  - alert: Toggle\n    expr: hostmaint_test_flag == 1\n")
+    (work / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\nrule_files: [rules.yml]\n"
+        "scrape_configs:\n- job_name: flag\n  honor_labels: true\n"
+        f"  static_configs: [{{targets: ['127.0.0.1:{exporter_port}']}}]\n")
+    (work / "alertmanager.yml").write_text("route: {receiver: none}\nreceivers: [{name: none}]\n")
+    prom_port, am_port = _free_port(), _free_port()
+    procs = [
+        subprocess.Popen([PROMETHEUS, f"--config.file={work / 'prometheus.yml'}",
+                          f"--storage.tsdb.path={work / 'tsdb'}", "--storage.tsdb.retention.time=1h",
+                          f"--web.listen-address=127.0.0.1:{prom_port}"],
+                         stdout=subprocess.DEVNULL, stderr=(work / "prometheus.log").open("w")),
+        subprocess.Popen([ALERTMANAGER, f"--config.file={work / 'alertmanager.yml'}",
+                          f"--storage.path={work / 'am'}", f"--web.listen-address=127.0.0.1:{am_port}",
+                          "--cluster.listen-address=", f"--web.external-url=http://127.0.0.1:{am_port}/",
+                          "--data.maintenance-interval=5s"],
+                         stdout=subprocess.DEVNULL, stderr=(work / "alertmanager.log").open("w")),
+    ]
+    try:
+        s = Servers(f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}")
+        _until("prometheus ready", lambda: httpx.get(f"{s.prometheus}/-/ready").status_code == 200)
+        _until("alertmanager ready", lambda: httpx.get(f"{s.alertmanager}/-/ready").status_code == 200)
+        _until("HostOnFire firing", lambda: httpx.get(f"{s.prometheus}/api/v1/query", params={
+            "query": 'ALERTS{alertstate="firing",alertname="HostOnFire"}'}).json()["data"]["result"])
+        yield s
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=10)
+        exporter.shutdown()
+
+
+def _with_monitoring(rt: Runtime, monitoring: dict[str, Any]) -> Runtime:
+    cluster = rt.inventory.clusters[0].model_copy(update={"monitoring": Monitoring.model_validate(monitoring)})
+    return dataclasses.replace(rt, inventory=rt.inventory.model_copy(update={"clusters": [cluster]}))
+
+
+def _prom(url: str, **kw: Any) -> dict[str, Any]:
+    return {"prometheus": {"url": url, "gates": [{"name": "host-alerts", "query": GATE}], "interval_s": 0.5, **kw}}
+
+
+def _am(url: str, **kw: Any) -> dict[str, Any]:
+    return {"alertmanager": {"url": url, "matchers": [{"name": "instance", "value": "$host"}], **kw}}
+
+
+@pytest.fixture
+def rt(sim_inventory: Path) -> Runtime:
+    return open_runtime(sim_inventory, fresh=True)
+
+
+def _records(rt: Runtime, host: str, step: str) -> list[Any]:
+    return [r for r in rt.audit.records(host=host) if r.step == step]
+
+
+def test_a_firing_alert_holds_the_host_and_is_recorded(servers: Servers, rt: Runtime) -> None:
+    rt = _with_monitoring(rt, _prom(servers.prometheus, on_hold="skip"))
+    result = gate(rt, RunContext(), "hv01", GatePoint.BEFORE_DRAIN)
+    assert not result.passed and "HostOnFire" in result.reason
+    rec = _records(rt, "hv01", "gate")[-1]
+    assert rec.outcome is StepOutcome.SKIPPED
+    assert rec.details["checks"][0]["series"][0]["alertname"] == "HostOnFire"
+    assert rec.details["checks"][0]["query"] == 'ALERTS{alertstate="firing", instance="hv01"}'
+    # another host has nothing firing: it goes
+    assert gate(rt, RunContext(), "hv03", GatePoint.BEFORE_DRAIN).passed
+
+
+def test_the_wait_is_bounded_and_the_reboot_gate_keeps_the_host_cordoned(servers: Servers, rt: Runtime) -> None:
+    rt = _with_monitoring(rt, _prom(servers.prometheus, wait_s=120, interval_s=30))
+    ft = FakeTime()
+    result = gate(rt, RunContext(), "hv01", GatePoint.BEFORE_REBOOT, clock=ft.clock, sleep=ft.sleep)
+    assert not result.passed and result.attempts == 5 and "still held after 120s" in result.reason
+    run = RunContext()
+    rt.states.begin_maintenance("hv01", run.run_id, "patch")
+    with pytest.raises(StepError, match="not rebooted, held by monitoring"):
+        hold_reboot(rt, run, "hv01", result)
+    record = rt.states.get("hv01")
+    assert record.state is HostState.CORDONED and "HostOnFire" in record.reason
+
+
+def test_a_cleared_alert_lets_the_host_go(servers: Servers, rt: Runtime) -> None:
+    rt = _with_monitoring(rt, _prom(servers.prometheus, wait_s=60))
+    Flag.value = 1
+    _until("Toggle firing", lambda: httpx.get(f"{servers.prometheus}/api/v1/query", params={
+        "query": 'ALERTS{alertstate="firing",instance="hv02"}'}).json()["data"]["result"])
+
+    def clear_then_sleep(s: float) -> None:
+        Flag.value = 0  # the alert clears while the host waits
+        time.sleep(s)
+
+    result = gate(rt, RunContext(), "hv02", GatePoint.BEFORE_DRAIN, sleep=clear_then_sleep)
+    assert result.passed and result.attempts >= 2
+    assert _records(rt, "hv02", "gate")[-1].details["attempts"] == result.attempts
+
+
+def test_unreachable_prometheus_is_audited_and_only_blocks_when_required(rt: Runtime) -> None:
+    dead = f"http://127.0.0.1:{_free_port()}"
+    lenient = _with_monitoring(rt, _prom(dead))
+    result = gate(lenient, RunContext(), "hv01", GatePoint.BEFORE_DRAIN)
+    assert result.passed and "did not answer" in result.reason
+    assert _records(rt, "hv01", "gate")[-1].details["checks"][0]["verdict"] == "unreachable"
+    strict = _with_monitoring(rt, _prom(dead, required=True, on_hold="skip"))
+    result = gate(strict, RunContext(), "hv01", GatePoint.BEFORE_DRAIN)
+    assert not result.passed and dead in result.reason and "required" in result.reason
+
+
+def _silence(url: str, sid: str) -> dict[str, Any]:
+    return httpx.get(f"{url}/api/v2/silence/{sid}").json()  # type: ignore[no-any-return]
+
+
+def test_silence_is_created_extended_and_expired(servers: Servers, rt: Runtime) -> None:
+    rt = _with_monitoring(rt, _am(servers.alertmanager, lease_s=30, extend_every_s=0.3))
+    run = RunContext()
+    lease = open_silence(rt, run, "hv01")
+    assert lease is not None
+    body = _silence(servers.alertmanager, lease.silence_id)
+    assert body["status"]["state"] == "active"
+    assert body["matchers"] == [{"name": "instance", "value": "hv01", "isRegex": False, "isEqual": True}]
+    first_end = body["endsAt"]
+    _until("two extensions", lambda: lease.extensions >= 2, timeout=20)
+    body = _silence(servers.alertmanager, lease.silence_id)
+    assert body["endsAt"] > first_end and body["id"] == lease.silence_id
+    end_silence(rt, run, "hv01", lease)
+    assert _silence(servers.alertmanager, lease.silence_id)["status"]["state"] == "expired"
+    created = _records(rt, "hv01", "silence")[-1]
+    ended = _records(rt, "hv01", "silence-end")[-1]
+    assert created.details["silence_id"] == ended.details["silence_id"] == lease.silence_id
+    assert ended.details["expired"] is True and ended.details["extensions"] >= 2
+
+
+def test_a_silence_nobody_extends_lapses_by_itself(servers: Servers, rt: Runtime) -> None:
+    rt = _with_monitoring(rt, _am(servers.alertmanager, lease_s=1))
+    lease = open_silence(rt, RunContext(), "hv03", start=False)  # the run "dies": nothing extends it
+    assert lease is not None
+    _until("the silence lapsed",
+           lambda: _silence(servers.alertmanager, lease.silence_id)["status"]["state"] == "expired", timeout=15)
+
+
+def test_a_resumed_run_adopts_the_recorded_silence(servers: Servers, rt: Runtime) -> None:
+    rt = _with_monitoring(rt, _am(servers.alertmanager, lease_s=60))
+    first = open_silence(rt, RunContext(), "hv04", start=False)
+    assert first is not None  # and that run died without ending it
+    resumed_run = RunContext()
+    second = open_silence(rt, resumed_run, "hv04", start=False)
+    assert second is not None and second.silence_id == first.silence_id
+    rec = _records(rt, "hv04", "silence")[-1]
+    assert rec.run_id == resumed_run.run_id and rec.details["adopted"] == first.silence_id
+    end_silence(rt, resumed_run, "hv04", second)
+    # ended: the next maintenance makes a new one
+    third = open_silence(rt, RunContext(), "hv04", start=False)
+    assert third is not None and third.silence_id != first.silence_id
+    end_silence(rt, RunContext(), "hv04", third)
+
+
+def test_unreachable_alertmanager_never_blocks_unless_required(rt: Runtime) -> None:
+    dead = f"http://127.0.0.1:{_free_port()}"
+    lenient = _with_monitoring(rt, _am(dead))
+    assert open_silence(lenient, RunContext(), "hv02") is None
+    rec = _records(rt, "hv02", "silence")[-1]
+    assert rec.outcome is StepOutcome.SKIPPED and dead in rec.details["error"]
+    strict = _with_monitoring(rt, _am(dead, required=True))
+    with pytest.raises(StepError, match=f"Alertmanager is required.*{dead}"):
+        open_silence(strict, RunContext(), "hv02")
+
+
+def test_silence_times_are_sent_in_utc(servers: Servers, rt: Runtime) -> None:
+    rt = _with_monitoring(rt, _am(servers.alertmanager, lease_s=120))
+    fixed = datetime.now(UTC)
+    lease = open_silence(rt, RunContext(), "hv02", now=lambda: fixed, start=False)
+    assert lease is not None
+    ends = datetime.fromisoformat(_silence(servers.alertmanager, lease.silence_id)["endsAt"].replace("Z", "+00:00"))
+    assert abs(ends - (fixed + timedelta(seconds=120))) < timedelta(seconds=1)
+    end_silence(rt, RunContext(), "hv02", lease)
