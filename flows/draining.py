@@ -5,13 +5,15 @@ Used by evacuate-host and patch-host (and so by windows and runbooks). Not a flo
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from prefect import get_run_logger
 
 from flows import locks
 from hostmaint.errors import LockHeldError, PlanError
-from hostmaint.maintenance import RunContext, drain_share
+from hostmaint.maintenance import RunContext, TargetsUnreachable, drain_share
 from hostmaint.migration import DrainReport
-from hostmaint.models import EvacuationPlan, FleetSnapshot
+from hostmaint.models import EvacuationPlan, FleetSnapshot, MigrationResult
 from tasks import maintenance as t
 from tasks.common import RuntimeRef
 
@@ -24,6 +26,9 @@ TARGET_WAIT_S = 30.0
 # ... or this long when none of its targets looked busy just before: another run took one in the
 # moment between (every host of a window plans at once), and a plan that moves off it can start now.
 RACE_WAIT_S = 3.0
+# Targets that stop answering mid-drain: the VMs that did not move are re-planned onto the others this
+# many times (each time without every host lost so far), then the drain fails.
+LOST_TARGET_ROUNDS = 2
 
 
 def _targets(plan: EvacuationPlan) -> list[str]:
@@ -45,7 +50,10 @@ def drain_planned(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planne
     sends there, a host went into maintenance: every :data:`TARGET_WAIT_S`, or :data:`RACE_WAIT_S`
     when they were free a moment before), it looks at the cluster: a plan that no longer fits is
     re-made, and one that fits is moved off the busy hosts when the cluster has room for that
-    (``retarget``, recorded too); otherwise it waits on.
+    (``retarget``, recorded too); otherwise it waits on. A target that stops answering while the drain
+    runs (:class:`TargetsUnreachable`) is left out and what did not move is re-planned onto the other
+    hosts (recorded, step ``replan``), at most :data:`LOST_TARGET_ROUNDS` times; the report returned
+    then holds every drain's migrations.
     """
     logger = get_run_logger()
     rt = ref.open()
@@ -53,13 +61,16 @@ def drain_planned(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planne
     # its sources' links decide how many slots the drain can use; the rest are for the drains beside it
     share = drain_share(rt, plan, hosts_at_once)
     rounds = 0
+    lost: list[str] = []  # targets that stopped answering during a drain of this run
+    lost_rounds = 0
+    earlier: tuple[MigrationResult, ...] = ()  # what the drains before those losses did
     while rounds < RETARGET_ROUNDS:
         busy = locks.busy_targets(hosts)
         wait_s = RACE_WAIT_S
         if set(_targets(plan)) & set(busy):
             # Another drain fills a target now (a window's hosts all plan at its start): has the
             # cluster changed under the plan, and if not, is there room off the busy hosts?
-            fresh, now = t.recheck_plan(ref, run, plan, planned_on, avoid or [], focus)
+            fresh, now = t.recheck_plan(ref, run, plan, planned_on, avoid or [], focus, lost)
             planned_on = now
             if fresh != plan:
                 plan = fresh
@@ -74,13 +85,24 @@ def drain_planned(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planne
         held = _targets(plan)
         try:
             with locks.drain_slots(plan.cluster, held, share, wait_seconds=wait_s):
-                plan, now = t.recheck_plan(ref, run, plan, planned_on, avoid or [], focus)
+                plan, now = t.recheck_plan(ref, run, plan, planned_on, avoid or [], focus, lost)
                 if set(_targets(plan)) <= set(held):
-                    return plan, t.drain_host(ref, run, plan, now, share)
+                    report = t.drain_host(ref, run, plan, now, share)
+                    return plan, replace(report, results=earlier + report.results)
             logger.info("the re-made plan for %s sends VMs to %s as well: taking those", ", ".join(plan.hosts),
                         ", ".join(sorted(set(_targets(plan)) - set(held))))
         except LockHeldError:
             continue  # still busy after the wait: look at the cluster and the busy hosts again
+        except TargetsUnreachable as exc:
+            if lost_rounds >= LOST_TARGET_ROUNDS or set(exc.hosts) <= set(lost):
+                raise
+            logger.warning("%s: %s stopped answering during the drain; re-planning what did not move onto "
+                           "the other hosts", ", ".join(plan.hosts), ", ".join(exc.hosts))
+            lost_rounds += 1
+            lost = sorted({*lost, *exc.hosts})
+            earlier += exc.report.results
+            planned_on = now
+            continue
         planned_on = now
         rounds += 1
     raise PlanError(f"the plan for {', '.join(plan.hosts)} kept changing while other drains filled its targets "

@@ -210,10 +210,11 @@ def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: Fleet
 # --- discovery and plans ----------------------------------------------------------------
 
 
-def snapshot(rt: Runtime, cluster: str) -> FleetSnapshot:
-    """Discover the cluster now, with kept host states and VM origins; rebooting hosts are left out."""
+def snapshot(rt: Runtime, cluster: str, unreachable: Sequence[str] = ()) -> FleetSnapshot:
+    """Discover the cluster now, with kept host states and VM origins; rebooting hosts are left out,
+    and so are ``unreachable`` ones (targets a drain of this run lost: nothing is planned onto them)."""
     states = {h: r.state for h, r in rt.states.all().items()}
-    skip = frozenset(h for h, s in states.items() if s is HostState.REBOOTING)
+    skip = frozenset(h for h, s in states.items() if s is HostState.REBOOTING) | frozenset(unreachable)
     return discover_cluster(rt.inventory, cluster, rt.hypervisor, states=states,
                             origins=rt.states.origins(), source=rt.source, skip_unreachable=skip)
 
@@ -253,7 +254,8 @@ def plan_drain(rt: Runtime, run: RunContext, host: str, *, avoid: Sequence[str] 
 
 
 def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot, now: FleetSnapshot, *,
-           avoid: Sequence[str] = (), focus: bool = False, exact_budget: float = DEFAULT_BUDGET) -> EvacuationPlan:
+           avoid: Sequence[str] = (), focus: bool = False, exact_budget: float = DEFAULT_BUDGET,
+           unreachable: Sequence[str] = ()) -> EvacuationPlan:
     """``plan`` if it still fits the cluster as ``now`` shows it; otherwise a new plan made on ``now``,
     with its own audit record (step ``replan``: why, and the plan that replaces the old one).
 
@@ -263,9 +265,12 @@ def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: Fleet
     reasons = stale_targets(plan, planned_on, now)
     if not reasons:
         return plan
+    lost = sorted(set(unreachable) & {p.target for p in plan.placements})
+    reasons = [f"{h} stopped answering during the drain" for h in lost] + reasons
     host = plan.hosts[0] if plan.hosts else None
     with audited(rt, run, "replan", host=host, cluster=plan.cluster,
-                 inputs={"reasons": reasons, "replaces": plan.snapshot_digest, "avoid": list(avoid)}) as rec:
+                 inputs={"reasons": reasons, "replaces": plan.snapshot_digest, "avoid": list(avoid),
+                         **({"unreachable": list(unreachable)} if unreachable else {})}) as rec:
         fresh = plan_evacuation(now, list(plan.hosts), avoid=tuple(avoid), focus=focus, exact_budget=exact_budget)
         rec.details["plan"] = fresh.model_dump(mode="json")
         rec.details["proof"] = fresh.proof.value
@@ -278,12 +283,14 @@ def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: Fleet
 
 
 def recheck_plan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot, *,
-                 avoid: Sequence[str] = (), focus: bool = False,
-                 exact_budget: float = DEFAULT_BUDGET) -> tuple[EvacuationPlan, FleetSnapshot]:
+                 avoid: Sequence[str] = (), focus: bool = False, exact_budget: float = DEFAULT_BUDGET,
+                 unreachable: Sequence[str] = ()) -> tuple[EvacuationPlan, FleetSnapshot]:
     """The cluster discovered now, and the plan to drain on it: ``plan`` (made on ``planned_on``) if it
-    still fits, else a recorded re-plan (:func:`replan`). For a caller that holds the plan's targets."""
-    now = snapshot(rt, plan.cluster)
-    return replan(rt, run, plan, planned_on, now, avoid=avoid, focus=focus, exact_budget=exact_budget), now
+    still fits, else a recorded re-plan (:func:`replan`). For a caller that holds the plan's targets.
+    ``unreachable``: targets an earlier drain of this run lost, left out of the discovery and the plan."""
+    now = snapshot(rt, plan.cluster, unreachable)
+    return replan(rt, run, plan, planned_on, now, avoid=avoid, focus=focus, exact_budget=exact_budget,
+                  unreachable=unreachable), now
 
 
 def retarget(rt: Runtime, run: RunContext, plan: EvacuationPlan, now: FleetSnapshot, busy: Sequence[str], *,
@@ -359,6 +366,12 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
             for h in plan.hosts:
                 rt.states.transition(h, HostState.CORDONED, "drain failed", run.run_id)
             failed = ", ".join(f"{r.vm} ({r.error})" for r in report.failed)
+            lost = _unreachable(rt, sorted({r.target for r in report.failed}))
+            if lost:
+                rec.details["unreachable_targets"] = lost
+                raise TargetsUnreachable(f"drain of {', '.join(plan.hosts)}: {', '.join(lost)} stopped answering "
+                                         f"during it ({failed}); the VMs that did not move still run on their "
+                                         "source", host, lost, report)
             raise StepError(f"drain of {', '.join(plan.hosts)} failed: {failed}; "
                             "the VMs that did not move still run on their source", host, "drain")
         # A VM started on the host while it drained is not in the plan: the host is not drained, and
@@ -411,6 +424,30 @@ def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnaps
                         started_by)
         found.append(vm)
     return found
+
+
+class TargetsUnreachable(StepError):
+    """A drain failed because some of its targets stopped answering (``hosts``); ``report`` says what
+    moved. What did not move may still go elsewhere: the caller can re-plan without those hosts."""
+
+    def __init__(self, message: str, host: str | None, hosts: list[str], report: DrainReport) -> None:
+        self.hosts = hosts
+        self.report = report
+        super().__init__(message, host, "drain")
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Prefect keeps a task's exception: it must survive pickling
+        return (type(self), (self.args[0], self.host, self.hosts, self.report))
+
+
+def _unreachable(rt: Runtime, hosts: Sequence[str]) -> list[str]:
+    """Which of ``hosts`` do not answer now (asked once each)."""
+    lost = []
+    for h in hosts:
+        try:
+            rt.hypervisor.running_vms(h)
+        except TransientDriverError:
+            lost.append(h)
+    return lost
 
 
 def _still_home(rt: Runtime, vm: str, source: str) -> bool:

@@ -46,9 +46,10 @@ def plan_evacuation(ref: RuntimeRef, run: RunContext, host: str, avoid: list[str
 
 @task(name="recheck-plan", cache_policy=NO_CACHE, **IO_RETRIES)
 def recheck_plan(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planned_on: FleetSnapshot,
-                 avoid: list[str] | None = None, focus: bool = False) -> tuple[EvacuationPlan, FleetSnapshot]:
+                 avoid: list[str] | None = None, focus: bool = False,
+                 unreachable: list[str] | None = None) -> tuple[EvacuationPlan, FleetSnapshot]:
     return steps.recheck_plan(ref.open(), run, plan, planned_on, avoid=avoid or [], focus=focus,
-                              exact_budget=ref.exact_budget)
+                              exact_budget=ref.exact_budget, unreachable=unreachable or [])
 
 
 @task(name="retarget-plan", cache_policy=NO_CACHE, **IO_RETRIES)

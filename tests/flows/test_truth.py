@@ -400,3 +400,74 @@ def test_a_lock_held_by_a_dead_run_is_named_with_when_it_frees(sim_inventory: Pa
     text = str(caught.value)
     assert str(dead.id) in text and "killed-mid-drain" in text and "Crashed" in text, text
     assert "frees by itself by" in text, text
+
+
+# --- g. a target that became unreachable mid-drain -------------------------------------------------------
+
+
+class _TargetLost:
+    """The sim fleet, where the link to the first target the drain of ``source`` sends to is cut as that
+    migration starts, and comes back once the drain has been re-planned (the next migration)."""
+
+    def __init__(self, real: SimulatedFleet, source: str) -> None:
+        self.real, self.source = real, source
+        self.lost: str | None = None
+        self.replanned = False  # the cluster was discovered again since the link was cut
+        self.healed = False
+
+    def _down(self, host: str) -> None:
+        from hostmaint.errors import TransientDriverError
+
+        if host == self.lost and not self.healed:
+            raise TransientDriverError("libvirtd unreachable (link cut)", host)
+
+    def migrate(self, vm: str, source: str, target: str, *args: Any, **kwargs: Any) -> Any:
+        if self.lost is None and source == self.source:
+            self.lost = target
+        elif self.lost is not None and self.replanned:
+            self.healed = True
+        self._down(target)
+        return self.real.migrate(vm, source, target, *args, **kwargs)
+
+    def discover(self, host: str) -> HostDiscovery:
+        self._down(host)
+        if self.lost is not None:
+            self.replanned = True
+        return self.real.discover(host)
+
+    def running_vms(self, host: str) -> tuple[str, ...]:
+        self._down(host)
+        return self.real.running_vms(host)
+
+    def locate(self, vm: str) -> tuple[str, ...]:
+        return tuple(h for h in self.real.locate(vm) if h != self.lost or self.healed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_a_drain_whose_target_stops_answering_re_plans_the_rest_onto_other_hosts(sim_inventory: Path) -> None:
+    rt = open_runtime(sim_inventory)
+    real = fleet(rt)
+    home = set(real.running["hv01"])
+    lossy = _TargetLost(real, "hv01")
+    rt.hypervisor = lossy  # type: ignore[assignment]
+    try:
+        result = patch_host(host="hv01", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST,
+                            return_vms=False)
+    finally:
+        rt.hypervisor = real
+
+    assert result.outcome is StepOutcome.OK, result.detail
+    lost = lossy.lost
+    records = audit().records(host="hv01")
+    drains = [r for r in records if r.step == "drain"]
+    assert [d.outcome for d in drains] == [StepOutcome.FAILED, StepOutcome.OK]
+    assert drains[0].details["unreachable_targets"] == [lost]
+    [replan] = [r for r in records if r.step == "replan"]
+    assert f"{lost} stopped answering during the drain" in replan.inputs["reasons"]
+    assert lost not in {p["target"] for p in replan.details["plan"]["placements"]}
+    # every VM left hv01, none of the re-planned ones onto the host that was lost
+    assert not real.running["hv01"] and home <= {vm for vms in real.running.values() for vm in vms}
+    moved = {m.vm for m in result.migrations if m.outcome is StepOutcome.OK}
+    assert moved == home, result.migrations
