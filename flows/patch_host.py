@@ -17,9 +17,12 @@ from flows.common import HostOutcome, default_inventory, publish_report, run_con
 from flows.draining import drain_planned
 from flows.run_display import label_run
 from hostmaint.errors import HostmaintError, PlanError
+from hostmaint.hooks import HookPoint
 from hostmaint.models import EvacuationPlan, HostState, MigrationResult, StepOutcome, Trigger
+from hostmaint.monitoring import GatePoint, SilenceLease
 from hostmaint.placement import render_plan
 from hostmaint.placement.exact import DEFAULT_BUDGET
+from tasks import integrations as ti
 from tasks import maintenance as t
 from tasks.common import RuntimeRef
 
@@ -66,14 +69,21 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
         stopped: list[str] = []
         shut_off: list[str] = []
         refused = False  # the plan was refused before anything moved
+        lease: SilenceLease | None = None  # the host's Alertmanager silence, extended while this run lives
         try:
             state = rt.states.state(host)
             if state in (HostState.ACTIVE, HostState.CORDONED):
                 try:
                     t.precheck_host(ref, run, host)  # SSH, package manager, space: before anything moves
+                    held = ti.gate_host(ref, run, host, GatePoint.BEFORE_DRAIN)  # alerts firing: not now
+                    if held:
+                        return outcome(StepOutcome.SKIPPED, held)
+                    lease = ti.open_silence(ref, run, host)
                 except HostmaintError:
                     refused = True
                     raise
+            else:
+                lease = ti.open_silence(ref, run, host)  # adopts the one the earlier run recorded
             if state in BEFORE_DRAINED or state is HostState.FAILED:
                 # a failed host is refused here, with how to clear it, before anything else runs
                 t.cordon_host(ref, run, host)
@@ -95,6 +105,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
                     # focused on few hosts, so the next drains can too (the VMs return home after the
                     # patch, or a window rebalances at its end)
                     busy = locks.busy_targets([h.name for h in rt.inventory.hosts_of(cluster)])
+                    ti.run_hooks(ref, run, host, HookPoint.PRE_DRAIN)  # a failure keeps it cordoned, nothing moved
                     plan = t.plan_evacuation(ref, run, host, avoid or [], snapshot=snapshot, busy=busy, focus=True)
                     logger.info("plan:\n%s", render_plan(plan))
                     plan, report = drain_planned(ref, run, plan, snapshot, avoid or [], focus=True,
@@ -122,6 +133,8 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
                 changed = len(diff.installed) + len(diff.upgraded) + len(diff.removed)
                 t.check_invariants(ref, cluster, expected, stopped)
                 if decision.needed:
+                    ti.gate_host(ref, run, host, GatePoint.BEFORE_REBOOT)  # held: stays cordoned, not rebooted
+                    ti.run_hooks(ref, run, host, HookPoint.PRE_REBOOT)
                     t.reboot_host(ref, run, host)
                     rebooted = True
                 state = HostState.VERIFYING
@@ -131,6 +144,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
                 rebooted = True
             if state in (HostState.REBOOTING, HostState.VERIFYING):
                 t.verify_host(ref, run, host, cells)
+                ti.run_hooks(ref, run, host, HookPoint.POST_VERIFY)
             # its own shut-down VMs start before the uncordon: a run that dies between the two then
             # finds the host verifying (verified again, then uncordoned), never active with them down
             t.start_unmigratable(ref, run, host, plan)
@@ -147,6 +161,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
                 if returned is not None:
                     migrations += returned.results
             t.check_invariants(ref, cluster, expected, stopped)
+            ti.run_hooks(ref, run, host, HookPoint.POST_MAINTENANCE)  # back in service: a failure is recorded
         except HostmaintError as exc:
             if rt.states.state(host) is HostState.ACTIVE and not refused:
                 t.mark_failed(ref, run, host, str(exc))
@@ -154,6 +169,8 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
                              packages_changed=changed)
             publish_report(f"patch {host}", [result])
             raise
+        finally:
+            ti.end_silence(ref, run, host, lease)  # expired now; if this never runs, it lapses by itself
         detail = f"{changed} package change(s)" + ("; rebooted" if rebooted else "")
         if shut_off:
             detail += f"; shut-off VMs left defined on it: {', '.join(shut_off)}"
