@@ -177,6 +177,7 @@ class Evacuation:
     skipped_hosts: list[str] = field(default_factory=list)
     proof: PlanProof = PlanProof.GREEDY_ONLY
     proof_note: str = ""
+    exact_spent: float = 0.0  # deterministic seconds the exact stage used
 
 
 def _leftover(vm: Vm, host: HostLoad, fit: Fit) -> float:
@@ -318,12 +319,13 @@ def blocker_for(vm: Vm, misses: list[Miss], group_size: int) -> Blocker:
 
 def evacuate(snapshot: FleetSnapshot, ledger: Ledger, hosts: Sequence[str], *,
              avoid: Collection[str] | Ranks = (), exclude: Collection[str] = (),
-             exact_budget: float = exact.DEFAULT_BUDGET) -> Evacuation:
+             exact_budget: float = exact.DEFAULT_BUDGET, optimise_budget: float | None = None) -> Evacuation:
     """Plan the VMs of ``hosts`` onto the other active hosts, charging ``ledger`` as it goes.
 
     ``exclude`` names further hosts that must not receive VMs (e.g. ones already out for
     maintenance); ``avoid`` are used only when nothing else fits: names (rank DUE) or ranks.
     ``exact_budget``: deterministic seconds for the exact stage (:func:`exact_stage`); 0: greedy only.
+    ``optimise_budget``: at most this much when every VM is placed already (a window's shared budget).
     """
     avoid = ({h: r for h, r in avoid.items() if r > PREFERRED} if isinstance(avoid, Mapping)
              else dict.fromkeys(avoid, DUE))
@@ -397,7 +399,8 @@ def evacuate(snapshot: FleetSnapshot, ledger: Ledger, hosts: Sequence[str], *,
         if isinstance(late, Choice):  # the local search happened to free a place for it
             ledger.apply(vm, late.fit)
             chosen[vm.name] = (vm, late)
-    out.proof, out.proof_note, blocked = exact_stage(movers, chosen, ledger, targets_for, avoid, exact_budget)
+    out.proof, out.proof_note, blocked, out.exact_spent = exact_stage(movers, chosen, ledger, targets_for, avoid,
+                                                                      exact_budget, optimise_budget)
     out.blocked.extend(blocked)
     out.placements.extend(placement_for(vm, choice) for vm, choice in chosen.values())
     out.placements.sort(key=lambda p: (p.source, p.vm))
@@ -688,25 +691,33 @@ def _key(chosen: Chosen, hosts: Sequence[HostLoad], avoid: Ranks, n: int) -> tup
 
 
 def exact_stage(movers: Sequence[Vm], chosen: Chosen, ledger: Ledger, targets_for: Callable[[Vm], list[HostLoad]],
-                avoid: Ranks, budget: float) -> tuple[PlanProof, str, list[Blocker]]:
+                avoid: Ranks, budget: float, optimise_budget: float | None = None
+                ) -> tuple[PlanProof, str, list[Blocker], float]:
     """Run CP-SAT behind the greedy's ``chosen`` (charged on ``ledger``); adopt its placement when it
     is better by :func:`_key`. Returns the proof, what the stage did, and a Blocker per VM left out.
 
     The greedy is the hint and the answer without budget. An optimisation (the greedy placed every
     VM) larger than ``exact.MAX_PAIRS`` VM-host pairs stays greedy; a refusal is always searched.
+    ``optimise_budget`` (default ``budget``) is what an optimisation may spend: a window shares one
+    among its steps. The last value returned is the deterministic time spent.
     """
     left = [vm for vm in movers if vm.name not in chosen]
     if not movers:
-        return PlanProof.OPTIMAL, "nothing to place", []
+        return PlanProof.OPTIMAL, "nothing to place", [], 0.0
     pairs = sum(len(targets_for(vm)) for vm in movers)
     if budget <= 0:
         return PlanProof.GREEDY_ONLY, "exact stage off (budget 0)", _greedy_blockers(
             left, chosen, ledger, targets_for, avoid,
             "not proven impossible: the exact stage did not run (budget 0); give it a budget with --exact-budget "
-            "(flows: exact_budget)")
+            "(flows: exact_budget)"), 0.0
     if not left and pairs > exact.MAX_PAIRS:
         return PlanProof.GREEDY_ONLY, (f"greedy only: {pairs} VM-host pairs, above the exact stage's "
-                                       f"{exact.MAX_PAIRS}; every VM is placed"), []
+                                       f"{exact.MAX_PAIRS}; every VM is placed"), [], 0.0
+    if not left and optimise_budget is not None:
+        if optimise_budget <= 0:
+            return PlanProof.GREEDY_ONLY, "greedy only: the window's exact budget is spent; every VM is placed", \
+                [], 0.0
+        budget = min(budget, optimise_budget)
     pool = {h.name: h for vm in movers for h in targets_for(vm)}
     greedy = {name: c.fit for name, (_, c) in chosen.items()}
     before = _key(chosen, list(pool.values()), avoid, len(movers))
@@ -727,7 +738,8 @@ def exact_stage(movers: Sequence[Vm], chosen: Chosen, ledger: Ledger, targets_fo
         if adopted is None:
             blocked = _greedy_blockers(left, chosen, ledger, targets_for, avoid,
                                        "not proven impossible: the exact stage's answer was not used")
-            return PlanProof.GREEDY_ONLY, note + "; its placement failed the fit rules: kept the greedy's", blocked
+            return PlanProof.GREEDY_ONLY, note + "; its placement failed the fit rules: kept the greedy's", blocked, \
+                budget - spend.left
         if _key(adopted, list(pool.values()), avoid, len(movers)) < before:
             chosen.clear()
             chosen.update(adopted)
@@ -740,12 +752,12 @@ def exact_stage(movers: Sequence[Vm], chosen: Chosen, ledger: Ledger, targets_fo
             note += "; the greedy's placement is as good and was kept"
     left = [vm for vm in order if vm.name not in chosen]
     if not left:
-        return proof, note, []
+        return proof, note, [], budget - spend.left
     if proof is not PlanProof.INFEASIBLE:
         return proof, note, _greedy_blockers(
             left, chosen, ledger, targets_for, avoid,
             f"not proven impossible: no placement of every VM was found within the exact stage's budget "
-            f"({budget:g}); a larger --exact-budget (flows: exact_budget) may find one")
+            f"({budget:g}); a larger --exact-budget (flows: exact_budget) may find one"), budget - spend.left
     placed = [name for name in chosen if name in prob.needs]
     proven: list[Blocker] = []
     first: exact.Core | None = None
@@ -753,7 +765,7 @@ def exact_stage(movers: Sequence[Vm], chosen: Chosen, ledger: Ledger, targets_fo
         core = exact.refusal_core(prob, placed, vm, spend) if i < exact.CORES and spend.left > 0 else None
         first = first or core
         proven.append(_proven_blocker(vm, core or first, targets_for(vm), chosen, ledger, avoid))
-    return proof, note, proven
+    return proof, note, proven, budget - spend.left
 
 
 def _adopt(choices: Mapping[str, exact.Choice], prob: exact.Problem, chosen: Chosen, ledger: Ledger,
