@@ -224,6 +224,7 @@ class SetupReport:
     work_pool_created: bool = False
     deployments: list[str] = field(default_factory=list)
     served_elsewhere: list[str] = field(default_factory=list)  # left to the `hostmaint serve` that serves them
+    notifications: list[str] = field(default_factory=list)  # automation ids (deployments/notifications.py)
 
 
 def setup(inventory: str | Path, *, work_pool: str | None = None, source: Path | None = None,
@@ -239,11 +240,13 @@ def setup(inventory: str | Path, *, work_pool: str | None = None, source: Path |
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
+    from deployments.notifications import ensure_notifications
     from deployments.serve import ROOT, WINDOWS_FILE, build_deployments, remove_orphaned_triggers
     from flows.locks import ensure_limits
 
     report = SetupReport(limits=ensure_limits(inventory), automation_id=ensure_zombie_automation())
     remove_orphaned_triggers()
+    report.notifications = ensure_notifications(inventory)  # deployments/notifications.py
     if work_pool:
         report.work_pool = work_pool
         report.work_pool_created = ensure_work_pool(work_pool)

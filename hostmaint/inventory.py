@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import stat
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -391,6 +392,20 @@ class Simulation(Strict):
     time_scale: Annotated[float, Field(gt=0, le=10)] = 0.01
 
 
+class NotifyOn(StrEnum):
+    FAILED = "failed"  # a window, patch, evacuation or runbook run failed or crashed
+    APPROVAL = "approval"  # a run waits for an operator (paused or suspended)
+    WINDOW_END = "window-end"  # a patch window ended, with its summary
+
+
+class Notifications(Strict):
+    """Prefect notification blocks ``hostmaint setup`` makes automations send to, as ``TYPE/NAME``
+    (``custom-webhook/ops``, ``slack-webhook/oncall``): the URL or token stays in the block."""
+
+    blocks: Annotated[list[Annotated[str, Field(pattern=r"^[a-z0-9-]+/[a-z0-9-]+$")]], Field(min_length=1)]
+    on: Annotated[list[NotifyOn], Field(min_length=1)] = Field(default_factory=lambda: list(NotifyOn))
+
+
 class Inventory(Strict):
     """The whole inventory file."""
 
@@ -398,6 +413,7 @@ class Inventory(Strict):
     simulation: Simulation | None = None
     clusters: Annotated[list[Cluster], Field(min_length=1)]
     hosts: Annotated[list[HostEntry], Field(min_length=1)]
+    notifications: Notifications | None = None  # docs/integrations.md
 
     @model_validator(mode="after")
     def _references(self) -> Inventory:
