@@ -180,11 +180,15 @@ def window_rrule(cfg: WindowConfig) -> str:
     return f"{text}\nEXDATE:{exdates}"
 
 
-def window_parameters(cluster: str, cfg: WindowConfig) -> dict[str, Any]:
-    """The patch-window flow's parameters for a scheduled run of ``cluster``."""
+def window_parameters(cluster: str, cfg: WindowConfig, operator: str = "scheduler") -> dict[str, Any]:
+    """The patch-window flow's parameters for a scheduled run of ``cluster``.
+
+    The deployment's own parameters (the defaults of the UI's run form) take ``operator=""``: a run
+    started by hand is recorded under the name typed there (or ``unknown``), never as the scheduler.
+    """
     return {"cluster": cluster, "window_minutes": cfg.window_minutes,
             "max_hosts_in_parallel": cfg.max_hosts_in_parallel, "max_failed_hosts": cfg.max_failed_hosts,
-            "operator": "scheduler"}
+            "operator": operator}
 
 
 def window_schedule(cluster: str, cfg: WindowConfig) -> Schedule:
@@ -266,7 +270,8 @@ def build_deployments(inventory: str | Path | Inventory, *, windows: Path = WIND
             name=f"patch-window-{cluster.name}", tags=[*tags, f"cluster:{cluster.name}"],
             description=f"{label}Patch window of cluster {cluster.name}: {cfg.rrule} in {cfg.timezone}, "
                         f"{cfg.window_minutes:g} min, {len(cfg.exclude)} date(s) excluded.",
-            schedules=[window_schedule(cluster.name, cfg)], parameters=window_parameters(cluster.name, cfg))))
+            schedules=[window_schedule(cluster.name, cfg)],
+            parameters=window_parameters(cluster.name, cfg, operator=""))))
     extra = {} if approval_poll_s is None else {"poll_interval_s": approval_poll_s}
     for name, (entrypoint, description) in ENTRYPOINTS.items():
         fl = _load_flow(entrypoint, source)

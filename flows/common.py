@@ -10,6 +10,7 @@ from prefect import runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
+from flows.provenance import started_by
 from hostmaint.display import markdown_text, visible
 from hostmaint.maintenance import RunContext
 from hostmaint.models import MigrationResult, StepOutcome, Trigger
@@ -22,9 +23,11 @@ def default_inventory() -> str:
 
 def run_context(flow: str, trigger: Trigger | str, operator: str, reason: str,
                 window_id: str | None = None) -> RunContext:
-    """Identify this run for the audit trail: the Prefect flow run id when there is one."""
+    """Identify this run for the audit trail: the Prefect flow run id when there is one, and what
+    started it as the server recorded it (flows/provenance.py), else ``trigger``."""
     run_id = runtime.flow_run.id or str(uuid.uuid4())
-    return RunContext(run_id=str(run_id), flow=flow, trigger=Trigger(trigger), operator=operator or "unknown",
+    return RunContext(run_id=str(run_id), flow=flow, trigger=started_by(Trigger(trigger)),
+                      operator=operator or "unknown",
                       reason=reason, window_id=window_id)
 
 

@@ -118,3 +118,47 @@ def test_runs_are_named_after_action_and_host_and_tagged_to_filter(fleet: Path) 
     for run in (parent, child):
         assert run.name == "evacuate hv02 (dry run, simulated)", run.name
         assert {"host:hv02", "cluster:demo", "simulated"} <= set(run.tags), run.tags
+
+
+# --- the audit names what really started a run --------------------------------------------------------------
+
+
+def _run_in_process(flow_run_id: object) -> dict[str, str]:
+    """Carry out a deployment's flow run here, as a worker or 'serve' would in its process."""
+    from prefect.client.orchestration import get_client
+    from prefect.flow_engine import run_flow
+    from provenance_flow import provenance
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)  # type: ignore[arg-type]
+    return run_flow(provenance, flow_run=run, parameters=run.parameters)  # type: ignore[return-value]
+
+
+def test_the_audit_names_what_started_a_run(prefect_server: None) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.schedules import Interval
+    from prefect.states import Scheduled
+    from provenance_flow import provenance
+
+    dep = provenance.to_deployment(name="issue18", parameters={"operator": ""},
+                                   schedules=[Interval(3600, parameters={"operator": "scheduler"})])
+    deployment_id = dep.apply()
+    with get_client(sync_client=True) as client:
+        by_hand = client.create_flow_run_from_deployment(deployment_id, parameters={"operator": "alice"})
+        client._client.post(f"/deployments/{deployment_id}/schedule", json={"min_runs": 1}).raise_for_status()
+        [scheduled, *_] = [r for r in client.read_flow_runs() if r.deployment_id == deployment_id and r.auto_scheduled]
+        client.set_flow_run_state(scheduled.id, Scheduled(), force=True)  # its time has come (it was an hour off)
+
+    # the UI's "Custom run" (what the UI posts): not the scheduler, though the flow's default says schedule
+    assert _run_in_process(by_hand.id) == {"trigger": "ui", "operator": "alice"}
+    assert _run_in_process(scheduled.id) == {"trigger": "schedule", "operator": "scheduler"}
+    # no deployment (a subflow, the CLI): what the caller said
+    assert provenance(operator="bob", trigger="cli") == {"trigger": "cli", "operator": "bob"}
+
+
+def test_a_window_run_by_hand_is_not_credited_to_the_scheduler(tmp_path: Path) -> None:
+    from deployments.serve import build_deployments
+
+    [window] = [d for d in build_deployments(make_fleet(tmp_path / "f")) if d.name.startswith("patch-window")]
+    assert window.parameters["operator"] == ""  # the run form's default: the operator types a name
+    assert window.schedules[0].parameters["operator"] == "scheduler"
