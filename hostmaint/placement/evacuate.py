@@ -760,11 +760,9 @@ def exact_stage(movers: Sequence[Vm], chosen: Chosen, ledger: Ledger, targets_fo
             f"({budget:g}); a larger --exact-budget (flows: exact_budget) may find one"), budget - spend.left
     placed = [name for name in chosen if name in prob.needs]
     proven: list[Blocker] = []
-    first: exact.Core | None = None
     for i, vm in enumerate(left):
         core = exact.refusal_core(prob, placed, vm, spend) if i < exact.CORES and spend.left > 0 else None
-        first = first or core
-        proven.append(_proven_blocker(vm, core or first, targets_for(vm), chosen, ledger, avoid))
+        proven.append(_proven_blocker(vm, core, targets_for(vm), chosen, ledger, avoid, len(placed), len(order)))
     return proof, note, proven, budget - spend.left
 
 
@@ -775,7 +773,8 @@ def _adopt(choices: Mapping[str, exact.Choice], prob: exact.Problem, chosen: Cho
     for vm, c in chosen.values():
         ledger.unapply(vm, c.fit)
     out: Chosen = {}
-    for vm in prob.vms:
+    # local placements first: an unpinned spread takes what the cells keep after them
+    for vm in sorted(prob.vms, key=lambda v: bool(choices.get(v.name) and not choices[v.name].cells)):
         pick = choices.get(vm.name)
         if pick is None:
             continue
@@ -821,20 +820,22 @@ _CAUSE_WORDS = {
 
 
 def _proven_blocker(vm: Vm, core: exact.Core | None, targets: Sequence[HostLoad], chosen: Chosen,
-                    ledger: Ledger, avoid: Ranks) -> Blocker:
+                    ledger: Ledger, avoid: Ranks, placed: int, total: int) -> Blocker:
     """A proven refusal's blocker: the reason and hint follow from the core, not from a count of
-    the constraints each host happened to miss on."""
+    the constraints each host happened to miss on. Without a core (the budget ran out first), the
+    proven bound and the hosts' misses."""
     if not targets:
         return blocker_for(vm, [], 0)
     if core is None:
         got = choose(vm, targets, avoid)
         base = blocker_for(vm, got if isinstance(got, list) else [], len(targets))
-        return base.model_copy(update={"reason": f"proven impossible (not every VM fits); {base.reason}"})
+        return base.model_copy(update={
+            "reason": f"proven by the exact stage: at most {placed} of these {total} VMs can be placed; "
+                      f"as planned, it {base.reason}",
+            "hint": f"{base.hint}; a larger --exact-budget (flows: exact_budget) names the VMs it cannot be "
+                    f"placed with"})
     others = [n for n in core.vms if n != vm.name]
-    if vm.name not in core.vms:  # its own core was not found within the budget: name one that was
-        what = (f"not every VM fits ({', '.join(core.vms)} cannot "
-                + ("all be placed together)" if len(core.vms) > 1 else "be placed)"))
-    elif others:
+    if others:
         what = f"{vm.name} cannot be placed together with {', '.join(others)}"
     else:
         what = f"{vm.name} fits no target even if nothing else moved"
@@ -842,7 +843,8 @@ def _proven_blocker(vm: Vm, core: exact.Core | None, targets: Sequence[HostLoad]
     if core.causes:
         constraint = core.causes[0]
         because = " or ".join(_CAUSE_WORDS[c] for c in core.causes)
-        reason = f"proven by the exact stage: {what}; they fit if nothing but {because} gave way"
+        who = "it would" if len(core.vms) == 1 else "they would"
+        reason = f"proven by the exact stage: {what}; {who} fit if nothing but {because} gave way"
         hint = "; or ".join(_HINTS[c] for c in core.causes)
     else:
         constraint = "capacity"

@@ -28,6 +28,7 @@ would let that set fit; the blocker's reason and hint follow from that set.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ from hostmaint.placement.fit import (
     Demand,
     cell_holds,
     demand_of,
+    fit_host,
     free_cpu_count,
     host_miss,
     pool_draw,
@@ -181,6 +183,8 @@ class Model:
         cpus: dict[tuple[str, int], list[tuple[int, cp_model.IntVar]]] = {}
         vcpus: dict[str, list[tuple[int, cp_model.IntVar]]] = {}
         groups: dict[tuple[str, str], list[cp_model.IntVar]] = {}
+        spreads: dict[tuple[str, int], list[tuple[int, cp_model.IntVar]]] = {}  # host, page -> unpinned spreads
+        self.spread_vars: set[tuple[str, str]] = set()  # (VM, host) spreads split when charged
         self.load: dict[str, list[tuple[int, cp_model.IntVar]]] = {}  # host -> (MiB, var)
         self.cell_load: dict[tuple[str, int], list[tuple[int, cp_model.IntVar]]] = {}
         for i, vm in enumerate(self.vms):
@@ -220,8 +224,14 @@ class Model:
                     here.append(r)
                     draw = _spread_draw(need)
                     ncpus = sum(len(g) for g in need.cpus)
+                    if not ncpus:
+                        # memory alone splits in whole units over any cells: it fits exactly when the
+                        # host's cells together keep room for it after the local parts (the split is
+                        # made when the plan is charged, by fit.py's spread)
+                        spreads.setdefault((opt.host, need.page_kib), []).append((draw, r))
+                        self.spread_vars.add((vm.name, opt.host))
                     parts, takes = [], []
-                    for cell in host.cells:
+                    for cell in host.cells if ncpus else ():
                         a = m.new_int_var(0, draw, f"a{i}_{opt.host}_{cell.id}")
                         self.part[vm.name, opt.host, cell.id] = a
                         parts.append(a)
@@ -238,8 +248,8 @@ class Model:
                             m.add(z <= r)
                             takes.append(k)
                             cpus.setdefault((opt.host, cell.id), []).append((1, k))
-                    m.add(sum(parts) == draw * r)
                     if ncpus:
+                        m.add(sum(parts) == draw * r)
                         m.add(sum(takes) == ncpus * r)
                 for v in here:
                     on.append(v)
@@ -259,6 +269,10 @@ class Model:
                     if share:
                         self.cell_load.setdefault((vm.host, sc.id), []).append((-share, p))
         hosts = prob.hosts
+        for (h, page), terms in spreads.items():
+            if ("hugepages" if page else "memory") not in relax:
+                local = [t for (ph, _, pp), ts in pool.items() if ph == h and pp == page for t in ts]
+                m.add(sum(a * v for a, v in (*local, *terms)) <= sum(pool_room(c, page) for c in hosts[h].cells))
         for (h, c, page), terms in pool.items():
             kind = "hugepages" if page else "memory"
             if kind not in relax:
@@ -372,7 +386,7 @@ class Model:
                     self.m.add_hint(r, spread)
                     page = self.prob.needs[vm.name].page_kib
                     host = self.prob.hosts[opt.host]
-                    for cell in host.cells:
+                    for cell in host.cells if (vm.name, opt.host) not in self.spread_vars else ():
                         mib = dict(zip(fit.cells, fit.cell_mib, strict=True)).get(cell.id, 0.0) \
                             if spread and fit is not None else 0.0
                         taken = sum(1 for cpu in fit.cpu_map.values() if cpu in cell.cpus) \
@@ -398,8 +412,12 @@ class Model:
                                           tuple(len(g) for g in need.cpus), True)
                     break
                 r = self.r.get((vm.name, opt.host))
+                if r is not None and solver.value(r) and (vm.name, opt.host) in self.spread_vars:
+                    out[vm.name] = Choice(opt.host, (), (), (), False)  # split when charged
+                    break
                 if r is not None and solver.value(r):
                     host = self.prob.hosts[opt.host]
+
                     def took(c: CellLoad, name: str = vm.name, host_name: str = opt.host) -> int:
                         k = self.cpu.get((name, host_name, c.id))
                         return solver.value(k) if k is not None else 0
@@ -415,7 +433,8 @@ class Model:
 
 @dataclass(frozen=True)
 class Choice:
-    """Where the exact stage put one VM (before CPUs are mapped: see :func:`to_fit`)."""
+    """Where the exact stage put one VM (before CPUs are mapped: see :func:`to_fit`). An unpinned
+    NUMA-remote spread names no cells: it is split when charged, after the local placements."""
 
     host: str
     cells: tuple[int, ...]
@@ -429,6 +448,9 @@ def to_fit(vm: Vm, need: Demand, host: HostLoad, choice: Choice) -> Fit | None:
     rules (None if it breaks one: the model and the rules disagree, and the greedy plan stands)."""
     if host_miss(vm, host) is not None:
         return None
+    if not choice.numa_local and not choice.cells:  # an unpinned spread: split now, as the greedy would
+        got = fit_host(vm, host, allow_remote=True, need=need)
+        return got if isinstance(got, Fit) else None
     cpu_map: dict[int, int] = {}
     if choice.numa_local:
         for g, cid in enumerate(choice.cells):
@@ -565,8 +587,17 @@ def _run_stages(model: Model, stages: Sequence[Stage], budget: Budget, greedy: M
 def solve(prob: Problem, greedy: Mapping[str, Fit], budget: Budget) -> Outcome:
     """Solve the evacuation's lexicographic objective stage by stage within ``budget``, hinted by
     ``greedy``: VMs placed, NUMA-local, target rank, peak utilisation, spread."""
-    model = Model(prob, prob.vms)
     n = len(prob.vms)
+    notes = ""
+    if len(greedy) < n and prob.remote:
+        # A refusal: first look for every VM placed NUMA-local, on the smaller model without spreads.
+        # Found, it is the optimum of the first two stages at once (n placed, n local).
+        local = dataclasses.replace(prob, remote=False)
+        found = _place_all(local, greedy, budget)
+        if found is not None:
+            prob, greedy = local, {v: _as_fit(c) for v, c in found.items()}
+            notes = "every VM placed NUMA-local (found without spreads); "
+    model = Model(prob, prob.vms)
     g_local = sum(1 for f in greedy.values() if f.numa_local)
     w = rank_weights(n)
     g_rank = sum(w[min(prob.ranks.get(f.host, 0), 4)] for f in greedy.values())
@@ -577,7 +608,21 @@ def solve(prob: Problem, greedy: Mapping[str, Fit], budget: Budget) -> Outcome:
         ("peak utilisation", model.peak, False, None),
         ("spread", model.spread, False, None),
     ]
-    return _run_stages(model, stages, budget, greedy, refusal=n)[0]
+    out = _run_stages(model, stages, budget, greedy, refusal=n)[0]
+    return Outcome(out.choices, out.proof, notes + out.note) if notes else out
+
+
+def _place_all(prob: Problem, hint: Mapping[str, Fit], budget: Budget) -> dict[str, Choice] | None:
+    """A placement of every VM of ``prob`` found within part of ``budget``, or None."""
+    cp_model = _cp()
+    model = Model(prob, prob.vms)
+    for p in model.placed.values():
+        model.m.add(p == 1)
+    model.hint(hint)
+    solver = budget.solver(share=STAGE_SHARE / 2)
+    status = solver.solve(model.m)
+    budget.spend(solver)
+    return model.solution(solver) if status in (cp_model.OPTIMAL, cp_model.FEASIBLE) else None
 
 
 def solve_rebalance(prob: Problem, greedy: Mapping[str, Fit], cap: int, within: float | None,
@@ -652,6 +697,9 @@ def refusal_core(prob: Problem, placed: Iterable[str], left_out: Vm, budget: Bud
     """
     cp_model = _cp()
     by_name = {v.name: v for v in prob.vms}
+    alone = _all_fit(prob, [left_out], budget)  # cheap, and the commonest core: it fits nowhere
+    if alone is False:
+        return Core((left_out.name,), True, _causes([left_out], prob, budget))
     members = [by_name[n] for n in sorted(placed)] + [left_out]
     model = Model(prob, members)
     model.m.add_assumptions([model.placed[v.name] for v in members])
@@ -677,13 +725,18 @@ def refusal_core(prob: Problem, placed: Iterable[str], left_out: Vm, budget: Bud
             minimal = False
     if minimal and len(core) > 1:
         minimal = _all_fit(prob, [v for v in core if v is not left_out], budget) is True
+    return Core(tuple(sorted(v.name for v in core)), minimal, _causes(core, prob, budget))
+
+
+def _causes(core: Sequence[Vm], prob: Problem, budget: Budget) -> tuple[str, ...]:
+    """The rules any one of which, relaxed alone, lets every VM of ``core`` be placed."""
     causes = []
     for rule in _rules_for(core, prob):
         if budget.left <= 0:
             break
         if _all_fit(prob, core, budget, frozenset({rule})) is True:
             causes.append(rule)
-    return Core(tuple(sorted(v.name for v in core)), minimal, tuple(causes))
+    return tuple(causes)
 
 
 def _rules_for(vms: Sequence[Vm], prob: Problem) -> list[str]:
