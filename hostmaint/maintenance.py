@@ -156,8 +156,9 @@ def uncordon(rt: Runtime, run: RunContext, host: str) -> HostState:
             raise StepError(f"host {host} is {record.state.value} ({record.reason}), not verified in this "
                             "maintenance: it stays out of service", host, "uncordon")
         # cordoned by an operator before: it ends cordoned, outside any maintenance, so the host is the
-        # operator's again (hostmaint host uncordon)
-        rt.states.transition(host, target, "maintenance finished: verified" + (
+        # operator's again (hostmaint host uncordon), with the reason it was out of service for
+        kept = rt.states.reason_before_maintenance(host) if target is HostState.CORDONED else None
+        rt.states.transition(host, target, kept or "maintenance finished: verified" + (
             "; cordoned as before" if target is HostState.CORDONED else ""), run.run_id)
         rec.details["state"] = target.value
         return target
@@ -186,7 +187,8 @@ def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: Fleet
         with audited(rt, run, "uncordon", host=host, inputs={"why": why}) as rec:
             target = record.prior_state or HostState.ACTIVE
             if target is HostState.CORDONED:
-                rt.states.set_aside(host, "maintenance not started; cordoned as before", run.run_id)
+                rt.states.set_aside(host, rt.states.reason_before_maintenance(host)
+                                    or "maintenance not started; cordoned as before", run.run_id)
             else:
                 rt.states.transition(host, HostState.ACTIVE, f"maintenance not started, nothing moved: {why}",
                                      run.run_id)

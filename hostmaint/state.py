@@ -123,6 +123,17 @@ class HostStateStore:
             rows = conn.execute(sa.select(t).where(t.c.host == host).order_by(t.c.id)).all()
         return [_record(r) for r in rows]
 
+    def reason_before_maintenance(self, host: str) -> str | None:
+        """Why ``host`` was out of service when its current maintenance began (the reason of its last
+        record outside any maintenance, if it was cordoned then); None if it was in service.
+
+        A maintenance that leaves the host cordoned as it found it gives it back this reason: an
+        incident's "degraded: ..." must not become "maintenance finished" for whoever clears it."""
+        for record in reversed(self.history(host)):
+            if record.prior_state is None:
+                return record.reason if record.state == S.CORDONED else None
+        return None
+
     def all(self) -> dict[str, HostRecord]:
         """Every host ever seen, by name."""
         t = host_state_table
