@@ -5,6 +5,7 @@
     patch-window/patch-window-<cluster>   RRule schedule in the cluster's timezone, exclusion dates (windows.yaml)
     evacuate-on-request/evacuate-host     form: EvacuationRequest (dry run by default, optional approval)
     patch-on-request/patch-host           form: PatchRequest
+    return-on-request/return-host         form: ReturnRequest (the way back after evacuate-host)
     rebalance-on-request/rebalance-cluster form: RebalanceRequest
     degraded-host-runbook/degraded-host   trigger: event hostmaint.host.degraded
     hardware-check-failed-runbook/hardware-check-failed   trigger: event hostmaint.host.hardware-check-failed
@@ -56,6 +57,9 @@ ENTRYPOINTS: dict[str, tuple[str, str]] = {
                       "Move every VM off one host and leave it cordoned. Dry run by default."),
     "patch-host": ("flows/runbooks/on_request.py:patch_on_request",
                    "Evacuate, update, reboot when needed, verify, uncordon one host and return its VMs."),
+    "return-host": ("flows/runbooks/on_request.py:return_on_request",
+                    "The way back after evacuate-host: verify the host, put it back into service as it was, "
+                    "return its VMs (or rebalance the cluster)."),
     "rebalance-cluster": ("flows/runbooks/on_request.py:rebalance_on_request",
                           "Level a cluster's memory load with a bounded number of live migrations."),
     "degraded-host": ("flows/runbooks/degraded_host.py:degraded_host_runbook",

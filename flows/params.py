@@ -17,6 +17,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows.common import default_inventory
+from flows.return_host import AfterReturn
 from hostmaint.errors import InputError
 from hostmaint.inventory import HOST_NAME, Inventory, load_inventory
 from hostmaint.placement.exact import DEFAULT_BUDGET
@@ -102,6 +103,27 @@ class PatchRequest(_Request):
 
     @model_validator(mode="after")
     def _known_host(self) -> PatchRequest:
+        try:
+            check_host(self.host, self.inventory)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class ReturnRequest(_Request):
+    """End a host's evacuation: verify it, put it back into service as it was, return its VMs."""
+
+    host: HostName = Field(title="Host", description="The evacuated host to put back, as named in the inventory.")
+    then: AfterReturn = Field(default=AfterReturn.RETURN_VMS, title="Then",
+                              description="Once it is verified and back: return-vms (the VMs the evacuation "
+                                          "moved come back to it), rebalance (level the cluster) or nothing.")
+    reason: str = Field(default="evacuation over", min_length=3, max_length=500, title="Reason",
+                        description="Why: a ticket number or a sentence. Recorded in the audit trail.")
+    operator: Operator
+    inventory: InventoryPath = None
+
+    @model_validator(mode="after")
+    def _known_host(self) -> ReturnRequest:
         try:
             check_host(self.host, self.inventory)
         except InputError as exc:

@@ -471,6 +471,27 @@ def host_uncordon(host: str, inventory: InventoryOpt = "inventory.yaml", operato
                  lambda rt, run: rt.states.return_to_service(host, reason, run.run_id))
 
 
+@host_app.command("return")
+def host_return(host: str, inventory: InventoryOpt = "inventory.yaml", operator: OperatorOpt = "unknown",
+                reason: ReasonOpt = "evacuation over",
+                then: Annotated[str, typer.Option(help="Once it is back: return-vms (to it), rebalance (the "
+                                                       "cluster) or nothing.")] = "return-vms",
+                max_moves: Annotated[int, typer.Option(help="With --then rebalance: at most this many moves.")] = 10,
+                as_json: JsonOpt = False) -> None:
+    """End HOST's evacuation: verify it, put it back as it was before, then return its VMs (or rebalance)."""
+    from flows.return_host import AfterReturn, return_host
+
+    with exit_codes():
+        _check_host(inventory, host)
+        try:
+            after = AfterReturn(then)
+        except ValueError:
+            raise InputError(f"--then: one of {', '.join(a.value for a in AfterReturn)}, got {then!r}") from None
+        result = _run_flow(return_host, host=host, operator=operator, reason=reason, then=after, max_moves=max_moves,
+                           inventory=inventory)
+        _show_outcomes([result], as_json)
+
+
 def _host_change(host: str, inventory: str, operator: str, reason: str, step: str,
                  change: Callable[[Any, Any], Any]) -> None:
     """An operator's change of a host's state: audited, refused with exit 2 when the state forbids it."""

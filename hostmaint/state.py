@@ -246,8 +246,10 @@ class HostStateStore:
             if current.state == S.ACTIVE:
                 return current
             if current.state != S.CORDONED or current.prior_state is not None:
-                why = ("a maintenance holds it (run it again to finish)" if current.state != S.FAILED
-                       else "it is failed: reset it first")
+                why = ("it is failed: reset it first" if current.state == S.FAILED else
+                       f"an evacuation left it drained; 'hostmaint host return {host}' (or the return-host "
+                       "deployment) verifies it, puts it back and returns its VMs" if current.state == S.DRAINED
+                       else "a maintenance holds it (run it again to finish)")
                 raise StateError(f"host {host} is {current.state}"
                                  f"{' (in maintenance)' if current.prior_state else ''}: {why}")
             return self._write(conn, current, exists, S.ACTIVE, reason, run_id, None)

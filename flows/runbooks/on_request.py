@@ -13,9 +13,10 @@ from prefect.client.schemas.objects import State
 from flows import locks
 from flows.common import HostOutcome, default_inventory, run_context
 from flows.evacuate_host import evacuate_host
-from flows.params import EvacuationRequest, PatchRequest, RebalanceRequest
+from flows.params import EvacuationRequest, PatchRequest, RebalanceRequest, ReturnRequest
 from flows.patch_host import patch_host
 from flows.rebalance_cluster import rebalance_cluster
+from flows.return_host import return_host
 from flows.run_display import label_run, rejected
 from flows.runbooks.approval import ask_approval, show_plan
 from hostmaint.models import EvacuationPlan, FleetSnapshot, StepOutcome, Trigger
@@ -76,3 +77,12 @@ def rebalance_on_request(request: RebalanceRequest) -> HostOutcome:
     return rebalance_cluster(cluster=request.cluster, max_moves=request.max_moves, dry_run=request.dry_run,
                              operator=request.operator, inventory=request.inventory or default_inventory(),
                              trigger=Trigger.UI)
+
+
+@flow(name="return-on-request", log_prints=True)
+def return_on_request(request: ReturnRequest, lock_wait_s: float | None = 60) -> HostOutcome:
+    """End a host's evacuation as asked in the form: verify, put back, return its VMs (or rebalance)."""
+    label_run("return", request.inventory or default_inventory(), host=request.host)
+    return return_host(host=request.host, operator=request.operator, reason=request.reason, then=request.then,
+                       inventory=request.inventory or default_inventory(), trigger=Trigger.UI,
+                       lock_wait_s=lock_wait_s)

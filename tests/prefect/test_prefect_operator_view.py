@@ -162,3 +162,45 @@ def test_a_window_run_by_hand_is_not_credited_to_the_scheduler(tmp_path: Path) -
     [window] = [d for d in build_deployments(make_fleet(tmp_path / "f")) if d.name.startswith("patch-window")]
     assert window.parameters["operator"] == ""  # the run form's default: the operator types a name
     assert window.schedules[0].parameters["operator"] == "scheduler"
+
+
+# --- the way back after an evacuation -------------------------------------------------------------------------
+
+
+def test_after_an_evacuation_return_host_puts_it_back_and_brings_its_vms_home(fleet: Path) -> None:
+    from prefect_support import lost, where
+    from typer.testing import CliRunner
+
+    from flows.evacuate_host import evacuate_host
+    from flows.return_host import AfterReturn, return_host
+    from hostmaint.cli import app
+    from hostmaint.models import HostState, StepOutcome
+    from hostmaint.runtime import open_runtime
+
+    home = {vm for vm, hosts in where(fleet).items() if "hv01" in hosts}
+    evacuate_host(host="hv01", operator="ann", reason="RAM swap", inventory=str(fleet))
+    rt = open_runtime(fleet)
+    assert rt.states.state("hv01") is HostState.DRAINED
+    # the operator's uncordon refuses the drained host, and says what to do instead
+    refused = CliRunner().invoke(app, ["host", "uncordon", "hv01", "-i", str(fleet)])
+    assert refused.exit_code == 2 and "hostmaint host return hv01" in " ".join(refused.output.split())
+
+    outcome = return_host(host="hv01", operator="ann", then=AfterReturn.RETURN_VMS, inventory=str(fleet))
+
+    assert outcome.outcome is StepOutcome.OK, outcome.detail
+    assert rt.states.state("hv01") is HostState.ACTIVE
+    assert {vm for vm, hosts in where(fleet).items() if "hv01" in hosts} == home
+    assert all(len(hosts) == 1 for hosts in where(fleet).values()) and lost(fleet) == []
+    # once back, a second return changes nothing
+    again = return_host(host="hv01", operator="ann", inventory=str(fleet))
+    assert again.outcome is StepOutcome.SKIPPED
+
+
+def test_return_host_refuses_a_host_no_evacuation_left_naming_its_way_back(fleet: Path) -> None:
+    from flows.return_host import return_host
+    from hostmaint.runtime import open_runtime
+
+    open_runtime(fleet).states.set_aside("hv02", "degraded: fan", "incident")
+    with pytest.raises(Exception, match="hostmaint host uncordon hv02"):
+        return_host(host="hv02", operator="ann", inventory=str(fleet))
+    assert open_runtime(fleet).states.get("hv02").reason == "degraded: fan"
