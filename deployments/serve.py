@@ -286,7 +286,35 @@ def build_deployments(inventory: str | Path | Inventory, *, windows: Path = WIND
             kwargs["triggers"] = [hardware_trigger(extra)]
         out.append(cast(RunnerDeployment, fl.to_deployment(name=name, tags=tags, description=label + description,
                                                            **kwargs)))
+    hosts = sorted(h.name for h in inv.hosts)
+    clusters = sorted(c.name for c in inv.clusters)
+    for dep in out:
+        if dep.name in FORMS or dep.flow_name == "patch-window":
+            offer_choices(dep, hosts=hosts, clusters=clusters)
     return out
+
+
+FORMS = ("evacuate-host", "patch-host", "return-host", "rebalance-cluster")  # started by people, from the UI
+
+
+def offer_choices(deployment: RunnerDeployment, *, hosts: list[str], clusters: list[str]) -> None:
+    """Make every ``host`` and ``cluster`` field of the deployment's form a choice among the inventory's.
+
+    The Prefect UI then offers a list instead of a text box, and the server refuses any other value
+    (409) before a run exists; without it a typo failed the run half a minute after submit. The
+    runbooks' parameters come from events and are left free: the run itself refuses an unknown host,
+    where it shows in the runs list, rather than the trigger failing out of sight.
+    """
+    from prefect.utilities.callables import ParameterSchema
+
+    schema = deployment._parameter_openapi_schema.model_dump()
+    choices = {"host": hosts, "cluster": clusters}
+    for fields in (schema.get("properties", {}), *(d.get("properties", {})
+                                                   for d in schema.get("definitions", {}).values())):
+        for name, values in choices.items():
+            if name in fields and fields[name].get("type") == "string":
+                fields[name]["enum"] = list(values)
+    deployment._parameter_openapi_schema = ParameterSchema(**schema)
 
 
 SIMULATED_HOME = Path("~/.local/share/hostmaint/simulated")

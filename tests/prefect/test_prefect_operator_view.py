@@ -204,3 +204,41 @@ def test_return_host_refuses_a_host_no_evacuation_left_naming_its_way_back(fleet
     with pytest.raises(Exception, match="hostmaint host uncordon hv02"):
         return_host(host="hv02", operator="ann", inventory=str(fleet))
     assert open_runtime(fleet).states.get("hv02").reason == "degraded: fan"
+
+
+# --- forms offer the inventory's hosts and clusters, and refuse others before a run exists --------------------
+
+
+def test_forms_offer_the_inventorys_hosts_and_clusters(tmp_path: Path) -> None:
+    deps = {d.name: d for d in build_deployments(make_fleet(tmp_path / "f"))}
+    hosts, clusters = ["hv01", "hv02", "hv03", "hv04"], ["demo"]
+    for name, model, field, choices in (("evacuate-host", "EvacuationRequest", "host", hosts),
+                                        ("patch-host", "PatchRequest", "host", hosts),
+                                        ("return-host", "ReturnRequest", "host", hosts),
+                                        ("rebalance-cluster", "RebalanceRequest", "cluster", clusters)):
+        schema = deps[name]._parameter_openapi_schema.model_dump()
+        assert schema["definitions"][model]["properties"][field]["enum"] == choices, name
+    window = deps["patch-window-demo"]._parameter_openapi_schema.model_dump()
+    assert window["properties"]["cluster"]["enum"] == clusters
+    # an event names the host of a runbook: the run refuses an unknown one where the runs list shows it
+    assert "enum" not in deps["degraded-host"]._parameter_openapi_schema.model_dump()["properties"]["host"]
+
+
+@pytest.mark.parametrize("deployment, request_body", [
+    ("evacuate-host", {"host": "hv99", "reason": "disk", "operator": "k"}),
+    ("return-host", {"host": "hv99", "operator": "k"}),
+    ("rebalance-cluster", {"cluster": "nope", "operator": "k"}),
+])
+def test_the_server_refuses_an_unknown_host_or_cluster_before_a_run_exists(
+        prefect_server: None, tmp_path: Path, deployment: str, request_body: dict[str, str]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    [dep] = [d for d in build_deployments(make_fleet(tmp_path / "f")) if d.name == deployment]
+    deployment_id = dep.apply()
+    with get_client(sync_client=True) as client:
+        with pytest.raises(Exception, match="409") as info:
+            client.create_flow_run_from_deployment(deployment_id, parameters={"request": request_body})
+        assert "is not one of" in str(info.value.response.text)  # type: ignore[attr-defined]
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+    assert [r for r in runs if r.parameters.get("request") == request_body] == []  # no run was made of it
