@@ -20,7 +20,7 @@ PREFIX = "hostmaint notify: "
 # every flow hostmaint runs (flows/), by the names their runs carry
 FLOWS = ["patch-host", "patch-window", "evacuate-host", "rebalance-cluster", "degraded-host-runbook",
          "hardware-check-failed-runbook", "evacuate-on-request", "patch-on-request", "rebalance-on-request"]
-RUN_LINK = "{{ flow_run|ui_url }}"
+RUN_LINK = "{{ (flow_run|ui_url) or '' }}"  # none when the server has no UI url
 
 # What each notification matches and says. A run's state events are matched on the state's type, not
 # the event's name: a run not approved ends Cancelled named "Rejected" (prefect.flow-run.Rejected).
@@ -35,11 +35,12 @@ RULES: dict[NotifyOn, dict[str, Any]] = {
         "subject": "hostmaint: {{ flow_run.name }} waits for approval",
         "body": ("{{ flow.name }} run {{ flow_run.name }} waits for an operator ({{ flow_run.state.name }}): "
                  "review the plan and resume or reject it\n" + RUN_LINK)},
+    # flows/notify.py: the window's own event, with its per-host summary (a window that crashes
+    # sends none; the failed rule covers it)
     NotifyOn.WINDOW_END: {
-        "states": ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"], "flows": ["patch-window"],
-        "subject": "hostmaint: patch window {{ flow_run.name }} ended {{ flow_run.state.name }}",
-        "body": ("patch window {{ flow_run.name }} ended {{ flow_run.state.name }}: {{ flow_run.state.message }}\n"
-                 "the per-host summary is the run's report: " + RUN_LINK)},
+        "event": "hostmaint.window.ended",
+        "subject": "hostmaint: patch window {{ event.resource.name }} ended ({{ event.payload.failed }} failed)",
+        "body": "{{ event.payload.summary }}"},
 }
 
 
@@ -78,10 +79,14 @@ def ensure_notifications(inventory: str | Path | Inventory) -> list[str]:
     made = []
     for on in settings.on if settings else []:
         rule = RULES[on]
-        trigger = EventTrigger(
-            match={"prefect.resource.id": "prefect.flow-run.*", "prefect.state-type": rule["states"]},
-            match_related={"prefect.resource.role": "flow", "prefect.resource.name": rule["flows"]},
-            posture=Posture.Reactive, threshold=1)
+        if "event" in rule:
+            trigger = EventTrigger(expect={rule["event"]}, match={"prefect.resource.id": "hostmaint.window.*"},
+                                   posture=Posture.Reactive, threshold=1)
+        else:
+            trigger = EventTrigger(
+                match={"prefect.resource.id": "prefect.flow-run.*", "prefect.state-type": rule["states"]},
+                match_related={"prefect.resource.role": "flow", "prefect.resource.name": rule["flows"]},
+                posture=Posture.Reactive, threshold=1)
         actions: list[Any] = [SendNotification(block_document_id=b, subject=rule["subject"], body=rule["body"])
                               for b in ids]
         automation = cast(Automation, Automation(name=f"{PREFIX}{on.value}",

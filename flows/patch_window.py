@@ -17,6 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import notify
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.patch_host import patch_host
 from flows.rebalance_cluster import rebalance_locked
@@ -179,6 +180,7 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
             rebalance_locked(ref, run, plan, now, rebalance_moves, prefer_origin=False, within=within)
     outcomes.sort(key=lambda o: order.index(o.host) if o.host in order else len(order))
     publish_report(f"patch window {window_id}", outcomes, key=None)
+    notify.window_ended(window_id, cluster, outcomes)  # the window-end notification (docs/integrations.md)
     if left:
         summary = window_left(window_id, cluster, left, started, failures > max_failed_hosts, clock)
         if not started:

@@ -75,25 +75,34 @@ def test_setup_notifies_failures_approvals_and_window_ends(fleet: Path, receiver
     assert len(ensure_notifications(fleet)) == 3  # again: replaced, not doubled
 
     @flow(name="patch-window")
-    def window(fail: bool) -> str:
-        if fail:
-            raise RuntimeError("2 hosts failed: hv01 (verify failed), hv03 (pre-drain hook lb failed)")
-        return "4 hosts patched"
+    def window() -> None:
+        raise RuntimeError("2 hosts failed: hv01 (verify failed), hv03 (pre-drain hook lb failed)")
 
     @flow(name="degraded-host-runbook")
     def runbook() -> None:
         pause_flow_run(timeout=2, poll_interval=1)
 
-    window(False)
-    post = receiver.wait_for("ended Completed")
-    assert "patch window" in post["subject"]
     with pytest.raises(RuntimeError):
-        window(True)
+        window()
     post = receiver.wait_for("hv03 (pre-drain hook lb failed)")
-    assert "Failed" in post["subject"]
+    assert "Failed" in post["subject"] and not post["body"].endswith("None")  # no UI url here: no link
     with pytest.raises(Exception):  # noqa: B017 - nobody approves: the pause times out
         runbook()
     receiver.wait_for("waits for approval")
-    # a flow that is not hostmaint's is not announced
-    names = [p["subject"] for p in receiver.posts]
-    assert all("hostmaint" in n for n in names)
+
+    # a real window whose first host fails its update: the summary names every host and its outcome
+    from flows.patch_window import patch_window
+    from hostmaint.drivers.memory import SimulatedFleet
+    from hostmaint.models import Trigger
+
+    state = SimulatedFleet.load(fleet.parent / "fleet-state.json")
+    for host in state.packages:
+        state.packages[host].fail_update = True
+    state.save()
+    patch_window(cluster="demo", window_id="w-notify", max_failed_hosts=0, operator="sched",
+                 inventory=str(fleet), trigger=Trigger.TEST)
+    post = receiver.wait_for("patch window w-notify on demo:")
+    assert "3 skipped" in post["body"] and "1 failed" in post["body"] and "(1 failed)" in post["subject"]
+    assert "hv01: failed (failed) hv01: dnf update failed" in post["body"]
+    assert post["body"].count("\n- hv0") == 4
+    assert all("hostmaint" in p["subject"] for p in receiver.posts)
