@@ -758,7 +758,7 @@ def exact_stage(movers: Sequence[Vm], chosen: Chosen, ledger: Ledger, targets_fo
             left, chosen, ledger, targets_for, avoid,
             f"not proven impossible: no placement of every VM was found within the exact stage's budget "
             f"({budget:g}); a larger --exact-budget (flows: exact_budget) may find one"), budget - spend.left
-    placed = [name for name in chosen if name in prob.needs]
+    placed = {name: c.fit.host for name, (_, c) in chosen.items() if name in prob.needs}
     proven: list[Blocker] = []
     for i, vm in enumerate(left):
         core = exact.refusal_core(prob, placed, vm, spend) if i < exact.CORES and spend.left > 0 else None
@@ -809,13 +809,15 @@ def _greedy_blockers(left: Sequence[Vm], chosen: Chosen, ledger: Ledger,
     return out
 
 
+CORE_NAMES = 8  # VMs of a core a reason names (Blocker.core has them all)
+
 _CAUSE_WORDS = {
-    "anti-affinity": "their anti-affinity group",
+    "anti-affinity": "the VMs' anti-affinity group",
     "vcpu": "the targets' vCPU budget",
     "memory": "the targets' free memory",
     "hugepages": "the targets' free hugepages",
     "pinning": "the targets' free unpinned CPUs",
-    "numa": "their vNUMA cells (each onto its own host cell)",
+    "numa": "the VMs' vNUMA cells (each onto its own host cell)",
 }
 
 
@@ -836,25 +838,34 @@ def _proven_blocker(vm: Vm, core: exact.Core | None, targets: Sequence[HostLoad]
                     f"placed with"})
     others = [n for n in core.vms if n != vm.name]
     if others:
-        what = f"{vm.name} cannot be placed together with {', '.join(others)}"
+        named = ", ".join(others[:CORE_NAMES]) + (f" and {len(others) - CORE_NAMES} more" if
+                                                   len(others) > CORE_NAMES else "")
+        what = f"{vm.name} cannot be placed together with {named}"
     else:
         what = f"{vm.name} fits no target even if nothing else moved"
-    what += " (a minimal set: each one is needed)" if core.minimal and len(core.vms) > 1 else ""
+    if len(core.vms) > 1:
+        what += (" (a minimal set: each one is needed)" if core.minimal else
+                 " (not shrunk to a minimal set within the budget)")
     if core.causes:
         constraint = core.causes[0]
         because = " or ".join(_CAUSE_WORDS[c] for c in core.causes)
         who = "it would" if len(core.vms) == 1 else "they would"
         reason = f"proven by the exact stage: {what}; {who} fit if nothing but {because} gave way"
         hint = "; or ".join(_HINTS[c] for c in core.causes)
-    else:
+    elif core.tested:
         constraint = "capacity"
         reason = f"proven by the exact stage: {what}; no single rule is the cause: several hold them back together"
         hint = "free capacity on the remaining hosts (memory, CPUs, hugepages) or drain fewer hosts at once"
+    else:
+        constraint = "capacity"
+        reason = f"proven by the exact stage: {what}; which rule holds them back was not found within the budget"
+        hint = ("free capacity on the remaining hosts or drain fewer hosts at once; a larger --exact-budget "
+                "(flows: exact_budget) names the rule")
     got = choose(vm, targets, avoid)
     if isinstance(got, list) and got:
         # what each host misses with the others placed: detail, not the cause (the core is)
         base = blocker_for(vm, got, len(targets))
         reason += f"; as planned, it {base.reason}"
-        if len(core.vms) == 1 and base.constraint in core.causes:
+        if (len(core.vms) == 1 and base.constraint in core.causes) or (not core.causes and not core.tested):
             constraint = base.constraint  # alone, the hosts' own misses name it best
     return Blocker(vm=vm.name, host=vm.host, constraint=constraint, reason=reason, hint=hint, core=core.vms)

@@ -667,10 +667,12 @@ class Core:
 
     vms: tuple[str, ...]
     minimal: bool  # every member was shown necessary (removing it makes the rest placeable)
-    causes: tuple[str, ...]  # from RULES; empty: no single rule, only several together
+    causes: tuple[str, ...]  # from RULES; empty and ``tested``: no single rule, only several together
+    tested: bool = True  # every rule that can matter was tried (False: the budget ran out first)
 
 
-def _all_fit(prob: Problem, vms: Sequence[Vm], budget: Budget, relax: frozenset[str] = frozenset()) -> bool | None:
+def _all_fit(prob: Problem, vms: Sequence[Vm], budget: Budget, relax: frozenset[str] = frozenset(),
+             share: float = 1.0) -> bool | None:
     """Can every one of ``vms`` be placed at once? None when the budget ran out first."""
     cp_model = _cp()
     if not vms:
@@ -678,7 +680,7 @@ def _all_fit(prob: Problem, vms: Sequence[Vm], budget: Budget, relax: frozenset[
     model = Model(prob, vms, relax)
     for p in model.placed.values():
         model.m.add(p == 1)
-    solver = budget.solver()
+    solver = budget.solver(share)
     status = solver.solve(model.m)
     budget.spend(solver)
     if status == cp_model.INFEASIBLE:
@@ -688,55 +690,89 @@ def _all_fit(prob: Problem, vms: Sequence[Vm], budget: Budget, relax: frozenset[
     return None
 
 
-def refusal_core(prob: Problem, placed: Iterable[str], left_out: Vm, budget: Budget) -> Core | None:
+def refusal_core(prob: Problem, placed: Mapping[str, str], left_out: Vm, budget: Budget) -> Core | None:
     """A set of VMs, ``left_out`` among them, that cannot all be placed together.
 
-    The optimum placed ``placed``: with ``left_out`` they are one too many, so some subset holding
-    ``left_out`` is infeasible. CP-SAT's sufficient assumptions narrow it; deletion shrinks it to a
-    minimal set (each member needed) while the budget lasts. None if even the first step ran out.
+    The optimum placed ``placed`` (VM -> host): with ``left_out`` they are one too many, so some
+    subset holding ``left_out`` is infeasible. Tried in turn, cheapest first: ``left_out`` alone;
+    with the VMs the optimum put on the hosts it could go to (narrowed by CP-SAT's sufficient
+    assumptions); with all of them. The first shown infeasible is shrunk by deletion (halves, then
+    quarters, ... then one VM at a time) to a minimal set while the budget lasts. None if no
+    infeasible set was shown within the budget.
+
+    On all the VMs, deletion solves "place all of these" with presolve on, which proves a packing
+    impossible far sooner than assumptions (which turn most of presolve off) on these models.
     """
-    cp_model = _cp()
     by_name = {v.name: v for v in prob.vms}
     alone = _all_fit(prob, [left_out], budget)  # cheap, and the commonest core: it fits nowhere
     if alone is False:
-        return Core((left_out.name,), True, _causes([left_out], prob, budget))
-    members = [by_name[n] for n in sorted(placed)] + [left_out]
+        return Core((left_out.name,), True, *_causes([left_out], prob, budget))
+    if alone is None:
+        return None
+    near = {o.host for o in prob.options(left_out)}
+    rivals = [by_name[n] for n, h in sorted(placed.items()) if h in near]
+    everyone = [by_name[n] for n in sorted(placed)]
+    # the few VMs on its hosts: CP-SAT's sufficient assumptions name a subset at once
+    start = _assumed_core(prob, [*rivals, left_out], left_out, budget) if budget.left > 0 else None
+    if start is None and budget.left > 0 and _all_fit(prob, [*everyone, left_out], budget, share=STAGE_SHARE) is False:
+        start = [*everyone, left_out]
+    if start is None:
+        return None
+    core, minimal = _shrink(prob, start, left_out, budget)
+    return Core(tuple(sorted(v.name for v in core)), minimal, *_causes(core, prob, budget))
+
+
+def _assumed_core(prob: Problem, members: Sequence[Vm], keep: Vm, budget: Budget) -> list[Vm] | None:
+    """If ``members`` cannot all be placed: the subset CP-SAT's sufficient assumptions name (with
+    ``keep``). For a few VMs; on many, assumptions (which turn most of presolve off) are slow."""
+    cp_model = _cp()
     model = Model(prob, members)
     model.m.add_assumptions([model.placed[v.name] for v in members])
-    solver = budget.solver()
+    solver = budget.solver(share=STAGE_SHARE)
     status = solver.solve(model.m)
     budget.spend(solver)
     if status != cp_model.INFEASIBLE:
         return None
     index = {model.placed[v.name].index: v for v in members}
     core = [index[i] for i in solver.sufficient_assumptions_for_infeasibility() if i in index]
-    if left_out not in core:
-        core.append(left_out)
+    return core if keep in core else [*core, keep]
+
+
+def _shrink(prob: Problem, members: Sequence[Vm], keep: Vm, budget: Budget) -> tuple[list[Vm], bool]:
+    """Drop from ``members`` (infeasible together) every VM not needed for that, ``keep`` excepted:
+    chunks first, halving down to single VMs. Minimal when every single-VM test concluded."""
+    core = sorted((v for v in members if v is not keep), key=lambda v: (v.memory_mib, v.vcpus, v.name)) + [keep]
     minimal = True
-    for vm in sorted(core, key=lambda v: (v is left_out, -v.memory_mib, v.name)):
-        if vm is left_out or budget.left <= 0:
-            minimal = minimal and vm is left_out
-            continue
-        rest = [v for v in core if v is not vm]
-        fits = _all_fit(prob, rest, budget)
-        if fits is False:
-            core = rest  # still infeasible without it: not needed
-        elif fits is None:
-            minimal = False
-    if minimal and len(core) > 1:
-        minimal = _all_fit(prob, [v for v in core if v is not left_out], budget) is True
-    return Core(tuple(sorted(v.name for v in core)), minimal, _causes(core, prob, budget))
+    chunk = max((len(core) - 1) // 2, 1)
+    while True:
+        i = 0
+        while i < len(core) - 1:  # ``keep`` is last and stays
+            cut = core[i:min(i + chunk, len(core) - 1)]
+            rest = core[:i] + core[i + len(cut):]
+            fits = _all_fit(prob, rest, budget, share=STAGE_SHARE) if budget.left > 0 else None
+            if fits is False:
+                core = rest  # still infeasible without them: not needed
+                continue
+            if fits is None and chunk == 1:
+                minimal = False
+            i += len(cut)
+        if chunk == 1:
+            return core, minimal
+        chunk = max(chunk // 2, 1)
 
 
-def _causes(core: Sequence[Vm], prob: Problem, budget: Budget) -> tuple[str, ...]:
-    """The rules any one of which, relaxed alone, lets every VM of ``core`` be placed."""
+def _causes(core: Sequence[Vm], prob: Problem, budget: Budget) -> tuple[tuple[str, ...], bool]:
+    """The rules any one of which, relaxed alone, lets every VM of ``core`` be placed, and whether
+    every rule that can matter was tried."""
     causes = []
+    tested = True
     for rule in _rules_for(core, prob):
-        if budget.left <= 0:
-            break
-        if _all_fit(prob, core, budget, frozenset({rule})) is True:
+        fits = _all_fit(prob, core, budget, frozenset({rule}), share=STAGE_SHARE) if budget.left > 0 else None
+        if fits is True:
             causes.append(rule)
-    return tuple(causes)
+        elif fits is None:
+            tested = False
+    return tuple(causes), tested
 
 
 def _rules_for(vms: Sequence[Vm], prob: Problem) -> list[str]:
