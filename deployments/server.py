@@ -244,9 +244,10 @@ def setup(inventory: str | Path, *, work_pool: str | None = None, source: Path |
     from deployments.serve import ROOT, WINDOWS_FILE, build_deployments, remove_orphaned_triggers
     from flows.locks import ensure_limits
 
-    report = SetupReport(limits=ensure_limits(inventory), automation_id=ensure_zombie_automation())
+    notifications = ensure_notifications(inventory)  # first: a missing block is refused before anything changes
+    report = SetupReport(limits=ensure_limits(inventory), automation_id=ensure_zombie_automation(),
+                         notifications=notifications)
     remove_orphaned_triggers()
-    report.notifications = ensure_notifications(inventory)  # deployments/notifications.py
     if work_pool:
         report.work_pool = work_pool
         report.work_pool_created = ensure_work_pool(work_pool)

@@ -9,14 +9,9 @@ flag is 1. The pure parts (query templating, the verdict, the bounded wait) are 
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import socket
-import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +37,17 @@ from hostmaint.monitoring import (
     wait_for_gates,
 )
 from hostmaint.runtime import Runtime, open_runtime
+from tests.monitoring_servers import (
+    ALERTMANAGER,
+    MISSING,
+    PROMETHEUS,
+    Flag,
+    Servers,
+    free_port,
+    running_servers,
+    until,
+)
 
-PROMETHEUS = shutil.which("prometheus")
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 GATE = 'ALERTS{alertstate="firing", instance="$host"}'
 
 
@@ -161,96 +164,12 @@ def test_inventory_monitoring_and_hooks_errors_name_the_field(sim_inventory: Pat
 # --- real servers ----------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Flag:
-    """The exporter's one metric: ``hostmaint_test_flag{instance="hv02"}``."""
-
-    value = 1
-
-
-def _exporter() -> tuple[ThreadingHTTPServer, int]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
-            body = f'hostmaint_test_flag{{instance="hv02"}} {Flag.value}\n'.encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server, int(server.server_address[1])
-
-
-def _until(what: str, check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-        except httpx.HTTPError:
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
-@dataclasses.dataclass
-class Servers:
-    prometheus: str
-    alertmanager: str
-
-
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     if not PROMETHEUS or not ALERTMANAGER:
-        pytest.skip("Prometheus/Alertmanager binaries absent: apt-get install prometheus prometheus-alertmanager "
-                    "(scripts/install-system.sh installs them)")
-    work = tmp_path_factory.mktemp("monitoring")
-    exporter, exporter_port = _exporter()
-    (work / "rules.yml").write_text(
-        "groups:\n- name: hostmaint-test\n  interval: 1s\n  rules:\n"
-        "  - alert: HostOnFire\n    expr: vector(1)\n    labels: {instance: hv01, severity: critical}\n"
-        "  - alert: Toggle\n    expr: hostmaint_test_flag == 1\n")
-    (work / "prometheus.yml").write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s}\nrule_files: [rules.yml]\n"
-        "scrape_configs:\n- job_name: flag\n  honor_labels: true\n"
-        f"  static_configs: [{{targets: ['127.0.0.1:{exporter_port}']}}]\n")
-    (work / "alertmanager.yml").write_text("route: {receiver: none}\nreceivers: [{name: none}]\n")
-    prom_port, am_port = _free_port(), _free_port()
-    procs = [
-        subprocess.Popen([PROMETHEUS, f"--config.file={work / 'prometheus.yml'}",
-                          f"--storage.tsdb.path={work / 'tsdb'}", "--storage.tsdb.retention.time=1h",
-                          f"--web.listen-address=127.0.0.1:{prom_port}"],
-                         stdout=subprocess.DEVNULL, stderr=(work / "prometheus.log").open("w")),
-        subprocess.Popen([ALERTMANAGER, f"--config.file={work / 'alertmanager.yml'}",
-                          f"--storage.path={work / 'am'}", f"--web.listen-address=127.0.0.1:{am_port}",
-                          "--cluster.listen-address=", f"--web.external-url=http://127.0.0.1:{am_port}/",
-                          "--data.maintenance-interval=5s"],
-                         stdout=subprocess.DEVNULL, stderr=(work / "alertmanager.log").open("w")),
-    ]
-    try:
-        s = Servers(f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}")
-        _until("prometheus ready", lambda: httpx.get(f"{s.prometheus}/-/ready").status_code == 200)
-        _until("alertmanager ready", lambda: httpx.get(f"{s.alertmanager}/-/ready").status_code == 200)
-        _until("HostOnFire firing", lambda: httpx.get(f"{s.prometheus}/api/v1/query", params={
-            "query": 'ALERTS{alertstate="firing",alertname="HostOnFire"}'}).json()["data"]["result"])
+        pytest.skip(MISSING)
+    with running_servers(tmp_path_factory.mktemp("monitoring")) as s:
         yield s
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=10)
-        exporter.shutdown()
 
 
 def _with_monitoring(rt: Runtime, monitoring: dict[str, Any]) -> Runtime:
@@ -303,7 +222,7 @@ def test_the_wait_is_bounded_and_the_reboot_gate_keeps_the_host_cordoned(servers
 def test_a_cleared_alert_lets_the_host_go(servers: Servers, rt: Runtime) -> None:
     rt = _with_monitoring(rt, _prom(servers.prometheus, wait_s=60))
     Flag.value = 1
-    _until("Toggle firing", lambda: httpx.get(f"{servers.prometheus}/api/v1/query", params={
+    until("Toggle firing", lambda: httpx.get(f"{servers.prometheus}/api/v1/query", params={
         "query": 'ALERTS{alertstate="firing",instance="hv02"}'}).json()["data"]["result"])
 
     def clear_then_sleep(s: float) -> None:
@@ -316,7 +235,7 @@ def test_a_cleared_alert_lets_the_host_go(servers: Servers, rt: Runtime) -> None
 
 
 def test_unreachable_prometheus_is_audited_and_only_blocks_when_required(rt: Runtime) -> None:
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     lenient = _with_monitoring(rt, _prom(dead))
     result = gate(lenient, RunContext(), "hv01", GatePoint.BEFORE_DRAIN)
     assert result.passed and "did not answer" in result.reason
@@ -339,7 +258,7 @@ def test_silence_is_created_extended_and_expired(servers: Servers, rt: Runtime) 
     assert body["status"]["state"] == "active"
     assert body["matchers"] == [{"name": "instance", "value": "hv01", "isRegex": False, "isEqual": True}]
     first_end = body["endsAt"]
-    _until("two extensions", lambda: lease.extensions >= 2, timeout=20)
+    until("two extensions", lambda: lease.extensions >= 2, timeout=20)
     body = _silence(servers.alertmanager, lease.silence_id)
     assert body["endsAt"] > first_end and body["id"] == lease.silence_id
     end_silence(rt, run, "hv01", lease)
@@ -354,7 +273,7 @@ def test_a_silence_nobody_extends_lapses_by_itself(servers: Servers, rt: Runtime
     rt = _with_monitoring(rt, _am(servers.alertmanager, lease_s=1))
     lease = open_silence(rt, RunContext(), "hv03", start=False)  # the run "dies": nothing extends it
     assert lease is not None
-    _until("the silence lapsed",
+    until("the silence lapsed",
            lambda: _silence(servers.alertmanager, lease.silence_id)["status"]["state"] == "expired", timeout=15)
 
 
@@ -375,7 +294,7 @@ def test_a_resumed_run_adopts_the_recorded_silence(servers: Servers, rt: Runtime
 
 
 def test_unreachable_alertmanager_never_blocks_unless_required(rt: Runtime) -> None:
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     lenient = _with_monitoring(rt, _am(dead))
     assert open_silence(lenient, RunContext(), "hv02") is None
     rec = _records(rt, "hv02", "silence")[-1]
