@@ -1,0 +1,217 @@
+"""The record tells the truth when the real drivers fail mid-way (issue 15): on the real lab.
+
+- c: the SSH connection drops while ``dnf update`` runs and the update completes on the host: the
+  audit says the outcome is unknown, and the plain re-run reads the package changes from the host's
+  rpm database and records them.
+- b: a run is killed (SIGKILL) while its live migrations are in flight; libvirt finishes them after
+  the process died: the next run finds them and records them as such.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hostmaint.lab import LabInfo, lab_down, lab_up
+from hostmaint.models import HostState, StepOutcome, Trigger
+from tests.lab.labkit import (
+    HOST_MEMORY_MIB,
+    WORKDIR,
+    hostmaint_db_at,
+    lab_skip_reason,
+    leftovers,
+    wait_for_no_foreign_lab,
+)
+
+pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("prefect_server")]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def truth_lab(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabInfo]:
+    reason = lab_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from flows.locks import ensure_limits
+
+    wait_for_no_foreign_lab()
+    lab_down(WORKDIR)
+    info = lab_up(hosts=3, vms=6, workdir=WORKDIR, linux_guests=1, host_memory_mib=HOST_MEMORY_MIB)
+    ensure_limits(info.inventory_path)
+    try:
+        with hostmaint_db_at(tmp_path_factory.mktemp("lab-truth") / "hostmaint.db"):
+            yield info
+    finally:
+        lab_down(WORKDIR)
+        assert not leftovers(WORKDIR), leftovers(WORKDIR)
+
+
+@pytest.fixture
+def rt(truth_lab: LabInfo) -> object:
+    from hostmaint.runtime import open_runtime
+
+    return open_runtime(truth_lab.inventory_path)
+
+
+def all_vms(rt: object) -> dict[str, list[str]]:
+    """vm -> hosts it runs on, asked of every lab host's libvirtd."""
+    out: dict[str, list[str]] = {}
+    for entry in rt.inventory.hosts:  # type: ignore[attr-defined]
+        for vm in rt.hypervisor.running_vms(entry.name):  # type: ignore[attr-defined]
+            out.setdefault(vm, []).append(entry.name)
+    return out
+
+
+def _reactivate(rt: object, *hosts: str) -> None:
+    """Hosts an earlier test left out of service go back (as an operator would), so plans have room."""
+    for h in hosts:
+        state = rt.states.state(h)  # type: ignore[attr-defined]
+        if state is HostState.FAILED:
+            rt.states.transition(h, HostState.CORDONED, "test: reset")  # type: ignore[attr-defined]
+        if rt.states.get(h).state is HostState.CORDONED:  # type: ignore[attr-defined]
+            rt.states.set_aside(h, "test: back", None)  # type: ignore[attr-defined]
+            rt.states.return_to_service(h, "test: back", None)  # type: ignore[attr-defined]
+
+
+def _expire_leases(rt: object) -> None:
+    """What the Prefect server's repossessor does to the slots of a run that stopped renewing them."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    from flows.locks import limit_specs
+
+    with get_client(sync_client=True) as client:
+        for spec in limit_specs(rt.inventory):  # type: ignore[attr-defined]
+            client.update_global_concurrency_limit(spec.name, GlobalConcurrencyLimitUpdate(active_slots=0))
+
+
+def test_an_update_whose_ssh_connection_dropped_is_recovered_from_the_rpm_database(truth_lab: LabInfo,
+                                                                                    rt: object) -> None:
+    from flows.patch_host import patch_host
+    from hostmaint.errors import StepError
+    from hostmaint.lab.faults import host_commands, kill_ssh_sessions
+    from hostmaint.lab.host import host_dir
+
+    host = "hv03"
+    bin_dir = host_dir(WORKDIR, host) / "bin"
+    original = (bin_dir / "dnf").read_text()
+    # dnf runs to its end, then the session lingers 5 s: the connection is cut in that time
+    (bin_dir / "dnf-real").write_text(original)
+    (bin_dir / "dnf-real").chmod(0o755)
+    lingering = bin_dir / "dnf.truth"
+    lingering.write_text('#!/bin/sh\n/usr/local/sbin/dnf-real "$@"\nrc=$?\n'
+                         'case " $* " in *" update "*) sleep 5 ;; esac\nexit $rc\n')
+    lingering.chmod(0o755)
+    lingering.replace(bin_dir / "dnf")
+    cut: list[int] = []
+
+    def cut_when_updated() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not cut:
+            if any(argv[:2] == ["sleep", "5"] for argv in host_commands(host)):
+                cut.append(kill_ssh_sessions(WORKDIR, host))
+                return
+            time.sleep(0.05)
+
+    cutter = threading.Thread(target=cut_when_updated, daemon=True)
+    cutter.start()
+    try:
+        with pytest.raises(StepError, match="outcome is unknown"):
+            patch_host(host=host, operator="lab-test", reason="ssh drop", inventory=str(truth_lab.inventory_path),
+                       trigger=Trigger.TEST, return_vms=False)
+    finally:
+        cutter.join(timeout=5)
+        restored = bin_dir / "dnf.back"
+        restored.write_text(original)
+        restored.chmod(0o755)
+        restored.replace(bin_dir / "dnf")
+    assert cut and cut[0] >= 1, "the SSH session was never cut"
+
+    [update] = [r for r in rt.audit.records(host=host) if r.step == "update"]  # type: ignore[attr-defined]
+    assert update.outcome is StepOutcome.UNKNOWN, update
+    assert rt.states.state(host) is HostState.PATCHING  # type: ignore[attr-defined]
+
+    result = patch_host(host=host, operator="lab-test", reason="ssh drop, again",
+                        inventory=str(truth_lab.inventory_path), trigger=Trigger.TEST, return_vms=False)
+
+    assert result.outcome is StepOutcome.OK, result.detail
+    [recovered] = [r for r in rt.audit.records(host=host) if r.step == "update-recovered"]  # type: ignore[attr-defined]
+    diff = recovered.details["package_diff"]
+    changed = diff["installed"] + diff["upgraded"] + diff["removed"]
+    assert changed, recovered.details  # what the lost update did, read from the host
+    assert result.packages_changed >= len(changed)
+    assert rt.states.state(host) is HostState.ACTIVE  # type: ignore[attr-defined]
+    assert rt.audit.verify().ok  # type: ignore[attr-defined]
+
+
+def test_migrations_that_finish_after_their_run_was_killed_are_found_by_the_next_run(
+        truth_lab: LabInfo, rt: object, tmp_path: Path) -> None:
+    import yaml
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.evacuate_host import evacuate_host
+    from flows.locks import ensure_limits
+
+    _reactivate(rt, "hv01", "hv02", "hv03")
+    source = "hv02"
+    hv = rt.hypervisor  # type: ignore[attr-defined]
+    before = all_vms(rt)
+    leaving = sorted(vm for vm, hosts in before.items() if hosts == [source])
+    assert leaving, before
+    # slow migrations (4 MiB/s: a 64 MiB guest takes ~16 s), so the run can be killed while they run
+    data = yaml.safe_load(truth_lab.inventory_path.read_text())
+    data["clusters"][0]["migration"] = {"bandwidth_mib_s": 4}
+    slow = tmp_path / "inventory.yaml"
+    slow.write_text(yaml.safe_dump(data))
+    ensure_limits(slow)
+    script = ("from flows.evacuate_host import evacuate_host\n"
+              f"evacuate_host(host={source!r}, operator='lab-test', reason='killed', inventory={str(slow)!r}, "
+              "trigger='test')\n")
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "HOSTMAINT_LOCK_LEASE_SECONDS": "60"}
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_with: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            moving = [vm for h in ("hv01", "hv03") for vm in hv.in_migration(h)]
+            if moving:
+                killed_with = moving
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_with, "no migration was seen in flight before the run ended"
+    # libvirt carries on without the run: wait until nothing is in flight
+    deadline = time.monotonic() + 120
+    while any(hv.in_migration(h) for h in ("hv01", "hv02", "hv03")):
+        assert time.monotonic() < deadline, "migrations still in flight after 120 s"
+        time.sleep(0.5)
+    away = sorted(vm for vm, hosts in all_vms(rt).items() if vm in leaving and hosts != [source])
+    assert set(killed_with) <= set(away), (killed_with, away)  # they landed after the run died
+    assert not [r for r in rt.audit.records(host=source) if r.step == "migrate"]  # type: ignore[attr-defined]
+
+    # the dead run's leases run out (the test server runs no repossessor service: done here as it would)
+    _expire_leases(rt)
+    result = evacuate_host(host=source, operator="lab-test", reason="after the kill",
+                           inventory=str(truth_lab.inventory_path), trigger=Trigger.TEST, lock_wait_s=30)
+
+    assert result.outcome is StepOutcome.OK, result.detail
+    found = [r for r in rt.audit.records(host=source) if r.step == "migration-found"]  # type: ignore[attr-defined]
+    assert sorted(r.vm or "" for r in found) == away, found
+    assert all(r.inputs["target"] == all_vms(rt)[r.vm][0] for r in found if r.vm)
+    after = all_vms(rt)
+    assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
+    assert not [vm for vm, hosts in after.items() if source in hosts]
+    assert rt.audit.verify().ok  # type: ignore[attr-defined]
