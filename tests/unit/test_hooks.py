@@ -114,3 +114,20 @@ def test_cluster_hooks_run_before_the_hosts_own(rt: Runtime) -> None:
                      host=("hv01", {"pre_reboot": [{"name": "h", "on": "worker", "argv": ["true"]}]}))
     assert [r.name for r in run_hooks(rt, RunContext(), "hv01", HookPoint.PRE_REBOOT)] == ["c", "h"]
     assert [r.name for r in run_hooks(rt, RunContext(), "hv02", HookPoint.PRE_REBOOT)] == ["c"]
+
+
+def test_inventory_check_refuses_a_shell_string_hook_with_exit_2(sim_inventory: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from hostmaint.cli import app
+
+    data = yaml.safe_load(sim_inventory.read_text())
+    data["hosts"][0]["hooks"] = {"pre_reboot": [{"name": "noout", "argv": "ceph osd set noout"}]}
+    data["clusters"][0]["monitoring"] = {"alertmanager": {"url": "http://am:9093", "lease_s": 0,
+                                                          "matchers": [{"name": "instance", "value": "$host"}]}}
+    sim_inventory.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["inventory", "check", str(sim_inventory)])
+    assert result.exit_code == 2, result.output
+    assert "hosts[0].hooks.pre_reboot[0].argv (host hv01)" in result.output
+    assert "clusters[0].monitoring.alertmanager.lease_s" in result.output
