@@ -16,8 +16,8 @@ from typing import Annotated
 
 import httpx
 import typer
-from rich.console import Console
 
+from hostmaint.console import make_console
 from hostmaint.display import cell, labelled
 from hostmaint.errors import HostmaintError, InputError
 
@@ -27,8 +27,8 @@ event_app = typer.Typer(help="Send a host event (as monitoring would); it starts
                         no_args_is_help=True)
 app.add_typer(event_app, name="event")
 
-out = Console(soft_wrap=True, highlight=False)
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 InventoryOpt = Annotated[str, typer.Option("--inventory", "-i", envvar="HOSTMAINT_INVENTORY",
                                            help="Inventory YAML file.")]

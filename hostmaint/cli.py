@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from hostmaint.console import make_console
 from hostmaint.display import cell, labelled
 from hostmaint.errors import HostmaintError, InputError, InventoryError, PlanError
 from hostmaint.fleet import dump_snapshot, load_snapshot
@@ -48,8 +48,8 @@ app.add_typer(host_app, name="host")
 app.add_typer(lab_app, name="lab")
 app.add_typer(simulate_app, name="simulate")
 
-out = Console()
-err = Console(stderr=True)
+out = make_console()
+err = make_console(stderr=True)
 
 T = TypeVar("T")
 
@@ -601,13 +601,14 @@ def _parse_anchor(text: str) -> Any:
 def demo(simulated: Annotated[bool, typer.Option("--simulated", help="Use the in-memory fleet, not the lab.")]
          = False,
          workdir: Annotated[Path | None, typer.Option(help="Where the demo keeps its files.")] = None,
-         hosts: int = 3, vms: int = 6, keep: Annotated[bool, typer.Option(help="Leave the lab up.")] = False) -> None:
+         hosts: int = 3, vms: int = 6, keep: Annotated[bool, typer.Option(help="Leave the lab up.")] = False,
+         as_json: JsonOpt = False) -> None:
     """Run a patch window end to end: on the real local lab (root), or --simulated."""
     with exit_codes():
         if simulated:
-            _demo_simulated(workdir)
+            _demo_simulated(workdir, as_json)
         else:
-            _demo_lab(workdir, hosts, vms, keep)
+            _demo_lab(workdir, hosts, vms, keep, as_json)
 
 
 def _use_demo_db(workdir: Path) -> Path:
@@ -644,7 +645,7 @@ def _ensure_limits(inventory: Path) -> None:
     ensure_limits(inventory)
 
 
-def _demo_simulated(workdir: Path | None) -> None:
+def _demo_simulated(workdir: Path | None, as_json: bool = False) -> None:
     from flows.patch_window import patch_window
     from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
 
@@ -659,12 +660,12 @@ def _demo_simulated(workdir: Path | None) -> None:
     started = time.monotonic()
     outcomes = _run_flow(patch_window, cluster=snap.cluster, inventory=str(inventory), max_hosts_in_parallel=1,
                          window_id="demo", operator="demo")
-    _show_outcomes(outcomes, False)
-    out.print(cell(f"window finished in {time.monotonic() - started:.1f}s; audit trail: {db} "
+    _show_outcomes(outcomes, as_json)
+    (err if as_json else out).print(cell(f"window finished in {time.monotonic() - started:.1f}s; audit trail: {db} "
                    f"(hostmaint audit show / verify with HOSTMAINT_DB={db})"))
 
 
-def _demo_lab(workdir: Path | None, hosts: int, vms: int, keep: bool) -> None:
+def _demo_lab(workdir: Path | None, hosts: int, vms: int, keep: bool, as_json: bool = False) -> None:
     from flows.patch_window import patch_window
     from hostmaint.lab import lab_down, lab_up
 
@@ -674,14 +675,14 @@ def _demo_lab(workdir: Path | None, hosts: int, vms: int, keep: bool) -> None:
     started = time.monotonic()
     info = lab_up(hosts=hosts, vms=vms, **kwargs)
     db = _use_demo_db(Path(info.inventory_path).parent)  # a new lab has no history
-    out.print(f"lab up in {time.monotonic() - started:.1f}s: {len(info.hosts)} hosts, inventory "
+    (err if as_json else out).print(f"lab up in {time.monotonic() - started:.1f}s: {len(info.hosts)} hosts, inventory "
               f"{info.inventory_path}", markup=False)
     _ensure_limits(Path(info.inventory_path))
     try:
         outcomes = _run_flow(patch_window, cluster="lab", inventory=str(info.inventory_path),
                              max_hosts_in_parallel=1, window_id=f"lab-{int(time.time())}", operator="demo")
-        _show_outcomes(outcomes, False)
-        out.print(f"audit trail: {db}; Prefect UI: run 'prefect server start' "
+        _show_outcomes(outcomes, as_json)
+        (err if as_json else out).print(f"audit trail: {db}; Prefect UI: run 'prefect server start' "
                   "and set PREFECT_API_URL=http://127.0.0.1:4200/api before the demo to see the runs", markup=False)
         if any(o.outcome.value == "failed" for o in outcomes):
             raise typer.Exit(1)
