@@ -57,14 +57,20 @@ def label_run(action: str, inventory: str, *, host: str | None = None, cluster: 
     from prefect.client.orchestration import get_client
     from prefect.exceptions import PrefectException
 
+    name = run_name(action, target, dry_run=dry_run, simulated=rt.simulated)
     try:
         with get_client(sync_client=True) as client:
             tags = client.read_flow_run(run_id).tags
             new = [t for t in run_tags(host, cluster, rt.simulated) if t not in tags]
-            client.update_flow_run(run_id, name=run_name(action, target, dry_run=dry_run, simulated=rt.simulated),
-                                   tags=[*tags, *new])
+            client.update_flow_run(run_id, name=name, tags=[*tags, *new])
     except (PrefectException, httpx.HTTPError, OSError) as exc:
         log.warning("could not name run %s %r: %s", run_id, action, exc)
+        return
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    if context is not None and context.flow_run is not None:
+        context.flow_run.name = name  # this process's log lines name the run as the UI does (as flow_run_name would)
 
 
 class PlanRejected(CancelledRun):
