@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hostmaint.config_file import load_yaml
 from hostmaint.errors import InputError
 from hostmaint.inventory import Inventory, load_inventory
+from hostmaint.placement.exact import DEFAULT_BUDGET
 
 ROOT = Path(__file__).resolve().parents[1]
 WINDOWS_FILE = Path(__file__).with_name("windows.yaml")
@@ -86,6 +87,8 @@ class WindowConfig(BaseModel):
     window_minutes: Annotated[float, Field(gt=0, le=7 * 24 * 60)] = 240
     max_hosts_in_parallel: Annotated[int, Field(ge=1)] = 1
     max_failed_hosts: Annotated[int, Field(ge=0)] = 0
+    # deterministic seconds for the planner's exact stage (placement/exact.py); 0: greedy only
+    exact_budget: Annotated[float, Field(ge=0, le=600)] = DEFAULT_BUDGET
     exclude: list[date] = Field(default_factory=list)
 
     @field_validator("timezone")
@@ -192,7 +195,7 @@ def window_parameters(cluster: str, cfg: WindowConfig, operator: str = "schedule
     """
     return {"cluster": cluster, "window_minutes": cfg.window_minutes,
             "max_hosts_in_parallel": cfg.max_hosts_in_parallel, "max_failed_hosts": cfg.max_failed_hosts,
-            "operator": operator}
+            "exact_budget": cfg.exact_budget, "operator": operator}
 
 
 def window_schedule(cluster: str, cfg: WindowConfig) -> Schedule:
