@@ -16,9 +16,9 @@ from prefect.context import FlowRunContext, TaskRunContext
 from prefect.logging.handlers import APILogHandler
 from prefect.states import State
 
-from hostmaint.display import visible
 from hostmaint.errors import InputError, TransientDriverError
 from hostmaint.migration import DrainEvent
+from hostmaint.migration.narrate import describe
 from hostmaint.placement.exact import DEFAULT_BUDGET
 from hostmaint.runtime import Runtime, open_runtime
 
@@ -142,10 +142,10 @@ def drain_logger(total: int = 0) -> Callable[[DrainEvent], None]:
     def log(event: DrainEvent) -> None:
         nonlocal done, moved
         kind = getattr(event.kind, "value", event.kind)
+        # a sentence, not a dict; the VM name is the host's: one log line, whatever it holds
+        logger.info("%s", describe(event))
         if kind == "progress":
             return
-        # the VM name is the host's: one log line, whatever it holds
-        logger.info("drain %s %s %s", kind, visible(event.vm), dict(event.detail))  # repr() escapes the detail
         if artifact is None or kind not in ("finished", "failed", "aborted", "skipped"):
             return
         with lock:
