@@ -8,22 +8,26 @@ constraint program, with the fit rules of fit.py (``cell_holds``, ``host_miss``,
 * each guest part (one for a plain VM, one per guest cell for vNUMA) onto a host cell that alone
   holds it: ordinary memory after reserve and headroom, or free hugepages of its page size; its
   pinned CPUs from the cell's free unpinned CPUs; guest cells 1:1 onto distinct host cells;
-* a NUMA-remote spread over cells (a plain VM, only where not everything was local already);
+* a NUMA-remote spread over cells (a plain VM, only where not everything was local already):
+  with pinned CPUs, a part and the CPUs per cell; without, one row per host (memory splits over
+  any cells in whole units, so it fits when the cells together keep room after the local parts);
 * the host's vCPU budget; one VM of an anti-affinity group per host (none where the group runs);
 * targets are exactly the greedy's (active, not drained, same cluster and CPU group), charged
   from the same ledger, so migrations in flight already count on their targets.
 
 The objective is lexicographic, solved as stages (each stage's optimum fixed for the next): VMs
 placed, NUMA-local, the targets' ranks (focus, due for maintenance, busy), the highest host
-utilisation, then the spread (Σ weighted squared utilisation of hosts and cells, as objective.py).
-The greedy result is the hint and the answer whenever this stage finds nothing better. CP-SAT
+utilisation, then the spread (Σ weight × utilisation above the mean, hosts and cells weighted as in
+objective.py; linear, so its optimum is proven). The greedy result is the hint and the answer
+whenever this stage finds nothing better (by the same key, evacuate._key). CP-SAT
 runs with one worker, a fixed seed and a *deterministic* time budget (never wall time), so the
 same snapshot gives the same plan and the same proof on any machine.
 
-When the first stage proves that not every VM fits, :func:`refusal_cores` names, for each VM
-left out, a set of VMs that cannot all be placed together (CP-SAT's sufficient assumptions,
-shrunk by deletion to a minimal set when the budget allows) and the rules whose relaxation alone
-would let that set fit; the blocker's reason and hint follow from that set.
+When the first stage proves that not every VM fits, :func:`refusal_core` names, for each VM
+left out, a set of VMs that cannot all be placed together (narrowed by CP-SAT's sufficient
+assumptions where the set is small, shrunk by deletion to a minimal set when the budget allows)
+and the rules whose relaxation alone would let that set fit; the blocker's reason and hint follow
+from that set. :func:`solve_rebalance` is the same model for a rebalance's moves.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ def _cp():  # type: ignore[no-untyped-def]
 
     return cp_model
 
+
 # Deterministic seconds of CP-SAT work a plan may spend (a unit of solver work that is about a
 # second on a typical core, the same on every machine). 0: greedy only.
 DEFAULT_BUDGET = 1.0
@@ -69,7 +74,7 @@ STAGE_SHARE = 0.6  # of the budget left, what one stage of the objective may spe
 MAX_PAIRS = 2500
 WORKERS = 1
 SEED = 1
-CORES = 8  # VMs left out that get a refusal core of their own; the rest name the first
+CORES = 8  # VMs left out that get a refusal core of their own; the rest state the proven bound
 
 # Rules the exact stage can relax one at a time to say which one a refusal core runs into.
 RULES = ("numa", "anti-affinity", "pinning", "hugepages", "vcpu", "memory")
