@@ -62,7 +62,7 @@ from hostmaint.lab import LabInfo, faults, kill_libvirtd, lab_down, lab_status, 
 from hostmaint.lab.host import read_status, wait_for_phase
 from hostmaint.lab.packages import KERNEL_PACKAGE, TOOLS_PACKAGE, RpmSpec, build_repo
 
-ROOT = Path(__file__).resolve().parents[1]
+HOSTMAINT = str(Path(sys.executable).with_name("hostmaint"))  # this venv's CLI
 
 DEFAULT_WORKDIR = Path("/var/tmp/hostmaint-chaos")
 HOSTS = ("hv01", "hv02", "hv03")
@@ -70,6 +70,7 @@ REBOOT_TIMEOUT_S = 15
 LEASE_S = 60  # the minimum lock lease: a killed run's slots free after this
 PORT = 4317
 OP_TIMEOUT_S = 300
+FILLER_PREFIX = "cxf"  # guests that fill a target (a tenant's, deleted once the round's first re-run saw them)
 FAULT_CLASSES = ("link-cut", "libvirtd-kill", "ssh-drop", "reboot-hangs", "reboot-skipped", "repo-broken",
                  "disk-full", "host-key-changed", "vm-started", "target-filled", "flow-killed", "server-restart")
 OPS = ("patch", "evacuate", "window", "rebalance", "patch-pair")
@@ -93,7 +94,7 @@ PATCHING_OPS = {"patch", "patch-pair", "window"}
 class FaultSpec:
     kind: str
     host: str
-    trigger: str  # start | offset | planned (a plan printed) | migrating | dnf
+    trigger: str  # start | offset | planned (a plan printed) | migrating | dnf (any) | dnf-update
     delay: float  # seconds after the trigger
     duration: float  # seconds until undone (0: until the round's recovery)
 
@@ -118,7 +119,7 @@ def make_scenario(round_seed: int, classes: Sequence[str] = FAULT_CLASSES, ops: 
     else:
         hosts = HOSTS
     allowed = sorted(COMPATIBLE[op] & set(classes))
-    count = 1 if len(allowed) == 1 else rng.choice((1, 1, 2))
+    count = 1 if len(allowed) == 1 else min(len(allowed), rng.choice((1, 2, 2, 3)))
     kinds = rng.sample(allowed, count)
     if "flow-killed" in kinds and "server-restart" in kinds:
         kinds.remove("server-restart")  # both end the run; one is enough to learn from
@@ -130,14 +131,14 @@ def _fault(rng: random.Random, kind: str, op: str, hosts: tuple[str, ...]) -> Fa
     others = [h for h in HOSTS if h not in hosts] or [h for h in HOSTS if h != target]
     patches = op in PATCHING_OPS
     if kind == "link-cut":
-        return FaultSpec(kind, rng.choice([target, *others]), rng.choice(["migrating", "dnf"] if patches
-                                                                         else ["migrating", "offset"]),
-                         rng.uniform(0, 3), rng.uniform(2, 12))
+        trigger = rng.choice(["migrating", "dnf", "dnf-update"] if patches else ["migrating", "offset"])
+        return FaultSpec(kind, rng.choice([target, *others]) if trigger == "migrating" else target, trigger,
+                         rng.uniform(0, 0.3) if trigger.startswith("dnf") else rng.uniform(0, 3), rng.uniform(2, 12))
     if kind == "libvirtd-kill":
         return FaultSpec(kind, rng.choice([target, *others]), rng.choice(["migrating", "offset"]),
                          rng.uniform(0, 4), rng.uniform(1, 6))
     if kind == "ssh-drop":
-        return FaultSpec(kind, target, "dnf", rng.uniform(0, 0.4), 0)
+        return FaultSpec(kind, target, rng.choice(["dnf", "dnf-update", "dnf-update"]), rng.uniform(0, 0.3), 0)
     if kind in ("reboot-hangs", "reboot-skipped"):
         return FaultSpec(kind, target, "start", 0, 0)
     if kind in ("repo-broken", "disk-full", "host-key-changed"):
@@ -147,8 +148,8 @@ def _fault(rng: random.Random, kind: str, op: str, hosts: tuple[str, ...]) -> Fa
     if kind == "target-filled":
         return FaultSpec(kind, rng.choice(others), rng.choice(["planned", "migrating"]), rng.uniform(0, 0.5), 0)
     if kind == "flow-killed":
-        return FaultSpec(kind, target, rng.choice(["offset", "migrating", "dnf"] if patches
-                                                  else ["offset", "migrating"]), rng.uniform(0, 15), 0)
+        trigger = rng.choice(["offset", "migrating", "dnf-update"] if patches else ["offset", "migrating"])
+        return FaultSpec(kind, target, trigger, rng.uniform(0, 0.3 if trigger == "dnf-update" else 15), 0)
     if kind == "server-restart":
         return FaultSpec(kind, target, "offset", rng.uniform(1, 15), 0)
     raise ValueError(f"unknown fault class {kind!r}")
@@ -178,7 +179,8 @@ class Watcher(threading.Thread):
         self.moves: list[tuple[float, str, str, str]] = []
         self.duplicates: list[str] = []
         self.migrating = False
-        self.dnf: set[str] = set()
+        self.dnf: set[str] = set()  # hosts seen running dnf (any command)
+        self.dnf_update: set[str] = set()  # hosts seen running dnf update
 
     def sample(self) -> dict[str, dict[str, int]]:
         """host -> {vm: libvirt state}; a host whose libvirtd does not answer is left out."""
@@ -232,7 +234,12 @@ class Watcher(threading.Thread):
                 paused = {vm for doms in snap.values() for vm, st in doms.items()
                           if st == self.libvirt.VIR_DOMAIN_PAUSED}
                 self.migrating = self.migrating or bool(paused & set(running))
-                self.dnf |= {h for h in self.hosts if _runs_dnf(h)}
+                for host in self.hosts:
+                    dnf = [argv for argv in _commands(host) if any(a.endswith("/dnf") for a in argv)]
+                    if dnf:
+                        self.dnf.add(host)
+                    if any("update" in argv for argv in dnf):
+                        self.dnf_update.add(host)
             self.stop_event.wait(self.period)
 
     def reset_round(self) -> None:
@@ -241,6 +248,7 @@ class Watcher(threading.Thread):
             self.duplicates.clear()
             self.migrating = False
             self.dnf.clear()
+            self.dnf_update.clear()
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -250,11 +258,11 @@ class Watcher(threading.Thread):
                 self._drop(host)
 
 
-def _runs_dnf(host: str) -> bool:
+def _commands(host: str) -> list[list[str]]:
     try:
-        return faults.host_runs(host, "dnf")
-    except Exception:  # noqa: BLE001 - a probe of a host that is rebooting; "not now" is the answer
-        return False
+        return faults.host_commands(host)
+    except Exception:  # noqa: BLE001 - a probe of a host that is rebooting; "nothing now" is the answer
+        return []
 
 
 # --- the campaign's world: lab, Prefect server, CLI ----------------------------------------------------
@@ -274,7 +282,7 @@ class Campaign:
     log: Callable[[str], None] = print
 
     def cli(self, *args: str, timeout: float = OP_TIMEOUT_S, log_to: Path | None = None) -> tuple[int, str, str]:
-        proc = subprocess.run([str(ROOT / ".venv" / "bin" / "hostmaint"), *args], env=self.env, cwd=self.out,
+        proc = subprocess.run([HOSTMAINT, *args], env=self.env, cwd=self.out,
                               capture_output=True, text=True, timeout=timeout)
         if log_to is not None:
             with log_to.open("a") as f:
@@ -403,7 +411,7 @@ class OpRun:
         with log.open("a") as f:
             f.write(f"$ hostmaint {' '.join(args)}\n")
             f.flush()
-            self.proc = subprocess.Popen([str(ROOT / ".venv" / "bin" / "hostmaint"), *args], env=campaign.env,
+            self.proc = subprocess.Popen([HOSTMAINT, *args], env=campaign.env,
                                          cwd=campaign.out, stdout=f, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
@@ -467,8 +475,9 @@ class Injector:
         with w.lock:
             if spec.trigger == "migrating":
                 return w.migrating
-            if spec.trigger == "dnf":
-                return spec.host in w.dnf or (spec.kind != "ssh-drop" and bool(w.dnf))
+            if spec.trigger in ("dnf", "dnf-update"):
+                seen = w.dnf if spec.trigger == "dnf" else w.dnf_update
+                return spec.host in seen or (spec.kind != "ssh-drop" and bool(seen))
         return False
 
     def _wait_and_inject(self, fr: FaultRun) -> None:
@@ -514,7 +523,7 @@ class Injector:
                     self.added_guests.append(name)
                 fr.note = f"started {name} on {spec.host}"
             elif spec.kind == "target-filled":
-                name = c.next_guest("cxf")
+                name = c.next_guest(FILLER_PREFIX)
                 vm = faults.fill_host(c.info, name, spec.host)
                 if vm is None:
                     fr.note = f"not injected: {spec.host} had no room to fill"
@@ -631,26 +640,49 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
                                    + last_error(text))
     # the state after the faulted run, before anyone fixes anything
     states_after_first = c.states()
-    result.violations += check_states(c, scenario, newest, "after the faulted run", states_at_start, placed)
+    result.violations += check_states(c, scenario, newest, "after the faulted run", states_after_first,
+                                      states_at_start, placed)
 
     # recovery, as an operator would
-    needs_rerun = [i for i, rc in enumerate(result.first_rc) if rc != 0]
     result.rerun_rc = [None] * len(ops)
-    if needs_rerun:
-        if killed:
-            time.sleep(max(0.0, max(killed) + LEASE_S + 5 - time.monotonic()))  # the dead run's lease
-        states = c.states()
+
+    def rerun(indices: list[int], states: dict[str, dict[str, Any]]) -> None:
         for host in HOSTS:
             if states[host]["state"] == "failed":
                 c.cli("host", "reset", host, "--reason", "chaos: fault fixed", log_to=log)
-        for i in needs_rerun:
-            rerun = OpRun(c, ops[i].args, log)
-            result.rerun_rc[i] = rerun.wait(OP_TIMEOUT_S)
-            if crashed(result.rerun_rc[i], rerun.output()[len(first_out[i]):]):
-                result.findings.append("crash: the re-run ended without the CLI's own error line: "
-                                       + last_error(rerun.output()[len(first_out[i]):]))
-    final_rc = [r if i in needs_rerun else f for i, (f, r) in enumerate(zip(result.first_rc, result.rerun_rc,
-                                                                             strict=True))]
+        for i in indices:
+            offset = log.stat().st_size
+            run = OpRun(c, ops[i].args, log)
+            result.rerun_rc[i] = run.wait(OP_TIMEOUT_S)
+            if result.rerun_rc[i] is None:
+                result.violations.append(f"hang: the re-run hostmaint {' '.join(run.args)} did not end within "
+                                         f"{OP_TIMEOUT_S} s")
+            if crashed(result.rerun_rc[i], run.output()[offset:]):
+                result.findings.append("crash: a re-run ended without the CLI's own error line: "
+                                       + last_error(run.output()[offset:]))
+
+    needs_rerun = [i for i, rc in enumerate(result.first_rc) if rc != 0]
+    if needs_rerun:
+        if killed:
+            time.sleep(max(0.0, max(killed) + LEASE_S + 5 - time.monotonic()))  # the dead run's lease
+        fillers = [g for g in injector.added_guests if g.startswith(FILLER_PREFIX)]
+        if fillers:
+            # the target stays full for a first plain re-run (what an operator would try first), checked;
+            # then its tenant's guest goes, and the re-run that must converge runs
+            rerun(needs_rerun, states_after_first)
+            result.notes.append(f"re-run with the target still full: rc {result.rerun_rc}")
+            full = c.states()
+            result.violations += check_states(c, scenario, newest, "after a re-run with the target still full",
+                                              full, states_at_start, placed)
+            for name in fillers:
+                remove_guest(c.info, name)
+                injector.added_guests.remove(name)
+                expected.discard(name)
+            needs_rerun = [i for i in needs_rerun if result.rerun_rc[i] != 0]
+            states_after_first = full
+        if needs_rerun:
+            rerun(needs_rerun, states_after_first)
+    final_rc = [f if r is None else r for f, r in zip(result.first_rc, result.rerun_rc, strict=True)]
 
     # the checks, from outside
     running = c.watcher.running()
@@ -665,8 +697,8 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
         for entry in faults.reboots(c.workdir, host)[reboots_before[host]:]:
             if entry.get("guests_killed"):
                 result.violations.append(f"reboot: {host} rebooted with {entry['guests_killed']} running on it")
-    state_problems = check_states(c, scenario, newest, "after the re-run", states_at_start, placed)
-    result.violations += state_problems
+    states_final = c.states()
+    result.violations += check_states(c, scenario, newest, "after the re-run", states_final, states_at_start, placed)
     rc, _, stderr = c.cli("audit", "verify", log_to=log)
     if rc != 0:
         result.violations.append(f"audit: verify failed: {stderr.strip()[:300]}")
@@ -675,12 +707,12 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
     result.violations += check_packages_recorded(c, packages_before, records)
     changed = bool(moves) or states_after_first != states_at_start
     if any(rc == 1 for rc in result.first_rc) and changed \
-            and not any(r["outcome"] in ("failed", "aborted") for r in records):
+            and not any(r["outcome"] in ("failed", "aborted", "unknown") for r in records):
         result.violations.append("audit: the faulted run failed after changing something, but no record of the "
-                                 "round says failed")
+                                 "round says failed (or unknown)")
 
-    result.converged = all(rc == 0 for rc in final_rc) and not goal_missed(c, scenario, newest, final_rc,
-                                                                            result)
+    result.converged = all(rc == 0 for rc in final_rc) and not goal_missed(c, scenario, newest, states_final,
+                                                                            final_rc, result)
     result.violations = list(dict.fromkeys(result.violations))
     result.seconds = round(time.time() - started, 1)
     normalise(c, injector.added_guests, log, result)
@@ -704,12 +736,11 @@ def last_error(output: str) -> str:
     return errors[-1][:300] if errors else "(no exception line)"
 
 
-def check_states(c: Campaign, scenario: Scenario, newest: str | None, when: str,
+def check_states(c: Campaign, scenario: Scenario, newest: str | None, when: str, states: dict[str, dict[str, Any]],
                  at_start: dict[str, dict[str, Any]], placed: dict[str, list[str]]) -> list[str]:
-    """Each host's state and reason against what libvirt and the host show. ``at_start``: the states
-    when the round began; ``placed``: where each VM ran then."""
+    """Each host's state and reason (``states``, from hostmaint host status) against what libvirt and
+    the host show. ``at_start``: the states when the round began; ``placed``: where each VM ran then."""
     problems = []
-    states = c.states()
     running = c.watcher.running()
     on_host: dict[str, list[str]] = {h: [] for h in HOSTS}
     for vm, hosts in running.items():
@@ -738,10 +769,9 @@ def check_states(c: Campaign, scenario: Scenario, newest: str | None, when: str,
     return problems
 
 
-def goal_missed(c: Campaign, scenario: Scenario, newest: str | None, final_rc: list[int | None],
-                result: RoundResult) -> bool:
+def goal_missed(c: Campaign, scenario: Scenario, newest: str | None, states: dict[str, dict[str, Any]],
+                final_rc: list[int | None], result: RoundResult) -> bool:
     """Whether the work did not reach its goal; an exit 0 without the goal is also a violation."""
-    states = c.states()
     running = c.watcher.running()
     missed = []
     if scenario.op in PATCHING_OPS:
@@ -787,8 +817,8 @@ def normalise(c: Campaign, added: list[str], log: Path, result: RoundResult) -> 
     every host goes back to service (a later round may start anywhere)."""
     for name in added:
         remove_guest(c.info, name)
+    states = c.states()
     for _ in range(2):
-        states = c.states()
         if all(s["state"] == "active" for s in states.values()):
             break
         for host, s in states.items():
@@ -802,7 +832,7 @@ def normalise(c: Campaign, added: list[str], log: Path, result: RoundResult) -> 
             if state in ("cordoned", "drained"):
                 c.cli("host", "cordon", host, "--reason", "chaos: back to service", log_to=log)
                 c.cli("host", "uncordon", host, "--reason", "chaos: back to service", log_to=log)
-    states = c.states()
+        states = c.states()
     stuck = {h: s["state"] for h, s in states.items() if s["state"] != "active"}
     if stuck:
         result.notes.append(f"hosts not back in service after the round: {stuck}")
@@ -850,7 +880,7 @@ def run_campaign(seed: int | None = None, rounds: int | None = None, minutes: fl
                 close_campaign(campaign)
                 campaign = open_campaign(workdir, out, log)
             results.append(result)
-            record = {**asdict(result), "campaign_seed": seed}
+            record = {**asdict(result), "campaign_seed": seed, "code": os.environ.get("HOSTMAINT_CHAOS_CODE", "")}
             with (out / "rounds.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
             if result.violations or result.findings or not result.converged:

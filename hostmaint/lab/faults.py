@@ -83,9 +83,9 @@ def kill_ssh_sessions(workdir: Path, host: str) -> int:
     return killed
 
 
-def host_runs(host: str, word: str) -> bool:
-    """Whether a process of the host has ``word`` in its command line (e.g. ``dnf``: a command is running)."""
-    return any(any(word in a for a in argv) for _, argv in _host_processes(host))
+def host_commands(host: str) -> list[list[str]]:
+    """The command lines of every process of the host now."""
+    return [argv for _, argv in _host_processes(host)]
 
 
 # --- reboots -----------------------------------------------------------------------------------------
@@ -185,21 +185,27 @@ def break_repo(workdir: Path, host: str) -> Undo:
 
 
 def fill_disk(workdir: Path, host: str) -> Undo:
-    """dnf's cache directory becomes a full 1 MiB filesystem (inside the host's mount namespace only):
-    every dnf run that writes metadata fails with 'No space left on device'."""
+    """The filesystem the host's packages install into is full (inside the host's mount namespace
+    only): rpm's transaction check refuses every update ("needs ... more space"). Made as a full
+    1 MiB tmpfs holding a copy of what was there, moved over ``/usr/share/hostmaint-lab`` of the
+    host's install root; the undo unmounts it, and the untouched original is back."""
     pid = supervisor_pid(workdir, host)
     if pid is None:
         raise LabError(f"lab host {host}: its supervisor is not running")
-    cache = host_dir(workdir, host) / "dnf-cache"
-    cache.mkdir(exist_ok=True)
+    d = host_dir(workdir, host)
+    target = d / "root" / "usr" / "share" / "hostmaint-lab"
+    stage = d / "chaos-full"
+    stage.mkdir(exist_ok=True)
     enter = ["nsenter", "-t", str(pid), "-m", "--"]
-    run([*enter, "mount", "-t", "tmpfs", "-o", "size=1m", "chaos-full", str(cache)])
+    run([*enter, "mount", "-t", "tmpfs", "-o", "size=1m", "chaos-full", str(stage)])
+    run([*enter, "cp", "-a", f"{target}/.", str(stage)])
     # fill it to the last block; dd's own "No space left" is the point
-    run([*enter, "dd", "if=/dev/zero", f"of={cache / 'filler'}", "bs=64k"], check=False)
+    run([*enter, "dd", "if=/dev/zero", f"of={stage / 'filler'}", "bs=4k"], check=False)
+    run([*enter, "mount", "--move", str(stage), str(target)])
 
     def undo() -> None:
         # unmount every stacked copy (an undo repeated after a second fill)
-        while run([*enter, "umount", str(cache)], check=False).returncode == 0:
+        while run([*enter, "umount", str(target)], check=False).returncode == 0:
             pass
 
     return undo
@@ -238,12 +244,13 @@ def start_guest(info: LabInfo, name: str, host: str, memory_mib: int = 64) -> La
     return add_guest(info, name, host, memory_mib=memory_mib)
 
 
-def fill_host(info: LabInfo, name: str, host: str, leave_mib: int = 48) -> LabVm | None:
-    """A guest that takes all but about ``leave_mib`` of the host's free memory (a target filled up
-    behind a plan's back); None when less than 64 MiB is free to take. A migration arriving at the
-    same moment takes memory too, so a size the host refuses is tried again 64 MiB smaller."""
-    for attempt in range(3):
-        size = free_mib(info.workdir, host) - leave_mib - 64 * attempt
+def fill_host(info: LabInfo, name: str, host: str, leave_mib: int = 8) -> LabVm | None:
+    """A guest that takes all but a little of the host's free memory, so not even a 64 MiB guest fits
+    any more (a target filled up behind a plan's back); None when there is not 64 MiB to take. QEMU
+    needs a few MiB beyond the guest's size, and a migration arriving meanwhile takes memory too, so a
+    size the host refuses is tried again 16 MiB smaller."""
+    for attempt in range(4):
+        size = free_mib(info.workdir, host) - leave_mib - 16 * attempt
         if size < 64:
             return None
         try:

@@ -1,0 +1,52 @@
+"""A short seeded fault campaign on the real lab (benchmarks/chaos.py): no invariant broken, all converged.
+
+The rounds are replayed from fixed round seeds, so each run injects the same faults at the same
+moments (from the same trigger). Runs as root with its own lab and Prefect server (skipped with the
+reason otherwise), torn down at the end, leaving nothing behind. The long campaign and its figures
+are in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.lab.labkit import WORKDIR, lab_skip_reason, leftovers, wait_for_no_foreign_lab
+
+pytestmark = [pytest.mark.lab]
+
+# Round seeds and what each draws (benchmarks.chaos.make_scenario): a target filled between the
+# plan and its migrations during an evacuation, a tenant's VM started on a host being patched once
+# its plan is printed, and the host's key changed before a patch.
+SMOKE_ROUNDS = {
+    30: ("evacuate", {"target-filled"}),
+    250: ("patch", {"vm-started"}),
+    44: ("patch", {"host-key-changed"}),
+}
+
+
+def test_the_smoke_rounds_draw_what_they_say() -> None:
+    from benchmarks.chaos import make_scenario
+
+    for seed, (op, kinds) in SMOKE_ROUNDS.items():
+        scenario = make_scenario(seed)
+        assert (scenario.op, {f.kind for f in scenario.faults}) == (op, kinds), seed
+        assert make_scenario(seed) == scenario  # replayable: the same seed, the same round
+
+
+def test_a_short_seeded_campaign_breaks_no_invariant_and_converges(tmp_path: Path) -> None:
+    reason = lab_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    from benchmarks.chaos import run_campaign
+
+    wait_for_no_foreign_lab()
+    results = run_campaign(replay=list(SMOKE_ROUNDS), workdir=WORKDIR, out=tmp_path)
+
+    assert not leftovers(WORKDIR), leftovers(WORKDIR)
+    assert [r.round_seed for r in results] == list(SMOKE_ROUNDS)
+    for r in results:
+        assert any(f["injected"] for f in r.faults), (r.round_seed, r.faults)  # the fault really happened
+        assert r.violations == [], (r.round_seed, r.violations)
+        assert r.converged, (r.round_seed, r.notes)
