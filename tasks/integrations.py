@@ -1,8 +1,10 @@
 """Tasks for the operator's world around a host: monitoring gates, the silence lease, hooks.
 
-Thin wrappers of hostmaint.monitoring and hostmaint.hooks (docs/integrations.md). No retries: a
-gate waits by itself, a silence that cannot be made is decided by the inventory's ``required``,
-and a hook is the operator's command, run once per point.
+Thin wrappers of hostmaint.monitoring and hostmaint.hooks (docs/integrations.md). Each public
+function here starts its task only when the inventory configures something for the host, so the
+run page of a cluster without integrations shows no empty steps. No retries: a gate waits by
+itself, a silence that cannot be made is decided by the inventory's ``required``, and a hook is
+the operator's command, run once per point.
 """
 
 from __future__ import annotations
@@ -16,10 +18,19 @@ from hostmaint.monitoring import GatePoint, SilenceLease
 from tasks.common import RuntimeRef
 
 
-@task(name="gate", cache_policy=NO_CACHE, task_run_name="gate {point}")
 def gate_host(ref: RuntimeRef, run: RunContext, host: str, point: GatePoint) -> str | None:
     """None when the host may go on; else why monitoring holds it. Before the reboot, a held gate
     keeps the host cordoned and raises StepError."""
+    inventory = ref.open().inventory
+    settings = inventory.cluster(inventory.host(host).cluster).monitoring
+    prometheus = settings.prometheus if settings else None
+    if prometheus is None or not any(point in g.at for g in prometheus.gates):
+        return None
+    return _gate(ref, run, host, point)
+
+
+@task(name="gate", cache_policy=NO_CACHE, task_run_name="gate {point}")
+def _gate(ref: RuntimeRef, run: RunContext, host: str, point: GatePoint) -> str | None:
     rt = ref.open()
     result = monitoring.gate(rt, run, host, point)
     if result.passed:
@@ -29,17 +40,38 @@ def gate_host(ref: RuntimeRef, run: RunContext, host: str, point: GatePoint) -> 
     return result.reason
 
 
-@task(name="silence", cache_policy=NO_CACHE)
 def open_silence(ref: RuntimeRef, run: RunContext, host: str) -> SilenceLease | None:
+    """The host's silence lease (adopted from an earlier run when it lives), or None."""
+    inventory = ref.open().inventory
+    settings = inventory.cluster(inventory.host(host).cluster).monitoring
+    if settings is None or settings.alertmanager is None:
+        return None
+    return _open_silence(ref, run, host)
+
+
+@task(name="silence", cache_policy=NO_CACHE)
+def _open_silence(ref: RuntimeRef, run: RunContext, host: str) -> SilenceLease | None:
     return monitoring.open_silence(ref.open(), run, host)
 
 
-@task(name="end-silence", cache_policy=NO_CACHE)
 def end_silence(ref: RuntimeRef, run: RunContext, host: str, lease: SilenceLease | None) -> None:
+    """Stop extending and expire ``lease`` (nothing without one)."""
+    if lease is not None:
+        _end_silence(ref, run, host, lease)
+
+
+@task(name="end-silence", cache_policy=NO_CACHE)
+def _end_silence(ref: RuntimeRef, run: RunContext, host: str, lease: SilenceLease) -> None:
     monitoring.end_silence(ref.open(), run, host, lease)
 
 
-@task(name="hooks", cache_policy=NO_CACHE, task_run_name="hooks {point}")
 def run_hooks(ref: RuntimeRef, run: RunContext, host: str, point: hooks.HookPoint) -> int:
     """Run ``host``'s hooks at ``point``; returns how many ran."""
+    if not ref.open().inventory.hooks_for(host, point.field):
+        return 0
+    return _run_hooks(ref, run, host, point)
+
+
+@task(name="hooks", cache_policy=NO_CACHE, task_run_name="hooks {point}")
+def _run_hooks(ref: RuntimeRef, run: RunContext, host: str, point: hooks.HookPoint) -> int:
     return len(hooks.run_hooks(ref.open(), run, host, point))
