@@ -301,15 +301,16 @@ def placement_for(vm: Vm, choice: Choice) -> Placement:
                      cell_memory_mib=tuple(math.ceil(m) for m in fit.cell_mib))
 
 
-def blocker_for(vm: Vm, misses: list[Miss], group_size: int) -> Blocker:
-    """Name the constraint that stopped the VM on most candidate hosts, with examples."""
+def blocker_for(vm: Vm, misses: list[Miss], group_size: int, prefer: str | None = None) -> Blocker:
+    """Name the constraint that stopped the VM on most candidate hosts (or ``prefer``, when some
+    host missed on it: the cause a proven refusal found), with examples."""
     if group_size == 0:
         return Blocker(vm=vm.name, host=vm.host, constraint="cpu-group",
                        reason=f"no active host outside the drained ones shares {vm.host}'s CPU group",
                        hint=_HINTS["cpu-group"])
     counts = Counter(m.constraint for m in misses)
     top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-    constraint = top[0][0]
+    constraint = prefer if prefer is not None and prefer in counts else top[0][0]
     example = next(m.reason for m in misses if m.constraint == constraint)
     summary = ", ".join(f"{n} host(s) {c}" for c, n in top)
     return Blocker(vm=vm.name, host=vm.host, constraint=constraint,
@@ -864,7 +865,7 @@ def _proven_blocker(vm: Vm, core: exact.Core | None, targets: Sequence[HostLoad]
     got = choose(vm, targets, avoid)
     if isinstance(got, list) and got:
         # what each host misses with the others placed: detail, not the cause (the core is)
-        base = blocker_for(vm, got, len(targets))
+        base = blocker_for(vm, got, len(targets), prefer=constraint)
         reason += f"; as planned, it {base.reason}"
         if (len(core.vms) == 1 and base.constraint in core.causes) or (not core.causes and not core.tested):
             constraint = base.constraint  # alone, the hosts' own misses name it best
