@@ -434,6 +434,12 @@ class Alertmanager:
         except (ValueError, KeyError, TypeError) as exc:
             raise MonitoringError(f"not an Alertmanager answer: {response.text[:200]!r}", url) from exc
 
+    def started(self, silence_id: str, fallback: datetime) -> datetime:
+        """When Alertmanager says ``silence_id`` started: it moves a start in the past to its own now,
+        and an extension must send exactly that start (or Alertmanager replaces the silence)."""
+        found = self.get(silence_id)
+        return found.starts_at if found is not None else fallback
+
     def get(self, silence_id: str) -> Silence | None:
         """The silence ``silence_id``, or None when Alertmanager does not know it."""
         url = f"{self.url}/api/v2/silence/{silence_id}"
@@ -509,11 +515,10 @@ class SilenceLease:
             new_id = self.am.put(self.matchers, self.starts_at, ends, comment=self.comment,
                                  created_by=self.created_by, silence_id=self.silence_id)
             if new_id != self.silence_id:
-                # it lapsed meanwhile (the run stalled longer than the lease): Alertmanager made a new
-                # one; that one starts now
+                # it lapsed meanwhile (the run stalled longer than the lease): Alertmanager made a new one
                 log.warning("silence %s had lapsed; Alertmanager replaced it with %s", self.silence_id, new_id)
                 self.silence_id = new_id
-                self.starts_at = self.now()
+                self.starts_at = self.am.started(new_id, self.now())
             self.ends_at = ends
             self.extensions += 1
             return self.silence_id
@@ -591,8 +596,8 @@ def open_silence(rt: Runtime, run: RunContext, host: str, *, now: Callable[[], d
                 start_at = clock()
                 sid = am.put(matchers, start_at, start_at + timedelta(seconds=settings.lease_s), comment=comment,
                              created_by="hostmaint")
-                lease = SilenceLease(am, sid, matchers, start_at, settings.lease_s, comment, "hostmaint", clock,
-                                     ends_at=start_at + timedelta(seconds=settings.lease_s))
+                lease = SilenceLease(am, sid, matchers, am.started(sid, start_at), settings.lease_s, comment,
+                                     "hostmaint", clock, ends_at=start_at + timedelta(seconds=settings.lease_s))
                 if earlier:
                     rec.details["earlier"] = {"silence_id": earlier, "state": found.state if found else "unknown"}
         except MonitoringError as exc:

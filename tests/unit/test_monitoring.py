@@ -312,3 +312,15 @@ def test_silence_times_are_sent_in_utc(servers: Servers, rt: Runtime) -> None:
     ends = datetime.fromisoformat(_silence(servers.alertmanager, lease.silence_id)["endsAt"].replace("Z", "+00:00"))
     assert abs(ends - (fixed + timedelta(seconds=120))) < timedelta(seconds=1)
     end_silence(rt, RunContext(), "hv02", lease)
+
+
+def test_extensions_keep_the_silence_when_alertmanager_moved_its_start(servers: Servers, rt: Runtime) -> None:
+    # Alertmanager moves a start in the past to its own now; an extension sending the start the
+    # run asked for (seconds off) would make Alertmanager replace the silence with a new id
+    rt = _with_monitoring(rt, _am(servers.alertmanager, lease_s=120))
+    lease = open_silence(rt, RunContext(), "hv03", now=lambda: datetime.now(UTC) - timedelta(seconds=5), start=False)
+    assert lease is not None
+    first = lease.silence_id
+    assert lease.extend() == first and lease.extend() == first
+    assert _silence(servers.alertmanager, first)["status"]["state"] == "active"
+    end_silence(rt, RunContext(), "hv03", lease)
