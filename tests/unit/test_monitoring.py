@@ -324,3 +324,36 @@ def test_extensions_keep_the_silence_when_alertmanager_moved_its_start(servers: 
     assert lease.extend() == first and lease.extend() == first
     assert _silence(servers.alertmanager, first)["status"]["state"] == "active"
     end_silence(rt, RunContext(), "hv03", lease)
+
+
+def test_the_silence_of_a_killed_run_lapses(servers: Servers) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    # a run's process, extending its lease every 0.3 s, is killed (-9): nothing ends the silence
+    script = f"""
+import time
+from datetime import UTC, datetime, timedelta
+import httpx
+from hostmaint.monitoring import Alertmanager, SilenceLease
+am = Alertmanager({servers.alertmanager!r}, httpx.Client(trust_env=False))
+m = [{{"name": "instance", "value": "killed-run", "isRegex": False, "isEqual": True}}]
+now = datetime.now(UTC)
+sid = am.put(m, now, now + timedelta(seconds=2), comment="test", created_by="test")
+lease = SilenceLease(am, sid, m, am.started(sid, now), 2, "test", "test")
+lease.start(0.3)
+print(sid, flush=True)
+time.sleep(3600)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert proc.stdout is not None
+    sid = proc.stdout.readline().strip()
+    first_end = _silence(servers.alertmanager, sid)["endsAt"]
+    until("an extension", lambda: _silence(servers.alertmanager, sid)["endsAt"] != first_end, timeout=15)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    until("the dead run's silence lapsed",
+          lambda: _silence(servers.alertmanager, sid)["status"]["state"] == "expired", timeout=15)
