@@ -178,3 +178,14 @@ def test_plan_drain_takes_an_exact_budget_and_prints_the_proof(tmp_path: Path) -
     assert json.loads(exact.stdout)["proof"] in ("optimal", "feasible")
     bad = runner.invoke(app, ["plan", "drain", "src", "--snapshot", str(snap), "--exact-budget", "-1"])
     assert bad.exit_code == 2 and "--exact-budget" in bad.output
+
+
+def test_a_windows_steps_share_one_budget_for_optimising() -> None:
+    s = generate_fleet(1, 30, fill=(0.4, 0.7))
+    window = plan_window(s, exact_budget=0.05)
+    proofs = [step.evacuation.proof for step in window.steps]
+    # the first steps spend the shared budget; the later ones say so instead of optimising
+    assert proofs[0] is not PlanProof.GREEDY_ONLY and proofs[-1] is PlanProof.GREEDY_ONLY
+    assert "window's exact budget is spent" in window.steps[-1].evacuation.proof_note
+    assert window.proof is PlanProof.GREEDY_ONLY  # the weakest of its steps'
+    assert plan_window(s, exact_budget=0.05) == window  # deterministic time: the same split every run
