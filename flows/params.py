@@ -137,6 +137,7 @@ class RebalanceRequest(_Request):
     cluster: HostName = Field(title="Cluster", description="The cluster to rebalance, as named in the inventory.")
     max_moves: int = Field(default=10, ge=0, le=500, title="Max moves",
                            description="At most this many live migrations.")
+    exact_budget: ExactBudget = DEFAULT_BUDGET
     operator: Operator
     dry_run: bool = Field(default=True, title="Dry run", description="Only print the plan.")
     inventory: InventoryPath = None

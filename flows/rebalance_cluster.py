@@ -13,15 +13,18 @@ from hostmaint.maintenance import RunContext
 from hostmaint.migration import DrainReport
 from hostmaint.models import FleetSnapshot, RebalancePlan, StepOutcome, Trigger
 from hostmaint.placement import render_plan
+from hostmaint.placement.exact import DEFAULT_BUDGET
 from tasks import maintenance as t
 from tasks.common import RuntimeRef
 
 
 @flow(name="rebalance-cluster", log_prints=True)
 def rebalance_cluster(cluster: str, max_moves: int = 10, dry_run: bool = False, operator: str = "unknown",
-                      inventory: str | None = None, trigger: Trigger = Trigger.UI) -> HostOutcome:
-    """Plan a rebalance, print it, and (unless dry run) carry it out, holding ``migrations:<cluster>``."""
-    ref = RuntimeRef(inventory or default_inventory())
+                      inventory: str | None = None, trigger: Trigger = Trigger.UI,
+                      exact_budget: float = DEFAULT_BUDGET) -> HostOutcome:
+    """Plan a rebalance, print it, and (unless dry run) carry it out, holding ``migrations:<cluster>``.
+    ``exact_budget``: deterministic seconds for the planner's exact stage (0: greedy only)."""
+    ref = RuntimeRef(inventory or default_inventory(), exact_budget=exact_budget)
     rt = ref.open()
     run = run_context("rebalance-cluster", trigger, operator, f"rebalance {cluster}")
     label_run("rebalance", ref.inventory, cluster=cluster, dry_run=dry_run)

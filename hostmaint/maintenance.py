@@ -892,7 +892,8 @@ def return_vms(rt: Runtime, run: RunContext, host: str, *,
 
 def recheck_rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, planned_on: FleetSnapshot, *,
                       max_moves: int | None, prefer_origin: bool = True,
-                      within: float | None = None) -> tuple[RebalancePlan, FleetSnapshot]:
+                      within: float | None = None,
+                      exact_budget: float = DEFAULT_BUDGET) -> tuple[RebalancePlan, FleetSnapshot]:
     """The cluster discovered now, and the rebalance to run on it: ``plan`` (made on ``planned_on``
     with these settings) if it still stands, else a new plan made on it with its audit record (step
     ``replan``). For a caller that holds the plan's targets.
@@ -910,7 +911,7 @@ def recheck_rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, planned
         return plan, now
     with audited(rt, run, "replan", cluster=plan.cluster,
                  inputs={"reasons": reasons, "replaces": plan.snapshot_digest, "rebalance": True}) as rec:
-        fresh = plan_rebalance(now, max_moves, prefer_origin=prefer_origin, within=within)
+        fresh = plan_rebalance(now, max_moves, prefer_origin=prefer_origin, within=within, exact_budget=exact_budget)
         rec.details["plan"] = fresh.model_dump(mode="json")
         log.info("rebalance of %s: the cluster changed while it waited (%s); re-planned:\n%s", plan.cluster,
                  "; ".join(reasons), render_plan(fresh))

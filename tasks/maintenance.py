@@ -143,7 +143,7 @@ def return_vms(ref: RuntimeRef, run: RunContext, host: str) -> DrainReport | Non
 def plan_rebalance_task(ref: RuntimeRef, cluster: str, max_moves: int | None, prefer_origin: bool = True,
                         within: float | None = None, snapshot: FleetSnapshot | None = None) -> RebalancePlan:
     return plan_rebalance(snapshot or steps.snapshot(ref.open(), cluster), max_moves, prefer_origin=prefer_origin,
-                          within=within)
+                          within=within, exact_budget=ref.exact_budget)
 
 
 @task(name="recheck-rebalance", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -151,7 +151,7 @@ def recheck_rebalance(ref: RuntimeRef, run: RunContext, plan: RebalancePlan, pla
                       max_moves: int | None, prefer_origin: bool = True,
                       within: float | None = None) -> tuple[RebalancePlan, FleetSnapshot]:
     return steps.recheck_rebalance(ref.open(), run, plan, planned_on, max_moves=max_moves,
-                                   prefer_origin=prefer_origin, within=within)
+                                   prefer_origin=prefer_origin, within=within, exact_budget=ref.exact_budget)
 
 
 @task(name="rebalance", cache_policy=NO_CACHE)

@@ -76,7 +76,7 @@ def rebalance_on_request(request: RebalanceRequest) -> HostOutcome:
     label_run("rebalance", request.inventory or default_inventory(), cluster=request.cluster, dry_run=request.dry_run)
     return rebalance_cluster(cluster=request.cluster, max_moves=request.max_moves, dry_run=request.dry_run,
                              operator=request.operator, inventory=request.inventory or default_inventory(),
-                             trigger=Trigger.UI)
+                             trigger=Trigger.UI, exact_budget=request.exact_budget)
 
 
 @flow(name="return-on-request", log_prints=True)
