@@ -367,7 +367,8 @@ def window_run(cluster: str, inventory: InventoryOpt = "inventory.yaml",
                                                                     "before this time (ISO, UTC).")] = None,
                max_failed: Annotated[int, typer.Option(help="Stop starting hosts after more failures.")] = 0,
                window_id: Annotated[str | None, typer.Option(help="Re-use to resume a window.")] = None,
-               operator: OperatorOpt = "unknown", as_json: JsonOpt = False) -> None:
+               operator: OperatorOpt = "unknown", as_json: JsonOpt = False,
+               exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
     """Roll patch-host through CLUSTER inside a window."""
     from flows.patch_window import patch_window
 
@@ -381,7 +382,7 @@ def window_run(cluster: str, inventory: InventoryOpt = "inventory.yaml",
             raise InputError(f"--max-failed: must be >= 0, got {max_failed}")
         outcomes = _run_flow(patch_window, cluster=cluster, inventory=inventory, max_hosts_in_parallel=max_parallel,
                              window_end=window_end, max_failed_hosts=max_failed, window_id=window_id,
-                             operator=operator)
+                             operator=operator, exact_budget=_budget(exact_budget))
         _show_outcomes(outcomes, as_json)
         if any(o.outcome.value == "failed" for o in outcomes):
             raise typer.Exit(1)
@@ -389,7 +390,8 @@ def window_run(cluster: str, inventory: InventoryOpt = "inventory.yaml",
 
 @app.command()
 def rebalance(cluster: str, inventory: InventoryOpt = "inventory.yaml", max_moves: int = 10,
-              dry_run: DryRunOpt = False, operator: OperatorOpt = "unknown", as_json: JsonOpt = False) -> None:
+              dry_run: DryRunOpt = False, operator: OperatorOpt = "unknown", as_json: JsonOpt = False,
+              exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
     """Level CLUSTER's memory load with at most MAX_MOVES live migrations."""
     from flows.rebalance_cluster import rebalance_cluster
 
@@ -399,7 +401,7 @@ def rebalance(cluster: str, inventory: InventoryOpt = "inventory.yaml", max_move
         if max_moves < 0:
             raise InputError(f"--max-moves: must be >= 0, got {max_moves}")
         result = _run_flow(rebalance_cluster, cluster=cluster, max_moves=max_moves, dry_run=dry_run,
-                           operator=operator, inventory=inventory)
+                           operator=operator, inventory=inventory, exact_budget=_budget(exact_budget))
         _show_outcomes([result], as_json)
 
 
