@@ -471,3 +471,37 @@ def test_a_drain_whose_target_stops_answering_re_plans_the_rest_onto_other_hosts
     assert not real.running["hv01"] and home <= {vm for vms in real.running.values() for vm in vms}
     moved = {m.vm for m in result.migrations if m.outcome is StepOutcome.OK}
     assert moved == home, result.migrations
+
+
+# --- the pure rules behind them --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("estimate", "finished", "budget"), [
+    (900.0, (), 900.0),  # nothing finished yet: the host's own estimate
+    (900.0, (40.0, 75.0), 900.0),  # quick hosts before it never shorten it
+    (900.0, (40.0, 1200.0), 1200.0),  # a host that took longer than the estimates raises it
+])
+def test_a_hosts_budget_is_its_estimate_or_longer(estimate: float, finished: tuple[float, ...],
+                                                  budget: float) -> None:
+    from hostmaint.window import host_budget_s
+
+    assert host_budget_s(estimate, finished) == budget
+
+
+def test_keep_out_keeps_the_maintenance_and_says_why(hostmaint_db: Path) -> None:
+    from hostmaint.errors import StateError
+    from hostmaint.state import HostStateStore
+
+    states = HostStateStore(open_engine())
+    states.begin_maintenance("hv01", "r1", "patch")
+    states.transition("hv01", HostState.DRAINING, "draining", "r1")
+    kept = states.keep_out("hv01", "cannot go on: N+1", "r2")
+    assert (kept.state, kept.reason, kept.prior_state) == (HostState.CORDONED, "cannot go on: N+1", HostState.ACTIVE)
+    assert states.keep_out("hv01", "cannot go on: N+1", "r2") == kept  # said once
+    # only an operator puts it back: it is in maintenance, not an operator's cordon
+    with pytest.raises(StateError, match="in maintenance"):
+        states.return_to_service("hv01", "operator")
+    noted = states.note("hv01", "still out: vm-a away", "r3")
+    assert (noted.state, noted.reason, noted.prior_state) == (HostState.CORDONED, "still out: vm-a away",
+                                                              HostState.ACTIVE)
+    assert [h.reason for h in states.history("hv01")][-2:] == ["cannot go on: N+1", "still out: vm-a away"]
