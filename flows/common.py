@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from pydantic import BaseModel, Field
 
 from flows.provenance import started_by
-from hostmaint.display import markdown_text, visible
+from hostmaint.display import markdown_code, markdown_text, visible
 from hostmaint.maintenance import RunContext
 from hostmaint.models import MigrationResult, StepOutcome, Trigger
 
@@ -57,11 +57,16 @@ def publish_report(title: str, outcomes: Sequence[HostOutcome], *, key: str | No
         lines += ["> **SIMULATED fleet** — no real host was touched.", ""]
     lines += ["| host | outcome | state | rebooted | packages | seconds | detail |",
               "|---|---|---|---|---|---|---|"]
+    in_full = []  # a multi-line detail (a dry run's plan) is shown whole below the table, not cut in a cell
     for o in outcomes:
+        first, _, rest = o.detail.partition("\n")
+        shown = first[:200] + (" (in full below)" if rest or len(first) > 200 else "")
         lines.append(f"| {markdown_text(o.host)} | {o.outcome.value} | {markdown_text(o.state)} | "
                      f"{'yes' if o.rebooted else 'no'} | {o.packages_changed} | {o.seconds:.1f} | "
-                     f"{markdown_text(o.detail[:200])} |")
-    create_markdown_artifact("\n".join(lines), key=key, description=title)
+                     f"{markdown_text(shown)} |")
+        if shown != first:
+            in_full += ["", f"## {markdown_text(o.host)}", "", markdown_code(o.detail)]
+    create_markdown_artifact("\n".join(lines + in_full), key=key, description=title)
     # the UI shows a table artifact's values as text: only what would not show needs escaping
     rows = [{"vm": visible(m.vm), "from": visible(m.source), "to": visible(m.target), "seconds": round(m.seconds, 2),
              "downtime_ms": m.downtime_ms, "outcome": m.outcome.value}

@@ -9,7 +9,7 @@ from prefect import flow, get_run_logger
 from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.draining import drain_planned
-from flows.run_display import label_run
+from flows.run_display import label_run, publish_plan
 from hostmaint.errors import HostmaintError, InputError, PlanError
 from hostmaint.models import EvacuationPlan, FleetSnapshot, StepOutcome, Trigger
 from hostmaint.placement import render_plan
@@ -44,6 +44,7 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
     if dry_run:
         plan = t.plan_evacuation(ref, run, host, dry_run=True)
         logger.info("dry run, nothing changes:\n%s", render_plan(plan))
+        publish_plan(plan, host)
         outcome = HostOutcome(host=host, outcome=StepOutcome.DRY_RUN, state=rt.states.state(host).value,
                               detail=render_plan(plan), simulated=rt.simulated)
         publish_report(f"evacuate {host} (dry run)", [outcome])
@@ -71,6 +72,7 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
                 busy = locks.busy_targets([h.name for h in rt.inventory.hosts_of(cluster)])
                 plan, planned_on = t.plan_evacuation(ref, run, host, snapshot=snapshot, busy=busy), snapshot
                 logger.info("plan:\n%s", render_plan(plan))
+            publish_plan(plan, host)
             plan, report = drain_planned(ref, run, plan, planned_on)
             t.check_invariants(ref, cluster, expected, stopped)
             stopped = sorted({*stopped, *t.stop_unmigratable(ref, run, plan)})

@@ -15,7 +15,7 @@ from prefect import flow, get_run_logger
 from flows import locks
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.draining import drain_planned
-from flows.run_display import label_run
+from flows.run_display import label_run, publish_plan
 from hostmaint.errors import HostmaintError, PlanError
 from hostmaint.hooks import HookPoint
 from hostmaint.models import EvacuationPlan, HostState, MigrationResult, StepOutcome, Trigger
@@ -108,6 +108,7 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
                     ti.run_hooks(ref, run, host, HookPoint.PRE_DRAIN)  # a failure keeps it cordoned, nothing moved
                     plan = t.plan_evacuation(ref, run, host, avoid or [], snapshot=snapshot, busy=busy, focus=True)
                     logger.info("plan:\n%s", render_plan(plan))
+                    publish_plan(plan, host)
                     plan, report = drain_planned(ref, run, plan, snapshot, avoid or [], focus=True,
                                                  hosts_at_once=hosts_at_once)
                     migrations += report.results

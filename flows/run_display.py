@@ -10,6 +10,7 @@ calls :func:`label_run` once it knows its host or cluster; the runbooks end a re
 from __future__ import annotations
 
 import logging
+from uuid import UUID
 
 import httpx
 from prefect import runtime
@@ -17,7 +18,9 @@ from prefect.client.schemas.objects import State
 from prefect.exceptions import CancelledRun
 from prefect.states import Cancelled
 
-from flows.common import HostOutcome
+from flows.common import HostOutcome, publish_report
+from hostmaint.display import visible
+from hostmaint.models import EvacuationPlan
 from tasks.common import RuntimeRef
 
 log = logging.getLogger(__name__)
@@ -107,3 +110,51 @@ def running_again_after_pause_timeout() -> None:
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(run_id, Running(message="no answer in time: treated as not approved"),
                                   force=True)
+
+
+def plan_rows(plan: EvacuationPlan) -> list[dict[str, object]]:
+    """The plan as table rows: one per VM (moved, blocked, or handled by its policy), with why."""
+    rows: list[dict[str, object]] = [
+        {"vm": visible(p.vm), "from": visible(p.source), "to": visible(p.target),
+         "cells": ",".join(map(str, p.target_cells)) or "-", "NUMA": "local" if p.numa_local else "spread",
+         "memory MiB": p.memory_mib, "why": visible(p.reason)} for p in plan.placements]
+    rows += [{"vm": visible(b.vm), "from": visible(b.host), "to": "BLOCKED", "cells": "-", "NUMA": "-",
+              "memory MiB": "", "why": visible(f"{b.constraint}: {b.reason}" + (f"; {b.hint}" if b.hint else ""))}
+             for b in plan.blocked]
+    rows += [{"vm": visible(a.vm), "from": visible(a.host), "to": a.action.value, "cells": "-", "NUMA": "-",
+              "memory MiB": "", "why": visible(a.reason)} for a in plan.vm_actions]
+    return rows
+
+
+def publish_plan(plan: EvacuationPlan, host: str) -> None:
+    """The plan as a table artifact on this run and, for a subflow, on the run the operator opened.
+
+    A form's run (evacuate-on-request) or a runbook hands the work to a subflow; the UI links to the
+    parent, so the plan is shown there too rather than one click away.
+    """
+    from prefect.artifacts import TableArtifact, create_table_artifact
+
+    rows = plan_rows(plan)
+    description = f"plan for {host}: {len(plan.placements)} move(s), {len(plan.blocked)} blocked"
+    create_table_artifact(rows, key=f"plan-table-{_slug(host)}", description=description)
+    root = _root_run()
+    if root is not None:
+        TableArtifact(table=rows, description=description, flow_run_id=root).create()
+
+
+def _slug(name: str) -> str:
+    # an artifact key: lowercase letters, digits and dashes
+    return "".join(c if c.isascii() and c.isalnum() else "-" for c in name.lower())
+
+
+def _root_run() -> UUID | None:
+    """The run at the top of this one's tree, when this run is a subflow of it."""
+    run_id, root = runtime.flow_run.id, runtime.flow_run.root_flow_run_id
+    return UUID(str(root)) if root and str(root) != str(run_id) else None
+
+
+def shown_here(title: str, outcome: HostOutcome) -> HostOutcome:
+    """Publish a subflow's outcome as this run's summary too, and return it: the UI sends whoever
+    submitted a form (or opens a runbook) to this run, which held only three log lines."""
+    publish_report(title, [outcome])
+    return outcome

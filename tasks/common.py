@@ -135,6 +135,7 @@ def drain_logger(total: int = 0) -> Callable[[DrainEvent], None]:
     # called from sync tasks only, where Prefect's sync-compatible helper returns the id itself
     artifact = cast(UUID, create_progress_artifact(0.0, description=f"drain: 0 of {total} VM(s) done")
                     ) if total else None
+    mirror = _root_progress(f"drain: 0 of {total} VM(s) done") if total else None
     done = 0
     moved = 0
     lock = threading.Lock()
@@ -154,5 +155,20 @@ def drain_logger(total: int = 0) -> Callable[[DrainEvent], None]:
             progress = min(100.0, 100.0 * done / total)
             text = f"drain: {done} of {total} VM(s) done, {moved / 2**30:.2f} GiB moved"
         update_progress_artifact(artifact, progress, description=text)
+        if mirror is not None:
+            update_progress_artifact(mirror, progress, description=text)
 
     return log
+
+
+def _root_progress(description: str) -> UUID | None:
+    """A progress artifact on the run at the top of this one's tree, when the drain runs in a subflow:
+    the UI sends whoever submitted a form (or opened a runbook) to that run, not to the subflow."""
+    from prefect import runtime
+    from prefect.artifacts import ProgressArtifact
+
+    root, here = runtime.flow_run.root_flow_run_id, runtime.flow_run.id
+    if not root or str(root) == str(here):
+        return None
+    created = ProgressArtifact(progress=0.0, description=description, flow_run_id=UUID(str(root))).create()
+    return cast(UUID, getattr(created, "id", created))

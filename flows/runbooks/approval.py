@@ -24,7 +24,7 @@ from flows import locks
 from flows.common import HostOutcome, default_inventory, run_context
 from flows.evacuate_host import evacuate_host
 from flows.params import check_host
-from flows.run_display import label_run, rejected, running_again_after_pause_timeout
+from flows.run_display import label_run, rejected, running_again_after_pause_timeout, shown_here
 from hostmaint.display import markdown_code, markdown_text, visible
 from hostmaint.maintenance import RunContext, audited
 from hostmaint.models import EvacuationPlan, HostState, StepOutcome, Trigger
@@ -154,9 +154,9 @@ def run_incident(*, flow: str, host: str, reason: str, source: str, inventory: s
                                         detail=f"evacuation not approved by {answer.operator}"
                                                f"{': ' + answer.comment if answer.comment else ''}; "
                                                "host left cordoned"))
-        result = evacuate_host(host=host, operator=answer.operator, reason=reason, inventory=inv,
-                               trigger=Trigger.EVENT, lock_wait_s=lock_wait_s, approved_plan=plan,
-                               approved_on=snapshot)
+        result = shown_here(f"evacuate {host}", evacuate_host(
+            host=host, operator=answer.operator, reason=reason, inventory=inv, trigger=Trigger.EVENT,
+            lock_wait_s=lock_wait_s, approved_plan=plan, approved_on=snapshot))
         keep_cordoned(ref, replace(run, operator=answer.operator), host, reason)
     return result.model_copy(update={"state": rt.states.state(host).value,
                                      "detail": f"{result.detail}; approved by {answer.operator}"})

@@ -17,7 +17,7 @@ from flows.params import EvacuationRequest, PatchRequest, RebalanceRequest, Retu
 from flows.patch_host import patch_host
 from flows.rebalance_cluster import rebalance_cluster
 from flows.return_host import return_host
-from flows.run_display import label_run, rejected
+from flows.run_display import label_run, rejected, shown_here
 from flows.runbooks.approval import ask_approval, show_plan
 from hostmaint.models import EvacuationPlan, FleetSnapshot, StepOutcome, Trigger
 from tasks.common import RuntimeRef
@@ -34,9 +34,10 @@ def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 36
     def evacuate(dry_run: bool = False, approved: tuple[EvacuationPlan, FleetSnapshot] | None = None
                  ) -> HostOutcome:
         plan, snapshot = approved if approved is not None else (None, None)
-        return evacuate_host(host=request.host, dry_run=dry_run, operator=request.operator, reason=request.reason,
-                             inventory=inv, trigger=Trigger.UI, lock_wait_s=lock_wait_s, approved_plan=plan,
-                             approved_on=snapshot, exact_budget=request.exact_budget)
+        return shown_here(f"evacuate {request.host}" + (" (dry run)" if dry_run else ""), evacuate_host(
+            host=request.host, dry_run=dry_run, operator=request.operator, reason=request.reason, inventory=inv,
+            trigger=Trigger.UI, lock_wait_s=lock_wait_s, approved_plan=plan, approved_on=snapshot,
+            exact_budget=request.exact_budget))
 
     if request.dry_run:
         return evacuate(dry_run=True)
@@ -65,24 +66,25 @@ def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 36
 def patch_on_request(request: PatchRequest, lock_wait_s: float | None = 60) -> HostOutcome:
     """Patch one host as asked in the form."""
     label_run("patch", request.inventory or default_inventory(), host=request.host, dry_run=request.dry_run)
-    return patch_host(host=request.host, operator=request.operator, reason=request.reason, dry_run=request.dry_run,
-                      inventory=request.inventory or default_inventory(), trigger=Trigger.UI,
-                      return_vms=request.return_vms, lock_wait_s=lock_wait_s, exact_budget=request.exact_budget)
+    return shown_here(f"patch {request.host}", patch_host(
+        host=request.host, operator=request.operator, reason=request.reason, dry_run=request.dry_run,
+        inventory=request.inventory or default_inventory(), trigger=Trigger.UI, return_vms=request.return_vms,
+        lock_wait_s=lock_wait_s, exact_budget=request.exact_budget))
 
 
 @flow(name="rebalance-on-request", log_prints=True)
 def rebalance_on_request(request: RebalanceRequest) -> HostOutcome:
     """Rebalance one cluster as asked in the form."""
     label_run("rebalance", request.inventory or default_inventory(), cluster=request.cluster, dry_run=request.dry_run)
-    return rebalance_cluster(cluster=request.cluster, max_moves=request.max_moves, dry_run=request.dry_run,
-                             operator=request.operator, inventory=request.inventory or default_inventory(),
-                             trigger=Trigger.UI, exact_budget=request.exact_budget)
+    return shown_here(f"rebalance {request.cluster}", rebalance_cluster(
+        cluster=request.cluster, max_moves=request.max_moves, dry_run=request.dry_run, operator=request.operator,
+        inventory=request.inventory or default_inventory(), trigger=Trigger.UI, exact_budget=request.exact_budget))
 
 
 @flow(name="return-on-request", log_prints=True)
 def return_on_request(request: ReturnRequest, lock_wait_s: float | None = 60) -> HostOutcome:
     """End a host's evacuation as asked in the form: verify, put back, return its VMs (or rebalance)."""
     label_run("return", request.inventory or default_inventory(), host=request.host)
-    return return_host(host=request.host, operator=request.operator, reason=request.reason, then=request.then,
-                       inventory=request.inventory or default_inventory(), trigger=Trigger.UI,
-                       lock_wait_s=lock_wait_s)
+    return shown_here(f"return {request.host}", return_host(
+        host=request.host, operator=request.operator, reason=request.reason, then=request.then,
+        inventory=request.inventory or default_inventory(), trigger=Trigger.UI, lock_wait_s=lock_wait_s))

@@ -7,6 +7,7 @@ the audit names who really started a run; forms refuse unknown hosts and cluster
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -242,3 +243,47 @@ def test_the_server_refuses_an_unknown_host_or_cluster_before_a_run_exists(
         assert "is not one of" in str(info.value.response.text)  # type: ignore[attr-defined]
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
     assert [r for r in runs if r.parameters.get("request") == request_body] == []  # no run was made of it
+
+
+# --- the run the operator opens holds the plan, the progress and the summary ----------------------------------
+
+
+def _artifacts_of(run_id: object) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))  # type: ignore[list-item]
+
+
+def test_the_forms_run_holds_the_plan_the_progress_and_the_summary(fleet: Path) -> None:
+    from flows.params import EvacuationRequest
+    from flows.runbooks.on_request import evacuate_on_request
+
+    state = evacuate_on_request(request=EvacuationRequest(host="hv03", reason="INC-9", operator="ann", dry_run=False,
+                                                          inventory=str(fleet)), return_state=True)
+    assert state.is_completed(), state
+    artifacts = _artifacts_of(state.state_details.flow_run_id)
+
+    [plan] = [a for a in artifacts if a.type == "table" and (a.description or "").startswith("plan for hv03")]
+    rows = plan.data if isinstance(plan.data, list) else json.loads(plan.data)
+    assert rows and all(row["from"] == "hv03" and row["to"] not in ("", "hv03") for row in rows)
+    assert {"vm", "from", "to", "cells", "NUMA", "why"} <= set(rows[0])
+    [progress] = [a for a in artifacts if a.type == "progress"]
+    assert progress.data == 100.0
+    [summary] = [a for a in artifacts if a.type == "markdown"]
+    assert summary.data.startswith("# evacuate hv03") and "moved; host left cordoned" in summary.data
+
+
+def test_a_dry_runs_summary_shows_the_plan_whole(fleet: Path) -> None:
+    from flows.params import EvacuationRequest
+    from flows.runbooks.on_request import evacuate_on_request
+
+    state = evacuate_on_request(request=EvacuationRequest(host="hv04", reason="INC-10", operator="ann",
+                                                          inventory=str(fleet)), return_state=True)
+    [summary] = [a for a in _artifacts_of(state.state_details.flow_run_id) if a.type == "markdown"]
+    outcome = state.result()
+    assert outcome.detail.count("\n") > 2  # the plan, several lines
+    for line in outcome.detail.splitlines():
+        assert line in summary.data  # every line of it, in a code block under the table
