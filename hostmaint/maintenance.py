@@ -23,6 +23,7 @@ from typing import Any
 
 from hostmaint import patching
 from hostmaint.audit import AuditEntry
+from hostmaint.cancel import Cancellation, RunCancelled
 from hostmaint.display import visible
 from hostmaint.drivers.base import MigrationStates, ShutOffVms
 from hostmaint.errors import DriverError, HostmaintError, PlanError, StepError, TransientDriverError
@@ -209,6 +210,102 @@ def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: Fleet
     return HostState.CORDONED
 
 
+def cancelled_reason(reason: str) -> str:
+    """A cancelled host's reason for staying out of service (the same text each time, so standing
+    down twice, in the run's process and then from outside it, changes nothing the second time)."""
+    return f"{reason}; maintenance unfinished: run it again to finish"
+
+
+STAND_DOWN_SETTLE_S = 60.0  # how long a stand-down waits for aborted migrations to settle
+
+
+def stand_down(rt: Runtime, run: RunContext, host: str, reason: str, *, settle_s: float = STAND_DOWN_SETTLE_S,
+               sleep: Callable[[float], None] = time.sleep,
+               clock: Callable[[], float] = time.monotonic) -> HostRecord:
+    """Bring ``host`` to a safe state after ``run`` was cancelled, from wherever the run got.
+
+    Idempotent, and made to work from outside the run's process (which may have been killed):
+    migrations off the host still in pre-copy are aborted (a killed run's carry on in libvirt), a
+    post-copy one is let finish; it waits up to ``settle_s`` until every VM that left the host runs on
+    exactly one host, records the moves the run did not (``migration-found``), and leaves the host
+    out of service with ``reason`` (:func:`cancelled_reason`): cordoned from cordoned, draining or
+    drained; from patching, rebooting or verifying it stays where it is, so a re-run resumes there and
+    verifies it. Only a host this run holds is touched: one still active never left service, one
+    another run holds is that run's. Audit step ``cancel``."""
+    text = cancelled_reason(reason)
+    with audited(rt, run, "cancel", host=host, inputs={"reason": reason}) as rec:
+        record = rt.states.get(host)
+        rec.details["state_before"] = record.state.value
+        if record.run_id != run.run_id or record.state in (HostState.ACTIVE, HostState.FAILED):
+            rec.outcome = StepOutcome.SKIPPED
+            rec.details["note"] = (f"{host} is {record.state.value}, not held by this run: nothing to stop"
+                                   if record.run_id != run.run_id else
+                                   f"{host} is {record.state.value}: nothing of it to stop")
+            return record
+        aborted = _abort_outgoing(rt, host)
+        rec.details["aborted"] = aborted
+        rec.details["unsettled"] = _settle(rt, host, settle_s, sleep, clock)
+        snap = snapshot(rt, rt.cluster_of(host))
+        rec.details["found_moved"] = record_found_moves(rt, run, host, snap, include_own=True)
+        rec.details["displaced"] = displaced_vms(rt, host, snap)
+        if record.state in (HostState.CORDONED, HostState.DRAINING, HostState.DRAINED):
+            after = rt.states.keep_out(host, text, run.run_id)
+        else:
+            after = rt.states.note(host, text, run.run_id)
+        rec.details["state"] = after.state.value
+        if after == record and not aborted:
+            rec.details["note"] = "already stopped safely"
+        return after
+
+
+def _abort_outgoing(rt: Runtime, host: str) -> list[str]:
+    """Abort the pre-copy migrations off ``host`` (found on the hosts, not in any run's memory)."""
+    hv = rt.hypervisor
+    if not isinstance(hv, MigrationStates):
+        return []  # a driver whose migrations live in its caller: a stopped caller left none running
+    try:
+        here = set(hv.running_vms(host))
+        switching = set(hv.in_migration(host))  # paused at switch-over or in post-copy: let it finish
+        outgoing = set()
+        for other in rt.inventory.hosts_of(rt.cluster_of(host)):
+            if other.name != host:
+                outgoing |= (set(hv.in_migration(other.name)) & here) - switching
+    except DriverError as exc:
+        log.warning("%s: cannot list its migrations to stop them: %s", host, exc)
+        return []
+    aborted = []
+    for vm in sorted(outgoing):
+        try:
+            hv.abort(vm, host)
+            aborted.append(vm)
+        except DriverError as exc:
+            log.warning("%s: cannot abort the migration of %s: %s", host, visible(vm), exc)
+    return aborted
+
+
+def _settle(rt: Runtime, host: str, settle_s: float, sleep: Callable[[float], None],
+            clock: Callable[[], float]) -> list[str]:
+    """Wait until every VM whose origin is ``host`` runs on exactly one host and none of them is being
+    migrated; return those that did not settle within ``settle_s``."""
+    deadline = clock() + settle_s
+    hv = rt.hypervisor
+    while True:
+        vms = sorted(rt.states.origins(host))
+        unsettled = []
+        try:
+            moving: set[str] = set()
+            if isinstance(hv, MigrationStates):
+                for h in rt.inventory.hosts_of(rt.cluster_of(host)):
+                    moving |= set(hv.in_migration(h.name))
+            unsettled = [vm for vm in vms if vm in moving or len(hv.locate(vm)) != 1]
+        except DriverError as exc:
+            log.warning("%s: cannot see where its VMs run yet: %s", host, exc)
+            unsettled = vms
+        if not unsettled or clock() >= deadline:
+            return unsettled
+        sleep(1.0)
+
+
 # --- discovery and plans ----------------------------------------------------------------
 
 
@@ -322,14 +419,17 @@ def retarget(rt: Runtime, run: RunContext, plan: EvacuationPlan, now: FleetSnaps
 
 def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: FleetSnapshot | None = None,
                cluster_slots: int | None = None,
-               on_event: Callable[[DrainEvent], None] | None = None) -> DrainReport:
+               on_event: Callable[[DrainEvent], None] | None = None,
+               cancel: Cancellation | None = None) -> DrainReport:
     """Live-migrate every placement of ``plan``, within the cluster's limits.
 
     ``now``: the cluster as the caller discovered it just now, holding the plan's targets (else it is
     discovered here); a plan that waited for them is checked first with :func:`recheck_plan`.
     ``cluster_slots``: this drain's share of the cluster's migrations (other drains run beside it).
     Origins are recorded before a VM moves, so a crash mid-drain still knows where to return it.
-    A failed migration leaves its VM on the source and the host cordoned.
+    A failed migration leaves its VM on the source and the host cordoned. ``cancel`` set while it
+    runs stops it safely (:func:`~hostmaint.migration.drain`): the host stays cordoned with the
+    reason "cancelled by X" and :class:`RunCancelled` is raised once every migration has settled.
     """
     if not plan.feasible:
         raise PlanError("refusing to drain with an infeasible plan")
@@ -353,7 +453,8 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
         rec.details["dirty_rate_mib_s"] = {vm: round(r, 1) for vm, r in sorted(rates.items())}
         if notes:
             rec.details["dirty_rate_notes"] = notes
-        report = _drain(rt, run, rec, plan, limits, cluster, snap=now, on_event=on_event, dirty_rate=rates)
+        report = _drain(rt, run, rec, plan, limits, cluster, snap=now, on_event=on_event, dirty_rate=rates,
+                        cancel=cancel)
         rec.details["migrations"] = [r.model_dump(mode="json") for r in report.results]
         rec.details["seconds"] = round(report.seconds, 3)
         rec.details["max_concurrency"] = report.max_concurrency
@@ -364,6 +465,13 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
             _audit_migration(rt, run, cluster, r)
             if r.outcome in (StepOutcome.FAILED, StepOutcome.ABORTED) and _still_home(rt, r.vm, r.source):
                 rt.states.clear_origin(r.vm)  # it never left: its origin would call it displaced
+        if cancel is not None and cancel.is_set():
+            rec.details["cancelled_by"] = cancel.by
+            for h in plan.hosts:
+                rt.states.keep_out(h, cancelled_reason(cancel.reason), run.run_id)
+            raise RunCancelled(f"drain of {', '.join(plan.hosts)} {cancel.reason}: "
+                               f"{sum(r.outcome is StepOutcome.OK for r in report.results)} VM(s) moved, "
+                               f"{len(report.failed)} still on their source", host, "drain")
         if not report.ok:
             for h in plan.hosts:
                 rt.states.transition(h, HostState.CORDONED, "drain failed", run.run_id)
@@ -395,7 +503,8 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
         return report
 
 
-def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnapshot) -> list[str]:
+def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnapshot, *,
+                       include_own: bool = False) -> list[str]:
     """Record the migrations off ``host`` that completed with nobody left to record them.
 
     A drain records each VM's origin before moving it, and each migration when it ends. A run killed
@@ -403,13 +512,14 @@ def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnaps
     and the VM lands on its target after the run died. Each VM found away from ``host`` (``snap``: the
     cluster discovered now) whose move no record of that run covers gets one now (step
     ``migration-found``, naming the run that started it and where the VM runs); an origin whose VM
-    never left is dropped, so the host is not said to have VMs away. Returns the VMs found moved."""
+    never left is dropped, so the host is not said to have VMs away. Returns the VMs found moved.
+    ``include_own``: this run's origins too (a stand-down after its process was killed mid-drain)."""
     where = {v.name: v.host for v in snap.vms}
     moved = {(r.vm, r.run_id) for r in rt.audit.records(host=host) if r.step in ("migrate", "migration-found")
              and r.outcome is StepOutcome.OK}
     found = []
     for vm, started_by, recorded_at in rt.states.origin_records(host):
-        if started_by == run.run_id:
+        if started_by == run.run_id and not include_own:
             continue
         now = where.get(vm)
         if now == host:
@@ -500,7 +610,7 @@ def drain_settings(inventory: Inventory, cluster: str) -> tuple[SchedulerPolicy,
 
 def _drain(rt: Runtime, run: RunContext, rec: StepRecord, plan: EvacuationPlan, limits: Limits, cluster: str, *,
            snap: FleetSnapshot | None = None, on_event: Callable[[DrainEvent], None] | None = None,
-           dirty_rate: dict[str, float] | None = None) -> DrainReport:
+           dirty_rate: dict[str, float] | None = None, cancel: Cancellation | None = None) -> DrainReport:
     """Run ``plan``'s migrations; the audit record says which link figures the scheduler used and
     what the drain saw of the links, and the state keeps the latter for the next drains."""
     figures = link_figures(rt.inventory, rt.states, cluster)
@@ -511,7 +621,7 @@ def _drain(rt: Runtime, run: RunContext, rec: StepRecord, plan: EvacuationPlan, 
     policy, options = drain_settings(rt.inventory, cluster)
     rec.details["migration_settings"] = rt.inventory.cluster(cluster).migration.model_dump(mode="json")
     report = drain(plan, rt.hypervisor, limits, policy=policy, options=options, on_event=on_event,
-                   dirty_rate=dirty_rate, **inputs)
+                   dirty_rate=dirty_rate, cancel=cancel, **inputs)
     # a simulated fleet runs on a scaled clock and shares no link: its rates say nothing of a link
     if report.links and not rt.simulated:
         rt.states.record_links(report.links, run.run_id)

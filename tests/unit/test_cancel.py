@@ -1,0 +1,157 @@
+"""Stopping a run safely (issue 19 item 1), in the core: a Cancellation set mid-drain admits nothing
+more, aborts what runs in pre-copy, lets post-copy finish, and leaves the host cordoned "cancelled by X"
+with every VM on exactly one host and an audit record; a stand-down from outside the run finishes a
+run that was killed, and a re-run then drains the rest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hostmaint import maintenance as steps
+from hostmaint.cancel import Cancellation, RunCancelled
+from hostmaint.migration import EventKind, SchedulerPolicy, drain
+from hostmaint.models import HostState, Limits, MigrationOptions, StepOutcome
+from hostmaint.runtime import Runtime, open_runtime
+from tests.unit.test_migration_drain import ControllableFake, Script, fleet, make_plan
+
+
+def test_cancel_lets_post_copy_finish_and_aborts_the_rest() -> None:
+    moves = [("busy", "src", "dst", 1024), ("calm", "src", "dst", 1024), ("later", "src", "dst", 512)]
+    # "calm" runs long enough to be in flight when the cancel comes; "later" waits behind the limit of 2
+    hv = fleet(moves, cls=ControllableFake, scripts={"busy": Script(converges=False),
+                                                     "calm": Script(steps=400, step_s=0.002)})
+    stop = Cancellation()
+
+    def on_event(event) -> None:  # type: ignore[no-untyped-def]
+        if event.kind is EventKind.ESCALATED and event.detail.get("action") == "switch-to-post-copy":
+            stop.cancel("alice")
+
+    report = drain(make_plan(moves), hv, Limits(migrations_per_source=2), options=MigrationOptions(stall_seconds=3),
+                   policy=SchedulerPolicy.fixed(2, allow_post_copy=True), cancel=stop, on_event=on_event,
+                   poll_s=0.001)
+    outcome = {r.vm: r.outcome for r in report.results}
+    assert outcome == {"busy": StepOutcome.OK, "calm": StepOutcome.ABORTED, "later": StepOutcome.ABORTED}
+    assert hv.location == {"busy": "dst", "calm": "src", "later": "src"}
+    assert "busy" not in hv.aborts and "calm" in hv.aborts
+    assert [vm for vm, _ in hv.calls] == ["busy", "calm"]  # nothing admitted after the cancel
+
+
+class Ticking:
+    """A fake clock and sleep for the stand-down's wait (no real time passes)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def rt(sim_inventory: Path) -> Runtime:
+    return open_runtime(sim_inventory, fresh=True)
+
+
+def _where(rt: Runtime) -> dict[str, tuple[str, ...]]:
+    snap = steps.snapshot(rt, "demo")
+    return {v.name: rt.hypervisor.locate(v.name) for v in snap.vms}
+
+
+def test_drain_cancelled_mid_way_leaves_the_host_cordoned_with_who_and_every_vm_once(rt: Runtime) -> None:
+    host = "hv01"
+    run = steps.RunContext(run_id="run-1", flow="patch-host", operator="bob")
+    before = _where(rt)
+    steps.cordon(rt, run, host)
+    plan = steps.plan_drain(rt, run, host)
+    assert len(plan.placements) >= 2
+    stop = Cancellation()
+    started: list[str] = []
+
+    def on_event(event) -> None:  # type: ignore[no-untyped-def]
+        if event.kind is EventKind.STARTED:
+            started.append(event.vm)
+        if event.kind is EventKind.FINISHED:
+            stop.cancel("carol (hostmaint run cancel)")
+
+    with pytest.raises(RunCancelled, match="cancelled by carol"):
+        steps.drain_host(rt, run, plan, on_event=on_event, cancel=stop)
+    record = rt.states.get(host)
+    assert record.state is HostState.CORDONED
+    assert record.reason.startswith("cancelled by carol (hostmaint run cancel)")
+    where = _where(rt)
+    assert set(where) == set(before) and all(len(h) == 1 for h in where.values())
+    assert any(h == (host,) for h in where.values()), "the cancel moved everything anyway"
+    migrated = [r for r in rt.audit.records(host=host) if r.step == "migrate"]
+    assert {r.vm for r in migrated} == {p.vm for p in plan.placements}  # every VM of the plan is accounted for
+    assert {r.vm for r in migrated if r.outcome is StepOutcome.OK} <= set(started)
+    assert set(started) < {p.vm for p in plan.placements}  # nothing was admitted after the cancel
+    assert all(r.outcome is StepOutcome.ABORTED for r in migrated if r.vm not in started)
+    drain_rec = [r for r in rt.audit.records(host=host) if r.step == "drain"][-1]
+    assert drain_rec.outcome is StepOutcome.FAILED and drain_rec.details["cancelled_by"].startswith("carol")
+
+    # the same stand-down from outside the run's process (Prefect's hook) finds nothing more to do
+    ticks = Ticking()
+    again = steps.stand_down(rt, run, host, stop.reason, sleep=ticks.sleep, clock=ticks.clock)
+    assert again == rt.states.get(host) and again.state is HostState.CORDONED
+    cancel_rec = [r for r in rt.audit.records(host=host) if r.step == "cancel"][-1]
+    assert cancel_rec.details["note"] == "already stopped safely"
+
+    # a re-run finishes the drain: nothing is left on the host, and it is drained, not active
+    rerun = steps.RunContext(run_id="run-2", flow="patch-host", operator="bob")
+    steps.cordon(rt, rerun, host)
+    steps.drain_host(rt, rerun, steps.plan_drain(rt, rerun, host))
+    assert rt.hypervisor.running_vms(host) == ()
+    assert rt.states.state(host) is HostState.DRAINED
+
+
+def test_stand_down_after_a_killed_run_records_its_moves_and_cordons(rt: Runtime) -> None:
+    # The run's process was killed mid-drain: its state says draining, one VM's origin was recorded and
+    # the VM landed on its target with no migrate record (libvirt finished it without the run).
+    host = "hv02"
+    run = steps.RunContext(run_id="killed", flow="patch-host")
+    steps.cordon(rt, run, host)
+    plan = steps.plan_drain(rt, run, host)
+    first = plan.placements[0]
+    rt.states.transition(host, HostState.DRAINING, "draining", run.run_id)
+    rt.states.record_origin(first.vm, host, run.run_id)
+    rt.hypervisor.migrate(first.vm, host, first.target, MigrationOptions())
+    ticks = Ticking()
+    record = steps.stand_down(rt, run, host, "cancelled by the Prefect UI", sleep=ticks.sleep, clock=ticks.clock)
+    assert record.state is HostState.CORDONED and record.reason.startswith("cancelled by the Prefect UI")
+    found = [r for r in rt.audit.records(host=host) if r.step == "migration-found"]
+    assert [(r.vm, r.inputs["target"]) for r in found] == [(first.vm, first.target)]
+    assert all(len(h) == 1 for h in _where(rt).values())
+    assert rt.states.get(host).prior_state is HostState.ACTIVE  # the maintenance stays open for a re-run
+
+
+def test_stand_down_leaves_a_host_of_another_run_alone(rt: Runtime) -> None:
+    steps.cordon(rt, steps.RunContext(run_id="other"), "hv03")
+    ticks = Ticking()
+    record = steps.stand_down(rt, steps.RunContext(run_id="mine"), "hv03", "cancelled by x",
+                              sleep=ticks.sleep, clock=ticks.clock)
+    assert record.reason != steps.cancelled_reason("cancelled by x")
+    assert [r.outcome for r in rt.audit.records(host="hv03") if r.step == "cancel"] == [StepOutcome.SKIPPED]
+
+
+def test_a_patching_host_keeps_its_state_so_a_rerun_resumes_and_verifies(rt: Runtime) -> None:
+    host = "hv04"
+    run = steps.RunContext(run_id="p")
+    steps.cordon(rt, run, host)
+    for to in (HostState.DRAINING, HostState.DRAINED, HostState.PATCHING):
+        rt.states.transition(host, to, to.value, run.run_id)
+    ticks = Ticking()
+    record = steps.stand_down(rt, run, host, "cancelled by dave", sleep=ticks.sleep, clock=ticks.clock)
+    assert record.state is HostState.PATCHING and record.reason.startswith("cancelled by dave")
+
+
+def test_check_between_steps_raises_with_who() -> None:
+    stop = Cancellation()
+    stop.check("hv01", "update")
+    stop.cancel()
+    stop.cancel("erin")
+    with pytest.raises(RunCancelled, match="hv01: cancelled by erin"):
+        stop.check("hv01", "update")
