@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
+from collections import Counter
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated
 
@@ -183,26 +186,41 @@ class Vm(Frozen):
             raise ValueError(f"VM {name!r}: {info.field_name} must be greater than 0, got {value!r}") from None
 
     @model_validator(mode="after")
-    def _vnuma_within_memory(self) -> Vm:
+    def _coherent(self) -> Vm:
+        # One validator, and the common case answered without a loop in Python: a snapshot holds
+        # tens of thousands of VMs and every plan loads one. The checks and their order are
+        # _vnuma_within_memory's, _numatune_mode_known's and _vcpus_exist's.
+        if self.vnuma:
+            self._vnuma_within_memory()
+        if self.numatune is not None:
+            self._numatune_mode_known()
+        most = self.max_vcpus or self.vcpus
+        flat = [vcpu for g in self.vnuma for vcpu in g.vcpus] if self.vnuma else []
+        if (most < self.vcpus
+                or (self.vcpupin and not (min(self.vcpupin) >= 0 and max(self.vcpupin) < most))
+                or (self.vnuma and len({g.id for g in self.vnuma}) < len(self.vnuma))
+                or (flat and not (min(flat) >= 0 and max(flat) < most and len(set(flat)) == len(flat)))
+                or (self.iothreadpin and min(self.iothreadpin) < 1)
+                or (self.hugepage_kib and not _power_of_two(self.hugepage_kib))):
+            self._vcpus_exist()  # raises, naming the first problem
+        return self
+
+    def _vnuma_within_memory(self) -> None:
         # Guest cells hold part of the VM's memory (the rest is hot-plugged DIMMs); cells holding
         # more than the whole VM is a topology no domain has, and would be planned as given.
         listed = sum(g.memory_mib for g in self.vnuma)
         if listed > self.memory_mib:
             raise ValueError(f"VM {self.name!r}: its vNUMA cells hold {listed} MiB, more than its "
                              f"memory_mib {self.memory_mib}")
-        return self
 
-    @model_validator(mode="after")
-    def _numatune_mode_known(self) -> Vm:
+    def _numatune_mode_known(self) -> None:
         # An unknown mode would be planned as a binding and sent back to libvirt, which refuses
         # the destination XML only when the migration starts, after the plan was approved.
         if self.numatune is not None and self.numatune.mode not in NUMATUNE_MODES:
             raise ValueError(f"VM {self.name!r}: numatune mode {self.numatune.mode!r} is not one of "
                              f"{', '.join(NUMATUNE_MODES)}")
-        return self
 
-    @model_validator(mode="after")
-    def _vcpus_exist(self) -> Vm:
+    def _vcpus_exist(self) -> None:
         # vCPUs are numbered 0..vcpus-1 and libvirt refuses a domain whose pins or guest cells
         # name others: such a VM never ran, and its pins would be planned (and rewritten) as given.
         most = self.max_vcpus or self.vcpus
@@ -234,7 +252,6 @@ class Vm(Frozen):
         if self.hugepage_kib and not _power_of_two(self.hugepage_kib):
             raise ValueError(f"VM {self.name!r}: hugepage_kib {self.hugepage_kib} is not a power of two; no "
                              f"page size is")
-        return self
 
     @property
     def pinned(self) -> bool:
@@ -335,20 +352,26 @@ class FleetSnapshot(Frozen):
 
     @model_validator(mode="after")
     def _consistent(self) -> FleetSnapshot:
-        names = [h.name for h in self.hosts]
-        dup = {n for n in names if names.count(n) > 1}
+        # Linear in hosts and VMs: a large site's snapshot has thousands of hosts and ~100,000 VMs.
+        counts = Counter(h.name for h in self.hosts)
+        dup = {n for n, k in counts.items() if k > 1}
         if dup:
             raise ValueError(f"hosts: duplicate host name(s) {sorted(dup)}")
-        known = set(names)
         hosts = {h.name: h for h in self.hosts}
+        facts: dict[str, _HostFacts] = {}
         seen: set[str] = set()
         for i, vm in enumerate(self.vms):
-            if vm.host not in known:
+            host = hosts.get(vm.host)
+            if host is None:
                 raise ValueError(f"vms[{i}].host: VM {vm.name!r} is on unknown host {vm.host!r}")
             if vm.name in seen:
                 raise ValueError(f"vms[{i}].name: VM {vm.name!r} runs more than once")
             seen.add(vm.name)
-            _check_vm_on_host(i, vm, hosts[vm.host])
+            if vm.pinned or vm.numatune is not None or vm.hugepage_kib:  # else it names nothing of the host
+                known = facts.get(host.name)
+                if known is None:
+                    known = facts[host.name] = _HostFacts.of(host)
+                _check_vm_on_host(i, vm, host, known)
         if self.format != SNAPSHOT_FORMAT:
             raise ValueError(f"format: expected {SNAPSHOT_FORMAT!r}, got {self.format!r}")
         return self
@@ -363,30 +386,63 @@ class FleetSnapshot(Frozen):
         return tuple(v for v in self.vms if v.host == host)
 
     def digest(self) -> str:
-        """SHA-256 of the canonical JSON: plans name the snapshot they were made from."""
-        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canon.encode()).hexdigest()
+        """SHA-256 of the canonical JSON: plans name the snapshot they were made from.
+
+        Computed once per snapshot object (it is frozen) and kept: a plan, its check and its
+        render each ask for it, and at 1,000 hosts it costs as much as the plan."""
+        known = _DIGESTS.get(id(self))
+        if known is not None:
+            return known
+        # pydantic's own JSON writer, read back and written with sorted keys: the same text as
+        # json.dumps(model_dump(mode="json"), sort_keys=True) (JSON-mode keys are strings in
+        # both; floats print the same after a round trip), at a third of its cost
+        canon = json.dumps(json.loads(self.model_dump_json()), sort_keys=True, separators=(",", ":"))
+        value = hashlib.sha256(canon.encode()).hexdigest()
+        _DIGESTS[id(self)] = value
+        weakref.finalize(self, _DIGESTS.pop, id(self), None)
+        return value
 
 
-def _check_vm_on_host(index: int, vm: Vm, host: Host) -> None:
+@dataclass(frozen=True)
+class _HostFacts:
+    """What VMs may name on a host, gathered once per host rather than once per VM."""
+
+    cpus: frozenset[int]
+    cells: frozenset[int]
+    page_sizes: frozenset[int]
+
+    @classmethod
+    def of(cls, host: Host) -> _HostFacts:
+        return cls(cpus=frozenset(cpu for cell in host.cells for cpu in cell.cpus),
+                   cells=frozenset(cell.id for cell in host.cells),
+                   page_sizes=frozenset(hp.size_kib for cell in host.cells for hp in cell.hugepages))
+
+
+# id of a live FleetSnapshot -> its digest; an entry goes when its snapshot does (weakref.finalize),
+# so an id reused by a later object never finds a stale digest. A copy (model_copy) is a new object.
+_DIGESTS: dict[int, str] = {}
+
+
+def _check_vm_on_host(index: int, vm: Vm, host: Host, facts: _HostFacts | None = None) -> None:
     """What a running VM's definition names must exist on its host: libvirt refuses to start a
     domain pinned to CPUs or bound to NUMA nodes the host lacks, or backed by hugepages of a size
     the host has no pool of. Planned as given, such pins would be counted and rewritten."""
-    cpus = {cpu for cell in host.cells for cpu in cell.cpus}
+    facts = facts or _HostFacts.of(host)
+    cpus = facts.cpus
     named = {"vcpupin": [c for pin in vm.vcpupin.values() for c in pin], "emulatorpin": vm.emulatorpin,
              "vcpu_cpuset": vm.vcpu_cpuset, "iothreadpin": [c for pin in vm.iothreadpin.values() for c in pin]}
     for field_name, held in named.items():
+        if cpus.issuperset(held):
+            continue
         missing = sorted(set(held) - cpus)
-        if missing:
-            raise ValueError(f"vms[{index}].{field_name}: VM {vm.name!r} is pinned to CPU(s) "
-                             f"{', '.join(map(str, missing))}, which host {host.name!r} does not have")
-    cells = {cell.id for cell in host.cells}
+        raise ValueError(f"vms[{index}].{field_name}: VM {vm.name!r} is pinned to CPU(s) "
+                         f"{', '.join(map(str, missing))}, which host {host.name!r} does not have")
     if vm.numatune is not None:
-        missing = sorted(set(vm.numatune.nodeset) - cells)
+        missing = sorted(set(vm.numatune.nodeset) - facts.cells)
         if missing:
             raise ValueError(f"vms[{index}].numatune: VM {vm.name!r} is bound to NUMA node(s) "
                              f"{', '.join(map(str, missing))}, which host {host.name!r} does not have")
-    if vm.hugepage_kib and not any(hp.size_kib == vm.hugepage_kib for cell in host.cells for hp in cell.hugepages):
+    if vm.hugepage_kib and vm.hugepage_kib not in facts.page_sizes:
         raise ValueError(f"vms[{index}].hugepage_kib: VM {vm.name!r} is backed by {vm.hugepage_kib} KiB "
                          f"hugepages, but host {host.name!r} lists no pool of that size (a bare <hugepages/> "
                          f"is read as the host's default size: is it another?)")
