@@ -25,7 +25,6 @@ from hostmaint.console import make_console
 from hostmaint.display import cell, labelled
 from hostmaint.errors import HostmaintError, InputError, InventoryError, PlanError
 from hostmaint.fleet import dump_snapshot, load_snapshot
-from hostmaint.inventory import load_inventory
 from hostmaint.models import MigrationOptions
 from hostmaint.placement.exact import DEFAULT_BUDGET
 from hostmaint.redaction import redact_text
@@ -145,6 +144,8 @@ def inventory_check(file: Path, files: Annotated[bool, typer.Option(
                         help="Also check this windows.yaml (the patch window schedules) against the inventory, "
                              "as 'hostmaint setup' and 'serve' will read it.")] = None) -> None:
     """Validate an inventory file: exit 0 when valid, 2 otherwise (every problem named)."""
+    from hostmaint.inventory import load_inventory  # not at the top: a plan from a snapshot file needs none
+
     with exit_codes():
         inv = load_inventory(file)
         if files:
@@ -769,6 +770,8 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
         rates = _read_dirty_rates(dirty_rates, {v.name for v in snap.vms}) if dirty_rates else None
         params, policy, options = SimParams(), None, MigrationOptions()
         if Path(inventory).exists():
+            from hostmaint.inventory import load_inventory
+
             inv = load_inventory(inventory)
             if any(c.name == cluster for c in inv.clusters):
                 from hostmaint.db import open_engine

@@ -13,15 +13,17 @@ import json
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from hostmaint.config_file import parse_json, read_text
-from hostmaint.drivers.base import Hypervisor, MigrationStates
 from hostmaint.errors import FileFormatError, SnapshotError
-from hostmaint.inventory import Inventory
 from hostmaint.models import Cell, FleetSnapshot, Host, HostDiscovery, HostState, UnmigratableAction, Vm
+
+if TYPE_CHECKING:  # planning from a file needs neither (the inventory imports httpx, the hooks, ...)
+    from hostmaint.drivers.base import Hypervisor
+    from hostmaint.inventory import Inventory
 
 DISCOVERY_ATTEMPTS = 3
 
@@ -111,6 +113,10 @@ def discover_cluster(inventory: Inventory, cluster: str, hypervisor: Hypervisor,
     after another, so a migration that ends between two of them can show its VM running on both:
     an inconsistent discovery is made again, up to :data:`DISCOVERY_ATTEMPTS` times, a second apart.
     """
+    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
+
+    from hostmaint.drivers.base import MigrationStates
+
     for attempt in Retrying(stop=stop_after_attempt(DISCOVERY_ATTEMPTS), wait=wait_fixed(1.0),
                             retry=retry_if_exception_type(SnapshotError), reraise=True):
         with attempt:
