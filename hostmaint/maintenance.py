@@ -835,8 +835,9 @@ def recover_lost_update(rt: Runtime, run: RunContext, host: str) -> patching.Pac
     if not starts:
         return None
     started = records[starts[-1]]
-    if any(r.step == "update-recovered" or (r.step == "update" and r.outcome is not StepOutcome.UNKNOWN)
-           for r in records[starts[-1] + 1:]):
+    # a recovery that failed (the connection dropped again) recorded nothing: it is still owed
+    if any((r.step == "update-recovered" and r.outcome in (StepOutcome.OK, StepOutcome.SKIPPED))
+           or (r.step == "update" and r.outcome is not StepOutcome.UNKNOWN) for r in records[starts[-1] + 1:]):
         return None
     with audited(rt, run, "update-recovered", host=host,
                  inputs={"update_started_seq": started.seq, "update_run": started.run_id}) as rec:
