@@ -602,19 +602,97 @@ def solve(prob: Problem, greedy: Mapping[str, Fit], budget: Budget) -> Outcome:
         if found is not None:
             prob, greedy = local, {v: _as_fit(c) for v, c in found.items()}
             notes = "every VM placed NUMA-local (found without spreads); "
-    model = Model(prob, prob.vms)
     g_local = sum(1 for f in greedy.values() if f.numa_local)
     w = rank_weights(n)
     g_rank = sum(w[min(prob.ranks.get(f.host, 0), 4)] for f in greedy.values())
+    # The greedy at every stage's optimum already (placed and local by count, no ranked target, peak
+    # and spread at their lower bounds): proven without building the model or calling the solver.
+    at_bound = len(greedy) == n and g_local == n and g_rank == 0 and not prob.internal and not notes
+    peak = _peak_at_bound(prob, greedy) if at_bound else None
+    if peak is not None and _spread_at_bound(prob, greedy):
+        return Outcome(None, PlanProof.OPTIMAL,
+                       f"placed: {n}, NUMA-local: {n}, target rank: 0, peak utilisation: {peak}, spread: the "
+                       f"greedy's, each at a lower bound no placement can go below (proven without a search)")
+    model = Model(prob, prob.vms)
     stages: list[Stage] = [
         ("placed", model.n_placed, True, n if len(greedy) == n else None),
         ("NUMA-local", model.n_local, True, n if g_local == n else None),
         ("target rank", model.rank_cost, False, 0 if g_rank == 0 else None),
+        # a peak at its bound is still solved when the spread is not: fixing it changes which of the
+        # spread's equal optima CP-SAT returns, and so (by the balance tie-break) the plan
         ("peak utilisation", model.peak, False, None),
         ("spread", model.spread, False, None),
     ]
     out = _run_stages(model, stages, budget, greedy, refusal=n)[0]
     return Outcome(out.choices, out.proof, notes + out.note) if notes else out
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _greedy_loads(prob: Problem, greedy: Mapping[str, Fit]) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
+    """What the greedy (every VM placed NUMA-local) adds to each host and cell, as the model charges it."""
+    hosts: dict[str, int] = {}
+    cells: dict[tuple[str, int], int] = {}
+    for vm in prob.vms:
+        fit = greedy[vm.name]
+        hosts[fit.host] = hosts.get(fit.host, 0) + vm.memory_mib
+        for g, cid in enumerate(fit.cells):
+            key = (fit.host, cid)
+            cells[key] = cells.get(key, 0) + prob.needs[vm.name].mib[g]
+    return hosts, cells
+
+
+def _peak_at_bound(prob: Problem, greedy: Mapping[str, Fit]) -> int | None:
+    """The greedy's peak utilisation in the peak stage's units when no placement of every VM can be
+    lower, else None. Two lower bounds: the fullest host before the plan (a placement only adds),
+    and the hosts' mean after it (the highest is at least the memory-weighted mean; every VM's
+    memory lands on one of these hosts)."""
+    loads, _ = _greedy_loads(prob, greedy)
+    sized = [(name, h) for name, h in sorted(prob.hosts.items()) if h.memory_mib]
+    if not sized:
+        return None
+    got = max(_ceil_div(UTIL_SCALE * (round(h.used_mib) + loads.get(name, 0)), h.memory_mib) for name, h in sized)
+    before = max(_ceil_div(UTIL_SCALE * round(h.used_mib), h.memory_mib) for _, h in sized)
+    mean = _ceil_div(UTIL_SCALE * (sum(round(h.used_mib) for _, h in sized) + sum(vm.memory_mib for vm in prob.vms)),
+                     sum(h.memory_mib for _, h in sized))
+    return got if got == max(before, mean) and got <= 2 * UTIL_SCALE else None
+
+
+def _spread_at_bound(prob: Problem, greedy: Mapping[str, Fit]) -> bool:
+    """Whether the greedy's spread (Model.spread, every VM placed NUMA-local) is the least any
+    placement has: each term is a host's or cell's excess over the mean, which a placement can only
+    raise (it adds load), so the greedy is optimal when no host or cell it loads rises above the
+    mean by more than it already was (in the stage's integer units)."""
+    every = list(prob.hosts.values())
+    memory = sum(h.memory_mib for h in every)
+    if not memory:
+        return True
+    loads, cell_loads = _greedy_loads(prob, greedy)
+    mean = SPREAD_SCALE * (sum(round(h.used_mib) for h in every) + sum(vm.memory_mib for vm in prob.vms)) // memory
+
+    def excess(used: float, size: int, load: int) -> int:
+        u = _ceil_div(SPREAD_SCALE * (round(used) + load), size)
+        return max(u - mean, 0) if u <= 2 * SPREAD_SCALE else -1  # -1: beyond the model's range
+
+    def unchanged(used: float, size: int, weight: float, load: int) -> bool:
+        if not size or weight <= 0:
+            return True  # the model has no term for it
+        now = excess(used, size, 0)
+        return now >= 0 and excess(used, size, load) == now
+
+    for name, load in loads.items():
+        host = prob.hosts[name]
+        if not unchanged(host.used_mib, host.memory_mib, host.weight, load):
+            return False
+    for (name, cid), load in cell_loads.items():
+        host = prob.hosts[name]
+        c = host.cell(cid)
+        weight = host.weight * CELL_WEIGHT * c.memory_mib / host.memory_mib if host.memory_mib else 0.0
+        if not unchanged(c.used_mib, c.memory_mib, weight, load):
+            return False
+    return True
 
 
 def _place_all(prob: Problem, hint: Mapping[str, Fit], budget: Budget) -> dict[str, Choice] | None:
