@@ -656,9 +656,11 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
         for host in HOSTS:
             if states[host]["state"] == "failed":
                 c.cli("host", "reset", host, "--reason", "chaos: fault fixed", log_to=log)
-        for i in indices:
-            offset = log.stat().st_size
-            run = OpRun(c, ops[i].args, log)
+        # together, as they ran: run one after the other, a pair's first re-run would plan while the
+        # other host is still out of service (and be refused by N+1)
+        offset = log.stat().st_size
+        runs = {i: OpRun(c, ops[i].args, log) for i in indices}
+        for i, run in runs.items():
             result.rerun_rc[i] = run.wait(OP_TIMEOUT_S)
             if result.rerun_rc[i] is None:
                 result.violations.append(f"hang: the re-run hostmaint {' '.join(run.args)} did not end within "
