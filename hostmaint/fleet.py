@@ -43,18 +43,19 @@ def apply_policies(inventory: Inventory, cluster: str, vm: Vm) -> Vm:
     return vm.model_copy(update=changes)
 
 
-def free_after_guests(cells: tuple[Cell, ...], vms: Sequence[Vm]) -> tuple[Cell, ...]:
+def free_after_guests(cells: tuple[Cell, ...], vms: Sequence[Vm], overcommit: float = 1.0) -> tuple[Cell, ...]:
     """``cells`` with free memory no higher than what the guests running there leave.
 
     The host's free memory counts only pages a guest has touched: a guest that started a moment ago
     (or that never touches most of its memory) looks almost free, and a plan made on that figure
-    places VMs where the guest's memory will be. So free memory is capped at the host's memory less
-    its hugepage pools and its guests' ordinary memory, lowered in every cell in proportion (which
-    cell a guest's pages land in is not known)."""
+    places VMs where the guest's memory will be. So free memory is capped at the host's ordinary
+    memory (less its hugepage pools) times ``overcommit`` (the cluster's ``memory_overcommit``) less
+    its guests' ordinary memory, lowered in every cell in proportion (which cell a guest's pages land
+    in is not known). Hugepage-backed guests are in the pools, whose free pages libvirt counts apart."""
     free = sum(c.free_mib for c in cells)
     pools = sum(hp.total * hp.size_kib for c in cells for hp in c.hugepages) // 1024
     committed = sum(v.memory_mib for v in vms if not v.hugepage_kib)
-    ceiling = max(0, sum(c.memory_mib for c in cells) - pools - committed)
+    ceiling = max(0, int((sum(c.memory_mib for c in cells) - pools) * overcommit) - committed)
     if free <= ceiling:
         return cells
     return tuple(c.model_copy(update={"free_mib": c.free_mib * ceiling // free}) for c in cells)
@@ -73,6 +74,7 @@ def build_snapshot(inventory: Inventory, cluster: str, discoveries: Mapping[str,
     states = states or {}
     origins = origins or {}
     moving = moving or {}
+    limits = inventory.cluster(cluster).limits
     hosts: list[Host] = []
     vms: list[Vm] = []
     for entry in inventory.hosts_of(cluster):
@@ -80,7 +82,7 @@ def build_snapshot(inventory: Inventory, cluster: str, discoveries: Mapping[str,
         if found is None:
             continue
         hosts.append(Host(name=entry.name, cluster=cluster, state=states.get(entry.name, HostState.ACTIVE),
-                          cells=free_after_guests(found.cells, found.vms),
+                          cells=free_after_guests(found.cells, found.vms, limits.memory_overcommit),
                           reserved_memory_mib=entry.reserved_memory_mib, cpu_group=entry.cpu_group))
         for vm in found.vms:
             vm = vm.model_copy(update={"host": entry.name, "origin": origins.get(vm.name)})
@@ -96,7 +98,7 @@ def build_snapshot(inventory: Inventory, cluster: str, discoveries: Mapping[str,
     taken = (now or datetime.now(UTC)).isoformat(timespec="seconds")
     try:
         return FleetSnapshot(cluster=cluster, taken_at=taken, source=source,
-                             limits=inventory.cluster(cluster).limits,
+                             limits=limits,
                              hosts=tuple(sorted(hosts, key=lambda h: h.name)),
                              vms=tuple(sorted(vms, key=lambda v: v.name)))
     except ValidationError as exc:

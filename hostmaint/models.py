@@ -102,6 +102,9 @@ class Limits(Frozen):
     max_hosts_in_maintenance: Annotated[int, Field(ge=1, le=1024)] = 1
     memory_headroom_pct: Annotated[float, Field(ge=0, le=90)] = 10.0
     vcpu_overcommit: Annotated[float, Field(gt=0, le=64)] = 4.0
+    # guest memory a host may hold per MiB of its ordinary memory (outside its hugepage pools): above
+    # 1 for fleets that overcommit memory (balloon, KSM); discovery caps free memory by it
+    memory_overcommit: Annotated[float, Field(ge=1, le=16)] = 1.0
     # N+1: after draining, the cluster must still survive losing this many of its largest hosts
     # (0 for a two-host lab, where N+1 can never hold)
     spare_hosts: Annotated[int, Field(ge=0, le=64)] = 1

@@ -66,7 +66,8 @@ RANK_NOTES = {
 }
 
 _HINTS = {
-    "memory": "free memory on the remaining hosts (or drain fewer hosts at once)",
+    "memory": "free memory on the remaining hosts (or drain fewer hosts at once; a fleet that overcommits "
+              "memory says so with memory_overcommit in the cluster limits)",
     "hugepages": "reserve more hugepages of that size on the remaining hosts",
     "vcpu": "raise vcpu_overcommit in the cluster limits or free vCPUs on the remaining hosts",
     "numa": "no target has the NUMA cells this VM needs; resize its vNUMA topology or add a larger host",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hostmaint.errors import SnapshotError
 from hostmaint.fleet import build_snapshot, discover_cluster
@@ -63,3 +64,41 @@ def test_a_discovery_torn_by_a_migration_ending_is_made_again() -> None:
     snap = discover_cluster(INVENTORY, "prod-a", hypervisor)  # type: ignore[arg-type]
     assert hypervisor.looks == 2
     assert [(v.name, v.host) for v in snap.vms] == [("web", "hv02")]
+
+
+def _with_overcommit(ratio: float | None) -> object:
+    from hostmaint.inventory import parse_inventory
+
+    data = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / "inventory.yaml").read_text())
+    if ratio is not None:
+        data["clusters"][0]["limits"]["memory_overcommit"] = ratio
+    return parse_inventory(data)
+
+
+def test_a_host_that_overcommits_memory_keeps_what_its_limit_allows() -> None:
+    # 64 GiB, 80 GiB of guests (ballooned, KSM-shared) and 32 GiB really free
+    guests = tuple(Vm(name=f"g{i}", uuid=f"u-g{i}", host="hv01", memory_mib=20480, vcpus=1) for i in range(4))
+    found = {"hv01": HostDiscovery(host="hv01", cells=(Cell(id=0, memory_mib=65536, free_mib=32768),), vms=guests),
+             "hv02": seen("hv02"), "hv03": seen("hv03")}
+
+    # a cluster that overcommits memory 1.5x may place 96 - 80 = 16 GiB more there, not nothing
+    snap = build_snapshot(_with_overcommit(1.5), "prod-a", found)  # type: ignore[arg-type]
+    assert snap.host("hv01").cells[0].free_mib == 16384
+    # one that says nothing does not overcommit: the guests' memory is taken as promised to them
+    snap = build_snapshot(_with_overcommit(None), "prod-a", found)  # type: ignore[arg-type]
+    assert snap.host("hv01").cells[0].free_mib == 0
+    # and the real free memory stays the cap
+    snap = build_snapshot(_with_overcommit(4.0), "prod-a", found)  # type: ignore[arg-type]
+    assert snap.host("hv01").cells[0].free_mib == 32768
+
+
+def test_hugepage_guests_are_not_counted_against_ordinary_memory() -> None:
+    from hostmaint.models import HugePages
+
+    # 64 GiB, a 32 GiB pool of 2 MiB pages held by a 32 GiB hugepage guest, 30 GiB ordinary free
+    cell = Cell(id=0, memory_mib=65536, free_mib=30720, hugepages=(HugePages(size_kib=2048, total=16384, free=0),))
+    guest = Vm(name="big", uuid="u-big", host="hv01", memory_mib=32768, vcpus=1, hugepage_kib=2048)
+    found = {"hv01": HostDiscovery(host="hv01", cells=(cell,), vms=(guest,)), "hv02": seen("hv02"),
+             "hv03": seen("hv03")}
+    snap = build_snapshot(INVENTORY, "prod-a", found)
+    assert snap.host("hv01").cells[0].free_mib == 30720
