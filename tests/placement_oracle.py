@@ -19,7 +19,7 @@ from typing import Any
 
 from ortools.sat.python import cp_model
 
-from hostmaint.models import EvacuationPlan, FleetSnapshot, HostState, Placement, Vm
+from hostmaint.models import Blocker, EvacuationPlan, FleetSnapshot, HostState, Placement, Vm
 
 Uses = dict[Any, list[Any]]  # a cell's (or pool's) key -> CP-SAT terms drawing on it
 
@@ -213,6 +213,7 @@ class Reference:
     local: int | None  # the most of them NUMA-local, with that many placed
     peak_util: float | None  # the lowest highest host utilisation, with both of the above
     proven: bool  # every stage that ran was solved to optimality
+    witness: EvacuationPlan | None = None  # the placement it found, for breaches() to judge
 
 
 class _Model:
@@ -229,6 +230,10 @@ class _Model:
         self.placed: list[Any] = []
         self.local: list[Any] = []
         self.on: dict[str, list[tuple[Any, int]]] = defaultdict(list)  # host -> (is there, memory MiB)
+        self.readers: dict[str, list[tuple[str, Any, Any]]] = defaultdict(list)  # VM -> (host, is there, read)
+        self.solver: Any = None
+        self.drained = sorted(drained)
+        self.cluster = s.cluster
         mem_use: Uses = defaultdict(list)
         page_use: Uses = defaultdict(list)
         cpu_use: Uses = defaultdict(list)
@@ -256,13 +261,15 @@ class _Model:
                 if vm.anti_affinity:
                     group_on[vm.anti_affinity, name].append(y)
                 if vm.vnuma:
-                    _guest_cells(m, vm, name, cells, y, mem_use, page_use, cpu_use, self._holds_alone)
+                    read = _guest_cells(m, vm, name, cells, y, mem_use, page_use, cpu_use, self._holds_alone)
                     self.local.append(y)
                 elif remote:
-                    self.local.append(_any_cells(m, vm, name, cells, y, mem_use, page_use, cpu_use))
+                    local, read = _any_cells(m, vm, name, cells, y, mem_use, page_use, cpu_use)
+                    self.local.append(local)
                 else:
-                    _one_cell(m, vm, name, cells, y, mem_use, page_use, cpu_use)
+                    read = _one_cell(m, vm, name, cells, y, mem_use, page_use, cpu_use)
                     self.local.append(y)
+                self.readers[vm.name].append((name, y, read))
             v = m.NewBoolVar(f"placed {vm.name}")
             m.Add(sum(there) == v)
             self.placed.append(v)
@@ -298,6 +305,7 @@ class _Model:
         status = solver.Solve(self.m)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             return False, None
+        self.solver = solver
         return status == cp_model.OPTIMAL, round(solver.ObjectiveValue())
 
 
@@ -351,7 +359,54 @@ def reference(s: FleetSnapshot, drained: set[str], seconds: float = 10.0) -> Ref
     m.Minimize(top)
     ok, peak = model.solve(seconds)
     return Reference(len(model.movers), placed, local, None if peak is None else peak / UTIL_SCALE,
-                     proven and ok)
+                     proven and ok, _witness(model))
+
+
+def _witness(model: _Model) -> EvacuationPlan | None:
+    """The last solution as a plan: cells, memory per cell, pins mapped onto free CPUs of the cells
+    the model gave them (a guest cell's vCPUs onto its own host cell)."""
+    solver = model.solver
+    if solver is None:
+        return None
+    free = {k: sorted(v) for k, v in model.free.cpus.items()}
+    placements, blocked = [], []
+    for vm in model.movers:
+        chosen = [(h, read) for h, y, read in model.readers[vm.name] if solver.Value(y)]
+        if not chosen:
+            blocked.append(Blocker(vm=vm.name, host=vm.host, constraint="capacity", reason="reference"))
+            continue
+        host, read = chosen[0]
+        parts = read(solver.Value)
+        cells = tuple(c for c, _, _ in parts)
+        mapping: dict[int, int] = {}
+        olds = sorted(held_cpus(vm))
+        if vm.vnuma:
+            for g, (c, _, _) in zip(sorted(vm.vnuma, key=lambda g: g.id), parts, strict=True):
+                for v in g.vcpus:
+                    for old in vm.vcpupin.get(v, ()):
+                        if old not in mapping:
+                            mapping[old] = free[host, c].pop(0)
+        else:
+            left = list(olds)
+            for c, _, n in parts:
+                for old in left[:n]:
+                    mapping[old] = free[host, c].pop(0)
+                left = left[n:]
+        for old in olds:  # pins of no guest cell: any chosen cell with a free CPU
+            if old not in mapping:
+                mapping[old] = free[host, next(c for c in cells if free[host, c])].pop(0)
+
+        def mapped(cpus: tuple[int, ...], mapping: dict[int, int] = mapping) -> tuple[int, ...]:
+            return tuple(sorted(mapping[c] for c in cpus))
+        placements.append(Placement(
+            vm=vm.name, source=vm.host, target=host, target_cells=cells,
+            numa_local=bool(vm.vnuma) or len(cells) == 1,
+            vcpupin={v: mapped(c) for v, c in vm.vcpupin.items()}, emulatorpin=mapped(vm.emulatorpin),
+            vcpu_cpuset=mapped(vm.vcpu_cpuset), iothreadpin={k: mapped(c) for k, c in vm.iothreadpin.items()},
+            numatune_nodeset=tuple(sorted(cells)) if vm.numatune is not None else None,
+            memory_mib=vm.memory_mib, cell_memory_mib=tuple(mib for _, mib, _ in parts), reason="reference"))
+    return EvacuationPlan(cluster=model.cluster, hosts=tuple(model.drained), snapshot_digest="",
+                          placements=tuple(placements), blocked=tuple(blocked))
 
 
 def _part_need(vm: Vm, mib: int) -> int:
@@ -367,7 +422,7 @@ def _charge(vm: Vm, host: str, cell: int, amount: Any, mem_use: Uses, page_use: 
 
 
 def _one_cell(m: Any, vm: Vm, host: str, cells: list[int], y: Any, mem_use: Uses, page_use: Uses,
-              cpu_use: Uses) -> None:
+              cpu_use: Uses) -> Any:
     """NUMA-local: the whole VM in one of ``cells`` (those that could hold it alone)."""
     ncpus = len(held_cpus(vm))
     x = {c: m.NewBoolVar(f"{vm.name}@{host}/{c}") for c in cells}
@@ -376,10 +431,11 @@ def _one_cell(m: Any, vm: Vm, host: str, cells: list[int], y: Any, mem_use: Uses
         _charge(vm, host, c, _part_need(vm, vm.memory_mib) * x[c], mem_use, page_use)
         if ncpus:
             cpu_use[host, c].append(ncpus * x[c])
+    return lambda val: [(c, vm.memory_mib, ncpus) for c in cells if val(x[c])]
 
 
 def _guest_cells(m: Any, vm: Vm, host: str, cells: list[int], y: Any, mem_use: Uses, page_use: Uses,
-                 cpu_use: Uses, holds: Any) -> None:
+                 cpu_use: Uses, holds: Any) -> Any:
     """Guest cells 1:1 onto distinct host cells, each holding its part and its vCPUs' pinned CPUs; pins
     of no guest cell (emulator, I/O threads) on any of the chosen cells."""
     parts = guest_parts(vm)
@@ -410,12 +466,13 @@ def _guest_cells(m: Any, vm: Vm, host: str, cells: list[int], y: Any, mem_use: U
             m.Add(extra[c] <= rest * sum(x[g, c] for g in range(len(parts))))
             cpu_use[host, c].append(extra[c])
         m.Add(sum(extra.values()) == rest * y)
+    return lambda val: [(next(c for c in cells if val(x[g, c])), mib, pins[g]) for g, mib in enumerate(parts)]
 
 
 def _any_cells(m: Any, vm: Vm, host: str, cells: list[int], y: Any, mem_use: Uses, page_use: Uses,
-               cpu_use: Uses) -> Any:
+               cpu_use: Uses) -> tuple[Any, Any]:
     """One cell, or spread over several cells of the host (NUMA-remote); pinned CPUs from the cells
-    used. Returns a literal true when the VM is on this host in one cell (NUMA-local)."""
+    used. Returns a literal true when the VM is on this host in one cell (NUMA-local), and a reader."""
     total = _part_need(vm, vm.memory_mib)
     ncpus = len(held_cpus(vm))
     amount = {c: m.NewIntVar(0, total, f"{vm.name}@{host}/{c}") for c in cells}
@@ -425,13 +482,20 @@ def _any_cells(m: Any, vm: Vm, host: str, cells: list[int], y: Any, mem_use: Use
         m.Add(amount[c] <= total * used[c])
         m.Add(amount[c] >= used[c])
         _charge(vm, host, c, amount[c], mem_use, page_use)
-    if ncpus:
-        cpus = {c: m.NewIntVar(0, ncpus, f"{vm.name} cpus@{host}/{c}") for c in cells}
-        for c in cells:
-            m.Add(cpus[c] <= ncpus * used[c])
+    cpus = {c: m.NewIntVar(0, ncpus, f"{vm.name} cpus@{host}/{c}") for c in cells}
+    for c in cells:
+        m.Add(cpus[c] <= ncpus * used[c])
+        if ncpus:
             cpu_use[host, c].append(cpus[c])
-        m.Add(sum(cpus.values()) == ncpus * y)
+    m.Add(sum(cpus.values()) == ncpus * y)
     local = m.NewBoolVar(f"{vm.name} local@{host}")
     m.Add(local <= y)
     m.Add(sum(used.values()) <= 1).OnlyEnforceIf(local)
-    return local
+
+    def read(val: Any) -> list[tuple[int, int, int]]:
+        unit = vm.hugepage_kib / 1024 if vm.hugepage_kib else 1
+        parts = [(c, int(val(amount[c]) * unit), val(cpus[c])) for c in cells if val(used[c])]
+        c, mib, n = parts[-1]  # whole pages may hold a little more than the VM: the last part takes less
+        parts[-1] = (c, vm.memory_mib - sum(p[1] for p in parts[:-1]), n)
+        return parts
+    return local, read
