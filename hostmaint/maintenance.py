@@ -173,18 +173,26 @@ def displaced_vms(rt: Runtime, host: str, snap: FleetSnapshot) -> dict[str, str]
             if where.get(vm) != host}
 
 
+PATCHED_STATES = frozenset({HostState.PATCHING, HostState.REBOOTING, HostState.VERIFYING})
+
+
 def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: FleetSnapshot) -> HostState:
     """End a maintenance that cannot go on (its plan was refused): the host goes back to the state it
-    had before only when nothing of it was moved or stopped for maintenance, so it never left service.
+    had before only when nothing of it was moved, stopped or patched for maintenance, so it never left
+    service.
 
-    Otherwise (an earlier run's drain moved some of its VMs, or shut some down) it stays cordoned,
-    unpatched, with the reason and the VMs that are away named in its state and the audit record
-    (step ``keep-cordoned``); the run that can plan finishes it later, and ``host status`` lists them.
+    Otherwise (an earlier run's drain moved some of its VMs, or shut some down, or an earlier run got as
+    far as patching it and stopped before it was verified) it stays cordoned with the reason and the
+    VMs that are away named in its state and the audit record (step ``keep-cordoned``); the run that
+    can plan finishes it later, and ``host status`` lists them.
     ``snap``: the cluster discovered in this run."""
     displaced = displaced_vms(rt, host, snap)
     stopped = rt.states.stopped_on(host)
     record = rt.states.get(host)
-    if not displaced and not stopped and record.state is HostState.CORDONED:
+    # an earlier run of this maintenance that got to patching changed the host (packages, a reboot)
+    # and did not verify it: that host left service whether or not anything of it is away now
+    reached = [s for s in rt.states.reached_in_maintenance(host) if s in PATCHED_STATES]
+    if not displaced and not stopped and not reached and record.state is HostState.CORDONED:
         with audited(rt, run, "uncordon", host=host, inputs={"why": why}) as rec:
             target = record.prior_state or HostState.ACTIVE
             if target is HostState.CORDONED:
@@ -197,7 +205,8 @@ def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: Fleet
             rec.details["note"] = "nothing was moved or stopped: the host never left service"
             return target
     away = [f"{vm} (on {where})" for vm, where in sorted(displaced.items())]
-    reason = f"maintenance cannot go on, not patched: {why}"
+    reason = (f"maintenance cannot go on, not patched: {why}" if not reached else
+              f"maintenance cannot go on, not verified (it got as far as {reached[-1].value}): {why}")
     if away:
         reason += f"; its VMs away: {', '.join(away)}"
     if stopped:
@@ -206,6 +215,7 @@ def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: Fleet
         rec.details["displaced"] = displaced
         rec.details["stopped"] = list(stopped)
         rec.details["state_before"] = record.state.value
+        rec.details["reached"] = [s.value for s in reached]
         rt.states.keep_out(host, reason, run.run_id)
     return HostState.CORDONED
 

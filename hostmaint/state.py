@@ -134,6 +134,17 @@ class HostStateStore:
                 return record.reason if record.state == S.CORDONED else None
         return None
 
+    def reached_in_maintenance(self, host: str) -> list[HostState]:
+        """The states ``host`` has been in since its current maintenance began, in order, each once
+        (empty outside maintenance)."""
+        seen: list[HostState] = []
+        for record in reversed(self.history(host)):
+            if record.prior_state is None:
+                break
+            if record.state not in seen:
+                seen.append(record.state)
+        return seen[::-1]
+
     def all(self) -> dict[str, HostRecord]:
         """Every host ever seen, by name."""
         t = host_state_table

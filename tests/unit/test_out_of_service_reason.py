@@ -42,3 +42,31 @@ def test_a_maintenance_that_never_started_leaves_the_reason_too(sim_inventory: P
 
     assert maintenance.end_unstarted(rt, run, "hv02", "no safe plan", snap) is HostState.CORDONED
     assert rt.states.get("hv02").reason == "hardware check failed: memtest: DIMM B2"
+
+
+def test_a_refused_re_run_keeps_out_a_host_its_maintenance_patched_but_never_verified(sim_inventory: Path) -> None:
+    # An empty host an earlier run patched, then held before the reboot (monitoring, a pre-reboot hook):
+    # nothing of it is away, but its packages changed and nothing verified it
+    rt = open_runtime(sim_inventory, fresh=True)
+    fleet = rt.hypervisor
+    for vm in sorted(fleet.running["hv04"]):  # type: ignore[attr-defined]
+        fleet.running["hv04"].discard(vm)  # type: ignore[attr-defined]
+        fleet.running["hv03"].add(vm)  # type: ignore[attr-defined]
+    fleet.save()  # type: ignore[attr-defined]
+    first = RunContext(flow="patch-host", reason="patch")
+    maintenance.cordon(rt, first, "hv04")
+    for step in (HostState.DRAINING, HostState.DRAINED, HostState.PATCHING):
+        rt.states.transition("hv04", step, step.value, first.run_id)
+    rt.states.keep_out("hv04", "not rebooted, held by monitoring: alert firing", first.run_id)
+
+    # the re-run's plan is refused (N+1): the host must not go back into service unverified
+    again = RunContext(flow="patch-host", reason="patch")
+    maintenance.cordon(rt, again, "hv04")
+    snap = maintenance.snapshot(rt, "demo")
+    assert maintenance.end_unstarted(rt, again, "hv04", "N+1 would not hold", snap) is HostState.CORDONED
+
+    after = rt.states.get("hv04")
+    assert after.state is HostState.CORDONED and after.prior_state is HostState.ACTIVE, after
+    assert "not verified" in after.reason and "N+1 would not hold" in after.reason, after.reason
+    [kept] = [r for r in rt.audit.records(host="hv04") if r.step == "keep-cordoned"]
+    assert kept.details["reached"] == ["patching"]
