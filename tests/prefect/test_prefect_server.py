@@ -50,7 +50,8 @@ def free_port() -> int:
 
 
 FLOW_OF = {"evacuate-host": "evacuate-on-request", "patch-host": "patch-on-request",
-           "rebalance-cluster": "rebalance-on-request", "degraded-host": "degraded-host-runbook",
+           "rebalance-cluster": "rebalance-on-request", "return-host": "return-on-request",
+           "degraded-host": "degraded-host-runbook",
            "hardware-check-failed": "hardware-check-failed-runbook"}
 
 
@@ -346,12 +347,11 @@ def test_ui_form_submits_a_dry_run_evacuation(site: Site) -> None:
         page = b.page
         for label in ("Host", "Reason", "Operator", "Dry run (Optional)", "Approval required (Optional)"):
             page.get_by_text(label, exact=True).first.wait_for()
-        page.get_by_label("Host", exact=True).fill("hv02")
+        _select(page, "Host", "hv02")  # the inventory's hosts, offered as a list
         page.get_by_label("Reason", exact=True).fill("UI dry run from the form")
         page.get_by_label("Operator", exact=True).fill("ui-tester")
         page.screenshot(path=str(ARTIFACTS / "evacuate-host-form.png"), full_page=True)
-        page.get_by_role("button", name="Submit").click()
-        page.wait_for_url(lambda url: "/run" not in url)
+        _click_submit(b, site, dep["id"], "ui-tester")
 
     run = site.wait_run(dep["id"], {"COMPLETED", "FAILED", "CRASHED"},
                         lambda r: r["parameters"].get("request", {}).get("operator") == "ui-tester", timeout=90)
@@ -362,6 +362,108 @@ def test_ui_form_submits_a_dry_run_evacuation(site: Site) -> None:
     (ARTIFACTS / "evacuate-host-form.json").write_text(json.dumps(
         {"flow_run": run["id"], "parameters": run["parameters"], "blocked_requests": sorted(set(b.blocked)),
          "browser_log": b.log}, indent=2))
+
+
+def _select(page: Any, field: str, value: str) -> list[str]:
+    """Choose ``value`` in the form's list ``field``; return every choice it offered."""
+    page.get_by_role("button", name=f"Select {field}").click()
+    offered = [o.inner_text() for o in page.get_by_role("option").all()]
+    page.get_by_role("option", name=value, exact=True).click()
+    return offered
+
+
+def _submit_form(b: Browser, site: Site, deployment: str, marker: str, host: str, operator: str,
+                 switches: tuple[int, ...] = ()) -> list[str]:
+    """Open ``deployment``'s run form, pick ``host``, name the operator, flip ``switches`` (by position), submit."""
+    dep = site.deployment(deployment)
+    b.open(f"{site.config.ui_url}/v2/deployments/deployment/{dep['id']}/run", marker)
+    page = b.page
+    offered = _select(page, "Host", host)
+    page.get_by_label("Operator", exact=True).fill(operator)
+    reason = page.get_by_label("Reason", exact=True)  # required here; "Reason (Optional)" has a default
+    if reason.count():
+        reason.fill(f"operator path {operator}")
+    for index in switches:
+        page.get_by_role("switch").nth(index).click()
+    _click_submit(b, site, dep["id"], operator)
+    return offered
+
+
+def _click_submit(b: Browser, site: Site, deployment_id: str, operator: str) -> None:
+    """Submit the run form; on a loaded machine the server can answer 503 ("database is locked") and the
+    form stays: a person clicks again, so do we (at most three times), unless the run exists after all."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+
+    for attempt in range(3):
+        b.page.get_by_role("button", name="Submit").click()
+        try:
+            b.page.wait_for_url(lambda url: "/run" not in url, timeout=30_000)
+            return
+        except PlaywrightTimeoutError:
+            b.page.screenshot(path=str(ARTIFACTS / f"form-still-open-{operator}-{attempt}.png"))
+            if any(r["parameters"].get("request", {}).get("operator") == operator
+                   for r in site.runs_of(deployment_id)):
+                return
+    raise AssertionError(f"the form for {operator} was never submitted")
+
+
+def test_ui_operator_path_dry_run_approved_evacuation_and_the_way_back(site: Site) -> None:
+    """What an operator does in the UI: pick a host from the form's list, dry run, read the plan on the run
+    page; evacuate for real with approval, approve in the Resume dialog, read progress and result; then
+    return-host brings the host back with its VMs."""
+    evacuate = site.deployment("evacuate-host")
+    home = {vm for vm, hosts in where(site.inventory).items() if "hv02" in hosts}
+    with browser(site, "operator-path") as b:
+        page = b.page
+        offered = _submit_form(b, site, "evacuate-host", "Move every VM off one host", "hv02", "op-dry")
+        assert offered == ["hv01", "hv02", "hv03", "hv04"]  # a host not in the inventory cannot be typed
+        dry = site.wait_run(evacuate["id"], {"COMPLETED", "FAILED", "CRASHED"},
+                            lambda r: r["parameters"]["request"].get("operator") == "op-dry", timeout=120)
+        assert dry["state"]["type"] == "COMPLETED", dry["state"]
+        assert dry["name"] == "evacuate hv02 (dry run, simulated)"
+        assert {"host:hv02", "cluster:demo", "simulated"} <= set(dry["tags"])
+        # the plan is on the run the form opened, not one subflow away
+        b.open(f"{site.config.ui_url}/v2/runs/flow-run/{dry['id']}", dry["name"])
+        page.get_by_role("tab", name="Artifacts").click()
+        page.get_by_text("plan for hv02").first.click()
+        for vm in sorted(home):
+            page.get_by_text(vm, exact=True).first.wait_for()
+        page.screenshot(path=str(ARTIFACTS / "operator-path-plan.png"), full_page=True)
+        assert {vm for vm, hosts in where(site.inventory).items() if "hv02" in hosts} == home  # nothing moved
+
+        # for real, with approval: dry run off (switch 0), approval required on (switch 1)
+        _submit_form(b, site, "evacuate-host", "Move every VM off one host", "hv02", "op-real", switches=(0, 1))
+    paused = site.wait_run(evacuate["id"], {"PAUSED"},
+                           lambda r: r["parameters"]["request"].get("operator") == "op-real", timeout=120)
+    try:
+        _answer_in_the_ui(site, paused)
+    finally:
+        if site.get(f"/flow_runs/{paused['id']}")["state"]["type"] == "PAUSED":
+            site.post(f"/flow_runs/{paused['id']}/resume",
+                      {"run_input": {"operator": "test-cleanup", "approve": False, "comment": "UI test failed"}})
+    done = site.wait_run(evacuate["id"], {"COMPLETED", "FAILED", "CRASHED"}, lambda r: r["id"] == paused["id"],
+                         timeout=120)
+    assert done["state"]["type"] == "COMPLETED", done["state"]
+    assert not any("hv02" in hosts for hosts in where(site.inventory).values())
+    with browser(site, "operator-path-result") as b:
+        page = b.page
+        b.open(f"{site.config.ui_url}/v2/runs/flow-run/{done['id']}", "evacuate hv02 (simulated)")
+        page.get_by_role("tab", name="Artifacts").click()
+        for card in ("plan for hv02", "drain:", "evacuate hv02"):
+            page.get_by_text(card).first.wait_for()
+        page.screenshot(path=str(ARTIFACTS / "operator-path-result.png"), full_page=True)
+
+        # the way back: return-host, from its form
+        back = site.deployment("return-host")
+        _submit_form(b, site, "return-host", "End a host's evacuation", "hv02", "op-return")
+    returned = site.wait_run(back["id"], {"COMPLETED", "FAILED", "CRASHED"},
+                             lambda r: r["parameters"]["request"].get("operator") == "op-return", timeout=120)
+    assert returned["state"]["type"] == "COMPLETED", returned["state"]
+    assert {vm for vm, hosts in where(site.inventory).items() if "hv02" in hosts} == home
+    assert HostStateStore(open_engine(f"sqlite:///{site.db}")).state("hv02") is HostState.ACTIVE
+    audit = AuditTrail(open_engine(f"sqlite:///{site.db}"))
+    [approval] = [r for r in audit.records(host="hv02") if r.step == "approval"]
+    assert approval.operator == "ui-approver" and approval.trigger.value == "ui"
 
 
 def test_ui_resume_dialog_approves_the_hardware_runbook(site: Site) -> None:
