@@ -204,11 +204,31 @@ def fill_disk(workdir: Path, host: str) -> Undo:
     run([*enter, "mount", "--move", str(stage), str(target)])
 
     def undo() -> None:
-        # unmount every stacked copy (an undo repeated after a second fill)
-        while run([*enter, "umount", str(target)], check=False).returncode == 0:
-            pass
+        # every stacked copy; a busy one lazily (it goes once its last user does), and then proven gone
+        for _ in range(8):
+            if not _mounted(pid, target):
+                return
+            if run([*enter, "umount", str(target)], check=False).returncode != 0:
+                run([*enter, "umount", "-l", str(target)], check=False)
+        if _mounted(pid, target):
+            raise LabError(f"lab host {host}: the full filesystem over {target} does not unmount")
 
     return undo
+
+
+def _mounted(pid: int, path: Path) -> bool:
+    """Whether ``path`` is a mount point in the mount namespace of process ``pid``."""
+    with open(f"/proc/{pid}/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f)
+
+
+def leftover_full_disks(workdir: Path, host: str) -> list[str]:
+    """Mount points a :func:`fill_disk` left in the host's mount namespace (there should be none)."""
+    pid = supervisor_pid(workdir, host)
+    if pid is None:
+        return []
+    with open(f"/proc/{pid}/mounts") as f:
+        return [line.split()[1] for line in f if line.split()[0] == "chaos-full"]
 
 
 # --- identity and guests --------------------------------------------------------------------------------
