@@ -809,6 +809,15 @@ def patch(rt: Runtime, run: RunContext, host: str) -> tuple[patching.PackageDiff
                 rec.details["error"] = str(exc)
                 rec.details["note"] = ("connection lost while the update ran: whether it completed is unknown; the "
                                        "next run reads what changed from the host's package database")
+            except HostmaintError:
+                # a failed transaction (a scriptlet, a full disk) can have changed packages all the same;
+                # when they cannot be read now, the record lacks the diff and the next run reads it
+                try:
+                    failed_diff = patching.package_diff(before, patching.installed_packages(rt.shell, host))
+                    rec.details["package_diff"] = _jsonable(failed_diff)
+                except HostmaintError as unread:
+                    rec.details["package_diff_unread"] = str(unread)
+                raise
             else:
                 diff = patching.package_diff(before, after)
                 rec.details["package_diff"] = _jsonable(diff)
@@ -836,8 +845,9 @@ UPDATE_STEPS = ("update-started", "update", "update-recovered")
 
 
 def recover_lost_update(rt: Runtime, run: RunContext, host: str) -> patching.PackageDiff | None:
-    """What an earlier update of ``host`` changed when its outcome was never known (the connection
-    dropped, or the run died, while the package manager ran): the host's packages now against the list
+    """What an earlier update of ``host`` changed when that was never recorded (the connection dropped,
+    or the run died, while the package manager ran; it failed and the packages could not be read after
+    it; a recovery before this one failed): the host's packages now against the list
     recorded before it ran, recorded as step ``update-recovered``. None when the last update's outcome
     is known."""
     records = [r for r in rt.audit.records(host=host) if r.step in UPDATE_STEPS]
@@ -845,9 +855,12 @@ def recover_lost_update(rt: Runtime, run: RunContext, host: str) -> patching.Pac
     if not starts:
         return None
     started = records[starts[-1]]
-    # a recovery that failed (the connection dropped again) recorded nothing: it is still owed
+    # a recovery that failed (the connection dropped again) recorded nothing, nor did a failed update
+    # whose changes could not be read: both are still owed
     if any((r.step == "update-recovered" and r.outcome in (StepOutcome.OK, StepOutcome.SKIPPED))
-           or (r.step == "update" and r.outcome is not StepOutcome.UNKNOWN) for r in records[starts[-1] + 1:]):
+           or (r.step == "update" and r.outcome is not StepOutcome.UNKNOWN
+               and (r.outcome is not StepOutcome.FAILED or "package_diff" in r.details))
+           for r in records[starts[-1] + 1:]):
         return None
     with audited(rt, run, "update-recovered", host=host,
                  inputs={"update_started_seq": started.seq, "update_run": started.run_id}) as rec:
