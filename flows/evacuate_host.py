@@ -7,6 +7,7 @@ import time
 from prefect import flow, get_run_logger
 
 from flows import locks
+from flows.cancel import stand_down_hook, stops_safely
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.draining import drain_planned
 from flows.run_display import label_run, publish_plan
@@ -18,7 +19,8 @@ from tasks import maintenance as t
 from tasks.common import RuntimeRef
 
 
-@flow(name="evacuate-host", log_prints=True)
+@flow(name="evacuate-host", log_prints=True, on_cancellation=[stand_down_hook])
+@stops_safely  # Cancel stops it safely, cordoned "cancelled by X": flows/cancel.py
 def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", reason: str = "",
                   inventory: str | None = None, trigger: Trigger = Trigger.UI,
                   lock_wait_s: float | None = 60, approved_plan: EvacuationPlan | None = None,

@@ -13,6 +13,7 @@ import time
 from prefect import flow, get_run_logger
 
 from flows import locks
+from flows.cancel import stand_down_hook, stops_safely
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.draining import drain_planned
 from flows.run_display import label_run, publish_plan
@@ -29,7 +30,8 @@ from tasks.common import RuntimeRef
 BEFORE_DRAINED = (HostState.ACTIVE, HostState.CORDONED, HostState.DRAINING)
 
 
-@flow(name="patch-host", log_prints=True)
+@flow(name="patch-host", log_prints=True, on_cancellation=[stand_down_hook])
+@stops_safely  # Cancel stops it safely, cordoned "cancelled by X": flows/cancel.py
 def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_run: bool = False,
                inventory: str | None = None, trigger: Trigger = Trigger.UI, window_id: str | None = None,
                return_vms: bool = True, avoid: list[str] | None = None,

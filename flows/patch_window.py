@@ -14,20 +14,24 @@ from datetime import UTC, datetime, timedelta
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import CancelledRun
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import notify
+from flows.cancel import stand_down_hook, stops_safely
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.patch_host import patch_host
 from flows.rebalance_cluster import rebalance_locked
 from flows.run_display import label_run
+from hostmaint.cancel import RunCancelled
 from hostmaint.display import visible
 from hostmaint.errors import InputError, LockHeldError, StepError
 from hostmaint.maintenance import link_figures
 from hostmaint.models import StepOutcome, Trigger
 from hostmaint.placement.exact import DEFAULT_BUDGET
 from hostmaint.window import WindowClock, estimate_host_seconds, host_budget_s, window_left, window_order
+from tasks import cancellation
 from tasks import maintenance as t
 from tasks.common import RuntimeRef
 
@@ -40,6 +44,10 @@ def patch_one(host: str, inventory: str, operator: str, window_id: str, trigger:
         return patch_host(host=host, operator=operator, reason=f"patch window {window_id}", inventory=inventory,
                           trigger=trigger, window_id=window_id, return_vms=False, avoid=avoid,
                           hosts_at_once=hosts_at_once, exact_budget=exact_budget)
+    except CancelledRun as exc:
+        # cancelled (with its window, or on its own): it stood its host down, cordoned with who did it
+        state = RuntimeRef(inventory).open().states.state(host).value
+        return HostOutcome(host=host, outcome=StepOutcome.ABORTED, state=state, detail=str(exc))
     except LockHeldError as exc:
         # Another run (an evacuation, a runbook) holds the host: not a failure of this host.
         state = RuntimeRef(inventory).open().states.state(host).value
@@ -60,7 +68,9 @@ def _default_window_id(cluster: str) -> str:
 
 
 # Prefect 3.9 types the flow's runner as TaskRunner[PrefectFuture[Any]] and infers ThreadPoolTaskRunner[Never]
-@flow(name="patch-window", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16))  # type: ignore[arg-type]
+@flow(name="patch-window", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16),  # type: ignore[arg-type]
+      on_cancellation=[stand_down_hook])
+@stops_safely  # Cancel: no host starts, those running stop safely (flows/cancel.py)
 def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datetime | None = None,
                  window_minutes: float | None = None, max_failed_hosts: int = 0,
                  hosts: list[str] | None = None, window_id: str | None = None, operator: str = "scheduler",
@@ -114,8 +124,10 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
     durations: list[float] = []
     started: list[str] = []
     waiting_for_room: str | None = None  # refused room; asked again once a host in maintenance finishes
+    cancel = cancellation.for_run(run.run_id)
+    stopped = cancel.is_set if cancel is not None else (lambda: False)
     while pending or running:
-        while pending and len(running) < parallel and failures <= max_failed_hosts:
+        while pending and len(running) < parallel and failures <= max_failed_hosts and not stopped():
             host = pending[0]
             # its own estimate, or longer once a host of this window took longer: never less
             needed = host_budget_s(estimate_host_seconds(
@@ -158,10 +170,11 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
                     logger.error("host %s failed: %s", host, visible(result.detail))
     left = list(pending)
     for host in pending:
-        reason = "failure limit reached" if failures > max_failed_hosts else "window would end before it finished"
+        reason = ("window cancelled" if stopped() else "failure limit reached" if failures > max_failed_hosts
+                  else "window would end before it finished")
         outcomes.append(HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host).value,
                                     detail=f"not started: {reason}", simulated=rt.simulated))
-    if failures <= max_failed_hosts and rebalance_moves != 0 and not pending:
+    if failures <= max_failed_hosts and rebalance_moves != 0 and not pending and not stopped():
         remaining = clock.remaining()
         if remaining is not None and remaining <= 0:
             # the window is the time the operator allowed for moving VMs: levelling is no reason to overrun it
@@ -181,6 +194,8 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
     outcomes.sort(key=lambda o: order.index(o.host) if o.host in order else len(order))
     publish_report(f"patch window {window_id}", outcomes, key=None)
     notify.window_ended(window_id, cluster, outcomes)  # the window-end notification (docs/integrations.md)
+    if cancel is not None and cancel.is_set():
+        raise RunCancelled(f"window {window_id} {cancel.reason}: {len(started)} host(s) started, {len(left)} not")
     if left:
         summary = window_left(window_id, cluster, left, started, failures > max_failed_hosts, clock)
         if not started:

@@ -13,6 +13,7 @@ from hostmaint.models import CapacityCheck, Cell, EvacuationPlan, FleetSnapshot,
 from hostmaint.placement import plan_rebalance
 from hostmaint.state import HostRecord
 from hostmaint.window import room_for
+from tasks import cancellation
 from tasks.common import IO_RETRIES, RuntimeRef, drain_logger
 
 # No task tags: Prefect turns every tag of a task run into a tag-concurrency lookup on the server
@@ -64,12 +65,16 @@ def drain_host(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, now: Flee
                cluster_slots: int | None = None) -> DrainReport:
     # No Prefect retry: a failed migration is already retried or aborted by the drain
     # scheduler; re-running the whole drain is the operator's call (re-run the flow).
-    return steps.drain_host(ref.open(), run, plan, now=now, cluster_slots=cluster_slots,
-                            on_event=drain_logger(len(plan.placements)))
+    # A cancel (SIGTERM, or the run's state) stops it safely: tasks/cancellation.py
+    cancellation.check(run.run_id, plan.hosts[0] if plan.hosts else None, "drain")
+    with cancellation.graceful():
+        return steps.drain_host(ref.open(), run, plan, now=now, cluster_slots=cluster_slots,
+                                on_event=drain_logger(len(plan.placements)), cancel=cancellation.for_run(run.run_id))
 
 
 @task(name="stop-unmigratable", cache_policy=NO_CACHE, **IO_RETRIES)
 def stop_unmigratable(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan) -> list[str]:
+    cancellation.check(run.run_id, plan.hosts[0] if plan.hosts else None, "stop-unmigratable")
     return steps.stop_unmigratable(ref.open(), run, plan)
 
 
@@ -96,11 +101,13 @@ def host_cells(ref: RuntimeRef, host: str) -> tuple[Cell, ...]:
 
 @task(name="update", cache_policy=NO_CACHE)
 def update_host(ref: RuntimeRef, run: RunContext, host: str) -> tuple[patching.PackageDiff, patching.RebootDecision]:
+    cancellation.check(run.run_id, host, "update")
     return steps.patch(ref.open(), run, host)
 
 
 @task(name="reboot", cache_policy=NO_CACHE)
 def reboot_host(ref: RuntimeRef, run: RunContext, host: str) -> patching.RebootResult:
+    cancellation.check(run.run_id, host, "reboot")
     return steps.reboot(ref.open(), run, host)
 
 
@@ -121,6 +128,7 @@ def verify_host(ref: RuntimeRef, run: RunContext, host: str, cells_before: tuple
 
 @task(name="uncordon", cache_policy=NO_CACHE)
 def uncordon_host(ref: RuntimeRef, run: RunContext, host: str) -> HostState:
+    cancellation.check(run.run_id, host, "uncordon")
     return steps.uncordon(ref.open(), run, host)
 
 

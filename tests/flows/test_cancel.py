@@ -1,0 +1,163 @@
+"""Cancelling hostmaint runs through the Prefect API (issue 19 item 1), on a SIMULATED fleet.
+
+A patch-host served by ``serve`` in its own process (as deployments/ run it) is cancelled mid-drain
+the way the UI does it (state Cancelling, here with a name, as ``hostmaint run cancel`` writes it):
+the runner sends SIGTERM, the drain stops admitting, aborts what runs and settles, the host stays
+cordoned "cancelled by X", every VM runs once, the run ends Cancelled, the locks are free (a re-run
+takes them at once) and the re-run finishes the host.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from flows.cancel import request_cancel
+from hostmaint.models import HostState, StepOutcome
+from hostmaint.runtime import open_runtime
+from tasks import cancellation
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+ROOT = Path(__file__).resolve().parents[2]
+# as deployments/serve.py serves them: loaded from the source tree, each run in its own process
+SERVE = """
+import sys
+from prefect import Flow
+Flow.from_source(source=sys.argv[2], entrypoint="flows/patch_host.py:patch_host").serve(name=sys.argv[1], limit=2)
+"""
+
+
+def _slow_fleet(tmp_path: Path) -> Path:
+    from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+
+    snap = demo_snapshot(4, 12)
+    # 2 GiB guests at 1100 MiB/s on a time scale of 3: each migration takes ~5 s, a drain many
+    return write_simulated_fleet(tmp_path / "fleet", snap, demo_packages(snap), time_scale=3.0)
+
+
+def _state(run_id: str) -> str | None:
+    return cancellation.run_state(run_id)[0]
+
+
+def _wait(what: str, predicate, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.5)
+
+
+def test_a_served_patch_host_cancelled_mid_drain_stops_safely_and_a_rerun_finishes(
+        tmp_path: Path, hostmaint_db: Path) -> None:
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.patch_host import patch_host
+
+    inventory = _slow_fleet(tmp_path)
+    host = "hv01"
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "HOSTMAINT_DB": str(hostmaint_db),
+           "HOSTMAINT_INVENTORY": str(inventory), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+           "PYTHONPATH": str(ROOT)}
+    name = f"cancel-{tmp_path.name}"
+    server = subprocess.Popen([sys.executable, "-c", SERVE, name, str(ROOT)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=(tmp_path / "serve.log").open("w"))
+    try:
+        _wait("the deployment", lambda: _deployment_exists(f"patch-host/{name}"), 60)
+        run = run_deployment(f"patch-host/{name}", parameters={"host": host, "inventory": str(inventory),
+                                                               "operator": "tester"}, timeout=0)
+        run_id = str(run.id)
+        rt = open_runtime(inventory, fresh=True)
+        on_host = len(rt.hypervisor.running_vms(host))
+        # mid-drain: a VM has landed elsewhere and others are still on the host
+        _wait("the drain", lambda: len(open_runtime(inventory, fresh=True).hypervisor.running_vms(host)) < on_host)
+        assert open_runtime(inventory, fresh=True).states.state(host) is HostState.DRAINING
+        assert request_cancel(run_id, "mallory (hostmaint run cancel)") == "RUNNING"
+        _wait("the run to end", lambda: _state(run_id) in ("CANCELLED", "FAILED", "CRASHED", "COMPLETED"), 90)
+        assert _state(run_id) == "CANCELLED", (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        server.terminate()
+        server.wait(30)
+
+    rt = open_runtime(inventory, fresh=True)
+    record = rt.states.get(host)
+    assert record.state is HostState.CORDONED
+    assert record.reason.startswith("cancelled by mallory (hostmaint run cancel)")
+    where = {vm: rt.hypervisor.locate(vm) for vm in rt.hypervisor.vms}  # type: ignore[attr-defined]
+    assert all(len(hosts) == 1 for hosts in where.values()), where
+    assert any(hosts == (host,) for hosts in where.values()), "the drain was not stopped"
+    records = rt.audit.records(host=host)
+    cancel = [r for r in records if r.step == "cancel" and r.run_id == run_id]
+    assert cancel and cancel[0].operator.startswith("mallory")
+    migrated = [r for r in records if r.step == "migrate" and r.run_id == run_id]
+    assert any(r.outcome is StepOutcome.ABORTED for r in migrated)
+    # the drain itself was stopped in the run's process (SIGTERM became its Cancellation), not killed
+    (drain,) = [r for r in records if r.step == "drain" and r.run_id == run_id]
+    assert "cancelled_by" in drain.details
+
+    # the locks are free (strict, no waiting) and a re-run finishes the host: verified, then active
+    outcome = patch_host(host=host, inventory=str(inventory), operator="tester", lock_wait_s=0, return_vms=False)
+    assert outcome.outcome is StepOutcome.OK
+    rt = open_runtime(inventory, fresh=True)
+    assert rt.states.state(host) is HostState.ACTIVE
+    assert all(len(rt.hypervisor.locate(vm)) == 1 for vm in rt.hypervisor.vms)  # type: ignore[attr-defined]
+
+
+def _deployment_exists(name: str) -> bool:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_deployment_by_name(name)
+        except Exception:  # noqa: BLE001 - not there yet
+            return False
+    return True
+
+
+def test_the_hook_stands_down_a_run_whose_process_was_killed(sim_inventory: Path) -> None:
+    """After SIGKILL nothing in the run's process ran: Prefect's on_cancellation hook (in the serve
+    process, or a worker's fresh one) stands the host down from the recorded state and the hypervisor."""
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelling, Running
+
+    from flows.cancel import stand_down_hook
+    from hostmaint import maintenance as steps
+
+    @flow(name="patch-host")
+    def placeholder(host: str, inventory: str) -> None:
+        return None
+
+    with get_client(sync_client=True) as client:
+        fr = client.create_flow_run(placeholder, parameters={"host": "hv02", "inventory": str(sim_inventory)},
+                                    state=Running())
+        client.set_flow_run_state(fr.id, Cancelling(message="cancelled by zoe"), force=True)
+        fr = client.read_flow_run(fr.id)
+    rt = open_runtime(sim_inventory, fresh=True)
+    run = steps.RunContext(run_id=str(fr.id), flow="patch-host")
+    steps.cordon(rt, run, "hv02")
+    plan = steps.plan_drain(rt, run, "hv02")
+    first = plan.placements[0]
+    rt.states.transition("hv02", HostState.DRAINING, "draining", run.run_id)
+    rt.states.record_origin(first.vm, "hv02", run.run_id)
+    from hostmaint.models import MigrationOptions
+    rt.hypervisor.migrate(first.vm, "hv02", first.target, MigrationOptions())  # finished after the kill
+
+    stand_down_hook(placeholder, fr, fr.state)
+    rt = open_runtime(sim_inventory, fresh=True)
+    record = rt.states.get("hv02")
+    assert record.state is HostState.CORDONED and record.reason.startswith("cancelled by zoe")
+    steps_seen = [(r.step, r.vm) for r in rt.audit.records(host="hv02") if r.run_id == str(fr.id)]
+    assert ("migration-found", first.vm) in steps_seen and ("cancel", None) in steps_seen
+
+
+def test_who_comes_from_the_state_message() -> None:
+    assert cancellation.who("cancelled by ann (hostmaint run cancel)") == "ann (hostmaint run cancel)"
+    assert cancellation.who("Flow run was cancelled") == cancellation.FROM_PREFECT
+    assert cancellation.who(None) == cancellation.FROM_PREFECT
