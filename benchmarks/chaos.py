@@ -716,7 +716,8 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
     records = c.audit(started)
     result.violations += check_moves_recorded(moves, records)
     result.violations += check_packages_recorded(c, packages_before, records)
-    changed = bool(moves) or states_after_first != states_at_start
+    changed = bool(moves) or any((states_after_first[h]["state"], states_after_first[h]["reason"])
+                                 != (states_at_start[h]["state"], states_at_start[h]["reason"]) for h in HOSTS)
     if any(rc == 1 for rc in result.first_rc) and changed \
             and not any(r["outcome"] in ("failed", "aborted", "unknown") for r in records):
         result.violations.append("audit: the faulted run failed after changing something, but no record of the "
