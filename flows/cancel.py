@@ -38,6 +38,7 @@ from prefect.states import Cancelled, Cancelling
 
 from flows.common import default_inventory
 from hostmaint.cancel import UNKNOWN, RunCancelled
+from hostmaint.errors import InputError
 from hostmaint.maintenance import RunContext, stand_down
 from hostmaint.models import Trigger
 from tasks import cancellation
@@ -153,14 +154,20 @@ def _mark_cancelled(run_id: UUID, by: str) -> None:
                                   force=True)
 
 
-def request_cancel(run_id: str, by: str) -> str:
+def request_cancel(run_id: str, by: str, flow: str | None = None) -> str:
     """Ask Prefect to cancel flow run ``run_id`` (what the UI's Cancel does), naming who: the run's
     runner or worker then stops it (SIGTERM), and its host's record says "cancelled by ``by``".
-    Returns the state the run was in."""
+    ``flow``: refuse a run of another flow (InputError). Returns the state the run was in."""
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
     with get_client(sync_client=True) as client:
-        run = client.read_flow_run(UUID(run_id))
+        try:
+            run = client.read_flow_run(UUID(run_id))
+        except ObjectNotFound:
+            raise InputError(f"RUN: no flow run {run_id} on the Prefect server") from None
+        if flow is not None and client.read_flow(run.flow_id).name != flow:
+            raise InputError(f"RUN: {run_id} is not a {flow} run")
         kind = run.state.type.value if run.state else "UNKNOWN"
         if kind in FINAL:
             return kind

@@ -39,6 +39,7 @@ host_app = typer.Typer(help="Host state.", no_args_is_help=True)
 lab_app = typer.Typer(help="The local KVM lab (root): real libvirtd, sshd and QEMU guests in netns.",
                       no_args_is_help=True)
 simulate_app = typer.Typer(help="What-if estimates from a snapshot.", no_args_is_help=True)
+run_app = typer.Typer(help="Prefect runs of hostmaint.", no_args_is_help=True)
 app.add_typer(inventory_app, name="inventory")
 app.add_typer(plan_app, name="plan")
 app.add_typer(audit_app, name="audit")
@@ -46,6 +47,7 @@ app.add_typer(window_app, name="window")
 app.add_typer(host_app, name="host")
 app.add_typer(lab_app, name="lab")
 app.add_typer(simulate_app, name="simulate")
+app.add_typer(run_app, name="run")
 
 out = make_console()
 err = make_console(stderr=True)
@@ -387,6 +389,40 @@ def window_run(cluster: str, inventory: InventoryOpt = "inventory.yaml",
         _show_outcomes(outcomes, as_json)
         if any(o.outcome.value == "failed" for o in outcomes):
             raise typer.Exit(1)
+
+
+def _cancel_run(run: str, operator: str, flow: str | None = None) -> None:
+    from uuid import UUID
+
+    from flows.cancel import request_cancel
+
+    try:
+        UUID(run)
+    except ValueError:
+        raise InputError(f"RUN: not a flow run id: {run!r}") from None
+    before = request_cancel(run, operator, flow=flow)
+    if before in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"):
+        out.print(f"run {run} already ended ({before.lower()}): nothing to stop", markup=False, highlight=False)
+        return
+    out.print(f"run {run} ({before.lower()}) asked to stop: its drain aborts what is in flight (post-copy "
+              f"finishes), its host stays cordoned 'cancelled by {operator}'; 'hostmaint host status' shows it, "
+              "and running it again finishes the host", markup=False, highlight=False)
+
+
+@run_app.command("cancel")
+def run_cancel(run: Annotated[str, typer.Argument(help="The flow run id (as the Prefect UI shows it).")],
+               operator: OperatorOpt = "unknown") -> None:
+    """Stop a hostmaint run safely, as the Prefect UI's Cancel does, naming who stopped it."""
+    with exit_codes():
+        _cancel_run(run, operator)
+
+
+@window_app.command("stop")
+def window_stop(run: Annotated[str, typer.Argument(help="The patch-window run's id.")],
+                operator: OperatorOpt = "unknown") -> None:
+    """Stop a patch window: no host starts, the hosts it holds stop safely (cordoned, VMs running)."""
+    with exit_codes():
+        _cancel_run(run, operator, flow="patch-window")
 
 
 @app.command()

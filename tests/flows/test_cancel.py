@@ -161,3 +161,32 @@ def test_who_comes_from_the_state_message() -> None:
     assert cancellation.who("cancelled by ann (hostmaint run cancel)") == "ann (hostmaint run cancel)"
     assert cancellation.who("Flow run was cancelled") == cancellation.FROM_PREFECT
     assert cancellation.who(None) == cancellation.FROM_PREFECT
+
+
+def test_the_cli_cancels_by_run_id_and_refuses_bad_input() -> None:
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.states import Completed, Running
+    from typer.testing import CliRunner
+
+    from hostmaint.cli import app
+
+    @flow(name="patch-host")
+    def placeholder(host: str) -> None:
+        return None
+
+    with get_client(sync_client=True) as client:
+        running = client.create_flow_run(placeholder, parameters={"host": "hv01"}, state=Running())
+        done = client.create_flow_run(placeholder, parameters={"host": "hv01"}, state=Completed())
+    cli = CliRunner()
+    bad = cli.invoke(app, ["run", "cancel", "hv01; rm -rf /"])
+    assert bad.exit_code == 2 and "RUN: not a flow run id" in bad.output
+    wrong = cli.invoke(app, ["window", "stop", str(running.id), "--operator", "ann"])
+    assert wrong.exit_code == 2 and "is not a patch-window run" in wrong.output
+    assert cancellation.run_state(str(running.id))[0] == "RUNNING"  # refused: nothing changed
+    ended = cli.invoke(app, ["run", "cancel", str(done.id), "--operator", "ann"])
+    assert ended.exit_code == 0 and "already ended" in ended.output
+    ok = cli.invoke(app, ["run", "cancel", str(running.id), "--operator", "ann"])
+    assert ok.exit_code == 0, ok.output
+    assert cancellation.run_state(str(running.id)) == ("CANCELLING", "cancelled by ann")
+    assert cancellation.who_cancelled(str(running.id)) == "ann"
