@@ -714,7 +714,9 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
     if rc != 0:
         result.violations.append(f"audit: verify failed: {stderr.strip()[:300]}")
     records = c.audit(started)
-    result.violations += check_moves_recorded(moves, records)
+    unrecorded, contradicted = check_moves_recorded(moves, records)
+    result.violations += unrecorded
+    result.findings += contradicted
     result.violations += check_packages_recorded(c, packages_before, records)
     changed = bool(moves) or any((states_after_first[h]["state"], states_after_first[h]["reason"])
                                  != (states_at_start[h]["state"], states_at_start[h]["reason"]) for h in HOSTS)
@@ -803,12 +805,23 @@ def goal_missed(c: Campaign, scenario: Scenario, newest: str | None, states: dic
     return bool(missed)
 
 
-def check_moves_recorded(moves: Iterable[tuple[float, str, str, str]], records: list[dict[str, Any]]) -> list[str]:
-    """Every move libvirt showed has a successful migrate record (whoever made it, even a dead run)."""
-    done = {(r["vm"], r["host"], (r.get("inputs") or {}).get("target")) for r in records
-            if r["step"] == "migrate" and r["outcome"] == "ok"}
-    return [f"audit: {vm} moved {src} -> {dst} with no successful migrate record"
-            for _, vm, src, dst in moves if (vm, src, dst) not in done]
+def check_moves_recorded(moves: Iterable[tuple[float, str, str, str]], records: list[dict[str, Any]]
+                         ) -> tuple[list[str], list[str]]:
+    """Every move libvirt showed has a successful record naming the VM, its source and its target
+    (a migration, or one a later run found and recorded for a run that died). Returns the violations,
+    and as findings the moves that a record also calls failed (true in the end, wrong on the way)."""
+
+    def target(r: dict[str, Any]) -> object:
+        return (r.get("inputs") or {}).get("target") or (r.get("details") or {}).get("target")
+
+    done = {(r["vm"], r["host"], target(r)) for r in records if r["vm"] and r["outcome"] == "ok"}
+    failed = {(r["vm"], r["host"], target(r)) for r in records if r["vm"] and r["outcome"] == "failed"}
+    seen = [(vm, src, dst) for _, vm, src, dst in moves]
+    violations = [f"audit: {vm} moved {src} -> {dst} with no successful record of it"
+                  for vm, src, dst in seen if (vm, src, dst) not in done]
+    findings = [f"record: {vm} moved {src} -> {dst}, but a record of that migration says failed"
+                for vm, src, dst in dict.fromkeys(seen) if (vm, src, dst) in failed]
+    return violations, findings
 
 
 def check_packages_recorded(c: Campaign, before: dict[str, set[str]], records: list[dict[str, Any]]) -> list[str]:
