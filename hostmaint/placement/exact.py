@@ -430,6 +430,12 @@ class Model:
                     used = [c for c in host.cells if solver.value(self.part[vm.name, opt.host, c.id]) or took(c)]
                     unit = _unit_mib(need.page_kib)
                     mib = [solver.value(self.part[vm.name, opt.host, c.id]) * unit for c in used]
+                    if len(used) == 1 and not vm.vnuma:
+                        # a "spread" that landed wholly in one cell is a single-cell fit: the cell holds
+                        # all of it (to_fit checks that again), so the plan calls it NUMA-local
+                        out[vm.name] = Choice(opt.host, (used[0].id,), tuple(float(m) for m in need.mib),
+                                              tuple(len(g) for g in need.cpus), True)
+                        break
                     out[vm.name] = Choice(opt.host, tuple(c.id for c in used), tuple(mib),
                                           tuple(took(c) for c in used), False)
                     break

@@ -108,10 +108,6 @@ def test_same_input_same_plan(case: Case) -> None:
 ONE_CELL_CALLED_REMOTE = Path(__file__).resolve().parents[1] / "data" / "issue16_one_cell_called_remote.json"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 16: the exact stage places vm00017 (pinned, 2 GiB) wholly in cell 3 "
-                                       "of h0003, memory and CPU, and calls it NUMA-remote ('no single-cell fit "
-                                       "anywhere', which the greedy had found): the plan under-reports NUMA-local "
-                                       "placements and its reason is untrue")
 def test_a_placement_in_one_cell_is_numa_local() -> None:
     # benchmarks/placement.py, family pinned-cells, 8 hosts, seed 0 (saved: the generator may change)
     s = load_snapshot(ONE_CELL_CALLED_REMOTE)
