@@ -7,6 +7,7 @@ modules it imports do not know Prefect.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -110,7 +111,11 @@ def _secret_block_key(name: str) -> str:
 
 def _snapshot_for(inventory: str | None, cluster: str | None, snapshot: Path | None, host: str | None = None) -> Any:
     if snapshot is not None:
-        return load_snapshot(snapshot)
+        snap = load_snapshot(snapshot)
+        # a command lives as long as its plan: the snapshot (millions of objects, no cycles) need not
+        # be walked by every collection the planning's allocations start
+        gc.freeze()
+        return snap
     if inventory is None:
         raise InputError("give --inventory or --snapshot")
     from hostmaint.maintenance import snapshot as discover

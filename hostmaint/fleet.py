@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
+from hostmaint.bulk import collector_paused
 from hostmaint.config_file import parse_json, read_text
 from hostmaint.errors import FileFormatError, SnapshotError
 from hostmaint.models import Cell, FleetSnapshot, Host, HostDiscovery, HostState, UnmigratableAction, Vm
@@ -162,14 +163,15 @@ def _name_the_entry(loc: tuple[int | str, ...], msg: str, data: object) -> str:
 
 def parse_snapshot(text: str, source: str = "<snapshot>") -> FleetSnapshot:
     """Parse snapshot JSON. Raises SnapshotError naming the field path (or the key given twice)."""
-    try:
-        data = parse_json(text, source)
-    except FileFormatError as exc:
-        raise SnapshotError(str(exc)) from None
-    try:
-        return FleetSnapshot.model_validate(data)
-    except ValidationError as exc:
-        raise SnapshotError(f"{source}: {_first_error(exc, data)}") from None
+    with collector_paused():
+        try:
+            data = parse_json(text, source)
+        except FileFormatError as exc:
+            raise SnapshotError(str(exc)) from None
+        try:
+            return FleetSnapshot.model_validate(data)
+        except ValidationError as exc:
+            raise SnapshotError(f"{source}: {_first_error(exc, data)}") from None
 
 
 def load_snapshot(path: str | Path) -> FleetSnapshot:
@@ -184,7 +186,8 @@ def load_snapshot(path: str | Path) -> FleetSnapshot:
 
 def dump_snapshot(snapshot: FleetSnapshot) -> str:
     """Canonical, stable JSON of a snapshot (sorted keys, two-space indent)."""
-    return json.dumps(snapshot.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+    with collector_paused():
+        return json.dumps(snapshot.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
 
 
 def with_state(snapshot: FleetSnapshot, states: Mapping[str, HostState]) -> FleetSnapshot:

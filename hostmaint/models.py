@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from hostmaint.bulk import collector_paused
+
 SNAPSHOT_FORMAT = "hostmaint.snapshot/1"
 
 
@@ -396,10 +398,8 @@ class FleetSnapshot(Frozen):
         known = _DIGESTS.get(id(self))
         if known is not None:
             return known
-        # pydantic's own JSON writer, read back and written with sorted keys: the same text as
-        # json.dumps(model_dump(mode="json"), sort_keys=True) (JSON-mode keys are strings in
-        # both; floats print the same after a round trip), at a third of its cost
-        canon = json.dumps(json.loads(self.model_dump_json()), sort_keys=True, separators=(",", ":"))
+        with collector_paused():
+            canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         value = hashlib.sha256(canon.encode()).hexdigest()
         _DIGESTS[id(self)] = value
         weakref.finalize(self, _DIGESTS.pop, id(self), None)
