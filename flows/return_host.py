@@ -39,7 +39,8 @@ def return_host(host: str, operator: str = "unknown", reason: str = "evacuation 
                 trigger: Trigger = Trigger.UI, lock_wait_s: float | None = 60) -> HostOutcome:
     """End the evacuation of ``host``: verify it, put it back as it was before, then ``then``.
 
-    A host that is already in service is left alone (skipped). A host in any state but drained (or
+    A host that is already in service is left alone (skipped), but for the VMs still away from it
+    when ``then`` returns them (a return that died after its uncordon). A host in any state but drained (or
     verifying, a return that died half way) is refused before anything changes, naming its state:
     a patch, a failure or an incident's cordon each has its own way back.
     """
@@ -59,20 +60,25 @@ def return_host(host: str, operator: str = "unknown", reason: str = "evacuation 
     with locks.host_maintenance(host, cluster, wait_seconds=lock_wait_s, holder=rt.states.get(host).run_id):
         record = rt.states.get(host)
         if record.state is HostState.ACTIVE:
-            return outcome(StepOutcome.SKIPPED, f"host {host} is already in service; nothing to return")
-        if record.state not in (HostState.DRAINED, HostState.VERIFYING):
-            raise InputError(_not_evacuated(host, record.state, record.reason, record.prior_state is not None))
-        if record.state is HostState.DRAINED:
-            t.confirm_empty(ref, run, host)
-        t.verify_host(ref, run, host, None)
-        t.start_unmigratable(ref, run, host)
-        back_to = t.uncordon_host(ref, run, host)
-        logger.info("host %s verified and back to %s", host, back_to.value)
+            # back in service already; a return that died after its uncordon left its VMs away
+            if then is not AfterReturn.RETURN_VMS or not rt.states.origins(host):
+                return outcome(StepOutcome.SKIPPED, f"host {host} is already in service; nothing to return")
+            back_to = HostState.ACTIVE
+            logger.info("host %s is in service already; returning the VMs still away from it", host)
+        else:
+            if record.state not in (HostState.DRAINED, HostState.VERIFYING):
+                raise InputError(_not_evacuated(host, record.state, record.reason, record.prior_state is not None))
+            if record.state is HostState.DRAINED:
+                t.confirm_empty(ref, run, host)
+            t.verify_host(ref, run, host, None)
+            t.start_unmigratable(ref, run, host)
+            back_to = t.uncordon_host(ref, run, host)
+            logger.info("host %s verified and back to %s", host, back_to.value)
         if then is AfterReturn.RETURN_VMS:
             with locks.cluster_migrations(cluster):
                 report = t.return_vms(ref, run, host)
             migrations = list(report.results) if report is not None else []
-    detail = f"verified, {back_to.value} again"
+    detail = "in service already" if record.state is HostState.ACTIVE else f"verified, {back_to.value} again"
     if then is AfterReturn.RETURN_VMS:
         detail += f"; {len(migrations)} VM(s) returned"
     elif then is AfterReturn.REBALANCE:

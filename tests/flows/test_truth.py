@@ -505,3 +505,29 @@ def test_keep_out_keeps_the_maintenance_and_says_why(hostmaint_db: Path) -> None
     assert (noted.state, noted.reason, noted.prior_state) == (HostState.CORDONED, "still out: vm-a away",
                                                               HostState.ACTIVE)
     assert [h.reason for h in states.history("hv01")][-2:] == ["cannot go on: N+1", "still out: vm-a away"]
+
+
+# --- return-host killed between its uncordon and the return of the VMs ----------------------------------------
+
+
+def test_a_return_host_killed_after_its_uncordon_brings_the_vms_home_when_run_again(sim_inventory: Path) -> None:
+    from flows.evacuate_host import evacuate_host
+    from flows.return_host import AfterReturn, return_host
+    from hostmaint import maintenance as steps
+
+    rt = open_runtime(sim_inventory)
+    home = set(fleet(rt).running["hv01"])
+    evacuate_host(host="hv01", operator="ann", reason="RAM swap", inventory=str(sim_inventory), trigger=Trigger.TEST)
+    # the return's run verified and uncordoned hv01, then died before it moved a VM back
+    run = steps.RunContext(flow="return-host", trigger=Trigger.TEST, operator="ann", reason="evacuation over")
+    steps.confirm_empty(rt, run, "hv01")
+    steps.verify(rt, run, "hv01", None)
+    steps.uncordon(rt, run, "hv01")
+    assert rt.states.state("hv01") is HostState.ACTIVE and set(rt.states.origins("hv01")) == home
+
+    again = return_host(host="hv01", operator="ann", then=AfterReturn.RETURN_VMS, inventory=str(sim_inventory),
+                        trigger=Trigger.TEST)
+
+    assert again.outcome is StepOutcome.OK, again.detail
+    assert fleet(open_runtime(sim_inventory)).running["hv01"] == home
+    assert not rt.states.origins("hv01")
