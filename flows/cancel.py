@@ -50,12 +50,16 @@ F = TypeVar("F", bound=Callable[..., Any])
 FINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 
 
-def _who(run_id: str, fallback: str | None) -> str:
-    try:
-        named = cancellation.who_cancelled(run_id)
-    except Exception:  # noqa: BLE001 - the server is down: say what this process knows
-        return fallback or cancellation.FROM_PREFECT
-    return named if named != cancellation.FROM_PREFECT else fallback or named
+def _who(run_ids: tuple[str, ...], fallback: str | None) -> str:
+    """Who cancelled the first of ``run_ids`` that names someone (a host's run, then its window's)."""
+    for run_id in run_ids:
+        try:
+            named = cancellation.who_cancelled(run_id)
+        except Exception:  # noqa: BLE001 - the server is down: say what this process knows
+            continue
+        if named != cancellation.FROM_PREFECT:
+            return named
+    return fallback or cancellation.FROM_PREFECT
 
 
 def _stand_down(inventory: str | None, flow: str, run_id: str, host: str, by: str, trigger: Any = None) -> None:
@@ -108,7 +112,7 @@ def _run_stopping_safely(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: 
             if not isinstance(exc, TerminationSignal) and not cancel.is_set():
                 raise
             stopped = exc
-        by = _who(run_id, None if cancel.by == UNKNOWN else cancel.by)
+        by = _who((run_id, *also), None if cancel.by == UNKNOWN else cancel.by)
         if params.get("host"):
             _stand_down(params.get("inventory"), runtime.flow_run.flow_name or fn.__name__, run_id,
                         params["host"], by, params.get("trigger"))
@@ -123,7 +127,7 @@ def stand_down_hook(flow: Any, flow_run: Any, state: Any) -> None:
     Runs after Prefect killed the process (SIGTERM, then SIGKILL after 30 s), in the ``serve``
     process or a worker's fresh process: the flow's own stand-down may never have run."""
     params = dict(flow_run.parameters or {})
-    by = _who(str(flow_run.id), None)
+    by = _who((str(flow_run.id),), None)
     if params.get("host"):
         _stand_down(params.get("inventory"), flow.name, str(flow_run.id), params["host"], by, params.get("trigger"))
         return

@@ -96,11 +96,22 @@ def who_cancelled(run_id: str) -> str:
 def _name_the_cancellers() -> None:
     with _lock:
         runs = list(_runs.items())
+    named = cancellation_names([run_id for run_id, _ in runs])
+    # SIGTERM is for the whole process: the run that was cancelled names who, for every run in it
+    by = next((n for n in named.values() if n != FROM_PREFECT), None)
     for run_id, cancel in runs:
+        cancel.cancel(named.get(run_id) if named.get(run_id, FROM_PREFECT) != FROM_PREFECT else by)
+
+
+def cancellation_names(run_ids: list[str]) -> dict[str, str]:
+    """Who cancelled each of ``run_ids`` (those the server could be asked about)."""
+    named = {}
+    for run_id in run_ids:
         try:
-            cancel.cancel(who_cancelled(run_id))
+            named[run_id] = who_cancelled(run_id)
         except Exception as exc:  # noqa: BLE001 - the stand-down asks again
             log.debug("cannot read who cancelled run %s: %s", run_id, exc)
+    return named
 
 
 @contextmanager

@@ -190,3 +190,53 @@ def test_the_cli_cancels_by_run_id_and_refuses_bad_input() -> None:
     assert ok.exit_code == 0, ok.output
     assert cancellation.run_state(str(running.id)) == ("CANCELLING", "cancelled by ann")
     assert cancellation.who_cancelled(str(running.id)) == "ann"
+
+
+SERVE_WINDOW = """
+import sys
+from prefect import Flow
+Flow.from_source(source=sys.argv[2], entrypoint="flows/patch_window.py:patch_window").serve(name=sys.argv[1])
+"""
+
+
+def test_a_served_window_cancelled_starts_no_host_and_stops_the_one_it_holds(
+        tmp_path: Path, hostmaint_db: Path) -> None:
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    inventory = _slow_fleet(tmp_path)
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "HOSTMAINT_DB": str(hostmaint_db),
+           "HOSTMAINT_INVENTORY": str(inventory), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+           "PYTHONPATH": str(ROOT)}
+    name = f"cancel-window-{tmp_path.name}"
+    before = {vm: open_runtime(inventory, fresh=True).hypervisor.locate(vm)
+              for vm in open_runtime(inventory, fresh=True).hypervisor.vms}  # type: ignore[attr-defined]
+    server = subprocess.Popen([sys.executable, "-c", SERVE_WINDOW, name, str(ROOT)], cwd=ROOT, env=env,
+                              stdout=subprocess.DEVNULL, stderr=(tmp_path / "serve.log").open("w"))
+    try:
+        _wait("the deployment", lambda: _deployment_exists(f"patch-window/{name}"), 60)
+        run = run_deployment(f"patch-window/{name}", parameters={
+            "cluster": "demo", "inventory": str(inventory), "operator": "tester", "window_id": "w-cancel",
+            "trigger": "ui"}, timeout=0)
+        run_id = str(run.id)
+
+        def draining() -> list[str]:
+            rt = open_runtime(inventory, fresh=True)
+            return [h for h in ("hv01", "hv02", "hv03", "hv04") if rt.states.state(h) is HostState.DRAINING]
+
+        _wait("a host's drain", lambda: bool(draining()))
+        (held,) = draining()
+        assert request_cancel(run_id, "wendy (hostmaint window stop)", flow="patch-window") == "RUNNING"
+        _wait("the window to end", lambda: _state(run_id) in ("CANCELLED", "FAILED", "CRASHED", "COMPLETED"), 90)
+        assert _state(run_id) == "CANCELLED", (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        server.terminate()
+        server.wait(30)
+    rt = open_runtime(inventory, fresh=True)
+    record = rt.states.get(held)
+    assert record.state is HostState.CORDONED and record.reason.startswith("cancelled by wendy"), record
+    others = [h for h in ("hv01", "hv02", "hv03", "hv04") if h != held]
+    assert all(rt.states.state(h) is HostState.ACTIVE for h in others)  # no host started after the cancel
+    assert not [r for h in others for r in rt.audit.records(host=h) if r.step == "cordon"]
+    after = {vm: rt.hypervisor.locate(vm) for vm in rt.hypervisor.vms}  # type: ignore[attr-defined]
+    assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
