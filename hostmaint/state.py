@@ -233,7 +233,9 @@ class HostStateStore:
                 return current
             if current.state != S.CORDONED:
                 check_transition(host, current.state, S.CORDONED)
-            return self._write(conn, current, exists, S.CORDONED, reason, run_id, current.prior_state or S.ACTIVE)
+            # cordoned with no maintenance open is an operator's (or an incident's) cordon: where it goes back to
+            prior = current.prior_state or (S.CORDONED if current.state == S.CORDONED else S.ACTIVE)
+            return self._write(conn, current, exists, S.CORDONED, reason, run_id, prior)
 
         return self._atomically(host, out)
 

@@ -70,3 +70,23 @@ def test_a_refused_re_run_keeps_out_a_host_its_maintenance_patched_but_never_ver
     assert "not verified" in after.reason and "N+1 would not hold" in after.reason, after.reason
     [kept] = [r for r in rt.audit.records(host="hv04") if r.step == "keep-cordoned"]
     assert kept.details["reached"] == ["patching"]
+
+
+def test_keeping_out_an_operators_cordoned_host_keeps_it_the_operators(sim_inventory: Path) -> None:
+    # hv02 was set aside by an incident; a drain of a maintenance of it failed, which ends that
+    # maintenance on the spot (cordoned is where it started), and then the run kept it out
+    rt = open_runtime(sim_inventory, fresh=True)
+    rt.states.set_aside("hv02", "degraded: fan", "incident-run")
+    run = RunContext(flow="patch-host", reason="patch")
+    maintenance.cordon(rt, run, "hv02")
+    rt.states.transition("hv02", HostState.DRAINING, "draining", run.run_id)
+    rt.states.transition("hv02", HostState.CORDONED, "drain failed", run.run_id)
+    rt.states.keep_out("hv02", "maintenance cannot go on: no plan", run.run_id)
+    assert rt.states.get("hv02").prior_state is HostState.CORDONED
+
+    # so the maintenance that finishes it later leaves it cordoned, as the operator had it
+    later = RunContext(flow="patch-host", reason="patch")
+    maintenance.cordon(rt, later, "hv02")
+    for step in (HostState.DRAINING, HostState.DRAINED, HostState.PATCHING, HostState.VERIFYING):
+        rt.states.transition("hv02", step, step.value, later.run_id)
+    assert maintenance.uncordon(rt, later, "hv02") is HostState.CORDONED
