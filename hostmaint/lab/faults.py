@@ -184,51 +184,80 @@ def break_repo(workdir: Path, host: str) -> Undo:
     return undo
 
 
-def fill_disk(workdir: Path, host: str) -> Undo:
-    """The filesystem the host's packages install into is full (inside the host's mount namespace
-    only): rpm's transaction check refuses every update ("needs ... more space"). Made as a full
-    1 MiB tmpfs holding a copy of what was there, moved over ``/usr/share/hostmaint-lab`` of the
-    host's install root; the undo unmounts it, and the untouched original is back."""
+def _mount_namespaces(workdir: Path, host: str) -> list[int]:
+    """One process per mount namespace of the host where its commands run: the supervisor's (libvirtd,
+    and every sshd started after a reboot copies it) and the running sshd's (``ip netns exec`` gives
+    sshd a mount namespace of its own, which later mounts in the supervisor's do not reach)."""
     pid = supervisor_pid(workdir, host)
     if pid is None:
         raise LabError(f"lab host {host}: its supervisor is not running")
+    pids = [pid]
+    sshd = read_status(workdir, host).get("sshd_pid")
+    try:
+        if isinstance(sshd, int) and os.stat(f"/proc/{sshd}/ns/mnt").st_ino != os.stat(f"/proc/{pid}/ns/mnt").st_ino:
+            pids.append(sshd)
+    except OSError:
+        pass  # sshd is down (a reboot under way): the next one copies the supervisor's namespace
+    return pids
+
+
+def fill_disk(workdir: Path, host: str) -> Undo:
+    """The filesystem the host's packages install into is full: rpm's transaction check refuses every
+    update ("needs ... more space"). Made, in each of the host's mount namespaces (never the machine's),
+    as a full 1 MiB tmpfs holding a copy of what was there, moved over ``/usr/share/hostmaint-lab`` of
+    the host's install root; the undo unmounts them, and the untouched original is back."""
     d = host_dir(workdir, host)
     target = d / "root" / "usr" / "share" / "hostmaint-lab"
     stage = d / "chaos-full"
     stage.mkdir(exist_ok=True)
-    enter = ["nsenter", "-t", str(pid), "-m", "--"]
-    run([*enter, "mount", "-t", "tmpfs", "-o", "size=1m", "chaos-full", str(stage)])
-    run([*enter, "cp", "-a", f"{target}/.", str(stage)])
-    # fill it to the last block; dd's own "No space left" is the point
-    run([*enter, "dd", "if=/dev/zero", f"of={stage / 'filler'}", "bs=4k"], check=False)
-    run([*enter, "mount", "--move", str(stage), str(target)])
+    pids = _mount_namespaces(workdir, host)
+    for pid in pids:
+        enter = ["nsenter", "-t", str(pid), "-m", "--"]
+        run([*enter, "mount", "-t", "tmpfs", "-o", "size=1m", "chaos-full", str(stage)])
+        run([*enter, "cp", "-a", f"{target}/.", str(stage)])
+        # fill it to the last block; dd's own "No space left" is the point
+        run([*enter, "dd", "if=/dev/zero", f"of={stage / 'filler'}", "bs=4k"], check=False)
+        run([*enter, "mount", "--move", str(stage), str(target)])
 
     def undo() -> None:
-        # every stacked copy; a busy one lazily (it goes once its last user does), and then proven gone
-        for _ in range(8):
-            if not _mounted(pid, target):
-                return
-            if run([*enter, "umount", str(target)], check=False).returncode != 0:
-                run([*enter, "umount", "-l", str(target)], check=False)
-        if _mounted(pid, target):
-            raise LabError(f"lab host {host}: the full filesystem over {target} does not unmount")
+        # every namespace the fill may have reached by now (a reboot copies it into a new sshd's)
+        for pid in {*pids, *_mount_namespaces(workdir, host)}:
+            _unmount_all(pid, target)
 
     return undo
 
 
+def _unmount_all(pid: int, target: Path) -> None:
+    """Unmount every stacked mount at ``target`` in ``pid``'s mount namespace; a busy one lazily."""
+    enter = ["nsenter", "-t", str(pid), "-m", "--"]
+    for _ in range(8):
+        if not _mounted(pid, target):
+            return
+        if run([*enter, "umount", str(target)], check=False).returncode != 0:
+            run([*enter, "umount", "-l", str(target)], check=False)
+    if _mounted(pid, target):
+        raise LabError(f"process {pid}: the full filesystem over {target} does not unmount")
+
+
 def _mounted(pid: int, path: Path) -> bool:
     """Whether ``path`` is a mount point in the mount namespace of process ``pid``."""
-    with open(f"/proc/{pid}/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
+    try:
+        with open(f"/proc/{pid}/mounts") as f:
+            return any(line.split()[1] == str(path) for line in f)
+    except OSError:
+        return False  # the process is gone, and its namespace with it
 
 
 def leftover_full_disks(workdir: Path, host: str) -> list[str]:
-    """Mount points a :func:`fill_disk` left in the host's mount namespace (there should be none)."""
-    pid = supervisor_pid(workdir, host)
-    if pid is None:
-        return []
-    with open(f"/proc/{pid}/mounts") as f:
-        return [line.split()[1] for line in f if line.split()[0] == "chaos-full"]
+    """Mount points a :func:`fill_disk` left in the host's mount namespaces (there should be none)."""
+    found = []
+    for pid in _mount_namespaces(workdir, host):
+        try:
+            with open(f"/proc/{pid}/mounts") as f:
+                found += [f"{line.split()[1]} (pid {pid})" for line in f if line.split()[0] == "chaos-full"]
+        except OSError:
+            continue  # exited while we looked
+    return found
 
 
 # --- identity and guests --------------------------------------------------------------------------------
