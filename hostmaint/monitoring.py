@@ -378,8 +378,13 @@ def gate(rt: Runtime, run: RunContext, host: str, point: GatePoint, *,
 def hold_reboot(rt: Runtime, run: RunContext, host: str, result: GateResult) -> None:
     """A host whose reboot gate held: it stays out of service (cordoned) with the reason, and the
     run stops with a StepError. Its VMs are elsewhere and run; a later run finishes the maintenance."""
+    from hostmaint.maintenance import audited
+
     reason = f"not rebooted, held by monitoring: {result.reason}"
-    rt.states.keep_out(host, reason, run.run_id)
+    # the gate's own record says what held it; this one says what that changed (its state)
+    with audited(rt, run, "keep-cordoned", host=host, inputs={"why": reason}) as rec:
+        rec.details["state_before"] = rt.states.state(host).value
+        rec.details["state"] = rt.states.keep_out(host, reason, run.run_id).state.value
     raise StepError(reason, host, "gate")
 
 

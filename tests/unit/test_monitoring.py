@@ -24,6 +24,7 @@ from hostmaint.maintenance import RunContext
 from hostmaint.models import HostState, StepOutcome
 from hostmaint.monitoring import (
     GatePoint,
+    GateResult,
     GateVerdict,
     OnHold,
     Series,
@@ -357,3 +358,18 @@ time.sleep(3600)
     proc.wait()
     until("the dead run's silence lapsed",
           lambda: _silence(servers.alertmanager, sid)["status"]["state"] == "expired", timeout=15)
+
+
+def test_a_held_reboot_records_that_it_kept_the_host_out(rt: Runtime) -> None:
+    run = RunContext()
+    rt.states.begin_maintenance("hv02", run.run_id, "patch")
+    for step in (HostState.DRAINING, HostState.DRAINED, HostState.PATCHING):
+        rt.states.transition("hv02", step, step.value, run.run_id)
+    held = GateResult(GatePoint.BEFORE_REBOOT, False, "before-reboot: HostOnFire firing; still held after 120s")
+    with pytest.raises(StepError, match="not rebooted, held by monitoring"):
+        hold_reboot(rt, run, "hv02", held)
+
+    # the state changed (patching -> cordoned): the audit says so, as every other keep-out does
+    [kept] = _records(rt, "hv02", "keep-cordoned")
+    assert kept.details["state_before"] == "patching" and kept.details["state"] == "cordoned"
+    assert "HostOnFire" in kept.inputs["why"]
