@@ -525,8 +525,10 @@ def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnaps
     never left is dropped, so the host is not said to have VMs away. Returns the VMs found moved.
     ``include_own``: this run's origins too (a stand-down after its process was killed mid-drain)."""
     where = {v.name: v.host for v in snap.vms}
-    moved = {(r.vm, r.run_id) for r in rt.audit.records(host=host) if r.step in ("migrate", "migration-found")
+    records = rt.audit.records(host=host)
+    moved = {(r.vm, r.run_id) for r in records if r.step in ("migrate", "migration-found")
              and r.outcome is StepOutcome.OK}
+    missing = {(r.vm, r.inputs.get("started_by_run")) for r in records if r.step == "vm-not-found"}
     found = []
     for vm, started_by, recorded_at in rt.states.origin_records(host):
         if started_by == run.run_id and not include_own:
@@ -535,15 +537,27 @@ def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnaps
         if now == host:
             rt.states.clear_origin(vm)  # its migration never completed: it is home
             continue
-        if now is None or (vm, started_by) in moved:
+        if now is None:
+            # running nowhere now: shut off where it is, or lost by the migration the dead run left
+            # behind; hostmaint cannot tell which, so it says so (once), and the origin keeps it "away"
+            if (vm, started_by) not in missing and (vm, started_by) not in moved:
+                with audited(rt, run, "vm-not-found", host=host, vm=vm, inputs={"started_by_run": started_by}) as rec:
+                    rec.outcome = StepOutcome.UNKNOWN
+                    rec.details["note"] = (f"maintenance recorded {host} as its origin (run {started_by}) and it runs "
+                                           "on no host discovered now: shut off, or lost in a migration that run "
+                                           "left behind; look for it on the cluster's hosts")
+                log.warning("%s: %s, whose origin run %s recorded, runs on no host now", host, visible(vm),
+                            started_by)
+            continue
+        if (vm, started_by) in moved:
             continue
         with audited(rt, run, "migration-found", host=host, vm=vm,
                      inputs={"target": now, "started_by_run": started_by}) as rec:
             rec.details["note"] = (f"{vm} left {host} for {now} in a migration run {started_by} started (origin "
                                    f"recorded {recorded_at.isoformat(timespec='seconds')}) and never recorded: "
                                    "that run ended before the migration did")
-            log.warning("%s: %s was found on %s: moved by run %s, which died before recording it", host, vm, now,
-                        started_by)
+            log.warning("%s: %s was found on %s: moved by run %s, which died before recording it", host,
+                        visible(vm), now, started_by)
         found.append(vm)
     return found
 
