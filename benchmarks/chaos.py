@@ -649,6 +649,8 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
                                    + last_error(text))
     # the state after the faulted run, before anyone fixes anything
     states_after_first = c.states()
+    with c.watcher.lock:
+        moved_by_first = bool(c.watcher.moves)
     result.violations += check_states(c, scenario, newest, "after the faulted run", states_after_first,
                                       states_at_start, placed)
 
@@ -718,7 +720,7 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
     result.violations += unrecorded
     result.findings += contradicted
     result.violations += check_packages_recorded(c, packages_before, records)
-    changed = bool(moves) or any((states_after_first[h]["state"], states_after_first[h]["reason"])
+    changed = moved_by_first or any((states_after_first[h]["state"], states_after_first[h]["reason"])
                                  != (states_at_start[h]["state"], states_at_start[h]["reason"]) for h in HOSTS)
     if any(rc == 1 for rc in result.first_rc) and changed \
             and not any(r["outcome"] in ("failed", "aborted", "unknown") for r in records):
