@@ -11,6 +11,7 @@ from prefect import flow
 from prefect.client.schemas.objects import State
 
 from flows import locks
+from flows.cancel import stand_down_hook, stops_safely
 from flows.common import HostOutcome, default_inventory, run_context
 from flows.evacuate_host import evacuate_host
 from flows.params import EvacuationRequest, PatchRequest, RebalanceRequest, ReturnRequest
@@ -24,7 +25,8 @@ from tasks.common import RuntimeRef
 from tasks.maintenance import discover, plan_evacuation
 
 
-@flow(name="evacuate-on-request", log_prints=True)
+@flow(name="evacuate-on-request", log_prints=True, on_cancellation=[stand_down_hook])
+@stops_safely  # Cancel stops its host's subflow safely (flows/cancel.py)
 def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 3600, poll_interval_s: int = 10,
                         lock_wait_s: float | None = 60) -> HostOutcome | State:
     """Evacuate one host as asked in the form; with approval required, show the plan and wait for a yes."""
@@ -62,7 +64,8 @@ def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 36
         return evacuate(approved=(plan, snapshot))
 
 
-@flow(name="patch-on-request", log_prints=True)
+@flow(name="patch-on-request", log_prints=True, on_cancellation=[stand_down_hook])
+@stops_safely  # Cancel stops its host's subflow safely (flows/cancel.py)
 def patch_on_request(request: PatchRequest, lock_wait_s: float | None = 60) -> HostOutcome:
     """Patch one host as asked in the form."""
     label_run("patch", request.inventory or default_inventory(), host=request.host, dry_run=request.dry_run)
