@@ -107,10 +107,12 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
                     # focused on few hosts, so the next drains can too (the VMs return home after the
                     # patch, or a window rebalances at its end)
                     busy = locks.busy_targets([h.name for h in rt.inventory.hosts_of(cluster)])
-                    ti.run_hooks(ref, run, host, HookPoint.PRE_DRAIN)  # a failure keeps it cordoned, nothing moved
                     plan = t.plan_evacuation(ref, run, host, avoid or [], snapshot=snapshot, busy=busy, focus=True)
                     logger.info("plan:\n%s", render_plan(plan))
                     publish_plan(plan, host)
+                    # once a drain will happen: a refused plan puts the host back with nothing left set
+                    # (a Ceph noout no post hook would clear). A failure keeps it cordoned, nothing moved
+                    ti.run_hooks(ref, run, host, HookPoint.PRE_DRAIN)
                     plan, report = drain_planned(ref, run, plan, snapshot, avoid or [], focus=True,
                                                  hosts_at_once=hosts_at_once)
                     migrations += report.results

@@ -531,3 +531,23 @@ def test_a_return_host_killed_after_its_uncordon_brings_the_vms_home_when_run_ag
     assert again.outcome is StepOutcome.OK, again.detail
     assert fleet(open_runtime(sim_inventory)).running["hv01"] == home
     assert not rt.states.origins("hv01")
+
+
+def test_a_refused_plan_runs_no_pre_drain_hook(tmp_path: Path, hostmaint_db: Path) -> None:
+    import yaml
+
+    inventory = crowded(tmp_path)
+    marker = tmp_path / "noout-set"
+    data = yaml.safe_load(inventory.read_text())
+    data["clusters"][0]["hooks"] = {"pre_drain": [{"name": "ceph-noout", "argv": ["touch", str(marker)],
+                                                   "on": "worker"}]}
+    inventory.write_text(yaml.safe_dump(data))
+    rt = open_runtime(inventory)
+
+    with pytest.raises(PlanError, match="N\\+1"):
+        patch_host(host="hv01", operator="lee", inventory=str(inventory), trigger=Trigger.TEST)
+
+    # the host went back into service and no drain happened: nothing may be left set for one
+    assert rt.states.state("hv01") is HostState.ACTIVE
+    assert not marker.exists()
+    assert not [r for r in audit().records(host="hv01") if r.step == "hook"]
