@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVE = """
 import sys
 from prefect import Flow
-Flow.from_source(source=sys.argv[2], entrypoint="flows/patch_host.py:patch_host").serve(name=sys.argv[1], limit=2)
+Flow.from_source(source=sys.argv[2], entrypoint=sys.argv[3]).serve(name=sys.argv[1], limit=2)
 """
 
 
@@ -53,8 +53,10 @@ def _wait(what: str, predicate, timeout: float = 120.0) -> None:  # type: ignore
         time.sleep(0.5)
 
 
+@pytest.mark.parametrize("served", ["patch-host", "patch-on-request"])
 def test_a_served_patch_host_cancelled_mid_drain_stops_safely_and_a_rerun_finishes(
-        tmp_path: Path, hostmaint_db: Path) -> None:
+        served: str, tmp_path: Path, hostmaint_db: Path) -> None:
+    """Served alone, and as the UI's form runs it (patch-on-request, with patch-host as its subflow)."""
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL
 
@@ -66,12 +68,16 @@ def test_a_served_patch_host_cancelled_mid_drain_stops_safely_and_a_rerun_finish
            "HOSTMAINT_INVENTORY": str(inventory), "PREFECT_RUNNER_POLL_FREQUENCY": "1",
            "PYTHONPATH": str(ROOT)}
     name = f"cancel-{tmp_path.name}"
-    server = subprocess.Popen([sys.executable, "-c", SERVE, name, str(ROOT)], cwd=ROOT, env=env,
+    entrypoint = {"patch-host": "flows/patch_host.py:patch_host",
+                  "patch-on-request": "flows/runbooks/on_request.py:patch_on_request"}[served]
+    server = subprocess.Popen([sys.executable, "-c", SERVE, name, str(ROOT), entrypoint], cwd=ROOT, env=env,
                               stdout=subprocess.DEVNULL, stderr=(tmp_path / "serve.log").open("w"))
     try:
-        _wait("the deployment", lambda: _deployment_exists(f"patch-host/{name}"), 60)
-        run = run_deployment(f"patch-host/{name}", parameters={"host": host, "inventory": str(inventory),
-                                                               "operator": "tester"}, timeout=0)
+        _wait("the deployment", lambda: _deployment_exists(f"{served}/{name}"), 60)
+        parameters = {"host": host, "inventory": str(inventory), "operator": "tester"}
+        if served == "patch-on-request":
+            parameters = {"request": {**parameters, "dry_run": False, "reason": "cancel test"}}
+        run = run_deployment(f"{served}/{name}", parameters=parameters, timeout=0)
         run_id = str(run.id)
         rt = open_runtime(inventory, fresh=True)
         on_host = len(rt.hypervisor.running_vms(host))
@@ -93,12 +99,13 @@ def test_a_served_patch_host_cancelled_mid_drain_stops_safely_and_a_rerun_finish
     assert all(len(hosts) == 1 for hosts in where.values()), where
     assert any(hosts == (host,) for hosts in where.values()), "the drain was not stopped"
     records = rt.audit.records(host=host)
-    cancel = [r for r in records if r.step == "cancel" and r.run_id == run_id]
+    host_run = next(r.run_id for r in records if r.step == "cordon")  # the subflow's, under the form's run
+    cancel = [r for r in records if r.step == "cancel" and r.run_id == host_run]
     assert cancel and cancel[0].operator.startswith("mallory")
-    migrated = [r for r in records if r.step == "migrate" and r.run_id == run_id]
+    migrated = [r for r in records if r.step == "migrate" and r.run_id == host_run]
     assert any(r.outcome is StepOutcome.ABORTED for r in migrated)
     # the drain itself was stopped in the run's process (SIGTERM became its Cancellation), not killed
-    (drain,) = [r for r in records if r.step == "drain" and r.run_id == run_id]
+    (drain,) = [r for r in records if r.step == "drain" and r.run_id == host_run]
     assert "cancelled_by" in drain.details
 
     # the locks are free (strict, no waiting) and a re-run finishes the host: verified, then active
