@@ -656,19 +656,12 @@ def demo(simulated: Annotated[bool, typer.Option("--simulated", help="Use the in
 
 
 def _use_demo_db(workdir: Path) -> Path:
-    """Give the demo its own empty database in ``workdir`` and point this process at it.
+    """Give the demo its own empty database in ``workdir`` (``use_fresh_database``), and say so when
+    that overrides an exported HOSTMAINT_DB (docs/deployments.md has operators export production's)."""
+    from hostmaint.simulation import use_fresh_database
 
-    Whatever HOSTMAINT_DB was exported (docs/deployments.md has operators export the production
-    URL) is overridden, not honoured: a demo's made-up hosts, windows and audit records must never
-    land in a real trail, and a trail's records cannot be removed again. A stale file from an
-    earlier demo goes too (its host states would be wrong for a new fleet), with SQLite's WAL
-    files, which SQLite would otherwise try to apply to the new database.
-    """
     exported = os.environ.get("HOSTMAINT_DB")
-    db = workdir / "hostmaint.db"
-    for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
-        stale.unlink(missing_ok=True)
-    os.environ["HOSTMAINT_DB"] = str(db)
+    db = use_fresh_database(workdir)
     if exported and exported != str(db):
         err.print(cell(f"the demo uses its own database {db}; HOSTMAINT_DB ({_shown_db(exported)}) is not touched"),
                   highlight=False, soft_wrap=True)
