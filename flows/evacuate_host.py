@@ -11,6 +11,7 @@ from flows.cancel import stand_down_hook, stops_safely
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.draining import drain_planned
 from flows.run_display import label_run, publish_plan
+from hostmaint.cancel import RunCancelled
 from hostmaint.errors import HostmaintError, InputError, PlanError
 from hostmaint.models import EvacuationPlan, FleetSnapshot, StepOutcome, Trigger
 from hostmaint.placement import render_plan
@@ -81,7 +82,8 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
             t.confirm_empty(ref, run, host)
             t.check_invariants(ref, cluster, expected, stopped)
         except HostmaintError as exc:
-            outcome = HostOutcome(host=host, outcome=StepOutcome.FAILED, state=rt.states.state(host).value,
+            outcome = HostOutcome(host=host, outcome=StepOutcome.ABORTED if isinstance(exc, RunCancelled)
+                                  else StepOutcome.FAILED, state=rt.states.state(host).value,
                                   detail=str(exc), simulated=rt.simulated, seconds=time.monotonic() - started)
             publish_report(f"evacuate {host}", [outcome])
             raise

@@ -17,6 +17,7 @@ from flows.cancel import stand_down_hook, stops_safely
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.draining import drain_planned
 from flows.run_display import label_run, publish_plan
+from hostmaint.cancel import RunCancelled
 from hostmaint.errors import HostmaintError, PlanError
 from hostmaint.hooks import HookPoint
 from hostmaint.models import EvacuationPlan, HostState, MigrationResult, StepOutcome, Trigger
@@ -168,9 +169,11 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
             t.check_invariants(ref, cluster, expected, stopped)
             ti.run_hooks(ref, run, host, HookPoint.POST_MAINTENANCE)  # back in service: a failure is recorded
         except HostmaintError as exc:
-            if rt.states.state(host) is HostState.ACTIVE and not refused:
+            cancelled = isinstance(exc, RunCancelled)  # stopped safely, not failed: flows/cancel.py
+            if rt.states.state(host) is HostState.ACTIVE and not refused and not cancelled:
                 t.mark_failed(ref, run, host, str(exc))
-            result = outcome(StepOutcome.FAILED, str(exc), migrations=migrations, rebooted=rebooted,
+            result = outcome(StepOutcome.ABORTED if cancelled else StepOutcome.FAILED, str(exc),
+                             migrations=migrations, rebooted=rebooted,
                              packages_changed=changed)
             publish_report(f"patch {host}", [result])
             raise
