@@ -484,7 +484,7 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
                                f"{len(report.failed)} still on their source", host, "drain")
         if not report.ok:
             for h in plan.hosts:
-                rt.states.transition(h, HostState.CORDONED, "drain failed", run.run_id)
+                rt.states.keep_out(h, "drain failed", run.run_id)
             failed = ", ".join(f"{r.vm} ({r.error})" for r in report.failed)
             lost = _unreachable(rt, sorted({r.target for r in report.failed}))
             if lost:
@@ -502,8 +502,8 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
         if arrived:
             rec.details["arrived_during_drain"] = arrived
             for h, vms in arrived.items():
-                rt.states.transition(h, HostState.CORDONED, f"not drained: {', '.join(vms)} started on it during "
-                                     "the drain; run again to move it off", run.run_id)
+                rt.states.keep_out(h, f"not drained: {', '.join(vms)} started on it during "
+                                   "the drain; run again to move it off", run.run_id)
             named = "; ".join(f"{', '.join(vms)} on {h}" for h, vms in arrived.items())
             raise StepError(f"drain of {', '.join(plan.hosts)} is not complete: {named} started during the drain "
                             "(not in its plan); the host stays cordoned, run again to move it off", host, "drain")
@@ -755,8 +755,8 @@ def confirm_empty(rt: Runtime, run: RunContext, host: str) -> None:
         if running:
             if rt.states.state(host) is HostState.DRAINED:
                 # the state must not say drained while a VM runs there (one started since the drain)
-                rt.states.transition(host, HostState.CORDONED, f"not drained: {', '.join(running)} runs on it; "
-                                     "run again to move it off", run.run_id)
+                rt.states.keep_out(host, f"not drained: {', '.join(running)} runs on it; "
+                                   "run again to move it off", run.run_id)
             raise StepError(f"host {host} still runs {len(running)} VM(s): {', '.join(running)}; "
                             "it will not be patched or rebooted", host, "confirm-empty")
 

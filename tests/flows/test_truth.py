@@ -551,3 +551,29 @@ def test_a_refused_plan_runs_no_pre_drain_hook(tmp_path: Path, hostmaint_db: Pat
     assert rt.states.state("hv01") is HostState.ACTIVE
     assert not marker.exists()
     assert not [r for r in audit().records(host="hv01") if r.step == "hook"]
+
+
+def test_a_vm_found_on_an_operator_cordoned_host_keeps_its_maintenance_open(sim_inventory: Path) -> None:
+    # hv01 was cordoned by an operator before its patch; a VM started on it after its drain. Moving it
+    # back to cordoned must not end the maintenance there (the state before it was cordoned too), or
+    # 'host uncordon' would put an unpatched host with its VMs away into service.
+    from hostmaint import maintenance as steps
+    from hostmaint.cli import app
+    from hostmaint.errors import StepError
+
+    rt = open_runtime(sim_inventory)
+    run = steps.RunContext(flow="test", trigger=Trigger.TEST, operator="kim", reason="patch")
+    rt.states.set_aside("hv01", "fan noise", None)
+    rt.states.begin_maintenance("hv01", run.run_id, "patch")
+    rt.states.transition("hv01", HostState.DRAINING, "draining", run.run_id)
+    rt.states.transition("hv01", HostState.DRAINED, "drained", run.run_id)
+    assert fleet(rt).running["hv01"], "the demo fleet runs VMs on hv01"
+
+    with pytest.raises(StepError, match="still runs"):
+        steps.confirm_empty(rt, run, "hv01")
+
+    record = rt.states.get("hv01")
+    assert record.state is HostState.CORDONED and "runs on it" in record.reason, record
+    assert record.prior_state is HostState.CORDONED, record  # still in maintenance, back to the operator's cordon
+    refused = CliRunner().invoke(app, ["host", "uncordon", "hv01", "-i", str(sim_inventory)])
+    assert refused.exit_code == 2 and rt.states.state("hv01") is HostState.CORDONED, refused.output
