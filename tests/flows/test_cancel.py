@@ -247,3 +247,49 @@ def test_a_served_window_cancelled_starts_no_host_and_stops_the_one_it_holds(
     assert not [r for h in others for r in rt.audit.records(host=h) if r.step == "cordon"]
     after = {vm: rt.hypervisor.locate(vm) for vm in rt.hypervisor.vms}  # type: ignore[attr-defined]
     assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
+
+
+def test_a_patch_host_on_a_process_worker_cancelled_mid_drain_stops_the_same_way(
+        tmp_path: Path, hostmaint_db: Path) -> None:
+    """A process work pool's worker instead of serve: the same SIGTERM, the hook in a fresh process."""
+    from prefect import Flow
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.server import ensure_work_pool, prefect_executable
+
+    inventory = _slow_fleet(tmp_path)
+    host = "hv03"
+    pool = "hostmaint-cancel-test"
+    ensure_work_pool(pool)
+    flow = Flow.from_source(source=str(ROOT), entrypoint="flows/patch_host.py:patch_host")
+    deployment_id = flow.deploy(name="cancel-on-worker", work_pool_name=pool, build=False, push=False,
+                                print_next_steps=False)  # type: ignore[attr-defined]
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "HOSTMAINT_DB": str(hostmaint_db),
+           "HOSTMAINT_INVENTORY": str(inventory), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "1", "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([prefect_executable(), "worker", "start", "--pool", pool, "--type", "process",
+                               "--limit", "1"], cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            run = client.create_flow_run_from_deployment(deployment_id, parameters={
+                "host": host, "inventory": str(inventory), "operator": "tester"})
+        run_id = str(run.id)
+        on_host = len(open_runtime(inventory, fresh=True).hypervisor.running_vms(host))
+        _wait("the drain", lambda: len(open_runtime(inventory, fresh=True).hypervisor.running_vms(host)) < on_host,
+              180)
+        assert request_cancel(run_id, "victor") == "RUNNING"
+        _wait("the run to end", lambda: _state(run_id) in ("CANCELLED", "FAILED", "CRASHED", "COMPLETED"), 90)
+        assert _state(run_id) == "CANCELLED", log.read_text()[-3000:]
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    rt = open_runtime(inventory, fresh=True)
+    record = rt.states.get(host)
+    assert record.state is HostState.CORDONED and record.reason.startswith("cancelled by victor"), record
+    where = {vm: rt.hypervisor.locate(vm) for vm in rt.hypervisor.vms}  # type: ignore[attr-defined]
+    assert all(len(hosts) == 1 for hosts in where.values()) and any(h == (host,) for h in where.values()), where
+    (drain,) = [r for r in rt.audit.records(host=host) if r.step == "drain" and r.run_id == run_id]
+    assert "cancelled_by" in drain.details
