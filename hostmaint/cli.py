@@ -24,7 +24,7 @@ from rich.text import Text
 
 from hostmaint.console import make_console
 from hostmaint.display import cell, labelled
-from hostmaint.errors import HostmaintError, InputError, InventoryError, PlanError
+from hostmaint.errors import HostmaintError, InputError, InventoryError, PlanError, ServerError
 from hostmaint.fleet import dump_snapshot, load_snapshot
 from hostmaint.models import MigrationOptions
 from hostmaint.placement.exact import DEFAULT_BUDGET
@@ -306,7 +306,15 @@ def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
     # A spinner on the terminal; the run's steps are narrated by Prefect's log lines around it.
     with out.status(f"[bold]{name}[/bold] running (Ctrl-C stops it; the host is left in a safe state)",
                     spinner="dots"):
-        return fn(**kwargs)
+        try:
+            return fn(**kwargs)
+        except RuntimeError as exc:
+            # Prefect's word for a server it cannot reach (restarting, down): one line, not a traceback
+            if "Failed to reach API" not in str(exc):
+                raise
+            raise ServerError(f"{name}: {exc} Run it again once the server answers: a run that began "
+                              "goes on from each host's recorded state ('hostmaint host status' shows "
+                              "where each host is).") from exc
 
 
 def _show_outcomes(outcomes: list[Any], as_json: bool) -> None:

@@ -19,7 +19,8 @@ driver or loader that meets them, into one of these, with ``raise ... from exc``
     │   └── MigrationError          a live migration failed or was aborted; the VM stays on its source
     ├── MonitoringError             Prometheus or Alertmanager did not answer, or refused (names the url)
     ├── StepError                   a maintenance step failed; the host is left cordoned/failed
-    └── AuditError                  the audit chain does not verify
+    ├── AuditError                  the audit chain does not verify
+    └── ServerError                 the orchestration server (Prefect's API) did not answer
 """
 
 from __future__ import annotations
@@ -139,3 +140,7 @@ class StepError(HostmaintError):
 
 class AuditError(HostmaintError):
     """The audit chain does not verify; the message names the first bad record."""
+
+
+class ServerError(HostmaintError):
+    """The orchestration server (Prefect's API) did not answer, so a run could not start or report."""

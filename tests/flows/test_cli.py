@@ -161,3 +161,22 @@ def test_host_status_shows_each_hosts_link_and_where_it_came_from(sim_inventory:
     assert links["hv02"] == (110.0, "measured")
     assert links["hv03"] == (2900.0, "inventory (host)")
     assert links["hv01"] == (1100.0, "default")
+
+
+def test_a_server_that_does_not_answer_is_one_line_not_a_traceback(sim_inventory: Path, hostmaint_db: Path) -> None:
+    # A Prefect server restarting (or down) when an operator starts a run: Prefect raises a bare
+    # RuntimeError before the flow begins; the CLI says so in one line and exits 1.
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing answers there
+    env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "HOSTMAINT_DB": str(hostmaint_db)}
+    done = subprocess.run([sys.executable, "-m", "hostmaint.cli", "evacuate", "hv01", "--dry-run",
+                           "-i", str(sim_inventory)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "Traceback" not in done.stderr and "Failed to reach API" in done.stderr, done.stderr
+    assert "Run it again once the server answers" in done.stderr, done.stderr
