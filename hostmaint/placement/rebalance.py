@@ -179,7 +179,11 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int | None, *, prefer_ori
         proof, note, better = _exact_levelling(saved, movable, moves, levelled_from, cap, within, exact_budget)
         if better is not None:
             mine = [h for h in better[0].hosts.values() if h.state is HostState.ACTIVE]
-            if _levelling_key(mine, len(better[1]), within) < _levelling_key(list(active.values()), len(moves), within):
+            # better by its own key, and never a worse balance than the cluster had: the exact stage's
+            # spread is linear, so a move it likes can raise the squared balance a hair
+            if _levelling_key(mine, len(better[1]), within) < _levelling_key(list(active.values()), len(moves),
+                                                                             within) \
+                    and round(balance(mine), 6) <= round(before, 6):
                 ledger, moves = better
                 active = {n: h for n, h in ledger.hosts.items() if h.state is HostState.ACTIVE}
                 note += "; its moves are better than the greedy's and were taken"
