@@ -8,7 +8,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+from hostmaint.lab import LabInfo
 from hostmaint.lab.lab import foreign_lab
 from hostmaint.lab.network import lab_links, lab_netns
 
@@ -71,3 +73,37 @@ def hostmaint_db_at(path: Path) -> Iterator[None]:
         else:
             os.environ["HOSTMAINT_DB"] = saved
         close_all()
+
+
+@contextmanager
+def fresh_lab(db: Path) -> Iterator[LabInfo]:
+    """A new lab of 3 hosts (6 small guests and a Linux one, HOST_MEMORY_MIB) with hostmaint's
+    concurrency limits and its own database at ``db``; torn down after, leaving nothing behind.
+    Skips the module where the lab cannot run."""
+    import pytest
+
+    from flows.locks import ensure_limits
+    from hostmaint.lab import lab_down, lab_up
+
+    reason = lab_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    wait_for_no_foreign_lab()
+    lab_down(WORKDIR)
+    info = lab_up(hosts=3, vms=6, workdir=WORKDIR, linux_guests=1, host_memory_mib=HOST_MEMORY_MIB)
+    ensure_limits(info.inventory_path)
+    try:
+        with hostmaint_db_at(db):
+            yield info
+    finally:
+        lab_down(WORKDIR)
+        assert not leftovers(WORKDIR), leftovers(WORKDIR)
+
+
+def all_vms(rt: Any) -> dict[str, list[str]]:
+    """vm -> hosts it runs on, asked of every lab host's libvirtd."""
+    out: dict[str, list[str]] = {}
+    for entry in rt.inventory.hosts:
+        for vm in rt.hypervisor.running_vms(entry.name):
+            out.setdefault(vm, []).append(entry.name)
+    return out

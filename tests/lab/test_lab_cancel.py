@@ -18,16 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hostmaint.lab import LabInfo, lab_down, lab_up
+from hostmaint.lab import LabInfo
 from hostmaint.models import HostState, StepOutcome, Trigger
-from tests.lab.labkit import (
-    HOST_MEMORY_MIB,
-    WORKDIR,
-    hostmaint_db_at,
-    lab_skip_reason,
-    leftovers,
-    wait_for_no_foreign_lab,
-)
+from tests.lab.labkit import all_vms, fresh_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("prefect_server")]
 
@@ -41,31 +34,9 @@ Flow.from_source(source=sys.argv[2], entrypoint="flows/patch_host.py:patch_host"
 
 @pytest.fixture(scope="module")
 def cancel_lab(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabInfo, Path]]:
-    reason = lab_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    from flows.locks import ensure_limits
-
-    wait_for_no_foreign_lab()
-    lab_down(WORKDIR)
-    info = lab_up(hosts=3, vms=6, workdir=WORKDIR, linux_guests=1, host_memory_mib=HOST_MEMORY_MIB)
-    ensure_limits(info.inventory_path)
     db = tmp_path_factory.mktemp("lab-cancel") / "hostmaint.db"
-    try:
-        with hostmaint_db_at(db):
-            yield info, db
-    finally:
-        lab_down(WORKDIR)
-        assert not leftovers(WORKDIR), leftovers(WORKDIR)
-
-
-def all_vms(rt: object) -> dict[str, list[str]]:
-    """vm -> hosts it runs on, asked of every lab host's libvirtd."""
-    out: dict[str, list[str]] = {}
-    for entry in rt.inventory.hosts:  # type: ignore[attr-defined]
-        for vm in rt.hypervisor.running_vms(entry.name):  # type: ignore[attr-defined]
-            out.setdefault(vm, []).append(entry.name)
-    return out
+    with fresh_lab(db) as info:
+        yield info, db
 
 
 def _wait(what: str, predicate: Callable[[], bool], timeout: float) -> None:

@@ -20,16 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from hostmaint.lab import LabInfo, lab_down, lab_up
+from hostmaint.lab import LabInfo
 from hostmaint.models import HostState, StepOutcome, Trigger
-from tests.lab.labkit import (
-    HOST_MEMORY_MIB,
-    WORKDIR,
-    hostmaint_db_at,
-    lab_skip_reason,
-    leftovers,
-    wait_for_no_foreign_lab,
-)
+from tests.lab.labkit import WORKDIR, all_vms, fresh_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("prefect_server")]
 ROOT = Path(__file__).resolve().parents[2]
@@ -37,21 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def truth_lab(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabInfo]:
-    reason = lab_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    from flows.locks import ensure_limits
-
-    wait_for_no_foreign_lab()
-    lab_down(WORKDIR)
-    info = lab_up(hosts=3, vms=6, workdir=WORKDIR, linux_guests=1, host_memory_mib=HOST_MEMORY_MIB)
-    ensure_limits(info.inventory_path)
-    try:
-        with hostmaint_db_at(tmp_path_factory.mktemp("lab-truth") / "hostmaint.db"):
-            yield info
-    finally:
-        lab_down(WORKDIR)
-        assert not leftovers(WORKDIR), leftovers(WORKDIR)
+    with fresh_lab(tmp_path_factory.mktemp("lab-truth") / "hostmaint.db") as info:
+        yield info
 
 
 @pytest.fixture
@@ -59,15 +39,6 @@ def rt(truth_lab: LabInfo) -> object:
     from hostmaint.runtime import open_runtime
 
     return open_runtime(truth_lab.inventory_path)
-
-
-def all_vms(rt: object) -> dict[str, list[str]]:
-    """vm -> hosts it runs on, asked of every lab host's libvirtd."""
-    out: dict[str, list[str]] = {}
-    for entry in rt.inventory.hosts:  # type: ignore[attr-defined]
-        for vm in rt.hypervisor.running_vms(entry.name):  # type: ignore[attr-defined]
-            out.setdefault(vm, []).append(entry.name)
-    return out
 
 
 def _reactivate(rt: object, *hosts: str) -> None:
