@@ -14,6 +14,10 @@ import pytest
 
 from tests.lab.labkit import WORKDIR, lab_skip_reason, leftovers, wait_for_no_foreign_lab
 
+# A workdir of its own: the campaign publishes newer kernel and tools releases into its lab's rpm
+# repository (kept in WORKDIR/cache across ups), and the other lab tests expect the lab's own two.
+CHAOS_WORKDIR = WORKDIR.with_name(WORKDIR.name + "-chaos")
+
 pytestmark = [pytest.mark.lab]
 
 # Round seeds and what each draws (benchmarks.chaos.make_scenario): a target filled between the
@@ -42,9 +46,9 @@ def test_a_short_seeded_campaign_breaks_no_invariant_and_converges(tmp_path: Pat
     from benchmarks.chaos import run_campaign
 
     wait_for_no_foreign_lab()
-    results = run_campaign(replay=list(SMOKE_ROUNDS), workdir=WORKDIR, out=tmp_path)
+    results = run_campaign(replay=list(SMOKE_ROUNDS), workdir=CHAOS_WORKDIR, out=tmp_path)
 
-    assert not leftovers(WORKDIR), leftovers(WORKDIR)
+    assert not leftovers(CHAOS_WORKDIR), leftovers(CHAOS_WORKDIR)
     assert [r.round_seed for r in results] == list(SMOKE_ROUNDS)
     for r in results:
         assert any(f["injected"] for f in r.faults), (r.round_seed, r.faults)  # the fault really happened
