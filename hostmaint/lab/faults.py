@@ -23,7 +23,7 @@ from pathlib import Path
 
 from hostmaint.lab.host import host_dir, read_status, supervisor_pid
 from hostmaint.lab.lab import LabInfo, LabVm, add_guest, remove_guest
-from hostmaint.lab.network import LabError, netns_inode, pids_in_namespaces, run, veth_name
+from hostmaint.lab.network import LabError, netns_inode, netns_name, pids_in_namespaces, run, veth_name
 from hostmaint.lab.packages import newest_kernel, rpm_env
 
 Undo = Callable[[], None]
@@ -54,7 +54,7 @@ def cut_link(host: str) -> Undo:
 
 
 def _host_processes(host: str) -> list[tuple[int, list[str]]]:
-    inode = netns_inode(f"hmlab-{host}")
+    inode = netns_inode(netns_name(host))
     if inode is None:
         raise LabError(f"lab host {host}: no network namespace")
     found = []

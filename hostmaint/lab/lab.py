@@ -215,10 +215,19 @@ def _supervisors() -> dict[int, Path]:
     return found
 
 
+def _net_of(workdir: Path) -> int:
+    """The lab net (``HOSTMAINT_LAB_NET``) a workdir's lab was built on; labs older than nets are 0."""
+    try:
+        return int((workdir / "net").read_text().strip())
+    except (OSError, ValueError):
+        return 0
+
+
 def foreign_lab(workdir: Path) -> Path | None:
-    """The workdir of a lab other than ``workdir`` that is up on this machine, if any."""
+    """The workdir of a lab other than ``workdir`` that is up on this machine on our net, if any
+    (labs on other nets have their own names and addresses and do not get in the way)."""
     workdir = Path(workdir).resolve()
-    return next((w for w in _supervisors().values() if w != workdir), None)
+    return next((w for w in _supervisors().values() if w != workdir and _net_of(w) == network.LAB_NET), None)
 
 
 def _build(hosts: int, vms: int, workdir: Path, linux_guests: int,
@@ -226,6 +235,7 @@ def _build(hosts: int, vms: int, workdir: Path, linux_guests: int,
     specs = host_specs(hosts, host_memory_mib)
     cache = workdir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
+    (workdir / "net").write_text(f"{network.LAB_NET}\n")
     for d in ("/run/libvirt", "/var/lib/libvirt", "/var/log/libvirt", "/var/cache/libvirt"):
         Path(d).mkdir(parents=True, exist_ok=True)  # mount points (the libvirt packages' own dirs)
     key, pub = make_keypair(workdir / "ssh")

@@ -2,6 +2,10 @@
 
 Addresses come only from ``LAB_SUBNET``; every name the lab creates starts with ``hmlab`` (netns,
 bridge) or ``hml-`` (root-side veth ends), so teardown removes exactly what the lab made.
+
+``HOSTMAINT_LAB_NET=N`` (0-9, default 0) gives a lab its own names and subnet (``hmlabN``,
+``hmlabN-*``, ``hmlN-*``, ``10.213.(7+N).0/24``), so labs of different nets can be up side by side
+(parallel test sessions on one machine); net 0 keeps the historical names.
 """
 
 from __future__ import annotations
@@ -16,11 +20,20 @@ from pathlib import Path
 
 from hostmaint.errors import HostmaintError
 
-LAB_SUBNET = ipaddress.IPv4Network("10.213.7.0/24")
-BRIDGE = "hmlab0"
+
+def _lab_net() -> int:
+    raw = os.environ.get("HOSTMAINT_LAB_NET", "0").strip() or "0"
+    if not raw.isdigit() or not 0 <= int(raw) <= 9:
+        raise ValueError(f"HOSTMAINT_LAB_NET must be a number 0-9, got {raw!r}")
+    return int(raw)
+
+
+LAB_NET = _lab_net()
+LAB_SUBNET = ipaddress.IPv4Network(f"10.213.{7 + LAB_NET}.0/24")
+BRIDGE = f"hmlab{LAB_NET}"
 BRIDGE_IP = LAB_SUBNET.network_address + 1
-NETNS_PREFIX = "hmlab-"
-VETH_PREFIX = "hml-"
+NETNS_PREFIX = "hmlab-" if LAB_NET == 0 else f"hmlab{LAB_NET}-"
+VETH_PREFIX = "hml-" if LAB_NET == 0 else f"hml{LAB_NET}-"
 NETNS_DIR = Path("/run/netns")
 
 

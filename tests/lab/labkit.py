@@ -12,9 +12,10 @@ from typing import Any
 
 from hostmaint.lab import LabInfo
 from hostmaint.lab.lab import foreign_lab
-from hostmaint.lab.network import lab_links, lab_netns
+from hostmaint.lab.network import LAB_NET, NETNS_PREFIX, lab_links, lab_netns
 
-WORKDIR = Path("/var/tmp/hostmaint-labtest")
+# one workdir per lab net, so test sessions on different HOSTMAINT_LAB_NETs can run side by side
+WORKDIR = Path("/var/tmp/hostmaint-labtest" + (f"-net{LAB_NET}" if LAB_NET else ""))
 # hv01 is the big host: a guest that fits there does not fit on hv02/hv03 (memory test)
 HOST_MEMORY_MIB = (2048, 1024, 1024)
 
@@ -33,7 +34,7 @@ def leftovers(workdir: Path) -> list[str]:
     found += [f"link {n}" for n in lab_links()]
     with open("/proc/self/mounts") as f:
         found += [f"mount {line.split()[1]}" for line in f
-                  if str(workdir) in line or "/run/netns/hmlab" in line]
+                  if str(workdir) in line or f"/run/netns/{NETNS_PREFIX}" in line]
     marker = str(workdir).encode()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
