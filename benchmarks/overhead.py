@@ -449,7 +449,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, prefect_test_harness(server_startup_timeout=120):
         os.environ["HOSTMAINT_DB"] = str(Path(tmp) / "bench.db")
         if args.simulated:
-            from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+            from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
 
             snap = demo_snapshot(4, 12)
             # migrations take a fifth of their modelled seconds, so the run stays short

@@ -62,7 +62,7 @@ from hostmaint.models import FleetSnapshot, HostState, Vm  # noqa: E402
 from hostmaint.placement import plan_evacuation, plan_rebalance, plan_window  # noqa: E402
 from hostmaint.placement.evacuate import evacuate  # noqa: E402
 from hostmaint.placement.fit import Miss, could_fit, demand_of, fit_host  # noqa: E402
-from hostmaint.placement.state import Fit, HostLoad, Ledger  # noqa: E402
+from hostmaint.placement.ledger import Fit, HostLoad, Ledger  # noqa: E402
 from hostmaint.placement.synthetic import generate_fleet  # noqa: E402
 from tests.fleet_shapes import DRAINED as SHAPES_DRAINED  # noqa: E402
 from tests.fleet_shapes import FAMILIES, generate  # noqa: E402

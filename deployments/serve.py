@@ -331,7 +331,7 @@ def simulated_site(workdir: Path = SIMULATED_HOME, *, time_scale: float = SIMULA
     which is what the runs read. The database is ``workdir/hostmaint.db`` (``$HOSTMAINT_DB`` is set for
     this process and the runs it serves), so no simulated record reaches a real trail.
     """
-    from hostmaint.simulation import demo_packages, demo_snapshot, use_fresh_database, write_simulated_fleet
+    from hostmaint.simulated_fleet import demo_packages, demo_snapshot, use_fresh_database, write_simulated_fleet
 
     workdir = workdir.expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -666,7 +666,7 @@ def demo(simulated: Annotated[bool, typer.Option("--simulated", help="Use the in
 def _use_demo_db(workdir: Path) -> Path:
     """Give the demo its own empty database in ``workdir`` (``use_fresh_database``), and say so when
     that overrides an exported HOSTMAINT_DB (docs/deployments.md has operators export production's)."""
-    from hostmaint.simulation import use_fresh_database
+    from hostmaint.simulated_fleet import use_fresh_database
 
     exported = os.environ.get("HOSTMAINT_DB")
     db = use_fresh_database(workdir)
@@ -692,7 +692,7 @@ def _ensure_limits(inventory: Path) -> None:
 
 def _demo_simulated(workdir: Path | None, as_json: bool = False) -> None:
     from flows.patch_window import patch_window
-    from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+    from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
 
     workdir = workdir or Path.home() / ".local/share/hostmaint/demo-simulated"
     workdir.mkdir(parents=True, exist_ok=True)

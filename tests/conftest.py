@@ -1,7 +1,7 @@
 """Fixtures shared by every test directory.
 
 Flow tests run against one real temporary Prefect server per session
-(``prefect_test_harness``); the SIMULATED fleet (hostmaint.simulation) stands in
+(``prefect_test_harness``); the SIMULATED fleet (hostmaint.simulated_fleet) stands in
 for hosts where a test is about orchestration, not about the drivers.
 """
 
@@ -55,7 +55,7 @@ def hostmaint_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def sim_inventory(tmp_path: Path, hostmaint_db: Path) -> Path:
     """A SIMULATED 4-host, 12-VM cluster ('demo') on disk; returns its inventory path."""
-    from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+    from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
 
     snap = demo_snapshot(4, 12)
     return write_simulated_fleet(tmp_path / "fleet", snap, demo_packages(snap), time_scale=0.001)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from hostmaint.fleet import dump_snapshot
 from hostmaint.models import FleetSnapshot
-from hostmaint.simulation import demo_snapshot
+from hostmaint.simulated_fleet import demo_snapshot
 
 HOSTILE_NAMES: dict[str, str] = {
     "markup": "[bold red]x",

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
 from hostmaint.models import Limits, MigrationOptions, MigrationProgress, Placement
-from hostmaint.placement.state import pages_for
+from hostmaint.placement.ledger import pages_for
 
 MIB = 1024 * 1024
 DEFAULT_LINK_MIB_S = 1100.0  # ~10 GbE after protocol overhead; the inventory's default too

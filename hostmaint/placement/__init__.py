@@ -16,6 +16,6 @@ See docs/planner.md for the rules and the objective.
 from hostmaint.placement.evacuate import check_capacity, plan_evacuation, stale_targets
 from hostmaint.placement.rebalance import plan_rebalance
 from hostmaint.placement.render import render_plan
-from hostmaint.placement.window import plan_window
+from hostmaint.placement.rolling import plan_window
 
 __all__ = ["check_capacity", "plan_evacuation", "plan_rebalance", "plan_window", "render_plan", "stale_targets"]

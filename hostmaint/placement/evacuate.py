@@ -44,8 +44,8 @@ from hostmaint.models import (
 )
 from hostmaint.placement import exact
 from hostmaint.placement.fit import Demand, Miss, could_fit, demand_of, fit_host
+from hostmaint.placement.ledger import Fit, HostLoad, Ledger
 from hostmaint.placement.objective import CELL_WEIGHT, balance, fit_delta, measure
-from hostmaint.placement.state import Fit, HostLoad, Ledger
 
 GIB = 1024
 

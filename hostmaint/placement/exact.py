@@ -49,8 +49,8 @@ from hostmaint.placement.fit import (
     pool_room,
     vcpu_room,
 )
+from hostmaint.placement.ledger import CellLoad, Fit, HostLoad
 from hostmaint.placement.objective import CELL_WEIGHT
-from hostmaint.placement.state import CellLoad, Fit, HostLoad
 
 if TYPE_CHECKING:
     from ortools.sat.python import cp_model

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 
 from hostmaint.models import Vm
-from hostmaint.placement.state import CellLoad, Fit, HostLoad, pages_for
+from hostmaint.placement.ledger import CellLoad, Fit, HostLoad, pages_for
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import math
 from collections.abc import Iterable
 
 from hostmaint.models import Balance
-from hostmaint.placement.state import Fit, HostLoad
+from hostmaint.placement.ledger import Fit, HostLoad
 
 CELL_WEIGHT = 0.5  # a host's cells together, relative to the host itself
 

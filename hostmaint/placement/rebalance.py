@@ -37,8 +37,8 @@ from hostmaint.models import FleetSnapshot, HostState, Placement, PlanProof, Reb
 from hostmaint.placement import exact
 from hostmaint.placement.evacuate import Choice, placement_for
 from hostmaint.placement.fit import Miss, could_fit, demand_of, fit_host
+from hostmaint.placement.ledger import Fit, HostLoad, Ledger
 from hostmaint.placement.objective import balance, fit_delta, measure, release_delta
-from hostmaint.placement.state import Fit, HostLoad, Ledger
 
 DONORS = 4  # fullest hosts weighed per step
 RECEIVERS = 8  # least-loaded hosts weighed per step

@@ -15,7 +15,7 @@ import pytest
 @pytest.fixture(scope="session", autouse=True)
 def demo_limits(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     from flows.locks import ensure_limits
-    from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+    from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
 
     snap = demo_snapshot(4, 12)
     inventory = write_simulated_fleet(Path(tmp_path_factory.mktemp("limits")), snap, demo_packages(snap))

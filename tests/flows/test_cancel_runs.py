@@ -34,7 +34,7 @@ Flow.from_source(source=sys.argv[2], entrypoint=sys.argv[3]).serve(name=sys.argv
 
 
 def _slow_fleet(tmp_path: Path) -> Path:
-    from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+    from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
 
     snap = demo_snapshot(4, 12)
     # 2 GiB guests at 1100 MiB/s on a time scale of 3: each migration takes ~5 s, a drain many

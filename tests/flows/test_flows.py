@@ -23,7 +23,7 @@ from hostmaint.errors import StepError
 from hostmaint.maintenance import check_invariants
 from hostmaint.models import EvacuationPlan, FleetSnapshot, HostState, StepOutcome, Trigger
 from hostmaint.runtime import open_runtime
-from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

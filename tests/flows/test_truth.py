@@ -20,7 +20,7 @@ from hostmaint.drivers.memory import SimulatedFleet
 from hostmaint.errors import PlanError
 from hostmaint.models import HostDiscovery, HostState, StepOutcome, Trigger, Vm
 from hostmaint.runtime import open_runtime
-from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 

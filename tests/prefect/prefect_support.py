@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hostmaint.drivers.memory import SimulatedFleet
-from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
 
 ALL_VMS = frozenset(v.name for v in demo_snapshot(4, 12).vms)
 

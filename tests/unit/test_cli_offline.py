@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from hostmaint.audit import AuditTrail
 from hostmaint.cli import app
 from hostmaint.fleet import dump_snapshot
-from hostmaint.simulation import demo_snapshot
+from hostmaint.simulated_fleet import demo_snapshot
 
 runner = CliRunner()
 
@@ -164,7 +164,7 @@ def test_host_status_masks_credentials_in_a_failed_hosts_reason(tmp_path: Path,
     """A failed host's reason is its error, which may quote dnf's output with a repository password."""
     from hostmaint.db import open_engine
     from hostmaint.models import HostState
-    from hostmaint.simulation import demo_packages, write_simulated_fleet
+    from hostmaint.simulated_fleet import demo_packages, write_simulated_fleet
     from hostmaint.state import HostStateStore
 
     monkeypatch.setenv("HOSTMAINT_DB", str(tmp_path / "hostmaint.db"))
@@ -189,7 +189,7 @@ def test_an_operator_cordons_uncordons_and_resets_hosts_only_from_states_that_al
 
     from hostmaint.db import open_engine
     from hostmaint.models import HostState
-    from hostmaint.simulation import demo_packages, write_simulated_fleet
+    from hostmaint.simulated_fleet import demo_packages, write_simulated_fleet
     from hostmaint.state import HostStateStore
 
     monkeypatch.setenv("HOSTMAINT_DB", str(tmp_path / "hostmaint.db"))

@@ -14,7 +14,7 @@ from hostmaint.config_file import parse_json, parse_yaml, read_text
 from hostmaint.errors import FileFormatError, InputError, InventoryError, SnapshotError
 from hostmaint.fleet import dump_snapshot, load_snapshot
 from hostmaint.inventory import load_inventory
-from hostmaint.simulation import demo_snapshot
+from hostmaint.simulated_fleet import demo_snapshot
 
 runner = CliRunner()
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "inventory.yaml"

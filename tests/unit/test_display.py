@@ -180,7 +180,7 @@ def test_an_error_quoting_a_hostile_name_prints_it_literally(name: str, tmp_path
 def test_host_status_shows_a_hostile_reason_literally_on_its_row(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     from hostmaint.db import open_engine
-    from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+    from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
     from hostmaint.state import HostStateStore
 
     monkeypatch.setenv("HOSTMAINT_DB", str(tmp_path / "hostmaint.db"))
@@ -278,7 +278,7 @@ def test_the_core_logs_shut_off_vms_by_escaped_name_on_one_line(tmp_path: Path, 
     from hostmaint.maintenance import RunContext, report_shut_off
     from hostmaint.models import Trigger
     from hostmaint.runtime import open_runtime
-    from hostmaint.simulation import demo_packages, write_simulated_fleet
+    from hostmaint.simulated_fleet import demo_packages, write_simulated_fleet
 
     monkeypatch.setenv("HOSTMAINT_DB", str(tmp_path / "hostmaint.db"))
     snap = hostile_snapshot()

@@ -128,7 +128,7 @@ def test_an_unreadable_key_file_is_named(tmp_path: Path) -> None:
 
 
 def test_a_simulated_fleet_needs_its_state_file_not_host_keys(tmp_path: Path) -> None:
-    from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+    from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
 
     snap = demo_snapshot(4, 12)
     path = write_simulated_fleet(tmp_path, snap, demo_packages(snap))

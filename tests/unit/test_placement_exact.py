@@ -13,7 +13,7 @@ from hostmaint.fleet import dump_snapshot
 from hostmaint.models import Cell, FleetSnapshot, Host, Limits, PlanProof, Vm
 from hostmaint.placement import exact as ex
 from hostmaint.placement import plan_evacuation, plan_rebalance, plan_window, render_plan
-from hostmaint.placement.state import Ledger
+from hostmaint.placement.ledger import Ledger
 from hostmaint.placement.synthetic import generate_fleet
 
 GIB = 1024

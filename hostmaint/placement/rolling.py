@@ -41,7 +41,7 @@ from hostmaint.models import (
 )
 from hostmaint.placement.evacuate import _capacity, _check_hosts, _skipped, evacuate, receivers_balance
 from hostmaint.placement.exact import DEFAULT_BUDGET, weakest
-from hostmaint.placement.state import Ledger, pages_for
+from hostmaint.placement.ledger import Ledger, pages_for
 
 
 def _empty_host(ledger: Ledger, name: str, vms: Sequence[Vm]) -> None:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from hostmaint.runtime import open_runtime
-from hostmaint.simulation import demo_packages, demo_snapshot, write_simulated_fleet
+from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
 
 
 def test_the_inventorys_time_scale_wins_over_the_state_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
