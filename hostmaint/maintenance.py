@@ -486,14 +486,16 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
             for h in plan.hosts:
                 rt.states.keep_out(h, "drain failed", run.run_id)
             failed = ", ".join(f"{r.vm} ({r.error})" for r in report.failed)
+            unknown = [r.vm for r in report.failed if r.outcome is StepOutcome.UNKNOWN]
+            after = ("the VMs that did not move still run on their source" if not unknown else
+                     f"whether {', '.join(unknown)} moved is unknown (the next run finds out from the hosts); "
+                     "the others that did not move still run on their source")
             lost = _unreachable(rt, sorted({r.target for r in report.failed}))
             if lost:
                 rec.details["unreachable_targets"] = lost
                 raise TargetsUnreachable(f"drain of {', '.join(plan.hosts)}: {', '.join(lost)} stopped answering "
-                                         f"during it ({failed}); the VMs that did not move still run on their "
-                                         "source", host, lost, report)
-            raise StepError(f"drain of {', '.join(plan.hosts)} failed: {failed}; "
-                            "the VMs that did not move still run on their source", host, "drain")
+                                         f"during it ({failed}); {after}", host, lost, report)
+            raise StepError(f"drain of {', '.join(plan.hosts)} failed: {failed}; {after}", host, "drain")
         # A VM started on the host while it drained is not in the plan: the host is not drained, and
         # its state must not say so while that VM runs there
         kept = {a.vm for a in plan.vm_actions if a.action is UnmigratableAction.SHUTDOWN}
@@ -526,8 +528,9 @@ def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnaps
     ``include_own``: this run's origins too (a stand-down after its process was killed mid-drain)."""
     where = {v.name: v.host for v in snap.vms}
     records = rt.audit.records(host=host)
-    moved = {(r.vm, r.run_id) for r in records if r.step in ("migrate", "migration-found")
-             and r.outcome is StepOutcome.OK}
+    # a found move is recorded by a later run: it speaks for the run that started the migration
+    moved = {(r.vm, r.inputs.get("started_by_run") if r.step == "migration-found" else r.run_id) for r in records
+             if r.step in ("migrate", "migration-found") and r.outcome is StepOutcome.OK}
     missing = {(r.vm, r.inputs.get("started_by_run")) for r in records if r.step == "vm-not-found"}
     found = []
     for vm, started_by, recorded_at in rt.states.origin_records(host):
@@ -559,7 +562,44 @@ def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnaps
             log.warning("%s: %s was found on %s: moved by run %s, which died before recording it", host,
                         visible(vm), now, started_by)
         found.append(vm)
+    _resolve_unknown_migrations(rt, run, host, where, include_own=include_own)
     return found
+
+
+RESOLVING_STEPS = ("migrate", "migration-found", "migration-resolved", "vm-not-found")
+
+
+def _resolve_unknown_migrations(rt: Runtime, run: RunContext, host: str, where: dict[str, str], *,
+                                include_own: bool) -> None:
+    """Settle each ``migrate`` record off ``host`` whose outcome was unknown (its VM could not be
+    located when the migration failed) from where the VM runs now: moved, a ``migration-found``
+    record; still on ``host``, a ``migration-resolved`` record saying it did not happen. A VM running
+    nowhere, or one a later record already speaks of, is left as it is."""
+    records = rt.audit.records(host=host)
+    unknown = [r for r in records if r.step == "migrate" and r.outcome is StepOutcome.UNKNOWN and r.vm
+               and (include_own or r.run_id != run.run_id)]
+    if not unknown:
+        return
+    later = [r for r in rt.audit.records() if r.step in RESOLVING_STEPS and r.vm in {u.vm for u in unknown}]
+    for r in unknown:
+        assert r.vm is not None
+        if any(x.vm == r.vm and x.seq > r.seq for x in later):
+            continue  # a later step moved it, found it or found it missing: that record tells the rest
+        now = where.get(r.vm)
+        if now is None:
+            continue
+        planned = r.inputs.get("target")
+        if now == host:
+            with audited(rt, run, "migration-resolved", host=host, vm=r.vm,
+                         inputs={"resolves": r.seq, "started_by_run": r.run_id, "planned_target": planned}) as rec:
+                rec.details["note"] = (f"the migration of {r.vm} to {planned} (record {r.seq}, outcome unknown) did "
+                                       f"not happen: it runs on {host}")
+            continue
+        with audited(rt, run, "migration-found", host=host, vm=r.vm,
+                     inputs={"target": now, "started_by_run": r.run_id, "resolves": r.seq}) as rec:
+            rec.details["note"] = (f"the migration of {r.vm} (record {r.seq}, outcome unknown) happened: it runs "
+                                   f"on {now}")
+        log.warning("%s: %s, whose migration's outcome was unknown, was found on %s", host, visible(r.vm), now)
 
 
 class TargetsUnreachable(StepError):

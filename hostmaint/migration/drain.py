@@ -110,7 +110,8 @@ class DrainReport:
 
     @property
     def failed(self) -> tuple[MigrationResult, ...]:
-        """The results whose VM is still on its source: failed, aborted, or never started."""
+        """The results whose VM is not known to be off its source: failed, aborted, never started, or
+        unknown (where it runs could not be told when its migration failed)."""
         return tuple(r for r in self.results if r.outcome not in (StepOutcome.OK, StepOutcome.SKIPPED))
 
 
@@ -336,13 +337,20 @@ class _Drain:
         try:
             where = self.hv.locate(spec.vm)
         except DriverError as exc2:
-            return self.result(spec, StepOutcome.FAILED, f"{exc}; and cannot locate it: {exc2}", seconds)
+            # Not found on the hosts that answer: it may run on the one that does not (the target's
+            # libvirtd died after the switch-over), so whether it moved cannot be known now; the next
+            # run's discovery settles it (migration-found, or its origin cleared).
+            return self.result(spec, StepOutcome.UNKNOWN, f"{exc}; whether it moved is unknown, it cannot be "
+                               f"located: {exc2}", seconds)
         if tuple(where) == (spec.target,):
             # It landed despite the error (e.g. the confirmation timed out): that is a success.
             return self.result(spec, StepOutcome.OK, f"reported {exc!s}, but runs on {spec.target}", seconds)
+        if not where:
+            # running nowhere (every host answered): mid switch-over, or lost; not a known failure
+            return self.result(spec, StepOutcome.UNKNOWN, f"{exc}; whether it moved is unknown: it runs on no "
+                               "host right now", seconds)
         if spec.source not in where:
-            return self.result(spec, StepOutcome.FAILED, f"{exc}; VM now on {', '.join(where) or 'no host'}",
-                               seconds)
+            return self.result(spec, StepOutcome.FAILED, f"{exc}; VM now on {', '.join(where)}", seconds)
         if flight.abort_reason is not None:
             return self.result(spec, StepOutcome.ABORTED, f"aborted: {flight.abort_reason}", seconds)
         return self.result(spec, StepOutcome.FAILED, str(exc), seconds)

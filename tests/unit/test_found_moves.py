@@ -10,7 +10,8 @@ import pytest
 
 from hostmaint import maintenance as steps
 from hostmaint.drivers.memory import SimulatedFleet
-from hostmaint.models import StepOutcome, Vm
+from hostmaint.errors import StepError, TransientDriverError
+from hostmaint.models import HostState, StepOutcome, Vm
 from hostmaint.runtime import open_runtime
 
 
@@ -46,3 +47,92 @@ def test_a_found_move_is_logged_with_the_vm_name_escaped(sim_inventory: Path, ca
     assert found == [name]
     lines = [r.getMessage() for r in caplog.records if "run-that-died" in r.getMessage()]
     assert lines and all("\n" not in line for line in lines), lines
+
+
+class TargetDiesAtSwitchOver:
+    """The simulated fleet, but the target's libvirtd dies as ``vm``'s migration completes: the VM runs
+    on the target, the migration reports an error, and the target answers nothing until ``revive``.
+    With ``lands=False`` the VM is paused on its source for the switch-over when asked (running nowhere
+    that answers), and resumes there: the migration did not happen."""
+
+    def __init__(self, fleet: SimulatedFleet, vm: str, lands: bool = True) -> None:
+        self.fleet, self.vm, self.lands = fleet, vm, lands
+        self.dead: set[str] = set()
+        self.paused: set[str] = set()
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.fleet, name)
+
+    def _alive(self, host: str) -> None:
+        if host in self.dead:
+            raise TransientDriverError("cannot connect to libvirtd: Connection refused", host)
+
+    def discover(self, host: str):  # type: ignore[no-untyped-def]
+        self._alive(host)
+        return self.fleet.discover(host)
+
+    def running_vms(self, host: str) -> tuple[str, ...]:
+        self._alive(host)
+        return self.fleet.running_vms(host)
+
+    def locate(self, vm: str) -> tuple[str, ...]:  # as the libvirt driver: found nowhere + a host silent = error
+        found = tuple(h for h in self.fleet.locate(vm) if h not in self.dead and vm not in self.paused)
+        if not found and self.dead:
+            raise TransientDriverError(f"{vm} not found on the reachable hosts", sorted(self.dead)[0])
+        return found
+
+    def migrate(self, vm, source, target, options, on_progress=None):  # type: ignore[no-untyped-def]
+        if vm != self.vm:
+            return self.fleet.migrate(vm, source, target, options, on_progress)
+        if self.lands:
+            self.fleet.migrate(vm, source, target, options, on_progress)
+        else:
+            self.paused.add(vm)
+        self.dead.add(target)
+        raise TransientDriverError("end of file while reading data: Input/output error", target)
+
+    def revive(self) -> None:
+        self.dead.clear()
+        self.paused.clear()
+
+
+@pytest.mark.parametrize("lands", [True, False], ids=["it-moved", "it-stayed"])
+def test_a_migration_whose_target_died_mid_way_is_recorded_unknown_then_resolved_by_the_next_run(
+        sim_inventory: Path, lands: bool) -> None:
+    rt = open_runtime(sim_inventory, fresh=True)
+    run = steps.RunContext(run_id="run-1", flow="patch-host", reason="patch")
+    steps.cordon(rt, run, "hv01")
+    plan = steps.plan_drain(rt, run, "hv01")
+    first = plan.placements[0]
+    fleet = rt.hypervisor
+    assert isinstance(fleet, SimulatedFleet)
+    faulty = TargetDiesAtSwitchOver(fleet, first.vm, lands=lands)
+    rt.hypervisor = faulty  # type: ignore[assignment]
+
+    with pytest.raises(StepError, match=f"whether {first.vm} moved is unknown"):
+        steps.drain_host(rt, run, plan)
+
+    [record] = [r for r in rt.audit.records(host="hv01") if r.step == "migrate" and r.vm == first.vm]
+    assert record.outcome is StepOutcome.UNKNOWN  # not "failed": it may well have moved (and did, if lands)
+    assert rt.states.origins("hv01").get(first.vm) == "hv01"  # kept: the next run must look
+    assert rt.states.state("hv01") is not HostState.ACTIVE
+
+    faulty.revive()
+    rt.hypervisor = fleet
+    again = steps.RunContext(run_id="run-2", flow="patch-host", reason="patch")
+    found = steps.record_found_moves(rt, again, "hv01", steps.snapshot(rt, "demo"))
+
+    resolved = [r for r in rt.audit.records(host="hv01") if r.vm == first.vm and r.seq > record.seq]
+    if lands:
+        assert found == [first.vm]
+        assert [(r.step, r.outcome, r.inputs["target"]) for r in resolved] == \
+            [("migration-found", StepOutcome.OK, first.target)]
+    else:
+        assert found == [] and rt.states.origins("hv01").get(first.vm) is None
+        assert [(r.step, r.inputs["resolves"], r.inputs["planned_target"]) for r in resolved] == \
+            [("migration-resolved", record.seq, first.target)]
+        assert "did not happen" in resolved[0].details["note"]
+    # a third run finds nothing more to say
+    steps.record_found_moves(rt, steps.RunContext(run_id="run-3", flow="patch-host"), "hv01",
+                             steps.snapshot(rt, "demo"))
+    assert len([r for r in rt.audit.records(host="hv01") if r.vm == first.vm and r.seq > record.seq]) == 1

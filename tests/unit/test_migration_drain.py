@@ -382,6 +382,48 @@ def test_locate_error_is_a_failure_of_that_vm_only() -> None:
     assert [r.outcome for r in report.results] == [StepOutcome.FAILED, StepOutcome.OK, StepOutcome.OK]
 
 
+def test_a_failed_migration_whose_vm_cannot_be_located_is_unknown_not_failed() -> None:
+    # The target's libvirtd died at the switch-over: the migration reports an error, the VM runs on the
+    # target, and the target does not answer. Whether it moved cannot be known: "failed" would be false.
+    moves = MANY[:2]
+
+    class TargetDies(FakeHypervisor):
+        dead: set[str] = set()
+
+        def migrate(self, vm, source, target, options, on_progress=None):  # type: ignore[no-untyped-def]
+            result = super().migrate(vm, source, target, options, on_progress)
+            if vm == "vm00":
+                self.dead = {target}
+                raise TransientDriverError("end of file while reading data: Input/output error", host=target)
+            return result
+
+        def locate(self, vm: str) -> tuple[str, ...]:
+            found = tuple(h for h in super().locate(vm) if h not in self.dead)
+            if not found and self.dead:
+                raise TransientDriverError(f"{vm} not found on the reachable hosts", host=sorted(self.dead)[0])
+            return found
+
+    hv = fleet(moves, cls=TargetDies)
+    report = drain(make_plan(moves), hv, Limits(), policy=SchedulerPolicy.fixed(1))
+    first = report.results[0]
+    assert first.outcome is StepOutcome.UNKNOWN and "unknown" in (first.error or "")
+    assert hv.location["vm00"] == "dst0"  # it did move
+    assert not report.ok and report.failed == (first,)  # not known to be off its source: the host stays out
+
+
+def test_a_failed_migration_whose_vm_runs_on_no_host_is_unknown() -> None:
+    moves = MANY[:1]
+
+    class Vanishes(FakeHypervisor):
+        def migrate(self, vm, source, target, options, on_progress=None):  # type: ignore[no-untyped-def]
+            with self.lock:
+                del self.location[vm]  # paused on both sides at the switch-over when asked
+            raise MigrationError("connection reset", host=source, vm=vm, target=target)
+
+    report = drain(make_plan(moves), fleet(moves, cls=Vanishes), Limits())
+    assert [r.outcome for r in report.results] == [StepOutcome.UNKNOWN]
+
+
 # --- escalation --------------------------------------------------------------------
 
 
