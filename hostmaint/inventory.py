@@ -9,11 +9,13 @@ See docs/inventory.md.
 from __future__ import annotations
 
 import fnmatch
+import ipaddress
 import re
 import stat
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -203,6 +205,27 @@ class VmPolicy(Strict):
         return self.match.tag is None or self.match.tag in tags
 
 
+class MigrationTls(StrEnum):
+    """Whether a cluster's live migrations encrypt the guest's memory (QEMU's TLS, ``VIR_MIGRATE_TLS``)."""
+
+    REQUIRED = "required"  # TLS or no migration: a host that cannot is refused before anything moves
+    PREFERRED = "preferred"  # TLS where both ends can; plain TCP otherwise, with a warning in the audit
+    OFF = "off"  # plain TCP: the guest's memory crosses the network readable by anyone on it
+
+
+def _check_address(v: str | None) -> str | None:
+    """An IP address or a DNS name, as a migration URI's host."""
+    if v is None:
+        return v
+    try:
+        return str(ipaddress.ip_address(v))
+    except ValueError:
+        pass
+    if not re.fullmatch(r"(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*", v):
+        raise ValueError(f"must be an IP address or a DNS name, got {v!r}")
+    return v
+
+
 class MigrationSettings(Strict):
     """How a cluster's drains live-migrate (hostmaint.migration): escalation, budgets, throttling.
 
@@ -217,6 +240,22 @@ class MigrationSettings(Strict):
     stall_seconds: Annotated[float, Field(gt=0)] = 60.0  # no progress this long: escalate one step
     seconds_per_gib: Annotated[float, Field(gt=0)] = 150.0  # every migration's time budget ...
     min_budget_seconds: Annotated[float, Field(gt=0)] = 60.0  # ... and its floor; then it is aborted
+    # Encrypted by default: a migration carries the guest's whole memory (keys, passwords, customer data).
+    # Plain TCP is an explicit choice (docs/inventory.md#migration-tls-and-network)
+    tls: MigrationTls = MigrationTls.REQUIRED
+    # The migration network: each host's address on it is discovered (its interface in this subnet), unless
+    # the host names its own migration_address. Unset: migrations use the management address.
+    network: str | None = None
+
+    @field_validator("network")
+    @classmethod
+    def _network(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        try:
+            return str(ipaddress.ip_network(v, strict=True))
+        except ValueError as exc:
+            raise ValueError(f"must be a network such as 10.214.0.0/24 ({exc})") from None
 
 
 # --- monitoring and hooks (hostmaint.monitoring, hostmaint.hooks; docs/integrations.md) -----------------
@@ -383,6 +422,37 @@ class HostEntry(Strict):
     reserved_memory_mib: Annotated[int, Field(ge=0)] = 0
     link_bandwidth_mib_s: Annotated[int, Field(gt=0)] | None = None
     hooks: Hooks = Hooks()  # run after the cluster's at each point
+    # where this host receives migrations (its migration-network address); else discovered in the
+    # cluster's migration.network, else the management address
+    migration_address: str | None = None
+
+    @field_validator("migration_address")
+    @classmethod
+    def _migration_address(cls, v: str | None) -> str | None:
+        return _check_address(v)
+
+    @field_validator("libvirt_uri")
+    @classmethod
+    def _verified_uri(cls, v: str) -> str:
+        return _check_libvirt_uri(v)
+
+
+# URI parameters that would switch off the check of whom libvirt talks to (docs/inventory.md)
+_UNVERIFIED = {"no_verify": ("1",), "known_hosts_verify": ("ignore", "auto")}
+
+
+def _check_libvirt_uri(uri: str) -> str:
+    """A libvirt URI that verifies its peer: no ``no_verify=1`` (TLS: the server's certificate; SSH: the
+    host key) and no ``known_hosts_verify=ignore|auto`` (libssh: unknown host keys accepted)."""
+    if any(c in uri for c in "\n\r\0 "):
+        raise ValueError("has a space, line break or NUL byte")
+    params = parse_qs(urlsplit(uri).query)
+    for name, bad in _UNVERIFIED.items():
+        for value in params.get(name, []):
+            if value in bad:
+                raise ValueError(f"{name}={value} turns off the check of the host's identity (certificate or "
+                                 "host key); hostmaint always verifies: remove it and give the CA or known_hosts")
+    return uri
 
 
 class Simulation(Strict):
@@ -430,6 +500,11 @@ class Inventory(Strict):
             if h.cluster not in cluster_names:
                 problems.append(f"hosts[{i}].cluster (host {h.name}): unknown cluster {h.cluster!r}; "
                                 f"known: {', '.join(cluster_names)}")
+            elif h.migration_address is not None:
+                net = self.clusters[cluster_names.index(h.cluster)].migration.network
+                if net is not None and not _in_network(h.migration_address, net):
+                    problems.append(f"hosts[{i}].migration_address (host {h.name}): {h.migration_address} is "
+                                    f"not in its cluster's migration.network {net}")
         if problems:
             raise ValueError("\n".join(problems))
         return self
@@ -474,6 +549,13 @@ class Inventory(Strict):
             if policy.matches(vm_name, tags):
                 return policy
         return None
+
+
+def _in_network(address: str, network: str) -> bool:
+    try:
+        return ipaddress.ip_address(address) in ipaddress.ip_network(network)
+    except ValueError:
+        return False  # a DNS name: where it points is not known here
 
 
 def _field_path(loc: tuple[Any, ...]) -> str:

@@ -23,6 +23,8 @@ PACKAGES=(
     postgresql
     # a lab host reached as a non-root user that runs its commands through `sudo -n` (inventory ssh.sudo)
     sudo
+    # the TLS lab's own PKI (a CA, per-host certificates for libvirtd and QEMU): hostmaint/lab/pki.py
+    openssl
     # the monitoring tests run real Prometheus and Alertmanager servers on loopback (tests/unit/test_monitoring.py)
     prometheus prometheus-alertmanager
 )

@@ -17,6 +17,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from hostmaint.lab import pki
 from hostmaint.lab.network import LabError, alive, kill_netns_processes, netns_name
 from hostmaint.lab.packages import prepare_host_packages, write_wrappers
 
@@ -31,14 +32,29 @@ class HostSpec:
     name: str
     ip: str
     memory_mib: int
+    # a TLS lab's host: its migration-network address, and the operator's client certificate directory
+    # (what libvirt URIs name as pkipath; the host sees its own client certificate there)
+    migration_ip: str | None = None
+    client_pki: Path | None = None
 
     @property
     def netns(self) -> str:
         return netns_name(self.name)
 
     @property
+    def tls(self) -> bool:
+        return self.client_pki is not None
+
+    @property
     def libvirt_uri(self) -> str:
+        if self.client_pki is not None:
+            return f"qemu+tls://{self.ip}/system?pkipath={self.client_pki}"
         return f"qemu+tcp://{self.ip}/system"
+
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """Every address the host is reached on: what its server certificates must name."""
+        return (self.ip,) + ((self.migration_ip,) if self.migration_ip else ())
 
     @property
     def host_uuid(self) -> str:
@@ -51,8 +67,19 @@ def host_dir(workdir: Path, name: str) -> Path:
 
 
 def _libvirtd_conf(spec: HostSpec) -> str:
+    # A TLS lab's libvirtd listens for TLS (16514, client certificates checked) and still for plain TCP
+    # (16509): tests that are not about TLS keep the fast, simple qemu+tcp URIs
+    tls = [
+        "listen_tls = 1",
+        'auth_tls = "none"',  # the client certificate, checked against the CA and the DN list, is the credential
+        f'ca_file = "/etc/libvirt/{pki.LIBVIRT_DIR}/cacert.pem"',
+        f'cert_file = "/etc/libvirt/{pki.LIBVIRT_DIR}/servercert.pem"',
+        f'key_file = "/etc/libvirt/{pki.LIBVIRT_DIR}/serverkey.pem"',
+        "tls_no_verify_certificate = 0",
+        f'tls_allowed_dn_list = ["{pki.ALLOWED_DN}"]',
+    ] if spec.tls else ["listen_tls = 0"]
     return "\n".join([
-        "listen_tls = 0",
+        *tls,
         "listen_tcp = 1",
         f'listen_addr = "{spec.ip}"',
         'auth_tcp = "none"',
@@ -78,12 +105,18 @@ def _qemu_conf(spec: HostSpec, ram_dir: Path) -> str:
         f'migration_host = "{spec.ip}"',
         f'memory_backing_dir = "{ram_dir}"',
         'stdio_handler = "file"',  # no virtlogd in the lab
+        # migration TLS: QEMU's certificates, both ends checked; not forced (plain migrations stay
+        # possible: the lab measures both, and migration.tls: preferred falls back to plain)
+        *([f'default_tls_x509_cert_dir = "/etc/libvirt/{pki.QEMU_DIR}"', "default_tls_x509_verify = 1",
+           "migrate_tls_x509_verify = 1"] if spec.tls else []),
         "",
     ])
 
 
-def prepare_host(workdir: Path, spec: HostSpec, repo: Path, authorized_keys: Path, cache: Path) -> Path:
-    """Write the host's directory: configs, package root, command wrappers. Returns the directory."""
+def prepare_host(workdir: Path, spec: HostSpec, repo: Path, authorized_keys: Path, cache: Path,
+                 ca: pki.Authority | None = None) -> Path:
+    """Write the host's directory: configs, certificates (with ``ca``: a TLS lab), package root, command
+    wrappers. Returns the directory."""
     d = host_dir(workdir, spec.name)
     if d.exists():
         shutil.rmtree(d)
@@ -95,9 +128,15 @@ def prepare_host(workdir: Path, spec: HostSpec, repo: Path, authorized_keys: Pat
     (d / "var-cache-libvirt").symlink_to(host_cache, target_is_directory=True)
     (d / "etc-libvirt" / "libvirtd.conf").write_text(_libvirtd_conf(spec))
     (d / "etc-libvirt" / "qemu.conf").write_text(_qemu_conf(spec, d / "ram"))
+    if spec.tls:
+        if ca is None:
+            raise LabError(f"lab host {spec.name}: a TLS host needs the lab CA")
+        pki.install_host(ca, d / "etc-libvirt", spec.name, spec.addresses)
     (d / "host.json").write_text(json.dumps({
         "name": spec.name, "hostname": spec.name, "ip": spec.ip, "netns": spec.netns,
         "memory_mib": spec.memory_mib, "authorized_keys": str(authorized_keys),
+        # the host's own client certificate, seen where the lab's URIs name the operator's (pkipath)
+        "binds": ({str(d / "etc-libvirt" / pki.LIBVIRT_DIR): str(spec.client_pki)} if spec.client_pki else {}),
     }))
     prepare_host_packages(d, repo)
     write_wrappers(d, repo, d / "state" / "request")

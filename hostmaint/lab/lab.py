@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from hostmaint.lab import network
+from hostmaint.lab import network, pki
 from hostmaint.lab.guests import (
     GuestSpec,
     define_and_start,
@@ -33,6 +33,7 @@ from hostmaint.lab.guests import (
 )
 from hostmaint.lab.host import (
     HostSpec,
+    host_dir,
     prepare_host,
     read_status,
     request,
@@ -62,6 +63,7 @@ class LabHost(_Frozen):
     netns: str
     libvirt_uri: str
     memory_mib: int
+    migration_ip: str | None = None  # a TLS lab's: the host's eth1 on the migration network
 
 
 class LabVm(_Frozen):
@@ -82,6 +84,16 @@ class LabInfo(_Frozen):
     hosts: tuple[LabHost, ...]
     vms: tuple[LabVm, ...]
     kvm: bool
+    tls: bool = False  # its own PKI, libvirtd on TLS, QEMU migration TLS, a migration network
+
+    @property
+    def client_pki(self) -> Path:
+        """The operator's client certificate directory (the URIs' pkipath) of a TLS lab."""
+        return self.workdir / "pki" / "client"
+
+    def plain_uri(self, host: str) -> str:
+        """The host's libvirtd over plain TCP (a TLS lab keeps it listening)."""
+        return f"qemu+tcp://{self.host(host).ip}/system"
 
     def host(self, name: str) -> LabHost:
         for h in self.hosts:
@@ -123,11 +135,13 @@ def _load_info(workdir: Path) -> LabInfo | None:
         return None
 
 
-def host_specs(hosts: int, memory_mib: int | tuple[int, ...]) -> list[HostSpec]:
+def host_specs(hosts: int, memory_mib: int | tuple[int, ...], client_pki: Path | None = None) -> list[HostSpec]:
+    """The lab's hosts; with ``client_pki`` (a TLS lab) each also gets a migration-network address."""
     mems = memory_mib if isinstance(memory_mib, tuple) else (memory_mib,) * hosts
     if len(mems) != hosts:
         raise ValueError(f"host_memory_mib has {len(mems)} entries for {hosts} hosts")
-    return [HostSpec(name=f"hv{i:02d}", ip=network.host_ip(i), memory_mib=mems[i - 1])
+    return [HostSpec(name=f"hv{i:02d}", ip=network.host_ip(i), memory_mib=mems[i - 1],
+                     migration_ip=network.migration_ip(i) if client_pki else None, client_pki=client_pki)
             for i in range(1, hosts + 1)]
 
 
@@ -140,7 +154,11 @@ def guest_specs(hosts: list[HostSpec], vms: int, linux_guests: int) -> list[Gues
     return out
 
 
-def _write_inventory(workdir: Path, specs: list[HostSpec], key: Path, known_hosts: Path) -> Path:
+def _write_inventory(workdir: Path, specs: list[HostSpec], key: Path, known_hosts: Path, tls: bool) -> Path:
+    # A TLS lab migrates with TLS required on its migration network (each host's address discovered in
+    # the subnet); a plain lab says so explicitly, since hostmaint's default is TLS required
+    migration: dict[str, object] = ({"tls": "required", "network": str(network.MIG_SUBNET)} if tls
+                                    else {"tls": "off"})
     data = {
         "version": 1,
         "clusters": [{
@@ -149,6 +167,7 @@ def _write_inventory(workdir: Path, specs: list[HostSpec], key: Path, known_host
                        "max_hosts_in_maintenance": 1, "memory_headroom_pct": 5.0},
             "host_policy": {"package_manager": "dnf", "reboot": "if-needed", "reboot_timeout_s": 120,
                             "update_timeout_s": 300, "min_free_mib": 0},
+            "migration": migration,
         }],
         "hosts": [{
             "name": s.name, "cluster": CLUSTER, "libvirt_uri": s.libvirt_uri,
@@ -163,9 +182,12 @@ def _write_inventory(workdir: Path, specs: list[HostSpec], key: Path, known_host
 
 
 def lab_up(hosts: int = 3, vms: int = 6, workdir: Path = DEFAULT_WORKDIR, linux_guests: int = 1,
-           host_memory_mib: int | tuple[int, ...] = 1536) -> LabInfo:
+           host_memory_mib: int | tuple[int, ...] = 1536, tls: bool = False) -> LabInfo:
     """Build the lab (as root). Idempotent: a lab already up as asked is returned as it is.
 
+    ``tls``: the lab's own PKI, libvirtd also listening for TLS with client certificates checked, QEMU's
+    migration TLS, a migration network, and an inventory with ``qemu+tls://`` URIs and
+    ``migration.tls: required`` (plain TCP keeps listening; see hostmaint/lab/README.md).
     A failed up tears down what it made before raising LabError.
     """
     if os.geteuid() != 0:
@@ -177,11 +199,11 @@ def lab_up(hosts: int = 3, vms: int = 6, workdir: Path = DEFAULT_WORKDIR, linux_
             raise LabError(f"another lab is up on this machine (workdir {other}); the lab's names and "
                            f"addresses are fixed, so bring that one down first: hostmaint lab down --workdir {other}")
         existing = _load_info(workdir)
-        if existing is not None and len(existing.hosts) == hosts and lab_status(workdir).up:
+        if existing is not None and len(existing.hosts) == hosts and existing.tls == tls and lab_status(workdir).up:
             return existing
         _down(workdir)
         try:
-            return _build(hosts, vms, workdir, linux_guests, host_memory_mib)
+            return _build(hosts, vms, workdir, linux_guests, host_memory_mib, tls)
         except BaseException:
             _down(workdir)
             raise
@@ -210,8 +232,8 @@ def _supervisors() -> dict[int, Path]:
         except OSError:
             continue
         if b"hostmaint.lab.supervisor" in argv and network.alive(int(entry)):
-            host_dir = Path(argv[argv.index(b"hostmaint.lab.supervisor") + 1].decode())
-            found[int(entry)] = host_dir.parent.parent
+            its_dir = Path(argv[argv.index(b"hostmaint.lab.supervisor") + 1].decode())
+            found[int(entry)] = its_dir.parent.parent
     return found
 
 
@@ -231,8 +253,10 @@ def foreign_lab(workdir: Path) -> Path | None:
 
 
 def _build(hosts: int, vms: int, workdir: Path, linux_guests: int,
-           host_memory_mib: int | tuple[int, ...]) -> LabInfo:
-    specs = host_specs(hosts, host_memory_mib)
+           host_memory_mib: int | tuple[int, ...], tls: bool = False) -> LabInfo:
+    client_pki = workdir / "pki" / "client" if tls else None
+    specs = host_specs(hosts, host_memory_mib, client_pki)
+    ca = _make_pki(workdir) if tls else None
     cache = workdir / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     (workdir / "net").write_text(f"{network.LAB_NET}\n")
@@ -242,17 +266,21 @@ def _build(hosts: int, vms: int, workdir: Path, linux_guests: int,
     authorized = authorize(workdir / "ssh" / "authorized_keys", [pub])
     repo = build_repo(cache / "repo")
     network.ensure_bridge()
+    if tls:
+        network.ensure_migration_bridge()
     known_lines = []
     for spec in specs:
         network.create_host_netns(spec.name, spec.ip)
-        prepare_host(workdir, spec, repo, authorized, cache)
+        if spec.migration_ip:
+            network.add_migration_link(spec.name, spec.migration_ip)
+        prepare_host(workdir, spec, repo, authorized, cache, ca)
     with ThreadPoolExecutor(max_workers=len(specs)) as pool:  # hosts boot independently
         statuses = list(pool.map(partial(start_supervisor, workdir), specs))
     for spec, status in zip(specs, statuses, strict=True):
         known_lines.append(f"{spec.ip} {status['host_key']}\n")
     known_hosts = workdir / "known_hosts"
     known_hosts.write_text("".join(known_lines))
-    inventory = _write_inventory(workdir, specs, key, known_hosts)
+    inventory = _write_inventory(workdir, specs, key, known_hosts, tls)
 
     kvm = kvm_usable()
     guests = guest_specs(specs, vms, linux_guests)
@@ -274,13 +302,48 @@ def _build(hosts: int, vms: int, workdir: Path, linux_guests: int,
     info = LabInfo(
         workdir=workdir, inventory_path=inventory, known_hosts_path=known_hosts, key_path=key,
         hosts=tuple(LabHost(name=s.name, ip=s.ip, netns=s.netns, libvirt_uri=s.libvirt_uri,
-                            memory_mib=s.memory_mib) for s in specs),
+                            memory_mib=s.memory_mib, migration_ip=s.migration_ip) for s in specs),
         vms=tuple(LabVm(name=g.name, host=g.host, memory_mib=g.memory_mib, vcpus=g.vcpus, linux=g.linux)
                   for g in guests),
-        kvm=kvm,
+        kvm=kvm, tls=tls,
     )
     (workdir / "lab.json").write_text(info.model_dump_json(indent=2))
     return info
+
+
+def _make_pki(workdir: Path) -> pki.Authority:
+    """A fresh lab CA and the operator's client certificate, in WORKDIR/pki (made at every up)."""
+    pki.check_tools()
+    ca = pki.make_ca(workdir / "pki" / "ca", f"hostmaint lab CA (net {network.LAB_NET})")
+    client = workdir / "pki" / "client"
+    if client.exists():
+        shutil.rmtree(client)
+    pki.make_operator_client(ca, client)
+    return ca
+
+
+def lab_ca(info: LabInfo) -> pki.Authority:
+    """The CA of a TLS lab."""
+    if not info.tls:
+        raise LabError("this lab was brought up without TLS: it has no CA")
+    return pki.Authority(info.workdir / "pki" / "ca" / "ca-cert.pem", info.workdir / "pki" / "ca" / "ca-key.pem")
+
+
+def reissue_qemu_certs(info: LabInfo, host: str, *, foreign: bool = False) -> None:
+    """Give ``host``'s QEMU new migration certificates: from the lab CA, or (``foreign``) from a CA of its
+    own that no other host trusts (as a host enrolled in the wrong PKI). QEMU reads them at its next
+    migration; libvirtd's own certificates stay."""
+    ca = lab_ca(info)
+    if foreign:
+        ca = pki.make_ca(info.workdir / "pki" / f"foreign-{host}", f"another CA ({host})", organization="elsewhere")
+    h = info.host(host)
+    addresses = (h.ip,) + ((h.migration_ip,) if h.migration_ip else ())
+    pki.install_qemu(ca, host_dir(info.workdir, host) / "etc-libvirt", host, addresses)
+
+
+def remove_qemu_certs(info: LabInfo, host: str) -> None:
+    """Take ``host``'s QEMU migration certificates away: migration TLS is off on that host."""
+    pki.remove_qemu(host_dir(info.workdir, host) / "etc-libvirt")
 
 
 def lab_down(workdir: Path = DEFAULT_WORKDIR) -> None:
@@ -321,6 +384,8 @@ def _down(workdir: Path) -> None:
         shutil.rmtree(hosts_dir)
     for f in ("lab.json", "inventory.yaml", "known_hosts"):
         (workdir / f).unlink(missing_ok=True)
+    if (workdir / "pki").exists():
+        shutil.rmtree(workdir / "pki")
 
 
 def _still_alive(pid: int) -> list[int]:

@@ -6,6 +6,9 @@ bridge) or ``hml-`` (root-side veth ends), so teardown removes exactly what the 
 ``HOSTMAINT_LAB_NET=N`` (0-9, default 0) gives a lab its own names and subnet (``hmlabN``,
 ``hmlabN-*``, ``hmlN-*``, ``10.213.(7+N).0/24``), so labs of different nets can be up side by side
 (parallel test sessions on one machine); net 0 keeps the historical names.
+
+A TLS lab also has a migration network: bridge ``hmlabNm`` (no address in the root namespace), each
+host's ``eth1`` on ``10.214.(7+N).0/24`` via veth ``hmlN-hvNN-m``.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ BRIDGE = f"hmlab{LAB_NET}"
 BRIDGE_IP = LAB_SUBNET.network_address + 1
 NETNS_PREFIX = "hmlab-" if LAB_NET == 0 else f"hmlab{LAB_NET}-"
 VETH_PREFIX = "hml-" if LAB_NET == 0 else f"hml{LAB_NET}-"
+# The migration network (a TLS lab's): a second bridge without an address in the root namespace (memory
+# pages travel host to host, never through this namespace), on a subnet no other net's can collide with
+MIG_SUBNET = ipaddress.IPv4Network(f"10.214.{7 + LAB_NET}.0/24")
+MIG_BRIDGE = f"hmlab{LAB_NET}m"
+MIG_IFACE = "eth1"  # a host's migration interface inside its namespace
 NETNS_DIR = Path("/run/netns")
 
 
@@ -48,12 +56,27 @@ def host_ip(index: int) -> str:
     return str(LAB_SUBNET.network_address + 10 + index)
 
 
+def migration_ip(index: int) -> str:
+    """Migration-network address of lab host ``index`` (1-based): .11, .12, ... of MIG_SUBNET."""
+    if not 1 <= index <= 200:
+        raise ValueError(f"lab host index must be 1-200, got {index}")
+    return str(MIG_SUBNET.network_address + 10 + index)
+
+
 def netns_name(host: str) -> str:
     return f"{NETNS_PREFIX}{host}"
 
 
 def veth_name(host: str) -> str:
     name = f"{VETH_PREFIX}{host}"
+    if len(name) > 15:
+        raise ValueError(f"lab host name {host!r} too long for an interface name")
+    return name
+
+
+def migration_veth_name(host: str) -> str:
+    """The root-side end of the host's migration link (on MIG_BRIDGE): ``hml3-hv01-m``."""
+    name = f"{VETH_PREFIX}{host}-m"
     if len(name) > 15:
         raise ValueError(f"lab host name {host!r} too long for an interface name")
     return name
@@ -74,7 +97,7 @@ def links() -> list[str]:
 
 
 def lab_links() -> list[str]:
-    return [n for n in links() if n == BRIDGE or n.startswith(VETH_PREFIX)]
+    return [n for n in links() if n in (BRIDGE, MIG_BRIDGE) or n.startswith(VETH_PREFIX)]
 
 
 def lab_netns() -> list[str]:
@@ -109,6 +132,40 @@ def create_host_netns(host: str, ip: str) -> str:
     return ns
 
 
+def ensure_migration_bridge() -> None:
+    """Create the migration bridge (no-op when present). It has no address: the root namespace is not on
+    the migration network."""
+    if MIG_BRIDGE not in links():
+        run(["ip", "link", "add", MIG_BRIDGE, "type", "bridge"])
+    run(["ip", "link", "set", MIG_BRIDGE, "up"])
+
+
+def add_migration_link(host: str, ip: str) -> None:
+    """Give ``host``'s namespace ``eth1`` = ``ip`` on the migration bridge."""
+    ns = netns_name(host)
+    veth = migration_veth_name(host)
+    run(["ip", "link", "add", veth, "type", "veth", "peer", "name", MIG_IFACE, "netns", ns])
+    run(["ip", "link", "set", veth, "master", MIG_BRIDGE])
+    run(["ip", "link", "set", veth, "up"])
+    run(["ip", "-n", ns, "addr", "add", f"{ip}/{MIG_SUBNET.prefixlen}", "dev", MIG_IFACE])
+    run(["ip", "-n", ns, "link", "set", MIG_IFACE, "up"])
+
+
+def interface_bytes(host: str) -> dict[str, tuple[int, int]]:
+    """Bytes (received, sent) per interface of ``host``'s namespace, from the kernel's counters."""
+    out: dict[str, tuple[int, int]] = {}
+    ns_net = Path("/run/netns") / netns_name(host)
+    if not ns_net.exists():
+        raise LabError(f"lab host {host}: no network namespace")
+    text = run(["ip", "netns", "exec", netns_name(host), "cat", "/proc/net/dev"]).stdout
+    for line in text.splitlines()[2:]:
+        name, _, fields = line.partition(":")
+        values = fields.split()
+        if len(values) >= 9:
+            out[name.strip()] = (int(values[0]), int(values[8]))
+    return out
+
+
 def limit_egress(host: str, mib_s: float | None) -> None:
     """Make lab host ``host``'s link send at most ``mib_s`` MiB/s (a token bucket on its ``eth0``), like a
     slower NIC; None removes the limit. The veth pair is otherwise as fast as the machine's CPUs."""
@@ -134,6 +191,7 @@ def delete_host_netns(host: str) -> None:
         if proc.returncode != 0 and ns in lab_netns():
             raise LabError(f"cannot delete network namespace {ns}: {proc.stderr.strip()}")
     delete_link(veth_name(host))
+    delete_link(migration_veth_name(host))
 
 
 def delete_link(name: str, timeout: float = 5.0) -> None:
@@ -151,6 +209,7 @@ def delete_link(name: str, timeout: float = 5.0) -> None:
 
 
 def delete_bridge() -> None:
+    delete_link(MIG_BRIDGE)
     delete_link(BRIDGE)
 
 

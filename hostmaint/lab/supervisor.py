@@ -129,6 +129,8 @@ class Supervisor:
             _mount(["--bind", str(self.dir / sub), target])
         # the host knows its own name (sudo, libvirtd look it up): from this file, never by asking a DNS
         # server the namespace has no route to
+        for source, target in dict(self.config.get("binds", {})).items():
+            _mount(["--bind", source, target])
         hosts = self.dir / "etc-hosts"
         hosts.write_text(f"127.0.0.1 localhost\n{self.config['ip']} {self.config['hostname']}\n")
         _mount(["--bind", str(hosts), "/etc/hosts"])
