@@ -1,0 +1,183 @@
+"""Migration transport (issue 20): TLS required/preferred/off and the migration network, decided from
+what each host's QEMU certificates and addresses are. Certificates are made here with cryptography."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from ipaddress import ip_address
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from hostmaint.inventory import MigrationTls
+from hostmaint.migration.transport import MigrationEnd, TransportPlan, render_refusals
+from hostmaint.migration.transport_probe import addresses_in, cert_dir, probe_end
+from hostmaint.models import CommandResult
+
+NOW = datetime(2026, 12, 6, 8, 0, tzinfo=UTC)
+
+
+class Ca:
+    def __init__(self, name: str) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.cert = self._build(self.name, self.key.public_key(), ca=True, sans=())
+
+    def _build(self, subject: x509.Name, public: ec.EllipticCurvePublicKey, *, ca: bool, sans: Sequence[str],
+               days: int = 30, start: datetime = NOW - timedelta(days=1)) -> x509.Certificate:
+        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(self.name).public_key(public)
+             .serial_number(x509.random_serial_number()).not_valid_before(start)
+             .not_valid_after(start + timedelta(days=days))
+             .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if sans:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.IPAddress(ip_address(a)) for a in sans]),
+                                critical=False)
+        return b.sign(self.key, hashes.SHA256())
+
+    def issue(self, cn: str, sans: Sequence[str] = (), days: int = 30) -> str:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        return self._build(name, key.public_key(), ca=False, sans=sans, days=days).public_bytes(
+            serialization.Encoding.PEM).decode()
+
+    @property
+    def pem(self) -> str:
+        return self.cert.public_bytes(serialization.Encoding.PEM).decode()
+
+
+LAB = Ca("lab CA")
+OTHER = Ca("another CA")
+KEYS = frozenset({"server-key.pem", "client-key.pem"})
+
+
+def end(host: str, address: str | None = None, ca: Ca = LAB, *, certs: bool = True, days: int = 30,
+        sans: Sequence[str] | None = None) -> MigrationEnd:
+    if not certs:
+        return MigrationEnd(host=host, address=address)
+    names = list(sans) if sans is not None else [address] if address else []
+    return MigrationEnd(host=host, address=address, keys=KEYS, certs={
+        "ca-cert.pem": ca.pem, "server-cert.pem": ca.issue(host, names, days), "client-cert.pem": ca.issue(host)})
+
+
+def plan(mode: MigrationTls, *ends: MigrationEnd) -> TransportPlan:
+    return TransportPlan(mode=mode, ends={e.host: e for e in ends}, now=NOW)
+
+
+GOOD = (end("hv01", "10.214.10.11"), end("hv02", "10.214.10.12"), end("hv03", "10.214.10.13"))
+
+
+@pytest.mark.parametrize(("name", "ends", "refused_host", "says"), [
+    ("every host ready", GOOD, None, None),
+    ("TLS off on a target", (GOOD[0], GOOD[1], end("hv03", "10.214.10.13", certs=False)), "hv03",
+     "no QEMU TLS certificates"),
+    ("TLS off on the source", (end("hv01", certs=False), GOOD[1], GOOD[2]), "hv01", "no QEMU TLS certificates"),
+    ("a target's certificate from another CA", (GOOD[0], GOOD[1], end("hv03", "10.214.10.13", OTHER)), "hv03",
+     "not signed by the CA hv01 trusts"),
+    ("an expired certificate", (GOOD[0], end("hv02", "10.214.10.12", days=0), GOOD[2]), "hv02", "expired"),
+    ("the server certificate lacks the migration address",
+     (GOOD[0], end("hv02", "10.214.10.12", sans=["10.213.10.12"]), GOOD[2]), "hv02",
+     "does not name the migration address 10.214.10.12"),
+    ("a key file missing", (GOOD[0], GOOD[1], MigrationEnd(host="hv03", certs=GOOD[2].certs,
+                                                           keys=frozenset({"client-key.pem"}))),
+     "hv03", "missing in /etc/pki/qemu: server-key.pem"),
+    ("no address on the migration network",
+     (GOOD[0], GOOD[1], MigrationEnd(host="hv03", problems=("no address in the migration network 10.214.10.0/24",),
+                                     certs=GOOD[2].certs, keys=KEYS)), "hv03", "no address in the migration network"),
+])
+def test_required_refuses_naming_the_host_and_what_is_missing(name: str, ends: tuple[MigrationEnd, ...],
+                                                               refused_host: str | None, says: str | None) -> None:
+    refusals = plan(MigrationTls.REQUIRED, *ends).refusals("hv01", ["hv02", "hv03"])
+    if refused_host is None:
+        assert refusals == [], name
+        return
+    assert [r.host for r in refusals] == [refused_host], (name, refusals)
+    assert says is not None and says in refusals[0].reason, (name, refusals[0].reason)
+    text = render_refusals(refusals)
+    assert text.startswith(f"{refused_host}: ") and "to go on:" in text
+
+
+def test_required_routes_with_tls_on_the_migration_address() -> None:
+    route = plan(MigrationTls.REQUIRED, *GOOD).route("hv01", "hv02")
+    assert (route.tls, route.address, route.warning) == (True, "10.214.10.12", None)
+
+
+def test_preferred_falls_back_to_plain_with_a_warning_only_where_a_peer_cannot() -> None:
+    p = plan(MigrationTls.PREFERRED, GOOD[0], GOOD[1], end("hv03", "10.214.10.13", OTHER))
+    assert p.refusals("hv01", ["hv02", "hv03"]) == []
+    good, bad = p.route("hv01", "hv02"), p.route("hv01", "hv03")
+    assert (good.tls, good.warning) == (True, None)
+    assert bad.tls is False and bad.address == "10.214.10.13"
+    assert bad.warning is not None and "fell back to plain TCP" in bad.warning and "hv03" in bad.warning
+
+
+def test_off_migrates_plain_on_the_migration_network_and_checks_no_certificate() -> None:
+    p = plan(MigrationTls.OFF, MigrationEnd(host="hv01", probed_tls=False),
+             MigrationEnd(host="hv02", address="10.214.10.12", probed_tls=False))
+    assert p.refusals("hv01", ["hv02"]) == []
+    assert p.route("hv01", "hv02") == p.route("hv01", "hv02")
+    route = p.route("hv01", "hv02")
+    assert (route.tls, route.address, route.warning) == (False, "10.214.10.12", None)
+
+
+def test_a_host_that_could_not_be_read_is_refused_in_every_mode() -> None:
+    unread = MigrationEnd(host="hv02", probed_tls=False,
+                          problems=("its migration settings cannot be read over SSH: x",))
+    for mode in MigrationTls:
+        refusals = plan(mode, GOOD[0], unread).refusals("hv01", ["hv02"])
+        assert [(r.host, r.reason) for r in refusals] == [("hv02", unread.problems[0])], mode
+
+
+@pytest.mark.parametrize(("conf", "expected"), [
+    ("", "/etc/pki/qemu"),
+    ('default_tls_x509_cert_dir = "/etc/libvirt/pki/qemu"\n', "/etc/libvirt/pki/qemu"),
+    ('#migrate_tls_x509_cert_dir = "/x"\ndefault_tls_x509_cert_dir = "/d/"\n', "/d"),
+    ('default_tls_x509_cert_dir = "/d"\nmigrate_tls_x509_cert_dir = "/m"  # own\n', "/m"),
+])
+def test_cert_dir_follows_libvirts_precedence(conf: str, expected: str) -> None:
+    assert cert_dir(conf) == expected
+
+
+def test_addresses_are_discovered_in_the_migration_network() -> None:
+    out = ("1: lo    inet 127.0.0.1/8 scope host lo\n"
+           "2: eth0    inet 10.213.10.11/24 brd 10.213.10.255 scope global eth0\n"
+           "3: eth1    inet 10.214.10.11/24 brd 10.214.10.255 scope global eth1\n"
+           "3: eth1    inet6 fe80::1/64 scope link\n"
+           "4: x    inet not-an-address\n")
+    assert addresses_in(out, "10.214.10.0/24") == ["10.214.10.11"]
+    assert addresses_in(out, "192.168.0.0/16") == []
+
+
+def test_probe_reads_public_certificates_and_key_names_only() -> None:
+    ends = GOOD[1]
+    calls: list[tuple[str, ...]] = []
+    d = "/etc/libvirt/pki/qemu"
+
+    def run(host: str, argv: Sequence[str], timeout: float = 60.0) -> CommandResult:
+        calls.append(tuple(argv))
+        if argv[0] == "ip":
+            out = "3: eth1    inet 10.214.10.12/24 scope global eth1\n"
+        elif argv[0] == "cat":
+            out = f'default_tls_x509_cert_dir = "{d}"\n'
+        elif argv[0] == "ls":
+            out = "ca-cert.pem\nclient-cert.pem\nclient-key.pem\nserver-cert.pem\nserver-key.pem\n"
+        else:
+            out = "".join(f"{line}\n" for path in argv[5:] for line in
+                          (f"{path}:{x}" for x in ends.certs[path.rsplit("/", 1)[1]].splitlines()))
+        return CommandResult(host=host, argv=tuple(argv), exit_code=0, stdout=out)
+
+    class Shell:
+        def run(self, host: str, argv: Sequence[str], timeout: float = 60.0) -> CommandResult:
+            return run(host, argv, timeout)
+
+        def close(self) -> None:
+            pass
+
+    got = probe_end(Shell(), "hv02", tls=True, network="10.214.10.0/24", address=None)
+    assert got.address == "10.214.10.12" and got.cert_dir == d and got.keys == KEYS
+    assert {k: v.strip() for k, v in got.certs.items()} == {k: v.strip() for k, v in ends.certs.items()}
+    assert not any("key" in a for c in calls if c[0] in ("grep", "cat") for a in c[1:]), calls
+    assert plan(MigrationTls.REQUIRED, GOOD[0], got).refusals("hv01", ["hv02"]) == []
