@@ -639,6 +639,10 @@ class MigrationOptions(Frozen):
     seconds_per_gib: Annotated[float, Field(gt=0)] = 150.0
     min_budget_seconds: Annotated[float, Field(gt=0)] = 60.0
     placement: Placement | None = None
+    # how it travels (hostmaint.migration.transport): QEMU's TLS, and the target's address on the
+    # migration network (None: the target's management address, as libvirt picks it)
+    tls: bool = False
+    migration_address: str | None = None
 
 
 class MigrationProgress(Frozen):
@@ -666,6 +670,9 @@ class MigrationResult(Frozen):
     data_bytes: int = 0
     iterations: int = 0
     error: str | None = None
+    # how it travelled, as the driver asked libvirt (None: the driver does not say)
+    tls: bool | None = None
+    migration_address: str | None = None
 
 
 class CommandResult(Frozen):
