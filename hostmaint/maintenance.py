@@ -481,12 +481,16 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
                 rt.states.keep_out(h, cancelled_reason(cancel.reason), run.run_id)
             raise RunCancelled(f"drain of {', '.join(plan.hosts)} {cancel.reason}: "
                                f"{sum(r.outcome is StepOutcome.OK for r in report.results)} VM(s) moved, "
-                               f"{len(report.failed)} still on their source", host, "drain")
+                               f"{len(report.failed)} still on their source", host, Step.DRAIN)
         if not report.ok:
-            for h in plan.hosts:
-                rt.states.keep_out(h, "drain failed", run.run_id)
-            failed = ", ".join(f"{r.vm} ({r.error})" for r in report.failed)
             unknown = [r.vm for r in report.failed if r.outcome is StepOutcome.UNKNOWN]
+            for h in plan.hosts:
+                # the reason names what keeps the host out: the VMs still on it (an operator looks there)
+                still = [r.vm for r in report.failed if r.source == h and r.outcome is not StepOutcome.UNKNOWN]
+                why = "; ".join(([f"{', '.join(still)} still on it"] if still else [])
+                                + ([f"whether {', '.join(unknown)} moved is unknown"] if unknown else []))
+                rt.states.keep_out(h, f"drain failed: {why}" if why else "drain failed", run.run_id)
+            failed = ", ".join(f"{r.vm} ({r.error})" for r in report.failed)
             after = ("the VMs that did not move still run on their source" if not unknown else
                      f"whether {', '.join(unknown)} moved is unknown (the next run finds out from the hosts); "
                      "the others that did not move still run on their source")

@@ -49,6 +49,7 @@ from hostmaint.migration.policy import (
     order_placements,
     stream_rate,
 )
+from hostmaint.migration.transport import Route
 from hostmaint.models import (
     EvacuationPlan,
     Limits,
@@ -147,7 +148,8 @@ def drain(plan: EvacuationPlan, hypervisor: Hypervisor, limits: Limits, *,
           on_event: Callable[[DrainEvent], None] | None = None,
           cancel: threading.Event | None = None,
           clock: Callable[[], float] = time.monotonic,
-          poll_s: float = 0.05) -> DrainReport:
+          poll_s: float = 0.05,
+          route: Callable[[str, str], Route] | None = None) -> DrainReport:
     """Live-migrate every placement of ``plan``; return all results and decisions together.
 
     ``bandwidth_mib_s`` is each host's link (default: the policy's), ``vm_memory_mib`` and
@@ -157,12 +159,14 @@ def drain(plan: EvacuationPlan, hypervisor: Hypervisor, limits: Limits, *,
     hugepages and counts against its target's free pages of that size in ``target_free_hugepages``
     (host -> page size KiB -> free pages) instead. ``cancel``, once set, stops admitting, aborts
     what runs (except post-copy) and reports the rest as ABORTED. ``policy`` defaults to the
-    adaptive one. Never raises for a failed migration; its VM stays on its source and its result
-    says why.
+    adaptive one. ``route`` says how each (source, target) migration travels (TLS, migration
+    address: :meth:`hostmaint.migration.transport.TransportPlan.route`); None: as ``options`` say.
+    Never raises for a failed migration; its VM stays on its source and its result says why.
     """
     run = _Drain(plan, hypervisor, limits, options, policy or SchedulerPolicy(), bandwidth_mib_s or {},
                  vm_memory_mib or {}, dirty_rate or {}, vm_hugepage_kib or {}, target_free_mib,
                  target_free_hugepages, on_event, cancel, clock)
+    run.route = route
     return run.execute(poll_s)
 
 
@@ -201,6 +205,7 @@ class _Drain:
         self.max_concurrency = 0
         self.stop_reason: str | None = None
         self.meter = LinkMeter()
+        self.route: Callable[[str, str], Route] | None = None
 
     # --- events -------------------------------------------------------------
 
@@ -284,6 +289,9 @@ class _Drain:
         if refusal is not None:
             return refusal
         opts = options_for(spec, self.options, self.policy, rate)
+        if self.route is not None:
+            way = self.route(spec.source, spec.target)
+            opts = opts.model_copy(update={"tls": way.tls, "migration_address": way.address})
         flight = _Flight(spec, rate, opts, self.clock(), migration_budget_s(spec.memory_mib, self.options))
         if opts.auto_converge:
             flight.level = Escalation.AUTO_CONVERGE  # on from the start: the next step is post-copy

@@ -136,3 +136,23 @@ def test_a_migration_whose_target_died_mid_way_is_recorded_unknown_then_resolved
     steps.record_found_moves(rt, steps.RunContext(run_id="run-3", flow="patch-host"), "hv01",
                              steps.snapshot(rt, "demo"))
     assert len([r for r in rt.audit.records(host="hv01") if r.vm == first.vm and r.seq > record.seq]) == 1
+
+
+def test_a_failed_drain_leaves_the_host_cordoned_naming_the_vms_still_on_it(sim_inventory: Path) -> None:
+    # what keeps the host out is the VM on it: "drain failed" alone sent the operator looking (issue 15)
+    rt = open_runtime(sim_inventory, fresh=True)
+    run = steps.RunContext(run_id="run-1", flow="patch-host", reason="patch")
+    steps.cordon(rt, run, "hv02")
+    plan = steps.plan_drain(rt, run, "hv02")
+    stuck = plan.placements[-1].vm
+    fleet = rt.hypervisor
+    assert isinstance(fleet, SimulatedFleet)
+    fleet.fail_migrations.add(stuck)
+
+    with pytest.raises(StepError, match="drain of hv02 failed"):
+        steps.drain_host(rt, run, plan)
+
+    record = rt.states.get("hv02")
+    assert record.state is HostState.CORDONED
+    assert record.reason == f"drain failed: {stuck} still on it"
+    assert stuck in fleet.running_vms("hv02")
