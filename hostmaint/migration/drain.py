@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hostmaint.drivers.base import Hypervisor
 from hostmaint.errors import DriverError
@@ -49,7 +49,6 @@ from hostmaint.migration.policy import (
     order_placements,
     stream_rate,
 )
-from hostmaint.migration.transport import Route
 from hostmaint.models import (
     EvacuationPlan,
     Limits,
@@ -58,6 +57,9 @@ from hostmaint.models import (
     MigrationResult,
     StepOutcome,
 )
+
+if TYPE_CHECKING:
+    from hostmaint.migration.transport import Route
 
 
 class EventKind(StrEnum):
