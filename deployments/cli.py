@@ -1,6 +1,6 @@
 """``hostmaint setup | server | serve | event``: run hostmaint on Prefect.
 
-Mounted into ``hostmaint.cli`` (``app.add_typer(deployments.cli.app)``). Every
+Part of the ``hostmaint`` program (assembled in ``hostmaint_cli.main``). Every
 command talks to the server at ``$PREFECT_API_URL`` (``--api-url`` overrides);
 ``hostmaint server`` prints the line to export.
 """

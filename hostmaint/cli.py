@@ -1,22 +1,24 @@
-"""The ``hostmaint`` command line.
+"""The core's commands of the ``hostmaint`` command line: plans, inventory, snapshots, host
+state, the audit trail, the lab and what-if estimates. None of them needs Prefect.
+
+The ``hostmaint`` program is assembled in ``hostmaint_cli.main``: these commands, the
+commands that start flows (``hostmaint_cli/runs.py``) and the Prefect server's
+(``deployments/cli.py``). A new command that uses only the core goes here; one that starts
+a flow or talks to Prefect goes there (``hostmaint_cli/__init__.py``).
 
 Exit codes: 0 done, 1 the operation failed (the host was left safe), 2 bad input
-(nothing changed). This is the top layer: it may start Prefect flows; the core
-modules it imports do not know Prefect.
+(nothing changed).
 """
 
 from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -24,7 +26,7 @@ from rich.text import Text
 
 from hostmaint.console import make_console
 from hostmaint.display import cell, labelled
-from hostmaint.errors import HostmaintError, InputError, InventoryError, PlanError, ServerError
+from hostmaint.errors import HostmaintError, InputError, InventoryError, PlanError
 from hostmaint.fleet import dump_snapshot, load_snapshot
 from hostmaint.models import MigrationOptions
 from hostmaint.placement.exact import DEFAULT_BUDGET
@@ -35,25 +37,19 @@ app = typer.Typer(help="Maintenance orchestration for KVM/libvirt fleets.", no_a
 inventory_app = typer.Typer(help="Check inventory files.", no_args_is_help=True)
 plan_app = typer.Typer(help="Print plans; nothing changes.", no_args_is_help=True)
 audit_app = typer.Typer(help="Read and verify the audit trail.", no_args_is_help=True)
-window_app = typer.Typer(help="Patch windows.", no_args_is_help=True)
 host_app = typer.Typer(help="Host state.", no_args_is_help=True)
 lab_app = typer.Typer(help="The local KVM lab (root): real libvirtd, sshd and QEMU guests in netns.",
                       no_args_is_help=True)
 simulate_app = typer.Typer(help="What-if estimates from a snapshot.", no_args_is_help=True)
-run_app = typer.Typer(help="Prefect runs of hostmaint.", no_args_is_help=True)
 app.add_typer(inventory_app, name="inventory")
 app.add_typer(plan_app, name="plan")
 app.add_typer(audit_app, name="audit")
-app.add_typer(window_app, name="window")
 app.add_typer(host_app, name="host")
 app.add_typer(lab_app, name="lab")
 app.add_typer(simulate_app, name="simulate")
-app.add_typer(run_app, name="run")
 
 out = make_console()
 err = make_console(stderr=True)
-
-T = TypeVar("T")
 
 InventoryOpt = Annotated[str, typer.Option("--inventory", "-i", envvar="HOSTMAINT_INVENTORY",
                                            help="Inventory YAML file.")]
@@ -98,15 +94,9 @@ def exit_codes() -> Iterator[None]:
 def _runtime(inventory: str) -> Any:
     from hostmaint.runtime import open_runtime
 
-    # The runtime is cached per process and the flows this CLI starts reuse it, so it needs the
-    # same key loader the tasks give theirs, or hosts keyed by a Secret block could not connect.
-    return open_runtime(inventory, key_loader=_secret_block_key)
-
-
-def _secret_block_key(name: str) -> str:
-    from tasks.common import load_secret_block  # Prefect is imported only when a host's key is in a block
-
-    return load_secret_block(name)
+    # These commands reach hosts through libvirt only, never over our SSH, so they need no key loader
+    # (keys in Prefect Secret blocks are loaded by the commands that start flows: hostmaint_cli.runs).
+    return open_runtime(inventory)
 
 
 def _snapshot_for(inventory: str | None, cluster: str | None, snapshot: Path | None, host: str | None = None) -> Any:
@@ -129,11 +119,13 @@ def _snapshot_for(inventory: str | None, cluster: str | None, snapshot: Path | N
     return discover(rt, cluster)
 
 
-def _print_json(data: Any) -> None:
+def print_json(data: Any) -> None:
+    """``data`` as indented JSON on stdout (what ``--json`` prints)."""
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def _simulated_banner(simulated: bool) -> None:
+def simulated_banner(simulated: bool) -> None:
+    """Say on stderr that the fleet is SIMULATED, when it is."""
     if simulated:
         err.print("[yellow]SIMULATED fleet: no real host is contacted.[/yellow]")
 
@@ -167,7 +159,7 @@ def inventory_check(file: Path, files: Annotated[bool, typer.Option(
 
 def _check_windows(path: Path, clusters: list[str]) -> None:
     """windows.yaml as setup/serve read it: strictly, overrides naming inventory clusters, exclusions on window days."""
-    from deployments.serve import load_windows, window_rrule
+    from hostmaint.window_schedule import load_windows, window_rrule
 
     default, overrides = load_windows(path, known=clusters)
     for name, cfg in {"default": default, **{f"clusters.{c}": o for c, o in overrides.items()}}.items():
@@ -205,7 +197,7 @@ def snapshot(inventory: InventoryOpt = "inventory.yaml",
     """Discover a cluster and write its fleet snapshot (JSON, docs/snapshot.md)."""
     with exit_codes():
         rt = _runtime(inventory)
-        _simulated_banner(rt.simulated)
+        simulated_banner(rt.simulated)
         cluster = cluster or rt.inventory.clusters[0].name
         snap = _snapshot_for(inventory, cluster, None)
         text = dump_snapshot(snap)
@@ -223,7 +215,8 @@ ExactBudgetOpt = Annotated[float, typer.Option(
                            "says no placement was found within its budget.")]
 
 
-def _budget(value: float) -> float:
+def checked_budget(value: float) -> float:
+    """``--exact-budget`` checked: 0 to 600 deterministic seconds, else InputError (exit 2)."""
     if not 0 <= value <= 600:
         raise InputError(f"--exact-budget: must be between 0 and 600 deterministic seconds, got {value:g}")
     return value
@@ -247,11 +240,11 @@ def plan_drain(host: str, inventory: InventoryOpt = "inventory.yaml", snapshot: 
             snap.host(host)
         except KeyError:
             raise InputError(f"host {host!r} is not in cluster {snap.cluster}") from None
-        plan = plan_evacuation(snap, [host], focus=patch, exact_budget=_budget(exact_budget))
+        plan = plan_evacuation(snap, [host], focus=patch, exact_budget=checked_budget(exact_budget))
         if plan.capacity is None:
             plan = plan.model_copy(update={"capacity": check_capacity(snap, [host])})
         if as_json:
-            _print_json({**plan.model_dump(mode="json"), "feasible": plan.feasible})
+            print_json({**plan.model_dump(mode="json"), "feasible": plan.feasible})
         else:
             out.print(Text(render_plan(plan)), highlight=False, soft_wrap=True)
         if not plan.feasible:
@@ -268,9 +261,9 @@ def plan_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml", sn
         snap = _snapshot_for(inventory if snapshot is None else None, cluster, snapshot)
         if snap.cluster != cluster:
             raise InputError(f"the snapshot is of cluster {snap.cluster!r}, not {cluster!r}")
-        plan = plan_window(snap, exact_budget=_budget(exact_budget))
+        plan = plan_window(snap, exact_budget=checked_budget(exact_budget))
         if as_json:
-            _print_json({**plan.model_dump(mode="json"), "feasible": plan.feasible})
+            print_json({**plan.model_dump(mode="json"), "feasible": plan.feasible})
         else:
             out.print(Text(render_plan(plan)), highlight=False, soft_wrap=True)
 
@@ -288,171 +281,11 @@ def plan_rebalance_cmd(cluster: str, max_moves: int = 10, inventory: InventoryOp
         snap = _snapshot_for(inventory if snapshot is None else None, cluster, snapshot)
         if snap.cluster != cluster:
             raise InputError(f"the snapshot is of cluster {snap.cluster!r}, not {cluster!r}")
-        plan = plan_rebalance(snap, max_moves, exact_budget=_budget(exact_budget))
+        plan = plan_rebalance(snap, max_moves, exact_budget=checked_budget(exact_budget))
         if as_json:
-            _print_json(plan.model_dump(mode="json"))
+            print_json(plan.model_dump(mode="json"))
         else:
             out.print(Text(render_plan(plan)), highlight=False, soft_wrap=True)
-
-
-# --- actions (Prefect flows) -------------------------------------------------------------------------
-
-
-def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
-    from hostmaint.models import Trigger
-
-    kwargs.setdefault("trigger", Trigger.CLI)
-    name = getattr(fn, "name", getattr(fn, "__name__", "flow"))
-    # A spinner on the terminal; the run's steps are narrated by Prefect's log lines around it.
-    with out.status(f"[bold]{name}[/bold] running (Ctrl-C stops it; the host is left in a safe state)",
-                    spinner="dots"):
-        try:
-            return fn(**kwargs)
-        except RuntimeError as exc:
-            # Prefect's word for a server it cannot reach (restarting, down): one line, not a traceback
-            if "Failed to reach API" not in str(exc):
-                raise
-            raise ServerError(f"{name}: {exc} Run it again once the server answers: a run that began "
-                              "goes on from each host's recorded state ('hostmaint host status' shows "
-                              "where each host is).") from exc
-
-
-def _show_outcomes(outcomes: list[Any], as_json: bool) -> None:
-    # a failed host's detail is its error, which may quote host output (see exit_codes)
-    if as_json:
-        _print_json([{**o.model_dump(mode="json"), "detail": redact_text(o.detail)} for o in outcomes])
-        return
-    table = Table(title="outcome per host")
-    for col in ("host", "outcome", "state", "rebooted", "packages", "seconds", "detail"):
-        table.add_column(col)
-    for o in outcomes:
-        table.add_row(*map(cell, (o.host, o.outcome.value, o.state, "yes" if o.rebooted else "no",
-                                  str(o.packages_changed), f"{o.seconds:.1f}", redact_text(o.detail)[:300])))
-    out.print(table)
-    migrations = [m for o in outcomes for m in o.migrations]
-    if migrations:
-        mt = Table(title="migrations")
-        for col in ("vm", "from", "to", "seconds", "downtime ms", "outcome"):
-            mt.add_column(col)
-        for m in migrations:
-            mt.add_row(*map(cell, (m.vm, m.source, m.target, f"{m.seconds:.2f}",
-                                   "-" if m.downtime_ms is None else f"{m.downtime_ms:.0f}", m.outcome.value)))
-        out.print(mt)
-
-
-def _check_host(inventory: str, host: str) -> Any:
-    rt = _runtime(inventory)
-    rt.inventory.host(host)
-    _simulated_banner(rt.simulated)
-    return rt
-
-
-@app.command()
-def evacuate(host: str, inventory: InventoryOpt = "inventory.yaml", dry_run: DryRunOpt = False,
-             operator: OperatorOpt = "unknown", reason: ReasonOpt = "on-demand evacuation",
-             as_json: JsonOpt = False, exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
-    """Cordon HOST and live-migrate every VM off it (the plan is printed first)."""
-    from flows.evacuate_host import evacuate_host
-
-    with exit_codes():
-        _check_host(inventory, host)
-        result = _run_flow(evacuate_host, host=host, dry_run=dry_run, operator=operator, reason=reason,
-                           inventory=inventory, exact_budget=_budget(exact_budget))
-        _show_outcomes([result], as_json)
-
-
-@app.command()
-def patch(host: str, inventory: InventoryOpt = "inventory.yaml", dry_run: DryRunOpt = False,
-          operator: OperatorOpt = "unknown", reason: ReasonOpt = "patch", as_json: JsonOpt = False,
-          no_return: Annotated[bool, typer.Option("--no-return", help="Leave moved VMs where they are.")] = False,
-          exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
-    """Evacuate, update, reboot when needed, verify, uncordon HOST and return its VMs."""
-    from flows.patch_host import patch_host
-
-    with exit_codes():
-        _check_host(inventory, host)
-        result = _run_flow(patch_host, host=host, dry_run=dry_run, operator=operator, reason=reason,
-                           inventory=inventory, return_vms=not no_return, exact_budget=_budget(exact_budget))
-        _show_outcomes([result], as_json)
-
-
-@window_app.command("run")
-def window_run(cluster: str, inventory: InventoryOpt = "inventory.yaml",
-               max_parallel: Annotated[int, typer.Option(help="Hosts in maintenance at once.")] = 1,
-               window_end: Annotated[datetime | None, typer.Option(help="No host starts that cannot finish "
-                                                                    "before this time (ISO, UTC).")] = None,
-               max_failed: Annotated[int, typer.Option(help="Stop starting hosts after more failures.")] = 0,
-               window_id: Annotated[str | None, typer.Option(help="Re-use to resume a window.")] = None,
-               operator: OperatorOpt = "unknown", as_json: JsonOpt = False,
-               exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
-    """Roll patch-host through CLUSTER inside a window."""
-    from flows.patch_window import patch_window
-
-    with exit_codes():
-        rt = _runtime(inventory)
-        rt.inventory.cluster(cluster)
-        _simulated_banner(rt.simulated)
-        if max_parallel < 1:
-            raise InputError(f"--max-parallel: must be >= 1, got {max_parallel}")
-        if max_failed < 0:
-            raise InputError(f"--max-failed: must be >= 0, got {max_failed}")
-        outcomes = _run_flow(patch_window, cluster=cluster, inventory=inventory, max_hosts_in_parallel=max_parallel,
-                             window_end=window_end, max_failed_hosts=max_failed, window_id=window_id,
-                             operator=operator, exact_budget=_budget(exact_budget))
-        _show_outcomes(outcomes, as_json)
-        if any(o.outcome.value == "failed" for o in outcomes):
-            raise typer.Exit(1)
-
-
-def _cancel_run(run: str, operator: str, flow: str | None = None) -> None:
-    from uuid import UUID
-
-    from flows.cancel import request_cancel
-
-    try:
-        UUID(run)
-    except ValueError:
-        raise InputError(f"RUN: not a flow run id: {run!r}") from None
-    before = request_cancel(run, operator, flow=flow)
-    if before in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"):
-        out.print(f"run {run} already ended ({before.lower()}): nothing to stop", markup=False, highlight=False)
-        return
-    out.print(f"run {run} ({before.lower()}) asked to stop: its drain aborts what is in flight (post-copy "
-              f"finishes), its host stays cordoned 'cancelled by {operator}'; 'hostmaint host status' shows it, "
-              "and running it again finishes the host", markup=False, highlight=False)
-
-
-@run_app.command("cancel")
-def run_cancel(run: Annotated[str, typer.Argument(help="The flow run id (as the Prefect UI shows it).")],
-               operator: OperatorOpt = "unknown") -> None:
-    """Stop a hostmaint run safely, as the Prefect UI's Cancel does, naming who stopped it."""
-    with exit_codes():
-        _cancel_run(run, operator)
-
-
-@window_app.command("stop")
-def window_stop(run: Annotated[str, typer.Argument(help="The patch-window run's id.")],
-                operator: OperatorOpt = "unknown") -> None:
-    """Stop a patch window: no host starts, the hosts it holds stop safely (cordoned, VMs running)."""
-    with exit_codes():
-        _cancel_run(run, operator, flow="patch-window")
-
-
-@app.command()
-def rebalance(cluster: str, inventory: InventoryOpt = "inventory.yaml", max_moves: int = 10,
-              dry_run: DryRunOpt = False, operator: OperatorOpt = "unknown", as_json: JsonOpt = False,
-              exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
-    """Level CLUSTER's memory load with at most MAX_MOVES live migrations."""
-    from flows.rebalance_cluster import rebalance_cluster
-
-    with exit_codes():
-        rt = _runtime(inventory)
-        rt.inventory.cluster(cluster)
-        if max_moves < 0:
-            raise InputError(f"--max-moves: must be >= 0, got {max_moves}")
-        result = _run_flow(rebalance_cluster, cluster=cluster, max_moves=max_moves, dry_run=dry_run,
-                           operator=operator, inventory=inventory, exact_budget=_budget(exact_budget))
-        _show_outcomes([result], as_json)
 
 
 # --- host state -----------------------------------------------------------------------------------------
@@ -477,7 +310,7 @@ def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = F
                          "reason": redact_text(rec.reason), "vms_away": away,
                          "link_mib_s": link.mib_s, "link_basis": link.basis, "link_note": link.note})
         if as_json:
-            _print_json(rows)
+            print_json(rows)
             return
         table = Table(title="hosts")
         for col in ("host", "cluster", "state", "reason", "VMs away", "link MiB/s", "link from"):
@@ -523,27 +356,6 @@ def host_uncordon(host: str, inventory: InventoryOpt = "inventory.yaml", operato
                  lambda rt, run: rt.states.return_to_service(host, reason, run.run_id))
 
 
-@host_app.command("return")
-def host_return(host: str, inventory: InventoryOpt = "inventory.yaml", operator: OperatorOpt = "unknown",
-                reason: ReasonOpt = "evacuation over",
-                then: Annotated[str, typer.Option(help="Once it is back: return-vms (to it), rebalance (the "
-                                                       "cluster) or nothing.")] = "return-vms",
-                max_moves: Annotated[int, typer.Option(help="With --then rebalance: at most this many moves.")] = 10,
-                as_json: JsonOpt = False) -> None:
-    """End HOST's evacuation: verify it, put it back as it was before, then return its VMs (or rebalance)."""
-    from flows.return_host import AfterReturn, return_host
-
-    with exit_codes():
-        _check_host(inventory, host)
-        try:
-            after = AfterReturn(then)
-        except ValueError:
-            raise InputError(f"--then: one of {', '.join(a.value for a in AfterReturn)}, got {then!r}") from None
-        result = _run_flow(return_host, host=host, operator=operator, reason=reason, then=after, max_moves=max_moves,
-                           inventory=inventory)
-        _show_outcomes([result], as_json)
-
-
 def _host_change(host: str, inventory: str, operator: str, reason: str, step: str,
                  change: Callable[[Any, Any], Any]) -> None:
     """An operator's change of a host's state: audited, refused with exit 2 when the state forbids it."""
@@ -583,7 +395,7 @@ def audit_show(host: Annotated[str | None, typer.Option(help="Only this host.")]
         records = _audit(None).records(host=host, run_id=run)
         records = records[-limit:] if limit else records
         if as_json:
-            _print_json([_record_dict(r) for r in records])
+            print_json([_record_dict(r) for r in records])
             return
         table = Table(title=f"audit ({len(records)} records)")
         for col in ("seq", "time", "flow", "trigger", "operator", "host", "vm", "step", "outcome", "s"):
@@ -624,7 +436,7 @@ def audit_verify(anchor: Annotated[str | None, typer.Option(
     with exit_codes():
         report = _audit(None).verify(anchor=_parse_anchor(anchor) if anchor is not None else None)
         if as_json:
-            _print_json({"ok": report.ok, "count": report.count, "first_bad_seq": report.first_bad_seq,
+            print_json({"ok": report.ok, "count": report.count, "first_bad_seq": report.first_bad_seq,
                          "problem": report.problem, "head": str(report.head), "anchor": anchor})
         elif report.ok:
             out.print(f"audit trail verified: {report.count} record(s), chain intact"
@@ -644,96 +456,6 @@ def _parse_anchor(text: str) -> Any:
         return parse_anchor(text)
     except ValueError as exc:
         raise InputError(f"--anchor: {exc}") from None
-
-
-# --- demo -----------------------------------------------------------------------------------------------
-
-
-@app.command()
-def demo(simulated: Annotated[bool, typer.Option("--simulated", help="Use the in-memory fleet, not the lab.")]
-         = False,
-         workdir: Annotated[Path | None, typer.Option(help="Where the demo keeps its files.")] = None,
-         hosts: int = 3, vms: int = 6, keep: Annotated[bool, typer.Option(help="Leave the lab up.")] = False,
-         as_json: JsonOpt = False) -> None:
-    """Run a patch window end to end: on the real local lab (root), or --simulated."""
-    with exit_codes():
-        if simulated:
-            _demo_simulated(workdir, as_json)
-        else:
-            _demo_lab(workdir, hosts, vms, keep, as_json)
-
-
-def _use_demo_db(workdir: Path) -> Path:
-    """Give the demo its own empty database in ``workdir`` (``use_fresh_database``), and say so when
-    that overrides an exported HOSTMAINT_DB (docs/deployments.md has operators export production's)."""
-    from hostmaint.simulated_fleet import use_fresh_database
-
-    exported = os.environ.get("HOSTMAINT_DB")
-    db = use_fresh_database(workdir)
-    if exported and exported != str(db):
-        err.print(cell(f"the demo uses its own database {db}; HOSTMAINT_DB ({_shown_db(exported)}) is not touched"),
-                  highlight=False, soft_wrap=True)
-    return db
-
-
-def _shown_db(url: str) -> str:
-    """A database URL as the CLI may print it: its password masked."""
-    from hostmaint.redaction import redact_text
-
-    return redact_text(url)
-
-
-def _ensure_limits(inventory: Path) -> None:
-    # The flows refuse to run without their concurrency limits; the demo sets them up as 'hostmaint setup' would.
-    from flows.locks import ensure_limits
-
-    ensure_limits(inventory)
-
-
-def _demo_simulated(workdir: Path | None, as_json: bool = False) -> None:
-    from flows.patch_window import patch_window
-    from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
-
-    workdir = workdir or Path.home() / ".local/share/hostmaint/demo-simulated"
-    workdir.mkdir(parents=True, exist_ok=True)
-    db = _use_demo_db(workdir)
-    snap = demo_snapshot(4, 12)
-    inventory = write_simulated_fleet(workdir, snap, demo_packages(snap), time_scale=0.05)
-    err.print("[yellow]SIMULATED fleet[/yellow]: 4 hosts, 12 VMs, anti-affinity pair db-1/db-2, "
-              "hv02 has a pending kernel update")
-    _ensure_limits(inventory)
-    started = time.monotonic()
-    outcomes = _run_flow(patch_window, cluster=snap.cluster, inventory=str(inventory), max_hosts_in_parallel=1,
-                         window_id="demo", operator="demo")
-    _show_outcomes(outcomes, as_json)
-    (err if as_json else out).print(cell(f"window finished in {time.monotonic() - started:.1f}s; audit trail: {db} "
-                   f"(hostmaint audit show / verify with HOSTMAINT_DB={db})"))
-
-
-def _demo_lab(workdir: Path | None, hosts: int, vms: int, keep: bool, as_json: bool = False) -> None:
-    from flows.patch_window import patch_window
-    from hostmaint.lab import lab_down, lab_up
-
-    if os.geteuid() != 0:
-        raise InputError("the lab needs root; run 'hostmaint demo --simulated' on machines without it")
-    kwargs: dict[str, Any] = {} if workdir is None else {"workdir": workdir}
-    started = time.monotonic()
-    info = lab_up(hosts=hosts, vms=vms, **kwargs)
-    db = _use_demo_db(Path(info.inventory_path).parent)  # a new lab has no history
-    (err if as_json else out).print(f"lab up in {time.monotonic() - started:.1f}s: {len(info.hosts)} hosts, inventory "
-              f"{info.inventory_path}", markup=False)
-    _ensure_limits(Path(info.inventory_path))
-    try:
-        outcomes = _run_flow(patch_window, cluster="lab", inventory=str(info.inventory_path),
-                             max_hosts_in_parallel=1, window_id=f"lab-{int(time.time())}", operator="demo")
-        _show_outcomes(outcomes, as_json)
-        (err if as_json else out).print(f"audit trail: {db}; Prefect UI: run 'prefect server start' "
-                  "and set PREFECT_API_URL=http://127.0.0.1:4200/api before the demo to see the runs", markup=False)
-        if any(o.outcome.value == "failed" for o in outcomes):
-            raise typer.Exit(1)
-    finally:
-        if not keep:
-            lab_down(**kwargs)
 
 
 # --- lab ----------------------------------------------------------------------------------------------------
@@ -830,7 +552,7 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
         # the patching alone: patch-window skips its levelling rather than overrun an ended window
         fits = None if window_hours is None else estimate.fits(window_hours * 3600)
         if as_json:
-            _print_json({"cluster": cluster, "makespan_s": estimate.makespan_s, "parallel": estimate.parallel,
+            print_json({"cluster": cluster, "makespan_s": estimate.makespan_s, "parallel": estimate.parallel,
                          "serial_s": estimate.serial_s, "lower_bound_s": estimate.bound_s, "fits": fits,
                          "rebalance_moves": estimate.rebalance_moves, "rebalance_s": estimate.rebalance_s,
                          "total_s": round(estimate.total_s, 3),
@@ -895,7 +617,7 @@ def simulate_dirty_rates(cluster: str, inventory: InventoryOpt = "inventory.yaml
         if seconds <= 0:
             raise InputError(f"--seconds: must be > 0, got {seconds}")
         rt = _runtime(inventory)
-        _simulated_banner(rt.simulated)
+        simulated_banner(rt.simulated)
         hosts = [h.name for h in rt.inventory.hosts_of(cluster)]
         vms = [vm for h in hosts for vm in rt.hypervisor.running_vms(h)]
         rates, notes = probe_dirty_rates(rt.hypervisor, hosts, vms, seconds)
@@ -912,24 +634,3 @@ def simulate_dirty_rates(cluster: str, inventory: InventoryOpt = "inventory.yaml
 def _hms(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-def _mount_prefect_commands() -> None:
-    # setup / server / serve / event live with the deployments they manage.
-    from deployments.cli import app as deployments_app
-
-    for command in deployments_app.registered_commands:
-        app.registered_commands.append(command)
-    for group in deployments_app.registered_groups:
-        app.registered_groups.append(group)
-
-
-_mount_prefect_commands()
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -176,7 +176,7 @@ def test_the_cli_cancels_by_run_id_and_refuses_bad_input() -> None:
     from prefect.states import Completed, Running
     from typer.testing import CliRunner
 
-    from hostmaint.cli import app
+    from hostmaint_cli.main import app
 
     @flow(name="patch-host")
     def placeholder(host: str) -> None:

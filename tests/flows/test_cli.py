@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from hostmaint.cli import app
 from hostmaint.drivers.memory import SimulatedFleet
+from hostmaint_cli.main import app
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 runner = CliRunner()
@@ -175,7 +175,7 @@ def test_a_server_that_does_not_answer_is_one_line_not_a_traceback(sim_inventory
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed again: nothing answers there
     env = {**os.environ, "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "HOSTMAINT_DB": str(hostmaint_db)}
-    done = subprocess.run([sys.executable, "-m", "hostmaint.cli", "evacuate", "hv01", "--dry-run",
+    done = subprocess.run([sys.executable, "-m", "hostmaint_cli", "evacuate", "hv01", "--dry-run",
                            "-i", str(sim_inventory)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert "Traceback" not in done.stderr and "Failed to reach API" in done.stderr, done.stderr

@@ -109,7 +109,7 @@ def displace(rt: Any, host: str, count: int, to: str) -> list[str]:
 
 def test_a_re_run_that_cannot_plan_leaves_a_host_whose_vms_are_away_cordoned(tmp_path: Path,
                                                                                hostmaint_db: Path) -> None:
-    from hostmaint.cli import app
+    from hostmaint_cli.main import app
 
     inventory = crowded(tmp_path)
     rt = open_runtime(inventory)
@@ -180,8 +180,8 @@ class _StartsDuringDrain:
 
 
 def test_a_vm_started_during_the_drain_keeps_the_host_from_being_called_drained(sim_inventory: Path) -> None:
-    from hostmaint.cli import app
     from hostmaint.errors import StepError
+    from hostmaint_cli.main import app
 
     rt = open_runtime(sim_inventory)
     real = fleet(rt)
@@ -286,7 +286,7 @@ def test_a_window_that_starts_no_host_fails_and_says_how_to_resume(sim_inventory
 
     from typer.testing import CliRunner
 
-    from hostmaint.cli import app
+    from hostmaint_cli.main import app
 
     end = (datetime.now(UTC) + timedelta(seconds=60)).strftime("%Y-%m-%dT%H:%M:%S")
     result = CliRunner().invoke(app, ["window", "run", "demo", "-i", str(sim_inventory), "--window-end", end,
@@ -558,8 +558,8 @@ def test_a_vm_found_on_an_operator_cordoned_host_keeps_its_maintenance_open(sim_
     # back to cordoned must not end the maintenance there (the state before it was cordoned too), or
     # 'host uncordon' would put an unpatched host with its VMs away into service.
     from hostmaint import maintenance as steps
-    from hostmaint.cli import app
     from hostmaint.errors import StepError
+    from hostmaint_cli.main import app
 
     rt = open_runtime(sim_inventory)
     run = steps.RunContext(flow="test", trigger=Trigger.TEST, operator="kim", reason="patch")

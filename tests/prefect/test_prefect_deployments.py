@@ -24,16 +24,15 @@ from pydantic import ValidationError
 from deployments.serve import (
     ENTRYPOINTS,
     ROOT,
-    WindowConfig,
+    WINDOWS_FILE,
     build_deployments,
     degraded_trigger,
     hardware_trigger,
-    load_windows,
-    window_rrule,
 )
 from flows.params import EvacuationRequest, RebalanceRequest
 from flows.runbooks.on_request import evacuate_on_request
 from hostmaint.errors import InputError
+from hostmaint.window_schedule import WindowConfig, load_windows, window_rrule
 
 TOKYO = ZoneInfo("Asia/Tokyo")
 PREFECT_YAML = ROOT / "deployments" / "prefect.yaml"
@@ -97,7 +96,7 @@ def test_an_override_for_a_cluster_the_inventory_lacks_is_refused(tmp_path: Path
 
 
 def test_patch_window_fires_second_tuesday_22_tokyo_skipping_exclusions() -> None:
-    cfg, _ = load_windows()
+    cfg, _ = load_windows(WINDOWS_FILE)
     runs = next_runs(window_rrule(cfg), cfg.timezone, datetime(2026, 11, 1, tzinfo=UTC), 4)
     local = [r.astimezone(TOKYO) for r in runs]
     # 2026-12-08 and 2027-01-12 are excluded in windows.yaml
@@ -148,7 +147,7 @@ def test_prefect_yaml_describes_the_served_deployments(inventory: Path) -> None:
         assert dep["entrypoint"] == twin.entrypoint
         if dep.get("parameters"):
             flow.validate_parameters(dep["parameters"])
-    cfg, _ = load_windows()
+    cfg, _ = load_windows(WINDOWS_FILE)
     [schedule] = listed["patch-window-lab"]["schedules"]
     assert schedule["rrule"] == window_rrule(cfg) and schedule["timezone"] == cfg.timezone
     assert schedule["parameters"]["cluster"] == "lab"

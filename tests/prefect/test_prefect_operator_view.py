@@ -174,9 +174,9 @@ def test_after_an_evacuation_return_host_puts_it_back_and_brings_its_vms_home(fl
 
     from flows.evacuate_host import evacuate_host
     from flows.return_host import AfterReturn, return_host
-    from hostmaint.cli import app
     from hostmaint.models import HostState, StepOutcome
     from hostmaint.runtime import open_runtime
+    from hostmaint_cli.main import app
 
     home = {vm for vm, hosts in where(fleet).items() if "hv01" in hosts}
     evacuate_host(host="hv01", operator="ann", reason="RAM swap", inventory=str(fleet))

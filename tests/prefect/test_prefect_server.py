@@ -30,12 +30,13 @@ from prefect.server.schemas.schedules import RRuleSchedule
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect_support import ALL_VMS, make_fleet, where
 
-from deployments.serve import ENTRYPOINTS, ROOT, load_windows, window_rrule
+from deployments.serve import ENTRYPOINTS, ROOT, WINDOWS_FILE
 from deployments.server import ServerConfig, ensure_zombie_automation, server_env
 from hostmaint.audit import AuditTrail
 from hostmaint.db import open_engine
 from hostmaint.models import HostState, StepOutcome
 from hostmaint.state import HostStateStore
+from hostmaint.window_schedule import load_windows, window_rrule
 
 pytestmark = pytest.mark.slow
 
@@ -221,7 +222,7 @@ def test_the_scheduler_creates_the_windows_and_skips_excluded_dates(site: Site) 
         assert (start.weekday(), start.hour, start.minute) == (1, 22, 0) and 8 <= start.day <= 14, start
         assert start.date().isoformat() not in ("2026-12-08", "2027-01-12"), f"excluded date scheduled: {start}"
     assert all(r["parameters"]["cluster"] == "demo" and r["parameters"]["window_minutes"] == 240 for r in runs)
-    cfg, _ = load_windows()
+    cfg, _ = load_windows(WINDOWS_FILE)
     expected = asyncio.run(RRuleSchedule(rrule=window_rrule(cfg), timezone=cfg.timezone).get_dates(
         n=len(starts), start=datetime.now(UTC)))
     assert starts == [d.astimezone(tokyo) for d in expected]

@@ -119,7 +119,7 @@ def test_demo_uses_its_own_database_whatever_is_exported(tmp_path: Path, monkeyp
     """An exported production HOSTMAINT_DB is overridden (never written by the demo) and its password never shown."""
     import os
 
-    from hostmaint.cli import _shown_db, _use_demo_db
+    from hostmaint_cli.runs import _shown_db, _use_demo_db
 
     production = "postgresql+psycopg://hostmaint:S3cr3t@db.example/hostmaint"
     monkeypatch.setenv("HOSTMAINT_DB", production)

@@ -18,7 +18,7 @@ LONG_REASON = "INC-4711 replace the failed DIMM B2 on the second riser after the
 
 def hostmaint(*args: str, db: Path) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | {"HOSTMAINT_DB": str(db)}
-    return subprocess.run([sys.executable, "-m", "hostmaint.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hostmaint_cli", *args], capture_output=True, text=True,
                           env=env, timeout=120)
 
 

@@ -138,7 +138,7 @@ def test_dirty_rates_that_are_not_utf8_are_exit_2(tmp_path: Path) -> None:
     (b"- a\n- b\n", "top level: must be a mapping"),
 ])
 def test_windows_yaml_is_read_strictly(tmp_path: Path, data: bytes, problem: str) -> None:
-    from deployments.serve import load_windows
+    from hostmaint.window_schedule import load_windows
 
     path = tmp_path / "windows.yaml"
     path.write_bytes(data)

@@ -239,8 +239,8 @@ def test_audit_verify_names_an_altered_hostile_record_literally(name: str, tmp_p
 def test_the_run_summary_shows_hostile_names_and_details_literally(capsys: pytest.CaptureFixture[str],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     from flows.common import HostOutcome
-    from hostmaint.cli import _show_outcomes
     from hostmaint.models import MigrationResult
+    from hostmaint_cli.runs import _show_outcomes
 
     migrations = [MigrationResult(vm=name, source="hv01", target="hv02", outcome=StepOutcome.OK) for name in NAMES]
     outcome = HostOutcome(host="hv01", outcome=StepOutcome.FAILED, state="failed",

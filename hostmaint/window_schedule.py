@@ -1,0 +1,127 @@
+"""Patch window schedules (``windows.yaml``): when each cluster's window opens, how long it lasts,
+how many hosts it takes at once, and the dates it skips.
+
+Pure: the file is read strictly and every bad field is named (exit 2); ``deployments/serve.py``
+turns a window into a Prefect schedule, ``hostmaint inventory check --windows`` checks one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import date, datetime, time, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from dateutil.rrule import rrulestr
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hostmaint.config_file import load_yaml
+from hostmaint.errors import InputError
+from hostmaint.placement.exact import DEFAULT_BUDGET
+
+EXCLUSION_HORIZON_YEARS = 10
+
+
+class WindowConfig(BaseModel):
+    """When a cluster's patch window opens, how long it lasts, and how many hosts it takes at once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rrule: Annotated[str, Field(min_length=5, description="RFC 5545 RRULE (without DTSTART), local time")]
+    timezone: str = "UTC"
+    starts: date = date(2026, 1, 1)
+    window_minutes: Annotated[float, Field(gt=0, le=7 * 24 * 60)] = 240
+    max_hosts_in_parallel: Annotated[int, Field(ge=1)] = 1
+    max_failed_hosts: Annotated[int, Field(ge=0)] = 0
+    # deterministic seconds for the planner's exact stage (placement/exact.py); 0: greedy only
+    exact_budget: Annotated[float, Field(ge=0, le=600)] = DEFAULT_BUDGET
+    exclude: list[date] = Field(default_factory=list)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {v!r} (use an IANA name such as Asia/Tokyo)") from None
+        return v
+
+    @field_validator("rrule")
+    @classmethod
+    def _rule(cls, v: str) -> str:
+        v = v.strip().removeprefix("RRULE:")
+        if "DTSTART" in v or "\n" in v:
+            raise ValueError("give only the RRULE part; the start is 'starts' and exclusions are 'exclude'")
+        try:
+            rrulestr(f"DTSTART:20260101T000000\nRRULE:{v}")
+        except ValueError as exc:
+            raise ValueError(f"not a valid RRULE {v!r}: {exc}") from None
+        return v
+
+
+def _window_config(path: Path, where: str, data: Any) -> WindowConfig:
+    """One window's settings, or InputError naming the file and each bad field (``default.rrule: ...``)."""
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: {where}: must be a mapping of window settings, got {type(data).__name__}")
+    try:
+        return WindowConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in (where, *err["loc"]))
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            problems.append(f"{field}: {'unknown field' if err['type'] == 'extra_forbidden' else msg}")
+        raise InputError(f"{path}: " + "; ".join(problems)) from None
+
+
+def load_windows(path: Path, known: Collection[str] | None = None) -> tuple[WindowConfig, dict[str, WindowConfig]]:
+    """Read windows.yaml: the default window and every cluster's override (merged onto the default).
+
+    ``known``: the inventory's clusters. An override naming none of them is refused: it is almost
+    always a typo, and the cluster it meant would silently run on the default window (another
+    timezone, another size).
+    """
+    raw = load_yaml(path) or {}  # strict: UTF-8, no key given twice (exit 2 naming file and lines)
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: top level: must be a mapping with default: and clusters:, "
+                         f"got {type(raw).__name__}")
+    if not isinstance(raw.get("clusters") or {}, dict):
+        raise InputError(f"{path}: clusters: must be a mapping {{cluster: overrides}}, "
+                         f"got {type(raw['clusters']).__name__}")
+    default = _window_config(path, "default", raw.get("default") or {})
+    clusters = {name: _window_config(path, f"clusters.{name}", {**default.model_dump(), **(over or {})})
+                for name, over in (raw.get("clusters") or {}).items()}
+    if known is not None:
+        unknown = sorted(str(name) for name in clusters if name not in known)
+        if unknown:
+            raise InputError(f"{path}: clusters: {', '.join(map(repr, unknown))}: no cluster of the inventory is "
+                             f"called that (its clusters: {', '.join(sorted(known)) or 'none'}); correct the "
+                             f"name or remove the override, else that cluster runs on the default window")
+    return default, clusters
+
+
+def window_rrule(cfg: WindowConfig) -> str:
+    """The full rule for Prefect: DTSTART, the RRULE and one EXDATE per excluded window, in local time.
+
+    An excluded date on which no window falls is refused (naming the nearest window
+    dates): it is almost always a typo, and silently keeping the window would be worse.
+    """
+    start = datetime.combine(cfg.starts, time(0, 0))
+    text = f"DTSTART:{start:%Y%m%dT%H%M%S}\nRRULE:{cfg.rrule}"
+    if not cfg.exclude:
+        return text
+    horizon = start + timedelta(days=366 * EXCLUSION_HORIZON_YEARS)
+    occurrences = rrulestr(text).between(start, horizon, inc=True)
+    by_day: dict[date, list[datetime]] = {}
+    for when in occurrences:
+        by_day.setdefault(when.date(), []).append(when)
+    excluded = []
+    for day in sorted(set(cfg.exclude)):
+        if day not in by_day:
+            near = sorted(by_day, key=lambda d: abs((d - day).days))[:2]
+            raise InputError(f"exclude {day}: no patch window falls on that date (nearest: "
+                             f"{', '.join(str(d) for d in sorted(near))}); rule {cfg.rrule}")
+        excluded += by_day[day]
+    exdates = ",".join(f"{w:%Y%m%dT%H%M%S}" for w in excluded)
+    return f"{text}\nEXDATE:{exdates}"

@@ -1,0 +1,328 @@
+"""The commands that start Prefect flows: evacuate, patch, rebalance, window run/stop, run cancel,
+host return and demo.
+
+Each checks its input with the core first (exit 2, nothing started), then runs the flow in this
+process and prints each host's outcome. Groups named as the core's (``host``) are merged into
+them by ``hostmaint_cli.main``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.table import Table
+
+from hostmaint.cli import (
+    DryRunOpt,
+    ExactBudgetOpt,
+    InventoryOpt,
+    JsonOpt,
+    OperatorOpt,
+    ReasonOpt,
+    checked_budget,
+    err,
+    exit_codes,
+    out,
+    print_json,
+    simulated_banner,
+)
+from hostmaint.display import cell
+from hostmaint.errors import InputError, ServerError
+from hostmaint.placement.exact import DEFAULT_BUDGET
+from hostmaint.redaction import redact_text
+
+app = typer.Typer(no_args_is_help=True)
+window_app = typer.Typer(help="Patch windows.", no_args_is_help=True)
+host_app = typer.Typer(help="Host state.", no_args_is_help=True)
+run_app = typer.Typer(help="Prefect runs of hostmaint.", no_args_is_help=True)
+app.add_typer(window_app, name="window")
+app.add_typer(host_app, name="host")
+app.add_typer(run_app, name="run")
+
+T = TypeVar("T")
+
+
+def _runtime(inventory: str) -> Any:
+    from hostmaint.runtime import open_runtime
+
+    # The runtime is cached per process and the flows reuse it, so it needs the key loader the tasks
+    # give theirs, or hosts keyed by a Secret block could not connect.
+    return open_runtime(inventory, key_loader=_secret_block_key)
+
+
+def _secret_block_key(name: str) -> str:
+    from tasks.common import load_secret_block  # Prefect is imported only when a host's key is in a block
+
+    return load_secret_block(name)
+
+
+def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
+    from hostmaint.models import Trigger
+
+    kwargs.setdefault("trigger", Trigger.CLI)
+    name = getattr(fn, "name", getattr(fn, "__name__", "flow"))
+    # A spinner on the terminal; the run's steps are narrated by Prefect's log lines around it.
+    with out.status(f"[bold]{name}[/bold] running (Ctrl-C stops it; the host is left in a safe state)",
+                    spinner="dots"):
+        try:
+            return fn(**kwargs)
+        except RuntimeError as exc:
+            # Prefect's word for a server it cannot reach (restarting, down): one line, not a traceback
+            if "Failed to reach API" not in str(exc):
+                raise
+            raise ServerError(f"{name}: {exc} Run it again once the server answers: a run that began "
+                              "goes on from each host's recorded state ('hostmaint host status' shows "
+                              "where each host is).") from exc
+
+
+def _show_outcomes(outcomes: list[Any], as_json: bool) -> None:
+    # a failed host's detail is its error, which may quote host output (see exit_codes)
+    if as_json:
+        print_json([{**o.model_dump(mode="json"), "detail": redact_text(o.detail)} for o in outcomes])
+        return
+    table = Table(title="outcome per host")
+    for col in ("host", "outcome", "state", "rebooted", "packages", "seconds", "detail"):
+        table.add_column(col)
+    for o in outcomes:
+        table.add_row(*map(cell, (o.host, o.outcome.value, o.state, "yes" if o.rebooted else "no",
+                                  str(o.packages_changed), f"{o.seconds:.1f}", redact_text(o.detail)[:300])))
+    out.print(table)
+    migrations = [m for o in outcomes for m in o.migrations]
+    if migrations:
+        mt = Table(title="migrations")
+        for col in ("vm", "from", "to", "seconds", "downtime ms", "outcome"):
+            mt.add_column(col)
+        for m in migrations:
+            mt.add_row(*map(cell, (m.vm, m.source, m.target, f"{m.seconds:.2f}",
+                                   "-" if m.downtime_ms is None else f"{m.downtime_ms:.0f}", m.outcome.value)))
+        out.print(mt)
+
+
+def _check_host(inventory: str, host: str) -> Any:
+    rt = _runtime(inventory)
+    rt.inventory.host(host)
+    simulated_banner(rt.simulated)
+    return rt
+
+
+@app.command()
+def evacuate(host: str, inventory: InventoryOpt = "inventory.yaml", dry_run: DryRunOpt = False,
+             operator: OperatorOpt = "unknown", reason: ReasonOpt = "on-demand evacuation",
+             as_json: JsonOpt = False, exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
+    """Cordon HOST and live-migrate every VM off it (the plan is printed first)."""
+    from flows.evacuate_host import evacuate_host
+
+    with exit_codes():
+        _check_host(inventory, host)
+        result = _run_flow(evacuate_host, host=host, dry_run=dry_run, operator=operator, reason=reason,
+                           inventory=inventory, exact_budget=checked_budget(exact_budget))
+        _show_outcomes([result], as_json)
+
+
+@app.command()
+def patch(host: str, inventory: InventoryOpt = "inventory.yaml", dry_run: DryRunOpt = False,
+          operator: OperatorOpt = "unknown", reason: ReasonOpt = "patch", as_json: JsonOpt = False,
+          no_return: Annotated[bool, typer.Option("--no-return", help="Leave moved VMs where they are.")] = False,
+          exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
+    """Evacuate, update, reboot when needed, verify, uncordon HOST and return its VMs."""
+    from flows.patch_host import patch_host
+
+    with exit_codes():
+        _check_host(inventory, host)
+        result = _run_flow(patch_host, host=host, dry_run=dry_run, operator=operator, reason=reason,
+                           inventory=inventory, return_vms=not no_return, exact_budget=checked_budget(exact_budget))
+        _show_outcomes([result], as_json)
+
+
+@window_app.command("run")
+def window_run(cluster: str, inventory: InventoryOpt = "inventory.yaml",
+               max_parallel: Annotated[int, typer.Option(help="Hosts in maintenance at once.")] = 1,
+               window_end: Annotated[datetime | None, typer.Option(help="No host starts that cannot finish "
+                                                                    "before this time (ISO, UTC).")] = None,
+               max_failed: Annotated[int, typer.Option(help="Stop starting hosts after more failures.")] = 0,
+               window_id: Annotated[str | None, typer.Option(help="Re-use to resume a window.")] = None,
+               operator: OperatorOpt = "unknown", as_json: JsonOpt = False,
+               exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
+    """Roll patch-host through CLUSTER inside a window."""
+    from flows.patch_window import patch_window
+
+    with exit_codes():
+        rt = _runtime(inventory)
+        rt.inventory.cluster(cluster)
+        simulated_banner(rt.simulated)
+        if max_parallel < 1:
+            raise InputError(f"--max-parallel: must be >= 1, got {max_parallel}")
+        if max_failed < 0:
+            raise InputError(f"--max-failed: must be >= 0, got {max_failed}")
+        outcomes = _run_flow(patch_window, cluster=cluster, inventory=inventory, max_hosts_in_parallel=max_parallel,
+                             window_end=window_end, max_failed_hosts=max_failed, window_id=window_id,
+                             operator=operator, exact_budget=checked_budget(exact_budget))
+        _show_outcomes(outcomes, as_json)
+        if any(o.outcome.value == "failed" for o in outcomes):
+            raise typer.Exit(1)
+
+
+def _cancel_run(run: str, operator: str, flow: str | None = None) -> None:
+    from uuid import UUID
+
+    from flows.cancel import request_cancel
+
+    try:
+        UUID(run)
+    except ValueError:
+        raise InputError(f"RUN: not a flow run id: {run!r}") from None
+    before = request_cancel(run, operator, flow=flow)
+    if before in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"):
+        out.print(f"run {run} already ended ({before.lower()}): nothing to stop", markup=False, highlight=False)
+        return
+    out.print(f"run {run} ({before.lower()}) asked to stop: its drain aborts what is in flight (post-copy "
+              f"finishes), its host stays cordoned 'cancelled by {operator}'; 'hostmaint host status' shows it, "
+              "and running it again finishes the host", markup=False, highlight=False)
+
+
+@run_app.command("cancel")
+def run_cancel(run: Annotated[str, typer.Argument(help="The flow run id (as the Prefect UI shows it).")],
+               operator: OperatorOpt = "unknown") -> None:
+    """Stop a hostmaint run safely, as the Prefect UI's Cancel does, naming who stopped it."""
+    with exit_codes():
+        _cancel_run(run, operator)
+
+
+@window_app.command("stop")
+def window_stop(run: Annotated[str, typer.Argument(help="The patch-window run's id.")],
+                operator: OperatorOpt = "unknown") -> None:
+    """Stop a patch window: no host starts, the hosts it holds stop safely (cordoned, VMs running)."""
+    with exit_codes():
+        _cancel_run(run, operator, flow="patch-window")
+
+
+@app.command()
+def rebalance(cluster: str, inventory: InventoryOpt = "inventory.yaml", max_moves: int = 10,
+              dry_run: DryRunOpt = False, operator: OperatorOpt = "unknown", as_json: JsonOpt = False,
+              exact_budget: ExactBudgetOpt = DEFAULT_BUDGET) -> None:
+    """Level CLUSTER's memory load with at most MAX_MOVES live migrations."""
+    from flows.rebalance_cluster import rebalance_cluster
+
+    with exit_codes():
+        rt = _runtime(inventory)
+        rt.inventory.cluster(cluster)
+        if max_moves < 0:
+            raise InputError(f"--max-moves: must be >= 0, got {max_moves}")
+        result = _run_flow(rebalance_cluster, cluster=cluster, max_moves=max_moves, dry_run=dry_run,
+                           operator=operator, inventory=inventory, exact_budget=checked_budget(exact_budget))
+        _show_outcomes([result], as_json)
+
+
+@host_app.command("return")
+def host_return(host: str, inventory: InventoryOpt = "inventory.yaml", operator: OperatorOpt = "unknown",
+                reason: ReasonOpt = "evacuation over",
+                then: Annotated[str, typer.Option(help="Once it is back: return-vms (to it), rebalance (the "
+                                                       "cluster) or nothing.")] = "return-vms",
+                max_moves: Annotated[int, typer.Option(help="With --then rebalance: at most this many moves.")] = 10,
+                as_json: JsonOpt = False) -> None:
+    """End HOST's evacuation: verify it, put it back as it was before, then return its VMs (or rebalance)."""
+    from flows.return_host import AfterReturn, return_host
+
+    with exit_codes():
+        _check_host(inventory, host)
+        try:
+            after = AfterReturn(then)
+        except ValueError:
+            raise InputError(f"--then: one of {', '.join(a.value for a in AfterReturn)}, got {then!r}") from None
+        result = _run_flow(return_host, host=host, operator=operator, reason=reason, then=after, max_moves=max_moves,
+                           inventory=inventory)
+        _show_outcomes([result], as_json)
+
+
+# --- demo -----------------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(simulated: Annotated[bool, typer.Option("--simulated", help="Use the in-memory fleet, not the lab.")]
+         = False,
+         workdir: Annotated[Path | None, typer.Option(help="Where the demo keeps its files.")] = None,
+         hosts: int = 3, vms: int = 6, keep: Annotated[bool, typer.Option(help="Leave the lab up.")] = False,
+         as_json: JsonOpt = False) -> None:
+    """Run a patch window end to end: on the real local lab (root), or --simulated."""
+    with exit_codes():
+        if simulated:
+            _demo_simulated(workdir, as_json)
+        else:
+            _demo_lab(workdir, hosts, vms, keep, as_json)
+
+
+def _use_demo_db(workdir: Path) -> Path:
+    """Give the demo its own empty database in ``workdir`` (``use_fresh_database``), and say so when
+    that overrides an exported HOSTMAINT_DB (docs/deployments.md has operators export production's)."""
+    from hostmaint.simulated_fleet import use_fresh_database
+
+    exported = os.environ.get("HOSTMAINT_DB")
+    db = use_fresh_database(workdir)
+    if exported and exported != str(db):
+        err.print(cell(f"the demo uses its own database {db}; HOSTMAINT_DB ({_shown_db(exported)}) is not touched"),
+                  highlight=False, soft_wrap=True)
+    return db
+
+
+def _shown_db(url: str) -> str:
+    """A database URL as the CLI may print it: its password masked."""
+    return redact_text(url)
+
+
+def _ensure_limits(inventory: Path) -> None:
+    # The flows refuse to run without their concurrency limits; the demo sets them up as 'hostmaint setup' would.
+    from flows.locks import ensure_limits
+
+    ensure_limits(inventory)
+
+
+def _demo_simulated(workdir: Path | None, as_json: bool = False) -> None:
+    from flows.patch_window import patch_window
+    from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
+
+    workdir = workdir or Path.home() / ".local/share/hostmaint/demo-simulated"
+    workdir.mkdir(parents=True, exist_ok=True)
+    db = _use_demo_db(workdir)
+    snap = demo_snapshot(4, 12)
+    inventory = write_simulated_fleet(workdir, snap, demo_packages(snap), time_scale=0.05)
+    err.print("[yellow]SIMULATED fleet[/yellow]: 4 hosts, 12 VMs, anti-affinity pair db-1/db-2, "
+              "hv02 has a pending kernel update")
+    _ensure_limits(inventory)
+    started = time.monotonic()
+    outcomes = _run_flow(patch_window, cluster=snap.cluster, inventory=str(inventory), max_hosts_in_parallel=1,
+                         window_id="demo", operator="demo")
+    _show_outcomes(outcomes, as_json)
+    (err if as_json else out).print(cell(f"window finished in {time.monotonic() - started:.1f}s; audit trail: {db} "
+                   f"(hostmaint audit show / verify with HOSTMAINT_DB={db})"))
+
+
+def _demo_lab(workdir: Path | None, hosts: int, vms: int, keep: bool, as_json: bool = False) -> None:
+    from flows.patch_window import patch_window
+    from hostmaint.lab import lab_down, lab_up
+
+    if os.geteuid() != 0:
+        raise InputError("the lab needs root; run 'hostmaint demo --simulated' on machines without it")
+    kwargs: dict[str, Any] = {} if workdir is None else {"workdir": workdir}
+    started = time.monotonic()
+    info = lab_up(hosts=hosts, vms=vms, **kwargs)
+    db = _use_demo_db(Path(info.inventory_path).parent)  # a new lab has no history
+    (err if as_json else out).print(f"lab up in {time.monotonic() - started:.1f}s: {len(info.hosts)} hosts, inventory "
+              f"{info.inventory_path}", markup=False)
+    _ensure_limits(Path(info.inventory_path))
+    try:
+        outcomes = _run_flow(patch_window, cluster="lab", inventory=str(info.inventory_path),
+                             max_hosts_in_parallel=1, window_id=f"lab-{int(time.time())}", operator="demo")
+        _show_outcomes(outcomes, as_json)
+        (err if as_json else out).print(f"audit trail: {db}; Prefect UI: run 'prefect server start' "
+                  "and set PREFECT_API_URL=http://127.0.0.1:4200/api before the demo to see the runs", markup=False)
+        if any(o.outcome.value == "failed" for o in outcomes):
+            raise typer.Exit(1)
+    finally:
+        if not keep:
+            lab_down(**kwargs)
