@@ -33,6 +33,8 @@ from hostmaint.migration import DrainEvent, DrainReport, drain
 from hostmaint.migration.links import LinkFigure, resolve_link
 from hostmaint.migration.policy import DEFAULT_LINK_MIB_S, SchedulerPolicy, drain_limits, slots_per_drain
 from hostmaint.migration.probe import probe_dirty_rates
+from hostmaint.migration.transport import Route, render_refusals
+from hostmaint.migration.transport_probe import needs_reading, read_transport
 from hostmaint.models import (
     Cell,
     EvacuationPlan,
@@ -688,13 +690,38 @@ def _drain(rt: Runtime, run: RunContext, rec: StepRecord, plan: EvacuationPlan, 
     inputs = _drain_inputs(rt, cluster, {h: f.mib_s for h, f in figures.items()}, snap)
     policy, options = drain_settings(rt.inventory, cluster)
     rec.details["migration_settings"] = rt.inventory.cluster(cluster).migration.model_dump(mode="json")
+    route = _transport(rt, rec, plan, cluster)
     report = drain(plan, rt.hypervisor, limits, policy=policy, options=options, on_event=on_event,
-                   dirty_rate=dirty_rate, cancel=cancel, **inputs)
+                   dirty_rate=dirty_rate, cancel=cancel, route=route, **inputs)
     # a simulated fleet runs on a scaled clock and shares no link: its rates say nothing of a link
     if report.links and not rt.simulated:
         rt.states.record_links(report.links, run.run_id)
         rec.details["links_observed"] = [{**asdict(o), "saturated": o.saturated} for o in report.links]
     return report
+
+
+def _transport(rt: Runtime, rec: StepRecord, plan: EvacuationPlan, cluster: str) -> Callable[[str, str], Route] | None:
+    """How the plan's migrations travel, read from its hosts now (the precheck's view may be old: a resumed
+    run, an evacuation, certificates changed since). Under ``required`` a host that cannot take part
+    stops the drain before any migration starts; ``preferred``'s fallbacks to plain are recorded."""
+    if rt.simulated or not plan.placements or not needs_reading(rt.inventory, cluster):
+        return None
+    hosts = [h for p in plan.placements for h in (p.source, p.target)]
+    transport = read_transport(rt.shell, rt.inventory, cluster, hosts)
+    rec.details["transport"] = transport.summary()
+    targets: dict[str, list[str]] = {}
+    for p in plan.placements:
+        targets.setdefault(p.source, []).append(p.target)
+    refusals = list(dict.fromkeys(r for source, ts in targets.items() for r in transport.refusals(source, ts)))
+    if refusals:
+        raise StepError(f"refused before any migration: migration.tls is {transport.mode.value}: "
+                        f"{render_refusals(refusals)}", plan.hosts[0] if plan.hosts else None, "drain")
+    warnings = sorted({w for p in plan.placements if (w := transport.route(p.source, p.target).warning)})
+    if warnings:
+        rec.details["transport_warnings"] = warnings
+        for warning in warnings:
+            log.warning("%s", warning)
+    return transport.route
 
 
 def _drain_inputs(rt: Runtime, cluster: str, link: dict[str, float],
@@ -833,7 +860,27 @@ def precheck(rt: Runtime, run: RunContext, host: str) -> patching.Preflight:
         except StepError as exc:
             raise StepError(f"cannot be patched, nothing changed: {exc}", host, "precheck") from exc
         rec.details["precheck"] = _jsonable(result)
+        check_transport(rt, rec, host)
         return result
+
+
+def check_transport(rt: Runtime, rec: StepRecord, host: str) -> None:
+    """Before the cordon: every host a drain of ``host`` may use can migrate as its cluster's
+    ``migration`` settings ask (TLS under ``required``, an address on the migration network); otherwise
+    StepError naming each host and what is missing, while nothing has changed. The candidate targets
+    are the cluster's hosts in service (cordon a broken one to leave it out)."""
+    cluster = rt.cluster_of(host)
+    if rt.simulated or not needs_reading(rt.inventory, cluster):
+        rec.details["transport"] = "not checked: " + ("a simulated fleet" if rt.simulated else "migration.tls: off")
+        return
+    targets = [h.name for h in rt.inventory.hosts_of(cluster)
+               if h.name != host and rt.states.state(h.name) is HostState.ACTIVE]
+    transport = read_transport(rt.shell, rt.inventory, cluster, [host, *targets])
+    rec.details["transport"] = transport.summary()
+    refusals = transport.refusals(host, targets)
+    if refusals:
+        raise StepError(f"cannot be drained, nothing changed: migration.tls is {transport.mode.value}: "
+                        f"{render_refusals(refusals)}", host, "precheck")
 
 
 def patch(rt: Runtime, run: RunContext, host: str) -> tuple[patching.PackageDiff, patching.RebootDecision]:
