@@ -213,6 +213,15 @@ class TransportPlan:
                     refusals.append(Refusal(target, pair, _TLS_HINT))
         return refusals
 
+    def summary(self) -> dict[str, object]:
+        """What the audit record keeps: the mode and, per host, its migration address and TLS readiness."""
+        hosts: dict[str, object] = {}
+        for host, end in sorted(self.ends.items()):
+            tls = (tls_problems(end, self.now) or "ready") if end.probed_tls else "not checked"
+            hosts[host] = {"address": end.address, "tls": tls, **({"problems": list(end.problems)} if end.problems
+                                                                  else {})}
+        return {"tls": self.mode.value, "hosts": hosts}
+
     def route(self, source: str, target: str) -> Route:
         """How a migration from ``source`` to ``target`` travels. Under ``required`` a pair that cannot
         use TLS still gets ``tls=True``: libvirt then refuses it, the VM stays on its source

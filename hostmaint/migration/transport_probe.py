@@ -13,11 +13,19 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 
 from hostmaint.drivers.base import HostShell
 from hostmaint.errors import DriverError
 from hostmaint.inventory import Inventory, MigrationTls
-from hostmaint.migration.transport import CA_CERT, CLIENT_CERT, QEMU_FILES, SERVER_CERT, MigrationEnd
+from hostmaint.migration.transport import (
+    CA_CERT,
+    CLIENT_CERT,
+    QEMU_FILES,
+    SERVER_CERT,
+    MigrationEnd,
+    TransportPlan,
+)
 
 QEMU_CONF = "/etc/libvirt/qemu.conf"
 DEFAULT_CERT_DIR = "/etc/pki/qemu"
@@ -114,3 +122,20 @@ def probe_cluster(shell: HostShell, inventory: Inventory, hosts: Sequence[str],
 
     with ThreadPoolExecutor(max_workers=max(1, min(workers, len(hosts)))) as pool:
         return dict(zip(hosts, pool.map(one, hosts), strict=True))
+
+
+def needs_reading(inventory: Inventory, cluster: str) -> bool:
+    """Whether ``cluster``'s migrations depend on anything read from its hosts (TLS, or a migration
+    network to find addresses in); with neither, a migration travels as libvirt picks, as before."""
+    m = inventory.cluster(cluster).migration
+    return m.tls is not MigrationTls.OFF or m.network is not None or any(
+        h.migration_address is not None for h in inventory.hosts_of(cluster))
+
+
+def read_transport(shell: HostShell, inventory: Inventory, cluster: str, hosts: Sequence[str],
+                   now: datetime | None = None) -> TransportPlan:
+    """The transport plan of ``cluster``'s migrations among ``hosts``, read from the hosts now; certificates
+    are judged valid at ``now`` (default: the current time)."""
+    return TransportPlan(mode=inventory.cluster(cluster).migration.tls,
+                         ends=probe_cluster(shell, inventory, list(dict.fromkeys(hosts))),
+                         now=now or datetime.now(UTC))
