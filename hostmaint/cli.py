@@ -292,13 +292,19 @@ def plan_rebalance_cmd(cluster: str, max_moves: int = 10, inventory: InventoryOp
 
 
 @host_app.command("status")
-def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = False) -> None:
-    """Every host's maintenance state, and the migration link its drains will use (and why)."""
+def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = False,
+                probe: Annotated[bool, typer.Option(
+                    "--probe/--no-probe",
+                    help="Read each host's migration address and QEMU TLS certificates over SSH (what the "
+                         "precheck reads); without it the network comes from the inventory.")] = False) -> None:
+    """Every host's maintenance state, the migration link its drains will use (and why), and the network
+    and encryption its migrations travel with."""
     with exit_codes():
         from hostmaint.maintenance import link_figures
 
         rt = _runtime(inventory)
         links = {h: f for c in rt.inventory.clusters for h, f in link_figures(rt.inventory, rt.states, c.name).items()}
+        transport = _transport_view(rt, probe)
         rows = []
         for h in rt.inventory.hosts:
             rec = rt.states.get(h.name)
@@ -308,18 +314,49 @@ def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = F
             # a failed host's reason is its error (see exit_codes)
             rows.append({"host": h.name, "cluster": h.cluster, "state": rec.state.value,
                          "reason": redact_text(rec.reason), "vms_away": away,
-                         "link_mib_s": link.mib_s, "link_basis": link.basis, "link_note": link.note})
+                         "link_mib_s": link.mib_s, "link_basis": link.basis, "link_note": link.note,
+                         **transport[h.name]})
         if as_json:
             print_json(rows)
             return
         table = Table(title="hosts")
-        for col in ("host", "cluster", "state", "reason", "VMs away", "link MiB/s", "link from"):
+        for col in ("host", "cluster", "state", "reason", "VMs away", "link MiB/s", "link from", "migrates on",
+                    "TLS"):
             table.add_column(col)
         for r in rows:
             basis = r["link_basis"] + (f": {r['link_note']}" if r["link_note"] else "")
             table.add_row(*map(cell, (r["host"], r["cluster"], r["state"], r["reason"],
-                                      ", ".join(r["vms_away"]) or "-", f"{r['link_mib_s']:.0f}", basis)))
+                                      ", ".join(r["vms_away"]) or "-", f"{r['link_mib_s']:.0f}", basis,
+                                      r["migrates_on"], r["tls"])))
         out.print(table)
+
+
+def _transport_view(rt: Any, probe: bool) -> dict[str, dict[str, Any]]:
+    """Per host: the network its migrations arrive on and the cluster's TLS mode (with ``probe``: read from
+    the host, with what its certificates lack)."""
+    from datetime import UTC, datetime
+
+    from hostmaint.migration.transport import network_name, tls_problems
+    from hostmaint.migration.transport_probe import probe_cluster
+
+    view: dict[str, dict[str, Any]] = {}
+    for c in rt.inventory.clusters:
+        names = [h.name for h in rt.inventory.hosts_of(c.name)]
+        ends = probe_cluster(rt.shell, rt.inventory, names) if probe and not rt.simulated else {}
+        for h in rt.inventory.hosts_of(c.name):
+            end = ends.get(h.name)
+            tls = c.migration.tls.value
+            if end is None:
+                address = h.migration_address
+                where = (network_name(address, c.migration.network) if address or not c.migration.network
+                         else f"an address in {c.migration.network} (--probe finds it)")
+            else:
+                address = end.address
+                where = network_name(address, c.migration.network)
+                problems = list(end.problems) + (tls_problems(end, datetime.now(UTC)) if end.probed_tls else [])
+                tls += ": " + ("; ".join(problems) if problems else "ready" if end.probed_tls else "not checked")
+            view[h.name] = {"migrates_on": where, "migration_address": address, "tls": tls}
+    return view
 
 
 @host_app.command("reset")
