@@ -406,14 +406,14 @@ def lab_section(rounds: int = 2) -> str:
 
 
 def _lab_measure(rounds: int) -> str:
-    from hostmaint.drivers.libvirt import LibvirtHypervisor
+    from hostmaint.drivers.libvirt import LibvirtHypervisor, MonitorSettings
     from hostmaint.lab import lab_down, lab_up
     from hostmaint.migration import EventKind, drain
     from hostmaint.migration.probe import probe_dirty_rates
     from hostmaint.models import EvacuationPlan, StepOutcome
 
     info = lab_up(hosts=2, vms=12, workdir=LAB_WORKDIR, linux_guests=3, host_memory_mib=4096)
-    hv = LibvirtHypervisor({h.name: h.libvirt_uri for h in info.hosts}, poll_interval=0.2)
+    hv = LibvirtHypervisor({h.name: h.libvirt_uri for h in info.hosts}, monitor=MonitorSettings(poll_interval_s=0.2))
     try:
         memory = {v.name: v.memory_mib for v in info.vms}
         guests = sorted(v.name for v in info.vms if v.host == "hv01")

@@ -13,12 +13,16 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hostmaint.audit import AuditTrail
 from hostmaint.db import open_engine
 from hostmaint.drivers.base import HostShell, Hypervisor
 from hostmaint.inventory import Inventory, load_inventory
 from hostmaint.state import HostStateStore
+
+if TYPE_CHECKING:
+    from hostmaint.drivers.libvirt import Connector
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +54,14 @@ _cache_lock = threading.Lock()
 
 
 def open_runtime(inventory_path: str | Path, db_url: str | None = None, *,
-                 key_loader: Callable[[str], str] | None = None, fresh: bool = False) -> Runtime:
+                 key_loader: Callable[[str], str] | None = None, libvirt_connector: Connector | None = None,
+                 fresh: bool = False) -> Runtime:
     """Build (or reuse, within one process) the runtime for an inventory file.
 
     Reuse matters: one SSH connection and one libvirt connection per host serve
     every step of a run. ``fresh`` drops the cached one (tests, or after the
-    inventory changed).
+    inventory changed). ``key_loader`` and ``libvirt_connector`` replace how SSH keys are read and
+    libvirt connections opened (tests).
     """
     path = str(Path(inventory_path).resolve())
     key = (path, db_url)
@@ -73,10 +79,11 @@ def open_runtime(inventory_path: str | Path, db_url: str | None = None, *,
             shell: HostShell = fleet
             simulated = True
         else:
-            from hostmaint.drivers.libvirt import LibvirtHypervisor
+            from hostmaint.drivers.libvirt import LibvirtHypervisor, open_libvirt
             from hostmaint.drivers.ssh import SshShell
 
             hypervisor = LibvirtHypervisor({h.name: h.libvirt_uri for h in inventory.hosts},
+                                           connector=libvirt_connector or open_libvirt,
                                            shared_storage_prefixes={h.name: inventory.shared_storage_for(h.name)
                                                                     for h in inventory.hosts})
             shell = SshShell.from_inventory(inventory, key_loader=key_loader)

@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from hostmaint.drivers.libvirt import LibvirtHypervisor
+from hostmaint.drivers.libvirt import LibvirtHypervisor, MonitorSettings
 from hostmaint.inventory import load_inventory
 from hostmaint.lab.lab import add_guest, lab_down, lab_up, reboot_host
 from hostmaint.models import MigrationOptions
@@ -24,7 +24,8 @@ def measure(workdir: Path) -> list[str]:
     info = lab_up(hosts=3, vms=6, workdir=workdir, linux_guests=1)
     lines.append(f"bring-up, 3 hosts + 6 SeaBIOS + 1 Linux guest: {time.monotonic() - t:.1f} s "
                  f"({'KVM' if info.kvm else 'TCG'})")
-    hv = LibvirtHypervisor.from_inventory(load_inventory(info.inventory_path), "lab", poll_interval=0.2)
+    hv = LibvirtHypervisor.from_inventory(load_inventory(info.inventory_path), "lab",
+                                        monitor=MonitorSettings(poll_interval_s=0.2))
     try:
         r = hv.migrate("vm01", "hv01", "hv02", MigrationOptions())
         lines.append(f"one migration, 64 MiB SeaBIOS guest: {r.seconds:.1f} s, downtime {r.downtime_ms:.0f} ms, "

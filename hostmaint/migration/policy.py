@@ -367,14 +367,14 @@ def admission_refusal(spec: MigrationSpec, load: Load, limits: Limits, policy: S
     return None
 
 
-def migration_budget_s(memory_mib: int, options: MigrationOptions) -> float:
+def migration_budget_s(memory_mib: float, options: MigrationOptions) -> float:
     """The time a migration may take before it is aborted: seconds per GiB, with a floor."""
     return max(options.min_budget_seconds, options.seconds_per_gib * memory_mib / 1024)
 
 
-# The driver has its own last-word abort (no progress for stall_seconds, or over budget). The scheduler
-# escalates first: auto-converge at one stall period, post-copy or abort at two. The driver gets three,
-# and a tenth more budget, so its rule only acts when the scheduler could not (it is wedged or gone).
+# The driver has its own last word (:func:`last_word`: no progress for stall_seconds, or over budget). The
+# scheduler escalates first: auto-converge at one stall period, post-copy or abort at two. The driver gets
+# three, and a tenth more budget, so its rule only acts when the scheduler could not (it is wedged or gone).
 DRIVER_STALL_FACTOR = 3.0
 DRIVER_BUDGET_FACTOR = 1.1
 
@@ -493,11 +493,10 @@ def next_action(history: Sequence[MigrationProgress], *, budget_s: float, stall_
         # only holds the target's memory and a slot. Abort is the safe end: the VM stays on its source.
         return Decision(Action.ABORT, "the switch to post-copy failed; the VM stays on its source")
     if now >= budget_s:
-        return Decision(Action.ABORT, f"time budget {budget_s:.0f}s used up after {now:.0f}s")
+        return Decision(Action.ABORT, _over_budget(budget_s, now))
     if not history:
         return Decision(Action.CONTINUE, "no progress sample yet")
-    stalled = min(stalled_for_s(history) + (now - history[-1].elapsed_s),
-                  now - level_since_s)
+    stalled = _stalled_s(history, now, level_since_s)
     if stalled < stall_s:
         return Decision(Action.CONTINUE, "progressing")
     why = f"no progress for {stalled:.0f}s"
@@ -507,3 +506,39 @@ def next_action(history: Sequence[MigrationProgress], *, budget_s: float, stall_
         return Decision(Action.SWITCH_TO_POST_COPY, why)
     return Decision(Action.ABORT, why + ("" if can_auto_converge else "; auto-converge unavailable")
                     + "; post-copy not allowed")
+
+
+def last_word(history: Sequence[MigrationProgress], *, elapsed_s: float, budget_s: float, stall_s: float,
+              level: Escalation = Escalation.NONE, can_post_copy: bool = False) -> Decision:
+    """The driver's own rule, behind the scheduler's :func:`next_action`. Pure.
+
+    Once a migration is over ``budget_s`` or its data left has reached no new low for ``stall_s``, it
+    is switched to post-copy where it may be (``can_post_copy``, not tried yet), else aborted; in
+    post-copy it runs to completion, and one whose switch failed (``POST_COPY_FAILED``) is aborted.
+    The same budget and stall measure as :func:`next_action`, without its ladder: auto-converge is the
+    scheduler's step, and the stall period is not capped to a third of the budget (that cap only makes
+    the ladder fit in it). Over budget a migration that may use post-copy is switched, not aborted: it
+    then lands on its target instead of starting over later (the lab pins this).
+    """
+    if level is Escalation.POST_COPY:
+        return Decision(Action.CONTINUE, "in post-copy: runs to completion, an abort would lose the VM")
+    if elapsed_s >= budget_s:
+        why = _over_budget(budget_s, elapsed_s)
+    else:
+        # before the job reports data there is no low to miss: libvirt's first samples are all zeros
+        stalled = _stalled_s(history, elapsed_s, 0.0) if any(_started(s) for s in history) else 0.0
+        if stalled < stall_s:
+            return Decision(Action.CONTINUE, "progressing")
+        why = f"no progress for {stalled:.0f}s"
+    if can_post_copy and level < Escalation.POST_COPY:
+        return Decision(Action.SWITCH_TO_POST_COPY, why)
+    return Decision(Action.ABORT, why)
+
+
+def _over_budget(budget_s: float, now: float) -> str:
+    return f"time budget {budget_s:.0f}s used up after {now:.0f}s"
+
+
+def _stalled_s(history: Sequence[MigrationProgress], now: float, since_s: float) -> float:
+    """Seconds without a new low of data left at ``now``, counted from ``since_s`` at the earliest."""
+    return min(stalled_for_s(history) + (now - history[-1].elapsed_s), now - since_s)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from hostmaint.drivers.base import DirtyRateProbe, Hypervisor
-from hostmaint.drivers.libvirt import LibvirtHypervisor
+from hostmaint.drivers.libvirt import ConnectionSettings, LibvirtHypervisor, MonitorSettings
 from hostmaint.drivers.ssh import SshShell
 from hostmaint.errors import DriverError, MigrationError, TransientDriverError
 from hostmaint.inventory import load_inventory
@@ -39,8 +39,9 @@ pytestmark = pytest.mark.lab
 
 @pytest.fixture(scope="module")
 def hv(lab: LabInfo) -> Iterator[LibvirtHypervisor]:
-    driver = LibvirtHypervisor.from_inventory(load_inventory(lab.inventory_path), "lab", poll_interval=0.25,
-                                              connect_retries=2)
+    driver = LibvirtHypervisor.from_inventory(load_inventory(lab.inventory_path), "lab",
+                                              monitor=MonitorSettings(poll_interval_s=0.25),
+                                              connection=ConnectionSettings(retries=2))
     yield driver
     driver.close()
 
@@ -171,8 +172,9 @@ def test_sixteen_aborts_in_a_row_leave_each_guest_running_once_on_its_source(
     # The lab notes saw QEMU 7.2 sit in "cancelling" with abortJob blocked for ten minutes in 1 of 16
     # tries; the driver resends it from a fresh connection. A short abort timeout makes such a hang
     # cost seconds here; whether one happens is luck, so the test holds the outcome, not the path.
-    driver = LibvirtHypervisor.from_inventory(load_inventory(lab.inventory_path), "lab", poll_interval=0.25,
-                                              connect_retries=2, abort_timeout=5.0)
+    driver = LibvirtHypervisor.from_inventory(load_inventory(lab.inventory_path), "lab",
+                                              monitor=MonitorSettings(poll_interval_s=0.25, abort_timeout_s=5.0),
+                                              connection=ConnectionSettings(retries=2))
     # the Linux guest: it rewrites memory, so a 2 MiB/s copy is still running when the abort comes (an
     # idle SeaBIOS guest is mostly zero pages and finishes in about a second whatever the cap)
     vm = next(v.name for v in lab.vms if v.linux)

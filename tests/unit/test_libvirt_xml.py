@@ -161,10 +161,10 @@ def test_emulator_pinning_alone_is_rewritten_for_the_target() -> None:
 
 def test_the_driver_sends_the_rewritten_emulator_pinning_as_destination_xml() -> None:
     libvirt = pytest.importorskip("libvirt")
-    from hostmaint.drivers.libvirt import LibvirtHypervisor
+    from hostmaint.drivers.libvirt.migration import migration_request
 
     placement = _emulator_only_placement()
-    _, params = LibvirtHypervisor._request(EMULATOR_ONLY, MigrationOptions(placement=placement))
+    _, params = migration_request(EMULATOR_ONLY, MigrationOptions(placement=placement))
     for key in (libvirt.VIR_MIGRATE_PARAM_DEST_XML, libvirt.VIR_MIGRATE_PARAM_PERSIST_XML):
         sent = ET.fromstring(params[key])
         assert sent.find("cputune/emulatorpin").get("cpuset") == format_cpuset(placement.emulatorpin)  # type: ignore[union-attr]
@@ -212,11 +212,11 @@ def _cpuset_only_placement() -> Placement:
 
 def test_the_driver_sends_the_rewritten_vcpu_cpuset_as_destination_xml() -> None:
     libvirt = pytest.importorskip("libvirt")
-    from hostmaint.drivers.libvirt import LibvirtHypervisor
+    from hostmaint.drivers.libvirt.migration import migration_request
 
     placement = _cpuset_only_placement()
     assert placement.vcpu_cpuset == (0, 1)  # cell 0's free CPUs: 2 and 3 are "p"'s on dst
-    _, params = LibvirtHypervisor._request(CPUSET_ONLY, MigrationOptions(placement=placement))
+    _, params = migration_request(CPUSET_ONLY, MigrationOptions(placement=placement))
     for key in (libvirt.VIR_MIGRATE_PARAM_DEST_XML, libvirt.VIR_MIGRATE_PARAM_PERSIST_XML):
         sent = ET.fromstring(params[key])
         assert sent.find("vcpu").get("cpuset") == "0-1"  # type: ignore[union-attr]
@@ -265,9 +265,9 @@ def test_the_planner_maps_iothread_pins_with_the_other_pins_and_the_driver_sends
     assert placement.vcpupin == {0: (0,), 1: (1,)} and placement.emulatorpin == (4,)
     assert placement.iothreadpin == {1: (5,), 2: (5, 6)}
     libvirt = pytest.importorskip("libvirt")
-    from hostmaint.drivers.libvirt import LibvirtHypervisor
+    from hostmaint.drivers.libvirt.migration import migration_request
 
-    _, params = LibvirtHypervisor._request(IOTHREADS, MigrationOptions(placement=placement))
+    _, params = migration_request(IOTHREADS, MigrationOptions(placement=placement))
     sent = ET.fromstring(params[libvirt.VIR_MIGRATE_PARAM_DEST_XML])
     assert {p.get("iothread"): p.get("cpuset") for p in sent.findall("cputune/iothreadpin")} == {
         "1": "5", "2": "5-6"}
@@ -308,9 +308,9 @@ def test_the_planner_binds_a_memnode_only_vm_to_its_target_cells_and_the_driver_
     [placement] = plan_evacuation(snap, ["src"]).placements
     assert placement.numatune_nodeset == tuple(sorted(placement.target_cells))
     libvirt = pytest.importorskip("libvirt")
-    from hostmaint.drivers.libvirt import LibvirtHypervisor
+    from hostmaint.drivers.libvirt.migration import migration_request
 
-    _, params = LibvirtHypervisor._request(MEMNODES, MigrationOptions(placement=placement))
+    _, params = migration_request(MEMNODES, MigrationOptions(placement=placement))
     sent = ET.fromstring(params[libvirt.VIR_MIGRATE_PARAM_DEST_XML])
     assert {m.get("cellid"): m.get("nodeset") for m in sent.findall("numatune/memnode")} == {
         str(g): str(t) for g, t in enumerate(placement.target_cells)}
@@ -335,9 +335,9 @@ def test_a_snapshot_vm_with_an_unknown_numatune_mode_is_refused_naming_it() -> N
 
 def test_the_driver_sends_a_destination_xml_for_a_vm_that_pins_only_its_iothreads() -> None:
     libvirt = pytest.importorskip("libvirt")
-    from hostmaint.drivers.libvirt import LibvirtHypervisor
+    from hostmaint.drivers.libvirt.migration import migration_request
 
     placement = Placement(vm="io01", source="src", target="dst", iothreadpin={1: (7,), 2: (7,)})
-    _, params = LibvirtHypervisor._request(IOTHREADS, MigrationOptions(placement=placement))
+    _, params = migration_request(IOTHREADS, MigrationOptions(placement=placement))
     sent = ET.fromstring(params[libvirt.VIR_MIGRATE_PARAM_DEST_XML])
     assert {p.get("iothread"): p.get("cpuset") for p in sent.findall("cputune/iothreadpin")} == {"1": "7", "2": "7"}

@@ -1,5 +1,5 @@
 """Shared storage: the cluster's ``shared_storage`` is validated, matches whole path components, and
-reaches the libvirt driver that open_runtime builds (with fake connections standing in for libvirtd),
+reaches the libvirt driver that open_runtime builds (with fake hosts standing in for libvirtd),
 so a VM whose disks are on it is discovered migratable and one with a local disk is not."""
 
 from __future__ import annotations
@@ -7,16 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import libvirt
 import pytest
 import yaml
 
-import hostmaint.drivers.libvirt as driver_module
 import hostmaint.runtime as runtime_module
 from hostmaint.drivers.domain_xml import parse_domain
 from hostmaint.errors import InventoryError
 from hostmaint.inventory import parse_inventory, shared_storage_prefix
 from hostmaint.runtime import open_runtime
+from tests.fakes.libvirtd import FakeConnector, FakeHost
 
 
 def _host(name: str, cluster: str) -> dict[str, Any]:
@@ -99,63 +98,24 @@ def test_a_disk_is_shared_only_under_a_whole_path_component(path: str, shared: b
     assert vm.migratable is shared, vm.not_migratable_reason
 
 
-# --- the runtime's driver, over fake libvirt connections ---------------------------------------------
+# --- the runtime's driver, over fake libvirt hosts ----------------------------------------------------
 
 CAPS = ("<capabilities><host><uuid>h</uuid><topology><cells num='1'><cell id='0'>"
         "<memory unit='KiB'>8388608</memory><cpus num='2'><cpu id='0'/><cpu id='1'/></cpus>"
         "</cell></cells></topology></host></capabilities>")
 
 
-class FakeDomain:
-    def __init__(self, xml: str) -> None:
-        self.xml = xml
-
-    def XMLDesc(self, flags: int) -> str:
-        return self.xml
-
-    def isPersistent(self) -> int:
-        return 1
-
-    def info(self) -> list[int]:
-        return [libvirt.VIR_DOMAIN_RUNNING, 1048576, 1048576, 1, 0]
-
-
-class FakeConn:
-    """A host's libvirtd as discovery sees it: one NUMA cell and its running domains."""
-
-    def __init__(self, uri: str, domains: dict[str, list[str]]) -> None:
-        self.uri = uri
-        self.domains = domains
-
-    def setKeepAlive(self, interval: int, count: int) -> None:
-        pass
-
-    def isAlive(self) -> bool:
-        return True
-
-    def close(self) -> int:
-        return 0
-
-    def getCapabilities(self) -> str:
-        return CAPS
-
-    def getCellsFreeMemory(self, start: int, n: int) -> list[int]:
-        return [4 * 2**30] * n
-
-    def getHostname(self) -> str:
-        return self.uri
-
-    def listAllDomains(self, flags: int) -> list[FakeDomain]:
-        return [FakeDomain(xml) for xml in self.domains.get(self.uri, [])]
-
-
 def runtime_over(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, doc: dict[str, Any],
                  domains: dict[str, list[str]]) -> runtime_module.Runtime:
-    monkeypatch.setattr(driver_module.libvirt, "open", lambda uri: FakeConn(uri, domains))
+    hosts = {}
+    for uri, xmls in domains.items():
+        host = hosts[uri] = FakeHost(uri, caps=CAPS, free={0: 4 * 2**30})
+        for xml in xmls:
+            host.add(parse_domain(xml, "any").name, xml)
     monkeypatch.setattr(runtime_module, "_cache", {})  # nothing built here outlives the test
     path = tmp_path / "inventory.yaml"
     path.write_text(yaml.safe_dump(doc))
-    rt = open_runtime(path, str(tmp_path / "hostmaint.db"), fresh=True)
+    rt = open_runtime(path, str(tmp_path / "hostmaint.db"), libvirt_connector=FakeConnector(hosts), fresh=True)
     assert not rt.simulated
     return rt
 

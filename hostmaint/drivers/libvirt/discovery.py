@@ -1,0 +1,175 @@
+"""What runs where: a host's NUMA cells and running VMs, and where a VM runs, read from libvirt.
+
+Host output the parsers of :mod:`hostmaint.drivers.domain_xml` cannot read (malformed XML, a number
+or unit they do not know, a domain without a name) is ``DriverError`` naming the host, the domain if
+there is one, and what was wrong; never a snapshot built from a guess.
+"""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping, Sequence
+
+import libvirt
+from pydantic import ValidationError
+
+from hostmaint.drivers.domain_xml import HostCapabilities, parse_capabilities, parse_domain, with_free_memory
+from hostmaint.drivers.libvirt.connections import Connections, is_running
+from hostmaint.errors import DriverError, TransientDriverError
+from hostmaint.models import Cell, HostDiscovery, Vm
+
+# Why a domain is paused while a live migration moves it (libvirt's virDomainPausedReason)
+_MIGRATION_PAUSES = frozenset({libvirt.VIR_DOMAIN_PAUSED_MIGRATION, libvirt.VIR_DOMAIN_PAUSED_STARTING_UP,
+                               libvirt.VIR_DOMAIN_PAUSED_POSTCOPY})
+
+# What the domain_xml parsers raise on host output they cannot read: XML that does not parse, a
+# number or size unit they do not know (ValueError), a model the output leaves invalid
+# (ValidationError, itself a ValueError).
+UNREADABLE = (ET.ParseError, ValueError)
+_EXCERPT = 60  # characters of host output or of a bad value quoted in an error
+
+
+def _clip(text: str, limit: int = _EXCERPT) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def what_was_wrong(exc: Exception, text: str) -> str:
+    """One short line saying what in ``text`` (host output) the parser could not read."""
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]  # the first is enough to find the fault; the cause keeps them all
+        field = ".".join(str(part) for part in err["loc"]) or "value"
+        return f"{field}: {err['msg']} (got {_clip(repr(err['input']))})"
+    if isinstance(exc, ET.ParseError):
+        line, column = exc.position
+        lines = text.splitlines() or [""]
+        row = lines[min(max(line, 1), len(lines)) - 1]
+        near = row[max(0, column - _EXCERPT // 2):column + _EXCERPT // 2]
+        return f"not well-formed XML: {exc} (near {_clip(near)!r})"
+    return _clip(str(exc), 2 * _EXCERPT)
+
+
+class Discovery:
+    """Reads hosts and domains. ``shared_storage_prefixes``: per host, the paths shared among the
+    hosts of its cluster (a disk there does not block a live migration)."""
+
+    def __init__(self, connections: Connections,
+                 shared_storage_prefixes: Mapping[str, Sequence[str]] | None = None) -> None:
+        self._connections = connections
+        self._shared = {h: tuple(p) for h, p in (shared_storage_prefixes or {}).items()}
+
+    def discover(self, host: str) -> HostDiscovery:
+        """NUMA cells (memory, CPUs, hugepages, free memory) and every running VM of ``host``."""
+
+        def read(conn: libvirt.virConnect) -> HostDiscovery:
+            caps = self._connections.capabilities.get(host, lambda: self._read_capabilities(host, conn))
+            if caps.cells:
+                # Each cell is asked for by its own node id: ids can be sparse ({0, 2} with a node
+                # offline), and libvirt reads a range start..start+n-1 by id, so asking for the first n
+                # gave cell 2 the numbers of node 1 or failed on a node the host does not have.
+                ids = [c.id for c in caps.cells]
+                free = [conn.getCellsFreeMemory(cell, 1)[0] for cell in ids]  # in the order of caps.cells
+                sizes = sorted({hp.size_kib for c in caps.cells for hp in c.hugepages})
+                pages = self._free_pages(conn, sizes, ids)
+                cells = with_free_memory(caps, free, pages)
+            else:  # no NUMA topology reported: one cell with the whole host
+                info = conn.getInfo()
+                cells = (Cell(id=0, memory_mib=int(info[1]), free_mib=conn.getFreeMemory() // 2**20,
+                              cpus=tuple(range(int(info[2])))),)
+            vms = []
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                vm = self._describe(dom, host)
+                if vm is not None:
+                    vms.append(vm)
+            return HostDiscovery(host=host, hostname=conn.getHostname(), host_uuid=caps.host_uuid,
+                                 cells=cells, vms=tuple(sorted(vms, key=lambda v: v.name)))
+
+        return self._connections.call(host, "discovery", read)
+
+    def _read_capabilities(self, host: str, conn: libvirt.virConnect) -> HostCapabilities:
+        xml = conn.getCapabilities()
+        try:
+            return parse_capabilities(xml)
+        except UNREADABLE as exc:
+            raise DriverError(f"cannot read the capabilities from {self._connections.uri(host)}: "
+                              f"{what_was_wrong(exc, xml)}", host) from exc
+
+    @staticmethod
+    def _free_pages(conn: libvirt.virConnect, sizes: list[int], cells: list[int]) -> dict[int, dict[int, int]]:
+        """Free hugepages per NUMA node id and page size (KiB), asked node by node (ids can be sparse)."""
+        if not sizes:
+            return {}
+        out: dict[int, dict[int, int]] = {}
+        for cell in cells:
+            try:
+                answer = conn.getFreePages(sizes, cell, 1)
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_UNSUPPORTED):
+                    return {}  # the driver cannot tell: free hugepages stay 0, the planner will not count on them
+                raise
+            # One node was asked for, so the one entry is that node's, whatever index the binding keys it by.
+            out[cell] = {int(size): int(count) for size, count in next(iter(answer.values()), {}).items()}
+        return out
+
+    def _describe(self, dom: libvirt.virDomain, host: str) -> Vm | None:
+        try:
+            xml = dom.XMLDesc(0)
+            vcpus = int(dom.info()[3])
+            persistent = bool(dom.isPersistent())
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return None  # migrated away or stopped between listing and reading
+            raise
+        try:
+            vm = parse_domain(xml, host, vcpus_live=vcpus, shared_storage_prefixes=self._shared.get(host, ()))
+            return vm if persistent else vm.model_copy(update={"persistent": False})
+        except UNREADABLE as exc:
+            # One domain the parser cannot read fails the discovery: a snapshot without it would plan a
+            # host as emptier than it is.
+            raise DriverError(f"cannot read the XML of domain {dom.name()}: {what_was_wrong(exc, xml)}",
+                              host) from exc
+
+    def running_vms(self, host: str) -> tuple[str, ...]:
+        """Names of the VMs running on ``host``."""
+        return self._connections.call(host, "listing running VMs", lambda c: tuple(sorted(
+            d.name() for d in c.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))))
+
+    def shut_off_vms(self, host: str) -> tuple[str, ...]:
+        """Names of the persistent VMs defined on ``host`` that are not running."""
+        flags = libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE | libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT
+        return self._connections.call(host, "listing shut-off VMs", lambda c: tuple(sorted(
+            d.name() for d in c.listAllDomains(flags))))
+
+    def in_migration(self, host: str) -> tuple[str, ...]:
+        """VMs on ``host`` paused because a live migration moves them: the destination's copy before it
+        takes over (reasons "migration", "starting up"), a source in post-copy. Seen on the lab."""
+        def moving(conn: libvirt.virConnect) -> tuple[str, ...]:
+            out = []
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+                try:
+                    state, reason = dom.state()
+                except libvirt.libvirtError:
+                    continue  # it left while we looked
+                if state == libvirt.VIR_DOMAIN_PAUSED and reason in _MIGRATION_PAUSES:
+                    out.append(dom.name())
+            return tuple(sorted(out))
+
+        return self._connections.call(host, "listing VMs in migration", moving)
+
+    def locate(self, vm: str) -> tuple[str, ...]:
+        """Hosts where ``vm`` runs now.
+
+        An unreachable host is skipped when the VM was found elsewhere (a VM runs on one host);
+        when it was found nowhere and some host did not answer, that is TransientDriverError.
+        """
+        found, unreachable = [], []
+        for host in self._connections.hosts:
+            try:
+                if self._connections.call(host, f"looking up {vm}", lambda c: is_running(c, vm)):
+                    found.append(host)
+            except TransientDriverError as exc:
+                unreachable.append(exc)
+        if not found and unreachable:
+            raise TransientDriverError(f"{vm} not found on the reachable hosts; unreachable: "
+                                       + "; ".join(str(e) for e in unreachable))
+        return tuple(found)
