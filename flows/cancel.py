@@ -2,12 +2,14 @@
 
 Two halves (docs/draining.md, "Stopping a run"):
 
-- **in the run's process** (:func:`stops_safely`, around patch-host, evacuate-host and
-  patch-window): the run's Cancellation (tasks/cancellation.py) is set by SIGTERM or by a poll of its
-  state; its drain aborts and settles, its next step does not start, and the host is stood down
+- **in the run's process** (:func:`stops_safely`, around patch-host, evacuate-host, patch-window,
+  return-host, rebalance-cluster and the forms that run them): the run's Cancellation
+  (tasks/cancellation.py) is set by SIGTERM or by a poll of its state; its drain (or return, or
+  rebalance) aborts and settles, its next step does not start, and the host is stood down
   (:func:`hostmaint.maintenance.stand_down`: cordoned "cancelled by X", every VM on one host, audit
-  step ``cancel``). The run then ends Cancelled. A SIGTERM that lands outside a drain raises
-  Prefect's TerminationSignal; the same stand-down runs on its way out.
+  step ``cancel``), and so are the moves it started (:func:`hostmaint.maintenance.stand_down_moves`).
+  The run then ends Cancelled. A SIGTERM that lands outside a drain raises Prefect's
+  TerminationSignal; the same stand-down runs on its way out.
 - **after the process is gone** (:func:`stand_down_hook`, an ``on_cancellation`` hook): Prefect runs
   it after the kill, in the ``serve`` process for a served flow and in a fresh process for a
   worker's run. It stands the host down again (idempotent), which is all that happens when the
@@ -39,7 +41,7 @@ from prefect.states import Cancelled, Cancelling
 from flows.common import default_inventory
 from hostmaint.cancel import UNKNOWN, RunCancelled
 from hostmaint.errors import InputError
-from hostmaint.maintenance import RunContext, stand_down
+from hostmaint.maintenance import RunContext, stand_down, stand_down_moves
 from hostmaint.models import Trigger
 from tasks import cancellation
 from tasks.common import RuntimeRef
@@ -62,19 +64,27 @@ def _who(run_ids: tuple[str, ...], fallback: str | None) -> str:
     return fallback or cancellation.FROM_PREFECT
 
 
-def _stand_down(inventory: str | None, flow: str, run_id: str, host: str, by: str, trigger: Any = None) -> None:
-    rt = RuntimeRef(inventory or default_inventory()).open()
+def _stand_down(params: dict[str, Any], flow: str, run_id: str, by: str) -> None:
+    """Stand down what the run with ``params`` holds: its host (patch-host, evacuate-host,
+    return-host), and the moves it started (a return's, a rebalance's: cluster-wide)."""
+    host, cluster = params.get("host"), params.get("cluster")
+    if not host and not cluster:
+        return  # a form's run: its host's work is a subflow, which stands down on its own
+    rt = RuntimeRef(params.get("inventory") or default_inventory()).open()
+    trigger = params.get("trigger")
     run = RunContext(run_id=run_id, flow=flow, trigger=Trigger(trigger) if trigger else Trigger.UI,
                      operator=by, reason=f"cancelled by {by}")
-    stand_down(rt, run, host, f"cancelled by {by}")
+    if host:
+        stand_down(rt, run, host, f"cancelled by {by}")
+    stand_down_moves(rt, run, rt.cluster_of(host) if host else str(cluster), f"cancelled by {by}")
 
 
 def stops_safely(fn: F) -> F:
-    """Run a hostmaint flow under its Cancellation; on a cancel, stand its host down and end Cancelled.
+    """Run a hostmaint flow under its Cancellation; on a cancel, stand down what it holds and end Cancelled.
 
     Goes under ``@flow`` (the signature Prefect reads is the function's own). A flow with a ``host``
-    parameter stands that host down; one without (a window) stops starting work and lets each host's
-    subflow stand itself down."""
+    parameter stands that host down; every flow stands down the moves it started (a return's, a
+    rebalance's); a window stops starting hosts and lets each host's subflow stand itself down."""
     run = _run_stopping_safely
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -113,9 +123,7 @@ def _run_stopping_safely(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: 
                 raise
             stopped = exc
         by = _who((run_id, *also), None if cancel.by == UNKNOWN else cancel.by)
-        if params.get("host"):
-            _stand_down(params.get("inventory"), runtime.flow_run.flow_name or fn.__name__, run_id,
-                        params["host"], by, params.get("trigger"))
+        _stand_down(params, runtime.flow_run.flow_name or fn.__name__, run_id, by)
         if isinstance(stopped, TerminationSignal):
             raise stopped  # Prefect ends the run Cancelled (its runner asked for it)
         return Cancelled(message=f"cancelled by {by}; stopped safely")
@@ -125,17 +133,13 @@ def stand_down_hook(flow: Any, flow_run: Any, state: Any) -> None:
     """``on_cancellation``: stand down what the cancelled run held, from outside its process.
 
     Runs after Prefect killed the process (SIGTERM, then SIGKILL after 30 s), in the ``serve``
-    process or a worker's fresh process: the flow's own stand-down may never have run."""
-    params = dict(flow_run.parameters or {})
+    process or a worker's fresh process: the flow's own stand-down may never have run. The run's
+    subflows still running (a window's hosts, a form's host run, a return's rebalance) are stood
+    down too, and marked Cancelled."""
     by = _who((str(flow_run.id),), None)
-    if params.get("host"):
-        _stand_down(params.get("inventory"), flow.name, str(flow_run.id), params["host"], by, params.get("trigger"))
-        return
+    _stand_down(dict(flow_run.parameters or {}), flow.name, str(flow_run.id), by)
     for child in _running_children(flow_run.id):
-        host = (child.parameters or {}).get("host")
-        if host:
-            _stand_down((child.parameters or {}).get("inventory"), child.name or "patch-host", str(child.id), host, by,
-                        (child.parameters or {}).get("trigger"))
+        _stand_down(dict(child.parameters or {}), child.name or flow.name, str(child.id), by)
         _mark_cancelled(child.id, by)
 
 

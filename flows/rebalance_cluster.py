@@ -5,9 +5,11 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from flows import locks
+from flows.cancel import stand_down_hook, stops_safely
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.draining import RETARGET_ROUNDS
 from flows.run_display import label_run
+from hostmaint.cancel import RunCancelled
 from hostmaint.errors import PlanError
 from hostmaint.maintenance import RunContext
 from hostmaint.migration import DrainReport
@@ -18,7 +20,8 @@ from tasks import maintenance as t
 from tasks.common import RuntimeRef
 
 
-@flow(name="rebalance-cluster", log_prints=True)
+@flow(name="rebalance-cluster", log_prints=True, on_cancellation=[stand_down_hook])
+@stops_safely  # Cancel stops its moves safely, every VM once (flows/cancel.py)
 def rebalance_cluster(cluster: str, max_moves: int = 10, dry_run: bool = False, operator: str = "unknown",
                       inventory: str | None = None, trigger: Trigger = Trigger.UI,
                       exact_budget: float = DEFAULT_BUDGET) -> HostOutcome:
@@ -35,7 +38,12 @@ def rebalance_cluster(cluster: str, max_moves: int = 10, dry_run: bool = False, 
     if dry_run:
         return HostOutcome(host=cluster, outcome=StepOutcome.DRY_RUN, state="-", detail=render_plan(plan),
                            simulated=rt.simulated)
-    plan, report = rebalance_locked(ref, run, plan, snapshot, max_moves)
+    try:
+        plan, report = rebalance_locked(ref, run, plan, snapshot, max_moves)
+    except RunCancelled as exc:
+        publish_report(f"rebalance {cluster}", [HostOutcome(host=cluster, outcome=StepOutcome.ABORTED, state="-",
+                                                            detail=str(exc), simulated=rt.simulated)])
+        raise
     t.check_invariants(ref, cluster, expected)
     result = HostOutcome(host=cluster, outcome=StepOutcome.OK if report is None or report.ok else StepOutcome.FAILED,
                          state="-", migrations=list(report.results) if report else [], simulated=rt.simulated,

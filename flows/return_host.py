@@ -16,6 +16,7 @@ from enum import StrEnum
 from prefect import flow, get_run_logger
 
 from flows import locks
+from flows.cancel import stand_down_hook, stops_safely
 from flows.common import HostOutcome, default_inventory, publish_report, run_context
 from flows.rebalance_cluster import rebalance_cluster
 from flows.run_display import label_run
@@ -33,7 +34,8 @@ class AfterReturn(StrEnum):
     NOTHING = "nothing"
 
 
-@flow(name="return-host", log_prints=True)
+@flow(name="return-host", log_prints=True, on_cancellation=[stand_down_hook])
+@stops_safely  # Cancel stops it safely: the host keeps a true state, returns in flight stop (flows/cancel.py)
 def return_host(host: str, operator: str = "unknown", reason: str = "evacuation over",
                 then: AfterReturn = AfterReturn.RETURN_VMS, max_moves: int = 10, inventory: str | None = None,
                 trigger: Trigger = Trigger.UI, lock_wait_s: float | None = 60) -> HostOutcome:

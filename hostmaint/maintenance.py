@@ -299,23 +299,103 @@ def _settle(rt: Runtime, host: str, settle_s: float, sleep: Callable[[float], No
             clock: Callable[[], float]) -> list[str]:
     """Wait until every VM whose origin is ``host`` runs on exactly one host and none of them is being
     migrated; return those that did not settle within ``settle_s``."""
+    return _settle_vms(rt, rt.cluster_of(host), lambda: sorted(rt.states.origins(host)), settle_s, sleep, clock)
+
+
+def _settle_vms(rt: Runtime, cluster: str, which: Callable[[], list[str]], settle_s: float,
+                sleep: Callable[[float], None], clock: Callable[[], float]) -> list[str]:
+    """Wait until each VM ``which()`` names runs on exactly one host of ``cluster`` and none of them is
+    being migrated; return those that did not settle within ``settle_s``."""
     deadline = clock() + settle_s
     hv = rt.hypervisor
     while True:
-        vms = sorted(rt.states.origins(host))
+        vms = which()
         unsettled = []
         try:
             moving: set[str] = set()
             if isinstance(hv, MigrationStates):
-                for h in rt.inventory.hosts_of(rt.cluster_of(host)):
+                for h in rt.inventory.hosts_of(cluster):
                     moving |= set(hv.in_migration(h.name))
             unsettled = [vm for vm in vms if vm in moving or len(hv.locate(vm)) != 1]
         except DriverError as exc:
-            log.warning("%s: cannot see where its VMs run yet: %s", host, exc)
+            log.warning("%s: cannot see where its VMs run yet: %s", cluster, exc)
             unsettled = vms
         if not unsettled or clock() >= deadline:
             return unsettled
         sleep(1.0)
+
+
+MOVES_STEP = "moves-started"
+
+
+def record_moves(rt: Runtime, run: RunContext, plan: EvacuationPlan, host: str | None = None) -> None:
+    """Record the moves a return or a rebalance is about to start (step ``moves-started``), before
+    any starts: no host state or origin says which VMs such a run moves, and a stand-down from outside
+    its killed process (:func:`stand_down_moves`) must know which to stop and account for."""
+    with audited(rt, run, MOVES_STEP, host=host, cluster=plan.cluster,
+                 inputs={"moves": [{"vm": p.vm, "source": p.source, "target": p.target} for p in plan.placements]}):
+        pass
+
+
+def stand_down_moves(rt: Runtime, run: RunContext, cluster: str, reason: str, *,
+                     settle_s: float = STAND_DOWN_SETTLE_S, sleep: Callable[[float], None] = time.sleep,
+                     clock: Callable[[], float] = time.monotonic) -> list[str]:
+    """Stop the moves a cancelled return or rebalance of ``run`` started (:func:`record_moves`) and
+    account for each; returns the VMs found moved with no record.
+
+    Idempotent, and made to work from outside the run's process: of the moves no ``migrate`` record
+    of the run covers, those still in pre-copy are aborted (a killed run's carry on in libvirt), a
+    post-copy one is let finish; it waits up to ``settle_s`` until each of those VMs runs on exactly
+    one host, and records the ones that landed on their target (``migration-found``; a VM back home
+    loses its origin, as a return that finished would have cleared it). No host's state changes: a
+    return or a rebalance takes no host out of service. Audit step ``cancel`` (cluster), written
+    only when the run started moves."""
+    mine = rt.audit.records(run_id=run.run_id)
+    moves = {m["vm"]: m for r in mine if r.step == MOVES_STEP for m in r.inputs.get("moves", [])}
+    if not moves:
+        return []
+    with audited(rt, run, "cancel", cluster=cluster, inputs={"reason": reason}) as rec:
+        recorded = {r.vm for r in mine if r.step in ("migrate", "migration-found")}
+        pending = {vm: m for vm, m in moves.items() if vm not in recorded}
+        if not pending:
+            rec.details["note"] = "already stopped safely"
+            return []
+        rec.details["aborted"] = aborted = _abort_moves(rt, list(pending.values()))
+        rec.details["unsettled"] = _settle_vms(rt, cluster, lambda: sorted(pending), settle_s, sleep, clock)
+        found = []
+        for vm, m in sorted(pending.items()):
+            if rt.hypervisor.locate(vm) != (m["target"],):
+                continue  # still on its source (aborted, never started), or unsettled: named above
+            with audited(rt, run, "migration-found", host=m["source"], vm=vm,
+                         inputs={"target": m["target"], "started_by_run": run.run_id}) as found_rec:
+                found_rec.details["note"] = (f"{vm} left {m['source']} for {m['target']} in a move run {run.run_id} "
+                                             "started and never recorded: it was cancelled before the move ended")
+            if rt.states.origins().get(vm) == m["target"]:
+                rt.states.clear_origin(vm)  # it is home again
+            found.append(vm)
+        rec.details["found_moved"] = found
+        if not aborted and not found:
+            rec.details["note"] = "nothing was moving"
+        return found
+
+
+def _abort_moves(rt: Runtime, moves: Sequence[dict[str, str]]) -> list[str]:
+    """Abort the moves still in pre-copy (their VM runs on its source, a copy waits on the target)."""
+    hv = rt.hypervisor
+    if not isinstance(hv, MigrationStates):
+        return []  # a driver whose migrations live in its caller: a stopped caller left none running
+    aborted = []
+    for m in moves:
+        vm, source, target = m["vm"], m["source"], m["target"]
+        try:
+            precopy = (vm in hv.in_migration(target) and vm in hv.running_vms(source)
+                       and vm not in hv.in_migration(source))  # paused on the source: post-copy, let it finish
+            if precopy:
+                hv.abort(vm, source)
+                aborted.append(vm)
+        except DriverError as exc:
+            log.warning("cannot stop the move of %s off %s: %s", visible(vm), source, exc)
+    return aborted
 
 
 # --- discovery and plans ----------------------------------------------------------------
@@ -1106,8 +1186,13 @@ def plan_return(rt: Runtime, host: str, snap: FleetSnapshot | None = None) -> Ev
 
 
 def return_vms(rt: Runtime, run: RunContext, host: str, *,
-               on_event: Callable[[DrainEvent], None] | None = None) -> DrainReport | None:
-    """Move back the VMs that left ``host`` for its maintenance; clear their origin once home."""
+               on_event: Callable[[DrainEvent], None] | None = None,
+               cancel: Cancellation | None = None) -> DrainReport | None:
+    """Move back the VMs that left ``host`` for its maintenance; clear their origin once home.
+
+    ``cancel`` set while they move stops the return safely: nothing more starts, pre-copy moves are
+    aborted (those VMs stay where they are, still away), and :class:`RunCancelled` is raised once every
+    move has settled and is recorded."""
     with audited(rt, run, "return-vms", host=host) as rec:
         # one discovery serves the plan and the drain's free-memory view: both are taken at once,
         # in this step, under the same locks (it was discovered twice, a few ms apart)
@@ -1118,15 +1203,27 @@ def return_vms(rt: Runtime, run: RunContext, host: str, *,
             rec.outcome = StepOutcome.SKIPPED
             return None
         limits = rt.inventory.cluster(plan.cluster).limits
-        report = _drain(rt, run, rec, plan, limits, plan.cluster, snap=snap, on_event=on_event)
+        record_moves(rt, run, plan, host)
+        report = _drain(rt, run, rec, plan, limits, plan.cluster, snap=snap, on_event=on_event, cancel=cancel)
         for r in report.results:
             _audit_migration(rt, run, plan.cluster, r)
             if r.outcome in (StepOutcome.OK, StepOutcome.SKIPPED):
                 rt.states.clear_origin(r.vm)
         rec.details["migrations"] = [r.model_dump(mode="json") for r in report.results]
+        _raise_if_cancelled(rec, report, cancel, f"return of VMs to {host}", host)
         if not report.ok:
             rec.outcome = StepOutcome.FAILED
         return report
+
+
+def _raise_if_cancelled(rec: StepRecord, report: DrainReport, cancel: Cancellation | None, what: str,
+                        host: str | None) -> None:
+    """After a return's or rebalance's moves settled: raise RunCancelled if it was cancelled."""
+    if cancel is None or not cancel.is_set():
+        return
+    rec.details["cancelled_by"] = cancel.by
+    raise RunCancelled(f"{what} {cancel.reason}: {sum(r.outcome is StepOutcome.OK for r in report.results)} "
+                       f"VM(s) moved, {len(report.failed)} left where they were", host, "moves")
 
 
 def recheck_rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, planned_on: FleetSnapshot, *,
@@ -1158,8 +1255,11 @@ def recheck_rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, planned
 
 
 def rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, *,
-              on_event: Callable[[DrainEvent], None] | None = None) -> DrainReport | None:
-    """Carry out a rebalance plan's moves within the cluster's limits."""
+              on_event: Callable[[DrainEvent], None] | None = None,
+              cancel: Cancellation | None = None) -> DrainReport | None:
+    """Carry out a rebalance plan's moves within the cluster's limits.
+
+    ``cancel`` set while they run stops it safely, as for :func:`return_vms`."""
     limits = rt.inventory.cluster(plan.cluster).limits
     with audited(rt, run, "rebalance", cluster=plan.cluster,
                  inputs={"moves": len(plan.moves), "snapshot": plan.snapshot_digest}) as rec:
@@ -1168,13 +1268,15 @@ def rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, *,
             return None
         evac = EvacuationPlan(cluster=plan.cluster, hosts=(), snapshot_digest=plan.snapshot_digest,
                               placements=tuple(m.placement for m in plan.moves))
-        report = _drain(rt, run, rec, evac, limits, plan.cluster, on_event=on_event)
+        record_moves(rt, run, evac)
+        report = _drain(rt, run, rec, evac, limits, plan.cluster, on_event=on_event, cancel=cancel)
         for r in report.results:
             _audit_migration(rt, run, plan.cluster, r)
             if r.outcome is StepOutcome.OK and rt.states.origins().get(r.vm) == r.target:
                 rt.states.clear_origin(r.vm)
         rec.details["balance_before"] = plan.balance_before
         rec.details["balance_after"] = plan.balance_after
+        _raise_if_cancelled(rec, report, cancel, f"rebalance of {plan.cluster}", None)
         if not report.ok:
             rec.outcome = StepOutcome.FAILED
         return report

@@ -144,7 +144,11 @@ def end_unstarted(ref: RuntimeRef, run: RunContext, host: str, why: str, snapsho
 
 @task(name="return-vms", cache_policy=NO_CACHE, **IO_RETRIES)
 def return_vms(ref: RuntimeRef, run: RunContext, host: str) -> DrainReport | None:
-    return steps.return_vms(ref.open(), run, host, on_event=drain_logger())
+    # a cancel stops the moves safely, as a drain's (tasks/cancellation.py)
+    cancellation.check(run.run_id, host, "return-vms")
+    with cancellation.graceful():
+        return steps.return_vms(ref.open(), run, host, on_event=drain_logger(),
+                                cancel=cancellation.for_run(run.run_id))
 
 
 @task(name="plan-rebalance", cache_policy=NO_CACHE, **IO_RETRIES)
@@ -164,7 +168,9 @@ def recheck_rebalance(ref: RuntimeRef, run: RunContext, plan: RebalancePlan, pla
 
 @task(name="rebalance", cache_policy=NO_CACHE)
 def rebalance(ref: RuntimeRef, run: RunContext, plan: RebalancePlan) -> DrainReport | None:
-    return steps.rebalance(ref.open(), run, plan, on_event=drain_logger())
+    cancellation.check(run.run_id, None, "rebalance")
+    with cancellation.graceful():
+        return steps.rebalance(ref.open(), run, plan, on_event=drain_logger(), cancel=cancellation.for_run(run.run_id))
 
 
 @task(name="check-invariants", cache_policy=NO_CACHE, **IO_RETRIES)

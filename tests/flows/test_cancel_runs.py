@@ -293,3 +293,141 @@ def test_a_patch_host_on_a_process_worker_cancelled_mid_drain_stops_the_same_way
     assert all(len(hosts) == 1 for hosts in where.values()) and any(h == (host,) for h in where.values()), where
     (drain,) = [r for r in rt.audit.records(host=host) if r.step == "drain" and r.run_id == run_id]
     assert "cancelled_by" in drain.details
+
+
+# --- returns and rebalances: served, and on a worker ----------------------------------------------
+
+
+def _time_scale(inventory: Path, scale: float) -> None:
+    """Set the simulated fleet's time scale (read by every runtime opened after)."""
+    import yaml
+
+    data = yaml.safe_load(inventory.read_text())
+    data["simulation"]["time_scale"] = scale
+    inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def _evacuate_quickly(inventory: Path, host: str, back_in_service: bool) -> set[str]:
+    """Evacuate ``host`` on a fast clock (as evacuate-host leaves it: drained, in maintenance), or also
+    put it back in service empty; returns the VMs away from it."""
+    from hostmaint import maintenance as steps
+
+    _time_scale(inventory, 0.001)
+    rt = open_runtime(inventory, fresh=True)
+    run = steps.RunContext(run_id=f"evacuate-{host}", flow="evacuate-host")
+    steps.cordon(rt, run, host)
+    steps.drain_host(rt, run, steps.plan_drain(rt, run, host))
+    if back_in_service:
+        rt.states.transition(host, HostState.VERIFYING, "verifying", run.run_id)
+        steps.uncordon(rt, run, host)
+    _time_scale(inventory, 3.0)
+    return set(rt.states.origins(host))
+
+
+def _no_lock_held(inventory: Path) -> None:
+    """Every hostmaint limit of the fleet is free on the server (the run gave its slots back)."""
+    from prefect.client.orchestration import get_client
+
+    rt = open_runtime(inventory, fresh=True)
+    names = [f"{kind}:{h.name}" for h in rt.inventory.hosts for kind in ("host", "inbound")]
+    names += [f"{kind}:{c.name}" for c in rt.inventory.clusters for kind in ("maintenance", "migrations")]
+    with get_client(sync_client=True) as client:
+        held = {n: client.read_global_concurrency_limit_by_name(n).active_slots for n in names}
+    assert not any(held.values()), held
+
+
+def test_a_served_return_host_cancelled_mid_return_stops_its_moves_and_the_host_stays_verified(
+        tmp_path: Path, hostmaint_db: Path) -> None:
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    inventory = _slow_fleet(tmp_path)
+    host = "hv01"
+    away = _evacuate_quickly(inventory, host, back_in_service=False)
+    assert len(away) >= 2
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "HOSTMAINT_DB": str(hostmaint_db),
+           "HOSTMAINT_INVENTORY": str(inventory), "PREFECT_RUNNER_POLL_FREQUENCY": "1", "PYTHONPATH": str(ROOT)}
+    name = f"cancel-return-{tmp_path.name}"
+    server = subprocess.Popen([sys.executable, "-c", SERVE, name, str(ROOT), "flows/return_host.py:return_host"],
+                              cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=(tmp_path / "serve.log").open("w"))
+    try:
+        _wait("the deployment", lambda: _deployment_exists(f"return-host/{name}"), 60)
+        run = run_deployment(f"return-host/{name}", parameters={
+            "host": host, "inventory": str(inventory), "operator": "tester"}, timeout=0)
+        run_id = str(run.id)
+        # mid-return: a VM is home again and others are still away
+        _wait("the return", lambda: bool(open_runtime(inventory, fresh=True).hypervisor.running_vms(host)))
+        assert request_cancel(run_id, "nina (hostmaint run cancel)") == "RUNNING"
+        _wait("the run to end", lambda: _state(run_id) in ("CANCELLED", "FAILED", "CRASHED", "COMPLETED"), 90)
+        assert _state(run_id) == "CANCELLED", (tmp_path / "serve.log").read_text()[-3000:]
+    finally:
+        server.terminate()
+        server.wait(30)
+    rt = open_runtime(inventory, fresh=True)
+    # verified in this return and back in service before its VMs came: active is the truth
+    assert rt.states.state(host) is HostState.ACTIVE
+    where = {vm: rt.hypervisor.locate(vm) for vm in rt.hypervisor.vms}  # type: ignore[attr-defined]
+    assert all(len(hosts) == 1 for hosts in where.values()), where
+    still_away = set(rt.states.origins(host))
+    assert still_away and still_away < away, "the cancel stopped nothing, or nothing came home before it"
+    assert all(where[vm] != (host,) for vm in still_away) and all(where[vm] == (host,) for vm in away - still_away)
+    records = rt.audit.records(run_id=run_id)
+    (ret,) = [r for r in records if r.step == "return-vms"]
+    assert ret.details["cancelled_by"].startswith("nina")  # stopped in the run's process, not killed
+    assert any(r.step == "migrate" and r.outcome is StepOutcome.ABORTED for r in records)
+    assert [r.operator for r in records if r.step == "cancel"] and \
+        all(r.operator.startswith("nina") for r in records if r.step == "cancel")
+    _no_lock_held(inventory)
+
+
+def test_a_rebalance_on_a_process_worker_cancelled_mid_way_stops_its_moves(tmp_path: Path,
+                                                                          hostmaint_db: Path) -> None:
+    from prefect import Flow
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL
+
+    from deployments.server import ensure_work_pool, prefect_executable
+
+    inventory = _slow_fleet(tmp_path)
+    empty = "hv02"
+    _evacuate_quickly(inventory, empty, back_in_service=True)
+    before = {vm: open_runtime(inventory, fresh=True).hypervisor.locate(vm)
+              for vm in open_runtime(inventory, fresh=True).hypervisor.vms}  # type: ignore[attr-defined]
+    states = {h: r.state for h, r in open_runtime(inventory, fresh=True).states.all().items()}
+    pool = "hostmaint-cancel-test"
+    ensure_work_pool(pool)
+    flow = Flow.from_source(source=str(ROOT), entrypoint="flows/rebalance_cluster.py:rebalance_cluster")
+    deployment_id = flow.deploy(name="cancel-rebalance-on-worker", work_pool_name=pool, build=False, push=False,
+                                print_next_steps=False)  # type: ignore[attr-defined]
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "HOSTMAINT_DB": str(hostmaint_db),
+           "HOSTMAINT_INVENTORY": str(inventory), "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_WORKER_PREFETCH_SECONDS": "1", "PYTHONPATH": str(ROOT)}
+    log = tmp_path / "worker.log"
+    worker = subprocess.Popen([prefect_executable(), "worker", "start", "--pool", pool, "--type", "process",
+                               "--limit", "1"], cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        with get_client(sync_client=True) as client:
+            run = client.create_flow_run_from_deployment(deployment_id, parameters={
+                "cluster": "demo", "inventory": str(inventory), "operator": "tester", "max_moves": 10})
+        run_id = str(run.id)
+        _wait("the rebalance", lambda: bool(open_runtime(inventory, fresh=True).hypervisor.running_vms(empty)), 180)
+        assert request_cancel(run_id, "olga") == "RUNNING"
+        _wait("the run to end", lambda: _state(run_id) in ("CANCELLED", "FAILED", "CRASHED", "COMPLETED"), 90)
+        assert _state(run_id) == "CANCELLED", log.read_text()[-3000:]
+    finally:
+        worker.terminate()
+        worker.wait(30)
+    rt = open_runtime(inventory, fresh=True)
+    after = {vm: rt.hypervisor.locate(vm) for vm in rt.hypervisor.vms}  # type: ignore[attr-defined]
+    assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
+    assert {h: r.state for h, r in rt.states.all().items()} == states  # a rebalance takes no host out
+    records = rt.audit.records(run_id=run_id)
+    (planned,) = [r for r in records if r.step == "moves-started"]
+    moved = {vm for vm in after if after[vm] != before[vm]}
+    assert moved and len(moved) < len(planned.inputs["moves"]), "the cancel stopped nothing"
+    (rebalance,) = [r for r in records if r.step == "rebalance"]
+    assert rebalance.details["cancelled_by"] == "olga"
+    migrated = {r.vm: r.outcome for r in records if r.step == "migrate"}
+    assert {vm for vm, o in migrated.items() if o is StepOutcome.OK} == moved
+    assert any(r.step == "cancel" and r.operator == "olga" for r in records)
+    _no_lock_held(inventory)

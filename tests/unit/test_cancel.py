@@ -155,3 +155,149 @@ def test_check_between_steps_raises_with_who() -> None:
     stop.cancel("erin")
     with pytest.raises(RunCancelled, match="hv01: cancelled by erin"):
         stop.check("hv01", "update")
+
+
+# --- returns and rebalances: moves, not a host's maintenance -------------------------------------
+
+
+def _evacuated_and_back(rt: Runtime, host: str) -> steps.RunContext:
+    """``host`` drained by one run, then verified and back in service with its VMs away (origins kept)."""
+    run = steps.RunContext(run_id="evac", flow="evacuate-host")
+    steps.cordon(rt, run, host)
+    steps.drain_host(rt, run, steps.plan_drain(rt, run, host))
+    for to in (HostState.VERIFYING,):
+        rt.states.transition(host, to, to.value, run.run_id)
+    steps.uncordon(rt, run, host)
+    assert rt.states.state(host) is HostState.ACTIVE and len(rt.states.origins(host)) >= 2
+    return run
+
+
+def _cancel_after_first_move(by: str) -> tuple[Cancellation, object]:
+    stop = Cancellation()
+
+    def on_event(event) -> None:  # type: ignore[no-untyped-def]
+        if event.kind is EventKind.FINISHED:
+            stop.cancel(by)
+
+    return stop, on_event
+
+
+def test_a_return_cancelled_mid_way_stops_its_moves_and_the_host_stays_truly_active(rt: Runtime) -> None:
+    host = "hv01"
+    _evacuated_and_back(rt, host)
+    away = set(rt.states.origins(host))
+    before = _where(rt)
+    run = steps.RunContext(run_id="ret", flow="return-host", operator="fay")
+    stop, on_event = _cancel_after_first_move("fay (hostmaint run cancel)")
+    with pytest.raises(RunCancelled, match="return of VMs to hv01 cancelled by fay"):
+        steps.return_vms(rt, run, host, on_event=on_event, cancel=stop)  # type: ignore[arg-type]
+    where = _where(rt)
+    assert set(where) == set(before) and all(len(h) == 1 for h in where.values())
+    home = {vm for vm in away if where[vm] == (host,)}
+    assert home and home < away, "the cancel stopped nothing, or nothing moved before it"
+    # a VM that came home has no origin left; one still away keeps it, so a later return brings it
+    assert set(rt.states.origins(host)) == away - home
+    # a return takes no host out of service: the host was verified and stays active
+    assert rt.states.state(host) is HostState.ACTIVE
+    records = rt.audit.records(run_id="ret")
+    (ret,) = [r for r in records if r.step == "return-vms"]
+    assert ret.outcome is StepOutcome.FAILED and ret.details["cancelled_by"].startswith("fay")
+    migrated = {r.vm: r.outcome for r in records if r.step == "migrate"}
+    assert set(migrated) == away and {vm for vm, o in migrated.items() if o is StepOutcome.OK} == home
+    # the stand-down from outside finds every move recorded: nothing more to do
+    ticks = Ticking()
+    assert steps.stand_down_moves(rt, run, "demo", stop.reason, sleep=ticks.sleep, clock=ticks.clock) == []
+    (cancel,) = [r for r in rt.audit.records(run_id="ret") if r.step == "cancel"]
+    assert cancel.details["note"] == "already stopped safely" and cancel.host is None
+
+    # the next return brings the rest home
+    steps.return_vms(rt, steps.RunContext(run_id="ret-2"), host)
+    assert rt.states.origins(host) == {}
+    assert all(_where(rt)[vm] == (host,) for vm in away)
+
+
+def test_a_rebalance_cancelled_mid_way_admits_nothing_more_and_every_vm_runs_once(rt: Runtime) -> None:
+    from hostmaint.placement import plan_rebalance
+
+    _evacuated_and_back(rt, "hv02")  # an empty host: the rebalance has work
+    before = _where(rt)
+    states = {h: r.state for h, r in rt.states.all().items()}
+    plan = plan_rebalance(steps.snapshot(rt, "demo"), 10, prefer_origin=False)
+    assert len(plan.moves) >= 3
+    run = steps.RunContext(run_id="reb", flow="rebalance-cluster", operator="gus")
+    stop, on_event = _cancel_after_first_move("gus")
+    with pytest.raises(RunCancelled, match="rebalance of demo cancelled by gus"):
+        steps.rebalance(rt, run, plan, on_event=on_event, cancel=stop)  # type: ignore[arg-type]
+    where = _where(rt)
+    assert set(where) == set(before) and all(len(h) == 1 for h in where.values())
+    moved = {vm for vm in where if where[vm] != before[vm]}
+    assert moved and len(moved) < len(plan.moves)
+    assert {h: r.state for h, r in rt.states.all().items()} == states  # no host's state changed
+    migrated = {r.vm: r.outcome for r in rt.audit.records(run_id="reb") if r.step == "migrate"}
+    assert set(migrated) == {m.placement.vm for m in plan.moves}
+    assert {vm for vm, o in migrated.items() if o is StepOutcome.OK} == moved
+    assert all(o is StepOutcome.ABORTED for vm, o in migrated.items() if vm not in moved)
+
+
+class MigratingFleet:
+    """The simulated fleet as a killed run's libvirt left it: one move still in pre-copy (a paused copy on
+    its target), one in post-copy (paused on its source); aborts are recorded (and undo the copy)."""
+
+    def __init__(self, hv: object, precopy: tuple[str, str, str], postcopy: tuple[str, str, str]) -> None:
+        self.hv = hv
+        self.copies = {precopy[0]: precopy[2], postcopy[0]: postcopy[2]}
+        self.paused_source = {postcopy[0]: postcopy[1]}
+        self.aborts: list[str] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.hv, name)
+
+    def in_migration(self, host: str) -> tuple[str, ...]:
+        incoming = [vm for vm, target in self.copies.items() if target == host]
+        return tuple(incoming + [vm for vm, source in self.paused_source.items() if source == host])
+
+    def abort(self, vm: str, source: str) -> None:
+        self.aborts.append(vm)
+        self.copies.pop(vm, None)
+
+
+def test_stand_down_of_a_killed_rebalance_aborts_pre_copy_lets_post_copy_land_and_records_it(rt: Runtime) -> None:
+    from hostmaint.placement import plan_rebalance
+
+    _evacuated_and_back(rt, "hv03")
+    plan = plan_rebalance(steps.snapshot(rt, "demo"), 10, prefer_origin=False)
+    first, second, *_ = [m.placement for m in plan.moves]
+    run = steps.RunContext(run_id="killed-reb", flow="rebalance-cluster")
+    evac = steps.EvacuationPlan(cluster="demo", hosts=(), snapshot_digest=plan.snapshot_digest,
+                                placements=tuple(m.placement for m in plan.moves))
+    steps.record_moves(rt, run, evac)  # then the process was killed while two moves ran
+    fake = MigratingFleet(rt.hypervisor, (first.vm, first.source, first.target),
+                          (second.vm, second.source, second.target))
+    rt.hypervisor = fake  # type: ignore[assignment]
+    ticks = Ticking()
+
+    def post_copy_lands(seconds: float) -> None:
+        ticks.sleep(seconds)
+        if fake.paused_source:  # the post-copy move ends on its target a moment later
+            fake.hv.migrate(second.vm, second.source, second.target, MigrationOptions())  # type: ignore[attr-defined]
+            fake.paused_source.clear()
+            fake.copies.pop(second.vm, None)
+
+    found = steps.stand_down_moves(rt, run, "demo", "cancelled by hal", sleep=post_copy_lands, clock=ticks.clock)
+    assert fake.aborts == [first.vm]  # the post-copy move was let finish
+    assert found == [second.vm]
+    assert rt.hypervisor.locate(first.vm) == (first.source,) and rt.hypervisor.locate(second.vm) == (second.target,)
+    recs = rt.audit.records(run_id="killed-reb")
+    (cancel,) = [r for r in recs if r.step == "cancel"]
+    assert cancel.details["aborted"] == [first.vm] and cancel.details["unsettled"] == []
+    assert [(r.vm, r.inputs["target"]) for r in recs if r.step == "migration-found"] == [(second.vm, second.target)]
+    # again (the hook after the flow's own stand-down): the found move is recorded now; the aborted one
+    # is looked at again (named in the cancel record, no move of its own) and found on its source
+    assert steps.stand_down_moves(rt, run, "demo", "cancelled by hal", sleep=ticks.sleep, clock=ticks.clock) == []
+
+
+def test_a_run_that_moved_nothing_gets_no_cancel_record_for_moves(rt: Runtime) -> None:
+    ticks = Ticking()
+    assert steps.stand_down_moves(rt, steps.RunContext(run_id="none"), "demo", "cancelled by x",
+                                  sleep=ticks.sleep, clock=ticks.clock) == []
+    assert not rt.audit.records(run_id="none")
