@@ -29,7 +29,7 @@ import contextlib
 import functools
 import inspect
 import logging
-import types
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 from uuid import UUID
@@ -82,18 +82,22 @@ def _stand_down(params: dict[str, Any], flow: str, run_id: str, by: str) -> None
 def stops_safely(fn: F) -> F:
     """Run a hostmaint flow under its Cancellation; on a cancel, stand down what it holds and end Cancelled.
 
-    Goes under ``@flow`` (the signature Prefect reads is the function's own). A flow with a ``host``
-    parameter stands that host down; every flow stands down the moves it started (a return's, a
-    rebalance's); a window stops starting hosts and lets each host's subflow stand itself down."""
-    run = _run_stopping_safely
+    Goes under ``@flow``. A flow with a ``host`` parameter stands that host down; every flow stands
+    down the moves it started (a return's, a rebalance's); a window stops starting hosts and lets each
+    host's subflow stand itself down.
 
+    The wrapper is what Prefect is given, so it must read to Prefect as ``fn`` does: Prefect builds
+    the parameter schema (the UI form) and validates parameters from ``inspect.signature``, and
+    resolves string annotations (postponed evaluation) in the globals of the function it holds,
+    which are this module's. So the wrapper carries ``fn``'s signature with its annotations already
+    evaluated (``__signature__``, which ``inspect.signature`` answers before anything else) besides
+    ``__wrapped__``: no annotation is left for Prefect to resolve (tests/flows/test_cancel_wrapper.py)."""
+    @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return run(fn, args, kwargs)
+        return _run_stopping_safely(fn, args, kwargs)
 
-    # Prefect resolves the parameters' annotations (strings, with postponed evaluation) in the globals
-    # of the function it is given: the wrapper must have the flow module's, not this one's
-    wrapper = types.FunctionType(wrapper.__code__, fn.__globals__, fn.__name__, None, wrapper.__closure__)
-    functools.update_wrapper(wrapper, fn)
+    wrapper.__signature__ = inspect.signature(fn, eval_str=True)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = typing.get_type_hints(fn)
     return cast(F, wrapper)
 
 
