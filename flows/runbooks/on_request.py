@@ -75,7 +75,8 @@ def patch_on_request(request: PatchRequest, lock_wait_s: float | None = 60) -> H
         lock_wait_s=lock_wait_s, exact_budget=request.exact_budget))
 
 
-@flow(name="rebalance-on-request", log_prints=True)
+@flow(name="rebalance-on-request", log_prints=True, on_cancellation=[stand_down_hook])
+@stops_safely  # Cancel stops its rebalance subflow safely (flows/cancel.py)
 def rebalance_on_request(request: RebalanceRequest) -> HostOutcome:
     """Rebalance one cluster as asked in the form."""
     label_run("rebalance", request.inventory or default_inventory(), cluster=request.cluster, dry_run=request.dry_run)
@@ -84,7 +85,8 @@ def rebalance_on_request(request: RebalanceRequest) -> HostOutcome:
         inventory=request.inventory or default_inventory(), trigger=Trigger.UI, exact_budget=request.exact_budget))
 
 
-@flow(name="return-on-request", log_prints=True)
+@flow(name="return-on-request", log_prints=True, on_cancellation=[stand_down_hook])
+@stops_safely  # Cancel stops its return-host subflow safely (flows/cancel.py)
 def return_on_request(request: ReturnRequest, lock_wait_s: float | None = 60) -> HostOutcome:
     """End a host's evacuation as asked in the form: verify, put back, return its VMs (or rebalance)."""
     label_run("return", request.inventory or default_inventory(), host=request.host)

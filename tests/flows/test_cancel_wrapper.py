@@ -19,7 +19,12 @@ from flows.patch_host import patch_host
 from flows.patch_window import patch_window
 from flows.rebalance_cluster import rebalance_cluster
 from flows.return_host import AfterReturn, return_host
-from flows.runbooks.on_request import evacuate_on_request, patch_on_request
+from flows.runbooks.on_request import (
+    evacuate_on_request,
+    patch_on_request,
+    rebalance_on_request,
+    return_on_request,
+)
 from hostmaint.models import Trigger
 from tasks import cancellation
 
@@ -46,7 +51,7 @@ def probe(ask: Ask, cluster: str = "demo", inventory: str | None = None, then: A
 
 
 WRAPPED = [patch_host, evacuate_host, patch_window, return_host, rebalance_cluster, patch_on_request,
-           evacuate_on_request, probe]
+           evacuate_on_request, rebalance_on_request, return_on_request, probe]
 
 
 @pytest.mark.parametrize("wrapped", WRAPPED, ids=lambda f: f.name)
