@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 from hostmaint.inventory import MigrationTls
 from hostmaint.migration.transport import MigrationEnd, TransportPlan, render_refusals
 from hostmaint.migration.transport_probe import addresses_in, cert_dir, probe_end
-from hostmaint.models import CommandResult
+from hostmaint.models import CommandResult, MigrationOptions
 
 NOW = datetime(2026, 12, 6, 8, 0, tzinfo=UTC)
 
@@ -181,3 +181,21 @@ def test_probe_reads_public_certificates_and_key_names_only() -> None:
     assert {k: v.strip() for k, v in got.certs.items()} == {k: v.strip() for k, v in ends.certs.items()}
     assert not any("key" in a for c in calls if c[0] in ("grep", "cat") for a in c[1:]), calls
     assert plan(MigrationTls.REQUIRED, GOOD[0], got).refusals("hv01", ["hv02"]) == []
+
+
+@pytest.mark.parametrize(("options", "tls", "uri", "listen"), [
+    (MigrationOptions(), False, None, None),
+    (MigrationOptions(tls=True), True, None, None),
+    (MigrationOptions(tls=True, migration_address="10.214.10.12"), True, "tcp://10.214.10.12", "10.214.10.12"),
+    (MigrationOptions(migration_address="fd00::12"), False, "tcp://[fd00::12]", "fd00::12"),
+])
+def test_the_driver_asks_libvirt_for_tls_and_the_migration_address(options: MigrationOptions, tls: bool,
+                                                                    uri: str | None, listen: str | None) -> None:
+    import libvirt
+
+    from hostmaint.drivers.libvirt.migration import migration_request
+
+    flags, params = migration_request("<domain type='kvm'><name>v</name></domain>", options)
+    assert bool(flags & libvirt.VIR_MIGRATE_TLS) is tls
+    assert params.get(libvirt.VIR_MIGRATE_PARAM_URI) == uri
+    assert params.get(libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS) == listen

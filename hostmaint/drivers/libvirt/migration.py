@@ -89,12 +89,24 @@ def migration_request(xml: str, options: MigrationOptions) -> tuple[int, dict[st
     if options.parallel_connections > 1:
         flags |= libvirt.VIR_MIGRATE_PARALLEL
         params[libvirt.VIR_MIGRATE_PARAM_PARALLEL_CONNECTIONS] = options.parallel_connections
+    if options.tls:
+        flags |= libvirt.VIR_MIGRATE_TLS  # QEMU's own TLS for the memory stream, certificates checked both ways
+    if options.migration_address is not None:
+        # the stream goes to the target's migration address, and the target listens there only: without the
+        # listen address QEMU listens where qemu.conf says and the connection is refused (lab notes)
+        params[libvirt.VIR_MIGRATE_PARAM_URI] = migration_uri(options.migration_address)
+        params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = options.migration_address
     placement = options.placement
     if placement is not None and placement.rewrites_domain:
         dest_xml = rewrite_for_target(xml, placement)
         params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = dest_xml
         params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] = dest_xml  # the persistent config gets it too
     return flags, params
+
+
+def migration_uri(address: str) -> str:
+    """``tcp://ADDRESS`` for the migration stream (an IPv6 address in brackets); the port is libvirt's pick."""
+    return f"tcp://[{address}]" if ":" in address else f"tcp://{address}"
 
 
 @dataclass
@@ -155,8 +167,9 @@ class Migrations:
 
         seconds = round(self._clock() - started, 3)
         if worker.done.is_set() and worker.error is None:
-            return self._confirm_success(vm, source, target, seconds, track.last)
-        return self._failure(vm, source, target, worker, abort_reason)
+            result = self._confirm_success(vm, source, target, seconds, track.last)
+            return result.model_copy(update={"tls": options.tls, "migration_address": options.migration_address})
+        return self._failure(vm, source, target, worker, abort_reason, options)
 
     def _monitor(self, vm: str, source: str, options: MigrationOptions, on_progress: ProgressCallback | None,
                  started: float, worker: _Worker, track: ProgressTrack) -> str | None:
@@ -279,7 +292,7 @@ class Migrations:
             raise
 
     def _failure(self, vm: str, source: str, target: str, worker: _Worker,
-                 abort_reason: str | None) -> MigrationResult:
+                 abort_reason: str | None, options: MigrationOptions = MigrationOptions()) -> MigrationResult:
         """The migration failed or was aborted: find out where the VM runs and raise MigrationError."""
         err = worker.error
         if isinstance(err, libvirt.libvirtError):
@@ -294,6 +307,10 @@ class Migrations:
             detail = f"aborted by the stall rule: {abort_reason}"
         elif any(sign in detail for sign in _OUT_OF_MEMORY):
             detail = f"{target} lacks the memory for {vm} ({detail})"
+        elif options.tls:
+            # a certificate QEMU refused reads as a bare TLS error: say that the stream was encrypted and where to
+            detail = (f"{detail} (migration TLS to {options.migration_address or target}: check both hosts' QEMU "
+                      "certificates, e.g. hostmaint host status --probe)")
         call = self._connections.call
         on_source = call(source, f"checking {vm} after a failed migration", lambda c: is_running(c, vm))
         if on_source:
