@@ -140,7 +140,25 @@ def prepare_host(workdir: Path, spec: HostSpec, repo: Path, authorized_keys: Pat
     }))
     prepare_host_packages(d, repo)
     write_wrappers(d, repo, d / "state" / "request")
+    write_ssh_wrapper(d / "bin", workdir)
     return d
+
+
+def write_ssh_wrapper(bin_dir: Path, workdir: Path) -> Path:
+    """An ``ssh`` first on PATH that plays root's ``~/.ssh/config`` for the lab: the lab's known_hosts and
+    key, host keys strictly checked. libvirt's ``qemu+ssh://`` transport runs ``ssh`` from PATH and checks
+    host keys against ``~/.ssh/known_hosts``, which the lab may not write (root's home is the machine's).
+    Used by each host's libvirtd (the host's ``bin`` is its ``/usr/local/sbin``) and, with ``bin_dir`` first
+    on PATH, by the operator's side (:attr:`hostmaint.lab.LabInfo.ssh_bin`)."""
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    path = bin_dir / "ssh"
+    path.write_text(f"""#!/bin/sh
+# hostmaint lab: root's ssh config for the lab (its known_hosts and key; unknown or changed host keys refused)
+exec /usr/bin/ssh -o UserKnownHostsFile='{workdir / "known_hosts"}' -o StrictHostKeyChecking=yes \\
+    -o IdentityFile='{workdir / "ssh" / "id_ed25519"}' -o IdentitiesOnly=yes -o BatchMode=yes "$@"
+""")
+    path.chmod(0o755)
+    return path
 
 
 def start_supervisor(workdir: Path, spec: HostSpec, timeout: float = 90.0) -> dict[str, object]:

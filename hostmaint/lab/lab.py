@@ -40,6 +40,7 @@ from hostmaint.lab.host import (
     start_supervisor,
     stop_host,
     supervisor_pid,
+    write_ssh_wrapper,
 )
 from hostmaint.lab.network import LabError
 from hostmaint.lab.packages import build_repo
@@ -94,6 +95,16 @@ class LabInfo(_Frozen):
     def plain_uri(self, host: str) -> str:
         """The host's libvirtd over plain TCP (a TLS lab keeps it listening)."""
         return f"qemu+tcp://{self.host(host).ip}/system"
+
+    @property
+    def ssh_bin(self) -> Path:
+        """Put first on PATH for ``qemu+ssh://`` URIs: an ``ssh`` that checks the lab's host keys
+        (hostmaint/lab/host.py ``write_ssh_wrapper``)."""
+        return self.workdir / "ssh" / "bin"
+
+    def ssh_uri(self, host: str) -> str:
+        """The host's libvirtd over SSH (``qemu+ssh://``; needs :attr:`ssh_bin` first on PATH)."""
+        return f"qemu+ssh://root@{self.host(host).ip}/system"
 
     def host(self, name: str) -> LabHost:
         for h in self.hosts:
@@ -280,6 +291,7 @@ def _build(hosts: int, vms: int, workdir: Path, linux_guests: int,
         known_lines.append(f"{spec.ip} {status['host_key']}\n")
     known_hosts = workdir / "known_hosts"
     known_hosts.write_text("".join(known_lines))
+    write_ssh_wrapper(workdir / "ssh" / "bin", workdir)
     inventory = _write_inventory(workdir, specs, key, known_hosts, tls)
 
     kvm = kvm_usable()
