@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -255,6 +256,62 @@ def event_hardware_failed(host: str, check: Annotated[str, typer.Option(help="Th
     except (HostmaintError, KeyError, httpx.HTTPError) as exc:
         raise _fail(exc) from None
     out.print(cell(f"sent {HARDWARE_EVENT} for {host} (event {event_id})"))
+
+
+# --- the fault campaign (its engine is the core's hostmaint/lab/chaos.py; Prefect's side is here) -------
+
+lab_app = typer.Typer(help="The local KVM lab (root): real libvirtd, sshd and QEMU guests in netns.",
+                      no_args_is_help=True)
+app.add_typer(lab_app, name="lab")
+
+
+@lab_app.command("chaos")
+def lab_chaos(rounds: Annotated[int | None, typer.Option(help="Rounds to run.")] = None,
+              minutes: Annotated[float | None, typer.Option(help="Run rounds until this much time has passed "
+                                                                 "(a round is never cut short).")] = None,
+              seed: Annotated[int, typer.Option(help="Draws every round's seed.")] = 1,
+              replay: Annotated[list[int] | None, typer.Option(
+                  help="Run exactly the round with this round seed (repeat the option for more).")] = None,
+              faults: Annotated[int, typer.Option(min=1, max=8, help="Faults a round draws at most.")] = 3,
+              classes: Annotated[str | None, typer.Option(help="Fault classes to draw from (comma list).")] = None,
+              ops: Annotated[str | None, typer.Option(help="Maintenances to draw from (comma list).")] = None,
+              workdir: Annotated[Path | None, typer.Option(help="The lab's workdir (default "
+                                                                 "/var/tmp/hostmaint-chaos-netN).")] = None,
+              out_dir: Annotated[Path | None, typer.Option("--out", help="Results (default WORKDIR/out).")] = None,
+              report_only: Annotated[bool, typer.Option("--report", help="Print the table of the results "
+                                                                         "recorded in --out and exit.")] = False,
+              ) -> None:
+    """A seeded fault campaign on the lab (root, on the net HOSTMAINT_LAB_NET names): exit 1 when a round broke
+    an invariant or did not converge.
+
+    Maintenances run with faults injected; the invariants are checked from libvirt and the hosts; a table
+    per fault class follows (hostmaint/lab/README.md)."""
+    from hostmaint.lab import chaos
+
+    try:
+        wanted = [c for c in (classes or ",".join(chaos.FAULT_CLASSES)).split(",") if c]
+        maint = [o for o in (ops or ",".join(chaos.OPS)).split(",") if o]
+        unknown = sorted(set(wanted) - set(chaos.FAULT_CLASSES)) + sorted(set(maint) - set(chaos.OPS))
+        if unknown:
+            raise InputError(f"--classes/--ops: unknown {', '.join(unknown)} (known: "
+                             f"{', '.join(chaos.FAULT_CLASSES)}; {', '.join(chaos.OPS)})")
+        if not report_only and rounds is None and minutes is None and not replay:
+            raise InputError("give --rounds, --minutes or --replay")
+        root = workdir or chaos.DEFAULT_WORKDIR
+        results = out_dir or root / "out"
+        if not report_only:
+            if os.geteuid() != 0:
+                raise InputError("the lab needs root")
+            from deployments.chaos import LocalPrefect
+
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # finally: the lab and the server go down
+            chaos.run_campaign(seed, rounds, minutes, replay or [], root, results, wanted, maint, faults,
+                               LocalPrefect, log=lambda line: out.print(cell(line), highlight=False))
+        text, ok = chaos.report(results)
+    except (HostmaintError, KeyError) as exc:
+        raise _fail(exc) from None
+    print(text)
+    raise typer.Exit(0 if ok else 1)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,6 +125,53 @@ kill -USR1 "$(cat '{state / 'supervisor.pid'}')"
 echo "hostmaint lab: rebooting $(/usr/bin/hostname)"
 exit 0
 """)
+
+
+def never_reboot_back(workdir: Path, host: str) -> Undo:
+    """The host's next ``reboot`` powers it off for good: it does not come back by itself. The undo is
+    the operator switching it on (the host boots, as after any reboot) and the ``reboot`` made whole."""
+    mend = hang_reboot(workdir, host, 24 * 3600)
+    state = host_dir(workdir, host) / "state"
+
+    def undo() -> None:
+        mend()
+        # pressed while it is down (a press before the supervisor powered it off would be forgotten)
+        for _ in range(40):
+            if read_status(workdir, host).get("phase") != "down":
+                return
+            (state / "power-on").touch()
+            time.sleep(0.5)
+
+    return undo
+
+
+def kill_process_tree(pid: int) -> list[int]:
+    """kill -9 of a process, every process it started (found through /proc, whatever their group or
+    session), and its group; returns the pids killed."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited while we looked
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    killed = []
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+            killed.append(p)
+        except ProcessLookupError:
+            pass  # it had finished
+    kill_process_group(pid)
+    return killed
 
 
 def ignore_reboot(workdir: Path, host: str) -> Undo:

@@ -246,7 +246,7 @@ class Supervisor:
             time.sleep(float(request.get("delay_seconds", 0.3)))  # type: ignore[arg-type]
             self._log_reboot()
             self.power_off()
-            time.sleep(float(request.get("down_seconds", 3.0)))  # type: ignore[arg-type]
+            self._stay_down(float(request.get("down_seconds", 3.0)))  # type: ignore[arg-type]
             self.boot()
         elif action == "kill-libvirtd":
             self.kill_libvirtd()
@@ -258,6 +258,16 @@ class Supervisor:
             self._write_status("stopped", request)
             sys.exit(0)
         self._write_status("up", request)
+
+    def _stay_down(self, seconds: float) -> None:
+        """Powered off for ``seconds``, or until someone presses the power button (``state/power-on``:
+        a host that would never come back by itself, switched on by its operator)."""
+        button = self.state / "power-on"
+        button.unlink(missing_ok=True)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not button.exists():
+            time.sleep(0.1)
+        button.unlink(missing_ok=True)
 
     def _take_request(self) -> dict[str, object] | None:
         path = self.state / "request"

@@ -1,4 +1,5 @@
-"""A short seeded fault campaign on the real lab (benchmarks/chaos.py): no invariant broken, all converged.
+"""A short seeded fault campaign on the real lab (hostmaint/lab/chaos.py): no invariant broken, every
+reason true, all converged.
 
 The rounds are replayed from fixed round seeds, so each run injects the same faults at the same
 moments (from the same trigger). Runs as root with its own lab and Prefect server (skipped with the
@@ -20,18 +21,19 @@ CHAOS_WORKDIR = WORKDIR.with_name(WORKDIR.name + "-chaos")
 
 pytestmark = [pytest.mark.lab]
 
-# Round seeds and what each draws (benchmarks.chaos.make_scenario): a target filled between the
-# plan and its migrations during an evacuation, a tenant's VM started on a host being patched once
-# its plan is printed, and the host's key changed before a patch.
+# Round seeds and what each draws (hostmaint.lab.chaos.make_scenario): a target filled between the
+# plan and its migrations during an evacuation (the host stays cordoned naming the VMs still on it),
+# a tenant's VM started on a host being patched once its plan is printed (named in its reason), and
+# the host's key changed before a patch.
 SMOKE_ROUNDS = {
-    30: ("evacuate", {"target-filled"}),
-    250: ("patch", {"vm-started"}),
-    44: ("patch", {"host-key-changed"}),
+    205: ("evacuate", {"target-filled"}),
+    354: ("patch", {"vm-started"}),
+    200: ("patch", {"host-key-changed"}),
 }
 
 
 def test_the_smoke_rounds_draw_what_they_say() -> None:
-    from benchmarks.chaos import make_scenario
+    from hostmaint.lab.chaos import make_scenario
 
     for seed, (op, kinds) in SMOKE_ROUNDS.items():
         scenario = make_scenario(seed)
@@ -43,10 +45,11 @@ def test_a_short_seeded_campaign_breaks_no_invariant_and_converges(tmp_path: Pat
     reason = lab_skip_reason()
     if reason:
         pytest.skip(reason)
-    from benchmarks.chaos import run_campaign
+    from deployments.chaos import LocalPrefect
+    from hostmaint.lab.chaos import run_campaign
 
     wait_for_no_foreign_lab()
-    results = run_campaign(replay=list(SMOKE_ROUNDS), workdir=CHAOS_WORKDIR, out=tmp_path)
+    results = run_campaign(replay=list(SMOKE_ROUNDS), workdir=CHAOS_WORKDIR, out=tmp_path, prefect=LocalPrefect)
 
     assert not leftovers(CHAOS_WORKDIR), leftovers(CHAOS_WORKDIR)
     assert [r.round_seed for r in results] == list(SMOKE_ROUNDS)
