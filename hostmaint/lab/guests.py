@@ -30,6 +30,7 @@ class GuestSpec:
     vcpus: int = 1
     linux: bool = False
     dirty_mib: int = 0
+    marker: str | None = None  # a Linux guest writes "hostmaint-marker:<marker>" 8,192 times into its memory
 
 
 def kvm_usable() -> bool:
@@ -74,6 +75,9 @@ def linux_xml(spec: GuestSpec, kernel: Path, initrd: Path, console_log: Path | N
     guest through migrations.
     """
     log = f"<log file='{console_log}' append='on'/>" if console_log else ""
+    if spec.marker is not None and not spec.marker.isalnum():
+        raise ValueError(f"guest {spec.name}: a marker is letters and digits only, got {spec.marker!r}")
+    marker = f" hm_marker={spec.marker}" if spec.marker else ""
     return f"""<domain type='qemu'>
   <name>{escape(spec.name)}</name>
 {_MEMORY.format(memory=spec.memory_mib, vcpus=spec.vcpus)}
@@ -81,7 +85,7 @@ def linux_xml(spec: GuestSpec, kernel: Path, initrd: Path, console_log: Path | N
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 panic=-1 quiet dirty_mib={spec.dirty_mib}</cmdline>
+    <cmdline>console=ttyS0 panic=-1 quiet dirty_mib={spec.dirty_mib}{marker}</cmdline>
   </os>
   <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>
   <devices>
@@ -112,6 +116,13 @@ mount -t tmpfs -o size=$((mib + 4))m tmpfs /mem
 dd if=/dev/urandom of=/src0 bs=1M count=8 2>/dev/null
 dd if=/dev/urandom of=/src1 bs=1M count=8 2>/dev/null
 echo "hostmaint-lab guest: userspace up, rewriting ${mib} MiB in a loop"
+seed=$(sed -n 's/.*hm_marker=\\([A-Za-z0-9]*\\).*/\\1/p' /proc/cmdline)
+if [ -n "$seed" ]; then
+  # a known text in the guest's memory, for tests that look for it on the wire; built here, so that the
+  # command line (and the domain XML) holds only the seed, never the text itself
+  yes "hostmaint-marker:$seed" | head -n 8192 > /tmp/marker
+  echo "hostmaint-lab guest: marker written"
+fi
 turn=0
 while true; do
   if [ "$mib" -gt 0 ]; then

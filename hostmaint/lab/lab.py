@@ -447,10 +447,11 @@ def start_libvirtd(name: str, workdir: Path = DEFAULT_WORKDIR) -> None:
 
 
 def add_guest(info: LabInfo, name: str, host: str, memory_mib: int = SEABIOS_MIB, vcpus: int = 1,
-              linux: bool = False, dirty_mib: int = LINUX_DIRTY_MIB) -> LabVm:
-    """Define and start one more guest on a lab host (tests use it for guests of their own)."""
+              linux: bool = False, dirty_mib: int = LINUX_DIRTY_MIB, marker: str | None = None) -> LabVm:
+    """Define and start one more guest on a lab host (tests use it for guests of their own). A Linux
+    guest with ``marker`` writes ``hostmaint-marker:<marker>`` 8,192 times into its memory once up."""
     spec = GuestSpec(name=name, host=host, memory_mib=memory_mib, vcpus=vcpus, linux=linux,
-                     dirty_mib=dirty_mib if linux else 0)
+                     dirty_mib=dirty_mib if linux else 0, marker=marker)
     xml_dir = info.workdir / "guests"
     xml_dir.mkdir(exist_ok=True)
     xml = (linux_xml(spec, *linux_boot_files(info.workdir / "cache"), console_log=xml_dir / f"{name}.console")
