@@ -189,16 +189,16 @@ def offer_choices(deployment: RunnerDeployment, *, hosts: list[str], clusters: l
     runbooks' parameters come from events and are left free: the run itself refuses an unknown host,
     where it shows in the runs list, rather than the trigger failing out of sight.
     """
-    from prefect.utilities.callables import ParameterSchema
+    from tasks.prefect_private import parameter_schema, set_parameter_schema
 
-    schema = deployment._parameter_openapi_schema.model_dump()
+    schema = parameter_schema(deployment)
     choices = {"host": hosts, "cluster": clusters}
     for fields in (schema.get("properties", {}), *(d.get("properties", {})
                                                    for d in schema.get("definitions", {}).values())):
         for name, values in choices.items():
             if name in fields and fields[name].get("type") == "string":
                 fields[name]["enum"] = list(values)
-    deployment._parameter_openapi_schema = ParameterSchema(**schema)
+    set_parameter_schema(deployment, schema)
 
 
 SIMULATED_HOME = Path("~/.local/share/hostmaint/simulated")

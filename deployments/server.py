@@ -31,7 +31,6 @@ import httpx
 
 from hostmaint.errors import HostmaintError
 
-LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 ZOMBIE_AUTOMATION = "hostmaint: crash flow runs whose process died"
 ZOMBIE_WITHIN_S = 90  # three missed heartbeats at PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30
 HEARTBEAT_S = 30
@@ -64,6 +63,8 @@ class ServerConfig:
 
 def server_env(cfg: ServerConfig, base: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment of ``prefect server start`` (and of clients that talk to it)."""
+    from tasks.prefect_private import FILESYSTEM_LEASE_STORAGE  # Prefect is loaded by what uses it
+
     home = cfg.home.expanduser().resolve()
     env = dict(os.environ if base is None else base)
     env.update({
@@ -72,7 +73,7 @@ def server_env(cfg: ServerConfig, base: Mapping[str, str] | None = None) -> dict
         "PREFECT_SERVER_API_HOST": cfg.host,
         "PREFECT_SERVER_API_PORT": str(cfg.port),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": LEASE_STORAGE,
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILESYSTEM_LEASE_STORAGE,
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S),
         "PREFECT_UI_API_URL": cfg.api_url,
     })

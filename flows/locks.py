@@ -52,13 +52,12 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse, GlobalConcurrencyLimitResponse
-from prefect.concurrency._events import emit_concurrency_acquisition_events, emit_concurrency_release_events
-from prefect.concurrency._leases import maintain_concurrency_lease
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
 from hostmaint.errors import LockError, LockHeldError
 from hostmaint.inventory import Inventory, load_inventory
+from tasks.prefect_private import announce_acquired, announce_released, hold_lease, send_once, send_through_prefect
 
 LEASE_ENV = "HOSTMAINT_LOCK_LEASE_SECONDS"
 DEFAULT_LEASE_SECONDS = 120.0
@@ -185,12 +184,11 @@ def _inactive(name: str) -> LockError:
 
 def _is_active(client: SyncPrefectClient, name: str) -> bool:
     """Whether the server counts slots of limit ``name``; a busy server is asked again soon (as in _acquire)."""
-    http = client._client
-    request = http.build_request("GET", f"/v2/concurrency_limits/{quote(name, safe=':')}")
+    path = f"/v2/concurrency_limits/{quote(name, safe=':')}"
     busy = 0
     while True:
         try:
-            response = httpx.Client.send(http, request)
+            response = send_once(client, "GET", path)
         except httpx.TransportError as exc:
             if busy >= BUSY_ATTEMPTS:
                 raise LockError(f"the Prefect server {PREFECT_API_URL.value()} cannot be reached to read the "
@@ -229,11 +227,10 @@ def _refuse_inactive(client: SyncPrefectClient, names: list[str],
 
 def _post_once(client: SyncPrefectClient, path: str, body: dict[str, Any]) -> httpx.Response:
     """POST ``body`` to the Prefect API once: the Prefect client's base URL and auth, not its retry loop."""
-    http = client._client  # the client's httpx.Client: base URL, auth and TLS settings of this profile
-    response = httpx.Client.send(http, http.build_request("POST", path, json=body))
+    response = send_once(client, "POST", path, json=body)
     if response.status_code == 403:
         # CSRF protection is on: the Prefect client's own send adds the token (and retries as it does)
-        response = http.send(http.build_request("POST", path, json=body))
+        response = send_through_prefect(client, "POST", path, json=body)
     return response
 
 
@@ -316,15 +313,15 @@ def _release(lease_id: UUID) -> None:
 @contextmanager
 def _holding(names: list[str], lease: ConcurrencyLimitWithLeaseResponse, occupy: int) -> Iterator[None]:
     """Keep ``lease`` renewed for the block (a failed renewal stops the run: strict), then give it back."""
-    events = emit_concurrency_acquisition_events(lease.limits, occupy)
+    events = announce_acquired(lease.limits, occupy)
     token = _held.set(_held.get() | set(names))
     try:
-        with maintain_concurrency_lease(lease.lease_id, lease_seconds(), raise_on_lease_renewal_failure=True):
+        with hold_lease(lease.lease_id, lease_seconds()):
             yield
     finally:
         _held.reset(token)
         _release(lease.lease_id)
-        emit_concurrency_release_events(lease.limits, occupy, events)
+        announce_released(lease.limits, occupy, events)
 
 
 @contextmanager

@@ -64,6 +64,7 @@ def _secret_block_key(name: str) -> str:
 
 def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
     from hostmaint.models import Trigger
+    from tasks.prefect_private import is_unreachable_api
 
     kwargs.setdefault("trigger", Trigger.CLI)
     name = getattr(fn, "name", getattr(fn, "__name__", "flow"))
@@ -73,8 +74,8 @@ def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
         try:
             return fn(**kwargs)
         except RuntimeError as exc:
-            # Prefect's word for a server it cannot reach (restarting, down): one line, not a traceback
-            if "Failed to reach API" not in str(exc):
+            # a server it cannot reach (restarting, down): one line, not a traceback
+            if not is_unreachable_api(exc):
                 raise
             raise ServerError(f"{name}: {exc} Run it again once the server answers: a run that began "
                               "goes on from each host's recorded state ('hostmaint host status' shows "

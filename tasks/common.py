@@ -65,16 +65,14 @@ def load_secret_block(name: str) -> str:
     may quote block data (a schema mismatch is a pydantic error showing its input). The SSH
     driver keeps only the error's type, so the types say what happened.
     """
-    from prefect.blocks.system import Secret
     from prefect.exceptions import ObjectNotFound
+
+    from tasks.prefect_private import load_secret
 
     failure: type[InputError] | None = None
     detail = ""
     try:
-        # Secret.load answers a coroutine inside a running event loop; the key is wanted from sync
-        # tasks and the drain's worker threads, so force the sync path (async_dispatch takes _sync,
-        # the signature it wraps does not show it)
-        block = cast(Secret[Any], Secret.load(name, _sync=True))  # type: ignore[call-arg]
+        block = load_secret(name)
     except ValueError as exc:
         if isinstance(exc.__cause__, ObjectNotFound):
             failure, detail = SecretBlockMissing, (f"there is no Prefect Secret block {name!r}: create it with the "
