@@ -115,6 +115,10 @@ def breaches(s: FleetSnapshot, plan: EvacuationPlan) -> list[str]:
                 or not set(p.target_cells) <= set(cells)):
             out.append(f"{where}: target cells not distinct cells of the host, one memory each")
             continue
+        if any(mib <= 0 for mib in p.cell_memory_mib):
+            # a cell that holds none of its memory (lending only CPUs) is no cell of its placement: the
+            # strict nodeset over it would let the kernel put memory there that nothing counted
+            out.append(f"{where}: a target cell holds none of its memory {p.cell_memory_mib}")
         if sum(p.cell_memory_mib) != vm.memory_mib:
             out.append(f"{where}: cell memory {p.cell_memory_mib} does not add up to {vm.memory_mib}")
         if vm.vnuma:
@@ -135,7 +139,6 @@ def breaches(s: FleetSnapshot, plan: EvacuationPlan) -> list[str]:
                                f"{-free.pages[key]}")
             else:
                 free.mem[p.target, cid] -= mib
-                # a part of 0 MiB (a cell lending only CPUs) adds nothing to a cell already short
                 if mib > 0 and free.mem[p.target, cid] < -1e-6:
                     out.append(f"{where}: memory of cell {cid} overdrawn by {-free.mem[p.target, cid]:.0f} MiB")
         free.vcpus[p.target] -= vm.vcpus

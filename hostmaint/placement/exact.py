@@ -249,6 +249,10 @@ class Model:
                             self.z[vm.name, opt.host, cell.id] = z
                             self.cpu[vm.name, opt.host, cell.id] = k
                             m.add(a <= draw * z)
+                            # a cell it uses holds some of its memory: a cell lending only CPUs
+                            # would be listed with 0 MiB, and a strict nodeset over it would let
+                            # the kernel put memory there the plan never counted
+                            m.add(a >= z)
                             m.add(k <= ncpus * z)
                             m.add(z <= r)
                             takes.append(k)
@@ -543,14 +547,16 @@ def _run_stages(model: Model, stages: Sequence[Stage], budget: Budget, greedy: M
                 refusal: int | None = None) -> tuple[Outcome, Any]:
     """Solve ``stages`` in order, each optimum fixed for the next (a known optimum is fixed without a
     solve). Stops at the first stage that is not proven optimal. With ``refusal``, a first stage
-    whose optimum is below it ends the solve there (a refusal: later stages would only polish a plan
-    that cannot run). Returns the outcome and the first stage's status (None if it was known)."""
+    whose optimum is below it is a refusal: the second stage (NUMA-local) is still solved, since the
+    plan says which VMs fit and how, and then the solve ends (peak and spread would only polish a
+    plan that cannot run). Returns the outcome and the first stage's status (None if it was known)."""
     cp_model = _cp()
     model.hint(greedy)
     choices: dict[str, Choice] | None = None
     proven = True
     notes: list[str] = []
     first: Any = None
+    refused: PlanProof | None = None
     for k, (name, make, up, known) in enumerate(stages):
         expr = make()
         if known is not None:
@@ -587,10 +593,14 @@ def _run_stages(model: Model, stages: Sequence[Stage], budget: Budget, greedy: M
             model.m.add(expr >= value if up else expr <= value)
             notes.append(f"{name}: {value} (best found; budget spent)")
         if k == 0 and refusal is not None and value < refusal:
-            proof = PlanProof.INFEASIBLE if status == cp_model.OPTIMAL else PlanProof.FEASIBLE
-            return Outcome(choices, proof, "; ".join(notes)), first
-        if not proven:
+            refused = PlanProof.INFEASIBLE if status == cp_model.OPTIMAL else PlanProof.FEASIBLE
+        if refused is not None and k == 1:
+            break  # a refusal: the plan cannot run, so peak and spread would only polish it
+        if not proven and refused is None:
             break
+    if refused is not None:
+        # the proof is the placed stage's: a NUMA-local stage cut short does not weaken it
+        return Outcome(choices, refused, "; ".join(notes)), first
     model.m.clear_objective()
     return Outcome(choices, PlanProof.OPTIMAL if proven else PlanProof.FEASIBLE, "; ".join(notes)), first
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -15,6 +16,8 @@ from hostmaint.placement import exact as ex
 from hostmaint.placement import plan_evacuation, plan_rebalance, plan_window, render_plan
 from hostmaint.placement.ledger import Ledger
 from hostmaint.placement.synthetic import generate_fleet
+from tests.fleet_shapes import DRAINED, FAMILIES, generate, small
+from tests.placement_oracle import breaches, oracle_max_placed, reference
 
 GIB = 1024
 
@@ -213,3 +216,32 @@ def test_an_exact_rebalance_never_worsens_the_balance() -> None:
                       hosts=(h0, h1), vms=vms)
     plan = plan_rebalance(s, 1, exact_budget=1.0)
     assert plan.balance_after <= plan.balance_before, plan
+
+
+# Fleets of real shapes (tests/fleet_shapes.py, made small) where not every VM fits, found by
+# comparing plans with the oracle's exact reference (tests/placement_oracle.py).
+def _tight(family: str, seed: int, hosts: int, movers: int) -> FleetSnapshot:
+    return generate(replace(small(FAMILIES[family]), fill=(0.7, 0.9)), seed, hosts, movers)
+
+
+def test_a_refusal_keeps_as_many_vms_numa_local_as_the_exact_optimum() -> None:
+    # 3 of 7 VMs fit; the exact stage stopped at the placed stage's optimum, and its placement (3
+    # placed, vm00003 spread over cells 1 and 2 of h0001) beat the greedy's on count alone: 2 local,
+    # where all 3 can be
+    s = _tight("n+1-edge", 18, 3, 7)
+    plan = plan_evacuation(s, [DRAINED], spare_hosts=0)
+    ref = reference(s, {DRAINED}, 5.0)
+    assert ref.proven and plan.proof is PlanProof.INFEASIBLE
+    assert (len(plan.placements), sum(p.numa_local for p in plan.placements)) == (ref.placed, ref.local) == (3, 3)
+    assert "NUMA-local: 3 (optimal)" in plan.proof_note
+
+
+def test_a_spread_takes_pinned_cpus_only_from_cells_that_hold_its_memory() -> None:
+    # the exact stage spread the pinned vm00003 over cells 0, 2 and 3 of h0003 with (19, 0, 2029) MiB:
+    # cell 2 lent a CPU and no memory, yet stood in the plan's cells and strict numatune nodeset (so
+    # the kernel could put memory there that the plan never counted); without that, 3 of 4 VMs fit
+    s = _tight("pinned-cells", 25, 4, 4)
+    plan = plan_evacuation(s, [DRAINED], spare_hosts=0)
+    assert all(mib > 0 for p in plan.placements for mib in p.cell_memory_mib), plan.placements
+    assert breaches(s, plan) == []
+    assert len(plan.placements) == oracle_max_placed(s, {DRAINED}) == 3
