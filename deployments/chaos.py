@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from deployments.server import RunningServer, ServerConfig, prefect_executable, server_env, start_server
@@ -21,11 +23,22 @@ POOL = "hostmaint-chaos"
 DEPLOYMENT = "chaos-patch-host"
 
 
+@contextmanager
+def _api(url: str) -> Iterator[None]:
+    """This process's Prefect client talks to the campaign's server, whatever settings it loaded before
+    (a test session's, say)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: url}):
+        yield
+
+
 class FlowRun:
     """A run of the patch-host deployment, watched through the API."""
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, api_url: str) -> None:
         self.run_id = run_id
+        self.api_url = api_url
         self.final: str | None = None
         self.message = ""
 
@@ -33,7 +46,7 @@ class FlowRun:
         from prefect.client.orchestration import get_client
 
         try:
-            with get_client(sync_client=True) as client:
+            with _api(self.api_url), get_client(sync_client=True) as client:
                 state = client.read_flow_run(self.run_id).state  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - the server restarting (a fault of the campaign): ask again later
             return None
@@ -64,9 +77,6 @@ class LocalPrefect:
         self.server = start_server(cfg, timeout_s=120, log=out / "prefect-server.log")
         self.env = server_env(cfg, env)
         self.inventory = env.get("HOSTMAINT_INVENTORY", "")
-        # this process's own client (deployments, runs) talks to the same server
-        for key in ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED"):
-            os.environ[key] = self.env[key]
         return dict(self.env)
 
     def restart_server(self) -> None:
@@ -82,10 +92,11 @@ class LocalPrefect:
 
             from deployments.server import ensure_work_pool
 
-            ensure_work_pool(POOL)
-            flow = Flow.from_source(source=str(ROOT), entrypoint="flows/patch_host.py:patch_host")
-            self.deployment_id = str(flow.deploy(  # type: ignore[union-attr]
-                name=DEPLOYMENT, work_pool_name=POOL, build=False, push=False, print_next_steps=False))
+            with _api(self.env["PREFECT_API_URL"]):
+                ensure_work_pool(POOL)
+                flow = Flow.from_source(source=str(ROOT), entrypoint="flows/patch_host.py:patch_host")
+                self.deployment_id = str(flow.deploy(  # type: ignore[union-attr]
+                    name=DEPLOYMENT, work_pool_name=POOL, build=False, push=False, print_next_steps=False))
         if self.worker is not None and self.worker.poll() is None:
             return
         env = {**self.env, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), self.env.get("PYTHONPATH")) if p),
@@ -106,13 +117,15 @@ class LocalPrefect:
     def submit(self, host: str, reason: str, operator: str) -> FlowRun:
         from prefect.client.orchestration import get_client
 
-        assert self.deployment_id is not None, "start_worker first"
-        with get_client(sync_client=True) as client:
+        self.start_worker()  # the first worker round deploys and starts it
+        assert self.deployment_id is not None
+        with _api(self.env["PREFECT_API_URL"]), get_client(sync_client=True) as client:
             run = client.create_flow_run_from_deployment(self.deployment_id, parameters={  # type: ignore[arg-type]
                 "host": host, "reason": reason, "operator": operator, "inventory": self.inventory})
-        return FlowRun(str(run.id))
+        return FlowRun(str(run.id), self.env["PREFECT_API_URL"])
 
     def stop(self) -> None:
+        """Idempotent, and safe after a failed start."""
         if self.worker is not None and self.worker.poll() is None:
             self.worker.terminate()
             try:

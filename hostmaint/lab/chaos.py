@@ -418,35 +418,36 @@ class Campaign:
 def open_campaign(workdir: Path, out: Path, prefect: PrefectSide, log: Callable[[str], None] = print,
                   worker: bool = False) -> Campaign:
     """Bring up a fresh lab (3 hosts of 1024 MiB, six 64 MiB guests), a Prefect server on loopback and
-    the limits (and a worker with ``worker``), and an inventory whose reboot timeout is short enough
-    for a hanging reboot to show."""
+    the limits (a worker comes up with the first worker round), and an inventory whose reboot timeout
+    is short enough for a hanging reboot to show. When any of it fails, what came up goes down again."""
     out.mkdir(parents=True, exist_ok=True)
     lab_down(workdir)
     info = lab_up(hosts=len(HOSTS), vms=6, workdir=workdir, linux_guests=0, host_memory_mib=1024)
-    data = yaml.safe_load(info.inventory_path.read_text())
-    data["clusters"][0]["host_policy"]["reboot_timeout_s"] = REBOOT_TIMEOUT_S
-    data["clusters"][0]["host_policy"]["update_timeout_s"] = 60
-    inventory = out / "inventory.yaml"
-    inventory.write_text(yaml.safe_dump(data, sort_keys=False))
-    db = out / f"hostmaint-{int(time.time())}.db"
-    env = dict(os.environ)
-    env.update({"HOSTMAINT_DB": str(db), "HOSTMAINT_INVENTORY": str(inventory),
-                "HOSTMAINT_LOCK_LEASE_SECONDS": str(LEASE_S), "PREFECT_LOGGING_LEVEL": "INFO",
-                "USER": "chaos", "COLUMNS": "200", "NO_COLOR": "1"})
-    env = prefect.start(out, PORT, env)
-    watcher = Watcher(workdir, HOSTS)
-    campaign = Campaign(workdir=workdir, out=out, info=info, inventory=inventory, env=env, prefect=prefect,
-                        watcher=watcher, log=log, worker=worker)
-    # releases published by earlier campaigns stay in the repo's cache: count on from the newest
-    campaign.release = max(int(p.name.split("-")[3].split(".")[0])
-                           for p in (workdir / "cache" / "repo").glob(f"{KERNEL_PACKAGE}-6.1.0-*.lab.*.rpm"))
-    rc, _, stderr = campaign.cli("setup", "--no-deployments", "-i", str(inventory), timeout=180)
-    if rc != 0:
-        close_campaign(campaign)
-        raise RuntimeError(f"hostmaint setup failed: {stderr}")
-    if worker:
-        prefect.start_worker()
-    watcher.start()
+    try:
+        data = yaml.safe_load(info.inventory_path.read_text())
+        data["clusters"][0]["host_policy"]["reboot_timeout_s"] = REBOOT_TIMEOUT_S
+        data["clusters"][0]["host_policy"]["update_timeout_s"] = 60
+        inventory = out / "inventory.yaml"
+        inventory.write_text(yaml.safe_dump(data, sort_keys=False))
+        db = out / f"hostmaint-{int(time.time())}.db"
+        env = dict(os.environ)
+        env.update({"HOSTMAINT_DB": str(db), "HOSTMAINT_INVENTORY": str(inventory),
+                    "HOSTMAINT_LOCK_LEASE_SECONDS": str(LEASE_S), "PREFECT_LOGGING_LEVEL": "INFO",
+                    "USER": "chaos", "COLUMNS": "200", "NO_COLOR": "1"})
+        env = prefect.start(out, PORT, env)
+        campaign = Campaign(workdir=workdir, out=out, info=info, inventory=inventory, env=env, prefect=prefect,
+                            watcher=Watcher(workdir, HOSTS), log=log, worker=worker)
+        # releases published by earlier campaigns stay in the repo's cache: count on from the newest
+        campaign.release = max(int(p.name.split("-")[3].split(".")[0])
+                               for p in (workdir / "cache" / "repo").glob(f"{KERNEL_PACKAGE}-6.1.0-*.lab.*.rpm"))
+        rc, _, stderr = campaign.cli("setup", "--no-deployments", "-i", str(inventory), timeout=180)
+        if rc != 0:
+            raise RuntimeError(f"hostmaint setup failed: {stderr}")
+    except BaseException:
+        prefect.stop()
+        lab_down(workdir)
+        raise
+    campaign.watcher.start()
     return campaign
 
 
