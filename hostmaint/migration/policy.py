@@ -33,6 +33,10 @@ from hostmaint.placement.ledger import pages_for
 MIB = 1024 * 1024
 DEFAULT_LINK_MIB_S = 1100.0  # ~10 GbE after protocol overhead; the inventory's default too
 DEFAULT_STREAM_MIB_S = 600.0  # what one QEMU migration connection pushes (~5 Gbit/s, CPU bound)
+# A TLS connection's rate ÷ a plain one's: QEMU encrypts in its migration thread. Measured on the lab
+# (benchmarks/tls_cost.py; 2 shared cores, TCG guests; lab notes: 250-360 vs 1000-1600 MB/s): hosts with
+# AES-NI and free cores lose less, so the inventory's migration.tls_stream_factor overrides it
+DEFAULT_TLS_STREAM_FACTOR = 0.5
 
 
 class Order(StrEnum):
@@ -102,6 +106,7 @@ class SchedulerPolicy:
     auto_converge_target_fraction: float = 0.1
     auto_converge_max_initial_pct: int = 90
     stream_mib_s: float = DEFAULT_STREAM_MIB_S  # per connection; times options.parallel_connections
+    tls_stream_factor: float = DEFAULT_TLS_STREAM_FACTOR  # a TLS connection's share of stream_mib_s
     default_link_mib_s: float = DEFAULT_LINK_MIB_S
     # escalation
     auto_converge: bool = True
@@ -218,8 +223,11 @@ def link_of(host: str, bandwidth_mib_s: Mapping[str, float] | None, policy: Sche
 
 
 def stream_rate(options: MigrationOptions, policy: SchedulerPolicy, link_mib_s: float) -> float:
-    """What one migration can push on its own: its connections' cap, a bandwidth limit, the link."""
+    """What one migration can push on its own: its connections' cap (less under TLS), a bandwidth limit,
+    the link."""
     rate = policy.stream_mib_s * options.parallel_connections
+    if options.tls:
+        rate *= policy.tls_stream_factor
     if options.bandwidth_mib_s is not None:
         rate = min(rate, float(options.bandwidth_mib_s))
     return min(rate, link_mib_s)

@@ -82,9 +82,14 @@ class SimParams:
     ac_step: float = 0.1
     ac_max: float = 0.99
     controls: bool = True  # the driver can escalate a running migration (MigrationControl)
+    tls_setup_s: float = 1.0  # more per TLS migration: QEMU's TLS handshakes (lab: benchmarks/tls_cost.py)
 
     def link(self, host: str) -> float:
         return float(self.link_mib_s.get(host, self.default_link_mib_s))
+
+    def setup(self, options: MigrationOptions) -> float:
+        """A migration's set-up with these options (TLS adds its handshakes)."""
+        return self.setup_s + (self.tls_setup_s if options.tls else 0.0)
 
 
 class Phase(StrEnum):
@@ -359,7 +364,7 @@ class _Engine:
             m.admit_rate = rate
             m.budget_s = migration_budget_s(m.spec.memory_mib, self.options)
             m.start = self.t
-            m.setup_end = self.t + self.params.setup_s
+            m.setup_end = self.t + self.params.setup(m.options)
             m.phase = Phase.SETUP
             if m.options.auto_converge:
                 m.level = Escalation.AUTO_CONVERGE
@@ -498,8 +503,8 @@ def vm_floor_s(spec: MigrationSpec, options: MigrationOptions, policy: Scheduler
     """The fastest one VM can move with the links to itself: set-up + M / (b − D), or M / b post-copy."""
     b = min(stream_rate(options, policy, params.link(spec.source)), params.link(spec.target))
     if spec.dirty_mib_s < b:
-        return params.setup_s + spec.memory_mib / (b - spec.dirty_mib_s)
-    return params.setup_s + spec.memory_mib / b
+        return params.setup(options) + spec.memory_mib / (b - spec.dirty_mib_s)
+    return params.setup(options) + spec.memory_mib / b
 
 
 def link_floor_s(specs: Sequence[MigrationSpec], params: SimParams) -> float:

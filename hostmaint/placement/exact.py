@@ -24,10 +24,10 @@ runs with one worker, a fixed seed and a *deterministic* time budget (never wall
 same snapshot gives the same plan and the same proof on any machine.
 
 When the first stage proves that not every VM fits, :func:`refusal_core` names, for each VM
-left out, a set of VMs that cannot all be placed together (narrowed by CP-SAT's sufficient
-assumptions where the set is small, shrunk by deletion to a minimal set when the budget allows)
-and the rules whose relaxation alone would let that set fit; the blocker's reason and hint follow
-from that set. :func:`solve_rebalance` is the same model for a rebalance's moves.
+left out, a set of VMs that cannot all be placed together (by a count of what the hosts they can
+reach hold, else narrowed by CP-SAT's sufficient assumptions, then shrunk by deletion to a minimal
+set, each check bounded) and the rules whose relaxation alone would let that set fit; the
+blocker's reason and hint follow from that set. :func:`solve_rebalance` is the same model for a rebalance's moves.
 """
 
 from __future__ import annotations
@@ -75,6 +75,9 @@ MAX_PAIRS = 2500
 WORKERS = 1
 SEED = 1
 CORES = 8  # VMs left out that get a refusal core of their own; the rest state the proven bound
+# Deterministic seconds one "can these all be placed?" check of a core's shrink may spend: many
+# small checks, each bounded, instead of a few that take what the budget has left
+CHECK_BUDGET = 0.05
 
 # Rules the exact stage can relax one at a time to say which one a refusal core runs into.
 RULES = ("numa", "anti-affinity", "pinning", "hugepages", "vcpu", "memory")
@@ -104,12 +107,20 @@ class Problem:
     # the VMs run on hosts of the model already (a rebalance): a move also lowers its source's load
     internal: bool = False
     needs: dict[str, Demand] = field(default_factory=dict)
+    # options per (VM, rules relaxed): a refusal's cores build many models of the same VMs
+    known: dict[tuple[str, frozenset[str]], list[Option]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.needs = {vm.name: demand_of(vm) for vm in self.vms}
 
     def options(self, vm: Vm, relax: frozenset[str] = frozenset()) -> list[Option]:
         """The hosts ``vm`` can go to alone (with ``relax``: those rules ignored), by the fit rules."""
+        key = (vm.name, relax)
+        if key not in self.known:
+            self.known[key] = self._options(vm, relax)
+        return self.known[key]
+
+    def _options(self, vm: Vm, relax: frozenset[str]) -> list[Option]:
         need = self.needs[vm.name]
         out = []
         for name in self.targets[vm.name]:
@@ -771,15 +782,21 @@ class Core:
 
 
 def _all_fit(prob: Problem, vms: Sequence[Vm], budget: Budget, relax: frozenset[str] = frozenset(),
-             share: float = 1.0) -> bool | None:
-    """Can every one of ``vms`` be placed at once? None when the budget ran out first."""
+             share: float = 1.0, cap: float | None = None) -> bool | None:
+    """Can every one of ``vms`` be placed at once? None when the budget (``share`` of what is left,
+    at most ``cap`` deterministic seconds) ran out first. A counting proof (:func:`counting_core`)
+    answers no without a search."""
     cp_model = _cp()
     if not vms:
         return True
+    if counting_core(prob, vms, None, relax) is not None:
+        return False
     model = Model(prob, vms, relax)
     for p in model.placed.values():
         model.m.add(p == 1)
     solver = budget.solver(share)
+    if cap is not None:
+        solver.parameters.max_deterministic_time = min(solver.parameters.max_deterministic_time, cap)
     status = solver.solve(model.m)
     budget.spend(solver)
     if status == cp_model.INFEASIBLE:
@@ -789,15 +806,105 @@ def _all_fit(prob: Problem, vms: Sequence[Vm], budget: Budget, relax: frozenset[
     return None
 
 
+@dataclass(frozen=True)
+class _Reach:
+    """Where one VM could go alone (by the fit rules, some relaxed), and what it draws there."""
+
+    cells: frozenset[tuple[str, int]]  # host cells its memory (and pinned CPUs) may land in
+    hosts: frozenset[str]
+    draw: int  # units of its pool (whole MiB, or pages of its size), the least any option draws
+    pins: int
+    vcpus: int
+
+
+def _reach(prob: Problem, vm: Vm, relax: frozenset[str]) -> _Reach:
+    need = prob.needs[vm.name]
+    cells: set[tuple[str, int]] = set()
+    spread = False
+    for opt in prob.options(vm, relax):
+        if opt.remote:
+            spread = True
+            cells.update((opt.host, c.id) for c in prob.hosts[opt.host].cells)
+        else:
+            cells.update((opt.host, c) for part in opt.local for c in part)
+    draw = _spread_draw(need) if spread else sum(pool_draw(m, need.page_kib) for m in need.mib)
+    return _Reach(frozenset(cells), frozenset(h for h, _ in cells), draw, sum(len(g) for g in need.cpus),
+                  vm.vcpus)
+
+
+def counting_core(prob: Problem, vms: Sequence[Vm], keep: Vm | None,
+                  relax: frozenset[str] = frozenset()) -> list[Vm] | None:
+    """VMs of ``vms`` (``keep`` among them, if given) that a count proves cannot all be placed, or None.
+
+    The proof, no search: take a region (the cells or hosts one VM could go to alone, or all of
+    them) and the VMs that can go nowhere else; if they need more of one thing than the region has
+    together (memory or hugepages of one size, pinned CPUs, vCPUs, hosts free of their anti-affinity
+    group), they cannot all be placed. The set named is the fewest of them that still need too much
+    (the largest first), the smallest such set over the regions tried. A cell's room is what it has
+    before any of them, so a region's room only over-counts: the count never calls a placeable set
+    impossible. This is how a large capacity refusal gets a small core at once, where a search for
+    one costs more than the budget has."""
+    reach = {v.name: _reach(prob, v, relax) for v in vms}
+    if keep is not None and not reach[keep.name].hosts:
+        return [keep]
+    if keep is None:
+        alone = next((v for v in vms if not reach[v.name].hosts), None)
+        if alone is not None:
+            return [alone]
+    best: list[Vm] | None = None
+
+    def consider(members: list[Vm], demand: Callable[[Vm], int], room: int) -> None:
+        nonlocal best
+        if sum(demand(v) for v in members) <= room:
+            return
+        first = [keep] if keep is not None and keep in members and demand(keep) > 0 else []
+        if keep is not None and not first:
+            return
+        core, total = list(first), sum(demand(v) for v in first)
+        for v in sorted((v for v in members if v not in first and demand(v) > 0),
+                        key=lambda v: (-demand(v), v.name)):
+            if total > room:
+                break
+            core.append(v)
+            total += demand(v)
+        if best is None or len(core) < len(best):
+            best = core
+
+    every_cell = frozenset(k for r in reach.values() for k in r.cells)
+    regions = sorted({r.cells for r in reach.values()} | {every_cell}, key=lambda c: (len(c), sorted(c)))
+    for region in regions:
+        inside = [v for v in vms if reach[v.name].cells <= region]
+        for page in sorted({prob.needs[v.name].page_kib for v in inside}):
+            if ("hugepages" if page else "memory") in relax:
+                continue
+            room = sum(pool_room(prob.hosts[h].cell(c), page) for h, c in region)
+            consider([v for v in inside if prob.needs[v.name].page_kib == page],
+                     lambda v: reach[v.name].draw, room)
+        if "pinning" not in relax:
+            consider(inside, lambda v: reach[v.name].pins,
+                     sum(free_cpu_count(prob.hosts[h].cell(c)) for h, c in region))
+    every_host = frozenset(h for r in reach.values() for h in r.hosts)
+    for hosts in sorted({r.hosts for r in reach.values()} | {every_host}, key=lambda h: (len(h), sorted(h))):
+        inside = [v for v in vms if reach[v.name].hosts <= hosts]
+        if "vcpu" not in relax:
+            consider(inside, lambda v: reach[v.name].vcpus, sum(vcpu_room(prob.hosts[h]) for h in hosts))
+        if "anti-affinity" not in relax:
+            for group in sorted({v.anti_affinity for v in inside if v.anti_affinity}):
+                consider([v for v in inside if v.anti_affinity == group], lambda v: 1, len(hosts))
+    return best
+
+
 def refusal_core(prob: Problem, placed: Mapping[str, str], left_out: Vm, budget: Budget) -> Core | None:
     """A set of VMs, ``left_out`` among them, that cannot all be placed together.
 
     The optimum placed ``placed`` (VM -> host): with ``left_out`` they are one too many, so some
     subset holding ``left_out`` is infeasible. Tried in turn, cheapest first: ``left_out`` alone;
-    with the VMs the optimum put on the hosts it could go to (narrowed by CP-SAT's sufficient
-    assumptions); with all of them. The first shown infeasible is shrunk by deletion (halves, then
-    quarters, ... then one VM at a time) to a minimal set while the budget lasts. None if no
-    infeasible set was shown within the budget.
+    a count over every VM of the plan (:func:`counting_core`: a capacity refusal's set at once, at
+    any size); with the VMs the optimum put on the hosts it could go to (narrowed by CP-SAT's
+    sufficient assumptions); with all of them. The first shown infeasible is shrunk by deletion
+    (halves, then quarters, ... then one VM at a time) to a minimal set: each check is a count
+    first, then a search of at most ``CHECK_BUDGET`` (a check it leaves open keeps the VM, and the
+    set is then not called minimal). None if no infeasible set was shown within the budget.
 
     On all the VMs, deletion solves "place all of these" with presolve on, which proves a packing
     impossible far sooner than assumptions (which turn most of presolve off) on these models.
@@ -808,13 +915,17 @@ def refusal_core(prob: Problem, placed: Mapping[str, str], left_out: Vm, budget:
         return Core((left_out.name,), True, *_causes([left_out], prob, budget))
     if alone is None:
         return None
-    near = {o.host for o in prob.options(left_out)}
-    rivals = [by_name[n] for n, h in sorted(placed.items()) if h in near]
-    everyone = [by_name[n] for n in sorted(placed)]
-    # the few VMs on its hosts: CP-SAT's sufficient assumptions name a subset at once
-    start = _assumed_core(prob, [*rivals, left_out], left_out, budget) if budget.left > 0 else None
-    if start is None and budget.left > 0 and _all_fit(prob, [*everyone, left_out], budget, share=STAGE_SHARE) is False:
-        start = [*everyone, left_out]
+    # a count over every VM of the plan (no search): a large capacity refusal's core at once
+    start = counting_core(prob, prob.vms, left_out)
+    if start is None:
+        near = {o.host for o in prob.options(left_out)}
+        rivals = [by_name[n] for n, h in sorted(placed.items()) if h in near]
+        everyone = [by_name[n] for n in sorted(placed)]
+        # the few VMs on its hosts: CP-SAT's sufficient assumptions name a subset at once
+        start = _assumed_core(prob, [*rivals, left_out], left_out, budget) if budget.left > 0 else None
+        if start is None and budget.left > 0 and \
+                _all_fit(prob, [*everyone, left_out], budget, share=STAGE_SHARE) is False:
+            start = [*everyone, left_out]
     if start is None:
         return None
     core, minimal = _shrink(prob, start, left_out, budget)
@@ -848,7 +959,11 @@ def _shrink(prob: Problem, members: Sequence[Vm], keep: Vm, budget: Budget) -> t
         while i < len(core) - 1:  # ``keep`` is last and stays
             cut = core[i:min(i + chunk, len(core) - 1)]
             rest = core[:i] + core[i + len(cut):]
-            fits = _all_fit(prob, rest, budget, share=STAGE_SHARE) if budget.left > 0 else None
+            fits: bool | None = None
+            if counting_core(prob, rest, None) is not None:
+                fits = False  # counted: no budget needed
+            elif budget.left > 0:
+                fits = _all_fit(prob, rest, budget, share=STAGE_SHARE, cap=CHECK_BUDGET)
             if fits is False:
                 core = rest  # still infeasible without them: not needed
                 continue

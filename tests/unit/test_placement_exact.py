@@ -245,3 +245,25 @@ def test_a_spread_takes_pinned_cpus_only_from_cells_that_hold_its_memory() -> No
     assert all(mib > 0 for p in plan.placements for mib in p.cell_memory_mib), plan.placements
     assert breaches(s, plan) == []
     assert len(plan.placements) == oracle_max_placed(s, {DRAINED}) == 3
+
+
+def _only(s: FleetSnapshot, vms: set[str]) -> FleetSnapshot:
+    """``s`` with only ``vms`` left on the drained host: is that set placeable on its own?"""
+    return s.model_copy(update={"vms": tuple(v for v in s.vms if v.host != DRAINED or v.name in vms)})
+
+
+def test_a_large_capacity_refusal_names_small_minimal_cores() -> None:
+    # 8 hosts filled to 70-90 %, 40 VMs to move, 36 fit. The cores were searched among all the VMs
+    # placed: one was never found within the budget, the others not shrunk (17 and 26 VMs, "not
+    # shrunk to a minimal set"). A count over the hosts they can reach names a small set at once.
+    s = generate(replace(FAMILIES["heavy-tail"], fill=(0.7, 0.9)), 1, 8, 40)
+    plan = plan_evacuation(s, [DRAINED], spare_hosts=0)
+    assert plan.proof is PlanProof.INFEASIBLE and len(plan.blocked) == 4
+    for blk in plan.blocked:
+        assert blk.vm in blk.core and len(blk.core) <= 8 and "a minimal set" in blk.reason, blk
+        # judged by the oracle's own model, no planner code: the set cannot be placed, and without
+        # any one member the rest can
+        assert oracle_max_placed(_only(s, set(blk.core)), {DRAINED}) == len(blk.core) - 1
+        for drop in blk.core:
+            rest = set(blk.core) - {drop}
+            assert oracle_max_placed(_only(s, rest), {DRAINED}) == len(rest), (blk.core, drop)
