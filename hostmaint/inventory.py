@@ -246,6 +246,9 @@ class MigrationSettings(Strict):
     # The migration network: each host's address on it is discovered (its interface in this subnet), unless
     # the host names its own migration_address. Unset: migrations use the management address.
     network: str | None = None
+    # a TLS stream's rate ÷ a plain one's on these hosts, for the scheduler and the what-if simulator
+    # (unset: hostmaint.migration.policy.DEFAULT_TLS_STREAM_FACTOR, measured on the lab)
+    tls_stream_factor: Annotated[float, Field(gt=0, le=1)] | None = None
 
     @field_validator("network")
     @classmethod

@@ -28,10 +28,16 @@ from hostmaint.display import visible
 from hostmaint.drivers.base import MigrationStates, ShutOffVms
 from hostmaint.errors import DriverError, HostmaintError, PlanError, StepError, TransientDriverError
 from hostmaint.fleet import discover_cluster
-from hostmaint.inventory import Inventory
+from hostmaint.inventory import Inventory, MigrationTls
 from hostmaint.migration import DrainEvent, DrainReport, drain
 from hostmaint.migration.links import LinkFigure, resolve_link
-from hostmaint.migration.policy import DEFAULT_LINK_MIB_S, SchedulerPolicy, drain_limits, slots_per_drain
+from hostmaint.migration.policy import (
+    DEFAULT_LINK_MIB_S,
+    DEFAULT_TLS_STREAM_FACTOR,
+    SchedulerPolicy,
+    drain_limits,
+    slots_per_drain,
+)
 from hostmaint.migration.probe import probe_dirty_rates
 from hostmaint.migration.transport import Route, render_refusals
 from hostmaint.migration.transport_probe import needs_reading, read_transport
@@ -751,10 +757,14 @@ def drain_settings(inventory: Inventory, cluster: str) -> tuple[SchedulerPolicy,
     """The scheduler policy and migration options of ``cluster``'s drains, from its ``migration`` settings."""
     m = inventory.cluster(cluster).migration
     policy = SchedulerPolicy(allow_post_copy=m.allow_post_copy, auto_converge=m.auto_converge,
-                             auto_converge_max_initial_pct=m.max_upfront_throttle_pct)
+                             auto_converge_max_initial_pct=m.max_upfront_throttle_pct,
+                             tls_stream_factor=m.tls_stream_factor or DEFAULT_TLS_STREAM_FACTOR)
+    # tls: what the scheduler and the simulator expect of a stream (each migration's own route decides
+    # whether it is encrypted: preferred may fall back); a SIMULATED fleet's migrations are never encrypted
+    tls = m.tls is not MigrationTls.OFF and inventory.simulation is None
     options = MigrationOptions(parallel_connections=m.parallel_connections, bandwidth_mib_s=m.bandwidth_mib_s,
                                stall_seconds=m.stall_seconds, seconds_per_gib=m.seconds_per_gib,
-                               min_budget_seconds=m.min_budget_seconds)
+                               min_budget_seconds=m.min_budget_seconds, tls=tls)
     return policy, options
 
 

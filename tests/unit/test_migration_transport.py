@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -199,3 +200,50 @@ def test_the_driver_asks_libvirt_for_tls_and_the_migration_address(options: Migr
     assert bool(flags & libvirt.VIR_MIGRATE_TLS) is tls
     assert params.get(libvirt.VIR_MIGRATE_PARAM_URI) == uri
     assert params.get(libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS) == listen
+
+
+def test_tls_costs_the_simulated_drain_what_the_measurement_says() -> None:
+    from hostmaint.migration.policy import SchedulerPolicy, stream_rate
+    from hostmaint.migration.simulate import SimParams, simulate_drain
+    from hostmaint.models import Limits, Placement
+
+    policy = SchedulerPolicy.fixed(1)
+    plain, tls = MigrationOptions(), MigrationOptions(tls=True)
+    assert stream_rate(tls, policy, 10_000.0) == pytest.approx(policy.stream_mib_s * policy.tls_stream_factor)
+    assert stream_rate(plain, policy, 10_000.0) == policy.stream_mib_s
+    placements = [Placement(vm=f"v{i}", source="a", target="b", memory_mib=8192, reason="t") for i in range(3)]
+    limits = Limits(migrations_per_source=1, migrations_per_target=1, migrations_per_cluster=1)
+    params = SimParams(tls_setup_s=2.0)
+    t_plain = simulate_drain(placements, limits, policy=policy, options=plain, params=params).makespan_s
+    t_tls = simulate_drain(placements, limits, policy=policy, options=tls, params=params).makespan_s
+    # each of the 3 serial migrations: 2 s more set-up and 8 GiB at half the rate
+    expected = 3 * (2.0 + 8192 / (policy.stream_mib_s * policy.tls_stream_factor) - 8192 / policy.stream_mib_s)
+    assert t_tls - t_plain == pytest.approx(expected, rel=0.05)
+
+
+@pytest.mark.parametrize(("migration", "simulated", "tls", "factor"), [
+    ({}, False, True, None),  # the default: required
+    ({"tls": "preferred"}, False, True, None),
+    ({"tls": "off"}, False, False, None),
+    ({"tls_stream_factor": 0.9}, False, True, 0.9),
+    ({}, True, False, None),  # a SIMULATED fleet's migrations are never encrypted
+])
+def test_the_clusters_tls_setting_reaches_the_scheduler_and_the_simulator(
+        tmp_path: Path, migration: dict[str, object], simulated: bool, tls: bool, factor: float | None) -> None:
+    import yaml
+
+    from hostmaint.inventory import load_inventory
+    from hostmaint.maintenance import drain_settings
+    from hostmaint.migration.policy import DEFAULT_TLS_STREAM_FACTOR
+
+    doc: dict[str, object] = {
+        "version": 1, "clusters": [{"name": "c", "migration": migration}],
+        "hosts": [{"name": "h1", "cluster": "c", "libvirt_uri": "qemu+tls://h1/system",
+                   "ssh": {"address": "h1", "key": {"agent": True}, "known_hosts": "kh"}}]}
+    if simulated:
+        doc["simulation"] = {"state_file": "fleet.json"}
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    policy, options = drain_settings(load_inventory(path), "c")
+    assert options.tls is tls
+    assert policy.tls_stream_factor == (factor or DEFAULT_TLS_STREAM_FACTOR)
