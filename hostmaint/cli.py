@@ -336,13 +336,15 @@ def _transport_view(rt: Any, probe: bool) -> dict[str, dict[str, Any]]:
     the host, with what its certificates lack)."""
     from datetime import UTC, datetime
 
-    from hostmaint.migration.transport import network_name, tls_problems
+    from hostmaint.migration.transport import network_name, pair_problem, tls_problems
     from hostmaint.migration.transport_probe import probe_cluster
 
     view: dict[str, dict[str, Any]] = {}
+    now = datetime.now(UTC)
     for c in rt.inventory.clusters:
         names = [h.name for h in rt.inventory.hosts_of(c.name)]
         ends = probe_cluster(rt.shell, rt.inventory, names) if probe and not rt.simulated else {}
+        ready = [n for n, e in ends.items() if e.probed_tls and not e.problems and not tls_problems(e, now)]
         for h in rt.inventory.hosts_of(c.name):
             end = ends.get(h.name)
             tls = c.migration.tls.value
@@ -353,7 +355,11 @@ def _transport_view(rt: Any, probe: bool) -> dict[str, dict[str, Any]]:
             else:
                 address = end.address
                 where = network_name(address, c.migration.network)
-                problems = list(end.problems) + (tls_problems(end, datetime.now(UTC)) if end.probed_tls else [])
+                problems = list(end.problems) + (tls_problems(end, now) if end.probed_tls else [])
+                # ready on its own, but no peer's QEMU accepts it (or it none): another CA
+                pairs = [pair_problem(end, ends[p]) or pair_problem(ends[p], end) for p in ready if p != h.name]
+                if h.name in ready and pairs and all(pairs):
+                    problems.append(str(pairs[0]))
                 tls += ": " + ("; ".join(problems) if problems else "ready" if end.probed_tls else "not checked")
             view[h.name] = {"migrates_on": where, "migration_address": address, "tls": tls}
     return view
@@ -499,12 +505,17 @@ def _parse_anchor(text: str) -> Any:
 
 
 @lab_app.command("up")
-def lab_up_cmd(hosts: int = 3, vms: int = 6, workdir: Path | None = None) -> None:
+def lab_up_cmd(hosts: int = 3, vms: int = 6, workdir: Path | None = None,
+               tls: Annotated[bool, typer.Option(
+                   "--tls", help="Its own PKI, libvirtd on TLS with client certificates checked, QEMU migration "
+                                 "TLS and a migration network; the inventory says migration.tls: required "
+                                 "(hostmaint/lab/README.md).")] = False) -> None:
     """Build the real local lab: hosts in network namespaces, libvirtd, sshd, QEMU guests."""
     from hostmaint.lab import lab_up
 
     with exit_codes():
-        info = lab_up(hosts=hosts, vms=vms) if workdir is None else lab_up(hosts=hosts, vms=vms, workdir=workdir)
+        info = (lab_up(hosts=hosts, vms=vms, tls=tls) if workdir is None
+                else lab_up(hosts=hosts, vms=vms, workdir=workdir, tls=tls))
         out.print(f"inventory: {info.inventory_path}\nknown_hosts: {info.known_hosts_path}", markup=False)
         out.print(Path(info.inventory_path).read_text(), highlight=False, markup=False, emoji=False)
 
