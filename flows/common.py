@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 from flows.provenance import started_by
 from hostmaint.display import markdown_code, markdown_text, visible
 from hostmaint.maintenance import RunContext
-from hostmaint.models import MigrationResult, StepOutcome, Trigger
+from hostmaint.models import HostState, MigrationResult, StepOutcome, Trigger
 
 
 def default_inventory() -> str:
@@ -36,7 +36,7 @@ class HostOutcome(BaseModel):
 
     host: str
     outcome: StepOutcome
-    state: str
+    state: HostState | None = None  # None: the run is not one host's (a rebalance's cluster)
     detail: str = ""
     migrations: list[MigrationResult] = Field(default_factory=list)
     rebooted: bool = False
@@ -61,7 +61,7 @@ def publish_report(title: str, outcomes: Sequence[HostOutcome], *, key: str | No
     for o in outcomes:
         first, _, rest = o.detail.partition("\n")
         shown = first[:200] + (" (in full below)" if rest or len(first) > 200 else "")
-        lines.append(f"| {markdown_text(o.host)} | {o.outcome.value} | {markdown_text(o.state)} | "
+        lines.append(f"| {markdown_text(o.host)} | {o.outcome.value} | {markdown_text(o.state or '-')} | "
                      f"{'yes' if o.rebooted else 'no'} | {o.packages_changed} | {o.seconds:.1f} | "
                      f"{markdown_text(shown)} |")
         if shown != first:

@@ -13,9 +13,12 @@ from flows.draining import drain_planned
 from flows.run_display import label_run, publish_plan
 from hostmaint.cancel import RunCancelled
 from hostmaint.errors import HostmaintError, InputError, PlanError
+from hostmaint.hooks import HookPoint
 from hostmaint.models import EvacuationPlan, FleetSnapshot, StepOutcome, Trigger
+from hostmaint.monitoring import GatePoint, WorkKind
 from hostmaint.placement import render_plan
 from hostmaint.placement.exact import DEFAULT_BUDGET
+from tasks import integrations as ti
 from tasks import maintenance as t
 from tasks.common import RuntimeRef
 
@@ -25,7 +28,8 @@ from tasks.common import RuntimeRef
 def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", reason: str = "",
                   inventory: str | None = None, trigger: Trigger = Trigger.UI,
                   lock_wait_s: float | None = 60, approved_plan: EvacuationPlan | None = None,
-                  approved_on: FleetSnapshot | None = None, exact_budget: float = DEFAULT_BUDGET) -> HostOutcome:
+                  approved_on: FleetSnapshot | None = None, exact_budget: float = DEFAULT_BUDGET,
+                  incident: bool = False) -> HostOutcome:
     """Move every VM off ``host`` and leave it cordoned and empty.
 
     With ``dry_run`` the plan is printed and nothing changes (one audit record says so).
@@ -36,6 +40,13 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
     the cluster changed under it since (then the re-made plan runs and is recorded, step ``replan``,
     as any plan that waited); an approved plan that was not feasible is refused before anything moves.
     ``exact_budget``: deterministic seconds for the planner's exact stage (0: greedy only).
+
+    The operator's world (docs/integrations.md): the cluster's monitoring gates are asked before the
+    cordon (held: the host is skipped, nothing changed), except by an ``incident`` evacuation (an
+    incident runbook's: it runs because the host is failing), where the gate record says they were
+    bypassed and why; the host's alerts are silenced while it is out of service (until return-host,
+    at most ``evacuation_silence_s``); ``pre_drain`` hooks run once the plan holds, before the drain
+    (a failure leaves the host cordoned, nothing moved).
     """
     started = time.monotonic()
     ref = RuntimeRef(inventory or default_inventory(), exact_budget=exact_budget)
@@ -55,6 +66,15 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
     if approved_plan is not None:
         approved_plan = _approved(host, approved_plan, approved_on)  # before anything changes
     with locks.host_maintenance(host, cluster, wait_seconds=lock_wait_s, holder=rt.states.get(host).run_id):
+        # alerts firing: not now, for a planned evacuation; an incident's goes on (recorded bypassed)
+        held = ti.gate_host(ref, run, host, GatePoint.BEFORE_DRAIN,
+                            WorkKind.INCIDENT if incident else WorkKind.EVACUATION)
+        if held:
+            skipped = HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host).value,
+                                  detail=held, simulated=rt.simulated, seconds=time.monotonic() - started)
+            publish_report(f"evacuate {host}", [skipped])
+            return skipped
+        ti.open_evacuation_silence(ref, run, host)  # kept while the host is out; return-host ends it
         t.cordon_host(ref, run, host)
         # One discovery, after the cordon and before anything moves, is both the list of VMs the
         # invariants expect and the plan's view of the cluster (the plan used to discover again).
@@ -76,6 +96,7 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
                 plan, planned_on = t.plan_evacuation(ref, run, host, snapshot=snapshot, busy=busy), snapshot
                 logger.info("plan:\n%s", render_plan(plan))
             publish_plan(plan, host)
+            ti.run_hooks(ref, run, host, HookPoint.PRE_DRAIN)  # failed: cordoned, nothing moved
             plan, report = drain_planned(ref, run, plan, planned_on)
             t.check_invariants(ref, cluster, expected, stopped)
             stopped = sorted({*stopped, *t.stop_unmigratable(ref, run, plan)})

@@ -9,13 +9,12 @@ each VM moves about once; a final rebalance levels the cluster with few moves.
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 
 from prefect import flow, get_run_logger, runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import CancelledRun
-from prefect.futures import PrefectFuture
+from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import notify
@@ -46,15 +45,21 @@ def patch_one(host: str, inventory: str, operator: str, window_id: str, trigger:
                           hosts_at_once=hosts_at_once, exact_budget=exact_budget)
     except CancelledRun as exc:
         # cancelled (with its window, or on its own): it stood its host down, cordoned with who did it
-        state = RuntimeRef(inventory).open().states.state(host).value
+        state = RuntimeRef(inventory).open().states.state(host)
         return HostOutcome(host=host, outcome=StepOutcome.ABORTED, state=state, detail=str(exc))
     except LockHeldError as exc:
         # Another run (an evacuation, a runbook) holds the host: not a failure of this host.
-        state = RuntimeRef(inventory).open().states.state(host).value
+        state = RuntimeRef(inventory).open().states.state(host)
         return HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=state, detail=f"not started: {exc}")
     except Exception as exc:  # noqa: BLE001 - recorded per host; the audit has the details
-        state = RuntimeRef(inventory).open().states.state(host).value
+        state = RuntimeRef(inventory).open().states.state(host)
         return HostOutcome(host=host, outcome=StepOutcome.FAILED, state=state, detail=str(exc))
+
+
+def _finished(running: dict[PrefectFuture[HostOutcome], str]) -> list[PrefectFuture[HostOutcome]]:
+    """The hosts' runs that have finished, waiting (Prefect's ``as_completed``) until one has."""
+    first = next(as_completed(list(running)))
+    return [first, *(f for f in running if f is not first and f.state.is_final())]
 
 
 def _scheduled_start() -> datetime:
@@ -109,24 +114,24 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
     done = rt.states.patched_in(window_id)
     order, left_out = window_order(snapshot, hosts)
     pending = [h for h in order if h not in done]
-    outcomes = [HostOutcome(host=h, outcome=StepOutcome.SKIPPED, state=rt.states.state(h).value,
+    outcomes = [HostOutcome(host=h, outcome=StepOutcome.SKIPPED, state=rt.states.state(h),
                             detail=f"already patched in window {window_id}", simulated=rt.simulated)
                 for h in order if h in done]
-    outcomes += [HostOutcome(host=h, outcome=StepOutcome.SKIPPED, state=rt.states.state(h).value,
+    outcomes += [HostOutcome(host=h, outcome=StepOutcome.SKIPPED, state=rt.states.state(h),
                              detail="left out of the window: a VM's policy is skip-host", simulated=rt.simulated)
                  for h in left_out]
     order += left_out
     logger.info("window %s: %d host(s) to patch, %d already done, %d at a time",
                 window_id, len(pending), len(done), parallel)
     links = link_figures(rt.inventory, rt.states, cluster)  # measured by earlier drains where the inventory gives none
-    running: dict[str, PrefectFuture[HostOutcome]] = {}
+    running: dict[PrefectFuture[HostOutcome], str] = {}  # each host's patch-host run, side by side
     failures = 0
     durations: list[float] = []
     started: list[str] = []
     waiting_for_room: str | None = None  # refused room; asked again once a host in maintenance finishes
     cancel = cancellation.for_run(run.run_id)
     stopped = cancel.is_set if cancel is not None else (lambda: False)
-    while pending or running:
+    while True:
         while pending and len(running) < parallel and failures <= max_failed_hosts and not stopped():
             host = pending[0]
             # its own estimate, or longer once a host of this window took longer: never less
@@ -142,7 +147,7 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
                 # refused by its own plan, after a cordon, as a failure of the window.
                 if waiting_for_room == host:
                     break
-                room = t.room_in_window(ref, cluster, sorted(running), host)
+                room = t.room_in_window(ref, cluster, sorted(running.values()), host)
                 if not room.ok:
                     logger.info("window %s: %s waits until a host in maintenance finishes: %s", window_id,
                                 host, room.reason)
@@ -152,27 +157,25 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
             pending.pop(0)
             # due later, and those started a moment ago that may not be cordoned yet: a plan made now
             # must not send VMs to a host about to go into maintenance (it would wait for its drain)
-            avoid = [h for h in (*running, *pending) if h != host]
+            avoid = [h for h in (*running.values(), *pending) if h != host]
             started.append(host)
-            running[host] = patch_one.submit(host, inv_path, operator, window_id, trigger, avoid, parallel)
+            running[patch_one.submit(host, inv_path, operator, window_id, trigger, avoid, parallel)] = host
         if not running:
             break
-        time.sleep(0.2)
-        for host, fut in list(running.items()):
-            if fut.state.is_final():
-                result = fut.result()
-                outcomes.append(result)
-                durations.append(result.seconds)
-                running.pop(host)
-                waiting_for_room = None  # room may have come back
-                if result.outcome is StepOutcome.FAILED:
-                    failures += 1
-                    logger.error("host %s failed: %s", host, visible(result.detail))
+        for fut in _finished(running):
+            host = running.pop(fut)
+            result = fut.result()
+            outcomes.append(result)
+            durations.append(result.seconds)
+            waiting_for_room = None  # room may have come back
+            if result.outcome is StepOutcome.FAILED:
+                failures += 1
+                logger.error("host %s failed: %s", host, visible(result.detail))
     left = list(pending)
     for host in pending:
         reason = ("window cancelled" if stopped() else "failure limit reached" if failures > max_failed_hosts
                   else "window would end before it finished")
-        outcomes.append(HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host).value,
+        outcomes.append(HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host),
                                     detail=f"not started: {reason}", simulated=rt.simulated))
     if failures <= max_failed_hosts and rebalance_moves != 0 and not pending and not stopped():
         remaining = clock.remaining()

@@ -36,17 +36,17 @@ def rebalance_cluster(cluster: str, max_moves: int = 10, dry_run: bool = False, 
     plan = t.plan_rebalance_task(ref, cluster, max_moves, snapshot=snapshot)
     get_run_logger().info("rebalance plan:\n%s", render_plan(plan))
     if dry_run:
-        return HostOutcome(host=cluster, outcome=StepOutcome.DRY_RUN, state="-", detail=render_plan(plan),
+        return HostOutcome(host=cluster, outcome=StepOutcome.DRY_RUN, detail=render_plan(plan),
                            simulated=rt.simulated)
     try:
         plan, report = rebalance_locked(ref, run, plan, snapshot, max_moves)
     except RunCancelled as exc:
-        publish_report(f"rebalance {cluster}", [HostOutcome(host=cluster, outcome=StepOutcome.ABORTED, state="-",
+        publish_report(f"rebalance {cluster}", [HostOutcome(host=cluster, outcome=StepOutcome.ABORTED,
                                                             detail=str(exc), simulated=rt.simulated)])
         raise
     t.check_invariants(ref, cluster, expected)
     result = HostOutcome(host=cluster, outcome=StepOutcome.OK if report is None or report.ok else StepOutcome.FAILED,
-                         state="-", migrations=list(report.results) if report else [], simulated=rt.simulated,
+                         migrations=list(report.results) if report else [], simulated=rt.simulated,
                          detail=f"{len(plan.moves)} move(s); balance {plan.balance_before:.4f} → "
                                 f"{plan.balance_after:.4f}")
     publish_report(f"rebalance {cluster}", [result])

@@ -21,7 +21,9 @@ from flows.common import HostOutcome, default_inventory, publish_report, run_con
 from flows.rebalance_cluster import rebalance_cluster
 from flows.run_display import label_run
 from hostmaint.errors import InputError
+from hostmaint.hooks import HookPoint
 from hostmaint.models import HostState, MigrationResult, StepOutcome, Trigger
+from tasks import integrations as ti
 from tasks import maintenance as t
 from tasks.common import RuntimeRef
 
@@ -45,6 +47,11 @@ def return_host(host: str, operator: str = "unknown", reason: str = "evacuation 
     when ``then`` returns them (a return that died after its uncordon). A host in any state but drained (or
     verifying, a return that died half way) is refused before anything changes, naming its state:
     a patch, a failure or an incident's cordon each has its own way back.
+
+    The evacuation's hooks and silence end here (docs/integrations.md): ``post_verify`` hooks run once
+    the host is verified (a failure leaves it verifying, with the reason; running this again verifies
+    it again), the silence the evacuation left ends once the host is back in service, and
+    ``post_maintenance`` hooks run at the end.
     """
     started = time.monotonic()
     ref = RuntimeRef(inventory or default_inventory())
@@ -73,9 +80,11 @@ def return_host(host: str, operator: str = "unknown", reason: str = "evacuation 
             if record.state is HostState.DRAINED:
                 t.confirm_empty(ref, run, host)
             t.verify_host(ref, run, host, None)
+            ti.run_hooks(ref, run, host, HookPoint.POST_VERIFY, keep_state=True)  # a Ceph unset noout
             t.start_unmigratable(ref, run, host)
             back_to = t.uncordon_host(ref, run, host)
             logger.info("host %s verified and back to %s", host, back_to.value)
+        ti.end_evacuation_silence(ref, run, host)  # back in service: its alerts are news again
         if then is AfterReturn.RETURN_VMS:
             with locks.cluster_migrations(cluster):
                 report = t.return_vms(ref, run, host)
@@ -88,6 +97,7 @@ def return_host(host: str, operator: str = "unknown", reason: str = "evacuation 
                                      inventory=ref.inventory, trigger=run.trigger)
         migrations = levelled.migrations
         detail += f"; rebalance: {levelled.detail}"
+    ti.run_hooks(ref, run, host, HookPoint.POST_MAINTENANCE)  # back in service: a failure is recorded
     result = outcome(StepOutcome.OK, detail, migrations)
     publish_report(f"return {host}", [result])
     return result

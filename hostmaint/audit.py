@@ -32,7 +32,7 @@ from sqlalchemy.exc import IntegrityError
 from hostmaint.db import Clock, audit_table, lock_for_append, utcnow, write_transaction
 from hostmaint.display import spreadsheet_cell
 from hostmaint.errors import AuditError
-from hostmaint.models import StepOutcome, Trigger
+from hostmaint.models import Step, StepOutcome, Trigger
 from hostmaint.redaction import redact
 
 GENESIS_HASH = "0" * 64
@@ -47,10 +47,11 @@ FIELDS = ("seq", "time", "run_id", "flow", "trigger", "operator", "cluster", "ho
 # --- what callers pass and what is stored -----------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class AuditEntry:
     """One step to record, as the caller knows it. ``inputs`` and ``details`` are redacted on append."""
 
+    step: Step
     run_id: str | None = None
     flow: str = ""
     trigger: Trigger | None = None
@@ -58,7 +59,6 @@ class AuditEntry:
     cluster: str = ""
     host: str | None = None
     vm: str | None = None
-    step: str = ""
     inputs: Mapping[str, Any] = field(default_factory=dict)
     outcome: StepOutcome = StepOutcome.OK
     duration_s: float = 0.0
@@ -78,7 +78,7 @@ class AuditRecord:
     cluster: str
     host: str | None
     vm: str | None
-    step: str
+    step: Step | str  # a name this version does not know stays the text it was stored as
     inputs: dict[str, Any]
     outcome: StepOutcome
     duration_s: float
@@ -239,7 +239,7 @@ class AuditTrail:
                     fields: dict[str, Any] = dict(
                         seq=seq, time=self._clock().astimezone(UTC).isoformat(), run_id=entry.run_id,
                         flow=entry.flow, trigger=trigger, operator=entry.operator, cluster=entry.cluster,
-                        host=entry.host, vm=entry.vm, step=entry.step, inputs=inputs, outcome=outcome,
+                        host=entry.host, vm=entry.vm, step=_step(entry.step), inputs=inputs, outcome=outcome,
                         duration_s=duration_s, details=details, prev_hash=prev_hash)
                     fields["hash"] = record_hash(fields)
                     record = AuditRecord(**fields)
@@ -426,6 +426,15 @@ def _json_or_text(text: Any) -> Any:
         return text  # edited into something that is not JSON: hashed as the raw text, which cannot match
 
 
+def _step(name: str) -> Step | str:
+    """A stored step name as its member: the stored text is the member's value, so records written
+    before the names were members (or by another version) read back the same."""
+    try:
+        return Step(name)
+    except ValueError:
+        return name
+
+
 def _from_row(row: sa.Row) -> AuditRecord:
     try:
         trigger = Trigger(row.trigger) if row.trigger is not None else None
@@ -435,5 +444,5 @@ def _from_row(row: sa.Row) -> AuditRecord:
         raise AuditError(f"record {row.seq} cannot be read ({exc}): it was altered; run verify()") from exc
     return AuditRecord(
         seq=row.seq, time=row.time, run_id=row.run_id, flow=row.flow, trigger=trigger, operator=row.operator,
-        cluster=row.cluster, host=row.host, vm=row.vm, step=row.step, inputs=inputs, outcome=outcome,
+        cluster=row.cluster, host=row.host, vm=row.vm, step=_step(row.step), inputs=inputs, outcome=outcome,
         duration_s=row.duration_s, details=details, prev_hash=row.prev_hash, hash=row.hash)

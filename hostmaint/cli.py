@@ -28,7 +28,7 @@ from hostmaint.console import make_console
 from hostmaint.display import cell, labelled
 from hostmaint.errors import HostmaintError, InputError, InventoryError, PlanError
 from hostmaint.fleet import dump_snapshot, load_snapshot
-from hostmaint.models import MigrationOptions
+from hostmaint.models import MigrationOptions, Step
 from hostmaint.placement.exact import DEFAULT_BUDGET
 from hostmaint.redaction import redact_text
 
@@ -380,14 +380,14 @@ def host_reset(host: str, inventory: InventoryOpt = "inventory.yaml", operator: 
                                 else ""))
         return rt.states.transition(host, HostState.CORDONED, reason, run.run_id)
 
-    _host_change(host, inventory, operator, reason, "reset", reset)
+    _host_change(host, inventory, operator, reason, Step.RESET, reset)
 
 
 @host_app.command("cordon")
 def host_cordon(host: str, inventory: InventoryOpt = "inventory.yaml", operator: OperatorOpt = "unknown",
                 reason: ReasonOpt = "operator cordon") -> None:
     """Take HOST out of placement until an operator uncordons it; a later maintenance leaves it cordoned."""
-    _host_change(host, inventory, operator, reason, "operator-cordon",
+    _host_change(host, inventory, operator, reason, Step.OPERATOR_CORDON,
                  lambda rt, run: rt.states.set_aside(host, reason, run.run_id))
 
 
@@ -395,11 +395,11 @@ def host_cordon(host: str, inventory: InventoryOpt = "inventory.yaml", operator:
 def host_uncordon(host: str, inventory: InventoryOpt = "inventory.yaml", operator: OperatorOpt = "unknown",
                   reason: ReasonOpt = "operator uncordon") -> None:
     """Return an operator-cordoned HOST to service (a host in maintenance is its run's to finish)."""
-    _host_change(host, inventory, operator, reason, "operator-uncordon",
+    _host_change(host, inventory, operator, reason, Step.OPERATOR_UNCORDON,
                  lambda rt, run: rt.states.return_to_service(host, reason, run.run_id))
 
 
-def _host_change(host: str, inventory: str, operator: str, reason: str, step: str,
+def _host_change(host: str, inventory: str, operator: str, reason: str, step: Step,
                  change: Callable[[Any, Any], Any]) -> None:
     """An operator's change of a host's state: audited, refused with exit 2 when the state forbids it."""
     from hostmaint.errors import StateError

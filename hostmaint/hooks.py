@@ -132,12 +132,13 @@ def run_hook(spec: HookSpec, point: HookPoint, rt: Runtime, run: RunContext, hos
 
 
 def run_hooks(rt: Runtime, run: RunContext, host: str, point: HookPoint, *,
-              local: LocalRunner = run_local) -> list[HookRun]:
+              local: LocalRunner = run_local, keep_state: bool = False) -> list[HookRun]:
     """Run ``host``'s hooks at ``point`` in order, each with its audit record (step ``hook``).
 
     A failing hook at a stopping point keeps the host cordoned with the reason (VMs untouched) and
-    raises StepError; the hooks after it do not run. A failing ``post-maintenance`` hook is recorded
-    (outcome failed) and logged; the rest still run."""
+    raises StepError; the hooks after it do not run. ``keep_state``: the host stays in the state it
+    is in, with the reason, instead (return-host's ``verifying`` host: its re-run verifies it again).
+    A failing ``post-maintenance`` hook is recorded (outcome failed) and logged; the rest still run."""
     from hostmaint.maintenance import audited
 
     cluster = rt.cluster_of(host)
@@ -157,8 +158,11 @@ def run_hooks(rt: Runtime, run: RunContext, host: str, point: HookPoint, *,
                 continue
             reason = f"{point.value} hook {spec.name} failed ({result.why()})"
             if point in STOPPING:
-                rt.states.keep_out(host, f"stopped: {reason}", run.run_id)
-                raise StepError(f"{reason}; the host stays cordoned, its VMs run where they are", host, "hook")
+                if keep_state:
+                    stays = rt.states.note(host, f"stopped: {reason}", run.run_id).state.value
+                else:
+                    stays = rt.states.keep_out(host, f"stopped: {reason}", run.run_id).state.value
+                raise StepError(f"{reason}; the host stays {stays}, its VMs run where they are", host, "hook")
             rec.outcome = StepOutcome.FAILED
             log.warning("%s: %s", host, reason)
     return done

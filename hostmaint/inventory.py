@@ -23,7 +23,7 @@ from hostmaint.config_file import load_yaml
 from hostmaint.errors import FileFormatError, InventoryError
 from hostmaint.hooks import HookPlace
 from hostmaint.models import Limits, PackageManager, RebootPolicy, UnmigratableAction
-from hostmaint.monitoring import GatePoint, OnHold, check_query, check_template
+from hostmaint.monitoring import GatePoint, OnHold, WorkKind, check_query, check_template
 from hostmaint.redaction import holds_private_key, is_secret_name, redact_text
 
 # A package name or glob: nothing a shell could read as syntax.
@@ -281,6 +281,10 @@ class PrometheusGate(Strict):
     query: str
     at: Annotated[list[GatePoint], Field(min_length=1)] = Field(
         default_factory=lambda: [GatePoint.BEFORE_DRAIN, GatePoint.BEFORE_REBOOT])
+    # the work it holds: an incident's evacuation is not held by default (it runs because alerts fire;
+    # its gate record says it was bypassed and why)
+    kinds: Annotated[list[WorkKind], Field(min_length=1)] = Field(
+        default_factory=lambda: [WorkKind.MAINTENANCE, WorkKind.EVACUATION])
 
     @field_validator("query")
     @classmethod
@@ -334,11 +338,22 @@ class AlertmanagerSettings(Strict):
     lease_s: Annotated[float, Field(ge=1, le=86400)] = 600.0
     extend_every_s: Annotated[float, Field(gt=0)] | None = None  # default: a third of lease_s
     comment: Annotated[str, Field(min_length=1, max_length=200)] = "hostmaint maintenance"
+    # an evacuated host stays out of service after its run: its silence lasts this long, or until
+    # return-host puts it back (0: evacuations make no silence)
+    evacuation_silence_s: Annotated[float, Field(ge=0, le=30 * 86400)] = 86400.0
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str) -> str:
         return _check_url(v)
+
+    @field_validator("evacuation_silence_s")
+    @classmethod
+    def _evacuation_silence(cls, v: float) -> float:
+        if 0 < v < 60:
+            raise ValueError(f"must be 0 (no silence for evacuations) or at least 60 seconds, got {v:g}: "
+                             "it is in seconds and covers the host for as long as it is out of service")
+        return v
 
     @model_validator(mode="after")
     def _sane(self) -> AlertmanagerSettings:

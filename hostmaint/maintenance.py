@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from typing import Any
 
 from hostmaint import patching
@@ -50,6 +49,7 @@ from hostmaint.models import (
     MigrationOptions,
     MigrationResult,
     RebalancePlan,
+    Step,
     StepOutcome,
     Trigger,
     UnmigratableAction,
@@ -57,6 +57,7 @@ from hostmaint.models import (
 from hostmaint.placement import check_capacity, plan_evacuation, plan_rebalance, render_plan, stale_targets
 from hostmaint.placement.exact import DEFAULT_BUDGET
 from hostmaint.placement.rebalance import plan_return as plan_return_home
+from hostmaint.resume import issued_boot_id
 from hostmaint.runtime import Runtime
 from hostmaint.state import HostRecord, HostStateStore
 
@@ -84,7 +85,7 @@ class StepRecord:
 
 
 @contextmanager
-def audited(rt: Runtime, run: RunContext, step: str, *, host: str | None = None, vm: str | None = None,
+def audited(rt: Runtime, run: RunContext, step: Step, *, host: str | None = None, vm: str | None = None,
             cluster: str | None = None, inputs: dict[str, Any] | None = None) -> Iterator[StepRecord]:
     """Time a step and append its audit record, whether it succeeds or fails."""
     rec = StepRecord()
@@ -129,11 +130,11 @@ def fail_host(rt: Runtime, run: RunContext, host: str, reason: str) -> None:
 def cordon(rt: Runtime, run: RunContext, host: str) -> HostRecord:
     """Cordon ``host``: nothing new is placed on it. Idempotent; remembers the state before."""
     rt.inventory.host(host)  # unknown host: KeyError before anything changes
-    with audited(rt, run, "cordon", host=host, inputs={"reason": run.reason}) as rec:
+    with audited(rt, run, Step.CORDON, host=host, inputs={"reason": run.reason}) as rec:
         before = rt.states.get(host)
         if before.state is HostState.FAILED:
             raise StepError(f"host {host} is failed ({before.reason}); an operator must clear it with "
-                            f"'hostmaint host reset {host}' first", host, "cordon")
+                            f"'hostmaint host reset {host}' first", host, Step.CORDON)
         if before.state is not HostState.ACTIVE and before.run_id not in (None, run.run_id) \
                 and before.state is not HostState.CORDONED:
             rec.details["resumed_from"] = before.state.value
@@ -151,19 +152,19 @@ def uncordon(rt: Runtime, run: RunContext, host: str) -> HostState:
     Only a ``verifying`` host (it passed :func:`verify`) goes back: a host that left service and was
     not verified stays out, whatever asks. A maintenance that ends before it started anything is
     :func:`end_unstarted`."""
-    with audited(rt, run, "uncordon", host=host) as rec:
+    with audited(rt, run, Step.UNCORDON, host=host) as rec:
         record = rt.states.get(host)
         if record.state is HostState.FAILED:
             # a failed host is cleared by an operator, never by a run that finds it so: it may be
             # unpatched or unverified, and uncordoning it would let VMs onto it
             raise StepError(f"host {host} is failed ({record.reason}); an operator must clear it with "
-                            f"'hostmaint host reset {host}' first", host, "uncordon")
+                            f"'hostmaint host reset {host}' first", host, Step.UNCORDON)
         target = record.prior_state or HostState.ACTIVE
         if target not in (HostState.ACTIVE, HostState.CORDONED):
             target = HostState.ACTIVE
         if record.state is not HostState.VERIFYING:
             raise StepError(f"host {host} is {record.state.value} ({record.reason}), not verified in this "
-                            "maintenance: it stays out of service", host, "uncordon")
+                            "maintenance: it stays out of service", host, Step.UNCORDON)
         # cordoned by an operator before: it ends cordoned, outside any maintenance, so the host is the
         # operator's again (hostmaint host uncordon), with the reason it was out of service for
         kept = rt.states.reason_before_maintenance(host) if target is HostState.CORDONED else None
@@ -201,7 +202,7 @@ def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: Fleet
     # and did not verify it: that host left service whether or not anything of it is away now
     reached = [s for s in rt.states.reached_in_maintenance(host) if s in PATCHED_STATES]
     if not displaced and not stopped and not reached and record.state is HostState.CORDONED:
-        with audited(rt, run, "uncordon", host=host, inputs={"why": why}) as rec:
+        with audited(rt, run, Step.UNCORDON, host=host, inputs={"why": why}) as rec:
             target = record.prior_state or HostState.ACTIVE
             if target is HostState.CORDONED:
                 rt.states.set_aside(host, rt.states.reason_before_maintenance(host)
@@ -219,7 +220,7 @@ def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: Fleet
         reason += f"; its VMs away: {', '.join(away)}"
     if stopped:
         reason += f"; shut down by maintenance: {', '.join(stopped)}"
-    with audited(rt, run, "keep-cordoned", host=host, inputs={"why": why}) as rec:
+    with audited(rt, run, Step.KEEP_CORDONED, host=host, inputs={"why": why}) as rec:
         rec.details["displaced"] = displaced
         rec.details["stopped"] = list(stopped)
         rec.details["state_before"] = record.state.value
@@ -251,7 +252,7 @@ def stand_down(rt: Runtime, run: RunContext, host: str, reason: str, *, settle_s
     verifies it. Only a host this run holds is touched: one still active never left service, one
     another run holds is that run's. Audit step ``cancel``."""
     text = cancelled_reason(reason)
-    with audited(rt, run, "cancel", host=host, inputs={"reason": reason}) as rec:
+    with audited(rt, run, Step.CANCEL, host=host, inputs={"reason": reason}) as rec:
         record = rt.states.get(host)
         rec.details["state_before"] = record.state.value
         if record.run_id != run.run_id or record.state in (HostState.ACTIVE, HostState.FAILED):
@@ -331,14 +332,11 @@ def _settle_vms(rt: Runtime, cluster: str, which: Callable[[], list[str]], settl
         sleep(1.0)
 
 
-MOVES_STEP = "moves-started"
-
-
 def record_moves(rt: Runtime, run: RunContext, plan: EvacuationPlan, host: str | None = None) -> None:
     """Record the moves a return or a rebalance is about to start (step ``moves-started``), before
     any starts: no host state or origin says which VMs such a run moves, and a stand-down from outside
     its killed process (:func:`stand_down_moves`) must know which to stop and account for."""
-    with audited(rt, run, MOVES_STEP, host=host, cluster=plan.cluster,
+    with audited(rt, run, Step.MOVES_STARTED, host=host, cluster=plan.cluster,
                  inputs={"moves": [{"vm": p.vm, "source": p.source, "target": p.target} for p in plan.placements]}):
         pass
 
@@ -357,11 +355,11 @@ def stand_down_moves(rt: Runtime, run: RunContext, cluster: str, reason: str, *,
     return or a rebalance takes no host out of service. Audit step ``cancel`` (cluster), written
     only when the run started moves."""
     mine = rt.audit.records(run_id=run.run_id)
-    moves = {m["vm"]: m for r in mine if r.step == MOVES_STEP for m in r.inputs.get("moves", [])}
+    moves = {m["vm"]: m for r in mine if r.step == Step.MOVES_STARTED for m in r.inputs.get("moves", [])}
     if not moves:
         return []
-    with audited(rt, run, "cancel", cluster=cluster, inputs={"reason": reason}) as rec:
-        recorded = {r.vm for r in mine if r.step in ("migrate", "migration-found")}
+    with audited(rt, run, Step.CANCEL, cluster=cluster, inputs={"reason": reason}) as rec:
+        recorded = {r.vm for r in mine if r.step in (Step.MIGRATE, Step.MIGRATION_FOUND)}
         pending = {vm: m for vm, m in moves.items() if vm not in recorded}
         if not pending:
             rec.details["note"] = "already stopped safely"
@@ -372,7 +370,7 @@ def stand_down_moves(rt: Runtime, run: RunContext, cluster: str, reason: str, *,
         for vm, m in sorted(pending.items()):
             if rt.hypervisor.locate(vm) != (m["target"],):
                 continue  # still on its source (aborted, never started), or unsettled: named above
-            with audited(rt, run, "migration-found", host=m["source"], vm=vm,
+            with audited(rt, run, Step.MIGRATION_FOUND, host=m["source"], vm=vm,
                          inputs={"target": m["target"], "started_by_run": run.run_id}) as found_rec:
                 found_rec.details["note"] = (f"{vm} left {m['source']} for {m['target']} in a move run {run.run_id} "
                                              "started and never recorded: it was cancelled before the move ended")
@@ -428,7 +426,7 @@ def plan_drain(rt: Runtime, run: RunContext, host: str, *, avoid: Sequence[str] 
     discovering again). ``exact_budget``: the planner's exact stage (``plan_evacuation``).
     """
     cluster = rt.cluster_of(host)
-    with audited(rt, run, "plan", host=host, inputs={"avoid": list(avoid), "busy": list(busy), "focus": focus,
+    with audited(rt, run, Step.PLAN, host=host, inputs={"avoid": list(avoid), "busy": list(busy), "focus": focus,
                                                      "dry_run": dry_run, "exact_budget": exact_budget}) as rec:
         if snap is None:
             snap = snapshot(rt, cluster)
@@ -465,7 +463,7 @@ def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: Fleet
     lost = sorted(set(unreachable) & {p.target for p in plan.placements})
     reasons = [f"{h} stopped answering during the drain" for h in lost] + reasons
     host = plan.hosts[0] if plan.hosts else None
-    with audited(rt, run, "replan", host=host, cluster=plan.cluster,
+    with audited(rt, run, Step.REPLAN, host=host, cluster=plan.cluster,
                  inputs={"reasons": reasons, "replaces": plan.snapshot_digest, "avoid": list(avoid),
                          **({"unreachable": list(unreachable)} if unreachable else {})}) as rec:
         fresh = plan_evacuation(now, list(plan.hosts), avoid=tuple(avoid), focus=focus, exact_budget=exact_budget)
@@ -506,7 +504,7 @@ def retarget(rt: Runtime, run: RunContext, plan: EvacuationPlan, now: FleetSnaps
         return plan
     host = plan.hosts[0] if plan.hosts else None
     reasons = [f"{t} is busy: another drain sends VMs there" for t in taken]
-    with audited(rt, run, "replan", host=host, cluster=plan.cluster,
+    with audited(rt, run, Step.REPLAN, host=host, cluster=plan.cluster,
                  inputs={"reasons": reasons, "replaces": plan.snapshot_digest, "avoid": list(avoid),
                          "busy": list(busy), "focus": focus}) as rec:
         rec.details["plan"] = fresh.model_dump(mode="json")
@@ -538,7 +536,7 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
         limits = drain_limits(limits, cluster_slots)
     if now is None:
         now = snapshot(rt, cluster)
-    with audited(rt, run, "drain", host=host, cluster=cluster,
+    with audited(rt, run, Step.DRAIN, host=host, cluster=cluster,
                  inputs={"placements": len(plan.placements), "snapshot": plan.snapshot_digest,
                          "cluster_slots": limits.migrations_per_cluster}) as rec:
         for h in plan.hosts:
@@ -587,7 +585,7 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
                 rec.details["unreachable_targets"] = lost
                 raise TargetsUnreachable(f"drain of {', '.join(plan.hosts)}: {', '.join(lost)} stopped answering "
                                          f"during it ({failed}); {after}", host, lost, report)
-            raise StepError(f"drain of {', '.join(plan.hosts)} failed: {failed}; {after}", host, "drain")
+            raise StepError(f"drain of {', '.join(plan.hosts)} failed: {failed}; {after}", host, Step.DRAIN)
         # A VM started on the host while it drained is not in the plan: the host is not drained, and
         # its state must not say so while that VM runs there
         kept = {a.vm for a in plan.vm_actions if a.action is UnmigratableAction.SHUTDOWN}
@@ -600,7 +598,7 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
                                    "the drain; run again to move it off", run.run_id)
             named = "; ".join(f"{', '.join(vms)} on {h}" for h, vms in arrived.items())
             raise StepError(f"drain of {', '.join(plan.hosts)} is not complete: {named} started during the drain "
-                            "(not in its plan); the host stays cordoned, run again to move it off", host, "drain")
+                            "(not in its plan); the host stays cordoned, run again to move it off", host, Step.DRAIN)
         for h in plan.hosts:
             if rt.states.state(h) is HostState.DRAINING:
                 rt.states.transition(h, HostState.DRAINED, "drained", run.run_id)
@@ -621,9 +619,9 @@ def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnaps
     where = {v.name: v.host for v in snap.vms}
     records = rt.audit.records(host=host)
     # a found move is recorded by a later run: it speaks for the run that started the migration
-    moved = {(r.vm, r.inputs.get("started_by_run") if r.step == "migration-found" else r.run_id) for r in records
-             if r.step in ("migrate", "migration-found") and r.outcome is StepOutcome.OK}
-    missing = {(r.vm, r.inputs.get("started_by_run")) for r in records if r.step == "vm-not-found"}
+    moved = {(r.vm, r.inputs.get("started_by_run") if r.step == Step.MIGRATION_FOUND else r.run_id) for r in records
+             if r.step in (Step.MIGRATE, Step.MIGRATION_FOUND) and r.outcome is StepOutcome.OK}
+    missing = {(r.vm, r.inputs.get("started_by_run")) for r in records if r.step == Step.VM_NOT_FOUND}
     found = []
     for vm, started_by, recorded_at in rt.states.origin_records(host):
         if started_by == run.run_id and not include_own:
@@ -636,7 +634,8 @@ def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnaps
             # running nowhere now: shut off where it is, or lost by the migration the dead run left
             # behind; hostmaint cannot tell which, so it says so (once), and the origin keeps it "away"
             if (vm, started_by) not in missing and (vm, started_by) not in moved:
-                with audited(rt, run, "vm-not-found", host=host, vm=vm, inputs={"started_by_run": started_by}) as rec:
+                with audited(rt, run, Step.VM_NOT_FOUND, host=host, vm=vm,
+                             inputs={"started_by_run": started_by}) as rec:
                     rec.outcome = StepOutcome.UNKNOWN
                     rec.details["note"] = (f"maintenance recorded {host} as its origin (run {started_by}) and it runs "
                                            "on no host discovered now: shut off, or lost in a migration that run "
@@ -646,7 +645,7 @@ def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnaps
             continue
         if (vm, started_by) in moved:
             continue
-        with audited(rt, run, "migration-found", host=host, vm=vm,
+        with audited(rt, run, Step.MIGRATION_FOUND, host=host, vm=vm,
                      inputs={"target": now, "started_by_run": started_by}) as rec:
             rec.details["note"] = (f"{vm} left {host} for {now} in a migration run {started_by} started (origin "
                                    f"recorded {recorded_at.isoformat(timespec='seconds')}) and never recorded: "
@@ -658,7 +657,7 @@ def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnaps
     return found
 
 
-RESOLVING_STEPS = ("migrate", "migration-found", "migration-resolved", "vm-not-found")
+RESOLVING_STEPS = (Step.MIGRATE, Step.MIGRATION_FOUND, Step.MIGRATION_RESOLVED, Step.VM_NOT_FOUND)
 
 
 def _resolve_unknown_migrations(rt: Runtime, run: RunContext, host: str, where: dict[str, str], *,
@@ -668,7 +667,7 @@ def _resolve_unknown_migrations(rt: Runtime, run: RunContext, host: str, where: 
     record; still on ``host``, a ``migration-resolved`` record saying it did not happen. A VM running
     nowhere, or one a later record already speaks of, is left as it is."""
     records = rt.audit.records(host=host)
-    unknown = [r for r in records if r.step == "migrate" and r.outcome is StepOutcome.UNKNOWN and r.vm
+    unknown = [r for r in records if r.step == Step.MIGRATE and r.outcome is StepOutcome.UNKNOWN and r.vm
                and (include_own or r.run_id != run.run_id)]
     if not unknown:
         return
@@ -682,12 +681,12 @@ def _resolve_unknown_migrations(rt: Runtime, run: RunContext, host: str, where: 
             continue
         planned = r.inputs.get("target")
         if now == host:
-            with audited(rt, run, "migration-resolved", host=host, vm=r.vm,
+            with audited(rt, run, Step.MIGRATION_RESOLVED, host=host, vm=r.vm,
                          inputs={"resolves": r.seq, "started_by_run": r.run_id, "planned_target": planned}) as rec:
                 rec.details["note"] = (f"the migration of {r.vm} to {planned} (record {r.seq}, outcome unknown) did "
                                        f"not happen: it runs on {host}")
             continue
-        with audited(rt, run, "migration-found", host=host, vm=r.vm,
+        with audited(rt, run, Step.MIGRATION_FOUND, host=host, vm=r.vm,
                      inputs={"target": now, "started_by_run": r.run_id, "resolves": r.seq}) as rec:
             rec.details["note"] = (f"the migration of {r.vm} (record {r.seq}, outcome unknown) happened: it runs "
                                    f"on {now}")
@@ -701,7 +700,7 @@ class TargetsUnreachable(StepError):
     def __init__(self, message: str, host: str | None, hosts: list[str], report: DrainReport) -> None:
         self.hosts = hosts
         self.report = report
-        super().__init__(message, host, "drain")
+        super().__init__(message, host, Step.DRAIN)
 
     def __reduce__(self) -> tuple[Any, ...]:  # Prefect keeps a task's exception: it must survive pickling
         return (type(self), (self.args[0], self.host, self.hosts, self.report))
@@ -840,7 +839,7 @@ def _drain_inputs(rt: Runtime, cluster: str, link: dict[str, float],
 def _audit_migration(rt: Runtime, run: RunContext, cluster: str, result: MigrationResult) -> None:
     rt.audit.append(AuditEntry(
         run_id=run.run_id, flow=run.flow, trigger=run.trigger, operator=run.operator, cluster=cluster,
-        host=result.source, vm=result.vm, step="migrate", inputs={"target": result.target},
+        host=result.source, vm=result.vm, step=Step.MIGRATE, inputs={"target": result.target},
         outcome=result.outcome, duration_s=result.seconds,
         details={"simulated": rt.simulated, **result.model_dump(mode="json")}))
 
@@ -854,7 +853,7 @@ def stop_unmigratable(rt: Runtime, run: RunContext, plan: EvacuationPlan) -> lis
     for action in plan.vm_actions:
         if action.action is not UnmigratableAction.SHUTDOWN:
             continue
-        with audited(rt, run, "shutdown-vm", host=action.host, vm=action.vm,
+        with audited(rt, run, Step.SHUTDOWN_VM, host=action.host, vm=action.vm,
                      inputs={"reason": action.reason}) as rec:
             if action.vm not in rt.hypervisor.running_vms(action.host):
                 rec.outcome = StepOutcome.SKIPPED
@@ -872,13 +871,13 @@ def start_unmigratable(rt: Runtime, run: RunContext, host: str, plan: Evacuation
     if state not in (HostState.VERIFYING, HostState.ACTIVE, HostState.CORDONED):
         # only a verified host (or one whose maintenance ended) takes its VMs back
         raise StepError(f"host {host} is {state.value}: its VMs start again only once it is verified",
-                        host, "start-vm")
+                        host, Step.START_VM)
     names = set(rt.states.stopped_on(host))
     if plan is not None:
         names |= {a.vm for a in plan.vm_actions if a.action is UnmigratableAction.SHUTDOWN and a.host == host}
     started = []
     for vm in sorted(names):
-        with audited(rt, run, "start-vm", host=host, vm=vm) as rec:
+        with audited(rt, run, Step.START_VM, host=host, vm=vm) as rec:
             if vm in rt.hypervisor.running_vms(host):
                 rec.outcome = StepOutcome.SKIPPED
             else:
@@ -892,7 +891,7 @@ def report_shut_off(rt: Runtime, run: RunContext, host: str) -> list[str]:
     """The persistent VMs defined on ``host`` and shut off (not by maintenance: those it starts
     again). They stay defined where they are; the audit record (step ``shut-off-vms``) and the run's
     summary name them, since nobody would otherwise learn that a patched host holds them."""
-    with audited(rt, run, "shut-off-vms", host=host) as rec:
+    with audited(rt, run, Step.SHUT_OFF_VMS, host=host) as rec:
         if not isinstance(rt.hypervisor, ShutOffVms):
             rec.outcome = StepOutcome.SKIPPED
             rec.details["note"] = "the hypervisor driver cannot list shut-off VMs"
@@ -910,7 +909,7 @@ def report_shut_off(rt: Runtime, run: RunContext, host: str) -> list[str]:
 
 def confirm_empty(rt: Runtime, run: RunContext, host: str) -> None:
     """The gate before any reboot: no VM may run on ``host``."""
-    with audited(rt, run, "confirm-empty", host=host) as rec:
+    with audited(rt, run, Step.CONFIRM_EMPTY, host=host) as rec:
         running = rt.hypervisor.running_vms(host)
         rec.details["running"] = list(running)
         if running:
@@ -919,7 +918,7 @@ def confirm_empty(rt: Runtime, run: RunContext, host: str) -> None:
                 rt.states.keep_out(host, f"not drained: {', '.join(running)} runs on it; "
                                    "run again to move it off", run.run_id)
             raise StepError(f"host {host} still runs {len(running)} VM(s): {', '.join(running)}; "
-                            "it will not be patched or rebooted", host, "confirm-empty")
+                            "it will not be patched or rebooted", host, Step.CONFIRM_EMPTY)
 
 
 # --- patching --------------------------------------------------------------------------
@@ -941,14 +940,14 @@ def precheck(rt: Runtime, run: RunContext, host: str) -> patching.Preflight:
     """Before the cordon: the host answers over SSH with a trusted key, has its package manager and
     the free space its policy asks for (:func:`patching.precheck`). A host that cannot be patched is
     refused while nothing has changed, not after its VMs were moved off it."""
-    with audited(rt, run, "precheck", host=host) as rec:
+    with audited(rt, run, Step.PRECHECK, host=host) as rec:
         try:
             # the repositories too: what would be updated is part of what the precheck records
             result = patching.preflight(rt.shell, host, rt.inventory.policy_for(host))
         except DriverError as exc:
-            raise StepError(f"cannot be patched, nothing changed: {exc}", host, "precheck") from exc
+            raise StepError(f"cannot be patched, nothing changed: {exc}", host, Step.PRECHECK) from exc
         except StepError as exc:
-            raise StepError(f"cannot be patched, nothing changed: {exc}", host, "precheck") from exc
+            raise StepError(f"cannot be patched, nothing changed: {exc}", host, Step.PRECHECK) from exc
         rec.details["precheck"] = _jsonable(result)
         check_transport(rt, rec, host)
         return result
@@ -970,7 +969,7 @@ def check_transport(rt: Runtime, rec: StepRecord, host: str) -> None:
     refusals = transport.refusals(host, targets)
     if refusals:
         raise StepError(f"cannot be drained, nothing changed: migration.tls is {transport.mode.value}: "
-                        f"{render_refusals(refusals)}", host, "precheck")
+                        f"{render_refusals(refusals)}", host, Step.PRECHECK)
 
 
 def patch(rt: Runtime, run: RunContext, host: str) -> tuple[patching.PackageDiff, patching.RebootDecision]:
@@ -987,14 +986,14 @@ def patch(rt: Runtime, run: RunContext, host: str) -> tuple[patching.PackageDiff
         rt.states.transition(host, HostState.PATCHING, "patching", run.run_id)
     lost: TransientDriverError | None = None
     try:
-        with audited(rt, run, "preflight", host=host, inputs={"policy": policy.model_dump(mode="json")}) as rec:
+        with audited(rt, run, Step.PREFLIGHT, host=host, inputs={"policy": policy.model_dump(mode="json")}) as rec:
             pre = patching.preflight(rt.shell, host, policy)
             rec.details["preflight"] = _jsonable(pre)
         recovered = recover_lost_update(rt, run, host)
-        with audited(rt, run, "update-started", host=host) as rec:
+        with audited(rt, run, Step.UPDATE_STARTED, host=host) as rec:
             before = patching.installed_packages(rt.shell, host)
             rec.details["packages_before"] = before
-        with audited(rt, run, "update", host=host) as rec:
+        with audited(rt, run, Step.UPDATE, host=host) as rec:
             try:
                 result = patching.apply_updates(rt.shell, host, policy, package_manager=pre.package_manager)
                 after = patching.installed_packages(rt.shell, host)
@@ -1021,12 +1020,12 @@ def patch(rt: Runtime, run: RunContext, host: str) -> tuple[patching.PackageDiff
             rt.states.note(host, f"update outcome unknown (connection lost: {lost}); run again to read what "
                                  "changed from the host", run.run_id)
             raise StepError(f"connection lost during the update, its outcome is unknown ({lost}); the host stays "
-                            "patching; run again to read what changed from the host", host, "update") from lost
+                            "patching; run again to read what changed from the host", host, Step.UPDATE) from lost
         if recovered is not None:
             diff = patching.PackageDiff(installed=recovered.installed + diff.installed,
                                         upgraded=recovered.upgraded + diff.upgraded,
                                         removed=recovered.removed + diff.removed)
-        with audited(rt, run, "reboot-decision", host=host) as rec:
+        with audited(rt, run, Step.REBOOT_DECISION, host=host) as rec:
             decision = patching.reboot_decision(rt.shell, host, policy)
             rec.details["decision"] = _jsonable(decision)
         return diff, decision
@@ -1036,7 +1035,7 @@ def patch(rt: Runtime, run: RunContext, host: str) -> tuple[patching.PackageDiff
         raise
 
 
-UPDATE_STEPS = ("update-started", "update", "update-recovered")
+UPDATE_STEPS = (Step.UPDATE_STARTED, Step.UPDATE, Step.UPDATE_RECOVERED)
 
 
 def recover_lost_update(rt: Runtime, run: RunContext, host: str) -> patching.PackageDiff | None:
@@ -1046,18 +1045,18 @@ def recover_lost_update(rt: Runtime, run: RunContext, host: str) -> patching.Pac
     recorded before it ran, recorded as step ``update-recovered``. None when the last update's outcome
     is known."""
     records = [r for r in rt.audit.records(host=host) if r.step in UPDATE_STEPS]
-    starts = [i for i, r in enumerate(records) if r.step == "update-started" and r.outcome is StepOutcome.OK]
+    starts = [i for i, r in enumerate(records) if r.step == Step.UPDATE_STARTED and r.outcome is StepOutcome.OK]
     if not starts:
         return None
     started = records[starts[-1]]
     # a recovery that failed (the connection dropped again) recorded nothing, nor did a failed update
     # whose changes could not be read: both are still owed
-    if any((r.step == "update-recovered" and r.outcome in (StepOutcome.OK, StepOutcome.SKIPPED))
-           or (r.step == "update" and r.outcome is not StepOutcome.UNKNOWN
+    if any((r.step == Step.UPDATE_RECOVERED and r.outcome in (StepOutcome.OK, StepOutcome.SKIPPED))
+           or (r.step == Step.UPDATE and r.outcome is not StepOutcome.UNKNOWN
                and (r.outcome is not StepOutcome.FAILED or "package_diff" in r.details))
            for r in records[starts[-1] + 1:]):
         return None
-    with audited(rt, run, "update-recovered", host=host,
+    with audited(rt, run, Step.UPDATE_RECOVERED, host=host,
                  inputs={"update_started_seq": started.seq, "update_run": started.run_id}) as rec:
         now = patching.installed_packages(rt.shell, host)
         diff = patching.package_diff(dict(started.details.get("packages_before") or {}), now)
@@ -1076,17 +1075,17 @@ def reboot(rt: Runtime, run: RunContext, host: str) -> patching.RebootResult:
 
     The boot id before the reboot is recorded (step ``reboot-issued``) before the reboot is asked
     for: a run that dies while the host reboots leaves it ``rebooting``, and only that id lets the
-    next run tell a reboot that happened from one that never did (:func:`resume_reboot`)."""
+    next run tell a reboot that happened from one that never did (:func:`prove_reboot`)."""
     policy = rt.inventory.policy_for(host)
     _require_empty(rt, host, "reboot")
     rt.states.transition(host, HostState.REBOOTING, "rebooting", run.run_id)
 
     def issued(boot_id: str) -> None:
-        with audited(rt, run, "reboot-issued", host=host) as rec:
+        with audited(rt, run, Step.REBOOT_ISSUED, host=host) as rec:
             rec.details["boot_id_before"] = boot_id
 
     try:
-        with audited(rt, run, "reboot", host=host, inputs={"timeout_s": policy.reboot_timeout_s}) as rec:
+        with audited(rt, run, Step.REBOOT, host=host, inputs={"timeout_s": policy.reboot_timeout_s}) as rec:
             result = patching.reboot_and_wait(rt.shell, host, policy, before_issue=issued)
             rec.details["reboot"] = _jsonable(result)
             return result
@@ -1095,25 +1094,22 @@ def reboot(rt: Runtime, run: RunContext, host: str) -> patching.RebootResult:
         raise
 
 
-def resume_reboot(rt: Runtime, run: RunContext, host: str) -> patching.RebootResult:
-    """Finish the reboot of a host an earlier run left ``rebooting``: proven, not assumed.
+def prove_reboot(rt: Runtime, run: RunContext, host: str) -> patching.RebootResult | None:
+    """Prove the reboot an earlier run issued for a host it left ``rebooting``: proven, not assumed.
 
-    With the boot id that run recorded before asking for the reboot: a host that answers with
-    another has rebooted; one that does not answer is waited for as a reboot is; one that still
-    answers with it never rebooted (the run died before the command went out, or the host had not
-    gone down yet), so it is rebooted now. Without a recorded id the reboot was never asked for:
-    it is done now. The host was proven empty before it became ``rebooting`` and is proven empty
-    again before any new reboot."""
+    With the boot id that run recorded before asking for the reboot (:func:`~hostmaint.resume.issued_boot_id`):
+    a host that answers with another has rebooted; one that does not answer is waited for as a reboot
+    is. One that still answers with it never rebooted (the run died before the command went out, or
+    the host had not gone down yet): None, and so without a recorded id (the reboot was never asked
+    for). The caller then reboots it as a fresh run does, the reboot gate and pre-reboot hooks first;
+    :func:`reboot` proves it empty again."""
     policy = rt.inventory.policy_for(host)
-    since = rt.states.get(host).since
-    issued = [r for r in rt.audit.records(host=host) if r.step == "reboot-issued"
-              and r.outcome is StepOutcome.OK and datetime.fromisoformat(r.time) >= since]
-    old = issued[-1].details.get("boot_id_before") if issued else None
+    old = issued_boot_id(rt.states.get(host), rt.audit.records(host=host))
     if old is None:
-        return reboot(rt, run, host)
+        return None
     try:
-        with audited(rt, run, "reboot", host=host, inputs={"resumed": True, "boot_id_before": old,
-                                                           "timeout_s": policy.reboot_timeout_s}) as rec:
+        with audited(rt, run, Step.REBOOT, host=host, inputs={"resumed": True, "boot_id_before": old,
+                                                              "timeout_s": policy.reboot_timeout_s}) as rec:
             try:
                 now = patching.read_boot_id(rt.shell, host)
             except TransientDriverError:
@@ -1121,14 +1117,13 @@ def resume_reboot(rt: Runtime, run: RunContext, host: str) -> patching.RebootRes
             if now == old:
                 rec.details["note"] = "the host still ran the boot it had before: it never rebooted"
                 rec.outcome = StepOutcome.SKIPPED
-            else:
-                result = patching.wait_for_new_boot(rt.shell, host, policy, old, time.monotonic())
-                rec.details["reboot"] = _jsonable(result)
-                return result
+                return None
+            result = patching.wait_for_new_boot(rt.shell, host, policy, old, time.monotonic())
+            rec.details["reboot"] = _jsonable(result)
+            return result
     except (StepError, DriverError) as exc:
         fail_host(rt, run, host, f"reboot failed: {exc}")
         raise
-    return reboot(rt, run, host)
 
 
 def verify(rt: Runtime, run: RunContext, host: str, cells_before: tuple[Cell, ...] | None) -> None:
@@ -1137,12 +1132,12 @@ def verify(rt: Runtime, run: RunContext, host: str, cells_before: tuple[Cell, ..
     if rt.states.state(host) is not HostState.VERIFYING:
         rt.states.transition(host, HostState.VERIFYING, "verifying", run.run_id)
     try:
-        with audited(rt, run, "verify", host=host) as rec:
+        with audited(rt, run, Step.VERIFY, host=host) as rec:
             report = patching.verify_host(rt.shell, rt.hypervisor, host, policy, cells_before=cells_before)
             rec.details["verify"] = _jsonable(report)
             if not report.ok:
                 bad = [f"{c.name}: {c.detail}" for c in report.checks if not c.ok]
-                raise StepError(f"host {host} failed verification: " + "; ".join(bad), host, "verify")
+                raise StepError(f"host {host} failed verification: " + "; ".join(bad), host, Step.VERIFY)
             for check in report.warnings:  # passed, but an operator should know (a reboot pending by policy)
                 log.warning("%s: %s: %s", host, check.name, check.detail)
     except TransientDriverError:
@@ -1203,7 +1198,7 @@ def return_vms(rt: Runtime, run: RunContext, host: str, *,
     ``cancel`` set while they move stops the return safely: nothing more starts, pre-copy moves are
     aborted (those VMs stay where they are, still away), and :class:`RunCancelled` is raised once every
     move has settled and is recorded."""
-    with audited(rt, run, "return-vms", host=host) as rec:
+    with audited(rt, run, Step.RETURN_VMS, host=host) as rec:
         # one discovery serves the plan and the drain's free-memory view: both are taken at once,
         # in this step, under the same locks (it was discovered twice, a few ms apart)
         snap = snapshot(rt, rt.cluster_of(host))
@@ -1255,7 +1250,7 @@ def recheck_rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, planned
                 if where.get(m.placement.vm) != m.placement.source]
     if not reasons:
         return plan, now
-    with audited(rt, run, "replan", cluster=plan.cluster,
+    with audited(rt, run, Step.REPLAN, cluster=plan.cluster,
                  inputs={"reasons": reasons, "replaces": plan.snapshot_digest, "rebalance": True}) as rec:
         fresh = plan_rebalance(now, max_moves, prefer_origin=prefer_origin, within=within, exact_budget=exact_budget)
         rec.details["plan"] = fresh.model_dump(mode="json")
@@ -1271,7 +1266,7 @@ def rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, *,
 
     ``cancel`` set while they run stops it safely, as for :func:`return_vms`."""
     limits = rt.inventory.cluster(plan.cluster).limits
-    with audited(rt, run, "rebalance", cluster=plan.cluster,
+    with audited(rt, run, Step.REBALANCE, cluster=plan.cluster,
                  inputs={"moves": len(plan.moves), "snapshot": plan.snapshot_digest}) as rec:
         if not plan.moves:
             rec.outcome = StepOutcome.SKIPPED
@@ -1329,5 +1324,5 @@ def check_invariants(rt: Runtime, cluster: str, expected: Sequence[str], *,
         elif len(hosts) > 1 or (not hosts and vm not in transit and vm not in elsewhere):
             problems.append(f"{vm} runs {len(hosts)} times ({', '.join(hosts) or 'nowhere'})")
     if problems:
-        raise StepError("invariant broken: " + "; ".join(problems), None, "invariants")
+        raise StepError("invariant broken: " + "; ".join(problems), None, Step.INVARIANTS)
     return {vm: hosts[0] for vm, hosts in where.items() if hosts}

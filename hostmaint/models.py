@@ -63,6 +63,58 @@ class StepOutcome(StrEnum):
     UNKNOWN = "unknown"  # the connection was lost while it ran: it may or may not have happened
 
 
+class Step(StrEnum):
+    """A step of maintenance: the name its audit records carry (the stored value never changes, so
+    old trails still read and resume), the step a StepError names, and what a resumed run has left
+    to do (hostmaint/resume.py). Match records against members, never against text."""
+
+    # a host's maintenance, in runbook order
+    PRECHECK = "precheck"
+    GATE = "gate"
+    SILENCE = "silence"
+    CORDON = "cordon"
+    DISCOVER = "discover"  # the cluster as it is now, and the moves an earlier run left unrecorded
+    PLAN = "plan"
+    REPLAN = "replan"
+    HOOK = "hook"
+    DRAIN = "drain"
+    MIGRATE = "migrate"
+    MIGRATION_FOUND = "migration-found"
+    MIGRATION_RESOLVED = "migration-resolved"
+    VM_NOT_FOUND = "vm-not-found"
+    SHUTDOWN_VM = "shutdown-vm"
+    CONFIRM_EMPTY = "confirm-empty"
+    PREFLIGHT = "preflight"
+    SNAPSHOT = "snapshot"  # the installed packages, read before and after an update
+    UPDATE_STARTED = "update-started"
+    UPDATE = "update"
+    UPDATE_RECOVERED = "update-recovered"
+    REBOOT_DECISION = "reboot-decision"
+    PROVE_REBOOT = "prove-reboot"  # resume only: a reboot an earlier run issued, proven or done now
+    REBOOT_ISSUED = "reboot-issued"
+    REBOOT = "reboot"
+    VERIFY = "verify"
+    START_VM = "start-vm"
+    SHUT_OFF_VMS = "shut-off-vms"
+    UNCORDON = "uncordon"
+    RETURN_VMS = "return-vms"
+    INVARIANTS = "invariants"
+    SILENCE_END = "silence-end"
+    # when a maintenance cannot go on, or is stopped
+    KEEP_CORDONED = "keep-cordoned"
+    CANCEL = "cancel"
+    MOVES_STARTED = "moves-started"
+    # around maintenance
+    REBALANCE = "rebalance"
+    WINDOW = "window"
+    INCIDENT = "incident"
+    APPROVAL = "approval"
+    # an operator's own change of a host's state
+    RESET = "reset"
+    OPERATOR_CORDON = "operator-cordon"
+    OPERATOR_UNCORDON = "operator-uncordon"
+
+
 class Trigger(StrEnum):
     """What started a run; recorded in every audit record."""
 

@@ -61,11 +61,20 @@ class OnHold(StrEnum):
     SKIP = "skip"
 
 
+class WorkKind(StrEnum):
+    """The kind of work a gate is asked for: each gate holds the kinds its ``kinds`` names."""
+
+    MAINTENANCE = "maintenance"  # patch-host: planned, and waiting costs nothing but time
+    EVACUATION = "evacuation"  # a planned evacuation (evacuate-host from the UI, the CLI, a schedule)
+    INCIDENT = "incident"  # an incident's evacuation: it runs because something is wrong with the host
+
+
 class GateVerdict(StrEnum):
     OPEN = "open"  # the query answered empty
     HELD = "held"  # the query answered series: something fires
     UNREACHABLE = "unreachable"  # Prometheus did not answer; not required: recorded, does not hold
     BLOCKED = "blocked"  # Prometheus did not answer and the inventory requires it
+    BYPASSED = "bypassed"  # not asked: the gate does not hold this kind of work (recorded, with why)
 
 
 # --- PromQL templates ------------------------------------------------------------------------------
@@ -268,7 +277,7 @@ class GateCheck:
 
     @property
     def passes(self) -> bool:
-        return self.verdict in (GateVerdict.OPEN, GateVerdict.UNREACHABLE)
+        return self.verdict in (GateVerdict.OPEN, GateVerdict.UNREACHABLE, GateVerdict.BYPASSED)
 
 
 def judge(gate: str, query: str, answer: Sequence[Series] | MonitoringError, *, required: bool) -> GateCheck:
@@ -311,7 +320,7 @@ def wait_for_gates(point: GatePoint, ask: Callable[[], list[GateCheck]], *, on_h
         waited = clock() - start
         holding = [c for c in checks if not c.passes]
         if not holding:
-            notes = [c.reason for c in checks if c.verdict is GateVerdict.UNREACHABLE]
+            notes = [c.reason for c in checks if c.verdict in (GateVerdict.UNREACHABLE, GateVerdict.BYPASSED)]
             reason = "gates open" + (f" ({'; '.join(notes)})" if notes else "")
             return GateResult(point, True, reason, tuple(checks), attempts, round(waited, 3))
         left = wait_s - waited
@@ -322,9 +331,20 @@ def wait_for_gates(point: GatePoint, ask: Callable[[], list[GateCheck]], *, on_h
         sleep(min(interval_s, left))
 
 
+def bypass_reason(gate: str, kind: WorkKind, kinds: Sequence[WorkKind]) -> str:
+    """Why gate ``gate`` (holding ``kinds``) is not asked for work of ``kind``. Pure."""
+    if kind is WorkKind.INCIDENT:
+        return (f"gate {gate}: bypassed for an incident evacuation: it moves VMs off a host because something "
+                "is wrong with it, and waiting for alerts to clear would keep them there (add incident to the "
+                "gate's kinds to hold incidents too)")
+    return f"gate {gate}: bypassed, it holds {', '.join(k.value for k in kinds)} only, not {kind.value}"
+
+
 def ask_prometheus(settings: PrometheusSettings, point: GatePoint, *, host: str, cluster: str,
-                   transport: httpx.BaseTransport | None = None) -> list[GateCheck]:
-    """Every gate of ``settings`` at ``point``, queried once and judged."""
+                   transport: httpx.BaseTransport | None = None,
+                   kind: WorkKind = WorkKind.MAINTENANCE) -> list[GateCheck]:
+    """Every gate of ``settings`` at ``point``, queried once and judged; a gate that does not hold
+    work of ``kind`` is not queried and says so (verdict ``bypassed``)."""
     checks = []
     with _client(settings.timeout_s, transport) as client:
         prom = Prometheus(settings.url, client)
@@ -332,6 +352,9 @@ def ask_prometheus(settings: PrometheusSettings, point: GatePoint, *, host: str,
             if point not in g.at:
                 continue
             query = render_query(g.query, host=host, cluster=cluster)
+            if kind not in g.kinds:
+                checks.append(GateCheck(g.name, query, GateVerdict.BYPASSED, bypass_reason(g.name, kind, g.kinds)))
+                continue
             try:
                 answer: list[Series] | MonitoringError = prom.query(query)
             except MonitoringError as exc:
@@ -340,13 +363,14 @@ def ask_prometheus(settings: PrometheusSettings, point: GatePoint, *, host: str,
     return checks
 
 
-def gate(rt: Runtime, run: RunContext, host: str, point: GatePoint, *,
+def gate(rt: Runtime, run: RunContext, host: str, point: GatePoint, *, kind: WorkKind = WorkKind.MAINTENANCE,
          clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
          transport: httpx.BaseTransport | None = None) -> GateResult:
-    """Ask ``host``'s gates at ``point`` (step ``gate``), waiting as the inventory says.
+    """Ask ``host``'s gates at ``point`` for work of ``kind`` (step ``gate``), waiting as the inventory says.
 
-    Records every query, its verdict and the series that held the host. Does not change the host's
-    state: the caller skips the host (before the drain) or keeps it out (:func:`hold_reboot`)."""
+    Records every query, its verdict and the series that held the host; a gate that does not hold
+    ``kind`` (an incident's evacuation, by default) is recorded ``bypassed`` with why. Does not change
+    the host's state: the caller skips the host (before the drain) or keeps it out (:func:`hold_reboot`)."""
     from hostmaint.maintenance import audited
 
     cluster = rt.cluster_of(host)
@@ -356,10 +380,11 @@ def gate(rt: Runtime, run: RunContext, host: str, point: GatePoint, *,
         return GateResult(point, True, "no gate")
     transport = transport or _transport(rt)
     with audited(rt, run, "gate", host=host,
-                 inputs={"point": point.value, "url": redact_text(settings.url), "on_hold": settings.on_hold.value,
-                         "wait_s": settings.wait_s, "required": settings.required}) as rec:
+                 inputs={"point": point.value, "kind": kind.value, "url": redact_text(settings.url),
+                         "on_hold": settings.on_hold.value, "wait_s": settings.wait_s,
+                         "required": settings.required}) as rec:
         result = wait_for_gates(
-            point, lambda: ask_prometheus(settings, point, host=host, cluster=cluster, transport=transport),
+            point, lambda: ask_prometheus(settings, point, host=host, cluster=cluster, transport=transport, kind=kind),
             on_hold=settings.on_hold, wait_s=settings.wait_s, interval_s=settings.interval_s, clock=clock, sleep=sleep)
         rec.details.update({
             "passed": result.passed, "reason": result.reason, "attempts": result.attempts,
@@ -369,6 +394,9 @@ def gate(rt: Runtime, run: RunContext, host: str, point: GatePoint, *,
         unreachable = [c.reason for c in result.checks if c.verdict is GateVerdict.UNREACHABLE]
         for note in unreachable:
             log.warning("%s: %s", host, note)
+        for check in result.checks:
+            if check.verdict is GateVerdict.BYPASSED:
+                log.info("%s: %s", host, check.reason)
         if not result.passed:
             rec.outcome = StepOutcome.SKIPPED
             log.warning("%s: held by monitoring: %s", host, result.reason)
@@ -566,13 +594,18 @@ def recorded_silence(rt: Runtime, host: str) -> str | None:
 
 
 def open_silence(rt: Runtime, run: RunContext, host: str, *, now: Callable[[], datetime] | None = None,
-                 transport: httpx.BaseTransport | None = None, start: bool = True) -> SilenceLease | None:
+                 transport: httpx.BaseTransport | None = None, start: bool = True,
+                 hold_s: float | None = None) -> SilenceLease | None:
     """Silence ``host``'s expected alerts for its maintenance, as a lease (step ``silence``).
 
     Adopts the silence an earlier run of this host recorded and never ended, when Alertmanager still
     has it active with the same matchers; otherwise creates one. None when the cluster has no
     Alertmanager, or it did not answer and is not required (logged and audited). Raises StepError
-    naming the url when it did not answer and is required."""
+    naming the url when it did not answer and is required.
+
+    ``hold_s``: an evacuation's silence, for a host that stays out of service after the run: it ends
+    ``hold_s`` from now, is not extended (no run lives to extend it), and whatever puts the host back
+    in service ends it (:func:`end_recorded_silence`); a host left out longer is silenced no longer."""
     from hostmaint.maintenance import audited
 
     cluster = rt.cluster_of(host)
@@ -585,24 +618,27 @@ def open_silence(rt: Runtime, run: RunContext, host: str, *, now: Callable[[], d
     comment = f"{settings.comment}: {host}, run {run.run_id} ({run.flow}, {run.operator})"
     transport = transport or _transport(rt)
     earlier = recorded_silence(rt, host)
+    lease_s = hold_s if hold_s is not None else settings.lease_s
     with audited(rt, run, SILENCE_STEP, host=host,
-                 inputs={"url": redact_text(settings.url), "matchers": matchers, "lease_s": settings.lease_s,
-                         "required": settings.required}) as rec:
+                 inputs={"url": redact_text(settings.url), "matchers": matchers, "lease_s": lease_s,
+                         "required": settings.required,
+                         **({"until": "the host is back in service (return-host)"} if hold_s is not None else {})}
+                 ) as rec:
         client = _client(settings.timeout_s, transport)
         am = Alertmanager(settings.url, client)
         try:
             found = am.get(earlier) if earlier else None
             if found is not None and found.state == "active" and _same_matchers(found.matchers, matchers):
-                lease = SilenceLease(am, found.silence_id, matchers, found.starts_at, settings.lease_s, comment,
+                lease = SilenceLease(am, found.silence_id, matchers, found.starts_at, lease_s, comment,
                                      "hostmaint", clock)
                 lease.extend()
                 rec.details["adopted"] = earlier
             else:
                 start_at = clock()
-                sid = am.put(matchers, start_at, start_at + timedelta(seconds=settings.lease_s), comment=comment,
+                sid = am.put(matchers, start_at, start_at + timedelta(seconds=lease_s), comment=comment,
                              created_by="hostmaint")
-                lease = SilenceLease(am, sid, matchers, am.started(sid, start_at), settings.lease_s, comment,
-                                     "hostmaint", clock, ends_at=start_at + timedelta(seconds=settings.lease_s))
+                lease = SilenceLease(am, sid, matchers, am.started(sid, start_at), lease_s, comment,
+                                     "hostmaint", clock, ends_at=start_at + timedelta(seconds=lease_s))
                 if earlier:
                     rec.details["earlier"] = {"silence_id": earlier, "state": found.state if found else "unknown"}
         except MonitoringError as exc:
@@ -616,9 +652,24 @@ def open_silence(rt: Runtime, run: RunContext, host: str, *, now: Callable[[], d
             return None
         rec.details["silence_id"] = lease.silence_id
         rec.details["ends_at"] = _iso(lease.ends_at) if lease.ends_at else None
-        if start:
+        if start and hold_s is None:
             lease.start(settings.extend_every_s or settings.lease_s / 3)
         return lease
+
+
+def end_recorded_silence(rt: Runtime, run: RunContext, host: str, *,
+                         transport: httpx.BaseTransport | None = None) -> bool:
+    """End the silence a run recorded for ``host`` and nobody ended (an evacuation's, kept while the
+    host was out of service), now that it is back (step ``silence-end``). False when there is none."""
+    monitoring = rt.inventory.cluster(rt.cluster_of(host)).monitoring
+    settings = monitoring.alertmanager if monitoring else None
+    earlier = recorded_silence(rt, host)
+    if settings is None or earlier is None:
+        return False
+    am = Alertmanager(settings.url, _client(settings.timeout_s, transport or _transport(rt)))
+    lease = SilenceLease(am, earlier, [], datetime.now(UTC), settings.lease_s, "", "hostmaint")
+    end_silence(rt, run, host, lease)
+    return True
 
 
 def end_silence(rt: Runtime, run: RunContext, host: str, lease: SilenceLease | None) -> None:

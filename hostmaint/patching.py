@@ -18,13 +18,12 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
-from enum import StrEnum
 from functools import cmp_to_key
 
 from hostmaint.drivers.base import HostShell, Hypervisor
 from hostmaint.errors import CommandError, DriverError, HostKeyError, StepError, TransientDriverError
 from hostmaint.inventory import PACKAGE_PATTERN, HostPolicy
-from hostmaint.models import Cell, CommandResult, Frozen, PackageManager, RebootPolicy
+from hostmaint.models import Cell, CommandResult, Frozen, PackageManager, RebootPolicy, Step
 
 log = logging.getLogger(__name__)
 
@@ -42,17 +41,6 @@ CHECK_UPDATE_OK = (0, 100)  # dnf/yum: 0 nothing to do, 100 updates available, a
 QUERY_TIMEOUT_S = 120.0
 REFRESH_TIMEOUT_S = 900.0
 PROBE_TIMEOUT_S = 10.0
-
-
-class Step(StrEnum):
-    """Step names as they appear in StepError.step and in the audit trail."""
-
-    PREFLIGHT = "preflight"
-    SNAPSHOT = "snapshot"
-    UPDATE = "update"
-    REBOOT_DECISION = "reboot-decision"
-    REBOOT = "reboot"
-    VERIFY = "verify"
 
 
 # --- results ----------------------------------------------------------------

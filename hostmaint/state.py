@@ -226,11 +226,15 @@ class HostStateStore:
 
         Unlike :meth:`set_aside` the state before maintenance is kept, so the run that finishes the
         maintenance later restores it. From ``cordoned`` (a new reason is written even when the state
-        stays) or any state that may back out to it (draining, drained, patching, verifying)."""
+        stays) or any state that may back out to it (draining, drained, patching, verifying). A
+        ``rebooting`` host cannot back out (its reboot may be under way): it stays rebooting with the
+        reason, and the run that finishes it proves the reboot first."""
 
         def out(conn: Connection, current: HostRecord, exists: bool) -> HostRecord:
-            if current.state == S.CORDONED and current.reason == reason:
+            if current.state in (S.CORDONED, S.REBOOTING) and current.reason == reason:
                 return current
+            if current.state == S.REBOOTING:
+                return self._write(conn, current, exists, S.REBOOTING, reason, run_id, current.prior_state)
             if current.state != S.CORDONED:
                 check_transition(host, current.state, S.CORDONED)
             # cordoned with no maintenance open is an operator's (or an incident's) cordon: where it goes back to

@@ -91,7 +91,7 @@ def _show_outcomes(outcomes: list[Any], as_json: bool) -> None:
     for col in ("host", "outcome", "state", "rebooted", "packages", "seconds", "detail"):
         table.add_column(col)
     for o in outcomes:
-        table.add_row(*map(cell, (o.host, o.outcome.value, o.state, "yes" if o.rebooted else "no",
+        table.add_row(*map(cell, (o.host, o.outcome.value, o.state or "-", "yes" if o.rebooted else "no",
                                   str(o.packages_changed), f"{o.seconds:.1f}", redact_text(o.detail)[:300])))
     out.print(table)
     migrations = [m for o in outcomes for m in o.migrations]

@@ -116,9 +116,9 @@ def precheck_host(ref: RuntimeRef, run: RunContext, host: str) -> patching.Prefl
     return steps.precheck(ref.open(), run, host)
 
 
-@task(name="resume-reboot", cache_policy=NO_CACHE)
-def resume_reboot(ref: RuntimeRef, run: RunContext, host: str) -> patching.RebootResult:
-    return steps.resume_reboot(ref.open(), run, host)
+@task(name="prove-reboot", cache_policy=NO_CACHE)
+def prove_reboot(ref: RuntimeRef, run: RunContext, host: str) -> patching.RebootResult | None:
+    return steps.prove_reboot(ref.open(), run, host)
 
 
 @task(name="verify", cache_policy=NO_CACHE, **IO_RETRIES)

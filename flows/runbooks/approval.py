@@ -156,7 +156,7 @@ def run_incident(*, flow: str, host: str, reason: str, source: str, inventory: s
                                                "host left cordoned"))
         result = shown_here(f"evacuate {host}", evacuate_host(
             host=host, operator=answer.operator, reason=reason, inventory=inv, trigger=Trigger.EVENT,
-            lock_wait_s=lock_wait_s, approved_plan=plan, approved_on=snapshot))
+            lock_wait_s=lock_wait_s, approved_plan=plan, approved_on=snapshot, incident=True))
         keep_cordoned(ref, replace(run, operator=answer.operator), host, reason)
     return result.model_copy(update={"state": rt.states.state(host).value,
                                      "detail": f"{result.detail}; approved by {answer.operator}"})

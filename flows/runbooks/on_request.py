@@ -58,7 +58,7 @@ def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 36
                               poll_interval_s=poll_interval_s)
         if not answer.approve:
             return rejected(HostOutcome(host=request.host, outcome=StepOutcome.SKIPPED, simulated=rt.simulated,
-                                        state=rt.states.state(request.host).value,
+                                        state=rt.states.state(request.host),
                                         detail=f"not approved by {answer.operator}: {answer.comment}; "
                                                "nothing changed"))
         return evacuate(approved=(plan, snapshot))

@@ -365,17 +365,26 @@ def host_utils(inventory: Path, snap: FleetSnapshot) -> dict[str, float]:
             for h in snap.hosts}
 
 
-def test_a_window_levels_the_cluster_it_leaves_lopsided(tmp_path: Path, hostmaint_db: Path) -> None:
-    inventory, snap = crowded_fleet(tmp_path, hosts=6, vms=48, max_in_maintenance=1)
-    # a window that does not rebalance leaves its last host empty
-    patch_window(cluster="demo", window_id="w-no-level", operator="sched", inventory=str(inventory),
-                 trigger=Trigger.TEST, rebalance_moves=0)
-    lopsided = host_utils(inventory, snap)
-    mean = sum(lopsided.values()) / len(lopsided)
-    assert max(abs(u - mean) for u in lopsided.values()) > 0.10, lopsided
+def test_a_window_levels_the_cluster_it_leaves_lopsided(tmp_path: Path, hostmaint_db: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.patch_window as window_flow
 
+    inventory, snap = crowded_fleet(tmp_path, hosts=6, vms=48, max_in_maintenance=1)
+    seen: list[dict[str, float]] = []
+    rebalance = window_flow.rebalance_locked
+
+    def lopsided_first(*args: Any, **kwargs: Any) -> Any:
+        seen.append(host_utils(inventory, snap))  # the cluster as its hosts' patches left it
+        return rebalance(*args, **kwargs)
+
+    monkeypatch.setattr(window_flow, "rebalance_locked", lopsided_first)
     outcomes = patch_window(cluster="demo", window_id="w-level", operator="sched", inventory=str(inventory),
                             trigger=Trigger.TEST)
+
+    # its hosts' patches left the last host empty; the window's rebalance levelled that
+    (lopsided,) = seen
+    mean = sum(lopsided.values()) / len(lopsided)
+    assert max(abs(u - mean) for u in lopsided.values()) > 0.10, lopsided
 
     assert {o.outcome for o in outcomes} == {StepOutcome.OK}
     levelled = host_utils(inventory, snap)
@@ -830,6 +839,60 @@ def test_a_patch_resumed_while_its_host_was_rebooting_proves_the_reboot(sim_inve
         assert reboots[-1].outcome is StepOutcome.OK
     else:  # found on a new boot: proven, not rebooted again
         assert len(issued) == 1 and reboots[-1].outcome is StepOutcome.OK and reboots[-1].inputs["resumed"]
+    assert_each_vm_runs_once(sim_inventory, ALL_VMS)
+
+
+@pytest.mark.parametrize("dies", ["before the boot id was recorded", "before the reboot went out",
+                                  "after the host came back"])
+def test_a_resumed_reboot_passes_the_reboot_gate_and_runs_the_pre_reboot_hooks_as_a_fresh_one_does(
+        sim_inventory: Path, dies: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import yaml
+
+    from hostmaint import patching
+
+    # a gate at the reboot (its Prometheus does not answer and is not required: recorded, it holds
+    # nothing) and a pre-reboot hook on the worker, as a Ceph noout would be set
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    doc = yaml.safe_load(sim_inventory.read_text())
+    doc["clusters"][0]["monitoring"] = {"prometheus": {"url": dead, "gates": [
+        {"name": "storage", "query": 'ALERTS{cluster="$cluster"}', "at": ["before-reboot"]}]}}
+    doc["clusters"][0]["hooks"] = {"pre_reboot": [{"name": "noout", "on": "worker", "argv": ["true"]}]}
+    sim_inventory.write_text(yaml.safe_dump(doc, sort_keys=False))
+    reboot = patching.reboot_and_wait
+
+    def worker_lost(shell: Any, host: str, policy: Any, **kwargs: Any) -> Any:
+        if dies == "before the reboot went out":
+            kwargs["before_issue"](patching.read_boot_id(shell, host))
+        elif dies == "after the host came back":
+            reboot(shell, host, policy, **kwargs)
+        raise RuntimeError("worker lost")
+
+    monkeypatch.setattr(patching, "reboot_and_wait", worker_lost)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        patch_host(host="hv02", operator="a", inventory=str(sim_inventory), trigger=Trigger.TEST)
+    monkeypatch.setattr(patching, "reboot_and_wait", reboot)  # not undo(): that drops HOSTMAINT_DB too
+    assert states(sim_inventory)["hv02"] is HostState.REBOOTING
+
+    result = patch_host(host="hv02", operator="a", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK, result.detail
+    resumed = audit().records(host="hv02")[-1].run_id
+    steps = [(r.step, r.inputs.get("point"), r.outcome) for r in audit().records(host="hv02", run_id=resumed)]
+    rebooted_now = [s for s in steps if s[0] == "reboot" and s[2] is StepOutcome.OK]
+    if dies == "after the host came back":  # proven by its new boot: nothing is rebooted, nothing asked
+        assert ("gate", "before-reboot", StepOutcome.OK) not in steps and ("hook", "pre-reboot", StepOutcome.OK) \
+            not in steps, steps
+        assert len(rebooted_now) == 1
+    else:  # rebooted by this run: its gate asked and its hooks run first, as a fresh run does
+        gate = steps.index(("gate", "before-reboot", StepOutcome.OK))
+        hook = steps.index(("hook", "pre-reboot", StepOutcome.OK))
+        issued = [i for i, s in enumerate(steps) if s[0] == "reboot-issued"]
+        assert issued and gate < hook < issued[-1], steps
+    assert states(sim_inventory)["hv02"] is HostState.ACTIVE
     assert_each_vm_runs_once(sim_inventory, ALL_VMS)
 
 

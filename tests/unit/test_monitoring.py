@@ -373,3 +373,85 @@ def test_a_held_reboot_records_that_it_kept_the_host_out(rt: Runtime) -> None:
     [kept] = _records(rt, "hv02", "keep-cordoned")
     assert kept.details["state_before"] == "patching" and kept.details["state"] == "cordoned"
     assert "HostOnFire" in kept.inputs["why"]
+
+
+# --- gates per kind of work, an evacuation's silence (issue 19: evacuations and incident runbooks) ------
+
+
+def test_each_kind_of_work_is_held_by_the_gates_that_name_it(servers: Servers, rt: Runtime) -> None:
+    from hostmaint.monitoring import WorkKind
+
+    # HostOnFire fires for hv01: maintenance and a planned evacuation wait for it (the default kinds)
+    default = _with_monitoring(rt, _prom(servers.prometheus, on_hold="skip"))
+    for kind in (WorkKind.MAINTENANCE, WorkKind.EVACUATION):
+        result = gate(default, RunContext(), "hv01", GatePoint.BEFORE_DRAIN, kind=kind)
+        assert not result.passed and "HostOnFire" in result.reason, kind
+    # an incident's evacuation exists because alerts fire: not held, and the record says so and why
+    result = gate(default, RunContext(), "hv01", GatePoint.BEFORE_DRAIN, kind=WorkKind.INCIDENT)
+    assert result.passed and "bypassed for an incident evacuation" in result.reason
+    rec = _records(rt, "hv01", "gate")[-1]
+    assert rec.inputs["kind"] == "incident" and rec.outcome is StepOutcome.OK
+    assert rec.details["checks"] == [{"gate": "host-alerts", "query": 'ALERTS{alertstate="firing", instance="hv01"}',
+                                      "verdict": "bypassed", "reason": result.checks[0].reason, "series": []}]
+    # a gate the operator says holds incidents too (the storage cluster's health) holds one
+    storage = _with_monitoring(rt, {"prometheus": {
+        "url": servers.prometheus, "on_hold": "skip",
+        "gates": [{"name": "host-alerts", "query": GATE, "kinds": ["maintenance"]},
+                  {"name": "storage", "query": 'ALERTS{alertstate="firing", cluster="$cluster"}',
+                   "kinds": ["incident", "evacuation", "maintenance"]}]}})
+    result = gate(storage, RunContext(), "hv01", GatePoint.BEFORE_DRAIN, kind=WorkKind.INCIDENT)
+    assert not result.passed and "StorageDegraded" in result.reason
+    assert [c.verdict for c in result.checks] == [GateVerdict.BYPASSED, GateVerdict.HELD]
+    planned = gate(storage, RunContext(), "hv01", GatePoint.BEFORE_DRAIN, kind=WorkKind.EVACUATION)
+    assert "holds maintenance only, not evacuation" in planned.checks[0].reason
+
+
+def test_an_evacuations_silence_lasts_while_the_host_is_out_and_ends_when_it_is_back(
+        servers: Servers, rt: Runtime) -> None:
+    from hostmaint.monitoring import end_recorded_silence
+
+    rt = _with_monitoring(rt, _am(servers.alertmanager, lease_s=30, extend_every_s=0.3))
+    run = RunContext()
+    lease = open_silence(rt, run, "hv02", hold_s=7200)
+    assert lease is not None
+    time.sleep(1.0)  # an extension thread (there must be none) would have moved its end by now
+    body = _silence(servers.alertmanager, lease.silence_id)
+    ends = datetime.fromisoformat(body["endsAt"].replace("Z", "+00:00"))
+    assert body["status"]["state"] == "active" and lease.extensions == 0
+    assert timedelta(minutes=119) < ends - datetime.now(UTC) <= timedelta(hours=2)
+    created = _records(rt, "hv02", "silence")[-1]
+    assert created.inputs["lease_s"] == 7200 and "return-host" in created.inputs["until"]
+    lease.am.client.close()
+    # the evacuation ended; later, whatever puts the host back ends its silence
+    assert end_recorded_silence(rt, RunContext(), "hv02")
+    assert _silence(servers.alertmanager, lease.silence_id)["status"]["state"] == "expired"
+    ended = _records(rt, "hv02", "silence-end")[-1]
+    assert ended.details["silence_id"] == lease.silence_id and ended.details["expired"] is True
+    assert not end_recorded_silence(rt, RunContext(), "hv02")  # nothing left to end
+
+
+def test_new_integration_fields_name_the_field_and_check_exits_2(sim_inventory: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from hostmaint.cli import app
+
+    data = yaml.safe_load(sim_inventory.read_text())
+    data["clusters"][0]["monitoring"] = {
+        "prometheus": {"url": "http://prom:9090",
+                       "gates": [{"name": "a", "query": 'up{instance="$host"}', "kinds": ["outage"]},
+                                 {"name": "b", "query": 'up{instance="$host"}', "kinds": []}]},
+        "alertmanager": {"url": "http://am:9093", "matchers": [{"name": "instance", "value": "$host"}],
+                         "evacuation_silence_s": 5}}
+    with pytest.raises(InventoryError) as err:
+        parse_inventory(data, "inv.yaml")
+    text = str(err.value)
+    for needle in ["clusters[0].monitoring.prometheus.gates[0].kinds[0]: Input should be 'maintenance', "
+                   "'evacuation' or 'incident'",
+                   "clusters[0].monitoring.prometheus.gates[1].kinds: List should have at least 1 item",
+                   "clusters[0].monitoring.alertmanager.evacuation_silence_s: must be 0 (no silence for "
+                   "evacuations) or at least 60 seconds, got 5"]:
+        assert needle in text, (needle, text)
+    sim_inventory.write_text(yaml.safe_dump(data))
+    checked = CliRunner().invoke(app, ["inventory", "check", "--no-files", str(sim_inventory)])
+    assert checked.exit_code == 2 and "evacuation_silence_s" in checked.output, checked.output

@@ -173,6 +173,18 @@ def test_begin_maintenance_refuses_a_failed_host(store: HostStateStore) -> None:
     assert recovered.state == S.CORDONED
 
 
+
+def test_keep_out_of_a_rebooting_host_keeps_it_rebooting_with_the_reason(store: HostStateStore) -> None:
+    # a resumed run found the host never rebooted, and its reboot gate (or a pre-reboot hook) held it:
+    # rebooting cannot back out to cordoned, so the host stays out of service there, saying why
+    store.begin_maintenance("hv06", "run-8", "patch")
+    for state in (S.DRAINING, S.DRAINED, S.PATCHING, S.REBOOTING):
+        store.transition("hv06", state, str(state), "run-8")
+    kept = store.keep_out("hv06", "not rebooted, held by monitoring: storage", "run-9")
+    assert (kept.state, kept.reason, kept.prior_state) == (S.REBOOTING, "not rebooted, held by monitoring: storage",
+                                                          S.ACTIVE)
+    assert store.keep_out("hv06", "not rebooted, held by monitoring: storage", "run-9") == kept  # said once
+
 # --- races: compare-and-set --------------------------------------------------------------------
 
 

@@ -1,0 +1,113 @@
+"""The fault campaign's judgement of a host's reason (hostmaint/lab/chaos.py, check_reasons), without a lab:
+libvirt's view, the hosts' reboot logs and rpm databases are stubbed; the rules are the real ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostmaint.lab import chaos
+from hostmaint.lab.chaos import Facts, FaultSpec, check_reasons, make_scenario
+
+
+class Lab:
+    """What the checks read from outside: where VMs run, reboots, packages."""
+
+    def __init__(self, running: dict[str, list[str]]) -> None:
+        self.running_vms = running
+        self.reboot_log: dict[str, list[dict[str, object]]] = {h: [] for h in chaos.HOSTS}
+        self.packages: dict[str, set[str]] = {h: {"kernel-lab-6.1.0-1.lab"} for h in chaos.HOSTS}
+
+    def running(self) -> dict[str, list[str]]:
+        return self.running_vms
+
+
+class Campaign:
+    def __init__(self, lab: Lab) -> None:
+        self.watcher = lab
+        self.workdir = Path("/nonexistent")
+
+
+@pytest.fixture
+def lab(monkeypatch: pytest.MonkeyPatch) -> Lab:
+    lab = Lab({"vm01": ["hv01"], "vm02": ["hv02"], "vm05": ["hv03"]})
+    monkeypatch.setattr(chaos.faults, "reboots", lambda _w, h: lab.reboot_log[h])
+    monkeypatch.setattr(chaos.faults, "installed_packages", lambda _w, h: set(lab.packages[h]))
+    return lab
+
+
+def states(**hosts: tuple[str, str]) -> dict[str, dict[str, Any]]:
+    out = {h: {"state": "active", "reason": "maintenance finished: verified"} for h in chaos.HOSTS}
+    out.update({h: {"state": s, "reason": r} for h, (s, r) in hosts.items()})
+    return out
+
+
+def facts(lab: Lab, *injected: FaultSpec, added: tuple[str, ...] = ()) -> Facts:
+    return Facts(injected=list(injected), reboots_before={h: len(lab.reboot_log[h]) for h in chaos.HOSTS},
+                 packages_before={h: set(lab.packages[h]) for h in chaos.HOSTS}, added=list(added),
+                 at_start=states())
+
+
+def judge(lab: Lab, f: Facts, st: dict[str, dict[str, Any]]) -> list[str]:
+    return check_reasons(Campaign(lab), f, "now", st)  # type: ignore[arg-type]
+
+
+def test_a_failed_drain_must_name_a_vm_that_is_still_on_the_host(lab: Lab) -> None:
+    f = facts(lab)
+    assert judge(lab, f, states(hv03=("cordoned", "drain failed: vm05 still on it"))) == []
+    [bare] = judge(lab, f, states(hv03=("cordoned", "drain failed")))
+    assert "names none of them" in bare and "vm05" in bare
+    [stale] = judge(lab, f, states(hv03=("cordoned", "drain failed: vm05, vm01 still on it")))
+    assert "vm01 does not run on it" in stale
+
+
+def test_vms_named_away_must_run_where_the_reason_says(lab: Lab) -> None:
+    f = facts(lab)
+    fine = "maintenance cannot go on, not patched: no safe plan; its VMs away: vm02 (on hv02)"
+    assert judge(lab, f, states(hv01=("cordoned", fine))) == []
+    [wrong] = judge(lab, f, states(hv01=("cordoned", fine.replace("(on hv02)", "(on hv03)"))))
+    assert "vm02 does not run on hv03" in wrong
+
+
+def test_a_tenants_vm_on_a_cordoned_host_is_named(lab: Lab) -> None:
+    lab.running_vms["cxv001"] = ["hv01"]
+    f = facts(lab, FaultSpec("vm-started", "hv01", "planned", 0, 0), added=("cxv001",))
+    named = "not drained: cxv001 started on it during the drain; run again to move it off"
+    assert judge(lab, f, states(hv01=("cordoned", named))) == []
+    [unnamed] = judge(lab, f, states(hv01=("cordoned", "draining")))
+    assert "cxv001" in unnamed
+
+
+def test_a_reboot_that_did_not_happen_must_be_the_failed_hosts_reason(lab: Lab) -> None:
+    f = facts(lab, FaultSpec("reboot-skipped", "hv02", "start", 0, 0))
+    lab.packages["hv02"].add("kernel-lab-6.1.0-2.lab")  # the update ran; no reboot was logged
+    true = "reboot failed: hv02: host did not reboot: boot id still e914 after 15s"
+    assert judge(lab, f, states(hv02=("failed", true))) == []
+    [false] = judge(lab, f, states(hv02=("failed", "patch failed: hv02: verify: kernel mismatch")))
+    assert "after reboot-skipped" in false
+
+
+def test_a_host_that_did_not_come_back_says_so_unless_another_fault_may_have_failed_it(lab: Lab) -> None:
+    f = facts(lab, FaultSpec("reboot-never", "hv03", "start", 0, 0))
+    lab.reboot_log["hv03"].append({"guests_killed": []})  # its power cut was logged
+    assert judge(lab, f, states(hv03=("failed", "reboot failed: host went down after 4.7s and did not come "
+                                                "back within 15s"))) == []
+    assert judge(lab, f, states(hv03=("failed", "patch failed: something else")))
+    both = facts(lab, FaultSpec("reboot-never", "hv03", "start", 0, 0), FaultSpec("ssh-drop", "hv03", "ssh", 0, 0))
+    lab.reboot_log["hv03"].append({"guests_killed": []})
+    assert judge(lab, both, states(hv03=("failed", "patch failed: connection lost"))) == []
+
+
+def test_rounds_replay_exactly_and_draw_more_faults_when_asked() -> None:
+    assert make_scenario(1288) == make_scenario(1288)
+    many = [len(make_scenario(seed, most=7).faults) for seed in range(1, 200)]
+    few = [len(make_scenario(seed).faults) for seed in range(1, 200)]
+    assert max(few) <= 3 and max(many) > 4 and sum(many) > sum(few)
+    kinds = [f.kind for seed in range(1, 400) for f in make_scenario(seed, most=7).faults]
+    assert set(kinds) == set(chaos.FAULT_CLASSES)  # every class is drawn
+    for seed in range(1, 400):
+        s = make_scenario(seed, most=7)
+        assert sum(f.kind in chaos.ENDS_RUN for f in s.faults) <= 1
+        assert {f.kind for f in s.faults} <= chaos.COMPATIBLE[s.op]
