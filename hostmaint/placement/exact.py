@@ -899,7 +899,7 @@ def refusal_core(prob: Problem, placed: Mapping[str, str], left_out: Vm, budget:
 
     The optimum placed ``placed`` (VM -> host): with ``left_out`` they are one too many, so some
     subset holding ``left_out`` is infeasible. Tried in turn, cheapest first: ``left_out`` alone;
-    a count over every VM of the plan (:func:`counting_core`: a capacity refusal's set at once, at
+    a count over the VMs placed and it (:func:`counting_core`: a capacity refusal's set at once, at
     any size); with the VMs the optimum put on the hosts it could go to (narrowed by CP-SAT's
     sufficient assumptions); with all of them. The first shown infeasible is shrunk by deletion
     (halves, then quarters, ... then one VM at a time) to a minimal set: each check is a count
@@ -915,12 +915,20 @@ def refusal_core(prob: Problem, placed: Mapping[str, str], left_out: Vm, budget:
         return Core((left_out.name,), True, *_causes([left_out], prob, budget))
     if alone is None:
         return None
-    # a count over every VM of the plan (no search): a large capacity refusal's core at once
+    everyone = [by_name[n] for n in sorted(placed)]
+    # A count (no search): a large capacity refusal's core at once. The set must still fit without
+    # ``left_out``: then so does every part of it, every set the shrink keeps needs ``left_out``, and
+    # it ends at a minimal one. Over every VM first (other VMs left out make the smallest sets),
+    # else over the VMs the optimum placed (which fit together).
     start = counting_core(prob, prob.vms, left_out)
+    if start is not None and len(start) > 1 and budget.left > 0 and _all_fit(
+            prob, [v for v in start if v is not left_out], budget, share=STAGE_SHARE, cap=CHECK_BUDGET) is not True:
+        start = None
+    if start is None or len(start) == 1:
+        start = counting_core(prob, [*everyone, left_out], left_out)
     if start is None:
         near = {o.host for o in prob.options(left_out)}
         rivals = [by_name[n] for n, h in sorted(placed.items()) if h in near]
-        everyone = [by_name[n] for n in sorted(placed)]
         # the few VMs on its hosts: CP-SAT's sufficient assumptions name a subset at once
         start = _assumed_core(prob, [*rivals, left_out], left_out, budget) if budget.left > 0 else None
         if start is None and budget.left > 0 and \
