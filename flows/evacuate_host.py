@@ -59,7 +59,7 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
         plan = t.plan_evacuation(ref, run, host, dry_run=True)
         logger.info("dry run, nothing changes:\n%s", render_plan(plan))
         publish_plan(plan, host)
-        outcome = HostOutcome(host=host, outcome=StepOutcome.DRY_RUN, state=rt.states.state(host).value,
+        outcome = HostOutcome(host=host, outcome=StepOutcome.DRY_RUN, state=rt.states.state(host),
                               detail=render_plan(plan), simulated=rt.simulated)
         publish_report(f"evacuate {host} (dry run)", [outcome])
         return outcome
@@ -70,7 +70,7 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
         held = ti.gate_host(ref, run, host, GatePoint.BEFORE_DRAIN,
                             WorkKind.INCIDENT if incident else WorkKind.EVACUATION)
         if held:
-            skipped = HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host).value,
+            skipped = HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host),
                                   detail=held, simulated=rt.simulated, seconds=time.monotonic() - started)
             publish_report(f"evacuate {host}", [skipped])
             return skipped
@@ -104,11 +104,11 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
             t.check_invariants(ref, cluster, expected, stopped)
         except HostmaintError as exc:
             outcome = HostOutcome(host=host, outcome=StepOutcome.ABORTED if isinstance(exc, RunCancelled)
-                                  else StepOutcome.FAILED, state=rt.states.state(host).value,
+                                  else StepOutcome.FAILED, state=rt.states.state(host),
                                   detail=str(exc), simulated=rt.simulated, seconds=time.monotonic() - started)
             publish_report(f"evacuate {host}", [outcome])
             raise
-        outcome = HostOutcome(host=host, outcome=StepOutcome.OK, state=rt.states.state(host).value,
+        outcome = HostOutcome(host=host, outcome=StepOutcome.OK, state=rt.states.state(host),
                               migrations=list(report.results), simulated=rt.simulated,
                               seconds=time.monotonic() - started,
                               detail=f"{len(report.results)} VM(s) moved; host left cordoned")

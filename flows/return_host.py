@@ -62,7 +62,7 @@ def return_host(host: str, operator: str = "unknown", reason: str = "evacuation 
     logger = get_run_logger()
 
     def outcome(result: StepOutcome, detail: str, migrations: list[MigrationResult] | None = None) -> HostOutcome:
-        return HostOutcome(host=host, outcome=result, state=rt.states.state(host).value, detail=detail,
+        return HostOutcome(host=host, outcome=result, state=rt.states.state(host), detail=detail,
                            migrations=migrations or [], simulated=rt.simulated, seconds=time.monotonic() - started)
 
     migrations: list[MigrationResult] = []

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from hostmaint.display import visible
 from hostmaint.errors import DriverError, StepError
-from hostmaint.models import CommandResult, StepOutcome
+from hostmaint.models import CommandResult, Step, StepOutcome
 from hostmaint.monitoring import render_template
 from hostmaint.redaction import redact, redact_text
 
@@ -144,7 +144,7 @@ def run_hooks(rt: Runtime, run: RunContext, host: str, point: HookPoint, *,
     cluster = rt.cluster_of(host)
     done: list[HookRun] = []
     for spec in rt.inventory.hooks_for(host, point.field):
-        with audited(rt, run, "hook", host=host,
+        with audited(rt, run, Step.HOOK, host=host,
                      inputs={"point": point.value, "hook": spec.name, "on": spec.on.value,
                              "argv": redact(expand(spec, host=host, cluster=cluster)),
                              "timeout_s": spec.timeout_s}) as rec:
@@ -162,7 +162,7 @@ def run_hooks(rt: Runtime, run: RunContext, host: str, point: HookPoint, *,
                     stays = rt.states.note(host, f"stopped: {reason}", run.run_id).state.value
                 else:
                     stays = rt.states.keep_out(host, f"stopped: {reason}", run.run_id).state.value
-                raise StepError(f"{reason}; the host stays {stays}, its VMs run where they are", host, "hook")
+                raise StepError(f"{reason}; the host stays {stays}, its VMs run where they are", host, Step.HOOK)
             rec.outcome = StepOutcome.FAILED
             log.warning("%s: %s", host, reason)
     return done

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from hostmaint.errors import MonitoringError, StepError
-from hostmaint.models import StepOutcome
+from hostmaint.models import Step, StepOutcome
 from hostmaint.redaction import redact_text
 
 if TYPE_CHECKING:
@@ -43,8 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PLACEHOLDERS = frozenset({"host", "cluster"})
-SILENCE_STEP = "silence"
-SILENCE_END_STEP = "silence-end"
 
 
 class GatePoint(StrEnum):
@@ -379,7 +377,7 @@ def gate(rt: Runtime, run: RunContext, host: str, point: GatePoint, *, kind: Wor
     if settings is None or not any(point in g.at for g in settings.gates):
         return GateResult(point, True, "no gate")
     transport = transport or _transport(rt)
-    with audited(rt, run, "gate", host=host,
+    with audited(rt, run, Step.GATE, host=host,
                  inputs={"point": point.value, "kind": kind.value, "url": redact_text(settings.url),
                          "on_hold": settings.on_hold.value, "wait_s": settings.wait_s,
                          "required": settings.required}) as rec:
@@ -410,10 +408,10 @@ def hold_reboot(rt: Runtime, run: RunContext, host: str, result: GateResult) -> 
 
     reason = f"not rebooted, held by monitoring: {result.reason}"
     # the gate's own record says what held it; this one says what that changed (its state)
-    with audited(rt, run, "keep-cordoned", host=host, inputs={"why": reason}) as rec:
+    with audited(rt, run, Step.KEEP_CORDONED, host=host, inputs={"why": reason}) as rec:
         rec.details["state_before"] = rt.states.state(host).value
         rec.details["state"] = rt.states.keep_out(host, reason, run.run_id).state.value
-    raise StepError(reason, host, "gate")
+    raise StepError(reason, host, Step.GATE)
 
 
 def _transport(rt: Runtime) -> httpx.BaseTransport | None:
@@ -586,9 +584,9 @@ class SilenceLease:
 def recorded_silence(rt: Runtime, host: str) -> str | None:
     """The id of the last silence a run opened for ``host`` and did not end (the audit trail says)."""
     for rec in reversed(rt.audit.records(host=host)):
-        if rec.step == SILENCE_END_STEP:
+        if rec.step == Step.SILENCE_END:
             return None
-        if rec.step == SILENCE_STEP and rec.details.get("silence_id"):
+        if rec.step == Step.SILENCE and rec.details.get("silence_id"):
             return str(rec.details["silence_id"])
     return None
 
@@ -619,7 +617,7 @@ def open_silence(rt: Runtime, run: RunContext, host: str, *, now: Callable[[], d
     transport = transport or _transport(rt)
     earlier = recorded_silence(rt, host)
     lease_s = hold_s if hold_s is not None else settings.lease_s
-    with audited(rt, run, SILENCE_STEP, host=host,
+    with audited(rt, run, Step.SILENCE, host=host,
                  inputs={"url": redact_text(settings.url), "matchers": matchers, "lease_s": lease_s,
                          "required": settings.required,
                          **({"until": "the host is back in service (return-host)"} if hold_s is not None else {})}
@@ -644,7 +642,7 @@ def open_silence(rt: Runtime, run: RunContext, host: str, *, now: Callable[[], d
         except MonitoringError as exc:
             client.close()
             if settings.required:
-                raise StepError(f"Alertmanager is required and did not answer: {exc}", host, SILENCE_STEP) from exc
+                raise StepError(f"Alertmanager is required and did not answer: {exc}", host, Step.SILENCE) from exc
             rec.outcome = StepOutcome.SKIPPED
             rec.details["error"] = str(exc)
             rec.details["note"] = "Alertmanager is not required: maintenance goes on without a silence"
@@ -679,7 +677,7 @@ def end_silence(rt: Runtime, run: RunContext, host: str, lease: SilenceLease | N
 
     if lease is None:
         return
-    with audited(rt, run, SILENCE_END_STEP, host=host, inputs={"silence_id": lease.silence_id}) as rec:
+    with audited(rt, run, Step.SILENCE_END, host=host, inputs={"silence_id": lease.silence_id}) as rec:
         try:
             expired = lease.end()
         except MonitoringError as exc:

@@ -27,7 +27,7 @@ from flows.params import check_host
 from flows.run_display import label_run, rejected, running_again_after_pause_timeout, shown_here
 from hostmaint.display import markdown_code, markdown_text, visible
 from hostmaint.maintenance import RunContext, audited
-from hostmaint.models import EvacuationPlan, HostState, StepOutcome, Trigger
+from hostmaint.models import EvacuationPlan, HostState, Step, StepOutcome, Trigger
 from hostmaint.placement import render_plan
 from hostmaint.runtime import Runtime
 from tasks.common import RuntimeRef
@@ -94,7 +94,7 @@ def ask_approval(rt: Runtime, run: RunContext, host: str, plan: EvacuationPlan, 
             answer = ApprovalInput(operator="nobody", approve=False,
                                    comment=f"no answer within {timeout_s}s; nothing was approved")
     decided = replace(run, operator=answer.operator)
-    with audited(rt, decided, "approval", host=host,
+    with audited(rt, decided, Step.APPROVAL, host=host,
                  inputs={"plan_digest": plan.snapshot_digest, "placements": len(plan.placements),
                          "requested_by": run.operator}) as rec:
         rec.details.update({"approve": answer.approve, "approver": answer.operator, "comment": answer.comment,
@@ -114,7 +114,7 @@ def keep_cordoned(ref: RuntimeRef, run: RunContext, host: str, reason: str) -> H
     would end by putting it back into service, degraded or not. Set aside, a later patch leaves it
     cordoned, as it does an operator's cordon."""
     rt = ref.open()
-    with audited(rt, run, "keep-cordoned", host=host, inputs={"reason": reason}) as rec:
+    with audited(rt, run, Step.KEEP_CORDONED, host=host, inputs={"reason": reason}) as rec:
         before = rt.states.get(host)
         rec.details["state_before"] = before.state.value
         rec.details["prior_state_before"] = before.prior_state.value if before.prior_state else None
@@ -136,7 +136,7 @@ def run_incident(*, flow: str, host: str, reason: str, source: str, inventory: s
     ref = RuntimeRef(inv)
     rt = ref.open()
     run = run_context(flow, Trigger.EVENT, source, reason)
-    with audited(rt, run, "incident", host=host, inputs={"reason": reason, **event}) as rec:
+    with audited(rt, run, Step.INCIDENT, host=host, inputs={"reason": reason, **event}) as rec:
         rec.details["automatic"] = automatic
     with locks.host_maintenance(host, rt.cluster_of(host), wait_seconds=lock_wait_s):
         cordon_host(ref, run, host)
@@ -149,7 +149,7 @@ def run_incident(*, flow: str, host: str, reason: str, source: str, inventory: s
                               automatic=automatic)
         if not answer.approve:
             keep_cordoned(ref, run, host, reason)
-            return rejected(HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host).value,
+            return rejected(HostOutcome(host=host, outcome=StepOutcome.SKIPPED, state=rt.states.state(host),
                                         simulated=rt.simulated,
                                         detail=f"evacuation not approved by {answer.operator}"
                                                f"{': ' + answer.comment if answer.comment else ''}; "
