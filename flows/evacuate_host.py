@@ -66,6 +66,8 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
     if approved_plan is not None:
         approved_plan = _approved(host, approved_plan, approved_on)  # before anything changes
     with locks.host_maintenance(host, cluster, wait_seconds=lock_wait_s, holder=rt.states.get(host).run_id):
+        # migration.tls: required and a host that cannot: refused here, before anything changed
+        t.precheck_transport(ref, run, host)
         # alerts firing: not now, for a planned evacuation; an incident's goes on (recorded bypassed)
         held = ti.gate_host(ref, run, host, GatePoint.BEFORE_DRAIN,
                             WorkKind.INCIDENT if incident else WorkKind.EVACUATION)

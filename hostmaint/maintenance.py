@@ -972,6 +972,13 @@ def check_transport(rt: Runtime, rec: StepRecord, host: str) -> None:
                         f"{render_refusals(refusals)}", host, Step.PRECHECK)
 
 
+def precheck_transport(rt: Runtime, run: RunContext, host: str) -> None:
+    """An evacuation's precheck, before its cordon: :func:`check_transport` alone (an evacuation patches
+    nothing, so it has no package precheck), audited."""
+    with audited(rt, run, Step.PRECHECK, host=host, inputs={"checks": "migration transport"}) as rec:
+        check_transport(rt, rec, host)
+
+
 def patch(rt: Runtime, run: RunContext, host: str) -> tuple[patching.PackageDiff, patching.RebootDecision]:
     """Preflight, update with the host's policy, and record the package diff and reboot decision.
 

@@ -116,6 +116,11 @@ def precheck_host(ref: RuntimeRef, run: RunContext, host: str) -> patching.Prefl
     return steps.precheck(ref.open(), run, host)
 
 
+@task(name="precheck-transport", cache_policy=NO_CACHE, **IO_RETRIES)
+def precheck_transport(ref: RuntimeRef, run: RunContext, host: str) -> None:
+    steps.precheck_transport(ref.open(), run, host)
+
+
 @task(name="prove-reboot", cache_policy=NO_CACHE)
 def prove_reboot(ref: RuntimeRef, run: RunContext, host: str) -> patching.RebootResult | None:
     return steps.prove_reboot(ref.open(), run, host)
