@@ -205,6 +205,10 @@ class FakeConn:
     def setKeepAlive(self, interval: int, count: int) -> int:
         return 0
 
+    def getLibVersion(self) -> int:
+        self._enter("getLibVersion")
+        return 9000000
+
     def isAlive(self) -> bool:
         return not self.closed
 
@@ -296,7 +300,7 @@ class FakeConnector:
 
 
 class FakeClock:
-    """Test time: ``sleep`` advances it at once."""
+    """Test time: ``sleep``, and ``wait`` for an event that is not set, advance it at once."""
 
     def __init__(self, start: float = 0.0) -> None:
         self.now = start
@@ -308,3 +312,9 @@ class FakeClock:
     def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.now += seconds
+
+    def wait(self, event: threading.Event, seconds: float) -> bool:
+        if event.wait(0.001):  # a moment of real time for the thread that sets it
+            return True
+        self.sleep(seconds)
+        return event.is_set()

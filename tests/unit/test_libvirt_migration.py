@@ -4,11 +4,12 @@ tests run the same against real migrations."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
 
-from hostmaint.drivers.libvirt import LibvirtHypervisor
+from hostmaint.drivers.libvirt import LibvirtHypervisor, MonitorSettings
 from hostmaint.errors import MigrationError
 from hostmaint.models import MigrationOptions, MigrationProgress, StepOutcome
 from tests.fakes.libvirtd import FakeClock, FakeConnector, FakeDomain, FakeHost, FakeJob, FakeNetwork
@@ -29,7 +30,7 @@ def lab(stats: Any) -> tuple[LibvirtHypervisor, FakeNetwork, FakeClock]:
         return job
 
     network.on_job = new_job
-    hv = LibvirtHypervisor(URIS, connector=FakeConnector(network), clock=clock, sleep=clock.sleep)
+    hv = LibvirtHypervisor(URIS, connector=FakeConnector(network), clock=clock, sleep=clock.sleep, wait=clock.wait)
     return hv, network, clock
 
 
@@ -85,3 +86,46 @@ def test_a_migration_the_scheduler_switched_to_post_copy_is_never_aborted() -> N
     assert result.outcome is StepOutcome.OK and switched
     assert clock.now >= 20  # stalled for far longer than 3 s in post-copy
     assert "abortJob" not in network[URIS["hv02"]].domains["vm1"].calls
+
+
+def done_at_once(job: FakeJob, clock: FakeClock) -> dict[str, Any]:
+    job.finish()
+    return {"data_total": 64 * MIB, "data_processed": 64 * MIB, "data_remaining": 0}
+
+
+def test_the_monitor_wakes_when_the_migration_ends_not_at_its_next_poll() -> None:
+    # the monitor's wait is a real wait for the job's end; a poll interval of an hour would show in the
+    # test clock's seconds if it slept its interval out
+    network = FakeNetwork({URIS["hv01"]: FakeHost("hv01"), URIS["hv02"]: FakeHost("hv02")})
+    network[URIS["hv01"]].add("vm1")
+    network.on_job = lambda dom, target, params, flags: FakeJob(lambda: {})
+    clock = FakeClock()
+    hv = LibvirtHypervisor(URIS, connector=FakeConnector(network), clock=clock, sleep=clock.sleep,
+                           monitor=MonitorSettings(poll_interval_s=3600))
+    finisher = threading.Timer(0.05, lambda: network.jobs[0][0].finish())
+    finisher.start()
+    result = hv.migrate("vm1", "hv01", "hv02", MigrationOptions())
+    finisher.join()
+    assert result.outcome is StepOutcome.OK and hv.locate("vm1") == ("hv02",)
+    assert result.seconds == 0 and clock.slept == []
+
+
+def test_migrations_from_one_source_reuse_a_connection_for_their_jobs() -> None:
+    hv, network, _ = lab(done_at_once)
+    connector = hv.connections._connector  # type: ignore[attr-defined]
+    for source, target in [("hv01", "hv02"), ("hv02", "hv01"), ("hv01", "hv02"), ("hv02", "hv01")]:
+        assert hv.migrate("vm1", source, target, MigrationOptions()).outcome is StepOutcome.OK
+    # per host: this thread's connection and the one lent to each job in turn; not one per migration
+    assert connector.uris.count(URIS["hv01"]) == 2 and connector.uris.count(URIS["hv02"]) == 2
+
+
+def test_a_lent_connection_that_broke_is_replaced_before_the_next_job() -> None:
+    hv, network, _ = lab(done_at_once)
+    connector = hv.connections._connector  # type: ignore[attr-defined]
+    hv.migrate("vm1", "hv01", "hv02", MigrationOptions())
+    lent = [c for c in connector.opened if c.uri == URIS["hv02"]]
+    for conn in lent:
+        conn.reset()  # libvirtd on hv02 restarted: every connection to it is dead, though none knows yet
+    result = hv.migrate("vm1", "hv02", "hv01", MigrationOptions())
+    assert result.outcome is StepOutcome.OK and hv.locate("vm1") == ("hv01",)
+    assert all(c.closed for c in lent)

@@ -17,6 +17,7 @@ The only package that imports ``libvirt``. It is built of parts, each usable alo
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,7 +26,7 @@ from hostmaint.drivers.base import ProgressCallback
 from hostmaint.drivers.libvirt.connections import Connections, ConnectionSettings, Connector, open_libvirt
 from hostmaint.drivers.libvirt.discovery import Discovery
 from hostmaint.drivers.libvirt.guests import Guests
-from hostmaint.drivers.libvirt.migration import Migrations, MonitorSettings
+from hostmaint.drivers.libvirt.migration import Migrations, MonitorSettings, wait_for
 from hostmaint.inventory import Inventory
 from hostmaint.models import HostDiscovery, MigrationOptions, MigrationResult
 
@@ -37,17 +38,19 @@ class LibvirtHypervisor:
 
     ``uris`` maps inventory host names to libvirt URIs (``qemu+tcp://10.213.7.11/system``); the
     target's URI is also what the source's libvirtd dials for a peer-to-peer migration.
-    ``connector`` opens a connection (tests pass fakes); ``clock`` and ``sleep`` drive polling,
-    reconnect back-off and the stall rule.
+    ``connector`` opens a connection (tests pass fakes); ``clock``, ``sleep`` (reconnect back-off, waits
+    for a guest) and ``wait`` (for an event, with a timeout: a migration's monitor between samples) are
+    the driver's time.
     """
 
     def __init__(self, uris: Mapping[str, str], *, connector: Connector = open_libvirt,
                  connection: ConnectionSettings = ConnectionSettings(), monitor: MonitorSettings = MonitorSettings(),
                  shared_storage_prefixes: Mapping[str, Sequence[str]] | None = None,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+                 wait: Callable[[threading.Event, float], bool] = wait_for) -> None:
         self.connections = Connections(uris, connector=connector, settings=connection, clock=clock, sleep=sleep)
         self.discovery = Discovery(self.connections, shared_storage_prefixes)
-        self.migrations = Migrations(self.connections, monitor, clock=clock, sleep=sleep)
+        self.migrations = Migrations(self.connections, monitor, clock=clock, wait=wait)
         self.guests = Guests(self.connections, clock=clock, sleep=sleep)
 
     @classmethod

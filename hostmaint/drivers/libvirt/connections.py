@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
@@ -190,6 +191,7 @@ class Connections:
         self._lock = threading.Lock()
         self._opened: list[libvirt.virConnect] = []
         self._owner: dict[int, threading.Thread] = {}  # id(cached connection) -> the thread it serves
+        self._idle: dict[str, list[libvirt.virConnect]] = {}  # lent connections given back, per host
 
     @property
     def hosts(self) -> tuple[str, ...]:
@@ -228,6 +230,45 @@ class Connections:
         retrying = Retrying(stop=stop_after_attempt(self._retries), wait=wait_exponential(multiplier=0.2, max=2.0),
                             retry=retry_if_exception_type(TransientDriverError), sleep=self._sleep, reraise=True)
         return retrying(attempt)
+
+    @contextmanager
+    def lend(self, host: str) -> Iterator[libvirt.virConnect]:
+        """A connection for one long call that has it to itself (a migration job's), given back afterwards
+        for the next one: opening one costs a round trip and forgets the host's capabilities, once per
+        migration. One that broke is closed instead. Raises TransientDriverError like :meth:`open`."""
+        conn = None
+        with self._lock:
+            idle = self._idle.get(host, [])
+            while idle and conn is None:
+                conn = idle.pop()
+        if conn is not None:
+            try:
+                # a round trip, not isAlive(): after a libvirtd restart a connection looks alive until
+                # keepalive notices, and the job it was lent to would fail
+                conn.getLibVersion()
+            except libvirt.libvirtError:
+                self.close_one(conn)
+                conn = None
+        if conn is None:
+            conn = self.open(host)
+        try:
+            yield conn
+        except Exception as exc:
+            if isinstance(exc, libvirt.libvirtError) and is_connection_error(exc):
+                self.close_one(conn)
+            else:
+                self._give_back(host, conn)
+            raise
+        except BaseException:
+            self.close_one(conn)  # interrupted mid-call: what the connection is in is unknown
+            raise
+        else:
+            self._give_back(host, conn)
+
+    def _give_back(self, host: str, conn: libvirt.virConnect) -> None:
+        with self._lock:
+            if any(c is conn for c in self._opened):  # not closed meanwhile by close()
+                self._idle.setdefault(host, []).append(conn)
 
     def _cached(self, host: str) -> libvirt.virConnect:
         """This thread's connection to ``host``, opened on first use or after it broke."""
@@ -271,6 +312,9 @@ class Connections:
                 return  # already claimed and closed by another thread or by close()
             self._opened = [c for c in self._opened if c is not conn]
             self._owner.pop(id(conn), None)
+            for idle in self._idle.values():
+                if any(c is conn for c in idle):
+                    idle[:] = [c for c in idle if c is not conn]
         self._close_bounded([conn])
 
     def _close_bounded(self, conns: list[libvirt.virConnect]) -> None:
@@ -296,6 +340,7 @@ class Connections:
         with self._lock:
             conns, self._opened = self._opened, []
             self._owner.clear()
+            self._idle.clear()
         self._close_bounded(conns)
 
     def call(self, host: str, what: str, fn: Callable[[libvirt.virConnect], T]) -> T:

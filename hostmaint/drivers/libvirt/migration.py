@@ -117,15 +117,22 @@ class _Worker:
     error: libvirt.libvirtError | DriverError | None = None
 
 
+def wait_for(event: threading.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``event``; True once it is set (the monitor's wait between samples)."""
+    return event.wait(seconds)
+
+
 class Migrations:
-    """Live migrations between the hosts of ``connections``; ``clock`` and ``sleep`` drive the monitor."""
+    """Live migrations between the hosts of ``connections``. ``clock`` and ``wait`` (for an event, with a
+    timeout) drive the monitor: it wakes the moment a migration ends, not at its next poll."""
 
     def __init__(self, connections: Connections, settings: MonitorSettings = MonitorSettings(), *,
-                 clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 wait: Callable[[threading.Event, float], bool] = wait_for) -> None:
         self._connections = connections
         self._settings = settings
         self._clock = clock
-        self._sleep = sleep
+        self._wait = wait
         self._lock = threading.Lock()
         self._post_copy: set[tuple[str, str]] = set()  # (vm, source) switched to post-copy
 
@@ -204,7 +211,9 @@ class Migrations:
                 self._abort_quietly(vm, source)
                 worker.done.wait(max(60.0, self._settings.abort_timeout_s * self._settings.abort_attempts))
                 return decision.reason
-            self._sleep(self._settings.poll_interval_s)
+            # woken by the end of the migration: a sleep here cost each migration most of a poll interval
+            # (its last jobStats tends to return as the job ends), which was most of its fixed cost
+            self._wait(worker.done, self._settings.poll_interval_s)
         return None
 
     def _in_post_copy(self, vm: str, source: str) -> bool:
@@ -227,19 +236,17 @@ class Migrations:
 
     def _run_migration(self, worker: _Worker, vm: str, source: str, target: str, flags: int,
                        params: dict[str, Any]) -> None:
-        """Worker thread: the blocking migrateToURI3 on its own connection to the source."""
-        conn = None
+        """Worker thread: the blocking migrateToURI3 on a connection to the source of its own (lent: the
+        next migration reuses it). Never retried: a migration that may have started is not started again."""
         try:
-            conn = self._connections.open(source)
-            dom = lookup(conn, vm)
-            if dom is None:
-                raise DriverError(f"{vm} vanished from {source} before the migration started", source)
-            dom.migrateToURI3(self._connections.uri(target), params, flags)
+            with self._connections.lend(source) as conn:
+                dom = lookup(conn, vm)
+                if dom is None:
+                    raise DriverError(f"{vm} vanished from {source} before the migration started", source)
+                dom.migrateToURI3(self._connections.uri(target), params, flags)
         except (libvirt.libvirtError, DriverError) as exc:
             worker.error = exc
         finally:
-            if conn is not None:
-                self._connections.close_one(conn)
             worker.done.set()
 
     def _sample(self, vm: str, source: str, elapsed: float) -> MigrationProgress | None:
