@@ -247,3 +247,72 @@ def test_the_clusters_tls_setting_reaches_the_scheduler_and_the_simulator(
     policy, options = drain_settings(load_inventory(path), "c")
     assert options.tls is tls
     assert policy.tls_stream_factor == (factor or DEFAULT_TLS_STREAM_FACTOR)
+
+
+class _Hosts:
+    """A HostShell over fake hosts: each answers the transport probe from its MigrationEnd."""
+
+    def __init__(self, ends: dict[str, MigrationEnd]) -> None:
+        self.ends = ends
+        self.asked: set[str] = set()
+
+    def run(self, host: str, argv: Sequence[str], timeout: float = 60.0) -> CommandResult:
+        self.asked.add(host)
+        end = self.ends[host]
+        d = "/etc/pki/qemu"
+        if argv[0] == "ip":
+            out = f"3: eth1    inet {end.address}/24 scope global eth1\n" if end.address else ""
+        elif argv[0] == "cat":
+            out = ""
+        elif argv[0] == "ls":
+            out = "\n".join([*end.certs, *end.keys])
+        else:
+            out = "".join(f"{path}:{line}\n" for path in argv[5:]
+                          for line in end.certs[path.removeprefix(d + "/")].splitlines())
+        return CommandResult(host=host, argv=tuple(argv), exit_code=0, stdout=out)
+
+    def close(self) -> None:
+        pass
+
+
+def _runtime(tmp_path: Path, shell: _Hosts, mode: str) -> object:
+    import yaml
+
+    from hostmaint.audit import AuditTrail
+    from hostmaint.db import open_engine
+    from hostmaint.inventory import load_inventory
+    from hostmaint.runtime import Runtime
+    from hostmaint.state import HostStateStore
+
+    doc = {"version": 1, "clusters": [{"name": "c", "migration": {"tls": mode, "network": "10.214.10.0/24"}}],
+           "hosts": [{"name": h, "cluster": "c", "libvirt_uri": f"qemu+tls://{h}/system",
+                      "ssh": {"address": h, "key": {"agent": True}, "known_hosts": "kh"}}
+                     for h in ("hv01", "hv02", "hv03")]}
+    (tmp_path / "inventory.yaml").write_text(yaml.safe_dump(doc))
+    engine = open_engine(f"sqlite:///{tmp_path / 'hm.db'}")
+    return Runtime(inventory=load_inventory(tmp_path / "inventory.yaml"), inventory_path=str(tmp_path),
+                   hypervisor=None, shell=shell, states=HostStateStore(engine),  # type: ignore[arg-type]
+                   audit=AuditTrail(engine), simulated=False)
+
+
+def test_the_precheck_refuses_a_host_without_tls_unless_it_is_cordoned(tmp_path: Path) -> None:
+    from hostmaint.errors import StepError
+    from hostmaint.maintenance import StepRecord, check_transport
+
+    shell = _Hosts({"hv01": GOOD[0], "hv02": GOOD[1], "hv03": end("hv03", "10.214.10.13", certs=False)})
+    rt = _runtime(tmp_path, shell, "required")
+    rec = StepRecord()
+    with pytest.raises(StepError) as refused:
+        check_transport(rt, rec, "hv01")  # type: ignore[arg-type]
+    assert "hv03: no QEMU TLS certificates" in str(refused.value) and "nothing changed" in str(refused.value)
+    assert rec.details["transport"]["hosts"]["hv03"]["tls"] == ["no QEMU TLS certificates in /etc/pki/qemu "
+                                                                 "(migration TLS is off on this host)"]
+    # cordoned by its operator, hv03 is no target: the drain may go on without it (and it is not read)
+    rt.states.set_aside("hv03", "no certificates yet", None)  # type: ignore[attr-defined]
+    shell.asked.clear()
+    check_transport(rt, StepRecord(), "hv01")  # type: ignore[arg-type]
+    assert shell.asked == {"hv01", "hv02"}
+    # preferred: nothing refused, the fallback is decided (and audited) per migration by the drain
+    (tmp_path / "preferred").mkdir()
+    check_transport(_runtime(tmp_path / "preferred", _Hosts(shell.ends), "preferred"),  # type: ignore[arg-type]
+                    StepRecord(), "hv01")
