@@ -42,10 +42,10 @@ from hostmaint.models import (
     Vm,
     VmAction,
 )
-from hostmaint.placement import exact
+from hostmaint.placement import bounds, exact
 from hostmaint.placement.fit import Demand, Miss, could_fit, demand_of, fit_host
 from hostmaint.placement.ledger import Fit, HostLoad, Ledger
-from hostmaint.placement.objective import CELL_WEIGHT, balance, fit_delta, measure
+from hostmaint.placement.objective import balance, fit_delta, measure
 
 GIB = 1024
 
@@ -123,7 +123,7 @@ def _capacity(snapshot: FleetSnapshot, ledger: Ledger, drained: Sequence[str], s
                  if load.state is HostState.ACTIVE and (name not in drained or name in skipped)]
     capacity = {h.name: h.memory_mib * (1 - head) - h.reserved_memory_mib for h in remaining}
     used = sum(ledger.hosts[h.name].used_mib for h in remaining)
-    lost = sorted(capacity.items(), key=lambda kv: (-kv[1], kv[0]))[:spare_hosts]
+    lost = heapq.nsmallest(spare_hosts, capacity.items(), key=lambda kv: (-kv[1], kv[0]))
     margin = sum(capacity.values()) - sum(c for _, c in lost) - used - demand
     what = f"draining {', '.join(drained)} moves {demand / GIB:.1f} GiB"
     if len(remaining) <= spare_hosts:
@@ -206,29 +206,9 @@ def _by_bound(vm: Vm, need: Demand, targets: Sequence[HostLoad], avoid: Ranks, p
             if remote or could_fit(vm, need, host):
                 yield host
         return
-    add = float(need.total_mib)
-    one_cell = len(need.mib) == 1
-    ranked = []
-    add2 = add * add
-    for host in targets:
-        mem = host.memory_mib
-        if not mem:
-            continue
-        # (u + a)² - u² = 2ua + a², over the size squared; per cell, weighted by cell size / mem
-        used = 0.0
-        cheapest = math.inf
-        for c in host.cells:
-            used += c.used_mib
-            if c.memory_mib:
-                cheapest = min(cheapest, (2 * c.used_mib * add + add2) / c.memory_mib)
-        bound = (2 * used * add + add2) / (mem * mem)
-        if one_cell and cheapest < math.inf:  # it lands in one cell: the cheapest bounds the cell term
-            bound += CELL_WEIGHT * cheapest / mem
-        ranked.append((avoid.get(host.name, PREFERRED), host.weight * bound, host.name, host))
-    ranked.sort(key=lambda r: (r[0], r[1], r[2]))
     top: list[tuple[int, float]] = []  # the best two (tier, growth) found so far
     seen = 0
-    for rank, bound, _, host in ranked:
+    for rank, bound, host in bounds.by_bound(targets, avoid, float(need.total_mib), len(need.mib) == 1):
         for s in scored[seen:]:
             top = sorted([*top, (s[0], s[1])])[:2]
         seen = len(scored)
@@ -247,10 +227,12 @@ def choose(vm: Vm, targets: Sequence[HostLoad], avoid: Ranks, *, pack: bool = Fa
     need = demand_of(vm)
     for remote in (False, True):
         scored: list[tuple[int, float, str, Fit, float]] = []
+        weighed: dict[str, HostLoad] = {}
         for host in _by_bound(vm, need, targets, avoid, pack, remote, scored):
             got = fit_host(vm, host, allow_remote=remote, need=need)
             if isinstance(got, Miss):
                 continue
+            weighed[host.name] = host
             delta = fit_delta(host, got)
             scored.append((avoid.get(host.name, PREFERRED), _leftover(vm, host, got) if pack else delta, host.name,
                            got, delta))
@@ -258,7 +240,7 @@ def choose(vm: Vm, targets: Sequence[HostLoad], avoid: Ranks, *, pack: bool = Fa
             scored.sort(key=lambda s: (s[0], s[1], s[2]))
             best = scored[0]
             runner = next(((s[2], s[4]) for s in scored[1:] if s[2] != best[2]), None)
-            util = next(h.util for h in targets if h.name == best[2])
+            util = weighed[best[2]].util
             return Choice(best[3], best[4], best[0], runner, len(scored), util,
                           note="packed tightly: not everything fits with balanced placement" if pack else "")
     # nothing fits: ask every host why, for the blocker
@@ -370,9 +352,9 @@ def evacuate(snapshot: FleetSnapshot, ledger: Ledger, hosts: Sequence[str], *,
         source = ledger.hosts[vm.host]
         key = f"{source.cluster}/{source.cpu_group}"
         if key not in groups:
-            groups[key] = [h for h in ledger.hosts.values()
-                           if h.state is HostState.ACTIVE and h.name not in barred
-                           and h.cpu_group == source.cpu_group and h.cluster == source.cluster]
+            groups[key] = bounds.Targets(h for h in ledger.hosts.values()
+                                         if h.state is HostState.ACTIVE and h.name not in barred
+                                         and h.cpu_group == source.cpu_group and h.cluster == source.cluster)
         return groups[key]
 
     chosen, unplaced = _greedy(difficulty_order(movers), ledger, targets_for, avoid, pack=False)
@@ -447,6 +429,7 @@ def _improve(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
     for _ in range(IMPROVE_ROUNDS):
         changed = False
         light: dict[int, set[str]] = {}  # per target pool: its least-loaded hosts this round
+        where: dict[int, dict[str, int]] = {}  # per target pool: each host's place in it
         for name in sorted(chosen, key=lambda n: (-chosen[n][0].memory_mib, n)):
             vm, cur = chosen[name]
             used = {c.fit.host for _, c in chosen.values()}
@@ -454,8 +437,9 @@ def _improve(chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
             if id(pool) not in light:
                 light[id(pool)] = {h.name for h in heapq.nsmallest(IMPROVE_HOSTS, pool,
                                                                   key=lambda h: (h.util, h.name))}
-            names = used | light[id(pool)]
-            candidates = [h for h in pool if h.name in names]
+                where[id(pool)] = {h.name: i for i, h in enumerate(pool)}
+            at = where[id(pool)]
+            candidates = [pool[i] for i in sorted(at[n] for n in used | light[id(pool)] if n in at)]
             ledger.unapply(vm, cur.fit)
             stay = fit_delta(ledger.hosts[cur.fit.host], cur.fit)
             alt = choose(vm, candidates, avoid)

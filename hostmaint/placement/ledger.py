@@ -22,6 +22,7 @@ cell size, where free hugepages count as free.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from hostmaint.models import FleetSnapshot, Host, HostState, Vm
@@ -99,7 +100,7 @@ def pinned_cpus(vm: Vm) -> set[int]:
     return held
 
 
-def _host_load(host: Host, vms: list[Vm], headroom_pct: float, overcommit: float) -> HostLoad:
+def _host_load(host: Host, vms: Sequence[Vm], headroom_pct: float, overcommit: float) -> HostLoad:
     total = host.memory_mib
     cells: list[CellLoad] = []
     for c in sorted(host.cells, key=lambda c: c.id):
@@ -115,15 +116,20 @@ def _host_load(host: Host, vms: list[Vm], headroom_pct: float, overcommit: float
         ))
     load = HostLoad(name=host.name, cluster=host.cluster, cpu_group=host.cpu_group, state=host.state, cells=cells,
                     vcpu_budget=host.cpu_count * overcommit)
-    cpu_cell = {cpu: cell for cell in cells for cpu in cell.cpus}
+    # every host of the fleet is booked, most of them only weighed: a map of its CPUs only when a
+    # VM there pins one
+    cpu_cell: dict[int, CellLoad] | None = None
     for vm in vms:
         load.vcpus_used += vm.vcpus
-        load.vm_count += 1
         if vm.anti_affinity:
             load.groups[vm.anti_affinity] += 1
-        for cpu in pinned_cpus(vm):
-            if cpu in cpu_cell:
-                cpu_cell[cpu].pinned.add(cpu)
+        if vm.pinned:
+            if cpu_cell is None:
+                cpu_cell = {cpu: cell for cell in cells for cpu in cell.cpus}
+            for cpu in pinned_cpus(vm):
+                if cpu in cpu_cell:
+                    cpu_cell[cpu].pinned.add(cpu)
+    load.vm_count = len(vms)
     return load
 
 
@@ -135,11 +141,8 @@ class Ledger:
 
     @classmethod
     def from_snapshot(cls, snapshot: FleetSnapshot) -> Ledger:
-        by_host: dict[str, list[Vm]] = {h.name: [] for h in snapshot.hosts}
-        for vm in snapshot.vms:
-            by_host[vm.host].append(vm)
         lim = snapshot.limits
-        hosts = {h.name: _host_load(h, by_host[h.name], lim.memory_headroom_pct, lim.vcpu_overcommit)
+        hosts = {h.name: _host_load(h, snapshot.vms_on(h.name), lim.memory_headroom_pct, lim.vcpu_overcommit)
                  for h in sorted(snapshot.hosts, key=lambda h: h.name)}
         mean = sum(h.memory_mib for h in hosts.values()) / len(hosts) if hosts else 0.0
         for h in hosts.values():
