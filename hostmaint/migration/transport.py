@@ -26,6 +26,7 @@ from datetime import datetime
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 
+from hostmaint.display import visible
 from hostmaint.inventory import MigrationTls
 
 # QEMU's file names in its certificate directory (qemu.conf *_tls_x509_cert_dir)
@@ -83,7 +84,8 @@ def _load(pem: str) -> x509.Certificate | None:
 
 
 def _dn(cert: x509.Certificate, issuer: bool = False) -> str:
-    return (cert.issuer if issuer else cert.subject).rfc4514_string()
+    # a certificate's names come from the host: shown, never acted on (a control character stays visible)
+    return visible((cert.issuer if issuer else cert.subject).rfc4514_string())
 
 
 def _names(cert: x509.Certificate) -> tuple[set[str], set[str]]:
@@ -116,7 +118,7 @@ def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
 def tls_problems(end: MigrationEnd, now: datetime) -> list[str]:
     """What keeps ``end``'s QEMU from TLS migrations on its own: missing, unreadable or expired files,
     a server certificate that does not name the address it is dialled on."""
-    where = end.cert_dir
+    where = visible(end.cert_dir)  # read from the host's qemu.conf
     missing = [f for f in (CA_CERT, SERVER_CERT, CLIENT_CERT) if f not in end.certs]
     missing += [f for f in (SERVER_KEY, CLIENT_KEY) if f not in end.keys]
     if len(missing) == len(QEMU_FILES):
@@ -144,8 +146,8 @@ def tls_problems(end: MigrationEnd, now: datetime) -> list[str]:
     if end.address is not None and not _names_address(server, end.address):
         ips, dns = _names(server)
         problems.append(f"{where}/{SERVER_CERT} does not name the migration address {end.address} "
-                        f"(it names {', '.join(sorted(ips | dns)) or 'no address'}): the source's QEMU would "
-                        "refuse it")
+                        f"(it names {visible(', '.join(sorted(ips | dns))) or 'no address'}): the source's QEMU "
+                        "would refuse it")
     return problems
 
 

@@ -316,3 +316,11 @@ def test_the_precheck_refuses_a_host_without_tls_unless_it_is_cordoned(tmp_path:
     (tmp_path / "preferred").mkdir()
     check_transport(_runtime(tmp_path / "preferred", _Hosts(shell.ends), "preferred"),  # type: ignore[arg-type]
                     StepRecord(), "hv01")
+
+
+def test_names_from_a_hosts_certificate_are_shown_never_acted_on() -> None:
+    forged = Ca("evil\x1b[2J\nhv01: ready")
+    p = plan(MigrationTls.REQUIRED, GOOD[0], end("hv02", "10.214.10.12", forged))
+    (refusal,) = p.refusals("hv01", ["hv02"])
+    assert "\x1b" not in refusal.reason and "\n" not in refusal.reason
+    assert "\\x1b[2J" in refusal.reason
