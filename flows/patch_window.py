@@ -27,7 +27,7 @@ from hostmaint.cancel import RunCancelled
 from hostmaint.display import visible
 from hostmaint.errors import InputError, LockHeldError, StepError
 from hostmaint.maintenance import link_figures
-from hostmaint.models import StepOutcome, Trigger
+from hostmaint.models import Step, StepOutcome, Trigger
 from hostmaint.placement.exact import DEFAULT_BUDGET
 from hostmaint.window import WindowClock, estimate_host_seconds, host_budget_s, window_left, window_order
 from tasks import cancellation
@@ -203,6 +203,6 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
         summary = window_left(window_id, cluster, left, started, failures > max_failed_hosts, clock)
         if not started:
             # nothing was done: the run (and the CLI) must not end as if the window had done its work
-            raise StepError(summary, None, "window")
+            raise StepError(summary, None, Step.WINDOW)
         logger.warning("%s", summary)
     return outcomes

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 
 from hostmaint.errors import StepError
+from hostmaint.models import Step
 
 UNKNOWN = "an operator (not recorded)"
 
@@ -34,7 +35,7 @@ class Cancellation(threading.Event):
         """The host's reason for staying out of service: ``cancelled by X``."""
         return f"cancelled by {self.by}"
 
-    def check(self, host: str | None = None, step: str | None = None) -> None:
+    def check(self, host: str | None = None, step: Step | None = None) -> None:
         """Raise :class:`RunCancelled` if the run was asked to stop (between steps)."""
         if self.is_set():
             raise RunCancelled(self.reason, host, step)

@@ -27,6 +27,7 @@ from typing import Any
 from uuid import UUID
 
 from hostmaint.cancel import Cancellation
+from hostmaint.models import Step
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ def for_run(run_id: str) -> Cancellation | None:
         return _runs.get(run_id)
 
 
-def check(run_id: str, host: str | None = None, step: str | None = None) -> None:
+def check(run_id: str, host: str | None = None, step: Step | None = None) -> None:
     """Raise RunCancelled before a step starts if the run was asked to stop."""
     cancel = for_run(run_id)
     if cancel is not None:

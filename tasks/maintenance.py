@@ -9,7 +9,7 @@ from hostmaint import maintenance as steps
 from hostmaint import patching
 from hostmaint.maintenance import RunContext
 from hostmaint.migration import DrainReport
-from hostmaint.models import CapacityCheck, Cell, EvacuationPlan, FleetSnapshot, HostState, RebalancePlan
+from hostmaint.models import CapacityCheck, Cell, EvacuationPlan, FleetSnapshot, HostState, RebalancePlan, Step
 from hostmaint.placement import plan_rebalance
 from hostmaint.state import HostRecord
 from hostmaint.window import room_for
@@ -66,7 +66,7 @@ def drain_host(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, now: Flee
     # No Prefect retry: a failed migration is already retried or aborted by the drain
     # scheduler; re-running the whole drain is the operator's call (re-run the flow).
     # A cancel (SIGTERM, or the run's state) stops it safely: tasks/cancellation.py
-    cancellation.check(run.run_id, plan.hosts[0] if plan.hosts else None, "drain")
+    cancellation.check(run.run_id, plan.hosts[0] if plan.hosts else None, Step.DRAIN)
     with cancellation.graceful():
         return steps.drain_host(ref.open(), run, plan, now=now, cluster_slots=cluster_slots,
                                 on_event=drain_logger(len(plan.placements)), cancel=cancellation.for_run(run.run_id))
@@ -74,7 +74,7 @@ def drain_host(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, now: Flee
 
 @task(name="stop-unmigratable", cache_policy=NO_CACHE, **IO_RETRIES)
 def stop_unmigratable(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan) -> list[str]:
-    cancellation.check(run.run_id, plan.hosts[0] if plan.hosts else None, "stop-unmigratable")
+    cancellation.check(run.run_id, plan.hosts[0] if plan.hosts else None, Step.SHUTDOWN_VM)
     return steps.stop_unmigratable(ref.open(), run, plan)
 
 
@@ -101,13 +101,13 @@ def host_cells(ref: RuntimeRef, host: str) -> tuple[Cell, ...]:
 
 @task(name="update", cache_policy=NO_CACHE)
 def update_host(ref: RuntimeRef, run: RunContext, host: str) -> tuple[patching.PackageDiff, patching.RebootDecision]:
-    cancellation.check(run.run_id, host, "update")
+    cancellation.check(run.run_id, host, Step.UPDATE)
     return steps.patch(ref.open(), run, host)
 
 
 @task(name="reboot", cache_policy=NO_CACHE)
 def reboot_host(ref: RuntimeRef, run: RunContext, host: str) -> patching.RebootResult:
-    cancellation.check(run.run_id, host, "reboot")
+    cancellation.check(run.run_id, host, Step.REBOOT)
     return steps.reboot(ref.open(), run, host)
 
 
@@ -133,7 +133,7 @@ def verify_host(ref: RuntimeRef, run: RunContext, host: str, cells_before: tuple
 
 @task(name="uncordon", cache_policy=NO_CACHE)
 def uncordon_host(ref: RuntimeRef, run: RunContext, host: str) -> HostState:
-    cancellation.check(run.run_id, host, "uncordon")
+    cancellation.check(run.run_id, host, Step.UNCORDON)
     return steps.uncordon(ref.open(), run, host)
 
 
@@ -150,7 +150,7 @@ def end_unstarted(ref: RuntimeRef, run: RunContext, host: str, why: str, snapsho
 @task(name="return-vms", cache_policy=NO_CACHE, **IO_RETRIES)
 def return_vms(ref: RuntimeRef, run: RunContext, host: str) -> DrainReport | None:
     # a cancel stops the moves safely, as a drain's (tasks/cancellation.py)
-    cancellation.check(run.run_id, host, "return-vms")
+    cancellation.check(run.run_id, host, Step.RETURN_VMS)
     with cancellation.graceful():
         return steps.return_vms(ref.open(), run, host, on_event=drain_logger(),
                                 cancel=cancellation.for_run(run.run_id))
@@ -173,7 +173,7 @@ def recheck_rebalance(ref: RuntimeRef, run: RunContext, plan: RebalancePlan, pla
 
 @task(name="rebalance", cache_policy=NO_CACHE)
 def rebalance(ref: RuntimeRef, run: RunContext, plan: RebalancePlan) -> DrainReport | None:
-    cancellation.check(run.run_id, None, "rebalance")
+    cancellation.check(run.run_id, None, Step.REBALANCE)
     with cancellation.graceful():
         return steps.rebalance(ref.open(), run, plan, on_event=drain_logger(), cancel=cancellation.for_run(run.run_id))
 
