@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated
 
+import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -459,12 +460,43 @@ class FleetSnapshot(Frozen):
         known = _DIGESTS.get(id(self))
         if known is not None:
             return known
-        with collector_paused():
-            canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-        value = hashlib.sha256(canon.encode()).hexdigest()
+        canon = _canonical_fast(self)
+        if canon is None:
+            with collector_paused():
+                canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+        value = hashlib.sha256(canon).hexdigest()
         _DIGESTS[id(self)] = value
         weakref.finalize(self, _DIGESTS.pop, id(self), None)
         return value
+
+
+def _canonical_fast(snapshot: FleetSnapshot) -> bytes | None:
+    """The snapshot's canonical JSON as ``json.dumps(model_dump(mode="json"), sort_keys=True,
+    separators=(",", ":"))`` writes it, made by orjson straight from the models (~8× faster at
+    5,000 hosts); None where the two could differ, and the caller makes it the slow way.
+
+    They write the same bytes for what a snapshot holds (models, str, int, bool, None, tuples, dicts
+    with int keys as text) except: a string with a character outside printable ASCII, a quote or a
+    backslash (json.dumps escapes, orjson writes UTF-8 or escapes otherwise), and floats, which
+    orjson prints its own way (1e-5 for 1e-05). Such output is refused here; the snapshot's only
+    floats are its limits' (test_planning_speed checks that), compared one by one."""
+    for value in snapshot.limits.__dict__.values():
+        if isinstance(value, float) and orjson.dumps(value) != repr(value).encode():
+            return None
+    try:
+        out = orjson.dumps(snapshot, default=_fields_of, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
+    except (TypeError, orjson.JSONEncodeError):  # an int beyond 64 bits: json.dumps writes it, orjson cannot
+        return None
+    if not out.isascii() or b"\\" in out or b"\x7f" in out:
+        return None
+    return out
+
+
+def _fields_of(model: object) -> dict[str, object]:
+    # a model's fields, as model_dump gives them: a frozen model keeps nothing else in __dict__
+    if isinstance(model, BaseModel):
+        return model.__dict__
+    raise TypeError(f"not JSON: {type(model).__name__}")
 
 
 @dataclass(frozen=True)

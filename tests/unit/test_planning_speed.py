@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import typing
 
 import pytest
+from pydantic import BaseModel
 
 from hostmaint.fleet import parse_snapshot, with_state
-from hostmaint.models import FleetSnapshot, HostState, PlanProof
+from hostmaint.models import FleetSnapshot, HostState, PlanProof, _canonical_fast
 from hostmaint.placement import exact as ex
 from hostmaint.placement import plan_evacuation
 from hostmaint.placement.synthetic import generate_fleet
@@ -36,6 +38,55 @@ def _old_digest(s: FleetSnapshot) -> str:
                          ids=["rich", "generated"])
 def test_the_digest_is_the_canonical_jsons(snap: FleetSnapshot) -> None:
     assert snap.digest() == _old_digest(snap)
+
+
+# RICH in printable ASCII: the digest is written by orjson (models._canonical_fast), whose bytes must be
+# json.dumps' own; 12 pins, so the keys sort as text ("10" before "2")
+ASCII = json.loads(json.dumps(RICH).replace("\\u00fc", "u").replace("\\u2603", "s"))
+ASCII["vms"][0]["tags"] = ["a b", "~"]
+ASCII["limits"]["vcpu_overcommit"] = 3.5
+
+
+def test_the_fast_canonical_json_is_json_dumps_own_or_none() -> None:
+    snap = parse_snapshot(json.dumps(ASCII))
+    fast = _canonical_fast(snap)
+    assert fast is not None and fast == json.dumps(snap.model_dump(mode="json"), sort_keys=True,
+                                                   separators=(",", ":")).encode()
+    assert snap.digest() == _old_digest(snap)
+    # where orjson would write other bytes, it is not used, and the digest is the same
+    for change in ({"tags": ['q"uote']}, {"tags": ["\u00e9"]}, {"tags": ["\x7f"]}, {"tags": ["a\tb"]},
+                   {"limits": {"vcpu_overcommit": 1e-05}}):
+        data = json.loads(json.dumps(ASCII))
+        if "limits" in change:
+            data["limits"].update(change["limits"])
+        else:
+            data["vms"][0].update(change)
+        other = parse_snapshot(json.dumps(data))
+        assert _canonical_fast(other) is None, change
+        assert other.digest() == _old_digest(other)
+
+
+def test_the_snapshots_only_floats_are_its_limits() -> None:
+    # _canonical_fast compares the limits' floats one by one: any other float field would need the same
+    seen: set[type] = set()
+    floats = []
+
+    def walk(model: type[BaseModel]) -> None:
+        if model in seen:
+            return
+        seen.add(model)
+        for name, field in model.model_fields.items():
+            kinds = [field.annotation, *typing.get_args(field.annotation)]
+            while kinds:
+                kind = kinds.pop()
+                kinds.extend(typing.get_args(kind))
+                if kind is float:
+                    floats.append(f"{model.__name__}.{name}")
+                if isinstance(kind, type) and issubclass(kind, BaseModel):
+                    walk(kind)
+
+    walk(FleetSnapshot)
+    assert floats and all(f.startswith("Limits.") for f in floats), floats
 
 
 def test_a_digest_is_kept_per_snapshot_and_a_copy_has_its_own() -> None:
