@@ -153,7 +153,9 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int | None, *, prefer_ori
     levelled_from = len(moves)
     movable = [vm for vms in vms_by_host.values() for vm in vms if vm.host in active]
     pairs = sum(1 for vm in movable for h in active.values() if _same_group(ledger.hosts[vm.host], h))
-    saved = copy.deepcopy(ledger.hosts) if 0 < pairs <= exact.MAX_PAIRS and exact_budget > 0 else None
+    saved = None
+    if exact_budget > 0 and (0 < pairs <= exact.MAX_PAIRS or _scope(active, movable, {}, 1) is not None):
+        saved = copy.deepcopy(ledger.hosts)
     heaps = _Heaps(active)
     while len(moves) < cap and not (within is not None and _level(active.values(), within)):
         donors = heaps.fullest(DONORS, lambda n: bool(vms_by_host[n]))
@@ -173,10 +175,12 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int | None, *, prefer_ori
         heaps.changed(fit.host)
 
     proof, note = PlanProof.GREEDY_ONLY, ("exact stage off (budget 0)" if exact_budget <= 0 else
-                                          f"greedy only: {pairs} VM-host pairs, above the exact stage's "
-                                          f"{exact.MAX_PAIRS}")
+                                          f"greedy only: {pairs} VM-host pairs, and even the moves of the "
+                                          f"largest VM of each host above the mean to each host below it are "
+                                          f"above the exact stage's {exact.MAX_PAIRS}")
     if saved is not None:
-        proof, note, better = _exact_levelling(saved, movable, moves, levelled_from, cap, within, exact_budget)
+        proof, note, better = _exact_levelling(saved, movable, moves, levelled_from, cap, within, exact_budget,
+                                               full=pairs <= exact.MAX_PAIRS)
         if better is not None:
             mine = [h for h in better[0].hosts.values() if h.state is HostState.ACTIVE]
             # better by its own key, and never a worse balance than the cluster had: the exact stage's
@@ -294,12 +298,51 @@ def _levelling_key(hosts: list[HostLoad], moves: int, within: float | None) -> t
     return (False, peak, spread, float(moves))
 
 
+SCOPE_VMS = 24  # most VMs of one host above the mean a scoped exact levelling weighs (the largest)
+
+
+def _scope(active: dict[str, HostLoad], movable: list[Vm], greedy: dict[str, str], per_host: int
+           ) -> tuple[list[Vm], dict[str, list[str]], str] | None:
+    """A smaller levelling for the exact stage when every move does not fit ``exact.MAX_PAIRS``:
+    the ``per_host`` largest VMs of each host above the cluster's utilisation (and those the greedy
+    moved, ``greedy``: VM -> target), each to the hosts of its group below it (and its greedy target),
+    as many per host as fit the pairs (at least ``per_host``). None when even that is too large.
+
+    Levelling takes load from hosts above the mean to hosts below it; a move into a host above it
+    or out of one below only widens the spread, and the largest VMs level in the fewest moves."""
+    hosts = [h for h in active.values() if h.memory_mib]
+    memory = sum(h.memory_mib for h in hosts)
+    if not memory:
+        return None
+    mean = sum(h.used_mib for h in hosts) / memory
+    below = [h for h in hosts if h.util < mean]
+    by_host: dict[str, list[Vm]] = {}
+    for vm in sorted(movable, key=lambda v: (-v.memory_mib, v.name)):
+        if vm.name in greedy or active[vm.host].util > mean:
+            by_host.setdefault(vm.host, []).append(vm)
+    best = None
+    for k in range(per_host, SCOPE_VMS + 1):
+        vms = [vm for host_vms in by_host.values() for i, vm in enumerate(host_vms) if i < k or vm.name in greedy]
+        targets = {vm.name: sorted({h.name for h in below if _same_group(active[vm.host], h)}
+                                   | ({greedy[vm.name]} if vm.name in greedy else set())) for vm in vms}
+        if sum(len(t) for t in targets.values()) > exact.MAX_PAIRS:
+            break
+        best = (sorted(vms, key=lambda v: v.name), targets,
+                f"moves of the {k} largest VMs of each host above the mean (and the greedy's) to the hosts "
+                f"below it: {len(vms)} of {len(movable)} VMs")
+        if len(vms) == sum(len(v) for v in by_host.values()):
+            break  # every VM of those hosts is in
+    return best
+
+
 def _exact_levelling(start: dict[str, HostLoad], movable: list[Vm],
                      moves: list[RebalanceMove], levelled_from: int, cap: int, within: float | None,
-                     budget: float) -> tuple[PlanProof, str, tuple[Ledger, list[RebalanceMove]] | None]:
+                     budget: float, full: bool = True
+                     ) -> tuple[PlanProof, str, tuple[Ledger, list[RebalanceMove]] | None]:
     """The levelling solved by the exact stage from ``start`` (the ledger after origin returns); its
     ledger and moves (the origin returns, ``moves[:levelled_from]``, then its own), for the caller to
-    weigh against the greedy's by :func:`_levelling_key`."""
+    weigh against the greedy's by :func:`_levelling_key`. Not ``full``: on a :func:`_scope` of the
+    moves, and then nothing is proven optimal over every move (the proof says feasible)."""
     active = {n: h for n, h in start.items() if h.state is HostState.ACTIVE}
     greedy_moves = moves[levelled_from:]
     by_name = {vm.name: vm for vm in movable}
@@ -307,12 +350,22 @@ def _exact_levelling(start: dict[str, HostLoad], movable: list[Vm],
     for m in greedy_moves:
         p = m.placement
         greedy[p.vm] = Fit(p.target, p.target_cells, tuple(float(x) for x in p.cell_memory_mib), p.numa_local, {})
-    prob = exact.Problem(vms=sorted(movable, key=lambda v: v.name), hosts=copy.deepcopy(active),
-                         targets={vm.name: [h.name for h in active.values() if _same_group(active[vm.host], h)]
-                                  for vm in movable},
-                         ranks={}, remote=False, internal=True)
+    vms = sorted(movable, key=lambda v: v.name)
+    targets = {vm.name: [h.name for h in active.values() if _same_group(active[vm.host], h)] for vm in movable}
+    scoped = ""
+    if not full:
+        got = _scope(active, movable, {v: f.host for v, f in greedy.items()}, 1)
+        if got is None:
+            return PlanProof.GREEDY_ONLY, "greedy only: the exact stage's scoped levelling is too large", None
+        vms, targets, scoped = got
+    prob = exact.Problem(vms=vms, hosts=copy.deepcopy(active), targets=targets, ranks={}, remote=False,
+                         internal=True)
     out = exact.solve_rebalance(prob, greedy, cap - levelled_from, within, exact.Budget(budget))
-    note = f"exact stage (CP-SAT, budget {budget:g}): {out.note}"
+    note = f"exact stage (CP-SAT, budget {budget:g}{'; ' + scoped if scoped else ''}): {out.note}"
+    if scoped:
+        note += " (a stage called optimal is so among the moves modelled, not over every move)"
+        if out.proof is PlanProof.OPTIMAL:
+            out.proof = PlanProof.FEASIBLE
     if out.choices is None:
         return out.proof, note, None
     ledger = Ledger(copy.deepcopy(start))

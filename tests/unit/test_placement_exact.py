@@ -267,3 +267,26 @@ def test_a_large_capacity_refusal_names_small_minimal_cores() -> None:
         for drop in blk.core:
             rest = set(blk.core) - {drop}
             assert oracle_max_placed(_only(s, rest), {DRAINED}) == len(rest), (blk.core, drop)
+
+
+def test_rebalance_beyond_a_small_cluster_levels_in_fewer_moves() -> None:
+    # 12 hosts, 285 VMs: every VM to every other host is 3,135 pairs, above MAX_PAIRS, so the
+    # exact stage stayed out ("greedy only", the greedy's 8 moves). Scoped to the largest VMs of the
+    # hosts above the mean and the hosts below it, it levels within 10 points in fewer moves
+    s = generate_fleet(0, 12, fill=(0.3, 0.9))
+    greedy = plan_rebalance(s, None, prefer_origin=False, within=0.10, exact_budget=0)
+    plan = plan_rebalance(s, None, prefer_origin=False, within=0.10, exact_budget=0.2)
+    assert plan.proof is PlanProof.FEASIBLE and "largest VMs of each host above the mean" in plan.proof_note
+    assert "not over every move" in plan.proof_note  # optimal only among the moves it modelled
+    assert len(plan.moves) < len(greedy.moves)
+    # level, judged from the snapshot and the moves alone
+    # in use as docs/planner.md counts it: free hugepages are free
+    used = {h.name: sum(c.memory_mib - c.free_mib - sum(p.free * p.size_kib / 1024 for p in c.hugepages)
+                        for c in h.cells) for h in s.hosts}
+    size = {h.name: sum(c.memory_mib for c in h.cells) for h in s.hosts}
+    for m in plan.moves:
+        used[m.placement.source] -= m.placement.memory_mib
+        used[m.placement.target] += m.placement.memory_mib
+    mean = sum(used.values()) / sum(size.values())
+    assert all(abs(used[h] / size[h] - mean) <= 0.10 + 1e-4 for h in used)
+    assert plan.balance_after <= greedy.balance_before
