@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import PurePath
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -149,15 +149,6 @@ class VerifyReport:
     def head(self) -> Anchor:
         """The last record that verified, as an anchor to write down (``str()`` gives ``SEQ:HASH``)."""
         return Anchor(self.last_seq, self.last_hash or GENESIS_HASH)
-
-
-@runtime_checkable
-class AuditSink(Protocol):
-    """Where the core writes audit records."""
-
-    def append(self, entry: AuditEntry) -> AuditRecord:
-        """Store ``entry`` as the next record and return it."""
-        ...
 
 
 # --- redaction and canonical form ---------------------------------------------------

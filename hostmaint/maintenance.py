@@ -924,18 +924,6 @@ def confirm_empty(rt: Runtime, run: RunContext, host: str) -> None:
 # --- patching --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PatchOutcome:
-    """What patching one host did."""
-
-    updated: bool
-    diff: dict[str, Any]
-    rebooted: bool
-    reboot_reason: str
-    old_boot_id: str | None
-    new_boot_id: str | None
-
-
 def precheck(rt: Runtime, run: RunContext, host: str) -> patching.Preflight:
     """Before the cordon: the host answers over SSH with a trusted key, has its package manager and
     the free space its policy asks for (:func:`patching.precheck`). A host that cannot be patched is

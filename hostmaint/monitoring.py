@@ -376,7 +376,6 @@ def gate(rt: Runtime, run: RunContext, host: str, point: GatePoint, *, kind: Wor
     settings = monitoring.prometheus if monitoring else None
     if settings is None or not any(point in g.at for g in settings.gates):
         return GateResult(point, True, "no gate")
-    transport = transport or _transport(rt)
     with audited(rt, run, Step.GATE, host=host,
                  inputs={"point": point.value, "kind": kind.value, "url": redact_text(settings.url),
                          "on_hold": settings.on_hold.value, "wait_s": settings.wait_s,
@@ -412,11 +411,6 @@ def hold_reboot(rt: Runtime, run: RunContext, host: str, result: GateResult) -> 
         rec.details["state_before"] = rt.states.state(host).value
         rec.details["state"] = rt.states.keep_out(host, reason, run.run_id).state.value
     raise StepError(reason, host, Step.GATE)
-
-
-def _transport(rt: Runtime) -> httpx.BaseTransport | None:
-    t = rt.extras.get("monitoring_transport")
-    return t if isinstance(t, httpx.BaseTransport) else None
 
 
 # --- Alertmanager silences -----------------------------------------------------------------------
@@ -614,7 +608,6 @@ def open_silence(rt: Runtime, run: RunContext, host: str, *, now: Callable[[], d
     clock = now or (lambda: datetime.now(UTC))
     matchers = silence_matchers(settings, host=host, cluster=cluster)
     comment = f"{settings.comment}: {host}, run {run.run_id} ({run.flow}, {run.operator})"
-    transport = transport or _transport(rt)
     earlier = recorded_silence(rt, host)
     lease_s = hold_s if hold_s is not None else settings.lease_s
     with audited(rt, run, Step.SILENCE, host=host,
@@ -664,7 +657,7 @@ def end_recorded_silence(rt: Runtime, run: RunContext, host: str, *,
     earlier = recorded_silence(rt, host)
     if settings is None or earlier is None:
         return False
-    am = Alertmanager(settings.url, _client(settings.timeout_s, transport or _transport(rt)))
+    am = Alertmanager(settings.url, _client(settings.timeout_s, transport))
     lease = SilenceLease(am, earlier, [], datetime.now(UTC), settings.lease_s, "", "hostmaint")
     end_silence(rt, run, host, lease)
     return True

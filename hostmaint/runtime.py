@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,7 +39,6 @@ class Runtime:
     audit: AuditTrail
     simulated: bool
     db_url: str | None = None
-    extras: dict[str, object] = field(default_factory=dict)
 
     def cluster_of(self, host: str) -> str:
         return self.inventory.host(host).cluster

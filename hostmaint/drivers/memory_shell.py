@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from hostmaint.errors import DriverError, TransientDriverError
 from hostmaint.models import CommandResult
-from hostmaint.patching import evr_compare, newest_kernel, split_evr
+from hostmaint.rpm_version import evr_compare, newest_kernel, split_evr
 
 KERNEL_NAMES = ("kernel-core", "kernel")
 INSTALL_ONLY = frozenset({"kernel", "kernel-core", "kernel-modules", "kernel-modules-core"})

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hostmaint import patching
+from hostmaint import patching, rpm_version
 from hostmaint.drivers.memory_shell import SimHostPackages, SimulatedShell
 from hostmaint.drivers.ssh import SshShell
 from hostmaint.errors import InventoryError, StepError, TransientDriverError
@@ -489,14 +489,14 @@ def test_df_output_without_the_numbers_is_an_error(stdout: str) -> None:
     ("a", "1", -1), ("5.14.0", "5.14.0", 0), ("427.el9", "362.24.1.el9_3", 1), ("1.0~rc1", "1.0~rc2", -1),
 ])
 def test_rpmvercmp(a: str, b: str, expected: int) -> None:
-    assert patching.rpmvercmp(a, b) == expected
-    assert patching.rpmvercmp(b, a) == -expected
+    assert rpm_version.rpmvercmp(a, b) == expected
+    assert rpm_version.rpmvercmp(b, a) == -expected
 
 
 def test_evr_and_newest_kernel() -> None:
-    assert patching.evr_compare("1:1.0-1", "2.0-1") == 1
-    assert patching.evr_compare("0:2.0-1", "2.0-1") == 0
-    assert patching.newest_kernel(["5.14.0-70.el9.x86_64", "5.14.0-427.el9.x86_64", "5.14.0-362.el9.x86_64"]) \
+    assert rpm_version.evr_compare("1:1.0-1", "2.0-1") == 1
+    assert rpm_version.evr_compare("0:2.0-1", "2.0-1") == 0
+    assert rpm_version.newest_kernel(["5.14.0-70.el9.x86_64", "5.14.0-427.el9.x86_64", "5.14.0-362.el9.x86_64"]) \
         == "5.14.0-427.el9.x86_64"
 
 
