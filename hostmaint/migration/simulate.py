@@ -611,14 +611,12 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     policy = policy or SchedulerPolicy()
     names = list(window.order) if isinstance(window, WindowPlan) else list(window)
     k = parallel if parallel is not None else parallel_capacity(snapshot, names, spare_hosts=spare_hosts)
-    run = _run_window(snapshot, window, names, k, policy, options, dirty_rate, params, patch_s, just_in_time,
-                      drains_at_once, focus)
-    serial = run if k == 1 else _run_window(snapshot, window, names, 1, policy, options, dirty_rate, params,
-                                            patch_s, just_in_time, drains_at_once, focus)
+    settings = _WindowSettings(policy, options, dirty_rate, params, patch_s, just_in_time, drains_at_once, focus)
+    run = _WindowScheduler(snapshot, window, names, k, settings).run()
+    serial = run if k == 1 else _WindowScheduler(snapshot, window, names, 1, settings).run()
     # each host as it takes alone, from the window's start: every VM moves once (in a window, a VM
     # that lands on a host due later moves again, which only adds time)
-    solo = [_run_window(snapshot, [n], [n], 1, policy, options, dirty_rate, params, patch_s, just_in_time,
-                        drains_at_once, focus)[0][0] for n in names]
+    solo = [_WindowScheduler(snapshot, [n], [n], 1, settings).run()[0][0] for n in names]
     per_host = sorted((h.end_s - h.start_s for h in solo), reverse=True)
     bound = max(sum(per_host) / max(k, 1), max(per_host, default=0.0))
     waves = max(((m + 1) * per_host[m * k] for m in range(math.ceil(len(per_host) / k))), default=0.0)
@@ -674,62 +672,181 @@ def window_end_snapshot(snapshot: FleetSnapshot, migrations: Sequence[SimMigrati
     return snapshot.model_copy(update={"hosts": tuple(hosts), "vms": vms})
 
 
-def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], names: list[str], k: int,
-                policy: SchedulerPolicy, options: MigrationOptions, dirty_rate: Mapping[str, float] | None,
-                params: SimParams, patch_s: float, just_in_time: bool, drains_at_once: int | None = None,
-                focus: bool = True) -> tuple[tuple[HostEstimate, ...], tuple[SimMigration, ...], float]:
-    limits = snapshot.limits
-    free: dict[str, float] = {}
-    for h in snapshot.hosts:
-        free[h.name] = (h.memory_mib - h.reserved_memory_mib) * (1 - limits.memory_headroom_pct / 100)
-    memory = {v.name: v.memory_mib for v in snapshot.vms}
-    location = {v.name: v.host for v in snapshot.vms}
-    for v in snapshot.vms:
-        free[v.host] -= v.memory_mib
-    planned: dict[str, list[Placement]] = {}
-    if isinstance(window, WindowPlan):
-        planned = {s.host: list(s.evacuation.placements) for s in window.steps}
-    # each drain holds its share of the cluster's slots: what its link can use, without the set-up
-    # slot when the window's hosts at once (or more waiting now) could not all have one (as the flows)
-    share = {n: slots_per_drain({n: params.link(n)}, limits, policy, options) for n in names}
+@dataclass(frozen=True)
+class _WindowSettings:
+    """What stays the same across the runs of one :func:`simulate_window` (the window, serial, each host alone)."""
 
-    def share_now(name: str) -> int:
-        if drains_at_once is not None:
-            return share[name]
-        return slots_per_drain({name: params.link(name)}, limits, policy, options,
-                               max(k, len(draining) + len(drain_queue)))
-    # The engine checks target memory from the free memory it is given; admission counts in-flight.
-    engine = _Engine(limits, policy, options, params, {n: int(f) for n, f in free.items()}, share)
-    jobs = {n: _HostJob(n, []) for n in names}
-    active = {h.name for h in snapshot.hosts if h.state is HostState.ACTIVE}
-    order_idx = {n: i for i, n in enumerate(names)}
-    waiting = list(names)
-    in_maint: list[str] = []
-    drain_queue: list[str] = []  # in maintenance, waiting for its turn to drain
-    draining: set[str] = set()
-    planned_targets: dict[str, list[Placement]] = {}
-    patched: set[str] = set()
-    timers: dict[str, float] = {}
+    policy: SchedulerPolicy
+    options: MigrationOptions
+    dirty_rate: Mapping[str, float] | None
+    params: SimParams
+    patch_s: float
+    just_in_time: bool
+    drains_at_once: int | None
+    focus: bool
 
-    def targets_of(name: str) -> set[str]:
-        return {p.target for p in planned.get(name, [])}
 
-    def can_start(name: str) -> bool:
-        if not planned:
+WindowRun = tuple[tuple[HostEstimate, ...], tuple[SimMigration, ...], float]
+
+
+class _WindowScheduler:
+    """One simulated run of a window: hosts enter maintenance (at most ``k`` at once), drain when the
+    cluster's migration slots and their targets allow, patch, and leave; the engine moves the VMs.
+
+    Each pass of :meth:`run` settles what finished, begins the drains that may begin, starts the
+    hosts that may start, then lets the engine run to the next event.
+    """
+
+    def __init__(self, snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], names: list[str], k: int,
+                 settings: _WindowSettings) -> None:
+        self.names = names
+        self.k = k
+        self.settings = settings
+        self.limits = limits = snapshot.limits
+        self.free: dict[str, float] = {}
+        for h in snapshot.hosts:
+            self.free[h.name] = (h.memory_mib - h.reserved_memory_mib) * (1 - limits.memory_headroom_pct / 100)
+        self.memory = {v.name: v.memory_mib for v in snapshot.vms}
+        self.location = {v.name: v.host for v in snapshot.vms}
+        for v in snapshot.vms:
+            self.free[v.host] -= v.memory_mib
+        self.planned: dict[str, list[Placement]] = {}
+        if isinstance(window, WindowPlan):
+            self.planned = {s.host: list(s.evacuation.placements) for s in window.steps}
+        params = settings.params
+        # each drain holds its share of the cluster's slots: what its link can use, without the set-up
+        # slot when the window's hosts at once (or more waiting now) could not all have one (as the flows)
+        self.share = {n: slots_per_drain({n: params.link(n)}, limits, settings.policy, settings.options)
+                      for n in names}
+        # The engine checks target memory from the free memory it is given; admission counts in-flight.
+        self.engine = _Engine(limits, settings.policy, settings.options, params,
+                              {n: int(f) for n, f in self.free.items()}, self.share)
+        self.jobs = {n: _HostJob(n, []) for n in names}
+        self.active = {h.name for h in snapshot.hosts if h.state is HostState.ACTIVE}
+        self.order_idx = {n: i for i, n in enumerate(names)}
+        self.waiting = list(names)
+        self.in_maint: list[str] = []
+        self.drain_queue: list[str] = []  # in maintenance, waiting for its turn to drain
+        self.draining: set[str] = set()
+        self.planned_targets: dict[str, list[Placement]] = {}
+        self.patched: set[str] = set()
+        self.timers: dict[str, float] = {}  # when each host drained (or failed to) leaves maintenance
+        self.at_least = math.ceil(min(limits.migrations_per_source, limits.migrations_per_cluster)
+                                  / limits.migrations_per_target)
+
+    def run(self) -> WindowRun:
+        """Run the window to its end: each host's estimate, every migration, the makespan."""
+        engine = self.engine
+        while self.waiting or self.in_maint:
+            self._settle()
+            self._begin_drains()
+            self._start_hosts()
+            engine.admit()
+            horizon = min(self.timers.values(), default=math.inf)
+            if not engine.running:
+                if engine.pending:
+                    engine.fail_pending("cannot start: never admissible (limits or target memory)")
+                    continue
+                if horizon == math.inf:
+                    if self.waiting and not self.in_maint:
+                        self._give_up_waiting()
+                    continue
+                engine.t = max(engine.t, horizon)
+                continue
+            engine.step(horizon)
+        return self._result()
+
+    # --- hosts entering maintenance -----------------------------------------------------
+
+    def _start_hosts(self) -> None:
+        for name in list(self.waiting):
+            if len(self.in_maint) >= self.k:
+                return
+            if self.settings.just_in_time and self.engine.load.total >= self.limits.migrations_per_cluster:
+                return  # every migration slot is taken: another host would only wait, cordoned
+            if not self._can_start(name):
+                continue
+            self.waiting.remove(name)
+            self.in_maint.append(name)
+            self.jobs[name].start = self.engine.t
+            self.drain_queue.append(name)
+            self._begin_drains()
+
+    def _can_start(self, name: str) -> bool:
+        if not self.planned:
             return True
-        busy = set(in_maint)
-        if targets_of(name) & busy:
+        targets = self._targets_of(name)
+        if targets & set(self.in_maint):
             return False
-        for t in targets_of(name):  # onto an earlier host only once it is patched
-            if order_idx.get(t, len(names)) < order_idx[name] and t not in patched:
+        for t in targets:  # onto an earlier host only once it is patched
+            if self.order_idx.get(t, len(self.names)) < self.order_idx[name] and t not in self.patched:
                 return False
         # every earlier host that sends VMs here must be done sending
-        return all(jobs[o].drained >= 0 for o in names[:order_idx[name]] if name in targets_of(o))
+        return all(self.jobs[o].drained >= 0 for o in self.names[:self.order_idx[name]]
+                   if name in self._targets_of(o))
 
-    at_least = math.ceil(min(limits.migrations_per_source, limits.migrations_per_cluster)
-                         / limits.migrations_per_target)
+    def _targets_of(self, name: str) -> set[str]:
+        return {p.target for p in self.planned.get(name, [])}
 
-    def place(name: str, busy: set[str]) -> list[Placement] | None:
+    def _give_up_waiting(self) -> None:
+        """The hosts still waiting with nothing left to wait for: their dependencies can never be met."""
+        for name in self.waiting:
+            job = self.jobs[name]
+            job.start = job.drained = job.end = self.engine.t
+            job.failed = True
+        self.waiting.clear()
+
+    # --- drains ------------------------------------------------------------------------------
+
+    def _begin_drains(self) -> None:
+        while self.drain_queue and self._room_to_drain(self.drain_queue[0]):
+            name = self.drain_queue[0]
+            busy = {p.target for d in self.draining for p in self.planned_targets.get(d, [])}
+            placements = self._place(name, busy)
+            if placements is None:
+                return  # first come, first served: the next host waits behind it
+            self.share[name] = self._share_now(name)  # counted while it is still in the queue
+            self.drain_queue.pop(0)
+            self._begin_drain(name, placements)
+
+    def _room_to_drain(self, name: str) -> bool:
+        if not self.draining:
+            return True
+        if self.settings.drains_at_once is not None:
+            return len(self.draining) < self.settings.drains_at_once
+        return sum(self.share[d] for d in self.draining) + self._share_now(name) <= self.limits.migrations_per_cluster
+
+    def _share_now(self, name: str) -> int:
+        settings = self.settings
+        if settings.drains_at_once is not None:
+            return self.share[name]
+        return slots_per_drain({name: settings.params.link(name)}, self.limits, settings.policy, settings.options,
+                               max(self.k, len(self.draining) + len(self.drain_queue)))
+
+    def _begin_drain(self, name: str, placements: list[Placement]) -> None:
+        """``name``'s drain takes its share of the slots and hands its migrations to the engine."""
+        engine, params = self.engine, self.settings.params
+        engine.hold(name, self.share[name])
+        self.draining.add(name)
+        self.planned_targets[name] = placements
+        job = self.jobs[name]
+        job.drain_start = engine.t
+        placed = {p.vm for p in placements}
+        unplaced = [v for v, h in self.location.items() if h == name and v not in placed]
+        job.failed = bool(unplaced) and not self.planned
+        specs = _specs(placements, self.memory, self.settings.dirty_rate)
+        links = {s.source: params.link(s.source) for s in specs}
+        rates = {src: stream_rate(self.settings.options, self.settings.policy, link) for src, link in links.items()}
+        job.migs = [_Mig(s, host_job=name) for s in order_placements(specs, self.settings.policy.order, links, rates)]
+        engine.pending.extend(job.migs)
+        engine.changed = True
+        engine.admit()  # its migrations take their slots before the next host is considered
+        if not job.migs:
+            job.drained = engine.t
+            self.draining.discard(name)
+            self.timers[name] = engine.t + (0.0 if job.failed else self.settings.patch_s)
+
+    def _place(self, name: str, busy: set[str]) -> list[Placement] | None:
         """Where ``name``'s VMs go; None when one can only go to a host another drain fills now (it
         waits for that drain, as the flows wait for the target's inbound lock).
 
@@ -737,33 +854,19 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
         outside the window) before due, busy last; with ``focus``, the drain's few focus hosts
         (emptiest first, as many as hold it) before the rest of their kind. Most free memory
         stands in for the planner's balance objective."""
-        if planned:
-            return planned.get(name, [])
+        if self.planned:
+            return self.planned.get(name, [])
+        free, memory = self.free, self.memory
         out: list[Placement] = []
-        vms = sorted((v for v, h in location.items() if h == name), key=lambda v: (-memory[v], v))
-        candidates = [h for h in sorted(active) if h not in in_maint and h != name]
-        due = {h for h in candidates if h in order_idx and h not in patched}
-        chosen: set[str] = set()
-        if focus:
-            need, room = sum(memory[v] for v in vms), 0.0
-            for h in sorted((c for c in candidates if c not in busy), key=lambda c: (c in due, -free[c], c)):
-                if room >= need and len(chosen) >= at_least:
-                    break
-                if free[h] > 0:
-                    chosen.add(h)
-                    room += free[h]
-
-        def rank(h: str) -> int:
-            if h in busy:
-                return BUSY
-            base = DUE if h in due else PREFERRED
-            return base + 1 if focus and h not in chosen else base
-
+        vms = sorted((v for v, h in self.location.items() if h == name), key=lambda v: (-memory[v], v))
+        candidates = [h for h in sorted(self.active) if h not in self.in_maint and h != name]
+        due = {h for h in candidates if h in self.order_idx and h not in self.patched}
+        chosen = self._focus_hosts(vms, candidates, due, busy) if self.settings.focus else set()
         for vm in vms:
             fitting = [h for h in candidates if free[h] >= memory[vm]]
             if not fitting:
                 continue  # left on the host: the drain of this host fails
-            best = max(fitting, key=lambda h: (-rank(h), free[h], h))
+            best = max(fitting, key=lambda h: (-self._rank(h, busy, due, chosen), free[h], h))
             if best in busy:
                 for p in out:
                     free[p.target] += p.memory_mib
@@ -772,101 +875,59 @@ def _run_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], nam
             out.append(Placement(vm=vm, source=name, target=best, memory_mib=memory[vm], reason="simulated"))
         return out
 
-    def start_hosts() -> None:
-        for name in list(waiting):
-            if len(in_maint) >= k:
-                return
-            if just_in_time and engine.load.total >= limits.migrations_per_cluster:
-                return  # every migration slot is taken: another host would only wait, cordoned
-            if not can_start(name):
-                continue
-            waiting.remove(name)
-            in_maint.append(name)
-            jobs[name].start = engine.t
-            drain_queue.append(name)
-            begin_drains()
+    def _focus_hosts(self, vms: list[str], candidates: list[str], due: set[str], busy: set[str]) -> set[str]:
+        """The drain's focus hosts: not due first, emptiest first, as many as hold its VMs (at least
+        enough targets for the slots a drain may use)."""
+        need, room = sum(self.memory[v] for v in vms), 0.0
+        chosen: set[str] = set()
+        for h in sorted((c for c in candidates if c not in busy), key=lambda c: (c in due, -self.free[c], c)):
+            if room >= need and len(chosen) >= self.at_least:
+                break
+            if self.free[h] > 0:
+                chosen.add(h)
+                room += self.free[h]
+        return chosen
 
-    def room_to_drain(name: str) -> bool:
-        if not draining:
-            return True
-        if drains_at_once is not None:
-            return len(draining) < drains_at_once
-        return sum(share[d] for d in draining) + share_now(name) <= limits.migrations_per_cluster
+    def _rank(self, host: str, busy: set[str], due: set[str], chosen: set[str]) -> int:
+        if host in busy:
+            return BUSY
+        base = DUE if host in due else PREFERRED
+        return base + 1 if self.settings.focus and host not in chosen else base
 
-    def begin_drains() -> None:
-        while drain_queue and room_to_drain(drain_queue[0]):
-            name = drain_queue[0]
-            busy = {p.target for d in draining for p in planned_targets.get(d, [])}
-            placements = place(name, busy)
-            if placements is None:
-                return  # first come, first served: the next host waits behind it
-            share[name] = share_now(name)
-            engine.hold(name, share[name])
-            drain_queue.pop(0)
-            draining.add(name)
-            planned_targets[name] = placements
-            job = jobs[name]
-            job.drain_start = engine.t
-            unplaced = [v for v, h in location.items() if h == name and v not in {p.vm for p in placements}]
-            job.failed = bool(unplaced) and not planned
-            specs = _specs(placements, memory, dirty_rate)
-            links = {s.source: params.link(s.source) for s in specs}
-            rates = {src: stream_rate(options, policy, link) for src, link in links.items()}
-            job.migs = [_Mig(s, host_job=name) for s in order_placements(specs, policy.order, links, rates)]
-            engine.pending.extend(job.migs)
-            engine.changed = True
-            engine.admit()  # its migrations take their slots before the next host is considered
-            if not job.migs:
-                job.drained = engine.t
-                draining.discard(name)
-                timers[name] = engine.t + (0.0 if job.failed else patch_s)
+    # --- hosts leaving maintenance ----------------------------------------------------------
 
-    def settle() -> None:
-        for name in list(in_maint):
-            job = jobs[name]
+    def _settle(self) -> None:
+        for name in list(self.in_maint):
+            job = self.jobs[name]
             if job.drained < 0 and job.migs and all(m.phase is Phase.DONE for m in job.migs):
-                job.drained = engine.t
-                draining.discard(name)
-                for m in job.migs:
-                    if m.outcome is StepOutcome.OK:
-                        location[m.spec.vm] = m.spec.target
-                        free[m.spec.source] += m.spec.memory_mib
-                    elif not planned:
-                        free[m.spec.target] += m.spec.memory_mib
-                job.failed = job.failed or any(m.outcome is not StepOutcome.OK for m in job.migs)
-                # a host with a VM left on it is not rebooted: it stays cordoned, the window goes on
-                timers[name] = engine.t + (0.0 if job.failed else patch_s)
-            if name in timers and timers[name] <= engine.t + EPS:
-                del timers[name]
-                in_maint.remove(name)
-                job.end = engine.t
+                self._end_drain(job)
+            if name in self.timers and self.timers[name] <= self.engine.t + EPS:
+                del self.timers[name]
+                self.in_maint.remove(name)
+                job.end = self.engine.t
                 if not job.failed:
-                    patched.add(name)
+                    self.patched.add(name)
 
-    while waiting or in_maint:
-        settle()
-        begin_drains()
-        start_hosts()
-        engine.admit()
-        horizon = min(timers.values(), default=math.inf)
-        if not engine.running:
-            if engine.pending:
-                engine.fail_pending("cannot start: never admissible (limits or target memory)")
-                continue
-            if horizon == math.inf:
-                if waiting and not in_maint:
-                    for name in waiting:  # its dependencies can never be met
-                        jobs[name].start = jobs[name].drained = jobs[name].end = engine.t
-                        jobs[name].failed = True
-                    waiting.clear()
-                continue
-            engine.t = max(engine.t, horizon)
-            continue
-        engine.step(horizon)
-    hosts = tuple(HostEstimate(host=j.name, start_s=round(j.start, 3), drained_s=round(j.drained, 3),
-                               end_s=round(j.end, 3), migrations=len(j.migs),
-                               outcome=StepOutcome.FAILED if j.failed else StepOutcome.OK,
-                               drain_start_s=round(j.drain_start, 3))
-                  for j in jobs.values())
-    migs = tuple(engine.result(m) for m in engine.done)
-    return hosts, migs, max((j.end for j in jobs.values()), default=0.0)
+    def _end_drain(self, job: _HostJob) -> None:
+        """Every migration of ``job``'s drain is over: the VMs that moved are on their targets."""
+        job.drained = self.engine.t
+        self.draining.discard(job.name)
+        for m in job.migs:
+            if m.outcome is StepOutcome.OK:
+                self.location[m.spec.vm] = m.spec.target
+                self.free[m.spec.source] += m.spec.memory_mib
+            elif not self.planned:
+                self.free[m.spec.target] += m.spec.memory_mib
+        job.failed = job.failed or any(m.outcome is not StepOutcome.OK for m in job.migs)
+        # a host with a VM left on it is not rebooted: it stays cordoned, the window goes on
+        self.timers[job.name] = self.engine.t + (0.0 if job.failed else self.settings.patch_s)
+
+    def _result(self) -> WindowRun:
+        jobs = self.jobs.values()
+        hosts = tuple(HostEstimate(host=j.name, start_s=round(j.start, 3), drained_s=round(j.drained, 3),
+                                   end_s=round(j.end, 3), migrations=len(j.migs),
+                                   outcome=StepOutcome.FAILED if j.failed else StepOutcome.OK,
+                                   drain_start_s=round(j.drain_start, 3))
+                      for j in jobs)
+        migs = tuple(self.engine.result(m) for m in self.engine.done)
+        return hosts, migs, max((j.end for j in jobs), default=0.0)
