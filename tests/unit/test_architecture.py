@@ -24,7 +24,7 @@ class Layer:
     prefect: bool = False
 
 
-CORE_BASICS = ("hostmaint.models", "hostmaint.errors", "hostmaint.display")
+CORE_BASICS = ("hostmaint.models", "hostmaint.errors", "hostmaint.display", "hostmaint.bulk")  # models need bulk
 # the most specific layer a module belongs to wins (longest prefix)
 LAYERS = {layer.name: layer for layer in (
     Layer("hostmaint.placement", ("hostmaint.placement", *CORE_BASICS)),
