@@ -165,7 +165,7 @@ def _said(result: CommandResult) -> str:
     return _tail(result.stderr) or _tail(result.stdout) or "(no output)"
 
 
-def _run(shell: HostShell, host: str, argv: Sequence[str], step: str, timeout: float) -> CommandResult:
+def _run(shell: HostShell, host: str, argv: Sequence[str], step: Step, timeout: float) -> CommandResult:
     """Run a command; a command timeout becomes a StepError for ``step``. Unreachable stays transient."""
     try:
         return shell.run(host, argv, timeout=timeout)
@@ -388,14 +388,14 @@ def package_diff(before: dict[str, str], after: dict[str, str]) -> PackageDiff:
 # --- 5. reboot decision -----------------------------------------------------------
 
 
-def running_kernel(shell: HostShell, host: str, step: str = Step.REBOOT_DECISION) -> str:
+def running_kernel(shell: HostShell, host: str, step: Step = Step.REBOOT_DECISION) -> str:
     res = _run(shell, host, ["uname", "-r"], step, PROBE_TIMEOUT_S)
     if res.exit_code != 0 or not res.stdout.strip():
         raise StepError(f"uname -r failed (exit {res.exit_code}): {_said(res)}", host=host, step=step)
     return res.stdout.strip()
 
 
-def installed_kernels(shell: HostShell, host: str, step: str = Step.REBOOT_DECISION) -> tuple[str, ...]:
+def installed_kernels(shell: HostShell, host: str, step: Step = Step.REBOOT_DECISION) -> tuple[str, ...]:
     """Installed kernels spelled like ``uname -r``; empty only when rpm says nothing provides a kernel.
 
     Asked by capability (``rpm -q --whatprovides kernel kernel-core``), so any kernel flavour that
