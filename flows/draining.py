@@ -10,8 +10,8 @@ from dataclasses import replace
 from prefect import get_run_logger
 
 from flows import locks
-from hostmaint.errors import LockHeldError, PlanError
-from hostmaint.maintenance import RunContext, TargetsUnreachable, drain_share
+from hostmaint.errors import LockHeldError, PlanError, TargetsUnreachable
+from hostmaint.maintenance import RunContext, drain_share
 from hostmaint.migration import DrainReport
 from hostmaint.models import EvacuationPlan, FleetSnapshot, MigrationResult
 from tasks import maintenance as t

@@ -19,13 +19,20 @@ driver or loader that meets them, into one of these, with ``raise ... from exc``
     │   └── MigrationError          a live migration failed or was aborted; the VM stays on its source
     ├── MonitoringError             Prometheus or Alertmanager did not answer, or refused (names the url)
     ├── StepError                   a maintenance step failed; the host is left cordoned/failed
+    │   └── TargetsUnreachable      a drain's targets stopped answering: what did not move can be re-planned
     ├── AuditError                  the audit chain does not verify
     └── ServerError                 the orchestration server (Prefect's API) did not answer
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+from hostmaint.models import Step
 from hostmaint.redaction import redact_text
+
+if TYPE_CHECKING:
+    from hostmaint.migration.drain import DrainReport
 
 
 class HostmaintError(Exception):
@@ -136,6 +143,19 @@ class StepError(HostmaintError):
         self.step = step
         # Every failure names its host: say it unless the message already does.
         super().__init__(message if host is None or host in message else f"{host}: {message}")
+
+
+class TargetsUnreachable(StepError):
+    """A drain failed because some of its targets stopped answering (``hosts``); ``report`` says what
+    moved. What did not move may still go elsewhere: the caller can re-plan without those hosts."""
+
+    def __init__(self, message: str, host: str | None, hosts: list[str], report: DrainReport) -> None:
+        self.hosts = hosts
+        self.report = report
+        super().__init__(message, host, Step.DRAIN)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # Prefect keeps a task's exception: it must survive pickling
+        return (type(self), (self.args[0], self.host, self.hosts, self.report))
 
 
 class AuditError(HostmaintError):

@@ -25,7 +25,14 @@ from hostmaint.audit import AuditEntry
 from hostmaint.cancel import Cancellation, RunCancelled
 from hostmaint.display import visible
 from hostmaint.drivers.base import MigrationStates, ShutOffVms
-from hostmaint.errors import DriverError, HostmaintError, PlanError, StepError, TransientDriverError
+from hostmaint.errors import (
+    DriverError,
+    HostmaintError,
+    PlanError,
+    StepError,
+    TargetsUnreachable,
+    TransientDriverError,
+)
 from hostmaint.fleet import discover_cluster
 from hostmaint.inventory import Inventory, MigrationTls
 from hostmaint.migration import DrainEvent, DrainReport, drain
@@ -691,19 +698,6 @@ def _resolve_unknown_migrations(rt: Runtime, run: RunContext, host: str, where: 
             rec.details["note"] = (f"the migration of {r.vm} (record {r.seq}, outcome unknown) happened: it runs "
                                    f"on {now}")
         log.warning("%s: %s, whose migration's outcome was unknown, was found on %s", host, visible(r.vm), now)
-
-
-class TargetsUnreachable(StepError):
-    """A drain failed because some of its targets stopped answering (``hosts``); ``report`` says what
-    moved. What did not move may still go elsewhere: the caller can re-plan without those hosts."""
-
-    def __init__(self, message: str, host: str | None, hosts: list[str], report: DrainReport) -> None:
-        self.hosts = hosts
-        self.report = report
-        super().__init__(message, host, Step.DRAIN)
-
-    def __reduce__(self) -> tuple[Any, ...]:  # Prefect keeps a task's exception: it must survive pickling
-        return (type(self), (self.args[0], self.host, self.hosts, self.report))
 
 
 def _unreachable(rt: Runtime, hosts: Sequence[str]) -> list[str]:
