@@ -289,12 +289,9 @@ def _use_wal(cur: Any) -> None:
 
 
 def _create_tables(engine: Engine) -> None:
-    # Several processes may open a fresh database at once (workers starting a window's runs).
-    # They take turns, so whoever comes second finds the tables and creates nothing. Without
-    # that, in a test of six engines opening one new database together, five failed on both
-    # databases: SQLite's deferred transaction read the schema, then could not get the write
-    # lock ("database is locked", no busy wait for a reader turning writer); PostgreSQL's
-    # concurrent CREATE TABLEs collided in its catalog (a unique violation on pg_type).
+    # Several processes may open a fresh database at once (workers starting a window's runs): they take
+    # turns, so the second finds the tables and creates nothing. Racing, SQLite's reader cannot become
+    # a writer ("database is locked") and PostgreSQL's concurrent CREATE TABLEs collide in its catalog.
     with engine.connect() as conn:
         if set(Base.metadata.tables) <= set(sa.inspect(conn).get_table_names()):
             return  # the usual case: nothing to create, no lock to take

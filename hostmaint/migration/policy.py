@@ -94,15 +94,10 @@ class SchedulerPolicy:
     # a VM whose dirty rate is at least this share of its stream starts with auto-converge on (chosen on
     # the simulated drains: with 0.3 the worst seeds came 3-5 % closer to the floor than with 0.5)
     auto_converge_upfront_fraction: float = 0.3
-    # ... and its throttle starts where its dirty rate falls to this share of the stream, so it converges
-    # in a few rounds instead of re-sending its memory while QEMU creeps up from 20 % (adaptive only);
-    # never above auto_converge_max_initial_pct: how much guest slow-down the operator accepts upfront.
-    # Pre-copy re-sends D / (b - D) of the memory: with 30 % of the stream these VMs sent 1.4-1.9x their
-    # memory, with 10 % 1.12-1.15x, and on a full link those bytes are the drain's time (simulated drains:
-    # means 0.4-1.2 % and worst seeds up to 4 % closer to the floor than with 30 % / 60 %). The price: the
-    # same VMs are throttled harder (up to 90 %, was 60 %) for a shorter migration; their summed
-    # throttle x seconds grew by about a third. A half-way throttle is no cheaper: the link bytes saved
-    # per throttle-second, b*D / (b - D), are the same at every depth (and past D > b harder saves both).
+    # ... and its throttle starts where its dirty rate falls to this share of the stream (adaptive only), so
+    # it converges in a few rounds: pre-copy re-sends D / (b - D) of its memory, and on a full link those
+    # bytes are the drain's time. A harder throttle for a shorter migration; never above
+    # auto_converge_max_initial_pct, the guest slow-down the operator accepts upfront.
     auto_converge_target_fraction: float = 0.1
     auto_converge_max_initial_pct: int = 90
     stream_mib_s: float = DEFAULT_STREAM_MIB_S  # per connection; times options.parallel_connections
