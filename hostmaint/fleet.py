@@ -209,23 +209,26 @@ def _parse_fast(text: str | bytes) -> FleetSnapshot | None:
 def _colons_held(snapshot: FleetSnapshot) -> int:
     """Colons the JSON text a snapshot was validated from has, as its models tell: one per distinct key
     of each object, and those inside its strings (no default string of the models holds one)."""
-    def inside(*texts: str | None) -> int:
-        return sum(t.count(":") for t in texts if t)
-
-    n = len(snapshot.model_fields_set) + len(snapshot.limits.model_fields_set)
-    n += inside(snapshot.format, snapshot.cluster, snapshot.taken_at, snapshot.source)
+    texts = [snapshot.format, snapshot.cluster, snapshot.taken_at, snapshot.source]
+    n = len(snapshot.__pydantic_fields_set__) + len(snapshot.limits.__pydantic_fields_set__)
     for host in snapshot.hosts:
-        n += len(host.model_fields_set) + inside(host.name, host.cluster, host.cpu_group, host.boot_id, host.kernel)
+        n += len(host.__pydantic_fields_set__)
+        texts += (host.name, host.cluster, host.cpu_group, host.boot_id or "", host.kernel or "")
         for cell in host.cells:
-            n += len(cell.model_fields_set) + sum(len(hp.model_fields_set) for hp in cell.hugepages)
+            n += len(cell.__pydantic_fields_set__)
+            for pool in cell.hugepages:
+                n += len(pool.__pydantic_fields_set__)
     for vm in snapshot.vms:
-        n += len(vm.model_fields_set) + len(vm.vcpupin) + len(vm.iothreadpin)
-        n += inside(vm.name, vm.uuid, vm.host, vm.not_migratable_reason, vm.anti_affinity, vm.origin, *vm.tags)
+        n += len(vm.__pydantic_fields_set__) + len(vm.vcpupin) + len(vm.iothreadpin)
+        texts += (vm.name, vm.uuid, vm.host, vm.not_migratable_reason or "", vm.anti_affinity or "", vm.origin or "")
+        if vm.tags:
+            texts += vm.tags
         if vm.numatune is not None:
-            n += len(vm.numatune.model_fields_set) + inside(vm.numatune.mode)
+            n += len(vm.numatune.__pydantic_fields_set__)
+            texts.append(vm.numatune.mode)
         for guest in vm.vnuma:
-            n += len(guest.model_fields_set)
-    return n
+            n += len(guest.__pydantic_fields_set__)
+    return n + "\n".join(texts).count(":")
 
 
 def load_snapshot(path: str | Path) -> FleetSnapshot:

@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from hostmaint.bulk import collector_paused
 from hostmaint.errors import InputError
 from hostmaint.models import (
     Balance,
@@ -564,15 +565,18 @@ def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Col
     same arguments: same plan.
     """
     drained = _check_hosts(snapshot, hosts)
-    ledger = Ledger.from_snapshot(snapshot)
-    capacity = _capacity(snapshot, ledger, drained, spare_hosts)
-    ranks = target_ranks(snapshot, ledger, drained, avoid=avoid, busy=busy, focus=focus)
-    result = evacuate(snapshot, ledger, drained, avoid=ranks, exact_budget=exact_budget)
-    return EvacuationPlan(cluster=snapshot.cluster, hosts=tuple(drained), snapshot_digest=snapshot.digest(),
-                          placements=tuple(result.placements), blocked=tuple(result.blocked),
-                          vm_actions=tuple(result.vm_actions), skipped_hosts=tuple(result.skipped_hosts),
-                          capacity=capacity, balance=receivers_balance(ledger, drained, result.placements),
-                          proof=result.proof, proof_note=result.proof_note)
+    # the plan allocates without cycles; each collection it would start walks the whole snapshot
+    # once it is older than the plan (~0.1 s at 1,000 hosts)
+    with collector_paused():
+        ledger = Ledger.from_snapshot(snapshot)
+        capacity = _capacity(snapshot, ledger, drained, spare_hosts)
+        ranks = target_ranks(snapshot, ledger, drained, avoid=avoid, busy=busy, focus=focus)
+        result = evacuate(snapshot, ledger, drained, avoid=ranks, exact_budget=exact_budget)
+        return EvacuationPlan(cluster=snapshot.cluster, hosts=tuple(drained), snapshot_digest=snapshot.digest(),
+                              placements=tuple(result.placements), blocked=tuple(result.blocked),
+                              vm_actions=tuple(result.vm_actions), skipped_hosts=tuple(result.skipped_hosts),
+                              capacity=capacity, balance=receivers_balance(ledger, drained, result.placements),
+                              proof=result.proof, proof_note=result.proof_note)
 
 
 def target_ranks(snapshot: FleetSnapshot, ledger: Ledger, drained: Sequence[str], *, avoid: Collection[str] = (),
