@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hostmaint.errors import HostmaintError  # noqa: E402
-from hostmaint.lab.network import LabError  # noqa: E402
+from hostmaint.lab.network import LAB_NET, LabError  # noqa: E402
 from hostmaint.migration.policy import (  # noqa: E402
     MIB,
     Escalation,
@@ -362,32 +362,26 @@ def run_night(clusters: int, hosts: int, vms_per_host: int, patch_s: float) -> s
 
 # --- the real lab ------------------------------------------------------------------------
 
-LAB_WORKDIR = Path("/var/tmp/hostmaint-lab-bench")
+LAB_WORKDIR = Path("/var/tmp/hostmaint-lab-bench" + (f"-net{LAB_NET}" if LAB_NET else ""))  # one per lab net
 
 
 def _lab_drain_virsh(info, src: str, dst: str, vms: Sequence[str]) -> float:  # type: ignore[no-untyped-def]
     """The baseline: a serial loop of plain ``virsh migrate --live`` (what an operator's script does)."""
     started = time.monotonic()
     for vm in vms:
-        subprocess.run(["virsh", "-c", info.host(src).libvirt_uri, "migrate", "--live", "--p2p", "--persistent",
-                        "--undefinesource", vm, info.host(dst).libvirt_uri],
+        subprocess.run(["virsh", "-c", info.plain_uri(src), "migrate", "--live", "--p2p", "--persistent",
+                        "--undefinesource", vm, info.plain_uri(dst)],
                        check=True, capture_output=True, timeout=600)
     return time.monotonic() - started
 
 
 def _foreign_lab_processes() -> list[str]:
-    """Supervisors of a lab other than ours: lab_down works by the lab's names, so it would kill them."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if "hostmaint.lab.supervisor" in cmd and str(LAB_WORKDIR) not in cmd:
-            found.append(cmd.strip())
-    return found
+    """A lab other than ours up on our lab net (HOSTMAINT_LAB_NET): lab_down works by the net's names, so it
+    would kill it. Labs on other nets have names and addresses of their own and do not get in the way."""
+    from hostmaint.lab.lab import foreign_lab
+
+    other = foreign_lab(LAB_WORKDIR)
+    return [f"the lab of {other}"] if other is not None else []
 
 
 def lab_section(rounds: int = 2) -> str:
@@ -412,8 +406,11 @@ def _lab_measure(rounds: int) -> str:
     from hostmaint.migration.probe import probe_dirty_rates
     from hostmaint.models import EvacuationPlan, StepOutcome
 
-    info = lab_up(hosts=2, vms=12, workdir=LAB_WORKDIR, linux_guests=3, host_memory_mib=4096)
-    hv = LibvirtHypervisor({h.name: h.libvirt_uri for h in info.hosts}, monitor=MonitorSettings(poll_interval_s=0.2))
+    # a TLS lab (PKI, migration network) for the TLS on/off rows; every other row runs as before: plain
+    # qemu+tcp control, the stream on the management network, no TLS
+    info = lab_up(hosts=2, vms=12, workdir=LAB_WORKDIR, linux_guests=3, host_memory_mib=4096, tls=True)
+    hv = LibvirtHypervisor({h.name: info.plain_uri(h.name) for h in info.hosts},
+                           monitor=MonitorSettings(poll_interval_s=0.2))
     try:
         memory = {v.name: v.memory_mib for v in info.vms}
         guests = sorted(v.name for v in info.vms if v.host == "hv01")
@@ -471,6 +468,9 @@ def _lab_measure(rounds: int) -> str:
             measured[probed].append(time.monotonic() - started)
             rates_seen = rates
             back()
+        # TLS on/off (issue 20): the same guests, both on the migration network, alternating
+        from benchmarks.tls_cost import tls_rows
+        tls_lines, _, _ = tls_rows(info, hv, guests, memory, rounds)
         # The simulator sees each guest as the data its serial migration sent (dirty pages included).
         params = SimParams(setup_s=setup, default_link_mib_s=2 * stream)
         sims = {name: simulate_drain(plan("hv01", "hv02"), limits, policy=policy, params=params,
@@ -548,6 +548,11 @@ def _lab_measure(rounds: int) -> str:
                  "how fast each one rewrites varies from run to run):")
     lines.append("")
     lines.extend(escalation)
+    lines.append("")
+    lines.append("TLS on/off (benchmarks/tls_cost.py): the same 8 guests hv01 → hv02, both modes to the target's "
+                 "address on the migration network, serial and 2 at a time, alternating, same lab, same run:")
+    lines.append("")
+    lines.extend(tls_lines)
     lines.append("")
     lines.append("- Orchestration overhead of a `patch_host` flow: see \"Orchestration overhead\" below "
                  "(benchmarks/overhead.py).")

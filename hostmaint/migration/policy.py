@@ -34,9 +34,10 @@ MIB = 1024 * 1024
 DEFAULT_LINK_MIB_S = 1100.0  # ~10 GbE after protocol overhead; the inventory's default too
 DEFAULT_STREAM_MIB_S = 600.0  # what one QEMU migration connection pushes (~5 Gbit/s, CPU bound)
 # A TLS connection's rate ÷ a plain one's: QEMU encrypts in its migration thread. Measured on the lab
-# (benchmarks/tls_cost.py; 2 shared cores, TCG guests; lab notes: 250-360 vs 1000-1600 MB/s): hosts with
-# AES-NI and free cores lose less, so the inventory's migration.tls_stream_factor overrides it
-DEFAULT_TLS_STREAM_FACTOR = 0.5
+# (benchmarks/drain.py --lab, TLS rows: 0.33; tls_cost.py alone: 0.50; lab notes: 250-360 vs 1000-1600 MB/s;
+# 2 shared cores, TCG guests): hosts with AES-NI and free cores lose less, so the inventory's
+# migration.tls_stream_factor overrides it
+DEFAULT_TLS_STREAM_FACTOR = 0.35
 
 
 class Order(StrEnum):

@@ -82,7 +82,7 @@ class SimParams:
     ac_step: float = 0.1
     ac_max: float = 0.99
     controls: bool = True  # the driver can escalate a running migration (MigrationControl)
-    tls_setup_s: float = 1.0  # more per TLS migration: QEMU's TLS handshakes (lab: benchmarks/tls_cost.py)
+    tls_setup_s: float = 1.3  # more per TLS migration: QEMU's TLS handshakes (lab: benchmarks/drain.py --lab)
 
     def link(self, host: str) -> float:
         return float(self.link_mib_s.get(host, self.default_link_mib_s))
