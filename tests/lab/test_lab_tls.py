@@ -14,6 +14,8 @@ on TLS with client certificates checked, QEMU migration TLS, a second bridge as 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from ipaddress import ip_address
@@ -172,6 +174,22 @@ def test_a_host_with_a_certificate_from_another_ca_is_refused_and_the_vm_stays(t
         assert _where(rt, "vm01") == (mover,)
     finally:
         reissue_qemu_certs(tls_lab, "hv03")
+
+
+def test_libvirtd_admits_only_clients_with_a_certificate_from_its_ca(tls_lab: LabInfo, tmp_path: Path) -> None:
+    from hostmaint.lab import pki
+
+    other = pki.make_ca(tmp_path / "ca", "another CA", organization="hostmaint lab")  # even the allowed DN
+    pki.make_operator_client(other, tmp_path / "client")
+    # the client trusts the lab's CA (so it accepts the server): only libvirtd's check of the client can refuse
+    shutil.copy2(tls_lab.client_pki / "cacert.pem", tmp_path / "client" / "cacert.pem")
+    uri = f"qemu+tls://{tls_lab.host('hv01').ip}/system"
+    ours = subprocess.run(["virsh", "-c", f"{uri}?pkipath={tls_lab.client_pki}", "hostname"],
+                          capture_output=True, text=True, timeout=60)
+    theirs = subprocess.run(["virsh", "-c", f"{uri}?pkipath={tmp_path / 'client'}", "hostname"],
+                            capture_output=True, text=True, timeout=60)
+    assert ours.returncode == 0 and ours.stdout.strip() == "hv01", ours.stderr
+    assert theirs.returncode != 0, theirs.stdout
 
 
 def test_tls_off_on_one_host_is_refused_before_the_cordon_and_preferred_falls_back_with_a_warning(
