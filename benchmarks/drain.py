@@ -7,6 +7,7 @@ ours on the same generated VMs, so the ratios compare like with like.
   .venv/bin/python benchmarks/drain.py --write        # ... and replace "## Drain" in benchmarks/RESULTS.md
   .venv/bin/python benchmarks/drain.py --quick        # fewer seeds, a 60-host night
   .venv/bin/python benchmarks/drain.py --lab          # + a real drain of 8 lab guests (root, KVM lab)
+  .venv/bin/python benchmarks/drain.py --lab-only --write   # only the lab, replacing only its subsection
 
 Simulated drain: 30 VMs of 2-64 GiB with heavy-tailed (log-normal) dirty rates leave one host for 8
 targets, on 10 GbE (1100 MiB/s) and 25 GbE (2900 MiB/s), with single-stream migrations (one QEMU
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
 import statistics
 import subprocess
@@ -375,6 +377,28 @@ def _lab_drain_virsh(info, src: str, dst: str, vms: Sequence[str]) -> float:  # 
     return time.monotonic() - started
 
 
+def _lab_bare(info, src: str, dst: str, vms: Sequence[str]) -> float:  # type: ignore[no-untyped-def]
+    """The floor of any executor: the same serial loop as virsh's, in this process over one libvirt
+    connection (no process start, no connection set-up per migration, nothing watched or checked)."""
+    import libvirt
+
+    from hostmaint.drivers.libvirt.migration import DEFAULT_FLAGS
+
+    conn = libvirt.open(info.plain_uri(src))
+    try:
+        started = time.monotonic()
+        for vm in vms:
+            conn.lookupByName(vm).migrateToURI3(info.plain_uri(dst), {}, DEFAULT_FLAGS)
+        return time.monotonic() - started
+    finally:
+        conn.close()
+
+
+def _load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.1f} (1 min) / {five:.1f} (5 min)"
+
+
 def _foreign_lab_processes() -> list[str]:
     """A lab other than ours up on our lab net (HOSTMAINT_LAB_NET): lab_down works by the net's names, so it
     would kill it. Labs on other nets have names and addresses of their own and do not get in the way."""
@@ -386,8 +410,9 @@ def _foreign_lab_processes() -> list[str]:
 
 def lab_section(rounds: int = 2) -> str:
     """Drain a lab host of 8 guests (2 of them Linux guests rewriting 128 MiB) to another host:
-    a serial ``virsh migrate --live`` loop, fixed 2 and ours, alternating, ``rounds`` times; then fit
-    the simulator's per-migration overhead and link on a serial pass and state its error."""
+    a serial ``virsh migrate --live`` loop, the same loop over one libvirt connection, our executor one at
+    a time, fixed 2 and ours, alternating, ``rounds`` times; then fit the simulator's per-migration
+    overhead and link on a serial pass and state its error."""
     from hostmaint.lab.network import lab_links, lab_netns
 
     busy = lab_netns() + lab_links() + _foreign_lab_processes()
@@ -400,7 +425,7 @@ def lab_section(rounds: int = 2) -> str:
 
 
 def _lab_measure(rounds: int) -> str:
-    from hostmaint.drivers.libvirt import LibvirtHypervisor, MonitorSettings
+    from hostmaint.drivers.libvirt import LibvirtHypervisor
     from hostmaint.lab import lab_down, lab_up
     from hostmaint.migration import EventKind, drain
     from hostmaint.migration.probe import probe_dirty_rates
@@ -409,8 +434,9 @@ def _lab_measure(rounds: int) -> str:
     # a TLS lab (PKI, migration network) for the TLS on/off rows; every other row runs as before: plain
     # qemu+tcp control, the stream on the management network, no TLS
     info = lab_up(hosts=2, vms=12, workdir=LAB_WORKDIR, linux_guests=3, host_memory_mib=4096, tls=True)
-    hv = LibvirtHypervisor({h.name: info.plain_uri(h.name) for h in info.hosts},
-                           monitor=MonitorSettings(poll_interval_s=0.2))
+    load_before = _load()
+    # the driver as the flows build it (default monitor settings)
+    hv = LibvirtHypervisor({h.name: info.plain_uri(h.name) for h in info.hosts})
     try:
         memory = {v.name: v.memory_mib for v in info.vms}
         guests = sorted(v.name for v in info.vms if v.host == "hv01")
@@ -447,15 +473,18 @@ def _lab_measure(rounds: int) -> str:
         # Two cores: two migrations are what the machine moves at once (an assumption of this lab).
         cal = {"stream_mib_s": stream, "default_link_mib_s": 2 * stream}
         probed = "ours, dirty rates measured first (the 1 s probe counted)"
-        measured: dict[str, list[float]] = {"serial virsh migrate --live": [], "fixed 1 (our executor)": [],
-                                            "fixed 2": [], "ours": [], probed: []}
+        bare = "serial migrateToURI3 loop, one connection (no executor)"
+        measured: dict[str, list[float]] = {"serial virsh migrate --live": [], bare: [],
+                                            "fixed 1 (our executor)": [], "fixed 2": [], "ours": [], probed: []}
         rates_seen: dict[str, float] = {}
-        measured["fixed 1 (our executor)"].append(calib.seconds)
         lost = 0
         for _ in range(rounds):
             measured["serial virsh migrate --live"].append(_lab_drain_virsh(info, "hv01", "hv02", guests))
             back()
-            for name, policy in (("fixed 2", SchedulerPolicy.fixed(2)), ("ours", SchedulerPolicy(**cal))):
+            measured[bare].append(_lab_bare(info, "hv01", "hv02", guests))
+            back()
+            for name, policy in (("fixed 1 (our executor)", SchedulerPolicy.fixed(1)),
+                                 ("fixed 2", SchedulerPolicy.fixed(2)), ("ours", SchedulerPolicy(**cal))):
                 report = drain(plan("hv01", "hv02"), hv, limits, policy=policy)
                 lost += sum(1 for r in report.results if hv.locate(r.vm) not in ((r.source,), (r.target,)))
                 measured[name].append(report.seconds)
@@ -476,6 +505,7 @@ def _lab_measure(rounds: int) -> str:
         sims = {name: simulate_drain(plan("hv01", "hv02"), limits, policy=policy, params=params,
                                      vm_memory_mib={vm: max(1, round(mib)) for vm, mib in sent.items()}).makespan_s
                 for name, policy in (("serial virsh migrate --live", SchedulerPolicy.fixed(1, **cal)),
+                                     (bare, SchedulerPolicy.fixed(1, **cal)),
                                      ("fixed 1 (our executor)", SchedulerPolicy.fixed(1, **cal)),
                                      ("fixed 2", SchedulerPolicy.fixed(2, **cal)),
                                      ("ours", SchedulerPolicy(**cal)))}
@@ -515,7 +545,8 @@ def _lab_measure(rounds: int) -> str:
              f"{sum(1 for v in info.vms if v.host == 'hv01' and not v.linux)} × 64 MiB SeaBIOS and "
              f"{sum(1 for v in info.vms if v.host == 'hv01' and v.linux)} × 256 MiB Linux (TCG) rewriting "
              f"128 MiB. One warm-up drain (not counted), one calibration drain, then {rounds} rounds, modes "
-             "alternating, same lab, same run (other sessions' tests ran on the machine meanwhile).\n",
+             f"alternating, same lab, same run. The machine: {os.cpu_count()} cores shared with other sessions' "
+             f"work; load average {load_before} before, {_load()} after.\n",
              "| mode | wall s (each round) | mean s | ÷ serial virsh | simulator s | simulator error |",
              "|---|---|---|---|---|---|"]
     for name, times in measured.items():
@@ -529,9 +560,9 @@ def _lab_measure(rounds: int) -> str:
                  f"{setup:.2f} s ((wall − transfer) ÷ migrations); the link is taken as two streams (2 cores). "
                  "Calibration pass, guest: seconds / MiB sent: "
                  + ", ".join(f"{vm} {sec:.2f} s / {mib:.0f}" for vm, sec, mib in calibration) + ".")
-    lines.append("- The fixed 1 row is the calibration drain itself (0 % by construction); on the parallel drains "
-                 "the simulator's error is its error on lab drains (this machine's 2 cores, shared with other "
-                 "work, are not in the model).")
+    lines.append("- The simulator's error is its error on lab drains: the fit is the calibration drain's, and this "
+                 "machine's cores, shared with other work, are not in the model. The bare loop is the floor of any "
+                 "executor: what is left between it and ours is our own cost per migration.")
     lines.append(f"- VMs lost (running on neither or both hosts after a drain): {lost}.")
     upfront = SchedulerPolicy().auto_converge_upfront_fraction
     throttled = sorted(vm for vm, r in rates_seen.items() if r >= upfront * stream)
@@ -586,6 +617,21 @@ def previous_lab_section() -> str:
     return "" if "Not measured yet" in body else body.strip()
 
 
+def write_lab_subsection(body: str) -> None:
+    """Replace only "### Real drain in the lab" under "## Drain" in RESULTS.md (the simulated parts stay as
+    they were written, by the code that wrote them)."""
+    doc = RESULTS.read_text() if RESULTS.exists() else ""
+    marker = "### Real drain in the lab"
+    if "## Drain" not in doc or marker not in doc.split("## Drain", 1)[1]:
+        write_section(f"### Real drain in the lab\n{body}")
+        return
+    head, rest = doc.split("## Drain", 1)
+    before, after = rest.split(marker, 1)
+    cut = [i for i in (after.find("\n## "), after.find("\n### ")) if i >= 0]
+    tail = after[min(cut):] if cut else "\n"
+    RESULTS.write_text(head + "## Drain" + before + marker + "\n" + body.rstrip("\n") + "\n" + tail)
+
+
 def write_section(text: str) -> None:
     """Replace the "## Drain" section of RESULTS.md (up to the next "## "), leaving the rest alone."""
     if RESULTS.exists():
@@ -631,6 +677,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=10)
     ap.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     ap.add_argument("--lab", action="store_true", help="also drain 8 real guests in the KVM lab (root)")
+    ap.add_argument("--lab-only", action="store_true",
+                    help="only the lab; with --write it replaces only the lab's subsection")
+    ap.add_argument("--lab-rounds", type=int, default=2)
     ap.add_argument("--patch-s", type=float, default=420.0, help="update + reboot + verify per host")
     args = ap.parse_args(argv)
     seeds = range(3 if args.quick else args.seeds)
@@ -638,6 +687,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               (f" --seeds {args.seeds}" if args.seeds != 10 and not args.quick else "") + \
               (" --lab" if args.lab else "") + " --write`"
     started = time.monotonic()
+    if args.lab_only:
+        body = (f"\nMeasured by `.venv/bin/python benchmarks/drain.py --lab-only"
+                f"{f' --lab-rounds {args.lab_rounds}' if args.lab_rounds != 2 else ''} --write` on "
+                f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n" + lab_section(args.lab_rounds))
+        print("### Real drain in the lab" + body)
+        if args.write:
+            write_lab_subsection(body)
+        return 0
     drains, everything = run_drains(seeds)
     out = [f"Produced by {command} (simulated parts are deterministic: same command, same numbers).",
            "", "### Simulated drain of one host: ours against the anchors' fixed limits", "",
