@@ -352,7 +352,8 @@ def _transport_view(rt: Any, probe: bool) -> dict[str, dict[str, Any]]:
         ready = [n for n, e in ends.items() if e.probed_tls and not e.problems and not tls_problems(e, now)]
         for h in rt.inventory.hosts_of(c.name):
             end = ends.get(h.name)
-            tls = c.migration.tls.value
+            # a SIMULATED fleet has no QEMU: its migrations are never encrypted, whatever the mode says
+            tls = c.migration.tls.value + (" (simulated fleet: not encrypted)" if rt.simulated else "")
             if end is None:
                 address = h.migration_address
                 where = (network_name(address, c.migration.network) if address or not c.migration.network
