@@ -6,22 +6,22 @@ Pure: no I/O, the same record and trail always give the same steps.
 
 The runbook (:data:`RUNBOOK`), and where a run that finds the host in each state takes it up:
 
-============  ===================================================================================
-state         steps left
-============  ===================================================================================
-active        all of it: precheck, gate, silence, cordon, discover, drain, confirm-empty, update,
-cordoned      reboot, verify, start-vm, uncordon, return-vms
-draining      from the silence (adopted when the earlier run's lives); the cordon takes the host
-              over and the drain goes on
-drained       from the silence, without the cordon; the drain moves only what still runs on it
-              (:func:`drain_due`: a VM an earlier run left there, or one started since)
-patching      from the update (an update whose outcome was lost is read back first)
-rebooting     the reboot an earlier run issued is proven (``prove-reboot``: its recorded boot id
-              against the host's); one never issued, or that never happened, is done as a fresh
-              run does it: the reboot gate, the pre-reboot hooks, then the reboot
-verifying     from the verify
-failed        from the cordon, which refuses the host until an operator resets it
-============  ===================================================================================
+================  ===============================================================================
+state             steps left
+================  ===============================================================================
+active, cordoned  all of it: precheck, gate, silence, cordon, discover, drain, confirm-empty,
+                  update, reboot, verify, start-vm, uncordon, return-vms
+draining          from the silence (adopted when the earlier run's lives); the cordon takes the
+                  host over and the drain goes on
+drained           from the silence, without the cordon; the drain moves only what still runs on
+                  it (:func:`drain_due`: a VM an earlier run left there, or one started since)
+patching          from the update (an update whose outcome was lost is read back first)
+rebooting         the reboot an earlier run issued is proven (``prove-reboot``: its recorded boot
+                  id against the host's); one never issued, or that never happened, is done as a
+                  fresh run does it: the reboot gate, the pre-reboot hooks, then the reboot
+verifying         from the verify
+failed            from the silence; the cordon refuses the host until an operator resets it
+================  ===============================================================================
 
 A ``reboot`` in the list is done when the step before it says so: the update's decision, or a
 ``prove-reboot`` that found no new boot; with neither before it (a reboot never issued) it is owed.
