@@ -324,3 +324,30 @@ def test_names_from_a_hosts_certificate_are_shown_never_acted_on() -> None:
     (refusal,) = p.refusals("hv01", ["hv02"])
     assert "\x1b" not in refusal.reason and "\n" not in refusal.reason
     assert "\\x1b[2J" in refusal.reason
+
+
+@pytest.mark.parametrize(("cluster", "host", "field", "says"), [
+    ({"tls": "sometimes"}, {}, "clusters[0].migration.tls", "'required', 'preferred' or 'off'"),
+    ({"network": "10.214.0.5/24"}, {}, "clusters[0].migration.network", "host bits set"),
+    ({"network": "not-a-net"}, {}, "clusters[0].migration.network", "must be a network"),
+    ({"tls_stream_factor": 1.5}, {}, "clusters[0].migration.tls_stream_factor", "less than or equal to 1"),
+    ({"network": "10.214.0.0/24"}, {"migration_address": "10.9.9.9"}, "hosts[0].migration_address (host h1)",
+     "not in its cluster's migration.network 10.214.0.0/24"),
+    ({}, {"migration_address": "bad address!"}, "hosts[0].migration_address (host h1)", "IP address or a DNS name"),
+    ({}, {"libvirt_uri": "qemu+tls://h1/system?no_verify=1"}, "hosts[0].libvirt_uri (host h1)",
+     "no_verify=1 turns off the check"),
+    ({}, {"libvirt_uri": "qemu+libssh://root@h1/system?known_hosts_verify=auto"}, "hosts[0].libvirt_uri (host h1)",
+     "known_hosts_verify=auto"),
+])
+def test_bad_migration_settings_are_refused_naming_the_field(cluster: dict[str, object], host: dict[str, object],
+                                                              field: str, says: str) -> None:
+    from hostmaint.errors import InventoryError
+    from hostmaint.inventory import parse_inventory
+
+    doc = {"version": 1, "clusters": [{"name": "c", "migration": cluster}],
+           "hosts": [{"name": "h1", "cluster": "c", "libvirt_uri": "qemu+tls://h1/system",
+                      "ssh": {"address": "h1", "key": {"agent": True}, "known_hosts": "kh"}, **host}]}
+    with pytest.raises(InventoryError) as refused:
+        parse_inventory(doc, "inventory.yaml")
+    text = str(refused.value)
+    assert f"{field}:" in text and says in text, text
