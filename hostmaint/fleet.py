@@ -228,6 +228,8 @@ def _colons_held(snapshot: FleetSnapshot) -> int:
             texts.append(vm.numatune.mode)
         for guest in vm.vnuma:
             n += len(guest.__pydantic_fields_set__)
+        if vm.virtio_mem is not None:
+            n += len(vm.virtio_mem.__pydantic_fields_set__)
     return n + "\n".join(texts).count(":")
 
 

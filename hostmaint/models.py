@@ -12,6 +12,7 @@ import weakref
 from collections import Counter
 from dataclasses import dataclass
 from enum import StrEnum
+from itertools import chain
 from typing import Annotated
 
 import orjson
@@ -200,6 +201,15 @@ class Numatune(Frozen):
     nodeset: tuple[int, ...] = ()
 
 
+class VirtioMem(Frozen):
+    """A virtio-mem device: memory the guest can be given live, up to ``size_mib``, on one guest node."""
+
+    node: Annotated[int, Field(ge=0)]
+    size_mib: Annotated[int, Field(gt=0)]  # the most it can plug (<target><size>)
+    requested_mib: Annotated[int, Field(ge=0)] = 0  # what the guest is asked to have plugged now
+    block_kib: Annotated[int, Field(gt=0)] = 2048  # requested sizes are whole blocks
+
+
 class Vm(Frozen):
     """A running VM as discovered, with the inventory's policy resolved onto it."""
 
@@ -211,6 +221,14 @@ class Vm(Frozen):
     # <vcpu>'s maximum when hot-pluggable vCPUs make it more than ``vcpus`` (those online now, what
     # the host runs); pins and guest cells may name any vCPU below it. None: the same as vcpus.
     max_vcpus: Annotated[int, Field(gt=0)] | None = None
+    # vCPUs present since boot (not hot-pluggable): libvirt cannot unplug them live. None: not known
+    fixed_vcpus: Annotated[int, Field(gt=0)] | None = None
+    # <maxMemory slots>: the most memory DIMMs may bring it to, and the slots for them; None/0 when
+    # the domain was defined without (no DIMM can be hot-plugged). Slots used: its DIMM devices.
+    max_memory_mib: Annotated[int, Field(gt=0)] | None = None
+    memory_slots: Annotated[int, Field(ge=0)] = 0
+    memory_slots_used: Annotated[int, Field(ge=0)] = 0
+    virtio_mem: VirtioMem | None = None
     vnuma: tuple[GuestCell, ...] = ()
     vcpupin: dict[int, tuple[int, ...]] = Field(default_factory=dict)
     emulatorpin: tuple[int, ...] = ()
@@ -252,6 +270,9 @@ class Vm(Frozen):
             self._vnuma_within_memory()
         if self.numatune is not None:
             self._numatune_mode_known()
+        if self.max_memory_mib is not None or self.memory_slots_used or self.virtio_mem is not None \
+                or self.fixed_vcpus is not None:
+            self._room_to_grow_coherent()
         most = self.max_vcpus or self.vcpus
         flat = [vcpu for g in self.vnuma for vcpu in g.vcpus] if self.vnuma else []
         if (most < self.vcpus
@@ -270,6 +291,26 @@ class Vm(Frozen):
         if listed > self.memory_mib:
             raise ValueError(f"VM {self.name!r}: its vNUMA cells hold {listed} MiB, more than its "
                              f"memory_mib {self.memory_mib}")
+
+    def _room_to_grow_coherent(self) -> None:
+        # What a resize plans from (hostmaint/resize.py): a limit below what the VM already has would
+        # be planned as room it does not have, or refused with the wrong reason.
+        if self.max_memory_mib is not None and self.max_memory_mib < self.memory_mib:
+            raise ValueError(f"VM {self.name!r}: max_memory_mib {self.max_memory_mib} is less than its "
+                             f"memory_mib {self.memory_mib}")
+        if self.memory_slots_used > self.memory_slots:
+            raise ValueError(f"VM {self.name!r}: memory_slots_used {self.memory_slots_used} is more than its "
+                             f"memory_slots {self.memory_slots}")
+        if self.fixed_vcpus is not None and self.fixed_vcpus > self.vcpus:
+            raise ValueError(f"VM {self.name!r}: fixed_vcpus {self.fixed_vcpus} is more than the {self.vcpus} "
+                             f"vCPUs it runs")
+        vmem = self.virtio_mem
+        if vmem is not None:
+            if vmem.requested_mib > vmem.size_mib:
+                raise ValueError(f"VM {self.name!r}: virtio_mem requested_mib {vmem.requested_mib} is more than "
+                                 f"its size_mib {vmem.size_mib}")
+            if self.vnuma and vmem.node not in {g.id for g in self.vnuma}:
+                raise ValueError(f"VM {self.name!r}: virtio_mem node {vmem.node} is not one of its guest cells")
 
     def _numatune_mode_known(self) -> None:
         # An unknown mode would be planned as a binding and sent back to libvirt, which refuses
@@ -416,16 +457,22 @@ class FleetSnapshot(Frozen):
         if dup:
             raise ValueError(f"hosts: duplicate host name(s) {sorted(dup)}")
         hosts = {h.name: h for h in self.hosts}
+        # VMs on known hosts, each once: answered by two sets; the walk below names the first problem
+        # (in VM order, with what they name) only when there is one
+        vms_known = len({vm.name for vm in self.vms}) == len(self.vms) and hosts.keys() >= {vm.host for vm in self.vms}
         facts: dict[str, _HostFacts] = {}
         seen: set[str] = set()
         for i, vm in enumerate(self.vms):
-            host = hosts.get(vm.host)
-            if host is None:
-                raise ValueError(f"vms[{i}].host: VM {vm.name!r} is on unknown host {vm.host!r}")
-            if vm.name in seen:
-                raise ValueError(f"vms[{i}].name: VM {vm.name!r} runs more than once")
-            seen.add(vm.name)
-            if vm.pinned or vm.numatune is not None or vm.hugepage_kib:  # else it names nothing of the host
+            if not vms_known:
+                if vm.host not in hosts:
+                    raise ValueError(f"vms[{i}].host: VM {vm.name!r} is on unknown host {vm.host!r}")
+                if vm.name in seen:
+                    raise ValueError(f"vms[{i}].name: VM {vm.name!r} runs more than once")
+                seen.add(vm.name)
+            # vm.pinned, read field by field: else it names nothing of the host
+            if (vm.vcpupin or vm.emulatorpin or vm.vcpu_cpuset or vm.iothreadpin or vm.numatune is not None
+                    or vm.hugepage_kib):
+                host = hosts[vm.host]
                 known = facts.get(host.name)
                 if known is None:
                     known = facts[host.name] = _HostFacts.of(host)
@@ -509,7 +556,7 @@ class _HostFacts:
 
     @classmethod
     def of(cls, host: Host) -> _HostFacts:
-        return cls(cpus=frozenset(cpu for cell in host.cells for cpu in cell.cpus),
+        return cls(cpus=frozenset(chain.from_iterable(cell.cpus for cell in host.cells)),
                    cells=frozenset(cell.id for cell in host.cells),
                    page_sizes=frozenset(hp.size_kib for cell in host.cells for hp in cell.hugepages))
 
@@ -526,15 +573,17 @@ def _check_vm_on_host(index: int, vm: Vm, host: Host, facts: _HostFacts | None =
     the host has no pool of. Planned as given, such pins would be counted and rewritten."""
     facts = facts or _HostFacts.of(host)
     cpus = facts.cpus
-    named = {"vcpupin": [c for pin in vm.vcpupin.values() for c in pin], "emulatorpin": vm.emulatorpin,
-             "vcpu_cpuset": vm.vcpu_cpuset, "iothreadpin": [c for pin in vm.iothreadpin.values() for c in pin]}
-    for field_name, held in named.items():
-        if cpus.issuperset(held):
-            continue
-        missing = sorted(set(held) - cpus)
-        raise ValueError(f"vms[{index}].{field_name}: VM {vm.name!r} is pinned to CPU(s) "
-                         f"{', '.join(map(str, missing))}, which host {host.name!r} does not have")
-    if vm.numatune is not None:
+    if not (cpus.issuperset(vm.emulatorpin) and cpus.issuperset(vm.vcpu_cpuset)
+            and all(map(cpus.issuperset, vm.vcpupin.values())) and all(map(cpus.issuperset, vm.iothreadpin.values()))):
+        named = {"vcpupin": [c for pin in vm.vcpupin.values() for c in pin], "emulatorpin": vm.emulatorpin,
+                 "vcpu_cpuset": vm.vcpu_cpuset, "iothreadpin": [c for pin in vm.iothreadpin.values() for c in pin]}
+        for field_name, held in named.items():  # the first that names a CPU the host lacks
+            if cpus.issuperset(held):
+                continue
+            missing = sorted(set(held) - cpus)
+            raise ValueError(f"vms[{index}].{field_name}: VM {vm.name!r} is pinned to CPU(s) "
+                             f"{', '.join(map(str, missing))}, which host {host.name!r} does not have")
+    if vm.numatune is not None and not facts.cells.issuperset(vm.numatune.nodeset):
         missing = sorted(set(vm.numatune.nodeset) - facts.cells)
         if missing:
             raise ValueError(f"vms[{index}].numatune: VM {vm.name!r} is bound to NUMA node(s) "

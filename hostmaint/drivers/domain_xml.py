@@ -9,8 +9,9 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from hostmaint.models import NUMATUNE_MODES, Cell, GuestCell, HugePages, Numatune, Placement, Vm
+from hostmaint.models import NUMATUNE_MODES, Cell, GuestCell, HugePages, Numatune, Placement, VirtioMem, Vm
 
 _UNIT_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "kb": 1000 / 1024, "m": 1024, "mib": 1024,
              "mb": 1000 * 1000 / 1024, "g": 1024**2, "gib": 1024**2, "gb": 1000**3 / 1024, "t": 1024**3,
@@ -206,14 +207,42 @@ def parse_domain(xml: str, host: str, *, vcpus_live: int | None = None,
         hugepage_kib = to_kib(page.get("size"), page.get("unit")) if page is not None else default_hugepage_kib
 
     reasons = _blocking_devices(root.find("devices"), shared_storage_prefixes)
+    room = _room_to_grow(root)
     return Vm(
         name=name, uuid=(root.findtext("uuid") or "").strip(), host=host,
         memory_mib=max(1, memory_kib // 1024), vcpus=max(1, vcpus), max_vcpus=most if most > max(1, vcpus) else None,
         vnuma=vnuma, vcpupin=vcpupin,
         emulatorpin=emulatorpin, vcpu_cpuset=vcpu_cpuset, iothreadpin=iothreadpin,
         numatune=numatune, hugepage_kib=hugepage_kib,
-        migratable=not reasons, not_migratable_reason="; ".join(reasons) or None,
+        migratable=not reasons, not_migratable_reason="; ".join(reasons) or None, **room,
     )
+
+
+def _size_mib(el: ET.Element | None) -> int:
+    return to_kib(el.text, el.get("unit")) // 1024 if el is not None else 0
+
+
+def _room_to_grow(root: ET.Element) -> dict[str, Any]:
+    """What a live resize may use: ``<maxMemory slots>``, DIMMs in those slots, a virtio-mem device,
+    and the vCPUs present since boot (``<vcpus><vcpu hotpluggable='no' enabled='yes'>``)."""
+    out: dict[str, Any] = {}
+    most = root.find("maxMemory")
+    if most is not None and most.text and most.text.strip():
+        out["max_memory_mib"] = _size_mib(most)
+        out["memory_slots"] = int(most.get("slots", "0"))
+    devices = root.findall("devices/memory")
+    out["memory_slots_used"] = sum(1 for d in devices if d.get("model") in ("dimm", "nvdimm"))
+    vmem = next((d for d in devices if d.get("model") == "virtio-mem"), None)
+    if vmem is not None:
+        block = vmem.find("target/block")
+        out["virtio_mem"] = VirtioMem(node=int((vmem.findtext("target/node") or "0").strip()),
+                                      size_mib=_size_mib(vmem.find("target/size")),
+                                      requested_mib=_size_mib(vmem.find("target/requested")),
+                                      block_kib=to_kib(block.text, block.get("unit")) if block is not None else 2048)
+    fixed = [v for v in root.findall("vcpus/vcpu") if v.get("enabled") == "yes" and v.get("hotpluggable") == "no"]
+    if root.find("vcpus") is not None and fixed:
+        out["fixed_vcpus"] = len(fixed)
+    return out
 
 
 def rewrite_for_target(xml: str, placement: Placement) -> str:
