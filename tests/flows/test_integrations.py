@@ -135,7 +135,8 @@ def test_a_planned_evacuation_honours_the_gate_an_incident_goes_on_and_records_w
     assert planned.outcome is StepOutcome.SKIPPED and dead in planned.detail
     rt = open_runtime(sim_inventory, fresh=True)
     assert rt.states.state("hv01") is HostState.ACTIVE and set(rt.hypervisor.running_vms("hv01")) == before
-    assert [r.step for r in rt.audit.records(host="hv01")] == ["gate"]
+    steps = [r.step for r in rt.audit.records(host="hv01")]
+    assert "gate" in steps and not {"cordon", "silence", "drain", "migrate"} & set(steps), steps
 
     # the same host failing: the incident runbook evacuates it at once (critical), gates bypassed
     result = degraded_host_runbook(host="hv01", reason="ECC errors", severity="critical",
