@@ -11,7 +11,9 @@ of both and the ratio new ÷ baseline; nothing here is a pass/fail test.
 - digest: ``FleetSnapshot.digest()`` on a snapshot that has not computed it yet;
 - plan_evacuation: the whole call on a freshly loaded snapshot (its digest included), default budget;
 - plan drain: ``hostmaint plan drain h0000 --snapshot FILE`` end to end (a subprocess: interpreter
-  start, imports, load, plan, print), and its peak resident memory (ru_maxrss).
+  start, imports, load, plan, print), and its peak resident memory (ru_maxrss), also ÷ the file's size.
+Each is timed on the wall clock and in CPU time (the process's own): on a shared machine the wall
+clock also counts other processes' turns, so the load average is printed beside each size.
 
     .venv/bin/python benchmarks/planning_scale.py [--sizes 50,1000,5000] [--repeats 3] [--baseline-rev REV]
 """
@@ -31,8 +33,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# the last commit before the planning-speed work (validators, digest, imports, exact-stage bounds)
-BASELINE_REV = "7d80795"
+# the last commit before the second round of planning-speed work (bounds as arrays, orjson digest,
+# one-pass load); the first round's baseline, before validators, digest, imports, exact-stage bounds,
+# was 7d80795
+BASELINE_REV = "774142e"
 DRAINED = "h0000"
 # issue 22's large site is ~82,000 VMs on 5,000 hosts; the same fill at 1,000 hosts is lighter
 # than benchmarks/exact.py's, so every size uses exact.py's fill and 5,000 a lighter one
@@ -52,19 +56,20 @@ def worker(snapshot: str) -> None:
     from hostmaint.fleet import load_snapshot
     from hostmaint.placement import plan_evacuation
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     snap = load_snapshot(snapshot)
-    load = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    load, load_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     plan = plan_evacuation(snap, [DRAINED])  # first call on this object: the digest is computed in it
-    planned = time.perf_counter() - t0
+    planned, plan_cpu = time.perf_counter() - t0, time.process_time() - c0
     fresh = snap.model_copy()  # a new object: nothing of the first digest is kept for it
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     digest = fresh.digest()
-    hashed = time.perf_counter() - t0
+    hashed, hash_cpu = time.perf_counter() - t0, time.process_time() - c0
     # the plan without proof_note: where the greedy meets every bound the note says so instead of
     # listing each stage's search; placements, blocked VMs, the proof and the digest must not change
-    print(json.dumps({"load": load, "plan": planned, "digest": hashed, "code": str(Path(hostmaint.__file__).parent),
+    print(json.dumps({"load": load, "plan": planned, "digest": hashed, "load_cpu": load_cpu, "plan_cpu": plan_cpu,
+                      "digest_cpu": hash_cpu, "code": str(Path(hostmaint.__file__).parent),
                       "plan_json": plan.model_dump_json(exclude={"proof_note"}), "note": plan.proof_note,
                       "digest_value": digest}))
 
@@ -161,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for n in sizes:
                 path, vms = fleets[n]
                 runs: dict[str, dict[str, list[float]]] = {"base": {}, "new": {}}
+                loads: list[float] = []
                 same = True
                 plans: dict[str, object] = {}
                 notes: dict[str, str] = {}
@@ -171,11 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                         if not str(got["code"]).startswith(str(root)):
                             raise RuntimeError(f"{side} imported hostmaint from {got['code']}, not {root}")
                         cli = _run(root, "--cli-worker", str(root), str(path))
-                        for key in ("load", "digest", "plan"):
-                            runs[side].setdefault(key, []).append(float(got[key]))  # type: ignore[arg-type]
+                        for measure in ("load", "digest", "plan", "load_cpu", "digest_cpu", "plan_cpu"):
+                            runs[side].setdefault(measure, []).append(float(got[measure]))  # type: ignore[arg-type]
                         runs[side].setdefault("cli", []).append(float(cli["wall"]))  # type: ignore[arg-type]
                         runs[side].setdefault("cli_cpu", []).append(float(cli["cpu"]))  # type: ignore[arg-type]
                         runs[side].setdefault("rss", []).append(float(cli["rss_mib"]))  # type: ignore[arg-type]
+                        loads.append(os.getloadavg()[0])
                         # what a plan decides: placements, blocked VMs, VM actions, capacity, proof (the
                         # digest apart: a field added to the snapshot since the baseline changes it)
                         shown = json.loads(str(cli["stdout"]))
@@ -187,13 +194,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mb = path.stat().st_size / 1e6
                 for side in runs:
                     runs[side]["total"] = [a + b for a, b in zip(runs[side]["load"], runs[side]["plan"], strict=True)]
-                for key, label, unit in (("load", "snapshot load", "s"), ("digest", "digest", "s"),
-                                         ("plan", "plan_evacuation (digest included)", "s"),
-                                         ("total", "load + plan_evacuation, one process", "s"),
-                                         ("cli", "`hostmaint plan drain` end to end, wall", "s"),
-                                         ("cli_cpu", "`hostmaint plan drain` end to end, CPU", "s"),
-                                         ("rss", "plan drain peak RSS", "MiB")):
-                    b, w = _p50(runs["base"][key]), _p50(runs["new"][key])
+                    runs[side]["rss_file"] = [r * 2**20 / path.stat().st_size for r in runs[side]["rss"]]
+                print(f"| {n} | | | load average while measured (2 cores) | | | {min(loads):.1f}-{max(loads):.1f} |")
+                for measure, label, unit in (("load", "snapshot load, wall", "s"),
+                                             ("load_cpu", "snapshot load, CPU", "s"),
+                                             ("digest", "digest, wall", "s"), ("digest_cpu", "digest, CPU", "s"),
+                                             ("plan", "plan_evacuation (digest included), wall", "s"),
+                                             ("plan_cpu", "plan_evacuation (digest included), CPU", "s"),
+                                             ("total", "load + plan_evacuation, one process, wall", "s"),
+                                             ("cli", "`hostmaint plan drain` end to end, wall", "s"),
+                                             ("cli_cpu", "`hostmaint plan drain` end to end, CPU", "s"),
+                                             ("rss", "plan drain peak RSS", "MiB"),
+                                             ("rss_file", "plan drain peak RSS ÷ snapshot file size", "×")):
+                    b, w = _p50(runs["base"][measure]), _p50(runs["new"][measure])
                     fmt = ".0f" if unit == "MiB" else ".2f"
                     print(f"| {n} | {vms} | {mb:.1f} | {label} | {b:{fmt}} {unit} | {w:{fmt}} {unit} | "
                           f"{w / b:.2f}× |", flush=True)
