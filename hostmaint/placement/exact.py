@@ -32,6 +32,7 @@ blocker's reason and hint follow from that set. :func:`solve_rebalance` is the s
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +50,7 @@ from hostmaint.placement.fit import (
     pool_room,
     vcpu_room,
 )
-from hostmaint.placement.ledger import CellLoad, Fit, HostLoad
+from hostmaint.placement.ledger import CellLoad, Fit, HostLoad, Ledger
 from hostmaint.placement.objective import CELL_WEIGHT
 
 if TYPE_CHECKING:
@@ -595,7 +596,10 @@ def _run_stages(model: Model, stages: Sequence[Stage], budget: Budget, greedy: M
             break
         value = round(solver.objective_value)
         choices = model.solution(solver)
-        model.hint({v: _as_fit(c) for v, c in choices.items()})
+        # the placed stage does not care for locality: from its spreads the NUMA-local stage may
+        # not get far within its budget, so on a refusal it starts from them made local where it can
+        model.hint(_localised(model.prob, choices) if refusal is not None and k == 0 else
+                   {v: _as_fit(c) for v, c in choices.items()})
         if status == cp_model.OPTIMAL:
             model.m.add(expr == value)
             notes.append(f"{name}: {value} (optimal)")
@@ -760,6 +764,26 @@ def solve_rebalance(prob: Problem, greedy: Mapping[str, Fit], cap: int, within: 
                                  ("spread", model.spread, False, None),
                                  ("moves", model.n_placed, False, None)], budget, greedy)
     return Outcome(out.choices, out.proof, "; ".join([*notes, out.note]))
+
+
+def _localised(prob: Problem, choices: Mapping[str, Choice]) -> dict[str, Fit]:
+    """``choices`` as a hint, each NUMA-remote spread made single-cell where its host still has a
+    cell that holds it with the others charged (what adopting the placement would do anyway)."""
+    ledger = Ledger(copy.deepcopy(prob.hosts))
+    out: dict[str, Fit] = {}
+    for vm in sorted(prob.vms, key=lambda v: bool(choices.get(v.name) and not choices[v.name].numa_local)):
+        pick = choices.get(vm.name)
+        if pick is None:
+            continue
+        host = ledger.hosts[pick.host]
+        need = prob.needs[vm.name]
+        local = fit_host(vm, host, need=need) if not pick.numa_local else None
+        fit = local if isinstance(local, Fit) else to_fit(vm, need, host, pick)
+        if fit is None:  # the model and the rules disagree: hint the placement as it is
+            return {v: _as_fit(c) for v, c in choices.items()}
+        ledger.apply(vm, fit)
+        out[vm.name] = fit
+    return out
 
 
 def _as_fit(c: Choice) -> Fit:
