@@ -111,6 +111,7 @@ class Step(StrEnum):
     WINDOW = "window"
     INCIDENT = "incident"
     APPROVAL = "approval"
+    RESIZE = "resize"  # a VM grown (or shrunk) live: hostmaint/resizing.py
     # an operator's own change of a host's state
     RESET = "reset"
     OPERATOR_CORDON = "operator-cordon"

@@ -6,7 +6,8 @@ Drivers raise the errors of ``hostmaint.errors`` and nothing else.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from hostmaint.models import CommandResult, HostDiscovery, MigrationOptions, MigrationProgress, MigrationResult
@@ -81,6 +82,44 @@ class ShutOffVms(Protocol):
 
     def shut_off_vms(self, host: str) -> tuple[str, ...]:
         """Names of the persistent VMs defined on ``host`` that are shut off."""
+        ...
+
+
+@dataclass(frozen=True)
+class GuestSize:
+    """What a running guest has, as libvirt says (its live definition, or the persistent one)."""
+
+    vcpus: int  # online (<vcpu current>)
+    max_vcpus: int
+    memory_mib: int  # <memory>: boot memory and memory devices
+    vcpupin: dict[int, tuple[int, ...]] = field(default_factory=dict)
+    dimms: tuple[tuple[int, int], ...] = ()  # (MiB, guest node) of each DIMM
+    virtio_mem_requested_mib: int | None = None
+
+
+@runtime_checkable
+class GuestResize(Protocol):
+    """A hypervisor that grows (or shrinks) a running guest: each change live and in the persistent
+    definition, so a restart keeps it (libvirt's VIR_DOMAIN_AFFECT_LIVE | CONFIG)."""
+
+    def guest_size(self, vm: str, host: str, *, persistent: bool = False) -> GuestSize:
+        """What ``vm`` on ``host`` has now (``persistent``: what its definition gives it at a restart)."""
+        ...
+
+    def set_vcpus(self, vm: str, host: str, count: int) -> None:
+        """Bring ``count`` vCPUs online (hot-plug or unplug the ones above)."""
+        ...
+
+    def pin_vcpus(self, vm: str, host: str, pins: Mapping[int, Sequence[int]]) -> None:
+        """Pin each vCPU of ``pins`` to its host CPUs."""
+        ...
+
+    def add_dimm(self, vm: str, host: str, mib: int, node: int, page_kib: int = 0) -> None:
+        """Hot-plug a DIMM of ``mib`` on guest NUMA node ``node`` (backed by ``page_kib`` hugepages)."""
+        ...
+
+    def set_virtio_mem(self, vm: str, host: str, requested_mib: int) -> None:
+        """Ask the guest's virtio-mem device to have ``requested_mib`` plugged."""
         ...
 
 

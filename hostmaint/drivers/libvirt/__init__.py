@@ -10,7 +10,8 @@ The only package that imports ``libvirt``. It is built of parts, each usable alo
 * :mod:`.migration` — migration jobs and their monitor (progress, the driver's last word, abort,
   post-copy); a migration that failed, was aborted or could not be confirmed → ``MigrationError``
   naming the VM, source and target;
-* :mod:`.guests` — shutdown, start and dirty-rate sampling.
+* :mod:`.guests` — shutdown, start and dirty-rate sampling;
+* :mod:`.resize` — vCPU and memory hot-plug, live and persistent, and what a guest has now.
 
 :class:`LibvirtHypervisor` puts them together behind the ``Hypervisor`` protocol.
 """
@@ -22,11 +23,12 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from hostmaint.drivers.base import ProgressCallback
+from hostmaint.drivers.base import GuestSize, ProgressCallback
 from hostmaint.drivers.libvirt.connections import Connections, ConnectionSettings, Connector, open_libvirt
 from hostmaint.drivers.libvirt.discovery import Discovery
 from hostmaint.drivers.libvirt.guests import Guests
 from hostmaint.drivers.libvirt.migration import Migrations, MonitorSettings, wait_for
+from hostmaint.drivers.libvirt.resize import Resizes
 from hostmaint.inventory import Inventory
 from hostmaint.models import HostDiscovery, MigrationOptions, MigrationResult
 
@@ -52,6 +54,7 @@ class LibvirtHypervisor:
         self.discovery = Discovery(self.connections, shared_storage_prefixes)
         self.migrations = Migrations(self.connections, monitor, clock=clock, wait=wait)
         self.guests = Guests(self.connections, clock=clock, sleep=sleep)
+        self.resizes = Resizes(self.connections)
 
     @classmethod
     def from_inventory(cls, inv: Inventory, cluster: str, **kwargs: Any) -> LibvirtHypervisor:
@@ -122,3 +125,25 @@ class LibvirtHypervisor:
     def measure_dirty_rates(self, host: str, seconds: float = 1.0) -> dict[str, float]:
         """MiB/s per running VM of ``host``, sampled over ``seconds``."""
         return self.guests.measure_dirty_rates(host, seconds)
+
+    # --- resize ---------------------------------------------------------------------
+
+    def guest_size(self, vm: str, host: str, *, persistent: bool = False) -> GuestSize:
+        """What ``vm`` on ``host`` has now (``persistent``: what its definition gives it at a restart)."""
+        return self.resizes.guest_size(vm, host, persistent=persistent)
+
+    def set_vcpus(self, vm: str, host: str, count: int) -> None:
+        """Bring ``count`` vCPUs online, live and persistent."""
+        self.resizes.set_vcpus(vm, host, count)
+
+    def pin_vcpus(self, vm: str, host: str, pins: Mapping[int, Sequence[int]]) -> None:
+        """Pin each vCPU of ``pins`` to its host CPUs, live and persistent."""
+        self.resizes.pin_vcpus(vm, host, pins)
+
+    def add_dimm(self, vm: str, host: str, mib: int, node: int, page_kib: int = 0) -> None:
+        """Hot-plug a DIMM on guest node ``node``, live and persistent."""
+        self.resizes.add_dimm(vm, host, mib, node, page_kib)
+
+    def set_virtio_mem(self, vm: str, host: str, requested_mib: int) -> None:
+        """Set the virtio-mem device's requested size, live and persistent."""
+        self.resizes.set_virtio_mem(vm, host, requested_mib)
