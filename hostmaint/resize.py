@@ -136,7 +136,8 @@ def plan_resize(snapshot: FleetSnapshot, vm_name: str, *, vcpus: int | None = No
     """
     vm = _check_input(snapshot, vm_name, vcpus, memory_mib)
     want_vcpus = vm.vcpus if vcpus is None else vcpus
-    want_mib = vm.memory_mib if memory_mib is None else memory_mib
+    has = guest_memory_mib(vm)
+    want_mib = has if memory_mib is None else memory_mib
     refusals: list[str] = []
     notes: list[str] = []
     removed: tuple[int, ...] = ()
@@ -159,20 +160,20 @@ def plan_resize(snapshot: FleetSnapshot, vm_name: str, *, vcpus: int | None = No
                              "at boot, and then nothing changes")
     growth_mib = 0
     method: MemoryMethod | None = None
-    if want_mib < vm.memory_mib:
+    if want_mib < has:
         refusals.append(
-            f"memory: shrinking {vm.name} from {vm.memory_mib} to {want_mib} MiB needs the guest's cooperation "
+            f"memory: shrinking {vm.name} from {has} to {want_mib} MiB needs the guest's cooperation "
             f"(it must give the memory back: balloon or virtio-mem unplug), which hostmaint does not drive; "
             f"lower <memory> at its next restart")
-    elif want_mib > vm.memory_mib:
-        method, growth_mib, why = _memory_method(vm, want_mib - vm.memory_mib)
+    elif want_mib > has:
+        method, growth_mib, why = _memory_method(vm, want_mib - has)
         if method is None:
             refusals.append(why)
-        elif growth_mib != want_mib - vm.memory_mib:
+        elif growth_mib != want_mib - has:
             notes.append(why)
     base = dict(cluster=snapshot.cluster, snapshot_digest=snapshot.digest(), vm=vm.name, host=vm.host,
-                vcpus_before=vm.vcpus, vcpus_after=want_vcpus, memory_mib_before=vm.memory_mib,
-                memory_mib_after=vm.memory_mib + growth_mib, removed_vcpus=removed, notes=tuple(notes))
+                vcpus_before=vm.vcpus, vcpus_after=want_vcpus, memory_mib_before=has,
+                memory_mib_after=has + growth_mib, removed_vcpus=removed, notes=tuple(notes))
     host = snapshot.host(vm.host)
     if host.state is not HostState.ACTIVE:
         refusals.append(f"host: {vm.host} is {host.state.value} (in maintenance): no resize runs there until it "
@@ -182,6 +183,13 @@ def plan_resize(snapshot: FleetSnapshot, vm_name: str, *, vcpus: int | None = No
     if want_vcpus <= vm.vcpus and not growth_mib:
         return ResizePlan(**base)  # type: ignore[arg-type]
     return _place_growth(snapshot, vm, want_vcpus, growth_mib, method, base)
+
+
+def guest_memory_mib(vm: Vm) -> int:
+    """The memory the guest has: ``<memory>`` counts a virtio-mem device at its full size (libvirt's
+    total, what ``dominfo`` shows), the guest has only what it plugged (its requested size)."""
+    vmem = vm.virtio_mem
+    return vm.memory_mib - (vmem.size_mib - vmem.requested_mib) if vmem is not None else vm.memory_mib
 
 
 def _memory_method(vm: Vm, more_mib: int) -> tuple[MemoryMethod | None, int, str]:
@@ -199,7 +207,7 @@ def _memory_method(vm: Vm, more_mib: int) -> tuple[MemoryMethod | None, int, str
     free_slots = vm.memory_slots - vm.memory_slots_used
     if vm.vnuma and vm.max_memory_mib is not None and free_slots > 0 and vm.memory_mib + mib <= vm.max_memory_mib:
         return MemoryMethod.DIMM, mib, f"memory: rounded up to {mib} MiB (a DIMM is whole {page_kib} KiB pages)"
-    want = vm.memory_mib + more_mib
+    want = guest_memory_mib(vm) + more_mib
     if vmem is not None:
         missing = (f"its virtio-mem device has {vmem.size_mib - vmem.requested_mib} MiB left of {vmem.size_mib}; "
                    f"at its next restart give it a larger <target><size> (at least {vmem.requested_mib + mib} MiB)")

@@ -43,6 +43,7 @@ class ResizeOutcome:
             if s is None:
                 return None
             return {"vcpus": s.vcpus, "max_vcpus": s.max_vcpus, "memory_mib": s.memory_mib,
+                    "guest_memory_mib": s.guest_memory_mib,
                     "vcpupin": {str(k): list(v) for k, v in sorted(s.vcpupin.items())},
                     "dimms": [list(d) for d in s.dimms], "virtio_mem_requested_mib": s.virtio_mem_requested_mib}
         return {"before": size(self.before), "after": size(self.after), "after_persistent": size(self.after_persistent),
@@ -62,8 +63,8 @@ def _mismatches(plan: ResizePlan, got: GuestSize, where: str) -> list[str]:
         if got.virtio_mem_requested_mib != mem.requested_mib:
             wrong.append(f"{where}: virtio-mem requests {got.virtio_mem_requested_mib} MiB, "
                          f"planned {mem.requested_mib}")
-    elif got.memory_mib != plan.memory_mib_after:
-        wrong.append(f"{where}: {got.memory_mib} MiB, planned {plan.memory_mib_after}")
+    elif got.guest_memory_mib != plan.memory_mib_after:
+        wrong.append(f"{where}: {got.guest_memory_mib} MiB, planned {plan.memory_mib_after}")
     return wrong
 
 
@@ -98,8 +99,9 @@ def carry_out(plan: ResizePlan, hv: GuestResize, *,
         out.before = hv.guest_size(plan.vm, host)
     except HostmaintError as exc:
         return fail(f"cannot read {plan.vm} on {host}: {exc}")
-    if out.before.vcpus != plan.vcpus_before or out.before.memory_mib != plan.memory_mib_before:
-        return fail(f"{plan.vm} has {out.before.vcpus} vCPUs and {out.before.memory_mib} MiB, the plan was made for "
+    if out.before.vcpus != plan.vcpus_before or out.before.guest_memory_mib != plan.memory_mib_before:
+        return fail(f"{plan.vm} has {out.before.vcpus} vCPUs and {out.before.guest_memory_mib} MiB, the plan was "
+                    f"made for "
                     f"{plan.vcpus_before} and {plan.memory_mib_before}: re-plan")
     before = out.before
     try:

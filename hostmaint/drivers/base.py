@@ -95,6 +95,15 @@ class GuestSize:
     vcpupin: dict[int, tuple[int, ...]] = field(default_factory=dict)
     dimms: tuple[tuple[int, int], ...] = ()  # (MiB, guest node) of each DIMM
     virtio_mem_requested_mib: int | None = None
+    virtio_mem_size_mib: int = 0
+
+    @property
+    def guest_memory_mib(self) -> int:
+        """What the guest has: ``<memory>`` counts a virtio-mem device at its full size, the guest only
+        what it was asked to plug."""
+        if self.virtio_mem_requested_mib is None:
+            return self.memory_mib
+        return self.memory_mib - (self.virtio_mem_size_mib - self.virtio_mem_requested_mib)
 
 
 @runtime_checkable

@@ -58,12 +58,14 @@ def test_memory_grows_as_a_dimm_on_the_guest_node_of_the_new_vcpus_rounded_to_pa
 
 
 def test_virtio_mem_grows_by_its_requested_size() -> None:
-    vm = growable(max_memory_mib=None, memory_slots=0,
+    # <memory> counts the device at its full size: 1 GiB at boot + 4 GiB virtio-mem, 1 GiB of it plugged
+    vm = growable(max_memory_mib=None, memory_slots=0, memory_mib=5120,
                   vnuma=(GuestCell(id=0, memory_mib=1024, vcpus=(0, 1)), GuestCell(id=1, memory_mib=1024,
                                                                                      vcpus=(2, 3))),
                   virtio_mem=VirtioMem(node=1, size_mib=4096, requested_mib=1024))
     plan = plan_resize(snap(vm), "db", memory_mib=3072)
     assert plan.feasible and plan.memory is not None
+    assert (plan.memory_mib_before, plan.memory_mib_after) == (2048, 3072)
     assert (plan.memory.method, plan.memory.requested_mib, plan.memory.guest_cell) == (MemoryMethod.VIRTIO_MEM,
                                                                                        2048, 1)
 

@@ -102,13 +102,14 @@ def test_verification_reads_libvirt_and_says_what_stays() -> None:
 
 
 def test_virtio_mem_is_grown_by_its_requested_size() -> None:
-    hv, _, dom = lab(growable_xml(slots=0, pins={0: 4, 1: 5}, virtio_mem=VIRTIO))
-    plan = plan_resize(snapshot(vm(max_memory_mib=None, memory_slots=0,
+    hv, _, dom = lab(growable_xml(slots=0, pins={0: 4, 1: 5}, virtio_mem=VIRTIO, memory_mib=5120))
+    plan = plan_resize(snapshot(vm(max_memory_mib=None, memory_slots=0, memory_mib=5120,
                                    virtio_mem=VirtioMem(node=0, size_mib=4096, requested_mib=1024))),
                        "db", memory_mib=3072)
     out = carry_out(plan, hv)
     assert out.outcome is StepOutcome.OK, out.error
     assert out.after is not None and out.after.virtio_mem_requested_mib == 2048
+    assert out.after.guest_memory_mib == 3072 and out.after.memory_mib == 5120
     assert dom.calls == ["updateDeviceFlags"]
 
 

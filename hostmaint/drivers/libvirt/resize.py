@@ -37,6 +37,7 @@ def size_from_xml(xml: str) -> GuestSize:
     pins = {int(p.get("vcpu", "0")): parse_cpuset(p.get("cpuset")) for p in root.findall("cputune/vcpupin")}
     dimms: list[tuple[int, int]] = []
     requested: int | None = None
+    vmem_mib = 0
     for dev in root.findall("devices/memory"):
         size = dev.find("target/size")
         size_kib = to_kib(size.text, size.get("unit")) if size is not None else 0
@@ -46,8 +47,10 @@ def size_from_xml(xml: str) -> GuestSize:
         elif dev.get("model") == "virtio-mem":
             req = dev.find("target/requested")
             requested = to_kib(req.text, req.get("unit")) // 1024 if req is not None else 0
+            vmem_mib = size_kib // 1024
     return GuestSize(vcpus=online, max_vcpus=most, memory_mib=memory_kib // 1024, vcpupin=pins,
-                     dimms=tuple(dimms), virtio_mem_requested_mib=requested)
+                     dimms=tuple(dimms), virtio_mem_requested_mib=requested,
+                     virtio_mem_size_mib=vmem_mib)
 
 
 def dimm_xml(mib: int, node: int, page_kib: int = 0) -> str:
