@@ -31,6 +31,14 @@ class GuestSpec:
     linux: bool = False
     dirty_mib: int = 0
     marker: str | None = None  # a Linux guest writes "hostmaint-marker:<marker>" 8,192 times into its memory
+    # defined with room to grow live (hostmaint vm resize): vCPUs up to vcpus + GROW_VCPUS, memory
+    # DIMMs up to GROW_FACTOR times its memory in GROW_SLOTS slots, ACPI and one guest NUMA cell
+    room_to_grow: bool = False
+
+
+GROW_VCPUS = 3
+GROW_FACTOR = 4
+GROW_SLOTS = 4
 
 
 def kvm_usable() -> bool:
@@ -52,11 +60,29 @@ _MEMORY = """  <memory unit='MiB'>{memory}</memory>
   </memoryBacking>"""
 
 
+def _sizes(spec: GuestSpec) -> str:
+    """The guest's memory and vCPUs; with room to grow, the maxima and the guest NUMA cell that
+    memory and vCPU hot-plug need (and ACPI, without which QEMU offers no hot-plug)."""
+    if not spec.room_to_grow:
+        return _MEMORY.format(memory=spec.memory_mib, vcpus=spec.vcpus)
+    most = spec.vcpus + GROW_VCPUS
+    return f"""  <maxMemory slots='{GROW_SLOTS}' unit='MiB'>{spec.memory_mib * GROW_FACTOR}</maxMemory>
+  <memory unit='MiB'>{spec.memory_mib}</memory>
+  <vcpu placement='static' current='{spec.vcpus}'>{most}</vcpu>
+  <memoryBacking>
+    <source type='file'/>
+    <access mode='shared'/>
+    <allocation mode='immediate'/>
+  </memoryBacking>
+  <features><acpi/><apic/></features>
+  <cpu><numa><cell id='0' cpus='0-{most - 1}' memory='{spec.memory_mib}' unit='MiB'/></numa></cpu>"""
+
+
 def seabios_xml(spec: GuestSpec, kvm: bool) -> str:
     """A guest with no disk and no NIC: SeaBIOS looks for a boot device forever. Starts in 0.4 s."""
     return f"""<domain type='{"kvm" if kvm else "qemu"}'>
   <name>{escape(spec.name)}</name>
-{_MEMORY.format(memory=spec.memory_mib, vcpus=spec.vcpus)}
+{_sizes(spec)}
   <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='network'/></os>
   <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>
   <devices>
@@ -80,7 +106,7 @@ def linux_xml(spec: GuestSpec, kernel: Path, initrd: Path, console_log: Path | N
     marker = f" hm_marker={spec.marker}" if spec.marker else ""
     return f"""<domain type='qemu'>
   <name>{escape(spec.name)}</name>
-{_MEMORY.format(memory=spec.memory_mib, vcpus=spec.vcpus)}
+{_sizes(spec)}
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel}</kernel>

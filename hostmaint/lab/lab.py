@@ -86,6 +86,7 @@ class LabInfo(_Frozen):
     vms: tuple[LabVm, ...]
     kvm: bool
     tls: bool = False  # its own PKI, libvirtd on TLS, QEMU migration TLS, a migration network
+    room_to_grow: bool = False  # guests defined so they can be grown live (guests.GuestSpec.room_to_grow)
 
     @property
     def client_pki(self) -> Path:
@@ -156,12 +157,13 @@ def host_specs(hosts: int, memory_mib: int | tuple[int, ...], client_pki: Path |
             for i in range(1, hosts + 1)]
 
 
-def guest_specs(hosts: list[HostSpec], vms: int, linux_guests: int) -> list[GuestSpec]:
+def guest_specs(hosts: list[HostSpec], vms: int, linux_guests: int, room_to_grow: bool = False) -> list[GuestSpec]:
     """vm01..vmNN round-robin over the hosts; Linux guests lnx01.. from the first host on."""
-    out = [GuestSpec(name=f"vm{i:02d}", host=hosts[(i - 1) % len(hosts)].name, memory_mib=SEABIOS_MIB)
-           for i in range(1, vms + 1)]
+    out = [GuestSpec(name=f"vm{i:02d}", host=hosts[(i - 1) % len(hosts)].name, memory_mib=SEABIOS_MIB,
+                     room_to_grow=room_to_grow) for i in range(1, vms + 1)]
     out += [GuestSpec(name=f"lnx{i:02d}", host=hosts[(i - 1) % len(hosts)].name, memory_mib=LINUX_MIB,
-                      linux=True, dirty_mib=LINUX_DIRTY_MIB) for i in range(1, linux_guests + 1)]
+                      linux=True, dirty_mib=LINUX_DIRTY_MIB, room_to_grow=room_to_grow)
+            for i in range(1, linux_guests + 1)]
     return out
 
 
@@ -193,8 +195,11 @@ def _write_inventory(workdir: Path, specs: list[HostSpec], key: Path, known_host
 
 
 def lab_up(hosts: int = 3, vms: int = 6, workdir: Path = DEFAULT_WORKDIR, linux_guests: int = 1,
-           host_memory_mib: int | tuple[int, ...] = 1536, tls: bool = False) -> LabInfo:
+           host_memory_mib: int | tuple[int, ...] = 1536, tls: bool = False, room_to_grow: bool = False) -> LabInfo:
     """Build the lab (as root). Idempotent: a lab already up as asked is returned as it is.
+
+    ``room_to_grow``: guests defined so they can be grown live (more vCPUs and memory DIMMs than they
+    start with, ACPI, a guest NUMA cell; see guests.GuestSpec.room_to_grow). Off by default.
 
     ``tls``: the lab's own PKI, libvirtd also listening for TLS with client certificates checked, QEMU's
     migration TLS, a migration network, and an inventory with ``qemu+tls://`` URIs and
@@ -210,11 +215,12 @@ def lab_up(hosts: int = 3, vms: int = 6, workdir: Path = DEFAULT_WORKDIR, linux_
             raise LabError(f"another lab is up on this machine (workdir {other}); the lab's names and "
                            f"addresses are fixed, so bring that one down first: hostmaint lab down --workdir {other}")
         existing = _load_info(workdir)
-        if existing is not None and len(existing.hosts) == hosts and existing.tls == tls and lab_status(workdir).up:
+        if existing is not None and len(existing.hosts) == hosts and existing.tls == tls \
+                and existing.room_to_grow == room_to_grow and lab_status(workdir).up:
             return existing
         _down(workdir)
         try:
-            return _build(hosts, vms, workdir, linux_guests, host_memory_mib, tls)
+            return _build(hosts, vms, workdir, linux_guests, host_memory_mib, tls, room_to_grow)
         except BaseException:
             _down(workdir)
             raise
@@ -264,7 +270,7 @@ def foreign_lab(workdir: Path) -> Path | None:
 
 
 def _build(hosts: int, vms: int, workdir: Path, linux_guests: int,
-           host_memory_mib: int | tuple[int, ...], tls: bool = False) -> LabInfo:
+           host_memory_mib: int | tuple[int, ...], tls: bool = False, room_to_grow: bool = False) -> LabInfo:
     client_pki = workdir / "pki" / "client" if tls else None
     specs = host_specs(hosts, host_memory_mib, client_pki)
     ca = _make_pki(workdir) if tls else None
@@ -295,7 +301,7 @@ def _build(hosts: int, vms: int, workdir: Path, linux_guests: int,
     inventory = _write_inventory(workdir, specs, key, known_hosts, tls)
 
     kvm = kvm_usable()
-    guests = guest_specs(specs, vms, linux_guests)
+    guests = guest_specs(specs, vms, linux_guests, room_to_grow)
     uri = {s.name: s.libvirt_uri for s in specs}
     xml_dir = workdir / "guests"
     xml_dir.mkdir(exist_ok=True)
@@ -317,7 +323,7 @@ def _build(hosts: int, vms: int, workdir: Path, linux_guests: int,
                             memory_mib=s.memory_mib, migration_ip=s.migration_ip) for s in specs),
         vms=tuple(LabVm(name=g.name, host=g.host, memory_mib=g.memory_mib, vcpus=g.vcpus, linux=g.linux)
                   for g in guests),
-        kvm=kvm, tls=tls,
+        kvm=kvm, tls=tls, room_to_grow=room_to_grow,
     )
     (workdir / "lab.json").write_text(info.model_dump_json(indent=2))
     return info
