@@ -236,11 +236,9 @@ class Connections:
         """A connection for one long call that has it to itself (a migration job's), given back afterwards
         for the next one: opening one costs a round trip and forgets the host's capabilities, once per
         migration. One that broke is closed instead. Raises TransientDriverError like :meth:`open`."""
-        conn = None
         with self._lock:
             idle = self._idle.get(host, [])
-            while idle and conn is None:
-                conn = idle.pop()
+            conn = idle.pop() if idle else None
         if conn is not None:
             try:
                 # a round trip, not isAlive(): after a libvirtd restart a connection looks alive until
