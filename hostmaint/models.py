@@ -787,6 +787,9 @@ class MigrationOptions(Frozen):
     # migration network (None: the target's management address, as libvirt picks it)
     tls: bool = False
     migration_address: str | None = None
+    # the longest final pause QEMU may plan for (libvirt's migrateSetMaxDowntime); None: QEMU's 300 ms.
+    # The adaptive scheduler sets each migration's own from its share of the link at the switch-over
+    downtime_limit_ms: Annotated[int, Field(ge=1)] | None = None
 
 
 class MigrationProgress(Frozen):

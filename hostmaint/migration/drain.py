@@ -48,6 +48,7 @@ from hostmaint.migration.policy import (
     options_for,
     order_placements,
     stream_rate,
+    switchover_share,
 )
 from hostmaint.models import (
     EvacuationPlan,
@@ -290,7 +291,7 @@ class _Drain:
                                     target_free_hugepages=self.target_free_hugepages)
         if refusal is not None:
             return refusal
-        opts = options_for(spec, self.options, self.policy, rate)
+        opts = options_for(spec, self.options, self.policy, rate, switchover_share(link, rate, self.limits))
         if self.route is not None:
             way = self.route(spec.source, spec.target)
             opts = opts.model_copy(update={"tls": way.tls, "migration_address": way.address})
@@ -303,7 +304,7 @@ class _Drain:
                   memory_mib=spec.memory_mib, dirty_mib_s=spec.dirty_mib_s, in_flight=self.load.total,
                   on_source=self.load.per_source[spec.source], on_target=self.load.per_target[spec.target],
                   auto_converge=opts.auto_converge, auto_converge_initial_pct=opts.auto_converge_initial_pct,
-                  post_copy=opts.post_copy,
+                  post_copy=opts.post_copy, downtime_limit_ms=opts.downtime_limit_ms,
                   budget_s=round(flight.budget_s, 1))
         # The caller's context follows the migration onto its thread (a fresh copy each: a context can be
         # entered by one thread at a time), so the caller's logging sees whose run a record belongs to.

@@ -13,6 +13,10 @@ Three decisions:
   them the adaptive policy starts just enough migrations to fill the source link and no more: a
   newcomer must add more link bandwidth than it dirties, and every migration sharing the link must
   keep its dirty rate well below its share (so the summed dirty rate stays well below the link).
+* **downtime** (:func:`switchover_share`, :func:`downtime_limit_ms`): QEMU switches over when what is
+  left fits its downtime limit at the rate it measures now, but on a full link a newcomer can take
+  part of that rate during the final pause. The adaptive policy sets each migration's own limit from
+  the share of the link it can count on at its switch-over, so the whole pause fits the configured one.
 * **escalation** (:func:`next_action`): when a migration stops making progress, enable
   auto-converge, then switch to post-copy where allowed, then abort; a time budget per GiB caps
   every migration. Abort is the safe end state (the VM keeps running on its source); a migration
@@ -38,6 +42,7 @@ DEFAULT_STREAM_MIB_S = 600.0  # what one QEMU migration connection pushes (~5 Gb
 # 2 shared cores, TCG guests): hosts with AES-NI and free cores lose less, so the inventory's
 # migration.tls_stream_factor overrides it
 DEFAULT_TLS_STREAM_FACTOR = 0.35
+QEMU_DOWNTIME_LIMIT_MS = 300  # QEMU's own downtime-limit, the configured one when the options name none
 
 
 class Order(StrEnum):
@@ -111,6 +116,10 @@ class SchedulerPolicy:
     progress_event_s: float = 5.0  # at most one progress event per VM this often
     # a migration with less than this many seconds of data left hands its link share on (set-up overlap)
     lookahead_s: float = 2.0
+    # each migration's downtime limit from the link share it can count on at its switch-over (adaptive only)
+    downtime_aware: bool = True
+    # the part of the pause QEMU's limit leaves out (device state, the final handshake): the sim's figure
+    switchover_ms: float = 30.0
 
     @classmethod
     def fixed(cls, per_source: int, order: Order = Order.PLAN, **kw: object) -> SchedulerPolicy:
@@ -274,6 +283,29 @@ def drains_side_by_side(limits: Limits, policy: SchedulerPolicy, options: Migrat
                                                                    drains_waiting))
 
 
+def switchover_share(link_mib_s: float, rate_mib_s: float, limits: Limits) -> float:
+    """The link share a migration can count on during its final pause: the link split among as many as
+    may be sending from its source then (the streams that fill it, and one more whose set-up overlapped
+    the last seconds: :func:`about_to_finish`), within the inventory's per-source and cluster limits."""
+    if rate_mib_s <= 0:
+        return 0.0
+    streams = math.ceil(round(link_mib_s / rate_mib_s, 6))
+    senders = max(1, min(limits.migrations_per_source, limits.migrations_per_cluster, streams + 1))
+    return min(rate_mib_s, link_mib_s / senders)
+
+
+def downtime_limit_ms(limit_ms: float, rate_mib_s: float, share_mib_s: float, policy: SchedulerPolicy) -> int:
+    """QEMU's downtime limit for one migration, so that its whole pause fits ``limit_ms``.
+
+    QEMU switches over once what is left fits its limit at the rate it measures (at most the stream's
+    ``rate_mib_s``); the rest is then sent at ``share_mib_s`` or more, and the switch-over itself adds
+    ``policy.switchover_ms``. Scaling the limit by share ÷ rate keeps the sum within ``limit_ms``."""
+    if rate_mib_s <= 0:
+        return max(1, int(limit_ms))
+    usable = max(1.0, limit_ms - policy.switchover_ms)
+    return max(1, math.floor(usable * min(1.0, share_mib_s / rate_mib_s)))
+
+
 def expected_seconds(spec: MigrationSpec, rate_mib_s: float) -> float:
     """A migration's expected time with ``rate_mib_s`` to itself: M / (b − D) while it converges.
 
@@ -416,13 +448,20 @@ def expected_dirty_mib_s(spec: MigrationSpec, policy: SchedulerPolicy, rate_mib_
 
 
 def options_for(spec: MigrationSpec, options: MigrationOptions, policy: SchedulerPolicy,
-                rate_mib_s: float) -> MigrationOptions:
+                rate_mib_s: float, share_mib_s: float | None = None) -> MigrationOptions:
     """The options the driver gets for one migration: its placement, post-copy capability, upfront
-    auto-converge for a VM dirtying a large part of its stream, and the driver's own stall/budget rule
-    set behind the scheduler's (the scheduler keeps using ``options`` as given)."""
+    auto-converge for a VM dirtying a large part of its stream, the driver's own stall/budget rule
+    set behind the scheduler's (the scheduler keeps using ``options`` as given), and for the adaptive
+    policy its own downtime limit from ``share_mib_s``, the link share it can count on at its
+    switch-over (:func:`switchover_share`; None: the configured limit as it is)."""
     upfront = policy.auto_converge and spec.dirty_mib_s >= policy.auto_converge_upfront_fraction * rate_mib_s
     pct = upfront_throttle_pct(spec, policy, rate_mib_s, options)
+    downtime = options.downtime_limit_ms
+    if policy.adaptive and policy.downtime_aware and share_mib_s is not None:
+        configured = QEMU_DOWNTIME_LIMIT_MS if downtime is None else downtime
+        downtime = downtime_limit_ms(configured, rate_mib_s, share_mib_s, policy)
     return options.model_copy(update={
+        "downtime_limit_ms": downtime,
         "placement": spec.placement,
         "auto_converge": options.auto_converge or upfront,
         "auto_converge_initial_pct": pct if pct is not None else options.auto_converge_initial_pct,

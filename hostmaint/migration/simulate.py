@@ -10,7 +10,9 @@ A discrete-event fluid model of live migration, driven by the very policy the dr
 * **pre-copy**: round 1 sends the VM's memory M; each later round sends what the guest dirtied during
   the previous one (dirty rate D, at most M). With a steady rate b that sums to M / (b − D). When a
   round would fit in the downtime limit the VM pauses and the rest is sent (stop-and-copy: that is the
-  downtime). With D ≥ b rounds never shrink: the migration does not converge.
+  downtime; the limit is the migration's own, as the scheduler set it, else the configured one: the
+  options', or ``SimParams.downtime_limit_ms`` standing for QEMU's).
+  With D ≥ b rounds never shrink: the migration does not converge.
 * **auto-converge** throttles the guest's vCPUs like QEMU: 20 % first, +10 % per round while the round
   dirtied more than half of what it sent, up to 99 %; D becomes D × (1 − throttle).
 * **post-copy**: the VM resumes on the target after a short switch-over; what is still dirty is sent
@@ -50,6 +52,7 @@ from hostmaint.migration.policy import (
     order_placements,
     slots_per_drain,
     stream_rate,
+    switchover_share,
 )
 from hostmaint.models import (
     EvacuationPlan,
@@ -326,6 +329,9 @@ class _Engine:
         self.policy = policy
         self.options = options
         self.params = params
+        # the configured downtime limit: the options', else QEMU's as the model has it (the executor's is QEMU's)
+        self.configured = options if options.downtime_limit_ms is not None else options.model_copy(
+            update={"downtime_limit_ms": max(1, round(params.downtime_limit_ms))})
         self.target_free_mib = dict(target_free_mib) if target_free_mib is not None else None
         self.t = 0.0
         self.load = Load()
@@ -359,7 +365,7 @@ class _Engine:
                                  options=self.options) is not None:
                 continue
             admitted.append(m)
-            m.options = options_for(m.spec, self.options, self.policy, rate)
+            m.options = options_for(m.spec, self.configured, self.policy, rate, switchover_share(link, rate, limits))
             m.cap = rate
             m.admit_rate = rate
             m.budget_s = migration_budget_s(m.spec.memory_mib, self.options)
@@ -451,7 +457,9 @@ class _Engine:
 
     def end_round(self, m: _Mig) -> None:
         nxt = m.dirty_acc
-        if nxt <= m.rate * self.params.downtime_limit_ms / 1000:
+        assert m.options is not None and m.options.downtime_limit_ms is not None
+        # QEMU's rule: switch over once what is left fits the limit at the rate it measures now
+        if nxt <= m.rate * m.options.downtime_limit_ms / 1000:
             m.phase, m.left, m.stop_start = Phase.STOPCOPY, nxt, self.t
             if nxt <= EPS:
                 m.downtime_ms = self.params.switchover_ms

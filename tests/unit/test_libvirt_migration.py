@@ -129,3 +129,16 @@ def test_a_lent_connection_that_broke_is_replaced_before_the_next_job() -> None:
     result = hv.migrate("vm1", "hv02", "hv01", MigrationOptions())
     assert result.outcome is StepOutcome.OK and hv.locate("vm1") == ("hv01",)
     assert all(c.closed for c in lent)
+
+
+def test_the_job_gets_the_downtime_limit_the_scheduler_chose_for_it() -> None:
+    def quick(job: FakeJob, clock: FakeClock) -> dict[str, Any]:
+        if clock.now >= 2:
+            job.finish()
+        return {"data_total": 256 * MIB, "data_processed": int(clock.now * MIB), "data_remaining": 64 * MIB}
+
+    hv, network, _ = lab(quick)
+    result = hv.migrate("vm1", "hv01", "hv02", MigrationOptions(downtime_limit_ms=165), None)
+    assert result.outcome is StepOutcome.OK
+    [(job, _, _)] = network.jobs
+    assert job.max_downtime_ms == 165  # set on the running job: no migrateToURI3 parameter carries it

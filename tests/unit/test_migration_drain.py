@@ -639,3 +639,16 @@ def test_the_callers_context_follows_migrations_and_aborts_onto_their_threads() 
     seen = hv.seen  # type: ignore[attr-defined]
     assert {kind for kind, _, _ in seen} == {"migrate", "abort"}
     assert {run for _, _, run in seen} == {"run-42"}, seen
+
+
+def test_each_migration_gets_the_downtime_limit_of_its_share_at_the_switch_over() -> None:
+    # 10 GbE, one 600 MiB/s stream each: two fill the link and a third's set-up overlaps their end, so a
+    # migration's last data may go at a third of the link: its own limit is scaled to fit QEMU's 300 ms
+    moves = [(f"vm{i}", "src", f"dst{i}", 1024) for i in range(4)]
+    hv = fleet(moves)
+    drain(make_plan(moves), hv, Limits(migrations_per_source=3, migrations_per_target=8),
+          bandwidth_mib_s={"src": 1100})
+    assert {opts.downtime_limit_ms for _, opts in hv.calls} == {165}
+    fixed = fleet(moves)
+    drain(make_plan(moves), fixed, Limits(migrations_per_source=3), policy=SchedulerPolicy.fixed(2))
+    assert {opts.downtime_limit_ms for _, opts in fixed.calls} == {None}  # QEMU's own, as before

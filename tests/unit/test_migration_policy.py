@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from hostmaint.migration.policy import (
@@ -13,6 +15,7 @@ from hostmaint.migration.policy import (
     ProgressTrack,
     SchedulerPolicy,
     admission_refusal,
+    downtime_limit_ms,
     drain_limits,
     drains_side_by_side,
     expected_dirty_mib_s,
@@ -24,6 +27,7 @@ from hostmaint.migration.policy import (
     slots_per_drain,
     stalled_for_s,
     stream_rate,
+    switchover_share,
 )
 from hostmaint.models import Limits, MigrationOptions, MigrationProgress, Placement
 
@@ -333,3 +337,43 @@ def test_a_drains_limits_are_its_share_of_the_cluster() -> None:
     assert drain_limits(limits, 40).migrations_per_cluster == 16
     assert drain_limits(limits, 0).migrations_per_cluster == 1
     assert drain_limits(limits, 3).migrations_per_source == 8
+
+
+# --- downtime at the switch-over -------------------------------------------------------
+
+
+@pytest.mark.parametrize(("link", "rate", "share"), [
+    (1100, 600, 1100 / 3),  # 10 GbE, one stream: two fill the link, a third's set-up overlaps their end
+    (1100, 1100, 550),  # 10 GbE, multi-connection: one fills it, the next joins while it finishes
+    (2750, 600, 2750 / 6),  # 25 GbE, one stream: five fill it, and one more
+])
+def test_the_share_at_the_switch_over_counts_the_migration_whose_set_up_overlaps_it(
+        link: float, rate: float, share: float) -> None:
+    assert switchover_share(link, rate, Limits(migrations_per_source=8)) == pytest.approx(share)
+
+
+def test_the_share_at_the_switch_over_is_never_below_what_the_limits_allow_to_send() -> None:
+    # a fixed 2 per source cannot put a third on the link: each gets half of it
+    assert switchover_share(1100, 600, Limits(migrations_per_source=2)) == pytest.approx(550)
+    assert switchover_share(1100, 600, Limits(migrations_per_source=1)) == 600
+
+
+def test_a_migration_that_will_share_the_link_at_its_switch_over_plans_a_shorter_pause() -> None:
+    # QEMU decides at up to 600 MiB/s; the last data goes at 367: 300 ms planned would pause 490 ms + 30
+    policy = SchedulerPolicy()
+    planned = downtime_limit_ms(300, 600, 1100 / 3, policy)
+    assert planned == 165
+    assert planned / 1000 * 600 / (1100 / 3) * 1000 + policy.switchover_ms <= 300
+    assert downtime_limit_ms(300, 550, 550, policy) == 270  # alone at its share: only the switch-over's part
+
+
+def test_adaptive_options_carry_a_downtime_limit_that_fits_the_configured_pause() -> None:
+    spec = MigrationSpec(Placement(vm="v", source="s", target="t", memory_mib=4096), 4096, 10.0)
+    ours = options_for(spec, MigrationOptions(), SchedulerPolicy(), 600, 1100 / 3)
+    assert ours.downtime_limit_ms == 165  # from QEMU's 300 ms
+    configured = options_for(spec, MigrationOptions(downtime_limit_ms=500), SchedulerPolicy(), 600, 1100 / 3)
+    assert configured.downtime_limit_ms == math.floor(470 * 1100 / 3 / 600)
+    # the fixed anchors and a policy that opts out leave the configured limit alone
+    assert options_for(spec, MigrationOptions(), SchedulerPolicy.fixed(2), 600, 1100 / 3).downtime_limit_ms is None
+    off = SchedulerPolicy(downtime_aware=False)
+    assert options_for(spec, MigrationOptions(), off, 600, 1100 / 3).downtime_limit_ms is None

@@ -184,10 +184,15 @@ class Migrations:
         if it did. A migration in post-copy is never aborted (the VM already runs on the target)."""
         level = Escalation.NONE
         data_total = 0
+        downtime_set = options.downtime_limit_ms is None
         while not worker.done.is_set():
             elapsed = self._clock() - started
             sample = self._sample(vm, source, elapsed)
             if sample is not None:
+                if not downtime_set:
+                    # no migrateToURI3 parameter carries it: set on the job once it runs, before its first
+                    # round can end
+                    downtime_set = self._set_max_downtime(vm, source, options.downtime_limit_ms)
                 track.observe(sample)
                 data_total = max(data_total, sample.data_total)
                 if on_progress is not None:
@@ -215,6 +220,20 @@ class Migrations:
             # (its last jobStats tends to return as the job ends), which was most of its fixed cost
             self._wait(worker.done, self._settings.poll_interval_s)
         return None
+
+    def _set_max_downtime(self, vm: str, source: str, downtime_ms: int | None) -> bool:
+        """The job's downtime limit (migrateSetMaxDowntime); True once set or past setting (best effort: a
+        limit that could not be set leaves QEMU's own, which the job's stats then show)."""
+        def set_limit(conn: libvirt.virConnect) -> None:
+            dom = lookup(conn, vm)
+            if dom is not None and downtime_ms is not None:
+                dom.migrateSetMaxDowntime(downtime_ms, 0)
+
+        try:
+            self._connections.call(source, f"setting the downtime limit of {vm}", set_limit)
+        except DriverError as exc:
+            log.warning("could not set the downtime limit of %s to %s ms: %s", visible(vm), downtime_ms, exc)
+        return True
 
     def _in_post_copy(self, vm: str, source: str) -> bool:
         with self._lock:
