@@ -488,3 +488,21 @@ def render_resize(plan: ResizePlan) -> list[str]:
     if plan.feasible and not plan.changes:
         out.append("  nothing to change")
     return out
+
+
+_SIZE_UNITS_MIB = {"": 1, "m": 1, "mib": 1, "mb": 1, "g": 1024, "gib": 1024, "gb": 1024, "t": 1024 * 1024,
+                   "tib": 1024 * 1024, "tb": 1024 * 1024}
+
+
+def parse_size_mib(text: str, field: str = "memory") -> int:
+    """A memory size as operators write it (``8G``, ``8GiB``, ``512M``, ``4096`` = MiB) in MiB; anything
+    else is InputError naming ``field``."""
+    raw = text.strip().lower().replace(" ", "")
+    digits = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = raw[len(digits):]
+    if not (digits.isascii() and digits.isdigit()) or unit not in _SIZE_UNITS_MIB or len(digits) > 12:
+        raise InputError(f"{field}: {visible(text)!r} is not a size (write e.g. 8G, 8GiB, 512M or 4096 for MiB)")
+    mib = int(digits) * _SIZE_UNITS_MIB[unit]
+    if not 1 <= mib <= MAX_MEMORY_MIB:
+        raise InputError(f"{field}: {visible(text)!r} must be between 1 MiB and {MAX_MEMORY_MIB // 1024 // 1024} TiB")
+    return mib

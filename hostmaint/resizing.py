@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hostmaint.drivers.base import GuestResize, GuestSize
-from hostmaint.errors import HostmaintError, PlanError
-from hostmaint.models import MigrationResult, Placement, StepOutcome
+from hostmaint.errors import HostmaintError, InputError, PlanError
+from hostmaint.maintenance import RunContext, audited
+from hostmaint.maintenance import _drain as maintenance_drain
+from hostmaint.models import EvacuationPlan, FleetSnapshot, MigrationResult, Placement, Step, StepOutcome
 from hostmaint.resize import MemoryMethod, ResizePlan
+from hostmaint.runtime import Runtime
 
 
 @dataclass
@@ -156,3 +159,32 @@ def _roll_back(plan: ResizePlan, hv: GuestResize, host: str, before: GuestSize, 
                             f"definition (they hold CPUs {', '.join(str(c) for v in pinned for c in v.pin)})")
     if any(d.startswith("migrated") for d in out.done) and plan.migration is not None:
         out.left.append(f"{plan.vm} stays on {plan.migration.target}, where it was migrated to grow")
+
+
+def run_resize(rt: Runtime, run: RunContext, plan: ResizePlan, snapshot: FleetSnapshot, *,
+               approved_by: str | None = None) -> ResizeOutcome:
+    """Carry out ``plan`` on the runtime's hypervisor, audited as one ``resize`` record (before/after
+    topology and pins, the migration if any, who asked and who approved). A migration the plan needs
+    first runs through the drain executor, as any maintenance migration (its own ``drain`` record)."""
+    hv = rt.hypervisor
+    if not isinstance(hv, GuestResize):
+        raise InputError(f"the hypervisor driver of this inventory ({type(hv).__name__}) cannot hot-plug vCPUs "
+                         f"or memory; nothing changed")
+
+    def migrate(p: Placement) -> MigrationResult:
+        evacuation = EvacuationPlan(cluster=plan.cluster, hosts=(p.source,), snapshot_digest=plan.snapshot_digest,
+                                    placements=(p,))
+        with audited(rt, run, Step.DRAIN, host=p.source, cluster=plan.cluster,
+                     inputs={"for": f"resize of {p.vm}", "placements": [p.model_dump(mode="json")]}) as rec:
+            report = maintenance_drain(rt, run, rec, evacuation, snapshot.limits, plan.cluster, snap=snapshot)
+            rec.outcome = StepOutcome.OK if report.ok else StepOutcome.FAILED
+        return next((r for r in report.results if r.vm == p.vm),
+                    MigrationResult(vm=p.vm, source=p.source, target=p.target, outcome=StepOutcome.FAILED,
+                                    error="the drain reported no result for it"))
+
+    inputs = {"plan": plan.model_dump(mode="json"), "requested_by": run.operator, "approved_by": approved_by}
+    with audited(rt, run, Step.RESIZE, host=plan.host, vm=plan.vm, cluster=plan.cluster, inputs=inputs) as rec:
+        out = carry_out(plan, hv, migrate=migrate)
+        rec.details.update(out.details())
+        rec.outcome = out.outcome
+    return out

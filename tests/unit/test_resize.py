@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from hostmaint.drivers.domain_xml import parse_domain
 from hostmaint.errors import InputError
 from hostmaint.models import Cell, FleetSnapshot, GuestCell, Host, HostState, Limits, Numatune, VirtioMem, Vm
-from hostmaint.resize import MemoryMethod, plan_resize, render_resize
+from hostmaint.resize import MemoryMethod, parse_size_mib, plan_resize, render_resize
 
 
 def host(name: str, free: int = 12000, state: HostState = HostState.ACTIVE, cpus: int = 4) -> Host:
@@ -184,3 +184,15 @@ def test_discovery_reads_room_to_grow_from_the_domain_xml() -> None:
     assert vm.virtio_mem == VirtioMem(node=0, size_mib=2048, requested_mib=512, block_kib=2048)
     plain = parse_domain("<domain><name>b</name><memory unit='KiB'>1048576</memory><vcpu>1</vcpu></domain>", "hv01")
     assert (plain.max_memory_mib, plain.memory_slots, plain.virtio_mem, plain.fixed_vcpus) == (None, 0, None, None)
+
+
+@pytest.mark.parametrize(("text", "mib"), [("8G", 8192), ("8GiB", 8192), ("512M", 512), ("4096", 4096),
+                                           (" 2 gib ", 2048), ("1T", 1048576)])
+def test_memory_sizes_as_operators_write_them(text: str, mib: int) -> None:
+    assert parse_size_mib(text) == mib
+
+
+@pytest.mark.parametrize("text", ["", "G", "-1G", "1.5G", "8X", "0", "1e3", "9" * 20, "8G\x1b[2J", "１２G"])
+def test_bad_memory_sizes_name_the_field(text: str) -> None:
+    with pytest.raises(InputError, match="^memory: "):
+        parse_size_mib(text)
