@@ -26,10 +26,21 @@ from flows.run_display import label_run
 from hostmaint.cancel import RunCancelled
 from hostmaint.display import visible
 from hostmaint.errors import InputError, LockHeldError, StepError
-from hostmaint.maintenance import link_figures
-from hostmaint.models import Step, StepOutcome, Trigger
+from hostmaint.maintenance import RunContext, audited, link_figures
+from hostmaint.models import HostState, Step, StepOutcome, Trigger
 from hostmaint.placement.exact import DEFAULT_BUDGET
-from hostmaint.window import WindowClock, estimate_host_seconds, host_budget_s, window_left, window_order
+from hostmaint.runtime import Runtime
+from hostmaint.window import (
+    HostHold,
+    WindowClock,
+    estimate_host_seconds,
+    host_budget_s,
+    hosts_held,
+    operator_hold,
+    window_held,
+    window_left,
+    window_order,
+)
 from tasks import cancellation
 from tasks import maintenance as t
 from tasks.common import RuntimeRef
@@ -54,6 +65,24 @@ def patch_one(host: str, inventory: str, operator: str, window_id: str, trigger:
     except Exception as exc:  # noqa: BLE001 - recorded per host; the audit has the details
         state = RuntimeRef(inventory).open().states.state(host)
         return HostOutcome(host=host, outcome=StepOutcome.FAILED, state=state, detail=str(exc))
+
+
+def _holds(rt: Runtime, hosts: list[str]) -> dict[str, HostHold | None]:
+    """Each host's hold, if an operator took it out of service (hostmaint/window.py decides)."""
+    holds: dict[str, HostHold | None] = {}
+    for host in hosts:
+        record = rt.states.get(host)
+        holds[host] = None if record.state is HostState.ACTIVE else operator_hold(
+            record, rt.states.history(host), rt.audit.records(host=host))
+    return holds
+
+
+def _leave_alone(rt: Runtime, run: RunContext, hold: HostHold, window_id: str, named: bool) -> None:
+    """The audit record of a host the window leaves alone, with the operator's reason for taking it out."""
+    with audited(rt, run, Step.WINDOW, host=hold.host, inputs={"window_id": window_id, "named": named}) as rec:
+        rec.outcome = StepOutcome.SKIPPED
+        rec.details.update({"left_alone": hold.held.value, "reason": hold.reason, "by": hold.by,
+                            "flow": hold.flow, "since": hold.since.isoformat()})
 
 
 def _finished(running: dict[PrefectFuture[HostOutcome], str]) -> list[PrefectFuture[HostOutcome]]:
@@ -113,16 +142,23 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
     snapshot = t.discover(ref, cluster)
     done = rt.states.patched_in(window_id)
     order, left_out = window_order(snapshot, hosts)
-    pending = [h for h in order if h not in done]
+    due = [h for h in order if h not in done]
+    # hosts an operator took out on purpose (evacuated, cordoned with a reason) stay out: reported, not patched
+    pending, held = hosts_held(due, _holds(rt, due))
     outcomes = [HostOutcome(host=h, outcome=StepOutcome.SKIPPED, state=rt.states.state(h),
                             detail=f"already patched in window {window_id}", simulated=rt.simulated)
                 for h in order if h in done]
     outcomes += [HostOutcome(host=h, outcome=StepOutcome.SKIPPED, state=rt.states.state(h),
                              detail="left out of the window: a VM's policy is skip-host", simulated=rt.simulated)
                  for h in left_out]
+    for hold in held:
+        _leave_alone(rt, run, hold, window_id, named=hold.host in (hosts or []))
+        logger.warning("window %s: %s %s", window_id, hold.host, visible(hold.detail()))
+    outcomes += [HostOutcome(host=hold.host, outcome=StepOutcome.SKIPPED, state=rt.states.state(hold.host),
+                             detail=hold.detail(), simulated=rt.simulated) for hold in held]
     order += left_out
-    logger.info("window %s: %d host(s) to patch, %d already done, %d at a time",
-                window_id, len(pending), len(done), parallel)
+    logger.info("window %s: %d host(s) to patch, %d already done, %d left alone, %d at a time",
+                window_id, len(pending), len(done), len(held), parallel)
     links = link_figures(rt.inventory, rt.states, cluster)  # measured by earlier drains where the inventory gives none
     running: dict[PrefectFuture[HostOutcome], str] = {}  # each host's patch-host run, side by side
     failures = 0
@@ -199,8 +235,10 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
     notify.window_ended(window_id, cluster, outcomes)  # the window-end notification (docs/integrations.md)
     if cancel is not None and cancel.is_set():
         raise RunCancelled(f"window {window_id} {cancel.reason}: {len(started)} host(s) started, {len(left)} not")
-    if left:
-        summary = window_left(window_id, cluster, left, started, failures > max_failed_hosts, clock)
+    if left or held:
+        summary = " ".join([*([window_left(window_id, cluster, left, started, failures > max_failed_hosts, clock)]
+                              if left else []),
+                            *([window_held(window_id, cluster, held, started)] if held else [])])
         if not started:
             # nothing was done: the run (and the CLI) must not end as if the window had done its work
             raise StepError(summary, None, Step.WINDOW)

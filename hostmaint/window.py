@@ -6,13 +6,16 @@ Pure: time comes in as a parameter (``now``), so a table of times tests it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 
+from hostmaint.audit import AuditRecord
 from hostmaint.inventory import Inventory
 from hostmaint.migration.policy import DEFAULT_LINK_MIB_S
-from hostmaint.models import CapacityCheck, FleetSnapshot
+from hostmaint.models import CapacityCheck, FleetSnapshot, HostState
+from hostmaint.state import MAINTENANCE_STATES, HostRecord
 
 # What a host costs besides moving memory: package update and verification. Deliberately
 # pessimistic; once a host of the window has finished, its real duration is used instead.
@@ -108,3 +111,93 @@ def room_for(snapshot: FleetSnapshot, in_maintenance: Sequence[str], host: str) 
 
     known = {h.name for h in snapshot.hosts}
     return check_capacity(snapshot, [h for h in in_maintenance if h in known and h != host] + [host])
+
+
+class Held(StrEnum):
+    """Why a window leaves a host alone: an operator took it out of service on purpose."""
+
+    EVACUATED = "evacuated"  # an evacuation (on demand or an incident runbook's) left it in its maintenance
+    CORDONED = "cordoned"  # cordoned outside any maintenance: an operator's cordon, or an incident's
+
+
+# Flows that take a host out on purpose. A maintenance begun by any other run (a patch of this window or
+# another) is one a patch run finishes, as before.
+_EVACUATING_FLOWS = frozenset({"evacuate-host", "evacuate-on-request"})
+
+
+def _evacuating(flow: str) -> bool:
+    return flow in _EVACUATING_FLOWS or flow.endswith("-runbook")
+
+
+@dataclass(frozen=True)
+class HostHold:
+    """A host the window leaves alone: how it was taken out, why, by whom (the run's operator), since when."""
+
+    host: str
+    held: Held
+    reason: str
+    by: str
+    flow: str
+    since: datetime
+
+    def detail(self) -> str:
+        """The window's summary line for the host, saying how to include it."""
+        how = (f"hostmaint host return {self.host}" if self.held is Held.EVACUATED
+               else f"hostmaint host uncordon {self.host}")
+        return (f"left alone: {self.held.value} by {self.by} ({self.flow}, since "
+                f"{self.since.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC): {self.reason}; to patch it in a window, "
+                f"return it to service first ({how}), then run the window again")
+
+
+def operator_hold(record: HostRecord, history: Sequence[HostRecord],
+                  audit: Sequence[AuditRecord]) -> HostHold | None:
+    """Whether a window leaves ``record``'s host alone, and why; None: the window takes it.
+
+    Left alone: a host cordoned outside any maintenance (an operator's or an incident's cordon: its
+    reason is theirs), and a host whose current maintenance an evacuation began (drained, say: its
+    reason is the evacuation's, read from the record that began it). Taken: an active host, a failed one
+    (as before: its patch refuses it until an operator resets it), and a maintenance a patch run began
+    (a window run again goes on with the hosts it left mid-way). ``history``: the host's records, oldest
+    first (:meth:`HostStateStore.history`); ``audit``: its audit records, which name each run's flow and
+    operator. Naming the host in the window's ``hosts`` does not take it: a deployment's parameters name
+    hosts too, and a patch run would end by putting an evacuated host back into service."""
+    # each run's latest record: an incident runbook's later records carry its approver's name
+    runs = {r.run_id: (r.flow, r.operator) for r in audit if r.run_id is not None}
+    if record.state is HostState.CORDONED and record.prior_state is None:
+        # a maintenance that found it cordoned so leaves it with the same reason: who set it aside first
+        origin = record
+        for earlier in reversed(history):
+            if earlier.prior_state is not None:
+                continue
+            if earlier.state is not HostState.CORDONED or earlier.reason != record.reason:
+                break
+            origin = earlier
+        flow, by = runs.get(origin.run_id or "", ("unknown", "unknown"))
+        return HostHold(record.host, Held.CORDONED, record.reason, by, flow, origin.since)
+    if record.prior_state is None or record.state not in {*MAINTENANCE_STATES, HostState.CORDONED}:
+        return None
+    began = record
+    for earlier in reversed(history):
+        if earlier.prior_state is None:
+            break
+        began = earlier
+    flow, by = runs.get(began.run_id or "", ("unknown", "unknown"))
+    if not _evacuating(flow):
+        return None
+    return HostHold(record.host, Held.EVACUATED, began.reason, by, flow, began.since)
+
+
+def hosts_held(order: Sequence[str], holds: Mapping[str, HostHold | None]) -> tuple[list[str], list[HostHold]]:
+    """The hosts of ``order`` the window takes, in order, and those it leaves alone (``holds``)."""
+    taken = [h for h in order if holds.get(h) is None]
+    held = [hold for h in order if (hold := holds.get(h)) is not None]
+    return taken, held
+
+
+def window_held(window_id: str, cluster: str, held: Sequence[HostHold], started: Sequence[str]) -> str:
+    """What a window left alone on purpose, in one paragraph for the operator."""
+    names = ", ".join(f"{h.host} ({h.held.value} by {h.by}: {h.reason})" for h in held)
+    return (f"window {window_id} {'started no host' if not started else f'patched or tried {len(started)} host(s)'}"
+            f": {len(held)} host(s) of {cluster} left alone, taken out of service by an operator: {names}. "
+            "A window patches such a host once it is back in service (hostmaint host return HOST after an "
+            "evacuation, hostmaint host uncordon HOST after a cordon); run the window again then.")

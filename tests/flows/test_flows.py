@@ -998,3 +998,30 @@ def test_a_host_an_incident_took_out_stays_out_after_its_next_patch(sim_inventor
     assert open_runtime(sim_inventory).states.get("hv03").prior_state is None
     assert not fleet_of(sim_inventory).running["hv03"]  # nothing returned to a cordoned host
     assert_each_vm_runs_once(sim_inventory, ALL_VMS)
+
+
+def test_a_window_leaves_an_evacuated_host_out_of_service_and_says_why(sim_inventory: Path) -> None:
+    evacuate_host(host="hv04", operator="alice", reason="fan failure", inventory=str(sim_inventory),
+                  trigger=Trigger.TEST)
+
+    # named alone, it is still left alone: the window did nothing, and says so (CLI exit 1)
+    with pytest.raises(StepError, match=r"window w-held started no host: 1 host\(s\) of demo left alone.*"
+                                        r"hv04 \(evacuated by alice: fan failure\)"):
+        patch_window(cluster="demo", hosts=["hv04"], window_id="w-held", operator="sched",
+                     inventory=str(sim_inventory), trigger=Trigger.TEST, rebalance_moves=0)
+    outcomes = patch_window(cluster="demo", window_id="w-held", operator="sched", inventory=str(sim_inventory),
+                            trigger=Trigger.TEST, rebalance_moves=0)
+
+    by_host = {o.host: o for o in outcomes}
+    assert {h: o.outcome for h, o in by_host.items()} == {"hv01": StepOutcome.OK, "hv02": StepOutcome.OK,
+                                                          "hv03": StepOutcome.OK, "hv04": StepOutcome.SKIPPED}
+    assert "evacuated by alice" in by_host["hv04"].detail and "fan failure" in by_host["hv04"].detail
+    assert "hostmaint host return hv04" in by_host["hv04"].detail
+    rt = open_runtime(sim_inventory)
+    assert rt.states.state("hv04") is HostState.DRAINED  # not patched, not put back into service
+    assert not fleet_of(sim_inventory).running["hv04"]
+    assert not [r for r in audit().records(host="hv04") if r.step in ("update", "reboot", "uncordon")]
+    held = [r for r in audit().records(host="hv04") if r.step == "window"]
+    assert [(r.inputs["named"], r.outcome, r.details["reason"], r.details["by"]) for r in held] == [
+        (True, StepOutcome.SKIPPED, "fan failure", "alice"), (False, StepOutcome.SKIPPED, "fan failure", "alice")]
+    assert_each_vm_runs_once(sim_inventory, ALL_VMS)
