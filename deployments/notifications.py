@@ -20,7 +20,7 @@ PREFIX = "hostmaint notify: "
 # every flow hostmaint runs (flows/), by the names their runs carry
 FLOWS = ["patch-host", "patch-window", "evacuate-host", "rebalance-cluster", "return-host", "degraded-host-runbook",
          "hardware-check-failed-runbook", "evacuate-on-request", "patch-on-request", "rebalance-on-request",
-         "return-on-request"]
+         "return-on-request", "resize-vm", "vm-starved-runbook"]
 RUN_LINK = "{{ (flow_run|ui_url) or '' }}"  # none when the server has no UI url
 
 # What each notification matches and says. A run's state events are matched on the state's type, not

@@ -43,6 +43,10 @@ DEGRADED_EVENT = "hostmaint.host.degraded"
 HARDWARE_EVENT = "hostmaint.host.hardware-check-failed"
 HOST_RESOURCE_PREFIX = "hostmaint.host."
 HOST_LABEL = "hostmaint.host.name"
+CPU_STARVED_EVENT = "hostmaint.vm.cpu-starved"
+MEMORY_PRESSURE_EVENT = "hostmaint.vm.memory-pressure"
+VM_RESOURCE_PREFIX = "hostmaint.vm."
+VM_LABEL = "hostmaint.vm.name"
 
 # deployment name -> (entrypoint relative to the project root, description)
 ENTRYPOINTS: dict[str, tuple[str, str]] = {
@@ -61,6 +65,12 @@ ENTRYPOINTS: dict[str, tuple[str, str]] = {
     "hardware-check-failed": ("flows/runbooks/hardware_check.py:hardware_check_failed_runbook",
                               f"Runbook for a {HARDWARE_EVENT} event: cordon at once, evacuate with approval, "
                               "keep cordoned with the reason."),
+    "resize-vm": ("flows/resize_vm.py:resize_vm",
+                  "Grow a running VM's vCPUs and memory live, NUMA-aware: the plan (a migration first when its "
+                  "host cannot hold it) is shown and approved first. Dry run by default."),
+    "vm-starved": ("flows/runbooks/vm_starved.py:vm_starved_runbook",
+                   f"Runbook for {CPU_STARVED_EVENT} / {MEMORY_PRESSURE_EVENT}: propose a live resize, show the "
+                   "plan, wait for approval, resize."),
 }
 PATCH_WINDOW_ENTRYPOINT = "flows/patch_window.py:patch_window"
 
@@ -120,6 +130,21 @@ def hardware_trigger(extra: dict[str, Any] | None = None) -> DeploymentEventTrig
                     **(extra or {})})
 
 
+def vm_starved_trigger(event: str, extra: dict[str, Any] | None = None) -> DeploymentEventTrigger:
+    """Start the vm-starved runbook for each ``event`` (cpu-starved or memory-pressure), VM taken from the event."""
+    return DeploymentEventTrigger(
+        name=event.removeprefix(VM_RESOURCE_PREFIX).replace("-", " "), expect={event},
+        match={"prefect.resource.id": f"{VM_RESOURCE_PREFIX}*"},
+        parameters={"vm": "{{ event.resource['" + VM_LABEL + "'] }}",
+                    "event": event,
+                    "reason": "{{ event.payload.reason }}",
+                    "vcpus": "{{ event.payload.vcpus }}",
+                    "memory": "{{ event.payload.memory }}",
+                    "source": "{{ event.payload.source }}",
+                    "event_id": "{{ event.id | string }}",
+                    **(extra or {})})
+
+
 # --- the deployments ------------------------------------------------------------------------------------------
 
 
@@ -133,7 +158,8 @@ def _load_flow(entrypoint: str, source: Path | None) -> Flow[..., Any]:
     return load_flow_from_entrypoint(f"{ROOT / path}:{name}")
 
 
-APPROVING = ("evacuate-host", "degraded-host", "hardware-check-failed")  # may pause for approval
+APPROVING = ("evacuate-host", "degraded-host", "hardware-check-failed", "resize-vm",
+             "vm-starved")  # may pause for approval
 
 
 def build_deployments(inventory: str | Path | Inventory, *, windows: Path = WINDOWS_FILE,
@@ -168,6 +194,8 @@ def build_deployments(inventory: str | Path | Inventory, *, windows: Path = WIND
             kwargs["triggers"] = [degraded_trigger(extra)]
         elif name == "hardware-check-failed":
             kwargs["triggers"] = [hardware_trigger(extra)]
+        elif name == "vm-starved":
+            kwargs["triggers"] = [vm_starved_trigger(e, extra) for e in (CPU_STARVED_EVENT, MEMORY_PRESSURE_EVENT)]
         out.append(cast(RunnerDeployment, fl.to_deployment(name=name, tags=tags, description=label + description,
                                                            **kwargs)))
     hosts = sorted(h.name for h in inv.hosts)
@@ -278,7 +306,8 @@ def take_over_from_work_pools(deployments: list[RunnerDeployment]) -> list[str]:
     return taken
 
 
-TRIGGER_NAMES = ("host degraded", "hardware check failed")  # the automations degraded_trigger, hardware_trigger make
+# the automations degraded_trigger, hardware_trigger and vm_starved_trigger make
+TRIGGER_NAMES = ("host degraded", "hardware check failed", "cpu starved", "memory pressure")
 
 
 def remove_orphaned_triggers() -> list[str]:

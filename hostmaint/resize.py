@@ -506,3 +506,23 @@ def parse_size_mib(text: str, field: str = "memory") -> int:
     if not 1 <= mib <= MAX_MEMORY_MIB:
         raise InputError(f"{field}: {visible(text)!r} must be between 1 MiB and {MAX_MEMORY_MIB // 1024 // 1024} TiB")
     return mib
+
+
+class Shortage(StrEnum):
+    """What monitoring says a VM is short of (the events ``hostmaint.vm.cpu-starved`` / ``memory-pressure``)."""
+
+    CPU = "cpu"
+    MEMORY = "memory"
+
+
+MEMORY_STEP_MIB = 256  # a proposed memory grow is whole steps of this
+
+
+def propose(vm: Vm, shortage: Shortage) -> tuple[int | None, int | None]:
+    """The resize a runbook proposes for a VM short of CPU (one vCPU more) or memory (a quarter more,
+    in whole 256 MiB steps): (vCPUs, MiB), None where unchanged. Beyond what the VM was defined with,
+    the plan refuses it with what to change at its next restart."""
+    if shortage is Shortage.CPU:
+        return vm.vcpus + 1, None
+    has = guest_memory_mib(vm)
+    return None, -(-(has * 5 // 4) // MEMORY_STEP_MIB) * MEMORY_STEP_MIB

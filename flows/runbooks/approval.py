@@ -29,6 +29,7 @@ from hostmaint.display import markdown_code, markdown_text, visible
 from hostmaint.maintenance import RunContext, audited
 from hostmaint.models import EvacuationPlan, HostState, Step, StepOutcome, Trigger
 from hostmaint.placement import render_plan
+from hostmaint.resize import ResizePlan
 from hostmaint.runtime import Runtime
 from tasks.common import RuntimeRef
 from tasks.maintenance import cordon_host, discover, plan_evacuation
@@ -72,7 +73,7 @@ def show_plan(plan: EvacuationPlan, host: str, why: str) -> str:
     return text
 
 
-def ask_approval(rt: Runtime, run: RunContext, host: str, plan: EvacuationPlan, *, timeout_s: int,
+def ask_approval(rt: Runtime, run: RunContext, host: str, plan: EvacuationPlan | ResizePlan, *, timeout_s: int,
                  poll_interval_s: int, automatic: str | None = None) -> ApprovalInput:
     """Pause for an :class:`ApprovalInput` (or approve at once when ``automatic`` gives the reason); audit it.
 
@@ -95,7 +96,9 @@ def ask_approval(rt: Runtime, run: RunContext, host: str, plan: EvacuationPlan, 
                                    comment=f"no answer within {timeout_s}s; nothing was approved")
     decided = replace(run, operator=answer.operator)
     with audited(rt, decided, Step.APPROVAL, host=host,
-                 inputs={"plan_digest": plan.snapshot_digest, "placements": len(plan.placements),
+                 inputs={"plan_digest": plan.snapshot_digest,
+                         "placements": len(plan.placements) if isinstance(plan, EvacuationPlan) else int(
+                             plan.migration is not None),
                          "requested_by": run.operator}) as rec:
         rec.details.update({"approve": answer.approve, "approver": answer.operator, "comment": answer.comment,
                             "automatic": automatic is not None, "timed_out": timed_out})

@@ -13,11 +13,11 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from hostmaint.drivers.base import ProgressCallback
+from hostmaint.drivers.base import GuestSize, ProgressCallback
 from hostmaint.drivers.memory_shell import SimHostPackages, SimulatedShell
 from hostmaint.errors import DriverError, MigrationError, TransientDriverError
 from hostmaint.models import (
@@ -234,6 +234,60 @@ class SimulatedFleet:
             self.stopped.pop(vm, None)
             self.running[host].add(vm)
             self.save()
+
+    # --- GuestResize: a simulated guest grows as libvirt would let it ----------------
+
+    def _running(self, vm: str, host: str) -> Vm:
+        self._reachable(host)
+        if vm not in self.running[host]:
+            raise DriverError(f"{vm} is not running on {host}", host)
+        return self.vms[vm]
+
+    def _resized(self, vm: Vm, **update: object) -> None:
+        new = vm.model_copy(update=update)
+        self.vms[vm.name] = new
+        self.base = self.base.model_copy(update={"vms": tuple(new if v.name == vm.name else v
+                                                             for v in self.base.vms)})
+        self.save()
+
+    def guest_size(self, vm: str, host: str, *, persistent: bool = False) -> GuestSize:
+        with self._lock:
+            v = self._running(vm, host)
+            vmem = v.virtio_mem
+            return GuestSize(vcpus=v.vcpus, max_vcpus=v.max_vcpus or v.vcpus, memory_mib=v.memory_mib,
+                             vcpupin=dict(v.vcpupin), dimms=((0, 0),) * v.memory_slots_used,
+                             virtio_mem_requested_mib=vmem.requested_mib if vmem else None,
+                             virtio_mem_size_mib=vmem.size_mib if vmem else 0)
+
+    def set_vcpus(self, vm: str, host: str, count: int) -> None:
+        with self._lock:
+            v = self._running(vm, host)
+            if not 1 <= count <= (v.max_vcpus or v.vcpus):
+                raise DriverError(f"setting {vm} to {count} vCPUs: it has at most {v.max_vcpus or v.vcpus}", host)
+            self._resized(v, vcpus=count)
+
+    def pin_vcpus(self, vm: str, host: str, pins: Mapping[int, Sequence[int]]) -> None:
+        with self._lock:
+            v = self._running(vm, host)
+            self._resized(v, vcpupin={**v.vcpupin, **{k: tuple(sorted(c)) for k, c in pins.items()}})
+
+    def add_dimm(self, vm: str, host: str, mib: int, node: int, page_kib: int = 0) -> None:
+        with self._lock:
+            v = self._running(vm, host)
+            if v.max_memory_mib is None or v.memory_slots_used >= v.memory_slots \
+                    or v.memory_mib + mib > v.max_memory_mib:
+                raise DriverError(f"adding a {mib} MiB DIMM to {vm}: no free slot or over its maxMemory", host)
+            room = sum(free for _, free in self._free_cells(host))
+            if room < mib:
+                raise DriverError(f"adding a {mib} MiB DIMM to {vm}: {host} has {room} MiB free", host)
+            self._resized(v, memory_mib=v.memory_mib + mib, memory_slots_used=v.memory_slots_used + 1)
+
+    def set_virtio_mem(self, vm: str, host: str, requested_mib: int) -> None:
+        with self._lock:
+            v = self._running(vm, host)
+            if v.virtio_mem is None or requested_mib > v.virtio_mem.size_mib:
+                raise DriverError(f"setting {vm}'s virtio-mem to {requested_mib} MiB: no such room", host)
+            self._resized(v, virtio_mem=v.virtio_mem.model_copy(update={"requested_mib": requested_mib}))
 
     # --- HostShell, delegated (so one object can serve both seams) ------------------
 

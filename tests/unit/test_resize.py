@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from hostmaint.drivers.domain_xml import parse_domain
 from hostmaint.errors import InputError
 from hostmaint.models import Cell, FleetSnapshot, GuestCell, Host, HostState, Limits, Numatune, VirtioMem, Vm
-from hostmaint.resize import MemoryMethod, parse_size_mib, plan_resize, render_resize
+from hostmaint.resize import MemoryMethod, Shortage, parse_size_mib, plan_resize, propose, render_resize
 
 
 def host(name: str, free: int = 12000, state: HostState = HostState.ACTIVE, cpus: int = 4) -> Host:
@@ -196,3 +196,9 @@ def test_memory_sizes_as_operators_write_them(text: str, mib: int) -> None:
 def test_bad_memory_sizes_name_the_field(text: str) -> None:
     with pytest.raises(InputError, match="^memory: "):
         parse_size_mib(text)
+
+
+def test_a_runbook_proposes_one_vcpu_or_a_quarter_more_memory() -> None:
+    vm = growable(memory_mib=3000, vnuma=(GuestCell(id=0, memory_mib=2048, vcpus=(0, 1, 2, 3)),))
+    assert propose(vm, Shortage.CPU) == (3, None)
+    assert propose(vm, Shortage.MEMORY) == (None, 3840)  # 3750 up to a whole 256 MiB step

@@ -1,0 +1,90 @@
+"""The resize-vm flow and the vm-starved runbook on a SIMULATED fleet, under a real temporary Prefect
+server: plan, lock, carry out, audit; a refused or dry-run plan changes nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from flows.resize_vm import ResizeRequest, resize_vm
+from flows.runbooks.vm_starved import MEMORY_EVENT, vm_starved_runbook
+from hostmaint.audit import AuditTrail
+from hostmaint.db import open_engine
+from hostmaint.drivers.memory import SimulatedFleet
+from hostmaint.errors import InputError
+from hostmaint.models import GuestCell, HostState, Step, StepOutcome, Trigger
+from hostmaint.runtime import open_runtime
+from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
+
+pytestmark = pytest.mark.usefixtures("prefect_server")
+
+
+@pytest.fixture
+def growable_inventory(tmp_path: Path, hostmaint_db: Path) -> Path:
+    snap = demo_snapshot(4, 12)
+    first = snap.vms[0]
+    grown = first.model_copy(update={
+        "max_vcpus": first.vcpus + 2, "max_memory_mib": first.memory_mib * 4, "memory_slots": 4,
+        "vnuma": (GuestCell(id=0, memory_mib=first.memory_mib, vcpus=tuple(range(first.vcpus + 2))),)})
+    snap = snap.model_copy(update={"vms": (grown, *snap.vms[1:])})
+    return write_simulated_fleet(tmp_path / "fleet", snap, demo_packages(snap), time_scale=0.001)
+
+
+def the_vm(inventory: Path) -> tuple[str, int, int]:
+    fleet = SimulatedFleet.load(inventory.parent / "fleet-state.json")
+    vm = demo_snapshot(4, 12).vms[0].name
+    return vm, fleet.vms[vm].vcpus, fleet.vms[vm].memory_mib
+
+
+def resize_records(vm: str) -> list[dict[str, object]]:
+    return [r.to_dict() for r in AuditTrail(open_engine()).records() if r.step == Step.RESIZE and r.vm == vm]
+
+
+def test_resize_vm_grows_the_vm_and_audits_before_and_after(growable_inventory: Path) -> None:
+    vm, vcpus, mib = the_vm(growable_inventory)
+    result = resize_vm(ResizeRequest(vm=vm, vcpus=vcpus + 1, memory=f"{mib + 512}M", reason="ticket 42",
+                                     operator="alice", dry_run=False, approval_required=False,
+                                     inventory=str(growable_inventory)), trigger=Trigger.TEST)
+    assert not isinstance(result, type(None)) and getattr(result, "outcome", None) is StepOutcome.OK, result
+    assert the_vm(growable_inventory)[1:] == (vcpus + 1, mib + 512)
+    [record] = resize_records(vm)
+    details = record["details"]
+    assert isinstance(details, dict)
+    assert details["before"]["vcpus"] == vcpus and details["after"]["vcpus"] == vcpus + 1
+    assert details["after"]["memory_mib"] == mib + 512 and details["after_persistent"]["memory_mib"] == mib + 512
+    assert record["operator"] == "alice" and record["outcome"] == "ok"
+
+
+def test_a_dry_run_and_a_refused_plan_change_nothing(growable_inventory: Path) -> None:
+    vm, vcpus, mib = the_vm(growable_inventory)
+    dry = resize_vm(ResizeRequest(vm=vm, vcpus=vcpus + 1, reason="look first", inventory=str(growable_inventory)),
+                    trigger=Trigger.TEST)
+    assert getattr(dry, "outcome", None) is StepOutcome.DRY_RUN and "+ vCPU" in getattr(dry, "detail", "")
+    refused = resize_vm(ResizeRequest(vm=vm, vcpus=vcpus + 5, reason="too much", dry_run=False,
+                                      approval_required=False, inventory=str(growable_inventory)),
+                        trigger=Trigger.TEST)
+    assert getattr(refused, "outcome", None) is StepOutcome.SKIPPED and "<vcpu" in getattr(refused, "detail", "")
+    assert the_vm(growable_inventory)[1:] == (vcpus, mib)
+    assert [r["outcome"] for r in resize_records(vm)] == ["dry-run", "skipped"]
+
+
+def test_a_vm_on_a_host_in_maintenance_is_refused(growable_inventory: Path) -> None:
+    vm, vcpus, mib = the_vm(growable_inventory)
+    rt = open_runtime(growable_inventory)
+    host = rt.hypervisor.locate(vm)[0]
+    rt.states.transition(host, HostState.CORDONED, "maintenance")
+    result = resize_vm(ResizeRequest(vm=vm, vcpus=vcpus + 1, reason="now", dry_run=False, approval_required=False,
+                                     inventory=str(growable_inventory)), trigger=Trigger.TEST)
+    assert getattr(result, "outcome", None) is StepOutcome.SKIPPED and "in maintenance" in getattr(result, "detail", "")
+    assert the_vm(growable_inventory)[1:] == (vcpus, mib)
+
+
+def test_the_runbook_refuses_a_bad_event_before_anything(growable_inventory: Path) -> None:
+    vm, _, _ = the_vm(growable_inventory)
+    with pytest.raises(InputError, match="^memory: "):
+        vm_starved_runbook(vm=vm, event=MEMORY_EVENT, reason="pressure", memory="lots",
+                           inventory=str(growable_inventory))
+    with pytest.raises(InputError, match="gives no reason"):
+        vm_starved_runbook(vm=vm, event=MEMORY_EVENT, reason=" ", inventory=str(growable_inventory))
+    assert resize_records(vm) == []
