@@ -41,7 +41,9 @@ app = typer.Typer(no_args_is_help=True)
 window_app = typer.Typer(help="Patch windows.", no_args_is_help=True)
 host_app = typer.Typer(help="Host state.", no_args_is_help=True)
 run_app = typer.Typer(help="Prefect runs of hostmaint.", no_args_is_help=True)
+vm_app = typer.Typer(help="Running VMs.", no_args_is_help=True)
 app.add_typer(window_app, name="window")
+app.add_typer(vm_app, name="vm")
 app.add_typer(host_app, name="host")
 app.add_typer(run_app, name="run")
 
@@ -139,6 +141,54 @@ def patch(host: str, inventory: InventoryOpt = "inventory.yaml", dry_run: DryRun
         result = _run_flow(patch_host, host=host, dry_run=dry_run, operator=operator, reason=reason,
                            inventory=inventory, return_vms=not no_return, exact_budget=checked_budget(exact_budget))
         _show_outcomes([result], as_json)
+
+
+@vm_app.command("resize")
+def vm_resize(vm: str,
+              vcpus: Annotated[int | None, typer.Option(help="The vCPU count it should have.")] = None,
+              memory: Annotated[str | None, typer.Option(help="The memory it should have: 8G, 512M, 4096 (MiB).")]
+              = None,
+              inventory: InventoryOpt = "inventory.yaml", dry_run: DryRunOpt = False,
+              operator: OperatorOpt = "unknown", reason: ReasonOpt = "resize", as_json: JsonOpt = False) -> None:
+    """Grow VM's vCPUs and/or memory live, NUMA-aware (the plan is printed first; a migration comes first
+    when its host cannot hold it grown)."""
+    from pydantic import ValidationError
+
+    from flows.common import HostOutcome
+    from flows.resize_vm import ResizeRequest, resize_vm
+    from hostmaint.errors import PlanError
+    from hostmaint.maintenance import snapshot
+    from hostmaint.models import StepOutcome
+    from hostmaint.resize import parse_size_mib, plan_resize, render_resize
+
+    with exit_codes():
+        mib = parse_size_mib(memory) if memory is not None else None
+        try:
+            request = ResizeRequest(vm=vm, vcpus=vcpus, memory=memory, operator=operator, reason=reason,
+                                    dry_run=False, approval_required=False, inventory=inventory)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "request"
+            raise InputError(f"{where}: {first['msg']}") from None
+        rt = _runtime(inventory)
+        simulated_banner(rt.simulated)
+        hosts = rt.hypervisor.locate(vm)
+        if len(hosts) != 1:
+            raise InputError(f"vm: {vm!r} is " + ("not running on any host of the inventory" if not hosts
+                                                  else f"running on {len(hosts)} hosts"))
+        plan = plan_resize(snapshot(rt, rt.cluster_of(hosts[0])), vm, vcpus=vcpus, memory_mib=mib)
+        for line in render_resize(plan):  # names from hosts already shown as data (display.visible)
+            out.print(line, markup=False, highlight=False)
+        if not plan.feasible:
+            raise PlanError("resize refused: " + "; ".join(plan.refusals))
+        if dry_run or not plan.changes:
+            return
+        result = _run_flow(resize_vm, request=request)
+        if not isinstance(result, HostOutcome):  # only a run that asked for approval ends rejected
+            raise typer.Exit(1)
+        _show_outcomes([result], as_json)
+        if result.outcome is not StepOutcome.OK:
+            raise typer.Exit(1)
 
 
 @window_app.command("run")

@@ -88,3 +88,28 @@ def test_the_runbook_refuses_a_bad_event_before_anything(growable_inventory: Pat
     with pytest.raises(InputError, match="gives no reason"):
         vm_starved_runbook(vm=vm, event=MEMORY_EVENT, reason=" ", inventory=str(growable_inventory))
     assert resize_records(vm) == []
+
+
+def test_cli_prints_the_plan_and_a_dry_run_changes_nothing(growable_inventory: Path) -> None:
+    from typer.testing import CliRunner
+
+    from hostmaint_cli.main import app
+
+    vm, vcpus, mib = the_vm(growable_inventory)
+    runner = CliRunner()
+    dry = runner.invoke(app, ["vm", "resize", vm, "--vcpus", str(vcpus + 1), "--memory", f"{mib + 256}M",
+                              "--dry-run", "--inventory", str(growable_inventory)])
+    assert dry.exit_code == 0, dry.output
+    assert f"resize {vm}" in dry.output and f"+ vCPU {vcpus}" in dry.output and "as a DIMM" in dry.output
+    assert the_vm(growable_inventory)[1:] == (vcpus, mib)
+    refused = runner.invoke(app, ["vm", "resize", vm, "--vcpus", str(vcpus + 9), "--inventory",
+                                  str(growable_inventory)])
+    assert refused.exit_code == 1 and "REFUSED" in refused.output
+    for args, words in ((["--memory", "lots"], "memory: 'lots' is not a size"),
+                        (["--vcpus", "0"], "vcpus: Input should be greater than or equal to 1"),
+                        ([], "vcpus, memory: give")):
+        bad = runner.invoke(app, ["vm", "resize", vm, *args, "--inventory", str(growable_inventory)])
+        assert bad.exit_code == 2 and words in bad.output, bad.output
+    unknown = runner.invoke(app, ["vm", "resize", "nope", "--vcpus", "2", "--inventory", str(growable_inventory)])
+    assert unknown.exit_code == 2 and "vm: 'nope' is not running" in unknown.output
+    assert the_vm(growable_inventory)[1:] == (vcpus, mib)
