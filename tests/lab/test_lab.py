@@ -131,7 +131,9 @@ def test_crawling_migration_is_aborted_by_the_stall_rule(lab: LabInfo, hv: Libvi
     dirty = next((v for v in lab.vms if v.linux), lab.vms[0])
     source = hv.locate(dirty.name)[0]
     target = next(h.name for h in lab.hosts if h.name != source)
-    options = MigrationOptions(bandwidth_mib_s=1, stall_seconds=3, min_budget_seconds=4, seconds_per_gib=1)
+    # stall and budget counted from the start of the job: long enough that a loaded machine's slow start
+    # (seconds before QEMU sends its first page) still leaves a copy in progress to abort
+    options = MigrationOptions(bandwidth_mib_s=1, stall_seconds=8, min_budget_seconds=10, seconds_per_gib=1)
     samples: list[MigrationProgress] = []
     with pytest.raises(MigrationError) as caught:
         hv.migrate(dirty.name, source, target, options, samples.append)
@@ -149,12 +151,24 @@ def test_an_abort_from_another_thread_and_a_switch_to_post_copy(lab: LabInfo, hv
     dirty = next((v for v in lab.vms if v.linux), lab.vms[0])
     source = hv.locate(dirty.name)[0]
     target = next(h.name for h in lab.hosts if h.name != source)
-    # what the drain scheduler does: abort a running migration from its own thread
-    timer = threading.Timer(2.0, hv.abort, args=(dirty.name, source))
-    timer.start()
+    # what the drain scheduler does: abort a running migration from its own thread, once it is sending
+    # (a fixed delay could fire before a loaded machine's QEMU has started the job: nothing to abort)
+    moving = threading.Event()
+
+    def seen(p: MigrationProgress) -> None:
+        if p.data_processed > 0:
+            moving.set()
+
+    def abort_once_moving() -> None:
+        if moving.wait(60):
+            hv.abort(dirty.name, source)
+
+    aborter = threading.Thread(target=abort_once_moving)
+    aborter.start()
     with pytest.raises(MigrationError, match="abort") as caught:
-        hv.migrate(dirty.name, source, target, MigrationOptions(bandwidth_mib_s=5))
-    timer.join()
+        hv.migrate(dirty.name, source, target, MigrationOptions(bandwidth_mib_s=5), seen)
+    aborter.join()
+    assert moving.is_set(), "the migration never started sending"
     assert caught.value.vm == dirty.name and hv.locate(dirty.name) == (source,)
     # the same crawl with post-copy allowed: the stall rule switches to post-copy instead of aborting
     crawl = MigrationOptions(bandwidth_mib_s=5, post_copy=True, stall_seconds=60, min_budget_seconds=3,
