@@ -202,3 +202,11 @@ def test_a_runbook_proposes_one_vcpu_or_a_quarter_more_memory() -> None:
     vm = growable(memory_mib=3000, vnuma=(GuestCell(id=0, memory_mib=2048, vcpus=(0, 1, 2, 3)),))
     assert propose(vm, Shortage.CPU) == (3, None)
     assert propose(vm, Shortage.MEMORY) == (None, 3840)  # 3750 up to a whole 256 MiB step
+
+
+def test_names_from_hosts_are_shown_as_data() -> None:
+    evil = "db\x1b[2J\x1b]0;pwned\x07"
+    plan = plan_resize(snap(growable(name=evil, vcpupin={0: (4,), 1: (5,)})), evil, vcpus=3)
+    lines = render_resize(plan)
+    assert not any("\x1b" in line or "\x07" in line for line in lines)
+    assert lines[0].startswith("resize db")
