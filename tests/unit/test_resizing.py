@@ -159,3 +159,15 @@ def test_device_xml_and_cpu_map() -> None:
                                  "</target></memory>")
     assert "<pagesize unit=\"KiB\">2048</pagesize>" in dimm_xml(1024, 0, 2048)
     assert cpumap([1, 3]) == (False, True, False, True)
+
+
+def test_hot_plugged_vcpus_are_taken_offline_live_and_persistent() -> None:
+    hv, _, dom = lab(growable_xml(vcpus=4, pins={0: 4, 1: 5, 2: 6, 3: 7}))
+    plan = plan_resize(snapshot(vm(vcpus=4, fixed_vcpus=2, vcpupin={0: (4,), 1: (5,), 2: (6,), 3: (7,)})), "db",
+                       vcpus=2)
+    assert plan.removed_vcpus == (3, 2)
+    out = carry_out(plan, hv)
+    assert out.outcome is StepOutcome.OK, out.error
+    assert out.after is not None and out.after_persistent is not None
+    assert out.after.vcpus == out.after_persistent.vcpus == 2
+    assert dom.calls == ["setVcpusFlags"]
