@@ -71,6 +71,11 @@ def test_a_pinned_running_guest_grows_its_vcpus_pinned_in_its_cell_and_a_dimm(la
         xml = virsh(lab, "hv02", "dumpxml", "vm02", *flags)
         assert "current='2'" in xml and "<memory model='dimm'" in xml and "<node>0</node>" in xml
         assert "<memory unit='KiB'>131072</memory>" in xml
+    # and QEMU itself: the running machine has the vCPU and the DIMM (64 MiB on guest node 0)
+    cpus = virsh(lab, "hv02", "qemu-monitor-command", "vm02", "--hmp", "info cpus")
+    assert len([line for line in cpus.splitlines() if "CPU #" in line]) == 2, cpus
+    dimms = virsh(lab, "hv02", "qemu-monitor-command", "vm02", "--hmp", "info memory-devices")
+    assert "dimm" in dimms and "size: 67108864" in dimms and "node: 0" in dimms, dimms
 
 
 def test_a_grow_its_host_cannot_hold_migrates_first(lab: LabInfo, hv: LibvirtHypervisor) -> None:
