@@ -235,6 +235,43 @@ def event_degraded(host: str, reason: Annotated[str, typer.Option(help="What mon
     out.print(cell(f"sent {DEGRADED_EVENT} for {host} (event {event_id})"))
 
 
+@event_app.command("vm-starved")
+def event_vm_starved(vm: str, reason: Annotated[str, typer.Option(help="What monitoring saw.")],
+                     kind: Annotated[str, typer.Option(help="cpu (cpu-starved) | memory (memory-pressure)")] = "cpu",
+                     vcpus: Annotated[int | None, typer.Option(help="The vCPUs it should have (default: one more).")]
+                     = None,
+                     memory: Annotated[str | None, typer.Option(help="The memory it should have, 8G, 512M "
+                                                                     "(default: a quarter more).")] = None,
+                     source: Annotated[str, typer.Option(help="Who reports it.")] = "cli",
+                     api_url: ApiOpt = None) -> None:
+    """Report VM as short of CPU or memory: the vm-starved runbook proposes a live resize and waits for approval."""
+    from deployments.serve import CPU_STARVED_EVENT, MEMORY_PRESSURE_EVENT, VM_LABEL, VM_RESOURCE_PREFIX
+    from hostmaint.resize import MAX_VCPUS, parse_size_mib
+
+    try:
+        if not reason.strip():  # the runbook would refuse it: say so here, before anything is sent
+            raise InputError("--reason: say what monitoring saw; an empty reason is refused")
+        events = {"cpu": CPU_STARVED_EVENT, "memory": MEMORY_PRESSURE_EVENT}
+        if kind not in events:
+            raise InputError(f"--kind: must be cpu or memory, got {kind!r}")
+        if vcpus is not None and not 1 <= vcpus <= MAX_VCPUS:
+            raise InputError(f"--vcpus: must be between 1 and {MAX_VCPUS}, got {vcpus}")
+        if memory is not None:
+            parse_size_mib(memory, "--memory")
+        api = _use_api(api_url)
+        payload: dict[str, object] = {"reason": reason, "source": source,
+                                      **({"vcpus": str(vcpus)} if vcpus is not None else {}),
+                                      **({"memory": memory} if memory is not None else {})}
+        event_id = str(uuid.uuid4())
+        body = [{"id": event_id, "occurred": datetime.now(UTC).isoformat(), "event": events[kind],
+                 "resource": {"prefect.resource.id": f"{VM_RESOURCE_PREFIX}{vm}", VM_LABEL: vm},
+                 "payload": payload, "related": []}]
+        httpx.post(f"{api.rstrip('/')}/events", json=body, timeout=30).raise_for_status()
+    except (HostmaintError, KeyError, httpx.HTTPError) as exc:
+        raise _fail(exc) from None
+    out.print(cell(f"sent {events[kind]} for {vm} (event {event_id})"))
+
+
 @event_app.command("hardware-failed")
 def event_hardware_failed(host: str, check: Annotated[str, typer.Option(help="The check that failed.")],
                           detail: Annotated[str, typer.Option(help="What it said.")] = "",

@@ -210,3 +210,18 @@ def test_names_from_hosts_are_shown_as_data() -> None:
     lines = render_resize(plan)
     assert not any("\x1b" in line or "\x07" in line for line in lines)
     assert lines[0].startswith("resize db")
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (["--reason", " "], "--reason: say what monitoring saw"),
+    (["--reason", "slow", "--kind", "disk"], "--kind: must be cpu or memory"),
+    (["--reason", "slow", "--vcpus", "0"], "--vcpus: must be between 1"),
+    (["--reason", "slow", "--kind", "memory", "--memory", "lots"], "--memory: 'lots' is not a size"),
+])
+def test_event_vm_starved_refuses_bad_input_before_sending(args: list[str], words: str) -> None:
+    from typer.testing import CliRunner
+
+    from hostmaint_cli.main import app
+
+    result = CliRunner().invoke(app, ["event", "vm-starved", "db", *args, "--api-url", "http://127.0.0.1:9/api"])
+    assert result.exit_code == 2 and words in result.output, result.output
