@@ -133,6 +133,7 @@ _INIT = """#!/bin/busybox sh
 /bin/busybox mkdir -p /proc /sys /tmp /bin
 /bin/busybox mount -t proc proc /proc
 /bin/busybox mount -t devtmpfs devtmpfs /dev
+/bin/busybox mount -t sysfs sysfs /sys
 /bin/busybox --install -s /bin
 mib=$(sed -n 's/.*dirty_mib=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
 mib=${mib:-0}
@@ -151,6 +152,10 @@ if [ -n "$seed" ]; then
 fi
 turn=0
 while true; do
+  # what the guest itself sees of its CPUs and memory, said again whenever it changes (live resize)
+  blocks=$(ls /sys/devices/system/memory | grep -c '^memory')
+  now="cpus present $(cat /sys/devices/system/cpu/present), memory blocks $blocks"
+  [ "$now" = "$seen" ] || { seen=$now; echo "hostmaint-lab guest: $now"; }
   if [ "$mib" -gt 0 ]; then
     i=0
     while [ $i -lt $mib ]; do
