@@ -10,6 +10,7 @@ maintenance is refused by the plan (its state is not ``active``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -121,7 +122,12 @@ def resize(*, vm: str, targets: Targets, flow_name: str, trigger: Trigger, opera
                 return rejected(outcome(StepOutcome.SKIPPED, f"resize not approved by {answer.operator}"
                                         f"{': ' + answer.comment if answer.comment else ''}; nothing changed"))
             approver = answer.operator
-        out = run_resize(rt, run, plan, snapshot, approved_by=approver)
+        # a migration first holds its target like a drain's (inbound:<target>, a migrations slot): no
+        # drain sends VMs there meanwhile and the host does not go into maintenance under it
+        slots = locks.drain_slots(cluster, [plan.migration.target], 1, wait_seconds=lock_wait_s) \
+            if plan.migration is not None else nullcontext()
+        with slots:
+            out = run_resize(rt, run, plan, snapshot, approved_by=approver)
     detail = "; ".join(out.done) if out.outcome is StepOutcome.OK else f"{out.error}; rolled back: " \
         f"{', '.join(out.rolled_back) or 'nothing'}; stays: {', '.join(out.left) or 'nothing'}"
     result = outcome(out.outcome, detail)

@@ -113,3 +113,27 @@ def test_cli_prints_the_plan_and_a_dry_run_changes_nothing(growable_inventory: P
     unknown = runner.invoke(app, ["vm", "resize", "nope", "--vcpus", "2", "--inventory", str(growable_inventory)])
     assert unknown.exit_code == 2 and "vm: 'nope' is not running" in unknown.output
     assert the_vm(growable_inventory)[1:] == (vcpus, mib)
+
+
+def test_a_grow_its_host_cannot_hold_migrates_first(tmp_path: Path, hostmaint_db: Path) -> None:
+    from flows.locks import ensure_limits
+    from hostmaint.models import Cell, FleetSnapshot, Host, Limits, Vm
+
+    def host(name: str, gib: int) -> Host:
+        return Host(name=name, cluster="demo", cells=(Cell(id=0, memory_mib=gib * 1024, free_mib=gib * 1024,
+                                                           cpus=tuple(range(16))),))
+    vm = Vm(name="db", uuid="u-db", host="hv01", memory_mib=4096, vcpus=2, max_vcpus=4, max_memory_mib=32768,
+            memory_slots=4, vnuma=(GuestCell(id=0, memory_mib=4096, vcpus=(0, 1, 2, 3)),))
+    snap = FleetSnapshot(cluster="demo", taken_at="t", limits=Limits(spare_hosts=0),
+                         hosts=(host("hv01", 8), host("hv02", 64)), vms=(vm,))
+    inventory = write_simulated_fleet(tmp_path / "fleet", snap, demo_packages(snap), time_scale=0.001)
+    ensure_limits(inventory)
+    result = resize_vm(ResizeRequest(vm="db", memory="16G", reason="grow", dry_run=False, approval_required=False,
+                                     inventory=str(inventory)), trigger=Trigger.TEST)
+    assert getattr(result, "outcome", None) is StepOutcome.OK, result
+    fleet = SimulatedFleet.load(inventory.parent / "fleet-state.json")
+    assert fleet.running["hv02"] == {"db"} and fleet.running["hv01"] == set()
+    assert fleet.vms["db"].memory_mib == 16384
+    [record] = resize_records("db")
+    assert record["details"]["migration"]["target"] == "hv02"  # type: ignore[index]
+    assert [m.target for m in getattr(result, "migrations", [])] == ["hv02"]
