@@ -40,7 +40,8 @@ def four_hosts(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -
         cluster["limits"].update({"max_hosts_in_maintenance": 2, "migrations_per_cluster": 4,
                                   "migrations_per_source": 2, "spare_hosts": 0})
         # slow, sure migrations: capped, and a guest that cannot converge at the cap goes post-copy
-        cluster["migration"] = {"bandwidth_mib_s": 16, "allow_post_copy": True, "stall_seconds": 6}
+        # (update, not replace: the lab's tls: off stays)
+        cluster["migration"].update({"bandwidth_mib_s": 16, "allow_post_copy": True, "stall_seconds": 6})
         inventory = home / "inventory.yaml"
         inventory.write_text(yaml.safe_dump(data))
         ensure_limits(inventory)
