@@ -53,7 +53,8 @@ def free_port() -> int:
 FLOW_OF = {"evacuate-host": "evacuate-on-request", "patch-host": "patch-on-request",
            "rebalance-cluster": "rebalance-on-request", "return-host": "return-on-request",
            "degraded-host": "degraded-host-runbook",
-           "hardware-check-failed": "hardware-check-failed-runbook"}
+           "hardware-check-failed": "hardware-check-failed-runbook", "resize-vm": "resize-vm",
+           "vm-starved": "vm-starved-runbook"}
 
 
 @dataclass
