@@ -901,18 +901,27 @@ def report_shut_off(rt: Runtime, run: RunContext, host: str) -> list[str]:
         return off
 
 
-def confirm_empty(rt: Runtime, run: RunContext, host: str) -> None:
-    """The gate before any reboot: no VM may run on ``host``."""
-    with audited(rt, run, Step.CONFIRM_EMPTY, host=host) as rec:
+def confirm_empty(rt: Runtime, run: RunContext, host: str, before: Step | None = None) -> None:
+    """The gate before the update and before any reboot (``before`` names which, when it is one): no VM may run on
+    ``host``. A VM found there (one started since the drain) is refused with a failed record, and a
+    host whose state says it is empty (drained, patching, verifying) goes back to cordoned, its
+    maintenance open, with a reason naming the VMs: the next run drains them and goes on."""
+    inputs = {"before": before.value} if before is not None else {}
+    with audited(rt, run, Step.CONFIRM_EMPTY, host=host, inputs=inputs) as rec:
         running = rt.hypervisor.running_vms(host)
         rec.details["running"] = list(running)
         if running:
-            if rt.states.state(host) is HostState.DRAINED:
-                # the state must not say drained while a VM runs there (one started since the drain)
-                rt.states.keep_out(host, f"not drained: {', '.join(running)} runs on it; "
-                                   "run again to move it off", run.run_id)
-            raise StepError(f"host {host} still runs {len(running)} VM(s): {', '.join(running)}; "
+            when = f" before the {before.value}" if before is not None else ""
+            if rt.states.state(host) in EMPTY_STATES:
+                rt.states.keep_out(host, f"not drained: {', '.join(running)} runs on it (started after its "
+                                   f"drain{when}); run again to move it off", run.run_id)
+            raise StepError(f"host {host} still runs {len(running)} VM(s): {', '.join(running)}; refused{when}: "
                             "it will not be patched or rebooted", host, Step.CONFIRM_EMPTY)
+
+
+EMPTY_STATES = frozenset({HostState.DRAINED, HostState.PATCHING, HostState.REBOOTING, HostState.VERIFYING})
+"""States that say no VM runs on the host; a rebooting host keeps its state (its reboot may be under
+way) and only the reason changes."""
 
 
 # --- patching --------------------------------------------------------------------------
@@ -970,7 +979,7 @@ def patch(rt: Runtime, run: RunContext, host: str) -> tuple[patching.PackageDiff
     reads what changed from the host's package database against that list (step ``update-recovered``,
     :func:`recover_lost_update`) before it updates again. The diff returned counts both."""
     policy = rt.inventory.policy_for(host)
-    _require_empty(rt, host, "patch")
+    confirm_empty(rt, run, host, Step.UPDATE)
     if rt.states.state(host) is not HostState.PATCHING:
         rt.states.transition(host, HostState.PATCHING, "patching", run.run_id)
     lost: TransientDriverError | None = None
@@ -1066,7 +1075,7 @@ def reboot(rt: Runtime, run: RunContext, host: str) -> patching.RebootResult:
     for: a run that dies while the host reboots leaves it ``rebooting``, and only that id lets the
     next run tell a reboot that happened from one that never did (:func:`prove_reboot`)."""
     policy = rt.inventory.policy_for(host)
-    _require_empty(rt, host, "reboot")
+    confirm_empty(rt, run, host, Step.REBOOT)
     rt.states.transition(host, HostState.REBOOTING, "rebooting", run.run_id)
 
     def issued(boot_id: str) -> None:
@@ -1134,12 +1143,6 @@ def verify(rt: Runtime, run: RunContext, host: str, cells_before: tuple[Cell, ..
     except (StepError, DriverError) as exc:
         fail_host(rt, run, host, f"verify failed: {exc}")
         raise
-
-
-def _require_empty(rt: Runtime, host: str, step: str) -> None:
-    running = rt.hypervisor.running_vms(host)
-    if running:
-        raise StepError(f"refusing to {step} {host}: VMs still run on it ({', '.join(running)})", host, step)
 
 
 def _jsonable(value: Any) -> Any:

@@ -205,6 +205,57 @@ def test_a_vm_started_during_the_drain_keeps_the_host_from_being_called_drained(
     assert row["state"] == "cordoned" and "tenant-new" in row["reason"]
 
 
+class _StartsDuringUpdate:
+    """The sim fleet's shell, where a tenant starts ``vm`` on ``host`` while its package update runs."""
+
+    def __init__(self, real: Any, fleet: SimulatedFleet, host: str, vm: Vm) -> None:
+        self.real, self.fleet, self.host, self.vm, self.started = real, fleet, host, vm, False
+
+    def run(self, host: str, argv: Any, timeout: float = 60.0) -> Any:
+        result = self.real.run(host, argv, timeout)
+        if host == self.host and "update" in argv and not self.started:
+            self.started = True
+            self.fleet.vms[self.vm.name] = self.vm
+            self.fleet.start(self.vm.name, self.host)
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_a_vm_started_during_the_update_is_refused_recorded_and_drained_by_the_re_run(sim_inventory: Path) -> None:
+    # hv02 has a kernel update. A VM started after the drain, before the reboot: the host said 'patching'
+    # while the tenant's VM ran on it, and the refusal left no failed record (chaos round 1505616293)
+    from hostmaint.errors import StepError
+
+    rt = open_runtime(sim_inventory)
+    real = fleet(rt)
+    boot = real.packages["hv02"].boot_id
+    intruder = Vm(name="tenant-late", uuid="00000000-0000-0000-0000-0000000000ab", host="hv02", memory_mib=1024,
+                  vcpus=1)
+    shell = rt.shell
+    rt.shell = _StartsDuringUpdate(shell, real, "hv02", intruder)  # type: ignore[assignment]
+    try:
+        with pytest.raises(StepError, match="tenant-late"):
+            patch_host(host="hv02", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
+    finally:
+        rt.shell = shell
+
+    assert "tenant-late" in real.running["hv02"] and real.packages["hv02"].boot_id == boot  # never rebooted
+    record = rt.states.get("hv02")
+    assert record.state is HostState.CORDONED and "tenant-late" in record.reason, record
+    refused = [r for r in audit().records(host="hv02") if r.step == "confirm-empty" and r.outcome is StepOutcome.FAILED]
+    assert refused and refused[-1].inputs == {"before": "reboot"}, refused
+
+    again = patch_host(host="hv02", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    assert again.outcome is StepOutcome.OK, again.detail
+    assert rt.states.state("hv02") is HostState.ACTIVE and real.packages["hv02"].boot_id != boot
+    assert sum("tenant-late" in vms for vms in real.running.values()) == 1
+    moved = [m for m in again.migrations if m.vm == "tenant-late"]
+    assert moved and moved[0].source == "hv02" and moved[0].outcome is StepOutcome.OK, again.migrations
+
+
 # --- f. what the precheck saw, and shut-off VMs on a patched host ----------------------------------------
 
 
