@@ -578,8 +578,10 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
         if not report.ok:
             unknown = [r.vm for r in report.failed if r.outcome is StepOutcome.UNKNOWN]
             for h in plan.hosts:
-                # the reason names what keeps the host out: the VMs still on it (an operator looks there)
-                still = [r.vm for r in report.failed if r.source == h and r.outcome is not StepOutcome.UNKNOWN]
+                # the reason names what keeps the host out: the VMs on it now, as libvirt lists them (one a
+                # tenant started during the drain too); the plan's failures when the host cannot be asked
+                still = _still_on(rt, h, [r.vm for r in report.failed
+                                          if r.source == h and r.outcome is not StepOutcome.UNKNOWN], unknown)
                 why = "; ".join(([f"{', '.join(still)} still on it"] if still else [])
                                 + ([f"whether {', '.join(unknown)} moved is unknown"] if unknown else []))
                 rt.states.keep_out(h, f"drain failed: {why}" if why else "drain failed", run.run_id)
@@ -610,6 +612,13 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
             if rt.states.state(h) is HostState.DRAINING:
                 rt.states.transition(h, HostState.DRAINED, "drained", run.run_id)
         return report
+
+
+def _still_on(rt: Runtime, host: str, failed_here: list[str], unknown: list[str]) -> list[str]:
+    try:
+        return sorted(set(rt.hypervisor.running_vms(host)) - set(unknown))
+    except DriverError:
+        return failed_here
 
 
 def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnapshot, *,

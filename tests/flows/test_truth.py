@@ -205,6 +205,30 @@ def test_a_vm_started_during_the_drain_keeps_the_host_from_being_called_drained(
     assert row["state"] == "cordoned" and "tenant-new" in row["reason"]
 
 
+def test_a_failed_drain_names_every_vm_on_the_host_with_one_started_during_it(sim_inventory: Path) -> None:
+    # round 642953836: the drain's migrations failed (the target filled up) while a tenant started a VM
+    # on the host; the reason named the plan's VMs, not the tenant's that ran there too
+    from hostmaint.errors import StepError
+
+    rt = open_runtime(sim_inventory)
+    real = fleet(rt)
+    planned = sorted(real.running["hv03"])
+    real.fail_migrations.update(planned)
+    intruder = Vm(name="tenant-mid", uuid="00000000-0000-0000-0000-0000000000ac", host="hv03", memory_mib=1024,
+                  vcpus=1)
+    rt.hypervisor = _StartsDuringDrain(real, "hv03", intruder)  # type: ignore[assignment]
+    try:
+        with pytest.raises(StepError, match="drain of hv03 failed"):
+            patch_host(host="hv03", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
+    finally:
+        rt.hypervisor = real
+        real.fail_migrations.clear()
+
+    record = rt.states.get("hv03")
+    assert record.state is HostState.CORDONED, record
+    assert record.reason == f"drain failed: {', '.join(sorted([*planned, 'tenant-mid']))} still on it", record
+
+
 class _StartsDuringUpdate:
     """The sim fleet's shell, where a tenant starts ``vm`` on ``host`` while its package update runs."""
 

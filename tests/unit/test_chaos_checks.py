@@ -111,3 +111,27 @@ def test_rounds_replay_exactly_and_draw_more_faults_when_asked() -> None:
         s = make_scenario(seed, most=7)
         assert sum(f.kind in chaos.ENDS_RUN for f in s.faults) <= 1
         assert {f.kind for f in s.faults} <= chaos.COMPATIBLE[s.op]
+
+
+def _record(vm: str, src: str, dst: str, outcome: str, at: float) -> dict[str, Any]:
+    from datetime import UTC, datetime
+
+    return {"vm": vm, "host": src, "inputs": {"target": dst}, "outcome": outcome, "step": "migrate",
+            "time": datetime.fromtimestamp(at, UTC).isoformat()}
+
+
+def test_a_failed_attempt_that_never_landed_is_no_finding_when_a_later_one_moved_the_vm() -> None:
+    # round 642953836: the first drain's migration failed (the target was full) and the VM stayed; a
+    # re-run moved it. The failed record is true; the campaign called it a move recorded failed.
+    records = [_record("vm03", "hv03", "hv02", "failed", 1000.0), _record("vm03", "hv03", "hv02", "ok", 1014.0)]
+    assert chaos.check_moves_recorded([(1013.6, "vm03", "hv03", "hv02")], records) == ([], [])
+
+
+def test_a_move_whose_own_attempt_is_recorded_failed_is_a_finding() -> None:
+    # round 174666304: the VM landed during the first drain, that drain recorded the migration failed,
+    # and only the next run's found-move record says it moved
+    records = [_record("vm05", "hv02", "hv01", "failed", 1002.0), _record("vm05", "hv02", "hv01", "ok", 1030.0)]
+    violations, findings = chaos.check_moves_recorded([(1001.2, "vm05", "hv02", "hv01")], records)
+    assert violations == [] and findings and "vm05 moved hv02 -> hv01" in findings[0]
+    violations, _ = chaos.check_moves_recorded([(1001.2, "vm05", "hv02", "hv01")], records[:1])
+    assert violations == ["audit: vm05 moved hv02 -> hv01 with no successful record of it"]
