@@ -37,6 +37,7 @@ from hostmaint.window import (
     host_budget_s,
     hosts_held,
     operator_hold,
+    unfinished_first,
     window_held,
     window_left,
     window_order,
@@ -145,6 +146,7 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
     due = [h for h in order if h not in done]
     # hosts an operator took out on purpose (evacuated, cordoned with a reason) stay out: reported, not patched
     pending, held = hosts_held(due, _holds(rt, due))
+    pending = unfinished_first(pending, {h: rt.states.get(h) for h in pending})
     outcomes = [HostOutcome(host=h, outcome=StepOutcome.SKIPPED, state=rt.states.state(h),
                             detail=f"already patched in window {window_id}", simulated=rt.simulated)
                 for h in order if h in done]

@@ -194,6 +194,21 @@ def hosts_held(order: Sequence[str], holds: Mapping[str, HostHold | None]) -> tu
     return taken, held
 
 
+def unfinished_first(order: Sequence[str], records: Mapping[str, HostRecord]) -> list[str]:
+    """``order`` with the hosts in an unfinished maintenance first, each group in its own order.
+
+    A host an earlier run left in maintenance (draining to verifying, or cordoned with the state it
+    had before kept) is out of service already: while it stays out, the N+1 check of any other host
+    counts it as lost and may refuse the host. A re-run finishes it before it takes another out."""
+
+    def unfinished(host: str) -> bool:
+        record = records.get(host)
+        return record is not None and (record.state in MAINTENANCE_STATES or (
+            record.state is HostState.CORDONED and record.prior_state is not None))
+
+    return [h for h in order if unfinished(h)] + [h for h in order if not unfinished(h)]
+
+
 def window_held(window_id: str, cluster: str, held: Sequence[HostHold], started: Sequence[str]) -> str:
     """What a window left alone on purpose, in one paragraph for the operator."""
     names = ", ".join(f"{h.host} ({h.held.value} by {h.by}: {h.reason})" for h in held)

@@ -356,6 +356,29 @@ def test_a_host_starts_only_when_its_own_estimate_fits_what_is_left(sim_inventor
     assert rt.states.state(left.host) is HostState.ACTIVE  # never cordoned
 
 
+def test_a_window_run_again_finishes_the_host_it_left_in_maintenance_before_taking_another_out(
+        sim_inventory: Path) -> None:
+    # round 1388221267: the window left hv02 cordoned (its plan was refused while a target was full); run
+    # again, it started hv03 first, whose N+1 then counted hv02 as lost and refused it
+    from flows.patch_window import patch_window
+    from hostmaint import maintenance as steps
+    from hostmaint.window import window_order
+
+    rt = open_runtime(sim_inventory)
+    order, _ = window_order(steps.snapshot(rt, "demo"))
+    last = order[-1]
+    rt.states.begin_maintenance(last, "run-refused", "window w-again")
+    rt.states.keep_out(last, "cannot evacuate: N+1 refused", "run-refused")
+    first_seq = max((r.seq for r in audit().records()), default=0)
+
+    outcomes = patch_window(cluster="demo", window_id="w-again", operator="sched", inventory=str(sim_inventory),
+                            trigger=Trigger.TEST, rebalance_moves=0, max_hosts_in_parallel=1)
+
+    assert all(o.outcome is StepOutcome.OK for o in outcomes), outcomes
+    cordons = [r.host for r in audit().records() if r.seq > first_seq and r.step == "cordon"]
+    assert cordons[0] == last and sorted(cordons) == sorted(order), (cordons, order)
+
+
 def test_a_window_that_starts_no_host_fails_and_says_how_to_resume(sim_inventory: Path) -> None:
     from datetime import UTC, datetime, timedelta
 

@@ -107,3 +107,17 @@ def test_the_window_takes_the_rest_in_order_and_says_how_to_include_the_held() -
     summary = window_held("w1", "demo", held, started=[])
     assert summary.startswith("window w1 started no host: 2 host(s) of demo left alone")
     assert "hv02 (evacuated by alice: fan failure)" in summary and "incident: DIMM errors" in summary
+
+
+def test_hosts_left_in_maintenance_come_first_each_group_in_its_order() -> None:
+    from hostmaint.window import unfinished_first
+
+    def at(host: str, state: HostState, prior: HostState | None) -> HostRecord:
+        return HostRecord(host=host, state=state, reason="", since=T0, run_id=None, prior_state=prior)
+
+    records = {"hv01": at("hv01", S.ACTIVE, None), "hv02": at("hv02", S.CORDONED, S.ACTIVE),
+               "hv03": at("hv03", S.CORDONED, None), "hv04": at("hv04", S.PATCHING, S.ACTIVE),
+               "hv05": at("hv05", S.FAILED, S.ACTIVE)}
+    # hv03 is an operator's cordon (no maintenance open), hv05 needs an operator: neither is resumed first
+    assert unfinished_first(["hv01", "hv02", "hv03", "hv04", "hv05"], records) == [
+        "hv02", "hv04", "hv01", "hv03", "hv05"]
