@@ -127,6 +127,11 @@ class MigrationError(DriverError):
         super().__init__(message, host)
 
 
+class MigrationNotStarted(MigrationError):
+    """A live migration that failed before it was asked of libvirt (the source or the target could
+    not be reached, the VM's XML could not be read): the VM did not move, wherever it runs."""
+
+
 class MonitoringError(HostmaintError):
     """Prometheus or Alertmanager could not be reached or refused a request; ``url`` names it (redacted)."""
 

@@ -29,7 +29,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 from hostmaint.drivers.base import Hypervisor
-from hostmaint.errors import DriverError
+from hostmaint.errors import DriverError, MigrationNotStarted
 from hostmaint.migration.control import MigrationControl
 from hostmaint.migration.links import LinkMeter, LinkObservation
 from hostmaint.migration.policy import (
@@ -345,6 +345,9 @@ class _Drain:
     def after_failure(self, flight: _Flight, exc: DriverError) -> MigrationResult:
         spec = flight.spec
         seconds = round(self.clock() - flight.started_at, 3)
+        if isinstance(exc, MigrationNotStarted):
+            # never asked of libvirt: whatever answers now, the VM did not move
+            return self.result(spec, StepOutcome.FAILED, f"{exc}; it did not move", seconds)
         try:
             where = self.hv.locate(spec.vm)
         except DriverError as exc2:

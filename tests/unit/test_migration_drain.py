@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from hostmaint.errors import MigrationError, TransientDriverError
+from hostmaint.errors import MigrationError, MigrationNotStarted, TransientDriverError
 from hostmaint.migration import EventKind, MigrationControl, Order, SchedulerPolicy, drain
 from hostmaint.models import (
     EvacuationPlan,
@@ -652,3 +652,25 @@ def test_each_migration_gets_the_downtime_limit_of_its_share_at_the_switch_over(
     fixed = fleet(moves)
     drain(make_plan(moves), fixed, Limits(migrations_per_source=3), policy=SchedulerPolicy.fixed(2))
     assert {opts.downtime_limit_ms for _, opts in fixed.calls} == {None}  # QEMU's own, as before
+
+
+def test_a_migration_that_never_started_is_failed_not_unknown() -> None:
+    # the source's libvirtd was gone when the migration was to start: nothing was asked of libvirt, so the
+    # VM did not move, though it cannot be located now; "unknown" would send the next run looking for it
+    moves = MANY[:1]
+
+    class SourceGone(FakeHypervisor):
+        gone = False
+
+        def migrate(self, vm, source, target, options, on_progress=None):  # type: ignore[no-untyped-def]
+            self.gone = True
+            raise MigrationNotStarted(f"migrating {vm}: not started: cannot connect", source, vm, target)
+
+        def locate(self, vm: str) -> tuple[str, ...]:
+            if self.gone:
+                raise TransientDriverError("cannot connect to libvirt", host="src0")
+            return super().locate(vm)
+
+    report = drain(make_plan(moves), fleet(moves, cls=SourceGone), Limits())
+    [result] = report.results
+    assert result.outcome is StepOutcome.FAILED and "did not move" in (result.error or ""), result

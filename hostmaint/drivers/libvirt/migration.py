@@ -25,7 +25,7 @@ from hostmaint.drivers.base import ProgressCallback
 from hostmaint.drivers.domain_xml import rewrite_for_target
 from hostmaint.drivers.libvirt.connections import Connections, is_connection_error, is_running, lookup, message
 from hostmaint.drivers.libvirt.discovery import UNREADABLE, what_was_wrong
-from hostmaint.errors import DriverError, MigrationError, TransientDriverError
+from hostmaint.errors import DriverError, MigrationError, MigrationNotStarted, TransientDriverError
 from hostmaint.migration.policy import (
     MIB,
     Action,
@@ -144,15 +144,20 @@ class Migrations:
             raise MigrationError(f"migrating {where}: source and target are the same host", source, vm, target)
         call = self._connections.call
         started = self._clock()
-        xml = call(source, f"reading {vm}", lambda c: self._migratable_xml(c, vm))
-        if xml is None:
-            raise MigrationError(f"migrating {where}: {vm} is not running on {source}", source, vm, target)
-        call(target, "checking the migration target", lambda c: c.getHostname())
+        try:
+            xml = call(source, f"reading {vm}", lambda c: self._migratable_xml(c, vm))
+            if xml is None:
+                raise MigrationNotStarted(f"migrating {where}: {vm} is not running on {source}", source, vm, target)
+            call(target, "checking the migration target", lambda c: c.getHostname())
+        except MigrationNotStarted:
+            raise
+        except DriverError as exc:  # nothing was asked of libvirt yet: known not to have moved
+            raise MigrationNotStarted(f"migrating {where}: not started: {exc}", source, vm, target) from exc
         try:
             flags, params = migration_request(xml, options)
         except UNREADABLE as exc:
-            raise MigrationError(f"migrating {where}: cannot read the XML of {vm}: {what_was_wrong(exc, xml)}",
-                                 source, vm, target) from exc
+            raise MigrationNotStarted(f"migrating {where}: cannot read the XML of {vm}: "
+                                      f"{what_was_wrong(exc, xml)}", source, vm, target) from exc
 
         worker = _Worker()
         threading.Thread(target=self._run_migration, args=(worker, vm, source, target, flags, params),
