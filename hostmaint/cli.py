@@ -318,7 +318,7 @@ def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = F
             away = sorted(rt.states.origins(h.name))
             # a failed host's reason is its error (see exit_codes)
             rows.append({"host": h.name, "cluster": h.cluster, "state": rec.state.value,
-                         "reason": redact_text(rec.reason), "vms_away": away,
+                         "reason": redact_text(rec.reason), "since": rec.since.isoformat(), "vms_away": away,
                          "link_mib_s": link.mib_s, "link_basis": link.basis, "link_note": link.note,
                          **transport[h.name]})
         if as_json:

@@ -215,6 +215,7 @@ class Watcher(threading.Thread):
         self.stop_event = threading.Event()
         self.lock = threading.Lock()
         self.last: dict[str, str] = {}  # vm -> host it last ran on
+        self.first_seen: dict[str, float] = {}  # vm -> when a sample first saw it running (epoch s)
         self.moves: list[tuple[float, str, str, str]] = []
         self.duplicates: list[str] = []
         self.migrating = False
@@ -267,6 +268,8 @@ class Watcher(threading.Thread):
             suspects = set(doubled)
             doubled = {vm for vm, hosts in running.items() if len(hosts) > 1}
             with self.lock:
+                for vm in running:
+                    self.first_seen.setdefault(vm, now)
                 for vm, hosts in running.items():
                     if len(hosts) > 1:
                         # hosts are asked one after the other: a migration that completes between two
@@ -1020,7 +1023,11 @@ def check_reasons(c: Campaign, facts: Facts, when: str, states: dict[str, dict[s
         if reason.startswith("drain failed") and not any(vm in reason for vm in on_it) and on_it \
                 and "unknown" not in reason:
             problems.append(f"{said}: its drain failed with {on_it} on it, and the reason names none of them")
-        tenants = [g for g in facts.added if g in on_it and not g.startswith(FILLER_PREFIX)]
+        # a tenant's VM must be named when it ran before the reason was written: one started later on
+        # a host left cordoned is news to no run (the watcher sees a start up to a sample late)
+        written = datetime.fromisoformat(states[host]["since"]).timestamp() if states[host].get("since") else None
+        tenants = [g for g in facts.added if g in on_it and not g.startswith(FILLER_PREFIX)
+                   and (written is None or c.watcher.first_seen.get(g, written) < written)]
         if tenants and state == "cordoned" and not any(g in reason for g in tenants) \
                 and states[host]["reason"] != facts.at_start[host]["reason"]:
             problems.append(f"{said}, with the tenant's {tenants} on it, which the reason does not name")

@@ -3,6 +3,7 @@ libvirt's view, the hosts' reboot logs and rpm databases are stubbed; the rules 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ class Lab:
 
     def __init__(self, running: dict[str, list[str]]) -> None:
         self.running_vms = running
+        self.first_seen: dict[str, float] = {}
         self.reboot_log: dict[str, list[dict[str, object]]] = {h: [] for h in chaos.HOSTS}
         self.packages: dict[str, set[str]] = {h: {"kernel-lab-6.1.0-1.lab"} for h in chaos.HOSTS}
 
@@ -78,6 +80,20 @@ def test_a_tenants_vm_on_a_cordoned_host_is_named(lab: Lab) -> None:
     assert judge(lab, f, states(hv01=("cordoned", named))) == []
     [unnamed] = judge(lab, f, states(hv01=("cordoned", "draining")))
     assert "cxv001" in unnamed
+
+
+def test_a_tenants_vm_started_after_the_reason_was_written_need_not_be_named(lab: Lab) -> None:
+    # round 67616514: the drain failed and wrote its reason; the tenant's VM came up a moment later
+    lab.running_vms["cxv003"] = ["hv02"]
+    lab.first_seen["cxv003"] = 1000.5
+    f = facts(lab, FaultSpec("vm-started", "hv02", "migrating", 0, 0), added=("cxv003",))
+    st = states(hv02=("cordoned", "drain failed: vm05 still on it"))
+    lab.running_vms["vm05"] = ["hv02"]
+    st["hv02"]["since"] = datetime.fromtimestamp(1000.0, UTC).isoformat()
+    assert judge(lab, f, st) == []
+    st["hv02"]["since"] = datetime.fromtimestamp(1001.0, UTC).isoformat()  # written after it ran: named
+    [unnamed] = judge(lab, f, st)
+    assert "cxv003" in unnamed
 
 
 def test_a_reboot_that_did_not_happen_must_be_the_failed_hosts_reason(lab: Lab) -> None:
