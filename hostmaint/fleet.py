@@ -9,13 +9,14 @@ contract; see docs/snapshot.md.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from hostmaint.bulk import collector_paused
 from hostmaint.config_file import parse_json, read_utf8
@@ -165,7 +166,9 @@ def parse_snapshot(text: str | bytes, source: str = "<snapshot>") -> FleetSnapsh
     """Parse snapshot JSON (bytes: UTF-8, checked by the caller). Raises SnapshotError naming the
     field path (or the key given twice)."""
     with collector_paused():
-        fast = _parse_fast(text)
+        fast = _parse_in_pieces(text) if isinstance(text, bytes) else None
+        if fast is None:
+            fast = _parse_fast(text)
         if fast is not None:
             return fast
         if isinstance(text, bytes):
@@ -206,9 +209,72 @@ def _parse_fast(text: str | bytes) -> FleetSnapshot | None:
     return snapshot
 
 
+# how `hostmaint snapshot` (dump_snapshot) lays out a snapshot's VMs: the last key of the top level,
+# one VM object after another at four spaces
+_VMS_OPEN = b'\n  "vms": ['
+_VMS_CLOSE = b"\n  ]\n}"
+_BETWEEN_VMS = b"\n    },\n    {"
+_PIECE_BYTES = 1 << 20
+
+
+def _parse_in_pieces(data: bytes, piece_bytes: int = _PIECE_BYTES) -> FleetSnapshot | None:
+    """:func:`_parse_fast` of a snapshot laid out as ``dump_snapshot`` writes it, a megabyte of VMs
+    at a time, or None (then the one-pass and the strict reading decide, as before).
+
+    Pydantic parses a whole text into its own tree before it validates: at 5,000 hosts ~150 MB
+    beside the file's bytes and the models, nearly the peak memory of a plan. A piece of the VMs'
+    list is the text between two of them; the rest of the file is the top level with ``"vms": []``.
+    Splitting there is exact: a line break is never inside a JSON string, so each cut falls between
+    tokens, and when the top level and every piece (as a list) are valid JSON, the file is that top
+    level with all the pieces' VMs, in order. Each is checked as the one-pass path checks the whole:
+    validated by the same models, a key given twice found by its colons."""
+    opened = data.rfind(_VMS_OPEN)
+    end = len(data)
+    while end and data[end - 1] in b" \t\r\n":
+        end -= 1
+    closed = end - len(_VMS_CLOSE)
+    if opened < 0 or data[closed:end] != _VMS_CLOSE or b"\\u003a" in data or b"\\u003A" in data:
+        return None
+    text = memoryview(data)
+    vms: list[Vm] = []
+    start = opened + len(_VMS_OPEN)
+    while start < closed:
+        cut = data.find(_BETWEEN_VMS, start + piece_bytes, closed)
+        stop = closed if cut < 0 else cut + len(b"\n    }")
+        piece = b"[" + text[start:stop] + b"]"
+        try:
+            some = _vm_list().validate_json(piece)
+        except ValidationError:
+            return None
+        if not some or piece.count(b":") != _colons_of_vms(some):
+            return None
+        vms += some
+        start = stop + 1  # past the comma between two VMs
+    head = data[:opened] + _VMS_OPEN + data[closed + len(b"\n  "):]  # "vms": [] and the rest
+    try:
+        top = FleetSnapshot.model_validate_json(head)
+        if head.count(b":") != _colons_outside_vms(top) or top.vms:
+            return None
+        # the models made above, taken as they are (pydantic does not validate an instance again),
+        # with the checks of the whole snapshot (VMs on known hosts, pins the host has)
+        return FleetSnapshot.model_validate({**{name: getattr(top, name) for name in top.model_fields_set},
+                                             "vms": tuple(vms)})
+    except ValidationError:
+        return None
+
+
+@functools.cache
+def _vm_list() -> TypeAdapter[tuple[Vm, ...]]:
+    return TypeAdapter(tuple[Vm, ...])
+
+
 def _colons_held(snapshot: FleetSnapshot) -> int:
     """Colons the JSON text a snapshot was validated from has, as its models tell: one per distinct key
     of each object, and those inside its strings (no default string of the models holds one)."""
+    return _colons_outside_vms(snapshot) + _colons_of_vms(snapshot.vms)
+
+
+def _colons_outside_vms(snapshot: FleetSnapshot) -> int:
     texts = [snapshot.format, snapshot.cluster, snapshot.taken_at, snapshot.source]
     n = len(snapshot.__pydantic_fields_set__) + len(snapshot.limits.__pydantic_fields_set__)
     for host in snapshot.hosts:
@@ -218,7 +284,13 @@ def _colons_held(snapshot: FleetSnapshot) -> int:
             n += len(cell.__pydantic_fields_set__)
             for pool in cell.hugepages:
                 n += len(pool.__pydantic_fields_set__)
-    for vm in snapshot.vms:
+    return n + "\n".join(texts).count(":")
+
+
+def _colons_of_vms(vms: Sequence[Vm]) -> int:
+    texts: list[str] = []
+    n = 0
+    for vm in vms:
         n += len(vm.__pydantic_fields_set__) + len(vm.vcpupin) + len(vm.iothreadpin)
         texts += (vm.name, vm.uuid, vm.host, vm.not_migratable_reason or "", vm.anti_affinity or "", vm.origin or "")
         if vm.tags:

@@ -1,0 +1,163 @@
+"""A large snapshot is read a piece of its VMs at a time (fleet._parse_in_pieces), and its models
+share their sets of given field names: both only to hold less memory. What that reading accepts is
+exactly what the strict reading makes, anything it does not accept is refused as before, naming
+the field, and plans from it are the same. Its memory and speed are measured in
+benchmarks/planning_scale.py, not here."""
+
+from __future__ import annotations
+
+import copy
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostmaint.config_file import parse_json
+from hostmaint.errors import SnapshotError
+from hostmaint.fleet import _parse_in_pieces, dump_snapshot, load_snapshot
+from hostmaint.models import FleetSnapshot, Vm
+from hostmaint.placement import plan_evacuation
+from hostmaint.placement.synthetic import generate_fleet
+
+
+def _strict(text: str) -> FleetSnapshot:
+    return FleetSnapshot.model_validate(parse_json(text, "s"))
+
+
+@pytest.fixture(scope="module")
+def fleet() -> FleetSnapshot:
+    return generate_fleet(3, 30, fill=(0.5, 0.8), drain_vms=12)
+
+
+def _written(snap: FleetSnapshot) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(dump_snapshot(snap))
+    return data
+
+
+def _dump(data: Any) -> bytes:
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+
+
+@pytest.mark.parametrize("piece_bytes", [1, 3000, 1 << 20])
+def test_read_in_pieces_it_is_what_the_strict_reading_makes(fleet: FleetSnapshot, piece_bytes: int) -> None:
+    text = dump_snapshot(fleet)
+    got = _parse_in_pieces(text.encode(), piece_bytes)
+    assert got is not None  # the layout dump_snapshot writes is read this way
+    want = _strict(text)
+    assert got == want == fleet
+    assert got.model_fields_set == want.model_fields_set
+    assert [v.model_fields_set for v in got.vms] == [v.model_fields_set for v in want.vms]
+    assert got.digest() == fleet.digest()
+
+
+def test_a_plan_from_pieces_is_the_plan_from_the_strict_reading(fleet: FleetSnapshot, tmp_path: Path) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(dump_snapshot(fleet))
+    drained = [fleet.hosts[0].name]
+    assert load_snapshot(path).vms_on(drained[0])
+    assert (plan_evacuation(load_snapshot(path), drained, exact_budget=0).model_dump_json()
+            == plan_evacuation(_strict(path.read_text()), drained, exact_budget=0).model_dump_json())
+
+
+def _vm_written_twice(data: dict[str, Any], index: int, key: str) -> bytes:
+    """The file as dump_snapshot lays it out with ``key`` given twice in VM ``index`` (its value the
+    same: the model it makes is the same, only the colons tell)."""
+    text = _dump(data).decode()
+    name = json.dumps(data["vms"][index]["name"])
+    at = text.index(f'"name": {name}')
+    line = f'      "{key}": {json.dumps(data["vms"][index][key])},\n'
+    start = text.rindex("{\n", 0, at) + 2
+    return (text[:start] + line + text[start:]).encode()
+
+
+@pytest.mark.parametrize("index", [0, 7, -1])
+def test_a_key_given_twice_in_any_piece_is_refused(fleet: FleetSnapshot, index: int, tmp_path: Path) -> None:
+    data = _written(fleet)
+    text = _vm_written_twice(data, index, "memory_mib")
+    assert _parse_in_pieces(text, 3000) is None
+    path = tmp_path / "s.json"
+    path.write_bytes(text)
+    with pytest.raises(SnapshotError, match="'memory_mib' is given twice in one object"):
+        load_snapshot(path)
+
+
+def test_a_key_given_twice_outside_the_vms_is_refused(fleet: FleetSnapshot, tmp_path: Path) -> None:
+    text = _dump(_written(fleet)).replace(b'\n  "cluster": ', b'\n  "source": "x",\n  "cluster": ', 1)
+    assert _parse_in_pieces(text, 3000) is None
+    path = tmp_path / "s.json"
+    path.write_bytes(text)
+    with pytest.raises(SnapshotError, match="'source' is given twice in one object"):
+        load_snapshot(path)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d["vms"][-1].update(memory_mib=0), r"vms\[\d+\]\.memory_mib: VM '[^']+': memory_mib must be greater "),
+    (lambda d: d["vms"][9].update(host="nowhere"), r"vms\[9\]\.host: VM '[^']+' is on unknown host 'nowhere'"),
+    (lambda d: d["vms"][9].update(name=d["vms"][3]["name"]), r"vms\[9\]\.name: VM '[^']+' runs more than once"),
+    (lambda d: d["vms"][-1].update(vcpupin={"0": [9999]}), r"vms\[\d+\]\.vcpupin: VM .* CPU\(s\) 9999"),
+    (lambda d: d["vms"][5].update(colour="red"), r"vms\[5\]\.colour: .*xtra"),
+    (lambda d: d["hosts"][2]["cells"][0].update(free_mib=-1), r"hosts\[2\]\.cells\[0\]\.free_mib"),
+])
+def test_bad_input_in_any_piece_is_refused_naming_it(fleet: FleetSnapshot, change: Any, message: str,
+                                                     tmp_path: Path) -> None:
+    data = _written(fleet)
+    change(data)
+    text = _dump(data)
+    assert _parse_in_pieces(text, 3000) is None
+    path = tmp_path / "s.json"
+    path.write_bytes(text)
+    with pytest.raises(SnapshotError, match=message):
+        load_snapshot(path)
+
+
+def test_another_layout_is_read_the_one_pass_way(fleet: FleetSnapshot, tmp_path: Path) -> None:
+    data = _written(fleet)
+    for text in (json.dumps(data).encode(), json.dumps(data, indent=4).encode(),
+                 _dump(data).replace(b"\n", b"\r\n")):
+        assert _parse_in_pieces(text, 3000) is None
+        path = tmp_path / "s.json"
+        path.write_bytes(text)
+        assert load_snapshot(path) == fleet
+
+
+def test_vms_of_a_nested_list_are_not_taken_for_the_snapshots(fleet: FleetSnapshot) -> None:
+    # the VMs' list last at the top level, then a key after it: its text ends like a dump's but the
+    # cut would leave that key out; the top level read without the VMs then fails, not a snapshot
+    # without that key
+    text = _dump(_written(fleet)).rstrip()
+    assert text.endswith(b"\n  ]\n}")
+    moved = text[:-2] + b',\n  "vms": [\n    {}\n  ]\n}'
+    assert _parse_in_pieces(moved, 3000) is None
+
+
+def test_models_share_their_field_names_and_a_copy_has_its_own(fleet: FleetSnapshot) -> None:
+    snap = _parse_in_pieces(dump_snapshot(fleet).encode(), 3000)
+    assert snap is not None
+    a, b = snap.vms[0], snap.vms[1]
+    assert a.model_fields_set is b.model_fields_set  # one set, not one per VM
+    assert snap.hosts[0].cells[0].model_fields_set is snap.hosts[1].cells[0].model_fields_set
+    given = set(a.model_fields_set)
+    with pytest.raises(TypeError):
+        a.model_fields_set.add("x")
+    assert b.model_fields_set == given
+    with pytest.raises(TypeError):
+        a.model_fields_set.discard("name")
+    with pytest.raises(TypeError):
+        a.__pydantic_fields_set__ |= {"x"}
+    # a VM given fewer fields: a set of its own, equal to what it was given
+    small = Vm.model_validate_json('{"name": "v", "uuid": "u", "host": "h", "memory_mib": 1, "vcpus": 1}')
+    assert small.model_fields_set == {"name", "uuid", "host", "memory_mib", "vcpus"}
+    again = Vm.model_validate_json('{"name": "w", "uuid": "u", "host": "h", "memory_mib": 1, "vcpus": 1}')
+    assert again.model_fields_set is small.model_fields_set
+    moved = small.model_copy(update={"origin": "h0"})
+    assert moved.model_fields_set == {"name", "uuid", "host", "memory_mib", "vcpus", "origin"}
+    assert again.model_fields_set == small.model_fields_set == {"name", "uuid", "host", "memory_mib", "vcpus"}
+    assert small.model_dump(exclude_unset=True) == {"name": "v", "uuid": "u", "host": "h", "memory_mib": 1,
+                                                    "vcpus": 1}
+    for twin in (copy.copy(small), copy.deepcopy(small)):
+        assert twin == small and twin.model_fields_set == small.model_fields_set
+        assert type(twin.model_fields_set) is set
+    assert pickle.loads(pickle.dumps(small)).model_copy(update={"origin": "h0"}) == moved
+    assert pickle.loads(pickle.dumps(snap)) == snap
