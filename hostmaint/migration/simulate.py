@@ -192,15 +192,19 @@ class WindowEstimate:
     migrations: tuple[SimMigration, ...] = ()
     # also counts whole hosts: of the m·parallel+1 longest hosts some slot runs m+1 one after another
     wave_bound_s: float = 0.0
-    # every VM moves at least once: Σ each host's drain as it takes alone ÷ hosts at once, or Σ each
-    # VM's own floor ÷ the cluster's migration slots, whichever is longer; then the last host's patch
+    # every VM's last move off a host due in the window comes after the first patch (:attr:`first_patch_s`)
+    # and before its source's patch: the longer of Σ memory ÷ the k fastest sources and Σ each VM's
+    # floor ÷ the cluster's migration slots, then one patch (:func:`window_floor_bound`)
     drain_bound_s: float = 0.0
     # how many drains the flows' shares of the cluster's slots fit side by side (not a bound: a
     # schedule holding fewer slots per drain runs more)
     drains_at_once: int = 1
     # When every active host is due, a VM's last move must land on a patched host, and the first one
-    # is back no sooner than the quickest drain and its patch: no drain before that shortens the rest
+    # is back no sooner than the quickest host's floor drain and its patch
     first_patch_s: float = 0.0
+    # the hosts' own floor drains and patches in the k maintenance slots: the slowest alone, Σ ÷ k, or
+    # whole hosts (of the m·k + 1 longest some slot holds m + 1)
+    host_floor_s: float = 0.0
     # the levelling rebalance the window runs after its last host (patch-window), when it still has time
     rebalance_moves: int = 0
     rebalance_s: float = 0.0
@@ -226,6 +230,17 @@ class WindowEstimate:
         """The tightest of the lower bounds: Σ per host ÷ parallel, whole hosts, and the drains
         bound after the first host is patched (:attr:`first_patch_s`)."""
         return max(self.lower_bound_s, self.wave_bound_s, self.first_patch_s + self.drain_bound_s)
+
+    @property
+    def valid_bound_s(self) -> float:
+        """The bound proven for every schedule within the limits (:func:`window_floor_bound`): the
+        first patch, then every VM's last move off a due host, then one patch; or one host alone."""
+        return max(self.first_patch_s + self.drain_bound_s, self.host_floor_s)
+
+    @property
+    def valid_ratio(self) -> float:
+        """Makespan ÷ :attr:`valid_bound_s`."""
+        return self.makespan_s / self.valid_bound_s if self.valid_bound_s > 0 else 1.0
 
     @property
     def bound_ratio(self) -> float:
@@ -587,6 +602,93 @@ class _HostJob:
     failed: bool = False
 
 
+@dataclass(frozen=True)
+class WindowFloor:
+    """A lower bound on a window's makespan, valid for every schedule within the limits
+    (:func:`window_floor_bound`), and its parts."""
+
+    first_patch_s: float  # P: no VM's last move off a due host starts before the first host is patched
+    escape_link_s: float  # Σ memory ÷ the k fastest sources' rates
+    escape_slots_s: float  # Σ each VM's floor (set-up + memory ÷ its stream) ÷ the cluster's slots
+    patch_s: float  # the last such move's source is patched after it
+    host_s: float  # the slowest host alone: its floor drain and its patch
+    maintenance_s: float = 0.0  # Σ each host's floor drain and patch ÷ k, or whole hosts in k slots
+
+    @property
+    def escape_s(self) -> float:
+        return max(self.escape_link_s, self.escape_slots_s)
+
+    @property
+    def total_s(self) -> float:
+        return max(self.first_patch_s + self.escape_s + self.patch_s, self.host_s, self.maintenance_s)
+
+
+def window_floor_bound(snapshot: FleetSnapshot, names: Sequence[str], k: int, *, patch_s: float,
+                       policy: SchedulerPolicy | None = None, options: MigrationOptions = MigrationOptions(),
+                       params: SimParams = SimParams()) -> WindowFloor:
+    """No schedule of the window over ``names`` (at most ``k`` hosts in maintenance) ends sooner. Pure.
+
+    The proof (benchmarks/RESULTS.md, "The night against its bound") assumes what the model and the
+    flows have: a VM leaves a host only while that host is in maintenance (its drain); a migration
+    holds one of the cluster's slots from its set-up to its end and sends the VM's whole memory at
+    most at its stream's rate (pre-copy sends it at least once, post-copy too; dirty pages and
+    throttling only add or are left out); a host sends at most at its link and per-source slots;
+    no VM lands on a host in maintenance or not yet verified; a host is patched empty.
+
+    * A VM's *escape* is its last move off a host due in the window. It lands on a host that will
+      not be patched later (else it would move again), i.e. one patched already or not due.
+    * When every active host is due, the first host is patched no sooner than ``P`` = the quickest
+      host's floor drain (its own VMs are on it when it is cordoned) + ``patch_s``; so no escape
+      starts before ``P``.
+    * Every VM of a due host escapes once: its slot time (set-up + memory ÷ stream) within the
+      cluster's slots, its memory within the sending rate of at most ``k`` sources (hosts in
+      maintenance) at once.
+    * The last escape's source is due, so it is patched after it: ``patch_s`` more.
+    * Besides, every host holds one of the ``k`` maintenance slots while it drains (its own VMs at
+      least) and patches: the slowest alone; Σ over hosts ÷ ``k``; and of the ``m·k + 1`` longest,
+      some slot holds ``m + 1`` one after another.
+    """
+    policy = policy or SchedulerPolicy()
+    limits = snapshot.limits
+    due = set(names)
+    setup = params.setup(options)
+    into = max((params.link(h.name) for h in snapshot.hosts), default=params.default_link_mib_s)
+
+    def stream(host: str) -> float:
+        return stream_rate(options, policy, min(params.link(host), into))
+
+    def send_rate(host: str) -> float:  # what one source can push: its link, its slots' streams
+        return min(params.link(host), stream(host) * min(limits.migrations_per_source, limits.migrations_per_cluster))
+
+    own: dict[str, list[int]] = {n: [] for n in names}
+    for v in snapshot.vms:
+        if v.host in due:
+            own[v.host].append(v.memory_mib)
+
+    def drain_floor(host: str) -> float:
+        sizes = own[host]
+        if not sizes:
+            return 0.0
+        return setup + max(sum(sizes) / send_rate(host), max(sizes) / stream(host))
+
+    drains = [drain_floor(n) for n in names]
+    outside = any(h.state is HostState.ACTIVE and h.name not in due for h in snapshot.hosts)
+    first = 0.0 if outside or not drains else min(drains) + patch_s
+    memory = sum(sum(sizes) for sizes in own.values())
+    sources = sorted((send_rate(n) for n in names), reverse=True)[:max(1, min(k, len(names)))]
+    link_s = memory / sum(sources) if sources else 0.0
+    slots_s = sum(setup + m / stream(h) for h, sizes in own.items() for m in sizes) / max(
+        limits.migrations_per_cluster, 1)
+    last = patch_s if memory else 0.0
+    host_s = max(drains, default=0.0) + patch_s if names else 0.0
+    each = sorted((d + patch_s for d in drains), reverse=True)
+    slots = max(1, min(k, len(each)))
+    held = max([sum(each) / slots] + [(m + 1) * each[m * slots] for m in range(math.ceil(len(each) / slots))],
+               default=0.0)
+    return WindowFloor(first_patch_s=first, escape_link_s=link_s, escape_slots_s=slots_s, patch_s=last, host_s=host_s,
+                       maintenance_s=held)
+
+
 def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], *,
                     policy: SchedulerPolicy | None = None, options: MigrationOptions = MigrationOptions(),
                     dirty_rate: Mapping[str, float] | None = None, params: SimParams = SimParams(),
@@ -631,15 +733,7 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     # the drains of a cluster, at most so many at a time (the smallest shares: the most), then one patch
     at_once = drains_at_once if drains_at_once is not None else max(
         (drains_side_by_side(snapshot.limits, policy, options, params.link(n), k) for n in names), default=1)
-    solo_drains = [h.drained_s - h.start_s for h in solo if h.outcome is StepOutcome.OK]
-    fastest = max(names, key=params.link, default="")
-    floors = sum(vm_floor_s(spec, options, policy, params) for spec in _specs(
-        [Placement(vm=v.name, source=v.host, target=fastest, memory_mib=v.memory_mib, reason="bound")
-         for v in snapshot.vms if v.host in names], None, dirty_rate))
-    work = max(sum(solo_drains) / max(min(k, len(names)), 1), floors / max(snapshot.limits.migrations_per_cluster, 1))
-    in_a_row = work + patch_s if solo_drains else 0.0
-    outside = any(h.state is HostState.ACTIVE and h.name not in names for h in snapshot.hosts)
-    first_patch = 0.0 if outside or not solo_drains else min(solo_drains) + patch_s
+    floor = window_floor_bound(snapshot, names, k, patch_s=patch_s, policy=policy, options=options, params=params)
     hosts, migs, makespan = run
     moves: tuple[Placement, ...] = ()
     levelling = 0.0
@@ -653,8 +747,9 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
                                        dirty_rate=dirty_rate, params=params).makespan_s
     return WindowEstimate(cluster=snapshot.cluster, hosts=hosts, makespan_s=round(makespan, 3), parallel=k,
                           serial_s=round(serial[2], 3), lower_bound_s=round(bound, 3), migrations=migs,
-                          wave_bound_s=round(waves, 3), drain_bound_s=round(in_a_row, 3),
-                          drains_at_once=at_once, first_patch_s=round(first_patch, 3),
+                          wave_bound_s=round(waves, 3), drain_bound_s=round(floor.escape_s + floor.patch_s, 3),
+                          drains_at_once=at_once, first_patch_s=round(floor.first_patch_s, 3),
+                          host_floor_s=round(max(floor.host_s, floor.maintenance_s), 3),
                           rebalance_moves=len(moves), rebalance_s=round(levelling, 3))
 
 
