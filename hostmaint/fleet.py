@@ -9,9 +9,10 @@ contract; see docs/snapshot.md.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -215,52 +216,98 @@ _VMS_OPEN = b'\n  "vms": ['
 _VMS_CLOSE = b"\n  ]\n}"
 _BETWEEN_VMS = b"\n    },\n    {"
 _PIECE_BYTES = 1 << 20
+_BLOCK_BYTES = 1 << 20
 
 
 def _parse_in_pieces(data: bytes, piece_bytes: int = _PIECE_BYTES) -> FleetSnapshot | None:
-    """:func:`_parse_fast` of a snapshot laid out as ``dump_snapshot`` writes it, a megabyte of VMs
-    at a time, or None (then the one-pass and the strict reading decide, as before).
+    """:func:`_read_in_pieces` of a text in memory."""
+    return _read_in_pieces((data[i:i + _BLOCK_BYTES] for i in range(0, len(data), _BLOCK_BYTES)), piece_bytes)
+
+
+def _read_in_pieces(blocks: Iterable[bytes], piece_bytes: int = _PIECE_BYTES) -> FleetSnapshot | None:
+    """:func:`_parse_fast` of a snapshot laid out as ``dump_snapshot`` writes it, read from
+    ``blocks`` (a file's, as they are read) a megabyte of VMs at a time, or None: then the one-pass
+    and the strict reading decide, as before.
 
     Pydantic parses a whole text into its own tree before it validates: at 5,000 hosts ~150 MB
-    beside the file's bytes and the models, nearly the peak memory of a plan. A piece of the VMs'
+    beside the file's 75 MB and the models, most of the peak memory of a plan. A piece of the VMs'
     list is the text between two of them; the rest of the file is the top level with ``"vms": []``.
     Splitting there is exact: a line break is never inside a JSON string, so each cut falls between
     tokens, and when the top level and every piece (as a list) are valid JSON, the file is that top
     level with all the pieces' VMs, in order. Each is checked as the one-pass path checks the whole:
     validated by the same models, a key given twice found by its colons."""
-    opened = data.rfind(_VMS_OPEN)
-    end = len(data)
-    while end and data[end - 1] in b" \t\r\n":
+    blocks = iter(blocks)
+    text = bytearray()
+    for block in blocks:
+        text += block
+        opened = text.find(_VMS_OPEN, max(0, len(text) - len(block) - len(_VMS_OPEN)))
+        if opened >= 0:
+            break
+    else:
+        return None
+    head = bytes(text[:opened + len(_VMS_OPEN)])
+    del text[:opened + len(_VMS_OPEN)]
+    vms: list[Vm] = []
+    while True:
+        cut = text.find(_BETWEEN_VMS, piece_bytes) if len(text) > piece_bytes else -1
+        if cut < 0:
+            more = next(blocks, None)
+            if more is None:
+                break
+            text += more
+            continue
+        if not _take_piece(text[:cut + len(b"\n    }")], vms):
+            return None
+        del text[:cut + len(b"\n    },")]
+    end = len(text)
+    while end and text[end - 1] in b" \t\r\n":
         end -= 1
     closed = end - len(_VMS_CLOSE)
-    if opened < 0 or data[closed:end] != _VMS_CLOSE or b"\\u003a" in data or b"\\u003A" in data:
+    if closed <= 0 or text[closed:end] != _VMS_CLOSE or not _take_piece(text[:closed], vms):
         return None
-    text = memoryview(data)
-    vms: list[Vm] = []
-    start = opened + len(_VMS_OPEN)
-    while start < closed:
-        cut = data.find(_BETWEEN_VMS, start + piece_bytes, closed)
-        stop = closed if cut < 0 else cut + len(b"\n    }")
-        piece = b"[" + text[start:stop] + b"]"
-        try:
-            some = _vm_list().validate_json(piece)
-        except ValidationError:
-            return None
-        if not some or piece.count(b":") != _colons_of_vms(some):
-            return None
-        vms += some
-        start = stop + 1  # past the comma between two VMs
-    head = data[:opened] + _VMS_OPEN + data[closed + len(b"\n  "):]  # "vms": [] and the rest
+    head += text[closed + len(b"\n  "):]  # "vms": [] and the rest
     try:
         top = FleetSnapshot.model_validate_json(head)
-        if head.count(b":") != _colons_outside_vms(top) or top.vms:
-            return None
-        # the models made above, taken as they are (pydantic does not validate an instance again),
-        # with the checks of the whole snapshot (VMs on known hosts, pins the host has)
-        return FleetSnapshot.model_validate({**{name: getattr(top, name) for name in top.model_fields_set},
-                                             "vms": tuple(vms)})
     except ValidationError:
         return None
+    if top.vms or head.count(b":") != _colons_outside_vms(top) or _escaped_colon(head):
+        return None
+    # the models made above as they are, and the checks of the whole snapshot (VMs on known hosts,
+    # each once, pins their host has): validating them again would run every VM's own checks twice
+    whole = FleetSnapshot.model_construct(set(top.model_fields_set), **{**top.__dict__, "vms": tuple(vms)})
+    try:
+        for check in _snapshot_checks():
+            check(whole)
+    except ValueError:
+        return None
+    return whole
+
+
+def _take_piece(text: bytearray, vms: list[Vm]) -> bool:
+    """Validate the VMs ``text`` lists (a piece of the VMs' list) onto ``vms``; False if the piece is
+    not valid JSON of VMs, holds none, or may hold a key given twice."""
+    piece = b"[" + text + b"]"
+    try:
+        some = _vm_list().validate_json(piece)
+    except ValidationError:
+        return False
+    if not some or piece.count(b":") != _colons_of_vms(some) or _escaped_colon(piece):
+        return False
+    vms += some
+    return True
+
+
+def _escaped_colon(text: bytes) -> bool:
+    return b"\\u003" in text and (b"\\u003a" in text or b"\\u003A" in text)
+
+
+def _snapshot_checks() -> list[Callable[[FleetSnapshot], object]]:
+    """FleetSnapshot's own validators, which run after its fields' (all of them: a field validator
+    of its own would be skipped by model_construct, so there must be none)."""
+    found = FleetSnapshot.__pydantic_decorators__
+    if found.field_validators or any(d.info.mode != "after" for d in found.model_validators.values()):
+        raise AssertionError("FleetSnapshot has validators _parse_in_pieces does not run")
+    return [d.func for d in found.model_validators.values()]
 
 
 @functools.cache
@@ -309,10 +356,41 @@ def load_snapshot(path: str | Path) -> FleetSnapshot:
     """Read a snapshot file written by ``hostmaint snapshot`` or any tool that follows docs/snapshot.md."""
     p = Path(path)
     try:
+        with collector_paused():
+            # a file as it is read, never whole in memory; another layout (or a problem) as below
+            fast = _read_in_pieces(_utf8_blocks(p))
+        if fast is not None:
+            return fast
+    except _Unreadable:
+        pass
+    try:
         data = read_utf8(p)  # UTF-8, or an error naming the byte and its line
     except FileFormatError as exc:
         raise SnapshotError(str(exc)) from None
     return parse_snapshot(data, str(p))
+
+
+class _Unreadable(Exception):
+    """A file :func:`_utf8_blocks` cannot give as UTF-8 blocks: read_utf8 names the problem."""
+
+
+def _utf8_blocks(path: Path) -> Iterator[bytes]:
+    """The file's blocks as read, checked as UTF-8 across their edges; _Unreadable where it cannot
+    be read, is not UTF-8 or starts with a BOM."""
+    check = codecs.getincrementaldecoder("utf-8")()
+    try:
+        with path.open("rb") as f:
+            first = True
+            while block := f.read(_BLOCK_BYTES):
+                if first and block.startswith(codecs.BOM_UTF8):
+                    raise _Unreadable
+                first = False
+                if not block.isascii() or check.getstate()[0]:
+                    check.decode(block)
+                yield block
+        check.decode(b"", final=True)
+    except (OSError, UnicodeDecodeError):
+        raise _Unreadable from None
 
 
 def dump_snapshot(snapshot: FleetSnapshot) -> str:

@@ -7,6 +7,7 @@ benchmarks/planning_scale.py, not here."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -14,10 +15,12 @@ from typing import Any
 
 import pytest
 
-from hostmaint.config_file import parse_json
+import hostmaint.fleet as fleet_module
+import hostmaint.models as models_module
+from hostmaint.config_file import parse_json, read_utf8
 from hostmaint.errors import SnapshotError
 from hostmaint.fleet import _parse_in_pieces, dump_snapshot, load_snapshot
-from hostmaint.models import FleetSnapshot, Vm
+from hostmaint.models import FleetSnapshot, Vm, _canonical_fast
 from hostmaint.placement import plan_evacuation
 from hostmaint.placement.synthetic import generate_fleet
 
@@ -37,7 +40,7 @@ def _written(snap: FleetSnapshot) -> dict[str, Any]:
 
 
 def _dump(data: Any) -> bytes:
-    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
+    return (json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
 
 
 @pytest.mark.parametrize("piece_bytes", [1, 3000, 1 << 20])
@@ -161,3 +164,47 @@ def test_models_share_their_field_names_and_a_copy_has_its_own(fleet: FleetSnaps
         assert type(twin.model_fields_set) is set
     assert pickle.loads(pickle.dumps(small)).model_copy(update={"origin": "h0"}) == moved
     assert pickle.loads(pickle.dumps(snap)) == snap
+
+
+@pytest.mark.parametrize("block", [7, 4096])
+def test_a_file_is_read_in_blocks_utf8_checked_across_their_edges(fleet: FleetSnapshot, block: int,
+                                                                  tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fleet_module, "_BLOCK_BYTES", block)
+    monkeypatch.setattr(fleet_module, "_PIECE_BYTES", 5000)
+    read: list[Path] = []
+    monkeypatch.setattr(fleet_module, "read_utf8", lambda p: read.append(p) or read_utf8(p))
+    data = _written(fleet)
+    data["vms"][4]["tags"] = ["caf\u00e9 \u2603", "\U0001f600"]  # two, three and four bytes in UTF-8
+    data["hosts"][1]["kernel"] = "6.1-\u00fc"
+    path = tmp_path / "s.json"
+    path.write_bytes(_dump(data))
+    got = load_snapshot(path)
+    assert got == _strict(path.read_text())
+    assert not read  # read as blocks, never whole
+    # bad UTF-8 in a later block, a BOM, bytes after the snapshot: as before, read whole and named
+    text = _dump(data)
+    path.write_bytes(text.replace("\u2603".encode(), b"\xe2\x98"))
+    with pytest.raises(SnapshotError, match=r"not UTF-8: byte 0x\w\w at line \d+"):
+        load_snapshot(path)
+    path.write_bytes(text + b"\xff")
+    with pytest.raises(SnapshotError, match="not UTF-8"):
+        load_snapshot(path)
+    path.write_bytes(text + b"[]")
+    with pytest.raises(SnapshotError):
+        load_snapshot(path)
+    path.write_bytes(b"\xef\xbb\xbf" + text)
+    assert load_snapshot(path) == got
+    assert len(read) == 4
+
+
+def test_the_digest_written_in_parts_is_the_canonical_json(fleet: FleetSnapshot,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = json.dumps(fleet.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
+    for per_part in (1, 7, 5000):
+        monkeypatch.setattr(models_module, "_VMS_PER_PART", per_part)
+        assert _canonical_fast(fleet) == whole
+        assert fleet.model_copy().digest() == hashlib.sha256(whole).hexdigest()
+    empty = fleet.model_copy(update={"vms": ()})
+    assert _canonical_fast(empty) == json.dumps(empty.model_dump(mode="json"), sort_keys=True,
+                                                separators=(",", ":")).encode()
