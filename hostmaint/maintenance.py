@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from hostmaint import patching
-from hostmaint.audit import AuditEntry
+from hostmaint.audit import AuditEntry, AuditRecord
 from hostmaint.cancel import Cancellation, RunCancelled
 from hostmaint.display import visible
 from hostmaint.drivers.base import MigrationStates, ShutOffVms
@@ -556,7 +556,7 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
         rec.details["dirty_rate_mib_s"] = {vm: round(r, 1) for vm, r in sorted(rates.items())}
         if notes:
             rec.details["dirty_rate_notes"] = notes
-        report = _drain(rt, run, rec, plan, limits, cluster, snap=now, on_event=on_event, dirty_rate=rates,
+        report = run_migrations(rt, run, rec, plan, limits, cluster, snap=now, on_event=on_event, dirty_rate=rates,
                         cancel=cancel)
         rec.details["migrations"] = [r.model_dump(mode="json") for r in report.results]
         rec.details["seconds"] = round(report.seconds, 3)
@@ -709,6 +709,60 @@ def _resolve_unknown_migrations(rt: Runtime, run: RunContext, host: str, where: 
         log.warning("%s: %s, whose migration's outcome was unknown, was found on %s", host, visible(r.vm), now)
 
 
+def settle_earlier_moves(rt: Runtime, run: RunContext, cluster: str) -> list[str]:
+    """Account for the moves earlier returns and rebalances of ``cluster`` left unrecorded; returns
+    the VMs found moved.
+
+    A return or a rebalance records the moves it is about to start (``moves-started``) and each one
+    when it ends. A run killed in between leaves moves with no record while libvirt finishes them; a
+    migration whose VM could not be located after it failed is recorded ``unknown``. Each such move
+    is settled from where its VM runs now: on its target, ``migration-found`` (naming the run that
+    started it; a VM back home loses its origin, as the return would have cleared it); an unknown
+    migration whose VM runs on its source, ``migration-resolved`` (it did not happen). A move never
+    recorded whose VM is still on its source gets no record: a killed run's migration may still be
+    under way once its lease has run out, and one that never started needs none. A VM that runs
+    elsewhere or nowhere is left to the record that speaks of it next. Call it holding the cluster's
+    whole migration limit (as a return and a rebalance do): then no live run has a move in flight."""
+    records = [r for r in rt.audit.records() if r.cluster == cluster]
+    owed: list[tuple[AuditRecord, str, str, str]] = []  # (record, vm, source, target), oldest first
+    for r in records:
+        if r.run_id == run.run_id:
+            continue
+        if r.step == Step.MOVES_STARTED:
+            owed += [(r, m["vm"], m["source"], m["target"]) for m in r.inputs.get("moves", [])]
+        elif r.step == Step.MIGRATE and r.outcome is StepOutcome.UNKNOWN and r.vm and r.host:
+            owed.append((r, r.vm, r.host, str(r.inputs.get("target") or r.details.get("target") or "")))
+    # what speaks of a VM's move for good: any record of RESOLVING_STEPS but an unknown migration
+    spoken = [r for r in records if r.vm and r.step in RESOLVING_STEPS
+              and not (r.step == Step.MIGRATE and r.outcome is StepOutcome.UNKNOWN)]
+    found: list[str] = []
+    settled: set[str] = set()
+    for r, vm, source, target in reversed(owed):  # the newest word on a VM first; once per VM
+        if vm in settled or any(x.vm == vm and x.seq > r.seq for x in spoken):
+            continue  # a later record moved it, found it, or settled it
+        try:
+            now = rt.hypervisor.locate(vm)
+        except DriverError:
+            continue  # cannot tell now: the next run asks again
+        settled.add(vm)
+        note = f"(record {r.seq} of run {r.run_id}, {r.step}"
+        if now == (source,) and r.step == Step.MIGRATE:
+            with audited(rt, run, Step.MIGRATION_RESOLVED, host=source, vm=vm,
+                         inputs={"resolves": r.seq, "started_by_run": r.run_id, "planned_target": target}) as rec:
+                rec.details["note"] = f"the move of {vm} to {target} {note}) did not happen: it runs on {source}"
+        elif now == (target,):
+            with audited(rt, run, Step.MIGRATION_FOUND, host=source, vm=vm,
+                         inputs={"target": target, "started_by_run": r.run_id, "resolves": r.seq}) as rec:
+                rec.details["note"] = (f"{vm} left {source} for {target} in a move {note}) that was never "
+                                       "recorded as done: that run ended before the move did, or lost sight of it")
+            if rt.states.origins().get(vm) == target:
+                rt.states.clear_origin(vm)
+            log.warning("%s: %s was found on %s: moved by run %s, which never recorded it", source, visible(vm),
+                        target, r.run_id)
+            found.append(vm)
+    return found
+
+
 def _unreachable(rt: Runtime, hosts: Sequence[str]) -> list[str]:
     """Which of ``hosts`` do not answer now (asked once each)."""
     lost = []
@@ -770,10 +824,12 @@ def drain_settings(inventory: Inventory, cluster: str) -> tuple[SchedulerPolicy,
     return policy, options
 
 
-def _drain(rt: Runtime, run: RunContext, rec: StepRecord, plan: EvacuationPlan, limits: Limits, cluster: str, *,
-           snap: FleetSnapshot | None = None, on_event: Callable[[DrainEvent], None] | None = None,
-           dirty_rate: dict[str, float] | None = None, cancel: Cancellation | None = None) -> DrainReport:
-    """Run ``plan``'s migrations; the audit record says which link figures the scheduler used and
+def run_migrations(rt: Runtime, run: RunContext, rec: StepRecord, plan: EvacuationPlan, limits: Limits,
+                   cluster: str, *, snap: FleetSnapshot | None = None,
+                   on_event: Callable[[DrainEvent], None] | None = None, dirty_rate: dict[str, float] | None = None,
+                   cancel: Cancellation | None = None) -> DrainReport:
+    """Run ``plan``'s migrations for the step ``rec`` records (a drain, a return, a rebalance, a resize's
+    move), within ``limits``; the audit record says which link figures the scheduler used and
     what the drain saw of the links, and the state keeps the latter for the next drains."""
     figures = link_figures(rt.inventory, rt.states, cluster)
     rec.details["links"] = {h: {"mib_s": figures[h].mib_s, "basis": figures[h].basis,
@@ -1205,12 +1261,13 @@ def return_vms(rt: Runtime, run: RunContext, host: str, *,
         snap = snapshot(rt, rt.cluster_of(host))
         plan = plan_return(rt, host, snap)
         rec.details["plan"] = plan.model_dump(mode="json")
+        rec.details["found_moved"] = settle_earlier_moves(rt, run, plan.cluster)
         if not plan.placements:
             rec.outcome = StepOutcome.SKIPPED
             return None
         limits = rt.inventory.cluster(plan.cluster).limits
         record_moves(rt, run, plan, host)
-        report = _drain(rt, run, rec, plan, limits, plan.cluster, snap=snap, on_event=on_event, cancel=cancel)
+        report = run_migrations(rt, run, rec, plan, limits, plan.cluster, snap=snap, on_event=on_event, cancel=cancel)
         for r in report.results:
             _audit_migration(rt, run, plan.cluster, r)
             if r.outcome in (StepOutcome.OK, StepOutcome.SKIPPED):
@@ -1269,13 +1326,14 @@ def rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, *,
     limits = rt.inventory.cluster(plan.cluster).limits
     with audited(rt, run, Step.REBALANCE, cluster=plan.cluster,
                  inputs={"moves": len(plan.moves), "snapshot": plan.snapshot_digest}) as rec:
+        rec.details["found_moved"] = settle_earlier_moves(rt, run, plan.cluster)
         if not plan.moves:
             rec.outcome = StepOutcome.SKIPPED
             return None
         evac = EvacuationPlan(cluster=plan.cluster, hosts=(), snapshot_digest=plan.snapshot_digest,
                               placements=tuple(m.placement for m in plan.moves))
         record_moves(rt, run, evac)
-        report = _drain(rt, run, rec, evac, limits, plan.cluster, on_event=on_event, cancel=cancel)
+        report = run_migrations(rt, run, rec, evac, limits, plan.cluster, on_event=on_event, cancel=cancel)
         for r in report.results:
             _audit_migration(rt, run, plan.cluster, r)
             if r.outcome is StepOutcome.OK and rt.states.origins().get(r.vm) == r.target:

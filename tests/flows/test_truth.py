@@ -675,3 +675,71 @@ def test_a_vm_found_on_an_operator_cordoned_host_keeps_its_maintenance_open(sim_
     assert record.prior_state is HostState.CORDONED, record  # still in maintenance, back to the operator's cordon
     refused = CliRunner().invoke(app, ["host", "uncordon", "hv01", "-i", str(sim_inventory)])
     assert refused.exit_code == 2 and rt.states.state("hv01") is HostState.CORDONED, refused.output
+
+
+# --- moves of a return or a rebalance that died -------------------------------------------------------
+
+
+def test_moves_a_killed_rebalance_left_unrecorded_are_found_by_the_next_rebalance(sim_inventory: Path) -> None:
+    # a rebalance records its moves before it starts them; killed before it recorded them, the moves
+    # that landed were recorded by nobody (only a drain's origins were ever looked for)
+    from flows.rebalance_cluster import rebalance_cluster
+    from hostmaint import maintenance as steps
+    from hostmaint.models import Placement
+
+    rt = open_runtime(sim_inventory)
+    real = fleet(rt)
+    landed, stayed = sorted(real.running["hv01"])[:2]
+    dead = steps.RunContext(flow="rebalance-cluster", trigger=Trigger.TEST, operator="kim", reason="rebalance")
+    steps.record_moves(rt, dead, steps.EvacuationPlan(cluster="demo", hosts=(), snapshot_digest="x", placements=(
+        Placement(vm=landed, source="hv01", target="hv02"),
+        Placement(vm=stayed, source="hv01", target="hv03"))))
+    real.running["hv01"].discard(landed)  # libvirt finished the first move after the run was killed
+    real.running["hv02"].add(landed)
+    real.save()
+
+    rebalance_cluster(cluster="demo", max_moves=0, operator="kim", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    records = audit().records()
+    found = [r for r in records if r.step == "migration-found"]
+    assert [(r.vm, r.host, r.inputs["target"], r.inputs["started_by_run"]) for r in found] == [
+        (landed, "hv01", "hv02", dead.run_id)], found
+    assert not [r for r in records if r.vm == stayed and r.step in ("migration-found", "migration-resolved")]
+    # said once: a second rebalance finds nothing more to record
+    rebalance_cluster(cluster="demo", max_moves=0, operator="kim", inventory=str(sim_inventory), trigger=Trigger.TEST)
+    assert len([r for r in audit().records() if r.step == "migration-found"]) == 1
+
+
+def test_a_returns_migration_whose_outcome_was_unknown_is_settled_by_the_next_return(sim_inventory: Path) -> None:
+    from flows.evacuate_host import evacuate_host
+    from flows.return_host import return_host
+    from hostmaint import maintenance as steps
+    from hostmaint.models import MigrationResult
+
+    rt = open_runtime(sim_inventory)
+    real = fleet(rt)
+    home = sorted(real.running["hv01"])
+    evacuate_host(host="hv01", operator="ann", reason="RAM swap", inventory=str(sim_inventory), trigger=Trigger.TEST)
+    vm = home[0]
+    [away] = [h for h, vms in real.running.items() if vm in vms]
+    # an earlier return verified and uncordoned hv01, then lost sight of this VM's migration home
+    # (libvirtd on the target died): unknown; the VM did land home
+    dead = steps.RunContext(flow="return-host", trigger=Trigger.TEST, operator="ann", reason="evacuation over")
+    steps.confirm_empty(rt, dead, "hv01")
+    steps.verify(rt, dead, "hv01", None)
+    steps.uncordon(rt, dead, "hv01")
+    steps._audit_migration(rt, dead, "demo", MigrationResult(vm=vm, source=away, target="hv01",
+                                                              outcome=StepOutcome.UNKNOWN, seconds=1.0,
+                                                              error="cannot connect to libvirt on hv01"))
+    real.running[away].discard(vm)
+    real.running["hv01"].add(vm)
+    real.save()
+
+    result = return_host(host="hv01", operator="ann", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK, result.detail
+    found = [r for r in audit().records() if r.step == "migration-found" and r.vm == vm]
+    assert [(r.host, r.inputs["target"], r.inputs["started_by_run"]) for r in found] == [
+        (away, "hv01", dead.run_id)], found
+    assert vm not in rt.states.origins("hv01")  # home: its origin is cleared, as a finished return does
+    assert set(real.running["hv01"]) == set(home)
