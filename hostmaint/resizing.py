@@ -16,8 +16,7 @@ from typing import Any
 
 from hostmaint.drivers.base import GuestResize, GuestSize
 from hostmaint.errors import HostmaintError, InputError, PlanError
-from hostmaint.maintenance import RunContext, audited
-from hostmaint.maintenance import _drain as maintenance_drain
+from hostmaint.maintenance import RunContext, audited, run_migrations
 from hostmaint.models import EvacuationPlan, FleetSnapshot, MigrationResult, Placement, Step, StepOutcome
 from hostmaint.resize import MemoryMethod, ResizePlan
 from hostmaint.runtime import Runtime
@@ -176,7 +175,7 @@ def run_resize(rt: Runtime, run: RunContext, plan: ResizePlan, snapshot: FleetSn
                                     placements=(p,))
         with audited(rt, run, Step.DRAIN, host=p.source, cluster=plan.cluster,
                      inputs={"for": f"resize of {p.vm}", "placements": [p.model_dump(mode="json")]}) as rec:
-            report = maintenance_drain(rt, run, rec, evacuation, snapshot.limits, plan.cluster, snap=snapshot)
+            report = run_migrations(rt, run, rec, evacuation, snapshot.limits, plan.cluster, snap=snapshot)
             rec.outcome = StepOutcome.OK if report.ok else StepOutcome.FAILED
         return next((r for r in report.results if r.vm == p.vm),
                     MigrationResult(vm=p.vm, source=p.source, target=p.target, outcome=StepOutcome.FAILED,

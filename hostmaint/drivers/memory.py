@@ -11,6 +11,7 @@ the rules is caught, not forgiven.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -88,9 +89,13 @@ class SimulatedFleet:
         return json.dumps(data, indent=2, sort_keys=True)
 
     def save(self) -> None:
+        # two patch runs of a window save side by side: one temporary file each, or one renames the
+        # other's away and the second rename fails
         if self.state_file is not None:
-            tmp = self.state_file.with_suffix(".tmp")
-            tmp.write_text(self.to_json())
+            with self._lock:
+                text = self.to_json()
+            tmp = self.state_file.with_name(f"{self.state_file.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+            tmp.write_text(text)
             tmp.replace(self.state_file)
 
     @classmethod
