@@ -26,6 +26,7 @@ from hostmaint.lab.host import host_dir, read_status, supervisor_pid
 from hostmaint.lab.lab import LabInfo, LabVm, add_guest, remove_guest
 from hostmaint.lab.network import LabError, netns_inode, netns_name, pids_in_namespaces, run, veth_name
 from hostmaint.lab.packages import newest_kernel, rpm_env
+from hostmaint.lab.sshd import descendants
 
 Undo = Callable[[], None]
 REBOOT_LOG = "reboots.jsonl"
@@ -148,21 +149,7 @@ def never_reboot_back(workdir: Path, host: str) -> Undo:
 def kill_process_tree(pid: int) -> list[int]:
     """kill -9 of a process, every process it started (found through /proc, whatever their group or
     session), and its group; returns the pids killed."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited while we looked
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
+    tree = [pid, *descendants(pid)]
     killed = []
     for p in tree:
         try:

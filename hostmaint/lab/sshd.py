@@ -92,7 +92,7 @@ class SshdHandle:
         # Freeze the listener first: a connection it accepted between our look at its children
         # and its death would otherwise survive the "shutdown" as an orphan.
         _signal_all([proc.pid], signal.SIGSTOP)
-        children = _descendants(proc.pid)
+        children = descendants(proc.pid)
         _signal_all([proc.pid], signal.SIGKILL)
         _signal_all(children, signal.SIGTERM)
         proc.wait(timeout=timeout)
@@ -114,7 +114,7 @@ class SshdHandle:
         self.stop()
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process below ``pid``, found through /proc (parents first)."""
     parent_of: dict[int, int] = {}
     for entry in Path("/proc").iterdir():

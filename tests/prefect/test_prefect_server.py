@@ -9,6 +9,7 @@ Everything is SIMULATED hosts; nothing leaves 127.0.0.1.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import signal
@@ -50,11 +51,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-FLOW_OF = {"evacuate-host": "evacuate-on-request", "patch-host": "patch-on-request",
-           "rebalance-cluster": "rebalance-on-request", "return-host": "return-on-request",
-           "degraded-host": "degraded-host-runbook",
-           "hardware-check-failed": "hardware-check-failed-runbook", "resize-vm": "resize-vm",
-           "vm-starved": "vm-starved-runbook"}
+@functools.cache
+def flow_of(deployment: str) -> str:
+    """The flow a served deployment runs, read from its entrypoint (a window's deployments run patch-window)."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    if deployment not in ENTRYPOINTS:
+        return "patch-window"
+    path, _, func = ENTRYPOINTS[deployment][0].partition(":")
+    return load_flow_from_entrypoint(f"{ROOT / path}:{func}").name
 
 
 @dataclass
@@ -90,7 +95,7 @@ class Site:
 
     def deployment(self, name: str) -> dict[str, Any]:
         """A deployment by its short name (``evacuate-host``, ``patch-window-demo``, ...)."""
-        return dict(self.get(f"/deployments/name/{FLOW_OF.get(name, 'patch-window')}/{name}"))
+        return dict(self.get(f"/deployments/name/{flow_of(name)}/{name}"))
 
     def runs_of(self, deployment_id: str) -> list[dict[str, Any]]:
         return list(self.post("/flow_runs/filter", {"deployments": {"id": {"any_": [deployment_id]}},
