@@ -216,7 +216,7 @@ _VMS_OPEN = b'\n  "vms": ['
 _VMS_CLOSE = b"\n  ]\n}"
 _BETWEEN_VMS = b"\n    },\n    {"
 _PIECE_BYTES = 1 << 20
-_BLOCK_BYTES = 1 << 20
+_BLOCK_BYTES = 1 << 16
 
 
 def _parse_in_pieces(data: bytes, piece_bytes: int = _PIECE_BYTES) -> FleetSnapshot | None:
@@ -245,8 +245,17 @@ def _read_in_pieces(blocks: Iterable[bytes], piece_bytes: int = _PIECE_BYTES) ->
             break
     else:
         return None
-    head = bytes(text[:opened + len(_VMS_OPEN)])
+    # the top level first, "vms": [] closing it (all that may follow the list is checked below): the
+    # memory pydantic's tree of it takes is free again before the VMs' models are made
+    head = bytes(text[:opened + len(_VMS_OPEN)]) + b"]\n}"
     del text[:opened + len(_VMS_OPEN)]
+    try:
+        top = FleetSnapshot.model_validate_json(head)
+    except ValidationError:
+        return None
+    if top.vms or head.count(b":") != _colons_outside_vms(top) or _escaped_colon(head):
+        return None
+    del head
     vms: list[Vm] = []
     while True:
         cut = text.find(_BETWEEN_VMS, piece_bytes) if len(text) > piece_bytes else -1
@@ -264,13 +273,6 @@ def _read_in_pieces(blocks: Iterable[bytes], piece_bytes: int = _PIECE_BYTES) ->
         end -= 1
     closed = end - len(_VMS_CLOSE)
     if closed <= 0 or text[closed:end] != _VMS_CLOSE or not _take_piece(text[:closed], vms):
-        return None
-    head += text[closed + len(b"\n  "):]  # "vms": [] and the rest
-    try:
-        top = FleetSnapshot.model_validate_json(head)
-    except ValidationError:
-        return None
-    if top.vms or head.count(b":") != _colons_outside_vms(top) or _escaped_colon(head):
         return None
     # the models made above as they are, and the checks of the whole snapshot (VMs on known hosts,
     # each once, pins their host has): validating them again would run every VM's own checks twice

@@ -513,6 +513,8 @@ class FleetSnapshot(Frozen):
         # (in VM order, with what they name) only when there is one
         vms_known = len({vm.name for vm in self.vms}) == len(self.vms) and hosts.keys() >= {vm.host for vm in self.vms}
         facts: dict[str, _HostFacts] = {}
+        # hosts of one build share one layout: its facts once (a set of ~100 CPUs each is ~5 KB a host)
+        layouts: dict[tuple[tuple[int, tuple[int, ...], tuple[int, ...]], ...], _HostFacts] = {}
         seen: set[str] = set()
         for i, vm in enumerate(self.vms):
             if not vms_known:
@@ -527,7 +529,11 @@ class FleetSnapshot(Frozen):
                 host = hosts[vm.host]
                 known = facts.get(host.name)
                 if known is None:
-                    known = facts[host.name] = _HostFacts.of(host)
+                    layout = tuple((c.id, c.cpus, tuple(hp.size_kib for hp in c.hugepages)) for c in host.cells)
+                    known = layouts.get(layout)
+                    if known is None:
+                        known = layouts[layout] = _HostFacts.of(host)
+                    facts[host.name] = known
                 _check_vm_on_host(i, vm, host, known)
         if self.format != SNAPSHOT_FORMAT:
             raise ValueError(f"format: expected {SNAPSHOT_FORMAT!r}, got {self.format!r}")

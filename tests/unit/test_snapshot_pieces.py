@@ -19,7 +19,7 @@ import hostmaint.fleet as fleet_module
 import hostmaint.models as models_module
 from hostmaint.config_file import parse_json, read_utf8
 from hostmaint.errors import SnapshotError
-from hostmaint.fleet import _parse_in_pieces, dump_snapshot, load_snapshot
+from hostmaint.fleet import _parse_in_pieces, dump_snapshot, load_snapshot, parse_snapshot
 from hostmaint.models import FleetSnapshot, Vm, _canonical_fast
 from hostmaint.placement import plan_evacuation
 from hostmaint.placement.synthetic import generate_fleet
@@ -208,3 +208,19 @@ def test_the_digest_written_in_parts_is_the_canonical_json(fleet: FleetSnapshot,
     empty = fleet.model_copy(update={"vms": ()})
     assert _canonical_fast(empty) == json.dumps(empty.model_dump(mode="json"), sort_keys=True,
                                                 separators=(",", ":")).encode()
+
+
+def test_hosts_of_one_layout_share_their_facts_and_others_keep_theirs(fleet: FleetSnapshot) -> None:
+    # what a VM's pins may name is gathered once per layout of cells: a host whose cells have other
+    # CPUs (or page sizes) under the same ids must still be checked against its own
+    data = _written(fleet)
+    wide = data["hosts"][1]
+    wide["cells"][0]["cpus"] = [*wide["cells"][0]["cpus"], 9000]
+    on = [i for i, vm in enumerate(data["vms"]) if vm["host"] == wide["name"]][0]
+    data["vms"][on].update(vcpupin={"0": [9000]}, vcpus=max(data["vms"][on]["vcpus"], 1))
+    snap = _parse_in_pieces(_dump(data), 3000)
+    assert snap is not None and snap.vms[on].vcpupin == {0: (9000,)}
+    other = [i for i, vm in enumerate(data["vms"]) if vm["host"] == data["hosts"][2]["name"]][0]
+    data["vms"][other].update(vcpupin={"0": [9000]})
+    with pytest.raises(SnapshotError, match=rf"vms\[{other}\]\.vcpupin: .* CPU\(s\) 9000, which host"):
+        parse_snapshot(_dump(data), "s.json")
