@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from hostmaint.models import FleetSnapshot, Host, HostState, Vm
 
 
-@dataclass
+@dataclass(slots=True)  # one per cell of every host: 20,000 at 5,000 hosts
 class CellLoad:
     """One host cell as the planner sees it while it charges placements."""
 
@@ -49,7 +49,7 @@ class CellLoad:
         return [c for c in self.cpus if c not in self.pinned]
 
 
-@dataclass
+@dataclass(slots=True)
 class HostLoad:
     """One host's free capacity and what already runs there."""
 
@@ -112,7 +112,7 @@ def _host_load(host: Host, vms: Sequence[Vm], headroom_pct: float, overcommit: f
             avail_mib=c.free_mib - reserved_share - headroom_pct / 100 * c.memory_mib,
             used_mib=max(c.memory_mib - c.free_mib - hp_free_mib, 0.0),
             hugepages={hp.size_kib: hp.free for hp in c.hugepages},
-            cpus=tuple(sorted(c.cpus)),
+            cpus=_ascending(c.cpus),
         ))
     load = HostLoad(name=host.name, cluster=host.cluster, cpu_group=host.cpu_group, state=host.state, cells=cells,
                     vcpu_budget=host.cpu_count * overcommit)
@@ -131,6 +131,12 @@ def _host_load(host: Host, vms: Sequence[Vm], headroom_pct: float, overcommit: f
                     cpu_cell[cpu].pinned.add(cpu)
     load.vm_count = len(vms)
     return load
+
+
+def _ascending(cpus: tuple[int, ...]) -> tuple[int, ...]:
+    # the host's own tuple where it is in order already (as discovery lists CPUs): not a copy per cell
+    ordered = tuple(sorted(cpus))
+    return cpus if ordered == cpus else ordered
 
 
 @dataclass
