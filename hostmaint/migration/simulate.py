@@ -609,7 +609,7 @@ class WindowFloor:
 
     first_patch_s: float  # P: no VM's last move off a due host starts before the first host is patched
     escape_link_s: float  # Σ memory ÷ the k fastest sources' rates
-    escape_slots_s: float  # Σ each VM's floor (set-up + memory ÷ its stream) ÷ the cluster's slots
+    escape_slots_s: float  # Σ each VM's slot time (set-up + memory ÷ its stream − look-ahead) ÷ the slots
     patch_s: float  # the last such move's source is patched after it
     host_s: float  # the slowest host alone: its floor drain and its patch
     maintenance_s: float = 0.0  # Σ each host's floor drain and patch ÷ k, or whole hosts in k slots
@@ -630,8 +630,9 @@ def window_floor_bound(snapshot: FleetSnapshot, names: Sequence[str], k: int, *,
 
     The proof (benchmarks/RESULTS.md, "The night against its bound") assumes what the model and the
     flows have: a VM leaves a host only while that host is in maintenance (its drain); a migration
-    holds one of the cluster's slots from its set-up to its end and sends the VM's whole memory at
-    most at its stream's rate (pre-copy sends it at least once, post-copy too; dirty pages and
+    holds one of the cluster's slots from its set-up until what it has left to send fits the policy's
+    look-ahead (the adaptive policy then lets the next one set up), and sends the VM's whole memory
+    at most at its stream's rate (pre-copy sends it at least once, post-copy too; dirty pages and
     throttling only add or are left out); a host sends at most at its link and per-source slots;
     no VM lands on a host in maintenance or not yet verified; a host is patched empty.
 
@@ -658,7 +659,12 @@ def window_floor_bound(snapshot: FleetSnapshot, names: Sequence[str], k: int, *,
         return stream_rate(options, policy, min(params.link(host), into))
 
     def send_rate(host: str) -> float:  # what one source can push: its link, its slots' streams
+        if policy.adaptive:  # a migration about to finish frees its slot for the next one's set-up
+            return params.link(host)
         return min(params.link(host), stream(host) * min(limits.migrations_per_source, limits.migrations_per_cluster))
+
+    # the slot a migration holds: from its set-up until its rest fits the look-ahead (then the next begins)
+    ahead = policy.lookahead_s if policy.adaptive else 0.0
 
     own: dict[str, list[int]] = {n: [] for n in names}
     for v in snapshot.vms:
@@ -677,7 +683,7 @@ def window_floor_bound(snapshot: FleetSnapshot, names: Sequence[str], k: int, *,
     memory = sum(sum(sizes) for sizes in own.values())
     sources = sorted((send_rate(n) for n in names), reverse=True)[:max(1, min(k, len(names)))]
     link_s = memory / sum(sources) if sources else 0.0
-    slots_s = sum(setup + m / stream(h) for h, sizes in own.items() for m in sizes) / max(
+    slots_s = sum(setup + max(0.0, m / stream(h) - ahead) for h, sizes in own.items() for m in sizes) / max(
         limits.migrations_per_cluster, 1)
     last = patch_s if memory else 0.0
     host_s = max(drains, default=0.0) + patch_s if names else 0.0
