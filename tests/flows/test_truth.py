@@ -162,6 +162,16 @@ def test_uncordon_refuses_a_host_that_was_not_verified(sim_inventory: Path) -> N
 # --- d. a VM started on the host during its drain -------------------------------------------------------
 
 
+def tenant_vm(name: str, host: str, n: int) -> Vm:
+    """A tenant's 1 GiB VM, not hostmaint's, to start on ``host`` mid-maintenance."""
+    return Vm(name=name, uuid=f"00000000-0000-0000-0000-{n:012x}", host=host, memory_mib=1024, vcpus=1)
+
+
+def start_tenant(fleet: SimulatedFleet, vm: Vm) -> None:
+    fleet.vms[vm.name] = vm
+    fleet.start(vm.name, vm.host)
+
+
 class _StartsDuringDrain:
     """The sim fleet, where a tenant starts ``vm`` on ``host`` as the first migration off it runs."""
 
@@ -171,8 +181,7 @@ class _StartsDuringDrain:
     def migrate(self, vm: str, source: str, *args: Any, **kwargs: Any) -> Any:
         if source == self.host and not self.started:
             self.started = True
-            self.real.vms[self.vm.name] = self.vm
-            self.real.start(self.vm.name, self.host)
+            start_tenant(self.real, self.vm)
         return self.real.migrate(vm, source, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
@@ -186,8 +195,7 @@ def test_a_vm_started_during_the_drain_keeps_the_host_from_being_called_drained(
     rt = open_runtime(sim_inventory)
     real = fleet(rt)
     boot = real.packages["hv03"].boot_id
-    intruder = Vm(name="tenant-new", uuid="00000000-0000-0000-0000-0000000000aa", host="hv03", memory_mib=1024,
-                  vcpus=1)
+    intruder = tenant_vm("tenant-new", "hv03", 0xaa)
     rt.hypervisor = _StartsDuringDrain(real, "hv03", intruder)  # type: ignore[assignment]
     try:
         with pytest.raises(StepError, match="tenant-new"):
@@ -214,8 +222,7 @@ def test_a_failed_drain_names_every_vm_on_the_host_with_one_started_during_it(si
     real = fleet(rt)
     planned = sorted(real.running["hv03"])
     real.fail_migrations.update(planned)
-    intruder = Vm(name="tenant-mid", uuid="00000000-0000-0000-0000-0000000000ac", host="hv03", memory_mib=1024,
-                  vcpus=1)
+    intruder = tenant_vm("tenant-mid", "hv03", 0xac)
     rt.hypervisor = _StartsDuringDrain(real, "hv03", intruder)  # type: ignore[assignment]
     try:
         with pytest.raises(StepError, match="drain of hv03 failed"):
@@ -239,8 +246,7 @@ class _StartsDuringUpdate:
         result = self.real.run(host, argv, timeout)
         if host == self.host and "update" in argv and not self.started:
             self.started = True
-            self.fleet.vms[self.vm.name] = self.vm
-            self.fleet.start(self.vm.name, self.host)
+            start_tenant(self.fleet, self.vm)
         return result
 
     def __getattr__(self, name: str) -> Any:
@@ -255,8 +261,7 @@ def test_a_vm_started_during_the_update_is_refused_recorded_and_drained_by_the_r
     rt = open_runtime(sim_inventory)
     real = fleet(rt)
     boot = real.packages["hv02"].boot_id
-    intruder = Vm(name="tenant-late", uuid="00000000-0000-0000-0000-0000000000ab", host="hv02", memory_mib=1024,
-                  vcpus=1)
+    intruder = tenant_vm("tenant-late", "hv02", 0xab)
     shell = rt.shell
     rt.shell = _StartsDuringUpdate(shell, real, "hv02", intruder)  # type: ignore[assignment]
     try:
