@@ -4,7 +4,8 @@
   audit says the outcome is unknown, and the plain re-run reads the package changes from the host's
   rpm database and records them.
 - b: a run is killed (SIGKILL) while its live migrations are in flight; libvirt finishes them after
-  the process died: the next run finds them and records them as such.
+  the process died: the next run finds them and records them as such; so for a rebalance killed
+  mid-way, whose moves the next rebalance finds from the moves it recorded before starting them.
 """
 
 from __future__ import annotations
@@ -185,4 +186,70 @@ def test_migrations_that_finish_after_their_run_was_killed_are_found_by_the_next
     after = all_vms(rt)
     assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
     assert not [vm for vm, hosts in after.items() if source in hosts]
+    assert rt.audit.verify().ok  # type: ignore[attr-defined]
+
+
+def test_moves_a_killed_rebalance_left_unrecorded_are_found_by_the_next_rebalance(
+        truth_lab: LabInfo, rt: object, tmp_path: Path) -> None:
+    import yaml
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.evacuate_host import evacuate_host
+    from flows.locks import ensure_limits
+    from flows.rebalance_cluster import rebalance_cluster
+    from flows.return_host import AfterReturn, return_host
+
+    _reactivate(rt, "hv01", "hv02", "hv03")
+    hv = rt.hypervisor  # type: ignore[attr-defined]
+    inventory = str(truth_lab.inventory_path)
+    # an empty host in service: the rebalance has VMs to send to it
+    evacuate_host(host="hv03", operator="lab-test", reason="empty it", inventory=inventory, trigger=Trigger.TEST)
+    return_host(host="hv03", operator="lab-test", then=AfterReturn.NOTHING, inventory=inventory,
+                trigger=Trigger.TEST)
+    before = all_vms(rt)
+    assert not [vm for vm, hosts in before.items() if "hv03" in hosts], before
+    data = yaml.safe_load(truth_lab.inventory_path.read_text())
+    data["clusters"][0]["migration"].update({"bandwidth_mib_s": 4})  # slow, so it is killed mid-way
+    slow = tmp_path / "inventory.yaml"
+    slow.write_text(yaml.safe_dump(data))
+    ensure_limits(slow)
+    script = ("from flows.rebalance_cluster import rebalance_cluster\n"
+              f"rebalance_cluster(cluster='lab', max_moves=3, operator='lab-test', inventory={str(slow)!r}, "
+              "trigger='test')\n")
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "HOSTMAINT_LOCK_LEASE_SECONDS": "60"}
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_with: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            killed_with = [vm for h in ("hv01", "hv02", "hv03") for vm in hv.in_migration(h)]
+            if killed_with:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_with, "no migration was seen in flight before the run ended"
+    deadline = time.monotonic() + 120
+    while any(hv.in_migration(h) for h in ("hv01", "hv02", "hv03")):
+        assert time.monotonic() < deadline, "migrations still in flight after 120 s"
+        time.sleep(0.5)
+    after_kill = all_vms(rt)
+    landed = sorted(vm for vm, hosts in after_kill.items() if hosts != before[vm])
+    assert set(killed_with) <= set(landed), (killed_with, landed)  # libvirt finished them without the run
+    [started] = [r for r in rt.audit.records() if r.step == "moves-started"][-1:]  # type: ignore[attr-defined]
+    assert not [r for r in rt.audit.records(run_id=started.run_id) if r.step == "migrate"]  # type: ignore[attr-defined]
+
+    _expire_leases(rt)
+    rebalance_cluster(cluster="lab", max_moves=0, operator="lab-test", inventory=inventory, trigger=Trigger.TEST)
+
+    found = [r for r in rt.audit.records() if r.step == "migration-found"  # type: ignore[attr-defined]
+             and r.inputs.get("started_by_run") == started.run_id]
+    assert sorted(r.vm or "" for r in found) == landed, found
+    assert all([r.inputs["target"]] == after_kill[r.vm] and [r.host] == before[r.vm] for r in found if r.vm)
+    after = all_vms(rt)
+    assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
     assert rt.audit.verify().ok  # type: ignore[attr-defined]
