@@ -20,7 +20,7 @@ import hostmaint.models as models_module
 from hostmaint.config_file import parse_json, read_utf8
 from hostmaint.errors import SnapshotError
 from hostmaint.fleet import _parse_in_pieces, dump_snapshot, load_snapshot, parse_snapshot
-from hostmaint.models import FleetSnapshot, Vm, _canonical_fast
+from hostmaint.models import FleetSnapshot, Host, Vm, _canonical_fast
 from hostmaint.placement import plan_evacuation
 from hostmaint.placement.synthetic import generate_fleet
 
@@ -224,3 +224,28 @@ def test_hosts_of_one_layout_share_their_facts_and_others_keep_theirs(fleet: Fle
     data["vms"][other].update(vcpupin={"0": [9000]})
     with pytest.raises(SnapshotError, match=rf"vms\[{other}\]\.vcpupin: .* CPU\(s\) 9000, which host"):
         parse_snapshot(_dump(data), "s.json")
+
+
+def _cell(id_: int, cpus: list[int], **more: Any) -> dict[str, Any]:
+    return {"id": id_, "memory_mib": 4096, "free_mib": 1024, "cpus": cpus, **more}
+
+
+BAD_POOL = [{"size_kib": 2048, "total": 4, "free": 5}]
+
+
+@pytest.mark.parametrize(("cells", "message"), [
+    ([_cell(0, [0, 1], hugepages=BAD_POOL), _cell(1, [1, 2])], "cell 0: hugepages of 2048 KiB: 5 pages free"),
+    ([_cell(0, [0, 1]), _cell(1, [1, 2], hugepages=BAD_POOL)], "cell 1: hugepages of 2048 KiB: 5 pages free"),
+    ([_cell(0, [0, 1]), _cell(1, [1, 2])], "CPU 1 is listed in cells 0 and 1"),
+    ([_cell(0, [0, 0]), _cell(1, [2], free_mib=9999)], "CPU 0 is listed twice in cell 0"),
+    ([_cell(0, [0], free_mib=9999), _cell(0, [1])], "cell 0 has 9999 MiB free of 4096"),
+    ([_cell(0, [0]), _cell(0, [-1])], "cell id 0 is listed twice"),
+    ([_cell(0, [0]), _cell(1, [-1])], "cell 1 lists CPU -1"),
+    ([_cell(0, [0]), _cell(1, [1], hugepages=BAD_POOL)], "cell 1: hugepages of 2048 KiB: 5 pages free"),
+])
+def test_a_hosts_first_problem_is_named_in_cell_order(cells: list[dict[str, Any]], message: str) -> None:
+    # the common host is checked without a loop over its CPUs; one with a problem, in the order the
+    # checks always had: each cell's id, free memory, pools, then its CPUs, cell after cell
+    with pytest.raises(ValueError, match=message):
+        Host.model_validate({"name": "hv", "cluster": "c", "cells": cells})
+    assert Host.model_validate({"name": "hv", "cluster": "c", "cells": [_cell(0, [0, 1]), _cell(1, [2, 3])]})
