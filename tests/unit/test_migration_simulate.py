@@ -391,7 +391,7 @@ def test_a_host_outside_the_window_takes_vms_from_the_start() -> None:
     names = [h.name for h in snap.hosts][:-1]
     est = simulate_window(snap, names, patch_s=200, dirty_rate=dirty)
     assert est.first_patch_s == 0.0
-    assert est.bound_s == max(est.lower_bound_s, est.wave_bound_s, est.drain_bound_s)
+    assert est.bound_s == est.valid_bound_s == max(est.drain_bound_s, est.host_floor_s)
     everyone = simulate_window(snap, [h.name for h in snap.hosts], patch_s=200, dirty_rate=dirty)
     assert everyone.first_patch_s > 0.0
 
