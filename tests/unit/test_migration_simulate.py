@@ -448,3 +448,25 @@ def test_a_full_link_keeps_every_pause_within_the_configured_limit() -> None:
     assert old.downtime_percentile_ms(100) > 300  # what the link-filling admission did before
     assert ours.downtime_percentile_ms(100) <= 300
     assert ours.makespan_s <= old.makespan_s * 1.02
+
+
+def test_the_valid_bound_leaves_room_for_the_next_set_up_before_a_migration_ends() -> None:
+    # A migration frees its slot when its rest fits the look-ahead (2 s): the next one sets up
+    # meanwhile. With a link of one stream, one migration per source and target and 2 slots, this
+    # window ends in 59 s as the flows run it; a bound charging each migration its slot until its
+    # end (2 s set-up + M / 600) says 60 s, so it is no lower bound. With the look-ahead: 54 s.
+    mib = {"h0": (1800,), "h1": (1200, 1800), "h2": (2400, 1800), "h3": (1800,)}
+    hs = tuple(Host(name=h, cluster="c", cells=(Cell(id=0, memory_mib=1 << 20, free_mib=1 << 20),)) for h in mib)
+    vms = tuple(Vm(name=f"{h}v{j}", uuid=f"{h}v{j}", host=h, memory_mib=m, vcpus=1)
+                for h, sizes in mib.items() for j, m in enumerate(sizes))
+    snap = FleetSnapshot(cluster="c", taken_at="t", hosts=hs, vms=vms, limits=Limits(
+        memory_headroom_pct=0, max_hosts_in_maintenance=2, migrations_per_cluster=2, migrations_per_source=1,
+        migrations_per_target=1))
+    params = SimParams(default_link_mib_s=600.0, setup_s=2.0)
+    est = simulate_window(snap, ["h0", "h3", "h1", "h2"], parallel=2, patch_s=20, params=params,
+                          rebalance_within=None)
+    assert est.makespan_s == pytest.approx(59.0, abs=0.01)
+    whole = window_floor_bound(snap, list(mib), 2, patch_s=20, params=params,
+                               policy=SchedulerPolicy(lookahead_s=0.0))
+    assert whole.total_s > est.makespan_s
+    assert est.bound_s == pytest.approx(54.0) and est.bound_s <= est.makespan_s
