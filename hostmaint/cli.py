@@ -305,14 +305,14 @@ def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = F
     """Every host's maintenance state, the migration link its drains will use (and why), and the network
     and encryption its migrations travel with."""
     with exit_codes():
-        from hostmaint.maintenance import link_figures
+        from hostmaint.maintenance import link_figures, state_as_seen
 
         rt = _runtime(inventory)
         links = {h: f for c in rt.inventory.clusters for h, f in link_figures(rt.inventory, rt.states, c.name).items()}
         transport = _transport_view(rt, probe)
         rows = []
         for h in rt.inventory.hosts:
-            rec = rt.states.get(h.name)
+            rec = state_as_seen(rt, h.name)  # a state that says empty is checked against libvirt
             link = links[h.name]
             # VMs maintenance moved off it and did not bring back (their recorded origin is this host)
             away = sorted(rt.states.origins(h.name))

@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from hostmaint import patching
@@ -987,6 +987,27 @@ def confirm_empty(rt: Runtime, run: RunContext, host: str, before: Step | None =
 EMPTY_STATES = frozenset({HostState.DRAINED, HostState.PATCHING, HostState.REBOOTING, HostState.VERIFYING})
 """States that say no VM runs on the host; a rebooting host keeps its state (its reboot may be under
 way) and only the reason changes."""
+
+
+def state_as_seen(rt: Runtime, host: str) -> HostRecord:
+    """``host``'s record as an operator should read it: a state that says the host is empty (drained,
+    patching, verifying) is checked against libvirt, and when VMs run there (a tenant started
+    one after the drain, with no run of ours there to see it) it reads ``cordoned`` with a reason naming
+    them and the state recorded. Nothing is written: the next run of the host drains them
+    (:func:`~hostmaint.resume.drain_due`) or refuses to go on (:func:`confirm_empty`)."""
+    record = rt.states.get(host)
+    # a rebooting host runs nothing by then, and does not answer: nothing to ask
+    if record.state not in EMPTY_STATES or record.state is HostState.REBOOTING:
+        return record
+    try:
+        running = rt.hypervisor.running_vms(host)
+    except DriverError:
+        return record  # not answering (powered off for its repair): the recorded state is all there is
+    if not running:
+        return record
+    return replace(record, state=HostState.CORDONED,
+                   reason=f"not drained: {', '.join(running)} runs on it (started after its drain; recorded "
+                          f"state {record.state.value}: {record.reason})")
 
 
 # --- patching --------------------------------------------------------------------------

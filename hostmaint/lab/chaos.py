@@ -781,7 +781,10 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
     for host in targets:
         ops.append(start_op(c, scenario.op, op_args(scenario.op, host, scenario.round_seed, window_end), log))
     injector.start()
-    result.first_rc = [op.wait(OP_TIMEOUT_S) for op in ops]
+    ended: list[float] = []  # when each op was seen to have ended (at the latest)
+    for op in ops:
+        result.first_rc.append(op.wait(OP_TIMEOUT_S))
+        ended.append(time.time())
     with c.watcher.lock:
         first_dnf = dict(c.watcher.first_dnf)
     killed = [op.killed_at for op in ops if op.killed_at is not None]
@@ -854,6 +857,13 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
                                        + last_error(run.output()[offset:]))
 
     needs_rerun = [i for i, rc in enumerate(result.first_rc) if rc != 0]
+    # an evacuation that ended well, on whose host a tenant's VM came up after it ended: host status
+    # says so (not drained: X runs on it), and the operator runs the evacuation again
+    for i, rc in enumerate(result.first_rc):
+        late = late_tenants(c, ops[i].args, injector.added_guests, ended[i]) if rc == 0 else []
+        if late:
+            needs_rerun.append(i)
+            result.notes.append(f"re-run: {late} started on {ops[i].args[1]} after the evacuation ended")
     if needs_rerun:
         if killed:
             time.sleep(max(0.0, max(killed) + LEASE_S + 5 - time.monotonic()))  # the dead run's lease
@@ -913,6 +923,18 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
     result.seconds = round(time.time() - started, 1)
     normalise(c, injector.added_guests, log, result)
     return result
+
+
+def late_tenants(c: Campaign, args: Sequence[str], added: Iterable[str], ended: float) -> list[str]:
+    """The tenant's VMs running on the host an evacuation (``args``) left drained that the watcher first
+    saw after the run had ended: no run of ours was there to see them."""
+    if not args or args[0] != "evacuate":
+        return []
+    running = c.watcher.running()
+    with c.watcher.lock:
+        first_seen = dict(c.watcher.first_seen)
+    return sorted(g for g in added if not g.startswith(FILLER_PREFIX) and args[1] in running.get(g, [])
+                  and first_seen.get(g, 0.0) > ended)
 
 
 def crashed(rc: int | None, output: str) -> bool:

@@ -748,3 +748,27 @@ def test_a_returns_migration_whose_outcome_was_unknown_is_settled_by_the_next_re
         (away, "hv01", dead.run_id)], found
     assert vm not in rt.states.origins("hv01")  # home: its origin is cleared, as a finished return does
     assert set(real.running["hv01"]) == set(home)
+
+
+def test_host_status_does_not_call_a_host_drained_while_a_vm_started_after_its_evacuation_runs_there(
+        sim_inventory: Path) -> None:
+    # chaos round 411835775: the evacuation ended (hv02 drained), then a tenant started a VM on the host;
+    # nothing of ours ran to see it, and host status said drained, which an operator reads as "empty"
+    from flows.evacuate_host import evacuate_host
+    from hostmaint_cli.main import app
+
+    rt = open_runtime(sim_inventory)
+    evacuate_host(host="hv02", operator="ann", reason="RAM swap", inventory=str(sim_inventory), trigger=Trigger.TEST)
+    assert rt.states.state("hv02") is HostState.DRAINED
+    start_tenant(fleet(rt), tenant_vm("tenant-after", "hv02", 0xad))
+
+    result = CliRunner().invoke(app, ["host", "status", "-i", str(sim_inventory), "--json"])
+
+    row = {r["host"]: r for r in json.loads(result.stdout)}["hv02"]
+    assert row["state"] == "cordoned" and "not drained: tenant-after runs on it" in row["reason"], row
+    assert "recorded state drained" in row["reason"]
+    assert rt.states.state("hv02") is HostState.DRAINED  # a read writes nothing
+    fleet(rt).running["hv02"].discard("tenant-after")
+    row = {r["host"]: r for r in json.loads(CliRunner().invoke(
+        app, ["host", "status", "-i", str(sim_inventory), "--json"]).stdout)}["hv02"]
+    assert row["state"] == "drained", row

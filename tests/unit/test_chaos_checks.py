@@ -151,3 +151,16 @@ def test_a_move_whose_own_attempt_is_recorded_failed_is_a_finding() -> None:
     assert violations == [] and findings and "vm05 moved hv02 -> hv01" in findings[0]
     violations, _ = chaos.check_moves_recorded([(1001.2, "vm05", "hv02", "hv01")], records[:1])
     assert violations == ["audit: vm05 moved hv02 -> hv01 with no successful record of it"]
+
+
+def test_an_evacuation_whose_host_got_a_tenants_vm_after_it_ended_is_run_again(lab: Lab) -> None:
+    # round 411835775: the evacuation ended with hv02 drained; the tenant's VM came up after it
+    import threading
+
+    lab.running_vms["cxv012"] = ["hv02"]
+    lab.first_seen["cxv012"] = 1005.0
+    lab.lock = threading.Lock()  # type: ignore[attr-defined]
+    campaign = Campaign(lab)
+    assert chaos.late_tenants(campaign, ["evacuate", "hv02"], ["cxv012"], 1000.0) == ["cxv012"]  # type: ignore[arg-type]
+    assert chaos.late_tenants(campaign, ["evacuate", "hv02"], ["cxv012"], 1010.0) == []  # type: ignore[arg-type]
+    assert chaos.late_tenants(campaign, ["patch", "hv02"], ["cxv012"], 1000.0) == []  # type: ignore[arg-type]
