@@ -444,12 +444,30 @@ def plan_drain(rt: Runtime, run: RunContext, host: str, *, avoid: Sequence[str] 
         rec.details["proof"] = plan.proof.value
         if plan.capacity is None:
             plan = plan.model_copy(update={"capacity": check_capacity(snap, [host])})
+        if not plan.feasible and not plan.blocked and not snap.vms_on(host) and out_before(rt, run, host):
+            # N+1 keeps a host in service that the cluster needs as a spare; this one is out already and
+            # holds nothing, so refusing it keeps the spare away longer: its maintenance brings it back
+            assert plan.capacity is not None
+            note = (f"not applied: {host} was out of service before this run and moves nothing; finishing its "
+                    f"maintenance brings capacity back ({plan.capacity.reason})")
+            plan = plan.model_copy(update={"capacity": plan.capacity.model_copy(update={"ok": True, "reason": note})})
+            rec.details["capacity_note"] = note
         rec.details["plan"] = plan.model_dump(mode="json")
         if dry_run:
             rec.outcome = StepOutcome.DRY_RUN
         elif not plan.feasible:
             raise PlanError(f"cannot evacuate {host}: " + "; ".join(plan.refusals))
         return plan
+
+
+def out_before(rt: Runtime, run: RunContext, host: str) -> bool:
+    """Whether ``host`` was out of service (any state but active) when ``run`` took it over, or now
+    when the run has not (a plan before the cordon)."""
+    history = rt.states.history(host)
+    mine = next((i for i, r in enumerate(history) if r.run_id == run.run_id), None)
+    if mine is None:
+        return rt.states.state(host) is not HostState.ACTIVE
+    return mine > 0 and history[mine - 1].state is not HostState.ACTIVE
 
 
 # --- drain --------------------------------------------------------------------------

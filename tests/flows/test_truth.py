@@ -772,3 +772,34 @@ def test_host_status_does_not_call_a_host_drained_while_a_vm_started_after_its_e
     row = {r["host"]: r for r in json.loads(CliRunner().invoke(
         app, ["host", "status", "-i", str(sim_inventory), "--json"]).stdout)}["hv02"]
     assert row["state"] == "drained", row
+
+
+def test_a_host_already_out_of_service_and_empty_is_patched_though_n_plus_1_is_short(sim_inventory: Path) -> None:
+    # chaos round 532732275: hv01 was reset after its reboot never came back (empty, out of service); its
+    # re-run was refused by N+1, which kept the cluster's spare away longer instead of bringing it back
+    from flows.evacuate_host import evacuate_host
+
+    rt = open_runtime(sim_inventory)
+    evacuate_host(host="hv01", operator="ann", reason="RAM swap", inventory=str(sim_inventory), trigger=Trigger.TEST)
+    rt.states.transition("hv01", HostState.FAILED, "reboot failed: did not come back", "run-earlier")
+    rt.states.transition("hv01", HostState.CORDONED, "reset by an operator", None)  # hostmaint host reset
+    for other in ("hv02", "hv03"):
+        rt.states.set_aside(other, "operator: fan noise", None)
+    assert not fleet(rt).running["hv01"]
+
+    result = patch_host(host="hv01", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK, result.detail
+    assert rt.states.state("hv01") is HostState.ACTIVE
+    [plan] = [r for r in audit().records(host="hv01") if r.step == "plan" and r.run_id == result_run(rt, "hv01")]
+    assert "out of service before this run and moves nothing" in plan.details["capacity_note"]
+    # a host in service with VMs is still held to N+1
+    from hostmaint.errors import PlanError
+
+    with pytest.raises(PlanError, match="N\\+1"):
+        patch_host(host="hv04", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+
+def result_run(rt: Any, host: str) -> str:
+    """The run that last changed ``host``'s state."""
+    return str(rt.states.get(host).run_id)
