@@ -68,6 +68,15 @@ def patch_one(host: str, inventory: str, operator: str, window_id: str, trigger:
         return HostOutcome(host=host, outcome=StepOutcome.FAILED, state=state, detail=str(exc))
 
 
+def _record_window(rt: Runtime, run: RunContext, cluster: str, window_id: str, outcomes: list[HostOutcome]) -> None:
+    """The window's own audit record: what came of each host, failed when one did. A host's run can fail
+    before any step of its own is recorded (the Prefect server gone as it starts): this names it."""
+    with audited(rt, run, Step.WINDOW, cluster=cluster, inputs={"window_id": window_id}) as rec:
+        rec.details["hosts"] = [{"host": o.host, "outcome": o.outcome.value, "detail": o.detail} for o in outcomes]
+        if any(o.outcome is StepOutcome.FAILED for o in outcomes):
+            rec.outcome = StepOutcome.FAILED
+
+
 def _holds(rt: Runtime, hosts: list[str]) -> dict[str, HostHold | None]:
     """Each host's hold, if an operator took it out of service (hostmaint/window.py decides)."""
     holds: dict[str, HostHold | None] = {}
@@ -233,6 +242,7 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
                             after.host_max_mean)
             rebalance_locked(ref, run, plan, now, rebalance_moves, prefer_origin=False, within=within)
     outcomes.sort(key=lambda o: order.index(o.host) if o.host in order else len(order))
+    _record_window(rt, run, cluster, window_id, outcomes)
     publish_report(f"patch window {window_id}", outcomes, key=None)
     notify.window_ended(window_id, cluster, outcomes)  # the window-end notification (docs/integrations.md)
     if cancel is not None and cancel.is_set():

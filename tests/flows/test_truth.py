@@ -803,3 +803,29 @@ def test_a_host_already_out_of_service_and_empty_is_patched_though_n_plus_1_is_s
 def result_run(rt: Any, host: str) -> str:
     """The run that last changed ``host``'s state."""
     return str(rt.states.get(host).run_id)
+
+
+def test_a_window_whose_host_failed_before_any_step_of_its_own_says_so_in_the_audit(
+        sim_inventory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # chaos round 222539331: the Prefect server restarted as hv02's run started; the window failed after
+    # patching hv01, and no record said anything had failed
+    import flows.patch_window as window_flow
+
+    real_patch = window_flow.patch_host
+
+    def patch_host_or_lose_the_server(**kwargs: Any) -> Any:
+        if kwargs["host"] == "hv02":
+            raise ConnectionError("All connection attempts failed")
+        return real_patch(**kwargs)
+
+    monkeypatch.setattr(window_flow, "patch_host", patch_host_or_lose_the_server)
+    outcomes = window_flow.patch_window(cluster="demo", hosts=["hv01", "hv02"], window_id="w-lost",
+                                        operator="sched", inventory=str(sim_inventory), trigger=Trigger.TEST,
+                                        rebalance_moves=0)
+
+    assert {o.host: o.outcome for o in outcomes} == {"hv01": StepOutcome.OK, "hv02": StepOutcome.FAILED}
+    [record] = [r for r in audit().records() if r.step == "window" and r.host is None]
+    assert record.outcome is StepOutcome.FAILED and record.inputs == {"window_id": "w-lost"}
+    said = {h["host"]: h for h in record.details["hosts"]}
+    assert said["hv02"]["outcome"] == "failed" and "All connection attempts failed" in said["hv02"]["detail"]
+    assert said["hv01"]["outcome"] == "ok"
