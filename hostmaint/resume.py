@@ -15,7 +15,8 @@ draining          from the silence (adopted when the earlier run's lives); the c
                   host over and the drain goes on
 drained           from the silence, without the cordon; the drain moves only what still runs on
                   it (:func:`drain_due`: a VM an earlier run left there, or one started since)
-patching          from the update (an update whose outcome was lost is read back first)
+patching          from the update (an update whose outcome was lost is read back first), after a
+                  drain of what runs on it now (:func:`drain_due`: one a tenant started since)
 rebooting         the reboot an earlier run issued is proven (``prove-reboot``: its recorded boot
                   id against the host's); one never issued, or that never happened, is done as a
                   fresh run does it: the reboot gate, the pre-reboot hooks, then the reboot
@@ -58,7 +59,7 @@ _LEFT: dict[HostState, tuple[Step, ...]] = {
     HostState.CORDONED: RUNBOOK,
     HostState.DRAINING: _from(Step.SILENCE),
     HostState.DRAINED: _from(Step.SILENCE, without=[Step.CORDON]),
-    HostState.PATCHING: (Step.SILENCE, Step.DISCOVER, *_from(Step.UPDATE)),
+    HostState.PATCHING: (Step.SILENCE, Step.DISCOVER, Step.DRAIN, Step.CONFIRM_EMPTY, *_from(Step.UPDATE)),
     HostState.VERIFYING: (Step.SILENCE, Step.DISCOVER, *_TAIL),
     HostState.FAILED: _from(Step.SILENCE),
 }
@@ -85,5 +86,6 @@ def remaining_steps(record: HostRecord, audit: Sequence[AuditRecord]) -> tuple[S
 
 def drain_due(state: HostState, vms_on_host: bool) -> bool:
     """Whether the drain step moves anything: always for a host not drained yet (the drain takes it to
-    ``drained``), and for a drained host only when VMs run on it (``vms_on_host``, discovered now)."""
-    return state is not HostState.DRAINED or vms_on_host
+    ``drained``), and for a drained or patching host only when VMs run on it (``vms_on_host``,
+    discovered now: one its shutdown never reached, or a tenant's started since)."""
+    return state not in (HostState.DRAINED, HostState.PATCHING) or vms_on_host

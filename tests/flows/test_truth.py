@@ -829,3 +829,24 @@ def test_a_window_whose_host_failed_before_any_step_of_its_own_says_so_in_the_au
     said = {h["host"]: h for h in record.details["hosts"]}
     assert said["hv02"]["outcome"] == "failed" and "All connection attempts failed" in said["hv02"]["detail"]
     assert said["hv01"]["outcome"] == "ok"
+
+
+def test_a_patch_resumed_from_patching_drains_a_vm_started_since_the_run_died(sim_inventory: Path) -> None:
+    # chaos round 337982517: the worker running hv01's patch was killed during the update; a tenant then
+    # started a VM on hv01. The re-run went straight to the update, refused it, and needed one more run
+    from flows.evacuate_host import evacuate_host
+
+    rt = open_runtime(sim_inventory)
+    real = fleet(rt)
+    evacuate_host(host="hv02", operator="ann", reason="patch", inventory=str(sim_inventory), trigger=Trigger.TEST)
+    rt.states.transition("hv02", HostState.PATCHING, "patching", "run-that-died")
+    boot = real.packages["hv02"].boot_id
+    start_tenant(real, tenant_vm("tenant-since", "hv02", 0xae))
+
+    result = patch_host(host="hv02", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK, result.detail
+    assert rt.states.state("hv02") is HostState.ACTIVE and real.packages["hv02"].boot_id != boot
+    moved = [m for m in result.migrations if m.vm == "tenant-since"]
+    assert moved and moved[0].source == "hv02" and moved[0].outcome is StepOutcome.OK, result.migrations
+    assert sum("tenant-since" in vms for vms in real.running.values()) == 1

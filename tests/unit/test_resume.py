@@ -56,7 +56,7 @@ ROWS: list[tuple[str, S, list[AuditRecord], list[Step]]] = [
      [P.SILENCE, P.DISCOVER, P.DRAIN, P.CONFIRM_EMPTY, P.UPDATE, P.REBOOT, *TAIL]),
     ("died during the update: the update again (a lost outcome is read back)", S.PATCHING,
      [rec(P.UPDATE_STARTED, SINCE), rec(P.UPDATE, SINCE, StepOutcome.UNKNOWN)],
-     [P.SILENCE, P.DISCOVER, P.UPDATE, P.REBOOT, *TAIL]),
+     [P.SILENCE, P.DISCOVER, P.DRAIN, P.CONFIRM_EMPTY, P.UPDATE, P.REBOOT, *TAIL]),
     ("died while rebooting: the issued reboot is proven", S.REBOOTING, [ISSUED],
      [P.SILENCE, P.DISCOVER, P.PROVE_REBOOT, P.REBOOT, *TAIL]),
     ("rebooting, issued by the names old trails hold", S.REBOOTING, [ISSUED_OLD_NAME],
@@ -102,6 +102,8 @@ def test_the_boot_id_of_the_last_reboot_issued_in_this_state() -> None:
     (S.DRAINING, False, True),  # a drain that died half way goes on
     (S.DRAINED, False, False),  # drained and empty: not drained again
     (S.DRAINED, True, True),  # a VM left on it (its shutdown never ran) or started since
+    (S.PATCHING, False, False),  # died during the update: nothing to move
+    (S.PATCHING, True, True),  # a tenant's VM started since the run died (chaos round 337982517)
 ])
 def test_a_drain_is_due_unless_the_host_is_drained_and_empty(state: S, vms_on_host: bool, due: bool) -> None:
     assert drain_due(state, vms_on_host) is due
