@@ -48,7 +48,7 @@ def _reactivate(rt: object, *hosts: str) -> None:
         state = rt.states.state(h)  # type: ignore[attr-defined]
         if state is HostState.FAILED:
             rt.states.transition(h, HostState.CORDONED, "test: reset")  # type: ignore[attr-defined]
-        if rt.states.get(h).state is HostState.CORDONED:  # type: ignore[attr-defined]
+        if rt.states.get(h).state in (HostState.CORDONED, HostState.DRAINED):  # type: ignore[attr-defined]
             rt.states.set_aside(h, "test: back", None)  # type: ignore[attr-defined]
             rt.states.return_to_service(h, "test: back", None)  # type: ignore[attr-defined]
 
