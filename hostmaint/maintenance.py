@@ -339,12 +339,18 @@ def _settle_vms(rt: Runtime, cluster: str, which: Callable[[], list[str]], settl
         sleep(1.0)
 
 
-def record_moves(rt: Runtime, run: RunContext, plan: EvacuationPlan, host: str | None = None) -> None:
-    """Record the moves a return or a rebalance is about to start (step ``moves-started``), before
-    any starts: no host state or origin says which VMs such a run moves, and a stand-down from outside
-    its killed process (:func:`stand_down_moves`) must know which to stop and account for."""
-    with audited(rt, run, Step.MOVES_STARTED, host=host, cluster=plan.cluster,
-                 inputs={"moves": [{"vm": p.vm, "source": p.source, "target": p.target} for p in plan.placements]}):
+def record_moves(rt: Runtime, run: RunContext, plan: EvacuationPlan, host: str | None = None, *,
+                 drain: bool = False) -> None:
+    """Record the moves a return, a rebalance or a drain (``drain``) is about to start (step
+    ``moves-started``), before any starts: no host state or origin says which VMs such a run moves
+    (an origin keeps a VM's first home), and what a run that died left unrecorded is settled from it
+    (:func:`settle_earlier_moves`); a stand-down from outside a killed return's or rebalance's
+    process (:func:`stand_down_moves`) must know which to stop (a drain's host stands down its own)."""
+    inputs: dict[str, Any] = {"moves": [{"vm": p.vm, "source": p.source, "target": p.target}
+                                        for p in plan.placements]}
+    if drain:
+        inputs["drain"] = True
+    with audited(rt, run, Step.MOVES_STARTED, host=host, cluster=plan.cluster, inputs=inputs):
         pass
 
 
@@ -362,7 +368,8 @@ def stand_down_moves(rt: Runtime, run: RunContext, cluster: str, reason: str, *,
     return or a rebalance takes no host out of service. Audit step ``cancel`` (cluster), written
     only when the run started moves."""
     mine = rt.audit.records(run_id=run.run_id)
-    moves = {m["vm"]: m for r in mine if r.step == Step.MOVES_STARTED for m in r.inputs.get("moves", [])}
+    moves = {m["vm"]: m for r in mine if r.step == Step.MOVES_STARTED and not r.inputs.get("drain")
+             for m in r.inputs.get("moves", [])}
     if not moves:
         return []
     with audited(rt, run, Step.CANCEL, cluster=cluster, inputs={"reason": reason}) as rec:
@@ -569,6 +576,9 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
                 rt.states.transition(h, HostState.DRAINING, "draining", run.run_id)
         for p in plan.placements:
             rt.states.record_origin(p.vm, p.source, run.run_id)
+        # an origin keeps a VM's home (the first one wins): a VM away already, moved on again by a drain
+        # whose run dies, is found by this record (record_found_moves), not by its origin
+        record_moves(rt, run, plan, host, drain=True)
         # the scheduler orders, admits and throttles by how fast each guest dirties memory
         rates, notes = probe_dirty_rates(rt.hypervisor, plan.hosts, [p.vm for p in plan.placements])
         rec.details["dirty_rate_mib_s"] = {vm: round(r, 1) for vm, r in sorted(rates.items())}
@@ -688,6 +698,8 @@ def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnaps
                         visible(vm), now, started_by)
         found.append(vm)
     _resolve_unknown_migrations(rt, run, host, where, include_own=include_own)
+    # the drains of this host a dead run recorded before it started them (held by this run's host lock)
+    found += settle_earlier_moves(rt, run, rt.cluster_of(host), host=host)
     return found
 
 
@@ -727,7 +739,7 @@ def _resolve_unknown_migrations(rt: Runtime, run: RunContext, host: str, where: 
         log.warning("%s: %s, whose migration's outcome was unknown, was found on %s", host, visible(r.vm), now)
 
 
-def settle_earlier_moves(rt: Runtime, run: RunContext, cluster: str) -> list[str]:
+def settle_earlier_moves(rt: Runtime, run: RunContext, cluster: str, *, host: str | None = None) -> list[str]:
     """Account for the moves earlier returns and rebalances of ``cluster`` left unrecorded; returns
     the VMs found moved.
 
@@ -740,11 +752,13 @@ def settle_earlier_moves(rt: Runtime, run: RunContext, cluster: str) -> list[str
     recorded whose VM is still on its source gets no record: a killed run's migration may still be
     under way once its lease has run out, and one that never started needs none. A VM that runs
     elsewhere or nowhere is left to the record that speaks of it next. Call it holding the cluster's
-    whole migration limit (as a return and a rebalance do): then no live run has a move in flight."""
+    whole migration limit (as a return and a rebalance do): then no live run has a move in flight.
+    With ``host``: only the records of that host (a drain's of it, its unknown migrations), for a run
+    holding the host's lock, which any run that drained it held."""
     records = [r for r in rt.audit.records() if r.cluster == cluster]
     owed: list[tuple[AuditRecord, str, str, str]] = []  # (record, vm, source, target), oldest first
     for r in records:
-        if r.run_id == run.run_id:
+        if r.run_id == run.run_id or (host is not None and r.host != host):
             continue
         if r.step == Step.MOVES_STARTED:
             owed += [(r, m["vm"], m["source"], m["target"]) for m in r.inputs.get("moves", [])]

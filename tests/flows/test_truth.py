@@ -850,3 +850,31 @@ def test_a_patch_resumed_from_patching_drains_a_vm_started_since_the_run_died(si
     moved = [m for m in result.migrations if m.vm == "tenant-since"]
     assert moved and moved[0].source == "hv02" and moved[0].outcome is StepOutcome.OK, result.migrations
     assert sum("tenant-since" in vms for vms in real.running.values()) == 1
+
+
+def test_a_vm_away_already_moved_on_by_a_drain_whose_run_died_is_found_by_the_next_run(sim_inventory: Path) -> None:
+    # chaos round 1888529758: vm05 had an origin from an earlier maintenance (the first one wins); the
+    # worker running hv03's drain was killed with vm05 in flight; it landed, and no run recorded the move
+    from hostmaint import maintenance as steps
+    from hostmaint.models import Placement
+
+    rt = open_runtime(sim_inventory)
+    real = fleet(rt)
+    vm = sorted(real.running["hv03"])[0]
+    rt.states.record_origin(vm, "hv01", "an-earlier-maintenance")
+    dead = steps.RunContext(flow="patch-host", trigger=Trigger.TEST, operator="lee", reason="patch")
+    rt.states.begin_maintenance("hv03", dead.run_id, "patch")
+    rt.states.transition("hv03", HostState.DRAINING, "draining", dead.run_id)
+    steps.record_moves(rt, dead, steps.EvacuationPlan(cluster="demo", hosts=("hv03",), snapshot_digest="x",
+                                                      placements=(Placement(vm=vm, source="hv03", target="hv02"),)),
+                       "hv03", drain=True)
+    real.running["hv03"].discard(vm)  # libvirt finished the move after the run was killed
+    real.running["hv02"].add(vm)
+    real.save()
+
+    result = patch_host(host="hv03", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
+
+    assert result.outcome is StepOutcome.OK, result.detail
+    found = [r for r in audit().records() if r.step == "migration-found" and r.vm == vm]
+    assert [(r.host, r.inputs["target"], r.inputs["started_by_run"]) for r in found] == [
+        ("hv03", "hv02", dead.run_id)], found
