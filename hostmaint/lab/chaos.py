@@ -1073,7 +1073,9 @@ def check_reasons(c: Campaign, facts: Facts, when: str, states: dict[str, dict[s
         if others or len(marks) > 1:
             continue  # another fault on this host may have failed it first: any true reason will do
         for kind in marks:
-            if not SAYS[kind].search(reason):
+            # another fault of the host that its reason names may have stopped it first (a changed host
+            # key bites at the next connection; the open one ran dnf into a broken repo: round 1272006114)
+            if not SAYS[kind].search(reason) and not any(SAYS[k].search(reason) for k in hit & SAYS.keys() - {kind}):
                 problems.append(f"{said}: after {kind}, the reason does not say so (expected /{SAYS[kind].pattern}/)")
     return problems
 

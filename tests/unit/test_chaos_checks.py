@@ -164,3 +164,15 @@ def test_an_evacuation_whose_host_got_a_tenants_vm_after_it_ended_is_run_again(l
     assert chaos.late_tenants(campaign, ["evacuate", "hv02"], ["cxv012"], 1000.0) == ["cxv012"]  # type: ignore[arg-type]
     assert chaos.late_tenants(campaign, ["evacuate", "hv02"], ["cxv012"], 1010.0) == []  # type: ignore[arg-type]
     assert chaos.late_tenants(campaign, ["patch", "hv02"], ["cxv012"], 1000.0) == []  # type: ignore[arg-type]
+
+
+def test_a_changed_host_key_need_not_be_the_reason_when_another_fault_of_the_host_is(lab: Lab) -> None:
+    # round 1272006114: the host key changed while the open connection ran dnf into a broken repository
+    f = facts(lab, FaultSpec("host-key-changed", "hv03", "migrating", 0, 0),
+              FaultSpec("repo-broken", "hv03", "migrating", 0, 0), FaultSpec("disk-full", "hv03", "start", 0, 0))
+    repo = "patch failed: hv03: repositories not reachable: Failed to download metadata for repo 'hostmaint-lab'"
+    assert judge(lab, f, states(hv03=("failed", repo))) == []
+    [wrong] = judge(lab, f, states(hv03=("failed", "patch failed: something else")))
+    assert "host-key-changed" in wrong
+    alone = facts(lab, FaultSpec("host-key-changed", "hv03", "migrating", 0, 0))
+    assert judge(lab, alone, states(hv03=("failed", repo)))  # with no broken repo injected, it must say so
