@@ -217,6 +217,12 @@ def window_run(cluster: str, inventory: InventoryOpt = "inventory.yaml",
         _show_outcomes(outcomes, as_json)
         if any(o.outcome.value == "failed" for o in outcomes):
             raise typer.Exit(1)
+        # hosts the window never started (its end, its failure limit): not done, whatever was done
+        left = [o.host for o in outcomes if o.outcome.value == "skipped" and o.detail.startswith("not started:")]
+        if left:
+            err.print(cell(f"window left {len(left)} host(s) unpatched: {', '.join(left)}; run it again with the "
+                           "same --window-id to finish them"))
+            raise typer.Exit(1)
 
 
 def _cancel_run(run: str, operator: str, flow: str | None = None) -> None:

@@ -878,3 +878,25 @@ def test_a_vm_away_already_moved_on_by_a_drain_whose_run_died_is_found_by_the_ne
     found = [r for r in audit().records() if r.step == "migration-found" and r.vm == vm]
     assert [(r.host, r.inputs["target"], r.inputs["started_by_run"]) for r in found] == [
         ("hv03", "hv02", dead.run_id)], found
+
+
+def test_window_run_exits_non_zero_when_it_left_hosts_it_never_started(sim_inventory: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # chaos round 512318907: the window patched hv01, its end came before hv02 could fit, and the CLI
+    # exited 0 with two hosts unpatched
+    import hostmaint_cli.runs as runs
+    from flows.common import HostOutcome
+    from hostmaint_cli.main import app
+
+    def ended(*outcomes: tuple[str, StepOutcome, str]) -> list[HostOutcome]:
+        return [HostOutcome(host=h, outcome=o, state=HostState.ACTIVE, detail=d) for h, o, d in outcomes]
+
+    done = ("hv01", StepOutcome.OK, "2 package change(s); rebooted")
+    before = ("hv03", StepOutcome.SKIPPED, "already patched in window w-end")
+    left = ("hv02", StepOutcome.SKIPPED, "not started: window would end before it finished")
+    monkeypatch.setattr(runs, "_run_flow", lambda *a, **k: ended(done, left, before))
+    result = CliRunner().invoke(app, ["window", "run", "demo", "-i", str(sim_inventory), "--window-id", "w-end"])
+    assert result.exit_code == 1 and "window left 1 host(s) unpatched: hv02" in result.output, result.output
+    monkeypatch.setattr(runs, "_run_flow", lambda *a, **k: ended(done, before))
+    result = CliRunner().invoke(app, ["window", "run", "demo", "-i", str(sim_inventory), "--window-id", "w-end"])
+    assert result.exit_code == 0, result.output
