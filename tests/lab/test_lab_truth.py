@@ -16,8 +16,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -124,39 +125,30 @@ def test_an_update_whose_ssh_connection_dropped_is_recovered_from_the_rpm_databa
     assert rt.audit.verify().ok  # type: ignore[attr-defined]
 
 
-def test_migrations_that_finish_after_their_run_was_killed_are_found_by_the_next_run(
-        truth_lab: LabInfo, rt: object, tmp_path: Path) -> None:
+def _killed_mid_migration(truth_lab: LabInfo, tmp_path: Path, hv: Any, watch: tuple[str, ...],
+                          script: Callable[[Path], str]) -> list[str]:
+    """Run ``script`` (given an inventory whose migrations go at 4 MiB/s: a 64 MiB guest takes ~16 s) in a
+    process of its own, SIGKILL it once a migration is in flight on a host of ``watch``, and wait until
+    libvirt has finished what it carries on without the run. Returns the VMs seen in flight."""
     import yaml
     from prefect.settings import PREFECT_API_URL
 
-    from flows.evacuate_host import evacuate_host
     from flows.locks import ensure_limits
 
-    _reactivate(rt, "hv01", "hv02", "hv03")
-    source = "hv02"
-    hv = rt.hypervisor  # type: ignore[attr-defined]
-    before = all_vms(rt)
-    leaving = sorted(vm for vm, hosts in before.items() if hosts == [source])
-    assert leaving, before
-    # slow migrations (4 MiB/s: a 64 MiB guest takes ~16 s), so the run can be killed while they run
     data = yaml.safe_load(truth_lab.inventory_path.read_text())
     data["clusters"][0]["migration"].update({"bandwidth_mib_s": 4})  # keeps the lab's tls: off
     slow = tmp_path / "inventory.yaml"
     slow.write_text(yaml.safe_dump(data))
     ensure_limits(slow)
-    script = ("from flows.evacuate_host import evacuate_host\n"
-              f"evacuate_host(host={source!r}, operator='lab-test', reason='killed', inventory={str(slow)!r}, "
-              "trigger='test')\n")
     env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "HOSTMAINT_LOCK_LEASE_SECONDS": "60"}
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-c", script(slow)], cwd=ROOT, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     killed_with: list[str] = []
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
-            moving = [vm for h in ("hv01", "hv03") for vm in hv.in_migration(h)]
-            if moving:
-                killed_with = moving
+            killed_with = [vm for h in watch for vm in hv.in_migration(h)]
+            if killed_with:
                 os.killpg(proc.pid, signal.SIGKILL)
                 break
             time.sleep(0.1)
@@ -165,11 +157,29 @@ def test_migrations_that_finish_after_their_run_was_killed_are_found_by_the_next
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert killed_with, "no migration was seen in flight before the run ended"
-    # libvirt carries on without the run: wait until nothing is in flight
     deadline = time.monotonic() + 120
     while any(hv.in_migration(h) for h in ("hv01", "hv02", "hv03")):
         assert time.monotonic() < deadline, "migrations still in flight after 120 s"
         time.sleep(0.5)
+    return killed_with
+
+
+def test_migrations_that_finish_after_their_run_was_killed_are_found_by_the_next_run(
+        truth_lab: LabInfo, rt: object, tmp_path: Path) -> None:
+
+    from flows.evacuate_host import evacuate_host
+
+    _reactivate(rt, "hv01", "hv02", "hv03")
+    source = "hv02"
+    hv = rt.hypervisor  # type: ignore[attr-defined]
+    before = all_vms(rt)
+    leaving = sorted(vm for vm, hosts in before.items() if hosts == [source])
+    assert leaving, before
+    killed_with = _killed_mid_migration(
+        truth_lab, tmp_path, hv, ("hv01", "hv03"),
+        lambda slow: ("from flows.evacuate_host import evacuate_host\n"
+                      f"evacuate_host(host={source!r}, operator='lab-test', reason='killed', inventory={str(slow)!r}, "
+                      "trigger='test')\n"))
     away = sorted(vm for vm, hosts in all_vms(rt).items() if vm in leaving and hosts != [source])
     assert set(killed_with) <= set(away), (killed_with, away)  # they landed after the run died
     assert not [r for r in rt.audit.records(host=source) if r.step == "migrate"]  # type: ignore[attr-defined]
@@ -191,11 +201,8 @@ def test_migrations_that_finish_after_their_run_was_killed_are_found_by_the_next
 
 def test_moves_a_killed_rebalance_left_unrecorded_are_found_by_the_next_rebalance(
         truth_lab: LabInfo, rt: object, tmp_path: Path) -> None:
-    import yaml
-    from prefect.settings import PREFECT_API_URL
 
     from flows.evacuate_host import evacuate_host
-    from flows.locks import ensure_limits
     from flows.rebalance_cluster import rebalance_cluster
     from flows.return_host import AfterReturn, return_host
 
@@ -208,35 +215,11 @@ def test_moves_a_killed_rebalance_left_unrecorded_are_found_by_the_next_rebalanc
                 trigger=Trigger.TEST)
     before = all_vms(rt)
     assert not [vm for vm, hosts in before.items() if "hv03" in hosts], before
-    data = yaml.safe_load(truth_lab.inventory_path.read_text())
-    data["clusters"][0]["migration"].update({"bandwidth_mib_s": 4})  # slow, so it is killed mid-way
-    slow = tmp_path / "inventory.yaml"
-    slow.write_text(yaml.safe_dump(data))
-    ensure_limits(slow)
-    script = ("from flows.rebalance_cluster import rebalance_cluster\n"
-              f"rebalance_cluster(cluster='lab', max_moves=3, operator='lab-test', inventory={str(slow)!r}, "
-              "trigger='test')\n")
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "HOSTMAINT_LOCK_LEASE_SECONDS": "60"}
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    killed_with: list[str] = []
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and proc.poll() is None:
-            killed_with = [vm for h in ("hv01", "hv02", "hv03") for vm in hv.in_migration(h)]
-            if killed_with:
-                os.killpg(proc.pid, signal.SIGKILL)
-                break
-            time.sleep(0.1)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert killed_with, "no migration was seen in flight before the run ended"
-    deadline = time.monotonic() + 120
-    while any(hv.in_migration(h) for h in ("hv01", "hv02", "hv03")):
-        assert time.monotonic() < deadline, "migrations still in flight after 120 s"
-        time.sleep(0.5)
+    killed_with = _killed_mid_migration(
+        truth_lab, tmp_path, hv, ("hv01", "hv02", "hv03"),
+        lambda slow: ("from flows.rebalance_cluster import rebalance_cluster\n"
+                      f"rebalance_cluster(cluster='lab', max_moves=3, operator='lab-test', inventory={str(slow)!r}, "
+                      "trigger='test')\n"))
     after_kill = all_vms(rt)
     landed = sorted(vm for vm, hosts in after_kill.items() if hosts != before[vm])
     assert set(killed_with) <= set(landed), (killed_with, landed)  # libvirt finished them without the run
