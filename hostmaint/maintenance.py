@@ -740,11 +740,11 @@ def _resolve_unknown_migrations(rt: Runtime, run: RunContext, host: str, where: 
 
 
 def settle_earlier_moves(rt: Runtime, run: RunContext, cluster: str, *, host: str | None = None) -> list[str]:
-    """Account for the moves earlier returns and rebalances of ``cluster`` left unrecorded; returns
-    the VMs found moved.
+    """Account for the moves earlier drains, returns and rebalances of ``cluster`` left unrecorded;
+    returns the VMs found moved.
 
-    A return or a rebalance records the moves it is about to start (``moves-started``) and each one
-    when it ends. A run killed in between leaves moves with no record while libvirt finishes them; a
+    Each records the moves it is about to start (``moves-started``) and each one when it ends. A run
+    killed in between leaves moves with no record while libvirt finishes them; a
     migration whose VM could not be located after it failed is recorded ``unknown``. Each such move
     is settled from where its VM runs now: on its target, ``migration-found`` (naming the run that
     started it; a VM back home loses its origin, as the return would have cleared it); an unknown

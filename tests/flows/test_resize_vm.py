@@ -20,17 +20,6 @@ from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simula
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
 
-@pytest.fixture
-def growable_inventory(tmp_path: Path, hostmaint_db: Path) -> Path:
-    snap = demo_snapshot(4, 12)
-    first = snap.vms[0]
-    grown = first.model_copy(update={
-        "max_vcpus": first.vcpus + 2, "max_memory_mib": first.memory_mib * 4, "memory_slots": 4,
-        "vnuma": (GuestCell(id=0, memory_mib=first.memory_mib, vcpus=tuple(range(first.vcpus + 2))),)})
-    snap = snap.model_copy(update={"vms": (grown, *snap.vms[1:])})
-    return write_simulated_fleet(tmp_path / "fleet", snap, demo_packages(snap), time_scale=0.001)
-
-
 def the_vm(inventory: Path) -> tuple[str, int, int]:
     fleet = SimulatedFleet.load(inventory.parent / "fleet-state.json")
     vm = demo_snapshot(4, 12).vms[0].name

@@ -20,25 +20,18 @@ from flows.runbooks.vm_starved import vm_starved_runbook
 from hostmaint.audit import AuditTrail
 from hostmaint.db import open_engine
 from hostmaint.drivers.memory import SimulatedFleet
-from hostmaint.models import GuestCell, Step, StepOutcome
-from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
+from hostmaint.models import Step, StepOutcome
+from hostmaint.simulated_fleet import demo_snapshot
 
 FAST = {"poll_interval_s": 1, "approval_timeout_s": 120}
 
 
 @pytest.fixture
-def growable(tmp_path: Path, hostmaint_db: Path, prefect_server: None) -> tuple[Path, str]:
+def growable(growable_inventory: Path, prefect_server: None) -> tuple[Path, str]:
     from flows.locks import ensure_limits
 
-    snap = demo_snapshot(4, 12)
-    first = snap.vms[0]
-    grown = first.model_copy(update={
-        "max_vcpus": first.vcpus + 2, "max_memory_mib": first.memory_mib * 4, "memory_slots": 4,
-        "vnuma": (GuestCell(id=0, memory_mib=first.memory_mib, vcpus=tuple(range(first.vcpus + 2))),)})
-    snap = snap.model_copy(update={"vms": (grown, *snap.vms[1:])})
-    inventory = write_simulated_fleet(tmp_path / "fleet", snap, demo_packages(snap), time_scale=0.001)
-    ensure_limits(inventory)
-    return inventory, first.name
+    ensure_limits(growable_inventory)
+    return growable_inventory, demo_snapshot(4, 12).vms[0].name
 
 
 def memory_of(inventory: Path, vm: str) -> int:
