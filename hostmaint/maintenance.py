@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 from hostmaint import patching
@@ -181,12 +182,13 @@ def uncordon(rt: Runtime, run: RunContext, host: str) -> HostState:
         return target
 
 
-def displaced_vms(rt: Runtime, host: str, snap: FleetSnapshot) -> dict[str, str]:
+def displaced_vms(rt: Runtime, host: str, snap: FleetSnapshot, *, since: datetime | None = None) -> dict[str, str]:
     """VM -> the host it runs on now, for every VM maintenance moved off ``host`` (its recorded
-    origin) that is not back on it; a VM running nowhere in ``snap`` is named with "nowhere"."""
+    origin) that is not back on it; a VM running nowhere in ``snap`` is named with "nowhere".
+    ``since``: only the VMs whose origin was recorded then or later (moved in this maintenance)."""
     where = {v.name: v.host for v in snap.vms}
-    return {vm: where.get(vm, "nowhere") for vm, origin in rt.states.origins(host).items()
-            if where.get(vm) != host}
+    return {vm: where.get(vm, "nowhere") for vm, _, at in rt.states.origin_records(host)
+            if where.get(vm) != host and (since is None or at >= since)}
 
 
 PATCHED_STATES = frozenset({HostState.PATCHING, HostState.REBOOTING, HostState.VERIFYING})
@@ -202,7 +204,12 @@ def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: Fleet
     VMs that are away named in its state and the audit record (step ``keep-cordoned``); the run that
     can plan finishes it later, and ``host status`` lists them.
     ``snap``: the cluster discovered in this run."""
-    displaced = displaced_vms(rt, host, snap)
+    # VMs an earlier, finished maintenance left away (a return that found no room) were away while
+    # the host was in service: they do not keep it out now (round 1318253299: a refused plan took an
+    # active host out of service for them, and N+1 then refused the next host of its cluster)
+    began = rt.states.maintenance_began(host)
+    displaced = displaced_vms(rt, host, snap, since=began)
+    away_before = {vm: where for vm, where in displaced_vms(rt, host, snap).items() if vm not in displaced}
     stopped = rt.states.stopped_on(host)
     record = rt.states.get(host)
     # an earlier run of this maintenance that got to patching changed the host (packages, a reboot)
@@ -215,10 +222,15 @@ def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: Fleet
                 rt.states.set_aside(host, rt.states.reason_before_maintenance(host)
                                     or "maintenance not started; cordoned as before", run.run_id)
             else:
-                rt.states.transition(host, HostState.ACTIVE, f"maintenance not started, nothing moved: {why}",
-                                     run.run_id)
+                left = ("; its VMs still away from an earlier maintenance: "
+                        + ", ".join(f"{vm} (on {where})" for vm, where in sorted(away_before.items()))
+                        if away_before else "")
+                rt.states.transition(host, HostState.ACTIVE,
+                                     f"maintenance not started, nothing moved: {why}{left}", run.run_id)
             rec.details["state"] = target.value
             rec.details["note"] = "nothing was moved or stopped: the host never left service"
+            if away_before:
+                rec.details["away_before"] = away_before
             return target
     away = [f"{vm} (on {where})" for vm, where in sorted(displaced.items())]
     reason = (f"maintenance cannot go on, not patched: {why}" if not reached else

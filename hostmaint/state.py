@@ -134,6 +134,16 @@ class HostStateStore:
                 return record.reason if record.state == S.CORDONED else None
         return None
 
+    def maintenance_began(self, host: str) -> datetime | None:
+        """When ``host``'s current maintenance began (its first record since it was last out of
+        maintenance); None outside maintenance."""
+        began: datetime | None = None
+        for record in reversed(self.history(host)):
+            if record.prior_state is None:
+                break
+            began = record.since
+        return began
+
     def reached_in_maintenance(self, host: str) -> list[HostState]:
         """The states ``host`` has been in since its current maintenance began, in order, each once
         (empty outside maintenance)."""

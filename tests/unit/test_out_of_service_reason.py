@@ -90,3 +90,55 @@ def test_keeping_out_an_operators_cordoned_host_keeps_it_the_operators(sim_inven
     for step in (HostState.DRAINING, HostState.DRAINED, HostState.PATCHING, HostState.VERIFYING):
         rt.states.transition("hv02", step, step.value, later.run_id)
     assert maintenance.uncordon(rt, later, "hv02") is HostState.CORDONED
+
+
+def _move(rt: object, vm: str, source: str, target: str) -> None:
+    fleet = rt.hypervisor  # type: ignore[attr-defined]
+    fleet.running[source].discard(vm)
+    fleet.running[target].add(vm)
+    fleet.save()
+
+
+def test_a_refused_plan_puts_back_an_active_host_whose_vms_an_earlier_maintenance_left_away(
+        sim_inventory: Path) -> None:
+    # Round 1318253299: an earlier, verified maintenance of hv02 could not return two VMs (no room);
+    # hv02 served on. A new maintenance of it was refused (N+1): it must go back to active, not stay
+    # cordoned "cannot go on" for VMs that were away while it served
+    rt = open_runtime(sim_inventory, fresh=True)
+    [vm, *_] = sorted(rt.hypervisor.running["hv02"])  # type: ignore[attr-defined]
+    earlier = RunContext(flow="patch-host", reason="last month")
+    maintenance.cordon(rt, earlier, "hv02")
+    rt.states.record_origin(vm, "hv02", earlier.run_id)
+    _move(rt, vm, "hv02", "hv03")
+    for step in (HostState.DRAINING, HostState.DRAINED, HostState.PATCHING, HostState.VERIFYING):
+        rt.states.transition("hv02", step, step.value, earlier.run_id)
+    assert maintenance.uncordon(rt, earlier, "hv02") is HostState.ACTIVE
+
+    run = RunContext(flow="patch-host", reason="patch")
+    maintenance.cordon(rt, run, "hv02")
+    snap = maintenance.snapshot(rt, "demo")
+    assert maintenance.end_unstarted(rt, run, "hv02", "N+1 would not hold", snap) is HostState.ACTIVE
+
+    after = rt.states.get("hv02")
+    assert after.state is HostState.ACTIVE, after
+    assert f"{vm} (on hv03)" in after.reason and "earlier maintenance" in after.reason, after.reason
+    [back] = [r for r in rt.audit.records(host="hv02") if r.step == "uncordon" and r.run_id == run.run_id]
+    assert back.details["away_before"] == {vm: "hv03"}
+
+
+def test_a_refused_re_run_keeps_out_a_host_whose_vms_this_maintenance_moved(sim_inventory: Path) -> None:
+    # the same VM away, but moved by a run of this maintenance that died: the host never was back
+    rt = open_runtime(sim_inventory, fresh=True)
+    [vm, *_] = sorted(rt.hypervisor.running["hv02"])  # type: ignore[attr-defined]
+    first = RunContext(flow="patch-host", reason="patch")
+    maintenance.cordon(rt, first, "hv02")
+    rt.states.transition("hv02", HostState.DRAINING, "draining", first.run_id)
+    rt.states.record_origin(vm, "hv02", first.run_id)
+    _move(rt, vm, "hv02", "hv03")
+
+    again = RunContext(flow="patch-host", reason="patch")
+    maintenance.cordon(rt, again, "hv02")
+    snap = maintenance.snapshot(rt, "demo")
+    assert maintenance.end_unstarted(rt, again, "hv02", "N+1 would not hold", snap) is HostState.CORDONED
+    after = rt.states.get("hv02")
+    assert "cannot go on" in after.reason and f"{vm} (on hv03)" in after.reason, after.reason
