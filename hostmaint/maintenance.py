@@ -709,49 +709,17 @@ def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnaps
             log.warning("%s: %s was found on %s: moved by run %s, which died before recording it", host,
                         visible(vm), now, started_by)
         found.append(vm)
-    _resolve_unknown_migrations(rt, run, host, where, include_own=include_own)
-    # the drains of this host a dead run recorded before it started them (held by this run's host lock)
-    found += settle_earlier_moves(rt, run, rt.cluster_of(host), host=host)
+    # the drains of this host a dead run recorded before it started them, and its migrations whose
+    # outcome was unknown (held by this run's host lock)
+    found += settle_earlier_moves(rt, run, rt.cluster_of(host), host=host, include_own=include_own)
     return found
 
 
 RESOLVING_STEPS = (Step.MIGRATE, Step.MIGRATION_FOUND, Step.MIGRATION_RESOLVED, Step.VM_NOT_FOUND)
 
 
-def _resolve_unknown_migrations(rt: Runtime, run: RunContext, host: str, where: dict[str, str], *,
-                                include_own: bool) -> None:
-    """Settle each ``migrate`` record off ``host`` whose outcome was unknown (its VM could not be
-    located when the migration failed) from where the VM runs now: moved, a ``migration-found``
-    record; still on ``host``, a ``migration-resolved`` record saying it did not happen. A VM running
-    nowhere, or one a later record already speaks of, is left as it is."""
-    records = rt.audit.records(host=host)
-    unknown = [r for r in records if r.step == Step.MIGRATE and r.outcome is StepOutcome.UNKNOWN and r.vm
-               and (include_own or r.run_id != run.run_id)]
-    if not unknown:
-        return
-    later = [r for r in rt.audit.records() if r.step in RESOLVING_STEPS and r.vm in {u.vm for u in unknown}]
-    for r in unknown:
-        assert r.vm is not None
-        if any(x.vm == r.vm and x.seq > r.seq for x in later):
-            continue  # a later step moved it, found it or found it missing: that record tells the rest
-        now = where.get(r.vm)
-        if now is None:
-            continue
-        planned = r.inputs.get("target")
-        if now == host:
-            with audited(rt, run, Step.MIGRATION_RESOLVED, host=host, vm=r.vm,
-                         inputs={"resolves": r.seq, "started_by_run": r.run_id, "planned_target": planned}) as rec:
-                rec.details["note"] = (f"the migration of {r.vm} to {planned} (record {r.seq}, outcome unknown) did "
-                                       f"not happen: it runs on {host}")
-            continue
-        with audited(rt, run, Step.MIGRATION_FOUND, host=host, vm=r.vm,
-                     inputs={"target": now, "started_by_run": r.run_id, "resolves": r.seq}) as rec:
-            rec.details["note"] = (f"the migration of {r.vm} (record {r.seq}, outcome unknown) happened: it runs "
-                                   f"on {now}")
-        log.warning("%s: %s, whose migration's outcome was unknown, was found on %s", host, visible(r.vm), now)
-
-
-def settle_earlier_moves(rt: Runtime, run: RunContext, cluster: str, *, host: str | None = None) -> list[str]:
+def settle_earlier_moves(rt: Runtime, run: RunContext, cluster: str, *, host: str | None = None,
+                         include_own: bool = False) -> list[str]:
     """Account for the moves earlier drains, returns and rebalances of ``cluster`` left unrecorded;
     returns the VMs found moved.
 
@@ -766,11 +734,12 @@ def settle_earlier_moves(rt: Runtime, run: RunContext, cluster: str, *, host: st
     elsewhere or nowhere is left to the record that speaks of it next. Call it holding the cluster's
     whole migration limit (as a return and a rebalance do): then no live run has a move in flight.
     With ``host``: only the records of that host (a drain's of it, its unknown migrations), for a run
-    holding the host's lock, which any run that drained it held."""
+    holding the host's lock, which any run that drained it held. ``include_own``: this run's records
+    too (a stand-down after its process was killed mid-drain)."""
     records = [r for r in rt.audit.records() if r.cluster == cluster]
     owed: list[tuple[AuditRecord, str, str, str]] = []  # (record, vm, source, target), oldest first
     for r in records:
-        if r.run_id == run.run_id or (host is not None and r.host != host):
+        if (r.run_id == run.run_id and not include_own) or (host is not None and r.host != host):
             continue
         if r.step == Step.MOVES_STARTED:
             owed += [(r, m["vm"], m["source"], m["target"]) for m in r.inputs.get("moves", [])]
