@@ -15,9 +15,10 @@ import json
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import TypeAdapter, ValidationError
+from pydantic_core import SchemaValidator
 
 from hostmaint.bulk import collector_paused
 from hostmaint.config_file import parse_json, read_utf8
@@ -144,6 +145,8 @@ def _first_error(exc: ValidationError, data: object = None) -> str:
     for part in err["loc"]:
         path += f"[{part}]" if isinstance(part, int) else ("." if path else "") + str(part)
     msg = str(err["msg"]).removeprefix("Value error, ")
+    if err["type"] == "unexpected_keyword_argument":  # a slotted model's (Vm) word for it
+        msg = "Extra inputs are not permitted"
     msg = _name_the_entry(err["loc"], msg, data)
     return f"{path}: {msg}" if path else msg
 
@@ -193,10 +196,11 @@ def _parse_fast(text: str | bytes) -> FleetSnapshot | None:
     A key given twice is found by counting colons. Outside strings JSON has one colon per key;
     inside, the colons of its string values, which the models hold (an escaped one, ``\\u003a``,
     is not in the text: such a text goes the strict way). The models hold one entry per distinct key
-    of each object they were made from (the fields set, the pin maps' keys). So when the text has
-    exactly as many colons as the models account for, no key was lost."""
+    of each object they were made from (the fields set, the pin maps' keys; a VM's fields less those
+    filled with defaults). So when the text has exactly as many colons as the models account for,
+    no key was lost."""
     try:
-        snapshot = FleetSnapshot.model_validate_json(text)
+        snapshot, defaulted = _validate_counting(FleetSnapshot, text)
     except ValidationError:
         return None
     if isinstance(text, bytes):
@@ -205,7 +209,7 @@ def _parse_fast(text: str | bytes) -> FleetSnapshot | None:
     else:
         colons = text.count(":")
         escaped = "\\u003a" in text or "\\u003A" in text
-    if escaped or colons != _colons_held(snapshot):
+    if escaped or colons != _colons_held(snapshot, defaulted):
         return None
     return snapshot
 
@@ -293,10 +297,10 @@ def _take_piece(text: bytearray, vms: list[Vm]) -> bool:
     not valid JSON of VMs, holds none, or may hold a key given twice."""
     piece = b"[" + text + b"]"
     try:
-        some = _vm_list().validate_json(piece)
+        some, defaulted = _validate_counting(tuple[Vm, ...], piece)
     except ValidationError:
         return False
-    if not some or piece.count(b":") != _colons_of_vms(some) or _escaped_colon(piece):
+    if not some or piece.count(b":") != _colons_of_vms(some, defaulted) or _escaped_colon(piece):
         return False
     vms += some
     return True
@@ -315,15 +319,61 @@ def _snapshot_checks() -> list[Callable[[FleetSnapshot], object]] | None:
     return [d.func for d in found.model_validators.values()]
 
 
+# VM fields pydantic filled with their defaults, ever, in the validators of _counting_defaults: a VM
+# is slotted (SlottedModel) and keeps no set of the fields it was given
+_DEFAULTED = [0]
+
+
+def _validate_counting(kind: Any, text: str | bytes) -> tuple[Any, int]:
+    """``text`` validated as ``kind`` (FleetSnapshot, tuple[Vm, ...]) by the same schema as ever, and
+    how many VM fields it left out (filled with their defaults): a VM's text gave the others.
+
+    Counted as a difference of a running tally, which another thread's validation can only raise:
+    a count too high makes the colons disagree (the strict way then reads it), never hides a key
+    given twice."""
+    before = _DEFAULTED[0]
+    made = _counting_defaults(kind).validate_json(text)
+    return made, _DEFAULTED[0] - before
+
+
 @functools.cache
-def _vm_list() -> TypeAdapter[tuple[Vm, ...]]:
-    return TypeAdapter(tuple[Vm, ...])
+def _counting_defaults(kind: Any) -> SchemaValidator:
+    return SchemaValidator(_count_vm_defaults(TypeAdapter(kind).core_schema))
 
 
-def _colons_held(snapshot: FleetSnapshot) -> int:
+def _count_vm_defaults(schema: Any) -> Any:
+    """A copy of a core schema in which each of Vm's defaults is given by a factory that counts."""
+    if isinstance(schema, list):
+        return [_count_vm_defaults(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: _count_vm_defaults(value) for key, value in schema.items()}
+    if out.get("type") == "dataclass-args" and out.get("dataclass_name") == Vm.__name__:
+        for field in out["fields"]:
+            if field["schema"]["type"] == "default":
+                field["schema"] = _counted(field["schema"])
+    return out
+
+
+def _counted(default: dict[str, Any]) -> dict[str, Any]:
+    if default.get("default_factory_takes_data"):
+        raise TypeError("a default factory that takes the data: count it here")
+    factory = default.get("default_factory")
+    value = default.get("default")
+
+    def make() -> Any:
+        _DEFAULTED[0] += 1
+        return factory() if factory is not None else value
+
+    return {**{k: v for k, v in default.items() if k != "default"}, "default_factory": make,
+            "default_factory_takes_data": False}
+
+
+def _colons_held(snapshot: FleetSnapshot, defaulted: int) -> int:
     """Colons the JSON text a snapshot was validated from has, as its models tell: one per distinct key
-    of each object, and those inside its strings (no default string of the models holds one)."""
-    return _colons_outside_vms(snapshot) + _colons_of_vms(snapshot.vms)
+    of each object, and those inside its strings (no default string of the models holds one).
+    ``defaulted``: the VM fields the text left out (_validate_counting)."""
+    return _colons_outside_vms(snapshot) + _colons_of_vms(snapshot.vms, defaulted)
 
 
 def _colons_outside_vms(snapshot: FleetSnapshot) -> int:
@@ -339,11 +389,11 @@ def _colons_outside_vms(snapshot: FleetSnapshot) -> int:
     return n + "\n".join(texts).count(":")
 
 
-def _colons_of_vms(vms: Sequence[Vm]) -> int:
+def _colons_of_vms(vms: Sequence[Vm], defaulted: int) -> int:
     texts: list[str] = []
-    n = 0
+    n = len(vms) * len(Vm.__dataclass_fields__) - defaulted  # the fields the VMs' text gave
     for vm in vms:
-        n += len(vm.__pydantic_fields_set__) + len(vm.vcpupin) + len(vm.iothreadpin)
+        n += len(vm.vcpupin) + len(vm.iothreadpin)
         texts += (vm.name, vm.uuid, vm.host, vm.not_migratable_reason or "", vm.anti_affinity or "", vm.origin or "")
         if vm.tags:
             texts += vm.tags

@@ -6,15 +6,18 @@ contract (``docs/snapshot.md``): fields are added, never renamed.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from itertools import chain
-from typing import Annotated
+from itertools import chain, repeat
+from operator import attrgetter
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import orjson
 from pydantic import (
@@ -27,6 +30,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic.dataclasses import dataclass as pydantic_dataclass
+from pydantic.fields import FieldInfo
+from pydantic_core import SchemaSerializer, SchemaValidator
 
 from hostmaint.bulk import collector_paused
 
@@ -257,8 +263,86 @@ class VirtioMem(Frozen):
     block_kib: Annotated[int, Field(gt=0)] = 2048  # requested sizes are whole blocks
 
 
-class Vm(Frozen):
-    """A running VM as discovered, with the inventory's policy resolved onto it."""
+class _NoPins(dict[int, tuple[int, ...]]):
+    """The empty pin map every validated VM without pins shares (two per VM, 64 bytes each, ~11 MB at
+    90,000 VMs). Reads as ``{}``; changing it would change every VM's: refused."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a VM's empty pin map is shared: build a new dict to change it")
+
+    __setitem__ = __delitem__ = setdefault = update = pop = popitem = clear = _refuse  # type: ignore[assignment]
+    __ior__ = _refuse  # type: ignore[assignment]
+
+    def __copy__(self) -> dict[int, tuple[int, ...]]:
+        return {}
+
+    def __deepcopy__(self, memo: object) -> dict[int, tuple[int, ...]]:
+        return {}
+
+    def __reduce__(self) -> tuple[type[dict[int, tuple[int, ...]]], tuple[()]]:
+        return dict, ()
+
+
+_NO_PINS = _NoPins()
+
+
+class SlottedModel:
+    """The part of pydantic's BaseModel API hostmaint uses (``model_copy``, ``model_dump``,
+    ``model_validate``...), for a frozen pydantic dataclass with slots: a model that a snapshot
+    holds tens of thousands of (Vm), where a BaseModel's per-instance ``__dict__`` (~0.8 KB for 25
+    fields) was most of a 5,000-host plan's memory. Validation, errors and dumps are pydantic's, from
+    the same field declarations; a slotted model has no set of given field names."""
+
+    __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+    __pydantic_validator__: ClassVar[SchemaValidator]
+    __pydantic_serializer__: ClassVar[SchemaSerializer]
+    __pydantic_fields__: ClassVar[dict[str, FieldInfo]]
+    model_fields: ClassVar[dict[str, FieldInfo]]  # the fields' declarations, as BaseModel's
+
+    @classmethod
+    def model_validate(cls, obj: object) -> Self:
+        """Validate ``obj`` (a dict of fields, or an instance) as BaseModel.model_validate does."""
+        made: Self = cls.__pydantic_validator__.validate_python(obj)
+        return made
+
+    @classmethod
+    def model_validate_json(cls, data: str | bytes) -> Self:
+        """Validate JSON text as BaseModel.model_validate_json does."""
+        made: Self = cls.__pydantic_validator__.validate_json(data)
+        return made
+
+    def model_dump(self, *, mode: Literal["json", "python"] = "python") -> dict[str, Any]:
+        """Every field, as BaseModel.model_dump gives them."""
+        dumped: dict[str, Any] = self.__pydantic_serializer__.to_python(self, mode=mode)
+        return dumped
+
+    def model_dump_json(self) -> str:
+        """The fields as JSON, as BaseModel.model_dump_json writes them."""
+        return self.__pydantic_serializer__.to_json(self).decode()
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with ``update``'s fields replaced, not validated (as BaseModel.model_copy)."""
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        if deep:
+            values = copy.deepcopy(values)
+        if update:
+            unknown = update.keys() - values.keys()
+            if unknown:
+                raise ValueError(f"{type(self).__name__} has no field(s) {', '.join(sorted(unknown))}")
+            values.update(update)
+        new = object.__new__(type(self))
+        for name, value in values.items():
+            object.__setattr__(new, name, value)
+        return new
+
+
+@pydantic_dataclass(frozen=True, slots=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class Vm(SlottedModel):
+    """A running VM as discovered, with the inventory's policy resolved onto it. Slotted (see
+    SlottedModel): a large site's snapshot holds ~100,000."""
 
     name: Annotated[str, Field(min_length=1)]
     uuid: str
@@ -277,12 +361,12 @@ class Vm(Frozen):
     memory_slots_used: Annotated[int, Field(ge=0)] = 0
     virtio_mem: VirtioMem | None = None
     vnuma: tuple[GuestCell, ...] = ()
-    vcpupin: dict[int, tuple[int, ...]] = Field(default_factory=dict)
+    vcpupin: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
     emulatorpin: tuple[int, ...] = ()
     # <vcpu cpuset>: where libvirt runs every vCPU without its own vcpupin and the emulator
     # threads when there is no emulatorpin; empty when not set (or placement='auto')
     vcpu_cpuset: tuple[int, ...] = ()
-    iothreadpin: dict[int, tuple[int, ...]] = Field(default_factory=dict)  # iothread id -> host CPUs
+    iothreadpin: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # iothread id -> host CPUs
     numatune: Numatune | None = None
     hugepage_kib: Annotated[int, Field(ge=0)] = 0
     migratable: bool = True
@@ -313,7 +397,10 @@ class Vm(Frozen):
         # One validator, and the common case answered without a loop in Python: a snapshot holds
         # tens of thousands of VMs and every plan loads one. The checks and their order are
         # _vnuma_within_memory's, _numatune_mode_known's and _vcpus_exist's.
-        _share_field_names(self)
+        if not self.vcpupin:
+            object.__setattr__(self, "vcpupin", _NO_PINS)
+        if not self.iothreadpin:
+            object.__setattr__(self, "iothreadpin", _NO_PINS)
         if self.vnuma:
             self._vnuma_within_memory()
         if self.numatune is not None:
@@ -406,6 +493,9 @@ class Vm(Frozen):
         # CPUs as much as vcpupin does: the target must reserve them and the migration must rewrite
         # them, or they land on another VM's CPUs (or on CPU ids that mean nothing on the target).
         return bool(self.vcpupin or self.emulatorpin or self.vcpu_cpuset or self.iothreadpin)
+
+
+Vm.model_fields = Vm.__pydantic_fields__
 
 
 class Host(Frozen):
@@ -585,6 +675,8 @@ def _canonical_fast(snapshot: FleetSnapshot) -> bytes | None:
 
 
 _VMS_PER_PART = 2000
+_VM_KEYS = tuple(sorted(Vm.__dataclass_fields__))
+_vm_values = attrgetter(*_VM_KEYS)
 
 
 def _canonical_fast_into(snapshot: FleetSnapshot, write: Callable[[bytes], object]) -> bool:
@@ -609,12 +701,14 @@ def _canonical_fast_into(snapshot: FleetSnapshot, write: Callable[[bytes], objec
         write(head[:-2])
         vms = snapshot.vms
         for at in range(0, len(vms), _VMS_PER_PART):
-            part = orjson.dumps(vms[at:at + _VMS_PER_PART], default=_fields_of, option=option)
+            # a VM is slotted: its fields as a dict (orjson writes a dataclass's unsorted)
+            fields = map(dict, map(zip, repeat(_VM_KEYS), map(_vm_values, vms[at:at + _VMS_PER_PART])))
+            part = orjson.dumps(list(fields), default=_fields_of, option=option)
             if not _as_json_dumps_writes(part):
                 return False
             write(part[1:-1] if at == 0 else b"," + part[1:-1])
-    except (TypeError, orjson.JSONEncodeError):  # an int beyond 64 bits: json.dumps writes it, orjson cannot
-        return False
+    except (TypeError, orjson.JSONEncodeError, AttributeError):  # an int beyond 64 bits: json.dumps writes it,
+        return False  # orjson cannot; AttributeError: not a Vm in vms (model_construct), which model_dump sees
     write(b"]}")
     return True
 
@@ -627,6 +721,8 @@ def _fields_of(model: object) -> dict[str, object]:
     # a model's fields, as model_dump gives them: a frozen model keeps nothing else in __dict__
     if isinstance(model, BaseModel):
         return model.__dict__
+    if isinstance(model, Vm):
+        return dict(zip(_VM_KEYS, _vm_values(model), strict=True))
     raise TypeError(f"not JSON: {type(model).__name__}")
 
 

@@ -16,7 +16,18 @@ from pydantic import BaseModel
 from hostmaint.config_file import parse_json
 from hostmaint.errors import FileFormatError, SnapshotError
 from hostmaint.fleet import _parse_fast, dump_snapshot, load_snapshot, parse_snapshot
-from hostmaint.models import Cell, FleetSnapshot, GuestCell, Host, HugePages, Limits, Numatune, VirtioMem, Vm
+from hostmaint.models import (
+    Cell,
+    FleetSnapshot,
+    GuestCell,
+    Host,
+    HugePages,
+    Limits,
+    Numatune,
+    SlottedModel,
+    VirtioMem,
+    Vm,
+)
 from hostmaint.placement.synthetic import generate_fleet
 
 
@@ -90,7 +101,7 @@ def test_every_object_a_snapshot_holds_is_counted() -> None:
     found = set()
     seen: set[type] = set()
 
-    def walk(model: type[BaseModel]) -> None:
+    def walk(model: type[BaseModel | SlottedModel]) -> None:
         if model in seen:
             return
         seen.add(model)
@@ -99,9 +110,10 @@ def test_every_object_a_snapshot_holds_is_counted() -> None:
             while kinds:
                 kind = kinds.pop()
                 kinds.extend(typing.get_args(kind))
-                if typing.get_origin(kind) is dict or (isinstance(kind, type) and issubclass(kind, BaseModel)):
+                is_model = isinstance(kind, type) and issubclass(kind, BaseModel | SlottedModel)
+                if typing.get_origin(kind) is dict or is_model:
                     found.add(f"{model.__name__}.{name}")
-                if isinstance(kind, type) and issubclass(kind, BaseModel):
+                if is_model:
                     walk(kind)
 
     walk(FleetSnapshot)

@@ -51,7 +51,7 @@ def test_read_in_pieces_it_is_what_the_strict_reading_makes(fleet: FleetSnapshot
     want = _strict(text)
     assert got == want == fleet
     assert got.model_fields_set == want.model_fields_set
-    assert [v.model_fields_set for v in got.vms] == [v.model_fields_set for v in want.vms]
+    assert [h.model_fields_set for h in got.hosts] == [h.model_fields_set for h in want.hosts]
     assert got.digest() == fleet.digest()
 
 
@@ -84,6 +84,29 @@ def test_a_key_given_twice_in_any_piece_is_refused(fleet: FleetSnapshot, index: 
     path.write_bytes(text)
     with pytest.raises(SnapshotError, match="'memory_mib' is given twice in one object"):
         load_snapshot(path)
+
+
+@pytest.mark.parametrize("index", [0, -1])
+def test_a_key_given_twice_where_another_is_left_out_is_refused(fleet: FleetSnapshot, index: int,
+                                                                 tmp_path: Path) -> None:
+    # a VM keeps no set of the fields it was given: the colons are counted against the fields not
+    # filled with defaults, so a field left out cannot hide a key given twice
+    data = _written(fleet)
+    del data["vms"][index]["origin"]
+    text = _vm_written_twice(data, index, "memory_mib")
+    assert text.count(b":") == _dump(_written(fleet)).count(b":")  # as many colons as the file without either
+    assert _parse_in_pieces(text, 3000) is None
+    assert fleet_module._parse_fast(text) is None
+    path = tmp_path / "s.json"
+    path.write_bytes(text)
+    with pytest.raises(SnapshotError, match="'memory_mib' is given twice in one object"):
+        load_snapshot(path)
+    # left out alone, it is read in pieces, with its default
+    del data["vms"][-2]["tags"]
+    left_out = _dump(data)
+    got = _parse_in_pieces(left_out, 3000)
+    assert got is not None and got == _strict(left_out.decode()) == fleet
+    assert fleet_module._parse_fast(left_out) == fleet
 
 
 def test_a_key_given_twice_outside_the_vms_is_refused(fleet: FleetSnapshot, tmp_path: Path) -> None:
@@ -138,8 +161,8 @@ def test_vms_of_a_nested_list_are_not_taken_for_the_snapshots(fleet: FleetSnapsh
 def test_models_share_their_field_names_and_a_copy_has_its_own(fleet: FleetSnapshot) -> None:
     snap = _parse_in_pieces(dump_snapshot(fleet).encode(), 3000)
     assert snap is not None
-    a, b = snap.vms[0], snap.vms[1]
-    assert a.model_fields_set is b.model_fields_set  # one set, not one per VM
+    a, b = snap.hosts[0], snap.hosts[1]
+    assert a.model_fields_set is b.model_fields_set  # one set, not one per host
     assert snap.hosts[0].cells[0].model_fields_set is snap.hosts[1].cells[0].model_fields_set
     given = set(a.model_fields_set)
     with pytest.raises(TypeError):
@@ -149,21 +172,54 @@ def test_models_share_their_field_names_and_a_copy_has_its_own(fleet: FleetSnaps
         a.model_fields_set.discard("name")
     with pytest.raises(TypeError):
         a.__pydantic_fields_set__ |= {"x"}
-    # a VM given fewer fields: a set of its own, equal to what it was given
-    small = Vm.model_validate_json('{"name": "v", "uuid": "u", "host": "h", "memory_mib": 1, "vcpus": 1}')
-    assert small.model_fields_set == {"name", "uuid", "host", "memory_mib", "vcpus"}
-    again = Vm.model_validate_json('{"name": "w", "uuid": "u", "host": "h", "memory_mib": 1, "vcpus": 1}')
+    # a host given fewer fields: a set of its own, equal to what it was given
+    cells = '"cells": [{"id": 0, "memory_mib": 8, "free_mib": 8}]'
+    small = Host.model_validate_json(f'{{"name": "v", "cluster": "c", {cells}}}')
+    assert small.model_fields_set == {"name", "cluster", "cells"}
+    again = Host.model_validate_json(f'{{"name": "w", "cluster": "c", {cells}}}')
     assert again.model_fields_set is small.model_fields_set
-    moved = small.model_copy(update={"origin": "h0"})
-    assert moved.model_fields_set == {"name", "uuid", "host", "memory_mib", "vcpus", "origin"}
-    assert again.model_fields_set == small.model_fields_set == {"name", "uuid", "host", "memory_mib", "vcpus"}
-    assert small.model_dump(exclude_unset=True) == {"name": "v", "uuid": "u", "host": "h", "memory_mib": 1,
-                                                    "vcpus": 1}
+    moved = small.model_copy(update={"kernel": "k"})
+    assert moved.model_fields_set == {"name", "cluster", "cells", "kernel"}
+    assert again.model_fields_set == small.model_fields_set == {"name", "cluster", "cells"}
+    assert small.model_dump(mode="json", exclude_unset=True) == {
+        "name": "v", "cluster": "c", "cells": [{"id": 0, "memory_mib": 8, "free_mib": 8}]}
     for twin in (copy.copy(small), copy.deepcopy(small)):
         assert twin == small and twin.model_fields_set == small.model_fields_set
         assert type(twin.model_fields_set) is set
-    assert pickle.loads(pickle.dumps(small)).model_copy(update={"origin": "h0"}) == moved
+    assert pickle.loads(pickle.dumps(small)).model_copy(update={"kernel": "k"}) == moved
     assert pickle.loads(pickle.dumps(snap)) == snap
+
+
+def test_vms_are_slotted_share_their_empty_pin_maps_and_copy_as_models_do(fleet: FleetSnapshot) -> None:
+    snap = _parse_in_pieces(dump_snapshot(fleet).encode(), 3000)
+    assert snap is not None
+    plain = [v for v in snap.vms if not v.vcpupin and not v.iothreadpin]
+    assert len(plain) > 1 and not hasattr(plain[0], "__dict__")  # fields in slots, no dict per VM
+    a, b = plain[0], plain[1]
+    assert a.vcpupin is b.vcpupin is a.iothreadpin == {}  # one empty map, not two per VM
+    with pytest.raises(TypeError):
+        a.vcpupin[0] = (1,)
+    with pytest.raises(TypeError):
+        a.iothreadpin.update({1: (2,)})
+    assert b.vcpupin == {}
+    with pytest.raises(AttributeError):  # frozen
+        a.host = "elsewhere"  # type: ignore[misc]
+    # copies: fields replaced without validation, as BaseModel.model_copy; a pin map of their own
+    moved = a.model_copy(update={"host": "h9", "vcpupin": {0: (3,)}})
+    assert (moved.host, moved.vcpupin, a.host) == ("h9", {0: (3,)}, plain[0].host)
+    assert moved.model_copy() == moved and moved.model_copy(deep=True) == moved
+    with pytest.raises(ValueError, match="no field"):
+        a.model_copy(update={"colour": "red"})
+    for twin in (copy.copy(a), copy.deepcopy(a), pickle.loads(pickle.dumps(a))):
+        assert twin == a
+    unshared = copy.deepcopy(a).vcpupin
+    unshared[1] = (2,)  # a deep copy's map is a dict of its own
+    assert a.vcpupin == {}
+    # dumped and validated as a model: the same fields, the same VM
+    dumped = a.model_dump(mode="json")
+    assert list(dumped) == list(Vm.model_fields) and dumped["vcpupin"] == {}
+    assert Vm.model_validate(dumped) == a == Vm.model_validate_json(a.model_dump_json())
+    assert json.loads(dump_snapshot(snap)) == json.loads(dump_snapshot(fleet))
 
 
 @pytest.mark.parametrize("block", [7, 4096])
