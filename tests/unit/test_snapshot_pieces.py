@@ -202,6 +202,11 @@ def test_vms_are_slotted_share_their_empty_pin_maps_and_copy_as_models_do(fleet:
     with pytest.raises(TypeError):
         a.iothreadpin.update({1: (2,)})
     assert b.vcpupin == {}
+    # equal numatunes and guest cells are one object each (frozen models: ~0.5 KB apiece otherwise)
+    tuned = [v.numatune for v in snap.vms if v.numatune is not None]
+    assert len({id(t) for t in tuned}) == len({(t.mode, t.nodeset) for t in tuned}) < len(tuned)
+    cells = [g for v in snap.vms for g in v.vnuma]
+    assert len({id(g) for g in cells}) == len({(g.id, g.memory_mib, g.vcpus) for g in cells}) < len(cells)
     with pytest.raises(AttributeError):  # frozen
         a.host = "elsewhere"  # type: ignore[misc]
     # copies: fields replaced without validation, as BaseModel.model_copy; a pin map of their own
