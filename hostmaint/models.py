@@ -90,6 +90,7 @@ def _share_field_names(model: BaseModel) -> None:
     object.__setattr__(model, "__pydantic_fields_set__", shared)
 
 
+_SHARED_CPUS: dict[tuple[int, ...], tuple[int, ...]] = {}  # a cell's CPUs -> the one tuple equal cells share
 _Part = TypeVar("_Part", bound=BaseModel)
 # (shared set of given names, field values) -> the one frozen model of them VMs share; bounded
 _SHARED_PARTS: dict[tuple[object, ...], BaseModel] = {}
@@ -553,6 +554,20 @@ class Host(Frozen):
         if self.memory_mib <= 0:
             raise ValueError(f"host {self.name!r}: its cells hold no memory")
         _share_field_names(self)
+        # the common host answered without a loop over its CPUs in Python (a large site has thousands,
+        # ~100 CPUs each); the loop below names the first problem. Cells of one layout share their CPUs.
+        cpus = list(chain.from_iterable(cell.cpus for cell in self.cells))
+        if (len({cell.id for cell in self.cells}) == len(self.cells)
+                and all(cell.free_mib <= cell.memory_mib for cell in self.cells)
+                and (not cpus or (min(cpus) >= 0 and len(set(cpus)) == len(cpus)))):
+            for cell in self.cells:
+                _check_pools(self.name, cell)
+                _share_field_names(cell)
+                for pool in cell.hugepages:
+                    _share_field_names(pool)
+                if cell.cpus and len(_SHARED_CPUS) < _MAX_SHARED_PARTS:
+                    object.__setattr__(cell, "cpus", _SHARED_CPUS.setdefault(cell.cpus, cell.cpus))
+            return self
         seen_cells: set[int] = set()
         cpu_cell: dict[int, int] = {}
         for cell in self.cells:

@@ -164,6 +164,8 @@ def test_models_share_their_field_names_and_a_copy_has_its_own(fleet: FleetSnaps
     a, b = snap.hosts[0], snap.hosts[1]
     assert a.model_fields_set is b.model_fields_set  # one set, not one per host
     assert snap.hosts[0].cells[0].model_fields_set is snap.hosts[1].cells[0].model_fields_set
+    assert snap.hosts[0].cells[0].cpus == snap.hosts[1].cells[0].cpus  # one layout: one tuple of CPUs
+    assert snap.hosts[0].cells[0].cpus is snap.hosts[1].cells[0].cpus
     given = set(a.model_fields_set)
     with pytest.raises(TypeError):
         a.model_fields_set.add("x")
