@@ -869,17 +869,23 @@ class _WindowScheduler:
     # --- hosts entering maintenance -----------------------------------------------------
 
     def _start_hosts(self) -> None:
+        # Hosts that get a maintenance slot at the same moment all cordon before any of them plans (the
+        # window submits their runs together; a plan comes after its host's cordon), so none of them
+        # plans onto another: that one would wait for the drain before it could cordon.
+        started = False
         for name in list(self.waiting):
             if len(self.in_maint) >= self.k:
-                return
+                break
             if self.settings.just_in_time and self.engine.load.total >= self.limits.migrations_per_cluster:
-                return  # every migration slot is taken: another host would only wait, cordoned
+                break  # every migration slot is taken: another host would only wait, cordoned
             if not self._can_start(name):
                 continue
             self.waiting.remove(name)
             self.in_maint.append(name)
             self.jobs[name].start = self.engine.t
             self.drain_queue.append(name)
+            started = True
+        if started:
             self._begin_drains()
 
     def _can_start(self, name: str) -> bool:
@@ -909,14 +915,20 @@ class _WindowScheduler:
     # --- drains ------------------------------------------------------------------------------
 
     def _begin_drains(self) -> None:
-        while self.drain_queue and self._room_to_drain(self.drain_queue[0]):
-            name = self.drain_queue[0]
+        for name in list(self.drain_queue):
+            if not self._room_to_drain(name):
+                return  # the cluster's slots go to the hosts in the order they entered
             busy = {p.target for d in self.draining for p in self.planned_targets.get(d, [])}
+            if name in busy:
+                # another drain is still sending VMs here: as the flows' host_maintenance waits for the
+                # host's inbound lock, it holds its maintenance slot and cordons once that drain is done
+                # (then its own drain takes those VMs along); the hosts after it go on
+                continue
             placements = self._place(name, busy)
             if placements is None:
                 return  # first come, first served: the next host waits behind it
             self.share[name] = self._share_now(name)  # counted while it is still in the queue
-            self.drain_queue.pop(0)
+            self.drain_queue.remove(name)
             self._begin_drain(name, placements)
 
     def _room_to_drain(self, name: str) -> bool:

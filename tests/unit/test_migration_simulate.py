@@ -312,8 +312,9 @@ def test_focused_drains_send_to_fewer_hosts_and_more_of_them_overlap() -> None:
         assert {m.vm for m in est.migrations} == {v.name for v in snap.vms}
     widest = {name: max(len({m.target for m in est.migrations if m.source == h}) for h in names)
               for name, est in (("focused", focused), ("spread", spread))}
-    # 6 x 16 GiB onto hosts with 160 GiB free: one host holds a drain; 8 out / 4 in: two are needed
-    assert widest == {"focused": 2, "spread": 6}
+    # 6 x 16 GiB onto hosts with 160 GiB free: one host holds a drain; 8 out / 4 in: two are needed. A
+    # second-wave host also sends on what the first wave left on it, which may need a third
+    assert widest["focused"] <= 3 < widest["spread"] == 6
     assert len(_overlapping(focused)) > len(_overlapping(spread))
     assert focused.makespan_s < spread.makespan_s
 
@@ -453,8 +454,10 @@ def test_a_full_link_keeps_every_pause_within_the_configured_limit() -> None:
 def test_the_valid_bound_leaves_room_for_the_next_set_up_before_a_migration_ends() -> None:
     # A migration frees its slot when its rest fits the look-ahead (2 s): the next one sets up
     # meanwhile. With a link of one stream, one migration per source and target and 2 slots, this
-    # window ends in 59 s as the flows run it; a bound charging each migration its slot until its
-    # end (2 s set-up + M / 600) says 60 s, so it is no lower bound. With the look-ahead: 54 s.
+    # window's optimum is 57 s (benchmarks/night_bound.py's exact model, CP-SAT); a bound charging
+    # each migration its slot until its end (2 s set-up + M / 600) says 60 s, so it is no lower
+    # bound. With the look-ahead: 54 s. The flows' schedule takes 61 s (59 s before the simulator
+    # kept h3 from cordoning while h0's drain sent it a VM, which then stayed on h3 through its patch).
     mib = {"h0": (1800,), "h1": (1200, 1800), "h2": (2400, 1800), "h3": (1800,)}
     hs = tuple(Host(name=h, cluster="c", cells=(Cell(id=0, memory_mib=1 << 20, free_mib=1 << 20),)) for h in mib)
     vms = tuple(Vm(name=f"{h}v{j}", uuid=f"{h}v{j}", host=h, memory_mib=m, vcpus=1)
@@ -465,8 +468,41 @@ def test_the_valid_bound_leaves_room_for_the_next_set_up_before_a_migration_ends
     params = SimParams(default_link_mib_s=600.0, setup_s=2.0)
     est = simulate_window(snap, ["h0", "h3", "h1", "h2"], parallel=2, patch_s=20, params=params,
                           rebalance_within=None)
-    assert est.makespan_s == pytest.approx(59.0, abs=0.01)
+    assert est.makespan_s == pytest.approx(61.0, abs=0.01)
     whole = window_floor_bound(snap, list(mib), 2, patch_s=20, params=params,
                                policy=SchedulerPolicy(lookahead_s=0.0))
-    assert whole.total_s > est.makespan_s
+    assert whole.total_s > 57.0
     assert est.bound_s == pytest.approx(54.0) and est.bound_s <= est.makespan_s
+
+
+def _stranded(snap: FleetSnapshot, est) -> list[str]:  # type: ignore[no-untyped-def]
+    """What a window did against the rules: a VM landing on a host after its cordon (its drain began)
+    and before its patch ended, or a host patched with a VM still on it."""
+    cordon = {h.host: (h.drain_start_s, h.end_s) for h in est.hosts}
+    wrong = [f"{m.vm} lands on {m.target} in maintenance" for m in est.migrations
+             if m.outcome is StepOutcome.OK and m.target in cordon
+             and m.end_s > cordon[m.target][0] + 1e-3 and m.start_s < cordon[m.target][1] - 1e-3]
+    moves = sorted((m for m in est.migrations if m.outcome is StepOutcome.OK), key=lambda m: m.end_s)
+    for h in est.hosts:
+        where = {v.name: v.host for v in snap.vms}
+        for m in moves:
+            if m.end_s <= h.end_s + 1e-3:
+                where[m.vm] = m.target
+        wrong += [f"{v} on {h.host} at its patch" for v, at in where.items() if at == h.host]
+    return wrong
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_no_vm_lands_on_a_host_in_maintenance_nor_stays_through_its_patch(seed: int) -> None:
+    # Hosts entering together cordon before any of them plans, and a host another drain still sends
+    # to waits for it (the flows' inbound lock) before it cordons: before, the first host's drain
+    # sent VMs to the next host, which cordoned and drained without them and rebooted with them on it
+    snap, dirty = _mixed_cluster(seed)
+    snap = snap.model_copy(update={"hosts": tuple(h.model_copy(update={"cells": (
+        Cell(id=0, memory_mib=256 * 1024, free_mib=128 * 1024),)}) for h in snap.hosts)})
+    names = [h.name for h in snap.hosts]
+    for at_once in (None, 8):
+        est = simulate_window(snap, names, patch_s=200, dirty_rate=dirty, drains_at_once=at_once,
+                              rebalance_within=None)
+        assert all(h.outcome is StepOutcome.OK for h in est.hosts)
+        assert _stranded(snap, est) == []
