@@ -120,8 +120,11 @@ def window_slot_bound(snapshot: FleetSnapshot, names: Sequence[str], k: int, *, 
         sizes = own[n]
         drain = setup + max(sum(sizes) / send_rate(n), max(sizes) / stream(n)) if sizes else 0.0
         h = by_name[n]
-        # the most the simulator or the planner lets a host hold (the larger reading: the bound stays valid)
-        usable = (h.memory_mib - h.reserved_memory_mib) * (1 - head)
+        # the most VM memory the simulator or the planner lets a host hold, the larger reading (the
+        # planner's: what its guests leave free, at most memory × overcommit, less the reservation
+        # and the headroom)
+        usable = max((h.memory_mib - h.reserved_memory_mib) * (1 - head),
+                     h.memory_mib * (limits.memory_overcommit - head) - h.reserved_memory_mib)
         sends = setup + sum(sizes) / send_rate(n) if sizes else 0.0
         hosts.append(_Host(n, drain + patch_s, sends + patch_s, float(sum(sizes)), usable, send_rate(n)))
     packing = packing_bound([h.hold_s for h in hosts], k)
@@ -138,7 +141,7 @@ def _first_feasible(hosts: list[_Host], k: int, patch_setup: float, lower: float
     proven = 0.0
     t = lower
     feasible = None
-    for _ in range(200):  # rise until the LP finds room
+    for step in range(1, 201):  # rise until the LP finds room
         verdict = _possible(hosts, k, patch_setup, t)
         if verdict is None:
             return proven  # too many columns: no claim
@@ -146,7 +149,7 @@ def _first_feasible(hosts: list[_Host], k: int, patch_setup: float, lower: float
             feasible = t
             break
         proven = t
-        t = lower * (1 + STEP * (_ + 1))
+        t = lower * (1 + STEP * step)
     if feasible is None:
         return proven
     lo, hi = proven, feasible
