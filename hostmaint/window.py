@@ -100,6 +100,18 @@ def window_order(snapshot: FleetSnapshot, hosts: Sequence[str] | None = None) ->
     return order, left_out
 
 
+def left_rebooting(cluster_hosts: Sequence[str], snapshot: FleetSnapshot, records: Mapping[str, HostRecord],
+                   hosts: Sequence[str] | None = None) -> list[str]:
+    """The hosts of the cluster (or of ``hosts``) an earlier run left rebooting, in the cluster's order.
+
+    The discovery leaves a rebooting host out (it may not answer), so the window's order lacks it,
+    yet it is in maintenance, out of service, and this window's to finish: a run killed while it
+    rebooted left it there."""
+    known = {h.name for h in snapshot.hosts}
+    return [h for h in cluster_hosts if h not in known and (not hosts or h in hosts)
+            and (record := records.get(h)) is not None and record.state is HostState.REBOOTING]
+
+
 def room_for(snapshot: FleetSnapshot, in_maintenance: Sequence[str], host: str) -> CapacityCheck:
     """Whether the window may start ``host`` now: the N+1 check with it out as well as the hosts
     already in maintenance, on a discovery made just now.

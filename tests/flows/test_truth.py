@@ -384,6 +384,41 @@ def test_a_window_run_again_finishes_the_host_it_left_in_maintenance_before_taki
     assert cordons[0] == last and sorted(cordons) == sorted(order), (cordons, order)
 
 
+@pytest.mark.parametrize("named", [False, True])
+def test_a_window_run_again_finishes_the_host_a_killed_run_left_rebooting(sim_inventory: Path, named: bool) -> None:
+    # round 1126511108: the window's run was killed while hv03 rebooted; the discovery leaves a rebooting
+    # host out, so the re-run saw two hosts to patch, never named hv03, and N+1 refused both
+    from flows.patch_window import patch_window
+    from hostmaint import maintenance as steps
+    from hostmaint.window import window_order
+
+    rt = open_runtime(sim_inventory)
+    order, _ = window_order(steps.snapshot(rt, "demo"))
+    last = order[-1]
+    sim = fleet(rt)
+    for vm in sorted(sim.running[last]):  # drained onto the first host before it was patched
+        sim.running[last].discard(vm)
+        sim.running[order[0]].add(vm)
+    sim.save()
+    rt.states.begin_maintenance(last, "run-killed", "patch window w-reboot")
+    for step in (HostState.DRAINING, HostState.DRAINED, HostState.PATCHING, HostState.REBOOTING):
+        rt.states.transition(last, step, step.value, "run-killed")
+    first_seq = max((r.seq for r in audit().records()), default=0)
+
+    outcomes = patch_window(cluster="demo", window_id="w-reboot", operator="sched", inventory=str(sim_inventory),
+                            trigger=Trigger.TEST, rebalance_moves=0, max_hosts_in_parallel=1,
+                            hosts=[last] if named else None)
+
+    if named:  # the operator named it alone: only it is patched
+        order = [last]
+    assert sorted(o.host for o in outcomes) == sorted(order), outcomes
+    assert all(o.outcome is StepOutcome.OK for o in outcomes), outcomes
+    assert rt.states.state(last) is HostState.ACTIVE
+    hosts_worked = [r.host for r in audit().records() if r.seq > first_seq and r.host in order
+                    and r.step in ("cordon", "reboot", "verify")]
+    assert hosts_worked[0] == last, hosts_worked  # finished before another host went out
+
+
 def test_a_window_that_starts_no_host_fails_and_says_how_to_resume(sim_inventory: Path) -> None:
     from datetime import UTC, datetime, timedelta
 
