@@ -91,6 +91,7 @@ def _share_field_names(model: BaseModel) -> None:
 
 
 _SHARED_CPUS: dict[tuple[int, ...], tuple[int, ...]] = {}  # a cell's CPUs -> the one tuple equal cells share
+_SHARED_SIZES: dict[int, int] = {}  # a VM's memory_mib -> the one int object VMs of that size share
 _Part = TypeVar("_Part", bound=BaseModel)
 # (shared set of given names, field values) -> the one frozen model of them VMs share; bounded
 _SHARED_PARTS: dict[tuple[object, ...], BaseModel] = {}
@@ -448,6 +449,12 @@ class Vm(SlottedModel):
             object.__setattr__(self, "numatune", _shared(self.numatune))
         if self.vnuma:
             object.__setattr__(self, "vnuma", tuple(map(_shared, self.vnuma)))
+        # and sizes: a site has a few flavours, and each VM's memory_mib was an int object of its own
+        size = _SHARED_SIZES.get(self.memory_mib)
+        if size is None and len(_SHARED_SIZES) < _MAX_SHARED_PARTS:
+            size = _SHARED_SIZES[self.memory_mib] = self.memory_mib
+        if size is not None:
+            object.__setattr__(self, "memory_mib", size)
         return self
 
     def _vnuma_within_memory(self) -> None:
