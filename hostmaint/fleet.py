@@ -205,10 +205,10 @@ def _parse_fast(text: str | bytes) -> FleetSnapshot | None:
         return None
     if isinstance(text, bytes):
         colons = text.count(b":")
-        escaped = b"\\u003a" in text or b"\\u003A" in text
+        escaped = _escaped_colon(text)
     else:
         colons = text.count(":")
-        escaped = "\\u003a" in text or "\\u003A" in text
+        escaped = "\\" in text and ("\\u003a" in text or "\\u003A" in text)
     if escaped or colons != _colons_held(snapshot, defaulted):
         return None
     return snapshot
@@ -307,7 +307,8 @@ def _take_piece(text: bytearray, vms: list[Vm]) -> bool:
 
 
 def _escaped_colon(text: bytes) -> bool:
-    return b"\\u003" in text and (b"\\u003a" in text or b"\\u003A" in text)
+    # a backslash first: one byte is found ~20x faster than a longer needle, and most files have none
+    return b"\\" in text and (b"\\u003a" in text or b"\\u003A" in text)
 
 
 def _snapshot_checks() -> list[Callable[[FleetSnapshot], object]] | None:
