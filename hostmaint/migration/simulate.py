@@ -701,7 +701,8 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
                     dirty_rate: Mapping[str, float] | None = None, params: SimParams = SimParams(),
                     patch_s: float = 600.0, parallel: int | None = None, spare_hosts: int = 1,
                     just_in_time: bool = False, drains_at_once: int | None = None,
-                    focus: bool = True, rebalance_within: float | None = 0.10) -> WindowEstimate:
+                    focus: bool = True, rebalance_within: float | None = 0.10,
+                    absorbers: Sequence[str] = (), yardsticks: bool = True) -> WindowEstimate:
     """Simulate a rolling window over ``snapshot``'s cluster: drain, patch (``patch_s``: update, reboot,
     verify) and return each host, ``parallel`` hosts at once (default: what N+1 capacity allows).
 
@@ -720,6 +721,12 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     first within each; most free memory stands in for the balance objective. Also
     simulates the same hosts one at a time (``serial_s``), and each host alone (the lower bounds).
 
+    ``absorbers``: hosts due later that drains prefer among the hosts due (focused drains only): the
+    ones a planned window leaves slack for, so the VMs that must move twice lengthen no critical host.
+
+    ``yardsticks``: False skips the runs behind ``serial_s``, ``lower_bound_s`` and ``wave_bound_s``
+    (the same hosts one at a time, and each alone: twice the window's own work), which are then 0.
+
     ``rebalance_within``: after the last host, the window's levelling rebalance (patch-window's
     ``rebalance_within_pct`` ÷ 100; None: none) is planned on the cluster as the window leaves it and
     simulated holding the cluster's whole migration limit (``rebalance_moves``, ``rebalance_s``; the
@@ -728,12 +735,16 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     policy = policy or SchedulerPolicy()
     names = list(window.order) if isinstance(window, WindowPlan) else list(window)
     k = parallel if parallel is not None else parallel_capacity(snapshot, names, spare_hosts=spare_hosts)
-    settings = _WindowSettings(policy, options, dirty_rate, params, patch_s, just_in_time, drains_at_once, focus)
+    settings = _WindowSettings(policy, options, dirty_rate, params, patch_s, just_in_time, drains_at_once, focus,
+                               frozenset(absorbers))
     run = _WindowScheduler(snapshot, window, names, k, settings).run()
-    serial = run if k == 1 else _WindowScheduler(snapshot, window, names, 1, settings).run()
-    # each host as it takes alone, from the window's start: every VM moves once (in a window, a VM
-    # that lands on a host due later moves again, which only adds time)
-    solo = [_WindowScheduler(snapshot, [n], [n], 1, settings).run()[0][0] for n in names]
+    serial: WindowRun = ((), (), 0.0)
+    solo: list[HostEstimate] = []
+    if yardsticks:
+        serial = run if k == 1 else _WindowScheduler(snapshot, window, names, 1, settings).run()
+        # each host as it takes alone, from the window's start: every VM moves once (in a window, a VM
+        # that lands on a host due later moves again, which only adds time)
+        solo = [_WindowScheduler(snapshot, [n], [n], 1, settings).run()[0][0] for n in names]
     per_host = sorted((h.end_s - h.start_s for h in solo), reverse=True)
     bound = max(sum(per_host) / max(k, 1), max(per_host, default=0.0))
     waves = max(((m + 1) * per_host[m * k] for m in range(math.ceil(len(per_host) / k))), default=0.0)
@@ -794,6 +805,7 @@ class _WindowSettings:
     just_in_time: bool
     drains_at_once: int | None
     focus: bool
+    absorbers: frozenset[str] = frozenset()
 
 
 WindowRun = tuple[tuple[HostEstimate, ...], tuple[SimMigration, ...], float]
@@ -1002,7 +1014,9 @@ class _WindowScheduler:
         enough targets for the slots a drain may use)."""
         need, room = sum(self.memory[v] for v in vms), 0.0
         chosen: set[str] = set()
-        for h in sorted((c for c in candidates if c not in busy), key=lambda c: (c in due, -self.free[c], c)):
+        prefer = self.settings.absorbers
+        for h in sorted((c for c in candidates if c not in busy),
+                        key=lambda c: (c in due, c in due and c not in prefer, -self.free[c], c)):
             if room >= need and len(chosen) >= self.at_least:
                 break
             if self.free[h] > 0:
