@@ -340,14 +340,14 @@ class SlottedModel:
         made: Self = cls.__pydantic_validator__.validate_json(data)
         return made
 
-    def model_dump(self, *, mode: Literal["json", "python"] = "python") -> dict[str, Any]:
-        """Every field, as BaseModel.model_dump gives them."""
-        dumped: dict[str, Any] = self.__pydantic_serializer__.to_python(self, mode=mode)
+    def model_dump(self, *, mode: Literal["json", "python"] = "python", **options: Any) -> dict[str, Any]:
+        """Every field, as BaseModel.model_dump gives them (``options``: include, exclude, ...)."""
+        dumped: dict[str, Any] = self.__pydantic_serializer__.to_python(self, mode=mode, **options)
         return dumped
 
-    def model_dump_json(self) -> str:
-        """The fields as JSON, as BaseModel.model_dump_json writes them."""
-        return self.__pydantic_serializer__.to_json(self).decode()
+    def model_dump_json(self, **options: Any) -> str:
+        """The fields as JSON, as BaseModel.model_dump_json writes them (``options``: indent, exclude, ...)."""
+        return self.__pydantic_serializer__.to_json(self, **options).decode()
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         """A copy with ``update``'s fields replaced, not validated (as BaseModel.model_copy)."""
