@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import weakref
@@ -162,6 +163,7 @@ class Step(StrEnum):
     MIGRATION_FOUND = "migration-found"
     MIGRATION_RESOLVED = "migration-resolved"
     VM_NOT_FOUND = "vm-not-found"
+    VM_RESUMED = "vm-resumed"  # left paused on its source by a migration that no longer runs
     SHUTDOWN_VM = "shutdown-vm"
     CONFIRM_EMPTY = "confirm-empty"
     PREFLIGHT = "preflight"
@@ -727,8 +729,16 @@ def _canonical_fast(snapshot: FleetSnapshot) -> bytes | None:
 
 
 _VMS_PER_PART = 2000
-_VM_KEYS = tuple(sorted(Vm.__dataclass_fields__))
-_vm_values = attrgetter(*_VM_KEYS)
+
+
+@functools.cache
+def _sorted_fields(model: type[SlottedModel]) -> tuple[tuple[str, ...], Callable[[object], tuple[object, ...]]]:
+    """A slotted model's field names in sorted order, and a getter of its values in that order."""
+    keys = tuple(sorted(model.__dataclass_fields__))
+    return keys, attrgetter(*keys)
+
+
+_VM_KEYS, _vm_values = _sorted_fields(Vm)
 
 
 def _canonical_fast_into(snapshot: FleetSnapshot, write: Callable[[bytes], object]) -> bool:
@@ -773,8 +783,9 @@ def _fields_of(model: object) -> dict[str, object]:
     # a model's fields, as model_dump gives them: a frozen model keeps nothing else in __dict__
     if isinstance(model, BaseModel):
         return model.__dict__
-    if isinstance(model, Vm):
-        return dict(zip(_VM_KEYS, _vm_values(model), strict=True))
+    if isinstance(model, SlottedModel):
+        keys, values = _sorted_fields(type(model))
+        return dict(zip(keys, values(model), strict=True))
     raise TypeError(f"not JSON: {type(model).__name__}")
 
 
