@@ -25,7 +25,7 @@ from hostmaint import patching
 from hostmaint.audit import AuditEntry, AuditRecord
 from hostmaint.cancel import Cancellation, RunCancelled
 from hostmaint.display import visible
-from hostmaint.drivers.base import MigrationStates, ShutOffVms
+from hostmaint.drivers.base import MigrationStates, ShutOffVms, StrandedVms
 from hostmaint.errors import (
     DriverError,
     HostmaintError,
@@ -736,6 +736,7 @@ def settle_earlier_moves(rt: Runtime, run: RunContext, cluster: str, *, host: st
     With ``host``: only the records of that host (a drain's of it, its unknown migrations), for a run
     holding the host's lock, which any run that drained it held. ``include_own``: this run's records
     too (a stand-down after its process was killed mid-drain)."""
+    resume_stranded(rt, run, cluster)  # a VM a dead run's migration left paused runs first, then is located
     records = [r for r in rt.audit.records() if r.cluster == cluster]
     owed: list[tuple[AuditRecord, str, str, str]] = []  # (record, vm, source, target), oldest first
     for r in records:
@@ -858,7 +859,51 @@ def run_migrations(rt: Runtime, run: RunContext, rec: StepRecord, plan: Evacuati
     if report.links and not rt.simulated:
         rt.states.record_links(report.links, run.run_id)
         rec.details["links_observed"] = [{**asdict(o), "saturated": o.saturated} for o in report.links]
+    if any(r.outcome is not StepOutcome.OK for r in report.results):
+        # a migration that failed with its source's libvirtd gone may leave the VM paused there
+        resume_stranded(rt, run, cluster)
     return report
+
+
+def resume_stranded(rt: Runtime, run: RunContext, cluster: str) -> list[str]:
+    """Let each VM of ``cluster`` that a live migration left paused (its job ended, the domain paused
+    for it: the source's libvirtd died at the switch-over) run again where it is, when it runs on no
+    other host; each resume has its audit record (step ``vm-resumed``). One that is active on another
+    host as well is left paused and recorded (outcome unknown): which copy is the VM is for an
+    operator to say. A host that does not answer is asked again by the next run. Returns the VMs
+    resumed."""
+    hv = rt.hypervisor
+    if not isinstance(hv, StrandedVms):
+        return []
+    resumed = []
+    for entry in rt.inventory.hosts_of(cluster):
+        try:
+            paused = hv.stranded(entry.name)
+        except DriverError:
+            continue
+        for vm in paused:
+            try:
+                others = [h for h in hv.locate(vm) if h != entry.name]
+            except DriverError:
+                continue  # cannot tell whether a copy runs elsewhere: not resumed
+            try:
+                with audited(rt, run, Step.VM_RESUMED, host=entry.name, vm=vm, inputs={"paused_on": entry.name}) as rec:
+                    if others:
+                        rec.outcome = StepOutcome.UNKNOWN
+                        rec.details["note"] = (f"{vm} is paused on {entry.name} by a migration that no longer runs, "
+                                               f"and is also active on {', '.join(others)}: left paused; which copy "
+                                               "is the VM is for an operator to say")
+                        log.error("%s: %s paused by an ended migration and active on %s too: left as it is",
+                                  entry.name, visible(vm), ", ".join(others))
+                        continue
+                    hv.resume(vm, entry.name)
+                    rec.details["note"] = (f"{vm} was paused on {entry.name} by a migration that no longer runs "
+                                           "and ran on no other host: resumed there")
+                log.warning("%s: %s was left paused by an ended migration: resumed", entry.name, visible(vm))
+                resumed.append(vm)
+            except DriverError as exc:
+                log.warning("%s: cannot resume %s: %s", entry.name, visible(vm), exc)
+    return resumed
 
 
 def _transport(rt: Runtime, rec: StepRecord, plan: EvacuationPlan, cluster: str) -> Callable[[str, str], Route] | None:
@@ -1392,7 +1437,8 @@ def check_invariants(rt: Runtime, cluster: str, expected: Sequence[str], *,
     live migration (another run's drain may be moving VMs right now) is not a second run of the
     VM; a VM seen only paused for one (at its switch-over) is in transit, not missing. A VM another
     run shuts down (or has shut down) by its policy may run once or not at all: that run records it
-    before asking, and starts it again after its host's maintenance.
+    before asking, and starts it again after its host's maintenance. A VM paused on a host by a
+    migration that no longer runs (:func:`resume_stranded`) does not run: a problem.
     """
     elsewhere = set(rt.states.stopped()) - set(stopped)
     where: dict[str, list[str]] = {}
@@ -1409,6 +1455,14 @@ def check_invariants(rt: Runtime, cluster: str, expected: Sequence[str], *,
         for name in names:
             (transit if name in moving else where).setdefault(name, []).append(entry.name)
     problems = []
+    if isinstance(rt.hypervisor, StrandedVms):
+        for entry in rt.inventory.hosts_of(cluster):
+            try:
+                paused = rt.hypervisor.stranded(entry.name)
+            except TransientDriverError:
+                continue  # asked above: a host in maintenance that does not answer holds nothing
+            problems += [f"{vm} is paused on {entry.name} by a migration that no longer runs (a run of "
+                         "hostmaint resumes it when it runs nowhere else)" for vm in paused if vm in expected]
     for vm in expected:
         hosts = where.get(vm, [])
         if vm in stopped:

@@ -107,6 +107,14 @@ def _show_outcomes(outcomes: list[Any], as_json: bool) -> None:
         out.print(mt)
 
 
+def _exit_if_failed(outcomes: list[Any]) -> None:
+    # a run that returns (a rebalance whose moves failed, say) instead of raising must not exit 0
+    failed = [o for o in outcomes if o.outcome.value == "failed"]
+    if failed:
+        err.print(cell(f"failed: {', '.join(o.host for o in failed)}: {redact_text(failed[0].detail)[:300]}"))
+        raise typer.Exit(1)
+
+
 def _check_host(inventory: str, host: str) -> Any:
     rt = _runtime(inventory)
     rt.inventory.host(host)
@@ -274,6 +282,7 @@ def rebalance(cluster: str, inventory: InventoryOpt = "inventory.yaml", max_move
         result = _run_flow(rebalance_cluster, cluster=cluster, max_moves=max_moves, dry_run=dry_run,
                            operator=operator, inventory=inventory, exact_budget=checked_budget(exact_budget))
         _show_outcomes([result], as_json)
+        _exit_if_failed([result])
 
 
 @host_app.command("return")
@@ -295,6 +304,7 @@ def host_return(host: str, inventory: InventoryOpt = "inventory.yaml", operator:
         result = _run_flow(return_host, host=host, operator=operator, reason=reason, then=after, max_moves=max_moves,
                            inventory=inventory)
         _show_outcomes([result], as_json)
+        _exit_if_failed([result])
 
 
 # --- demo -----------------------------------------------------------------------------------------------

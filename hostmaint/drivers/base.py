@@ -76,6 +76,21 @@ class MigrationStates(Protocol):
 
 
 @runtime_checkable
+class StrandedVms(Protocol):
+    """A hypervisor that can find a VM a live migration left paused on its source and run it again
+    (libvirt: a source's libvirtd that died at the switch-over comes back to a domain paused for the
+    migration, with no migration job left and no copy on the target)."""
+
+    def stranded(self, host: str) -> tuple[str, ...]:
+        """Names of the VMs on ``host`` paused for a live migration that no longer runs."""
+        ...
+
+    def resume(self, vm: str, host: str) -> None:
+        """Let ``vm`` run again on ``host``."""
+        ...
+
+
+@runtime_checkable
 class ShutOffVms(Protocol):
     """A hypervisor that can list the VMs defined on a host but not running (libvirt: persistent,
     inactive domains): they stay defined through maintenance, and the operator is told of them."""

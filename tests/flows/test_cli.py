@@ -117,6 +117,22 @@ def test_rebalance_command(sim_inventory: Path) -> None:
     assert run("rebalance", "demo", "-i", str(sim_inventory), "--max-moves", "-3")[0] == 2
 
 
+@pytest.mark.parametrize("command", [["rebalance", "demo"], ["host", "return", "hv02"]])
+def test_a_run_that_returns_failed_exits_1(sim_inventory: Path, monkeypatch: pytest.MonkeyPatch,
+                                           command: list[str]) -> None:
+    # chaos round 533955319: a rebalance whose move failed (outcome unknown) printed "failed" and exited 0
+    from flows.common import HostOutcome
+    from hostmaint.models import StepOutcome
+    from hostmaint_cli import runs
+
+    failed = HostOutcome(host=command[-1], outcome=StepOutcome.FAILED, detail="1 of 3 moves failed")
+    monkeypatch.setattr(runs, "_run_flow", lambda *a, **k: failed)
+    code, text = run(*command, "-i", str(sim_inventory))
+    assert code == 1 and "1 of 3 moves failed" in text, text
+    monkeypatch.setattr(runs, "_run_flow", lambda *a, **k: failed.model_copy(update={"outcome": StepOutcome.OK}))
+    assert run(*command, "-i", str(sim_inventory))[0] == 0
+
+
 def test_audit_show_export_verify(sim_inventory: Path, hostmaint_db: Path) -> None:
     assert run("evacuate", "hv04", "-i", str(sim_inventory), "--dry-run")[0] == 0
     code, text = run("audit", "show", "--host", "hv04")

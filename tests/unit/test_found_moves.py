@@ -156,3 +156,121 @@ def test_a_failed_drain_leaves_the_host_cordoned_naming_the_vms_still_on_it(sim_
     assert record.state is HostState.CORDONED
     assert record.reason == f"drain failed: {stuck} still on it"
     assert stuck in fleet.running_vms("hv02")
+
+
+class SourceLeftPaused:
+    """The simulated fleet, but ``vm``'s migration ends with the VM paused on its source for a
+    migration that no longer runs (what the lab showed when the source's libvirtd was killed at the
+    switch-over: round 533955319). With ``source_dies`` the source answers nothing until ``revive``;
+    ``also_on``: a host where a copy of the VM is active too."""
+
+    def __init__(self, fleet: SimulatedFleet, vm: str, source_dies: bool = False, also_on: str | None = None) -> None:
+        self.fleet, self.vm, self.source_dies, self.also_on = fleet, vm, source_dies, also_on
+        self.dead: set[str] = set()
+        self.left_paused: dict[str, str] = {}
+        self.resumed: list[tuple[str, str]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.fleet, name)
+
+    def _alive(self, host: str) -> None:
+        if host in self.dead:
+            raise TransientDriverError("cannot connect to libvirtd: Connection refused", host)
+
+    def running_vms(self, host: str) -> tuple[str, ...]:
+        self._alive(host)
+        return self.fleet.running_vms(host)
+
+    def locate(self, vm: str) -> tuple[str, ...]:
+        found = tuple(h for h in self.fleet.locate(vm) if h not in self.dead)
+        if vm == self.vm and self.also_on:
+            found = tuple(sorted({*found, self.also_on}))
+        if not found and self.dead:
+            raise TransientDriverError(f"{vm} not found on the reachable hosts", sorted(self.dead)[0])
+        return found
+
+    def migrate(self, vm, source, target, options, on_progress=None):  # type: ignore[no-untyped-def]
+        if vm != self.vm:
+            return self.fleet.migrate(vm, source, target, options, on_progress)
+        self.left_paused[vm] = source
+        if self.source_dies:
+            self.dead.add(source)
+        raise TransientDriverError("cannot connect to libvirt: Connection refused", source)
+
+    def stranded(self, host: str) -> tuple[str, ...]:
+        self._alive(host)
+        return tuple(sorted(v for v, h in self.left_paused.items() if h == host))
+
+    def resume(self, vm: str, host: str) -> None:
+        self._alive(host)
+        del self.left_paused[vm]
+        self.resumed.append((vm, host))
+
+    def revive(self) -> None:
+        self.dead.clear()
+
+
+def _drain_with(rt: object, faulty: SourceLeftPaused, run: steps.RunContext, plan: object) -> None:
+    rt.hypervisor = faulty  # type: ignore[attr-defined]
+    with pytest.raises(StepError):
+        steps.drain_host(rt, run, plan)  # type: ignore[arg-type]
+
+
+def test_a_vm_a_failed_migration_left_paused_on_its_source_is_resumed_by_the_drain(sim_inventory: Path) -> None:
+    rt = open_runtime(sim_inventory, fresh=True)
+    run = steps.RunContext(run_id="run-1", flow="patch-host", reason="patch")
+    steps.cordon(rt, run, "hv01")
+    plan = steps.plan_drain(rt, run, "hv01")
+    vm = plan.placements[0].vm
+    fleet = rt.hypervisor
+    assert isinstance(fleet, SimulatedFleet)
+    faulty = SourceLeftPaused(fleet, vm)
+
+    _drain_with(rt, faulty, run, plan)
+
+    assert faulty.resumed == [(vm, "hv01")] and not faulty.left_paused
+    [resumed] = [r for r in rt.audit.records(host="hv01") if r.step == "vm-resumed"]
+    assert resumed.vm == vm and resumed.outcome is StepOutcome.OK and resumed.run_id == "run-1"
+    assert "resumed there" in resumed.details["note"]
+
+
+def test_a_vm_left_paused_on_a_source_that_died_is_resumed_by_the_next_run(sim_inventory: Path) -> None:
+    rt = open_runtime(sim_inventory, fresh=True)
+    run = steps.RunContext(run_id="run-1", flow="patch-host", reason="patch")
+    steps.cordon(rt, run, "hv01")
+    plan = steps.plan_drain(rt, run, "hv01")
+    vm = plan.placements[0].vm
+    fleet = rt.hypervisor
+    assert isinstance(fleet, SimulatedFleet)
+    faulty = SourceLeftPaused(fleet, vm, source_dies=True)
+
+    _drain_with(rt, faulty, run, plan)
+    assert faulty.left_paused == {vm: "hv01"} and not faulty.resumed  # its host did not answer
+
+    faulty.revive()
+    with pytest.raises(StepError, match=f"{vm} is paused on hv01 by a migration that no longer runs"):
+        steps.check_invariants(rt, "demo", sorted(fleet.vms))  # not counted as running, nor as in transit
+    again = steps.RunContext(run_id="run-2", flow="patch-host", reason="patch")
+    steps.record_found_moves(rt, again, "hv01", steps.snapshot(rt, "demo"))
+
+    assert faulty.resumed == [(vm, "hv01")]
+    after = [(r.step, r.run_id) for r in rt.audit.records(host="hv01") if r.vm == vm and r.step != "migrate"]
+    assert after == [("vm-resumed", "run-2"), ("migration-resolved", "run-2")], after
+    steps.check_invariants(rt, "demo", sorted(fleet.vms))
+
+
+def test_a_vm_left_paused_that_is_active_on_another_host_too_is_left_to_the_operator(sim_inventory: Path) -> None:
+    rt = open_runtime(sim_inventory, fresh=True)
+    run = steps.RunContext(run_id="run-1", flow="patch-host", reason="patch")
+    steps.cordon(rt, run, "hv01")
+    plan = steps.plan_drain(rt, run, "hv01")
+    first = plan.placements[0]
+    fleet = rt.hypervisor
+    assert isinstance(fleet, SimulatedFleet)
+    faulty = SourceLeftPaused(fleet, first.vm, also_on=first.target)
+
+    _drain_with(rt, faulty, run, plan)
+
+    assert not faulty.resumed and faulty.left_paused == {first.vm: "hv01"}
+    [left] = [r for r in rt.audit.records(host="hv01") if r.step == "vm-resumed"]
+    assert left.outcome is StepOutcome.UNKNOWN and first.target in left.details["note"]

@@ -93,6 +93,10 @@ class LibvirtHypervisor:
         """Hosts where ``vm`` runs now."""
         return self.discovery.locate(vm)
 
+    def stranded(self, host: str) -> tuple[str, ...]:
+        """VMs on ``host`` a live migration that no longer runs left paused."""
+        return self.discovery.stranded(host)
+
     # --- migration ----------------------------------------------------------------
 
     def migrate(self, vm: str, source: str, target: str, options: MigrationOptions,
@@ -121,6 +125,10 @@ class LibvirtHypervisor:
     def start(self, vm: str, host: str) -> None:
         """Start a defined, stopped VM (no-op when it runs)."""
         self.guests.start(vm, host)
+
+    def resume(self, vm: str, host: str) -> None:
+        """Let a paused ``vm`` run again on ``host``."""
+        self.guests.resume(vm, host)
 
     def measure_dirty_rates(self, host: str, seconds: float = 1.0) -> dict[str, float]:
         """MiB/s per running VM of ``host``, sampled over ``seconds``."""

@@ -22,6 +22,18 @@ from hostmaint.models import Cell, HostDiscovery, Vm
 _MIGRATION_PAUSES = frozenset({libvirt.VIR_DOMAIN_PAUSED_MIGRATION, libvirt.VIR_DOMAIN_PAUSED_STARTING_UP,
                                libvirt.VIR_DOMAIN_PAUSED_POSTCOPY})
 
+def _job_ended(dom: libvirt.virDomain, reason: int) -> bool:
+    """Whether ``dom``, paused for a migration (``reason``), has no migration job any more: left paused
+    by one that ended. An incoming copy's job is readable only on the source (libvirt refuses):
+    not ended; nor is anything libvirt cannot answer."""
+    if reason != libvirt.VIR_DOMAIN_PAUSED_MIGRATION:
+        return False
+    try:
+        return bool(dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE)
+    except libvirt.libvirtError:
+        return False
+
+
 # What the domain_xml parsers raise on host output they cannot read: XML that does not parse, a
 # number or size unit they do not know (ValueError), a model the output leaves invalid
 # (ValidationError, itself a ValueError).
@@ -150,11 +162,29 @@ class Discovery:
                     state, reason = dom.state()
                 except libvirt.libvirtError:
                     continue  # it left while we looked
-                if state == libvirt.VIR_DOMAIN_PAUSED and reason in _MIGRATION_PAUSES:
+                if state == libvirt.VIR_DOMAIN_PAUSED and reason in _MIGRATION_PAUSES and not _job_ended(dom, reason):
                     out.append(dom.name())
             return tuple(sorted(out))
 
         return self._connections.call(host, "listing VMs in migration", moving)
+
+    def stranded(self, host: str) -> tuple[str, ...]:
+        """VMs on ``host`` paused for a live migration (reason "migration") with no migration job: the
+        job ended and left the domain paused (seen on the lab: the source's libvirtd killed at the
+        switch-over; restarted, it kept the domain paused with no job and the target had none). An
+        incoming copy is not one: its job is only readable on the source, which libvirt refuses."""
+        def paused(conn: libvirt.virConnect) -> tuple[str, ...]:
+            out = []
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED):
+                try:
+                    state, reason = dom.state()
+                except libvirt.libvirtError:
+                    continue  # it left while we looked
+                if state == libvirt.VIR_DOMAIN_PAUSED and _job_ended(dom, reason):
+                    out.append(dom.name())
+            return tuple(sorted(out))
+
+        return self._connections.call(host, "listing VMs a migration left paused", paused)
 
     def locate(self, vm: str) -> tuple[str, ...]:
         """Hosts where ``vm`` runs now.

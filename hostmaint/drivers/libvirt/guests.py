@@ -52,6 +52,17 @@ class Guests:
             self._sleep(min(1.0, timeout / 10))
         raise DriverError(f"{vm} did not shut down within {timeout:g}s", host)
 
+    def resume(self, vm: str, host: str) -> None:
+        """Let a paused ``vm`` run again on ``host`` (no-op when it runs; DriverError when it is not there)."""
+        def run(conn: libvirt.virConnect) -> None:
+            dom = lookup(conn, vm)
+            if dom is None or not dom.isActive():
+                raise DriverError(f"{vm} is not running on {host}: nothing to resume", host)
+            if dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+
+        self._connections.call(host, f"resuming {vm}", run)
+
     def start(self, vm: str, host: str) -> None:
         """Start a defined, stopped VM (no-op when it runs)."""
         def create(conn: libvirt.virConnect) -> None:
