@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import hashlib
 import json
 import weakref
@@ -44,6 +43,82 @@ class Frozen(BaseModel):
     """Base of every model: immutable, unknown fields refused."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class _NoPins(dict[int, tuple[int, ...]]):
+    """The empty pin map every validated VM without pins shares (two per VM, 64 bytes each, ~11 MB at
+    90,000 VMs). Reads as ``{}``; changing it would change every VM's: refused."""
+
+    __slots__ = ()
+
+    def _refuse(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a VM's empty pin map is shared: build a new dict to change it")
+
+    __setitem__ = __delitem__ = setdefault = update = pop = popitem = clear = _refuse  # type: ignore[assignment]
+    __ior__ = _refuse  # type: ignore[assignment]
+
+    def __copy__(self) -> dict[int, tuple[int, ...]]:
+        return {}
+
+    def __deepcopy__(self, memo: object) -> dict[int, tuple[int, ...]]:
+        return {}
+
+    def __reduce__(self) -> tuple[type[dict[int, tuple[int, ...]]], tuple[()]]:
+        return dict, ()
+
+
+_NO_PINS = _NoPins()
+
+
+class SlottedModel:
+    """The part of pydantic's BaseModel API hostmaint uses (``model_copy``, ``model_dump``,
+    ``model_validate``...), for a frozen pydantic dataclass with slots: the models a snapshot holds
+    thousands of (Vm, Host, Cell, HugePages), where a BaseModel's per-instance ``__dict__`` (~0.8 KB
+    for a VM's 25 fields) was most of a 5,000-host plan's memory. Validation, errors and dumps are
+    pydantic's, from the same field declarations; a slotted model has no set of given field names."""
+
+    __slots__ = ()
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+    __pydantic_validator__: ClassVar[SchemaValidator]
+    __pydantic_serializer__: ClassVar[SchemaSerializer]
+    __pydantic_fields__: ClassVar[dict[str, FieldInfo]]
+    model_fields: ClassVar[dict[str, FieldInfo]]  # the fields' declarations, as BaseModel's
+
+    @classmethod
+    def model_validate(cls, obj: object) -> Self:
+        """Validate ``obj`` (a dict of fields, or an instance) as BaseModel.model_validate does."""
+        made: Self = cls.__pydantic_validator__.validate_python(obj)
+        return made
+
+    @classmethod
+    def model_validate_json(cls, data: str | bytes) -> Self:
+        """Validate JSON text as BaseModel.model_validate_json does."""
+        made: Self = cls.__pydantic_validator__.validate_json(data)
+        return made
+
+    def model_dump(self, *, mode: Literal["json", "python"] = "python", **options: Any) -> dict[str, Any]:
+        """Every field, as BaseModel.model_dump gives them (``options``: include, exclude, ...)."""
+        dumped: dict[str, Any] = self.__pydantic_serializer__.to_python(self, mode=mode, **options)
+        return dumped
+
+    def model_dump_json(self, **options: Any) -> str:
+        """The fields as JSON, as BaseModel.model_dump_json writes them (``options``: indent, exclude, ...)."""
+        return self.__pydantic_serializer__.to_json(self, **options).decode()
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        """A copy with ``update``'s fields replaced, not validated (as BaseModel.model_copy)."""
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        if deep:
+            values = copy.deepcopy(values)
+        if update:
+            unknown = update.keys() - values.keys()
+            if unknown:
+                raise ValueError(f"{type(self).__name__} has no field(s) {', '.join(sorted(unknown))}")
+            values.update(update)
+        new = object.__new__(type(self))
+        for name, value in values.items():
+            object.__setattr__(new, name, value)
+        return new
 
 
 class _SharedFieldNames(set[str]):
@@ -250,14 +325,18 @@ class Limits(Frozen):
 # --- discovered facts -------------------------------------------------------
 
 
-class HugePages(Frozen):
+@pydantic_dataclass(frozen=True, slots=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class HugePages(SlottedModel):
+    """A cell's hugepage pool of one page size. Slotted (SlottedModel): one per cell of every host."""
+
     size_kib: Annotated[int, Field(gt=0)]
     total: Annotated[int, Field(ge=0)]
     free: Annotated[int, Field(ge=0)]
 
 
-class Cell(Frozen):
-    """One host NUMA cell."""
+@pydantic_dataclass(frozen=True, slots=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class Cell(SlottedModel):
+    """One host NUMA cell. Slotted (SlottedModel): a large site has ~15,000."""
 
     id: Annotated[int, Field(ge=0)]
     memory_mib: Annotated[int, Field(ge=0)]
@@ -289,82 +368,6 @@ class VirtioMem(Frozen):
     size_mib: Annotated[int, Field(gt=0)]  # the most it can plug (<target><size>)
     requested_mib: Annotated[int, Field(ge=0)] = 0  # what the guest is asked to have plugged now
     block_kib: Annotated[int, Field(gt=0)] = 2048  # requested sizes are whole blocks
-
-
-class _NoPins(dict[int, tuple[int, ...]]):
-    """The empty pin map every validated VM without pins shares (two per VM, 64 bytes each, ~11 MB at
-    90,000 VMs). Reads as ``{}``; changing it would change every VM's: refused."""
-
-    __slots__ = ()
-
-    def _refuse(self, *args: object, **kwargs: object) -> None:
-        raise TypeError("a VM's empty pin map is shared: build a new dict to change it")
-
-    __setitem__ = __delitem__ = setdefault = update = pop = popitem = clear = _refuse  # type: ignore[assignment]
-    __ior__ = _refuse  # type: ignore[assignment]
-
-    def __copy__(self) -> dict[int, tuple[int, ...]]:
-        return {}
-
-    def __deepcopy__(self, memo: object) -> dict[int, tuple[int, ...]]:
-        return {}
-
-    def __reduce__(self) -> tuple[type[dict[int, tuple[int, ...]]], tuple[()]]:
-        return dict, ()
-
-
-_NO_PINS = _NoPins()
-
-
-class SlottedModel:
-    """The part of pydantic's BaseModel API hostmaint uses (``model_copy``, ``model_dump``,
-    ``model_validate``...), for a frozen pydantic dataclass with slots: a model that a snapshot
-    holds tens of thousands of (Vm), where a BaseModel's per-instance ``__dict__`` (~0.8 KB for 25
-    fields) was most of a 5,000-host plan's memory. Validation, errors and dumps are pydantic's, from
-    the same field declarations; a slotted model has no set of given field names."""
-
-    __slots__ = ()
-    __dataclass_fields__: ClassVar[dict[str, Any]]
-    __pydantic_validator__: ClassVar[SchemaValidator]
-    __pydantic_serializer__: ClassVar[SchemaSerializer]
-    __pydantic_fields__: ClassVar[dict[str, FieldInfo]]
-    model_fields: ClassVar[dict[str, FieldInfo]]  # the fields' declarations, as BaseModel's
-
-    @classmethod
-    def model_validate(cls, obj: object) -> Self:
-        """Validate ``obj`` (a dict of fields, or an instance) as BaseModel.model_validate does."""
-        made: Self = cls.__pydantic_validator__.validate_python(obj)
-        return made
-
-    @classmethod
-    def model_validate_json(cls, data: str | bytes) -> Self:
-        """Validate JSON text as BaseModel.model_validate_json does."""
-        made: Self = cls.__pydantic_validator__.validate_json(data)
-        return made
-
-    def model_dump(self, *, mode: Literal["json", "python"] = "python", **options: Any) -> dict[str, Any]:
-        """Every field, as BaseModel.model_dump gives them (``options``: include, exclude, ...)."""
-        dumped: dict[str, Any] = self.__pydantic_serializer__.to_python(self, mode=mode, **options)
-        return dumped
-
-    def model_dump_json(self, **options: Any) -> str:
-        """The fields as JSON, as BaseModel.model_dump_json writes them (``options``: indent, exclude, ...)."""
-        return self.__pydantic_serializer__.to_json(self, **options).decode()
-
-    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
-        """A copy with ``update``'s fields replaced, not validated (as BaseModel.model_copy)."""
-        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        if deep:
-            values = copy.deepcopy(values)
-        if update:
-            unknown = update.keys() - values.keys()
-            if unknown:
-                raise ValueError(f"{type(self).__name__} has no field(s) {', '.join(sorted(unknown))}")
-            values.update(update)
-        new = object.__new__(type(self))
-        for name, value in values.items():
-            object.__setattr__(new, name, value)
-        return new
 
 
 @pydantic_dataclass(frozen=True, slots=True, kw_only=True, config=ConfigDict(extra="forbid"))
@@ -535,11 +538,11 @@ class Vm(SlottedModel):
         return bool(self.vcpupin or self.emulatorpin or self.vcpu_cpuset or self.iothreadpin)
 
 
-Vm.model_fields = Vm.__pydantic_fields__
 
 
-class Host(Frozen):
-    """A hypervisor host: discovered cells plus the state hostmaint keeps for it."""
+@pydantic_dataclass(frozen=True, slots=True, kw_only=True, config=ConfigDict(extra="forbid"))
+class Host(SlottedModel):
+    """A hypervisor host: discovered cells plus the state hostmaint keeps for it. Slotted (SlottedModel)."""
 
     name: Annotated[str, Field(min_length=1)]
     cluster: str
@@ -562,7 +565,6 @@ class Host(Frozen):
                              f"is one cell holding all its memory and CPUs")
         if self.memory_mib <= 0:
             raise ValueError(f"host {self.name!r}: its cells hold no memory")
-        _share_field_names(self)
         # the common host answered without a loop over its CPUs in Python (a large site has thousands,
         # ~100 CPUs each); the loop below names the first problem. Cells of one layout share their CPUs.
         cpus = list(chain.from_iterable(cell.cpus for cell in self.cells))
@@ -571,18 +573,12 @@ class Host(Frozen):
                 and (not cpus or (min(cpus) >= 0 and len(set(cpus)) == len(cpus)))):
             for cell in self.cells:
                 _check_pools(self.name, cell)
-                _share_field_names(cell)
-                for pool in cell.hugepages:
-                    _share_field_names(pool)
                 if cell.cpus and len(_SHARED_CPUS) < _MAX_SHARED_PARTS:
                     object.__setattr__(cell, "cpus", _SHARED_CPUS.setdefault(cell.cpus, cell.cpus))
             return self
         seen_cells: set[int] = set()
         cpu_cell: dict[int, int] = {}
         for cell in self.cells:
-            _share_field_names(cell)
-            for pool in cell.hugepages:
-                _share_field_names(pool)
             if cell.id in seen_cells:
                 raise ValueError(f"host {self.name!r}: cell id {cell.id} is listed twice")
             if cell.free_mib > cell.memory_mib:
@@ -607,6 +603,10 @@ class Host(Frozen):
     @property
     def cpu_count(self) -> int:
         return sum(len(c.cpus) for c in self.cells)
+
+
+for _slotted in (HugePages, Cell, Vm, Host):
+    _slotted.model_fields = _slotted.__pydantic_fields__
 
 
 def _power_of_two(n: int) -> bool:
@@ -731,11 +731,17 @@ def _canonical_fast(snapshot: FleetSnapshot) -> bytes | None:
 _VMS_PER_PART = 2000
 
 
-@functools.cache
-def _sorted_fields(model: type[SlottedModel]) -> tuple[tuple[str, ...], Callable[[object], tuple[object, ...]]]:
+_Getter = Callable[[object], tuple[object, ...]]
+_SORTED_FIELDS: dict[type, tuple[tuple[str, ...], _Getter]] = {}
+
+
+def _sorted_fields(model: type[SlottedModel]) -> tuple[tuple[str, ...], _Getter]:
     """A slotted model's field names in sorted order, and a getter of its values in that order."""
-    keys = tuple(sorted(model.__dataclass_fields__))
-    return keys, attrgetter(*keys)
+    known = _SORTED_FIELDS.get(model)
+    if known is None:
+        keys = tuple(sorted(model.__dataclass_fields__))
+        known = _SORTED_FIELDS[model] = (keys, attrgetter(*keys))
+    return known
 
 
 _VM_KEYS, _vm_values = _sorted_fields(Vm)
@@ -754,7 +760,8 @@ def _canonical_fast_into(snapshot: FleetSnapshot, write: Callable[[bytes], objec
     for value in snapshot.limits.__dict__.values():
         if isinstance(value, float) and orjson.dumps(value) != repr(value).encode():
             return False
-    option = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS
+    # slotted models (dataclasses) through _fields_of: orjson writes a dataclass's fields unsorted
+    option = orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATACLASS
     try:
         # "vms" is the last of the snapshot's keys in sorted order: the rest, then its list
         head = orjson.dumps({**snapshot.__dict__, "vms": ()}, default=_fields_of, option=option)

@@ -20,7 +20,7 @@ import hostmaint.models as models_module
 from hostmaint.config_file import parse_json, read_utf8
 from hostmaint.errors import SnapshotError
 from hostmaint.fleet import _parse_in_pieces, dump_snapshot, load_snapshot, parse_snapshot
-from hostmaint.models import FleetSnapshot, Host, Vm, _canonical_fast
+from hostmaint.models import FleetSnapshot, Host, HostState, Vm, _canonical_fast
 from hostmaint.placement import plan_evacuation
 from hostmaint.placement.synthetic import generate_fleet
 
@@ -51,7 +51,6 @@ def test_read_in_pieces_it_is_what_the_strict_reading_makes(fleet: FleetSnapshot
     want = _strict(text)
     assert got == want == fleet
     assert got.model_fields_set == want.model_fields_set
-    assert [h.model_fields_set for h in got.hosts] == [h.model_fields_set for h in want.hosts]
     assert got.digest() == fleet.digest()
 
 
@@ -159,37 +158,48 @@ def test_vms_of_a_nested_list_are_not_taken_for_the_snapshots(fleet: FleetSnapsh
 
 
 def test_models_share_their_field_names_and_a_copy_has_its_own(fleet: FleetSnapshot) -> None:
+    # the parts of a VM that stay models (numatune, guest cells): one set of given names per class
     snap = _parse_in_pieces(dump_snapshot(fleet).encode(), 3000)
     assert snap is not None
-    a, b = snap.hosts[0], snap.hosts[1]
-    assert a.model_fields_set is b.model_fields_set  # one set, not one per host
-    assert snap.hosts[0].cells[0].model_fields_set is snap.hosts[1].cells[0].model_fields_set
-    assert snap.hosts[0].cells[0].cpus == snap.hosts[1].cells[0].cpus  # one layout: one tuple of CPUs
-    assert snap.hosts[0].cells[0].cpus is snap.hosts[1].cells[0].cpus
+    tuned = list({id(v.numatune): v.numatune for v in snap.vms if v.numatune is not None}.values())
+    a, b = tuned[0], tuned[1]
+    assert a is not b and a.model_fields_set is b.model_fields_set  # one set, not one per numatune
     given = set(a.model_fields_set)
     with pytest.raises(TypeError):
         a.model_fields_set.add("x")
     assert b.model_fields_set == given
     with pytest.raises(TypeError):
-        a.model_fields_set.discard("name")
+        a.model_fields_set.discard("mode")
     with pytest.raises(TypeError):
         a.__pydantic_fields_set__ |= {"x"}
-    # a host given fewer fields: a set of its own, equal to what it was given
-    cells = '"cells": [{"id": 0, "memory_mib": 8, "free_mib": 8}]'
-    small = Host.model_validate_json(f'{{"name": "v", "cluster": "c", {cells}}}')
-    assert small.model_fields_set == {"name", "cluster", "cells"}
-    again = Host.model_validate_json(f'{{"name": "w", "cluster": "c", {cells}}}')
+    # a part given fewer fields: a set of its own, equal to what it was given
+    vm = '"name": "v", "uuid": "u", "host": "h", "memory_mib": 1, "vcpus": 1'
+    small = Vm.model_validate_json(f'{{{vm}, "numatune": {{"nodeset": [0]}}}}').numatune
+    again = Vm.model_validate_json(f'{{{vm}, "numatune": {{"nodeset": [1]}}}}').numatune
+    assert small is not None and again is not None
+    assert small.model_fields_set == {"nodeset"}
     assert again.model_fields_set is small.model_fields_set
-    moved = small.model_copy(update={"kernel": "k"})
-    assert moved.model_fields_set == {"name", "cluster", "cells", "kernel"}
-    assert again.model_fields_set == small.model_fields_set == {"name", "cluster", "cells"}
-    assert small.model_dump(mode="json", exclude_unset=True) == {
-        "name": "v", "cluster": "c", "cells": [{"id": 0, "memory_mib": 8, "free_mib": 8}]}
+    moved = small.model_copy(update={"mode": "preferred"})
+    assert moved.model_fields_set == {"nodeset", "mode"}
+    assert again.model_fields_set == small.model_fields_set == {"nodeset"}
+    assert small.model_dump(mode="json", exclude_unset=True) == {"nodeset": [0]}
     for twin in (copy.copy(small), copy.deepcopy(small)):
         assert twin == small and twin.model_fields_set == small.model_fields_set
         assert type(twin.model_fields_set) is set
-    assert pickle.loads(pickle.dumps(small)).model_copy(update={"kernel": "k"}) == moved
+    assert pickle.loads(pickle.dumps(small)).model_copy(update={"mode": "preferred"}) == moved
     assert pickle.loads(pickle.dumps(snap)) == snap
+
+
+def test_hosts_are_slotted_and_cells_of_one_layout_share_their_cpus(fleet: FleetSnapshot) -> None:
+    snap = _parse_in_pieces(dump_snapshot(fleet).encode(), 3000)
+    assert snap is not None
+    a, b = snap.hosts[0], snap.hosts[1]
+    for part in (a, a.cells[0], a.cells[0].hugepages[0]):
+        assert not hasattr(part, "__dict__")  # fields in slots: a dict per host, cell and pool otherwise
+    assert a.cells[0].cpus == b.cells[0].cpus and a.cells[0].cpus is b.cells[0].cpus
+    cordoned = a.model_copy(update={"state": HostState.CORDONED})
+    assert (cordoned.state, a.state, cordoned.cells) == (HostState.CORDONED, HostState.ACTIVE, a.cells)
+    assert Host.model_validate(a.model_dump()) == a == Host.model_validate_json(a.model_dump_json())
 
 
 def test_vms_are_slotted_share_their_empty_pin_maps_and_copy_as_models_do(fleet: FleetSnapshot) -> None:
