@@ -11,8 +11,8 @@ import pytest
 from hostmaint import maintenance as steps
 from hostmaint.drivers.memory import SimulatedFleet
 from hostmaint.errors import StepError, TransientDriverError
-from hostmaint.models import HostState, StepOutcome, Vm
-from hostmaint.runtime import open_runtime
+from hostmaint.models import HostState, Placement, StepOutcome, Vm
+from hostmaint.runtime import Runtime, open_runtime
 
 
 def test_a_vm_whose_origin_was_recorded_and_that_runs_nowhere_is_recorded_once(sim_inventory: Path) -> None:
@@ -210,67 +210,52 @@ class SourceLeftPaused:
         self.dead.clear()
 
 
-def _drain_with(rt: object, faulty: SourceLeftPaused, run: steps.RunContext, plan: object) -> None:
-    rt.hypervisor = faulty  # type: ignore[attr-defined]
-    with pytest.raises(StepError):
-        steps.drain_host(rt, run, plan)  # type: ignore[arg-type]
-
-
-def test_a_vm_a_failed_migration_left_paused_on_its_source_is_resumed_by_the_drain(sim_inventory: Path) -> None:
+def _drained_with(sim_inventory: Path, **fault: object) -> tuple[Runtime, SourceLeftPaused, Placement]:
+    """A run's drain of hv01 whose first migration leaves its VM paused on hv01 (``fault``: how)."""
     rt = open_runtime(sim_inventory, fresh=True)
     run = steps.RunContext(run_id="run-1", flow="patch-host", reason="patch")
     steps.cordon(rt, run, "hv01")
     plan = steps.plan_drain(rt, run, "hv01")
-    vm = plan.placements[0].vm
     fleet = rt.hypervisor
     assert isinstance(fleet, SimulatedFleet)
-    faulty = SourceLeftPaused(fleet, vm)
+    faulty = SourceLeftPaused(fleet, plan.placements[0].vm, **fault)  # type: ignore[arg-type]
+    rt.hypervisor = faulty  # type: ignore[assignment]
+    with pytest.raises(StepError):
+        steps.drain_host(rt, run, plan)
+    return rt, faulty, plan.placements[0]
 
-    _drain_with(rt, faulty, run, plan)
 
-    assert faulty.resumed == [(vm, "hv01")] and not faulty.left_paused
+def test_a_vm_a_failed_migration_left_paused_on_its_source_is_resumed_by_the_drain(sim_inventory: Path) -> None:
+    rt, faulty, first = _drained_with(sim_inventory)
+
+    assert faulty.resumed == [(first.vm, "hv01")] and not faulty.left_paused
     [resumed] = [r for r in rt.audit.records(host="hv01") if r.step == "vm-resumed"]
-    assert resumed.vm == vm and resumed.outcome is StepOutcome.OK and resumed.run_id == "run-1"
+    assert resumed.vm == first.vm and resumed.outcome is StepOutcome.OK and resumed.run_id == "run-1"
     assert "resumed there" in resumed.details["note"]
 
 
 def test_a_vm_left_paused_on_a_source_that_died_is_resumed_by_the_next_run(sim_inventory: Path) -> None:
-    rt = open_runtime(sim_inventory, fresh=True)
-    run = steps.RunContext(run_id="run-1", flow="patch-host", reason="patch")
-    steps.cordon(rt, run, "hv01")
-    plan = steps.plan_drain(rt, run, "hv01")
-    vm = plan.placements[0].vm
-    fleet = rt.hypervisor
-    assert isinstance(fleet, SimulatedFleet)
-    faulty = SourceLeftPaused(fleet, vm, source_dies=True)
-
-    _drain_with(rt, faulty, run, plan)
+    rt, faulty, first = _drained_with(sim_inventory, source_dies=True)
+    vm = first.vm
     assert faulty.left_paused == {vm: "hv01"} and not faulty.resumed  # its host did not answer
 
     faulty.revive()
+    vms = sorted(faulty.fleet.vms)
     with pytest.raises(StepError, match=f"{vm} is paused on hv01 by a migration that no longer runs"):
-        steps.check_invariants(rt, "demo", sorted(fleet.vms))  # not counted as running, nor as in transit
+        steps.check_invariants(rt, "demo", vms)  # not running, nor in transit
     again = steps.RunContext(run_id="run-2", flow="patch-host", reason="patch")
     steps.record_found_moves(rt, again, "hv01", steps.snapshot(rt, "demo"))
 
     assert faulty.resumed == [(vm, "hv01")]
-    after = [(r.step, r.run_id) for r in rt.audit.records(host="hv01") if r.vm == vm and r.step != "migrate"]
+    after = [(r.step, r.run_id) for r in rt.audit.records(host="hv01")
+             if r.vm == vm and r.step != "migrate"]
     assert after == [("vm-resumed", "run-2"), ("migration-resolved", "run-2")], after
-    steps.check_invariants(rt, "demo", sorted(fleet.vms))
+    steps.check_invariants(rt, "demo", vms)
 
 
 def test_a_vm_left_paused_that_is_active_on_another_host_too_is_left_to_the_operator(sim_inventory: Path) -> None:
-    rt = open_runtime(sim_inventory, fresh=True)
-    run = steps.RunContext(run_id="run-1", flow="patch-host", reason="patch")
-    steps.cordon(rt, run, "hv01")
-    plan = steps.plan_drain(rt, run, "hv01")
-    first = plan.placements[0]
-    fleet = rt.hypervisor
-    assert isinstance(fleet, SimulatedFleet)
-    faulty = SourceLeftPaused(fleet, first.vm, also_on=first.target)
-
-    _drain_with(rt, faulty, run, plan)
+    rt, faulty, first = _drained_with(sim_inventory, also_on="hv02")
 
     assert not faulty.resumed and faulty.left_paused == {first.vm: "hv01"}
     [left] = [r for r in rt.audit.records(host="hv01") if r.step == "vm-resumed"]
-    assert left.outcome is StepOutcome.UNKNOWN and first.target in left.details["note"]
+    assert left.outcome is StepOutcome.UNKNOWN and "also active on hv02" in left.details["note"]

@@ -34,6 +34,19 @@ def _job_ended(dom: libvirt.virDomain, reason: int) -> bool:
         return False
 
 
+def _migration_pauses(conn: libvirt.virConnect) -> list[tuple[str, bool]]:
+    """(name, whether its migration job has ended) of each domain paused for a live migration, sorted."""
+    out = []
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED):
+        try:
+            state, reason = dom.state()
+        except libvirt.libvirtError:
+            continue  # it left while we looked
+        if state == libvirt.VIR_DOMAIN_PAUSED and reason in _MIGRATION_PAUSES:
+            out.append((dom.name(), _job_ended(dom, reason)))
+    return sorted(out)
+
+
 # What the domain_xml parsers raise on host output they cannot read: XML that does not parse, a
 # number or size unit they do not know (ValueError), a model the output leaves invalid
 # (ValidationError, itself a ValueError).
@@ -155,36 +168,16 @@ class Discovery:
     def in_migration(self, host: str) -> tuple[str, ...]:
         """VMs on ``host`` paused because a live migration moves them: the destination's copy before it
         takes over (reasons "migration", "starting up"), a source in post-copy. Seen on the lab."""
-        def moving(conn: libvirt.virConnect) -> tuple[str, ...]:
-            out = []
-            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-                try:
-                    state, reason = dom.state()
-                except libvirt.libvirtError:
-                    continue  # it left while we looked
-                if state == libvirt.VIR_DOMAIN_PAUSED and reason in _MIGRATION_PAUSES and not _job_ended(dom, reason):
-                    out.append(dom.name())
-            return tuple(sorted(out))
-
-        return self._connections.call(host, "listing VMs in migration", moving)
+        return self._connections.call(host, "listing VMs in migration", lambda c: tuple(
+            name for name, ended in _migration_pauses(c) if not ended))
 
     def stranded(self, host: str) -> tuple[str, ...]:
         """VMs on ``host`` paused for a live migration (reason "migration") with no migration job: the
         job ended and left the domain paused (seen on the lab: the source's libvirtd killed at the
         switch-over; restarted, it kept the domain paused with no job and the target had none). An
         incoming copy is not one: its job is only readable on the source, which libvirt refuses."""
-        def paused(conn: libvirt.virConnect) -> tuple[str, ...]:
-            out = []
-            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PAUSED):
-                try:
-                    state, reason = dom.state()
-                except libvirt.libvirtError:
-                    continue  # it left while we looked
-                if state == libvirt.VIR_DOMAIN_PAUSED and _job_ended(dom, reason):
-                    out.append(dom.name())
-            return tuple(sorted(out))
-
-        return self._connections.call(host, "listing VMs a migration left paused", paused)
+        return self._connections.call(host, "listing VMs a migration left paused", lambda c: tuple(
+            name for name, ended in _migration_pauses(c) if ended))
 
     def locate(self, vm: str) -> tuple[str, ...]:
         """Hosts where ``vm`` runs now.
