@@ -145,8 +145,11 @@ def _first_error(exc: ValidationError, data: object = None) -> str:
     for part in err["loc"]:
         path += f"[{part}]" if isinstance(part, int) else ("." if path else "") + str(part)
     msg = str(err["msg"]).removeprefix("Value error, ")
-    if err["type"] == "unexpected_keyword_argument":  # a slotted model's (Vm) word for it
+    # a slotted model's (a dataclass's) words for what a BaseModel says, said as before
+    if err["type"] == "unexpected_keyword_argument":
         msg = "Extra inputs are not permitted"
+    elif err["type"] == "dataclass_type":
+        msg = f"Input should be a valid dictionary or instance of {err.get('ctx', {}).get('class_name', '?')}"
     msg = _name_the_entry(err["loc"], msg, data)
     return f"{path}: {msg}" if path else msg
 

@@ -140,6 +140,15 @@ CANNOT_BE_TRUE = [
                  ("vms[1].memory_mib", "VM 'web-1'", "greater than 0, got -1"), id="negative-vm-memory"),
     pytest.param(lambda d: _db(d)["vnuma"][0].update(memory_mib=-4096),
                  ("vms[0].vnuma[0].memory_mib", "VM 'db-1'", "greater than 0"), id="negative-guest-cell-memory"),
+    # the words pydantic has for its models, for hosts, cells and VMs too (slotted dataclasses)
+    pytest.param(lambda d: d["hosts"][1]["cells"][0].update(colour="red"),
+                 ("hosts[1].cells[0].colour", "host 'hv2'", "Extra inputs are not permitted"), id="unknown-cell-field"),
+    pytest.param(lambda d: d["vms"][1].update(colour="red"),
+                 ("vms[1].colour", "VM 'web-1'", "Extra inputs are not permitted"), id="unknown-vm-field"),
+    pytest.param(lambda d: d["hosts"].append(5),
+                 ("hosts[2]", "Input should be a valid dictionary or instance of Host"), id="a-host-not-an-object"),
+    pytest.param(lambda d: d["vms"].append([1]),
+                 ("vms[2]", "Input should be a valid dictionary or instance of Vm"), id="a-vm-not-an-object"),
 ]
 
 
