@@ -366,17 +366,26 @@ def _counting_defaults(kind: Any) -> SchemaValidator | None:
 
 def _count_defaults(schema: Any) -> Any:
     """A copy of a core schema in which each default of a slotted model (a dataclass: the snapshot's
-    have no others) is given by a factory that counts."""
+    have no others) is given by a factory that counts.
+
+    And without Vm._positive, which only words an error (the VM's name in it) and accepts what its
+    inner schema accepts: what fails here is read the strict way, which says it (~50 ms of 88k VMs)."""
     if isinstance(schema, list):
         return [_count_defaults(item) for item in schema]
     if not isinstance(schema, dict):
         return schema
+    if schema.get("type") == "function-wrap" and _is_positive(schema["function"].get("function")):
+        return _count_defaults(schema["schema"])
     out = {key: _count_defaults(value) for key, value in schema.items()}
     if out.get("type") == "dataclass-args":
         for field in out["fields"]:
             if field["schema"]["type"] == "default":
                 field["schema"] = _counted(field["schema"])
     return out
+
+
+def _is_positive(function: object) -> bool:
+    return getattr(function, "__func__", None) is getattr(Vm._positive, "__func__", Vm._positive)
 
 
 def _counted(default: dict[str, Any]) -> dict[str, Any]:
