@@ -34,10 +34,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# the last commit before the third round (issue 22 item 3: the snapshot read in pieces as it is
-# validated, models sharing their field names, the digest hashed in parts); the second round's
-# baseline (bounds as arrays, orjson digest, one-pass load) was 774142e, the first round's 7d80795
-BASELINE_REV = "a62825c"
+# the last commit before the fourth round (issue 22 item 3: VMs as slotted models, equal parts shared);
+# the third round's baseline (the snapshot read in pieces, shared field names, the digest in parts) was
+# a62825c, the second round's (bounds as arrays, orjson digest, one-pass load) 774142e, the first's 7d80795
+BASELINE_REV = "16d9d8b"
 DRAINED = "h0000"
 # issue 22's large site is ~82,000 VMs on 5,000 hosts; the same fill at 1,000 hosts is lighter
 # than benchmarks/exact.py's, so every size uses exact.py's fill and 5,000 a lighter one
