@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import functools
 import json
+import threading
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -199,8 +200,8 @@ def _parse_fast(text: str | bytes) -> FleetSnapshot | None:
     A key given twice is found by counting colons. Outside strings JSON has one colon per key;
     inside, the colons of its string values, which the models hold (an escaped one, ``\\u003a``,
     is not in the text: such a text goes the strict way). The models hold one entry per distinct key
-    of each object they were made from (the fields set, the pin maps' keys; a VM's fields less those
-    filled with defaults). So when the text has exactly as many colons as the models account for,
+    of each object they were made from (the fields set, the pin maps' keys; a slotted model's fields less
+    those filled with defaults). So when the text has exactly as many colons as the models account for,
     no key was lost."""
     try:
         snapshot, defaulted = _validate_counting(FleetSnapshot, text)
@@ -323,24 +324,22 @@ def _snapshot_checks() -> list[Callable[[FleetSnapshot], object]] | None:
     return [d.func for d in found.model_validators.values()]
 
 
-# fields of slotted models (SlottedModel: hosts, cells, pools, VMs) pydantic filled with their defaults,
-# ever, in the validators of _counting_defaults: such a model keeps no set of the fields it was given
-_DEFAULTED = [0]
+# fields of slotted models (SlottedModel: hosts, cells, pools, VMs) pydantic filled with their defaults in
+# the validators of _counting_defaults, per thread (the factories run in the thread that validates): such a
+# model keeps no set of the fields it was given
+_DEFAULTED = threading.local()
 
 
 def _validate_counting(kind: Any, text: str | bytes) -> tuple[Any, int]:
     """``text`` validated as ``kind`` (FleetSnapshot, tuple[Vm, ...]) by the same schema as ever, and
     how many fields of slotted models it left out (filled with their defaults): the text gave the others.
-
-    Counted as a difference of a running tally, which another thread's validation can only raise:
-    a count too high makes the colons disagree (the strict way then reads it), never hides a key
-    given twice."""
+    Counted per thread: a count another thread's validation changed could hide a key given twice."""
     validator = _counting_defaults(kind)
     if validator is None:
         raise _CannotCount
-    before = _DEFAULTED[0]
+    _DEFAULTED.n = 0
     made = validator.validate_json(text)
-    return made, _DEFAULTED[0] - before
+    return made, _DEFAULTED.n
 
 
 class _CannotCount(Exception):
@@ -355,9 +354,9 @@ def _counting_defaults(kind: Any) -> SchemaValidator | None:
     two fields; without it snapshots are read the strict way (test_snapshot_pieces fails loudly)."""
     try:
         probe = SchemaValidator(_count_defaults(TypeAdapter(Cell).core_schema), _use_prebuilt=False)
-        before = _DEFAULTED[0]
+        _DEFAULTED.n = 0
         probe.validate_json('{"id": 0, "memory_mib": 1, "free_mib": 0}')
-        if _DEFAULTED[0] - before != 2:
+        if _DEFAULTED.n != 2:
             return None
         return SchemaValidator(_count_defaults(TypeAdapter(kind).core_schema), _use_prebuilt=False)
     except TypeError:  # no such option
@@ -395,7 +394,7 @@ def _counted(default: dict[str, Any]) -> dict[str, Any]:
     value = default.get("default")
 
     def make() -> Any:
-        _DEFAULTED[0] += 1
+        _DEFAULTED.n += 1
         return factory() if factory is not None else value
 
     return {**{k: v for k, v in default.items() if k != "default"}, "default_factory": make,

@@ -10,6 +10,7 @@ import copy
 import hashlib
 import json
 import pickle
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,24 @@ def test_a_key_given_twice_where_another_is_left_out_is_refused(fleet: FleetSnap
     got = _parse_in_pieces(left_out, 3000)
     assert got is not None and got == _strict(left_out.decode()) == fleet
     assert fleet_module._parse_fast(left_out) == fleet
+
+
+def test_the_defaults_filled_are_counted_per_thread() -> None:
+    # a count that another thread's validation changed could hide a key given twice
+    text = b"[" + b", ".join(b'{"name": "v%d", "uuid": "u", "host": "h", "memory_mib": 1, "vcpus": 1}' % i
+                             for i in range(50)) + b"]"
+    counts: list[int] = []
+
+    def validate() -> None:
+        for _ in range(40):
+            counts.append(fleet_module._validate_counting(tuple[Vm, ...], text)[1])
+
+    workers = [threading.Thread(target=validate) for _ in range(4)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert counts == [50 * (len(Vm.model_fields) - 5)] * 160
 
 
 def test_a_key_given_twice_outside_the_vms_is_refused(fleet: FleetSnapshot, tmp_path: Path) -> None:
