@@ -123,10 +123,11 @@ class SlottedModel:
 
 class _SharedFieldNames(set[str]):
     """The names of the fields a model was given, one object for all the models of a class given the
-    same names: pydantic keeps a set per instance (~2.2 KB for a VM's 25 fields), more than half of
-    a loaded snapshot's memory at 90,000 VMs. Frozen models never add to it (pydantic adds only on
-    assignment); a copy (``model_copy``, ``copy.copy``) gets a plain set of its own, which
-    ``model_copy(update=...)`` then grows. Changing it in place would change every model's: refused."""
+    same names: pydantic keeps a set per instance (~0.2 KB even for a numatune's two fields), and the
+    parts of a snapshot's VMs that stay BaseModels are many (see _shared). Frozen models never add to
+    it (pydantic adds only on assignment); a copy (``model_copy``, ``copy.copy``) gets a plain set of
+    its own, which ``model_copy(update=...)`` then grows. Changing it in place would change every
+    model's: refused."""
 
     __slots__ = ()
 
