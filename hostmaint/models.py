@@ -240,6 +240,7 @@ class Step(StrEnum):
     MIGRATION_RESOLVED = "migration-resolved"
     VM_NOT_FOUND = "vm-not-found"
     VM_RESUMED = "vm-resumed"  # left paused on its source by a migration that no longer runs
+    STALE_COPY_REMOVED = "stale-copy-removed"  # a paused source copy of a VM its migration's target runs
     SHUTDOWN_VM = "shutdown-vm"
     CONFIRM_EMPTY = "confirm-empty"
     PREFLIGHT = "preflight"
