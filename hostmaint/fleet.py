@@ -122,7 +122,7 @@ def discover_cluster(inventory: Inventory, cluster: str, hypervisor: Hypervisor,
     """
     from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
-    from hostmaint.drivers.base import MigrationStates
+    from hostmaint.drivers.base import MigrationStates, StrandedVms
 
     for attempt in Retrying(stop=stop_after_attempt(DISCOVERY_ATTEMPTS), wait=wait_fixed(1.0),
                             retry=retry_if_exception_type(SnapshotError), reraise=True):
@@ -135,6 +135,10 @@ def discover_cluster(inventory: Inventory, cluster: str, hypervisor: Hypervisor,
                 discoveries[entry.name] = hypervisor.discover(entry.name)
                 if isinstance(hypervisor, MigrationStates):
                     moving[entry.name] = hypervisor.in_migration(entry.name)
+                if isinstance(hypervisor, StrandedVms):
+                    # a copy a migration left paused is not a second run of a VM another host runs
+                    # (maintenance.settle_stranded removes it); alone, it is the VM
+                    moving[entry.name] = (*moving.get(entry.name, ()), *hypervisor.stranded(entry.name))
             return build_snapshot(inventory, cluster, discoveries, states=states, origins=origins, source=source,
                                   moving=moving)
     raise AssertionError("unreachable: the last attempt returns or raises")

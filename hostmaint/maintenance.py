@@ -736,7 +736,7 @@ def settle_earlier_moves(rt: Runtime, run: RunContext, cluster: str, *, host: st
     With ``host``: only the records of that host (a drain's of it, its unknown migrations), for a run
     holding the host's lock, which any run that drained it held. ``include_own``: this run's records
     too (a stand-down after its process was killed mid-drain)."""
-    resume_stranded(rt, run, cluster)  # a VM a dead run's migration left paused runs first, then is located
+    settle_stranded(rt, run, cluster)  # a VM a dead run's migration left paused runs first, then is located
     records = [r for r in rt.audit.records() if r.cluster == cluster]
     owed: list[tuple[AuditRecord, str, str, str]] = []  # (record, vm, source, target), oldest first
     for r in records:
@@ -861,21 +861,22 @@ def run_migrations(rt: Runtime, run: RunContext, rec: StepRecord, plan: Evacuati
         rec.details["links_observed"] = [{**asdict(o), "saturated": o.saturated} for o in report.links]
     if any(r.outcome is not StepOutcome.OK for r in report.results):
         # a migration that failed with its source's libvirtd gone may leave the VM paused there
-        resume_stranded(rt, run, cluster)
+        settle_stranded(rt, run, cluster)
     return report
 
 
-def resume_stranded(rt: Runtime, run: RunContext, cluster: str) -> list[str]:
-    """Let each VM of ``cluster`` that a live migration left paused (its job ended, the domain paused
-    for it: the source's libvirtd died at the switch-over) run again where it is, when it runs on no
-    other host; each resume has its audit record (step ``vm-resumed``). One that is active on another
-    host as well is left paused and recorded (outcome unknown): which copy is the VM is for an
-    operator to say. A host that does not answer is asked again by the next run. Returns the VMs
-    resumed."""
+def settle_stranded(rt: Runtime, run: RunContext, cluster: str) -> list[str]:
+    """Settle each VM of ``cluster`` that a live migration left paused on a host (its job ended, the
+    domain paused for it: the source's libvirtd died at the switch-over), each with its audit record:
+    run nowhere else, it runs again where it is (step ``vm-resumed``); running on exactly one other
+    host, the migration completed and the paused copy is removed, as the source would have done
+    (``stale-copy-removed``); otherwise (another copy paused too) it is left paused and recorded
+    with outcome unknown: which copy is the VM is for an operator to say. A host that does not answer
+    is asked again by the next run. Returns the VMs settled."""
     hv = rt.hypervisor
     if not isinstance(hv, StrandedVms):
         return []
-    resumed = []
+    settled = []
     for entry in rt.inventory.hosts_of(cluster):
         try:
             paused = hv.stranded(entry.name)
@@ -884,27 +885,44 @@ def resume_stranded(rt: Runtime, run: RunContext, cluster: str) -> list[str]:
         for vm in paused:
             try:
                 others = [h for h in hv.locate(vm) if h != entry.name]
+                # a copy there that runs (not paused for a migration, ended or not)
+                running = [h for h in others if vm not in hv.stranded(h)
+                           and not (isinstance(hv, MigrationStates) and vm in hv.in_migration(h))]
             except DriverError:
-                continue  # cannot tell whether a copy runs elsewhere: not resumed
+                continue  # cannot tell whether a copy runs elsewhere: left as it is
             try:
-                with audited(rt, run, Step.VM_RESUMED, host=entry.name, vm=vm, inputs={"paused_on": entry.name}) as rec:
-                    if others:
-                        rec.outcome = StepOutcome.UNKNOWN
-                        rec.details["note"] = (f"{vm} is paused on {entry.name} by a migration that no longer runs, "
-                                               f"and is also active on {', '.join(others)}: left paused; which copy "
-                                               "is the VM is for an operator to say")
-                        log.error("%s: %s paused by an ended migration and active on %s too: left as it is",
-                                  entry.name, visible(vm), ", ".join(others))
-                        continue
-                    hv.resume(vm, entry.name)
-                    rec.details["note"] = (f"{vm} was paused on {entry.name} by a migration that no longer runs "
-                                           "and ran on no other host: resumed there")
-                log.warning("%s: %s was left paused by an ended migration: resumed", entry.name, visible(vm))
-                resumed.append(vm)
+                if _settle_one(rt, run, hv, vm, entry.name, others, running):
+                    settled.append(vm)
             except DriverError as exc:
-                log.warning("%s: cannot resume %s: %s", entry.name, visible(vm), exc)
-    return resumed
+                log.warning("%s: cannot settle %s, left paused by a migration: %s", entry.name, visible(vm), exc)
+    return settled
 
+
+def _settle_one(rt: Runtime, run: RunContext, hv: StrandedVms, vm: str, host: str, others: list[str],
+                running: list[str]) -> bool:
+    if not others:
+        with audited(rt, run, Step.VM_RESUMED, host=host, vm=vm, inputs={"paused_on": host}) as rec:
+            hv.resume(vm, host)
+            rec.details["note"] = (f"{vm} was paused on {host} by a migration that no longer runs and ran on "
+                                   "no other host: resumed there")
+        log.warning("%s: %s was left paused by an ended migration: resumed", host, visible(vm))
+        return True
+    if len(others) == 1 and running == others:
+        with audited(rt, run, Step.STALE_COPY_REMOVED, host=host, vm=vm,
+                     inputs={"paused_on": host, "runs_on": running[0]}) as rec:
+            hv.discard_stale(vm, host, running[0])
+            rec.details["note"] = (f"{vm} runs on {running[0]}; its copy on {host}, paused by that migration, "
+                                   "which no longer runs, was removed (the source's part of the migration)")
+        log.warning("%s: the stale copy of %s (it runs on %s) was removed", host, visible(vm), running[0])
+        return True
+    with audited(rt, run, Step.VM_RESUMED, host=host, vm=vm, inputs={"paused_on": host}) as rec:
+        rec.outcome = StepOutcome.UNKNOWN
+        rec.details["note"] = (f"{vm} is paused on {host} by a migration that no longer runs, and is also "
+                               f"active on {', '.join(others)} (running on {', '.join(running) or 'none'}): "
+                               "left as it is; which copy is the VM is for an operator to say")
+    log.error("%s: %s paused by an ended migration and active on %s too: left as it is", host, visible(vm),
+              ", ".join(others))
+    return False
 
 def _transport(rt: Runtime, rec: StepRecord, plan: EvacuationPlan, cluster: str) -> Callable[[str, str], Route] | None:
     """How the plan's migrations travel, read from its hosts now (the precheck's view may be old: a resumed
@@ -1438,7 +1456,7 @@ def check_invariants(rt: Runtime, cluster: str, expected: Sequence[str], *,
     VM; a VM seen only paused for one (at its switch-over) is in transit, not missing. A VM another
     run shuts down (or has shut down) by its policy may run once or not at all: that run records it
     before asking, and starts it again after its host's maintenance. A VM paused on a host by a
-    migration that no longer runs (:func:`resume_stranded`) does not run: a problem.
+    migration that no longer runs (:func:`settle_stranded`) does not run: a problem.
     """
     elsewhere = set(rt.states.stopped()) - set(stopped)
     where: dict[str, list[str]] = {}

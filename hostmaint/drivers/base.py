@@ -89,6 +89,11 @@ class StrandedVms(Protocol):
         """Let ``vm`` run again on ``host``."""
         ...
 
+    def discard_stale(self, vm: str, host: str, running_on: str) -> None:
+        """Remove ``vm``'s copy that a migration left paused on ``host`` when ``running_on`` runs it
+        (the migration completed; what the source would have done had its libvirtd lived)."""
+        ...
+
 
 @runtime_checkable
 class ShutOffVms(Protocol):

@@ -159,16 +159,20 @@ def test_a_failed_drain_leaves_the_host_cordoned_naming_the_vms_still_on_it(sim_
 
 
 class SourceLeftPaused:
-    """The simulated fleet, but ``vm``'s migration ends with the VM paused on its source for a
+    """The simulated fleet, but ``vm``'s migration ends with a copy of the VM paused on its source for a
     migration that no longer runs (what the lab showed when the source's libvirtd was killed at the
-    switch-over: round 533955319). With ``source_dies`` the source answers nothing until ``revive``;
-    ``also_on``: a host where a copy of the VM is active too."""
+    switch-over: rounds 533955319 and 108838150). ``lands``: the target took the VM over (it runs
+    there; the source's copy is stale); ``target_paused``: the target's copy is paused the same way;
+    ``source_dies``: the source answers nothing until ``revive``."""
 
-    def __init__(self, fleet: SimulatedFleet, vm: str, source_dies: bool = False, also_on: str | None = None) -> None:
-        self.fleet, self.vm, self.source_dies, self.also_on = fleet, vm, source_dies, also_on
+    def __init__(self, fleet: SimulatedFleet, vm: str, *, lands: bool = False, target_paused: bool = False,
+                 source_dies: bool = False) -> None:
+        self.fleet, self.vm, self.lands, self.target_paused, self.source_dies = fleet, vm, lands, target_paused, \
+            source_dies
         self.dead: set[str] = set()
-        self.left_paused: dict[str, str] = {}
+        self.left_paused: set[tuple[str, str]] = set()
         self.resumed: list[tuple[str, str]] = []
+        self.discarded: list[tuple[str, str, str]] = []
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.fleet, name)
@@ -177,14 +181,16 @@ class SourceLeftPaused:
         if host in self.dead:
             raise TransientDriverError("cannot connect to libvirtd: Connection refused", host)
 
+    def discover(self, host: str):  # type: ignore[no-untyped-def]
+        self._alive(host)
+        return self.fleet.discover(host)
+
     def running_vms(self, host: str) -> tuple[str, ...]:
         self._alive(host)
         return self.fleet.running_vms(host)
 
     def locate(self, vm: str) -> tuple[str, ...]:
         found = tuple(h for h in self.fleet.locate(vm) if h not in self.dead)
-        if vm == self.vm and self.also_on:
-            found = tuple(sorted({*found, self.also_on}))
         if not found and self.dead:
             raise TransientDriverError(f"{vm} not found on the reachable hosts", sorted(self.dead)[0])
         return found
@@ -192,25 +198,35 @@ class SourceLeftPaused:
     def migrate(self, vm, source, target, options, on_progress=None):  # type: ignore[no-untyped-def]
         if vm != self.vm:
             return self.fleet.migrate(vm, source, target, options, on_progress)
-        self.left_paused[vm] = source
+        self.left_paused.add((vm, source))
+        if self.lands or self.target_paused:
+            self.fleet.running[target].add(vm)  # the target's copy; the source's stays
+            if self.target_paused:
+                self.left_paused.add((vm, target))
         if self.source_dies:
             self.dead.add(source)
         raise TransientDriverError("cannot connect to libvirt: Connection refused", source)
 
     def stranded(self, host: str) -> tuple[str, ...]:
         self._alive(host)
-        return tuple(sorted(v for v, h in self.left_paused.items() if h == host))
+        return tuple(sorted(v for v, h in self.left_paused if h == host))
 
     def resume(self, vm: str, host: str) -> None:
         self._alive(host)
-        del self.left_paused[vm]
+        self.left_paused.remove((vm, host))
         self.resumed.append((vm, host))
+
+    def discard_stale(self, vm: str, host: str, running_on: str) -> None:
+        self._alive(host)
+        self.left_paused.remove((vm, host))
+        self.fleet.running[host].discard(vm)
+        self.discarded.append((vm, host, running_on))
 
     def revive(self) -> None:
         self.dead.clear()
 
 
-def _drained_with(sim_inventory: Path, **fault: object) -> tuple[Runtime, SourceLeftPaused, Placement]:
+def _drained_with(sim_inventory: Path, **fault: bool) -> tuple[Runtime, SourceLeftPaused, Placement]:
     """A run's drain of hv01 whose first migration leaves its VM paused on hv01 (``fault``: how)."""
     rt = open_runtime(sim_inventory, fresh=True)
     run = steps.RunContext(run_id="run-1", flow="patch-host", reason="patch")
@@ -218,7 +234,7 @@ def _drained_with(sim_inventory: Path, **fault: object) -> tuple[Runtime, Source
     plan = steps.plan_drain(rt, run, "hv01")
     fleet = rt.hypervisor
     assert isinstance(fleet, SimulatedFleet)
-    faulty = SourceLeftPaused(fleet, plan.placements[0].vm, **fault)  # type: ignore[arg-type]
+    faulty = SourceLeftPaused(fleet, plan.placements[0].vm, **fault)
     rt.hypervisor = faulty  # type: ignore[assignment]
     with pytest.raises(StepError):
         steps.drain_host(rt, run, plan)
@@ -237,7 +253,7 @@ def test_a_vm_a_failed_migration_left_paused_on_its_source_is_resumed_by_the_dra
 def test_a_vm_left_paused_on_a_source_that_died_is_resumed_by_the_next_run(sim_inventory: Path) -> None:
     rt, faulty, first = _drained_with(sim_inventory, source_dies=True)
     vm = first.vm
-    assert faulty.left_paused == {vm: "hv01"} and not faulty.resumed  # its host did not answer
+    assert faulty.left_paused == {(vm, "hv01")} and not faulty.resumed  # its host did not answer
 
     faulty.revive()
     vms = sorted(faulty.fleet.vms)
@@ -247,15 +263,34 @@ def test_a_vm_left_paused_on_a_source_that_died_is_resumed_by_the_next_run(sim_i
     steps.record_found_moves(rt, again, "hv01", steps.snapshot(rt, "demo"))
 
     assert faulty.resumed == [(vm, "hv01")]
-    after = [(r.step, r.run_id) for r in rt.audit.records(host="hv01")
-             if r.vm == vm and r.step != "migrate"]
+    after = [(r.step, r.run_id) for r in rt.audit.records(host="hv01") if r.vm == vm and r.step != "migrate"]
     assert after == [("vm-resumed", "run-2"), ("migration-resolved", "run-2")], after
     steps.check_invariants(rt, "demo", vms)
 
 
-def test_a_vm_left_paused_that_is_active_on_another_host_too_is_left_to_the_operator(sim_inventory: Path) -> None:
-    rt, faulty, first = _drained_with(sim_inventory, also_on="hv02")
+def test_the_stale_source_copy_of_a_migration_that_completed_is_removed(sim_inventory: Path) -> None:
+    # round 108838150: the target ran the VM, its source's copy stayed paused, and every later discovery
+    # refused the cluster ("vm01 runs more than once") until an operator stepped in
+    rt, faulty, first = _drained_with(sim_inventory, lands=True, source_dies=True)
+    faulty.revive()
+    snap = steps.snapshot(rt, "demo")  # the paused copy is not a second run of the VM
+    assert [v.host for v in snap.vms if v.name == first.vm] == [first.target]
 
-    assert not faulty.resumed and faulty.left_paused == {first.vm: "hv01"}
-    [left] = [r for r in rt.audit.records(host="hv01") if r.step == "vm-resumed"]
-    assert left.outcome is StepOutcome.UNKNOWN and "also active on hv02" in left.details["note"]
+    again = steps.RunContext(run_id="run-2", flow="patch-host", reason="patch")
+    steps.record_found_moves(rt, again, "hv01", snap)
+
+    assert faulty.discarded == [(first.vm, "hv01", first.target)] and not faulty.resumed
+    [removed] = [r for r in rt.audit.records(host="hv01") if r.step == "stale-copy-removed"]
+    assert removed.vm == first.vm and removed.inputs == {"paused_on": "hv01", "runs_on": first.target}
+    assert rt.hypervisor.locate(first.vm) == (first.target,)
+    steps.check_invariants(rt, "demo", sorted(faulty.fleet.vms))
+
+
+def test_a_vm_paused_on_two_hosts_is_left_to_the_operator(sim_inventory: Path) -> None:
+    rt, faulty, first = _drained_with(sim_inventory, target_paused=True)
+
+    assert not faulty.resumed and not faulty.discarded
+    assert faulty.left_paused == {(first.vm, "hv01"), (first.vm, first.target)}
+    left = [r for r in rt.audit.records() if r.step == "vm-resumed"]
+    assert left and all(r.outcome is StepOutcome.UNKNOWN for r in left)
+    assert "for an operator to say" in left[0].details["note"]

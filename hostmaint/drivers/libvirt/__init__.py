@@ -130,6 +130,10 @@ class LibvirtHypervisor:
         """Let a paused ``vm`` run again on ``host``."""
         self.guests.resume(vm, host)
 
+    def discard_stale(self, vm: str, host: str, running_on: str) -> None:
+        """Remove ``vm``'s copy a migration left paused on ``host``; ``running_on`` runs it."""
+        self.guests.discard_stale(vm, host, running_on)
+
     def measure_dirty_rates(self, host: str, seconds: float = 1.0) -> dict[str, float]:
         """MiB/s per running VM of ``host``, sampled over ``seconds``."""
         return self.guests.measure_dirty_rates(host, seconds)

@@ -63,6 +63,33 @@ class Guests:
 
         self._connections.call(host, f"resuming {vm}", run)
 
+    def discard_stale(self, vm: str, host: str, running_on: str) -> None:
+        """Destroy ``vm``'s copy on ``host``, paused for a migration with no job left, when ``running_on``
+        runs it (running, not paused); its definition goes too when the running copy is persistent (the
+        migration's UNDEFINE_SOURCE, which the source's dead libvirtd never did). DriverError, with
+        nothing done, when either is not so any more."""
+        def running_there(conn: libvirt.virConnect) -> bool:
+            dom = lookup(conn, vm)
+            if dom is None or dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
+                raise DriverError(f"{vm} does not run on {running_on}: its copy on {host} is kept", running_on)
+            return bool(dom.isPersistent())
+
+        persistent_there = self._connections.call(running_on, f"checking {vm} runs", running_there)
+
+        def discard(conn: libvirt.virConnect) -> None:
+            dom = lookup(conn, vm)
+            if dom is None or not dom.isActive():
+                return  # gone already
+            state, reason = dom.state()
+            if (state != libvirt.VIR_DOMAIN_PAUSED or reason != libvirt.VIR_DOMAIN_PAUSED_MIGRATION
+                    or dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE):
+                raise DriverError(f"{vm} on {host} is no longer a copy a migration left paused: kept", host)
+            dom.destroy()
+            if persistent_there and dom.isPersistent():
+                dom.undefine()
+
+        self._connections.call(host, f"removing the stale copy of {vm}", discard)
+
     def start(self, vm: str, host: str) -> None:
         """Start a defined, stopped VM (no-op when it runs)."""
         def create(conn: libvirt.virConnect) -> None:
