@@ -273,15 +273,21 @@ def test_generated_fleets_plan_within_constraints(seed: int, hosts: int) -> None
         first = window.steps[0]
         assert_hard_constraints(s, first.evacuation.placements, {first.host})
     moves = Counter[str]()
-    for step in window.steps:
+    order = [step.host for step in window.steps]
+    for i, step in enumerate(window.steps):
         for b in step.evacuation.blocked:
             assert b.constraint in CONSTRAINTS
         for p in step.evacuation.placements:
             assert p.source == step.host and p.target != step.host
             assert s.host(p.target).state is HostState.ACTIVE
+            # a VM moves again only from a host due later that it was sent to because nothing else fit
+            # (said in its reason); in a tight fleet that can chain (seed 232, 4 hosts: three moves),
+            # so the window promises this rule, not a number of moves
+            if p.target in order[i + 1:]:
+                assert "due for maintenance later but nothing else fits" in p.reason, p
             moves[p.vm] += 1
     assert window.migrations == sum(moves.values()) and window.vms_moved == len(moves)
-    assert max(moves.values(), default=0) <= 2  # at most: onto a host of the window, then off it once
+    assert max(moves.values(), default=0) <= len(order)  # each step moves a VM at most once
 
 
 def test_plans_do_not_depend_on_the_hash_seed() -> None:
