@@ -15,8 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from itertools import chain, repeat
-from operator import attrgetter
+from itertools import chain
 from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar
 
 import orjson
@@ -712,10 +711,10 @@ class FleetSnapshot(Frozen):
         if known is not None:
             return known
         hashed = hashlib.sha256()
-        if not _canonical_fast_into(self, hashed.update):
-            with collector_paused():
+        with collector_paused():  # a dict per VM and host, made and dropped a few thousand at a time
+            if not _canonical_fast_into(self, hashed.update):
                 canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
-            hashed = hashlib.sha256(canon)
+                hashed = hashlib.sha256(canon)
         value = hashed.hexdigest()
         _DIGESTS[id(self)] = value
         weakref.finalize(self, _DIGESTS.pop, id(self), None)
@@ -733,20 +732,22 @@ def _canonical_fast(snapshot: FleetSnapshot) -> bytes | None:
 _VMS_PER_PART = 2000
 
 
-_Getter = Callable[[object], tuple[object, ...]]
-_SORTED_FIELDS: dict[type, tuple[tuple[str, ...], _Getter]] = {}
+_FieldsOf = Callable[[Any], dict[str, object]]
+_FIELDS_SORTED: dict[type, _FieldsOf] = {}
 
 
-def _sorted_fields(model: type[SlottedModel]) -> tuple[tuple[str, ...], _Getter]:
-    """A slotted model's field names in sorted order, and a getter of its values in that order."""
-    known = _SORTED_FIELDS.get(model)
+def _fields_sorted(model: type[SlottedModel]) -> _FieldsOf:
+    """A function giving a slotted model's fields as a dict, keys in sorted order: a dict display made
+    once per class (``{"anti_affinity": m.anti_affinity, ...}``, as dataclasses make their ``__init__``),
+    ~2x faster than ``dict(zip(keys, attrgetter(*keys)(m)))``; the digest makes one per VM and host."""
+    known = _FIELDS_SORTED.get(model)
     if known is None:
-        keys = tuple(sorted(model.__dataclass_fields__))
-        known = _SORTED_FIELDS[model] = (keys, attrgetter(*keys))
+        names = sorted(model.__dataclass_fields__)  # identifiers of our own declarations, never input
+        known = _FIELDS_SORTED[model] = eval("lambda m: {" + ", ".join(f"{n!r}: m.{n}" for n in names) + "}")
     return known
 
 
-_VM_KEYS, _vm_values = _sorted_fields(Vm)
+_vm_fields = _fields_sorted(Vm)
 
 
 def _canonical_fast_into(snapshot: FleetSnapshot, write: Callable[[bytes], object]) -> bool:
@@ -773,8 +774,7 @@ def _canonical_fast_into(snapshot: FleetSnapshot, write: Callable[[bytes], objec
         vms = snapshot.vms
         for at in range(0, len(vms), _VMS_PER_PART):
             # a VM is slotted: its fields as a dict (orjson writes a dataclass's unsorted)
-            fields = map(dict, map(zip, repeat(_VM_KEYS), map(_vm_values, vms[at:at + _VMS_PER_PART])))
-            part = orjson.dumps(list(fields), default=_fields_of, option=option)
+            part = orjson.dumps(list(map(_vm_fields, vms[at:at + _VMS_PER_PART])), default=_fields_of, option=option)
             if not _as_json_dumps_writes(part):
                 return False
             write(part[1:-1] if at == 0 else b"," + part[1:-1])
@@ -793,8 +793,7 @@ def _fields_of(model: object) -> dict[str, object]:
     if isinstance(model, BaseModel):
         return model.__dict__
     if isinstance(model, SlottedModel):
-        keys, values = _sorted_fields(type(model))
-        return dict(zip(keys, values(model), strict=True))
+        return _fields_sorted(type(model))(model)
     raise TypeError(f"not JSON: {type(model).__name__}")
 
 
