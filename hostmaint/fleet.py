@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import SchemaValidator
 
-from hostmaint.bulk import collector_paused
+from hostmaint.bulk import collector_paused, release_freed_memory
 from hostmaint.config_file import parse_json, read_utf8
 from hostmaint.errors import FileFormatError, SnapshotError
 from hostmaint.models import Cell, FleetSnapshot, Host, HostDiscovery, HostState, HugePages, UnmigratableAction, Vm
@@ -228,6 +228,7 @@ _VMS_OPEN = b'\n  "vms": ['
 _VMS_CLOSE = b"\n  ]\n}"
 _BETWEEN_VMS = b"\n    },\n    {"
 _PIECE_BYTES = 1 << 20
+_PIECES_PER_TRIM = 8  # the C heap's freed memory given back every 8 MB of VMs (bulk.release_freed_memory)
 _BLOCK_BYTES = 1 << 16
 
 
@@ -269,6 +270,7 @@ def _read_in_pieces(blocks: Iterable[bytes], piece_bytes: int = _PIECE_BYTES) ->
         return None
     del head
     vms: list[Vm] = []
+    pieces = 0
     while True:
         cut = text.find(_BETWEEN_VMS, piece_bytes) if len(text) > piece_bytes else -1
         if cut < 0:
@@ -280,6 +282,9 @@ def _read_in_pieces(blocks: Iterable[bytes], piece_bytes: int = _PIECE_BYTES) ->
         if not _take_piece(text[:cut + len(b"\n    }")], vms):
             return None
         del text[:cut + len(b"\n    },")]
+        pieces += 1
+        if pieces % _PIECES_PER_TRIM == 0:
+            release_freed_memory()
     end = len(text)
     while end and text[end - 1] in b" \t\r\n":
         end -= 1
@@ -292,11 +297,13 @@ def _read_in_pieces(blocks: Iterable[bytes], piece_bytes: int = _PIECE_BYTES) ->
     if checks is None:
         return None
     whole = FleetSnapshot.model_construct(set(top.model_fields_set), **{**top.__dict__, "vms": tuple(vms)})
+    del vms
     try:
         for check in checks:
             check(whole)
     except ValueError:
         return None
+    release_freed_memory()
     return whole
 
 

@@ -33,7 +33,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic.fields import FieldInfo
 from pydantic_core import SchemaSerializer, SchemaValidator
 
-from hostmaint.bulk import collector_paused
+from hostmaint.bulk import collector_paused, release_freed_memory
 
 SNAPSHOT_FORMAT = "hostmaint.snapshot/1"
 
@@ -728,6 +728,7 @@ class FleetSnapshot(Frozen):
             if not _canonical_fast_into(self, hashed.update):
                 canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
                 hashed = hashlib.sha256(canon)
+        release_freed_memory()  # ~10 MiB of text and dicts at 5,000 hosts, in the C heap
         value = hashed.hexdigest()
         _DIGESTS[id(self)] = value
         weakref.finalize(self, _DIGESTS.pop, id(self), None)
