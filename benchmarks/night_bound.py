@@ -1,7 +1,8 @@
 """Is the window's valid lower bound at most the optimum? Exact optima of tiny windows by CP-SAT.
 
-Not a test: prints a table (markdown). For small random windows (3-5 hosts, 1-2 VMs each) it
-computes the shortest schedule exactly and compares :func:`window_floor_bound` with it, and with
+Not a test: prints a table (markdown). For small random windows (3-6 hosts, 1-2 VMs each) it
+computes the shortest schedule exactly and compares :func:`window_floor_bound` and the tightest
+valid bound (with :func:`~hostmaint.migration.window_bound.window_slot_bound`) with it, and with
 what the simulator's window (the flows' schedule) takes on the same hosts.
 
   .venv/bin/python benchmarks/night_bound.py            # 12 windows
@@ -26,6 +27,7 @@ shared) would show the model forbidding something the flows do.
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import time
@@ -45,7 +47,8 @@ from hostmaint.migration.simulate import (  # noqa: E402
     simulate_window,
     window_floor_bound,
 )
-from hostmaint.models import Cell, FleetSnapshot, Host, Limits, Vm  # noqa: E402
+from hostmaint.migration.window_bound import window_slot_bound  # noqa: E402
+from hostmaint.models import Cell, FleetSnapshot, Host, Limits, StepOutcome, Vm  # noqa: E402
 
 STREAM = 600.0  # MiB/s: one stream fills the link (L = b)
 SETUP = 2.0  # s, so that every migration lasts a whole number of seconds
@@ -61,9 +64,18 @@ class Tiny:
     k: int
     slots: int
     patch_s: int
+    room: tuple[int, ...] = ()  # MiB each host has free beside its own VMs; () plenty (1 TiB)
+
+    def own(self, host: str) -> int:
+        return sum(mib for _, on, mib in self.vms if on == host)
+
+    def capacity(self, host: str) -> int:
+        """The most VM memory the host may hold."""
+        return self.own(host) + self.room[self.hosts.index(host)] if self.room else 1 << 20
 
     def snapshot(self) -> FleetSnapshot:
-        hs = tuple(Host(name=h, cluster="t", cells=(Cell(id=0, memory_mib=1 << 20, free_mib=1 << 20),))
+        hs = tuple(Host(name=h, cluster="t", cells=(Cell(id=0, memory_mib=self.capacity(h),
+                                                         free_mib=self.capacity(h) - self.own(h)),))
                    for h in self.hosts)
         vms = tuple(Vm(name=n, uuid=n, host=h, memory_mib=m, vcpus=1) for n, h, m in self.vms)
         limits = Limits(memory_headroom_pct=0, max_hosts_in_maintenance=self.k, migrations_per_cluster=self.slots,
@@ -87,6 +99,7 @@ def optimum(w: Tiny, moves: int = 3, time_limit_s: float = 60.0) -> tuple[int, b
     makespan = m.new_int_var(0, horizon, "T")
     m.add_max_equality(makespan, [end[h] for h in hosts])
     every: list[cp_model.IntervalVar] = []
+    held_mem: dict[str, list[tuple[cp_model.IntervalVar, int]]] = {h: [] for h in hosts}
     out: dict[str, list[cp_model.IntervalVar]] = {h: [] for h in hosts}
     into: dict[str, list[cp_model.IntervalVar]] = {h: [] for h in hosts}
     sends: dict[str, list[cp_model.IntervalVar]] = {h: [] for h in hosts}
@@ -102,8 +115,14 @@ def optimum(w: Tiny, moves: int = 3, time_limit_s: float = 60.0) -> tuple[int, b
             m.add_implication(present[j], present[j - 1])
         where: dict[str, cp_model.IntVar] | None = None  # the target of the previous move; None: the origin
         previous_a: cp_model.IntVar | None = None
+        starts = [m.new_int_var(0, horizon, f"a_{name}_{j}") for j in range(moves)]
+        if w.room:
+            # memory: on its origin until its first move begins, on a target from landing until its next
+            # move begins (in flight it counts on neither: a relaxation, so the optimum stays a floor)
+            stay = m.new_interval_var(0, starts[0], starts[0], f"st_{name}")
+            held_mem[origin].append((stay, mib))
         for j in range(moves):
-            a = m.new_int_var(0, horizon, f"a_{name}_{j}")
+            a = starts[j]
             if previous_a is not None:
                 m.add(a >= previous_a + d).only_enforce_if(present[j])
             # its last move: present and no next one
@@ -139,6 +158,16 @@ def optimum(w: Tiny, moves: int = 3, time_limit_s: float = 60.0) -> tuple[int, b
                 m.add(a >= end[h]).only_enforce_if([target[h], before.Not()])
                 m.add_bool_or([before.Not(), last.Not()]).only_enforce_if(target[h])  # its last: a patched host
                 into[h].append(m.new_optional_fixed_size_interval_var(a, held, target[h], f"i_{name}_{j}_{h}"))
+                if w.room:
+                    leave = m.new_int_var(0, horizon, f"lv_{name}_{j}_{h}")
+                    if j + 1 < moves:
+                        m.add(leave == starts[j + 1]).only_enforce_if([target[h], present[j + 1]])
+                        m.add(leave == horizon).only_enforce_if([target[h], present[j + 1].Not()])
+                    else:
+                        m.add(leave == horizon).only_enforce_if(target[h])
+                    size = m.new_int_var(0, horizon, f"sz_{name}_{j}_{h}")
+                    held_mem[h].append((m.new_optional_interval_var(a + d, size, leave, target[h],
+                                                                    f"on_{name}_{j}_{h}"), mib))
                 receives[h].append(m.new_optional_fixed_size_interval_var(a + int(SETUP), d - int(SETUP), target[h],
                                                                           f"si_{name}_{j}_{h}"))
             where = target
@@ -149,11 +178,16 @@ def optimum(w: Tiny, moves: int = 3, time_limit_s: float = 60.0) -> tuple[int, b
         m.add_no_overlap(sends[h])  # a link carries one stream: one sends at a time, out
         m.add_no_overlap(receives[h])  # and in
     m.add_cumulative(every, [1] * len(every), w.slots)
+    if w.room:
+        for h in hosts:
+            m.add_cumulative([i for i, _ in held_mem[h]], [mib for _, mib in held_mem[h]], w.capacity(h))
     m.minimize(makespan)
     solver = cp_model.CpSolver()
     solver.parameters.max_time_in_seconds = time_limit_s
     solver.parameters.num_workers = 1
     status = solver.solve(m)
+    if status == cp_model.INFEASIBLE:
+        return -1, True  # no schedule at all (too little free memory)
     if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
         raise RuntimeError(f"no schedule found: {solver.status_name(status)}")
     return int(solver.value(makespan)), status == cp_model.OPTIMAL
@@ -162,57 +196,81 @@ def optimum(w: Tiny, moves: int = 3, time_limit_s: float = 60.0) -> tuple[int, b
 PARAMS = SimParams(default_link_mib_s=STREAM, setup_s=SETUP)
 
 
-def tiny(seed: int) -> Tiny:
+def tiny(seed: int, tight: bool = False) -> Tiny:
     """A random tiny window: 3-6 hosts, 1-2 VMs of 1-4 × 600 MiB each, k 1-2 (2 from 4 hosts), C 1-3,
-    patch 10-40 s."""
+    patch 10-40 s; ``tight``: each host with room for only 2-6 × 600 MiB more."""
     rng = random.Random(seed)
     hosts = tuple(f"h{i}" for i in range(rng.randint(3, 6)))
     vms = tuple((f"{h}v{j}", h, rng.randint(1, 4) * int(STREAM)) for h in hosts for j in range(rng.randint(1, 2)))
+    room = tuple(rng.randint(2, 6) * int(STREAM) for _ in hosts) if tight else ()
     return Tiny(hosts=hosts, vms=vms, k=2 if len(hosts) >= 4 else 1, slots=rng.randint(1, 3),
-                patch_s=rng.choice((10, 20, 40)))
+                patch_s=rng.choice((10, 20, 40)), room=room)
 
 
-def compare(w: Tiny, moves: int) -> tuple[float, int, bool, float, float]:
-    """The valid bound, the optimum (and whether proven), the simulator's window, CP-SAT's seconds."""
+def compare(w: Tiny, moves: int) -> tuple[float, float, int, bool, float, float]:
+    """window_floor_bound, the tightest valid bound (with window_slot_bound), the optimum (and whether
+    proven), the simulator's window, CP-SAT's seconds."""
     snap = w.snapshot()
     names = list(w.hosts)
-    bound = window_floor_bound(snap, names, w.k, patch_s=w.patch_s, policy=SchedulerPolicy(), params=PARAMS).total_s
+    floor = window_floor_bound(snap, names, w.k, patch_s=w.patch_s, policy=SchedulerPolicy(), params=PARAMS).total_s
+    tight = window_slot_bound(snap, names, w.k, patch_s=w.patch_s, policy=SchedulerPolicy(), params=PARAMS).bound_s
     started = time.monotonic()
     best, proven = optimum(w, moves)
     took = time.monotonic() - started
     # in the flows' order: emptiest first (plan_window), as the night benchmark runs it
     emptiest = sorted(names, key=lambda h: (sum(mib for _, on, mib in w.vms if on == h), h))
     sim = simulate_window(snap, emptiest, parallel=w.k, patch_s=w.patch_s, params=PARAMS, rebalance_within=None)
-    return bound, best, proven, sim.makespan_s, took
+    # a window that left a host unpatched (a VM found no room) is no schedule of the whole window
+    done = all(h.outcome is StepOutcome.OK for h in sim.hosts)
+    return floor, tight, best, proven, sim.makespan_s if done else math.nan, took
 
 
-def schedules(clusters: int = 10, patch_s: float = 420.0) -> str:
+def schedules(clusters: int = 10, patch_s: float = 420.0, only: Sequence[int] = ()) -> str:
     """The night's clusters (benchmarks/drain.py) under the window schedules the flows could run, each
-    ÷ the valid bound: host orders and how many drains run at once. Deterministic."""
+    ÷ the tightest valid bound: host orders, how many drains run at once, where the first wave's VMs
+    go. ``only``: the variants to run (their numbers, from 0), else all. Deterministic."""
     from drain import night_cluster
 
-    def variants(snap: FleetSnapshot, k: int) -> list[tuple[str, list[str], int | None, bool]]:
+    Variant = tuple[str, list[str], int | None, bool, list[str]]
+
+    def variants(snap: FleetSnapshot, k: int) -> list[Variant]:
         mem = {h.name: sum(v.memory_mib for v in snap.vms_on(h.name)) for h in snap.hosts}
         e = sorted(mem, key=lambda n: (mem[n], n))
         rest = e[k:]
         alternate = [x for pair in zip(rest[::-1], rest, strict=True) for x in pair][:len(rest)]
-        return [("emptiest first (the flows)", e, None, False),
-                ("a host enters only when a migration slot is free", e, None, True),
-                ("every host in maintenance drains", e, len(e), False),
-                ("first wave emptiest, then fullest first", e[:k] + rest[::-1], None, False),
-                ("first wave emptiest, then fullest and emptiest in turn", e[:k] + alternate, None, False),
-                ("the same, every host in maintenance drains", e[:k] + alternate, len(e), False)]
+        # As the slot bound's structure: x = n − 2k slots hold three hosts (the first wave's, then two
+        # short ones), the other k − x two (the first wave's, then a long one that takes in what the
+        # first wave leaves: it has the slack). In the order a rolling window fills slots as they
+        # free: the first wave, x short hosts, the k − x long ones, then x short ones again.
+        x = max(0, len(e) - 2 * k)
+        short, long = rest[:2 * x], rest[2 * x:]
+        planned = e[:k] + short[:x] + long + short[x:]
+        return [("emptiest first (the flows)", e, None, False, []),
+                ("a host enters only when a migration slot is free", e, None, True, []),
+                ("every host in maintenance drains", e, len(e), False, []),
+                ("first wave emptiest, then fullest first", e[:k] + rest[::-1], None, False, []),
+                ("first wave emptiest, then fullest and emptiest in turn", e[:k] + alternate, None, False, []),
+                ("the same, every host in maintenance drains", e[:k] + alternate, len(e), False, []),
+                ("slots planned: first wave, short, long (taking in the first wave's VMs), short", planned, None,
+                 False, long),
+                ("the same, every host in maintenance drains", planned, len(e), False, long),
+                ("the planned order alone (the first wave's VMs to the emptiest hosts due)", planned, None, False,
+                 [])]
 
     rows: dict[str, list[float]] = {}
     for c in range(clusters):
         snap, dirty = night_cluster(1000 + c, f"c{c:02d}", 30, 20)
         names = [h.name for h in snap.hosts]
         k = parallel_capacity(snap, names)
-        bound = window_floor_bound(snap, names, k, patch_s=patch_s).total_s
-        for name, order, at_once, jit in variants(snap, k):
+        bound = window_slot_bound(snap, names, k, patch_s=patch_s).bound_s  # the tightest valid bound
+        for i, (name, order, at_once, jit, absorbers) in enumerate(variants(snap, k)):
+            if only and i not in only:
+                continue
             est = simulate_window(snap, order, dirty_rate=dirty, patch_s=patch_s, drains_at_once=at_once,
-                                  just_in_time=jit, rebalance_within=None)
-            rows.setdefault(name, []).append(est.makespan_s / bound)
+                                  just_in_time=jit, rebalance_within=None, absorbers=absorbers, yardsticks=False)
+            rows.setdefault(f"{i}. {name}", []).append(est.makespan_s / bound)
+            print(f"c{c:02d} {i} {est.makespan_s:.0f} s ÷ {bound:.0f} s = {est.makespan_s / bound:.3f}",
+                  file=sys.stderr, flush=True)
     lines = ["| schedule | " + " | ".join(f"c{c:02d}" for c in range(clusters)) + " | worst |",
              "|---|" + "---|" * (clusters + 1)]
     for name, ratios in rows.items():
@@ -225,25 +283,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--count", type=int, default=12)
     ap.add_argument("--moves", type=int, default=3, help="most moves per VM in the exact model")
     ap.add_argument("--schedules", action="store_true", help="the night's schedules tried, ÷ the valid bound")
+    ap.add_argument("--only", type=int, nargs="*", default=[], help="with --schedules: these variants only")
+    ap.add_argument("--clusters", type=int, default=10, help="with --schedules: this many of the night's clusters")
+    ap.add_argument("--tight", action="store_true",
+                    help="hosts with room for only 2-6 x 600 MiB more (the exact model counts memory)")
     args = ap.parse_args(argv)
     if args.schedules:
-        print(schedules())
+        print(schedules(args.clusters, only=args.only))
         return 0
-    print("| window | hosts | VMs | k | C | patch s | valid bound s | optimum s | bound ÷ optimum "
-          "| simulated (the flows' schedule) s | ÷ optimum | CP-SAT s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| window | hosts | VMs | k | C | patch s | room MiB | window_floor_bound s | tightest valid bound s "
+          "| optimum s | floor ÷ optimum | tightest ÷ optimum | simulated (the flows' schedule) s | ÷ optimum "
+          "| CP-SAT s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     beaten: list[int] = []
     for seed in range(args.count):
-        w = tiny(seed)
-        bound, best, proven, sim, took = compare(w, args.moves)
+        w = tiny(seed, args.tight)
+        floor, bound, best, proven, sim, took = compare(w, args.moves)
+        room = "/".join(str(r) for r in w.room) if w.room else "plenty"
+        if best < 0:
+            print(f"| {seed} | {len(w.hosts)} | {len(w.vms)} | {w.k} | {w.slots} | {w.patch_s} | {room} | "
+                  f"{floor:.1f} | {bound:.1f} | none (no schedule fits the memory) | | | | | {took:.1f} |")
+            continue
         worst = max(worst, bound / best)
         if sim < best - 1e-6:
             beaten.append(seed)
-        print(f"| {seed} | {len(w.hosts)} | {len(w.vms)} | {w.k} | {w.slots} | {w.patch_s} | {bound:.1f} | "
-              f"{best}{'' if proven else ' (not proven)'} | {bound / best:.3f} | {sim:.1f} | {sim / best:.3f} | "
-              f"{took:.1f} |")
-    print(f"\nHighest bound ÷ optimum: {worst:.3f} ({'never above' if worst <= 1.0 + 1e-9 else 'ABOVE'} the "
+        simulated = "a host left unpatched" if math.isnan(sim) else f"{sim:.1f} | {sim / best:.3f}"
+        print(f"| {seed} | {len(w.hosts)} | {len(w.vms)} | {w.k} | {w.slots} | {w.patch_s} | {room} | {floor:.1f} | "
+              f"{bound:.1f} | {best}{'' if proven else ' (not proven)'} | {floor / best:.3f} | {bound / best:.3f} | "
+              f"{simulated} | {took:.1f} |")
+    print(f"\nHighest tightest bound ÷ optimum: {worst:.3f} ({'never above' if worst <= 1.0 + 1e-9 else 'ABOVE'} the "
           f"optimum). The simulator's window is one schedule within the same rules: an optimum above it would "
           f"mean the exact model forbids something the flows do ({'never' if not beaten else beaten}).")
     return 0

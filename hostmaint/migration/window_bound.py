@@ -64,7 +64,7 @@ class _Host:
     sends_s: float  # the part of ℓ that memory taken in adds to: set-up + its own memory ÷ rate + patch
     memory_mib: float  # its own VMs
     usable_mib: float  # the most VM memory it may hold
-    rate: float  # what it sends (and takes in) per second at most
+    rate: float  # MiB/s it sends at most: what it took in lengthens its drain by that ÷ this
 
     @property
     def room_mib(self) -> float:
