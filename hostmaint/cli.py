@@ -607,7 +607,8 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
                 policy, options = drain_settings(inv, cluster)
         estimate = simulate_window(snap, plan_window(snap), patch_s=patch_seconds, parallel=parallel,
                                    dirty_rate=rates, params=params, policy=policy, options=options,
-                                   rebalance_within=rebalance_within_pct / 100 if rebalance else None)
+                                   rebalance_within=rebalance_within_pct / 100 if rebalance else None,
+                                   slot_bound=True)
         # the patching alone: patch-window skips its levelling rather than overrun an ended window
         fits = None if window_hours is None else estimate.fits(window_hours * 3600)
         if as_json:

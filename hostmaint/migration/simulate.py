@@ -208,6 +208,8 @@ class WindowEstimate:
     # the levelling rebalance the window runs after its last host (patch-window), when it still has time
     rebalance_moves: int = 0
     rebalance_s: float = 0.0
+    # window_slot_bound's (whole hosts per slot, the first wave's VMs moving twice), when asked; else 0
+    slot_bound_s: float = 0.0
 
     @property
     def total_s(self) -> float:
@@ -235,8 +237,9 @@ class WindowEstimate:
     @property
     def valid_bound_s(self) -> float:
         """The bound proven for every schedule within the limits (:func:`window_floor_bound`): the
-        first patch, then every VM's last move off a due host, then one patch; or one host alone."""
-        return max(self.first_patch_s + self.drain_bound_s, self.host_floor_s)
+        first patch, then every VM's last move off a due host, then one patch; or one host alone;
+        and :func:`~hostmaint.migration.window_bound.window_slot_bound`'s when it was asked for."""
+        return max(self.first_patch_s + self.drain_bound_s, self.host_floor_s, self.slot_bound_s)
 
     @property
     def valid_ratio(self) -> float:
@@ -702,7 +705,8 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
                     patch_s: float = 600.0, parallel: int | None = None, spare_hosts: int = 1,
                     just_in_time: bool = False, drains_at_once: int | None = None,
                     focus: bool = True, rebalance_within: float | None = 0.10,
-                    absorbers: Sequence[str] = (), yardsticks: bool = True) -> WindowEstimate:
+                    absorbers: Sequence[str] = (), yardsticks: bool = True,
+                    slot_bound: bool = False) -> WindowEstimate:
     """Simulate a rolling window over ``snapshot``'s cluster: drain, patch (``patch_s``: update, reboot,
     verify) and return each host, ``parallel`` hosts at once (default: what N+1 capacity allows).
 
@@ -723,6 +727,10 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
 
     ``absorbers``: hosts due later that drains prefer among the hosts due (focused drains only): the
     ones a planned window leaves slack for, so the VMs that must move twice lengthen no critical host.
+
+    ``slot_bound``: also compute the tighter lower bound of
+    :func:`~hostmaint.migration.window_bound.window_slot_bound` (an LP: seconds at 30 hosts) into
+    ``bound_s``.
 
     ``yardsticks``: False skips the runs behind ``serial_s``, ``lower_bound_s`` and ``wave_bound_s``
     (the same hosts one at a time, and each alone: twice the window's own work), which are then 0.
@@ -752,6 +760,12 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     at_once = drains_at_once if drains_at_once is not None else max(
         (drains_side_by_side(snapshot.limits, policy, options, params.link(n), k) for n in names), default=1)
     floor = window_floor_bound(snapshot, names, k, patch_s=patch_s, policy=policy, options=options, params=params)
+    tight = 0.0
+    if slot_bound:
+        from hostmaint.migration.window_bound import window_slot_bound  # it builds on this module
+
+        tight = window_slot_bound(snapshot, names, k, patch_s=patch_s, policy=policy, options=options,
+                                  params=params).bound_s
     hosts, migs, makespan = run
     moves: tuple[Placement, ...] = ()
     levelling = 0.0
@@ -768,7 +782,8 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
                           wave_bound_s=round(waves, 3), drain_bound_s=round(floor.escape_s + floor.patch_s, 3),
                           drains_at_once=at_once, first_patch_s=round(floor.first_patch_s, 3),
                           host_floor_s=round(max(floor.host_s, floor.maintenance_s), 3),
-                          rebalance_moves=len(moves), rebalance_s=round(levelling, 3))
+                          rebalance_moves=len(moves), rebalance_s=round(levelling, 3),
+                          slot_bound_s=math.floor(tight * 1000) / 1000)  # never rounded up past the proof
 
 
 def window_end_snapshot(snapshot: FleetSnapshot, migrations: Sequence[SimMigration]) -> FleetSnapshot:

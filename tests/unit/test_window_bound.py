@@ -124,3 +124,16 @@ def test_same_window_same_bound() -> None:
     snap, _ = _cluster(4)
     names = [h.name for h in snap.hosts]
     assert window_slot_bound(snap, names, 3, patch_s=200) == window_slot_bound(snap, names, 3, patch_s=200)
+
+
+def test_a_window_estimate_can_carry_the_slot_bound() -> None:
+    # what 'hostmaint simulate window' prints as lower bound: the tighter one, still below the window
+    snap, dirty = _cluster(0)
+    names = [h.name for h in snap.hosts]
+    plain = simulate_window(snap, names, patch_s=200, dirty_rate=dirty, rebalance_within=None, yardsticks=False)
+    tight = simulate_window(snap, names, patch_s=200, dirty_rate=dirty, rebalance_within=None, yardsticks=False,
+                            slot_bound=True)
+    slot = window_slot_bound(snap, names, tight.parallel, patch_s=200)
+    assert plain.slot_bound_s == 0.0
+    assert tight.bound_s == pytest.approx(slot.bound_s, abs=1e-3) and tight.bound_s > plain.bound_s
+    assert tight.makespan_s == plain.makespan_s >= tight.bound_s
