@@ -38,7 +38,10 @@ from hostmaint.models import FleetSnapshot, HostState, MigrationOptions
 
 # Beyond this many columns (slots of 4+ hosts on a large window) the LP is not built: the bound is
 # then the others' (still valid, only weaker).
-MAX_COLUMNS = 200_000
+MAX_COLUMNS = 100_000
+# ... and the whole search stops once its LPs have held this many columns together (what it proved so
+# far stands): a window of 4-6 hosts a slot would otherwise build LPs of ~10^5 columns dozens of times
+MAX_WORK = 500_000
 STEP = 0.005  # the search for the first feasible makespan rises by this share of the lower end
 RESOLUTION_S = 0.5  # and then halves the gap down to this
 
@@ -141,10 +144,11 @@ def _first_feasible(hosts: list[_Host], k: int, patch_setup: float, lower: float
     proven = 0.0
     t = lower
     feasible = None
+    work = [MAX_WORK]  # columns the search may still build
     for step in range(1, 201):  # rise until the LP finds room
-        verdict = _possible(hosts, k, patch_setup, t)
+        verdict = _possible(hosts, k, patch_setup, t, work)
         if verdict is None:
-            return proven  # too many columns: no claim
+            return proven  # too many columns: no further claim
         if verdict:
             feasible = t
             break
@@ -155,7 +159,7 @@ def _first_feasible(hosts: list[_Host], k: int, patch_setup: float, lower: float
     lo, hi = proven, feasible
     while proven and hi - lo > RESOLUTION_S:
         mid = (lo + hi) / 2
-        verdict = _possible(hosts, k, patch_setup, mid)
+        verdict = _possible(hosts, k, patch_setup, mid, work)
         if verdict is None:
             break
         if verdict:
@@ -214,15 +218,17 @@ def _columns(hosts: list[_Host], patch_setup: float, t: float) -> Iterator[_Colu
             yield _Column(members, True, max(keep, span) - hosts[g].memory_mib)
 
 
-def _possible(hosts: list[_Host], k: int, patch_setup: float, t: float) -> bool | None:
-    """Whether the LP leaves room for a schedule ending by ``t`` (None: too many columns to say)."""
+def _possible(hosts: list[_Host], k: int, patch_setup: float, t: float, work: list[int]) -> bool | None:
+    """Whether the LP leaves room for a schedule ending by ``t`` (None: too many columns to say, for
+    this LP or for what ``work`` has left)."""
     from ortools.linear_solver import pywraplp  # with OR-Tools' import cost, only when asked
 
     columns = []
     for c in _columns(hosts, patch_setup, t):
         columns.append(c)
-        if len(columns) > MAX_COLUMNS:
+        if len(columns) > min(MAX_COLUMNS, work[0]):
             return None
+    work[0] -= len(columns)
     if not columns:
         return False
     solver = pywraplp.Solver.CreateSolver("GLOP")
