@@ -49,16 +49,11 @@ def test_a_found_move_is_logged_with_the_vm_name_escaped(sim_inventory: Path, ca
     assert lines and all("\n" not in line for line in lines), lines
 
 
-class TargetDiesAtSwitchOver:
-    """The simulated fleet, but the target's libvirtd dies as ``vm``'s migration completes: the VM runs
-    on the target, the migration reports an error, and the target answers nothing until ``revive``.
-    With ``lands=False`` the VM is paused on its source for the switch-over when asked (running nowhere
-    that answers), and resumes there: the migration did not happen."""
+class _SilentHosts:
+    """The simulated fleet, with hosts whose libvirtd answers nothing while they are in ``dead``."""
 
-    def __init__(self, fleet: SimulatedFleet, vm: str, lands: bool = True) -> None:
-        self.fleet, self.vm, self.lands = fleet, vm, lands
-        self.dead: set[str] = set()
-        self.paused: set[str] = set()
+    fleet: SimulatedFleet
+    dead: set[str]
 
     def __getattr__(self, name: str) -> object:
         return getattr(self.fleet, name)
@@ -75,11 +70,29 @@ class TargetDiesAtSwitchOver:
         self._alive(host)
         return self.fleet.running_vms(host)
 
+    def _hidden(self, vm: str) -> bool:
+        return False
+
     def locate(self, vm: str) -> tuple[str, ...]:  # as the libvirt driver: found nowhere + a host silent = error
-        found = tuple(h for h in self.fleet.locate(vm) if h not in self.dead and vm not in self.paused)
+        found = tuple(h for h in self.fleet.locate(vm) if h not in self.dead and not self._hidden(vm))
         if not found and self.dead:
             raise TransientDriverError(f"{vm} not found on the reachable hosts", sorted(self.dead)[0])
         return found
+
+
+class TargetDiesAtSwitchOver(_SilentHosts):
+    """The simulated fleet, but the target's libvirtd dies as ``vm``'s migration completes: the VM runs
+    on the target, the migration reports an error, and the target answers nothing until ``revive``.
+    With ``lands=False`` the VM is paused on its source for the switch-over when asked (running nowhere
+    that answers), and resumes there: the migration did not happen."""
+
+    def __init__(self, fleet: SimulatedFleet, vm: str, lands: bool = True) -> None:
+        self.fleet, self.vm, self.lands = fleet, vm, lands
+        self.dead: set[str] = set()
+        self.paused: set[str] = set()
+
+    def _hidden(self, vm: str) -> bool:
+        return vm in self.paused  # paused for the switch-over: libvirt lists it nowhere that answers
 
     def migrate(self, vm, source, target, options, on_progress=None):  # type: ignore[no-untyped-def]
         if vm != self.vm:
@@ -158,7 +171,7 @@ def test_a_failed_drain_leaves_the_host_cordoned_naming_the_vms_still_on_it(sim_
     assert stuck in fleet.running_vms("hv02")
 
 
-class SourceLeftPaused:
+class SourceLeftPaused(_SilentHosts):
     """The simulated fleet, but ``vm``'s migration ends with a copy of the VM paused on its source for a
     migration that no longer runs (what the lab showed when the source's libvirtd was killed at the
     switch-over: rounds 533955319 and 108838150). ``lands``: the target took the VM over (it runs
@@ -174,26 +187,6 @@ class SourceLeftPaused:
         self.resumed: list[tuple[str, str]] = []
         self.discarded: list[tuple[str, str, str]] = []
 
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.fleet, name)
-
-    def _alive(self, host: str) -> None:
-        if host in self.dead:
-            raise TransientDriverError("cannot connect to libvirtd: Connection refused", host)
-
-    def discover(self, host: str):  # type: ignore[no-untyped-def]
-        self._alive(host)
-        return self.fleet.discover(host)
-
-    def running_vms(self, host: str) -> tuple[str, ...]:
-        self._alive(host)
-        return self.fleet.running_vms(host)
-
-    def locate(self, vm: str) -> tuple[str, ...]:
-        found = tuple(h for h in self.fleet.locate(vm) if h not in self.dead)
-        if not found and self.dead:
-            raise TransientDriverError(f"{vm} not found on the reachable hosts", sorted(self.dead)[0])
-        return found
 
     def migrate(self, vm, source, target, options, on_progress=None):  # type: ignore[no-untyped-def]
         if vm != self.vm:
