@@ -218,7 +218,9 @@ def test_sixteen_aborts_in_a_row_leave_each_guest_running_once_on_its_source(
 
                 aborter = threading.Thread(target=abort_once_moving)
                 aborter.start()
-                with pytest.raises(MigrationError, match="abort") as caught:
+                # libvirt's error names the abort, or, when the abort broke the stream first, the target's
+                # failed load (seen once in 16 at 16:01 on 2026-12-06); either way the driver says where it runs
+                with pytest.raises(MigrationError, match=f"abort|{vm} still runs on {source}") as caught:
                     driver.migrate(vm, source, target, crawl, seen)
                 aborter.join()
                 assert aborted == [None], f"abort {i + 1}: {aborted}"
