@@ -33,6 +33,7 @@ from hostmaint.errors import DriverError, MigrationNotStarted
 from hostmaint.migration.control import MigrationControl
 from hostmaint.migration.links import LinkMeter, LinkObservation
 from hostmaint.migration.policy import (
+    QEMU_DOWNTIME_LIMIT_MS,
     Action,
     Escalation,
     Load,
@@ -42,6 +43,7 @@ from hostmaint.migration.policy import (
     about_to_finish,
     admission_refusal,
     expected_dirty_mib_s,
+    learned_switchover_ms,
     link_of,
     migration_budget_s,
     next_action,
@@ -133,6 +135,8 @@ class _Flight:
     progress: ProgressTrack = field(default_factory=ProgressTrack)
     abort_reason: str | None = None
     released: bool = False  # handed its link share on while finishing
+    reserve_ms: float = 0.0  # the switch-over reserve its downtime limit was set with
+    escalated: bool = False  # its limit raised by escalation: its pause is long by choice, not learned from
     last_progress_event: float = -1e18
     lock: threading.Lock = field(default_factory=threading.Lock)
     # (seconds since the drain started, bytes processed) while it sends memory: the link meter's input
@@ -209,6 +213,7 @@ class _Drain:
         self.stop_reason: str | None = None
         self.meter = LinkMeter()
         self.route: Callable[[str, str], Route] | None = None
+        self.switchover_ms = policy.switchover_ms  # rises when pauses outgrow the limit (learned_switchover_ms)
 
     # --- events -------------------------------------------------------------
 
@@ -256,6 +261,7 @@ class _Drain:
                     self.load.remove(flight.spec, flight.rate, landed=result.outcome is StepOutcome.OK,
                                      released=flight.released)
                     self.record(result, flight)
+                    self.learn_switchover(flight, result)
                     if (self.policy.stop_on_first_failure and self.stop_reason is None
                             and result.outcome in (StepOutcome.FAILED, StepOutcome.ABORTED)):
                         self.stop_reason = f"stopped after {result.vm} did not move"
@@ -291,11 +297,13 @@ class _Drain:
                                     target_free_hugepages=self.target_free_hugepages)
         if refusal is not None:
             return refusal
-        opts = options_for(spec, self.options, self.policy, rate, switchover_share(link, rate, self.limits))
+        opts = options_for(spec, self.options, self.policy, rate, switchover_share(link, rate, self.limits),
+                           self.switchover_ms)
         if self.route is not None:
             way = self.route(spec.source, spec.target)
             opts = opts.model_copy(update={"tls": way.tls, "migration_address": way.address})
-        flight = _Flight(spec, rate, opts, self.clock(), migration_budget_s(spec.memory_mib, self.options))
+        flight = _Flight(spec, rate, opts, self.clock(), migration_budget_s(spec.memory_mib, self.options),
+                         reserve_ms=self.switchover_ms)
         if opts.auto_converge:
             flight.level = Escalation.AUTO_CONVERGE  # on from the start: the next step is post-copy
         self.load.add(spec, rate, expected_dirty_mib_s(spec, self.policy, rate, self.options))
@@ -305,11 +313,21 @@ class _Drain:
                   on_source=self.load.per_source[spec.source], on_target=self.load.per_target[spec.target],
                   auto_converge=opts.auto_converge, auto_converge_initial_pct=opts.auto_converge_initial_pct,
                   post_copy=opts.post_copy, downtime_limit_ms=opts.downtime_limit_ms,
+                  switchover_reserve_ms=round(self.switchover_ms, 1),
                   budget_s=round(flight.budget_s, 1))
         # The caller's context follows the migration onto its thread (a fresh copy each: a context can be
         # entered by one thread at a time), so the caller's logging sees whose run a record belongs to.
         flights[pool.submit(contextvars.copy_context().run, self.migrate_one, flight)] = flight
         return None
+
+    def learn_switchover(self, flight: _Flight, result: MigrationResult) -> None:
+        """Reserve more for the next switch-overs when this one paused longer than the configured limit."""
+        if (result.outcome is not StepOutcome.OK or result.downtime_ms is None or flight.escalated
+                or not (self.policy.adaptive and self.policy.downtime_aware)):
+            return
+        configured = self.options.downtime_limit_ms or QEMU_DOWNTIME_LIMIT_MS
+        self.switchover_ms = learned_switchover_ms(self.switchover_ms, flight.reserve_ms, result.downtime_ms,
+                                                   configured)
 
     def record(self, result: MigrationResult, flight: _Flight | None = None) -> None:
         kind = {StepOutcome.OK: EventKind.FINISHED, StepOutcome.SKIPPED: EventKind.SKIPPED,
@@ -407,6 +425,7 @@ class _Drain:
                 flight.level = (Escalation.AUTO_CONVERGE if decision.action is Action.ENABLE_AUTO_CONVERGE
                                 else Escalation.POST_COPY)
                 flight.level_since_s = elapsed_s
+                flight.escalated = True
         spec = flight.spec
         self.emit(EventKind.ESCALATED, spec.vm, action=str(decision.action), reason=decision.reason,
                   elapsed_s=round(elapsed_s, 3))

@@ -294,16 +294,35 @@ def switchover_share(link_mib_s: float, rate_mib_s: float, limits: Limits) -> fl
     return min(rate_mib_s, link_mib_s / senders)
 
 
-def downtime_limit_ms(limit_ms: float, rate_mib_s: float, share_mib_s: float, policy: SchedulerPolicy) -> int:
+def downtime_limit_ms(limit_ms: float, rate_mib_s: float, share_mib_s: float, policy: SchedulerPolicy,
+                      switchover_ms: float | None = None) -> int:
     """QEMU's downtime limit for one migration, so that its whole pause fits ``limit_ms``.
 
     QEMU switches over once what is left fits its limit at the rate it measures (at most the stream's
     ``rate_mib_s``); the rest is then sent at ``share_mib_s`` or more, and the switch-over itself adds
-    ``policy.switchover_ms``. Scaling the limit by share ÷ rate keeps the sum within ``limit_ms``."""
+    ``switchover_ms`` (``policy.switchover_ms`` unless the drain learned more: :func:`learned_switchover_ms`).
+    Scaling the limit by share ÷ rate keeps the sum within ``limit_ms``."""
     if rate_mib_s <= 0:
         return max(1, int(limit_ms))
-    usable = max(1.0, limit_ms - policy.switchover_ms)
+    reserve = policy.switchover_ms if switchover_ms is None else switchover_ms
+    usable = max(1.0, limit_ms - reserve)
     return max(1, math.floor(usable * min(1.0, share_mib_s / rate_mib_s)))
+
+
+def learned_switchover_ms(reserve_ms: float, used_ms: float, pause_ms: float, limit_ms: float) -> float:
+    """The switch-over reserve for the drain's next migrations, after one that was started with
+    ``used_ms`` reserved and paused ``pause_ms`` against a configured ``limit_ms``.
+
+    The reserve is what the whole pause takes beyond QEMU's own limit (device state, the handshake, on
+    slow or busy hosts far more than the model's 30 ms). A pause over the limit shows the reserve that
+    migration was started with was short by at least the overshoot, so the reserve rises to
+    ``used_ms`` + the overshoot (from the reserve the migration used, not the current one: migrations
+    in flight together would otherwise each add the same shortfall). It never falls within a drain
+    (a pause under the limit says nothing about the next one's switch-over), and it keeps a tenth of
+    the limit for QEMU's own part, so a migration can still converge."""
+    if pause_ms <= limit_ms:
+        return reserve_ms
+    return max(reserve_ms, min(used_ms + pause_ms - limit_ms, 0.9 * limit_ms))
 
 
 def expected_seconds(spec: MigrationSpec, rate_mib_s: float) -> float:
@@ -448,18 +467,20 @@ def expected_dirty_mib_s(spec: MigrationSpec, policy: SchedulerPolicy, rate_mib_
 
 
 def options_for(spec: MigrationSpec, options: MigrationOptions, policy: SchedulerPolicy,
-                rate_mib_s: float, share_mib_s: float | None = None) -> MigrationOptions:
+                rate_mib_s: float, share_mib_s: float | None = None,
+                switchover_ms: float | None = None) -> MigrationOptions:
     """The options the driver gets for one migration: its placement, post-copy capability, upfront
     auto-converge for a VM dirtying a large part of its stream, the driver's own stall/budget rule
     set behind the scheduler's (the scheduler keeps using ``options`` as given), and for the adaptive
     policy its own downtime limit from ``share_mib_s``, the link share it can count on at its
-    switch-over (:func:`switchover_share`; None: the configured limit as it is)."""
+    switch-over (:func:`switchover_share`; None: the configured limit as it is), with ``switchover_ms``
+    reserved for the switch-over (None: the policy's)."""
     upfront = policy.auto_converge and spec.dirty_mib_s >= policy.auto_converge_upfront_fraction * rate_mib_s
     pct = upfront_throttle_pct(spec, policy, rate_mib_s, options)
     downtime = options.downtime_limit_ms
     if policy.adaptive and policy.downtime_aware and share_mib_s is not None:
         configured = QEMU_DOWNTIME_LIMIT_MS if downtime is None else downtime
-        downtime = downtime_limit_ms(configured, rate_mib_s, share_mib_s, policy)
+        downtime = downtime_limit_ms(configured, rate_mib_s, share_mib_s, policy, switchover_ms)
     return options.model_copy(update={
         "downtime_limit_ms": downtime,
         "placement": spec.placement,

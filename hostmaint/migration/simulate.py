@@ -46,6 +46,7 @@ from hostmaint.migration.policy import (
     admission_refusal,
     drains_side_by_side,
     expected_dirty_mib_s,
+    learned_switchover_ms,
     migration_budget_s,
     next_action,
     options_for,
@@ -295,6 +296,7 @@ class _Mig:
     throttle: float = 0.0
     level: Escalation = Escalation.NONE
     level_since: float = 0.0
+    reserve_ms: float = 0.0  # the switch-over reserve its downtime limit was set with
     released: bool = False
     stop_start: float = 0.0
     downtime_ms: float | None = None
@@ -351,6 +353,7 @@ class _Engine:
         # the configured downtime limit: the options', else QEMU's as the model has it (the executor's is QEMU's)
         self.configured = options if options.downtime_limit_ms is not None else options.model_copy(
             update={"downtime_limit_ms": max(1, round(params.downtime_limit_ms))})
+        self.switchover_ms = policy.switchover_ms  # as the executor: rises when pauses outgrow the limit
         self.target_free_mib = dict(target_free_mib) if target_free_mib is not None else None
         self.t = 0.0
         self.load = Load()
@@ -384,7 +387,9 @@ class _Engine:
                                  options=self.options) is not None:
                 continue
             admitted.append(m)
-            m.options = options_for(m.spec, self.configured, self.policy, rate, switchover_share(link, rate, limits))
+            m.options = options_for(m.spec, self.configured, self.policy, rate, switchover_share(link, rate, limits),
+                                    self.switchover_ms)
+            m.reserve_ms = self.switchover_ms
             m.cap = rate
             m.admit_rate = rate
             m.budget_s = migration_budget_s(m.spec.memory_mib, self.options)
@@ -458,6 +463,10 @@ class _Engine:
                 self.end_round(m)
             elif m.phase is Phase.STOPCOPY and m.left <= tol:
                 m.downtime_ms = (self.t - m.stop_start) * 1000 + self.params.switchover_ms
+                if self.policy.adaptive and self.policy.downtime_aware:
+                    assert self.configured.downtime_limit_ms is not None
+                    self.switchover_ms = learned_switchover_ms(self.switchover_ms, m.reserve_ms, m.downtime_ms,
+                                                               self.configured.downtime_limit_ms)
                 self.finish(m, StepOutcome.OK)
             elif m.phase is Phase.POSTCOPY and m.left <= tol:
                 self.finish(m, StepOutcome.OK)

@@ -654,6 +654,36 @@ def test_each_migration_gets_the_downtime_limit_of_its_share_at_the_switch_over(
     assert {opts.downtime_limit_ms for _, opts in fixed.calls} == {None}  # QEMU's own, as before
 
 
+class SlowSwitchOver(FakeHypervisor):
+    """Hosts whose switch-over costs ``fixed_ms`` beyond QEMU's limit (TCG guests, a busy host): each
+    pause is the limit the migration was given, spent in full, plus that."""
+
+    fixed_ms = 200.0
+
+    def migrate(self, vm: str, source: str, target: str, options: MigrationOptions,
+                on_progress=None) -> MigrationResult:
+        result = super().migrate(vm, source, target, options, on_progress)
+        limit = options.downtime_limit_ms or 300
+        return result.model_copy(update={"downtime_ms": limit + self.fixed_ms})
+
+
+def test_after_a_pause_over_the_limit_the_drain_reserves_what_the_switch_over_really_took() -> None:
+    # one at a time (alone at its share): the first is planned 270 ms + 30 and pauses 470; from then on
+    # the drain reserves 200 ms and the pauses fit QEMU's 300 ms
+    moves = [(f"vm{i}", "src", "dst", 1024) for i in range(4)]
+    hv = fleet(moves, cls=SlowSwitchOver)
+    report = drain(make_plan(moves), hv, Limits(migrations_per_source=1), bandwidth_mib_s={"src": 600})
+    pauses = [r.downtime_ms for r in report.results]
+    assert pauses[0] == 470
+    assert all(p is not None and p <= 300 for p in pauses[1:]), pauses
+    started = [e.detail["switchover_reserve_ms"] for e in report.events if e.kind is EventKind.STARTED]
+    assert started == [30.0, 200.0, 200.0, 200.0]
+    # the fixed anchors keep QEMU's limit and learn nothing: the operator compares them as they are
+    fixed = fleet(moves, cls=SlowSwitchOver)
+    report = drain(make_plan(moves), fixed, Limits(migrations_per_source=1), policy=SchedulerPolicy.fixed(1))
+    assert {r.downtime_ms for r in report.results} == {500}
+
+
 def test_a_migration_that_never_started_is_failed_not_unknown() -> None:
     # the source's libvirtd was gone when the migration was to start: nothing was asked of libvirt, so the
     # VM did not move, though it cannot be located now; "unknown" would send the next run looking for it

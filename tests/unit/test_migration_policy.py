@@ -20,6 +20,7 @@ from hostmaint.migration.policy import (
     drains_side_by_side,
     expected_dirty_mib_s,
     initial_throttle_pct,
+    learned_switchover_ms,
     migration_budget_s,
     next_action,
     options_for,
@@ -365,6 +366,19 @@ def test_a_migration_that_will_share_the_link_at_its_switch_over_plans_a_shorter
     assert planned == 165
     assert planned / 1000 * 600 / (1100 / 3) * 1000 + policy.switchover_ms <= 300
     assert downtime_limit_ms(300, 550, 550, policy) == 270  # alone at its share: only the switch-over's part
+
+
+def test_the_switch_over_reserve_rises_by_the_overshoot_of_the_reserve_a_migration_used() -> None:
+    # started with 30 ms reserved, it paused 373 against 300: it was 73 ms short
+    assert learned_switchover_ms(30, 30, 373, 300) == 103
+    # a second migration started with the same 30 ms and overshooting less adds nothing on top
+    assert learned_switchover_ms(103, 30, 350, 300) == 103
+    # one started with the raised reserve and still over: it rises from that reserve
+    assert learned_switchover_ms(103, 103, 340, 300) == 143
+    # a pause within the limit never lowers it, and QEMU keeps a tenth of the limit to converge with
+    assert learned_switchover_ms(143, 30, 120, 300) == 143
+    assert learned_switchover_ms(30, 30, 5000, 300) == 270
+    assert downtime_limit_ms(300, 600, 600, SchedulerPolicy(), 270) == 30
 
 
 def test_adaptive_options_carry_a_downtime_limit_that_fits_the_configured_pause() -> None:
