@@ -223,8 +223,7 @@ def window_run(cluster: str, inventory: InventoryOpt = "inventory.yaml",
                              window_end=window_end, max_failed_hosts=max_failed, window_id=window_id,
                              operator=operator, exact_budget=checked_budget(exact_budget))
         _show_outcomes(outcomes, as_json)
-        if any(o.outcome.value == "failed" for o in outcomes):
-            raise typer.Exit(1)
+        _exit_if_failed(outcomes)
         # hosts the window never started (its end, its failure limit): not done, whatever was done
         left = [o.host for o in outcomes if o.outcome.value == "skipped" and o.detail.startswith("not started:")]
         if left:
@@ -388,8 +387,7 @@ def _demo_lab(workdir: Path | None, hosts: int, vms: int, keep: bool, as_json: b
         _show_outcomes(outcomes, as_json)
         (err if as_json else out).print(f"audit trail: {db}; Prefect UI: run 'prefect server start' "
                   "and set PREFECT_API_URL=http://127.0.0.1:4200/api before the demo to see the runs", markup=False)
-        if any(o.outcome.value == "failed" for o in outcomes):
-            raise typer.Exit(1)
+        _exit_if_failed(outcomes)
     finally:
         if not keep:
             lab_down(**kwargs)

@@ -111,6 +111,15 @@ def test_window_run_and_bad_parameters(sim_inventory: Path) -> None:
     assert run("window", "run", "nope", "-i", str(sim_inventory))[0] == 2
 
 
+def test_a_window_with_a_failed_host_exits_1_and_names_it(sim_inventory: Path) -> None:
+    fleet = SimulatedFleet.load(sim_inventory.parent / "fleet-state.json")
+    fleet.packages["hv02"].fail_update = True
+    fleet.save()
+    code, text = run("window", "run", "demo", "-i", str(sim_inventory), "--window-id", "cli-fail")
+    assert code == 1, text
+    assert "failed: hv02" in text, text
+
+
 def test_rebalance_command(sim_inventory: Path) -> None:
     code, text = run("rebalance", "demo", "-i", str(sim_inventory), "--max-moves", "2", "--dry-run")
     assert code == 0, text
