@@ -34,6 +34,15 @@ def fleet(rt: Any) -> SimulatedFleet:
     return rt.hypervisor
 
 
+def land(real: SimulatedFleet, vms: Any, source: str, target: str) -> None:
+    """Move ``vms`` as libvirt would finish their migrations with no run of ours watching (the run that
+    started them was killed): only the hypervisor knows."""
+    for vm in list(vms):
+        real.running[source].discard(vm)
+        real.running[target].add(vm)
+    real.save()
+
+
 def crowded(tmp_path: Path, hosts: int = 3, vms: int = 30) -> Path:
     """A SIMULATED cluster so full that N+1 lets no host out."""
     from flows.locks import ensure_limits
@@ -395,11 +404,8 @@ def test_a_window_run_again_finishes_the_host_a_killed_run_left_rebooting(sim_in
     rt = open_runtime(sim_inventory)
     order, _ = window_order(steps.snapshot(rt, "demo"))
     last = order[-1]
-    sim = fleet(rt)
-    for vm in sorted(sim.running[last]):  # drained onto the first host before it was patched
-        sim.running[last].discard(vm)
-        sim.running[order[0]].add(vm)
-    sim.save()
+    # drained onto the first host before it was patched
+    land(fleet(rt), sorted(fleet(rt).running[last]), last, order[0])
     rt.states.begin_maintenance(last, "run-killed", "patch window w-reboot")
     for step in (HostState.DRAINING, HostState.DRAINED, HostState.PATCHING, HostState.REBOOTING):
         rt.states.transition(last, step, step.value, "run-killed")
@@ -734,9 +740,7 @@ def test_moves_a_killed_rebalance_left_unrecorded_are_found_by_the_next_rebalanc
     steps.record_moves(rt, dead, steps.EvacuationPlan(cluster="demo", hosts=(), snapshot_digest="x", placements=(
         Placement(vm=landed, source="hv01", target="hv02"),
         Placement(vm=stayed, source="hv01", target="hv03"))))
-    real.running["hv01"].discard(landed)  # libvirt finished the first move after the run was killed
-    real.running["hv02"].add(landed)
-    real.save()
+    land(real, [landed], "hv01", "hv02")  # the first move only
 
     rebalance_cluster(cluster="demo", max_moves=0, operator="kim", inventory=str(sim_inventory), trigger=Trigger.TEST)
 
@@ -771,9 +775,7 @@ def test_a_returns_migration_whose_outcome_was_unknown_is_settled_by_the_next_re
     steps._audit_migration(rt, dead, "demo", MigrationResult(vm=vm, source=away, target="hv01",
                                                               outcome=StepOutcome.UNKNOWN, seconds=1.0,
                                                               error="cannot connect to libvirt on hv01"))
-    real.running[away].discard(vm)
-    real.running["hv01"].add(vm)
-    real.save()
+    land(real, [vm], away, "hv01")
 
     result = return_host(host="hv01", operator="ann", inventory=str(sim_inventory), trigger=Trigger.TEST)
 
@@ -903,9 +905,7 @@ def test_a_vm_away_already_moved_on_by_a_drain_whose_run_died_is_found_by_the_ne
     steps.record_moves(rt, dead, steps.EvacuationPlan(cluster="demo", hosts=("hv03",), snapshot_digest="x",
                                                       placements=(Placement(vm=vm, source="hv03", target="hv02"),)),
                        "hv03", drain=True)
-    real.running["hv03"].discard(vm)  # libvirt finished the move after the run was killed
-    real.running["hv02"].add(vm)
-    real.save()
+    land(real, [vm], "hv03", "hv02")
 
     result = patch_host(host="hv03", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
 
