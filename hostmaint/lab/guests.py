@@ -30,6 +30,9 @@ class GuestSpec:
     vcpus: int = 1
     linux: bool = False
     dirty_mib: int = 0
+    # MiB/s it rewrites them at (0: as fast as its vCPU goes, ~50 MiB/s under TCG); a paced guest is a
+    # tenant with a steady working set, one that converges on a shared link without being throttled
+    dirty_mib_s: int = 0
     marker: str | None = None  # a Linux guest writes "hostmaint-marker:<marker>" 8,192 times into its memory
     # defined with room to grow live (hostmaint vm resize): vCPUs up to vcpus + GROW_VCPUS, memory
     # DIMMs up to GROW_FACTOR times its memory in GROW_SLOTS slots, ACPI and one guest NUMA cell
@@ -104,6 +107,9 @@ def linux_xml(spec: GuestSpec, kernel: Path, initrd: Path, console_log: Path | N
     if spec.marker is not None and not spec.marker.isalnum():
         raise ValueError(f"guest {spec.name}: a marker is letters and digits only, got {spec.marker!r}")
     marker = f" hm_marker={spec.marker}" if spec.marker else ""
+    if spec.dirty_mib_s < 0:
+        raise ValueError(f"guest {spec.name}: dirty_mib_s must be >= 0, got {spec.dirty_mib_s}")
+    pace = f" dirty_mib_s={spec.dirty_mib_s}" if spec.dirty_mib_s else ""
     return f"""<domain type='qemu'>
   <name>{escape(spec.name)}</name>
 {_sizes(spec)}
@@ -111,7 +117,7 @@ def linux_xml(spec: GuestSpec, kernel: Path, initrd: Path, console_log: Path | N
     <type arch='x86_64' machine='pc'>hvm</type>
     <kernel>{kernel}</kernel>
     <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 panic=-1 quiet dirty_mib={spec.dirty_mib}{marker}</cmdline>
+    <cmdline>console=ttyS0 panic=-1 quiet dirty_mib={spec.dirty_mib}{pace}{marker}</cmdline>
   </os>
   <on_poweroff>destroy</on_poweroff><on_reboot>restart</on_reboot><on_crash>destroy</on_crash>
   <devices>
@@ -137,6 +143,7 @@ _INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mib=$(sed -n 's/.*dirty_mib=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
 mib=${mib:-0}
+pace=$(sed -n 's/.*dirty_mib_s=\\([0-9]*\\).*/\\1/p' /proc/cmdline)
 mkdir -p /mem
 # the initramfs root is a tmpfs limited to half the RAM: the dirtied memory gets its own
 mount -t tmpfs -o size=$((mib + 4))m tmpfs /mem
@@ -161,6 +168,8 @@ while true; do
     while [ $i -lt $mib ]; do
       dd if=/src$turn of=/mem/dirty bs=1M count=8 seek=$i conv=notrunc 2>/dev/null
       i=$((i + 8))
+      # paced: 8 MiB per 8/pace seconds (the dd's own time is small beside it)
+      [ -n "$pace" ] && usleep $((8000000 / pace))
     done
     turn=$((1 - turn))
     [ -n "$said" ] || { said=1; echo "hostmaint-lab guest: first pass done, $(du -m /mem/dirty | cut -f1) MiB"; }

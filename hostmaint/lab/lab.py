@@ -453,11 +453,13 @@ def start_libvirtd(name: str, workdir: Path = DEFAULT_WORKDIR) -> None:
 
 
 def add_guest(info: LabInfo, name: str, host: str, memory_mib: int = SEABIOS_MIB, vcpus: int = 1,
-              linux: bool = False, dirty_mib: int = LINUX_DIRTY_MIB, marker: str | None = None) -> LabVm:
+              linux: bool = False, dirty_mib: int = LINUX_DIRTY_MIB, marker: str | None = None,
+              dirty_mib_s: int = 0) -> LabVm:
     """Define and start one more guest on a lab host (tests use it for guests of their own). A Linux
-    guest with ``marker`` writes ``hostmaint-marker:<marker>`` 8,192 times into its memory once up."""
+    guest with ``marker`` writes ``hostmaint-marker:<marker>`` 8,192 times into its memory once up;
+    with ``dirty_mib_s`` it rewrites its ``dirty_mib`` at that pace (else as fast as it can)."""
     spec = GuestSpec(name=name, host=host, memory_mib=memory_mib, vcpus=vcpus, linux=linux,
-                     dirty_mib=dirty_mib if linux else 0, marker=marker)
+                     dirty_mib=dirty_mib if linux else 0, marker=marker, dirty_mib_s=dirty_mib_s if linux else 0)
     xml_dir = info.workdir / "guests"
     xml_dir.mkdir(exist_ok=True)
     xml = (linux_xml(spec, *linux_boot_files(info.workdir / "cache"), console_log=xml_dir / f"{name}.console")

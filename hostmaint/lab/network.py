@@ -166,9 +166,11 @@ def interface_bytes(host: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def limit_egress(host: str, mib_s: float | None) -> None:
+def limit_egress(host: str, mib_s: float | None, queue_ms: int = 100) -> None:
     """Make lab host ``host``'s link send at most ``mib_s`` MiB/s (a token bucket on its ``eth0``), like a
-    slower NIC; None removes the limit. The veth pair is otherwise as fast as the machine's CPUs."""
+    slower NIC; None removes the limit. The veth pair is otherwise as fast as the machine's CPUs.
+    ``queue_ms``: how long a packet may wait in the bucket's queue (a NIC's ring holds far less than
+    the default: data queued there when a VM pauses lengthens its pause)."""
     ns = netns_name(host)
     if mib_s is None:
         run(["ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root"], check=False)
@@ -179,7 +181,7 @@ def limit_egress(host: str, mib_s: float | None) -> None:
     # burst: a few ms of traffic and above a 64 KiB GSO segment, or the bucket itself caps the rate
     burst = max(256 * 1024, bits // 8 // 200)
     run(["ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", "eth0", "root", "tbf",
-         "rate", f"{bits}bit", "burst", str(burst), "latency", "100ms"])
+         "rate", f"{bits}bit", "burst", str(burst), "latency", f"{queue_ms}ms"])
 
 
 def delete_host_netns(host: str) -> None:

@@ -323,7 +323,7 @@ class _Drain:
     def learn_switchover(self, flight: _Flight, result: MigrationResult) -> None:
         """Reserve more for the next switch-overs when this one paused longer than the configured limit."""
         if (result.outcome is not StepOutcome.OK or result.downtime_ms is None or flight.escalated
-                or not (self.policy.adaptive and self.policy.downtime_aware)):
+                or not (self.policy.adaptive and self.policy.downtime_aware and self.policy.learn_switchover)):
             return
         configured = self.options.downtime_limit_ms or QEMU_DOWNTIME_LIMIT_MS
         self.switchover_ms = learned_switchover_ms(self.switchover_ms, flight.reserve_ms, result.downtime_ms,

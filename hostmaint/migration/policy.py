@@ -120,6 +120,8 @@ class SchedulerPolicy:
     downtime_aware: bool = True
     # the part of the pause QEMU's limit leaves out (device state, the final handshake): the sim's figure
     switchover_ms: float = 30.0
+    # ... raised within a drain when a pause outgrows the limit (learned_switchover_ms)
+    learn_switchover: bool = True
 
     @classmethod
     def fixed(cls, per_source: int, order: Order = Order.PLAN, **kw: object) -> SchedulerPolicy:

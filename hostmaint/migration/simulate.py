@@ -463,7 +463,7 @@ class _Engine:
                 self.end_round(m)
             elif m.phase is Phase.STOPCOPY and m.left <= tol:
                 m.downtime_ms = (self.t - m.stop_start) * 1000 + self.params.switchover_ms
-                if self.policy.adaptive and self.policy.downtime_aware:
+                if self.policy.adaptive and self.policy.downtime_aware and self.policy.learn_switchover:
                     assert self.configured.downtime_limit_ms is not None
                     self.switchover_ms = learned_switchover_ms(self.switchover_ms, m.reserve_ms, m.downtime_ms,
                                                                self.configured.downtime_limit_ms)
