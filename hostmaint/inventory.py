@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hostmaint.config_file import load_yaml
 from hostmaint.errors import FileFormatError, InventoryError
 from hostmaint.hooks import HookPlace
-from hostmaint.models import Limits, PackageManager, RebootPolicy, UnmigratableAction
+from hostmaint.models import QEMU_DOWNTIME_LIMIT_MS, Limits, PackageManager, RebootPolicy, UnmigratableAction
 from hostmaint.monitoring import GatePoint, OnHold, WorkKind, check_query, check_template
 from hostmaint.redaction import holds_private_key, is_secret_name, redact_text
 
@@ -249,6 +249,21 @@ class MigrationSettings(Strict):
     # a TLS stream's rate ÷ a plain one's on these hosts, for the scheduler and the what-if simulator
     # (unset: hostmaint.migration.policy.DEFAULT_TLS_STREAM_FACTOR, measured on the lab)
     tls_stream_factor: Annotated[float, Field(gt=0, le=1)] | None = None
+    # the whole pause a live migration may cost its guest (unset: QEMU's own 300 ms); the scheduler sets each
+    # migration's QEMU limit below it for the link share at its end and the switch-over (docs/draining.md)
+    downtime_limit_ms: Annotated[int, Field(ge=10, le=60_000)] | None = None
+    # what the switch-over takes beyond QEMU's limit on these hosts (device state, handshake): where it is
+    # more than the model's 30 ms, each drain learns it from its first pause over the limit; set it to start there
+    switchover_ms: Annotated[float, Field(ge=0, le=10_000)] = 30.0
+
+    @model_validator(mode="after")
+    def _switchover_within_limit(self) -> MigrationSettings:
+        limit = self.downtime_limit_ms or QEMU_DOWNTIME_LIMIT_MS
+        if self.switchover_ms >= limit:
+            raise ValueError(f"switchover_ms ({self.switchover_ms:g}) must be below the downtime limit "
+                             f"({limit} ms{'' if self.downtime_limit_ms else ', QEMU’s own'}): nothing would "
+                             "be left for the memory still to send")
+        return self
 
     @field_validator("network")
     @classmethod

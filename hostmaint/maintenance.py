@@ -828,13 +828,15 @@ def drain_settings(inventory: Inventory, cluster: str) -> tuple[SchedulerPolicy,
     m = inventory.cluster(cluster).migration
     policy = SchedulerPolicy(allow_post_copy=m.allow_post_copy, auto_converge=m.auto_converge,
                              auto_converge_max_initial_pct=m.max_upfront_throttle_pct,
-                             tls_stream_factor=m.tls_stream_factor or DEFAULT_TLS_STREAM_FACTOR)
+                             tls_stream_factor=m.tls_stream_factor or DEFAULT_TLS_STREAM_FACTOR,
+                             switchover_ms=m.switchover_ms)
     # tls: what the scheduler and the simulator expect of a stream (each migration's own route decides
     # whether it is encrypted: preferred may fall back); a SIMULATED fleet's migrations are never encrypted
     tls = m.tls is not MigrationTls.OFF and inventory.simulation is None
     options = MigrationOptions(parallel_connections=m.parallel_connections, bandwidth_mib_s=m.bandwidth_mib_s,
                                stall_seconds=m.stall_seconds, seconds_per_gib=m.seconds_per_gib,
-                               min_budget_seconds=m.min_budget_seconds, tls=tls)
+                               min_budget_seconds=m.min_budget_seconds, tls=tls,
+                               downtime_limit_ms=m.downtime_limit_ms)
     return policy, options
 
 

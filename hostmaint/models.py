@@ -1032,6 +1032,9 @@ class WindowPlan(Frozen):
 # --- migrations ---------------------------------------------------------------
 
 
+QEMU_DOWNTIME_LIMIT_MS = 300  # QEMU's own downtime-limit, the configured one when the options name none
+
+
 class MigrationOptions(Frozen):
     """Knobs of one live migration. ``placement`` carries the target's pinning/numatune rewrite."""
 

@@ -33,6 +33,7 @@ from hostmaint.errors import DriverError, MigrationNotStarted
 from hostmaint.migration.control import MigrationControl
 from hostmaint.migration.links import LinkMeter, LinkObservation
 from hostmaint.migration.policy import (
+    MIB,
     QEMU_DOWNTIME_LIMIT_MS,
     Action,
     Escalation,
@@ -41,6 +42,7 @@ from hostmaint.migration.policy import (
     ProgressTrack,
     SchedulerPolicy,
     about_to_finish,
+    admission_order,
     admission_refusal,
     expected_dirty_mib_s,
     learned_switchover_ms,
@@ -49,6 +51,8 @@ from hostmaint.migration.policy import (
     next_action,
     options_for,
     order_placements,
+    planning_share,
+    seconds_left,
     stream_rate,
     switchover_share,
 )
@@ -239,7 +243,7 @@ class _Drain:
                         self.request_abort(flight, "drain cancelled")
                 refusals: dict[str, str] = {}
                 if self.stop_reason is None:
-                    for spec in list(pending):
+                    for spec in self.staggered(pending, flights.values()):
                         refusal = self.admit(spec, pool, flights)
                         if refusal is None:
                             pending.remove(spec)
@@ -287,6 +291,24 @@ class _Drain:
             sending.setdefault(flight.spec.source, []).append((flight.rate, samples))
         for source, entries in sending.items():
             self.meter.observe(source, entries)
+
+    def staggered(self, pending: list[MigrationSpec], flights: Iterable[_Flight]) -> list[MigrationSpec]:
+        """``pending`` in the order admission tries them now (:func:`admission_order`, as the simulator)."""
+        if not self.policy.adaptive or not pending:
+            return list(pending)
+        shares = {src: planning_share(link, stream_rate(self.options, self.policy, link))
+                  for src, link in self.links.items()}
+        now = self.clock()
+        ends: dict[str, list[float]] = {}
+        for flight in flights:
+            if flight.released:
+                continue
+            last = flight.progress.last
+            source = flight.spec.source
+            ends.setdefault(source, []).append(seconds_left(
+                flight.spec, shares[source], self.policy,
+                remaining_mib=None if last is None else last.data_remaining / MIB, elapsed_s=now - flight.started_at))
+        return admission_order(pending, ends, shares, self.policy)
 
     def admit(self, spec: MigrationSpec, pool: ThreadPoolExecutor,
               flights: dict[Future[MigrationResult], _Flight]) -> str | None:

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
-from hostmaint.models import Limits, MigrationOptions, MigrationProgress, Placement
+from hostmaint.models import QEMU_DOWNTIME_LIMIT_MS, Limits, MigrationOptions, MigrationProgress, Placement
 from hostmaint.placement.ledger import pages_for
 
 MIB = 1024 * 1024
@@ -42,7 +42,6 @@ DEFAULT_STREAM_MIB_S = 600.0  # what one QEMU migration connection pushes (~5 Gb
 # 2 shared cores, TCG guests): hosts with AES-NI and free cores lose less, so the inventory's
 # migration.tls_stream_factor overrides it
 DEFAULT_TLS_STREAM_FACTOR = 0.35
-QEMU_DOWNTIME_LIMIT_MS = 300  # QEMU's own downtime-limit, the configured one when the options name none
 
 
 class Order(StrEnum):
@@ -116,6 +115,12 @@ class SchedulerPolicy:
     progress_event_s: float = 5.0  # at most one progress event per VM this often
     # a migration with less than this many seconds of data left hands its link share on (set-up overlap)
     lookahead_s: float = 2.0
+    # what a migration takes before it sends (connection, device state): the simulator's figure, fitted on lab
+    # drains; the adaptive policy staggers expected ends by it (:func:`admission_order`)
+    setup_s: float = 1.5
+    # a newcomer whose expected end falls within this of a running migration's waits for the next one in order
+    # that does not, when there is one (adaptive only; 0: plain order)
+    stagger_s: float = 0.75
     # each migration's downtime limit from the link share it can count on at its switch-over (adaptive only)
     downtime_aware: bool = True
     # the part of the pause QEMU's limit leaves out (device state, the final handshake): the sim's figure
@@ -334,6 +339,68 @@ def expected_seconds(spec: MigrationSpec, rate_mib_s: float) -> float:
     is taken as a quarter of the bandwidth (a rough figure: it only ranks VMs, it promises nothing).
     """
     return spec.memory_mib / max(rate_mib_s - spec.dirty_mib_s, 0.25 * rate_mib_s)
+
+
+def planning_share(link_mib_s: float, rate_mib_s: float) -> float:
+    """The rate one migration can count on while its source's link is full: the link split among the
+    streams that fill it, at most its own stream's rate."""
+    if rate_mib_s <= 0:
+        return 0.0
+    return min(rate_mib_s, link_mib_s / math.ceil(round(link_mib_s / rate_mib_s, 6)))
+
+
+def seconds_left(spec: MigrationSpec, share_mib_s: float, policy: SchedulerPolicy, *,
+                 remaining_mib: float | None, elapsed_s: float) -> float:
+    """When a running migration is expected to end: ``remaining_mib`` ÷ its share once it reports data
+    (what is left, dirtied pages included), else the rest of its set-up and its whole expected time."""
+    if remaining_mib is None:
+        return max(0.0, policy.setup_s - elapsed_s) + expected_seconds(spec, share_mib_s)
+    return remaining_mib / share_mib_s if share_mib_s > 0 else math.inf
+
+
+def admission_order(pending: Sequence[MigrationSpec], ends_s: Mapping[str, Sequence[float]],
+                    shares_mib_s: Mapping[str, float], policy: SchedulerPolicy) -> list[MigrationSpec]:
+    """``pending`` (in :func:`order_placements`' order) as admission should try them now.
+
+    Two migrations that end together both want their successor's set-up at once, and a drain holds one
+    set-up slot (:func:`slots_per_drain`): the second successor waits for a slot and the link runs a
+    stream short for a set-up (on 25 GbE most of the drain's time above the floor). So per source, the
+    first pending migration whose expected end (``policy.setup_s`` + :func:`expected_seconds` at its
+    share) lies at least ``policy.stagger_s`` from every one in ``ends_s`` (seconds until each running
+    migration of that source still holding its link share ends: :func:`seconds_left`) goes first, in the
+    place of that source's first; the others keep their order. When none does, the order is unchanged.
+    The fixed policies keep their order."""
+    if not policy.adaptive or policy.stagger_s <= 0 or not pending:
+        return list(pending)
+    chosen: dict[str, MigrationSpec] = {}
+    for spec in pending:
+        source = spec.source
+        if source in chosen:
+            continue
+        ends = ends_s.get(source, ())
+        share = shares_mib_s.get(source, 0.0)
+        if not ends or share <= 0:
+            chosen[source] = spec
+            continue
+        for cand in pending:
+            if cand.source != source:
+                continue
+            end = policy.setup_s + expected_seconds(cand, share)
+            if all(abs(end - e) >= policy.stagger_s for e in ends):
+                chosen[source] = cand
+                break
+        else:
+            chosen[source] = spec
+    out: list[MigrationSpec] = []
+    placed: set[str] = set()
+    for spec in pending:
+        first = chosen[spec.source]
+        if spec.source not in placed:
+            placed.add(spec.source)
+            out.append(first)
+        if spec is not first:
+            out.append(spec)
+    return out
 
 
 def order_placements(specs: Sequence[MigrationSpec], order: Order,

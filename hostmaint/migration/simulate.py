@@ -43,6 +43,7 @@ from hostmaint.migration.policy import (
     ProgressTrack,
     SchedulerPolicy,
     about_to_finish,
+    admission_order,
     admission_refusal,
     drains_side_by_side,
     expected_dirty_mib_s,
@@ -51,6 +52,8 @@ from hostmaint.migration.policy import (
     next_action,
     options_for,
     order_placements,
+    planning_share,
+    seconds_left,
     slots_per_drain,
     stream_rate,
     switchover_share,
@@ -137,6 +140,8 @@ class DrainEstimate:
     link_floor_s: float  # Σ memory ÷ link, on the busiest link
     vm_floor_s: float  # the slowest single VM with the link to itself: setup + M / (b − D)
     max_concurrency: int
+    # what no schedule that moves every VM beats (:func:`valid_drain_floor_s`); 0 when not computed
+    valid_floor_s: float = 0.0
 
     @property
     def lower_bound_s(self) -> float:
@@ -146,6 +151,11 @@ class DrainEstimate:
     def ratio(self) -> float:
         """Makespan ÷ lower bound (1.0 is the physical floor)."""
         return self.makespan_s / self.lower_bound_s if self.lower_bound_s > 0 else 1.0
+
+    @property
+    def valid_ratio(self) -> float:
+        """Makespan ÷ the proven floor (:attr:`valid_floor_s`)."""
+        return self.makespan_s / self.valid_floor_s if self.valid_floor_s > 0 else 1.0
 
     @property
     def memory_mib(self) -> int:
@@ -374,6 +384,7 @@ class _Engine:
         if not self.changed:
             return  # nothing ended, released or arrived since the last try: same answer
         self.changed = False
+        self.pending = self.staggered(self.pending)
         admitted: list[_Mig] = []
         # In plan order, hosts in the order they entered maintenance: the first host's drain gets the
         # shared slots first, so it finishes and goes to patching while the next ones still drain
@@ -405,6 +416,24 @@ class _Engine:
         if admitted:
             taken = {id(m) for m in admitted}
             self.pending = [m for m in self.pending if id(m) not in taken]
+
+    def staggered(self, pending: list[_Mig]) -> list[_Mig]:
+        """``pending`` in the order admission tries them now (:func:`admission_order`, as the executor)."""
+        if not self.policy.adaptive or not pending:
+            return pending
+        shares: dict[str, float] = {}
+        ends: dict[str, list[float]] = {}
+        for m in pending:
+            link = self.params.link(m.spec.source)
+            shares[m.spec.source] = planning_share(link, stream_rate(self.options, self.policy, link))
+        for m in self.running:
+            if m.released or m.spec.source not in shares:
+                continue
+            remaining = None if m.phase is Phase.SETUP else m.left + m.dirty_acc
+            ends.setdefault(m.spec.source, []).append(seconds_left(
+                m.spec, shares[m.spec.source], self.policy, remaining_mib=remaining, elapsed_s=self.t - m.start))
+        by_spec = {id(m.spec): m for m in pending}
+        return [by_spec[id(s)] for s in admission_order([m.spec for m in pending], ends, shares, self.policy)]
 
     def _ac_initial(self, m: _Mig) -> float:
         pct = m.options.auto_converge_initial_pct if m.options is not None else None
@@ -554,6 +583,27 @@ def link_floor_s(specs: Sequence[MigrationSpec], params: SimParams) -> float:
     return max(loads, default=0.0)
 
 
+def valid_drain_floor_s(specs: Sequence[MigrationSpec], options: MigrationOptions, policy: SchedulerPolicy,
+                        params: SimParams) -> float:
+    """A floor no drain of ``specs`` that moves every VM beats in this model, whatever its order, limits or
+    escalation: the larger of
+
+    * one set-up + Σ memory ÷ bandwidth on the busiest link (out or in): every migration spends its set-up
+      (``params.setup``) sending nothing, so no byte crosses a link before the first set-up ends, and a
+      VM that lands has sent at least its memory (round 1 is all of it; a switch to post-copy sends what
+      round 1 had left), each over its source's link and its target's, at most at their bandwidth;
+    * the largest set-up + M ÷ b of one VM (b: its stream, at most either link): its own bytes, on its own.
+
+    Tighter than :attr:`DrainEstimate.lower_bound_s` by the set-up on the link term; its VM term leaves
+    the dirty rate out (M ÷ b, not M ÷ (b − D)), since a throttled guest dirties less than D."""
+    if not specs:
+        return 0.0
+    setup = params.setup(options)
+    one = max(setup + s.memory_mib / min(stream_rate(options, policy, params.link(s.source)), params.link(s.target))
+              for s in specs)
+    return max(setup + link_floor_s(specs, params), one)
+
+
 def simulate_drain(plan: EvacuationPlan | Sequence[Placement], limits: Limits, *,
                    policy: SchedulerPolicy | None = None, options: MigrationOptions = MigrationOptions(),
                    vm_memory_mib: Mapping[str, int] | None = None, dirty_rate: Mapping[str, float] | None = None,
@@ -579,8 +629,10 @@ def simulate_drain(plan: EvacuationPlan | Sequence[Placement], limits: Limits, *
     by_vm = {m.spec.vm: engine.result(m) for m in engine.done}
     results = tuple(by_vm[s.vm] for s in specs)
     floor = max((vm_floor_s(s, options, policy, params) for s in specs), default=0.0)
+    # floored to the microsecond, so rounding never lifts it past what it proves
+    valid = math.floor(valid_drain_floor_s(specs, options, policy, params) * 1e6) / 1e6
     return DrainEstimate(results, round(engine.t, 6), round(link_floor_s(specs, params), 6), round(floor, 6),
-                         engine.max_concurrency)
+                         engine.max_concurrency, valid)
 
 
 # --- windows ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from hostmaint.migration.policy import (
     Order,
     ProgressTrack,
     SchedulerPolicy,
+    admission_order,
     admission_refusal,
     downtime_limit_ms,
     drain_limits,
@@ -25,6 +26,8 @@ from hostmaint.migration.policy import (
     next_action,
     options_for,
     order_placements,
+    planning_share,
+    seconds_left,
     slots_per_drain,
     stalled_for_s,
     stream_rate,
@@ -227,6 +230,38 @@ def test_orders() -> None:
     assert names(Order.SMALLEST_FIRST) == ["small", "big", "hot", "warm"]
     assert names(Order.LOW_DIRTY_FIRST) == ["small", "big", "warm", "hot"]
     assert names(Order.ADAPTIVE) == ["big", "small", "warm", "hot"]
+
+
+def test_a_newcomer_that_would_end_with_a_running_migration_waits_for_one_that_does_not() -> None:
+    # 600 MiB/s each; a running migration ends in 8.9 s. A 4 GiB newcomer would end in 1.5 + 6.8 s: both
+    # would want their successor's set-up at once. A 2 GiB one (1.5 + 3.4 s) goes first instead.
+    policy = SchedulerPolicy()
+    four, two, other = spec("four", 4096), spec("two", 2048), spec("elsewhere", 4096, source="s2")
+    names = lambda pending, ends: [s.vm for s in admission_order(  # noqa: E731
+        pending, ends, {"s": 600.0, "s2": 600.0}, policy)]
+    assert names([four, two], {"s": [8.9]}) == ["two", "four"]
+    assert names([four, two], {"s": [20.0]}) == ["four", "two"]  # far apart: the order stands
+    assert names([four, two], {}) == ["four", "two"]  # nothing running
+    assert names([four, two], {"s": [8.9, 4.6]}) == ["four", "two"]  # none fits: the order stands
+    # per source, in the place of that source's first: another source's migration keeps its turn
+    assert names([other, four, two], {"s": [8.9]}) == ["elsewhere", "two", "four"]
+    assert names([four, other, two], {"s": [8.9], "s2": [8.5]}) == ["two", "four", "elsewhere"]
+    fixed = [s.vm for s in admission_order([four, two], {"s": [8.9]}, {"s": 600.0}, SchedulerPolicy.fixed(2))]
+    assert fixed == ["four", "two"]
+    off = [s.vm for s in admission_order([four, two], {"s": [8.9]}, {"s": 600.0}, SchedulerPolicy(stagger_s=0))]
+    assert off == ["four", "two"]
+
+
+def test_a_running_migrations_end_comes_from_what_it_has_left() -> None:
+    policy = SchedulerPolicy()
+    one = spec("one", 6000)
+    assert seconds_left(one, 600, policy, remaining_mib=1200, elapsed_s=30) == pytest.approx(2.0)
+    # no data yet: the rest of its set-up, then all of it
+    assert seconds_left(one, 600, policy, remaining_mib=None, elapsed_s=0.5) == pytest.approx(1.0 + 10.0)
+    assert seconds_left(one, 600, policy, remaining_mib=None, elapsed_s=9.0) == pytest.approx(10.0)
+    assert planning_share(2900, 600) == pytest.approx(580)  # five streams fill 25 GbE
+    assert planning_share(1100, 600) == pytest.approx(550)
+    assert planning_share(1100, 1100) == pytest.approx(1100)
 
 
 def test_stream_rate_and_options() -> None:

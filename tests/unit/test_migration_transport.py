@@ -17,7 +17,7 @@ from cryptography.x509.oid import NameOID
 from hostmaint.inventory import MigrationTls
 from hostmaint.migration.transport import MigrationEnd, TransportPlan, render_refusals
 from hostmaint.migration.transport_probe import addresses_in, cert_dir, probe_end
-from hostmaint.models import CommandResult, MigrationOptions
+from hostmaint.models import CommandResult, MigrationOptions, Placement
 
 NOW = datetime(2026, 12, 6, 8, 0, tzinfo=UTC)
 
@@ -249,6 +249,25 @@ def test_the_clusters_tls_setting_reaches_the_scheduler_and_the_simulator(
     assert policy.tls_stream_factor == (factor or DEFAULT_TLS_STREAM_FACTOR)
 
 
+def test_the_clusters_downtime_limit_and_switch_over_reach_each_migrations_limit(tmp_path: Path) -> None:
+    import yaml
+
+    from hostmaint.inventory import load_inventory
+    from hostmaint.maintenance import drain_settings
+    from hostmaint.migration.policy import MigrationSpec, options_for
+
+    doc = {"version": 1, "clusters": [{"name": "c", "migration": {"downtime_limit_ms": 500, "switchover_ms": 150}}],
+           "hosts": [{"name": "h1", "cluster": "c", "libvirt_uri": "qemu+tls://h1/system",
+                      "ssh": {"address": "h1", "key": {"agent": True}, "known_hosts": "kh"}}]}
+    path = tmp_path / "inventory.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    policy, options = drain_settings(load_inventory(path), "c")
+    assert options.downtime_limit_ms == 500 and policy.switchover_ms == 150
+    spec = MigrationSpec(Placement(vm="v", source="h1", target="h2", memory_mib=1024), 1024, 0.0)
+    # alone at its share: QEMU may plan for what is left after the hosts' switch-over
+    assert options_for(spec, options, policy, 600, 600).downtime_limit_ms == 350
+
+
 class _Hosts:
     """A HostShell over fake hosts: each answers the transport probe from its MigrationEnd."""
 
@@ -331,6 +350,9 @@ def test_names_from_a_hosts_certificate_are_shown_never_acted_on() -> None:
     ({"network": "10.214.0.5/24"}, {}, "clusters[0].migration.network", "host bits set"),
     ({"network": "not-a-net"}, {}, "clusters[0].migration.network", "must be a network"),
     ({"tls_stream_factor": 1.5}, {}, "clusters[0].migration.tls_stream_factor", "less than or equal to 1"),
+    ({"switchover_ms": 300}, {}, "clusters[0].migration", "switchover_ms (300) must be below the downtime limit (300"),
+    ({"downtime_limit_ms": 100, "switchover_ms": 120}, {}, "clusters[0].migration", "below the downtime limit (100"),
+    ({"downtime_limit_ms": 5}, {}, "clusters[0].migration.downtime_limit_ms", "greater than or equal to 10"),
     ({"network": "10.214.0.0/24"}, {"migration_address": "10.9.9.9"}, "hosts[0].migration_address (host h1)",
      "not in its cluster's migration.network 10.214.0.0/24"),
     ({}, {"migration_address": "bad address!"}, "hosts[0].migration_address (host h1)", "IP address or a DNS name"),
