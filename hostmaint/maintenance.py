@@ -861,6 +861,12 @@ def run_migrations(rt: Runtime, run: RunContext, rec: StepRecord, plan: Evacuati
     if report.links and not rt.simulated:
         rt.states.record_links(report.links, run.run_id)
         rec.details["links_observed"] = [{**asdict(o), "saturated": o.saturated} for o in report.links]
+    if report.switchover_ms is not None and report.switchover_ms > policy.switchover_ms:
+        # the hosts switch over slower than the inventory says: the operator can start the next drains there
+        rec.details["switchover_learned_ms"] = round(report.switchover_ms, 1)
+        rec.details["switchover_note"] = (
+            f"a pause outgrew the downtime limit: the drain reserved {report.switchover_ms:.0f} ms for the "
+            f"switch-over from then on (migration.switchover_ms is {policy.switchover_ms:g})")
     if any(r.outcome is not StepOutcome.OK for r in report.results):
         # a migration that failed with its source's libvirtd gone may leave the VM paused there
         settle_stranded(rt, run, cluster)

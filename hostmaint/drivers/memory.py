@@ -22,6 +22,7 @@ from hostmaint.drivers.base import GuestSize, ProgressCallback
 from hostmaint.drivers.memory_shell import SimHostPackages, SimulatedShell
 from hostmaint.errors import DriverError, MigrationError, TransientDriverError
 from hostmaint.models import (
+    QEMU_DOWNTIME_LIMIT_MS,
     Cell,
     CommandResult,
     FleetSnapshot,
@@ -64,6 +65,9 @@ class SimulatedFleet:
         self.sleep = sleep
         self.fail_migrations: set[str] = set()  # VMs whose migration fails (tests)
         self.slow_migrations: dict[str, float] = {}  # VM -> factor (a stalled migration)
+        # source host -> what its switch-over takes beyond QEMU's limit (tests): each pause is then the
+        # migration's limit spent in full and that (else the model's 30 ms)
+        self.slow_switchover_ms: dict[str, float] = {}
         self._aborts: set[str] = set()
         self._lock = threading.RLock()
         self._seen_boot: dict[str, str] = {h: p.boot_id for h, p in packages.items()}
@@ -214,8 +218,11 @@ class SimulatedFleet:
             self.running[source].discard(vm)
             self.running[target].add(vm)
             self.save()
+        pause = 30.0
+        if source in self.slow_switchover_ms:
+            pause = (options.downtime_limit_ms or QEMU_DOWNTIME_LIMIT_MS) + self.slow_switchover_ms[source]
         result = MigrationResult(vm=vm, source=source, target=target, outcome=StepOutcome.OK,
-                                 seconds=round(sim_seconds, 3), downtime_ms=30.0, data_bytes=mem * MIB,
+                                 seconds=round(sim_seconds, 3), downtime_ms=pause, data_bytes=mem * MIB,
                                  iterations=2)
         self.migration_log.append(result)
         del start

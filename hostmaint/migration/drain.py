@@ -99,6 +99,8 @@ class DrainReport:
     seconds: float
     max_concurrency: int
     links: tuple[LinkObservation, ...] = ()
+    # the switch-over reserve at the drain's end: above the policy's when a pause outgrew the limit
+    switchover_ms: float | None = None
 
     @property
     def ok(self) -> bool:
@@ -275,7 +277,8 @@ class _Drain:
                 self.measure_links(flights.values())
         ordered = tuple(self.results[s.vm] for s in self.specs)
         seconds = round(self.clock() - self.t0, 3)
-        return DrainReport(ordered, tuple(self.events), seconds, self.max_concurrency, self.meter.observations())
+        return DrainReport(ordered, tuple(self.events), seconds, self.max_concurrency, self.meter.observations(),
+                           self.switchover_ms)
 
     def measure_links(self, flights: Iterable[_Flight]) -> None:
         """Show the link meter every source's migrations that are sending memory right now."""
@@ -348,8 +351,8 @@ class _Drain:
                 or not (self.policy.adaptive and self.policy.downtime_aware and self.policy.learn_switchover)):
             return
         configured = self.options.downtime_limit_ms or QEMU_DOWNTIME_LIMIT_MS
-        self.switchover_ms = learned_switchover_ms(self.switchover_ms, flight.reserve_ms, result.downtime_ms,
-                                                   configured)
+        self.switchover_ms = learned_switchover_ms(self.switchover_ms, flight.reserve_ms,
+                                                   flight.options.downtime_limit_ms, result.downtime_ms, configured)
 
     def record(self, result: MigrationResult, flight: _Flight | None = None) -> None:
         kind = {StepOutcome.OK: EventKind.FINISHED, StepOutcome.SKIPPED: EventKind.SKIPPED,

@@ -316,20 +316,27 @@ def downtime_limit_ms(limit_ms: float, rate_mib_s: float, share_mib_s: float, po
     return max(1, math.floor(usable * min(1.0, share_mib_s / rate_mib_s)))
 
 
-def learned_switchover_ms(reserve_ms: float, used_ms: float, pause_ms: float, limit_ms: float) -> float:
+def learned_switchover_ms(reserve_ms: float, used_ms: float, set_ms: float | None, pause_ms: float,
+                          limit_ms: float) -> float:
     """The switch-over reserve for the drain's next migrations, after one that was started with
-    ``used_ms`` reserved and paused ``pause_ms`` against a configured ``limit_ms``.
+    ``used_ms`` reserved and QEMU's limit ``set_ms``, and paused ``pause_ms`` against a configured
+    ``limit_ms``.
 
     The reserve is what the whole pause takes beyond QEMU's own limit (device state, the handshake, on
-    slow or busy hosts far more than the model's 30 ms). A pause over the limit shows the reserve that
-    migration was started with was short by at least the overshoot, so the reserve rises to
-    ``used_ms`` + the overshoot (from the reserve the migration used, not the current one: migrations
-    in flight together would otherwise each add the same shortfall). It never falls within a drain
-    (a pause under the limit says nothing about the next one's switch-over), and it keeps a tenth of
-    the limit for QEMU's own part, so a migration can still converge."""
+    slow or busy hosts far more than the model's 30 ms). A pause over the limit shows the reserve was
+    short; by how much is not known (what QEMU still sent in the pause is not reported), so the reserve
+    rises to the larger reading: the overshoot on top of the reserve that migration used (not the
+    current one: migrations in flight together would otherwise each add the same shortfall), or the
+    pause less the QEMU limit it ran with (as if QEMU sent nothing more than it planned for: a
+    migration whose limit is scaled less by its link share would otherwise overshoot again). It never
+    falls within a drain (a pause under the limit says nothing about the next one's switch-over), and
+    it keeps a tenth of the limit for QEMU's own part, so a migration can still converge."""
     if pause_ms <= limit_ms:
         return reserve_ms
-    return max(reserve_ms, min(used_ms + pause_ms - limit_ms, 0.9 * limit_ms))
+    short = used_ms + pause_ms - limit_ms
+    if set_ms is not None:
+        short = max(short, pause_ms - set_ms)
+    return max(reserve_ms, min(short, 0.9 * limit_ms))
 
 
 def expected_seconds(spec: MigrationSpec, rate_mib_s: float) -> float:

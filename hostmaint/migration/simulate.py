@@ -494,8 +494,9 @@ class _Engine:
                 m.downtime_ms = (self.t - m.stop_start) * 1000 + self.params.switchover_ms
                 if self.policy.adaptive and self.policy.downtime_aware and self.policy.learn_switchover:
                     assert self.configured.downtime_limit_ms is not None
-                    self.switchover_ms = learned_switchover_ms(self.switchover_ms, m.reserve_ms, m.downtime_ms,
-                                                               self.configured.downtime_limit_ms)
+                    self.switchover_ms = learned_switchover_ms(
+                        self.switchover_ms, m.reserve_ms, m.options.downtime_limit_ms if m.options else None,
+                        m.downtime_ms, self.configured.downtime_limit_ms)
                 self.finish(m, StepOutcome.OK)
             elif m.phase is Phase.POSTCOPY and m.left <= tol:
                 self.finish(m, StepOutcome.OK)

@@ -403,16 +403,19 @@ def test_a_migration_that_will_share_the_link_at_its_switch_over_plans_a_shorter
     assert downtime_limit_ms(300, 550, 550, policy) == 270  # alone at its share: only the switch-over's part
 
 
-def test_the_switch_over_reserve_rises_by_the_overshoot_of_the_reserve_a_migration_used() -> None:
-    # started with 30 ms reserved, it paused 373 against 300: it was 73 ms short
-    assert learned_switchover_ms(30, 30, 373, 300) == 103
-    # a second migration started with the same 30 ms and overshooting less adds nothing on top
-    assert learned_switchover_ms(103, 30, 350, 300) == 103
+def test_the_switch_over_reserve_rises_by_what_a_pause_over_the_limit_shows_was_short() -> None:
+    # started with 30 ms reserved and QEMU's limit 250 (the share it counted on was 250 ÷ 270 of its
+    # rate), it paused 373 against 300: 73 ms over on top of 30, or 123 beyond what QEMU planned for
+    assert learned_switchover_ms(30, 30, 250, 373, 300) == 123
+    assert learned_switchover_ms(30, 30, 171, 373, 300) == 202
+    assert learned_switchover_ms(30, 100, 50, 310, 300) == 260  # 100 + 10 or 310 − 50: the larger
+    # a second migration started with the old reserve and overshooting less adds nothing on top
+    assert learned_switchover_ms(202, 30, 171, 350, 300) == 202
     # one started with the raised reserve and still over: it rises from that reserve
-    assert learned_switchover_ms(103, 103, 340, 300) == 143
+    assert learned_switchover_ms(202, 202, 60, 320, 300) == 260
     # a pause within the limit never lowers it, and QEMU keeps a tenth of the limit to converge with
-    assert learned_switchover_ms(143, 30, 120, 300) == 143
-    assert learned_switchover_ms(30, 30, 5000, 300) == 270
+    assert learned_switchover_ms(143, 30, 171, 120, 300) == 143
+    assert learned_switchover_ms(30, 30, 171, 5000, 300) == 270
     assert downtime_limit_ms(300, 600, 600, SchedulerPolicy(), 270) == 30
 
 
