@@ -760,7 +760,7 @@ set-up of each other, the second one's successor waits for a slot, then sets up 
 runs a stream short (with 4 connections, at times with nothing sending). Longest-first made that common:
 VMs of one size started together end together, and its last VMs are the small ones, whose set-up is a
 third of their time. Not the cause: set-up gaps with a free slot (the 2 s look-ahead hides them), the
-order of the tail (see below), the downtime-aware limits' extra rounds (bytes 1.034 with and without).
+downtime-aware limits' extra rounds (bytes 1.034 with and without); the order of the tail little (below).
 Now admission staggers expected ends (`admission_order`, in the executor and the simulator): a newcomer
 that would end within 0.75 s of a running migration on its source waits for the next one in order that
 does not. That halves the wait on single-stream; 0.75 s (half a set-up) is the value that moved no
@@ -770,8 +770,8 @@ single-stream; re-ordering after each admission instead of once per pass was wor
 What stops 1.05 on 25 GbE single-stream: the re-sent pages and the first set-up are 4.6 of its 5 points
 over the old floor. The pages are set by the dirty rates at a stream's own 580-600 MiB/s, whatever the
 order: only a deeper upfront throttle would lower them. The best of 150 random orders per seed (the
-stagger on) reaches 1.050 over the proven floor (1.06 over the old one), ours 1.056: no order meets
-1.05 over the old floor here. The **proven floor** (`valid_drain_floor_s`, column "÷ proven floor") is
+stagger on) reaches 1.050 over the proven floor (1.059 over the old one), ours 1.056: none of those
+orders comes near 1.05 over the old floor. The **proven floor** (`valid_drain_floor_s`, column "÷ proven floor") is
 max(one set-up + Σ memory ÷ the busiest link, the largest VM's set-up + M ÷ b): no byte crosses a link
 before the first set-up ends, and a VM that lands has sent at least its memory; held against 150 random
 drains (every policy and order, TLS, post-copy, slow targets, tight limits) in
