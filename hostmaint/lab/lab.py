@@ -311,7 +311,7 @@ def _build(hosts: int, vms: int, workdir: Path, linux_guests: int,
         for g in guests:
             if g.host != host:
                 continue
-            xml = (linux_xml(g, *boot_files, console_log=xml_dir / f"{g.name}.console") if g.linux and boot_files
+            xml = (linux_xml(g, *boot_files, console_log=_fresh_console(xml_dir, g.name)) if g.linux and boot_files
                    else seabios_xml(g, kvm))
             define_and_start(uri[g.host], xml, xml_dir / f"{g.name}.xml")
 
@@ -452,6 +452,14 @@ def start_libvirtd(name: str, workdir: Path = DEFAULT_WORKDIR) -> None:
     request(Path(workdir).resolve(), name, "start-libvirtd")
 
 
+def _fresh_console(xml_dir: Path, name: str) -> Path:
+    """The guest's console log, emptied: it is appended to (it follows the guest through migrations), so a
+    guest of the same name from an earlier lab would otherwise have said "marker written" already."""
+    path = xml_dir / f"{name}.console"
+    path.unlink(missing_ok=True)
+    return path
+
+
 def add_guest(info: LabInfo, name: str, host: str, memory_mib: int = SEABIOS_MIB, vcpus: int = 1,
               linux: bool = False, dirty_mib: int = LINUX_DIRTY_MIB, marker: str | None = None,
               dirty_mib_s: int = 0) -> LabVm:
@@ -462,7 +470,7 @@ def add_guest(info: LabInfo, name: str, host: str, memory_mib: int = SEABIOS_MIB
                      dirty_mib=dirty_mib if linux else 0, marker=marker, dirty_mib_s=dirty_mib_s if linux else 0)
     xml_dir = info.workdir / "guests"
     xml_dir.mkdir(exist_ok=True)
-    xml = (linux_xml(spec, *linux_boot_files(info.workdir / "cache"), console_log=xml_dir / f"{name}.console")
+    xml = (linux_xml(spec, *linux_boot_files(info.workdir / "cache"), console_log=_fresh_console(xml_dir, name))
            if linux else seabios_xml(spec, info.kvm))
     define_and_start(info.host(host).libvirt_uri, xml, xml_dir / f"{name}.xml")
     return LabVm(name=name, host=host, memory_mib=memory_mib, vcpus=vcpus, linux=linux)
