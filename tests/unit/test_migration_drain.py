@@ -684,6 +684,34 @@ def test_after_a_pause_over_the_limit_the_drain_reserves_what_the_switch_over_re
     assert {r.downtime_ms for r in report.results} == {500}
 
 
+def test_the_executor_admits_in_the_order_the_shared_stagger_rule_gives(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the simulator and the executor must run the same admission order (the benchmark measures the one
+    # that runs at night): the executor asks admission_order at each pass, with what is running
+    import sys
+
+    executor = sys.modules["hostmaint.migration.drain"]  # the package's `drain` is the function
+    asked: list[tuple[list[str], dict[str, int]]] = []
+
+    def last_first(pending, ends, shares, policy):  # type: ignore[no-untyped-def]
+        asked.append(([s.vm for s in pending], {src: len(e) for src, e in ends.items()}))
+        return list(reversed(pending))
+
+    monkeypatch.setattr(executor, "admission_order", last_first)
+    moves = [(f"vm{i}", "src", "dst", 8192) for i in range(4)]  # large: not about to finish at once
+    hv = fleet(moves, scripts={vm: Script(steps=6, step_s=0.01) for vm, *_ in moves})
+    report = drain(make_plan(moves), hv, Limits(migrations_per_source=1), bandwidth_mib_s={"src": 600})
+    assert report.ok
+    started = [e.vm for e in report.events if e.kind is EventKind.STARTED]
+    assert started == list(reversed(asked[0][0])), (started, asked)
+    assert any(running for _, running in asked), "never asked with a migration running"
+    # the fixed anchors keep their order and are never re-ordered
+    asked.clear()
+    fixed = fleet(moves)
+    report = drain(make_plan(moves), fixed, Limits(migrations_per_source=1), policy=SchedulerPolicy.fixed(1))
+    assert [e.vm for e in report.events if e.kind is EventKind.STARTED] == ["vm0", "vm1", "vm2", "vm3"]
+    assert asked == []
+
+
 def test_a_migration_that_never_started_is_failed_not_unknown() -> None:
     # the source's libvirtd was gone when the migration was to start: nothing was asked of libvirt, so the
     # VM did not move, though it cannot be located now; "unknown" would send the next run looking for it
