@@ -31,7 +31,7 @@ os.environ.setdefault("HOSTMAINT_LAB_NET", "2")
 
 from hostmaint.lab.network import LAB_NET  # noqa: E402
 from hostmaint.migration.policy import QEMU_DOWNTIME_LIMIT_MS, SchedulerPolicy  # noqa: E402
-from hostmaint.models import EvacuationPlan, Limits, Placement, StepOutcome  # noqa: E402
+from hostmaint.models import EvacuationPlan, Limits, MigrationOptions, Placement, StepOutcome  # noqa: E402
 
 WORKDIR = Path(f"/var/tmp/hostmaint-lab-downtime-net{LAB_NET}")
 MIB_PER_MBIT = 1 / 8 / 1.048576
@@ -43,14 +43,14 @@ def _load() -> str:
     return f"{one:.1f} (1 min) / {five:.1f} (5 min)"
 
 
-def modes(link: float, stream: float, switchover_ms: float) -> dict[str, SchedulerPolicy]:
+def modes(link: float, stream: float, switchover_ms: float, limit_ms: int) -> dict[str, SchedulerPolicy]:
     """The policies compared, each told the link and the stream as the lab has them."""
     def ours(**kw: object) -> SchedulerPolicy:
         return SchedulerPolicy(stream_mib_s=stream, default_link_mib_s=link, **kw)  # type: ignore[arg-type]
 
     return {
-        "fixed 2 (QEMU's 300 ms)": SchedulerPolicy.fixed(2),
-        "ours, QEMU's 300 ms for every migration (before)": ours(downtime_aware=False),
+        f"fixed 2 (QEMU's limit {limit_ms} ms)": SchedulerPolicy.fixed(2),
+        f"ours, QEMU's limit {limit_ms} ms for every migration (before)": ours(downtime_aware=False),
         "ours, limit per migration, 30 ms reserved": ours(learn_switchover=False),
         "ours now (reserve learned in the drain)": ours(),
         f"ours now, migration.switchover_ms: {switchover_ms:g} in the inventory": ours(switchover_ms=switchover_ms),
@@ -66,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--stream", type=float, default=25.0, help="MiB/s one migration is taken to push")
     ap.add_argument("--dirty", type=int, default=4, help="MiB/s each guest rewrites (0: as fast as it can)")
     ap.add_argument("--switchover", type=float, default=150.0, help="the inventory's migration.switchover_ms row")
+    ap.add_argument("--limit", type=int, default=None,
+                    help="the configured downtime limit, ms (migration.downtime_limit_ms; default QEMU's 300)")
     args = ap.parse_args(argv)
     if os.geteuid() != 0:
         print("needs root (the lab)", file=sys.stderr)
@@ -79,7 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from hostmaint.migration.probe import probe_dirty_rates
 
     link = args.mbit * MIB_PER_MBIT
-    policies = modes(link, args.stream, args.switchover)
+    options = MigrationOptions(downtime_limit_ms=args.limit)  # the fixed anchors get it as QEMU's limit
+    policies = modes(link, args.stream, args.switchover, args.limit or QEMU_DOWNTIME_LIMIT_MS)
     home_mib = 256 * args.guests + 512
     info = lab_up(hosts=3, vms=0, workdir=WORKDIR, linux_guests=0, host_memory_mib=(home_mib, home_mib, home_mib))
     hv = LibvirtHypervisor({h.name: info.plain_uri(h.name) for h in info.hosts})
@@ -120,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             order = names[r % len(names):] + names[:r % len(names)]  # each mode in each position in turn
             for mode in order:
                 rates, _ = probe_dirty_rates(hv, ["hv01"], guests, seconds=1)
-                report = drain(plan(away), hv, LIMITS, policy=policies[mode], dirty_rate=rates,
+                report = drain(plan(away), hv, LIMITS, policy=policies[mode], dirty_rate=rates, options=options,
                                bandwidth_mib_s={"hv01": link})
                 lost += sum(1 for x in report.results if hv.locate(x.vm) not in ((x.source,), (x.target,)))
                 home()
@@ -139,9 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         load_after = _load()
         lab_down(WORKDIR)
 
-    limit = QEMU_DOWNTIME_LIMIT_MS
+    limit = args.limit or QEMU_DOWNTIME_LIMIT_MS
     print(f"Measured by `.venv/bin/python benchmarks/lab_downtime.py --rounds {args.rounds} --guests {args.guests} "
-          f"--mbit {args.mbit:g} --queue-ms {args.queue_ms}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"--mbit {args.mbit:g} --queue-ms {args.queue_ms}"
+          f"{f' --limit {args.limit}' if args.limit else ''}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"lab net {LAB_NET}; load {load_before} before, {load_after} after.")
     print()
     print(f"hv01's link shaped to {args.mbit:g} Mbit/s ({link:.1f} MiB/s, queue {args.queue_ms} ms); "
