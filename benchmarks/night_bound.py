@@ -8,6 +8,7 @@ what the simulator's window (the flows' schedule) takes on the same hosts.
   .venv/bin/python benchmarks/night_bound.py            # 12 windows
   .venv/bin/python benchmarks/night_bound.py --count 30
   .venv/bin/python benchmarks/night_bound.py --schedules   # the night's schedules tried, ÷ the valid bound
+  .venv/bin/python benchmarks/night_bound.py --probe       # would integrality or the cluster's slots lift it?
 
 The tiny windows are chosen so that the model is a pure scheduling problem and CP-SAT can solve it
 exactly: a link carries one stream (L = b), one migration at a time per source and per target, no
@@ -27,6 +28,7 @@ shared) would show the model forbidding something the flows do.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import random
 import sys
@@ -38,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 from ortools.sat.python import cp_model  # noqa: E402
 
 from hostmaint.migration.policy import SchedulerPolicy  # noqa: E402
@@ -47,7 +50,13 @@ from hostmaint.migration.simulate import (  # noqa: E402
     simulate_window,
     window_floor_bound,
 )
-from hostmaint.migration.window_bound import window_slot_bound  # noqa: E402
+from hostmaint.migration.window_bound import (  # noqa: E402
+    SlotColumn,
+    SlotHost,
+    slot_columns,
+    slot_hosts,
+    window_slot_bound,
+)
 from hostmaint.models import Cell, FleetSnapshot, Host, Limits, StepOutcome, Vm  # noqa: E402
 
 STREAM = 600.0  # MiB/s: one stream fills the link (L = b)
@@ -278,11 +287,149 @@ def schedules(clusters: int = 10, patch_s: float = 420.0, only: Sequence[int] = 
     return "\n".join(lines)
 
 
+def _sending_windows(hosts: list[SlotHost], columns: list[SlotColumn], first: float, t: float, setup: float,
+                     patch_s: float, gaps: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each filling's hosts made rigid, for every order of its late hosts (the early host first) and one
+    idle gap of 0, 1/(gaps − 1), ..., all of the slot's slack before its first host (a late-led slot
+    starts at the first patch, ≥ the shortest ℓ): when each host may send ([start + set-up, end −
+    patch], arrays [filling, way, host]) and what: its own memory and its share (by room) of the most
+    the filling takes in. Every restriction (rigid hosts, a few gaps, the most taken in) can only raise
+    what the filling must send within an interval: a valid interval constraint charges no more."""
+    ways = 6 * gaps
+    lo = np.zeros((len(columns), ways, 3))
+    hi = np.zeros_like(lo)
+    mib = np.zeros_like(lo)
+    for j, column in enumerate(columns):
+        lead = [column.leader] if column.early and column.leader is not None else []
+        late = [i for i in column.hosts if i not in lead]
+        taken = max(0.0, column.value + sum(hosts[i].memory_mib for i in lead))
+        room = sum(hosts[i].room_mib for i in late) or 1.0
+        extra = {i: taken * hosts[i].room_mib / room for i in late}
+        start = 0.0 if column.early else first
+        way = 0
+        for rest in itertools.permutations(late):
+            order = lead + list(rest)
+            held = [hosts[i].hold_s + extra.get(i, 0.0) / hosts[i].rate for i in order]
+            slack = max(0.0, t - start - sum(held))
+            for g in range(gaps):
+                at = start + slack * g / (gaps - 1)
+                for pos, (i, length) in enumerate(zip(order, held, strict=True)):
+                    lo[j, way, pos], hi[j, way, pos] = at + setup, at + length - patch_s
+                    mib[j, way, pos] = hosts[i].memory_mib + extra.get(i, 0.0)
+                    at += length
+                way += 1
+        lo[j, way:], hi[j, way:], mib[j, way:] = lo[j, 0], hi[j, 0], mib[j, 0]  # pad with a way already counted
+    return lo, hi, mib
+
+
+def _inlink_rows(hosts: list[SlotHost], columns: list[SlotColumn], first: float, t: float, setup: float,
+                 patch_s: float, step_s: float = 25.0) -> list[tuple[float, np.ndarray]]:
+    """Step 3' of RESULTS.md's proof ("What the cluster's slots and the patched hosts' in-links add"),
+    for τ = the first patch's floor + 0, ``step_s``, ... ≤ ``t``: what the fillings must have sent
+    before τ (each host its own memory, at its link, in the latest sending window its slot allows)
+    is at most what the hosts patched by then can take in at their links, plus what every slot takes
+    in before its hosts' maintenance. Rows (0, coefficient per filling) for :func:`_fillings_fit`."""
+    taus = np.arange(first, t + 1e-9, step_s)
+    rows = np.zeros((len(columns), len(taus)))
+    for j, column in enumerate(columns):
+        start = 0.0 if column.early else first
+        lead = [column.leader] if column.early and column.leader is not None else []
+        late = [i for i in column.hosts if i not in lead]
+        fastest = max(hosts[i].rate for i in column.hosts)
+        taken = max(0.0, min(sum(hosts[i].room_mib for i in column.hosts),
+                             fastest * (t - start - sum(hosts[i].sends_s for i in column.hosts))))
+        sent = np.full(len(taus), np.inf)
+        into = np.zeros(len(taus))
+        for rest in itertools.permutations(late):
+            order = lead + list(rest)
+            held = [hosts[i].hold_s for i in order]
+            before, patched = np.zeros(len(taus)), np.zeros(len(taus))
+            for pos, i in enumerate(order):
+                lo, hi = start + sum(held[:pos]) + setup, t - sum(held[pos + 1:]) - patch_s
+                before += np.clip(hosts[i].memory_mib - hosts[i].rate * np.clip(hi - np.maximum(taus, lo), 0.0, None),
+                                  0.0, None)
+                patched += hosts[i].rate * np.clip(taus - (start + sum(held[:pos + 1])), 0.0, None)
+            sent, into = np.minimum(sent, before), np.maximum(into, patched)
+        rows[j] = sent - into - taken
+    return [(0.0, rows[:, q]) for q in range(len(taus))]
+
+
+def _fillings_fit(hosts: list[SlotHost], columns: list[SlotColumn], k: int,
+                  forced: Sequence[tuple[float, np.ndarray]] = ()) -> bool:
+    """Whether whole fillings (SCIP, an integer programme) hold every host once in ``k`` slots, at least
+    one early-led, taking in what the early hosts leave; and, for each (capacity, volume per filling)
+    in ``forced``, the chosen fillings' volume within the capacity."""
+    from ortools.linear_solver import pywraplp
+
+    solver = pywraplp.Solver.CreateSolver("SCIP")
+    y = [solver.BoolVar("") for _ in columns]
+    for i in range(len(hosts)):
+        solver.Add(sum(y[j] for j, c in enumerate(columns) if i in c.hosts) == 1)
+    solver.Add(sum(y) <= k)
+    solver.Add(sum(y[j] for j, c in enumerate(columns) if c.early) >= 1)
+    solver.Add(sum(c.value * y[j] for j, c in enumerate(columns)) >= 0)
+    for capacity, volume in forced:
+        solver.Add(sum(float(v) * y[j] for j, v in enumerate(volume) if v != 0) <= capacity)
+    return solver.Solve() in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE)
+
+
+def probe(clusters: int = 10, patch_s: float = 420.0, grid_s: float = 50.0, longest_s: float = 1000.0) -> str:
+    """Would the slot LP's bound rise if its fillings had to be whole (an integer programme), if the
+    cluster's migration slots were counted in time, or the in-links of the hosts patched first? For
+    each of the night's clusters, at the LP's bound + 1 s (where the LP finds room): SCIP on the
+    integer programme; with, for every interval [a, b] on a ``grid_s`` grid up to ``longest_s`` long,
+    the chosen fillings' forced volume within [a, b] at most C × b × (b − a) (the cluster's slots at
+    their streams' rate, look-ahead tails not even counted), each filling's as
+    :func:`_sending_windows` makes it (more than a valid form charges); and, apart, with
+    :func:`_inlink_rows` (valid: RESULTS.md, step 3'). Room means it does not lift the bound past
+    + 1 s. Not a bound: evidence of what does not bind. Deterministic (SCIP, no time limit)."""
+    from drain import night_cluster
+
+    lines = ["| cluster | k | LP bound s | tried s | fillings | integer programme | + the cluster's slots in time "
+             "(intervals that could bind) | + the patched hosts' in-links (times) | s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    policy, params = SchedulerPolicy(), SimParams()
+    for c in range(clusters):
+        started = time.monotonic()
+        snap, _ = night_cluster(1000 + c, f"c{c:02d}", 30, 20)
+        names = [h.name for h in snap.hosts]
+        k = parallel_capacity(snap, names)
+        bound = window_slot_bound(snap, names, k, patch_s=patch_s).slots_s
+        hosts = slot_hosts(snap, names, patch_s=patch_s, policy=policy, params=params)
+        t = bound + 1.0
+        columns = list(slot_columns(hosts, patch_s + params.setup_s, t))
+        lo, hi, mib = _sending_windows(hosts, columns, min(h.hold_s for h in hosts), t, params.setup_s, patch_s)
+        rate = np.array([[[hosts[i].rate for i in c.hosts] + [0.0] * (3 - len(c.hosts))] for c in columns])
+        cap = snap.limits.migrations_per_cluster * policy.stream_mib_s
+        points = [i * grid_s for i in range(int(t // grid_s) + 1)]
+        forced = []
+        for a in points:
+            for b in points:
+                if a < b <= a + longest_s:
+                    inside = np.clip(np.minimum(hi, b) - np.maximum(lo, a), 0.0, None)
+                    outside = np.clip(hi - lo, 0.0, None) - inside
+                    volume = np.clip(mib - rate * outside, 0.0, None).sum(axis=2).min(axis=1)
+                    if np.sort(volume)[-k:].sum() > cap * (b - a):  # else no k fillings could break it
+                        forced.append((cap * (b - a), volume))
+        whole = _fillings_fit(hosts, columns, k)
+        timed = _fillings_fit(hosts, columns, k, forced)
+        inlinks = _inlink_rows(hosts, columns, min(h.hold_s for h in hosts), t, params.setup_s, patch_s)
+        landing = _fillings_fit(hosts, columns, k, inlinks)
+        lines.append(f"| c{c:02d} | {k} | {bound:.1f} | {t:.1f} | {len(columns)} | {'room' if whole else 'NONE'} | "
+                     f"{'room' if timed else 'NONE'} ({len(forced)}) | "
+                     f"{'room' if landing else 'NONE'} ({len(inlinks)}) | "
+                     f"{time.monotonic() - started:.0f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=12)
     ap.add_argument("--moves", type=int, default=3, help="most moves per VM in the exact model")
     ap.add_argument("--schedules", action="store_true", help="the night's schedules tried, ÷ the valid bound")
+    ap.add_argument("--probe", action="store_true",
+                    help="the night's clusters: would integrality or the cluster's slots in time lift the slot LP?")
     ap.add_argument("--only", type=int, nargs="*", default=[], help="with --schedules: these variants only")
     ap.add_argument("--clusters", type=int, default=10, help="with --schedules: this many of the night's clusters")
     ap.add_argument("--tight", action="store_true",
@@ -290,6 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.schedules:
         print(schedules(args.clusters, only=args.only))
+        return 0
+    if args.probe:
+        print(probe(args.clusters))
         return 0
     print("| window | hosts | VMs | k | C | patch s | room MiB | window_floor_bound s | tightest valid bound s "
           "| optimum s | floor ÷ optimum | tightest ÷ optimum | simulated (the flows' schedule) s | ÷ optimum "

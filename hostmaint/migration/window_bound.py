@@ -61,7 +61,7 @@ class WindowSlots:
 
 
 @dataclass(frozen=True)
-class _Host:
+class SlotHost:
     name: str
     hold_s: float  # ℓ: its own floor drain and the patch
     sends_s: float  # the part of ℓ that memory taken in adds to: set-up + its own memory ÷ rate + patch
@@ -92,13 +92,9 @@ def packing_bound(lengths: Sequence[float], k: int) -> float:
     return min(fuller, sum(each[:c * x]) / x)
 
 
-def window_slot_bound(snapshot: FleetSnapshot, names: Sequence[str], k: int, *, patch_s: float,
-                      policy: SchedulerPolicy | None = None, options: MigrationOptions = MigrationOptions(),
-                      params: SimParams = SimParams()) -> WindowSlots:
-    """A lower bound on the makespan of every window over ``names`` (``k`` hosts in maintenance at
-    once), at least :func:`window_floor_bound`'s. Pure and deterministic."""
-    policy = policy or SchedulerPolicy()
-    floor = window_floor_bound(snapshot, names, k, patch_s=patch_s, policy=policy, options=options, params=params)
+def slot_hosts(snapshot: FleetSnapshot, names: Sequence[str], *, patch_s: float, policy: SchedulerPolicy,
+               options: MigrationOptions = MigrationOptions(), params: SimParams = SimParams()) -> list[SlotHost]:
+    """What :func:`window_slot_bound` knows of each host of the window (in ``names``' order)."""
     limits = snapshot.limits
     setup = params.setup(options)
     into = max((params.link(h.name) for h in snapshot.hosts), default=params.default_link_mib_s)
@@ -129,17 +125,30 @@ def window_slot_bound(snapshot: FleetSnapshot, names: Sequence[str], k: int, *, 
         usable = max((h.memory_mib - h.reserved_memory_mib) * (1 - head),
                      h.memory_mib * (limits.memory_overcommit - head) - h.reserved_memory_mib)
         sends = setup + sum(sizes) / send_rate(n) if sizes else 0.0
-        hosts.append(_Host(n, drain + patch_s, sends + patch_s, float(sum(sizes)), usable, send_rate(n)))
+        hosts.append(SlotHost(n, drain + patch_s, sends + patch_s, float(sum(sizes)), usable, send_rate(n)))
+    return hosts
+
+
+def window_slot_bound(snapshot: FleetSnapshot, names: Sequence[str], k: int, *, patch_s: float,
+                      policy: SchedulerPolicy | None = None, options: MigrationOptions = MigrationOptions(),
+                      params: SimParams = SimParams()) -> WindowSlots:
+    """A lower bound on the makespan of every window over ``names`` (``k`` hosts in maintenance at
+    once), at least :func:`window_floor_bound`'s. Pure and deterministic."""
+    policy = policy or SchedulerPolicy()
+    floor = window_floor_bound(snapshot, names, k, patch_s=patch_s, policy=policy, options=options, params=params)
+    setup = params.setup(options)
+    hosts = slot_hosts(snapshot, names, policy=policy, options=options, params=params, patch_s=patch_s)
     packing = packing_bound([h.hold_s for h in hosts], k)
+    due = set(names)
     outside = any(h.state is HostState.ACTIVE and h.name not in due for h in snapshot.hosts)
-    if outside or not hosts or not any(own.values()):
+    if outside or not hosts or not any(h.memory_mib for h in hosts):
         # a host outside the window takes VMs from the start: no first-patch wait to build on
         return WindowSlots(floor, packing, 0.0)
     lower = max(floor.total_s, packing)
     return WindowSlots(floor, packing, _first_feasible(hosts, min(k, len(hosts)), patch_s + setup, lower))
 
 
-def _first_feasible(hosts: list[_Host], k: int, patch_setup: float, lower: float) -> float:
+def _first_feasible(hosts: list[SlotHost], k: int, patch_setup: float, lower: float) -> float:
     """The largest makespan the LP proves no schedule reaches (0: none above ``lower``)."""
     proven = 0.0
     t = lower
@@ -170,13 +179,17 @@ def _first_feasible(hosts: list[_Host], k: int, patch_setup: float, lower: float
 
 
 @dataclass(frozen=True)
-class _Column:
+class SlotColumn:
+    """One way to fill a maintenance slot by a makespan: its hosts (indices into the hosts), and what
+    it can take in of the early hosts' memory."""
+
     hosts: tuple[int, ...]
     early: bool  # led by a host whose maintenance began before the first patch
     value: float  # MiB of the early memory it takes in at most, less what its early host brings
+    leader: int | None = None  # the early host (early-led only)
 
 
-def _columns(hosts: list[_Host], patch_setup: float, t: float) -> Iterator[_Column]:
+def slot_columns(hosts: list[SlotHost], patch_setup: float, t: float) -> Iterator[SlotColumn]:
     """Every way one slot can be filled by ``t``, with what it can take in of the early hosts' memory.
 
     Late-led: its hosts begin at or after P ≥ ℓ_min; each takes in at most its free memory, all of it
@@ -206,7 +219,7 @@ def _columns(hosts: list[_Host], patch_setup: float, t: float) -> Iterator[_Colu
         rate = max(hosts[i].rate for i in members)
         if first + held <= t:
             room = sum(hosts[i].room_mib for i in members)
-            yield _Column(members, False, min(room, rate * max(0.0, t - first - sending)))
+            yield SlotColumn(members, False, min(room, rate * max(0.0, t - first - sending)))
         for g in members:
             late = [i for i in members if i != g]
             late_sending = sending - hosts[g].sends_s
@@ -215,16 +228,16 @@ def _columns(hosts: list[_Host], patch_setup: float, t: float) -> Iterator[_Colu
                 if late else 0.0
             spare = t - first - patch_setup - late_sending
             span = min(room + hosts[g].usable_mib, rate * spare) if spare > 0 else 0.0
-            yield _Column(members, True, max(keep, span) - hosts[g].memory_mib)
+            yield SlotColumn(members, True, max(keep, span) - hosts[g].memory_mib, g)
 
 
-def _possible(hosts: list[_Host], k: int, patch_setup: float, t: float, work: list[int]) -> bool | None:
+def _possible(hosts: list[SlotHost], k: int, patch_setup: float, t: float, work: list[int]) -> bool | None:
     """Whether the LP leaves room for a schedule ending by ``t`` (None: too many columns to say, for
     this LP or for what ``work`` has left)."""
     from ortools.linear_solver import pywraplp  # with OR-Tools' import cost, only when asked
 
     columns = []
-    for c in _columns(hosts, patch_setup, t):
+    for c in slot_columns(hosts, patch_setup, t):
         columns.append(c)
         if len(columns) > min(MAX_COLUMNS, work[0]):
             return None

@@ -9,7 +9,7 @@ import pytest
 
 from hostmaint.migration.policy import SchedulerPolicy
 from hostmaint.migration.simulate import SimParams, simulate_window, window_floor_bound
-from hostmaint.migration.window_bound import packing_bound, window_slot_bound
+from hostmaint.migration.window_bound import packing_bound, slot_columns, slot_hosts, window_slot_bound
 from hostmaint.models import Cell, FleetSnapshot, Host, Limits, StepOutcome, Vm
 
 # benchmarks/night_bound.py's tiny windows: one stream fills a link, 2 s set-up and look-ahead
@@ -137,3 +137,21 @@ def test_a_window_estimate_can_carry_the_slot_bound() -> None:
     assert plain.slot_bound_s == 0.0
     assert tight.bound_s == pytest.approx(slot.bound_s, abs=1e-3) and tight.bound_s > plain.bound_s
     assert tight.makespan_s == plain.makespan_s >= tight.bound_s
+
+
+def test_each_early_led_filling_names_the_host_that_leads_it() -> None:
+    # benchmarks/night_bound.py --probe charges each filling's hosts in their order, the early one
+    # first: a set of hosts has one early-led filling per host that can lead it, each naming that host
+    snap, _ = _cluster(1, hosts=5)
+    names = [h.name for h in snap.hosts]
+    hosts = slot_hosts(snap, names, patch_s=200, policy=SchedulerPolicy())
+    assert [h.name for h in hosts] == names
+    columns = list(slot_columns(hosts, 201.5, 3000.0))
+    early: dict[tuple[int, ...], list[int]] = {}
+    for c in columns:
+        if c.early:
+            assert c.leader is not None
+            early.setdefault(c.hosts, []).append(c.leader)
+        else:
+            assert c.leader is None
+    assert early and all(sorted(leaders) == list(members) for members, leaders in early.items())
