@@ -167,6 +167,19 @@ class AuditRow(Base):
     hash: Mapped[str] = mapped_column(sa.String(64))
 
 
+class SwitchoverRow(Base):
+    """What one drain learned of its cluster's switch-over (hostmaint.migration.policy.learned_switchover_ms):
+    the reserve it ended with when a pause outgrew the limit, else none (it learned nothing)."""
+
+    __tablename__ = "hostmaint_switchover"
+
+    id: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=True)
+    cluster: Mapped[str] = mapped_column(sa.String(255), index=True)
+    reserve_ms: Mapped[float | None] = mapped_column(sa.Float, nullable=True)
+    run_id: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 # Core handles on the tables (typed as Table, which ``Model.__table__`` is not)
 host_state_table = cast(sa.Table, HostStateRow.__table__)
 host_history_table = cast(sa.Table, HostHistoryRow.__table__)
@@ -174,6 +187,7 @@ window_progress_table = cast(sa.Table, WindowProgressRow.__table__)
 vm_origin_table = cast(sa.Table, VmOriginRow.__table__)
 vm_stopped_table = cast(sa.Table, VmStoppedRow.__table__)
 link_observation_table = cast(sa.Table, LinkObservationRow.__table__)
+switchover_table = cast(sa.Table, SwitchoverRow.__table__)
 audit_table = cast(sa.Table, AuditRow.__table__)
 
 

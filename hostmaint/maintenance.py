@@ -49,6 +49,7 @@ from hostmaint.migration.probe import probe_dirty_rates
 from hostmaint.migration.transport import Route, render_refusals
 from hostmaint.migration.transport_probe import needs_reading, read_transport
 from hostmaint.models import (
+    QEMU_DOWNTIME_LIMIT_MS,
     Cell,
     EvacuationPlan,
     FleetSnapshot,
@@ -854,23 +855,45 @@ def run_migrations(rt: Runtime, run: RunContext, rec: StepRecord, plan: Evacuati
     inputs = _drain_inputs(rt, cluster, {h: f.mib_s for h, f in figures.items()}, snap)
     policy, options = drain_settings(rt.inventory, cluster)
     rec.details["migration_settings"] = rt.inventory.cluster(cluster).migration.model_dump(mode="json")
+    configured = policy.switchover_ms
+    policy = replace(policy, switchover_ms=switchover_start_ms(rt, cluster, policy.switchover_ms,
+                                                                options.downtime_limit_ms or QEMU_DOWNTIME_LIMIT_MS))
+    if policy.switchover_ms > configured:
+        rec.details["switchover_start_ms"] = round(policy.switchover_ms, 1)
     route = _transport(rt, rec, plan, cluster)
     report = drain(plan, rt.hypervisor, limits, policy=policy, options=options, on_event=on_event,
                    dirty_rate=dirty_rate, cancel=cancel, route=route, **inputs)
+    learned = report.switchover_ms if (report.switchover_ms or 0.0) > policy.switchover_ms else None
+    if any(r.outcome is StepOutcome.OK for r in report.results):  # a drain that moved nothing saw no pause
+        rt.states.record_switchover(cluster, learned, run.run_id)
     # a simulated fleet runs on a scaled clock and shares no link: its rates say nothing of a link
     if report.links and not rt.simulated:
         rt.states.record_links(report.links, run.run_id)
         rec.details["links_observed"] = [{**asdict(o), "saturated": o.saturated} for o in report.links]
-    if report.switchover_ms is not None and report.switchover_ms > policy.switchover_ms:
-        # the hosts switch over slower than the inventory says: the operator can start the next drains there
-        rec.details["switchover_learned_ms"] = round(report.switchover_ms, 1)
+    if learned is not None:
+        # the hosts switch over slower than the inventory says: the operator can start the drains there
+        rec.details["switchover_learned_ms"] = round(learned, 1)
         rec.details["switchover_note"] = (
-            f"a pause outgrew the downtime limit: the drain reserved {report.switchover_ms:.0f} ms for the "
-            f"switch-over from then on (migration.switchover_ms is {policy.switchover_ms:g})")
+            f"a pause outgrew the downtime limit: the drain reserved {learned:.0f} ms for the switch-over from "
+            f"then on, and the cluster's next drains start there (migration.switchover_ms is {configured:g})")
     if any(r.outcome is not StepOutcome.OK for r in report.results):
         # a migration that failed with its source's libvirtd gone may leave the VM paused there
         settle_stranded(rt, run, cluster)
     return report
+
+
+SWITCHOVER_RECENT = 5  # drains of a cluster whose learned switch-over the next one starts from
+
+
+def switchover_start_ms(rt: Runtime, cluster: str, configured_ms: float, limit_ms: float) -> float:
+    """The switch-over reserve a drain of ``cluster`` starts with: the inventory's, or more when one of
+    the cluster's last :data:`SWITCHOVER_RECENT` drains learned more (a drain learns only from a pause
+    over the limit, too late for the migrations already in flight: its successors start there). After
+    that many drains that learned nothing the figure goes, so a cluster whose hosts got faster is not
+    held to it for ever (if they did not, a drain learns it again); it never leaves QEMU less than a
+    tenth of the limit."""
+    recent = [r for r in rt.states.switchover_reserves(cluster, SWITCHOVER_RECENT) if r is not None]
+    return min(max([configured_ms, *recent]), max(configured_ms, 0.9 * limit_ms))
 
 
 def settle_stranded(rt: Runtime, run: RunContext, cluster: str) -> list[str]:

@@ -38,6 +38,7 @@ from hostmaint.db import (
     host_history_table,
     host_state_table,
     link_observation_table,
+    switchover_table,
     utcnow,
     vm_origin_table,
     vm_stopped_table,
@@ -389,6 +390,23 @@ class HostStateStore:
         query = sa.select(t).where(t.c.host == host).order_by(t.c.id.desc()).limit(limit)
         with self._engine.connect() as conn:
             return [LinkObservation(r.host, r.peak_mib_s, r.demand_mib_s, r.streams) for r in conn.execute(query)]
+
+    # --- what drains learned of the switch-over -------------------------------------
+
+    def record_switchover(self, cluster: str, reserve_ms: float | None, run_id: str | None = None) -> None:
+        """Keep what a drain of ``cluster`` learned of the switch-over: the reserve it raised to, or None
+        when no pause outgrew the limit (which, counted among the recent drains, lets an old figure go)."""
+        t = switchover_table
+        with write_transaction(self._engine) as conn:
+            conn.execute(sa.insert(t).values(cluster=cluster, reserve_ms=reserve_ms, run_id=run_id,
+                                             recorded_at=self._clock()))
+
+    def switchover_reserves(self, cluster: str, limit: int) -> list[float | None]:
+        """What the ``limit`` most recent drains of ``cluster`` learned of the switch-over, newest first."""
+        t = switchover_table
+        query = sa.select(t.c.reserve_ms).where(t.c.cluster == cluster).order_by(t.c.id.desc()).limit(limit)
+        with self._engine.connect() as conn:
+            return [r.reserve_ms for r in conn.execute(query)]
 
     # --- internals ---------------------------------------------------------------
 
