@@ -6,13 +6,16 @@ and hv03 with our executor and the real libvirt driver, in four modes, alternati
 run; the guests come home with fixed 2 between drains. Downtime is libvirt's own (the completed
 job's ``downtime``), per migration.
 
-  .venv/bin/python benchmarks/lab_downtime.py                 # 3 rounds, 400 Mbit/s, 4 guests
-  .venv/bin/python benchmarks/lab_downtime.py --rounds 2 --guests 6 --mbit 300
+  .venv/bin/python benchmarks/lab_downtime.py                 # 3 rounds, 400 Mbit/s, 6 guests
+  .venv/bin/python benchmarks/lab_downtime.py --rounds 2 --mbit 800 --stream 40 --limit 200
 
-Modes: fixed 2 (QEMU's own 300 ms limit), ours with QEMU's 300 ms for every migration (before the
-downtime rule), ours with each migration's limit from its link share and the model's 30 ms reserved for
-the switch-over, and ours now (the reserve raised within a drain after a pause over the limit).
-HOSTMAINT_LAB_NET picks the lab net (default 2); the lab comes down at the end.
+Modes: fixed 2 (QEMU's own limit), ours with QEMU's limit for every migration (before the downtime
+rule), ours with each migration's limit from its link share and the model's 30 ms reserved for the
+switch-over, ours with the reserve raised within a drain after a pause over the limit, ours as the flows
+run it (each drain also starts from what the earlier drains of that mode learned, through the state
+functions the flows use, on a state database of this run's own), and ours with the reserve set in the
+inventory (``migration.switchover_ms``). HOSTMAINT_LAB_NET picks the lab net (default 2); the lab comes
+down at the end.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -35,6 +39,8 @@ from hostmaint.models import EvacuationPlan, Limits, MigrationOptions, Placement
 
 WORKDIR = Path(f"/var/tmp/hostmaint-lab-downtime-net{LAB_NET}")
 MIB_PER_MBIT = 1 / 8 / 1.048576
+# the flows' way: each drain starts from what the cluster's last drains learned (hostmaint.maintenance)
+CARRIED = "ours now, starting from what the earlier drains learned (as the flows run it)"
 LIMITS = Limits(migrations_per_source=3, migrations_per_target=4, migrations_per_cluster=8)
 
 
@@ -52,7 +58,8 @@ def modes(link: float, stream: float, switchover_ms: float, limit_ms: int) -> di
         f"fixed 2 (QEMU's limit {limit_ms} ms)": SchedulerPolicy.fixed(2),
         f"ours, QEMU's limit {limit_ms} ms for every migration (before)": ours(downtime_aware=False),
         "ours, limit per migration, 30 ms reserved": ours(learn_switchover=False),
-        "ours now (reserve learned in the drain)": ours(),
+        "ours now (reserve learned in the drain)": ours(learn_switchover=True),
+        CARRIED: ours(),
         f"ours now, migration.switchover_ms: {switchover_ms:g} in the inventory": ours(switchover_ms=switchover_ms),
     }
 
@@ -73,17 +80,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("needs root (the lab)", file=sys.stderr)
         return 2
 
+    from hostmaint.db import open_engine
     from hostmaint.drivers.libvirt import LibvirtHypervisor
     from hostmaint.lab import lab_down, lab_up
     from hostmaint.lab.lab import add_guest
     from hostmaint.lab.network import limit_egress
+    from hostmaint.maintenance import keep_switchover, switchover_start_ms
     from hostmaint.migration import EventKind, drain
     from hostmaint.migration.probe import probe_dirty_rates
+    from hostmaint.state import HostStateStore
 
     link = args.mbit * MIB_PER_MBIT
     options = MigrationOptions(downtime_limit_ms=args.limit)  # the fixed anchors get it as QEMU's limit
     policies = modes(link, args.stream, args.switchover, args.limit or QEMU_DOWNTIME_LIMIT_MS)
     home_mib = 256 * args.guests + 512
+    state_db = Path(f"{WORKDIR}-state.db")  # this run's own: what earlier runs learned must not count
+    for leftover in (state_db, Path(f"{state_db}-wal"), Path(f"{state_db}-shm")):
+        leftover.unlink(missing_ok=True)
+    states = HostStateStore(open_engine(f"sqlite:///{state_db}"))
     info = lab_up(hosts=3, vms=0, workdir=WORKDIR, linux_guests=0, host_memory_mib=(home_mib, home_mib, home_mib))
     hv = LibvirtHypervisor({h.name: info.plain_uri(h.name) for h in info.hosts})
     guests = [f"dt{i + 1}" for i in range(args.guests)]
@@ -123,8 +137,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             order = names[r % len(names):] + names[:r % len(names)]  # each mode in each position in turn
             for mode in order:
                 rates, _ = probe_dirty_rates(hv, ["hv01"], guests, seconds=1)
-                report = drain(plan(away), hv, LIMITS, policy=policies[mode], dirty_rate=rates, options=options,
+                policy = policies[mode]
+                if mode == CARRIED:
+                    policy = replace(policy, switchover_ms=switchover_start_ms(
+                        states, "lab", policy.switchover_ms, options.downtime_limit_ms or QEMU_DOWNTIME_LIMIT_MS))
+                report = drain(plan(away), hv, LIMITS, policy=policy, dirty_rate=rates, options=options,
                                bandwidth_mib_s={"hv01": link})
+                if mode == CARRIED:
+                    keep_switchover(states, "lab", policy, report, None)
                 lost += sum(1 for x in report.results if hv.locate(x.vm) not in ((x.source,), (x.target,)))
                 home()
                 raised = {e.vm for e in report.events if e.kind is EventKind.ESCALATED}

@@ -856,16 +856,14 @@ def run_migrations(rt: Runtime, run: RunContext, rec: StepRecord, plan: Evacuati
     policy, options = drain_settings(rt.inventory, cluster)
     rec.details["migration_settings"] = rt.inventory.cluster(cluster).migration.model_dump(mode="json")
     configured = policy.switchover_ms
-    policy = replace(policy, switchover_ms=switchover_start_ms(rt, cluster, policy.switchover_ms,
+    policy = replace(policy, switchover_ms=switchover_start_ms(rt.states, cluster, policy.switchover_ms,
                                                                 options.downtime_limit_ms or QEMU_DOWNTIME_LIMIT_MS))
     if policy.switchover_ms > configured:
         rec.details["switchover_start_ms"] = round(policy.switchover_ms, 1)
     route = _transport(rt, rec, plan, cluster)
     report = drain(plan, rt.hypervisor, limits, policy=policy, options=options, on_event=on_event,
                    dirty_rate=dirty_rate, cancel=cancel, route=route, **inputs)
-    learned = report.switchover_ms if (report.switchover_ms or 0.0) > policy.switchover_ms else None
-    if any(r.outcome is StepOutcome.OK for r in report.results):  # a drain that moved nothing saw no pause
-        rt.states.record_switchover(cluster, learned, run.run_id)
+    learned = keep_switchover(rt.states, cluster, policy, report, run.run_id)
     # a simulated fleet runs on a scaled clock and shares no link: its rates say nothing of a link
     if report.links and not rt.simulated:
         rt.states.record_links(report.links, run.run_id)
@@ -885,15 +883,25 @@ def run_migrations(rt: Runtime, run: RunContext, rec: StepRecord, plan: Evacuati
 SWITCHOVER_RECENT = 5  # drains of a cluster whose learned switch-over the next one starts from
 
 
-def switchover_start_ms(rt: Runtime, cluster: str, configured_ms: float, limit_ms: float) -> float:
+def switchover_start_ms(states: HostStateStore, cluster: str, configured_ms: float, limit_ms: float) -> float:
     """The switch-over reserve a drain of ``cluster`` starts with: the inventory's, or more when one of
     the cluster's last :data:`SWITCHOVER_RECENT` drains learned more (a drain learns only from a pause
     over the limit, too late for the migrations already in flight: its successors start there). After
     that many drains that learned nothing the figure goes, so a cluster whose hosts got faster is not
     held to it for ever (if they did not, a drain learns it again); it never leaves QEMU less than a
     tenth of the limit."""
-    recent = [r for r in rt.states.switchover_reserves(cluster, SWITCHOVER_RECENT) if r is not None]
+    recent = [r for r in states.switchover_reserves(cluster, SWITCHOVER_RECENT) if r is not None]
     return min(max([configured_ms, *recent]), max(configured_ms, 0.9 * limit_ms))
+
+
+def keep_switchover(states: HostStateStore, cluster: str, policy: SchedulerPolicy, report: DrainReport,
+                    run_id: str | None) -> float | None:
+    """Keep what the drain ``report`` (run with ``policy``) learned of ``cluster``'s switch-over for
+    :func:`switchover_start_ms`, and return it (None: no pause outgrew the limit)."""
+    learned = report.switchover_ms if (report.switchover_ms or 0.0) > policy.switchover_ms else None
+    if any(r.outcome is StepOutcome.OK for r in report.results):  # a drain that moved nothing saw no pause
+        states.record_switchover(cluster, learned, run_id)
+    return learned
 
 
 def settle_stranded(rt: Runtime, run: RunContext, cluster: str) -> list[str]:

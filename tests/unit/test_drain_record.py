@@ -67,14 +67,14 @@ def test_a_learned_switch_over_goes_after_drains_that_learned_nothing_and_never_
         sim_inventory: Path) -> None:
     rt = open_runtime(sim_inventory, fresh=True)
     rt.states.record_switchover("demo", 160.0, "run-1")
-    assert steps.switchover_start_ms(rt, "demo", 30.0, 300) == 160.0
-    assert steps.switchover_start_ms(rt, "other", 30.0, 300) == 30.0  # another cluster's hosts
+    assert steps.switchover_start_ms(rt.states, "demo", 30.0, 300) == 160.0
+    assert steps.switchover_start_ms(rt.states, "other", 30.0, 300) == 30.0  # another cluster's hosts
     for i in range(steps.SWITCHOVER_RECENT - 1):
         rt.states.record_switchover("demo", None, f"run-{i + 2}")
-    assert steps.switchover_start_ms(rt, "demo", 30.0, 300) == 160.0  # still among the recent drains
+    assert steps.switchover_start_ms(rt.states, "demo", 30.0, 300) == 160.0  # still among the recent drains
     rt.states.record_switchover("demo", None, "run-9")
-    assert steps.switchover_start_ms(rt, "demo", 30.0, 300) == 30.0
+    assert steps.switchover_start_ms(rt.states, "demo", 30.0, 300) == 30.0
     # a figure learned under a larger limit leaves QEMU a tenth of a smaller one
     rt.states.record_switchover("demo", 450.0, "run-10")
-    assert steps.switchover_start_ms(rt, "demo", 30.0, 300) == 270.0
-    assert steps.switchover_start_ms(rt, "demo", 100.0, 1000) == 450.0
+    assert steps.switchover_start_ms(rt.states, "demo", 30.0, 300) == 270.0
+    assert steps.switchover_start_ms(rt.states, "demo", 100.0, 1000) == 450.0
