@@ -963,6 +963,7 @@ def _settle_one(rt: Runtime, run: RunContext, hv: StrandedVms, vm: str, host: st
               ", ".join(others))
     return False
 
+
 def _transport(rt: Runtime, rec: StepRecord, plan: EvacuationPlan, cluster: str) -> Callable[[str, str], Route] | None:
     """How the plan's migrations travel, read from its hosts now (the precheck's view may be old: a resumed
     run, an evacuation, certificates changed since). Under ``required`` a host that cannot take part
