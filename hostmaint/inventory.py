@@ -259,10 +259,10 @@ class MigrationSettings(Strict):
     @model_validator(mode="after")
     def _switchover_within_limit(self) -> MigrationSettings:
         limit = self.downtime_limit_ms or QEMU_DOWNTIME_LIMIT_MS
+        whose = "" if self.downtime_limit_ms else ", QEMU's own"
         if self.switchover_ms >= limit:
             raise ValueError(f"switchover_ms ({self.switchover_ms:g}) must be below the downtime limit "
-                             f"({limit} ms{'' if self.downtime_limit_ms else ', QEMU’s own'}): nothing would "
-                             "be left for the memory still to send")
+                             f"({limit} ms{whose}): nothing would be left for the memory still to send")
         return self
 
     @field_validator("network")
