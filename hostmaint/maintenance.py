@@ -192,6 +192,25 @@ def displaced_vms(rt: Runtime, host: str, snap: FleetSnapshot, *, since: datetim
             if where.get(vm) != host and (since is None or at >= since)}
 
 
+def moved_off_since(rt: Runtime, host: str, snap: FleetSnapshot, since: datetime) -> dict[str, str]:
+    """VM -> where it runs now, for every VM a migration recorded since ``since`` took off ``host``
+    (``migrate``, or a dead run's ``migration-found``; a move whose outcome is unknown counts when the VM
+    is not on ``host`` now) and that is not back on it. Unlike :func:`displaced_vms` it sees a VM whose
+    origin is another host (an origin keeps a VM's first home)."""
+    where = {v.name: v.host for v in snap.vms}
+    moved: dict[str, str] = {}
+    for r in rt.audit.records(host=host):
+        if (r.vm is None or r.step not in (Step.MIGRATE, Step.MIGRATION_FOUND)
+                or r.outcome not in (StepOutcome.OK, StepOutcome.UNKNOWN)
+                or datetime.fromisoformat(r.time) < since):
+            continue
+        if where.get(r.vm) != host:
+            moved[r.vm] = where.get(r.vm, "nowhere")
+        else:
+            moved.pop(r.vm, None)  # back on it since
+    return moved
+
+
 PATCHED_STATES = frozenset({HostState.PATCHING, HostState.REBOOTING, HostState.VERIFYING})
 
 
@@ -210,6 +229,10 @@ def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: Fleet
     # active host out of service for them, and N+1 then refused the next host of its cluster)
     began = rt.states.maintenance_began(host)
     displaced = displaced_vms(rt, host, snap, since=began)
+    if began is not None:
+        # and the VMs this maintenance moved off it whose home is another host (round 833846139: a VM
+        # away from an earlier maintenance, moved on by this one's drain, was "nothing moved")
+        displaced = {**moved_off_since(rt, host, snap, began), **displaced}
     away_before = {vm: where for vm, where in displaced_vms(rt, host, snap).items() if vm not in displaced}
     stopped = rt.states.stopped_on(host)
     record = rt.states.get(host)

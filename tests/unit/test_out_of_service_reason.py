@@ -142,3 +142,31 @@ def test_a_refused_re_run_keeps_out_a_host_whose_vms_this_maintenance_moved(sim_
     assert maintenance.end_unstarted(rt, again, "hv02", "N+1 would not hold", snap) is HostState.CORDONED
     after = rt.states.get("hv02")
     assert "cannot go on" in after.reason and f"{vm} (on hv03)" in after.reason, after.reason
+
+
+def test_a_refused_re_run_keeps_out_a_host_this_maintenance_moved_a_vm_off_whose_home_is_elsewhere(
+        sim_inventory: Path) -> None:
+    # chaos round 833846139: vm04's home was hv01 (an earlier maintenance, its origin: the first one
+    # wins), it ran on hv02; hv02's drain moved it to hv03, then a tenant VM filled hv02 and the re-run's
+    # plan was refused. hv02 went back to active "nothing moved": vm04 had, in this maintenance
+    from hostmaint.models import MigrationResult, StepOutcome
+
+    rt = open_runtime(sim_inventory, fresh=True)
+    [vm, *_] = sorted(rt.hypervisor.running["hv02"])  # type: ignore[attr-defined]
+    rt.states.record_origin(vm, "hv01", "an-earlier-maintenance")
+    first = RunContext(flow="patch-window", reason="patch")
+    maintenance.cordon(rt, first, "hv02")
+    rt.states.transition("hv02", HostState.DRAINING, "draining", first.run_id)
+    _move(rt, vm, "hv02", "hv03")
+    maintenance._audit_migration(rt, first, "demo", MigrationResult(vm=vm, source="hv02", target="hv03",
+                                                                    outcome=StepOutcome.OK, seconds=1.0))
+    rt.states.transition("hv02", HostState.CORDONED, "drain failed: a tenant VM started on it", first.run_id)
+
+    again = RunContext(flow="patch-window", reason="patch")
+    snap = maintenance.snapshot(rt, "demo")
+    assert maintenance.end_unstarted(rt, again, "hv02", "N+1 would not hold", snap) is HostState.CORDONED
+    after = rt.states.get("hv02")
+    assert "cannot go on" in after.reason and f"{vm} (on hv03)" in after.reason, after.reason
+    assert "nothing moved" not in after.reason
+    # its origin is still its home: the VM goes back there, not to hv02
+    assert rt.states.origins("hv01").get(vm) is not None and vm not in rt.states.origins("hv02")
