@@ -5,24 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 
 from hostmaint import maintenance as steps
+from hostmaint.audit import AuditRecord
 from hostmaint.drivers.memory import SimulatedFleet
-from hostmaint.runtime import open_runtime
+from hostmaint.runtime import Runtime, open_runtime
+
+
+def slow_fleet(sim_inventory: Path, **switchover_ms: float) -> Runtime:
+    """A fresh simulated cluster whose hosts named take ``switchover_ms`` beyond QEMU's limit to switch over."""
+    rt = open_runtime(sim_inventory, fresh=True)
+    fleet = rt.hypervisor
+    assert isinstance(fleet, SimulatedFleet)
+    fleet.slow_switchover_ms.update(switchover_ms)
+    return rt
+
+
+def drain_record(rt: Runtime, host: str, run_id: str) -> AuditRecord:
+    """Cordon and drain ``host`` as a patch does; its drain's audit record."""
+    run = steps.RunContext(run_id=run_id, flow="patch-host", reason="patch")
+    steps.cordon(rt, run, host)
+    steps.drain_host(rt, run, steps.plan_drain(rt, run, host))
+    return next(r for r in rt.audit.records(host=host, run_id=run_id) if r.step == "drain")
 
 
 def test_a_drain_whose_pauses_outgrew_the_limit_says_what_switch_over_it_reserved(sim_inventory: Path) -> None:
     # hosts that switch over slower than the inventory says: the operator learns it from the record, and
     # can set migration.switchover_ms so the next drains' first migrations fit too
-    rt = open_runtime(sim_inventory, fresh=True)
-    run = steps.RunContext(run_id="run-1", flow="patch-host", reason="patch")
-    steps.cordon(rt, run, "hv02")
-    plan = steps.plan_drain(rt, run, "hv02")
-    fleet = rt.hypervisor
-    assert isinstance(fleet, SimulatedFleet)
-    fleet.slow_switchover_ms["hv02"] = 180.0
-
-    steps.drain_host(rt, run, plan)
-
-    drain = next(r for r in rt.audit.records(host="hv02") if r.step == "drain")
+    drain = drain_record(slow_fleet(sim_inventory, hv02=180.0), "hv02", "run-1")
     learned = drain.details["switchover_learned_ms"]
     assert learned > 30, drain.details
     assert f"reserved {learned:.0f} ms for the switch-over" in drain.details["switchover_note"]
@@ -32,32 +40,19 @@ def test_a_drain_whose_pauses_outgrew_the_limit_says_what_switch_over_it_reserve
 
 
 def test_a_drain_within_the_limit_says_nothing_of_the_switch_over(sim_inventory: Path) -> None:
-    rt = open_runtime(sim_inventory, fresh=True)
-    run = steps.RunContext(run_id="run-1", flow="patch-host", reason="patch")
-    steps.cordon(rt, run, "hv02")
-    steps.drain_host(rt, run, steps.plan_drain(rt, run, "hv02"))
-    drain = next(r for r in rt.audit.records(host="hv02") if r.step == "drain")
+    drain = drain_record(slow_fleet(sim_inventory), "hv02", "run-1")
     assert "switchover_learned_ms" not in drain.details
 
 
 def test_the_clusters_next_drain_starts_from_the_switch_over_a_drain_learned(sim_inventory: Path) -> None:
     # a drain learns only from a pause over the limit, too late for what already runs: on the lab the
     # first migrations of every drain overshot; the next drain of the cluster starts where it ended
-    rt = open_runtime(sim_inventory, fresh=True)
-    fleet = rt.hypervisor
-    assert isinstance(fleet, SimulatedFleet)
-    fleet.slow_switchover_ms.update({"hv02": 180.0, "hv03": 180.0})
-    run = steps.RunContext(run_id="run-1", flow="patch-host", reason="patch")
-    steps.cordon(rt, run, "hv02")
-    steps.drain_host(rt, run, steps.plan_drain(rt, run, "hv02"))
-    first = next(r for r in rt.audit.records(host="hv02") if r.step == "drain")
+    rt = slow_fleet(sim_inventory, hv02=180.0, hv03=180.0)
+    first = drain_record(rt, "hv02", "run-1")
     learned = first.details["switchover_learned_ms"]
     assert "switchover_start_ms" not in first.details  # the inventory's 30 ms: nothing learned before
 
-    run2 = steps.RunContext(run_id="run-2", flow="patch-host", reason="patch")
-    steps.cordon(rt, run2, "hv03")
-    steps.drain_host(rt, run2, steps.plan_drain(rt, run2, "hv03"))
-    second = next(r for r in rt.audit.records(host="hv03") if r.step == "drain")
+    second = drain_record(rt, "hv03", "run-2")
     assert second.details["switchover_start_ms"] == learned
     assert all(m["downtime_ms"] <= 300 for m in second.details["migrations"]), second.details["migrations"]
     assert "switchover_learned_ms" not in second.details  # nothing over the limit: nothing more to learn
