@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -219,7 +219,6 @@ class _Drain:
         self.stop_reason: str | None = None
         self.meter = LinkMeter()
         self.route: Callable[[str, str], Route] | None = None
-        self.switchover_ms = policy.switchover_ms  # rises when pauses outgrow the limit (learned_switchover_ms)
 
     # --- events -------------------------------------------------------------
 
@@ -278,7 +277,7 @@ class _Drain:
         ordered = tuple(self.results[s.vm] for s in self.specs)
         seconds = round(self.clock() - self.t0, 3)
         return DrainReport(ordered, tuple(self.events), seconds, self.max_concurrency, self.meter.observations(),
-                           self.switchover_ms)
+                           self.policy.switchover_ms)
 
     def measure_links(self, flights: Iterable[_Flight]) -> None:
         """Show the link meter every source's migrations that are sending memory right now."""
@@ -322,13 +321,12 @@ class _Drain:
                                     target_free_hugepages=self.target_free_hugepages)
         if refusal is not None:
             return refusal
-        opts = options_for(spec, self.options, self.policy, rate, switchover_share(link, rate, self.limits),
-                           self.switchover_ms)
+        opts = options_for(spec, self.options, self.policy, rate, switchover_share(link, rate, self.limits))
         if self.route is not None:
             way = self.route(spec.source, spec.target)
             opts = opts.model_copy(update={"tls": way.tls, "migration_address": way.address})
         flight = _Flight(spec, rate, opts, self.clock(), migration_budget_s(spec.memory_mib, self.options),
-                         reserve_ms=self.switchover_ms)
+                         reserve_ms=self.policy.switchover_ms)
         if opts.auto_converge:
             flight.level = Escalation.AUTO_CONVERGE  # on from the start: the next step is post-copy
         self.load.add(spec, rate, expected_dirty_mib_s(spec, self.policy, rate, self.options))
@@ -338,7 +336,7 @@ class _Drain:
                   on_source=self.load.per_source[spec.source], on_target=self.load.per_target[spec.target],
                   auto_converge=opts.auto_converge, auto_converge_initial_pct=opts.auto_converge_initial_pct,
                   post_copy=opts.post_copy, downtime_limit_ms=opts.downtime_limit_ms,
-                  switchover_reserve_ms=round(self.switchover_ms, 1),
+                  switchover_reserve_ms=round(self.policy.switchover_ms, 1),
                   budget_s=round(flight.budget_s, 1))
         # The caller's context follows the migration onto its thread (a fresh copy each: a context can be
         # entered by one thread at a time), so the caller's logging sees whose run a record belongs to.
@@ -351,8 +349,10 @@ class _Drain:
                 or not (self.policy.adaptive and self.policy.downtime_aware and self.policy.learn_switchover)):
             return
         configured = self.options.downtime_limit_ms or QEMU_DOWNTIME_LIMIT_MS
-        self.switchover_ms = learned_switchover_ms(self.switchover_ms, flight.reserve_ms,
-                                                   flight.options.downtime_limit_ms, result.downtime_ms, configured)
+        # the policy in force carries the reserve: every later admission's limit is set from it
+        self.policy = replace(self.policy, switchover_ms=learned_switchover_ms(
+            self.policy.switchover_ms, flight.reserve_ms, flight.options.downtime_limit_ms, result.downtime_ms,
+            configured))
 
     def record(self, result: MigrationResult, flight: _Flight | None = None) -> None:
         kind = {StepOutcome.OK: EventKind.FINISHED, StepOutcome.SKIPPED: EventKind.SKIPPED,

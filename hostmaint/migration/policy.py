@@ -42,6 +42,8 @@ DEFAULT_STREAM_MIB_S = 600.0  # what one QEMU migration connection pushes (~5 Gb
 # 2 shared cores, TCG guests): hosts with AES-NI and free cores lose less, so the inventory's
 # migration.tls_stream_factor overrides it
 DEFAULT_TLS_STREAM_FACTOR = 0.35
+# what a migration takes before it sends (connection, device state, confirmation), fitted on lab drains
+DEFAULT_SETUP_S = 1.5
 
 
 class Order(StrEnum):
@@ -115,9 +117,8 @@ class SchedulerPolicy:
     progress_event_s: float = 5.0  # at most one progress event per VM this often
     # a migration with less than this many seconds of data left hands its link share on (set-up overlap)
     lookahead_s: float = 2.0
-    # what a migration takes before it sends (connection, device state): the simulator's figure, fitted on lab
-    # drains; the adaptive policy staggers expected ends by it (:func:`admission_order`)
-    setup_s: float = 1.5
+    # what a migration takes before it sends: the adaptive policy staggers expected ends by it (:func:`admission_order`)
+    setup_s: float = DEFAULT_SETUP_S
     # a newcomer whose expected end falls within this of a running migration's waits for the next one in order
     # that does not, when there is one (adaptive only; 0: plain order)
     stagger_s: float = 0.75
@@ -262,7 +263,7 @@ def slots_per_drain(links_mib_s: Mapping[str, float], limits: Limits, policy: Sc
     per_source = lean = 0
     for link in links_mib_s.values():
         if policy.adaptive:
-            streams = math.ceil(round(link / stream_rate(options, policy, link), 6))
+            streams = streams_to_fill(link, stream_rate(options, policy, link))
             per_source += min(limits.migrations_per_source, streams + 1)
             lean += min(limits.migrations_per_source, streams)
         else:
@@ -290,29 +291,32 @@ def drains_side_by_side(limits: Limits, policy: SchedulerPolicy, options: Migrat
                                                                    drains_waiting))
 
 
+def streams_to_fill(link_mib_s: float, rate_mib_s: float) -> int:
+    """How many streams of ``rate_mib_s`` fill a link of ``link_mib_s`` (rounded first: 1100 ÷ 550 is 2)."""
+    return math.ceil(round(link_mib_s / rate_mib_s, 6))
+
+
 def switchover_share(link_mib_s: float, rate_mib_s: float, limits: Limits) -> float:
     """The link share a migration can count on during its final pause: the link split among as many as
     may be sending from its source then (the streams that fill it, and one more whose set-up overlapped
     the last seconds: :func:`about_to_finish`), within the inventory's per-source and cluster limits."""
     if rate_mib_s <= 0:
         return 0.0
-    streams = math.ceil(round(link_mib_s / rate_mib_s, 6))
+    streams = streams_to_fill(link_mib_s, rate_mib_s)
     senders = max(1, min(limits.migrations_per_source, limits.migrations_per_cluster, streams + 1))
     return min(rate_mib_s, link_mib_s / senders)
 
 
-def downtime_limit_ms(limit_ms: float, rate_mib_s: float, share_mib_s: float, policy: SchedulerPolicy,
-                      switchover_ms: float | None = None) -> int:
+def downtime_limit_ms(limit_ms: float, rate_mib_s: float, share_mib_s: float, policy: SchedulerPolicy) -> int:
     """QEMU's downtime limit for one migration, so that its whole pause fits ``limit_ms``.
 
     QEMU switches over once what is left fits its limit at the rate it measures (at most the stream's
     ``rate_mib_s``); the rest is then sent at ``share_mib_s`` or more, and the switch-over itself adds
-    ``switchover_ms`` (``policy.switchover_ms`` unless the drain learned more: :func:`learned_switchover_ms`).
+    ``policy.switchover_ms`` (the drain raises it when it learns more: :func:`learned_switchover_ms`).
     Scaling the limit by share ÷ rate keeps the sum within ``limit_ms``."""
     if rate_mib_s <= 0:
         return max(1, int(limit_ms))
-    reserve = policy.switchover_ms if switchover_ms is None else switchover_ms
-    usable = max(1.0, limit_ms - reserve)
+    usable = max(1.0, limit_ms - policy.switchover_ms)
     return max(1, math.floor(usable * min(1.0, share_mib_s / rate_mib_s)))
 
 
@@ -353,7 +357,7 @@ def planning_share(link_mib_s: float, rate_mib_s: float) -> float:
     streams that fill it, at most its own stream's rate."""
     if rate_mib_s <= 0:
         return 0.0
-    return min(rate_mib_s, link_mib_s / math.ceil(round(link_mib_s / rate_mib_s, 6)))
+    return min(rate_mib_s, link_mib_s / streams_to_fill(link_mib_s, rate_mib_s))
 
 
 def seconds_left(spec: MigrationSpec, share_mib_s: float, policy: SchedulerPolicy, *,
@@ -543,20 +547,18 @@ def expected_dirty_mib_s(spec: MigrationSpec, policy: SchedulerPolicy, rate_mib_
 
 
 def options_for(spec: MigrationSpec, options: MigrationOptions, policy: SchedulerPolicy,
-                rate_mib_s: float, share_mib_s: float | None = None,
-                switchover_ms: float | None = None) -> MigrationOptions:
+                rate_mib_s: float, share_mib_s: float | None = None) -> MigrationOptions:
     """The options the driver gets for one migration: its placement, post-copy capability, upfront
     auto-converge for a VM dirtying a large part of its stream, the driver's own stall/budget rule
     set behind the scheduler's (the scheduler keeps using ``options`` as given), and for the adaptive
     policy its own downtime limit from ``share_mib_s``, the link share it can count on at its
-    switch-over (:func:`switchover_share`; None: the configured limit as it is), with ``switchover_ms``
-    reserved for the switch-over (None: the policy's)."""
+    switch-over (:func:`switchover_share`; None: the configured limit as it is)."""
     upfront = policy.auto_converge and spec.dirty_mib_s >= policy.auto_converge_upfront_fraction * rate_mib_s
     pct = upfront_throttle_pct(spec, policy, rate_mib_s, options)
     downtime = options.downtime_limit_ms
     if policy.adaptive and policy.downtime_aware and share_mib_s is not None:
         configured = QEMU_DOWNTIME_LIMIT_MS if downtime is None else downtime
-        downtime = downtime_limit_ms(configured, rate_mib_s, share_mib_s, policy, switchover_ms)
+        downtime = downtime_limit_ms(configured, rate_mib_s, share_mib_s, policy)
     return options.model_copy(update={
         "downtime_limit_ms": downtime,
         "placement": spec.placement,

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 
 from hostmaint.migration.policy import (
     DEFAULT_LINK_MIB_S,
+    DEFAULT_SETUP_S,
     MIB,
     Action,
     Escalation,
@@ -82,7 +83,7 @@ class SimParams:
     link_mib_s: Mapping[str, float] = field(default_factory=dict)  # per host; else default_link_mib_s
     default_link_mib_s: float = DEFAULT_LINK_MIB_S
     downtime_limit_ms: float = 300.0
-    setup_s: float = 1.5  # per migration, without the link (lab: 1.9-2.2 s wall vs 0.7 s in QEMU)
+    setup_s: float = DEFAULT_SETUP_S  # per migration, without the link (lab: 1.9-2.2 s wall vs 0.7 s in QEMU)
     switchover_ms: float = 30.0  # device state and the final handshake
     sample_s: float = 1.0  # how often the executor looks at progress
     ac_initial: float = 0.2
@@ -363,7 +364,6 @@ class _Engine:
         # the configured downtime limit: the options', else QEMU's as the model has it (the executor's is QEMU's)
         self.configured = options if options.downtime_limit_ms is not None else options.model_copy(
             update={"downtime_limit_ms": max(1, round(params.downtime_limit_ms))})
-        self.switchover_ms = policy.switchover_ms  # as the executor: rises when pauses outgrow the limit
         self.target_free_mib = dict(target_free_mib) if target_free_mib is not None else None
         self.t = 0.0
         self.load = Load()
@@ -398,9 +398,8 @@ class _Engine:
                                  options=self.options) is not None:
                 continue
             admitted.append(m)
-            m.options = options_for(m.spec, self.configured, self.policy, rate, switchover_share(link, rate, limits),
-                                    self.switchover_ms)
-            m.reserve_ms = self.switchover_ms
+            m.options = options_for(m.spec, self.configured, self.policy, rate, switchover_share(link, rate, limits))
+            m.reserve_ms = self.policy.switchover_ms
             m.cap = rate
             m.admit_rate = rate
             m.budget_s = migration_budget_s(m.spec.memory_mib, self.options)
@@ -494,9 +493,9 @@ class _Engine:
                 m.downtime_ms = (self.t - m.stop_start) * 1000 + self.params.switchover_ms
                 if self.policy.adaptive and self.policy.downtime_aware and self.policy.learn_switchover:
                     assert self.configured.downtime_limit_ms is not None
-                    self.switchover_ms = learned_switchover_ms(
-                        self.switchover_ms, m.reserve_ms, m.options.downtime_limit_ms if m.options else None,
-                        m.downtime_ms, self.configured.downtime_limit_ms)
+                    self.policy = replace(self.policy, switchover_ms=learned_switchover_ms(
+                        self.policy.switchover_ms, m.reserve_ms, m.options.downtime_limit_ms if m.options else None,
+                        m.downtime_ms, self.configured.downtime_limit_ms))
                 self.finish(m, StepOutcome.OK)
             elif m.phase is Phase.POSTCOPY and m.left <= tol:
                 self.finish(m, StepOutcome.OK)

@@ -416,7 +416,7 @@ def test_the_switch_over_reserve_rises_by_what_a_pause_over_the_limit_shows_was_
     # a pause within the limit never lowers it, and QEMU keeps a tenth of the limit to converge with
     assert learned_switchover_ms(143, 30, 171, 120, 300) == 143
     assert learned_switchover_ms(30, 30, 171, 5000, 300) == 270
-    assert downtime_limit_ms(300, 600, 600, SchedulerPolicy(), 270) == 30
+    assert downtime_limit_ms(300, 600, 600, SchedulerPolicy(switchover_ms=270)) == 30
 
 
 def test_adaptive_options_carry_a_downtime_limit_that_fits_the_configured_pause() -> None:
