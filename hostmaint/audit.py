@@ -19,7 +19,7 @@ import hashlib
 import io
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import PurePath
@@ -245,10 +245,13 @@ class AuditTrail:
         raise AssertionError("unreachable")
 
     def records(self, host: str | None = None, run_id: str | None = None,
-                limit: int | None = None) -> list[AuditRecord]:
-        """Stored records in seq order, optionally of one host and/or one run.
+                limit: int | None = None, *, cluster: str | None = None,
+                steps: Iterable[Step] | None = None) -> list[AuditRecord]:
+        """Stored records in seq order, optionally of one host, one run, one cluster and/or some steps.
 
-        ``limit`` keeps the most recent ``limit`` of them (still oldest first).
+        ``limit`` keeps the most recent ``limit`` of them (still oldest first). The filters are the
+        database's: the trail grows with every maintenance of the fleet, and a caller that wants a
+        cluster's migrations should not decode a year of every host's records to find them.
         """
         t = audit_table
         query = sa.select(t)
@@ -256,6 +259,10 @@ class AuditTrail:
             query = query.where(t.c.host == host)
         if run_id is not None:
             query = query.where(t.c.run_id == run_id)
+        if cluster is not None:
+            query = query.where(t.c.cluster == cluster)
+        if steps is not None:
+            query = query.where(t.c.step.in_(sorted({Step(s).value for s in steps})))
         if limit is not None:
             query = query.order_by(t.c.seq.desc()).limit(limit)
             with self._engine.connect() as conn:

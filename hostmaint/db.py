@@ -13,6 +13,7 @@ host's row (``SELECT ... FOR UPDATE``) and audit appenders take an advisory lock
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -28,6 +29,8 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_random
 
 from hostmaint.errors import InputError
+
+log = logging.getLogger(__name__)
 
 ENV_VAR = "HOSTMAINT_DB"
 DEFAULT_PATH = Path("~/.local/share/hostmaint/hostmaint.db")
@@ -148,6 +151,8 @@ class AuditRow(Base):
     """One audit record. ``seq`` is the primary key, so two writers cannot both append the same seq."""
 
     __tablename__ = "hostmaint_audit"
+    # a cluster's migrations are read at every drain, return and rebalance (settling what dead runs left)
+    __table_args__ = (sa.Index("ix_hostmaint_audit_cluster_step", "cluster", "step"),)
 
     seq: Mapped[int] = mapped_column(sa.Integer, primary_key=True, autoincrement=False)
     time: Mapped[str] = mapped_column(sa.String(40))  # ISO text: hashed exactly as stored
@@ -307,13 +312,37 @@ def _create_tables(engine: Engine) -> None:
     # turns, so the second finds the tables and creates nothing. Racing, SQLite's reader cannot become
     # a writer ("database is locked") and PostgreSQL's concurrent CREATE TABLEs collide in its catalog.
     with engine.connect() as conn:
-        if set(Base.metadata.tables) <= set(sa.inspect(conn).get_table_names()):
+        if set(Base.metadata.tables) <= set(sa.inspect(conn).get_table_names()) and not _missing_indexes(conn):
             return  # the usual case: nothing to create, no lock to take
-    with write_transaction(engine) as conn:  # SQLite: the write lock, with the busy timeout
-        if conn.dialect.name == "postgresql":
-            # held until the DDL commits
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key("schema")})
-        Base.metadata.create_all(conn)
+    try:
+        with write_transaction(engine) as conn:  # SQLite: the write lock, with the busy timeout
+            if conn.dialect.name == "postgresql":
+                # held until the DDL commits
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": advisory_key("schema")})
+            Base.metadata.create_all(conn)  # new tables, with their indexes
+            for index in _missing_indexes(conn):  # an index added since an existing table was made
+                index.create(conn, checkfirst=True)
+    except (sa.exc.ProgrammingError, sa.exc.OperationalError) as exc:
+        # a role that may not create an index on a table it does not own (docs/deployments.md) still
+        # works: the index only makes reads of a long trail faster. Tables it cannot create stop it below.
+        with engine.connect() as conn:
+            if not set(Base.metadata.tables) <= set(sa.inspect(conn).get_table_names()):
+                raise
+        log.warning("hostmaint database: an index could not be created (%s); reads of a long audit trail "
+                    "will be slower until an owner of the tables opens it once", type(exc).__name__)
+
+
+def _missing_indexes(conn: Connection) -> list[sa.Index]:
+    """The indexes the model declares on tables that exist but lack them (added in a later version)."""
+    inspector = sa.inspect(conn)
+    existing = set(inspector.get_table_names())
+    missing = []
+    for table in Base.metadata.sorted_tables:
+        if table.name not in existing:
+            continue
+        have = {ix["name"] for ix in inspector.get_indexes(table.name)}
+        missing += [ix for ix in table.indexes if ix.name not in have]
+    return missing
 
 
 def lock_for_append(conn: Connection, table: sa.Table) -> None:

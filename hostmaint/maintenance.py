@@ -199,7 +199,7 @@ def moved_off_since(rt: Runtime, host: str, snap: FleetSnapshot, since: datetime
     origin is another host (an origin keeps a VM's first home)."""
     where = {v.name: v.host for v in snap.vms}
     moved: dict[str, str] = {}
-    for r in rt.audit.records(host=host):
+    for r in rt.audit.records(host=host, steps=(Step.MIGRATE, Step.MIGRATION_FOUND)):
         if (r.vm is None or r.step not in (Step.MIGRATE, Step.MIGRATION_FOUND)
                 or r.outcome not in (StepOutcome.OK, StepOutcome.UNKNOWN)
                 or datetime.fromisoformat(r.time) < since):
@@ -697,7 +697,7 @@ def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnaps
     never left is dropped, so the host is not said to have VMs away. Returns the VMs found moved.
     ``include_own``: this run's origins too (a stand-down after its process was killed mid-drain)."""
     where = {v.name: v.host for v in snap.vms}
-    records = rt.audit.records(host=host)
+    records = rt.audit.records(host=host, steps=(Step.MIGRATE, Step.MIGRATION_FOUND, Step.VM_NOT_FOUND))
     # a found move is recorded by a later run: it speaks for the run that started the migration
     moved = {(r.vm, r.inputs.get("started_by_run") if r.step == Step.MIGRATION_FOUND else r.run_id) for r in records
              if r.step in (Step.MIGRATE, Step.MIGRATION_FOUND) and r.outcome is StepOutcome.OK}
@@ -761,22 +761,24 @@ def settle_earlier_moves(rt: Runtime, run: RunContext, cluster: str, *, host: st
     holding the host's lock, which any run that drained it held. ``include_own``: this run's records
     too (a stand-down after its process was killed mid-drain)."""
     settle_stranded(rt, run, cluster)  # a VM a dead run's migration left paused runs first, then is located
-    records = [r for r in rt.audit.records() if r.cluster == cluster]
+    records = rt.audit.records(cluster=cluster, steps=(Step.MOVES_STARTED, *RESOLVING_STEPS))
     owed: list[tuple[AuditRecord, str, str, str]] = []  # (record, vm, source, target), oldest first
+    # what speaks of a VM's move for good: any record of RESOLVING_STEPS but an unknown migration;
+    # the newest such record per VM (a dict: the trail holds every migration the cluster ever had)
+    spoken: dict[str, int] = {}
     for r in records:
+        if r.vm and r.step in RESOLVING_STEPS and not (r.step == Step.MIGRATE and r.outcome is StepOutcome.UNKNOWN):
+            spoken[r.vm] = r.seq
         if (r.run_id == run.run_id and not include_own) or (host is not None and r.host != host):
             continue
         if r.step == Step.MOVES_STARTED:
             owed += [(r, m["vm"], m["source"], m["target"]) for m in r.inputs.get("moves", [])]
         elif r.step == Step.MIGRATE and r.outcome is StepOutcome.UNKNOWN and r.vm and r.host:
             owed.append((r, r.vm, r.host, str(r.inputs.get("target") or r.details.get("target") or "")))
-    # what speaks of a VM's move for good: any record of RESOLVING_STEPS but an unknown migration
-    spoken = [r for r in records if r.vm and r.step in RESOLVING_STEPS
-              and not (r.step == Step.MIGRATE and r.outcome is StepOutcome.UNKNOWN)]
     found: list[str] = []
     settled: set[str] = set()
     for r, vm, source, target in reversed(owed):  # the newest word on a VM first; once per VM
-        if vm in settled or any(x.vm == vm and x.seq > r.seq for x in spoken):
+        if vm in settled or spoken.get(vm, 0) > r.seq:
             continue  # a later record moved it, found it, or settled it
         try:
             now = rt.hypervisor.locate(vm)
@@ -1267,7 +1269,7 @@ def recover_lost_update(rt: Runtime, run: RunContext, host: str) -> patching.Pac
     it; a recovery before this one failed): the host's packages now against the list
     recorded before it ran, recorded as step ``update-recovered``. None when the last update's outcome
     is known."""
-    records = [r for r in rt.audit.records(host=host) if r.step in UPDATE_STEPS]
+    records = rt.audit.records(host=host, steps=UPDATE_STEPS)
     starts = [i for i, r in enumerate(records) if r.step == Step.UPDATE_STARTED and r.outcome is StepOutcome.OK]
     if not starts:
         return None

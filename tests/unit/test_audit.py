@@ -19,7 +19,7 @@ from hostmaint import audit, redaction
 from hostmaint.audit import AuditEntry, AuditRecord, AuditTrail, redact
 from hostmaint.db import open_engine
 from hostmaint.errors import AuditError
-from hostmaint.models import MigrationResult, StepOutcome, Trigger
+from hostmaint.models import MigrationResult, Step, StepOutcome, Trigger
 from tests import pg
 from tests.unit.conftest import T0, FakeClock
 
@@ -119,6 +119,43 @@ def test_records_filter_by_host_run_and_limit(trail: AuditTrail) -> None:
     assert len(trail.records(run_id="run-1")) == 10
     assert [r.seq for r in trail.records(limit=3)] == [28, 29, 30]  # the most recent, oldest first
     assert [r.seq for r in trail.records(host="hv01", limit=2)] == [21, 26]
+
+
+def test_records_filter_by_cluster_and_steps_in_the_database(trail: AuditTrail) -> None:
+    fill(trail, 30)
+    trail.append(entry(30, cluster="other", step="drain"))
+    drains = trail.records(cluster="lab", steps=(Step.DRAIN, Step.VERIFY))
+    assert drains and {r.step for r in drains} == {Step.DRAIN, Step.VERIFY}
+    assert {r.cluster for r in drains} == {"lab"}
+    assert [r.seq for r in drains] == [r.seq for r in trail.records() if r.cluster == "lab"
+                                       and r.step in (Step.DRAIN, Step.VERIFY)]
+    assert [r.seq for r in trail.records(cluster="other")] == [31]
+    assert trail.records(host="hv01", steps=(Step.UPDATE,)) == [
+        r for r in trail.records(host="hv01") if r.step == Step.UPDATE]
+    assert trail.records(steps=()) == []
+
+
+AUDIT_INDEX = "ix_hostmaint_audit_cluster_step"
+
+
+def audit_indexes(engine: sa.Engine) -> set[str]:
+    with engine.connect() as conn:
+        return {ix["name"] for ix in sa.inspect(conn).get_indexes("hostmaint_audit")}
+
+
+def test_a_database_made_before_the_index_gets_it_when_opened(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = open_engine(url)
+    fill(AuditTrail(engine), 5)
+    sql(engine, f"DROP INDEX {AUDIT_INDEX}")  # as a database from before the index reads
+    assert AUDIT_INDEX not in audit_indexes(engine)
+    engine.dispose()
+    engine = open_engine(url)
+    try:
+        assert AUDIT_INDEX in audit_indexes(engine)
+        assert AuditTrail(engine).verify().count == 5
+    finally:
+        engine.dispose()
 
 
 # --- tampering ---------------------------------------------------------------------------
@@ -567,6 +604,38 @@ def test_postgres_role_that_may_only_select_and_insert_appends_but_cannot_edit(p
         assert trail.verify().count == 15
     finally:
         eng.dispose()
+        with admin.begin() as conn:
+            conn.execute(sa.text("DROP OWNED BY hm_appender"))
+            conn.execute(sa.text("DROP ROLE hm_appender"))
+        admin.dispose()
+
+
+def test_a_role_that_may_not_create_the_new_index_still_opens_and_appends(
+        postgres: pg.Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    """A database made before the audit index, opened by the select-and-insert role: it cannot create
+    the index (not the tables' owner), works without it and says so; the owner's next open adds it."""
+    postgres.reset()
+    open_engine(postgres.url).dispose()
+    admin = sa.create_engine(postgres.url, poolclass=sa.pool.NullPool)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f"DROP INDEX {AUDIT_INDEX}"))
+        conn.execute(sa.text("CREATE ROLE hm_appender LOGIN"))
+        conn.execute(sa.text("GRANT USAGE ON SCHEMA public TO hm_appender"))
+        conn.execute(sa.text("GRANT SELECT, INSERT ON hostmaint_audit TO hm_appender"))
+    try:
+        with caplog.at_level("WARNING", logger="hostmaint.db"):
+            eng = open_engine(postgres.url_as("hm_appender"))
+        try:
+            assert "an index could not be created" in caplog.text
+            trail = AuditTrail(eng)
+            fill(trail, 3)
+            assert [r.seq for r in trail.records(cluster="lab", steps=(Step.DRAIN,))] == [2]
+        finally:
+            eng.dispose()
+        assert AUDIT_INDEX not in audit_indexes(admin)
+        open_engine(postgres.url).dispose()
+        assert AUDIT_INDEX in audit_indexes(admin)
+    finally:
         with admin.begin() as conn:
             conn.execute(sa.text("DROP OWNED BY hm_appender"))
             conn.execute(sa.text("DROP ROLE hm_appender"))
