@@ -47,11 +47,13 @@ from hostmaint.migration.policy import (
     expected_dirty_mib_s,
     learned_switchover_ms,
     link_of,
+    long_poles,
     migration_budget_s,
     next_action,
     options_for,
     order_placements,
     planning_share,
+    pole_cap_mib_s,
     seconds_left,
     stream_rate,
     switchover_share,
@@ -210,6 +212,9 @@ class _Drain:
                                     hugepage_kib.get(p.vm, 0))
                       for p in plan.placements]
         self.links = {s.source: link_of(s.source, bandwidth, policy) for s in self.specs}
+        # per source, the VM that decides the drain's length, kept at its whole stream (:func:`long_poles`)
+        self.poles = long_poles(self.specs, self.links,
+                                {src: stream_rate(options, policy, link) for src, link in self.links.items()}, policy)
         self.lock = threading.Lock()  # guards events, results, counters
         self.events: list[DrainEvent] = []
         self.results: dict[str, MigrationResult] = {}
@@ -321,7 +326,11 @@ class _Drain:
                                     target_free_hugepages=self.target_free_hugepages)
         if refusal is not None:
             return refusal
-        opts = options_for(spec, self.options, self.policy, rate, switchover_share(link, rate, self.limits))
+        sending = {f.spec.vm for f in flights.values() if not f.released}
+        cap = pole_cap_mib_s(spec, self.poles, sending, link, rate)
+        opts = options_for(spec, self.options, self.policy, rate, switchover_share(link, rate, self.limits), cap)
+        stream = rate
+        rate = stream_rate(opts, self.policy, link)  # within its cap, if it got one
         if self.route is not None:
             way = self.route(spec.source, spec.target)
             opts = opts.model_copy(update={"tls": way.tls, "migration_address": way.address})
@@ -329,13 +338,14 @@ class _Drain:
                          reserve_ms=self.policy.switchover_ms)
         if opts.auto_converge:
             flight.level = Escalation.AUTO_CONVERGE  # on from the start: the next step is post-copy
-        self.load.add(spec, rate, expected_dirty_mib_s(spec, self.policy, rate, self.options))
+        self.load.add(spec, rate, expected_dirty_mib_s(spec, self.policy, stream, self.options))
         self.max_concurrency = max(self.max_concurrency, self.load.total)
         self.emit(EventKind.STARTED, spec.vm, source=spec.source, target=spec.target,
                   memory_mib=spec.memory_mib, dirty_mib_s=spec.dirty_mib_s, in_flight=self.load.total,
                   on_source=self.load.per_source[spec.source], on_target=self.load.per_target[spec.target],
                   auto_converge=opts.auto_converge, auto_converge_initial_pct=opts.auto_converge_initial_pct,
                   post_copy=opts.post_copy, downtime_limit_ms=opts.downtime_limit_ms,
+                  bandwidth_mib_s=opts.bandwidth_mib_s,
                   switchover_reserve_ms=round(self.policy.switchover_ms, 1),
                   budget_s=round(flight.budget_s, 1))
         # The caller's context follows the migration onto its thread (a fresh copy each: a context can be

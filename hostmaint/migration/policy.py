@@ -27,7 +27,7 @@ Three decisions:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
@@ -122,6 +122,9 @@ class SchedulerPolicy:
     # a newcomer whose expected end falls within this of a running migration's waits for the next one in order
     # that does not, when there is one (adaptive only; 0: plain order)
     stagger_s: float = 0.75
+    # a VM whose own transfer outlasts its source's whole memory over the link decides the drain: while it
+    # sends, the others from its source start capped, so it keeps its whole stream (:func:`long_poles`)
+    long_pole_first: bool = True
     # each migration's downtime limit from the link share it can count on at its switch-over (adaptive only)
     downtime_aware: bool = True
     # the part of the pause QEMU's limit leaves out (device state, the final handshake): the sim's figure
@@ -369,6 +372,49 @@ def seconds_left(spec: MigrationSpec, share_mib_s: float, policy: SchedulerPolic
     return remaining_mib / share_mib_s if share_mib_s > 0 else math.inf
 
 
+def long_poles(specs: Sequence[MigrationSpec], links_mib_s: Mapping[str, float], rates_mib_s: Mapping[str, float],
+               policy: SchedulerPolicy) -> dict[str, str]:
+    """Per source, the VM that alone decides how long its drain takes, where one does (source -> VM).
+
+    That is the longest migration (:func:`expected_seconds` at its stream's rate, the first in
+    longest-first order) when it takes at least as long as the source's whole memory over its link:
+    however the others are packed, the drain ends when it does. Shared fairly, it gets a fifth of a
+    25 GbE link (580 MiB/s with 600 MiB/s streams), not its stream, and ends that much later; so while
+    it sends, the others start capped (:func:`pole_cap_mib_s`). Adaptive only; a source of one VM has none.
+    """
+    if not (policy.adaptive and policy.long_pole_first):
+        return {}
+    by_source: dict[str, list[MigrationSpec]] = {}
+    for spec in specs:
+        by_source.setdefault(spec.source, []).append(spec)
+    poles: dict[str, str] = {}
+    for source, group in by_source.items():
+        rate = rates_mib_s.get(source, policy.stream_mib_s)
+        link = links_mib_s.get(source, policy.default_link_mib_s)
+        if len(group) < 2 or rate <= 0 or link <= 0:
+            continue
+        longest = max(group, key=lambda s: expected_seconds(s, rate))
+        if expected_seconds(longest, rate) >= sum(s.memory_mib for s in group) / link:
+            poles[source] = longest.vm
+    return poles
+
+
+def pole_cap_mib_s(spec: MigrationSpec, poles: Mapping[str, str], sending: Collection[str], link_mib_s: float,
+                   rate_mib_s: float) -> int | None:
+    """The bandwidth cap ``spec`` starts with: while its source's long pole (:func:`long_poles`) is among
+    ``sending`` (the VMs still holding their link share) and is not ``spec``, the link less the pole's
+    stream, split among the streams that fill the rest (25 GbE, 600 MiB/s streams: 2300 ÷ 4 = 575 MiB/s),
+    so the pole keeps its whole stream while the link stays full. None: no cap (no pole sending, or the
+    pole's stream fills the link alone)."""
+    pole = poles.get(spec.source)
+    if pole is None or pole == spec.vm or pole not in sending:
+        return None
+    rest = link_mib_s - rate_mib_s
+    if rest <= 0 or rate_mib_s <= 0:
+        return None
+    return max(1, math.floor(rest / streams_to_fill(rest, rate_mib_s)))
+
+
 def admission_order(pending: Sequence[MigrationSpec], ends_s: Mapping[str, Sequence[float]],
                     shares_mib_s: Mapping[str, float], policy: SchedulerPolicy) -> list[MigrationSpec]:
     """``pending`` (in :func:`order_placements`' order) as admission should try them now.
@@ -547,19 +593,27 @@ def expected_dirty_mib_s(spec: MigrationSpec, policy: SchedulerPolicy, rate_mib_
 
 
 def options_for(spec: MigrationSpec, options: MigrationOptions, policy: SchedulerPolicy,
-                rate_mib_s: float, share_mib_s: float | None = None) -> MigrationOptions:
+                rate_mib_s: float, share_mib_s: float | None = None,
+                cap_mib_s: int | None = None) -> MigrationOptions:
     """The options the driver gets for one migration: its placement, post-copy capability, upfront
     auto-converge for a VM dirtying a large part of its stream, the driver's own stall/budget rule
     set behind the scheduler's (the scheduler keeps using ``options`` as given), and for the adaptive
     policy its own downtime limit from ``share_mib_s``, the link share it can count on at its
-    switch-over (:func:`switchover_share`; None: the configured limit as it is)."""
+    switch-over (:func:`switchover_share`; None: the configured limit as it is). ``cap_mib_s`` is a
+    bandwidth cap of its own (:func:`pole_cap_mib_s`; libvirt's migration bandwidth), within the
+    configured one."""
     upfront = policy.auto_converge and spec.dirty_mib_s >= policy.auto_converge_upfront_fraction * rate_mib_s
     pct = upfront_throttle_pct(spec, policy, rate_mib_s, options)
+    bandwidth = options.bandwidth_mib_s
+    if cap_mib_s is not None:
+        bandwidth = cap_mib_s if bandwidth is None else min(bandwidth, cap_mib_s)
     downtime = options.downtime_limit_ms
     if policy.adaptive and policy.downtime_aware and share_mib_s is not None:
         configured = QEMU_DOWNTIME_LIMIT_MS if downtime is None else downtime
-        downtime = downtime_limit_ms(configured, rate_mib_s, share_mib_s, policy)
+        sends = rate_mib_s if bandwidth is None else min(rate_mib_s, float(bandwidth))
+        downtime = downtime_limit_ms(configured, sends, share_mib_s, policy)
     return options.model_copy(update={
+        "bandwidth_mib_s": bandwidth,
         "downtime_limit_ms": downtime,
         "placement": spec.placement,
         "auto_converge": options.auto_converge or upfront,

@@ -49,11 +49,13 @@ from hostmaint.migration.policy import (
     drains_side_by_side,
     expected_dirty_mib_s,
     learned_switchover_ms,
+    long_poles,
     migration_budget_s,
     next_action,
     options_for,
     order_placements,
     planning_share,
+    pole_cap_mib_s,
     seconds_left,
     slots_per_drain,
     stream_rate,
@@ -371,6 +373,8 @@ class _Engine:
         self.running: list[_Mig] = []
         self.done: list[_Mig] = []
         self.max_concurrency = 0
+        # per source, the VM that decides its drain's length, kept at its whole stream (:func:`long_poles`)
+        self.poles: dict[str, str] = {}
         self.next_sample = params.sample_s
         self.changed = True  # something happened that admission should look at
 
@@ -398,10 +402,14 @@ class _Engine:
                                  options=self.options) is not None:
                 continue
             admitted.append(m)
-            m.options = options_for(m.spec, self.configured, self.policy, rate, switchover_share(link, rate, limits))
+            sending = {r.spec.vm for r in self.running if not r.released}
+            cap = pole_cap_mib_s(m.spec, self.poles, sending, link, rate)
+            m.options = options_for(m.spec, self.configured, self.policy, rate, switchover_share(link, rate, limits),
+                                    cap)
+            sends = stream_rate(m.options, self.policy, link)  # within its cap, if it got one
             m.reserve_ms = self.policy.switchover_ms
-            m.cap = rate
-            m.admit_rate = rate
+            m.cap = sends
+            m.admit_rate = sends
             m.budget_s = migration_budget_s(m.spec.memory_mib, self.options)
             m.start = self.t
             m.setup_end = self.t + self.params.setup(m.options)
@@ -409,7 +417,7 @@ class _Engine:
             if m.options.auto_converge:
                 m.level = Escalation.AUTO_CONVERGE
                 m.throttle = self._ac_initial(m) if m.spec.dirty_mib_s > 0 else 0.0
-            self.load.add(m.spec, rate, expected_dirty_mib_s(m.spec, self.policy, rate, self.options))
+            self.load.add(m.spec, sends, expected_dirty_mib_s(m.spec, self.policy, rate, self.options))
             self.max_concurrency = max(self.max_concurrency, self.load.total)
             self.running.append(m)
         if admitted:
@@ -620,6 +628,7 @@ def simulate_drain(plan: EvacuationPlan | Sequence[Placement], limits: Limits, *
     links = {s.source: params.link(s.source) for s in specs}
     rates = {src: stream_rate(options, policy, link) for src, link in links.items()}
     engine.pending = [_Mig(s) for s in order_placements(specs, policy.order, links, rates)]
+    engine.poles = long_poles(specs, links, rates, policy)
     while engine.pending or engine.running:
         engine.admit()
         if not engine.running:

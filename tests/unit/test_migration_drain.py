@@ -712,6 +712,25 @@ def test_the_executor_admits_in_the_order_the_shared_stagger_rule_gives(monkeypa
     assert asked == []
 
 
+def test_migrations_started_beside_the_drains_long_pole_are_capped_so_it_keeps_its_stream() -> None:
+    # 25 GbE: 64 GiB alone outlasts the source's whole memory over the link, so it decides the drain. The
+    # executor, as the simulator, starts the others with libvirt's bandwidth at 575 MiB/s while it sends
+    # (2900 less its 600, over 4 streams); the pole itself, and every VM of a fixed anchor, goes uncapped.
+    moves = [("big", "src", "dst0", 65536), *((f"s{i}", "src", f"dst{1 + i % 3}", 2048) for i in range(6))]
+    scripts = {"big": Script(steps=40, step_s=0.01)}  # in flight while the others come and go
+    limits = Limits(migrations_per_source=6, migrations_per_target=6, migrations_per_cluster=6)
+    hv = fleet(moves, scripts=scripts)
+    report = drain(make_plan(moves), hv, limits, bandwidth_mib_s={"src": 2900})
+    assert report.ok
+    caps = {vm: opts.bandwidth_mib_s for vm, opts in hv.calls}
+    assert caps == {"big": None, **{f"s{i}": 575 for i in range(6)}}
+    started = {e.vm: e.detail["bandwidth_mib_s"] for e in report.events if e.kind is EventKind.STARTED}
+    assert started == caps  # the record says what the driver was given
+    fixed = fleet(moves, scripts=scripts)
+    drain(make_plan(moves), fixed, limits, bandwidth_mib_s={"src": 2900}, policy=SchedulerPolicy.fixed(2))
+    assert {opts.bandwidth_mib_s for _, opts in fixed.calls} == {None}
+
+
 def test_a_migration_that_never_started_is_failed_not_unknown() -> None:
     # the source's libvirtd was gone when the migration was to start: nothing was asked of libvirt, so the
     # VM did not move, though it cannot be located now; "unknown" would send the next run looking for it

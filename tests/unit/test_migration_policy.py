@@ -22,11 +22,13 @@ from hostmaint.migration.policy import (
     expected_dirty_mib_s,
     initial_throttle_pct,
     learned_switchover_ms,
+    long_poles,
     migration_budget_s,
     next_action,
     options_for,
     order_placements,
     planning_share,
+    pole_cap_mib_s,
     seconds_left,
     slots_per_drain,
     stalled_for_s,
@@ -250,6 +252,43 @@ def test_a_newcomer_that_would_end_with_a_running_migration_waits_for_one_that_d
     assert fixed == ["four", "two"]
     off = [s.vm for s in admission_order([four, two], {"s": [8.9]}, {"s": 600.0}, SchedulerPolicy(stagger_s=0))]
     assert off == ["four", "two"]
+
+
+def test_a_vm_that_outlasts_its_sources_memory_over_the_link_is_the_drains_long_pole() -> None:
+    # 25 GbE, 600 MiB/s streams: 64 GiB alone takes 109 s, all 76 GiB over the link 27 s
+    policy = SchedulerPolicy()
+    big, small = spec("big", 65536, dirty=2.0), [spec(f"s{i}", 2048) for i in range(6)]
+    links, rates = {"s": 2900.0}, {"s": 600.0}
+    assert long_poles([*small, big], links, rates, policy) == {"s": "big"}
+    # with enough beside it the link decides: no pole (396 GiB over the link: 140 s)
+    many = [*small, big, *(spec(f"m{i}", 16384) for i in range(20))]
+    assert long_poles(many, links, rates, policy) == {}
+    # the longest is by expected time, dirty rate included: a dirty 48 GiB VM outlasts an idle 64 GiB one
+    hot = spec("hot", 49152, dirty=200.0)
+    assert long_poles([*small, big, hot], links, rates, policy) == {"s": "hot"}
+    # one VM alone, the fixed anchors, the rule off: none
+    assert long_poles([big], links, rates, policy) == {}
+    assert long_poles([*small, big], links, rates, SchedulerPolicy.fixed(2)) == {}
+    assert long_poles([*small, big], links, rates, SchedulerPolicy(long_pole_first=False)) == {}
+
+
+def test_migrations_started_beside_a_sending_long_pole_leave_it_its_whole_stream() -> None:
+    poles = {"s": "big"}
+    small = spec("s0", 2048)
+    # 2900 MiB/s less the pole's 600, over the 4 streams that fill the rest: the pole keeps 600, not 580
+    assert pole_cap_mib_s(small, poles, {"big", "s1"}, 2900.0, 600.0) == 575
+    assert pole_cap_mib_s(small, poles, {"s1"}, 2900.0, 600.0) is None  # the pole ended or handed its share on
+    assert pole_cap_mib_s(spec("big", 65536), poles, {"big"}, 2900.0, 600.0) is None  # not the pole itself
+    assert pole_cap_mib_s(spec("x", 2048, source="s2"), poles, {"big"}, 2900.0, 600.0) is None  # another source
+    assert pole_cap_mib_s(small, poles, {"big"}, 600.0, 600.0) is None  # the pole's stream is the whole link
+    # the cap goes to the driver as the migration's bandwidth, within a configured one, and its downtime
+    # limit is scaled from what it will send (575), not from the stream's 600
+    opts = options_for(small, MigrationOptions(), SchedulerPolicy(), 600.0, 2900.0 / 6, 575)
+    assert opts.bandwidth_mib_s == 575
+    assert opts.downtime_limit_ms == math.floor(270 * (2900 / 6) / 575)
+    assert options_for(small, MigrationOptions(bandwidth_mib_s=500), SchedulerPolicy(), 500.0, None,
+                       575).bandwidth_mib_s == 500
+    assert options_for(small, MigrationOptions(), SchedulerPolicy(), 600.0).bandwidth_mib_s is None
 
 
 def test_a_running_migrations_end_comes_from_what_it_has_left() -> None:

@@ -124,6 +124,24 @@ def test_a_newcomer_does_not_end_with_a_running_migration_and_leave_the_link_a_s
     assert plain.makespan_s > est.makespan_s + 1.0
 
 
+def test_the_vm_that_decides_the_drain_keeps_its_whole_stream() -> None:
+    # 25 GbE: 64 GiB alone takes 1.5 + 109 s at its 600 MiB/s stream, the source's 256 GiB over the link 90 s,
+    # so the drain ends when that VM does. Shared fairly with four others it got 580 MiB/s for most of it;
+    # the others now start capped (575 MiB/s each), the link stays full and the VM ends as if alone.
+    limits = Limits(migrations_per_source=6, migrations_per_target=6, migrations_per_cluster=6)
+    placements = [Placement(vm="big", source="s", target="t0", memory_mib=65536),
+                  *(Placement(vm=f"m{i}", source="s", target=f"t{1 + i % 4}", memory_mib=16384) for i in range(8)),
+                  *(Placement(vm=f"n{i}", source="s", target=f"t{1 + i % 4}", memory_mib=8192) for i in range(8))]
+    params = SimParams(default_link_mib_s=2900)
+    est = simulate_drain(placements, limits, params=params)
+    alone = params.setup_s + 65536 / 600  # 110.7 s
+    assert est.makespan_s <= alone + 0.5
+    assert est.makespan_s <= est.valid_floor_s + 0.5  # the proven floor is that VM's
+    shared = simulate_drain(placements, limits, params=params, policy=SchedulerPolicy(long_pole_first=False))
+    assert shared.makespan_s > alone + 2.0  # at 580 MiB/s beside the others
+    assert {m.vm for m in est.migrations if m.outcome is not StepOutcome.OK} == set()
+
+
 def test_no_drain_that_moves_every_vm_beats_its_valid_floor() -> None:
     # The proof is in valid_drain_floor_s; this holds it against random drains, every policy and order,
     # set-ups, TLS, post-copy, slow targets and tight limits. The old floor's VM term (M / (b − D)) is
