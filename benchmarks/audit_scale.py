@@ -9,8 +9,11 @@ history of N records (maintenances of 10 clusters' hosts: a ``moves-started`` of
 do and its time is the reading. The same measurement runs against two checkouts in one run, in fresh
 processes, alternating: this one and a baseline (by default the commit before the reads were
 filtered in the database), checked out with ``git worktree``. Printed: the p50 wall time of both, the
-ratio new ÷ baseline, and peak memory. The history is inserted as rows, not appended through the
-chain (appending 400,000 records would take most of the run); reads do not verify the chain.
+ratio new ÷ baseline, and peak memory. The history is inserted as rows, chained as ``append`` chains
+them (appending 400,000 records one transaction each would take most of the run).
+
+The same trail also measures ``hostmaint audit verify``'s walk (``AuditTrail.verify``): it held every
+record in memory; now it streams them.
 
     .venv/bin/python benchmarks/audit_scale.py [--sizes 10000,100000,400000] [--repeats 3] [--baseline-rev REV]
 """
@@ -38,9 +41,13 @@ from hostmaint.runtime import open_runtime
 rt = open_runtime(sys.argv[1], fresh=True)
 run = steps.RunContext(flow="rebalance-cluster", reason="benchmark")
 t0 = time.perf_counter()
-found = steps.settle_earlier_moves(rt, run, "demo")
+if sys.argv[2] == "settle":
+    found = len(steps.settle_earlier_moves(rt, run, "demo"))
+else:
+    report = rt.audit.verify()
+    found = 0 if report.ok else 1
 wall = time.perf_counter() - t0
-print(json.dumps({"wall_s": wall, "found": len(found),
+print(json.dumps({"wall_s": wall, "found": found,
                   "maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -50,7 +57,7 @@ def build(workdir: Path, records: int) -> tuple[Path, Path]:
     sys.path.insert(0, str(ROOT))
     import sqlalchemy as sa
 
-    from hostmaint.audit import canonical_json
+    from hostmaint.audit import GENESIS_HASH, canonical_json, record_hash
     from hostmaint.db import audit_table, open_engine
     from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
 
@@ -61,6 +68,7 @@ def build(workdir: Path, records: int) -> tuple[Path, Path]:
     other = ("cordon", "plan", "update-started", "update", "reboot", "verify", "uncordon")
     rows: list[dict[str, object]] = []
     seq = 0
+    prev_hash = GENESIS_HASH
     maintenance = 0
     while seq < records:
         cluster = "demo" if maintenance % 10 == 0 else f"c{maintenance % 10}"
@@ -72,11 +80,13 @@ def build(workdir: Path, records: int) -> tuple[Path, Path]:
         batch += [(step, None, {}) for step in other]
         for step, vm, inputs in batch:
             seq += 1
-            rows.append(dict(seq=seq, time="2026-11-01T00:00:00+00:00", run_id=run, flow="patch-host",
-                             trigger="schedule", operator="ops", cluster=cluster, host=host, vm=vm, step=step,
-                             inputs=canonical_json(inputs), outcome="ok", duration_s=1.0,
-                             details=canonical_json({"note": "synthetic history"}), prev_hash="0" * 64,
-                             hash="0" * 64))
+            fields: dict[str, object] = dict(
+                seq=seq, time="2026-11-01T00:00:00+00:00", run_id=run, flow="patch-host", trigger="schedule",
+                operator="ops", cluster=cluster, host=host, vm=vm, step=step, inputs=inputs, outcome="ok",
+                duration_s=1.0, details={"note": "synthetic history"}, prev_hash=prev_hash)
+            fields["hash"] = prev_hash = record_hash(fields)
+            rows.append({**fields, "inputs": canonical_json(inputs),
+                         "details": canonical_json(fields["details"])})
         maintenance += 1
     with engine.begin() as conn:
         for i in range(0, len(rows), 5000):
@@ -85,9 +95,9 @@ def build(workdir: Path, records: int) -> tuple[Path, Path]:
     return inventory, db
 
 
-def measure(checkout: Path, inventory: Path, db: Path) -> dict[str, float]:
+def measure(checkout: Path, inventory: Path, db: Path, what: str) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(checkout), "HOSTMAINT_DB": str(db)}
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(inventory)], env=env, cwd=checkout,
+    out = subprocess.run([sys.executable, "-c", MEASURE, str(inventory), what], env=env, cwd=checkout,
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -104,24 +114,26 @@ def main() -> int:
                        check=True, capture_output=True)
         try:
             print(f"baseline {args.baseline_rev}, load average {os.getloadavg()[0]:.1f}")
-            print("| records in the trail | baseline s (p50) | now s (p50) | now ÷ baseline | "
+            print("| records in the trail | measure | baseline s (p50) | now s (p50) | now ÷ baseline | "
                   "baseline peak MiB | now peak MiB |")
-            print("|---|---|---|---|---|---|")
+            print("|---|---|---|---|---|---|---|")
             for size in (int(s) for s in args.sizes.split(",")):
                 work = Path(tmp) / f"n{size}"
                 work.mkdir()
                 inventory, db = build(work, size)
-                old: list[dict[str, float]] = []
-                new: list[dict[str, float]] = []
-                for _ in range(args.repeats):  # alternating: both sides share the machine's load
-                    old.append(measure(base, inventory, db))
-                    new.append(measure(ROOT, inventory, db))
-                assert {r["found"] for r in old + new} == {0}, "the synthetic history is all spoken for"
-                o = statistics.median(r["wall_s"] for r in old)
-                n = statistics.median(r["wall_s"] for r in new)
-                print(f"| {size:,} | {o:.3f} | {n:.3f} | {n / o:.3f} | "
-                      f"{max(r['maxrss_mib'] for r in old):.0f} | {max(r['maxrss_mib'] for r in new):.0f} |",
-                      flush=True)
+                for what, label in (("settle", "settle_earlier_moves"), ("verify", "audit verify")):
+                    old: list[dict[str, float]] = []
+                    new: list[dict[str, float]] = []
+                    for _ in range(args.repeats):  # alternating: both sides share the machine's load
+                        old.append(measure(base, inventory, db, what))
+                        new.append(measure(ROOT, inventory, db, what))
+                    # settle: the history is all spoken for; verify: the chain is intact
+                    assert {r["found"] for r in old + new} == {0}, (what, old, new)
+                    o = statistics.median(r["wall_s"] for r in old)
+                    n = statistics.median(r["wall_s"] for r in new)
+                    print(f"| {size:,} | {label} | {o:.3f} | {n:.3f} | {n / o:.3f} | "
+                          f"{max(r['maxrss_mib'] for r in old):.0f} | {max(r['maxrss_mib'] for r in new):.0f} |",
+                          flush=True)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(base)], cwd=ROOT, check=False,
                            capture_output=True)

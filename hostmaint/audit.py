@@ -279,30 +279,38 @@ class AuditTrail:
         with that hash: a chain that now ends before it is reported with the missing records.
         A bare hash (the older form) must still be somewhere in the chain.
         """
-        with self._engine.connect() as conn:
-            rows = conn.execute(sa.select(audit_table).order_by(audit_table.c.seq)).all()
-        chain = [_stored_fields(row) for row in rows]
-        stored = {fields["hash"]: fields for fields in chain}  # to trace where moved content came from
+        # streamed: the trail of a large site outgrows memory long before it outgrows the disk
+        anchored: dict[str, Any] | None = None  # the record at the anchor's seq, were the chain intact
+        seen_anchor = False
         prev: dict[str, Any] | None = None
-        for count, fields in enumerate(chain):
-            found = _check(fields, prev, stored)
-            if found is not None:
-                bad_seq, problem = found
-                return VerifyReport(ok=False, count=count, first_bad_seq=bad_seq, problem=problem,
-                                    last_hash=prev["hash"] if prev else GENESIS_HASH,
-                                    last_seq=prev["seq"] if prev else 0)
-            prev = fields
-        count = len(rows)
+        count = 0
+        stored = _StoredByHash(self._engine)
+        with self._engine.connect() as conn:
+            rows = conn.execution_options(yield_per=2000).execute(
+                sa.select(audit_table).order_by(audit_table.c.seq))
+            for row in rows:
+                fields = _stored_fields(row)
+                found = _check(fields, prev, stored)
+                if found is not None:
+                    rows.close()
+                    bad_seq, problem = found
+                    return VerifyReport(ok=False, count=count, first_bad_seq=bad_seq, problem=problem,
+                                        last_hash=prev["hash"] if prev else GENESIS_HASH,
+                                        last_seq=prev["seq"] if prev else 0)
+                count += 1
+                if isinstance(anchor, Anchor) and count == anchor.seq:
+                    anchored = fields  # the walk passed so far, so record n is the n-th
+                seen_anchor = seen_anchor or (isinstance(anchor, str) and fields["hash"] == anchor)
+                prev = fields
         last_hash: str = prev["hash"] if prev else GENESIS_HASH
         last_seq: int = prev["seq"] if prev else 0
-        # the walk passed, so record n is chain[n - 1]
         if isinstance(anchor, Anchor):
-            found = _check_anchor(anchor, chain)
+            found = _check_anchor(anchor, count, anchored)
             if found is not None:
                 bad_seq, problem = found
                 return VerifyReport(ok=False, count=count, first_bad_seq=bad_seq, problem=problem,
                                     last_hash=last_hash, last_seq=last_seq)
-        elif anchor is not None and anchor != GENESIS_HASH and anchor not in stored:
+        elif anchor is not None and anchor != GENESIS_HASH and not seen_anchor:
             return VerifyReport(ok=False, count=count, first_bad_seq=None, last_hash=last_hash, last_seq=last_seq,
                                 problem=f"the anchored hash {anchor} is not in the chain: the trail was"
                                         " rewritten or truncated after the anchor was taken")
@@ -342,7 +350,7 @@ def _label(fields: Mapping[str, Any]) -> str:
 
 
 def _check(fields: dict[str, Any], prev: Mapping[str, Any] | None,
-           stored: Mapping[str, Mapping[str, Any]]) -> tuple[int, str] | None:
+           stored: _StoredByHash) -> tuple[int, str] | None:
     """The first bad seq and what is wrong, if ``fields`` does not rightly follow ``prev``."""
     seq = fields["seq"]
     expected_seq = prev["seq"] + 1 if prev else 1
@@ -366,17 +374,17 @@ def _check(fields: dict[str, Any], prev: Mapping[str, Any] | None,
     return None
 
 
-def _check_anchor(anchor: Anchor, chain: list[dict[str, Any]]) -> tuple[int, str] | None:
-    """The first bad seq and what is wrong, if an intact ``chain`` does not hold ``anchor`` where it was."""
+def _check_anchor(anchor: Anchor, count: int, fields: Mapping[str, Any] | None) -> tuple[int, str] | None:
+    """The first bad seq and what is wrong, if an intact chain of ``count`` records, whose record at
+    the anchor's seq is ``fields``, does not hold ``anchor`` where it was."""
     if anchor.seq == 0:
         return None  # the empty trail: every chain starts from it
-    if anchor.seq > len(chain):
-        first = len(chain) + 1
+    if anchor.seq > count or fields is None:
+        first = count + 1
         missing = f"record {first} is" if first == anchor.seq else f"records {first}..{anchor.seq} are"
-        ends = f"ends at record {len(chain)}" if chain else "is empty"
+        ends = f"ends at record {count}" if count else "is empty"
         return first, (f"{missing} missing: the chain {ends}, but the anchor {anchor} names record {anchor.seq};"
                        " the newest records were deleted after the anchor was taken")
-    fields = chain[anchor.seq - 1]
     if fields["hash"] != anchor.hash:
         return anchor.seq, (f"{_label(fields)} is not the anchored record: its hash is {fields['hash']}, the"
                             f" anchor {anchor} says otherwise; the trail up to it was rewritten (or cut and"
@@ -388,7 +396,26 @@ def _is_hash(text: str) -> bool:
     return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
-def _original_seq(fields: Mapping[str, Any], stored: Mapping[str, Mapping[str, Any]]) -> int | None:
+class _StoredByHash:
+    """The stored records by hash, asked of the database only when a record fails its check (tracing
+    where moved content came from), so that an intact walk holds one record at a time."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def get(self, record_hash: str) -> Mapping[str, Any] | None:
+        """The newest stored record with this hash, as stored."""
+        with self._engine.connect() as conn:
+            row = conn.execute(sa.select(audit_table).where(audit_table.c.hash == record_hash)
+                               .order_by(audit_table.c.seq.desc()).limit(1)).first()
+        return _stored_fields(row) if row is not None else None
+
+    def __len__(self) -> int:
+        with self._engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.count()).select_from(audit_table)).scalar_one())
+
+
+def _original_seq(fields: Mapping[str, Any], stored: _StoredByHash) -> int | None:
     """Where a record's content was first written, if it is an intact record moved to another seq.
 
     Its ``prev_hash`` names its original predecessor; that one is either intact where it
