@@ -57,6 +57,7 @@ from hostmaint.migration.policy import (
     seconds_left,
     stream_rate,
     switchover_share,
+    throttling,
 )
 from hostmaint.models import (
     EvacuationPlan,
@@ -214,7 +215,8 @@ class _Drain:
         self.links = {s.source: link_of(s.source, bandwidth, policy) for s in self.specs}
         # per source, the VM that decides the drain's length, kept at its whole stream (:func:`long_poles`)
         self.poles = long_poles(self.specs, self.links,
-                                {src: stream_rate(options, policy, link) for src, link in self.links.items()}, policy)
+                                {src: stream_rate(options, policy, link) for src, link in self.links.items()}, policy,
+                                options)
         self.lock = threading.Lock()  # guards events, results, counters
         self.events: list[DrainEvent] = []
         self.results: dict[str, MigrationResult] = {}
@@ -321,14 +323,15 @@ class _Drain:
               flights: dict[Future[MigrationResult], _Flight]) -> str | None:
         link = self.links[spec.source]
         rate = stream_rate(self.options, self.policy, link)
-        refusal = admission_refusal(spec, self.load, self.limits, self.policy, link_mib_s=link,
+        policy = throttling(self.policy, spec.source not in self.poles)
+        refusal = admission_refusal(spec, self.load, self.limits, policy, link_mib_s=link,
                                     rate_mib_s=rate, target_free_mib=self.target_free_mib, options=self.options,
                                     target_free_hugepages=self.target_free_hugepages)
         if refusal is not None:
             return refusal
         sending = {f.spec.vm for f in flights.values() if not f.released}
         cap = pole_cap_mib_s(spec, self.poles, sending, link, rate)
-        opts = options_for(spec, self.options, self.policy, rate, switchover_share(link, rate, self.limits), cap)
+        opts = options_for(spec, self.options, policy, rate, switchover_share(link, rate, self.limits), cap)
         stream = rate
         rate = stream_rate(opts, self.policy, link)  # within its cap, if it got one
         if self.route is not None:
@@ -338,7 +341,7 @@ class _Drain:
                          reserve_ms=self.policy.switchover_ms)
         if opts.auto_converge:
             flight.level = Escalation.AUTO_CONVERGE  # on from the start: the next step is post-copy
-        self.load.add(spec, rate, expected_dirty_mib_s(spec, self.policy, stream, self.options))
+        self.load.add(spec, rate, expected_dirty_mib_s(spec, policy, stream, self.options))
         self.max_concurrency = max(self.max_concurrency, self.load.total)
         self.emit(EventKind.STARTED, spec.vm, source=spec.source, target=spec.target,
                   memory_mib=spec.memory_mib, dirty_mib_s=spec.dirty_mib_s, in_flight=self.load.total,

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import IntEnum, StrEnum
 
 from hostmaint.models import QEMU_DOWNTIME_LIMIT_MS, Limits, MigrationOptions, MigrationProgress, Placement
@@ -107,6 +107,10 @@ class SchedulerPolicy:
     # auto_converge_max_initial_pct, the guest slow-down the operator accepts upfront.
     auto_converge_target_fraction: float = 0.1
     auto_converge_max_initial_pct: int = 90
+    # ... and on a source whose drain its link decides (no long pole: :func:`long_poles`), where every re-sent
+    # byte is the drain's time, from this share of the stream down to this one (:func:`throttling`; adaptive only)
+    link_bound_upfront_fraction: float = 0.2
+    link_bound_target_fraction: float = 0.05
     stream_mib_s: float = DEFAULT_STREAM_MIB_S  # per connection; times options.parallel_connections
     tls_stream_factor: float = DEFAULT_TLS_STREAM_FACTOR  # a TLS connection's share of stream_mib_s
     default_link_mib_s: float = DEFAULT_LINK_MIB_S
@@ -373,11 +377,12 @@ def seconds_left(spec: MigrationSpec, share_mib_s: float, policy: SchedulerPolic
 
 
 def long_poles(specs: Sequence[MigrationSpec], links_mib_s: Mapping[str, float], rates_mib_s: Mapping[str, float],
-               policy: SchedulerPolicy) -> dict[str, str]:
+               policy: SchedulerPolicy, options: MigrationOptions | None = None) -> dict[str, str]:
     """Per source, the VM that alone decides how long its drain takes, where one does (source -> VM).
 
-    That is the longest migration (:func:`expected_seconds` at its stream's rate, the first in
-    longest-first order) when it takes at least as long as the source's whole memory over its link:
+    That is the longest migration (:func:`expected_seconds` at its stream's rate, at the dirty rate it will
+    have once started: :func:`expected_dirty_mib_s`, so a VM throttled upfront is not taken for one that
+    re-sends for minutes) when it takes at least as long as the source's whole memory over its link:
     however the others are packed, the drain ends when it does. Shared fairly, it gets a fifth of a
     25 GbE link (580 MiB/s with 600 MiB/s streams), not its stream, and ends that much later; so while
     it sends, the others start capped (:func:`pole_cap_mib_s`). Adaptive only; a source of one VM has none.
@@ -393,7 +398,8 @@ def long_poles(specs: Sequence[MigrationSpec], links_mib_s: Mapping[str, float],
         link = links_mib_s.get(source, policy.default_link_mib_s)
         if len(group) < 2 or rate <= 0 or link <= 0:
             continue
-        longest = max(group, key=lambda s: expected_seconds(s, rate))
+        started = [replace(s, dirty_mib_s=expected_dirty_mib_s(s, policy, rate, options)) for s in group]
+        longest = max(started, key=lambda s: expected_seconds(s, rate))
         if expected_seconds(longest, rate) >= sum(s.memory_mib for s in group) / link:
             poles[source] = longest.vm
     return poles
@@ -561,6 +567,23 @@ DRIVER_BUDGET_FACTOR = 1.1
 
 
 QEMU_THROTTLE_INITIAL_PCT = 20
+
+
+def throttling(policy: SchedulerPolicy, link_bound: bool) -> SchedulerPolicy:
+    """The policy a source's migrations are admitted and throttled by: ``policy``, and for the adaptive one on
+    a source whose drain its link decides (``link_bound``: it has no long pole, :func:`long_poles`) the upfront
+    throttle from ``link_bound_upfront_fraction`` of a stream down to ``link_bound_target_fraction``.
+
+    Pre-copy re-sends D ÷ (b − D) of a VM's memory; on a full link each of those bytes is the drain's time,
+    wherever in the drain it is sent. Where one VM decides the drain, the others' re-sends fit beside it and
+    buy nothing, so they keep the plain rule. The depth stays within ``auto_converge_max_initial_pct``."""
+    if not (policy.adaptive and link_bound):
+        return policy
+    up = min(policy.auto_converge_upfront_fraction, policy.link_bound_upfront_fraction)
+    to = min(policy.auto_converge_target_fraction, policy.link_bound_target_fraction)
+    if up == policy.auto_converge_upfront_fraction and to == policy.auto_converge_target_fraction:
+        return policy
+    return replace(policy, auto_converge_upfront_fraction=up, auto_converge_target_fraction=to)
 
 
 def initial_throttle_pct(dirty_mib_s: float, rate_mib_s: float, policy: SchedulerPolicy) -> int:

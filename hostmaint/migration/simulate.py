@@ -60,6 +60,7 @@ from hostmaint.migration.policy import (
     slots_per_drain,
     stream_rate,
     switchover_share,
+    throttling,
 )
 from hostmaint.models import (
     EvacuationPlan,
@@ -128,6 +129,8 @@ class SimMigration:
     rounds: int
     escalation: Escalation
     reason: str = ""
+    # the guest's vCPU time lost to auto-converge while it moved: the throttle integrated over its pre-copy
+    throttled_s: float = 0.0
 
     @property
     def seconds(self) -> float:
@@ -167,6 +170,11 @@ class DrainEstimate:
     @property
     def sent_mib(self) -> float:
         return sum(m.sent_mib for m in self.migrations)
+
+    @property
+    def throttled_s(self) -> float:
+        """Guest-seconds of vCPU time lost to auto-converge (:attr:`SimMigration.throttled_s`), summed."""
+        return sum(m.throttled_s for m in self.migrations)
 
     @property
     def not_moved(self) -> tuple[SimMigration, ...]:
@@ -307,6 +315,9 @@ class _Mig:
     rounds: int = 0
     sent: float = 0.0
     throttle: float = 0.0
+    throttled_s: float = 0.0  # throttle × seconds while it dirtied (pre-copy)
+    # what the guest really dirties, where the scheduler was told otherwise (spec.dirty_mib_s); None: the same
+    true_dirty: float | None = None
     level: Escalation = Escalation.NONE
     level_since: float = 0.0
     reserve_ms: float = 0.0  # the switch-over reserve its downtime limit was set with
@@ -320,7 +331,8 @@ class _Mig:
 
     @property
     def dirty(self) -> float:
-        return self.spec.dirty_mib_s * (1.0 - self.throttle)
+        rate = self.spec.dirty_mib_s if self.true_dirty is None else self.true_dirty
+        return rate * (1.0 - self.throttle)
 
 
 def _allocate(flows: Sequence[_Mig], params: SimParams) -> None:
@@ -397,15 +409,15 @@ class _Engine:
             link = self.params.link(m.spec.source)
             rate = stream_rate(self.options, self.policy, link)
             limits = self.source_limits.get(m.spec.source, self.limits)
-            if admission_refusal(m.spec, self.load, limits, self.policy, link_mib_s=link,
+            policy = throttling(self.policy, m.spec.source not in self.poles)
+            if admission_refusal(m.spec, self.load, limits, policy, link_mib_s=link,
                                  rate_mib_s=rate, target_free_mib=self.target_free_mib,
                                  options=self.options) is not None:
                 continue
             admitted.append(m)
             sending = {r.spec.vm for r in self.running if not r.released}
             cap = pole_cap_mib_s(m.spec, self.poles, sending, link, rate)
-            m.options = options_for(m.spec, self.configured, self.policy, rate, switchover_share(link, rate, limits),
-                                    cap)
+            m.options = options_for(m.spec, self.configured, policy, rate, switchover_share(link, rate, limits), cap)
             sends = stream_rate(m.options, self.policy, link)  # within its cap, if it got one
             m.reserve_ms = self.policy.switchover_ms
             m.cap = sends
@@ -417,7 +429,7 @@ class _Engine:
             if m.options.auto_converge:
                 m.level = Escalation.AUTO_CONVERGE
                 m.throttle = self._ac_initial(m) if m.spec.dirty_mib_s > 0 else 0.0
-            self.load.add(m.spec, sends, expected_dirty_mib_s(m.spec, self.policy, rate, self.options))
+            self.load.add(m.spec, sends, expected_dirty_mib_s(m.spec, policy, rate, self.options))
             self.max_concurrency = max(self.max_concurrency, self.load.total)
             self.running.append(m)
         if admitted:
@@ -490,6 +502,7 @@ class _Engine:
             m.round_sent += sent
             if m.phase is Phase.PRECOPY:
                 m.dirty_acc = min(float(m.spec.memory_mib), m.dirty_acc + m.dirty * dt)
+                m.throttled_s += m.throttle * dt
         self.t = when
         for m in list(self.running):
             tol = EPS * max(1.0, m.rate)
@@ -562,7 +575,8 @@ class _Engine:
                             memory_mib=m.spec.memory_mib, dirty_mib_s=m.spec.dirty_mib_s, outcome=m.outcome,
                             start_s=round(m.start, 6), end_s=round(m.end, 6), sent_mib=round(m.sent, 3),
                             downtime_ms=None if m.downtime_ms is None else round(m.downtime_ms, 3),
-                            rounds=m.rounds, escalation=m.level, reason=m.reason)
+                            rounds=m.rounds, escalation=m.level, reason=m.reason,
+                            throttled_s=round(m.throttled_s, 6))
 
 
 def _specs(placements: Sequence[Placement], vm_memory_mib: Mapping[str, int] | None,
@@ -616,10 +630,13 @@ def simulate_drain(plan: EvacuationPlan | Sequence[Placement], limits: Limits, *
                    policy: SchedulerPolicy | None = None, options: MigrationOptions = MigrationOptions(),
                    vm_memory_mib: Mapping[str, int] | None = None, dirty_rate: Mapping[str, float] | None = None,
                    target_free_mib: Mapping[str, int] | None = None,
-                   params: SimParams = SimParams()) -> DrainEstimate:
+                   params: SimParams = SimParams(),
+                   true_dirty_rate: Mapping[str, float] | None = None) -> DrainEstimate:
     """Simulate draining ``plan`` as :func:`hostmaint.migration.drain` would run it. Pure.
 
-    ``dirty_rate`` is MiB/s per VM (0 when unknown). The same arguments always give the same estimate.
+    ``dirty_rate`` is MiB/s per VM (0 when unknown): what the scheduler is told, and what the guests dirty
+    unless ``true_dirty_rate`` says otherwise (an estimate's error: the scheduler decides on ``dirty_rate``,
+    the guests dirty at their true rate). The same arguments always give the same estimate.
     """
     policy = policy or SchedulerPolicy()
     placements = plan.placements if isinstance(plan, EvacuationPlan) else tuple(plan)
@@ -627,8 +644,9 @@ def simulate_drain(plan: EvacuationPlan | Sequence[Placement], limits: Limits, *
     engine = _Engine(limits, policy, options, params, target_free_mib)
     links = {s.source: params.link(s.source) for s in specs}
     rates = {src: stream_rate(options, policy, link) for src, link in links.items()}
-    engine.pending = [_Mig(s) for s in order_placements(specs, policy.order, links, rates)]
-    engine.poles = long_poles(specs, links, rates, policy)
+    truth = true_dirty_rate or {}
+    engine.pending = [_Mig(s, true_dirty=truth.get(s.vm)) for s in order_placements(specs, policy.order, links, rates)]
+    engine.poles = long_poles(specs, links, rates, policy, options)
     while engine.pending or engine.running:
         engine.admit()
         if not engine.running:

@@ -731,6 +731,22 @@ def test_migrations_started_beside_the_drains_long_pole_are_capped_so_it_keeps_i
     assert {opts.bandwidth_mib_s for _, opts in fixed.calls} == {None}
 
 
+def test_where_the_link_decides_the_drain_the_executor_starts_a_moderately_dirty_vm_throttled() -> None:
+    # 130 MiB/s of a 600 MiB/s stream: under the plain upfront line (30 %), over the one for a drain its
+    # link decides (20 %): auto-converge from the start at 77 %, as the simulator has it. Beside a 64 GiB VM
+    # that decides the drain it starts as before.
+    limits = Limits(migrations_per_source=6, migrations_per_target=6, migrations_per_cluster=6)
+    moves = [(f"v{i}", "src", f"dst{i % 3}", 16384) for i in range(8)]
+    hv = fleet(moves)
+    assert drain(make_plan(moves), hv, limits, bandwidth_mib_s={"src": 2900}, dirty_rate={"v0": 130.0}).ok
+    started = {vm: (o.auto_converge, o.auto_converge_initial_pct) for vm, o in hv.calls}
+    assert started["v0"] == (True, 77) and started["v1"] == (False, None)
+    pole = [("big", "src", "dst0", 65536), *moves[:4]]
+    beside = fleet(pole, scripts={"big": Script(steps=40, step_s=0.01)})
+    assert drain(make_plan(pole), beside, limits, bandwidth_mib_s={"src": 2900}, dirty_rate={"v0": 130.0}).ok
+    assert {vm: o.auto_converge for vm, o in beside.calls}["v0"] is False
+
+
 def test_a_migration_that_never_started_is_failed_not_unknown() -> None:
     # the source's libvirtd was gone when the migration was to start: nothing was asked of libvirt, so the
     # VM did not move, though it cannot be located now; "unknown" would send the next run looking for it

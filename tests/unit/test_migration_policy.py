@@ -34,6 +34,8 @@ from hostmaint.migration.policy import (
     stalled_for_s,
     stream_rate,
     switchover_share,
+    throttling,
+    upfront_throttle_pct,
 )
 from hostmaint.models import Limits, MigrationOptions, MigrationProgress, Placement
 
@@ -263,9 +265,12 @@ def test_a_vm_that_outlasts_its_sources_memory_over_the_link_is_the_drains_long_
     # with enough beside it the link decides: no pole (396 GiB over the link: 140 s)
     many = [*small, big, *(spec(f"m{i}", 16384) for i in range(20))]
     assert long_poles(many, links, rates, policy) == {}
-    # the longest is by expected time, dirty rate included: a dirty 48 GiB VM outlasts an idle 64 GiB one
-    hot = spec("hot", 49152, dirty=200.0)
-    assert long_poles([*small, big, hot], links, rates, policy) == {"s": "hot"}
+    # the longest is by expected time at the dirty rate it will have: a 56 GiB VM dirtying 170 MiB/s (under
+    # the upfront throttle's 30 %) outlasts an idle 64 GiB one; a 48 GiB one at 400 MiB/s starts throttled
+    # to 60 MiB/s and does not (unthrottled it would take 246 s)
+    warm, hot = spec("warm", 57344, dirty=170.0), spec("hot", 49152, dirty=400.0)
+    assert long_poles([*small, big, warm], links, rates, policy) == {"s": "warm"}
+    assert long_poles([*small, big, hot], links, rates, policy) == {"s": "big"}
     # one VM alone, the fixed anchors, the rule off: none
     assert long_poles([big], links, rates, policy) == {}
     assert long_poles([*small, big], links, rates, SchedulerPolicy.fixed(2)) == {}
@@ -289,6 +294,28 @@ def test_migrations_started_beside_a_sending_long_pole_leave_it_its_whole_stream
     assert options_for(small, MigrationOptions(bandwidth_mib_s=500), SchedulerPolicy(), 500.0, None,
                        575).bandwidth_mib_s == 500
     assert options_for(small, MigrationOptions(), SchedulerPolicy(), 600.0).bandwidth_mib_s is None
+
+
+def test_where_the_link_decides_the_drain_a_moderately_dirty_vm_starts_throttled_deeper() -> None:
+    # 130 MiB/s on a 600 MiB/s stream (22 %): it would re-send 28 % of its memory, the drain's time on a full
+    # link. Where the link decides the drain it starts at the throttle that brings it to 5 % of the stream;
+    # beside a long pole its re-sends fit in the pole's time, so the plain rule (from 30 %) leaves it alone.
+    policy = SchedulerPolicy()
+    warm = spec("warm", 8192, dirty=130.0)
+    linked = throttling(policy, link_bound=True)
+    assert upfront_throttle_pct(warm, linked, 600.0) == 77  # 130 × 0.23 = 30 MiB/s = 5 % of 600
+    assert expected_dirty_mib_s(warm, linked, 600.0) == pytest.approx(130 * 0.23)
+    assert options_for(warm, MigrationOptions(), linked, 600.0).auto_converge_initial_pct == 77
+    assert upfront_throttle_pct(warm, throttling(policy, link_bound=False), 600.0) is None
+    assert throttling(policy, link_bound=False) is policy
+    # a VM dirtying 30 % or more is throttled either way, deeper where the link decides
+    hot = spec("hot", 8192, dirty=300.0)
+    assert upfront_throttle_pct(hot, policy, 600.0) == 80  # to 10 % of the stream
+    assert upfront_throttle_pct(hot, linked, 600.0) == 90  # to 5 %, held at the 90 % ceiling
+    # the fixed anchors are never changed; the rule can be set back to the plain one
+    assert throttling(SchedulerPolicy.fixed(2), link_bound=True) == SchedulerPolicy.fixed(2)
+    plain = SchedulerPolicy(link_bound_upfront_fraction=0.3, link_bound_target_fraction=0.1)
+    assert throttling(plain, link_bound=True) is plain
 
 
 def test_a_running_migrations_end_comes_from_what_it_has_left() -> None:

@@ -142,6 +142,43 @@ def test_the_vm_that_decides_the_drain_keeps_its_whole_stream() -> None:
     assert {m.vm for m in est.migrations if m.outcome is not StepOutcome.OK} == set()
 
 
+def test_where_the_link_decides_a_moderately_dirty_vm_is_throttled_and_its_guest_time_counted() -> None:
+    # 25 GbE: 8 x 16 GiB, one of them dirtying 130 MiB/s (22 % of its stream). The link decides this drain
+    # (128 GiB over it: 45 s; 16 GiB alone 27 s), so that VM starts throttled to 5 % of its stream; the
+    # plain rule (from 30 %) would let it re-send 28 % of its memory. Beside a long pole it keeps the plain rule.
+    limits = Limits(migrations_per_source=6, migrations_per_target=6, migrations_per_cluster=6)
+    placements = [Placement(vm=f"v{i}", source="s", target=f"t{i % 4}", memory_mib=16384) for i in range(8)]
+    params = SimParams(default_link_mib_s=2900)
+    kw = dict(dirty_rate={"v0": 130.0}, params=params)
+    ours = simulate_drain(placements, limits, **kw)
+    plain = simulate_drain(placements, limits, policy=SchedulerPolicy(link_bound_upfront_fraction=0.3,
+                                                                       link_bound_target_fraction=0.1), **kw)
+    hot, cool = ours.migrations[0], plain.migrations[0]
+    assert hot.escalation is Escalation.AUTO_CONVERGE and cool.escalation is Escalation.NONE
+    assert hot.sent_mib < 1.07 * 16384 < 1.2 * 16384 < cool.sent_mib
+    assert ours.sent_mib < plain.sent_mib - 0.15 * 16384  # the link's bytes, on a full link its time
+    # its price, in the guest's time: 77 % of its vCPU time over the ~28 s it dirtied
+    assert hot.throttled_s == pytest.approx(0.77 * (hot.seconds - params.setup_s), rel=0.05)
+    assert cool.throttled_s == 0.0 and ours.throttled_s == hot.throttled_s
+    # beside a 64 GiB VM that decides the drain (16 GiB VMs fit in its time) nothing is bought by it
+    pole = [Placement(vm="big", source="s", target="t0", memory_mib=65536), *placements[:4]]
+    beside = simulate_drain(pole, limits, **kw)
+    assert beside.migrations[1].escalation is Escalation.NONE
+
+
+def test_the_scheduler_decides_on_the_estimate_and_the_guest_dirties_at_its_true_rate() -> None:
+    # told 0 MiB/s, a guest that dirties 300 MiB/s is not throttled upfront and re-sends its pages; told
+    # the truth, it starts throttled. With no true rate given, the estimate is the truth.
+    placements = moves(1, mib=8192)
+    wrong = simulate_drain(placements, BIG, dirty_rate={"v0": 0.0}, true_dirty_rate={"v0": 300.0})
+    right = simulate_drain(placements, BIG, dirty_rate={"v0": 300.0})
+    same = simulate_drain(placements, BIG, dirty_rate={"v0": 300.0}, true_dirty_rate={"v0": 300.0})
+    assert wrong.migrations[0].sent_mib > 1.3 * 8192 > right.migrations[0].sent_mib
+    assert right.migrations[0].escalation is Escalation.AUTO_CONVERGE
+    assert same == right
+    assert simulate_drain(placements, BIG, dirty_rate={"v0": 0.0}).migrations[0].sent_mib == pytest.approx(8192)
+
+
 def test_no_drain_that_moves_every_vm_beats_its_valid_floor() -> None:
     # The proof is in valid_drain_floor_s; this holds it against random drains, every policy and order,
     # set-ups, TLS, post-copy, slow targets and tight limits. The old floor's VM term (M / (b − D)) is
@@ -517,11 +554,15 @@ def test_a_full_link_keeps_every_pause_within_the_configured_limit() -> None:
                   for i in range(16)]
     dirty = {p.vm: rng.uniform(50, 250) for p in placements}
     limits = Limits(migrations_per_source=3, migrations_per_target=8, migrations_per_cluster=3)
-    old = simulate_drain(placements, limits, dirty_rate=dirty, policy=SchedulerPolicy(downtime_aware=False))
-    ours = simulate_drain(placements, limits, dirty_rate=dirty)
+    # the plain upfront throttle (from 30 % of a stream): the deeper one where the link decides leaves most of
+    # these VMs too little to send in their last round to show it
+    plain = dict(link_bound_upfront_fraction=0.3, link_bound_target_fraction=0.1)
+    old = simulate_drain(placements, limits, dirty_rate=dirty, policy=SchedulerPolicy(downtime_aware=False, **plain))
+    ours = simulate_drain(placements, limits, dirty_rate=dirty, policy=SchedulerPolicy(**plain))
     assert old.downtime_percentile_ms(100) > 300  # what the link-filling admission did before
     assert ours.downtime_percentile_ms(100) <= 300
     assert ours.makespan_s <= old.makespan_s * 1.02
+    assert simulate_drain(placements, limits, dirty_rate=dirty).downtime_percentile_ms(100) <= 300
 
 
 def test_the_valid_bound_leaves_room_for_the_next_set_up_before_a_migration_ends() -> None:
