@@ -19,7 +19,7 @@ import hashlib
 import io
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import PurePath
@@ -318,29 +318,49 @@ class AuditTrail:
                             problem=f"{count} records, chain intact")
 
     def export(self, fmt: Literal["jsonl", "csv"]) -> str:
-        """Every record, in seq order, as JSON lines or CSV (``inputs``/``details`` as JSON text in CSV).
+        """Every record, in seq order, as JSON lines or CSV: :meth:`export_lines` joined."""
+        return "".join(self.export_lines(fmt))
+
+    def export_lines(self, fmt: Literal["jsonl", "csv"]) -> Iterator[str]:
+        """Every record, in seq order, as JSON lines or CSV (``inputs``/``details`` as JSON text in CSV),
+        a line (a CSV row) at a time as the records are read: a site's trail need not fit in memory.
 
         JSON lines carry the exact records. The CSV is for spreadsheets, and names in it come from
         hosts: a text cell that a spreadsheet would take as a formula (``=``, ``+``, ``-``, ``@``, tab,
         CR first) starts with ``'`` there (:func:`~hostmaint.display.spreadsheet_cell`), and a field
         with a line break is quoted, so a record stays one row. The stored records are not changed.
         """
-        records = self.records()
-        if fmt == "jsonl":
-            return "".join(canonical_json(r.to_dict()) + "\n" for r in records)
-        if fmt == "csv":
-            out = io.StringIO()
-            # RFC 4180's CRLF: the csv module quotes a field holding any character of the line
-            # terminator, so with "\n" alone a bare CR in a name was written unquoted and split the row
-            writer = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\r\n")
-            writer.writeheader()
-            for r in records:
-                row = r.to_dict()
-                row["inputs"] = canonical_json(row["inputs"])
-                row["details"] = canonical_json(row["details"])
-                writer.writerow({k: spreadsheet_cell(v) for k, v in row.items()})
-            return out.getvalue()
-        raise ValueError(f"export format {fmt!r}: expected 'jsonl' or 'csv'")
+        if fmt not in ("jsonl", "csv"):  # refused now, not when the first line is asked for
+            raise ValueError(f"export format {fmt!r}: expected 'jsonl' or 'csv'")
+        return self._jsonl() if fmt == "jsonl" else self._csv()
+
+    def iter_records(self) -> Iterator[AuditRecord]:
+        """Every stored record in seq order, read as it is consumed."""
+        with self._engine.connect() as conn:
+            for row in conn.execution_options(yield_per=2000).execute(
+                    sa.select(audit_table).order_by(audit_table.c.seq)):
+                yield _from_row(row)
+
+    def _jsonl(self) -> Iterator[str]:
+        for r in self.iter_records():
+            yield canonical_json(r.to_dict()) + "\n"
+
+    def _csv(self) -> Iterator[str]:
+        out = io.StringIO()
+        # RFC 4180's CRLF: the csv module quotes a field holding any character of the line
+        # terminator, so with "\n" alone a bare CR in a name was written unquoted and split the row
+        writer = csv.DictWriter(out, fieldnames=FIELDS, lineterminator="\r\n")
+        writer.writeheader()
+        for r in self.iter_records():
+            row = r.to_dict()
+            row["inputs"] = canonical_json(row["inputs"])
+            row["details"] = canonical_json(row["details"])
+            writer.writerow({k: spreadsheet_cell(v) for k, v in row.items()})
+            yield out.getvalue()
+            out.seek(0)
+            out.truncate()
+        if out.tell():  # an empty trail: the header alone
+            yield out.getvalue()
 
 
 def _label(fields: Mapping[str, Any]) -> str:

@@ -476,7 +476,7 @@ def audit_export(fmt: Annotated[str, typer.Option("--format", help="jsonl or csv
     with exit_codes():
         if fmt not in ("jsonl", "csv"):
             raise InputError(f"--format: must be jsonl or csv, got {fmt!r}")
-        sys.stdout.write(_audit(None).export(fmt))
+        sys.stdout.writelines(_audit(None).export_lines(fmt))
 
 
 @audit_app.command("verify")

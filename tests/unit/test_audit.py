@@ -529,6 +529,21 @@ def test_export_csv_is_safe_in_a_spreadsheet_and_keeps_one_row_per_record(trail:
 def test_export_unknown_format_is_refused(trail: AuditTrail) -> None:
     with pytest.raises(ValueError, match="xml"):
         trail.export("xml")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="xml"):
+        trail.export_lines("xml")  # type: ignore[arg-type]  # refused when asked, not when first read
+
+
+def test_export_comes_a_record_at_a_time_as_it_is_read(trail: AuditTrail) -> None:
+    assert list(trail.export_lines("csv")) == [",".join(audit.FIELDS) + "\r\n"]  # an empty trail: the header
+    fill(trail, 5)
+    lines = trail.export_lines("jsonl")
+    assert json.loads(next(lines))["seq"] == 1
+    trail.append(entry(5))  # written while the export reads: the export is the trail as it was when it began
+    assert [json.loads(line)["seq"] for line in lines] == [2, 3, 4, 5]
+    rows = list(trail.export_lines("csv"))
+    assert len(rows) == 6 and rows[0].startswith(",".join(audit.FIELDS))
+    assert "".join(rows) == trail.export("csv")
+    assert [r["seq"] for r in csv.DictReader(io.StringIO("".join(rows)))] == ["1", "2", "3", "4", "5", "6"]
 
 
 def test_reading_a_record_with_a_tampered_enum_raises_audit_error(engine: sa.Engine, trail: AuditTrail) -> None:
