@@ -129,6 +129,8 @@ class SchedulerPolicy:
     # a VM whose own transfer outlasts its source's whole memory over the link decides the drain: while it
     # sends, the others from its source start capped, so it keeps its whole stream (:func:`long_poles`)
     long_pole_first: bool = True
+    # a drain holds one set-up slot per this many streams that fill its link, at least one (:func:`setup_slots`)
+    streams_per_setup_slot: int = 3
     # each migration's downtime limit from the link share it can count on at its switch-over (adaptive only)
     downtime_aware: bool = True
     # the part of the pause QEMU's limit leaves out (device state, the final handshake): the sim's figure
@@ -258,10 +260,11 @@ def slots_per_drain(links_mib_s: Mapping[str, float], limits: Limits, policy: Sc
     """The share of the cluster's migration slots a drain of these sources holds (source: its link).
 
     What the drain can use, at most what its sources may send at once and at most the whole limit.
-    The adaptive policy fills a source's link and no more: enough streams to fill it, and one more
-    for the next migration's set-up while one finishes (:func:`about_to_finish`). Holding more would
-    only keep slots from the drains beside it (10 GbE, 600 MiB/s streams: 3 of a source's 8). The
-    fixed policies hold their fixed number; unbounded holds the inventory's.
+    The adaptive policy fills a source's link and no more: enough streams to fill it, and set-up slots
+    for the next migrations while others finish (:func:`about_to_finish`, :func:`setup_slots`). Holding
+    more would only keep slots from the drains beside it (10 GbE, 600 MiB/s streams: 3 of a source's 8;
+    25 GbE: 5 streams and 2 set-up slots). The fixed policies hold their fixed number; unbounded holds
+    the inventory's.
 
     ``drains_waiting``: the drains of the cluster that want slots now, this one included. When they
     cannot all have the set-up slot, none takes it: the cluster's slots then move more data side by
@@ -271,7 +274,7 @@ def slots_per_drain(links_mib_s: Mapping[str, float], limits: Limits, policy: Sc
     for link in links_mib_s.values():
         if policy.adaptive:
             streams = streams_to_fill(link, stream_rate(options, policy, link))
-            per_source += min(limits.migrations_per_source, streams + 1)
+            per_source += min(limits.migrations_per_source, streams + setup_slots(streams, policy))
             lean += min(limits.migrations_per_source, streams)
         else:
             fixed = min(limits.migrations_per_source, policy.max_per_source or limits.migrations_per_source)
@@ -281,6 +284,18 @@ def slots_per_drain(links_mib_s: Mapping[str, float], limits: Limits, policy: Sc
     if drains_waiting > 1 and drains_waiting * full > limits.migrations_per_cluster:
         return max(1, min(limits.migrations_per_cluster, lean))
     return full
+
+
+def setup_slots(streams: int, policy: SchedulerPolicy) -> int:
+    """How many migrations a drain may have setting up beside the ``streams`` that fill its link: one per
+    ``policy.streams_per_setup_slot`` streams, at least one.
+
+    A migration hands its link share on when it has ``lookahead_s`` left and holds its slot until it ends,
+    while its successor sets up. A drain's last VMs are its smallest (longest first): on 25 GbE five
+    streams of 2 GiB VMs hand over about once a second, and one set-up slot serves one hand-over per
+    set-up (1.5 s): the others wait, their streams idle (the benchmark's "link a stream short while VMs
+    wait"). On 10 GbE two streams hand over rarely enough for one."""
+    return max(1, math.ceil(streams / max(1, policy.streams_per_setup_slot)))
 
 
 def drain_limits(limits: Limits, share: int) -> Limits:

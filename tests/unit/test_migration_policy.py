@@ -30,6 +30,7 @@ from hostmaint.migration.policy import (
     planning_share,
     pole_cap_mib_s,
     seconds_left,
+    setup_slots,
     slots_per_drain,
     stalled_for_s,
     stream_rate,
@@ -383,7 +384,9 @@ def test_the_drivers_own_abort_rule_comes_after_the_schedulers_escalation() -> N
 
 @pytest.mark.parametrize(("link", "options", "per_source", "expected"), [
     (1100.0, MigrationOptions(), 8, 3),  # two 600 MiB/s streams fill 10 GbE, one more sets up
-    (2900.0, MigrationOptions(), 8, 6),  # 25 GbE: five streams, one more
+    (2900.0, MigrationOptions(), 8, 7),  # 25 GbE: five streams, two set-up slots (one per three streams)
+    (2900.0, MigrationOptions(parallel_connections=4), 8, 3),  # 25 GbE, 4 connections: two streams, one more
+    (6000.0, MigrationOptions(), 16, 14),  # ten streams, four set-up slots
     (2900.0, MigrationOptions(), 4, 4),  # never more than the source may send
     (1100.0, MigrationOptions(parallel_connections=4), 8, 2),  # one migration fills the link
     (1100.0, MigrationOptions(bandwidth_mib_s=100), 8, 8),  # slow streams: every slot the source has
@@ -396,6 +399,15 @@ def test_a_drain_holds_the_slots_its_link_can_use(link: float, options: Migratio
     assert slots_per_drain({"hv01": link}, limits, SchedulerPolicy(), options) == expected
 
 
+def test_a_drain_holds_a_set_up_slot_per_three_streams_that_fill_its_link() -> None:
+    # on 25 GbE five streams of small VMs hand over about once a second, one set-up slot one per 1.5 s
+    assert [setup_slots(n, SchedulerPolicy()) for n in (1, 2, 3, 4, 5, 6, 7)] == [1, 1, 1, 2, 2, 2, 3]
+    assert setup_slots(5, SchedulerPolicy(streams_per_setup_slot=99)) == 1  # the one slot of before
+    one = SchedulerPolicy(streams_per_setup_slot=99)
+    assert slots_per_drain({"hv01": 2900.0}, Limits(migrations_per_source=8, migrations_per_cluster=64), one,
+                           MigrationOptions()) == 6
+
+
 def test_fixed_and_unbounded_drains_hold_what_they_may_run() -> None:
     limits = Limits(migrations_per_source=8, migrations_per_cluster=16)
     links = {"hv01": 1100.0}
@@ -406,7 +418,8 @@ def test_fixed_and_unbounded_drains_hold_what_they_may_run() -> None:
 def test_a_drain_of_several_hosts_holds_each_ones_share_within_the_cluster() -> None:
     limits = Limits(migrations_per_source=8, migrations_per_cluster=16)
     two = {"hv01": 1100.0, "hv02": 2900.0}
-    assert slots_per_drain(two, limits, SchedulerPolicy(), MigrationOptions()) == 3 + 6
+    # 10 GbE: two streams and a set-up slot; 25 GbE: five streams and two set-up slots
+    assert slots_per_drain(two, limits, SchedulerPolicy(), MigrationOptions()) == 3 + 7
     many = {f"hv{i:02d}": 1100.0 for i in range(8)}
     assert slots_per_drain(many, limits, SchedulerPolicy(), MigrationOptions()) == 16  # the whole limit
 
