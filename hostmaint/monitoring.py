@@ -577,7 +577,7 @@ class SilenceLease:
 
 def recorded_silence(rt: Runtime, host: str) -> str | None:
     """The id of the last silence a run opened for ``host`` and did not end (the audit trail says)."""
-    for rec in reversed(rt.audit.records(host=host)):
+    for rec in reversed(rt.audit.records(host=host, steps=(Step.SILENCE, Step.SILENCE_END))):
         if rec.step == Step.SILENCE_END:
             return None
         if rec.step == Step.SILENCE and rec.details.get("silence_id"):
