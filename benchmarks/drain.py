@@ -885,9 +885,10 @@ per drain by simulating candidate orders with the scheduler's own model at plann
 rates a local search of 80 orders per drain (pairs swapped near the tail, 13 s for the 10 drains) took
 the plain scheduler from 1.056 to 1.0505 over the proven floor; with ±50 % estimates to 1.0556 (nothing:
 the tail's alignment needs sub-second timings a wrong dirty rate moves). Nor did placing the 2 GiB VMs
-among the large ones (within ±0.002, exact or noisy), or letting the set-up slot send as a sixth stream
-(1.070: every share thinner, more re-sent). What is left above the proven floor on 25 GbE single-stream
-(3.9 %): re-sent pages 2.8 % of the link time, the tail after the last start 1.2 %, the wait 0.2 %.
+among the large ones (within ±0.002, exact or noisy), or, on the plain scheduler, letting the set-up slot
+send as a sixth stream (1.070: every share thinner, more re-sent). What is left above the proven floor on
+25 GbE single-stream (3.9 %), in the terms of the table above: re-sent pages 2.8 %, the tail after the
+last start 1.2 %, the wait 0.2 %.
 
 The **proven floor** (`valid_drain_floor_s`, column "÷ proven floor") is
 max(one set-up + Σ memory ÷ the busiest link, the largest VM's set-up + M ÷ b): no byte crosses a link
