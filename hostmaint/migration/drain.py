@@ -330,7 +330,7 @@ class _Drain:
         if refusal is not None:
             return refusal
         sending = {f.spec.vm for f in flights.values() if not f.released}
-        cap = pole_cap_mib_s(spec, self.poles, sending, link, rate)
+        cap = pole_cap_mib_s(spec, self.poles, sending, link, rate, self.limits)
         opts = options_for(spec, self.options, policy, rate, switchover_share(link, rate, self.limits), cap)
         stream = rate
         rate = stream_rate(opts, self.policy, link)  # within its cap, if it got one

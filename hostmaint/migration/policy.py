@@ -421,17 +421,20 @@ def long_poles(specs: Sequence[MigrationSpec], links_mib_s: Mapping[str, float],
 
 
 def pole_cap_mib_s(spec: MigrationSpec, poles: Mapping[str, str], sending: Collection[str], link_mib_s: float,
-                   rate_mib_s: float) -> int | None:
+                   rate_mib_s: float, limits: Limits) -> int | None:
     """The bandwidth cap ``spec`` starts with: while its source's long pole (:func:`long_poles`) is among
     ``sending`` (the VMs still holding their link share) and is not ``spec``, the link less the pole's
     stream, split among the streams that fill the rest (25 GbE, 600 MiB/s streams: 2300 ÷ 4 = 575 MiB/s),
-    so the pole keeps its whole stream while the link stays full. None: no cap (no pole sending, or the
-    pole's stream fills the link alone)."""
+    so the pole keeps its whole stream while the link stays full. None: no cap (no pole sending, the
+    pole's stream fills the link alone, or the drain may not run enough streams to fill the link
+    (``limits``), so the pole has its whole stream anyway)."""
     pole = poles.get(spec.source)
     if pole is None or pole == spec.vm or pole not in sending:
         return None
     rest = link_mib_s - rate_mib_s
     if rest <= 0 or rate_mib_s <= 0:
+        return None
+    if streams_to_fill(link_mib_s, rate_mib_s) > min(limits.migrations_per_source, limits.migrations_per_cluster):
         return None
     return max(1, math.floor(rest / streams_to_fill(rest, rate_mib_s)))
 

@@ -416,7 +416,7 @@ class _Engine:
                 continue
             admitted.append(m)
             sending = {r.spec.vm for r in self.running if not r.released}
-            cap = pole_cap_mib_s(m.spec, self.poles, sending, link, rate)
+            cap = pole_cap_mib_s(m.spec, self.poles, sending, link, rate, limits)
             m.options = options_for(m.spec, self.configured, policy, rate, switchover_share(link, rate, limits), cap)
             sends = stream_rate(m.options, self.policy, link)  # within its cap, if it got one
             m.reserve_ms = self.policy.switchover_ms

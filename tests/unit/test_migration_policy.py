@@ -281,12 +281,18 @@ def test_a_vm_that_outlasts_its_sources_memory_over_the_link_is_the_drains_long_
 def test_migrations_started_beside_a_sending_long_pole_leave_it_its_whole_stream() -> None:
     poles = {"s": "big"}
     small = spec("s0", 2048)
+    seven = Limits(migrations_per_source=7, migrations_per_cluster=7)
     # 2900 MiB/s less the pole's 600, over the 4 streams that fill the rest: the pole keeps 600, not 580
-    assert pole_cap_mib_s(small, poles, {"big", "s1"}, 2900.0, 600.0) == 575
-    assert pole_cap_mib_s(small, poles, {"s1"}, 2900.0, 600.0) is None  # the pole ended or handed its share on
-    assert pole_cap_mib_s(spec("big", 65536), poles, {"big"}, 2900.0, 600.0) is None  # not the pole itself
-    assert pole_cap_mib_s(spec("x", 2048, source="s2"), poles, {"big"}, 2900.0, 600.0) is None  # another source
-    assert pole_cap_mib_s(small, poles, {"big"}, 600.0, 600.0) is None  # the pole's stream is the whole link
+    assert pole_cap_mib_s(small, poles, {"big", "s1"}, 2900.0, 600.0, seven) == 575
+    assert pole_cap_mib_s(small, poles, {"s1"}, 2900.0, 600.0, seven) is None  # the pole ended or handed it on
+    assert pole_cap_mib_s(spec("big", 65536), poles, {"big"}, 2900.0, 600.0, seven) is None  # not the pole itself
+    assert pole_cap_mib_s(spec("x", 2048, source="s2"), poles, {"big"}, 2900.0, 600.0, seven) is None
+    assert pole_cap_mib_s(small, poles, {"big"}, 600.0, 600.0, seven) is None  # the pole's stream is the link
+    # a drain that may not run the five streams that fill the link leaves the pole its stream anyway; so do
+    # streams capped far below the link (8 MiB/s each: the cap would only slow the others)
+    four = Limits(migrations_per_source=4, migrations_per_cluster=7)
+    assert pole_cap_mib_s(small, poles, {"big"}, 2900.0, 600.0, four) is None
+    assert pole_cap_mib_s(small, poles, {"big"}, 1100.0, 8.0, seven) is None
     # the cap goes to the driver as the migration's bandwidth, within a configured one, and its downtime
     # limit is scaled from what it will send (575), not from the stream's 600
     opts = options_for(small, MigrationOptions(), SchedulerPolicy(), 600.0, 2900.0 / 6, 575)
