@@ -26,6 +26,7 @@ Three decisions:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -587,6 +588,7 @@ DRIVER_BUDGET_FACTOR = 1.1
 QEMU_THROTTLE_INITIAL_PCT = 20
 
 
+@functools.lru_cache(maxsize=64)  # admission asks it for every pending VM at every pass
 def throttling(policy: SchedulerPolicy, link_bound: bool) -> SchedulerPolicy:
     """The policy a source's migrations are admitted and throttled by: ``policy``, and for the adaptive one on
     a source whose drain its link decides (``link_bound``: it has no long pole, :func:`long_poles`) the upfront

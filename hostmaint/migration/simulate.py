@@ -402,6 +402,7 @@ class _Engine:
         self.changed = False
         self.pending = self.staggered(self.pending)
         admitted: list[_Mig] = []
+        policies: dict[str, SchedulerPolicy] = {}  # per source, this pass (:func:`throttling`)
         # In plan order, hosts in the order they entered maintenance: the first host's drain gets the
         # shared slots first, so it finishes and goes to patching while the next ones still drain
         # (spreading slots evenly over hosts measured slower: all would patch at once, links idle).
@@ -409,7 +410,8 @@ class _Engine:
             link = self.params.link(m.spec.source)
             rate = stream_rate(self.options, self.policy, link)
             limits = self.source_limits.get(m.spec.source, self.limits)
-            policy = throttling(self.policy, m.spec.source not in self.poles)
+            policy = policies.get(m.spec.source) or policies.setdefault(
+                m.spec.source, throttling(self.policy, m.spec.source not in self.poles))
             if admission_refusal(m.spec, self.load, limits, policy, link_mib_s=link,
                                  rate_mib_s=rate, target_free_mib=self.target_free_mib,
                                  options=self.options) is not None:
