@@ -128,8 +128,8 @@ def test_four_vms_migrate_in_parallel_to_two_hosts(lab: LabInfo, hv: LibvirtHype
             remove_guest(lab, name)
 
 
-def test_a_migration_runs_with_the_downtime_limit_the_scheduler_gave_it(lab: LabInfo,
-                                                                         hv: LibvirtHypervisor) -> None:
+def test_a_migration_runs_with_the_downtime_limit_and_bandwidth_the_scheduler_gave_it(lab: LabInfo,
+                                                                                       hv: LibvirtHypervisor) -> None:
     # the scheduler's per-migration limit (issue 22 item 1) is only worth something if the job QEMU runs
     # has it: read back from the running job on the source, while it still sends memory
     import libvirt
@@ -137,16 +137,20 @@ def test_a_migration_runs_with_the_downtime_limit_the_scheduler_gave_it(lab: Lab
     add_guest(lab, "dtl01", "hv01", memory_mib=256, linux=True, dirty_mib_s=4)
     conn = libvirt.open(lab.plain_uri("hv01"))
     seen: list[int] = []
+    speeds: list[int] = []
 
     def on_progress(sample: MigrationProgress) -> None:
         if sample.data_remaining > 0:
-            seen.append(conn.lookupByName("dtl01").migrateGetMaxDowntime(0))
+            dom = conn.lookupByName("dtl01")
+            seen.append(dom.migrateGetMaxDowntime(0))
+            speeds.append(dom.migrateGetMaxSpeed(0))  # the bandwidth cap (a long pole's neighbours get one)
 
     try:
         result = hv.migrate("dtl01", "hv01", "hv02", MigrationOptions(downtime_limit_ms=123, bandwidth_mib_s=48),
                             on_progress)
         assert result.outcome is StepOutcome.OK, result.error
         assert seen and set(seen) == {123}, seen
+        assert set(speeds) == {48}, speeds  # MiB/s, as MigrationOptions.bandwidth_mib_s
         assert hv.locate("dtl01") == ("hv02",)
     finally:
         conn.close()
