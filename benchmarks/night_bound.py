@@ -9,6 +9,8 @@ what the simulator's window (the flows' schedule) takes on the same hosts.
   .venv/bin/python benchmarks/night_bound.py --count 30
   .venv/bin/python benchmarks/night_bound.py --schedules   # the night's schedules tried, ÷ the valid bound
   .venv/bin/python benchmarks/night_bound.py --probe       # would integrality or the cluster's slots lift it?
+  .venv/bin/python benchmarks/night_bound.py --waste       # where the flows' window spends its slots' time
+  .venv/bin/python benchmarks/night_bound.py --memory      # would the VMs' memory over time lift it?
 
 The tiny windows are chosen so that the model is a pure scheduling problem and CP-SAT can solve it
 exactly: a link carries one stream (L = b), one migration at a time per source and per target, no
@@ -287,6 +289,133 @@ def schedules(clusters: int = 10, patch_s: float = 420.0, only: Sequence[int] = 
     return "\n".join(lines)
 
 
+def waste(clusters: int = 10, patch_s: float = 420.0) -> str:
+    """The night's clusters as the flows run them (emptiest first): the k maintenance slots' time (k × the
+    window) split into the patches, each host's drain at its link's floor for what it sent (its own VMs
+    and those the window put on it), the drains beyond that floor, hosts waiting cordoned for their drain,
+    and slots left empty (at the end: no host left to start). Deterministic."""
+    from drain import night_cluster
+
+    lines = ["| cluster | k | window s | k × window | patches | drains at their floor (re-sent GiB) | drains beyond "
+             "| waiting cordoned | slots empty | (patches + floor) ÷ k s | tightest valid bound s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    params = SimParams()
+    for c in range(clusters):
+        snap, dirty = night_cluster(1000 + c, f"c{c:02d}", 30, 20)
+        names = [h.name for h in snap.hosts]
+        k = parallel_capacity(snap, names)
+        mem = {n: sum(v.memory_mib for v in snap.vms_on(n)) for n in names}
+        order = sorted(names, key=lambda n: (mem[n], n))
+        est = simulate_window(snap, order, dirty_rate=dirty, patch_s=patch_s, rebalance_within=None,
+                              yardsticks=False)
+        bound = window_slot_bound(snap, names, k, patch_s=patch_s).bound_s
+        sent: dict[str, float] = dict.fromkeys(names, 0.0)
+        for m in est.migrations:
+            sent[m.source] += m.memory_mib
+        span = k * est.makespan_s
+        patches = patch_s * len(est.hosts)
+        floor = sum(params.setup_s + sent[h.host] / params.link(h.host) for h in est.hosts if sent[h.host])
+        drains = sum(h.drained_s - h.drain_start_s for h in est.hosts)
+        waiting = sum(h.drain_start_s - h.start_s for h in est.hosts)
+        empty = span - patches - drains - waiting
+        resent = (sum(sent.values()) - sum(mem.values())) / 1024
+        lines.append(f"| c{c:02d} | {k} | {est.makespan_s:.0f} | {span:.0f} | {patches / span:.1%} | "
+                     f"{floor / span:.1%} ({resent:.0f}) | {(drains - floor) / span:.1%} | {waiting / span:.1%} | "
+                     f"{empty / span:.1%} | {(patches + floor) / k:.0f} | {bound:.0f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
+def _holding_rows(hosts: list[SlotHost], columns: list[SlotColumn], t: float, taus: np.ndarray,
+                  patch_s: float) -> np.ndarray:
+    """Step 3'' of RESULTS.md ("The night against its bound"): the most VM memory each filling's hosts can
+    hold at each τ ([filling, τ]), over every order of its hosts (an early leader first, from 0; a
+    late-led slot from the shortest ℓ) and every placement ending by ``t``: a host patched by τ what its
+    in-link brought since (at most its usable memory), one in maintenance what it can still send by its
+    patch, one patching nothing, one not yet in maintenance its own memory (the early leader: its usable
+    memory), and the hosts not yet in maintenance together at most what the slot can take in (its slack)."""
+    first = min(h.hold_s for h in hosts)
+    out = np.zeros((len(columns), len(taus)))
+    zero = np.zeros(len(taus))
+    for j, column in enumerate(columns):
+        lead = [column.leader] if column.early and column.leader is not None else []
+        late = [i for i in column.hosts if i not in lead]
+        start = 0.0 if lead else first
+        after = hosts[lead[0]].hold_s if lead else first  # the late hosts begin no sooner
+        take = min(sum(hosts[i].room_mib for i in late), max(hosts[i].rate for i in late) * max(
+            0.0, t - after - sum(hosts[i].sends_s for i in late))) if late else 0.0
+        best = np.zeros(len(taus))
+        for rest in itertools.permutations(late):
+            order = lead + list(rest)
+            ell = [hosts[i].hold_s for i in order]
+            ends = list(itertools.accumulate(ell, initial=start))[1:]  # back to back, as early as they can
+            patched = [np.minimum(hosts[i].usable_mib, hosts[i].rate * np.clip(taus - e, 0.0, None))
+                       for i, e in zip(order, ends, strict=True)]
+            waiting = [hosts[i].usable_mib if lead and q == 0 else hosts[i].memory_mib for q, i in enumerate(order)]
+            for g in range(len(order) + 1):  # hosts before g patched by τ, the rest not yet in maintenance
+                ok = (taus >= (ends[g - 1] if g else -np.inf)) & (taus + sum(ell[g:]) <= t)
+                parked = take if any(i in late for i in order[g:]) else 0.0
+                best = np.maximum(best, np.where(ok, sum(patched[:g], zero) + sum(waiting[g:]) + parked, 0.0))
+            for q, i in enumerate(order):  # host q in maintenance at τ, ending as late as the slot lets it
+                before = ends[q - 1] if q else start
+                end = t - sum(ell[q + 1:])
+                ok = (taus >= before) & (end >= np.maximum(before + ell[q], taus))
+                hold = np.minimum(hosts[i].usable_mib, hosts[i].rate * np.clip(end - patch_s - taus, 0.0, None))
+                parked = take if any(x in late for x in order[q + 1:]) else 0.0
+                best = np.maximum(best, np.where(ok, sum(patched[:q], zero) + hold + sum(waiting[q + 1:]) + parked,
+                                                 0.0))
+        out[j] = best
+    return out
+
+
+def _holds_everything(hosts: list[SlotHost], columns: list[SlotColumn], k: int, rows: np.ndarray,
+                      memory: float) -> bool:
+    """Whether the slot LP (GLOP) has room when at every τ the chosen fillings can hold ``memory``."""
+    from ortools.linear_solver import pywraplp
+
+    solver = pywraplp.Solver.CreateSolver("GLOP")
+    y = [solver.NumVar(0.0, 1.0, "") for _ in columns]
+    for i in range(len(hosts)):
+        solver.Add(sum(y[j] for j, c in enumerate(columns) if i in c.hosts) == 1)
+    solver.Add(sum(y) <= k)
+    solver.Add(sum(y[j] for j, c in enumerate(columns) if c.early) >= 1)
+    solver.Add(sum(c.value * y[j] for j, c in enumerate(columns)) >= 0)
+    for q in range(rows.shape[1]):
+        solver.Add(sum(float(rows[j, q]) * y[j] for j in range(len(columns)) if rows[j, q] > 0) >= memory)
+    return solver.Solve() in (pywraplp.Solver.OPTIMAL, pywraplp.Solver.FEASIBLE)
+
+
+def memory_probe(clusters: int = 10, patch_s: float = 420.0, step_s: float = 25.0) -> str:
+    """Would the slot LP's bound rise if, at every τ (every ``step_s``), the chosen fillings had to hold
+    every VM's memory (:func:`_holding_rows`, step 3'' of RESULTS.md, valid)? At the LP's bound + 1 s;
+    and how much more VM memory (× the cluster's) the LP would still find room for (bisection, 1 %)."""
+    from drain import night_cluster
+
+    lines = ["| cluster | k | LP bound s | tried s | + the memory over time | room up to × the VMs' memory | s |",
+             "|---|---|---|---|---|---|---|"]
+    policy, params = SchedulerPolicy(), SimParams()
+    for c in range(clusters):
+        started = time.monotonic()
+        snap, _ = night_cluster(1000 + c, f"c{c:02d}", 30, 20)
+        names = [h.name for h in snap.hosts]
+        k = parallel_capacity(snap, names)
+        bound = window_slot_bound(snap, names, k, patch_s=patch_s).slots_s
+        hosts = slot_hosts(snap, names, patch_s=patch_s, policy=policy, params=params)
+        t = bound + 1.0
+        columns = list(slot_columns(hosts, patch_s + params.setup_s, t))
+        rows = _holding_rows(hosts, columns, t, np.arange(0.0, t + 1e-9, step_s), patch_s)
+        memory = sum(h.memory_mib for h in hosts)
+        room = _holds_everything(hosts, columns, k, rows, memory)
+        lo, hi = 1.0, 1.5
+        while room and hi - lo > 0.01:
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if _holds_everything(hosts, columns, k, rows, memory * mid) else (lo, mid)
+        lines.append(f"| c{c:02d} | {k} | {bound:.1f} | {t:.1f} | {'room' if room else 'NONE'} | "
+                     f"{f'{lo:.2f}' if room else ''} | {time.monotonic() - started:.0f} |")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def _sending_windows(hosts: list[SlotHost], columns: list[SlotColumn], first: float, t: float, setup: float,
                      patch_s: float, gaps: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each filling's hosts made rigid, for every order of its late hosts (the early host first) and one
@@ -430,6 +559,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--schedules", action="store_true", help="the night's schedules tried, ÷ the valid bound")
     ap.add_argument("--probe", action="store_true",
                     help="the night's clusters: would integrality or the cluster's slots in time lift the slot LP?")
+    ap.add_argument("--waste", action="store_true",
+                    help="the night's clusters as the flows run them: where the slots' time goes")
+    ap.add_argument("--memory", action="store_true",
+                    help="the night's clusters: would the VMs' memory over time lift the slot LP?")
     ap.add_argument("--only", type=int, nargs="*", default=[], help="with --schedules: these variants only")
     ap.add_argument("--clusters", type=int, default=10, help="with --schedules: this many of the night's clusters")
     ap.add_argument("--tight", action="store_true",
@@ -440,6 +573,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.probe:
         print(probe(args.clusters))
+        return 0
+    if args.memory:
+        print(memory_probe(args.clusters))
+        return 0
+    if args.waste:
+        print(waste(args.clusters))
         return 0
     print("| window | hosts | VMs | k | C | patch s | room MiB | window_floor_bound s | tightest valid bound s "
           "| optimum s | floor ÷ optimum | tightest ÷ optimum | simulated (the flows' schedule) s | ÷ optimum "
