@@ -11,6 +11,7 @@ what the simulator's window (the flows' schedule) takes on the same hosts.
   .venv/bin/python benchmarks/night_bound.py --probe       # would integrality or the cluster's slots lift it?
   .venv/bin/python benchmarks/night_bound.py --waste       # where the flows' window spends its slots' time
   .venv/bin/python benchmarks/night_bound.py --memory      # would the VMs' memory over time lift it?
+  .venv/bin/python benchmarks/night_bound.py --memory-tiny --count 20   # and is it valid on tiny windows?
 
 The tiny windows are chosen so that the model is a pure scheduling problem and CP-SAT can solve it
 exactly: a link carries one stream (L = b), one migration at a time per source and per target, no
@@ -416,6 +417,41 @@ def memory_probe(clusters: int = 10, patch_s: float = 420.0, step_s: float = 25.
     return "\n".join(lines)
 
 
+def memory_tiny(count: int = 20, step_s: float = 0.25) -> str:
+    """Step 3'' on the tiny windows (seeds 0..``count`` − 1, tight memory and plenty): the slot LP with
+    the memory rows (τ every second) must leave room at CP-SAT's optimum, or the rows are wrong; and
+    the first makespan they leave room at, from the slot bound up in ``step_s`` steps (the slot bound
+    itself is the LP's alone, to 0.5 s): where the rows lift the bound."""
+    policy = SchedulerPolicy()
+    lines = ["| window | room MiB | slot bound s | with the memory over time, room from s | optimum s | room at the "
+             "optimum |", "|---|---|---|---|---|---|"]
+    for tight in (True, False):
+        for seed in range(count):
+            w = tiny(seed, tight)
+            snap, names = w.snapshot(), list(w.hosts)
+            best, proven = optimum(w)
+            if best < 0:
+                continue
+            lp = window_slot_bound(snap, names, w.k, patch_s=w.patch_s, policy=policy, params=PARAMS).bound_s
+            hosts = slot_hosts(snap, names, patch_s=w.patch_s, policy=policy, params=PARAMS)
+            memory = sum(h.memory_mib for h in hosts)
+
+            def room(t: float, w: Tiny = w, hosts: list[SlotHost] = hosts, memory: float = memory) -> bool:
+                columns = list(slot_columns(hosts, w.patch_s + SETUP, t))
+                rows = _holding_rows(hosts, columns, t, np.arange(0.0, t + 1e-9, 1.0), w.patch_s)
+                return bool(columns) and _holds_everything(hosts, columns, w.k, rows, memory)
+
+            t = lp
+            while t < best and not room(t):
+                t += step_s
+            rooms = "/".join(str(r) for r in w.room) if w.room else "plenty"
+            exact = f"{best}{'' if proven else ' (not proven)'}"
+            lines.append(f"| {seed} | {rooms} | {lp:.1f} | {min(t, best):.2f} | {exact} | "
+                         f"{'yes' if room(float(best)) else 'NO'} |")
+            print(lines[-1], file=sys.stderr, flush=True)
+    return "\n".join(lines)
+
+
 def _sending_windows(hosts: list[SlotHost], columns: list[SlotColumn], first: float, t: float, setup: float,
                      patch_s: float, gaps: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Each filling's hosts made rigid, for every order of its late hosts (the early host first) and one
@@ -563,6 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="the night's clusters as the flows run them: where the slots' time goes")
     ap.add_argument("--memory", action="store_true",
                     help="the night's clusters: would the VMs' memory over time lift the slot LP?")
+    ap.add_argument("--memory-tiny", action="store_true",
+                    help="tiny windows: do the memory rows leave room at the exact optimum, and lift the bound?")
     ap.add_argument("--only", type=int, nargs="*", default=[], help="with --schedules: these variants only")
     ap.add_argument("--clusters", type=int, default=10, help="with --schedules: this many of the night's clusters")
     ap.add_argument("--tight", action="store_true",
@@ -573,6 +611,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.probe:
         print(probe(args.clusters))
+        return 0
+    if args.memory_tiny:
+        print(memory_tiny(args.count))
         return 0
     if args.memory:
         print(memory_probe(args.clusters))
