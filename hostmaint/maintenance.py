@@ -214,7 +214,7 @@ def moved_off_since(rt: Runtime, host: str, snap: FleetSnapshot, since: datetime
 PATCHED_STATES = frozenset({HostState.PATCHING, HostState.REBOOTING, HostState.VERIFYING})
 
 
-def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: FleetSnapshot) -> HostState:
+def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: FleetSnapshot | None = None) -> HostState:
     """End a maintenance that cannot go on (its plan was refused): the host goes back to the state it
     had before only when nothing of it was moved, stopped or patched for maintenance, so it never left
     service.
@@ -223,7 +223,10 @@ def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: Fleet
     far as patching it and stopped before it was verified) it stays cordoned with the reason and the
     VMs that are away named in its state and the audit record (step ``keep-cordoned``); the run that
     can plan finishes it later, and ``host status`` lists them.
-    ``snap``: the cluster discovered in this run."""
+    ``snap``: the cluster as discovered just now; by default discovered here (the hosts that answer:
+    :func:`reachable_snapshot`). Never one from before a drain that ran: its moves would look undone."""
+    if snap is None:
+        snap = reachable_snapshot(rt, rt.cluster_of(host))
     # VMs an earlier, finished maintenance left away (a return that found no room) were away while
     # the host was in service: they do not keep it out now (round 1318253299: a refused plan took an
     # active host out of service for them, and N+1 then refused the next host of its cluster)
@@ -462,6 +465,21 @@ def snapshot(rt: Runtime, cluster: str, unreachable: Sequence[str] = ()) -> Flee
     skip = frozenset(h for h, s in states.items() if s is HostState.REBOOTING) | frozenset(unreachable)
     return discover_cluster(rt.inventory, cluster, rt.hypervisor, states=states,
                             origins=rt.states.origins(), source=rt.source, skip_unreachable=skip)
+
+
+def reachable_snapshot(rt: Runtime, cluster: str) -> FleetSnapshot:
+    """:func:`snapshot` of the hosts that answer now: each host that does not (a target a drain lost) is
+    left out, its VMs then run "nowhere" in it. For judging what is away from a host, where leaving a
+    host out can only keep more out of service; never for planning onto."""
+    lost: list[str] = []
+    for _ in rt.inventory.hosts_of(cluster):
+        try:
+            return snapshot(rt, cluster, unreachable=lost)
+        except TransientDriverError as exc:
+            if exc.host is None or exc.host in lost:
+                raise
+            lost.append(exc.host)
+    return snapshot(rt, cluster, unreachable=lost)
 
 
 def plan_drain(rt: Runtime, run: RunContext, host: str, *, avoid: Sequence[str] = (), busy: Sequence[str] = (),

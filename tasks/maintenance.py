@@ -143,8 +143,8 @@ def record_found_moves(ref: RuntimeRef, run: RunContext, host: str, snapshot: Fl
 
 
 @task(name="end-unstarted", cache_policy=NO_CACHE)
-def end_unstarted(ref: RuntimeRef, run: RunContext, host: str, why: str, snapshot: FleetSnapshot) -> HostState:
-    return steps.end_unstarted(ref.open(), run, host, why, snapshot)
+def end_unstarted(ref: RuntimeRef, run: RunContext, host: str, why: str) -> HostState:
+    return steps.end_unstarted(ref.open(), run, host, why)
 
 
 @task(name="return-vms", cache_policy=NO_CACHE, **IO_RETRIES)

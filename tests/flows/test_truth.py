@@ -617,6 +617,55 @@ def test_a_drain_whose_target_stops_answering_re_plans_the_rest_onto_other_hosts
     assert moved == home, result.migrations
 
 
+class _TargetLostAndRestFilled(_TargetLost):
+    """As :class:`_TargetLost`, but the link is cut once two VMs have left the source and never comes
+    back, and as it is cut tenants fill every other host: the re-plan of what did not move is refused
+    (chaos round 1727215996: libvirtd killed on the target mid-drain, the re-plan refused by N+1)."""
+
+    done: int = 0  # migrations off the source that ended before the link was cut
+
+    def migrate(self, vm: str, source: str, target: str, *args: Any, **kwargs: Any) -> Any:
+        if self.lost is None and source == self.source and self.done >= 2:
+            self.lost = target
+            for host in sorted(self.real.running):
+                if host in (source, target):
+                    continue
+                free = sum(c.free_mib for c in self.real.discover(host).cells)
+                name = f"tenant-{host}"
+                self.real.vms[name] = Vm(name=name, uuid=f"00000000-0000-0000-0000-{len(host):06d}{host[-2:]:0>6}",
+                                         host=host, memory_mib=free - 64, vcpus=1)
+                self.real.running[host].add(name)
+            self.real.save()
+        self._down(target)
+        result = self.real.migrate(vm, source, target, *args, **kwargs)
+        if source == self.source and result.outcome is StepOutcome.OK:
+            self.done += 1
+        return result
+
+
+def test_a_drain_refused_after_some_vms_moved_keeps_the_host_out_naming_them(sim_inventory: Path) -> None:
+    # the refusal came from the drain's re-plan, after migrations had run: whether anything of the host
+    # moved must be judged from where its VMs run now, not from the discovery made before the drain
+    # (that one still shows them home, and the host went back active "nothing moved", unpatched)
+    rt = open_runtime(sim_inventory)
+    real = fleet(rt)
+    lossy = _TargetLostAndRestFilled(real, "hv01")
+    rt.hypervisor = lossy  # type: ignore[assignment]
+    try:
+        with pytest.raises(PlanError):
+            patch_host(host="hv01", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST,
+                       return_vms=False)
+        moved = [r.vm for r in audit().records(host="hv01") if r.step == "migrate" and r.outcome is StepOutcome.OK]
+    finally:
+        rt.hypervisor = real
+    assert moved, "the drain moved nothing before its target was lost: the case is not exercised"
+    record = rt.states.get("hv01")
+    assert record.state is HostState.CORDONED, record
+    assert all(vm in record.reason for vm in moved), record.reason
+    [kept] = [r for r in audit().records(host="hv01") if r.step == "keep-cordoned"]
+    assert all(vm in json.dumps(kept.details) for vm in moved), kept.details
+
+
 # --- the pure rules behind them --------------------------------------------------------------------------
 
 
