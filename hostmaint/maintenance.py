@@ -500,8 +500,11 @@ def plan_drain(rt: Runtime, run: RunContext, host: str, *, avoid: Sequence[str] 
             snap = snapshot(rt, cluster)
         elif snap.cluster != cluster:
             raise PlanError(f"planning {host} of cluster {cluster} on a snapshot of cluster {snap.cluster}")
+        at_once = focus_at_once(rt, [host], cluster) if focus else None
         plan = plan_evacuation(snap, [host], avoid=tuple(avoid), busy=tuple(busy), focus=focus,
-                               exact_budget=exact_budget)
+                               focus_at_once=at_once, exact_budget=exact_budget)
+        if at_once is not None:
+            rec.details["focus_at_once"] = at_once
         rec.details["proof"] = plan.proof.value
         if plan.capacity is None:
             plan = plan.model_copy(update={"capacity": check_capacity(snap, [host])})
@@ -552,7 +555,9 @@ def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: Fleet
     with audited(rt, run, Step.REPLAN, host=host, cluster=plan.cluster,
                  inputs={"reasons": reasons, "replaces": plan.snapshot_digest, "avoid": list(avoid),
                          **({"unreachable": list(unreachable)} if unreachable else {})}) as rec:
-        fresh = plan_evacuation(now, list(plan.hosts), avoid=tuple(avoid), focus=focus, exact_budget=exact_budget)
+        fresh = plan_evacuation(now, list(plan.hosts), avoid=tuple(avoid), focus=focus,
+                                focus_at_once=focus_at_once(rt, plan.hosts, plan.cluster) if focus else None,
+                                exact_budget=exact_budget)
         rec.details["plan"] = fresh.model_dump(mode="json")
         rec.details["proof"] = fresh.proof.value
         log.info("%s: the plan changed while it waited (%s); re-planned:\n%s", ", ".join(plan.hosts),
@@ -585,6 +590,7 @@ def retarget(rt: Runtime, run: RunContext, plan: EvacuationPlan, now: FleetSnaps
     if not taken:
         return plan
     fresh = plan_evacuation(now, list(plan.hosts), avoid=tuple(avoid), busy=tuple(busy), focus=focus,
+                            focus_at_once=focus_at_once(rt, plan.hosts, plan.cluster) if focus else None,
                             exact_budget=exact_budget)
     if not fresh.feasible or {p.target for p in fresh.placements} & set(busy):
         return plan
@@ -857,13 +863,23 @@ def drain_share(rt: Runtime, plan: EvacuationPlan, hosts_at_once: int = 1) -> in
 
     The drains that may want slots beside it: ``hosts_at_once`` (what a window runs at once), or the
     hosts of the cluster in maintenance and not drained yet, whichever is more."""
-    figures = link_figures(rt.inventory, rt.states, plan.cluster)
-    policy, options = drain_settings(rt.inventory, plan.cluster)
-    links = {h: figures[h].mib_s if h in figures else policy.default_link_mib_s for h in plan.hosts}
+    return _share(rt, plan.hosts, plan.cluster, hosts_at_once)
+
+
+def focus_at_once(rt: Runtime, hosts: Sequence[str], cluster: str) -> int:
+    """The migrations a drain of ``hosts`` will run at once, as its focused plan counts them (the fewest
+    targets it needs): its share of the cluster's slots (:func:`drain_share`) as the cluster stands now."""
+    return _share(rt, hosts, cluster, 1)
+
+
+def _share(rt: Runtime, hosts: Sequence[str], cluster: str, hosts_at_once: int) -> int:
+    figures = link_figures(rt.inventory, rt.states, cluster)
+    policy, options = drain_settings(rt.inventory, cluster)
+    links = {h: figures[h].mib_s if h in figures else policy.default_link_mib_s for h in hosts}
     records = rt.states.all()
-    undrained = sum(1 for h in rt.inventory.hosts_of(plan.cluster)
+    undrained = sum(1 for h in rt.inventory.hosts_of(cluster)
                     if h.name in records and records[h.name].state in (HostState.CORDONED, HostState.DRAINING))
-    return slots_per_drain(links, rt.inventory.cluster(plan.cluster).limits, policy, options,
+    return slots_per_drain(links, rt.inventory.cluster(cluster).limits, policy, options,
                            max(hosts_at_once, undrained, 1))
 
 

@@ -958,8 +958,7 @@ class _WindowScheduler:
         self.planned_targets: dict[str, list[Placement]] = {}
         self.patched: set[str] = set()
         self.timers: dict[str, float] = {}  # when each host drained (or failed to) leaves maintenance
-        self.at_least = math.ceil(min(limits.migrations_per_source, limits.migrations_per_cluster)
-                                  / limits.migrations_per_target)
+        self.at_most_at_once = min(limits.migrations_per_source, limits.migrations_per_cluster)
 
     def run(self) -> WindowRun:
         """Run the window to its end: each host's estimate, every migration, the makespan."""
@@ -1100,7 +1099,7 @@ class _WindowScheduler:
         vms = sorted((v for v, h in self.location.items() if h == name), key=lambda v: (-memory[v], v))
         candidates = [h for h in sorted(self.active) if h not in self.in_maint and h != name]
         due = {h for h in candidates if h in self.order_idx and h not in self.patched}
-        chosen = self._focus_hosts(vms, candidates, due, busy) if self.settings.focus else set()
+        chosen = self._focus_hosts(name, vms, candidates, due, busy) if self.settings.focus else set()
         for vm in vms:
             fitting = [h for h in candidates if free[h] >= memory[vm]]
             if not fitting:
@@ -1114,15 +1113,18 @@ class _WindowScheduler:
             out.append(Placement(vm=vm, source=name, target=best, memory_mib=memory[vm], reason="simulated"))
         return out
 
-    def _focus_hosts(self, vms: list[str], candidates: list[str], due: set[str], busy: set[str]) -> set[str]:
+    def _focus_hosts(self, name: str, vms: list[str], candidates: list[str], due: set[str],
+                     busy: set[str]) -> set[str]:
         """The drain's focus hosts: not due first, emptiest first, as many as hold its VMs (at least
-        enough targets for the slots a drain may use)."""
+        enough targets for the slots the drain will hold, as the planner's ``focus_hosts``)."""
+        at_least = math.ceil(min(self.at_most_at_once, max(1, self._share_now(name)))
+                             / self.limits.migrations_per_target)
         need, room = sum(self.memory[v] for v in vms), 0.0
         chosen: set[str] = set()
         prefer = self.settings.absorbers
         for h in sorted((c for c in candidates if c not in busy),
                         key=lambda c: (c in due, c in due and c not in prefer, -self.free[c], c)):
-            if room >= need and len(chosen) >= self.at_least:
+            if room >= need and len(chosen) >= at_least:
                 break
             if self.free[h] > 0:
                 chosen.add(h)

@@ -547,7 +547,7 @@ def _make_room(vm: Vm, chosen: dict[str, tuple[Vm, Choice]], ledger: Ledger,
 
 
 def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Collection[str] = (),
-                    busy: Collection[str] = (), focus: bool = False,
+                    busy: Collection[str] = (), focus: bool = False, focus_at_once: int | None = None,
                     spare_hosts: int | None = None, exact_budget: float = exact.DEFAULT_BUDGET) -> EvacuationPlan:
     """Plan where every VM of ``hosts`` goes; the N+1 check is part of the plan.
 
@@ -556,6 +556,8 @@ def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Col
     ``focus``: send to as few hosts as hold the VMs (:func:`focus_hosts`), so other drains of the
     cluster find hosts to send to beside this one; balanced among those. For VMs that come back or
     are rebalanced soon (a patch); an evacuation whose VMs stay is balanced over every host.
+    ``focus_at_once``: the migrations the drain will run at once (its share of the cluster's slots),
+    which sets the fewest focus hosts; None: as many as its sources may send.
     ``spare_hosts`` overrides the cluster's ``limits.spare_hosts`` (how many of the largest
     remaining hosts the cluster must be able to lose).
     ``exact_budget``: deterministic seconds of CP-SAT work behind the greedy (0: greedy only); the
@@ -570,7 +572,8 @@ def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Col
     with collector_paused():
         ledger = Ledger.from_snapshot(snapshot)
         capacity = _capacity(snapshot, ledger, drained, spare_hosts)
-        ranks = target_ranks(snapshot, ledger, drained, avoid=avoid, busy=busy, focus=focus)
+        ranks = target_ranks(snapshot, ledger, drained, avoid=avoid, busy=busy, focus=focus,
+                             focus_at_once=focus_at_once)
         result = evacuate(snapshot, ledger, drained, avoid=ranks, exact_budget=exact_budget)
         return EvacuationPlan(cluster=snapshot.cluster, hosts=tuple(drained), snapshot_digest=snapshot.digest(),
                               placements=tuple(result.placements), blocked=tuple(result.blocked),
@@ -580,22 +583,25 @@ def plan_evacuation(snapshot: FleetSnapshot, hosts: Sequence[str], *, avoid: Col
 
 
 def target_ranks(snapshot: FleetSnapshot, ledger: Ledger, drained: Sequence[str], *, avoid: Collection[str] = (),
-                 busy: Collection[str] = (), focus: bool = False) -> dict[str, int]:
+                 busy: Collection[str] = (), focus: bool = False, focus_at_once: int | None = None) -> dict[str, int]:
     """Each receiver's rank for a drain of ``drained`` (see :data:`Ranks`): due for maintenance
     (``avoid``), busy with another drain (``busy``), and with ``focus`` outside the drain's
-    :func:`focus_hosts` one rank down within its kind."""
+    :func:`focus_hosts` (``focus_at_once``: its migrations at once) one rank down within its kind."""
     ranks: dict[str, int] = dict.fromkeys(avoid, DUE) | dict.fromkeys(busy, BUSY)
     if not focus:
         return ranks
-    chosen = focus_hosts(snapshot, ledger, drained, ranks)
+    chosen = focus_hosts(snapshot, ledger, drained, ranks, at_once=focus_at_once)
     return {h: r + 1 if r in (PREFERRED, DUE) and h not in chosen else r
             for h, r in ((h, ranks.get(h, PREFERRED)) for h in ledger.hosts)}
 
 
-def focus_hosts(snapshot: FleetSnapshot, ledger: Ledger, drained: Sequence[str], ranks: Ranks) -> set[str]:
+def focus_hosts(snapshot: FleetSnapshot, ledger: Ledger, drained: Sequence[str], ranks: Ranks, *,
+                at_once: int | None = None) -> set[str]:
     """The few hosts a drain of ``drained`` sends to: the emptiest receivers, as many as hold its VMs
-    (up to each one's headroom), and at least as many as its migrations need at once
-    (``migrations_per_source`` ÷ ``migrations_per_target``).
+    (up to each one's headroom), and at least as many as its migrations need at once (``at_once``, its
+    share of the cluster's slots, else ``migrations_per_source``; ÷ ``migrations_per_target``).
+    A drain that runs 3 migrations at once needs one target of 4 per target, not two: each target is
+    the drain's alone while it runs, so a second one is kept from the drains beside it for nothing.
 
     Balancing every VM over every host spreads one drain over the whole cluster; two drains then
     always share a target and run one after the other (a target takes one drain at a time), so a
@@ -609,8 +615,10 @@ def focus_hosts(snapshot: FleetSnapshot, ledger: Ledger, drained: Sequence[str],
     need = float(sum(vm.memory_mib for h in drained if h not in skipped for vm in snapshot.vms_on(h)
                      if vm.migratable))
     limits = snapshot.limits
-    at_least = math.ceil(min(limits.migrations_per_source * len(drained), limits.migrations_per_cluster)
-                         / limits.migrations_per_target)
+    at_most_at_once = min(limits.migrations_per_source * len(drained), limits.migrations_per_cluster)
+    if at_once is not None:
+        at_most_at_once = min(at_most_at_once, max(1, at_once))
+    at_least = math.ceil(at_most_at_once / limits.migrations_per_target)
     receivers = sorted((h for h in ledger.hosts.values() if h.state is HostState.ACTIVE and h.name not in drained
                         and ranks.get(h.name, PREFERRED) < BUSY),
                        key=lambda h: (ranks.get(h.name, PREFERRED) >= DUE, -h.avail_mib, h.name))

@@ -646,6 +646,7 @@ def test_the_first_waves_vms_go_to_the_absorbers_before_other_hosts_due() -> Non
     plain = simulate_window(snap, names, patch_s=300, rebalance_within=None, yardsticks=False)
     planned = simulate_window(snap, names, patch_s=300, rebalance_within=None, yardsticks=False,
                               absorbers=("h6", "h7"))
-    assert first_targets(plain) == {"h2", "h3", "h4", "h5"}
+    # one target each: a drain runs its share of the slots at once (3 on 10 GbE), which one target takes
+    assert first_targets(plain) == {"h2", "h3"}
     assert {"h6", "h7"} <= first_targets(planned)
     assert _stranded(snap, planned) == []

@@ -619,6 +619,23 @@ def test_a_focused_drain_takes_as_many_hosts_as_its_migrations_need() -> None:
     assert len({p.target for p in focused.placements}) == 4
 
 
+def test_a_focused_drain_counts_the_migrations_its_share_lets_it_run_not_its_sources_limit() -> None:
+    # 8 per source, 4 per target: two targets by the source's limit; a drain whose share of the
+    # cluster's slots is 3 (10 GbE: 2 streams and a set-up slot) runs 3 at once, which one target takes.
+    # A second target would be this drain's alone (its inbound lock) and kept from the drains beside it
+    hosts = tuple(two_cells(f"h{i}", 60, 60) for i in range(8))
+    s = FleetSnapshot(cluster="c", taken_at="t", hosts=hosts, vms=_drain_of(8),
+                      limits=Limits(memory_headroom_pct=0, migrations_per_source=8, migrations_per_target=4))
+    by_limit = plan_evacuation(s, ["h0"], spare_hosts=0, focus=True)
+    assert len({p.target for p in by_limit.placements}) == 2
+    by_share = plan_evacuation(s, ["h0"], spare_hosts=0, focus=True, focus_at_once=3)
+    assert by_share.feasible and len({p.target for p in by_share.placements}) == 1
+    assert len({p.target for p in plan_evacuation(s, ["h0"], spare_hosts=0, focus=True,
+                                                  focus_at_once=7).placements}) == 2  # 25 GbE: 5 + 2
+    # the share never asks more targets than the source's limit would
+    assert plan_evacuation(s, ["h0"], spare_hosts=0, focus=True, focus_at_once=64) == by_limit
+
+
 def test_a_drain_avoids_hosts_another_drain_fills_and_two_drains_share_no_host() -> None:
     hosts = (*(two_cells(f"h{i}", 60, 60) for i in range(8)),)
     vms = (*(vm(f"a{i}", "h0", 8) for i in range(6)), *(vm(f"b{i}", "h1", 8) for i in range(6)))
