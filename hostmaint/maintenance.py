@@ -264,6 +264,11 @@ def end_unstarted(rt: Runtime, run: RunContext, host: str, why: str, snap: Fleet
               f"maintenance cannot go on, not verified (it got as far as {reached[-1].value}): {why}")
     if away:
         reason += f"; its VMs away: {', '.join(away)}"
+        # a VM on a host that did not answer reads "nowhere": say which hosts those were, so that
+        # "nowhere" is not taken for lost
+        silent = sorted({h.name for h in rt.inventory.hosts_of(snap.cluster)} - {h.name for h in snap.hosts})
+        if silent and "nowhere" in displaced.values():
+            reason += f" ('nowhere': not on any host that answered; not discovered now: {', '.join(silent)})"
     if stopped:
         reason += f"; shut down by maintenance: {', '.join(stopped)}"
     with audited(rt, run, Step.KEEP_CORDONED, host=host, inputs={"why": why}) as rec:

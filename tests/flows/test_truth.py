@@ -662,6 +662,8 @@ def test_a_drain_refused_after_some_vms_moved_keeps_the_host_out_naming_them(sim
     record = rt.states.get("hv01")
     assert record.state is HostState.CORDONED, record
     assert all(vm in record.reason for vm in moved), record.reason
+    # focused on one target, the VMs that moved are on the lost one: the reason says it did not answer
+    assert f"not discovered now: {lossy.lost}" in record.reason, record.reason
     [kept] = [r for r in audit().records(host="hv01") if r.step == "keep-cordoned"]
     assert all(vm in json.dumps(kept.details) for vm in moved), kept.details
 
