@@ -390,20 +390,13 @@ def memory_probe(clusters: int = 10, patch_s: float = 420.0, step_s: float = 25.
     """Would the slot LP's bound rise if, at every τ (every ``step_s``), the chosen fillings had to hold
     every VM's memory (:func:`_holding_rows`, step 3'' of RESULTS.md, valid)? At the LP's bound + 1 s;
     and how much more VM memory (× the cluster's) the LP would still find room for (bisection, 1 %)."""
-    from drain import night_cluster
 
     lines = ["| cluster | k | LP bound s | tried s | + the memory over time | room up to × the VMs' memory | s |",
              "|---|---|---|---|---|---|---|"]
     policy, params = SchedulerPolicy(), SimParams()
     for c in range(clusters):
         started = time.monotonic()
-        snap, _ = night_cluster(1000 + c, f"c{c:02d}", 30, 20)
-        names = [h.name for h in snap.hosts]
-        k = parallel_capacity(snap, names)
-        bound = window_slot_bound(snap, names, k, patch_s=patch_s).slots_s
-        hosts = slot_hosts(snap, names, patch_s=patch_s, policy=policy, params=params)
-        t = bound + 1.0
-        columns = list(slot_columns(hosts, patch_s + params.setup_s, t))
+        snap, k, bound, hosts, t, columns = _just_above_the_lp(c, patch_s, policy, params)
         rows = _holding_rows(hosts, columns, t, np.arange(0.0, t + 1e-9, step_s), patch_s)
         memory = sum(h.memory_mib for h in hosts)
         room = _holds_everything(hosts, columns, k, rows, memory)
@@ -450,6 +443,21 @@ def memory_tiny(count: int = 20, step_s: float = 0.25) -> str:
                          f"{'yes' if room(float(best)) else 'NO'} |")
             print(lines[-1], file=sys.stderr, flush=True)
     return "\n".join(lines)
+
+
+def _just_above_the_lp(c: int, patch_s: float, policy: SchedulerPolicy,
+                       params: SimParams) -> tuple[FleetSnapshot, int, float, list[SlotHost], float, list[SlotColumn]]:
+    """Night cluster ``c``: its snapshot, k, the slot LP's bound, its hosts, the time tried (the bound + 1 s)
+    and the fillings a slot can have by then: what each probe starts from."""
+    from drain import night_cluster
+
+    snap, _ = night_cluster(1000 + c, f"c{c:02d}", 30, 20)
+    names = [h.name for h in snap.hosts]
+    k = parallel_capacity(snap, names)
+    bound = window_slot_bound(snap, names, k, patch_s=patch_s).slots_s
+    hosts = slot_hosts(snap, names, patch_s=patch_s, policy=policy, params=params)
+    t = bound + 1.0
+    return snap, k, bound, hosts, t, list(slot_columns(hosts, patch_s + params.setup_s, t))
 
 
 def _sending_windows(hosts: list[SlotHost], columns: list[SlotColumn], first: float, t: float, setup: float,
@@ -548,7 +556,6 @@ def probe(clusters: int = 10, patch_s: float = 420.0, grid_s: float = 50.0, long
     :func:`_sending_windows` makes it (more than a valid form charges); and, apart, with
     :func:`_inlink_rows` (valid: RESULTS.md, step 3'). Room means it does not lift the bound past
     + 1 s. Not a bound: evidence of what does not bind. Deterministic (SCIP, no time limit)."""
-    from drain import night_cluster
 
     lines = ["| cluster | k | LP bound s | tried s | fillings | integer programme | + the cluster's slots in time "
              "(intervals that could bind) | + the patched hosts' in-links (times) | s |",
@@ -556,13 +563,7 @@ def probe(clusters: int = 10, patch_s: float = 420.0, grid_s: float = 50.0, long
     policy, params = SchedulerPolicy(), SimParams()
     for c in range(clusters):
         started = time.monotonic()
-        snap, _ = night_cluster(1000 + c, f"c{c:02d}", 30, 20)
-        names = [h.name for h in snap.hosts]
-        k = parallel_capacity(snap, names)
-        bound = window_slot_bound(snap, names, k, patch_s=patch_s).slots_s
-        hosts = slot_hosts(snap, names, patch_s=patch_s, policy=policy, params=params)
-        t = bound + 1.0
-        columns = list(slot_columns(hosts, patch_s + params.setup_s, t))
+        snap, k, bound, hosts, t, columns = _just_above_the_lp(c, patch_s, policy, params)
         lo, hi, mib = _sending_windows(hosts, columns, min(h.hold_s for h in hosts), t, params.setup_s, patch_s)
         rate = np.array([[[hosts[i].rate for i in c.hosts] + [0.0] * (3 - len(c.hosts))] for c in columns])
         cap = snap.limits.migrations_per_cluster * policy.stream_mib_s
