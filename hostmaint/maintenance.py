@@ -979,26 +979,47 @@ def settle_stranded(rt: Runtime, run: RunContext, cluster: str) -> list[str]:
     hv = rt.hypervisor
     if not isinstance(hv, StrandedVms):
         return []
+    seen = _stranded_now(hv, [entry.name for entry in rt.inventory.hosts_of(cluster)])
+    if seen:
+        # a libvirtd that has just restarted recovers its migration jobs in a thread of its own, after it
+        # answers: one cancelled in its perform phase reads paused with no job until libvirt resumes the
+        # guest itself (seen on the lab). Only a VM still so a moment later is ours to settle.
+        time.sleep(0.0 if rt.simulated else STRANDED_CONFIRM_S)
+        again = _stranded_now(hv, list(seen))
+        seen = {host: tuple(vm for vm in vms if vm in again.get(host, ())) for host, vms in seen.items()}
     settled = []
-    for entry in rt.inventory.hosts_of(cluster):
-        try:
-            paused = hv.stranded(entry.name)
-        except DriverError:
-            continue
+    for host, paused in seen.items():
         for vm in paused:
             try:
-                others = [h for h in hv.locate(vm) if h != entry.name]
+                others = [h for h in hv.locate(vm) if h != host]
                 # a copy there that runs (not paused for a migration, ended or not)
                 running = [h for h in others if vm not in hv.stranded(h)
                            and not (isinstance(hv, MigrationStates) and vm in hv.in_migration(h))]
             except DriverError:
                 continue  # cannot tell whether a copy runs elsewhere: left as it is
             try:
-                if _settle_one(rt, run, hv, vm, entry.name, others, running):
+                if _settle_one(rt, run, hv, vm, host, others, running):
                     settled.append(vm)
             except DriverError as exc:
-                log.warning("%s: cannot settle %s, left paused by a migration: %s", entry.name, visible(vm), exc)
+                log.warning("%s: cannot settle %s, left paused by a migration: %s", host, visible(vm), exc)
     return settled
+
+
+STRANDED_CONFIRM_S = 3.0  # how long a VM must stay paused with no migration job before we settle it
+
+
+def _stranded_now(hv: StrandedVms, hosts: list[str]) -> dict[str, tuple[str, ...]]:
+    """The VMs each of ``hosts`` holds paused by an ended migration, for the hosts that hold any; a host
+    that does not answer is left out (the next run asks again)."""
+    found = {}
+    for host in hosts:
+        try:
+            paused = hv.stranded(host)
+        except DriverError:
+            continue
+        if paused:
+            found[host] = paused
+    return found
 
 
 def _settle_one(rt: Runtime, run: RunContext, hv: StrandedVms, vm: str, host: str, others: list[str],

@@ -287,3 +287,33 @@ def test_a_vm_paused_on_two_hosts_is_left_to_the_operator(sim_inventory: Path) -
     left = [r for r in rt.audit.records() if r.step == "vm-resumed"]
     assert left and all(r.outcome is StepOutcome.UNKNOWN for r in left)
     assert "for an operator to say" in left[0].details["note"]
+
+
+class RecoveredByLibvirt(SourceLeftPaused):
+    """A restarted libvirtd that recovers the migration job itself: the first reading after it answers
+    shows the VM paused with no job, the next finds libvirt has resumed it (the lab's race)."""
+
+    def __init__(self, fleet: SimulatedFleet, vm: str) -> None:
+        super().__init__(fleet, vm, source_dies=True)
+        self.readings = 0
+
+    def stranded(self, host: str) -> tuple[str, ...]:
+        if any(h == host for _, h in self.left_paused):
+            self.readings += 1
+            if self.readings > 1:  # libvirt's reconnect thread got there between our two readings
+                self.left_paused.clear()
+        return super().stranded(host)
+
+
+def test_a_vm_libvirt_resumes_itself_after_a_restart_is_left_to_it(sim_inventory: Path) -> None:
+    # a VM read once as stranded is settled only when a second reading, a moment later, agrees: the
+    # restarted libvirtd's own recovery would otherwise race ours and the record would claim its work
+    rt, _, first = _drained_with(sim_inventory, source_dies=True)
+    racing = RecoveredByLibvirt(rt.hypervisor.fleet, first.vm)  # type: ignore[attr-defined]
+    racing.left_paused.add((first.vm, "hv01"))
+    rt.hypervisor = racing  # type: ignore[assignment]
+
+    settled = steps.settle_stranded(rt, steps.RunContext(run_id="run-2", flow="patch-host"), "demo")
+
+    assert settled == [] and racing.readings == 2 and not racing.resumed and not racing.discarded
+    assert not [r for r in rt.audit.records() if r.run_id == "run-2"]
