@@ -28,3 +28,15 @@ class MigrationControl(Protocol):
     def start_post_copy(self, vm: str, source: str) -> None:
         """Switch a running pre-copy migration to post-copy: the VM resumes on the target now."""
         ...
+
+
+@runtime_checkable
+class DowntimeRetune(Protocol):
+    """Lower (or raise) the downtime limit of a running migration: the drain does when it learns that
+    switch-overs take longer than it reserved, so the migrations already in flight pause within the
+    limit too, not only those it starts next (libvirt: ``virDomainMigrateSetMaxDowntime``)."""
+
+    def set_downtime_limit(self, vm: str, source: str, downtime_ms: int) -> None:
+        """QEMU's downtime limit for ``vm``'s migration from ``source``, from now on; one set before the
+        job runs holds from its start. Raise ``DriverError`` when it cannot be set."""
+        ...

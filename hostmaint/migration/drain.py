@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from hostmaint.drivers.base import Hypervisor
 from hostmaint.errors import DriverError, MigrationNotStarted
-from hostmaint.migration.control import MigrationControl
+from hostmaint.migration.control import DowntimeRetune, MigrationControl
 from hostmaint.migration.links import LinkMeter, LinkObservation
 from hostmaint.migration.policy import (
     MIB,
@@ -44,6 +44,7 @@ from hostmaint.migration.policy import (
     about_to_finish,
     admission_order,
     admission_refusal,
+    downtime_limit_ms,
     expected_dirty_mib_s,
     learned_switchover_ms,
     link_of,
@@ -80,6 +81,7 @@ class EventKind(StrEnum):
     FAILED = "failed"
     ABORTED = "aborted"
     SKIPPED = "skipped"
+    RETUNED = "retuned"  # a running migration's downtime limit changed (the reserve was learned)
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,8 @@ class DrainReport:
         failures), for the audit record: the per-VM progress samples are left to the run's log."""
         return tuple({"at_s": round(e.at_s, 3), "kind": e.kind.value, "vm": e.vm, **e.detail}
                      for e in self.events
-                     if e.kind in (EventKind.ESCALATED, EventKind.ABORTED, EventKind.FAILED, EventKind.SKIPPED))
+                     if e.kind in (EventKind.ESCALATED, EventKind.ABORTED, EventKind.FAILED, EventKind.SKIPPED,
+                                   EventKind.RETUNED))
 
     @property
     def failed(self) -> tuple[MigrationResult, ...]:
@@ -145,6 +148,7 @@ class _Flight:
     abort_reason: str | None = None
     released: bool = False  # handed its link share on while finishing
     reserve_ms: float = 0.0  # the switch-over reserve its downtime limit was set with
+    share_mib_s: float = 0.0  # the link share it counts on at its switch-over (:func:`switchover_share`)
     escalated: bool = False  # its limit raised by escalation: its pause is long by choice, not learned from
     last_progress_event: float = -1e18
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -199,6 +203,7 @@ class _Drain:
         self.plan = plan
         self.hv = hypervisor
         self.control = hypervisor if isinstance(hypervisor, MigrationControl) else None
+        self.retune = hypervisor if isinstance(hypervisor, DowntimeRetune) else None
         self.limits = limits
         self.options = options
         self.policy = policy
@@ -273,7 +278,7 @@ class _Drain:
                     self.load.remove(flight.spec, flight.rate, landed=result.outcome is StepOutcome.OK,
                                      released=flight.released)
                     self.record(result, flight)
-                    self.learn_switchover(flight, result)
+                    self.learn_switchover(flight, result, flights.values())
                     if (self.policy.stop_on_first_failure and self.stop_reason is None
                             and result.outcome in (StepOutcome.FAILED, StepOutcome.ABORTED)):
                         self.stop_reason = f"stopped after {result.vm} did not move"
@@ -331,14 +336,15 @@ class _Drain:
             return refusal
         sending = {f.spec.vm for f in flights.values() if not f.released}
         cap = pole_cap_mib_s(spec, self.poles, sending, link, rate, self.limits)
-        opts = options_for(spec, self.options, policy, rate, switchover_share(link, rate, self.limits), cap)
+        share = switchover_share(link, rate, self.limits, self.policy)
+        opts = options_for(spec, self.options, policy, rate, share, cap)
         stream = rate
         rate = stream_rate(opts, self.policy, link)  # within its cap, if it got one
         if self.route is not None:
             way = self.route(spec.source, spec.target)
             opts = opts.model_copy(update={"tls": way.tls, "migration_address": way.address})
         flight = _Flight(spec, rate, opts, self.clock(), migration_budget_s(spec.memory_mib, self.options),
-                         reserve_ms=self.policy.switchover_ms)
+                         reserve_ms=self.policy.switchover_ms, share_mib_s=share)
         if opts.auto_converge:
             flight.level = Escalation.AUTO_CONVERGE  # on from the start: the next step is post-copy
         self.load.add(spec, rate, expected_dirty_mib_s(spec, policy, stream, self.options))
@@ -356,16 +362,49 @@ class _Drain:
         flights[pool.submit(contextvars.copy_context().run, self.migrate_one, flight)] = flight
         return None
 
-    def learn_switchover(self, flight: _Flight, result: MigrationResult) -> None:
-        """Reserve more for the next switch-overs when this one paused longer than the configured limit."""
+    def learn_switchover(self, flight: _Flight, result: MigrationResult, running: Iterable[_Flight]) -> None:
+        """Reserve more for the next switch-overs when this one paused longer than the configured limit,
+        and lower the limits of the ``running`` migrations to match."""
         if (result.outcome is not StepOutcome.OK or result.downtime_ms is None or flight.escalated
                 or not (self.policy.adaptive and self.policy.downtime_aware and self.policy.learn_switchover)):
             return
         configured = self.options.downtime_limit_ms or QEMU_DOWNTIME_LIMIT_MS
+        before = self.policy.switchover_ms
         # the policy in force carries the reserve: every later admission's limit is set from it
         self.policy = replace(self.policy, switchover_ms=learned_switchover_ms(
-            self.policy.switchover_ms, flight.reserve_ms, flight.options.downtime_limit_ms, result.downtime_ms,
-            configured))
+            before, flight.reserve_ms, flight.options.downtime_limit_ms, result.downtime_ms, configured))
+        if self.policy.switchover_ms > before:
+            for other in running:
+                self.retune_downtime(other, configured)
+
+    def retune_downtime(self, flight: _Flight, configured_ms: float) -> None:
+        """Set a running migration's downtime limit from the reserve learned since it started: the
+        migrations in flight when a pause outgrew the limit would otherwise pause as long. One raised
+        by escalation, or switched to post-copy, keeps its own."""
+        if self.retune is None or flight.options.downtime_limit_ms is None:
+            return
+        limit = downtime_limit_ms(configured_ms, flight.rate, flight.share_mib_s, self.policy)
+        with flight.lock:
+            if (flight.escalated or flight.level is not Escalation.NONE or flight.abort_reason is not None
+                    or limit >= flight.options.downtime_limit_ms):
+                return
+            was = flight.options.downtime_limit_ms
+            flight.options = flight.options.model_copy(update={"downtime_limit_ms": limit})
+            flight.reserve_ms = self.policy.switchover_ms
+        spec = flight.spec
+        retune = self.retune
+
+        def call() -> None:
+            try:
+                retune.set_downtime_limit(spec.vm, spec.source, limit)
+            except DriverError as exc:
+                self.emit(EventKind.RETUNED, spec.vm, downtime_limit_ms=limit, error=str(exc))
+
+        self.emit(EventKind.RETUNED, spec.vm, downtime_limit_ms=limit, was_ms=was,
+                  reserve_ms=round(self.policy.switchover_ms, 1))
+        # on its own thread, as an abort: a source's libvirtd that hangs must not hold the scheduler
+        threading.Thread(target=contextvars.copy_context().run, args=(call,), name=f"retune-{spec.vm}",
+                         daemon=True).start()
 
     def record(self, result: MigrationResult, flight: _Flight | None = None) -> None:
         kind = {StepOutcome.OK: EventKind.FINISHED, StepOutcome.SKIPPED: EventKind.SKIPPED,

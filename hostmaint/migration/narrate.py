@@ -50,6 +50,11 @@ def describe(event: DrainEvent) -> str:
             return f"{vm}: could not {action}: {visible(str(d['error']))}"
         at = f" after {d['elapsed_s']:.1f} s" if "elapsed_s" in d else ""
         return f"{vm}: {action}{at}: {visible(str(d.get('reason', '')))}"
+    if event.kind is EventKind.RETUNED:
+        if d.get("error"):
+            return f"{vm}: could not lower its downtime limit: {visible(str(d['error']))}"
+        return (f"{vm}: downtime limit {d.get('was_ms', '?')} → {d.get('downtime_limit_ms', '?')} ms while it runs: "
+                f"switch-overs take longer than reserved ({d.get('reserve_ms', '?')} ms now)")
     if event.kind is EventKind.FINISHED:
         return (f"{vm}: moved {route} in {d.get('seconds', 0):.1f} s, downtime {d.get('downtime_ms') or 0:.0f} ms, "
                 f"{_gib(d.get('data_bytes') or 0)} sent{count}, {_gib(d.get('bytes_moved') or 0)} moved so far")

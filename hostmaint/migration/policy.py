@@ -319,14 +319,16 @@ def streams_to_fill(link_mib_s: float, rate_mib_s: float) -> int:
     return math.ceil(round(link_mib_s / rate_mib_s, 6))
 
 
-def switchover_share(link_mib_s: float, rate_mib_s: float, limits: Limits) -> float:
+def switchover_share(link_mib_s: float, rate_mib_s: float, limits: Limits, policy: SchedulerPolicy) -> float:
     """The link share a migration can count on during its final pause: the link split among as many as
-    may be sending from its source then (the streams that fill it, and one more whose set-up overlapped
-    the last seconds: :func:`about_to_finish`), within the inventory's per-source and cluster limits."""
+    may be sending from its source then (the streams that fill it, and each migration in a set-up slot
+    whose set-up overlapped the last seconds: :func:`about_to_finish`, :func:`setup_slots`), within the
+    inventory's per-source and cluster limits."""
     if rate_mib_s <= 0:
         return 0.0
     streams = streams_to_fill(link_mib_s, rate_mib_s)
-    senders = max(1, min(limits.migrations_per_source, limits.migrations_per_cluster, streams + 1))
+    senders = max(1, min(limits.migrations_per_source, limits.migrations_per_cluster,
+                         streams + setup_slots(streams, policy)))
     return min(rate_mib_s, link_mib_s / senders)
 
 

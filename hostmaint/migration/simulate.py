@@ -46,6 +46,7 @@ from hostmaint.migration.policy import (
     about_to_finish,
     admission_order,
     admission_refusal,
+    downtime_limit_ms,
     drains_side_by_side,
     expected_dirty_mib_s,
     learned_switchover_ms,
@@ -321,6 +322,7 @@ class _Mig:
     level: Escalation = Escalation.NONE
     level_since: float = 0.0
     reserve_ms: float = 0.0  # the switch-over reserve its downtime limit was set with
+    share: float = 0.0  # the link share it counts on at its switch-over (:func:`switchover_share`)
     released: bool = False
     stop_start: float = 0.0
     downtime_ms: float | None = None
@@ -402,7 +404,6 @@ class _Engine:
         self.changed = False
         self.pending = self.staggered(self.pending)
         admitted: list[_Mig] = []
-        policies: dict[str, SchedulerPolicy] = {}  # per source, this pass (:func:`throttling`)
         # In plan order, hosts in the order they entered maintenance: the first host's drain gets the
         # shared slots first, so it finishes and goes to patching while the next ones still drain
         # (spreading slots evenly over hosts measured slower: all would patch at once, links idle).
@@ -410,8 +411,7 @@ class _Engine:
             link = self.params.link(m.spec.source)
             rate = stream_rate(self.options, self.policy, link)
             limits = self.source_limits.get(m.spec.source, self.limits)
-            policy = policies.get(m.spec.source) or policies.setdefault(
-                m.spec.source, throttling(self.policy, m.spec.source not in self.poles))
+            policy = throttling(self.policy, m.spec.source not in self.poles)  # cached: asked per VM
             if admission_refusal(m.spec, self.load, limits, policy, link_mib_s=link,
                                  rate_mib_s=rate, target_free_mib=self.target_free_mib,
                                  options=self.options) is not None:
@@ -419,9 +419,11 @@ class _Engine:
             admitted.append(m)
             sending = {r.spec.vm for r in self.running if not r.released}
             cap = pole_cap_mib_s(m.spec, self.poles, sending, link, rate, limits)
-            m.options = options_for(m.spec, self.configured, policy, rate, switchover_share(link, rate, limits), cap)
+            share = switchover_share(link, rate, limits, self.policy)
+            m.options = options_for(m.spec, self.configured, policy, rate, share, cap)
             sends = stream_rate(m.options, self.policy, link)  # within its cap, if it got one
             m.reserve_ms = self.policy.switchover_ms
+            m.share = share
             m.cap = sends
             m.admit_rate = sends
             m.budget_s = migration_budget_s(m.spec.memory_mib, self.options)
@@ -516,9 +518,12 @@ class _Engine:
                 m.downtime_ms = (self.t - m.stop_start) * 1000 + self.params.switchover_ms
                 if self.policy.adaptive and self.policy.downtime_aware and self.policy.learn_switchover:
                     assert self.configured.downtime_limit_ms is not None
+                    before = self.policy.switchover_ms
                     self.policy = replace(self.policy, switchover_ms=learned_switchover_ms(
-                        self.policy.switchover_ms, m.reserve_ms, m.options.downtime_limit_ms if m.options else None,
+                        before, m.reserve_ms, m.options.downtime_limit_ms if m.options else None,
                         m.downtime_ms, self.configured.downtime_limit_ms))
+                    if self.policy.switchover_ms > before:
+                        self.retune(self.configured.downtime_limit_ms)
                 self.finish(m, StepOutcome.OK)
             elif m.phase is Phase.POSTCOPY and m.left <= tol:
                 self.finish(m, StepOutcome.OK)
@@ -534,6 +539,17 @@ class _Engine:
                 self.load.release(m.spec, m.admit_rate)
                 self.changed = True
         return True
+
+    def retune(self, configured_ms: float) -> None:
+        """The executor's :meth:`_Drain.retune_downtime`: the migrations still in pre-copy (not escalated)
+        get their downtime limit from the reserve just learned."""
+        for r in self.running:
+            if (r.phase in (Phase.SETUP, Phase.PRECOPY) and r.level is Escalation.NONE and r.options is not None
+                    and r.options.downtime_limit_ms is not None):
+                limit = downtime_limit_ms(configured_ms, r.cap, r.share, self.policy)
+                if limit < r.options.downtime_limit_ms:
+                    r.options = r.options.model_copy(update={"downtime_limit_ms": limit})
+                    r.reserve_ms = self.policy.switchover_ms
 
     def end_round(self, m: _Mig) -> None:
         nxt = m.dirty_acc

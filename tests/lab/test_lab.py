@@ -157,6 +157,40 @@ def test_a_migration_runs_with_the_downtime_limit_and_bandwidth_the_scheduler_ga
         remove_guest(lab, "dtl01")
 
 
+def test_a_running_migrations_downtime_limit_can_be_lowered_while_it_sends(lab: LabInfo,
+                                                                          hv: LibvirtHypervisor) -> None:
+    # when a drain learns that switch-overs take longer than it reserved, it lowers the limits of the
+    # migrations already in flight: the job QEMU runs must have the new limit, read back on the source
+    import libvirt
+
+    add_guest(lab, "dtl02", "hv01", memory_mib=256, linux=True, dirty_mib_s=4)
+    conn = libvirt.open(lab.plain_uri("hv01"))
+    seen: list[int] = []
+    lowered = threading.Event()
+
+    def lower() -> None:
+        hv.set_downtime_limit("dtl02", "hv01", 150)
+        lowered.set()
+
+    def on_progress(sample: MigrationProgress) -> None:
+        if sample.data_remaining > 0:
+            seen.append(conn.lookupByName("dtl02").migrateGetMaxDowntime(0))
+            if len(seen) == 2:  # from another thread, as the drain does
+                threading.Thread(target=lower).start()
+
+    try:
+        with pytest.raises(MigrationError, match="no migration of dtl02"):
+            hv.set_downtime_limit("dtl02", "hv01", 150)  # nothing runs: refused, and nothing kept for later
+        result = hv.migrate("dtl02", "hv01", "hv02", MigrationOptions(downtime_limit_ms=300, bandwidth_mib_s=32),
+                            on_progress)
+        assert result.outcome is StepOutcome.OK, result.error
+        assert lowered.is_set() and seen[0] == 300 and seen[-1] == 150, seen
+        assert hv.locate("dtl02") == ("hv02",)
+    finally:
+        conn.close()
+        remove_guest(lab, "dtl02")
+
+
 def test_a_source_libvirtd_killed_at_the_switch_over_leaves_the_vm_running_once(lab: LabInfo, hv: LibvirtHypervisor,
                                                                                 tmp_path: Path) -> None:
     # issue 15's stranded VM, on purpose: the source's libvirtd dies while the guest is paused for the

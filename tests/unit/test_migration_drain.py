@@ -684,6 +684,50 @@ def test_after_a_pause_over_the_limit_the_drain_reserves_what_the_switch_over_re
     assert {r.downtime_ms for r in report.results} == {500}
 
 
+class RetunableSlowSwitchOver(SlowSwitchOver):
+    """Slow switch-overs on a driver that can change a running migration's downtime limit: the pause
+    is the limit in force when the migration ends."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.retuned: dict[str, int] = {}
+
+    def set_downtime_limit(self, vm: str, source: str, downtime_ms: int) -> None:
+        with self.lock:
+            self.retuned[vm] = downtime_ms
+
+    def migrate(self, vm: str, source: str, target: str, options: MigrationOptions,
+                on_progress=None) -> MigrationResult:
+        result = FakeHypervisor.migrate(self, vm, source, target, options, on_progress)
+        with self.lock:
+            limit = self.retuned.get(vm, options.downtime_limit_ms or 300)
+        return result.model_copy(update={"downtime_ms": limit + self.fixed_ms})
+
+
+def test_migrations_in_flight_when_a_pause_outgrew_the_limit_get_their_limit_lowered_too() -> None:
+    # three in flight on 10 GbE, each planned 165 ms + 30: the quick one pauses 365 ms, so the drain
+    # reserves 200 ms; the two still sending would pause as long unless their jobs' limits come down now
+    # (to 61 ms: 100 ms left beside the reserve, scaled by their share at the switch-over)
+    moves = [("quick", "src", "dst0", 1024), ("long1", "src", "dst1", 4096), ("long2", "src", "dst2", 4096)]
+    scripts = {"quick": Script(steps=2), **{vm: Script(steps=60, step_s=0.01) for vm in ("long1", "long2")}}
+    hv = fleet(moves, cls=RetunableSlowSwitchOver, scripts=scripts)
+    report = drain(make_plan(moves), hv, Limits(migrations_per_source=3, migrations_per_target=8),
+                   bandwidth_mib_s={"src": 1100})
+    pauses = {r.vm: r.downtime_ms for r in report.results}
+    assert pauses["quick"] is not None and pauses["quick"] > 300
+    assert set(hv.retuned) == {"long1", "long2"}, hv.retuned  # type: ignore[attr-defined]
+    assert all(pauses[vm] is not None and pauses[vm] <= 300 for vm in ("long1", "long2")), pauses
+    retuned = [e for e in report.events if e.kind is EventKind.RETUNED]
+    assert {e.vm for e in retuned} == {"long1", "long2"}
+    assert all(e.detail["downtime_limit_ms"] < e.detail["was_ms"] for e in retuned)
+    assert {d["vm"] for d in report.decisions if d["kind"] == "retuned"} == {"long1", "long2"}  # in the audit
+    # a driver that cannot retune: the same drain, the two pause over the limit as before
+    plain = fleet(moves, cls=SlowSwitchOver, scripts=scripts)
+    before = drain(make_plan(moves), plain, Limits(migrations_per_source=3, migrations_per_target=8),
+                   bandwidth_mib_s={"src": 1100})
+    assert all((r.downtime_ms or 0) > 300 for r in before.results), [r.downtime_ms for r in before.results]
+
+
 def test_the_executor_admits_in_the_order_the_shared_stagger_rule_gives(monkeypatch: pytest.MonkeyPatch) -> None:
     # the simulator and the executor must run the same admission order (the benchmark measures the one
     # that runs at night): the executor asks admission_order at each pass, with what is running

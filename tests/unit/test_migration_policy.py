@@ -466,17 +466,17 @@ def test_a_drains_limits_are_its_share_of_the_cluster() -> None:
 @pytest.mark.parametrize(("link", "rate", "share"), [
     (1100, 600, 1100 / 3),  # 10 GbE, one stream: two fill the link, a third's set-up overlaps their end
     (1100, 1100, 550),  # 10 GbE, multi-connection: one fills it, the next joins while it finishes
-    (2750, 600, 2750 / 6),  # 25 GbE, one stream: five fill it, and one more
+    (2750, 600, 2750 / 7),  # 25 GbE, one stream: five fill it, and two set-up slots' (one per three)
 ])
-def test_the_share_at_the_switch_over_counts_the_migration_whose_set_up_overlaps_it(
+def test_the_share_at_the_switch_over_counts_the_migrations_whose_set_up_overlaps_it(
         link: float, rate: float, share: float) -> None:
-    assert switchover_share(link, rate, Limits(migrations_per_source=8)) == pytest.approx(share)
+    assert switchover_share(link, rate, Limits(migrations_per_source=8), SchedulerPolicy()) == pytest.approx(share)
 
 
 def test_the_share_at_the_switch_over_is_never_below_what_the_limits_allow_to_send() -> None:
     # a fixed 2 per source cannot put a third on the link: each gets half of it
-    assert switchover_share(1100, 600, Limits(migrations_per_source=2)) == pytest.approx(550)
-    assert switchover_share(1100, 600, Limits(migrations_per_source=1)) == 600
+    assert switchover_share(1100, 600, Limits(migrations_per_source=2), SchedulerPolicy()) == pytest.approx(550)
+    assert switchover_share(1100, 600, Limits(migrations_per_source=1), SchedulerPolicy()) == 600
 
 
 def test_a_migration_that_will_share_the_link_at_its_switch_over_plans_a_shorter_pause() -> None:

@@ -116,6 +116,10 @@ class LibvirtHypervisor:
         """Help a running migration converge: allow a longer final pause."""
         self.migrations.enable_auto_converge(vm, source, max_downtime_ms)
 
+    def set_downtime_limit(self, vm: str, source: str, downtime_ms: int) -> None:
+        """QEMU's downtime limit for the running migration of ``vm`` from ``source``, from now on."""
+        self.migrations.set_downtime_limit(vm, source, downtime_ms)
+
     # --- guests -------------------------------------------------------------------
 
     def shutdown(self, vm: str, host: str, timeout: float = 120.0) -> None:

@@ -135,6 +135,11 @@ class Migrations:
         self._wait = wait
         self._lock = threading.Lock()
         self._post_copy: set[tuple[str, str]] = set()  # (vm, source) switched to post-copy
+        # (vm, source) of each migration running here -> the downtime limit the caller set since it started
+        # (set_downtime_limit; 0: none); the lock is held across the libvirt call, so the monitor's
+        # first setting never undoes the caller's
+        self._downtime: dict[tuple[str, str], int] = {}
+        self._downtime_lock = threading.Lock()
 
     def migrate(self, vm: str, source: str, target: str, options: MigrationOptions,
                 on_progress: ProgressCallback | None = None) -> MigrationResult:
@@ -159,6 +164,8 @@ class Migrations:
             raise MigrationNotStarted(f"migrating {where}: cannot read the XML of {vm}: "
                                       f"{what_was_wrong(exc, xml)}", source, vm, target) from exc
 
+        with self._downtime_lock:
+            self._downtime[(vm, source)] = 0  # running here; 0: no limit set by the caller yet
         worker = _Worker()
         threading.Thread(target=self._run_migration, args=(worker, vm, source, target, flags, params),
                          name=f"migrate-{vm}", daemon=True).start()
@@ -176,6 +183,8 @@ class Migrations:
         finally:
             with self._lock:
                 self._post_copy.discard((vm, source))
+            with self._downtime_lock:
+                self._downtime.pop((vm, source), None)
 
         seconds = round(self._clock() - started, 3)
         if worker.done.is_set() and worker.error is None:
@@ -227,18 +236,37 @@ class Migrations:
         return None
 
     def _set_max_downtime(self, vm: str, source: str, downtime_ms: int | None) -> bool:
-        """The job's downtime limit (migrateSetMaxDowntime); True once set or past setting (best effort: a
-        limit that could not be set leaves QEMU's own, which the job's stats then show)."""
+        """The job's downtime limit (migrateSetMaxDowntime), or the one the caller set since it started;
+        True once set or past setting (best effort: a limit that could not be set leaves QEMU's own,
+        which the job's stats then show)."""
+        with self._downtime_lock:
+            limit = self._downtime.get((vm, source)) or downtime_ms
+            try:
+                self._apply_downtime(vm, source, limit)
+            except DriverError as exc:
+                log.warning("could not set the downtime limit of %s to %s ms: %s", visible(vm), limit, exc)
+        return True
+
+    def _apply_downtime(self, vm: str, source: str, downtime_ms: int | None) -> None:
         def set_limit(conn: libvirt.virConnect) -> None:
             dom = lookup(conn, vm)
             if dom is not None and downtime_ms is not None:
                 dom.migrateSetMaxDowntime(downtime_ms, 0)
 
-        try:
-            self._connections.call(source, f"setting the downtime limit of {vm}", set_limit)
-        except DriverError as exc:
-            log.warning("could not set the downtime limit of %s to %s ms: %s", visible(vm), downtime_ms, exc)
-        return True
+        self._connections.call(source, f"setting the downtime limit of {vm}", set_limit)
+
+    def set_downtime_limit(self, vm: str, source: str, downtime_ms: int) -> None:
+        """QEMU's downtime limit for the running migration of ``vm`` from ``source``, from now on. Set
+        before its job runs, it is the one the job starts with (libvirt refuses it until then)."""
+        with self._downtime_lock:
+            if (vm, source) not in self._downtime:
+                raise MigrationError(f"no migration of {vm} from {source} runs here", source, vm)
+            self._downtime[(vm, source)] = downtime_ms
+            try:
+                self._apply_downtime(vm, source, downtime_ms)
+            except DriverError as exc:
+                # most often its job does not run yet: the monitor sets the limit when it shows
+                log.warning("downtime limit of %s not set now (kept for its job): %s", visible(vm), exc)
 
     def _in_post_copy(self, vm: str, source: str) -> bool:
         with self._lock:
