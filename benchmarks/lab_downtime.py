@@ -127,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seconds: dict[str, list[float]] = {m: [] for m in policies}
         in_flight: dict[str, int] = {m: 0 for m in policies}
         reserves: dict[str, list[float]] = {m: [] for m in policies}
+        retuned: dict[str, int] = {m: 0 for m in policies}  # migrations whose limit the drain lowered in flight
         lost = 0
         outcomes: dict[str, list[str]] = {m: [] for m in policies}
         names = list(policies)
@@ -148,9 +149,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 lost += sum(1 for x in report.results if hv.locate(x.vm) not in ((x.source,), (x.target,)))
                 home()
                 raised = {e.vm for e in report.events if e.kind is EventKind.ESCALATED}
+                lowered = {e.vm for e in report.events if e.kind is EventKind.RETUNED and "error" not in e.detail}
                 for x in report.results:
                     if x.outcome is StepOutcome.OK and x.downtime_ms is not None:
                         rows[mode].append((x.downtime_ms, x.vm in raised))
+                        retuned[mode] += x.vm in lowered
                 outcomes[mode] += [f"{x.vm} {x.outcome.value}: {x.error}" for x in report.results
                                    if x.outcome is not StepOutcome.OK]
                 seconds[mode].append(report.seconds)
@@ -174,8 +177,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{LIMITS.migrations_per_source} per source; the policy's stream {args.stream:g} MiB/s; limit {limit} ms.")
     print()
     print("| mode | downtime ms (each; * = escalated, its limit raised by choice) | p50 | max | over "
-          f"{limit} ms (not escalated) | in flight at most | drain s (mean) | reserve ms at start |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"{limit} ms (not escalated) | in flight at most | drain s (mean) | reserve ms at start "
+          "| limits lowered in flight |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for mode in names:
         pauses = rows[mode]
         plain = [p for p, esc in pauses if not esc]
@@ -187,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         learns = policies[mode].adaptive and policies[mode].downtime_aware and policies[mode].learn_switchover
         span = (f"{min(reserves[mode]):.0f}-{max(reserves[mode]):.0f}" if reserves[mode] and learns else "-")
         print(f"| {mode} | {each} | {p50:.0f} | {top:.0f} | {over} of {len(plain)} | {in_flight[mode]} "
-              f"| {mean_s:.1f} | {span} |")
+              f"| {mean_s:.1f} | {span} | {retuned[mode] if learns else '-'} |")
     print()
     for mode in names:
         if outcomes[mode]:
