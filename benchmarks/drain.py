@@ -865,7 +865,9 @@ does what the simulator measures:
    migrations started beside it get libvirt's bandwidth parameter at (2900 − 600) ÷ 4 = 575 MiB/s while
    it sends, the link stays full and it ends as if alone (seed 4: 115.0 → 112.3 s over a proven floor of
    110.7 s). One seed of ten has such a VM; no other scenario does (on 10 GbE it would take one VM over
-   55 % of the host's memory).
+   55 % of the host's memory). The cap stays on those migrations after the pole ends (libvirt could lift
+   it with `migrateSetMaxSpeed`); lifting it there in the simulator changes no mean to the fourth decimal
+   (a one-off run, 2026-12-06 23:27 UTC: the pole ends last), so it is not built.
 3. *A deeper upfront throttle where the link decides the drain* (`throttling`): pre-copy re-sends
    D ÷ (b − D) of a VM's memory and on a full link each of those bytes is the drain's time, wherever in the
    drain it is sent, so the VMs whose re-sends lengthen the drain are all those of a link-bound source,
