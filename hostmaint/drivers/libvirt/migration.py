@@ -122,6 +122,14 @@ def wait_for(event: threading.Event, seconds: float) -> bool:
     return event.wait(seconds)
 
 
+@dataclass
+class _Limit:
+    """A running migration's downtime limit as its caller set it (None: the one it started with)."""
+
+    ms: int | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
 class Migrations:
     """Live migrations between the hosts of ``connections``. ``clock`` and ``wait`` (for an event, with a
     timeout) drive the monitor: it wakes the moment a migration ends, not at its next poll."""
@@ -136,10 +144,10 @@ class Migrations:
         self._lock = threading.Lock()
         self._post_copy: set[tuple[str, str]] = set()  # (vm, source) switched to post-copy
         # (vm, source) of each migration running here -> the downtime limit the caller set since it started
-        # (set_downtime_limit; 0: none); the lock is held across the libvirt call, so the monitor's
-        # first setting never undoes the caller's
-        self._downtime: dict[tuple[str, str], int] = {}
-        self._downtime_lock = threading.Lock()
+        # (set_downtime_limit); its lock is held across the libvirt call, so the monitor's first setting
+        # never undoes the caller's, and a host that hangs holds up only its own migration
+        self._downtime: dict[tuple[str, str], _Limit] = {}
+        self._downtime_lock = threading.Lock()  # guards the dict; each entry's own lock, its job's limit
 
     def migrate(self, vm: str, source: str, target: str, options: MigrationOptions,
                 on_progress: ProgressCallback | None = None) -> MigrationResult:
@@ -165,7 +173,7 @@ class Migrations:
                                       f"{what_was_wrong(exc, xml)}", source, vm, target) from exc
 
         with self._downtime_lock:
-            self._downtime[(vm, source)] = 0  # running here; 0: no limit set by the caller yet
+            self._downtime[(vm, source)] = _Limit()  # running here, no limit set by the caller yet
         worker = _Worker()
         threading.Thread(target=self._run_migration, args=(worker, vm, source, target, flags, params),
                          name=f"migrate-{vm}", daemon=True).start()
@@ -240,7 +248,9 @@ class Migrations:
         True once set or past setting (best effort: a limit that could not be set leaves QEMU's own,
         which the job's stats then show)."""
         with self._downtime_lock:
-            limit = self._downtime.get((vm, source)) or downtime_ms
+            entry = self._downtime.get((vm, source), _Limit())
+        with entry.lock:
+            limit = entry.ms or downtime_ms
             try:
                 self._apply_downtime(vm, source, limit)
             except DriverError as exc:
@@ -259,9 +269,11 @@ class Migrations:
         """QEMU's downtime limit for the running migration of ``vm`` from ``source``, from now on. Set
         before its job runs, it is the one the job starts with (libvirt refuses it until then)."""
         with self._downtime_lock:
-            if (vm, source) not in self._downtime:
-                raise MigrationError(f"no migration of {vm} from {source} runs here", source, vm)
-            self._downtime[(vm, source)] = downtime_ms
+            entry = self._downtime.get((vm, source))
+        if entry is None:
+            raise MigrationError(f"no migration of {vm} from {source} runs here", source, vm)
+        with entry.lock:
+            entry.ms = downtime_ms
             try:
                 self._apply_downtime(vm, source, downtime_ms)
             except DriverError as exc:
