@@ -1,35 +1,43 @@
 """A planned window for the night's clusters, checked in the simulator, against the tightest valid bound.
 
 Not a test: prints a table (markdown). The flows run a rolling window: hosts enter as maintenance
-slots free up, and each drain places its VMs when it begins. The bound (`window_slot_bound`) is
-reached, fractionally, by a different structure: every slot a chain of whole hosts one after
-another, its first host (*leader*) drained before anything is patched onto hosts whose maintenance
-has not begun (*absorbers*, in slots with the slack to re-send it), every later host drained onto a
-patched host. This script builds such a plan by two exact models and replays it under the
-simulator's rules:
+slots free up, and each drain places its VMs when it begins. The slot LP (`window_slot_bound`)
+reaches its bound with whole hosts in chains, one chain a maintenance slot: a few chains led by a
+host drained before anything is patched (*early*), onto hosts whose maintenance has not begun
+(*absorbers*, with the slack to send it again); the other chains begin once the first hosts are
+patched, every host of them drained onto patched hosts. This script builds such a plan by two exact
+models and replays it under the simulator's rules:
 
-1. *Chains* (an integer programme over the ways to fill a slot, as the slot LP's columns, SCIP): the
-   hosts in ``k`` chains of 1-3, each by a makespan ``T`` (ℓ at the rate the simulator's drains
-   really send, not the link's), the chains together able to take in what their leaders leave; the
-   least ``T`` that fits, then the most slack there.
-2. *Times and targets* (CP-SAT over the fixed chains): when each host enters, how much of each
-   leader's memory goes to which absorber (integer GiB, at most its free memory, the absorber not in
-   maintenance until that drain is done, one drain into a host at a time as the inbound lock), at most
-   8 drains at once (each holds 2 of the cluster's 16 migration slots), each absorber's drain
-   lengthened by what it took in; least makespan.
-3. *Replay*: ``simulate.py``'s ``_WindowScheduler`` with three rules patched in memory (a subclass):
-   a host enters at its planned time once the host before it in its chain is patched (and every
-   drain planned onto it is done); a leader's VMs go to its planned absorbers (VMs packed to the
-   planned amounts); every later host's VMs go to the host before it in its chain (patched, empty),
-   the rest to the patched host with most free memory that no drain is filling. Everything else is the
-   simulator's: the engine, admission (slots, per-target limit, target memory), shares, the patch.
-   Every plan is checked after the run: every host patched, every VM on a patched host, no VM landed
-   on a host in maintenance, every host empty at its patch.
+1. *Chains* (an integer programme, SCIP, over every chain of 1-3 hosts, as the slot LP's columns):
+   the hosts in at most ``k`` chains by a makespan ``T``, a host lasting its own drain at the pace
+   the simulator's drains really send (``RATE``, not the link's 1,100 MiB/s) and the patch; early-led
+   chains from 0, late-led ones from the first patch + ``LATE_AFTER_S``; what the chains can take in
+   (free memory, at that pace, in their slack) at least what their early leaders leave; at most 8
+   early leaders. The least ``T`` (to 5 s), then the chains with the most to spare.
+2. *Times and targets* (CP-SAT over the fixed chains, integer GiB and seconds): when each host enters
+   (its drain begins then); how much of each early leader's memory goes to which absorber, and which
+   later drains send all of theirs to absorbers (the last hosts of the chains) instead of patched
+   hosts; an absorber takes in at most its free memory, only from drains done before its maintenance,
+   one drain at a time (its inbound lock), and drains that much longer; at most 8 drains at once (each
+   holds 2 of the cluster's 16 slots); the drains onto patched hosts at no moment more than the hosts
+   patched by then (one target each, its lock), and their memory within what those hosts hold (half
+   counted from the drain's start, half from its end). Least makespan.
+3. *Replay*: ``simulate.py``'s ``_WindowScheduler``, four rules patched in memory (a subclass): a host
+   enters at its planned time, once the host before it in its chain is patched and every drain planned
+   onto it is done (``_can_start``; ``run`` wakes at the planned times); a drain with planned absorbers
+   sends each VM to the one furthest below its planned amount that holds it, every other drain to the
+   host before it in its chain if that holds all of it, else to the patched host that holds all of it
+   with least to spare, else largest VMs first to the patched hosts with most free memory, never to a
+   host another drain fills (``_place``); a host whose targets are not free does not hold up the
+   drains behind it (``_begin_drains``). Everything else is the simulator's: the engine, admission
+   (slots, shares, the per-target limit, target memory), the patch. Each replay is checked from its
+   migrations: every host patched, every move off its source within that host's drain, none landing on
+   a host in maintenance, every VM ending on a host patched before it landed there.
 
-  .venv/bin/python benchmarks/night_plan.py --cluster c05
+  .venv/bin/python benchmarks/night_plan.py --cluster c05 [--trace]
   .venv/bin/python benchmarks/night_plan.py --all
 
-Deterministic: SCIP, and CP-SAT on one worker with a deterministic time limit.
+Deterministic: SCIP, and CP-SAT on one worker with a deterministic time limit (``--budget``).
 """
 
 from __future__ import annotations
