@@ -381,8 +381,8 @@ class _Drain:
         """Set a running migration's downtime limit from the reserve learned since it started: the
         migrations in flight when a pause outgrew the limit would otherwise pause as long. One raised
         by escalation, or switched to post-copy, keeps its own."""
-        if self.retune is None or flight.options.downtime_limit_ms is None:
-            return
+        if self.retune is None or flight.options.downtime_limit_ms is None or flight.share_mib_s <= 0:
+            return  # no driver to ask, QEMU's own limit, or no share known to scale by
         limit = downtime_limit_ms(configured_ms, flight.rate, flight.share_mib_s, self.policy)
         with flight.lock:
             if (flight.escalated or flight.level is not Escalation.NONE or flight.abort_reason is not None
