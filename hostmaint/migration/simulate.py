@@ -545,7 +545,7 @@ class _Engine:
         get their downtime limit from the reserve just learned."""
         for r in self.running:
             if (r.phase in (Phase.SETUP, Phase.PRECOPY) and r.level is Escalation.NONE and r.options is not None
-                    and r.options.downtime_limit_ms is not None):
+                    and r.options.downtime_limit_ms is not None and r.share > 0):
                 limit = downtime_limit_ms(configured_ms, r.cap, r.share, self.policy)
                 if limit < r.options.downtime_limit_ms:
                     r.options = r.options.model_copy(update={"downtime_limit_ms": limit})
