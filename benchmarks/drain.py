@@ -825,11 +825,12 @@ count it), scaled by the link share it can count on at its end ÷ its stream rat
 streams that fill it and the drain's set-up slots, one per three streams (10 GbE single-stream: 1100 ÷ 3 of
 600 MiB/s, 165 ms planned for a 300 ms pause; 25 GbE single-stream 2750 ÷ 7). The simulator decides the
 switch-over with that limit; the executor sets it on each job (`migrateSetMaxDowntime`), and lowers it on
-the jobs in flight when the drain learns that switch-overs take longer than it reserved. A smaller limit costs more pre-copy rounds, but only the last ones of a VM that
-is nearly done, while the others fill the link: the makespan moves in the third decimal. The share
-assumed is a floor, so the pauses land well under the limit; a tighter estimate would buy nothing
-measurable here. Not modelled: the executor's own escalation of a stalled migration raises its limit to
-2 s (`enable_auto_converge`, as Nova does): such a VM pauses longer by choice, to converge at all.
+the jobs in flight when the drain learns that switch-overs take longer than it reserved. A smaller limit costs
+more pre-copy rounds, but only the last ones of a VM that is nearly done, while the others fill the link: the
+makespan moves in the third decimal. The share assumed is a floor, so the pauses land well under the limit; a
+tighter estimate would buy nothing measurable here. Not modelled: the executor's own escalation of a stalled
+migration raises its limit to 2 s (`enable_auto_converge`, as Nova does): such a VM pauses longer by choice,
+to converge at all.
 The downtime rule did not move the 25 GbE makespans (they were above 1.05 × the floor before it too);
 what did is below.
 
