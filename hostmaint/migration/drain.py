@@ -44,7 +44,6 @@ from hostmaint.migration.policy import (
     about_to_finish,
     admission_order,
     admission_refusal,
-    downtime_limit_ms,
     expected_dirty_mib_s,
     learned_switchover_ms,
     link_of,
@@ -55,6 +54,7 @@ from hostmaint.migration.policy import (
     order_placements,
     planning_share,
     pole_cap_mib_s,
+    retuned_downtime_ms,
     seconds_left,
     stream_rate,
     switchover_share,
@@ -381,14 +381,14 @@ class _Drain:
         """Set a running migration's downtime limit from the reserve learned since it started: the
         migrations in flight when a pause outgrew the limit would otherwise pause as long. One raised
         by escalation, or switched to post-copy, keeps its own."""
-        if self.retune is None or flight.options.downtime_limit_ms is None or flight.share_mib_s <= 0:
-            return  # no driver to ask, QEMU's own limit, or no share known to scale by
-        limit = downtime_limit_ms(configured_ms, flight.rate, flight.share_mib_s, self.policy)
+        if self.retune is None:
+            return
         with flight.lock:
-            if (flight.escalated or flight.level is not Escalation.NONE or flight.abort_reason is not None
-                    or limit >= flight.options.downtime_limit_ms):
-                return
             was = flight.options.downtime_limit_ms
+            limit = retuned_downtime_ms(was, configured_ms, flight.rate, flight.share_mib_s, self.policy)
+            if (limit is None or flight.escalated or flight.level is not Escalation.NONE
+                    or flight.abort_reason is not None):
+                return
             flight.options = flight.options.model_copy(update={"downtime_limit_ms": limit})
             flight.reserve_ms = self.policy.switchover_ms
         spec = flight.spec

@@ -345,6 +345,18 @@ def downtime_limit_ms(limit_ms: float, rate_mib_s: float, share_mib_s: float, po
     return max(1, math.floor(usable * min(1.0, share_mib_s / rate_mib_s)))
 
 
+def retuned_downtime_ms(current_ms: int | None, configured_ms: float, rate_mib_s: float, share_mib_s: float,
+                        policy: SchedulerPolicy) -> int | None:
+    """The lower downtime limit a running migration gets once the drain's reserve (``policy``) has risen
+    (:func:`downtime_limit_ms` from it), or None when it keeps ``current_ms``: QEMU's own limit (None),
+    no share known to scale by, or a limit already as low. The executor sets it on the running job; the
+    simulator follows. A migration escalated or in post-copy is left out by the caller."""
+    if current_ms is None or share_mib_s <= 0:
+        return None
+    limit = downtime_limit_ms(configured_ms, rate_mib_s, share_mib_s, policy)
+    return limit if limit < current_ms else None
+
+
 def learned_switchover_ms(reserve_ms: float, used_ms: float, set_ms: float | None, pause_ms: float,
                           limit_ms: float) -> float:
     """The switch-over reserve for the drain's next migrations, after one that was started with

@@ -46,7 +46,6 @@ from hostmaint.migration.policy import (
     about_to_finish,
     admission_order,
     admission_refusal,
-    downtime_limit_ms,
     drains_side_by_side,
     expected_dirty_mib_s,
     learned_switchover_ms,
@@ -57,6 +56,7 @@ from hostmaint.migration.policy import (
     order_placements,
     planning_share,
     pole_cap_mib_s,
+    retuned_downtime_ms,
     seconds_left,
     slots_per_drain,
     stream_rate,
@@ -544,12 +544,12 @@ class _Engine:
         """The executor's :meth:`_Drain.retune_downtime`: the migrations still in pre-copy (not escalated)
         get their downtime limit from the reserve just learned."""
         for r in self.running:
-            if (r.phase in (Phase.SETUP, Phase.PRECOPY) and r.level is Escalation.NONE and r.options is not None
-                    and r.options.downtime_limit_ms is not None and r.share > 0):
-                limit = downtime_limit_ms(configured_ms, r.cap, r.share, self.policy)
-                if limit < r.options.downtime_limit_ms:
-                    r.options = r.options.model_copy(update={"downtime_limit_ms": limit})
-                    r.reserve_ms = self.policy.switchover_ms
+            if r.phase not in (Phase.SETUP, Phase.PRECOPY) or r.level is not Escalation.NONE or r.options is None:
+                continue
+            limit = retuned_downtime_ms(r.options.downtime_limit_ms, configured_ms, r.cap, r.share, self.policy)
+            if limit is not None:
+                r.options = r.options.model_copy(update={"downtime_limit_ms": limit})
+                r.reserve_ms = self.policy.switchover_ms
 
     def end_round(self, m: _Mig) -> None:
         nxt = m.dirty_acc

@@ -142,3 +142,24 @@ def test_the_job_gets_the_downtime_limit_the_scheduler_chose_for_it() -> None:
     assert result.outcome is StepOutcome.OK
     [(job, _, _)] = network.jobs
     assert job.max_downtime_ms == 165  # set on the running job: no migrateToURI3 parameter carries it
+
+
+def test_a_limit_the_caller_lowers_before_the_monitors_first_setting_is_not_undone_by_it() -> None:
+    # the drain lowers a running migration's limit (its reserve was learned) from its own thread; if that
+    # lands before the monitor's first sample sets the limit the migration started with, the lower one holds
+    hv: LibvirtHypervisor
+
+    def lowered_at_once(job: FakeJob, clock: FakeClock) -> dict[str, Any]:
+        if job.max_downtime_ms is None:
+            hv.set_downtime_limit("vm1", "hv01", 61)  # before the monitor has set anything on the job
+        if clock.now >= 2:
+            job.finish()
+        return {"data_total": 256 * MIB, "data_processed": int(clock.now * MIB), "data_remaining": 64 * MIB}
+
+    hv, network, _ = lab(lowered_at_once)
+    with pytest.raises(MigrationError, match="no migration of vm1 from hv01 runs here"):
+        hv.set_downtime_limit("vm1", "hv01", 61)  # nothing runs: refused, nothing kept for a later job
+    result = hv.migrate("vm1", "hv01", "hv02", MigrationOptions(downtime_limit_ms=165), None)
+    assert result.outcome is StepOutcome.OK
+    [(job, _, _)] = network.jobs
+    assert job.max_downtime_ms == 61

@@ -29,6 +29,7 @@ from hostmaint.migration.policy import (
     order_placements,
     planning_share,
     pole_cap_mib_s,
+    retuned_downtime_ms,
     seconds_left,
     setup_slots,
     slots_per_drain,
@@ -514,3 +515,12 @@ def test_adaptive_options_carry_a_downtime_limit_that_fits_the_configured_pause(
     assert options_for(spec, MigrationOptions(), SchedulerPolicy.fixed(2), 600, 1100 / 3).downtime_limit_ms is None
     off = SchedulerPolicy(downtime_aware=False)
     assert options_for(spec, MigrationOptions(), off, 600, 1100 / 3).downtime_limit_ms is None
+
+
+def test_a_running_migration_is_retuned_only_to_a_lower_limit_it_can_be_scaled_to() -> None:
+    learned = SchedulerPolicy(switchover_ms=200.0)
+    # 10 GbE single-stream: 100 ms beside the reserve, scaled by its share at the switch-over
+    assert retuned_downtime_ms(165, 300, 600, 1100 / 3, learned) == 61
+    assert retuned_downtime_ms(50, 300, 600, 1100 / 3, learned) is None  # already lower
+    assert retuned_downtime_ms(None, 300, 600, 1100 / 3, learned) is None  # QEMU's own limit: not ours
+    assert retuned_downtime_ms(165, 300, 600, 0.0, learned) is None  # no share: it would be 1 ms
