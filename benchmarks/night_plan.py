@@ -309,39 +309,27 @@ class PlannedWindow(_WindowScheduler):
         self.plan = plan
         self.before = {c[i]: c[i - 1] for c in plan.chains for i in range(1, len(c))}
         self.stuck: list[str] = []
+        # a host whose targets are not free yet does not hold up the hosts behind it (each host's run
+        # waits for its own targets' locks in the flows)
+        self.first_come_first_served = False
         self.senders: dict[str, set[str]] = {}
         for g, targets in plan.absorb.items():
             for a in targets:
                 self.senders.setdefault(a, set()).add(g)
 
-    def run(self):  # noqa: ANN201 - the base class's WindowRun
-        engine = self.engine
-        while self.waiting or self.in_maint:
-            self._settle()
-            self._begin_drains()
-            self._start_hosts()
-            engine.admit()
-            due = [self.plan.start[w] for w in self.waiting if self.plan.start[w] > engine.t + 1e-9]
-            horizon = min(list(self.timers.values()) + due, default=math.inf)
-            if not engine.running:
-                if engine.pending:
-                    engine.fail_pending("cannot start: never admissible (limits or target memory)")
-                    continue
-                if horizon == math.inf:
-                    # nothing running, nothing due: the plan is stuck (a drain waits for a target that
-                    # will never free); the hosts left are given up and counted as the plan's failure
-                    self.stuck = sorted(self.waiting + self.in_maint)
-                    for name in self.in_maint:
-                        job = self.jobs[name]
-                        job.failed = True
-                        job.end = job.drained = engine.t
-                    self.in_maint.clear()
-                    self._give_up_waiting()
-                    continue
-                engine.t = max(engine.t, horizon)
-                continue
-            engine.step(horizon)
-        return self._result()
+    def _wake_at(self) -> list[float]:
+        return [self.plan.start[w] for w in self.waiting if self.plan.start[w] > self.engine.t + 1e-9]
+
+    def _nothing_to_wait_for(self) -> None:
+        # nothing running, nothing due: the plan is stuck (a drain waits for a target that will never
+        # free); the hosts left are given up and counted as the plan's failure
+        self.stuck = sorted(self.waiting + self.in_maint)
+        for name in self.in_maint:
+            job = self.jobs[name]
+            job.failed = True
+            job.end = job.drained = self.engine.t
+        self.in_maint.clear()
+        self._give_up_waiting()
 
     def _can_start(self, name: str) -> bool:
         if self.engine.t + 1e-9 < self.plan.start[name]:
@@ -350,22 +338,6 @@ class PlannedWindow(_WindowScheduler):
         if before is not None and before not in self.patched:
             return False
         return all(self.jobs[g].drained >= 0 for g in self.senders.get(name, ()))
-
-    def _begin_drains(self) -> None:
-        # as the base class, but a host whose targets are not free yet does not hold up the hosts
-        # behind it (each host's run waits for its own targets' locks in the flows)
-        for name in list(self.drain_queue):
-            if not self._room_to_drain(name):
-                return
-            busy = {p.target for d in self.draining for p in self.planned_targets.get(d, [])}
-            if name in busy:
-                continue
-            placements = self._place(name, busy)
-            if placements is None:
-                continue
-            self.share[name] = self._share_now(name)
-            self.drain_queue.remove(name)
-            self._begin_drain(name, placements)
 
     def _place(self, name: str, busy: set[str]) -> list[Placement] | None:
         out = self._choose(name, busy, dict(self.free))

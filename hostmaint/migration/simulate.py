@@ -940,6 +940,9 @@ class _WindowScheduler:
     hosts that may start, then lets the engine run to the next event.
     """
 
+    # a host whose targets cannot be placed yet holds up the drains queued behind it
+    first_come_first_served = True
+
     def __init__(self, snapshot: FleetSnapshot, window: WindowPlan | Sequence[str], names: list[str], k: int,
                  settings: _WindowSettings) -> None:
         self.names = names
@@ -984,14 +987,13 @@ class _WindowScheduler:
             self._begin_drains()
             self._start_hosts()
             engine.admit()
-            horizon = min(self.timers.values(), default=math.inf)
+            horizon = min([*self.timers.values(), *self._wake_at()], default=math.inf)
             if not engine.running:
                 if engine.pending:
                     engine.fail_pending("cannot start: never admissible (limits or target memory)")
                     continue
                 if horizon == math.inf:
-                    if self.waiting and not self.in_maint:
-                        self._give_up_waiting()
+                    self._nothing_to_wait_for()
                     continue
                 engine.t = max(engine.t, horizon)
                 continue
@@ -1036,6 +1038,15 @@ class _WindowScheduler:
     def _targets_of(self, name: str) -> set[str]:
         return {p.target for p in self.planned.get(name, [])}
 
+    def _wake_at(self) -> list[float]:
+        """Moments beyond the maintenance timers at which a pass must look again (none here)."""
+        return []
+
+    def _nothing_to_wait_for(self) -> None:
+        """Nothing runs and no timer is due: the hosts still waiting can never start."""
+        if self.waiting and not self.in_maint:
+            self._give_up_waiting()
+
     def _give_up_waiting(self) -> None:
         """The hosts still waiting with nothing left to wait for: their dependencies can never be met."""
         for name in self.waiting:
@@ -1058,7 +1069,9 @@ class _WindowScheduler:
                 continue
             placements = self._place(name, busy)
             if placements is None:
-                return  # first come, first served: the next host waits behind it
+                if self.first_come_first_served:
+                    return  # the next host waits behind it
+                continue
             self.share[name] = self._share_now(name)  # counted while it is still in the queue
             self.drain_queue.remove(name)
             self._begin_drain(name, placements)
