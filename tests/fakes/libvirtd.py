@@ -63,6 +63,9 @@ class FakeJob:
     outcome: str = ""  # "migrated" or "aborted"
     post_copy: bool = False
     max_downtime_ms: int | None = None
+    # what migrateToURI3 raises once aborted, where not libvirt's "operation aborted" (code, message): on
+    # real hosts the target's QEMU can fail first on the stream the source cut, and that error comes back
+    abort_error: tuple[int, str] | None = None
 
     def finish(self, outcome: str = "migrated") -> None:
         if not self.ended.is_set():
@@ -138,6 +141,8 @@ class FakeDomain:
         job = self.job = self.host.network.new_job(self, target, params, flags)
         job.ended.wait(30)
         if job.outcome != "migrated":
+            if job.abort_error is not None:
+                raise FakeError(*job.abort_error)
             raise FakeError(libvirt.VIR_ERR_OPERATION_ABORTED,
                             "operation aborted: migration out job: canceled by client")
         del self.host.domains[self._name]

@@ -148,6 +148,10 @@ class Migrations:
         # never undoes the caller's, and a host that hangs holds up only its own migration
         self._downtime: dict[tuple[str, str], _Limit] = {}
         self._downtime_lock = threading.Lock()  # guards the dict; each entry's own lock, its job's limit
+        # (vm, source) of the migrations running here that a caller asked to abort (guarded by the same lock):
+        # libvirt does not always report such a migration as aborted (the target's QEMU can fail first, on
+        # the stream the source cut), and the error must still say it ended because it was asked to
+        self._abort_asked: set[tuple[str, str]] = set()
 
     def migrate(self, vm: str, source: str, target: str, options: MigrationOptions,
                 on_progress: ProgressCallback | None = None) -> MigrationResult:
@@ -193,12 +197,14 @@ class Migrations:
                 self._post_copy.discard((vm, source))
             with self._downtime_lock:
                 self._downtime.pop((vm, source), None)
+                asked = (vm, source) in self._abort_asked
+                self._abort_asked.discard((vm, source))
 
         seconds = round(self._clock() - started, 3)
         if worker.done.is_set() and worker.error is None:
             result = self._confirm_success(vm, source, target, seconds, track.last)
             return result.model_copy(update={"tls": options.tls, "migration_address": options.migration_address})
-        return self._failure(vm, source, target, worker, abort_reason, options)
+        return self._failure(vm, source, target, worker, abort_reason, options, asked=asked)
 
     def _monitor(self, vm: str, source: str, options: MigrationOptions, on_progress: ProgressCallback | None,
                  started: float, worker: _Worker, track: ProgressTrack) -> str | None:
@@ -363,13 +369,17 @@ class Migrations:
             raise
 
     def _failure(self, vm: str, source: str, target: str, worker: _Worker,
-                 abort_reason: str | None, options: MigrationOptions = MigrationOptions()) -> MigrationResult:
-        """The migration failed or was aborted: find out where the VM runs and raise MigrationError."""
+                 abort_reason: str | None, options: MigrationOptions = MigrationOptions(), *,
+                 asked: bool = False) -> MigrationResult:
+        """The migration failed or was aborted: find out where the VM runs and raise MigrationError.
+        ``asked``: a caller asked to abort it while it ran (:meth:`abort`)."""
         err = worker.error
         if isinstance(err, libvirt.libvirtError):
             detail = message(err)
             if err.get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED and abort_reason is None:
                 detail = f"aborted ({detail})"
+            elif asked and abort_reason is None:
+                detail = f"aborted as asked (libvirt reported: {detail})"
         elif err is not None:
             detail = str(err)
         else:
@@ -398,6 +408,9 @@ class Migrations:
 
     def abort(self, vm: str, source: str) -> None:
         """Abort a running migration of ``vm`` on ``source``; returns at once when none runs."""
+        with self._downtime_lock:
+            if (vm, source) in self._downtime:  # one of ours, running: its error will say it was asked
+                self._abort_asked.add((vm, source))
         self._abort_job(vm, source)
 
     def _abort_job(self, vm: str, source: str) -> None:
