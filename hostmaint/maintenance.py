@@ -662,7 +662,7 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
             if r.outcome in (StepOutcome.FAILED, StepOutcome.ABORTED) and _still_home(rt, r.vm, r.source):
                 rt.states.clear_origin(r.vm)  # it never left: its origin would call it displaced
         if cancel is not None and cancel.is_set():
-            rec.details["cancelled_by"] = cancel.by
+            rec.details["cancelled_by"] = cancel.who()
             for h in plan.hosts:
                 rt.states.keep_out(h, cancelled_reason(cancel.reason), run.run_id)
             raise RunCancelled(f"drain of {', '.join(plan.hosts)} {cancel.reason}: "
@@ -1506,7 +1506,7 @@ def _raise_if_cancelled(rec: StepRecord, report: DrainReport, cancel: Cancellati
     """After a return's or rebalance's moves settled: raise RunCancelled if it was cancelled."""
     if cancel is None or not cancel.is_set():
         return
-    rec.details["cancelled_by"] = cancel.by
+    rec.details["cancelled_by"] = cancel.who()
     raise RunCancelled(f"{what} {cancel.reason}: {sum(r.outcome is StepOutcome.OK for r in report.results)} "
                        f"VM(s) moved, {len(report.failed)} left where they were", host, "moves")
 

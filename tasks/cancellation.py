@@ -94,14 +94,15 @@ def who_cancelled(run_id: str) -> str:
     return next((n for n in named if n != FROM_PREFECT), FROM_PREFECT)
 
 
-def _name_the_cancellers() -> None:
-    with _lock:
-        runs = list(_runs.items())
-    named = cancellation_names([run_id for run_id, _ in runs])
-    # SIGTERM is for the whole process: the run that was cancelled names who, for every run in it
-    by = next((n for n in named.values() if n != FROM_PREFECT), None)
-    for run_id, cancel in runs:
-        cancel.cancel(named.get(run_id) if named.get(run_id, FROM_PREFECT) != FROM_PREFECT else by)
+def _name_the_cancellers(runs: list[tuple[str, Cancellation]]) -> None:
+    named: dict[str, str] = {}
+    try:
+        named = cancellation_names([run_id for run_id, _ in runs])
+    finally:
+        # SIGTERM is for the whole process: the run that was cancelled names who, for every run in it
+        by = next((n for n in named.values() if n != FROM_PREFECT), None)
+        for run_id, cancel in runs:
+            cancel.named(named.get(run_id) if named.get(run_id, FROM_PREFECT) != FROM_PREFECT else by)
 
 
 def cancellation_names(run_ids: list[str]) -> dict[str, str]:
@@ -158,9 +159,13 @@ def graceful() -> Iterator[None]:
     previous: Any = signal.getsignal(signal.SIGTERM)
 
     def stop(signum: int, frame: FrameType | None) -> None:
+        with _lock:
+            runs = list(_runs.items())
+        for _, cancel in runs:
+            cancel.naming()  # before they stop: a record written while the lookup runs waits for its name
         cancel_all()
-        # who asked is on the server; the drain winds down meanwhile and records it if known by then
-        threading.Thread(target=_name_the_cancellers, name="cancel-who", daemon=True).start()
+        # who asked is on the server; the drain winds down meanwhile, and its record waits for the name
+        threading.Thread(target=_name_the_cancellers, args=(runs,), name="cancel-who", daemon=True).start()
 
     signal.signal(signal.SIGTERM, stop)
     try:

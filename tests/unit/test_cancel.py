@@ -5,12 +5,13 @@ run that was killed, and a re-run then drains the rest."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import pytest
 
 from hostmaint import maintenance as steps
-from hostmaint.cancel import Cancellation, RunCancelled
+from hostmaint.cancel import UNKNOWN, Cancellation, RunCancelled
 from hostmaint.migration import EventKind, SchedulerPolicy, drain
 from hostmaint.models import HostState, Limits, MigrationOptions, StepOutcome
 from hostmaint.runtime import Runtime, open_runtime
@@ -214,6 +215,41 @@ def test_a_return_cancelled_mid_way_stops_its_moves_and_the_host_stays_truly_act
     steps.return_vms(rt, steps.RunContext(run_id="ret-2"), host)
     assert rt.states.origins(host) == {}
     assert all(_where(rt)[vm] == (host,) for vm in away)
+
+
+def test_a_return_stopped_by_a_signal_records_who_asked_once_the_lookup_ends(rt: Runtime) -> None:
+    # a SIGTERM says only that someone asked; who is looked up on the orchestrator meanwhile. Seen in
+    # the suite under load: the return's moves settled first and its record said "not recorded".
+    host = "hv01"
+    _evacuated_and_back(rt, host)
+    run = steps.RunContext(run_id="sig", flow="return-host", operator="fay")
+    stop = Cancellation()
+
+    def on_event(event) -> None:  # type: ignore[no-untyped-def]
+        if event.kind is EventKind.FINISHED and not stop.is_set():
+            stop.naming()
+            stop.cancel()  # what the signal handler does: stop now, the name comes later
+            threading.Timer(0.5, stop.named, args=("nina (hostmaint run cancel)",)).start()
+
+    with pytest.raises(RunCancelled, match="cancelled by nina"):
+        steps.return_vms(rt, run, host, on_event=on_event, cancel=stop)  # type: ignore[arg-type]
+    (ret,) = [r for r in rt.audit.records(run_id="sig") if r.step == "return-vms"]
+    assert ret.details["cancelled_by"] == "nina (hostmaint run cancel)"
+
+
+def test_who_waits_only_for_a_lookup_under_way() -> None:
+    stop = Cancellation()
+    stop.cancel()
+    assert stop.who(wait_s=5) == UNKNOWN  # nobody is looking: no wait, and the truth is "not recorded"
+    looked_up = Cancellation()
+    looked_up.naming()
+    looked_up.cancel()
+    threading.Timer(0.2, looked_up.named).start()  # the lookup found nobody
+    assert looked_up.who(wait_s=5) == UNKNOWN and looked_up.is_set()
+    slow = Cancellation()
+    slow.naming()
+    slow.cancel()
+    assert slow.who(wait_s=0.1) == UNKNOWN  # a lookup that hangs holds the record up only so long
 
 
 def test_a_rebalance_cancelled_mid_way_admits_nothing_more_and_every_vm_runs_once(rt: Runtime) -> None:
