@@ -85,7 +85,7 @@ def test_a_migration_aborted_on_request_says_so_whatever_libvirt_reports(reporte
 
 
 def test_an_abort_asked_of_one_migration_does_not_mark_the_next() -> None:
-    hv, network, clock = lab(steady)
+    hv, network, _ = lab(steady)
     hv.abort("vm1", "hv01")  # nothing runs: nothing to remember
     failing = (libvirt.VIR_ERR_INTERNAL_ERROR, "internal error: connection reset")
 

@@ -124,10 +124,13 @@ def wait_for(event: threading.Event, seconds: float) -> bool:
 
 @dataclass
 class _Limit:
-    """A running migration's downtime limit as its caller set it (None: the one it started with)."""
+    """A running migration's downtime limit as its caller set it (None: the one it started with), and
+    whether a caller asked to abort it: libvirt does not always report such a migration as aborted (the
+    target's QEMU can fail first, on the stream the source cut), and its error must still say so."""
 
     ms: int | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    abort_asked: bool = False
 
 
 class Migrations:
@@ -145,13 +148,10 @@ class Migrations:
         self._post_copy: set[tuple[str, str]] = set()  # (vm, source) switched to post-copy
         # (vm, source) of each migration running here -> the downtime limit the caller set since it started
         # (set_downtime_limit); its lock is held across the libvirt call, so the monitor's first setting
-        # never undoes the caller's, and a host that hangs holds up only its own migration
+        # never undoes the caller's, and a host that hangs holds up only its own migration; and whether a
+        # caller asked to abort it (abort)
         self._downtime: dict[tuple[str, str], _Limit] = {}
         self._downtime_lock = threading.Lock()  # guards the dict; each entry's own lock, its job's limit
-        # (vm, source) of the migrations running here that a caller asked to abort (guarded by the same lock):
-        # libvirt does not always report such a migration as aborted (the target's QEMU can fail first, on
-        # the stream the source cut), and the error must still say it ended because it was asked to
-        self._abort_asked: set[tuple[str, str]] = set()
 
     def migrate(self, vm: str, source: str, target: str, options: MigrationOptions,
                 on_progress: ProgressCallback | None = None) -> MigrationResult:
@@ -196,9 +196,8 @@ class Migrations:
             with self._lock:
                 self._post_copy.discard((vm, source))
             with self._downtime_lock:
-                self._downtime.pop((vm, source), None)
-                asked = (vm, source) in self._abort_asked
-                self._abort_asked.discard((vm, source))
+                entry = self._downtime.pop((vm, source), None)
+            asked = entry is not None and entry.abort_asked
 
         seconds = round(self._clock() - started, 3)
         if worker.done.is_set() and worker.error is None:
@@ -409,8 +408,9 @@ class Migrations:
     def abort(self, vm: str, source: str) -> None:
         """Abort a running migration of ``vm`` on ``source``; returns at once when none runs."""
         with self._downtime_lock:
-            if (vm, source) in self._downtime:  # one of ours, running: its error will say it was asked
-                self._abort_asked.add((vm, source))
+            entry = self._downtime.get((vm, source))
+            if entry is not None:  # one of ours, running: its error will say it was asked
+                entry.abort_asked = True
         self._abort_job(vm, source)
 
     def _abort_job(self, vm: str, source: str) -> None:
