@@ -100,10 +100,10 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
             publish_plan(plan, host)
             ti.run_hooks(ref, run, host, HookPoint.PRE_DRAIN)  # failed: cordoned, nothing moved
             plan, report = drain_planned(ref, run, plan, planned_on)
-            t.check_invariants(ref, cluster, expected, stopped)
+            t.check_invariants(ref, cluster, expected, stopped, run=run)
             stopped = sorted({*stopped, *t.stop_unmigratable(ref, run, plan)})
             t.confirm_empty(ref, run, host)
-            t.check_invariants(ref, cluster, expected, stopped)
+            t.check_invariants(ref, cluster, expected, stopped, run=run)
         except HostmaintError as exc:
             outcome = HostOutcome(host=host, outcome=StepOutcome.ABORTED if isinstance(exc, RunCancelled)
                                   else StepOutcome.FAILED, state=rt.states.state(host),
@@ -113,7 +113,7 @@ def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", r
         outcome = HostOutcome(host=host, outcome=StepOutcome.OK, state=rt.states.state(host),
                               migrations=list(report.results), simulated=rt.simulated,
                               seconds=time.monotonic() - started,
-                              detail=f"{len(report.results)} VM(s) moved; host left cordoned")
+                              detail=report.summary() + "; host left cordoned")
         publish_report(f"evacuate {host}", [outcome])
         return outcome
 

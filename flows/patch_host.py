@@ -133,7 +133,7 @@ class HostPatch:
             t.end_unstarted(self.ref, self.run, self.host, str(exc))
             self.refused = True
             raise
-        t.check_invariants(self.ref, self.cluster, self.expected, self.stopped)
+        t.check_invariants(self.ref, self.cluster, self.expected, self.stopped, run=self.run)
         self.stopped = sorted({*self.stopped, *t.stop_unmigratable(self.ref, self.run, plan)})
 
     def confirm_empty(self) -> None:
@@ -144,7 +144,7 @@ class HostPatch:
         self.cells = t.host_cells(self.ref, self.host)
         diff, decision = t.update_host(self.ref, self.run, self.host)
         self.packages_changed = len(diff.installed) + len(diff.upgraded) + len(diff.removed)
-        t.check_invariants(self.ref, self.cluster, self.expected, self.stopped)
+        t.check_invariants(self.ref, self.cluster, self.expected, self.stopped, run=self.run)
         self.reboot_due = decision.needed
 
     def prove_reboot(self) -> None:
@@ -184,7 +184,7 @@ class HostPatch:
                 returned = t.return_vms(self.ref, self.run, self.host)
             if returned is not None:
                 self.migrations += returned.results
-        t.check_invariants(self.ref, self.cluster, self.expected, self.stopped)
+        t.check_invariants(self.ref, self.cluster, self.expected, self.stopped, run=self.run)
         ti.run_hooks(self.ref, self.run, self.host, HookPoint.POST_MAINTENANCE)  # in service: a failure is recorded
 
 

@@ -44,7 +44,7 @@ def rebalance_cluster(cluster: str, max_moves: int = 10, dry_run: bool = False, 
         publish_report(f"rebalance {cluster}", [HostOutcome(host=cluster, outcome=StepOutcome.ABORTED,
                                                             detail=str(exc), simulated=rt.simulated)])
         raise
-    t.check_invariants(ref, cluster, expected)
+    t.check_invariants(ref, cluster, expected, run=run)
     result = HostOutcome(host=cluster, outcome=StepOutcome.OK if report is None or report.ok else StepOutcome.FAILED,
                          migrations=list(report.results) if report else [], simulated=rt.simulated,
                          detail=f"{len(plan.moves)} move(s); balance {plan.balance_before:.4f} → "

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
@@ -25,7 +25,7 @@ from hostmaint import patching
 from hostmaint.audit import AuditEntry, AuditRecord
 from hostmaint.cancel import Cancellation, RunCancelled
 from hostmaint.display import visible
-from hostmaint.drivers.base import MigrationStates, ShutOffVms, StrandedVms
+from hostmaint.drivers.base import STOPPED_OUTSIDE_REASONS, MigrationStates, ShutOffReasons, ShutOffVms, StrandedVms
 from hostmaint.errors import (
     DriverError,
     HostmaintError,
@@ -661,6 +661,8 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
             _audit_migration(rt, run, cluster, r)
             if r.outcome in (StepOutcome.FAILED, StepOutcome.ABORTED) and _still_home(rt, r.vm, r.source):
                 rt.states.clear_origin(r.vm)  # it never left: its origin would call it displaced
+            elif r.stopped_outside is not None and rt.states.origins().get(r.vm) == r.source:
+                rt.states.clear_origin(r.vm)  # stopped where it was, by its tenant: nothing to bring back
         if cancel is not None and cancel.is_set():
             rec.details["cancelled_by"] = cancel.who()
             for h in plan.hosts:
@@ -1571,9 +1573,72 @@ def rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, *,
 # --- invariants -------------------------------------------------------------------------------
 
 
+def shut_off_where(rt: Runtime, cluster: str, vms: Sequence[str]) -> dict[str, dict[str, str]]:
+    """For each of ``vms`` shut off on hosts of ``cluster``: host -> libvirt's reason. Hosts that do not
+    answer (rebooting) and drivers that cannot say are left out."""
+    if not isinstance(rt.hypervisor, ShutOffReasons):
+        return {}
+    wanted = set(vms)
+    found: dict[str, dict[str, str]] = {}
+    for entry in rt.inventory.hosts_of(cluster):
+        try:
+            reasons = rt.hypervisor.shut_off_reasons(entry.name)
+        except DriverError:
+            continue
+        for vm, reason in reasons.items():
+            if vm in wanted:
+                found.setdefault(vm, {})[entry.name] = reason
+    return found
+
+
+def stopped_outside(rt: Runtime, run: RunContext | None, off: Mapping[str, Mapping[str, str]]
+                    ) -> dict[str, tuple[str, str]]:
+    """Of VMs running nowhere and shut off where ``off`` says: those stopped outside hostmaint, vm ->
+    (host, reason). One shut-off copy only, and libvirt's reason says its guest shut down or someone
+    destroyed it (hostmaint destroys no running VM; its policy stops are recorded, in the host states
+    and the trail, and are not taken for a tenant's), or this run recorded it so before (libvirtd
+    forgets the reason when the host reboots). Each is recorded once per run, with a warning: nobody
+    else would learn that a tenant's VM is down."""
+    earlier: dict[str, str] = {}
+    if run is not None and off:
+        earlier = {r.vm: r.details.get("reason", "unknown") for r in rt.audit.records(
+            run_id=run.run_id, steps=(Step.VM_STOPPED_OUTSIDE,)) if r.vm is not None}
+    found: dict[str, tuple[str, str]] = {}
+    for vm, hosts in sorted(off.items()):
+        if len(hosts) != 1:
+            continue
+        ((host, reason),) = hosts.items()
+        if vm in earlier:
+            found[vm] = (host, earlier[vm])
+        elif reason in STOPPED_OUTSIDE_REASONS and not _shut_down_by_us(rt, vm, host):
+            found[vm] = (host, reason)
+            log.warning("%s stopped outside hostmaint during maintenance: shut off on %s (%s); left as it is",
+                        visible(vm), visible(host), reason)
+            if run is not None:
+                with audited(rt, run, Step.VM_STOPPED_OUTSIDE, host=host, vm=vm,
+                             inputs={"reason": reason}) as rec:
+                    rec.details["reason"] = reason
+                    rec.details["note"] = ("its guest shut down or someone destroyed it (libvirt's reason); not "
+                                           "stopped by hostmaint, not started again by it, left defined where it is")
+    return found
+
+
+def _shut_down_by_us(rt: Runtime, vm: str, host: str) -> bool:
+    """Whether the trail's last word on ``vm`` at ``host`` is a shutdown hostmaint asked for (its policy's,
+    ``shutdown-vm``) and no start since: libvirt words that "shutdown" as it does a guest's own, and a
+    lost stop record must not turn our stop into a tenant's."""
+    last = [r for r in rt.audit.records(host=host, steps=(Step.SHUTDOWN_VM, Step.START_VM)) if r.vm == vm]
+    return bool(last) and last[-1].step == Step.SHUTDOWN_VM and last[-1].outcome is not StepOutcome.SKIPPED
+
+
 def check_invariants(rt: Runtime, cluster: str, expected: Sequence[str], *,
-                     stopped: Sequence[str] = ()) -> dict[str, str]:
+                     stopped: Sequence[str] = (), run: RunContext | None = None) -> dict[str, str]:
     """Every expected VM runs exactly once (VMs stopped by their policy: not at all).
+
+    A VM that runs nowhere because its guest shut down or a tenant destroyed it while its host was in
+    maintenance is not ours to have lost: :func:`stopped_outside` finds it by libvirt's word, records it
+    (step ``vm-stopped-outside``, once per ``run``) and it is no breach. Vanished, crashed, or shut off
+    for any other reason, it is one, and the message says which.
 
     Returns vm → host. Raises StepError naming every VM that is missing or doubled.
     A rebooting host cannot be asked; it was proven empty before its reboot. A copy paused for a
@@ -1606,13 +1671,22 @@ def check_invariants(rt: Runtime, cluster: str, expected: Sequence[str], *,
                 continue  # asked above: a host in maintenance that does not answer holds nothing
             problems += [f"{vm} is paused on {entry.name} by a migration that no longer runs (a run of "
                          "hostmaint resumes it when it runs nowhere else)" for vm in paused if vm in expected]
+    missing = [vm for vm in expected
+               if vm not in stopped and not where.get(vm) and vm not in transit and vm not in elsewhere]
+    off = shut_off_where(rt, cluster, missing) if missing else {}
+    outside = stopped_outside(rt, run, off)
     for vm in expected:
         hosts = where.get(vm, [])
         if vm in stopped:
             if hosts:
                 problems.append(f"{vm} should be stopped but runs on {', '.join(hosts)}")
-        elif len(hosts) > 1 or (not hosts and vm not in transit and vm not in elsewhere):
-            problems.append(f"{vm} runs {len(hosts)} times ({', '.join(hosts) or 'nowhere'})")
+        elif len(hosts) > 1:
+            problems.append(f"{vm} runs {len(hosts)} times ({', '.join(hosts)})")
+        elif vm in missing and vm not in outside:
+            seen = off.get(vm, {})
+            how = ("; defined on no host" if not seen else
+                   "; shut off on " + ", ".join(f"{h} ({reason})" for h, reason in sorted(seen.items())))
+            problems.append(f"{vm} runs 0 times (nowhere{how})")
     if problems:
         raise StepError("invariant broken: " + "; ".join(problems), None, Step.INVARIANTS)
     return {vm: hosts[0] for vm, hosts in where.items() if hosts}

@@ -251,6 +251,7 @@ class Step(StrEnum):
     MIGRATION_FOUND = "migration-found"
     MIGRATION_RESOLVED = "migration-resolved"
     VM_NOT_FOUND = "vm-not-found"
+    VM_STOPPED_OUTSIDE = "vm-stopped-outside"  # its guest shut down, or a tenant destroyed it, mid-maintenance
     VM_RESUMED = "vm-resumed"  # left paused on its source by a migration that no longer runs
     STALE_COPY_REMOVED = "stale-copy-removed"  # a paused source copy of a VM its migration's target runs
     SHUTDOWN_VM = "shutdown-vm"
@@ -1087,6 +1088,9 @@ class MigrationResult(Frozen):
     # how it travelled, as the driver asked libvirt (None: the driver does not say)
     tls: bool | None = None
     migration_address: str | None = None
+    # the VM stopped outside hostmaint instead of moving (its guest shut down, or someone destroyed it):
+    # libvirt's reason ("shutdown", "destroyed"), the outcome then "skipped"; None otherwise
+    stopped_outside: str | None = None
 
 
 class CommandResult(Frozen):

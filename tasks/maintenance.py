@@ -179,9 +179,9 @@ def rebalance(ref: RuntimeRef, run: RunContext, plan: RebalancePlan) -> DrainRep
 
 
 @task(name="check-invariants", cache_policy=NO_CACHE, **IO_RETRIES)
-def check_invariants(ref: RuntimeRef, cluster: str, expected: list[str], stopped: list[str] | None = None
-                     ) -> dict[str, str]:
-    return steps.check_invariants(ref.open(), cluster, expected, stopped=stopped or [])
+def check_invariants(ref: RuntimeRef, cluster: str, expected: list[str], stopped: list[str] | None = None,
+                     run: RunContext | None = None) -> dict[str, str]:
+    return steps.check_invariants(ref.open(), cluster, expected, stopped=stopped or [], run=run)
 
 
 @task(name="mark-failed", cache_policy=NO_CACHE)

@@ -105,6 +105,24 @@ class ShutOffVms(Protocol):
         ...
 
 
+# libvirt's reasons a domain is shut off (virDomainShutoffReason), as the words drivers report
+SHUTOFF_REASONS = ("unknown", "shutdown", "destroyed", "crashed", "migrated", "saved", "failed", "from-snapshot",
+                   "daemon")
+# Stopped from outside hostmaint: the guest shut itself down, or someone destroyed it. hostmaint never
+# destroys a running VM (its policy shuts one down, and records it first), so either is proof it was not us.
+STOPPED_OUTSIDE_REASONS = frozenset({"shutdown", "destroyed"})
+
+
+@runtime_checkable
+class ShutOffReasons(Protocol):
+    """A hypervisor that can say why each shut-off VM of a host stopped (libvirt: the domain's state
+    reason). A VM a tenant stops while its host is in maintenance is found by it, not taken for lost."""
+
+    def shut_off_reasons(self, host: str) -> dict[str, str]:
+        """Persistent VMs defined on ``host`` and shut off -> the reason, one of :data:`SHUTOFF_REASONS`."""
+        ...
+
+
 @dataclass(frozen=True)
 class GuestSize:
     """What a running guest has, as libvirt says (its live definition, or the persistent one)."""

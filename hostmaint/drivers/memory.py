@@ -56,6 +56,9 @@ class SimulatedFleet:
         for v in snapshot.vms:
             self.running[v.host].add(v.name)
         self.stopped: dict[str, str] = {}  # vm -> host where it was shut down
+        # vm -> why it is shut off, as libvirt words it ("shutdown": asked to, or by its guest;
+        # "destroyed": by a tenant, stop_outside); "unknown" once its host has rebooted, as libvirtd forgets
+        self.stop_reasons: dict[str, str] = {}
         self.lost: list[str] = []
         self.packages = packages
         self.bandwidth_mib_s = bandwidth_mib_s
@@ -84,6 +87,7 @@ class SimulatedFleet:
                 "snapshot": self.base.model_dump(mode="json"),
                 "running": {h: sorted(v) for h, v in self.running.items()},
                 "stopped": self.stopped,
+                "stop_reasons": self.stop_reasons,
                 "lost": self.lost,
                 "packages": {h: asdict(p) for h, p in self.packages.items()},
                 "seen_boot": self._seen_boot,
@@ -119,6 +123,7 @@ class SimulatedFleet:
                     **kwargs)  # type: ignore[arg-type]
         fleet.running = {h: set(v) for h, v in data["running"].items()}
         fleet.stopped = dict(data["stopped"])
+        fleet.stop_reasons = dict(data.get("stop_reasons", {}))  # absent in files of older versions
         fleet.lost = list(data["lost"])
         fleet._seen_boot = dict(data["seen_boot"])
         return fleet
@@ -139,6 +144,9 @@ class SimulatedFleet:
             # The host rebooted: whatever ran on it is gone, exactly as on real iron.
             self.lost.extend(sorted(self.running[host]))
             self.running[host] = set()
+            for vm, on in self.stopped.items():
+                if on == host:
+                    self.stop_reasons[vm] = "unknown"
             self._seen_boot[host] = pkg.boot_id
             self.save()
 
@@ -167,6 +175,11 @@ class SimulatedFleet:
         with self._lock:
             self._reachable(host)
             return tuple(sorted(vm for vm, h in self.stopped.items() if h == host))
+
+    def shut_off_reasons(self, host: str) -> dict[str, str]:
+        with self._lock:
+            self._reachable(host)
+            return {vm: self.stop_reasons.get(vm, "unknown") for vm, h in sorted(self.stopped.items()) if h == host}
 
     def locate(self, vm: str) -> tuple[str, ...]:
         with self._lock:
@@ -238,12 +251,27 @@ class SimulatedFleet:
                 raise DriverError(f"VM {vm} is not running here", host)
             self.running[host].discard(vm)
             self.stopped[vm] = host
+            self.stop_reasons[vm] = "shutdown"
             self.save()
+
+    def stop_outside(self, vm: str, reason: str = "destroyed") -> str:
+        """A tenant stops ``vm`` wherever it runs (``virsh destroy``, or its guest shuts down: reason
+        "shutdown"), behind hostmaint's back; returns the host it stays defined on. Tests and demos."""
+        with self._lock:
+            host = next((h for h, names in self.running.items() if vm in names), None)
+            if host is None:
+                raise DriverError(f"VM {vm} is not running anywhere")
+            self.running[host].discard(vm)
+            self.stopped[vm] = host
+            self.stop_reasons[vm] = reason
+            self.save()
+            return host
 
     def start(self, vm: str, host: str) -> None:
         with self._lock:
             self._reachable(host)
             self.stopped.pop(vm, None)
+            self.stop_reasons.pop(vm, None)
             self.running[host].add(vm)
             self.save()
 

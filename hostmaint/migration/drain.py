@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from hostmaint.drivers.base import Hypervisor
+from hostmaint.drivers.base import STOPPED_OUTSIDE_REASONS, Hypervisor, ShutOffReasons
 from hostmaint.errors import DriverError, MigrationNotStarted
 from hostmaint.migration.control import DowntimeRetune, MigrationControl
 from hostmaint.migration.links import LinkMeter, LinkObservation
@@ -131,6 +131,13 @@ class DrainReport:
         """The results whose VM is not known to be off its source: failed, aborted, never started, or
         unknown (where it runs could not be told when its migration failed)."""
         return tuple(r for r in self.results if r.outcome not in (StepOutcome.OK, StepOutcome.SKIPPED))
+
+    def summary(self) -> str:
+        """One line for a run's outcome: the VMs moved, and those stopped outside hostmaint instead."""
+        moved = sum(r.outcome is StepOutcome.OK for r in self.results)
+        stopped = [f"{r.vm} ({r.stopped_outside})" for r in self.results if r.stopped_outside is not None]
+        return f"{moved} VM(s) moved" + (f"; stopped outside hostmaint, not moved: {', '.join(stopped)}"
+                                         if stopped else "")
 
 
 @dataclass
@@ -428,6 +435,9 @@ class _Drain:
             return self.result(spec, StepOutcome.FAILED, f"cannot locate before migrating: {exc}")
         if spec.source not in where:
             # The world already changed (a re-run after a crash, or an operator moved it): nothing to do.
+            if not where and (stopped := self.stopped_outside(spec)) is not None:
+                return self.result(spec, StepOutcome.SKIPPED, f"stopped outside hostmaint before its migration: "
+                                   f"shut off on {spec.source} ({stopped}); nothing to move", stopped=stopped)
             found = ", ".join(where) or "nowhere"
             return self.result(spec, StepOutcome.SKIPPED, f"not on {spec.source} (found on {found})")
         try:
@@ -454,6 +464,11 @@ class _Drain:
         if tuple(where) == (spec.target,):
             # It landed despite the error (e.g. the confirmation timed out): that is a success.
             return self.result(spec, StepOutcome.OK, f"reported {exc!s}, but runs on {spec.target}", seconds)
+        if not where and (stopped := self.stopped_outside(spec)) is not None:
+            # its tenant stopped it while it moved (libvirt fails the migration): not ours to move any more
+            return self.result(spec, StepOutcome.SKIPPED, f"stopped outside hostmaint during its migration: shut "
+                               f"off on {spec.source} ({stopped}); it did not move (libvirt reported: {exc})",
+                               seconds, stopped=stopped)
         if not where:
             # running nowhere (every host answered): mid switch-over, or lost; not a known failure
             return self.result(spec, StepOutcome.UNKNOWN, f"{exc}; whether it moved is unknown: it runs on no "
@@ -464,11 +479,22 @@ class _Drain:
             return self.result(spec, StepOutcome.ABORTED, f"aborted: {flight.abort_reason}", seconds)
         return self.result(spec, StepOutcome.FAILED, str(exc), seconds)
 
+    def stopped_outside(self, spec: MigrationSpec) -> str | None:
+        """libvirt's reason when ``spec.vm``, running nowhere, is shut off on its source by its guest or
+        a tenant (``STOPPED_OUTSIDE_REASONS``); None otherwise, or when the source cannot say."""
+        if not isinstance(self.hv, ShutOffReasons):
+            return None
+        try:
+            reason = self.hv.shut_off_reasons(spec.source).get(spec.vm)
+        except DriverError:
+            return None
+        return reason if reason in STOPPED_OUTSIDE_REASONS else None
+
     @staticmethod
     def result(spec: MigrationSpec, outcome: StepOutcome, error: str | None,
-               seconds: float = 0.0) -> MigrationResult:
+               seconds: float = 0.0, stopped: str | None = None) -> MigrationResult:
         return MigrationResult(vm=spec.vm, source=spec.source, target=spec.target, outcome=outcome,
-                               seconds=seconds, error=error)
+                               seconds=seconds, error=error, stopped_outside=stopped)
 
     def on_progress(self, flight: _Flight, sample: MigrationProgress) -> None:
         """Called by the driver for every progress sample: record it and escalate if it stalls."""

@@ -424,6 +424,66 @@ def test_a_failed_migration_whose_vm_runs_on_no_host_is_unknown() -> None:
     assert [r.outcome for r in report.results] == [StepOutcome.UNKNOWN]
 
 
+class TenantStops(FakeHypervisor):
+    """A fake whose tenants stop VMs: ``stop`` before its migration starts, ``stop_during`` while it runs
+    (libvirt then fails the migration), each leaving the VM shut off on its source for ``reason``."""
+
+    def __init__(self, *args, stop: dict[str, str] | None = None, stop_during: dict[str, str] | None = None,
+                 **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self.stop, self.stop_during = stop or {}, stop_during or {}
+        self.off: dict[str, tuple[str, str]] = {}  # vm -> (host, reason)
+
+    def shut_down_by_tenant(self, vm: str, reason: str) -> None:
+        with self.lock:
+            self.off[vm] = (self.location.pop(vm), reason)
+
+    def locate(self, vm: str) -> tuple[str, ...]:
+        if vm in self.stop:
+            self.shut_down_by_tenant(vm, self.stop.pop(vm))
+        return super().locate(vm)
+
+    def migrate(self, vm, source, target, options, on_progress=None):  # type: ignore[no-untyped-def]
+        if vm in self.stop_during:
+            self.shut_down_by_tenant(vm, self.stop_during.pop(vm))
+            raise MigrationError("operation failed: domain is not running", host=source, vm=vm, target=target)
+        return super().migrate(vm, source, target, options, on_progress)
+
+    def shut_off_reasons(self, host: str) -> dict[str, str]:
+        with self.lock:
+            return {vm: reason for vm, (h, reason) in self.off.items() if h == host}
+
+
+@pytest.mark.parametrize("reason", ["destroyed", "shutdown"])
+def test_a_vm_its_tenant_stops_before_or_during_its_migration_is_skipped_and_says_so(reason: str) -> None:
+    moves = MANY[:4]
+    hv = TenantStops({vm: (s, m) for vm, s, _, m in moves}, {h: 100_000 for _, s, t, _ in moves for h in (s, t)},
+                     stop={"vm01": reason}, stop_during={"vm02": reason})
+    report = drain(make_plan(moves), hv, Limits(), policy=SchedulerPolicy.fixed(1))
+    by_vm = {r.vm: r for r in report.results}
+    assert report.ok  # stopped where they were: nothing of the plan is left on its source running
+    for vm, when in (("vm01", "before"), ("vm02", "during")):
+        assert by_vm[vm].outcome is StepOutcome.SKIPPED and by_vm[vm].stopped_outside == reason
+        assert f"stopped outside hostmaint {when} its migration" in (by_vm[vm].error or "")
+        assert f"({reason})" in (by_vm[vm].error or "")
+    assert by_vm["vm00"].outcome is by_vm["vm03"].outcome is StepOutcome.OK
+    assert report.summary() == f"2 VM(s) moved; stopped outside hostmaint, not moved: vm01 ({reason}), vm02 ({reason})"
+
+
+@pytest.mark.parametrize("reason", ["crashed", "migrated", "unknown", None])
+def test_a_vm_shut_off_for_any_other_reason_is_not_taken_for_stopped_by_its_tenant(reason: str | None) -> None:
+    # crashed during its migration, or shut off by a migration (its copy lost): not the tenant's doing;
+    # gone without a trace (None): the same. Whether it moved stays unknown, the host stays out.
+    moves = MANY[:1]
+    hv = TenantStops({vm: (s, m) for vm, s, _, m in moves}, {h: 100_000 for _, s, t, _ in moves for h in (s, t)},
+                     stop_during={"vm00": reason or "gone"})
+    if reason is None:
+        hv.shut_off_reasons = lambda host: {}  # type: ignore[method-assign]
+    report = drain(make_plan(moves), hv, Limits())
+    assert [r.outcome for r in report.results] == [StepOutcome.UNKNOWN]
+    assert report.results[0].stopped_outside is None and not report.ok
+
+
 # --- escalation --------------------------------------------------------------------
 
 

@@ -85,6 +85,10 @@ class LibvirtHypervisor:
         """Names of the persistent VMs defined on ``host`` that are not running."""
         return self.discovery.shut_off_vms(host)
 
+    def shut_off_reasons(self, host: str) -> dict[str, str]:
+        """Persistent VMs defined on ``host`` and shut off -> why (libvirt's state reason)."""
+        return self.discovery.shut_off_reasons(host)
+
     def in_migration(self, host: str) -> tuple[str, ...]:
         """VMs on ``host`` paused because a live migration moves them."""
         return self.discovery.in_migration(host)

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 import libvirt
 from pydantic import ValidationError
 
+from hostmaint.drivers.base import SHUTOFF_REASONS
 from hostmaint.drivers.domain_xml import HostCapabilities, parse_capabilities, parse_domain, with_free_memory
 from hostmaint.drivers.libvirt.connections import Connections, is_running
 from hostmaint.errors import DriverError, TransientDriverError
@@ -164,6 +165,28 @@ class Discovery:
         flags = libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE | libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT
         return self._connections.call(host, "listing shut-off VMs", lambda c: tuple(sorted(
             d.name() for d in c.listAllDomains(flags))))
+
+    def shut_off_reasons(self, host: str) -> dict[str, str]:
+        """Persistent VMs defined on ``host`` and shut off -> why (libvirt's state reason, as a word of
+        ``SHUTOFF_REASONS``). libvirtd keeps a reason only while it runs: after its restart (a host's
+        reboot) an inactive domain's reason reads "unknown"."""
+        flags = libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE | libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT
+
+        def reasons(conn: libvirt.virConnect) -> dict[str, str]:
+            out: dict[str, str] = {}
+            for dom in conn.listAllDomains(flags):
+                try:
+                    state, reason = dom.state()
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        continue  # undefined between listing and asking
+                    raise
+                if state != libvirt.VIR_DOMAIN_SHUTOFF:
+                    continue  # started between listing and asking
+                out[dom.name()] = SHUTOFF_REASONS[reason] if 0 <= reason < len(SHUTOFF_REASONS) else "unknown"
+            return dict(sorted(out.items()))
+
+        return self._connections.call(host, "reading why VMs are shut off", reasons)
 
     def in_migration(self, host: str) -> tuple[str, ...]:
         """VMs on ``host`` paused because a live migration moves them: the destination's copy before it
