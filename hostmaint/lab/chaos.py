@@ -38,7 +38,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -62,7 +62,7 @@ MIN_HOST_ESTIMATE_S = PATCH_SECONDS + REBOOT_TIMEOUT_S  # a window's estimate of
 FILLER_PREFIX = "cxf"  # guests that fill a target (a tenant's, deleted once the round's first re-run saw them)
 FAULT_CLASSES = ("link-cut", "libvirtd-kill", "ssh-drop", "reboot-hangs", "reboot-never", "reboot-skipped",
                  "repo-broken", "disk-full", "host-key-changed", "vm-started", "target-filled", "flow-killed",
-                 "worker-killed", "server-restart", "window-ends")
+                 "worker-killed", "server-restart", "window-ends", "vm-stopped")
 # What each fault must lead to (checked from outside; the same in every round): the invariants hold
 # (every VM once, no reboot with a guest on it, the audit verifies and names every move and package
 # change), the faulted run either succeeds or fails with a host out of service giving the reason below,
@@ -89,6 +89,9 @@ EXPECTED = {
                         "host out of service naming the host key",
     "vm-started": "a tenant's VM started on the host under maintenance: never rebooted with it; the host stays "
                   "cordoned naming the VM, the re-run moves it off",
+    "vm-stopped": "a tenant destroys a guest running on the host under maintenance (before or during its "
+                  "migration): no run starts it again or calls it lost (no 'runs 0 times' of it in any record); "
+                  "the run goes on, the re-run finishes; the tenant starts it again after the round",
     "target-filled": "a target fills between plan and migration: re-planned or failed, the host stays cordoned "
                      "naming the VMs still on it; the re-run (target still full) refuses or re-plans safely",
     "flow-killed": "kill -9 of the CLI process running the flow: migrations in flight finish and are found by "
@@ -113,7 +116,7 @@ COMPATIBLE = {
     "patch-worker": (ANY - {"flow-killed"}) | {"worker-killed"},
     "window": ANY | {"window-ends"},
     "evacuate": ANY - SSH_FAULTS,
-    "rebalance": {"link-cut", "libvirtd-kill", "target-filled", "flow-killed", "server-restart"},
+    "rebalance": {"link-cut", "libvirtd-kill", "target-filled", "flow-killed", "server-restart", "vm-stopped"},
 }
 PATCHING_OPS = {"patch", "patch-pair", "window", "patch-worker"}
 ENDS_RUN = {"flow-killed", "worker-killed", "server-restart"}  # one of them in a round is enough to learn from
@@ -180,6 +183,8 @@ def _fault(rng: random.Random, kind: str, op: str, hosts: tuple[str, ...]) -> Fa
     if kind in ("repo-broken", "disk-full", "host-key-changed"):
         return FaultSpec(kind, target, rng.choice(["start", "migrating"]), rng.uniform(0, 2), 0)
     if kind == "vm-started":
+        return FaultSpec(kind, target, rng.choice(["planned", "migrating"]), rng.uniform(0, 2), 0)
+    if kind == "vm-stopped":
         return FaultSpec(kind, target, rng.choice(["planned", "migrating"]), rng.uniform(0, 2), 0)
     if kind == "target-filled":
         return FaultSpec(kind, rng.choice(others), rng.choice(["planned", "migrating"]), rng.uniform(0, 0.5), 0)
@@ -588,6 +593,7 @@ class Injector:
         self.runs = [FaultRun(spec) for spec in scenario.faults]
         self.undos: list[tuple[str, faults.Undo]] = []
         self.added_guests: list[str] = []
+        self.stopped_guests: dict[str, str] = {}  # vm-stopped: guest -> the host it was destroyed on
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -672,6 +678,17 @@ class Injector:
                 with self.lock:
                     self.added_guests.append(name)
                 fr.note = f"started {name} on {spec.host}"
+            elif spec.kind == "vm-stopped":
+                on_it = sorted(vm for vm, hosts in c.watcher.running().items()
+                               if hosts == [spec.host] and vm not in self.added_guests)
+                # which guest: drawn from the round's seed (the delay is), so a replay stops the same one
+                guest = on_it[int(spec.delay * 1000) % len(on_it)] if on_it else None
+                if guest is None or not faults.stop_guest(workdir, spec.host, guest):
+                    fr.note = f"not injected: no guest running on {spec.host} at that moment"
+                    return
+                with self.lock:
+                    self.stopped_guests[guest] = spec.host
+                fr.note = f"destroyed {guest} on {spec.host}"
             elif spec.kind == "target-filled":
                 name = c.next_guest(FILLER_PREFIX)
                 vm = faults.fill_host(c.info, name, spec.host)
@@ -895,10 +912,15 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
 
     # the checks, from outside
     running = c.watcher.running()
-    for vm in sorted(expected):
+    stopped = dict(injector.stopped_guests)  # by their tenant: they run nowhere until the tenant starts them
+    for vm in sorted(expected - set(stopped)):
         hosts = running.get(vm, [])
         if len(hosts) != 1:
             result.violations.append(f"vm: {vm} runs on {len(hosts)} hosts ({', '.join(hosts) or 'none'})")
+    for vm, host in sorted(stopped.items()):
+        if running.get(vm):
+            result.violations.append(f"vm: {vm}, destroyed by its tenant on {host}, runs again on "
+                                     f"{', '.join(running[vm])}: no tenant started it")
     with c.watcher.lock:
         result.violations += [f"vm: {d}" for d in dict.fromkeys(c.watcher.duplicates)]
         moves = list(c.watcher.moves)
@@ -917,6 +939,7 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
     result.violations += unrecorded
     result.findings += contradicted
     result.violations += check_packages_recorded(c, packages_before, records)
+    result.violations += check_not_called_lost(stopped, records)
     changed = moved_by_first or any((states_after_first[h]["state"], states_after_first[h]["reason"])
                                  != (states_at_start[h]["state"], states_at_start[h]["reason"]) for h in HOSTS)
     if any(rc == 1 for rc in result.first_rc) and changed \
@@ -928,7 +951,7 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
                                                                             final_rc, result)
     result.violations = list(dict.fromkeys(result.violations))
     result.seconds = round(time.time() - started, 1)
-    normalise(c, injector.added_guests, log, result)
+    normalise(c, injector.added_guests, log, result, stopped=stopped)
     return result
 
 
@@ -1157,9 +1180,23 @@ def check_packages_recorded(c: Campaign, before: dict[str, set[str]], records: l
     return problems
 
 
-def normalise(c: Campaign, added: list[str], log: Path, result: RoundResult) -> None:
-    """Between rounds, outside the measurement: the operator's tenants delete the chaos guests, and
-    every host goes back to service (a later round may start anywhere)."""
+def check_not_called_lost(stopped: Mapping[str, str], records: list[dict[str, Any]]) -> list[str]:
+    """No record of the round calls a guest its tenant destroyed lost ("X runs 0 times"): hostmaint did not
+    stop it, and libvirt says who did."""
+    problems = []
+    for vm, host in sorted(stopped.items()):
+        for r in records:
+            if f"{vm} runs 0 times" in json.dumps(r):
+                problems.append(f"audit: {vm}, destroyed by its tenant on {host}, is called lost by a "
+                                f"{r['step']} record ({r['outcome']})")
+                break
+    return problems
+
+
+def normalise(c: Campaign, added: list[str], log: Path, result: RoundResult, *,
+              stopped: Mapping[str, str] | None = None) -> None:
+    """Between rounds, outside the measurement: the operator's tenants delete the chaos guests and start
+    again those they destroyed, and every host goes back to service (a later round may start anywhere)."""
     for name in added:
         remove_guest(c.info, name)
     states = c.states()
@@ -1178,6 +1215,9 @@ def normalise(c: Campaign, added: list[str], log: Path, result: RoundResult) -> 
                 c.cli("host", "cordon", host, "--reason", "chaos: back to service", log_to=log)
                 c.cli("host", "uncordon", host, "--reason", "chaos: back to service", log_to=log)
         states = c.states()
+    for name in sorted(stopped or {}):
+        if faults.start_stopped_guest(c.workdir, list(HOSTS), name) is None:
+            result.notes.append(f"{name}, destroyed by its tenant, was not found shut off to start again")
     stuck = {h: s["state"] for h, s in states.items() if s["state"] != "active"}
     if stuck:
         result.notes.append(f"hosts not back in service after the round: {stuck}")

@@ -328,6 +328,46 @@ def start_guest(info: LabInfo, name: str, host: str, memory_mib: int = 64) -> La
     return add_guest(info, name, host, memory_mib=memory_mib)
 
 
+def stop_guest(workdir: Path, host: str, name: str) -> bool:
+    """A tenant's ``virsh destroy`` of ``name`` on ``host``, over the host's own libvirtd socket: it stays
+    defined there, shut off (reason "destroyed"). False when it does not run there (moved, or paused for a
+    migration's switch-over: a tenant's destroy of a copy libvirt is handing over is not this fault)."""
+    import libvirt
+
+    conn = libvirt.open(libvirt_socket_uri(workdir, host))
+    try:
+        try:
+            dom = conn.lookupByName(name)
+            if dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
+                return False
+            dom.destroy()
+        except libvirt.libvirtError:
+            return False  # gone between the look and the destroy (its migration ended)
+        return True
+    finally:
+        conn.close()
+
+
+def start_stopped_guest(workdir: Path, hosts: list[str], name: str) -> str | None:
+    """The tenant starts ``name`` again where it is defined and shut off; the host, or None when no host
+    of ``hosts`` holds it so (it runs, or was undefined)."""
+    import libvirt
+
+    for host in hosts:
+        conn = libvirt.open(libvirt_socket_uri(workdir, host))
+        try:
+            try:
+                dom = conn.lookupByName(name)
+            except libvirt.libvirtError:
+                continue
+            if dom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF and dom.isPersistent():
+                dom.create()
+                return host
+        finally:
+            conn.close()
+    return None
+
+
 def fill_host(info: LabInfo, name: str, host: str, leave_mib: int = 8) -> LabVm | None:
     """A guest that takes all but a little of the host's free memory, so not even a 64 MiB guest fits
     any more (a target filled up behind a plan's back); None when there is not 64 MiB to take. QEMU

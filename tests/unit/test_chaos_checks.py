@@ -176,3 +176,15 @@ def test_a_changed_host_key_need_not_be_the_reason_when_another_fault_of_the_hos
     assert "host-key-changed" in wrong
     alone = facts(lab, FaultSpec("host-key-changed", "hv03", "migrating", 0, 0))
     assert judge(lab, alone, states(hv03=("failed", repo)))  # with no broken repo injected, it must say so
+
+
+def test_a_guest_its_tenant_destroyed_must_not_be_called_lost_by_any_record() -> None:
+    true = [{"step": "vm-stopped-outside", "outcome": "ok", "vm": "vm03", "details": {"reason": "destroyed"}},
+            {"step": "migrate", "outcome": "skipped", "vm": "vm03",
+             "details": {"error": "stopped outside hostmaint before its migration: shut off on hv01 (destroyed)"}}]
+    assert chaos.check_not_called_lost({"vm03": "hv01"}, true) == []
+    lost = {"step": "invariants", "outcome": "failed", "vm": None,
+            "details": {"error": "invariant broken: vm03 runs 0 times (nowhere)"}}
+    [problem] = chaos.check_not_called_lost({"vm03": "hv01"}, [*true, lost])
+    assert "vm03, destroyed by its tenant on hv01, is called lost by a invariants record (failed)" in problem
+    assert chaos.check_not_called_lost({"vm04": "hv01"}, [lost]) == []  # another guest's loss is not this check's
