@@ -82,3 +82,20 @@ def test_the_core_commands_run_without_importing_prefect(tmp_path: Path) -> None
     done = subprocess.run([sys.executable, "-c", script, str(ROOT / "examples" / "inventory.yaml")], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_the_program_starts_without_the_http_client() -> None:
+    """httpx is for the commands that call the Prefect API; loaded at the start, every command of the
+    program (a plan, a lab command) paid for it, 0.1-0.5 s on this machine."""
+    script = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from hostmaint_cli.main import app\n"
+        "for argv in (['--help'], ['plan', 'drain', '--help'], ['server', '--help']):\n"
+        "    result = CliRunner().invoke(app, argv)\n"
+        "    assert result.exit_code == 0, (argv, result.output)\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('httpx', 'prefect'))\n"
+        "assert not loaded, loaded\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
