@@ -1594,32 +1594,33 @@ def shut_off_where(rt: Runtime, cluster: str, vms: Sequence[str]) -> dict[str, d
 def stopped_outside(rt: Runtime, run: RunContext | None, off: Mapping[str, Mapping[str, str]]
                     ) -> dict[str, tuple[str, str]]:
     """Of VMs running nowhere and shut off where ``off`` says: those stopped outside hostmaint, vm ->
-    (host, reason). One shut-off copy only, and libvirt's reason says its guest shut down or someone
+    (host, reason). On one host libvirt's reason says its guest shut down or someone
     destroyed it (hostmaint destroys no running VM; its policy stops are recorded, in the host states
     and the trail, and are not taken for a tenant's), or this run recorded it so before (libvirtd
     forgets the reason when the host reboots). Each is recorded once per run, with a warning: nobody
     else would learn that a tenant's VM is down."""
-    earlier: dict[str, str] = {}
+    earlier: dict[str, tuple[str, str]] = {}
     if run is not None and off:
-        earlier = {r.vm: r.details.get("reason", "unknown") for r in rt.audit.records(
+        earlier = {r.vm: (r.host or "", r.details.get("reason", "unknown")) for r in rt.audit.records(
             run_id=run.run_id, steps=(Step.VM_STOPPED_OUTSIDE,)) if r.vm is not None}
     found: dict[str, tuple[str, str]] = {}
     for vm, hosts in sorted(off.items()):
-        if len(hosts) != 1:
+        if vm in earlier and earlier[vm][0] in hosts:
+            found[vm] = earlier[vm]
             continue
-        ((host, reason),) = hosts.items()
-        if vm in earlier:
-            found[vm] = (host, earlier[vm])
-        elif reason in STOPPED_OUTSIDE_REASONS and not _shut_down_by_us(rt, vm, host):
-            found[vm] = (host, reason)
-            log.warning("%s stopped outside hostmaint during maintenance: shut off on %s (%s); left as it is",
-                        visible(vm), visible(host), reason)
-            if run is not None:
-                with audited(rt, run, Step.VM_STOPPED_OUTSIDE, host=host, vm=vm,
-                             inputs={"reason": reason}) as rec:
-                    rec.details["reason"] = reason
-                    rec.details["note"] = ("its guest shut down or someone destroyed it (libvirt's reason); not "
-                                           "stopped by hostmaint, not started again by it, left defined where it is")
+        # one host where it stopped so; a definition elsewhere (shut off: migrated, unknown) is a stale
+        # copy another tool left, which runs nowhere either
+        stopped_here = [(h, reason) for h, reason in sorted(hosts.items()) if reason in STOPPED_OUTSIDE_REASONS]
+        if len(stopped_here) != 1 or _shut_down_by_us(rt, vm, stopped_here[0][0]):
+            continue
+        host, reason = found[vm] = stopped_here[0]
+        log.warning("%s stopped outside hostmaint during maintenance: shut off on %s (%s); left as it is",
+                    visible(vm), visible(host), reason)
+        if run is not None:
+            with audited(rt, run, Step.VM_STOPPED_OUTSIDE, host=host, vm=vm, inputs={"reason": reason}) as rec:
+                rec.details["reason"] = reason
+                rec.details["note"] = ("its guest shut down or someone destroyed it (libvirt's reason); not "
+                                       "stopped by hostmaint, not started again by it, left defined where it is")
     return found
 
 

@@ -135,3 +135,20 @@ def test_a_vm_another_hosts_tenant_stops_during_a_drain_is_recorded_on_its_own_h
     assert result.outcome is StepOutcome.OK, result.detail
     (found,) = records(Step.VM_STOPPED_OUTSIDE)
     assert (found.vm, found.host, found.details["reason"]) == (bystander, "hv04", "shutdown")
+
+
+def test_the_one_host_where_libvirt_says_it_stopped_is_the_evidence_and_the_run_remembers_it(
+        sim_inventory: Path) -> None:
+    rt = open_runtime(sim_inventory)
+    run = steps.RunContext(flow="patch-host", trigger=Trigger.TEST, operator="alice")
+    off = {"a": {"hv01": "migrated", "hv02": "destroyed"},  # a stale definition another tool left on hv01
+           "b": {"hv01": "destroyed", "hv02": "shutdown"},  # two places claim it: no evidence of where
+           "c": {"hv03": "crashed"}}  # not a tenant's doing
+    assert steps.stopped_outside(rt, run, off) == {"a": ("hv02", "destroyed")}
+    # after hv02's reboot libvirtd no longer knows why: this run's record does, and is not written twice
+    assert steps.stopped_outside(rt, run, {"a": {"hv02": "unknown"}}) == {"a": ("hv02", "destroyed")}
+    (found,) = records(Step.VM_STOPPED_OUTSIDE)
+    assert (found.vm, found.host, found.run_id) == ("a", "hv02", run.run_id)
+    # another run has no such record: "unknown" is no evidence for it
+    other = steps.RunContext(flow="patch-host", trigger=Trigger.TEST, operator="bob")
+    assert steps.stopped_outside(rt, other, {"a": {"hv02": "unknown"}}) == {}
