@@ -238,6 +238,9 @@ def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_
         finally:
             ti.end_silence(ref, run, host, work.lease)  # expired now; if this never runs, it lapses by itself
         detail = f"{work.packages_changed} package change(s)" + ("; rebooted" if work.rebooted else "")
+        stopped = [f"{m.vm} ({m.stopped_outside})" for m in work.migrations if m.stopped_outside is not None]
+        if stopped:  # by their guest or a tenant, while it drained: told, never started again by us
+            detail += f"; stopped outside hostmaint during its drain: {', '.join(stopped)}"
         if work.shut_off:
             detail += f"; shut-off VMs left defined on it: {', '.join(work.shut_off)}"
         result = outcome(StepOutcome.OK, detail)

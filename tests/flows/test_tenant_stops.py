@@ -88,6 +88,8 @@ def test_a_patch_reboots_past_a_vm_its_guest_shut_down_and_leaves_it_down(
 
     assert result.outcome is StepOutcome.OK, result.detail
     assert result.rebooted
+    assert result.detail.endswith(f"; stopped outside hostmaint during its drain: {victim} (shutdown); "
+                                  f"shut-off VMs left defined on it: {victim}"), result.detail
     fleet = fleet_of(sim_inventory)
     # after the reboot libvirtd no longer knows why it is off ("unknown"): the run's own record does
     assert fleet.stopped == {victim: "hv02"} and fleet.stop_reasons == {victim: "unknown"}
