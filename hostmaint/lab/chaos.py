@@ -90,8 +90,9 @@ EXPECTED = {
     "vm-started": "a tenant's VM started on the host under maintenance: never rebooted with it; the host stays "
                   "cordoned naming the VM, the re-run moves it off",
     "vm-stopped": "a tenant destroys a guest running on the host under maintenance (before or during its "
-                  "migration): no run starts it again or calls it lost (no 'runs 0 times' of it in any record); "
-                  "the run goes on, the re-run finishes; the tenant starts it again after the round",
+                  "migration; once they have all left, one on another host): no run starts it again or calls it "
+                  "lost (no 'runs 0 times' of it in any record); the run goes on, the re-run finishes; the tenant "
+                  "starts it again after the round",
     "target-filled": "a target fills between plan and migration: re-planned or failed, the host stays cordoned "
                      "naming the VMs still on it; the re-run (target still full) refuses or re-plans safely",
     "flow-killed": "kill -9 of the CLI process running the flow: migrations in flight finish and are found by "
@@ -679,16 +680,19 @@ class Injector:
                     self.added_guests.append(name)
                 fr.note = f"started {name} on {spec.host}"
             elif spec.kind == "vm-stopped":
-                on_it = sorted(vm for vm, hosts in c.watcher.running().items()
-                               if hosts == [spec.host] and vm not in self.added_guests)
+                # a guest of the host under maintenance; once its small guests have all left (they move in
+                # a second), one running anywhere: a tenant's VM stopped on a target is this fault too
+                alone = {vm: hosts[0] for vm, hosts in c.watcher.running().items()
+                           if len(hosts) == 1 and vm not in self.added_guests}
+                on_it = sorted(vm for vm, host in alone.items() if host == spec.host) or sorted(alone)
                 # which guest: drawn from the round's seed (the delay is), so a replay stops the same one
                 guest = on_it[int(spec.delay * 1000) % len(on_it)] if on_it else None
-                if guest is None or not faults.stop_guest(workdir, spec.host, guest):
-                    fr.note = f"not injected: no guest running on {spec.host} at that moment"
+                if guest is None or not faults.stop_guest(workdir, alone[guest], guest):
+                    fr.note = "not injected: no guest running alone on a host at that moment"
                     return
                 with self.lock:
-                    self.stopped_guests[guest] = spec.host
-                fr.note = f"destroyed {guest} on {spec.host}"
+                    self.stopped_guests[guest] = alone[guest]
+                fr.note = f"destroyed {guest} on {alone[guest]}"
             elif spec.kind == "target-filled":
                 name = c.next_guest(FILLER_PREFIX)
                 vm = faults.fill_host(c.info, name, spec.host)
