@@ -153,6 +153,9 @@ class HostPolicy(Strict):
     reboot: RebootPolicy = RebootPolicy.IF_NEEDED
     reboot_timeout_s: Annotated[float, Field(gt=0, le=7200)] = 900.0
     update_timeout_s: Annotated[float, Field(gt=0, le=14400)] = 3600.0
+    # how long to wait for another dnf/yum run (dnf-automatic, an operator's) holding the package
+    # manager's lock before the update gives up, naming it (0: not at all)
+    package_lock_wait_s: Annotated[float, Field(ge=0, le=14400)] = 900.0
     min_free_mib: Annotated[int, Field(ge=0)] = 512
     verify: list[VerifyCheck] = Field(default_factory=list)
 
@@ -171,6 +174,7 @@ class PolicyOverride(Strict):
     reboot: RebootPolicy | None = None
     reboot_timeout_s: Annotated[float, Field(gt=0, le=7200)] | None = None
     update_timeout_s: Annotated[float, Field(gt=0, le=14400)] | None = None
+    package_lock_wait_s: Annotated[float, Field(ge=0, le=14400)] | None = None
     min_free_mib: Annotated[int, Field(ge=0)] | None = None
     verify: list[VerifyCheck] | None = None
 

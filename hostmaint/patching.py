@@ -20,6 +20,8 @@ import time
 from collections.abc import Callable, Sequence
 from functools import cmp_to_key
 
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt, wait_fixed
+
 from hostmaint.drivers.base import HostShell, Hypervisor
 from hostmaint.errors import CommandError, DriverError, HostKeyError, StepError, TransientDriverError
 from hostmaint.inventory import PACKAGE_PATTERN, HostPolicy
@@ -40,6 +42,17 @@ OPTIONAL_PATHS = frozenset({"/boot"})  # a host without a separate /boot directo
 CHECK_UPDATE_OK = (0, 100)  # dnf/yum: 0 nothing to do, 100 updates available, anything else an error
 
 QUERY_TIMEOUT_S = 120.0
+# dnf and yum given exit_on_lock exit at once when another run (dnf-automatic, an operator's) holds
+# their lock, where they would otherwise wait without end and without a word to us: hostmaint waits
+# itself, asking again every LOCK_POLL_S, within the policy's package_lock_wait_s
+EXIT_ON_LOCK = "--setopt=exit_on_lock=True"
+LOCKED_EXIT = 200  # dnf's exit code when exit_on_lock finds the lock held (dnf/cli/main.py)
+LOCK_POLL_S = 10.0
+# what they print then: dnf "RPMDB already locked by 7154" (also metadata, cachedir, log), yum 3
+# "Existing lock /var/run/yum.pid: another copy is running as pid 7154." (matched text only: host
+# output is never quoted further)
+_LOCK_HELD = re.compile(r"\b(?:RPMDB|metadata|cachedir|log) already locked by \d+"
+                        r"|Existing lock \S+: another copy is running as pid \d+")
 REFRESH_TIMEOUT_S = 900.0
 PROBE_TIMEOUT_S = 10.0
 
@@ -81,6 +94,8 @@ class UpdateResult(Frozen):
     stderr: str
     seconds: float
     nothing_to_do: bool
+    # what dnf/yum said each time another run held its lock before this one ran (waited LOCK_POLL_S each)
+    lock_waits: tuple[str, ...] = ()
 
 
 class PackageChange(Frozen):
@@ -173,6 +188,45 @@ def _run(shell: HostShell, host: str, argv: Sequence[str], step: Step, timeout: 
         raise StepError(str(exc), host=host, step=step) from exc
     except CommandError as exc:
         raise StepError(f"{' '.join(argv)}: {exc}", host=host, step=step) from exc
+
+
+def lock_held(result: CommandResult) -> str | None:
+    """What dnf/yum said when another run holds its lock (run with :data:`EXIT_ON_LOCK`): the matched
+    words, e.g. "RPMDB already locked by 7154"; None when that is not why it failed."""
+    if result.exit_code == 0:
+        return None
+    found = _LOCK_HELD.search(f"{result.stderr}\n{result.stdout}")
+    if found:
+        return found.group(0)
+    return "its lock is held by another run" if result.exit_code == LOCKED_EXIT else None
+
+
+def _run_when_unlocked(shell: HostShell, host: str, argv: Sequence[str], step: Step, timeout: float,
+                       wait_s: float, sleep: Callable[[float], None] = time.sleep,
+                       waits: list[str] | None = None) -> CommandResult:
+    """Run a dnf/yum command; while another run holds the package manager's lock, ask again every
+    :data:`LOCK_POLL_S` s for at most ``wait_s`` (each wait's words appended to ``waits``). Raises
+    StepError naming the holder if it never frees (the command changed nothing: it stops before its
+    transaction)."""
+    polls = int(wait_s // LOCK_POLL_S)
+
+    def waiting(state: RetryCallState) -> None:
+        held = lock_held(state.outcome.result()) if state.outcome else None
+        if waits is not None and held is not None:
+            waits.append(held)
+        log.info("%s: %s: %s; asking again in %gs (waiting up to %gs)", host, argv[0], held, LOCK_POLL_S, wait_s)
+
+    retrying = Retrying(retry=retry_if_result(lambda res: lock_held(res) is not None),
+                        stop=stop_after_attempt(polls + 1), wait=wait_fixed(LOCK_POLL_S), sleep=sleep,
+                        before_sleep=waiting,
+                        retry_error_callback=lambda state: state.outcome.result() if state.outcome else None)
+    res: CommandResult = retrying(_run, shell, host, argv, step, timeout)
+    held = lock_held(res)
+    if held is not None:
+        raise StepError(f"the package manager is busy: {argv[0]}: {held} (another dnf/yum run, e.g. "
+                        f"dnf-automatic), still after {polls * LOCK_POLL_S:g}s of waiting (policy "
+                        "package_lock_wait_s); this run changed no package", host=host, step=step)
+    return res
 
 
 def _checked_globs(globs: Sequence[str], host: str) -> list[str]:
@@ -281,15 +335,18 @@ def check_updates(shell: HostShell, host: str, pm: PackageManager, policy: HostP
     ``--refresh`` matters: without it dnf can miss a package added to a repo within the
     metadata's expiry (seen in the lab). yum 3 has no ``--refresh``; its cache is expired first.
     """
+    wait = policy.package_lock_wait_s
     if legacy_yum:
-        res = _run(shell, host, ["yum", "clean", "expire-cache"], Step.PREFLIGHT, QUERY_TIMEOUT_S)
+        res = _run_when_unlocked(shell, host, ["yum", EXIT_ON_LOCK, "clean", "expire-cache"], Step.PREFLIGHT,
+                                 QUERY_TIMEOUT_S, wait)
         if res.exit_code != 0:
             raise StepError(f"yum clean expire-cache failed (exit {res.exit_code}): {_said(res)}",
                             host=host, step=Step.PREFLIGHT)
-        argv = ["yum", "-q", "check-update", *_filter_args(policy, host)]
+        argv = ["yum", "-q", EXIT_ON_LOCK, "check-update", *_filter_args(policy, host)]
     else:
-        argv = [pm.value, "-q", "check-update", *_refresh_args(), *_filter_args(policy, host)]
-    res = _run(shell, host, argv, Step.PREFLIGHT, min(REFRESH_TIMEOUT_S, policy.update_timeout_s))
+        argv = [pm.value, "-q", EXIT_ON_LOCK, "check-update", *_refresh_args(), *_filter_args(policy, host)]
+    res = _run_when_unlocked(shell, host, argv, Step.PREFLIGHT, min(REFRESH_TIMEOUT_S, policy.update_timeout_s),
+                             wait)
     if res.exit_code not in CHECK_UPDATE_OK:
         raise StepError(f"repositories not reachable: {' '.join(argv)} exit {res.exit_code}: {_said(res)}",
                         host=host, step=Step.PREFLIGHT)
@@ -344,33 +401,38 @@ def installed_packages(shell: HostShell, host: str) -> dict[str, str]:
 
 
 def update_argv(pm: PackageManager, policy: HostPolicy, host: str = "") -> list[str]:
-    """``dnf -y update --refresh [--exclude=G ...] [--security]``; each element stays one argument.
+    """``dnf -y --setopt=exit_on_lock=True update --refresh [--exclude=G ...] [--security]``; each element
+    stays one argument.
 
     dnf refreshes its metadata first, so the update sees what preflight saw even when it runs
     without a preflight (a retry) or the cache expired meanwhile. ``yum`` gets no ``--refresh``:
     yum 3 does not know it, and preflight already expired its cache.
     """
     refresh = _refresh_args() if pm is PackageManager.DNF else []
-    return [pm.value, "-y", "update", *refresh, *_filter_args(policy, host)]
+    return [pm.value, "-y", EXIT_ON_LOCK, "update", *refresh, *_filter_args(policy, host)]
 
 
 def apply_updates(shell: HostShell, host: str, policy: HostPolicy,
-                  package_manager: PackageManager | None = None) -> UpdateResult:
+                  package_manager: PackageManager | None = None,
+                  sleep: Callable[[float], None] = time.sleep) -> UpdateResult:
     """Step 3: run the update with the policy's excludes and security filter; capture the output.
 
-    ``package_manager`` is what preflight found (defaults to the policy's).
+    ``package_manager`` is what preflight found (defaults to the policy's). Another run holding the
+    package manager's lock is waited for (``policy.package_lock_wait_s``, ``sleep`` between asks).
     Raises StepError with what the package manager said when it exits non-zero or times out.
     """
     pm = package_manager or policy.package_manager
     argv = update_argv(pm, policy, host)
     log.info("%s: running %s", host, " ".join(argv))
-    res = _run(shell, host, argv, Step.UPDATE, policy.update_timeout_s)
+    waits: list[str] = []
+    res = _run_when_unlocked(shell, host, argv, Step.UPDATE, policy.update_timeout_s, policy.package_lock_wait_s,
+                             sleep, waits)
     if res.exit_code != 0:
         raise StepError(f"{pm.value} update failed (exit {res.exit_code}): {_said(res)}",
                         host=host, step=Step.UPDATE)
     nothing = "Nothing to do" in res.stdout or "No packages marked for update" in res.stdout
     return UpdateResult(host=host, argv=tuple(argv), exit_code=res.exit_code, stdout=res.stdout,
-                        stderr=res.stderr, seconds=res.seconds, nothing_to_do=nothing)
+                        stderr=res.stderr, seconds=res.seconds, nothing_to_do=nothing, lock_waits=tuple(waits))
 
 
 # --- 4. diff -------------------------------------------------------------------

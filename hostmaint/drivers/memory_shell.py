@@ -67,6 +67,10 @@ class SimHostPackages:
     has_systemd: bool = True
     failed_units: list[str] = field(default_factory=list)
     commands: dict[str, list[int | str]] = field(default_factory=dict)
+    # another dnf run (dnf-automatic) holds the package manager's lock for the next N commands that need
+    # it: with exit_on_lock they exit 200 naming lock_pid, as dnf does (without it dnf would wait)
+    lock_held_for: int = 0
+    lock_pid: int = 4242
     reboots: int = 0
     log: list[str] = field(default_factory=list)  # every argv run, as shlex.join, for tests
 
@@ -145,7 +149,7 @@ class SimulatedShell:
     def _package_manager(self, host: str, s: SimHostPackages, argv: list[str]) -> CommandResult:
         if argv[0] not in s.package_managers:
             return _result(host, argv, 127, err=f"bash: line 1: {argv[0]}: command not found\n")
-        opts = {"yes": False, "refresh": False, "security": False, "quiet": False}
+        opts = {"yes": False, "refresh": False, "security": False, "quiet": False, "exit_on_lock": False}
         excludes: list[str] = []
         words: list[str] = []
         for a in argv[1:]:
@@ -162,6 +166,8 @@ class SimulatedShell:
             elif a.startswith("--setopt="):
                 if "=" not in a.split("=", 1)[1]:
                     return _result(host, argv, 1, err=f"Error: Setopt argument has no value: {a}\n")
+                opts["exit_on_lock"] = opts["exit_on_lock"] or a.lower() in ("--setopt=exit_on_lock=true",
+                                                                             "--setopt=exit_on_lock=1")
             elif a.startswith("--exclude="):
                 excludes.extend(g for g in a.split("=", 1)[1].split(",") if g)
             elif a.startswith("-"):
@@ -172,6 +178,13 @@ class SimulatedShell:
         if not words:
             return _result(host, argv, 1, err="Error: No command given.\n")
         command = words[0]
+        if command in ("check-update", "update", "upgrade", "clean") and s.lock_held_for > 0:
+            if not opts["exit_on_lock"]:
+                raise _Usage("the simulated lock is held and dnf would wait without end: give exit_on_lock")
+            s.lock_held_for -= 1
+            what = "RPMDB" if command in ("update", "upgrade") else "metadata"
+            return _result(host, argv, 200, err=f"{what} already locked by {s.lock_pid}\n  The application "
+                                                f"with PID {s.lock_pid} is: dnf-automatic\n")
         if command == "check-update":
             if s.repo_error:
                 return _result(host, argv, 1, err=f"Error: Failed to download metadata for repo '{REPO}': "

@@ -328,6 +328,24 @@ def start_guest(info: LabInfo, name: str, host: str, memory_mib: int = 64) -> La
     return add_guest(info, name, host, memory_mib=memory_mib)
 
 
+def hold_package_lock(workdir: Path, host: str) -> Undo:
+    """Another package-manager run (dnf-automatic) holds the host's RPMDB lock: a live process's pid in
+    dnf's lock file, which is all dnf checks (``dnf/lock.py``). The undo ends it, as that run would."""
+    lock = host_dir(workdir, host) / "root" / "var" / "lib" / "dnf" / "rpmdb_lock.pid"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(["sleep", "3600"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    lock.write_text(str(holder.pid))
+
+    def undo() -> None:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(10)
+        lock.unlink(missing_ok=True)
+
+    return undo
+
+
 def stop_guest(workdir: Path, host: str, name: str) -> bool:
     """A tenant's ``virsh destroy`` of ``name`` on ``host``, over the host's own libvirtd socket: it stays
     defined there, shut off (reason "destroyed"). False when it does not run there (moved, or paused for a

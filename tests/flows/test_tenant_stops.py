@@ -3,7 +3,7 @@
 The guest shuts itself down, or someone runs ``virsh destroy``, between the plan and the VM's migration.
 hostmaint did not stop it and must not say it lost it, nor start it again; the run goes on, the record
 says what happened, and only evidence (libvirt's reason) makes a VM that runs nowhere a tenant's doing.
-The same fault on real libvirt: tests/lab/test_lab_tenant.py.
+The same fault on real libvirt: tests/lab/test_lab_others.py.
 """
 
 from __future__ import annotations

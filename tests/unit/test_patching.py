@@ -93,7 +93,8 @@ def test_full_happy_path_records_diff_reboots_and_verifies() -> None:
     before = patching.installed_packages(shell, "hv1")
     assert before["openssl.x86_64"] == "1:3.0.7-24.el9"
     result = patching.apply_updates(shell, "hv1", policy, pre.package_manager)
-    assert result.argv == ("dnf", "-y", "update", "--refresh", "--setopt=skip_if_unavailable=False")
+    assert result.argv == ("dnf", "-y", "--setopt=exit_on_lock=True", "update", "--refresh",
+                           "--setopt=skip_if_unavailable=False")
     assert result.exit_code == 0 and not result.nothing_to_do
     after = patching.installed_packages(shell, "hv1")
     diff = patching.package_diff(before, after)
@@ -131,12 +132,12 @@ def test_update_with_excludes_and_security_only_passes_them_as_single_arguments(
     pre = patching.preflight(shell, "hv1", policy)
     assert [u.package for u in pre.updates] == ["openssl.x86_64"]
     res = patching.apply_updates(shell, "hv1", policy)
-    assert res.argv == ("dnf", "-y", "update", "--refresh", "--setopt=skip_if_unavailable=False",
-                        "--exclude=kernel*", "--exclude=glibc", "--security")
+    assert res.argv == ("dnf", "-y", "--setopt=exit_on_lock=True", "update", "--refresh",
+                        "--setopt=skip_if_unavailable=False", "--exclude=kernel*", "--exclude=glibc", "--security")
     assert state.installed["openssl"] == "1:3.0.7-27.el9"
     assert state.installed["kernel-core"] == K1 and state.installed["glibc"] == "2.34-83.el9"
-    assert ("dnf -q check-update --refresh --setopt=skip_if_unavailable=False '--exclude=kernel*' "
-            "--exclude=glibc --security") in state.log
+    assert ("dnf -q --setopt=exit_on_lock=True check-update --refresh --setopt=skip_if_unavailable=False "
+            "'--exclude=kernel*' --exclude=glibc --security") in state.log
 
 
 def test_nothing_to_update() -> None:
@@ -186,7 +187,8 @@ def test_legacy_yum_expires_the_cache_instead_of_refresh() -> None:
     shell, _, state = setup(make_host(package_managers=["yum"], pm_version="3.4.3"))
     pre = patching.preflight(shell, "hv1", HostPolicy(package_manager=PackageManager.YUM))
     assert pre.legacy_yum and len(pre.updates) == 4
-    assert "yum clean expire-cache" in state.log and "yum -q check-update" in state.log
+    assert "yum --setopt=exit_on_lock=True clean expire-cache" in state.log
+    assert "yum -q --setopt=exit_on_lock=True check-update" in state.log
 
 
 def test_host_that_never_returns_fails_the_reboot_naming_host_and_timeout() -> None:
@@ -685,3 +687,47 @@ def test_real_dnf_and_rpm_over_ssh_end_to_end(tmp_path: Path) -> None:
     finally:
         shell.close()
         sshd.stop()
+
+
+# --- another run holds the package manager's lock ----------------------------------------------
+
+
+@pytest.mark.parametrize("said", [
+    "RPMDB already locked by 7154\n  The application with PID 7154 is: dnf-automatic\n",
+    "Existing lock /var/run/yum.pid: another copy is running as pid 7154.\n"])
+def test_the_lock_holder_is_read_from_what_dnf_or_yum_says(said: str) -> None:
+    held = patching.lock_held(CommandResult(host="h", argv=("dnf",), exit_code=200, stderr=said))
+    assert held is not None and held.endswith("7154") and "dnf-automatic" not in held  # matched words only
+    assert patching.lock_held(CommandResult(host="h", argv=("dnf",), exit_code=200)) is not None
+    assert patching.lock_held(CommandResult(host="h", argv=("dnf",), exit_code=1, stderr="Error: no repo")) is None
+    assert patching.lock_held(CommandResult(host="h", argv=("dnf",), exit_code=0, stdout=said)) is None
+
+
+def test_an_update_waits_for_another_dnf_run_holding_the_lock_then_runs() -> None:
+    shell, clock, state = setup()
+    state.lock_held_for = 3  # dnf-automatic finishes after three asks
+    res = patching.apply_updates(shell, "hv1", HostPolicy(package_lock_wait_s=60), sleep=clock.sleep)
+    assert res.exit_code == 0 and state.installed["openssl"] == "1:3.0.7-27.el9"
+    assert clock.sleeps == [patching.LOCK_POLL_S] * 3
+    assert sum("update" in line for line in state.log) == 4
+    assert res.lock_waits == ("RPMDB already locked by 4242",) * 3  # in the update's audit record
+
+
+@pytest.mark.parametrize("wait_s", [0, 35])
+def test_an_update_whose_lock_never_frees_fails_naming_its_holder_and_changes_nothing(wait_s: float) -> None:
+    shell, clock, state = setup()
+    state.lock_held_for = 100
+    before = dict(state.installed)
+    with pytest.raises(StepError, match=r"package manager is busy: dnf: RPMDB already locked by 4242 .*changed "
+                                        r"no package") as err:
+        patching.apply_updates(shell, "hv1", HostPolicy(package_lock_wait_s=wait_s), sleep=clock.sleep)
+    assert err.value.step == "update" and "hv1" in str(err.value)
+    assert clock.sleeps == [patching.LOCK_POLL_S] * int(wait_s // patching.LOCK_POLL_S)
+    assert state.installed == before
+
+
+def test_preflight_waits_for_the_metadata_lock_too() -> None:
+    shell, _, state = setup()
+    state.lock_held_for = 100
+    with pytest.raises(StepError, match="metadata already locked by 4242"):
+        patching.preflight(shell, "hv1", HostPolicy(package_lock_wait_s=0))

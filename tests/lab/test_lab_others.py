@@ -1,32 +1,36 @@
-"""A tenant stops a guest while its host is in maintenance, on the real lab (root; CI runs it).
+"""What others do to a host while hostmaint maintains it, on the real lab (root; CI runs it).
 
-``virsh destroy`` of a guest before its migration starts, and of the Linux guest while its migration
-runs (libvirt fails the migration): hostmaint did not stop them, must not call them lost, must not start
-them again, and goes on; libvirt's own reason for the shut-off domain is the evidence. One fresh lab
-for the module: the patch first, the evacuation (which leaves its host cordoned) after. The flows'
-side on a simulated fleet: tests/flows/test_tenant_stops.py.
+A tenant's ``virsh destroy`` of a guest before its migration starts, and of the Linux guest while its
+migration runs (libvirt fails the migration): hostmaint did not stop them, must not call them lost,
+must not start them again, and goes on; libvirt's own reason for the shut-off domain is the evidence.
+The host's own dnf-automatic holding the package manager's lock when the update comes: real dnf,
+waited for, or the step fails naming its holder with no package changed. One fresh lab for the
+module: the patches first, the evacuation (which leaves its host cordoned) last. The flows' side on a
+simulated fleet: tests/flows/test_tenant_stops.py, tests/unit/test_patching.py.
 """
 
 from __future__ import annotations
 
 import importlib
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import libvirt
 import pytest
 
-from hostmaint.lab import LabInfo
+from hostmaint.lab import LabInfo, faults
+from hostmaint.lab.host import host_dir
 from hostmaint.models import HostState, Step, StepOutcome, Trigger
-from tests.lab.labkit import all_vms, fresh_lab
+from tests.lab.labkit import WORKDIR, all_vms, fresh_lab
 
 pytestmark = [pytest.mark.lab, pytest.mark.usefixtures("prefect_server")]
 
 
 @pytest.fixture(scope="module")
 def tenant_lab(prefect_server: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabInfo]:
-    with fresh_lab(tmp_path_factory.mktemp("lab-tenant") / "hostmaint.db") as info:
+    with fresh_lab(tmp_path_factory.mktemp("lab-others") / "hostmaint.db") as info:
         yield info
 
 
@@ -82,6 +86,56 @@ def test_a_patch_reboots_a_host_past_a_guest_its_tenant_destroyed_and_leaves_it_
     assert victim in shut_off.details["vms"]
     assert rt.states.state("hv02") is HostState.ACTIVE
     assert rt.audit.verify().ok
+
+
+def test_an_update_waits_for_the_hosts_own_dnf_run_holding_the_lock_then_patches(tenant_lab: LabInfo) -> None:
+    from flows.patch_host import patch_host
+    from hostmaint.runtime import open_runtime
+
+    rt: Any = open_runtime(tenant_lab.inventory_path)
+    before = all_vms(rt)
+    release = faults.hold_package_lock(WORKDIR, "hv03")  # dnf-automatic, 25 s more to run
+    holder = (host_dir(WORKDIR, "hv03") / "root" / "var" / "lib" / "dnf" / "rpmdb_lock.pid").read_text()
+    held_since = time.monotonic()
+    timer = threading.Timer(25.0, release)
+    timer.start()
+    try:
+        result = patch_host(host="hv03", operator="lab-test", reason="dnf busy", trigger=Trigger.TEST,
+                            inventory=str(tenant_lab.inventory_path))
+    finally:
+        timer.cancel()
+        release()
+    assert result.outcome is StepOutcome.OK, result.detail
+    assert time.monotonic() - held_since > 25.0  # it could not have updated before the lock was free
+    assert result.rebooted and result.packages_changed >= 2
+    update = rt.audit.records(host="hv03", steps=(Step.UPDATE,))[-1]
+    assert update.outcome is StepOutcome.OK
+    # real dnf said so, and it was waited for (if the drain outlasted the holder, this fails: then the
+    # holder's 25 s must grow)
+    waits = update.details["update"]["lock_waits"]
+    assert waits and set(waits) == {f"RPMDB already locked by {holder}"}, waits
+    after = all_vms(rt)
+    assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
+
+
+def test_real_dnf_holding_the_lock_makes_the_update_fail_naming_the_holder_and_change_nothing(
+        tenant_lab: LabInfo) -> None:
+    from hostmaint import patching
+    from hostmaint.errors import StepError
+    from hostmaint.inventory import HostPolicy
+    from hostmaint.runtime import open_runtime
+
+    rt: Any = open_runtime(tenant_lab.inventory_path)
+    release = faults.hold_package_lock(WORKDIR, "hv01")
+    holder = (host_dir(WORKDIR, "hv01") / "root" / "var" / "lib" / "dnf" / "rpmdb_lock.pid").read_text()
+    packages = faults.installed_packages(WORKDIR, "hv01")
+    try:
+        with pytest.raises(StepError, match=f"RPMDB already locked by {holder} .*changed no package"):
+            patching.apply_updates(rt.shell, "hv01", HostPolicy(package_lock_wait_s=0))
+    finally:
+        release()
+    assert faults.installed_packages(WORKDIR, "hv01") == packages
+    assert packages != set() and any("1.0-1" in p for p in packages)  # an update was pending all along
 
 
 def test_guests_destroyed_before_and_during_their_migration_are_recorded_and_the_evacuation_finishes(
