@@ -62,7 +62,7 @@ MIN_HOST_ESTIMATE_S = PATCH_SECONDS + REBOOT_TIMEOUT_S  # a window's estimate of
 FILLER_PREFIX = "cxf"  # guests that fill a target (a tenant's, deleted once the round's first re-run saw them)
 FAULT_CLASSES = ("link-cut", "libvirtd-kill", "ssh-drop", "reboot-hangs", "reboot-never", "reboot-skipped",
                  "repo-broken", "disk-full", "host-key-changed", "vm-started", "target-filled", "flow-killed",
-                 "worker-killed", "server-restart", "window-ends", "vm-stopped")
+                 "worker-killed", "server-restart", "window-ends", "vm-stopped", "dnf-busy")
 # What each fault must lead to (checked from outside; the same in every round): the invariants hold
 # (every VM once, no reboot with a guest on it, the audit verifies and names every move and package
 # change), the faulted run either succeeds or fails with a host out of service giving the reason below,
@@ -93,6 +93,9 @@ EXPECTED = {
                   "migration; once they have all left, one on another host): no run starts it again or calls it "
                   "lost (no 'runs 0 times' of it in any record); the run goes on, the re-run finishes; the tenant "
                   "starts it again after the round",
+    "dnf-busy": "the host's own dnf run (dnf-automatic) holds the RPMDB lock for 5-90 s: the update waits for it "
+                "(the campaign's policy waits 60 s) and patches, or fails naming the lock's holder with no package "
+                "changed; the re-run patches",
     "target-filled": "a target fills between plan and migration: re-planned or failed, the host stays cordoned "
                      "naming the VMs still on it; the re-run (target still full) refuses or re-plans safely",
     "flow-killed": "kill -9 of the CLI process running the flow: migrations in flight finish and are found by "
@@ -109,7 +112,7 @@ OPS = ("patch", "evacuate", "window", "rebalance", "patch-pair", "patch-worker")
 OP_WEIGHTS = {"patch": 5, "evacuate": 2, "window": 2, "rebalance": 1, "patch-pair": 1, "patch-worker": 2}
 # which faults mean something for which maintenance (no SSH in an evacuation or a rebalance)
 SSH_FAULTS = {"ssh-drop", "reboot-hangs", "reboot-never", "reboot-skipped", "repo-broken", "disk-full",
-              "host-key-changed"}
+              "host-key-changed", "dnf-busy"}
 ANY = set(FAULT_CLASSES) - {"worker-killed", "window-ends"}
 COMPATIBLE = {
     "patch": ANY,
@@ -181,6 +184,8 @@ def _fault(rng: random.Random, kind: str, op: str, hosts: tuple[str, ...]) -> Fa
         return FaultSpec(kind, target, rng.choice(["ssh", "dnf", "dnf-update", "dnf-update"]), rng.uniform(0, 0.3), 0)
     if kind in ("reboot-hangs", "reboot-never", "reboot-skipped"):
         return FaultSpec(kind, target, "start", 0, 0)
+    if kind == "dnf-busy":
+        return FaultSpec(kind, target, rng.choice(["start", "migrating"]), rng.uniform(0, 2), rng.uniform(5, 90))
     if kind in ("repo-broken", "disk-full", "host-key-changed"):
         return FaultSpec(kind, target, rng.choice(["start", "migrating"]), rng.uniform(0, 2), 0)
     if kind == "vm-started":
@@ -437,6 +442,7 @@ def open_campaign(workdir: Path, out: Path, prefect: PrefectSide, log: Callable[
         data = yaml.safe_load(info.inventory_path.read_text())
         data["clusters"][0]["host_policy"]["reboot_timeout_s"] = REBOOT_TIMEOUT_S
         data["clusters"][0]["host_policy"]["update_timeout_s"] = 60
+        data["clusters"][0]["host_policy"]["package_lock_wait_s"] = 60  # dnf-busy holds its lock 5-90 s
         inventory = out / "inventory.yaml"
         inventory.write_text(yaml.safe_dump(data, sort_keys=False))
         db = out / f"hostmaint-{int(time.time())}.db"
@@ -669,6 +675,8 @@ class Injector:
                 self._keep(spec, faults.ignore_reboot(workdir, spec.host))
             elif spec.kind == "repo-broken":
                 self._keep(spec, faults.break_repo(workdir, spec.host))
+            elif spec.kind == "dnf-busy":
+                self._timed(spec, faults.hold_package_lock(workdir, spec.host))
             elif spec.kind == "disk-full":
                 self._keep(spec, faults.fill_disk(workdir, spec.host))
             elif spec.kind == "host-key-changed":
@@ -1040,8 +1048,9 @@ SAYS = {
     "disk-full": re.compile(r"space|disk|full", re.I),
     "repo-broken": re.compile(r"repo|metadata|mirror|download", re.I),
     "host-key-changed": re.compile(r"host key", re.I),
+    "dnf-busy": re.compile(r"busy|already locked by", re.I),
 }
-DNF_FAULTS = {"disk-full", "repo-broken"}
+DNF_FAULTS = {"disk-full", "repo-broken", "dnf-busy"}
 CONNECTION_FAULTS = {"ssh-drop", "link-cut", "host-key-changed", "libvirtd-kill"}
 AWAY = re.compile(r"its VMs away: (.*?)(?:;|$)")
 AWAY_ONE = re.compile(r"(\S+) \(on (\S+)\)")

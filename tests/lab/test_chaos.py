@@ -22,12 +22,15 @@ CHAOS_WORKDIR = WORKDIR.with_name(WORKDIR.name + "-chaos")
 pytestmark = [pytest.mark.lab]
 
 # Round seeds and what each draws (hostmaint.lab.chaos.make_scenario): a target filled between the
-# plan and its migrations during an evacuation, and a tenant's VM started on a host being patched
-# once its plan is printed (the host stays cordoned naming it, and no reboot happens with it there).
-# Two rounds: on a loaded machine each costs minutes; the long campaign covers every class.
+# plan and its migrations during an evacuation; a tenant's VM started on a host being patched once its
+# plan is printed (the host stays cordoned naming it, and no reboot happens with it there); the host's
+# own dnf holding its lock for 40 s from the first migration while a tenant destroys a guest (the
+# update waits and patches, the guest is not called lost nor started again). Three rounds: on a loaded
+# machine each costs minutes; the long campaign covers every class.
 SMOKE_ROUNDS = {
     205: ("evacuate", {"target-filled"}),
-    354: ("patch", {"vm-started"}),
+    215: ("patch", {"vm-started"}),
+    8332: ("patch", {"dnf-busy", "vm-stopped"}),
 }
 
 
