@@ -10,7 +10,7 @@ from dataclasses import replace
 from prefect import get_run_logger
 
 from flows import locks
-from hostmaint.errors import LockHeldError, PlanError, TargetsUnreachable
+from hostmaint.errors import LockHeldError, PlanError, TargetsUnreachable, TargetsWithdrawn
 from hostmaint.maintenance import RunContext, drain_share
 from hostmaint.migration import DrainReport
 from hostmaint.models import EvacuationPlan, FleetSnapshot, MigrationResult
@@ -52,8 +52,10 @@ def drain_planned(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planne
     re-made, and one that fits is moved off the busy hosts when the cluster has room for that
     (``retarget``, recorded too); otherwise it waits on. A target that stops answering while the drain
     runs (:class:`TargetsUnreachable`) is left out and what did not move is re-planned onto the other
-    hosts (recorded, step ``replan``), at most :data:`LOST_TARGET_ROUNDS` times; the report returned
-    then holds every drain's migrations.
+    hosts (recorded, step ``replan``), at most :data:`LOST_TARGET_ROUNDS` times; so is what was meant for
+    a target that left service meanwhile (:class:`TargetsWithdrawn`: cordoned by an operator, in another
+    run's maintenance), on a discovery that shows it out of service; the report returned then holds
+    every drain's migrations.
     """
     logger = get_run_logger()
     rt = ref.open()
@@ -93,6 +95,17 @@ def drain_planned(ref: RuntimeRef, run: RunContext, plan: EvacuationPlan, planne
                         ", ".join(sorted(set(_targets(plan)) - set(held))))
         except LockHeldError:
             continue  # still busy after the wait: look at the cluster and the busy hosts again
+        except TargetsWithdrawn as exc:
+            # an operator cordoned a target (or a run took it into maintenance) while VMs went there: the
+            # fresh discovery has it out of service, and the re-plan (recorded) sends the rest elsewhere
+            if lost_rounds >= LOST_TARGET_ROUNDS:
+                raise
+            logger.warning("%s: %s left service during the drain; re-planning what did not move onto the "
+                           "other hosts", ", ".join(plan.hosts), ", ".join(exc.hosts))
+            lost_rounds += 1
+            earlier += exc.report.results
+            planned_on = now
+            continue
         except TargetsUnreachable as exc:
             if lost_rounds >= LOST_TARGET_ROUNDS or set(exc.hosts) <= set(lost):
                 raise

@@ -163,6 +163,12 @@ class TargetsUnreachable(StepError):
         return (type(self), (self.args[0], self.host, self.hosts, self.report))
 
 
+class TargetsWithdrawn(TargetsUnreachable):
+    """A drain stopped sending to targets that left service while it ran (``hosts``: an operator cordoned
+    one, another run took it into maintenance); ``report`` says what moved. They answer: what did not
+    move is re-planned on a fresh discovery, where they are out of service, not left out."""
+
+
 class AuditError(HostmaintError):
     """The audit chain does not verify; the message names the first bad record."""
 

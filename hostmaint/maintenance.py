@@ -32,6 +32,7 @@ from hostmaint.errors import (
     PlanError,
     StepError,
     TargetsUnreachable,
+    TargetsWithdrawn,
     TransientDriverError,
 )
 from hostmaint.fleet import discover_cluster
@@ -684,6 +685,12 @@ def drain_host(rt: Runtime, run: RunContext, plan: EvacuationPlan, *, now: Fleet
             after = ("the VMs that did not move still run on their source" if not unknown else
                      f"whether {', '.join(unknown)} moved is unknown (the next run finds out from the hosts); "
                      "the others that did not move still run on their source")
+            # only targets that left service stopped it: the caller re-plans the rest onto the others
+            if report.withdrawn and all(r.outcome is StepOutcome.FAILED and r.target in report.withdrawn
+                                        for r in report.failed):
+                rec.details["withdrawn_targets"] = list(report.withdrawn)
+                raise TargetsWithdrawn(f"drain of {', '.join(plan.hosts)}: {', '.join(report.withdrawn)} left service "
+                                       f"during it ({failed}); {after}", host, list(report.withdrawn), report)
             lost = _unreachable(rt, sorted({r.target for r in report.failed}))
             if lost:
                 rec.details["unreachable_targets"] = lost
@@ -928,7 +935,8 @@ def run_migrations(rt: Runtime, run: RunContext, rec: StepRecord, plan: Evacuati
         rec.details["switchover_start_ms"] = round(policy.switchover_ms, 1)
     route = _transport(rt, rec, plan, cluster)
     report = drain(plan, rt.hypervisor, limits, policy=policy, options=options, on_event=on_event,
-                   dirty_rate=dirty_rate, cancel=cancel, route=route, **inputs)
+                   dirty_rate=dirty_rate, cancel=cancel, route=route, target_usable=lambda h: _out_of_service(rt, h),
+                   **inputs)
     learned = keep_switchover(rt.states, cluster, policy, report, run.run_id)
     # a simulated fleet runs on a scaled clock and shares no link: its rates say nothing of a link
     if report.links and not rt.simulated:
@@ -944,6 +952,16 @@ def run_migrations(rt: Runtime, run: RunContext, rec: StepRecord, plan: Evacuati
         # a migration that failed with its source's libvirtd gone may leave the VM paused there
         settle_stranded(rt, run, cluster)
     return report
+
+
+def _out_of_service(rt: Runtime, host: str) -> str | None:
+    """Why ``host`` takes no VMs now (its state and reason), or None when it is active: every plan's
+    targets were active when it was made, and an operator's cordon or another run's maintenance since
+    must stop what was not sent yet."""
+    record = rt.states.get(host)
+    if record.state is HostState.ACTIVE:
+        return None
+    return f"is {record.state.value} ({visible(record.reason or '')})" if record.reason else f"is {record.state.value}"
 
 
 SWITCHOVER_RECENT = 5  # drains of a cluster whose learned switch-over the next one starts from

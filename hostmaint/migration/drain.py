@@ -106,6 +106,8 @@ class DrainReport:
     links: tuple[LinkObservation, ...] = ()
     # the switch-over reserve at the drain's end: above the policy's when a pause outgrew the limit
     switchover_ms: float | None = None
+    # targets that left service while the drain ran (``target_usable`` said why): nothing more was sent there
+    withdrawn: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -176,7 +178,8 @@ def drain(plan: EvacuationPlan, hypervisor: Hypervisor, limits: Limits, *,
           cancel: threading.Event | None = None,
           clock: Callable[[], float] = time.monotonic,
           poll_s: float = 0.05,
-          route: Callable[[str, str], Route] | None = None) -> DrainReport:
+          route: Callable[[str, str], Route] | None = None,
+          target_usable: Callable[[str], str | None] | None = None) -> DrainReport:
     """Live-migrate every placement of ``plan``; return all results and decisions together.
 
     ``bandwidth_mib_s`` is each host's link (default: the policy's), ``vm_memory_mib`` and
@@ -188,12 +191,16 @@ def drain(plan: EvacuationPlan, hypervisor: Hypervisor, limits: Limits, *,
     what runs (except post-copy) and reports the rest as ABORTED. ``policy`` defaults to the
     adaptive one. ``route`` says how each (source, target) migration travels (TLS, migration
     address: :meth:`hostmaint.migration.transport.TransportPlan.route`); None: as ``options`` say.
+    ``target_usable(host)`` is asked as each migration starts: a reason (the host was cordoned, went
+    into maintenance) means it no longer takes VMs, and that migration is not started (FAILED, the
+    target in ``report.withdrawn``): a plan's targets were in service when it was made, not forever.
     Never raises for a failed migration; its VM stays on its source and its result says why.
     """
     run = _Drain(plan, hypervisor, limits, options, policy or SchedulerPolicy(), bandwidth_mib_s or {},
                  vm_memory_mib or {}, dirty_rate or {}, vm_hugepage_kib or {}, target_free_mib,
                  target_free_hugepages, on_event, cancel, clock)
     run.route = route
+    run.target_usable = target_usable
     return run.execute(poll_s)
 
 
@@ -238,6 +245,8 @@ class _Drain:
         self.stop_reason: str | None = None
         self.meter = LinkMeter()
         self.route: Callable[[str, str], Route] | None = None
+        self.target_usable: Callable[[str], str | None] | None = None
+        self.withdrawn: set[str] = set()  # targets target_usable refused; guarded by lock
 
     # --- events -------------------------------------------------------------
 
@@ -296,7 +305,7 @@ class _Drain:
         ordered = tuple(self.results[s.vm] for s in self.specs)
         seconds = round(self.clock() - self.t0, 3)
         return DrainReport(ordered, tuple(self.events), seconds, self.max_concurrency, self.meter.observations(),
-                           self.policy.switchover_ms)
+                           self.policy.switchover_ms, tuple(sorted(self.withdrawn)))
 
     def measure_links(self, flights: Iterable[_Flight]) -> None:
         """Show the link meter every source's migrations that are sending memory right now."""
@@ -429,6 +438,12 @@ class _Drain:
 
     def migrate_one(self, flight: _Flight) -> MigrationResult:
         spec = flight.spec
+        why = self.target_usable(spec.target) if self.target_usable is not None else None
+        if why is not None:
+            with self.lock:
+                self.withdrawn.add(spec.target)
+            return self.result(spec, StepOutcome.FAILED, f"not started: {spec.target} {why}, since the plan was "
+                               "made; it did not move")
         try:
             where = self.hv.locate(spec.vm)
         except DriverError as exc:

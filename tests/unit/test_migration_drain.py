@@ -871,3 +871,25 @@ def test_a_migration_that_never_started_is_failed_not_unknown() -> None:
     report = drain(make_plan(moves), fleet(moves, cls=SourceGone), Limits())
     [result] = report.results
     assert result.outcome is StepOutcome.FAILED and "did not move" in (result.error or ""), result
+
+
+def test_a_target_that_leaves_service_mid_drain_is_sent_nothing_more() -> None:
+    # the operator cordons dst1 once the first migration has ended: what was still meant for it is
+    # not started (the flow re-plans it), the rest goes on
+    moves = [(f"vm{i}", "src", f"dst{i % 2}", 512) for i in range(6)]
+    hv = fleet(moves)
+    cordoned: set[str] = set()
+
+    def usable(host: str) -> str | None:
+        if hv.finished and host == "dst1":
+            cordoned.add(host)
+        return "is cordoned (disk errors)" if host in cordoned else None
+
+    report = drain(make_plan(moves), hv, Limits(), policy=SchedulerPolicy.fixed(1), target_usable=usable)
+    assert report.withdrawn == ("dst1",)
+    refused = [r for r in report.results if r.outcome is StepOutcome.FAILED]
+    assert refused and all(r.target == "dst1" and "not started: dst1 is cordoned (disk errors)" in (r.error or "")
+                           for r in refused)
+    assert all(hv.location[r.vm] == "src" for r in refused)  # never asked of the hypervisor
+    assert {vm for vm, _ in hv.calls} == {r.vm for r in report.results if r.outcome is StepOutcome.OK}
+    assert all(hv.location[r.vm] == "dst0" for r in report.results if r.target == "dst0")
