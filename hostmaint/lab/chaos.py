@@ -62,7 +62,7 @@ MIN_HOST_ESTIMATE_S = PATCH_SECONDS + REBOOT_TIMEOUT_S  # a window's estimate of
 FILLER_PREFIX = "cxf"  # guests that fill a target (a tenant's, deleted once the round's first re-run saw them)
 FAULT_CLASSES = ("link-cut", "libvirtd-kill", "ssh-drop", "reboot-hangs", "reboot-never", "reboot-skipped",
                  "repo-broken", "disk-full", "host-key-changed", "vm-started", "target-filled", "flow-killed",
-                 "worker-killed", "server-restart", "window-ends", "vm-stopped", "dnf-busy")
+                 "worker-killed", "server-restart", "window-ends", "vm-stopped", "dnf-busy", "target-cordoned")
 # What each fault must lead to (checked from outside; the same in every round): the invariants hold
 # (every VM once, no reboot with a guest on it, the audit verifies and names every move and package
 # change), the faulted run either succeeds or fails with a host out of service giving the reason below,
@@ -96,6 +96,10 @@ EXPECTED = {
     "dnf-busy": "the host's own dnf run (dnf-automatic) holds the RPMDB lock for 5-90 s: the update waits for it "
                 "(the campaign's policy waits 60 s) and patches, or fails naming the lock's holder with no package "
                 "changed; the re-run patches",
+    "target-cordoned": "an operator cordons a host (not one under maintenance) while the run's migrations go on: "
+                       "no VM's copy appears on it from a second after the cordon until it is uncordoned; what "
+                       "was planned for it is re-planned onto the others, or the run fails with its host cordoned "
+                       "naming what is still on it; uncordoned, the re-run finishes",
     "target-filled": "a target fills between plan and migration: re-planned or failed, the host stays cordoned "
                      "naming the VMs still on it; the re-run (target still full) refuses or re-plans safely",
     "flow-killed": "kill -9 of the CLI process running the flow: migrations in flight finish and are found by "
@@ -113,13 +117,15 @@ OP_WEIGHTS = {"patch": 5, "evacuate": 2, "window": 2, "rebalance": 1, "patch-pai
 # which faults mean something for which maintenance (no SSH in an evacuation or a rebalance)
 SSH_FAULTS = {"ssh-drop", "reboot-hangs", "reboot-never", "reboot-skipped", "repo-broken", "disk-full",
               "host-key-changed", "dnf-busy"}
-ANY = set(FAULT_CLASSES) - {"worker-killed", "window-ends"}
+ANY = set(FAULT_CLASSES) - {"worker-killed", "window-ends", "target-cordoned"}
+# an operator's cordon of a host the window would patch is kept by it (the host ends cordoned, by design):
+# the class is for runs that leave a host to cordon
 COMPATIBLE = {
-    "patch": ANY,
-    "patch-pair": ANY,
-    "patch-worker": (ANY - {"flow-killed"}) | {"worker-killed"},
+    "patch": ANY | {"target-cordoned"},
+    "patch-pair": ANY | {"target-cordoned"},
+    "patch-worker": (ANY - {"flow-killed"}) | {"worker-killed", "target-cordoned"},
     "window": ANY | {"window-ends"},
-    "evacuate": ANY - SSH_FAULTS,
+    "evacuate": (ANY - SSH_FAULTS) | {"target-cordoned"},
     "rebalance": {"link-cut", "libvirtd-kill", "target-filled", "flow-killed", "server-restart", "vm-stopped"},
 }
 PATCHING_OPS = {"patch", "patch-pair", "window", "patch-worker"}
@@ -192,6 +198,8 @@ def _fault(rng: random.Random, kind: str, op: str, hosts: tuple[str, ...]) -> Fa
         return FaultSpec(kind, target, rng.choice(["planned", "migrating"]), rng.uniform(0, 2), 0)
     if kind == "vm-stopped":
         return FaultSpec(kind, target, rng.choice(["planned", "migrating"]), rng.uniform(0, 2), 0)
+    if kind == "target-cordoned":
+        return FaultSpec(kind, rng.choice(others), rng.choice(["planned", "migrating"]), rng.uniform(0, 1.5), 0)
     if kind == "target-filled":
         return FaultSpec(kind, rng.choice(others), rng.choice(["planned", "migrating"]), rng.uniform(0, 0.5), 0)
     if kind in ("flow-killed", "worker-killed"):
@@ -235,6 +243,10 @@ class Watcher(threading.Thread):
         self.dnf_update: set[str] = set()  # hosts seen running dnf update
         self.ssh: set[str] = set()  # hosts seen with an SSH session
         self.first_dnf: dict[str, float] = {}  # host -> when dnf was first seen on it this round (its precheck)
+        # (when, vm, host): a domain of the VM (an incoming copy, paused, or running) seen on a host where
+        # the sample before had none; a host that did not answer keeps what it had
+        self.appeared: list[tuple[float, str, str]] = []
+        self._present: set[tuple[str, str]] = set()
 
     def sample(self) -> dict[str, dict[str, int]]:
         """host -> {vm: libvirt state}; a host whose libvirtd does not answer is left out."""
@@ -293,6 +305,10 @@ class Watcher(threading.Thread):
                         self.moves.append((now, vm, src, hosts[0]))
                     if len(hosts) == 1:
                         self.last[vm] = hosts[0]
+                present = {(vm, h) for h, doms in snap.items() for vm in doms}
+                present |= {(vm, h) for vm, h in self._present if h not in snap}
+                self.appeared += [(now, vm, h) for vm, h in sorted(present - self._present)]
+                self._present = present
                 paused = {vm for doms in snap.values() for vm, st in doms.items()
                           if st == self.libvirt.VIR_DOMAIN_PAUSED}
                 self.migrating = self.migrating or bool(paused & set(running))
@@ -317,6 +333,7 @@ class Watcher(threading.Thread):
             self.dnf_update.clear()
             self.ssh.clear()
             self.first_dnf.clear()
+            self.appeared.clear()
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -601,6 +618,7 @@ class Injector:
         self.undos: list[tuple[str, faults.Undo]] = []
         self.added_guests: list[str] = []
         self.stopped_guests: dict[str, str] = {}  # vm-stopped: guest -> the host it was destroyed on
+        self.cordoned: dict[str, list[float]] = {}  # target-cordoned: host -> [cordoned at, uncordoned at]
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.threads: list[threading.Thread] = []
@@ -701,6 +719,22 @@ class Injector:
                 with self.lock:
                     self.stopped_guests[guest] = alone[guest]
                 fr.note = f"destroyed {guest} on {alone[guest]}"
+            elif spec.kind == "target-cordoned":
+                rc, _, err = c.cli("host", "cordon", spec.host, "--operator", "chaos",
+                                   "--reason", "chaos: operator cordon (disk errors)")
+                if rc != 0:
+                    fr.note = f"not injected: the cordon was refused: {err.strip()[-160:]}"
+                    return
+                span = [time.time(), float("inf")]
+                with self.lock:
+                    self.cordoned[spec.host] = span
+
+                def uncordon(host: str = spec.host, span: list[float] = span) -> None:
+                    c.cli("host", "uncordon", host, "--operator", "chaos", "--reason", "chaos: disks replaced")
+                    span[1] = time.time()
+
+                self._keep(spec, uncordon)
+                fr.note = f"cordoned {spec.host}"
             elif spec.kind == "target-filled":
                 name = c.next_guest(FILLER_PREFIX)
                 vm = faults.fill_host(c.info, name, spec.host)
@@ -952,6 +986,9 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
     result.findings += contradicted
     result.violations += check_packages_recorded(c, packages_before, records)
     result.violations += check_not_called_lost(stopped, records)
+    with c.watcher.lock:
+        appeared = list(c.watcher.appeared)
+    result.violations += check_nothing_placed_on_cordoned(injector.cordoned, appeared, injector.added_guests)
     changed = moved_by_first or any((states_after_first[h]["state"], states_after_first[h]["reason"])
                                  != (states_at_start[h]["state"], states_at_start[h]["reason"]) for h in HOSTS)
     if any(rc == 1 for rc in result.first_rc) and changed \
@@ -1190,6 +1227,25 @@ def check_packages_recorded(c: Campaign, before: dict[str, set[str]], records: l
             version = nevr.rsplit("-", 2)[1] + "-" + nevr.rsplit("-", 2)[2]
             if not any(version in t for t in texts):
                 problems.append(f"audit: {nevr} was installed on {host} but no successful record names it")
+    return problems
+
+
+CORDON_SLACK_S = 1.0
+"""A migration the drain started just before the operator's cordon committed shows its copy on the target
+a moment after (the watcher samples every 0.15 s; the cordon's time is taken when its command returned)."""
+
+
+def check_nothing_placed_on_cordoned(cordoned: Mapping[str, Sequence[float]],
+                                     appeared: Iterable[tuple[float, str, str]], tenants: Iterable[str]) -> list[str]:
+    """No VM's copy appears on a host from :data:`CORDON_SLACK_S` after an operator cordoned it until it
+    was uncordoned (a tenant's own guest started there is not hostmaint's placement)."""
+    theirs = set(tenants)
+    problems = []
+    for host, (start, end) in sorted(cordoned.items()):
+        for at, vm, where in appeared:
+            if where == host and vm not in theirs and start + CORDON_SLACK_S < at < end:
+                problems.append(f"placement: {vm} appeared on {host} {at - start:.1f} s after the operator "
+                                "cordoned it")
     return problems
 
 

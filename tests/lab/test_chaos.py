@@ -23,14 +23,15 @@ pytestmark = [pytest.mark.lab]
 
 # Round seeds and what each draws (hostmaint.lab.chaos.make_scenario): a target filled between the
 # plan and its migrations during an evacuation; a tenant's VM started on a host being patched once its
-# plan is printed (the host stays cordoned naming it, and no reboot happens with it there); the host's
-# own dnf holding its lock for 40 s from the first migration while a tenant destroys a guest (the
-# update waits and patches, the guest is not called lost nor started again). Three rounds: on a loaded
-# machine each costs minutes; the long campaign covers every class.
+# plan is printed (the host stays cordoned naming it, and no reboot happens with it there); a patch
+# whose host's own dnf holds its lock for 37 s from the first migration, while an operator cordons one
+# of its targets and a tenant destroys a guest once the plan is printed (the update waits and patches,
+# nothing lands on the cordoned host, the guest is not called lost nor started again). Three rounds: on
+# a loaded machine each costs minutes; the long campaign covers every class.
 SMOKE_ROUNDS = {
-    205: ("evacuate", {"target-filled"}),
-    215: ("patch", {"vm-started"}),
-    8332: ("patch", {"dnf-busy", "vm-stopped"}),
+    577: ("evacuate", {"target-filled"}),
+    281: ("patch", {"vm-started"}),
+    8448: ("patch", {"dnf-busy", "target-cordoned", "vm-stopped"}),
 }
 
 

@@ -188,3 +188,15 @@ def test_a_guest_its_tenant_destroyed_must_not_be_called_lost_by_any_record() ->
     [problem] = chaos.check_not_called_lost({"vm03": "hv01"}, [*true, lost])
     assert "vm03, destroyed by its tenant on hv01, is called lost by a invariants record (failed)" in problem
     assert chaos.check_not_called_lost({"vm04": "hv01"}, [lost]) == []  # another guest's loss is not this check's
+
+
+def test_a_copy_appearing_on_a_host_after_the_operator_cordoned_it_is_a_violation() -> None:
+    cordoned = {"hv03": [100.0, 200.0]}
+    appeared = [(99.0, "vm01", "hv03"),  # before the cordon
+                (100.5, "vm02", "hv03"),  # a migration started as the cordon committed
+                (150.0, "cxv001", "hv03"),  # a tenant's own guest
+                (150.0, "vm04", "hv02"),  # another host
+                (250.0, "vm05", "hv03")]  # after the uncordon
+    assert chaos.check_nothing_placed_on_cordoned(cordoned, appeared, ["cxv001"]) == []
+    [problem] = chaos.check_nothing_placed_on_cordoned(cordoned, [*appeared, (130.0, "vm03", "hv03")], ["cxv001"])
+    assert problem == "placement: vm03 appeared on hv03 30.0 s after the operator cordoned it"
