@@ -1707,5 +1707,12 @@ def check_invariants(rt: Runtime, cluster: str, expected: Sequence[str], *,
                    "; shut off on " + ", ".join(f"{h} ({reason})" for h, reason in sorted(seen.items())))
             problems.append(f"{vm} runs 0 times (nowhere{how})")
     if problems:
-        raise StepError("invariant broken: " + "; ".join(problems), None, Step.INVARIANTS)
+        error = StepError("invariant broken: " + "; ".join(problems), None, Step.INVARIANTS)
+        if run is not None:
+            # the run stops here: its trail must say why, not only its log (a record of the breach)
+            with audited(rt, run, Step.INVARIANTS, cluster=cluster, inputs={"expected": len(expected),
+                                                                            "stopped": sorted(stopped)}) as rec:
+                rec.details["problems"] = problems
+                raise error
+        raise error
     return {vm: hosts[0] for vm, hosts in where.items() if hosts}

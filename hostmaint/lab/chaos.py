@@ -985,7 +985,7 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
     result.violations += unrecorded
     result.findings += contradicted
     result.violations += check_packages_recorded(c, packages_before, records)
-    result.violations += check_not_called_lost(stopped, records)
+    result.violations += check_not_called_lost(stopped, records, [op.output() for op in ops])
     with c.watcher.lock:
         appeared = list(c.watcher.appeared)
     result.violations += check_nothing_placed_on_cordoned(injector.cordoned, appeared, injector.added_guests)
@@ -1249,16 +1249,21 @@ def check_nothing_placed_on_cordoned(cordoned: Mapping[str, Sequence[float]],
     return problems
 
 
-def check_not_called_lost(stopped: Mapping[str, str], records: list[dict[str, Any]]) -> list[str]:
-    """No record of the round calls a guest its tenant destroyed lost ("X runs 0 times"): hostmaint did not
-    stop it, and libvirt says who did."""
+def check_not_called_lost(stopped: Mapping[str, str], records: list[dict[str, Any]],
+                          outputs: Sequence[str] = ()) -> list[str]:
+    """Neither a record of the round nor a run's output calls a guest its tenant destroyed lost ("X runs
+    0 times"): hostmaint did not stop it, and libvirt says who did."""
     problems = []
     for vm, host in sorted(stopped.items()):
+        said = f"{vm} runs 0 times"
         for r in records:
-            if f"{vm} runs 0 times" in json.dumps(r):
+            if said in json.dumps(r):
                 problems.append(f"audit: {vm}, destroyed by its tenant on {host}, is called lost by a "
                                 f"{r['step']} record ({r['outcome']})")
                 break
+        else:
+            if any(said in text for text in outputs):
+                problems.append(f"run: {vm}, destroyed by its tenant on {host}, is called lost in a run's output")
     return problems
 
 

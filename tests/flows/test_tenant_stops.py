@@ -124,6 +124,10 @@ def test_a_vm_that_runs_nowhere_without_its_tenant_stopping_it_is_a_broken_invar
         evacuate_host(host="hv01", operator="alice", reason="test", inventory=str(sim_inventory),
                       trigger=Trigger.TEST)
     assert records(Step.VM_STOPPED_OUTSIDE) == []
+    # the trail says why the run stopped, not only its log
+    (breach,) = records(Step.INVARIANTS)
+    assert breach.outcome is StepOutcome.FAILED and breach.cluster == "demo"
+    assert breach.details["problems"] == [f"{victim} runs 0 times (nowhere; {said})"]
 
 
 def test_a_vm_another_hosts_tenant_stops_during_a_drain_is_recorded_on_its_own_host(

@@ -188,6 +188,9 @@ def test_a_guest_its_tenant_destroyed_must_not_be_called_lost_by_any_record() ->
     [problem] = chaos.check_not_called_lost({"vm03": "hv01"}, [*true, lost])
     assert "vm03, destroyed by its tenant on hv01, is called lost by a invariants record (failed)" in problem
     assert chaos.check_not_called_lost({"vm04": "hv01"}, [lost]) == []  # another guest's loss is not this check's
+    # a run that failed on it without a record (as before the invariant check recorded its breaches)
+    [said] = chaos.check_not_called_lost({"vm03": "hv01"}, true, ["failed: invariant broken: vm03 runs 0 times"])
+    assert said == "run: vm03, destroyed by its tenant on hv01, is called lost in a run's output"
 
 
 def test_a_copy_appearing_on_a_host_after_the_operator_cordoned_it_is_a_violation() -> None:
