@@ -106,6 +106,7 @@ def test_setup_and_serve_leave_one_set_of_automations(order: tuple[str, ...], tm
 
 def test_runs_are_named_after_action_and_host_and_tagged_to_filter(fleet: Path) -> None:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 
     from flows.params import EvacuationRequest
     from flows.runbooks.on_request import evacuate_on_request
@@ -114,8 +115,12 @@ def test_runs_are_named_after_action_and_host_and_tagged_to_filter(fleet: Path) 
                                                           inventory=str(fleet)), return_state=True)
     with get_client(sync_client=True) as client:
         parent = client.read_flow_run(state.state_details.flow_run_id)
-        [child] = [r for r in client.read_flow_runs() if r.parent_task_run_id is not None
-                   and client.read_task_run(r.parent_task_run_id).flow_run_id == parent.id]
+        # filtered by the server: unfiltered, it answers with its default page (200), which a session's
+        # earlier flow tests fill
+        [child] = client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent.id])))
+        assert child.parent_task_run_id is not None
+        assert client.read_task_run(child.parent_task_run_id).flow_run_id == parent.id
     for run in (parent, child):
         assert run.name == "evacuate hv02 (dry run, simulated)", run.name
         assert {"host:hv02", "cluster:demo", "simulated"} <= set(run.tags), run.tags
@@ -137,6 +142,7 @@ def _run_in_process(flow_run_id: object) -> dict[str, str]:
 
 def test_the_audit_names_what_started_a_run(prefect_server: None) -> None:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
     from prefect.schedules import Interval
     from prefect.states import Scheduled
     from provenance_flow import provenance
@@ -147,7 +153,8 @@ def test_the_audit_names_what_started_a_run(prefect_server: None) -> None:
     with get_client(sync_client=True) as client:
         by_hand = client.create_flow_run_from_deployment(deployment_id, parameters={"operator": "alice"})
         client._client.post(f"/deployments/{deployment_id}/schedule", json={"min_runs": 1}).raise_for_status()
-        [scheduled, *_] = [r for r in client.read_flow_runs() if r.deployment_id == deployment_id and r.auto_scheduled]
+        runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+        [scheduled, *_] = [r for r in runs if r.auto_scheduled]
         client.set_flow_run_state(scheduled.id, Scheduled(), force=True)  # its time has come (it was an hour off)
 
     # the UI's "Custom run" (what the UI posts): not the scheduler, though the flow's default says schedule
