@@ -3,7 +3,8 @@
 A tenant's ``virsh destroy`` of a guest before its migration starts, and of the Linux guest while its
 migration runs (libvirt fails the migration): hostmaint did not stop them, must not call them lost,
 must not start them again, and goes on; libvirt's own reason for the shut-off domain is the evidence.
-The host's own dnf-automatic holding the package manager's lock when the update comes: real dnf,
+An operator cordoning a drain's target while its migrations wait: nothing more goes there. The host's
+own dnf-automatic holding the package manager's lock when the update comes: real dnf,
 waited for, or the step fails naming its holder with no package changed. One fresh lab for the
 module: the patches first, the evacuation (which leaves its host cordoned) last. The flows' side on a
 simulated fleet: tests/flows/test_tenant_stops.py, tests/unit/test_patching.py.
@@ -136,6 +137,60 @@ def test_real_dnf_holding_the_lock_makes_the_update_fail_naming_the_holder_and_c
         release()
     assert faults.installed_packages(WORKDIR, "hv01") == packages
     assert packages != set() and any("1.0-1" in p for p in packages)  # an update was pending all along
+
+
+def test_a_target_the_operator_cordons_mid_drain_gets_no_vm_that_had_not_started(
+        tenant_lab: LabInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three hosts, one cordoned: N+1 leaves nowhere to re-plan, so the drain stops safely, what had not
+    started still on its source and named; uncordoned, the evacuation runs again and finishes."""
+    from flows.evacuate_host import evacuate_host
+    from flows.return_host import return_host
+    from hostmaint.errors import PlanError
+    from hostmaint.lab import add_guest, remove_guest
+    from hostmaint.runtime import open_runtime
+
+    rt: Any = open_runtime(tenant_lab.inventory_path)
+    # more guests than the 4 a source sends at once, so some wait for a slot when the cordon comes
+    extra = [f"cdn{i}" for i in range(6)]
+    for name in extra:
+        add_guest(tenant_lab, name, "hv03")
+    drain_module = importlib.import_module("hostmaint.migration.drain")
+    on_progress = drain_module._Drain.on_progress
+    cordoned: list[bool] = []
+
+    def operator_cordons_hv02(self: Any, flight: Any, sample: Any) -> None:
+        if flight.spec.target == "hv02" and not cordoned:
+            rt.states.set_aside("hv02", "fan failure", "operator")
+            cordoned.append(True)
+        on_progress(self, flight, sample)
+
+    monkeypatch.setattr(drain_module._Drain, "on_progress", operator_cordons_hv02)
+    try:
+        with pytest.raises(PlanError, match="hv02 is cordoned now"):
+            evacuate_host(host="hv03", operator="lab-test", reason="cordon mid-drain", trigger=Trigger.TEST,
+                          inventory=str(tenant_lab.inventory_path))
+        assert cordoned, "no migration to hv02 sent a progress sample"
+        records = rt.audit.records(host="hv03")
+        refused = [r for r in records if r.step == Step.MIGRATE and r.outcome is StepOutcome.FAILED]
+        assert refused, "every migration to hv02 had started before the cordon: the guard was not exercised"
+        assert all("not started: hv02 is cordoned (fan failure)" in r.details["error"] for r in refused)
+        after = all_vms(rt)
+        assert all(len(h) == 1 for h in after.values()), after
+        assert all(after[r.vm] == ["hv03"] for r in refused), {r.vm: after[r.vm] for r in refused}
+        record = rt.states.get("hv03")
+        assert record.state is HostState.CORDONED and all(r.vm in record.reason for r in refused), record
+        assert "hv02 is cordoned now" in [r for r in records if r.step == Step.REPLAN][-1].inputs["reasons"]
+    finally:
+        monkeypatch.undo()
+        rt.states.return_to_service("hv02", "fans replaced", "operator")
+        for name in extra:
+            remove_guest(tenant_lab, name)
+    # the operator's way back: the evacuation again, then the return
+    assert evacuate_host(host="hv03", operator="lab-test", reason="again", trigger=Trigger.TEST,
+                         inventory=str(tenant_lab.inventory_path)).outcome is StepOutcome.OK
+    return_host(host="hv03", operator="lab-test", reason="back", trigger=Trigger.TEST,
+                inventory=str(tenant_lab.inventory_path))
+    assert rt.states.state("hv03") is HostState.ACTIVE
 
 
 def test_guests_destroyed_before_and_during_their_migration_are_recorded_and_the_evacuation_finishes(
