@@ -32,10 +32,13 @@ def leftovers(workdir: Path) -> list[str]:
     """Everything of a lab still on the machine: namespaces, links, mounts, live processes."""
     found = [f"netns {n}" for n in lab_netns()]
     found += [f"link {n}" for n in lab_links()]
+    # the workdir as a whole path component: /var/tmp/hostmaint-labtest is a prefix of another net's
+    # /var/tmp/hostmaint-labtest-net3, whose lab may be up beside this one
+    inside = str(workdir).rstrip("/") + "/"
     with open("/proc/self/mounts") as f:
         found += [f"mount {line.split()[1]}" for line in f
-                  if str(workdir) in line or f"/run/netns/{NETNS_PREFIX}" in line]
-    marker = str(workdir).encode()
+                  if inside in line or f"/run/netns/{NETNS_PREFIX}" in line]
+    marker = inside.encode()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == os.getpid():
             continue
