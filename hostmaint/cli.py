@@ -161,22 +161,38 @@ def inventory_check(file: Path, files: Annotated[bool, typer.Option(
             problems = _named_file_problems(inv)
             if problems:
                 raise InventoryError(problems, str(file))
-        if windows is not None:
-            _check_windows(windows, [c.name for c in inv.clusters])
+        notes = _check_windows(windows, [c.name for c in inv.clusters]) if windows is not None else []
         what = "valid" if files else "valid; the files it names were not checked (--no-files)"
         out.print(cell(f"{file}: {what} — {len(inv.clusters)} cluster(s), {len(inv.hosts)} host(s)"))
+        for note in notes:
+            out.print(cell(note))
 
 
-def _check_windows(path: Path, clusters: list[str]) -> None:
-    """windows.yaml as setup/serve read it: strictly, overrides naming inventory clusters, exclusions on window days."""
-    from hostmaint.window_schedule import load_windows, window_rrule
+def _check_windows(path: Path, clusters: list[str]) -> list[str]:
+    """windows.yaml as setup/serve read it: strictly, overrides naming inventory clusters, exclusions on window days.
+
+    Returns a note per window the rule puts in the hour the clocks skip (moved past the jump).
+    """
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from hostmaint.window_schedule import clock_changes, load_windows, window_rrule
 
     default, overrides = load_windows(path, known=clusters)
+    notes = []
     for name, cfg in {"default": default, **{f"clusters.{c}": o for c, o in overrides.items()}}.items():
         try:
             window_rrule(cfg)
         except InputError as exc:
             raise InputError(f"{path}: {name}: {exc}") from None
+        moved = clock_changes(cfg)
+        if moved:
+            now = datetime.now(ZoneInfo(cfg.timezone)).replace(tzinfo=None)
+            nxt = next((c for c in moved if c.nominal >= now), moved[-1])
+            notes.append(f"{path}: {name}: {len(moved)} window(s) fall in the hour the clocks skip in {cfg.timezone} "
+                         f"and open after the jump, never before (e.g. {nxt.nominal:%Y-%m-%d %H:%M} opens at "
+                         f"{nxt.opens:%H:%M})")
+    return notes
 
 
 def _named_file_problems(inv: Any) -> list[str]:

@@ -8,7 +8,8 @@ turns a window into a Prefect schedule, ``hostmaint inventory check --windows`` 
 from __future__ import annotations
 
 from collections.abc import Collection
-from datetime import date, datetime, time, timedelta
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -101,27 +102,96 @@ def load_windows(path: Path, known: Collection[str] | None = None) -> tuple[Wind
     return default, clusters
 
 
-def window_rrule(cfg: WindowConfig) -> str:
-    """The full rule for Prefect: DTSTART, the RRULE and one EXDATE per excluded window, in local time.
+@dataclass(frozen=True)
+class ClockChange:
+    """A window whose local start does not exist: the clocks jump over it (DST begins)."""
+
+    nominal: datetime  # naive local time the rule names, e.g. 02:30
+    opens: datetime  # naive local time the window really opens, e.g. 03:30 (RFC 5545: the offset before the gap)
+
+
+def _horizon(cfg: WindowConfig, today: date) -> tuple[datetime, datetime]:
+    start = datetime.combine(cfg.starts, time(0, 0))
+    last = datetime.combine(max(cfg.starts, today), time(0, 0)) + timedelta(days=366 * EXCLUSION_HORIZON_YEARS)
+    return start, last
+
+
+def _offset(zone: ZoneInfo, instant: datetime) -> timedelta:
+    return instant.astimezone(zone).utcoffset() or timedelta(0)
+
+
+def _gaps(zone: ZoneInfo, start: datetime, end: datetime) -> list[tuple[datetime, datetime, timedelta]]:
+    """The zone's nonexistent local times between naive local ``start`` and ``end``: [from, to) and the jump.
+
+    Found by sampling the UTC offset every 6 hours (no zone changes its clocks twice within that) and
+    bisecting each forward change to the second.
+    """
+    step = timedelta(hours=6)
+    at = start.replace(tzinfo=UTC) - timedelta(days=1)
+    stop = end.replace(tzinfo=UTC) + timedelta(days=1)
+    gaps = []
+    before = _offset(zone, at)
+    while at < stop:
+        nxt = at + step
+        after = _offset(zone, nxt)
+        if after > before:
+            lo, hi = at, nxt  # offset(lo) == before, offset(hi) == after: the jump is in (lo, hi]
+            while hi - lo > timedelta(seconds=1):
+                mid = lo + (hi - lo) / 2
+                lo, hi = (mid, hi) if _offset(zone, mid) == before else (lo, mid)
+            jump = hi.replace(microsecond=0)
+            gaps.append(((jump + before).replace(tzinfo=None), (jump + after).replace(tzinfo=None), after - before))
+        before, at = after, nxt
+    return gaps
+
+
+def clock_changes(cfg: WindowConfig, today: date | None = None) -> list[ClockChange]:
+    """The windows, within the horizon, that the rule puts at a local time the clocks skip.
+
+    Prefect (through dateutil) reads such a time with the offset *after* the jump: a 02:30 window on
+    the night European clocks go forward would start at 01:30, an hour before the window an operator
+    agreed. RFC 5545 reads it with the offset before the jump, 03:30, which is also what cron-like
+    schedulers do (never early); ``window_rrule`` moves each such window there. Excluded dates are
+    not listed.
+    """
+    zone = ZoneInfo(cfg.timezone)
+    start, last = _horizon(cfg, today or datetime.now(UTC).date())
+    rule = rrulestr(f"DTSTART:{start:%Y%m%dT%H%M%S}\nRRULE:{cfg.rrule}")
+    excluded = set(cfg.exclude)
+    changes = []
+    for gap_from, gap_to, jump in _gaps(zone, start, last):
+        for nominal in rule.between(gap_from, gap_to, inc=True):
+            if nominal < gap_to and nominal.date() not in excluded:
+                changes.append(ClockChange(nominal=nominal, opens=nominal + jump))
+    return changes
+
+
+def window_rrule(cfg: WindowConfig, today: date | None = None) -> str:
+    """The full rule for Prefect: DTSTART, the RRULE, an EXDATE per excluded window, in local time.
 
     An excluded date on which no window falls is refused (naming the nearest window
-    dates): it is almost always a typo, and silently keeping the window would be worse.
+    dates): it is almost always a typo, and silently keeping the window would be worse. A window
+    the rule puts in the hour the clocks skip is moved past the jump (``clock_changes``): its
+    nominal time is excluded and the real one added as an RDATE.
     """
-    start = datetime.combine(cfg.starts, time(0, 0))
+    start, horizon = _horizon(cfg, today or datetime.now(UTC).date())
     text = f"DTSTART:{start:%Y%m%dT%H%M%S}\nRRULE:{cfg.rrule}"
-    if not cfg.exclude:
-        return text
-    horizon = start + timedelta(days=366 * EXCLUSION_HORIZON_YEARS)
-    occurrences = rrulestr(text).between(start, horizon, inc=True)
-    by_day: dict[date, list[datetime]] = {}
-    for when in occurrences:
-        by_day.setdefault(when.date(), []).append(when)
-    excluded = []
-    for day in sorted(set(cfg.exclude)):
-        if day not in by_day:
-            near = sorted(by_day, key=lambda d: abs((d - day).days))[:2]
-            raise InputError(f"exclude {day}: no patch window falls on that date (nearest: "
-                             f"{', '.join(str(d) for d in sorted(near))}); rule {cfg.rrule}")
-        excluded += by_day[day]
-    exdates = ",".join(f"{w:%Y%m%dT%H%M%S}" for w in excluded)
-    return f"{text}\nEXDATE:{exdates}"
+    excluded: list[datetime] = []
+    if cfg.exclude:
+        occurrences = rrulestr(text).between(start, horizon, inc=True)
+        by_day: dict[date, list[datetime]] = {}
+        for when in occurrences:
+            by_day.setdefault(when.date(), []).append(when)
+        for day in sorted(set(cfg.exclude)):
+            if day not in by_day:
+                near = sorted(by_day, key=lambda d: abs((d - day).days))[:2]
+                raise InputError(f"exclude {day}: no patch window falls on that date (nearest: "
+                                 f"{', '.join(str(d) for d in sorted(near))}); rule {cfg.rrule}")
+            excluded += by_day[day]
+    moved = clock_changes(cfg, today)
+    excluded = sorted(excluded + [c.nominal for c in moved])
+    if moved:
+        text += "\nRDATE:" + ",".join(f"{c.opens:%Y%m%dT%H%M%S}" for c in moved)
+    if excluded:
+        text += "\nEXDATE:" + ",".join(f"{w:%Y%m%dT%H%M%S}" for w in excluded)
+    return text

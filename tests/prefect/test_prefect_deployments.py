@@ -16,6 +16,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import yaml
+from dateutil.rrule import rrulestr
 from prefect.flows import load_flow_from_entrypoint
 from prefect.server.schemas.schedules import RRuleSchedule
 from prefect_support import make_fleet
@@ -117,6 +118,46 @@ def test_an_exclusion_date_without_a_window_is_refused_naming_the_nearest() -> N
     cfg = WindowConfig(rrule="FREQ=MONTHLY;BYDAY=+2TU;BYHOUR=22", timezone="Asia/Tokyo", exclude=["2026-12-09"])
     with pytest.raises(InputError, match=r"exclude 2026-12-09: no patch window falls on that date .*2026-12-08"):
         window_rrule(cfg)
+
+
+def test_a_window_in_the_hour_the_clocks_skip_opens_after_the_jump_never_before() -> None:
+    # 02:30 does not exist in Berlin on 2027-03-28; Prefect alone (dateutil) would start it at 01:30 CET,
+    # an hour before the window an operator agreed
+    cfg = WindowConfig(rrule="FREQ=DAILY;BYHOUR=2;BYMINUTE=30", timezone="Europe/Berlin")
+    berlin = ZoneInfo("Europe/Berlin")
+    bare = f"DTSTART:20260101T000000\nRRULE:{cfg.rrule}"
+    [early] = next_runs(bare, cfg.timezone, datetime(2027, 3, 27, 12, tzinfo=UTC), 1)
+    assert early.astimezone(berlin).hour == 1  # the behaviour this guards against
+    runs = next_runs(window_rrule(cfg), cfg.timezone, datetime(2027, 3, 26, 12, tzinfo=UTC), 3)
+    assert [r.astimezone(UTC) for r in runs] == [datetime(2027, 3, 27, 1, 30, tzinfo=UTC),  # 02:30 CET
+                                                 datetime(2027, 3, 28, 1, 30, tzinfo=UTC),  # 03:30 CEST
+                                                 datetime(2027, 3, 29, 0, 30, tzinfo=UTC)]  # 02:30 CEST
+    # the night clocks go back 02:30 happens twice: the window opens at the first
+    [autumn] = next_runs(window_rrule(cfg), cfg.timezone, datetime(2026, 10, 24, 12, tzinfo=UTC), 1)
+    assert autumn.astimezone(UTC) == datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # PEP 495: compare in UTC
+
+
+@pytest.mark.parametrize("timezone,rrule", [
+    ("Europe/Berlin", "FREQ=DAILY;BYHOUR=2;BYMINUTE=30"),
+    ("America/New_York", "FREQ=WEEKLY;BYDAY=SU;BYHOUR=2;BYMINUTE=0"),
+    ("America/Santiago", "FREQ=DAILY;BYHOUR=0;BYMINUTE=0"),  # its clocks jump at midnight
+    ("Australia/Lord_Howe", "FREQ=DAILY;BYHOUR=2;BYMINUTE=15"),  # a 30-minute jump
+    ("Asia/Tokyo", "FREQ=MONTHLY;BYDAY=+2TU;BYHOUR=22"),
+])
+def test_every_window_opens_where_rfc_5545_puts_its_local_time(timezone: str, rrule: str) -> None:
+    # the oracle is Python's zoneinfo, not dateutil: fold=0 reads a skipped time with the offset before
+    # the jump and a repeated one as its first occurrence, which is RFC 5545's reading
+    cfg = WindowConfig(rrule=rrule, timezone=timezone)
+    zone = ZoneInfo(timezone)
+    after, end = datetime(2026, 12, 7, tzinfo=UTC), datetime(2029, 1, 1, tzinfo=UTC)
+    schedule = RRuleSchedule(rrule=window_rrule(cfg, today=after.date()), timezone=timezone)
+    runs = [datetime.fromtimestamp(r.timestamp(), UTC) for r in asyncio.run(schedule.get_dates(start=after, end=end))]
+    nominal = rrulestr(f"DTSTART:20260101T000000\nRRULE:{rrule}").between(datetime(2026, 12, 6), datetime(2029, 1, 2))
+    expected = [(n, n.replace(tzinfo=zone).astimezone(UTC)) for n in nominal]
+    expected = [(n, e) for n, e in expected if after <= e <= end]
+    assert runs == [e for _, e in expected]
+    assert len(runs) >= 24  # two years of windows compared
+    assert all(e.astimezone(zone).replace(tzinfo=None) >= n for n, e in expected)  # never before its local time
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -4,6 +4,7 @@ refused with exit 2, naming the file and the place, by every command that reads 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -173,3 +174,16 @@ def test_inventory_check_accepts_the_shipped_windows_yaml() -> None:
     shipped = EXAMPLE.parents[1] / "deployments" / "windows.yaml"
     result = runner.invoke(app, ["inventory", "check", "--no-files", "--windows", str(shipped), str(EXAMPLE)])
     assert result.exit_code == 0, result.output
+
+
+def test_inventory_check_says_which_windows_the_clocks_skip(tmp_path: Path) -> None:
+    windows = tmp_path / "windows.yaml"
+    windows.write_text("default: {rrule: 'FREQ=WEEKLY;BYDAY=SU;BYHOUR=2;BYMINUTE=30', timezone: Europe/Berlin}\n"
+                       "clusters:\n  prod-a: {timezone: Asia/Tokyo}\n")
+    result = runner.invoke(app, ["inventory", "check", "--no-files", "--windows", str(windows), str(EXAMPLE)])
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.output.split())
+    # the last Sunday of March at 02:30 does not exist in Berlin; Tokyo has no DST
+    assert "default: " in said and "fall in the hour the clocks skip in Europe/Berlin" in said, said
+    assert re.search(r"\d{4}-03-\d\d 02:30 opens at 03:30", said), said
+    assert "prod-a" not in said.split("host(s)")[1], said
