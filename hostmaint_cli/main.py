@@ -3,6 +3,13 @@ server's, in one command line (see ``hostmaint_cli/__init__.py`` for where a com
 
 from __future__ import annotations
 
+import os
+
+# Before Prefect is imported anywhere: a temporary server Prefect starts for this process (a dry run
+# without PREFECT_API_URL) must not report usage to Prefect's analytics, as 'hostmaint server' does not.
+# An operator who wants it sets the variable.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
 import copy
 from collections.abc import Sequence
 

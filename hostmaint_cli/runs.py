@@ -115,6 +115,22 @@ def _exit_if_failed(outcomes: list[Any]) -> None:
         raise typer.Exit(1)
 
 
+def _need_server(dry_run: bool = False) -> None:
+    """Refuse, before anything starts, a run that changes hosts when no Prefect server is configured.
+
+    Such a run takes its locks (one maintenance per host, the cluster's limits) on the server. Without
+    one Prefect would start a temporary server holding none of them, and the run would fail there,
+    twenty seconds later, with nothing changed. A dry run takes no lock.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.locks import NO_SERVER
+
+    if not dry_run and not PREFECT_API_URL.value():
+        raise InputError(f"{NO_SERVER.replace('so Prefect started', 'so Prefect would start')}; nothing was "
+                         "started (--dry-run needs no server)")
+
+
 def _check_host(inventory: str, host: str) -> Any:
     rt = _runtime(inventory)
     rt.inventory.host(host)
@@ -131,6 +147,7 @@ def evacuate(host: str, inventory: InventoryOpt = "inventory.yaml", dry_run: Dry
 
     with exit_codes():
         _check_host(inventory, host)
+        _need_server(dry_run)
         result = _run_flow(evacuate_host, host=host, dry_run=dry_run, operator=operator, reason=reason,
                            inventory=inventory, exact_budget=checked_budget(exact_budget))
         _show_outcomes([result], as_json)
@@ -146,6 +163,7 @@ def patch(host: str, inventory: InventoryOpt = "inventory.yaml", dry_run: DryRun
 
     with exit_codes():
         _check_host(inventory, host)
+        _need_server(dry_run)
         result = _run_flow(patch_host, host=host, dry_run=dry_run, operator=operator, reason=reason,
                            inventory=inventory, return_vms=not no_return, exact_budget=checked_budget(exact_budget))
         _show_outcomes([result], as_json)
@@ -191,6 +209,7 @@ def vm_resize(vm: str,
             raise PlanError("resize refused: " + "; ".join(plan.refusals))
         if dry_run or not plan.changes:
             return
+        _need_server()
         result = _run_flow(resize_vm, request=request)
         if not isinstance(result, HostOutcome):  # only a run that asked for approval ends rejected
             raise typer.Exit(1)
@@ -219,6 +238,7 @@ def window_run(cluster: str, inventory: InventoryOpt = "inventory.yaml",
             raise InputError(f"--max-parallel: must be >= 1, got {max_parallel}")
         if max_failed < 0:
             raise InputError(f"--max-failed: must be >= 0, got {max_failed}")
+        _need_server()
         outcomes = _run_flow(patch_window, cluster=cluster, inventory=inventory, max_hosts_in_parallel=max_parallel,
                              window_end=window_end, max_failed_hosts=max_failed, window_id=window_id,
                              operator=operator, exact_budget=checked_budget(exact_budget))
@@ -278,6 +298,7 @@ def rebalance(cluster: str, inventory: InventoryOpt = "inventory.yaml", max_move
         rt.inventory.cluster(cluster)
         if max_moves < 0:
             raise InputError(f"--max-moves: must be >= 0, got {max_moves}")
+        _need_server(dry_run)
         result = _run_flow(rebalance_cluster, cluster=cluster, max_moves=max_moves, dry_run=dry_run,
                            operator=operator, inventory=inventory, exact_budget=checked_budget(exact_budget))
         _show_outcomes([result], as_json)
@@ -300,6 +321,7 @@ def host_return(host: str, inventory: InventoryOpt = "inventory.yaml", operator:
             after = AfterReturn(then)
         except ValueError:
             raise InputError(f"--then: one of {', '.join(a.value for a in AfterReturn)}, got {then!r}") from None
+        _need_server()
         result = _run_flow(return_host, host=host, operator=operator, reason=reason, then=after, max_moves=max_moves,
                            inventory=inventory)
         _show_outcomes([result], as_json)

@@ -3,6 +3,7 @@ commands, the commands that start flows, the Prefect server's. These tests keep 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +100,37 @@ def test_the_program_starts_without_the_http_client() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_run_that_changes_hosts_is_refused_before_it_starts_when_no_server_is_configured(tmp_path: Path) -> None:
+    """Without PREFECT_API_URL Prefect would start a temporary server holding none of hostmaint's locks; the
+    run used to fail there, 20 s later, with 'the Prefect server None'. Nothing may start, every host as it was."""
+    from hostmaint.simulated_fleet import SimulatedFleet, demo_packages, demo_snapshot, write_simulated_fleet
+
+    snap = demo_snapshot(4, 12)
+    inventory = write_simulated_fleet(tmp_path / "fleet", snap, demo_packages(snap))
+    before = SimulatedFleet.load(inventory.parent / "fleet-state.json").running
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(HOSTMAINT_DB=str(tmp_path / "hm.db"), PREFECT_HOME=str(tmp_path / "prefect"))
+    for argv in (["patch", "hv01"], ["evacuate", "hv02"], ["window", "run", "demo"], ["rebalance", "demo"],
+                 ["host", "return", "hv01"]):
+        done = subprocess.run([sys.executable, "-m", "hostmaint_cli", *argv, "-i", str(inventory)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        said = " ".join(done.stderr.split())
+        assert done.returncode == 2, (argv, done.stdout[-500:], said[-1000:])
+        assert "no Prefect server is configured (PREFECT_API_URL is not set)" in said and "hostmaint server" in said
+        assert "Starting temporary server" not in done.stdout + done.stderr, argv
+    assert SimulatedFleet.load(inventory.parent / "fleet-state.json").running == before
+    assert not list((tmp_path / "prefect").glob("*.db"))  # no temporary server ever made its database
+
+
+def test_the_program_turns_off_prefect_analytics_unless_the_operator_set_it() -> None:
+    # a temporary server (a dry run without PREFECT_API_URL) would otherwise report usage to Prefect
+    script = ("import hostmaint_cli.main\n"
+              "from prefect.settings import get_current_settings\n"
+              "print(get_current_settings().server.analytics_enabled)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    off = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    on = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        env={**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "true"})
+    assert (off.stdout.strip(), on.stdout.strip()) == ("False", "True"), off.stderr[-1000:] + on.stderr[-1000:]
