@@ -193,6 +193,62 @@ def test_a_target_the_operator_cordons_mid_drain_gets_no_vm_that_had_not_started
     assert rt.states.state("hv03") is HostState.ACTIVE
 
 
+def defined_on(info: LabInfo, host: str, vm: str) -> bool | None:
+    """None: libvirt on ``host`` knows no ``vm``; else whether it is defined persistently there."""
+    conn = libvirt.open(info.plain_uri(host))
+    try:
+        dom = conn.lookupByName(vm)
+        return bool(dom.isPersistent())
+    except libvirt.libvirtError:
+        return None
+    finally:
+        conn.close()
+
+
+def test_a_transient_guest_moves_out_and_home_and_stays_transient(tenant_lab: LabInfo) -> None:
+    """A domain its owner never defined on the host (created from XML, or its definition removed) must not
+    come back defined: migrating it with PERSIST_DEST defined it on every target (it outlived its stop)."""
+    from flows.evacuate_host import evacuate_host
+    from flows.return_host import return_host
+    from hostmaint.runtime import open_runtime
+
+    rt: Any = open_runtime(tenant_lab.inventory_path)
+    before = all_vms(rt)
+    guest = sorted(vm for vm, hosts in before.items() if hosts == ["hv03"])[0]
+    conn = libvirt.open(tenant_lab.plain_uri("hv03"))
+    try:
+        dom = conn.lookupByName(guest)
+        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+        dom.undefine()  # running on: now transient
+    finally:
+        conn.close()
+    try:
+        assert defined_on(tenant_lab, "hv03", guest) is False
+        result = evacuate_host(host="hv03", operator="lab-test", reason="transient", trigger=Trigger.TEST,
+                               inventory=str(tenant_lab.inventory_path))
+        assert result.outcome is StepOutcome.OK, result.detail
+        [away] = all_vms(rt)[guest]
+        assert away != "hv03"
+        assert defined_on(tenant_lab, away, guest) is False  # running there, still transient
+        assert defined_on(tenant_lab, "hv03", guest) is None  # nothing left behind on the source
+        return_host(host="hv03", operator="lab-test", reason="back", trigger=Trigger.TEST,
+                    inventory=str(tenant_lab.inventory_path))
+        after = all_vms(rt)
+        assert after[guest] == ["hv03"] and all(len(h) == 1 for h in after.values()), after
+        assert set(after) == set(before)
+        assert defined_on(tenant_lab, "hv03", guest) is False
+        others = [h.name for h in tenant_lab.hosts if h.name != "hv03"]
+        assert [h for h in others if defined_on(tenant_lab, h, guest) is not None] == []
+        assert rt.states.state("hv03") is HostState.ACTIVE and rt.audit.verify().ok
+    finally:
+        [home] = all_vms(rt)[guest]
+        conn = libvirt.open(tenant_lab.plain_uri(home))
+        try:
+            conn.defineXML(xml)  # as the other tests expect it: persistent again
+        finally:
+            conn.close()
+
+
 def test_guests_destroyed_before_and_during_their_migration_are_recorded_and_the_evacuation_finishes(
         tenant_lab: LabInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     import hostmaint.maintenance as steps

@@ -202,6 +202,20 @@ def test_the_driver_asks_libvirt_for_tls_and_the_migration_address(options: Migr
     assert params.get(libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS) == listen
 
 
+def test_a_transient_domain_migrates_without_being_defined_on_the_target() -> None:
+    import libvirt
+
+    from hostmaint.drivers.libvirt.migration import migration_request
+
+    both = libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE
+    xml = "<domain type='kvm'><name>v</name></domain>"
+    persistent, _ = migration_request(xml, MigrationOptions())
+    transient, _ = migration_request(xml, MigrationOptions(), persistent=False)
+    assert persistent & both == both
+    assert transient & both == 0 and transient & libvirt.VIR_MIGRATE_LIVE
+    assert transient | both == persistent
+
+
 def test_tls_costs_the_simulated_drain_what_the_measurement_says() -> None:
     from hostmaint.migration.policy import SchedulerPolicy, stream_rate
     from hostmaint.migration.simulate import SimParams, simulate_drain

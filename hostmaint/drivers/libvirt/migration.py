@@ -1,6 +1,7 @@
 """Live-migration jobs and their monitor: start, watch, escalate, abort, confirm.
 
-A migration runs ``migrateToURI3`` (``LIVE | PEER2PEER | PERSIST_DEST | UNDEFINE_SOURCE``) in a worker
+A migration runs ``migrateToURI3`` (``LIVE | PEER2PEER | PERSIST_DEST | UNDEFINE_SOURCE``; a transient
+domain without the last two, so it stays transient) in a worker
 thread while the calling thread polls ``jobStats()`` for progress and applies the driver's last word
 (:func:`hostmaint.migration.policy.last_word`: post-copy where allowed, else abort, once it stalls or
 runs over its budget). ``abortJob`` runs in its own thread with a timeout and is resent from a fresh
@@ -70,11 +71,18 @@ def progress_from_job_stats(vm: str, elapsed: float, stats: Mapping[str, Any]) -
     )
 
 
-def migration_request(xml: str, options: MigrationOptions) -> tuple[int, dict[str, Any]]:
+def migration_request(xml: str, options: MigrationOptions, *, persistent: bool = True) -> tuple[int, dict[str, Any]]:
     """Flags and typed parameters for migrateToURI3 from the options; ``xml`` is the domain's migratable
     XML, rewritten for the target when the placement pins it there. Raises what the parsers raise
-    (:data:`~hostmaint.drivers.libvirt.discovery.UNREADABLE`) on XML they cannot read."""
+    (:data:`~hostmaint.drivers.libvirt.discovery.UNREADABLE`) on XML they cannot read.
+
+    A transient domain (``persistent`` false) moves without ``PERSIST_DEST``/``UNDEFINE_SOURCE``:
+    with them the target would define it, and a VM whose owner keeps its definition elsewhere (and
+    expects it gone once it stops) would be left defined on our target, changed behind its back.
+    """
     flags = DEFAULT_FLAGS
+    if not persistent:
+        flags &= ~(libvirt.VIR_MIGRATE_PERSIST_DEST | libvirt.VIR_MIGRATE_UNDEFINE_SOURCE)
     params: dict[str, Any] = {}
     if options.bandwidth_mib_s is not None:
         params[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = options.bandwidth_mib_s
@@ -100,7 +108,8 @@ def migration_request(xml: str, options: MigrationOptions) -> tuple[int, dict[st
     if placement is not None and placement.rewrites_domain:
         dest_xml = rewrite_for_target(xml, placement)
         params[libvirt.VIR_MIGRATE_PARAM_DEST_XML] = dest_xml
-        params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] = dest_xml  # the persistent config gets it too
+        if persistent:
+            params[libvirt.VIR_MIGRATE_PARAM_PERSIST_XML] = dest_xml  # the persistent config gets it too
     return flags, params
 
 
@@ -162,16 +171,17 @@ class Migrations:
         call = self._connections.call
         started = self._clock()
         try:
-            xml = call(source, f"reading {vm}", lambda c: self._migratable_xml(c, vm))
-            if xml is None:
+            found = call(source, f"reading {vm}", lambda c: self._migratable_xml(c, vm))
+            if found is None:
                 raise MigrationNotStarted(f"migrating {where}: {vm} is not running on {source}", source, vm, target)
             call(target, "checking the migration target", lambda c: c.getHostname())
         except MigrationNotStarted:
             raise
         except DriverError as exc:  # nothing was asked of libvirt yet: known not to have moved
             raise MigrationNotStarted(f"migrating {where}: not started: {exc}", source, vm, target) from exc
+        xml, persistent = found
         try:
-            flags, params = migration_request(xml, options)
+            flags, params = migration_request(xml, options, persistent=persistent)
         except UNREADABLE as exc:
             raise MigrationNotStarted(f"migrating {where}: cannot read the XML of {vm}: "
                                       f"{what_was_wrong(exc, xml)}", source, vm, target) from exc
@@ -297,11 +307,12 @@ class Migrations:
             pass  # the worker's result (and the location check after it) decides what happened
 
     @staticmethod
-    def _migratable_xml(conn: libvirt.virConnect, vm: str) -> str | None:
+    def _migratable_xml(conn: libvirt.virConnect, vm: str) -> tuple[str, bool] | None:
+        """The running ``vm``'s migratable XML and whether it is defined persistently; None when not running."""
         dom = lookup(conn, vm)
         if dom is None or not dom.isActive():
             return None
-        return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE))
+        return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)), bool(dom.isPersistent())
 
     def _run_migration(self, worker: _Worker, vm: str, source: str, target: str, flags: int,
                        params: dict[str, Any]) -> None:
