@@ -3,7 +3,7 @@
 evacuate-host leaves its host drained, inside a maintenance: ``hostmaint host uncordon`` refuses it,
 since only a host verified in its maintenance goes back into service. This flow finishes that
 maintenance without patching: the host is proven empty, verified (libvirtd answers, the running
-kernel is the newest installed, the host's own checks), VMs the evacuation shut down start again,
+kernel is its boot default, else the newest installed, the host's own checks), VMs the evacuation shut down start again,
 and it returns to the state it had before (an operator's cordon stays). Then its VMs come back to it
 from wherever they went, or the cluster is levelled, or nothing moves.
 """

@@ -124,6 +124,7 @@ class RebootDecision(Frozen):
     reason: str
     running_kernel: str | None = None
     newest_kernel: str | None = None
+    boot_kernel: str | None = None  # what the bootloader boots next (grubby --default-kernel), when it says
 
 
 class RebootResult(Frozen):
@@ -499,10 +500,44 @@ def installed_kernels(shell: HostShell, host: str, step: Step = Step.REBOOT_DECI
     return tuple(sorted(kernels))
 
 
+_VMLINUZ = "/boot/vmlinuz-"
+
+
+def _not_installed(res: CommandResult) -> bool:
+    """The command does not exist there: the shell's 127, or sudo's "command not found" (exit 1)."""
+    return res.exit_code == 127 or (res.exit_code == 1 and "command not found" in res.stderr
+                                    and res.stderr.lstrip().startswith("sudo:"))
+
+
+def boot_kernel(shell: HostShell, host: str, step: Step = Step.REBOOT_DECISION) -> str | None:
+    """The kernel the host's bootloader boots next (``grubby --default-kernel``), spelled like ``uname -r``.
+
+    None when the host has no grubby (exit 127) or it names no default: the newest installed kernel
+    is then what a reboot is expected to bring. A site may pin an older kernel (``grubby
+    --set-default``, ``UPDATEDEFAULT=no``) after a regression; expecting the newest there would call
+    every correct boot of such a host a failure and keep it out of service. Output that is not one
+    ``/boot/vmlinuz-<release>`` path is a StepError naming the host (its text is data, never trusted).
+    """
+    res = _run(shell, host, ["grubby", "--default-kernel"], step, PROBE_TIMEOUT_S)
+    if _not_installed(res):
+        return None
+    if res.exit_code != 0:
+        raise StepError(f"grubby --default-kernel failed (exit {res.exit_code}): {_said(res)}", host=host, step=step)
+    lines = [ln.strip() for ln in res.stdout.splitlines() if ln.strip()]
+    if not lines:
+        return None
+    release = lines[0].removeprefix(_VMLINUZ)
+    if len(lines) != 1 or not lines[0].startswith(_VMLINUZ) or not re.fullmatch(r"[A-Za-z0-9._+~-]+", release):
+        raise StepError(f"grubby --default-kernel: expected one {_VMLINUZ}<release> line, got "
+                        f"{_tail(res.stdout, 3)!r}", host=host, step=step)
+    return release
+
+
 def reboot_decision(shell: HostShell, host: str, policy: HostPolicy) -> RebootDecision:
     """Step 5: reboot or not, with the reason.
 
-    if-needed = ``needs-restarting -r`` exits 1, or the newest installed kernel is not the running one.
+    if-needed = ``needs-restarting -r`` exits 1, or the kernel a reboot would bring (the bootloader's
+    default, else the newest installed) is not the running one.
     """
     if policy.reboot is RebootPolicy.ALWAYS:
         return RebootDecision(needed=True, reason="policy: always reboot")
@@ -511,8 +546,11 @@ def reboot_decision(shell: HostShell, host: str, policy: HostPolicy) -> RebootDe
     running = running_kernel(shell, host)
     kernels = installed_kernels(shell, host)
     top = newest_kernel(kernels) if kernels else None
+    default = boot_kernel(shell, host)
     reasons: list[str] = []
-    if top is not None and top != running:
+    if default is not None and default != running:
+        reasons.append(f"the boot default kernel {default} is not the running {running}")
+    elif default is None and top is not None and top != running:
         reasons.append(f"newest installed kernel {top} is not the running {running}")
     res = _run(shell, host, ["needs-restarting", "-r"], Step.REBOOT_DECISION, QUERY_TIMEOUT_S)
     if res.exit_code < 0:
@@ -528,13 +566,18 @@ def reboot_decision(shell: HostShell, host: str, policy: HostPolicy) -> RebootDe
         if reasons:
             reasons.append(note)
         else:
-            return RebootDecision(needed=False, reason=f"running kernel is the newest; {note}",
-                                  running_kernel=running, newest_kernel=top)
+            return RebootDecision(needed=False, reason=f"running kernel is {_expected(default)}; {note}",
+                                  running_kernel=running, newest_kernel=top, boot_kernel=default)
     if reasons:
         return RebootDecision(needed=True, reason="; ".join(reasons),
-                              running_kernel=running, newest_kernel=top)
-    return RebootDecision(needed=False, reason="no reboot needed: running kernel is the newest and "
-                          "needs-restarting -r says no", running_kernel=running, newest_kernel=top)
+                              running_kernel=running, newest_kernel=top, boot_kernel=default)
+    return RebootDecision(needed=False, reason=f"no reboot needed: running kernel is {_expected(default)} and "
+                          "needs-restarting -r says no", running_kernel=running, newest_kernel=top,
+                          boot_kernel=default)
+
+
+def _expected(default: str | None) -> str:
+    return "the newest" if default is None else "the boot default"
 
 
 # --- 6. reboot ------------------------------------------------------------------
@@ -648,24 +691,37 @@ def _check(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
 
 
 def check_kernel(shell: HostShell, host: str, reboot: RebootPolicy = RebootPolicy.IF_NEEDED) -> CheckResult:
-    """The host runs its newest installed kernel.
+    """The host runs the kernel its bootloader boots (``grubby --default-kernel``), else its newest installed.
 
-    Under ``reboot: never`` the host keeps its old kernel on purpose, so a *newer* kernel installed
-    than the running one is a warning ("reboot pending by policy"), not a failure: failing it would
-    mark a correctly patched host failed and keep its VMs away. Any other mismatch (running a kernel
-    newer than every installed one) still fails, under every policy.
+    A boot default older than the newest installed is a pin the site chose: the check passes with a
+    warning naming both. Running anything but the boot default (a fallback boot after the new kernel
+    failed) fails. Under ``reboot: never`` the host keeps its old kernel on purpose, so a *newer*
+    kernel to boot than the running one is a warning ("reboot pending by policy"), not a failure:
+    failing it would mark a correctly patched host failed and keep its VMs away. Any other mismatch
+    (running a kernel newer than every installed one) still fails, under every policy.
     """
     kernels = installed_kernels(shell, host, Step.VERIFY)
-    if not kernels:
+    default = boot_kernel(shell, host, Step.VERIFY)
+    if not kernels and default is None:
         return CheckResult(name="kernel", ok=True, skipped=True, detail="n/a: no kernel package installed")
     running = running_kernel(shell, host, Step.VERIFY)
-    top = newest_kernel(kernels)
-    if running == top:
-        return CheckResult(name="kernel", ok=True, detail=f"running the newest kernel {running}")
-    if reboot is RebootPolicy.NEVER and kernel_compare(top, running) > 0:
+    top = newest_kernel(kernels) if kernels else default
+    expected = default if default is not None else top
+    assert expected is not None and top is not None  # one of them is known, see above
+    what = "the newest kernel" if default is None else "the boot default kernel"
+    if running == expected:
+        if default is not None and top != default and kernel_compare(top, default) > 0:
+            return CheckResult(name="kernel", ok=True, warning=True,
+                               detail=f"running the boot default kernel {running}; newer kernel {top} installed "
+                                      "and not the boot default (pinned: grubby --set-default)")
+        return CheckResult(name="kernel", ok=True, detail=f"running {what} {running}")
+    if reboot is RebootPolicy.NEVER and kernel_compare(expected, running) > 0:
+        newer = (f"newer kernel {expected} installed, still running {running}" if default is None else
+                 f"the boot default kernel {default} is newer than the running {running}")
         return CheckResult(name="kernel", ok=True, warning=True,
-                           detail=f"newer kernel {top} installed, still running {running}: "
-                                  "reboot pending by policy (reboot: never)")
+                           detail=f"{newer}: reboot pending by policy (reboot: never)")
+    if default is not None:
+        return CheckResult(name="kernel", ok=False, detail=f"running {running}, boot default kernel is {default}")
     return CheckResult(name="kernel", ok=False, detail=f"running {running}, newest installed is {top}")
 
 

@@ -3,10 +3,11 @@
 Nothing here touches a real host. Each simulated host has an rpm database, repositories with
 newer versions, a running kernel and a boot id (``SimHostPackages``). ``dnf``/``yum``
 (``--version``, ``check-update [--refresh]`` exiting 0/100, ``-y update`` with ``--exclude=``
-and ``--security``), ``rpm -qa/-q --qf``, ``needs-restarting -r``, ``uname -r``, ``df -Pm``,
-the boot id, ``systemctl --failed``, and ``reboot`` are answered; a reboot takes the host down
-for ``reboot_delay_s`` of the injected clock and brings it back with a new boot id running its
-newest kernel. Anything else exits 127, as on a host without that command. Options the real
+and ``--security``), ``rpm -qa/-q --qf``, ``needs-restarting -r``, ``uname -r``,
+``grubby --default-kernel`` / ``--set-default``, ``df -Pm``, the boot id, ``systemctl --failed``,
+and ``reboot`` are answered; a reboot takes the host down for ``reboot_delay_s`` of the injected
+clock and brings it back with a new boot id running its boot default kernel (the newest, unless
+one is pinned). Anything else exits 127, as on a host without that command. Options the real
 tools would reject are rejected here too, so a wrong command line fails in the unit tests.
 
 Per-host state is a plain dataclass of JSON values so the simulated fleet can persist it.
@@ -64,6 +65,10 @@ class SimHostPackages:
     repo_error: str | None = None
     needs_restart: bool = False  # a core library was updated since boot
     needs_restarting_installed: bool = True
+    # a kernel the site pinned as the boot default (grubby --set-default; `uname -r` spelling); None: the
+    # newest installed is the default, as kernel installs make it (UPDATEDEFAULT=yes)
+    boot_pin: str | None = None
+    has_grubby: bool = True
     has_systemd: bool = True
     failed_units: list[str] = field(default_factory=list)
     commands: dict[str, list[int | str]] = field(default_factory=dict)
@@ -93,6 +98,13 @@ class SimHostPackages:
                 _, v, r = split_evr(evr)
                 out.add(f"{v}-{r}.{self.arch}")
         return sorted(out)
+
+    def boot_default(self) -> str:
+        """The kernel the next boot brings: the pinned one while it is installed, else the newest."""
+        kernels = self.kernels()
+        if self.boot_pin is not None and self.boot_pin in kernels:
+            return self.boot_pin
+        return newest_kernel(kernels) if kernels else self.running_kernel
 
     def is_down(self, now: float) -> bool:
         return self.down_until is not None and (self.never_returns or now < self.down_until)
@@ -288,7 +300,7 @@ class SimulatedShell:
         if argv[1:] != ["-r"]:
             raise _Usage("the simulation answers only -r")
         kernels = s.kernels()
-        stale = s.needs_restart or (bool(kernels) and newest_kernel(kernels) != s.running_kernel)
+        stale = s.needs_restart or (bool(kernels) and s.boot_default() != s.running_kernel)
         if stale:
             return _result(host, argv, 1, out="Core libraries or services have been updated since boot-up:\n"
                            "  * kernel\n\nReboot is required to fully utilize these updates.\n"
@@ -334,9 +346,25 @@ class SimulatedShell:
             return _result(host, argv, 3 if failed else 0, out="failed\n" if failed else "active\n")
         raise _Usage(f"unsupported by the simulation: {shlex.join(argv[1:])}")
 
+    def _grubby(self, host: str, s: SimHostPackages, argv: list[str]) -> CommandResult:
+        if not s.has_grubby:
+            return _result(host, argv, 127, err="bash: line 1: grubby: command not found\n")
+        if argv[1:] == ["--default-kernel"]:
+            if not s.kernels():
+                return _result(host, argv, 0)  # no boot entry to name
+            return _result(host, argv, 0, out=f"/boot/vmlinuz-{s.boot_default()}\n")
+        if len(argv) in (2, 3) and argv[1].split("=")[0] == "--set-default":
+            path = argv[1].partition("=")[2] if len(argv) == 2 else argv[2]
+            release = path.removeprefix("/boot/vmlinuz-")
+            if release not in s.kernels():
+                return _result(host, argv, 1, err=f"The param {path} is incorrect\n")
+            s.boot_pin = release
+            return _result(host, argv, 0, out=f"The default is /boot/loader/entries/{release}.conf with index 0 "
+                                               f"and kernel {path}\n")
+        raise _Usage("the simulation answers only --default-kernel and --set-default")
+
     def _reboot(self, host: str, s: SimHostPackages, argv: list[str]) -> CommandResult:
-        kernels = s.kernels()
-        s.running_kernel = newest_kernel(kernels) if kernels else s.running_kernel
+        s.running_kernel = s.boot_default()
         s.boot_id = str(uuid.uuid4())
         s.needs_restart = False
         s.down_until = self.clock() + s.reboot_delay_s
@@ -371,6 +399,7 @@ _COMMANDS: dict[str, _Handler] = {
     "rpm": SimulatedShell._rpm,
     "needs-restarting": SimulatedShell._needs_restarting,
     "uname": SimulatedShell._uname,
+    "grubby": SimulatedShell._grubby,
     "cat": SimulatedShell._cat,
     "df": SimulatedShell._df,
     "test": SimulatedShell._test,

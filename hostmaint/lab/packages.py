@@ -128,6 +128,9 @@ def prepare_host_packages(host_dir: Path, repo: Path) -> None:
         raise LabError(f"installing the lab packages into {root} failed: {proc.stderr.strip()}")
 
 
+BOOT_PIN = "boot-default"  # in the host's state dir: the kernel grubby --set-default pinned
+
+
 def newest_kernel(host_dir: Path) -> str:
     """``uname -r`` spelling (version-release.arch) of the newest kernel-lab in the host's root."""
     proc = subprocess.run(["rpm", "--root", str(host_dir / "root"), "-q", "--qf",
@@ -138,6 +141,20 @@ def newest_kernel(host_dir: Path) -> str:
         raise LabError(f"no {KERNEL_PACKAGE} installed in {host_dir / 'root'}: {proc.stdout}{proc.stderr}")
     sort = subprocess.run(["sort", "-V"], input="\n".join(versions) + "\n", capture_output=True, text=True)
     return sort.stdout.split()[-1]
+
+
+def boot_default_kernel(host_dir: Path) -> str:
+    """The kernel-lab this host boots: the one ``grubby --set-default`` pinned while it is installed, else
+    the newest (what a kernel install makes the default on RHEL, ``UPDATEDEFAULT=yes``)."""
+    pin_file = host_dir / "state" / BOOT_PIN
+    pin = pin_file.read_text().strip() if pin_file.exists() else ""
+    if pin:
+        proc = subprocess.run(["rpm", "--root", str(host_dir / "root"), "-q", "--qf",
+                               "%{VERSION}-%{RELEASE}.%{ARCH}\\n", KERNEL_PACKAGE],
+                              capture_output=True, text=True, timeout=30, env=rpm_env(host_dir))
+        if pin in proc.stdout.split():
+            return pin
+    return newest_kernel(host_dir)
 
 
 def write_wrappers(host_dir: Path, repo: Path, supervisor_request: Path) -> Path:
@@ -158,15 +175,18 @@ HOME='{home}' exec /usr/bin/dnf {dnf_args} "$@"
 HOME='{home}' exec /usr/bin/rpm --root '{host_dir / 'root'}' "$@"
 """,
         "needs-restarting": f"""#!/bin/sh
-# hostmaint lab: needs-restarting -r compares the running kernel with the newest installed kernel-lab
+# hostmaint lab: needs-restarting -r says a reboot is required when a kernel-lab was installed since boot
+# (as the real one does for its core packages), or the boot default kernel is not the running one
 case "$1" in
   -r|--reboothint) ;;
   *) echo "hostmaint lab: only 'needs-restarting -r' is supported" >&2; exit 2 ;;
 esac
 running=$(cat '{state / 'running-kernel'}')
-newest=$(HOME='{home}' /usr/bin/rpm --root '{host_dir / 'root'}' \\
-    -q --qf '%{{VERSION}}-%{{RELEASE}}.%{{ARCH}}\\n' {KERNEL_PACKAGE} | sort -V | tail -n 1)
-if [ "$running" != "$newest" ]; then
+default=$('{bin_dir / 'grubby'}' --default-kernel | sed 's|^/boot/vmlinuz-||')
+booted=$(cut -d. -f1 '{state / 'booted-at'}')
+newer=$(HOME='{home}' /usr/bin/rpm --root '{host_dir / 'root'}' -q --qf '%{{INSTALLTIME}}\\n' {KERNEL_PACKAGE} \\
+    | awk -v b="$booted" '$1 > b {{n++}} END {{print n+0}}')
+if [ "$running" != "$default" ] || [ "$newer" -gt 0 ]; then
     echo "Core libraries or services have been updated since boot-up:"
     echo "  * {KERNEL_PACKAGE}"
     echo
@@ -176,6 +196,29 @@ fi
 echo "No core libraries or services have been updated since boot-up."
 echo "Reboot should not be necessary."
 exit 0
+""",
+        "grubby": f"""#!/bin/sh
+# hostmaint lab: the boot loader's default kernel: the pinned kernel-lab while installed, else the newest
+installed() {{
+    HOME='{home}' /usr/bin/rpm --root '{host_dir / 'root'}' -q --qf '%{{VERSION}}-%{{RELEASE}}.%{{ARCH}}\\n' \\
+        {KERNEL_PACKAGE} | grep -v 'not installed' | sort -V
+}}
+case "$1" in
+  --default-kernel)
+    pin=$(cat '{state / BOOT_PIN}' 2>/dev/null)
+    if [ -n "$pin" ] && installed | grep -qxF "$pin"; then echo "/boot/vmlinuz-$pin"
+    else echo "/boot/vmlinuz-$(installed | tail -n 1)"; fi
+    exit 0 ;;
+  --set-default=*) path=${{1#--set-default=}} ;;
+  --set-default) path=$2 ;;
+  *) echo "hostmaint lab: only grubby --default-kernel and --set-default are supported" >&2; exit 2 ;;
+esac
+release=${{path#/boot/vmlinuz-}}
+if [ "$release" = "$path" ] || ! installed | grep -qxF "$release"; then
+    echo "The param $path is incorrect" >&2; exit 1
+fi
+echo "$release" > '{state / BOOT_PIN}'
+echo "The default is /boot/loader/entries/$release.conf with index 0 and kernel $path"
 """,
         "uname": f"""#!/bin/sh
 # hostmaint lab: the kernel release is the kernel-lab version this host booted

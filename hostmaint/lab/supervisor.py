@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 from hostmaint.lab.network import LabError, kill_pids, pids_in_namespaces
-from hostmaint.lab.packages import newest_kernel
+from hostmaint.lab.packages import boot_default_kernel
 from hostmaint.lab.sshd import SshdHandle, start_sshd
 
 LIBVIRTD = "/usr/sbin/libvirtd"
@@ -146,7 +146,7 @@ class Supervisor:
     # --- boot and shutdown -----------------------------------------------------------
 
     def boot(self) -> None:
-        """Power on: fresh boot id, empty RAM, newest installed kernel, libvirtd and sshd."""
+        """Power on: fresh boot id, empty RAM, the boot default kernel (grubby's), libvirtd and sshd."""
         self._write_status("booting")
         for entry in (self.dir / "ram").iterdir():
             if entry.is_dir():
@@ -155,7 +155,7 @@ class Supervisor:
                 entry.unlink()
         # rewrite in place: the bind mount over /proc/.../boot_id points at this inode
         (self.state / "boot_id").write_text(str(uuid.uuid4()) + "\n")
-        (self.state / "running-kernel").write_text(newest_kernel(self.dir) + "\n")
+        (self.state / "running-kernel").write_text(boot_default_kernel(self.dir) + "\n")
         (self.state / "booted-at").write_text(f"{time.time()}\n")
         self.memory_view.refresh()
         self.start_libvirtd()

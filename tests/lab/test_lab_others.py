@@ -249,6 +249,38 @@ def test_a_transient_guest_moves_out_and_home_and_stays_transient(tenant_lab: La
             conn.close()
 
 
+def test_a_host_pinned_to_its_old_kernel_boots_it_after_its_patch_and_is_back_in_service(tenant_lab: LabInfo) -> None:
+    """A site keeps a host on its old kernel (a regression in the new one): grubby --set-default. The
+    patch installs the new kernel, reboots (a kernel was installed since boot), and the host boots the
+    pinned one. Expecting the newest failed its verify every window and kept it out of service."""
+    from flows.patch_host import patch_host
+    from hostmaint.runtime import open_runtime
+
+    rt: Any = open_runtime(tenant_lab.inventory_path)
+    old = faults.running_kernel(WORKDIR, "hv01")
+    pinned = rt.shell.run("hv01", ["grubby", "--set-default", f"/boot/vmlinuz-{old}"])
+    assert pinned.exit_code == 0, pinned
+    before = all_vms(rt)
+    try:
+        result = patch_host(host="hv01", operator="lab-test", reason="pinned kernel", trigger=Trigger.TEST,
+                            inventory=str(tenant_lab.inventory_path))
+        assert result.outcome is StepOutcome.OK, result.detail
+        newest = faults.newest_installed_kernel(WORKDIR, "hv01")
+        assert result.rebooted and newest != old
+        assert faults.running_kernel(WORKDIR, "hv01") == old  # the bootloader's choice, not the newest
+        verify = rt.audit.records(host="hv01", steps=(Step.VERIFY,))[-1]
+        kernel = next(c for c in verify.details["verify"]["checks"] if c["name"] == "kernel")
+        assert kernel["ok"] and kernel["warning"] and f"newer kernel {newest} installed" in kernel["detail"], kernel
+        assert rt.states.state("hv01") is HostState.ACTIVE
+        after = all_vms(rt)
+        assert after == before, after
+        # nothing installed since that boot: the next window does not reboot it again
+        assert rt.shell.run("hv01", ["needs-restarting", "-r"]).exit_code == 0
+    finally:
+        newest = faults.newest_installed_kernel(WORKDIR, "hv01")
+        rt.shell.run("hv01", ["grubby", "--set-default", f"/boot/vmlinuz-{newest}"])  # the pin off again
+
+
 def test_guests_destroyed_before_and_during_their_migration_are_recorded_and_the_evacuation_finishes(
         tenant_lab: LabInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     import hostmaint.maintenance as steps

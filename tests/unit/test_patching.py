@@ -121,7 +121,7 @@ def test_full_happy_path_records_diff_reboots_and_verifies() -> None:
     report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", policy, cells_before=CELLS)
     assert report.ok, report.reason()
     by_name = {c.name: c for c in report.checks}
-    assert by_name["kernel"].detail == f"running the newest kernel {K2}.x86_64"
+    assert by_name["kernel"].detail == f"running the boot default kernel {K2}.x86_64"
     assert by_name["libvirtd-active"].ok
     assert patching.reboot_decision(shell, "hv1", policy).needed is False
 
@@ -302,7 +302,7 @@ def test_a_new_boot_id_is_a_reboot() -> None:
      "policy: never"),
     (RebootPolicy.IF_NEEDED, {"installed": {"kernel-core": K1}}, False, "no reboot needed"),
     (RebootPolicy.IF_NEEDED, {"installed": {"kernel-core": K2}, "running_kernel": f"{K1}.x86_64"}, True,
-     f"newest installed kernel {K2}.x86_64 is not the running {K1}.x86_64"),
+     f"the boot default kernel {K2}.x86_64 is not the running {K1}.x86_64"),
     (RebootPolicy.IF_NEEDED, {"installed": {"kernel-core": K1}, "needs_restart": True}, True,
      "needs-restarting -r: Core libraries"),
     (RebootPolicy.IF_NEEDED, {"installed": {"kernel-core": K1}, "needs_restarting_installed": False}, False,
@@ -382,7 +382,7 @@ def test_verify_reports_every_failed_check_without_raising() -> None:
     report = patching.verify_host(shell, FakeHypervisor(changed), "hv1", policy, cells_before=CELLS)
     assert report.ok is False
     by_name = {c.name: c for c in report.checks}
-    assert not by_name["kernel"].ok and f"running {K1}.x86_64, newest installed is {K2}.x86_64" in \
+    assert not by_name["kernel"].ok and f"running {K1}.x86_64, boot default kernel is {K2}.x86_64" in \
         by_name["kernel"].detail
     assert by_name["libvirtd"].ok
     assert not by_name["numa"].ok and "cell 1 cpus [4, 5, 6, 7] -> [4, 5, 6]" in by_name["numa"].detail
@@ -393,6 +393,69 @@ def test_verify_reports_every_failed_check_without_raising() -> None:
     assert by_name["expects-1"].ok
     assert {c.name for c in report.failures} == {"kernel", "numa", "systemd", "libvirtd-active", "has-tool"}
     assert "has-tool: /usr/local/bin/site-check --quick: exit 127" in report.reason()
+
+
+def test_a_host_whose_site_pinned_its_old_kernel_reboots_into_it_and_passes_verify_with_a_warning() -> None:
+    # a regression in the new kernel: the site keeps booting the old one (grubby --set-default,
+    # UPDATEDEFAULT=no). Expecting the newest called every correct boot of it a failure, every window
+    shell, clock, state = setup(make_host(boot_pin=f"{K1}.x86_64"))
+    policy = HostPolicy()
+    patching.apply_updates(shell, "hv1", policy)
+    decision = patching.reboot_decision(shell, "hv1", policy)
+    # glibc and the kernel changed since boot: needs-restarting asks for the reboot, not the kernel
+    assert decision.needed and decision.boot_kernel == f"{K1}.x86_64" and decision.newest_kernel == f"{K2}.x86_64"
+    assert "boot default" not in decision.reason and "needs-restarting -r" in decision.reason
+    patching.reboot_and_wait(shell, "hv1", policy, clock=clock, sleep=clock.sleep, poll_s=1.0)
+    assert state.running_kernel == f"{K1}.x86_64"
+    report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", policy, cells_before=CELLS)
+    kernel = {c.name: c for c in report.checks}["kernel"]
+    assert report.ok and kernel.ok and kernel.warning, report.reason()
+    assert kernel.detail == (f"running the boot default kernel {K1}.x86_64; newer kernel {K2}.x86_64 installed "
+                             "and not the boot default (pinned: grubby --set-default)")
+    # the next window: nothing new since that boot, so no reboot
+    assert not patching.reboot_decision(shell, "hv1", policy).needed
+
+
+def test_a_host_that_booted_another_kernel_than_its_boot_default_fails_verify() -> None:
+    shell, clock, state = setup()
+    policy = HostPolicy()
+    patching.apply_updates(shell, "hv1", policy)
+    patching.reboot_and_wait(shell, "hv1", policy, clock=clock, sleep=clock.sleep, poll_s=1.0)
+    state.running_kernel = f"{K1}.x86_64"  # the new kernel panicked; the bootloader fell back to the old
+    report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", policy, cells_before=CELLS)
+    kernel = {c.name: c for c in report.checks}["kernel"]
+    assert not report.ok and not kernel.ok
+    assert kernel.detail == f"running {K1}.x86_64, boot default kernel is {K2}.x86_64"  # the fallback
+    decision = patching.reboot_decision(shell, "hv1", policy)
+    assert decision.needed and f"the boot default kernel {K2}.x86_64 is not the running {K1}.x86_64" in decision.reason
+
+
+@pytest.mark.parametrize("answer", [
+    [127, "", "bash: line 1: grubby: command not found\n"],
+    [1, "", "sudo: grubby: command not found\n"],  # sudo -n says so with exit 1
+    [0, "", ""],  # no default entry
+])
+def test_without_grubby_the_newest_installed_kernel_is_what_a_reboot_brings(answer: list[int | str]) -> None:
+    shell, clock, state = setup(make_host(boot_pin=f"{K1}.x86_64", commands={"grubby --default-kernel": answer}))
+    assert patching.boot_kernel(shell, "hv1") is None
+    patching.apply_updates(shell, "hv1", HostPolicy())
+    decision = patching.reboot_decision(shell, "hv1", HostPolicy())
+    assert decision.needed and f"newest installed kernel {K2}.x86_64 is not the running" in decision.reason
+
+
+@pytest.mark.parametrize("stdout", [
+    "/boot/vmlinuz-5.14.0; touch /tmp/x\n",
+    "/boot/vmlinuz-5.14.0-427.el9.x86_64\n/boot/vmlinuz-5.14.0-362.el9.x86_64\n",
+    "grubby: bad config\n",
+    "/boot/vmlinuz-\n",
+])
+def test_grubby_output_that_is_not_one_kernel_path_is_refused_naming_the_host(stdout: str) -> None:
+    shell, _, _ = setup(make_host(commands={"grubby --default-kernel": [0, stdout, ""]}))
+    with pytest.raises(StepError, match=r"hv1.*grubby --default-kernel: expected one /boot/vmlinuz-<release> line"):
+        patching.boot_kernel(shell, "hv1")
+    failing, _, _ = setup(make_host(commands={"grubby --default-kernel": [1, "", "grubby: fatal error\n"]}))
+    with pytest.raises(StepError, match=r"grubby --default-kernel failed \(exit 1\)"):
+        patching.boot_kernel(failing, "hv1")
 
 
 @pytest.mark.parametrize(("reboot", "ok", "warning"), [
@@ -410,11 +473,11 @@ def test_a_kernel_update_without_a_reboot_fails_verify_unless_the_policy_never_r
     kernel = {c.name: c for c in report.checks}["kernel"]
     assert (report.ok, kernel.ok, kernel.warning) == (ok, ok, warning)
     if ok:
-        assert kernel.detail == (f"newer kernel {K2}.x86_64 installed, still running {K1}.x86_64: "
+        assert kernel.detail == (f"the boot default kernel {K2}.x86_64 is newer than the running {K1}.x86_64: "
                                  "reboot pending by policy (reboot: never)")
         assert report.warnings == (kernel,) and report.reason() == "all checks passed"
     else:
-        assert report.reason() == f"kernel: running {K1}.x86_64, newest installed is {K2}.x86_64"
+        assert report.reason() == f"kernel: running {K1}.x86_64, boot default kernel is {K2}.x86_64"
 
 
 def test_never_reboot_still_applies_every_other_check() -> None:
@@ -431,7 +494,7 @@ def test_never_reboot_does_not_excuse_a_running_kernel_newer_than_any_installed(
     shell, _, _ = setup(make_host(installed={"kernel-core": K1}, running_kernel=f"{K2}.x86_64"))
     report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", HostPolicy(reboot=RebootPolicy.NEVER),
                                   cells_before=CELLS)
-    assert not report.ok and report.reason() == f"kernel: running {K2}.x86_64, newest installed is {K1}.x86_64"
+    assert not report.ok and report.reason() == f"kernel: running {K2}.x86_64, boot default kernel is {K1}.x86_64"
 
 
 def test_verify_libvirtd_down_and_na_checks() -> None:
