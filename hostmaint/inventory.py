@@ -513,6 +513,37 @@ class Notifications(Strict):
     on: Annotated[list[NotifyOn], Field(min_length=1)] = Field(default_factory=lambda: list(NotifyOn))
 
 
+def _shared_endpoints(hosts: list[HostEntry]) -> list[str]:
+    """Two hosts whose SSH address (and port) or libvirt URI's host are the same: one machine under two names.
+
+    A copy-paste slip in a large inventory. Its cost is not a confusing error: a patch of one name would
+    drain the VMs of the machine libvirt reaches and then update and reboot the machine SSH reaches, VMs
+    and all. URIs without a host (``test:///default``, the simulation's ``sim:///``) are not compared.
+    """
+    problems: list[str] = []
+    ssh_seen: dict[tuple[str, int], int] = {}
+    libvirt_seen: dict[str, int] = {}
+    for i, h in enumerate(hosts):
+        key = (h.ssh.address.strip().lower().strip("[]"), h.ssh.port)
+        if key in ssh_seen:
+            j = ssh_seen[key]
+            problems.append(f"hosts[{i}].ssh.address (host {h.name}): {h.ssh.address} port {h.ssh.port} is also "
+                            f"hosts[{j}]'s (host {hosts[j].name}): two names for one machine; each host needs its own")
+        ssh_seen.setdefault(key, i)
+        try:
+            machine = (urlsplit(h.libvirt_uri).hostname or "").lower()
+        except ValueError:
+            machine = ""  # the URI's own validator said what is wrong with it
+        if machine:
+            if machine in libvirt_seen:
+                j = libvirt_seen[machine]
+                problems.append(f"hosts[{i}].libvirt_uri (host {h.name}): {h.libvirt_uri} reaches {machine}, as "
+                                f"hosts[{j}]'s (host {hosts[j].name}) does: two names for one machine; each host "
+                                "needs its own")
+            libvirt_seen.setdefault(machine, i)
+    return problems
+
+
 class Inventory(Strict):
     """The whole inventory file."""
 
@@ -542,6 +573,7 @@ class Inventory(Strict):
                 if net is not None and not _in_network(h.migration_address, net):
                     problems.append(f"hosts[{i}].migration_address (host {h.name}): {h.migration_address} is "
                                     f"not in its cluster's migration.network {net}")
+        problems += _shared_endpoints(self.hosts)
         if problems:
             raise ValueError("\n".join(problems))
         return self

@@ -1247,8 +1247,33 @@ def precheck(rt: Runtime, run: RunContext, host: str) -> patching.Preflight:
         except StepError as exc:
             raise StepError(f"cannot be patched, nothing changed: {exc}", host, Step.PRECHECK) from exc
         rec.details["precheck"] = _jsonable(result)
+        check_same_machine(rt, rec, host)
         check_transport(rt, rec, host)
         return result
+
+
+def check_same_machine(rt: Runtime, rec: StepRecord, host: str) -> None:
+    """Before the cordon: SSH and libvirt reach one machine. Otherwise StepError naming both names.
+
+    The drain moves the VMs off the machine libvirt reaches and the update and reboot go to the one
+    SSH reaches: with an address or a DNS name pointing at another hypervisor, that other one would
+    be rebooted with its VMs on it. Its own name is the one thing both can be asked for.
+    """
+    entry = rt.inventory.host(host)
+    try:
+        by_ssh = patching.nodename(rt.shell, host)
+        by_libvirt = rt.hypervisor.discover(host).hostname
+    except DriverError as exc:
+        raise StepError(f"cannot be patched, nothing changed: {exc}", host, Step.PRECHECK) from exc
+    rec.details["machine"] = {"ssh": by_ssh, "libvirt": by_libvirt}
+    if not by_libvirt:
+        rec.details["machine"]["note"] = "libvirt names no hostname here: not compared"
+        return
+    if not patching.same_machine(by_ssh, by_libvirt):
+        raise StepError(f"cannot be patched, nothing changed: SSH ({entry.ssh.address}) reaches a machine named "
+                        f"{by_ssh!r}, libvirt ({entry.libvirt_uri}) one named {by_libvirt!r}: the update and the "
+                        f"reboot would go to another machine than the drain; correct ssh.address or libvirt_uri of "
+                        f"{host} in the inventory", host, Step.PRECHECK)
 
 
 def check_transport(rt: Runtime, rec: StepRecord, host: str) -> None:

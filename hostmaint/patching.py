@@ -533,6 +533,24 @@ def boot_kernel(shell: HostShell, host: str, step: Step = Step.REBOOT_DECISION) 
     return release
 
 
+def nodename(shell: HostShell, host: str, step: Step = Step.PRECHECK) -> str:
+    """The name the machine SSH reaches gives itself (``uname -n``); StepError when it says no one name."""
+    res = _run(shell, host, ["uname", "-n"], step, PROBE_TIMEOUT_S)
+    words = res.stdout.split()
+    if res.exit_code != 0 or len(words) != 1:
+        raise StepError(f"uname -n: expected the machine's name (exit 0, one word), got exit {res.exit_code}: "
+                        f"{_said(res)}", host=host, step=step)
+    return words[0]
+
+
+def same_machine(ssh_name: str, libvirt_name: str) -> bool:
+    """Whether two names a machine gave itself are one: libvirt may add the domain (its hostname is
+    canonicalised through DNS), ``uname -n`` may not, so the first labels are compared, in any case."""
+    def first(name: str) -> str:
+        return name.strip().rstrip(".").split(".")[0].lower()
+    return first(ssh_name) == first(libvirt_name)
+
+
 def reboot_decision(shell: HostShell, host: str, policy: HostPolicy) -> RebootDecision:
     """Step 5: reboot or not, with the reason.
 

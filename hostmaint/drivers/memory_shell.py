@@ -3,7 +3,7 @@
 Nothing here touches a real host. Each simulated host has an rpm database, repositories with
 newer versions, a running kernel and a boot id (``SimHostPackages``). ``dnf``/``yum``
 (``--version``, ``check-update [--refresh]`` exiting 0/100, ``-y update`` with ``--exclude=``
-and ``--security``), ``rpm -qa/-q --qf``, ``needs-restarting -r``, ``uname -r``,
+and ``--security``), ``rpm -qa/-q --qf``, ``needs-restarting -r``, ``uname -r``/``-n``,
 ``grubby --default-kernel`` / ``--set-default``, ``df -Pm``, the boot id, ``systemctl --failed``,
 and ``reboot`` are answered; a reboot takes the host down for ``reboot_delay_s`` of the injected
 clock and brings it back with a new boot id running its boot default kernel (the newest, unless
@@ -69,6 +69,7 @@ class SimHostPackages:
     # newest installed is the default, as kernel installs make it (UPDATEDEFAULT=yes)
     boot_pin: str | None = None
     has_grubby: bool = True
+    nodename: str = ""  # what `uname -n` says; empty: the host's inventory name
     has_systemd: bool = True
     failed_units: list[str] = field(default_factory=list)
     commands: dict[str, list[int | str]] = field(default_factory=dict)
@@ -311,6 +312,8 @@ class SimulatedShell:
     def _uname(self, host: str, s: SimHostPackages, argv: list[str]) -> CommandResult:
         if argv[1:] == ["-r"]:
             return _result(host, argv, 0, out=s.running_kernel + "\n")
+        if argv[1:] == ["-n"]:
+            return _result(host, argv, 0, out=(s.nodename or host) + "\n")
         return _result(host, argv, 0, out="Linux\n")
 
     def _cat(self, host: str, s: SimHostPackages, argv: list[str]) -> CommandResult:

@@ -75,6 +75,12 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("unknown format version", _set("version", 99), "version"),
     ("unknown key", _set("hosts.1.colour", "blue"), "hosts[1].colour (host hv02): unknown field"),
     ("duplicate host", _append_duplicate_host, "hosts[4].name (host hv01): duplicate host"),
+    # one machine under two names: a patch of hv02 would drain hv02 and reboot hv01, its VMs and all
+    ("ssh address of another host", _set("hosts.1.ssh.address", "HV01.example.internal"),
+     "hosts[1].ssh.address (host hv02): HV01.example.internal port 22 is also hosts[0]'s (host hv01)"),
+    ("libvirt uri of another host", _set("hosts.2.libvirt_uri", "qemu+ssh://root@hv01.example.internal/system"),
+     "hosts[2].libvirt_uri (host hv03): qemu+ssh://root@hv01.example.internal/system reaches "
+     "hv01.example.internal, as hosts[0]'s (host hv01) does"),
     ("negative limit", _set("clusters.0.limits.migrations_per_source", -1),
      "clusters[0].limits.migrations_per_source"),
     ("unknown cluster", _set("hosts.2.cluster", "prod-z"), "hosts[2].cluster (host hv03): unknown cluster 'prod-z'"),
@@ -214,3 +220,13 @@ def test_credential_settings_and_passwords_are_not_echoed() -> None:
     doc["hosts"][0]["ssh"]["port"] = "twenty-two"
     with pytest.raises(InventoryError, match="got 'twenty-two'"):
         parse_inventory(doc, "x.yaml")
+
+
+def test_hosts_behind_one_address_on_their_own_ports_and_host_less_uris_are_not_one_machine() -> None:
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    for i, h in enumerate(doc["hosts"]):
+        h["ssh"]["address"] = "jump.example.internal"  # one NAT address, a port per host
+        h["ssh"]["port"] = 2200 + i
+        h["libvirt_uri"] = "test:///default"  # no host to compare
+    inv = parse_inventory(doc)
+    assert len({(h.ssh.address, h.ssh.port) for h in inv.hosts}) == len(inv.hosts)

@@ -119,12 +119,12 @@ def test_a_command_killed_by_a_signal_is_a_result_not_a_lost_connection(lab: Lab
 
 
 def test_from_inventory_builds_targets_for_a_cluster(lab: Lab) -> None:
-    def host(name: str, cluster: str) -> dict[str, object]:
+    def host(name: str, cluster: str, address: str) -> dict[str, object]:
         return {"name": name, "cluster": cluster, "libvirt_uri": "qemu:///system",
-                "ssh": {"address": "127.0.0.1", "port": lab.sshd.port, "key": {"file": str(lab.key)},
+                "ssh": {"address": address, "port": lab.sshd.port, "key": {"file": str(lab.key)},
                         "known_hosts": str(lab.known_hosts)}}
     inv = parse_inventory({"clusters": [{"name": "a"}, {"name": "b"}],
-                           "hosts": [host("hv1", "a"), host("hv2", "b")]})
+                           "hosts": [host("hv1", "a", "127.0.0.1"), host("hv2", "b", "127.0.0.2")]})
     shell = SshShell.from_inventory(inv, cluster="a")
     try:
         assert set(shell.targets) == {"hv1"}

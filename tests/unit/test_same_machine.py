@@ -1,0 +1,59 @@
+"""SSH and libvirt must reach one machine before a patch moves anything: the drain empties the machine
+libvirt reaches, the update and reboot go to the one SSH reaches (core steps on a SIMULATED fleet)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hostmaint import maintenance as steps
+from hostmaint import patching
+from hostmaint.errors import StepError
+from hostmaint.models import HostState, Step, StepOutcome
+from hostmaint.runtime import open_runtime
+
+
+class _Reaches:
+    """The sim fleet's shell, where what is sent to ``host`` runs on ``other`` (an address of another host)."""
+
+    def __init__(self, real: Any, host: str, other: str) -> None:
+        self.real, self.host, self.other = real, host, other
+
+    def run(self, host: str, argv: Any, timeout: float = 60.0) -> Any:
+        return self.real.run(self.other if host == self.host else host, argv, timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+
+def test_a_host_whose_ssh_reaches_another_machine_is_refused_before_anything_moves(sim_inventory: Path) -> None:
+    rt = open_runtime(sim_inventory, fresh=True)
+    rt.shell = _Reaches(rt.shell, "hv02", "hv03")
+    where = {vm: rt.hypervisor.locate(vm) for vm in rt.hypervisor.running_vms("hv03")}
+    run = steps.RunContext(flow="patch-host", reason="patch")
+    with pytest.raises(StepError, match=r"cannot be patched, nothing changed: SSH \(hv02\.simulated\) reaches a "
+                                        r"machine named 'hv03', libvirt \(sim:///hv02\) one named 'hv02'"):
+        steps.precheck(rt, run, "hv02")
+    assert rt.states.state("hv02") is HostState.ACTIVE and rt.states.state("hv03") is HostState.ACTIVE
+    assert {vm: rt.hypervisor.locate(vm) for vm in rt.hypervisor.running_vms("hv03")} == where
+    [record] = rt.audit.records(host="hv02", steps=(Step.PRECHECK,))
+    assert record.outcome is StepOutcome.FAILED and rt.audit.verify().ok
+
+
+def test_the_same_machine_passes_and_its_names_are_recorded(sim_inventory: Path) -> None:
+    rt = open_runtime(sim_inventory, fresh=True)
+    steps.precheck(rt, steps.RunContext(flow="patch-host", reason="patch"), "hv02")
+    [record] = rt.audit.records(host="hv02", steps=(Step.PRECHECK,))
+    assert record.outcome is StepOutcome.OK and record.details["machine"] == {"ssh": "hv02", "libvirt": "hv02"}
+
+
+@pytest.mark.parametrize(("ssh", "libvirt", "same"), [
+    ("hv01", "hv01.example.internal", True),  # libvirt canonicalises through DNS, uname -n need not
+    ("HV01.example.internal.", "hv01", True),
+    ("hv01", "hv010", False),
+    ("hv01", "hv02.example.internal", False),
+])
+def test_names_are_one_machine_by_their_first_label(ssh: str, libvirt: str, same: bool) -> None:
+    assert patching.same_machine(ssh, libvirt) is same
