@@ -66,6 +66,19 @@ def free_after_guests(cells: tuple[Cell, ...], vms: Sequence[Vm], overcommit: fl
     return tuple(c.model_copy(update={"free_mib": c.free_mib * ceiling // free}) for c in cells)
 
 
+def _same_name(name: str, seen: list[Vm]) -> str:
+    """Why one name on several hosts stops the discovery: one VM running twice, or VMs sharing a name."""
+    where = ", ".join(f"{v.host} (uuid {v.uuid})" for v in seen)
+    if len({v.uuid for v in seen}) == 1:
+        return (f"VM {name!r} runs on {' and '.join(v.host for v in seen)} at once, the same uuid {seen[0].uuid} "
+                f"on each, and no migration is moving it: one VM running twice writes its disks from two hosts; "
+                f"stop the copy that should not run (virsh destroy on that host) before any maintenance")
+    return (f"{len(seen)} different VMs are named {name!r}: on {where}. hostmaint knows a VM by its name within "
+            f"a cluster and cannot tell them apart (a move, a return home, the count of every VM running once "
+            f"would mix them up): rename all but one (virsh domrename, while shut off) or keep them in "
+            f"different clusters")
+
+
 def build_snapshot(inventory: Inventory, cluster: str, discoveries: Mapping[str, HostDiscovery], *,
                    states: Mapping[str, HostState] | None = None, origins: Mapping[str, str] | None = None,
                    source: str = "libvirt", now: datetime | None = None,
@@ -96,10 +109,13 @@ def build_snapshot(inventory: Inventory, cluster: str, discoveries: Mapping[str,
     for vm in vms:
         copies.setdefault(vm.name, []).append(vm)
     for name, seen in copies.items():
+        if len(seen) < 2:
+            continue
         transit = [v for v in seen if name in moving.get(v.host, ())]
-        if len(seen) > 1 and transit:
-            keep = [v for v in seen if v not in transit] or transit[:1]
-            vms = [v for v in vms if v.name != name or v in keep]
+        if not transit:
+            raise SnapshotError(f"cluster {cluster}: discovered state is inconsistent: {_same_name(name, seen)}")
+        keep = [v for v in seen if v not in transit] or transit[:1]
+        vms = [v for v in vms if v.name != name or v in keep]
     taken = (now or datetime.now(UTC)).isoformat(timespec="seconds")
     try:
         return FleetSnapshot(cluster=cluster, taken_at=taken, source=source,

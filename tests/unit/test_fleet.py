@@ -42,6 +42,19 @@ def test_a_vm_running_on_two_hosts_with_no_migration_is_refused() -> None:
         build_snapshot(INVENTORY, "prod-a", found, moving={"hv02": ("db",)})
 
 
+def test_two_vms_sharing_a_name_are_told_apart_from_one_vm_running_twice() -> None:
+    # virt-install's default names ("centos7.0") meet on two hosts: two VMs, two uuids, one name
+    other = HostDiscovery(host="hv02", cells=(Cell(id=0, memory_mib=65536, free_mib=32768),),
+                          vms=(Vm(name="web", uuid="u-other", host="hv02", memory_mib=1024, vcpus=1),))
+    found = {"hv01": seen("hv01", "web"), "hv02": other, "hv03": seen("hv03")}
+    with pytest.raises(SnapshotError, match=r"2 different VMs are named 'web': on hv01 \(uuid u-web\), hv02 "
+                                            r"\(uuid u-other\)\. hostmaint knows a VM by its name within a cluster"):
+        build_snapshot(INVENTORY, "prod-a", found)
+    found = {"hv01": seen("hv01", "web"), "hv02": seen("hv02", "web"), "hv03": seen("hv03")}
+    with pytest.raises(SnapshotError, match=r"VM 'web' runs on hv01 and hv02 at once, the same uuid u-web on each"):
+        build_snapshot(INVENTORY, "prod-a", found)
+
+
 class _Flaky:
     """A hypervisor whose first look catches a migration ending between two hosts' answers."""
 
