@@ -1270,6 +1270,11 @@ def check_same_machine(rt: Runtime, rec: StepRecord, host: str) -> None:
         rec.details["machine"]["note"] = "libvirt names no hostname here: not compared"
         return
     if not patching.same_machine(by_ssh, by_libvirt):
+        # libvirt canonicalises its name through the resolver (a CNAME's target): so does hostname -f there
+        full = patching.canonical_name(rt.shell, host)
+        rec.details["machine"]["ssh_canonical"] = full
+        if full is not None and patching.same_machine(full, by_libvirt):
+            return
         raise StepError(f"cannot be patched, nothing changed: SSH ({entry.ssh.address}) reaches a machine named "
                         f"{by_ssh!r}, libvirt ({entry.libvirt_uri}) one named {by_libvirt!r}: the update and the "
                         f"reboot would go to another machine than the drain; correct ssh.address or libvirt_uri of "

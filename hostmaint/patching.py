@@ -543,6 +543,14 @@ def nodename(shell: HostShell, host: str, step: Step = Step.PRECHECK) -> str:
     return words[0]
 
 
+def canonical_name(shell: HostShell, host: str, step: Step = Step.PRECHECK) -> str | None:
+    """The machine's name as its own resolver canonicalises it (``hostname -f``), as libvirt does; None
+    when it cannot say (no such command, no answer, not one word)."""
+    res = _run(shell, host, ["hostname", "-f"], step, PROBE_TIMEOUT_S)
+    words = res.stdout.split()
+    return words[0] if res.exit_code == 0 and len(words) == 1 else None
+
+
 def same_machine(ssh_name: str, libvirt_name: str) -> bool:
     """Whether two names a machine gave itself are one: libvirt may add the domain (its hostname is
     canonicalised through DNS), ``uname -n`` may not, so the first labels are compared, in any case."""

@@ -57,3 +57,42 @@ def test_the_same_machine_passes_and_its_names_are_recorded(sim_inventory: Path)
 ])
 def test_names_are_one_machine_by_their_first_label(ssh: str, libvirt: str, same: bool) -> None:
     assert patching.same_machine(ssh, libvirt) is same
+
+
+class _Canonical:
+    """libvirt on hv02 names itself by its resolver's canonical name (a CNAME's target); ``hostname -f``
+    there says ``full`` (None: hostname -f is not there)."""
+
+    def __init__(self, rt: Any, full: str | None) -> None:
+        self.real_hv, self.real_shell, self.full = rt.hypervisor, rt.shell, full
+
+    def discover(self, host: str) -> Any:
+        found = self.real_hv.discover(host)
+        return found.model_copy(update={"hostname": "server-4711.dc.example"}) if host == "hv02" else found
+
+    def run(self, host: str, argv: Any, timeout: float = 60.0) -> Any:
+        if host == "hv02" and list(argv) == ["hostname", "-f"]:
+            from hostmaint.models import CommandResult
+            if self.full is None:
+                return CommandResult(host=host, argv=tuple(argv), exit_code=127, stderr="hostname: not found\n")
+            return CommandResult(host=host, argv=tuple(argv), exit_code=0, stdout=self.full + "\n")
+        return self.real_shell.run(host, argv, timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real_hv, name)
+
+
+@pytest.mark.parametrize(("full", "passes"), [("server-4711.dc.example", True), ("hv02.example", False), (None, False)])
+def test_a_name_libvirt_took_from_the_resolver_is_checked_against_the_hosts_own_resolver(
+        sim_inventory: Path, full: str | None, passes: bool) -> None:
+    rt = open_runtime(sim_inventory, fresh=True)
+    both = _Canonical(rt, full)
+    rt.hypervisor, rt.shell = both, both
+    run = steps.RunContext(flow="patch-host", reason="patch")
+    if passes:
+        steps.precheck(rt, run, "hv02")
+    else:
+        with pytest.raises(StepError, match="libvirt .* one named 'server-4711.dc.example'"):
+            steps.precheck(rt, run, "hv02")
+    [record] = rt.audit.records(host="hv02", steps=(Step.PRECHECK,))
+    assert (record.outcome is StepOutcome.OK) is passes
