@@ -1203,6 +1203,10 @@ def confirm_empty(rt: Runtime, run: RunContext, host: str, before: Step | None =
                                    f"drain{when}); run again to move it off", run.run_id)
             raise StepError(f"host {host} still runs {len(running)} VM(s): {', '.join(running)}; refused{when}: "
                             "it will not be patched or rebooted", host, Step.CONFIRM_EMPTY)
+        if before is Step.REBOOT:
+            # empty as libvirt sees it; the reboot goes over SSH: proven to reach that same machine, also
+            # for a run that resumes a host whose precheck an earlier run did
+            check_same_machine(rt, rec, host, refused="refused before the reboot", step=Step.CONFIRM_EMPTY)
 
 
 EMPTY_STATES = frozenset({HostState.DRAINED, HostState.PATCHING, HostState.REBOOTING, HostState.VERIFYING})
@@ -1247,38 +1251,41 @@ def precheck(rt: Runtime, run: RunContext, host: str) -> patching.Preflight:
         except StepError as exc:
             raise StepError(f"cannot be patched, nothing changed: {exc}", host, Step.PRECHECK) from exc
         rec.details["precheck"] = _jsonable(result)
-        check_same_machine(rt, rec, host)
+        try:
+            check_same_machine(rt, rec, host)
+        except DriverError as exc:
+            raise StepError(f"cannot be patched, nothing changed: {exc}", host, Step.PRECHECK) from exc
         check_transport(rt, rec, host)
         return result
 
 
-def check_same_machine(rt: Runtime, rec: StepRecord, host: str) -> None:
-    """Before the cordon: SSH and libvirt reach one machine. Otherwise StepError naming both names.
+def check_same_machine(rt: Runtime, rec: StepRecord, host: str, *,
+                       refused: str = "cannot be patched, nothing changed", step: Step = Step.PRECHECK) -> None:
+    """Before the cordon, and again before a reboot: SSH and libvirt reach one machine. Otherwise StepError
+    naming both names.
 
     The drain moves the VMs off the machine libvirt reaches and the update and reboot go to the one
     SSH reaches: with an address or a DNS name pointing at another hypervisor, that other one would
-    be rebooted with its VMs on it. Its own name is the one thing both can be asked for.
+    be rebooted with its VMs on it. Its own name is the one thing both can be asked for. A host that
+    cannot be asked raises the driver's error (a dropped connection stays retryable).
     """
     entry = rt.inventory.host(host)
-    try:
-        by_ssh = patching.nodename(rt.shell, host)
-        by_libvirt = rt.hypervisor.discover(host).hostname
-    except DriverError as exc:
-        raise StepError(f"cannot be patched, nothing changed: {exc}", host, Step.PRECHECK) from exc
+    by_ssh = patching.nodename(rt.shell, host, step)
+    by_libvirt = rt.hypervisor.discover(host).hostname
     rec.details["machine"] = {"ssh": by_ssh, "libvirt": by_libvirt}
     if not by_libvirt:
         rec.details["machine"]["note"] = "libvirt names no hostname here: not compared"
         return
     if not patching.same_machine(by_ssh, by_libvirt):
         # libvirt canonicalises its name through the resolver (a CNAME's target): so does hostname -f there
-        full = patching.canonical_name(rt.shell, host)
+        full = patching.canonical_name(rt.shell, host, step)
         rec.details["machine"]["ssh_canonical"] = full
         if full is not None and patching.same_machine(full, by_libvirt):
             return
-        raise StepError(f"cannot be patched, nothing changed: SSH ({entry.ssh.address}) reaches a machine named "
+        raise StepError(f"{refused}: SSH ({entry.ssh.address}) reaches a machine named "
                         f"{by_ssh!r}, libvirt ({entry.libvirt_uri}) one named {by_libvirt!r}: the update and the "
                         f"reboot would go to another machine than the drain; correct ssh.address or libvirt_uri of "
-                        f"{host} in the inventory", host, Step.PRECHECK)
+                        f"{host} in the inventory", host, step)
 
 
 def check_transport(rt: Runtime, rec: StepRecord, host: str) -> None:

@@ -96,3 +96,28 @@ def test_a_name_libvirt_took_from_the_resolver_is_checked_against_the_hosts_own_
             steps.precheck(rt, run, "hv02")
     [record] = rt.audit.records(host="hv02", steps=(Step.PRECHECK,))
     assert (record.outcome is StepOutcome.OK) is passes
+
+
+def test_the_reboot_is_refused_when_ssh_reaches_another_machine_than_the_drained_one(sim_inventory: Path) -> None:
+    # a run resuming a drained host skips the precheck: the inventory (or DNS) changed since the first run
+    from hostmaint.drivers.memory import SimulatedFleet
+
+    rt = open_runtime(sim_inventory, fresh=True)
+    run = steps.RunContext(flow="patch-host", reason="patch")
+    fleet = rt.hypervisor
+    assert isinstance(fleet, SimulatedFleet)
+    steps.cordon(rt, run, "hv02")
+    for vm in sorted(fleet.running["hv02"]):
+        fleet.running["hv02"].discard(vm)
+        fleet.running["hv01"].add(vm)
+    fleet.save()
+    rt.states.transition("hv02", HostState.DRAINING, "draining", run.run_id)
+    rt.states.transition("hv02", HostState.DRAINED, "drained", run.run_id)
+    steps.confirm_empty(rt, run, "hv02", Step.REBOOT)  # the same machine: passes
+    rt.shell = _Reaches(rt.shell, "hv02", "hv03")
+    with pytest.raises(StepError, match=r"refused before the reboot: SSH \(hv02\.simulated\) reaches a machine "
+                                        r"named 'hv03'"):
+        steps.reboot(rt, run, "hv02")
+    assert [name for name, h in fleet.shell.hosts.items() if h.reboots] == []  # no reboot went anywhere
+    assert rt.states.state("hv02") is HostState.DRAINED  # out of service, as it was
+    assert not rt.audit.records(host="hv02", steps=(Step.REBOOT_ISSUED,))
