@@ -108,9 +108,11 @@ class ShutOffVms(Protocol):
 # libvirt's reasons a domain is shut off (virDomainShutoffReason), as the words drivers report
 SHUTOFF_REASONS = ("unknown", "shutdown", "destroyed", "crashed", "migrated", "saved", "failed", "from-snapshot",
                    "daemon")
-# Stopped from outside hostmaint: the guest shut itself down, or someone destroyed it. hostmaint never
-# destroys a running VM (its policy shuts one down, and records it first), so either is proof it was not us.
-STOPPED_OUTSIDE_REASONS = frozenset({"shutdown", "destroyed"})
+# Stopped from outside hostmaint: the guest shut itself down, someone destroyed it, saved it (virsh
+# managedsave / save) or reverted it to a shut-off snapshot. hostmaint never destroys, saves or reverts a
+# VM (its policy shuts one down, and records it first), so each is proof it was not us. Not here: crashed
+# and failed (a migration or a start of ours can end so), migrated, daemon, unknown.
+STOPPED_OUTSIDE_REASONS = frozenset({"shutdown", "destroyed", "saved", "from-snapshot"})
 
 
 @runtime_checkable

@@ -89,8 +89,9 @@ EXPECTED = {
                         "host out of service naming the host key",
     "vm-started": "a tenant's VM started on the host under maintenance: never rebooted with it; the host stays "
                   "cordoned naming the VM, the re-run moves it off",
-    "vm-stopped": "a tenant destroys a guest running on the host under maintenance (before or during its "
-                  "migration; once they have all left, one on another host): no run starts it again or calls it "
+    "vm-stopped": "a tenant destroys or saves (managedsave) a guest running on the host under maintenance "
+                  "(before or during its migration; once they have all left, one on another host): no run starts "
+                  "it again or calls it "
                   "lost (no 'runs 0 times' of it in any record); the run goes on, the re-run finishes; the tenant "
                   "starts it again after the round",
     "dnf-busy": "the host's own dnf run (dnf-automatic) holds the RPMDB lock for 5-90 s: the update waits for it "
@@ -713,12 +714,13 @@ class Injector:
                 on_it = sorted(vm for vm, host in alone.items() if host == spec.host) or sorted(alone)
                 # which guest: drawn from the round's seed (the delay is), so a replay stops the same one
                 guest = on_it[int(spec.delay * 1000) % len(on_it)] if on_it else None
-                if guest is None or not faults.stop_guest(workdir, alone[guest], guest):
+                how = ("destroy", "managedsave")[int(spec.delay * 10000) % 2]  # the seed's too
+                if guest is None or not faults.stop_guest(workdir, alone[guest], guest, how):
                     fr.note = "not injected: no guest running alone on a host at that moment"
                     return
                 with self.lock:
                     self.stopped_guests[guest] = alone[guest]
-                fr.note = f"destroyed {guest} on {alone[guest]}"
+                fr.note = f"{'destroyed' if how == 'destroy' else 'saved (managedsave)'} {guest} on {alone[guest]}"
             elif spec.kind == "target-cordoned":
                 rc, _, err = c.cli("host", "cordon", spec.host, "--operator", "chaos",
                                    "--reason", "chaos: operator cordon (disk errors)")

@@ -346,10 +346,11 @@ def hold_package_lock(workdir: Path, host: str) -> Undo:
     return undo
 
 
-def stop_guest(workdir: Path, host: str, name: str) -> bool:
-    """A tenant's ``virsh destroy`` of ``name`` on ``host``, over the host's own libvirtd socket: it stays
-    defined there, shut off (reason "destroyed"). False when it does not run there (moved, or paused for a
-    migration's switch-over: a tenant's destroy of a copy libvirt is handing over is not this fault)."""
+def stop_guest(workdir: Path, host: str, name: str, how: str = "destroy") -> bool:
+    """A tenant's ``virsh destroy`` (``how="managedsave"``: ``virsh managedsave``) of ``name`` on ``host``,
+    over the host's own libvirtd socket: it stays defined there, shut off (reason "destroyed", "saved").
+    False when it does not run there (moved, or paused for a migration's switch-over: a tenant's stop of a
+    copy libvirt is handing over is not this fault)."""
     import libvirt
 
     conn = libvirt.open(libvirt_socket_uri(workdir, host))
@@ -358,9 +359,12 @@ def stop_guest(workdir: Path, host: str, name: str) -> bool:
             dom = conn.lookupByName(name)
             if dom.state()[0] != libvirt.VIR_DOMAIN_RUNNING:
                 return False
-            dom.destroy()
+            if how == "managedsave":
+                dom.managedSave()
+            else:
+                dom.destroy()
         except libvirt.libvirtError:
-            return False  # gone between the look and the destroy (its migration ended)
+            return False  # gone between the look and the stop (its migration ended, or one holds it)
         return True
     finally:
         conn.close()

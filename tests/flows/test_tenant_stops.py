@@ -51,7 +51,7 @@ def records(step: Step, vm: str | None = None) -> list[Any]:
     return [r for r in AuditTrail(open_engine()).records() if r.step == step and (vm is None or r.vm == vm)]
 
 
-@pytest.mark.parametrize("reason", ["destroyed", "shutdown"])
+@pytest.mark.parametrize("reason", ["destroyed", "shutdown", "saved"])
 def test_an_evacuation_goes_on_past_a_vm_its_tenant_stopped_and_records_it(
         sim_inventory: Path, monkeypatch: pytest.MonkeyPatch, reason: str) -> None:
     victim, *others = on_host(sim_inventory, "hv01")

@@ -281,6 +281,59 @@ def test_a_host_pinned_to_its_old_kernel_boots_it_after_its_patch_and_is_back_in
         rt.shell.run("hv01", ["grubby", "--set-default", f"/boot/vmlinuz-{newest}"])  # the pin off again
 
 
+def test_a_guest_its_tenant_saves_before_its_migration_is_recorded_stopped_outside_and_left_saved(
+        tenant_lab: LabInfo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """virsh managedsave by a tenant mid-evacuation: libvirt says "saved", which hostmaint never does;
+    before, that VM was a broken invariant ("runs 0 times") and the evacuation failed."""
+    import hostmaint.maintenance as steps
+    from flows.evacuate_host import evacuate_host
+    from flows.return_host import return_host
+    from hostmaint.runtime import open_runtime
+
+    rt: Any = open_runtime(tenant_lab.inventory_path)
+    before = all_vms(rt)
+    saved = sorted(vm for vm, hosts in before.items() if hosts == ["hv02"])[0]
+    probe = steps.probe_dirty_rates
+
+    def save_then_probe(*args: Any, **kwargs: Any) -> Any:  # the plan is recorded, nothing has moved
+        conn = libvirt.open(tenant_lab.plain_uri("hv02"))
+        try:
+            conn.lookupByName(saved).managedSave()
+        finally:
+            conn.close()
+        return probe(*args, **kwargs)
+
+    monkeypatch.setattr(steps, "probe_dirty_rates", save_then_probe)
+    try:
+        result = evacuate_host(host="hv02", operator="lab-test", reason="tenant saves", trigger=Trigger.TEST,
+                               inventory=str(tenant_lab.inventory_path))
+        assert result.outcome is StepOutcome.OK, result.detail
+        assert f"stopped outside hostmaint, not moved: {saved} (saved)" in result.detail
+        assert shut_off_reason(tenant_lab, "hv02", saved) == libvirt.VIR_DOMAIN_SHUTOFF_SAVED
+        [migrate] = [r for r in rt.audit.records(steps=(Step.MIGRATE,)) if r.vm == saved and r.run_id
+                     == rt.audit.records(host="hv02", steps=(Step.DRAIN,))[-1].run_id]
+        assert migrate.outcome is StepOutcome.SKIPPED and migrate.details["stopped_outside"] == "saved"
+        monkeypatch.undo()
+        return_host(host="hv02", operator="lab-test", reason="back", trigger=Trigger.TEST,
+                    inventory=str(tenant_lab.inventory_path))
+        after = all_vms(rt)
+        assert set(after) == set(before) - {saved} and all(len(h) == 1 for h in after.values()), after
+        conn = libvirt.open(tenant_lab.plain_uri("hv02"))
+        try:
+            assert conn.lookupByName(saved).hasManagedSaveImage(0)  # left as its tenant left it
+        finally:
+            conn.close()
+        assert rt.states.state("hv02") is HostState.ACTIVE and rt.audit.verify().ok
+    finally:
+        conn = libvirt.open(tenant_lab.plain_uri("hv02"))
+        try:
+            dom = conn.lookupByName(saved)
+            if not dom.isActive():
+                dom.create()  # restored from its save, as the tenant would: the next tests count it
+        finally:
+            conn.close()
+
+
 def test_guests_destroyed_before_and_during_their_migration_are_recorded_and_the_evacuation_finishes(
         tenant_lab: LabInfo, monkeypatch: pytest.MonkeyPatch) -> None:
     import hostmaint.maintenance as steps

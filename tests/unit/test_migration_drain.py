@@ -454,7 +454,7 @@ class TenantStops(FakeHypervisor):
             return {vm: reason for vm, (h, reason) in self.off.items() if h == host}
 
 
-@pytest.mark.parametrize("reason", ["destroyed", "shutdown"])
+@pytest.mark.parametrize("reason", ["destroyed", "shutdown", "saved", "from-snapshot"])
 def test_a_vm_its_tenant_stops_before_or_during_its_migration_is_skipped_and_says_so(reason: str) -> None:
     moves = MANY[:4]
     hv = TenantStops({vm: (s, m) for vm, s, _, m in moves}, {h: 100_000 for _, s, t, _ in moves for h in (s, t)},
@@ -470,7 +470,7 @@ def test_a_vm_its_tenant_stops_before_or_during_its_migration_is_skipped_and_say
     assert report.summary() == f"2 VM(s) moved; stopped outside hostmaint, not moved: vm01 ({reason}), vm02 ({reason})"
 
 
-@pytest.mark.parametrize("reason", ["crashed", "migrated", "unknown", None])
+@pytest.mark.parametrize("reason", ["crashed", "migrated", "failed", "daemon", "unknown", None])
 def test_a_vm_shut_off_for_any_other_reason_is_not_taken_for_stopped_by_its_tenant(reason: str | None) -> None:
     # crashed during its migration, or shut off by a migration (its copy lost): not the tenant's doing;
     # gone without a trace (None): the same. Whether it moved stays unknown, the host stays out.
