@@ -166,6 +166,27 @@ def test_an_evacuation_whose_host_got_a_tenants_vm_after_it_ended_is_run_again(l
     assert chaos.late_tenants(campaign, ["patch", "hv02"], ["cxv012"], 1000.0) == []  # type: ignore[arg-type]
 
 
+def test_a_tenants_vm_started_after_the_evacuations_last_look_is_run_again_not_a_false_success(lab: Lab) -> None:
+    # round 175911973: confirm-empty at 59.8 found hv01 empty; the tenant's start returned at 60.2, the
+    # watcher saw it at 60.3, the run ended at 60.8. Not the run's miss: the evacuation runs again
+    import threading
+
+    lab.running_vms["cxv011"] = ["hv01"]
+    lab.first_seen["cxv011"] = 60.3
+    lab.lock = threading.Lock()  # type: ignore[attr-defined]
+    campaign = Campaign(lab)
+    records = [{"step": "confirm-empty", "host": "hv01", "outcome": "ok", "time": "1970-01-01T00:00:59.800+00:00"},
+               {"step": "confirm-empty", "host": "hv02", "outcome": "ok", "time": "1970-01-01T00:01:30+00:00"},
+               {"step": "confirm-empty", "host": "hv01", "outcome": "failed", "time": "1970-01-01T00:01:40+00:00"}]
+    look = chaos.last_look(records, "hv01")
+    assert look == 59.8
+    args = ["evacuate", "hv01"]
+    assert chaos.late_tenants(campaign, args, ["cxv011"], 60.8, {"cxv011": 60.2}, look) == ["cxv011"]  # type: ignore[arg-type]
+    # started before the last look: the run should have seen it, so no excuse (a false success stays one)
+    assert chaos.late_tenants(campaign, args, ["cxv011"], 60.8, {"cxv011": 59.5}, look) == []  # type: ignore[arg-type]
+    assert chaos.late_tenants(campaign, args, ["cxv011"], 60.8, {"cxv011": 60.2}, None) == []  # type: ignore[arg-type]
+
+
 def test_a_changed_host_key_need_not_be_the_reason_when_another_fault_of_the_host_is(lab: Lab) -> None:
     # round 1272006114: the host key changed while the open connection ran dnf into a broken repository
     f = facts(lab, FaultSpec("host-key-changed", "hv03", "migrating", 0, 0),
