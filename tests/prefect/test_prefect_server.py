@@ -286,19 +286,25 @@ class Browser:
     blocked: list[str] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
 
-    def open(self, url: str, marker: str) -> None:
-        """Go to ``url`` and wait until ``marker`` text shows; reload once if the app rendered nothing."""
+    def open(self, url: str, marker: str, attempts: int = 4) -> None:
+        """Go to ``url`` and wait until ``marker`` text shows; reload (up to ``attempts`` loads in all)
+        while the app rendered nothing."""
+        from playwright.sync_api import Error as PlaywrightError
         from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-        self.page.goto(url, wait_until="domcontentloaded")
-        try:
-            self.page.get_by_text(marker).first.wait_for(timeout=30_000)
-        except PlaywrightTimeout:
-            # the single-page app renders nothing when an API call fails on a busy server
-            # (SQLite "database is locked" -> 503); a person would reload, so do we, once
-            self.log.append(f"{marker!r} did not show in 30 s: reloading")
-            self.page.goto(url, wait_until="domcontentloaded")
-            self.page.get_by_text(marker).first.wait_for()
+        for attempt in range(1, attempts + 1):
+            try:
+                self.page.goto(url, wait_until="domcontentloaded")
+                self.page.get_by_text(marker).first.wait_for(timeout=30_000)
+                return
+            except (PlaywrightTimeout, PlaywrightError) as exc:
+                # the single-page app renders nothing when an API call fails on a busy server (SQLite
+                # "database is locked" -> 503), or when Chromium aborts its loads with ERR_NETWORK_CHANGED
+                # because the lab tests beside this one add and remove network interfaces; a person
+                # would reload, so do we
+                self.log.append(f"{marker!r} did not show (load {attempt}): {str(exc).splitlines()[0]}")
+                if attempt == attempts:
+                    raise
 
 
 @contextmanager
