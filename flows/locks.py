@@ -169,9 +169,9 @@ def _busy_wait(attempt: int) -> float:
     return BUSY_RETRY_SECONDS[min(attempt, len(BUSY_RETRY_SECONDS) - 1)]
 
 
-NO_SERVER = ("no Prefect server is configured (PREFECT_API_URL is not set), so Prefect started a temporary one, "
-             "which holds none of hostmaint's locks: start a server with 'hostmaint server' (or use yours), export "
-             "PREFECT_API_URL=http://127.0.0.1:4200/api and run 'hostmaint setup --inventory INVENTORY' once")
+NO_SERVER = ("no Prefect server is configured (PREFECT_API_URL is not set), and the temporary one Prefect starts "
+             "without it holds none of hostmaint's locks: start a server with 'hostmaint server' (or use yours), "
+             "export PREFECT_API_URL=http://127.0.0.1:4200/api and run 'hostmaint setup --inventory INVENTORY' once")
 
 
 def _missing(name: str, detail: str) -> LockError:

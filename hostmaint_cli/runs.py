@@ -127,8 +127,7 @@ def _need_server(dry_run: bool = False) -> None:
     from flows.locks import NO_SERVER
 
     if not dry_run and not PREFECT_API_URL.value():
-        raise InputError(f"{NO_SERVER.replace('so Prefect started', 'so Prefect would start')}; nothing was "
-                         "started (--dry-run needs no server)")
+        raise InputError(f"{NO_SERVER}; nothing was started (--dry-run needs no server)")
 
 
 def _check_host(inventory: str, host: str) -> Any:

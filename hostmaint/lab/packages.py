@@ -144,17 +144,14 @@ def newest_kernel(host_dir: Path) -> str:
 
 
 def boot_default_kernel(host_dir: Path) -> str:
-    """The kernel-lab this host boots: the one ``grubby --set-default`` pinned while it is installed, else
-    the newest (what a kernel install makes the default on RHEL, ``UPDATEDEFAULT=yes``)."""
-    pin_file = host_dir / "state" / BOOT_PIN
-    pin = pin_file.read_text().strip() if pin_file.exists() else ""
-    if pin:
-        proc = subprocess.run(["rpm", "--root", str(host_dir / "root"), "-q", "--qf",
-                               "%{VERSION}-%{RELEASE}.%{ARCH}\\n", KERNEL_PACKAGE],
-                              capture_output=True, text=True, timeout=30, env=rpm_env(host_dir))
-        if pin in proc.stdout.split():
-            return pin
-    return newest_kernel(host_dir)
+    """The kernel-lab this host boots: what its own ``grubby --default-kernel`` names (one rule for the
+    boot and for what hostmaint reads: the pinned kernel while it is installed, else the newest)."""
+    proc = subprocess.run([str(host_dir / "bin" / "grubby"), "--default-kernel"],
+                          capture_output=True, text=True, timeout=30)
+    release = proc.stdout.strip().removeprefix("/boot/vmlinuz-")
+    if proc.returncode != 0 or not release or "/" in release:
+        raise LabError(f"grubby --default-kernel in {host_dir} failed: {proc.stdout}{proc.stderr}")
+    return release
 
 
 def write_wrappers(host_dir: Path, repo: Path, supervisor_request: Path) -> Path:
