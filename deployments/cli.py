@@ -11,6 +11,8 @@ import os
 import signal
 import sys
 import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -62,6 +64,22 @@ def _use_api(api_url: str | None) -> str:
     return api_url
 
 
+@contextmanager
+def _talking_to(env: Mapping[str, str]) -> Iterator[None]:
+    """For the block, this process's Prefect clients (setup, serve) use the server ``env`` names, and so do
+    the processes it starts. The environment alone is not enough: Prefect reads its settings once, when it
+    is first imported, and a command may have imported it already (starting the server does), so without
+    this they would go to whatever PREFECT_API_URL said before, or to a temporary server of their own."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    os.environ.update({k: v for k, v in env.items() if k.startswith("PREFECT_")})
+    updates: dict[object, object] = {PREFECT_API_URL: env["PREFECT_API_URL"]}
+    if "PREFECT_FLOWS_HEARTBEAT_FREQUENCY" in env:
+        updates[PREFECT_FLOWS_HEARTBEAT_FREQUENCY] = int(env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"])
+    with temporary_settings(updates=updates):  # type: ignore[arg-type]
+        yield
+
+
 def _print_setup(report: object) -> None:
     from deployments.server import SetupReport
 
@@ -87,8 +105,8 @@ def setup_cmd(inventory: InventoryOpt = "inventory.yaml", api_url: ApiOpt = None
     from deployments.server import setup
 
     try:
-        _use_api(api_url)
-        report = setup(inventory, work_pool=None if no_deployments else work_pool)
+        with _talking_to({"PREFECT_API_URL": _use_api(api_url)}):
+            report = setup(inventory, work_pool=None if no_deployments else work_pool)
     except _api_errors() as exc:
         raise _fail(exc) from None
     _print_setup(report)
@@ -140,12 +158,12 @@ def server_cmd(inventory: Annotated[str | None, typer.Option(
         signal.signal(signal.SIGTERM, _interrupt)
         signal.signal(signal.SIGHUP, _interrupt)
         if simulated:
-            os.environ.update({k: v for k, v in server_env(cfg).items() if k.startswith("PREFECT_")})
-            _serve_simulated(simulated_home, time_scale)  # until Ctrl-C or SIGTERM; then the server stops too
+            with _talking_to(server_env(cfg)):
+                _serve_simulated(simulated_home, time_scale)  # until Ctrl-C or SIGTERM; then the server stops too
             return
         if inventory:
-            os.environ.update({k: v for k, v in server_env(cfg).items() if k.startswith("PREFECT_")})
-            _print_setup(setup(inventory, work_pool=None if no_deployments else work_pool))
+            with _talking_to(server_env(cfg)):
+                _print_setup(setup(inventory, work_pool=None if no_deployments else work_pool))
             if not no_deployments:
                 out.print(f"  run flows: prefect worker start --pool {work_pool}  (with HOSTMAINT_INVENTORY set)")
         server.process.wait()
@@ -170,11 +188,12 @@ def serve_cmd(inventory: InventoryOpt = "inventory.yaml", api_url: ApiOpt = None
     from deployments.serve import WINDOWS_FILE, serve_deployments
 
     try:
-        _use_api(api_url)
-        if simulated:
-            _serve_simulated(simulated_home, time_scale, limit=limit, approval_poll_s=approval_poll_s)
-            return
-        serve_deployments(inventory, windows=windows or WINDOWS_FILE, limit=limit, approval_poll_s=approval_poll_s)
+        with _talking_to({"PREFECT_API_URL": _use_api(api_url)}):
+            if simulated:
+                _serve_simulated(simulated_home, time_scale, limit=limit, approval_poll_s=approval_poll_s)
+                return
+            serve_deployments(inventory, windows=windows or WINDOWS_FILE, limit=limit,
+                              approval_poll_s=approval_poll_s)
     except _api_errors() as exc:
         raise _fail(exc) from None
 
