@@ -156,8 +156,10 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     site = Site(config, inventory, db, env, work)
     server_log = work / "server-cli.log"
     with server_log.open("w") as out:
+        # as from an operator's shell, where PREFECT_API_URL is exported only after the server is up
         server = subprocess.Popen([PY, "-m", "deployments.cli", "server", "--home", str(config.home), "--port",
-                                   str(config.port), "-i", str(inventory)], cwd=ROOT, env=env, stdout=out,
+                                   str(config.port), "-i", str(inventory)], cwd=ROOT, stdout=out,
+                                  env={k: v for k, v in env.items() if k != "PREFECT_API_URL"},
                                   stderr=subprocess.STDOUT, start_new_session=True)
     serve_log = work / "serve.log"
     serve: subprocess.Popen[Any] | None = None
@@ -183,6 +185,40 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
         if serve is not None:
             stop(serve)
         assert stop(server) == 0, server_log.read_text()[-3000:]  # SIGTERM stops the server cleanly
+
+
+def test_the_one_command_to_try_the_ui_serves_on_the_server_it_started(tmp_path: Path) -> None:
+    """README: 'hostmaint server --simulated' from a shell with no Prefect settings sets up and serves every
+    deployment on the server it started. Before, Prefect had read its settings when it was imported, the
+    server's address set later went unseen, and setup started a temporary server of Prefect's own and
+    died with a traceback."""
+    port = free_port()
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "HOSTMAINT_"))}
+    env.update({"HOME": str(home), "PYTHONPATH": str(ROOT)})
+    log = tmp_path / "server.log"
+    with log.open("w") as out:
+        server = subprocess.Popen([PY, "-m", "deployments.cli", "server", "--simulated", "--port", str(port),
+                                   "--home", str(tmp_path / "prefect")], cwd=ROOT, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for("hostmaint server --simulated", lambda: "serving every deployment" in log.read_text(), server, log,
+                 timeout=240)
+        deadline = time.monotonic() + 60
+        while True:  # serve registers the deployments once it runs
+            deployments = httpx.post(f"http://127.0.0.1:{port}/api/deployments/filter", json={}, timeout=30).json()
+            names = {d["name"] for d in deployments}
+            if {"evacuate-host", "patch-host", "return-host"} <= names or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert {"evacuate-host", "patch-host", "return-host"} <= names, (names, log.read_text()[-3000:])
+        assert all("simulated" in d["tags"] for d in deployments), [(d["name"], d["tags"]) for d in deployments]
+    finally:
+        code = stop(server)
+    text = log.read_text()
+    assert "temporary server" not in text and "Traceback" not in text, text[-3000:]
+    assert code == 0, text[-3000:]
 
 
 def test_setup_made_the_server_ready(site: Site) -> None:
