@@ -22,6 +22,7 @@ from functools import cmp_to_key
 
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt, wait_fixed
 
+from hostmaint.display import visible
 from hostmaint.drivers.base import HostShell, Hypervisor
 from hostmaint.errors import CommandError, DriverError, HostKeyError, StepError, TransientDriverError
 from hostmaint.inventory import PACKAGE_PATTERN, HostPolicy
@@ -193,13 +194,15 @@ def _run(shell: HostShell, host: str, argv: Sequence[str], step: Step, timeout: 
 
 def lock_held(result: CommandResult) -> str | None:
     """What dnf/yum said when another run holds its lock (run with :data:`EXIT_ON_LOCK`): the matched
-    words, e.g. "RPMDB already locked by 7154"; None when that is not why it failed."""
-    if result.exit_code == 0:
+    words, e.g. "RPMDB already locked by 7154"; None when that is not why it failed.
+
+    Only their lock exit code says so: the same words in the output of a run that failed otherwise
+    (a scriptlet's, a repository's) must not make a failed transaction "busy", run again and
+    reported as having changed nothing."""
+    if result.exit_code != LOCKED_EXIT:
         return None
     found = _LOCK_HELD.search(f"{result.stderr}\n{result.stdout}")
-    if found:
-        return found.group(0)
-    return "its lock is held by another run" if result.exit_code == LOCKED_EXIT else None
+    return found.group(0) if found else "its lock is held by another run"
 
 
 def _run_when_unlocked(shell: HostShell, host: str, argv: Sequence[str], step: Step, timeout: float,
@@ -215,7 +218,8 @@ def _run_when_unlocked(shell: HostShell, host: str, argv: Sequence[str], step: S
         held = lock_held(state.outcome.result()) if state.outcome else None
         if waits is not None and held is not None:
             waits.append(held)
-        log.info("%s: %s: %s; asking again in %gs (waiting up to %gs)", host, argv[0], held, LOCK_POLL_S, wait_s)
+        log.info("%s: %s: %s; asking again in %gs (waiting up to %gs)", host, argv[0], visible(held), LOCK_POLL_S,
+                 wait_s)
 
     retrying = Retrying(retry=retry_if_result(lambda res: lock_held(res) is not None),
                         stop=stop_after_attempt(polls + 1), wait=wait_fixed(LOCK_POLL_S), sleep=sleep,

@@ -794,3 +794,27 @@ def test_preflight_waits_for_the_metadata_lock_too() -> None:
     state.lock_held_for = 100
     with pytest.raises(StepError, match="metadata already locked by 4242"):
         patching.preflight(shell, "hv1", HostPolicy(package_lock_wait_s=0))
+
+
+def test_lock_words_in_the_output_of_an_otherwise_failed_update_are_no_lock() -> None:
+    # a scriptlet (or a repository's message) printing dnf's lock words in a transaction that failed:
+    # read as "busy", the update was run again every 10 s and reported as having changed no package
+    said = "Running scriptlet: evil-1.0\nRPMDB already locked by 1\nError: Transaction failed\n"
+    shell = HandlerShell(lambda argv: (1, said, "") if "update" in argv else (0, "", ""))
+    clock = FakeClock()
+    with pytest.raises(StepError, match=r"dnf update failed \(exit 1\)") as err:
+        patching.apply_updates(shell, "hv1", HostPolicy(package_lock_wait_s=60), sleep=clock.sleep)
+    assert "changed no package" not in str(err.value)
+    assert clock.sleeps == [] and sum("update" in argv for argv in shell.ran) == 1
+
+
+def test_the_lock_holder_is_logged_as_data(caplog: pytest.LogCaptureFixture) -> None:
+    said = "Existing lock /var/run/\x1b[2J\x1b]8;;http://evil\x07yum.pid: another copy is running as pid 7\n"
+    answers = iter([(200, "", said), (0, "Complete!\n", "")])
+    shell = HandlerShell(lambda argv: next(answers) if "update" in argv else (0, "", ""))
+    clock = FakeClock()
+    with caplog.at_level("INFO", logger="hostmaint"):
+        res = patching.apply_updates(shell, "hv1", HostPolicy(package_lock_wait_s=60), sleep=clock.sleep)
+    assert res.lock_waits == (said.strip().removesuffix("."),)  # the audit keeps the exact words
+    [line] = [r.getMessage() for r in caplog.records if "asking again" in r.getMessage()]
+    assert "\x1b" not in line and "\\x1b[2J" in line
