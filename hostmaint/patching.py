@@ -455,11 +455,21 @@ def package_diff(before: dict[str, str], after: dict[str, str]) -> PackageDiff:
 # --- 5. reboot decision -----------------------------------------------------------
 
 
+# a kernel release as `uname -r` and rpm spell it (5.14.0-427.el9.x86_64, 6.1.0-18-amd64): anything else a
+# host prints where one is expected (a second line, spaces, escapes) is not one, and is never compared
+KERNEL_RELEASE = re.compile(r"[A-Za-z0-9._+~^-]+")
+
+
 def running_kernel(shell: HostShell, host: str, step: Step = Step.REBOOT_DECISION) -> str:
+    """The running kernel's release (``uname -r``); StepError when the host says anything but one."""
     res = _run(shell, host, ["uname", "-r"], step, PROBE_TIMEOUT_S)
     if res.exit_code != 0 or not res.stdout.strip():
         raise StepError(f"uname -r failed (exit {res.exit_code}): {_said(res)}", host=host, step=step)
-    return res.stdout.strip()
+    release = res.stdout.strip()
+    if not KERNEL_RELEASE.fullmatch(release):
+        # the host named first, explicitly: the text it printed may well contain its name (see parse_boot_id)
+        raise StepError(f"{host}: uname -r: expected one kernel release, got {release[:80]!r}", host=host, step=step)
+    return release
 
 
 def installed_kernels(shell: HostShell, host: str, step: Step = Step.REBOOT_DECISION) -> tuple[str, ...]:
@@ -492,7 +502,7 @@ def installed_kernels(shell: HostShell, host: str, step: Step = Step.REBOOT_DECI
             continue
         if line.startswith("no package provides "):
             unprovided += 1
-        elif len(line.split()) != 1:
+        elif not KERNEL_RELEASE.fullmatch(line):
             # not a `uname -r` spelling: a message this parser does not know (another locale, a warning)
             raise broken(f"unexpected output line {line[:80]!r}")
         else:
@@ -531,9 +541,9 @@ def boot_kernel(shell: HostShell, host: str, step: Step = Step.REBOOT_DECISION) 
     if not lines:
         return None
     release = lines[0].removeprefix(_VMLINUZ)
-    if len(lines) != 1 or not lines[0].startswith(_VMLINUZ) or not re.fullmatch(r"[A-Za-z0-9._+~-]+", release):
-        raise StepError(f"grubby --default-kernel: expected one {_VMLINUZ}<release> line, got "
-                        f"{_tail(res.stdout, 3)!r}", host=host, step=step)
+    if len(lines) != 1 or not lines[0].startswith(_VMLINUZ) or not KERNEL_RELEASE.fullmatch(release):
+        raise StepError(f"{host}: grubby --default-kernel: expected one {_VMLINUZ}<release> line, got "
+                        f"{_tail(res.stdout, 3)[:200]!r}", host=host, step=step)
     return release
 
 

@@ -818,3 +818,29 @@ def test_the_lock_holder_is_logged_as_data(caplog: pytest.LogCaptureFixture) -> 
     assert res.lock_waits == (said.strip().removesuffix("."),)  # the audit keeps the exact words
     [line] = [r.getMessage() for r in caplog.records if "asking again" in r.getMessage()]
     assert "\x1b" not in line and "\\x1b[2J" in line
+
+
+@pytest.mark.parametrize("said", [
+    f"{K1}.x86_64\nhv1: verify: all checks passed\n",  # a second line forging a log line
+    f"{K1}.x86_64 /boot/../x\n",  # output that looks like another field
+    f"{K1}\x1b[2J.x86_64\n",  # an escape sequence inside one word
+    f"{K1}\u202e.x86_64\n",
+])
+def test_a_running_kernel_that_is_not_one_release_is_refused_and_fails_verify(said: str) -> None:
+    # under reboot: never, such a "running kernel" older than the installed one passed verify with a
+    # warning quoting it whole into the run's log
+    shell, _, state = setup(make_host(installed={"kernel-core": K2}, commands={"uname -r": [0, said, ""]}))
+    with pytest.raises(StepError, match=r"hv1: uname -r: expected one kernel release, got ") as err:
+        patching.reboot_decision(shell, "hv1", HostPolicy())
+    assert err.value.step == "reboot-decision"
+    report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", HostPolicy(reboot=RebootPolicy.NEVER),
+                                  cells_before=CELLS)
+    kernel = {c.name: c for c in report.checks}["kernel"]
+    assert not report.ok and not kernel.ok and not kernel.warning and "expected one kernel release" in kernel.detail
+
+
+def test_an_installed_kernel_line_with_control_characters_is_no_kernel() -> None:
+    listed = f"{K1}.x86_64\n{K2}\x1b]8;;http://evil\x07.x86_64\n"
+    shell, _, _ = setup(make_host(commands={RPM_KERNELS: [0, listed, ""]}))
+    with pytest.raises(StepError, match=r"unexpected output line '5\.14\.0-427\.el9\\x1b\]8;;http://evil\\x07"):
+        patching.installed_kernels(shell, "hv1")
