@@ -44,7 +44,7 @@ def rpmvercmp(a: str, b: str) -> int:
         if not (ca and cb):
             break
         numeric = ca.isdigit()
-        kind = str.isdigit if numeric else (lambda c: c.isascii() and c.isalpha())
+        kind = (lambda c: c.isascii() and c.isdigit()) if numeric else (lambda c: c.isascii() and c.isalpha())
         si, sj = i, j
         while i < len(a) and kind(a[i]):
             i += 1
@@ -69,7 +69,9 @@ def split_evr(evr: str) -> tuple[int, str, str]:
     epoch = 0
     if ":" in evr:
         e, evr = evr.split(":", 1)
-        epoch = int(e) if e.isdigit() else 0
+        # ASCII digits only: str.isdigit() is true of "²", which int() refuses (a ValueError out of a
+        # host's package list); anything else is no epoch, as rpm's EPOCHNUM never prints one
+        epoch = int(e) if e.isascii() and e.isdigit() else 0
     version, _, release = evr.rpartition("-") if "-" in evr else (evr, "", "")
     return epoch, version, release
 

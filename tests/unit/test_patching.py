@@ -844,3 +844,13 @@ def test_an_installed_kernel_line_with_control_characters_is_no_kernel() -> None
     shell, _, _ = setup(make_host(commands={RPM_KERNELS: [0, listed, ""]}))
     with pytest.raises(StepError, match=r"unexpected output line '5\.14\.0-427\.el9\\x1b\]8;;http://evil\\x07"):
         patching.installed_kernels(shell, "hv1")
+
+
+def test_package_versions_a_host_spells_with_non_ascii_digits_are_compared_without_crashing() -> None:
+    # "²".isdigit() is True and int("²") a ValueError: it escaped installed_packages, naming no host
+    assert rpm_version.split_evr("²:1.0-1") == (0, "1.0", "1")
+    assert rpm_version.evr_compare("1:1.0-1", "²:9.0-1") == 1
+    assert rpm_version.rpmvercmp("1²", "12") == -1  # "²" is no digit of a version, as in rpm
+    listed = "kernel-core.x86_64\t²:5.14.0-1.el9\nkernel-core.x86_64\t0:5.14.0-2.el9\n"
+    shell = HandlerShell(lambda argv: (0, listed, ""))
+    assert patching.installed_packages(shell, "hv1") == {"kernel-core.x86_64": "²:5.14.0-1.el9, 0:5.14.0-2.el9"}
