@@ -15,10 +15,13 @@ REDACTED = "***redacted***"
 SECRET_KEY_PARTS = ("password", "passphrase", "secret", "token", "privatekey", "keymaterial", "apikey",
                     "authorization")
 # scheme://user:password@ : the password runs to the last "@" before the path or a space, so one that
-# holds a raw "@" is still masked whole (the user part stays: it says which account leaked nothing)
-_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]*://[^\s/:@]*):(?P<password>[^\s/]*)@")
+# holds a raw "@" is still masked whole (the user part stays: it says which account leaked nothing).
+# The scheme is at most 32 characters, and a name starts where a run of name characters starts: both
+# patterns read host output, and unbounded there they tried every position of a long "a.a.a..." token
+# again (quadratic: 40 kB of one line took 50 s, in every error that quoted it)
+_URL_PASSWORD = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.-]{0,31}://[^\s/:@]*):(?P<password>[^\s/]*)@")
 # name=value pairs (URL query parameters, key=value lines): redacted when the name looks secret
-_NAMED_VALUE = re.compile(r"(?P<name>[A-Za-z0-9_.-]+)=(?P<value>\"[^\"]*\"|'[^']*'|[^&\s#;,'\"]+)")
+_NAMED_VALUE = re.compile(r"(?<![A-Za-z0-9_.-])(?P<name>[A-Za-z0-9_.-]+)=(?P<value>\"[^\"]*\"|'[^']*'|[^&\s#;,'\"]+)")
 
 
 def is_secret_name(key: object) -> bool:

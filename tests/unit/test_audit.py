@@ -664,3 +664,15 @@ def test_an_error_quoting_host_output_never_carries_its_password() -> None:
     for err in (StepError(f"dnf failed: {said}", host="hv01", step="update"), InputError(said)):
         assert "s3cret" not in str(err) and "abc123" not in str(err)
         assert "https://mirror:***@repo.example" in str(err) and "token=***" in str(err)
+
+
+@pytest.mark.parametrize("line", ["a." * 100_000, "a-b+" * 50_000, "k." * 99_999 + "password=hunter2"])
+def test_redacting_a_long_line_of_host_output_takes_linear_time(line: str) -> None:
+    # every error quoting a host's output is redacted when it is made: the patterns tried every position
+    # of one long token again, so 200 kB of "a.a.a..." on a failed command's stderr held the worker for hours
+    code = ("import sys, time; from hostmaint.errors import StepError; line = sys.stdin.read(); t = time.monotonic(); "
+            "e = StepError('df -Pm / failed: ' + line, host='hv1'); print(time.monotonic() - t, 'hunter2' in str(e))")
+    done = subprocess.run([sys.executable, "-c", code], input=line, capture_output=True, text=True, timeout=60,
+                          check=True)
+    seconds, leaked = done.stdout.split()
+    assert float(seconds) < 5 and leaked == "False"
