@@ -98,13 +98,14 @@ class HookRun:
 
     def why(self) -> str:
         if self.error is not None:
-            return self.error
+            return visible(self.error)  # a driver's error quotes the host (an SSH banner)
         last = (self.stderr.strip() or self.stdout.strip()).splitlines()[-1:] or [""]
         return f"exit {self.exit_code}" + (f": {visible(last[0][:200])}" if last[0] else "")
 
 
 def _tail(text: str) -> str:
-    return redact_text(text[-OUTPUT_KEPT:])
+    # masked whole, then cut: a cut inside a URL's user part or a name=value left a password unrecognised
+    return redact_text(text)[-OUTPUT_KEPT:]
 
 
 def expand(spec: HookSpec, *, host: str, cluster: str) -> list[str]:

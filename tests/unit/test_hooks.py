@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import shlex
 import subprocess
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,43 @@ def test_inventory_check_refuses_a_shell_string_hook_with_exit_2(sim_inventory: 
     assert result.exit_code == 2, result.output
     assert "hosts[0].hooks.pre_reboot[0].argv (host hv01)" in result.output
     assert "clusters[0].monitoring.alertmanager.lease_s" in result.output
+
+
+BANNER = 'unreachable after 1 attempt(s): SSHException: Indecipherable protocol version "\x1b[2J\x1b]8;;http://evil\x07'
+
+
+class _Refusing:
+    """A HostShell whose connection fails as paramiko's does when the host's sshd sends a banner of its choosing."""
+
+    def run(self, host: str, argv: Sequence[str], timeout: float = 60.0) -> CommandResult:
+        from hostmaint.errors import TransientDriverError
+        raise TransientDriverError(f'{BANNER}\nhv04: post-maintenance hook ok"', host)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_hook_that_could_not_reach_its_host_is_logged_as_one_line_of_data(
+        rt: Runtime, caplog: pytest.LogCaptureFixture) -> None:
+    rt = _with_hooks(rt, cluster={"post_maintenance": [{"name": "lb", "on": "host", "argv": ["true"]}]},
+                     shell=_Refusing())
+    with caplog.at_level("WARNING", logger="hostmaint"):
+        [run] = run_hooks(rt, RunContext(), "hv04", HookPoint.POST_MAINTENANCE)
+    assert not run.ok and run.error is not None and "\x1b" in run.error  # the audit keeps the exact text
+    [line] = [r.getMessage() for r in caplog.records if "hook lb failed" in r.getMessage()]
+    assert "\x1b" not in line and "\n" not in line and "\\x1b[2J" in line
+
+
+def test_hook_output_is_redacted_before_its_end_is_kept(rt: Runtime) -> None:
+    # the kept end (OUTPUT_KEPT characters) began inside a URL's user part, where the password no longer
+    # looked like one: it reached the audit record whole
+    from hostmaint.hooks import OUTPUT_KEPT
+    secret = "https://deploy:hunter2@repo.example/x"
+    kept = len("ploy:hunter2@repo.example/x")  # of the secret line, what the end keeps
+    script = f"print({secret!r}); print('y' * {OUTPUT_KEPT - kept - 2})"
+    rt = _with_hooks(rt, cluster={"post_verify": [{"name": "out", "on": "worker",
+                                                   "argv": [sys.executable, "-c", script]}]})
+    [run] = run_hooks(rt, RunContext(), "hv03", HookPoint.POST_VERIFY)
+    assert run.ok and "hunter2" not in run.stdout
+    rec = [r for r in rt.audit.records(host="hv03") if r.step == "hook"][-1]
+    assert "hunter2" not in str(rec.details)
