@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from hostmaint.display import visible
 from hostmaint.errors import MonitoringError, StepError
 from hostmaint.models import Step, StepOutcome
 from hostmaint.redaction import redact_text
@@ -390,13 +391,13 @@ def gate(rt: Runtime, run: RunContext, host: str, point: GatePoint, *, kind: Wor
                         "series": [s.labels for s in c.series[:20]]} for c in result.checks]})
         unreachable = [c.reason for c in result.checks if c.verdict is GateVerdict.UNREACHABLE]
         for note in unreachable:
-            log.warning("%s: %s", host, note)
+            log.warning("%s: %s", host, visible(note))
         for check in result.checks:
             if check.verdict is GateVerdict.BYPASSED:
-                log.info("%s: %s", host, check.reason)
+                log.info("%s: %s", host, visible(check.reason))
         if not result.passed:
             rec.outcome = StepOutcome.SKIPPED
-            log.warning("%s: held by monitoring: %s", host, result.reason)
+            log.warning("%s: held by monitoring: %s", host, visible(result.reason))
         return result
 
 
@@ -435,6 +436,11 @@ class Silence:
     state: str  # active, pending, expired
 
 
+# what Alertmanager answers for a silence's id (a UUID): anything else is not pasted into a URL's path,
+# where "../.." would send the requests that follow (with the url's credentials) to another endpoint
+_SILENCE_ID = re.compile(r"[A-Za-z0-9-]{1,64}")
+
+
 class Alertmanager:
     """Alertmanager's v2 silences API."""
 
@@ -455,9 +461,12 @@ class Alertmanager:
         if response.status_code != 200:
             raise MonitoringError(f"silence refused (HTTP {response.status_code}): {_problem(response)}", url)
         try:
-            return str(response.json()["silenceID"])
+            answered = str(response.json()["silenceID"])
         except (ValueError, KeyError, TypeError) as exc:
             raise MonitoringError(f"not an Alertmanager answer: {response.text[:200]!r}", url) from exc
+        if not _SILENCE_ID.fullmatch(answered):
+            raise MonitoringError(f"not an Alertmanager answer: silence id {answered[:80]!r}", url)
+        return answered
 
     def started(self, silence_id: str, fallback: datetime) -> datetime:
         """When Alertmanager says ``silence_id`` started: it moves a start in the past to its own now,
@@ -467,6 +476,8 @@ class Alertmanager:
 
     def get(self, silence_id: str) -> Silence | None:
         """The silence ``silence_id``, or None when Alertmanager does not know it."""
+        if not _SILENCE_ID.fullmatch(silence_id):
+            return None  # no id Alertmanager gives: it has no such silence
         url = f"{self.url}/api/v2/silence/{silence_id}"
         response = _request(self.client, "GET", url, "read silence")
         if response.status_code == 404:
@@ -482,6 +493,8 @@ class Alertmanager:
 
     def expire(self, silence_id: str) -> bool:
         """Expire ``silence_id`` now; False when Alertmanager does not know it (or it has ended already)."""
+        if not _SILENCE_ID.fullmatch(silence_id):
+            return False
         url = f"{self.url}/api/v2/silence/{silence_id}"
         response = _request(self.client, "DELETE", url, "expire silence")
         if response.status_code == 200:
@@ -557,7 +570,7 @@ class SilenceLease:
                 except MonitoringError as exc:
                     # the silence lapses at its end unless a later extension gets through
                     self.failures.append(str(exc))
-                    log.warning("could not extend silence %s: %s", self.silence_id, exc)
+                    log.warning("could not extend silence %s: %s", self.silence_id, visible(exc))
 
         self._thread = threading.Thread(target=loop, name=f"silence-{self.silence_id[:8]}", daemon=True)
         self._thread.start()
@@ -639,7 +652,7 @@ def open_silence(rt: Runtime, run: RunContext, host: str, *, now: Callable[[], d
             rec.outcome = StepOutcome.SKIPPED
             rec.details["error"] = str(exc)
             rec.details["note"] = "Alertmanager is not required: maintenance goes on without a silence"
-            log.warning("%s: no silence, Alertmanager did not answer (not required): %s", host, exc)
+            log.warning("%s: no silence, Alertmanager did not answer (not required): %s", host, visible(exc))
             return None
         rec.details["silence_id"] = lease.silence_id
         rec.details["ends_at"] = _iso(lease.ends_at) if lease.ends_at else None
@@ -678,7 +691,7 @@ def end_silence(rt: Runtime, run: RunContext, host: str, lease: SilenceLease | N
             rec.details["error"] = str(exc)
             rec.details["note"] = "could not expire it: it lapses by itself at its end"
             log.warning("%s: could not expire silence %s (it lapses at %s): %s", host, lease.silence_id,
-                        lease.ends_at, exc)
+                        lease.ends_at, visible(exc))
         else:
             rec.details["expired"] = expired
         finally:

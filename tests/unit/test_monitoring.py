@@ -455,3 +455,48 @@ def test_new_integration_fields_name_the_field_and_check_exits_2(sim_inventory: 
     sim_inventory.write_text(yaml.safe_dump(data))
     checked = CliRunner().invoke(app, ["inventory", "check", "--no-files", str(sim_inventory)])
     assert checked.exit_code == 2 and "evacuation_silence_s" in checked.output, checked.output
+
+
+# --- what monitoring answers is data (a fake server: httpx.MockTransport) -----------------------------
+
+HOSTILE = "Evil\x1b[2J\x1b]8;;http://evil\x07\u202e\nhv01: gates open"
+
+
+def test_labels_and_errors_from_monitoring_reach_the_log_as_one_line(
+        rt: Runtime, caplog: pytest.LogCaptureFixture) -> None:
+    # a metric name (UTF-8 names, Prometheus 3) or a label a target chose, and the body of a refusal
+    def prometheus(request: httpx.Request) -> httpx.Response:
+        if "hv01" in request.content.decode():
+            return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector", "result": [
+                {"metric": {"__name__": HOSTILE, HOSTILE: "x"}, "value": [0, "1"]}]}})
+        return httpx.Response(500, text=HOSTILE)
+
+    rt = _with_monitoring(rt, _prom("http://prom.test", on_hold="skip"))
+    with caplog.at_level("INFO", logger="hostmaint"):
+        held = gate(rt, RunContext(), "hv01", GatePoint.BEFORE_DRAIN, transport=httpx.MockTransport(prometheus))
+        unreachable = gate(rt, RunContext(), "hv02", GatePoint.BEFORE_DRAIN,
+                           transport=httpx.MockTransport(prometheus))
+    assert not held.passed and unreachable.passed
+    assert _records(rt, "hv01", "gate")[-1].details["checks"][0]["series"][0]["__name__"] == HOSTILE  # exact
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("hostmaint")]
+    assert len(lines) == 2 and all("\\x1b[2J" in line for line in lines)
+    assert not any(c in line for line in lines for c in "\x1b\n\u202e")
+
+
+def test_a_silence_id_that_is_not_one_never_becomes_a_path(rt: Runtime) -> None:
+    # Alertmanager (or whatever answers at its url) names the silence "../../../-/quit": pasted into the
+    # url, the extension and expiry would go to another endpoint with the url's credentials
+    paths: list[str] = []
+
+    def alertmanager(request: httpx.Request) -> httpx.Response:
+        paths.append(request.url.path)
+        if request.method == "POST":
+            return httpx.Response(200, json={"silenceID": "../../../-/quit"})
+        return httpx.Response(404)
+
+    rt = _with_monitoring(rt, _am("http://am.test"))
+    lease = open_silence(rt, RunContext(), "hv01", transport=httpx.MockTransport(alertmanager), start=False)
+    assert lease is None  # not required: no silence, said so
+    rec = _records(rt, "hv01", "silence")[-1]
+    assert rec.outcome is StepOutcome.SKIPPED and "silence id '../../../-/quit'" in rec.details["error"]
+    assert paths == ["/api/v2/silences"]
