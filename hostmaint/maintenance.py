@@ -342,7 +342,7 @@ def _abort_outgoing(rt: Runtime, host: str) -> list[str]:
             if other.name != host:
                 outgoing |= (set(hv.in_migration(other.name)) & here) - switching
     except DriverError as exc:
-        log.warning("%s: cannot list its migrations to stop them: %s", host, exc)
+        log.warning("%s: cannot list its migrations to stop them: %s", host, visible(exc))
         return []
     aborted = []
     for vm in sorted(outgoing):
@@ -377,7 +377,7 @@ def _settle_vms(rt: Runtime, cluster: str, which: Callable[[], list[str]], settl
                     moving |= set(hv.in_migration(h.name))
             unsettled = [vm for vm in vms if vm in moving or len(hv.locate(vm)) != 1]
         except DriverError as exc:
-            log.warning("%s: cannot see where its VMs run yet: %s", cluster, exc)
+            log.warning("%s: cannot see where its VMs run yet: %s", cluster, visible(exc))
             unsettled = vms
         if not unsettled or clock() >= deadline:
             return unsettled
@@ -457,7 +457,7 @@ def _abort_moves(rt: Runtime, moves: Sequence[dict[str, str]]) -> list[str]:
                 hv.abort(vm, source)
                 aborted.append(vm)
         except DriverError as exc:
-            log.warning("cannot stop the move of %s off %s: %s", visible(vm), source, exc)
+            log.warning("cannot stop the move of %s off %s: %s", visible(vm), source, visible(exc))
     return aborted
 
 
@@ -1021,7 +1021,7 @@ def settle_stranded(rt: Runtime, run: RunContext, cluster: str) -> list[str]:
                 if _settle_one(rt, run, hv, vm, host, others, running):
                     settled.append(vm)
             except DriverError as exc:
-                log.warning("%s: cannot settle %s, left paused by a migration: %s", host, visible(vm), exc)
+                log.warning("%s: cannot settle %s, left paused by a migration: %s", host, visible(vm), visible(exc))
     return settled
 
 
@@ -1089,7 +1089,7 @@ def _transport(rt: Runtime, rec: StepRecord, plan: EvacuationPlan, cluster: str)
     if warnings:
         rec.details["transport_warnings"] = warnings
         for warning in warnings:
-            log.warning("%s", warning)
+            log.warning("%s", visible(warning))  # quotes what hosts said (their certificates)
     return transport.route
 
 
@@ -1481,7 +1481,7 @@ def verify(rt: Runtime, run: RunContext, host: str, cells_before: tuple[Cell, ..
                 bad = [f"{c.name}: {c.detail}" for c in report.checks if not c.ok]
                 raise StepError(f"host {host} failed verification: " + "; ".join(bad), host, Step.VERIFY)
             for check in report.warnings:  # passed, but an operator should know (a reboot pending by policy)
-                log.warning("%s: %s: %s", host, check.name, check.detail)
+                log.warning("%s: %s: %s", host, check.name, visible(check.detail))  # host output in it
     except TransientDriverError:
         raise  # the host is not answering yet: the task retries, the host stays verifying
     except (StepError, DriverError) as exc:

@@ -11,7 +11,7 @@ import libvirt
 import pytest
 
 from hostmaint.drivers.libvirt import LibvirtHypervisor, MonitorSettings
-from hostmaint.errors import MigrationError
+from hostmaint.errors import DriverError, MigrationError
 from hostmaint.models import MigrationOptions, MigrationProgress, StepOutcome
 from tests.fakes.libvirtd import FakeClock, FakeConnector, FakeDomain, FakeHost, FakeJob, FakeNetwork
 
@@ -206,3 +206,23 @@ def test_a_limit_the_caller_lowers_before_the_monitors_first_setting_is_not_undo
     assert result.outcome is StepOutcome.OK
     [(job, _, _)] = network.jobs
     assert job.max_downtime_ms == 61
+
+
+def test_a_downtime_limit_that_could_not_be_set_is_logged_as_one_line(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    # libvirt's errors quote the domain's name, which a tenant chose: the error is logged escaped
+    def quick(job: FakeJob, clock: FakeClock) -> dict[str, Any]:
+        if clock.now >= 2:
+            job.finish()
+        return {"data_total": 256 * MIB, "data_processed": int(clock.now * MIB), "data_remaining": 64 * MIB}
+
+    hv, _, _ = lab(quick)
+
+    def refused(vm: str, source: str, downtime_ms: int | None) -> None:
+        raise DriverError("setting the downtime limit of web\x1b[2J\nhv01: migrated", source)
+
+    monkeypatch.setattr(hv.migrations, "_apply_downtime", refused)
+    with caplog.at_level("WARNING", logger="hostmaint"):
+        assert hv.migrate("vm1", "hv01", "hv02", MigrationOptions(downtime_limit_ms=165)).outcome is StepOutcome.OK
+    lines = [r.getMessage() for r in caplog.records if "downtime limit" in r.getMessage()]
+    assert lines and all("\x1b" not in line and "\n" not in line and "web\\x1b[2J\\nhv01" in line for line in lines)

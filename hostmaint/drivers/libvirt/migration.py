@@ -269,7 +269,7 @@ class Migrations:
             try:
                 self._apply_downtime(vm, source, limit)
             except DriverError as exc:
-                log.warning("could not set the downtime limit of %s to %s ms: %s", visible(vm), limit, exc)
+                log.warning("could not set the downtime limit of %s to %s ms: %s", visible(vm), limit, visible(exc))
         return True
 
     def _apply_downtime(self, vm: str, source: str, downtime_ms: int | None) -> None:
@@ -293,7 +293,7 @@ class Migrations:
                 self._apply_downtime(vm, source, downtime_ms)
             except DriverError as exc:
                 # most often its job does not run yet: the monitor sets the limit when it shows
-                log.warning("downtime limit of %s not set now (kept for its job): %s", visible(vm), exc)
+                log.warning("downtime limit of %s not set now (kept for its job): %s", visible(vm), visible(exc))
 
     def _in_post_copy(self, vm: str, source: str) -> bool:
         with self._lock:
