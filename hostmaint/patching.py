@@ -27,6 +27,7 @@ from hostmaint.drivers.base import HostShell, Hypervisor
 from hostmaint.errors import CommandError, DriverError, HostKeyError, StepError, TransientDriverError
 from hostmaint.inventory import PACKAGE_PATTERN, HostPolicy
 from hostmaint.models import Cell, CommandResult, Frozen, PackageManager, RebootPolicy, Step
+from hostmaint.redaction import redact_text
 from hostmaint.rpm_version import evr_compare, kernel_compare, newest_kernel
 
 log = logging.getLogger(__name__)
@@ -177,9 +178,19 @@ def _tail(text: str, lines: int = 30) -> str:
     return "\n".join(kept[-lines:])
 
 
+SAID_KEPT = 2000  # characters of a failed command's output that a message quotes: its end, where errors are
+
+
 def _said(result: CommandResult) -> str:
-    """What a failed command said: stderr first (dnf's errors), else stdout."""
-    return _tail(result.stderr) or _tail(result.stdout) or "(no output)"
+    """What a failed command said: stderr first (dnf's errors), else stdout; its last 30 lines, of which
+    the last :data:`SAID_KEPT` characters (masked before they are cut, so a cut cannot unmask a password):
+    a host printing megabytes on one line must not make every message, state and report that quotes it as
+    long."""
+    said = _tail(result.stderr) or _tail(result.stdout) or "(no output)"
+    if len(said) <= SAID_KEPT:
+        return said
+    masked = redact_text(said)
+    return f"(... {len(masked) - SAID_KEPT} characters before) {masked[-SAID_KEPT:]}"
 
 
 def _run(shell: HostShell, host: str, argv: Sequence[str], step: Step, timeout: float) -> CommandResult:

@@ -854,3 +854,16 @@ def test_package_versions_a_host_spells_with_non_ascii_digits_are_compared_witho
     listed = "kernel-core.x86_64\t²:5.14.0-1.el9\nkernel-core.x86_64\t0:5.14.0-2.el9\n"
     shell = HandlerShell(lambda argv: (0, listed, ""))
     assert patching.installed_packages(shell, "hv1") == {"kernel-core.x86_64": "²:5.14.0-1.el9, 0:5.14.0-2.el9"}
+
+
+def test_megabytes_of_output_are_quoted_by_their_end_with_passwords_masked() -> None:
+    # one line of 5 MB on a failed command's stderr became a 5 MB error: the host's state reason, its
+    # audit record, the run report and its log line
+    tail = "y" * (patching.SAID_KEPT - 10)  # the kept end begins inside the URL before it
+    error = "x" * 5_000_000 + " https://svc:hunter2@repo.example/el9/ " + tail
+    shell, _, _ = setup(make_host(repo_error=error))
+    with pytest.raises(StepError) as err:
+        patching.preflight(shell, "hv1", HostPolicy())
+    message = str(err.value)
+    assert len(message) < patching.SAID_KEPT + 300 and message.endswith(tail)
+    assert "characters before)" in message and "hunter2" not in message and "r2@repo" not in message
