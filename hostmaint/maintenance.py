@@ -1276,6 +1276,12 @@ def check_same_machine(rt: Runtime, rec: StepRecord, host: str, *,
     if not by_libvirt:
         rec.details["machine"]["note"] = "libvirt names no hostname here: not compared"
         return
+    if not (patching.names_a_machine(by_ssh) and patching.names_a_machine(by_libvirt)):
+        # two freshly installed hypervisors are both localhost.localdomain: equal names prove nothing
+        raise StepError(f"{refused}: SSH ({entry.ssh.address}) reaches a machine named {by_ssh!r}, libvirt "
+                        f"({entry.libvirt_uri}) one named {by_libvirt!r}: such a name is every unnamed machine's, "
+                        "so nothing shows that the update and the reboot would go to the machine the drain "
+                        f"empties; give {host} its own hostname (hostnamectl set-hostname)", host, step)
     if not patching.same_machine(by_ssh, by_libvirt):
         # libvirt canonicalises its name through the resolver (a CNAME's target): so does hostname -f there
         full = patching.canonical_name(rt.shell, host, step)

@@ -576,12 +576,29 @@ def canonical_name(shell: HostShell, host: str, step: Step = Step.PRECHECK) -> s
     return words[0] if res.exit_code == 0 and len(words) == 1 else None
 
 
+# the names a machine has before anyone named it (a fresh install's localhost.localdomain, a kernel's
+# "(none)"): every such machine has them, so they cannot say which machine answered
+UNNAMED = frozenset({"localhost", "localhost4", "localhost6", "(none)", ""})
+
+
+def _labels(name: str) -> list[str]:
+    return name.strip().rstrip(".").lower().split(".")
+
+
+def names_a_machine(name: str) -> bool:
+    """Whether ``name`` (``uname -n``, libvirt's hostname) could tell one machine from another."""
+    return _labels(name)[0] not in UNNAMED
+
+
 def same_machine(ssh_name: str, libvirt_name: str) -> bool:
     """Whether two names a machine gave itself are one: libvirt may add the domain (its hostname is
-    canonicalised through DNS), ``uname -n`` may not, so the first labels are compared, in any case."""
-    def first(name: str) -> str:
-        return name.strip().rstrip(".").split(".")[0].lower()
-    return first(ssh_name) == first(libvirt_name)
+    canonicalised through DNS), ``uname -n`` may not, so the first labels are compared, in any case;
+    when both carry a domain the whole names are (hv01.dc1 and hv01.dc2 are two machines). A name that
+    names no machine (:data:`UNNAMED`) is the same as none."""
+    a, b = _labels(ssh_name), _labels(libvirt_name)
+    if not (names_a_machine(ssh_name) and names_a_machine(libvirt_name)) or a[0] != b[0]:
+        return False
+    return len(a) == 1 or len(b) == 1 or a == b
 
 
 def reboot_decision(shell: HostShell, host: str, policy: HostPolicy) -> RebootDecision:

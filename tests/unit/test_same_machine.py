@@ -54,6 +54,13 @@ def test_the_same_machine_passes_and_its_names_are_recorded(sim_inventory: Path)
     ("HV01.example.internal.", "hv01", True),
     ("hv01", "hv010", False),
     ("hv01", "hv02.example.internal", False),
+    ("hv01.dc1.example", "hv01.dc2.example", False),  # both with their domain: the whole names
+    ("hv01.dc1.example", "HV01.dc1.example.", True),
+    # names every unnamed machine has say nothing about which one answered
+    ("localhost.localdomain", "localhost.localdomain", False),
+    ("localhost", "localhost", False),
+    ("(none)", "(none)", False),
+    (".", ".", False),
 ])
 def test_names_are_one_machine_by_their_first_label(ssh: str, libvirt: str, same: bool) -> None:
     assert patching.same_machine(ssh, libvirt) is same
@@ -121,3 +128,38 @@ def test_the_reboot_is_refused_when_ssh_reaches_another_machine_than_the_drained
     assert [name for name, h in fleet.shell.hosts.items() if h.reboots] == []  # no reboot went anywhere
     assert rt.states.state("hv02") is HostState.DRAINED  # out of service, as it was
     assert not rt.audit.records(host="hv02", steps=(Step.REBOOT_ISSUED,))
+
+
+class _Unnamed:
+    """hv02's libvirt and the machine its ssh.address reaches (hv03) both call themselves localhost.localdomain."""
+
+    def __init__(self, rt: Any) -> None:
+        self.real_hv, self.real_shell = rt.hypervisor, _Reaches(rt.shell, "hv02", "hv03")
+
+    def discover(self, host: str) -> Any:
+        found = self.real_hv.discover(host)
+        return found.model_copy(update={"hostname": "localhost.localdomain"}) if host == "hv02" else found
+
+    def run(self, host: str, argv: Any, timeout: float = 60.0) -> Any:
+        if host == "hv02" and list(argv) in (["uname", "-n"], ["hostname", "-f"]):
+            from hostmaint.models import CommandResult
+            return CommandResult(host=host, argv=tuple(argv), exit_code=0, stdout="localhost.localdomain\n")
+        return self.real_shell.run(host, argv, timeout)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real_hv, name)
+
+
+def test_two_unnamed_machines_are_not_taken_for_one(sim_inventory: Path) -> None:
+    # fresh installs are all localhost.localdomain: equal names passed, and hv03 (its VMs on it) would have
+    # been updated and rebooted while hv02 was drained
+    rt = open_runtime(sim_inventory, fresh=True)
+    both = _Unnamed(rt)
+    rt.hypervisor, rt.shell = both, both
+    run = steps.RunContext(flow="patch-host", reason="patch")
+    with pytest.raises(StepError, match=r"cannot be patched, nothing changed: SSH \(hv02\.simulated\) reaches a "
+                                        r"machine named 'localhost\.localdomain'.*give hv02 its own hostname"):
+        steps.precheck(rt, run, "hv02")
+    assert rt.states.state("hv02") is HostState.ACTIVE
+    [record] = rt.audit.records(host="hv02", steps=(Step.PRECHECK,))
+    assert record.outcome is StepOutcome.FAILED
