@@ -2,7 +2,7 @@
 
 Three or four commands, argv lists only: ``cat /etc/libvirt/qemu.conf`` (where QEMU's certificates
 are: ``migrate_tls_x509_cert_dir``, else ``default_tls_x509_cert_dir``, else ``/etc/pki/qemu``),
-``ls -1`` of that directory (which key files exist: a key is never read), ``grep -H`` of the public
+``ls -1 -b`` of that directory (which key files exist: a key is never read), ``grep -H`` of the public
 certificates, and ``ip -o addr show`` when the host's address on the migration network is to be
 discovered. What the host answers is data: a path from qemu.conf only ever becomes one argv element.
 """
@@ -85,8 +85,10 @@ def probe_end(shell: HostShell, host: str, *, tls: bool, network: str | None,
     if not _safe_path(directory):
         return MigrationEnd(host=host, cert_dir="(unusable path in qemu.conf)", address=address,
                             problems=tuple(problems))
-    listing = shell.run(host, ["ls", "-1", "--", directory], timeout=timeout)
-    present = set(listing.stdout.split()) & set(QEMU_FILES) if listing.exit_code == 0 else set()
+    # -b: a name holding a line break or a space is printed escaped, one name a line, so a file named
+    # "x<LF>client-key.pem" cannot pass for the key file it is not
+    listing = shell.run(host, ["ls", "-1", "-b", "--", directory], timeout=timeout)
+    present = set(listing.stdout.splitlines()) & set(QEMU_FILES) if listing.exit_code == 0 else set()
     certs: dict[str, str] = {}
     wanted = [f for f in (CA_CERT, SERVER_CERT, CLIENT_CERT) if f in present]
     if wanted:

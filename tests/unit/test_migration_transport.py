@@ -387,3 +387,32 @@ def test_bad_migration_settings_are_refused_naming_the_field(cluster: dict[str, 
         parse_inventory(doc, "inventory.yaml")
     text = str(refused.value)
     assert f"{field}:" in text and says in text, text
+
+
+def test_a_file_name_with_a_line_break_does_not_pass_for_a_key_file(tmp_path: Path) -> None:
+    # `ls -1` prints names as they are: "x<LF>client-key.pem" read as two names, a client key present that
+    # is not, and TLS judged ready before the cordon (QEMU would then refuse every migration mid-drain)
+    import subprocess
+
+    ends = GOOD[1]
+    for name, pem in ends.certs.items():
+        (tmp_path / name).write_text(pem)
+    (tmp_path / "server-key.pem").write_text("not read")
+    (tmp_path / "x\nclient-key.pem").write_text("")
+
+    class Shell:  # the real ls and grep, on this machine: what a host's would print
+        def run(self, host: str, argv: Sequence[str], timeout: float = 60.0) -> CommandResult:
+            if argv[0] == "cat":
+                return CommandResult(host=host, argv=tuple(argv), exit_code=0,
+                                     stdout=f'migrate_tls_x509_cert_dir = "{tmp_path}"\n')
+            done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
+            return CommandResult(host=host, argv=tuple(argv), exit_code=done.returncode, stdout=done.stdout,
+                                 stderr=done.stderr)
+
+        def close(self) -> None:
+            pass
+
+    got = probe_end(Shell(), "hv02", tls=True, network=None, address=None)
+    assert got.keys == frozenset({"server-key.pem"}) and set(got.certs) == set(ends.certs)
+    refusals = plan(MigrationTls.REQUIRED, GOOD[0], got).refusals("hv01", ["hv02"])
+    assert [r.reason for r in refusals] == [f"QEMU TLS files missing in {tmp_path}: client-key.pem"]
