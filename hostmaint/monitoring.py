@@ -260,8 +260,12 @@ class Prometheus:
             raise MonitoringError(f"query failed: {body.get('error')}", url)
         if kind != "vector":
             raise MonitoringError(f"a gate query must answer an instant vector, got {kind}", url)
-        return [Series({str(k): str(v) for k, v in (r.get("metric") or {}).items()}, str(r.get("value", [0, ""])[1]))
-                for r in result]
+        try:
+            return [Series({str(k): str(v) for k, v in (r.get("metric") or {}).items()},
+                           str(r.get("value", [0, ""])[1])) for r in result]
+        except (AttributeError, TypeError, IndexError) as exc:
+            # a vector whose samples are not {metric: {...}, value: [t, v]}: no answer, as any other
+            raise MonitoringError(f"not a Prometheus answer: {response.text[:200]!r}", url) from exc
 
 
 @dataclass(frozen=True)
@@ -486,9 +490,12 @@ class Alertmanager:
             raise MonitoringError(f"silence read refused (HTTP {response.status_code}): {_problem(response)}", url)
         try:
             b = response.json()
-            return Silence(str(b["id"]), tuple(b["matchers"]), _parse_time(b["startsAt"]), _parse_time(b["endsAt"]),
+            matchers = tuple(b["matchers"])
+            if not all(isinstance(m, dict) for m in matchers):
+                raise TypeError("a matcher is not an object")
+            return Silence(str(b["id"]), matchers, _parse_time(b["startsAt"]), _parse_time(b["endsAt"]),
                            str(b["status"]["state"]))
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise MonitoringError(f"not an Alertmanager silence: {response.text[:200]!r}", url) from exc
 
     def expire(self, silence_id: str) -> bool:
@@ -513,7 +520,7 @@ def silence_matchers(settings: AlertmanagerSettings, *, host: str, cluster: str)
 
 def _same_matchers(a: Sequence[dict[str, Any]], b: Sequence[dict[str, Any]]) -> bool:
     def key(m: dict[str, Any]) -> tuple[str, str, bool, bool]:
-        return (str(m["name"]), str(m["value"]), bool(m.get("isRegex")), bool(m.get("isEqual", True)))
+        return (str(m.get("name")), str(m.get("value")), bool(m.get("isRegex")), bool(m.get("isEqual", True)))
     return sorted(map(key, a)) == sorted(map(key, b))
 
 

@@ -500,3 +500,42 @@ def test_a_silence_id_that_is_not_one_never_becomes_a_path(rt: Runtime) -> None:
     rec = _records(rt, "hv01", "silence")[-1]
     assert rec.outcome is StepOutcome.SKIPPED and "silence id '../../../-/quit'" in rec.details["error"]
     assert paths == ["/api/v2/silences"]
+
+
+@pytest.mark.parametrize("result", [["x"], [{"metric": ["a"], "value": [0, "1"]}], [{"metric": {}, "value": 5}],
+                                    [{"metric": {}, "value": []}], "abc"])
+def test_a_vector_that_is_no_prometheus_answer_is_unreachable_not_a_crash(rt: Runtime, result: Any) -> None:
+    # an AttributeError or TypeError escaped gate(): the run crashed instead of going on (not required)
+    body = {"status": "success", "data": {"resultType": "vector", "result": result}}
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=body))
+    lenient = _with_monitoring(rt, _prom("http://prom.test"))
+    checked = gate(lenient, RunContext(), "hv01", GatePoint.BEFORE_DRAIN, transport=transport)
+    assert checked.passed and "not a Prometheus answer" in checked.reason
+    strict = _with_monitoring(rt, _prom("http://prom.test", required=True, on_hold="skip"))
+    assert not gate(strict, RunContext(), "hv01", GatePoint.BEFORE_DRAIN, transport=transport).passed
+
+
+@pytest.mark.parametrize("silence", [
+    {"id": "a-1", "matchers": "abc", "startsAt": "2026-01-01T00:00:00Z", "endsAt": "2026-01-01T01:00:00Z",
+     "status": {"state": "active"}},
+    {"id": "a-1", "matchers": [], "startsAt": 5, "endsAt": "2026-01-01T01:00:00Z", "status": {"state": "active"}},
+    {"id": "a-1", "matchers": [{}], "startsAt": "2026-01-01T00:00:00Z", "endsAt": "2026-01-01T01:00:00Z",
+     "status": {"state": "active"}},
+])
+def test_a_silence_alertmanager_garbles_is_no_silence_not_a_crash(rt: Runtime, silence: dict[str, Any]) -> None:
+    # the run adopting the silence it recorded read it back: an AttributeError (startsAt not text) or a
+    # KeyError (a matcher without a name) escaped open_silence
+    def alertmanager(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(200, json=silence)
+        return httpx.Response(200, json={"silenceID": "b-2"})
+
+    rt = _with_monitoring(rt, _am("http://am.test"))
+    transport = httpx.MockTransport(alertmanager)
+    for _ in range(2):  # the second run finds the first one's silence recorded, and reads it back
+        lease = open_silence(rt, RunContext(), "hv01", transport=transport, start=False)
+        rec = _records(rt, "hv01", "silence")[-1]
+        if lease is None:
+            assert rec.outcome is StepOutcome.SKIPPED and "not an Alertmanager silence" in rec.details["error"]
+        else:
+            assert "adopted" not in rec.details  # a garbled silence is not this host's
