@@ -88,18 +88,24 @@ def _dn(cert: x509.Certificate, issuer: bool = False) -> str:
     return visible((cert.issuer if issuer else cert.subject).rfc4514_string())
 
 
-def _names(cert: x509.Certificate) -> tuple[set[str], set[str]]:
-    """(IP addresses, DNS names) the certificate's subjectAltName holds."""
+def _names(cert: x509.Certificate) -> tuple[set[str], set[str]] | None:
+    """(IP addresses, DNS names) the certificate's subjectAltName holds; None when its extensions do not
+    parse (cryptography reads them when first asked, and raises ValueError then)."""
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return set(), set()
+    except ValueError:
+        return None
     return ({str(ip) for ip in san.get_values_for_type(x509.IPAddress)},
             {d.lower() for d in san.get_values_for_type(x509.DNSName)})
 
 
 def _names_address(cert: x509.Certificate, address: str) -> bool:
-    ips, dns = _names(cert)
+    found = _names(cert)
+    if found is None:
+        return False
+    ips, dns = found
     try:
         return str(ipaddress.ip_address(address)) in ips
     except ValueError:
@@ -144,10 +150,11 @@ def tls_problems(end: MigrationEnd, now: datetime) -> list[str]:
             problems.append(f"{where}/{name} (issuer {_dn(cert, issuer=True)}) is not signed by the host's own "
                             f"{CA_CERT} ({_dn(ca)})")
     if end.address is not None and not _names_address(server, end.address):
-        ips, dns = _names(server)
+        found = _names(server)
+        names = ("its extensions cannot be read" if found is None else
+                 f"it names {visible(', '.join(sorted(found[0] | found[1]))) or 'no address'}")
         problems.append(f"{where}/{SERVER_CERT} does not name the migration address {end.address} "
-                        f"(it names {visible(', '.join(sorted(ips | dns))) or 'no address'}): the source's QEMU "
-                        "would refuse it")
+                        f"({names}): the source's QEMU would refuse it")
     return problems
 
 

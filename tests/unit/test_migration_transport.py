@@ -416,3 +416,28 @@ def test_a_file_name_with_a_line_break_does_not_pass_for_a_key_file(tmp_path: Pa
     assert got.keys == frozenset({"server-key.pem"}) and set(got.certs) == set(ends.certs)
     refusals = plan(MigrationTls.REQUIRED, GOOD[0], got).refusals("hv01", ["hv02"])
     assert [r.reason for r in refusals] == [f"QEMU TLS files missing in {tmp_path}: client-key.pem"]
+
+
+def test_a_server_certificate_whose_names_do_not_parse_is_refused_naming_the_host() -> None:
+    # cryptography parses extensions when first asked: a malformed subjectAltName raised a bare ValueError
+    # out of the refusals (the precheck crashed naming no host) and out of the routes of a drain
+    from cryptography.x509.oid import ExtensionOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hv02")])
+    garbled = (x509.CertificateBuilder().subject_name(name).issuer_name(LAB.name).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(NOW - timedelta(days=1))
+               .not_valid_after(NOW + timedelta(days=30))
+               .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+               .add_extension(x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x00garbage"),
+                              critical=False)
+               .sign(LAB.key, hashes.SHA256())).public_bytes(serialization.Encoding.PEM).decode()
+    hv02 = MigrationEnd(host="hv02", address="10.214.10.12", keys=KEYS,
+                        certs={**GOOD[1].certs, "server-cert.pem": garbled})
+    refusals = plan(MigrationTls.REQUIRED, GOOD[0], hv02).refusals("hv01", ["hv02"])
+    assert [r.host for r in refusals] == ["hv02"]
+    assert "server-cert.pem does not name the migration address 10.214.10.12" in refusals[0].reason
+    assert "cannot be read" in refusals[0].reason
+    route = plan(MigrationTls.PREFERRED, GOOD[0], hv02).route("hv01", "hv02")
+    assert route.tls is False and route.warning is not None and "hv02" in route.warning
+    assert plan(MigrationTls.REQUIRED, GOOD[0], hv02).summary()["hosts"]["hv02"]["tls"] != "ready"  # type: ignore[index]
