@@ -468,7 +468,7 @@ def package_diff(before: dict[str, str], after: dict[str, str]) -> PackageDiff:
 
 # a kernel release as `uname -r` and rpm spell it (5.14.0-427.el9.x86_64, 6.1.0-18-amd64): anything else a
 # host prints where one is expected (a second line, spaces, escapes) is not one, and is never compared
-KERNEL_RELEASE = re.compile(r"[A-Za-z0-9._+~^-]+")
+KERNEL_RELEASE = re.compile(r"[A-Za-z0-9._+~^-]{1,255}")
 
 
 def running_kernel(shell: HostShell, host: str, step: Step = Step.REBOOT_DECISION) -> str:
@@ -558,13 +558,16 @@ def boot_kernel(shell: HostShell, host: str, step: Step = Step.REBOOT_DECISION) 
     return release
 
 
+MAX_NAME = 255  # a DNS name has at most 253 characters, a kernel's nodename 64: longer is no machine's name
+
+
 def nodename(shell: HostShell, host: str, step: Step = Step.PRECHECK) -> str:
     """The name the machine SSH reaches gives itself (``uname -n``); StepError when it says no one name."""
     res = _run(shell, host, ["uname", "-n"], step, PROBE_TIMEOUT_S)
     words = res.stdout.split()
-    if res.exit_code != 0 or len(words) != 1:
-        raise StepError(f"uname -n: expected the machine's name (exit 0, one word), got exit {res.exit_code}: "
-                        f"{_said(res)}", host=host, step=step)
+    if res.exit_code != 0 or len(words) != 1 or len(words[0]) > MAX_NAME:
+        raise StepError(f"{host}: uname -n: expected the machine's name (exit 0, one word of at most {MAX_NAME} "
+                        f"characters), got exit {res.exit_code}: {_said(res)}", host=host, step=step)
     return words[0]
 
 
@@ -573,7 +576,7 @@ def canonical_name(shell: HostShell, host: str, step: Step = Step.PRECHECK) -> s
     when it cannot say (no such command, no answer, not one word)."""
     res = _run(shell, host, ["hostname", "-f"], step, PROBE_TIMEOUT_S)
     words = res.stdout.split()
-    return words[0] if res.exit_code == 0 and len(words) == 1 else None
+    return words[0] if res.exit_code == 0 and len(words) == 1 and len(words[0]) <= MAX_NAME else None
 
 
 # the names a machine has before anyone named it (a fresh install's localhost.localdomain, a kernel's
@@ -822,6 +825,9 @@ def check_numa(hypervisor: Hypervisor, host: str, cells_before: Sequence[Cell]) 
     return CheckResult(name="numa", ok=False, detail="topology changed: " + "; ".join(diffs))
 
 
+MAX_UNITS_SHOWN = 20  # failed units a check's detail names (the rest counted): it becomes a state's reason
+
+
 def check_systemd(shell: HostShell, host: str) -> CheckResult:
     probe = shell.run(host, ["test", "-d", "/run/systemd/system"], timeout=PROBE_TIMEOUT_S)
     if probe.exit_code not in (0, 1):
@@ -836,7 +842,9 @@ def check_systemd(shell: HostShell, host: str) -> CheckResult:
                            detail=f"systemctl --failed exit {res.exit_code}: {_said(res)}")
     units = [ln.split()[0] for ln in res.stdout.splitlines() if ln.split()]
     if units:
-        return CheckResult(name="systemd", ok=False, detail="failed units: " + ", ".join(units))
+        shown = ", ".join(u[:MAX_NAME] for u in units[:MAX_UNITS_SHOWN])
+        more = f" and {len(units) - MAX_UNITS_SHOWN} more" if len(units) > MAX_UNITS_SHOWN else ""
+        return CheckResult(name="systemd", ok=False, detail=f"failed units: {shown}{more}")
     return CheckResult(name="systemd", ok=True, detail="no failed units")
 
 

@@ -867,3 +867,24 @@ def test_megabytes_of_output_are_quoted_by_their_end_with_passwords_masked() -> 
     message = str(err.value)
     assert len(message) < patching.SAID_KEPT + 300 and message.endswith(tail)
     assert "characters before)" in message and "hunter2" not in message and "r2@repo" not in message
+
+
+def test_a_host_printing_a_huge_word_where_a_name_or_release_belongs_is_refused_in_a_short_message() -> None:
+    # 300,000 digits are one word of a kernel release's characters: taken as the boot default (grubby) or the
+    # machine's name (uname -n), and then quoted whole into the reboot decision, the verify detail and errors
+    huge = "5" * 300_000
+    shell, _, _ = setup(make_host(commands={"grubby --default-kernel": [0, f"/boot/vmlinuz-{huge}\n", ""],
+                                            "uname -n": [0, f"hv1{huge}\n", ""], "uname -r": [0, f"{huge}\n", ""]}))
+    for read in (patching.boot_kernel, patching.running_kernel, patching.nodename):
+        with pytest.raises(StepError) as err:
+            read(shell, "hv1")
+        assert str(err.value).startswith("hv1: ") and len(str(err.value)) < patching.SAID_KEPT + 300, read
+    assert patching.canonical_name(HandlerShell(lambda argv: (0, f"{huge}.example\n", "")), "hv1") is None
+
+
+def test_a_thousand_failed_units_are_named_by_the_first_twenty() -> None:
+    units = "".join(f"unit-{i}.service loaded failed failed x\n" for i in range(1000))
+    shell, _, _ = setup(make_host(commands={"systemctl --failed --no-legend --plain": [0, units, ""]}))
+    check = patching.check_systemd(shell, "hv1")
+    assert not check.ok and "unit-0.service" in check.detail and "unit-19.service" in check.detail
+    assert "unit-20.service" not in check.detail and check.detail.endswith(" and 980 more")
