@@ -259,5 +259,5 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
         if not started:
             # nothing was done: the run (and the CLI) must not end as if the window had done its work
             raise StepError(summary, None, Step.WINDOW)
-        logger.warning("%s", summary)
+        logger.warning("%s", visible(summary))  # the holds' reasons: an operator's or an incident's text
     return outcomes

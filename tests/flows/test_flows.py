@@ -988,6 +988,17 @@ def test_a_window_end_without_an_offset_is_utc(sim_inventory: Path) -> None:
                      trigger=Trigger.TEST, window_end=naive)
 
 
+def test_a_windows_summary_of_the_hosts_it_left_alone_is_logged_as_data(sim_inventory: Path) -> None:
+    # the reason an evacuation gave (an operator's, or an incident event's payload) reached the window's
+    # closing summary line raw: a line break forged a line of the run's log, an escape reached terminals
+    reason = "fan\x1b[2J\nwindow w-x: every host patched"
+    evacuate_host(host="hv04", operator="alice", reason=reason, inventory=str(sim_inventory), trigger=Trigger.TEST)
+    state = patch_window(cluster="demo", window_id="w-alone", operator="sched", inventory=str(sim_inventory),
+                         trigger=Trigger.TEST, rebalance_moves=0, return_state=True)
+    [line] = [m for m in run_log(state.state_details.flow_run_id) if "left alone, taken out of service" in m]
+    assert "\x1b" not in line and "\n" not in line and "fan\\x1b[2J\\nwindow w-x" in line
+
+
 def test_a_host_an_incident_took_out_stays_out_after_its_next_patch(sim_inventory: Path) -> None:
     from flows.runbooks.degraded_host import degraded_host_runbook
 
