@@ -227,13 +227,15 @@ def _request(client: httpx.Client, method: str, url: str, what: str, **kw: Any) 
 
 
 def _problem(response: httpx.Response) -> str:
+    """What a refusal's body says, its first 300 characters, masked before they are cut (a cut inside a
+    URL's password left its first characters unrecognised)."""
     try:
         body = response.json()
     except ValueError:
-        return response.text[:300]
+        return redact_text(response.text)[:300]
     if isinstance(body, dict):
-        return str(body.get("error") or body.get("message") or body)[:300]
-    return str(body)[:300]
+        return redact_text(str(body.get("error") or body.get("message") or body))[:300]
+    return redact_text(str(body))[:300]
 
 
 class Prometheus:
@@ -255,7 +257,7 @@ class Prometheus:
             data = body["data"]
             kind, result = data["resultType"], data["result"]
         except (ValueError, KeyError, TypeError) as exc:
-            raise MonitoringError(f"not a Prometheus answer: {response.text[:200]!r}", url) from exc
+            raise MonitoringError(f"not a Prometheus answer: {redact_text(response.text)[:200]!r}", url) from exc
         if body.get("status") != "success":
             raise MonitoringError(f"query failed: {body.get('error')}", url)
         if kind != "vector":
@@ -265,7 +267,7 @@ class Prometheus:
                            str(r.get("value", [0, ""])[1])) for r in result]
         except (AttributeError, TypeError, IndexError) as exc:
             # a vector whose samples are not {metric: {...}, value: [t, v]}: no answer, as any other
-            raise MonitoringError(f"not a Prometheus answer: {response.text[:200]!r}", url) from exc
+            raise MonitoringError(f"not a Prometheus answer: {redact_text(response.text)[:200]!r}", url) from exc
 
 
 @dataclass(frozen=True)
@@ -467,7 +469,7 @@ class Alertmanager:
         try:
             answered = str(response.json()["silenceID"])
         except (ValueError, KeyError, TypeError) as exc:
-            raise MonitoringError(f"not an Alertmanager answer: {response.text[:200]!r}", url) from exc
+            raise MonitoringError(f"not an Alertmanager answer: {redact_text(response.text)[:200]!r}", url) from exc
         if not _SILENCE_ID.fullmatch(answered):
             raise MonitoringError(f"not an Alertmanager answer: silence id {answered[:80]!r}", url)
         return answered
@@ -496,7 +498,7 @@ class Alertmanager:
             return Silence(str(b["id"]), matchers, _parse_time(b["startsAt"]), _parse_time(b["endsAt"]),
                            str(b["status"]["state"]))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise MonitoringError(f"not an Alertmanager silence: {response.text[:200]!r}", url) from exc
+            raise MonitoringError(f"not an Alertmanager silence: {redact_text(response.text)[:200]!r}", url) from exc
 
     def expire(self, silence_id: str) -> bool:
         """Expire ``silence_id`` now; False when Alertmanager does not know it (or it has ended already)."""

@@ -539,3 +539,13 @@ def test_a_silence_alertmanager_garbles_is_no_silence_not_a_crash(rt: Runtime, s
             assert rec.outcome is StepOutcome.SKIPPED and "not an Alertmanager silence" in rec.details["error"]
         else:
             assert "adopted" not in rec.details  # a garbled silence is not this host's
+
+
+def test_a_refusal_quoting_a_password_is_masked_before_it_is_cut(rt: Runtime) -> None:
+    said = " upstream http://svc:hun"  # the first 300 characters end inside the password
+    body = "x" * (300 - len(said)) + " upstream http://svc:hunter2@10.0.0.1:9090/api"
+    transport = httpx.MockTransport(lambda request: httpx.Response(502, text=body))
+    result = gate(_with_monitoring(rt, _prom("http://prom.test")), RunContext(), "hv01", GatePoint.BEFORE_DRAIN,
+                  transport=transport)
+    assert result.passed and "query refused (HTTP 502)" in result.reason and "svc:hun" not in result.reason
+    assert "svc:hun" not in str(_records(rt, "hv01", "gate")[-1].details)
