@@ -567,7 +567,7 @@ def replan(rt: Runtime, run: RunContext, plan: EvacuationPlan, planned_on: Fleet
         rec.details["plan"] = fresh.model_dump(mode="json")
         rec.details["proof"] = fresh.proof.value
         log.info("%s: the plan changed while it waited (%s); re-planned:\n%s", ", ".join(plan.hosts),
-                 "; ".join(reasons), render_plan(fresh))
+                 visible("; ".join(reasons)), render_plan(fresh))  # the reasons name tenants' VMs
         if not fresh.feasible:
             raise PlanError(f"cannot evacuate {', '.join(plan.hosts)} any more ({'; '.join(reasons)}): "
                             + "; ".join(fresh.refusals))
@@ -1598,7 +1598,7 @@ def recheck_rebalance(rt: Runtime, run: RunContext, plan: RebalancePlan, planned
         fresh = plan_rebalance(now, max_moves, prefer_origin=prefer_origin, within=within, exact_budget=exact_budget)
         rec.details["plan"] = fresh.model_dump(mode="json")
         log.info("rebalance of %s: the cluster changed while it waited (%s); re-planned:\n%s", plan.cluster,
-                 "; ".join(reasons), render_plan(fresh))
+                 visible("; ".join(reasons)), render_plan(fresh))
     return fresh, now
 
 

@@ -69,3 +69,20 @@ def test_an_error_quoting_a_host_is_logged_as_one_line(rt: Runtime, caplog: pyte
         assert steps._abort_outgoing(rt, "hv01") == []
     [line] = _lines(caplog, "cannot list its migrations")
     _shown_as_data(line)
+
+
+def test_a_replan_names_the_vms_that_arrived_as_data(rt: Runtime, caplog: pytest.LogCaptureFixture) -> None:
+    # a tenant's VM that landed on a target while the plan waited is named in the re-plan's log line
+    from hostmaint.placement import plan_evacuation
+
+    planned_on = steps.snapshot(rt, "demo")
+    plan = plan_evacuation(planned_on, ["hv01"])
+    target = plan.placements[0].target
+    newcomer = planned_on.vms[0].model_copy(update={"name": "web\x1b[2J\nhv01: drained, all VMs moved",
+                                                    "host": target, "anti_affinity": None})
+    now = planned_on.model_copy(update={"vms": (*planned_on.vms, newcomer)})
+    with caplog.at_level("INFO", logger="hostmaint"):
+        steps.replan(rt, steps.RunContext(flow="evacuate-host", reason="test"), plan, planned_on, now)
+    [line] = _lines(caplog, "the plan changed while it waited")
+    head, plan_rows = line.split(" re-planned:\n")  # the plan below it is rendered escaped, one row a line
+    assert "\x1b" not in line and "\n" not in head and "web\\x1b[2J\\nhv01: drained" in head
