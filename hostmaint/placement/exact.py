@@ -536,6 +536,10 @@ class Budget:
         p.num_workers = WORKERS
         p.random_seed = SEED
         p.max_deterministic_time = max(self.left * share, 0.0)
+        # CP-SAT's own Ctrl-C handling leaves SIGINT at the OS default after each solve (Python still
+        # shows its handler): a Ctrl-C after any plan then killed the process outright, mid-drain, with
+        # no handler, no finally and no stand-down. The budget bounds a solve; Ctrl-C is the caller's.
+        p.catch_sigint_signal = False
         return solver
 
     def spend(self, solver: cp_model.CpSolver) -> None:
