@@ -9,10 +9,14 @@ them by ``hostmaint_cli.main``.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -65,6 +69,9 @@ def _secret_block_key(name: str) -> str:
 
 
 def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
+    from prefect.exceptions import CancelledRun
+
+    from hostmaint.cancel import RunCancelled
     from hostmaint.models import Trigger
     from tasks.prefect_private import is_unreachable_api
 
@@ -72,9 +79,13 @@ def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
     name = getattr(fn, "name", getattr(fn, "__name__", "flow"))
     # A spinner on the terminal; the run's steps are narrated by Prefect's log lines around it.
     with out.status(f"[bold]{name}[/bold] running (Ctrl-C stops it; the host is left in a safe state)",
-                    spinner="dots"):
+                    spinner="dots"), _ctrl_c_stops_safely(str(kwargs.get("operator") or "unknown")):
         try:
             return fn(**kwargs)
+        except CancelledRun as exc:
+            # Ctrl-C here, or 'hostmaint run cancel' / the UI's Cancel: the run stood its hosts down
+            raise RunCancelled(f"{name}: {exc}: a host it had taken out of service stays out with that reason "
+                               "('hostmaint host status'); run the same command again to finish", None, None) from None
         except RuntimeError as exc:
             # a server it cannot reach (restarting, down): one line, not a traceback
             if not is_unreachable_api(exc):
@@ -82,6 +93,38 @@ def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
             raise ServerError(f"{name}: {exc} Run it again once the server answers: a run that began "
                               "goes on from each host's recorded state ('hostmaint host status' shows "
                               "where each host is).") from exc
+
+
+@contextmanager
+def _ctrl_c_stops_safely(operator: str) -> Iterator[None]:
+    """While a flow runs here, the first Ctrl-C stops it as a Cancel does (docs/draining.md, "Stopping a
+    run"): a drain aborts its migrations in flight, no further step starts, each host the run took out of
+    service stays out 'cancelled by OPERATOR (Ctrl-C)', and the run ends Cancelled. Interrupting it instead
+    would stop it mid-step, with no stand-down and its Prefect run left Running. A second Ctrl-C, or one
+    before the run has begun, interrupts at once."""
+    from tasks import cancellation
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    asked = False
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        nonlocal asked
+        if asked or not cancellation.registered():
+            raise KeyboardInterrupt
+        asked = True
+        err.print(cell("Ctrl-C: stopping safely: migrations in flight are aborted and no further step starts (a "
+                       "step under way, an update say, ends first); Ctrl-C again quits at once, leaving the "
+                       "hosts for a re-run to finish"), highlight=False)
+        cancellation.cancel_all(f"{operator} (Ctrl-C)")
+
+    signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _show_outcomes(outcomes: list[Any], as_json: bool) -> None:

@@ -45,6 +45,12 @@ def for_run(run_id: str) -> Cancellation | None:
         return _runs.get(run_id)
 
 
+def registered() -> bool:
+    """Whether a run of this process registered its Cancellation (it is under way)."""
+    with _lock:
+        return bool(_runs)
+
+
 def check(run_id: str, host: str | None = None, step: Step | None = None) -> None:
     """Raise RunCancelled before a step starts if the run was asked to stop."""
     cancel = for_run(run_id)

@@ -24,6 +24,7 @@ from tasks.common import IO_RETRIES, RuntimeRef, drain_logger
 
 @task(name="cordon", cache_policy=NO_CACHE)
 def cordon_host(ref: RuntimeRef, run: RunContext, host: str) -> HostRecord:
+    cancellation.check(run.run_id, host, Step.CORDON)  # a run stopped while it waited for its lock takes nothing
     return steps.cordon(ref.open(), run, host)
 
 
