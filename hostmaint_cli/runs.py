@@ -79,7 +79,8 @@ def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
     name = getattr(fn, "name", getattr(fn, "__name__", "flow"))
     # A spinner on the terminal; the run's steps are narrated by Prefect's log lines around it.
     with out.status(f"[bold]{name}[/bold] running (Ctrl-C stops it; the host is left in a safe state)",
-                    spinner="dots"), _ctrl_c_stops_safely(str(kwargs.get("operator") or "unknown")):
+                    spinner="dots"), _ctrl_c_stops_safely(str(kwargs.get("operator") or "unknown")), \
+            _patient_temporary_server():
         try:
             return fn(**kwargs)
         except CancelledRun as exc:
@@ -93,6 +94,33 @@ def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
             raise ServerError(f"{name}: {exc} Run it again once the server answers: a run that began "
                               "goes on from each host's recorded state ('hostmaint host status' shows "
                               "where each host is).") from exc
+
+
+# Prefect gives the temporary server it starts without PREFECT_API_URL (the demo, a dry run) 20 s; its
+# first start (a new database) on a busy machine takes longer, and the demo died with a traceback
+TEMPORARY_SERVER_WAIT_S = 120
+
+
+@contextmanager
+def _patient_temporary_server() -> Iterator[None]:
+    """For the block, wait up to TEMPORARY_SERVER_WAIT_S for Prefect's temporary server (unless the operator
+    set PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS), and say in one line when it did not answer."""
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings
+
+    from tasks.prefect_private import is_temporary_server_timeout
+
+    chosen = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in os.environ
+    wait_s = max(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value(), 0 if chosen else TEMPORARY_SERVER_WAIT_S)
+    try:
+        with temporary_settings(updates={PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: wait_s}):
+            yield
+    except RuntimeError as exc:
+        if not is_temporary_server_timeout(exc):
+            raise
+        raise ServerError(f"Prefect's temporary server (PREFECT_API_URL is not set) did not answer within {wait_s} s; "
+                          "nothing was started. Start a server with 'hostmaint server' and export the "
+                          "PREFECT_API_URL it prints, or wait longer: export "
+                          "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=300") from None
 
 
 @contextmanager
@@ -423,10 +451,11 @@ def _demo_simulated(workdir: Path | None, as_json: bool = False) -> None:
     inventory = write_simulated_fleet(workdir, snap, demo_packages(snap), time_scale=0.05)
     err.print("[yellow]SIMULATED fleet[/yellow]: 4 hosts, 12 VMs, anti-affinity pair db-1/db-2, "
               "hv02 has a pending kernel update")
-    _ensure_limits(inventory)
-    started = time.monotonic()
-    outcomes = _run_flow(patch_window, cluster=snap.cluster, inventory=str(inventory), max_hosts_in_parallel=1,
-                         window_id="demo", operator="demo")
+    with _patient_temporary_server():
+        _ensure_limits(inventory)
+        started = time.monotonic()
+        outcomes = _run_flow(patch_window, cluster=snap.cluster, inventory=str(inventory), max_hosts_in_parallel=1,
+                             window_id="demo", operator="demo")
     _show_outcomes(outcomes, as_json)
     (err if as_json else out).print(cell(f"window finished in {time.monotonic() - started:.1f}s; audit trail: {db} "
                    f"(hostmaint audit show / verify with HOSTMAINT_DB={db})"))

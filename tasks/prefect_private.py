@@ -41,6 +41,9 @@ FILESYSTEM_LEASE_STORAGE = "prefect.server.concurrency.lease_storage.filesystem"
 
 # What the Prefect client's RuntimeError says when its server does not answer (SyncPrefectClient.__enter__)
 UNREACHABLE_API = "Failed to reach API"
+# ... and when the temporary server it starts without PREFECT_API_URL does not answer in time
+# (prefect.server.api.server.SubprocessASGIServer.start)
+TEMPORARY_SERVER_TIMEOUT = "Timed out while attempting to connect to ephemeral Prefect API server"
 
 LeaseEvents = dict[UUID, "Event | None"]
 
@@ -112,3 +115,8 @@ def set_parameter_schema(deployment: RunnerDeployment, schema: dict[str, Any]) -
 def is_unreachable_api(exc: BaseException) -> bool:
     """Whether ``exc`` is the Prefect client saying it cannot reach its server (down, restarting)."""
     return isinstance(exc, RuntimeError) and UNREACHABLE_API in str(exc)
+
+
+def is_temporary_server_timeout(exc: BaseException) -> bool:
+    """Whether ``exc`` is Prefect giving up on the temporary server it started (no PREFECT_API_URL)."""
+    return isinstance(exc, RuntimeError) and str(exc).startswith(TEMPORARY_SERVER_TIMEOUT)

@@ -73,6 +73,17 @@ def test_the_unreachable_server_error_is_recognised() -> None:
     assert not prefect_private.is_unreachable_api(RuntimeError("something else"))
 
 
+def test_the_temporary_servers_timeout_is_recognised() -> None:
+    import inspect
+
+    from prefect.server.api.server import SubprocessASGIServer
+
+    assert prefect_private.TEMPORARY_SERVER_TIMEOUT in inspect.getsource(SubprocessASGIServer.start), \
+        UPGRADED + "the temporary server's start no longer says it timed out as it did"
+    assert prefect_private.is_temporary_server_timeout(RuntimeError(prefect_private.TEMPORARY_SERVER_TIMEOUT + "."))
+    assert not prefect_private.is_temporary_server_timeout(RuntimeError("something else"))
+
+
 def test_load_secret_takes_the_sync_path_inside_an_event_loop() -> None:
     """Inside a running loop Secret.load answers a coroutine unless told _sync: the key would never come."""
 
