@@ -693,6 +693,7 @@ def simulate_dirty_rates(cluster: str, inventory: InventoryOpt = "inventory.yaml
         if seconds <= 0:
             raise InputError(f"--seconds: must be > 0, got {seconds}")
         rt = _runtime(inventory)
+        rt.inventory.cluster(cluster)  # a typo measured nothing and wrote an empty file, exit 0
         simulated_banner(rt.simulated)
         hosts = [h.name for h in rt.inventory.hosts_of(cluster)]
         vms = [vm for h in hosts for vm in rt.hypervisor.running_vms(h)]

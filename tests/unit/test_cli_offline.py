@@ -243,3 +243,12 @@ def test_a_plan_for_another_cluster_than_the_snapshots_is_refused(command: list[
     wrong = runner.invoke(app, [*command, "prod", "--snapshot", str(snap)])
     assert wrong.exit_code == 2 and "'demo', not 'prod'" in wrong.output
     assert runner.invoke(app, [*command, "demo", "--snapshot", str(snap)]).exit_code == 0
+
+
+def test_dirty_rates_of_an_unknown_cluster_are_refused(sim_inventory: Path, tmp_path: Path) -> None:
+    # 'simulate dirty-rates lab' on an inventory without 'lab' wrote "{}" and exited 0
+    out = tmp_path / "rates.json"
+    wrong = runner.invoke(app, ["simulate", "dirty-rates", "lab", "-i", str(sim_inventory), "-o", str(out)])
+    assert wrong.exit_code == 2 and "unknown cluster 'lab'" in wrong.output and not out.exists()
+    right = runner.invoke(app, ["simulate", "dirty-rates", "demo", "-i", str(sim_inventory), "-o", str(out)])
+    assert right.exit_code == 0 and out.exists()
