@@ -163,10 +163,20 @@ def _show_outcomes(outcomes: list[Any], as_json: bool) -> None:
     table = Table(title="outcome per host")
     for col in ("host", "outcome", "state", "rebooted", "packages", "seconds", "detail"):
         table.add_column(col)
+    in_full = []  # a multi-line or long detail (a dry run's plan, an error) is shown whole below the table
     for o in outcomes:
+        detail = redact_text(o.detail)
+        first, _, rest = detail.partition("\n")
+        shown = first[:300] + (" (in full below)" if rest or len(first) > 300 else "")
         table.add_row(*map(cell, (o.host, o.outcome.value, o.state or "-", "yes" if o.rebooted else "no",
-                                  str(o.packages_changed), f"{o.seconds:.1f}", redact_text(o.detail)[:300])))
+                                  str(o.packages_changed), f"{o.seconds:.1f}", shown)))
+        if shown != first:
+            in_full.append((o.host, detail))
     out.print(table)
+    for host, detail in in_full:
+        out.print(cell(f"{host}:", style="bold"))
+        for line in detail.split("\n"):  # each line escaped on its own: a name in it cannot start a line
+            out.print(cell(line))
     migrations = [m for o in outcomes for m in o.migrations]
     if migrations:
         mt = Table(title="migrations")
