@@ -8,6 +8,7 @@ See docs/inventory.md.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import ipaddress
 import re
@@ -544,6 +545,19 @@ def _shared_endpoints(hosts: list[HostEntry]) -> list[str]:
     return problems
 
 
+def _unknown(kind: str, name: str, known: list[str]) -> KeyError:
+    """``unknown host 'hv1'``, with the name it is likely a typo of and the names there are: a newcomer's
+    typo ('hv1', 'HV01') should not need the inventory opened to find the right one."""
+    folded = [k for k in known if k.lower() == name.lower()]
+    close = folded or difflib.get_close_matches(name, known, n=1, cutoff=0.75)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    shown = ", ".join(known[:KNOWN_SHOWN]) + (f", ... ({len(known)} in all)" if len(known) > KNOWN_SHOWN else "")
+    return KeyError(f"unknown {kind} {name!r}{hint} (the inventory's {kind}s: {shown})")
+
+
+KNOWN_SHOWN = 10
+
+
 class Inventory(Strict):
     """The whole inventory file."""
 
@@ -584,13 +598,13 @@ class Inventory(Strict):
         for h in self.hosts:
             if h.name == name:
                 return h
-        raise KeyError(f"unknown host {name!r}")
+        raise _unknown("host", name, [h.name for h in self.hosts])
 
     def cluster(self, name: str) -> Cluster:
         for c in self.clusters:
             if c.name == name:
                 return c
-        raise KeyError(f"unknown cluster {name!r}")
+        raise _unknown("cluster", name, [c.name for c in self.clusters])
 
     def hosts_of(self, cluster: str) -> list[HostEntry]:
         return [h for h in self.hosts if h.cluster == cluster]

@@ -230,3 +230,21 @@ def test_hosts_behind_one_address_on_their_own_ports_and_host_less_uris_are_not_
         h["libvirt_uri"] = "test:///default"  # no host to compare
     inv = parse_inventory(doc)
     assert len({(h.ssh.address, h.ssh.port) for h in inv.hosts}) == len(inv.hosts)
+
+
+@pytest.mark.parametrize("kind,typo,hint", [
+    ("host", "hv1", "did you mean 'hv01'?"),
+    ("host", "HV01", "did you mean 'hv01'?"),
+    ("host", "db99", ""),
+    ("cluster", "dmeo", "did you mean 'demo'?"),
+])
+def test_an_unknown_name_says_what_it_likely_meant_and_what_there_is(kind: str, typo: str, hint: str,
+                                                                       sim_inventory: Path) -> None:
+    # `hostmaint patch hv1` said only "unknown host 'hv1'": the operator had to open the inventory
+    inv = load_inventory(sim_inventory)
+    with pytest.raises(KeyError) as info:
+        inv.host(typo) if kind == "host" else inv.cluster(typo)
+    message = str(info.value.args[0])
+    assert message.startswith(f"unknown {kind} {typo!r}")
+    assert (hint in message) if hint else "did you mean" not in message
+    assert ("hv01, hv02, hv03, hv04" if kind == "host" else "clusters: demo") in message
