@@ -129,7 +129,32 @@ def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datet
     migrations (None: as many as that takes; 0: no rebalance). A rolling window leaves its last hosts
     empty, and a fixed handful of moves does not level a cluster of dozens of hosts. It levels
     rather than sending VMs home: the window moved each VM about once on purpose. The VMs' origins stay
-    recorded, so an on-demand rebalance-cluster (origin returns first) can still bring them back."""
+    recorded, so an on-demand rebalance-cluster (origin returns first) can still bring them back.
+
+    Args:
+        cluster: The cluster to patch, as named in the inventory.
+        max_hosts_in_parallel: Hosts in maintenance at once; never more than the cluster's
+            limits.max_hosts_in_maintenance.
+        window_end: No host starts that could not finish before this time (a time without an offset is
+            UTC). Empty: window_minutes from the scheduled start, or no end.
+        window_minutes: The window's length from its scheduled start (a run started by hand: from now);
+            used when window_end is empty. Empty with no window_end: the window never ends.
+        max_failed_hosts: Stop starting hosts once more than this many failed (0: stop at the first).
+        hosts: Only these hosts (empty: every host of the cluster). A host an operator evacuated or
+            cordoned is left alone even when named here.
+        window_id: Resume the window with this id (its log says 'window <id>: N host(s) to patch'): hosts
+            it already patched are skipped. Empty: <cluster>:<scheduled start date, UTC>.
+        operator: Who runs this window; recorded in the audit trail. A run started from the UI is
+            recorded under the name typed here ('unknown' if empty).
+        inventory: Inventory file on the worker. Empty: the worker's $HOSTMAINT_INVENTORY.
+        trigger: Leave as it is: the run's record on the server says what started it (schedule, UI, event).
+        rebalance_moves: At most this many migrations to level the cluster at the end (empty: as many as
+            levelling takes; 0: no rebalance).
+        rebalance_within_pct: The closing rebalance stops once every host is within this many points of
+            the cluster's memory utilisation.
+        exact_budget: Deterministic seconds the planner's exact stage (CP-SAT) may spend on each plan
+            (0: greedy only); raise it when a plan says its refusal is not proven.
+    """
     logger = get_run_logger()
     if rebalance_moves is not None and rebalance_moves < 0:
         raise InputError(f"rebalance_moves: must be >= 0 or empty (as many as levelling takes), got {rebalance_moves}")
