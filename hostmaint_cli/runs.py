@@ -196,19 +196,23 @@ def _exit_if_failed(outcomes: list[Any]) -> None:
         raise typer.Exit(1)
 
 
-def _need_server(dry_run: bool = False) -> None:
+DRY_RUN_NEEDS_NONE = "--dry-run needs no server"
+
+
+def _need_server(dry_run: bool = False, without: str | None = DRY_RUN_NEEDS_NONE) -> None:
     """Refuse, before anything starts, a run that changes hosts when no Prefect server is configured.
 
     Such a run takes its locks (one maintenance per host, the cluster's limits) on the server. Without
     one Prefect would start a temporary server holding none of them, and the run would fail there,
-    twenty seconds later, with nothing changed. A dry run takes no lock.
+    twenty seconds later, with nothing changed. A dry run takes no lock. ``without`` says what the
+    command can do with no server (a command with no --dry-run must not offer one).
     """
     from prefect.settings import PREFECT_API_URL
 
     from flows.locks import NO_SERVER
 
     if not dry_run and not PREFECT_API_URL.value():
-        raise InputError(f"{NO_SERVER}; nothing was started (--dry-run needs no server)")
+        raise InputError(f"{NO_SERVER}; nothing was started" + (f" ({without})" if without else ""))
 
 
 def _check_host(inventory: str, host: str) -> Any:
@@ -318,7 +322,7 @@ def window_run(cluster: str, inventory: InventoryOpt = "inventory.yaml",
             raise InputError(f"--max-parallel: must be >= 1, got {max_parallel}")
         if max_failed < 0:
             raise InputError(f"--max-failed: must be >= 0, got {max_failed}")
-        _need_server()
+        _need_server(without=f"'hostmaint plan window {cluster}' shows the window's plan without one")
         outcomes = _run_flow(patch_window, cluster=cluster, inventory=inventory, max_hosts_in_parallel=max_parallel,
                              window_end=window_end, max_failed_hosts=max_failed, window_id=window_id,
                              operator=operator, exact_budget=checked_budget(exact_budget))
@@ -401,7 +405,7 @@ def host_return(host: str, inventory: InventoryOpt = "inventory.yaml", operator:
             after = AfterReturn(then)
         except ValueError:
             raise InputError(f"--then: one of {', '.join(a.value for a in AfterReturn)}, got {then!r}") from None
-        _need_server()
+        _need_server(without=None)
         result = _run_flow(return_host, host=host, operator=operator, reason=reason, then=after, max_moves=max_moves,
                            inventory=inventory)
         _show_outcomes([result], as_json)

@@ -112,14 +112,23 @@ def test_a_run_that_changes_hosts_is_refused_before_it_starts_when_no_server_is_
     before = SimulatedFleet.load(inventory.parent / "fleet-state.json").running
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update(HOSTMAINT_DB=str(tmp_path / "hm.db"), PREFECT_HOME=str(tmp_path / "prefect"))
-    for argv in (["patch", "hv01"], ["evacuate", "hv02"], ["window", "run", "demo"], ["rebalance", "demo"],
-                 ["host", "return", "hv01"]):
+    # what each can do without one: --dry-run only where the command has it ('window run' and 'host return'
+    # were told "--dry-run needs no server", and have no --dry-run)
+    for argv, without in ((["patch", "hv01"], "--dry-run needs no server"),
+                          (["evacuate", "hv02"], "--dry-run needs no server"),
+                          (["window", "run", "demo"], "'hostmaint plan window demo' shows the window's plan"),
+                          (["rebalance", "demo"], "--dry-run needs no server"),
+                          (["host", "return", "hv01"], None)):
         done = subprocess.run([sys.executable, "-m", "hostmaint_cli", *argv, "-i", str(inventory)], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
         said = " ".join(done.stderr.split())
         assert done.returncode == 2, (argv, done.stdout[-500:], said[-1000:])
         assert "no Prefect server is configured (PREFECT_API_URL is not set)" in said and "hostmaint server" in said
         assert "Starting temporary server" not in done.stdout + done.stderr, argv
+        assert (without in said) if without else "dry-run" not in said, (argv, said[-500:])
+        help_text = subprocess.run([sys.executable, "-m", "hostmaint_cli", *argv[:-1], "--help"], cwd=ROOT, env=env,
+                                   capture_output=True, text=True, timeout=120).stdout
+        assert ("--dry-run" in help_text) == (without == "--dry-run needs no server"), argv
     assert SimulatedFleet.load(inventory.parent / "fleet-state.json").running == before
     assert not list((tmp_path / "prefect").glob("*.db"))  # no temporary server ever made its database
 
