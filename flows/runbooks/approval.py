@@ -26,6 +26,7 @@ from flows.evacuate_host import evacuate_host
 from flows.params import check_host
 from flows.run_display import label_run, rejected, running_again_after_pause_timeout, shown_here
 from hostmaint.display import markdown_code, markdown_text, visible
+from hostmaint.errors import PlanError
 from hostmaint.maintenance import RunContext, audited
 from hostmaint.models import EvacuationPlan, HostState, Step, StepOutcome, Trigger
 from hostmaint.placement import render_plan
@@ -124,6 +125,14 @@ def keep_cordoned(ref: RuntimeRef, run: RunContext, host: str, reason: str) -> H
         return rt.states.set_aside(host, reason, run.run_id).state
 
 
+def nothing_to_approve(plan: EvacuationPlan, host: str, after: str) -> None:
+    """Refuse an evacuation plan that is not feasible before asking anyone to approve it: no answer could
+    move a VM (an approved plan must be feasible), so a human would be paged for nothing and the run would
+    hold the host's lock until the answer or the timeout, only to fail then."""
+    if not plan.feasible:
+        raise PlanError(f"no evacuation of {host} to approve: " + "; ".join(plan.refusals) + f"; {after}")
+
+
 def run_incident(*, flow: str, host: str, reason: str, source: str, inventory: str | None,
                  automatic: str | None, event: dict[str, object], approval_timeout_s: int, poll_interval_s: int,
                  lock_wait_s: float | None) -> HostOutcome | State:
@@ -148,6 +157,9 @@ def run_incident(*, flow: str, host: str, reason: str, source: str, inventory: s
         snapshot = discover(ref, rt.cluster_of(host))
         plan = plan_evacuation(ref, run, host, dry_run=True, snapshot=snapshot)
         show_plan(plan, host, reason)
+        if not plan.feasible:
+            keep_cordoned(ref, run, host, reason)
+            nothing_to_approve(plan, host, f"the host stays cordoned ({reason})")
         answer = ask_approval(rt, run, host, plan, timeout_s=approval_timeout_s, poll_interval_s=poll_interval_s,
                               automatic=automatic)
         if not answer.approve:

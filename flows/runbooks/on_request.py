@@ -19,7 +19,7 @@ from flows.patch_host import patch_host
 from flows.rebalance_cluster import rebalance_cluster
 from flows.return_host import return_host
 from flows.run_display import label_run, rejected, shown_here
-from flows.runbooks.approval import ask_approval, show_plan
+from flows.runbooks.approval import ask_approval, nothing_to_approve, show_plan
 from hostmaint.models import EvacuationPlan, FleetSnapshot, StepOutcome, Trigger
 from tasks.common import RuntimeRef
 from tasks.maintenance import discover, plan_evacuation
@@ -54,6 +54,7 @@ def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 36
         snapshot = discover(ref, rt.cluster_of(request.host))
         plan = plan_evacuation(ref, run, request.host, dry_run=True, snapshot=snapshot)
         show_plan(plan, request.host, request.reason)
+        nothing_to_approve(plan, request.host, "nothing changed")
         answer = ask_approval(rt, run, request.host, plan, timeout_s=approval_timeout_s,
                               poll_interval_s=poll_interval_s)
         if not answer.approve:

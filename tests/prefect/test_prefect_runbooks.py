@@ -212,3 +212,33 @@ def test_an_event_missing_a_required_field_is_refused_before_anything(
     assert state(fleet, "hv01") is HostState.ACTIVE
     assert where(fleet) == before
     assert records("hv01") == []  # refused like an unknown host: before the incident is recorded
+
+
+def _leave_one_target(fleet: Path, host: str) -> None:
+    """Cordon every other host but one: evacuating ``host`` then fails N+1, whatever anyone approves."""
+    rt = open_runtime(fleet)
+    others = [h.name for h in rt.inventory.hosts if h.name != host]
+    for other in others[1:]:
+        rt.states.set_aside(other, "test: out of service", "test")
+
+
+def test_an_infeasible_plan_is_refused_at_once_not_sent_for_approval(fleet: Path) -> None:
+    # It paused for approval (paging a human, holding the host's lock for up to an hour) and failed only
+    # once someone said yes: "the approved plan for hv03 cannot be carried out".
+    _leave_one_target(fleet, "hv03")
+    before = where(fleet)
+    started = datetime.now(UTC)
+    with pytest.raises(Exception, match="no evacuation of hv03 to approve: .*N\\+1.*the host stays cordoned"):
+        degraded_host_runbook(host="hv03", reason="ECC errors rising", inventory=str(fleet),
+                              poll_interval_s=1, approval_timeout_s=30)
+    assert (datetime.now(UTC) - started).total_seconds() < 25  # it did not wait for an answer
+    assert records("hv03", "approval") == []
+    assert where(fleet) == before
+    assert state(fleet, "hv03") is HostState.CORDONED
+    assert "ECC errors rising" in open_runtime(fleet).states.get("hv03").reason
+
+    req = EvacuationRequest(host="hv03", reason="INC-43", operator="ivan", dry_run=False, approval_required=True,
+                            inventory=str(fleet))
+    with pytest.raises(Exception, match="no evacuation of hv03 to approve: .*nothing changed"):
+        evacuate_on_request(request=req, **FAST)
+    assert records("hv03", "approval") == []
