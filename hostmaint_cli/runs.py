@@ -419,14 +419,24 @@ def host_return(host: str, inventory: InventoryOpt = "inventory.yaml", operator:
 def demo(simulated: Annotated[bool, typer.Option("--simulated", help="Use the in-memory fleet, not the lab.")]
          = False,
          workdir: Annotated[Path | None, typer.Option(help="Where the demo keeps its files.")] = None,
-         hosts: int = 3, vms: int = 6, keep: Annotated[bool, typer.Option(help="Leave the lab up.")] = False,
+         hosts: Annotated[int | None, typer.Option(help="Lab hosts (default 3); the simulated fleet always has 4.")]
+         = None,
+         vms: Annotated[int | None, typer.Option(help="Lab guests (default 6); the simulated fleet always has 12.")]
+         = None,
+         keep: Annotated[bool, typer.Option(help="Leave the lab up.")] = False,
          as_json: JsonOpt = False) -> None:
     """Run a patch window end to end: on the real local lab (root), or --simulated."""
     with exit_codes():
         if simulated:
+            # they were taken and ignored: a 'demo --simulated --hosts 8' still patched 4 hosts
+            given = [name for name, value in (("--hosts", hosts), ("--vms", vms), ("--keep", keep or None))
+                     if value is not None]
+            if given:
+                raise InputError(f"{', '.join(given)}: for the lab only; the simulated demo is always 4 hosts and "
+                                 "12 VMs (drop --simulated for the lab, as root)")
             _demo_simulated(workdir, as_json)
         else:
-            _demo_lab(workdir, hosts, vms, keep, as_json)
+            _demo_lab(workdir, 3 if hosts is None else hosts, 6 if vms is None else vms, keep, as_json)
 
 
 def _use_demo_db(workdir: Path) -> Path:
