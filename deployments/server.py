@@ -17,6 +17,7 @@ work pool name, the process work pool and every deployment registered with it.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -126,8 +127,27 @@ class RunningServer:
                 self.process.wait(timeout_s)
 
 
+def port_taken(host: str, port: int) -> bool:
+    """Whether something already listens on ``host:port`` (binding it fails)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no owner
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
 def start_server(cfg: ServerConfig, *, timeout_s: float = 90.0, log: Path | None = None) -> RunningServer:
-    """Start the server in the background and wait until it answers; its output goes to ``log``."""
+    """Start the server in the background and wait until it answers; its output goes to ``log``.
+
+    A port already taken is refused first: the new server would exit at once ("already in use") while
+    whatever listens there answered the health check, so 'hostmaint server' said "up", set up and served
+    that other server (another home, another database) and then exited 0."""
+    if port_taken(cfg.host, cfg.port):
+        raise ServerError(f"port {cfg.port} on {cfg.host} is in use (another Prefect server, say): nothing was "
+                          f"started. If it is a server of yours, use it: export PREFECT_API_URL={cfg.api_url}; "
+                          "or start this one with --port on a free port")
     env = server_env(cfg)
     home = Path(env["PREFECT_HOME"])
     home.mkdir(parents=True, exist_ok=True)

@@ -89,3 +89,25 @@ def test_setup_and_serve_use_the_api_url_they_are_given(seen: dict[str, Any], tm
     result = runner.invoke(app, ["serve", "--api-url", url, "--simulated", "--simulated-home", str(tmp_path / "sim")])
     assert result.exit_code == 0, result.output
     assert seen == {"setup": url, "serve": url}
+
+
+def test_a_port_in_use_is_refused_before_a_server_starts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 'hostmaint server --port P' with a server already on P said "Prefect server up" (the other one
+    # answered the health check), its own server exited ("already in use"), and the command exited 0
+    import socket
+    import subprocess
+
+    def no_server(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a server was started on a port in use")
+
+    monkeypatch.setattr(subprocess, "Popen", no_server)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = server_module.ServerConfig(home=tmp_path / "p", port=port)
+        with pytest.raises(server_module.ServerError, match=f"port {port} on 127.0.0.1 is in use"):
+            server_module.start_server(cfg)
+        result = runner.invoke(app, ["server", "--port", str(port), "--home", str(tmp_path / "p")])
+        assert result.exit_code == 1 and "is in use" in result.output, result.output
+    assert not server_module.port_taken("127.0.0.1", port)
