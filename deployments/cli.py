@@ -51,9 +51,24 @@ SimHomeOpt = Annotated[Path, typer.Option("--simulated-home", help="With --simul
 
 def _fail(exc: Exception) -> typer.Exit:
     # the message may quote a host name or the server's log (one line of it a line): data, not markup
-    first, *more = str(exc).split("\n")
+    first, *more = (_unreachable(exc) or str(exc)).split("\n")
     err.print(labelled("error:", "red", first, more), highlight=False)
     return typer.Exit(2 if isinstance(exc, InputError | KeyError) else 1)
+
+
+def _unreachable(exc: Exception) -> str | None:
+    """A server that does not answer, said with its address and what to do: httpx alone says only
+    '[Errno 111] Connection refused'."""
+    import httpx  # a failure is being reported: the program has paid for nothing yet
+
+    if not isinstance(exc, httpx.TransportError):
+        return None
+    try:
+        url = f"{exc.request.url.scheme}://{exc.request.url.netloc.decode()}"
+    except RuntimeError:  # no request attached
+        url = os.environ.get("PREFECT_API_URL", "the Prefect API")
+    return (f"cannot reach the Prefect server at {url} ({exc or type(exc).__name__}): is it running? "
+            "'hostmaint server' starts one and prints the PREFECT_API_URL to export (or give --api-url)")
 
 
 def _use_api(api_url: str | None) -> str:

@@ -111,3 +111,25 @@ def test_a_port_in_use_is_refused_before_a_server_starts(tmp_path: Path, monkeyp
         result = runner.invoke(app, ["server", "--port", str(port), "--home", str(tmp_path / "p")])
         assert result.exit_code == 1 and "is in use" in result.output, result.output
     assert not server_module.port_taken("127.0.0.1", port)
+
+
+def test_a_server_that_does_not_answer_is_named_with_what_to_do(tmp_path: Path) -> None:
+    # 'hostmaint setup' against a server that is down said only "error: [Errno 111] Connection refused"
+    import socket
+
+    from hostmaint.simulated_fleet import demo_packages, demo_snapshot, write_simulated_fleet
+
+    snap = demo_snapshot(4, 12)
+    inventory = write_simulated_fleet(tmp_path / "fleet", snap, demo_packages(snap))
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]  # closed again below: nothing listens there
+    environ = dict(os.environ)
+    try:
+        result = runner.invoke(app, ["setup", "--api-url", f"http://127.0.0.1:{port}/api", "-i", str(inventory)])
+    finally:
+        os.environ.clear()
+        os.environ.update(environ)
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1, said
+    assert f"cannot reach the Prefect server at http://127.0.0.1:{port}" in said and "hostmaint server" in said
