@@ -345,7 +345,16 @@ def _cancel_run(run: str, operator: str, flow: str | None = None) -> None:
         UUID(run)
     except ValueError:
         raise InputError(f"RUN: not a flow run id: {run!r}") from None
-    before = request_cancel(run, operator, flow=flow)
+    import httpx
+
+    try:
+        before = request_cancel(run, operator, flow=flow)
+    except httpx.TransportError as exc:  # the server is down: one line, not an httpx traceback
+        from prefect.settings import PREFECT_API_URL
+
+        raise ServerError(f"cannot reach the Prefect server at {PREFECT_API_URL.value()} ({exc}): nothing was "
+                          "asked to stop; run it again once the server answers ('hostmaint server' starts "
+                          "one)") from None
     if before in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"):
         out.print(f"run {run} already ended ({before.lower()}): nothing to stop", markup=False, highlight=False)
         return

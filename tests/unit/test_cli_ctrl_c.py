@@ -85,3 +85,21 @@ def test_a_run_stopped_before_its_cordon_leaves_the_host_in_service(sim_inventor
         with pytest.raises(RunCancelled):
             cordon_host.fn(ref, run, "hv01")
     assert ref.open().states.get("hv01").state is HostState.ACTIVE
+
+
+def test_cancelling_with_the_server_down_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 'hostmaint run cancel RUN' with the server down ended in an httpx.ConnectError traceback
+    import httpx
+    from typer.testing import CliRunner
+
+    import flows.cancel
+    from hostmaint_cli.main import app
+
+    def refused(*args: object, **kwargs: object) -> str:
+        raise httpx.ConnectError("[Errno 111] Connection refused")
+
+    monkeypatch.setattr(flows.cancel, "request_cancel", refused)
+    result = CliRunner().invoke(app, ["run", "cancel", "233ff7b9-4baa-4dae-8203-a396ccd36479"])
+    said = " ".join(result.output.split())
+    assert result.exit_code == 1 and "cannot reach the Prefect server" in said and "nothing was asked to stop" in said
+    assert result.exception is None or isinstance(result.exception, SystemExit)
