@@ -317,6 +317,9 @@ def plan_rebalance_cmd(cluster: str, max_moves: int = 10, inventory: InventoryOp
 # --- host state -----------------------------------------------------------------------------------------
 
 
+NO_RECORD = "no maintenance recorded"
+
+
 @host_app.command("status")
 def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = False,
                 probe: Annotated[bool, typer.Option(
@@ -327,6 +330,7 @@ def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = F
     and encryption its migrations travel with."""
     with exit_codes():
         from hostmaint.maintenance import link_figures, state_as_seen
+        from hostmaint.state import NEVER_SEEN
 
         rt = _runtime(inventory)
         links = {h: f for c in rt.inventory.clusters for h, f in link_figures(rt.inventory, rt.states, c.name).items()}
@@ -338,8 +342,11 @@ def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = F
             # VMs maintenance moved off it and did not bring back (their recorded origin is this host)
             away = sorted(rt.states.origins(h.name))
             # a failed host's reason is its error (see exit_codes)
+            # no record yet: hostmaint has not taken it through anything ("never seen" read as unreachable)
+            fresh = rec.since == NEVER_SEEN
             rows.append({"host": h.name, "cluster": h.cluster, "state": rec.state.value,
-                         "reason": redact_text(rec.reason), "since": rec.since.isoformat(), "vms_away": away,
+                         "reason": NO_RECORD if fresh else redact_text(rec.reason),
+                         "since": None if fresh else rec.since.isoformat(), "vms_away": away,
                          "link_mib_s": link.mib_s, "link_basis": link.basis, "link_note": link.note,
                          **transport[h.name]})
         if as_json:

@@ -252,3 +252,13 @@ def test_dirty_rates_of_an_unknown_cluster_are_refused(sim_inventory: Path, tmp_
     assert wrong.exit_code == 2 and "unknown cluster 'lab'" in wrong.output and not out.exists()
     right = runner.invoke(app, ["simulate", "dirty-rates", "demo", "-i", str(sim_inventory), "-o", str(out)])
     assert right.exit_code == 0 and out.exists()
+
+
+def test_host_status_does_not_call_a_host_without_records_never_seen(sim_inventory: Path) -> None:
+    # every host of a fresh inventory showed reason "never seen" (and since 1970-01-01): read as "not
+    # reachable", of hosts libvirt answers for
+    table = runner.invoke(app, ["host", "status", "-i", str(sim_inventory)])
+    assert table.exit_code == 0 and "never seen" not in table.output
+    assert "no maintenance recorded" in table.output
+    rows = json.loads(runner.invoke(app, ["host", "status", "-i", str(sim_inventory), "--json"]).stdout)
+    assert {(r["reason"], r["since"]) for r in rows} == {("no maintenance recorded", None)}
