@@ -81,6 +81,7 @@ class FakeDomain:
         self.host, self._name = host, name
         self.xml = xml if xml is not None else domain_xml(name)
         self.persistent, self.active, self.vcpus = persistent, active, vcpus
+        self.autostarts = False
         self.calls: list[str] = []
         # one per abortJob call, the last repeated: what each does (block, raise, ...)
         self.aborts: list[Callable[[], None]] = []
@@ -97,6 +98,15 @@ class FakeDomain:
 
     def XMLDesc(self, flags: int) -> str:
         return self.xml
+
+    def autostart(self) -> int:
+        return int(self.autostarts)
+
+    def setAutostart(self, autostart: int) -> int:
+        if not self.persistent:
+            raise FakeError(libvirt.VIR_ERR_OPERATION_INVALID, "cannot set autostart for transient domain")
+        self.autostarts = bool(autostart)
+        return 0
 
     def info(self) -> list[int]:
         return [libvirt.VIR_DOMAIN_RUNNING if self.active else libvirt.VIR_DOMAIN_SHUTOFF, 1048576, 1048576,
@@ -148,6 +158,7 @@ class FakeDomain:
         del self.host.domains[self._name]
         self.host = target
         target.domains[self._name] = self
+        self.autostarts = False  # as libvirt's PERSIST_DEST defines it on the target: without the flag
         return 0
 
     def migrateStartPostCopy(self, flags: int) -> int:

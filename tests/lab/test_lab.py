@@ -128,6 +128,37 @@ def test_four_vms_migrate_in_parallel_to_two_hosts(lab: LabInfo, hv: LibvirtHype
             remove_guest(lab, name)
 
 
+def test_a_migrated_guest_keeps_its_autostart_and_one_without_gets_none(lab: LabInfo, hv: LibvirtHypervisor) -> None:
+    """libvirt defines the guest on its target without its autostart flag (PERSIST_DEST does not carry it):
+    a guest that started with its host after a power loss would not any more, once moved and back."""
+    import libvirt
+
+    from hostmaint.lab.faults import libvirt_socket_uri
+
+    def autostart(vm: str, host: str, value: bool | None = None) -> bool:
+        conn = libvirt.open(libvirt_socket_uri(WORKDIR, host))
+        try:
+            dom = conn.lookupByName(vm)
+            if value is not None:
+                dom.setAutostart(int(value))
+            return bool(dom.autostart())
+        finally:
+            conn.close()
+
+    add_guest(lab, "auto1", "hv01")
+    add_guest(lab, "auto0", "hv01")
+    try:
+        assert autostart("auto1", "hv01", True) and not autostart("auto0", "hv01")
+        for source, target in (("hv01", "hv02"), ("hv02", "hv01")):
+            for vm in ("auto1", "auto0"):
+                assert hv.migrate(vm, source, target, MigrationOptions()).outcome is StepOutcome.OK
+            assert autostart("auto1", target), f"auto1 lost its autostart moving {source} -> {target}"
+            assert not autostart("auto0", target)
+    finally:
+        remove_guest(lab, "auto1")
+        remove_guest(lab, "auto0")
+
+
 def test_a_migration_runs_with_the_downtime_limit_and_bandwidth_the_scheduler_gave_it(lab: LabInfo,
                                                                                        hv: LibvirtHypervisor) -> None:
     # the scheduler's per-migration limit (issue 22 item 1) is only worth something if the job QEMU runs

@@ -226,3 +226,18 @@ def test_a_downtime_limit_that_could_not_be_set_is_logged_as_one_line(
         assert hv.migrate("vm1", "hv01", "hv02", MigrationOptions(downtime_limit_ms=165)).outcome is StepOutcome.OK
     lines = [r.getMessage() for r in caplog.records if "downtime limit" in r.getMessage()]
     assert lines and all("\x1b" not in line and "\n" not in line and "web\\x1b[2J\\nhv01" in line for line in lines)
+
+
+def done(job: FakeJob, clock: FakeClock) -> dict[str, Any]:
+    job.finish()
+    return {"data_total": 64 * MIB, "data_processed": 64 * MIB, "data_remaining": 0}
+
+
+@pytest.mark.parametrize("autostarts", [True, False])
+def test_a_moved_vm_keeps_its_autostart_which_libvirt_drops(autostarts: bool) -> None:
+    hv, network, _ = lab(done)
+    network[URIS["hv01"]].domains["vm1"].autostarts = autostarts
+
+    assert hv.migrate("vm1", "hv01", "hv02", MigrationOptions()).outcome is StepOutcome.OK
+
+    assert network[URIS["hv02"]].domains["vm1"].autostarts is autostarts

@@ -179,7 +179,7 @@ class Migrations:
             raise
         except DriverError as exc:  # nothing was asked of libvirt yet: known not to have moved
             raise MigrationNotStarted(f"migrating {where}: not started: {exc}", source, vm, target) from exc
-        xml, persistent = found
+        xml, persistent, autostart = found
         try:
             flags, params = migration_request(xml, options, persistent=persistent)
         except UNREADABLE as exc:
@@ -212,6 +212,8 @@ class Migrations:
         seconds = round(self._clock() - started, 3)
         if worker.done.is_set() and worker.error is None:
             result = self._confirm_success(vm, source, target, seconds, track.last)
+            if autostart:
+                self._keep_autostart(vm, target)
             return result.model_copy(update={"tls": options.tls, "migration_address": options.migration_address})
         return self._failure(vm, source, target, worker, abort_reason, options, asked=asked)
 
@@ -307,12 +309,30 @@ class Migrations:
             pass  # the worker's result (and the location check after it) decides what happened
 
     @staticmethod
-    def _migratable_xml(conn: libvirt.virConnect, vm: str) -> tuple[str, bool] | None:
-        """The running ``vm``'s migratable XML and whether it is defined persistently; None when not running."""
+    def _migratable_xml(conn: libvirt.virConnect, vm: str) -> tuple[str, bool, bool] | None:
+        """The running ``vm``'s migratable XML, whether it is defined persistently and whether it starts with
+        its host (autostart); None when not running."""
         dom = lookup(conn, vm)
         if dom is None or not dom.isActive():
             return None
-        return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)), bool(dom.isPersistent())
+        persistent = bool(dom.isPersistent())
+        return str(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE)), persistent, persistent and bool(dom.autostart())
+
+    def _keep_autostart(self, vm: str, target: str) -> None:
+        """Mark ``vm`` autostart on ``target`` as it was on its source: PERSIST_DEST defines it there without
+        the flag, and a VM that started with its host after a power loss would not any more. A flag that
+        cannot be set does not undo the move: it is logged (the run's log) for the operator."""
+        def set_flag(conn: libvirt.virConnect) -> None:
+            dom = lookup(conn, vm)
+            if dom is None or not dom.isPersistent():
+                raise DriverError(f"{vm} is not defined on {target}", target)
+            dom.setAutostart(1)
+
+        try:
+            self._connections.call(target, f"setting the autostart of {vm}", set_flag)
+        except DriverError as exc:
+            log.warning("%s moved to %s, but its autostart could not be set there (virsh autostart %s): %s",
+                        visible(vm), target, visible(vm), exc)
 
     def _run_migration(self, worker: _Worker, vm: str, source: str, target: str, flags: int,
                        params: dict[str, Any]) -> None:
