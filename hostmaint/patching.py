@@ -722,6 +722,7 @@ def wait_for_new_boot(shell: HostShell, host: str, policy: HostPolicy, old: str,
     from ``start`` (a ``clock()`` reading); raises StepError as :func:`reboot_and_wait` does."""
     deadline = start + policy.reboot_timeout_s
     down_after: float | None = None
+    answers_old_since: float | None = None  # answering again with ``old`` after it was seen down, since
     last_error = ""
     while True:
         now = clock()
@@ -733,6 +734,7 @@ def wait_for_new_boot(shell: HostShell, host: str, policy: HostPolicy, old: str,
             raise StepError(f"after reboot: {exc}", host=host, step=Step.REBOOT) from exc
         except (TransientDriverError, CommandError) as exc:
             last_error = str(exc)
+            answers_old_since = None
             if down_after is None:
                 down_after = clock() - start
                 log.info("%s: down after %.1fs", host, down_after)
@@ -742,9 +744,18 @@ def wait_for_new_boot(shell: HostShell, host: str, policy: HostPolicy, old: str,
                 log.info("%s: back after %.1fs with boot id %s", host, back, current)
                 return RebootResult(host=host, old_boot_id=old, new_boot_id=current,
                                     down_after_s=down_after, back_after_s=back)
+            if down_after is not None and answers_old_since is None:
+                answers_old_since = clock() - start
+                log.info("%s: answers again after %.1fs, with its old boot id %s", host, answers_old_since, old)
         sleep(max(0.0, min(poll_s, deadline - clock())))
     if down_after is None:
         raise StepError(f"host did not reboot: boot id still {old} after {policy.reboot_timeout_s:g}s",
+                        host=host, step=Step.REBOOT)
+    if answers_old_since is not None:
+        # a soft reboot, or only its network or sshd restarted: up again, on the kernel it ran before
+        raise StepError(f"host did not reboot: it stopped answering after {down_after:.1f}s, answers again "
+                        f"since {answers_old_since:.1f}s with the same boot id {old}, still after "
+                        f"{policy.reboot_timeout_s:g}s (a soft reboot, or only its network or sshd restarted)",
                         host=host, step=Step.REBOOT)
     raise StepError(f"host went down after {down_after:.1f}s and did not come back within "
                     f"{policy.reboot_timeout_s:g}s (last error: {last_error})", host=host, step=Step.REBOOT)

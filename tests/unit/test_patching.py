@@ -239,6 +239,39 @@ BOOT_1 = "3f1c1b1e-0000-4000-8000-000000000001"
 BOOT_2 = "3f1c1b1e-0000-4000-8000-000000000002"
 
 
+def _blinking_host(down: Sequence[int]) -> Callable[[tuple[str, ...]], tuple[int, str, str]]:
+    """A host whose ``reboot`` changes nothing and whose boot-id reads number ``down`` (from 1) find it
+    unreachable: otherwise it answers with its old boot id."""
+    reads = [0]
+
+    def handler(argv: tuple[str, ...]) -> tuple[int, str, str]:
+        if argv == patching.REBOOT_ARGV:
+            return 0, "", ""
+        reads[0] += 1
+        if reads[0] in down:
+            raise TransientDriverError("unreachable after 4 attempt(s): connection refused", "hv1")
+        return 0, f"{BOOT_1}\n", ""
+
+    return handler
+
+
+def test_a_host_back_from_being_down_with_its_old_boot_id_did_not_reboot() -> None:
+    # a soft reboot (or only its network or sshd restarted): it answers again, on the boot it had
+    clock = FakeClock()
+    with pytest.raises(StepError, match=f"did not reboot: .*same boot id {BOOT_1}") as err:
+        patching.reboot_and_wait(HandlerShell(_blinking_host(range(2, 6))), "hv1", HostPolicy(reboot_timeout_s=30),
+                                 clock=clock, sleep=clock.sleep)
+    assert "did not come back" not in str(err.value)
+
+
+def test_a_host_down_again_at_the_deadline_did_not_come_back() -> None:
+    # answered once with its old boot id (the shutdown not yet at sshd), then down until the deadline
+    clock = FakeClock()
+    with pytest.raises(StepError, match="went down after .* did not come back within 30s"):
+        patching.reboot_and_wait(HandlerShell(_blinking_host([2, *range(4, 100)])), "hv1",
+                                 HostPolicy(reboot_timeout_s=30), clock=clock, sleep=clock.sleep)
+
+
 @pytest.mark.parametrize(("stdout", "boot_id"), [
     (f"{BOOT_1}\n", BOOT_1), (f"  {BOOT_1.upper()}\r\n", BOOT_1),
 ])
