@@ -67,7 +67,7 @@ from hostmaint.models import (
 from hostmaint.placement import check_capacity, plan_evacuation, plan_rebalance, render_plan, stale_targets
 from hostmaint.placement.exact import DEFAULT_BUDGET
 from hostmaint.placement.rebalance import plan_return as plan_return_home
-from hostmaint.resume import issued_boot_id
+from hostmaint.resume import cells_before_reboot, issued_boot_id
 from hostmaint.runtime import Runtime
 from hostmaint.state import HostRecord, HostStateStore
 
@@ -1426,11 +1426,14 @@ def reboot(rt: Runtime, run: RunContext, host: str) -> patching.RebootResult:
     next run tell a reboot that happened from one that never did (:func:`prove_reboot`)."""
     policy = rt.inventory.policy_for(host)
     confirm_empty(rt, run, host, Step.REBOOT)
+    # what verify compares the host with after the reboot, also when the run verifying it is another
+    cells = rt.hypervisor.discover(host).cells
     rt.states.transition(host, HostState.REBOOTING, "rebooting", run.run_id)
 
     def issued(boot_id: str) -> None:
         with audited(rt, run, Step.REBOOT_ISSUED, host=host) as rec:
             rec.details["boot_id_before"] = boot_id
+            rec.details["cells_before"] = _jsonable(list(cells))
 
     try:
         with audited(rt, run, Step.REBOOT, host=host, inputs={"timeout_s": policy.reboot_timeout_s}) as rec:
@@ -1475,8 +1478,13 @@ def prove_reboot(rt: Runtime, run: RunContext, host: str) -> patching.RebootResu
 
 
 def verify(rt: Runtime, run: RunContext, host: str, cells_before: tuple[Cell, ...] | None) -> None:
-    """Verify the host after patching: kernel, libvirtd, NUMA topology, the host's own checks."""
+    """Verify the host after patching: kernel, libvirtd, NUMA topology, the host's own checks.
+
+    ``cells_before``: the topology this run saw before the update; a run that did not (it took the host
+    up after the reboot another run issued) compares with the one recorded before that reboot."""
     policy = rt.inventory.policy_for(host)
+    if cells_before is None:
+        cells_before = cells_before_reboot(rt.audit.records(host=host, steps=(Step.CORDON, Step.REBOOT_ISSUED)))
     if rt.states.state(host) is not HostState.VERIFYING:
         rt.states.transition(host, HostState.VERIFYING, "verifying", run.run_id)
     try:

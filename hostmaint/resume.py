@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from hostmaint.audit import AuditRecord
-from hostmaint.models import HostState, Step, StepOutcome
+from hostmaint.models import Cell, HostState, Step, StepOutcome
 from hostmaint.state import HostRecord
 
 RUNBOOK: tuple[Step, ...] = (
@@ -73,6 +73,21 @@ def issued_boot_id(record: HostRecord, audit: Sequence[AuditRecord]) -> str | No
               and datetime.fromisoformat(r.time) >= record.since]
     boot_id = issued[-1].details.get("boot_id_before") if issued else None
     return str(boot_id) if boot_id is not None else None
+
+
+def cells_before_reboot(audit: Sequence[AuditRecord]) -> tuple[Cell, ...] | None:
+    """The NUMA cells recorded right before the host's last reboot in its current maintenance (step
+    ``reboot-issued`` after its last cordon), or None: none was issued since. What verify compares the
+    host with when the run verifying it is not the one that saw it before (that one died during the
+    reboot). ``audit``: the host's records, oldest first."""
+    cordons = [i for i, r in enumerate(audit)
+               if r.step == Step.CORDON and r.outcome in (StepOutcome.OK, StepOutcome.SKIPPED)]
+    since = audit[cordons[-1]:] if cordons else audit
+    issued = [r for r in since if r.step == Step.REBOOT_ISSUED and r.outcome is StepOutcome.OK
+              and "cells_before" in r.details]
+    if not issued:
+        return None
+    return tuple(Cell.model_validate(c) for c in issued[-1].details["cells_before"])
 
 
 def remaining_steps(record: HostRecord, audit: Sequence[AuditRecord]) -> tuple[Step, ...]:

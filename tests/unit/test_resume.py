@@ -16,9 +16,9 @@ import sqlalchemy as sa
 
 from hostmaint.audit import GENESIS_HASH, AuditEntry, AuditRecord, AuditTrail
 from hostmaint.db import audit_table
+from hostmaint.models import Cell, Step, StepOutcome
 from hostmaint.models import HostState as S
-from hostmaint.models import Step, StepOutcome
-from hostmaint.resume import RUNBOOK, drain_due, issued_boot_id, remaining_steps
+from hostmaint.resume import RUNBOOK, cells_before_reboot, drain_due, issued_boot_id, remaining_steps
 from hostmaint.state import HostRecord
 from tests.unit.conftest import T0, FakeClock
 
@@ -94,6 +94,20 @@ def test_the_boot_id_of_the_last_reboot_issued_in_this_state() -> None:
     assert issued_boot_id(host(S.REBOOTING), [ISSUED_BEFORE, ISSUED, again]) == "boot-2"
     assert issued_boot_id(host(S.REBOOTING), [ISSUED_BEFORE, ISSUE_FAILED]) is None
     assert issued_boot_id(host(S.REBOOTING), [ISSUED_OLD_NAME]) == "boot-1"
+
+
+def test_the_cells_recorded_before_the_last_reboot_of_this_maintenance() -> None:
+    def cells(mib: int) -> list[dict[str, Any]]:
+        return [{"id": 0, "memory_mib": mib, "free_mib": mib // 2, "cpus": [0, 1], "hugepages": []}]
+
+    cordon = rec(P.CORDON, SINCE)
+    first = rec(P.REBOOT_ISSUED, SINCE + timedelta(minutes=1), boot_id_before="b1", cells_before=cells(1024))
+    again = rec(P.REBOOT_ISSUED, SINCE + timedelta(minutes=9), boot_id_before="b2", cells_before=cells(2048))
+    assert cells_before_reboot([cordon, first, again]) == (Cell(id=0, memory_mib=2048, free_mib=1024, cpus=(0, 1)),)
+    assert cells_before_reboot([cordon, first, ISSUE_FAILED]) == cells_before_reboot([cordon, first])
+    # an earlier maintenance's reboot says nothing of this one's; nor does a record made before cells were kept
+    assert cells_before_reboot([first, rec(P.CORDON, SINCE + timedelta(hours=2))]) is None
+    assert cells_before_reboot([cordon, ISSUED]) is None
 
 
 @pytest.mark.parametrize(("state", "vms_on_host", "due"), [
