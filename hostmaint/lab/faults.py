@@ -114,18 +114,62 @@ def _replace_wrapper(workdir: Path, host: str, name: str, text: str) -> Undo:
     return undo
 
 
-def hang_reboot(workdir: Path, host: str, down_seconds: float) -> Undo:
-    """The host's next ``reboot`` powers it off for ``down_seconds`` (longer than the inventory's
-    reboot timeout: a host that does not come back in time), then boots it as usual."""
+def _reboot_asking(workdir: Path, host: str, name: str, what: str, **request: object) -> Undo:
+    """The host's ``reboot`` asks its supervisor for a reboot with ``request``'s options (see
+    :meth:`hostmaint.lab.supervisor.Supervisor.handle`), until the undo."""
     state = host_dir(workdir, host) / "state"
-    request = json.dumps({"action": "reboot", "id": "chaos-hang", "down_seconds": down_seconds})
+    asked = json.dumps({"action": "reboot", "id": f"chaos-{name}", **request})
     return _replace_wrapper(workdir, host, "reboot", f"""#!/bin/sh
-# hostmaint chaos: a reboot that stays down for {down_seconds:.0f} s
-printf '%s' '{request}' > '{state / "request"}.tmp' && mv '{state / "request"}.tmp' '{state / "request"}'
+# hostmaint chaos: {what}
+printf '%s' '{asked}' > '{state / "request"}.tmp' && mv '{state / "request"}.tmp' '{state / "request"}'
 kill -USR1 "$(cat '{state / 'supervisor.pid'}')"
 echo "hostmaint lab: rebooting $(/usr/bin/hostname)"
 exit 0
 """)
+
+
+def hang_reboot(workdir: Path, host: str, down_seconds: float) -> Undo:
+    """The host's next ``reboot`` powers it off for ``down_seconds`` (longer than the inventory's
+    reboot timeout: a host that does not come back in time), then boots it as usual."""
+    return _reboot_asking(workdir, host, "hang", f"a reboot that stays down for {down_seconds:.0f} s",
+                          down_seconds=down_seconds)
+
+
+def reimage_at_reboot(workdir: Path, host: str) -> Undo:
+    """The host comes back from its ``reboot`` with a new SSH host key (reinstalled, or another machine
+    on its address): strict host-key checking must refuse it. The undo mends the ``reboot``; the new
+    key stays (the operator verifies it and updates known_hosts, :func:`trust_host_key`)."""
+    return _reboot_asking(workdir, host, "reimage", "a reboot that comes back with a new host key", new_host_key=True)
+
+
+def trust_host_key(workdir: Path, known_hosts: Path, host: str, ip: str) -> None:
+    """The operator, having verified the key the host presents now out of band, puts it in known_hosts."""
+    key = read_status(workdir, host).get("host_key")
+    if not isinstance(key, str):
+        raise LabError(f"lab host {host}: no sshd running, no host key to trust")
+    lines = [f"{ip} {key}" if line.split(" ", 1)[0] == ip else line for line in known_hosts.read_text().splitlines()]
+    known_hosts.write_text("\n".join(lines) + "\n")
+
+
+def soft_reboot(workdir: Path, host: str, down_seconds: float = 3.0) -> Undo:
+    """The host's ``reboot`` stops every process and starts its userspace again on the same kernel (as
+    ``systemctl soft-reboot`` does): down for ``down_seconds``, back with the same boot id and kernel."""
+    return _reboot_asking(workdir, host, "soft", "a reboot that keeps the kernel and its boot id",
+                          down_seconds=down_seconds, keep_boot_id=True)
+
+
+def reboot_without_libvirtd(workdir: Path, host: str) -> Undo:
+    """The host comes back from its ``reboot`` without libvirtd (its unit failed at boot). The undo mends
+    the ``reboot``; :func:`hostmaint.lab.start_libvirtd` starts the daemon."""
+    return _reboot_asking(workdir, host, "no-libvirtd", "a reboot after which libvirtd does not start", libvirtd=False)
+
+
+def change_memory_at_reboot(workdir: Path, host: str, memory_mib: int) -> Undo:
+    """The host comes back from its ``reboot`` with ``memory_mib`` of memory (a DIMM failed at POST): its
+    NUMA cell is smaller from then on. The undo mends the ``reboot``; the memory stays until a reboot
+    asks for another size (:func:`change_memory_at_reboot` again)."""
+    return _reboot_asking(workdir, host, "memory", f"a reboot that comes back with {memory_mib} MiB",
+                          memory_mib=memory_mib)
 
 
 def never_reboot_back(workdir: Path, host: str) -> Undo:

@@ -145,20 +145,27 @@ class Supervisor:
 
     # --- boot and shutdown -----------------------------------------------------------
 
-    def boot(self) -> None:
-        """Power on: fresh boot id, empty RAM, the boot default kernel (grubby's), libvirtd and sshd."""
+    def boot(self, new_boot: bool = True, libvirtd: bool = True) -> None:
+        """Power on: fresh boot id, empty RAM, the boot default kernel (grubby's), libvirtd and sshd.
+
+        ``new_boot=False``: userspace starts again on the same kernel (a soft reboot): boot id and running
+        kernel stay. ``libvirtd=False``: libvirtd does not start (its unit failed at boot)."""
         self._write_status("booting")
         for entry in (self.dir / "ram").iterdir():
             if entry.is_dir():
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-        # rewrite in place: the bind mount over /proc/.../boot_id points at this inode
-        (self.state / "boot_id").write_text(str(uuid.uuid4()) + "\n")
-        (self.state / "running-kernel").write_text(boot_default_kernel(self.dir) + "\n")
-        (self.state / "booted-at").write_text(f"{time.time()}\n")
+        if new_boot:
+            # rewrite in place: the bind mount over /proc/.../boot_id points at this inode
+            (self.state / "boot_id").write_text(str(uuid.uuid4()) + "\n")
+            (self.state / "running-kernel").write_text(boot_default_kernel(self.dir) + "\n")
+            (self.state / "booted-at").write_text(f"{time.time()}\n")
         self.memory_view.refresh()
-        self.start_libvirtd()
+        if libvirtd:
+            self.start_libvirtd()
+        else:
+            _log(self.dir, "libvirtd not started at this boot")
         self.sshd = start_sshd(self.dir / "sshd", authorized_keys=Path(self.config["authorized_keys"]),
                                address=self.config["ip"], port=22, netns=self.config["netns"],
                                extra_env={"PATH": SESSION_PATH}, home=self.dir / "home")
@@ -183,6 +190,20 @@ class Supervisor:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("libvirtd did not listen within 60 s")
+
+    def _change_hardware(self, request: dict[str, object]) -> None:
+        """What a reboot request changes while the host is off (lab faults): ``new_host_key`` (the host
+        was reinstalled: sshd makes a new key at boot), ``memory_mib`` (a DIMM lost or added: the host's
+        and its NUMA cell's memory from this boot on)."""
+        if request.get("new_host_key"):
+            for key in (self.dir / "sshd").glob("ssh_host_*"):
+                key.unlink()
+            _log(self.dir, "host key removed: sshd makes a new one at boot")
+        if request.get("memory_mib") is not None:
+            mib = int(str(request["memory_mib"]))
+            self.memory_view.total_kib = mib * 1024
+            _mount(["-o", f"remount,size={mib}m", str(self.dir / "ram")])
+            _log(self.dir, f"memory is {mib} MiB from this boot on")
 
     def kill_libvirtd(self) -> None:
         if self.libvirtd is not None and self.libvirtd.poll() is None:
@@ -247,7 +268,8 @@ class Supervisor:
             self._log_reboot()
             self.power_off()
             self._stay_down(float(request.get("down_seconds", 3.0)))  # type: ignore[arg-type]
-            self.boot()
+            self._change_hardware(request)
+            self.boot(new_boot=not request.get("keep_boot_id"), libvirtd=request.get("libvirtd", True) is not False)
         elif action == "kill-libvirtd":
             self.kill_libvirtd()
         elif action == "start-libvirtd":
