@@ -1489,8 +1489,12 @@ def verify(rt: Runtime, run: RunContext, host: str, cells_before: tuple[Cell, ..
         rt.states.transition(host, HostState.VERIFYING, "verifying", run.run_id)
     try:
         with audited(rt, run, Step.VERIFY, host=host) as rec:
-            report = patching.verify_host(rt.shell, rt.hypervisor, host, policy, cells_before=cells_before)
+            # a host just back from its reboot may not answer every check yet (libvirtd still starting)
+            report, attempts = patching.verify_host_settled(rt.shell, rt.hypervisor, host, policy,
+                                                            cells_before=cells_before)
             rec.details["verify"] = _jsonable(report)
+            if attempts > 1:
+                rec.details["attempts"] = attempts
             if not report.ok:
                 bad = [f"{c.name}: {c.detail}" for c in report.checks if not c.ok]
                 raise StepError(f"host {host} failed verification: " + "; ".join(bad), host, Step.VERIFY)

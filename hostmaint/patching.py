@@ -150,6 +150,7 @@ class CheckResult(Frozen):
     detail: str
     skipped: bool = False
     warning: bool = False
+    unanswered: bool = False  # failed because the host did not answer it (a daemon still starting, sshd down)
 
 
 class VerifyReport(Frozen):
@@ -768,6 +769,8 @@ def _check(name: str, fn: Callable[[], CheckResult]) -> CheckResult:
     """Run one check; a driver error is that check's failure, not the report's."""
     try:
         return fn()
+    except TransientDriverError as exc:
+        return CheckResult(name=name, ok=False, detail=str(exc), unanswered=True)
     except (DriverError, StepError) as exc:
         return CheckResult(name=name, ok=False, detail=str(exc))
 
@@ -881,6 +884,30 @@ def verify_host(shell: HostShell, hypervisor: Hypervisor, host: str, policy: Hos
         checks.append(_check(vc.name, functools.partial(_inventory_check, shell, host, vc.argv, vc.expect_exit,
                                                         vc.timeout_s, vc.name)))
     return VerifyReport(host=host, ok=all(c.ok for c in checks), checks=tuple(checks))
+
+
+VERIFY_SETTLE_S = 120.0
+VERIFY_POLL_S = 5.0
+
+
+def verify_host_settled(shell: HostShell, hypervisor: Hypervisor, host: str, policy: HostPolicy, *,
+                        cells_before: Sequence[Cell] | None = None, clock: Callable[[], float] = time.monotonic,
+                        sleep: Callable[[float], None] = time.sleep,
+                        poll_s: float = VERIFY_POLL_S) -> tuple[VerifyReport, int]:
+    """:func:`verify_host`, asked again every ``poll_s`` while every failed check failed only because the
+    host did not answer it, for at most :data:`VERIFY_SETTLE_S` (the policy's reboot timeout when shorter):
+    a host answers SSH as soon as it is back, and its libvirtd can take a while longer (storage pools,
+    networks) — that is a host still booting, not a broken one. A check that got an answer and failed
+    (a wrong kernel, a changed topology) ends it at once. Returns the last report and how many were made."""
+    deadline = clock() + min(VERIFY_SETTLE_S, policy.reboot_timeout_s)
+    attempts = 0
+    while True:
+        report = verify_host(shell, hypervisor, host, policy, cells_before=cells_before)
+        attempts += 1
+        if report.ok or not all(c.unanswered for c in report.failures) or clock() + poll_s > deadline:
+            return report, attempts
+        log.info("%s: not answering all checks yet (%s); asking again in %gs", host, report.reason(), poll_s)
+        sleep(poll_s)
 
 
 def _inventory_check(shell: HostShell, host: str, argv: Sequence[str], expect: int, timeout: float,

@@ -164,6 +164,13 @@ def reboot_without_libvirtd(workdir: Path, host: str) -> Undo:
     return _reboot_asking(workdir, host, "no-libvirtd", "a reboot after which libvirtd does not start", libvirtd=False)
 
 
+def slow_libvirtd_at_reboot(workdir: Path, host: str, seconds: float) -> Undo:
+    """The host comes back from its ``reboot`` with sshd first and libvirtd ``seconds`` later (its unit
+    takes that long: storage pools and networks to start), as a real boot may order them."""
+    return _reboot_asking(workdir, host, "slow-libvirtd", f"a reboot after which libvirtd starts {seconds:g} s late",
+                          libvirtd_after_s=seconds)
+
+
 def change_memory_at_reboot(workdir: Path, host: str, memory_mib: int) -> Undo:
     """The host comes back from its ``reboot`` with ``memory_mib`` of memory (a DIMM failed at POST): its
     NUMA cell is smaller from then on. The undo mends the ``reboot``; the memory stays until a reboot

@@ -269,7 +269,14 @@ class Supervisor:
             self.power_off()
             self._stay_down(float(request.get("down_seconds", 3.0)))  # type: ignore[arg-type]
             self._change_hardware(request)
-            self.boot(new_boot=not request.get("keep_boot_id"), libvirtd=request.get("libvirtd", True) is not False)
+            late = request.get("libvirtd_after_s")
+            self.boot(new_boot=not request.get("keep_boot_id"),
+                      libvirtd=late is None and request.get("libvirtd", True) is not False)
+            if late is not None:
+                # libvirtd comes up after sshd (its unit is slow: storage pools, networks to start)
+                time.sleep(float(str(late)))
+                self.start_libvirtd()
+                _log(self.dir, f"libvirtd started {late} s after sshd")
         elif action == "kill-libvirtd":
             self.kill_libvirtd()
         elif action == "start-libvirtd":

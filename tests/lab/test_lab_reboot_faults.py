@@ -3,7 +3,7 @@ verified, and must leave them out of service with the real reason.
 
 - the host comes back with another SSH host key (reinstalled, or another machine on its address);
 - the reboot only restarted userspace (a soft reboot): the host answers again with its old boot id;
-- libvirtd does not start at boot;
+- libvirtd does not start at boot, or starts after sshd;
 - the host comes back with less memory (a DIMM lost at POST): its NUMA cell changed, also when the run
   that rebooted it died during the reboot and another run verifies it.
 """
@@ -164,6 +164,31 @@ def test_a_host_back_without_libvirtd_is_failed_naming_it(reboot_lab: LabInfo, r
         _wait_up(host)
         start_libvirtd(host, WORKDIR)
     _left_out_safely(rt, host, before, "libvirtd")
+
+
+def test_a_host_whose_libvirtd_answers_after_its_sshd_is_verified_once_it_does(reboot_lab: LabInfo, rt: Any,
+                                                                              tmp_path: Path) -> None:
+    from flows.patch_host import patch_host
+    from hostmaint.lab.faults import slow_libvirtd_at_reboot
+
+    _reactivate(rt)
+    host = "hv01"
+    inventory = _always_reboot(reboot_lab, tmp_path, host)
+    before = all_vms(rt)
+    mend = slow_libvirtd_at_reboot(WORKDIR, host, 8)
+    try:
+        result = patch_host(host=host, operator="lab-test", reason="slow libvirtd", inventory=inventory,
+                            trigger=Trigger.TEST)
+    finally:
+        mend()
+    assert result.outcome is StepOutcome.OK, result.detail
+    assert rt.states.state(host) is HostState.ACTIVE
+    run = rt.audit.records(host=host)[-1].run_id
+    [verify] = [r for r in rt.audit.records(host=host, run_id=run) if r.step == "verify"]
+    assert verify.outcome is StepOutcome.OK and verify.details["verify"]["ok"], verify.details
+    after = all_vms(rt)
+    assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
+    assert rt.audit.verify().ok
 
 
 def test_a_host_back_with_less_memory_is_failed_naming_its_numa_cell(reboot_lab: LabInfo, rt: Any,

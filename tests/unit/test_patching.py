@@ -549,6 +549,44 @@ def test_verify_while_host_is_down_fails_the_checks_instead_of_raising() -> None
     assert not report.ok and "simulated host is down" in report.reason()
 
 
+class LateLibvirtd(FakeHypervisor):
+    """libvirtd refuses connections until ``up_at`` on the test's clock (it starts after sshd)."""
+
+    def __init__(self, clock: Callable[[], float], up_at: float) -> None:
+        super().__init__(CELLS)
+        self.clock, self.up_at = clock, up_at
+
+    def running_vms(self, host: str) -> tuple[str, ...]:
+        self.reachable = self.clock() >= self.up_at
+        return super().running_vms(host)
+
+
+def test_verify_waits_for_a_libvirtd_that_starts_after_the_host_answers() -> None:
+    shell, clock, _ = setup()
+    report, attempts = patching.verify_host_settled(shell, LateLibvirtd(clock, clock.now + 12), "hv1",
+                                                    HostPolicy(), cells_before=CELLS, clock=clock, sleep=clock.sleep)
+    assert report.ok and attempts == 4, report.reason()  # asked at +0, +5, +10, +15 s
+
+
+def test_verify_gives_up_on_a_libvirtd_that_never_answers_naming_it() -> None:
+    shell, clock, _ = setup()
+    start = clock.now
+    report, _ = patching.verify_host_settled(shell, FakeHypervisor(CELLS, reachable=False), "hv1",
+                                             HostPolicy(reboot_timeout_s=30), cells_before=CELLS, clock=clock,
+                                             sleep=clock.sleep)
+    assert not report.ok and "libvirtd: connection refused" in report.reason()
+    assert 25 <= clock.now - start <= 30  # the policy's reboot timeout, shorter than VERIFY_SETTLE_S
+
+
+def test_verify_does_not_wait_when_a_check_got_an_answer_and_failed() -> None:
+    # the kernel is wrong: waiting for libvirtd changes nothing about that
+    shell, clock, _ = setup(make_host(running_kernel="4.18.0-1.el8.x86_64"))
+    report, attempts = patching.verify_host_settled(shell, FakeHypervisor(CELLS, reachable=False), "hv1",
+                                                    HostPolicy(), cells_before=CELLS, clock=clock,
+                                                    sleep=clock.sleep)
+    assert not report.ok and attempts == 1 and "kernel" in report.reason()
+
+
 def test_a_systemd_probe_killed_by_a_signal_fails_the_check_instead_of_skipping_it() -> None:
     shell, _, _ = setup(make_host(commands={"test -d /run/systemd/system": [-1, "", ""]}))
     report = patching.verify_host(shell, FakeHypervisor(CELLS), "hv1", HostPolicy(), cells_before=CELLS)
