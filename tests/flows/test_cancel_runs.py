@@ -45,6 +45,18 @@ def _state(run_id: str) -> str | None:
     return cancellation.run_state(run_id)[0]
 
 
+def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 30 s: under load Prefect's worker has taken longer to wind down after
+    the run ended (its heartbeats to a busy SQLite server retried), and a worker left running took the
+    next test's run from the shared pool, which then crashed. Each test also has its own pool."""
+    worker.terminate()
+    try:
+        worker.wait(30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait(30)
+
+
 def _wait(what: str, predicate, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -277,7 +289,7 @@ def test_a_patch_host_on_a_process_worker_cancelled_mid_drain_stops_the_same_way
 
     inventory = _slow_fleet(tmp_path)
     host = "hv03"
-    pool = "hostmaint-cancel-test"
+    pool = "hostmaint-cancel-test-patch"
     ensure_work_pool(pool)
     flow = Flow.from_source(source=str(ROOT), entrypoint="flows/patch_host.py:patch_host")
     deployment_id = flow.deploy(name="cancel-on-worker", work_pool_name=pool, build=False, push=False,
@@ -302,8 +314,7 @@ def test_a_patch_host_on_a_process_worker_cancelled_mid_drain_stops_the_same_way
         _wait("the run to end", lambda: _state(run_id) in ("CANCELLED", "FAILED", "CRASHED", "COMPLETED"), 90)
         assert _state(run_id) == "CANCELLED", log.read_text()[-3000:]
     finally:
-        worker.terminate()
-        worker.wait(30)
+        _stop_worker(worker)
     rt = open_runtime(inventory, fresh=True)
     record = rt.states.get(host)
     assert record.state is HostState.CORDONED and record.reason.startswith("cancelled by victor"), record
@@ -414,7 +425,7 @@ def test_a_rebalance_on_a_process_worker_cancelled_mid_way_stops_its_moves(tmp_p
     before = {vm: open_runtime(inventory, fresh=True).hypervisor.locate(vm)
               for vm in open_runtime(inventory, fresh=True).hypervisor.vms}  # type: ignore[attr-defined]
     states = {h: r.state for h, r in open_runtime(inventory, fresh=True).states.all().items()}
-    pool = "hostmaint-cancel-test"
+    pool = "hostmaint-cancel-test-rebalance"
     ensure_work_pool(pool)
     flow = Flow.from_source(source=str(ROOT), entrypoint="flows/rebalance_cluster.py:rebalance_cluster")
     deployment_id = flow.deploy(name="cancel-rebalance-on-worker", work_pool_name=pool, build=False, push=False,
@@ -435,8 +446,7 @@ def test_a_rebalance_on_a_process_worker_cancelled_mid_way_stops_its_moves(tmp_p
         _wait("the run to end", lambda: _state(run_id) in ("CANCELLED", "FAILED", "CRASHED", "COMPLETED"), 90)
         assert _state(run_id) == "CANCELLED", log.read_text()[-3000:]
     finally:
-        worker.terminate()
-        worker.wait(30)
+        _stop_worker(worker)
     rt = open_runtime(inventory, fresh=True)
     after = {vm: rt.hypervisor.locate(vm) for vm in rt.hypervisor.vms}  # type: ignore[attr-defined]
     assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
