@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-from hostmaint.drivers.base import STOPPED_OUTSIDE_REASONS, Hypervisor, ShutOffReasons
+from hostmaint.drivers.base import STOPPED_OUTSIDE_REASONS, Hypervisor, MigrationStates, ShutOffReasons
 from hostmaint.errors import DriverError, MigrationNotStarted
 from hostmaint.migration.control import DowntimeRetune, MigrationControl
 from hostmaint.migration.links import LinkMeter, LinkObservation
@@ -477,6 +477,10 @@ class _Drain:
             return self.result(spec, StepOutcome.UNKNOWN, f"{exc}; whether it moved is unknown, it cannot be "
                                f"located: {exc2}", seconds)
         if tuple(where) == (spec.target,):
+            if self.paused_for_migration(spec):
+                # only the failed migration's own copy, not torn down yet: it never ran there
+                return self.result(spec, StepOutcome.UNKNOWN, f"{exc}; whether it moved is unknown: its copy on "
+                                   f"{spec.target} is paused by the migration", seconds)
             # It landed despite the error (e.g. the confirmation timed out): that is a success.
             return self.result(spec, StepOutcome.OK, f"reported {exc!s}, but runs on {spec.target}", seconds)
         if not where and (stopped := self.stopped_outside(spec)) is not None:
@@ -493,6 +497,16 @@ class _Drain:
         if flight.abort_reason is not None:
             return self.result(spec, StepOutcome.ABORTED, f"aborted: {flight.abort_reason}", seconds)
         return self.result(spec, StepOutcome.FAILED, str(exc), seconds)
+
+    def paused_for_migration(self, spec: MigrationSpec) -> bool:
+        """Whether ``spec.vm`` on its target is only the copy a live migration keeps paused there (drivers
+        that can tell, :class:`MigrationStates`; one that cannot answer now: no)."""
+        if not isinstance(self.hv, MigrationStates):
+            return False
+        try:
+            return spec.vm in self.hv.in_migration(spec.target)
+        except DriverError:
+            return False
 
     def stopped_outside(self, spec: MigrationSpec) -> str | None:
         """libvirt's reason when ``spec.vm``, running nowhere, is shut off on its source by its guest or

@@ -82,6 +82,7 @@ class FakeDomain:
         self.xml = xml if xml is not None else domain_xml(name)
         self.persistent, self.active, self.vcpus = persistent, active, vcpus
         self.autostarts = False
+        self.paused_reason: int | None = None  # active but paused, for this reason (libvirt's)
         self.calls: list[str] = []
         # one per abortJob call, the last repeated: what each does (block, raise, ...)
         self.aborts: list[Callable[[], None]] = []
@@ -113,6 +114,8 @@ class FakeDomain:
                 self.vcpus, 0]
 
     def state(self) -> tuple[int, int]:
+        if self.active and self.paused_reason is not None:
+            return libvirt.VIR_DOMAIN_PAUSED, self.paused_reason
         return (libvirt.VIR_DOMAIN_RUNNING, 1) if self.active else (libvirt.VIR_DOMAIN_SHUTOFF, 1)
 
     def shutdown(self) -> int:

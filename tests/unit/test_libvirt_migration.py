@@ -13,7 +13,7 @@ import pytest
 from hostmaint.drivers.libvirt import LibvirtHypervisor, MonitorSettings
 from hostmaint.errors import DriverError, MigrationError
 from hostmaint.models import MigrationOptions, MigrationProgress, StepOutcome
-from tests.fakes.libvirtd import FakeClock, FakeConnector, FakeDomain, FakeHost, FakeJob, FakeNetwork
+from tests.fakes.libvirtd import FakeClock, FakeConnector, FakeDomain, FakeHost, FakeJob, FakeNetwork, no_domain
 
 MIB = 1024**2
 URIS = {"hv01": "qemu+tcp://10.213.7.11/system", "hv02": "qemu+tcp://10.213.7.12/system"}
@@ -241,3 +241,54 @@ def test_a_moved_vm_keeps_its_autostart_which_libvirt_drops(autostarts: bool) ->
     assert hv.migrate("vm1", "hv01", "hv02", MigrationOptions()).outcome is StepOutcome.OK
 
     assert network[URIS["hv02"]].domains["vm1"].autostarts is autostarts
+
+
+def destroyed_mid_way(copy_gone_after_s: float | None) -> tuple[LibvirtHypervisor, FakeNetwork, FakeClock]:
+    """vm1 destroyed on hv01 while it migrates: libvirt fails the migration and returns while the target's
+    incoming copy (paused for the migration) is still there, gone ``copy_gone_after_s`` later (None: never).
+    Seen on the lab under load; the paused copy never ran."""
+    network = FakeNetwork({URIS["hv01"]: FakeHost("hv01"), URIS["hv02"]: FakeHost("hv02")})
+    source, target = network[URIS["hv01"]], network[URIS["hv02"]]
+    network[URIS["hv01"]].add("vm1")
+    clock = FakeClock()
+
+    def new_job(dom: FakeDomain, to: FakeHost, params: dict[str, Any], flags: int) -> FakeJob:
+        job = FakeJob(lambda: {})
+        dom.active = False  # the tenant's destroy
+        gone_at = None if copy_gone_after_s is None else clock.now + copy_gone_after_s
+
+        class IncomingCopy(FakeDomain):
+            def state(self) -> tuple[int, int]:
+                if gone_at is not None and clock.now >= gone_at:  # libvirt has torn it down
+                    target.domains.pop("vm1", None)
+                    raise no_domain("vm1")
+                return super().state()
+
+        copy = target.domains["vm1"] = IncomingCopy(target, "vm1")
+        copy.paused_reason = libvirt.VIR_DOMAIN_PAUSED_MIGRATION
+        job.abort_error = (libvirt.VIR_ERR_OPERATION_FAILED, "operation failed: domain is not running")
+        job.finish("failed")
+        return job
+
+    network.on_job = new_job
+    hv = LibvirtHypervisor(URIS, connector=FakeConnector(network), clock=clock, sleep=clock.sleep, wait=clock.wait)
+    assert source.domains["vm1"].active
+    return hv, network, clock
+
+
+def test_a_failed_migrations_paused_copy_on_the_target_is_not_taken_for_the_vm_running_there() -> None:
+    hv, network, clock = destroyed_mid_way(copy_gone_after_s=2.0)
+    with pytest.raises(MigrationError) as caught:
+        hv.migrate("vm1", "hv01", "hv02", MigrationOptions())
+    assert "runs on neither host" in str(caught.value), str(caught.value)
+    assert "vm1" not in network[URIS["hv02"]].domains and clock.now >= 2.0  # it waited for the teardown
+
+
+def test_a_paused_copy_that_stays_makes_the_outcome_unknown_not_a_landing() -> None:
+    hv, _, clock = destroyed_mid_way(copy_gone_after_s=None)
+    with pytest.raises(MigrationError) as caught:
+        hv.migrate("vm1", "hv01", "hv02", MigrationOptions())
+    text = str(caught.value)
+    assert "whether vm1 moved is unknown" in text and "still paused by the migration" in text, text
+    assert "runs on hv02" not in text
+    assert 30.0 <= clock.now < 31.0  # MonitorSettings.teardown_timeout_s, then it says so

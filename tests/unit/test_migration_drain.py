@@ -424,6 +424,29 @@ def test_a_failed_migration_whose_vm_runs_on_no_host_is_unknown() -> None:
     assert [r.outcome for r in report.results] == [StepOutcome.UNKNOWN]
 
 
+def test_a_failed_migration_whose_only_copy_on_the_target_is_paused_for_it_is_unknown_not_moved() -> None:
+    # libvirt returned the failure before the target tore its incoming copy down (seen on the lab under
+    # load): that copy is active but never ran; calling the VM moved was false (it ran nowhere after)
+    moves = MANY[:1]
+
+    class CopyLeft(FakeHypervisor):
+        incoming: dict[str, str] = {}
+
+        def migrate(self, vm, source, target, options, on_progress=None):  # type: ignore[no-untyped-def]
+            with self.lock:
+                self.location[vm] = target
+                self.incoming = {vm: target}
+            raise MigrationError("operation failed: domain is not running", host=source, vm=vm, target=target)
+
+        def in_migration(self, host: str) -> tuple[str, ...]:
+            return tuple(vm for vm, h in self.incoming.items() if h == host)
+
+    report = drain(make_plan(moves), fleet(moves, cls=CopyLeft), Limits())
+    [result] = report.results
+    assert result.outcome is StepOutcome.UNKNOWN and "paused by the migration" in (result.error or "")
+    assert not report.ok and report.summary() == "0 VM(s) moved"
+
+
 class TenantStops(FakeHypervisor):
     """A fake whose tenants stop VMs: ``stop`` before its migration starts, ``stop_during`` while it runs
     (libvirt then fails the migration), each leaving the VM shut off on its source for ``reason``."""

@@ -20,7 +20,7 @@ from hostmaint.errors import DriverError, TransientDriverError
 from hostmaint.models import Cell, HostDiscovery, Vm
 
 # Why a domain is paused while a live migration moves it (libvirt's virDomainPausedReason)
-_MIGRATION_PAUSES = frozenset({libvirt.VIR_DOMAIN_PAUSED_MIGRATION, libvirt.VIR_DOMAIN_PAUSED_STARTING_UP,
+MIGRATION_PAUSES = frozenset({libvirt.VIR_DOMAIN_PAUSED_MIGRATION, libvirt.VIR_DOMAIN_PAUSED_STARTING_UP,
                                libvirt.VIR_DOMAIN_PAUSED_POSTCOPY})
 
 def _job_ended(dom: libvirt.virDomain, reason: int) -> bool:
@@ -43,7 +43,7 @@ def _migration_pauses(conn: libvirt.virConnect) -> list[tuple[str, bool]]:
             state, reason = dom.state()
         except libvirt.libvirtError:
             continue  # it left while we looked
-        if state == libvirt.VIR_DOMAIN_PAUSED and reason in _MIGRATION_PAUSES:
+        if state == libvirt.VIR_DOMAIN_PAUSED and reason in MIGRATION_PAUSES:
             out.append((dom.name(), _job_ended(dom, reason)))
     return sorted(out)
 

@@ -25,7 +25,7 @@ from hostmaint.display import visible
 from hostmaint.drivers.base import ProgressCallback
 from hostmaint.drivers.domain_xml import rewrite_for_target
 from hostmaint.drivers.libvirt.connections import Connections, is_connection_error, is_running, lookup, message
-from hostmaint.drivers.libvirt.discovery import UNREADABLE, what_was_wrong
+from hostmaint.drivers.libvirt.discovery import MIGRATION_PAUSES, UNREADABLE, what_was_wrong
 from hostmaint.errors import DriverError, MigrationError, MigrationNotStarted, TransientDriverError
 from hostmaint.migration.policy import (
     MIB,
@@ -54,6 +54,8 @@ class MonitorSettings:
     poll_interval_s: float = 0.5
     abort_timeout_s: float = 20.0
     abort_attempts: int = 3
+    # after a failed migration, how long its incoming copy on the target (paused for it) may take to go
+    teardown_timeout_s: float = 30.0
 
 
 def progress_from_job_stats(vm: str, elapsed: float, stats: Mapping[str, Any]) -> MigrationProgress | None:
@@ -427,12 +429,44 @@ class Migrations:
         if on_source:
             raise MigrationError(f"migrating {vm} from {source} to {target} failed: {detail}; "
                                  f"{vm} still runs on {source}", source, vm, target) from err
-        on_target = call(target, f"checking {vm} after a failed migration", lambda c: is_running(c, vm))
+        on_target = self._runs_after_teardown(vm, target)
+        if on_target is None:
+            raise MigrationError(f"migrating {vm} from {source} to {target} failed: {detail}; whether {vm} moved "
+                                 f"is unknown: its copy on {target} is still paused by the migration after "
+                                 f"{self._settings.teardown_timeout_s:g}s", source, vm, target) from err
         if on_target:
             raise MigrationError(f"migrating {vm} from {source} to {target} reported failure ({detail}), "
                                  f"but {vm} runs on {target}", source, vm, target) from err
         raise MigrationError(f"migrating {vm} from {source} to {target} failed: {detail}; {vm} runs on "
                              f"neither host", source, vm, target) from err
+
+    def _runs_after_teardown(self, vm: str, target: str) -> bool | None:
+        """Whether ``vm`` runs on ``target`` after its migration there failed; None when its incoming copy
+        is still paused for the migration after ``teardown_timeout_s``. libvirt can return the failure
+        before the target has torn that copy down (seen on the lab under load: a guest destroyed on its
+        source mid-migration, its paused copy on the target gone a moment later): that copy never ran."""
+        def state(conn: libvirt.virConnect) -> tuple[int, int] | None:
+            dom = lookup(conn, vm)
+            if dom is None:
+                return None
+            try:
+                found = dom.state()
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    return None  # it left while we looked
+                raise
+            return int(found[0]), int(found[1])
+
+        deadline = self._clock() + self._settings.teardown_timeout_s
+        while True:
+            found = self._connections.call(target, f"checking {vm} after a failed migration", state)
+            if found is None or found[0] in (libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_NOSTATE):
+                return False
+            if found[0] != libvirt.VIR_DOMAIN_PAUSED or found[1] not in MIGRATION_PAUSES:
+                return True
+            if self._clock() >= deadline:
+                return None
+            self._wait(threading.Event(), min(0.25, self._settings.poll_interval_s))
 
     # --- abort and escalation -------------------------------------------------------
 
