@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -342,6 +342,24 @@ class Browser:
                 if attempt == attempts:
                     raise
 
+    def shows(self, texts: Iterable[str], attempts: int = 4) -> None:
+        """Wait until each of ``texts`` shows on the page as it is (exact), reloading it (up to ``attempts``
+        loads in all) while they do not: a page the app reached by a click loads its data by API calls
+        that can fail the same way as :meth:`open`'s."""
+        from playwright.sync_api import Error as PlaywrightError
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+        for attempt in range(1, attempts + 1):
+            try:
+                for text in texts:
+                    self.page.get_by_text(text, exact=True).first.wait_for(timeout=30_000)
+                return
+            except (PlaywrightTimeout, PlaywrightError) as exc:
+                self.log.append(f"{self.page.url} did not show it all (load {attempt}): {str(exc).splitlines()[0]}")
+                if attempt == attempts:
+                    raise
+                self.page.reload(wait_until="domcontentloaded")
+
 
 @contextmanager
 def browser(site: Site, artifact: str) -> Iterator[Browser]:
@@ -479,8 +497,8 @@ def test_ui_operator_path_dry_run_approved_evacuation_and_the_way_back(site: Sit
         b.open(f"{site.config.ui_url}/v2/runs/flow-run/{dry['id']}", dry["name"])
         page.get_by_role("tab", name="Artifacts").click()
         page.get_by_text("plan for hv02").first.click()
-        for vm in sorted(home):
-            page.get_by_text(vm, exact=True).first.wait_for()
+        page.wait_for_url("**/artifacts/artifact/**")
+        b.shows(sorted(home))
         page.screenshot(path=str(ARTIFACTS / "operator-path-plan.png"), full_page=True)
         assert {vm for vm, hosts in where(site.inventory).items() if "hv02" in hosts} == home  # nothing moved
 
