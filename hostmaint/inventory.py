@@ -450,6 +450,27 @@ class Cluster(Strict):
         return tuple(dict.fromkeys(shared_storage_prefix(p) for p in self.shared_storage))
 
 
+# a machine's own name as `uname -n` or libvirt gives it: one word, at most a DNS name's length
+MACHINE_NAME = r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,253}[A-Za-z0-9.])?$"
+
+
+class MachineNames(Strict):
+    """The names one machine gives itself where its SSH and libvirt names differ in a way hostmaint cannot
+    match on its own (a libvirt hostname from another DNS view): the same-machine check then wants
+    exactly these, so an address that reaches another machine is still refused."""
+
+    ssh: Annotated[str, Field(pattern=MACHINE_NAME)]  # what `uname -n` says over SSH
+    libvirt: Annotated[str, Field(pattern=MACHINE_NAME)]  # libvirt's hostname (virsh hostname)
+
+    @field_validator("ssh", "libvirt")
+    @classmethod
+    def _names_a_machine(cls, v: str) -> str:
+        # every unnamed machine has these: declaring one would let any such machine pass
+        if v.rstrip(".").split(".")[0].lower() in ("localhost", "localhost4", "localhost6"):
+            raise ValueError(f"{v!r} is every unnamed machine's name and cannot tell one machine from another")
+        return v
+
+
 class HostEntry(Strict):
     name: Annotated[str, Field(pattern=HOST_NAME)]
     cluster: str
@@ -463,6 +484,8 @@ class HostEntry(Strict):
     # where this host receives migrations (its migration-network address); else discovered in the
     # cluster's migration.network, else the management address
     migration_address: str | None = None
+    # set only where `uname -n` and libvirt's hostname differ beyond what the same-machine check matches
+    machine_names: MachineNames | None = None
 
     @field_validator("migration_address")
     @classmethod

@@ -1273,6 +1273,20 @@ def check_same_machine(rt: Runtime, rec: StepRecord, host: str, *,
     by_ssh = patching.nodename(rt.shell, host, step)
     by_libvirt = rt.hypervisor.discover(host).hostname
     rec.details["machine"] = {"ssh": by_ssh, "libvirt": by_libvirt}
+    declared = entry.machine_names
+    if declared is not None:
+        # the operator named both: exactly those, whatever the usual matching would say
+        rec.details["machine"]["declared"] = {"ssh": declared.ssh, "libvirt": declared.libvirt}
+        wrong = [f"{what} ({where}) reaches a machine named {got!r}, the inventory's machine_names.{key} is "
+                 f"{want!r}" for what, where, key, got, want in (
+                     ("SSH", entry.ssh.address, "ssh", by_ssh, declared.ssh),
+                     ("libvirt", entry.libvirt_uri, "libvirt", by_libvirt, declared.libvirt))
+                 if not patching.same_name(got, want)]
+        if wrong:
+            raise StepError(f"{refused}: " + "; ".join(wrong) + ": the update and the reboot may go to another "
+                            f"machine than the drain; correct {host}'s ssh.address, libvirt_uri or machine_names in "
+                            "the inventory", host, step)
+        return
     if not by_libvirt:
         rec.details["machine"]["note"] = "libvirt names no hostname here: not compared"
         return
@@ -1291,7 +1305,8 @@ def check_same_machine(rt: Runtime, rec: StepRecord, host: str, *,
         raise StepError(f"{refused}: SSH ({entry.ssh.address}) reaches a machine named "
                         f"{by_ssh!r}, libvirt ({entry.libvirt_uri}) one named {by_libvirt!r}: the update and the "
                         f"reboot would go to another machine than the drain; correct ssh.address or libvirt_uri of "
-                        f"{host} in the inventory", host, step)
+                        f"{host} in the inventory (if both are that one machine's names, declare them as its "
+                        "machine_names)", host, step)
 
 
 def check_transport(rt: Runtime, rec: StepRecord, host: str) -> None:

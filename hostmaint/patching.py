@@ -594,6 +594,11 @@ def names_a_machine(name: str) -> bool:
     return _labels(name)[0] not in UNNAMED
 
 
+def same_name(a: str, b: str) -> bool:
+    """Whether two spellings are one name: case and a trailing dot aside, every label."""
+    return _labels(a) == _labels(b)
+
+
 def same_machine(ssh_name: str, libvirt_name: str) -> bool:
     """Whether two names a machine gave itself are one: libvirt may add the domain (its hostname is
     canonicalised through DNS), ``uname -n`` may not, so the first labels are compared, in any case;

@@ -163,3 +163,49 @@ def test_two_unnamed_machines_are_not_taken_for_one(sim_inventory: Path) -> None
     assert rt.states.state("hv02") is HostState.ACTIVE
     [record] = rt.audit.records(host="hv02", steps=(Step.PRECHECK,))
     assert record.outcome is StepOutcome.FAILED
+
+
+def _declare(rt: Any, host: str, ssh: str, libvirt: str) -> None:
+    """``host`` with ``machine_names`` in the runtime's inventory, as an operator would write it."""
+    from hostmaint.inventory import MachineNames
+
+    hosts = [h.model_copy(update={"machine_names": MachineNames(ssh=ssh, libvirt=libvirt)}) if h.name == host else h
+             for h in rt.inventory.hosts]
+    rt.inventory = rt.inventory.model_copy(update={"hosts": hosts})
+
+
+def test_names_the_inventory_declares_let_a_host_the_usual_matching_refuses_pass(sim_inventory: Path) -> None:
+    # libvirt's name comes from another DNS view than the host's own resolver: no rule can match it, and
+    # before machine_names such a host could never be patched
+    rt = open_runtime(sim_inventory, fresh=True)
+    both = _Canonical(rt, "hv02.mgmt.example")
+    rt.hypervisor, rt.shell = both, both
+    _declare(rt, "hv02", ssh="hv02", libvirt="SERVER-4711.dc.example.")
+    steps.precheck(rt, steps.RunContext(flow="patch-host", reason="patch"), "hv02")
+    [record] = rt.audit.records(host="hv02", steps=(Step.PRECHECK,))
+    assert record.outcome is StepOutcome.OK
+    assert record.details["machine"]["declared"] == {"ssh": "hv02", "libvirt": "SERVER-4711.dc.example."}
+
+
+def test_declared_names_still_refuse_an_address_that_reaches_another_machine(sim_inventory: Path) -> None:
+    rt = open_runtime(sim_inventory, fresh=True)
+    rt.shell = _Reaches(rt.shell, "hv02", "hv03")
+    _declare(rt, "hv02", ssh="hv02", libvirt="hv02")
+    with pytest.raises(StepError, match=r"SSH \(hv02\.simulated\) reaches a machine named 'hv03', the "
+                                        r"inventory's machine_names\.ssh is 'hv02'") as caught:
+        steps.precheck(rt, steps.RunContext(flow="patch-host", reason="patch"), "hv02")
+    assert "libvirt (" not in str(caught.value)  # libvirt's name was the declared one
+    assert rt.states.state("hv02") is HostState.ACTIVE
+
+
+@pytest.mark.parametrize("names", [{"ssh": "localhost.localdomain", "libvirt": "hv02"},
+                                   {"ssh": "hv02", "libvirt": "hv02 hv03"}, {"ssh": "hv02", "libvirt": ""},
+                                   {"ssh": "hv02\n", "libvirt": "hv02"}, {"ssh": "hv02"}])
+def test_machine_names_that_cannot_name_one_machine_are_refused_naming_the_field(names: dict[str, str]) -> None:
+    from pydantic import ValidationError
+
+    from hostmaint.inventory import MachineNames
+
+    with pytest.raises(ValidationError) as caught:
+        MachineNames.model_validate(names)
+    assert {str(e["loc"][0]) for e in caught.value.errors()} <= {"ssh", "libvirt"}
