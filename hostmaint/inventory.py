@@ -547,6 +547,7 @@ def _shared_endpoints(hosts: list[HostEntry]) -> list[str]:
     problems: list[str] = []
     ssh_seen: dict[tuple[str, int], int] = {}
     libvirt_seen: dict[str, int] = {}
+    names_seen: dict[tuple[str, str], int] = {}
     for i, h in enumerate(hosts):
         key = (h.ssh.address.strip().lower().strip("[]"), h.ssh.port)
         if key in ssh_seen:
@@ -565,6 +566,13 @@ def _shared_endpoints(hosts: list[HostEntry]) -> list[str]:
                                 f"hosts[{j}]'s (host {hosts[j].name}) does: two names for one machine; each host "
                                 "needs its own")
             libvirt_seen.setdefault(machine, i)
+        if h.machine_names is not None:
+            for key_name, declared in (("ssh", h.machine_names.ssh), ("libvirt", h.machine_names.libvirt)):
+                name = declared.rstrip(".").lower()
+                seen = names_seen.setdefault((key_name, name), i)
+                if seen != i:
+                    problems.append(f"hosts[{i}].machine_names.{key_name} (host {h.name}): {declared} is also "
+                                    f"hosts[{seen}]'s (host {hosts[seen].name}): one machine's name for two hosts")
     return problems
 
 

@@ -81,6 +81,12 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("libvirt uri of another host", _set("hosts.2.libvirt_uri", "qemu+ssh://root@hv01.example.internal/system"),
      "hosts[2].libvirt_uri (host hv03): qemu+ssh://root@hv01.example.internal/system reaches "
      "hv01.example.internal, as hosts[0]'s (host hv01) does"),
+    ("one machine's declared names for two hosts",
+     lambda d: [h.update(machine_names={"ssh": "node7", "libvirt": "node7.mgmt"}) for h in d["hosts"][:2]],
+     "hosts[1].machine_names.ssh (host hv02): node7 is also hosts[0]'s (host hv01)"),
+    ("declared machine name every unnamed machine has", _set("hosts.0.machine_names",
+                                                             {"ssh": "localhost", "libvirt": "hv01"}),
+     "hosts[0].machine_names.ssh (host hv01)"),
     ("negative limit", _set("clusters.0.limits.migrations_per_source", -1),
      "clusters[0].limits.migrations_per_source"),
     ("unknown cluster", _set("hosts.2.cluster", "prod-z"), "hosts[2].cluster (host hv03): unknown cluster 'prod-z'"),
