@@ -125,6 +125,21 @@ class ShutOffReasons(Protocol):
         ...
 
 
+@runtime_checkable
+class AutostartFlags(Protocol):
+    """A hypervisor whose persistent VMs can start with their host (libvirt: the domain's autostart flag).
+    A live migration does not carry the flag (PERSIST_DEST defines the guest on its target without it):
+    a move the driver did not see to its end is settled by putting it back from here."""
+
+    def autostarts(self, host: str) -> dict[str, bool]:
+        """Persistent VMs defined on ``host`` (running or not) -> whether each starts with the host."""
+        ...
+
+    def set_autostart(self, vm: str, host: str, autostart: bool) -> None:
+        """Make ``vm``'s definition on ``host`` start with its host, or not (DriverError when it has none)."""
+        ...
+
+
 @dataclass(frozen=True)
 class GuestSize:
     """What a running guest has, as libvirt says (its live definition, or the persistent one)."""

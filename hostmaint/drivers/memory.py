@@ -60,6 +60,9 @@ class SimulatedFleet:
         # "destroyed": by a tenant, stop_outside); "unknown" once its host has rebooted, as libvirtd forgets
         self.stop_reasons: dict[str, str] = {}
         self.lost: list[str] = []
+        # the VMs whose definition starts with its host (libvirt's autostart flag); migrate keeps it, as the
+        # libvirt driver puts back what PERSIST_DEST drops; a move that lands behind the driver's back loses it
+        self.autostart: set[str] = set()
         self.packages = packages
         self.bandwidth_mib_s = bandwidth_mib_s
         self.time_scale = time_scale
@@ -89,6 +92,7 @@ class SimulatedFleet:
                 "stopped": self.stopped,
                 "stop_reasons": self.stop_reasons,
                 "lost": self.lost,
+                "autostart": sorted(self.autostart),
                 "packages": {h: asdict(p) for h, p in self.packages.items()},
                 "seen_boot": self._seen_boot,
                 "bandwidth_mib_s": self.bandwidth_mib_s,
@@ -125,6 +129,7 @@ class SimulatedFleet:
         fleet.stopped = dict(data["stopped"])
         fleet.stop_reasons = dict(data.get("stop_reasons", {}))  # absent in files of older versions
         fleet.lost = list(data["lost"])
+        fleet.autostart = set(data.get("autostart", []))  # absent in files of older versions
         fleet._seen_boot = dict(data["seen_boot"])
         return fleet
 
@@ -180,6 +185,37 @@ class SimulatedFleet:
         with self._lock:
             self._reachable(host)
             return {vm: self.stop_reasons.get(vm, "unknown") for vm, h in sorted(self.stopped.items()) if h == host}
+
+    def _defined_on(self, host: str) -> list[str]:
+        """The persistent VMs defined on ``host``: running there, or shut off there."""
+        names = self.running[host] | {vm for vm, h in self.stopped.items() if h == host}
+        return sorted(vm for vm in names if vm in self.vms and self.vms[vm].persistent)
+
+    def autostarts(self, host: str) -> dict[str, bool]:
+        with self._lock:
+            self._reachable(host)
+            return {vm: vm in self.autostart for vm in self._defined_on(host)}
+
+    def set_autostart(self, vm: str, host: str, autostart: bool) -> None:
+        with self._lock:
+            self._reachable(host)
+            if vm not in self._defined_on(host):
+                raise DriverError(f"{vm} is not defined on {host}", host)
+            if autostart:
+                self.autostart.add(vm)
+            else:
+                self.autostart.discard(vm)
+            self.save()
+
+    def land_unwatched(self, vm: str, target: str) -> None:
+        """``vm``'s migration to ``target`` completes with no driver left to see it end (its run died): it
+        runs there, defined without its autostart flag, as libvirt's PERSIST_DEST leaves it. Tests."""
+        with self._lock:
+            for names in self.running.values():
+                names.discard(vm)
+            self.running[target].add(vm)
+            self.autostart.discard(vm)
+            self.save()
 
     def locate(self, vm: str) -> tuple[str, ...]:
         with self._lock:

@@ -243,6 +243,23 @@ def test_a_moved_vm_keeps_its_autostart_which_libvirt_drops(autostarts: bool) ->
     assert network[URIS["hv02"]].domains["vm1"].autostarts is autostarts
 
 
+def test_the_autostart_flags_a_moved_vm_is_settled_with_are_read_and_set_on_the_host() -> None:
+    # what a later run uses to put back the flag of a move whose run died before the driver could
+    hv, network, _ = lab(done)
+    hv01 = network[URIS["hv01"]]
+    hv01.domains["vm1"].autostarts = True
+    hv01.add("off", active=False)
+    hv01.add("passing", persistent=False)  # transient: no autostart to have, not listed
+
+    assert hv.autostarts("hv01") == {"off": False, "vm1": True}
+    hv.set_autostart("off", "hv01", True)
+    hv.set_autostart("vm1", "hv01", False)
+    assert hv.autostarts("hv01") == {"off": True, "vm1": False}
+    for vm in ("passing", "nowhere"):
+        with pytest.raises(DriverError, match=f"{vm} is not defined on hv01"):
+            hv.set_autostart(vm, "hv01", True)
+
+
 def destroyed_mid_way(copy_gone_after_s: float | None) -> tuple[LibvirtHypervisor, FakeNetwork, FakeClock]:
     """vm1 destroyed on hv01 while it migrates: libvirt fails the migration and returns while the target's
     incoming copy (paused for the migration) is still there, gone ``copy_gone_after_s`` later (None: never).

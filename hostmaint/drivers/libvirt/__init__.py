@@ -10,7 +10,7 @@ The only package that imports ``libvirt``. It is built of parts, each usable alo
 * :mod:`.migration` — migration jobs and their monitor (progress, the driver's last word, abort,
   post-copy); a migration that failed, was aborted or could not be confirmed → ``MigrationError``
   naming the VM, source and target;
-* :mod:`.guests` — shutdown, start and dirty-rate sampling;
+* :mod:`.guests` — shutdown, start, dirty-rate sampling and the autostart flag;
 * :mod:`.resize` — vCPU and memory hot-plug, live and persistent, and what a guest has now.
 
 :class:`LibvirtHypervisor` puts them together behind the ``Hypervisor`` protocol.
@@ -141,6 +141,14 @@ class LibvirtHypervisor:
     def discard_stale(self, vm: str, host: str, running_on: str) -> None:
         """Remove ``vm``'s copy a migration left paused on ``host``; ``running_on`` runs it."""
         self.guests.discard_stale(vm, host, running_on)
+
+    def autostarts(self, host: str) -> dict[str, bool]:
+        """Persistent VMs defined on ``host`` -> whether each starts with the host."""
+        return self.guests.autostarts(host)
+
+    def set_autostart(self, vm: str, host: str, autostart: bool) -> None:
+        """Make ``vm``'s definition on ``host`` start with its host, or not."""
+        self.guests.set_autostart(vm, host, autostart)
 
     def measure_dirty_rates(self, host: str, seconds: float = 1.0) -> dict[str, float]:
         """MiB/s per running VM of ``host``, sampled over ``seconds``."""

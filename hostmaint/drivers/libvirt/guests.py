@@ -1,4 +1,4 @@
-"""What the driver does to running guests besides moving them: shut down, start, measure dirty rates."""
+"""What the driver does to guests besides moving them: shut down, start, measure dirty rates, autostart."""
 
 from __future__ import annotations
 
@@ -100,6 +100,31 @@ class Guests:
                 dom.create()
 
         self._connections.call(host, f"starting {vm}", create)
+
+    def autostarts(self, host: str) -> dict[str, bool]:
+        """Persistent VMs defined on ``host`` (running or not) -> whether each starts with the host."""
+        def flags(conn: libvirt.virConnect) -> dict[str, bool]:
+            out = {}
+            for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT):
+                try:
+                    out[dom.name()] = bool(dom.autostart())
+                except libvirt.libvirtError as exc:
+                    if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                        continue  # undefined between listing and asking
+                    raise
+            return dict(sorted(out.items()))
+
+        return self._connections.call(host, "reading which VMs start with the host", flags)
+
+    def set_autostart(self, vm: str, host: str, autostart: bool) -> None:
+        """Make ``vm``'s definition on ``host`` start with its host, or not; DriverError when it has none."""
+        def set_flag(conn: libvirt.virConnect) -> None:
+            dom = lookup(conn, vm)
+            if dom is None or not dom.isPersistent():
+                raise DriverError(f"{vm} is not defined on {host}", host)
+            dom.setAutostart(int(autostart))
+
+        self._connections.call(host, f"setting the autostart of {vm}", set_flag)
 
     def measure_dirty_rates(self, host: str, seconds: float = 1.0) -> dict[str, float]:
         """MiB/s per running VM of ``host``: ``startDirtyRateCalc`` on every guest at once (page sampling:
