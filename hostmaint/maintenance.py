@@ -25,7 +25,14 @@ from hostmaint import patching
 from hostmaint.audit import AuditEntry, AuditRecord
 from hostmaint.cancel import Cancellation, RunCancelled
 from hostmaint.display import visible
-from hostmaint.drivers.base import STOPPED_OUTSIDE_REASONS, MigrationStates, ShutOffReasons, ShutOffVms, StrandedVms
+from hostmaint.drivers.base import (
+    STOPPED_OUTSIDE_REASONS,
+    AutostartFlags,
+    MigrationStates,
+    ShutOffReasons,
+    ShutOffVms,
+    StrandedVms,
+)
 from hostmaint.errors import (
     DriverError,
     HostmaintError,
@@ -390,13 +397,89 @@ def record_moves(rt: Runtime, run: RunContext, plan: EvacuationPlan, host: str |
     ``moves-started``), before any starts: no host state or origin says which VMs such a run moves
     (an origin keeps a VM's first home), and what a run that died left unrecorded is settled from it
     (:func:`settle_earlier_moves`); a stand-down from outside a killed return's or rebalance's
-    process (:func:`stand_down_moves`) must know which to stop (a drain's host stands down its own)."""
-    inputs: dict[str, Any] = {"moves": [{"vm": p.vm, "source": p.source, "target": p.target}
+    process (:func:`stand_down_moves`) must know which to stop (a drain's host stands down its own).
+    Each move says whether its VM starts with its host (``autostart``, where the source answered): the
+    move drops the flag and a run that dies before the move ends cannot put it back
+    (:func:`restore_autostart`)."""
+    flags = _autostarts(rt, sorted({p.source for p in plan.placements}))
+    inputs: dict[str, Any] = {"moves": [{"vm": p.vm, "source": p.source, "target": p.target,
+                                         **({"autostart": flags[p.source].get(p.vm, False)}
+                                            if p.source in flags else {})}
                                         for p in plan.placements]}
     if drain:
         inputs["drain"] = True
     with audited(rt, run, Step.MOVES_STARTED, host=host, cluster=plan.cluster, inputs=inputs):
         pass
+
+
+def _autostarts(rt: Runtime, hosts: Sequence[str]) -> dict[str, dict[str, bool]]:
+    """Host -> (VM -> whether it starts with the host), for each of ``hosts`` that answers; none at all
+    with a driver that has no such flag."""
+    hv = rt.hypervisor
+    if not isinstance(hv, AutostartFlags):
+        return {}
+    flags = {}
+    for h in hosts:
+        try:
+            flags[h] = hv.autostarts(h)
+        except DriverError as exc:
+            # left out of the record: a move found later reads its source's definition, or says unknown
+            log.warning("%s: cannot read which VMs start with it: %s", h, visible(exc))
+    return flags
+
+
+def restore_autostart(rt: Runtime, rec: StepRecord, vm: str, source: str, target: str,
+                      started_by: str | None) -> None:
+    """Give ``vm``, found moved from ``source`` to ``target`` by run ``started_by`` (which died before the
+    move ended), the autostart flag it had on ``source``: the move defined it on ``target`` without it,
+    and only the driver of a migration that saw it end puts it back. Known from the moves that run
+    recorded before it started them, else from ``vm``'s definition still on ``source``; when neither
+    tells, the record and the log say so (never a guess). Only a dropped flag is set: one on ``target``
+    that ``vm`` did not have on ``source`` was set since, by someone else, and is left. Written into
+    ``rec`` (the ``migration-found`` record); a flag that cannot be set does not undo the move."""
+    hv = rt.hypervisor
+    if not isinstance(hv, AutostartFlags):
+        return  # a driver with no such flag: the move dropped nothing
+    wanted, known_from = _autostart_before(rt, hv, vm, source, started_by)
+    if wanted is None:
+        rec.details["autostart"] = "unknown"
+        rec.details["autostart_note"] = (f"whether {vm} started with {source} is not known ({known_from}): "
+                                         f"check it (virsh autostart {vm} on {target})")
+        log.warning("%s: whether %s started with it is not known (%s); it now runs on %s, where it may not "
+                    "start with the host: check it (virsh autostart)", source, visible(vm), visible(known_from), target)
+        return
+    rec.details["autostart"] = wanted
+    rec.details["autostart_from"] = known_from
+    try:
+        now = hv.autostarts(target).get(vm, False)
+        if wanted and not now:
+            hv.set_autostart(vm, target, True)
+            rec.details["autostart_set"] = target
+        elif now and not wanted:
+            rec.details["autostart_note"] = (f"{vm} starts with {target}, though it did not with {source}: "
+                                             "set since the move, left as it is")
+    except DriverError as exc:
+        rec.details["autostart_error"] = str(exc)
+        log.warning("%s: %s moved to %s, but its autostart could not be set there (virsh autostart %s): %s",
+                    source, visible(vm), target, visible(vm), visible(exc))
+
+
+def _autostart_before(rt: Runtime, hv: AutostartFlags, vm: str, source: str,
+                      started_by: str | None) -> tuple[bool | None, str]:
+    """Whether ``vm`` started with ``source`` when run ``started_by`` moved it, and how that is known
+    (or, with None, why it is not)."""
+    records = rt.audit.records(run_id=started_by, steps=(Step.MOVES_STARTED,)) if started_by else []
+    for r in reversed(records):
+        for m in r.inputs.get("moves", []):
+            if m.get("vm") == vm and m.get("source") == source and "autostart" in m:
+                return bool(m["autostart"]), f"recorded by run {started_by} before the move (record {r.seq})"
+    try:
+        defined = hv.autostarts(source)
+    except DriverError as exc:
+        return None, f"run {started_by} did not record it, and {source} does not answer: {exc}"
+    if vm in defined:
+        return defined[vm], f"its definition still on {source}"
+    return None, f"run {started_by} did not record it, and {source} no longer defines {vm}"
 
 
 def stand_down_moves(rt: Runtime, run: RunContext, cluster: str, reason: str, *,
@@ -433,6 +516,7 @@ def stand_down_moves(rt: Runtime, run: RunContext, cluster: str, reason: str, *,
                          inputs={"target": m["target"], "started_by_run": run.run_id}) as found_rec:
                 found_rec.details["note"] = (f"{vm} left {m['source']} for {m['target']} in a move run {run.run_id} "
                                              "started and never recorded: it was cancelled before the move ended")
+                restore_autostart(rt, found_rec, vm, m["source"], m["target"], run.run_id)
             if rt.states.origins().get(vm) == m["target"]:
                 rt.states.clear_origin(vm)  # it is home again
             found.append(vm)
@@ -770,6 +854,7 @@ def record_found_moves(rt: Runtime, run: RunContext, host: str, snap: FleetSnaps
                                    "that run ended before the migration did")
             log.warning("%s: %s was found on %s: moved by run %s, which died before recording it", host,
                         visible(vm), now, started_by)
+            restore_autostart(rt, rec, vm, host, now, started_by)
         found.append(vm)
     # the drains of this host a dead run recorded before it started them, and its migrations whose
     # outcome was unknown (held by this run's host lock)
@@ -833,6 +918,7 @@ def settle_earlier_moves(rt: Runtime, run: RunContext, cluster: str, *, host: st
                          inputs={"target": target, "started_by_run": r.run_id, "resolves": r.seq}) as rec:
                 rec.details["note"] = (f"{vm} left {source} for {target} in a move {note}) that was never "
                                        "recorded as done: that run ended before the move did, or lost sight of it")
+                restore_autostart(rt, rec, vm, source, target, r.run_id)
             if rt.states.origins().get(vm) == target:
                 rt.states.clear_origin(vm)
             log.warning("%s: %s was found on %s: moved by run %s, which never recorded it", source, visible(vm),

@@ -11,7 +11,7 @@ import pytest
 from hostmaint import maintenance as steps
 from hostmaint.drivers.memory import SimulatedFleet
 from hostmaint.errors import StepError, TransientDriverError
-from hostmaint.models import HostState, Placement, StepOutcome, Vm
+from hostmaint.models import HostState, Placement, Step, StepOutcome, Vm
 from hostmaint.runtime import Runtime, open_runtime
 
 
@@ -317,3 +317,109 @@ def test_a_vm_libvirt_resumes_itself_after_a_restart_is_left_to_it(sim_inventory
 
     assert settled == [] and racing.readings == 2 and not racing.resumed and not racing.discarded
     assert not [r for r in rt.audit.records() if r.run_id == "run-2"]
+
+
+def _died_mid_move(sim_inventory: Path, *, drain: bool, autostarts: bool) -> tuple[Runtime, SimulatedFleet, Placement]:
+    """A run that started hv01's first planned move (``drain``: as a drain, with the VM's origin; else
+    as a return or rebalance) and died: libvirt finished the move without it, so the VM runs on its
+    target defined without its autostart flag (``autostarts``: what it had on hv01)."""
+    rt = open_runtime(sim_inventory, fresh=True)
+    dead = steps.RunContext(run_id="run-that-died", flow="patch-host" if drain else "return-host", reason="patch")
+    steps.cordon(rt, dead, "hv01")
+    plan = steps.plan_drain(rt, dead, "hv01")
+    first = plan.placements[0]
+    fleet = rt.hypervisor
+    assert isinstance(fleet, SimulatedFleet)
+    if autostarts:
+        fleet.set_autostart(first.vm, "hv01", True)
+    if drain:
+        rt.states.record_origin(first.vm, "hv01", dead.run_id)
+    steps.record_moves(rt, dead, plan, "hv01" if drain else None, drain=drain)
+    fleet.land_unwatched(first.vm, first.target)
+    assert fleet.autostarts(first.target)[first.vm] is False  # what PERSIST_DEST leaves on the target
+    return rt, fleet, first
+
+
+@pytest.mark.parametrize("autostarts", [True, False], ids=["autostart", "no-autostart"])
+@pytest.mark.parametrize("drain", [True, False], ids=["drain", "return"])
+def test_a_move_a_dead_run_left_gets_back_the_autostart_it_had_on_its_source(
+        sim_inventory: Path, drain: bool, autostarts: bool) -> None:
+    # after a power loss the VM must start with its new host as it did with its old one; the dead run's
+    # driver never saw the move end, so never put the flag back (libvirt's PERSIST_DEST drops it)
+    rt, fleet, first = _died_mid_move(sim_inventory, drain=drain, autostarts=autostarts)
+    again = steps.RunContext(run_id="run-2", flow="patch-host", reason="patch")
+
+    if drain:
+        found = steps.record_found_moves(rt, again, "hv01", steps.snapshot(rt, "demo"))
+    else:
+        found = steps.settle_earlier_moves(rt, again, "demo")
+
+    assert found == [first.vm]
+    assert fleet.autostarts(first.target)[first.vm] is autostarts
+    [record] = [r for r in rt.audit.records(host="hv01") if r.step == "migration-found"]
+    assert record.details["autostart"] is autostarts
+    assert "recorded by run run-that-died" in record.details["autostart_from"]
+    assert record.details.get("autostart_set") == (first.target if autostarts else None)
+
+
+def test_a_found_move_whose_autostart_nothing_tells_says_so_and_sets_nothing(
+        sim_inventory: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # a run of an older version recorded its moves without the flag, and the source defines the VM no
+    # more (the move undefined it there): hostmaint cannot know, and must not guess either way
+    rt = open_runtime(sim_inventory, fresh=True)
+    dead = steps.RunContext(run_id="run-that-died", flow="return-host")
+    plan = steps.plan_drain(rt, dead, "hv01")
+    first = plan.placements[0]
+    fleet = rt.hypervisor
+    assert isinstance(fleet, SimulatedFleet)
+    with steps.audited(rt, dead, Step.MOVES_STARTED, cluster="demo",
+                       inputs={"moves": [{"vm": first.vm, "source": "hv01", "target": first.target}]}):
+        pass
+    fleet.land_unwatched(first.vm, first.target)
+
+    with caplog.at_level(logging.WARNING, logger="hostmaint.maintenance"):
+        assert steps.settle_earlier_moves(rt, steps.RunContext(run_id="run-2"), "demo") == [first.vm]
+
+    [record] = [r for r in rt.audit.records(host="hv01") if r.step == "migration-found"]
+    assert record.details["autostart"] == "unknown"
+    assert "no longer defines" in record.details["autostart_note"]
+    assert f"virsh autostart {first.vm}" in record.details["autostart_note"]
+    assert fleet.autostarts(first.target)[first.vm] is False  # untouched
+    assert any("is not known" in r.getMessage() for r in caplog.records)
+
+
+def test_a_found_move_takes_the_autostart_from_the_source_definition_when_no_record_has_it(
+        sim_inventory: Path) -> None:
+    # an older run's record, but the VM's definition still on its source says (its libvirtd never
+    # undefined it): that is what it had there
+    rt = open_runtime(sim_inventory, fresh=True)
+    dead = steps.RunContext(run_id="run-that-died", flow="return-host")
+    plan = steps.plan_drain(rt, dead, "hv01")
+    first = plan.placements[0]
+    fleet = rt.hypervisor
+    assert isinstance(fleet, SimulatedFleet)
+    with steps.audited(rt, dead, Step.MOVES_STARTED, cluster="demo",
+                       inputs={"moves": [{"vm": first.vm, "source": "hv01", "target": first.target}]}):
+        pass
+    fleet.land_unwatched(first.vm, first.target)
+    rt.hypervisor = _DefinedOnSourceToo(fleet, first.vm, "hv01")  # type: ignore[assignment]
+
+    steps.settle_earlier_moves(rt, steps.RunContext(run_id="run-2"), "demo")
+
+    [record] = [r for r in rt.audit.records(host="hv01") if r.step == "migration-found"]
+    assert record.details["autostart"] is True and record.details["autostart_from"] == "its definition still on hv01"
+    assert fleet.autostarts(first.target)[first.vm] is True
+
+
+class _DefinedOnSourceToo:
+    """The simulated fleet, where ``vm`` is still defined (shut off, autostart) on ``source`` as well."""
+
+    def __init__(self, fleet: SimulatedFleet, vm: str, source: str) -> None:
+        self.fleet, self.vm, self.source = fleet, vm, source
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.fleet, name)
+
+    def autostarts(self, host: str) -> dict[str, bool]:
+        flags = self.fleet.autostarts(host)
+        return {**flags, self.vm: True} if host == self.source else flags
