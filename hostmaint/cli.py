@@ -329,13 +329,18 @@ def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = F
     """Every host's maintenance state, the migration link its drains will use (and why), and the network
     and encryption its migrations travel with."""
     with exit_codes():
+        from dataclasses import replace
+
         from hostmaint.maintenance import link_figures, state_as_seen
+        from hostmaint.models import HostState
         from hostmaint.state import NEVER_SEEN
+        from hostmaint.window import operator_hold, status_reason
 
         rt = _runtime(inventory)
         links = {h: f for c in rt.inventory.clusters for h, f in link_figures(rt.inventory, rt.states, c.name).items()}
         transport = _transport_view(rt, probe)
         rows = []
+        shown: dict[str, str] = {}  # the table's reason: an evacuation's own words and who asked
         for h in rt.inventory.hosts:
             rec = state_as_seen(rt, h.name)  # a state that says empty is checked against libvirt
             link = links[h.name]
@@ -344,11 +349,21 @@ def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = F
             # a failed host's reason is its error (see exit_codes)
             # no record yet: hostmaint has not taken it through anything ("never seen" read as unreachable)
             fresh = rec.since == NEVER_SEEN
+            # who took it out and why, from the run that began its maintenance (the state's reason by
+            # then is a drain's "drained")
+            stored = rt.states.get(h.name)
+            hold = None if fresh or stored.state is HostState.ACTIVE else operator_hold(
+                stored, rt.states.history(h.name), rt.audit.records(host=h.name))
             rows.append({"host": h.name, "cluster": h.cluster, "state": rec.state.value,
                          "reason": NO_RECORD if fresh else redact_text(rec.reason),
                          "since": None if fresh else rec.since.isoformat(), "vms_away": away,
+                         "out_of_service": None if hold is None else {
+                             "held": hold.held.value, "reason": redact_text(hold.reason), "by": hold.by,
+                             "flow": hold.flow, "since": hold.since.isoformat()},
                          "link_mib_s": link.mib_s, "link_basis": link.basis, "link_note": link.note,
                          **transport[h.name]})
+            shown[h.name] = status_reason(rows[-1]["reason"], None if hold is None else
+                                          replace(hold, reason=redact_text(hold.reason)))
         if as_json:
             print_json(rows)
             return
@@ -358,7 +373,7 @@ def host_status(inventory: InventoryOpt = "inventory.yaml", as_json: JsonOpt = F
             table.add_column(col)
         for r in rows:
             basis = r["link_basis"] + (f": {r['link_note']}" if r["link_note"] else "")
-            table.add_row(*map(cell, (r["host"], r["cluster"], r["state"], r["reason"],
+            table.add_row(*map(cell, (r["host"], r["cluster"], r["state"], shown[r["host"]],
                                       ", ".join(r["vms_away"]) or "-", f"{r['link_mib_s']:.0f}", basis,
                                       r["migrates_on"], r["tls"])))
         out.print(table)

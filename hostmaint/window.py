@@ -161,6 +161,23 @@ class HostHold:
                 f"return it to service first ({how}), then run the window again")
 
 
+# State reasons that only repeat the state's name: what a drain writes as it goes ("draining", "drained")
+_STATE_WORDS = frozenset(s.value for s in HostState)
+
+
+def status_reason(state_reason: str, hold: HostHold | None) -> str:
+    """What ``host status`` says of why a host is out: for a host an evacuation took out, the
+    evacuation's reason and who asked for it (the state's own reason at that point is a drain's
+    "drained", which says what, not why), then the state's reason when it adds to it (a drain that
+    failed, a VM started since); otherwise the state's reason as it is."""
+    if hold is None or hold.held is not Held.EVACUATED:
+        return state_reason
+    text = f"{hold.reason or 'no reason given'} (evacuated by {hold.by}, {hold.flow})"
+    if state_reason and state_reason != hold.reason and state_reason not in _STATE_WORDS:
+        text += f"; {state_reason}"
+    return text
+
+
 def operator_hold(record: HostRecord, history: Sequence[HostRecord],
                   audit: Sequence[AuditRecord]) -> HostHold | None:
     """Whether a window leaves ``record``'s host alone, and why; None: the window takes it.

@@ -862,6 +862,21 @@ def test_host_status_does_not_call_a_host_drained_while_a_vm_started_after_its_e
     assert row["state"] == "drained", row
 
 
+def test_host_status_says_why_an_evacuated_host_is_out_and_who_asked(sim_inventory: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # the evacuation's reason was in the audit trail only; host status said "drained"
+    from flows.evacuate_host import evacuate_host
+    from hostmaint_cli.main import app
+
+    monkeypatch.setenv("COLUMNS", "300")  # a row is a line
+    evacuate_host(host="hv02", operator="ann", reason="replace the DIMM", inventory=str(sim_inventory),
+                  trigger=Trigger.TEST)
+
+    table = CliRunner().invoke(app, ["host", "status", "-i", str(sim_inventory)])
+    [row] = [line for line in table.output.splitlines() if "hv02" in line]
+    assert "replace the DIMM (evacuated by ann, evacuate-host)" in row, table.output
+
+
 def test_a_host_already_out_of_service_and_empty_is_patched_though_n_plus_1_is_short(sim_inventory: Path) -> None:
     # chaos round 532732275: hv01 was reset after its reboot never came back (empty, out of service); its
     # re-run was refused by N+1, which kept the cluster's spare away longer instead of bringing it back

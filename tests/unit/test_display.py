@@ -295,3 +295,29 @@ def test_the_core_logs_shut_off_vms_by_escaped_name_on_one_line(tmp_path: Path, 
     [message] = [r.getMessage() for r in caplog.records if "shut-off VMs" in r.getMessage()]
     assert "\n" not in message and not _hidden(message)
     assert all(visible(vm) in message for vm in on_hv01)
+
+
+def test_host_status_shows_an_evacuations_own_reason_and_who_asked_escaped(sim_inventory: Path) -> None:
+    # the operator's words were in the audit trail, but host status said "drained": not why the host is out
+    from hostmaint import maintenance as steps
+    from hostmaint.runtime import open_runtime
+
+    words = "replace the DIMM [bold]B2[/bold]\x1b[2J\nhv02 active"  # markup, a screen clear, a forged row
+    rt = open_runtime(sim_inventory, fresh=True)
+    run = steps.RunContext(flow="evacuate-host", operator="alice", reason=words)
+    steps.cordon(rt, run, "hv01")
+    steps.drain_host(rt, run, steps.plan_drain(rt, run, "hv01"))
+    assert rt.states.get("hv01").reason == "drained"
+
+    table = runner.invoke(app, ["host", "status", "-i", str(sim_inventory)])
+    assert table.exit_code == 0, table.output
+    [row] = [line for line in table.output.splitlines() if "hv01" in line]
+    assert f"{visible(words)} (evacuated by alice, evacuate-host)" in row, row
+    assert "\x1b" not in table.output and "[bold]" in row  # shown as typed, not acted on
+    assert len([line for line in table.output.splitlines() if "hv0" in line]) == 4  # no forged row
+    rows = {r["host"]: r for r in json.loads(runner.invoke(
+        app, ["host", "status", "-i", str(sim_inventory), "--json"]).stdout)}
+    assert rows["hv01"]["reason"] == "drained"  # the state's own reason, exactly as stored
+    assert {k: rows["hv01"]["out_of_service"][k] for k in ("held", "reason", "by", "flow")} == {
+        "held": "evacuated", "reason": words, "by": "alice", "flow": "evacuate-host"}
+    assert rows["hv02"]["out_of_service"] is None

@@ -121,3 +121,24 @@ def test_hosts_left_in_maintenance_come_first_each_group_in_its_order() -> None:
     # hv03 is an operator's cordon (no maintenance open), hv05 needs an operator: neither is resumed first
     assert unfinished_first(["hv01", "hv02", "hv03", "hv04", "hv05"], records) == [
         "hv02", "hv04", "hv01", "hv03", "hv05"]
+
+
+@pytest.mark.parametrize("state_reason, held, expected", [
+    pytest.param("drained", hold("hv03", Held.EVACUATED, "replace the DIMM", "alice"),
+                 "replace the DIMM (evacuated by alice, evacuate-host)", id="drained: the evacuation's words, by whom"),
+    pytest.param("draining", hold("hv03", Held.EVACUATED, "replace the DIMM", "alice"),
+                 "replace the DIMM (evacuated by alice, evacuate-host)", id="draining: the same"),
+    pytest.param("replace the DIMM", hold("hv03", Held.EVACUATED, "replace the DIMM", "alice"),
+                 "replace the DIMM (evacuated by alice, evacuate-host)", id="cordoned by it: said once"),
+    pytest.param("drain failed: vm3 still on it", hold("hv03", Held.EVACUATED, "replace the DIMM", "alice"),
+                 "replace the DIMM (evacuated by alice, evacuate-host); drain failed: vm3 still on it",
+                 id="a drain that failed: why it is out, then what holds it"),
+    pytest.param("fan noisy", hold("hv03", Held.CORDONED, "fan noisy", "alice"), "fan noisy",
+                 id="an operator's cordon: its reason already is theirs"),
+    pytest.param("update failed", None, "update failed", id="no hold: the state's reason"),
+])
+def test_host_status_says_why_an_evacuated_host_is_out_and_who_asked(
+        state_reason: str, held: HostHold | None, expected: str) -> None:
+    from hostmaint.window import status_reason
+
+    assert status_reason(state_reason, held) == expected
