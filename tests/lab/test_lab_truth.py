@@ -199,6 +199,40 @@ def test_migrations_that_finish_after_their_run_was_killed_are_found_by_the_next
     assert rt.audit.verify().ok  # type: ignore[attr-defined]
 
 
+def test_vms_a_killed_evacuation_moved_start_with_their_new_host_as_with_their_old(
+        truth_lab: LabInfo, rt: object, tmp_path: Path) -> None:
+    """libvirt defines a moved guest on its target without its autostart flag (PERSIST_DEST), and the
+    killed run's driver never saw its moves end to put it back: the next run does, from what the
+    killed run recorded before it started them."""
+    from flows.evacuate_host import evacuate_host
+
+    _reactivate(rt, "hv01", "hv02", "hv03")
+    source = "hv02"
+    hv = rt.hypervisor  # type: ignore[attr-defined]
+    leaving = sorted(vm for vm, hosts in all_vms(rt).items() if hosts == [source])
+    assert leaving
+    starts = {vm: i % 2 == 0 for i, vm in enumerate(leaving)}  # some start with their host, some not
+    for vm, flag in starts.items():
+        hv.set_autostart(vm, source, flag)
+    killed_with = _killed_mid_migration(
+        truth_lab, tmp_path, hv, ("hv01", "hv03"),
+        lambda slow: ("from flows.evacuate_host import evacuate_host\n"
+                      f"evacuate_host(host={source!r}, operator='lab-test', reason='killed', inventory={str(slow)!r}, "
+                      "trigger='test')\n"))
+    landed = {vm: all_vms(rt)[vm][0] for vm in killed_with}
+    assert not any(hv.autostarts(target)[vm] for vm, target in landed.items())  # what libvirt left there
+
+    _expire_leases(rt)
+    result = evacuate_host(host=source, operator="lab-test", reason="after the kill",
+                           inventory=str(truth_lab.inventory_path), trigger=Trigger.TEST, lock_wait_s=30)
+
+    assert result.outcome is StepOutcome.OK, result.detail
+    for vm, target in landed.items():
+        assert hv.autostarts(target)[vm] is starts[vm], (vm, target)
+    found = {r.vm: r for r in rt.audit.records(host=source) if r.step == "migration-found"}  # type: ignore[attr-defined]
+    assert all(found[vm].details["autostart"] is starts[vm] for vm in landed), found
+
+
 def test_moves_a_killed_rebalance_left_unrecorded_are_found_by_the_next_rebalance(
         truth_lab: LabInfo, rt: object, tmp_path: Path) -> None:
 
