@@ -9,6 +9,9 @@ spreadsheet's formulas. Each output has one function here:
   invisible formatting characters (bidi overrides such as U+202E, zero-width spaces) written
   as visible escapes (``\\n``, ``\\x1b``, ``\\u202e``), and ``\\`` as ``\\\\`` so that an escape
   cannot be faked. Plain text tables (plan rendering) and log lines use it.
+- :func:`masked` and :func:`command_line` — for log lines that quote host output or a command:
+  secrets masked first (:mod:`hostmaint.redaction`, as the audit record masks them), then
+  :func:`visible`. A debug line is still a log line: it reaches the worker's terminal and files.
 - :func:`cell` and :func:`labelled` — rich ``Text`` built from that, which rich never reads as
   markup (``[bold]``, ``[/]``, ``[link=...]``) or emoji codes (``:warning:``).
 - :func:`markdown_text` and :func:`markdown_code` — for Prefect's markdown artifacts: a table cell
@@ -23,10 +26,13 @@ Exports meant for programs (``--json``, JSON lines) carry the exact data and use
 from __future__ import annotations
 
 import re
+import shlex
 import unicodedata
 from collections.abc import Sequence
 
 from rich.text import Text
+
+from hostmaint.redaction import redact_text
 
 # C0/C1 controls and DEL, the invisible "format" characters (bidi embeddings, overrides and isolates,
 # zero-width spaces and joiners, the BOM, soft hyphen), the Unicode line and paragraph separators, and
@@ -63,6 +69,23 @@ def visible(text: object) -> str:
     Printable text, non-Latin scripts included, is unchanged.
     """
     return "".join(_escape(c) for c in str(text))
+
+
+def masked(text: object) -> str:
+    """``text`` for a log line: its secrets masked (:func:`~hostmaint.redaction.redact_text`), then :func:`visible`.
+
+    Masking comes first: a line break escaped first would join two lines into one value
+    (``mode=1\\npassword=x``) and leave the second line's secret readable.
+    """
+    return visible(redact_text(str(text)))
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """``argv`` as the one line a log shows for a command: each word masked as the audit masks a hook's
+    argv (so the log and the record hide the same), the words quoted as a shell would take them
+    (``shlex.join``), then :func:`visible`.
+    """
+    return visible(shlex.join(redact_text(word) for word in argv))
 
 
 def cell(text: object, style: str = "") -> Text:
@@ -109,4 +132,5 @@ def spreadsheet_cell(value: object) -> object:
     return value
 
 
-__all__ = ["FORMULA_STARTS", "cell", "labelled", "markdown_code", "markdown_text", "spreadsheet_cell", "visible"]
+__all__ = ["FORMULA_STARTS", "cell", "command_line", "labelled", "markdown_code", "markdown_text", "masked",
+           "spreadsheet_cell", "visible"]

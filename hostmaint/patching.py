@@ -22,7 +22,7 @@ from functools import cmp_to_key
 
 from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attempt, wait_fixed
 
-from hostmaint.display import visible
+from hostmaint.display import command_line, visible
 from hostmaint.drivers.base import HostShell, Hypervisor
 from hostmaint.errors import CommandError, DriverError, HostKeyError, StepError, TransientDriverError
 from hostmaint.inventory import PACKAGE_PATTERN, HostPolicy
@@ -440,7 +440,7 @@ def apply_updates(shell: HostShell, host: str, policy: HostPolicy,
     """
     pm = package_manager or policy.package_manager
     argv = update_argv(pm, policy, host)
-    log.info("%s: running %s", host, " ".join(argv))
+    log.info("%s: running %s", host, command_line(argv))
     waits: list[str] = []
     res = _run_when_unlocked(shell, host, argv, Step.UPDATE, policy.update_timeout_s, policy.package_lock_wait_s,
                              sleep, waits)

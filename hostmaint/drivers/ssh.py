@@ -25,7 +25,10 @@ may be the very host's key. A key type paramiko does not know is skipped: it can
 
 Commands are argv lists; each element is quoted with ``shlex.quote`` so the remote shell sees
 exactly one literal word per element. Key material is never logged, put in an exception or a
-result: a key from a secret block is parsed straight into a paramiko key object.
+result: a key from a secret block is parsed straight into a paramiko key object. Every log line
+shows its names and commands through :mod:`hostmaint.display` (secrets masked, escapes visible):
+a command carries inventory and host values (package globs, paths, a hook's token), and debug
+lines reach the worker's terminal and log files like any other.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ import paramiko
 from paramiko.hostkeys import HostKeyEntry, InvalidHostKey
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from hostmaint.display import command_line, masked, visible
 from hostmaint.errors import CommandError, DriverError, HostKeyError, TransientDriverError
 from hostmaint.inventory import Inventory, SshTarget
 from hostmaint.models import CommandResult
@@ -292,7 +296,7 @@ class SshShell:
         command = shlex.join(words)
         channel = self._open_channel(host, target, min(timeout, target.connect_timeout_s))
         start = self._clock()  # the timeout is the command's own; connecting has its own budget
-        log.debug("%s: run %s (timeout %gs)", host, command, timeout)
+        log.debug("%s: run %s (timeout %gs)", visible(host), command_line(words), timeout)
         try:
             channel.exec_command(command)
         except (paramiko.SSHException, EOFError, OSError) as exc:
@@ -309,7 +313,7 @@ class SshShell:
         finally:
             self._close_channel(host, channel)
         seconds = self._clock() - start
-        log.debug("%s: %s exited %d in %.2fs", host, words[0], code, seconds)
+        log.debug("%s: %s exited %d in %.2fs", visible(host), masked(words[0]), code, seconds)
         return CommandResult(host=host, argv=tuple(argv), exit_code=code, stdout=out, stderr=err,
                              seconds=round(seconds, 3))
 
@@ -418,7 +422,7 @@ class SshShell:
         transport = client.get_transport()
         if transport is not None and self._keepalive_s:
             transport.set_keepalive(self._keepalive_s)
-        log.debug("%s: connected to %s as %s", host, label, target.user)
+        log.debug("%s: connected to %s as %s", visible(host), visible(label), visible(target.user))
         return client
 
     @staticmethod
@@ -505,7 +509,8 @@ class SshShell:
         try:
             channel.close()
         except (paramiko.SSHException, EOFError, OSError) as exc:
-            log.debug("%s: closing a channel failed (%s); dropping the connection", host, type(exc).__name__)
+            log.debug("%s: closing a channel failed (%s); dropping the connection", visible(host),
+                      type(exc).__name__)
             self._drop(host, channel.get_transport())
 
     @staticmethod

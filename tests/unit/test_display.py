@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from hostmaint.audit import AuditEntry, AuditTrail
 from hostmaint.cli import app
-from hostmaint.display import labelled, markdown_code, markdown_text, spreadsheet_cell, visible
+from hostmaint.display import command_line, labelled, markdown_code, markdown_text, masked, spreadsheet_cell, visible
 from hostmaint.fleet import dump_snapshot
 from hostmaint.models import StepOutcome
 from hostmaint.placement import plan_evacuation, plan_rebalance, plan_window, render_plan
@@ -61,6 +61,21 @@ def _hidden(text: str) -> list[str]:
 def test_visible_escapes_what_would_act_and_keeps_what_prints(text: str, shown: str) -> None:
     assert visible(text) == shown
     assert "\n" not in visible(text) and not _hidden(visible(text))
+
+
+@pytest.mark.parametrize(("argv", "shown"), [
+    (["dnf", "-y", "update", "--exclude=kernel*"], "dnf -y update '--exclude=kernel*'"),
+    (["curl", "https://svc:pw@repo.corp/x", "-d", "token=abc"], "curl 'https://svc:***@repo.corp/x' -d 'token=***'"),
+    (["sh", "-c", "echo a\nb"], "sh -c 'echo a\\nb'"),  # one line: the shell's line break shows as \n
+    (["ls", "\x1b[2J\u202e"], "ls '\\x1b[2J\\u202e'"),
+])
+def test_a_logged_command_is_one_line_with_its_secrets_masked(argv: list[str], shown: str) -> None:
+    assert command_line(argv) == shown
+
+
+def test_masked_text_hides_secrets_before_escaping() -> None:
+    # escaped first, the line break would join the lines into one value, "mode=1\\npassword=x", not secret
+    assert masked("mode=1\npassword=x \x1b[31m") == "mode=1\\npassword=*** \\x1b[31m"
 
 
 def test_a_labelled_message_breaks_lines_only_between_its_lines() -> None:

@@ -334,7 +334,7 @@ class Migrations:
             self._connections.call(target, f"setting the autostart of {vm}", set_flag)
         except DriverError as exc:
             log.warning("%s moved to %s, but its autostart could not be set there (virsh autostart %s): %s",
-                        visible(vm), target, visible(vm), exc)
+                        visible(vm), visible(target), visible(vm), visible(exc))
 
     def _run_migration(self, worker: _Worker, vm: str, source: str, target: str, flags: int,
                        params: dict[str, Any]) -> None:
@@ -492,7 +492,7 @@ class Migrations:
                 errors.append(f"abortJob blocked for {timeout:g}s")
                 # Worth an operator's eye: QEMU stuck in "cancelling" is rare, and a resend clears it.
                 log.warning("aborting the migration of %s on %s: abortJob blocked for %gs (try %d of %d)%s",
-                            visible(vm), source, timeout, attempt, attempts,
+                            visible(vm), visible(source), timeout, attempt, attempts,
                             "; resending from a fresh connection" if attempt < attempts else "")
                 continue
             error = outcome.get("error")
