@@ -140,14 +140,33 @@ class MonitoringError(HostmaintError):
         super().__init__(f"{self.url}: {message}")
 
 
+def names_host(message: str, host: str) -> bool:
+    """Whether ``message`` already says which host it is about: it starts ``"{host}: "`` (the form every
+    error of this tree takes) or ``"host {host} "`` (``host hv01 is failed (...)``).
+
+    Only the start counts: a message that mentions ``host`` further on, or a longer name that starts
+    with it (``hv10`` for ``hv1``, a VM named like its host), does not say which host failed.
+    """
+    return message.startswith((f"{host}: ", f"host {host} "))
+
+
+def without_host(exc: BaseException, host: str) -> str:
+    """What ``exc`` says without its leading ``"{host}: "``: for quoting an error of ``host`` in a message
+    about that same host, which names the host once, at its start."""
+    return str(exc).removeprefix(f"{host}: ")
+
+
 class StepError(HostmaintError):
-    """A maintenance step failed; the host was left cordoned or failed with this reason."""
+    """A maintenance step failed; the host was left cordoned or failed with this reason.
+
+    Every failure names its host: the message gets a ``"{host}: "`` prefix unless it already names
+    it (:func:`names_host`).
+    """
 
     def __init__(self, message: str, host: str | None = None, step: str | None = None) -> None:
         self.host = host
         self.step = step
-        # Every failure names its host: say it unless the message already does.
-        super().__init__(message if host is None or host in message else f"{host}: {message}")
+        super().__init__(message if host is None or names_host(message, host) else f"{host}: {message}")
 
 
 class TargetsUnreachable(StepError):

@@ -41,6 +41,7 @@ from hostmaint.errors import (
     TargetsUnreachable,
     TargetsWithdrawn,
     TransientDriverError,
+    without_host,
 )
 from hostmaint.fleet import discover_cluster
 from hostmaint.inventory import Inventory, MigrationTls
@@ -1333,14 +1334,17 @@ def precheck(rt: Runtime, run: RunContext, host: str) -> patching.Preflight:
             # the repositories too: what would be updated is part of what the precheck records
             result = patching.preflight(rt.shell, host, rt.inventory.policy_for(host))
         except DriverError as exc:
-            raise StepError(f"cannot be patched, nothing changed: {exc}", host, Step.PRECHECK) from exc
+            raise StepError(f"cannot be patched, nothing changed: {without_host(exc, host)}", host,
+                             Step.PRECHECK) from exc
         except StepError as exc:
-            raise StepError(f"cannot be patched, nothing changed: {exc}", host, Step.PRECHECK) from exc
+            raise StepError(f"cannot be patched, nothing changed: {without_host(exc, host)}", host,
+                             Step.PRECHECK) from exc
         rec.details["precheck"] = _jsonable(result)
         try:
             check_same_machine(rt, rec, host)
         except DriverError as exc:
-            raise StepError(f"cannot be patched, nothing changed: {exc}", host, Step.PRECHECK) from exc
+            raise StepError(f"cannot be patched, nothing changed: {without_host(exc, host)}", host,
+                             Step.PRECHECK) from exc
         check_transport(rt, rec, host)
         return result
 
@@ -1468,8 +1472,9 @@ def patch(rt: Runtime, run: RunContext, host: str) -> tuple[patching.PackageDiff
         if lost is not None:
             rt.states.note(host, f"update outcome unknown (connection lost: {lost}); run again to read what "
                                  "changed from the host", run.run_id)
-            raise StepError(f"connection lost during the update, its outcome is unknown ({lost}); the host stays "
-                            "patching; run again to read what changed from the host", host, Step.UPDATE) from lost
+            raise StepError(f"connection lost during the update, its outcome is unknown ({without_host(lost, host)}); "
+                            "the host stays patching; run again to read what changed from the host",
+                            host, Step.UPDATE) from lost
         if recovered is not None:
             diff = patching.PackageDiff(installed=recovered.installed + diff.installed,
                                         upgraded=recovered.upgraded + diff.upgraded,

@@ -24,7 +24,7 @@ from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_attem
 
 from hostmaint.display import command_line, visible
 from hostmaint.drivers.base import HostShell, Hypervisor
-from hostmaint.errors import CommandError, DriverError, HostKeyError, StepError, TransientDriverError
+from hostmaint.errors import CommandError, DriverError, HostKeyError, StepError, TransientDriverError, without_host
 from hostmaint.inventory import PACKAGE_PATTERN, HostPolicy
 from hostmaint.models import Cell, CommandResult, Frozen, PackageManager, RebootPolicy, Step
 from hostmaint.redaction import redact_text
@@ -201,7 +201,7 @@ def _run(shell: HostShell, host: str, argv: Sequence[str], step: Step, timeout: 
     except HostKeyError as exc:
         raise StepError(str(exc), host=host, step=step) from exc
     except CommandError as exc:
-        raise StepError(f"{' '.join(argv)}: {exc}", host=host, step=step) from exc
+        raise StepError(f"{' '.join(argv)}: {without_host(exc, host)}", host=host, step=step) from exc
 
 
 def lock_held(result: CommandResult) -> str | None:
@@ -479,8 +479,7 @@ def running_kernel(shell: HostShell, host: str, step: Step = Step.REBOOT_DECISIO
         raise StepError(f"uname -r failed (exit {res.exit_code}): {_said(res)}", host=host, step=step)
     release = res.stdout.strip()
     if not KERNEL_RELEASE.fullmatch(release):
-        # the host named first, explicitly: the text it printed may well contain its name (see parse_boot_id)
-        raise StepError(f"{host}: uname -r: expected one kernel release, got {release[:80]!r}", host=host, step=step)
+        raise StepError(f"uname -r: expected one kernel release, got {release[:80]!r}", host=host, step=step)
     return release
 
 
@@ -554,7 +553,7 @@ def boot_kernel(shell: HostShell, host: str, step: Step = Step.REBOOT_DECISION) 
         return None
     release = lines[0].removeprefix(_VMLINUZ)
     if len(lines) != 1 or not lines[0].startswith(_VMLINUZ) or not KERNEL_RELEASE.fullmatch(release):
-        raise StepError(f"{host}: grubby --default-kernel: expected one {_VMLINUZ}<release> line, got "
+        raise StepError(f"grubby --default-kernel: expected one {_VMLINUZ}<release> line, got "
                         f"{_tail(res.stdout, 3)[:200]!r}", host=host, step=step)
     return release
 
@@ -567,7 +566,7 @@ def nodename(shell: HostShell, host: str, step: Step = Step.PRECHECK) -> str:
     res = _run(shell, host, ["uname", "-n"], step, PROBE_TIMEOUT_S)
     words = res.stdout.split()
     if res.exit_code != 0 or len(words) != 1 or len(words[0]) > MAX_NAME:
-        raise StepError(f"{host}: uname -n: expected the machine's name (exit 0, one word of at most {MAX_NAME} "
+        raise StepError(f"uname -n: expected the machine's name (exit 0, one word of at most {MAX_NAME} "
                         f"characters), got exit {res.exit_code}: {_said(res)}", host=host, step=step)
     return words[0]
 
@@ -673,9 +672,7 @@ def parse_boot_id(stdout: str, host: str) -> str:
     if _BOOT_ID.fullmatch(text):
         return text.lower()
     excerpt = repr(text[:60]) + (f" ... ({len(text)} characters)" if len(text) > 60 else "")
-    # the host named first, explicitly: StepError adds it only when the message lacks it, and the
-    # excerpt (a banner) may well contain the host's name
-    raise StepError(f"{host}: {' '.join(BOOT_ID_ARGV)} printed {excerpt}, not a boot id (a UUID); "
+    raise StepError(f"{' '.join(BOOT_ID_ARGV)} printed {excerpt}, not a boot id (a UUID); "
                     "is something (a login banner, a shell profile) writing to stdout?", host=host, step=Step.REBOOT)
 
 
@@ -705,7 +702,8 @@ def reboot_and_wait(shell: HostShell, host: str, policy: HostPolicy, *,
     except HostKeyError as exc:
         raise StepError(str(exc), host=host, step=Step.REBOOT) from exc
     except DriverError as exc:
-        raise StepError(f"cannot read boot id before reboot: {exc}", host=host, step=Step.REBOOT) from exc
+        raise StepError(f"cannot read boot id before reboot: {without_host(exc, host)}", host=host,
+                        step=Step.REBOOT) from exc
     if before_issue is not None:
         before_issue(old)
     start = clock()
@@ -737,7 +735,7 @@ def wait_for_new_boot(shell: HostShell, host: str, policy: HostPolicy, old: str,
         try:
             current = read_boot_id(shell, host, timeout=max(0.1, min(PROBE_TIMEOUT_S, deadline - now)))
         except HostKeyError as exc:
-            raise StepError(f"after reboot: {exc}", host=host, step=Step.REBOOT) from exc
+            raise StepError(f"after reboot: {without_host(exc, host)}", host=host, step=Step.REBOOT) from exc
         except (TransientDriverError, CommandError) as exc:
             last_error = str(exc)
             answers_old_since = None

@@ -459,7 +459,8 @@ def test_a_host_that_cannot_be_patched_is_refused_before_anything_moves(sim_inve
     fleet.save()
     before = where(sim_inventory)
 
-    with pytest.raises(StepError, match="cannot be patched, nothing changed: hv03: "):
+    said = "not enough free space" if broken == "no free space" else "no package manager"
+    with pytest.raises(StepError, match=f"^hv03: cannot be patched, nothing changed: {said}: "):  # host named once
         patch_host(host="hv03", operator="lee", inventory=str(sim_inventory), trigger=Trigger.TEST)
 
     assert where(sim_inventory) == before
