@@ -49,3 +49,27 @@ def test_a_step_error_quoting_a_driver_error_of_its_host_names_the_host_once() -
         _run(TimingOut(), "hv01", ["dnf", "-y", "update"], Step.UPDATE, 5)  # type: ignore[arg-type]
     assert str(caught.value) == "hv01: dnf -y update: timed out after 5s"
 
+
+def test_a_migration_error_quoting_its_sources_driver_error_names_the_host_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import libvirt
+
+    from hostmaint.drivers.libvirt import LibvirtHypervisor
+    from hostmaint.errors import MigrationError
+    from tests.fakes.libvirtd import FakeConnector, FakeError, FakeHost, FakeNetwork
+
+    uri = "qemu+tcp://10.213.7.11/system"
+    network = FakeNetwork({uri: FakeHost("hv01")})
+    network[uri].add("vm1")  # no migration runs: libvirt refuses the switch
+    hv = LibvirtHypervisor({"hv01": uri}, connector=FakeConnector(network))
+    with pytest.raises(MigrationError) as caught:
+        hv.start_post_copy("vm1", "hv01")
+    assert str(caught.value).startswith(f"hv01: switching vm1 to post-copy on {uri}: ")
+
+    def refuse(downtime_ms: int, flags: int) -> int:
+        raise FakeError(libvirt.VIR_ERR_OPERATION_INVALID, "Requested operation is not valid: no job is active")
+
+    monkeypatch.setattr(network[uri].domains["vm1"], "migrateSetMaxDowntime", refuse)
+    with pytest.raises(MigrationError) as caught:
+        hv.enable_auto_converge("vm1", "hv01")
+    assert str(caught.value).startswith(f"hv01: raising the downtime limit of vm1 on {uri}: ")

@@ -26,7 +26,7 @@ from hostmaint.drivers.base import ProgressCallback
 from hostmaint.drivers.domain_xml import rewrite_for_target
 from hostmaint.drivers.libvirt.connections import Connections, is_connection_error, is_running, lookup, message
 from hostmaint.drivers.libvirt.discovery import MIGRATION_PAUSES, UNREADABLE, what_was_wrong
-from hostmaint.errors import DriverError, MigrationError, MigrationNotStarted, TransientDriverError
+from hostmaint.errors import DriverError, MigrationError, MigrationNotStarted, TransientDriverError, without_host
 from hostmaint.migration.policy import (
     MIB,
     Action,
@@ -537,7 +537,7 @@ class Migrations:
         except DriverError as exc:
             if isinstance(exc, MigrationError | TransientDriverError):
                 raise
-            raise MigrationError(str(exc), source, vm) from exc
+            raise MigrationError(without_host(exc, source), source, vm) from exc
 
     def enable_auto_converge(self, vm: str, source: str, max_downtime_ms: int = 2000) -> None:
         """Help a running migration converge: allow a longer final pause (as Nova does).
@@ -556,4 +556,4 @@ class Migrations:
         except DriverError as exc:
             if isinstance(exc, MigrationError | TransientDriverError):
                 raise
-            raise MigrationError(str(exc), source, vm) from exc
+            raise MigrationError(without_host(exc, source), source, vm) from exc
