@@ -32,7 +32,7 @@ from collections.abc import Sequence
 
 from rich.text import Text
 
-from hostmaint.redaction import redact_text
+from hostmaint.redaction import redact_argv, redact_text
 
 # C0/C1 controls and DEL, the invisible "format" characters (bidi embeddings, overrides and isolates,
 # zero-width spaces and joiners, the BOM, soft hyphen), the Unicode line and paragraph separators, and
@@ -85,7 +85,7 @@ def command_line(argv: Sequence[str]) -> str:
     argv (so the log and the record hide the same), the words quoted as a shell would take them
     (``shlex.join``), then :func:`visible`.
     """
-    return visible(shlex.join(redact_text(word) for word in argv))
+    return visible(shlex.join(redact_argv(argv)))
 
 
 def cell(text: object, style: str = "") -> Text:

@@ -8,7 +8,7 @@ password, and it reaches host states, run results, Prefect's logs and the UI.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 REDACTED = "***redacted***"
@@ -48,7 +48,36 @@ def redact_text(text: str) -> str:
     if holds_private_key(text):
         return REDACTED
     text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:***@", text)
-    return _NAMED_VALUE.sub(lambda m: f"{m['name']}=***" if is_secret_name(m["name"]) else m[0], text)
+    return _NAMED_VALUE.sub(lambda m: f"{m['name']}=***" if is_secret_name(m["name"])
+                            else f"{m['name']}={_inner_masked(m['value'])}", text)
+
+
+_NOT_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def _inner_masked(value: str) -> str:
+    """The value of a ``name=value`` whose name is not secret, with what follows a secret name inside it
+    masked: an option's value can be a pair itself (``--setopt=repo.password=X``, ``--data=token=X``).
+    One pass over its ``=``-separated parts (a loop over nested matches would be quadratic in host output
+    such as ``a=a=a=...``)."""
+    if "=" not in value:
+        return value
+    parts = value.split("=")
+    for i, part in enumerate(parts[:-1]):
+        if is_secret_name(_NOT_NAME.split(part)[-1]):
+            return "=".join(parts[:i + 1]) + "=***"
+    return value
+
+
+def redact_argv(argv: Sequence[str]) -> list[str]:
+    """A command's words with their secrets masked: each word as :func:`redact_text` masks it, and the word
+    after an option whose name looks secret (``--password X``, ``--api-token X``) whole."""
+    out: list[str] = []
+    secret_next = False
+    for word in argv:
+        out.append(REDACTED if secret_next else redact_text(word))
+        secret_next = word.startswith("-") and "=" not in word and is_secret_name(word)
+    return out
 
 
 def redact(value: Any) -> Any:
@@ -63,10 +92,13 @@ def redact(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: (REDACTED if is_secret_name(k) else redact(v)) for k, v in value.items()}
     if isinstance(value, list | tuple):
+        if value and all(isinstance(v, str) for v in value):
+            return redact_argv(value)  # a command's words: "--password X" hides X
         return [redact(v) for v in value]
     if isinstance(value, str):
         return redact_text(value)
     return value
 
 
-__all__ = ["REDACTED", "SECRET_KEY_PARTS", "holds_private_key", "is_secret_name", "redact", "redact_text"]
+__all__ = ["REDACTED", "SECRET_KEY_PARTS", "holds_private_key", "is_secret_name", "redact", "redact_argv",
+           "redact_text"]

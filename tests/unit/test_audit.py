@@ -378,6 +378,10 @@ DNF_STDERR = ("Errors during downloading metadata for repository 'internal':\n"
     ("mirrorlist?access_token=zz#top", "mirrorlist?access_token=***#top"),
     ("password=hunter2 user=bob", "password=*** user=bob"),
     ("PGPASSWORD='a b' psql", "PGPASSWORD=*** psql"),
+    # an option whose value is a pair itself: the inner secret name's value goes
+    ("dnf --setopt=internal.password=Hunter2 update", "dnf --setopt=internal.password=*** update"),
+    ("curl --data=api_token=abc123 x", "curl --data=api_token=*** x"),
+    ("opt=a=b=proxy_password=pw==", "opt=a=b=proxy_password=***"),
     # nothing secret: left as it was
     ("ftp://anon@mirror/pub", "ftp://anon@mirror/pub"),
     ("https://repo:8443/el9 mail root@hv01", "https://repo:8443/el9 mail root@hv01"),
@@ -387,6 +391,18 @@ DNF_STDERR = ("Errors during downloading metadata for repository 'internal':\n"
 def test_redact_text_masks_credentials_inside_text(text: str, expected: str) -> None:
     assert redaction.redact_text(text) == expected
     assert redaction.redact_text(expected) == expected  # redacting again changes nothing
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["curl", "--token", "abc123", "-u", "bob", "https://x"], ["curl", "--token", "***redacted***", "-u", "bob",
+                                                              "https://x"]),
+    (["tool", "--db-password", "pw", "--password-file=/etc/pw", "--verbose"],
+     ["tool", "--db-password", "***redacted***", "--password-file=***", "--verbose"]),
+    (["vm1", "vm2", "password"], ["vm1", "vm2", "password"]),  # names, not options: nothing to hide
+])
+def test_a_commands_secret_given_as_the_word_after_its_option_is_masked(argv: list[str], expected: list[str]) -> None:
+    assert redact(argv) == expected and redact(tuple(argv)) == expected
+    assert redact({"argv": argv}) == {"argv": expected}
 
 
 def test_credentials_in_command_output_and_errors_are_stored_redacted(engine: sa.Engine,
@@ -666,7 +682,8 @@ def test_an_error_quoting_host_output_never_carries_its_password() -> None:
         assert "https://mirror:***@repo.example" in str(err) and "token=***" in str(err)
 
 
-@pytest.mark.parametrize("line", ["a." * 100_000, "a-b+" * 50_000, "k." * 99_999 + "password=hunter2"])
+@pytest.mark.parametrize("line", ["a." * 100_000, "a-b+" * 50_000, "k." * 99_999 + "password=hunter2",
+                                  "a=" * 100_000 + "password=hunter2"])
 def test_redacting_a_long_line_of_host_output_takes_linear_time(line: str) -> None:
     # every error quoting a host's output is redacted when it is made: the patterns tried every position
     # of one long token again, so 200 kB of "a.a.a..." on a failed command's stderr held the worker for hours
