@@ -362,20 +362,26 @@ def test_a_move_a_dead_run_left_gets_back_the_autostart_it_had_on_its_source(
     assert record.details.get("autostart_set") == (first.target if autostarts else None)
 
 
-def test_a_found_move_whose_autostart_nothing_tells_says_so_and_sets_nothing(
-        sim_inventory: Path, caplog: pytest.LogCaptureFixture) -> None:
-    # a run of an older version recorded its moves without the flag, and the source defines the VM no
-    # more (the move undefined it there): hostmaint cannot know, and must not guess either way
+def _moved_by_an_older_run(sim_inventory: Path) -> tuple[Runtime, Placement, SimulatedFleet]:
+    """A run of an older version recorded a move of hv01's first VM without its autostart flag and died;
+    libvirt finished the move (the flag dropped). Returns the runtime, the move and the fleet."""
     rt = open_runtime(sim_inventory, fresh=True)
     dead = steps.RunContext(run_id="run-that-died", flow="return-host")
-    plan = steps.plan_drain(rt, dead, "hv01")
-    first = plan.placements[0]
+    first = steps.plan_drain(rt, dead, "hv01").placements[0]
     fleet = rt.hypervisor
     assert isinstance(fleet, SimulatedFleet)
     with steps.audited(rt, dead, Step.MOVES_STARTED, cluster="demo",
                        inputs={"moves": [{"vm": first.vm, "source": "hv01", "target": first.target}]}):
         pass
     fleet.land_unwatched(first.vm, first.target)
+    return rt, first, fleet
+
+
+def test_a_found_move_whose_autostart_nothing_tells_says_so_and_sets_nothing(
+        sim_inventory: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # a run of an older version recorded its moves without the flag, and the source defines the VM no
+    # more (the move undefined it there): hostmaint cannot know, and must not guess either way
+    rt, first, fleet = _moved_by_an_older_run(sim_inventory)
 
     with caplog.at_level(logging.WARNING, logger="hostmaint.maintenance"):
         assert steps.settle_earlier_moves(rt, steps.RunContext(run_id="run-2"), "demo") == [first.vm]
@@ -392,16 +398,7 @@ def test_a_found_move_takes_the_autostart_from_the_source_definition_when_no_rec
         sim_inventory: Path) -> None:
     # an older run's record, but the VM's definition still on its source says (its libvirtd never
     # undefined it): that is what it had there
-    rt = open_runtime(sim_inventory, fresh=True)
-    dead = steps.RunContext(run_id="run-that-died", flow="return-host")
-    plan = steps.plan_drain(rt, dead, "hv01")
-    first = plan.placements[0]
-    fleet = rt.hypervisor
-    assert isinstance(fleet, SimulatedFleet)
-    with steps.audited(rt, dead, Step.MOVES_STARTED, cluster="demo",
-                       inputs={"moves": [{"vm": first.vm, "source": "hv01", "target": first.target}]}):
-        pass
-    fleet.land_unwatched(first.vm, first.target)
+    rt, first, fleet = _moved_by_an_older_run(sim_inventory)
     rt.hypervisor = _DefinedOnSourceToo(fleet, first.vm, "hv01")  # type: ignore[assignment]
 
     steps.settle_earlier_moves(rt, steps.RunContext(run_id="run-2"), "demo")
