@@ -94,6 +94,21 @@ def exit_codes() -> Iterator[None]:
     except HostmaintError as exc:
         err.print(labelled("failed:", "red", redact_text(str(exc))), highlight=False)
         raise typer.Exit(1) from None
+    except Exception as exc:
+        if not _from_the_database(exc):
+            raise
+        # the run stopped at the first state or record it could not write: what it did before that is on
+        # record or found by the next run (moves-started), so running it again is what to do
+        said = str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__]
+        err.print(labelled("failed:", "red", f"the hostmaint database did not answer ({redact_text(said[0])}): "
+                           "the run stopped there; run it again once the database answers, it takes up what "
+                           "was left"), highlight=False)
+        raise typer.Exit(1) from None
+
+
+def _from_the_database(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLAlchemy's (the hostmaint database failed), told without importing it."""
+    return any(cls.__module__.split(".")[0] == "sqlalchemy" for cls in type(exc).__mro__)
 
 
 def _runtime(inventory: str) -> Any:

@@ -262,3 +262,14 @@ def test_host_status_does_not_call_a_host_without_records_never_seen(sim_invento
     assert "no maintenance recorded" in table.output
     rows = json.loads(runner.invoke(app, ["host", "status", "-i", str(sim_inventory), "--json"]).stdout)
     assert {(r["reason"], r["since"]) for r in rows} == {("no maintenance recorded", None)}
+
+
+def test_a_database_that_does_not_answer_is_one_line_naming_it_with_its_password_masked(
+        sim_inventory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # nothing listens on loopback port 1: the connection is refused at once
+    monkeypatch.setenv("HOSTMAINT_DB", "postgresql+psycopg://hm:S3cretPw@127.0.0.1:1/hostmaint")
+    result = runner.invoke(app, ["host", "cordon", "hv01", "--inventory", str(sim_inventory), "--operator", "lee"])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert text.startswith("failed: the hostmaint database did not answer (") and "run it again" in text, text
+    assert "S3cretPw" not in result.output and "Traceback" not in result.output
