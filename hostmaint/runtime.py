@@ -22,6 +22,8 @@ from hostmaint.inventory import Inventory, load_inventory
 from hostmaint.state import HostStateStore
 
 if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
     from hostmaint.drivers.libvirt import Connector
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class Runtime:
     audit: AuditTrail
     simulated: bool
     db_url: str | None = None
+    engine: Engine | None = None  # the states' and audit's: its connections go when the runtime closes
 
     def cluster_of(self, host: str) -> str:
         return self.inventory.host(host).cluster
@@ -65,8 +68,10 @@ def open_runtime(inventory_path: str | Path, db_url: str | None = None, *,
     path = str(Path(inventory_path).resolve())
     key = (path, db_url)
     with _cache_lock:
-        if not fresh and key in _cache:
-            return _cache[key]
+        if key in _cache:
+            if not fresh:
+                return _cache[key]
+            _close(_cache.pop(key))  # dropped: what it holds open would stay open until the process ends
         inventory = load_inventory(path)
         engine = open_engine(db_url)
         if inventory.simulation is not None:
@@ -89,7 +94,7 @@ def open_runtime(inventory_path: str | Path, db_url: str | None = None, *,
             simulated = False
         rt = Runtime(inventory=inventory, inventory_path=path, hypervisor=hypervisor, shell=shell,
                      states=HostStateStore(engine), audit=AuditTrail(engine), simulated=simulated,
-                     db_url=db_url)
+                     db_url=db_url, engine=engine)
         _cache[key] = rt
         return rt
 
@@ -98,9 +103,17 @@ def close_all() -> None:
     """Close every cached runtime's connections."""
     with _cache_lock:
         for rt in _cache.values():
-            rt.shell.close()
-            # libvirt-python can crash at exit collecting connections to daemons that are gone.
-            close = getattr(rt.hypervisor, "close", None)
-            if callable(close):
-                close()
+            _close(rt)
         _cache.clear()
+
+
+def _close(rt: Runtime) -> None:
+    """Close ``rt``'s SSH and libvirt connections and its database connections (the engine stays
+    usable: a call through it later connects again)."""
+    rt.shell.close()
+    # libvirt-python can crash at exit collecting connections to daemons that are gone.
+    close = getattr(rt.hypervisor, "close", None)
+    if callable(close):
+        close()
+    if rt.engine is not None:
+        rt.engine.dispose()

@@ -45,11 +45,16 @@ def postgres() -> Iterator[pg.Cluster]:
 
 
 @pytest.fixture
-def hostmaint_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A private state/audit database for one test."""
+def hostmaint_db(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private state/audit database for one test; the runtimes opened on it are closed after it (each
+    holds its database's files open: over a whole run they passed the 1,024 descriptors select() takes,
+    and every SSH test after that failed)."""
+    from hostmaint.runtime import close_all
+
     db = tmp_path / "hostmaint.db"
     monkeypatch.setenv("HOSTMAINT_DB", str(db))
-    return db
+    yield db
+    close_all()
 
 
 @pytest.fixture
