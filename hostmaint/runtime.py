@@ -68,10 +68,9 @@ def open_runtime(inventory_path: str | Path, db_url: str | None = None, *,
     path = str(Path(inventory_path).resolve())
     key = (path, db_url)
     with _cache_lock:
-        if key in _cache:
-            if not fresh:
-                return _cache[key]
-            _close(_cache.pop(key))  # dropped: what it holds open would stay open until the process ends
+        # a dropped one (fresh) is not closed: a run in another thread of this process may still use it
+        if not fresh and key in _cache:
+            return _cache[key]
         inventory = load_inventory(path)
         engine = open_engine(db_url)
         if inventory.simulation is not None:
