@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import functools
 import gc
+import os
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -47,3 +50,80 @@ def _malloc_trim() -> Callable[[int], int] | None:
     except (OSError, AttributeError):  # not glibc: musl, macOS
         return None
     return trim
+
+
+class Forked:
+    """Bytes a forked child computes from what the parent holds, read once (:meth:`result`).
+
+    A large snapshot's digest (~0.3 s at 5,000 hosts, a core's work that needs nothing but the frozen
+    models) can run on the machine's second core while the parent plans: fork shares the models
+    copy-on-write instead of sending them anywhere. Only where that is safe: a process of one thread
+    (a fork copies no other thread, and a lock another thread held stays held in the child)."""
+
+    def __init__(self, pid: int, fd: int) -> None:
+        self._pid, self._fd = pid, fd
+        self._done = False
+
+    @classmethod
+    def start(cls, work: Callable[[], bytes]) -> Forked | None:
+        """``work`` begun in a child, or None where no child can be forked safely (the caller then
+        computes it itself): no ``os.fork``, or more than one thread in this process."""
+        if not hasattr(os, "fork") or _threads() != 1:
+            return None
+        read, write = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read)
+            os.close(write)
+            return None
+        if pid == 0:  # the child: its answer down the pipe, then gone without the parent's exit handlers
+            code = 1
+            try:
+                os.close(read)
+                out = memoryview(work())
+                while out:
+                    out = out[os.write(write, out):]
+                code = 0
+            except BaseException:  # noqa: BLE001 - anything: the parent computes it itself
+                pass
+            finally:
+                os._exit(code)
+        os.close(write)
+        return cls(pid, read)
+
+    def result(self) -> bytes | None:
+        """What the child wrote, once it exited cleanly; None if it failed or was cancelled (then the
+        caller computes it itself). Waits for the child."""
+        if self._done:
+            return None
+        self._done = True
+        parts = []
+        try:
+            while chunk := os.read(self._fd, 1 << 16):
+                parts.append(chunk)
+        finally:
+            os.close(self._fd)
+            _, status = os.waitpid(self._pid, 0)
+        return b"".join(parts) if os.waitstatus_to_exitcode(status) == 0 else None
+
+    def cancel(self) -> None:
+        """Stop the child if it still runs, and reap it (no zombie is left)."""
+        if self._done:
+            return
+        self._done = True
+        os.close(self._fd)
+        try:
+            os.kill(self._pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self._pid, 0)
+
+
+def _threads() -> int:
+    """Threads of this process: the kernel's count where there is one (it sees threads Python did not
+    start, a C library's pool), else Python's."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()

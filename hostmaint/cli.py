@@ -130,6 +130,8 @@ def _snapshot_for(inventory: str | None, cluster: str | None, snapshot: Path | N
             gc.freeze()
         finally:
             gc.enable()
+        # every plan names its snapshot's digest: on a second core while this one plans (a large file)
+        snap.start_digest()
         return snap
     if inventory is None:
         raise InputError("give --inventory or --snapshot")

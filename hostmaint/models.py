@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import re
 import weakref
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -33,7 +34,7 @@ from pydantic.dataclasses import dataclass as pydantic_dataclass
 from pydantic.fields import FieldInfo
 from pydantic_core import SchemaSerializer, SchemaValidator
 
-from hostmaint.bulk import collector_paused, release_freed_memory
+from hostmaint.bulk import Forked, collector_paused, release_freed_memory
 
 SNAPSHOT_FORMAT = "hostmaint.snapshot/1"
 
@@ -724,16 +725,35 @@ class FleetSnapshot(Frozen):
         known = _DIGESTS.get(id(self))
         if known is not None:
             return known
+        ahead = _DIGESTS_AHEAD.pop(id(self), None)
+        answer = ahead.result() if ahead is not None else None
+        value = answer.decode("ascii", "replace") if answer is not None else ""
+        if not _SHA256_HEX.fullmatch(value):  # no child, or it failed: computed here, as ever
+            value = self._digest_here()
+        _DIGESTS[id(self)] = value
+        weakref.finalize(self, _DIGESTS.pop, id(self), None)
+        return value
+
+    def start_digest(self, *, at_least_vms: int = 5000) -> None:
+        """Begin :meth:`digest` on another core, for a snapshot of at least ``at_least_vms`` VMs: a
+        forked child computes it from these frozen models while this process plans, and ``digest()``
+        takes its answer (the same value: the same code on the same models). Where no child can be
+        forked (other threads, no fork) nothing starts and ``digest()`` computes it as ever."""
+        if len(self.vms) < at_least_vms or id(self) in _DIGESTS or id(self) in _DIGESTS_AHEAD:
+            return
+        ahead = Forked.start(lambda: self._digest_here().encode("ascii"))
+        if ahead is not None:
+            _DIGESTS_AHEAD[id(self)] = ahead
+            weakref.finalize(self, _cancel_ahead, id(self))
+
+    def _digest_here(self) -> str:
         hashed = hashlib.sha256()
         with collector_paused():  # a dict per VM and host, made and dropped a few thousand at a time
             if not _canonical_fast_into(self, hashed.update):
                 canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":")).encode()
                 hashed = hashlib.sha256(canon)
         release_freed_memory()  # ~10 MiB of text and dicts at 5,000 hosts, in the C heap
-        value = hashed.hexdigest()
-        _DIGESTS[id(self)] = value
-        weakref.finalize(self, _DIGESTS.pop, id(self), None)
-        return value
+        return hashed.hexdigest()
 
 
 def _canonical_fast(snapshot: FleetSnapshot) -> bytes | None:
@@ -830,6 +850,16 @@ class _HostFacts:
 # id of a live FleetSnapshot -> its digest; an entry goes when its snapshot does (weakref.finalize),
 # so an id reused by a later object never finds a stale digest. A copy (model_copy) is a new object.
 _DIGESTS: dict[int, str] = {}
+# id of a live FleetSnapshot -> its digest being computed by a child (start_digest); taken by digest(),
+# or the child stopped and reaped when the snapshot goes first
+_DIGESTS_AHEAD: dict[int, Forked] = {}
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _cancel_ahead(key: int) -> None:
+    ahead = _DIGESTS_AHEAD.pop(key, None)
+    if ahead is not None:
+        ahead.cancel()
 _VMS_BY_HOST: dict[int, dict[str, tuple[Vm, ...]]] = {}  # the same, for FleetSnapshot.vms_on
 
 
