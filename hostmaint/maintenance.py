@@ -1779,9 +1779,15 @@ def stopped_outside(rt: Runtime, run: RunContext | None, off: Mapping[str, Mappi
     forgets the reason when the host reboots). Each is recorded once per run, with a warning: nobody
     else would learn that a tenant's VM is down."""
     earlier: dict[str, tuple[str, str]] = {}
+    moving: dict[str, str] = {}  # vm -> the source its migration found it stopped on, this run
     if run is not None and off:
-        earlier = {r.vm: (r.host or "", r.details.get("reason", "unknown")) for r in rt.audit.records(
-            run_id=run.run_id, steps=(Step.VM_STOPPED_OUTSIDE,)) if r.vm is not None}
+        for r in rt.audit.records(run_id=run.run_id, steps=(Step.VM_STOPPED_OUTSIDE, Step.MIGRATE)):
+            if r.vm is None:
+                continue
+            if r.step == Step.VM_STOPPED_OUTSIDE:
+                earlier[r.vm] = (r.host or "", r.details.get("reason", "unknown"))
+            elif r.details.get("stopped_outside") and r.details.get("source"):
+                moving[r.vm] = str(r.details["source"])
     found: dict[str, tuple[str, str]] = {}
     for vm, hosts in sorted(off.items()):
         if vm in earlier and earlier[vm][0] in hosts:
@@ -1790,6 +1796,10 @@ def stopped_outside(rt: Runtime, run: RunContext | None, off: Mapping[str, Mappi
         # one host where it stopped so; a definition elsewhere (shut off: migrated, unknown) is a stale
         # copy another tool left, which runs nowhere either
         stopped_here = [(h, reason) for h, reason in sorted(hosts.items()) if reason in STOPPED_OUTSIDE_REASONS]
+        if len(stopped_here) > 1 and moving.get(vm) in hosts:
+            # stopped while it moved: the migration found it stopped on its source; the target's copy that
+            # libvirt tore down may read "destroyed" too where the driver did not see it come in
+            stopped_here = [(h, reason) for h, reason in stopped_here if h == moving[vm]]
         if len(stopped_here) != 1 or _shut_down_by_us(rt, vm, stopped_here[0][0]):
             continue
         host, reason = found[vm] = stopped_here[0]
@@ -1799,7 +1809,8 @@ def stopped_outside(rt: Runtime, run: RunContext | None, off: Mapping[str, Mappi
             with audited(rt, run, Step.VM_STOPPED_OUTSIDE, host=host, vm=vm, inputs={"reason": reason}) as rec:
                 rec.details["reason"] = reason
                 rec.details["note"] = ("its guest shut down or someone destroyed it (libvirt's reason); not "
-                                       "stopped by hostmaint, not started again by it, left defined where it is")
+                                       "stopped by hostmaint, not started again by it, left as it is (defined "
+                                       "where it stopped; a transient guest leaves no definition)")
     return found
 
 

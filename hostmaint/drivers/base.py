@@ -121,7 +121,8 @@ class ShutOffReasons(Protocol):
     reason). A VM a tenant stops while its host is in maintenance is found by it, not taken for lost."""
 
     def shut_off_reasons(self, host: str) -> dict[str, str]:
-        """Persistent VMs defined on ``host`` and shut off -> the reason, one of :data:`SHUTOFF_REASONS`."""
+        """Persistent VMs defined on ``host`` and shut off -> the reason, one of :data:`SHUTOFF_REASONS`;
+        and, where the driver saw them stop, VMs that stopped there and left no definition (transient)."""
         ...
 
 

@@ -121,13 +121,29 @@ class FakeDomain:
     def shutdown(self) -> int:
         self.calls.append("shutdown")
         self.active = False
-        if not self.persistent and self.host is not None:
-            del self.host.domains[self._name]  # libvirt forgets a transient domain once it stops
+        if self.host is not None:
+            if not self.persistent:
+                del self.host.domains[self._name]  # libvirt forgets a transient domain once it stops
+            self.host.emit(self, libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN)
         return 0
 
     def create(self) -> int:
         self.calls.append("create")
         self.active = True
+        if self.host is not None:
+            self.host.emit(self, libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_BOOTED)
+        return 0
+
+    def destroy(self, detail: int = libvirt.VIR_DOMAIN_EVENT_STOPPED_DESTROYED) -> int:
+        """What a tenant's ``virsh destroy`` does (``detail``: or how else it stopped): libvirt tells every
+        connection registered for lifecycle events, and forgets a transient domain."""
+        self.calls.append("destroy")
+        self.active = False
+        self.paused_reason = None
+        if self.host is not None:
+            if not self.persistent:
+                self.host.domains.pop(self._name, None)
+            self.host.emit(self, libvirt.VIR_DOMAIN_EVENT_STOPPED, detail)
         return 0
 
     def abortJob(self) -> int:
@@ -158,10 +174,15 @@ class FakeDomain:
                 raise FakeError(*job.abort_error)
             raise FakeError(libvirt.VIR_ERR_OPERATION_ABORTED,
                             "operation aborted: migration out job: canceled by client")
-        del self.host.domains[self._name]
+        source = self.host
+        del source.domains[self._name]
         self.host = target
         target.domains[self._name] = self
         self.autostarts = False  # as libvirt's PERSIST_DEST defines it on the target: without the flag
+        # as libvirt tells it: the incoming copy started and resumed on the target, the source stopped
+        target.emit(self, libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED)
+        target.emit(self, libvirt.VIR_DOMAIN_EVENT_RESUMED, libvirt.VIR_DOMAIN_EVENT_RESUMED_MIGRATED)
+        source.emit(self, libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_MIGRATED)
         return 0
 
     def migrateStartPostCopy(self, flags: int) -> int:
@@ -191,6 +212,15 @@ class FakeHost:
         self.after: dict[str, Callable[[], None]] = {}  # runs after a method computed its answer
         self.calls: list[str] = []
         self.network: FakeNetwork | None = None
+        # lifecycle event registrations: id -> (connection, callback, opaque)
+        self.listeners: dict[int, tuple[FakeConn, Callable[..., object], object]] = {}
+
+    def emit(self, dom: FakeDomain, event: int, detail: int) -> None:
+        """A lifecycle event, to every open connection registered for them (as libvirt's event loop
+        would call them)."""
+        for conn, callback, opaque in list(self.listeners.values()):
+            if not conn.closed:
+                callback(conn, dom, event, detail, opaque)
 
     def add(self, name: str, xml: str | None = None, **kw: Any) -> FakeDomain:
         dom = FakeDomain(self, name, xml, **kw)
@@ -224,6 +254,21 @@ class FakeConn:
     def setKeepAlive(self, interval: int, count: int) -> int:
         return 0
 
+    def domainEventRegisterAny(self, dom: FakeDomain | None, event_id: int, callback: Callable[..., object],
+                               opaque: object) -> int:
+        self._enter("domainEventRegisterAny")
+        assert dom is None and event_id == libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE
+        key = max(self.host.listeners, default=0) + 1
+        self.host.listeners[key] = (self, callback, opaque)
+        return key
+
+    def domainEventDeregisterAny(self, callback_id: int) -> int:
+        self._enter("domainEventDeregisterAny")
+        if callback_id not in self.host.listeners:
+            raise FakeError(libvirt.VIR_ERR_INVALID_ARG, f"could not find event callback {callback_id} for deletion")
+        del self.host.listeners[callback_id]
+        return 0
+
     def getLibVersion(self) -> int:
         self._enter("getLibVersion")
         return 9000000
@@ -250,6 +295,8 @@ class FakeConn:
             doms = [d for d in doms if not d.active]
         if flags & libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT:
             doms = [d for d in doms if d.persistent]
+        if flags & libvirt.VIR_CONNECT_LIST_DOMAINS_RUNNING:
+            doms = [d for d in doms if d.active and d.paused_reason is None]
         return self._answer("listAllDomains", doms)
 
     def getCapabilities(self) -> str:

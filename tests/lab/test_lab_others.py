@@ -1,8 +1,9 @@
 """What others do to a host while hostmaint maintains it, on the real lab (root; CI runs it).
 
-A tenant's ``virsh destroy`` of a guest before its migration starts, and of the Linux guest while its
-migration runs (libvirt fails the migration): hostmaint did not stop them, must not call them lost,
-must not start them again, and goes on; libvirt's own reason for the shut-off domain is the evidence.
+A tenant's ``virsh destroy`` of a guest before its migration starts, and of the Linux guest (transient)
+while its migration runs (libvirt fails the migration): hostmaint did not stop them, must not call them
+lost, must not start them again, and goes on; libvirt's own reason for the shut-off domain is the
+evidence, and for the transient one, which leaves no domain behind, libvirt's lifecycle event.
 An operator cordoning a drain's target while its migrations wait: nothing more goes there. The host's
 own dnf-automatic holding the package manager's lock when the update comes: real dnf,
 waited for, or the step fails naming its holder with no package changed. One fresh lab for the
@@ -347,6 +348,14 @@ def test_guests_destroyed_before_and_during_their_migration_are_recorded_and_the
     linux = next(vm.name for vm in tenant_lab.vms if vm.linux)
     assert linux in on_hv01, on_hv01
     early = next(vm for vm in on_hv01 if vm != linux)
+    # the Linux guest transient (running, its definition removed): destroyed, libvirt keeps nothing of it,
+    # and only the driver's lifecycle events can say it was destroyed, not lost
+    conn = libvirt.open(tenant_lab.plain_uri("hv01"))
+    try:
+        conn.lookupByName(linux).undefine()
+    finally:
+        conn.close()
+    assert defined_on(tenant_lab, "hv01", linux) is False
     probe = steps.probe_dirty_rates
 
     def destroy_then_probe(*args: Any, **kwargs: Any) -> Any:  # the plan is recorded, nothing has moved
@@ -385,8 +394,9 @@ def test_guests_destroyed_before_and_during_their_migration_are_recorded_and_the
     after = all_vms(rt)
     assert set(after) == set(before) - {early, linux} and all(len(h) == 1 for h in after.values()), after
     assert not [vm for vm, hosts in after.items() if "hv01" in hosts]
-    for vm in (early, linux):  # still defined where they stopped, as libvirt says: destroyed
-        assert shut_off_reason(tenant_lab, "hv01", vm) == libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED
+    # the persistent one still defined where it stopped, as libvirt says: destroyed; the transient one gone
+    assert shut_off_reason(tenant_lab, "hv01", early) == libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED
+    assert [defined_on(tenant_lab, h.name, linux) for h in tenant_lab.hosts] == [None] * len(tenant_lab.hosts)
     migrations = {r.vm: r for r in rt.audit.records(steps=(Step.MIGRATE,))}
     assert migrations[early].outcome is StepOutcome.SKIPPED
     assert "before its migration" in migrations[early].details["error"]

@@ -19,6 +19,7 @@ import libvirt
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from hostmaint.drivers.domain_xml import HostCapabilities
+from hostmaint.drivers.libvirt.lifecycle import StopJournal
 from hostmaint.errors import DriverError, TransientDriverError
 
 T = TypeVar("T")
@@ -187,6 +188,9 @@ class Connections:
         self._retries = max(1, settings.retries)
         self._sleep = sleep
         self.capabilities = CapabilitiesCache(settings.capabilities_ttl_s, clock)
+        # where each domain last stopped, as every connection's lifecycle events tell it (a transient
+        # guest a tenant destroys leaves no other trace)
+        self.stops = StopJournal()
         self._local = threading.local()
         self._lock = threading.Lock()
         self._opened: list[libvirt.virConnect] = []
@@ -222,6 +226,7 @@ class Connections:
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() not in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_OPERATION_UNSUPPORTED):
                     raise TransientDriverError(f"keepalive on {uri}: {message(exc)}", host) from exc
+            self.stops.listen(conn, host)
             with self._lock:
                 self._opened.append(conn)
             self.capabilities.forget(host)  # the host may have rebooted since they were read
@@ -323,6 +328,7 @@ class Connections:
         """
         def close_all() -> None:
             for conn in conns:
+                self.stops.unlisten(conn)
                 try:
                     conn.close()
                 except libvirt.libvirtError:

@@ -157,8 +157,18 @@ class Discovery:
 
     def running_vms(self, host: str) -> tuple[str, ...]:
         """Names of the VMs running on ``host``."""
-        return self._connections.call(host, "listing running VMs", lambda c: tuple(sorted(
-            d.name() for d in c.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE))))
+        stops = self._connections.stops
+
+        def names(conn: libvirt.virConnect) -> tuple[str, ...]:
+            listed_at = stops.now()
+            active = tuple(sorted(d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)))
+            if stops.has_stops() and set(active) & stops.names():
+                # running again (not a migration's paused copy): a stop seen before is past
+                stops.running([d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_RUNNING)],
+                              listed_at)
+            return active
+
+        return self._connections.call(host, "listing running VMs", names)
 
     def shut_off_vms(self, host: str) -> tuple[str, ...]:
         """Names of the persistent VMs defined on ``host`` that are not running."""
@@ -169,7 +179,12 @@ class Discovery:
     def shut_off_reasons(self, host: str) -> dict[str, str]:
         """Persistent VMs defined on ``host`` and shut off -> why (libvirt's state reason, as a word of
         ``SHUTOFF_REASONS``). libvirtd keeps a reason only while it runs: after its restart (a host's
-        reboot) an inactive domain's reason reads "unknown"."""
+        reboot) an inactive domain's reason reads "unknown".
+
+        And domains that stopped there and left no definition (a transient guest destroyed or shut
+        down), as this driver's connections saw them stop (:class:`StopJournal`): libvirt itself keeps
+        nothing of them."""
+        stops = self._connections.stops
         flags = libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE | libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT
 
         def reasons(conn: libvirt.virConnect) -> dict[str, str]:
@@ -184,6 +199,10 @@ class Discovery:
                 if state != libvirt.VIR_DOMAIN_SHUTOFF:
                     continue  # started between listing and asking
                 out[dom.name()] = SHUTOFF_REASONS[reason] if 0 <= reason < len(SHUTOFF_REASONS) else "unknown"
+            seen = {name: reason for name, reason in stops.stopped_on(host).items() if name not in out}
+            if seen:  # gone from the host, if it is not running there again
+                active = {d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+                out.update((name, reason) for name, reason in seen.items() if name not in active)
             return dict(sorted(out.items()))
 
         return self._connections.call(host, "reading why VMs are shut off", reasons)
