@@ -48,6 +48,17 @@ def test_an_unreachable_host_is_transient_and_names_host_and_uri() -> None:
     assert connector.uris == [URI] * 3 and len(waits) == 2  # retried with back-off, through the injected sleep
 
 
+def test_a_connection_lost_on_every_try_says_what_was_asked_and_names_its_host_once() -> None:
+    host = FakeHost()
+    connector = FakeConnector(host, on_open=lambda conn, n: conn.reset())  # every connection breaks
+    hv = driver(connector, connection=ConnectionSettings(retries=2))
+    with pytest.raises(TransientDriverError) as caught:
+        hv.running_vms("hv01")
+    text = str(caught.value)
+    assert text.startswith("hv01: listing running VMs: connection to ") and URI in text, text
+    assert text.count("hv01") == 1 and caught.value.host == "hv01"
+
+
 def test_other_libvirt_errors_are_driver_errors_not_retried() -> None:
     host = FakeHost()
     host.failures["listAllDomains"] = FakeError(libvirt.VIR_ERR_OPERATION_DENIED, "operation forbidden")

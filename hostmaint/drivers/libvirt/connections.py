@@ -20,7 +20,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from hostmaint.drivers.domain_xml import HostCapabilities
 from hostmaint.drivers.libvirt.lifecycle import StopJournal
-from hostmaint.errors import DriverError, TransientDriverError
+from hostmaint.errors import DriverError, TransientDriverError, without_host
 
 T = TypeVar("T")
 
@@ -369,4 +369,6 @@ class Connections:
         try:
             return retrying(once)
         except _ConnectionLost as exc:
-            raise TransientDriverError(str(exc).split(": ", 1)[-1], host) from exc.__cause__
+            # its words without the host it names (the new error names it once): not cut at the first
+            # colon, which loses the message's start when it names the host another way ("host hv01 ...")
+            raise TransientDriverError(without_host(exc, host), host) from exc.__cause__
