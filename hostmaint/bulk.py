@@ -6,8 +6,10 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import select
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -92,19 +94,27 @@ class Forked:
         os.close(write)
         return cls(pid, read)
 
-    def result(self) -> bytes | None:
-        """What the child wrote, once it exited cleanly; None if it failed or was cancelled (then the
-        caller computes it itself). Waits for the child."""
+    def result(self, timeout_s: float = 120.0) -> bytes | None:
+        """What the child wrote, once it exited cleanly; None if it failed, was cancelled or gave no
+        answer within ``timeout_s`` (it is then stopped): the caller computes it itself."""
         if self._done:
             return None
-        self._done = True
         parts = []
-        try:
-            while chunk := os.read(self._fd, 1 << 16):
-                parts.append(chunk)
-        finally:
-            os.close(self._fd)
-            _, status = os.waitpid(self._pid, 0)
+        deadline = time.monotonic() + timeout_s
+        waiting = select.poll()  # not select(): it refuses descriptors past 1,024
+        waiting.register(self._fd, select.POLLIN)
+        while True:
+            if not waiting.poll(max(0, int((deadline - time.monotonic()) * 1000))):
+                # stuck (stopped, starved): not worth waiting longer than computing it here
+                self.cancel()
+                return None
+            chunk = os.read(self._fd, 1 << 16)
+            if not chunk:
+                break
+            parts.append(chunk)
+        self._done = True
+        os.close(self._fd)
+        _, status = os.waitpid(self._pid, 0)
         return b"".join(parts) if os.waitstatus_to_exitcode(status) == 0 else None
 
     def cancel(self) -> None:

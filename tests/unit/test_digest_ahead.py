@@ -151,3 +151,15 @@ def test_the_cli_names_a_large_snapshots_digest_as_the_library_computes_it(tmp_p
     plan = json.loads(done.stdout)
     assert plan["snapshot_digest"] == load_snapshot(path).digest() == snap.digest()
     assert plan["hosts"] == [drained]
+
+
+def test_a_child_that_gives_no_answer_in_time_is_stopped_and_reaped() -> None:
+    out = _run("""
+        stuck = Forked.start(lambda: time.sleep(60) or b"late")
+        pid = stuck._pid
+        started = time.monotonic()
+        out["answer"] = stuck.result(timeout_s=0.5)
+        out["quick"] = time.monotonic() - started < 10
+        out["reaped"] = reaped(pid)
+    """)
+    assert out == {"answer": None, "quick": True, "reaped": True}
