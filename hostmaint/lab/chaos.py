@@ -878,7 +878,7 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
     with c.watcher.lock:
         moved_by_first = bool(c.watcher.moves)
     result.violations += check_states(c, scenario, newest, "after the faulted run", states_after_first,
-                                      states_at_start, placed)
+                                      states_at_start, placed, c.audit(started))
     facts = Facts(injected=[fr.spec for fr in injector.runs if fr.injected], reboots_before=reboots_before,
                   packages_before=packages_before, added=list(injector.added_guests), at_start=states_at_start)
     result.violations += check_reasons(c, facts, "after the faulted run", states_after_first)
@@ -951,7 +951,7 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
             result.notes.append(f"re-run with the target still full: rc {result.rerun_rc}")
             full = c.states()
             result.violations += check_states(c, scenario, newest, "after a re-run with the target still full",
-                                              full, states_at_start, placed)
+                                              full, states_at_start, placed, c.audit(started))
             for name in fillers:
                 remove_guest(c.info, name)
                 injector.added_guests.remove(name)
@@ -981,12 +981,13 @@ def run_round(campaign: Campaign, scenario: Scenario) -> RoundResult:
             if entry.get("guests_killed"):
                 result.violations.append(f"reboot: {host} rebooted with {entry['guests_killed']} running on it")
     states_final = c.states()
-    result.violations += check_states(c, scenario, newest, "after the re-run", states_final, states_at_start, placed)
+    records = c.audit(started)
+    result.violations += check_states(c, scenario, newest, "after the re-run", states_final, states_at_start, placed,
+                                      records)
     result.violations += check_reasons(c, facts, "after the re-run", states_final)
     rc, _, stderr = c.cli("audit", "verify", log_to=log)
     if rc != 0:
         result.violations.append(f"audit: verify failed: {stderr.strip()[:300]}")
-    records = c.audit(started)
     unrecorded, contradicted = check_moves_recorded(moves, records)
     result.violations += unrecorded
     result.findings += contradicted
@@ -1051,10 +1052,25 @@ def last_error(output: str) -> str:
     return errors[-1][:300] if errors else "(no exception line)"
 
 
+def moved_off_by_others(records: Iterable[dict[str, Any]]) -> dict[str, set[str]]:
+    """host -> VMs a successful migration moved off it in a run that never cordoned it: another host's
+    maintenance bringing its VMs home, or a rebalance. Such a move is no sign the host left service."""
+    cordoned = {(r.get("run_id"), r.get("host")) for r in records if r.get("step") == "cordon"}
+    out: dict[str, set[str]] = {}
+    for r in records:
+        host, vm = r.get("host"), r.get("vm")
+        if r.get("step") == "migrate" and r.get("outcome") == "ok" and host and vm \
+                and (r.get("run_id"), host) not in cordoned:
+            out.setdefault(host, set()).add(vm)
+    return out
+
+
 def check_states(c: Campaign, scenario: Scenario, newest: str | None, when: str, states: dict[str, dict[str, Any]],
-                 at_start: dict[str, dict[str, Any]], placed: dict[str, list[str]]) -> list[str]:
+                 at_start: dict[str, dict[str, Any]], placed: dict[str, list[str]],
+                 records: Iterable[dict[str, Any]] = ()) -> list[str]:
     """Each host's state and reason (``states``, from hostmaint host status) against what libvirt and
-    the host show. ``at_start``: the states when the round began; ``placed``: where each VM ran then."""
+    the host show. ``at_start``: the states when the round began; ``placed``: where each VM ran then;
+    ``records``: the round's audit records (which run moved a VM off a host)."""
     problems = []
     running = c.watcher.running()
     on_host: dict[str, list[str]] = {h: [] for h in HOSTS}
@@ -1062,8 +1078,11 @@ def check_states(c: Campaign, scenario: Scenario, newest: str | None, when: str,
         for h in hosts:
             on_host[h].append(vm)
     # a host whose state changed this round and whose VMs of the round's start run elsewhere now left
-    # service in this round (a run that was refused before anything moved did not)
-    left = {h: {vm for vm, where in placed.items() if where == [h] and running.get(vm, [h]) != [h]}
+    # service in this round (a run that was refused before anything moved did not; nor did a host whose
+    # guest another host's run took home: seen, patch-pair round 721510573)
+    others = moved_off_by_others(records)
+    left = {h: {vm for vm, where in placed.items()
+                if where == [h] and running.get(vm, [h]) != [h] and vm not in others.get(h, set())}
             for h in HOSTS if (states[h]["state"], states[h]["reason"])
             != (at_start[h]["state"], at_start[h]["reason"])}
     for host in HOSTS:

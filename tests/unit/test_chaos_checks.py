@@ -224,3 +224,26 @@ def test_a_copy_appearing_on_a_host_after_the_operator_cordoned_it_is_a_violatio
     assert chaos.check_nothing_placed_on_cordoned(cordoned, appeared, ["cxv001"]) == []
     [problem] = chaos.check_nothing_placed_on_cordoned(cordoned, [*appeared, (130.0, "vm03", "hv03")], ["cxv001"])
     assert problem == "placement: vm03 appeared on hv03 30.0 s after the operator cordoned it"
+
+
+def test_a_host_whose_guest_another_hosts_run_took_home_did_not_leave_service(
+        lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen (patch-pair round 721510573): hv02's patch brought vm05 home from hv03; hv03's own patch was
+    refused by N+1 before anything moved and it stayed active. The move off hv03 was hv02's run's."""
+    scenario = chaos.Scenario(round_seed=1, op="patch-pair", hosts=("hv02", "hv03"), faults=())
+    placed = {"vm01": ["hv01"], "vm02": ["hv02"], "vm05": ["hv03"]}
+    lab.running_vms = {"vm01": ["hv01"], "vm02": ["hv02"], "vm05": ["hv02"]}  # vm05 went home to hv02
+    now = states(hv03=("active", "maintenance not started, nothing moved: N+1 refused"))
+    before = states()
+    monkeypatch.setattr(chaos.faults, "running_kernel", lambda _w, _h: "6.1.0-1.lab.x86_64")  # not patched
+    records = [{"run_id": "r2", "step": "cordon", "host": "hv02", "vm": None, "outcome": "ok"},
+               {"run_id": "r2", "step": "migrate", "host": "hv03", "vm": "vm05", "outcome": "ok"},
+               {"run_id": "r3", "step": "cordon", "host": "hv03", "vm": None, "outcome": "ok"}]
+    check = chaos.check_states
+    assert check(Campaign(lab), scenario, "6.1.0-2.lab.x86_64", "now", now, before, placed,  # type: ignore[arg-type]
+                 records) == []
+    # the same move made by hv03's own run (it cordoned hv03): hv03 left service and was never verified
+    own = [{**r, "run_id": "r3"} if r["step"] == "migrate" else r for r in records]
+    [problem] = check(Campaign(lab), scenario, "6.1.0-2.lab.x86_64", "now", now, before, placed,  # type: ignore[arg-type]
+                      own)
+    assert "hv03 is active" in problem and "left service (['vm05'] moved off)" in problem
