@@ -850,6 +850,7 @@ class _HostFacts:
 # id of a live FleetSnapshot -> its digest; an entry goes when its snapshot does (weakref.finalize),
 # so an id reused by a later object never finds a stale digest. A copy (model_copy) is a new object.
 _DIGESTS: dict[int, str] = {}
+_VMS_BY_HOST: dict[int, dict[str, tuple[Vm, ...]]] = {}  # the same, for FleetSnapshot.vms_on
 # id of a live FleetSnapshot -> its digest being computed by a child (start_digest); taken by digest(),
 # or the child stopped and reaped when the snapshot goes first
 _DIGESTS_AHEAD: dict[int, Forked] = {}
@@ -860,7 +861,6 @@ def _cancel_ahead(key: int) -> None:
     ahead = _DIGESTS_AHEAD.pop(key, None)
     if ahead is not None:
         ahead.cancel()
-_VMS_BY_HOST: dict[int, dict[str, tuple[Vm, ...]]] = {}  # the same, for FleetSnapshot.vms_on
 
 
 def _check_vm_on_host(index: int, vm: Vm, host: Host, facts: _HostFacts | None = None) -> None:

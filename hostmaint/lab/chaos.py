@@ -1052,7 +1052,7 @@ def last_error(output: str) -> str:
     return errors[-1][:300] if errors else "(no exception line)"
 
 
-def moved_off_by_others(records: Iterable[dict[str, Any]]) -> dict[str, set[str]]:
+def moved_off_by_others(records: Sequence[dict[str, Any]]) -> dict[str, set[str]]:
     """host -> VMs a successful migration moved off it in a run that never cordoned it: another host's
     maintenance bringing its VMs home, or a rebalance. Such a move is no sign the host left service."""
     cordoned = {(r.get("run_id"), r.get("host")) for r in records if r.get("step") == "cordon"}
@@ -1067,7 +1067,7 @@ def moved_off_by_others(records: Iterable[dict[str, Any]]) -> dict[str, set[str]
 
 def check_states(c: Campaign, scenario: Scenario, newest: str | None, when: str, states: dict[str, dict[str, Any]],
                  at_start: dict[str, dict[str, Any]], placed: dict[str, list[str]],
-                 records: Iterable[dict[str, Any]] = ()) -> list[str]:
+                 records: Sequence[dict[str, Any]]) -> list[str]:
     """Each host's state and reason (``states``, from hostmaint host status) against what libvirt and
     the host show. ``at_start``: the states when the round began; ``placed``: where each VM ran then;
     ``records``: the round's audit records (which run moved a VM off a host)."""

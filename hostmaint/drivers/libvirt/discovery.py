@@ -162,7 +162,7 @@ class Discovery:
         def names(conn: libvirt.virConnect) -> tuple[str, ...]:
             listed_at = stops.now()
             active = tuple(sorted(d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)))
-            if stops.has_stops() and set(active) & stops.names():
+            if stops.names().intersection(active):
                 # running again (not a migration's paused copy): a stop seen before is past
                 stops.running([d.name() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_RUNNING)],
                               listed_at)

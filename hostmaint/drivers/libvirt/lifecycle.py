@@ -125,11 +125,7 @@ class StopJournal:
         with self._lock:
             return {name: hosts[host][0] for name, hosts in self._stops.items() if host in hosts}
 
-    def has_stops(self) -> bool:
-        """Whether any stop is kept (listings skip :meth:`running`'s call when none is)."""
-        return bool(self._stops)
-
     def names(self) -> set[str]:
-        """The names with a stop kept."""
+        """The names with a stop kept (a listing asks :meth:`running` only about those)."""
         with self._lock:
             return set(self._stops)
