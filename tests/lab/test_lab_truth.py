@@ -158,10 +158,24 @@ def _killed_mid_migration(truth_lab: LabInfo, tmp_path: Path, hv: Any, watch: tu
         proc.wait()
     assert killed_with, "no migration was seen in flight before the run ended"
     deadline = time.monotonic() + 120
-    while any(hv.in_migration(h) for h in ("hv01", "hv02", "hv03")):
+    while any(hv.in_migration(h) for h in HOSTS) or _on_two_hosts(hv):
         assert time.monotonic() < deadline, "migrations still in flight after 120 s"
         time.sleep(0.5)
     return killed_with
+
+
+HOSTS = ("hv01", "hv02", "hv03")
+
+
+def _on_two_hosts(hv: Any) -> list[str]:
+    """VMs active on more than one host: a migration's source between the target's take-over and its
+    own removal (confirm phase). Its job reads as ended there, so ``in_migration`` no longer names it;
+    seen once under the full suite's load, where the confirm took longer than one look."""
+    seen: dict[str, int] = {}
+    for h in HOSTS:
+        for vm in hv.running_vms(h):
+            seen[vm] = seen.get(vm, 0) + 1
+    return sorted(vm for vm, n in seen.items() if n > 1)
 
 
 def test_migrations_that_finish_after_their_run_was_killed_are_found_by_the_next_run(
@@ -272,7 +286,8 @@ def test_moves_a_killed_rebalance_left_unrecorded_are_found_by_the_next_rebalanc
     found = [r for r in rt.audit.records() if r.step == "migration-found"  # type: ignore[attr-defined]
              and r.inputs.get("started_by_run") == started.run_id]
     assert sorted(r.vm or "" for r in found) == landed, found
-    assert all([r.inputs["target"]] == after_kill[r.vm] and [r.host] == before[r.vm] for r in found if r.vm)
+    assert all([r.inputs["target"]] == after_kill[r.vm] and [r.host] == before[r.vm] for r in found if r.vm), \
+        [(r.vm, r.host, r.inputs["target"], before.get(r.vm or ""), after_kill.get(r.vm or "")) for r in found]
     after = all_vms(rt)
     assert set(after) == set(before) and all(len(h) == 1 for h in after.values()), after
     assert rt.audit.verify().ok  # type: ignore[attr-defined]
