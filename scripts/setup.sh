@@ -20,6 +20,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/python -m pip install -q -e '.[dev,ui,postgres]'
     touch "$stamp"
 fi
+# Our own modules' bytecode, as a non-editable pip install writes it: a shell that sets
+# PYTHONDONTWRITEBYTECODE (this machine's does) otherwise compiles every module again on each
+# `hostmaint` command (~40 ms of `plan drain`'s start). Up-to-date files are skipped.
+.venv/bin/python -m compileall -q hostmaint flows tasks >/dev/null
 
 # The UI test's browser comes after the venv: its installer uses the venv's pip (a clean clone has none before).
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null \
