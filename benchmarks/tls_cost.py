@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                            monitor=MonitorSettings(poll_interval_s=0.2))
     try:
         for i in (1, 2):
-            add_guest(info, f"lnx{i:02d}", "hv01", memory_mib=256, linux=True, dirty_mib=32)
+            add_guest(info, f"lnx{i:02d}", "hv01", memory_mib=256, linux=True, dirty_mib=32, dirty_mib_s=0)
         memory = {v.name: v.memory_mib for v in info.vms} | {"lnx01": 256, "lnx02": 256}
         guests = sorted(vm for vm in hv.running_vms("hv01"))
         deadline = time.monotonic() + 240
