@@ -44,7 +44,7 @@ from hostmaint.errors import InputError
 from hostmaint.maintenance import RunContext, stand_down, stand_down_moves
 from hostmaint.models import Trigger
 from tasks import cancellation
-from tasks.common import RuntimeRef
+from tasks.common import RuntimeRef, root_run_id
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ def _run_stopping_safely(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: 
     run_id = str(runtime.flow_run.id or "")
     if not run_id:
         return fn(*args, **kwargs)
-    root = str(runtime.flow_run.root_flow_run_id or "")
+    root = root_run_id() or ""
     also = (root,) if root and root != run_id else ()
     # a window's whole run is graceful: SIGTERM stops it starting hosts and tells every host's
     # subflow (threads get no signal), which stand themselves down, instead of interrupting it

@@ -21,7 +21,7 @@ from prefect.states import Cancelled
 from flows.common import HostOutcome, publish_report
 from hostmaint.display import visible
 from hostmaint.models import EvacuationPlan
-from tasks.common import RuntimeRef
+from tasks.common import RuntimeRef, root_run_id
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,7 @@ def _slug(name: str) -> str:
 
 def _root_run() -> UUID | None:
     """The run at the top of this one's tree, when this run is a subflow of it."""
-    run_id, root = runtime.flow_run.id, runtime.flow_run.root_flow_run_id
+    run_id, root = runtime.flow_run.id, root_run_id()
     return UUID(str(root)) if root and str(root) != str(run_id) else None
 
 

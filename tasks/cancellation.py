@@ -17,17 +17,21 @@ learns it (no process of its own gets a signal). Steps check it between them
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from hostmaint.cancel import Cancellation
 from hostmaint.models import Step
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
 
 log = logging.getLogger(__name__)
 
@@ -74,27 +78,59 @@ def who(message: str | None) -> str:
     return FROM_PREFECT
 
 
-def run_state(run_id: str) -> tuple[str | None, str | None]:
-    """(state type, message) of flow run ``run_id`` as the server has it."""
+class HeldClient:
+    """One Prefect client for a thread that asks the server again and again (a run's cancellation
+    watch, every :data:`POLL_S`). A client made per ask builds its own HTTP client and TLS context:
+    in the flow tests that was a tenth of the runs' CPU. Made on the first ask; ``drop`` closes it
+    (after a failure the next ask makes a new one)."""
+
+    def __init__(self) -> None:
+        self._client: SyncPrefectClient | None = None
+
+    def get(self) -> SyncPrefectClient:
+        """The held client, made and opened on first use."""
+        if self._client is None:
+            from prefect.client.orchestration import get_client
+
+            client = get_client(sync_client=True)
+            client.__enter__()
+            self._client = client
+        return self._client
+
+    def drop(self) -> None:
+        """Close the held client, if any."""
+        client, self._client = self._client, None
+        if client is not None:
+            with contextlib.suppress(Exception):  # closing a broken connection: nothing to save
+                client.__exit__(None, None, None)
+
+
+def _asking(held: HeldClient | None) -> contextlib.AbstractContextManager[SyncPrefectClient]:
+    if held is not None:
+        return contextlib.nullcontext(held.get())
     from prefect.client.orchestration import get_client
 
-    with get_client(sync_client=True) as client:
+    return get_client(sync_client=True)
+
+
+def run_state(run_id: str, held: HeldClient | None = None) -> tuple[str | None, str | None]:
+    """(state type, message) of flow run ``run_id`` as the server has it (asked with ``held``'s client,
+    else with one made for this ask)."""
+    with _asking(held) as client:
         state = client.read_flow_run(UUID(run_id)).state
     return (state.type.value if state else None, state.message if state else None)
 
 
-def cancelled_on_server(run_id: str) -> str | None:
+def cancelled_on_server(run_id: str, held: HeldClient | None = None) -> str | None:
     """Who cancelled ``run_id`` if the server says it is cancelling or cancelled, else None."""
-    kind, _ = run_state(run_id)
-    return who_cancelled(run_id) if kind in ("CANCELLING", "CANCELLED") else None
+    kind, _ = run_state(run_id, held)
+    return who_cancelled(run_id, held) if kind in ("CANCELLING", "CANCELLED") else None
 
 
-def who_cancelled(run_id: str) -> str:
+def who_cancelled(run_id: str, held: HeldClient | None = None) -> str:
     """Who asked to cancel ``run_id``, from its state history: Prefect's runner and engine write their
     own Cancelling states after the one that asked, so the latest state's message is not it."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
+    with _asking(held) as client:
         states = client.read_flow_run_states(UUID(run_id))
     named = [who(s.message) for s in states if s.type.value in ("CANCELLING", "CANCELLED")]
     return next((n for n in named if n != FROM_PREFECT), FROM_PREFECT)
@@ -132,16 +168,21 @@ def watching(run_id: str, also: tuple[str, ...] = ()) -> Iterator[Cancellation]:
     done = threading.Event()
 
     def poll() -> None:
-        while not done.wait(POLL_S) and not cancel.is_set():
-            for rid in (run_id, *also):
-                try:
-                    by = cancelled_on_server(rid)
-                except Exception as exc:  # noqa: BLE001 - a server that does not answer is asked again
-                    log.debug("cannot read the state of run %s: %s", rid, exc)
-                    continue
-                if by is not None:
-                    cancel.cancel(by)
-                    break
+        held = HeldClient()
+        try:
+            while not done.wait(POLL_S) and not cancel.is_set():
+                for rid in (run_id, *also):
+                    try:
+                        by = cancelled_on_server(rid, held)
+                    except Exception as exc:  # noqa: BLE001 - a server that does not answer is asked again
+                        log.debug("cannot read the state of run %s: %s", rid, exc)
+                        held.drop()
+                        continue
+                    if by is not None:
+                        cancel.cancel(by)
+                        break
+        finally:
+            held.drop()
 
     watcher = threading.Thread(target=poll, name=f"cancel-watch-{run_id[:8]}", daemon=True)
     watcher.start()

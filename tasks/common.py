@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -159,13 +160,30 @@ def drain_logger(total: int = 0) -> Callable[[DrainEvent], None]:
     return log
 
 
+def root_run_id() -> str | None:
+    """The id of the flow run at the top of this one's tree (this run's own when it is no subflow), or
+    None outside a flow run. Asked of the server once per run: Prefect's ``root_flow_run_id`` reads the
+    parent's task run and flow run, each with a client made for it, on every ask."""
+    from prefect import runtime
+
+    run_id = runtime.flow_run.id
+    return _root_of(str(run_id)) if run_id else None
+
+
+@functools.lru_cache(maxsize=1024)  # a run's place in its tree never changes; a worker runs many
+def _root_of(run_id: str) -> str:
+    from prefect import runtime
+
+    return str(runtime.flow_run.root_flow_run_id or run_id)
+
+
 def _root_progress(description: str) -> UUID | None:
     """A progress artifact on the run at the top of this one's tree, when the drain runs in a subflow:
     the UI sends whoever submitted a form (or opened a runbook) to that run, not to the subflow."""
     from prefect import runtime
     from prefect.artifacts import ProgressArtifact
 
-    root, here = runtime.flow_run.root_flow_run_id, runtime.flow_run.id
+    root, here = root_run_id(), runtime.flow_run.id
     if not root or str(root) == str(here):
         return None
     created = ProgressArtifact(progress=0.0, description=description, flow_run_id=UUID(str(root))).create()

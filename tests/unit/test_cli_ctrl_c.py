@@ -32,7 +32,7 @@ class OldInterrupt(Exception):
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    monkeypatch.setattr(cancellation, "cancelled_on_server", lambda run_id: None)  # no Prefect server here
+    monkeypatch.setattr(cancellation, "cancelled_on_server", lambda run_id, held=None: None)  # no Prefect server here
 
     def interrupted(signum: int, frame: object) -> None:
         raise OldInterrupt
