@@ -159,7 +159,9 @@ def _killed_mid_migration(truth_lab: LabInfo, tmp_path: Path, hv: Any, watch: tu
     assert killed_with, "no migration was seen in flight before the run ended"
     deadline = time.monotonic() + 120
     while any(hv.in_migration(h) for h in HOSTS) or _on_two_hosts(hv):
-        assert time.monotonic() < deadline, "migrations still in flight after 120 s"
+        assert time.monotonic() < deadline, (
+            f"after 120 s: in migration {[vm for h in HOSTS for vm in hv.in_migration(h)]}, "
+            f"active on two hosts {_on_two_hosts(hv)}")
         time.sleep(0.5)
     return killed_with
 
