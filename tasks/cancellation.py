@@ -81,7 +81,7 @@ def who(message: str | None) -> str:
 class HeldClient:
     """One Prefect client for a thread that asks the server again and again (a run's cancellation
     watch, every :data:`POLL_S`). A client made per ask builds its own HTTP client and TLS context:
-    in the flow tests that was a tenth of the runs' CPU. Made on the first ask; ``drop`` closes it
+    in the flow tests, a tenth of the test process's samples. Made on the first ask; ``drop`` closes it
     (after a failure the next ask makes a new one)."""
 
     def __init__(self) -> None:

@@ -54,7 +54,7 @@ LINUX_MIB = 256
 LINUX_DIRTY_MIB = 128
 # The Linux guests' pace. Rewriting as fast as its TCG vCPU goes, one took 41-85 % of a core for 9-58
 # MiB/s; paced at 48, 17-33 % for 19-67 (QEMU's readings beside a busy lab: benchmarks/lab_guest_pace.py,
-# RESULTS.md "The lab's Linux guest, paced"): the suite's lab half took a core from the rest for little.
+# RESULTS.md "Where nobody had looked, part six"): the suite's lab half took a core from the rest for little.
 # Still above every cap a test gives a migration that must not converge (1-16 MiB/s); 0: the unpaced loop.
 LINUX_DIRTY_MIB_S = 48
 
