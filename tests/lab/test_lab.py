@@ -17,6 +17,7 @@ import pytest
 
 from hostmaint.drivers.base import DirtyRateProbe, Hypervisor
 from hostmaint.drivers.libvirt import ConnectionSettings, LibvirtHypervisor, MonitorSettings
+from hostmaint.drivers.libvirt.connections import open_libvirt
 from hostmaint.drivers.ssh import SshShell
 from hostmaint.errors import DriverError, MigrationError, TransientDriverError
 from hostmaint.inventory import load_inventory
@@ -236,7 +237,18 @@ def test_a_source_libvirtd_killed_at_the_switch_over_leaves_the_vm_running_once(
     from hostmaint.runtime import open_runtime
 
     add_guest(lab, "swk01", "hv01", memory_mib=256, linux=True, dirty_mib_s=4)
-    conn = libvirt.open(lab.plain_uri("hv01"))
+    # the kill rides libvirt's own event for the pause: the pause lasts from QEMU's stop to the source's
+    # confirm, tens of milliseconds on a loaded machine, and a 5 ms poll of dom.state() missed all of it once
+    conn = open_libvirt(lab.plain_uri("hv01"))
+    paused = threading.Event()
+
+    def on_lifecycle(_conn: object, dom: libvirt.virDomain, event: int, detail: int, _opaque: object) -> None:
+        if (dom.name() == "swk01" and event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED
+                and detail == libvirt.VIR_DOMAIN_EVENT_SUSPENDED_MIGRATED and not paused.is_set()):
+            kill_libvirtd("hv01", WORKDIR)  # here, on the event thread: no hand-over to wait for
+            paused.set()
+
+    registration = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, on_lifecycle, None)
     try:
         console = lab.workdir / "guests" / "swk01.console"
         deadline = time.monotonic() + 180
@@ -247,21 +259,16 @@ def test_a_source_libvirtd_killed_at_the_switch_over_leaves_the_vm_running_once(
 
         def migrate() -> None:
             try:
-                hv.migrate("swk01", "hv01", "hv02", MigrationOptions(bandwidth_mib_s=16))
+                # a 2 s downtime limit: QEMU switches over with up to 32 MiB left to send, so the pause
+                # is long enough to land in rather than a few milliseconds
+                hv.migrate("swk01", "hv01", "hv02", MigrationOptions(bandwidth_mib_s=16, downtime_limit_ms=2000))
             except DriverError as exc:  # the source's libvirtd is gone: the driver cannot say how it ended
                 failed.append(exc)
 
         mover = threading.Thread(target=migrate)
         mover.start()
-        dom = conn.lookupByName("swk01")
-        killed = False
-        while mover.is_alive() and not killed:
-            state, reason = dom.state()
-            if state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_MIGRATION:
-                kill_libvirtd("hv01", WORKDIR)
-                killed = True
-            time.sleep(0.005)
-        mover.join(120)
+        mover.join(180)
+        killed = paused.is_set()
         assert killed, "the migration never paused the guest for its switch-over"
         assert failed, "the migration reported success with its source's libvirtd killed"
         time.sleep(5)  # QEMU and the target carry on without it
@@ -297,6 +304,10 @@ def test_a_source_libvirtd_killed_at_the_switch_over_leaves_the_vm_running_once(
         state, _ = libvirt.open(lab.plain_uri(runs_on)).lookupByName("swk01").state()
         assert state == libvirt.VIR_DOMAIN_RUNNING
     finally:
+        try:
+            conn.domainEventDeregisterAny(registration)
+        except libvirt.libvirtError:
+            pass  # its libvirtd was killed: the registration went with the connection
         conn.close()
         remove_guest(lab, "swk01")
 
