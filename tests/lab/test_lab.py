@@ -268,6 +268,7 @@ def test_a_source_libvirtd_killed_at_the_switch_over_leaves_the_vm_running_once(
         mover = threading.Thread(target=migrate)
         mover.start()
         mover.join(180)
+        assert not mover.is_alive(), "the migration call did not return within 180 s of its source's libvirtd dying"
         killed = paused.is_set()
         assert killed, "the migration never paused the guest for its switch-over"
         assert failed, "the migration reported success with its source's libvirtd killed"
