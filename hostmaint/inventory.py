@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hostmaint.config_file import load_yaml
 from hostmaint.errors import FileFormatError, InventoryError
 from hostmaint.hooks import HookPlace
-from hostmaint.models import QEMU_DOWNTIME_LIMIT_MS, Limits, PackageManager, RebootPolicy, UnmigratableAction
+from hostmaint.models import MIB_BOUND, QEMU_DOWNTIME_LIMIT_MS, Limits, PackageManager, RebootPolicy, UnmigratableAction
 from hostmaint.monitoring import GatePoint, OnHold, WorkKind, check_query, check_template
 from hostmaint.redaction import holds_private_key, is_secret_name, redact_text
 
@@ -80,8 +80,14 @@ def _check_package_globs(names: list[str]) -> list[str]:
     return names
 
 
+# a migration's bandwidth cap and a link's speed in MiB/s: 1 TiB/s is past any link, and libvirt refuses
+# a cap whose bytes per second leave 64 bits
+BANDWIDTH_MIB_S_BOUND = 2**20
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # no inf or nan in any number: a stall_seconds of .inf would never escalate a stalled migration
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class SshKey(Strict):
@@ -157,7 +163,7 @@ class HostPolicy(Strict):
     # how long to wait for another dnf/yum run (dnf-automatic, an operator's) holding the package
     # manager's lock before the update gives up, naming it (0: not at all)
     package_lock_wait_s: Annotated[float, Field(ge=0, le=14400)] = 900.0
-    min_free_mib: Annotated[int, Field(ge=0)] = 512
+    min_free_mib: Annotated[int, Field(ge=0, le=MIB_BOUND)] = 512
     verify: list[VerifyCheck] = Field(default_factory=list)
 
     @field_validator("excludes")
@@ -176,7 +182,7 @@ class PolicyOverride(Strict):
     reboot_timeout_s: Annotated[float, Field(gt=0, le=7200)] | None = None
     update_timeout_s: Annotated[float, Field(gt=0, le=14400)] | None = None
     package_lock_wait_s: Annotated[float, Field(ge=0, le=14400)] | None = None
-    min_free_mib: Annotated[int, Field(ge=0)] | None = None
+    min_free_mib: Annotated[int, Field(ge=0, le=MIB_BOUND)] | None = None
     verify: list[VerifyCheck] | None = None
 
     @field_validator("excludes")
@@ -241,7 +247,8 @@ class MigrationSettings(Strict):
     # a guest known to dirty much of its stream starts throttled, at most this much (QEMU's own start: 20)
     max_upfront_throttle_pct: Annotated[int, Field(ge=20, le=99)] = 90
     parallel_connections: Annotated[int, Field(ge=1, le=64)] = 1
-    bandwidth_mib_s: Annotated[int, Field(gt=0)] | None = None  # per-migration cap (libvirt's bandwidth)
+    # per-migration cap (libvirt's bandwidth)
+    bandwidth_mib_s: Annotated[int, Field(gt=0, le=BANDWIDTH_MIB_S_BOUND)] | None = None
     stall_seconds: Annotated[float, Field(gt=0)] = 60.0  # no progress this long: escalate one step
     seconds_per_gib: Annotated[float, Field(gt=0)] = 150.0  # every migration's time budget ...
     min_budget_seconds: Annotated[float, Field(gt=0)] = 60.0  # ... and its floor; then it is aborted
@@ -429,7 +436,7 @@ class Cluster(Strict):
     host_policy: HostPolicy = HostPolicy()
     vm_policies: list[VmPolicy] = Field(default_factory=list)
     # unset: each host's link is measured by its drains (hostmaint.migration.links), ~10 GbE until then
-    link_bandwidth_mib_s: Annotated[int, Field(gt=0)] | None = None
+    link_bandwidth_mib_s: Annotated[int, Field(gt=0, le=BANDWIDTH_MIB_S_BOUND)] | None = None
     migration: MigrationSettings = MigrationSettings()
     # Paths every host of the cluster sees as the same storage (NFS, GFS2, a shared LUN): a file or
     # block disk there may live-migrate, any other blocks its VM (hostmaint never copies disks).
@@ -478,8 +485,8 @@ class HostEntry(Strict):
     ssh: SshTarget
     policy: PolicyOverride = PolicyOverride()
     cpu_group: str = "default"
-    reserved_memory_mib: Annotated[int, Field(ge=0)] = 0
-    link_bandwidth_mib_s: Annotated[int, Field(gt=0)] | None = None
+    reserved_memory_mib: Annotated[int, Field(ge=0, le=MIB_BOUND)] = 0
+    link_bandwidth_mib_s: Annotated[int, Field(gt=0, le=BANDWIDTH_MIB_S_BOUND)] | None = None
     hooks: Hooks = Hooks()  # run after the cluster's at each point
     # where this host receives migrations (its migration-network address); else discovered in the
     # cluster's migration.network, else the management address

@@ -340,14 +340,25 @@ class Limits(Frozen):
 
 # --- discovered facts -------------------------------------------------------
 
+# Bounds on what a host or snapshot may report (not policy: hostmaint.resize has the sizes an operator
+# may ask for), past anything real, so that every sum the planner and its exact stage make stays within
+# 64 bits: CP-SAT refuses a larger constant (a snapshot with a cell of 10^30 MiB ended in a TypeError
+# from OR-Tools, not in an error naming the field) and numpy's int64 would wrap. 2^40 MiB is an
+# exbibyte; times the VMs of a cluster it is still far below 2^63.
+MIB_BOUND = 2**40
+VCPUS_BOUND = 2**20  # libvirt's own limit is a few thousand
+PAGE_KIB_BOUND = 2**30  # a page of 1 TiB; real ones are 2 MiB and 1 GiB
+PAGES_BOUND = 2**40
+SLOTS_BOUND = 2**16
+
 
 @pydantic_dataclass(frozen=True, slots=True, kw_only=True, config=ConfigDict(extra="forbid"))
 class HugePages(SlottedModel):
     """A cell's hugepage pool of one page size. Slotted (SlottedModel): one per cell of every host."""
 
-    size_kib: Annotated[int, Field(gt=0)]
-    total: Annotated[int, Field(ge=0)]
-    free: Annotated[int, Field(ge=0)]
+    size_kib: Annotated[int, Field(gt=0, le=PAGE_KIB_BOUND)]
+    total: Annotated[int, Field(ge=0, le=PAGES_BOUND)]
+    free: Annotated[int, Field(ge=0, le=PAGES_BOUND)]
 
 
 @pydantic_dataclass(frozen=True, slots=True, kw_only=True, config=ConfigDict(extra="forbid"))
@@ -355,8 +366,8 @@ class Cell(SlottedModel):
     """One host NUMA cell. Slotted (SlottedModel): a large site has ~15,000."""
 
     id: Annotated[int, Field(ge=0)]
-    memory_mib: Annotated[int, Field(ge=0)]
-    free_mib: Annotated[int, Field(ge=0)]
+    memory_mib: Annotated[int, Field(ge=0, le=MIB_BOUND)]
+    free_mib: Annotated[int, Field(ge=0, le=MIB_BOUND)]
     cpus: tuple[int, ...] = ()
     hugepages: tuple[HugePages, ...] = ()
 
@@ -365,7 +376,7 @@ class GuestCell(Frozen):
     """One guest (vNUMA) cell of a VM."""
 
     id: Annotated[int, Field(ge=0)]
-    memory_mib: Annotated[int, Field(gt=0)]
+    memory_mib: Annotated[int, Field(gt=0, le=MIB_BOUND)]
     vcpus: tuple[int, ...] = ()
 
 
@@ -381,9 +392,9 @@ class VirtioMem(Frozen):
     """A virtio-mem device: memory the guest can be given live, up to ``size_mib``, on one guest node."""
 
     node: Annotated[int, Field(ge=0)]
-    size_mib: Annotated[int, Field(gt=0)]  # the most it can plug (<target><size>)
-    requested_mib: Annotated[int, Field(ge=0)] = 0  # what the guest is asked to have plugged now
-    block_kib: Annotated[int, Field(gt=0)] = 2048  # requested sizes are whole blocks
+    size_mib: Annotated[int, Field(gt=0, le=MIB_BOUND)]  # the most it can plug (<target><size>)
+    requested_mib: Annotated[int, Field(ge=0, le=MIB_BOUND)] = 0  # what the guest is asked to have plugged now
+    block_kib: Annotated[int, Field(gt=0, le=PAGE_KIB_BOUND)] = 2048  # requested sizes are whole blocks
 
 
 @pydantic_dataclass(frozen=True, slots=True, kw_only=True, config=ConfigDict(extra="forbid"))
@@ -394,18 +405,18 @@ class Vm(SlottedModel):
     name: Annotated[str, Field(min_length=1)]
     uuid: str
     host: str
-    memory_mib: Annotated[int, Field(gt=0)]
-    vcpus: Annotated[int, Field(gt=0)]
+    memory_mib: Annotated[int, Field(gt=0, le=MIB_BOUND)]
+    vcpus: Annotated[int, Field(gt=0, le=VCPUS_BOUND)]
     # <vcpu>'s maximum when hot-pluggable vCPUs make it more than ``vcpus`` (those online now, what
     # the host runs); pins and guest cells may name any vCPU below it. None: the same as vcpus.
-    max_vcpus: Annotated[int, Field(gt=0)] | None = None
+    max_vcpus: Annotated[int, Field(gt=0, le=VCPUS_BOUND)] | None = None
     # vCPUs present since boot (not hot-pluggable): libvirt cannot unplug them live. None: not known
-    fixed_vcpus: Annotated[int, Field(gt=0)] | None = None
+    fixed_vcpus: Annotated[int, Field(gt=0, le=VCPUS_BOUND)] | None = None
     # <maxMemory slots>: the most memory DIMMs may bring it to, and the slots for them; None/0 when
     # the domain was defined without (no DIMM can be hot-plugged). Slots used: its DIMM devices.
-    max_memory_mib: Annotated[int, Field(gt=0)] | None = None
-    memory_slots: Annotated[int, Field(ge=0)] = 0
-    memory_slots_used: Annotated[int, Field(ge=0)] = 0
+    max_memory_mib: Annotated[int, Field(gt=0, le=MIB_BOUND)] | None = None
+    memory_slots: Annotated[int, Field(ge=0, le=SLOTS_BOUND)] = 0
+    memory_slots_used: Annotated[int, Field(ge=0, le=SLOTS_BOUND)] = 0
     virtio_mem: VirtioMem | None = None
     vnuma: tuple[GuestCell, ...] = ()
     vcpupin: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
@@ -415,7 +426,7 @@ class Vm(SlottedModel):
     vcpu_cpuset: tuple[int, ...] = ()
     iothreadpin: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # iothread id -> host CPUs
     numatune: Numatune | None = None
-    hugepage_kib: Annotated[int, Field(ge=0)] = 0
+    hugepage_kib: Annotated[int, Field(ge=0, le=PAGE_KIB_BOUND)] = 0
     migratable: bool = True
     not_migratable_reason: str | None = None
     # False for a transient domain: libvirt forgets it once it stops, so it can never be shut down
@@ -430,14 +441,19 @@ class Vm(SlottedModel):
     @field_validator("memory_mib", "vcpus", mode="wrap")
     @classmethod
     def _positive(cls, value: object, handler: ValidatorFunctionWrapHandler, info: ValidationInfo) -> int:
-        # A snapshot's VMs are found by name, not position: say which VM has no memory or vCPUs.
+        # A snapshot's VMs are found by name, not position: say which VM has no memory or vCPUs, or
+        # more than any machine has.
         try:
             return int(handler(value))
         except ValidationError as exc:
-            if exc.errors()[0]["type"] != "greater_than":
-                raise
+            error = exc.errors()[0]
             name = info.data.get("name", "?")
-            raise ValueError(f"VM {name!r}: {info.field_name} must be greater than 0, got {value!r}") from None
+            if error["type"] == "greater_than":
+                raise ValueError(f"VM {name!r}: {info.field_name} must be greater than 0, got {value!r}") from None
+            if error["type"] == "less_than_equal":
+                most = (error.get("ctx") or {}).get("le")
+                raise ValueError(f"VM {name!r}: {info.field_name} must be at most {most}, got {value!r}") from None
+            raise
 
     @model_validator(mode="after")
     def _coherent(self) -> Vm:
@@ -564,7 +580,7 @@ class Host(SlottedModel):
     cluster: str
     state: HostState = HostState.ACTIVE
     cells: tuple[Cell, ...]
-    reserved_memory_mib: Annotated[int, Field(ge=0)] = 0
+    reserved_memory_mib: Annotated[int, Field(ge=0, le=MIB_BOUND)] = 0
     cpu_group: str = "default"  # CPU compatibility group: migrations stay inside one
     boot_id: str | None = None
     kernel: str | None = None

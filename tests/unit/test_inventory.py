@@ -114,6 +114,20 @@ BAD: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("empty shared storage path", _set("clusters.0.shared_storage", [""]), "clusters[0].shared_storage: [0] is empty"),
     ("unknown migration setting", _set("clusters.0.migration", {"post_copy": True}),
      "clusters[0].migration.post_copy"),
+    # a stall period of .inf would never escalate a stalled migration; nan compares false with everything
+    ("infinite stall period", _set("clusters.0.migration", {"stall_seconds": float("inf")}),
+     "clusters[0].migration.stall_seconds"),
+    ("infinite time budget", _set("clusters.0.migration", {"seconds_per_gib": float("inf")}),
+     "clusters[0].migration.seconds_per_gib"),
+    ("nan reboot timeout override", _set("hosts.0.policy", {"reboot_timeout_s": float("nan")}),
+     "hosts[0].policy.reboot_timeout_s (host hv01)"),
+    # past anything real: libvirt would refuse the cap mid-drain, the planner's sums would leave 64 bits
+    ("migration bandwidth past any link", _set("clusters.0.migration", {"bandwidth_mib_s": 2**63}),
+     "clusters[0].migration.bandwidth_mib_s"),
+    ("link speed past any link", _set("hosts.1.link_bandwidth_mib_s", 10**30),
+     "hosts[1].link_bandwidth_mib_s (host hv02)"),
+    ("reserved memory past an exbibyte", _set("hosts.2.reserved_memory_mib", 2**64),
+     "hosts[2].reserved_memory_mib (host hv03)"),
 ]
 
 

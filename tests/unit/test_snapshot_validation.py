@@ -140,6 +140,24 @@ CANNOT_BE_TRUE = [
                  ("vms[1].memory_mib", "VM 'web-1'", "greater than 0, got -1"), id="negative-vm-memory"),
     pytest.param(lambda d: _db(d)["vnuma"][0].update(memory_mib=-4096),
                  ("vms[0].vnuma[0].memory_mib", "VM 'db-1'", "greater than 0"), id="negative-guest-cell-memory"),
+    # more than any machine has: past these bounds the planner's exact stage would leave 64 bits
+    pytest.param(lambda d: d["hosts"][1]["cells"][0].update(memory_mib=10**30, free_mib=10**30),
+                 ("hosts[1].cells[0].memory_mib", "host 'hv2'", "less than or equal to 1099511627776"),
+                 id="cell-memory-past-an-exbibyte"),
+    pytest.param(lambda d: d["hosts"][1].update(reserved_memory_mib=2**63),
+                 ("hosts[1].reserved_memory_mib", "host 'hv2'", "less than or equal to 1099511627776"),
+                 id="reserved-memory-past-an-exbibyte"),
+    pytest.param(lambda d: d["vms"][1].update(memory_mib=2**63),
+                 ("vms[1].memory_mib", "VM 'web-1'", "at most 1099511627776, got 9223372036854775808"),
+                 id="vm-memory-past-an-exbibyte"),
+    pytest.param(lambda d: d["vms"][1].update(vcpus=2**40),
+                 ("vms[1].vcpus", "VM 'web-1'", "at most 1048576"), id="vm-vcpus-past-any-machine"),
+    pytest.param(lambda d: _pool(d).update(total=2**64, free=8),
+                 ("hosts[0].cells[0].hugepages[0].total", "host 'hv1'", "less than or equal to"),
+                 id="hugepage-pool-past-any-machine"),
+    pytest.param(lambda d: _db(d)["vnuma"][0].update(memory_mib=2**50),
+                 ("vms[0].vnuma[0].memory_mib", "VM 'db-1'", "less than or equal to 1099511627776"),
+                 id="guest-cell-memory-past-an-exbibyte"),
     # the words pydantic has for its models, for hosts, cells and VMs too (slotted dataclasses)
     pytest.param(lambda d: d["hosts"][1]["cells"][0].update(colour="red"),
                  ("hosts[1].cells[0].colour", "host 'hv2'", "Extra inputs are not permitted"), id="unknown-cell-field"),
@@ -192,3 +210,26 @@ def test_plan_drain_on_a_snapshot_that_cannot_be_true_exits_2_naming_the_field(t
     good = tmp_path / "good.json"
     good.write_text(json.dumps(BASE))
     load_snapshot(good)  # the same file without the bad pin loads
+
+
+def test_a_fleet_at_the_bounds_is_planned_with_the_exact_stage_not_an_overflow(tmp_path: Path) -> None:
+    # cells of an exbibyte and a VM of half of one: every sum CP-SAT is given stays within 64 bits
+    # (a cell of 10^30 MiB, before the bounds, ended in a TypeError from OR-Tools)
+    from hostmaint.models import MIB_BOUND
+
+    def huge(d: dict[str, Any]) -> None:
+        for host in d["hosts"]:
+            for cell in host["cells"]:
+                cell.update(memory_mib=MIB_BOUND, free_mib=MIB_BOUND)
+        d["vms"][1].update(memory_mib=MIB_BOUND // 2)
+        d["limits"] = {"spare_hosts": 0}  # two hosts: N+1 would refuse any drain
+
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps(_data(huge)))
+    result = CliRunner().invoke(app, ["plan", "drain", "hv2", "--snapshot", str(path), "--json"])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.output)
+    [placement] = plan["placements"]
+    assert (placement["vm"], placement["target"]) == ("web-1", "hv1")
+    assert "exact stage" in plan["proof_note"], plan["proof_note"]
