@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Sequence
+from typing import Annotated
 
 from prefect import runtime
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -14,6 +15,24 @@ from flows.provenance import started_by
 from hostmaint.display import markdown_code, markdown_text, visible
 from hostmaint.maintenance import RunContext
 from hostmaint.models import HostState, MigrationResult, StepOutcome, Trigger
+
+# The flows' own numbers, bounded where they are declared: Prefect checks a run's parameters against
+# them before the flow's body starts (a bad one fails the run with nothing changed, naming it) and the
+# UI's run form shows them as its minimum and maximum. No inf or nan: a window of .inf minutes or a
+# lock wait of nan would never end, and a negative count was quietly read as another.
+ExactBudget = Annotated[float, Field(
+    ge=0, le=600, allow_inf_nan=False, title="Exact planning budget",
+    description="Deterministic seconds (about a second of CPU each) the planner's exact stage (CP-SAT) may spend "
+                "proving the plan best or a drain impossible. 0: greedy only. Raise it when a plan says it "
+                "found no placement within its budget.")]
+HostsAtOnce = Annotated[int, Field(ge=1, le=1024)]
+FailedHosts = Annotated[int, Field(ge=0, le=100_000)]
+Moves = Annotated[int, Field(ge=0, le=100_000)]
+WaitSeconds = Annotated[float, Field(ge=0, le=7 * 24 * 3600, allow_inf_nan=False)]  # a lock's, at most a week
+WindowMinutes = Annotated[float, Field(gt=0, le=366 * 24 * 60, allow_inf_nan=False)]  # at most a year
+WithinPct = Annotated[float, Field(ge=0, lt=100, allow_inf_nan=False)]
+ApprovalSeconds = Annotated[int, Field(ge=1, le=30 * 24 * 3600)]  # at most 30 days
+PollSeconds = Annotated[int, Field(ge=1, le=3600)]
 
 
 def default_inventory() -> str:

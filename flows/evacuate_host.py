@@ -8,7 +8,7 @@ from prefect import flow, get_run_logger
 
 from flows import locks
 from flows.cancel import stand_down_hook, stops_safely
-from flows.common import HostOutcome, default_inventory, publish_report, run_context
+from flows.common import ExactBudget, HostOutcome, WaitSeconds, default_inventory, publish_report, run_context
 from flows.draining import drain_planned
 from flows.run_display import label_run, publish_plan
 from hostmaint.cancel import RunCancelled
@@ -27,8 +27,8 @@ from tasks.common import RuntimeRef
 @stops_safely  # Cancel stops it safely, cordoned "cancelled by X": flows/cancel.py
 def evacuate_host(host: str, dry_run: bool = False, operator: str = "unknown", reason: str = "",
                   inventory: str | None = None, trigger: Trigger = Trigger.UI,
-                  lock_wait_s: float | None = 60, approved_plan: EvacuationPlan | None = None,
-                  approved_on: FleetSnapshot | None = None, exact_budget: float = DEFAULT_BUDGET,
+                  lock_wait_s: WaitSeconds | None = 60, approved_plan: EvacuationPlan | None = None,
+                  approved_on: FleetSnapshot | None = None, exact_budget: ExactBudget = DEFAULT_BUDGET,
                   incident: bool = False) -> HostOutcome:
     """Move every VM off ``host`` and leave it cordoned and empty.
 

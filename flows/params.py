@@ -16,7 +16,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from flows.common import default_inventory
+from flows.common import ExactBudget, default_inventory
 from flows.return_host import AfterReturn
 from hostmaint.errors import InputError
 from hostmaint.inventory import HOST_NAME, Inventory, load_inventory
@@ -25,11 +25,6 @@ from hostmaint.placement.exact import DEFAULT_BUDGET
 HostName = Annotated[str, Field(pattern=HOST_NAME, min_length=1, max_length=63)]
 Operator = Annotated[str, Field(min_length=1, max_length=120, title="Operator",
                                 description="Who asks for this; recorded in the audit trail with every step.")]
-ExactBudget = Annotated[float, Field(
-    ge=0, le=600, title="Exact planning budget",
-    description="Deterministic seconds (about a second of CPU each) the planner's exact stage (CP-SAT) may spend "
-                "proving the plan best or a drain impossible. 0: greedy only. Raise it when a plan says it "
-                "found no placement within its budget.")]
 InventoryPath = Annotated[str | None, Field(
     default=None, title="Inventory",
     description="Inventory file on the worker. Leave empty for the worker's $HOSTMAINT_INVENTORY.")]

@@ -17,7 +17,15 @@ from prefect import flow, get_run_logger
 
 from flows import locks
 from flows.cancel import stand_down_hook, stops_safely
-from flows.common import HostOutcome, default_inventory, publish_report, run_context
+from flows.common import (
+    ExactBudget,
+    HostOutcome,
+    HostsAtOnce,
+    WaitSeconds,
+    default_inventory,
+    publish_report,
+    run_context,
+)
 from flows.draining import drain_planned
 from flows.run_display import label_run, publish_plan
 from hostmaint.cancel import RunCancelled
@@ -193,8 +201,8 @@ class HostPatch:
 def patch_host(host: str, operator: str = "unknown", reason: str = "patch", dry_run: bool = False,
                inventory: str | None = None, trigger: Trigger = Trigger.UI, window_id: str | None = None,
                return_vms: bool = True, avoid: list[str] | None = None,
-               lock_wait_s: float | None = 60, hosts_at_once: int = 1,
-               exact_budget: float = DEFAULT_BUDGET) -> HostOutcome:
+               lock_wait_s: WaitSeconds | None = 60, hosts_at_once: HostsAtOnce = 1,
+               exact_budget: ExactBudget = DEFAULT_BUDGET) -> HostOutcome:
     """Take one host through maintenance end to end; the host is never rebooted with a VM on it.
 
     The run holds ``host:<host>`` and a ``maintenance:<cluster>`` slot throughout (flows/locks.py).

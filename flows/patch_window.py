@@ -19,7 +19,18 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows import notify
 from flows.cancel import stand_down_hook, stops_safely
-from flows.common import HostOutcome, default_inventory, publish_report, run_context
+from flows.common import (
+    ExactBudget,
+    FailedHosts,
+    HostOutcome,
+    HostsAtOnce,
+    Moves,
+    WindowMinutes,
+    WithinPct,
+    default_inventory,
+    publish_report,
+    run_context,
+)
 from flows.patch_host import patch_host
 from flows.rebalance_cluster import rebalance_locked
 from flows.run_display import label_run
@@ -116,12 +127,12 @@ def _default_window_id(cluster: str) -> str:
 @flow(name="patch-window", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=16),  # type: ignore[arg-type]
       on_cancellation=[stand_down_hook])
 @stops_safely  # Cancel: no host starts, those running stop safely (flows/cancel.py)
-def patch_window(cluster: str, max_hosts_in_parallel: int = 1, window_end: datetime | None = None,
-                 window_minutes: float | None = None, max_failed_hosts: int = 0,
+def patch_window(cluster: str, max_hosts_in_parallel: HostsAtOnce = 1, window_end: datetime | None = None,
+                 window_minutes: WindowMinutes | None = None, max_failed_hosts: FailedHosts = 0,
                  hosts: list[str] | None = None, window_id: str | None = None, operator: str = "scheduler",
                  inventory: str | None = None, trigger: Trigger = Trigger.SCHEDULE,
-                 rebalance_moves: int | None = None, rebalance_within_pct: float = 10.0,
-                 exact_budget: float = DEFAULT_BUDGET) -> list[HostOutcome]:
+                 rebalance_moves: Moves | None = None, rebalance_within_pct: WithinPct = 10.0,
+                 exact_budget: ExactBudget = DEFAULT_BUDGET) -> list[HostOutcome]:
     """Patch the hosts of ``cluster`` (or only ``hosts``) inside one maintenance window.
 
     At the end, when every host was patched, a rebalance levels the cluster until each host's memory

@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger
 
 from flows import locks
 from flows.cancel import stand_down_hook, stops_safely
-from flows.common import HostOutcome, default_inventory, publish_report, run_context
+from flows.common import ExactBudget, HostOutcome, Moves, default_inventory, publish_report, run_context
 from flows.draining import RETARGET_ROUNDS
 from flows.run_display import label_run
 from hostmaint.cancel import RunCancelled
@@ -22,9 +22,9 @@ from tasks.common import RuntimeRef
 
 @flow(name="rebalance-cluster", log_prints=True, on_cancellation=[stand_down_hook])
 @stops_safely  # Cancel stops its moves safely, every VM once (flows/cancel.py)
-def rebalance_cluster(cluster: str, max_moves: int = 10, dry_run: bool = False, operator: str = "unknown",
+def rebalance_cluster(cluster: str, max_moves: Moves = 10, dry_run: bool = False, operator: str = "unknown",
                       inventory: str | None = None, trigger: Trigger = Trigger.UI,
-                      exact_budget: float = DEFAULT_BUDGET) -> HostOutcome:
+                      exact_budget: ExactBudget = DEFAULT_BUDGET) -> HostOutcome:
     """Plan a rebalance, print it, and (unless dry run) carry it out, holding ``migrations:<cluster>``.
     ``exact_budget``: deterministic seconds for the planner's exact stage (0: greedy only)."""
     ref = RuntimeRef(inventory or default_inventory(), exact_budget=exact_budget)

@@ -18,7 +18,7 @@ from prefect.client.schemas.objects import State
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from flows import locks
-from flows.common import HostOutcome, default_inventory, run_context
+from flows.common import ApprovalSeconds, HostOutcome, PollSeconds, WaitSeconds, default_inventory, run_context
 from flows.run_display import label_run, rejected, shown_here
 from flows.runbooks.approval import ask_approval
 from hostmaint.display import markdown_code, markdown_text, visible
@@ -137,8 +137,8 @@ def resize(*, vm: str, targets: Targets, flow_name: str, trigger: Trigger, opera
 
 
 @flow(name="resize-vm", log_prints=True)
-def resize_vm(request: ResizeRequest, trigger: Trigger = Trigger.UI, approval_timeout_s: int = 3600,
-              poll_interval_s: int = 10, lock_wait_s: float | None = 60) -> HostOutcome | State:
+def resize_vm(request: ResizeRequest, trigger: Trigger = Trigger.UI, approval_timeout_s: ApprovalSeconds = 3600,
+              poll_interval_s: PollSeconds = 10, lock_wait_s: WaitSeconds | None = 60) -> HostOutcome | State:
     """Resize one VM as asked in the form (or by ``hostmaint vm resize``)."""
     mib = request.memory_mib
     result = resize(vm=request.vm, targets=lambda vm: (request.vcpus, mib), flow_name="resize-vm",

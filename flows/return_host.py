@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 
 from flows import locks
 from flows.cancel import stand_down_hook, stops_safely
-from flows.common import HostOutcome, default_inventory, publish_report, run_context
+from flows.common import HostOutcome, Moves, WaitSeconds, default_inventory, publish_report, run_context
 from flows.rebalance_cluster import rebalance_cluster
 from flows.run_display import label_run
 from hostmaint.errors import InputError
@@ -39,8 +39,8 @@ class AfterReturn(StrEnum):
 @flow(name="return-host", log_prints=True, on_cancellation=[stand_down_hook])
 @stops_safely  # Cancel stops it safely: the host keeps a true state, returns in flight stop (flows/cancel.py)
 def return_host(host: str, operator: str = "unknown", reason: str = "evacuation over",
-                then: AfterReturn = AfterReturn.RETURN_VMS, max_moves: int = 10, inventory: str | None = None,
-                trigger: Trigger = Trigger.UI, lock_wait_s: float | None = 60) -> HostOutcome:
+                then: AfterReturn = AfterReturn.RETURN_VMS, max_moves: Moves = 10, inventory: str | None = None,
+                trigger: Trigger = Trigger.UI, lock_wait_s: WaitSeconds | None = 60) -> HostOutcome:
     """End the evacuation of ``host``: verify it, put it back as it was before, then ``then``.
 
     A host that is already in service is left alone (skipped), but for the VMs still away from it

@@ -69,7 +69,7 @@ def _secret_block_key(name: str) -> str:
 
 
 def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
-    from prefect.exceptions import CancelledRun
+    from prefect.exceptions import CancelledRun, ParameterTypeError
 
     from hostmaint.cancel import RunCancelled
     from hostmaint.models import Trigger
@@ -83,6 +83,9 @@ def _run_flow(fn: Callable[..., T], **kwargs: Any) -> T:
             _patient_temporary_server():
         try:
             return fn(**kwargs)
+        except ParameterTypeError as exc:
+            # a number past the flow's own bounds (flows/common.py): refused before the run did anything
+            raise InputError(f"{name}: {' '.join(str(exc).split())}") from None
         except CancelledRun as exc:
             # Ctrl-C here, or 'hostmaint run cancel' / the UI's Cancel: the run stood its hosts down
             raise RunCancelled(f"{name}: {exc}: a host it had taken out of service stays out with that reason "

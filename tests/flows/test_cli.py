@@ -109,6 +109,12 @@ def test_window_run_and_bad_parameters(sim_inventory: Path) -> None:
     assert text.count(" ok ") >= 4 or text.count("│ ok") >= 4
     assert run("window", "run", "demo", "-i", str(sim_inventory), "--max-parallel", "0")[0] == 2
     assert run("window", "run", "nope", "-i", str(sim_inventory))[0] == 2
+    # past the flow's own bound (flows/common.py): refused before the run does anything, exit 2, the
+    # error naming the parameter (Prefect logs its own line about it before)
+    code, text = run("window", "run", "demo", "-i", str(sim_inventory), "--max-parallel", "5000")
+    assert code == 2, text
+    assert "error: patch-window: Flow run received invalid parameters: - max_hosts_in_parallel: Input should be " \
+           "less than or equal to 1024" in text, text
 
 
 def test_a_window_with_a_failed_host_exits_1_and_names_it(sim_inventory: Path) -> None:
