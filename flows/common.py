@@ -15,6 +15,7 @@ from flows.provenance import started_by
 from hostmaint.display import markdown_code, markdown_text, visible
 from hostmaint.maintenance import RunContext
 from hostmaint.models import HostState, MigrationResult, StepOutcome, Trigger
+from hostmaint.window_schedule import HOSTS_AT_ONCE_MAX, WINDOW_MINUTES_MAX
 
 # The flows' own numbers, bounded where they are declared: Prefect checks a run's parameters against
 # them before the flow's body starts (a bad one fails the run with nothing changed, naming it) and the
@@ -25,11 +26,11 @@ ExactBudget = Annotated[float, Field(
     description="Deterministic seconds (about a second of CPU each) the planner's exact stage (CP-SAT) may spend "
                 "proving the plan best or a drain impossible. 0: greedy only. Raise it when a plan says it "
                 "found no placement within its budget.")]
-HostsAtOnce = Annotated[int, Field(ge=1, le=1024)]
+HostsAtOnce = Annotated[int, Field(ge=1, le=HOSTS_AT_ONCE_MAX)]
 FailedHosts = Annotated[int, Field(ge=0, le=100_000)]
 Moves = Annotated[int, Field(ge=0, le=100_000)]
 WaitSeconds = Annotated[float, Field(ge=0, le=7 * 24 * 3600, allow_inf_nan=False)]  # a lock's, at most a week
-WindowMinutes = Annotated[float, Field(gt=0, le=366 * 24 * 60, allow_inf_nan=False)]  # at most a year
+WindowMinutes = Annotated[float, Field(gt=0, le=WINDOW_MINUTES_MAX, allow_inf_nan=False)]  # at most a week
 WithinPct = Annotated[float, Field(ge=0, lt=100, allow_inf_nan=False)]
 ApprovalSeconds = Annotated[int, Field(ge=1, le=30 * 24 * 3600)]  # at most 30 days
 PollSeconds = Annotated[int, Field(ge=1, le=3600)]

@@ -24,6 +24,12 @@ from hostmaint.placement.exact import DEFAULT_BUDGET
 EXCLUSION_HORIZON_YEARS = 10
 
 
+# The bounds a window's numbers share with the patch-window flow's own parameters (flows/common.py):
+# a windows.yaml that loads never makes runs the flow refuses
+WINDOW_MINUTES_MAX = 7 * 24 * 60
+HOSTS_AT_ONCE_MAX = 1024  # as the cluster limit max_hosts_in_maintenance
+
+
 class WindowConfig(BaseModel):
     """When a cluster's patch window opens, how long it lasts, and how many hosts it takes at once."""
 
@@ -32,8 +38,8 @@ class WindowConfig(BaseModel):
     rrule: Annotated[str, Field(min_length=5, description="RFC 5545 RRULE (without DTSTART), local time")]
     timezone: str = "UTC"
     starts: date = date(2026, 1, 1)
-    window_minutes: Annotated[float, Field(gt=0, le=7 * 24 * 60)] = 240
-    max_hosts_in_parallel: Annotated[int, Field(ge=1)] = 1
+    window_minutes: Annotated[float, Field(gt=0, le=WINDOW_MINUTES_MAX)] = 240
+    max_hosts_in_parallel: Annotated[int, Field(ge=1, le=HOSTS_AT_ONCE_MAX)] = 1
     max_failed_hosts: Annotated[int, Field(ge=0)] = 0
     # deterministic seconds for the planner's exact stage (placement/exact.py); 0: greedy only
     exact_budget: Annotated[float, Field(ge=0, le=600)] = DEFAULT_BUDGET

@@ -13,7 +13,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.client.schemas.objects import State
 
-from flows.common import HostOutcome
+from flows.common import ApprovalSeconds, HostOutcome, PollSeconds, WaitSeconds
 from flows.runbooks.approval import Severity, run_incident
 from hostmaint.errors import InputError
 
@@ -23,8 +23,8 @@ EVENT = "hostmaint.host.degraded"
 @flow(name="degraded-host-runbook", log_prints=True)
 def degraded_host_runbook(host: str, reason: str = "degraded", severity: str = Severity.WARNING.value,
                           source: str = "monitoring", event_id: str | None = None, inventory: str | None = None,
-                          approval_timeout_s: int = 3600, poll_interval_s: int = 10,
-                          lock_wait_s: float | None = 300) -> HostOutcome | State:
+                          approval_timeout_s: ApprovalSeconds = 3600, poll_interval_s: PollSeconds = 10,
+                          lock_wait_s: WaitSeconds | None = 300) -> HostOutcome | State:
     """Cordon the degraded ``host`` and evacuate it, with approval unless ``severity`` is critical.
 
     A blank ``reason`` is refused (InputError) before anything changes.

@@ -12,7 +12,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.client.schemas.objects import State
 
-from flows.common import HostOutcome
+from flows.common import ApprovalSeconds, HostOutcome, PollSeconds, WaitSeconds
 from flows.runbooks.approval import run_incident
 from hostmaint.errors import InputError
 
@@ -22,8 +22,8 @@ EVENT = "hostmaint.host.hardware-check-failed"
 @flow(name="hardware-check-failed-runbook", log_prints=True)
 def hardware_check_failed_runbook(host: str, check: str, detail: str = "", source: str = "monitoring",
                                   event_id: str | None = None, inventory: str | None = None,
-                                  approval_timeout_s: int = 3600, poll_interval_s: int = 10,
-                                  lock_wait_s: float | None = 300) -> HostOutcome | State:
+                                  approval_timeout_s: ApprovalSeconds = 3600, poll_interval_s: PollSeconds = 10,
+                                  lock_wait_s: WaitSeconds | None = 300) -> HostOutcome | State:
     """Cordon ``host`` because hardware ``check`` failed; evacuate it once someone approves.
 
     A blank ``check`` is refused (InputError) before anything changes.

@@ -12,7 +12,7 @@ from prefect.client.schemas.objects import State
 
 from flows import locks
 from flows.cancel import stand_down_hook, stops_safely
-from flows.common import HostOutcome, default_inventory, run_context
+from flows.common import ApprovalSeconds, HostOutcome, PollSeconds, WaitSeconds, default_inventory, run_context
 from flows.evacuate_host import evacuate_host
 from flows.params import EvacuationRequest, PatchRequest, RebalanceRequest, ReturnRequest
 from flows.patch_host import patch_host
@@ -27,8 +27,8 @@ from tasks.maintenance import discover, plan_evacuation
 
 @flow(name="evacuate-on-request", log_prints=True, on_cancellation=[stand_down_hook])
 @stops_safely  # Cancel stops its host's subflow safely (flows/cancel.py)
-def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 3600, poll_interval_s: int = 10,
-                        lock_wait_s: float | None = 60) -> HostOutcome | State:
+def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: ApprovalSeconds = 3600,
+                        poll_interval_s: PollSeconds = 10, lock_wait_s: WaitSeconds | None = 60) -> HostOutcome | State:
     """Evacuate one host as asked in the form; with approval required, show the plan and wait for a yes."""
     inv = request.inventory or default_inventory()
     label_run("evacuate", inv, host=request.host, dry_run=request.dry_run)
@@ -67,7 +67,7 @@ def evacuate_on_request(request: EvacuationRequest, approval_timeout_s: int = 36
 
 @flow(name="patch-on-request", log_prints=True, on_cancellation=[stand_down_hook])
 @stops_safely  # Cancel stops its host's subflow safely (flows/cancel.py)
-def patch_on_request(request: PatchRequest, lock_wait_s: float | None = 60) -> HostOutcome:
+def patch_on_request(request: PatchRequest, lock_wait_s: WaitSeconds | None = 60) -> HostOutcome:
     """Patch one host as asked in the form."""
     label_run("patch", request.inventory or default_inventory(), host=request.host, dry_run=request.dry_run)
     return shown_here(f"patch {request.host}", patch_host(
@@ -88,7 +88,7 @@ def rebalance_on_request(request: RebalanceRequest) -> HostOutcome:
 
 @flow(name="return-on-request", log_prints=True, on_cancellation=[stand_down_hook])
 @stops_safely  # Cancel stops its return-host subflow safely (flows/cancel.py)
-def return_on_request(request: ReturnRequest, lock_wait_s: float | None = 60) -> HostOutcome:
+def return_on_request(request: ReturnRequest, lock_wait_s: WaitSeconds | None = 60) -> HostOutcome:
     """End a host's evacuation as asked in the form: verify, put back, return its VMs (or rebalance)."""
     label_run("return", request.inventory or default_inventory(), host=request.host)
     return shown_here(f"return {request.host}", return_host(

@@ -12,7 +12,7 @@ from __future__ import annotations
 from prefect import flow
 from prefect.client.schemas.objects import State
 
-from flows.common import HostOutcome
+from flows.common import ApprovalSeconds, HostOutcome, PollSeconds, WaitSeconds
 from flows.resize_vm import resize
 from flows.run_display import shown_here
 from hostmaint.errors import InputError
@@ -27,8 +27,8 @@ EVENT_SHORTAGE = {CPU_EVENT: Shortage.CPU, MEMORY_EVENT: Shortage.MEMORY}
 @flow(name="vm-starved-runbook", log_prints=True)
 def vm_starved_runbook(vm: str, event: str = CPU_EVENT, reason: str = "", vcpus: str = "", memory: str = "",
                        source: str = "monitoring", event_id: str | None = None, inventory: str | None = None,
-                       approval_timeout_s: int = 3600, poll_interval_s: int = 10,
-                       lock_wait_s: float | None = 300) -> HostOutcome | State:
+                       approval_timeout_s: ApprovalSeconds = 3600, poll_interval_s: PollSeconds = 10,
+                       lock_wait_s: WaitSeconds | None = 300) -> HostOutcome | State:
     """Propose growing ``vm`` for the shortage ``event`` names, show the plan, and resize once approved.
 
     ``vcpus``/``memory``: the size the event asks for (text, as a trigger renders payload keys; empty:

@@ -22,7 +22,10 @@ from flows.patch_window import patch_window
 from flows.rebalance_cluster import rebalance_cluster
 from flows.resize_vm import resize_vm
 from flows.return_host import return_host
+from flows.runbooks.degraded_host import degraded_host_runbook
+from flows.runbooks.on_request import evacuate_on_request, patch_on_request
 from hostmaint.runtime import open_runtime
+from hostmaint.window_schedule import WindowConfig
 
 pytestmark = pytest.mark.usefixtures("prefect_server")
 
@@ -49,6 +52,11 @@ BAD: list[tuple[Any, dict[str, Any], str]] = [
     (return_host, {**HOST, "lock_wait_s": math.inf}, "lock_wait_s"),
     (resize_vm, {**RESIZE, "approval_timeout_s": 0}, "approval_timeout_s"),
     (resize_vm, {**RESIZE, "poll_interval_s": -10}, "poll_interval_s"),
+    (patch_window, {**WINDOW, "window_minutes": 8 * 24 * 60}, "window_minutes"),  # windows.yaml's week, too
+    (degraded_host_runbook, {**HOST, "poll_interval_s": 0}, "poll_interval_s"),
+    (degraded_host_runbook, {**HOST, "lock_wait_s": math.inf}, "lock_wait_s"),
+    (evacuate_on_request, {"request": {}, "approval_timeout_s": -1}, "approval_timeout_s"),
+    (patch_on_request, {"request": {}, "lock_wait_s": -60}, "lock_wait_s"),
 ]
 
 
@@ -86,3 +94,13 @@ def test_a_run_with_a_bad_number_fails_before_anything_is_done(sim_inventory: Pa
         patch_window(cluster="demo", max_failed_hosts=-1, inventory=str(sim_inventory), operator="t")
     after = open_runtime(sim_inventory)
     assert (len(after.audit.records()), [after.states.state(h) for h in hosts]) == before
+
+
+def test_a_windows_yaml_that_loads_makes_runs_the_flow_takes() -> None:
+    # the schedule's bounds are the flow's: a window of 2,000 hosts at once loaded, and each of its
+    # runs would then fail on the flow's own bound
+    with pytest.raises(ValueError, match="max_hosts_in_parallel"):
+        WindowConfig(rrule="FREQ=WEEKLY", max_hosts_in_parallel=2000)
+    config = WindowConfig(rrule="FREQ=WEEKLY", max_hosts_in_parallel=1024, window_minutes=7 * 24 * 60)
+    patch_window.validate_parameters({**WINDOW, "max_hosts_in_parallel": config.max_hosts_in_parallel,
+                                      "window_minutes": config.window_minutes})
