@@ -120,7 +120,11 @@ def plan_rebalance(snapshot: FleetSnapshot, max_moves: int | None, *, prefer_ori
     """
     if within is not None and not 0 <= within < 1:
         raise ValueError(f"within: a utilisation difference in [0, 1), got {within}")
-    cap = len(snapshot.vms) if max_moves is None else max_moves
+    if max_moves is not None and max_moves < 0:
+        raise ValueError(f"max_moves: at least 0, got {max_moves}")
+    # a VM moves at most once, so a larger budget plans the same; and the exact stage's constants are
+    # 64-bit (a budget of 10^20 moves ended in a TypeError from OR-Tools)
+    cap = len(snapshot.vms) if max_moves is None else min(max_moves, len(snapshot.vms))
     ledger = Ledger.from_snapshot(snapshot)
     active = {n: h for n, h in ledger.hosts.items() if h.state is HostState.ACTIVE}
     before = balance(active.values())

@@ -453,6 +453,15 @@ def test_rebalance_improves_balance_within_the_move_budget() -> None:
     assert plan_rebalance(_lopsided(), 0).moves == ()
 
 
+def test_a_move_budget_past_the_vms_plans_as_one_of_every_vm() -> None:
+    # a budget of 10^20 moves ended in a TypeError from OR-Tools (its constants are 64-bit); a VM moves
+    # at most once, so any budget past the VMs is the same plan
+    fleet = _lopsided()
+    assert plan_rebalance(fleet, 10**20) == plan_rebalance(fleet, len(fleet.vms)) == plan_rebalance(fleet, None)
+    with pytest.raises(ValueError, match="max_moves"):
+        plan_rebalance(fleet, -1)
+
+
 def test_rebalance_stops_when_no_move_helps() -> None:
     hosts = (two_cells("a", 40, 40), two_cells("b", 40, 40))
     vms = (vm("a1", "a", 24), vm("b1", "b", 24))
