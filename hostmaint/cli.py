@@ -265,6 +265,16 @@ def checked_budget(value: float) -> float:
     return value
 
 
+def checked_range(option: str, value: float, low: float, high: float, *, above_low: bool = False) -> float:
+    """``value`` of ``option`` in [low, high] (``above_low``: (low, high]), else InputError (exit 2).
+    NaN and infinities never pass: the simulator's clock given ``--patch-seconds nan`` never advanced."""
+    inside = (low < value if above_low else low <= value) and value <= high
+    if not inside:  # also NaN, which compares false with everything
+        side = "above" if above_low else "at least"
+        raise InputError(f"{option}: must be {side} {low:g} and at most {high:g}, got {value:g}")
+    return value
+
+
 # --- plans --------------------------------------------------------------------------------------
 
 
@@ -635,16 +645,20 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
     from hostmaint.migration.simulate import SimParams, simulate_window
     from hostmaint.models import StepOutcome
     from hostmaint.placement import plan_window
+    from hostmaint.window_schedule import HOSTS_AT_ONCE_MAX, WINDOW_MINUTES_MAX
 
     with exit_codes():
         snap = _snapshot_for(inventory if snapshot is None else None, cluster, snapshot)
         if snap.cluster != cluster:
             raise InputError(f"the snapshot is of cluster {snap.cluster!r}, not {cluster!r}")
-        if parallel is not None and parallel < 1:
-            raise InputError(f"--parallel: must be >= 1, got {parallel}")
+        if parallel is not None:
+            checked_range("--parallel", parallel, 1, HOSTS_AT_ONCE_MAX)
         # the range patch-window accepts: a target of 100 points or more would level nothing
         if not 0 <= rebalance_within_pct < 100:
             raise InputError(f"--rebalance-within-pct: must be in [0, 100), got {rebalance_within_pct:g}")
+        checked_range("--patch-seconds", patch_seconds, 0, 7 * 24 * 3600)
+        if window_hours is not None:
+            checked_range("--window-hours", window_hours, 0, WINDOW_MINUTES_MAX / 60, above_low=True)
         rates = _read_dirty_rates(dirty_rates, {v.name for v in snap.vms}) if dirty_rates else None
         params, policy, options = SimParams(), None, MigrationOptions()
         if Path(inventory).exists():
@@ -713,8 +727,10 @@ def _read_dirty_rates(path: Path, vms: set[str]) -> dict[str, float]:
     for vm, rate in data.items():
         if vm not in vms:
             raise InputError(f"{path}: {vm}: not a VM of the snapshot")
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or rate < 0:
-            raise InputError(f"{path}: {vm}: must be a number of MiB/s >= 0, got {rate!r}")
+        # NaN (json reads it) compares false: "not rate >= 0" refuses it with the negatives, and a rate
+        # past any link's (1 TiB/s) with the infinities
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 2**20:
+            raise InputError(f"{path}: {vm}: must be a number of MiB/s from 0 to {2**20}, got {rate!r}")
         rates[vm] = float(rate)
     return rates
 
@@ -729,8 +745,7 @@ def simulate_dirty_rates(cluster: str, inventory: InventoryOpt = "inventory.yaml
     from hostmaint.migration.probe import probe_dirty_rates
 
     with exit_codes():
-        if seconds <= 0:
-            raise InputError(f"--seconds: must be > 0, got {seconds}")
+        checked_range("--seconds", seconds, 0, 3600, above_low=True)
         rt = _runtime(inventory)
         rt.inventory.cluster(cluster)  # a typo measured nothing and wrote an empty file, exit 0
         simulated_banner(rt.simulated)

@@ -846,6 +846,10 @@ def simulate_window(snapshot: FleetSnapshot, window: WindowPlan | Sequence[str],
     simulated holding the cluster's whole migration limit (``rebalance_moves``, ``rebalance_s``; the
     makespan and the bounds are the patching alone). Pure and deterministic.
     """
+    if not 0 <= patch_s < math.inf:  # a NaN patch never let the clock reach the window's end
+        raise ValueError(f"patch_s: a finite number of seconds >= 0, got {patch_s}")
+    if dirty_rate is not None and (bad := [vm for vm, r in dirty_rate.items() if not 0 <= r < math.inf]):
+        raise ValueError(f"dirty_rate: a finite number of MiB/s >= 0 for every VM, not for {', '.join(sorted(bad))}")
     policy = policy or SchedulerPolicy()
     names = list(window.order) if isinstance(window, WindowPlan) else list(window)
     k = parallel if parallel is not None else parallel_capacity(snapshot, names, spare_hosts=spare_hosts)

@@ -53,7 +53,35 @@ def test_simulate_window_takes_measured_dirty_rates(tmp_path: Path) -> None:
     first = snap_model.vms[0].name
     rates.write_text(json.dumps({first: -3}))
     negative = runner.invoke(app, [*base, "--dirty-rates", str(rates)])
-    assert negative.exit_code == 2 and first in negative.output and ">= 0" in negative.output
+    assert negative.exit_code == 2 and first in negative.output and "from 0 to" in negative.output
+    for bad in ("NaN", "Infinity", "1e30"):  # json reads NaN and Infinity; NaN passed "rate < 0" before
+        rates.write_text(f'{{"{first}": {bad}}}')
+        refused = runner.invoke(app, [*base, "--dirty-rates", str(rates)])
+        assert refused.exit_code == 2 and first in refused.output, (bad, refused.output)
+
+
+@pytest.mark.parametrize(("option", "value"), [
+    # --patch-seconds nan never let the simulator's clock reach the end: the command ran forever
+    ("--patch-seconds", "nan"), ("--patch-seconds", "inf"), ("--patch-seconds", "-5"),
+    ("--window-hours", "nan"), ("--window-hours", "0"), ("--window-hours", "-1"),
+    ("--parallel", "100000"),
+])
+def test_simulate_window_refuses_numbers_no_window_has(tmp_path: Path, option: str, value: str) -> None:
+    snap = tmp_path / "snap.json"
+    snap.write_text(dump_snapshot(demo_snapshot(4, 12)))
+    result = runner.invoke(app, ["simulate", "window", "demo", "--snapshot", str(snap), option, value])
+    assert result.exit_code == 2, result.output
+    assert f"{option}: must be" in result.output, result.output
+
+
+def test_the_simulator_refuses_a_patch_time_or_dirty_rate_it_could_not_run_with() -> None:
+    from hostmaint.migration.simulate import simulate_window
+
+    snap = demo_snapshot(4, 12)
+    with pytest.raises(ValueError, match="patch_s"):
+        simulate_window(snap, ["hv01"], patch_s=float("nan"))
+    with pytest.raises(ValueError, match=snap.vms[0].name):
+        simulate_window(snap, ["hv01"], dirty_rate={snap.vms[0].name: float("inf")})
 
 
 def test_simulate_window_reports_its_closing_rebalance(tmp_path: Path) -> None:
