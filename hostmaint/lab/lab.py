@@ -152,6 +152,19 @@ def _load_info(workdir: Path) -> LabInfo | None:
         return None
 
 
+def _check_shape(hosts: int, vms: int, linux_guests: int, host_memory_mib: int | tuple[int, ...]) -> None:
+    """A lab that can be built: 1-200 hosts (the lab's subnet), guests that fit the hosts' memory."""
+    if not 1 <= hosts <= 200:
+        raise LabError(f"hosts: the lab has 1 to 200 hosts (its subnet's addresses), got {hosts}")
+    if vms < 0 or linux_guests < 0:
+        raise LabError(f"vms and linux guests: at least 0, got {vms} and {linux_guests}")
+    total = sum(host_memory_mib) if isinstance(host_memory_mib, tuple) else host_memory_mib * hosts
+    wanted = vms * SEABIOS_MIB + linux_guests * LINUX_MIB
+    if wanted > total:
+        raise LabError(f"vms: {vms} guests of {SEABIOS_MIB} MiB and {linux_guests} of {LINUX_MIB} MiB need "
+                       f"{wanted} MiB, more than the {hosts} hosts' {total} MiB")
+
+
 def host_specs(hosts: int, memory_mib: int | tuple[int, ...], client_pki: Path | None = None) -> list[HostSpec]:
     """The lab's hosts; with ``client_pki`` (a TLS lab) each also gets a migration-network address."""
     mems = memory_mib if isinstance(memory_mib, tuple) else (memory_mib,) * hosts
@@ -213,6 +226,7 @@ def lab_up(hosts: int = 3, vms: int = 6, workdir: Path = DEFAULT_WORKDIR, linux_
     """
     if os.geteuid() != 0:
         raise LabError("the lab needs root (network namespaces, mounts, libvirtd)")
+    _check_shape(hosts, vms, linux_guests, host_memory_mib)  # before the lab already up is torn down
     workdir = Path(workdir).resolve()
     with _machine_lock():
         other = foreign_lab(workdir)

@@ -620,7 +620,14 @@ def test_a_failed_lab_up_cleans_up_after_itself() -> None:
     if reason:
         pytest.skip(reason)
     wait_for_no_foreign_lab()
-    # a 64 MiB guest cannot be allocated on a host with 32 MiB: the up fails half-way
-    with pytest.raises(LabError):
-        lab_up(hosts=1, vms=1, workdir=WORKDIR, linux_guests=0, host_memory_mib=32)
+    # a 64 MiB guest cannot be allocated on hv01 with 32 MiB (the guests fit the hosts' memory in all,
+    # which lab_up checks before it builds anything): the up fails half-way, the other host built
+    with pytest.raises(LabError) as failed:
+        lab_up(hosts=2, vms=1, workdir=WORKDIR, linux_guests=0, host_memory_mib=(32, 1024))
+    assert "more than the" not in str(failed.value), "refused up front: nothing was built to clean up"
     assert leftovers(WORKDIR) == []
+    # a shape that cannot fit is refused before anything is made (or a lab already up is torn down)
+    with pytest.raises(LabError, match="need 128 MiB, more than the 1 hosts' 64 MiB"):
+        lab_up(hosts=1, vms=2, workdir=WORKDIR, linux_guests=0, host_memory_mib=64)
+    with pytest.raises(LabError, match="1 to 200 hosts"):
+        lab_up(hosts=0, vms=0, workdir=WORKDIR)
