@@ -356,9 +356,9 @@ SLOTS_BOUND = 2**16
 class HugePages(SlottedModel):
     """A cell's hugepage pool of one page size. Slotted (SlottedModel): one per cell of every host."""
 
-    size_kib: Annotated[int, Field(gt=0, le=PAGE_KIB_BOUND)]
-    total: Annotated[int, Field(ge=0, le=PAGES_BOUND)]
-    free: Annotated[int, Field(ge=0, le=PAGES_BOUND)]
+    size_kib: Annotated[int, Field(gt=0, le=PAGE_KIB_BOUND, strict=True)]
+    total: Annotated[int, Field(ge=0, le=PAGES_BOUND, strict=True)]
+    free: Annotated[int, Field(ge=0, le=PAGES_BOUND, strict=True)]
 
 
 @pydantic_dataclass(frozen=True, slots=True, kw_only=True, config=ConfigDict(extra="forbid"))
@@ -366,8 +366,8 @@ class Cell(SlottedModel):
     """One host NUMA cell. Slotted (SlottedModel): a large site has ~15,000."""
 
     id: Annotated[int, Field(ge=0)]
-    memory_mib: Annotated[int, Field(ge=0, le=MIB_BOUND)]
-    free_mib: Annotated[int, Field(ge=0, le=MIB_BOUND)]
+    memory_mib: Annotated[int, Field(ge=0, le=MIB_BOUND, strict=True)]
+    free_mib: Annotated[int, Field(ge=0, le=MIB_BOUND, strict=True)]
     cpus: tuple[int, ...] = ()
     hugepages: tuple[HugePages, ...] = ()
 
@@ -376,7 +376,7 @@ class GuestCell(Frozen):
     """One guest (vNUMA) cell of a VM."""
 
     id: Annotated[int, Field(ge=0)]
-    memory_mib: Annotated[int, Field(gt=0, le=MIB_BOUND)]
+    memory_mib: Annotated[int, Field(gt=0, le=MIB_BOUND, strict=True)]
     vcpus: tuple[int, ...] = ()
 
 
@@ -392,9 +392,10 @@ class VirtioMem(Frozen):
     """A virtio-mem device: memory the guest can be given live, up to ``size_mib``, on one guest node."""
 
     node: Annotated[int, Field(ge=0)]
-    size_mib: Annotated[int, Field(gt=0, le=MIB_BOUND)]  # the most it can plug (<target><size>)
-    requested_mib: Annotated[int, Field(ge=0, le=MIB_BOUND)] = 0  # what the guest is asked to have plugged now
-    block_kib: Annotated[int, Field(gt=0, le=PAGE_KIB_BOUND)] = 2048  # requested sizes are whole blocks
+    size_mib: Annotated[int, Field(gt=0, le=MIB_BOUND, strict=True)]  # the most it can plug (<target><size>)
+    # what the guest is asked to have plugged now
+    requested_mib: Annotated[int, Field(ge=0, le=MIB_BOUND, strict=True)] = 0
+    block_kib: Annotated[int, Field(gt=0, le=PAGE_KIB_BOUND, strict=True)] = 2048  # requested sizes are whole blocks
 
 
 @pydantic_dataclass(frozen=True, slots=True, kw_only=True, config=ConfigDict(extra="forbid"))
@@ -405,18 +406,18 @@ class Vm(SlottedModel):
     name: Annotated[str, Field(min_length=1)]
     uuid: str
     host: str
-    memory_mib: Annotated[int, Field(gt=0, le=MIB_BOUND)]
-    vcpus: Annotated[int, Field(gt=0, le=VCPUS_BOUND)]
+    memory_mib: Annotated[int, Field(gt=0, le=MIB_BOUND, strict=True)]
+    vcpus: Annotated[int, Field(gt=0, le=VCPUS_BOUND, strict=True)]
     # <vcpu>'s maximum when hot-pluggable vCPUs make it more than ``vcpus`` (those online now, what
     # the host runs); pins and guest cells may name any vCPU below it. None: the same as vcpus.
-    max_vcpus: Annotated[int, Field(gt=0, le=VCPUS_BOUND)] | None = None
+    max_vcpus: Annotated[int, Field(gt=0, le=VCPUS_BOUND, strict=True)] | None = None
     # vCPUs present since boot (not hot-pluggable): libvirt cannot unplug them live. None: not known
-    fixed_vcpus: Annotated[int, Field(gt=0, le=VCPUS_BOUND)] | None = None
+    fixed_vcpus: Annotated[int, Field(gt=0, le=VCPUS_BOUND, strict=True)] | None = None
     # <maxMemory slots>: the most memory DIMMs may bring it to, and the slots for them; None/0 when
     # the domain was defined without (no DIMM can be hot-plugged). Slots used: its DIMM devices.
-    max_memory_mib: Annotated[int, Field(gt=0, le=MIB_BOUND)] | None = None
-    memory_slots: Annotated[int, Field(ge=0, le=SLOTS_BOUND)] = 0
-    memory_slots_used: Annotated[int, Field(ge=0, le=SLOTS_BOUND)] = 0
+    max_memory_mib: Annotated[int, Field(gt=0, le=MIB_BOUND, strict=True)] | None = None
+    memory_slots: Annotated[int, Field(ge=0, le=SLOTS_BOUND, strict=True)] = 0
+    memory_slots_used: Annotated[int, Field(ge=0, le=SLOTS_BOUND, strict=True)] = 0
     virtio_mem: VirtioMem | None = None
     vnuma: tuple[GuestCell, ...] = ()
     vcpupin: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
@@ -426,7 +427,7 @@ class Vm(SlottedModel):
     vcpu_cpuset: tuple[int, ...] = ()
     iothreadpin: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)  # iothread id -> host CPUs
     numatune: Numatune | None = None
-    hugepage_kib: Annotated[int, Field(ge=0, le=PAGE_KIB_BOUND)] = 0
+    hugepage_kib: Annotated[int, Field(ge=0, le=PAGE_KIB_BOUND, strict=True)] = 0
     migratable: bool = True
     not_migratable_reason: str | None = None
     # False for a transient domain: libvirt forgets it once it stops, so it can never be shut down
@@ -580,7 +581,7 @@ class Host(SlottedModel):
     cluster: str
     state: HostState = HostState.ACTIVE
     cells: tuple[Cell, ...]
-    reserved_memory_mib: Annotated[int, Field(ge=0, le=MIB_BOUND)] = 0
+    reserved_memory_mib: Annotated[int, Field(ge=0, le=MIB_BOUND, strict=True)] = 0
     cpu_group: str = "default"  # CPU compatibility group: migrations stay inside one
     boot_id: str | None = None
     kernel: str | None = None

@@ -143,6 +143,10 @@ def test_a_key_given_twice_outside_the_vms_is_refused(fleet: FleetSnapshot, tmp_
     (lambda d: d["vms"][-1].update(vcpupin={"0": [9999]}), r"vms\[\d+\]\.vcpupin: VM .* CPU\(s\) 9999"),
     (lambda d: d["vms"][5].update(colour="red"), r"vms\[5\]\.colour: .*xtra"),
     (lambda d: d["hosts"][2]["cells"][0].update(free_mib=-1), r"hosts\[2\]\.cells\[0\]\.free_mib"),
+    # JSON's true is not a count of 1, nor a string a number: sizes are strict integers in every reading
+    (lambda d: d["vms"][7].update(vcpus=True), r"vms\[7\]\.vcpus: VM '[^']+': Input should be a valid integer"),
+    (lambda d: d["hosts"][1]["cells"][0].update(memory_mib="65536"),
+     r"hosts\[1\]\.cells\[0\]\.memory_mib: .*Input should be a valid integer"),
 ])
 def test_bad_input_in_any_piece_is_refused_naming_it(fleet: FleetSnapshot, change: Any, message: str,
                                                      tmp_path: Path) -> None:

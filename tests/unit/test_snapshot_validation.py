@@ -158,6 +158,13 @@ CANNOT_BE_TRUE = [
     pytest.param(lambda d: _db(d)["vnuma"][0].update(memory_mib=2**50),
                  ("vms[0].vnuma[0].memory_mib", "VM 'db-1'", "less than or equal to 1099511627776"),
                  id="guest-cell-memory-past-an-exbibyte"),
+    # sizes are strict integers: JSON's true was read as 1 vCPU, "2048" and 2048.0 as numbers
+    pytest.param(lambda d: d["vms"][1].update(vcpus=True),
+                 ("vms[1].vcpus", "VM 'web-1'", "valid integer"), id="vcpus-true"),
+    pytest.param(lambda d: d["vms"][1].update(memory_mib="2048"),
+                 ("vms[1].memory_mib", "VM 'web-1'", "valid integer"), id="vm-memory-a-string"),
+    pytest.param(lambda d: d["hosts"][1]["cells"][0].update(free_mib=60000.0),
+                 ("hosts[1].cells[0].free_mib", "host 'hv2'", "valid integer"), id="cell-free-a-float"),
     # the words pydantic has for its models, for hosts, cells and VMs too (slotted dataclasses)
     pytest.param(lambda d: d["hosts"][1]["cells"][0].update(colour="red"),
                  ("hosts[1].cells[0].colour", "host 'hv2'", "Extra inputs are not permitted"), id="unknown-cell-field"),
