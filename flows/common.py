@@ -27,8 +27,8 @@ ExactBudget = Annotated[float, Field(
                 "proving the plan best or a drain impossible. 0: greedy only. Raise it when a plan says it "
                 "found no placement within its budget.")]
 HostsAtOnce = Annotated[int, Field(ge=1, le=HOSTS_AT_ONCE_MAX)]
-FailedHosts = Annotated[int, Field(ge=0, le=100_000)]
-Moves = Annotated[int, Field(ge=0, le=100_000)]
+FailedHosts = Annotated[int, Field(ge=0)]
+Moves = Annotated[int, Field(ge=0)]  # a budget past the VMs plans as one of every VM (placement/rebalance.py)
 WaitSeconds = Annotated[float, Field(ge=0, le=7 * 24 * 3600, allow_inf_nan=False)]  # a lock's, at most a week
 WindowMinutes = Annotated[float, Field(gt=0, le=WINDOW_MINUTES_MAX, allow_inf_nan=False)]  # at most a week
 WithinPct = Annotated[float, Field(ge=0, lt=100, allow_inf_nan=False)]

@@ -36,7 +36,7 @@ from flows.rebalance_cluster import rebalance_locked
 from flows.run_display import label_run
 from hostmaint.cancel import RunCancelled
 from hostmaint.display import visible
-from hostmaint.errors import InputError, LockHeldError, StepError
+from hostmaint.errors import LockHeldError, StepError
 from hostmaint.maintenance import RunContext, audited, link_figures
 from hostmaint.models import HostState, Step, StepOutcome, Trigger
 from hostmaint.placement.exact import DEFAULT_BUDGET
@@ -167,10 +167,6 @@ def patch_window(cluster: str, max_hosts_in_parallel: HostsAtOnce = 1, window_en
             (0: greedy only); raise it when a plan says its refusal is not proven.
     """
     logger = get_run_logger()
-    if rebalance_moves is not None and rebalance_moves < 0:
-        raise InputError(f"rebalance_moves: must be >= 0 or empty (as many as levelling takes), got {rebalance_moves}")
-    if not 0 <= rebalance_within_pct < 100:
-        raise InputError(f"rebalance_within_pct: must be in [0, 100), got {rebalance_within_pct}")
     inv_path = inventory or default_inventory()
     ref = RuntimeRef(inv_path, exact_budget=exact_budget)
     rt = ref.open()

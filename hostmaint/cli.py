@@ -719,6 +719,7 @@ def simulate_window_cmd(cluster: str, inventory: InventoryOpt = "inventory.yaml"
 def _read_dirty_rates(path: Path, vms: set[str]) -> dict[str, float]:
     """{vm: MiB/s} from JSON; every value a number >= 0 and every VM one of the snapshot's."""
     from hostmaint.config_file import parse_json, read_text
+    from hostmaint.inventory import BANDWIDTH_MIB_S_BOUND
 
     data = parse_json(read_text(path), str(path))  # FileFormatError (exit 2) naming the file and place
     if not isinstance(data, dict):
@@ -728,9 +729,9 @@ def _read_dirty_rates(path: Path, vms: set[str]) -> dict[str, float]:
         if vm not in vms:
             raise InputError(f"{path}: {vm}: not a VM of the snapshot")
         # NaN (json reads it) compares false: "not rate >= 0" refuses it with the negatives, and a rate
-        # past any link's (1 TiB/s) with the infinities
-        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 2**20:
-            raise InputError(f"{path}: {vm}: must be a number of MiB/s from 0 to {2**20}, got {rate!r}")
+        # past any link's with the infinities
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= BANDWIDTH_MIB_S_BOUND:
+            raise InputError(f"{path}: {vm}: must be a number of MiB/s from 0 to {BANDWIDTH_MIB_S_BOUND}, got {rate!r}")
         rates[vm] = float(rate)
     return rates
 
